@@ -1,0 +1,116 @@
+"""The FastAPI application: one engine and one generation log per process, created in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from service.auth import KeyRing, RateLimiter
+from service.engine import Engine, GenParams, VLLMEngine
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodySizeLimit, RequestMetrics
+from service.pii import Redactor
+from service.routes import health, mcq, openai
+from service.store.log import GenerationLog
+from service.tutor import Tutor
+from zephyr import __version__
+from zephyr.bundled import ensure_default_model
+from zephyr.registry import Registry
+from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
+
+log = logging.getLogger("zephyr.service")
+EngineFactory = Callable[[Settings, Path, str], Engine]
+WATCHDOG_SECONDS = 1.0
+
+
+class UnsafeBind(RuntimeError):
+    pass
+
+
+def check_bind(settings: Settings) -> None:
+    """With no API keys the server is open, so it may listen on loopback only."""
+    if not settings.api_key_entries and not is_loopback(settings.host):
+        raise UnsafeBind(
+            f"refusing to listen on {settings.host} with no API keys: set ZEPHYR_API_KEYS or ZEPHYR_API_KEYS_FILE, "
+            "or bind 127.0.0.1"
+        )
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine_factory = engine_factory or VLLMEngine.start
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry = Registry(settings.models_dir)
+        entry = ensure_default_model(registry) if settings.model == DEFAULT_MODEL else registry.get(settings.model)
+        engine = engine_factory(settings, entry.path, entry.name)
+        redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
+        generation_log = GenerationLog(
+            settings.resolved_db_url, settings.resolved_spill_path, metrics, redactor,
+            batch_size=settings.log_batch_size, flush_seconds=settings.log_flush_seconds,
+            queue_size=settings.log_queue_size, retry_seconds=settings.log_retry_seconds,
+        )
+        await generation_log.start()
+        app.state.registry_entry = entry
+        app.state.engine = engine
+        app.state.generation_log = generation_log
+        app.state.tutor = Tutor(engine, settings, metrics, generation_log)
+        if app.state.keyring.open:
+            log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
+        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app))]
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await generation_log.close()
+            engine.shutdown()
+
+    app = FastAPI(title="Zephyr tutor", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = asyncio.Event()
+    app.state.keyring = KeyRing(settings.api_key_entries)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit)
+    install_error_handlers(app)
+    for router in (health.router, openai.router, mcq.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+async def _warm_up(app: FastAPI) -> None:
+    """Readiness means the engine has answered: one token of a short chat."""
+    tutor: Tutor = app.state.tutor
+    prompt = tutor.encode_chat([{"role": "user", "content": "Hello"}])
+    async for _ in tutor.engine.generate(prompt, GenParams(max_tokens=1, temperature=0.0), "warmup"):
+        pass
+    app.state.ready.set()
+    app.state.metrics.engine_ready.set(1)
+    log.info("engine warmed up; %s is ready", tutor.model_name)
+
+
+async def _watch_engine(app: FastAPI) -> None:
+    """A dead engine cannot come back in this process: stop being ready, then exit so the supervisor
+    (Kubernetes, systemd) restarts the server. SIGTERM lets uvicorn finish what it can first."""
+    engine: Engine = app.state.engine
+    while True:
+        await asyncio.sleep(WATCHDOG_SECONDS)
+        if engine.errored:
+            app.state.ready.clear()
+            app.state.metrics.engine_ready.set(0)
+            log.critical("the inference engine died; shutting the server down so it is restarted")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return

@@ -1,0 +1,193 @@
+"""The engine seam: our routes speak to `Engine`; `VLLMEngine` is vLLM's AsyncLLM in this process (its
+EngineCore runs in a child process). Unit tests put a stub behind the same interface."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from zephyr.settings import Settings
+
+log = logging.getLogger("zephyr.engine")
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-k alternatives per token; 0 = the sampled token only
+    allowed_token_ids: list[int] | None = None
+    logprob_token_ids: list[int] | None = None  # exact log-probabilities of these tokens
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), most likely first
+    requested: dict[int, float] = field(default_factory=dict)  # for GenParams.logprob_token_ids
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineOutput:
+    choices: list[ChoiceDelta]
+    finished: bool
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine died or is shutting down; the service answers 503."""
+
+
+class EngineRejected(ValueError):
+    """The engine refused the request's parameters; the service answers 400 with this message."""
+
+
+class Engine(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+
+    def generate(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[EngineOutput]: ...
+
+    async def check_health(self) -> None: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
+
+
+class VLLMEngine:
+    """vLLM's AsyncLLM with our parameter and output types. Create with `await VLLMEngine.start(...)`."""
+
+    def __init__(self, llm: Any, model_name: str, max_model_len: int, tokenizer: Any):
+        self._llm = llm
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def engine_args(cls, settings: Settings, model_path: Path, model_name: str) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        return AsyncEngineArgs(
+            model=str(model_path),
+            served_model_name=[model_name],
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.memory_share,
+            enforce_eager=settings.enforce_eager,
+            dtype=settings.dtype,
+            max_num_seqs=settings.max_num_seqs,
+            seed=settings.seed,
+            disable_log_stats=False,
+        )
+
+    @classmethod
+    def start(cls, settings: Settings, model_path: Path, model_name: str) -> VLLMEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(cls.engine_args(settings, model_path, model_name))
+        return cls(llm, model_name, llm.model_config.max_model_len, llm.get_tokenizer())
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+    def sampling_params(self, params: GenParams) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            n=params.n,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=params.stop or None,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logprobs=params.logprobs,
+            allowed_token_ids=params.allowed_token_ids,
+            logprob_token_ids=params.logprob_token_ids,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, prompt_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        sampling = self.sampling_params(params)
+        # vLLM keys requests by id: a suffix keeps a client-supplied id from colliding with another.
+        engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, engine_request_id):
+                yield EngineOutput(
+                    choices=[self._choice(c, params.logprob_token_ids) for c in out.outputs],
+                    finished=out.finished,
+                )
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the inference engine stopped; retry on another replica") from exc
+        except (VLLMClientError, ValueError) as exc:
+            raise EngineRejected(str(exc)) from exc
+
+    def _choice(self, c: Any, requested_ids: list[int] | None) -> ChoiceDelta:
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = []
+            for token_id, candidates in zip(c.token_ids, c.logprobs, strict=False):
+                chosen = candidates.get(token_id)
+                ranked = sorted(
+                    (item for item in candidates.items() if item[1].rank is not None),
+                    key=lambda item: item[1].rank,
+                )
+                logprobs.append(
+                    TokenLogprob(
+                        token_id=token_id,
+                        token=_token_text(chosen, token_id, self.tokenizer),
+                        logprob=_finite(chosen.logprob if chosen else -math.inf),
+                        top=[(tid, _token_text(lp, tid, self.tokenizer), _finite(lp.logprob)) for tid, lp in ranked],
+                        requested={tid: candidates[tid].logprob for tid in requested_ids or () if tid in candidates},
+                    )
+                )
+        return ChoiceDelta(
+            index=c.index, text=c.text, token_ids=list(c.token_ids), logprobs=logprobs, finish_reason=c.finish_reason
+        )
+
+
+def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def _finite(value: float) -> float:
+    # JSON has no -inf; OpenAI clients expect a number, and -9999.0 is what OpenAI itself sends.
+    return value if math.isfinite(value) else -9999.0

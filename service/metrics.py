@@ -1,0 +1,56 @@
+"""Prometheus metrics. Each app owns its registry (tests build many apps in one process); `/metrics` also
+exposes the process-global registry where vLLM publishes its own `vllm:*` engine metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "zephyr_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "zephyr_request_latency_seconds", "End-to-end request latency", ["route"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "zephyr_time_to_first_token_seconds", "Time to first generated token", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "zephyr_inter_token_latency_seconds", "Mean time between generated tokens, per request", ["route"],
+            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("zephyr_prompt_tokens", "Prompt tokens processed", ["route"], registry=r)
+        self.completion_tokens = Counter(
+            "zephyr_completion_tokens", "Completion tokens generated", ["route"], registry=r
+        )
+        self.running = Gauge("zephyr_requests_running", "Requests generating (first token received)", registry=r)
+        self.waiting = Gauge("zephyr_requests_waiting", "Admitted requests waiting for their first token", registry=r)
+        self.rejected = Counter(
+            "zephyr_requests_rejected", "Requests refused before generation", ["reason"], registry=r
+        )
+        self.mcq_answers = Counter("zephyr_mcq_answers", "MCQ answers by letter", ["letter"], registry=r)
+        self.log_queue_depth = Gauge("zephyr_log_queue_depth", "Generation-log rows waiting to be written", registry=r)
+        self.log_rows_written = Counter("zephyr_log_rows_written", "Generation-log rows written", registry=r)
+        self.log_spilled_rows = Counter(
+            "zephyr_log_spilled_rows", "Generation-log rows spilled to the local file", registry=r
+        )
+        self.log_replayed_rows = Counter(
+            "zephyr_log_replayed_rows", "Spilled rows replayed into the database", registry=r
+        )
+        self.log_write_failures = Counter(
+            "zephyr_log_write_failures", "Failed generation-log database writes", registry=r
+        )
+        self.engine_ready = Gauge("zephyr_engine_ready", "1 once the engine answered its warm-up request", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

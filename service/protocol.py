@@ -1,0 +1,133 @@
+"""Request and response models at the HTTP boundary (OpenAI's chat protocol, and our /mcq)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+
+# Fields of OpenAI's chat API this server does not implement: a 400 that names them, never ignored.
+UNSUPPORTED_CHAT_FIELDS = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+    "logit_bias", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "store",
+    "metadata", "service_tier", "suffix", "echo", "best_of", "verbosity",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def reject_unsupported(data: Any, fields: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for name in fields:
+            if name in data and data[name] is not None:
+                raise ValueError(f"`{name}` is not supported by this server; remove it from the request")
+    return data
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explain_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("role") in ("tool", "function"):
+                raise ValueError(f"role `{data['role']}` is not supported (no tool calling on this server)")
+            content = data.get("content")
+            if isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                        raise ValueError(f"content part type `{part.get('type')}` is not supported; send text only")
+        return data
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class ChatCompletionRequest(Strict):
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: StrictStr | None = Field(default=None, max_length=256)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return reject_unsupported(data, UNSUPPORTED_CHAT_FIELDS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("`stream_options` is only allowed with `stream: true`")
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("`messages` must contain at least one user message")
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("`stop` takes up to 4 non-empty strings")
+        return stops
+
+
+OptionList = Annotated[list[Any], Field(description="2-10 option texts")]
+
+
+class MCQRequest(Strict):
+    question: StrictStr
+    options: list[Any] | dict[str, Any]
+    explain: StrictBool = False
+    model: StrictStr | None = None
+    user: StrictStr | None = Field(default=None, max_length=256)
+
+
+class MCQBatchRequest(Strict):
+    questions: list[MCQRequest] = Field(min_length=1)
+    model: StrictStr | None = None
+
+
+class MCQResponse(BaseModel):
+    id: str
+    answer: str
+    option: str
+    probabilities: dict[str, float]
+    explanation: str | None = None
+    model: str
+
+
+class MCQBatchResponse(BaseModel):
+    id: str
+    model: str
+    results: list[MCQResponse]

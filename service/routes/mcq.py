@@ -1,0 +1,45 @@
+"""POST /mcq and /mcq/batch: answers that can only be one of the option letters."""
+
+from fastapi import APIRouter, Depends, Request
+
+from service.auth import Principal, require
+from service.errors import APIError
+from service.protocol import MCQBatchRequest, MCQBatchResponse, MCQRequest, MCQResponse
+from service.tutor import new_id
+
+router = APIRouter(tags=["mcq"])
+any_role = require("student", "reviewer")
+
+
+@router.post("/mcq", response_model=MCQResponse)
+async def answer(body: MCQRequest, request: Request, principal: Principal = Depends(any_role)) -> MCQResponse:
+    tutor = request.app.state.tutor
+    tutor.check_model(body.model)
+    question = tutor.build_question(body)
+    tutor.admission.enter()
+    try:
+        return await tutor.answer_mcq(question, body.explain, principal, new_id("mcq"), body.user)
+    finally:
+        tutor.admission.leave()
+
+
+@router.post("/mcq/batch", response_model=MCQBatchResponse)
+async def answer_batch(body: MCQBatchRequest, request: Request,
+                       principal: Principal = Depends(any_role)) -> MCQBatchResponse:
+    """An exam set: every question is answered concurrently, results in the order given."""
+    tutor = request.app.state.tutor
+    limit = tutor.settings.max_mcq_batch
+    if len(body.questions) > limit:
+        raise APIError(400, f"a batch holds at most {limit} questions, got {len(body.questions)}", param="questions")
+    tutor.check_model(body.model)
+    for item in body.questions:
+        tutor.check_model(item.model)
+    items = [(tutor.build_question(item, f"questions[{i}]."), item.explain, item.user)
+             for i, item in enumerate(body.questions)]
+    batch_id = new_id("mcqbatch")
+    tutor.admission.enter(len(items))
+    try:
+        results = await tutor.answer_mcq_batch(items, principal, batch_id)
+    finally:
+        tutor.admission.leave(len(items))
+    return MCQBatchResponse(id=batch_id, model=tutor.model_name, results=results)

@@ -1,0 +1,47 @@
+"""OpenAI-compatible routes: /v1/models and /v1/chat/completions."""
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.auth import Principal, require
+from service.protocol import ChatCompletionRequest
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+any_role = require("student", "reviewer")
+
+
+@router.get("/models")
+async def list_models(request: Request, _: Principal = Depends(any_role)) -> dict:
+    tutor = request.app.state.tutor
+    entry = request.app.state.registry_entry
+    return {"object": "list", "data": [{
+        "id": tutor.model_name, "object": "model", "created": int(entry.manifest.created_at.timestamp()),
+        "owned_by": "zephyr", "parent": entry.manifest.parent, "method": entry.manifest.method,
+        "max_model_len": tutor.engine.max_model_len,
+    }]}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
+    tutor = request.app.state.tutor
+    gen = tutor.prepare_chat(body, principal)
+    headers = {"X-Request-Id": gen.request_id}
+    top_logprobs = body.top_logprobs if body.logprobs else None
+    tutor.admission.enter()
+    if not body.stream:
+        try:
+            return JSONResponse(await tutor.complete(gen, top_logprobs), headers=headers)
+        finally:
+            tutor.admission.leave()
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        try:
+            async for event in tutor.stream(gen, include_usage, top_logprobs):
+                yield event
+        finally:
+            tutor.admission.leave()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

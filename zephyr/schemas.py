@@ -1,0 +1,85 @@
+"""Data file schemas shared by every part (DESIGN.md §2). Each file is JSON Lines, one record a line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from zephyr.mcq import LETTERS, MAX_OPTIONS, MIN_OPTIONS
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class MCQItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    question: str
+    options: list[str] = Field(min_length=MIN_OPTIONS, max_length=MAX_OPTIONS)
+    answer: str
+    subject: str | None = None
+    support: str | None = None
+
+    @model_validator(mode="after")
+    def _answer_is_an_option_letter(self) -> MCQItem:
+        if self.answer not in LETTERS[: len(self.options)]:
+            raise ValueError(f"answer {self.answer!r} is not one of the option letters")
+        return self
+
+
+class PreferencePair(BaseModel):
+    """TRL conversational preference format: prompt messages, then one chosen and one rejected reply."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: list[Message] = Field(min_length=1)
+    chosen: list[Message] = Field(min_length=1)
+    rejected: list[Message] = Field(min_length=1)
+    source: str
+    meta: dict[str, Any] = {}
+
+
+class SFTExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=2)
+
+
+class KTOExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: list[Message] = Field(min_length=1)
+    completion: list[Message] = Field(min_length=1)
+    label: bool
+
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+class DataFileError(ValueError):
+    pass
+
+
+def read_jsonl(path: Path, schema: type[Record]) -> Iterator[Record]:
+    """Records of `schema`; a bad line raises DataFileError naming the file and line."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield schema.model_validate_json(line)
+            except ValidationError as exc:
+                raise DataFileError(f"{path}:{number}: not a {schema.__name__}: {exc.errors()[0]['msg']}") from exc
+
+
+def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:
+    count = 0
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
+            count += 1
+    return count

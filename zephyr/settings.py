@@ -1,0 +1,115 @@
+"""All configuration, read once from ``ZEPHYR_*`` environment variables (and CLI flags of the same names)."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Zephyr, a patient science tutor for students. Explain ideas step by step in plain language, "
+    "check the student's reasoning, and say so when you are not sure."
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZEPHYR_", env_file=None, extra="ignore")
+
+    # Registry and what is served.
+    home: Path = Field(default=Path("~/.cache/zephyr"), description="Model registry and local state")
+    model: str = Field(default=DEFAULT_MODEL, description="Registry model to serve")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Engine (vLLM) arguments.
+    max_model_len: int = 2048
+    memory_share: float = Field(default=0.35, gt=0, le=1, description="vLLM gpu_memory_utilization (RAM share on CPU)")
+    enforce_eager: bool = True
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    seed: int = 0
+
+    # Tutoring behaviour.
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt_enabled: bool = True
+    mcq_explain_max_tokens: int = 256
+
+    # Access and limits.
+    api_keys: str = Field(default="", description="Comma-separated role:key entries")
+    api_keys_file: Path | None = None
+    rate_limit: str = Field(default="600/minute", description="Per API key, `limits` notation")
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int | None = Field(default=None, description="Defaults to the model's context length")
+    max_in_flight: int = Field(default=256, description="Requests admitted at once; beyond that 503")
+    max_n: int = 8
+    max_mcq_batch: int = 64
+    drain_seconds: int = 30
+
+    # Generation log.
+    db_url: str | None = Field(default=None, description="SQLAlchemy async URL; default a SQLite file in home")
+    spill_path: Path | None = None
+    log_batch_size: int = 64
+    log_flush_seconds: float = 0.5
+    log_queue_size: int = 10_000
+    log_retry_seconds: float = 5.0
+    pii_redaction: bool = True
+    pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID"]
+    student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
+
+    @field_validator("home", "api_keys_file", "spill_path", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite+aiosqlite:///{self.home / 'zephyr.db'}"
+
+    @property
+    def resolved_spill_path(self) -> Path:
+        return self.spill_path or self.home / "spill" / "generations.jsonl"
+
+    @cached_property
+    def api_key_entries(self) -> list[tuple[str, str]]:
+        """(role, key) pairs from ZEPHYR_API_KEYS and ZEPHYR_API_KEYS_FILE."""
+        lines = [part for part in self.api_keys.split(",")]
+        if self.api_keys_file is not None:
+            if not self.api_keys_file.is_file():
+                raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} does not exist")
+            lines += self.api_keys_file.read_text().splitlines()
+        entries = []
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            role, sep, key = line.partition(":")
+            role, key = role.strip(), key.strip()
+            if not sep or role not in ROLES or not key:
+                raise ValueError(
+                    f"API key entry {line[:12]!r}... must be role:key with role one of {', '.join(ROLES)}"
+                )
+            entries.append((role, key))
+        return entries
+
+
+ROLES = ("student", "reviewer", "admin")
+Mode = Literal["student", "reviewer", "admin"]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
