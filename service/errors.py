@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or ("invalid_request" if status == 400 else None)
         self.headers = headers or {}
 
 
@@ -51,13 +52,18 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
 
 
+# Union members and validator wrappers that pydantic puts in an error's location; not field names.
+_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|literal|function-\w+|tagged-union)(\[.*\])?$")
+_NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
+
+
 def _location(loc: tuple) -> str:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'"""
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'"""
     text = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("function-after[...]",) or str(part).startswith(("function-", "tagged-union")):
+        elif _TYPE_TAGS.match(str(part)) or str(part)[:1].isupper():
             continue
         else:
             text += f".{part}" if text else str(part)
@@ -77,6 +83,11 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if kind == "model_attributes_type" and not where:
         return "request body must be a JSON object", None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if len({_location(tuple(e.get("loc", ()))) for e in exc.errors()}) == 1 and len(exc.errors()) > 1:
+        message = "wrong type: " + "; or ".join(e["msg"].removeprefix("Input should be ") for e in exc.errors())
+    if not where and (named := _NAMED_FIELD.match(message)):
+        where = named.group(1)
+        return message, where
     return (f"{where}: {message}" if where else message), where or None
 
 

@@ -18,7 +18,7 @@ app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, 
 models_app = typer.Typer(help="Manage the model registry ($ZEPHYR_HOME/models).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 ServerURL = Annotated[str, typer.Option("--url", envvar="ZEPHYR_URL", help="Base URL of a running Zephyr server")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY", help="Bearer key for the server")]

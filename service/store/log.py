@@ -27,6 +27,7 @@ from service.store.models import Generation
 log = logging.getLogger("zephyr.store")
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 REDACTED_FIELDS = ("messages", "response")
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 def alembic_config(url: str) -> Config:
@@ -79,6 +80,7 @@ class GenerationLog:
         self._writer: asyncio.Task | None = None
         self._db_ok = False
         self._next_probe = 0.0
+        self._in_flight: list[dict[str, Any]] = []
 
     # Life cycle -------------------------------------------------------------------------------------
 
@@ -94,13 +96,26 @@ class GenerationLog:
 
     async def close(self) -> None:
         """Flush every queued row (to the database, or else to the spill file), then stop."""
+        try:
+            await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.warning("generation log still writing after %ss at shutdown; spilling the rest", CLOSE_TIMEOUT_SECONDS)
         if self._writer is not None:
             self._writer.cancel()
             try:
                 await self._writer
             except asyncio.CancelledError:
                 pass
-        await self._drain_queue_and_write()
+        # Left only if the flush timed out: a batch cut off mid-write and what was still queued. Spill them
+        # rather than wait on a slow database (a replayed duplicate is ignored by request id).
+        leftover = self._in_flight
+        while not self.queue.empty():
+            leftover.append(self.queue.get_nowait())
+            self.queue.task_done()
+        if leftover:
+            self._spill([self._redact(row) for row in leftover])
+        self._in_flight = []
+        self.metrics.log_queue_depth.set(0)
         await self.engine.dispose()
 
     # Request path -----------------------------------------------------------------------------------
@@ -112,6 +127,10 @@ class GenerationLog:
         except asyncio.QueueFull:
             self._spill([self._redact(row)])
         self.metrics.log_queue_depth.set(self.queue.qsize())
+
+    async def flush(self) -> None:
+        """Wait until every row queued so far is in the database or the spill file."""
+        await self.queue.join()
 
     # Writer -----------------------------------------------------------------------------------------
 
@@ -127,18 +146,16 @@ class GenerationLog:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
-            await self._write(batch)
+            self._in_flight = batch
+            try:
+                await self._write(batch)
+            finally:
+                self._in_flight = []
+                for _ in batch:
+                    self.queue.task_done()
             self.metrics.log_queue_depth.set(self.queue.qsize())
             if self._db_ok and self.has_spill():
                 await self.replay_spill()
-
-    async def _drain_queue_and_write(self) -> None:
-        rows = []
-        while not self.queue.empty():
-            rows.append(self.queue.get_nowait())
-        for start in range(0, len(rows), self.batch_size):
-            await self._write(rows[start : start + self.batch_size])
-        self.metrics.log_queue_depth.set(0)
 
     async def _write(self, rows: list[dict[str, Any]]) -> None:
         redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import create_app
+from tests.conftest import linked_home
+from tests.unit.stub_engine import StubEngine
+from zephyr.settings import Settings
+
+STUDENT_KEY = "student-key-123"
+REVIEWER_KEY = "reviewer-key-456"
+ADMIN_KEY = "admin-key-789"
+
+
+@pytest.fixture
+def settings_factory(tmp_path, default_model):
+    def make(**overrides) -> Settings:
+        values = dict(
+            home=linked_home(tmp_path / "home", default_model),
+            api_keys=f"student:{STUDENT_KEY},reviewer:{REVIEWER_KEY},admin:{ADMIN_KEY}",
+            log_flush_seconds=0.01,
+            log_retry_seconds=0.05,
+        )
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def app_factory(settings_factory, tokenizer):
+    """Builds a running app over the stub engine: `async with app_factory(**settings) as (client, app):`"""
+
+    class Running:
+        def __init__(self, **overrides):
+            self.settings = settings_factory(**overrides)
+            self.factory = StubEngine.factory(tokenizer)
+
+        async def __aenter__(self):
+            self.app = create_app(self.settings, self.factory)
+            self.manager = LifespanManager(self.app)
+            await self.manager.__aenter__()
+            await self.app.state.ready.wait()
+            transport = httpx.ASGITransport(app=self.manager.app)
+            self.client = httpx.AsyncClient(
+                transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {STUDENT_KEY}"}
+            )
+            self.engine: StubEngine = self.factory.last
+            return self
+
+        async def __aexit__(self, *exc):
+            await self.client.aclose()
+            await self.manager.__aexit__(*exc)
+
+        async def flushed_log(self):
+            log = self.app.state.generation_log
+            await log.flush()
+            return log
+
+    return Running
+
+
+@pytest.fixture
+async def served(app_factory):
+    async with app_factory() as running:
+        yield running

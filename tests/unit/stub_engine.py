@@ -1,0 +1,85 @@
+"""A stand-in for vLLM behind service.engine.Engine, for fast tests of the HTTP layer only. It speaks the
+real tokenizer and honours the parameters the routes rely on (n, max_tokens, stop, allowed ids, logprobs)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from service.engine import ChoiceDelta, EngineOutput, EngineUnavailable, GenParams, TokenLogprob
+from zephyr.settings import Settings
+
+
+class StubEngine:
+    def __init__(self, tokenizer, model_name: str, max_model_len: int = 2048):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.reply = "Photosynthesis turns light into chemical energy. Contact me at tutor@example.com."
+        self.letter_scores: dict[str, float] = {"B": 2.0}  # the "model" prefers B
+        self.delay = 0.0  # seconds per token
+        self.fail_with: Exception | None = None
+        self.calls: list[tuple[list[int], GenParams]] = []
+        self._errored = False
+        self.shut_down = False
+
+    @classmethod
+    def factory(cls, tokenizer):
+        def make(settings: Settings, path: Path, name: str) -> StubEngine:
+            engine = cls(tokenizer, name, settings.max_model_len)
+            make.last = engine
+            return engine
+
+        return make
+
+    @property
+    def errored(self) -> bool:
+        return self._errored
+
+    def die(self) -> None:
+        self._errored = True
+
+    async def check_health(self) -> None:
+        if self._errored:
+            raise EngineUnavailable("dead")
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    async def generate(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[EngineOutput]:
+        self.calls.append((prompt_ids, params))
+        if self.fail_with is not None:
+            raise self.fail_with
+        if params.allowed_token_ids:
+            yield self._constrained(params)
+            return
+        text = self.reply
+        for stop in params.stop:
+            text = text.split(stop)[0]
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens]
+        finish = "length" if len(ids) == params.max_tokens else "stop"
+        for step, token_id in enumerate(ids):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            last = step == len(ids) - 1
+            choices = []
+            for index in range(params.n):
+                logprobs = None
+                if params.logprobs is not None:
+                    top = [(token_id, self.tokenizer.decode([token_id]), -0.1)]
+                    top += [(t, self.tokenizer.decode([t]), -3.0 - t / 1e6) for t in (11, 12, 13, 14)]
+                    logprobs = [TokenLogprob(token_id, top[0][1], -0.1, top[: max(params.logprobs, 1)])]
+                choices.append(ChoiceDelta(index, self.tokenizer.decode([token_id]), [token_id], logprobs,
+                                           finish if last else None))
+            yield EngineOutput(choices, finished=last)
+
+    def _constrained(self, params: GenParams) -> EngineOutput:
+        letters = {tid: self.tokenizer.decode([tid]).strip() for tid in params.allowed_token_ids}
+        logits = {tid: self.letter_scores.get(letter, 0.0) for tid, letter in letters.items()}
+        log_total = math.log(sum(math.exp(v) for v in logits.values()) + 10.0)  # mass off the letters too
+        requested = {tid: logits[tid] - log_total for tid in params.logprob_token_ids or ()}
+        best = max(logits, key=logits.__getitem__)
+        entry = TokenLogprob(best, letters[best], logits[best] - log_total, [], requested)
+        return EngineOutput([ChoiceDelta(0, letters[best], [best], [entry], "length")], finished=True)

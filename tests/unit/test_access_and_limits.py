@@ -1,0 +1,66 @@
+import asyncio
+
+from tests.unit.conftest import REVIEWER_KEY
+
+CHAT = "/v1/chat/completions"
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def test_missing_or_wrong_key_is_401_in_openai_shape(served):
+    r = await served.client.post(CHAT, json=BODY, headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert "Authorization: Bearer" in r.json()["error"]["message"]
+    r = await served.client.post(CHAT, json=BODY, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await served.client.post("/mcq", json={"question": "q", "options": ["a", "b"]},
+                                 headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+
+
+async def test_health_and_metrics_are_open(served):
+    for path in ("/healthz", "/readyz", "/metrics"):
+        r = await served.client.get(path, headers={"Authorization": ""})
+        assert r.status_code == 200, path
+
+
+async def test_every_role_may_chat(served):
+    r = await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {REVIEWER_KEY}"})
+    assert r.status_code == 200
+
+
+async def test_rate_limit_is_429_with_retry_after(app_factory):
+    async with app_factory(rate_limit="3/minute") as served:
+        statuses = [(await served.client.post(CHAT, json=BODY)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        r = await served.client.post(CHAT, json=BODY)
+        assert 1 <= int(r.headers["retry-after"]) <= 60 and r.json()["error"]["type"] == "rate_limit_error"
+        # another key has its own budget
+        other = await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {REVIEWER_KEY}"})
+        assert other.status_code == 200
+
+
+async def test_body_over_the_limit_is_413(app_factory):
+    async with app_factory(max_body_bytes=2000) as served:
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        r = await served.client.post(CHAT, json=big)
+        assert r.status_code == 413 and "ZEPHYR_MAX_BODY_BYTES" in r.json()["error"]["message"]
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+
+
+async def test_overload_is_503_not_an_unbounded_queue(app_factory):
+    async with app_factory(max_in_flight=2) as served:
+        served.engine.delay = 0.05
+        slow = {"messages": BODY["messages"], "max_tokens": 10}
+        results = await asyncio.gather(*(served.client.post(CHAT, json=slow) for _ in range(4)))
+        statuses = sorted(r.status_code for r in results)
+        assert statuses == [200, 200, 503, 503]
+        rejected = next(r for r in results if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
+        served.engine.delay = 0
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+
+
+async def test_open_mode_without_keys_serves_without_a_header(app_factory):
+    async with app_factory(api_keys="") as served:
+        r = await served.client.post(CHAT, json=BODY, headers={"Authorization": ""})
+        assert r.status_code == 200

@@ -1,0 +1,126 @@
+import json
+import shutil
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.auth import hash_key
+from service.metrics import Metrics
+from service.pii import Redactor
+from service.store.log import GenerationLog
+from tests.unit.conftest import STUDENT_KEY
+
+CHAT = "/v1/chat/completions"
+PII = "I am S1234567, mail me at jane.doe@school.edu or call +1 415-555-0132."
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_redactor_removes_emails_phones_and_student_ids_but_keeps_science():
+    redactor = Redactor(["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID"], r"\b[A-Z]{1,3}\d{6,9}\b")
+    text = redactor.redact(PII + " Light travels 299792 km/s; water boils at 100 C.")
+    assert "jane.doe" not in text and "555-0132" not in text and "S1234567" not in text
+    assert "<EMAIL_ADDRESS>" in text and "<PHONE_NUMBER>" in text and "<STUDENT_ID>" in text
+    assert "299792 km/s" in text and "100 C" in text
+
+
+async def test_each_request_is_logged_once_redacted_with_key_hash(served):
+    r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": PII}], "max_tokens": 40,
+                                             "user": "student-7"})
+    request_id = r.json()["id"]
+    mcq = await served.client.post("/mcq", json={"question": f"{PII} Which is a gas?", "options": ["Iron", "Neon"]})
+    log = await served.flushed_log()
+    row = await log.get(request_id)
+    assert row["status"] == "ok" and row["route"] == "chat" and row["user"] == "student-7"
+    user_text = row["messages"][-1]["content"]
+    assert "jane.doe@school.edu" not in user_text and "<EMAIL_ADDRESS>" in user_text and "<STUDENT_ID>" in user_text
+    assert "tutor@example.com" not in row["response"][0]["content"]  # the model's own output is redacted too
+    assert row["api_key_hash"] == hash_key(STUDENT_KEY) and STUDENT_KEY not in json.dumps(row, default=str)
+    assert row["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert row["latency_ms"] >= row["ttft_ms"] >= 0
+    mcq_row = await log.get(mcq.json()["id"])
+    assert mcq_row["response"][0]["answer"] == mcq.json()["answer"]
+    assert "<EMAIL_ADDRESS>" in mcq_row["messages"][-1]["content"]
+    assert await log.count() == 2
+
+
+async def test_metrics_move(served):
+    before = (await served.client.get("/metrics")).text
+    await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    await served.client.post("/mcq", json={"question": "q", "options": ["a", "b"]})
+    await served.client.post(CHAT, json={"messages": []})
+    await served.flushed_log()
+    after = (await served.client.get("/metrics")).text
+    route = "/v1/chat/completions"
+    assert metric(after, "zephyr_http_requests_total", route=route, status="200") == \
+        metric(before, "zephyr_http_requests_total", route=route, status="200") + 1
+    assert metric(after, "zephyr_http_requests_total", route=route, status="400") == 1
+    assert metric(after, "zephyr_completion_tokens_total", route="chat") == 4
+    assert metric(after, "zephyr_mcq_answers_total", letter="B") == 1
+    assert metric(after, "zephyr_time_to_first_token_seconds_count", route="chat") == 1
+    assert metric(after, "zephyr_request_latency_seconds_count", route="/mcq") == 1
+    assert metric(after, "zephyr_log_rows_written_total") == 2
+    assert metric(after, "zephyr_engine_ready") == 1
+
+
+async def test_rows_spill_while_the_database_is_gone_and_replay_when_it_returns(tmp_path):
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    metrics = Metrics()
+    log = GenerationLog(f"sqlite+aiosqlite:///{db_dir / 'log.db'}", tmp_path / "spill.jsonl", metrics, None,
+                        flush_seconds=0.01, retry_seconds=0.01)
+    await log.start()
+    log.record(row("r1"))
+    await log.flush()
+    assert await log.count() == 1
+
+    shutil.rmtree(db_dir)  # the database disappears: writes fail
+    await log.engine.dispose()
+    for i in range(2, 6):
+        log.record(row(f"r{i}"))
+    await log.flush()
+    assert log.has_spill()
+    assert metrics.log_spilled_rows._value.get() == 4
+
+    db_dir.mkdir()  # it comes back (empty, as after a restore): the schema is recreated and rows replayed
+    log.record(row("r6"))
+    await log.flush()
+    log.record(row("r7"))
+    await log.flush()
+    assert not log.has_spill()
+    assert {r for r in [f"r{i}" for i in range(2, 8)] if await log.get(r)} == {f"r{i}" for i in range(2, 8)}
+    await log.close()
+
+
+async def test_shutdown_flushes_the_queue_to_disk_and_a_restart_replays(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'log.db'}"
+    metrics = Metrics()
+    log = GenerationLog(url, tmp_path / "spill.jsonl", metrics, None, flush_seconds=5)
+    shutil.rmtree(tmp_path / "missing-dir")  # unreachable from the start
+    await log.start()
+    for i in range(3):
+        log.record(row(f"q{i}"))
+    await log.close()
+    assert len((tmp_path / "spill.jsonl").read_text().splitlines()) == 3
+
+    (tmp_path / "missing-dir").mkdir()
+    restarted = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), None)
+    await restarted.start()
+    assert await restarted.count() == 3 and not restarted.has_spill()
+    await restarted.close()
+
+
+def row(request_id: str) -> dict:
+    from datetime import UTC, datetime
+
+    return {
+        "id": request_id, "created_at": datetime.now(UTC), "route": "chat", "model": "m", "api_key_hash": None,
+        "role": "admin", "user": None, "status": "ok", "messages": [{"role": "user", "content": "hi"}],
+        "response": [{"index": 0, "content": "hello"}], "params": {}, "prompt_tokens": 1, "completion_tokens": 1,
+        "ttft_ms": 1.0, "latency_ms": 2.0, "error": None, "review_requested": False,
+    }

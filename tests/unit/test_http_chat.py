@@ -1,0 +1,127 @@
+import json
+
+import pytest
+
+from service.engine import EngineUnavailable
+
+CHAT = "/v1/chat/completions"
+
+
+def user(text="What is photosynthesis?"):
+    return [{"role": "user", "content": text}]
+
+
+async def test_completion_has_openai_shape_and_usage(served):
+    r = await served.client.post(CHAT, json={"model": "smollm2-135m-instruct", "messages": user(), "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert r.headers["x-request-id"] == body["id"]
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+async def test_tutor_system_prompt_is_added_only_when_the_client_sends_none(app_factory):
+    async with app_factory() as served:
+        await served.client.post(CHAT, json={"messages": user(), "max_tokens": 2})
+        await served.client.post(CHAT, json={"messages": [{"role": "developer", "content": "Be terse."}, *user()],
+                                             "max_tokens": 2})
+        decode = served.engine.tokenizer.decode
+        with_default, with_own = (decode(ids) for ids, _ in served.engine.calls[-2:])
+        assert served.settings.system_prompt in with_default
+        assert "Be terse." in with_own and served.settings.system_prompt not in with_own
+    async with app_factory(system_prompt_enabled=False) as served:
+        await served.client.post(CHAT, json={"messages": user(), "max_tokens": 2})
+        assert served.settings.system_prompt not in served.engine.tokenizer.decode(served.engine.calls[-1][0])
+
+
+async def test_parameters_reach_the_engine(served):
+    r = await served.client.post(CHAT, json={
+        "messages": user(), "max_completion_tokens": 7, "temperature": 0.3, "top_p": 0.9, "n": 2, "stop": "###",
+        "seed": 42, "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "s-1",
+    })
+    assert r.status_code == 200, r.text
+    params = served.engine.calls[-1][1]
+    assert (params.max_tokens, params.temperature, params.top_p, params.n, params.stop, params.seed) == (
+        7, 0.3, 0.9, 2, ["###"], 42)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+async def test_logprobs_follow_openai_format(served):
+    r = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    assert {"token", "logprob", "bytes", "top_logprobs"} <= content[0].keys()
+    assert len(content[0]["top_logprobs"]) == 2
+
+
+async def test_stream_is_sse_ending_with_done_and_usage(served):
+    async with served.client.stream("POST", CHAT, json={
+        "messages": user(), "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True},
+    }) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in r.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == served.engine.tokenizer.decode(
+        served.engine.tokenizer.encode(served.engine.reply, add_special_tokens=False)[:6])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "fragment", "param"),
+    [
+        ({"messages": []}, 400, "at least 1 item", "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "wrong type", "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+         "`image_url` is not supported", "messages[0]"),
+        ({"messages": user(), "tools": [{"type": "function"}]}, 400, "`tools` is not supported", "tools"),
+        ({"messages": user(), "response_format": {"type": "json_object"}}, 400, "`response_format`", "response_format"),
+        ({"messages": user(), "colour": "red"}, 400, "unknown field `colour`", "colour"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role `tool`", "messages[0]"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "at least one user message", "messages"),
+        ({"messages": user(), "temperature": 5}, 400, "less than or equal to 2", "temperature"),
+        ({"messages": user(), "n": 99}, 400, "at most 8", "n"),
+        ({"messages": user(), "top_logprobs": 2}, 400, "needs `logprobs: true`", None),
+        ({"messages": user(), "model": "gpt-4"}, 404, "`gpt-4` is not served here", "model"),
+        ({"messages": user(), "max_tokens": 5000}, 400, "over the context length", "max_tokens"),
+        ({"messages": user("word " * 3000)}, 400, "the limit is", "messages"),
+    ],
+)
+async def test_bad_requests_get_clear_4xx(served, payload, status, fragment, param):
+    r = await served.client.post(CHAT, json=payload)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+    ok = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 1})
+    assert ok.status_code == 200  # and the server keeps serving
+
+
+async def test_malformed_json_and_non_object_bodies(served):
+    r = await served.client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = await served.client.post(CHAT, json=["a", "list"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+async def test_dead_engine_is_503_and_not_ready(served):
+    served.engine.fail_with = EngineUnavailable("the inference engine stopped")
+    r = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    served.engine.die()
+    assert (await served.client.get("/readyz")).status_code == 503
+
+
+async def test_models_lists_the_served_model(served):
+    body = (await served.client.get("/v1/models")).json()
+    assert [m["id"] for m in body["data"]] == ["smollm2-135m-instruct"]

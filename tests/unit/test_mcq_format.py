@@ -1,0 +1,45 @@
+import pytest
+
+from zephyr import mcq
+
+
+def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
+    from_list = mcq.MCQuestion.build("Which gas do plants absorb?", ["Oxygen", "Carbon dioxide", "Helium"])
+    from_dict = mcq.MCQuestion.build("Which gas do plants absorb?", {"A": "Oxygen", "B": "Carbon dioxide", "C": "Helium"})
+    assert from_list == from_dict
+    prompt = mcq.render_prompt(tokenizer, from_list)
+    assert "A. Oxygen\nB. Carbon dioxide\nC. Helium" in prompt
+    assert prompt.rstrip().endswith("assistant")  # the next token is the answer itself
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["only one"], "between 2 and 10"),
+        ([f"option {i}" for i in range(11)], "between 2 and 10"),
+        (["Oxygen", "oxygen "], "duplicates"),
+        (["Oxygen", ""], "option B must be a non-empty string"),
+        (["Oxygen", 3], "option B must be a non-empty string"),
+        ({"A": "x", "C": "y"}, "keys must be the letters A, B"),
+        ("AB", "must be a list"),
+    ],
+)
+def test_bad_options_say_what_to_fix(options, message):
+    with pytest.raises(mcq.MCQFormatError, match=message):
+        mcq.MCQuestion.build("q?", options)
+
+
+def test_every_letter_is_one_distinct_token_with_and_without_space(tokenizer):
+    for leading_space in (False, True):
+        ids = mcq.letter_token_ids(tokenizer, mcq.MAX_OPTIONS, leading_space)
+        assert len(set(ids)) == mcq.MAX_OPTIONS
+        decoded = [tokenizer.decode([i]) for i in ids]
+        assert [d.strip() for d in decoded] == list(mcq.LETTERS)
+        assert all(d.startswith(" ") == leading_space for d in decoded)
+
+
+def test_reasoning_prompt_ends_with_answer_cue(tokenizer):
+    q = mcq.MCQuestion.build("2+2?", ["3", "4"])
+    prompt = mcq.render_prompt(tokenizer, q, explain=True, reasoning="Two plus two is four.  ")
+    assert prompt.endswith("Two plus two is four." + mcq.FINAL_ANSWER_CUE)
+    assert mcq.EXPLAIN_INSTRUCTION in prompt

@@ -1,0 +1,83 @@
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from zephyr.cli import app
+from zephyr.registry import ModelManifest, Registry, RegistryError
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_import_list_show_remove(home, default_model):
+    result = runner.invoke(app, ["models", "import", str(default_model.path), "--name", "tutor-copy"])
+    assert result.exit_code == 0, result.output
+    copied = home / "models" / "tutor-copy"
+    assert (copied / "config.json").is_file()
+    manifest = json.loads((copied / "zephyr.json").read_text())
+    assert manifest["method"] == "imported" and manifest["name"] == "tutor-copy"
+
+    listing = runner.invoke(app, ["models", "list"])
+    assert "tutor-copy" in listing.output
+
+    shown = runner.invoke(app, ["models", "show", "tutor-copy"])
+    assert json.loads(shown.output)["path"] == str(copied)
+
+    removed = runner.invoke(app, ["models", "remove", "tutor-copy", "--yes"])
+    assert removed.exit_code == 0 and not copied.exists()
+
+
+def test_cli_errors_are_one_line_with_exit_code_1(home, tmp_path):
+    result = runner.invoke(app, ["models", "show", "nope"])
+    assert result.exit_code == 1
+    assert "no model 'nope'" in result.output and "Traceback" not in result.output
+
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["models", "import", str(tmp_path / "empty"), "--name", "x"])
+    assert result.exit_code == 1 and "no config.json" in result.output
+
+
+def test_registry_refuses_bad_names_missing_parents_and_orphaning(tmp_path, default_model):
+    registry = Registry(tmp_path / "models")
+    with pytest.raises(RegistryError, match="lowercase"):
+        registry.add(default_model.path, ModelManifest(name="Bad Name", method="sft"))
+    with pytest.raises(RegistryError, match="parent model 'ghost'"):
+        registry.add(default_model.path, ModelManifest(name="child", method="sft", parent="ghost"))
+    registry.add(default_model.path, ModelManifest(name="base", method="base"))
+    registry.add(default_model.path, ModelManifest(name="child", method="dpo", parent="base"))
+    with pytest.raises(RegistryError, match="parent of child"):
+        registry.remove("base")
+    with pytest.raises(RegistryError, match="already exists"):
+        registry.add(default_model.path, ModelManifest(name="child", method="dpo", parent="base"))
+    registry.record_eval("child", "arc_easy", {"accuracy": 0.5})
+    assert registry.get("child").manifest.evals == {"arc_easy": {"accuracy": 0.5}}
+
+
+def test_folder_without_chat_template_is_refused(tmp_path, default_model):
+    folder = tmp_path / "no-template"
+    shutil.copytree(default_model.path, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(RegistryError, match="chat template"):
+        Registry(tmp_path / "models").add(folder, ModelManifest(name="x", method="sft"))
+
+
+def test_serve_refuses_open_server_on_a_public_address(home):
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "ZEPHYR_API_KEYS" in result.output
+
+
+def test_malformed_api_key_entry_is_reported(home, monkeypatch):
+    monkeypatch.setenv("ZEPHYR_API_KEYS", "teacher:abc")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 1 and "role:key" in result.output
