@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI
 
 from service.auth import KeyRing, RateLimiter
@@ -29,6 +31,28 @@ from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
 log = logging.getLogger("zephyr.service")
 EngineFactory = Callable[[Settings, Path, str], Engine]
 WATCHDOG_SECONDS = 1.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM/SIGINT end in a clean exit once drained: stock uvicorn re-raises the
+    signal after its graceful shutdown, so a drained replica would look killed (exit 143) to Kubernetes."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int:
+    """Serve until SIGTERM; in-flight requests get `drain_seconds` to finish. Returns the exit code."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=settings.drain_seconds)
+    DrainingServer(config).run()
+    return app.state.exit_code
 
 
 class UnsafeBind(RuntimeError):
@@ -81,6 +105,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = asyncio.Event()
+    app.state.exit_code = 0
     app.state.keyring = KeyRing(settings.api_key_entries)
     app.state.rate_limiter = RateLimiter(settings.rate_limit)
     install_error_handlers(app)
@@ -112,5 +137,6 @@ async def _watch_engine(app: FastAPI) -> None:
             app.state.ready.clear()
             app.state.metrics.engine_ready.set(0)
             log.critical("the inference engine died; shutting the server down so it is restarted")
+            app.state.exit_code = 1
             os.kill(os.getpid(), signal.SIGTERM)
             return

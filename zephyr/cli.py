@@ -48,9 +48,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
-    import uvicorn
-
-    from service.app import UnsafeBind, check_bind, create_app
+    from service.app import UnsafeBind, check_bind, create_app, run_server
 
     settings = load_settings(host=host, port=port, model=model)
     try:
@@ -59,10 +57,7 @@ def serve(
             Registry(settings.models_dir).get(settings.model)
     except (UnsafeBind, RegistryError, ValueError) as exc:
         raise fail(str(exc)) from None
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=settings.drain_seconds, access_log=False,
-    )
+    raise typer.Exit(run_server(create_app(settings), settings, log_level))
 
 
 @models_app.command("list")

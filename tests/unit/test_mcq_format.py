@@ -5,7 +5,8 @@ from zephyr import mcq
 
 def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
     from_list = mcq.MCQuestion.build("Which gas do plants absorb?", ["Oxygen", "Carbon dioxide", "Helium"])
-    from_dict = mcq.MCQuestion.build("Which gas do plants absorb?", {"A": "Oxygen", "B": "Carbon dioxide", "C": "Helium"})
+    keyed = {"A": "Oxygen", "B": "Carbon dioxide", "C": "Helium"}
+    from_dict = mcq.MCQuestion.build("Which gas do plants absorb?", keyed)
     assert from_list == from_dict
     prompt = mcq.render_prompt(tokenizer, from_list)
     assert "A. Oxygen\nB. Carbon dioxide\nC. Helium" in prompt
