@@ -142,13 +142,15 @@ class VLLMEngine:
         self, prompt_ids: list[int], params: GenParams, request_id: str
     ) -> AsyncIterator[EngineOutput]:
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
         sampling = self.sampling_params(params)
         # vLLM keys requests by id: a suffix keeps a client-supplied id from colliding with another.
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         try:
-            async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, engine_request_id):
+            # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
+            async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
                 yield EngineOutput(
                     choices=[self._choice(c, params.logprob_token_ids) for c in out.outputs],
                     finished=out.finished,

@@ -1,0 +1,285 @@
+"""Serving benchmark: our server vs `vllm serve` on the same model with the same engine arguments.
+
+Both servers run at once (each with half the usual memory share) and receive load one at a time, in
+alternating order round after round, so drift on a shared machine hits both alike. Prints tables of ratios
+and writes the raw figures to bench-results/. A script to run on demand (`make bench`), not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from zephyr import mcq
+from zephyr.bundled import ensure_default_model
+from zephyr.registry import Registry
+from zephyr.settings import DEFAULT_MODEL, Settings
+
+console = Console()
+PROMPTS = [
+    "Explain how photosynthesis works.", "Why is the sky blue?", "What is Newton's second law?",
+    "How do vaccines train the immune system?", "What causes the seasons on Earth?",
+    "Explain the difference between mitosis and meiosis.", "What is an electric current?",
+    "How does a rainbow form?", "Why do objects float or sink?", "What is the water cycle?",
+    "How do plants take up water?", "What is a chemical reaction?", "Explain what an atom is made of.",
+    "What is the greenhouse effect?", "How does sound travel?", "What is DNA?",
+]
+DEFAULT_MCQ_DATA = Path(__file__).resolve().parents[2] / "shared/data/arc/ARC-Easy/ARC-Easy-Dev.jsonl"
+
+
+@dataclass
+class Level:
+    target: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    output_tokens: int
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def pct(self, values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 600) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited while starting; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not ready after {timeout}s; see {log}")
+
+
+async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft or float("nan"), time.perf_counter() - started, tokens
+
+
+async def chat_level(target: str, url: str, concurrency: int, requests: int, max_tokens: int) -> Level:
+    queue = list(range(requests))
+    level = Level(target, concurrency, requests, 0.0, 0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as c:
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                try:
+                    ttft, latency, tokens = await stream_chat(c, PROMPTS[i % len(PROMPTS)], max_tokens)
+                except httpx.HTTPError:
+                    level.errors += 1
+                    continue
+                level.ttft_s.append(ttft)
+                level.latency_s.append(latency)
+                level.output_tokens += tokens
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        level.wall_s = time.perf_counter() - started
+    return level
+
+
+def load_mcq(path: Path, count: int) -> list[mcq.MCQuestion]:
+    items = []
+    with path.open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            options = [choice["text"] for choice in record["question"]["choices"]]
+            try:
+                items.append(mcq.MCQuestion.build(record["question"]["stem"], options))
+            except mcq.MCQFormatError:
+                continue
+    random.Random(0).shuffle(items)
+    return items[:count]
+
+
+async def mcq_round(target: str, url: str, questions: list[mcq.MCQuestion], concurrency: int) -> dict:
+    """Ours: POST /mcq. vLLM: the same prompt as a chat completion with a structured-output choice."""
+    queue = list(enumerate(questions))
+    answers: dict[int, str] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+
+        async def worker() -> None:
+            while queue:
+                i, q = queue.pop()
+                if target == "zephyr":
+                    r = await c.post("/mcq", json={"question": q.question, "options": list(q.options)})
+                    answers[i] = r.json()["answer"]
+                else:
+                    r = await c.post("/v1/chat/completions", json={
+                        "model": DEFAULT_MODEL, "messages": mcq.render_messages(q), "temperature": 0,
+                        "max_tokens": 4, "structured_outputs": {"choice": list(q.letters)}})
+                    answers[i] = r.json()["choices"][0]["message"]["content"].strip()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {"target": target, "answers_per_s": len(questions) / wall, "answers": answers}
+
+
+def ratio_table(title: str, levels: list[Level]) -> Table:
+    table = Table(title=title)
+    for column in ("concurrency", "target", "tok/s", "p50 TTFT ms", "p99 TTFT ms", "p50 e2e s", "p99 e2e s",
+                   "errors"):
+        table.add_column(column, justify="right")
+    by_key: dict[tuple[str, int], list[Level]] = {}
+    for lv in levels:
+        by_key.setdefault((lv.target, lv.concurrency), []).append(lv)
+
+    def summary(target: str, conc: int) -> dict[str, float]:
+        runs = by_key[(target, conc)]
+        ttft = [t for lv in runs for t in lv.ttft_s]
+        lat = [t for lv in runs for t in lv.latency_s]
+        return {"tok/s": statistics.median(lv.tok_s for lv in runs), "p50 ttft": runs[0].pct(ttft, 0.5) * 1000,
+                "p99 ttft": runs[0].pct(ttft, 0.99) * 1000, "p50 e2e": runs[0].pct(lat, 0.5),
+                "p99 e2e": runs[0].pct(lat, 0.99), "errors": sum(lv.errors for lv in runs)}
+
+    for conc in sorted({c for _, c in by_key}):
+        ours, theirs = summary("zephyr", conc), summary("vllm", conc)
+        for name, s in (("zephyr", ours), ("vllm serve", theirs)):
+            table.add_row(str(conc), name, f"{s['tok/s']:.1f}", f"{s['p50 ttft']:.0f}", f"{s['p99 ttft']:.0f}",
+                          f"{s['p50 e2e']:.2f}", f"{s['p99 e2e']:.2f}", str(s["errors"]))
+        table.add_row(str(conc), "[bold]ratio[/]", f"[bold]{ours['tok/s'] / theirs['tok/s']:.3f}[/]",
+                      f"[bold]{ours['p50 ttft'] / theirs['p50 ttft']:.3f}[/]",
+                      f"{ours['p99 ttft'] / theirs['p99 ttft']:.3f}", f"{ours['p50 e2e'] / theirs['p50 e2e']:.3f}",
+                      f"{ours['p99 e2e'] / theirs['p99 e2e']:.3f}", "", end_section=True)
+    return table
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings()
+    entry = ensure_default_model(Registry(settings.models_dir))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    engine = {"max_model_len": str(settings.max_model_len), "share": str(args.memory_share),
+              "max_num_seqs": str(settings.max_num_seqs)}
+    env = {**os.environ, "ZEPHYR_PORT": str(args.port), "ZEPHYR_MEMORY_SHARE": engine["share"],
+           "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(settings.home),
+           "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower()}
+    vllm_cmd = [str(bin_dir / "vllm"), "serve", str(entry.path), "--served-model-name", DEFAULT_MODEL,
+                "--port", str(args.port + 1), "--max-model-len", engine["max_model_len"],
+                "--gpu-memory-utilization", engine["share"], "--max-num-seqs", engine["max_num_seqs"],
+                "--seed", "0", "--disable-uvicorn-access-log"] + ([] if args.compiled else ["--enforce-eager"])
+    ours_url, vllm_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
+    processes = []
+    try:
+        console.print("starting our server (cold start to /readyz)...")
+        processes.append(start([str(bin_dir / "zephyr"), "serve"], env, out_dir / "zephyr.log"))
+        cold_ours = wait_ready(f"{ours_url}/readyz", processes[-1], out_dir / "zephyr.log")
+        console.print(f"  ready in {cold_ours:.1f} s; starting vllm serve...")
+        processes.append(start(vllm_cmd, env, out_dir / "vllm.log"))
+        cold_vllm = wait_ready(f"{vllm_url}/health", processes[-1], out_dir / "vllm.log")
+        console.print(f"  ready in {cold_vllm:.1f} s")
+
+        targets = {"zephyr": ours_url, "vllm": vllm_url}
+        for name, url in targets.items():  # warm both (first-request allocations) before measuring
+            await chat_level(name, url, 4, 4, 8)
+        levels: list[Level] = []
+        mcq_runs: list[dict] = []
+        questions = load_mcq(Path(args.mcq_data), args.mcq_questions)
+        for round_index in range(args.rounds):
+            order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
+            for name in order:
+                for conc in args.concurrency:
+                    lv = await chat_level(name, targets[name], conc, max(args.min_requests, conc * args.per_user),
+                                          args.max_tokens)
+                    levels.append(lv)
+                    console.print(f"round {round_index + 1} {name:7s} c={conc:<3d} {lv.tok_s:7.1f} tok/s "
+                                  f"p50 TTFT {lv.pct(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
+                result = await mcq_round(name, targets[name], questions, args.mcq_concurrency)
+                mcq_runs.append(result)
+                console.print(f"round {round_index + 1} {name:7s} MCQ {result['answers_per_s']:.1f} answers/s")
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds",
+                              levels))
+    mcq_table = Table(title=f"MCQ: {len(questions)} ARC-Easy dev questions, concurrency {args.mcq_concurrency}")
+    for column in ("path", "answers/s (median)", "ratio"):
+        mcq_table.add_column(column, justify="right")
+    ours = statistics.median(r["answers_per_s"] for r in mcq_runs if r["target"] == "zephyr")
+    theirs = statistics.median(r["answers_per_s"] for r in mcq_runs if r["target"] == "vllm")
+    mcq_table.add_row("zephyr POST /mcq (allowed letters, 1 token)", f"{ours:.1f}", f"{ours / theirs:.2f}x")
+    mcq_table.add_row("vllm serve chat + structured_outputs.choice", f"{theirs:.1f}", "1.00x")
+    console.print(mcq_table)
+    last = {r["target"]: r["answers"] for r in mcq_runs[-2:]}
+    agree = sum(last["zephyr"][i] == last["vllm"].get(i) for i in last["zephyr"]) / len(last["zephyr"])
+    console.print(f"same letter on both paths: {agree:.0%} of questions")
+    console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
+                  f"({'eager' if not args.compiled else 'compiled'})")
+    (out_dir / "bench.json").write_text(json.dumps({
+        "levels": [asdict(lv) | {"tok_s": lv.tok_s} for lv in levels],
+        "mcq": [{k: v for k, v in r.items() if k != "answers"} for r in mcq_runs],
+        "cold_start_s": {"zephyr": cold_ours, "vllm": cold_vllm}, "args": vars(args)}, indent=2))
+    console.print(f"raw figures: {out_dir / 'bench.json'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per target")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--per-user", type=int, default=3, help="requests per concurrent user per level")
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mcq-data", default=str(DEFAULT_MCQ_DATA), help="ARC-format jsonl")
+    parser.add_argument("--mcq-questions", type=int, default=64)
+    parser.add_argument("--mcq-concurrency", type=int, default=8)
+    parser.add_argument("--memory-share", type=float, default=0.2, help="per server (both run at once)")
+    parser.add_argument("--compiled", action="store_true", help="torch.compile both engines (slower start)")
+    parser.add_argument("--port", type=int, default=8100, help="ours; vllm serve gets port+1")
+    parser.add_argument("--out", default="bench-results")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
