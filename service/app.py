@@ -49,6 +49,7 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int:
     """Serve until SIGTERM; in-flight requests get `drain_seconds` to finish. Returns the exit code."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=settings.drain_seconds)
     DrainingServer(config).run()
@@ -117,10 +118,15 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
 
 async def _warm_up(app: FastAPI) -> None:
-    """Readiness means the engine has answered: one token of a short chat."""
+    """Readiness means the engine has answered: a short chat, and a letter-constrained MCQ step (its first
+    use costs seconds on CPU, which the first student would otherwise wait through)."""
     tutor: Tutor = app.state.tutor
     prompt = tutor.encode_chat([{"role": "user", "content": "Hello"}])
-    async for _ in tutor.engine.generate(prompt, GenParams(max_tokens=1, temperature=0.0), "warmup"):
+    async for _ in tutor.engine.generate(prompt, GenParams(max_tokens=2, temperature=0.0), "warmup-chat"):
+        pass
+    letters = tutor.letter_ids(4, leading_space=False)
+    constrained = GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letters, logprob_token_ids=letters)
+    async for _ in tutor.engine.generate(prompt, constrained, "warmup-mcq"):
         pass
     app.state.ready.set()
     app.state.metrics.engine_ready.set(1)

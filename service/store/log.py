@@ -208,6 +208,8 @@ class GenerationLog:
                 else item
                 for item in row[field]
             ]
+        if isinstance(row.get("user"), str):  # meant as an opaque id, but students type emails there too
+            row["user"] = self.redactor.redact(row["user"])
         row["_redacted"] = True
         return row
 

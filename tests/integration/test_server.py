@@ -162,3 +162,23 @@ def test_metrics_move_and_log_rows_are_redacted(http, server):
     user_text = json.loads(row[0])[-1]["content"]
     assert "kid@school.org" not in user_text and "AB1234567" not in user_text
     assert "<EMAIL_ADDRESS>" in user_text and "<STUDENT_ID>" in user_text and row[1] == "ok"
+
+
+def test_cli_mcq_and_chat_against_the_server(server):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ZEPHYR_URL": server.url, "ZEPHYR_API_KEY": STUDENT_KEY}
+    cli = [sys.executable, "-m", "zephyr.cli"]
+    mcq = subprocess.run([*cli, "mcq", "Which is a mammal?", "-o", "Shark", "-o", "Whale", "--json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert mcq.returncode == 0, mcq.stderr
+    assert json.loads(mcq.stdout)["answer"] in ("A", "B")
+    chat = subprocess.run([*cli, "chat", "--max-tokens", "12"], env=env,
+                          input="What is a cell?\n/quit\n", capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert "tutor>" in chat.stdout and len(chat.stdout.split("tutor>", 1)[1].strip()) > 0
+    wrong = subprocess.run([*cli, "mcq", "q", "-o", "a"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and "between 2 and 10" in wrong.stderr

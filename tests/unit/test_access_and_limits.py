@@ -64,3 +64,25 @@ async def test_open_mode_without_keys_serves_without_a_header(app_factory):
     async with app_factory(api_keys="") as served:
         r = await served.client.post(CHAT, json=BODY, headers={"Authorization": ""})
         assert r.status_code == 200
+
+
+async def test_keys_from_a_file_with_comments(app_factory, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# teaching assistants\nreviewer:ta-key-1\n\nstudent:pupil-key-2\n")
+    async with app_factory(api_keys="", api_keys_file=keys) as served:
+        for key, status in (("ta-key-1", 200), ("pupil-key-2", 200), ("student-key-123", 401)):
+            r = await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status, key
+
+
+async def test_unknown_routes_and_methods_answer_in_openai_shape(served):
+    r = await served.client.get("/v1/completions")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = await served.client.get(CHAT)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+async def test_non_utf8_body_is_400(served):
+    body = b'{"messages": "\xff\xfe"}'
+    r = await served.client.post(CHAT, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
