@@ -9,6 +9,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -170,14 +171,16 @@ class Tutor:
         self.metrics.waiting.inc()
         waiting = True
         try:
-            async for out in self.engine.generate(gen.prompt_ids, gen.params, gen.request_id):
-                if waiting:
-                    waiting = False
-                    self.metrics.waiting.dec()
-                    self.metrics.running.inc()
-                    self.metrics.time_to_first_token.labels(gen.route).observe(time.perf_counter() - gen.started)
-                gen.absorb(out)
-                yield out
+            # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
+            async with aclosing(self.engine.generate(gen.prompt_ids, gen.params, gen.request_id)) as outputs:
+                async for out in outputs:
+                    if waiting:
+                        waiting = False
+                        self.metrics.waiting.dec()
+                        self.metrics.running.inc()
+                        self.metrics.time_to_first_token.labels(gen.route).observe(time.perf_counter() - gen.started)
+                    gen.absorb(out)
+                    yield out
             status = "ok"
         except EngineRejected as exc:
             status, error = "error", str(exc)
@@ -233,9 +236,13 @@ class Tutor:
             principal=principal, user=req.user, extra_params={"stream": req.stream},
         )
 
+    async def run_to_end(self, gen: Generation) -> None:
+        async with aclosing(self._run(gen)) as outputs:
+            async for _ in outputs:
+                pass
+
     async def complete(self, gen: Generation, top_logprobs: int | None) -> dict[str, Any]:
-        async for _ in self._run(gen):
-            pass
+        await self.run_to_end(gen)
         choices = []
         for i in range(gen.params.n):
             choices.append({
@@ -260,16 +267,17 @@ class Tutor:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(gen.params.n)])
         try:
-            async for out in self._run(gen):
-                choices = [
-                    {"index": c.index, "delta": {"content": c.text} if c.text or not c.finish_reason else {},
-                     "logprobs": _openai_logprobs(c.logprobs or [], top_logprobs) if gen.params.logprobs is not None
-                     else None,
-                     "finish_reason": c.finish_reason}
-                    for c in out.choices if c.text or c.finish_reason
-                ]
-                if choices:
-                    yield chunk(choices)
+            async with aclosing(self._run(gen)) as outputs:
+                async for out in outputs:
+                    choices = [
+                        {"index": c.index, "delta": {"content": c.text} if c.text or not c.finish_reason else {},
+                         "logprobs": _openai_logprobs(c.logprobs or [], top_logprobs)
+                         if gen.params.logprobs is not None else None,
+                         "finish_reason": c.finish_reason}
+                        for c in out.choices if c.text or c.finish_reason
+                    ]
+                    if choices:
+                        yield chunk(choices)
         except APIError as exc:  # headers are gone: report in-band, as OpenAI does
             error = {"message": exc.message, "type": "server_error", "code": exc.code}
             yield f"data: {json.dumps({'error': error})}\n\n"
@@ -307,8 +315,7 @@ class Tutor:
                                                 self.engine.max_model_len - len(prompt_ids) - 16),
                                  temperature=0.0, stop=["Answer:", "answer:"]),
             )
-            async for _ in self._run(reasoning):
-                pass
+            await self.run_to_end(reasoning)
             explanation = reasoning.text().strip()
             prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True, reasoning=explanation))
         else:
@@ -322,8 +329,7 @@ class Tutor:
         )
         status, error = "error", None
         try:
-            async for _ in self._run(gen):
-                pass
+            await self.run_to_end(gen)
             status = "ok"
         except APIError as exc:
             error = exc.message

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,7 +102,6 @@ class Settings(BaseSettings):
 
 
 ROLES = ("student", "reviewer", "admin")
-Mode = Literal["student", "reviewer", "admin"]
 
 
 def is_loopback(host: str) -> bool:

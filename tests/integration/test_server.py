@@ -182,3 +182,23 @@ def test_cli_mcq_and_chat_against_the_server(server):
     wrong = subprocess.run([*cli, "mcq", "q", "-o", "a"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 1 and "between 2 and 10" in wrong.stderr
+
+
+def test_a_client_that_hangs_up_aborts_generation_and_is_logged(http, server):
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": ask("Write a very long essay about the history of physics."), "max_tokens": 1500,
+            "temperature": 0.8, "stream": True}) as r:
+        first = next(line for line in r.iter_lines() if line)
+    request_id = json.loads(first.removeprefix("data: "))["id"]
+    row = None
+    for _ in range(100):
+        with sqlite3.connect(server.home / "zephyr.db") as db:
+            row = db.execute("select status, completion_tokens from generations where id = ?",
+                             (request_id,)).fetchone()
+        if row:
+            break
+        time.sleep(0.1)
+    assert row is not None and row[0] == "aborted" and row[1] < 1500
+    running = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+               if line.startswith("zephyr_requests_running ")]
+    assert running == ["zephyr_requests_running 0.0"]

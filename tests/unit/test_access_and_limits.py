@@ -86,3 +86,22 @@ async def test_non_utf8_body_is_400(served):
     body = b'{"messages": "\xff\xfe"}'
     r = await served.client.post(CHAT, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400
+
+
+async def test_roles_are_enforced_and_admin_may_do_anything(app_factory):
+    from fastapi import Depends
+
+    from service.auth import require
+    from tests.unit.conftest import ADMIN_KEY
+
+    async with app_factory() as served:
+        @served.app.get("/review-only")
+        async def review_only(principal=Depends(require("reviewer"))):
+            return {"role": principal.role}
+
+        r = await served.client.get("/review-only")  # the fixture's student key
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert "needs the role reviewer" in r.json()["error"]["message"]
+        for key, role in ((REVIEWER_KEY, "reviewer"), (ADMIN_KEY, "admin")):
+            r = await served.client.get("/review-only", headers={"Authorization": f"Bearer {key}"})
+            assert r.json() == {"role": role}
