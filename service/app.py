@@ -70,7 +70,17 @@ def check_bind(settings: Settings) -> None:
         )
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+def terminate_process() -> None:
+    """Ask uvicorn for its graceful shutdown, so the supervisor (Kubernetes, systemd) restarts us."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: EngineFactory | None = None,
+    on_fatal: Callable[[], None] = terminate_process,
+) -> FastAPI:
+    """`on_fatal` runs when the engine cannot serve (warm-up failed, engine died); tests replace it."""
     settings = settings or Settings()
     engine_factory = engine_factory or VLLMEngine.start
     metrics = Metrics()
@@ -109,6 +119,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.metrics = metrics
     app.state.ready = asyncio.Event()
     app.state.exit_code = 0
+    app.state.on_fatal = on_fatal
     app.state.keyring = KeyRing(settings.api_key_entries)
     app.state.rate_limiter = RateLimiter(settings.rate_limit)
     install_error_handlers(app)
@@ -122,7 +133,23 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 async def _warm_up(app: FastAPI) -> None:
     """Readiness means the engine has answered: a short chat, and a letter-constrained MCQ step (its first
     use costs seconds on CPU, which the first student would otherwise wait through)."""
-    tutor: Tutor = app.state.tutor
+    try:
+        await _warm_up_engine(app.state.tutor)
+    except Exception:
+        log.exception("engine warm-up failed; the server exits so that it is restarted")
+        app.state.exit_code = 1
+        app.state.on_fatal()
+        return
+    # Torch, transformers, vLLM and Presidio leave ~700k long-lived objects; a full collection walking them
+    # stalls every stream for ~0.5 s. Freezing them out of the collector's view after start-up avoids that.
+    gc.collect()
+    gc.freeze()
+    app.state.ready.set()
+    app.state.metrics.engine_ready.set(1)
+    log.info("engine warmed up; %s is ready", app.state.tutor.model_name)
+
+
+async def _warm_up_engine(tutor: Tutor) -> None:
     prompt = tutor.encode_chat([{"role": "user", "content": "Hello"}])
     async for _ in tutor.engine.generate(prompt, GenParams(max_tokens=2, temperature=0.0), "warmup-chat"):
         pass
@@ -130,18 +157,11 @@ async def _warm_up(app: FastAPI) -> None:
     constrained = GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letters, logprob_token_ids=letters)
     async for _ in tutor.engine.generate(prompt, constrained, "warmup-mcq"):
         pass
-    # Torch, transformers, vLLM and Presidio leave ~700k long-lived objects; a full collection walking them
-    # stalls every stream for ~0.5 s. Freezing them out of the collector's view after start-up avoids that.
-    gc.collect()
-    gc.freeze()
-    app.state.ready.set()
-    app.state.metrics.engine_ready.set(1)
-    log.info("engine warmed up; %s is ready", tutor.model_name)
 
 
 async def _watch_engine(app: FastAPI) -> None:
     """A dead engine cannot come back in this process: stop being ready, then exit so the supervisor
-    (Kubernetes, systemd) restarts the server. SIGTERM lets uvicorn finish what it can first."""
+    restarts the server (through SIGTERM, so uvicorn finishes what it can first)."""
     engine: Engine = app.state.engine
     while True:
         await asyncio.sleep(WATCHDOG_SECONDS)
@@ -150,5 +170,5 @@ async def _watch_engine(app: FastAPI) -> None:
             app.state.metrics.engine_ready.set(0)
             log.critical("the inference engine died; shutting the server down so it is restarted")
             app.state.exit_code = 1
-            os.kill(os.getpid(), signal.SIGTERM)
+            app.state.on_fatal()
             return

@@ -145,10 +145,10 @@ class VLLMEngine:
         from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        sampling = self.sampling_params(params)
-        # vLLM keys requests by id: a suffix keeps a client-supplied id from colliding with another.
+        # vLLM keys requests by id: a suffix keeps a retried id from colliding with a running one.
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         try:
+            sampling = self.sampling_params(params)
             # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
             async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
                 yield EngineOutput(

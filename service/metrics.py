@@ -47,6 +47,9 @@ class Metrics:
         self.log_replayed_rows = Counter(
             "zephyr_log_replayed_rows", "Spilled rows replayed into the database", registry=r
         )
+        self.log_rejected_rows = Counter(
+            "zephyr_log_rejected_rows", "Spilled rows the database refused, kept in the rejected file", registry=r
+        )
         self.log_write_failures = Counter(
             "zephyr_log_write_failures", "Failed generation-log database writes", registry=r
         )

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 from service.metrics import Metrics
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in; an HTTPException so FastAPI's body parsing passes it on as a 413."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body over the limit of {max_bytes} bytes (ZEPHYR_MAX_BODY_BYTES)")
 
 
 class BodySizeLimit:
@@ -39,7 +43,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

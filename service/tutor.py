@@ -16,12 +16,15 @@ from typing import Any
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
-from service.errors import APIError
+from service.errors import APIError, error_body
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, MCQRequest, MCQResponse
 from service.store.log import GenerationLog
 from zephyr import mcq
 from zephyr.settings import Settings
+
+# Tokens kept free after the reasoning for the answer cue, and for re-tokenization drift.
+EXPLAIN_CUE_MARGIN = 8
 
 
 def new_id(prefix: str) -> str:
@@ -279,7 +282,7 @@ class Tutor:
                     if choices:
                         yield chunk(choices)
         except APIError as exc:  # headers are gone: report in-band, as OpenAI does
-            error = {"message": exc.message, "type": "server_error", "code": exc.code}
+            error = error_body(exc.status, exc.message, exc.param, exc.code)["error"]
             yield f"data: {json.dumps({'error': error})}\n\n"
         else:
             if include_usage:
@@ -304,51 +307,65 @@ class Tutor:
                          user: str | None = None) -> MCQResponse:
         tokenizer = self.engine.tokenizer
         messages = mcq.render_messages(q, explain)
-        explanation = None
-        if explain:
-            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True))
-            self.check_prompt_length(prompt_ids, "question")
-            reasoning = Generation(
-                request_id=f"{request_id}-reasoning", route="mcq", messages=messages, prompt_ids=prompt_ids,
-                principal=principal,
-                params=GenParams(max_tokens=min(self.settings.mcq_explain_max_tokens,
-                                                self.engine.max_model_len - len(prompt_ids) - 16),
-                                 temperature=0.0, stop=["Answer:", "answer:"]),
-            )
-            await self.run_to_end(reasoning)
-            explanation = reasoning.text().strip()
-            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True, reasoning=explanation))
-        else:
-            prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q))
+        prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=explain))
         self.check_prompt_length(prompt_ids, "question")
         letter_ids = self.letter_ids(len(q.options), leading_space=explain)
-        gen = Generation(
+        final = Generation(
             request_id=request_id, route="mcq", messages=messages, prompt_ids=prompt_ids, principal=principal,
             user=user, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
                                         logprob_token_ids=letter_ids),
         )
+        explanation = None
         status, error = "error", None
         try:
-            await self.run_to_end(gen)
+            if explain:
+                explanation = await self._reason(q, prompt_ids, final)
+                final.prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True,
+                                                                      reasoning=explanation))
+                self.check_prompt_length(final.prompt_ids, "question")
+            await self.run_to_end(final)
             status = "ok"
         except APIError as exc:
             error = exc.message
             raise
-        finally:
-            probabilities, answer = _letter_distribution(gen, q.letters, letter_ids)
-            content = f"{explanation}{mcq.FINAL_ANSWER_CUE} {answer}" if explain else answer
-            self.log.record(gen.log_row(self.model_name, status, error, response=[
-                {"index": 0, "content": content or "", "answer": answer, "probabilities": probabilities}
+        except asyncio.CancelledError:
+            status, error = "aborted", "cancelled"
+            raise
+        finally:  # one row per MCQ request, however it ended
+            probabilities, answer = _letter_distribution(final, q.letters, letter_ids)
+            content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {answer}" if explain else answer
+            self.log.record(final.log_row(self.model_name, status, error, response=[
+                {"index": 0, "content": content, "answer": answer, "probabilities": probabilities}
             ]))
         self.metrics.mcq_answers.labels(answer).inc()
         return MCQResponse(id=request_id, answer=answer, option=q.option_for(answer), probabilities=probabilities,
                            explanation=explanation, model=self.model_name)
 
+    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: Generation) -> str:
+        """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""
+        room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - EXPLAIN_CUE_MARGIN
+        budget = min(self.settings.mcq_explain_max_tokens, room)
+        if budget < 1:
+            raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "
+                                "shorten it or ask without `explain`", param="explain", code="context_length_exceeded")
+        reasoning = Generation(
+            request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
+            principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
+                                                        stop=["Answer:", "answer:"]),
+        )
+        await self.run_to_end(reasoning)
+        return reasoning.text().strip()
+
     async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, bool, str | None]], principal: Principal,
                                batch_id: str) -> list[MCQResponse]:
-        tasks = [self.answer_mcq(q, explain, principal, f"{batch_id}-{i}", user)
-                 for i, (q, explain, user) in enumerate(items)]
-        return list(await asyncio.gather(*tasks))
+        """All questions at once; the first failure cancels the rest (each still logs its row) and is raised."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.answer_mcq(q, explain, principal, f"{batch_id}-{i}", user))
+                         for i, (q, explain, user) in enumerate(items)]
+        except* APIError as failures:
+            raise failures.exceptions[0] from None
+        return [task.result() for task in tasks]
 
 
 def _letter_distribution(gen: Generation, letters: str, letter_ids: list[int]) -> tuple[dict[str, float], str]:

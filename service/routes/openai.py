@@ -35,13 +35,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
             tutor.admission.leave()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return ReleasingStreamingResponse(
+        tutor.stream(gen, include_usage, top_logprobs), on_close=tutor.admission.leave,
+        media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
-    async def events():
+
+class ReleasingStreamingResponse(StreamingResponse):
+    """Closes its generator (aborting the engine request) and runs `on_close` however the response ends,
+    including a client gone before the first byte, when Starlette never starts the generator at all."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            async for event in tutor.stream(gen, include_usage, top_logprobs):
-                yield event
+            await super().__call__(scope, receive, send)
         finally:
-            tutor.admission.leave()
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self._on_close()

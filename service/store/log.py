@@ -28,6 +28,7 @@ log = logging.getLogger("zephyr.store")
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 REDACTED_FIELDS = ("messages", "response")
 CLOSE_TIMEOUT_SECONDS = 10.0
+USER_COLUMN_LENGTH = 256
 
 
 def alembic_config(url: str) -> Config:
@@ -100,20 +101,20 @@ class GenerationLog:
             await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT_SECONDS)
         except TimeoutError:
             log.warning("generation log still writing after %ss at shutdown; spilling the rest", CLOSE_TIMEOUT_SECONDS)
+        # Left only if the flush timed out: a batch cut off mid-write and what was still queued. Spill them
+        # rather than wait on a slow database (a replayed duplicate is ignored by request id).
+        leftover = list(self._in_flight)
         if self._writer is not None:
             self._writer.cancel()
             try:
                 await self._writer
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):
                 pass
-        # Left only if the flush timed out: a batch cut off mid-write and what was still queued. Spill them
-        # rather than wait on a slow database (a replayed duplicate is ignored by request id).
-        leftover = self._in_flight
         while not self.queue.empty():
             leftover.append(self.queue.get_nowait())
             self.queue.task_done()
         if leftover:
-            self._spill([self._redact(row) for row in leftover])
+            self._spill_safely(leftover)
         self._in_flight = []
         self.metrics.log_queue_depth.set(0)
         await self.engine.dispose()
@@ -149,13 +150,16 @@ class GenerationLog:
             self._in_flight = batch
             try:
                 await self._write(batch)
+                if self._db_ok and self.has_spill():
+                    await self.replay_spill()
+            except Exception:  # the writer must outlive any one bad batch; its rows go to disk instead
+                log.exception("generation log writer error; spilling %d rows", len(batch))
+                self._spill_safely(batch)
             finally:
                 self._in_flight = []
                 for _ in batch:
                     self.queue.task_done()
             self.metrics.log_queue_depth.set(self.queue.qsize())
-            if self._db_ok and self.has_spill():
-                await self.replay_spill()
 
     async def _write(self, rows: list[dict[str, Any]]) -> None:
         redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
@@ -209,7 +213,7 @@ class GenerationLog:
                 for item in row[field]
             ]
         if isinstance(row.get("user"), str):  # meant as an opaque id, but students type emails there too
-            row["user"] = self.redactor.redact(row["user"])
+            row["user"] = self.redactor.redact(row["user"])[:USER_COLUMN_LENGTH]
         row["_redacted"] = True
         return row
 
@@ -231,25 +235,74 @@ class GenerationLog:
             os.fsync(handle.fileno())
         self.metrics.log_spilled_rows.inc(len(rows))
 
+    def _spill_safely(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._spill([self._redact(row) for row in rows])
+        except Exception:  # redaction itself failed: keep the rows unredacted on local disk, never drop them
+            log.exception("redaction failed while spilling; writing %d rows unredacted", len(rows))
+            self._spill(rows)
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.spill_path.with_name(self.spill_path.stem + ".rejected.jsonl")
+
     async def replay_spill(self) -> int:
-        """Insert spilled rows (duplicates are ignored by request id), then remove the file."""
+        """Insert spilled rows (duplicates are ignored by request id), then remove the file. A row the
+        database refuses while it is up (a bad value, a torn line) goes to the rejected file for a person
+        to look at, instead of blocking every later replay."""
         replaying = self._replaying_path
         if not replaying.exists():
             if not self.spill_path.exists():
                 return 0
             self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
-        rows = [json.loads(line) for line in replaying.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows, rejected = [], []
+        for line in replaying.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rejected.append({"unparseable_line": line})
         try:
             for start in range(0, len(rows), self.batch_size):
-                await self._insert(rows[start : start + self.batch_size])
+                batch = rows[start : start + self.batch_size]
+                try:
+                    await self._insert(batch)
+                except Exception:
+                    if not await self._reachable():
+                        raise
+                    rejected += await self._insert_one_by_one(batch)
         except Exception as exc:
             self._db_ok = False
             log.warning("replaying spilled rows failed (%s); will retry", exc)
             return 0
+        if rejected:
+            with self.rejected_path.open("a", encoding="utf-8") as handle:
+                for row in rejected:
+                    handle.write(json.dumps(row, default=_json_default) + "\n")
+            self.metrics.log_rejected_rows.inc(len(rejected))
+            log.error("%d spilled rows were refused by the database; kept in %s", len(rejected), self.rejected_path)
         replaying.unlink()
-        self.metrics.log_replayed_rows.inc(len(rows))
-        log.info("replayed %d spilled generation-log rows", len(rows))
-        return len(rows)
+        replayed = len(rows) - sum("unparseable_line" not in row for row in rejected)
+        self.metrics.log_replayed_rows.inc(replayed)
+        log.info("replayed %d spilled generation-log rows", replayed)
+        return replayed
+
+    async def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        refused = []
+        for row in rows:
+            try:
+                await self._insert([row])
+            except Exception:
+                refused.append(row)
+        return refused
+
+    async def _reachable(self) -> bool:
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(select(1))
+            return True
+        except Exception:
+            return False
 
     # Reading (tests, review tooling) ----------------------------------------------------------------
 

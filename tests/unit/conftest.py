@@ -39,7 +39,12 @@ def app_factory(settings_factory, tokenizer):
             self.factory = StubEngine.factory(tokenizer)
 
         async def __aenter__(self):
-            self.app = create_app(self.settings, self.factory)
+            self.fatal_calls = 0
+
+            def on_fatal() -> None:
+                self.fatal_calls += 1
+
+            self.app = create_app(self.settings, self.factory, on_fatal=on_fatal)
             self.manager = LifespanManager(self.app)
             await self.manager.__aenter__()
             await self.app.state.ready.wait()

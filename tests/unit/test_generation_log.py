@@ -124,3 +124,42 @@ def row(request_id: str) -> dict:
         "response": [{"index": 0, "content": "hello"}], "params": {}, "prompt_tokens": 1, "completion_tokens": 1,
         "ttft_ms": 1.0, "latency_ms": 2.0, "error": None, "review_requested": False,
     }
+
+
+async def test_a_torn_line_or_refused_row_is_set_aside_not_blocking_replay(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    good, refused = row("good"), {**row("refused"), "prompt_tokens": None}  # NOT NULL column
+    spill = "".join(json.dumps(r, default=str) + "\n" for r in (good, refused)) + '{"id": "torn", "crea'
+    (tmp_path / "spill.jsonl").write_text(spill)
+    assert await log.replay_spill() == 1
+    assert await log.get("good") and not log.has_spill()
+    kept = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
+    assert sorted(r.get("id", "torn line") for r in kept) == ["refused", "torn line"]
+    await log.close()
+
+
+async def test_the_writer_survives_a_failing_redactor_and_keeps_the_rows(tmp_path):
+    class Broken:
+        def redact(self, text):
+            raise RuntimeError("boom")
+
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), Broken(),
+                        flush_seconds=0.01)
+    await log.start()
+    log.record(row("x1"))
+    await log.flush()
+    log.record(row("x2"))
+    await log.flush()
+    assert not log._writer.done()
+    ids = [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()]
+    assert ids == ["x1", "x2"]
+    await log.close()
+
+
+async def test_a_long_user_field_is_truncated_after_redaction(served):
+    r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                             "user": "AB123456 x " * 23})
+    row_ = await (await served.flushed_log()).get(r.json()["id"])
+    assert row_["user"].startswith("<STUDENT_ID>") and len(row_["user"]) == 256

@@ -125,3 +125,24 @@ async def test_dead_engine_is_503_and_not_ready(served):
 async def test_models_lists_the_served_model(served):
     body = (await served.client.get("/v1/models")).json()
     assert [m["id"] for m in body["data"]] == ["smollm2-135m-instruct"]
+
+
+async def test_engine_death_asks_for_a_restart(served):
+    import asyncio
+
+    served.engine.die()
+    for _ in range(40):
+        if served.fatal_calls:
+            break
+        await asyncio.sleep(0.1)
+    assert served.fatal_calls == 1 and served.app.state.exit_code == 1
+
+
+async def test_chunked_body_over_the_limit_is_413(app_factory):
+    async with app_factory(max_body_bytes=1000) as served:
+        async def chunks():
+            for _ in range(10):
+                yield b" " * 200
+
+        r = await served.client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "ZEPHYR_MAX_BODY_BYTES" in r.json()["error"]["message"]

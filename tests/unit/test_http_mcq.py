@@ -77,3 +77,23 @@ async def test_batch_answers_in_order_and_names_the_bad_item(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "questions[1].options"
     r = await served.client.post("/mcq/batch", json={"questions": [QUESTION] * 65})
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+
+
+async def test_explain_without_room_for_reasoning_is_400_and_logged(app_factory, tokenizer):
+    from zephyr import mcq
+
+    question = {"question": "Which one? " + "Think about it. " * 12, "options": ["a", "b"], "explain": True}
+    prompt = mcq.render_prompt(tokenizer, mcq.MCQuestion.build(question["question"], question["options"]), True)
+    prompt_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+    async with app_factory(max_prompt_tokens=prompt_tokens + 4) as served:  # fits, but leaves no room to reason
+        r = await served.client.post("/mcq", json=question)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "explain"
+        log = await served.flushed_log()
+        assert await log.count() == 1  # the refused request is still in the log
+
+
+async def test_a_failing_batch_item_cancels_the_rest_and_releases_capacity(served):
+    questions = [QUESTION] * 3 + [{"question": "x " * 3000, "options": ["a", "b"]}]
+    r = await served.client.post("/mcq/batch", json={"questions": questions})
+    assert r.status_code == 400 and "the limit is" in r.json()["error"]["message"]
+    assert served.app.state.tutor.admission.in_flight == 0
