@@ -79,7 +79,7 @@ class Engine(Protocol):
 
 
 class VLLMEngine:
-    """vLLM's AsyncLLM with our parameter and output types. Create with `await VLLMEngine.start(...)`."""
+    """vLLM's AsyncLLM with our parameter and output types. Create with `VLLMEngine.start(...)`."""
 
     def __init__(self, llm: Any, model_name: str, max_model_len: int, tokenizer: Any):
         self._llm = llm

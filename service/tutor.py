@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,8 @@ from service.store.log import GenerationLog
 from zephyr import mcq
 from zephyr.settings import Settings
 
+# Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
+TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
 # Tokens kept free after the reasoning for the answer cue, and for re-tokenization drift.
 EXPLAIN_CUE_MARGIN = 8
 
@@ -119,13 +121,8 @@ class Generation:
                 {"index": i, "content": self.text(i), "finish_reason": self.finish_reasons.get(i)}
                 for i in range(self.params.n)
             ],
-            "params": {
-                "max_tokens": self.params.max_tokens, "temperature": self.params.temperature,
-                "top_p": self.params.top_p, "n": self.params.n, "stop": self.params.stop, "seed": self.params.seed,
-                "presence_penalty": self.params.presence_penalty,
-                "frequency_penalty": self.params.frequency_penalty, "logprobs": self.params.logprobs,
-                **self.extra_params,
-            },
+            "params": {**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
+                       **self.extra_params},
             "prompt_tokens": len(self.prompt_ids),
             "completion_tokens": self.completion_tokens,
             "ttft_ms": None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,
