@@ -37,9 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, default_model):
-    home = linked_home(tmp_path_factory.mktemp("zephyr-home"), default_model)
+def start_server(home: Path) -> Server:
+    """`zephyr serve` on a free port with the test keys; returns once /readyz answers 200."""
     port = free_port()
     env = {
         **os.environ,
@@ -71,10 +70,20 @@ def server(tmp_path_factory, default_model):
     else:
         process.kill()
         pytest.fail(f"server not ready after {START_TIMEOUT_S}s:\n{srv.log_tail()}")
-    yield srv
-    if process.poll() is None:
-        process.terminate()
+    return srv
+
+
+def stop_server(srv: Server) -> None:
+    if srv.process.poll() is None:
+        srv.process.terminate()
         try:
-            process.wait(60)
+            srv.process.wait(60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            srv.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, default_model):
+    srv = start_server(linked_home(tmp_path_factory.mktemp("zephyr-home"), default_model))
+    yield srv
+    stop_server(srv)
