@@ -1,5 +1,9 @@
 """OpenAI-compatible routes: /v1/models and /v1/chat/completions."""
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -7,6 +11,7 @@ from service.auth import Principal, require
 from service.protocol import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+T = TypeVar("T")
 any_role = require("student", "reviewer")
 
 
@@ -30,15 +35,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     tutor.admission.enter()
     if not body.stream:
         try:
-            return JSONResponse(await tutor.complete(gen, top_logprobs), headers=headers)
+            result = await until_disconnected(request, tutor.complete(gen, top_logprobs))
         finally:
             tutor.admission.leave()
+        return JSONResponse(result, headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return ReleasingStreamingResponse(
         tutor.stream(gen, include_usage, top_logprobs), on_close=tutor.admission.leave,
         media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work`, cancelling it (and so the engine request) if the client hangs up first: a student who
+    closes the tab should not keep a long answer generating."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task  # raises CancelledError when the client left: nobody is waiting for a response
 
 
 class ReleasingStreamingResponse(StreamingResponse):

@@ -202,3 +202,24 @@ def test_a_client_that_hangs_up_aborts_generation_and_is_logged(http, server):
     running = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
                if line.startswith("zephyr_requests_running ")]
     assert running == ["zephyr_requests_running 0.0"]
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(server):
+    before = {row[0] for row in _rows(server, "select id from generations")}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", timeout=1.5,
+                   headers={"Authorization": f"Bearer {STUDENT_KEY}"},
+                   json={"messages": ask("Write a very long story about a comet."), "max_tokens": 1800,
+                         "temperature": 0.9})
+    for _ in range(100):
+        new = [row for row in _rows(server, "select id, status, completion_tokens from generations")
+               if row[0] not in before]
+        if new:
+            break
+        time.sleep(0.1)
+    assert len(new) == 1 and new[0][1] == "aborted" and new[0][2] < 1800
+
+
+def _rows(server, query: str) -> list[tuple]:
+    with sqlite3.connect(server.home / "zephyr.db") as db:
+        return db.execute(query).fetchall()
