@@ -56,11 +56,16 @@ class KeyRing:
 
 
 class RateLimiter:
+    """Per-key limit in `limits` notation ("600/minute"); an empty string turns it off (e.g. when a gateway
+    in front already limits)."""
+
     def __init__(self, limit: str):
-        self.item = parse(limit)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.item = parse(limit) if limit.strip() else None
+        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self.item else None
 
     def check(self, principal: Principal) -> None:
+        if self._limiter is None:
+            return
         key = principal.key_hash or OPEN_MODE_KEY
         if not self._limiter.hit(self.item, key):
             reset_at, _ = self._limiter.get_window_stats(self.item, key)

@@ -105,3 +105,9 @@ async def test_roles_are_enforced_and_admin_may_do_anything(app_factory):
         for key, role in ((REVIEWER_KEY, "reviewer"), (ADMIN_KEY, "admin")):
             r = await served.client.get("/review-only", headers={"Authorization": f"Bearer {key}"})
             assert r.json() == {"role": role}
+
+
+async def test_an_empty_rate_limit_turns_limiting_off(app_factory):
+    async with app_factory(rate_limit="") as served:
+        statuses = {(await served.client.post(CHAT, json=BODY)).status_code for _ in range(5)}
+        assert statuses == {200}
