@@ -105,9 +105,12 @@ class VLLMEngine:
 
     @classmethod
     def start(cls, settings: Settings, model_path: Path, model_name: str) -> VLLMEngine:
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(cls.engine_args(settings, model_path, model_name))
+        # The API-server usage context gives the batch defaults `vllm serve` gets on this platform.
+        llm = AsyncLLM.from_engine_args(cls.engine_args(settings, model_path, model_name),
+                                        usage_context=UsageContext.OPENAI_API_SERVER)
         return cls(llm, model_name, llm.model_config.max_model_len, llm.get_tokenizer())
 
     @property
