@@ -154,7 +154,11 @@ class GenerationLog:
                     await self.replay_spill()
             except Exception:  # the writer must outlive any one bad batch; its rows go to disk instead
                 log.exception("generation log writer error; spilling %d rows", len(batch))
-                self._spill_safely(batch)
+                try:
+                    self._spill_safely(batch)
+                except OSError:  # database down and the disk refusing too: nothing left to keep them in
+                    log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(batch))
+                    self.metrics.log_write_failures.inc()
             finally:
                 self._in_flight = []
                 for _ in batch:
