@@ -22,6 +22,8 @@ if ! as_pg "$BIN/pg_isready -q -h 127.0.0.1 -p $PORT"; then
 fi
 as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -tc \"select 1 from pg_roles where rolname='zephyr'\"" \
   | grep -q 1 || as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c \"create role zephyr login password 'zephyr'\"" >&2
+# The review-store tests make a fresh database each, so that no test sees another's queue.
+as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c 'alter role zephyr createdb'" >&2
 as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -tc \"select 1 from pg_database where datname='zephyr'\"" \
   | grep -q 1 || as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c 'create database zephyr owner zephyr'" >&2
 echo "export ZEPHYR_TEST_POSTGRES_URL='$URL'"

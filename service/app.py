@@ -10,17 +10,21 @@ import os
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
-from service.auth import KeyRing, RateLimiter
+from service.auth import KeyRing, RateLimiter, Sessions
 from service.engine import Engine, GenParams, VLLMEngine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.pii import Redactor
+from service.review import routes as review_routes
+from service.review.store import ReviewPolicy, ReviewStore
 from service.routes import health, mcq, openai
 from service.store.log import GenerationLog
 from service.tutor import Tutor
@@ -101,6 +105,11 @@ def create_app(
         app.state.engine = engine
         app.state.generation_log = generation_log
         app.state.tutor = Tutor(engine, settings, metrics, generation_log)
+        app.state.redactor = redactor
+        app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
+            overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
+            candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
+        ))
         if app.state.keyring.open:
             log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
         background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app))]
@@ -110,6 +119,7 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await app.state.tutor.candidates.close()
             await generation_log.close()
             engine.shutdown()
             gc.unfreeze()  # let native extensions free what they own before the interpreter exits
@@ -121,10 +131,13 @@ def create_app(
     app.state.exit_code = 0
     app.state.on_fatal = on_fatal
     app.state.keyring = KeyRing(settings.api_key_entries)
+    app.state.sessions = Sessions(settings.session_secret or app.state.keyring.session_secret(),
+                                  settings.review_session_hours * 3600)
     app.state.rate_limiter = RateLimiter(settings.rate_limit)
     install_error_handlers(app)
-    for router in (health.router, openai.router, mcq.router):
+    for router in (health.router, openai.router, mcq.router, review_routes.router):
         app.include_router(router)
+    app.mount("/review/static", StaticFiles(directory=review_routes.STATIC_DIR), name="review-static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

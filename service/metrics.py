@@ -53,6 +53,15 @@ class Metrics:
         self.log_write_failures = Counter(
             "zephyr_log_write_failures", "Failed generation-log database writes", registry=r
         )
+        self.review_items = Counter("zephyr_review_items", "Chats queued for human review", registry=r)
+        self.review_candidates = Counter(
+            "zephyr_review_candidates", "Second answers for review by outcome (ok, error, aborted, dropped)",
+            ["outcome"], registry=r,
+        )
+        self.review_candidates_pending = Gauge(
+            "zephyr_review_candidates_pending", "Second answers for review being generated", registry=r
+        )
+        self.review_verdicts = Counter("zephyr_review_verdicts", "Reviewer verdicts given", ["verdict"], registry=r)
         self.engine_ready = Gauge("zephyr_engine_ready", "1 once the engine answered its warm-up request", registry=r)
 
     def render(self) -> bytes:

@@ -19,6 +19,7 @@ from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailab
 from service.errors import APIError, error_body
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, MCQRequest, MCQResponse
+from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import mcq
 from zephyr.settings import Settings
@@ -78,6 +79,12 @@ class Generation:
     first_token_at: float | None = None
     last_token_at: float | None = None
     steps: int = 0
+    # Human review (service/review): whether this chat goes to reviewers, and candidate provenance.
+    review_requested: bool = False
+    for_review: bool = False
+    review_kind: str | None = None
+    purpose: str = "served"
+    parent_id: str | None = None
 
     def absorb(self, out: EngineOutput) -> None:
         now = time.perf_counter()
@@ -128,7 +135,10 @@ class Generation:
             "ttft_ms": None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,
             "latency_ms": (ended - self.started) * 1000,
             "error": error,
-            "review_requested": False,
+            "review_requested": self.review_requested,
+            "purpose": self.purpose,
+            "parent_id": self.parent_id,
+            "review_kind": self.review_kind,
         }
 
 
@@ -141,6 +151,7 @@ class Tutor:
         self.admission = Admission(settings.max_in_flight, metrics)
         self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
+        self.candidates = Candidates(self, settings, metrics)
 
     # Shared ---------------------------------------------------------------------------------------------
 
@@ -168,7 +179,9 @@ class Tutor:
     async def _run(self, gen: Generation) -> AsyncIterator[EngineOutput]:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
         status, error = "aborted", None
-        self.metrics.waiting.inc()
+        served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
+        if served:
+            self.metrics.waiting.inc()
         waiting = True
         try:
             # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
@@ -176,8 +189,9 @@ class Tutor:
                 async for out in outputs:
                     if waiting:
                         waiting = False
-                        self.metrics.waiting.dec()
-                        self.metrics.running.inc()
+                        if served:
+                            self.metrics.waiting.dec()
+                            self.metrics.running.inc()
                         self.metrics.time_to_first_token.labels(gen.route).observe(time.perf_counter() - gen.started)
                     gen.absorb(out)
                     yield out
@@ -189,7 +203,8 @@ class Tutor:
             status, error = "error", str(exc)
             raise APIError(503, str(exc), code="engine_unavailable") from exc
         finally:
-            (self.metrics.waiting if waiting else self.metrics.running).dec()
+            if served:
+                (self.metrics.waiting if waiting else self.metrics.running).dec()
             self.metrics.prompt_tokens.labels(gen.route).inc(len(gen.prompt_ids))
             self.metrics.completion_tokens.labels(gen.route).inc(gen.completion_tokens)
             if gen.steps > 1:
@@ -197,11 +212,14 @@ class Tutor:
                     (gen.last_token_at - gen.first_token_at) / (gen.steps - 1)
                 )
             if gen.route != "mcq":  # MCQ rows are written by answer_mcq, which knows the answer
+                if gen.for_review and status == "ok":
+                    gen.review_kind = self.candidates.schedule(gen)  # the second answer starts after this one
                 self.log.record(gen.log_row(self.model_name, status, error))
 
     # Chat -----------------------------------------------------------------------------------------------
 
-    def prepare_chat(self, req: ChatCompletionRequest, principal: Principal) -> Generation:
+    def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
+                     review_requested: bool = False) -> Generation:
         self.check_model(req.model)
         if req.n > self.settings.max_n:
             raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
@@ -234,6 +252,7 @@ class Tutor:
         return Generation(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
+            review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
         )
 
     async def run_to_end(self, gen: Generation) -> None:

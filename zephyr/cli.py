@@ -17,6 +17,9 @@ from zephyr.settings import DEFAULT_MODEL, Settings
 app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, talk to it.", no_args_is_help=True)
 models_app = typer.Typer(help="Manage the model registry ($ZEPHYR_HOME/models).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+review_app = typer.Typer(help="Human review: statistics and export of verdicts as training data.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 
@@ -216,3 +219,103 @@ def mcq_command(
 
 if __name__ == "__main__":
     app()
+
+
+def _review_data(since: str | None):
+    """Verdicts and generations straight from the generation-log database (ZEPHYR_DB_URL)."""
+    import asyncio
+    from datetime import timedelta
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.review import export
+    from service.review.store import ReviewPolicy, ReviewStore
+    from service.store.log import make_engine
+
+    settings = load_settings()
+    try:
+        since_at = export.parse_since(since)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+    async def load():
+        engine = make_engine(settings.resolved_db_url)
+        try:
+            store = ReviewStore(engine, ReviewPolicy(settings.review_overlap, timedelta(0), timedelta(0)))
+            judgements, generations = await store.judgements(since_at)
+            return judgements, generations, await store.skipped()
+        finally:
+            await engine.dispose()
+
+    try:
+        return settings, *asyncio.run(load())
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot read reviews from {settings.resolved_db_url.split('@')[-1]}: {exc.__class__.__name__}; "
+                   "is ZEPHYR_DB_URL right, and has the server (which migrates the schema) run against it?") from None
+
+
+@review_app.command("export")
+def review_export(
+    format: Annotated[str, typer.Option("--format", help="dpo, kto or sft")],
+    out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write")],
+    min_agreement: Annotated[float, typer.Option(help="Least share of reviewers agreeing with the majority")] = 0.0,
+    min_reviewers: Annotated[int, typer.Option(help="Least number of reviewers per item")] = 1,
+    since: Annotated[str | None, typer.Option(help="Only items created on or after this date (YYYY-MM-DD)")] = None,
+) -> None:
+    """Write reviewer verdicts as preference (dpo), unpaired (kto) or supervised (sft) training data."""
+    from service.pii import Redactor
+    from service.review import export
+
+    if format not in ("dpo", "kto", "sft"):
+        raise fail(f"--format must be dpo, kto or sft, not {format!r}")
+    if not 0 <= min_agreement <= 1:
+        raise fail("--min-agreement is a share between 0 and 1")
+    if min_reviewers < 1:
+        raise fail("--min-reviewers must be at least 1")
+    settings, judgements, generations, _ = _review_data(since)
+    redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
+    text, count = export.to_jsonl(judgements, generations, export.ExportOptions(format, min_agreement, min_reviewers),
+                                  redactor)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")
+
+
+@review_app.command("stats")
+def review_stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON")] = False,
+) -> None:
+    """Win rates, agreement and reviewer work, as tables (the same figures as GET /review/stats)."""
+    from service.review import stats
+
+    settings, judgements, _, skipped = _review_data(None)
+    result = stats.compute(judgements, skipped, settings.review_overlap)
+    if as_json:
+        console.print_json(data=result)
+        return
+    table = Table(title="Win rate by majority vote")
+    for column in ("model", "items", "wins", "losses", "ties", "both bad", "win rate"):
+        table.add_column(column)
+    for row in result["win_rate"]:
+        table.add_row(row["model"], *(str(row[k]) for k in ("items", "wins", "losses", "ties", "both_bad")),
+                      f"{row['win_rate']:.1%}")
+    console.print(table)
+    agreement = result["agreement"]
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    table = Table(title="Agreement")
+    table.add_column("measure")
+    table.add_column("value")
+    table.add_row("items with 2+ reviewers", str(agreement["items"]))
+    table.add_row("raw pairwise agreement", fmt(agreement["raw"]))
+    table.add_row("Cohen's kappa, mean over reviewer pairs", fmt(agreement["cohen_mean"]))
+    table.add_row(f"Fleiss' kappa ({agreement['fleiss']['items']} items)", fmt(agreement["fleiss"]["kappa"]))
+    console.print(table)
+    table = Table(title="Reviewers")
+    for column in ("reviewer", "judged", "skipped"):
+        table.add_column(column)
+    for row in result["reviewers"]:
+        table.add_row(row["reviewer"], str(row["judged"]), str(row["skipped"]))
+    console.print(table)

@@ -48,6 +48,7 @@ class PreferencePair(BaseModel):
 class SFTExample(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = Field(min_length=2)
+    meta: dict[str, Any] = {}  # provenance (e.g. review item ids); trainers ignore it
 
 
 class KTOExample(BaseModel):
@@ -55,6 +56,7 @@ class KTOExample(BaseModel):
     prompt: list[Message] = Field(min_length=1)
     completion: list[Message] = Field(min_length=1)
     label: bool
+    meta: dict[str, Any] = {}
 
 
 Record = TypeVar("Record", bound=BaseModel)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -61,10 +62,36 @@ class Settings(BaseSettings):
     pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID"]
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
 
+    # Human review (docs: README "Review").
+    review_policy: Literal["off", "requested", "sample"] = Field(
+        default="sample", description="Which chats are queued for review: none, client-marked only, or "
+        "client-marked plus a random share")
+    review_share: float = Field(default=0.05, ge=0, le=1, description="Share of chats sampled for review")
+    review_candidate: Literal["resample", "remote", "none"] = Field(
+        default="resample", description="Second answer: the served model again, another served model, or none")
+    review_candidate_temperature: float = Field(default=1.0, ge=0, le=2)
+    review_candidate_url: str | None = Field(default=None, description="OpenAI-compatible base URL (remote)")
+    review_candidate_model: str | None = None
+    review_candidate_api_key: str | None = None
+    review_max_pending: int = Field(default=16, ge=0, description="Candidate generations queued at once")
+    review_overlap: int = Field(default=2, ge=1, description="Reviewers who judge each item")
+    review_lease_minutes: float = Field(default=30, gt=0, description="An item shown but not judged is held this long")
+    review_candidate_wait_minutes: float = Field(
+        default=10, gt=0, description="After this, an item whose candidate never arrived is reviewed alone")
+    session_secret: str | None = Field(default=None, description="Signs review sign-in cookies")
+    review_session_hours: float = Field(default=12, gt=0)
+
     @field_validator("home", "api_keys_file", "spill_path", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _remote_candidate_complete(self) -> Settings:
+        if self.review_candidate == "remote" and not (self.review_candidate_url and self.review_candidate_model):
+            raise ValueError("ZEPHYR_REVIEW_CANDIDATE=remote needs ZEPHYR_REVIEW_CANDIDATE_URL and "
+                             "ZEPHYR_REVIEW_CANDIDATE_MODEL")
+        return self
 
     @property
     def models_dir(self) -> Path:

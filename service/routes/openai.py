@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import Principal, require
+from service.errors import APIError
 from service.protocol import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -29,7 +30,7 @@ async def list_models(request: Request, _: Principal = Depends(any_role)) -> dic
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
     tutor = request.app.state.tutor
-    gen = tutor.prepare_chat(body, principal)
+    gen = tutor.prepare_chat(body, principal, review_requested=review_header(request))
     headers = {"X-Request-Id": gen.request_id}
     top_logprobs = body.top_logprobs if body.logprobs else None
     tutor.admission.enter()
@@ -45,6 +46,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         tutor.stream(gen, include_usage, top_logprobs), on_close=tutor.admission.leave,
         media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+REVIEW_HEADER = "X-Zephyr-Review"
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def review_header(request: Request) -> bool:
+    """`X-Zephyr-Review: true` asks for this chat to go to the human reviewers (with the openai client:
+    `extra_headers={"X-Zephyr-Review": "true"}`)."""
+    value = request.headers.get(REVIEW_HEADER)
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise APIError(400, f"header {REVIEW_HEADER} must be true or false, not {value[:20]!r}",
+                       param=REVIEW_HEADER, code="invalid_header")
+    return word in TRUE_WORDS
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

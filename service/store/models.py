@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -34,4 +34,30 @@ class Generation(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
-    review_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    review_requested: Mapped[bool] = mapped_column(Boolean, default=False)  # the client marked it
+    # "served" answered a client; "candidate" is a second answer made for review, off the request path.
+    purpose: Mapped[str] = mapped_column(String(16), default="served", server_default="served")
+    parent_id: Mapped[str | None] = mapped_column(String(64), index=True)  # a candidate's served generation
+    review_kind: Mapped[str | None] = mapped_column(String(8), index=True)  # None, "single" or "pair"
+
+
+class ReviewAssignment(Base):
+    """One reviewer's view of one review item, and their verdict once given. The unique constraint is what
+    makes "a reviewer never sees an item twice" hold even with two tabs open."""
+
+    __tablename__ = "review_assignments"
+    __table_args__ = (UniqueConstraint("item_id", "reviewer", name="uq_review_assignments_item_reviewer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(String(64), ForeignKey("generations.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(64), index=True)  # the reviewer key's SHA-256 digest
+    status: Mapped[str] = mapped_column(String(8), index=True)  # shown, judged, skipped
+    shown_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    left_id: Mapped[str] = mapped_column(String(64))  # generation shown as answer A
+    right_id: Mapped[str | None] = mapped_column(String(64))  # answer B; None for a single answer
+    verdict: Mapped[str | None] = mapped_column(String(8))  # a, b, tie, both_bad (pairs); good, bad (singles)
+    chosen_id: Mapped[str | None] = mapped_column(String(64))  # the preferred generation for a / b
+    strength: Mapped[int | None] = mapped_column(Integer)  # 1-4, for a / b
+    flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    comment: Mapped[str | None] = mapped_column(Text)
+    judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,0 +1,137 @@
+"""Second answers for review: a chat picked for review gets another candidate after the student's answer is
+complete, off the request path, from the served model resampled or from another served model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import openai
+
+from service.errors import APIError
+from service.metrics import Metrics
+from zephyr.settings import Settings
+
+if TYPE_CHECKING:
+    from service.tutor import Generation, Tutor
+
+log = logging.getLogger("zephyr.review")
+CANDIDATE_ROUTE = "review_candidate"
+REMOTE_TIMEOUT_SECONDS = 120.0
+
+
+class Candidates:
+    def __init__(self, tutor: Tutor, settings: Settings, metrics: Metrics):
+        self.tutor = tutor
+        self.settings = settings
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task] = set()
+        self._random = random.Random()
+        self._remote = None
+        if settings.review_candidate == "remote":
+            self._remote = openai.AsyncOpenAI(
+                base_url=settings.review_candidate_url, api_key=settings.review_candidate_api_key or "none",
+                timeout=REMOTE_TIMEOUT_SECONDS, max_retries=2,
+            )
+
+    def wants_review(self, requested: bool) -> bool:
+        policy = self.settings.review_policy
+        if policy == "off":
+            return False
+        if requested:
+            return True
+        return policy == "sample" and self._random.random() < self.settings.review_share
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    def schedule(self, parent: Generation) -> str:
+        """Starts the candidate for a finished chat; returns the review kind to log with it: "pair" when a
+        candidate is on its way, "single" when none is configured or too many are already queued."""
+        self.metrics.review_items.inc()
+        if self.settings.review_candidate == "none":
+            return "single"
+        if self.pending >= self.settings.review_max_pending:
+            self.metrics.review_candidates.labels("dropped").inc()
+            return "single"
+        task = asyncio.create_task(self._make(parent), name=f"review-candidate-{parent.request_id}")
+        self._tasks.add(task)
+        self.metrics.review_candidates_pending.set(self.pending)
+        task.add_done_callback(self._done)
+        return "pair"
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.metrics.review_candidates_pending.set(self.pending)
+
+    async def _make(self, parent: Generation) -> None:
+        await asyncio.sleep(0)  # let the student's response go out first
+        try:
+            if self._remote is None:
+                await self._resample(parent)
+            else:
+                await self._ask_remote(parent)
+        except asyncio.CancelledError:
+            self.metrics.review_candidates.labels("aborted").inc()
+            raise
+        except Exception as exc:  # a failed candidate leaves a single-answer item; never an unhandled task error
+            log.warning("review candidate for %s failed: %s", parent.request_id, exc)
+            self.metrics.review_candidates.labels("error").inc()
+        else:
+            self.metrics.review_candidates.labels("ok").inc()
+
+    def _candidate_of(self, parent: Generation, variant: str) -> Generation:
+        from service.tutor import Generation, new_id
+
+        temperature = self.settings.review_candidate_temperature
+        return Generation(
+            request_id=new_id("cand"), route=CANDIDATE_ROUTE, messages=parent.messages, prompt_ids=parent.prompt_ids,
+            params=replace(parent.params, n=1, logprobs=None, temperature=temperature,
+                           seed=self._random.randrange(2**31)),
+            principal=parent.principal, user=parent.user, extra_params={"variant": variant},
+            purpose="candidate", parent_id=parent.request_id,
+        )
+
+    async def _resample(self, parent: Generation) -> None:
+        gen = self._candidate_of(parent, f"T={self.settings.review_candidate_temperature:g}")
+        try:
+            await self.tutor.run_to_end(gen)  # logs its own row (ok, error or aborted) with parent_id set
+        except APIError as exc:
+            raise RuntimeError(exc.message) from exc
+
+    async def _ask_remote(self, parent: Generation) -> None:
+        model = self.settings.review_candidate_model
+        gen = self._candidate_of(parent, "remote")
+        status, error = "error", None
+        try:
+            reply = await self._remote.chat.completions.create(
+                model=model, messages=parent.messages, max_tokens=parent.params.max_tokens,
+                temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
+            )
+            choice = reply.choices[0]
+            gen.texts[0] = [choice.message.content or ""]
+            gen.finish_reasons[0] = choice.finish_reason
+            gen.token_counts[0] = reply.usage.completion_tokens if reply.usage else 0
+            self.metrics.completion_tokens.labels(CANDIDATE_ROUTE).inc(gen.completion_tokens)
+            status = "ok"
+        except asyncio.CancelledError:
+            status, error = "aborted", "cancelled"
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.tutor.log.record(gen.log_row(model, status, error))
+
+    async def close(self) -> None:
+        """At shutdown: candidates still running are cancelled (each logs an `aborted` row, and its item
+        is then reviewed as a single answer) before the generation log flushes."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._remote is not None:
+            await self._remote.close()

@@ -1,0 +1,152 @@
+"""Reviewer verdicts as training data (DESIGN.md §2 schemas, TRL's conversational format).
+
+What each verdict becomes, by the item's majority label (items with no majority are left out):
+
+| majority            | dpo                      | kto                                   | sft               |
+|---------------------|--------------------------|---------------------------------------|-------------------|
+| served / candidate  | chosen = preferred       | preferred: True, other: False         | preferred answer  |
+| tie                 | left out (no preference) | left out (no absolute judgement)      | left out          |
+| both_bad            | left out (no good answer)| both answers: False                   | left out          |
+| good (single)       | -                        | True                                  | the answer        |
+| bad (single)        | -                        | False                                 | left out          |
+
+An answer any reviewer flagged (incorrect, unsafe, gives the answer away, off-topic) is never used as a
+desirable example (KTO True, SFT). Records are ordered by item creation time then id, deduplicated on their
+content (the first item's provenance is kept, with every merged item id), redacted again for PII, and written
+with sorted keys, so the same database always gives the same file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from service.pii import Redactor
+from service.review.stats import Judgement, by_item, majority
+from service.review.store import answer_text, model_label, utc
+from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample
+
+Format = Literal["dpo", "kto", "sft"]
+SOURCE = "zephyr-review"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: Format
+    min_agreement: float = 0.0
+    min_reviewers: int = 1
+
+
+def _prompt(messages: list[dict[str, Any]]) -> list[Message]:
+    return [Message(role=m["role"], content=m["content"]) for m in messages]
+
+
+def _reply(text: str) -> list[Message]:
+    return [Message(role="assistant", content=text)]
+
+
+def _flagged(group: list[Judgement], role: str) -> bool:
+    return any(j.flags.get(role) for j in group)
+
+
+def records(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
+            redactor: Redactor | None) -> Iterator[BaseModel]:
+    def clean(text: str) -> str:
+        return redactor.redact(text) if redactor else text
+
+    groups = by_item(judgements)
+    candidates = {row["parent_id"]: row for row in sorted(generations.values(), key=lambda r: r["id"], reverse=True)
+                  if row.get("purpose") == "candidate" and row["status"] == "ok" and row.get("parent_id")}
+    order = sorted(groups, key=lambda item: (utc(generations[item]["created_at"]), item))
+    seen: dict[str, dict[str, Any]] = {}
+    for item_id in order:
+        group = groups[item_id]
+        label, share = majority([j.label for j in group])
+        if label is None or share < options.min_agreement or len(group) < options.min_reviewers:
+            continue
+        served = generations[item_id]
+        candidate = candidates.get(item_id)
+        answers = {"served": served, "candidate": candidate}
+        prompt = _prompt([{**m, "content": clean(m["content"])} for m in served["messages"]])
+        meta = {
+            "item_ids": [item_id],
+            "label": label,
+            "reviewers": len(group),
+            "agreement": round(share, 4),
+            "created_at": utc(served["created_at"]).isoformat(),
+        }
+        strengths = [j.strength for j in group if j.label == label and j.strength is not None]
+        if strengths:
+            meta["strength"] = round(sum(strengths) / len(strengths), 4)
+
+        out: list[tuple[BaseModel, dict]] = []
+        if label in ("served", "candidate") and candidate is not None:
+            loser_role = "candidate" if label == "served" else "served"
+            winner, loser = answers[label], answers[loser_role]
+            provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],
+                          "chosen_model": _label(winner, served), "rejected_model": _label(loser, served)}
+            if options.format == "dpo":
+                out.append((PreferencePair(prompt=prompt, chosen=_reply(clean(answer_text(winner))),
+                                           rejected=_reply(clean(answer_text(loser))), source=SOURCE,
+                                           meta=provenance), provenance))
+            elif options.format == "kto":
+                if not _flagged(group, label):
+                    out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(winner))), label=True,
+                                           meta={**meta, "generation_id": winner["id"]}), meta))
+                out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(loser))), label=False,
+                                       meta={**meta, "generation_id": loser["id"]}), meta))
+            elif not _flagged(group, label):
+                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(winner))),
+                                       meta={**meta, "generation_id": winner["id"]}), meta))
+        elif label == "both_bad" and options.format == "kto" and candidate is not None:
+            for row in (served, candidate):
+                out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(row))), label=False,
+                                       meta={**meta, "generation_id": row["id"]}), meta))
+        elif label in ("good", "bad"):
+            good = label == "good" and not _flagged(group, "served")
+            text = clean(answer_text(served))
+            if options.format == "kto":
+                out.append((KTOExample(prompt=prompt, completion=_reply(text), label=good,
+                                       meta={**meta, "generation_id": item_id}), meta))
+            elif options.format == "sft" and good:
+                out.append((SFTExample(messages=prompt + _reply(text), meta={**meta, "generation_id": item_id}),
+                            meta))
+
+        for record, _ in out:
+            content = record.model_dump(exclude={"meta", "source"})
+            key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            if key in seen:
+                if item_id not in seen[key]["item_ids"]:
+                    seen[key]["item_ids"].append(item_id)
+                continue
+            seen[key] = record.meta
+            yield record
+
+
+def _label(row: dict, served: dict) -> str:
+    return model_label(row, served["model"])
+
+
+def to_jsonl(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
+             redactor: Redactor | None) -> tuple[str, int]:
+    """The whole file and its record count. Records are collected first: a duplicate found later adds its
+    item id to an earlier record's provenance."""
+    items = list(records(judgements, generations, options, redactor))
+    text = "".join(json.dumps(r.model_dump(exclude_none=True), ensure_ascii=False, sort_keys=True) + "\n"
+                   for r in items)
+    return text, len(items)
+
+
+def parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"--since {value!r} is not a date; use YYYY-MM-DD or an ISO 8601 timestamp") from exc
+    return utc(parsed)

@@ -1,0 +1,145 @@
+"""The review page and its JSON API (reviewer or admin keys; the page signs in with a cookie), the statistics,
+and the export of verdicts as training data (admin)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import Field, StrictStr
+
+from service.auth import SESSION_COOKIE, Principal, require
+from service.errors import APIError
+from service.protocol import Strict
+from service.review import export, stats
+from service.review.store import ReviewStore, utc
+
+STATIC_DIR = Path(__file__).with_name("static")
+router = APIRouter(prefix="/review", tags=["review"])
+reviewer_only = require("reviewer", session=True)
+admin_only = require("admin", session=True)
+
+# Model output is untrusted: the page renders it as text, and this policy forbids inline or foreign script
+# even if something slipped through.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def reviewer_id(principal: Principal) -> str:
+    return principal.key_hash or "open"
+
+
+def review_store(request: Request) -> ReviewStore:
+    return request.app.state.review_store
+
+
+@router.get("", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse((STATIC_DIR / "review.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
+
+
+class SignIn(Strict):
+    key: StrictStr = Field(min_length=1, max_length=512)
+
+
+@router.post("/session")
+async def sign_in(body: SignIn, request: Request) -> JSONResponse:
+    state = request.app.state
+    principal = state.keyring.authenticate(f"Bearer {body.key.strip()}")
+    if principal.role not in ("reviewer", "admin"):
+        raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
+    response = JSONResponse({"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role})
+    response.set_cookie(
+        SESSION_COOKIE, state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
+        path="/review", httponly=True, samesite="strict", secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.delete("/session")
+async def sign_out() -> Response:
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/review")
+    return response
+
+
+@router.get("/api/me")
+async def me(principal: Principal = Depends(reviewer_only)) -> dict:
+    return {"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role}
+
+
+@router.get("/api/next")
+async def next_item(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    store = review_store(request)
+    item = await store.next_item(reviewer_id(principal))
+    return {"item": item, "progress": await store.progress(reviewer_id(principal))}
+
+
+class VerdictRequest(Strict):
+    assignment_id: int
+    verdict: Literal["a", "b", "tie", "both_bad", "good", "bad"]
+    strength: int | None = Field(default=None, ge=1, le=4)
+    flags: dict[Literal["A", "B"], list[StrictStr]] = {}
+    comment: StrictStr | None = None
+
+
+@router.post("/api/verdicts", status_code=201)
+async def give_verdict(body: VerdictRequest, request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    store = review_store(request)
+    await store.judge(reviewer_id(principal), body.assignment_id, body.verdict, body.strength, body.flags,
+                      body.comment)
+    request.app.state.metrics.review_verdicts.labels(body.verdict).inc()
+    return {"progress": await store.progress(reviewer_id(principal))}
+
+
+class SkipRequest(Strict):
+    assignment_id: int
+
+
+@router.post("/api/skip")
+async def skip(body: SkipRequest, request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    store = review_store(request)
+    await store.skip(reviewer_id(principal), body.assignment_id)
+    return {"progress": await store.progress(reviewer_id(principal))}
+
+
+@router.post("/api/undo")
+async def undo(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    store = review_store(request)
+    item = await store.undo(reviewer_id(principal))
+    return {"item": item, "progress": await store.progress(reviewer_id(principal))}
+
+
+@router.get("/stats")
+async def statistics(request: Request, _: Principal = Depends(reviewer_only)) -> dict:
+    store = review_store(request)
+    judgements, _generations = await store.judgements()
+    return stats.compute(judgements, await store.skipped(), store.policy.overlap)
+
+
+@router.get("/export")
+async def export_verdicts(
+    request: Request,
+    format: export.Format = Query(..., description="dpo, kto or sft"),
+    min_agreement: float = Query(0.0, ge=0, le=1),
+    min_reviewers: int = Query(1, ge=1),
+    since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
+    _: Principal = Depends(admin_only),
+) -> Response:
+    store = review_store(request)
+    judgements, generations = await store.judgements(utc(since))
+    options = export.ExportOptions(format, min_agreement, min_reviewers)
+    # Redaction is CPU work: keep it off the event loop that streams students' answers.
+    text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,
+                                          request.app.state.redactor)
+    return Response(text, media_type="application/x-ndjson", headers={
+        "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count)})

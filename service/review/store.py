@@ -1,0 +1,267 @@
+"""The review queue and verdicts, in the generation log's database.
+
+A review item is a served chat the sampler picked (`generations.review_kind`); its candidate is the
+generation whose `parent_id` names it. Each reviewer's view of an item is one `review_assignments` row: made
+when the item is shown (answers in a random order), then judged, skipped, or put back by undo."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import aliased
+
+from service.errors import APIError
+from service.review.stats import FLAGS, Judgement
+from service.store.models import Generation, ReviewAssignment
+
+PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
+SINGLE_VERDICTS = ("good", "bad")
+MAX_COMMENT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ReviewPolicy:
+    overlap: int
+    lease: timedelta
+    candidate_wait: timedelta
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """Every timestamp here is UTC (SQLite hands them back without their zone, and compares them as text)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class ReviewStore:
+    def __init__(self, engine: AsyncEngine, policy: ReviewPolicy, rng: random.Random | None = None):
+        self.engine = engine
+        self.policy = policy
+        self._random = rng or random.Random()
+
+    # Queue ----------------------------------------------------------------------------------------------
+
+    def _available(self, reviewer: str, now: datetime):
+        """Items this reviewer has never been shown that still need verdicts, oldest first."""
+        G, A, C = Generation, ReviewAssignment, aliased(Generation)
+        held = (
+            select(func.count()).select_from(A)
+            .where(A.item_id == G.id,
+                   or_(A.status == "judged", and_(A.status == "shown", A.shown_at > now - self.policy.lease)))
+            .scalar_subquery()
+        )
+        seen = exists().where(A.item_id == G.id, A.reviewer == reviewer)
+        candidate_done = exists().where(C.parent_id == G.id)
+        return select(G).where(
+            G.review_kind.is_not(None), G.purpose == "served", G.status == "ok", ~seen,
+            held < self.policy.overlap,
+            or_(G.review_kind == "single", candidate_done, G.created_at < now - self.policy.candidate_wait),
+        )
+
+    async def next_item(self, reviewer: str) -> dict[str, Any] | None:
+        """The reviewer's unfinished item if any, else a new one from the queue, else None."""
+        for _ in range(3):  # a lost race for an item (two tabs) is retried with the next one
+            async with self.engine.begin() as conn:
+                current = await self._current(conn, reviewer)
+                if current is not None:
+                    return await self._view(conn, current)
+                now = datetime.now(UTC)
+                item = (await conn.execute(
+                    self._available(reviewer, now).order_by(Generation.created_at, Generation.id).limit(1)
+                )).mappings().first()
+                if item is None:
+                    return None
+                left, right = item["id"], await self._candidate_id(conn, item["id"])
+                if right is not None and self._random.random() < 0.5:
+                    left, right = right, left
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(ReviewAssignment.__table__.insert().values(
+                        item_id=item["id"], reviewer=reviewer, status="shown", shown_at=now,
+                        left_id=left, right_id=right, flags={},
+                    ))
+            except IntegrityError:
+                continue
+        return None
+
+    async def _current(self, conn, reviewer: str):
+        A = ReviewAssignment
+        return (await conn.execute(
+            select(A).where(A.reviewer == reviewer, A.status == "shown").order_by(A.shown_at.desc(), A.id.desc())
+            .limit(1)
+        )).mappings().first()
+
+    async def _candidate_id(self, conn, item_id: str) -> str | None:
+        G = Generation
+        return (await conn.execute(
+            select(G.id).where(G.parent_id == item_id, G.purpose == "candidate", G.status == "ok")
+            .order_by(G.created_at, G.id).limit(1)
+        )).scalar_one_or_none()
+
+    async def _view(self, conn, assignment) -> dict[str, Any]:
+        ids = [assignment["left_id"]] + ([assignment["right_id"]] if assignment["right_id"] else [])
+        rows = {r["id"]: r for r in (await conn.execute(select(Generation).where(Generation.id.in_(ids))))
+                .mappings()}
+        item = rows[assignment["item_id"]]
+        return {
+            "assignment_id": assignment["id"],
+            "item_id": item["id"],
+            "kind": "pair" if assignment["right_id"] else "single",
+            "conversation": item["messages"],
+            "answers": [{"label": label, "text": answer_text(rows[gid])}
+                        for label, gid in zip("AB", ids, strict=False)],
+            "created_at": utc(item["created_at"]).isoformat(),
+        }
+
+    async def progress(self, reviewer: str) -> dict[str, int]:
+        A = ReviewAssignment
+        async with self.engine.connect() as conn:
+            judged = (await conn.execute(
+                select(func.count()).select_from(A).where(A.reviewer == reviewer, A.status == "judged")
+            )).scalar_one()
+            waiting = (await conn.execute(
+                select(func.count()).select_from(self._available(reviewer, datetime.now(UTC)).subquery())
+            )).scalar_one()
+        return {"judged": judged, "waiting": waiting}
+
+    # Verdicts -------------------------------------------------------------------------------------------
+
+    async def _own_shown(self, conn, reviewer: str, assignment_id: int):
+        A = ReviewAssignment
+        row = (await conn.execute(select(A).where(A.id == assignment_id, A.reviewer == reviewer))).mappings().first()
+        if row is None:
+            raise APIError(404, f"assignment {assignment_id} is not one of yours; fetch GET /review/api/next",
+                           param="assignment_id", code="not_found")
+        if row["status"] != "shown":
+            raise APIError(409, f"assignment {assignment_id} is already {row['status']}; undo it first to change it",
+                           param="assignment_id", code="conflict")
+        return row
+
+    async def judge(self, reviewer: str, assignment_id: int, verdict: str, strength: int | None,
+                    flags: dict[str, list[str]], comment: str | None) -> None:
+        async with self.engine.begin() as conn:
+            row = await self._own_shown(conn, reviewer, assignment_id)
+            pair = row["right_id"] is not None
+            allowed = PAIR_VERDICTS if pair else SINGLE_VERDICTS
+            if verdict not in allowed:
+                raise APIError(400, f"verdict `{verdict}` does not fit a {'pair' if pair else 'single answer'}; "
+                                    f"use one of {', '.join(allowed)}", param="verdict")
+            prefers = verdict in ("a", "b")
+            if prefers and strength is None:
+                raise APIError(400, "a preference needs `strength` from 1 (slightly better) to 4 (far better)",
+                               param="strength")
+            if not prefers and strength is not None:
+                raise APIError(400, f"`strength` applies to a / b verdicts only; leave it out for `{verdict}`",
+                               param="strength")
+            by_answer = {"A": row["left_id"], "B": row["right_id"]}
+            stored_flags = {}
+            for label, names in flags.items():
+                if label not in by_answer or by_answer[label] is None:
+                    raise APIError(400, f"flags name answer `{label}`; this item has answers "
+                                        f"{'A and B' if pair else 'A'}", param="flags")
+                unknown = set(names) - set(FLAGS)
+                if unknown:
+                    raise APIError(400, f"unknown flag {sorted(unknown)[0]!r}; flags are {', '.join(FLAGS)}",
+                                   param="flags")
+                if names:
+                    stored_flags[by_answer[label]] = sorted(set(names))
+            if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+                raise APIError(400, f"comment is {len(comment)} characters; the limit is {MAX_COMMENT_CHARS}",
+                               param="comment")
+            await conn.execute(update(ReviewAssignment).where(ReviewAssignment.id == assignment_id).values(
+                status="judged", verdict=verdict, strength=strength, flags=stored_flags,
+                comment=(comment or "").strip() or None, judged_at=datetime.now(UTC),
+                chosen_id={"a": row["left_id"], "b": row["right_id"]}.get(verdict),
+            ))
+
+    async def skip(self, reviewer: str, assignment_id: int) -> None:
+        async with self.engine.begin() as conn:
+            await self._own_shown(conn, reviewer, assignment_id)
+            await conn.execute(update(ReviewAssignment).where(ReviewAssignment.id == assignment_id)
+                               .values(status="skipped"))
+
+    async def undo(self, reviewer: str) -> dict[str, Any]:
+        """Takes back the reviewer's latest verdict; that item is shown again (same answer order)."""
+        A = ReviewAssignment
+        async with self.engine.begin() as conn:
+            last = (await conn.execute(
+                select(A).where(A.reviewer == reviewer, A.status == "judged")
+                .order_by(A.judged_at.desc(), A.id.desc()).limit(1)
+            )).mappings().first()
+            if last is None:
+                raise APIError(409, "you have no verdict to undo", code="conflict")
+            await conn.execute(update(A).where(A.id == last["id"]).values(
+                status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
+                judged_at=None, shown_at=datetime.now(UTC),
+            ))
+            current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
+            return await self._view(conn, current)
+
+    # Reading for statistics and export ------------------------------------------------------------------
+
+    async def judgements(self, since: datetime | None = None) -> tuple[list[Judgement], dict[str, dict]]:
+        """Every judged verdict in order-free terms, and the generations they are about (by id)."""
+        A, G = ReviewAssignment, Generation
+        async with self.engine.connect() as conn:
+            query = select(A).where(A.status == "judged")
+            if since is not None:
+                query = query.where(A.item_id.in_(select(G.id).where(G.created_at >= since)))
+            verdicts = (await conn.execute(query.order_by(A.item_id, A.id))).mappings().all()
+            ids = {v["item_id"] for v in verdicts} | {v["left_id"] for v in verdicts} | {
+                v["right_id"] for v in verdicts if v["right_id"]}
+            generations = {}
+            id_list = sorted(ids)
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start : start + 500]
+                for row in (await conn.execute(select(G).where(G.id.in_(chunk)))).mappings():
+                    generations[row["id"]] = dict(row)
+        return [to_judgement(v, generations) for v in verdicts], generations
+
+    async def skipped(self) -> dict[str, int]:
+        A = ReviewAssignment
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(A.reviewer, func.count()).where(A.status == "skipped")
+                                      .group_by(A.reviewer))
+            return {reviewer: count for reviewer, count in rows}
+
+
+def answer_text(row: dict[str, Any]) -> str:
+    return row["response"][0]["content"] if row["response"] else ""
+
+
+def model_label(row: dict[str, Any], served_model: str) -> str:
+    """A candidate from the served model itself is told apart by how it was sampled, e.g. `m [T=1]`."""
+    variant = (row.get("params") or {}).get("variant")
+    if row["model"] == served_model and variant:
+        return f"{row['model']} [{variant}]"
+    return row["model"]
+
+
+def to_judgement(v: dict[str, Any], generations: dict[str, dict]) -> Judgement:
+    from service.review.stats import reviewer_label
+
+    item = generations[v["item_id"]]
+    pair = v["right_id"] is not None
+    candidate_id = None
+    if pair:
+        candidate_id = v["right_id"] if v["left_id"] == v["item_id"] else v["left_id"]
+    if v["verdict"] in ("a", "b"):
+        label = "served" if v["chosen_id"] == v["item_id"] else "candidate"
+        chose_left = v["chosen_id"] == v["left_id"]
+    else:
+        label, chose_left = v["verdict"], None
+    role_of = {v["item_id"]: "served", candidate_id: "candidate"}
+    return Judgement(
+        item_id=v["item_id"], reviewer=reviewer_label(v["reviewer"]), kind="pair" if pair else "single",
+        label=label, strength=v["strength"],
+        flags={role_of.get(gid, gid): list(names) for gid, names in (v["flags"] or {}).items()},
+        served_model=item["model"],
+        candidate_model=model_label(generations[candidate_id], item["model"]) if candidate_id else None,
+        chose_left=chose_left,
+    )
