@@ -127,6 +127,11 @@ class Candidates:
         finally:
             self.tutor.log.record(gen.log_row(model, status, error))
 
+    async def idle(self) -> None:
+        """Returns once every candidate started so far has finished (tests, tools)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """At shutdown: candidates still running are cancelled (each logs an `aborted` row, and its item
         is then reviewed as a single answer) before the generation log flushes."""

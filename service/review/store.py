@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
 from service.errors import APIError
-from service.review.stats import FLAGS, Judgement
+from service.review.stats import FLAGS, Judgement, reviewer_label
 from service.store.models import Generation, ReviewAssignment
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
@@ -228,7 +228,7 @@ class ReviewStore:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(A.reviewer, func.count()).where(A.status == "skipped")
                                       .group_by(A.reviewer))
-            return {reviewer: count for reviewer, count in rows}
+            return {reviewer_label(reviewer): count for reviewer, count in rows}
 
 
 def answer_text(row: dict[str, Any]) -> str:
@@ -244,8 +244,6 @@ def model_label(row: dict[str, Any], served_model: str) -> str:
 
 
 def to_judgement(v: dict[str, Any], generations: dict[str, dict]) -> Judgement:
-    from service.review.stats import reviewer_label
-
     item = generations[v["item_id"]]
     pair = v["right_id"] is not None
     candidate_id = None

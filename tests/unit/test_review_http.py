@@ -1,0 +1,214 @@
+"""The review loop over HTTP (stub engine, SQLite): candidates made after the answer, access rules, sign-in,
+verdicts through the API, statistics and export (HTTP and CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+from typer.testing import CliRunner
+
+from tests.conftest import linked_home
+from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
+from zephyr.cli import app as cli
+
+CHAT = "/v1/chat/completions"
+BODY = {"messages": [{"role": "user", "content": "What is photosynthesis?"}], "max_tokens": 8}
+REVIEWER = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+MARKED = {"X-Zephyr-Review": "true"}
+
+
+async def settled(running):
+    """Waits for review candidates in flight, then for the log to be written."""
+    await running.app.state.tutor.candidates.idle()
+    return await running.flushed_log()
+
+
+async def rows(running) -> list[dict]:
+    log = await settled(running)
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+
+    async with log.engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(select(Generation).order_by(Generation.created_at))).mappings()]
+
+
+async def test_a_sampled_chat_gets_a_candidate_after_its_answer(app_factory):
+    async with app_factory(review_share=1.0, review_candidate_temperature=0.7) as served:
+        r = await served.client.post(CHAT, json={**BODY, "temperature": 0.0, "seed": 5})
+        assert r.status_code == 200
+        request_id = r.json()["id"]
+        stored = await rows(served)
+        original, candidate = stored
+        assert original["id"] == request_id and original["review_kind"] == "pair"
+        assert original["purpose"] == "served" and not original["review_requested"]
+        assert candidate["purpose"] == "candidate" and candidate["parent_id"] == request_id
+        assert candidate["route"] == "review_candidate" and candidate["messages"] == original["messages"]
+        assert candidate["params"]["temperature"] == 0.7 and candidate["params"]["variant"] == "T=0.7"
+        assert candidate["params"]["seed"] != 5 and candidate["params"]["max_tokens"] == 8
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_review_candidates_total{outcome="ok"} 1.0' in metrics
+        assert 'zephyr_completion_tokens_total{route="review_candidate"}' in metrics
+        assert "zephyr_review_items_total 1.0" in metrics
+
+
+async def test_marked_requests_policy_and_bad_header(app_factory, tmp_path, default_model):
+    def home(name: str):
+        return linked_home(tmp_path / name, default_model)
+
+    async with app_factory(review_share=0.0) as served:
+        await served.client.post(CHAT, json=BODY)
+        marked = await served.client.post(CHAT, json={**BODY, "stream": True}, headers=MARKED)
+        assert marked.status_code == 200 and "[DONE]" in marked.text
+        bad = await served.client.post(CHAT, json=BODY, headers={"X-Zephyr-Review": "maybe"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Zephyr-Review"
+        stored = await rows(served)
+        kinds = [(r["purpose"], r["review_requested"], r["review_kind"]) for r in stored]
+        assert kinds == [("served", False, None), ("served", True, "pair"), ("candidate", False, None)]
+    async with app_factory(review_policy="off", home=home("off")) as served:
+        await served.client.post(CHAT, json=BODY, headers=MARKED)
+        assert [r["review_kind"] for r in await rows(served)] == [None]
+    async with app_factory(review_candidate="none", home=home("none")) as served:
+        await served.client.post(CHAT, json=BODY, headers=MARKED)
+        assert [r["review_kind"] for r in await rows(served)] == ["single"]
+    async with app_factory(review_max_pending=0, home=home("full")) as served:
+        await served.client.post(CHAT, json=BODY, headers=MARKED)
+        assert [r["review_kind"] for r in await rows(served)] == ["single"]
+        assert 'zephyr_review_candidates_total{outcome="dropped"} 1.0' in (await served.client.get("/metrics")).text
+
+
+async def test_candidate_from_a_second_served_model(app_factory, tmp_path, default_model):
+    async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:
+        remote.engine.reply = "Plants make sugar from light, water and carbon dioxide."
+        async with app_factory(review_candidate="remote", review_candidate_url="http://remote/v1",
+                               review_candidate_model="smollm2-135m-instruct",
+                               review_candidate_api_key=STUDENT_KEY) as served:
+            candidates = served.app.state.tutor.candidates
+            await candidates._remote.close()
+            candidates._remote = openai.AsyncOpenAI(
+                base_url="http://remote/v1", api_key=STUDENT_KEY,
+                http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
+            await served.client.post(CHAT, json={**BODY, "max_tokens": 40}, headers=MARKED)
+            original, candidate = await rows(served)
+            assert candidate["parent_id"] == original["id"] and candidate["status"] == "ok"
+            assert candidate["response"][0]["content"] == remote.engine.reply
+            assert candidate["completion_tokens"] > 0 and candidate["params"]["variant"] == "remote"
+
+
+REVIEW_ROUTES = [
+    ("GET", "/review/api/me", None), ("GET", "/review/api/next", None),
+    ("POST", "/review/api/verdicts", {"assignment_id": 1, "verdict": "tie"}),
+    ("POST", "/review/api/skip", {"assignment_id": 1}), ("POST", "/review/api/undo", None),
+    ("GET", "/review/stats", None), ("GET", "/review/export?format=dpo", None),
+]
+
+
+async def test_review_access_rules(served):
+    for method, path, body in REVIEW_ROUTES:
+        anonymous = await served.client.request(method, path, json=body, headers={"Authorization": ""})
+        assert anonymous.status_code == 401, path
+        student = await served.client.request(method, path, json=body)
+        assert student.status_code == 403, path
+        assert student.json()["error"]["type"] == "permission_error"
+    export = await served.client.get("/review/export?format=dpo", headers=REVIEWER)
+    assert export.status_code == 403 and "admin" in export.json()["error"]["message"]
+    assert (await served.client.get("/review/export?format=dpo", headers=ADMIN)).status_code == 200
+    assert (await served.client.get("/review/stats", headers=REVIEWER)).status_code == 200
+    bad_format = await served.client.get("/review/export?format=csv", headers=ADMIN)
+    assert bad_format.status_code == 400 and "format" in bad_format.json()["error"]["message"]
+
+
+async def test_sign_in_cookie(served):
+    client = served.client
+    refused = await client.post("/review/session", json={"key": STUDENT_KEY})
+    assert refused.status_code == 403 and "reviewer key" in refused.json()["error"]["message"]
+    assert (await client.post("/review/session", json={"key": "nope"})).status_code == 401
+    signed = await client.post("/review/session", json={"key": REVIEWER_KEY})
+    assert signed.status_code == 200
+    cookie = signed.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/review" in cookie
+    assert REVIEWER_KEY not in cookie
+    me = await client.get("/review/api/me", headers={"Authorization": ""})  # the cookie alone
+    assert me.status_code == 200 and me.json()["role"] == "reviewer"
+    # The cookie is for the review routes only; chat still needs a key.
+    assert (await client.post(CHAT, json=BODY, headers={"Authorization": ""})).status_code == 401
+    token = client.cookies.get("zephyr_review")
+    client.cookies.set("zephyr_review", token[:-2] + "xx", path="/review")
+    forged = await client.get("/review/api/me", headers={"Authorization": ""})
+    assert forged.status_code == 401 and "sign in again" in forged.json()["error"]["message"]
+    client.cookies.set("zephyr_review", token, path="/review")
+    assert (await client.delete("/review/session")).status_code == 204
+
+
+async def test_a_removed_key_signs_its_holder_out(app_factory, tmp_path, default_model):
+    async with app_factory(session_secret="fixed") as first:
+        await first.client.post("/review/session", json={"key": REVIEWER_KEY})
+        token = first.client.cookies.get("zephyr_review")
+    async with app_factory(session_secret="fixed", api_keys=f"admin:{ADMIN_KEY}",
+                           home=linked_home(tmp_path / "second", default_model)) as second:
+        second.client.cookies.set("zephyr_review", token, path="/review")
+        r = await second.client.get("/review/api/me", headers={"Authorization": ""})
+        assert r.status_code == 401 and "no longer valid" in r.json()["error"]["message"]
+
+
+async def test_page_is_locked_down(served):
+    page = await served.client.get("/review", headers={"Authorization": ""})
+    assert page.status_code == 200 and "<title>Zephyr review</title>" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "<script>" not in page.text  # no inline script: the policy forbids it
+    script = await served.client.get("/review/static/review.js", headers={"Authorization": ""})
+    assert script.status_code == 200 and "textContent" in script.text and "innerHTML" not in script.text
+
+
+async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory, tmp_path):
+    async with app_factory(review_share=1.0, review_overlap=1) as served:
+        served.engine.reply = "Light energy becomes sugar. Mail me at ta@uni.edu"
+        for question in ("What is photosynthesis?", "What is respiration?"):
+            await served.client.post(CHAT, json={"messages": [{"role": "user", "content": question}],
+                                                 "max_tokens": 30})
+        await settled(served)
+        client = served.client
+        first = (await client.get("/review/api/next", headers=REVIEWER)).json()
+        assert first["progress"] == {"judged": 0, "waiting": 1}  # the other item; this one is held
+        item = first["item"]
+        assert item["kind"] == "pair" and "<EMAIL_ADDRESS>" in item["answers"][0]["text"]
+        wrong = await client.post("/review/api/verdicts", headers=REVIEWER,
+                                  json={"assignment_id": item["assignment_id"], "verdict": "a"})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "strength"
+        unknown = await client.post("/review/api/verdicts", headers=REVIEWER,
+                                    json={"assignment_id": item["assignment_id"], "verdict": "meh"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "verdict"
+        ok = await client.post("/review/api/verdicts", headers=REVIEWER, json={
+            "assignment_id": item["assignment_id"], "verdict": "a", "strength": 2, "flags": {"B": ["off_topic"]}})
+        assert ok.status_code == 201 and ok.json()["progress"] == {"judged": 1, "waiting": 1}
+        second = (await client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        await client.post("/review/api/skip", headers=REVIEWER, json={"assignment_id": second["assignment_id"]})
+        assert (await client.get("/review/api/next", headers=REVIEWER)).json() == {
+            "item": None, "progress": {"judged": 1, "waiting": 0}}
+
+        stats = (await client.get("/review/stats", headers=REVIEWER)).json()
+        assert stats["verdicts"] == 1 and stats["strength"]["2"] == 1 and stats["flags"]["off_topic"] == 1
+        assert stats["reviewers"][0]["judged"] == 1 and stats["reviewers"][0]["skipped"] == 1
+        assert 'zephyr_review_verdicts_total{verdict="a"} 1.0' in (await client.get("/metrics")).text
+
+        http_export = await client.get("/review/export?format=dpo", headers=ADMIN)
+        assert http_export.headers["x-record-count"] == "1"
+        record = json.loads(http_export.text)
+        assert record["meta"]["item_ids"] == [item["item_id"]] and record["meta"]["reviewers"] == 1
+
+        out = tmp_path / "dpo.jsonl"
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(out)],
+            env={"ZEPHYR_HOME": str(served.settings.home)})
+        assert result.exit_code == 0, result.output
+        assert out.read_text() == http_export.text  # one export, whichever way it is asked for
+        table = await asyncio.to_thread(CliRunner().invoke, cli, ["review", "stats"],
+                                        env={"ZEPHYR_HOME": str(served.settings.home)})
+        assert table.exit_code == 0 and "Win rate by majority vote" in table.output
+        bad = await asyncio.to_thread(CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out",
+                                                                str(out), "--since", "last week"])
+        assert bad.exit_code == 1 and "not a date" in bad.output
