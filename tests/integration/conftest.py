@@ -49,6 +49,8 @@ def start_server(home: Path) -> Server:
         "ZEPHYR_MEMORY_SHARE": "0.3",
         "ZEPHYR_LOG_FLUSH_SECONDS": "0.05",
         "ZEPHYR_DRAIN_SECONDS": "60",
+        # Only chats marked with X-Zephyr-Review go to review, so the review tests know their queue exactly.
+        "ZEPHYR_REVIEW_SHARE": "0",
     }
     log_path = home / "server.log"
     with log_path.open("w") as log_file:
