@@ -213,3 +213,29 @@ async def test_export_formats_agreement_dedup_pii_and_reproducibility(log, tmp_p
     assert again == first  # same database, same file
     since, _ = await store.judgements(T0 + timedelta(minutes=4))
     assert {j.item_id for j in since} == {"i5", "i6", "i7"}
+
+
+async def test_migration_0002_keeps_existing_rows(fresh_db_url):  # noqa: F811
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.store.log import alembic_config, make_engine, upgrade_schema
+
+    engine = make_engine(fresh_db_url)
+
+    def to_0001(connection) -> None:
+        config = alembic_config(str(engine.url))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+
+    async with engine.begin() as conn:
+        await conn.run_sync(to_0001)
+        await conn.execute(text(
+            "INSERT INTO generations (id, created_at, route, model, status, messages, response, params, "
+            "prompt_tokens, completion_tokens, latency_ms, review_requested) VALUES ('old', :at, 'chat', 'm', "
+            "'ok', '[]', '[]', '{}', 1, 1, 1.0, false)"), {"at": T0})
+    await upgrade_schema(engine)
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT purpose, parent_id, review_kind FROM generations"))).one()
+    assert tuple(row) == ("served", None, None)
+    await engine.dispose()
