@@ -22,6 +22,8 @@ def settings_factory(tmp_path, default_model):
             api_keys=f"student:{STUDENT_KEY},reviewer:{REVIEWER_KEY},admin:{ADMIN_KEY}",
             log_flush_seconds=0.01,
             log_retry_seconds=0.05,
+            # No random review sampling: a candidate would add engine calls and log rows at random.
+            review_share=0.0,
         )
         values.update(overrides)
         return Settings(**values)
