@@ -89,7 +89,8 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             loser_role = "candidate" if label == "served" else "served"
             winner, loser = answers[label], answers[loser_role]
             provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],
-                          "chosen_model": _label(winner, served), "rejected_model": _label(loser, served)}
+                          "chosen_model": model_label(winner, served["model"]),
+                          "rejected_model": model_label(loser, served["model"])}
             if options.format == "dpo":
                 out.append((PreferencePair(prompt=prompt, chosen=_reply(clean(answer_text(winner))),
                                            rejected=_reply(clean(answer_text(loser))), source=SOURCE,
@@ -126,10 +127,6 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                 continue
             seen[key] = record.meta
             yield record
-
-
-def _label(row: dict, served: dict) -> str:
-    return model_label(row, served["model"])
 
 
 def to_jsonl(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,

@@ -38,13 +38,13 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-async def upgrade_schema(engine: AsyncEngine) -> None:
-    """Bring the database to the newest migration (alembic upgrade head) on the server's own engine."""
+async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the database to a migration (by default the newest) on the server's own engine."""
 
     def _upgrade(connection) -> None:
         config = alembic_config(str(engine.url))
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade)

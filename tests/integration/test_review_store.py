@@ -217,20 +217,13 @@ async def test_export_formats_agreement_dedup_pii_and_reproducibility(log, tmp_p
 
 
 async def test_migration_0002_keeps_existing_rows(fresh_db_url):  # noqa: F811
-    from alembic import command
     from sqlalchemy import text
 
-    from service.store.log import alembic_config, make_engine, upgrade_schema
+    from service.store.log import make_engine, upgrade_schema
 
     engine = make_engine(fresh_db_url)
-
-    def to_0001(connection) -> None:
-        config = alembic_config(str(engine.url))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
-
+    await upgrade_schema(engine, "0001")
     async with engine.begin() as conn:
-        await conn.run_sync(to_0001)
         await conn.execute(text(
             "INSERT INTO generations (id, created_at, route, model, status, messages, response, params, "
             "prompt_tokens, completion_tokens, latency_ms, review_requested) VALUES ('old', :at, 'chat', 'm', "
