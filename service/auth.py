@@ -50,11 +50,10 @@ class KeyRing:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(401, "malformed Authorization header: use `Bearer <key>`", code="invalid_api_key")
-        digest = hash_key(token.strip())
-        role = self._roles.get(digest)
-        if role is None:
+        principal = self.from_digest(hash_key(token.strip()))
+        if principal is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
-        return Principal(role=role, key_hash=digest)
+        return principal
 
     def from_digest(self, digest: str) -> Principal | None:
         role = self._roles.get(digest)

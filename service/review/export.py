@@ -60,8 +60,6 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         return redactor.redact(text) if redactor else text
 
     groups = by_item(judgements)
-    candidates = {row["parent_id"]: row for row in sorted(generations.values(), key=lambda r: r["id"], reverse=True)
-                  if row.get("purpose") == "candidate" and row["status"] == "ok" and row.get("parent_id")}
     order = sorted(groups, key=lambda item: (utc(generations[item]["created_at"]), item))
     seen: dict[str, dict[str, Any]] = {}
     for item_id in order:
@@ -70,7 +68,8 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if label is None or share < options.min_agreement or len(group) < options.min_reviewers:
             continue
         served = generations[item_id]
-        candidate = candidates.get(item_id)
+        # The candidate the reviewers were shown (every verdict on an item shows the same one).
+        candidate = generations.get(group[0].candidate_id) if group[0].candidate_id else None
         answers = {"served": served, "candidate": candidate}
         prompt = _prompt([{**m, "content": clean(m["content"])} for m in served["messages"]])
         meta = {

@@ -34,6 +34,7 @@ class Judgement:
     strength: int | None = None  # 1-4 for served / candidate
     flags: dict[str, list[str]] = field(default_factory=dict)  # "served" / "candidate" -> flags on that answer
     served_model: str = ""
+    candidate_id: str | None = None  # the generation shown beside the served answer
     candidate_model: str | None = None
     chose_left: bool | None = None  # for served / candidate: was the preferred answer shown as A?
 

@@ -259,7 +259,7 @@ def to_judgement(v: dict[str, Any], generations: dict[str, dict]) -> Judgement:
         item_id=v["item_id"], reviewer=reviewer_label(v["reviewer"]), kind="pair" if pair else "single",
         label=label, strength=v["strength"],
         flags={role_of.get(gid, gid): list(names) for gid, names in (v["flags"] or {}).items()},
-        served_model=item["model"],
+        served_model=item["model"], candidate_id=candidate_id,
         candidate_model=model_label(generations[candidate_id], item["model"]) if candidate_id else None,
         chose_left=chose_left,
     )
