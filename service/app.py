@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -36,11 +37,20 @@ from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
 log = logging.getLogger("zephyr.service")
 EngineFactory = Callable[[Settings, Path, str], Engine]
 WATCHDOG_SECONDS = 1.0
+FINAL_SHUTDOWN_SECONDS = 5
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM/SIGINT end in a clean exit once drained: stock uvicorn re-raises the
-    signal after its graceful shutdown, so a drained replica would look killed (exit 143) to Kubernetes."""
+    """uvicorn with a drain phase. On the first SIGTERM/SIGINT the server stays up but stops being ready and
+    answers new generation requests with 503 (so clients retry on another replica instead of meeting a
+    refused connection); once nothing is in flight, or after `drain_seconds`, uvicorn's own shutdown runs
+    and the process exits 0. A second signal skips the rest of the drain. Stock uvicorn would also re-raise
+    the signal after shutdown, so a drained replica would look killed (exit 143) to Kubernetes."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float):
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+        self.drain_deadline: float | None = None
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -51,13 +61,43 @@ class DrainingServer(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame) -> None:
+        admission = self._admission()
+        if self.drain_deadline is None and admission is not None:
+            self.drain_deadline = time.monotonic() + self.drain_seconds
+            admission.drain()
+            log.info("draining: %d requests in flight, up to %ss", admission.in_flight, self.drain_seconds)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        if self.drain_deadline is None:
+            return False
+        admission = self._admission()
+        if admission.in_flight == 0:
+            log.info("drained: no request in flight")
+            return True
+        if time.monotonic() >= self.drain_deadline:
+            log.warning("drain time is up with %d requests in flight; they are cut off", admission.in_flight)
+            return True
+        return False
+
+    def _admission(self):
+        """None before the lifespan has built the tutor (a signal during start-up just stops the server)."""
+        app = self.config.app
+        tutor = getattr(app.state, "tutor", None) if isinstance(app, FastAPI) else None
+        return tutor.admission if tutor is not None else None
+
 
 def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int:
-    """Serve until SIGTERM; in-flight requests get `drain_seconds` to finish. Returns the exit code."""
+    """Serve until SIGTERM, then drain (see DrainingServer). Returns the exit code."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    # The drain phase already waited for in-flight requests; uvicorn's own wait only covers the last bytes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_seconds)
-    DrainingServer(config).run()
+                            timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS)
+    DrainingServer(config, settings.drain_seconds).run()
     return app.state.exit_code
 
 

@@ -42,8 +42,22 @@ class Admission:
         self.limit = limit
         self.in_flight = 0
         self.metrics = metrics
+        self.draining = False
+
+    def drain(self) -> None:
+        """From now on every new request gets a 503 (with `Connection: close`, so a keep-alive client
+        reconnects, through the load balancer, to another replica); those in flight run to the end."""
+        self.draining = True
 
     def enter(self, weight: int = 1) -> None:
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise APIError(
+                503,
+                "this tutor replica is shutting down; retry and another replica will answer",
+                code="shutting_down",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         if self.in_flight + weight > self.limit:
             self.metrics.rejected.labels("overload").inc()
             raise APIError(

@@ -23,6 +23,8 @@ async def readyz(request: Request) -> JSONResponse:
     engine = state.engine
     if engine.errored:
         return JSONResponse(error_body(503, "engine has stopped", code="engine_dead"), 503)
+    if state.tutor.admission.draining:
+        return JSONResponse(error_body(503, "shutting down", code="shutting_down"), 503)
     return JSONResponse({"status": "ready", "model": engine.model_name})
 
 

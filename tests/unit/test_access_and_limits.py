@@ -111,3 +111,23 @@ async def test_an_empty_rate_limit_turns_limiting_off(app_factory):
     async with app_factory(rate_limit="") as served:
         statuses = {(await served.client.post(CHAT, json=BODY)).status_code for _ in range(5)}
         assert statuses == {200}
+
+
+async def test_draining_finishes_requests_in_flight_and_refuses_new_ones_with_503(served):
+    served.engine.delay = 0.05
+    in_flight = asyncio.create_task(served.client.post(CHAT, json={**BODY, "max_tokens": 10}))
+    await asyncio.sleep(0.1)  # 10 tokens at 0.05 s each: still running
+    assert served.app.state.tutor.admission.in_flight == 1
+    served.app.state.tutor.admission.drain()  # what the first SIGTERM does
+
+    refused = await served.client.post(CHAT, json=BODY)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+    mcq = await served.client.post("/mcq", json={"question": "q", "options": ["a", "b"]})
+    assert mcq.status_code == 503
+    assert (await served.client.get("/readyz")).json()["error"]["code"] == "shutting_down"
+    assert (await served.client.get("/healthz")).status_code == 200  # alive: no restart while draining
+
+    finished = await in_flight
+    assert finished.status_code == 200 and finished.json()["choices"][0]["finish_reason"] == "length"
+    assert served.app.state.tutor.admission.in_flight == 0

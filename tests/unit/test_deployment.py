@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.app import FINAL_SHUTDOWN_SECONDS
 from service.metrics import Metrics
 from zephyr.settings import Settings
 
@@ -80,8 +81,11 @@ def test_chart_matches_the_service(rendered):
     assert secret_env <= SETTING_NAMES and set(rendered["Secret"]["stringData"]) <= SETTING_NAMES
     Settings(**{k.removeprefix("ZEPHYR_").lower(): v for k, v in config.items()})  # and every value parses
 
-    # Shutdown: Kubernetes waits longer than the server drains; the registry is where the settings look.
-    assert deployment["terminationGracePeriodSeconds"] > int(config["ZEPHYR_DRAIN_SECONDS"])
+    # Shutdown: Kubernetes waits longer than preStop sleep + drain + uvicorn's final wait.
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert deployment["terminationGracePeriodSeconds"] > (
+        pre_stop + int(config["ZEPHYR_DRAIN_SECONDS"]) + FINAL_SHUTDOWN_SECONDS)
+    # The registry is where the settings look.
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert config["ZEPHYR_HOME"] in mounts
     assert deployment["initContainers"][0]["args"] == ["models", "prepare"]
