@@ -8,6 +8,8 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("zephyr.errors")
@@ -109,6 +111,15 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = "method not allowed on this route"
         return JSONResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
+
+    # The database is away (restart, failover): the review routes cannot answer, but nothing is lost and the
+    # client should simply retry. Generation routes never wait on the database (their rows spill instead).
+    for unavailable in (OperationalError, InterfaceError, PoolTimeout, ConnectionError):
+        @app.exception_handler(unavailable)
+        async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+            log.warning("database unavailable on %s: %s", request.url.path, exc)
+            return JSONResponse(error_body(503, "the review database is unavailable; retry in a few seconds",
+                                           code="database_unavailable"), 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

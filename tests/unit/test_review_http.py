@@ -122,6 +122,16 @@ async def test_review_access_rules(served):
     assert bad_format.status_code == 400 and "format" in bad_format.json()["error"]["message"]
 
 
+async def test_review_routes_answer_503_while_the_database_is_away(app_factory):
+    # Nothing listens on port 1: the generation log spills, and the review routes say to retry.
+    async with app_factory(db_url="postgresql+asyncpg://zephyr:zephyr@127.0.0.1:1/zephyr") as served:
+        for method, path in (("GET", "/review/api/next"), ("GET", "/review/stats")):
+            r = await served.client.request(method, path, headers=REVIEWER)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "5"
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200  # students are not affected
+
+
 async def test_sign_in_cookie(served):
     client = served.client
     refused = await client.post("/review/session", json={"key": STUDENT_KEY})
