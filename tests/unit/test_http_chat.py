@@ -120,6 +120,10 @@ async def test_dead_engine_is_503_and_not_ready(served):
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     served.engine.die()
     assert (await served.client.get("/readyz")).status_code == 503
+    # Once the engine is known dead, a stream is refused before it opens, not as a 200 carrying an error.
+    r = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 2, "stream": True})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert r.headers["connection"] == "close"
 
 
 async def test_models_lists_the_served_model(served):

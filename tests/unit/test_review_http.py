@@ -10,7 +10,7 @@ import httpx
 import openai
 from typer.testing import CliRunner
 
-from tests.conftest import linked_home
+from loadtest.harness import linked_home
 from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
 from zephyr.cli import app as cli
 

@@ -1,0 +1,250 @@
+"""Fault drills under the student traffic mix. Each starts its own server, puts Locust load on it, causes
+one fault, and prints pass/fail with the figures behind each check:
+
+    sigterm      SIGTERM under load: in-flight requests finish, new ones get 503, the process exits 0
+    engine-kill  the engine process is killed: /readyz fails within 5 s, no request hangs, the server exits
+    postgres     the PostgreSQL log store is stopped for 60 s under load: no failed student request, and no
+                 lost log row once it is back
+
+`make drills` runs the long forms; the integration tests run the short ones (`--short`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from loadtest.harness import LocalServer, Locust, Report, free_port, linked_home, one_row_each, successful
+
+console = Console()
+GENERATION = ("chat", "mcq")
+READYZ_LIMIT_S = 5
+# A request sent this close to the fault may reach the server before or after it: judged by neither rule.
+RACE_S = 0.25
+POSTGRES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "postgres-for-tests.sh"
+
+
+@dataclass(frozen=True)
+class Form:
+    load_s: float  # load before the fault (and after it, for the database outage)
+    outage_s: float
+    users: int
+
+
+LONG = Form(load_s=90, outage_s=60, users=32)
+SHORT = Form(load_s=20, outage_s=20, users=12)  # CI
+
+
+def _home(name: str) -> Path:
+    return linked_home(Path(tempfile.mkdtemp(prefix=f"zephyr-{name}-")))
+
+
+def _wait_exit(server: LocalServer, timeout: float) -> tuple[int | None, float]:
+    try:
+        code = server.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    return code, time.time()
+
+
+def _statuses(events: list[dict]) -> str:
+    counts = Counter(f"{e['status'] or 'no answer'}" + (f" {e['code']}" if e.get("code") else "")
+                     + (" with an error event" if e["status"] == 200 and e["error"] else "") for e in events)
+    return ", ".join(f"{n}x {status}" for status, n in sorted(counts.items())) or "none"
+
+
+def sigterm(load_s: float, users: int, out: Path) -> Report:
+    report = Report(f"SIGTERM under load ({users} users)")
+    server = LocalServer.start(_home("drill-sigterm"), drain_seconds="60")
+    locust = Locust.start(server.url, out, users, load_s + 120, exam_period=load_s / 2)
+    try:
+        time.sleep(load_s)
+        signalled = time.time()
+        server.process.send_signal(signal.SIGTERM)
+        # The drain phase: readiness fails while the server still answers; then the listener closes.
+        not_ready, closed = None, None
+        while server.process.poll() is None and closed is None:
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503 and not_ready is None:
+                    not_ready = time.time() - signalled
+            except httpx.HTTPError:
+                closed = time.time()
+            time.sleep(0.05)
+        code, exited = _wait_exit(server, 120)
+        closed = closed or exited
+        time.sleep(2)  # let clients meet the closed port, as they would a removed pod
+    finally:
+        locust.stop()
+        server.stop()
+    events = [e for e in locust.events() if e["name"] in GENERATION]
+    in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled]
+    unfinished = [e for e in in_flight if not (e["status"] == 200 and e["done"])]
+    during = [e for e in events if signalled + RACE_S < e["start"] < closed - RACE_S]
+    not_503 = [e for e in during if e["status"] != 503]
+    after_close = [e for e in events if closed < e["start"] < exited]
+    report.check("in-flight requests finish", in_flight and not unfinished,
+                 f"{len(in_flight)} in flight at SIGTERM, {len(unfinished)} cut off; the last one ended "
+                 f"{max((e['end'] for e in in_flight), default=signalled) - signalled:.1f} s after it")
+    report.check("new requests get 503 while draining", during and not not_503,
+                 f"{len(during)} sent during the drain: {_statuses(during)}")
+    report.check("readiness fails while draining", not_ready is not None,
+                 f"/readyz 503 after {not_ready:.2f} s" if not_ready is not None else "/readyz never failed")
+    report.check("exit code 0", code == 0,
+                 f"exit {code}, {exited - signalled:.1f} s after SIGTERM (listener closed after "
+                 f"{closed - signalled:.1f} s: {len(after_close)} requests refused from then on)")
+    report.check("in-flight requests are logged", *one_row_each(server, in_flight))
+    report.figures.update(in_flight=len(in_flight), drained_s=closed - signalled, exit_s=exited - signalled,
+                          refused_during_drain=len(during), exit_code=code)
+    report.save(out)
+    return report
+
+
+def engine_kill(load_s: float, users: int, out: Path) -> Report:
+    report = Report(f"engine process killed under load ({users} users)")
+    server = LocalServer.start(_home("drill-engine"))
+    locust = Locust.start(server.url, out, users, load_s + 120, exam_period=load_s / 2)
+    try:
+        time.sleep(load_s)
+        engine_pid = server.engine_core_pid()
+        killed = time.time()
+        os.kill(engine_pid, signal.SIGKILL)
+        not_ready = None
+        while time.time() - killed < 30 and not_ready is None:
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503:
+                    not_ready = time.time() - killed
+            except httpx.HTTPError:
+                not_ready = time.time() - killed  # already closed: not ready either
+            time.sleep(0.05)
+        code, exited = _wait_exit(server, 120)
+        time.sleep(2)
+    finally:
+        locust.stop()
+        server.stop()
+    events = [e for e in locust.events() if e["name"] in GENERATION]
+    in_flight = [e for e in events if e["start"] < killed < e["end"]]
+    longest = max((e["end"] - killed for e in in_flight), default=0.0)
+    before_exit = [e for e in events if killed + RACE_S < e["start"] < exited]
+    report.check(f"/readyz fails within {READYZ_LIMIT_S} s", not_ready is not None and not_ready < READYZ_LIMIT_S,
+                 f"after {not_ready:.2f} s" if not_ready is not None else "still ready after 30 s")
+    report.check("no request hangs", in_flight and longest < 30,
+                 f"{len(in_flight)} in flight at the kill ({_statuses(in_flight)}); the last ended "
+                 f"{longest:.1f} s after it")
+    report.check("new requests are refused, not queued", all(e["status"] in (0, 503) for e in before_exit),
+                 f"{len(before_exit)} sent before exit: {_statuses(before_exit)}")
+    report.check("the server exits (code 1) for a restart", code == 1,
+                 f"exit {code}, {exited - killed:.1f} s after the kill")
+    report.figures.update(readyz_failed_s=not_ready, in_flight=len(in_flight), longest_after_kill_s=longest,
+                          exit_code=code, exit_s=exited - killed)
+    report.save(out)
+    return report
+
+
+class ScratchPostgres:
+    """A PostgreSQL of the drill's own (port and data directory), so stopping it touches nothing else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.data = Path(tempfile.mkdtemp(prefix="zephyr-drill-pg-"))
+        self.env = {**os.environ, "ZEPHYR_TEST_POSTGRES_PORT": str(self.port),
+                    "ZEPHYR_TEST_POSTGRES_DATA": str(self.data)}
+        self.url = f"postgresql+asyncpg://zephyr:zephyr@127.0.0.1:{self.port}/zephyr"
+
+    def start(self) -> None:
+        self._script()
+
+    def stop(self) -> None:
+        self._script("stop")
+
+    def _script(self, *args: str) -> None:
+        done = subprocess.run(["bash", str(POSTGRES_SCRIPT), *args], env=self.env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"postgres-for-tests.sh {' '.join(args)} failed:\n{done.stderr}")
+
+
+def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
+    report = Report(f"PostgreSQL stopped for {outage_s:g} s under load ({users} users)")
+    database = ScratchPostgres()
+    database.start()
+    server = LocalServer.start(_home("drill-postgres"), db_url=database.url, review_policy="sample",
+                               review_share="0.2")
+    spill = server.home / "spill" / "generations.jsonl"
+    locust = Locust.start(server.url, out, users, load_s * 2 + outage_s + 30, exam_period=max(20.0, outage_s / 2))
+    replayed_after = None
+    try:
+        time.sleep(load_s)
+        database.stop()
+        stopped = time.time()
+        time.sleep(outage_s)
+        spilled = server.metric("zephyr_log_spilled_rows_total")
+        database.start()
+        restarted = time.time()
+        # The writer probes the database every ZEPHYR_LOG_RETRY_SECONDS, replays, and the load goes on.
+        while time.time() - restarted < max(load_s, 120):
+            if replayed_after is None and not spill.exists() and not spill.with_suffix(".replaying").exists():
+                replayed_after = time.time() - restarted
+            if time.time() - restarted >= load_s:
+                locust.stop()
+                if replayed_after is not None:
+                    break
+            time.sleep(0.2)
+        time.sleep(1)
+        events = locust.events()
+        report.check("no failed student request", not [e for e in events if e["name"] in GENERATION
+                                                        and not (e["status"] == 200 and e["done"])],
+                     f"{len(successful(events))} chats and MCQs: "
+                     f"{_statuses([e for e in events if e['name'] in GENERATION])}")
+        outage = [e for e in events if e["name"] == "review" and stopped < e["start"] < restarted]
+        report.check("reviewers get 503 (retry), never 500, while it is down",
+                     not [e for e in events if e["name"] == "review" and e["status"] >= 500 and e["status"] != 503],
+                     f"review requests during the outage: {_statuses(outage)}")
+        report.check("spilled rows are replayed once it is back", spilled > 0 and replayed_after is not None,
+                     f"{spilled:.0f} rows spilled; spill file replayed {replayed_after:.1f} s after the restart"
+                     if replayed_after is not None else f"{spilled:.0f} rows spilled; spill file still there")
+        report.check("no lost log row", *one_row_each(server, events))
+        report.figures.update(spilled_rows=spilled, replayed_after_s=replayed_after, requests=len(events))
+    finally:
+        locust.stop()
+        server.stop()
+        with contextlib.suppress(RuntimeError):  # already stopped if the drill failed during the outage
+            database.stop()
+    report.save(out)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("drill", choices=["sigterm", "engine-kill", "postgres", "all"])
+    parser.add_argument("--short", action="store_true", help=f"the CI form: {SHORT}")
+    parser.add_argument("--users", type=int, help=f"default {LONG.users} ({SHORT.users} with --short)")
+    parser.add_argument("--out", type=Path, default=Path("load-results") / time.strftime("drills-%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+    form = SHORT if args.short else LONG
+    users = args.users or form.users
+    runs = {
+        "sigterm": lambda: sigterm(form.load_s, users, args.out / "sigterm"),
+        "engine-kill": lambda: engine_kill(form.load_s, users, args.out / "engine-kill"),
+        "postgres": lambda: postgres(form.load_s, form.outage_s, users, args.out / "postgres"),
+    }
+    reports = []
+    for name, drill in runs.items():
+        if args.drill in (name, "all"):
+            with console.status(f"drill {name} (Locust reports in {args.out / name})"):
+                reports.append(drill())
+            console.print(reports[-1].table())
+    raise SystemExit(0 if all(r.passed for r in reports) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""A real `zephyr serve` in a subprocess, Locust against it, and what the soak run and the drills measure
+(resident memory, log rows). Shared by `make load`, the soak run, the fault drills and the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.table import Table
+
+from zephyr.bundled import ensure_default_model
+from zephyr.registry import Registry, RegistryEntry
+from zephyr.settings import DEFAULT_MODEL, Settings
+
+STUDENT_KEY = "load-student-key"
+REVIEWER_KEYS = ("load-reviewer-key-1", "load-reviewer-key-2")
+ADMIN_KEY = "load-admin-key"
+START_TIMEOUT_S = 400
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:
+    """A fresh ZEPHYR_HOME whose registry holds the default model as a link (no second conversion)."""
+    default_model = default_model or ensure_default_model(Registry(Settings().models_dir))
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    link = home / "models" / DEFAULT_MODEL
+    if not link.exists():
+        link.symlink_to(default_model.path, target_is_directory=True)
+    return home
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen
+    url: str
+    home: Path
+    log_path: Path
+    db_url: str
+
+    @classmethod
+    def start(cls, home: Path, **settings: str) -> LocalServer:
+        """`zephyr serve` on a free port with the load keys; returns once /readyz answers 200. `settings` are
+        extra ZEPHYR_* variables, e.g. DB_URL="postgresql+asyncpg://..."."""
+        port = free_port()
+        env = {
+            **os.environ,
+            "ZEPHYR_HOME": str(home),
+            "ZEPHYR_PORT": str(port),
+            "ZEPHYR_API_KEYS": ",".join([f"student:{STUDENT_KEY}", f"admin:{ADMIN_KEY}",
+                                          *(f"reviewer:{key}" for key in REVIEWER_KEYS)]),
+            "ZEPHYR_MAX_MODEL_LEN": "2048",
+            "ZEPHYR_MEMORY_SHARE": "0.3",
+            "ZEPHYR_LOG_FLUSH_SECONDS": "0.05",
+            "ZEPHYR_LOG_RETRY_SECONDS": "1",
+            "ZEPHYR_DRAIN_SECONDS": "60",
+            **{f"ZEPHYR_{name.upper()}": str(value) for name, value in settings.items()},
+        }
+        log_path = home / "server.log"
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "zephyr.cli", "serve", "--log-level", "info"],
+                                       env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        db_url = env.get("ZEPHYR_DB_URL") or f"sqlite+aiosqlite:///{home / 'zephyr.db'}"
+        server = cls(process, f"http://127.0.0.1:{port}", home, log_path, db_url)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerFailed(f"server exited with {process.returncode} while starting:\n{server.log_tail()}")
+            if server.ready():
+                return server
+            time.sleep(1)
+        process.kill()
+        raise ServerFailed(f"server not ready after {START_TIMEOUT_S}s:\n{server.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its children (vLLM's engine core runs in one)."""
+        return sum(rss_bytes(pid) for pid in [self.process.pid, *children(self.process.pid)])
+
+    def engine_core_pid(self) -> int:
+        for pid in children(self.process.pid):
+            try:
+                if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        raise ServerFailed("no EngineCore child process found")
+
+    def log_row_counts(self, ids: Iterable[str]) -> dict[str, int]:
+        return asyncio.run(_row_counts(self.db_url, list(ids)))
+
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus sample family from /metrics (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def _row_counts(db_url: str, ids: list[str]) -> dict[str, int]:
+    from sqlalchemy import func, select
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from service.store.models import Generation
+
+    engine = create_async_engine(db_url)
+    counts: dict[str, int] = dict.fromkeys(ids, 0)
+    try:
+        async with engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = (select(Generation.id, func.count()).where(Generation.id.in_(ids[start:start + 500]))
+                         .group_by(Generation.id))
+                counts.update({row[0]: row[1] for row in await conn.execute(query)})
+    finally:
+        await engine.dispose()
+    return counts
+
+
+@dataclass
+class Locust:
+    """A headless Locust run of loadtest/locustfile.py in a subprocess; its per-request events in a file."""
+
+    process: subprocess.Popen
+    events_path: Path
+
+    @classmethod
+    def start(cls, url: str, out: Path, users: int, seconds: float, spawn_rate: float = 8,
+              user_classes: Iterable[str] = (), exam_period: float = 60) -> Locust:
+        out.mkdir(parents=True, exist_ok=True)
+        events_path = out / "events.jsonl"
+        events_path.unlink(missing_ok=True)
+        env = {**os.environ, "ZEPHYR_LOAD_STUDENT_KEY": STUDENT_KEY,
+               "ZEPHYR_LOAD_REVIEWER_KEYS": ",".join(REVIEWER_KEYS),
+               "ZEPHYR_LOAD_EVENTS": str(events_path), "ZEPHYR_LOAD_EXAM_PERIOD": str(exam_period)}
+        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--headless",
+                   "-u", str(users), "-r", str(spawn_rate), "-t", f"{int(seconds)}s", "--stop-timeout", "300",
+                   "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--only-summary",
+                   "--loglevel", "WARNING", *user_classes]
+        with (out / "locust.log").open("w") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return cls(process, events_path)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Locust's own stop: users finish their request in hand (up to --stop-timeout), reports get written."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(330)
+
+    def events(self) -> list[dict]:
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+@dataclass
+class Report:
+    """A drill's or soak run's checks, each with the figure it rests on; printed as a table."""
+
+    title: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    figures: dict[str, object] = field(default_factory=dict)
+
+    def check(self, name: str, passed: bool, figure: str) -> None:
+        self.checks.append((name, bool(passed), figure))
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(passed for _, passed, _ in self.checks)
+
+    def table(self) -> Table:
+        table = Table(title=f"{self.title}: {'PASS' if self.passed else 'FAIL'}")
+        table.add_column("check")
+        table.add_column("result")
+        table.add_column("figures")
+        for name, passed, figure in self.checks:
+            table.add_row(name, "[green]pass[/]" if passed else "[red]FAIL[/]", figure)
+        return table
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(
+            {"title": self.title, "passed": self.passed, "figures": self.figures,
+             "checks": [{"name": n, "passed": p, "figure": f} for n, p, f in self.checks]}, indent=2, default=str))
+
+
+def successful(events: list[dict], names: Iterable[str] = ("chat", "mcq")) -> list[dict]:
+    """Generation requests the client saw succeed: a 200 and, for a stream, its [DONE]."""
+    names = set(names)
+    return [e for e in events if e["name"] in names and e["status"] == 200 and e["done"] and not e["error"]]
+
+
+def one_row_each(server: LocalServer, events: list[dict]) -> tuple[bool, str]:
+    """Every successful generation request has exactly one row in the server's generation log."""
+    ids = [e["id"] for e in successful(events)]
+    counts = server.log_row_counts(ids)
+    missing = sum(1 for n in counts.values() if n == 0)
+    doubled = sum(1 for n in counts.values() if n > 1)
+    no_id = sum(1 for i in ids if not i)
+    return (bool(ids) and not missing and not doubled and not no_id,
+            f"{len(ids)} successful requests: {missing} without a row, {doubled} with several, {no_id} without an id")

@@ -1,0 +1,225 @@
+"""A school day's traffic for Locust: students chatting (streamed), classes taking MCQ exams that start all at
+once, and a couple of reviewers working through the review queue.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless -u 32 -r 4 -t 5m \
+        --csv load-results/load --html load-results/load.html
+
+`make load` starts a local server and runs this against it (loadtest/load.py). Settings, by environment:
+ZEPHYR_LOAD_STUDENT_KEY / ZEPHYR_LOAD_REVIEWER_KEYS (API keys, the latter comma-separated),
+ZEPHYR_LOAD_MCQ_DATA (ARC-format jsonl),
+ZEPHYR_LOAD_EXAM_PERIOD (seconds between exam starts), and ZEPHYR_LOAD_EVENTS: a file that gets one JSON
+line per request (start, end, status, request id, whether a stream ended with [DONE]), which the soak run
+and the fault drills check against the server's generation log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import requests
+from locust import HttpUser, between, events, task
+
+STUDENT_KEY = os.environ.get("ZEPHYR_LOAD_STUDENT_KEY", "")
+# One key per reviewer: two users of one key would be one reviewer judging in two tabs.
+REVIEWER_KEYS = os.environ.get("ZEPHYR_LOAD_REVIEWER_KEYS", "").split(",")
+MCQ_DATA = Path(os.environ.get(
+    "ZEPHYR_LOAD_MCQ_DATA", Path(__file__).resolve().parents[2] / "shared/data/arc/ARC-Easy/ARC-Easy-Dev.jsonl"))
+EXAM_PERIOD_S = float(os.environ.get("ZEPHYR_LOAD_EXAM_PERIOD", "60"))
+EXAM_QUESTIONS = 8
+TIMEOUT_S = 300
+
+# Opening questions and the follow-ups students actually send; answers are asked for at typical lengths.
+QUESTIONS = [
+    "Explain how photosynthesis works.", "Why is the sky blue?", "What is Newton's second law?",
+    "How do vaccines train the immune system?", "What causes the seasons on Earth?",
+    "Explain the difference between mitosis and meiosis.", "What is an electric current?",
+    "How does a rainbow form?", "Why do objects float or sink?", "What is the water cycle?",
+    "How do plants take up water?", "What is a chemical reaction?", "What is an atom made of?",
+    "What is the greenhouse effect?", "How does sound travel?", "What is DNA and what does it do?",
+    "I don't get why heavier things don't fall faster. Can you help?",
+    "My homework asks how the moon causes tides. Where do I start?",
+]
+FOLLOW_UPS = ["Can you give me an example?", "Why?", "Can you explain that more simply?",
+              "How would that be on a test?", "What's a common mistake here?"]
+ANSWER_TOKENS = [(48, 0.3), (128, 0.45), (256, 0.2), (512, 0.05)]  # (max_tokens, share of requests)
+
+
+class EventLog:
+    """One JSON line per request for the soak run and the drills; gevent never switches inside a write."""
+
+    def __init__(self, path: str | None):
+        self.handle = open(path, "a", buffering=1, encoding="utf-8") if path else None  # noqa: SIM115
+
+    def write(self, **event) -> None:
+        if self.handle:
+            self.handle.write(json.dumps(event) + "\n")
+
+
+EVENTS = EventLog(os.environ.get("ZEPHYR_LOAD_EVENTS"))
+
+
+def load_questions(path: Path) -> list[dict]:
+    if not path.exists():
+        return [{"question": "Which is a source of light?", "options": ["the Sun", "the Moon", "a mirror", "a rock"]}]
+    items = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)["question"]
+            items.append({"question": record["stem"], "options": [c["text"] for c in record["choices"]]})
+    return items
+
+
+MCQS = load_questions(MCQ_DATA)
+
+
+def report(name: str, kind: str, started: float, response: requests.Response | None, error: str | None,
+           **extra) -> None:
+    """Into Locust's statistics (a status >= 400 is a failure) and into the event log."""
+    status = response.status_code if response is not None else 0
+    failure = error or (f"HTTP {status}" if status >= 400 else None)
+    events.request.fire(request_type=kind, name=name, response_time=(time.time() - started) * 1000,
+                        response_length=len(response.content) if response is not None and not extra.get("streamed")
+                        else 0, exception=RuntimeError(failure) if failure else None, context={})
+    EVENTS.write(name=name, start=started, end=time.time(), status=status, error=error, **extra)
+
+
+class Student(HttpUser):
+    """Asks a question, reads the streamed answer, sometimes follows up, then thinks for a while. One turn
+    per task, so that a stopping run waits for one answer at most, not a whole conversation."""
+
+    weight = 6
+
+    def on_start(self) -> None:
+        self.http = requests.Session()  # streamed by hand, to time the first token and the whole answer
+        self.http.headers["Authorization"] = f"Bearer {STUDENT_KEY}"
+        self.messages: list[dict] = []
+        self.turns_left = 0
+
+    def wait_time(self) -> float:
+        return random.uniform(2, 6) if self.turns_left else random.uniform(4, 12)  # follow-up or new topic
+
+    @task
+    def turn(self) -> None:
+        if not self.turns_left:
+            self.messages = [{"role": "user", "content": random.choice(QUESTIONS)}]
+            self.turns_left = random.choice([1, 1, 1, 2, 3])
+        self.turns_left -= 1
+        answer = self.stream_chat(self.messages)
+        if answer is None:
+            self.turns_left = 0
+            return
+        self.messages += [{"role": "assistant", "content": answer},
+                          {"role": "user", "content": random.choice(FOLLOW_UPS)}]
+
+    def stream_chat(self, messages: list[dict]) -> str | None:
+        max_tokens = random.choices(*zip(*ANSWER_TOKENS, strict=True))[0]
+        body = {"messages": messages, "max_tokens": max_tokens, "stream": True, "temperature": 0.7}
+        started = time.time()
+        response, request_id, first_token, parts, done, error = None, None, None, [], False, None
+        try:
+            response = self.http.post(f"{self.host}/v1/chat/completions", json=body, stream=True, timeout=TIMEOUT_S)
+            request_id = response.headers.get("x-request-id")
+            if response.status_code == 200:
+                for line in response.iter_lines(decode_unicode=True):
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            error = f"stream error: {chunk['error'].get('message')}"
+                        elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                            first_token = first_token or time.time()
+                            parts.append(chunk["choices"][0]["delta"]["content"])
+                if not done and error is None:
+                    error = "stream ended without [DONE]"
+        except requests.RequestException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if first_token is not None:
+            events.request.fire(request_type="SSE", name="chat: first token",
+                                response_time=(first_token - started) * 1000, response_length=0, context={})
+        report("chat", "SSE", started, response, error, id=request_id, done=done, streamed=True,
+               code=error_code(response))
+        return "".join(parts) if done and error is None else None
+
+
+class ExamTaker(HttpUser):
+    """A class sits an exam: everyone starts at the same moment (each EXAM_PERIOD), answers a few questions
+    quickly, then waits for the next exam: the MCQ load comes in bursts."""
+
+    weight = 3
+
+    def on_start(self) -> None:
+        self.client.headers["Authorization"] = f"Bearer {STUDENT_KEY}"
+        self.questions_left = 0
+
+    def wait_time(self) -> float:
+        if self.questions_left:
+            return random.uniform(1, 4)
+        self.questions_left = EXAM_QUESTIONS
+        return EXAM_PERIOD_S - time.time() % EXAM_PERIOD_S  # the bell rings for the whole class at once
+
+    @task
+    def answer_question(self) -> None:
+        if not self.questions_left:
+            return  # the first task runs before any wait: the exam has not started yet
+        self.questions_left -= 1
+        question = random.choice(MCQS)
+        explain = random.random() < 0.15
+        started = time.time()
+        try:
+            response = self.client.post("/mcq", json={**question, "explain": explain}, timeout=TIMEOUT_S,
+                                        name="mcq (explain)" if explain else "mcq")
+            error = None
+        except requests.RequestException as exc:
+            response, error = None, f"{type(exc).__name__}: {exc}"
+        request_id = response.headers.get("x-request-id") if response is not None else None
+        if response is not None and response.status_code == 200:
+            request_id = response.json().get("id", request_id)
+        status = response.status_code if response is not None else 0
+        EVENTS.write(name="mcq", start=started, end=time.time(), status=status, error=error, id=request_id,
+                     done=status == 200, code=error_code(response))
+
+
+class Reviewer(HttpUser):
+    """Signs in to the review page's API with a cookie, then judges whatever the queue offers."""
+
+    fixed_count = 2
+    wait_time = between(5, 15)
+    signed_in = 0
+
+    def on_start(self) -> None:
+        key = REVIEWER_KEYS[Reviewer.signed_in % len(REVIEWER_KEYS)]
+        Reviewer.signed_in += 1
+        self.client.post("/review/session", json={"key": key}, name="review: sign in")
+
+    @task
+    def judge_next(self) -> None:
+        started = time.time()
+        response = self.client.get("/review/api/next", name="review: next")
+        EVENTS.write(name="review", start=started, end=time.time(), status=response.status_code, error=None,
+                     id=None, done=response.ok, code=error_code(response))
+        item = response.json().get("item") if response.ok else None
+        if not item:
+            return
+        time.sleep(random.uniform(3, 10))  # reading both answers
+        verdict = random.choice(["a", "b", "tie", "both_bad"]) if item["kind"] == "pair" else random.choice(
+            ["good", "bad"])
+        body = {"assignment_id": item["assignment_id"], "verdict": verdict,
+                "strength": random.randint(1, 4) if verdict in ("a", "b") else None}
+        started = time.time()
+        response = self.client.post("/review/api/verdicts", json=body, name="review: verdict")
+        EVENTS.write(name="review", start=started, end=time.time(), status=response.status_code, error=None,
+                     id=None, done=response.ok, code=error_code(response))
+
+
+def error_code(response: requests.Response | None) -> str | None:
+    if response is None or response.ok:
+        return None
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,103 @@
+"""Soak run: the full traffic mix for a long stretch against one server, then three checks.
+
+- no 5xx answer and no dropped connection, in any request kind;
+- every successful generation request (chat, MCQ) has exactly one row in the generation log;
+- the resident memory of the server and its engine process grows less than 10% from the first minute
+  (start-up and first-use allocations) to the last.
+
+`make soak` runs the 10-minute, 32-user form; the integration tests run a 60-second one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from loadtest.harness import LocalServer, Locust, Report, linked_home, one_row_each
+from loadtest.load import summary
+
+console = Console()
+RSS_SAMPLE_S = 5
+MAX_RSS_GROWTH = 0.10
+
+
+def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_period: float = 60) -> Report:
+    report = Report(f"soak: {users} users for {minutes:g} min")
+    home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-soak-")))
+    extra = {"db_url": db_url} if db_url else {}
+    server = LocalServer.start(home, review_policy="sample", review_share="0.1", **extra)
+    samples: list[tuple[float, int]] = []
+    stop_sampling = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop_sampling.wait(RSS_SAMPLE_S):
+            samples.append((time.monotonic(), server.rss_bytes()))
+
+    try:
+        rss_at_ready = server.rss_bytes()
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        started = time.monotonic()
+        sampler.start()
+        locust = Locust.start(server.url, out, users, minutes * 60, exam_period=exam_period)
+        locust.wait()
+        wall_s = time.monotonic() - started
+        stop_sampling.set()
+        sampler.join()
+        events = locust.events()
+        console.print(summary(events, wall_s, report.title))
+
+        server_errors = [e for e in events if e["status"] >= 500]
+        dropped = [e for e in events if e["status"] == 0]
+        report.check("no 5xx answer", not server_errors,
+                     f"{len(server_errors)} of {len(events)} requests" + _codes(server_errors))
+        report.check("no dropped connection", not dropped, f"{len(dropped)} requests without an answer")
+
+        time.sleep(1)  # the log flushes every 0.05 s; candidates for review finish first
+        report.check("one log row per successful request", *one_row_each(server, events))
+
+        # Steady state: the first minute (or first tenth of a short run) holds start-up and first-use growth.
+        settle = min(60.0, wall_s / 10)
+        early = [rss for t, rss in samples if t - started <= settle + RSS_SAMPLE_S] or [rss_at_ready]
+        late = [rss for t, rss in samples if t >= started + wall_s * 0.9] or [server.rss_bytes()]
+        baseline, final = statistics.median(early), statistics.median(late)
+        growth = (final - baseline) / baseline
+        report.check(f"resident memory grows < {MAX_RSS_GROWTH:.0%}", growth < MAX_RSS_GROWTH,
+                     f"{baseline / 2**20:.0f} MiB after {settle:.0f} s -> {final / 2**20:.0f} MiB at the end "
+                     f"({growth:+.1%}); {rss_at_ready / 2**20:.0f} MiB when ready")
+        report.check("server still ready", server.ready(), "/readyz after the run")
+        report.figures.update(requests=len(events), wall_s=round(wall_s), rss_ready=rss_at_ready,
+                              rss_baseline=baseline, rss_final=final, rss_growth=growth,
+                              rss_samples=[(round(t - started, 1), rss) for t, rss in samples])
+    finally:
+        stop_sampling.set()
+        server.stop()
+    report.save(out)
+    return report
+
+
+def _codes(events: list[dict]) -> str:
+    codes = sorted({str(e.get("code")) for e in events})
+    return f" ({', '.join(codes)})" if codes else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--db-url", help="log store (default: SQLite in the server's home)")
+    parser.add_argument("--out", type=Path, default=Path("load-results") / time.strftime("soak-%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+    with console.status(f"soak: {args.users} users for {args.minutes:g} min (Locust reports in {args.out})"):
+        report = run(args.minutes, args.users, args.out, args.db_url)
+    console.print(report.table())
+    raise SystemExit(0 if report.passed else 1)
+
+
+if __name__ == "__main__":
+    main()
