@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +26,16 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from loadtest.harness import LocalServer, Locust, Report, free_port, linked_home, one_row_each, successful
+from loadtest.harness import (
+    STUDENT_KEY,
+    LocalServer,
+    Locust,
+    Report,
+    free_port,
+    linked_home,
+    one_row_each,
+    successful,
+)
 
 console = Console()
 GENERATION = ("chat", "mcq")
@@ -68,8 +78,13 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
     report = Report(f"SIGTERM under load ({users} users)")
     server = LocalServer.start(_home("drill-sigterm"), drain_seconds="60")
     locust = Locust.start(server.url, out, users, load_s + 120, exam_period=load_s / 2)
+    probes: list[dict] = []
     try:
         time.sleep(load_s)
+        # A long answer of our own in flight, so that there is always a drain to watch (Locust's chats may
+        # all have just ended), and requests of our own sent during it.
+        anchor = LongStream(server.url)
+        anchor.started.wait(60)
         signalled = time.time()
         server.process.send_signal(signal.SIGTERM)
         # The drain phase: readiness fails while the server still answers; then the listener closes.
@@ -78,16 +93,18 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
             try:
                 if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503 and not_ready is None:
                     not_ready = time.time() - signalled
+                    probes += [probe(server.url, "chat"), probe(server.url, "mcq")]
             except httpx.HTTPError:
                 closed = time.time()
             time.sleep(0.05)
         code, exited = _wait_exit(server, 120)
+        anchor.join(30)
         closed = closed or exited
         time.sleep(2)  # let clients meet the closed port, as they would a removed pod
     finally:
         locust.stop()
         server.stop()
-    events = [e for e in locust.events() if e["name"] in GENERATION]
+    events = [e for e in locust.events() if e["name"] in GENERATION] + probes + anchor.events
     in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled]
     unfinished = [e for e in in_flight if not (e["status"] == 200 and e["done"])]
     during = [e for e in events if signalled + RACE_S < e["start"] < closed - RACE_S]
@@ -108,6 +125,47 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
                           refused_during_drain=len(during), exit_code=code)
     report.save(out)
     return report
+
+
+class LongStream(threading.Thread):
+    """A streamed chat asking for a long answer; its outcome in the event log's shape."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.started, self.events = url, threading.Event(), []
+        self.start()
+
+    def run(self) -> None:
+        event = {"name": "chat", "start": time.time(), "status": 0, "done": False, "error": None, "code": None}
+        body = {"messages": [{"role": "user", "content": "Describe the water cycle in great detail."}],
+                "max_tokens": 700, "stream": True}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {STUDENT_KEY}"}) as r:
+                event.update(status=r.status_code, id=r.headers.get("x-request-id"))
+                for line in r.iter_lines():
+                    self.started.set()
+                    event["done"] = event["done"] or line == "data: [DONE]"
+        except httpx.HTTPError as exc:
+            event["error"] = f"{type(exc).__name__}: {exc}"
+        event["end"] = time.time()
+        self.started.set()
+        self.events.append(event)
+
+
+def probe(url: str, name: str) -> dict:
+    """One request of our own while the server drains."""
+    path, body = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+                  if name == "chat" else ("/mcq", {"question": "Which is a gas?", "options": ["air", "ice"]}))
+    event = {"name": name, "start": time.time(), "status": 0, "done": False, "error": None, "code": None}
+    try:
+        r = httpx.post(f"{url}{path}", json=body, timeout=30, headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+        event.update(status=r.status_code, done=r.status_code == 200,
+                     code=r.json().get("error", {}).get("code") if r.status_code != 200 else None)
+    except httpx.HTTPError as exc:
+        event["error"] = f"{type(exc).__name__}: {exc}"
+    event["end"] = time.time()
+    return event
 
 
 def engine_kill(load_s: float, users: int, out: Path) -> Report:

@@ -111,8 +111,8 @@ class LocalServer:
         return self.process.returncode
 
     def rss_bytes(self) -> int:
-        """Resident memory of the server and its children (vLLM's engine core runs in one)."""
-        return sum(rss_bytes(pid) for pid in [self.process.pid, *children(self.process.pid)])
+        """Resident memory of the server and all its descendants (vLLM's EngineCore, and its worker)."""
+        return sum(rss_bytes(pid) for pid in [self.process.pid, *descendants(self.process.pid)])
 
     def engine_core_pid(self) -> int:
         for pid in children(self.process.pid):
@@ -143,6 +143,15 @@ def children(pid: int) -> list[int]:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        below = [child for parent in frontier for child in children(parent)]
+        found += below
+        frontier = below
     return found
 
 
