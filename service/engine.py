@@ -96,6 +96,7 @@ class VLLMEngine:
             served_model_name=[model_name],
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.memory_share,
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None,
             enforce_eager=settings.enforce_eager,
             dtype=settings.dtype,
             max_num_seqs=settings.max_num_seqs,

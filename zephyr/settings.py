@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # Engine (vLLM) arguments.
     max_model_len: int = 2048
     memory_share: float = Field(default=0.35, gt=0, le=1, description="vLLM gpu_memory_utilization (RAM share on CPU)")
+    # On CPU the share is of the host's RAM, not of a container's memory limit: containers set this instead.
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size; overrides memory_share")
     enforce_eager: bool = True
     dtype: str = "auto"
     max_num_seqs: int = 64

@@ -127,6 +127,16 @@ def test_gpu_profile_asks_for_a_gpu():
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"] and cpu["image"].endswith("-cpu")
 
 
+def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
+    # On CPU vLLM's memory share is of the node's RAM, so only a fixed KV cache size fits a container limit.
+    rendered = render("cpu")
+    config = rendered["ConfigMap"]["data"]
+    limit = rendered["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    measured_without_kv_gib = 2.8  # server + EngineCore + worker, SmolLM2-135M (docs/operations.md)
+    assert float(config["ZEPHYR_KV_CACHE_GIB"]) + measured_without_kv_gib < float(limit.removesuffix("Gi"))
+
+
 def test_unsafe_values_fail_with_a_message():
     no_keys = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"))
     assert no_keys.returncode != 0 and "secrets.apiKeys" in no_keys.stderr
