@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from loadtest.harness import percentile
 from zephyr import mcq
 from zephyr.bundled import ensure_default_model
 from zephyr.registry import Registry
@@ -55,10 +56,6 @@ class Level:
     @property
     def tok_s(self) -> float:
         return self.output_tokens / self.wall_s
-
-    def pct(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -174,9 +171,9 @@ def ratio_table(title: str, levels: list[Level]) -> Table:
         runs = by_key[(target, conc)]
         ttft = [t for lv in runs for t in lv.ttft_s]
         lat = [t for lv in runs for t in lv.latency_s]
-        return {"tok/s": statistics.median(lv.tok_s for lv in runs), "p50 ttft": runs[0].pct(ttft, 0.5) * 1000,
-                "p99 ttft": runs[0].pct(ttft, 0.99) * 1000, "p50 e2e": runs[0].pct(lat, 0.5),
-                "p99 e2e": runs[0].pct(lat, 0.99), "errors": sum(lv.errors for lv in runs)}
+        return {"tok/s": statistics.median(lv.tok_s for lv in runs), "p50 ttft": percentile(ttft, 0.5) * 1000,
+                "p99 ttft": percentile(ttft, 0.99) * 1000, "p50 e2e": percentile(lat, 0.5),
+                "p99 e2e": percentile(lat, 0.99), "errors": sum(lv.errors for lv in runs)}
 
     for conc in sorted({c for _, c in by_key}):
         ours, theirs = summary("zephyr", conc), summary("vllm", conc)
@@ -234,7 +231,7 @@ async def run(args: argparse.Namespace) -> None:
                                           args.max_tokens)
                     levels.append(lv)
                     console.print(f"round {round_index + 1} {name:7s} c={conc:<3d} {lv.tok_s:7.1f} tok/s "
-                                  f"p50 TTFT {lv.pct(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
+                                  f"p50 TTFT {percentile(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
                 result = await mcq_round(name, targets[name], questions, args.mcq_concurrency)
                 mcq_runs.append(result)
                 console.print(f"round {round_index + 1} {name:7s} MCQ {result['answers_per_s']:.1f} answers/s")
