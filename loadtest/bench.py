@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from loadtest import harness
 from loadtest.harness import percentile
 from zephyr import mcq
 from zephyr.bundled import ensure_default_model
@@ -64,17 +65,10 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 600) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if process.poll() is not None:
-            raise SystemExit(f"{url} exited while starting; see {log}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} not ready after {timeout}s; see {log}")
+    try:
+        return harness.wait_ready(url, process, log, timeout)
+    except harness.ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
 
 
 async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
@@ -121,15 +115,7 @@ async def chat_level(target: str, url: str, concurrency: int, requests: int, max
 
 
 def load_mcq(path: Path, count: int) -> list[mcq.MCQuestion]:
-    items = []
-    with path.open() as handle:
-        for line in handle:
-            record = json.loads(line)
-            options = [choice["text"] for choice in record["question"]["choices"]]
-            try:
-                items.append(mcq.MCQuestion.build(record["question"]["stem"], options))
-            except mcq.MCQFormatError:
-                continue
+    items = mcq.read_arc_jsonl(path)
     random.Random(0).shuffle(items)
     return items[:count]
 

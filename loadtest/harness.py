@@ -81,15 +81,12 @@ class LocalServer:
                                        env=env, stdout=log_file, stderr=subprocess.STDOUT)
         db_url = env.get("ZEPHYR_DB_URL") or f"sqlite+aiosqlite:///{home / 'zephyr.db'}"
         server = cls(process, f"http://127.0.0.1:{port}", home, log_path, db_url)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise ServerFailed(f"server exited with {process.returncode} while starting:\n{server.log_tail()}")
-            if server.ready():
-                return server
-            time.sleep(1)
-        process.kill()
-        raise ServerFailed(f"server not ready after {START_TIMEOUT_S}s:\n{server.log_tail()}")
+        try:
+            wait_ready(f"{server.url}/readyz", process, log_path, START_TIMEOUT_S)
+        except ServerFailed:
+            process.kill()
+            raise
+        return server
 
     def ready(self) -> bool:
         try:
@@ -98,7 +95,7 @@ class LocalServer:
             return False
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return _tail(self.log_path, lines)
 
     def stop(self) -> int | None:
         if self.process.poll() is None:
@@ -131,6 +128,25 @@ class LocalServer:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> float:
+    """Polls `url` until it answers 200; returns the seconds that took. The log's tail goes into the error."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise ServerFailed(f"{url}: exited with {process.returncode} while starting:\n{_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise ServerFailed(f"{url}: not ready after {timeout}s:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def children(pid: int) -> list[int]:

@@ -23,6 +23,8 @@ from pathlib import Path
 import requests
 from locust import HttpUser, between, events, task
 
+from zephyr.mcq import read_arc_jsonl
+
 STUDENT_KEY = os.environ.get("ZEPHYR_LOAD_STUDENT_KEY", "")
 # One key per reviewer: two users of one key would be one reviewer judging in two tabs.
 REVIEWER_KEYS = os.environ.get("ZEPHYR_LOAD_REVIEWER_KEYS", "").split(",")
@@ -65,26 +67,28 @@ EVENTS = EventLog(os.environ.get("ZEPHYR_LOAD_EVENTS"))
 def load_questions(path: Path) -> list[dict]:
     if not path.exists():
         return [{"question": "Which is a source of light?", "options": ["the Sun", "the Moon", "a mirror", "a rock"]}]
-    items = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)["question"]
-            items.append({"question": record["stem"], "options": [c["text"] for c in record["choices"]]})
-    return items
+    return [{"question": q.question, "options": list(q.options)} for q in read_arc_jsonl(path)]
 
 
 MCQS = load_questions(MCQ_DATA)
 
 
-def report(name: str, kind: str, started: float, response: requests.Response | None, error: str | None,
-           **extra) -> None:
-    """Into Locust's statistics (a status >= 400 is a failure) and into the event log."""
+def report_stream(started: float, response: requests.Response | None, error: str | None, **extra) -> None:
+    """A chat streamed by hand: into Locust's statistics (a status >= 400 is a failure) and the event log."""
     status = response.status_code if response is not None else 0
     failure = error or (f"HTTP {status}" if status >= 400 else None)
-    events.request.fire(request_type=kind, name=name, response_time=(time.time() - started) * 1000,
-                        response_length=len(response.content) if response is not None and not extra.get("streamed")
-                        else 0, exception=RuntimeError(failure) if failure else None, context={})
-    EVENTS.write(name=name, start=started, end=time.time(), status=status, error=error, **extra)
+    events.request.fire(request_type="SSE", name="chat", response_time=(time.time() - started) * 1000,
+                        response_length=0, exception=RuntimeError(failure) if failure else None, context={})
+    EVENTS.write(name="chat", start=started, end=time.time(), status=status, error=error, **extra)
+
+
+def log_response(name: str, started: float, response: requests.Response, request_id: str | None = None) -> None:
+    """The event-log line for a request made with Locust's client, which counts it in its statistics itself
+    and turns a connection error into status 0."""
+    error = getattr(response, "error", None) if response.status_code == 0 else None
+    EVENTS.write(name=name, start=started, end=time.time(), status=response.status_code,
+                 error=f"{type(error).__name__}: {error}" if error else None, id=request_id,
+                 done=succeeded(response), code=error_code(response))
 
 
 class Student(HttpUser):
@@ -141,8 +145,7 @@ class Student(HttpUser):
         if first_token is not None:
             events.request.fire(request_type="SSE", name="chat: first token",
                                 response_time=(first_token - started) * 1000, response_length=0, context={})
-        report("chat", "SSE", started, response, error, id=request_id, done=done, streamed=True,
-               code=error_code(response))
+        report_stream(started, response, error, id=request_id, done=done, code=error_code(response))
         return "".join(parts) if done and error is None else None
 
 
@@ -170,18 +173,9 @@ class ExamTaker(HttpUser):
         question = random.choice(MCQS)
         explain = random.random() < 0.15
         started = time.time()
-        try:
-            response = self.client.post("/mcq", json={**question, "explain": explain}, timeout=TIMEOUT_S,
-                                        name="mcq (explain)" if explain else "mcq")
-            error = None
-        except requests.RequestException as exc:
-            response, error = None, f"{type(exc).__name__}: {exc}"
-        request_id = response.headers.get("x-request-id") if response is not None else None
-        if response is not None and response.status_code == 200:
-            request_id = response.json().get("id", request_id)
-        status = response.status_code if response is not None else 0
-        EVENTS.write(name="mcq", start=started, end=time.time(), status=status, error=error, id=request_id,
-                     done=status == 200, code=error_code(response))
+        response = self.client.post("/mcq", json={**question, "explain": explain}, timeout=TIMEOUT_S,
+                                    name="mcq (explain)" if explain else "mcq")
+        log_response("mcq", started, response, response.json()["id"] if response.status_code == 200 else None)
 
 
 class Reviewer(HttpUser):
@@ -200,9 +194,8 @@ class Reviewer(HttpUser):
     def judge_next(self) -> None:
         started = time.time()
         response = self.client.get("/review/api/next", name="review: next")
-        EVENTS.write(name="review", start=started, end=time.time(), status=response.status_code, error=None,
-                     id=None, done=response.ok, code=error_code(response))
-        item = response.json().get("item") if response.ok else None
+        log_response("review", started, response)
+        item = response.json().get("item") if succeeded(response) else None
         if not item:
             return
         time.sleep(random.uniform(3, 10))  # reading both answers
@@ -212,12 +205,16 @@ class Reviewer(HttpUser):
                 "strength": random.randint(1, 4) if verdict in ("a", "b") else None}
         started = time.time()
         response = self.client.post("/review/api/verdicts", json=body, name="review: verdict")
-        EVENTS.write(name="review", start=started, end=time.time(), status=response.status_code, error=None,
-                     id=None, done=response.ok, code=error_code(response))
+        log_response("review", started, response)
+
+
+def succeeded(response: requests.Response | None) -> bool:
+    # Not `response.ok`: on Locust's status-0 response (no connection) it raises the connection error.
+    return response is not None and 200 <= response.status_code < 300
 
 
 def error_code(response: requests.Response | None) -> str | None:
-    if response is None or response.ok:
+    if response is None or succeeded(response) or response.status_code == 0:
         return None
     try:
         return response.json()["error"]["code"]

@@ -3,9 +3,11 @@ so an accuracy measured offline is the accuracy the service delivers."""
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MIN_OPTIONS = 2
@@ -113,3 +115,17 @@ def letter_token_ids(tokenizer: Any, count: int, leading_space: bool = False) ->
     if len(set(ids)) != len(ids):
         raise MCQFormatError("tokenizer maps two option letters to the same token")
     return ids
+
+
+def read_arc_jsonl(path: Path) -> list[MCQuestion]:
+    """Questions from an ARC-format JSON Lines file (`{"question": {"stem", "choices": [{"text"}]}}`); ones
+    that cannot be rendered are skipped."""
+    items = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)["question"]
+            try:
+                items.append(MCQuestion.build(record["stem"], [choice["text"] for choice in record["choices"]]))
+            except MCQFormatError:
+                continue
+    return items
