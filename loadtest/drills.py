@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,23 @@ def _wait_exit(server: LocalServer, timeout: float) -> tuple[int | None, float]:
     return code, time.time()
 
 
+def watch_readiness(server: LocalServer, since: float, timeout: float = 120,
+                    on_not_ready: Callable[[], None] | None = None) -> tuple[float | None, float | None]:
+    """Polls /readyz until the listener closes (or the process exits, or `timeout`). Returns the seconds from
+    `since` to the first 503, and the time the listener closed (None for what did not happen)."""
+    not_ready, closed = None, None
+    while server.process.poll() is None and closed is None and time.time() - since < timeout:
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503 and not_ready is None:
+                not_ready = time.time() - since
+                if on_not_ready:
+                    on_not_ready()
+        except httpx.HTTPError:
+            closed = time.time()
+        time.sleep(0.05)
+    return not_ready, closed
+
+
 def _statuses(events: list[dict]) -> str:
     counts = Counter(f"{e['status'] or 'no answer'}" + (f" {e['code']}" if e.get("code") else "")
                      + (" with an error event" if e["status"] == 200 and e["error"] else "") for e in events)
@@ -88,15 +106,8 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
         signalled = time.time()
         server.process.send_signal(signal.SIGTERM)
         # The drain phase: readiness fails while the server still answers; then the listener closes.
-        not_ready, closed = None, None
-        while server.process.poll() is None and closed is None:
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503 and not_ready is None:
-                    not_ready = time.time() - signalled
-                    probes += [probe(server.url, "chat"), probe(server.url, "mcq")]
-            except httpx.HTTPError:
-                closed = time.time()
-            time.sleep(0.05)
+        not_ready, closed = watch_readiness(
+            server, signalled, on_not_ready=lambda: probes.extend(probe(server.url, name) for name in GENERATION))
         code, exited = _wait_exit(server, 120)
         anchor.join(30)
         closed = closed or exited
@@ -104,8 +115,9 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
     finally:
         locust.stop()
         server.stop()
-    events = [e for e in locust.events() if e["name"] in GENERATION] + probes + anchor.events
-    in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled]
+    events = [e for e in locust.events() if e["name"] in GENERATION] + probes
+    # The anchor had its first bytes before the signal: in flight for certain, however close its start was.
+    in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled] + anchor.events
     unfinished = [e for e in in_flight if not (e["status"] == 200 and e["done"])]
     during = [e for e in events if signalled + RACE_S < e["start"] < closed - RACE_S]
     not_503 = [e for e in during if e["status"] != 503]
@@ -177,14 +189,9 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
         engine_pid = server.engine_core_pid()
         killed = time.time()
         os.kill(engine_pid, signal.SIGKILL)
-        not_ready = None
-        while time.time() - killed < 30 and not_ready is None:
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 503:
-                    not_ready = time.time() - killed
-            except httpx.HTTPError:
-                not_ready = time.time() - killed  # already closed: not ready either
-            time.sleep(0.05)
+        not_ready, closed = watch_readiness(server, killed, timeout=30)
+        if not_ready is None and closed is not None:
+            not_ready = closed - killed  # already closed: not ready either
         code, exited = _wait_exit(server, 120)
         time.sleep(2)
     finally:
