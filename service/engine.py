@@ -94,13 +94,7 @@ class VLLMEngine:
         return AsyncEngineArgs(
             model=str(model_path),
             served_model_name=[model_name],
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.memory_share,
-            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None,
-            enforce_eager=settings.enforce_eager,
-            dtype=settings.dtype,
-            max_num_seqs=settings.max_num_seqs,
-            seed=settings.seed,
+            **settings.vllm_engine_kwargs(),
             disable_log_stats=False,
         )
 

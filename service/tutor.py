@@ -342,7 +342,7 @@ class Tutor:
                          user: str | None = None) -> MCQResponse:
         tokenizer = self.engine.tokenizer
         messages = mcq.render_messages(q, explain)
-        prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=explain))
+        prompt_ids = mcq.encode_prompt(tokenizer, q, explain=explain)
         self.check_prompt_length(prompt_ids, "question")
         letter_ids = self.letter_ids(len(q.options), leading_space=explain)
         final = Generation(
@@ -355,8 +355,7 @@ class Tutor:
         try:
             if explain:
                 explanation = await self._reason(q, prompt_ids, final)
-                final.prompt_ids = self.encode_text(mcq.render_prompt(tokenizer, q, explain=True,
-                                                                      reasoning=explanation))
+                final.prompt_ids = mcq.encode_prompt(tokenizer, q, explain=True, reasoning=explanation)
                 self.check_prompt_length(final.prompt_ids, "question")
             await self.run_to_end(final)
             status = "ok"
@@ -409,15 +408,11 @@ def _letter_distribution(gen: Generation, letters: str, letter_ids: list[int]) -
     if not entries:
         return {}, ""
     requested = entries[0].requested
-    logits = [requested.get(tid, -math.inf) for tid in letter_ids]
-    peak = max(logits)
-    if not math.isfinite(peak):  # cannot happen with vLLM; fall back to the sampled letter
+    try:
+        return mcq.letter_distribution(letters, [requested.get(tid, -math.inf) for tid in letter_ids])
+    except ValueError:  # cannot happen with vLLM; fall back to the sampled letter
         chosen = letters[letter_ids.index(entries[0].token_id)]
         return {letter: float(letter == chosen) for letter in letters}, chosen
-    weights = [math.exp(x - peak) for x in logits]
-    total = sum(weights)
-    probabilities = {letter: w / total for letter, w in zip(letters, weights, strict=True)}
-    return probabilities, max(probabilities, key=probabilities.__getitem__)
 
 
 def _openai_logprobs(entries: list[TokenLogprob], top: int | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ so an accuracy measured offline is the accuracy the service delivers."""
 from __future__ import annotations
 
 import json
+import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,11 @@ def render_prompt(tokenizer: Any, q: MCQuestion, explain: bool = False, reasonin
     return text
 
 
+def encode_prompt(tokenizer: Any, q: MCQuestion, explain: bool = False, reasoning: str | None = None) -> list[int]:
+    """The prompt's token ids exactly as the service sends them to the engine (the template adds specials)."""
+    return tokenizer.encode(render_prompt(tokenizer, q, explain, reasoning), add_special_tokens=False)
+
+
 def letter_token_ids(tokenizer: Any, count: int, leading_space: bool = False) -> list[int]:
     """Token id of each of the first `count` letters; each letter must be exactly one distinct token."""
     ids = []
@@ -115,6 +121,18 @@ def letter_token_ids(tokenizer: Any, count: int, leading_space: bool = False) ->
     if len(set(ids)) != len(ids):
         raise MCQFormatError("tokenizer maps two option letters to the same token")
     return ids
+
+
+def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[str, float], str]:
+    """Probabilities over exactly the option letters (the letters' log-probabilities renormalized, summing to 1)
+    and the most likely letter; ties go to the earlier letter, as argmax does."""
+    peak = max(logprobs)
+    if not math.isfinite(peak):
+        raise ValueError("no option letter has a finite log-probability")
+    weights = [math.exp(x - peak) for x in logprobs]
+    total = sum(weights)
+    probabilities = {letter: w / total for letter, w in zip(letters, weights, strict=True)}
+    return probabilities, max(probabilities, key=probabilities.__getitem__)
 
 
 def read_arc_jsonl(path: Path) -> list[MCQuestion]:

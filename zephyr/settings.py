@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID"]
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
 
+    # Offline evaluation (evals/).
+    data_dir: Path = Field(default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                           description="Benchmark files in ../shared/data's layout")
+    eval_results_dir: Path | None = Field(default=None, description="Evaluation results; default HOME/eval-results")
+
     # Human review (docs: README "Review").
     review_policy: Literal["off", "requested", "sample"] = Field(
         default="sample", description="Which chats are queued for review: none, client-marked only, or "
@@ -83,7 +88,7 @@ class Settings(BaseSettings):
     session_secret: str | None = Field(default=None, description="Signs review sign-in cookies")
     review_session_hours: float = Field(default=12, gt=0)
 
-    @field_validator("home", "api_keys_file", "spill_path", mode="after")
+    @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -98,6 +103,22 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    def vllm_engine_kwargs(self) -> dict:
+        """vLLM engine arguments shared by the server and offline evaluation, so both compute the same numbers."""
+        return {
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.memory_share,
+            "kv_cache_memory_bytes": int(self.kv_cache_gib * 2**30) if self.kv_cache_gib else None,
+            "enforce_eager": self.enforce_eager,
+            "dtype": self.dtype,
+            "max_num_seqs": self.max_num_seqs,
+            "seed": self.seed,
+        }
+
+    @property
+    def resolved_eval_results_dir(self) -> Path:
+        return self.eval_results_dir or self.home / "eval-results"
 
     @property
     def resolved_db_url(self) -> str:
