@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from evals.cli import app as eval_app
 from zephyr.registry import ModelManifest, Registry, RegistryError
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -20,6 +21,7 @@ app.add_typer(models_app, name="models")
 review_app = typer.Typer(help="Human review: statistics and export of verdicts as training data.",
                          no_args_is_help=True)
 app.add_typer(review_app, name="review")
+app.add_typer(eval_app, name="eval")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 

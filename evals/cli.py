@@ -1,0 +1,151 @@
+"""`zephyr eval run|show|report|gate`. Heavy imports (vLLM, lm-eval, torch) happen inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from zephyr.registry import Registry, RegistryError
+
+app = typer.Typer(help="Evaluate registry models: benchmarks, text metrics, reports and the promotion gate.",
+                  no_args_is_help=True)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(1)
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from zephyr.settings import Settings
+
+    try:
+        return Settings()
+    except (ValidationError, ValueError) as exc:
+        raise _fail(f"bad configuration: {exc}") from None
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep or not name or not source:
+            raise _fail(f"{option} takes NAME=PATH_OR_HUB_NAME, got {value!r}")
+        pairs[name.strip()] = source.strip()
+    return pairs
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("run")
+def run_command(
+    model: Annotated[str, typer.Option(help="Registry model")],
+    suite: Annotated[str, typer.Option(help="mcq | gsm8k | text | all")] = "mcq",
+    limit: Annotated[int | None, typer.Option(help="First N items of each benchmark")] = None,
+    benchmarks: Annotated[str | None, typer.Option(
+        help="MCQ benchmarks, comma-separated (default: arc_easy,arc_challenge,mmlu,sciq,openbookqa)")] = None,
+    data: Annotated[list[str], typer.Option(
+        "--data", help="NAME=FILE_OR_HUB_NAME, e.g. sciq=allenai/sciq; default ZEPHYR_DATA_DIR's files")] = [],  # noqa: B006
+    server: Annotated[str | None, typer.Option(help="Also score letter format through this server's /mcq")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="ZEPHYR_API_KEY", help="Key for --server")] = None,
+    local: Annotated[bool, typer.Option(help="Score in process (--no-local: through --server only)")] = True,
+    cloze: Annotated[bool, typer.Option(help="Also log-likelihood (cloze) accuracy with lm-eval")] = True,
+    gsm8k_max_tokens: Annotated[int, typer.Option(help="Generation budget per GSM8K answer")] = 256,
+    reward_model: Annotated[str | None, typer.Option(help="Registry name or folder of a reward model (text)")] = None,
+    bertscore_model: Annotated[str | None, typer.Option(help="BERTScore backbone (default all-MiniLM-L6-v2)")] = None,
+    bertscore_layers: Annotated[int | None, typer.Option(help="BERTScore layer for a custom backbone")] = None,
+    dialogrpt_updown: Annotated[str | None, typer.Option(
+        envvar="ZEPHYR_DIALOGRPT_UPDOWN_PATH", help="Folder of microsoft/DialogRPT-updown")] = None,
+    dialogrpt_human_vs_rand: Annotated[str | None, typer.Option(
+        envvar="ZEPHYR_DIALOGRPT_HUMAN_VS_RAND_PATH", help="Folder of microsoft/DialogRPT-human-vs-rand")] = None,
+) -> None:
+    """Measure MODEL and store the results (ZEPHYR_EVAL_RESULTS_DIR, and a summary in the model's manifest)."""
+    from evals import datasets
+    from evals.run import EvalError, RunOptions, run
+
+    settings = _settings()
+    dialogrpt = {k: v for k, v in {"dialogrpt_updown": dialogrpt_updown,
+                                   "dialogrpt_human_vs_rand": dialogrpt_human_vs_rand}.items() if v}
+    options = RunOptions(model=model, suite=suite, limit=limit, benchmarks=_csv(benchmarks),
+                         sources=_pairs(data, "--data"), server=server, api_key=api_key, local=local, cloze=cloze,
+                         gsm8k_max_tokens=gsm8k_max_tokens, reward_model=reward_model,
+                         bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
+    try:
+        runs = run(options, settings, console=err)
+    except (EvalError, RegistryError, datasets.DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    for eval_run in runs:
+        console.print(_table(eval_run))
+
+
+def _table(eval_run) -> Table:
+    table = Table(title=f"{eval_run.model} ({eval_run.suite})")
+    for column in ("benchmark", "metric", "split", "n", "score", "seconds"):
+        table.add_column(column, justify="right" if column in ("n", "score", "seconds") else "left")
+    for m in eval_run.measurements:
+        share = m.metric.startswith(("cloze_", "letter_", "exact_match_"))
+        table.add_row(m.benchmark, m.metric, m.split, str(m.n), f"{m.score:.1%}" if share else f"{m.score:.4f}",
+                      f"{m.seconds:.1f}" if m.seconds is not None else "")
+    return table
+
+
+@app.command("show")
+def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> None:
+    """The newest result of every measurement of MODEL."""
+    from evals.results import ResultStore
+
+    latest = ResultStore(_settings().resolved_eval_results_dir).latest(model)
+    if latest is None:
+        raise _fail(f"no results for {model!r}: run `zephyr eval run --model {model} --suite mcq` first")
+    console.print(_table(latest))
+
+
+@app.command("report")
+def report_command(
+    models: Annotated[str, typer.Option(help="Comma-separated registry models")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md, report.html and plots/")] = Path("eval-report"),
+) -> None:
+    """Markdown and self-contained HTML: tables per benchmark, deltas vs parent with bootstrap CIs, plots."""
+    from evals.report import write_report
+    from evals.results import ResultStore
+
+    settings = _settings()
+    names = _csv(models) or []
+    if not names:
+        raise _fail("--models needs at least one model name")
+    markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
+                                  registry=Registry(settings.models_dir))
+    console.print(f"wrote {markdown} and {html}")
+
+
+@app.command("gate")
+def gate_command(
+    candidate: Annotated[str, typer.Option(help="The model that would be promoted")],
+    baseline: Annotated[str, typer.Option(help="The model it must not fall behind")],
+    max_drop: Annotated[float, typer.Option(help="Largest allowed drop, in accuracy points")] = 1.0,
+    suites: Annotated[str | None, typer.Option(help="Comma-separated suites (default mcq,gsm8k)")] = None,
+) -> None:
+    """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere."""
+    from evals.gate import GateError, check
+    from evals.results import ResultStore
+
+    settings = _settings()
+    try:
+        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, _csv(suites))
+    except GateError as exc:
+        raise _fail(str(exc)) from None
+    console.print(result.table())
+    if not result.passed:
+        err.print(f"[red]gate failed:[/] {candidate} drops more than {max_drop} points against {baseline}")
+        raise typer.Exit(1)
+    console.print(f"[green]gate passed:[/] {candidate} is within {max_drop} points of {baseline}")

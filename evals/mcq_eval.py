@@ -1,0 +1,130 @@
+"""Multiple-choice scoring: cloze (log-likelihood, lm-eval tasks in evals/tasks) and letter format (the prompt,
+letter tokens and renormalization of zephyr/mcq.py: the exact computation behind the service's /mcq)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from evals.datasets import MMLU_STEM, write_items
+from evals.results import Measurement, measurement
+from zephyr import mcq
+from zephyr.schemas import MCQItem
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def task_config(benchmark: str, data_file: Path) -> dict[str, Any]:
+    config = yaml.safe_load((TASKS_DIR / f"{benchmark}.yaml").read_text())
+    config["dataset_kwargs"]["data_files"]["test"] = str(data_file)
+    return config
+
+
+def _groups(items: list[MCQItem], values: dict[str, float]) -> dict[str, float]:
+    """Per-subject accuracy and the STEM aggregate (MMLU); empty for benchmarks without subjects."""
+    by_subject: dict[str, list[float]] = {}
+    for item in items:
+        if item.subject:
+            by_subject.setdefault(item.subject, []).append(values[item.id])
+    if not by_subject:
+        return {}
+    groups = {subject: sum(v) / len(v) for subject, v in sorted(by_subject.items())}
+    stem = [v for subject, vs in by_subject.items() if subject in MMLU_STEM for v in vs]
+    if stem:
+        groups["stem"] = sum(stem) / len(stem)
+    return groups
+
+
+def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Path) -> list[Measurement]:
+    """Log-likelihood accuracy (acc and length-normalized acc_norm) of every benchmark, in one lm-eval call so
+    vLLM batches across them."""
+    import lm_eval
+
+    tasks = [task_config(name, write_items(items, workdir / f"{name}.jsonl"))
+             for name, (_, items) in benchmarks.items()]
+    started = time.perf_counter()
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True, bootstrap_iters=0,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    seconds = time.perf_counter() - started
+    total = sum(len(items) for _, items in benchmarks.values())
+    out = []
+    for name, (split, items) in benchmarks.items():
+        samples = results["samples"][f"zephyr_{name}"]
+        for metric in ("acc", "acc_norm"):
+            values = {s["doc"]["id"]: float(s[metric]) for s in samples}
+            # lm-eval scores all benchmarks together: each gets its share of the time by question count.
+            out.append(measurement(name, f"cloze_{metric}", split, values, groups=_groups(items, values),
+                                   seconds=seconds * len(items) / total))
+    return out
+
+
+def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]) -> Measurement:
+    """Letter-format accuracy: one forward pass per question whose next token may only be an option letter,
+    scored from the letters' exact log-probabilities, as POST /mcq does (without `explain`)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    prompts, params = [], []
+    for item in items:
+        question = mcq.MCQuestion(item.question, tuple(item.options))
+        letter_ids = mcq.letter_token_ids(tokenizer, len(item.options))
+        prompts.append(TokensPrompt(prompt_token_ids=mcq.encode_prompt(tokenizer, question)))
+        params.append(SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
+                                     logprob_token_ids=letter_ids, detokenize=False))
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    seconds = time.perf_counter() - started
+    answers, values, probabilities = {}, {}, {}
+    for item, output, param in zip(items, outputs, params, strict=True):
+        logprobs = output.outputs[0].logprobs[0]
+        letters = mcq.LETTERS[: len(item.options)]
+        probs, answer = mcq.letter_distribution(letters, [logprobs[t].logprob for t in param.allowed_token_ids])
+        answers[item.id], values[item.id] = answer, float(answer == item.answer)
+        probabilities[item.id] = round(probs[answer], 6)
+    return measurement(name, "letter_acc", split, values, groups=_groups(items, values), seconds=seconds,
+                       details={"answers": answers, "answer_probability": probabilities})
+
+
+def letter_via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
+                      batch: int = 64, concurrency: int = 4) -> Measurement:
+    """Letter-format accuracy through a running server's POST /mcq/batch. Questions the service refuses as
+    given (duplicate options) are left out and listed in details["excluded"]."""
+    import httpx
+
+    accepted, excluded = [], []
+    for item in items:
+        try:
+            mcq.normalize_options(item.options)
+            accepted.append(item)
+        except mcq.MCQFormatError:
+            excluded.append(item.id)
+    chunks = [accepted[i: i + batch] for i in range(0, len(accepted), batch)]
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def run() -> list[dict[str, Any]]:
+        limit = asyncio.Semaphore(concurrency)
+        progress = tqdm(total=len(accepted), desc=f"{name} via {url}")
+        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as client:
+            async def one(chunk: list[MCQItem]) -> list[dict[str, Any]]:
+                async with limit:
+                    body = {"questions": [{"question": i.question, "options": i.options} for i in chunk]}
+                    response = await client.post("/mcq/batch", json=body)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
+                    progress.update(len(chunk))
+                    return response.json()["results"]
+            parts = await asyncio.gather(*(one(chunk) for chunk in chunks))
+        progress.close()
+        return [result for part in parts for result in part]
+
+    started = time.perf_counter()
+    results = asyncio.run(run())
+    seconds = time.perf_counter() - started
+    answers = {item.id: result["answer"] for item, result in zip(accepted, results, strict=True)}
+    values = {item.id: float(answers[item.id] == item.answer) for item in accepted}
+    return measurement(name, "letter_acc_server", split, values, groups=_groups(accepted, values), seconds=seconds,
+                       details={"answers": answers, "excluded": excluded, "url": url})

@@ -1,0 +1,212 @@
+"""Preference statistics: reward-model scores and win rates, and what human reviewers said.
+
+Reward models are the sequence classifiers `training/` makes with TRL's RewardTrainer (one logit, conversational
+data rendered with the tokenizer's chat template). Human preferences come from `zephyr review export --format dpo`
+(service/review/export.py): TRL conversational pairs whose `meta` names the model behind each answer."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+Conversation = list[dict[str, Any]]
+PROGRESS_MIN_BATCHES = 4  # fewer batches than this finish before a progress bar says anything useful
+
+
+class Scorer(Protocol):
+    def score(self, conversations: list[Conversation], batch_size: int = ...) -> list[float]: ...
+
+
+class RewardModel:
+    """A one-logit sequence classifier scoring whole conversations (prompt messages + the assistant answer)."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        if tokenizer.chat_template is None:
+            raise ValueError("the reward model's tokenizer has no chat template: conversations cannot be rendered "
+                             "the way TRL's RewardTrainer rendered them in training")
+        # As RewardTrainer does: pad with the pad token, else end-of-sequence, and tell the model, which scores
+        # the last token that is not padding. Right padding, as its collator; truncation keeps the answer's end.
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token is None:
+            raise ValueError("the reward model's tokenizer has neither a pad nor an end-of-sequence token")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.padding_side = "right"
+        tokenizer.truncation_side = "left"
+
+    @classmethod
+    def load(cls, path: str | Path, *, max_length: int | None = 2048, device: str = "cpu") -> RewardModel:
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json); give a reward model "
+                                    f"folder, e.g. a registry entry made with method 'rm'")
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+        model.to(device).eval()
+        return cls(model, tokenizer, max_length=max_length)
+
+    def render(self, conversation: Conversation) -> str:
+        # TRL applies the chat template to the full conversation, with no generation prompt and no added EOS.
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+
+    def score(self, conversations: list[Conversation], batch_size: int = 8) -> list[float]:
+        """One reward (the raw logit) per conversation; each must end with the assistant's answer."""
+        import torch
+        from tqdm.auto import tqdm
+
+        for number, conversation in enumerate(conversations):
+            if not conversation or conversation[-1].get("role") != "assistant":
+                raise ValueError(f"conversation {number} does not end with an assistant message")
+        texts = [self.render(c) for c in conversations]
+        starts = range(0, len(texts), batch_size)
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in tqdm(starts, desc="reward model", unit="batch", disable=len(starts) < PROGRESS_MIN_BATCHES):
+                # The template already wrote any BOS token; the tokenizer must not add another (as TRL).
+                inputs = self.tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                                        truncation=self.max_length is not None, max_length=self.max_length,
+                                        return_tensors="pt")
+                logits = self.model(input_ids=inputs["input_ids"].to(device),
+                                    attention_mask=inputs["attention_mask"].to(device)).logits
+                scores.extend(float(v) for v in logits[:, 0].tolist())
+        return scores
+
+
+def score_stats(scores: list[float]) -> dict[str, float | int]:
+    """n, mean, median, std (sample standard deviation, ddof=1; 0.0 for one score), min, max; NaN when empty."""
+    import numpy as np
+
+    n = len(scores)
+    if n == 0:
+        nan = float("nan")
+        return {"n": 0, "mean": nan, "median": nan, "std": nan, "min": nan, "max": nan}
+    values = np.asarray(scores, dtype=float)
+    return {"n": n, "mean": float(values.mean()), "median": float(np.median(values)),
+            "std": float(values.std(ddof=1)) if n > 1 else 0.0, "min": float(values.min()),
+            "max": float(values.max())}
+
+
+def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float | int]:
+    """How often model A's answer out-scores model B's on the same item (ids both have); ties count half."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"no common item ids between the two score sets ({len(a)} and {len(b)} items)")
+    wins = sum(a[i] > b[i] for i in common)
+    losses = sum(a[i] < b[i] for i in common)
+    ties = len(common) - wins - losses
+    return {"wins": wins, "losses": losses, "ties": ties, "n": len(common),
+            "win_rate": (wins + 0.5 * ties) / len(common)}
+
+
+def wilson(successes: int, n: int) -> tuple[float, float] | None:
+    """95% Wilson score interval of a share; None for n = 0."""
+    if n == 0:
+        return None
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------------------- human preferences
+
+
+def read_export(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records of a `zephyr review export` file (a path), or records already read (dicts or pydantic models)."""
+    if isinstance(source, str | Path):
+        with Path(source).open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    return [r.model_dump() if hasattr(r, "model_dump") else dict(r) for r in source]
+
+
+def _is_pair(record: Mapping[str, Any]) -> bool:
+    return "chosen" in record and "rejected" in record
+
+
+def human_win_rates(records: str | Path | Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Win rates from exported human DPO pairs.
+
+    The export's `meta` carries, per pair: `label` (which answer won: "served", the one the student got, or
+    "candidate", the second answer reviewers saw), `chosen_model` / `rejected_model` (a resampled candidate of
+    the served model reads e.g. `m [T=1]`), `chosen_id` / `rejected_id`, `item_ids`, `reviewers`, `agreement`
+    and `strength`. Ties and both-bad verdicts never become DPO pairs, so every pair is a decisive win: these
+    rates leave ties out (the review page's /review/stats counts them). A pair is counted once even when the
+    export merged several identical items into it (`item_ids`)."""
+    pairs = [r for r in read_export(records) if _is_pair(r)]
+    served = Counter()
+    per_model: dict[str, Counter] = defaultdict(Counter)
+    head: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    unnamed = 0
+    for record in pairs:
+        meta = record.get("meta") or {}
+        if meta.get("label") in ("served", "candidate"):
+            served[meta["label"]] += 1
+        winner, loser = meta.get("chosen_model"), meta.get("rejected_model")
+        if not winner or not loser:
+            unnamed += 1
+            continue
+        per_model[winner]["wins"] += 1
+        per_model[loser]["losses"] += 1
+        if winner != loser:  # two unlabelled samples of one model say nothing about models
+            a, b = sorted((winner, loser))
+            head[(a, b)]["a_wins" if winner == a else "b_wins"] += 1
+
+    decided = served["served"] + served["candidate"]
+    models = []
+    for model in sorted(per_model):
+        c = per_model[model]
+        n = c["wins"] + c["losses"]
+        models.append({"model": model, "wins": c["wins"], "losses": c["losses"], "n": n, "win_rate": c["wins"] / n,
+                       "ci95": wilson(c["wins"], n)})
+    matchups = []
+    for (a, b), c in sorted(head.items()):
+        n = c["a_wins"] + c["b_wins"]
+        matchups.append({"a": a, "b": b, "a_wins": c["a_wins"], "b_wins": c["b_wins"], "n": n,
+                         "a_win_rate": c["a_wins"] / n, "ci95": wilson(c["a_wins"], n)})
+    return {
+        "pairs": len(pairs),
+        "without_models": unnamed,
+        "served_vs_candidate": {"served_wins": served["served"], "candidate_wins": served["candidate"],
+                                "n": decided, "served_win_rate": served["served"] / decided if decided else None,
+                                "ci95": wilson(served["served"], decided)},
+        "models": models,
+        "head_to_head": matchups,
+    }
+
+
+def _pair_id(record: Mapping[str, Any], number: int) -> str:
+    item_ids = (record.get("meta") or {}).get("item_ids") or []
+    return str(item_ids[0]) if item_ids else str(number)
+
+
+def rm_human_agreement(rm: Scorer, pairs: str | Path | Iterable[Mapping[str, Any]],
+                       batch_size: int = 8) -> dict[str, Any]:
+    """Share of human DPO pairs on which the reward model scores the chosen answer strictly above the rejected
+    one (an RM tie counts as disagreement; `ties` says how many), with a 95% Wilson interval. `items` holds
+    1.0/0.0 per pair, keyed by the pair's first review item id (or its position), for paired comparisons."""
+    records = [r for r in read_export(pairs) if _is_pair(r)]
+    if not records:
+        raise ValueError("no preference pairs to measure agreement on")
+    conversations = []
+    for record in records:
+        prompt = [dict(m) for m in record["prompt"]]
+        conversations.append(prompt + [dict(m) for m in record["chosen"]])
+        conversations.append(prompt + [dict(m) for m in record["rejected"]])
+    scores = rm.score(conversations, batch_size=batch_size)
+    chosen, rejected = scores[0::2], scores[1::2]
+    items = {_pair_id(r, n): float(c > w) for n, (r, c, w) in enumerate(zip(records, chosen, rejected, strict=True))}
+    agree = sum(c > w for c, w in zip(chosen, rejected, strict=True))
+    ties = sum(c == w for c, w in zip(chosen, rejected, strict=True))
+    n = len(records)
+    return {"n": n, "agreement": agree / n, "ci95": wilson(agree, n), "ties": ties,
+            "mean_margin": sum(c - w for c, w in zip(chosen, rejected, strict=True)) / n, "items": items}

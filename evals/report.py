@@ -1,0 +1,581 @@
+"""The evaluation report: `report.md` and a self-contained `report.html` (inline CSS, plots as base64 PNG).
+
+The report is first built as a small document (sections of paragraphs, tables and figures) and then rendered
+twice, so the Markdown and the HTML always say the same thing and escaping happens in one place."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.gate import compare_runs, fmt_delta, fmt_value, is_share, order_key, scale_of
+from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore
+from evals.stats import bootstrap_ci
+from zephyr.registry import Registry
+
+QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
+MCQ_BENCHMARKS = SUITE_BENCHMARKS["mcq"]
+# The metric whose MMLU subject breakdown is shown, best first (the letter format is what the service answers).
+GROUP_METRICS = ("letter_acc", "letter_acc_server", "cloze_acc", "cloze_acc_norm")
+PLOTS_DIR = "plots"
+PLOT_FILES = ("accuracy.png", "rm_scores.png")
+MISSING = "—"
+NO_MATPLOTLIB = "matplotlib is not installed, so this report has no plots: `pip install matplotlib`."
+
+
+# --- the document --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DocTable:
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class DocFigure:
+    path: Path  # the PNG under out_dir/plots
+    caption: str
+
+
+Block = str | DocTable | DocFigure  # a str is a paragraph; `backticks` mark code
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    level: int = 2
+
+
+# --- what is known about each model --------------------------------------------------------------------------
+
+
+@dataclass
+class ModelView:
+    name: str
+    run: EvalRun | None
+    parent: str | None
+    method: str | None
+    size_bytes: int | None
+    quantization: dict[str, Any] | None
+    cis: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # key -> CI of the mean
+
+    def get(self, key: str) -> Measurement | None:
+        return self.run.get(key) if self.run else None
+
+    def ci(self, m: Measurement) -> tuple[float, float] | None:
+        if m.key not in self.cis:
+            try:
+                self.cis[m.key] = bootstrap_ci(list(m.items.values()))
+            except ValueError:  # no items, or NaN among them: show the score without an interval
+                self.cis[m.key] = None
+        return self.cis[m.key]
+
+
+def _newest(runs: list[EvalRun], attr: str) -> Any:
+    # ResultStore.latest() takes these from the newest run only; a text-suite run may not have recorded them.
+    return next((getattr(r, attr) for r in reversed(runs) if getattr(r, attr) is not None), None)
+
+
+def _collect(store: ResultStore, models: list[str], registry: Registry | None) -> list[ModelView]:
+    views = []
+    for name in models:
+        runs = store.runs(name)
+        entry = registry.get(name) if registry is not None and registry.exists(name) else None
+        manifest = entry.manifest if entry else None
+        size = _newest(runs, "size_bytes")
+        views.append(
+            ModelView(
+                name=name,
+                run=store.latest(name),
+                parent=_newest(runs, "parent") or (manifest.parent if manifest else None),
+                method=_newest(runs, "method") or (manifest.method if manifest else None),
+                size_bytes=size if size is not None else (entry.size_bytes() if entry else None),
+                quantization=_newest(runs, "quantization"),
+            )
+        )
+    return views
+
+
+# --- formatting ----------------------------------------------------------------------------------------------
+
+
+def fmt_size(n: int | float | None) -> str:
+    if n is None:
+        return MISSING
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_number(x: float) -> str:
+    if not math.isfinite(x):
+        return MISSING
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_score(m: Measurement, ci: tuple[float, float] | None) -> str:
+    share, scale = is_share(m.metric), scale_of(m.metric)
+    if not math.isfinite(m.score):
+        return MISSING
+    text = fmt_value(m.score * scale, share)
+    if ci is not None:
+        text += f" [{fmt_value(ci[0] * scale, share)}, {fmt_value(ci[1] * scale, share)}]"
+    return text
+
+
+def _quant_summary(q: dict[str, Any] | None) -> str:
+    if not q:
+        return MISSING
+    parts = [str(q.get("quant_method", "quantized"))]
+    for key in ("format", "bits", "w_bit", "group_size", "q_group_size"):
+        if key in q and not isinstance(q[key], dict | list):
+            parts.append(f"{key}={q[key]}")
+    return " ".join(parts)
+
+
+def _flatten_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"tok_per_s": {"8": 240.0}} -> {"tok_per_s.8": 240.0}; non-numeric leaves are left out."""
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten_numbers(value, name + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _fmt_speed(key: str, value: float) -> str:
+    return fmt_size(value) if "bytes" in key else fmt_number(value)
+
+
+def _command(model: str, suite: str) -> str:
+    return f"`zephyr eval run --model {model} --suite {suite}`"
+
+
+# --- sections ------------------------------------------------------------------------------------------------
+
+
+def _header(views: list[ModelView]) -> Section:
+    rows = []
+    for v in views:
+        measured = v.run.created_at.strftime("%Y-%m-%d %H:%M UTC") if v.run else "no results"
+        limit = str(v.run.limit) if v.run and v.run.limit else MISSING
+        rows.append(
+            [
+                v.name,
+                v.parent or MISSING,
+                v.method or MISSING,
+                fmt_size(v.size_bytes),
+                _quant_summary(v.quantization),
+                measured,
+                limit,
+            ]
+        )
+    return Section(
+        "Models",
+        [
+            f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}. Accuracies are in % with a 95% bootstrap "
+            "confidence interval in brackets (10,000 resamples, percentile method); text metrics and reward-model "
+            "scores are in their own units.",
+            DocTable(["model", "parent", "method", "size on disk", "quantization", "latest run", "limit"], rows),
+        ],
+    )
+
+
+def _missing(views: list[ModelView]) -> Section | None:
+    lines = []
+    # In SUITE_BENCHMARKS order: mcq first, the suite every comparison starts with.
+    measured_suites = [
+        s for s in SUITE_BENCHMARKS if any(m.suite == s for v in views if v.run for m in v.run.measurements)
+    ]
+    for v in views:
+        if v.run is None:
+            suites = measured_suites or ["mcq"]
+            lines.append(f"{v.name}: no results. Run " + ", ".join(_command(v.name, s) for s in suites) + ".")
+            continue
+        have = {m.suite for m in v.run.measurements}
+        # Only suites another model has: those are the gaps in the comparison tables.
+        for suite in (s for s in measured_suites if s not in have):
+            lines.append(f"{v.name}: no {suite} results. Run {_command(v.name, suite)}.")
+    return Section("Missing results", lines) if lines else None
+
+
+def _benchmarks(views: list[ModelView]) -> list[Section]:
+    measured = [v for v in views if v.run]
+    benchmarks = sorted({m.benchmark for v in measured for m in v.run.measurements}, key=order_key)
+    sections = []
+    for bench in benchmarks:
+        metrics = sorted(
+            {m.metric for v in measured for m in v.run.measurements if m.benchmark == bench},
+            key=lambda metric: (not is_share(metric), metric),
+        )
+        rows, splits = [], set()
+        for v in measured:
+            ms = [v.get(f"{bench}/{metric}") for metric in metrics]
+            if not any(ms):
+                continue
+            ns = sorted({m.n for m in ms if m})
+            splits |= {m.split for m in ms if m}
+            rows.append([v.name, "/".join(map(str, ns))] + [fmt_score(m, v.ci(m)) if m else MISSING for m in ms])
+        units = "accuracy in %" if all(is_share(m) for m in metrics) else "accuracies in %, other metrics raw"
+        sections.append(
+            Section(
+                bench,
+                [
+                    DocTable(
+                        ["model", "n", *metrics], rows, caption=f"split {', '.join(sorted(splits))}; {units}; 95% CI"
+                    )
+                ],
+                level=3,
+            )
+        )
+    return sections
+
+
+def _vs_parent(views: list[ModelView]) -> Section | None:
+    by_name = {v.name: v for v in views}
+    blocks: list[Block] = []
+    for v in views:
+        parent = by_name.get(v.parent or "")
+        if parent is None or v.run is None or parent.run is None:
+            continue
+        rows, problems = compare_runs(v.run, parent.run)
+        table_rows = [
+            [
+                r.benchmark,
+                r.metric,
+                str(r.n),
+                fmt_value(r.baseline, r.share),
+                fmt_value(r.candidate, r.share),
+                fmt_delta(r.delta, r.low, r.high, r.share),
+            ]
+            for r in rows
+        ]
+        blocks.append(f"**{v.name}** ({v.method or 'unknown method'}) vs its parent **{parent.name}**:")
+        if table_rows:
+            blocks.append(
+                DocTable(
+                    ["benchmark", "metric", "n common", parent.name, v.name, "delta"],
+                    table_rows,
+                    caption="delta = model - parent over the items both were measured on; points for accuracies; "
+                    "95% paired bootstrap CI",
+                )
+            )
+        else:
+            blocks.append("No measurement in common.")
+        for key, why in problems.items():
+            blocks.append(f"{key} not compared: {why}.")
+    if not blocks:
+        return None
+    return Section("Versus parent", blocks)
+
+
+def _quantized(views: list[ModelView], registry: Registry | None) -> Section | None:
+    by_name = {v.name: v for v in views}
+    quantized = [v for v in views if v.method in QUANT_METHODS]
+    if not quantized:
+        return None
+
+    def parent_size(name: str | None) -> int | None:
+        if name in by_name:
+            return by_name[name].size_bytes
+        if name and registry is not None and registry.exists(name):
+            return registry.get(name).size_bytes()
+        return None
+
+    # Each parent (when it is in the report) first, then its quantized children.
+    ordered: list[tuple[ModelView, int | None]] = []
+    for parent in dict.fromkeys(v.parent for v in quantized):
+        if parent in by_name:
+            ordered.append((by_name[parent], by_name[parent].size_bytes))
+        ordered += [(v, parent_size(parent)) for v in quantized if v.parent == parent]
+    acc_keys = [
+        f"{b}/{m}"
+        for b in MCQ_BENCHMARKS
+        for m in ("letter_acc", "cloze_acc")
+        if any(v.get(f"{b}/{m}") for v, _ in ordered)
+    ]
+    speed_keys = list(dict.fromkeys(k for v, _ in ordered if v.run for k in _flatten_numbers(v.run.speed)))
+    rows = []
+    for v, base_size in ordered:
+        ratio = f"{v.size_bytes / base_size:.2f}x" if v.size_bytes and base_size else MISSING
+        accs = [fmt_value(m.score * 100, True) if (m := v.get(k)) else MISSING for k in acc_keys]
+        speed = _flatten_numbers(v.run.speed) if v.run else {}
+        speeds = [_fmt_speed(k, speed[k]) if k in speed else MISSING for k in speed_keys]
+        rows.append(
+            [v.name, v.method or MISSING, _quant_summary(v.quantization), fmt_size(v.size_bytes), ratio, *accs, *speeds]
+        )
+    return Section(
+        "Quantized versus unquantized",
+        [
+            DocTable(
+                ["model", "method", "quantization", "size on disk", "size vs parent", *acc_keys, *speed_keys],
+                rows,
+                caption="accuracies in %; speed figures as recorded by the run (tok_per_s.N: tokens/s at N concurrent "
+                "requests)",
+            )
+        ],
+    )
+
+
+def _mmlu_subjects(views: list[ModelView]) -> Section | None:
+    with_groups = {
+        metric: [v for v in views if (m := v.get(f"mmlu/{metric}")) and m.groups] for metric in GROUP_METRICS
+    }
+    metric = next((metric for metric in GROUP_METRICS if with_groups[metric]), None)
+    if metric is None:
+        return None
+    shown = with_groups[metric]
+    groups = {v.name: v.get(f"mmlu/{metric}").groups for v in shown}  # type: ignore[union-attr]
+    subjects = sorted({s for g in groups.values() for s in g}, key=lambda s: (s != "stem", s))
+    rows = [
+        [s] + [fmt_value(groups[v.name][s] * 100, True) if s in groups[v.name] else MISSING for v in shown]
+        for s in subjects
+    ]
+    return Section(
+        "MMLU per subject",
+        [DocTable(["subject", *(v.name for v in shown)], rows, caption=f"{metric} in %; stem is the STEM aggregate")],
+    )
+
+
+def _rm(views: list[ModelView], plots: Path) -> Section | None:
+    scored = [(v, m) for v in views if (m := v.get("rm/rm_score")) and m.items]
+    if not scored:
+        return None
+    rows = []
+    for v, m in scored:
+        x = np.array(list(m.items.values()), dtype=float)
+        std = fmt_value(float(x.std(ddof=1)), False) if x.size > 1 else MISSING
+        rows.append(
+            [
+                v.name,
+                str(x.size),
+                fmt_score(m, v.ci(m)),
+                fmt_value(float(np.median(x)), False),
+                std,
+                fmt_value(float(x.min()), False),
+                fmt_value(float(x.max()), False),
+            ]
+        )
+    blocks: list[Block] = [
+        DocTable(
+            ["model", "n", "mean [95% CI]", "median", "std", "min", "max"],
+            rows,
+            caption="reward-model score per question (higher is preferred)",
+        )
+    ]
+    try:
+        blocks.append(_plot_rm([(v.name, np.array(list(m.items.values()), dtype=float)) for v, m in scored], plots))
+    except ImportError:
+        blocks.append(NO_MATPLOTLIB)
+    return Section("Reward-model scores", blocks)
+
+
+# --- plots ---------------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    # The object API with an explicit Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols)
+
+
+def _plot_accuracy(views: list[ModelView], plots: Path) -> DocFigure | None:
+    measured = [v for v in views if v.run]
+    keys = sorted(
+        {(m.benchmark, m.metric) for v in measured for m in v.run.measurements if is_share(m.metric)},
+        key=lambda k: order_key(*k),
+    )
+    if not keys:
+        return None
+    fig, ax = _figure(min(24.0, 3.0 + len(keys) * (0.35 + 0.18 * len(measured))), 4.5)
+    width = 0.8 / len(measured)
+    for i, v in enumerate(measured):
+        xs, heights, errs = [], [], [[], []]
+        for j, (bench, metric) in enumerate(keys):
+            m = v.get(f"{bench}/{metric}")
+            if m is None or not math.isfinite(m.score):
+                continue
+            ci = v.ci(m) or (m.score, m.score)
+            xs.append(j - 0.4 + width * (i + 0.5))
+            heights.append(m.score * 100)
+            errs[0].append(max(0.0, (m.score - ci[0]) * 100))
+            errs[1].append(max(0.0, (ci[1] - m.score) * 100))
+        ax.bar(xs, heights, width, yerr=errs, capsize=2, label=v.name)
+    ax.set_xticks(range(len(keys)), [f"{b}\n{m}" for b, m in keys], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, plots / "accuracy.png", "Accuracy per benchmark and metric, with 95% bootstrap CI")
+
+
+def _plot_rm(data: list[tuple[str, np.ndarray]], plots: Path) -> DocFigure:
+    fig, (hist, box) = _figure(11.0, 4.0, ncols=2)
+    bins = np.histogram_bin_edges(np.concatenate([x for _, x in data]), bins=30)
+    for name, x in data:
+        hist.hist(x, bins=bins, histtype="step", linewidth=1.5, label=name)
+    hist.set_xlabel("reward-model score")
+    hist.set_ylabel("questions")
+    hist.legend(fontsize=8)
+    box.boxplot([x for _, x in data])
+    box.set_xticks(range(1, len(data) + 1), [name for name, _ in data], rotation=30, ha="right", fontsize=8)
+    box.set_ylabel("reward-model score")
+    return _save(fig, plots / "rm_scores.png", "Reward-model score distribution per model")
+
+
+def _save(fig: Any, path: Path, caption: str) -> DocFigure:
+    fig.savefig(path, format="png", dpi=110)
+    return DocFigure(path, caption)
+
+
+# --- rendering -----------------------------------------------------------------------------------------------
+
+
+def _numeric_columns(table: DocTable) -> list[bool]:
+    """Columns whose filled cells all start like a number: right-aligned, so digits line up."""
+
+    def numeric(cell: str) -> bool:
+        return cell == MISSING or cell[:1].isdigit() or (cell[:1] in "+-" and cell[1:2].isdigit())
+
+    return [i > 0 and all(numeric(row[i]) for row in table.rows) for i in range(len(table.columns))]
+
+
+def _md_text(text: str) -> str:
+    # Data-borne text (subject names, quantization configs) must not become Markdown/HTML markup.
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _md_paragraph(text: str) -> str:
+    parts = text.split("`")
+    return "`".join(p if i % 2 else _md_text(p) for i, p in enumerate(parts))
+
+
+def render_markdown(title: str, sections: list[Section], out_dir: Path) -> str:
+    lines = [f"# {_md_text(title)}", ""]
+    for section in sections:
+        lines += [f"{'#' * section.level} {_md_text(section.title)}", ""]
+        for block in section.blocks:
+            if isinstance(block, DocTable):
+                lines.append("| " + " | ".join(_md_text(c) for c in block.columns) + " |")
+                lines.append("|" + "|".join("---:" if num else "---" for num in _numeric_columns(block)) + "|")
+                lines += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in block.rows]
+                if block.caption:
+                    lines += ["", f"*{_md_text(block.caption)}*"]
+            elif isinstance(block, DocFigure):
+                lines.append(f"![{_md_text(block.caption)}]({block.path.relative_to(out_dir).as_posix()})")
+            else:
+                lines.append(_md_paragraph(block))
+            lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;white-space:nowrap}
+th{background:#f0f0f0;text-align:left}.num{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafafa}caption{caption-side:bottom;font-size:.85em;color:#555;text-align:left}
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px}figure{margin:1em 0}img{max-width:100%}
+figcaption{font-size:.85em;color:#555}
+"""
+
+
+def _html_paragraph(text: str) -> str:
+    parts = text.split("`")
+    out = "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+    # **bold** is the only other markup the sections use.
+    bold = out.split("**")
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(bold))
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<h{section.level}>{html.escape(section.title)}</h{section.level}>")
+        for block in section.blocks:
+            if isinstance(block, DocTable):
+                caption = f"<caption>{html.escape(block.caption)}</caption>" if block.caption else ""
+                align = [' class="num"' if num else "" for num in _numeric_columns(block)]
+                head = "".join(f"<th{a}>{html.escape(c)}</th>" for a, c in zip(align, block.columns, strict=True))
+                rows = "".join(
+                    "<tr>" + "".join(f"<td{a}>{html.escape(c)}</td>" for a, c in zip(align, row, strict=True)) + "</tr>"
+                    for row in block.rows
+                )
+                body.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif isinstance(block, DocFigure):
+                data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+                alt = html.escape(block.caption)
+                body.append(
+                    f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{alt}</figcaption></figure>"
+                )
+            else:
+                body.append(f"<p>{_html_paragraph(block)}</p>")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+
+
+def build_sections(views: list[ModelView], plots: Path, registry: Registry | None = None) -> list[Section]:
+    sections: list[Section] = [_header(views)]
+    if missing := _missing(views):
+        sections.append(missing)
+    if any(v.run for v in views):
+        bench = Section("Benchmarks")
+        try:
+            if figure := _plot_accuracy(views, plots):
+                bench.blocks.append(figure)
+        except ImportError:
+            bench.blocks.append(NO_MATPLOTLIB)
+        sections += [bench, *_benchmarks(views)]
+    optional = (_vs_parent(views), _quantized(views, registry), _mmlu_subjects(views), _rm(views, plots))
+    sections += [s for s in optional if s]
+    return sections
+
+
+def write_report(
+    store: ResultStore, models: list[str], out_dir: Path, registry: Registry | None = None
+) -> tuple[Path, Path]:
+    """Write out_dir/report.md, out_dir/report.html and out_dir/plots/*.png; returns (markdown, html) paths."""
+    models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if not models:
+        raise ValueError("give at least one model to report on")
+    out_dir = Path(out_dir)
+    plots = out_dir / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    for name in PLOT_FILES:  # a plot left from an earlier report must not pass for this one's
+        (plots / name).unlink(missing_ok=True)
+    views = _collect(store, models, registry)
+    sections = build_sections(views, plots, registry)
+    title = f"Zephyr evaluation report: {', '.join(models)}"
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path.write_text(render_markdown(title, sections, out_dir))
+    html_path.write_text(render_html(title, sections))
+    return md_path, html_path

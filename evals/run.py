@@ -1,0 +1,253 @@
+"""`zephyr eval run`: measure one registry model on the chosen suites and store the results
+(ResultStore under ZEPHYR_EVAL_RESULTS_DIR, a summary in the model's registry manifest)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from evals import datasets
+from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, summary
+from zephyr.registry import Registry, RegistryEntry
+from zephyr.settings import Settings
+
+SUITES = ("mcq", "gsm8k", "text", "all")
+TEXT_MAX_TOKENS = 128
+
+
+class EvalError(ValueError):
+    """A run that cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class RunOptions:
+    model: str
+    suite: str
+    limit: int | None = None
+    benchmarks: list[str] | None = None  # a subset of the suite's MCQ benchmarks
+    sources: dict[str, str] = field(default_factory=dict)  # benchmark -> local file/folder or hub name
+    server: str | None = None  # also score letter format through this server's /mcq
+    api_key: str | None = None
+    local: bool = True  # False: only the server measurement (no in-process engine)
+    cloze: bool = True
+    gsm8k_max_tokens: int = 256
+    reward_model: str | None = None  # registry name or folder of a sequence-classification reward model
+    bertscore_model: str | None = None
+    bertscore_layers: int | None = None
+    dialogrpt: dict[str, str] = field(default_factory=dict)  # measurement metric -> weights folder
+
+
+def check_options(options: RunOptions, settings: Settings, registry: Registry) -> RegistryEntry:
+    """Everything that can be checked before an engine starts."""
+    if options.suite not in SUITES:
+        raise EvalError(f"unknown suite {options.suite!r}; choose one of {', '.join(SUITES)}")
+    if options.limit is not None and options.limit < 1:
+        raise EvalError("--limit must be at least 1")
+    entry = registry.get(options.model)
+    for name in options.benchmarks or []:
+        if name not in datasets.MCQ_BENCHMARKS:
+            raise EvalError(f"unknown MCQ benchmark {name!r}; known: {', '.join(datasets.MCQ_BENCHMARKS)}")
+    for name in options.sources:
+        if name not in datasets.BENCHMARKS:
+            raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(datasets.BENCHMARKS)}")
+    if not options.local and not options.server:
+        raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
+    if not options.local and options.suite != "mcq":
+        raise EvalError("only the mcq suite can be measured through a server (--server with --no-local)")
+    return entry
+
+
+def _suites(suite: str) -> list[str]:
+    return ["mcq", "gsm8k", "text"] if suite == "all" else [suite]
+
+
+def _load(name: str, options: RunOptions, settings: Settings, split: str | None = None) -> list[Any]:
+    return datasets.load(name, split=split, source=options.sources.get(name), data_dir=settings.data_dir,
+                         limit=options.limit)
+
+
+def run(options: RunOptions, settings: Settings, console: Console | None = None) -> list[EvalRun]:
+    console = console or Console(stderr=True)
+    registry = Registry(settings.models_dir)
+    entry = check_options(options, settings, registry)
+    store = ResultStore(settings.resolved_eval_results_dir)
+    # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
+    mcq_names = list(options.benchmarks or datasets.MCQ_BENCHMARKS)
+    data: dict[str, tuple[str, list[Any]]] = {}
+    suites = _suites(options.suite)
+    if "mcq" in suites:
+        for name in mcq_names:
+            split = datasets.BENCHMARKS[name].eval_split
+            data[name] = (split, _load(name, options, settings))
+    if "gsm8k" in suites or "text" in suites:
+        data["gsm8k"] = ("test", _load("gsm8k", options, settings))
+        data["gsm8k_train"] = ("train", datasets.load("gsm8k", split="train", data_dir=settings.data_dir))
+    if "text" in suites:
+        data["sciq_text"] = ("test", _load("sciq", options, settings))
+    text_tools = _text_tools(options, settings, registry, console) if "text" in suites else None
+
+    engine = None
+    if options.local:
+        from evals.engine import EvalEngine
+
+        console.print(f"starting vLLM on {entry.path} ...")
+        engine = EvalEngine(entry.path, settings)
+    runs = []
+    try:
+        generations: dict[str, dict[str, str]] = {}
+        for suite in suites:
+            started = time.perf_counter()
+            if suite == "mcq":
+                measurements = _mcq_suite(engine, data, mcq_names, options, console)
+            elif suite == "gsm8k":
+                measurements = _gsm8k_suite(engine, data, options, settings)
+                generations["gsm8k"] = measurements[0].details["generations"]
+            else:
+                measurements = _text_suite(engine, data, options, settings, text_tools, generations, console)
+            run = EvalRun(model=entry.name, parent=entry.manifest.parent, method=entry.manifest.method, suite=suite,
+                          limit=options.limit, size_bytes=entry.size_bytes(), quantization=_quantization(entry),
+                          engine={**(engine.engine_info if engine else {}), "server": options.server},
+                          measurements=measurements)
+            path = store.save(run)
+            for key, value in summary(run).items():
+                registry.record_eval(entry.name, key, {**value, "run": str(path)})
+            console.print(f"{suite}: {len(measurements)} measurements in {time.perf_counter() - started:.0f} s "
+                          f"-> {path}")
+            runs.append(run)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    return runs
+
+
+def _quantization(entry: RegistryEntry) -> dict[str, Any] | None:
+    import json
+
+    config = json.loads((entry.path / "config.json").read_text())
+    return config.get("quantization_config")
+
+
+def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, console: Console) -> list[Measurement]:
+    from evals import mcq_eval
+
+    out: list[Measurement] = []
+    if engine is not None:
+        for name in names:
+            split, items = data[name]
+            m = mcq_eval.letter(engine.llm, engine.tokenizer, name, split, items)
+            console.print(f"{name} letter format: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
+            out.append(m)
+        if options.cloze:
+            with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as workdir:
+                cloze = mcq_eval.cloze(engine.lm, {n: data[n] for n in names}, Path(workdir))
+            for m in cloze:
+                console.print(f"{m.benchmark} {m.metric}: {m.score:.1%} of {m.n} (~{m.seconds:.0f} s)")
+            out += cloze
+    if options.server:
+        for name in names:
+            split, items = data[name]
+            m = mcq_eval.letter_via_server(options.server, options.api_key, name, split, items)
+            console.print(f"{name} letter format via {options.server}: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
+            local = next((x for x in out if x.benchmark == name and x.metric == "letter_acc"), None)
+            if local is not None:
+                same = sum(local.details["answers"][i] == a for i, a in m.details["answers"].items())
+                m.details["same_answer_as_local"] = same
+                console.print(f"  same answer as in process: {same} of {m.n}")
+            out.append(m)
+    return out
+
+
+def _gsm8k_suite(engine: Any, data: dict, options: RunOptions, settings: Settings) -> list[Measurement]:
+    from evals import gsm8k
+
+    system = settings.system_prompt if settings.system_prompt_enabled else None
+    return gsm8k.evaluate(engine, data["gsm8k"][1], data["gsm8k_train"][1], system,
+                          max_tokens=options.gsm8k_max_tokens)
+
+
+@dataclass
+class TextTools:
+    reward_model: Any = None
+    dialogrpt: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _text_tools(options: RunOptions, settings: Settings, registry: Registry, console: Console) -> TextTools:
+    """Load the scorers before the engine starts: a missing DialogRPT is reported and skipped, a missing reward
+    model named on the command line is an error."""
+    from evals import textmetrics
+
+    tools = TextTools()
+    for metric, hub_name in textmetrics.DIALOGRPT_MODELS.items():
+        path = options.dialogrpt.get(metric)
+        if not path:
+            tools.skipped[metric] = (f"{hub_name} weights not configured: pass --{metric.replace('_', '-')} "
+                                     f"FOLDER (a download of {hub_name})")
+            console.print(f"[yellow]skipping {metric}:[/] {tools.skipped[metric]}")
+            continue
+        try:
+            tools.dialogrpt[metric] = textmetrics.DialogRPT.load(path)
+        except textmetrics.DialogRPTMissing as exc:
+            tools.skipped[metric] = str(exc)
+            console.print(f"[yellow]skipping {metric}:[/] {exc}")
+    if options.reward_model:
+        from evals.preference import RewardModel
+
+        path = Path(options.reward_model)
+        if not path.exists():
+            path = registry.get(options.reward_model).path
+        tools.reward_model = RewardModel.load(path)
+    return tools
+
+
+def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings, tools: TextTools,
+                generations: dict[str, dict[str, str]], console: Console) -> list[Measurement]:
+    from evals import gsm8k, textmetrics
+
+    system = settings.system_prompt if settings.system_prompt_enabled else None
+    sciq = [item for item in data["sciq_text"][1] if item.support]
+    sciq_prompts = [[{"role": "user", "content": item.question}] for item in sciq]
+    system_turn = [{"role": "system", "content": system}] if system else []
+    sciq_answers = engine.chat([system_turn + p for p in sciq_prompts], TEXT_MAX_TOKENS, "sciq answers")
+    gsm_items = data["gsm8k"][1]
+    gsm_answers = generations.get("gsm8k")
+    if gsm_answers is None:
+        texts = engine.chat([gsm8k.messages_for(i, system, []) for i in gsm_items], options.gsm8k_max_tokens,
+                            "gsm8k answers")
+        gsm_answers = {i.id: t for i, t in zip(gsm_items, texts, strict=True)}
+    sets = {
+        "sciq_text": ([i.id for i in sciq], [i.question for i in sciq], sciq_answers, [i.support for i in sciq]),
+        "gsm8k_text": ([i.id for i in gsm_items], [i.question for i in gsm_items],
+                       [gsm_answers[i.id] for i in gsm_items],
+                       [gsm8k.shot_solution(i) for i in gsm_items]),
+    }
+    out = []
+    for benchmark, (ids, questions, answers, references) in sets.items():
+        started = time.perf_counter()
+        f1 = textmetrics.bertscore(answers, references, model=options.bertscore_model,
+                                   num_layers=options.bertscore_layers)
+        out.append(measurement(benchmark, "bertscore_f1", "test", dict(zip(ids, f1, strict=True)),
+                               seconds=time.perf_counter() - started,
+                               details={"backbone": options.bertscore_model or "all-MiniLM-L6-v2",
+                                        "samples": dict(list(zip(ids, answers, strict=True))[:20])}))
+        for metric, scorer in tools.dialogrpt.items():
+            scores = scorer.score(questions, answers)
+            out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))
+    if tools.reward_model is not None:
+        conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(sciq_prompts, sciq_answers,
+                                                                                     strict=True)]
+        scores = tools.reward_model.score(conversations)
+        out.append(measurement("rm", "rm_score", "test", {i.id: s for i, s in zip(sciq, scores, strict=True)},
+                               details={"reward_model": options.reward_model, "prompts": "sciq test questions"}))
+    if tools.skipped:
+        out[0].details["skipped"] = tools.skipped
+    console.print(", ".join(f"{m.benchmark} {m.metric}: {m.score:.3f}" for m in out))
+    return out
+
+
+__all__ = ["RunOptions", "EvalError", "run", "check_options", "SUITES", "SUITE_BENCHMARKS"]

@@ -1,0 +1,139 @@
+"""The regression gate over hand-made results: verdicts, common items only, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from evals.gate import GateError, check
+from evals.results import EvalRun, ResultStore, measurement
+
+
+def accuracy(correct: int, total: int, prefix: str = "q") -> dict[str, float]:
+    return {f"{prefix}{i}": float(i < correct) for i in range(total)}
+
+
+def save(store: ResultStore, model: str, suite: str = "mcq", split: str = "test", **keys: dict[str, float]) -> None:
+    """keys: benchmark__metric=items."""
+    ms = [measurement(*key.split("__"), split, items) for key, items in keys.items()]
+    store.save(EvalRun(model=model, suite=suite, measurements=ms))
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultStore:
+    return ResultStore(tmp_path / "results")
+
+
+def render(table) -> str:
+    console = Console(record=True, width=200)
+    console.print(table)
+    return console.export_text()
+
+
+def test_fails_when_the_candidate_drops_more_than_max_drop(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(50, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert not result.passed
+    (row,) = result.rows
+    assert (row.n, row.baseline, row.candidate, row.delta) == (100, 60.0, 50.0, pytest.approx(-10.0))
+    assert row.low < row.delta < row.high
+    text = render(result.table())
+    assert "FAIL" in text and "-10.0" in text and "60.0" in text and "50.0" in text
+
+
+@pytest.mark.parametrize(
+    ("base", "cand", "max_drop"), [(60, 59, 1.0), (52, 51, 1.0), (60, 60, 0.0), (60, 70, 0.0), (60, 55, 5.0)]
+)
+def test_passes_within_max_drop_or_better(store, base, cand, max_drop):
+    # A drop of exactly max_drop passes, although 0.51 - 0.52 is a hair below -0.01 in floating point.
+    save(store, "base", arc_easy__letter_acc=accuracy(base, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(cand, 100))
+    result = check(store, "cand", "base", max_drop=max_drop, suites=None)
+    assert result.passed and result.rows[0].passed
+    assert "PASS" in render(result.table())
+
+
+def test_fails_just_past_max_drop(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(520, 1000))
+    save(store, "cand", arc_easy__letter_acc=accuracy(509, 1000))
+    assert not check(store, "cand", "base", max_drop=1.0, suites=None).passed
+
+
+def test_one_failing_row_fails_the_gate(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), gsm8k__exact_match_5shot=accuracy(30, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(70, 100), gsm8k__exact_match_5shot=accuracy(20, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert not result.passed
+    assert [r.key for r in result.failures] == ["gsm8k/exact_match_5shot"]
+    assert [r.key for r in result.rows] == ["arc_easy/letter_acc", "gsm8k/exact_match_5shot"]
+
+
+def test_uses_only_the_common_items(store):
+    # The baseline's full run is 75% overall but 50% on the 100 items the candidate's --limit run saw.
+    save(store, "base", mmlu__letter_acc=accuracy(50, 100) | {f"z{i}": 1.0 for i in range(100)})
+    save(store, "cand", mmlu__letter_acc=accuracy(50, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    (row,) = result.rows
+    assert result.passed
+    assert (row.n, row.n_baseline, row.n_candidate, row.baseline, row.delta) == (100, 200, 100, 50.0, 0.0)
+    assert "100 common (200 / 100)" in render(result.table())
+
+
+def test_default_suites_are_the_accuracies(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": 5.0, "q2": 5.0})
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": -5.0, "q2": -5.0})
+    assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
+    text_only = check(store, "cand", "base", max_drop=1.0, suites=["text"])
+    (row,) = text_only.rows
+    assert row.key == "rm/rm_score" and row.delta == -10.0 and not text_only.passed
+    assert "raw units" in render(text_only.table())
+
+
+def test_newest_measurement_is_gated(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(40, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(61, 100))  # a re-run after a fix
+    assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
+
+
+def test_keys_only_one_model_has_are_listed_not_gated(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), sciq__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert result.passed and result.skipped == ["sciq/letter_acc"]
+    assert "sciq/letter_acc" in render(result.table())
+
+
+def test_missing_results_say_what_to_run(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    with pytest.raises(GateError, match=r"run `zephyr eval run --model cand --suite mcq` first"):
+        check(store, "cand", "base", max_drop=1.0, suites=None)
+    with pytest.raises(GateError, match=r"--model nobase --suite mcq"):
+        check(store, "base", "nobase", max_drop=1.0, suites=None)
+
+
+def test_no_common_measurement_is_an_error(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    save(store, "cand", suite="gsm8k", gsm8k__exact_match_5shot=accuracy(60, 100))
+    with pytest.raises(GateError, match="no measurement in common") as info:
+        check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert "arc_easy/letter_acc" in str(info.value) and "gsm8k/exact_match_5shot" in str(info.value)
+    with pytest.raises(GateError, match="no measurement in common"):
+        check(store, "cand", "base", max_drop=1.0, suites=["text"])
+
+
+def test_disjoint_items_or_splits_are_an_error_not_a_pass(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100, prefix="a"))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100, prefix="b"))
+    with pytest.raises(GateError, match="no common item ids"):
+        check(store, "cand", "base", max_drop=1.0, suites=None)
+    save(store, "other", split="validation", arc_easy__letter_acc=accuracy(60, 100, prefix="a"))
+    with pytest.raises(GateError, match="different splits"):
+        check(store, "other", "base", max_drop=1.0, suites=None)
+
+
+def test_unknown_suite_is_an_error(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    with pytest.raises(GateError, match="unknown suite.*mmlu.*known: mcq, gsm8k, text"):
+        check(store, "base", "base", max_drop=1.0, suites=["mcq", "mmlu"])

@@ -1,0 +1,176 @@
+"""The report over hand-made results: numbers, deltas, size ratios, one self-contained HTML file."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from evals.report import write_report
+from evals.results import EvalRun, ResultStore, measurement
+from zephyr.registry import MANIFEST, ModelManifest, Registry
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def accuracy(correct: int, total: int = 100) -> dict[str, float]:
+    return {f"q{i}": float(i < correct) for i in range(total)}
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultStore:
+    store = ResultStore(tmp_path / "results")
+    subjects = {"stem": 0.5, "high_school_biology": 0.625, "<script>alert(1)</script>": 0.25}
+    store.save(
+        EvalRun(
+            model="base",
+            method="base",
+            suite="mcq",
+            size_bytes=400_000_000,
+            measurements=[
+                measurement("arc_easy", "letter_acc", "test", accuracy(52)),
+                measurement("arc_easy", "cloze_acc", "test", accuracy(61)),
+                measurement("mmlu", "letter_acc", "test", accuracy(50), groups=subjects),
+            ],
+        )
+    )
+    store.save(
+        EvalRun(
+            model="base",
+            method="base",
+            suite="text",
+            measurements=[
+                measurement("rm", "rm_score", "test", {"q1": 1.0, "q2": 2.0, "q3": 3.0, "q4": 4.0}),
+            ],
+        )
+    )
+    store.save(
+        EvalRun(
+            model="sft",
+            parent="base",
+            method="sft",
+            suite="mcq",
+            size_bytes=400_000_000,
+            measurements=[
+                measurement("arc_easy", "letter_acc", "test", accuracy(60)),
+                measurement("arc_easy", "cloze_acc", "test", accuracy(58)),
+            ],
+        )
+    )
+    store.save(
+        EvalRun(
+            model="sft-gptq",
+            parent="sft",
+            method="gptq",
+            suite="mcq",
+            size_bytes=100_000_000,
+            quantization={"quant_method": "gptq", "bits": 4, "group_size": 64},
+            speed={"tok_per_s": {"1": 31.5, "8": 240.0}, "latency_p50_s": 0.25, "note": "cpu"},
+            measurements=[measurement("arc_easy", "letter_acc", "test", accuracy(57))],
+        )
+    )
+    return store
+
+
+@pytest.fixture
+def report(store, tmp_path) -> tuple[str, str]:
+    md, html = write_report(store, ["base", "sft", "sft-gptq", "ghost"], tmp_path / "out")
+    assert md == tmp_path / "out" / "report.md" and html == tmp_path / "out" / "report.html"
+    return md.read_text(), html.read_text()
+
+
+def test_scores_with_intervals_per_benchmark(report):
+    md, html = report
+    for text in (md, html):
+        assert re.search(r"52\.0 \[\d+\.\d, \d+\.\d\]", text)  # base arc_easy letter_acc with its CI
+        assert "61.0" in text and "60.0" in text and "57.0" in text
+    assert "### arc_easy" in md and "### mmlu" in md
+    # base's newest run (text) recorded no size: the header takes it from the earlier mcq run.
+    assert "| base | — | base | 400.0 MB |" in md
+
+
+def test_delta_against_parent(report):
+    md, html = report
+    # sft - base on arc_easy letter_acc: 60 - 52 = +8.0 points; cloze 58 - 61 = -3.0; gptq - sft: 57 - 60 = -3.0.
+    assert re.search(r"\| arc_easy \| letter_acc \| 100 \| 52\.0 \| 60\.0 \| \+8\.0 \[[-+]\d+\.\d, \+\d+\.\d\] \|", md)
+    assert re.search(r"\| arc_easy \| cloze_acc \| 100 \| 61\.0 \| 58\.0 \| -3\.0 ", md)
+    assert re.search(r"\| arc_easy \| letter_acc \| 100 \| 60\.0 \| 57\.0 \| -3\.0 ", md)
+    assert "+8.0 [" in html
+
+
+def test_quantized_table_has_size_ratio_and_speed(report):
+    md, _ = report
+    section = md.split("## Quantized versus unquantized")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    assert "0.25x" in rows["sft-gptq"] and "100.0 MB" in rows["sft-gptq"] and "1.00x" in rows["sft"]
+    assert "gptq bits=4 group_size=64" in rows["sft-gptq"]
+    assert "tok_per_s.8" in rows["model"] and "latency_p50_s" in rows["model"] and "note" not in rows["model"]
+    assert "240" in rows["sft-gptq"] and "31.50" in rows["sft-gptq"] and "0.25" in rows["sft-gptq"]
+    assert "base" not in rows  # base is no quantized model's parent
+
+
+def test_mmlu_subjects_and_rm_distribution(report):
+    md, _ = report
+    assert re.search(r"\| stem \| 50\.0 \|", md) and re.search(r"\| high_school_biology \| 62\.5 \|", md)
+    rm = md.split("## Reward-model scores")[1]
+    # mean 2.5 [CI], median 2.5, std (ddof 1) 1.291, min 1, max 4
+    assert re.search(r"\| base \| 4 \| 2\.500 \[\d\.\d{3}, \d\.\d{3}\] \| 2\.500 \| 1\.291 \| 1\.000 \| 4\.000 \|", rm)
+    assert "plots/rm_scores.png" in rm
+
+
+def test_html_is_self_contained_with_embedded_plots(report, tmp_path):
+    _, html = report
+    assert html.count('src="data:image/png;base64,') == 2  # accuracy bars and RM distribution
+    assert 'src="http' not in html and "<link" not in html and "<script" not in html
+    assert "<style>" in html
+    for name in ("accuracy.png", "rm_scores.png"):
+        assert (tmp_path / "out" / "plots" / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_text_from_results_is_escaped(report):
+    md, html = report
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>" not in md
+
+
+def test_missing_models_are_listed_with_the_command(report):
+    md, html = report
+    assert "ghost: no results" in md
+    assert "`zephyr eval run --model ghost --suite mcq`" in md
+    assert "<code>zephyr eval run --model ghost --suite mcq</code>" in html
+    # sft has no text suite while base has: the gap is named too.
+    assert "sft: no text results. Run `zephyr eval run --model sft --suite text`" in md
+
+
+def test_registry_supplies_parent_method_and_size(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    store.save(EvalRun(model="p", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(40))]))
+    store.save(EvalRun(model="q", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(45))]))
+    registry = Registry(tmp_path / "models")
+    for name, parent, method, weights in (("p", None, "sft", 3000), ("q", "p", "awq", 1000)):
+        folder = registry.path_of(name)
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * weights)
+        (folder / MANIFEST).write_text(ModelManifest(name=name, parent=parent, method=method).model_dump_json())
+    ratio = registry.get("q").size_bytes() / registry.get("p").size_bytes()
+    md_path, _ = write_report(store, ["p", "q"], tmp_path / "out", registry=registry)
+    md = md_path.read_text()
+    assert "**q** (awq) vs its parent **p**" in md and "+5.0 [" in md
+    assert f"{ratio:.2f}x" in md.split("## Quantized versus unquantized")[1]
+
+
+def test_models_without_any_results_do_not_crash(tmp_path):
+    md_path, html_path = write_report(ResultStore(tmp_path / "none"), ["a", "b"], tmp_path / "out")
+    md = md_path.read_text()
+    assert "a: no results" in md and "b: no results" in md
+    assert "data:image/png" not in html_path.read_text()
+    with pytest.raises(ValueError, match="at least one model"):
+        write_report(ResultStore(tmp_path / "none"), [], tmp_path / "out")
+
+
+def test_stale_plots_are_removed(store, tmp_path):
+    out = tmp_path / "out"
+    write_report(store, ["base"], out)
+    assert (out / "plots" / "rm_scores.png").exists()
+    write_report(store, ["sft"], out)  # no RM scores for sft
+    assert not (out / "plots" / "rm_scores.png").exists()
