@@ -200,8 +200,7 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
     elif source is not None:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             raise DatasetError(f"{source} is neither an existing file or folder nor a hub name like {bench.hub}")
-        items = _from_hub(bench, str(source), split)
-        return items[:limit] if limit else items
+        return _first(_from_hub(bench, str(source), split), limit)
     else:
         if split not in bench.splits:
             raise DatasetError(f"{name} has no local {split!r} split; local splits: {', '.join(bench.splits)}")
@@ -213,13 +212,28 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
                                f"layout, or pass a file or the hub name {bench.hub}")
     try:
         items = bench.reader(local, _MMLU_LOCAL_SPLITS.get(split, split) if name == "mmlu" else split)
-    except (KeyError, IndexError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{local} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
     if not items:
         raise DatasetError(f"{local} holds no {name} items")
-    return items[:limit] if limit else items
+    return _first(items, limit)
+
+
+def _first(items: list[Any], limit: int | None) -> list[Any]:
+    """The first `limit` items; for data with subjects (MMLU) taken in turn from each subject, so a limited run
+    still covers every subject instead of the first few alphabetically."""
+    if not limit or limit >= len(items):
+        return items
+    if not getattr(items[0], "subject", None):
+        return items[:limit]
+    by_subject: dict[str, list[Any]] = {}
+    for item in items:
+        by_subject.setdefault(item.subject, []).append(item)
+    interleaved = [group[i] for i in range(max(map(len, by_subject.values())))
+                   for group in by_subject.values() if i < len(group)]
+    return interleaved[:limit]
 
 
 def _from_hub(bench: Benchmark, hub_name: str, split: str) -> list[Any]:
@@ -241,5 +255,5 @@ def write_items(items: list[MCQItem], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for item in items:
-            handle.write(item.model_dump_json(exclude_none=True) + "\n")
+            handle.write(item.model_dump_json() + "\n")  # every column, so templates may name support
     return path

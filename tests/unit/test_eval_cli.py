@@ -1,0 +1,56 @@
+"""`zephyr eval` refuses bad requests before any engine starts, with a message that says what to fix."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from zephyr.cli import app
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--model", "m", "--suite", "vibes"], "unknown suite 'vibes'"),
+    (["run", "--model", "m", "--limit", "0"], "--limit must be at least 1"),
+    (["run", "--model", "nope"], "no model 'nope' in the registry"),
+    (["run", "--model", "m", "--data", "sciq"], "--data takes NAME=PATH_OR_HUB_NAME"),
+    (["show", "--model", "m"], "run `zephyr eval run --model m --suite mcq` first"),
+    (["gate", "--candidate", "a", "--baseline", "b"], "zephyr eval run --model"),
+    (["report", "--models", ","], "--models needs at least one model name"),
+])
+def test_bad_requests(home, args, message):
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+
+
+@pytest.fixture
+def registered(home):
+    from zephyr.registry import ModelManifest
+
+    folder = home / "models" / "m"
+    folder.mkdir(parents=True)
+    (folder / "zephyr.json").write_text(ModelManifest(name="m", method="base").model_dump_json())
+    (folder / "config.json").write_text("{}")
+    return home
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--benchmarks", "arc_easy,hellaswag"], "unknown MCQ benchmark 'hellaswag'"),
+    (["--data", "squad=x.json"], "--data names unknown benchmark 'squad'"),
+    (["--no-local"], "--no-local needs --server URL"),
+    (["--no-local", "--server", "http://x", "--suite", "gsm8k"], "only the mcq suite"),
+    (["--benchmarks", "arc_easy"], "ARC-Easy-Test.jsonl does not exist: set ZEPHYR_DATA_DIR"),
+    (["--suite", "gsm8k"], "gsm8k/test.jsonl does not exist"),
+])
+def test_bad_runs_fail_before_the_engine(registered, args, message):
+    result = CliRunner().invoke(app, ["eval", "run", "--model", "m", *args])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert "starting vLLM" not in result.output
