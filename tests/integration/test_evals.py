@@ -1,0 +1,110 @@
+"""`zephyr eval` end to end on the real engine: every suite on small files this test writes, letter format in
+process equal to the running server's /mcq answers, then the report and the gate over the stored results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals.results import ResultStore
+from tests.integration.conftest import STUDENT_KEY
+from zephyr.registry import MANIFEST, Registry
+from zephyr.settings import DEFAULT_MODEL
+
+pytestmark = pytest.mark.integration
+
+MCQ = [  # (question, options, key): easy science with known answers
+    ("Which gas do plants take in from the air to make food?", ["Oxygen", "Carbon dioxide", "Helium", "Neon"], "B"),
+    ("What is the boiling point of water at sea level in Celsius?", ["50", "100", "150", "0"], "B"),
+    ("Which planet is closest to the Sun?", ["Mercury", "Venus", "Earth", "Mars"], "A"),
+    ("What force pulls objects toward the Earth?", ["Magnetism", "Friction", "Gravity", "Tension"], "C"),
+    ("Which part of the cell holds the DNA?", ["Cell wall", "Nucleus", "Vacuole", "Membrane"], "B"),
+    ("Ice melting into water is an example of", ["a chemical change", "a phase change", "fusion", "decay"], "B"),
+    ("Which organ pumps blood through the body?", ["Lungs", "Liver", "Heart", "Kidney"], "C"),
+    ("What do we call animals that eat only plants?", ["Carnivores", "Omnivores", "Decomposers", "Herbivores"], "D"),
+    ("A compass needle points toward the Earth's", ["magnetic north", "equator", "moon", "sun"], "A"),
+    ("Which of these is a renewable energy source?", ["Coal", "Oil", "Wind", "Natural gas"], "C"),
+]
+GSM8K = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7\n#### 7"),
+         ("A box holds 6 eggs. How many eggs are in 2 boxes?", "6 * 2 = <<6*2=12>>12\n#### 12"),
+         ("Sara had 10 dollars and spent 4. How many dollars are left?", "10 - 4 = <<10-4=6>>6\n#### 6")]
+
+
+def write_data(root: Path) -> Path:
+    arc = root / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl"
+    arc.parent.mkdir(parents=True)
+    arc.write_text("".join(json.dumps({"id": f"mcq-{i}", "answerKey": key, "question": {
+        "stem": q, "choices": [{"label": "ABCD"[n], "text": o} for n, o in enumerate(options)]}}) + "\n"
+        for i, (q, options, key) in enumerate(MCQ)))
+    (root / "gsm8k").mkdir()
+    lines = "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K)
+    (root / "gsm8k" / "test.jsonl").write_text(lines)
+    (root / "gsm8k" / "train.jsonl").write_text(lines * 2)
+    (root / "sciq").mkdir()
+    (root / "sciq" / "test.json").write_text(json.dumps([
+        {"question": "What gas do plants release during photosynthesis?", "correct_answer": "oxygen",
+         "distractor1": "nitrogen", "distractor2": "argon", "distractor3": "helium",
+         "support": "During photosynthesis, plants use light to turn carbon dioxide and water into sugar and oxygen."},
+        {"question": "What is the center of an atom called?", "correct_answer": "nucleus", "distractor1": "shell",
+         "distractor2": "orbit", "distractor3": "cloud",
+         "support": "The nucleus is the small, dense center of an atom, made of protons and neutrons."}]))
+    return root
+
+
+def private_home(home: Path, default_model) -> Path:
+    """A registry whose default model links each weight file but owns its manifest, so recording results here
+    never touches the user's registry."""
+    folder = home / "models" / DEFAULT_MODEL
+    folder.mkdir(parents=True)
+    for file in default_model.path.iterdir():
+        if file.name == MANIFEST:
+            shutil.copy(file, folder / MANIFEST)
+        else:
+            (folder / file.name).symlink_to(file.resolve())
+    return home
+
+
+def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zephyr.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, default_model):
+    home = private_home(tmp_path / "home", default_model)
+    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(write_data(tmp_path / "data")),
+           "ZEPHYR_MEMORY_SHARE": "0.2", "HF_HUB_OFFLINE": "1"}
+    run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "all", "--benchmarks", "arc_easy",
+                 "--server", server.url, "--api-key", STUDENT_KEY, "--gsm8k-max-tokens", "48", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    latest = ResultStore(home / "eval-results").latest(DEFAULT_MODEL)
+    assert {m.key for m in latest.measurements} >= {
+        "arc_easy/letter_acc", "arc_easy/letter_acc_server", "arc_easy/cloze_acc", "arc_easy/cloze_acc_norm",
+        "gsm8k/exact_match_0shot_cot", "gsm8k/exact_match_5shot", "sciq_text/bertscore_f1", "gsm8k_text/bertscore_f1"}
+    local, served = latest.get("arc_easy/letter_acc"), latest.get("arc_easy/letter_acc_server")
+    assert local.n == served.n == len(MCQ)
+    # The number measured offline is the number the service delivers: the same letter for every question.
+    assert served.details["answers"] == local.details["answers"]
+    assert served.score == local.score
+    assert set(latest.get("gsm8k/exact_match_5shot").items) == {f"gsm8k-test-{i}" for i in range(len(GSM8K))}
+    assert 0 < latest.get("sciq_text/bertscore_f1").score <= 1
+    assert "dialogrpt_updown" in latest.get("sciq_text/bertscore_f1").details["skipped"]
+    manifest = Registry(home / "models").get(DEFAULT_MODEL).manifest
+    assert manifest.evals["arc_easy/letter_acc"]["score"] == pytest.approx(local.score)
+    assert default_model.manifest.evals.get("arc_easy/letter_acc", {}).get("run", "") != \
+        manifest.evals["arc_easy/letter_acc"]["run"]  # the user's registry is untouched
+
+    report = zephyr("eval", "report", "--models", DEFAULT_MODEL, "--out", str(tmp_path / "report"), env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert f"{local.score:.1%}".removesuffix("%") in html and "data:image/png;base64" in html
+
+    gate = zephyr("eval", "gate", "--candidate", DEFAULT_MODEL, "--baseline", DEFAULT_MODEL, env=env)
+    assert gate.returncode == 0, gate.stdout + gate.stderr
+    assert "gate passed" in gate.stdout
