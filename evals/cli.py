@@ -114,6 +114,8 @@ def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> 
 def report_command(
     models: Annotated[str, typer.Option(help="Comma-separated registry models")],
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.html and plots/")] = Path("eval-report"),
+    reviews: Annotated[Path | None, typer.Option(
+        help="A `zephyr review export --format dpo` file: adds human win rates")] = None,
 ) -> None:
     """Markdown and self-contained HTML: tables per benchmark, deltas vs parent with bootstrap CIs, plots."""
     from evals.report import write_report
@@ -123,8 +125,11 @@ def report_command(
     names = _csv(models) or []
     if not names:
         raise _fail("--models needs at least one model name")
-    markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
-                                  registry=Registry(settings.models_dir))
+    try:
+        markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
+                                      registry=Registry(settings.models_dir), reviews=reviews)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     console.print(f"wrote {markdown} and {html}")
 
 

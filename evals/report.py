@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evals.gate import compare_runs, fmt_delta, fmt_value, is_share, order_key, scale_of
+from evals.preference import human_win_rates, rm_win_rate
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore
 from evals.stats import bootstrap_ci
 from zephyr.registry import Registry
@@ -387,6 +390,94 @@ def _rm(views: list[ModelView], plots: Path) -> Section | None:
     return Section("Reward-model scores", blocks)
 
 
+def _rm_win_rates(views: list[ModelView]) -> Section | None:
+    scored = sorted(((v.name, m.items) for v in views if (m := v.get("rm/rm_score")) and m.items), key=lambda s: s[0])
+    rows = []
+    for (a, a_items), (b, b_items) in combinations(scored, 2):
+        if not set(a_items) & set(b_items):
+            continue  # measured on different questions: nothing to compare
+        r = rm_win_rate(a_items, b_items)
+        rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
+                     fmt_value(r["win_rate"] * 100, True)])
+    if not rows:
+        return None
+    return Section(
+        "Reward-model win rates",
+        [
+            DocTable(
+                ["model A", "model B", "n common", "A wins", "B wins", "ties", "A win rate"],
+                rows,
+                caption="per question both were scored on, the answer with the higher reward-model score wins; "
+                "win rate in %, ties count half",
+            )
+        ],
+    )
+
+
+def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str:
+    if rate is None or n == 0:
+        return MISSING
+    text = fmt_value(rate * 100, True)
+    if ci is not None:
+        text += f" [{fmt_value(ci[0] * 100, True)}, {fmt_value(ci[1] * 100, True)}]"
+    return text
+
+
+def _read_reviews(reviews: Path) -> dict[str, Any]:
+    if not reviews.is_file():
+        raise ValueError(f"reviews file {reviews} does not exist: write one with "
+                         f"`zephyr review export --format dpo`")
+    try:
+        return human_win_rates(reviews)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
+
+
+def _human(result: dict[str, Any], source: Path) -> Section:
+    name = source.name.replace("`", "'")
+    blocks: list[Block] = []
+    if not result["pairs"]:
+        blocks.append(f"`{name}` holds no preference pairs.")
+        return Section("Human review win rates", blocks)
+    intro = (f"From `{name}`: {result['pairs']} human preference pairs (ties and both-bad verdicts never become "
+             "pairs, so every pair is a decisive win). Win rates in % with a 95% Wilson interval in brackets.")
+    if result["without_models"]:
+        intro += f" {result['without_models']} pairs name no models and count only for served vs candidate."
+    blocks.append(intro)
+    served = result["served_vs_candidate"]
+    if served["n"]:
+        rate = _fmt_rate(served["n"], served["served_win_rate"], served["ci95"])
+        blocks.append(f"Served answer vs candidate: the served answer won {served['served_wins']} of {served['n']} "
+                      f"pairs, the candidate {served['candidate_wins']}; served win rate {rate}.")
+    else:
+        blocks.append("Served answer vs candidate: no pair says which answer was served.")
+    if result["models"]:
+        blocks.append(
+            DocTable(
+                ["model", "wins", "losses", "n", "win rate [95% CI]"],
+                [
+                    [r["model"], str(r["wins"]), str(r["losses"]), str(r["n"]),
+                     _fmt_rate(r["n"], r["win_rate"], r["ci95"])]
+                    for r in result["models"]
+                ],
+                caption="pairs each model's answer was in; a resampled candidate of a model reads e.g. model [T=1]",
+            )
+        )
+    if result["head_to_head"]:
+        blocks.append(
+            DocTable(
+                ["model A", "model B", "n", "A wins", "B wins", "A win rate [95% CI]"],
+                [
+                    [h["a"], h["b"], str(h["n"]), str(h["a_wins"]), str(h["b_wins"]),
+                     _fmt_rate(h["n"], h["a_win_rate"], h["ci95"])]
+                    for h in result["head_to_head"]
+                ],
+                caption="head to head: pairs whose two answers came from these two models",
+            )
+        )
+    return Section("Human review win rates", blocks)
+
+
 # --- plots ---------------------------------------------------------------------------------------------------
 
 
@@ -543,7 +634,9 @@ def render_html(title: str, sections: list[Section]) -> str:
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
-def build_sections(views: list[ModelView], plots: Path, registry: Registry | None = None) -> list[Section]:
+def build_sections(
+    views: list[ModelView], plots: Path, registry: Registry | None = None, reviews: tuple[dict, Path] | None = None
+) -> list[Section]:
     sections: list[Section] = [_header(views)]
     if missing := _missing(views):
         sections.append(missing)
@@ -555,25 +648,36 @@ def build_sections(views: list[ModelView], plots: Path, registry: Registry | Non
         except ImportError:
             bench.blocks.append(NO_MATPLOTLIB)
         sections += [bench, *_benchmarks(views)]
-    optional = (_vs_parent(views), _quantized(views, registry), _mmlu_subjects(views), _rm(views, plots))
+    optional = (_vs_parent(views), _quantized(views, registry), _mmlu_subjects(views), _rm(views, plots),
+                _rm_win_rates(views))
     sections += [s for s in optional if s]
+    if reviews is not None:
+        sections.append(_human(*reviews))
     return sections
 
 
 def write_report(
-    store: ResultStore, models: list[str], out_dir: Path, registry: Registry | None = None
+    store: ResultStore,
+    models: list[str],
+    out_dir: Path,
+    registry: Registry | None = None,
+    reviews: Path | None = None,
 ) -> tuple[Path, Path]:
-    """Write out_dir/report.md, out_dir/report.html and out_dir/plots/*.png; returns (markdown, html) paths."""
+    """Write out_dir/report.md, out_dir/report.html and out_dir/plots/*.png; returns (markdown, html) paths.
+
+    `reviews`, a `zephyr review export --format dpo` file, adds human win rates; ValueError when it is missing."""
     models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
     if not models:
         raise ValueError("give at least one model to report on")
+    # Read before anything is written: a bad file leaves an earlier report as it was.
+    human = (_read_reviews(Path(reviews)), Path(reviews)) if reviews is not None else None
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
     for name in PLOT_FILES:  # a plot left from an earlier report must not pass for this one's
         (plots / name).unlink(missing_ok=True)
     views = _collect(store, models, registry)
-    sections = build_sections(views, plots, registry)
+    sections = build_sections(views, plots, registry, human)
     title = f"Zephyr evaluation report: {', '.join(models)}"
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(render_markdown(title, sections, out_dir))

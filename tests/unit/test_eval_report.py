@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -174,3 +175,107 @@ def test_stale_plots_are_removed(store, tmp_path):
     assert (out / "plots" / "rm_scores.png").exists()
     write_report(store, ["sft"], out)  # no RM scores for sft
     assert not (out / "plots" / "rm_scores.png").exists()
+
+
+def rm_store(tmp_path) -> ResultStore:
+    store = ResultStore(tmp_path / "results")
+    scores = {
+        "zeta": {"q1": 1.0, "q2": 0.5, "q3": -1.0, "q4": 2.0, "only_zeta": 9.0},
+        "alpha": {"q1": 0.0, "q2": 0.5, "q3": 0.0, "q4": 1.0, "only_alpha": -9.0},
+        "other": {"x1": 1.0},  # no question in common with the others: no row
+    }
+    for model, items in scores.items():
+        store.save(EvalRun(model=model, suite="text", measurements=[measurement("rm", "rm_score", "test", items)]))
+    return store
+
+
+def test_reward_model_win_rates_per_pair_ordered_by_name(tmp_path):
+    md_path, html_path = write_report(rm_store(tmp_path), ["zeta", "alpha", "other"], tmp_path / "out")
+    md, html = md_path.read_text(), html_path.read_text()
+    section = md.split("## Reward-model win rates")[1].split("\n## ")[0]
+    # alpha vs zeta on q1..q4: alpha wins q3, zeta wins q1 and q4, q2 is a tie -> (1 + 0.5) / 4 = 37.5%.
+    assert "| alpha | zeta | 4 | 1 | 2 | 1 | 37.5 |" in section
+    assert "other" not in section
+    assert "Reward-model win rates</h2>" in html and "<td>alpha</td><td>zeta</td>" in html
+
+
+def test_one_reward_model_score_has_no_win_rates(report):
+    md, _ = report
+    assert "## Reward-model win rates" not in md
+
+
+def review_export(tmp_path):
+    """A DPO export written by the real exporter (as in test_eval_preference.py) from hand-made verdicts."""
+    from service.review.export import ExportOptions, to_jsonl
+    from service.review.stats import Judgement
+
+    t0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+    generations: dict[str, dict] = {}
+    judgements = []
+    cases = [  # (served model, candidate model, candidate variant, labels by reviewers)
+        ("tutor-a", "<b>tutor-b</b>", None, ["served"]),
+        ("tutor-a", "<b>tutor-b</b>", None, ["candidate", "candidate"]),
+        ("<b>tutor-b</b>", "tutor-a", None, ["served"]),
+        ("tutor-a", "tutor-a", "T=1", ["candidate"]),
+        ("tutor-a", "<b>tutor-b</b>", None, ["tie"]),  # not a DPO pair
+    ]
+    for n, (served_model, cand_model, variant, labels) in enumerate(cases):
+        item, cand = f"item{n}", f"item{n}-cand"
+        messages = [{"role": "user", "content": f"question {n}"}]
+        at = t0 + timedelta(minutes=n)
+        generations[item] = {"id": item, "created_at": at, "model": served_model, "messages": messages,
+                             "response": [{"content": f"served answer {n}"}], "params": {}}
+        generations[cand] = {"id": cand, "created_at": at, "model": cand_model, "messages": messages,
+                             "response": [{"content": f"candidate answer {n}"}],
+                             "params": {"variant": variant} if variant else {}}
+        for r, label in enumerate(labels):
+            judgements.append(Judgement(item_id=item, reviewer=f"r{r}", kind="pair", label=label,
+                                        strength=3 if label in ("served", "candidate") else None,
+                                        served_model=served_model, candidate_id=cand, candidate_model=cand_model))
+    text, count = to_jsonl(judgements, generations, ExportOptions(format="dpo"), redactor=None)
+    assert count == 4
+    path = tmp_path / "dpo.jsonl"
+    path.write_text(text)
+    return path
+
+
+def test_human_review_win_rates(store, tmp_path):
+    md_path, html_path = write_report(store, ["base"], tmp_path / "out", reviews=review_export(tmp_path))
+    md, html = md_path.read_text(), html_path.read_text()
+    section = md.split("## Human review win rates")[1].split("\n## ")[0]
+    assert "4 human preference pairs" in section
+    # Served won items 0 and 2, the candidate items 1 and 3: 2 of 4, Wilson [15.0, 85.0].
+    assert "the served answer won 2 of 4 pairs, the candidate 2; served win rate 50.0 [15.0, 85.0]" in section
+    # Per model: tutor-a won 1 of 4, tutor-b 2 of 3, the resampled tutor-a 1 of 1.
+    assert "| tutor-a | 1 | 3 | 4 | 25.0 [4.6, 69.9] |" in section
+    assert "| &lt;b&gt;tutor-b&lt;/b&gt; | 2 | 1 | 3 | 66.7 [20.8, 93.9] |" in section
+    assert "| tutor-a [T=1] | 1 | 0 | 1 | 100.0 [20.7, 100.0] |" in section
+    # Head to head, names sorted: <b>tutor-b</b> beat tutor-a 2 to 1; the resample beat tutor-a once.
+    assert "| &lt;b&gt;tutor-b&lt;/b&gt; | tutor-a | 3 | 2 | 1 | 66.7 [20.8, 93.9] |" in section
+    assert "| tutor-a | tutor-a [T=1] | 1 | 0 | 1 | 0.0 [0.0, 79.3] |" in section
+    assert "Human review win rates</h2>" in html and "<code>dpo.jsonl</code>" in html
+    assert "<td>&lt;b&gt;tutor-b&lt;/b&gt;</td>" in html and "<b>tutor-b</b>" not in html
+    assert "50.0 [15.0, 85.0]" in html
+
+
+def test_missing_or_bad_reviews_file(store, tmp_path):
+    with pytest.raises(ValueError, match=r"reviews file .*absent\.jsonl does not exist"):
+        write_report(store, ["base"], tmp_path / "out", reviews=tmp_path / "absent.jsonl")
+    assert not (tmp_path / "out").exists()  # nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="JSON Lines"):
+        write_report(store, ["base"], tmp_path / "out", reviews=bad)
+
+
+def test_cli_report_with_a_missing_reviews_file(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from zephyr.cli import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["eval", "report", "--models", "m", "--out", str(tmp_path / "out"),
+                                      "--reviews", str(tmp_path / "absent.jsonl")])
+    assert result.exit_code == 1, result.output
+    assert "error: reviews file" in result.output and "does not exist" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not a traceback
