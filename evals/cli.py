@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -73,6 +75,9 @@ def run_command(
     from evals import datasets
     from evals.run import EvalError, RunOptions, run
 
+    # A plain SIGTERM would end the process without unwinding, leaving vLLM's engine-core and worker processes
+    # running (seen here: an orphaned worker held 8 GB and a core); exiting through SystemExit shuts them down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = _settings()
     dialogrpt = {k: v for k, v in {"dialogrpt_updown": dialogrpt_updown,
                                    "dialogrpt_human_vs_rand": dialogrpt_human_vs_rand}.items() if v}
