@@ -4,11 +4,11 @@ rates from a review export made by the real exporter (service/review/export.py).
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from evals.preference import RewardModel, human_win_rates, rm_human_agreement, rm_win_rate, score_stats
+from tests.unit.review_export import write_dpo_export
 
 WORDS = "the a sun is hot cold plants make sugar from light water what why how answer question".split()
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
@@ -87,12 +87,6 @@ def test_rm_win_rate_on_fixed_numbers():
 def export_file(tmp_path):
     """A DPO export written by the real exporter from hand-made verdicts: two served models (tutor-a, tutor-b)
     and their candidates, a resampled one (`tutor-a [T=1]`) and a remote one (`big`)."""
-    from service.review.export import ExportOptions, to_jsonl
-    from service.review.stats import Judgement
-
-    t0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
-    generations: dict[str, dict] = {}
-    judgements = []
     cases = [  # (served model, candidate model, candidate variant, labels by reviewers)
         ("tutor-a", "tutor-a", "T=1", ["served", "served"]),
         ("tutor-a", "tutor-a", "T=1", ["candidate"]),
@@ -101,23 +95,8 @@ def export_file(tmp_path):
         ("tutor-b", "big", None, ["tie"]),  # not a DPO pair
         ("tutor-b", "big", None, ["served", "candidate"]),  # no majority: left out
     ]
-    for n, (served_model, cand_model, variant, labels) in enumerate(cases):
-        item, cand = f"item{n}", f"item{n}-cand"
-        messages = [{"role": "user", "content": f"question {n}"}]
-        at = t0 + timedelta(minutes=n)
-        generations[item] = {"id": item, "created_at": at, "model": served_model, "messages": messages,
-                             "response": [{"content": f"served answer {n}"}], "params": {}}
-        generations[cand] = {"id": cand, "created_at": at, "model": cand_model, "messages": messages,
-                             "response": [{"content": f"candidate answer {n}"}],
-                             "params": {"variant": variant} if variant else {}}
-        for r, label in enumerate(labels):
-            judgements.append(Judgement(item_id=item, reviewer=f"r{r}", kind="pair", label=label,
-                                        strength=3 if label in ("served", "candidate") else None,
-                                        served_model=served_model, candidate_id=cand, candidate_model=cand_model))
-    text, count = to_jsonl(judgements, generations, ExportOptions(format="dpo"), redactor=None)
+    path, count = write_dpo_export(tmp_path / "dpo.jsonl", cases)
     assert count == 4
-    path = tmp_path / "dpo.jsonl"
-    path.write_text(text)
     return path
 
 

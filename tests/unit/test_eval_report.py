@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from evals.report import write_report
 from evals.results import EvalRun, ResultStore, measurement
+from tests.unit.review_export import write_dpo_export
 from zephyr.registry import MANIFEST, ModelManifest, Registry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -206,12 +206,6 @@ def test_one_reward_model_score_has_no_win_rates(report):
 
 def review_export(tmp_path):
     """A DPO export written by the real exporter (as in test_eval_preference.py) from hand-made verdicts."""
-    from service.review.export import ExportOptions, to_jsonl
-    from service.review.stats import Judgement
-
-    t0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
-    generations: dict[str, dict] = {}
-    judgements = []
     cases = [  # (served model, candidate model, candidate variant, labels by reviewers)
         ("tutor-a", "<b>tutor-b</b>", None, ["served"]),
         ("tutor-a", "<b>tutor-b</b>", None, ["candidate", "candidate"]),
@@ -219,23 +213,8 @@ def review_export(tmp_path):
         ("tutor-a", "tutor-a", "T=1", ["candidate"]),
         ("tutor-a", "<b>tutor-b</b>", None, ["tie"]),  # not a DPO pair
     ]
-    for n, (served_model, cand_model, variant, labels) in enumerate(cases):
-        item, cand = f"item{n}", f"item{n}-cand"
-        messages = [{"role": "user", "content": f"question {n}"}]
-        at = t0 + timedelta(minutes=n)
-        generations[item] = {"id": item, "created_at": at, "model": served_model, "messages": messages,
-                             "response": [{"content": f"served answer {n}"}], "params": {}}
-        generations[cand] = {"id": cand, "created_at": at, "model": cand_model, "messages": messages,
-                             "response": [{"content": f"candidate answer {n}"}],
-                             "params": {"variant": variant} if variant else {}}
-        for r, label in enumerate(labels):
-            judgements.append(Judgement(item_id=item, reviewer=f"r{r}", kind="pair", label=label,
-                                        strength=3 if label in ("served", "candidate") else None,
-                                        served_model=served_model, candidate_id=cand, candidate_model=cand_model))
-    text, count = to_jsonl(judgements, generations, ExportOptions(format="dpo"), redactor=None)
+    path, count = write_dpo_export(tmp_path / "dpo.jsonl", cases)
     assert count == 4
-    path = tmp_path / "dpo.jsonl"
-    path.write_text(text)
     return path
 
 
