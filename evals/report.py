@@ -84,26 +84,21 @@ class ModelView:
         return self.cis[m.key]
 
 
-def _newest(runs: list[EvalRun], attr: str) -> Any:
-    # ResultStore.latest() takes these from the newest run only; a text-suite run may not have recorded them.
-    return next((getattr(r, attr) for r in reversed(runs) if getattr(r, attr) is not None), None)
-
-
 def _collect(store: ResultStore, models: list[str], registry: Registry | None) -> list[ModelView]:
     views = []
     for name in models:
-        runs = store.runs(name)
+        run = store.latest(name)
         entry = registry.get(name) if registry is not None and registry.exists(name) else None
         manifest = entry.manifest if entry else None
-        size = _newest(runs, "size_bytes")
+        size = run.size_bytes if run else None
         views.append(
             ModelView(
                 name=name,
-                run=store.latest(name),
-                parent=_newest(runs, "parent") or (manifest.parent if manifest else None),
-                method=_newest(runs, "method") or (manifest.method if manifest else None),
+                run=run,
+                parent=(run.parent if run else None) or (manifest.parent if manifest else None),
+                method=(run.method if run else None) or (manifest.method if manifest else None),
                 size_bytes=size if size is not None else (entry.size_bytes() if entry else None),
-                quantization=_newest(runs, "quantization"),
+                quantization=run.quantization if run else None,
             )
         )
     return views

@@ -101,11 +101,14 @@ class ResultStore:
         for run in runs:
             for m in run.measurements:
                 merged[m.key] = m
-        newest = runs[-1]
         speed: dict[str, Any] = {}
         for run in runs:
             speed.update(run.speed)
-        return newest.model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed})
+        # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
+        described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
+                     for field in ("parent", "method", "size_bytes", "quantization")}
+        return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
+                                           **described})
 
 
 def summary(run: EvalRun) -> dict[str, Any]:
