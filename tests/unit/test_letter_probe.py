@@ -1,0 +1,53 @@
+"""The letter probe: its DPO loss is TRL's sigmoid loss on one-letter answers, it trains only on direct pairs, and a
+short run on a tiny Llama reports checkpoints that move the model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.unit.tiny_llama import make_tiny_llama
+from training.letter_probe import direct_pairs, pair_loss, probe
+from zephyr.registry import Registry
+from zephyr.schemas import MCQItem
+
+
+def pair(question: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": f"Question: {question}\n\nA. one\nB. two\nC. three\nD. four"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "source": "test"}
+
+
+def test_dpo_loss_is_log_two_when_policy_is_the_reference_and_falls_as_the_margin_grows():
+    import torch
+
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -0.5])
+    assert pair_loss("dpo", chosen, rejected, chosen, rejected, 0.1).item() == pytest.approx(math.log(2))
+    moved = pair_loss("dpo", chosen + 1, rejected - 1, chosen, rejected, 0.1).item()
+    assert moved == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
+    assert pair_loss("sft", chosen, rejected, chosen, rejected, 0.1).item() == pytest.approx(1.5)
+
+
+def test_only_one_letter_pairs_are_probed(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    explain = pair("q3", "Plants make food, so the answer is B.", "It is A.")
+    path.write_text("\n".join(json.dumps(r) for r in [pair("q1", "B", "A"), explain, pair("q2", "C", "D")]))
+    assert [r["chosen"][0]["content"] for r in direct_pairs(path)] == ["B", "C"]
+    path.write_text(json.dumps(explain))
+    with pytest.raises(ValueError, match="single option letters"):
+        direct_pairs(path)
+
+
+def test_a_short_probe_reports_each_checkpoint(tmp_path, default_model):
+    tiny = make_tiny_llama(Registry(tmp_path / "models"), default_model)
+    pairs = [pair(f"q{i}", "ABCD"[i % 4], "ABCD"[(i + 1) % 4]) for i in range(12)]
+    items = [MCQItem(id=str(i), question=f"q{i}", options=["one", "two", "three", "four"], answer="ABCD"[i % 4])
+             for i in range(6)]
+    results = probe(tiny.path, pairs, items, steps=2, batch_size=4, eval_every=1, held_out=4, lr=1e-2)
+    assert [c.step for c in results] == [0, 1, 2]
+    assert results[0].train_loss is None and results[1].train_loss == pytest.approx(math.log(2), abs=1e-3)
+    assert all(sum(c.predicted.values()) == len(items) and 0 <= c.accuracy <= 1 for c in results)
+    with pytest.raises(ValueError, match="need 40 training pairs"):
+        probe(tiny.path, pairs, items, steps=10, batch_size=4, held_out=4)
