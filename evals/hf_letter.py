@@ -20,6 +20,17 @@ from zephyr.schemas import MCQItem
 BATCH_SIZE = 16
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Token ids, attention mask and position ids of prompts left-padded to one width, so each prompt's next
+    token is the last position."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def letter_logprobs(model: Any, tokenizer: Any, items: list[MCQItem], batch_size: int = BATCH_SIZE,
                     desc: str = "letter format") -> list[list[float]]:
     """For each item, the next-token log-probabilities (over the whole vocabulary) of its option letters, in
@@ -35,10 +46,7 @@ def letter_logprobs(model: Any, tokenizer: Any, items: list[MCQItem], batch_size
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start: start + batch_size]
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_padded([prompts[i] for i in batch], pad_id)
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                            position_ids=positions.to(model.device), logits_to_keep=1).logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -26,7 +26,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from evals import datasets
-from evals.hf_letter import letter_logprobs
+from evals.hf_letter import left_padded, letter_logprobs
 from zephyr import mcq
 from zephyr.registry import Registry, RegistryError
 from zephyr.settings import Settings
@@ -93,18 +93,14 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
         raise ValueError(f"{steps} steps of {batch_size} need {steps * batch_size} training pairs; "
                          f"there are {len(train)} after {held_out} held out")
     letter_id = dict(zip(mcq.LETTERS, mcq.letter_token_ids(tokenizer, len(mcq.LETTERS)), strict=True))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
     def encode(row: dict[str, Any]) -> list[int]:
         text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
 
     def letter_logps(rows: list[dict[str, Any]], reference: bool = False) -> tuple[Any, Any]:
-        ids = [encode(row) for row in rows]
-        width = max(map(len, ids))
-        inputs = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids])
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs, mask, positions = left_padded([encode(row) for row in rows], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if reference:
                 with model.disable_adapter():
