@@ -73,7 +73,8 @@ def letter_hf(model: Any, tokenizer: Any, name: str, split: str, items: list[MCQ
 
 
 class TransformersEngine:
-    """A transformers model and its tokenizer in place of the vLLM EvalEngine, for the letter format only."""
+    """A transformers model and its tokenizer in place of the vLLM EvalEngine: the letter format, and cloze through
+    lm-eval's transformers backend (`lm`) wrapping the same loaded model."""
 
     backend = "transformers"
 
@@ -86,6 +87,7 @@ class TransformersEngine:
         # A pre-quantized checkpoint carries its quantization_config: from_pretrained loads it as it was saved.
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", device_map=device).eval()
         self.batch_size = batch_size
+        self.lm: Any = _lm_eval_hf(self.model, self.tokenizer, batch_size)
         self.engine_info = {"backend": self.backend, "device": device, "dtype": str(self.model.dtype).split(".")[-1],
                             "batch_size": batch_size, "torch": torch.__version__,
                             "transformers": _version("transformers"), "bitsandbytes": _version("bitsandbytes")}
@@ -95,6 +97,13 @@ class TransformersEngine:
 
     def shutdown(self) -> None:
         del self.model
+
+
+def _lm_eval_hf(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's HFLM around an already loaded model, so cloze scores the weights the letter format scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _version(name: str) -> str | None:

@@ -63,16 +63,13 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
         where = (f"{entry.name} is a bitsandbytes checkpoint and vLLM runs those only on a CUDA GPU "
                  "(this machine has none)")
         if options.suite != "mcq":
-            raise EvalError(f"the {options.suite} suite needs vLLM: {where}; run `--suite mcq --no-cloze` to score the "
-                            "letter format through transformers")
-        if options.cloze:
-            raise EvalError(f"cloze accuracy (lm-eval) needs vLLM: {where}; pass --no-cloze to skip cloze and score "
-                            "the letter format through transformers")
+            raise EvalError(f"the {options.suite} suite needs vLLM: {where}; run `--suite mcq` to score the letter "
+                            "format and cloze through transformers")
     return entry
 
 
 def needs_transformers(entry: RegistryEntry) -> bool:
-    """bitsandbytes checkpoints without a CUDA GPU: vLLM cannot load them, transformers can (letter format only)."""
+    """bitsandbytes checkpoints without a CUDA GPU: vLLM cannot load them, transformers can (the mcq suite only)."""
     return is_bitsandbytes(entry) and not cuda_available()
 
 
@@ -109,7 +106,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     if options.local and needs_transformers(entry):
         from evals.hf_letter import TransformersEngine
 
-        console.print(f"loading {entry.path} with transformers (bitsandbytes without CUDA: letter format only) ...")
+        console.print(f"loading {entry.path} with transformers (bitsandbytes without CUDA: mcq suite only) ...")
         engine = TransformersEngine(entry.path)
     elif options.local:
         from evals.engine import EvalEngine

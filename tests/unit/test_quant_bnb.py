@@ -1,5 +1,6 @@
-"""bitsandbytes 4-bit: a tiny Llama quantized to nf4 on CPU, saved, loaded back and scored in letter format through
-transformers exactly as the vLLM scorer would score it; the service and the vLLM evals refuse it without CUDA."""
+"""bitsandbytes 4-bit: a tiny Llama quantized to nf4 on CPU, saved, loaded back and scored through transformers in
+letter format (exactly as the vLLM scorer would score it) and cloze (lm-eval's transformers backend); the service
+and the generation suites refuse it without CUDA."""
 
 from __future__ import annotations
 
@@ -122,31 +123,57 @@ def test_letter_scorer_matches_a_direct_computation(home):
     assert engine.engine_info["backend"] == "transformers"
 
 
-def test_eval_run_scores_letter_format_through_transformers(home, tmp_path, no_cuda):
+def _cloze_choice(model, tokenizer, item: MCQItem) -> int:
+    """The option with the highest summed log-probability after the arc task's prompt, computed directly (lm-eval
+    encodes context + continuation whole and takes the continuation as the tokens after the context's)."""
+    import torch
+
+    context = f"Question: {item.question}\nAnswer:"
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    totals = []
+    for option in item.options:
+        ids = tokenizer.encode(f"{context} {option}", add_special_tokens=False)
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        totals.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
+    return max(range(len(totals)), key=totals.__getitem__)
+
+
+def test_cloze_through_transformers_scores_the_loaded_model(home, tmp_path):
+    from evals import mcq_eval
+    from evals.hf_letter import TransformersEngine
+
+    engine = TransformersEngine(_registry(home).get(NF4).path, batch_size=2)
+    assert engine.lm.model is engine.model  # lm-eval wraps the very nf4 weights the letter format scores
+    acc, acc_norm = mcq_eval.cloze(engine.lm, {"arc_easy": ("test", ITEMS)}, tmp_path)
+    assert (acc.key, acc_norm.key, acc.n) == ("arc_easy/cloze_acc", "arc_easy/cloze_acc_norm", 3)
+    for item in ITEMS:
+        chosen = _cloze_choice(engine.model, engine.tokenizer, item)
+        assert acc.items[item.id] == float(mcq.LETTERS[chosen] == item.answer)
+
+
+def test_eval_run_scores_letter_format_and_cloze_through_transformers(home, tmp_path, no_cuda):
     path = write_arc(tmp_path / "arc.jsonl", [("a1", ["red", "blue", "green"], "B", None),
                                               ("a2", ["one", "two"], "A", None)])
     settings = Settings(home=home)
-    options = RunOptions(model=NF4, suite="mcq", benchmarks=["arc_easy"], sources={"arc_easy": str(path)},
-                         cloze=False)
+    options = RunOptions(model=NF4, suite="mcq", benchmarks=["arc_easy"], sources={"arc_easy": str(path)})
     [result] = run(options, settings, Console(quiet=True))
     assert result.engine["backend"] == "transformers" and result.engine["server"] is None
     assert result.quantization["quant_method"] == "bitsandbytes"
-    assert [m.key for m in result.measurements] == ["arc_easy/letter_acc"]
-    assert result.measurements[0].n == 2
-    assert "arc_easy/letter_acc" in _registry(home).get(NF4).manifest.evals
+    assert [m.key for m in result.measurements] == ["arc_easy/letter_acc", "arc_easy/cloze_acc",
+                                                    "arc_easy/cloze_acc_norm"]
+    assert {m.n for m in result.measurements} == {2}
+    assert {"arc_easy/letter_acc", "arc_easy/cloze_acc"} <= set(_registry(home).get(NF4).manifest.evals)
 
 
-@pytest.mark.parametrize(("suite", "cloze", "message"), [
-    ("mcq", True, "pass --no-cloze to skip cloze"),
-    ("gsm8k", False, "the gsm8k suite needs vLLM"),
-    ("all", False, "run `--suite mcq --no-cloze`"),
-])
-def test_eval_run_refuses_what_needs_vllm(home, no_cuda, suite, cloze, message):
-    options = RunOptions(model=NF4, suite=suite, cloze=cloze)
+@pytest.mark.parametrize("suite", ["gsm8k", "text", "all"])
+def test_eval_run_refuses_what_needs_vllm(home, no_cuda, suite):
+    options = RunOptions(model=NF4, suite=suite)
     with pytest.raises(EvalError, match="vLLM runs those only on a CUDA GPU") as info:
         check_options(options, Settings(home=home), _registry(home))
-    assert message in str(info.value)
-    # A server-only measurement and unquantized models are not affected.
+    assert f"the {suite} suite needs vLLM" in str(info.value) and "run `--suite mcq`" in str(info.value)
+    # The mcq suite (cloze included), a server-only measurement and unquantized models are not affected.
+    check_options(RunOptions(model=NF4, suite="mcq"), Settings(home=home), _registry(home))
     check_options(RunOptions(model=NF4, suite="mcq", local=False, server="http://x"), Settings(home=home),
                   _registry(home))
     check_options(RunOptions(model=TINY, suite=suite), Settings(home=home), _registry(home))
