@@ -20,11 +20,13 @@ from zephyr.schemas import MCQItem
 BATCH_SIZE = 16
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+def left_padded(prompts: list[list[int]], tokenizer: Any) -> tuple[Any, Any, Any]:
     """Token ids, attention mask and position ids of prompts left-padded to one width, so each prompt's next
     token is the last position."""
     import torch
 
+    # Padding is masked out, so any id works; the tokenizer's pad (else eos) keeps the ids in the vocabulary.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -39,14 +41,13 @@ def letter_logprobs(model: Any, tokenizer: Any, items: list[MCQItem], batch_size
 
     prompts = [mcq.encode_prompt(tokenizer, mcq.MCQuestion(item.question, tuple(item.options))) for item in items]
     letter_ids = [mcq.letter_token_ids(tokenizer, len(item.options)) for item in items]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[list[float]] = [[] for _ in items]
     progress = tqdm(total=len(items), desc=desc)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start: start + batch_size]
-            ids, mask, positions = left_padded([prompts[i] for i in batch], pad_id)
+            ids, mask, positions = left_padded([prompts[i] for i in batch], tokenizer)
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                            position_ids=positions.to(model.device), logits_to_keep=1).logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -93,14 +93,13 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
         raise ValueError(f"{steps} steps of {batch_size} need {steps * batch_size} training pairs; "
                          f"there are {len(train)} after {held_out} held out")
     letter_id = dict(zip(mcq.LETTERS, mcq.letter_token_ids(tokenizer, len(mcq.LETTERS)), strict=True))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
     def encode(row: dict[str, Any]) -> list[int]:
         text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
 
     def letter_logps(rows: list[dict[str, Any]], reference: bool = False) -> tuple[Any, Any]:
-        inputs, mask, positions = left_padded([encode(row) for row in rows], pad_id)
+        inputs, mask, positions = left_padded([encode(row) for row in rows], tokenizer)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if reference:
                 with model.disable_adapter():
