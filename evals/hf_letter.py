@@ -97,7 +97,7 @@ class TransformersEngine:
         return letter_hf(self.model, self.tokenizer, name, split, items, self.batch_size)
 
     def shutdown(self) -> None:
-        del self.model
+        del self.lm, self.model  # lm-eval's wrapper holds the model too
 
 
 def _lm_eval_hf(model: Any, tokenizer: Any, batch_size: int) -> Any:
