@@ -86,9 +86,11 @@ def test_nf4_checkpoint_loads_back_and_generates(home):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_registry(home).get(NF4).path, device_map="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # bitsandbytes 4-bit runs on either
+    model = AutoModelForCausalLM.from_pretrained(_registry(home).get(NF4).path, device_map=device)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bitsandbytes.nn.Linear4bit)
-    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert model.device.type == device
+    prompt = torch.tensor([[1, 2, 3, 4]], device=device)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
 
@@ -99,7 +101,7 @@ def _direct(model, tokenizer, item: MCQItem) -> tuple[str, dict[str, float]]:
 
     ids = mcq.encode_prompt(tokenizer, mcq.MCQuestion(item.question, tuple(item.options)))
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     letter_ids = mcq.letter_token_ids(tokenizer, len(item.options))
     probs, answer = mcq.letter_distribution(mcq.LETTERS[: len(item.options)], logprobs[letter_ids].tolist())
@@ -134,7 +136,8 @@ def _cloze_choice(model, tokenizer, item: MCQItem) -> int:
     for option in item.options:
         ids = tokenizer.encode(f"{context} {option}", add_special_tokens=False)
         with torch.inference_mode():
-            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
         totals.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
     return max(range(len(totals)), key=totals.__getitem__)
 

@@ -152,6 +152,47 @@ def test_qlora_without_cuda_says_so(home, data, tmp_path):
         train(load_recipe(path), settings, recipe_path=path)
 
 
+@pytest.mark.parametrize("method,data_key,extra", [("sft", "sft", {}), ("dpo", "dpo", {"beta": 0.1})])
+def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(method, data_key, extra, home, data, tmp_path):
+    """The CUDA path that CI's CPU cannot take: run on a GPU machine (docs/training.md, "QLoRA on a GPU")."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from safetensors.torch import load_file
+
+    from training.run import _load_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("QLoRA needs a CUDA GPU; test_qlora_without_cuda_says_so covers this machine")
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, f"qlora-{method}", {
+        "method": method, "model": TINY, "output": f"tiny-qlora-{method}", "qlora": True,
+        "data": {"train": str(data[data_key])}, "lora": {"r": 4, "alpha": 8},
+        "trainer": {**STEPS, "max_steps": 3, **extra}})
+    recipe = load_recipe(path)
+    registry = Registry(settings.models_dir)
+    loaded, _ = _load_model(recipe, registry.get(TINY).path)  # what the trainer gets: nf4 linears on the GPU
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.quant_type == "nf4"
+    assert loaded.device.type == "cuda"
+    del loaded
+
+    result = train(recipe, settings, recipe_path=path)
+    entry = registry.get(f"tiny-qlora-{method}")
+    check_hf_folder(entry.path)
+    config = json.loads((entry.path / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"  # a plain checkpoint vLLM loads
+    assert entry.manifest.recipe["qlora"] is True and entry.manifest.parent == TINY
+    assert "NVIDIA" in json.loads((result.run_dir / "summary.json").read_text())["device"]
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in logged if "loss" in row} == {1, 2, 3}
+    before = load_file(next(registry.get(TINY).path.glob("*.safetensors")))
+    after = load_file(next(entry.path.glob("*.safetensors")))
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("q_proj" in k for k in changed)  # the adapter trained on nf4 landed in the bf16 weights
+    assert not any("norm" in k or "embed" in k for k in changed)  # only the adapted linears moved
+
+
 def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
     class LengthScorer:  # a stand-in reward: longer answers score higher
         def score(self, conversations):
