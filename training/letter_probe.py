@@ -5,6 +5,13 @@ letters' log-probabilities, so the same objective costs a quarter of the compute
 
     python -m training.letter_probe --data data/science-dpo.jsonl --objective dpo --lr 1e-4 --steps 120
 
+With `--splits` instead of `--data` it asks the question without any pair data: SFT on the key's letter over MCQ
+training splits, each question's options shuffled afresh at every draw, so the key's letter is uniform and a
+letter prior cannot lower the loss (`--full` trains every weight instead of a LoRA adapter; a CUDA GPU is used
+when there is one):
+
+    python -m training.letter_probe --splits arc_easy:train,openbookqa:train --lr 1e-3 --steps 300
+
 It prints, every `--eval-every` steps, letter-format accuracy on the first `--eval-limit` questions of a
 benchmark's test split (the prompt and letters of `zephyr.mcq`, as `evals.hf_letter`), the predicted-letter
 counts, and how often held-out pairs put the chosen letter above the rejected one."""
@@ -38,7 +45,7 @@ OBJECTIVES = ("dpo", "sft")
 class Checkpoint:
     step: int
     accuracy: float
-    held_out_pair_accuracy: float
+    held_out_accuracy: float  # pairs: chosen letter above rejected; splits: letter accuracy on unseen questions
     predicted: dict[str, int] = field(default_factory=dict)
     train_loss: float | None = None
 
@@ -60,6 +67,97 @@ def direct_pairs(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"{path} holds no pairs whose answers are single option letters")
     return rows
+
+
+def permuted(item: Any, rng: random.Random) -> tuple[mcq.MCQuestion, int]:
+    """The question with its options in a fresh random order, and the index of the key among them."""
+    order = list(range(len(item.options)))
+    rng.shuffle(order)
+    options = tuple(item.options[i] for i in order)
+    return mcq.MCQuestion(item.question, options), order.index(mcq.LETTERS.index(item.answer))
+
+
+def _load(model_path: Path, full: bool, lora_r: int, dropout: float) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # On CUDA, SDPA returns NaN for the fully masked rows of left padding, and NaN times a zero mask still
+    # poisons the gradients; the eager kernels mask with a large finite number instead.
+    extra = {"attn_implementation": "eager"} if device == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **extra).to(device)
+    if not full:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def _score(model: Any, tokenizer: Any, items: list[Any], desc: str) -> tuple[float, dict[str, int]]:
+    """Letter-format accuracy (the prompt and letters of `zephyr.mcq`) and how often each letter was answered."""
+    import torch
+
+    model.eval()
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        scored = letter_logprobs(model, tokenizer, items, desc=desc)
+    model.train()
+    answers = [mcq.letter_distribution(mcq.LETTERS[: len(item.options)], logps)[1]
+               for item, logps in zip(items, scored, strict=True)]
+    correct = sum(a == item.answer for a, item in zip(answers, items, strict=True))
+    return correct / len(items), dict(Counter(answers).most_common())
+
+
+def key_probe(model_path: Path, train_items: list[Any], eval_items: list[Any], *, lr: float = 1e-3,
+              steps: int = 300, batch_size: int = 8, eval_every: int = 100, held_out: int = 200,
+              full: bool = False, lora_r: int = 16, seed: int = 0) -> list[Checkpoint]:
+    """SFT on the key's letter, options permuted at every draw; the loss is cross-entropy over the question's
+    option letters, so a model that has learnt nothing sits at ln(number of options). `held_out` training
+    questions are never trained on and are scored like the benchmark (the column `held-out accuracy`)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    items = list(train_items)
+    rng.shuffle(items)
+    held, train = items[:held_out], items[held_out:]
+    if not train:
+        raise ValueError(f"no training questions left after {held_out} held out")
+    model, tokenizer = _load(model_path, full, lora_r, dropout=0.0)
+    letter_ids = mcq.letter_token_ids(tokenizer, len(mcq.LETTERS))
+
+    def checkpoint(step: int, train_loss: float | None) -> Checkpoint:
+        accuracy, predicted = _score(model, tokenizer, eval_items, f"step {step}")
+        held_accuracy = _score(model, tokenizer, held, f"step {step}, held out")[0] if held else float("nan")
+        return Checkpoint(step, accuracy, held_accuracy, predicted, train_loss)
+
+    results = [checkpoint(0, None)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    warmup = max(1, min(20, steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses: list[float] = []
+    device = model.device
+    for step in tqdm(range(1, steps + 1), desc="key probe (permuted options)"):
+        drawn = [permuted(train[((step - 1) * batch_size + j) % len(train)], rng) for j in range(batch_size)]
+        inputs, mask, positions = (t.to(device) for t in left_padded(
+            [mcq.encode_prompt(tokenizer, question) for question, _ in drawn], tokenizer))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=1).logits[:, -1].float()
+        loss = torch.stack([F.cross_entropy(row[letter_ids[: len(question.options)]][None],
+                                            torch.tensor([key], device=device))
+                            for row, (question, key) in zip(logits, drawn, strict=True)]).mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            recent = losses[-eval_every:]
+            results.append(checkpoint(step, sum(recent) / len(recent)))
+    return results
 
 
 def pair_loss(objective: str, chosen: Any, rejected: Any, ref_chosen: Any, ref_rejected: Any,
@@ -150,18 +248,50 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
     return results
 
 
+def training_items(splits: str, data_dir: Path) -> list[Any]:
+    """The questions of `name:split,...`; test splits are refused (they are what the probe is scored on)."""
+    items: list[Any] = []
+    for spec in filter(None, (part.strip() for part in splits.split(","))):
+        name, _, split = spec.partition(":")
+        if not split:
+            raise ValueError(f"{spec!r}: write each as NAME:SPLIT, for example arc_easy:train")
+        if split == "test":
+            raise ValueError(f"{spec!r}: the probe never trains on a test split; use train or validation")
+        items += datasets.load(name, split=split, data_dir=data_dir)
+    if not items:
+        raise ValueError("no splits given")
+    return items
+
+
 def main(
-    data: Annotated[Path, typer.Option(help="preference pairs from `zephyr data science` (JSON Lines)",
-                                       exists=True, dir_okay=False)],
+    data: Annotated[Path | None, typer.Option(help="preference pairs from `zephyr data science` (JSON Lines)",
+                                              exists=True, dir_okay=False)] = None,
+    splits: Annotated[str | None, typer.Option(
+        help="instead of --data: SFT on the key over these MCQ training splits (NAME:SPLIT,...), options "
+             "permuted at every draw")] = None,
     model: Annotated[str, typer.Option(help="registry model")] = "smollm2-135m-instruct",
-    objective: Annotated[str, typer.Option(help="dpo (sigmoid loss against the frozen model) or sft (NLL of the key)")]
-    = "dpo",
+    objective: Annotated[str | None, typer.Option(
+        help="--data: dpo (sigmoid loss against the frozen model, the default) or sft (NLL of the key); "
+             "--splits trains with sft only")] = None,
     lr: float = 1e-4, beta: float = 0.1, steps: int = 120, batch_size: int = 8, eval_every: int = 60,
+    full: Annotated[bool, typer.Option(help="--splits: train every weight instead of a LoRA adapter")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    held_out: Annotated[int, typer.Option(help="pairs or questions kept out of training and scored")] = 200,
     benchmark: Annotated[str, typer.Option(help="test split scored at each checkpoint")] = "arc_easy",
     eval_limit: Annotated[int, typer.Option(help="its first N questions")] = 500,
 ) -> None:
-    if objective not in OBJECTIVES:
+    if (data is None) == (splits is None):
+        raise typer.BadParameter("give exactly one of --data (pairs) or --splits (MCQ training splits)",
+                                 param_hint="--data / --splits")
+    if objective is not None and objective not in OBJECTIVES:
         raise typer.BadParameter(f"choose one of {', '.join(OBJECTIVES)}", param_hint="--objective")
+    if splits is not None and objective not in (None, "sft"):
+        raise typer.BadParameter("--splits trains on the key's letter (sft); DPO needs --data pairs",
+                                 param_hint="--objective")
+    objective = objective or ("sft" if splits is not None else "dpo")
+    if full and data is not None:
+        raise typer.BadParameter("--full applies to --splits; the pair probe's DPO reference is the LoRA-disabled "
+                                 "model", param_hint="--full")
     settings = Settings()
     try:
         path = Registry(settings.models_dir).get(model).path
@@ -171,21 +301,34 @@ def main(
         items = datasets.load(benchmark, data_dir=settings.data_dir, limit=eval_limit)
     except datasets.DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--benchmark") from exc
-    try:
-        pairs = direct_pairs(data)
-    except ValueError as exc:  # JSONDecodeError is a ValueError
-        raise typer.BadParameter(f"{data}: {exc}", param_hint="--data") from exc
     started = time.perf_counter()
-    results = probe(path, pairs, items, objective=objective, lr=lr, beta=beta, steps=steps,
-                    batch_size=batch_size, eval_every=eval_every)
-    table = Table(title=f"{objective} probe on {model}: lr {lr}, beta {beta}, batch {batch_size} "
-                        f"({time.perf_counter() - started:.0f} s)")
-    for column in ("step", "mean train loss", f"{benchmark} letter acc (n={len(items)})",
-                   "held-out chosen > rejected", "predicted letters"):
+    if splits is not None:
+        try:
+            train_items = training_items(splits, settings.data_dir)
+        except (ValueError, datasets.DatasetError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--splits") from exc
+        results = key_probe(path, train_items, items, lr=lr, steps=steps, batch_size=batch_size,
+                            eval_every=eval_every, held_out=held_out, full=full, lora_r=lora_r)
+        title = (f"key probe on {model} ({'full fine-tuning' if full else f'LoRA r{lora_r}'}, {len(train_items)} "
+                 f"questions, options permuted): lr {lr}, batch {batch_size}")
+        held_column = "held-out accuracy"
+    else:
+        assert data is not None
+        try:
+            pairs = direct_pairs(data)
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise typer.BadParameter(f"{data}: {exc}", param_hint="--data") from exc
+        results = probe(path, pairs, items, objective=objective, lr=lr, beta=beta, steps=steps,
+                        batch_size=batch_size, eval_every=eval_every, held_out=held_out, lora_r=lora_r)
+        title = f"{objective} probe on {model}: lr {lr}, beta {beta}, batch {batch_size}"
+        held_column = "held-out chosen > rejected"
+    table = Table(title=f"{title} ({time.perf_counter() - started:.0f} s)")
+    for column in ("step", "mean train loss", f"{benchmark} letter acc (n={len(items)})", held_column,
+                   "predicted letters"):
         table.add_column(column)
     for c in results:
         table.add_row(str(c.step), "" if c.train_loss is None else f"{c.train_loss:.3f}", f"{c.accuracy:.3f}",
-                      f"{c.held_out_pair_accuracy:.3f}", " ".join(f"{k}:{v}" for k, v in c.predicted.items()))
+                      f"{c.held_out_accuracy:.3f}", " ".join(f"{k}:{v}" for k, v in c.predicted.items()))
     Console().print(table)
 
 

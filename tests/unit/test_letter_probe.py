@@ -1,5 +1,6 @@
 """The letter probe: its DPO loss is TRL's sigmoid loss on one-letter answers, it trains only on direct pairs, and a
-short run on a tiny Llama reports checkpoints that move the model."""
+short run on a tiny Llama reports checkpoints that move the model. The key probe permutes options so the key's
+letter is uniform, never trains on a test split, and starts at a uniform guess's loss."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 
 from tests.unit.tiny_llama import make_tiny_llama
-from training.letter_probe import direct_pairs, pair_loss, probe
+from training.letter_probe import direct_pairs, key_probe, main, pair_loss, permuted, probe, training_items
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
 
@@ -51,3 +52,54 @@ def test_a_short_probe_reports_each_checkpoint(tmp_path, default_model):
     assert all(sum(c.predicted.values()) == len(items) and 0 <= c.accuracy <= 1 for c in results)
     with pytest.raises(ValueError, match="need 40 training pairs"):
         probe(tiny.path, pairs, items, steps=10, batch_size=4, held_out=4)
+
+
+def test_permuted_options_keep_the_key_and_spread_its_letter():
+    import random
+    from collections import Counter
+
+    item = MCQItem(id="q", question="Which is a gas?", options=["iron", "oxygen", "salt", "ice"], answer="B")
+    rng = random.Random(0)
+    draws = [permuted(item, rng) for _ in range(400)]
+    assert all(question.options[key] == "oxygen" and sorted(question.options) == sorted(item.options)
+               for question, key in draws)
+    letters = Counter(key for _, key in draws)
+    assert set(letters) == {0, 1, 2, 3} and min(letters.values()) > 60  # ~100 each: no letter to learn
+
+
+def test_key_probe_starts_at_a_uniform_guess_and_reports_each_checkpoint(tmp_path, default_model):
+    tiny = make_tiny_llama(Registry(tmp_path / "models"), default_model)
+    train = [MCQItem(id=f"t{i}", question=f"train question {i}", options=["one", "two", "three", "four"],
+                     answer="ABCD"[i % 4]) for i in range(10)]
+    items = [MCQItem(id=str(i), question=f"q{i}", options=["one", "two", "three", "four"], answer="ABCD"[i % 4])
+             for i in range(6)]
+    results = key_probe(tiny.path, train, items, steps=2, batch_size=4, eval_every=1, held_out=2, lr=1e-2)
+    assert [c.step for c in results] == [0, 1, 2]
+    # A random tiny model's letter logits are nearly equal: cross-entropy over four letters is ln 4.
+    assert results[0].train_loss is None and results[1].train_loss == pytest.approx(math.log(4), abs=0.02)
+    assert all(sum(c.predicted.values()) == len(items) and 0 <= c.held_out_accuracy <= 1 for c in results)
+
+
+def test_key_probe_trains_on_training_splits_only(tmp_path):
+    from tests.unit.test_eval_datasets import write_arc
+
+    write_arc(tmp_path / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl", [("a1", ["red", "blue"], "B", None)])
+    assert [i.id for i in training_items("arc_easy:train", tmp_path)] == ["a1"]
+    with pytest.raises(ValueError, match="never trains on a test split"):
+        training_items("arc_easy:train,arc_easy:test", tmp_path)
+    with pytest.raises(ValueError, match="NAME:SPLIT"):
+        training_items("arc_easy", tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "exactly one of --data"),
+    (["--splits", "arc_easy:train", "--objective", "dpo"], "DPO needs --data pairs"),
+])
+def test_cli_says_what_to_fix(args, message):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(main)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
