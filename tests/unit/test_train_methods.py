@@ -156,13 +156,13 @@ def test_qlora_without_cuda_says_so(home, data, tmp_path):
 def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(method, data_key, extra, home, data, tmp_path):
     """The CUDA path that CI's CPU cannot take: run on a GPU machine (docs/training.md, "QLoRA on a GPU")."""
     import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("QLoRA needs a CUDA GPU; test_qlora_without_cuda_says_so covers this machine")
     from bitsandbytes.nn import Linear4bit
     from safetensors.torch import load_file
 
     from training.run import _load_model
-
-    if not torch.cuda.is_available():
-        pytest.skip("QLoRA needs a CUDA GPU; test_qlora_without_cuda_says_so covers this machine")
     settings = Settings(home=home)
     path = recipe_file(tmp_path, f"qlora-{method}", {
         "method": method, "model": TINY, "output": f"tiny-qlora-{method}", "qlora": True,
