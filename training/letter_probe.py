@@ -174,22 +174,17 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
           lr: float = 1e-4, beta: float = 0.1, steps: int = 120, batch_size: int = 8, eval_every: int = 60,
           held_out: int = 200, lora_r: int = 16, seed: int = 42) -> list[Checkpoint]:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     pairs = list(pairs)
     random.Random(seed).shuffle(pairs)
     held, train = pairs[:held_out], pairs[held_out:]
     if len(train) < steps * batch_size:
         raise ValueError(f"{steps} steps of {batch_size} need {steps * batch_size} training pairs; "
                          f"there are {len(train)} after {held_out} held out")
+    model, tokenizer = _load(model_path, full=False, lora_r=lora_r, dropout=0.05)
     letter_id = dict(zip(mcq.LETTERS, mcq.letter_token_ids(tokenizer, len(mcq.LETTERS)), strict=True))
 
     def encode(row: dict[str, Any]) -> list[int]:
@@ -197,8 +192,8 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
         return tokenizer.encode(text, add_special_tokens=False)
 
     def letter_logps(rows: list[dict[str, Any]], reference: bool = False) -> tuple[Any, Any]:
-        inputs, mask, positions = left_padded([encode(row) for row in rows], tokenizer)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        inputs, mask, positions = (t.to(model.device) for t in left_padded([encode(row) for row in rows], tokenizer))
+        with torch.autocast(model.device.type, dtype=torch.bfloat16):
             if reference:
                 with model.disable_adapter():
                     logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions,
@@ -213,17 +208,13 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
         return chosen, rejected
 
     def checkpoint(step: int, train_loss: float | None) -> Checkpoint:
+        accuracy, predicted = _score(model, tokenizer, eval_items, f"step {step}")
         model.eval()
-        scored = letter_logprobs(model, tokenizer, eval_items, desc=f"step {step}")
-        answers = [mcq.letter_distribution(mcq.LETTERS[: len(item.options)], logps)[1]
-                   for item, logps in zip(eval_items, scored, strict=True)]
         with torch.no_grad():
             above = sum(int((c > r).sum()) for s in range(0, len(held), 16)
                         for c, r in [letter_logps(held[s: s + 16])])
         model.train()
-        correct = sum(a == item.answer for a, item in zip(answers, eval_items, strict=True))
-        return Checkpoint(step, correct / len(answers), above / max(len(held), 1),
-                          dict(Counter(answers).most_common()), train_loss)
+        return Checkpoint(step, accuracy, above / max(len(held), 1), predicted, train_loss)
 
     results = [checkpoint(0, None)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

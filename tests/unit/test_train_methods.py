@@ -163,6 +163,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(method, data
     from safetensors.torch import load_file
 
     from training.run import _load_model
+
     settings = Settings(home=home)
     path = recipe_file(tmp_path, f"qlora-{method}", {
         "method": method, "model": TINY, "output": f"tiny-qlora-{method}", "qlora": True,
