@@ -132,23 +132,37 @@ def key_probe(model_path: Path, train_items: list[Any], eval_items: list[Any], *
         held_accuracy = _score(model, tokenizer, held, f"step {step}, held out")[0] if held else float("nan")
         return Checkpoint(step, accuracy, held_accuracy, predicted, train_loss)
 
-    results = [checkpoint(0, None)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    warmup = max(1, min(20, steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses: list[float] = []
     device = model.device
-    for step in tqdm(range(1, steps + 1), desc="key probe (permuted options)"):
+
+    def batch_loss(step: int) -> Any:
         drawn = [permuted(train[((step - 1) * batch_size + j) % len(train)], rng) for j in range(batch_size)]
         inputs, mask, positions = (t.to(device) for t in left_padded(
             [mcq.encode_prompt(tokenizer, question) for question, _ in drawn], tokenizer))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions,
                            logits_to_keep=1).logits[:, -1].float()
-        loss = torch.stack([F.cross_entropy(row[letter_ids[: len(question.options)]][None],
+        return torch.stack([F.cross_entropy(row[letter_ids[: len(question.options)]][None],
                                             torch.tensor([key], device=device))
                             for row, (question, key) in zip(logits, drawn, strict=True)]).mean()
+
+    return _train(model, batch_loss, checkpoint, lr=lr, steps=steps, eval_every=eval_every,
+                  warmup=max(1, min(20, steps // 10)), weight_decay=0.0, desc="key probe (permuted options)")
+
+
+def _train(model: Any, batch_loss: Any, checkpoint: Any, *, lr: float, steps: int, eval_every: int, warmup: int,
+           weight_decay: float, desc: str) -> list[Checkpoint]:
+    """AdamW with linear warm-up and cosine decay over `steps`; a checkpoint before training, every `eval_every`
+    steps and at the end, each with the mean loss since the one before."""
+    import torch
+
+    results = [checkpoint(0, None)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses: list[float] = []
+    for step in tqdm(range(1, steps + 1), desc=desc):
+        loss = batch_loss(step)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -216,27 +230,16 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
         model.train()
         return Checkpoint(step, accuracy, above / max(len(held), 1), predicted, train_loss)
 
-    results = [checkpoint(0, None)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    warmup = min(10, steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses: list[float] = []
-    for step in tqdm(range(1, steps + 1), desc=f"{objective} probe"):
+    def batch_loss(step: int) -> Any:
         batch = train[(step - 1) * batch_size: step * batch_size]
         chosen, rejected = letter_logps(batch)
         with torch.no_grad():
             ref_chosen, ref_rejected = letter_logps(batch, reference=True) if objective == "dpo" else (chosen, rejected)
-        loss = pair_loss(objective, chosen, rejected, ref_chosen, ref_rejected, beta)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % eval_every == 0 or step == steps:
-            recent = losses[-eval_every:]
-            results.append(checkpoint(step, sum(recent) / len(recent)))
-    return results
+        return pair_loss(objective, chosen, rejected, ref_chosen, ref_rejected, beta)
+
+    # AdamW's default weight decay (0.01), as the probe had before the key probe shared this loop.
+    return _train(model, batch_loss, checkpoint, lr=lr, steps=steps, eval_every=eval_every, warmup=min(10, steps),
+                  weight_decay=0.01, desc=f"{objective} probe")
 
 
 def training_items(splits: str, data_dir: Path) -> list[Any]:
