@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from evals import datasets
 from evals.hf_letter import left_padded, letter_logprobs
+from training.data.builders import BuildError, mcq_training_items
 from zephyr import mcq
 from zephyr.registry import Registry, RegistryError
 from zephyr.settings import Settings
@@ -242,21 +243,6 @@ def probe(model_path: Path, pairs: list[dict[str, Any]], eval_items: list[Any], 
                   weight_decay=0.01, desc=f"{objective} probe")
 
 
-def training_items(splits: str, data_dir: Path) -> list[Any]:
-    """The questions of `name:split,...`; test splits are refused (they are what the probe is scored on)."""
-    items: list[Any] = []
-    for spec in filter(None, (part.strip() for part in splits.split(","))):
-        name, _, split = spec.partition(":")
-        if not split:
-            raise ValueError(f"{spec!r}: write each as NAME:SPLIT, for example arc_easy:train")
-        if split == "test":
-            raise ValueError(f"{spec!r}: the probe never trains on a test split; use train or validation")
-        items += datasets.load(name, split=split, data_dir=data_dir)
-    if not items:
-        raise ValueError("no splits given")
-    return items
-
-
 def main(
     data: Annotated[Path | None, typer.Option(help="preference pairs from `zephyr data science` (JSON Lines)",
                                               exists=True, dir_okay=False)] = None,
@@ -298,8 +284,9 @@ def main(
     started = time.perf_counter()
     if splits is not None:
         try:
-            train_items = training_items(splits, settings.data_dir)
-        except (ValueError, datasets.DatasetError) as exc:
+            train_items = mcq_training_items([part.strip() for part in splits.split(",") if part.strip()],
+                                             settings.data_dir)
+        except (BuildError, datasets.DatasetError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
         results = key_probe(path, train_items, items, lr=lr, steps=steps, batch_size=batch_size,
                             eval_every=eval_every, held_out=held_out, full=full, lora_r=lora_r)
