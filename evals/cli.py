@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
 
 app = typer.Typer(help="Evaluate registry models: benchmarks, text metrics, reports and the promotion gate.",
                   no_args_is_help=True)
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
+console = make_console()
+err = make_console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str) -> typer.Exit:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from evals import datasets
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, summary
+from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
 from zephyr.settings import Settings
 
@@ -83,7 +84,7 @@ def _load(name: str, options: RunOptions, settings: Settings, split: str | None 
 
 
 def run(options: RunOptions, settings: Settings, console: Console | None = None) -> list[EvalRun]:
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     registry = Registry(settings.models_dir)
     entry = check_options(options, settings, registry)
     store = ResultStore(settings.resolved_eval_results_dir)

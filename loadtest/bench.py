@@ -21,17 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
 from loadtest import harness
 from loadtest.harness import percentile
 from zephyr import mcq
 from zephyr.bundled import ensure_default_model
+from zephyr.console import make_console
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
-console = Console()
+console = make_console()
 PROMPTS = [
     "Explain how photosynthesis works.", "Why is the sky blue?", "What is Newton's second law?",
     "How do vaccines train the immune system?", "What causes the seasons on Earth?",

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 
 from loadtest.harness import (
     STUDENT_KEY,
@@ -37,8 +36,9 @@ from loadtest.harness import (
     one_row_each,
     successful,
 )
+from zephyr.console import make_console
 
-console = Console()
+console = make_console()
 GENERATION = ("chat", "mcq")
 READYZ_LIMIT_S = 5
 # A request sent this close to the fault may reach the server before or after it: judged by neither rule.

@@ -13,12 +13,12 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from loadtest.harness import LocalServer, Locust, linked_home, percentile
+from zephyr.console import make_console
 
-console = Console()
+console = make_console()
 
 
 def summary(events: list[dict], wall_s: float, title: str) -> Table:

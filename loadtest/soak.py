@@ -17,12 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from loadtest.harness import LocalServer, Locust, Report, linked_home, one_row_each
 from loadtest.load import summary
+from zephyr.console import make_console
 
-console = Console()
+console = make_console()
 RSS_SAMPLE_S = 5
 MAX_RSS_GROWTH = 0.10
 

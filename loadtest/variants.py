@@ -22,16 +22,16 @@ import time
 from pathlib import Path
 
 import psutil
-from rich.console import Console
 from rich.table import Table
 
 from loadtest import harness
 from loadtest.bench import Level, chat_level
 from loadtest.harness import percentile
+from zephyr.console import make_console
 from zephyr.registry import Registry, quantization_config
 from zephyr.settings import Settings
 
-console = Console()
+console = make_console()
 
 
 class MemorySampler:

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from quant.run import GROUPED, SCHEMES
+from zephyr.console import make_console
 
-err = Console(stderr=True, soft_wrap=True)
+err = make_console(stderr=True, soft_wrap=True)
 
 METHOD_HELP = "; ".join(f"{m}: {', '.join(s)}" for m, s in SCHEMES.items())
 
@@ -74,8 +74,8 @@ def quantize_command(
     for key in ("seconds_total", "bytes_on_disk", "linear_ratio", "checkpoint_ratio", "calibration_samples"):
         if key in result.stats:
             table.add_row(key, str(result.stats[key]))
-    Console().print(table)
-    Console().print(f"registered {result.entry.name} at {result.entry.path}")
+    make_console().print(table)
+    make_console().print(f"registered {result.entry.name} at {result.entry.path}")
     if quantize_lm_head and method != "easyquant":
         err.print("[yellow]warning:[/] vLLM 0.32 does not load a quantized lm_head from compressed-tensors; serve a "
                   "variant made without --quantize-lm-head")

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import KTOExample, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import DEFAULT_MODEL, Settings
@@ -21,8 +21,8 @@ train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model
                         no_args_is_help=True)
 data_app = typer.Typer(help="Build and clean training data (JSON Lines in the zephyr/schemas.py formats).",
                        no_args_is_help=True)
-console = Console(stderr=True)
-err = Console(stderr=True, soft_wrap=True)
+console = make_console(stderr=True)
+err = make_console(stderr=True, soft_wrap=True)
 
 SCHEMA_BY_FORMAT = {"dpo": PreferencePair, "kto": KTOExample, "sft": SFTExample}
 
@@ -78,8 +78,8 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
     for key, value in sorted(result.metrics.items()):
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4g}")
-    Console().print(table)
-    Console().print(f"registered [bold]{result.entry.name}[/] (parent {result.entry.manifest.parent}) at "
+    make_console().print(table)
+    make_console().print(f"registered [bold]{result.entry.name}[/] (parent {result.entry.manifest.parent}) at "
                     f"{result.entry.path}; run folder {result.run_dir}")
 
 
@@ -129,10 +129,10 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, no_clean: b
         records, report = clean(records, options, index=index)
         report_table = report.table()
         report_table.title = f"cleaning {title}"
-        Console().print(report_table)
+        make_console().print(report_table)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = write_jsonl(out, records)
-    Console().print(f"wrote {count} {schema.__name__} records to {out}")
+    make_console().print(f"wrote {count} {schema.__name__} records to {out}")
     return count
 
 
@@ -184,7 +184,7 @@ def data_science(
     table = Table("", "", title=f"science data from {model}")
     for name, value in stats.rows():
         table.add_row(name, value)
-    Console().print(table)
+    make_console().print(table)
     common = {"no_clean": no_clean, "no_pii": no_pii, "near_dup": near_dup, "max_chars": max_chars,
               "no_decontaminate": no_decontaminate, "settings": settings, "against": against}
     _clean_and_write(pairs, out, PreferencePair, title="preference pairs", **common)
@@ -211,7 +211,7 @@ def data_hh(
         pairs, skipped = from_hh_rlhf(path, limit)
     except BuildError as exc:
         raise fail(str(exc)) from None
-    Console().print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")
+    make_console().print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")
     _clean_and_write(pairs, out, PreferencePair, no_clean=no_clean, no_pii=no_pii, near_dup=near_dup,
                      max_chars=max_chars, no_decontaminate=no_decontaminate, settings=settings, title="hh-rlhf",
                      against=against)
@@ -232,7 +232,7 @@ def data_review(
         fmt, records = from_review_export(source)
     except BuildError as exc:
         raise fail(str(exc)) from None
-    Console().print(f"{len(records)} {fmt} records in {source}")
+    make_console().print(f"{len(records)} {fmt} records in {source}")
     _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], no_clean=no_clean, no_pii=no_pii, near_dup=near_dup,
                      max_chars=max_chars, no_decontaminate=no_decontaminate, settings=settings, title=str(source),
                      against=against)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
@@ -36,6 +35,7 @@ from evals import datasets
 from evals.hf_letter import left_padded, letter_logprobs
 from training.data.builders import BuildError, mcq_training_items
 from zephyr import mcq
+from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
 from zephyr.settings import Settings
 
@@ -310,7 +310,7 @@ def main(
     for c in results:
         table.add_row(str(c.step), "" if c.train_loss is None else f"{c.train_loss:.3f}", f"{c.accuracy:.3f}",
                       f"{c.held_out_accuracy:.3f}", " ".join(f"{k}:{v}" for k, v in c.predicted.items()))
-    Console().print(table)
+    make_console().print(table)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from training.recipes import Recipe, RecipeError, SamplingSpec
 from training.run import RunResult, TrainingError, check_output_free, train
+from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import Message, SFTExample, write_jsonl
 from zephyr.settings import Settings
@@ -103,7 +104,7 @@ def best_of_n(prompts: list[Conversation], answers: list[list[str]], scorer: Any
 
 def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None, fresh: bool = False,
                            overwrite: bool = False, console: Console | None = None) -> RunResult:
-    console = console or Console()
+    console = console or make_console()
     spec = recipe.sampling
     assert spec is not None  # the recipe validator guarantees it for method rs
     registry = Registry(settings.models_dir)

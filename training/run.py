@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
+from zephyr.console import make_console
 from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, digest_file
 from zephyr.schemas import DataFileError, KTOExample, PreferencePair, SFTExample, read_jsonl
 from zephyr.settings import Settings
@@ -201,7 +202,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
           overwrite: bool = False, console: Console | None = None, data_files: list[Path] | None = None) -> RunResult:
     """Train `recipe` and register the result. `data_files` replaces the recipe's training data (rejection
     sampling trains on the file it has just written)."""
-    console = console or Console()
+    console = console or make_console()
     registry = Registry(settings.models_dir)
     base = registry.get(recipe.model)
     output = recipe.output_name(recipe_path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from zephyr.console import make_console
 from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, digest_file
 from zephyr.settings import DEFAULT_MODEL
 
@@ -38,7 +39,7 @@ def ensure_default_model(registry: Registry, console: Console | None = None) -> 
     """Return the default entry, building it first if the registry lacks it (idempotent)."""
     if registry.exists(DEFAULT_MODEL):
         return registry.get(DEFAULT_MODEL)
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     gguf = bundled_gguf()
     with console.status("[1/4] checking the bundled GGUF (sha256)"):
         digest = digest_file(gguf)

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from evals.cli import app as eval_app
 from quant.cli import quantize_command
 from training.cli import data_app, train_app
+from zephyr.console import make_console
 from zephyr.registry import ModelManifest, Registry, RegistryError, vllm_serving_problem
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -27,8 +27,8 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 app.command("quantize")(quantize_command)
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # errors stay on one line
+console = make_console()
+err = make_console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 ServerURL = Annotated[str, typer.Option("--url", envvar="ZEPHYR_URL", help="Base URL of a running Zephyr server")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY", help="Bearer key for the server")]
