@@ -52,7 +52,8 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command("run")
 def run_command(
     model: Annotated[str, typer.Option(help="Registry model")],
-    suite: Annotated[str, typer.Option(help="mcq | gsm8k | text | all")] = "mcq",
+    suite: Annotated[str, typer.Option(
+        help="mcq | gsm8k | text | all, or a comma-separated list (gsm8k,text)")] = "mcq",
     limit: Annotated[int | None, typer.Option(help="First N items of each benchmark")] = None,
     benchmarks: Annotated[str | None, typer.Option(
         help="MCQ benchmarks, comma-separated (default: arc_easy,arc_challenge,mmlu,sciq,openbookqa)")] = None,

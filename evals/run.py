@@ -17,7 +17,7 @@ from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
 from zephyr.settings import Settings
 
-SUITES = ("mcq", "gsm8k", "text", "all")
+SUITES = ("mcq", "gsm8k", "text")  # in run order: the text suite reuses the gsm8k suite's generations
 TEXT_MAX_TOKENS = 128
 
 
@@ -45,8 +45,7 @@ class RunOptions:
 
 def check_options(options: RunOptions, settings: Settings, registry: Registry) -> RegistryEntry:
     """Everything that can be checked before an engine starts."""
-    if options.suite not in SUITES:
-        raise EvalError(f"unknown suite {options.suite!r}; choose one of {', '.join(SUITES)}")
+    suites = suites_of(options.suite)
     if options.limit is not None and options.limit < 1:
         raise EvalError("--limit must be at least 1")
     entry = registry.get(options.model)
@@ -58,14 +57,15 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
             raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(datasets.BENCHMARKS)}")
     if not options.local and not options.server:
         raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
-    if not options.local and options.suite != "mcq":
+    generation = [suite for suite in suites if suite != "mcq"]
+    if not options.local and generation:
         raise EvalError("only the mcq suite can be measured through a server (--server with --no-local)")
-    if options.local and needs_transformers(entry):
+    if options.local and needs_transformers(entry) and generation:
         where = (f"{entry.name} is a bitsandbytes checkpoint and vLLM runs those only on a CUDA GPU "
                  "(this machine has none)")
-        if options.suite != "mcq":
-            raise EvalError(f"the {options.suite} suite needs vLLM: {where}; run `--suite mcq` to score the letter "
-                            "format and cloze through transformers")
+        named = f"the {generation[0]} suite needs" if len(generation) == 1 else "the gsm8k and text suites need"
+        raise EvalError(f"{named} vLLM: {where}; run `--suite mcq` to score the letter format and cloze through "
+                        "transformers")
     return entry
 
 
@@ -74,8 +74,14 @@ def needs_transformers(entry: RegistryEntry) -> bool:
     return is_bitsandbytes(entry) and not cuda_available()
 
 
-def _suites(suite: str) -> list[str]:
-    return ["mcq", "gsm8k", "text"] if suite == "all" else [suite]
+def suites_of(suite: str) -> list[str]:
+    """`all`, one suite or a comma-separated list, in SUITES order."""
+    names = list(SUITES) if suite.strip() == "all" else [name.strip() for name in suite.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SUITES]
+    if unknown or not names:
+        raise EvalError(f"unknown suite {(', '.join(unknown) or suite)!r}; choose all, or one or more of "
+                        f"{', '.join(SUITES)} separated by commas (e.g. gsm8k,text)")
+    return [name for name in SUITES if name in names]
 
 
 def _load(name: str, options: RunOptions, settings: Settings, split: str | None = None) -> list[Any]:
@@ -91,7 +97,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or datasets.MCQ_BENCHMARKS)
     data: dict[str, tuple[str, list[Any]]] = {}
-    suites = _suites(options.suite)
+    suites = suites_of(options.suite)
     if "mcq" in suites:
         for name in mcq_names:
             split = datasets.BENCHMARKS[name].eval_split

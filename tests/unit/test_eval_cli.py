@@ -48,9 +48,21 @@ def registered(home):
     (["--no-local", "--server", "http://x", "--suite", "gsm8k"], "only the mcq suite"),
     (["--benchmarks", "arc_easy"], "ARC-Easy-Test.jsonl does not exist: set ZEPHYR_DATA_DIR"),
     (["--suite", "gsm8k"], "gsm8k/test.jsonl does not exist"),
+    (["--suite", "gsm8k,text"], "gsm8k/test.jsonl does not exist"),
+    (["--suite", "mcq,vibes"], "unknown suite 'vibes'; choose all, or one or more of mcq, gsm8k, text"),
+    (["--suite", " , "], "unknown suite"),
+    (["--no-local", "--server", "http://x", "--suite", "mcq,text"], "only the mcq suite"),
 ])
 def test_bad_runs_fail_before_the_engine(registered, args, message):
     result = CliRunner().invoke(app, ["eval", "run", "--model", "m", *args])
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
     assert "starting vLLM" not in result.output
+
+
+def test_suites_run_in_an_order_where_text_reuses_gsm8k_generations():
+    from evals.run import suites_of
+
+    assert suites_of("all") == ["mcq", "gsm8k", "text"]
+    assert suites_of("text, gsm8k") == ["gsm8k", "text"]
+    assert suites_of("mcq,mcq") == ["mcq"]

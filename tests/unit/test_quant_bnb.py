@@ -169,12 +169,14 @@ def test_eval_run_scores_letter_format_and_cloze_through_transformers(home, tmp_
     assert {"arc_easy/letter_acc", "arc_easy/cloze_acc"} <= set(_registry(home).get(NF4).manifest.evals)
 
 
-@pytest.mark.parametrize("suite", ["gsm8k", "text", "all"])
-def test_eval_run_refuses_what_needs_vllm(home, no_cuda, suite):
+@pytest.mark.parametrize(("suite", "named"), [("gsm8k", "the gsm8k suite needs"), ("text", "the text suite needs"),
+                                               ("mcq,gsm8k", "the gsm8k suite needs"),
+                                               ("all", "the gsm8k and text suites need")])
+def test_eval_run_refuses_what_needs_vllm(home, no_cuda, suite, named):
     options = RunOptions(model=NF4, suite=suite)
     with pytest.raises(EvalError, match="vLLM runs those only on a CUDA GPU") as info:
         check_options(options, Settings(home=home), _registry(home))
-    assert f"the {suite} suite needs vLLM" in str(info.value) and "run `--suite mcq`" in str(info.value)
+    assert f"{named} vLLM" in str(info.value) and "run `--suite mcq`" in str(info.value)
     # The mcq suite (cloze included), a server-only measurement and unquantized models are not affected.
     check_options(RunOptions(model=NF4, suite="mcq"), Settings(home=home), _registry(home))
     check_options(RunOptions(model=NF4, suite="mcq", local=False, server="http://x"), Settings(home=home),
