@@ -33,6 +33,9 @@ def quantize_command(
     samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration tokens per sample (longer ones are cut)")] = 512,
     smoothing: Annotated[float, typer.Option(help="w8a8: SmoothQuant strength, 0 = off")] = 0.8,
+    smooth_down_proj: Annotated[bool, typer.Option(
+        help="w8a8: also smooth down_proj's input (the MLP's widest activations), folding the scales into "
+             "up_proj; llm-compressor's Llama mappings smooth only q/k/v and gate/up")] = False,
     awq_grid: Annotated[int, typer.Option(help="awq: scale grid points per layer (20 = llm-compressor's default; "
                                                "5 is ~8x faster on CPU)")] = 20,
     form: Annotated[str, typer.Option(help="easyquant: int4 (served by vLLM; outliers clamped) or dequantized "
@@ -61,7 +64,8 @@ def quantize_command(
     options = QuantOptions(model=model, method=method, scheme=scheme, group_size=group_size, name=name,
                            calibration=calibration.expanduser() if calibration else None,
                            calibration_sources=[s.strip() for s in calibration_sources.split(",") if s.strip()],
-                           samples=samples, seq_len=seq_len, smoothing=smoothing, awq_grid=awq_grid,
+                           samples=samples, seq_len=seq_len, smoothing=smoothing, smooth_down_proj=smooth_down_proj,
+                           awq_grid=awq_grid,
                            easyquant_form=form, outlier_sigma=outlier_sigma, easyquant_steps=steps,
                            quantize_lm_head=quantize_lm_head, overwrite=overwrite)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

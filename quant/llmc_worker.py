@@ -33,6 +33,17 @@ def _scheme(spec: dict):
     return scheme
 
 
+def _smoothing_mappings(spec: dict) -> list | None:
+    """None lets llm-compressor infer its mappings (Llama: q/k/v after input_layernorm, gate/up after
+    post_attention_layernorm). down_proj's input, act(gate) * up, has the MLP's largest outliers and no norm before
+    it; scaling up_proj's output rows by 1/s and down_proj's input columns by s leaves the product unchanged."""
+    if not spec.get("smooth_down_proj"):
+        return None
+    return [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+            [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"],
+            [["re:.*down_proj"], "re:.*up_proj"]]
+
+
 def _recipe(spec: dict) -> list:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -53,7 +64,7 @@ def _recipe(spec: dict) -> list:
         if spec.get("smoothing"):
             from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-            recipe.append(SmoothQuantModifier(smoothing_strength=spec["smoothing"]))
+            recipe.append(SmoothQuantModifier(smoothing_strength=spec["smoothing"], mappings=_smoothing_mappings(spec)))
         if spec.get("w8a8_weights", "gptq") == "gptq":
             recipe.append(GPTQModifier(config_groups=groups, ignore=ignore))
         else:

@@ -54,6 +54,7 @@ class QuantOptions:
     samples: int = 128
     seq_len: int = 512
     smoothing: float = 0.8  # SmoothQuant strength for w8a8; 0 turns it off
+    smooth_down_proj: bool = False  # w8a8: also smooth down_proj's input, through up_proj
     awq_grid: int = 20
     quantize_lm_head: bool = False  # also the (tied) embedding/lm_head matrix
     easyquant_form: str = "int4"
@@ -85,6 +86,7 @@ class QuantOptions:
                                   "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
         if self.method == "w8a8":
             out["smoothing"] = self.smoothing
+            out["smooth_down_proj"] = self.smooth_down_proj
         if self.method == "awq":
             out["awq_grid"] = self.awq_grid
         if self.method == "easyquant":
@@ -137,6 +139,8 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         raise QuantError(f"{options.method} is data-free: it takes no --calibration")
     if options.method == "w8a8" and not 0 <= options.smoothing < 1:
         raise QuantError(f"--smoothing is SmoothQuant's strength in [0, 1), not {options.smoothing}")
+    if options.smooth_down_proj and (options.method != "w8a8" or not options.smoothing):
+        raise QuantError("--smooth-down-proj adds a SmoothQuant mapping: it needs --method w8a8 with --smoothing > 0")
     if options.method == "awq" and options.awq_grid < 3:
         raise QuantError(f"--awq-grid must be at least 3 (llm-compressor's duo-scaling grid divides by n - 2), "
                          f"not {options.awq_grid}")
@@ -176,7 +180,8 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
         spec = {"model_dir": str(parent.path), "out_dir": str(out_dir), "method": options.method,
                 "scheme": options.resolved_scheme, "group_size": options.group_size if options.method in GROUPED
                 else None, "calibration": str(run_dir / "calibration.jsonl"), "seq_len": options.seq_len,
-                "smoothing": options.smoothing, "awq_grid": options.awq_grid,
+                "smoothing": options.smoothing, "smooth_down_proj": options.smooth_down_proj,
+                "awq_grid": options.awq_grid,
                 "quantize_lm_head": options.quantize_lm_head, "seed": options.seed,
                 "stats": str(run_dir / "stats.json")}
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ CALIBRATION = ("--calibration-sources", "arc_easy:train", "--samples", "6", "--s
 @pytest.mark.parametrize(("method", "extra", "bits"), [
     ("gptq", CALIBRATION, 4),
     ("awq", (*CALIBRATION, "--awq-grid", "3"), 4),
-    ("w8a8", (*CALIBRATION, "--smoothing", "0.5"), 8),
+    ("w8a8", (*CALIBRATION, "--smoothing", "0.5", "--smooth-down-proj"), 8),
     ("easyquant", ("--steps", "10"), 4),
     ("easyquant", ("--form", "dequantized", "--steps", "10"), None),
 ])
@@ -80,6 +81,12 @@ def test_compressed_tensors_variants_register_and_generate_in_vllm(env, method, 
     if method in ("gptq", "awq", "w8a8"):
         assert manifest.data_digest and manifest.recipe["calibration"]["sources"] == ["arc_easy:train"]
         assert "Calibrating" in result.stderr or "calibration" in result.stderr  # the worker's progress streamed
+    if method == "w8a8":  # down_proj's input smoothed through up_proj, in every layer, besides the default mappings
+        worker_log = (Path(env["ZEPHYR_HOME"]) / "quant-runs" / name / "worker.log").read_text()
+        layers = json.loads((entry.path / "config.json").read_text())["num_hidden_layers"]
+        assert len(re.findall(r"Smoothing with model\.layers\.\d+\.mlp\.up_proj", worker_log)) == layers
+        assert len(re.findall(r"Smoothing with model\.layers\.\d+\.post_attention_layernorm", worker_log)) == layers
+        assert manifest.recipe["smooth_down_proj"] is True
     config = json.loads((entry.path / "config.json").read_text())
     if bits is None:  # the paper's numerics as 16-bit weights: no quantization_config, outliers kept
         assert "quantization_config" not in config and manifest.recipe["outliers_isolated"] is True

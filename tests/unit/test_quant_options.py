@@ -46,6 +46,8 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "easyquant", "calibration": Path("/nonexistent/cal.jsonl")}, "easyquant is data-free"),
     ({"method": "w8a8", "smoothing": 1.5}, "--smoothing is SmoothQuant's strength in [0, 1)"),
     ({"method": "awq", "awq_grid": 2}, "--awq-grid must be at least 3"),
+    ({"method": "gptq", "smooth_down_proj": True}, "--smooth-down-proj adds a SmoothQuant mapping: it needs --method"),
+    ({"method": "w8a8", "smoothing": 0.0, "smooth_down_proj": True}, "with --smoothing > 0"),
     ({"method": "easyquant", "easyquant_form": "int3"}, "--form must be one of int4, dequantized"),
     ({"method": "bnb", "quantize_lm_head": True}, "bitsandbytes keeps lm_head in 16 bits"),
     ({"method": "gptq", "name": "smollm2-135m-instruct"}, "model 'smollm2-135m-instruct' already exists"),
