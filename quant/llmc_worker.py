@@ -39,9 +39,9 @@ def _smoothing_mappings(spec: dict) -> list | None:
     it; scaling up_proj's output rows by 1/s and down_proj's input columns by s leaves the product unchanged."""
     if not spec.get("smooth_down_proj"):
         return None
-    return [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
-            [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"],
-            [["re:.*down_proj"], "re:.*up_proj"]]
+    from llmcompressor.modifiers.transform.smoothquant.utils import DEFAULT_SMOOTHQUANT_MAPPINGS, LayerMap
+
+    return [*DEFAULT_SMOOTHQUANT_MAPPINGS, LayerMap(balance_layers=["re:.*down_proj"], smooth_layers="re:.*up_proj")]
 
 
 def _recipe(spec: dict) -> list:
