@@ -33,9 +33,11 @@ def quantize_command(
     samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration tokens per sample (longer ones are cut)")] = 512,
     smoothing: Annotated[float, typer.Option(help="w8a8: SmoothQuant strength, 0 = off")] = 0.8,
-    smooth_down_proj: Annotated[bool, typer.Option(
+    smooth_down_proj: Annotated[bool | None, typer.Option(
+        "--smooth-down-proj/--no-smooth-down-proj",
         help="w8a8: also smooth down_proj's input (the MLP's widest activations), folding the scales into "
-             "up_proj; llm-compressor's Llama mappings smooth only q/k/v and gate/up")] = False,
+             "up_proj; llm-compressor's Llama mappings smooth only q/k/v and gate/up [default: on with --smoothing "
+             "> 0]")] = None,
     awq_grid: Annotated[int, typer.Option(help="awq: scale grid points per layer (20 = llm-compressor's default; "
                                                "5 is ~8x faster on CPU)")] = 20,
     form: Annotated[str, typer.Option(help="easyquant: int4 (served by vLLM; outliers clamped) or dequantized "

@@ -54,7 +54,7 @@ class QuantOptions:
     samples: int = 128
     seq_len: int = 512
     smoothing: float = 0.8  # SmoothQuant strength for w8a8; 0 turns it off
-    smooth_down_proj: bool = False  # w8a8: also smooth down_proj's input, through up_proj
+    smooth_down_proj: bool | None = None  # w8a8: also smooth down_proj's input, through up_proj; None = with smoothing
     awq_grid: int = 20
     quantize_lm_head: bool = False  # also the (tied) embedding/lm_head matrix
     easyquant_form: str = "int4"
@@ -66,6 +66,13 @@ class QuantOptions:
     @property
     def resolved_scheme(self) -> str:
         return self.scheme or SCHEMES[self.method][0]
+
+    @property
+    def resolved_smooth_down_proj(self) -> bool:
+        """On by default wherever SmoothQuant runs: it is what keeps W8A8 within a point of its parent on SciQ."""
+        if self.smooth_down_proj is not None:
+            return self.smooth_down_proj
+        return self.method == "w8a8" and self.smoothing > 0
 
     @property
     def resolved_name(self) -> str:
@@ -86,7 +93,7 @@ class QuantOptions:
                                   "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
         if self.method == "w8a8":
             out["smoothing"] = self.smoothing
-            out["smooth_down_proj"] = self.smooth_down_proj
+            out["smooth_down_proj"] = self.resolved_smooth_down_proj
         if self.method == "awq":
             out["awq_grid"] = self.awq_grid
         if self.method == "easyquant":
@@ -180,7 +187,7 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
         spec = {"model_dir": str(parent.path), "out_dir": str(out_dir), "method": options.method,
                 "scheme": options.resolved_scheme, "group_size": options.group_size if options.method in GROUPED
                 else None, "calibration": str(run_dir / "calibration.jsonl"), "seq_len": options.seq_len,
-                "smoothing": options.smoothing, "smooth_down_proj": options.smooth_down_proj,
+                "smoothing": options.smoothing, "smooth_down_proj": options.resolved_smooth_down_proj,
                 "awq_grid": options.awq_grid,
                 "quantize_lm_head": options.quantize_lm_head, "seed": options.seed,
                 "stats": str(run_dir / "stats.json")}

@@ -62,7 +62,7 @@ CALIBRATION = ("--calibration-sources", "arc_easy:train", "--samples", "6", "--s
 @pytest.mark.parametrize(("method", "extra", "bits"), [
     ("gptq", CALIBRATION, 4),
     ("awq", (*CALIBRATION, "--awq-grid", "3"), 4),
-    ("w8a8", (*CALIBRATION, "--smoothing", "0.5", "--smooth-down-proj"), 8),
+    ("w8a8", (*CALIBRATION, "--smoothing", "0.5"), 8),  # down_proj smoothing is on by default
     ("easyquant", ("--steps", "10"), 4),
     ("easyquant", ("--form", "dequantized", "--steps", "10"), None),
 ])

@@ -72,6 +72,19 @@ def test_good_options_pass_and_name_the_result(registry, default_model):
     assert "calibration" not in QuantOptions(model="m", method="bnb").recipe()
 
 
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"method": "w8a8"}, True),  # on by default wherever SmoothQuant runs
+    ({"method": "w8a8", "smooth_down_proj": False}, False),
+    ({"method": "w8a8", "smoothing": 0.0}, False),
+    ({"method": "gptq"}, False),
+])
+def test_down_proj_smoothing_defaults_on_with_smoothquant(registry, default_model, options, expected):
+    quant_options = QuantOptions(model=default_model.name, **options)
+    check(quant_options, registry)
+    assert quant_options.resolved_smooth_down_proj is expected
+    assert quant_options.recipe().get("smooth_down_proj", False) is expected
+
+
 def test_cli_fails_before_work_with_one_line(default_model):
     result = CliRunner().invoke(app, ["quantize", "--model", default_model.name, "--method", "gptq",
                                       "--group-size", "100"])
@@ -79,6 +92,9 @@ def test_cli_fails_before_work_with_one_line(default_model):
     assert "group size 100 does not divide the 576 input features" in result.output
     result = CliRunner().invoke(app, ["quantize", "--model", default_model.name, "--method", "fp3"])
     assert result.exit_code == 1 and "unknown method 'fp3'" in result.output
+    result = CliRunner().invoke(app, ["quantize", "--model", default_model.name, "--method", "gptq",
+                                      "--smooth-down-proj"])
+    assert result.exit_code == 1 and "it needs --method w8a8" in result.output
 
 
 def test_tutoring_chats_use_support_and_both_styles():
