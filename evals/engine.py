@@ -38,6 +38,9 @@ def _lm_eval_vllm_class() -> type:
     return vllm_causallms.VLLM
 
 
+ENGINE_EXIT_SECONDS = 60.0
+
+
 class EvalEngine:
     """`lm` is lm-eval's model (for log-likelihood tasks); `llm` the vllm.LLM inside it; `tokenizer` its tokenizer."""
 
@@ -73,7 +76,9 @@ class EvalEngine:
     def shutdown(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
-            engine.engine_core.shutdown()
+            # vLLM's default allows the engine process 5 s to exit; tearing down the KV cache on a loaded CPU takes
+            # longer, and the SIGKILL that follows has aborted the parent at exit (rc 134) after results were saved.
+            engine.engine_core.shutdown(timeout=ENGINE_EXIT_SECONDS)
 
 
 def _version(*names: str) -> str | None:
