@@ -8,11 +8,15 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("zephyr.errors")
+
+# SQLSTATE classes that mean "the database is away, retry": 08 connection exceptions, 57P01-57P05 operator
+# intervention (admin or crash shutdown, "the database system is starting up", idle timeouts).
+UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -114,14 +118,44 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # The database is away (restart, failover): the review routes cannot answer, but nothing is lost and the
     # client should simply retry. Generation routes never wait on the database (their rows spill instead).
+    def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s: %s", request.url.path, exc)
+        return JSONResponse(error_body(503, "the review database is unavailable; retry in a few seconds",
+                                       code="database_unavailable"), 503, headers={"Retry-After": "5"})
+
+    def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body(500, "internal error; the server logged it"), 500)
+
     for unavailable in (OperationalError, InterfaceError, PoolTimeout, ConnectionError):
         @app.exception_handler(unavailable)
         async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-            log.warning("database unavailable on %s: %s", request.url.path, exc)
-            return JSONResponse(error_body(503, "the review database is unavailable; retry in a few seconds",
-                                           code="database_unavailable"), 503, headers={"Retry-After": "5"})
+            return database_unavailable(request, exc)
+
+    # asyncpg's server errors (e.g. CannotConnectNowError while PostgreSQL restarts) reach SQLAlchemy as the
+    # generic DBAPIError, so the SQLSTATE decides between "retry" and a real bug.
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated or (sqlstate(exc) or "").startswith(UNAVAILABLE_SQLSTATE_PREFIXES):
+            return database_unavailable(request, exc)
+        return unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, "internal error; the server logged it"), 500)
+        return unexpected(request, exc)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, from the driver's exception (psycopg and asyncpg both name it
+    `sqlstate`) wherever it sits in the chain SQLAlchemy built around it."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(code := getattr(current, "sqlstate", None), str):
+            return code
+        pending += [getattr(current, "orig", None), current.__cause__]
+    return None

@@ -11,6 +11,7 @@ import openai
 from typer.testing import CliRunner
 
 from loadtest.harness import linked_home
+from service.errors import sqlstate
 from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
 from zephyr.cli import app as cli
 
@@ -130,6 +131,43 @@ async def test_review_routes_answer_503_while_the_database_is_away(app_factory):
             assert r.status_code == 503, (path, r.text)
             assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "5"
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200  # students are not affected
+
+
+async def postgres_starting_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every connection the way PostgreSQL does while it restarts: SQLSTATE 57P03 in an ErrorResponse."""
+    while True:
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        code = int.from_bytes(await reader.readexactly(4), "big")
+        await reader.readexactly(length - 8)
+        if code != 80877103:  # anything but an SSLRequest is the StartupMessage
+            break
+        writer.write(b"N")  # no TLS; the client goes on in plain text
+    fields = b"SFATAL\0C57P03\0Mthe database system is starting up\0\0"
+    writer.write(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+    await writer.drain()
+    writer.close()
+
+
+async def test_review_routes_answer_503_while_postgres_is_starting_up(app_factory):
+    # asyncpg raises CannotConnectNowError, which SQLAlchemy passes on as a bare DBAPIError, not OperationalError.
+    server = await asyncio.start_server(postgres_starting_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, app_factory(db_url=f"postgresql+asyncpg://zephyr:zephyr@127.0.0.1:{port}/zephyr") as served:
+        r = await served.client.get("/review/api/next", headers=REVIEWER)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "5"
+
+
+def test_only_connection_sqlstates_count_as_unavailable():
+    import asyncpg
+    from sqlalchemy.exc import DBAPIError
+
+    def wrapped(error: Exception) -> DBAPIError:
+        return DBAPIError("SELECT 1", None, error)
+
+    assert sqlstate(wrapped(asyncpg.exceptions.CannotConnectNowError("starting up"))) == "57P03"
+    assert sqlstate(wrapped(asyncpg.exceptions.UniqueViolationError("duplicate key"))) == "23505"
+    assert sqlstate(wrapped(ValueError("no code"))) is None
 
 
 async def test_sign_in_cookie(served):
