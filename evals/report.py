@@ -357,7 +357,8 @@ def _speed_table(ordered: list[tuple[ModelView, int | None]]) -> DocTable | None
         speed = v.run.speed if v.run else {}
         tok = speed.get("tok_per_s", {})
         parent = by_name.get(v.parent) if v.parent else None
-        parent_tok = parent.run.speed.get("tok_per_s", {}) if parent and parent.run else {}
+        parent_speed = parent.run.speed if parent and parent.run else {}
+        parent_tok = parent_speed.get("tok_per_s", {}) if same_session(speed, parent_speed) else {}
         row = [v.name]
         for c in levels:
             ratio = f"{tok[c] / parent_tok[c]:.2f}x" if c in tok and parent_tok.get(c) else MISSING
@@ -368,7 +369,24 @@ def _speed_table(ordered: list[tuple[ModelView, int | None]]) -> DocTable | None
         row.append(fmt_number(ttft) if ttft is not None else MISSING)
         rows.append(row)
     return DocTable(header, rows, caption="streaming chats of 64 tokens served by `zephyr serve` on the machine that "
-                    "ran `loadtest.variants` (median of rounds); @N: N concurrent requests")
+                    "ran `loadtest.variants` (median of rounds); @N: N concurrent requests; vs parent: only against "
+                    "the parent measured in the same `loadtest.variants` session (— otherwise: one model's speed "
+                    "moves by up to a quarter between sessions on one machine, as much as some variants differ)")
+
+
+SAME_SESSION_SECONDS = 120.0
+
+
+def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two speed records come from one `loadtest.variants` session. Records from before sessions were
+    named were saved together at the end of their session, seconds apart."""
+    if a.get("session") and b.get("session"):
+        return a["session"] == b["session"]
+    try:
+        gap = datetime.fromisoformat(a["measured_at"]) - datetime.fromisoformat(b["measured_at"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return abs(gap.total_seconds()) <= SAME_SESSION_SECONDS
 
 
 def _plot_quantized(ordered: list[tuple[ModelView, int | None]], acc_keys: list[str], plots: Path) -> DocFigure | None:
@@ -379,11 +397,13 @@ def _plot_quantized(ordered: list[tuple[ModelView, int | None]], acc_keys: list[
     if not levels and not sized:
         return None
     fig, (speed_ax, acc_ax) = _figure(11.0, 4.0, ncols=2)
+    # One colour per model in both panels; legends, not labels beside the points, which overlap at equal sizes.
+    colour = {v.name: f"C{i % 10}" for i, (v, _) in enumerate(ordered)}
     for v, _ in ordered:
         tok = v.run.speed.get("tok_per_s", {}) if v.run else {}
         if tok:
             xs = [int(c) for c in levels if c in tok]
-            speed_ax.plot(xs, [tok[str(x)] for x in xs], marker="o", label=v.name)
+            speed_ax.plot(xs, [tok[str(x)] for x in xs], marker="o", label=v.name, color=colour[v.name])
     speed_ax.set_xscale("log", base=2)
     speed_ax.set_xticks([int(c) for c in levels], levels)
     speed_ax.set_xlabel("concurrent requests")
@@ -394,9 +414,9 @@ def _plot_quantized(ordered: list[tuple[ModelView, int | None]], acc_keys: list[
     for v, m in sized:
         ci = v.ci(m) or (m.score, m.score)
         acc_ax.errorbar(v.size_bytes / 1e6, m.score * 100, yerr=[[(m.score - ci[0]) * 100], [(ci[1] - m.score) * 100]],
-                        fmt="o", capsize=3)
-        acc_ax.annotate(v.name, (v.size_bytes / 1e6, m.score * 100), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+                        fmt="o", capsize=3, color=colour[v.name], label=v.name)
+    if sized:
+        acc_ax.legend(fontsize=7)
     acc_ax.set_xlabel("size on disk (MB)")
     acc_ax.set_ylabel(f"{key} (%)" if key else "accuracy (%)")
     acc_ax.grid(alpha=0.3)

@@ -103,7 +103,10 @@ class ResultStore:
                 merged[m.key] = m
         speed: dict[str, Any] = {}
         for run in runs:
-            speed.update(run.speed)
+            if run.speed:
+                # Which measurement it was: speeds compare only within one session (see evals.report).
+                speed.pop("session", None)
+                speed.update({"measured_at": run.created_at.isoformat(), **run.speed})
         # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
         described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                      for field in ("parent", "method", "size_bytes", "quantization")}

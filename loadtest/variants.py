@@ -128,10 +128,12 @@ def summarise(levels: list[Level], memory: list[dict[str, float]]) -> dict:
     return speed
 
 
-def save(model: str, registry: Registry, settings: Settings, speed: dict, args: argparse.Namespace) -> Path:
+def save(model: str, registry: Registry, settings: Settings, speed: dict, args: argparse.Namespace,
+         session: str) -> Path:
     from evals.results import EvalRun, ResultStore
 
     entry = registry.get(model)
+    speed = {**speed, "session": session}  # the report sets speeds against each other only within one session
     run = EvalRun(model=model, parent=entry.manifest.parent, method=entry.manifest.method, suite="speed",
                   size_bytes=entry.size_bytes(), quantization=quantization_config(entry), speed=speed,
                   engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib, "max_tokens": args.max_tokens,
@@ -162,6 +164,7 @@ async def run(args: argparse.Namespace) -> None:
     settings = Settings()
     registry = Registry(settings.models_dir)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     for model in models:
         registry.get(model)  # an unknown name fails now, not after the first model's rounds
     out_dir = Path(args.out)
@@ -178,7 +181,7 @@ async def run(args: argparse.Namespace) -> None:
             memory[model].append(mem)
     results = {m: summarise(levels[m], memory[m]) for m in models}
     for model in models:
-        path = save(model, registry, settings, results[model], args)
+        path = save(model, registry, settings, results[model], args, session)
         console.print(f"{model}: speed recorded in {path}")
     console.print(table(results, args.concurrency, models[0]))
     console.print("Accuracy beside these figures: zephyr eval report --models " + ",".join(models))

@@ -270,3 +270,18 @@ def test_cli_report_with_a_missing_reviews_file(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "error: reviews file" in result.output and "does not exist" in " ".join(result.output.split())
     assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not a traceback
+
+
+def test_speed_ratio_only_within_one_session(tmp_path):
+    # The parent and one child served in one loadtest.variants session, another child in a later session.
+    store = ResultStore(tmp_path / "results")
+    served = [("base", None, "base", 20.0, "s1"), ("base-w8a8", "base", "w8a8", 30.0, "s1"),
+              ("base-awq", "base", "awq", 15.0, "s2")]
+    for model, parent, method, tok, session in served:
+        store.save(EvalRun(model=model, parent=parent, method=method, suite="speed", size_bytes=100,
+                           speed={"tok_per_s": {"1": tok}, "session": session}))
+    md = write_report(store, ["base", "base-w8a8", "base-awq"], tmp_path / "out")[0].read_text()
+    speed = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if "tok/s" not in line
+             and line.startswith("| base")}
+    assert re.search(r"30\.00 \| 1\.50x", speed["base-w8a8"])
+    assert re.search(r"15\.00 \| — ", speed["base-awq"])  # measured against another session's parent: no ratio
