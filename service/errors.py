@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,7 +128,8 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return JSONResponse(error_body(500, "internal error; the server logged it"), 500)
 
-    for unavailable in (OperationalError, InterfaceError, PoolTimeout, ConnectionError):
+    # gaierror: the database's host name does not resolve (a DNS hiccup, a service being recreated).
+    for unavailable in (OperationalError, InterfaceError, PoolTimeout, ConnectionError, socket.gaierror):
         @app.exception_handler(unavailable)
         async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
             return database_unavailable(request, exc)

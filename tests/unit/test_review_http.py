@@ -158,6 +158,13 @@ async def test_review_routes_answer_503_while_postgres_is_starting_up(app_factor
         assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "5"
 
 
+async def test_review_routes_answer_503_when_the_database_host_does_not_resolve(app_factory):
+    async with app_factory(db_url="postgresql+asyncpg://zephyr:zephyr@db.invalid:5432/zephyr") as served:
+        r = await served.client.get("/review/api/next", headers=REVIEWER)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "database_unavailable"
+
+
 def test_only_connection_sqlstates_count_as_unavailable():
     import asyncpg
     from sqlalchemy.exc import DBAPIError
