@@ -165,7 +165,7 @@ async def test_review_routes_answer_503_when_the_database_host_does_not_resolve(
         assert r.json()["error"]["code"] == "database_unavailable"
 
 
-def test_only_connection_sqlstates_count_as_unavailable():
+def test_sqlstate_is_found_inside_sqlalchemys_wrapping():
     import asyncpg
     from sqlalchemy.exc import DBAPIError
 
