@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from evals import datasets
 from evals.hf_letter import left_padded, letter_logprobs
-from training.data.builders import BuildError, mcq_training_items
+from training.data.builders import BuildError, check_mcq_sources, mcq_training_items
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
@@ -272,6 +272,12 @@ def main(
     if full and data is not None:
         raise typer.BadParameter("--full applies to --splits; the pair probe's DPO reference is the LoRA-disabled "
                                  "model", param_hint="--full")
+    split_list = [part.strip() for part in splits.split(",") if part.strip()] if splits is not None else []
+    if splits is not None:
+        try:  # a bad list is refused before the model or any data is read
+            check_mcq_sources(split_list)
+        except BuildError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--splits") from exc
     settings = Settings()
     try:
         path = Registry(settings.models_dir).get(model).path
@@ -284,8 +290,7 @@ def main(
     started = time.perf_counter()
     if splits is not None:
         try:
-            train_items = mcq_training_items([part.strip() for part in splits.split(",") if part.strip()],
-                                             settings.data_dir)
+            train_items = mcq_training_items(split_list, settings.data_dir)
         except (BuildError, datasets.DatasetError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
         results = key_probe(path, train_items, items, lr=lr, steps=steps, batch_size=batch_size,

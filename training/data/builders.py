@@ -200,9 +200,9 @@ def _check_source(source: str) -> tuple[str, str]:
     return TRAINING_SOURCES[source]
 
 
-def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
-    """MCQ items from "name:split" training sources, in the order given. Ids become "<source>/<original id>" so
-    they stay unique across sources and say where each item came from."""
+def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
+    """(source, benchmark, split) for each "name:split" training source, or a BuildError naming what to fix;
+    reads no data, so a CLI can refuse a bad list before loading anything."""
     if isinstance(sources, str):  # a lone "arc_easy:train" would otherwise be iterated letter by letter
         sources = [sources]
     if not sources:
@@ -210,7 +210,13 @@ def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int
     duplicates = sorted(s for s, n in Counter(sources).items() if n > 1)
     if duplicates:
         raise BuildError(f"MCQ sources listed twice: {', '.join(duplicates)}; list each once")
-    checked = [(source, *_check_source(source)) for source in sources]  # refuse before reading anything
+    return [(source, *_check_source(source)) for source in sources]
+
+
+def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
+    """MCQ items from "name:split" training sources, in the order given. Ids become "<source>/<original id>" so
+    they stay unique across sources and say where each item came from."""
+    checked = check_mcq_sources(sources)  # refuse before reading anything
     items: list[MCQItem] = []
     for source, name, split in checked:
         try:
