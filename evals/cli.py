@@ -63,6 +63,9 @@ def run_command(
     api_key: Annotated[str | None, typer.Option(envvar="ZEPHYR_API_KEY", help="Key for --server")] = None,
     local: Annotated[bool, typer.Option(help="Score in process (--no-local: through --server only)")] = True,
     cloze: Annotated[bool, typer.Option(help="Also log-likelihood (cloze) accuracy with lm-eval")] = True,
+    explain: Annotated[bool, typer.Option(
+        help="Letter format as /mcq with explain: greedy reasoning, then the letter (metric letter_acc_explain), "
+             "instead of the direct prompt")] = False,
     gsm8k_max_tokens: Annotated[int, typer.Option(help="Generation budget per GSM8K answer")] = 256,
     reward_model: Annotated[str | None, typer.Option(help="Registry name or folder of a reward model (text)")] = None,
     bertscore_model: Annotated[str | None, typer.Option(help="BERTScore backbone (default all-MiniLM-L6-v2)")] = None,
@@ -84,7 +87,7 @@ def run_command(
                                    "dialogrpt_human_vs_rand": dialogrpt_human_vs_rand}.items() if v}
     options = RunOptions(model=model, suite=suite, limit=limit, benchmarks=_csv(benchmarks),
                          sources=_pairs(data, "--data"), server=server, api_key=api_key, local=local, cloze=cloze,
-                         gsm8k_max_tokens=gsm8k_max_tokens, reward_model=reward_model,
+                         explain=explain, gsm8k_max_tokens=gsm8k_max_tokens, reward_model=reward_model,
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)

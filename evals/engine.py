@@ -68,10 +68,11 @@ class EvalEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
         return [o.outputs[0].text for o in outputs]
 
-    def letter(self, name: str, split: str, items: list[Any]) -> Any:
+    def letter(self, name: str, split: str, items: list[Any], explain: bool = False) -> Any:
         from evals import mcq_eval
 
-        return mcq_eval.letter(self.llm, self.tokenizer, name, split, items)
+        return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
+                               explain_max_tokens=self.settings.mcq_explain_max_tokens)
 
     def shutdown(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

@@ -63,19 +63,32 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
     return out
 
 
-def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]) -> Measurement:
+def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem], explain: bool = False,
+           explain_max_tokens: int = 256) -> Measurement:
     """Letter-format accuracy: one forward pass per question whose next token may only be an option letter,
-    scored from the letters' exact log-probabilities, as POST /mcq does (without `explain`)."""
+    scored from the letters' exact log-probabilities, as POST /mcq does. With `explain`, as POST /mcq with
+    `"explain": true` does: greedy reasoning first (up to `explain_max_tokens`, stopping at an answer line),
+    then the answer cue, then the letter (metric `letter_acc_explain`, the reasoning kept in details)."""
     from vllm import SamplingParams, TokensPrompt
 
+    questions = [mcq.MCQuestion(item.question, tuple(item.options)) for item in items]
+    started = time.perf_counter()
+    explanations: list[str | None] = [None] * len(items)
+    if explain:
+        limit = llm.llm_engine.model_config.max_model_len - 1 - mcq.EXPLAIN_CUE_MARGIN
+        first = [mcq.encode_prompt(tokenizer, q, explain=True) for q in questions]
+        reasoning = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in first],
+            [SamplingParams(max_tokens=max(1, min(explain_max_tokens, limit - len(ids))), temperature=0.0,
+                            stop=mcq.EXPLAIN_STOP) for ids in first], use_tqdm=True)
+        explanations = [o.outputs[0].text.strip() for o in reasoning]
     prompts, params = [], []
-    for item in items:
-        question = mcq.MCQuestion(item.question, tuple(item.options))
-        letter_ids = mcq.letter_token_ids(tokenizer, len(item.options))
-        prompts.append(TokensPrompt(prompt_token_ids=mcq.encode_prompt(tokenizer, question)))
+    for item, question, explanation in zip(items, questions, explanations, strict=True):
+        letter_ids = mcq.letter_token_ids(tokenizer, len(item.options), leading_space=explain)
+        prompts.append(TokensPrompt(prompt_token_ids=mcq.encode_prompt(tokenizer, question, explain=explain,
+                                                                       reasoning=explanation)))
         params.append(SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
                                      logprob_token_ids=letter_ids, detokenize=False))
-    started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - started
     answers, values, probabilities = {}, {}, {}
@@ -85,12 +98,15 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
         probs, answer = mcq.letter_distribution(letters, [logprobs[t].logprob for t in param.allowed_token_ids])
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
         probabilities[item.id] = round(probs[answer], 6)
-    return measurement(name, "letter_acc", split, values, groups=_groups(items, values), seconds=seconds,
-                       details={"answers": answers, "answer_probability": probabilities})
+    details: dict[str, Any] = {"answers": answers, "answer_probability": probabilities}
+    if explain:
+        details["explanations"] = {item.id: text for item, text in zip(items, explanations, strict=True)}
+    return measurement(name, "letter_acc_explain" if explain else "letter_acc", split, values,
+                       groups=_groups(items, values), seconds=seconds, details=details)
 
 
 def letter_via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
-                      batch: int = 64, concurrency: int = 4) -> Measurement:
+                      batch: int = 64, concurrency: int = 4, explain: bool = False) -> Measurement:
     """Letter-format accuracy through a running server's POST /mcq/batch. Questions the service refuses as
     given (duplicate options) are left out and listed in details["excluded"]."""
     import httpx
@@ -111,7 +127,8 @@ def letter_via_server(url: str, api_key: str | None, name: str, split: str, item
         async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as client:
             async def one(chunk: list[MCQItem]) -> list[dict[str, Any]]:
                 async with limit:
-                    body = {"questions": [{"question": i.question, "options": i.options} for i in chunk]}
+                    body = {"questions": [{"question": i.question, "options": i.options, "explain": explain}
+                                          for i in chunk]}
                     response = await client.post("/mcq/batch", json=body)
                     if response.status_code != 200:
                         raise RuntimeError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
@@ -126,5 +143,6 @@ def letter_via_server(url: str, api_key: str | None, name: str, split: str, item
     seconds = time.perf_counter() - started
     answers = {item.id: result["answer"] for item, result in zip(accepted, results, strict=True)}
     values = {item.id: float(answers[item.id] == item.answer) for item in accepted}
-    return measurement(name, "letter_acc_server", split, values, groups=_groups(accepted, values), seconds=seconds,
+    metric = "letter_acc_explain_server" if explain else "letter_acc_server"
+    return measurement(name, metric, split, values, groups=_groups(accepted, values), seconds=seconds,
                        details={"answers": answers, "excluded": excluded, "url": url})

@@ -36,6 +36,7 @@ class RunOptions:
     api_key: str | None = None
     local: bool = True  # False: only the server measurement (no in-process engine)
     cloze: bool = True
+    explain: bool = False  # letter format as POST /mcq with "explain": true (reasoning first) instead of direct
     gsm8k_max_tokens: int = 256
     reward_model: str | None = None  # registry name or folder of a sequence-classification reward model
     bertscore_model: str | None = None
@@ -58,6 +59,11 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
     if not options.local and not options.server:
         raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
     generation = [suite for suite in suites if suite != "mcq"]
+    if options.explain and "mcq" not in suites:
+        raise EvalError("--explain changes how the mcq suite asks; add the mcq suite (--suite mcq)")
+    if options.explain and options.local and needs_transformers(entry):
+        raise EvalError(f"--explain generates reasoning with vLLM, which runs {entry.name} (bitsandbytes) only on "
+                        "a CUDA GPU; score it without --explain, or through a GPU server with --server --no-local")
     if not options.local and generation:
         raise EvalError("only the mcq suite can be measured through a server (--server with --no-local)")
     if options.local and needs_transformers(entry) and generation:
@@ -152,11 +158,14 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
     from evals import mcq_eval
 
     out: list[Measurement] = []
+    mode = " (explain)" if options.explain else ""
     if engine is not None:
         for name in names:
             split, items = data[name]
-            m = engine.letter(name, split, items)  # vLLM's EvalEngine, or transformers for bitsandbytes on CPU
-            console.print(f"{name} letter format: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
+            # vLLM's EvalEngine, or transformers for bitsandbytes on CPU (direct letters only, checked above)
+            m = engine.letter(name, split, items, explain=True) if options.explain else \
+                engine.letter(name, split, items)
+            console.print(f"{name} letter format{mode}: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
             out.append(m)
         if options.cloze:
             with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as workdir:
@@ -167,9 +176,12 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
     if options.server:
         for name in names:
             split, items = data[name]
-            m = mcq_eval.letter_via_server(options.server, options.api_key, name, split, items)
-            console.print(f"{name} letter format via {options.server}: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
-            local = next((x for x in out if x.benchmark == name and x.metric == "letter_acc"), None)
+            m = mcq_eval.letter_via_server(options.server, options.api_key, name, split, items,
+                                           explain=options.explain)
+            console.print(f"{name} letter format{mode} via {options.server}: {m.score:.1%} of {m.n} "
+                          f"in {m.seconds:.1f} s")
+            local_metric = "letter_acc_explain" if options.explain else "letter_acc"
+            local = next((x for x in out if x.benchmark == name and x.metric == local_metric), None)
             if local is not None:
                 same = sum(local.details["answers"][i] == a for i, a in m.details["answers"].items())
                 m.details["same_answer_as_local"] = same

@@ -26,8 +26,6 @@ from zephyr.settings import Settings
 
 # Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
 TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
-# Tokens kept free after the reasoning for the answer cue, and for re-tokenization drift.
-EXPLAIN_CUE_MARGIN = 8
 
 
 def new_id(prefix: str) -> str:
@@ -377,7 +375,7 @@ class Tutor:
 
     async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: Generation) -> str:
         """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""
-        room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - EXPLAIN_CUE_MARGIN
+        room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - mcq.EXPLAIN_CUE_MARGIN
         budget = min(self.settings.mcq_explain_max_tokens, room)
         if budget < 1:
             raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "
@@ -385,7 +383,7 @@ class Tutor:
         reasoning = Generation(
             request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
             principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
-                                                        stop=["Answer:", "answer:"]),
+                                                        stop=mcq.EXPLAIN_STOP),
         )
         await self.run_to_end(reasoning)
         return reasoning.text().strip()

@@ -23,6 +23,10 @@ DIRECT_INSTRUCTION = "Answer with the letter of the correct option."
 EXPLAIN_INSTRUCTION = "Explain your reasoning in a few sentences, then give the letter of the correct option."
 # Appended after the tutor's reasoning; the next token is then restricted to " A", " B", ...
 FINAL_ANSWER_CUE = "\n\nAnswer:"
+# The reasoning stops where the tutor starts its own answer line, so the cue above is never doubled.
+EXPLAIN_STOP = ["Answer:", "answer:"]
+# Tokens kept free after the reasoning for the answer cue, and for re-tokenization drift.
+EXPLAIN_CUE_MARGIN = 8
 
 
 class MCQFormatError(ValueError):

@@ -108,3 +108,22 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     gate = zephyr("eval", "gate", "--candidate", DEFAULT_MODEL, "--baseline", DEFAULT_MODEL, env=env)
     assert gate.returncode == 0, gate.stdout + gate.stderr
     assert "gate passed" in gate.stdout
+
+
+def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_model):
+    """`--explain` scores letters as POST /mcq with "explain": true answers them: greedy reasoning, the answer
+    cue, then the constrained letter; the server gives the same letter for every question."""
+    home = private_home(tmp_path / "home", default_model)
+    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(write_data(tmp_path / "data")),
+           "ZEPHYR_MEMORY_SHARE": "0.2", "HF_HUB_OFFLINE": "1"}
+    run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy", "--explain",
+                 "--no-cloze", "--server", server.url, "--api-key", STUDENT_KEY, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    latest = ResultStore(home / "eval-results").latest(DEFAULT_MODEL)
+    assert "arc_easy/letter_acc" not in {m.key for m in latest.measurements}  # the direct format was not asked
+    local, served = latest.get("arc_easy/letter_acc_explain"), latest.get("arc_easy/letter_acc_explain_server")
+    assert local.n == served.n == len(MCQ)
+    explanations = local.details["explanations"]
+    assert len(explanations) == len(MCQ) and all(text and "Answer:" not in text for text in explanations.values())
+    assert served.details["answers"] == local.details["answers"]
+    assert served.details["same_answer_as_local"] == len(MCQ)

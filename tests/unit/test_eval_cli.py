@@ -52,6 +52,7 @@ def registered(home):
     (["--suite", "mcq,vibes"], "unknown suite 'vibes'; choose all, or one or more of mcq, gsm8k, text"),
     (["--suite", " , "], "unknown suite"),
     (["--no-local", "--server", "http://x", "--suite", "mcq,text"], "only the mcq suite"),
+    (["--suite", "gsm8k", "--explain"], "--explain changes how the mcq suite asks; add the mcq suite"),
 ])
 def test_bad_runs_fail_before_the_engine(registered, args, message):
     result = CliRunner().invoke(app, ["eval", "run", "--model", "m", *args])
