@@ -192,6 +192,44 @@ def data_science(
         _clean_and_write(unpaired, kto_out, KTOExample, title="unpaired examples", **common)
 
 
+@data_app.command("restate")
+def data_restate(
+    out: Out,
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test splits)")] =
+    "arc_easy:train,arc_challenge:train,openbookqa:train,sciq:validation",
+    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
+    seed: int = 0,
+    no_clean: NoClean = False, no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000,
+    no_decontaminate: NoDecontam = False, against: Against = "all",
+) -> None:
+    """Explain-format pairs from the answer key alone (no model needed): the reply restates the key's text, then
+    its letter; rejected replies restate a wrong option, or the key with a wrong letter."""
+    from training.data import science
+    from training.data.builders import BuildError, mcq_training_items
+    from zephyr.mcq import MCQFormatError
+
+    settings = _settings()
+    try:
+        items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
+                                   limit_per_source)
+    except BuildError as exc:
+        raise fail(str(exc)) from None
+    usable = []
+    for item in items:
+        try:
+            science.mcq.MCQuestion.build(item.question, item.options)
+            usable.append(item)
+        except MCQFormatError:
+            pass
+    pairs, kinds = science.restate_pairs(usable, seed=seed)
+    make_console().print(f"{len(pairs)} restate pairs from {len(items)} questions ({len(items) - len(usable)} "
+                         f"skipped: options the MCQ format refuses); rejected: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    _clean_and_write(pairs, out, PreferencePair, title="preference pairs", no_clean=no_clean, no_pii=no_pii,
+                     near_dup=near_dup, max_chars=max_chars, no_decontaminate=no_decontaminate,
+                     settings=settings, against=against)
+
+
 @data_app.command("hh")
 def data_hh(
     out: Out,

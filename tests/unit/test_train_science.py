@@ -51,3 +51,52 @@ def test_explain_pairs_need_a_right_and_a_wrong_explanation():
     # Only wrong explanations: no explain pair, the direct pair still made.
     pairs, _, stats = build([item], {item.id: [Sample("One.", "A")]}, direct)
     assert [p.meta["format"] for p in pairs] == ["direct"] and stats.explain_pairs == 0
+
+
+def test_restate_pairs_name_the_option_then_its_letter():
+    from training.data.science import RESTATE, restate_pairs
+
+    pairs, kinds = restate_pairs(ITEMS * 5, seed=3)  # 200 questions
+    assert len(pairs) == 200 and sum(kinds.values()) == 200 and min(kinds.values()) > 70
+    keys = Counter()
+    for pair in pairs:
+        user = pair.prompt[-1].content
+        options = dict(line.split(". ", 1) for line in user.splitlines() if line[:2] in ("A.", "B.", "C.", "D."))
+        key = pair.meta["key"]
+        keys[key] += 1
+        item = next(i for i in ITEMS if i.id == pair.meta["question_id"])
+        assert options[key] == item.options["ABCD".index(item.answer)]  # shuffled, the key follows its text
+        assert user.endswith(mcq.EXPLAIN_INSTRUCTION)  # the prompt /mcq sends with explain
+        assert pair.chosen[0].content == explained(RESTATE.format(option=options[key]), key)
+        wrong = pair.meta["rejected_letter"]
+        assert wrong != key
+        restated = options[wrong] if pair.meta["rejected"] == "wrong option" else options[key]
+        assert pair.rejected[0].content == explained(RESTATE.format(option=restated), wrong)
+    assert set(keys) == set("ABCD") and max(keys.values()) < 70  # the key's letter is not predictable
+
+
+def test_restate_cli_writes_clean_pairs_from_training_splits_only(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from zephyr.cli import app
+
+    data = tmp_path / "data" / "arc" / "ARC-Easy"
+    data.mkdir(parents=True)
+    texts = ["iron", "wood", "glass", "wool"]
+    (data / "ARC-Easy-Train.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "answerKey": "A", "question": {
+        "stem": f"Which thing number {i} is a metal?",
+        "choices": [{"label": "ABCD"[n], "text": f"{text} {i}"} for n, text in enumerate(texts)]}}) + "\n"
+        for i in range(12)))
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["data", "restate", "--sources", "arc_easy:train", "--out", str(out),
+                                      "--no-decontaminate"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["meta"]["format"] == "restate" for r in rows)
+    assert all(r["chosen"][0]["content"].startswith("The correct option is iron") for r in rows)
+    refused = CliRunner().invoke(app, ["data", "restate", "--sources", "arc_easy:test", "--out", str(out)])
+    assert refused.exit_code != 0 and "refusing arc_easy:test" in " ".join(refused.output.split())

@@ -182,3 +182,45 @@ def build(items: list[MCQItem], samples: dict[str, list[Sample]], direct: dict[s
     rng.shuffle(pairs)
     rng.shuffle(unpaired)
     return pairs, unpaired, stats
+
+
+# The reasoning of a "restate" reply: the chosen option's text, word for word, before the cue and the letter.
+RESTATE = "The correct option is {option}."
+
+
+def restated(option: str, letter: str) -> str:
+    """A tutor reply that names its answer's text first, then (after the cue /mcq appends) the letter."""
+    return explained(RESTATE.format(option=option.strip().rstrip(".")), letter)
+
+
+def restate_pairs(items: list[MCQItem], seed: int = 0) -> tuple[list[PreferencePair], Counter]:
+    """Explain-format pairs that need no sampling: the reply restates the key's text and ends in its letter.
+
+    Measured (docs/training.md): this model cannot map a question to its key's letter in one step, but once the
+    option's text stands in the reply it learns within a hundred steps to copy the letter printed before that
+    text in the prompt. So the reply names the option first. Each question's options are shuffled (seeded) so
+    the key's letter is uniform. Half of the rejected replies restate a wrong option and end in its letter
+    (which option is right); the other half restate the key but end in a wrong letter (which letter goes with
+    the text). Returns the pairs and how often each kind of rejection was drawn."""
+    rng = random.Random(seed)
+    kinds: Counter = Counter()
+    pairs: list[PreferencePair] = []
+    for item in items:
+        order = list(range(len(item.options)))
+        rng.shuffle(order)
+        options = [item.options[i] for i in order]
+        key = order.index(mcq.LETTERS.index(item.answer))
+        question = mcq.MCQuestion.build(item.question, options)
+        letters = question.letters
+        wrong = rng.choice([i for i in range(len(options)) if i != key])
+        kind = rng.choice(("wrong option", "wrong letter"))
+        kinds[kind] += 1
+        rejected_text = options[wrong] if kind == "wrong option" else options[key]
+        pairs.append(PreferencePair(
+            prompt=_messages(mcq.render_messages(question, explain=True)),
+            chosen=_reply(restated(options[key], letters[key])),
+            rejected=_reply(restated(rejected_text, letters[wrong])), source=SOURCE,
+            meta={"question_id": item.id, "key": letters[key], "format": "restate", "rejected": kind,
+                  "rejected_letter": letters[wrong]}))
+    rng.shuffle(pairs)  # sources mixed, so a recipe's `limit` takes a sample of all of them
+    return pairs, kinds
