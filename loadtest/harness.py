@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,9 +35,26 @@ class ServerFailed(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. The server binds it only after vLLM has loaded, and
+    vLLM (ZMQ, gloo) takes ephemeral ports meanwhile; a port from that range could be handed to one of them
+    first ("address already in use", seen in CI). Ports outside it are never given out for port 0."""
+    low = _ephemeral_range()[0]
+    for port in random.sample(range(10_000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerFailed(f"no free port between 10000 and {low}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:

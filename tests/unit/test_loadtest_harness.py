@@ -1,0 +1,29 @@
+"""The load/drill harness picks server ports the kernel never hands out for port 0, so vLLM's own ephemeral
+sockets (taken while the engine loads, before the server binds) cannot collide with the server's port."""
+
+from __future__ import annotations
+
+import socket
+
+from loadtest.harness import _ephemeral_range, free_port
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_bindable():
+    low, high = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < low for port in ports)
+    assert len(ports) > 1  # random, so two servers started together rarely race for one port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
+
+
+def test_free_port_skips_a_taken_port(monkeypatch):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken_port = taken.getsockname()[1]
+    # Offer the taken port first: free_port must move on to the next one.
+    monkeypatch.setattr("loadtest.harness.random.sample", lambda population, k: [taken_port, 12_345])
+    try:
+        assert free_port() == 12_345
+    finally:
+        taken.close()
