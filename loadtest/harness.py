@@ -38,7 +38,7 @@ def free_port() -> int:
     """A free port below the kernel's ephemeral range. The server binds it only after vLLM has loaded, and
     vLLM (ZMQ, gloo) takes ephemeral ports meanwhile; a port from that range could be handed to one of them
     first ("address already in use", seen in CI). Ports outside it are never given out for port 0."""
-    low = _ephemeral_range()[0]
+    low = _ephemeral_low()
     for port in random.sample(range(10_000, low), 200):
         with socket.socket() as s:
             try:
@@ -49,12 +49,12 @@ def free_port() -> int:
     raise ServerFailed(f"no free port between 10000 and {low}")
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for port 0."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:
