@@ -39,6 +39,63 @@ def _lm_eval_vllm_class() -> type:
     return vllm_causallms.VLLM
 
 
+def _prefix_cached(vllm_class: type) -> type:
+    """lm-eval's vLLM model, with log-likelihood requests allowed to read vLLM's prefix cache.
+
+    vLLM skips the cache for requests that ask for prompt log-probabilities, because it returns none for the
+    positions it did not compute. lm-eval reads only the continuation's, so the options of one question may share
+    their context's KV blocks instead of computing the context once per option. A request whose cache hit reaches
+    into its continuation (options that share leading tokens across a block boundary) is scored again without
+    the cache, so every log-probability read was computed in the request that reads it."""
+    from vllm import SamplingParams
+
+    class PrefixCachedVLLM(vllm_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            # token sequence -> its context length, for the requests of the current _loglikelihood_tokens call
+            self._context_lengths: dict[tuple[int, ...], int] = {}
+            self.prefix_stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "rescored": 0}
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False) -> list:
+            limit = self.max_length - 1  # as lm-eval truncates: keep the last `limit` tokens
+            lengths: dict[tuple[int, ...], int] = {}
+            for _, context, continuation in requests:
+                tokens = tuple((context + continuation)[-limit:])
+                context_length = len(context) - max(0, len(context) + len(continuation) - limit)
+                lengths[tokens] = min(context_length, lengths.get(tokens, context_length))
+            self._context_lengths = lengths
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm)
+            finally:
+                self._context_lengths = {}
+
+        def _model_generate(self, requests: list, generate: bool = False, sampling_params: Any = None) -> Any:
+            if generate or sampling_params is not None:
+                return super()._model_generate(requests, generate, sampling_params)
+
+            def params(skip_cache: bool) -> Any:
+                return SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False,
+                                      skip_reading_prefix_cache=skip_cache)
+
+            outputs = list(super()._model_generate(requests, True, params(skip_cache=False)))
+            # The first continuation token's log-probability comes from the context's last position, so that
+            # position must have been computed: a hit of at most context length - 1 tokens.
+            stale = [i for i, (tokens, output) in enumerate(zip(requests, outputs, strict=True))
+                     if (output.num_cached_tokens or 0) > self._context_lengths.get(tuple(tokens), 1) - 1]
+            if stale:
+                again = super()._model_generate([requests[i] for i in stale], True, params(skip_cache=True))
+                for i, output in zip(stale, again, strict=True):
+                    outputs[i] = output
+            stats = self.prefix_stats
+            stats["requests"] += len(requests)
+            stats["prompt_tokens"] += sum(len(tokens) for tokens in requests)
+            stats["cached_tokens"] += sum(output.num_cached_tokens or 0 for output in outputs)
+            stats["rescored"] += len(stale)
+            return outputs
+
+    return PrefixCachedVLLM
+
+
 ENGINE_EXIT_SECONDS = 60.0
 
 
@@ -48,7 +105,7 @@ class EvalEngine:
     def __init__(self, model_path: Path, settings: Settings):
         kwargs = {k: v for k, v in settings.vllm_engine_kwargs().items() if v is not None}
         os.environ.update(settings.vllm_environment())
-        vllm_class = _lm_eval_vllm_class()
+        vllm_class = _prefix_cached(_lm_eval_vllm_class())
         self.lm: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)
         self.llm: Any = self.lm.model
         self.tokenizer: Any = self.llm.get_tokenizer()

@@ -47,11 +47,14 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
 
     tasks = [task_config(name, write_items(items, workdir / f"{name}.jsonl"))
              for name, (_, items) in benchmarks.items()]
+    cache_before = dict(getattr(lm, "prefix_stats", {}))
     started = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True, bootstrap_iters=0,
                                       random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     seconds = time.perf_counter() - started
     total = sum(len(items) for _, items in benchmarks.values())
+    # How much of the prompts the options' shared contexts took from the prefix cache (evals/engine.py).
+    prefix_cache = {k: v - cache_before.get(k, 0) for k, v in getattr(lm, "prefix_stats", {}).items()}
     out = []
     for name, (split, items) in benchmarks.items():
         samples = results["samples"][f"zephyr_{name}"]
@@ -59,7 +62,8 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
             values = {s["doc"]["id"]: float(s[metric]) for s in samples}
             # lm-eval scores all benchmarks together: each gets its share of the time by question count.
             out.append(measurement(name, f"cloze_{metric}", split, values, groups=_groups(items, values),
-                                   seconds=seconds * len(items) / total))
+                                   seconds=seconds * len(items) / total,
+                                   details={"prefix_cache_all_benchmarks": prefix_cache} if prefix_cache else {}))
     return out
 
 

@@ -172,6 +172,10 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                 cloze = mcq_eval.cloze(engine.lm, {n: data[n] for n in names}, Path(workdir))
             for m in cloze:
                 console.print(f"{m.benchmark} {m.metric}: {m.score:.1%} of {m.n} (~{m.seconds:.0f} s)")
+            cache = cloze[0].details.get("prefix_cache_all_benchmarks") if cloze else None
+            if cache and cache["prompt_tokens"]:
+                console.print(f"cloze prefix cache: {cache['cached_tokens']:,} of {cache['prompt_tokens']:,} prompt "
+                              f"tokens reused; {cache['rescored']:,} of {cache['requests']:,} requests scored again")
             out += cloze
     if options.server:
         for name in names:

@@ -36,6 +36,42 @@ GSM8K = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 
          ("Sara had 10 dollars and spent 4. How many dollars are left?", "10 - 4 = <<10-4=6>>6\n#### 6")]
 
 
+# Log-likelihoods of options sharing long leading text, after contexts of many lengths, scored through the
+# prefix-cached path (evals/engine.py) and again by plain vLLM requests that compute every position.
+CLOZE_CACHE_CHECK = """
+import json, sys
+from pathlib import Path
+from vllm import SamplingParams, TokensPrompt
+from evals.engine import EvalEngine
+from zephyr.settings import Settings
+
+
+def main():
+    engine = EvalEngine(Path(sys.argv[1]), Settings())
+    tok = engine.tokenizer
+    preamble = "Plants, animals and the rocks beneath them are studied by scientists in many fields. "
+    options = [" the process by which green plants make food from light and water",
+               " the process by which green plants make food from light and air",
+               " the process by which animals digest food", " a kind of rock"]
+    requests = []
+    for k in range(24):
+        context = tok.encode(preamble * (1 + k // 8) + "filler " * k + "Question: What is photosynthesis?\\nAnswer:")
+        requests += [(None, context, tok.encode(option)) for option in options]
+    cached = engine.lm._loglikelihood_tokens(requests)
+    plain = engine.llm.generate([TokensPrompt(prompt_token_ids=c + o) for _, c, o in requests],
+                                SamplingParams(prompt_logprobs=1, max_tokens=1, detokenize=False), use_tqdm=False)
+    plain_scores = [sum(out.prompt_logprobs[i][(c + o)[i]].logprob for i in range(len(c), len(c) + len(o)))
+                    for out, (_, c, o) in zip(plain, requests, strict=True)]
+    print("RESULT " + json.dumps({"cached": [score for score, _ in cached], "plain": plain_scores,
+                                  "stats": engine.lm.prefix_stats}))
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
 def write_data(root: Path) -> Path:
     arc = root / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl"
     arc.parent.mkdir(parents=True)
@@ -127,3 +163,17 @@ def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_
     assert len(explanations) == len(MCQ) and all(text and "Answer:" not in text for text in explanations.values())
     assert served.details["answers"] == local.details["answers"]
     assert served.details["same_answer_as_local"] == len(MCQ)
+
+
+def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, default_model):
+    script = tmp_path / "cloze_cache_check.py"
+    script.write_text(CLOZE_CACHE_CHECK)
+    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = subprocess.run([sys.executable, str(script), str(default_model.path)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    stats = result["stats"]
+    assert stats["cached_tokens"] > 0  # the options reused their context's blocks
+    assert stats["rescored"] > 0  # and some hits reached into an option's shared leading words
+    assert result["cached"] == pytest.approx(result["plain"], abs=1e-4)

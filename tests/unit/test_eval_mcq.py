@@ -84,3 +84,57 @@ def test_task_yaml_reads_the_given_file(tmp_path):
     config = mcq_eval.task_config("arc_challenge", tmp_path / "items.jsonl")
     assert config["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "items.jsonl")
     assert config["task"] == "zephyr_arc_challenge" and config["output_type"] == "multiple_choice"
+
+
+class _RecordingVLLM:
+    """Stands in for lm-eval's vLLM class: `_loglikelihood_tokens` hands the concatenated tokens to
+    `_model_generate`, which answers with the cache hits given per call."""
+
+    max_length = 2048
+
+    def __init__(self, cached_per_call):
+        self.calls, self.cached_per_call = [], list(cached_per_call)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False):
+        return self._model_generate([context + continuation for _, context, continuation in requests])
+
+    def _model_generate(self, requests, generate=False, sampling_params=None):
+        self.calls.append((requests, sampling_params))
+        cached = self.cached_per_call.pop(0)
+        return [SimpleNamespace(num_cached_tokens=c, call=len(self.calls)) for c in cached]
+
+
+def test_cloze_rescores_without_the_cache_only_requests_whose_hit_reaches_the_continuation():
+    from evals.engine import _prefix_cached
+
+    lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 32, 40, 32], [0]])
+    context = list(range(40))
+    requests = [(None, context, [100, 101]), (None, context, [102]),
+                (None, context, [103, 104]), (None, list(range(33)), [105])]
+    outputs = lm._loglikelihood_tokens(requests)
+
+    first, again = lm.calls
+    assert first[1].prompt_logprobs == 1 and first[1].skip_reading_prefix_cache is False
+    # 40 cached tokens reach the context's last position (39), whose log-probability scores the first option
+    # token; 32 of a 33-token context still leave position 32 computed.
+    assert again[0] == [context + [103, 104]] and again[1].skip_reading_prefix_cache is True
+    assert [o.call for o in outputs] == [1, 1, 2, 1]
+    assert lm.prefix_stats == {"requests": 4, "prompt_tokens": 42 + 41 + 42 + 34, "cached_tokens": 64,
+                               "rescored": 1}
+
+
+def test_generation_requests_pass_through_unchanged():
+    from evals.engine import _prefix_cached
+
+    lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[5]])
+    params = object()
+    lm._model_generate([[1, 2, 3]], generate=True, sampling_params=params)
+    assert lm.calls == [([[1, 2, 3]], params)] and lm.prefix_stats["requests"] == 0
+
+
+def test_requests_of_unknown_context_are_rescored_only_when_they_hit_the_cache():
+    from evals.engine import _prefix_cached
+
+    lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 5], [0]])
+    outputs = lm._model_generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
+    assert lm.calls[1][0] == [[4, 5, 6, 7, 8, 9]] and [o.call for o in outputs] == [1, 2]
