@@ -1,4 +1,4 @@
-"""`zephyr eval run|show|report|gate`. Heavy imports (vLLM, lm-eval, torch) happen inside the commands."""
+"""`zephyr eval run|calibrate|show|report|gate`. Heavy imports (vLLM, lm-eval, torch) happen inside the commands."""
 
 from __future__ import annotations
 
@@ -95,6 +95,29 @@ def run_command(
         raise _fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Annotated[str, typer.Option(help="Registry model")],
+    limit: Annotated[int | None, typer.Option(help="First N validation questions of each benchmark")] = None,
+    benchmarks: Annotated[str | None, typer.Option(
+        help="MCQ benchmarks, comma-separated (default: all five)")] = None,
+    write: Annotated[bool, typer.Option(help="Write the record into the model's zephyr.json (--no-write: show)")]
+    = True,
+) -> None:
+    """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
+    a temperature per method, the letter path's position prior, a letter + cloze combination."""
+    from evals import datasets
+    from evals.calibrate import CalibrationError, calibrate
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if limit is not None and limit < 1:
+        raise _fail("--limit must be at least 1")
+    try:
+        calibrate(model, _settings(), console, limit=limit, benchmarks=_csv(benchmarks), write=write)
+    except (CalibrationError, RegistryError, datasets.DatasetError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def _table(eval_run) -> Table:

@@ -15,7 +15,10 @@ from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, s
 from evals.stats import PairedDelta, paired_bootstrap
 
 DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
-SHARE_PREFIXES = ("cloze_", "letter_", "exact_match")
+SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc")
+# /mcq's default method, measured through each model's own calibration record: where both models have it for a
+# benchmark, it alone decides that benchmark's verdict (the other formats are shown for information).
+SERVED_METRICS = ("mcq_acc_auto", "mcq_acc_auto_server")
 # A delta of exactly -max_drop must pass; float subtraction (0.51 - 0.52) lands a hair below it.
 _TOLERANCE = 1e-9
 
@@ -57,6 +60,7 @@ class CompareRow:
 @dataclass(frozen=True)
 class GateRow(CompareRow):
     passed: bool = True
+    gating: bool = True  # False: shown for information, the served method decides this benchmark
 
 
 def compare_measurements(
@@ -129,11 +133,11 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return all(row.passed for row in self.rows)
+        return all(row.passed for row in self.rows if row.gating)
 
     @property
     def failures(self) -> list[GateRow]:
-        return [row for row in self.rows if not row.passed]
+        return [row for row in self.rows if row.gating and not row.passed]
 
     def table(self) -> Table:
         verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"
@@ -168,6 +172,7 @@ class GateResult:
                 Text(fmt_value(row.baseline, row.share)),
                 Text(fmt_value(row.candidate, row.share)),
                 Text(fmt_delta(row.delta, row.low, row.high, row.share)),
+                Text("info", style="dim") if not row.gating else
                 Text("PASS", style="green") if row.passed else Text("FAIL", style="bold red"),
             )
         return table
@@ -193,7 +198,8 @@ def check(
     seed: int = 0,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
-    otherwise), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop."""
+    otherwise), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop. An MCQ
+    benchmark both models have /mcq's served method for is judged on that method alone."""
     suites = list(suites) if suites else list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
     if unknown:
@@ -225,7 +231,10 @@ def check(
             f"({candidate}: {', '.join(have[candidate]) or 'none'}; {baseline}: {', '.join(have[baseline]) or 'none'})"
             f". Run `zephyr eval run --model NAME --suite {suites[0]}` for both models"
         )
-    rows = [GateRow(**vars(row), passed=row.delta >= -max_drop - _TOLERANCE) for row in compared]
+    served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
+    rows = [GateRow(**vars(row), passed=row.delta >= -max_drop - _TOLERANCE,
+                    gating=suite_of(row.benchmark) != "mcq" or row.benchmark not in served
+                    or row.metric in SERVED_METRICS) for row in compared]
     compared_keys = {row.key for row in compared}
     skipped = sorted(
         m.key

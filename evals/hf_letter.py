@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals.mcq_eval import _groups
+from evals.mcq_eval import _groups, question_of
 from evals.results import Measurement, measurement
 from zephyr import mcq
 from zephyr.schemas import MCQItem
@@ -39,7 +39,7 @@ def letter_logprobs(model: Any, tokenizer: Any, items: list[MCQItem], batch_size
     letter order. Prompts are batched by length, left-padded, with an attention mask and matching positions."""
     import torch
 
-    prompts = [mcq.encode_prompt(tokenizer, mcq.MCQuestion(item.question, tuple(item.options))) for item in items]
+    prompts = [mcq.encode_prompt(tokenizer, question_of(item)) for item in items]
     letter_ids = [mcq.letter_token_ids(tokenizer, len(item.options)) for item in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[list[float]] = [[] for _ in items]
@@ -64,13 +64,15 @@ def letter_hf(model: Any, tokenizer: Any, name: str, split: str, items: list[MCQ
     started = time.perf_counter()
     all_logprobs = letter_logprobs(model, tokenizer, items, batch_size, desc=f"{name} letter format")
     seconds = time.perf_counter() - started
-    answers, values, probabilities = {}, {}, {}
+    answers, values, probabilities, renormalized = {}, {}, {}, {}
     for item, logprobs in zip(items, all_logprobs, strict=True):
         probs, answer = mcq.letter_distribution(mcq.LETTERS[: len(item.options)], logprobs)
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
         probabilities[item.id] = round(probs[answer], 6)
+        renormalized[item.id] = [round(x, 6) for x in mcq.log_softmax(logprobs)]
     return measurement(name, "letter_acc", split, values, groups=_groups(items, values), seconds=seconds,
-                       details={"answers": answers, "answer_probability": probabilities})
+                       details={"answers": answers, "answer_probability": probabilities,
+                                "letter_logprobs": renormalized})
 
 
 class TransformersEngine:

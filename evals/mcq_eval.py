@@ -58,13 +58,53 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
     out = []
     for name, (split, items) in benchmarks.items():
         samples = results["samples"][f"zephyr_{name}"]
+        # Each option's log-likelihood, for the methods that combine or calibrate them (auto, evals/calibration).
+        loglikelihoods = {s["doc"]["id"]: [round(float(r[0]), 6) for r in s["filtered_resps"]] for s in samples}
         for metric in ("acc", "acc_norm"):
             values = {s["doc"]["id"]: float(s[metric]) for s in samples}
+            details: dict[str, Any] = {"prefix_cache_all_benchmarks": prefix_cache} if prefix_cache else {}
+            if metric == "acc":
+                details["loglikelihoods"] = loglikelihoods
             # lm-eval scores all benchmarks together: each gets its share of the time by question count.
             out.append(measurement(name, f"cloze_{metric}", split, values, groups=_groups(items, values),
-                                   seconds=seconds * len(items) / total,
-                                   details={"prefix_cache_all_benchmarks": prefix_cache} if prefix_cache else {}))
+                                   seconds=seconds * len(items) / total, details=details))
     return out
+
+
+def question_of(item: MCQItem) -> mcq.MCQuestion:
+    """The question as the service builds it from the same fields (the support passage included)."""
+    return mcq.MCQuestion(item.question, tuple(item.options), (item.support or "").strip() or None)
+
+
+def option_scores(items: list[MCQItem], letter_m: Measurement | None,
+                  cloze_m: Measurement | None) -> dict[str, mcq.OptionScores]:
+    """Per item, the raw per-option scores the letter and cloze measurements kept."""
+    letter = letter_m.details.get("letter_logprobs", {}) if letter_m else {}
+    cloze = cloze_m.details.get("loglikelihoods", {}) if cloze_m else {}
+    out = {}
+    for item in items:
+        scores = mcq.cloze_scores(item.options, cloze[item.id]) if item.id in cloze else mcq.OptionScores()
+        out[item.id] = mcq.OptionScores(letter=letter.get(item.id), cloze=scores.cloze, cloze_norm=scores.cloze_norm)
+    return out
+
+
+def planned(name: str, split: str, items: list[MCQItem], scores: dict[str, mcq.OptionScores], plan: mcq.Plan,
+            metric: str) -> Measurement:
+    """Accuracy and calibration of one /mcq method computed from stored per-option scores, through the same
+    zephyr/mcq.py plan the service applies: what the service answers for these questions."""
+    from evals import calibration
+
+    answers, values, probabilities = {}, {}, {}
+    for item in items:
+        probs, answer = plan.distribution(scores[item.id], mcq.LETTERS[: len(item.options)])
+        answers[item.id], values[item.id] = answer, float(answer == item.answer)
+        probabilities[item.id] = [round(p, 6) for p in probs.values()]
+    gold = [mcq.LETTERS.index(item.answer) for item in items]
+    figures = calibration.summarize([probabilities[item.id] for item in items], gold)
+    return measurement(name, metric, split, values, groups=_groups(items, values),
+                       details={"answers": answers, "probabilities": probabilities, "method": plan.method,
+                                "calibrated": plan.calibrated, "weights": plan.weights,
+                                "calibration": {k: v for k, v in figures.items() if k not in ("n", "accuracy")}})
 
 
 def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem], explain: bool = False,
@@ -75,7 +115,7 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
     then the answer cue, then the letter (metric `letter_acc_explain`, the reasoning kept in details)."""
     from vllm import SamplingParams, TokensPrompt
 
-    questions = [mcq.MCQuestion(item.question, tuple(item.options)) for item in items]
+    questions = [question_of(item) for item in items]
     started = time.perf_counter()
     explanations: list[str | None] = [None] * len(items)
     if explain:
@@ -95,24 +135,31 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
                                      logprob_token_ids=letter_ids, detokenize=False))
     outputs = llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - started
-    answers, values, probabilities = {}, {}, {}
+    answers, values, probabilities, letter_logprobs = {}, {}, {}, {}
     for item, output, param in zip(items, outputs, params, strict=True):
         logprobs = output.outputs[0].logprobs[0]
         letters = mcq.LETTERS[: len(item.options)]
-        probs, answer = mcq.letter_distribution(letters, [logprobs[t].logprob for t in param.allowed_token_ids])
+        raw = [logprobs[t].logprob for t in param.allowed_token_ids]
+        probs, answer = mcq.letter_distribution(letters, raw)
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
         probabilities[item.id] = round(probs[answer], 6)
-    details: dict[str, Any] = {"answers": answers, "answer_probability": probabilities}
+        letter_logprobs[item.id] = [round(x, 6) for x in mcq.log_softmax(raw)]
+    details: dict[str, Any] = {"answers": answers, "answer_probability": probabilities,
+                               "letter_logprobs": letter_logprobs}
     if explain:
         details["explanations"] = {item.id: text for item, text in zip(items, explanations, strict=True)}
     return measurement(name, "letter_acc_explain" if explain else "letter_acc", split, values,
                        groups=_groups(items, values), seconds=seconds, details=details)
 
 
-def letter_via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
-                      batch: int = 64, concurrency: int = 4, explain: bool = False) -> Measurement:
-    """Letter-format accuracy through a running server's POST /mcq/batch. Questions the service refuses as
-    given (duplicate options) are left out and listed in details["excluded"]."""
+SERVER_METRICS = {"letter": "letter_acc_server", "explain": "letter_acc_explain_server",
+                  "cloze": "cloze_acc_server", "auto": "mcq_acc_auto_server"}
+
+
+def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
+               batch: int = 64, concurrency: int = 4, method: str = "letter") -> Measurement:
+    """Accuracy of one /mcq method through a running server's POST /mcq/batch. Questions the service refuses
+    as given (duplicate options) are left out and listed in details["excluded"]."""
     import httpx
 
     accepted, excluded = [], []
@@ -131,8 +178,8 @@ def letter_via_server(url: str, api_key: str | None, name: str, split: str, item
         async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as client:
             async def one(chunk: list[MCQItem]) -> list[dict[str, Any]]:
                 async with limit:
-                    body = {"questions": [{"question": i.question, "options": i.options, "explain": explain}
-                                          for i in chunk]}
+                    body = {"questions": [{"question": i.question, "options": i.options, "method": method,
+                                           **({"support": i.support} if i.support else {})} for i in chunk]}
                     response = await client.post("/mcq/batch", json=body)
                     if response.status_code != 200:
                         raise RuntimeError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
@@ -147,6 +194,9 @@ def letter_via_server(url: str, api_key: str | None, name: str, split: str, item
     seconds = time.perf_counter() - started
     answers = {item.id: result["answer"] for item, result in zip(accepted, results, strict=True)}
     values = {item.id: float(answers[item.id] == item.answer) for item in accepted}
-    metric = "letter_acc_explain_server" if explain else "letter_acc_server"
-    return measurement(name, metric, split, values, groups=_groups(accepted, values), seconds=seconds,
-                       details={"answers": answers, "excluded": excluded, "url": url})
+    probabilities = {item.id: list(result["probabilities"].values())
+                     for item, result in zip(accepted, results, strict=True)}
+    return measurement(name, SERVER_METRICS[method], split, values, groups=_groups(accepted, values),
+                       seconds=seconds, details={"answers": answers, "probabilities": probabilities,
+                                                 "excluded": excluded, "url": url,
+                                                 "method": results[0]["method"] if results else method})

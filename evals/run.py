@@ -13,6 +13,7 @@ from rich.console import Console
 
 from evals import datasets
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, summary
+from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
 from zephyr.settings import Settings
@@ -132,7 +133,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
         for suite in suites:
             started = time.perf_counter()
             if suite == "mcq":
-                measurements = _mcq_suite(engine, data, mcq_names, options, console)
+                measurements = _mcq_suite(engine, data, mcq_names, options, console, entry.manifest.mcq_calibration)
             elif suite == "gsm8k":
                 measurements = _gsm8k_suite(engine, data, options, settings)
                 generations["gsm8k"] = measurements[0].details["generations"]
@@ -154,11 +155,15 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     return runs
 
 
-def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, console: Console) -> list[Measurement]:
+def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, console: Console,
+               calibration: mcq.MCQCalibration | None = None) -> list[Measurement]:
+    """Letter format and cloze in process; then `auto` (/mcq's default method, through the model's calibration
+    record) from their per-option scores; then, with --server, the same methods through the server's /mcq."""
     from evals import mcq_eval
 
     out: list[Measurement] = []
     mode = " (explain)" if options.explain else ""
+    auto = mcq.plan("auto", calibration)
     if engine is not None:
         for name in names:
             split, items = data[name]
@@ -177,20 +182,34 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                 console.print(f"cloze prefix cache: {cache['cached_tokens']:,} of {cache['prompt_tokens']:,} prompt "
                               f"tokens reused; {cache['rescored']:,} of {cache['requests']:,} requests scored again")
             out += cloze
+        if (auto.needs_letter and options.explain) or (auto.needs_cloze and not options.cloze):
+            console.print(f"[yellow]auto ({auto.method}) not measured:[/] it needs the direct letter format and "
+                          "cloze; run without --explain and --no-cloze")
+        else:
+            for name in names:
+                split, items = data[name]
+                scores = mcq_eval.option_scores(
+                    items, next((x for x in out if x.key == f"{name}/letter_acc"), None),
+                    next((x for x in out if x.key == f"{name}/cloze_acc"), None))
+                m = mcq_eval.planned(name, split, items, scores, auto, "mcq_acc_auto")
+                figures = m.details["calibration"]
+                console.print(f"{name} auto ({auto.method}{', calibrated' if auto.calibrated else ''}): "
+                              f"{m.score:.1%} of {m.n}, ECE {figures['ece']:.3f}, Brier {figures['brier']:.3f}")
+                out.append(m)
     if options.server:
-        for name in names:
-            split, items = data[name]
-            m = mcq_eval.letter_via_server(options.server, options.api_key, name, split, items,
-                                           explain=options.explain)
-            console.print(f"{name} letter format{mode} via {options.server}: {m.score:.1%} of {m.n} "
-                          f"in {m.seconds:.1f} s")
-            local_metric = "letter_acc_explain" if options.explain else "letter_acc"
-            local = next((x for x in out if x.benchmark == name and x.metric == local_metric), None)
-            if local is not None:
-                same = sum(local.details["answers"][i] == a for i, a in m.details["answers"].items())
-                m.details["same_answer_as_local"] = same
-                console.print(f"  same answer as in process: {same} of {m.n}")
-            out.append(m)
+        for method in ("explain" if options.explain else "letter", "auto"):
+            for name in names:
+                split, items = data[name]
+                m = mcq_eval.via_server(options.server, options.api_key, name, split, items, method=method)
+                console.print(f"{name} {method} via {options.server} ({m.details['method']}): {m.score:.1%} of "
+                              f"{m.n} in {m.seconds:.1f} s")
+                local_metric = {"explain": "letter_acc_explain", "letter": "letter_acc", "auto": "mcq_acc_auto"}[method]
+                local = next((x for x in out if x.benchmark == name and x.metric == local_metric), None)
+                if local is not None:
+                    same = sum(local.details["answers"][i] == a for i, a in m.details["answers"].items())
+                    m.details["same_answer_as_local"] = same
+                    console.print(f"  same answer as in process: {same} of {m.n}")
+                out.append(m)
     return out
 
 

@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.table import Table
 
 from zephyr.bundled import ensure_default_model
-from zephyr.registry import Registry, RegistryEntry
+from zephyr.registry import MANIFEST, Registry, RegistryEntry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 STUDENT_KEY = "load-student-key"
@@ -65,6 +66,19 @@ def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:
     if not link.exists():
         link.symlink_to(default_model.path, target_is_directory=True)
     return home
+
+
+def linked_variant(home: Path, source: RegistryEntry, name: str, **manifest: Any) -> Path:
+    """A registry entry `name` in `home` whose weights are links to `source`'s files and whose zephyr.json is its
+    own (e.g. with an MCQ calibration record), so a test can change a manifest without touching the shared one."""
+    folder = home / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in source.path.iterdir():
+        if path.name != MANIFEST and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path.resolve())
+    record = source.manifest.model_copy(update={"name": name, "parent": None, **manifest})
+    (folder / MANIFEST).write_text(record.model_dump_json(indent=2))
+    return folder
 
 
 @dataclass

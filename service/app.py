@@ -144,7 +144,15 @@ def create_app(
         app.state.registry_entry = entry
         app.state.engine = engine
         app.state.generation_log = generation_log
-        app.state.tutor = Tutor(engine, settings, metrics, generation_log)
+        calibration = entry.manifest.mcq_calibration
+        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration)
+        if calibration is None:
+            log.warning("%s has no MCQ calibration record: /mcq's `auto` answers by cloze (uncalibrated); "
+                        "run `zephyr eval calibrate --model %s` to choose and calibrate its method",
+                        entry.name, entry.name)
+        else:
+            log.info("/mcq's `auto` for %s: %s (weights %s, calibrated %s)", entry.name, calibration.method,
+                     calibration.weights, calibration.created_at.date())
         app.state.redactor = redactor
         app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
@@ -209,6 +217,9 @@ async def _warm_up_engine(tutor: Tutor) -> None:
     letters = tutor.letter_ids(4, leading_space=False)
     constrained = GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letters, logprob_token_ids=letters)
     async for _ in tutor.engine.generate(prompt, constrained, "warmup-mcq"):
+        pass
+    scored = GenParams(max_tokens=1, temperature=0.0, prompt_logprobs=True, skip_reading_prefix_cache=False)
+    async for _ in tutor.engine.generate(prompt, scored, "warmup-cloze"):  # /mcq's cloze: prompt log-probs
         pass
 
 

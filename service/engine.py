@@ -31,6 +31,10 @@ class GenParams:
     logprobs: int | None = None  # top-k alternatives per token; 0 = the sampled token only
     allowed_token_ids: list[int] | None = None
     logprob_token_ids: list[int] | None = None  # exact log-probabilities of these tokens
+    prompt_logprobs: bool = False  # the log-probability of each prompt token (cloze scoring)
+    # None: vLLM's rule (no cache reads with prompt log-probabilities). False lets a cloze request reuse the
+    # question's KV blocks; the caller then trusts only positions past EngineOutput.num_cached_tokens.
+    skip_reading_prefix_cache: bool | None = None
 
 
 @dataclass
@@ -55,6 +59,10 @@ class ChoiceDelta:
 class EngineOutput:
     choices: list[ChoiceDelta]
     finished: bool
+    # With GenParams.prompt_logprobs, on the first output: entry p is the log-probability of prompt token p
+    # (entry 0 is None). Positions below num_cached_tokens came from the prefix cache and hold no value.
+    prompt_logprobs: list[float | None] | None = None
+    num_cached_tokens: int = 0
 
 
 class EngineUnavailable(RuntimeError):
@@ -140,6 +148,8 @@ class VLLMEngine:
             logprobs=params.logprobs,
             allowed_token_ids=params.allowed_token_ids,
             logprob_token_ids=params.logprob_token_ids,
+            prompt_logprobs=0 if params.prompt_logprobs else None,
+            skip_reading_prefix_cache=params.skip_reading_prefix_cache,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -159,6 +169,8 @@ class VLLMEngine:
                 yield EngineOutput(
                     choices=[self._choice(c, params.logprob_token_ids) for c in out.outputs],
                     finished=out.finished,
+                    prompt_logprobs=_prompt_logprobs(prompt_ids, out.prompt_logprobs),
+                    num_cached_tokens=out.num_cached_tokens or 0,
                 )
         except EngineDeadError as exc:
             raise EngineUnavailable("the inference engine stopped; retry on another replica") from exc
@@ -187,6 +199,16 @@ class VLLMEngine:
         return ChoiceDelta(
             index=c.index, text=c.text, token_ids=list(c.token_ids), logprobs=logprobs, finish_reason=c.finish_reason
         )
+
+
+def _prompt_logprobs(prompt_ids: list[int], entries: list[dict[int, Any] | None] | None) -> list[float | None] | None:
+    if not entries:
+        return None
+    values: list[float | None] = []
+    for token_id, entry in zip(prompt_ids, entries, strict=False):
+        chosen = entry.get(token_id) if entry else None
+        values.append(None if chosen is None else chosen.logprob)
+    return values
 
 
 def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, field_validator, model_validator
 
 # Fields of OpenAI's chat API this server does not implement: a 400 that names them, never ignored.
 UNSUPPORTED_CHAT_FIELDS = (
@@ -105,12 +105,33 @@ class ChatCompletionRequest(Strict):
 OptionList = Annotated[list[Any], Field(description="2-10 option texts")]
 
 
+MCQMethod = Literal["auto", "letter", "cloze", "explain"]
+
+
 class MCQRequest(Strict):
     question: StrictStr
     options: list[Any] | dict[str, Any]
-    explain: StrictBool = False
+    support: StrictStr | None = Field(default=None, description="A passage the question is about, shown first")
+    method: MCQMethod = Field(default="auto", description=(
+        "letter: one constrained letter token; cloze: each option's text scored as the question's continuation; "
+        "explain: reasoning, then the letter; auto: what `zephyr eval calibrate` chose for the served model "
+        "(cloze when it has no record)"))
+    explain: StrictBool = Field(default=False, description="Same as method `explain` (kept for older clients)")
+    min_confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, description=(
+        "Below this probability of the best option the answer is null and `abstained` is true"))
     model: StrictStr | None = None
     user: StrictStr | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_method(self) -> MCQRequest:
+        if self.explain and self.method not in ("auto", "explain"):
+            raise ValueError(f"`explain: true` asks for reasoning, which method `{self.method}` does not do; "
+                             "send `method: explain`, or drop `explain`")
+        return self
+
+    @property
+    def resolved_method(self) -> str:
+        return "explain" if self.explain else self.method
 
 
 class MCQBatchRequest(Strict):
@@ -118,11 +139,21 @@ class MCQBatchRequest(Strict):
     model: StrictStr | None = None
 
 
+class ClozeScores(BaseModel):
+    loglikelihood: dict[str, float] = Field(description="Each option text's summed log-likelihood (lm-eval acc)")
+    per_char: dict[str, float] = Field(description="The same per character of the option (lm-eval acc_norm)")
+
+
 class MCQResponse(BaseModel):
     id: str
-    answer: str
-    option: str
-    probabilities: dict[str, float]
+    answer: str | None = Field(description="The chosen option's letter; null when the tutor abstained")
+    option: str | None
+    probabilities: dict[str, float] = Field(description="Over exactly the option letters, summing to 1")
+    confidence: float = Field(description="The highest option probability")
+    abstained: bool = False
+    method: str = Field(description="What answered: letter, cloze, cloze_norm, explain or combined")
+    calibrated: bool = Field(description="Whether the model's validation calibration shaped the probabilities")
+    cloze: ClozeScores | None = None
     explanation: str | None = None
     model: str
 

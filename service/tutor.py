@@ -4,6 +4,7 @@ and hand one row per request to the generation log."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -18,7 +19,7 @@ from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
 from service.errors import APIError, error_body
 from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest, MCQRequest, MCQResponse
+from service.protocol import ChatCompletionRequest, ClozeScores, MCQRequest, MCQResponse
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import mcq
@@ -96,6 +97,8 @@ class Generation:
     first_token_at: float | None = None
     last_token_at: float | None = None
     steps: int = 0
+    prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token
+    num_cached_tokens: int = 0
     # Human review (service/review): whether this chat goes to reviewers, and candidate provenance.
     review_requested: bool = False
     for_review: bool = False
@@ -109,6 +112,8 @@ class Generation:
             self.first_token_at = now
         self.last_token_at = now
         self.steps += 1
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs, self.num_cached_tokens = out.prompt_logprobs, out.num_cached_tokens
         for choice in out.choices:
             self.texts.setdefault(choice.index, []).append(choice.text)
             self.token_counts[choice.index] = self.token_counts.get(choice.index, 0) + len(choice.token_ids)
@@ -160,8 +165,10 @@ class Generation:
 
 
 class Tutor:
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog):
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
+                 calibration: mcq.MCQCalibration | None = None):
         self.engine = engine
+        self.calibration = calibration  # the served model's record from `zephyr eval calibrate`
         self.settings = settings
         self.metrics = metrics
         self.log = log
@@ -332,30 +339,35 @@ class Tutor:
 
     def build_question(self, body: MCQRequest, param_prefix: str = "") -> mcq.MCQuestion:
         try:
-            return mcq.MCQuestion.build(body.question, body.options)
+            return mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
 
-    async def answer_mcq(self, q: mcq.MCQuestion, explain: bool, principal: Principal, request_id: str,
-                         user: str | None = None) -> MCQResponse:
-        tokenizer = self.engine.tokenizer
-        messages = mcq.render_messages(q, explain)
-        prompt_ids = mcq.encode_prompt(tokenizer, q, explain=explain)
-        self.check_prompt_length(prompt_ids, "question")
-        letter_ids = self.letter_ids(len(q.options), leading_space=explain)
-        final = Generation(
-            request_id=request_id, route="mcq", messages=messages, prompt_ids=prompt_ids, principal=principal,
-            user=user, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
-                                        logprob_token_ids=letter_ids),
+    async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
+                         user: str | None = None, min_confidence: float | None = None) -> MCQResponse:
+        """Scores the options as the method says (the letter, the options' texts, or both at once), turns the
+        scores into probabilities over exactly the options, and answers null below `min_confidence`."""
+        plan = mcq.plan(method, self.calibration)
+        explain = method == "explain"
+        floor = self.settings.mcq_min_confidence if min_confidence is None else min_confidence
+        row = Generation(
+            request_id=request_id, route="mcq", messages=mcq.render_messages(q, explain), prompt_ids=[],
+            principal=principal, user=user, params=GenParams(max_tokens=1, temperature=0.0),
+            extra_params={"method": plan.method, "requested_method": method, "calibrated": plan.calibrated,
+                          "min_confidence": floor},
         )
+        # Everything a request could refuse is checked before the engine sees any of it.
+        letter_prompt = mcq.encode_prompt(self.engine.tokenizer, q, explain=explain) if plan.needs_letter else []
+        self.check_prompt_length(letter_prompt, "question")
+        cloze_requests = mcq.cloze_requests(self.engine.tokenizer, q) if plan.needs_cloze else []
+        for ids, _ in cloze_requests:
+            self.check_prompt_length(ids, "question")
+        row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
         explanation = None
         status, error = "error", None
+        scores = mcq.OptionScores()
         try:
-            if explain:
-                explanation = await self._reason(q, prompt_ids, final)
-                final.prompt_ids = mcq.encode_prompt(tokenizer, q, explain=True, reasoning=explanation)
-                self.check_prompt_length(final.prompt_ids, "question")
-            await self.run_to_end(final)
+            scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
             status = "ok"
         except APIError as exc:
             error = exc.message
@@ -364,14 +376,97 @@ class Tutor:
             status, error = "aborted", "cancelled"
             raise
         finally:  # one row per MCQ request, however it ended
-            probabilities, answer = _letter_distribution(final, q.letters, letter_ids)
-            content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {answer}" if explain else answer
-            self.log.record(final.log_row(self.model_name, status, error, response=[
-                {"index": 0, "content": content, "answer": answer, "probabilities": probabilities}
-            ]))
-        self.metrics.mcq_answers.labels(answer).inc()
-        return MCQResponse(id=request_id, answer=answer, option=q.option_for(answer), probabilities=probabilities,
+            probabilities, answer = plan.distribution(scores, q.letters) if status == "ok" else ({}, None)
+            confidence = max(probabilities.values(), default=0.0)
+            abstained = status == "ok" and floor is not None and confidence < floor
+            content = "(abstained)" if abstained else (answer or "")
+            if explain:
+                content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {content}"
+            self.log.record(row.log_row(self.model_name, status, error, response=[{
+                "index": 0, "content": content, "answer": None if abstained else answer,
+                "probabilities": probabilities, "confidence": confidence, "abstained": abstained,
+                "scores": {k: v for k, v in vars(scores).items() if v is not None},
+            }]))
+        if abstained:
+            answer = None
+        self.metrics.mcq_answers.labels(answer or "abstained").inc()
+        cloze = None
+        if scores.cloze is not None:
+            cloze = ClozeScores(loglikelihood=dict(zip(q.letters, scores.cloze, strict=True)),
+                                per_char=dict(zip(q.letters, scores.cloze_norm, strict=True)))
+        return MCQResponse(id=request_id, answer=answer, option=q.option_for(answer) if answer else None,
+                           probabilities=probabilities, confidence=confidence, abstained=abstained,
+                           method=plan.method, calibrated=plan.calibrated, cloze=cloze,
                            explanation=explanation, model=self.model_name)
+
+    async def _scores(self, q: mcq.MCQuestion, plan: mcq.Plan, letter_prompt: list[int], explain: bool,
+                      cloze_requests: list[tuple[list[int], int]],
+                      row: Generation) -> tuple[mcq.OptionScores, str | None]:
+        """The per-option scores the plan reads; letter and cloze run at once when it reads both."""
+        letter, cloze = None, None
+        try:
+            async with asyncio.TaskGroup() as group:
+                if plan.needs_letter:
+                    letter = group.create_task(self._letter(q, letter_prompt, explain, row))
+                if plan.needs_cloze:
+                    cloze = group.create_task(self._cloze(cloze_requests, row))
+        except* APIError as failures:
+            raise failures.exceptions[0] from None
+        scores = mcq.cloze_scores(q.options, cloze.result()) if cloze else mcq.OptionScores()
+        letter_logprobs, explanation = letter.result() if letter else (None, None)
+        return dataclasses.replace(scores, letter=letter_logprobs), explanation
+
+    async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
+                      row: Generation) -> tuple[list[float], str | None]:
+        """The constrained letter's log-probabilities, renormalized over the options (after reasoning with
+        `explain`), and the reasoning."""
+        tokenizer = self.engine.tokenizer
+        letter_ids = self.letter_ids(len(q.options), leading_space=explain)
+        final = Generation(
+            request_id=f"{row.request_id}-letter", route="mcq", messages=row.messages, prompt_ids=prompt_ids,
+            principal=row.principal, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
+                                                      logprob_token_ids=letter_ids),
+        )
+        explanation = None
+        if explain:
+            explanation = await self._reason(q, prompt_ids, final)
+            final.prompt_ids = mcq.encode_prompt(tokenizer, q, explain=True, reasoning=explanation)
+            self.check_prompt_length(final.prompt_ids, "question")
+            row.prompt_ids = final.prompt_ids
+        await self.run_to_end(final)
+        row.first_token_at = final.first_token_at
+        entries = final.logprobs.get(0) or []
+        requested = entries[0].requested if entries else {}
+        return mcq.log_softmax([requested.get(tid, -math.inf) for tid in letter_ids]), explanation
+
+    async def _cloze(self, requests: list[tuple[list[int], int]], row: Generation) -> list[float]:
+        """Each option's log-likelihood as the question's continuation. The options are sent together, so they
+        may share the question's KV blocks from vLLM's prefix cache; an option whose cache hit reached into its
+        own continuation has no log-probability for that position and is scored again without the cache (the
+        rule evals/engine.py proves bit-identical to scoring every position)."""
+
+        async def score(index: int, prompt_ids: list[int], context_length: int, use_cache: bool) -> float | None:
+            gen = Generation(
+                request_id=f"{row.request_id}-cloze{index}{'' if use_cache else 'r'}", route="mcq",
+                messages=row.messages, prompt_ids=prompt_ids, principal=row.principal,
+                params=GenParams(max_tokens=1, temperature=0.0, prompt_logprobs=True,
+                                 skip_reading_prefix_cache=not use_cache),
+            )
+            await self.run_to_end(gen)
+            if gen.num_cached_tokens > context_length - 1:
+                return None
+            values = (gen.prompt_logprobs or [])[context_length:len(prompt_ids)]
+            if len(values) != len(prompt_ids) - context_length or any(v is None for v in values):
+                raise APIError(503, "the engine returned no log-probabilities for an option; retry",
+                               code="engine_unavailable")
+            return float(sum(values))
+
+        first = await asyncio.gather(*(score(i, ids, n, True) for i, (ids, n) in enumerate(requests)))
+        stale = [i for i, value in enumerate(first) if value is None]
+        again = await asyncio.gather(*(score(i, *requests[i], False) for i in stale))
+        for i, value in zip(stale, again, strict=True):
+            first[i] = value
+        return [float(value) for value in first]
 
     async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: Generation) -> str:
         """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""
@@ -388,29 +483,17 @@ class Tutor:
         await self.run_to_end(reasoning)
         return reasoning.text().strip()
 
-    async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, bool, str | None]], principal: Principal,
+    async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, MCQRequest]], principal: Principal,
                                batch_id: str) -> list[MCQResponse]:
         """All questions at once; the first failure cancels the rest (each still logs its row) and is raised."""
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self.answer_mcq(q, explain, principal, f"{batch_id}-{i}", user))
-                         for i, (q, explain, user) in enumerate(items)]
+                tasks = [group.create_task(self.answer_mcq(q, body.resolved_method, principal, f"{batch_id}-{i}",
+                                                           body.user, body.min_confidence))
+                         for i, (q, body) in enumerate(items)]
         except* APIError as failures:
             raise failures.exceptions[0] from None
         return [task.result() for task in tasks]
-
-
-def _letter_distribution(gen: Generation, letters: str, letter_ids: list[int]) -> tuple[dict[str, float], str]:
-    """Probabilities over exactly the option letters (renormalized, summing to 1) and the best letter."""
-    entries = gen.logprobs.get(0) or []
-    if not entries:
-        return {}, ""
-    requested = entries[0].requested
-    try:
-        return mcq.letter_distribution(letters, [requested.get(tid, -math.inf) for tid in letter_ids])
-    except ValueError:  # cannot happen with vLLM; fall back to the sampled letter
-        chosen = letters[letter_ids.index(entries[0].token_id)]
-        return {letter: float(letter == chosen) for letter in letters}, chosen
 
 
 def _openai_logprobs(entries: list[TokenLogprob], top: int | None) -> dict[str, Any]:

@@ -8,8 +8,11 @@ import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10
@@ -41,16 +44,19 @@ class MCQFormatError(ValueError):
 class MCQuestion:
     question: str
     options: tuple[str, ...]
+    support: str | None = None  # a passage the question is about (SciQ's support), shown before the question
 
     @property
     def letters(self) -> str:
         return LETTERS[: len(self.options)]
 
     @classmethod
-    def build(cls, question: Any, options: Sequence[str] | Mapping[str, str]) -> MCQuestion:
+    def build(cls, question: Any, options: Sequence[str] | Mapping[str, str], support: Any = None) -> MCQuestion:
         if not isinstance(question, str) or not question.strip():
             raise MCQFormatError("`question` must be a non-empty string", "question")
-        return cls(question.strip(), tuple(normalize_options(options)))
+        if support is not None and not isinstance(support, str):
+            raise MCQFormatError("`support` must be a string (a passage the question is about) or absent", "support")
+        return cls(question.strip(), tuple(normalize_options(options)), (support or "").strip() or None)
 
     def option_for(self, letter: str) -> str:
         return self.options[self.letters.index(letter)]
@@ -88,7 +94,8 @@ def normalize_options(options: Sequence[str] | Mapping[str, str]) -> list[str]:
 
 
 def render_user_message(q: MCQuestion, explain: bool = False) -> str:
-    lines = [f"Question: {q.question}", ""]
+    lines = [q.support, ""] if q.support else []
+    lines += [f"Question: {q.question}", ""]
     lines += [f"{letter}. {option}" for letter, option in zip(q.letters, q.options, strict=True)]
     lines += ["", EXPLAIN_INSTRUCTION if explain else DIRECT_INSTRUCTION]
     return "\n".join(lines)
@@ -137,6 +144,157 @@ def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[s
     total = sum(weights)
     probabilities = {letter: w / total for letter, w in zip(letters, weights, strict=True)}
     return probabilities, max(probabilities, key=probabilities.__getitem__)
+
+
+# Cloze ----------------------------------------------------------------------------------------------------
+# Each option's text is scored as the continuation of the question, as lm-eval scores multiple_choice tasks
+# (evals/tasks/*.yaml declare this same prompt; a unit test keeps them equal).
+CLOZE_DELIMITER = " "
+
+
+def cloze_context(q: MCQuestion) -> str:
+    question = f"Question: {q.question}\nAnswer:"
+    return f"{q.support}\n{question}" if q.support else question
+
+
+def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
+    """Per option, the token ids of context + continuation and the context's length in tokens, split as lm-eval
+    splits them: the pair is encoded whole and the context's own encoding length marks the boundary, so a
+    merge across the boundary is scored as lm-eval scores it."""
+    context = cloze_context(q)
+    context_length = len(tokenizer.encode(context, add_special_tokens=False))
+    requests = []
+    for option in q.options:
+        whole = tokenizer.encode(context + CLOZE_DELIMITER + option, add_special_tokens=False)
+        requests.append((whole, context_length))
+    return requests
+
+
+# Methods and calibration ---------------------------------------------------------------------------------
+METHODS = ("auto", "letter", "cloze", "explain")
+# The per-option scores a calibrated `auto` may combine: the constrained letter's log-probability (with the
+# position prior removed), the option text's log-likelihood, and that log-likelihood per character (lm-eval's
+# acc_norm).
+FEATURES = ("letter", "cloze", "cloze_norm")
+
+
+class MCQCalibration(BaseModel):
+    """What `zephyr eval calibrate` fitted for one registry model on validation splits, kept in its zephyr.json.
+
+    `auto` scores option i as softmax_i(sum_f weights[f] * feature_f(i)); a single method with a temperature T is
+    the weight 1/T on its one feature. `letter_prior[k]` is the mean letter distribution over validation questions
+    with k options; its log is subtracted from the letter feature (contextual calibration)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str  # what `auto` resolves to: letter, cloze, cloze_norm or combined
+    weights: dict[str, float]
+    letter_prior: dict[str, list[float]] = {}
+    temperatures: dict[str, float] = {}  # per single method, applied when a client names that method
+    validation: dict[str, Any] = {}  # splits, sizes, and each candidate's accuracy / NLL / ECE
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("weights")
+    @classmethod
+    def _known_features(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = set(weights) - set(FEATURES)
+        if unknown or not weights:
+            raise ValueError(f"weights must name some of {', '.join(FEATURES)}; got {sorted(weights)}")
+        return weights
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """The raw per-option scores of one question; None where a method was not run."""
+
+    letter: list[float] | None = None  # letter log-probabilities renormalized over the options
+    cloze: list[float] | None = None  # the option text's summed log-likelihood
+    cloze_norm: list[float] | None = None  # the same per character of the option text
+
+
+def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float]) -> OptionScores:
+    """lm-eval's acc scores the summed log-likelihood, acc_norm the same divided by the option's length in
+    characters (the continuation's delimiter not counted)."""
+    lls = [float(x) for x in loglikelihoods]
+    return OptionScores(cloze=lls, cloze_norm=[ll / max(1, len(o)) for ll, o in zip(lls, options, strict=True)])
+
+
+def log_softmax(values: Sequence[float]) -> list[float]:
+    peak = max(values)
+    if not math.isfinite(peak):
+        raise ValueError("no option has a finite score")
+    log_total = peak + math.log(sum(math.exp(v - peak) for v in values))
+    return [v - log_total for v in values]
+
+
+def debiased_letter(calibration: MCQCalibration | None, letter: Sequence[float]) -> list[float]:
+    prior = (calibration.letter_prior.get(str(len(letter))) if calibration else None) or []
+    if len(prior) != len(letter):
+        return list(letter)
+    return [x - math.log(max(p, 1e-9)) for x, p in zip(letter, prior, strict=True)]
+
+
+def feature_values(scores: OptionScores, feature: str, calibration: MCQCalibration | None) -> list[float]:
+    values = getattr(scores, feature)
+    if values is None:
+        raise ValueError(f"the {feature} scores were not computed")
+    return debiased_letter(calibration, values) if feature == "letter" else list(values)
+
+
+def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,
+            letters: str | None = None) -> tuple[dict[str, float], str]:
+    """Probabilities over the options from weighted per-option scores (summing to 1) and the best letter."""
+    total: list[float] | None = None
+    for feature, weight in weights.items():
+        if not weight:
+            continue
+        values = [weight * v for v in feature_values(scores, feature, calibration)]
+        total = values if total is None else [a + b for a, b in zip(total, values, strict=True)]
+    if total is None:
+        raise ValueError("no feature has a weight")
+    return letter_distribution(letters or LETTERS[: len(total)], total)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request's method computes: the method reported, the feature weights, and whether a calibration
+    record shaped them (the letter's position prior is removed only where the record chose it, in `auto`)."""
+
+    method: str
+    weights: dict[str, float]
+    calibration: MCQCalibration | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def needs_letter(self) -> bool:
+        return bool(self.weights.get("letter"))
+
+    @property
+    def needs_cloze(self) -> bool:
+        return bool(self.weights.get("cloze") or self.weights.get("cloze_norm"))
+
+    def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
+        prior_from = self.calibration if self.method not in ("letter", "explain") else None
+        return combine(scores, self.weights, prior_from, letters)
+
+
+def plan(method: str, calibration: MCQCalibration | None) -> Plan:
+    """`auto` is the record's choice, or plain cloze for a model without one. A named method keeps its own
+    answer; a record only rescales its probabilities by the temperature fitted for it. `explain` reads its
+    letter like `letter`."""
+    if method not in METHODS:
+        raise MCQFormatError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}", "method")
+    if method == "auto":
+        if calibration is None:
+            return Plan("cloze", {"cloze": 1.0})
+        return Plan(calibration.method, dict(calibration.weights), calibration)
+    feature = "letter" if method == "explain" else method
+    temperature = calibration.temperatures.get(method) if calibration else None
+    if temperature:
+        return Plan(method, {feature: 1.0 / temperature}, calibration)
+    return Plan(method, {feature: 1.0})
 
 
 def read_arc_jsonl(path: Path) -> list[MCQuestion]:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from zephyr.mcq import MCQCalibration
+
 MANIFEST = "zephyr.json"
 METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
 Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported"]
@@ -33,6 +35,7 @@ class ModelManifest(BaseModel):
     stats: dict[str, Any] = {}  # what making it measured: time, sizes (quantization), ...
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     evals: dict[str, Any] = {}
+    mcq_calibration: MCQCalibration | None = None  # `zephyr eval calibrate`: how /mcq's `auto` answers
 
 
 class RegistryEntry(BaseModel):
@@ -176,4 +179,12 @@ class Registry:
     def record_eval(self, name: str, key: str, result: Any) -> None:
         entry = self.get(name)
         entry.manifest.evals[key] = result
+        self._save(entry)
+
+    def record_calibration(self, name: str, calibration: MCQCalibration | None) -> None:
+        entry = self.get(name)
+        entry.manifest.mcq_calibration = calibration
+        self._save(entry)
+
+    def _save(self, entry: RegistryEntry) -> None:
         (entry.path / MANIFEST).write_text(entry.manifest.model_dump_json(indent=2))

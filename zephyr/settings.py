@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     system_prompt_enabled: bool = True
     mcq_explain_max_tokens: int = 256
+    # /mcq answers null (abstains) below this confidence unless the request sets its own; None: never.
+    mcq_min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
 
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")

@@ -18,7 +18,8 @@ async def answer(body: MCQRequest, request: Request, principal: Principal = Depe
     question = tutor.build_question(body)
     tutor.admission.enter()
     try:
-        return await tutor.answer_mcq(question, body.explain, principal, new_id("mcq"), body.user)
+        return await tutor.answer_mcq(question, body.resolved_method, principal, new_id("mcq"), body.user,
+                                      body.min_confidence)
     finally:
         tutor.admission.leave()
 
@@ -34,8 +35,7 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
     tutor.check_model(body.model)
     for item in body.questions:
         tutor.check_model(item.model)
-    items = [(tutor.build_question(item, f"questions[{i}]."), item.explain, item.user)
-             for i, item in enumerate(body.questions)]
+    items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
     batch_id = new_id("mcqbatch")
     tutor.admission.enter(len(items))
     try:

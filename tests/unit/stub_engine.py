@@ -19,6 +19,9 @@ class StubEngine:
         self.max_model_len = max_model_len
         self.reply = "Photosynthesis turns light into chemical energy. Contact me at tutor@example.com."
         self.letter_scores: dict[str, float] = {"B": 2.0}  # the "model" prefers B
+        # Prompt log-probabilities (cloze): -4 per token, plus these bonuses for tokens that decode to a key.
+        self.token_bonus: dict[str, float] = {"Carbon": 6.0}
+        self.cache_hit = 0  # tokens a request reading the prefix cache reports as cached
         self.delay = 0.0  # seconds per token
         self.fail_with: Exception | None = None
         self.calls: list[tuple[list[int], GenParams]] = []
@@ -55,6 +58,9 @@ class StubEngine:
         if params.allowed_token_ids:
             yield self._constrained(params)
             return
+        if params.prompt_logprobs:
+            yield self._scored(prompt_ids, params)
+            return
         text = self.reply
         for stop in params.stop:
             text = text.split(stop)[0]
@@ -74,6 +80,16 @@ class StubEngine:
                 choices.append(ChoiceDelta(index, self.tokenizer.decode([token_id]), [token_id], logprobs,
                                            finish if last else None))
             yield EngineOutput(choices, finished=last)
+
+    def _scored(self, prompt_ids: list[int], params: GenParams) -> EngineOutput:
+        cached = 0 if params.skip_reading_prefix_cache else min(self.cache_hit, len(prompt_ids) - 1)
+        values: list[float | None] = [None]
+        for position, token_id in enumerate(prompt_ids[1:], start=1):
+            text = self.tokenizer.decode([token_id]).strip()
+            values.append(None if position < cached else -4.0 + self.token_bonus.get(text, 0.0))
+        token_id = prompt_ids[-1]
+        return EngineOutput([ChoiceDelta(0, self.tokenizer.decode([token_id]), [token_id], None, "length")],
+                            finished=True, prompt_logprobs=values, num_cached_tokens=cached)
 
     def _constrained(self, params: GenParams) -> EngineOutput:
         letters = {tid: self.tokenizer.decode([tid]).strip() for tid in params.allowed_token_ids}

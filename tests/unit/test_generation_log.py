@@ -52,7 +52,7 @@ async def test_each_request_is_logged_once_redacted_with_key_hash(served):
 async def test_metrics_move(served):
     before = (await served.client.get("/metrics")).text
     await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-    await served.client.post("/mcq", json={"question": "q", "options": ["a", "b"]})
+    await served.client.post("/mcq", json={"question": "q", "options": ["a", "b"], "method": "letter"})
     await served.client.post(CHAT, json={"messages": []})
     await served.flushed_log()
     after = (await served.client.get("/metrics")).text

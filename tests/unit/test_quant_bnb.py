@@ -114,7 +114,8 @@ def test_letter_scorer_matches_a_direct_computation(home):
     engine = TransformersEngine(_registry(home).get(NF4).path, batch_size=2)  # 3 questions: a padded batch
     m = engine.letter("arc_easy", "test", ITEMS)
     assert (m.benchmark, m.metric, m.n) == ("arc_easy", "letter_acc", 3)
-    assert set(m.details) == {"answers", "answer_probability"} and {"biology", "astronomy"} <= set(m.groups)
+    assert set(m.details) == {"answers", "answer_probability", "letter_logprobs"}
+    assert {"biology", "astronomy"} <= set(m.groups)
     batched = letter_logprobs(engine.model, engine.tokenizer, ITEMS, batch_size=2)
     for item, logprobs in zip(ITEMS, batched, strict=True):
         answer, probs = _direct(engine.model, engine.tokenizer, item)

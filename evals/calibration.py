@@ -1,0 +1,190 @@
+"""How honest an answer's confidence is, and the fit that makes it so.
+
+Metrics (ECE over 15 equal-width bins, Brier score, NLL, accuracy at a coverage, the reliability diagram's bins)
+read the probabilities a method gave each question. `fit` chooses and calibrates /mcq's `auto` for one model from
+per-option scores measured on validation splits: a temperature per method (minimum NLL), the letter path's
+position prior (the mean letter distribution, removed as contextual calibration does), and a weighted combination
+of letter and cloze scores. zephyr/mcq.py applies the result, in the service and in evals alike."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from zephyr import mcq
+
+ECE_BINS = 15
+COVERAGES = (1.0, 0.8, 0.5)
+# The combination must beat the best single method by this much on validation to be worth its extra requests.
+COMBINED_MIN_GAIN = 0.005
+
+
+def ece(confidence: Sequence[float], correct: Sequence[float], bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the count-weighted gap between confidence and accuracy over equal-width bins."""
+    conf, right = np.asarray(confidence, float), np.asarray(correct, float)
+    if not len(conf):
+        return float("nan")
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            gap += mask.sum() * abs(conf[mask].mean() - right[mask].mean())
+    return float(gap / len(conf))
+
+
+def reliability(confidence: Sequence[float], correct: Sequence[float], bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """The reliability diagram's bins: mean confidence, accuracy and count of each non-empty bin."""
+    conf, right = np.asarray(confidence, float), np.asarray(correct, float)
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    return [{"low": b / bins, "confidence": float(conf[index == b].mean()), "accuracy": float(right[index == b].mean()),
+             "count": int((index == b).sum())} for b in range(bins) if (index == b).any()]
+
+
+def brier(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
+    """Mean over questions of the squared distance between the distribution and the one-hot answer."""
+    total = 0.0
+    for probs, g in zip(probabilities, gold, strict=True):
+        total += sum((p - float(i == g)) ** 2 for i, p in enumerate(probs))
+    return total / max(1, len(gold))
+
+
+def nll(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
+    return float(-np.mean([math.log(max(probs[g], 1e-12)) for probs, g in zip(probabilities, gold, strict=True)]))
+
+
+def coverage_accuracy(confidence: Sequence[float], correct: Sequence[float],
+                      coverages: Sequence[float] = COVERAGES) -> dict[str, float]:
+    """Accuracy on the most confident share of questions (risk-coverage): what an abstaining tutor delivers."""
+    order = np.argsort(-np.asarray(confidence, float), kind="stable")
+    right = np.asarray(correct, float)[order]
+    out = {}
+    for share in coverages:
+        keep = max(1, int(round(share * len(right))))
+        out[f"{share:.0%}"] = float(right[:keep].mean()) if len(right) else float("nan")
+    return out
+
+
+def summarize(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> dict[str, Any]:
+    """Every calibration figure of one method on one set of questions."""
+    confidence = [max(p) for p in probabilities]
+    correct = [float(int(np.argmax(p)) == g) for p, g in zip(probabilities, gold, strict=True)]
+    return {"n": len(gold), "accuracy": float(np.mean(correct)) if correct else float("nan"),
+            "ece": ece(confidence, correct), "brier": brier(probabilities, gold), "nll": nll(probabilities, gold),
+            "coverage_accuracy": coverage_accuracy(confidence, correct),
+            "reliability": reliability(confidence, correct)}
+
+
+# Fitting --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scored:
+    """One validation question: its per-option scores and the key's index."""
+
+    scores: mcq.OptionScores
+    gold: int
+
+
+def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:
+    """Per option count, the mean letter distribution over the questions: the position habit to remove."""
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for item in items:
+        if item.scores.letter is None:
+            continue
+        k = len(item.scores.letter)
+        sums[k] = sums.get(k, np.zeros(k)) + np.exp(item.scores.letter)
+        counts[k] = counts.get(k, 0) + 1
+    return {str(k): [float(x) for x in sums[k] / sums[k].sum()] for k in sorted(sums)}
+
+
+def _matrices(items: Sequence[Scored], features: Sequence[str],
+              prior: Mapping[str, list[float]]) -> list[tuple[np.ndarray, int]]:
+    record = mcq.MCQCalibration(method="fit", weights={features[0]: 1.0}, letter_prior=dict(prior))
+    out = []
+    for item in items:
+        columns = [mcq.feature_values(item.scores, f, record if f == "letter" else None) for f in features]
+        out.append((np.asarray(columns, float).T, item.gold))  # options x features
+    return out
+
+
+def _nll_and_grad(weights: np.ndarray, data: list[tuple[np.ndarray, int]]) -> tuple[float, np.ndarray]:
+    total, grad = 0.0, np.zeros_like(weights)
+    for x, gold in data:
+        logits = x @ weights
+        logits = logits - logits.max()
+        probs = np.exp(logits)
+        probs /= probs.sum()
+        total -= math.log(max(probs[gold], 1e-300))
+        grad -= x[gold] - probs @ x
+    return total / len(data), grad / len(data)
+
+
+def fit_weights(items: Sequence[Scored], features: Sequence[str],
+                prior: Mapping[str, list[float]] | None = None) -> dict[str, float]:
+    """Weights on the features minimizing validation NLL (multinomial logistic regression without biases; with
+    one feature this is temperature scaling, the weight being 1/T)."""
+    from scipy.optimize import minimize
+
+    data = _matrices(items, features, prior or {})
+    result = minimize(_nll_and_grad, np.ones(len(features)), args=(data,), jac=True, method="L-BFGS-B")
+    return {f: float(w) for f, w in zip(features, result.x, strict=True)}
+
+
+# The candidates `auto` may become: the method name reported, the features it reads, whether the letter prior is
+# removed. `letter_debiased` and `combined` remove it; `letter` keeps the model's raw letter.
+CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "letter": (("letter",), False),
+    "letter_debiased": (("letter",), True),
+    "cloze": (("cloze",), False),
+    "cloze_norm": (("cloze_norm",), False),
+    "combined": (("letter", "cloze", "cloze_norm"), True),
+}
+
+
+def evaluate(record: mcq.MCQCalibration, items: Sequence[Scored]) -> dict[str, Any]:
+    plan = mcq.Plan(record.method, dict(record.weights), record)
+    return summarize([list(plan.distribution(i.scores)[0].values()) for i in items], [i.gold for i in items])
+
+
+def fit(items: Sequence[Scored]) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:
+    """Every candidate fitted on `items`; the record keeps the most accurate (the combination only when it gains
+    COMBINED_MIN_GAIN over the best single method, which costs fewer engine requests) and each single method's
+    temperature. Returns the record and each candidate's figures before and after calibration."""
+    have_letter = all(i.scores.letter is not None for i in items)
+    have_cloze = all(i.scores.cloze is not None for i in items)
+    prior = letter_prior(items) if have_letter else {}
+    figures: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, dict[str, float]] = {}
+    for name, (features, debias) in CANDIDATES.items():
+        if ("letter" in features and not have_letter) or (any(f.startswith("cloze") for f in features)
+                                                          and not have_cloze):
+            continue
+        weights = fit_weights(items, features, prior if debias else None)
+        fitted[name] = weights
+        raw = mcq.MCQCalibration(method=name, weights={f: 1.0 for f in features}, letter_prior=prior)
+        tuned = mcq.MCQCalibration(method=name, weights=weights, letter_prior=prior)
+        figures[name] = {"weights": weights, "raw": evaluate(raw, items), "fitted": evaluate(tuned, items)}
+    if not fitted:
+        raise ValueError("no method could be fitted: the validation questions carry neither letter nor cloze scores")
+    singles = [n for n in fitted if n != "combined"]
+    best = max(singles, key=lambda n: figures[n]["fitted"]["accuracy"])
+    if "combined" in fitted and (figures["combined"]["fitted"]["accuracy"]
+                                 >= figures[best]["fitted"]["accuracy"] + COMBINED_MIN_GAIN):
+        best = "combined"
+    temperatures = {name: 1.0 / fitted[name][features[0]] for name, (features, _) in CANDIDATES.items()
+                    if name in ("letter", "cloze") and name in fitted and fitted[name][features[0]] > 0}
+    record = mcq.MCQCalibration(
+        method=best, weights={f: w for f, w in fitted[best].items() if w}, letter_prior=prior,
+        temperatures=temperatures,
+        validation={"n": len(items), "chosen_by": "validation accuracy",
+                    "candidates": {n: {"accuracy": f["fitted"]["accuracy"], "nll": f["fitted"]["nll"],
+                                       "ece": f["fitted"]["ece"], "raw_ece": f["raw"]["ece"],
+                                       "raw_nll": f["raw"]["nll"], "weights": f["weights"]}
+                                   for n, f in figures.items()}},
+    )
+    return record, figures
