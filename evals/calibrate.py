@@ -6,7 +6,9 @@ its calibration questions come from its train split instead."""
 
 from __future__ import annotations
 
+import json
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from rich.text import Text
 from evals import calibration, datasets, mcq_eval
 from evals.run import needs_transformers
 from zephyr import mcq
+from zephyr.mcq import FEATURES
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
@@ -41,11 +44,9 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
     return data
 
 
-def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
-              benchmarks: list[str] | None = None, write: bool = True) -> mcq.MCQCalibration:
-    registry = Registry(settings.models_dir)
-    entry = registry.get(model)
-    data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
+def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
+                     console: Console) -> dict[str, list[calibration.Scored]]:
+    """Every validation question's letter and cloze scores, from one engine."""
     if needs_transformers(entry):
         from evals.hf_letter import TransformersEngine
 
@@ -64,12 +65,53 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     scored: dict[str, list[calibration.Scored]] = {}
     for name, (_, items) in data.items():
         scores = mcq_eval.option_scores(items, letters[name], cloze[name])
-        scored[name] = [calibration.Scored(scores[i.id], mcq.LETTERS.index(i.answer)) for i in items]
+        scored[name] = [calibration.Scored(scores[i.id], mcq.LETTERS.index(i.answer), i.id) for i in items]
+    return scored
+
+
+def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: {"split": splits[name], "items": [
+        {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
+        for name, items in scored.items()}))
+    return path
+
+
+def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.Scored]]]:
+    try:
+        raw = json.loads(Path(path).read_text())
+        splits = {name: block["split"] for name, block in raw.items()}
+        scored = {name: [calibration.Scored(mcq.OptionScores(**{k: v for k, v in item.items() if k in FEATURES}),
+                                            item["gold"], item.get("id", "")) for item in block["items"]]
+                  for name, block in raw.items()}
+        return splits, scored
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
+
+
+def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
+              benchmarks: list[str] | None = None, write: bool = True,
+              scores: Path | None = None) -> mcq.MCQCalibration:
+    """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
+    writes the record into the model's zephyr.json."""
+    registry = Registry(settings.models_dir)
+    entry = registry.get(model)
+    if scores is not None:
+        splits, scored = load_scores(scores)
+        console.print(f"refitting from {scores}")
+    else:
+        data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
+        scored = score_validation(entry, settings, data, console)
+        splits = {name: split for name, (split, _) in data.items()}
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        saved = save_scores(settings.resolved_eval_results_dir / model / "calibration" / f"scores-{stamp}.json",
+                            splits, scored)
+        console.print(f"validation scores -> {saved} (refit with --scores)")
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
     record.validation.update({
-        "splits": {name: {"split": split, "n": len(items)} for name, (split, items) in data.items()},
+        "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},
         "benchmarks": {name: {k: f[k] for k in ("n", "accuracy", "ece", "brier", "nll")}
                        for name, f in per_benchmark.items()},
     })
@@ -104,6 +146,6 @@ def benchmarks_table(record: mcq.MCQCalibration, per_benchmark: dict[str, dict[s
         table.add_column(column, justify="left" if column in ("benchmark", "split") else "right")
     for name, f in per_benchmark.items():
         coverage = f["coverage_accuracy"]
-        table.add_row(name, CALIBRATION_SPLITS[name], str(f["n"]), f"{f['accuracy']:.1%}", f"{f['ece']:.3f}",
+        table.add_row(name, CALIBRATION_SPLITS.get(name, "?"), str(f["n"]), f"{f['accuracy']:.1%}", f"{f['ece']:.3f}",
                       f"{f['brier']:.3f}", f"{coverage['80%']:.1%}", f"{coverage['50%']:.1%}")
     return table

@@ -87,6 +87,7 @@ class Scored:
 
     scores: mcq.OptionScores
     gold: int
+    id: str = ""
 
 
 def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:

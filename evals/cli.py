@@ -105,6 +105,8 @@ def calibrate_command(
         help="MCQ benchmarks, comma-separated (default: all five)")] = None,
     write: Annotated[bool, typer.Option(help="Write the record into the model's zephyr.json (--no-write: show)")]
     = True,
+    scores: Annotated[Path | None, typer.Option(
+        help="Refit from the validation scores an earlier run saved, without an engine")] = None,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
@@ -115,7 +117,7 @@ def calibrate_command(
     if limit is not None and limit < 1:
         raise _fail("--limit must be at least 1")
     try:
-        calibrate(model, _settings(), console, limit=limit, benchmarks=_csv(benchmarks), write=write)
+        calibrate(model, _settings(), console, limit=limit, benchmarks=_csv(benchmarks), write=write, scores=scores)
     except (CalibrationError, RegistryError, datasets.DatasetError) as exc:
         raise _fail(str(exc)) from None
 

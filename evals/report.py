@@ -28,7 +28,8 @@ MCQ_BENCHMARKS = SUITE_BENCHMARKS["mcq"]
 # The metric whose MMLU subject breakdown is shown, best first (the letter format is what the service answers).
 GROUP_METRICS = ("letter_acc", "letter_acc_server", "cloze_acc", "cloze_acc_norm")
 PLOTS_DIR = "plots"
-PLOT_FILES = ("accuracy.png", "rm_scores.png", "quantized.png")
+PLOT_FILES = ("accuracy.png", "rm_scores.png", "quantized.png", "calibration.png")
+SERVED_METRIC = "mcq_acc_auto"  # /mcq's default method, through each model's own calibration record
 MISSING = "—"
 NO_MATPLOTLIB = "matplotlib is not installed, so this report has no plots: `pip install matplotlib`."
 
@@ -296,7 +297,7 @@ def _quantized(views: list[ModelView], registry: Registry | None, plots: Path) -
     acc_keys = [
         f"{b}/{m}"
         for b in MCQ_BENCHMARKS
-        for m in ("letter_acc", "cloze_acc")
+        for m in (SERVED_METRIC, "letter_acc", "cloze_acc")
         if any(v.get(f"{b}/{m}") for v in quantized)  # what the variants were measured on, not all the parent has
     ]
     letter_keys = [k for k in acc_keys if k.endswith("/letter_acc")]
@@ -324,6 +325,58 @@ def _quantized(views: list[ModelView], registry: Registry | None, plots: Path) -
     except ImportError:
         blocks.append(NO_MATPLOTLIB)
     return Section("Quantized versus unquantized", blocks)
+
+
+def _calibration(views: list[ModelView], plots: Path) -> Section | None:
+    """How honest the served method's confidence is: ECE, Brier, accuracy at coverage and reliability diagrams."""
+    rows, curves = [], []
+    for v in views:
+        for bench in MCQ_BENCHMARKS:
+            m = v.get(f"{bench}/{SERVED_METRIC}")
+            figures = m.details.get("calibration") if m else None
+            if not figures:
+                continue
+            coverage = figures["coverage_accuracy"]
+            rows.append([v.name, bench, m.split, str(m.n), m.details.get("method", MISSING),
+                         "yes" if m.details.get("calibrated") else "no", fmt_value(m.score * 100, True),
+                         f"{figures['ece']:.3f}", f"{figures['brier']:.3f}",
+                         *(fmt_value(coverage[k] * 100, True) for k in ("100%", "80%", "50%"))])
+            curves.append((v.name, bench, figures["reliability"]))
+    if not rows:
+        return None
+    blocks: list[Block] = [
+        "The served method (`auto`) for each model: what `zephyr eval calibrate` chose and calibrated on validation "
+        "splits, or cloze without a record. Accuracy at 80% / 50% coverage answers only the most confident share of "
+        "questions, what a tutor that may say \"I am not sure\" (`min_confidence`) delivers.",
+        DocTable(["model", "benchmark", "split", "n", "method", "calibrated", "accuracy", "ECE (15 bins)", "Brier",
+                  "acc @100%", "acc @80%", "acc @50%"], rows,
+                 caption="accuracy in %; ECE and Brier: lower is better")]
+    try:
+        blocks.append(_plot_reliability(curves, plots))
+    except ImportError:
+        blocks.append(NO_MATPLOTLIB)
+    return Section("Confidence and calibration", blocks)
+
+
+def _plot_reliability(curves: list[tuple[str, str, list[dict[str, float]]]], plots: Path) -> DocFigure:
+    benches = list(dict.fromkeys(bench for _, bench, _ in curves))
+    fig, axes = _figure(3.2 * len(benches) + 0.6, 3.6, ncols=len(benches))
+    axes = np.atleast_1d(axes)
+    for ax, bench in zip(axes, benches, strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        for name, b, bins in curves:
+            if b == bench:
+                ax.plot([x["confidence"] for x in bins], [x["accuracy"] for x in bins], marker="o", markersize=3,
+                        label=name)
+        ax.set_title(bench, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    return _save(fig, plots / "calibration.png", "Reliability of the served method: accuracy against confidence "
+                 "(15 bins; the dotted diagonal is perfect calibration)")
 
 
 def _same_letter(v: ModelView, parent: ModelView | None, key: str) -> str:
@@ -734,7 +787,8 @@ def build_sections(
         except ImportError:
             bench.blocks.append(NO_MATPLOTLIB)
         sections += [bench, *_benchmarks(views)]
-    optional = (_vs_parent(views), _quantized(views, registry, plots), _mmlu_subjects(views), _rm(views, plots),
+    optional = (_calibration(views, plots), _vs_parent(views), _quantized(views, registry, plots),
+                _mmlu_subjects(views), _rm(views, plots),
                 _rm_win_rates(views))
     sections += [s for s in optional if s]
     if reviews is not None:

@@ -200,7 +200,12 @@ def _api_message(exc) -> str:
 def mcq_command(
     question: Annotated[str, typer.Argument(help="The question")],
     option: Annotated[list[str], typer.Option("--option", "-o", help="An option; repeat 2-10 times, in order")],
-    explain: Annotated[bool, typer.Option(help="Ask the tutor to reason first")] = False,
+    method: Annotated[str, typer.Option(
+        help="auto (the model's calibrated choice), letter, cloze or explain (reason first)")] = "auto",
+    support: Annotated[str | None, typer.Option(help="A passage the question is about")] = None,
+    min_confidence: Annotated[float | None, typer.Option(
+        help="Abstain (no answer) below this probability of the best option")] = None,
+    explain: Annotated[bool, typer.Option(help="Same as --method explain")] = False,
     url: ServerURL = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
@@ -209,9 +214,11 @@ def mcq_command(
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"question": question, "options": option, "method": "explain" if explain else method,
+            **({"support": support} if support else {}),
+            **({"min_confidence": min_confidence} if min_confidence is not None else {})}
     try:
-        response = httpx.post(f"{url.rstrip('/')}/mcq", json={"question": question, "options": option,
-                                                               "explain": explain}, headers=headers, timeout=300)
+        response = httpx.post(f"{url.rstrip('/')}/mcq", json=body, headers=headers, timeout=300)
     except httpx.ConnectError:
         raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
     body = response.json()
@@ -222,8 +229,12 @@ def mcq_command(
         return
     if body.get("explanation"):
         console.print(body["explanation"], markup=False)
-    console.print(f"[bold]{body['answer']}[/]. {body['option']}")
-    console.print("  ".join(f"{k}: {v:.2f}" for k, v in body["probabilities"].items()), style="dim")
+    if body["abstained"]:
+        console.print(f"[bold]Not sure[/] (confidence {body['confidence']:.0%} is below the floor)")
+    else:
+        console.print(f"[bold]{body['answer']}[/]. {body['option']}", highlight=False)
+    console.print("  ".join(f"{k}: {v:.2f}" for k, v in body["probabilities"].items())
+                  + f"   ({body['method']}{', calibrated' if body['calibrated'] else ''})", style="dim")
 
 
 if __name__ == "__main__":

@@ -137,3 +137,20 @@ def test_unknown_suite_is_an_error(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
     with pytest.raises(GateError, match="unknown suite.*mmlu.*known: mcq, gsm8k, text"):
         check(store, "base", "base", max_drop=1.0, suites=["mcq", "mmlu"])
+
+
+def test_the_served_method_decides_an_mcq_benchmark_both_models_have_it_for(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), arc_easy__mcq_acc_auto=accuracy(50, 100),
+         sciq__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(40, 100), arc_easy__mcq_acc_auto=accuracy(55, 100),
+         sciq__letter_acc=accuracy(40, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+    gating = {row.key: row.gating for row in result.rows}
+    assert gating == {"arc_easy/letter_acc": False, "arc_easy/mcq_acc_auto": True, "sciq/letter_acc": True}
+    assert [row.key for row in result.failures] == ["sciq/letter_acc"]  # no served method measured for sciq
+    text = render(result.table())
+    assert "info" in text and "mcq_acc_auto" in text
+
+    save(store, "cand", arc_easy__letter_acc=accuracy(40, 100), arc_easy__mcq_acc_auto=accuracy(45, 100),
+         sciq__letter_acc=accuracy(60, 100))
+    assert [row.key for row in check(store, "cand", "base", suites=["mcq"]).failures] == ["arc_easy/mcq_acc_auto"]

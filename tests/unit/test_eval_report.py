@@ -285,3 +285,22 @@ def test_speed_ratio_only_within_one_session(tmp_path):
              and line.startswith("| base")}
     assert re.search(r"30\.00 \| 1\.50x", speed["base-w8a8"])
     assert re.search(r"15\.00 \| — ", speed["base-awq"])  # measured against another session's parent: no ratio
+
+
+def test_served_method_calibration_section_and_reliability_plot(tmp_path):
+    from evals import calibration
+
+    store = ResultStore(tmp_path / "results")
+    probabilities = [[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]]
+    gold = [0, 1, 1, 0]
+    figures = calibration.summarize(probabilities, gold)
+    store.save(EvalRun(model="base", suite="mcq", measurements=[measurement(
+        "arc_easy", "mcq_acc_auto", "test", {f"q{i}": float(i != 1) for i in range(4)},
+        details={"method": "combined", "calibrated": True,
+                 "calibration": {k: v for k, v in figures.items() if k not in ("n", "accuracy")}})]))
+    md_path, _ = write_report(store, ["base"], tmp_path / "report")
+    text = md_path.read_text()
+    section = text[text.index("## Confidence and calibration"):]
+    assert "| base | arc_easy | test | 4 | combined | yes | 75.0 |" in section
+    assert f"{figures['ece']:.3f}" in section and f"{figures['brier']:.3f}" in section
+    assert (tmp_path / "report" / "plots" / "calibration.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,127 @@
+"""The MCQ methods' shared arithmetic (zephyr/mcq.py) and the calibration fit (evals/calibration.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evals import calibration
+from evals.mcq_eval import TASKS_DIR
+from zephyr import mcq
+
+QUESTION = mcq.MCQuestion.build("Which gas do plants absorb?", ["Oxygen", "Carbon dioxide", "Helium"])
+
+
+@pytest.mark.parametrize("benchmark", ["arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa"])
+@pytest.mark.parametrize("support", [None, "", "  Plants take in carbon dioxide.  "])
+def test_every_lm_eval_task_renders_the_served_cloze_context(benchmark, support):
+    from jinja2 import Template
+
+    template = yaml.safe_load((TASKS_DIR / f"{benchmark}.yaml").read_text())["doc_to_text"]
+    doc = {"question": "Which gas do plants absorb?", "options": ["a", "b"], "support": support}
+    served = mcq.MCQuestion.build(doc["question"], doc["options"], support)
+    assert Template(template).render(**doc) == mcq.cloze_context(served)
+
+
+def test_cloze_requests_split_context_and_continuation_as_lm_eval_does(tokenizer):
+    from lm_eval.api.model import TemplateLM
+
+    class Encoder(TemplateLM):  # lm-eval's own pair encoding, over our tokenizer
+        backend = "causal"
+        tokenizer_name = "test"
+        eot_token_id = 0
+
+        def tok_encode(self, string, **kwargs):
+            return tokenizer.encode(string, add_special_tokens=False)
+
+        loglikelihood_rolling = generate_until = _loglikelihood_tokens = apply_chat_template = None
+
+    encoder = Encoder.__new__(Encoder)
+    context = mcq.cloze_context(QUESTION)
+    for (ids, context_length), option in zip(mcq.cloze_requests(tokenizer, QUESTION), QUESTION.options, strict=True):
+        context_ids, continuation_ids = encoder._encode_pair(context, mcq.CLOZE_DELIMITER + option)
+        assert ids == context_ids + continuation_ids and context_length == len(context_ids)
+
+
+def test_letter_prompt_shows_the_support_first():
+    q = mcq.MCQuestion.build("Which gas?", ["a", "b"], "A passage.")
+    assert mcq.render_user_message(q).startswith("A passage.\n\nQuestion: Which gas?")
+    assert mcq.MCQuestion.build("Which gas?", ["a", "b"], "   ").support is None
+    with pytest.raises(mcq.MCQFormatError, match="support"):
+        mcq.MCQuestion.build("Which gas?", ["a", "b"], 3)
+
+
+def test_plans_auto_falls_back_to_cloze_and_named_methods_keep_their_answer():
+    assert mcq.plan("auto", None) == mcq.Plan("cloze", {"cloze": 1.0})
+    record = mcq.MCQCalibration(method="letter_debiased", weights={"letter": 2.0},
+                                letter_prior={"2": [0.8, 0.2]}, temperatures={"letter": 4.0, "cloze": 10.0})
+    scores = mcq.OptionScores(letter=[math.log(0.7), math.log(0.3)], cloze=[-5.0, -2.0], cloze_norm=[-1.0, -0.1])
+    # auto removes the prior: 0.7/0.8 < 0.3/0.2, so B
+    probs, answer = mcq.plan("auto", record).distribution(scores)
+    assert answer == "B" and probs["B"] == pytest.approx(1 / (1 + (0.875 / 1.5) ** 2))
+    # letter keeps the model's own answer and takes its temperature
+    probs, answer = mcq.plan("letter", record).distribution(scores)
+    assert answer == "A" and probs["A"] == pytest.approx(0.7 ** 0.25 / (0.7 ** 0.25 + 0.3 ** 0.25))
+    probs, answer = mcq.plan("cloze", record).distribution(scores)
+    assert answer == "B" and probs["B"] == pytest.approx(1 / (1 + math.exp(-0.3)))
+    assert mcq.plan("explain", None).weights == {"letter": 1.0}
+    with pytest.raises(mcq.MCQFormatError, match="method"):
+        mcq.plan("vote", None)
+    with pytest.raises(ValueError, match="weights"):
+        mcq.MCQCalibration(method="x", weights={"votes": 1.0})
+
+
+def test_cloze_scores_normalize_by_the_options_characters():
+    scores = mcq.cloze_scores(["ab", "abcd"], [-4.0, -6.0])
+    assert scores.cloze == [-4.0, -6.0] and scores.cloze_norm == [-2.0, -1.5]
+
+
+def test_calibration_metrics():
+    assert calibration.ece([0.9] * 10, [1] * 9 + [0]) == pytest.approx(0.0)
+    assert calibration.ece([0.9] * 10, [1] * 5 + [0] * 5) == pytest.approx(0.4)
+    assert calibration.brier([[1.0, 0.0], [0.5, 0.5]], [0, 1]) == pytest.approx(0.25)
+    coverage = calibration.coverage_accuracy([0.9, 0.8, 0.3, 0.2], [1, 1, 0, 0])
+    assert coverage == {"100%": 0.5, "80%": pytest.approx(2 / 3), "50%": 1.0}
+    bins = calibration.reliability([0.95, 0.97, 0.1], [1, 0, 0])
+    assert [(b["count"], b["accuracy"]) for b in bins] == [(1, 0.0), (2, 0.5)]
+
+
+def synthetic(n: int, seed: int, temperature: float, bias: list[float]) -> list[calibration.Scored]:
+    """Questions whose true answer distribution is softmax(cloze / temperature), and a letter path that sees
+    only a position habit."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        cloze = [rng.gauss(-8, 3) for _ in range(4)]
+        probs = [p for p in mcq.letter_distribution("ABCD", [c / temperature for c in cloze])[0].values()]
+        gold = rng.choices(range(4), probs)[0]
+        letter = mcq.log_softmax([b + rng.gauss(0, 0.1) for b in bias])
+        items.append(calibration.Scored(mcq.OptionScores(letter=letter, cloze=cloze,
+                                                         cloze_norm=[c / 5 for c in cloze]), gold))
+    return items
+
+
+def test_fit_recovers_the_temperature_and_the_letter_prior_and_chooses_by_validation_accuracy():
+    items = synthetic(3000, seed=0, temperature=4.0, bias=[1.0, 0.5, 0.0, -1.0])
+    record, figures = calibration.fit(items)
+    assert record.temperatures["cloze"] == pytest.approx(4.0, rel=0.15)
+    assert record.letter_prior["4"][0] > record.letter_prior["4"][1] > record.letter_prior["4"][2] > \
+        record.letter_prior["4"][3]
+    assert record.method in ("cloze", "cloze_norm")  # the letter knows nothing here
+    assert figures["cloze"]["fitted"]["nll"] < figures["cloze"]["raw"]["nll"]
+    held_out = synthetic(3000, seed=1, temperature=4.0, bias=[1.0, 0.5, 0.0, -1.0])
+    assert calibration.evaluate(record, held_out)["ece"] < 0.03
+
+
+def test_scores_file_round_trip(tmp_path: Path):
+    from evals.calibrate import load_scores, save_scores
+
+    items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
+    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items})
+    splits, loaded = load_scores(path)
+    assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
+    assert loaded["arc_easy"][0].scores == items[0].scores
