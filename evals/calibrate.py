@@ -125,17 +125,18 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
 
 
 def candidates_table(model: str, record: mcq.MCQCalibration, figures: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"{model}: /mcq methods on {record.validation['n']} validation questions, before -> after "
-                        "calibration", caption="chosen by validation accuracy; NLL and ECE (15 bins) show calibration")
+    table = Table(title=f"{model}: /mcq methods on {record.validation['n']} validation questions: uncalibrated -> "
+                        "calibrated on the other folds", caption=f"chosen by {record.validation['chosen_by']}; "
+                  "NLL and ECE (15 bins) show calibration; weights fitted on all the questions")
     for column in ("method", "accuracy", "NLL", "ECE", "weights"):
         table.add_column(column, justify="left" if column in ("method", "weights") else "right")
     for name, f in figures.items():
-        raw, fitted = f["raw"], f["fitted"]
+        raw, held = f["raw"], f["cross_validated"] or f["fitted"]
         table.add_row(Text(name + (" (chosen)" if name == record.method else ""),
                            style="bold" if name == record.method else ""),
-                      Text(f"{raw['accuracy']:.1%} -> {fitted['accuracy']:.1%}"),
-                      Text(f"{raw['nll']:.3f} -> {fitted['nll']:.3f}"),
-                      Text(f"{raw['ece']:.3f} -> {fitted['ece']:.3f}"),
+                      Text(f"{raw['accuracy']:.1%} -> {held['accuracy']:.1%}"),
+                      Text(f"{raw['nll']:.3f} -> {held['nll']:.3f}"),
+                      Text(f"{raw['ece']:.3f} -> {held['ece']:.3f}"),
                       Text(", ".join(f"{k} {v:.3f}" for k, v in f["weights"].items())))
     return table
 

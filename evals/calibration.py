@@ -9,6 +9,7 @@ of letter and cloze scores. zephyr/mcq.py applies the result, in the service and
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,31 +105,37 @@ def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:
 
 
 def _matrices(items: Sequence[Scored], features: Sequence[str],
-              prior: Mapping[str, list[float]]) -> list[tuple[np.ndarray, int]]:
+              prior: Mapping[str, list[float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The questions grouped by option count: per group, features (questions x options x features) and keys."""
     record = mcq.MCQCalibration(method="fit", weights={features[0]: 1.0}, letter_prior=dict(prior))
-    out = []
+    groups: dict[int, tuple[list[np.ndarray], list[int]]] = {}
     for item in items:
         columns = [mcq.feature_values(item.scores, f, record if f == "letter" else None) for f in features]
-        out.append((np.asarray(columns, float).T, item.gold))  # options x features
-    return out
+        x = np.asarray(columns, float).T  # options x features
+        xs, golds = groups.setdefault(len(x), ([], []))
+        xs.append(x)
+        golds.append(item.gold)
+    return [(np.stack(xs), np.asarray(golds)) for xs, golds in groups.values()]
 
 
-def _nll_and_grad(weights: np.ndarray, data: list[tuple[np.ndarray, int]]) -> tuple[float, np.ndarray]:
-    total, grad = 0.0, np.zeros_like(weights)
+def _nll_and_grad(weights: np.ndarray, data: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+    total, grad, count = 0.0, np.zeros_like(weights), 0
     for x, gold in data:
-        logits = x @ weights
-        logits = logits - logits.max()
-        probs = np.exp(logits)
-        probs /= probs.sum()
-        total -= math.log(max(probs[gold], 1e-300))
-        grad -= x[gold] - probs @ x
-    return total / len(data), grad / len(data)
+        logits = x @ weights  # questions x options
+        logits = logits - logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        rows = np.arange(len(gold))
+        total -= log_probs[rows, gold].sum()
+        probs = np.exp(log_probs)
+        grad -= (x[rows, gold] - np.einsum("qo,qof->qf", probs, x)).sum(axis=0)
+        count += len(gold)
+    return total / count, grad / count
 
 
 def fit_weights(items: Sequence[Scored], features: Sequence[str],
                 prior: Mapping[str, list[float]] | None = None) -> dict[str, float]:
-    """Weights on the features minimizing validation NLL (multinomial logistic regression without biases; with
-    one feature this is temperature scaling, the weight being 1/T)."""
+    """Weights on the features minimizing NLL (multinomial logistic regression without biases; with one feature
+    this is temperature scaling, the weight being 1/T)."""
     from scipy.optimize import minimize
 
     data = _matrices(items, features, prior or {})
@@ -152,10 +159,33 @@ def evaluate(record: mcq.MCQCalibration, items: Sequence[Scored]) -> dict[str, A
     return summarize([list(plan.distribution(i.scores)[0].values()) for i in items], [i.gold for i in items])
 
 
-def fit(items: Sequence[Scored]) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:
-    """Every candidate fitted on `items`; the record keeps the most accurate (the combination only when it gains
-    COMBINED_MIN_GAIN over the best single method, which costs fewer engine requests) and each single method's
-    temperature. Returns the record and each candidate's figures before and after calibration."""
+def _record(name: str, weights: dict[str, float], prior: dict[str, list[float]]) -> mcq.MCQCalibration:
+    return mcq.MCQCalibration(method=name, weights=weights, letter_prior=prior)
+
+
+def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 0) -> dict[str, Any]:
+    """The candidate fitted on all folds but one and measured on that one, for every fold: figures for questions
+    the fit never saw, so the choice between candidates is not a choice of what fits its own data best."""
+    features, debias = CANDIDATES[name]
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    probabilities: list[list[float]] = [[] for _ in items]
+    for fold in range(folds):
+        held = set(order[fold::folds])
+        train = [item for i, item in enumerate(items) if i not in held]
+        prior = letter_prior(train) if debias else {}
+        record = _record(name, fit_weights(train, features, prior), prior)
+        plan = mcq.Plan(name, dict(record.weights), record)
+        for i in held:
+            probabilities[i] = list(plan.distribution(items[i].scores)[0].values())
+    return summarize(probabilities, [item.gold for item in items])
+
+
+def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:
+    """Every candidate, measured by `folds`-fold cross-validation on `items`; the record keeps the most accurate
+    (the combination only when it gains COMBINED_MIN_GAIN over the best single method, which costs fewer engine
+    requests), fitted on all of `items`, and each single method's temperature. Returns the record and each
+    candidate's figures: raw (no calibration), cross-validated, and fitted (in-sample)."""
     have_letter = all(i.scores.letter is not None for i in items)
     have_cloze = all(i.scores.cloze is not None for i in items)
     prior = letter_prior(items) if have_letter else {}
@@ -167,25 +197,27 @@ def fit(items: Sequence[Scored]) -> tuple[mcq.MCQCalibration, dict[str, dict[str
             continue
         weights = fit_weights(items, features, prior if debias else None)
         fitted[name] = weights
-        raw = mcq.MCQCalibration(method=name, weights={f: 1.0 for f in features}, letter_prior=prior)
-        tuned = mcq.MCQCalibration(method=name, weights=weights, letter_prior=prior)
-        figures[name] = {"weights": weights, "raw": evaluate(raw, items), "fitted": evaluate(tuned, items)}
+        figures[name] = {"weights": weights,
+                         "raw": evaluate(_record(name, {f: 1.0 for f in features}, prior), items),
+                         "cross_validated": cross_validated(items, name, folds) if len(items) >= 2 * folds else None,
+                         "fitted": evaluate(_record(name, weights, prior), items)}
     if not fitted:
         raise ValueError("no method could be fitted: the validation questions carry neither letter nor cloze scores")
-    singles = [n for n in fitted if n != "combined"]
-    best = max(singles, key=lambda n: figures[n]["fitted"]["accuracy"])
-    if "combined" in fitted and (figures["combined"]["fitted"]["accuracy"]
-                                 >= figures[best]["fitted"]["accuracy"] + COMBINED_MIN_GAIN):
+
+    def accuracy(name: str) -> float:
+        return (figures[name]["cross_validated"] or figures[name]["fitted"])["accuracy"]
+
+    best = max((n for n in fitted if n != "combined"), key=accuracy)
+    if "combined" in fitted and accuracy("combined") >= accuracy(best) + COMBINED_MIN_GAIN:
         best = "combined"
-    temperatures = {name: 1.0 / fitted[name][features[0]] for name, (features, _) in CANDIDATES.items()
-                    if name in ("letter", "cloze") and name in fitted and fitted[name][features[0]] > 0}
+    temperatures = {name: 1.0 / fitted[name][CANDIDATES[name][0][0]] for name in ("letter", "cloze")
+                    if name in fitted and fitted[name][CANDIDATES[name][0][0]] > 0}
     record = mcq.MCQCalibration(
         method=best, weights={f: w for f, w in fitted[best].items() if w}, letter_prior=prior,
         temperatures=temperatures,
-        validation={"n": len(items), "chosen_by": "validation accuracy",
-                    "candidates": {n: {"accuracy": f["fitted"]["accuracy"], "nll": f["fitted"]["nll"],
-                                       "ece": f["fitted"]["ece"], "raw_ece": f["raw"]["ece"],
-                                       "raw_nll": f["raw"]["nll"], "weights": f["weights"]}
-                                   for n, f in figures.items()}},
+        validation={"n": len(items), "chosen_by": f"{folds}-fold cross-validated accuracy",
+                    "candidates": {n: {"weights": f["weights"], **{
+                        f"{stage}_{k}": f[stage][k] for stage in ("raw", "cross_validated", "fitted") if f[stage]
+                        for k in ("accuracy", "nll", "ece")}} for n, f in figures.items()}},
     )
     return record, figures

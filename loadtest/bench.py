@@ -122,28 +122,104 @@ def load_mcq(path: Path, count: int) -> list[mcq.MCQuestion]:
     return items[:count]
 
 
-async def mcq_round(target: str, url: str, questions: list[mcq.MCQuestion], concurrency: int) -> dict:
-    """Ours: POST /mcq. vLLM: the same prompt as a chat completion with a structured-output choice."""
+MCQ_PATHS = {  # label -> (target server, how it asks)
+    "zephyr /mcq letter": ("zephyr", "letter"),
+    "zephyr /mcq cloze": ("zephyr", "cloze"),
+    "zephyr /mcq auto": ("zephyr", "auto"),
+    "vllm serve /v1/completions, echo + logprobs, a request per option (cloze)": ("vllm", "completions"),
+    "vllm serve chat + structured_outputs.choice (letter)": ("vllm", "choice"),
+}
+
+
+async def _vllm_cloze(c: httpx.AsyncClient, tokenizer, q: mcq.MCQuestion) -> str:
+    """What a user of `vllm serve` does for cloze: one completions request per option with echo and log-probs,
+    the continuation's prompt log-probabilities summed (token-id prompts, split as /mcq splits them)."""
+
+    async def score(ids: list[int], context_length: int) -> float:
+        r = await c.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": ids, "max_tokens": 1,
+                                                  "echo": True, "logprobs": 0, "temperature": 0})
+        return sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][context_length:len(ids)])
+
+    scores = await asyncio.gather(*(score(ids, n) for ids, n in mcq.cloze_requests(tokenizer, q)))
+    return mcq.letter_distribution(q.letters, scores)[1]
+
+
+async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concurrency: int, tokenizer) -> dict:
+    """Answers/s and per-question latency of one MCQ path (MCQ_PATHS) over the same questions."""
+    target, how = MCQ_PATHS[label]
     queue = list(enumerate(questions))
     answers: dict[int, str] = {}
+    latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
 
         async def worker() -> None:
             while queue:
                 i, q = queue.pop()
+                started = time.perf_counter()
                 if target == "zephyr":
-                    r = await c.post("/mcq", json={"question": q.question, "options": list(q.options)})
+                    r = await c.post("/mcq", json={"question": q.question, "options": list(q.options), "method": how})
                     answers[i] = r.json()["answer"]
+                elif how == "completions":
+                    answers[i] = await _vllm_cloze(c, tokenizer, q)
                 else:
                     r = await c.post("/v1/chat/completions", json={
                         "model": DEFAULT_MODEL, "messages": mcq.render_messages(q), "temperature": 0,
                         "max_tokens": 4, "structured_outputs": {"choice": list(q.letters)}})
                     answers[i] = r.json()["choices"][0]["message"]["content"].strip()
+                latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"target": target, "answers_per_s": len(questions) / wall, "answers": answers}
+    return {"path": label, "answers_per_s": len(questions) / wall, "latency_s": latencies, "answers": answers}
+
+
+async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], rounds: int) -> list[dict]:
+    """p50 latency of chat (c=1, 32 tokens) and /mcq auto (c=1) on our server with the generation log and review
+    sampling on, and on a twin with both off, interleaved."""
+    out = []
+    for round_index in range(rounds):
+        for name in (list(urls) if round_index % 2 == 0 else list(reversed(urls))):
+            chat = await chat_level(name, urls[name], 1, 24, 32)
+            async with httpx.AsyncClient(base_url=urls[name], timeout=600) as c:
+                mcq_latency = []
+                for q in questions[:48]:
+                    started = time.perf_counter()
+                    await c.post("/mcq", json={"question": q.question, "options": list(q.options)})
+                    mcq_latency.append(time.perf_counter() - started)
+            out.append({"server": name, "chat_latency_s": chat.latency_s, "mcq_latency_s": mcq_latency})
+    return out
+
+
+def mcq_table(runs: list[dict], questions: int, concurrency: int) -> Table:
+    table = Table(title=f"MCQ: {questions} ARC-Easy dev questions, concurrency {concurrency}, medians over rounds")
+    for column in ("path", "answers/s", "p50 ms", "p99 ms", "vs vllm cloze", "vs our letter", "same answer as"):
+        table.add_column(column, justify="left" if column in ("path", "same answer as") else "right")
+    rate = {label: statistics.median(r["answers_per_s"] for r in runs if r["path"] == label) for label in MCQ_PATHS}
+    last = {r["path"]: r["answers"] for r in runs}
+    cloze, letter = list(MCQ_PATHS)[3], list(MCQ_PATHS)[0]
+    for label in MCQ_PATHS:
+        latency = [t for r in runs if r["path"] == label for t in r["latency_s"]]
+        twin = {"zephyr /mcq cloze": cloze, "zephyr /mcq letter": list(MCQ_PATHS)[4]}.get(label)
+        same = ""
+        if twin:
+            agree = sum(last[label][i] == last[twin].get(i) for i in last[label]) / len(last[label])
+            same = f"{agree:.0%} {twin.split(',')[0]}"
+        table.add_row(label, f"{rate[label]:.1f}", f"{percentile(latency, 0.5) * 1000:.0f}",
+                      f"{percentile(latency, 0.99) * 1000:.0f}", f"{rate[label] / rate[cloze]:.2f}x",
+                      f"{rate[label] / rate[letter]:.2f}x", same)
+    return table
+
+
+def logging_table(runs: list[dict]) -> Table:
+    table = Table(title="The generation log's cost: p50 latency with the log and review sampling on vs off (c=1)")
+    for column in ("route", "log on p50 ms", "log off p50 ms", "cost"):
+        table.add_column(column, justify="right")
+    for route in ("chat", "mcq"):
+        on, off = (percentile([t for r in runs if r["server"] == s for t in r[f"{route}_latency_s"]], 0.5) * 1000
+                   for s in ("log on", "log off"))
+        table.add_row(route, f"{on:.1f}", f"{off:.1f}", f"{(on / off - 1) * 100:+.1f}%")
+    return table
 
 
 def ratio_table(title: str, levels: list[Level]) -> Table:
@@ -204,13 +280,25 @@ async def run(args: argparse.Namespace) -> None:
         processes.append(start(vllm_cmd, env, out_dir / "vllm.log"))
         cold_vllm = wait_ready(f"{vllm_url}/health", processes[-1], out_dir / "vllm.log")
         console.print(f"  ready in {cold_vllm:.1f} s")
+        quiet_url = f"http://127.0.0.1:{args.port + 2}"
+        if args.logging_cost:
+            console.print("starting our server with the generation log and review sampling off...")
+            harness.linked_home(out_dir / "quiet-home", entry)
+            processes.append(start([str(bin_dir / "zephyr"), "serve"], {
+                **env, "ZEPHYR_PORT": str(args.port + 2), "ZEPHYR_LOG_GENERATIONS": "false",
+                "ZEPHYR_REVIEW_POLICY": "off", "ZEPHYR_HOME": str(out_dir / "quiet-home")}, out_dir / "quiet.log"))
+            wait_ready(f"{quiet_url}/readyz", processes[-1], out_dir / "quiet.log")
 
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(entry.path)
         targets = {"zephyr": ours_url, "vllm": vllm_url}
         questions = load_mcq(Path(args.mcq_data), args.mcq_questions)
         for name, url in targets.items():  # warm both (first uses of each batch shape and path) before measuring
             for conc in args.concurrency:
                 await chat_level(name, url, conc, conc, 8)
-            await mcq_round(name, url, questions[:16], args.mcq_concurrency)
+        for label, (target, _) in MCQ_PATHS.items():
+            await mcq_round(label, targets[target], questions[:16], args.mcq_concurrency, tokenizer)
         levels: list[Level] = []
         mcq_runs: list[dict] = []
         for round_index in range(args.rounds):
@@ -222,9 +310,14 @@ async def run(args: argparse.Namespace) -> None:
                     levels.append(lv)
                     console.print(f"round {round_index + 1} {name:7s} c={conc:<3d} {lv.tok_s:7.1f} tok/s "
                                   f"p50 TTFT {percentile(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
-                result = await mcq_round(name, targets[name], questions, args.mcq_concurrency)
+            labels = list(MCQ_PATHS) if round_index % 2 == 0 else list(reversed(MCQ_PATHS))
+            for label in labels:
+                result = await mcq_round(label, targets[MCQ_PATHS[label][0]], questions, args.mcq_concurrency,
+                                         tokenizer)
                 mcq_runs.append(result)
-                console.print(f"round {round_index + 1} {name:7s} MCQ {result['answers_per_s']:.1f} answers/s")
+                console.print(f"round {round_index + 1} {label}: {result['answers_per_s']:.1f} answers/s")
+        quiet_runs = await logging_cost({"log on": ours_url, "log off": quiet_url}, questions, args.rounds) \
+            if args.logging_cost else []
     finally:
         for p in processes:
             if p.poll() is None:
@@ -237,22 +330,15 @@ async def run(args: argparse.Namespace) -> None:
 
     console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds",
                               levels))
-    mcq_table = Table(title=f"MCQ: {len(questions)} ARC-Easy dev questions, concurrency {args.mcq_concurrency}")
-    for column in ("path", "answers/s (median)", "ratio"):
-        mcq_table.add_column(column, justify="right")
-    ours = statistics.median(r["answers_per_s"] for r in mcq_runs if r["target"] == "zephyr")
-    theirs = statistics.median(r["answers_per_s"] for r in mcq_runs if r["target"] == "vllm")
-    mcq_table.add_row("zephyr POST /mcq (allowed letters, 1 token)", f"{ours:.1f}", f"{ours / theirs:.2f}x")
-    mcq_table.add_row("vllm serve chat + structured_outputs.choice", f"{theirs:.1f}", "1.00x")
-    console.print(mcq_table)
-    last = {r["target"]: r["answers"] for r in mcq_runs[-2:]}
-    agree = sum(last["zephyr"][i] == last["vllm"].get(i) for i in last["zephyr"]) / len(last["zephyr"])
-    console.print(f"same letter on both paths: {agree:.0%} of questions")
+    console.print(mcq_table(mcq_runs, len(questions), args.mcq_concurrency))
+    if quiet_runs:
+        console.print(logging_table(quiet_runs))
     console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
                   f"({'eager' if not args.compiled else 'compiled'})")
     (out_dir / "bench.json").write_text(json.dumps({
         "levels": [asdict(lv) | {"tok_s": lv.tok_s} for lv in levels],
         "mcq": [{k: v for k, v in r.items() if k != "answers"} for r in mcq_runs],
+        "logging_cost": quiet_runs,
         "cold_start_s": {"zephyr": cold_ours, "vllm": cold_vllm}, "args": vars(args)}, indent=2))
     console.print(f"raw figures: {out_dir / 'bench.json'}")
 
@@ -267,6 +353,8 @@ def main() -> None:
     parser.add_argument("--mcq-data", default=str(DEFAULT_MCQ_DATA), help="ARC-format jsonl")
     parser.add_argument("--mcq-questions", type=int, default=64)
     parser.add_argument("--mcq-concurrency", type=int, default=8)
+    parser.add_argument("--no-logging-cost", dest="logging_cost", action="store_false",
+                        help="skip the third server (ours with the generation log and review sampling off)")
     parser.add_argument("--memory-share", type=float, default=0.2, help="per server (both run at once)")
     parser.add_argument("--compiled", action="store_true", help="torch.compile both engines (slower start)")
     parser.add_argument("--port", type=int, default=8100, help="ours; vllm serve gets port+1")

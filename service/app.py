@@ -139,6 +139,7 @@ def create_app(
             settings.resolved_db_url, settings.resolved_spill_path, metrics, redactor,
             batch_size=settings.log_batch_size, flush_seconds=settings.log_flush_seconds,
             queue_size=settings.log_queue_size, retry_seconds=settings.log_retry_seconds,
+            enabled=settings.log_generations,
         )
         await generation_log.start()
         app.state.registry_entry = entry
@@ -158,6 +159,8 @@ def create_app(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
             candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
         ))
+        if not settings.log_generations:
+            log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
         if app.state.keyring.open:
             log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
         background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app))]

@@ -151,7 +151,8 @@ class MCQResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="Over exactly the option letters, summing to 1")
     confidence: float = Field(description="The highest option probability")
     abstained: bool = False
-    method: str = Field(description="What answered: letter, cloze, cloze_norm, explain or combined")
+    method: str = Field(description="What answered: letter, cloze, explain, or what `auto` resolved to for this "
+                        "model: letter, letter_debiased, cloze, cloze_norm or combined")
     calibrated: bool = Field(description="Whether the model's validation calibration shaped the probabilities")
     cloze: ClozeScores | None = None
     explanation: str | None = None

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     drain_seconds: int = 30
 
     # Generation log.
+    log_generations: bool = Field(default=True, description="false: write no generation rows (measuring the log's "
+                                  "own cost; nothing then reaches review)")
     db_url: str | None = Field(default=None, description="SQLAlchemy async URL; default a SQLite file in home")
     spill_path: Path | None = None
     log_batch_size: int = 64

@@ -69,7 +69,9 @@ class GenerationLog:
         flush_seconds: float = 0.5,
         queue_size: int = 10_000,
         retry_seconds: float = 5.0,
+        enabled: bool = True,
     ):
+        self.enabled = enabled  # False: rows are dropped at once (benchmarks of the log's own cost)
         self.engine = make_engine(url)
         self.spill_path = Path(spill_path)
         self.metrics = metrics
@@ -123,6 +125,8 @@ class GenerationLog:
 
     def record(self, row: dict[str, Any]) -> None:
         """Queue one row; never blocks and never drops: a full queue spills the row to disk."""
+        if not self.enabled:
+            return
         try:
             self.queue.put_nowait(row)
         except asyncio.QueueFull:

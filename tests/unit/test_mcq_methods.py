@@ -113,6 +113,10 @@ def test_fit_recovers_the_temperature_and_the_letter_prior_and_chooses_by_valida
         record.letter_prior["4"][3]
     assert record.method in ("cloze", "cloze_norm")  # the letter knows nothing here
     assert figures["cloze"]["fitted"]["nll"] < figures["cloze"]["raw"]["nll"]
+    # the choice reads questions each fold's fit never saw
+    assert "cross-validated" in record.validation["chosen_by"]
+    held = figures["cloze"]["cross_validated"]
+    assert held["n"] == 3000 and held["accuracy"] == pytest.approx(figures["cloze"]["fitted"]["accuracy"], abs=0.02)
     held_out = synthetic(3000, seed=1, temperature=4.0, bias=[1.0, 0.5, 0.0, -1.0])
     assert calibration.evaluate(record, held_out)["ece"] < 0.03
 
