@@ -6,6 +6,7 @@ its calibration questions come from its train split instead."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from datetime import UTC, datetime
@@ -19,7 +20,6 @@ from rich.text import Text
 from evals import calibration, datasets, mcq_eval
 from evals.run import needs_transformers
 from zephyr import mcq
-from zephyr.mcq import FEATURES
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
@@ -81,7 +81,8 @@ def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.
     try:
         raw = json.loads(Path(path).read_text())
         splits = {name: block["split"] for name, block in raw.items()}
-        scored = {name: [calibration.Scored(mcq.OptionScores(**{k: v for k, v in item.items() if k in FEATURES}),
+        fields = {f.name for f in dataclasses.fields(mcq.OptionScores)}
+        scored = {name: [calibration.Scored(mcq.OptionScores(**{k: v for k, v in item.items() if k in fields}),
                                             item["gold"], item.get("id", "")) for item in block["items"]]
                   for name, block in raw.items()}
         return splits, scored

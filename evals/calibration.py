@@ -143,6 +143,41 @@ def fit_weights(items: Sequence[Scored], features: Sequence[str],
     return {f: float(w) for f, w in zip(features, result.x, strict=True)}
 
 
+def fit_scaling(items: Sequence[Scored], record: mcq.MCQCalibration) -> dict[str, float]:
+    """Per-question sharpness on top of the record's weights: logits * exp(b . confidence_features), b minimizing
+    NLL (starting from b = 0, the record as it is). A factor shared by all options never changes the answer."""
+    from scipy.optimize import minimize
+
+    groups: dict[int, tuple[list[list[float]], list[list[float]], list[int]]] = {}
+    for item in items:
+        logits = mcq.combined_logits(item.scores, record.weights, record)
+        features = mcq.confidence_features(item.scores)
+        s, phi, gold = groups.setdefault(len(logits), ([], [], []))
+        s.append(logits)
+        phi.append([features[f] for f in mcq.CONFIDENCE_FEATURES])
+        gold.append(item.gold)
+    data = [(np.asarray(s), np.asarray(phi), np.asarray(g)) for s, phi, g in groups.values()]
+    count = sum(len(g) for _, _, g in data)
+
+    def nll_and_grad(b: np.ndarray) -> tuple[float, np.ndarray]:
+        total, grad = 0.0, np.zeros_like(b)
+        for s, phi, gold in data:
+            factor = np.exp(np.clip(phi @ b, -50, 50))  # per question
+            z = s * factor[:, None]
+            z = z - z.max(axis=1, keepdims=True)
+            log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            rows = np.arange(len(gold))
+            total -= log_probs[rows, gold].sum()
+            onehot = np.zeros_like(z)
+            onehot[rows, gold] = 1.0
+            inner = ((np.exp(log_probs) - onehot) * s).sum(axis=1) * factor  # dNLL/d(phi . b) per question
+            grad += phi.T @ inner
+        return total / count, grad / count
+
+    result = minimize(nll_and_grad, np.zeros(len(mcq.CONFIDENCE_FEATURES)), jac=True, method="L-BFGS-B")
+    return {f: float(w) for f, w in zip(mcq.CONFIDENCE_FEATURES, result.x, strict=True)}
+
+
 # The candidates `auto` may become: the method name reported, the features it reads, whether the letter prior is
 # removed. `letter_debiased` and `combined` remove it; `letter` keeps the model's raw letter.
 CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -155,12 +190,21 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
 
 
 def evaluate(record: mcq.MCQCalibration, items: Sequence[Scored]) -> dict[str, Any]:
-    plan = mcq.Plan(record.method, dict(record.weights), record)
+    plan = mcq.plan("auto", record)
     return summarize([list(plan.distribution(i.scores)[0].values()) for i in items], [i.gold for i in items])
 
 
 def _record(name: str, weights: dict[str, float], prior: dict[str, list[float]]) -> mcq.MCQCalibration:
     return mcq.MCQCalibration(method=name, weights=weights, letter_prior=prior)
+
+
+def _fitted(items: Sequence[Scored], name: str, prior: dict[str, list[float]]) -> mcq.MCQCalibration:
+    """The candidate's weights, then (when it reads cloze) its per-question sharpness."""
+    features, debias = CANDIDATES[name]
+    record = _record(name, fit_weights(items, features, prior if debias else None), prior)
+    if any(f.startswith("cloze") for f in features) and all(i.scores.option_chars for i in items):
+        record = record.model_copy(update={"scaling": fit_scaling(items, record)})
+    return record
 
 
 def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 0) -> dict[str, Any]:
@@ -173,9 +217,8 @@ def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 
     for fold in range(folds):
         held = set(order[fold::folds])
         train = [item for i, item in enumerate(items) if i not in held]
-        prior = letter_prior(train) if debias else {}
-        record = _record(name, fit_weights(train, features, prior), prior)
-        plan = mcq.Plan(name, dict(record.weights), record)
+        record = _fitted(train, name, letter_prior(train) if debias else {})
+        plan = mcq.plan("auto", record)
         for i in held:
             probabilities[i] = list(plan.distribution(items[i].scores)[0].values())
     return summarize(probabilities, [item.gold for item in items])
@@ -190,17 +233,17 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
     have_cloze = all(i.scores.cloze is not None for i in items)
     prior = letter_prior(items) if have_letter else {}
     figures: dict[str, dict[str, Any]] = {}
-    fitted: dict[str, dict[str, float]] = {}
-    for name, (features, debias) in CANDIDATES.items():
+    fitted: dict[str, mcq.MCQCalibration] = {}
+    for name, (features, _) in CANDIDATES.items():
         if ("letter" in features and not have_letter) or (any(f.startswith("cloze") for f in features)
                                                           and not have_cloze):
             continue
-        weights = fit_weights(items, features, prior if debias else None)
-        fitted[name] = weights
-        figures[name] = {"weights": weights,
+        record = _fitted(items, name, prior)
+        fitted[name] = record
+        figures[name] = {"weights": record.weights, "scaling": record.scaling,
                          "raw": evaluate(_record(name, {f: 1.0 for f in features}, prior), items),
                          "cross_validated": cross_validated(items, name, folds) if len(items) >= 2 * folds else None,
-                         "fitted": evaluate(_record(name, weights, prior), items)}
+                         "fitted": evaluate(record, items)}
     if not fitted:
         raise ValueError("no method could be fitted: the validation questions carry neither letter nor cloze scores")
 
@@ -210,14 +253,14 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
     best = max((n for n in fitted if n != "combined"), key=accuracy)
     if "combined" in fitted and accuracy("combined") >= accuracy(best) + COMBINED_MIN_GAIN:
         best = "combined"
-    temperatures = {name: 1.0 / fitted[name][CANDIDATES[name][0][0]] for name in ("letter", "cloze")
-                    if name in fitted and fitted[name][CANDIDATES[name][0][0]] > 0}
-    record = mcq.MCQCalibration(
-        method=best, weights={f: w for f, w in fitted[best].items() if w}, letter_prior=prior,
-        temperatures=temperatures,
-        validation={"n": len(items), "chosen_by": f"{folds}-fold cross-validated accuracy",
-                    "candidates": {n: {"weights": f["weights"], **{
-                        f"{stage}_{k}": f[stage][k] for stage in ("raw", "cross_validated", "fitted") if f[stage]
-                        for k in ("accuracy", "nll", "ece")}} for n, f in figures.items()}},
-    )
+    # A named method keeps its answer: its temperature alone (its weight, fitted before any per-question
+    # sharpness), and none where the fit turned the scores' order around (a negative weight).
+    temperatures = {name: 1.0 / fitted[name].weights[name] for name in ("letter", "cloze")
+                    if name in fitted and fitted[name].weights[name] > 0}
+    record = fitted[best].model_copy(update={
+        "weights": {f: w for f, w in fitted[best].weights.items() if w}, "temperatures": temperatures,
+        "validation": {"n": len(items), "chosen_by": f"{folds}-fold cross-validated accuracy",
+                       "candidates": {n: {"weights": f["weights"], "scaling": f["scaling"], **{
+                           f"{stage}_{k}": f[stage][k] for stage in ("raw", "cross_validated", "fitted") if f[stage]
+                           for k in ("accuracy", "nll", "ece")}} for n, f in figures.items()}}})
     return record, figures

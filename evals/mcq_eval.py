@@ -4,6 +4,7 @@ letter tokens and renormalization of zephyr/mcq.py: the exact computation behind
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,10 @@ def option_scores(items: list[MCQItem], letter_m: Measurement | None,
     cloze = cloze_m.details.get("loglikelihoods", {}) if cloze_m else {}
     out = {}
     for item in items:
-        scores = mcq.cloze_scores(item.options, cloze[item.id]) if item.id in cloze else mcq.OptionScores()
-        out[item.id] = mcq.OptionScores(letter=letter.get(item.id), cloze=scores.cloze, cloze_norm=scores.cloze_norm)
+        scores = mcq.OptionScores(support=question_of(item).support is not None)
+        if item.id in cloze:
+            scores = mcq.cloze_scores(item.options, cloze[item.id], support=scores.support)
+        out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id))
     return out
 
 

@@ -412,7 +412,8 @@ class Tutor:
                     cloze = group.create_task(self._cloze(cloze_requests, row))
         except* APIError as failures:
             raise failures.exceptions[0] from None
-        scores = mcq.cloze_scores(q.options, cloze.result()) if cloze else mcq.OptionScores()
+        support = q.support is not None
+        scores = mcq.cloze_scores(q.options, cloze.result(), support) if cloze else mcq.OptionScores(support=support)
         letter_logprobs, explanation = letter.result() if letter else (None, None)
         return dataclasses.replace(scores, letter=letter_logprobs), explanation
 

@@ -7,7 +7,7 @@ import json
 import math
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ class MCQCalibration(BaseModel):
     weights: dict[str, float]
     letter_prior: dict[str, list[float]] = {}
     temperatures: dict[str, float] = {}  # per single method, applied when a client names that method
+    scaling: dict[str, float] = {}  # CONFIDENCE_FEATURES -> weight: how sharp `auto` is for each question
     validation: dict[str, Any] = {}  # splits, sizes, and each candidate's accuracy / NLL / ECE
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -201,6 +202,14 @@ class MCQCalibration(BaseModel):
             raise ValueError(f"weights must name some of {', '.join(FEATURES)}; got {sorted(weights)}")
         return weights
 
+    @field_validator("scaling")
+    @classmethod
+    def _known_confidence_features(cls, scaling: dict[str, float]) -> dict[str, float]:
+        unknown = set(scaling) - set(CONFIDENCE_FEATURES)
+        if unknown:
+            raise ValueError(f"scaling may name {', '.join(CONFIDENCE_FEATURES)}; got {sorted(unknown)}")
+        return scaling
+
 
 @dataclass(frozen=True)
 class OptionScores:
@@ -209,13 +218,39 @@ class OptionScores:
     letter: list[float] | None = None  # letter log-probabilities renormalized over the options
     cloze: list[float] | None = None  # the option text's summed log-likelihood
     cloze_norm: list[float] | None = None  # the same per character of the option text
+    option_chars: list[int] | None = None  # each option's length in characters
+    support: bool = False  # the question came with a passage
 
 
-def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float]) -> OptionScores:
+def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float], support: bool = False) -> OptionScores:
     """lm-eval's acc scores the summed log-likelihood, acc_norm the same divided by the option's length in
     characters (the continuation's delimiter not counted)."""
     lls = [float(x) for x in loglikelihoods]
-    return OptionScores(cloze=lls, cloze_norm=[ll / max(1, len(o)) for ll, o in zip(lls, options, strict=True)])
+    chars = [max(1, len(o)) for o in options]
+    return OptionScores(cloze=lls, cloze_norm=[ll / n for ll, n in zip(lls, chars, strict=True)], option_chars=chars,
+                        support=support)
+
+
+# Question-level observables that set how sharp a calibrated `auto` is for one question (its temperature is
+# exp(-sum scaling[f] * f)): a passage, whether the summed and per-character cloze agree, option lengths, how
+# spread the options' scores are, the per-character margin, the option count. They scale every option alike, so
+# the answer never changes; only how sure it is does.
+CONFIDENCE_FEATURES = ("bias", "support", "cloze_agree", "log_option_chars", "log_cloze_spread", "norm_margin",
+                       "options")
+
+
+def confidence_features(scores: OptionScores) -> dict[str, float]:
+    if scores.cloze is None or scores.cloze_norm is None or scores.option_chars is None:
+        raise ValueError("confidence features need the cloze scores")
+    cloze, norm = scores.cloze, scores.cloze_norm
+    mean = sum(cloze) / len(cloze)
+    spread = math.sqrt(sum((x - mean) ** 2 for x in cloze) / len(cloze))
+    norm_probs = sorted(math.exp(x) for x in log_softmax(norm))
+    return {"bias": 1.0, "support": float(scores.support),
+            "cloze_agree": float(cloze.index(max(cloze)) == norm.index(max(norm))),
+            "log_option_chars": math.log(1 + sum(scores.option_chars) / len(scores.option_chars)),
+            "log_cloze_spread": math.log(spread + 1e-3), "norm_margin": norm_probs[-1] - norm_probs[-2],
+            "options": float(len(cloze))}
 
 
 def log_softmax(values: Sequence[float]) -> list[float]:
@@ -240,9 +275,8 @@ def feature_values(scores: OptionScores, feature: str, calibration: MCQCalibrati
     return debiased_letter(calibration, values) if feature == "letter" else list(values)
 
 
-def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,
-            letters: str | None = None) -> tuple[dict[str, float], str]:
-    """Probabilities over the options from weighted per-option scores (summing to 1) and the best letter."""
+def combined_logits(scores: OptionScores, weights: Mapping[str, float],
+                    calibration: MCQCalibration | None = None) -> list[float]:
     total: list[float] | None = None
     for feature, weight in weights.items():
         if not weight:
@@ -251,7 +285,24 @@ def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQ
         total = values if total is None else [a + b for a, b in zip(total, values, strict=True)]
     if total is None:
         raise ValueError("no feature has a weight")
-    return letter_distribution(letters or LETTERS[: len(total)], total)
+    return total
+
+
+def sharpness(scores: OptionScores, scaling: Mapping[str, float]) -> float:
+    """exp(sum scaling[f] * f(question)): 1 without scaling."""
+    if not scaling:
+        return 1.0
+    features = confidence_features(scores)
+    return math.exp(max(-50.0, min(50.0, sum(w * features[f] for f, w in scaling.items()))))
+
+
+def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,
+            letters: str | None = None, scaling: Mapping[str, float] | None = None) -> tuple[dict[str, float], str]:
+    """Probabilities over the options from weighted per-option scores, sharpened per question by `scaling`
+    (summing to 1), and the best letter."""
+    logits = combined_logits(scores, weights, calibration)
+    factor = sharpness(scores, scaling or {})
+    return letter_distribution(letters or LETTERS[: len(logits)], [factor * x for x in logits])
 
 
 @dataclass(frozen=True)
@@ -262,6 +313,7 @@ class Plan:
     method: str
     weights: dict[str, float]
     calibration: MCQCalibration | None = None
+    scaling: dict[str, float] = field(default_factory=dict)  # `auto` only: the record's per-question sharpness
 
     @property
     def calibrated(self) -> bool:
@@ -273,11 +325,11 @@ class Plan:
 
     @property
     def needs_cloze(self) -> bool:
-        return bool(self.weights.get("cloze") or self.weights.get("cloze_norm"))
+        return bool(self.weights.get("cloze") or self.weights.get("cloze_norm") or self.scaling)
 
     def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
-        prior_from = self.calibration if self.method not in ("letter", "explain") else None
-        return combine(scores, self.weights, prior_from, letters)
+        prior_from = None if self.method in ("letter", "explain") else self.calibration
+        return combine(scores, self.weights, prior_from, letters, self.scaling)
 
 
 def plan(method: str, calibration: MCQCalibration | None) -> Plan:
@@ -289,7 +341,7 @@ def plan(method: str, calibration: MCQCalibration | None) -> Plan:
     if method == "auto":
         if calibration is None:
             return Plan("cloze", {"cloze": 1.0})
-        return Plan(calibration.method, dict(calibration.weights), calibration)
+        return Plan(calibration.method, dict(calibration.weights), calibration, dict(calibration.scaling))
     feature = "letter" if method == "explain" else method
     temperature = calibration.temperatures.get(method) if calibration else None
     if temperature:

@@ -37,18 +37,23 @@ def write_validation(root: Path) -> None:
 
 def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, default_model):
     home = private_home(tmp_path / "home", default_model)
+    Registry(home / "models").record_calibration(DEFAULT_MODEL, None)  # whatever the shared registry holds
     data = write_data(tmp_path / "data")
     write_validation(data)
     env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), "ZEPHYR_MEMORY_SHARE": "0.2",
            "HF_HUB_OFFLINE": "1"}
 
-    # 1. cloze through the shared server (no record: auto is cloze) against lm-eval's scoring in process
-    run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy",
-                 "--server", server.url, "--api-key", STUDENT_KEY, env=env)
+    # 1. cloze through a server without a record (auto is cloze) against lm-eval's scoring in process
+    plain = LocalServer.start(home, memory_share="0.1")
+    try:
+        run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy",
+                     "--server", plain.url, "--api-key", STUDENT_KEY, env=env)
+    finally:
+        plain.stop()
     assert run.returncode == 0, run.stderr[-3000:]
     latest = ResultStore(home / "eval-results").latest(DEFAULT_MODEL)
     lm_eval = latest.get("arc_easy/cloze_acc").details["loglikelihoods"]
-    with httpx.Client(base_url=server.url, headers=HEADERS, timeout=120) as client:
+    with httpx.Client(base_url=server.url, headers=HEADERS, timeout=120) as client:  # cloze is the same anywhere
         for i, (question, options, _) in enumerate(MCQ):
             body = client.post("/mcq", json={"question": question, "options": options, "method": "cloze"}).json()
             assert list(body["cloze"]["loglikelihood"].values()) == pytest.approx(lm_eval[f"mcq-{i}"], abs=2e-3)

@@ -13,6 +13,8 @@ import openai
 import pytest
 
 from tests.integration.conftest import STUDENT_KEY
+from zephyr.registry import Registry
+from zephyr.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m-instruct"
@@ -92,14 +94,17 @@ def test_client_errors_map_to_openai_exceptions(client, server):
         anonymous.chat.completions.create(model=MODEL, messages=ask("hi"))
 
 
-def test_mcq_answers_with_a_letter_and_a_distribution(http):
+def test_mcq_answers_with_a_letter_and_a_distribution(http, server):
+    record = Registry(server.home / "models").get(DEFAULT_MODEL).manifest.mcq_calibration
     for method in ("auto", "letter", "cloze"):
         body = http.post("/mcq", json={**QUESTION, "method": method}).json()
         assert body["answer"] in "ABCD" and body["option"] == QUESTION["options"]["ABCD".index(body["answer"])]
         assert list(body["probabilities"]) == list("ABCD")
         assert math.isclose(sum(body["probabilities"].values()), 1.0, rel_tol=1e-6)
         assert body["probabilities"][body["answer"]] == max(body["probabilities"].values()) == body["confidence"]
-        assert body["method"] == ("cloze" if method == "auto" else method)  # no calibration record here
+        # auto is the record's choice, or plain cloze without one
+        assert body["method"] == ((record.method if record else "cloze") if method == "auto" else method)
+        assert body["calibrated"] == (record is not None and (method == "auto" or method in record.temperatures))
 
 
 def test_mcq_prompt_injection_cannot_escape_the_letters(http):

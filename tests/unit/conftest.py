@@ -4,10 +4,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from loadtest.harness import linked_home
+from loadtest.harness import linked_variant
 from service.app import create_app
 from tests.unit.stub_engine import StubEngine
-from zephyr.settings import Settings
+from zephyr.settings import DEFAULT_MODEL, Settings
 
 STUDENT_KEY = "student-key-123"
 REVIEWER_KEY = "reviewer-key-456"
@@ -16,9 +16,13 @@ ADMIN_KEY = "admin-key-789"
 
 @pytest.fixture
 def settings_factory(tmp_path, default_model):
+    home = tmp_path / "home"
+    linked_variant(home, default_model, DEFAULT_MODEL, mcq_calibration=None)
+
     def make(**overrides) -> Settings:
         values = dict(
-            home=linked_home(tmp_path / "home", default_model),
+            # The default model without the shared registry's MCQ calibration record, whatever it holds.
+            home=home,
             api_keys=f"student:{STUDENT_KEY},reviewer:{REVIEWER_KEY},admin:{ADMIN_KEY}",
             log_flush_seconds=0.01,
             log_retry_seconds=0.05,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -100,8 +101,8 @@ def synthetic(n: int, seed: int, temperature: float, bias: list[float]) -> list[
         probs = [p for p in mcq.letter_distribution("ABCD", [c / temperature for c in cloze])[0].values()]
         gold = rng.choices(range(4), probs)[0]
         letter = mcq.log_softmax([b + rng.gauss(0, 0.1) for b in bias])
-        items.append(calibration.Scored(mcq.OptionScores(letter=letter, cloze=cloze,
-                                                         cloze_norm=[c / 5 for c in cloze]), gold))
+        items.append(calibration.Scored(dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), letter=letter),
+                                        gold))
     return items
 
 
@@ -129,3 +130,28 @@ def test_scores_file_round_trip(tmp_path: Path):
     splits, loaded = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
     assert loaded["arc_easy"][0].scores == items[0].scores
+
+
+def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_differs():
+    # Questions with a passage are answered far more reliably at the same raw margin: one temperature cannot
+    # fit both kinds, a sharpness that reads `support` can.
+    rng = random.Random(3)
+    items = []
+    for i in range(3000):
+        support = i % 2 == 0
+        cloze = [rng.gauss(-8, 2) for _ in range(4)]
+        temperature = 0.5 if support else 8.0
+        probs = list(mcq.letter_distribution("ABCD", [c / temperature for c in cloze])[0].values())
+        items.append(calibration.Scored(mcq.cloze_scores(["x" * 5] * 4, cloze, support),
+                                        rng.choices(range(4), probs)[0]))
+    record, figures = calibration.fit(items)
+    assert record.method == "cloze" and record.scaling["support"] > 1.0
+    plain = mcq.MCQCalibration(method="cloze", weights=record.weights, letter_prior={})
+    by_kind = {kind: [i for i in items if i.scores.support == kind] for kind in (True, False)}
+    for subset in by_kind.values():
+        assert calibration.evaluate(record, subset)["ece"] < 0.05 < calibration.evaluate(plain, subset)["ece"]
+    for item in items[:50]:
+        assert mcq.plan("auto", record).distribution(item.scores)[1] == mcq.plan("cloze", None).distribution(
+            item.scores)[1]
+    with pytest.raises(ValueError, match="scaling"):
+        mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"mood": 1.0})

@@ -165,7 +165,9 @@ def test_eval_run_scores_letter_format_and_cloze_through_transformers(home, tmp_
     assert result.engine["backend"] == "transformers" and result.engine["server"] is None
     assert result.quantization["quant_method"] == "bitsandbytes"
     assert [m.key for m in result.measurements] == ["arc_easy/letter_acc", "arc_easy/cloze_acc",
-                                                    "arc_easy/cloze_acc_norm"]
+                                                    "arc_easy/cloze_acc_norm", "arc_easy/mcq_acc_auto"]
+    auto = result.get("arc_easy/mcq_acc_auto")  # /mcq's default for a model without a record: plain cloze
+    assert auto.details["method"] == "cloze" and auto.items == result.get("arc_easy/cloze_acc").items
     assert {m.n for m in result.measurements} == {2}
     assert {"arc_easy/letter_acc", "arc_easy/cloze_acc"} <= set(_registry(home).get(NF4).manifest.evals)
 
