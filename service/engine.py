@@ -150,6 +150,9 @@ class VLLMEngine:
             logprob_token_ids=params.logprob_token_ids,
             prompt_logprobs=0 if params.prompt_logprobs else None,
             skip_reading_prefix_cache=params.skip_reading_prefix_cache,
+            # Prompt positions read from the prefix cache carry uninitialized token ids, which vLLM's detokenizer
+            # cannot decode (OverflowError in the output handler kills the engine): score by ids, never by text.
+            detokenize=not params.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -48,6 +48,16 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, d
     try:
         run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy",
                      "--server", plain.url, "--api-key", STUDENT_KEY, env=env)
+        # A passage long enough for the options to read the question's KV blocks from the prefix cache: the
+        # cached positions' token ids are garbage to vLLM's detokenizer, which once killed the engine.
+        long = {"question": "Which gas do the leaves take in?", "options": ["carbon dioxide", "oxygen", "helium"],
+                "support": "Plants make their food in their leaves by photosynthesis. " * 12, "method": "cloze"}
+        with httpx.Client(base_url=plain.url, headers=HEADERS, timeout=120) as client:
+            first, again = (client.post("/mcq", json=long) for _ in range(2))
+            assert first.status_code == again.status_code == 200, again.text
+            assert again.json()["cloze"]["loglikelihood"] == pytest.approx(first.json()["cloze"]["loglikelihood"],
+                                                                          abs=1e-3)
+            assert client.get("/readyz").status_code == 200
     finally:
         plain.stop()
     assert run.returncode == 0, run.stderr[-3000:]
