@@ -130,15 +130,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     runs = []
     try:
         generations: dict[str, dict[str, str]] = {}
-        for suite in suites:
-            started = time.perf_counter()
-            if suite == "mcq":
-                measurements = _mcq_suite(engine, data, mcq_names, options, console, entry.manifest.mcq_calibration)
-            elif suite == "gsm8k":
-                measurements = _gsm8k_suite(engine, data, options, settings)
-                generations["gsm8k"] = measurements[0].details["generations"]
-            else:
-                measurements = _text_suite(engine, data, options, settings, text_tools, generations, console)
+        def save(suite: str, measurements: list[Measurement], started: float) -> None:
             run = EvalRun(model=entry.name, parent=entry.manifest.parent, method=entry.manifest.method, suite=suite,
                           limit=options.limit, size_bytes=entry.size_bytes(), quantization=quantization_config(entry),
                           engine={**(engine.engine_info if engine else {}), "server": options.server},
@@ -149,6 +141,22 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
             console.print(f"{suite}: {len(measurements)} measurements in {time.perf_counter() - started:.0f} s "
                           f"-> {path}")
             runs.append(run)
+
+        for suite in suites:
+            started = time.perf_counter()
+            if suite == "mcq":
+                measurements = _mcq_suite(engine, data, mcq_names, options, console, entry.manifest.mcq_calibration)
+                if options.server:
+                    if measurements:  # saved first: a server that fails must not cost the in-process results
+                        save(suite, measurements, started)
+                        started = time.perf_counter()
+                    measurements = _mcq_server(data, mcq_names, options, console, measurements)
+            elif suite == "gsm8k":
+                measurements = _gsm8k_suite(engine, data, options, settings)
+                generations["gsm8k"] = measurements[0].details["generations"]
+            else:
+                measurements = _text_suite(engine, data, options, settings, text_tools, generations, console)
+            save(suite, measurements, started)
     finally:
         if engine is not None:
             engine.shutdown()
@@ -158,7 +166,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
 def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, console: Console,
                calibration: mcq.MCQCalibration | None = None) -> list[Measurement]:
     """Letter format and cloze in process; then `auto` (/mcq's default method, through the model's calibration
-    record) from their per-option scores; then, with --server, the same methods through the server's /mcq."""
+    record) from their per-option scores."""
     from evals import mcq_eval
 
     out: list[Measurement] = []
@@ -196,20 +204,28 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                 console.print(f"{name} auto ({auto.method}{', calibrated' if auto.calibrated else ''}): "
                               f"{m.score:.1%} of {m.n}, ECE {figures['ece']:.3f}, Brier {figures['brier']:.3f}")
                 out.append(m)
-    if options.server:
-        for method in ("explain" if options.explain else "letter", "auto"):
-            for name in names:
-                split, items = data[name]
-                m = mcq_eval.via_server(options.server, options.api_key, name, split, items, method=method)
-                console.print(f"{name} {method} via {options.server} ({m.details['method']}): {m.score:.1%} of "
-                              f"{m.n} in {m.seconds:.1f} s")
-                local_metric = {"explain": "letter_acc_explain", "letter": "letter_acc", "auto": "mcq_acc_auto"}[method]
-                local = next((x for x in out if x.benchmark == name and x.metric == local_metric), None)
-                if local is not None:
-                    same = sum(local.details["answers"][i] == a for i, a in m.details["answers"].items())
-                    m.details["same_answer_as_local"] = same
-                    console.print(f"  same answer as in process: {same} of {m.n}")
-                out.append(m)
+    return out
+
+
+def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Console,
+                local: list[Measurement]) -> list[Measurement]:
+    """The same methods through the server's /mcq/batch, each with how many answers equal the in-process ones."""
+    from evals import mcq_eval
+
+    out: list[Measurement] = []
+    for method in ("explain" if options.explain else "letter", "auto"):
+        for name in names:
+            split, items = data[name]
+            m = mcq_eval.via_server(options.server, options.api_key, name, split, items, method=method)
+            console.print(f"{name} {method} via {options.server} ({m.details['method']}): {m.score:.1%} of "
+                          f"{m.n} in {m.seconds:.1f} s")
+            local_metric = {"explain": "letter_acc_explain", "letter": "letter_acc", "auto": "mcq_acc_auto"}[method]
+            mine = next((x for x in local if x.benchmark == name and x.metric == local_metric), None)
+            if mine is not None:
+                same = sum(mine.details["answers"][i] == a for i, a in m.details["answers"].items())
+                m.details["same_answer_as_local"] = same
+                console.print(f"  same answer as in process: {same} of {m.n}")
+            out.append(m)
     return out
 
 
