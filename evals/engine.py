@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from zephyr.mcq import cache_hit_reaches_continuation
 from zephyr.settings import Settings
 
 
@@ -78,10 +79,9 @@ def _prefix_cached(vllm_class: type) -> type:
                                       skip_reading_prefix_cache=skip_cache)
 
             outputs = list(super()._model_generate(requests, True, params(skip_cache=False)))
-            # The first continuation token's log-probability comes from the context's last position, so that
-            # position must have been computed: a hit of at most context length - 1 tokens.
             stale = [i for i, (tokens, output) in enumerate(zip(requests, outputs, strict=True))
-                     if (output.num_cached_tokens or 0) > self._context_lengths.get(tuple(tokens), 1) - 1]
+                     if cache_hit_reaches_continuation(output.num_cached_tokens or 0,
+                                                       self._context_lengths.get(tuple(tokens), 1))]
             if stale:
                 again = super()._model_generate([requests[i] for i in stale], True, params(skip_cache=True))
                 for i, output in zip(stale, again, strict=True):

@@ -74,7 +74,7 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
 
 def question_of(item: MCQItem) -> mcq.MCQuestion:
     """The question as the service builds it from the same fields (the support passage included)."""
-    return mcq.MCQuestion(item.question, tuple(item.options), (item.support or "").strip() or None)
+    return mcq.MCQuestion(item.question, tuple(item.options), mcq.normalize_support(item.support))
 
 
 def option_scores(items: list[MCQItem], letter_m: Measurement | None,
@@ -84,7 +84,7 @@ def option_scores(items: list[MCQItem], letter_m: Measurement | None,
     cloze = cloze_m.details.get("loglikelihoods", {}) if cloze_m else {}
     out = {}
     for item in items:
-        scores = mcq.OptionScores(support=question_of(item).support is not None)
+        scores = mcq.OptionScores(support=mcq.normalize_support(item.support) is not None)
         if item.id in cloze:
             scores = mcq.cloze_scores(item.options, cloze[item.id], support=scores.support)
         out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id))

@@ -454,7 +454,7 @@ class Tutor:
                                  skip_reading_prefix_cache=not use_cache),
             )
             await self.run_to_end(gen)
-            if gen.num_cached_tokens > context_length - 1:
+            if mcq.cache_hit_reaches_continuation(gen.num_cached_tokens, context_length):
                 return None
             values = (gen.prompt_logprobs or [])[context_length:len(prompt_ids)]
             if len(values) != len(prompt_ids) - context_length or any(v is None for v in values):

@@ -56,10 +56,15 @@ class MCQuestion:
             raise MCQFormatError("`question` must be a non-empty string", "question")
         if support is not None and not isinstance(support, str):
             raise MCQFormatError("`support` must be a string (a passage the question is about) or absent", "support")
-        return cls(question.strip(), tuple(normalize_options(options)), (support or "").strip() or None)
+        return cls(question.strip(), tuple(normalize_options(options)), normalize_support(support))
 
     def option_for(self, letter: str) -> str:
         return self.options[self.letters.index(letter)]
+
+
+def normalize_support(support: str | None) -> str | None:
+    """A passage with its outer whitespace removed; an empty one is no passage."""
+    return (support or "").strip() or None
 
 
 def normalize_options(options: Sequence[str] | Mapping[str, str]) -> list[str]:
@@ -168,6 +173,13 @@ def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]
         whole = tokenizer.encode(context + CLOZE_DELIMITER + option, add_special_tokens=False)
         requests.append((whole, context_length))
     return requests
+
+
+def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:
+    """Whether a request read from vLLM's prefix cache must be scored again without it: the first continuation
+    token's log-probability comes from the context's last position, so that position must have been computed
+    (a hit of at most context_length - 1 tokens). vLLM returns no log-probability for cached positions."""
+    return num_cached_tokens > context_length - 1
 
 
 # Methods and calibration ---------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from evals.results import ResultStore
+from loadtest.harness import linked_variant
 from tests.integration.conftest import STUDENT_KEY
-from zephyr.registry import MANIFEST, Registry
+from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration
@@ -93,16 +93,10 @@ def write_data(root: Path) -> Path:
     return root
 
 
-def private_home(home: Path, default_model) -> Path:
+def private_home(home: Path, default_model, **manifest) -> Path:
     """A registry whose default model links each weight file but owns its manifest, so recording results here
     never touches the user's registry."""
-    folder = home / "models" / DEFAULT_MODEL
-    folder.mkdir(parents=True)
-    for file in default_model.path.iterdir():
-        if file.name == MANIFEST:
-            shutil.copy(file, folder / MANIFEST)
-        else:
-            (folder / file.name).symlink_to(file.resolve())
+    linked_variant(home, default_model, DEFAULT_MODEL, **manifest)
     return home
 
 

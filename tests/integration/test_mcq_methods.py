@@ -36,8 +36,8 @@ def write_validation(root: Path) -> None:
 
 
 def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, default_model):
-    home = private_home(tmp_path / "home", default_model)
-    Registry(home / "models").record_calibration(DEFAULT_MODEL, None)  # whatever the shared registry holds
+    # without the shared registry's calibration record, whatever it holds
+    home = private_home(tmp_path / "home", default_model, mcq_calibration=None)
     data = write_data(tmp_path / "data")
     write_validation(data)
     env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), "ZEPHYR_MEMORY_SHARE": "0.2",
