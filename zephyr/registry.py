@@ -17,11 +17,21 @@ from zephyr.mcq import MCQCalibration
 MANIFEST = "zephyr.json"
 METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
 Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported"]
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # no '/', no leading '.', no trailing newline
+NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
 
 
 class RegistryError(Exception):
     """A registry operation that cannot be done; the message says what to do instead."""
+
+
+def check_name(name: str) -> str:
+    """The one check every model name passes before it becomes part of a path (registry folders, staging folders,
+    quantization and training run folders, eval results): the name itself, or RegistryError. A name such as
+    `../..` or `/abs/dir` would otherwise make a file operation (even a folder deletion) reach outside its folder."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise RegistryError(f"model name {name!r} must be {NAME_RULE}")
+    return name
 
 
 class ModelManifest(BaseModel):
@@ -115,7 +125,12 @@ class Registry:
         self.models_dir = Path(models_dir)
 
     def path_of(self, name: str) -> Path:
-        return self.models_dir / name
+        """A model's folder; every file operation on the registry goes through here (RegistryError for a name
+        that is not a registry name)."""
+        return self.models_dir / check_name(name)
+
+    def _staging_of(self, name: str) -> Path:
+        return self.path_of(name).with_name(f".{name}.incoming")
 
     def list(self) -> list[RegistryEntry]:
         if not self.models_dir.is_dir():
@@ -143,21 +158,17 @@ class Registry:
         self, source: Path, manifest: ModelManifest, *, move: bool = False, overwrite: bool = False
     ) -> RegistryEntry:
         """Copy (or move) a Hugging Face folder into the registry under manifest.name, atomically."""
-        if not NAME_PATTERN.match(manifest.name):
-            raise RegistryError(
-                f"model name {manifest.name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)"
-            )
+        target = self.path_of(manifest.name)  # the name is checked before anything else
         if manifest.method not in METHODS:
             raise RegistryError(f"method {manifest.method!r} must be one of {', '.join(METHODS)}")
         source = Path(source)
         check_hf_folder(source)
         if manifest.parent is not None and not self.exists(manifest.parent):
             raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
-        target = self.path_of(manifest.name)
         if target.exists() and not overwrite:
             raise RegistryError(f"model {manifest.name!r} already exists; remove it first or choose another name")
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.models_dir / f".{manifest.name}.incoming"
+        staging = self._staging_of(manifest.name)
         shutil.rmtree(staging, ignore_errors=True)
         if move:
             shutil.move(str(source), staging)

@@ -1,0 +1,121 @@
+"""Issue 25, item 2: a model name is a registry name before it becomes a path, anywhere. `../..` or `/abs/dir` as a
+name must fail with one message before any file is read, made or deleted (`zephyr quantize --name /abs/dir` used to
+delete that folder, `zephyr models remove /abs/dir` to delete any folder holding a zephyr.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from zephyr.cli import app
+from zephyr.mcq import MCQCalibration
+from zephyr.registry import ModelManifest, Registry, RegistryError
+
+RULE = "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
+BAD_NAMES = ["../..", "..", ".", "../victim", "/etc", "a/b", "a/../../b", ".hidden", "Upper", "with space",
+             "trailing\n", "", "-dash", "x" * 65]
+
+
+def message(name: str) -> str:
+    return f"model name {name!r} {RULE}"
+
+
+def flat(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("ZEPHYR_EVAL_RESULTS_DIR", raising=False)
+    return tmp_path / "home"
+
+
+def victim(folder: Path, manifest: bool = True) -> Path:
+    """A folder outside the registry that a path-like name would reach: with a zephyr.json it passes for a model."""
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("must survive")
+    if manifest:
+        (folder / "zephyr.json").write_text(ModelManifest(name="victim", method="base").model_dump_json())
+    return folder
+
+
+def untouched(folder: Path) -> bool:
+    return (folder / "keep.txt").read_text() == "must survive"
+
+
+# ---- the one check -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_check_name_refuses_anything_but_a_registry_name(name):
+    from zephyr.registry import check_name
+
+    with pytest.raises(RegistryError) as exc:
+        check_name(name)
+    assert str(exc.value) == message(name)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "a", "m.v2_gptq-w4a16", "9" * 64])
+def test_check_name_passes_registry_names_through(name):
+    from zephyr.registry import check_name
+
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["../../victim", "ABSOLUTE", "Upper"])
+def test_every_registry_operation_checks_the_name_first(tmp_path, default_model, name):
+    registry = Registry(tmp_path / "home" / "models")
+    outside = victim(tmp_path / "victim")
+    registry.models_dir.mkdir(parents=True)
+    name = str(outside) if name == "ABSOLUTE" else name
+    operations = {
+        "path_of": lambda: registry.path_of(name),
+        "get": lambda: registry.get(name),
+        "exists": lambda: registry.exists(name),
+        "remove": lambda: registry.remove(name),
+        "record_eval": lambda: registry.record_eval(name, "k", 1),
+        "record_calibration": lambda: registry.record_calibration(name, None),
+        "add": lambda: registry.add(default_model.path, ModelManifest(name=name, method="imported")),
+        "add with that parent": lambda: registry.add(default_model.path,
+                                                     ModelManifest(name="child", method="sft", parent=name)),
+    }
+    for operation, call in operations.items():
+        with pytest.raises(RegistryError) as exc:
+            call()
+        assert str(exc.value) == message(name), operation
+    assert untouched(outside) and json.loads((outside / "zephyr.json").read_text())["evals"] == {}
+    assert list(registry.models_dir.iterdir()) == []  # no staging folder, no copy
+
+
+def test_calibration_record_of_a_path_is_refused(tmp_path):
+    outside = victim(tmp_path / "victim")
+    record = MCQCalibration(method="letter", weights={"letter": 1.0})
+    with pytest.raises(RegistryError, match="must be lowercase"):
+        Registry(tmp_path / "models").record_calibration(str(outside), record)
+    assert json.loads((outside / "zephyr.json").read_text())["mcq_calibration"] is None
+
+
+# ---- zephyr models -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["models", "remove", "--yes"], ["models", "show"]])
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+def test_models_commands_refuse_paths(home, tmp_path, command, how):
+    outside = victim(tmp_path / "victim")
+    (home / "models").mkdir(parents=True)
+    name = str(outside) if how == "absolute" else "../../victim"  # $ZEPHYR_HOME/models/../../victim
+    assert (home / "models" / name).resolve() == outside.resolve()
+    result = CliRunner().invoke(app, [*command, name])
+    assert result.exit_code == 1, result.output
+    assert message(name) in flat(result.output)
+    assert untouched(outside) and (outside / "zephyr.json").is_file()
+
+
+def test_models_import_refuses_a_path_as_name(home, tmp_path, default_model):
+    result = CliRunner().invoke(app, ["models", "import", str(default_model.path), "--name", "../escaped"])
+    assert result.exit_code == 1, result.output
+    assert message("../escaped") in flat(result.output)
+    assert not (home / "escaped").exists() and not (home / ".escaped.incoming").exists()
