@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.bnb import TOKENIZER_FILES
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name
 from zephyr.settings import Settings
 
 # Method -> the schemes it accepts, default first. Names are llm-compressor's presets (W4A16 = int4 weights,
@@ -114,6 +114,11 @@ def linear_input_features(config: dict[str, Any]) -> dict[str, int]:
 
 def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     """Validate everything before work starts; return the parent entry."""
+    try:  # names become the run folder and registry folders: checked before anything else
+        check_name(options.model)
+        check_name(options.resolved_name)
+    except RegistryError as exc:
+        raise QuantError(str(exc)) from None
     if options.method not in METHODS:
         raise QuantError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     scheme = options.resolved_scheme
@@ -169,8 +174,8 @@ class QuantResult:
 
 def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], None] = print) -> QuantResult:
     registry = Registry(settings.models_dir)
-    parent = check(options, registry)
-    name = options.resolved_name
+    parent = check(options, registry)  # checks the name first: nothing is deleted or created before it
+    name = check_name(options.resolved_name)
     run_dir = settings.home / "quant-runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)

@@ -119,3 +119,34 @@ def test_models_import_refuses_a_path_as_name(home, tmp_path, default_model):
     assert result.exit_code == 1, result.output
     assert message("../escaped") in flat(result.output)
     assert not (home / "escaped").exists() and not (home / ".escaped.incoming").exists()
+
+
+# ---- zephyr quantize ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def quant_home(home, default_model) -> Path:
+    """A registry holding only the default model (linked), so the quantize options pass every other check."""
+    (home / "models").mkdir(parents=True)
+    (home / "models" / default_model.name).symlink_to(default_model.path)
+    return home
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+def test_quantize_name_fails_before_touching_the_filesystem(quant_home, tmp_path, default_model, how):
+    outside = victim(tmp_path / "sentinel", manifest=False)
+    name = str(outside) if how == "absolute" else "../../sentinel"  # $ZEPHYR_HOME/quant-runs/../../sentinel
+    assert (quant_home / "quant-runs" / name).resolve() == outside.resolve()
+    result = CliRunner().invoke(app, ["quantize", "--model", default_model.name, "--method", "gptq",
+                                      "--name", name])
+    assert result.exit_code != 0, result.output
+    assert message(name) in flat(result.output)
+    assert untouched(outside) and [p.name for p in outside.iterdir()] == ["keep.txt"]
+    assert not (quant_home / "quant-runs").exists()  # nothing made either
+
+
+def test_quantize_model_must_be_a_registry_name(quant_home, tmp_path):
+    outside = victim(tmp_path / "victim")
+    result = CliRunner().invoke(app, ["quantize", "--model", str(outside), "--method", "bnb"])
+    assert result.exit_code == 1, result.output
+    assert message(str(outside)) in flat(result.output)
+    assert untouched(outside) and not (quant_home / "quant-runs").exists()
