@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from zephyr.registry import NAME_PATTERN
+from zephyr.registry import RegistryError, check_name
 from zephyr.settings import DEFAULT_MODEL
 
 Method = Literal["sft", "rm", "rs", "dpo", "kto"]
@@ -82,9 +82,10 @@ class Recipe(_Strict):
     @field_validator("output")
     @classmethod
     def _registry_name(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_PATTERN.match(value):
-            raise ValueError(f"{value!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
-        return value
+        try:
+            return None if value is None else check_name(value)
+        except RegistryError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -15,7 +15,7 @@ from rich.console import Console
 from training.recipes import Recipe, RecipeError, SamplingSpec
 from training.run import RunResult, TrainingError, check_output_free, train
 from zephyr.console import make_console
-from zephyr.registry import Registry, RegistryError
+from zephyr.registry import Registry, RegistryError, check_name
 from zephyr.schemas import Message, SFTExample, write_jsonl
 from zephyr.settings import Settings
 
@@ -116,7 +116,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     if reward_entry.manifest.method != "rm":
         raise RecipeError(f"sampling.reward_model {spec.reward_model!r} is a {reward_entry.manifest.method} model, "
                           "not a reward model (train one with `zephyr train rm`)")
-    output = recipe.output_name(recipe_path)
+    output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite)  # before sampling, not after it
     prompts = read_prompts(spec.prompts)
     console.print(f"[bold]rs[/] {len(prompts)} prompts x {spec.n} answers from {spec.server or base.name}, "

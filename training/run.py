@@ -22,7 +22,7 @@ from rich.console import Console
 
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, digest_file
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
 from zephyr.schemas import DataFileError, KTOExample, PreferencePair, SFTExample, read_jsonl
 from zephyr.settings import Settings
 
@@ -205,7 +205,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     console = console or make_console()
     registry = Registry(settings.models_dir)
     base = registry.get(recipe.model)
-    output = recipe.output_name(recipe_path)
+    output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite)
     spec = recipe.data or DataSpec(train=data_files or [])
     train_files = data_files or spec.train

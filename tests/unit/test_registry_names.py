@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from zephyr.cli import app
 from zephyr.mcq import MCQCalibration
 from zephyr.registry import ModelManifest, Registry, RegistryError
+from zephyr.schemas import Message, SFTExample, write_jsonl
 
 RULE = "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
 BAD_NAMES = ["../..", "..", ".", "../victim", "/etc", "a/b", "a/../../b", ".hidden", "Upper", "with space",
@@ -150,3 +152,34 @@ def test_quantize_model_must_be_a_registry_name(quant_home, tmp_path):
     assert result.exit_code == 1, result.output
     assert message(str(outside)) in flat(result.output)
     assert untouched(outside) and not (quant_home / "quant-runs").exists()
+
+
+# ---- zephyr train ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sft_recipe(tmp_path) -> Path:
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(data, [SFTExample(messages=[Message(role="user", content="Why?"),
+                                            Message(role="assistant", content="Because.")])])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"method": "sft", "data": {"train": str(data)}}))
+    return path
+
+
+def test_train_output_must_be_a_registry_name(home, sft_recipe):
+    result = CliRunner().invoke(app, ["train", "sft", "--recipe", str(sft_recipe), "output=../../escaped"])
+    assert result.exit_code == 1, result.output
+    assert message("../../escaped") in flat(result.output)
+    assert not (home / "runs").exists()
+
+
+def test_train_model_path_cannot_name_the_run_folder(home, tmp_path, sft_recipe):
+    """A path as the base model used to pass `registry.get` (a folder with a zephyr.json) and then name the run
+    folder `<model>-<recipe>` outside $ZEPHYR_HOME/runs, which --fresh deleted."""
+    base = victim(tmp_path / "victim")
+    run_dir = victim(tmp_path / "victim-recipe", manifest=False)
+    result = CliRunner().invoke(app, ["train", "sft", "--recipe", str(sft_recipe), "--fresh", f"model={base}"])
+    assert result.exit_code == 1, result.output
+    assert message(str(base)) in flat(result.output)
+    assert untouched(base) and untouched(run_dir)
+    assert not (home / "runs").exists()
