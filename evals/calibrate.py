@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evals import calibration, datasets, mcq_eval
+from evals.results import ResultStore
 from evals.run import needs_transformers
 from zephyr import mcq
 from zephyr.registry import Registry
@@ -105,8 +106,8 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         scored = score_validation(entry, settings, data, console)
         splits = {name: split for name, (split, _) in data.items()}
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        saved = save_scores(settings.resolved_eval_results_dir / model / "calibration" / f"scores-{stamp}.json",
-                            splits, scored)
+        folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
+        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", splits, scored)
         console.print(f"validation scores -> {saved} (refit with --scores)")
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)

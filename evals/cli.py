@@ -152,7 +152,10 @@ def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> 
     """The newest result of every measurement of MODEL."""
     from evals.results import ResultStore
 
-    latest = ResultStore(_settings().resolved_eval_results_dir).latest(model)
+    try:
+        latest = ResultStore(_settings().resolved_eval_results_dir).latest(model)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
     if latest is None:
         raise _fail(f"no results for {model!r}: run `zephyr eval run --model {model} --suite mcq` first")
     console.print(_table(latest))
@@ -176,7 +179,7 @@ def report_command(
     try:
         markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
                                       registry=Registry(settings.models_dir), reviews=reviews)
-    except ValueError as exc:
+    except (ValueError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"wrote {markdown} and {html}")
 
@@ -195,7 +198,7 @@ def gate_command(
     settings = _settings()
     try:
         result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, _csv(suites))
-    except GateError as exc:
+    except (GateError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     console.print(result.table())
     if not result.passed:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, suite_of
 from evals.stats import PairedDelta, paired_bootstrap
+from zephyr.registry import check_name
 
 DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
 SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc")
@@ -204,6 +205,8 @@ def check(
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
     if unknown:
         raise GateError(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITE_BENCHMARKS)}")
+    for name in (candidate, baseline):  # both are result paths: a bad name fails before either is read
+        check_name(name)
     runs: dict[str, EvalRun] = {}
     for name in (candidate, baseline):
         run = store.latest(name)

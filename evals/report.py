@@ -21,7 +21,7 @@ from evals.gate import compare_runs, fmt_delta, fmt_value, is_share, order_key, 
 from evals.preference import human_win_rates, rm_win_rate
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore
 from evals.stats import bootstrap_ci
-from zephyr.registry import Registry
+from zephyr.registry import Registry, check_name
 
 QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
 MCQ_BENCHMARKS = SUITE_BENCHMARKS["mcq"]
@@ -809,6 +809,8 @@ def write_report(
     models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
     if not models:
         raise ValueError("give at least one model to report on")
+    for name in models:  # names become result paths; a bad one fails before anything is written
+        check_name(name)
     # Read before anything is written: a bad file leaves an earlier report as it was.
     human = (_read_reviews(Path(reviews)), Path(reviews)) if reviews is not None else None
     out_dir = Path(out_dir)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from zephyr.registry import check_name
+
 RUNS_DIR = "runs"
 
 
@@ -77,8 +79,12 @@ class ResultStore:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def folder(self, model: str) -> Path:
+        """`<root>/<model>`, for a registry name only (RegistryError otherwise): every path here goes through it."""
+        return self.root / check_name(model)
+
     def save(self, run: EvalRun) -> Path:
-        folder = self.root / run.model / RUNS_DIR
+        folder = self.folder(run.model) / RUNS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         stamp = run.created_at.strftime("%Y%m%dT%H%M%S%fZ")
         path = folder / f"{run.suite}-{stamp}.json"
@@ -86,7 +92,7 @@ class ResultStore:
         return path
 
     def runs(self, model: str) -> list[EvalRun]:
-        folder = self.root / model / RUNS_DIR
+        folder = self.folder(model) / RUNS_DIR
         if not folder.is_dir():
             return []
         runs = [EvalRun.model_validate_json(p.read_text()) for p in folder.glob("*.json")]

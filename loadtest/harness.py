@@ -62,7 +62,7 @@ def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:
     """A fresh ZEPHYR_HOME whose registry holds the default model as a link (no second conversion)."""
     default_model = default_model or ensure_default_model(Registry(Settings().models_dir))
     (home / "models").mkdir(parents=True, exist_ok=True)
-    link = home / "models" / DEFAULT_MODEL
+    link = Registry(home / "models").path_of(DEFAULT_MODEL)
     if not link.exists():
         link.symlink_to(default_model.path, target_is_directory=True)
     return home
@@ -71,7 +71,7 @@ def linked_home(home: Path, default_model: RegistryEntry | None = None) -> Path:
 def linked_variant(home: Path, source: RegistryEntry, name: str, **manifest: Any) -> Path:
     """A registry entry `name` in `home` whose weights are links to `source`'s files and whose zephyr.json is its
     own (e.g. with an MCQ calibration record), so a test can change a manifest without touching the shared one."""
-    folder = home / "models" / name
+    folder = Registry(home / "models").path_of(name)  # checks the name before the folder is made
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.path.iterdir():
         if path.name != MANIFEST and not (folder / path.name).exists():

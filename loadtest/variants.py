@@ -28,7 +28,7 @@ from loadtest import harness
 from loadtest.bench import Level, chat_level
 from loadtest.harness import percentile
 from zephyr.console import make_console
-from zephyr.registry import Registry, quantization_config
+from zephyr.registry import Registry, check_name, quantization_config
 from zephyr.settings import Settings
 
 console = make_console()
@@ -90,7 +90,7 @@ def stop(process: subprocess.Popen) -> None:
 
 async def measure(model: str, args: argparse.Namespace, env: dict[str, str], out_dir: Path,
                   round_index: int) -> tuple[list[Level], dict[str, float]]:
-    log = out_dir / f"{model}.round{round_index}.log"
+    log = out_dir / f"{check_name(model)}.round{round_index}.log"
     url = f"http://127.0.0.1:{args.port}"
     process = serve(model, args.port, env, log)
     try:

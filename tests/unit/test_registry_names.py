@@ -4,6 +4,7 @@ delete that folder, `zephyr models remove /abs/dir` to delete any folder holding
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from evals.results import EvalRun, ResultStore
+from loadtest.harness import linked_variant
 from zephyr.cli import app
 from zephyr.mcq import MCQCalibration
 from zephyr.registry import ModelManifest, Registry, RegistryError
@@ -183,3 +186,53 @@ def test_train_model_path_cannot_name_the_run_folder(home, tmp_path, sft_recipe)
     assert message(str(base)) in flat(result.output)
     assert untouched(base) and untouched(run_dir)
     assert not (home / "runs").exists()
+
+
+# ---- zephyr eval and the eval results ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["run", "--model", "NAME"],
+    ["calibrate", "--model", "NAME"],
+    ["show", "--model", "NAME"],
+    ["report", "--models", "NAME"],
+    ["gate", "--candidate", "NAME", "--baseline", "m"],
+    ["gate", "--candidate", "m", "--baseline", "NAME"],
+])
+def test_eval_cli_refuses_paths_as_model_names(home, tmp_path, args):
+    name = "../../elsewhere"
+    out = tmp_path / "report"
+    args = [name if a == "NAME" else a for a in args] + (["--out", str(out)] if args[0] == "report" else [])
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 1, result.output
+    assert message(name) in flat(result.output)
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_result_store_paths_go_through_the_name_check(tmp_path):
+    outside = tmp_path / "outside"
+    store = ResultStore(tmp_path / "eval-results")
+    for name in ("../outside", str(outside)):
+        with pytest.raises(RegistryError, match="must be lowercase"):
+            store.save(EvalRun(model=name, suite="mcq"))
+        with pytest.raises(RegistryError, match="must be lowercase"):
+            store.latest(name)
+    assert not outside.exists() and not (tmp_path / "eval-results").exists()
+    assert store.save(EvalRun(model="m", suite="mcq")).parent == tmp_path / "eval-results" / "m" / "runs"
+
+
+# ---- loadtest ----------------------------------------------------------------------------------------------------
+
+def test_linked_variant_refuses_a_path_as_name(tmp_path, default_model):
+    with pytest.raises(RegistryError, match="must be lowercase"):
+        linked_variant(tmp_path / "home", default_model, "../escaped")
+    assert not (tmp_path / "home" / "escaped").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_variant_benchmark_log_is_named_by_a_checked_name(tmp_path):
+    import asyncio
+
+    from loadtest.variants import measure
+
+    with pytest.raises(RegistryError, match="must be lowercase"):  # before any server starts
+        asyncio.run(measure("../escaped", argparse.Namespace(port=1), {}, tmp_path / "out", 0))
+    assert not (tmp_path / "escaped.round0.log").exists()
