@@ -1,5 +1,18 @@
 """PII redaction for the generation log and for training data (Microsoft Presidio, pattern recognizers only:
-no spaCy model is needed, so it runs offline and in microseconds per message)."""
+no spaCy model is needed, so it runs offline and in microseconds per message).
+
+What it finds: email addresses, phone numbers, student ids (a letter prefix and 6-9 digits, `S1234567`,
+`S-123-4567`; digit-only ids after a cue such as "student", "ID" or "#"; `2023-04417`), street addresses (a
+house number, capitalised words and a street suffix) and dates of birth (a date after "born", "birthday",
+"DOB" or "date of birth"). What it does not: person names (they need an NER model, spaCy or transformers,
+which is not installed), addresses without a street suffix, dates without a birth cue, bare 7-10 digit
+numbers without a cue (science is full of them: 299792458 m/s).
+
+Presidio's context words (`PatternRecognizer(context=...)`) do nothing here: the no-op NLP engine gives no
+tokens or lemmas to find them in, so each cue is part of its pattern, as a look-behind (Presidio compiles
+patterns with the `regex` module, which allows variable-width look-behind) so that only the value itself is
+replaced: "born on <DATE_OF_BIRTH>". Presidio matches case-insensitively; `(?-i:...)` marks what must keep
+its case."""
 
 from __future__ import annotations
 
@@ -18,6 +31,51 @@ tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
 logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
 PHONE_REGIONS = ("US", "GB", "CA", "AU", "IN", "DE", "FR", "ES", "IT", "NL", "IE", "NZ", "ZA")
+SCORE = 0.6
+
+# Student ids beyond the configured letter-prefixed pattern (Settings.student_id_pattern).
+# After a cue: 7-10 digits, hyphens allowed between them ("student number: 20231234", "ID 2023-04417", "#1234567").
+_ID_CUE = (
+    r"(?:\b(?:student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|roll|candidate|registration|id)"
+    r"(?:[ \t]*(?:id|no\.?|num(?:ber)?|#|code))?(?![\w])"
+    r"(?:[ \t]*(?:is|was|:|=|#|-))*[ \t]*|#[ \t]?)"
+)
+STUDENT_ID_AFTER_CUE = rf"(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
+# Anywhere: a letter prefix, a hyphen and 6-9 digits ("S-123-4567"), and a 2-4 digit prefix with a serial that
+# starts with 0 ("2023-04417"; a range such as 2000-20000 never has a leading zero, a date's parts are shorter).
+STUDENT_ID_HYPHENATED = r"(?<![\w-])(?-i:[A-Z]{1,3})-\d(?:-?\d){5,8}(?![\w-])"
+STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
+
+# A house number (with an optional "Flat 3," before it), one to four capitalised words (or an ordinal: 5th) and
+# a street suffix, then an optional compass direction: "42 Elm Street", "1600 Pennsylvania Ave NW".
+_STREET_SUFFIX = (
+    r"(?:street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|terrace|close)"
+)
+_STREET_WORD = r"(?:(?-i:[A-Z][A-Za-z'’.-]*)|\d{1,3}(?:st|nd|rd|th))"
+STREET_ADDRESS = (
+    r"(?:\b(?:flat|apt|apartment|unit|suite)\.?[ \t]*\d{1,4}(?-i:[A-Z])?,?[ \t]+)?"
+    r"(?<![\w.,/-])\d{1,5}(?-i:[A-Z])?,?[ \t]+"
+    r"(?!(?:the[ \t]+)?milky[ \t]+way\b)"  # "Figure 2 The Milky Way"
+    rf"(?:{_STREET_WORD}[ \t]+){{1,4}}{_STREET_SUFFIX}\b"
+    r"(?:[ \t]+(?-i:NW|NE|SW|SE|N|S|E|W)\b)?"
+)
+
+# A date right after a birth cue (up to 30 characters of words between, none a digit or a sentence end).
+_MONTH = (
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
+    r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?"
+)
+_DAY = r"\d{1,2}(?:st|nd|rd|th)?"
+_BIRTH_CUE = r"\b(?:born|birth[ \t]*day|birth[ \t]+date|date[ \t]+of[ \t]+birth|d\.?o\.?b\.?)(?!\w)[^\d\n.!?;]{0,30}"
+DATE_OF_BIRTH = (
+    rf"(?<={_BIRTH_CUE})(?:"
+    r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2009-04-05
+    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})"  # 05/04/2009, 5.4.09
+    rf"|{_DAY}(?:[ \t]+of)?[ \t]+{_MONTH}(?:,?[ \t]+\d{{4}})?"  # 5th of April 2009, 5 Apr
+    rf"|{_MONTH}[ \t]+\d{{4}}"  # April 2009
+    rf"|{_MONTH}[ \t]+{_DAY}(?:,?[ \t]+\d{{4}})?"  # April 5th, 2009
+    r")(?![\w/-]|[.]\d)"
+)
 
 
 class Redactor:
@@ -28,11 +86,16 @@ class Redactor:
         registry = RecognizerRegistry(supported_languages=["en"])
         registry.add_recognizer(EmailRecognizer())
         registry.add_recognizer(PhoneRecognizer(supported_regions=PHONE_REGIONS))
-        registry.add_recognizer(
-            PatternRecognizer(
-                supported_entity="STUDENT_ID", patterns=[Pattern("student_id", student_id_pattern, 0.6)]
-            )
-        )
+        registry.add_recognizer(PatternRecognizer(supported_entity="STUDENT_ID", patterns=[
+            Pattern("student_id", student_id_pattern, SCORE),
+            Pattern("student_id_after_cue", STUDENT_ID_AFTER_CUE, SCORE),
+            Pattern("student_id_hyphenated", STUDENT_ID_HYPHENATED, SCORE),
+            Pattern("student_id_serial", STUDENT_ID_SERIAL, SCORE),
+        ]))
+        registry.add_recognizer(PatternRecognizer(
+            supported_entity="STREET_ADDRESS", patterns=[Pattern("street_address", STREET_ADDRESS, SCORE)]))
+        registry.add_recognizer(PatternRecognizer(
+            supported_entity="DATE_OF_BIRTH", patterns=[Pattern("date_of_birth", DATE_OF_BIRTH, SCORE)]))
         self._analyzer = AnalyzerEngine(
             registry=registry,
             nlp_engine=NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}]),

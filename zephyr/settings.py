@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     log_queue_size: int = 10_000
     log_retry_seconds: float = 5.0
     pii_redaction: bool = True
-    pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID"]
+    pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID", "STREET_ADDRESS", "DATE_OF_BIRTH"]
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
 
     # Offline evaluation (evals/).

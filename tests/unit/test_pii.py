@@ -1,0 +1,85 @@
+"""The PII recognizers (zephyr/pii.py) with the default entity list: what they replace, and the science text
+(numbers, years, formulas, question numbers) they must leave alone."""
+
+import pytest
+
+from zephyr.pii import Redactor
+from zephyr.settings import Settings
+
+DEFAULTS = Settings.model_fields
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor(DEFAULTS["pii_entities"].default, DEFAULTS["student_id_pattern"].default)
+
+
+def test_the_default_entity_list_has_addresses_and_dates_of_birth():
+    assert {"EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID", "STREET_ADDRESS", "DATE_OF_BIRTH"} <= set(
+        DEFAULTS["pii_entities"].default)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("I live at 42 Elm Street, come by.", "I live at <STREET_ADDRESS>, come by."),
+    ("Send it to 1600 Pennsylvania Ave NW please", "Send it to <STREET_ADDRESS> please"),
+    ("Flat 3, 12 High Rd, London", "<STREET_ADDRESS>, London"),
+    ("221B Baker Street", "<STREET_ADDRESS>"),
+    ("my school is on 350 5th Avenue", "my school is on <STREET_ADDRESS>"),
+    ("we moved to 7 Oak Tree CLOSE last year", "we moved to <STREET_ADDRESS> last year"),
+    ("42 Elm St.", "<STREET_ADDRESS>."),
+])
+def test_street_addresses(redactor, text, expected):
+    assert redactor.redact(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("I was born on 04/05/2009.", "I was born on <DATE_OF_BIRTH>."),
+    ("my birthday is March 3rd", "my birthday is <DATE_OF_BIRTH>"),
+    ("DOB: 2009-04-05", "DOB: <DATE_OF_BIRTH>"),
+    ("Date of birth 5th of April 2009", "Date of birth <DATE_OF_BIRTH>"),
+    ("I was born in March 2009 in Leeds", "I was born in <DATE_OF_BIRTH> in Leeds"),
+    ("d.o.b. 12.3.09", "d.o.b. <DATE_OF_BIRTH>"),
+])
+def test_dates_of_birth(redactor, text, expected):
+    assert redactor.redact(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("I am S1234567", "I am <STUDENT_ID>"),  # the configured letter-prefixed form still works
+    ("my student id is 20231234", "my student id is <STUDENT_ID>"),
+    ("Student number: 2023-04417", "Student number: <STUDENT_ID>"),
+    ("ID 1234567, please check", "ID <STUDENT_ID>, please check"),
+    ("matriculation no. 0123456789", "matriculation no. <STUDENT_ID>"),
+    ("ticket #12345678", "ticket #<STUDENT_ID>"),
+    ("that's 2023-04417 again", "that's <STUDENT_ID> again"),
+    ("I'm S-123-4567", "I'm <STUDENT_ID>"),
+])
+def test_student_ids(redactor, text, expected):
+    assert redactor.redact(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "The speed of light is 299792458 m/s.",
+    "Is the number 1000003 prime?",
+    "Apollo 11 landed on the Moon in 1969, on 1969-07-20.",
+    "Einstein published special relativity in 1905.",
+    "I was born in 2009 and I like chemistry.",  # a bare year is not a date of birth
+    "A star is born in a nebula over 10 million years; the Sun formed 4.6 billion years ago.",
+    "The baby was born weighing 3.5 kg.",
+    "Balance C6H12O6 + 6 O2 -> 6 CO2 + 6 H2O and name H2SO4.",
+    "Question 12 Place the beaker on the stand and heat it to 100 C.",
+    "Figure 2 The Milky Way holds about 200 billion stars.",
+    "Humans hear from 20 Hz to 20000 Hz, a range of 2000-20000 Hz is speech.",
+    "Water's CAS number is 7732-18-5.",
+    "Each student measured 1234567 cells under the microscope.",
+    "Step 3: take 25 mL of 0.1 M HCl at 25 degrees.",
+    "the street was 42 metres wide",
+])
+def test_science_text_stays_intact(redactor, text):
+    assert redactor.redact(text) == text
+
+
+def test_entities_left_out_of_the_list_are_not_redacted():
+    only_email = Redactor(["EMAIL_ADDRESS"], DEFAULTS["student_id_pattern"].default)
+    text = "born 04/05/2009 at 42 Elm Street, student id 20231234, ann@uni.edu"
+    assert only_email.redact(text) == "born 04/05/2009 at 42 Elm Street, student id 20231234, <EMAIL_ADDRESS>"
