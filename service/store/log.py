@@ -1,7 +1,11 @@
 """The generation log: rows are queued on the request path and written in batches by one background task.
 
 Nothing logged is lost: a batch the database refuses goes to a local JSON Lines spill file (fsynced), which
-is replayed, idempotently by request id, once the database answers again; shutdown flushes the queue."""
+is replayed, idempotently by request id, once the database answers again; shutdown flushes the queue.
+
+Rows are PII-redacted before they reach the database or the disk (see `GenerationLog._redact` for the fields),
+and what is kept on disk is private: the SQLite file, its journals and the spill files are 0600, their folders
+0700 (zephyr/paths.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +26,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.metrics import Metrics
 from service.store.models import Generation
+from zephyr.paths import (
+    create_private_file,
+    open_private_append,
+    private_dir,
+    private_file,
+    private_sqlite_files,
+    sqlite_path,
+)
 from zephyr.pii import Redactor
 
 log = logging.getLogger("zephyr.store")
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
-REDACTED_FIELDS = ("messages", "response")
+REDACTED_FIELDS = ("messages", "response")  # lists of {"content": text, ...}
+REDACTED_PARAMS = ("stop",)  # request parameters that are the client's own text (a list of strings)
 CLOSE_TIMEOUT_SECONDS = 10.0
 USER_COLUMN_LENGTH = 256
 
@@ -51,10 +64,12 @@ async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 def make_engine(url: str) -> AsyncEngine:
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """The engine for a database URL. A SQLite file's folder is made private (0700; $ZEPHYR_HOME by default),
+    and the file is created 0600 before SQLite opens it (SQLite gives its journals the database's mode)."""
+    database = sqlite_path(url)
+    if database is not None:
+        private_dir(database.parent)
+        create_private_file(database)
     return create_async_engine(url, pool_pre_ping=True)
 
 
@@ -80,6 +95,7 @@ class GenerationLog:
         self.flush_seconds = flush_seconds
         self.retry_seconds = retry_seconds
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        self._database = sqlite_path(url)
         self._writer: asyncio.Task | None = None
         self._db_ok = False
         self._next_probe = 0.0
@@ -88,9 +104,11 @@ class GenerationLog:
     # Life cycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._make_private()
         try:
             await upgrade_schema(self.engine)
             self._db_ok = True
+            self._make_private()
             if self.has_spill():
                 await self.replay_spill()
         except Exception as exc:  # the service still serves; rows spill until the database returns
@@ -199,7 +217,17 @@ class GenerationLog:
             return False
         log.info("generation log database is back")
         self._db_ok = True
+        self._make_private()  # a database that was recreated meanwhile
         return True
+
+    def _make_private(self) -> None:
+        """Tighten what already exists (files an older version, or SQLite, made with the umask's mode)."""
+        if self._database is not None:
+            private_sqlite_files(self._database)
+        if self.spill_path.parent.exists():
+            private_dir(self.spill_path.parent)
+        for path in (self.spill_path, self._replaying_path, self.rejected_path):
+            private_file(path)
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -218,14 +246,23 @@ class GenerationLog:
         if self.redactor is None or row.get("_redacted"):
             return row
         row = dict(row)
+        redact = self.redactor.redact
         for field in REDACTED_FIELDS:
             row[field] = [
-                {**item, "content": self.redactor.redact(item["content"])} if isinstance(item.get("content"), str)
+                {**item, "content": redact(item["content"])} if isinstance(item.get("content"), str)
                 else item
                 for item in row[field]
             ]
         if isinstance(row.get("user"), str):  # meant as an opaque id, but students type emails there too
-            row["user"] = self.redactor.redact(row["user"])[:USER_COLUMN_LENGTH]
+            row["user"] = redact(row["user"])[:USER_COLUMN_LENGTH]
+        params = row.get("params")
+        if isinstance(params, dict):
+            texts = {name: params[name] for name in REDACTED_PARAMS if isinstance(params.get(name), list)}
+            if texts:
+                row["params"] = {**params, **{name: [redact(v) if isinstance(v, str) else v for v in values]
+                                              for name, values in texts.items()}}
+        if isinstance(row.get("error"), str):  # an engine's message may quote the request
+            row["error"] = redact(row["error"])
         row["_redacted"] = True
         return row
 
@@ -239,8 +276,8 @@ class GenerationLog:
         return self.spill_path.exists() or self._replaying_path.exists()
 
     def _spill(self, rows: list[dict[str, Any]]) -> None:
-        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.spill_path.open("a", encoding="utf-8") as handle:
+        private_dir(self.spill_path.parent)
+        with open_private_append(self.spill_path) as handle:
             for row in rows:
                 handle.write(json.dumps(row, default=_json_default) + "\n")
             handle.flush()
@@ -291,7 +328,7 @@ class GenerationLog:
             log.warning("replaying spilled rows failed (%s); will retry", exc)
             return 0
         if rejected:
-            with self.rejected_path.open("a", encoding="utf-8") as handle:
+            with open_private_append(self.rejected_path) as handle:
                 for row in rejected:
                     handle.write(json.dumps(row, default=_json_default) + "\n")
             self.metrics.log_rejected_rows.inc(len(rejected))

@@ -1,0 +1,103 @@
+"""Private folders and files: what Zephyr keeps about students (the generation log's SQLite file and its
+spill files) is readable by the account that runs it and by no one else, whatever the umask.
+
+Folders Zephyr creates are made 0700, and so is an existing folder it keeps such data in ($ZEPHYR_HOME by
+default) when the account owns it; a folder it does not own, a shared sticky folder such as /tmp, and the
+account's home directory are left as they are (with a warning). Files are created 0600 and tightened to 0600
+when they already exist. The modes are set with chmod after creation, so the umask cannot loosen them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger("zephyr.paths")
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def _owned(path: Path) -> bool:
+    getuid = getattr(os, "getuid", None)
+    return getuid is None or path.stat().st_uid == getuid()
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and any missing parents) 0700, or tighten it to 0700 if it exists and is ours to tighten."""
+    path = Path(path).expanduser()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        os.chmod(created, PRIVATE_DIR_MODE)
+    if path in missing:
+        return path
+    mode = path.stat().st_mode
+    if stat.S_IMODE(mode) & 0o077 == 0:
+        return path
+    if mode & stat.S_ISVTX or not _owned(path) or path.resolve() == Path.home().resolve():
+        log.warning("%s is readable by other accounts and is not Zephyr's to tighten; keep the generation log "
+                    "in a folder of its own (ZEPHYR_HOME, ZEPHYR_DB_URL, ZEPHYR_SPILL_PATH)", path)
+        return path
+    try:
+        os.chmod(path, PRIVATE_DIR_MODE)
+    except OSError as exc:  # a read-only mount, say
+        log.warning("cannot make %s private (0700): %s", path, exc)
+    return path
+
+
+def private_file(path: str | os.PathLike) -> bool:
+    """Tighten an existing file to 0600; False if there is none (or it is not ours: left alone, with a warning)."""
+    path = Path(path)
+    try:
+        if stat.S_IMODE(path.stat().st_mode) == PRIVATE_FILE_MODE:
+            return True
+        os.chmod(path, PRIVATE_FILE_MODE)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # another account's file, a read-only mount
+        log.warning("cannot make %s private (0600): %s", path, exc)
+        return False
+    return True
+
+
+def create_private_file(path: str | os.PathLike) -> None:
+    """Create an empty file 0600 unless it exists (then only tightened): before another program (SQLite) makes
+    it with the umask's mode."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        private_file(path)
+        return
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def open_private_append(path: str | os.PathLike):
+    """Open a text file for appending, created 0600 (an existing file is tightened to 0600 too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except OSError as exc:  # another account's file that we may write but not chmod
+        log.warning("cannot make %s private (0600): %s", path, exc)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite SQLAlchemy URL; None for other databases and in-memory SQLite."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[-1].split("?", 1)[0]
+    if not path or path == ":memory:" or path == url:
+        return None
+    return Path(path)
+
+
+def private_sqlite_files(database: Path) -> None:
+    """Tighten a SQLite database and the journal files beside it to 0600."""
+    for path in (database, *(database.with_name(database.name + suffix) for suffix in SQLITE_SIDECARS)):
+        private_file(path)
