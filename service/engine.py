@@ -161,7 +161,7 @@ class VLLMEngine:
     ) -> AsyncIterator[EngineOutput]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import tokens_input
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         # vLLM keys requests by id: a suffix keeps a retried id from colliding with a running one.
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
@@ -177,8 +177,14 @@ class VLLMEngine:
                 )
         except EngineDeadError as exc:
             raise EngineUnavailable("the inference engine stopped; retry on another replica") from exc
-        except (VLLMClientError, ValueError) as exc:
+        except (VLLMClientError, ValueError, OverflowError, TypeError) as exc:
             raise EngineRejected(str(exc)) from exc
+        except EngineGenerateError as exc:
+            # vLLM aborted the request and wrapped what went wrong: the request's fault is a 400, any other a 503.
+            cause = exc.__cause__
+            if isinstance(cause, ValueError | OverflowError | TypeError):
+                raise EngineRejected(str(cause)) from exc
+            raise EngineUnavailable(f"the engine failed this request ({type(cause).__name__}); retry") from exc
 
     def _choice(self, c: Any, requested_ids: list[int] | None) -> ChoiceDelta:
         logprobs = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -25,10 +26,16 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error type; a 4xx is always the client's (a new status cannot fall through to server_error)."""
+    return ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
 
 class APIError(Exception):
@@ -51,12 +58,19 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
-        "error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+        "error": {"message": message, "type": error_type(status), "param": param, "code": code}
     }
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a message that quotes the request stays encodable whatever it holds."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+    return ErrorResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
 
 
 # Union members and validator wrappers that pydantic puts in an error's location; not field names.
@@ -106,7 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_error(exc)
-        return JSONResponse(error_body(400, message, param, "invalid_request"), 400)
+        return ErrorResponse(error_body(400, message, param, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -115,18 +129,18 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "no such route; see the API reference in the README"
         elif exc.status_code == 405:
             message = "method not allowed on this route"
-        return JSONResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
+        return ErrorResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
 
     # The database is away (restart, failover): the review routes cannot answer, but nothing is lost and the
     # client should simply retry. Generation routes never wait on the database (their rows spill instead).
     def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable on %s: %s", request.url.path, exc)
-        return JSONResponse(error_body(503, "the review database is unavailable; retry in a few seconds",
+        return ErrorResponse(error_body(503, "the review database is unavailable; retry in a few seconds",
                                        code="database_unavailable"), 503, headers={"Retry-After": "5"})
 
     def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return JSONResponse(error_body(500, "internal error; the server logged it"), 500)
+        return ErrorResponse(error_body(500, "internal error; the server logged it"), 500)
 
     # gaierror: the database's host name does not resolve (a DNS hiccup, a service being recreated).
     for unavailable in (OperationalError, InterfaceError, PoolTimeout, ConnectionError, socket.gaierror):

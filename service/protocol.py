@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, field_validator, model_validator
 
@@ -14,8 +15,46 @@ UNSUPPORTED_CHAT_FIELDS = (
 )
 
 
+INT64 = (-(2**63), 2**63 - 1)  # vLLM's bound on `seed` (a torch.long); ids and seeds past it are refused here
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(value: Any, where: str = "") -> str | None:
+    """The first string in a JSON value that cannot be text in the log (a lone UTF-16 surrogate has no UTF-8
+    form; PostgreSQL's text and JSON refuse NUL), named by its path: `messages[0].content`."""
+    if isinstance(value, str):
+        if (found := _UNSTORABLE.search(value)) is None:
+            return None
+        if found.group() == "\x00":
+            return f"`{where or 'body'}` contains a NUL character (\\u0000); remove it"
+        return (f"`{where or 'body'}` contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is not "
+                "valid Unicode; send well-formed text")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = _UNSTORABLE.sub("?", f"{where}.{key}" if where else str(key))
+            if (problem := text_problem(key, name) or text_problem(item, name)) is not None:
+                return problem
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if (problem := text_problem(item, f"{where}[{index}]")) is not None:
+                return problem
+    return None
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, numbers must be JSON numbers (not "2" or true), and every string must be
+    text the log can keep."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _well_formed_text(cls, data: Any) -> Any:
+        if (problem := text_problem(data)) is not None:
+            raise ValueError(problem)
+        return data
 
 
 def reject_unsupported(data: Any, fields: tuple[str, ...]) -> Any:
@@ -61,15 +100,15 @@ class StreamOptions(Strict):
 
 
 class ChatCompletionRequest(Strict):
-    model: StrictStr | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: StrictStr | None = Field(default=None, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
+    n: int = Field(default=1, ge=1, le=1024)
     stop: StrictStr | list[StrictStr] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logprobs: StrictBool = False
@@ -97,12 +136,9 @@ class ChatCompletionRequest(Strict):
     @classmethod
     def _stop_limits(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("`stop` takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("`stop` takes up to 4 non-empty strings of at most 256 characters")
         return stops
-
-
-OptionList = Annotated[list[Any], Field(description="2-10 option texts")]
 
 
 MCQMethod = Literal["auto", "letter", "cloze", "explain"]
@@ -110,7 +146,7 @@ MCQMethod = Literal["auto", "letter", "cloze", "explain"]
 
 class MCQRequest(Strict):
     question: StrictStr
-    options: list[Any] | dict[str, Any]
+    options: list[Any] | dict[str, Any] = Field(description="2-10 option texts, as a list or keyed by letter")
     support: StrictStr | None = Field(default=None, description="A passage the question is about, shown first")
     method: MCQMethod = Field(default="auto", description=(
         "letter: one constrained letter token; cloze: each option's text scored as the question's continuation; "
@@ -119,7 +155,7 @@ class MCQRequest(Strict):
     explain: StrictBool = Field(default=False, description="Same as method `explain` (kept for older clients)")
     min_confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, description=(
         "Below this probability of the best option the answer is null and `abstained` is true"))
-    model: StrictStr | None = None
+    model: StrictStr | None = Field(default=None, max_length=256)
     user: StrictStr | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
@@ -135,8 +171,8 @@ class MCQRequest(Strict):
 
 
 class MCQBatchRequest(Strict):
-    questions: list[MCQRequest] = Field(min_length=1)
-    model: StrictStr | None = None
+    questions: list[MCQRequest] = Field(min_length=1, max_length=1024, description="At most ZEPHYR_MAX_MCQ_BATCH")
+    model: StrictStr | None = Field(default=None, max_length=256)
 
 
 class ClozeScores(BaseModel):

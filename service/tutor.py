@@ -29,6 +29,11 @@ from zephyr.settings import Settings
 TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
 
 
+# No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
+# CHARS_PER_TOKEN_BOUND characters per allowed token would be refused after tokenizing anyway.
+CHARS_PER_TOKEN_BOUND = 16
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -174,6 +179,8 @@ class Tutor:
         self.log = log
         self.admission = Admission(settings.max_in_flight, metrics, engine)
         self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
+        # Tokenizing costs time in proportion to characters: bound them before any tokenizer runs.
+        self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
         self.candidates = Candidates(self, settings, metrics)
 
@@ -194,6 +201,11 @@ class Tutor:
 
     def encode_text(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"`{param}` holds {chars} characters; the limit is {self.max_prompt_chars} "
+                                "(ZEPHYR_MAX_PROMPT_CHARS); shorten it", param=param, code="context_length_exceeded")
 
     def check_prompt_length(self, prompt_ids: list[int], param: str = "messages") -> None:
         if len(prompt_ids) > self.max_prompt_tokens:
@@ -242,15 +254,16 @@ class Tutor:
 
     # Chat -----------------------------------------------------------------------------------------------
 
-    def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
-                     review_requested: bool = False) -> Generation:
+    async def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
+                           review_requested: bool = False) -> Generation:
         self.check_model(req.model)
         if req.n > self.settings.max_n:
             raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
-        prompt_ids = self.encode_chat(messages)
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        prompt_ids = await asyncio.to_thread(self.encode_chat, messages)  # off the loop that streams answers
         self.check_prompt_length(prompt_ids)
         room = self.engine.max_model_len - len(prompt_ids)
         asked = req.max_completion_tokens or req.max_tokens
@@ -339,9 +352,12 @@ class Tutor:
 
     def build_question(self, body: MCQRequest, param_prefix: str = "") -> mcq.MCQuestion:
         try:
-            return mcq.MCQuestion.build(body.question, body.options, body.support)
+            q = mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
+        chars = len(q.question) + sum(len(o) for o in q.options) + len(q.support or "")
+        self.check_prompt_chars(chars, f"{param_prefix}question")
+        return q
 
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
                          user: str | None = None, min_confidence: float | None = None) -> MCQResponse:
@@ -357,9 +373,13 @@ class Tutor:
                           "min_confidence": floor},
         )
         # Everything a request could refuse is checked before the engine sees any of it.
-        letter_prompt = mcq.encode_prompt(self.engine.tokenizer, q, explain=explain) if plan.needs_letter else []
+        def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
+            tokenizer = self.engine.tokenizer
+            return (mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else [],
+                    mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
+
+        letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
         self.check_prompt_length(letter_prompt, "question")
-        cloze_requests = mcq.cloze_requests(self.engine.tokenizer, q) if plan.needs_cloze else []
         for ids, _ in cloze_requests:
             self.check_prompt_length(ids, "question")
         row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
