@@ -16,13 +16,12 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
-from service.auth import KeyRing, RateLimiter, Sessions
+from service.auth import KeyRing, Limiter, RateLimiter, Sessions, install_secret
 from service.engine import Engine, GenParams, VLLMEngine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import BodySizeLimit, LoopbackOnly, RequestMetrics
 from service.review import routes as review_routes
 from service.review.store import ReviewPolicy, ReviewStore
 from service.routes import health, mcq, openai
@@ -159,11 +158,13 @@ def create_app(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
             candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
         ))
+        app.state.sessions.store = app.state.review_store
         if not settings.log_generations:
             log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
         if app.state.keyring.open:
             log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
-        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app))]
+        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)),
+                      asyncio.create_task(_rekey_legacy_digests(app))]
         try:
             yield
         finally:
@@ -175,23 +176,41 @@ def create_app(
             engine.shutdown()
             gc.unfreeze()  # let native extensions free what they own before the interpreter exits
 
-    app = FastAPI(title="Zephyr tutor", version=__version__, lifespan=lifespan)
+    docs = settings.api_docs
+    app = FastAPI(title="Zephyr tutor", version=__version__, lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = asyncio.Event()
     app.state.exit_code = 0
     app.state.on_fatal = on_fatal
-    app.state.keyring = KeyRing(settings.api_key_entries)
-    app.state.sessions = Sessions(settings.session_secret or app.state.keyring.session_secret(),
-                                  settings.review_session_hours * 3600)
+    secret = install_secret(settings.home, settings.session_secret)
+    app.state.keyring = KeyRing(settings.api_key_entries, secret)
+    app.state.sessions = Sessions(secret, settings.review_session_hours * 3600)
     app.state.rate_limiter = RateLimiter(settings.rate_limit)
+    app.state.auth_failures = Limiter(settings.auth_failure_limit, "failed authentications per address",
+                                      code="too_many_failed_authentications")
+    app.state.sign_ins = Limiter(settings.sign_in_limit, "review sign-ins per address")
+    app.state.review_requests = Limiter(settings.review_request_limit, "chats marked for review per key",
+                                        code="review_request_limit_exceeded")
     install_error_handlers(app)
     for router in (health.router, openai.router, mcq.router, review_routes.router):
         app.include_router(router)
-    app.mount("/review/static", StaticFiles(directory=review_routes.STATIC_DIR), name="review-static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    if app.state.keyring.open:  # however the app is started (zephyr serve, uvicorn --factory, a test)
+        app.add_middleware(LoopbackOnly)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts every refusal too
     return app
+
+
+async def _rekey_legacy_digests(app: FastAPI) -> None:
+    """Rows from before keyed digests hold plain SHA-256 digests of keys: replace those of configured keys. Off
+    the start-up path and best effort: a database that is away is tried again at the next start."""
+    try:
+        if changed := await app.state.review_store.rekey(app.state.keyring.legacy):
+            log.info("replaced %d plain API-key digests in the database with keyed ones", changed)
+    except Exception as exc:
+        log.warning("could not replace plain API-key digests in the database (retried at the next start): %s", exc)
 
 
 async def _warm_up(app: FastAPI) -> None:

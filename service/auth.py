@@ -1,26 +1,65 @@
-"""Bearer API keys with roles, and per-key rate limits (the `limits` library, moving window)."""
+"""Bearer API keys with roles, review sign-in sessions, and the limits on what a key (or an address) may ask.
+
+Nothing at rest can be turned into a credential: rows hold a keyed digest (HMAC) of each key, the review
+cookie is signed with a secret kept outside the database, and sessions live in the database only as
+keyed digests of their ids, so signing out (or removing a key) ends them on every replica."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
+import os
+import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
 
 from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from limits import parse
+from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from service.errors import APIError
+from zephyr.paths import private_dir
 
 OPEN_MODE_KEY = "open-mode"
+OPEN_REVIEWER = "open"
 SESSION_COOKIE = "zephyr_review"
+SECRET_FILE = "secret"
 
 
-def hash_key(key: str) -> str:
+def install_secret(home: Path, configured: str | None) -> bytes:
+    """ZEPHYR_SESSION_SECRET, or a random secret made once per install and kept 0600 in `$ZEPHYR_HOME/secret`.
+    Replicas that share a database must share the secret (the Helm chart sets it)."""
+    if configured:
+        return configured.encode()
+    path = private_dir(home) / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = None
+    if fd is not None:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    value = path.read_text().strip()
+    if len(value) < 32:
+        raise RuntimeError(f"{path} holds no usable secret; delete it (sign-ins and key digests change)")
+    return value.encode()
+
+
+def _derive(secret: bytes, purpose: str) -> bytes:
+    """One secret, separate keys per use: a digest of a key never signs a cookie."""
+    return hmac.new(secret, f"zephyr:{purpose}".encode(), hashlib.sha256).digest()
+
+
+def legacy_digest(key: str) -> str:
+    """The plain SHA-256 digest earlier versions stored; only to find and re-key their rows."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -31,11 +70,17 @@ class Principal:
 
 
 class KeyRing:
-    """Keys are kept only as SHA-256 digests; a lookup hashes the presented key first, so comparison
-    time reveals nothing about a stored key."""
+    """Keys are kept only as keyed digests; a lookup digests the presented key first, so comparison time
+    reveals nothing about a stored key."""
 
-    def __init__(self, entries: Iterable[tuple[str, str]]):
-        self._roles = {hash_key(key): role for role, key in entries}
+    def __init__(self, entries: Iterable[tuple[str, str]], secret: bytes):
+        self._digest_key = _derive(secret, "api-key-digest")
+        entries = list(entries)
+        self._roles = {self.digest(key): role for role, key in entries}
+        self.legacy = {legacy_digest(key): self.digest(key) for _, key in entries}
+
+    def digest(self, key: str) -> str:
+        return hmac.new(self._digest_key, key.encode(), hashlib.sha256).hexdigest()
 
     @property
     def open(self) -> bool:
@@ -50,7 +95,7 @@ class KeyRing:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(401, "malformed Authorization header: use `Bearer <key>`", code="invalid_api_key")
-        principal = self.from_digest(hash_key(token.strip()))
+        principal = self.from_digest(self.digest(token.strip()))
         if principal is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
         return principal
@@ -59,77 +104,158 @@ class KeyRing:
         role = self._roles.get(digest)
         return None if role is None else Principal(role=role, key_hash=digest)
 
-    def session_secret(self) -> str:
-        """Default secret for sign-in cookies: the same on every replica with the same keys, and changed
-        (signing everyone out) when the keys change. ZEPHYR_SESSION_SECRET overrides it."""
-        return hashlib.sha256("\0".join(["zephyr-review-session", *sorted(self._roles)]).encode()).hexdigest()
+
+class SessionStore(Protocol):
+    """Where sessions live (the review database): rows keyed by a digest of the session id."""
+
+    async def create_session(self, session_digest: str, reviewer: str, expires_at: datetime) -> None: ...
+
+    async def session_reviewer(self, session_digest: str, now: datetime) -> str | None: ...
+
+    async def delete_session(self, session_digest: str) -> None: ...
+
+
+INVALID_SESSION = "your review sign-in has expired, was signed out or is invalid; sign in again with your key"
 
 
 class Sessions:
-    """Signed, expiring sign-in cookies for the review page. The cookie holds the key's digest, never the key,
-    and is checked against the key ring on every request, so removing a key signs its holder out."""
+    """Review sign-in cookies: a signed random session id whose server-side row (kept as a keyed digest)
+    names the reviewer. Each request checks the row and the key ring, so signing out, expiry and removing
+    a key all end the session, on every replica."""
 
-    def __init__(self, secret: str, max_age_seconds: float):
-        self._serializer = URLSafeTimedSerializer(secret, salt="zephyr-review")
+    def __init__(self, secret: bytes, max_age_seconds: float):
+        self._serializer = URLSafeTimedSerializer(_derive(secret, "review-session"), salt="zephyr-review")
+        self._id_key = _derive(secret, "review-session-id")
         self.max_age_seconds = max_age_seconds
+        self.store: SessionStore | None = None  # set in the app's lifespan, once the database is open
 
-    def issue(self, principal: Principal) -> str:
-        return self._serializer.dumps({"key": principal.key_hash})
+    def _digest(self, session_id: str) -> str:
+        return hmac.new(self._id_key, session_id.encode(), hashlib.sha256).hexdigest()
 
-    def verify(self, token: str, keyring: KeyRing) -> Principal:
+    def _session_id(self, token: str) -> str:
         try:
-            digest = self._serializer.loads(token, max_age=self.max_age_seconds)["key"]
+            session_id = self._serializer.loads(token, max_age=self.max_age_seconds)["sid"]
         except (BadSignature, KeyError, TypeError) as exc:
-            raise APIError(401, "your review sign-in has expired or is invalid; sign in again with your key",
-                           code="invalid_session") from exc
+            raise APIError(401, INVALID_SESSION, code="invalid_session") from exc
+        if not isinstance(session_id, str):
+            raise APIError(401, INVALID_SESSION, code="invalid_session")
+        return session_id
+
+    async def issue(self, principal: Principal) -> str:
+        session_id = secrets.token_urlsafe(32)
+        expires_at = datetime.now(UTC) + timedelta(seconds=self.max_age_seconds)
+        await self.store.create_session(self._digest(session_id), principal.key_hash or OPEN_REVIEWER, expires_at)
+        return self._serializer.dumps({"sid": session_id})
+
+    async def verify(self, token: str, keyring: KeyRing) -> Principal:
+        reviewer = await self.store.session_reviewer(self._digest(self._session_id(token)), datetime.now(UTC))
+        if reviewer is None:
+            raise APIError(401, INVALID_SESSION, code="invalid_session")
         if keyring.open:
             return Principal(role="admin", key_hash=None)
-        principal = keyring.from_digest(digest) if isinstance(digest, str) else None
+        principal = keyring.from_digest(reviewer)
         if principal is None:
             raise APIError(401, "the key you signed in with is no longer valid; sign in again", code="invalid_session")
         return principal
 
+    async def revoke(self, token: str) -> None:
+        try:
+            session_id = self._session_id(token)
+        except APIError:
+            return  # an invalid cookie is no session: nothing to end
+        await self.store.delete_session(self._digest(session_id))
 
-class RateLimiter:
-    """Per-key limit in `limits` notation ("600/minute"); an empty string turns it off (e.g. when a gateway
-    in front already limits)."""
 
-    def __init__(self, limit: str):
-        self.item = parse(limit) if limit.strip() else None
+class Limiter:
+    """A moving-window limit in `limits` notation ("600/minute") over any identity; an empty string turns it
+    off (e.g. when a gateway in front already limits). `cost` weighs a request by the work it asks for."""
+
+    def __init__(self, limit: str, what: str, code: str = "rate_limit_exceeded"):
+        self.item: RateLimitItem | None = parse(limit) if limit.strip() else None
+        self.what = what
+        self.code = code
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self.item else None
 
-    def check(self, principal: Principal) -> None:
-        if self._limiter is None:
+    def _refuse(self, identity: str, detail: str) -> APIError:
+        reset_at, _ = self._limiter.get_window_stats(self.item, identity)
+        retry_after = max(1, math.ceil(reset_at - time.time()))
+        return APIError(429, f"{detail}; retry after {retry_after} s", code=self.code,
+                        headers={"Retry-After": str(retry_after)})
+
+    def fits(self, cost: int) -> None:
+        """A request bigger than the whole window would wait forever: a 400, not a 429 to retry."""
+        if self.item is not None and cost > self.item.amount:
+            raise APIError(400, f"this request is {cost} units of work, more than the whole limit of {self.item} "
+                                f"{self.what}; split it into smaller requests", code="request_too_large")
+
+    def hit(self, identity: str, cost: int = 1) -> None:
+        if self._limiter is None or cost <= 0:
             return
-        key = principal.key_hash or OPEN_MODE_KEY
-        if not self._limiter.hit(self.item, key):
-            reset_at, _ = self._limiter.get_window_stats(self.item, key)
-            retry_after = max(1, math.ceil(reset_at - time.time()))
-            raise APIError(
-                429,
-                f"rate limit of {self.item} per API key exceeded; retry after {retry_after} s",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry_after)},
-            )
+        self.fits(cost)
+        if not self._limiter.hit(self.item, identity, cost=cost):
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
+
+    def check(self, identity: str) -> None:
+        """Refuses when the window is already full, without counting this request."""
+        if self._limiter is not None and not self._limiter.test(self.item, identity):
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
 
 
-def require(*roles: str, session: bool = False) -> Callable[[Request], Principal]:
+class RateLimiter(Limiter):
+    """Per key, weighted by work: a chat costs its `n`, a batch its questions (see `charge`)."""
+
+    def __init__(self, limit: str):
+        super().__init__(limit, "units of work per API key")
+
+    def check_principal(self, principal: Principal, cost: int = 1) -> None:
+        self.hit(principal.key_hash or OPEN_MODE_KEY, cost)
+
+
+def client_address(request: Request) -> str:
+    """The peer's address (behind a proxy, uvicorn's --forwarded-allow-ips makes it the real client)."""
+    return request.client.host if request.client else "unknown"
+
+
+def charge(request: Request, cost: int) -> None:
+    """Counts the work a request asks for beyond the one unit its authentication already counted."""
+    principal: Principal = request.state.principal
+    state = request.app.state
+    state.rate_limiter.fits(cost)
+    try:
+        state.rate_limiter.check_principal(principal, cost - 1)
+    except APIError:
+        state.metrics.rejected.labels("rate_limit").inc()
+        raise
+
+
+def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
     """Dependency: authenticate, apply the key's rate limit, and check its role (admin may do anything).
-    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent."""
+    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent.
+    An address that keeps failing to authenticate is refused (429) before its next key is even checked."""
 
-    def dependency(request: Request) -> Principal:
+    async def dependency(request: Request) -> Principal:
         state = request.app.state
+        address = client_address(request)
         authorization = request.headers.get("authorization")
         token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
-        if token:
-            principal = state.sessions.verify(token, state.keyring)
-        else:
-            principal = state.keyring.authenticate(authorization)
+        try:
+            state.auth_failures.check(address)
+            if token:
+                principal = await state.sessions.verify(token, state.keyring)
+            else:
+                principal = state.keyring.authenticate(authorization)
+        except APIError as exc:
+            if exc.status == 401:
+                state.metrics.rejected.labels("authentication").inc()
+                state.auth_failures.hit(address)
+            elif exc.status == 429:
+                state.metrics.rejected.labels("auth_throttle").inc()
+            raise
         if principal.role != "admin" and principal.role not in roles:
             raise APIError(403, f"this route needs the role {' or '.join(roles)}; your key is `{principal.role}`",
                            code="forbidden")
         try:
-            state.rate_limiter.check(principal)
+            state.rate_limiter.check_principal(principal)
         except APIError:
             state.metrics.rejected.labels("rate_limit").inc()
             raise

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 from service.metrics import Metrics
+from zephyr.settings import is_loopback
 
 
 class BodyTooLarge(HTTPException):
@@ -95,3 +96,41 @@ class RequestMetrics:
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             if route not in ("/metrics", "/healthz", "/readyz"):
                 self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _host_name(host_header: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '[::1]'."""
+    if host_header.startswith("["):
+        return host_header.split("]", 1)[0] + "]"
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+class LoopbackOnly:
+    """With no API keys every route is open, so only this machine may talk to the server: the peer must be a
+    loopback address, and the Host header must name loopback too, so a web page on another site cannot reach
+    it through a DNS name rebound to 127.0.0.1 (DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            host = _host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower())
+            problem = None
+            if client is None or not is_loopback(client[0]):
+                problem = ("this server has no API keys, so it answers only on this machine; set ZEPHYR_API_KEYS "
+                           "(or ZEPHYR_API_KEYS_FILE) to serve others")
+            elif host not in LOOPBACK_HOSTS:
+                problem = (f"this server has no API keys and answers only requests addressed to localhost, not to "
+                           f"{host[:64]!r} (DNS rebinding protection); set ZEPHYR_API_KEYS to serve other names")
+            if problem is not None:
+                body = json.dumps(error_body(403, problem, code="open_mode_loopback_only")).encode()
+                await send({"type": "http.response.start", "status": 403, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -54,9 +54,19 @@ class Settings(BaseSettings):
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")
     api_keys_file: Path | None = None
-    rate_limit: str = Field(default="600/minute", description="Per API key, `limits` notation")
-    max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int | None = Field(default=None, description="Defaults to the model's context length")
+    rate_limit: str = Field(default="600/minute", description="Units of work per API key, `limits` notation: a "
+                            "chat counts its `n`, an MCQ batch its questions")
+    auth_failure_limit: str = Field(default="30/minute", description="Failed authentications per client address; "
+                                    "past it the address is refused (429) before its keys are checked")
+    sign_in_limit: str = Field(default="10/minute", description="Review sign-in attempts per client address")
+    review_request_limit: str = Field(default="30/hour", description="Chats one key may mark `X-Zephyr-Review: "
+                                      "true` (each costs a second answer and reviewers' time)")
+    api_docs: bool = Field(default=False, description="Serve /docs and /redoc (they load scripts from a CDN); "
+                           "/openapi.json is always served")
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    max_prompt_tokens: int | None = Field(default=None, gt=0, description="Defaults to the model's context length")
+    max_prompt_chars: int | None = Field(default=None, gt=0, description="Characters a prompt may hold before it "
+                                         "is tokenized; default 16 per allowed prompt token")
     max_in_flight: int = Field(default=256, description="Requests admitted at once; beyond that 503")
     max_n: int = 8
     max_mcq_batch: int = 64
@@ -99,7 +109,10 @@ class Settings(BaseSettings):
     review_lease_minutes: float = Field(default=30, gt=0, description="An item shown but not judged is held this long")
     review_candidate_wait_minutes: float = Field(
         default=10, gt=0, description="After this, an item whose candidate never arrived is reviewed alone")
-    session_secret: str | None = Field(default=None, description="Signs review sign-in cookies")
+    session_secret: str | None = Field(default=None, min_length=32, description=(
+        "Keys the digests of API keys in the database and signs review sign-in cookies; default a random secret "
+        "made once in HOME/secret. Replicas sharing a database must share it; changing it signs everyone out "
+        "and starts reviewers' identities afresh"))
     review_session_hours: float = Field(default=12, gt=0)
 
     @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env", mode="after")

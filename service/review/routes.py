@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, StrictStr
 
-from service.auth import SESSION_COOKIE, Principal, require
+from service.auth import OPEN_REVIEWER, SESSION_COOKIE, Principal, client_address, require
 from service.errors import APIError
-from service.protocol import Strict
+from service.protocol import INT64, Strict
 from service.review import export, stats
 from service.review.store import ReviewStore, utc
 
@@ -35,7 +35,7 @@ PAGE_HEADERS = {
 
 
 def reviewer_id(principal: Principal) -> str:
-    return principal.key_hash or "open"
+    return principal.key_hash or OPEN_REVIEWER
 
 
 def review_store(request: Request) -> ReviewStore:
@@ -47,26 +47,49 @@ async def page() -> HTMLResponse:
     return HTMLResponse((STATIC_DIR / "review.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
 
+# The page's own script and style, by name: the HTML is served only at /review, with its policy.
+ASSETS = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    if name not in ASSETS:
+        raise APIError(404, f"no review asset {name[:64]!r}; the page is at /review", code="not_found")
+    return Response((STATIC_DIR / name).read_bytes(), media_type=ASSETS[name], headers=PAGE_HEADERS)
+
+
 class SignIn(Strict):
     key: StrictStr = Field(min_length=1, max_length=512)
 
 
 @router.post("/session")
 async def sign_in(body: SignIn, request: Request) -> JSONResponse:
+    """Every attempt counts against the address's sign-in limit, and a wrong key also against its failed
+    authentications, so guessing keys here is as slow as anywhere."""
     state = request.app.state
-    principal = state.keyring.authenticate(f"Bearer {body.key.strip()}")
+    address = client_address(request)
+    state.sign_ins.hit(address)
+    state.auth_failures.check(address)
+    try:
+        principal = state.keyring.authenticate(f"Bearer {body.key.strip()}")
+    except APIError:
+        state.auth_failures.hit(address)
+        raise
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
     response = JSONResponse({"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role})
     response.set_cookie(
-        SESSION_COOKIE, state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
+        SESSION_COOKIE, await state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
         path="/review", httponly=True, samesite="strict", secure=request.url.scheme == "https",
     )
     return response
 
 
 @router.delete("/session")
-async def sign_out() -> Response:
+async def sign_out(request: Request) -> Response:
+    """Ends the session on the server too: a copy of the cookie stops working at once."""
+    if token := request.cookies.get(SESSION_COOKIE):
+        await request.app.state.sessions.revoke(token)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/review")
     return response
@@ -84,25 +107,30 @@ async def next_item(request: Request, principal: Principal = Depends(reviewer_on
     return {"item": item, "progress": await store.progress(reviewer_id(principal))}
 
 
+AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
+
+
 class VerdictRequest(Strict):
-    assignment_id: int
+    assignment_id: int = AssignmentId
     verdict: Literal["a", "b", "tie", "both_bad", "good", "bad"]
     strength: int | None = Field(default=None, ge=1, le=4)
-    flags: dict[Literal["A", "B"], list[StrictStr]] = {}
+    flags: dict[Literal["A", "B"], list[StrictStr]] = Field(default={}, description="Flag names per answer")
     comment: StrictStr | None = None
 
 
 @router.post("/api/verdicts", status_code=201)
 async def give_verdict(body: VerdictRequest, request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
-    await store.judge(reviewer_id(principal), body.assignment_id, body.verdict, body.strength, body.flags,
-                      body.comment)
+    comment, redactor = body.comment, request.app.state.redactor
+    if comment and redactor is not None:  # reviewers quote students; CPU work, kept off the event loop
+        comment = await asyncio.to_thread(redactor.redact, comment)
+    await store.judge(reviewer_id(principal), body.assignment_id, body.verdict, body.strength, body.flags, comment)
     request.app.state.metrics.review_verdicts.labels(body.verdict).inc()
     return {"progress": await store.progress(reviewer_id(principal))}
 
 
 class SkipRequest(Strict):
-    assignment_id: int
+    assignment_id: int = AssignmentId
 
 
 @router.post("/api/skip")

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
 from service.errors import APIError
 from service.review.stats import FLAGS, Judgement, reviewer_label
-from service.store.models import Generation, ReviewAssignment
+from service.store.models import Generation, ReviewAssignment, ReviewSession
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
 SINGLE_VERDICTS = ("good", "bad")
@@ -44,6 +44,36 @@ class ReviewStore:
         self.engine = engine
         self.policy = policy
         self._random = rng or random.Random()
+
+    # Sign-in sessions (service.auth.Sessions) --------------------------------------------------------------
+
+    async def create_session(self, session_digest: str, reviewer: str, expires_at: datetime) -> None:
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(ReviewSession).where(ReviewSession.expires_at <= now))
+            await conn.execute(ReviewSession.__table__.insert().values(
+                id=session_digest, reviewer=reviewer, created_at=now, expires_at=expires_at))
+
+    async def session_reviewer(self, session_digest: str, now: datetime) -> str | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(ReviewSession.reviewer, ReviewSession.expires_at)
+                                      .where(ReviewSession.id == session_digest))).first()
+        return row.reviewer if row is not None and utc(row.expires_at) > now else None
+
+    async def delete_session(self, session_digest: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(ReviewSession).where(ReviewSession.id == session_digest))
+
+    async def rekey(self, digests: dict[str, str]) -> int:
+        """Rows written before keyed digests hold a key's plain SHA-256; `digests` maps each configured key's old
+        digest to its keyed one. Idempotent (a start finds nothing left to change); returns the rows changed."""
+        changed = 0
+        async with self.engine.begin() as conn:
+            for old, new in digests.items():
+                for column in (Generation.api_key_hash, ReviewAssignment.reviewer):
+                    result = await conn.execute(update(column.class_).where(column == old).values({column.key: new}))
+                    changed += result.rowcount or 0
+        return changed
 
     # Queue ----------------------------------------------------------------------------------------------
 

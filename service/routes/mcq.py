@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends, Request
 
-from service.auth import Principal, require
+from service.auth import Principal, charge, require
 from service.errors import APIError
 from service.protocol import MCQBatchRequest, MCQBatchResponse, MCQRequest, MCQResponse
 from service.tutor import new_id
@@ -32,6 +32,7 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
     limit = tutor.settings.max_mcq_batch
     if len(body.questions) > limit:
         raise APIError(400, f"a batch holds at most {limit} questions, got {len(body.questions)}", param="questions")
+    charge(request, len(body.questions))  # the rate limit counts questions, not requests
     tutor.check_model(body.model)
     for item in body.questions:
         tutor.check_model(item.model)

@@ -50,7 +50,7 @@ class ReviewAssignment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     item_id: Mapped[str] = mapped_column(String(64), ForeignKey("generations.id"), index=True)
-    reviewer: Mapped[str] = mapped_column(String(64), index=True)  # the reviewer key's SHA-256 digest
+    reviewer: Mapped[str] = mapped_column(String(64), index=True)  # the reviewer key's keyed digest (HMAC)
     status: Mapped[str] = mapped_column(String(8), index=True)  # shown, judged, skipped
     shown_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     left_id: Mapped[str] = mapped_column(String(64))  # generation shown as answer A
@@ -61,3 +61,15 @@ class ReviewAssignment(Base):
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     comment: Mapped[str | None] = mapped_column(Text)
     judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ReviewSession(Base):
+    """A review sign-in. The cookie carries the session id; the row holds only its keyed digest, so the
+    database cannot be turned into a cookie, and deleting the row (sign-out) ends the session everywhere."""
+
+    __tablename__ = "review_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # HMAC of the session id
+    reviewer: Mapped[str] = mapped_column(String(64), index=True)  # the key's keyed digest
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

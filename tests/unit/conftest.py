@@ -56,7 +56,7 @@ def app_factory(settings_factory, tokenizer):
             await self.app.state.ready.wait()
             transport = httpx.ASGITransport(app=self.manager.app)
             self.client = httpx.AsyncClient(
-                transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {STUDENT_KEY}"}
+                transport=transport, base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {STUDENT_KEY}"}
             )
             self.engine: StubEngine = self.factory.last
             return self

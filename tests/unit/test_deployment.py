@@ -78,7 +78,14 @@ def test_chart_matches_the_service(rendered):
     # Env names: every one the chart sets is a setting the service reads.
     secret_env = {e["name"] for e in container["env"]}
     assert set(config) <= SETTING_NAMES, set(config) - SETTING_NAMES
-    assert secret_env <= SETTING_NAMES and set(rendered["Secret"]["stringData"]) <= SETTING_NAMES
+    assert secret_env <= SETTING_NAMES | {"FORWARDED_ALLOW_IPS"}
+    assert set(rendered["Secret"]["stringData"]) <= SETTING_NAMES
+    # Replicas share the secret that keys API-key digests and signs review cookies; uvicorn trusts the ingress.
+    session = rendered["Secret"]["stringData"]["ZEPHYR_SESSION_SECRET"]
+    assert len(session) >= 32 and Settings(session_secret=session).session_secret == session
+    env = {e["name"]: e for e in container["env"]}
+    assert "optional" not in env["ZEPHYR_SESSION_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert env["FORWARDED_ALLOW_IPS"]["value"]
     Settings(**{k.removeprefix("ZEPHYR_").lower(): v for k, v in config.items()})  # and every value parses
 
     # Shutdown: Kubernetes waits longer than preStop sleep + drain + uvicorn's final wait.
@@ -150,3 +157,5 @@ def test_dockerfile_matches_the_settings():
     assert set(env) <= SETTING_NAMES
     assert f"EXPOSE {env['ZEPHYR_PORT']}" in dockerfile and env["ZEPHYR_HOST"] == "0.0.0.0"
     assert "USER 10001" in dockerfile and "/healthz" in dockerfile
+    short_secret = helm("template", "tutor", str(CHART), "--set", "secrets.apiKeys=student:k,secrets.sessionSecret=abc")
+    assert short_secret.returncode != 0 and "at least 32 characters" in short_secret.stderr

@@ -3,7 +3,6 @@ import shutil
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.auth import hash_key
 from service.metrics import Metrics
 from service.store.log import GenerationLog
 from tests.unit.conftest import STUDENT_KEY
@@ -40,7 +39,8 @@ async def test_each_request_is_logged_once_redacted_with_key_hash(served):
     user_text = row["messages"][-1]["content"]
     assert "jane.doe@school.edu" not in user_text and "<EMAIL_ADDRESS>" in user_text and "<STUDENT_ID>" in user_text
     assert "tutor@example.com" not in row["response"][0]["content"]  # the model's own output is redacted too
-    assert row["api_key_hash"] == hash_key(STUDENT_KEY) and STUDENT_KEY not in json.dumps(row, default=str)
+    assert row["api_key_hash"] == served.app.state.keyring.digest(STUDENT_KEY)
+    assert STUDENT_KEY not in json.dumps(row, default=str)
     assert row["completion_tokens"] == r.json()["usage"]["completion_tokens"]
     assert row["latency_ms"] >= row["ttft_ms"] >= 0
     mcq_row = await log.get(mcq.json()["id"])

@@ -199,12 +199,11 @@ async def test_sign_in_cookie(served):
     assert (await client.delete("/review/session")).status_code == 204
 
 
-async def test_a_removed_key_signs_its_holder_out(app_factory, tmp_path, default_model):
-    async with app_factory(session_secret="fixed") as first:
+async def test_a_removed_key_signs_its_holder_out(app_factory):
+    async with app_factory() as first:
         await first.client.post("/review/session", json={"key": REVIEWER_KEY})
         token = first.client.cookies.get("zephyr_review")
-    async with app_factory(session_secret="fixed", api_keys=f"admin:{ADMIN_KEY}",
-                           home=linked_home(tmp_path / "second", default_model)) as second:
+    async with app_factory(api_keys=f"admin:{ADMIN_KEY}") as second:  # same home, database and secret
         second.client.cookies.set("zephyr_review", token, path="/review")
         r = await second.client.get("/review/api/me", headers={"Authorization": ""})
         assert r.status_code == 401 and "no longer valid" in r.json()["error"]["message"]

@@ -53,5 +53,9 @@ env:
       secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_DB_URL, optional: true}
   - name: ZEPHYR_SESSION_SECRET
     valueFrom:
-      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_SESSION_SECRET, optional: true}
+      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_SESSION_SECRET}
+  # uvicorn takes the client's address (per-address limits) and scheme (the cookie's Secure flag) from
+  # X-Forwarded-* headers sent by these peers only: the ingress controller.
+  - name: FORWARDED_ALLOW_IPS
+    value: {{ .Values.forwardedAllowIps | quote }}
 {{- end -}}

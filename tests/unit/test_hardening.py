@@ -1,0 +1,303 @@
+"""What a security review of the service found (issue 25), each kept fixed: credentials at rest, bad input that
+used to be a 500, work done before admission, limits that count work, open mode, and the smaller points."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import stat
+import threading
+
+import httpx
+import pytest
+from itsdangerous import URLSafeTimedSerializer
+from sqlalchemy import select
+
+from service.auth import legacy_digest
+from service.store.models import Generation
+from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
+
+CHAT = "/v1/chat/completions"
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+MCQ = {"question": "Which is a metal?", "options": ["iron", "oxygen"], "method": "letter"}
+REVIEWER = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+
+
+async def logged_rows(served) -> list[dict]:
+    log = await served.flushed_log()
+    async with log.engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(select(Generation))).mappings()]
+
+
+# 1. Nothing at rest becomes a credential ---------------------------------------------------------------------
+
+async def test_rows_hold_keyed_digests_and_the_secret_lives_outside_the_database(served):
+    assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+    [row] = await logged_rows(served)
+    assert row["api_key_hash"] != legacy_digest(STUDENT_KEY)
+    assert row["api_key_hash"] == served.app.state.keyring.digest(STUDENT_KEY)
+    secret = served.settings.home / "secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_text().strip()) >= 32
+
+
+async def test_a_cookie_signed_from_what_the_database_holds_is_refused(served):
+    """The old default secret was the SHA-256 of the sorted key digests, which the database held: anyone who
+    could read it could sign an admin cookie. Neither that secret nor the stored digests sign one now."""
+    keyring = served.app.state.keyring
+    stored = sorted(keyring.digest(k) for k in (STUDENT_KEY, REVIEWER_KEY, ADMIN_KEY))
+    for digests in (stored, sorted(legacy_digest(k) for k in (STUDENT_KEY, REVIEWER_KEY, ADMIN_KEY))):
+        old_secret = hashlib.sha256("\0".join(["zephyr-review-session", *digests]).encode()).hexdigest()
+        serializer = URLSafeTimedSerializer(old_secret, salt="zephyr-review")
+        for claim in ({"key": keyring.digest(ADMIN_KEY)}, {"sid": "guess"}):
+            served.client.cookies.set("zephyr_review", serializer.dumps(claim), path="/review")
+            r = await served.client.get("/review/api/me", headers={"Authorization": ""})
+            assert r.status_code == 401, claim
+
+
+async def test_sign_out_ends_the_session_on_the_server(served):
+    client = served.client
+    assert (await client.post("/review/session", json={"key": REVIEWER_KEY})).status_code == 200
+    copied = client.cookies.get("zephyr_review")
+    assert (await client.get("/review/api/me", headers={"Authorization": ""})).status_code == 200
+    assert (await client.delete("/review/session")).status_code == 204
+    client.cookies.set("zephyr_review", copied, path="/review")  # the copy kept by someone else
+    r = await client.get("/review/api/me", headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_session"
+
+
+async def test_plain_digests_from_earlier_versions_are_rekeyed_at_start(app_factory):
+    async with app_factory() as first:
+        assert (await first.client.post(CHAT, json=BODY)).status_code == 200
+        log = await first.flushed_log()
+        async with log.engine.begin() as conn:  # what an earlier version wrote
+            await conn.execute(Generation.__table__.update().values(api_key_hash=legacy_digest(STUDENT_KEY)))
+    async with app_factory() as second:
+        await asyncio.sleep(0.2)  # the re-keying runs beside start-up
+        [row] = await logged_rows(second)
+        assert row["api_key_hash"] == second.app.state.keyring.digest(STUDENT_KEY)
+
+
+# 3. Bad input is a 4xx that says what to fix -------------------------------------------------------------------
+
+def raw(text: str) -> dict:
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+@pytest.mark.parametrize(("path", "body", "where"), [
+    (CHAT, '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (CHAT, '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    ("/mcq", '{"question": "q\\ud800", "options": ["a", "b"]}', "question"),
+    ("/mcq", '{"question": "q", "options": ["a", "\\ud83d"]}', "options[1]"),
+    ("/mcq", '{"question": "q", "options": {"A": "a", "B\\ud800": "b"}}', "options.B?"),
+    ("/mcq/batch", '{"questions": [{"question": "q", "options": ["a", "b"], "support": "\\ud800"}]}',
+     "questions[0].support"),
+    (CHAT, '{"messages": [{"role": "user", "content": "nul\\u0000here"}]}', "messages[0].content"),
+    ("/mcq", '{"question": "q\\u0000", "options": ["a", "b"]}', "question"),
+])
+async def test_lone_surrogates_and_nul_are_400_naming_the_field(served, path, body, where):
+    r = await served.client.post(path, **raw(body))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert f"`{where}`" in error["message"] and error["type"] == "invalid_request_error"
+    assert ("surrogate" in error["message"]) or ("NUL" in error["message"])
+
+
+async def test_a_review_comment_with_a_lone_surrogate_is_400(served):
+    body = '{"assignment_id": 1, "verdict": "good", "comment": "fine \\ud800"}'
+    r = await served.client.post("/review/api/verdicts", content=body.encode(),
+                                 headers={**REVIEWER, "content-type": "application/json"})
+    assert r.status_code == 400 and "`comment`" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**30])
+async def test_seed_beyond_int64_is_400(served, seed):
+    r = await served.client.post(CHAT, json={**BODY, "seed": seed})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    assert (await served.client.post(CHAT, json={**BODY, "seed": 2**63 - 1})).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/review/api/verdicts", "/review/api/skip"])
+async def test_assignment_id_beyond_int64_is_400(served, route):
+    body = {"assignment_id": 2**63, **({"verdict": "good"} if route.endswith("verdicts") else {})}
+    r = await served.client.post(route, json=body, headers=REVIEWER)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "assignment_id"
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", "2"), ("n", True), ("max_tokens", "5"), ("temperature", "0.5"),
+                                              ("seed", False), ("top_logprobs", 2.0)])
+async def test_strings_and_bools_are_not_numbers(served, field, value):
+    body = {**BODY, field: value, **({"logprobs": True} if field == "top_logprobs" else {})}
+    r = await served.client.post(CHAT, json=body)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+async def test_an_engine_side_overflow_is_400_not_500(served):
+    from service.engine import EngineRejected
+
+    async def overflowing(*_args, **_kwargs):
+        raise EngineRejected("Python int too large to convert to C long")
+        yield  # an async generator, like the engine's
+
+    served.engine.generate = overflowing
+    r = await served.client.post(CHAT, json=BODY)
+    assert r.status_code == 400 and "too large" in r.json()["error"]["message"]
+
+
+async def test_a_conflict_is_a_client_error(served):
+    from service.errors import error_body
+
+    assert error_body(409, "x")["error"]["type"] == "invalid_request_error"
+    assert error_body(418, "x")["error"]["type"] == "invalid_request_error"
+    r = await served.client.post("/review/api/undo", headers=REVIEWER)
+    assert r.status_code == 409 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# 4. No tokenizing of what would be refused, and none on the event loop ------------------------------------------
+
+async def test_characters_are_capped_before_any_tokenizer_runs(app_factory):
+    async with app_factory(max_prompt_chars=500) as served:
+        tutor = served.app.state.tutor
+
+        def refuse(*_args, **_kwargs):
+            raise AssertionError("tokenized a prompt that the character cap refuses")
+
+        tutor.encode_chat = refuse
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 600}]})
+        assert r.status_code == 400 and "ZEPHYR_MAX_PROMPT_CHARS" in r.json()["error"]["message"]
+        r = await served.client.post("/mcq", json={**MCQ, "support": "y" * 600})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "question"
+
+
+async def test_prompts_are_tokenized_off_the_event_loop(served):
+    tutor = served.app.state.tutor
+    loop_thread = threading.get_ident()
+    threads = []
+    original = tutor.encode_chat
+
+    def spy(messages):
+        threads.append(threading.get_ident())
+        return original(messages)
+
+    tutor.encode_chat = spy
+    assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+    assert threads and loop_thread not in threads
+
+
+# 5. Limits count work, failed authentication and sign-in guesses --------------------------------------------------
+
+async def test_the_rate_limit_counts_n_and_batch_questions(app_factory):
+    async with app_factory(rate_limit="4/minute") as served:
+        assert (await served.client.post(CHAT, json={**BODY, "n": 3})).status_code == 200
+        r = await served.client.post(CHAT, json={**BODY, "n": 2})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        batch = {"questions": [MCQ] * 5}
+        r = await served.client.post("/mcq/batch", json=batch, headers=REVIEWER)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+        r = await served.client.post("/mcq/batch", json={"questions": [MCQ] * 3}, headers=REVIEWER)
+        assert r.status_code == 200
+        assert (await served.client.post("/mcq/batch", json={"questions": [MCQ] * 2},
+                                         headers=REVIEWER)).status_code == 429
+
+
+async def test_failed_authentication_is_throttled_per_address(app_factory):
+    async with app_factory(auth_failure_limit="3/minute") as served:
+        wrong = [(await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer guess-{i}"}))
+                 .status_code for i in range(3)]
+        assert wrong == [401, 401, 401]
+        r = await served.client.post(CHAT, json=BODY)  # even a right key, from this address, waits now
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_failed_authentications"
+        assert int(r.headers["retry-after"]) >= 1
+        other = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("127.0.0.2", 1)),
+                                  base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+        async with other:
+            assert (await other.post(CHAT, json=BODY)).status_code == 200
+
+
+async def test_review_sign_in_is_limited_per_address(app_factory):
+    async with app_factory(sign_in_limit="2/minute") as served:
+        statuses = [(await served.client.post("/review/session", json={"key": f"guess-{i}"})).status_code
+                    for i in range(3)]
+        assert statuses == [401, 401, 429]
+        r = await served.client.post("/review/session", json={"key": REVIEWER_KEY})
+        assert r.status_code == 429
+
+
+async def test_marking_chats_for_review_has_a_budget_per_key(app_factory):
+    async with app_factory(review_request_limit="2/hour") as served:
+        marked = {"X-Zephyr-Review": "true"}
+        statuses = [(await served.client.post(CHAT, json=BODY, headers=marked)).status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        r = await served.client.post(CHAT, json=BODY, headers=marked)
+        assert r.json()["error"]["code"] == "review_request_limit_exceeded"
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200  # unmarked chats go on
+
+
+# 6. Open mode is loopback only, however the app is started ------------------------------------------------------
+
+async def test_open_mode_refuses_other_addresses_and_rebound_host_names(app_factory):
+    async with app_factory(api_keys="") as served:
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+        r = await served.client.post(CHAT, json=BODY, headers={"Host": "attacker.example:8000"})
+        assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]["message"]
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert (await served.client.get("/v1/models", headers={"Host": host})).status_code == 200, host
+        remote = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("10.1.2.3", 5555)),
+                                   base_url="http://127.0.0.1")
+        async with remote:
+            for path in ("/v1/models", "/review/export?format=dpo", "/metrics"):
+                r = await remote.get(path)
+                assert r.status_code == 403 and "ZEPHYR_API_KEYS" in r.json()["error"]["message"], path
+
+
+async def test_with_keys_any_address_and_host_may_connect(served):
+    remote = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("10.1.2.3", 5555)),
+                               base_url="http://tutor.example.org", headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+    async with remote:
+        assert (await remote.get("/v1/models")).status_code == 200
+
+
+# 8. Smaller points -------------------------------------------------------------------------------------------
+
+async def test_the_review_html_is_served_only_at_review_with_its_policy(served):
+    client = served.client
+    assert (await client.get("/review/static/review.html")).status_code == 404
+    for name, kind in (("review.js", "javascript"), ("review.css", "text/css")):
+        r = await client.get(f"/review/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+        assert r.headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in r.headers[
+            "content-security-policy"]
+    assert (await client.get("/review/static/../app.py")).status_code == 404
+
+
+async def test_api_docs_are_off_unless_asked_for(app_factory):
+    async with app_factory() as served:
+        for path in ("/docs", "/redoc"):
+            assert (await served.client.get(path)).status_code == 404
+        assert (await served.client.get("/openapi.json")).status_code == 200
+    async with app_factory(api_docs=True) as served:
+        assert (await served.client.get("/docs")).status_code == 200
+
+
+async def test_error_bodies_stay_encodable_whatever_the_message_quotes():
+    from service.errors import APIError, error_response
+
+    response = error_response(APIError(400, "no such option \ud800"))
+    assert json.loads(response.body)["error"]["message"] == "no such option \ud800"
+
+
+async def test_a_reviewers_comment_is_redacted_before_it_is_stored(app_factory):
+    from service.store.models import ReviewAssignment
+
+    async with app_factory(review_share=1.0, review_overlap=1) as served:
+        await served.client.post(CHAT, json=BODY)
+        await served.app.state.tutor.candidates.idle()
+        await served.flushed_log()
+        item = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        verdict = {"assignment_id": item["assignment_id"], "verdict": "tie",
+                   "comment": "the student (jane.doe@school.edu, 42 Elm Street) asked well"}
+        assert (await served.client.post("/review/api/verdicts", json=verdict, headers=REVIEWER)).status_code == 201
+        async with served.app.state.generation_log.engine.connect() as conn:
+            [comment] = (await conn.execute(select(ReviewAssignment.comment))).scalars().all()
+        assert "jane.doe" not in comment and "Elm Street" not in comment and "<EMAIL_ADDRESS>" in comment
