@@ -109,7 +109,7 @@ class LocalServer:
         }
         log_path = home / "server.log"
         with log_path.open("w") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "zephyr.cli", "serve", "--log-level", "info"],
+            process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--log-level", "info"],
                                        env=env, stdout=log_file, stderr=subprocess.STDOUT)
         db_url = env.get("ZEPHYR_DB_URL") or f"sqlite+aiosqlite:///{home / 'zephyr.db'}"
         server = cls(process, f"http://127.0.0.1:{port}", home, log_path, db_url)

@@ -101,7 +101,7 @@ def private_home(home: Path, default_model, **manifest) -> Path:
 
 
 def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zephyr.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -53,7 +53,7 @@ def env(tmp_path_factory, default_model) -> dict[str, str]:
 
 
 def quantize(env: dict[str, str], method: str, *extra: str) -> subprocess.CompletedProcess:
-    return run("-m", "zephyr.cli", "quantize", "--model", TINY, "--method", method, *extra, env=env)
+    return run("-m", "cli", "quantize", "--model", TINY, "--method", method, *extra, env=env)
 
 
 CALIBRATION = ("--calibration-sources", "arc_easy:train", "--samples", "6", "--seq-len", "128")
@@ -104,11 +104,11 @@ def test_bitsandbytes_is_refused_by_the_server_and_scored_through_transformers(e
     name = f"{TINY}-bnb"
     entry = Registry(Path(env["ZEPHYR_HOME"]) / "models").get(name)
     assert json.loads((entry.path / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    served = run("-m", "zephyr.cli", "serve", "--model", name, env=env, timeout=120, ok=False)
+    served = run("-m", "cli", "serve", "--model", name, env=env, timeout=120, ok=False)
     assert served.returncode == 1
     assert "vLLM serves bitsandbytes only on CUDA GPUs" in served.stderr
-    scored = run("-m", "zephyr.cli", "eval", "run", "--model", name, "--suite", "mcq", "--benchmarks", "arc_easy",
+    scored = run("-m", "cli", "eval", "run", "--model", name, "--suite", "mcq", "--benchmarks", "arc_easy",
                  env=env)
     assert "arc_easy letter format" in scored.stderr and "arc_easy cloze_acc" in scored.stderr
-    refused = run("-m", "zephyr.cli", "eval", "run", "--model", name, "--suite", "gsm8k", env=env, ok=False)
+    refused = run("-m", "cli", "eval", "run", "--model", name, "--suite", "gsm8k", env=env, ok=False)
     assert refused.returncode == 1 and "the gsm8k suite needs vLLM" in refused.stderr

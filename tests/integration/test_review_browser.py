@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from tests.integration.conftest import REVIEWER_KEY, STUDENT_KEY
 from tests.review_data import pair
-from zephyr.cli import app as cli
+from cli.app import app as cli
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -179,7 +179,7 @@ def test_cli_mcq_and_chat_against_the_server(server):
     import sys
 
     env = {**os.environ, "ZEPHYR_URL": server.url, "ZEPHYR_API_KEY": STUDENT_KEY}
-    cli = [sys.executable, "-m", "zephyr.cli"]
+    cli = [sys.executable, "-m", "cli"]
     mcq = subprocess.run([*cli, "mcq", "Which is a mammal?", "-o", "Shark", "-o", "Whale", "--json"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert mcq.returncode == 0, mcq.stderr

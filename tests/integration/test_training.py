@@ -39,7 +39,7 @@ def write_arc(folder: Path, split: str) -> None:
 
 
 def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "zephyr.cli", *args], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"zephyr {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result

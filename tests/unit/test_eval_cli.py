@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from zephyr.cli import app
+from cli.app import app
 
 
 @pytest.fixture

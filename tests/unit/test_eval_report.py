@@ -262,7 +262,7 @@ def test_missing_or_bad_reviews_file(store, tmp_path):
 def test_cli_report_with_a_missing_reviews_file(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from zephyr.cli import app
+    from cli.app import app
 
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
     result = CliRunner().invoke(app, ["eval", "report", "--models", "m", "--out", str(tmp_path / "out"),

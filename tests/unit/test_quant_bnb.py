@@ -195,7 +195,7 @@ SERVE_MESSAGE = (f"model {NF4} is a bitsandbytes 4-bit checkpoint; vLLM serves b
 def test_service_refuses_a_bnb_checkpoint_without_cuda(home, no_cuda, monkeypatch):
     from typer.testing import CliRunner
 
-    from zephyr.cli import app
+    from cli.app import app
 
     registry = _registry(home)
     assert vllm_serving_problem(registry.get(NF4)) == SERVE_MESSAGE

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from quant import calibration
 from quant.run import QuantError, QuantOptions, check, linear_input_features
-from zephyr.cli import app
+from cli.app import app
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from evals.results import EvalRun, ResultStore
 from loadtest.harness import linked_variant
-from zephyr.cli import app
+from cli.app import app
 from zephyr.mcq import MCQCalibration
 from zephyr.registry import ModelManifest, Registry, RegistryError
 from zephyr.schemas import Message, SFTExample, write_jsonl

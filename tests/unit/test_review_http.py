@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from loadtest.harness import linked_home
 from service.errors import sqlstate
 from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
-from zephyr.cli import app as cli
+from cli.app import app as cli
 
 CHAT = "/v1/chat/completions"
 BODY = {"messages": [{"role": "user", "content": "What is photosynthesis?"}], "max_tokens": 8}

@@ -80,7 +80,7 @@ def test_restate_cli_writes_clean_pairs_from_training_splits_only(tmp_path, monk
 
     from typer.testing import CliRunner
 
-    from zephyr.cli import app
+    from cli.app import app
 
     data = tmp_path / "data" / "arc" / "ARC-Easy"
     data.mkdir(parents=True)

@@ -10,12 +10,12 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from evals.cli import app as eval_app
-from quant.cli import quantize_command
-from training.cli import data_app, train_app
-from zephyr.console import make_console
+from cli.common import console, err, fail, load_settings, registry
+from cli.evaluate import app as eval_app
+from cli.quantize import quantize_command
+from cli.train import data_app, train_app
 from zephyr.registry import ModelManifest, Registry, RegistryError, vllm_serving_problem
-from zephyr.settings import DEFAULT_MODEL, Settings
+from zephyr.settings import DEFAULT_MODEL
 
 app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, talk to it.", no_args_is_help=True)
 models_app = typer.Typer(help="Manage the model registry ($ZEPHYR_HOME/models).", no_args_is_help=True)
@@ -27,27 +27,9 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 app.command("quantize")(quantize_command)
-console = make_console()
-err = make_console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 ServerURL = Annotated[str, typer.Option("--url", envvar="ZEPHYR_URL", help="Base URL of a running Zephyr server")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY", help="Bearer key for the server")]
-
-
-def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(1)
-
-
-def load_settings(**overrides) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except (ValidationError, ValueError) as exc:
-        raise fail(f"bad configuration: {exc}") from None
-
-
-def registry() -> Registry:
-    return Registry(load_settings().models_dir)
 
 
 @app.command()
@@ -235,10 +217,6 @@ def mcq_command(
         console.print(f"[bold]{body['answer']}[/]. {body['option']}", highlight=False)
     console.print("  ".join(f"{k}: {v:.2f}" for k, v in body["probabilities"].items())
                   + f"   ({body['method']}{', calibrated' if body['calibrated'] else ''})", style="dim")
-
-
-if __name__ == "__main__":
-    app()
 
 
 def _review_data(since: str | None):

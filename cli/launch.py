@@ -1,7 +1,7 @@
 """`zephyr train` as a module that `accelerate launch` starts once per GPU (docs/training-multi-gpu.md):
 
     accelerate launch --config_file training/accelerate/multi_gpu.yaml \\
-        -m training.launch --method dpo --recipe training/recipes/dpo-science.yaml [key=value ...]
+        -m cli.launch --method dpo --recipe training/recipes/dpo-science.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -20,6 +20,6 @@ if __name__ == "__main__":
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
 
-    from training.cli import run_method
+    from cli.train import run_method
 
     run_method(args.method, args.recipe, args.overrides, args.fresh, args.overwrite)

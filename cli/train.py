@@ -4,14 +4,17 @@ Recipes and data are validated before a model loads; errors end in one line that
 
 from __future__ import annotations
 
-import signal
-import sys
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import KTOExample, PreferencePair, SFTExample, write_jsonl
@@ -21,27 +24,9 @@ train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model
                         no_args_is_help=True)
 data_app = typer.Typer(help="Build and clean training data (JSON Lines in the zephyr/schemas.py formats).",
                        no_args_is_help=True)
-console = make_console(stderr=True)
-err = make_console(stderr=True, soft_wrap=True)
+progress = make_console(stderr=True)  # training's own progress and logs; results go to stdout
 
 SCHEMA_BY_FORMAT = {"dpo": PreferencePair, "kto": KTOExample, "sft": SFTExample}
-
-
-def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(1)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValueError as exc:
-        raise fail(f"bad configuration: {exc}") from None
-
-
-def _unwind_on_sigterm() -> None:
-    # SystemExit unwinds through the finally blocks that shut vLLM's engine processes down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 # ---- train -------------------------------------------------------------------------------------------------------
@@ -56,7 +41,7 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
     from training.recipes import RecipeError, load_recipe
     from training.run import TrainingError
 
-    settings = _settings()
+    settings = load_settings()
     try:
         recipe = load_recipe(recipe_path, overrides or [], method=method)
         Registry(settings.models_dir).get(recipe.model)
@@ -64,12 +49,12 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
             from training.rs import run_rejection_sampling
 
             result = run_rejection_sampling(recipe, settings, recipe_path=recipe_path, fresh=fresh,
-                                            overwrite=overwrite, console=console)
+                                            overwrite=overwrite, console=progress)
         else:
             from training.run import train
 
             result = train(recipe, settings, recipe_path=recipe_path, fresh=fresh, overwrite=overwrite,
-                           console=console)
+                           console=progress)
     except (RecipeError, RegistryError, TrainingError) as exc:
         raise fail(str(exc)) from None
     if result.entry is None:  # a non-main process of `accelerate launch`: the main one reports
@@ -78,15 +63,15 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
     for key, value in sorted(result.metrics.items()):
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4g}")
-    make_console().print(table)
-    make_console().print(f"registered [bold]{result.entry.name}[/] (parent {result.entry.manifest.parent}) at "
+    console.print(table)
+    console.print(f"registered [bold]{result.entry.name}[/] (parent {result.entry.manifest.parent}) at "
                     f"{result.entry.path}; run folder {result.run_dir}")
 
 
 def _command(method: str, doc: str) -> None:
     def command(recipe: Recipe, overrides: Overrides = None, fresh: Fresh = False,
                 overwrite: Overwrite = False) -> None:
-        _unwind_on_sigterm()
+        unwind_on_sigterm()
         run_method(method, recipe, overrides, fresh, overwrite)
 
     command.__doc__ = doc
@@ -103,40 +88,81 @@ _command("kto", "Kahneman-Tversky optimization on unpaired good/bad examples.")
 # ---- data --------------------------------------------------------------------------------------------------------
 
 Out = Annotated[Path, typer.Option("--out", help="JSON Lines file to write")]
-NoClean = Annotated[bool, typer.Option("--no-clean", help="skip cleaning (PII, duplicates, lengths, test overlap)")]
-NoPII = Annotated[bool, typer.Option("--no-pii", help="keep text the PII recognizers would redact")]
-NearDup = Annotated[float, typer.Option("--near-dup", min=0.0, max=1.0,
-                                        help="Jaccard similarity above which a record is a near-duplicate (0 = off)")]
-MaxChars = Annotated[int, typer.Option("--max-chars", min=1, help="drop records with a longer reply")]
-NoDecontam = Annotated[bool, typer.Option("--no-decontaminate", help="keep records overlapping evaluation test sets")]
-Against = Annotated[str, typer.Option("--against", help="benchmarks whose reported split is checked for overlap: "
-                                                        "all, or a comma-separated list")]
 
 
-def _clean_and_write(records: list[Any], out: Path, schema: type, *, no_clean: bool, no_pii: bool, near_dup: float,
-                     max_chars: int, no_decontaminate: bool, settings: Settings, title: str,
-                     against: str = "all") -> int:
-    if not no_clean:
-        from training.data.clean import ALL_BENCHMARKS, CleanOptions, ContaminationIndex, clean
+@dataclass(frozen=True)
+class CleanFlags:
+    """The cleaning flags every `zephyr data` command takes (training/data/clean.py does the work)."""
 
-        options = CleanOptions(redact_pii=not no_pii, near_dup_threshold=near_dup or None, max_chars=max_chars,
-                               decontaminate=not no_decontaminate)
+    no_clean: bool = False
+    no_pii: bool = False
+    near_dup: float = 0.9
+    max_chars: int = 8000
+    no_decontaminate: bool = False
+    against: str = "all"
+
+
+_CLEAN_OPTIONS = {
+    "no_clean": Annotated[bool, typer.Option("--no-clean", help="skip cleaning (PII, duplicates, lengths, test "
+                                                                "overlap)")],
+    "no_pii": Annotated[bool, typer.Option("--no-pii", help="keep text the PII recognizers would redact")],
+    "near_dup": Annotated[float, typer.Option("--near-dup", min=0.0, max=1.0, help="Jaccard similarity above which "
+                                              "a record is a near-duplicate (0 = off)")],
+    "max_chars": Annotated[int, typer.Option("--max-chars", min=1, help="drop records with a longer reply")],
+    "no_decontaminate": Annotated[bool, typer.Option("--no-decontaminate", help="keep records overlapping "
+                                                     "evaluation test sets")],
+    "against": Annotated[str, typer.Option("--against", help="benchmarks whose reported split is checked for "
+                                           "overlap: all, or a comma-separated list")],
+}
+
+
+def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Adds the cleaning options to a command's signature (so Typer shows them) and hands the command one
+    `clean: CleanFlags` instead of six parameters. `skippable=False` drops --no-clean (`data clean`)."""
+    names = [name for name in _CLEAN_OPTIONS if skippable or name != "no_clean"]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        kept = [p for p in signature.parameters.values() if p.name != "clean"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_CLEAN_OPTIONS[name],
+                                   default=getattr(CleanFlags, name)) for name in names]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            flags = CleanFlags(**{name: kwargs.pop(name) for name in names})
+            return command(*args, clean=flags, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=kept + added)
+        return wrapper
+
+    return decorate
+
+
+def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: CleanFlags, settings: Settings,
+                     title: str) -> int:
+    if not clean.no_clean:
+        from training.data.clean import ALL_BENCHMARKS, CleanOptions, ContaminationIndex
+        from training.data.clean import clean as clean_records
+
+        options = CleanOptions(redact_pii=not clean.no_pii, near_dup_threshold=clean.near_dup or None,
+                               max_chars=clean.max_chars, decontaminate=not clean.no_decontaminate)
         try:
-            names = ALL_BENCHMARKS if against == "all" else [n.strip() for n in against.split(",") if n.strip()]
-            index = None if no_decontaminate else ContaminationIndex.from_benchmarks(settings.data_dir, names)
+            names = ALL_BENCHMARKS if clean.against == "all" else csv(clean.against) or []
+            index = None if clean.no_decontaminate else ContaminationIndex.from_benchmarks(settings.data_dir, names)
         except (FileNotFoundError, ValueError) as exc:
             raise fail(str(exc)) from None
-        records, report = clean(records, options, index=index)
+        records, report = clean_records(records, options, index=index)
         report_table = report.table()
         report_table.title = f"cleaning {title}"
-        make_console().print(report_table)
+        console.print(report_table)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = write_jsonl(out, records)
-    make_console().print(f"wrote {count} {schema.__name__} records to {out}")
+    console.print(f"wrote {count} {schema.__name__} records to {out}")
     return count
 
 
 @data_app.command("science")
+@clean_flags()
 def data_science(
     out: Out,
     sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test splits)")] =
@@ -153,8 +179,7 @@ def data_science(
                                                 "uniformly) or mistake (the wrong letter the model ranks highest)")]
     = "balanced",
     seed: int = 0,
-    no_clean: NoClean = False, no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000,
-    no_decontaminate: NoDecontam = False, against: Against = "all",
+    clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Verifiable science pairs: the model's sampled explanations and letters, labelled by the answer key."""
     from training.data import science
@@ -162,14 +187,14 @@ def data_science(
 
     if negatives not in science.NEGATIVES:
         raise fail(f"--negatives must be one of {', '.join(science.NEGATIVES)}, not {negatives!r}")
-    settings = _settings()
+    settings = load_settings()
     try:
         items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
                                    limit_per_source)
         entry = Registry(settings.models_dir).get(model)
     except (BuildError, RegistryError) as exc:
         raise fail(str(exc)) from None
-    _unwind_on_sigterm()
+    unwind_on_sigterm()
     from evals.engine import EvalEngine
 
     engine = EvalEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
@@ -184,23 +209,21 @@ def data_science(
     table = Table("", "", title=f"science data from {model}")
     for name, value in stats.rows():
         table.add_row(name, value)
-    make_console().print(table)
-    common = {"no_clean": no_clean, "no_pii": no_pii, "near_dup": near_dup, "max_chars": max_chars,
-              "no_decontaminate": no_decontaminate, "settings": settings, "against": against}
-    _clean_and_write(pairs, out, PreferencePair, title="preference pairs", **common)
+    console.print(table)
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
     if kto_out is not None:
-        _clean_and_write(unpaired, kto_out, KTOExample, title="unpaired examples", **common)
+        _clean_and_write(unpaired, kto_out, KTOExample, clean=clean, settings=settings, title="unpaired examples")
 
 
 @data_app.command("restate")
+@clean_flags()
 def data_restate(
     out: Out,
     sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test splits)")] =
     "arc_easy:train,arc_challenge:train,openbookqa:train,sciq:validation",
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
     seed: int = 0,
-    no_clean: NoClean = False, no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000,
-    no_decontaminate: NoDecontam = False, against: Against = "all",
+    clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Explain-format pairs from the answer key alone (no model needed): the reply restates the key's text, then
     its letter; rejected replies restate a wrong option, or the key with a wrong letter."""
@@ -208,7 +231,7 @@ def data_restate(
     from training.data.builders import BuildError, mcq_training_items
     from zephyr.mcq import MCQFormatError
 
-    settings = _settings()
+    settings = load_settings()
     try:
         items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
                                    limit_per_source)
@@ -222,67 +245,61 @@ def data_restate(
         except MCQFormatError:
             pass
     pairs, kinds = science.restate_pairs(usable, seed=seed)
-    make_console().print(f"{len(pairs)} restate pairs from {len(items)} questions ({len(items) - len(usable)} "
+    console.print(f"{len(pairs)} restate pairs from {len(items)} questions ({len(items) - len(usable)} "
                          f"skipped: options the MCQ format refuses); rejected: "
                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    _clean_and_write(pairs, out, PreferencePair, title="preference pairs", no_clean=no_clean, no_pii=no_pii,
-                     near_dup=near_dup, max_chars=max_chars, no_decontaminate=no_decontaminate,
-                     settings=settings, against=against)
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
 
 
 @data_app.command("hh")
+@clean_flags()
 def data_hh(
     out: Out,
     source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz "
                                                 "[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
-    no_clean: NoClean = False, no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000,
-    no_decontaminate: NoDecontam = False, against: Against = "all",
+    clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Preference pairs from Anthropic hh-rlhf transcripts."""
     from training.data.builders import BuildError, from_hh_rlhf
 
-    settings = _settings()
+    settings = load_settings()
     path = source or settings.data_dir / "hh-rlhf-helpful-base" / "test.jsonl.gz"
     try:
         pairs, skipped = from_hh_rlhf(path, limit)
     except BuildError as exc:
         raise fail(str(exc)) from None
-    make_console().print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")
-    _clean_and_write(pairs, out, PreferencePair, no_clean=no_clean, no_pii=no_pii, near_dup=near_dup,
-                     max_chars=max_chars, no_decontaminate=no_decontaminate, settings=settings, title="hh-rlhf",
-                     against=against)
+    console.print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="hh-rlhf")
 
 
 @data_app.command("review")
+@clean_flags()
 def data_review(
     source: Annotated[Path, typer.Option("--input", help="a `zephyr review export` file (dpo, kto or sft)")],
     out: Out,
-    no_clean: NoClean = False, no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000,
-    no_decontaminate: NoDecontam = False, against: Against = "all",
+    clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Training data from reviewers' verdicts: validate an export and clean it."""
     from training.data.builders import BuildError, from_review_export
 
-    settings = _settings()
+    settings = load_settings()
     try:
         fmt, records = from_review_export(source)
     except BuildError as exc:
         raise fail(str(exc)) from None
-    make_console().print(f"{len(records)} {fmt} records in {source}")
-    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], no_clean=no_clean, no_pii=no_pii, near_dup=near_dup,
-                     max_chars=max_chars, no_decontaminate=no_decontaminate, settings=settings, title=str(source),
-                     against=against)
+    console.print(f"{len(records)} {fmt} records in {source}")
+    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source))
 
 
 @data_app.command("clean")
+@clean_flags(skippable=False)
 def data_clean(
     source: Annotated[Path, typer.Option("--input", help="JSON Lines in one of the schemas")],
     out: Out,
     fmt: Annotated[str, typer.Option("--format", help="dpo (preference pairs), kto or sft")],
-    no_pii: NoPII = False, near_dup: NearDup = 0.9, max_chars: MaxChars = 8000, no_decontaminate: NoDecontam = False,
-    against: Against = "all",
+    clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Clean any data file: PII, exact and near duplicates, lengths, overlap with evaluation test sets."""
     from zephyr.schemas import DataFileError, read_jsonl
@@ -291,11 +308,9 @@ def data_clean(
         raise fail(f"--format must be one of {', '.join(SCHEMA_BY_FORMAT)}, not {fmt!r}")
     if not source.is_file():
         raise fail(f"{source} does not exist")
-    settings = _settings()
+    settings = load_settings()
     try:
         records = list(read_jsonl(source, SCHEMA_BY_FORMAT[fmt]))
     except DataFileError as exc:
         raise fail(str(exc)) from None
-    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], no_clean=False, no_pii=no_pii, near_dup=near_dup,
-                     max_chars=max_chars, no_decontaminate=no_decontaminate, settings=settings, title=str(source),
-                     against=against)
+    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,43 +9,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from zephyr.console import make_console
+from cli.common import console, csv, err, fail, load_settings, unwind_on_sigterm
 from zephyr.registry import Registry, RegistryError
 
 app = typer.Typer(help="Evaluate registry models: benchmarks, text metrics, reports and the promotion gate.",
                   no_args_is_help=True)
-console = make_console()
-err = make_console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(1)
-
-
-def _settings():
-    from pydantic import ValidationError
-
-    from zephyr.settings import Settings
-
-    try:
-        return Settings()
-    except (ValidationError, ValueError) as exc:
-        raise _fail(f"bad configuration: {exc}") from None
-
-
 def _pairs(values: list[str], option: str) -> dict[str, str]:
     pairs = {}
     for value in values:
         name, sep, source = value.partition("=")
         if not sep or not name or not source:
-            raise _fail(f"{option} takes NAME=PATH_OR_HUB_NAME, got {value!r}")
+            raise fail(f"{option} takes NAME=PATH_OR_HUB_NAME, got {value!r}")
         pairs[name.strip()] = source.strip()
     return pairs
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @app.command("run")
@@ -81,18 +56,18 @@ def run_command(
 
     # A plain SIGTERM would end the process without unwinding, leaving vLLM's engine-core and worker processes
     # running (seen here: an orphaned worker held 8 GB and a core); exiting through SystemExit shuts them down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    settings = _settings()
+    unwind_on_sigterm()
+    settings = load_settings()
     dialogrpt = {k: v for k, v in {"dialogrpt_updown": dialogrpt_updown,
                                    "dialogrpt_human_vs_rand": dialogrpt_human_vs_rand}.items() if v}
-    options = RunOptions(model=model, suite=suite, limit=limit, benchmarks=_csv(benchmarks),
+    options = RunOptions(model=model, suite=suite, limit=limit, benchmarks=csv(benchmarks),
                          sources=_pairs(data, "--data"), server=server, api_key=api_key, local=local, cloze=cloze,
                          explain=explain, gsm8k_max_tokens=gsm8k_max_tokens, reward_model=reward_model,
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)
     except (EvalError, RegistryError, datasets.DatasetError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))
     _exit_after_engine()
@@ -125,13 +100,13 @@ def calibrate_command(
     from evals import datasets
     from evals.calibrate import CalibrationError, calibrate
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_sigterm()
     if limit is not None and limit < 1:
-        raise _fail("--limit must be at least 1")
+        raise fail("--limit must be at least 1")
     try:
-        calibrate(model, _settings(), console, limit=limit, benchmarks=_csv(benchmarks), write=write, scores=scores)
+        calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores)
     except (CalibrationError, RegistryError, datasets.DatasetError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if scores is None:
         _exit_after_engine()
 
@@ -153,11 +128,11 @@ def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> 
     from evals.results import ResultStore
 
     try:
-        latest = ResultStore(_settings().resolved_eval_results_dir).latest(model)
+        latest = ResultStore(load_settings().resolved_eval_results_dir).latest(model)
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if latest is None:
-        raise _fail(f"no results for {model!r}: run `zephyr eval run --model {model} --suite mcq` first")
+        raise fail(f"no results for {model!r}: run `zephyr eval run --model {model} --suite mcq` first")
     console.print(_table(latest))
 
 
@@ -172,15 +147,15 @@ def report_command(
     from evals.report import write_report
     from evals.results import ResultStore
 
-    settings = _settings()
-    names = _csv(models) or []
+    settings = load_settings()
+    names = csv(models) or []
     if not names:
-        raise _fail("--models needs at least one model name")
+        raise fail("--models needs at least one model name")
     try:
         markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
                                       registry=Registry(settings.models_dir), reviews=reviews)
     except (ValueError, RegistryError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(f"wrote {markdown} and {html}")
 
 
@@ -195,11 +170,11 @@ def gate_command(
     from evals.gate import GateError, check
     from evals.results import ResultStore
 
-    settings = _settings()
+    settings = load_settings()
     try:
-        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, _csv(suites))
+        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, csv(suites))
     except (GateError, RegistryError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(result.table())
     if not result.passed:
         err.print(f"[red]gate failed:[/] {candidate} drops more than {max_drop} points against {baseline}")

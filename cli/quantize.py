@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from cli.common import console, err, fail, load_settings, unwind_on_sigterm
 from quant.run import GROUPED, SCHEMES
-from zephyr.console import make_console
-
-err = make_console(stderr=True, soft_wrap=True)
 
 METHOD_HELP = "; ".join(f"{m}: {', '.join(s)}" for m, s in SCHEMES.items())
 
@@ -56,13 +52,8 @@ def quantize_command(
     from quant.env import QuantEnvError
     from quant.run import QuantError, QuantOptions, quantize
     from zephyr.registry import RegistryError
-    from zephyr.settings import Settings
 
-    try:
-        settings = Settings()
-    except ValueError as exc:
-        err.print(f"[red]error:[/] bad configuration: {exc}")
-        raise typer.Exit(1) from None
+    settings = load_settings()
     options = QuantOptions(model=model, method=method, scheme=scheme, group_size=group_size, name=name,
                            calibration=calibration.expanduser() if calibration else None,
                            calibration_sources=[s.strip() for s in calibration_sources.split(",") if s.strip()],
@@ -70,18 +61,17 @@ def quantize_command(
                            awq_grid=awq_grid,
                            easyquant_form=form, outlier_sigma=outlier_sigma, easyquant_steps=steps,
                            quantize_lm_head=quantize_lm_head, overwrite=overwrite)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_sigterm()
     try:
         result = quantize(options, settings, say=err.print)  # checks every option before any work
     except (QuantError, CalibrationError, QuantEnvError, RegistryError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        raise fail(str(exc)) from None
     table = Table("", "", title=f"{result.entry.name} ({method} {options.resolved_scheme})")
     for key in ("seconds_total", "bytes_on_disk", "linear_ratio", "checkpoint_ratio", "calibration_samples"):
         if key in result.stats:
             table.add_row(key, str(result.stats[key]))
-    make_console().print(table)
-    make_console().print(f"registered {result.entry.name} at {result.entry.path}")
+    console.print(table)
+    console.print(f"registered {result.entry.name} at {result.entry.path}")
     if quantize_lm_head and method != "easyquant":
         err.print("[yellow]warning:[/] vLLM 0.32 does not load a quantized lm_head from compressed-tensors; serve a "
                   "variant made without --quantize-lm-head")

@@ -1,0 +1,42 @@
+"""What every command shares: consoles, the one-line error that exits 1, settings and the registry."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from zephyr.console import make_console
+from zephyr.registry import Registry
+from zephyr.settings import Settings
+
+console = make_console()
+err = make_console(stderr=True, soft_wrap=True)  # errors stay on one line
+
+
+def fail(message: str) -> typer.Exit:
+    """`raise fail("what to fix")`: one red line on stderr, exit code 1."""
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(1)
+
+
+def load_settings(**overrides) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValidationError, ValueError) as exc:
+        raise fail(f"bad configuration: {exc}") from None
+
+
+def registry() -> Registry:
+    return Registry(load_settings().models_dir)
+
+
+def unwind_on_sigterm() -> None:
+    """SystemExit unwinds through the finally blocks that shut vLLM's engine processes down."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
