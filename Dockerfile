@@ -17,6 +17,7 @@ COPY service ./service
 COPY evals ./evals
 COPY training ./training
 COPY quant ./quant
+COPY cli ./cli
 # CPU torch comes from PyTorch's CPU index (PyPI's default torch is the multi-GB CUDA build).
 # DL3013: ".[cpu]" is this project; its pyproject.toml pins vLLM and torch.
 # hadolint ignore=DL3013

@@ -159,3 +159,12 @@ def test_dockerfile_matches_the_settings():
     assert "USER 10001" in dockerfile and "/healthz" in dockerfile
     short_secret = helm("template", "tutor", str(CHART), "--set", "secrets.apiKeys=student:k,secrets.sessionSecret=abc")
     assert short_secret.returncode != 0 and "at least 32 characters" in short_secret.stderr
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.removesuffix("*") for p in patterns}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE))
+    assert packages <= copied, f"Dockerfile does not COPY {sorted(packages - copied)}"
