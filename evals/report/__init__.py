@@ -1,0 +1,58 @@
+"""The evaluation report: `report.md` and a self-contained `report.html` (inline CSS, plots as base64 PNG).
+
+The report is first built as a small document and then rendered twice, so the Markdown and the HTML always say
+the same thing and escaping happens in one place. By concern:
+
+- `views`: what is known about each model (merged results, registry entry) and how its figures are written;
+- `sections`: what each section says, from the views (tables, paragraphs, which plots);
+- `plots`: the matplotlib figures, PNG files under out_dir/plots;
+- `document`: the document model and its Markdown and HTML renderers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evals.results import ResultStore
+from zephyr.registry import Registry, check_name
+
+from .document import render_html, render_markdown
+from .plots import PLOT_FILES
+from .sections import build_sections, read_reviews
+from .views import collect
+
+PLOTS_DIR = "plots"
+
+
+def write_report(
+    store: ResultStore,
+    models: list[str],
+    out_dir: Path,
+    registry: Registry | None = None,
+    reviews: Path | None = None,
+) -> tuple[Path, Path]:
+    """Write out_dir/report.md, out_dir/report.html and out_dir/plots/*.png; returns (markdown, html) paths.
+
+    `reviews`, a `zephyr review export --format dpo` file, adds human win rates; ValueError when it is missing."""
+    models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if not models:
+        raise ValueError("give at least one model to report on")
+    for name in models:  # names become result paths; a bad one fails before anything is written
+        check_name(name)
+    # Read before anything is written: a bad file leaves an earlier report as it was.
+    human = (read_reviews(Path(reviews)), Path(reviews)) if reviews is not None else None
+    out_dir = Path(out_dir)
+    plots = out_dir / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    for name in PLOT_FILES:  # a plot left from an earlier report must not pass for this one's
+        (plots / name).unlink(missing_ok=True)
+    views = collect(store, models, registry)
+    sections = build_sections(views, plots, registry, human)
+    title = f"Zephyr evaluation report: {', '.join(models)}"
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path.write_text(render_markdown(title, sections, out_dir))
+    html_path.write_text(render_html(title, sections))
+    return md_path, html_path
+
+
+__all__ = ["write_report"]

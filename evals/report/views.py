@@ -1,0 +1,106 @@
+"""What the report knows about each model (its merged results and registry entry), and how its figures are written."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from evals.gate import fmt_value, is_share, scale_of
+from evals.results import EvalRun, Measurement, ResultStore
+from evals.stats import bootstrap_ci
+from zephyr.registry import Registry
+
+from .document import MISSING
+
+QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
+SERVED_METRIC = "mcq_acc_auto"  # /mcq's default method, through each model's own calibration record
+
+
+@dataclass
+class ModelView:
+    name: str
+    run: EvalRun | None
+    parent: str | None
+    method: str | None
+    size_bytes: int | None
+    quantization: dict[str, Any] | None
+    cis: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # key -> CI of the mean
+
+    def get(self, key: str) -> Measurement | None:
+        return self.run.get(key) if self.run else None
+
+    def ci(self, m: Measurement) -> tuple[float, float] | None:
+        if m.key not in self.cis:
+            try:
+                self.cis[m.key] = bootstrap_ci(list(m.items.values()))
+            except ValueError:  # no items, or NaN among them: show the score without an interval
+                self.cis[m.key] = None
+        return self.cis[m.key]
+
+
+def collect(store: ResultStore, models: list[str], registry: Registry | None) -> list[ModelView]:
+    views = []
+    for name in models:
+        run = store.latest(name)
+        entry = registry.get(name) if registry is not None and registry.exists(name) else None
+        manifest = entry.manifest if entry else None
+        size = run.size_bytes if run else None
+        views.append(
+            ModelView(
+                name=name,
+                run=run,
+                parent=(run.parent if run else None) or (manifest.parent if manifest else None),
+                method=(run.method if run else None) or (manifest.method if manifest else None),
+                size_bytes=size if size is not None else (entry.size_bytes() if entry else None),
+                quantization=run.quantization if run else None,
+            )
+        )
+    return views
+
+
+def concurrencies(ordered: list[tuple[ModelView, int | None]]) -> list[str]:
+    found = {c for v, _ in ordered if v.run for c in v.run.speed.get("tok_per_s", {})}
+    return sorted(found, key=int)
+
+
+# --- formatting ----------------------------------------------------------------------------------------------
+
+
+def fmt_size(n: int | float | None) -> str:
+    if n is None:
+        return MISSING
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_number(x: float) -> str:
+    if not math.isfinite(x):
+        return MISSING
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_score(m: Measurement, ci: tuple[float, float] | None) -> str:
+    share, scale = is_share(m.metric), scale_of(m.metric)
+    if not math.isfinite(m.score):
+        return MISSING
+    text = fmt_value(m.score * scale, share)
+    if ci is not None:
+        text += f" [{fmt_value(ci[0] * scale, share)}, {fmt_value(ci[1] * scale, share)}]"
+    return text
+
+
+def quant_summary(q: dict[str, Any] | None) -> str:
+    if not q:
+        return MISSING
+    parts = [str(q.get("quant_method", "quantized"))]
+    for key in ("format", "bits", "w_bit", "group_size", "q_group_size"):
+        if key in q and not isinstance(q[key], dict | list):
+            parts.append(f"{key}={q[key]}")
+    return " ".join(parts)
