@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-# Files that make the folder complete for the registry and the service (save_pretrained writes only the model).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
+from zephyr.registry import copy_tokenizer_files
+
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 MIN_BITSANDBYTES = "0.46.1"  # the first release with a CPU backend; transformers 5 asks for it too
@@ -103,9 +101,7 @@ def quantize_bnb(model_dir: Path, out_dir: Path, *, quant_type: str = "nf4", dou
         raise RuntimeError(f"bitsandbytes quantized no linear layer of {model_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out_dir / name)
+    copy_tokenizer_files(model_dir, out_dir)
     return {
         "method": "bnb",
         "quant_type": quant_type,

@@ -1,62 +1,8 @@
 """EasyQuant: data-free weight-only quantization (Tang et al., 2024, arXiv 2403.02775), from the paper.
 
-The method, as the paper states it (section numbers are the paper's):
-
-* **Quantizer** (eq. 1): ``Q[x] = s * clamp(round(x / s), l_min, l_max)``, symmetric, one scale ``s`` per output
-  channel. The paper writes the integer grid as ``[-2^(k-1) + 1, 2^(k-1)]``; we use its mirror image
-  ``[-2^(k-1), 2^(k-1) - 1]`` (int4: -8..7), the two's-complement range that compressed-tensors packs and vLLM
-  reads, so the codes we optimize are exactly the codes that are served. The starting scale is the min-max one,
-  ``max|x| / (2^(k-1) - 1)`` over the weights being quantized.
-* **Outlier isolation** (eq. 3, section 3.2): ``W[i, j]`` is an (n sigma) outlier when
-  ``|W[i, j] - mean(W)| >= n * sigma(W)``, with mean and sigma taken over the **whole weight matrix** (the paper
-  prints ``var(W)`` in eq. 3 but names the rule "(n sigma)" and "3-sigma threshold"; we read it as the standard
-  deviation). Default ``n = 3``: the paper uses ``n in [2.5, 3]`` and ``n = 3`` for BLOOM and LLaMA, so that
-  outliers stay under 1% of the weights. Per-output-channel statistics are available as
-  ``outlier_scope="channel"``; the default follows the paper.
-  Outliers are excluded from the scale's initialisation and optimisation and kept at full precision (eq. 4-5):
-  ``Q_EasyQuant[W] = Mask_o * W + (1 - Mask_o) * Q[W]``.
-* **Quantization range optimization** (sections 3.1 and 4.1): minimise the reconstruction error
-  ``r(W) = ||Q[W] - W||^2`` over the non-outlier weights with Adam, using the paper's gradient (eq. 2)
-  ``d r / d s = 2 * sum_i (Q[x_i] - x_i) * round(x_i / s)``: rounding does not flip under an infinitely small change
-  of ``s`` (except on a null set), so ``d Q[x] / d s = round(x / s)`` (with clipping: the clamped integer code).
-  That is the exact almost-everywhere derivative, i.e. autograd with the integer code *detached* (zero gradient
-  through ``round``); it is **not** the LSQ straight-through estimator, which would give ``round(x/s) - x/s``.
-  We compute it in closed form (``scale_gradient``); the unit tests check it against torch autograd.
-  Optimizer: Adam, as in the paper, with torch's default betas (the paper does not give them). Default steps and
-  learning rate are the paper's BLOOM setting, 100 steps at 1e-3; its LLaMA setting is 500 steps at 1e-4. Adam
-  moves ``s`` by about ``lr`` per step whatever the gradient's size, so the right rate depends on the scales'
-  magnitude: SmolLM2-135M's group-64 scales are ~0.06-0.1 (weights' std ~0.2, ten times LLaMA-7B's). Measured on
-  three of its layers (error over the non-outliers relative to the min-max start): 1e-4 x 500 steps reaches ~0.87,
-  1e-3 x 100 ~0.81, 1e-2 x 100 ~0.73, and an exhaustive per-group grid search ~0.71. The loss is piecewise quadratic
-  with many local minima for 64-element groups, so larger steps explore more; ``keep_best`` makes that safe.
-
-Choices the paper leaves open or that we add, all switchable in ``EasyQuantConfig``:
-
-* ``group_size`` (default 64): the paper quantizes per output channel ("each column shares one common
-  quantization range") and notes that finer grouping would improve it; group-wise scales are what our served
-  4-bit checkpoints use (group 64, as GPTQ/AWQ here: 576 input features rule out 128). ``group_size=None`` is the
-  paper's per-channel setting. Each group's scale is optimised independently (the loss is a sum over groups).
-* ``keep_best`` (default on): the paper takes the scale at the last step. Adam with a constant step oscillates
-  around the optimum of this piecewise-smooth loss, so we keep, per group, the scale with the lowest error seen
-  (the min-max start included): the result is never worse than the min-max scale.
-* Scales are rounded to the weight's dtype (bf16 for our checkpoints) before the final codes are computed, so the
-  stored scale and codes are exactly what is written and served; the error is re-checked after that rounding.
-* ``symmetric=False`` (not in the paper): min-max zero point from the non-outliers, kept fixed while ``s`` is
-  optimised with the same gradient (``d Q / d s = code - zero_point``).
-
-Two output forms (``quantize_model``):
-
-* ``form="int4"``: a compressed-tensors ``pack-quantized`` checkpoint (int4, symmetric, group-wise, our optimised
-  scales) that vLLM serves natively. **That format has no place for full-precision outliers: in this form the
-  outliers are clamped into their group's quantization range** (``clamp(round(w / s))``), so the served model
-  drops the outliers' precision, which is exactly the clipping the paper shows hurts (its figure 2, left). The
-  statistics report that error separately (``easyquant_clamped_rel_error``). On SmolLM2-135M it can be worse than
-  RTN: layer 0's q_proj (1.6% outliers) has relative error 0.017 with RTN, 0.0075 with EasyQuant's outliers
-  restored and 0.055 with them clamped (default config). ``keep_outliers=False`` (range optimisation over every
-  weight) gives the int4 values with the lowest reconstruction error (0.014 there).
-* ``form="dequantized"``: the paper's exact numerics in a plain bf16 checkpoint: ``dequant(q, s)`` with the
-  outliers restored bit for bit. Storing ``q * s`` in bf16 rounds it (a 4-bit code times a bf16 scale can need 11
-  significant bits; bf16 has 8), which is unavoidable in a bf16 checkpoint; outliers are copied exactly.
+The method as the paper states it, the choices it leaves open and how this module makes them, and the measured
+errors on SmolLM2-135M are in docs/quantization.md ("EasyQuant: the method as implemented"); the unit tests check
+the closed-form scale gradient against torch autograd.
 
 This module runs in the main environment: it imports torch, transformers, safetensors and compressed-tensors
 (for its packing and config schema), never vLLM or llm-compressor.
@@ -65,13 +11,14 @@ This module runs in the main environment: it imports torch, transformers, safete
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from zephyr.registry import copy_tokenizer_files
 
 __all__ = [
     "EasyQuantConfig",
@@ -87,18 +34,6 @@ __all__ = [
 
 # Group sizes we suggest when the requested one does not divide a layer's input features.
 COMMON_GROUP_SIZES = (32, 64, 128, 256)
-# Files that make an output folder a complete model next to the weights and config.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -486,15 +421,6 @@ def packed_tensors(name: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> 
     }
 
 
-def _copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
-    copied = []
-    for file in TOKENIZER_FILES:
-        if (model_dir / file).is_file():
-            shutil.copy2(model_dir / file, out_dir / file)
-            copied.append(file)
-    return copied
-
-
 def _write_int4(model: torch.nn.Module, tensors: dict[str, dict[str, torch.Tensor]], config: EasyQuantConfig,
                 out_dir: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
@@ -569,7 +495,7 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
         _write_int4(model, packed, config, out_dir)
     else:
         model.save_pretrained(out_dir)
-    _copy_tokenizer_files(model_dir, out_dir)
+    copy_tokenizer_files(model_dir, out_dir)
 
     total = sum(layer["shape"][0] * layer["shape"][1] for layer in per_layer)
     outliers = sum(layer["outliers"] for layer in per_layer)

@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quant.bnb import TOKENIZER_FILES
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, copy_tokenizer_files
 from zephyr.settings import Settings
 
 # Method -> the schemes it accepts, default first. Names are llm-compressor's presets (W4A16 = int4 weights,
@@ -258,9 +257,7 @@ def _easyquant(options: QuantOptions, parent: RegistryEntry, out_dir: Path) -> d
 
 def _complete_folder(parent_dir: Path, out_dir: Path) -> None:
     """Make sure the tokenizer and chat template travel with the weights, as the registry requires."""
-    for file in TOKENIZER_FILES:
-        if (parent_dir / file).is_file() and not (out_dir / file).is_file():
-            shutil.copy(parent_dir / file, out_dir / file)
+    copy_tokenizer_files(parent_dir, out_dir, replace=False)
 
 
 def _sizes(out_dir: Path, parent: RegistryEntry) -> dict[str, Any]:

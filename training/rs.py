@@ -1,6 +1,6 @@
-"""Rejection sampling (best-of-n), seed 003's most successful stage: draw n answers per prompt from vLLM (offline,
-or a running `zephyr serve` through the OpenAI client), keep the reward model's best, write them as SFT data
-beside the run, and fine-tune on them. The result is a registry entry with method `rs`."""
+"""Rejection sampling (best-of-n), the simplest way to train on a reward model's judgement: draw n answers per
+prompt from vLLM (offline, or a running `zephyr serve` through the OpenAI client), keep the reward model's best,
+write them as SFT data beside the run, and fine-tune on them. The result is a registry entry with method `rs`."""
 
 from __future__ import annotations
 

@@ -60,6 +60,23 @@ class RegistryEntry(BaseModel):
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
+# Files that make a folder a complete model beside its weights and config (save_pretrained and the quantizers
+# write only the model): the tokenizer, its chat template and generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+
+
+def copy_tokenizer_files(source: Path, target: Path, *, replace: bool = True) -> list[str]:
+    """Copies whichever of TOKENIZER_FILES `source` has into `target`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and (replace or not (target / name).is_file()):
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
 def check_hf_folder(path: Path) -> None:
     """Raise RegistryError unless `path` holds what vLLM needs: config, tokenizer with chat template, weights."""
     if not path.is_dir():

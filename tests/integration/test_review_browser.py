@@ -16,9 +16,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from cli.app import app as cli
 from tests.integration.conftest import REVIEWER_KEY, STUDENT_KEY
 from tests.review_data import pair
-from cli.app import app as cli
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

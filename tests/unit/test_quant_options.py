@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli.app import app
 from quant import calibration
 from quant.run import QuantError, QuantOptions, check, linear_input_features
-from cli.app import app
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings

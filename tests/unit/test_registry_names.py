@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.app import app
 from evals.results import EvalRun, ResultStore
 from loadtest.harness import linked_variant
-from cli.app import app
 from zephyr.mcq import MCQCalibration
 from zephyr.registry import ModelManifest, Registry, RegistryError
 from zephyr.schemas import Message, SFTExample, write_jsonl

@@ -10,10 +10,10 @@ import httpx
 import openai
 from typer.testing import CliRunner
 
+from cli.app import app as cli
 from loadtest.harness import linked_home
 from service.errors import sqlstate
 from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
-from cli.app import app as cli
 
 CHAT = "/v1/chat/completions"
 BODY = {"messages": [{"role": "user", "content": "What is photosynthesis?"}], "max_tokens": 8}

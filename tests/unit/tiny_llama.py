@@ -3,13 +3,11 @@ method runs real TRL steps in seconds (and vLLM can load what they produce)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from zephyr.registry import ModelManifest, Registry, RegistryEntry
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, copy_tokenizer_files
 
 TINY = "tiny-llama"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def make_tiny_llama(registry: Registry, default_model: RegistryEntry, name: str = TINY) -> RegistryEntry:
@@ -18,9 +16,7 @@ def make_tiny_llama(registry: Registry, default_model: RegistryEntry, name: str 
 
     source = registry.models_dir / f".{name}-build"
     source.mkdir(parents=True, exist_ok=True)
-    for file in TOKENIZER_FILES:
-        if (default_model.path / file).is_file():
-            shutil.copy(default_model.path / file, source / file)
+    copy_tokenizer_files(default_model.path, source)
     base = LlamaConfig.from_pretrained(default_model.path)
     # head_dim 64, as vLLM's CPU attention kernels need; two layers keep a training step well under a second.
     config = LlamaConfig(vocab_size=base.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
