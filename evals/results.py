@@ -1,4 +1,5 @@
-"""The results contract: what `zephyr eval run` writes and what reports and the gate read.
+"""The results contract: what `zephyr eval run` (and `loadtest.variants`, speed records) writes and what reports
+and the gate read.
 
 A run is a list of measurements. Each measurement keeps its per-item values keyed by item id, so two models
 measured on the same items can be compared pairwise (paired bootstrap), and a subset run (--limit) is still
@@ -12,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from zephyr.registry import check_name
 
 RUNS_DIR = "runs"
+# Two speed records without session ids pair when saved this close: loadtest.variants saved a session's records
+# together at its end, seconds apart, before sessions were named.
+SAME_SESSION_SECONDS = 120.0
 
 
 class Measurement(BaseModel):
@@ -39,6 +43,52 @@ class Measurement(BaseModel):
         return suite_of(self.benchmark)
 
 
+class SpeedRecord(BaseModel):
+    """Served speed and memory of one model, as `loadtest.variants` records it (a run of suite "speed"): medians
+    over rounds. Per-concurrency figures are keyed by the number of concurrent requests as a string ("1", "8"),
+    as JSON object keys are. Every field is optional: a run that measured no speed holds an empty record, and
+    records saved before sessions were named have no `session`."""
+
+    model_config = ConfigDict(extra="allow")  # a figure this model does not name yet is kept, not dropped
+
+    tok_per_s: dict[str, float] = {}  # output tokens per second
+    ttft_p50_ms: dict[str, float] = {}
+    latency_p50_s: dict[str, float] = {}
+    latency_p95_s: dict[str, float] = {}
+    rss_peak_bytes: int | None = None  # the server and its engine processes together
+    rss_idle_bytes: float | None = None
+    cold_start_s: float | None = None
+    session: str | None = None  # one loadtest.variants invocation: speeds compare only within one
+    measured_at: datetime | None = None  # when the run holding it was saved; set by ResultStore.latest, not saved
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the record holds anything (every run has one; only speed runs fill it)."""
+        return bool(self.saved_form())
+
+    def saved_form(self) -> dict[str, Any]:
+        """What a results file holds: the figures that were recorded (nothing for the rest), without the time
+        a merged view adds."""
+        return self.model_dump(mode="json", exclude_defaults=True, exclude={"measured_at"})
+
+    def levels(self) -> list[str]:
+        """The concurrencies measured, in increasing order."""
+        return sorted(self.tok_per_s, key=int)
+
+    def same_session(self, other: SpeedRecord) -> bool:
+        """Whether two records come from one `loadtest.variants` session: the same session id, or, for records
+        from before sessions were named, saved within SAME_SESSION_SECONDS of each other."""
+        if self.session and other.session:
+            return self.session == other.session
+        if self.measured_at is None or other.measured_at is None:
+            return False
+        try:
+            gap = self.measured_at - other.measured_at
+        except TypeError:  # one naive, one aware: not comparable
+            return False
+        return abs(gap.total_seconds()) <= SAME_SESSION_SECONDS
+
+
 class EvalRun(BaseModel):
     model: str
     parent: str | None = None
@@ -49,11 +99,15 @@ class EvalRun(BaseModel):
     size_bytes: int | None = None
     quantization: dict[str, Any] | None = None  # the checkpoint's quantization_config, if any
     engine: dict[str, Any] = {}  # how it was measured: dtype, max_model_len, versions, server URL
-    speed: dict[str, Any] = {}  # throughput/latency figures when recorded (quantization comparisons)
+    speed: SpeedRecord = Field(default_factory=SpeedRecord)  # filled by loadtest.variants (quantization comparisons)
     measurements: list[Measurement] = []
 
     def get(self, key: str) -> Measurement | None:
         return next((m for m in self.measurements if m.key == key), None)
+
+    @field_serializer("speed")
+    def _speed_as_saved(self, speed: SpeedRecord) -> dict[str, Any]:
+        return speed.saved_form()
 
 
 SUITE_BENCHMARKS = {
@@ -107,12 +161,13 @@ class ResultStore:
         for run in runs:
             for m in run.measurements:
                 merged[m.key] = m
-        speed: dict[str, Any] = {}
+        speed = SpeedRecord()
         for run in runs:
-            if run.speed:
-                # Which measurement it was: speeds compare only within one session (see evals.report).
-                speed.pop("session", None)
-                speed.update({"measured_at": run.created_at.isoformat(), **run.speed})
+            if run.speed.recorded:
+                # Figures a newer record lacks stay from an older one, but never its session: which measurement
+                # it was decides what it may be compared with (SpeedRecord.same_session).
+                speed = speed.model_copy(update={"session": None, "measured_at": run.created_at,
+                                                 **run.speed.model_dump(exclude_unset=True)})
         # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
         described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                      for field in ("parent", "method", "size_bytes", "quantization")}

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 from rich.table import Table
 
+from evals.results import EvalRun, ResultStore, SpeedRecord
 from loadtest import harness
 from loadtest.bench import Level, chat_level
 from loadtest.harness import percentile
@@ -112,28 +113,26 @@ async def measure(model: str, args: argparse.Namespace, env: dict[str, str], out
         stop(process)
 
 
-def summarise(levels: list[Level], memory: list[dict[str, float]]) -> dict:
+def summarise(levels: list[Level], memory: list[dict[str, float]]) -> SpeedRecord:
     """Median over rounds of each figure, per concurrency: what the eval results record as `speed`."""
-    speed: dict[str, dict[str, float] | float] = {"tok_per_s": {}, "ttft_p50_ms": {}, "latency_p50_s": {},
-                                                  "latency_p95_s": {}}
+    tok, ttft, p50, p95 = {}, {}, {}, {}
     for conc in sorted({lv.concurrency for lv in levels}):
         at = [lv for lv in levels if lv.concurrency == conc]
-        speed["tok_per_s"][str(conc)] = round(statistics.median(lv.tok_s for lv in at), 1)
-        speed["ttft_p50_ms"][str(conc)] = round(statistics.median(percentile(lv.ttft_s, 0.5) for lv in at) * 1000)
-        speed["latency_p50_s"][str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.5) for lv in at), 2)
-        speed["latency_p95_s"][str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.95) for lv in at), 2)
-    speed["rss_peak_bytes"] = max(m["rss_peak_bytes"] for m in memory)
-    speed["rss_idle_bytes"] = statistics.median(m["rss_idle_bytes"] for m in memory)
-    speed["cold_start_s"] = round(statistics.median(m["cold_start_s"] for m in memory), 1)
-    return speed
+        tok[str(conc)] = round(statistics.median(lv.tok_s for lv in at), 1)
+        ttft[str(conc)] = round(statistics.median(percentile(lv.ttft_s, 0.5) for lv in at) * 1000)
+        p50[str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.5) for lv in at), 2)
+        p95[str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.95) for lv in at), 2)
+    return SpeedRecord(tok_per_s=tok, ttft_p50_ms=ttft, latency_p50_s=p50, latency_p95_s=p95,
+                       rss_peak_bytes=max(m["rss_peak_bytes"] for m in memory),
+                       rss_idle_bytes=statistics.median(m["rss_idle_bytes"] for m in memory),
+                       cold_start_s=round(statistics.median(m["cold_start_s"] for m in memory), 1))
 
 
-def save(model: str, registry: Registry, settings: Settings, speed: dict, args: argparse.Namespace,
+def save(model: str, registry: Registry, settings: Settings, speed: SpeedRecord, args: argparse.Namespace,
          session: str) -> Path:
-    from evals.results import EvalRun, ResultStore
-
     entry = registry.get(model)
-    speed = {**speed, "session": session}  # the report sets speeds against each other only within one session
+    # The report sets speeds against each other only within one session.
+    speed = speed.model_copy(update={"session": session})
     run = EvalRun(model=model, parent=entry.manifest.parent, method=entry.manifest.method, suite="speed",
                   size_bytes=entry.size_bytes(), quantization=quantization_config(entry), speed=speed,
                   engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib, "max_tokens": args.max_tokens,
@@ -143,7 +142,7 @@ def save(model: str, registry: Registry, settings: Settings, speed: dict, args: 
     return ResultStore(settings.resolved_eval_results_dir).save(run)
 
 
-def table(results: dict[str, dict], concurrency: list[int], base: str) -> Table:
+def table(results: dict[str, SpeedRecord], concurrency: list[int], base: str) -> Table:
     out = Table(title="Served by zephyr serve on this machine (median of rounds)")
     out.add_column("model")
     out.add_column("RSS peak", justify="right")
@@ -152,11 +151,11 @@ def table(results: dict[str, dict], concurrency: list[int], base: str) -> Table:
         out.add_column(f"x {base}", justify="right")
         out.add_column(f"p50 latency c={conc}", justify="right")
     for model, speed in results.items():
-        row = [model, f"{speed['rss_peak_bytes'] / 2**30:.2f} GiB"]
+        row = [model, f"{(speed.rss_peak_bytes or 0) / 2**30:.2f} GiB"]
         for conc in concurrency:
-            tok = speed["tok_per_s"][str(conc)]
-            row += [f"{tok:.1f}", f"{tok / results[base]['tok_per_s'][str(conc)]:.2f}x",
-                    f"{speed['latency_p50_s'][str(conc)]:.2f} s"]
+            tok = speed.tok_per_s[str(conc)]
+            row += [f"{tok:.1f}", f"{tok / results[base].tok_per_s[str(conc)]:.2f}x",
+                    f"{speed.latency_p50_s[str(conc)]:.2f} s"]
         out.add_row(*row)
     return out
 

@@ -95,7 +95,7 @@ def plot_quantized(ordered: list[tuple[ModelView, int | None]], acc_keys: list[s
     # One colour per model in both panels; legends, not labels beside the points, which overlap at equal sizes.
     colour = {v.name: f"C{i % 10}" for i, (v, _) in enumerate(ordered)}
     for v, _ in ordered:
-        tok = v.run.speed.get("tok_per_s", {}) if v.run else {}
+        tok = v.run.speed.tok_per_s if v.run else {}
         if tok:
             xs = [int(c) for c in levels if c in tok]
             speed_ax.plot(xs, [tok[str(x)] for x in xs], marker="o", label=v.name, color=colour[v.name])

@@ -13,7 +13,7 @@ import numpy as np
 
 from evals.gate import compare_runs, fmt_delta, fmt_value, is_share, order_key
 from evals.preference import human_win_rates, rm_win_rate
-from evals.results import SUITE_BENCHMARKS
+from evals.results import SUITE_BENCHMARKS, SpeedRecord
 from zephyr.registry import Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -193,7 +193,7 @@ def _quantized(views: list[ModelView], registry: Registry | None, plots: Path) -
         ratio = f"{v.size_bytes / base_size:.2f}x" if v.size_bytes and base_size else MISSING
         accs = [fmt_value(m.score * 100, True) if (m := v.get(k)) else MISSING for k in acc_keys]
         same = [_same_letter(v, by_name.get(v.parent or ""), k) for k in letter_keys]
-        rss = v.run.speed.get("rss_peak_bytes") if v.run else None
+        rss = v.run.speed.rss_peak_bytes if v.run else None
         rows.append([v.name, v.method or MISSING, quant_summary(v.quantization), fmt_size(v.size_bytes), ratio,
                      linear_ratio(v), fmt_size(rss) if rss else MISSING, *accs, *same])
     blocks: list[Any] = [DocTable(
@@ -237,39 +237,24 @@ def _speed_table(ordered: list[tuple[ModelView, int | None]]) -> DocTable | None
     header.append("p50 TTFT @1 (ms)")
     rows = []
     for v, _ in ordered:
-        speed = v.run.speed if v.run else {}
-        tok = speed.get("tok_per_s", {})
+        speed = v.run.speed if v.run else SpeedRecord()
+        tok = speed.tok_per_s
         parent = by_name.get(v.parent) if v.parent else None
-        parent_speed = parent.run.speed if parent and parent.run else {}
-        parent_tok = parent_speed.get("tok_per_s", {}) if same_session(speed, parent_speed) else {}
+        parent_speed = parent.run.speed if parent and parent.run else SpeedRecord()
+        parent_tok = parent_speed.tok_per_s if speed.same_session(parent_speed) else {}
         row = [v.name]
         for c in levels:
             ratio = f"{tok[c] / parent_tok[c]:.2f}x" if c in tok and parent_tok.get(c) else MISSING
-            latency = speed.get("latency_p50_s", {}).get(c)
+            latency = speed.latency_p50_s.get(c)
             row += [fmt_number(tok[c]) if c in tok else MISSING, ratio if v.parent else "1.00x" if c in tok
                     else MISSING, fmt_number(latency) if latency is not None else MISSING]
-        ttft = speed.get("ttft_p50_ms", {}).get(levels[0])
+        ttft = speed.ttft_p50_ms.get(levels[0])
         row.append(fmt_number(ttft) if ttft is not None else MISSING)
         rows.append(row)
     return DocTable(header, rows, caption="streaming chats of 64 tokens served by `zephyr serve` on the machine that "
                     "ran `loadtest.variants` (median of rounds); @N: N concurrent requests; vs parent: only against "
                     "the parent measured in the same `loadtest.variants` session (— otherwise: one model's speed "
                     "moves by up to a quarter between sessions on one machine, as much as some variants differ)")
-
-
-SAME_SESSION_SECONDS = 120.0
-
-
-def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two speed records come from one `loadtest.variants` session. Records from before sessions were
-    named were saved together at the end of their session, seconds apart."""
-    if a.get("session") and b.get("session"):
-        return a["session"] == b["session"]
-    try:
-        gap = datetime.fromisoformat(a["measured_at"]) - datetime.fromisoformat(b["measured_at"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return abs(gap.total_seconds()) <= SAME_SESSION_SECONDS
 
 
 def _calibration(views: list[ModelView], plots: Path) -> Section | None:

@@ -60,7 +60,8 @@ def collect(store: ResultStore, models: list[str], registry: Registry | None) ->
 
 
 def concurrencies(ordered: list[tuple[ModelView, int | None]]) -> list[str]:
-    found = {c for v, _ in ordered if v.run for c in v.run.speed.get("tok_per_s", {})}
+    """Every concurrency any of these models' speed records measured, in increasing order."""
+    found = {c for v, _ in ordered if v.run for c in v.run.speed.levels()}
     return sorted(found, key=int)
 
 
