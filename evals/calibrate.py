@@ -24,8 +24,9 @@ from zephyr import mcq
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
-CALIBRATION_SPLITS = {"arc_easy": "validation", "arc_challenge": "validation", "mmlu": "validation",
-                      "sciq": "validation", "openbookqa": "train"}
+# Each MCQ benchmark's validation split, or its train split where validation is the split we report.
+CALIBRATION_SPLITS = {name: "train" if datasets.BENCHMARKS[name].eval_split == "validation" else "validation"
+                      for name in datasets.MCQ_BENCHMARKS}
 OPENBOOKQA_TRAIN_QUESTIONS = 500  # as many as its dev split, from the train split's start
 
 

@@ -11,30 +11,26 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, suite_of
+from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
+    SERVED_METRICS,
+    SUITE_BENCHMARKS,
+    EvalRun,
+    Measurement,
+    ResultStore,
+    is_share,
+    scale_of,
+    suite_of,
+)
 from evals.stats import PairedDelta, paired_bootstrap
 from zephyr.registry import check_name
 
 DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
-SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc")
-# /mcq's default method, measured through each model's own calibration record: where both models have it for a
-# benchmark, it alone decides that benchmark's verdict (the other formats are shown for information).
-SERVED_METRICS = ("mcq_acc_auto", "mcq_acc_auto_server")
 # A delta of exactly -max_drop must pass; float subtraction (0.51 - 0.52) lands a hair below it.
 _TOLERANCE = 1e-9
 
 
 class GateError(Exception):
     """The gate cannot be evaluated; the message says what to run or change."""
-
-
-def is_share(metric: str) -> bool:
-    """Accuracy-like metrics: a share in [0, 1], compared in percentage points."""
-    return metric.startswith(SHARE_PREFIXES)
-
-
-def scale_of(metric: str) -> float:
-    return 100.0 if is_share(metric) else 1.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +230,8 @@ def check(
             f"({candidate}: {', '.join(have[candidate]) or 'none'}; {baseline}: {', '.join(have[baseline]) or 'none'})"
             f". Run `zephyr eval run --model NAME --suite {suites[0]}` for both models"
         )
+    # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
+    # other formats are shown for information).
     served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
     rows = [GateRow(**vars(row), passed=row.delta >= -max_drop - _TOLERANCE,
                     gating=suite_of(row.benchmark) != "mcq" or row.benchmark not in served

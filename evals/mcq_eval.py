@@ -13,7 +13,7 @@ import yaml
 from tqdm import tqdm
 
 from evals.datasets import MMLU_STEM, write_items
-from evals.results import Measurement, measurement
+from evals.results import Measurement, measurement, method_metric
 from zephyr import mcq
 from zephyr.schemas import MCQItem
 
@@ -151,12 +151,8 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
                                "letter_logprobs": letter_logprobs}
     if explain:
         details["explanations"] = {item.id: text for item, text in zip(items, explanations, strict=True)}
-    return measurement(name, "letter_acc_explain" if explain else "letter_acc", split, values,
+    return measurement(name, method_metric("explain" if explain else "letter"), split, values,
                        groups=_groups(items, values), seconds=seconds, details=details)
-
-
-SERVER_METRICS = {"letter": "letter_acc_server", "explain": "letter_acc_explain_server",
-                  "cloze": "cloze_acc_server", "auto": "mcq_acc_auto_server"}
 
 
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
@@ -199,7 +195,7 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
     values = {item.id: float(answers[item.id] == item.answer) for item in accepted}
     probabilities = {item.id: list(result["probabilities"].values())
                      for item, result in zip(accepted, results, strict=True)}
-    return measurement(name, SERVER_METRICS[method], split, values, groups=_groups(accepted, values),
+    return measurement(name, method_metric(method, server=True), split, values, groups=_groups(accepted, values),
                        seconds=seconds, details={"answers": answers, "probabilities": probabilities,
                                                  "excluded": excluded, "url": url,
                                                  "method": results[0]["method"] if results else method})

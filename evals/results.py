@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
+from evals.datasets import MCQ_BENCHMARKS
 from zephyr.registry import check_name
 
 RUNS_DIR = "runs"
@@ -110,8 +111,10 @@ class EvalRun(BaseModel):
         return speed.saved_form()
 
 
+# In run order (the text suite reuses the gsm8k suite's generations); the MCQ benchmarks are those evals.datasets
+# can load, in its order.
 SUITE_BENCHMARKS = {
-    "mcq": ("arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa"),
+    "mcq": MCQ_BENCHMARKS,
     "gsm8k": ("gsm8k",),
     "text": ("sciq_text", "gsm8k_text", "rm"),
 }
@@ -119,6 +122,33 @@ SUITE_BENCHMARKS = {
 
 def suite_of(benchmark: str) -> str:
     return next((suite for suite, names in SUITE_BENCHMARKS.items() if benchmark in names), "other")
+
+
+# --- metric names --------------------------------------------------------------------------------------------
+
+# The metric each /mcq method (zephyr.mcq.METHODS) is recorded under when scored in process; scored through a
+# running server's /mcq, the same name ends in SERVER_SUFFIX.
+METHOD_METRICS = {"auto": "mcq_acc_auto", "letter": "letter_acc", "cloze": "cloze_acc", "explain": "letter_acc_explain"}
+SERVER_SUFFIX = "_server"
+SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc")
+
+
+def method_metric(method: str, server: bool = False) -> str:
+    """The metric of one /mcq method, in process or through a server (KeyError for an unknown method)."""
+    return METHOD_METRICS[method] + (SERVER_SUFFIX if server else "")
+
+
+# /mcq's default method, measured through each model's own calibration record, in process and through a server.
+SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
+
+
+def is_share(metric: str) -> bool:
+    """Accuracy-like metrics: a share in [0, 1], compared in percentage points."""
+    return metric.startswith(SHARE_PREFIXES)
+
+
+def scale_of(metric: str) -> float:
+    return 100.0 if is_share(metric) else 1.0
 
 
 def measurement(benchmark: str, metric: str, split: str, items: dict[str, float], **extra: Any) -> Measurement:

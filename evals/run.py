@@ -12,13 +12,13 @@ from typing import Any
 from rich.console import Console
 
 from evals import datasets
-from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, summary
+from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, method_metric, summary
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
 from zephyr.settings import Settings
 
-SUITES = ("mcq", "gsm8k", "text")  # in run order: the text suite reuses the gsm8k suite's generations
+SUITES = tuple(SUITE_BENCHMARKS)  # in run order: the text suite reuses the gsm8k suite's generations
 TEXT_MAX_TOKENS = 128
 
 
@@ -199,7 +199,7 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                 scores = mcq_eval.option_scores(
                     items, next((x for x in out if x.key == f"{name}/letter_acc"), None),
                     next((x for x in out if x.key == f"{name}/cloze_acc"), None))
-                m = mcq_eval.planned(name, split, items, scores, auto, "mcq_acc_auto")
+                m = mcq_eval.planned(name, split, items, scores, auto, method_metric("auto"))
                 figures = m.details["calibration"]
                 console.print(f"{name} auto ({auto.method}{', calibrated' if auto.calibrated else ''}): "
                               f"{m.score:.1%} of {m.n}, ECE {figures['ece']:.3f}, Brier {figures['brier']:.3f}")
@@ -219,8 +219,7 @@ def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Cons
             m = mcq_eval.via_server(options.server, options.api_key, name, split, items, method=method)
             console.print(f"{name} {method} via {options.server} ({m.details['method']}): {m.score:.1%} of "
                           f"{m.n} in {m.seconds:.1f} s")
-            local_metric = {"explain": "letter_acc_explain", "letter": "letter_acc", "auto": "mcq_acc_auto"}[method]
-            mine = next((x for x in local if x.benchmark == name and x.metric == local_metric), None)
+            mine = next((x for x in local if x.benchmark == name and x.metric == method_metric(method)), None)
             if mine is not None:
                 same = sum(mine.details["answers"][i] == a for i, a in m.details["answers"].items())
                 m.details["same_answer_as_local"] = same

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from evals.gate import is_share, order_key
+from evals.gate import order_key
+from evals.results import is_share
 
 from .document import DocFigure
 from .views import ModelView, concurrencies

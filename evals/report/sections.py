@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from evals.gate import compare_runs, fmt_delta, fmt_value, is_share, order_key
+from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import human_win_rates, rm_win_rate
-from evals.results import SUITE_BENCHMARKS, SpeedRecord
+from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
 from zephyr.registry import Registry
 
 from .document import MISSING, Block, DocTable, Section

@@ -6,15 +6,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from evals.gate import fmt_value, is_share, scale_of
-from evals.results import EvalRun, Measurement, ResultStore
+from evals.gate import fmt_value
+from evals.results import EvalRun, Measurement, ResultStore, is_share, method_metric, scale_of
 from evals.stats import bootstrap_ci
 from zephyr.registry import Registry
 
 from .document import MISSING
 
 QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
-SERVED_METRIC = "mcq_acc_auto"  # /mcq's default method, through each model's own calibration record
+SERVED_METRIC = method_metric("auto")  # /mcq's default method, through each model's own calibration record
 
 
 @dataclass
