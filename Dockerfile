@@ -14,6 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY zephyr ./zephyr
 COPY service ./service
+COPY offline ./offline
 COPY evals ./evals
 COPY training ./training
 COPY quant ./quant

@@ -51,8 +51,8 @@ def run_command(
         envvar="ZEPHYR_DIALOGRPT_HUMAN_VS_RAND_PATH", help="Folder of microsoft/DialogRPT-human-vs-rand")] = None,
 ) -> None:
     """Measure MODEL and store the results (ZEPHYR_EVAL_RESULTS_DIR, and a summary in the model's manifest)."""
-    from evals import datasets
     from evals.run import EvalError, RunOptions, run
+    from offline.benchmarks import DatasetError
 
     # A plain SIGTERM would end the process without unwinding, leaving vLLM's engine-core and worker processes
     # running (seen here: an orphaned worker held 8 GB and a core); exiting through SystemExit shuts them down.
@@ -66,7 +66,7 @@ def run_command(
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)
-    except (EvalError, RegistryError, datasets.DatasetError) as exc:
+    except (EvalError, RegistryError, DatasetError) as exc:
         raise fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))
@@ -97,15 +97,15 @@ def calibrate_command(
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
-    from evals import datasets
     from evals.calibrate import CalibrationError, calibrate
+    from offline.benchmarks import DatasetError
 
     unwind_on_sigterm()
     if limit is not None and limit < 1:
         raise fail("--limit must be at least 1")
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores)
-    except (CalibrationError, RegistryError, datasets.DatasetError) as exc:
+    except (CalibrationError, RegistryError, DatasetError) as exc:
         raise fail(str(exc)) from None
     if scores is None:
         _exit_after_engine()

@@ -182,8 +182,8 @@ def data_science(
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Verifiable science pairs: the model's sampled explanations and letters, labelled by the answer key."""
+    from offline.benchmarks import SourceError, mcq_training_items
     from training.data import science
-    from training.data.builders import BuildError, mcq_training_items
 
     if negatives not in science.NEGATIVES:
         raise fail(f"--negatives must be one of {', '.join(science.NEGATIVES)}, not {negatives!r}")
@@ -192,12 +192,12 @@ def data_science(
         items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
                                    limit_per_source)
         entry = Registry(settings.models_dir).get(model)
-    except (BuildError, RegistryError) as exc:
+    except (SourceError, RegistryError) as exc:
         raise fail(str(exc)) from None
     unwind_on_sigterm()
-    from evals.engine import EvalEngine
+    from offline.engine import OfflineEngine
 
-    engine = EvalEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
+    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
     try:
         samples, direct, skipped = science.sample(engine.llm, engine.tokenizer, items, k=k,
                                                   explain_items=explain_questions, temperature=temperature,
@@ -227,15 +227,15 @@ def data_restate(
 ) -> None:
     """Explain-format pairs from the answer key alone (no model needed): the reply restates the key's text, then
     its letter; rejected replies restate a wrong option, or the key with a wrong letter."""
+    from offline.benchmarks import SourceError, mcq_training_items
     from training.data import science
-    from training.data.builders import BuildError, mcq_training_items
     from zephyr.mcq import MCQFormatError
 
     settings = load_settings()
     try:
         items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
                                    limit_per_source)
-    except BuildError as exc:
+    except SourceError as exc:
         raise fail(str(exc)) from None
     usable = []
     for item in items:

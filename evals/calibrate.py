@@ -17,16 +17,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from evals import calibration, datasets, mcq_eval
+from evals import calibration, mcq_eval
 from evals.results import ResultStore
 from evals.run import needs_transformers
+from offline.benchmarks import BENCHMARKS, MCQ_BENCHMARKS, load
 from zephyr import mcq
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
 # Each MCQ benchmark's validation split, or its train split where validation is the split we report.
-CALIBRATION_SPLITS = {name: "train" if datasets.BENCHMARKS[name].eval_split == "validation" else "validation"
-                      for name in datasets.MCQ_BENCHMARKS}
+CALIBRATION_SPLITS = {name: "train" if BENCHMARKS[name].eval_split == "validation" else "validation"
+                      for name in MCQ_BENCHMARKS}
 OPENBOOKQA_TRAIN_QUESTIONS = 500  # as many as its dev split, from the train split's start
 
 
@@ -42,7 +43,7 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
         split = CALIBRATION_SPLITS[name]
         cap = OPENBOOKQA_TRAIN_QUESTIONS if name == "openbookqa" else None
         cap = min(x for x in (cap, limit) if x is not None) if (cap or limit) else None
-        data[name] = (split, datasets.load(name, split=split, data_dir=settings.data_dir, limit=cap))
+        data[name] = (split, load(name, split=split, data_dir=settings.data_dir, limit=cap))
     return data
 
 
@@ -61,7 +62,8 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
     try:
         letters = {name: engine.letter(name, split, items) for name, (split, items) in data.items()}
         with tempfile.TemporaryDirectory(prefix="zephyr-calibrate-") as workdir:
-            cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm, data, Path(workdir)) if m.metric == "cloze_acc"}
+            cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm_eval_model, data, Path(workdir))
+                     if m.metric == "cloze_acc"}
     finally:
         engine.shutdown()
     scored: dict[str, list[calibration.Scored]] = {}

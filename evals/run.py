@@ -11,8 +11,8 @@ from typing import Any
 
 from rich.console import Console
 
-from evals import datasets
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, method_metric, summary
+from offline import benchmarks
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
@@ -52,11 +52,11 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
         raise EvalError("--limit must be at least 1")
     entry = registry.get(options.model)
     for name in options.benchmarks or []:
-        if name not in datasets.MCQ_BENCHMARKS:
-            raise EvalError(f"unknown MCQ benchmark {name!r}; known: {', '.join(datasets.MCQ_BENCHMARKS)}")
+        if name not in benchmarks.MCQ_BENCHMARKS:
+            raise EvalError(f"unknown MCQ benchmark {name!r}; known: {', '.join(benchmarks.MCQ_BENCHMARKS)}")
     for name in options.sources:
-        if name not in datasets.BENCHMARKS:
-            raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(datasets.BENCHMARKS)}")
+        if name not in benchmarks.BENCHMARKS:
+            raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(benchmarks.BENCHMARKS)}")
     if not options.local and not options.server:
         raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
     generation = [suite for suite in suites if suite != "mcq"]
@@ -92,7 +92,7 @@ def suites_of(suite: str) -> list[str]:
 
 
 def _load(name: str, options: RunOptions, settings: Settings, split: str | None = None) -> list[Any]:
-    return datasets.load(name, split=split, source=options.sources.get(name), data_dir=settings.data_dir,
+    return benchmarks.load(name, split=split, source=options.sources.get(name), data_dir=settings.data_dir,
                          limit=options.limit)
 
 
@@ -102,16 +102,16 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     entry = check_options(options, settings, registry)
     store = ResultStore(settings.resolved_eval_results_dir)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
-    mcq_names = list(options.benchmarks or datasets.MCQ_BENCHMARKS)
+    mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)
     data: dict[str, tuple[str, list[Any]]] = {}
     suites = suites_of(options.suite)
     if "mcq" in suites:
         for name in mcq_names:
-            split = datasets.BENCHMARKS[name].eval_split
+            split = benchmarks.BENCHMARKS[name].eval_split
             data[name] = (split, _load(name, options, settings))
     if "gsm8k" in suites or "text" in suites:
         data["gsm8k"] = ("test", _load("gsm8k", options, settings))
-        data["gsm8k_train"] = ("train", datasets.load("gsm8k", split="train", data_dir=settings.data_dir))
+        data["gsm8k_train"] = ("train", benchmarks.load("gsm8k", split="train", data_dir=settings.data_dir))
     if "text" in suites:
         data["sciq_text"] = ("test", _load("sciq", options, settings))
     text_tools = _text_tools(options, settings, registry, console) if "text" in suites else None
@@ -182,7 +182,7 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
             out.append(m)
         if options.cloze:
             with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as workdir:
-                cloze = mcq_eval.cloze(engine.lm, {n: data[n] for n in names}, Path(workdir))
+                cloze = mcq_eval.cloze(engine.lm_eval_model, {n: data[n] for n in names}, Path(workdir))
             for m in cloze:
                 console.print(f"{m.benchmark} {m.metric}: {m.score:.1%} of {m.n} (~{m.seconds:.0f} s)")
             cache = cloze[0].details.get("prefix_cache_all_benchmarks") if cloze else None
@@ -262,7 +262,7 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
             tools.skipped[metric] = str(exc)
             console.print(f"[yellow]skipping {metric}:[/] {exc}")
     if options.reward_model:
-        from evals.preference import RewardModel
+        from offline.reward import RewardModel
 
         path = Path(options.reward_model)
         if not path.exists():

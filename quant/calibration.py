@@ -2,7 +2,7 @@
 
 GPTQ and AWQ fit each layer to the activations the calibration text produces, so it should look like what the
 tutor serves: a student's science question, with or without lettered options, and an answer that explains. The
-questions come from training splits only (`training.data.builders` refuses test and reported splits), and every
+questions come from training splits only (`offline.benchmarks` refuses test and reported splits), and every
 sample is rendered with the model's own chat template, as the service renders it."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def tutoring_chat(item: MCQItem, style: str) -> list[dict[str, str]]:
 
 def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed: int = 0) -> list[list[dict]]:
     """`samples` chats drawn evenly from the sources (name:split), alternating the mcq and open styles."""
-    from training.data.builders import BuildError, mcq_training_items
+    from offline.benchmarks import SourceError, mcq_training_items
 
     rng = random.Random(seed)
     per_source = -(-samples // len(sources))
@@ -46,7 +46,7 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
     for source in sources:
         try:
             items = mcq_training_items([source], data_dir)
-        except BuildError as exc:
+        except SourceError as exc:
             raise CalibrationError(str(exc)) from None
         for i, item in enumerate(rng.sample(items, min(per_source, len(items)))):
             chats.append(tutoring_chat(item, "mcq" if i % 2 == 0 else "open"))

@@ -49,9 +49,9 @@ def sample_offline(model_path: Path, prompts: list[Conversation], spec: Sampling
                    settings: Settings) -> list[list[str]]:
     from vllm import SamplingParams, TokensPrompt
 
-    from evals.engine import EvalEngine
+    from offline.engine import OfflineEngine
 
-    engine = EvalEngine(model_path, settings.model_copy(update={"seed": spec.seed}))
+    engine = OfflineEngine(model_path, settings.model_copy(update={"seed": spec.seed}))
     try:
         tokenizer = engine.tokenizer
         encoded = [TokensPrompt(prompt_token_ids=tokenizer.encode(
@@ -126,7 +126,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     else:
         answers = sample_offline(base.path, prompts, spec, settings)
 
-    from evals.preference import RewardModel
+    from offline.reward import RewardModel
 
     examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward)
     if not examples:

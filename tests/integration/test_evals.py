@@ -42,12 +42,12 @@ CLOZE_CACHE_CHECK = """
 import json, sys
 from pathlib import Path
 from vllm import SamplingParams, TokensPrompt
-from evals.engine import EvalEngine
+from offline.engine import OfflineEngine
 from zephyr.settings import Settings
 
 
 def main():
-    engine = EvalEngine(Path(sys.argv[1]), Settings())
+    engine = OfflineEngine(Path(sys.argv[1]), Settings())
     tok = engine.tokenizer
     preamble = "Plants, animals and the rocks beneath them are studied by scientists in many fields. "
     options = [" the process by which green plants make food from light and water",
@@ -57,13 +57,13 @@ def main():
     for k in range(24):
         context = tok.encode(preamble * (1 + k // 8) + "filler " * k + "Question: What is photosynthesis?\\nAnswer:")
         requests += [(None, context, tok.encode(option)) for option in options]
-    cached = engine.lm._loglikelihood_tokens(requests)
+    cached = engine.lm_eval_model._loglikelihood_tokens(requests)
     plain = engine.llm.generate([TokensPrompt(prompt_token_ids=c + o) for _, c, o in requests],
                                 SamplingParams(prompt_logprobs=1, max_tokens=1, detokenize=False), use_tqdm=False)
     plain_scores = [sum(out.prompt_logprobs[i][(c + o)[i]].logprob for i in range(len(c), len(c) + len(o)))
                     for out, (_, c, o) in zip(plain, requests, strict=True)]
     print("RESULT " + json.dumps({"cached": [score for score, _ in cached], "plain": plain_scores,
-                                  "stats": engine.lm.prefix_stats}))
+                                  "stats": engine.lm_eval_model.prefix_stats}))
     engine.shutdown()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evals import datasets
-from evals.datasets import DatasetError, load
+from offline import benchmarks
+from offline.benchmarks import DatasetError, load
 
 
 def write_arc(path: Path, rows: list[tuple[str, list[str], str, list[str] | None]]) -> Path:
@@ -56,7 +56,7 @@ def test_mmlu_subjects_stem_and_round_robin_limit(tmp_path):
     assert {i.subject: i.answer for i in items} == {"anatomy": "A", "college_physics": "D", "world_religions": "B"}
     limited = load("mmlu", data_dir=tmp_path, limit=4)
     assert Counter(i.subject for i in limited) == {"anatomy": 2, "college_physics": 1, "world_religions": 1}
-    assert "college_physics" in datasets.MMLU_STEM and "world_religions" not in datasets.MMLU_STEM
+    assert "college_physics" in benchmarks.MMLU_STEM and "world_religions" not in benchmarks.MMLU_STEM
 
 
 def test_sciq_shuffles_the_key_per_question_and_reproducibly(tmp_path):
@@ -86,11 +86,11 @@ def test_gsm8k_final_answer_and_solution(tmp_path):
 
 
 def test_hub_rows_convert_like_local_files():
-    arc = datasets.hub_arc([{"id": "x", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+    arc = benchmarks.hub_arc([{"id": "x", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
                              "answerKey": "B"}], "test")
-    mmlu = datasets.hub_mmlu([{"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c", "d"],
+    mmlu = benchmarks.hub_mmlu([{"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c", "d"],
                                "answer": 2}], "test")
-    obqa = datasets.hub_openbookqa([{"id": "o", "question_stem": "Q", "choices": {"text": list("abcd"),
+    obqa = benchmarks.hub_openbookqa([{"id": "o", "question_stem": "Q", "choices": {"text": list("abcd"),
                                                                                   "label": list("ABCD")},
                                      "answerKey": "D"}], "validation")
     assert (arc[0].answer, mmlu[0].answer, mmlu[0].id, obqa[0].answer) == ("B", "C", "anatomy-test-0", "D")

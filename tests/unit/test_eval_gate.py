@@ -157,8 +157,9 @@ def test_the_served_method_decides_an_mcq_benchmark_both_models_have_it_for(stor
 
 
 def test_one_vocabulary_of_benchmarks_methods_and_metrics():
-    from evals import calibrate, datasets, gate, run
+    from evals import calibrate, gate, run
     from evals.results import METHOD_METRICS, SERVED_METRICS, SUITE_BENCHMARKS, method_metric
+    from offline import benchmarks
     from zephyr import mcq
 
     # Every /mcq method has its metric, in zephyr.mcq's order; through a server the same name ends in _server.
@@ -166,8 +167,8 @@ def test_one_vocabulary_of_benchmarks_methods_and_metrics():
     assert method_metric("explain", server=True) == "letter_acc_explain_server"
     assert SERVED_METRICS == ("mcq_acc_auto", "mcq_acc_auto_server") and gate.SERVED_METRICS is SERVED_METRICS
     # The MCQ benchmarks are the loaders' list wherever they are named.
-    assert SUITE_BENCHMARKS["mcq"] is datasets.MCQ_BENCHMARKS and tuple(run.SUITES) == tuple(SUITE_BENCHMARKS)
-    assert tuple(calibrate.CALIBRATION_SPLITS) == datasets.MCQ_BENCHMARKS
+    assert SUITE_BENCHMARKS["mcq"] is benchmarks.MCQ_BENCHMARKS and tuple(run.SUITES) == tuple(SUITE_BENCHMARKS)
+    assert tuple(calibrate.CALIBRATION_SPLITS) == benchmarks.MCQ_BENCHMARKS
     # Calibration reads validation data, from train where validation is what we report (OpenBookQA's local copy).
     assert calibrate.CALIBRATION_SPLITS == {"arc_easy": "validation", "arc_challenge": "validation",
                                             "mmlu": "validation", "sciq": "validation", "openbookqa": "train"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evals.datasets import GSM8KItem
 from evals.gsm8k import COT_INSTRUCTION, extract_answer, is_correct, messages_for, normalize_number
+from offline.benchmarks import GSM8KItem
 
 
 @pytest.mark.parametrize(("text", "expected"), [

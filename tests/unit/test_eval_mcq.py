@@ -105,7 +105,7 @@ class _RecordingVLLM:
 
 
 def test_cloze_rescores_without_the_cache_only_requests_whose_hit_reaches_the_continuation():
-    from evals.engine import _prefix_cached
+    from offline.engine import _prefix_cached
 
     lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 32, 40, 32], [0]])
     context = list(range(40))
@@ -124,7 +124,7 @@ def test_cloze_rescores_without_the_cache_only_requests_whose_hit_reaches_the_co
 
 
 def test_generation_requests_pass_through_unchanged():
-    from evals.engine import _prefix_cached
+    from offline.engine import _prefix_cached
 
     lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[5]])
     params = object()
@@ -133,7 +133,7 @@ def test_generation_requests_pass_through_unchanged():
 
 
 def test_requests_of_unknown_context_are_rescored_only_when_they_hit_the_cache():
-    from evals.engine import _prefix_cached
+    from offline.engine import _prefix_cached
 
     lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 5], [0]])
     outputs = lm._model_generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]])

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from evals.preference import RewardModel, human_win_rates, rm_human_agreement, rm_win_rate, score_stats
+from evals.preference import human_win_rates, rm_human_agreement, rm_win_rate, score_stats
+from offline.reward import RewardModel
 from tests.unit.review_export import write_dpo_export
 
 WORDS = "the a sun is hot cold plants make sugar from light water what why how answer question".split()

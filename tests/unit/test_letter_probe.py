@@ -10,7 +10,7 @@ import math
 import pytest
 
 from tests.unit.tiny_llama import make_tiny_llama
-from training.letter_probe import direct_pairs, key_probe, main, pair_loss, permuted, probe
+from tools.letter_probe import direct_pairs, key_probe, main, pair_loss, permuted, probe
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
 

@@ -148,8 +148,8 @@ def test_cloze_through_transformers_scores_the_loaded_model(home, tmp_path):
     from evals.hf_letter import TransformersEngine
 
     engine = TransformersEngine(_registry(home).get(NF4).path, batch_size=2)
-    assert engine.lm.model is engine.model  # lm-eval wraps the very nf4 weights the letter format scores
-    acc, acc_norm = mcq_eval.cloze(engine.lm, {"arc_easy": ("test", ITEMS)}, tmp_path)
+    assert engine.lm_eval_model.model is engine.model  # lm-eval wraps the very nf4 weights the letter format scores
+    acc, acc_norm = mcq_eval.cloze(engine.lm_eval_model, {"arc_easy": ("test", ITEMS)}, tmp_path)
     assert (acc.key, acc_norm.key, acc.n) == ("arc_easy/cloze_acc", "arc_easy/cloze_acc_norm", 3)
     for item in ITEMS:
         chosen = _cloze_choice(engine.model, engine.tokenizer, item)

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from offline.benchmarks import TRAINING_SOURCES, SourceError, mcq_training_items
 from tests.unit.review_export import write_dpo_export
-from training.data.builders import (
-    TRAINING_SOURCES,
-    BuildError,
-    from_hh_rlhf,
-    from_review_export,
-    mcq_training_items,
-)
+from training.data.builders import BuildError, from_hh_rlhf, from_review_export
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import Settings
 
@@ -175,15 +170,15 @@ def test_mcq_training_ids_unique_across_sources():
 @pytest.mark.parametrize("source", ["arc_easy:test", "openbookqa:validation", "sciq:test", "mmlu:test"])
 def test_mcq_refuses_the_split_we_report(source, tmp_path):
     # Refused before any file is read: tmp_path holds no data.
-    with pytest.raises(BuildError, match="never train on the split we report"):
+    with pytest.raises(SourceError, match="never train on the split we report"):
         mcq_training_items(["arc_easy:train", source], tmp_path)
 
 
 def test_mcq_unknown_sources_list_the_known_ones(tmp_path):
     for sources in (["gsm8k:train"], ["arc_easy"], ["arc_easy:validation"]):
-        with pytest.raises(BuildError, match="known sources: " + ", ".join(TRAINING_SOURCES)):
+        with pytest.raises(SourceError, match="known sources: " + ", ".join(TRAINING_SOURCES)):
             mcq_training_items(sources, tmp_path)
-    with pytest.raises(BuildError, match="listed twice"):
+    with pytest.raises(SourceError, match="listed twice"):
         mcq_training_items(["mmlu:dev", "mmlu:dev"], tmp_path)
-    with pytest.raises(BuildError, match="arc_easy:train: .*does not exist"):
+    with pytest.raises(SourceError, match="arc_easy:train: .*does not exist"):
         mcq_training_items(["arc_easy:train"], tmp_path)

@@ -177,7 +177,7 @@ def test_from_benchmarks_flags_a_real_arc_easy_test_question_but_not_a_train_one
     data_dir = Settings().data_dir
     if not (data_dir / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl").exists():
         pytest.skip(f"no benchmark data in {data_dir}")
-    from evals.datasets import load
+    from offline.benchmarks import load
 
     test_stem = next(i.question for i in load("arc_easy", "test", data_dir=data_dir) if len(i.question.split()) > 15)
     train_stem = next(i.question for i in load("arc_easy", "train", data_dir=data_dir)

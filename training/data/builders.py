@@ -2,7 +2,8 @@
 
 - `from_hh_rlhf`: Anthropic hh-rlhf transcripts -> `PreferencePair`s (TRL conversational format).
 - `from_review_export`: a `zephyr review export` file -> its format and validated records.
-- `mcq_training_items`: benchmark training splits -> `MCQItem`s, refusing every split we report."""
+
+MCQ items from benchmark training splits (`offline.benchmarks.mcq_training_items`) are shared with quantization."""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from evals.datasets import BENCHMARKS, DatasetError, load
-from zephyr.schemas import DataFileError, KTOExample, MCQItem, Message, PreferencePair, SFTExample, read_jsonl
+from zephyr.schemas import DataFileError, KTOExample, Message, PreferencePair, SFTExample, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -171,57 +171,3 @@ def from_review_export(path: Path) -> tuple[str, list[BaseModel]]:
         raise BuildError(f"{exc} (the file started as a {name} export: one format per file; {_EXPORT_HINT})") \
             from exc
     return name, records
-
-
-# --- MCQ training splits ---------------------------------------------------------------------------------------
-
-# Splits we may train on. Every split a benchmark reports (its eval_split, and any "test") stays out, so trained
-# models are scored on questions they have not seen.
-TRAINING_SOURCES: dict[str, tuple[str, str]] = {
-    "arc_easy:train": ("arc_easy", "train"),
-    "arc_challenge:train": ("arc_challenge", "train"),
-    "sciq:validation": ("sciq", "validation"),  # SciQ has no local train split; test is what we report
-    "openbookqa:train": ("openbookqa", "train"),  # the local dev split is what we report for OpenBookQA
-    "mmlu:dev": ("mmlu", "dev"),
-    "mmlu:validation": ("mmlu", "validation"),
-}
-
-
-def _check_source(source: str) -> tuple[str, str]:
-    name, sep, split = source.partition(":")
-    if not sep or not name or not split:
-        raise BuildError(f"MCQ source {source!r} is not name:split; known sources: {', '.join(TRAINING_SOURCES)}")
-    bench = BENCHMARKS.get(name)
-    if split == "test" or (bench is not None and split == bench.eval_split):
-        raise BuildError(f"refusing {source}: it is the split we report for {name}, and we never train on the split "
-                         f"we report; use one of {', '.join(TRAINING_SOURCES)}")
-    if source not in TRAINING_SOURCES:
-        raise BuildError(f"unknown MCQ training source {source!r}; known sources: {', '.join(TRAINING_SOURCES)}")
-    return TRAINING_SOURCES[source]
-
-
-def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
-    """(source, benchmark, split) for each "name:split" training source, or a BuildError naming what to fix;
-    reads no data, so a CLI can refuse a bad list before loading anything."""
-    if isinstance(sources, str):  # a lone "arc_easy:train" would otherwise be iterated letter by letter
-        sources = [sources]
-    if not sources:
-        raise BuildError(f"no MCQ sources given; known sources: {', '.join(TRAINING_SOURCES)}")
-    duplicates = sorted(s for s, n in Counter(sources).items() if n > 1)
-    if duplicates:
-        raise BuildError(f"MCQ sources listed twice: {', '.join(duplicates)}; list each once")
-    return [(source, *_check_source(source)) for source in sources]
-
-
-def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
-    """MCQ items from "name:split" training sources, in the order given. Ids become "<source>/<original id>" so
-    they stay unique across sources and say where each item came from."""
-    checked = check_mcq_sources(sources)  # refuse before reading anything
-    items: list[MCQItem] = []
-    for source, name, split in checked:
-        try:
-            loaded = load(name, split, data_dir=Path(data_dir), limit=limit_per_source)
-        except DatasetError as exc:
-            raise BuildError(f"{source}: {exc}") from exc
-        items.extend(item.model_copy(update={"id": f"{source}/{item.id}"}) for item in loaded)
-    return items

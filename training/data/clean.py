@@ -165,7 +165,7 @@ class ContaminationIndex:
     def from_benchmarks(cls, data_dir: Path | str, names: Sequence[str] = ALL_BENCHMARKS, ngram: int = 13,
                         max_df: int | None = 3) -> ContaminationIndex:
         """Each benchmark's reported split (`Benchmark.eval_split`): MCQ stems and GSM8K questions."""
-        from evals.datasets import BENCHMARKS, load
+        from offline.benchmarks import BENCHMARKS, load
 
         texts: dict[str, list[str]] = {}
         for name in names:

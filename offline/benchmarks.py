@@ -9,6 +9,7 @@ import csv
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,3 +258,62 @@ def write_items(items: list[MCQItem], path: Path) -> Path:
         for item in items:
             handle.write(item.model_dump_json() + "\n")  # every column, so templates may name support
     return path
+
+
+# --- MCQ training items ----------------------------------------------------------------------------------------
+# Splits we may train (and calibrate quantization) on. Every split a benchmark reports (its eval_split, and any
+# "test") stays out, so models are scored on questions they have not seen.
+
+
+class SourceError(ValueError):
+    """A "name:split" training source that cannot be read; the message says which and what to use instead."""
+
+
+TRAINING_SOURCES: dict[str, tuple[str, str]] = {
+    "arc_easy:train": ("arc_easy", "train"),
+    "arc_challenge:train": ("arc_challenge", "train"),
+    "sciq:validation": ("sciq", "validation"),  # SciQ has no local train split; test is what we report
+    "openbookqa:train": ("openbookqa", "train"),  # the local dev split is what we report for OpenBookQA
+    "mmlu:dev": ("mmlu", "dev"),
+    "mmlu:validation": ("mmlu", "validation"),
+}
+
+
+def _check_source(source: str) -> tuple[str, str]:
+    name, sep, split = source.partition(":")
+    if not sep or not name or not split:
+        raise SourceError(f"MCQ source {source!r} is not name:split; known sources: {', '.join(TRAINING_SOURCES)}")
+    bench = BENCHMARKS.get(name)
+    if split == "test" or (bench is not None and split == bench.eval_split):
+        raise SourceError(f"refusing {source}: it is the split we report for {name}, and we never train on the split "
+                         f"we report; use one of {', '.join(TRAINING_SOURCES)}")
+    if source not in TRAINING_SOURCES:
+        raise SourceError(f"unknown MCQ training source {source!r}; known sources: {', '.join(TRAINING_SOURCES)}")
+    return TRAINING_SOURCES[source]
+
+
+def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
+    """(source, benchmark, split) for each "name:split" training source, or a SourceError naming what to fix;
+    reads no data, so a CLI can refuse a bad list before loading anything."""
+    if isinstance(sources, str):  # a lone "arc_easy:train" would otherwise be iterated letter by letter
+        sources = [sources]
+    if not sources:
+        raise SourceError(f"no MCQ sources given; known sources: {', '.join(TRAINING_SOURCES)}")
+    duplicates = sorted(s for s, n in Counter(sources).items() if n > 1)
+    if duplicates:
+        raise SourceError(f"MCQ sources listed twice: {', '.join(duplicates)}; list each once")
+    return [(source, *_check_source(source)) for source in sources]
+
+
+def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
+    """MCQ items from "name:split" training sources, in the order given. Ids become "<source>/<original id>" so
+    they stay unique across sources and say where each item came from."""
+    checked = check_mcq_sources(sources)  # refuse before reading anything
+    items: list[MCQItem] = []
+    for source, name, split in checked:
+        try:
+            loaded = load(name, split, data_dir=Path(data_dir), limit=limit_per_source)
+        except DatasetError as exc:
+            raise SourceError(f"{source}: {exc}") from exc
+        items.extend(item.model_copy(update={"id": f"{source}/{item.id}"}) for item in loaded)
+    return items

@@ -3,14 +3,14 @@ these direct (one-letter) pairs at all? A TRL DPO step forwards chosen and rejec
 reference; when both answers are a single letter after the same prompt, one forward of the prompt gives both
 letters' log-probabilities, so the same objective costs a quarter of the compute. LoRA as in the recipes.
 
-    python -m training.letter_probe --data data/science-dpo.jsonl --objective dpo --lr 1e-4 --steps 120
+    python -m tools.letter_probe --data data/science-dpo.jsonl --objective dpo --lr 1e-4 --steps 120
 
 With `--splits` instead of `--data` it asks the question without any pair data: SFT on the key's letter over MCQ
 training splits, each question's options shuffled afresh at every draw, so the key's letter is uniform and a
 letter prior cannot lower the loss (`--full` trains every weight instead of a LoRA adapter; a CUDA GPU is used
 when there is one):
 
-    python -m training.letter_probe --splits arc_easy:train,openbookqa:train --lr 1e-3 --steps 300
+    python -m tools.letter_probe --splits arc_easy:train,openbookqa:train --lr 1e-3 --steps 300
 
 It prints, every `--eval-every` steps, letter-format accuracy on the first `--eval-limit` questions of a
 benchmark's test split (the prompt and letters of `zephyr.mcq`, as `evals.hf_letter`), the predicted-letter
@@ -31,9 +31,9 @@ import typer
 from rich.table import Table
 from tqdm import tqdm
 
-from evals import datasets
 from evals.hf_letter import left_padded, letter_logprobs
-from training.data.builders import BuildError, check_mcq_sources, mcq_training_items
+from offline import benchmarks
+from offline.benchmarks import SourceError, check_mcq_sources, mcq_training_items
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
@@ -276,7 +276,7 @@ def main(
     if splits is not None:
         try:  # a bad list is refused before the model or any data is read
             check_mcq_sources(split_list)
-        except BuildError as exc:
+        except SourceError as exc:
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
     settings = Settings()
     try:
@@ -284,14 +284,14 @@ def main(
     except RegistryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
     try:
-        items = datasets.load(benchmark, data_dir=settings.data_dir, limit=eval_limit)
-    except datasets.DatasetError as exc:
+        items = benchmarks.load(benchmark, data_dir=settings.data_dir, limit=eval_limit)
+    except benchmarks.DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--benchmark") from exc
     started = time.perf_counter()
     if splits is not None:
         try:
             train_items = mcq_training_items(split_list, settings.data_dir)
-        except (BuildError, datasets.DatasetError) as exc:
+        except (SourceError, benchmarks.DatasetError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
         results = key_probe(path, train_items, items, lr=lr, steps=steps, batch_size=batch_size,
                             eval_every=eval_every, held_out=held_out, full=full, lora_r=lora_r)
