@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr.mcq import cache_hit_reaches_continuation
+from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
 
 
@@ -124,9 +125,7 @@ class OfflineEngine:
 
         print(f"{desc}: {len(conversations)} prompts, up to {max_tokens} tokens each", file=sys.stderr)
 
-        prompts = [TokensPrompt(prompt_token_ids=self.tokenizer.encode(
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False)) for c in conversations]
+        prompts = [TokensPrompt(prompt_token_ids=encode_chat(self.tokenizer, c)) for c in conversations]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
         return [o.outputs[0].text for o in outputs]

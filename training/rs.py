@@ -50,13 +50,11 @@ def sample_offline(model_path: Path, prompts: list[Conversation], spec: Sampling
     from vllm import SamplingParams, TokensPrompt
 
     from offline.engine import OfflineEngine
+    from zephyr.prompts import encode_chat
 
     engine = OfflineEngine(model_path, settings.model_copy(update={"seed": spec.seed}))
     try:
-        tokenizer = engine.tokenizer
-        encoded = [TokensPrompt(prompt_token_ids=tokenizer.encode(
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True), add_special_tokens=False))
-            for p in prompts]
+        encoded = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, p)) for p in prompts]
         params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
         return [[c.text for c in o.outputs] for o in engine.llm.generate(encoded, params, use_tqdm=True)]
     finally:
