@@ -258,6 +258,9 @@ def review_export(
     out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write")],
     min_agreement: Annotated[float, typer.Option(help="Least share of reviewers agreeing with the majority")] = 0.0,
     min_reviewers: Annotated[int, typer.Option(help="Least number of reviewers per item")] = 1,
+    include_flagged: Annotated[bool, typer.Option(
+        "--include-flagged", help="dpo: keep pairs whose chosen answer a reviewer flagged incorrect or unsafe")]
+    = False,
     since: Annotated[str | None, typer.Option(help="Only items created on or after this date (YYYY-MM-DD)")] = None,
 ) -> None:
     """Write reviewer verdicts as preference (dpo), unpaired (kto) or supervised (sft) training data."""
@@ -272,8 +275,8 @@ def review_export(
         raise fail("--min-reviewers must be at least 1")
     settings, judgements, generations, _ = _review_data(since)
     redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
-    text, count = export.to_jsonl(judgements, generations, export.ExportOptions(format, min_agreement, min_reviewers),
-                                  redactor)
+    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged)
+    text, count = export.to_jsonl(judgements, generations, options, redactor)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")

@@ -11,7 +11,9 @@ What each verdict becomes, by the item's majority label (items with no majority 
 | bad (single)        | -                        | False                                 | left out          |
 
 An answer any reviewer flagged (incorrect, unsafe, gives the answer away, off-topic) is never used as a
-desirable example (KTO True, SFT). Records are ordered by item creation time then id, deduplicated on their
+desirable example (KTO True, SFT), and a DPO pair whose chosen answer any reviewer flagged incorrect or unsafe is
+left out: preferring it would teach a wrong or unsafe answer as the better one (`include_flagged` keeps them).
+Records are ordered by item creation time then id, deduplicated on their
 content (the first item's provenance is kept, with every merged item id), redacted again for PII, and written
 with sorted keys, so the same database always gives the same file."""
 
@@ -40,6 +42,7 @@ class ExportOptions:
     format: Format
     min_agreement: float = 0.0
     min_reviewers: int = 1
+    include_flagged: bool = False  # dpo: keep pairs whose chosen answer was flagged incorrect or unsafe
 
 
 def _prompt(messages: list[dict[str, Any]]) -> list[Message]:
@@ -50,8 +53,12 @@ def _reply(text: str) -> list[Message]:
     return [Message(role="assistant", content=text)]
 
 
-def _flagged(group: list[Judgement], role: str) -> bool:
-    return any(j.flags.get(role) for j in group)
+# Flags that make an answer unfit to be the chosen one, however the pair was judged.
+DISQUALIFYING_FLAGS = ("incorrect", "unsafe")
+
+
+def _flagged(group: list[Judgement], role: str, only: tuple[str, ...] | None = None) -> bool:
+    return any(only is None or flag in only for j in group for flag in j.flags.get(role) or ())
 
 
 def records(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
@@ -91,6 +98,8 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                           "chosen_model": model_label(winner, served["model"]),
                           "rejected_model": model_label(loser, served["model"])}
             if options.format == "dpo":
+                if not options.include_flagged and _flagged(group, label, DISQUALIFYING_FLAGS):
+                    continue
                 out.append((PreferencePair(prompt=prompt, chosen=_reply(clean(answer_text(winner))),
                                            rejected=_reply(clean(answer_text(loser))), source=SOURCE,
                                            meta=provenance), provenance))

@@ -160,12 +160,14 @@ async def export_verdicts(
     format: export.Format = Query(..., description="dpo, kto or sft"),
     min_agreement: float = Query(0.0, ge=0, le=1),
     min_reviewers: int = Query(1, ge=1),
+    include_flagged: bool = Query(False, description="dpo: keep pairs whose chosen answer a reviewer flagged "
+                                  "incorrect or unsafe"),
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
     _: Principal = Depends(admin_only),
 ) -> Response:
     store = review_store(request)
     judgements, generations = await store.judgements(utc(since))
-    options = export.ExportOptions(format, min_agreement, min_reviewers)
+    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged)
     # Redaction is CPU work: keep it off the event loop that streams students' answers.
     text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,
                                           request.app.state.redactor)
