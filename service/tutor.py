@@ -8,16 +8,14 @@ import dataclasses
 import json
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
 from service.errors import APIError, error_body
+from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, ClozeScores, MCQRequest, MCQResponse
 from service.review.candidates import Candidates
@@ -25,17 +23,9 @@ from service.store.log import GenerationLog
 from zephyr import mcq
 from zephyr.settings import Settings
 
-# Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
-TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
-
-
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
 # CHARS_PER_TOKEN_BOUND characters per allowed token would be refused after tokenizing anyway.
 CHARS_PER_TOKEN_BOUND = 16
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class Admission:
@@ -81,94 +71,6 @@ class Admission:
         self.in_flight -= weight
 
 
-@dataclass
-class Generation:
-    """One engine request as it runs: accumulated text per choice, timings and the log row it becomes."""
-
-    request_id: str
-    route: str
-    messages: list[dict[str, Any]]
-    prompt_ids: list[int]
-    params: GenParams
-    principal: Principal
-    user: str | None = None
-    extra_params: dict[str, Any] = field(default_factory=dict)
-    texts: dict[int, list[str]] = field(default_factory=dict)
-    token_counts: dict[int, int] = field(default_factory=dict)
-    finish_reasons: dict[int, str | None] = field(default_factory=dict)
-    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-    created: int = field(default_factory=lambda: int(time.time()))
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    steps: int = 0
-    prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token
-    num_cached_tokens: int = 0
-    # Human review (service/review): whether this chat goes to reviewers, and candidate provenance.
-    review_requested: bool = False
-    for_review: bool = False
-    review_kind: str | None = None
-    purpose: str = "served"
-    parent_id: str | None = None
-
-    def absorb(self, out: EngineOutput) -> None:
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
-        self.steps += 1
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs, self.num_cached_tokens = out.prompt_logprobs, out.num_cached_tokens
-        for choice in out.choices:
-            self.texts.setdefault(choice.index, []).append(choice.text)
-            self.token_counts[choice.index] = self.token_counts.get(choice.index, 0) + len(choice.token_ids)
-            if choice.logprobs:
-                self.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
-            if choice.finish_reason is not None:
-                self.finish_reasons[choice.index] = choice.finish_reason
-
-    def text(self, index: int = 0) -> str:
-        return "".join(self.texts.get(index, []))
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(self.token_counts.values())
-
-    def usage(self) -> dict[str, int]:
-        prompt = len(self.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
-
-    def log_row(self, model: str, status: str, error: str | None, response: list[dict] | None = None) -> dict:
-        ended = time.perf_counter()
-        return {
-            "id": self.request_id,
-            "created_at": datetime.now(UTC),
-            "route": self.route,
-            "model": model,
-            "api_key_hash": self.principal.key_hash,
-            "role": self.principal.role,
-            "user": self.user,
-            "status": status,
-            "messages": self.messages,
-            "response": response if response is not None else [
-                {"index": i, "content": self.text(i), "finish_reason": self.finish_reasons.get(i)}
-                for i in range(self.params.n)
-            ],
-            "params": {**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
-                       **self.extra_params},
-            "prompt_tokens": len(self.prompt_ids),
-            "completion_tokens": self.completion_tokens,
-            "ttft_ms": None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,
-            "latency_ms": (ended - self.started) * 1000,
-            "error": error,
-            "review_requested": self.review_requested,
-            "purpose": self.purpose,
-            "parent_id": self.parent_id,
-            "review_kind": self.review_kind,
-        }
-
-
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
                  calibration: mcq.MCQCalibration | None = None):
@@ -182,7 +84,7 @@ class Tutor:
         # Tokenizing costs time in proportion to characters: bound them before any tokenizer runs.
         self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
-        self.candidates = Candidates(self, settings, metrics)
+        self.candidates = Candidates(settings, metrics, run=self.run_to_end, record=log.record)
 
     # Shared ---------------------------------------------------------------------------------------------
 
@@ -212,7 +114,7 @@ class Tutor:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
                                 "(shorten the conversation)", param=param, code="context_length_exceeded")
 
-    async def _run(self, gen: Generation) -> AsyncIterator[EngineOutput]:
+    async def _run(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
         status, error = "aborted", None
         served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
@@ -250,12 +152,12 @@ class Tutor:
             if gen.route != "mcq":  # MCQ rows are written by answer_mcq, which knows the answer
                 if gen.for_review and status == "ok":
                     gen.review_kind = self.candidates.schedule(gen)  # the second answer starts after this one
-                self.log.record(gen.log_row(self.model_name, status, error))
+                self.log.record(gen.record(self.model_name, status, error))
 
     # Chat -----------------------------------------------------------------------------------------------
 
     async def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
-                           review_requested: bool = False) -> Generation:
+                           review_requested: bool = False) -> GenerationRequest:
         self.check_model(req.model)
         if req.n > self.settings.max_n:
             raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
@@ -286,18 +188,18 @@ class Tutor:
             frequency_penalty=req.frequency_penalty,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
-        return Generation(
+        return GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
         )
 
-    async def run_to_end(self, gen: Generation) -> None:
+    async def run_to_end(self, gen: GenerationRequest) -> None:
         async with aclosing(self._run(gen)) as outputs:
             async for _ in outputs:
                 pass
 
-    async def complete(self, gen: Generation, top_logprobs: int | None) -> dict[str, Any]:
+    async def complete(self, gen: GenerationRequest, top_logprobs: int | None) -> dict[str, Any]:
         await self.run_to_end(gen)
         choices = []
         for i in range(gen.params.n):
@@ -311,7 +213,7 @@ class Tutor:
         return {"id": gen.request_id, "object": "chat.completion", "created": gen.created, "model": self.model_name,
                 "choices": choices, "usage": gen.usage(), "system_fingerprint": None}
 
-    async def stream(self, gen: Generation, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
+    async def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         head = {"id": gen.request_id, "object": "chat.completion.chunk", "created": gen.created,
                 "model": self.model_name, "system_fingerprint": None}
@@ -366,7 +268,7 @@ class Tutor:
         plan = mcq.plan(method, self.calibration)
         explain = method == "explain"
         floor = self.settings.mcq_min_confidence if min_confidence is None else min_confidence
-        row = Generation(
+        row = GenerationRequest(
             request_id=request_id, route="mcq", messages=mcq.render_messages(q, explain), prompt_ids=[],
             principal=principal, user=user, params=GenParams(max_tokens=1, temperature=0.0),
             extra_params={"method": plan.method, "requested_method": method, "calibrated": plan.calibrated,
@@ -402,7 +304,7 @@ class Tutor:
             content = "(abstained)" if abstained else (answer or "")
             if explain:
                 content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {content}"
-            self.log.record(row.log_row(self.model_name, status, error, response=[{
+            self.log.record(row.record(self.model_name, status, error, response=[{
                 "index": 0, "content": content, "answer": None if abstained else answer,
                 "probabilities": probabilities, "confidence": confidence, "abstained": abstained,
                 "scores": {k: v for k, v in vars(scores).items() if v is not None},
@@ -421,7 +323,7 @@ class Tutor:
 
     async def _scores(self, q: mcq.MCQuestion, plan: mcq.Plan, letter_prompt: list[int], explain: bool,
                       cloze_requests: list[tuple[list[int], int]],
-                      row: Generation) -> tuple[mcq.OptionScores, str | None]:
+                      row: GenerationRequest) -> tuple[mcq.OptionScores, str | None]:
         """The per-option scores the plan reads; letter and cloze run at once when it reads both."""
         letter, cloze = None, None
         try:
@@ -438,12 +340,12 @@ class Tutor:
         return dataclasses.replace(scores, letter=letter_logprobs), explanation
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
-                      row: Generation) -> tuple[list[float], str | None]:
+                      row: GenerationRequest) -> tuple[list[float], str | None]:
         """The constrained letter's log-probabilities, renormalized over the options (after reasoning with
         `explain`), and the reasoning."""
         tokenizer = self.engine.tokenizer
         letter_ids = self.letter_ids(len(q.options), leading_space=explain)
-        final = Generation(
+        final = GenerationRequest(
             request_id=f"{row.request_id}-letter", route="mcq", messages=row.messages, prompt_ids=prompt_ids,
             principal=row.principal, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
                                                       logprob_token_ids=letter_ids),
@@ -460,14 +362,14 @@ class Tutor:
         requested = entries[0].requested if entries else {}
         return mcq.log_softmax([requested.get(tid, -math.inf) for tid in letter_ids]), explanation
 
-    async def _cloze(self, requests: list[tuple[list[int], int]], row: Generation) -> list[float]:
+    async def _cloze(self, requests: list[tuple[list[int], int]], row: GenerationRequest) -> list[float]:
         """Each option's log-likelihood as the question's continuation. The options are sent together, so they
         may share the question's KV blocks from vLLM's prefix cache; an option whose cache hit reached into its
         own continuation has no log-probability for that position and is scored again without the cache (the
         rule evals/engine.py proves bit-identical to scoring every position)."""
 
         async def score(index: int, prompt_ids: list[int], context_length: int, use_cache: bool) -> float | None:
-            gen = Generation(
+            gen = GenerationRequest(
                 request_id=f"{row.request_id}-cloze{index}{'' if use_cache else 'r'}", route="mcq",
                 messages=row.messages, prompt_ids=prompt_ids, principal=row.principal,
                 params=GenParams(max_tokens=1, temperature=0.0, prompt_logprobs=True,
@@ -489,14 +391,14 @@ class Tutor:
             first[i] = value
         return [float(value) for value in first]
 
-    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: Generation) -> str:
+    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> str:
         """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""
         room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - mcq.EXPLAIN_CUE_MARGIN
         budget = min(self.settings.mcq_explain_max_tokens, room)
         if budget < 1:
             raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "
                                 "shorten it or ask without `explain`", param="explain", code="context_length_exceeded")
-        reasoning = Generation(
+        reasoning = GenerationRequest(
             request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
             principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
                                                         stop=mcq.EXPLAIN_STOP),

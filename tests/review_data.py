@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.metrics import Metrics
 from service.store.log import GenerationLog
+from service.store.models import GenerationRecord
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
@@ -53,7 +54,7 @@ async def open_log(url: str, spill_dir: Path) -> GenerationLog:
 
 async def seed(log: GenerationLog, rows: list[dict]) -> None:
     """Rows go in as given (no redaction: the log's redactor is off), as the server would have stored them."""
-    await log._insert(rows)
+    await log._insert([GenerationRecord.from_dict(row) for row in rows])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,22 +1,28 @@
 """Second answers for review: a chat picked for review gets another candidate after the student's answer is
-complete, off the request path, from the served model resampled or from another served model."""
+complete, off the request path, from the served model resampled or from another served model.
+
+Candidates are given what they use, not the tutor: a coroutine function that runs a request on the served
+model and logs its row, and the generation log's `record`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import openai
 
 from service.errors import APIError
+from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
+from service.store.models import GenerationRecord
 from zephyr.settings import Settings
 
-if TYPE_CHECKING:
-    from service.tutor import Generation, Tutor
+# Runs a request on the served model to the end, logging its row however it ends (Tutor.run_to_end).
+RunRequest = Callable[[GenerationRequest], Awaitable[None]]
+RecordRow = Callable[[GenerationRecord], None]  # GenerationLog.record
 
 log = logging.getLogger("zephyr.review")
 CANDIDATE_ROUTE = "review_candidate"
@@ -24,8 +30,9 @@ REMOTE_TIMEOUT_SECONDS = 120.0
 
 
 class Candidates:
-    def __init__(self, tutor: Tutor, settings: Settings, metrics: Metrics):
-        self.tutor = tutor
+    def __init__(self, settings: Settings, metrics: Metrics, run: RunRequest, record: RecordRow):
+        self._run = run
+        self._record = record
         self.settings = settings
         self.metrics = metrics
         self._tasks: set[asyncio.Task] = set()
@@ -49,7 +56,7 @@ class Candidates:
     def pending(self) -> int:
         return len(self._tasks)
 
-    def schedule(self, parent: Generation) -> str:
+    def schedule(self, parent: GenerationRequest) -> str:
         """Starts the candidate for a finished chat; returns the review kind to log with it: "pair" when a
         candidate is on its way, "single" when none is configured or too many are already queued."""
         self.metrics.review_items.inc()
@@ -68,7 +75,7 @@ class Candidates:
         self._tasks.discard(task)
         self.metrics.review_candidates_pending.set(self.pending)
 
-    async def _make(self, parent: Generation) -> None:
+    async def _make(self, parent: GenerationRequest) -> None:
         await asyncio.sleep(0)  # let the student's response go out first
         try:
             if self._remote is None:
@@ -84,11 +91,9 @@ class Candidates:
         else:
             self.metrics.review_candidates.labels("ok").inc()
 
-    def _candidate_of(self, parent: Generation, variant: str) -> Generation:
-        from service.tutor import Generation, new_id
-
+    def _candidate_of(self, parent: GenerationRequest, variant: str) -> GenerationRequest:
         temperature = self.settings.review_candidate_temperature
-        return Generation(
+        return GenerationRequest(
             request_id=new_id("cand"), route=CANDIDATE_ROUTE, messages=parent.messages, prompt_ids=parent.prompt_ids,
             params=replace(parent.params, n=1, logprobs=None, temperature=temperature,
                            seed=self._random.randrange(2**31)),
@@ -96,14 +101,14 @@ class Candidates:
             purpose="candidate", parent_id=parent.request_id,
         )
 
-    async def _resample(self, parent: Generation) -> None:
+    async def _resample(self, parent: GenerationRequest) -> None:
         gen = self._candidate_of(parent, f"T={self.settings.review_candidate_temperature:g}")
         try:
-            await self.tutor.run_to_end(gen)  # logs its own row (ok, error or aborted) with parent_id set
+            await self._run(gen)  # logs its own row (ok, error or aborted) with parent_id set
         except APIError as exc:
             raise RuntimeError(exc.message) from exc
 
-    async def _ask_remote(self, parent: Generation) -> None:
+    async def _ask_remote(self, parent: GenerationRequest) -> None:
         model = self.settings.review_candidate_model
         gen = self._candidate_of(parent, "remote")
         status, error = "error", None
@@ -125,7 +130,7 @@ class Candidates:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.tutor.log.record(gen.log_row(model, status, error))
+            self._record(gen.record(model, status, error))
 
     async def idle(self) -> None:
         """Returns once every candidate started so far has finished (tests, tools)."""

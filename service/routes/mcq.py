@@ -4,8 +4,8 @@ from fastapi import APIRouter, Depends, Request
 
 from service.auth import Principal, charge, require
 from service.errors import APIError
+from service.generation import new_id
 from service.protocol import MCQBatchRequest, MCQBatchResponse, MCQRequest, MCQResponse
-from service.tutor import new_id
 
 router = APIRouter(tags=["mcq"])
 any_role = require("student", "reviewer")

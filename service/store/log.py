@@ -10,10 +10,10 @@ and what is kept on disk is private: the SQLite file, its journals and the spill
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.metrics import Metrics
-from service.store.models import Generation
+from service.store.models import Generation, GenerationRecord, json_default
 from zephyr.paths import (
     create_private_file,
     open_private_append,
@@ -38,7 +38,7 @@ from zephyr.pii import Redactor
 
 log = logging.getLogger("zephyr.store")
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
-REDACTED_FIELDS = ("messages", "response")  # lists of {"content": text, ...}
+REDACTED_FIELDS = ("messages", "response")  # GenerationRecord fields: lists of {"content": text, ...}
 REDACTED_PARAMS = ("stop",)  # request parameters that are the client's own text (a list of strings)
 CLOSE_TIMEOUT_SECONDS = 10.0
 USER_COLUMN_LENGTH = 256
@@ -94,12 +94,12 @@ class GenerationLog:
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.retry_seconds = retry_seconds
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[GenerationRecord] = asyncio.Queue(maxsize=queue_size)
         self._database = sqlite_path(url)
         self._writer: asyncio.Task | None = None
         self._db_ok = False
         self._next_probe = 0.0
-        self._in_flight: list[dict[str, Any]] = []
+        self._in_flight: list[GenerationRecord] = []
 
     # Life cycle -------------------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ class GenerationLog:
 
     # Request path -----------------------------------------------------------------------------------
 
-    def record(self, row: dict[str, Any]) -> None:
+    def record(self, row: GenerationRecord) -> None:
         """Queue one row; never blocks and never drops: a full queue spills the row to disk."""
         if not self.enabled:
             return
@@ -191,7 +191,7 @@ class GenerationLog:
                     self.queue.task_done()
             self.metrics.log_queue_depth.set(self.queue.qsize())
 
-    async def _write(self, rows: list[dict[str, Any]]) -> None:
+    async def _write(self, rows: list[GenerationRecord]) -> None:
         redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
         if not self._db_ok and not await self._probe():
             self._spill(redacted)
@@ -229,7 +229,7 @@ class GenerationLog:
         for path in (self.spill_path, self._replaying_path, self.rejected_path):
             private_file(path)
 
-    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+    async def _insert(self, rows: list[GenerationRecord]) -> None:
         if not rows:
             return
         dialect = self.engine.dialect.name
@@ -240,31 +240,32 @@ class GenerationLog:
         else:
             statement = insert(Generation)
         async with self.engine.begin() as connection:
-            await connection.execute(statement, [_from_json(row) for row in rows])
+            await connection.execute(statement, [row.columns() for row in rows])
 
-    def _redact(self, row: dict[str, Any]) -> dict[str, Any]:
-        if self.redactor is None or row.get("_redacted"):
+    def _redact(self, row: GenerationRecord) -> GenerationRecord:
+        """The row with its free text redacted: a new record, the one given is left as it is."""
+        if self.redactor is None or row.redacted:
             return row
-        row = dict(row)
         redact = self.redactor.redact
-        for field in REDACTED_FIELDS:
-            row[field] = [
+        changes: dict[str, Any] = {
+            field: [
                 {**item, "content": redact(item["content"])} if isinstance(item.get("content"), str)
                 else item
-                for item in row[field]
+                for item in getattr(row, field)
             ]
-        if isinstance(row.get("user"), str):  # meant as an opaque id, but students type emails there too
-            row["user"] = redact(row["user"])[:USER_COLUMN_LENGTH]
-        params = row.get("params")
+            for field in REDACTED_FIELDS
+        }
+        if isinstance(row.user, str):  # meant as an opaque id, but students type emails there too
+            changes["user"] = redact(row.user)[:USER_COLUMN_LENGTH]
+        params = row.params
         if isinstance(params, dict):
             texts = {name: params[name] for name in REDACTED_PARAMS if isinstance(params.get(name), list)}
             if texts:
-                row["params"] = {**params, **{name: [redact(v) if isinstance(v, str) else v for v in values]
-                                              for name, values in texts.items()}}
-        if isinstance(row.get("error"), str):  # an engine's message may quote the request
-            row["error"] = redact(row["error"])
-        row["_redacted"] = True
-        return row
+                changes["params"] = {**params, **{name: [redact(v) if isinstance(v, str) else v for v in values]
+                                                  for name, values in texts.items()}}
+        if isinstance(row.error, str):  # an engine's message may quote the request
+            changes["error"] = redact(row.error)
+        return dataclasses.replace(row, **changes, redacted=True)
 
     # Spill file -------------------------------------------------------------------------------------
 
@@ -275,16 +276,16 @@ class GenerationLog:
     def has_spill(self) -> bool:
         return self.spill_path.exists() or self._replaying_path.exists()
 
-    def _spill(self, rows: list[dict[str, Any]]) -> None:
+    def _spill(self, rows: list[GenerationRecord]) -> None:
         private_dir(self.spill_path.parent)
         with open_private_append(self.spill_path) as handle:
             for row in rows:
-                handle.write(json.dumps(row, default=_json_default) + "\n")
+                handle.write(row.to_json_line())
             handle.flush()
             os.fsync(handle.fileno())
         self.metrics.log_spilled_rows.inc(len(rows))
 
-    def _spill_safely(self, rows: list[dict[str, Any]]) -> None:
+    def _spill_safely(self, rows: list[GenerationRecord]) -> None:
         try:
             self._spill([self._redact(row) for row in rows])
         except Exception:  # redaction itself failed: keep the rows unredacted on local disk, never drop them
@@ -304,13 +305,22 @@ class GenerationLog:
             if not self.spill_path.exists():
                 return 0
             self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
-        rows, rejected = [], []
+        # Set aside: lines that are no JSON, or JSON that is no row; refused: rows the database would not take.
+        rows: list[GenerationRecord] = []
+        set_aside: list[dict[str, Any]] = []
+        refused: list[GenerationRecord] = []
         for line in replaying.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    data = json.loads(line)
                 except json.JSONDecodeError:
-                    rejected.append({"unparseable_line": line})
+                    set_aside.append({"unparseable_line": line})
+                    continue
+                try:
+                    rows.append(GenerationRecord.from_dict(data))
+                except ValueError as exc:
+                    log.warning("a spilled line is no generation row (%s); setting it aside", exc)
+                    set_aside.append(data if isinstance(data, dict) else {"unparseable_line": line})
         # Rows spilled while redaction was failing are still raw: nothing reaches the database unredacted
         # (a redactor still failing raises here, and the file waits for the next try).
         rows = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
@@ -322,24 +332,25 @@ class GenerationLog:
                 except Exception:
                     if not await self._reachable():
                         raise
-                    rejected += await self._insert_one_by_one(batch)
+                    refused += await self._insert_one_by_one(batch)
         except Exception as exc:
             self._db_ok = False
             log.warning("replaying spilled rows failed (%s); will retry", exc)
             return 0
+        rejected = set_aside + [row.to_json() for row in refused]
         if rejected:
             with open_private_append(self.rejected_path) as handle:
                 for row in rejected:
-                    handle.write(json.dumps(row, default=_json_default) + "\n")
+                    handle.write(json.dumps(row, default=json_default) + "\n")
             self.metrics.log_rejected_rows.inc(len(rejected))
             log.error("%d spilled rows were refused by the database; kept in %s", len(rejected), self.rejected_path)
         replaying.unlink()
-        replayed = len(rows) - sum("unparseable_line" not in row for row in rejected)
+        replayed = len(rows) - len(refused)
         self.metrics.log_replayed_rows.inc(replayed)
         log.info("replayed %d spilled generation-log rows", replayed)
         return replayed
 
-    async def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _insert_one_by_one(self, rows: list[GenerationRecord]) -> list[GenerationRecord]:
         refused = []
         for row in rows:
             try:
@@ -366,16 +377,3 @@ class GenerationLog:
         async with self.engine.connect() as connection:
             row = (await connection.execute(select(Generation).where(Generation.id == request_id))).mappings().first()
         return dict(row) if row else None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot store {type(value).__name__} in the generation log")
-
-
-def _from_json(row: dict[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in row.items() if not k.startswith("_")}
-    if isinstance(row.get("created_at"), str):
-        row["created_at"] = datetime.fromisoformat(row["created_at"])
-    return row

@@ -1,9 +1,16 @@
-"""The generation log's schema. Alembic migrations in ``migrations/`` create and evolve it."""
+"""The generation log's schema. Alembic migrations in ``migrations/`` create and evolve it.
+
+`GenerationRecord` is one row of the `generations` table as the service produces it (service/generation.py)
+and the log queues, redacts, spills and inserts it (service/store/log.py); `Generation` is the ORM class the
+database reads and writes."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -39,6 +46,84 @@ class Generation(Base):
     purpose: Mapped[str] = mapped_column(String(16), default="served", server_default="served")
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)  # a candidate's served generation
     review_kind: Mapped[str | None] = mapped_column(String(8), index=True)  # None, "single" or "pair"
+
+
+@dataclass(slots=True)
+class GenerationRecord:
+    """One `generations` row, typed: the fields are the table's columns, in its order (a unit test holds them
+    together). `redacted` is no column: it says the PII redactor has already run over the row.
+
+    Its JSON form is the spill file's line format, unchanged from when rows were plain dicts: the columns by
+    name, `created_at` in ISO 8601, and `"_redacted": true` once redacted. `from_dict` reads that form, so
+    spill files written by earlier versions (which may also lack the review columns) still replay."""
+
+    id: str  # the request id
+    created_at: datetime
+    route: str  # chat, mcq, review_candidate
+    model: str
+    api_key_hash: str | None
+    role: str | None
+    user: str | None
+    status: str  # ok, aborted, error
+    messages: list[dict[str, Any]]  # {"role", "content"} each
+    # One entry a choice: chat {"index", "content", "finish_reason"}; MCQ also "answer", "probabilities",
+    # "confidence", "abstained", "scores".
+    response: list[dict[str, Any]]
+    params: dict[str, Any]  # the generation parameters that shaped the answer (plus route-specific ones)
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    latency_ms: float
+    error: str | None
+    review_requested: bool = False
+    purpose: str = "served"  # or "candidate"
+    parent_id: str | None = None
+    review_kind: str | None = None  # None, "single" or "pair"
+    redacted: bool = False
+
+    REDACTED_KEY: ClassVar[str] = "_redacted"
+
+    def columns(self) -> dict[str, Any]:
+        """The row as the insert statement takes it: one value a column."""
+        return {name: getattr(self, name) for name in COLUMN_NAMES}
+
+    def to_json(self) -> dict[str, Any]:
+        """The spill file's form of the row (JSON-ready: `created_at` as ISO 8601)."""
+        row = self.columns()
+        row["created_at"] = self.created_at.isoformat()
+        if self.redacted:
+            row[self.REDACTED_KEY] = True
+        return row
+
+    def to_json_line(self) -> str:
+        return json.dumps(self.to_json(), default=json_default) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRecord:
+        """A row from its dict form (a spill-file line, or a test's row). Keys that start with `_` other than
+        `_redacted` are ignored, as the dict-based log did; a key that is no column, or a column missing
+        without a default, is a ValueError (the replay sets such a row aside in the rejected file)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a generation row is a JSON object, not {type(data).__name__}")
+        values = {k: v for k, v in data.items() if not k.startswith("_")}
+        unknown = values.keys() - COLUMN_NAMES
+        if unknown:
+            raise ValueError(f"not columns of the generations table: {', '.join(sorted(unknown))}")
+        if isinstance(values.get("created_at"), str):
+            values["created_at"] = datetime.fromisoformat(values["created_at"])
+        try:
+            return cls(**values, redacted=bool(data.get(cls.REDACTED_KEY, False)))
+        except TypeError as exc:  # a required column missing
+            raise ValueError(str(exc)) from exc
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in the generation log")
+
+
+COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationRecord) if f.name != "redacted")
 
 
 class ReviewAssignment(Base):

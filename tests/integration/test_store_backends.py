@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from service.metrics import Metrics
 from service.store.log import GenerationLog
+from service.store.models import GenerationRecord
 from tests.unit.test_generation_log import row
 from zephyr.pii import Redactor
 
@@ -34,7 +35,7 @@ async def test_rows_are_written_redacted_and_replays_are_idempotent(db_url, tmp_
     await log.start()
     prefix = uuid.uuid4().hex[:8]  # the PostgreSQL database outlives a test run
     written = {**row(f"{prefix}-a"), "messages": [{"role": "user", "content": "mail ann@uni.edu please"}]}
-    log.record(written)
+    log.record(GenerationRecord.from_dict(written))
     await log.flush()
     stored = await log.get(f"{prefix}-a")
     assert stored["messages"][0]["content"] == "mail <EMAIL_ADDRESS> please"
@@ -56,7 +57,7 @@ async def test_an_unreachable_database_at_start_loses_nothing(tmp_path):
     log = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), None, flush_seconds=0.01, retry_seconds=60)
     await log.start()
     for i in range(3):
-        log.record(row(f"down-{i}"))
+        log.record(GenerationRecord.from_dict(row(f"down-{i}")))
     await log.flush()
     await log.close()
     assert [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()] == [

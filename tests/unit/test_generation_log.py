@@ -5,6 +5,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import Metrics
 from service.store.log import GenerationLog
+from service.store.models import GenerationRecord
 from tests.unit.conftest import STUDENT_KEY
 from zephyr.pii import Redactor
 
@@ -75,22 +76,22 @@ async def test_rows_spill_while_the_database_is_gone_and_replay_when_it_returns(
     log = GenerationLog(f"sqlite+aiosqlite:///{db_dir / 'log.db'}", tmp_path / "spill.jsonl", metrics, None,
                         flush_seconds=0.01, retry_seconds=0.01)
     await log.start()
-    log.record(row("r1"))
+    log.record(record("r1"))
     await log.flush()
     assert await log.count() == 1
 
     shutil.rmtree(db_dir)  # the database disappears: writes fail
     await log.engine.dispose()
     for i in range(2, 6):
-        log.record(row(f"r{i}"))
+        log.record(record(f"r{i}"))
     await log.flush()
     assert log.has_spill()
     assert metrics.log_spilled_rows._value.get() == 4
 
     db_dir.mkdir()  # it comes back (empty, as after a restore): the schema is recreated and rows replayed
-    log.record(row("r6"))
+    log.record(record("r6"))
     await log.flush()
-    log.record(row("r7"))
+    log.record(record("r7"))
     await log.flush()
     assert not log.has_spill()
     assert {r for r in [f"r{i}" for i in range(2, 8)] if await log.get(r)} == {f"r{i}" for i in range(2, 8)}
@@ -104,7 +105,7 @@ async def test_shutdown_flushes_the_queue_to_disk_and_a_restart_replays(tmp_path
     shutil.rmtree(tmp_path / "missing-dir")  # unreachable from the start
     await log.start()
     for i in range(3):
-        log.record(row(f"q{i}"))
+        log.record(record(f"q{i}"))
     await log.close()
     assert len((tmp_path / "spill.jsonl").read_text().splitlines()) == 3
 
@@ -124,6 +125,11 @@ def row(request_id: str) -> dict:
         "response": [{"index": 0, "content": "hello"}], "params": {}, "prompt_tokens": 1, "completion_tokens": 1,
         "ttft_ms": 1.0, "latency_ms": 2.0, "error": None, "review_requested": False,
     }
+
+
+def record(request_id: str) -> GenerationRecord:
+    """`row` as the log takes it."""
+    return GenerationRecord.from_dict(row(request_id))
 
 
 async def test_a_torn_line_or_refused_row_is_set_aside_not_blocking_replay(tmp_path):
@@ -148,9 +154,9 @@ async def test_the_writer_survives_a_failing_redactor_and_keeps_the_rows(tmp_pat
     log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), Broken(),
                         flush_seconds=0.01)
     await log.start()
-    log.record(row("x1"))
+    log.record(record("x1"))
     await log.flush()
-    log.record(row("x2"))
+    log.record(record("x2"))
     await log.flush()
     assert not log._writer.done()
     # x1 waits in the file a (failed) replay picked up; x2 in the fresh spill file
@@ -176,4 +182,81 @@ async def test_rows_spilled_unredacted_are_redacted_before_replay(tmp_path):
     (tmp_path / "spill.jsonl").write_text(json.dumps(raw, default=str) + "\n")  # as _spill_safely's fallback does
     assert await log.replay_spill() == 1
     assert (await log.get("raw"))["messages"][0]["content"] == "write to <EMAIL_ADDRESS>"
+    await log.close()
+
+
+# The typed row and the spill file's format ------------------------------------------------------------------
+
+
+def test_the_typed_row_has_the_tables_columns_in_order():
+    from service.store.models import COLUMN_NAMES, Generation
+
+    assert COLUMN_NAMES == tuple(column.name for column in Generation.__table__.columns)
+
+
+# A spill file as the dict-based log (before GenerationRecord) wrote it: `json.dumps(row, default=...)` of the
+# dict the tutor built, created_at in ISO 8601, `"_redacted": true` after redaction; and an older row without the
+# review columns, written with `default=str` as the tests above do.
+OLD_SPILL = (
+    '{"id": "old-1", "created_at": "2026-11-20T10:00:00.123456+00:00", "route": "chat", "model": "m", '
+    '"api_key_hash": "abc", "role": "student", "user": "<EMAIL_ADDRESS>", "status": "ok", '
+    '"messages": [{"role": "user", "content": "mail <EMAIL_ADDRESS>"}], '
+    '"response": [{"index": 0, "content": "hello", "finish_reason": "stop"}], '
+    '"params": {"max_tokens": 5, "temperature": 1.0, "top_p": 1.0, "n": 1, "stop": [], "seed": null, '
+    '"presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": null, "prompt_logprobs": false, '
+    '"skip_reading_prefix_cache": null, "stream": false}, "prompt_tokens": 7, "completion_tokens": 5, '
+    '"ttft_ms": 1.5, "latency_ms": 9.25, "error": null, "review_requested": true, "purpose": "served", '
+    '"parent_id": null, "review_kind": "pair", "_redacted": true}\n'
+    '{"id": "old-2", "created_at": "2026-11-20 10:00:01+00:00", "route": "mcq", "model": "m", "api_key_hash": null, '
+    '"role": "admin", "user": null, "status": "error", '
+    '"messages": [{"role": "user", "content": "q from ann@uni.edu"}], '
+    '"response": [{"index": 0, "content": "", "answer": null, "probabilities": {}, "confidence": 0.0, '
+    '"abstained": false, "scores": {}}], "params": {"method": "cloze"}, "prompt_tokens": 3, '
+    '"completion_tokens": 0, "ttft_ms": null, "latency_ms": 2.0, "error": "refused"}\n'
+)
+
+
+async def test_a_spill_file_in_the_old_dict_form_replays(tmp_path):
+    redactor = Redactor(["EMAIL_ADDRESS"], r"\bS\d{7}\b")
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), redactor,
+                        flush_seconds=0.01)
+    await log.start()
+    (tmp_path / "spill.jsonl").write_text(OLD_SPILL)
+    assert await log.replay_spill() == 2 and not log.has_spill() and not log.rejected_path.exists()
+    first, second = await log.get("old-1"), await log.get("old-2")
+    expected = json.loads(OLD_SPILL.splitlines()[0])
+    del expected["_redacted"], expected["created_at"]
+    assert {k: first[k] for k in expected} == expected  # stored as written (already redacted)
+    assert first["created_at"].replace(tzinfo=None).isoformat() == "2026-11-20T10:00:00.123456"
+    assert (second["status"], second["error"], second["ttft_ms"]) == ("error", "refused", None)
+    assert second["messages"][0]["content"] == "q from <EMAIL_ADDRESS>"  # spilled unredacted: redacted now
+    # the review columns it predates take the table's defaults
+    assert (second["purpose"], second["parent_id"], second["review_kind"], second["review_requested"]) == (
+        "served", None, None, False)
+    await log.close()
+
+
+def test_a_record_spills_as_the_old_dict_form_did():
+    from datetime import UTC, datetime
+
+    from service.store.models import COLUMN_NAMES
+
+    old = json.loads(OLD_SPILL.splitlines()[0])
+    again = GenerationRecord.from_dict(old)
+    assert again.redacted and again.created_at == datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=UTC)
+    assert again.to_json_line() == OLD_SPILL.splitlines(keepends=True)[0]  # byte for byte
+    assert list(GenerationRecord.from_dict(row("r")).to_json()) == list(COLUMN_NAMES)  # no `_redacted` key yet
+
+
+async def test_a_spilled_line_that_is_no_row_is_set_aside(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    missing = {k: v for k, v in row("missing").items() if k != "latency_ms"}
+    lines = [row("good"), {**row("unknown"), "colour": "red"}, missing, ["a", "list"]]
+    (tmp_path / "spill.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in lines))
+    assert await log.replay_spill() == 1
+    assert await log.get("good") and await log.count() == 1 and not log.has_spill()
+    kept = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
+    assert [r.get("id", r.get("unparseable_line")) for r in kept] == ["unknown", "missing", '["a", "list"]']
     await log.close()

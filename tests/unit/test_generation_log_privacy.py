@@ -11,6 +11,7 @@ import pytest
 
 from service.metrics import Metrics
 from service.store.log import GenerationLog, make_engine
+from service.store.models import GenerationRecord
 from zephyr.paths import private_dir, private_sqlite_files, sqlite_path
 from zephyr.pii import Redactor
 from zephyr.settings import Settings
@@ -31,6 +32,11 @@ def row(request_id: str, **fields) -> dict:
     }
 
 
+def record(request_id: str, **fields) -> GenerationRecord:
+    """`row` as the log takes it."""
+    return GenerationRecord.from_dict(row(request_id, **fields))
+
+
 @pytest.fixture
 def open_umask():
     """The loosest umask: the modes below must not depend on it."""
@@ -49,7 +55,7 @@ async def test_stop_strings_and_errors_are_redacted(tmp_path, redactor):
     log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), redactor,
                         flush_seconds=0.01)
     await log.start()
-    log.record(row("r1", params={"stop": ["ann@uni.edu", "S1234567", "###"], "n": 1, "stream": False},
+    log.record(record("r1", params={"stop": ["ann@uni.edu", "S1234567", "###"], "n": 1, "stream": False},
                    error="the engine refused stop string 'ann@uni.edu'", user="born 04/05/2009"))
     await log.flush()
     stored = await log.get("r1")
@@ -78,7 +84,7 @@ async def test_the_database_and_its_folder_are_private(tmp_path, open_umask):
     log = GenerationLog(f"sqlite+aiosqlite:///{home / 'zephyr.db'}", home / "spill" / "generations.jsonl",
                         Metrics(), None, flush_seconds=0.01)
     await log.start()
-    log.record(row("r1"))
+    log.record(record("r1"))
     await log.flush()
     assert await log.count() == 1
     assert mode(home) == 0o700
@@ -95,7 +101,7 @@ async def test_spill_and_rejected_files_are_private(tmp_path, open_umask):
                         flush_seconds=0.01, retry_seconds=60)
     shutil.rmtree(db_dir)  # the database is unreachable from the start: rows spill
     await log.start()
-    log.record(row("r1"))
+    log.record(record("r1"))
     await log.flush()
     assert spill.exists()
     assert mode(spill) == 0o600 and mode(spill.parent) == 0o700 and mode(spill.parent.parent) == 0o700

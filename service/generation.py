@@ -1,0 +1,113 @@
+"""One engine request while it runs (`GenerationRequest`), and the log row it becomes (`GenerationRecord`, in
+service/store/models.py beside the table it fills). The tutor makes and runs these; review candidates make
+them too (service/review/candidates.py), which is why they live in neither."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from service.auth import Principal
+from service.engine import EngineOutput, GenParams, TokenLogprob
+from service.store.models import GenerationRecord
+
+# Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
+TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class GenerationRequest:
+    """One engine request as it runs: accumulated text per choice, timings and the log row it becomes."""
+
+    request_id: str
+    route: str
+    messages: list[dict[str, Any]]
+    prompt_ids: list[int]
+    params: GenParams
+    principal: Principal
+    user: str | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    token_counts: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    steps: int = 0
+    prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token
+    num_cached_tokens: int = 0
+    # Human review (service/review): whether this chat goes to reviewers, and candidate provenance.
+    review_requested: bool = False
+    for_review: bool = False
+    review_kind: str | None = None
+    purpose: str = "served"
+    parent_id: str | None = None
+
+    def absorb(self, out: EngineOutput) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.steps += 1
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs, self.num_cached_tokens = out.prompt_logprobs, out.num_cached_tokens
+        for choice in out.choices:
+            self.texts.setdefault(choice.index, []).append(choice.text)
+            self.token_counts[choice.index] = self.token_counts.get(choice.index, 0) + len(choice.token_ids)
+            if choice.logprobs:
+                self.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
+            if choice.finish_reason is not None:
+                self.finish_reasons[choice.index] = choice.finish_reason
+
+    def text(self, index: int = 0) -> str:
+        return "".join(self.texts.get(index, []))
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.token_counts.values())
+
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def record(self, model: str, status: str, error: str | None,
+               response: list[dict[str, Any]] | None = None) -> GenerationRecord:
+        """The log row for this request as it ended (`status` ok, aborted or error); `response` replaces the
+        default one entry per choice (MCQ answers log more)."""
+        ended = time.perf_counter()
+        return GenerationRecord(
+            id=self.request_id,
+            created_at=datetime.now(UTC),
+            route=self.route,
+            model=model,
+            api_key_hash=self.principal.key_hash,
+            role=self.principal.role,
+            user=self.user,
+            status=status,
+            messages=self.messages,
+            response=response if response is not None else [
+                {"index": i, "content": self.text(i), "finish_reason": self.finish_reasons.get(i)}
+                for i in range(self.params.n)
+            ],
+            params={**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
+                    **self.extra_params},
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.completion_tokens,
+            ttft_ms=None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,
+            latency_ms=(ended - self.started) * 1000,
+            error=error,
+            review_requested=self.review_requested,
+            purpose=self.purpose,
+            parent_id=self.parent_id,
+            review_kind=self.review_kind,
+        )
