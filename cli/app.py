@@ -14,6 +14,7 @@ from cli.common import console, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
+from zephyr import memory
 from zephyr.registry import ModelManifest, Registry, RegistryError, vllm_serving_problem
 from zephyr.settings import DEFAULT_MODEL
 
@@ -45,8 +46,10 @@ def serve(
     settings = load_settings(host=host, port=port, model=model)
     try:
         check_bind(settings)  # also parses the API keys, failing here on a malformed entry
-        if settings.model != DEFAULT_MODEL:
-            problem = vllm_serving_problem(Registry(settings.models_dir).get(settings.model))
+        models = Registry(settings.models_dir)
+        if settings.model != DEFAULT_MODEL or models.exists(settings.model):
+            entry = models.get(settings.model)
+            problem = vllm_serving_problem(entry) or memory.plan(entry.path, settings).problem
             if problem:
                 raise fail(problem)
     except (UnsafeBind, RegistryError, ValueError) as exc:

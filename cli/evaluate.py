@@ -53,6 +53,7 @@ def run_command(
     """Measure MODEL and store the results (ZEPHYR_EVAL_RESULTS_DIR, and a summary in the model's manifest)."""
     from evals.run import EvalError, RunOptions, run
     from offline.benchmarks import DatasetError
+    from zephyr.memory import NotEnoughMemory
 
     # A plain SIGTERM would end the process without unwinding, leaving vLLM's engine-core and worker processes
     # running (seen here: an orphaned worker held 8 GB and a core); exiting through SystemExit shuts them down.
@@ -66,7 +67,7 @@ def run_command(
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)
-    except (EvalError, RegistryError, DatasetError) as exc:
+    except (EvalError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))
@@ -99,13 +100,14 @@ def calibrate_command(
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
     from evals.calibrate import CalibrationError, calibrate
     from offline.benchmarks import DatasetError
+    from zephyr.memory import NotEnoughMemory
 
     unwind_on_sigterm()
     if limit is not None and limit < 1:
         raise fail("--limit must be at least 1")
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores)
-    except (CalibrationError, RegistryError, DatasetError) as exc:
+    except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:
         _exit_after_engine()

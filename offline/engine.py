@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from zephyr import memory
 from zephyr.mcq import cache_hit_reaches_continuation
 from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
@@ -106,7 +107,9 @@ class OfflineEngine:
     `tokenizer` its tokenizer."""
 
     def __init__(self, model_path: Path, settings: Settings):
-        kwargs = {k: v for k, v in settings.vllm_engine_kwargs().items() if v is not None}
+        if problem := memory.plan(model_path, settings).problem:
+            raise memory.NotEnoughMemory(problem)
+        kwargs = {k: v for k, v in settings.vllm_engine_kwargs(model_path).items() if v is not None}
         os.environ.update(settings.vllm_environment())
         vllm_class = _prefix_cached(_lm_eval_vllm_class())
         self.lm_eval_model: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)

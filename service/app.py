@@ -27,7 +27,7 @@ from service.review.store import ReviewPolicy, ReviewStore
 from service.routes import health, mcq, openai
 from service.store.log import GenerationLog
 from service.tutor import Tutor
-from zephyr import __version__
+from zephyr import __version__, memory
 from zephyr.bundled import ensure_default_model
 from zephyr.pii import Redactor
 from zephyr.registry import Registry
@@ -245,16 +245,31 @@ async def _warm_up_engine(tutor: Tutor) -> None:
         pass
 
 
+def _death_cause(engine: Engine, oom_kills_at_start: int | None) -> str:
+    """Why the engine died, where the kernel tells: an OOM kill in our cgroup, or a process killed by SIGKILL."""
+    kills = memory.oom_kills()
+    codes = getattr(engine, "exit_codes", list)()
+    if kills is not None and oom_kills_at_start is not None and kills > oom_kills_at_start:
+        return (" of memory exhaustion: the kernel's out-of-memory killer ended it (lower ZEPHYR_KV_CACHE_GIB or "
+                "ZEPHYR_MAX_NUM_SEQS, or give the server more memory)")
+    if -9 in codes:
+        return (" (its process was killed with SIGKILL, most likely by the kernel's out-of-memory killer: lower "
+                "ZEPHYR_KV_CACHE_GIB or ZEPHYR_MAX_NUM_SEQS, or give the server more memory)")
+    return f" (engine process exit codes {codes})" if codes else ""
+
+
 async def _watch_engine(app: FastAPI) -> None:
     """A dead engine cannot come back in this process: stop being ready, then exit so the supervisor
     restarts the server (through SIGTERM, so uvicorn finishes what it can first)."""
     engine: Engine = app.state.engine
+    oom_kills_at_start = memory.oom_kills()
     while True:
         await asyncio.sleep(WATCHDOG_SECONDS)
         if engine.errored:
             app.state.ready.clear()
             app.state.metrics.engine_ready.set(0)
-            log.critical("the inference engine died; shutting the server down so it is restarted")
+            log.critical("the inference engine died%s; shutting the server down so it is restarted",
+                         _death_cause(engine, oom_kills_at_start))
             app.state.exit_code = 1
             app.state.on_fatal()
             return

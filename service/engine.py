@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from zephyr import memory
 from zephyr.registry import vllm_serving_problem
 from zephyr.settings import Settings
 
@@ -104,13 +105,13 @@ class VLLMEngine:
         return AsyncEngineArgs(
             model=str(model_path),
             served_model_name=[model_name],
-            **settings.vllm_engine_kwargs(),
+            **settings.vllm_engine_kwargs(model_path),
             disable_log_stats=False,
         )
 
     @classmethod
     def start(cls, settings: Settings, model_path: Path, model_name: str) -> VLLMEngine:
-        problem = vllm_serving_problem(model_path, model_name)
+        problem = vllm_serving_problem(model_path, model_name) or memory.plan(model_path, settings).problem
         if problem:
             raise RuntimeError(problem)
         from vllm.usage.usage_lib import UsageContext
@@ -126,6 +127,11 @@ class VLLMEngine:
     @property
     def errored(self) -> bool:
         return bool(self._llm.errored)
+
+    def exit_codes(self) -> list[int]:
+        """Exit codes of the engine's processes that have ended (-9: SIGKILL, what the kernel's OOM killer sends)."""
+        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
+        return [p.exitcode for p in getattr(manager, "processes", []) if p.exitcode is not None]
 
     async def check_health(self) -> None:
         await self._llm.check_health()

@@ -1,0 +1,49 @@
+"""Engines are sized by what their settings can use and refused when they would not fit (issue 26, item 5): two
+engines on one box each took 35% of the host's RAM, and the second died with only EngineDeadError to show."""
+
+from __future__ import annotations
+
+import pytest
+
+from zephyr import memory
+from zephyr.settings import Settings
+
+
+def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_model):
+    per_token = memory.kv_bytes_per_token(default_model.path)
+    assert per_token == 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16
+    settings = Settings(max_model_len=1024, max_num_seqs=4)
+    assert memory.kv_cache_bytes(default_model.path, settings) == per_token * 1024 * 4
+    assert settings.vllm_engine_kwargs(default_model.path)["kv_cache_memory_bytes"] == per_token * 1024 * 4
+    # The share still caps it, and an explicit size wins.
+    huge = Settings(max_model_len=2048, max_num_seqs=100_000, memory_share=0.01)
+    assert memory.kv_cache_bytes(default_model.path, huge) == int(0.01 * memory.total_bytes())
+    assert memory.kv_cache_bytes(default_model.path, Settings(kv_cache_gib=1.5)) == int(1.5 * memory.GIB)
+
+
+def test_an_engine_that_would_not_fit_is_refused_in_one_line(default_model, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 * memory.GIB)
+    problem = memory.plan(default_model.path, Settings()).problem
+    assert problem is not None and "\n" not in problem
+    assert "ZEPHYR_KV_CACHE_GIB" in problem and "1.0 GiB is available" in problem
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * memory.GIB)
+    assert memory.plan(default_model.path, Settings()).problem is None
+
+
+def test_the_offline_engine_refuses_before_vllm_loads(default_model, monkeypatch):
+    from offline.engine import OfflineEngine
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 256 * 2**20)
+    with pytest.raises(memory.NotEnoughMemory, match="is available"):
+        OfflineEngine(default_model.path, Settings())
+
+
+def test_a_sigkilled_engine_is_reported_as_a_likely_oom():
+    from service.app import _death_cause
+
+    class Dead:
+        def exit_codes(self):
+            return [-9]
+
+    assert "out-of-memory" in _death_cause(Dead(), None)
+    assert _death_cause(object(), None) == ""

@@ -1,0 +1,128 @@
+"""How much memory an engine needs, and whether it fits, before vLLM is asked for it.
+
+vLLM's `gpu_memory_utilization` is a share of the *whole* host's RAM on CPU: a server and an evaluation on one box
+each asked for 35% of it for their KV caches, and the second engine was killed by the kernel with nothing but
+`EngineDeadError` to show. Here the KV cache is sized by what the settings can use at once (`max_model_len` tokens
+for each of `max_num_seqs` sequences), capped by the share, and an engine that would not fit in the memory
+available now is refused in one line that says what to set."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+GIB = 2**30
+# What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
+# the server on SmolLM2-135M as 2.8 GiB for server + EngineCore + worker minus weights (docs/operations.md).
+ENGINE_OVERHEAD_BYTES = int(2.5 * GIB)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+class EngineSizing(Protocol):
+    max_model_len: int
+    max_num_seqs: int
+    memory_share: float
+    kv_cache_gib: float | None
+    dtype: str
+
+
+class NotEnoughMemory(RuntimeError):
+    """An engine that would not fit in the memory available now; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    kv_cache_bytes: int
+    weights_bytes: int
+    needed_bytes: int  # weights + KV cache + the engine's own overhead
+    available_bytes: int | None  # what the host (or the container's memory limit) has free now; None: unknown
+
+    @property
+    def problem(self) -> str | None:
+        if self.available_bytes is None or self.needed_bytes <= self.available_bytes:
+            return None
+        return (f"the engine needs about {self.needed_bytes / GIB:.1f} GiB (KV cache {self.kv_cache_bytes / GIB:.1f}, "
+                f"weights {self.weights_bytes / GIB:.1f}, runtime {ENGINE_OVERHEAD_BYTES / GIB:.1f}) but "
+                f"{self.available_bytes / GIB:.1f} GiB is available: lower ZEPHYR_KV_CACHE_GIB, ZEPHYR_MAX_NUM_SEQS or "
+                "ZEPHYR_MAX_MODEL_LEN, or stop another engine on this machine")
+
+
+def kv_bytes_per_token(model_path: Path, dtype: str = "auto") -> int:
+    """Keys and values of every layer for one token, from the model's config.json."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config = config.get("text_config", config)
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    name = (config.get("dtype") or config.get("torch_dtype") or "bfloat16") if dtype == "auto" else dtype
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(str(name), 2)
+
+
+def total_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cgroup_free() -> int | None:
+    """A container's memory limit minus its use (cgroup v2, then v1); None outside a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < total_bytes():
+            return int(limit) - usage
+    return None
+
+
+def available_bytes() -> int | None:
+    """MemAvailable, or the container's headroom where that is smaller; None where neither can be read."""
+    host = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    container = _cgroup_free()
+    known = [v for v in (host, container) if v is not None]
+    return min(known) if known else None
+
+
+def kv_cache_bytes(model_path: Path, settings: EngineSizing) -> int:
+    """ZEPHYR_KV_CACHE_GIB when set; otherwise what `max_num_seqs` full-length sequences can use, capped by
+    `memory_share` of the host's RAM (vLLM's own reading of the share on CPU)."""
+    if settings.kv_cache_gib:
+        return int(settings.kv_cache_gib * GIB)
+    need = kv_bytes_per_token(model_path, settings.dtype) * settings.max_model_len * settings.max_num_seqs
+    return min(need, int(settings.memory_share * total_bytes()))
+
+
+def weights_bytes(model_path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in Path(model_path).glob("*.bin"))
+
+
+def plan(model_path: Path, settings: EngineSizing) -> MemoryPlan:
+    kv = kv_cache_bytes(model_path, settings)
+    weights = weights_bytes(model_path)
+    return MemoryPlan(kv, weights, kv + weights + ENGINE_OVERHEAD_BYTES, available_bytes())
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of out-of-memory kills in this cgroup (v2 memory.events, v1 memory.oom_control)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            for line in Path(path).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
