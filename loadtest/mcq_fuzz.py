@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 from rich.console import Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -1065,7 +1066,7 @@ class Outcome:
     statuses: Counter = field(default_factory=Counter)
     retries: int = 0
     batches: int = 0
-    seconds: list[tuple[float, int, int]] = field(default_factory=list)  # per batch: seconds, questions, batch
+    timings: list[dict[str, Any]] = field(default_factory=list)  # per batch sent: seconds, status, its cases' kinds
     wall_s: float = 0.0
     ready_at_end: bool | None = None
 
@@ -1125,8 +1126,11 @@ async def run_batches(url: str, api_key: str | None, batches: Sequence[Batch], o
             else:
                 sent = time.monotonic()
                 status, text, retries = await _send(client, batch, max_retries=30)
-                outcome.seconds.append((time.monotonic() - sent, len(batch.payload.get("questions") or []),
-                                        batch.number))
+                questions = batch.payload.get("questions")
+                outcome.timings.append({"batch": batch.number, "seconds": round(time.monotonic() - sent, 2),
+                                        "status": status, "questions": len(questions) if isinstance(questions, list)
+                                        else 0, "cases": [c.index for c in batch.cases],
+                                        "kinds": dict(Counter(c.kind for c in batch.cases))})
             verdicts = check_batch(batch, status, text, strict_params, server_floor, tolerate)
             outcome.retries += retries
             outcome.statuses[status] += 1
@@ -1193,14 +1197,15 @@ def summary_table(outcome: Outcome) -> Group:
     answers = outcome.count("answered") + outcome.count("abstained")
     statuses = ", ".join(f"{status or 'none'}: {count}" for status, count in sorted(outcome.statuses.items()))
     unindexed = sum(1 for v in outcome.warnings if v.outcome == "refused")
-    slowest = max(outcome.seconds, default=(0.0, 0, 0))
+    slowest = max(outcome.timings, key=lambda t: t["seconds"], default={"seconds": 0.0, "questions": 0})
     figures = Table(show_header=False, box=None)
     figures.add_column(style="bold")
     figures.add_column()
     for name, value in [
         ("answers/s", f"{answers / outcome.wall_s if outcome.wall_s else 0:.2f}"),
         ("wall time", f"{outcome.wall_s:.0f} s"),
-        ("batches", f"{outcome.batches} (HTTP {statuses}); slowest {slowest[0]:.0f} s ({slowest[1]} questions)"),
+        ("batches", f"{outcome.batches} (HTTP {statuses}); slowest {slowest['seconds']:.0f} s "
+                    f"({slowest['questions']} questions)"),
         ("429 retries", str(outcome.retries)),
         ("400s naming the field", f"{outcome.count('refused') - unindexed} with the question's index, {unindexed} "
                                   "without it"),
@@ -1294,15 +1299,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     with (args.out / "failures.jsonl").open("w") as handle:
         for failure in outcome.failures:
             handle.write(json.dumps(failure, ensure_ascii=True) + "\n")
+    with (args.out / "batches.jsonl").open("w") as handle:
+        for timing in outcome.timings:
+            handle.write(json.dumps(timing) + "\n")
     for failure in outcome.failures[:10]:
         console.print_json(json.dumps(failure, ensure_ascii=True))
-    for verdict in outcome.warnings[:3]:
-        console.print(f"[yellow]warning[/] case {verdict.case.index} ({verdict.case.kind}): {verdict.warning}",
-                      markup=False)
+    for verdict in [v for v in outcome.warnings if v.outcome == "refused"][:3]:
+        console.print(f"[yellow]warning[/] case {verdict.case.index} ({escape(verdict.case.kind)}): "
+                      f"{escape(verdict.warning)}")
     if log_path is not None and any(f["status"] >= 500 or f["status"] == 0 for f in outcome.failures):
         console.print(f"server log tracebacks ({log_path}):\n{server_errors(log_path)}", markup=False)
     console.print(summary_table(outcome))
-    console.print(f"{len(outcome.failures)} failures in {args.out / 'failures.jsonl'}")
+    console.print(f"{len(outcome.failures)} failures in {args.out / 'failures.jsonl'}; per-batch times in "
+                  f"{args.out / 'batches.jsonl'}")
     raise SystemExit(0 if outcome.passed else 1)
 
 
