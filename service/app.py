@@ -196,11 +196,24 @@ def create_app(
     install_error_handlers(app)
     for router in (health.router, openai.router, mcq.router, review_routes.router):
         app.include_router(router)
+    _document_stream(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if app.state.keyring.open:  # however the app is started (zephyr serve, uvicorn --factory, a test)
         app.add_middleware(LoopbackOnly)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts every refusal too
     return app
+
+
+def _document_stream(app: FastAPI) -> None:
+    """The OpenAPI schema with the streamed chat chunk's models among its components (routes/openai.py)."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            openai.document_stream(make_schema())  # FastAPI keeps the schema it made in app.openapi_schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _rekey_legacy_digests(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from service.auth import Principal
 from service.engine import EngineOutput, GenParams, TokenLogprob
+from service.protocol import Usage
 from service.store.models import GenerationRecord
 
 # Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
@@ -75,10 +76,10 @@ class GenerationRequest:
     def completion_tokens(self) -> int:
         return sum(self.token_counts.values())
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> Usage:
         prompt = len(self.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+        return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
+                     total_tokens=prompt + self.completion_tokens)
 
     def record(self, model: str, status: str, error: str | None,
                response: list[dict[str, Any]] | None = None) -> GenerationRecord:

@@ -199,3 +199,113 @@ class MCQBatchResponse(BaseModel):
     id: str
     model: str
     results: list[MCQResponse]
+
+
+# Responses of the OpenAI-compatible routes ------------------------------------------------------------------
+# Shaped as OpenAI defines them (and vLLM's vllm/entrypoints/openai protocol models): field names and order are
+# the wire format the `openai` client parses, so change neither. Nulls are sent, not left out (`logprobs: null`,
+# `system_fingerprint: null`); the only fields left out are a stream delta's absent `role`/`content` and
+# `usage` in chunks when the client did not ask for `stream_options.include_usage`.
+
+
+class OpenAIResponse(BaseModel):
+    """A response model: fields with defaults are sent all the same, so the schema marks them required."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class TopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes")
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The most likely tokens at this position (`top_logprobs`)")
+
+
+class ChoiceLogprobs(OpenAIResponse):
+    content: list[TokenLogprobEntry] | None
+
+
+class ChatMessageOut(OpenAIResponse):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatCompletionChoice(OpenAIResponse):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = Field(description="stop, length; null if the generation was cut off")
+
+
+class Usage(OpenAIResponse):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class ChatDelta(BaseModel):
+    """What a stream chunk adds to a choice: the role in the first chunk, then content; absent keys are left
+    out ({} in a chunk that only finishes a choice)."""
+
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_absent)
+    content: str | None = Field(default=None, exclude_if=_absent)
+
+
+class ChatCompletionChunkChoice(OpenAIResponse):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+def _usage_not_required(schema: dict[str, Any]) -> None:
+    schema["required"].remove("usage")
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    """One server-sent event of a streamed chat completion (`data: <this JSON>`; the stream ends with
+    `data: [DONE]`). With `stream_options.include_usage`, every chunk has `usage: null` and one more chunk,
+    with no choices, carries the usage before [DONE]; without it, chunks have no `usage` key."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True,
+                              json_schema_extra=_usage_not_required)
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "zephyr"
+    parent: str | None = Field(description="The registry entry this model was made from (null for a base)")
+    method: str = Field(description="How it was made: base, sft, dpo, kto, rs, gptq, awq, w8a8, ...")
+    max_model_len: int
+
+
+class ModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

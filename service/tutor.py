@@ -10,14 +10,27 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
 from service.errors import APIError, error_body
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest, ClozeScores, MCQRequest, MCQResponse
+from service.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    ClozeScores,
+    MCQRequest,
+    MCQResponse,
+    TokenLogprobEntry,
+    TopLogprob,
+)
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import mcq
@@ -199,49 +212,56 @@ class Tutor:
             async for _ in outputs:
                 pass
 
-    async def complete(self, gen: GenerationRequest, top_logprobs: int | None) -> dict[str, Any]:
+    async def complete(self, gen: GenerationRequest, top_logprobs: int | None) -> ChatCompletionResponse:
         await self.run_to_end(gen)
-        choices = []
-        for i in range(gen.params.n):
-            choices.append({
-                "index": i,
-                "message": {"role": "assistant", "content": gen.text(i)},
-                "logprobs": _openai_logprobs(gen.logprobs.get(i, []), top_logprobs) if gen.params.logprobs is not None
-                else None,
-                "finish_reason": gen.finish_reasons.get(i),
-            })
-        return {"id": gen.request_id, "object": "chat.completion", "created": gen.created, "model": self.model_name,
-                "choices": choices, "usage": gen.usage(), "system_fingerprint": None}
+        with_logprobs = gen.params.logprobs is not None
+        return ChatCompletionResponse(
+            id=gen.request_id, created=gen.created, model=self.model_name,
+            choices=[
+                ChatCompletionChoice(
+                    index=i, message=ChatMessageOut(content=gen.text(i)),
+                    logprobs=_choice_logprobs(gen.logprobs.get(i, []), top_logprobs) if with_logprobs else None,
+                    finish_reason=gen.finish_reasons.get(i),
+                )
+                for i in range(gen.params.n)
+            ],
+            usage=gen.usage(), system_fingerprint=None,
+        )
 
     async def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        head = {"id": gen.request_id, "object": "chat.completion.chunk", "created": gen.created,
-                "model": self.model_name, "system_fingerprint": None}
-        usage_field = {"usage": None} if include_usage else {}
+        """Server-sent events in OpenAI's chunk format (ChatCompletionChunk), ending with `data: [DONE]`."""
+        with_logprobs = gen.params.logprobs is not None
+        exclude = None if include_usage else {"usage"}  # `usage: null` in every chunk only when asked for
 
-        def chunk(choices: list[dict]) -> str:
-            return f"data: {json.dumps({**head, 'choices': choices, **usage_field}, ensure_ascii=False)}\n\n"
+        def event(choices: list[ChatCompletionChunkChoice]) -> str:
+            chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
+                                        system_fingerprint=None, choices=choices)
+            return f"data: {json.dumps(chunk.model_dump(exclude=exclude), ensure_ascii=False)}\n\n"
 
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(gen.params.n)])
+        yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                     for i in range(gen.params.n)])
         try:
             async with aclosing(self._run(gen)) as outputs:
                 async for out in outputs:
                     choices = [
-                        {"index": c.index, "delta": {"content": c.text} if c.text or not c.finish_reason else {},
-                         "logprobs": _openai_logprobs(c.logprobs or [], top_logprobs)
-                         if gen.params.logprobs is not None else None,
-                         "finish_reason": c.finish_reason}
+                        ChatCompletionChunkChoice(
+                            index=c.index,
+                            delta=ChatDelta(content=c.text) if c.text or not c.finish_reason else ChatDelta(),
+                            logprobs=_choice_logprobs(c.logprobs or [], top_logprobs) if with_logprobs else None,
+                            finish_reason=c.finish_reason,
+                        )
                         for c in out.choices if c.text or c.finish_reason
                     ]
                     if choices:
-                        yield chunk(choices)
+                        yield event(choices)
         except APIError as exc:  # headers are gone: report in-band, as OpenAI does
             error = error_body(exc.status, exc.message, exc.param, exc.code)["error"]
             yield f"data: {json.dumps({'error': error})}\n\n"
         else:
             if include_usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': gen.usage()})}\n\n"
+                last = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
+                                           system_fingerprint=None, choices=[], usage=gen.usage())
+                yield f"data: {json.dumps(last.model_dump())}\n\n"
         yield "data: [DONE]\n\n"
 
     # MCQ ------------------------------------------------------------------------------------------------
@@ -419,11 +439,12 @@ class Tutor:
         return [task.result() for task in tasks]
 
 
-def _openai_logprobs(entries: list[TokenLogprob], top: int | None) -> dict[str, Any]:
-    def item(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _choice_logprobs(entries: list[TokenLogprob], top: int | None) -> ChoiceLogprobs:
+    def item(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
-    return {"content": [
-        {**item(e.token, e.logprob), "top_logprobs": [item(text, lp) for _, text, lp in e.top[: top or 0]]}
+    return ChoiceLogprobs(content=[
+        TokenLogprobEntry(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
+                          top_logprobs=[item(text, lp) for _, text, lp in e.top[: top or 0]])
         for e in entries
-    ]}
+    ])

@@ -9,25 +9,47 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import OPEN_MODE_KEY, Principal, charge, require
 from service.errors import APIError
-from service.protocol import ChatCompletionRequest
+from service.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 T = TypeVar("T")
 any_role = require("student", "reviewer")
 
 
-@router.get("/models")
-async def list_models(request: Request, _: Principal = Depends(any_role)) -> dict:
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request, _: Principal = Depends(any_role)) -> ModelList:
     tutor = request.app.state.tutor
     entry = request.app.state.registry_entry
-    return {"object": "list", "data": [{
-        "id": tutor.model_name, "object": "model", "created": int(entry.manifest.created_at.timestamp()),
-        "owned_by": "zephyr", "parent": entry.manifest.parent, "method": entry.manifest.method,
-        "max_model_len": tutor.engine.max_model_len,
-    }]}
+    return ModelList(data=[ModelCard(
+        id=tutor.model_name, created=int(entry.manifest.created_at.timestamp()), parent=entry.manifest.parent,
+        method=entry.manifest.method, max_model_len=tutor.engine.max_model_len,
+    )])
 
 
-@router.post("/chat/completions")
+# The OpenAPI schema documents the stream too: each server-sent event's data is a ChatCompletionChunk (the shape
+# FastAPI gives its own SSE routes; `document_stream` adds the chunk's schema to the components).
+STREAM_RESPONSE = {200: {
+    "description": "A chat completion; with `stream: true`, server-sent events ending with `data: [DONE]`",
+    "content": {"text/event-stream": {"itemSchema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+    }}},
+}}
+
+
+def document_stream(openapi: dict) -> None:
+    """Adds ChatCompletionChunk (and the models it uses) to an OpenAPI schema's components."""
+    from pydantic.json_schema import models_json_schema
+
+    _, schema = models_json_schema([(ChatCompletionChunk, "serialization")],
+                                   ref_template="#/components/schemas/{model}")
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in schema.get("$defs", {}).items():
+        schemas.setdefault(name, definition)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
     tutor = request.app.state.tutor
     review_requested = review_header(request)
@@ -43,7 +65,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
             result = await until_disconnected(request, tutor.complete(gen, top_logprobs))
         finally:
             tutor.admission.leave()
-        return JSONResponse(result, headers=headers)
+        # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return ReleasingStreamingResponse(

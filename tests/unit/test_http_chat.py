@@ -150,3 +150,73 @@ async def test_chunked_body_over_the_limit_is_413(app_factory):
 
         r = await served.client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "ZEPHYR_MAX_BODY_BYTES" in r.json()["error"]["message"]
+
+
+async def test_the_openai_client_parses_completions_streams_and_models(served):
+    """What the official client makes of our responses (the typed models in service/protocol.py shape them)."""
+    import httpx
+    import openai
+
+    from tests.unit.conftest import STUDENT_KEY
+
+    served.engine.reply = "Water boils at 100 °C — 水は沸騰する."
+    tokenizer = served.engine.tokenizer
+    ids = tokenizer.encode(served.engine.reply, add_special_tokens=False)
+    expected = "".join(tokenizer.decode([t]) for t in ids)  # the stub's text, token by token
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key=STUDENT_KEY, max_retries=0,
+                                http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app)))
+    async with client:
+        reply = await client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=user(), max_tokens=100, n=2, logprobs=True, top_logprobs=2)
+        assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+        assert reply.model == "smollm2-135m-instruct" and reply.system_fingerprint is None
+        assert [c.index for c in reply.choices] == [0, 1]
+        for choice in reply.choices:
+            assert choice.message.role == "assistant" and choice.message.content == expected
+            assert choice.finish_reason == "stop"
+            assert "".join(entry.token for entry in choice.logprobs.content) == expected
+            first = choice.logprobs.content[0]
+            assert bytes(first.bytes).decode() == first.token and len(first.top_logprobs) == 2
+        assert reply.usage.completion_tokens == 2 * len(ids)
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+        plain = await client.chat.completions.create(messages=user(), model="smollm2-135m-instruct", max_tokens=3)
+        assert plain.choices[0].logprobs is None and plain.choices[0].finish_reason == "length"
+
+        for include_usage in (True, False):
+            stream = await client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=user(), max_tokens=100, stream=True,
+                stream_options={"include_usage": True} if include_usage else None)
+            chunks = [chunk async for chunk in stream]
+            assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+            with_choices = [c for c in chunks if c.choices]
+            assert "".join(c.choices[0].delta.content or "" for c in with_choices) == expected
+            assert with_choices[-1].choices[0].finish_reason == "stop"
+            assert all(c.choices[0].logprobs is None and c.system_fingerprint is None for c in with_choices)
+            assert all(c.usage is None for c in with_choices)
+            if include_usage:
+                assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ids)
+            else:
+                assert chunks[-1] is with_choices[-1]
+
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["smollm2-135m-instruct"] and models.data[0].owned_by == "zephyr"
+
+
+async def test_stream_chunks_keep_text_unescaped_and_leave_out_what_was_not_asked_for(served):
+    served.engine.reply = "100 °C — 水"
+    body = {"messages": user(), "max_tokens": 50, "stream": True}
+    raw = (await served.client.post(CHAT, json=body)).content.decode()
+    events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    assert "°" in raw and "\\u00b0" not in raw  # UTF-8 on the wire, not \u escapes
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all("usage" not in chunk and chunk["system_fingerprint"] is None for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in chunks[1:] if c["choices"][0]["delta"])
+    raw = (await served.client.post(CHAT, json={**body, "stream_options": {"include_usage": True}})).content.decode()
+    events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(chunk["usage"] is None for chunk in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"] > 0

@@ -1,9 +1,14 @@
-"""The service's structure: no import cycle among its modules."""
+"""The service's structure: no import cycle among its modules, and an OpenAPI schema that documents the
+OpenAI-compatible responses (chat completion, stream chunk, model list) as well as the requests."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
+
+from service.app import create_app
+from zephyr.settings import Settings
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 
@@ -40,3 +45,33 @@ def test_no_service_module_imports_itself_back():
 
     cycles = sorted(name for name in graph if reaches(name, name, set()))
     assert not cycles, f"import cycles through {cycles}"
+
+
+def test_openapi_documents_the_openai_responses(tmp_path):
+    spec = create_app(Settings(home=tmp_path, api_docs=True)).openapi()
+    schemas = spec["components"]["schemas"]
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionResponse"}
+    data = chat["text/event-stream"]["itemSchema"]["properties"]["data"]
+    assert data["contentSchema"] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    models = spec["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert models == {"$ref": "#/components/schemas/ModelList"}
+    refs = {ref.rsplit("/", 1)[1] for ref in _refs(spec)}
+    assert refs <= schemas.keys(), refs - schemas.keys()  # every reference resolves, the chunk's included
+    assert set(schemas["ChatCompletionChunk"]["required"]) == {
+        "id", "object", "created", "model", "system_fingerprint", "choices"}  # `usage` only with include_usage
+    assert "required" not in schemas["ChatDelta"]  # role and content are left out when absent
+    assert schemas["ChatCompletionResponse"]["properties"]["object"]["const"] == "chat.completion"
+    json.dumps(spec)  # and it is JSON
+
+
+def _refs(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "$ref":
+                yield item
+            else:
+                yield from _refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _refs(item)
