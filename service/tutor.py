@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from service.auth import Principal
@@ -57,7 +57,9 @@ class Admission:
         reconnects, through the load balancer, to another replica); those in flight run to the end."""
         self.draining = True
 
-    def enter(self, weight: int = 1) -> None:
+    def admit(self, weight: int = 1) -> AdmissionSlot:
+        """Admits `weight` requests, or refuses them with a 503. Use the slot as a context manager: the
+        requests leave when the block ends, unless the block hands the slot off (`AdmissionSlot.hand_off`)."""
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise APIError(
@@ -79,9 +81,37 @@ class Admission:
                 headers={"Retry-After": "1"},
             )
         self.in_flight += weight
+        return AdmissionSlot(self, weight)
 
-    def leave(self, weight: int = 1) -> None:
-        self.in_flight -= weight
+
+class AdmissionSlot:
+    """The place of admitted requests, given back exactly once: when the `with` block ends, or, if the block
+    called `hand_off`, by whoever got the callable it returned (a streaming response, when it closes)."""
+
+    __slots__ = ("_admission", "_weight", "_held", "_handed_off")
+
+    def __init__(self, admission: Admission, weight: int):
+        self._admission = admission
+        self._weight = weight
+        self._held = True
+        self._handed_off = False
+
+    def __enter__(self) -> AdmissionSlot:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self._handed_off:
+            self.release()
+
+    def hand_off(self) -> Callable[[], None]:
+        """The requests outlive the block: the returned callable releases them (once, however often called)."""
+        self._handed_off = True
+        return self.release
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission.in_flight -= self._weight
 
 
 class Tutor:

@@ -16,12 +16,9 @@ async def answer(body: MCQRequest, request: Request, principal: Principal = Depe
     tutor = request.app.state.tutor
     tutor.check_model(body.model)
     question = tutor.build_question(body)
-    tutor.admission.enter()
-    try:
+    with tutor.admission.admit():
         return await tutor.answer_mcq(question, body.resolved_method, principal, new_id("mcq"), body.user,
                                       body.min_confidence)
-    finally:
-        tutor.admission.leave()
 
 
 @router.post("/mcq/batch", response_model=MCQBatchResponse)
@@ -38,9 +35,6 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
         tutor.check_model(item.model)
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
     batch_id = new_id("mcqbatch")
-    tutor.admission.enter(len(items))
-    try:
+    with tutor.admission.admit(len(items)):
         results = await tutor.answer_mcq_batch(items, principal, batch_id)
-    finally:
-        tutor.admission.leave(len(items))
     return MCQBatchResponse(id=batch_id, model=tutor.model_name, results=results)

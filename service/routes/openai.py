@@ -59,20 +59,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         request.app.state.review_requests.hit(principal.key_hash or OPEN_MODE_KEY)
     headers = {"X-Request-Id": gen.request_id}
     top_logprobs = body.top_logprobs if body.logprobs else None
-    tutor.admission.enter()
-    if not body.stream:
-        try:
+    with tutor.admission.admit() as slot:
+        if not body.stream:
             result = await until_disconnected(request, tutor.complete(gen, top_logprobs))
-        finally:
-            tutor.admission.leave()
-        # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
-        return JSONResponse(result.model_dump(mode="json"), headers=headers)
+            # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
+            return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ReleasingStreamingResponse(
-        tutor.stream(gen, include_usage, top_logprobs), on_close=tutor.admission.leave,
-        media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return ReleasingStreamingResponse(  # the stream holds its place until the response closes
+            tutor.stream(gen, include_usage, top_logprobs), on_close=slot.hand_off(),
+            media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
 
 REVIEW_HEADER = "X-Zephyr-Review"

@@ -131,3 +131,83 @@ async def test_draining_finishes_requests_in_flight_and_refuses_new_ones_with_50
     finished = await in_flight
     assert finished.status_code == 200 and finished.json()["choices"][0]["finish_reason"] == "length"
     assert served.app.state.tutor.admission.in_flight == 0
+
+
+def test_an_admission_slot_is_given_back_once_when_its_block_ends_or_by_whoever_took_it():
+    from service.metrics import Metrics
+    from service.tutor import Admission
+
+    class Alive:
+        errored = False
+
+    admission = Admission(3, Metrics(), Alive())
+    with admission.admit(2):
+        assert admission.in_flight == 2
+    assert admission.in_flight == 0
+    try:
+        with admission.admit():
+            raise RuntimeError("the request failed")
+    except RuntimeError:
+        pass
+    assert admission.in_flight == 0
+    with admission.admit() as slot:
+        release = slot.hand_off()
+    assert admission.in_flight == 1  # handed off: the block's end keeps it
+    release()
+    release()
+    assert admission.in_flight == 0
+
+
+async def test_a_stream_holds_its_place_until_the_response_closes(served):
+    """The handler returns at once; the stream keeps its admission until it ends, or the client hangs up
+    (mid-stream, or before the first byte, when Starlette never starts the generator)."""
+    import json
+
+    from tests.unit.conftest import STUDENT_KEY
+
+    admission = served.app.state.tutor.admission
+    served.engine.delay = 0.05
+    body = json.dumps({**BODY, "max_tokens": 40, "stream": True}).encode()
+
+    async def call(hang_up_after_first_chunk: bool, hang_up_at_once: bool = False) -> list[bytes]:
+        gone, first_chunk, chunks, asked = asyncio.Event(), asyncio.Event(), [], [False]
+        if hang_up_at_once:
+            gone.set()
+
+        async def receive():
+            if not asked[0]:
+                asked[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                first_chunk.set()
+
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                   (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(body)).encode())]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
+                 "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+        task = asyncio.create_task(served.app(scope, receive, send))
+        if not hang_up_at_once:
+            await asyncio.wait_for(first_chunk.wait(), 10)
+            assert admission.in_flight == 1  # the handler has returned; the stream still holds its place
+            if hang_up_after_first_chunk:
+                gone.set()
+        await asyncio.wait_for(task, 10)
+        assert admission.in_flight == 0
+        return chunks
+
+    finished = await call(hang_up_after_first_chunk=False)
+    assert finished[-1] == b"data: [DONE]\n\n"
+    cut = await call(hang_up_after_first_chunk=True)
+    assert b"data: [DONE]\n\n" not in cut and len(cut) < len(finished)
+    at_once = await call(False, hang_up_at_once=True)
+    assert len(at_once) <= 1 and b"data: [DONE]\n\n" not in b"".join(at_once)  # at most the role chunk went out
+    log = await served.flushed_log()
+    for chunks, status in ((finished, "ok"), (cut, "aborted")):
+        request_id = json.loads(chunks[0].decode().removeprefix("data: "))["id"]
+        assert (await log.get(request_id))["status"] == status
