@@ -81,10 +81,12 @@ _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
 def _location(loc: tuple) -> str:
     """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'"""
     text = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    for position, part in enumerate(parts):
+        last = position == len(parts) - 1  # a field's own name, even a capitalised unknown one ("Question")
         if isinstance(part, int):
             text += f"[{part}]"
-        elif _TYPE_TAGS.match(str(part)) or str(part)[:1].isupper():
+        elif _TYPE_TAGS.match(str(part)) or (str(part)[:1].isupper() and not last):
             continue
         else:
             text += f".{part}" if text else str(part)

@@ -301,3 +301,11 @@ async def test_a_reviewers_comment_is_redacted_before_it_is_stored(app_factory):
         async with served.app.state.generation_log.engine.connect() as conn:
             [comment] = (await conn.execute(select(ReviewAssignment.comment))).scalars().all()
         assert "jane.doe" not in comment and "Elm Street" not in comment and "<EMAIL_ADDRESS>" in comment
+
+
+async def test_a_capitalised_unknown_field_is_named(served):
+    """Found by the MCQ fuzz: `"Question": 0` beside `question` was reported as `questions[0]`."""
+    body = {"questions": [{"question": "q", "options": ["a", "b"], "Question": 0}]}
+    r = await served.client.post("/mcq/batch", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "questions[0].Question"
+    assert "unknown field `questions[0].Question`" in r.json()["error"]["message"]
