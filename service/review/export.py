@@ -154,4 +154,7 @@ def parse_since(value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ValueError(f"--since {value!r} is not a date; use YYYY-MM-DD or an ISO 8601 timestamp") from exc
-    return utc(parsed)
+    try:
+        return utc(parsed)
+    except OverflowError as exc:
+        raise ValueError(f"--since {value!r} is out of range in UTC; use a date between the years 1 and 9999") from exc

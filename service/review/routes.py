@@ -165,8 +165,13 @@ async def export_verdicts(
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
     _: Principal = Depends(admin_only),
 ) -> Response:
+    try:
+        since = utc(since)
+    except OverflowError:  # within a day of year 1 or 9999, its UTC time is no datetime
+        raise APIError(400, f"`since` {since.isoformat()} is out of range in UTC; send a date between the years 1 "
+                            "and 9999", param="since") from None
     store = review_store(request)
-    judgements, generations = await store.judgements(utc(since))
+    judgements, generations = await store.judgements(since)
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged)
     # Redaction is CPU work: keep it off the event loop that streams students' answers.
     text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,

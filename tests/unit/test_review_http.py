@@ -121,6 +121,10 @@ async def test_review_access_rules(served):
     assert (await served.client.get("/review/stats", headers=REVIEWER)).status_code == 200
     bad_format = await served.client.get("/review/export?format=csv", headers=ADMIN)
     assert bad_format.status_code == 400 and "format" in bad_format.json()["error"]["message"]
+    # found by the API fuzz: a `since` whose UTC time falls before year 1 was a 500
+    edge = await served.client.get("/review/export", params={"format": "dpo", "since": "0001-01-01T00:00:00+00:01"},
+                                   headers=ADMIN)
+    assert edge.status_code == 400 and edge.json()["error"]["param"] == "since"
 
 
 async def test_review_routes_answer_503_while_the_database_is_away(app_factory):
