@@ -34,6 +34,7 @@ from service.protocol import (
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import mcq
+from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
@@ -123,7 +124,8 @@ class Tutor:
         self.metrics = metrics
         self.log = log
         self.admission = Admission(settings.max_in_flight, metrics, engine)
-        self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
+        # Every answer reads at least one generated token, so a prompt may fill the context but for one.
+        self.max_prompt_tokens = min(settings.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
         # Tokenizing costs time in proportion to characters: bound them before any tokenizer runs.
         self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
@@ -141,11 +143,7 @@ class Tutor:
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode_text(text)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(self.engine.tokenizer, messages)
 
     def check_prompt_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_chars:
@@ -154,8 +152,9 @@ class Tutor:
 
     def check_prompt_length(self, prompt_ids: list[int], param: str = "messages") -> None:
         if len(prompt_ids) > self.max_prompt_tokens:
+            what = "the conversation" if param == "messages" else "the question, its options or its support"
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
-                                "(shorten the conversation)", param=param, code="context_length_exceeded")
+                                f"(shorten {what})", param=param, code="context_length_exceeded")
 
     async def _run(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
@@ -312,7 +311,8 @@ class Tutor:
         return q
 
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
-                         user: str | None = None, min_confidence: float | None = None) -> MCQResponse:
+                         user: str | None = None, min_confidence: float | None = None,
+                         param_prefix: str = "") -> MCQResponse:
         """Scores the options as the method says (the letter, the options' texts, or both at once), turns the
         scores into probabilities over exactly the options, and answers null below `min_confidence`."""
         plan = mcq.plan(method, self.calibration)
@@ -331,9 +331,9 @@ class Tutor:
                     mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
 
         letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
-        self.check_prompt_length(letter_prompt, "question")
+        self.check_prompt_length(letter_prompt, f"{param_prefix}question")
         for ids, _ in cloze_requests:
-            self.check_prompt_length(ids, "question")
+            self.check_prompt_length(ids, f"{param_prefix}question")
         row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
         explanation = None
         status, error = "error", None
@@ -343,6 +343,8 @@ class Tutor:
             status = "ok"
         except APIError as exc:
             error = exc.message
+            if param_prefix and exc.param and not exc.param.startswith(param_prefix):
+                exc.param = param_prefix + exc.param  # name the batch's question: `questions[3].explain`
             raise
         except asyncio.CancelledError:
             status, error = "aborted", "cancelled"
@@ -462,7 +464,7 @@ class Tutor:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self.answer_mcq(q, body.resolved_method, principal, f"{batch_id}-{i}",
-                                                           body.user, body.min_confidence))
+                                                           body.user, body.min_confidence, f"questions[{i}]."))
                          for i, (q, body) in enumerate(items)]
         except* APIError as failures:
             raise failures.exceptions[0] from None

@@ -309,3 +309,16 @@ async def test_a_capitalised_unknown_field_is_named(served):
     r = await served.client.post("/mcq/batch", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "questions[0].Question"
     assert "unknown field `questions[0].Question`" in r.json()["error"]["message"]
+
+
+async def test_a_prompt_must_leave_room_for_the_answer_and_a_batch_names_its_question(served):
+    """Found by the MCQ fuzz: a prompt of exactly max_model_len tokens passed our check and vLLM refused it (a 400
+    naming no field); the limit is one token short of the context, and a batch names the question's index."""
+    tutor = served.app.state.tutor
+    assert tutor.max_prompt_tokens == tutor.engine.max_model_len - 1
+    long = {"question": "Which is a metal?", "options": ["iron", "oxygen"], "method": "letter",
+            "support": "rocks and minerals " * 1200}
+    r = await served.client.post("/mcq/batch", json={"questions": [MCQ, long]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["param"] == "questions[1].question" and "shorten the question" in error["message"]
