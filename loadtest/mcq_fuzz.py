@@ -51,7 +51,7 @@ from zephyr import mcq
 
 # service.tutor.CHARS_PER_TOKEN_BOUND (a unit test keeps them equal; importing the service here would load torch).
 CHARS_PER_TOKEN = 16
-METHODS = ("auto", "letter", "cloze", "explain")
+METHODS = mcq.METHODS
 AUTO_REPORTS = frozenset({"letter", "letter_debiased", "cloze", "cloze_norm", "combined"})
 QUESTION_FIELDS = ("question", "options", "support", "method", "explain", "min_confidence", "model", "user")
 MAX_NAME = 256  # `model` and `user` (service/protocol.py)
@@ -86,15 +86,16 @@ KNOWN_ISSUES = {
 class Limits:
     """The server's limits the cases are built around (zephyr/settings.py, service/tutor.py)."""
 
-    max_prompt_tokens: int = 2048
+    max_prompt_tokens: int = 2047
     max_model_len: int = 2048
-    max_prompt_chars: int = CHARS_PER_TOKEN * 2048
+    max_prompt_chars: int = CHARS_PER_TOKEN * 2047
     max_batch: int = 64
     max_body_bytes: int = 1_000_000
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
-        tokens = min(settings.max_prompt_tokens or settings.max_model_len, settings.max_model_len)
+        # The server keeps one token of the context for the answer (service/tutor.py).
+        tokens = min(settings.max_prompt_tokens or settings.max_model_len - 1, settings.max_model_len - 1)
         return cls(tokens, settings.max_model_len, settings.max_prompt_chars or CHARS_PER_TOKEN * tokens,
                    settings.max_mcq_batch, settings.max_body_bytes)
 

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, field_validator, model_validator
 
+from zephyr import mcq
+
 # Fields of OpenAI's chat API this server does not implement: a 400 that names them, never ignored.
 UNSUPPORTED_CHAT_FIELDS = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
@@ -141,7 +143,7 @@ class ChatCompletionRequest(Strict):
         return stops
 
 
-MCQMethod = Literal["auto", "letter", "cloze", "explain"]
+MCQMethod = Literal[mcq.METHODS]  # zephyr.mcq names the methods once
 
 
 class MCQRequest(Strict):

@@ -179,7 +179,9 @@ async def test_export_formats_agreement_dedup_pii_and_reproducibility(log, tmp_p
         assert len(lines) == count
         return lines
 
-    dpo = run("dpo")
+    # i2's answers were both flagged incorrect or unsafe by r3: a dpo export leaves the pair out unless asked.
+    assert [r["meta"]["item_ids"] for r in run("dpo")] == [["i1", "i6"]]
+    dpo = run("dpo", include_flagged=True)
     # i1 and i6 are the same pair: one record, both item ids. i2: served by 2 of 3. i3 tie, i4 both bad: none.
     assert [(r["meta"]["item_ids"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo] == [
         (["i1", "i6"], "Rayleigh scattering.", "Because of the ocean."),
@@ -193,7 +195,7 @@ async def test_export_formats_agreement_dedup_pii_and_reproducibility(log, tmp_p
         "chosen_id": "i2", "rejected_id": "i2-cand", "chosen_model": "tutor", "rejected_model": "tutor [T=1]",
         "created_at": None}
     assert [r["meta"]["item_ids"] for r in run("dpo", min_agreement=0.9)] == [["i1", "i6"]]
-    assert [r["meta"]["item_ids"] for r in run("dpo", min_reviewers=3)] == [["i2"]]
+    assert [r["meta"]["item_ids"] for r in run("dpo", min_reviewers=3, include_flagged=True)] == [["i2"]]
 
     kto = run("kto")
     assert [(r["meta"]["item_ids"][0], r["completion"][0]["content"], r["label"]) for r in kto] == [
