@@ -59,6 +59,7 @@ mcq-fuzz: setup
 
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
+	$(PY) -m loadtest.vllm_bench $(VLLM_BENCH_ARGS)  # the same server measured by vLLM's own `vllm bench serve`
 
 # llm-compressor's own virtualenv (ZEPHYR_QUANT_ENV, default ~/.cache/zephyr/quant-env); `zephyr quantize` makes it
 # on first use too.

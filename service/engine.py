@@ -36,6 +36,16 @@ class GenParams:
     # None: vLLM's rule (no cache reads with prompt log-probabilities). False lets a cloze request reuse the
     # question's KV blocks; the caller then trusts only positions past EngineOutput.num_cached_tokens.
     skip_reading_prefix_cache: bool | None = None
+    # vLLM's extra sampling parameters (chat requests may set them, as with `vllm serve`).
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass
@@ -156,6 +166,15 @@ class VLLMEngine:
             logprob_token_ids=params.logprob_token_ids,
             prompt_logprobs=0 if params.prompt_logprobs else None,
             skip_reading_prefix_cache=params.skip_reading_prefix_cache,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
+            stop_token_ids=params.stop_token_ids or None,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
             # Prompt positions read from the prefix cache carry uninitialized token ids, which vLLM's detokenizer
             # cannot decode (OverflowError in the output handler kills the engine): score by ids, never by text.
             detokenize=not params.prompt_logprobs,

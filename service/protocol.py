@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, field_validator, model_validator
 
@@ -118,6 +118,17 @@ class ChatCompletionRequest(Strict):
     user: StrictStr | None = Field(default=None, max_length=256)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extra sampling parameters, as `vllm serve` takes them (what `vllm bench serve` sends), with the bounds
+    # vLLM's SamplingParams checks; token ids are checked against the served tokenizer.
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="0 or -1: off")
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
+    ignore_eos: StrictBool = False
+    min_tokens: int = Field(default=0, ge=0, le=INT64[1])
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=64)
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +141,9 @@ class ChatCompletionRequest(Strict):
             raise ValueError("`top_logprobs` needs `logprobs: true`")
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed with `stream: true`")
+        asked = self.max_completion_tokens or self.max_tokens
+        if asked is not None and self.min_tokens > asked:
+            raise ValueError(f"`min_tokens` ({self.min_tokens}) is more than the answer's limit ({asked})")
         if not any(m.role == "user" for m in self.messages):
             raise ValueError("`messages` must contain at least one user message")
         return self

@@ -229,12 +229,31 @@ class Tutor:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            top_k=req.top_k or 0,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            stop_token_ids=self._stop_token_ids(req.stop_token_ids or []),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
         )
+        if params.min_tokens > params.max_tokens:
+            raise APIError(400, f"`min_tokens` is {params.min_tokens}; this prompt leaves room for {params.max_tokens}",
+                           param="min_tokens", code="context_length_exceeded")
         return GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
         )
+
+    def _stop_token_ids(self, ids: list[int]) -> list[int]:
+        vocabulary = len(self.engine.tokenizer)
+        if unknown := [i for i in ids if i >= vocabulary]:
+            raise APIError(400, f"`stop_token_ids` holds ids outside the vocabulary of {vocabulary}: {unknown[:5]}",
+                           param="stop_token_ids")
+        return ids
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
         async with aclosing(self._run(gen)) as outputs:

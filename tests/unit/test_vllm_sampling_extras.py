@@ -1,0 +1,35 @@
+"""vLLM's extra sampling parameters are accepted as `vllm serve` accepts them (issue 26, item 1: `vllm bench serve`
+sent `ignore_eos` and met a 400), bounded as vLLM bounds them, and reach the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+CHAT = "/v1/chat/completions"
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+EXTRAS = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 2,
+          "stop_token_ids": [2], "include_stop_str_in_output": True, "skip_special_tokens": False,
+          "spaces_between_special_tokens": False}
+
+
+async def test_the_extras_reach_the_engine(served):
+    r = await served.client.post(CHAT, json={**BODY, **EXTRAS})
+    assert r.status_code == 200, r.text
+    _, params = served.engine.calls[-1]
+    for name, value in EXTRAS.items():
+        assert getattr(params, name) == value, name
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("top_k", -2), ("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0), ("min_tokens", -1),
+    ("stop_token_ids", [-1]), ("stop_token_ids", [10**9]), ("ignore_eos", "yes"), ("min_tokens", 9),
+])
+async def test_values_vllm_would_refuse_are_400_naming_the_field(served, field, value):
+    r = await served.client.post(CHAT, json={**BODY, field: value})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"] or r.json()["error"]["param"] == field
+
+
+async def test_what_we_do_not_implement_is_still_refused(served):
+    r = await served.client.post(CHAT, json={**BODY, "tools": [{"type": "function"}]})
+    assert r.status_code == 400 and "`tools` is not supported" in r.json()["error"]["message"]
