@@ -48,6 +48,12 @@ class GenParams:
     spaces_between_special_tokens: bool = True
 
 
+SAMPLING_FIELDS = ("n", "max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                   "logprobs", "allowed_token_ids", "logprob_token_ids", "skip_reading_prefix_cache", "top_k", "min_p",
+                   "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+                   "skip_special_tokens", "spaces_between_special_tokens")
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -152,29 +158,13 @@ class VLLMEngine:
     def sampling_params(self, params: GenParams) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        # Fields SamplingParams takes under the same name and meaning; the rest need translating.
+        same = {name: getattr(params, name) for name in SAMPLING_FIELDS}
         return SamplingParams(
-            n=params.n,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
+            **same,
             stop=params.stop or None,
-            seed=params.seed,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            logprobs=params.logprobs,
-            allowed_token_ids=params.allowed_token_ids,
-            logprob_token_ids=params.logprob_token_ids,
-            prompt_logprobs=0 if params.prompt_logprobs else None,
-            skip_reading_prefix_cache=params.skip_reading_prefix_cache,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            ignore_eos=params.ignore_eos,
-            min_tokens=params.min_tokens,
             stop_token_ids=params.stop_token_ids or None,
-            include_stop_str_in_output=params.include_stop_str_in_output,
-            skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens,
+            prompt_logprobs=0 if params.prompt_logprobs else None,
             # Prompt positions read from the prefix cache carry uninitialized token ids, which vLLM's detokenizer
             # cannot decode (OverflowError in the output handler kills the engine): score by ids, never by text.
             detokenize=not params.prompt_logprobs,

@@ -33,3 +33,13 @@ async def test_values_vllm_would_refuse_are_400_naming_the_field(served, field, 
 async def test_what_we_do_not_implement_is_still_refused(served):
     r = await served.client.post(CHAT, json={**BODY, "tools": [{"type": "function"}]})
     assert r.status_code == 400 and "`tools` is not supported" in r.json()["error"]["message"]
+
+
+def test_every_generation_parameter_reaches_vllm():
+    """A new GenParams field must be passed to SamplingParams (by name) or translated, never dropped."""
+    from dataclasses import fields
+
+    from service.engine import SAMPLING_FIELDS, GenParams
+
+    translated = {"stop", "stop_token_ids", "prompt_logprobs"}
+    assert {f.name for f in fields(GenParams)} == set(SAMPLING_FIELDS) | translated
