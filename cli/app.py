@@ -14,8 +14,7 @@ from cli.common import console, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
-from zephyr import memory
-from zephyr.registry import ModelManifest, Registry, RegistryError, vllm_serving_problem
+from zephyr.registry import ModelManifest, Registry, RegistryError
 from zephyr.settings import DEFAULT_MODEL
 
 app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, talk to it.", no_args_is_help=True)
@@ -42,6 +41,7 @@ def serve(
 ) -> None:
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
     from service.app import UnsafeBind, check_bind, create_app, run_server
+    from service.engine import VLLMEngine
 
     settings = load_settings(host=host, port=port, model=model)
     try:
@@ -49,8 +49,7 @@ def serve(
         models = Registry(settings.models_dir)
         if settings.model != DEFAULT_MODEL or models.exists(settings.model):
             entry = models.get(settings.model)
-            problem = vllm_serving_problem(entry) or memory.plan(entry.path, settings).problem
-            if problem:
+            if problem := VLLMEngine.refusal(settings, entry.path, entry.name):
                 raise fail(problem)
     except (UnsafeBind, RegistryError, ValueError) as exc:
         raise fail(str(exc)) from None

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -25,10 +25,9 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from service.errors import APIError
-from zephyr.paths import private_dir
+from zephyr.paths import private_dir, private_file
 
-OPEN_MODE_KEY = "open-mode"
-OPEN_REVIEWER = "open"
+OPEN_IDENTITY = "open"  # who every request is when the server runs open (no keys, loopback only)
 SESSION_COOKIE = "zephyr_review"
 SECRET_FILE = "secret"
 
@@ -39,14 +38,11 @@ def install_secret(home: Path, configured: str | None) -> bytes:
     if configured:
         return configured.encode()
     path = private_dir(home) / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        fd = None
-    if fd is not None:
-        with os.fdopen(fd, "w") as out:
+    try:  # exclusive: replicas sharing a volume agree on the first one written
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)
+    except FileExistsError:
+        private_file(path)  # one an earlier version or a copy left readable
     value = path.read_text().strip()
     if len(value) < 32:
         raise RuntimeError(f"{path} holds no usable secret; delete it (sign-ins and key digests change)")
@@ -67,6 +63,11 @@ def legacy_digest(key: str) -> str:
 class Principal:
     role: str
     key_hash: str | None  # None when the server runs open (no keys configured, loopback only)
+
+    @property
+    def identity(self) -> str:
+        """Whom the limits count and the review queue knows: the key's digest, or OPEN_IDENTITY."""
+        return self.key_hash or OPEN_IDENTITY
 
 
 class KeyRing:
@@ -144,7 +145,7 @@ class Sessions:
     async def issue(self, principal: Principal) -> str:
         session_id = secrets.token_urlsafe(32)
         expires_at = datetime.now(UTC) + timedelta(seconds=self.max_age_seconds)
-        await self.store.create_session(self._digest(session_id), principal.key_hash or OPEN_REVIEWER, expires_at)
+        await self.store.create_session(self._digest(session_id), principal.identity, expires_at)
         return self._serializer.dumps({"sid": session_id})
 
     async def verify(self, token: str, keyring: KeyRing) -> Principal:
@@ -207,58 +208,57 @@ class RateLimiter(Limiter):
     def __init__(self, limit: str):
         super().__init__(limit, "units of work per API key")
 
-    def check_principal(self, principal: Principal, cost: int = 1) -> None:
-        self.hit(principal.key_hash or OPEN_MODE_KEY, cost)
-
 
 def client_address(request: Request) -> str:
     """The peer's address (behind a proxy, uvicorn's --forwarded-allow-ips makes it the real client)."""
     return request.client.host if request.client else "unknown"
 
 
-def charge(request: Request, cost: int) -> None:
-    """Counts the work a request asks for beyond the one unit its authentication already counted."""
-    principal: Principal = request.state.principal
-    state = request.app.state
-    state.rate_limiter.fits(cost)
+def _count_work(state: Any, principal: Principal, cost: int) -> None:
     try:
-        state.rate_limiter.check_principal(principal, cost - 1)
+        state.rate_limiter.hit(principal.identity, cost)
     except APIError:
         state.metrics.rejected.labels("rate_limit").inc()
         raise
 
 
+def charge(request: Request, cost: int) -> None:
+    """Counts the work a request asks for beyond the one unit its authentication already counted."""
+    request.app.state.rate_limiter.fits(cost)
+    _count_work(request.app.state, request.state.principal, cost - 1)
+
+
+async def authenticate(request: Request, authorization: str | None, session_token: str | None = None) -> Principal:
+    """The key (or the review sign-in cookie) behind a request. An address that keeps failing is refused (429)
+    before its next key is even checked; every failure counts against it."""
+    state = request.app.state
+    address = client_address(request)
+    try:
+        state.auth_failures.check(address)
+        if session_token:
+            return await state.sessions.verify(session_token, state.keyring)
+        return state.keyring.authenticate(authorization)
+    except APIError as exc:
+        if exc.status == 401:
+            state.metrics.rejected.labels("authentication").inc()
+            state.auth_failures.hit(address)
+        elif exc.status == 429:
+            state.metrics.rejected.labels("auth_throttle").inc()
+        raise
+
+
 def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
     """Dependency: authenticate, apply the key's rate limit, and check its role (admin may do anything).
-    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent.
-    An address that keeps failing to authenticate is refused (429) before its next key is even checked."""
+    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent."""
 
     async def dependency(request: Request) -> Principal:
-        state = request.app.state
-        address = client_address(request)
         authorization = request.headers.get("authorization")
         token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
-        try:
-            state.auth_failures.check(address)
-            if token:
-                principal = await state.sessions.verify(token, state.keyring)
-            else:
-                principal = state.keyring.authenticate(authorization)
-        except APIError as exc:
-            if exc.status == 401:
-                state.metrics.rejected.labels("authentication").inc()
-                state.auth_failures.hit(address)
-            elif exc.status == 429:
-                state.metrics.rejected.labels("auth_throttle").inc()
-            raise
+        principal = await authenticate(request, authorization, token)
         if principal.role != "admin" and principal.role not in roles:
             raise APIError(403, f"this route needs the role {' or '.join(roles)}; your key is `{principal.role}`",
                            code="forbidden")
-        try:
-            state.rate_limiter.check_principal(principal)
-        except APIError:
-            state.metrics.rejected.labels("rate_limit").inc()
-            raise
+        _count_work(request.app.state, principal, 1)
         request.state.principal = principal
         return principal
 

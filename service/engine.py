@@ -125,10 +125,14 @@ class VLLMEngine:
             disable_log_stats=False,
         )
 
+    @staticmethod
+    def refusal(settings: Settings, model_path: Path, model_name: str) -> str | None:
+        """Why vLLM could not serve this model here (a CUDA-only checkpoint, not enough memory), or None."""
+        return vllm_serving_problem(model_path, model_name) or memory.plan(model_path, settings).problem
+
     @classmethod
     def start(cls, settings: Settings, model_path: Path, model_name: str) -> VLLMEngine:
-        problem = vllm_serving_problem(model_path, model_name) or memory.plan(model_path, settings).problem
-        if problem:
+        if problem := cls.refusal(settings, model_path, model_name):
             raise RuntimeError(problem)
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM

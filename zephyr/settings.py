@@ -131,18 +131,16 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         return self.home / "models"
 
-    def vllm_engine_kwargs(self, model_path: Path | None = None) -> dict:
-        """vLLM engine arguments shared by the server and offline evaluation, so both compute the same numbers. With
-        the model's folder, the KV cache is sized by what these settings can use (zephyr/memory.py), not by a share
-        of the whole host."""
+    def vllm_engine_kwargs(self, model_path: Path) -> dict:
+        """vLLM engine arguments shared by the server and offline evaluation, so both compute the same numbers. The
+        KV cache is sized by what these settings can use on this model (zephyr/memory.py), not by a share of the
+        whole host."""
         from zephyr import memory
 
-        kv_bytes = memory.kv_cache_bytes(model_path, self) if model_path is not None else (
-            int(self.kv_cache_gib * 2**30) if self.kv_cache_gib else None)
         return {
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": self.memory_share,
-            "kv_cache_memory_bytes": kv_bytes,
+            "kv_cache_memory_bytes": memory.kv_cache_bytes(model_path, self),
             "enforce_eager": self.enforce_eager,
             "dtype": self.dtype,
             "max_num_seqs": self.max_num_seqs,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, StrictStr
 
-from service.auth import OPEN_REVIEWER, SESSION_COOKIE, Principal, client_address, require
+from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, require
 from service.errors import APIError
 from service.protocol import INT64, Strict
 from service.review import export, stats
@@ -32,10 +32,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def reviewer_id(principal: Principal) -> str:
-    return principal.key_hash or OPEN_REVIEWER
 
 
 def review_store(request: Request) -> ReviewStore:
@@ -67,14 +63,8 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
     """Every attempt counts against the address's sign-in limit, and a wrong key also against its failed
     authentications, so guessing keys here is as slow as anywhere."""
     state = request.app.state
-    address = client_address(request)
-    state.sign_ins.hit(address)
-    state.auth_failures.check(address)
-    try:
-        principal = state.keyring.authenticate(f"Bearer {body.key.strip()}")
-    except APIError:
-        state.auth_failures.hit(address)
-        raise
+    state.sign_ins.hit(client_address(request))
+    principal = await authenticate(request, f"Bearer {body.key.strip()}")
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
     response = JSONResponse({"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role})
@@ -103,8 +93,8 @@ async def me(principal: Principal = Depends(reviewer_only)) -> dict:
 @router.get("/api/next")
 async def next_item(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
-    item = await store.next_item(reviewer_id(principal))
-    return {"item": item, "progress": await store.progress(reviewer_id(principal))}
+    item = await store.next_item(principal.identity)
+    return {"item": item, "progress": await store.progress(principal.identity)}
 
 
 AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
@@ -124,9 +114,9 @@ async def give_verdict(body: VerdictRequest, request: Request, principal: Princi
     comment, redactor = body.comment, request.app.state.redactor
     if comment and redactor is not None:  # reviewers quote students; CPU work, kept off the event loop
         comment = await asyncio.to_thread(redactor.redact, comment)
-    await store.judge(reviewer_id(principal), body.assignment_id, body.verdict, body.strength, body.flags, comment)
+    await store.judge(principal.identity, body.assignment_id, body.verdict, body.strength, body.flags, comment)
     request.app.state.metrics.review_verdicts.labels(body.verdict).inc()
-    return {"progress": await store.progress(reviewer_id(principal))}
+    return {"progress": await store.progress(principal.identity)}
 
 
 class SkipRequest(Strict):
@@ -136,15 +126,15 @@ class SkipRequest(Strict):
 @router.post("/api/skip")
 async def skip(body: SkipRequest, request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
-    await store.skip(reviewer_id(principal), body.assignment_id)
-    return {"progress": await store.progress(reviewer_id(principal))}
+    await store.skip(principal.identity, body.assignment_id)
+    return {"progress": await store.progress(principal.identity)}
 
 
 @router.post("/api/undo")
 async def undo(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
-    item = await store.undo(reviewer_id(principal))
-    return {"item": item, "progress": await store.progress(reviewer_id(principal))}
+    item = await store.undo(principal.identity)
+    return {"item": item, "progress": await store.progress(principal.identity)}
 
 
 @router.get("/stats")

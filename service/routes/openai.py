@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.auth import OPEN_MODE_KEY, Principal, charge, require
+from service.auth import Principal, charge, require
 from service.errors import APIError
 from service.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 
@@ -56,7 +56,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     charge(request, body.n)  # n answers are n times the work
     if review_requested:  # each marked chat costs a second answer and a reviewer's time: a budget per key
-        request.app.state.review_requests.hit(principal.key_hash or OPEN_MODE_KEY)
+        request.app.state.review_requests.hit(principal.identity)
     headers = {"X-Request-Id": gen.request_id}
     top_logprobs = body.top_logprobs if body.logprobs else None
     with tutor.admission.admit() as slot:

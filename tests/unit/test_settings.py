@@ -7,10 +7,10 @@ import pytest
 from zephyr.settings import Settings
 
 
-def test_engine_kwargs_carry_a_block_size_small_enough_to_cache_the_system_prompt(monkeypatch):
-    assert Settings().vllm_engine_kwargs()["block_size"] == 32
+def test_engine_kwargs_carry_a_block_size_small_enough_to_cache_the_system_prompt(monkeypatch, default_model):
+    assert Settings().vllm_engine_kwargs(default_model.path)["block_size"] == 32
     monkeypatch.setenv("ZEPHYR_BLOCK_SIZE", "64")
-    assert Settings().vllm_engine_kwargs()["block_size"] == 64
+    assert Settings().vllm_engine_kwargs(default_model.path)["block_size"] == 64
 
 
 def test_bad_block_size_is_refused_with_the_setting_named(monkeypatch):
