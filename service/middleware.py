@@ -13,6 +13,14 @@ from service.metrics import Metrics
 from zephyr.settings import is_loopback
 
 
+async def send_error(send: Send, status: int, message: str, code: str) -> None:
+    """An error in OpenAI's body, sent before the app (or instead of it)."""
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodyTooLarge(HTTPException):
     """Raised while the body streams in; an HTTPException so FastAPI's body parsing passes it on as a 413."""
 
@@ -59,13 +67,8 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(413, f"request body over the limit of {self.max_bytes} bytes (ZEPHYR_MAX_BODY_BYTES)",
-                       code="body_too_large")
-        ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes (ZEPHYR_MAX_BODY_BYTES)",
+                         "body_too_large")
 
 
 class RequestMetrics:
@@ -128,9 +131,6 @@ class LoopbackOnly:
                 problem = (f"this server has no API keys and answers only requests addressed to localhost, not to "
                            f"{host[:64]!r} (DNS rebinding protection); set ZEPHYR_API_KEYS to serve other names")
             if problem is not None:
-                body = json.dumps(error_body(403, problem, code="open_mode_loopback_only")).encode()
-                await send({"type": "http.response.start", "status": 403, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, 403, problem, "open_mode_loopback_only")
                 return
         await self.app(scope, receive, send)
