@@ -157,7 +157,7 @@ def create_app(
         app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
             candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
-        ))
+        ), names=app.state.keyring.names)
         app.state.sessions.store = app.state.review_store
         if not settings.log_generations:
             log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
@@ -186,6 +186,7 @@ def create_app(
     app.state.on_fatal = on_fatal
     secret = install_secret(settings.home, settings.session_secret)
     app.state.keyring = KeyRing(settings.api_key_entries, secret)
+    review_routes.guidelines_path(settings)  # a guidelines file that is not there stops the start, like a keys file
     app.state.sessions = Sessions(secret, settings.review_session_hours * 3600)
     app.state.rate_limiter = RateLimiter(settings.rate_limit)
     app.state.auth_failures = Limiter(settings.auth_failure_limit, "failed authentications per address",

@@ -70,15 +70,25 @@ class Principal:
         return self.key_hash or OPEN_IDENTITY
 
 
+def reviewer_names(named: dict[str, str]) -> dict[str, str]:
+    """Key digest -> the name reviewers are shown by (ZEPHYR_API_KEYS' `name=role:key`). Statistics count each key
+    as one reviewer, so a name that two keys share gets each key's digest prefix added: labels stay distinct."""
+    holders: dict[str, int] = {}
+    for name in named.values():
+        holders[name] = holders.get(name, 0) + 1
+    return {digest: name if holders[name] == 1 else f"{name} ({digest[:8]})" for digest, name in named.items()}
+
+
 class KeyRing:
     """Keys are kept only as keyed digests; a lookup digests the presented key first, so comparison time
     reveals nothing about a stored key."""
 
-    def __init__(self, entries: Iterable[tuple[str, str]], secret: bytes):
+    def __init__(self, entries: Iterable[tuple[str, str, str | None]], secret: bytes):
         self._digest_key = _derive(secret, "api-key-digest")
         entries = list(entries)
-        self._roles = {self.digest(key): role for role, key in entries}
-        self.legacy = {legacy_digest(key): self.digest(key) for _, key in entries}
+        self._roles = {self.digest(key): role for role, key, _ in entries}
+        self.legacy = {legacy_digest(key): self.digest(key) for _, key, _ in entries}
+        self.names = reviewer_names({self.digest(key): name for _, key, name in entries if name})
 
     def digest(self, key: str) -> str:
         return hmac.new(self._digest_key, key.encode(), hashlib.sha256).hexdigest()

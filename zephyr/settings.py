@@ -114,8 +114,12 @@ class Settings(BaseSettings):
         "made once in HOME/secret. Replicas sharing a database must share it; changing it signs everyone out "
         "and starts reviewers' identities afresh"))
     review_session_hours: float = Field(default=12, gt=0)
+    review_guidelines: Path | None = Field(default=None, description=(
+        "Markdown file shown to reviewers as their guidelines (what each strength and flag means); default the "
+        "file shipped in service/review/guidelines.md"))
 
-    @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env", mode="after")
+    @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env",
+                     "review_guidelines", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -174,8 +178,11 @@ class Settings(BaseSettings):
         return self.spill_path or self.home / "spill" / "generations.jsonl"
 
     @cached_property
-    def api_key_entries(self) -> list[tuple[str, str]]:
-        """(role, key) pairs from ZEPHYR_API_KEYS and ZEPHYR_API_KEYS_FILE."""
+    def api_key_entries(self) -> list[tuple[str, str, str | None]]:
+        """(role, key, name) from ZEPHYR_API_KEYS and ZEPHYR_API_KEYS_FILE. An entry is `role:key`, or `name=role:key`
+        to give the key's holder a name the review page and statistics show (no name: a prefix of the key's
+        digest). The name goes before the role because a key may itself hold `:` or `=` (the key is all that
+        follows the first `:`), so entries written before names existed keep their meaning."""
         lines = [part for part in self.api_keys.split(",")]
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
@@ -186,17 +193,21 @@ class Settings(BaseSettings):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            role, sep, key = line.partition(":")
-            role, key = role.strip(), key.strip()
+            head, sep, key = line.partition(":")
+            name, _, role = head.rpartition("=")
+            name, role, key = " ".join(name.split()), role.strip(), key.strip()
             if not sep or role not in ROLES or not key:
                 raise ValueError(
-                    f"API key entry {line[:12]!r}... must be role:key with role one of {', '.join(ROLES)}"
+                    f"API key entry {line[:12]!r}... must be role:key or name=role:key with role one of "
+                    f"{', '.join(ROLES)}"
                 )
-            entries.append((role, key))
+            if len(name) > MAX_KEY_NAME_CHARS:
+                raise ValueError(f"API key name {name[:12]!r}... is longer than {MAX_KEY_NAME_CHARS} characters")
+            entries.append((role, key, name or None))
         return entries
 
-
 ROLES = ("student", "reviewer", "admin")
+MAX_KEY_NAME_CHARS = 64
 
 
 def is_loopback(host: str) -> bool:

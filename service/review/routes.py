@@ -15,19 +15,24 @@ from pydantic import Field, StrictStr
 from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, require
 from service.errors import APIError
 from service.protocol import INT64, Strict
-from service.review import export, stats
+from service.review import export, render, stats
 from service.review.store import ReviewStore, utc
+from zephyr.settings import Settings
 
 STATIC_DIR = Path(__file__).with_name("static")
+DEFAULT_GUIDELINES = Path(__file__).with_name("guidelines.md")
+TRUSTED_TYPES_POLICY = "zephyr-review"  # the name review.js gives its policy
 router = APIRouter(prefix="/review", tags=["review"])
 reviewer_only = require("reviewer", session=True)
 admin_only = require("admin", session=True)
 
-# Model output is untrusted: the page renders it as text, and this policy forbids inline or foreign script
-# even if something slipped through.
+# Model output is untrusted: the server renders its Markdown to sanitized HTML (render.py), and this policy
+# forbids inline or foreign script even if something slipped through. Trusted Types: the page's script can
+# put HTML into the page only through its one named policy, which takes the server's sanitized HTML.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'; "
+                               f"require-trusted-types-for 'script'; trusted-types {TRUSTED_TYPES_POLICY}",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -67,7 +72,7 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
     principal = await authenticate(request, f"Bearer {body.key.strip()}")
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
-    response = JSONResponse({"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role})
+    response = JSONResponse(whoami(request, principal))
     response.set_cookie(
         SESSION_COOKIE, await state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
         path="/review", httponly=True, samesite="strict", secure=request.url.scheme == "https",
@@ -85,16 +90,59 @@ async def sign_out(request: Request) -> Response:
     return response
 
 
+def whoami(request: Request, principal: Principal) -> dict:
+    return {"reviewer": stats.reviewer_label(principal.key_hash, request.app.state.keyring.names),
+            "role": principal.role}
+
+
 @router.get("/api/me")
-async def me(principal: Principal = Depends(reviewer_only)) -> dict:
-    return {"reviewer": stats.reviewer_label(principal.key_hash), "role": principal.role}
+async def me(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    return whoami(request, principal)
+
+
+def guidelines_path(settings: Settings) -> Path:
+    path = settings.review_guidelines or DEFAULT_GUIDELINES
+    if not path.is_file():
+        raise ValueError(f"ZEPHYR_REVIEW_GUIDELINES={path} is not a file")
+    return path
+
+
+@router.get("/api/guidelines")
+async def guidelines(request: Request, _: Principal = Depends(reviewer_only)) -> dict:
+    """The reviewers' guidelines (ZEPHYR_REVIEW_GUIDELINES, Markdown), as written and as sanitized HTML. Read at
+    each request: an operator may edit the file while the server runs."""
+
+    def read() -> dict:
+        source = guidelines_path(request.app.state.settings).read_text(encoding="utf-8")
+        return {"source": source, "html": render.to_html(source)}
+
+    try:
+        return await asyncio.to_thread(read)
+    except (OSError, ValueError) as exc:
+        raise APIError(503, f"the review guidelines cannot be read: {exc}",
+                       code="guidelines_unavailable") from None
+
+
+def present(item: dict | None) -> dict | None:
+    """Adds to each message and answer its text rendered as sanitized HTML (`html`), beside the raw text."""
+    if item is None:
+        return None
+    conversation = [{**message, "html": render.to_html(message.get("content") or "")}
+                    for message in item["conversation"]]
+    answers = [{**answer, "html": render.to_html(answer["text"])} for answer in item["answers"]]
+    return {**item, "conversation": conversation, "answers": answers}
+
+
+async def presented(item: dict | None) -> dict | None:
+    # Rendering a long conversation is CPU work: keep it off the event loop that streams students' answers.
+    return await asyncio.to_thread(present, item)
 
 
 @router.get("/api/next")
 async def next_item(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
     item = await store.next_item(principal.identity)
-    return {"item": item, "progress": await store.progress(principal.identity)}
+    return {"item": await presented(item), "progress": await store.progress(principal.identity)}
 
 
 AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
@@ -134,7 +182,7 @@ async def skip(body: SkipRequest, request: Request, principal: Principal = Depen
 async def undo(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
     item = await store.undo(principal.identity)
-    return {"item": item, "progress": await store.progress(principal.identity)}
+    return {"item": await presented(item), "progress": await store.progress(principal.identity)}
 
 
 @router.get("/stats")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -39,9 +40,12 @@ class Judgement:
     chose_left: bool | None = None  # for served / candidate: was the preferred answer shown as A?
 
 
-def reviewer_label(digest: str | None) -> str:
-    """How reviewers are named in statistics: a short prefix of their key's digest, never the key."""
-    return digest[:8] if digest else "open"
+def reviewer_label(digest: str | None, names: Mapping[str, str] | None = None) -> str:
+    """How reviewers are named on the page and in statistics: the name given to their key (KeyRing.names), else a
+    short prefix of their key's digest; never the key."""
+    if not digest:
+        return "open"
+    return (names or {}).get(digest) or digest[:8]
 
 
 def majority(labels: list[str]) -> tuple[str | None, float]:

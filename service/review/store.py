@@ -7,6 +7,7 @@ when the item is shown (answers in a random order), then judged, skipped, or put
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,10 +41,12 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 class ReviewStore:
-    def __init__(self, engine: AsyncEngine, policy: ReviewPolicy, rng: random.Random | None = None):
+    def __init__(self, engine: AsyncEngine, policy: ReviewPolicy, rng: random.Random | None = None,
+                 names: Mapping[str, str] | None = None):
         self.engine = engine
         self.policy = policy
         self._random = rng or random.Random()
+        self.names = names or {}  # key digest -> reviewer name (KeyRing.names)
 
     # Sign-in sessions (service.auth.Sessions) --------------------------------------------------------------
 
@@ -144,8 +147,7 @@ class ReviewStore:
             "item_id": item["id"],
             "kind": "pair" if assignment["right_id"] else "single",
             "conversation": item["messages"],
-            "answers": [{"label": label, "text": answer_text(rows[gid])}
-                        for label, gid in zip("AB", ids, strict=False)],
+            "answers": [{"label": label, **answer_facts(rows[gid])} for label, gid in zip("AB", ids, strict=False)],
             "created_at": utc(item["created_at"]).isoformat(),
         }
 
@@ -251,18 +253,31 @@ class ReviewStore:
                 chunk = id_list[start : start + 500]
                 for row in (await conn.execute(select(G).where(G.id.in_(chunk)))).mappings():
                     generations[row["id"]] = dict(row)
-        return [to_judgement(v, generations) for v in verdicts], generations
+        return [to_judgement(v, generations, self.names) for v in verdicts], generations
 
     async def skipped(self) -> dict[str, int]:
         A = ReviewAssignment
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(A.reviewer, func.count()).where(A.status == "skipped")
                                       .group_by(A.reviewer))
-            return {reviewer_label(reviewer): count for reviewer, count in rows}
+            return {reviewer_label(reviewer, self.names): count for reviewer, count in rows}
 
 
 def answer_text(row: dict[str, Any]) -> str:
     return row["response"][0]["content"] if row["response"] else ""
+
+
+def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
+    """An answer as the reviewer sees it: its text, and whether it ended on its own (`stop`) or was cut off at
+    max_tokens (`length`), with its length. Nothing that tells which model wrote it."""
+    choice = row["response"][0] if row["response"] else {}
+    return {
+        "text": answer_text(row),
+        "finish_reason": choice.get("finish_reason"),
+        # The row counts the tokens of all its choices; a review item is one answer (n=1).
+        "tokens": row["completion_tokens"] if len(row["response"] or []) == 1 else None,
+        "max_tokens": (row.get("params") or {}).get("max_tokens"),
+    }
 
 
 def model_label(row: dict[str, Any], served_model: str) -> str:
@@ -273,7 +288,7 @@ def model_label(row: dict[str, Any], served_model: str) -> str:
     return row["model"]
 
 
-def to_judgement(v: dict[str, Any], generations: dict[str, dict]) -> Judgement:
+def to_judgement(v: dict[str, Any], generations: dict[str, dict], names: Mapping[str, str] | None = None) -> Judgement:
     item = generations[v["item_id"]]
     pair = v["right_id"] is not None
     candidate_id = None
@@ -286,7 +301,7 @@ def to_judgement(v: dict[str, Any], generations: dict[str, dict]) -> Judgement:
         label, chose_left = v["verdict"], None
     role_of = {v["item_id"]: "served", candidate_id: "candidate"}
     return Judgement(
-        item_id=v["item_id"], reviewer=reviewer_label(v["reviewer"]), kind="pair" if pair else "single",
+        item_id=v["item_id"], reviewer=reviewer_label(v["reviewer"], names), kind="pair" if pair else "single",
         label=label, strength=v["strength"],
         flags={role_of.get(gid, gid): list(names) for gid, names in (v["flags"] or {}).items()},
         served_model=item["model"], candidate_id=candidate_id,

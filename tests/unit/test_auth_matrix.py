@@ -26,6 +26,7 @@ RULES: dict[tuple[str, str], str | frozenset[str]] = {
     ("POST", "/mcq"): ANY_ROLE,
     ("POST", "/mcq/batch"): ANY_ROLE,
     ("GET", "/review/api/me"): REVIEWERS,
+    ("GET", "/review/api/guidelines"): REVIEWERS,
     ("GET", "/review/api/next"): REVIEWERS,
     ("POST", "/review/api/verdicts"): REVIEWERS,
     ("POST", "/review/api/skip"): REVIEWERS,

@@ -1,0 +1,212 @@
+"""The review page's server side (stub engine): Markdown and math rendered to sanitized HTML, the guidelines,
+the facts shown with each answer, and reviewers' names from the key file."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+
+from service.auth import KeyRing
+from service.review import render
+from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
+from zephyr.settings import Settings
+
+CHAT = "/v1/chat/completions"
+REVIEWER = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+
+HOSTILE = [
+    '<script>window.__owned = 1</script>',
+    '<img src=x onerror="window.__owned = 1">',
+    '[click](javascript:alert(1))',
+    '[click](JaVaScRiPt:alert(1))',
+    '<a href="javascript:alert(1)">click</a>',
+    '![x](javascript:alert(1))',
+    '[data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)',
+    '<svg onload="alert(1)"><circle r="1"/></svg>',
+    '<math><mtext><table><mglyph><style><img src=x onerror=alert(1)></style></mglyph></table></mtext></math>',
+    '<iframe src="https://example.org"></iframe>',
+    '<div style="position:fixed;inset:0">cover</div>',
+    '$x$ <span class="answer" onclick="alert(1)">dress-up</span>',
+]
+
+
+class Elements(HTMLParser):
+    """Every element and attribute in an HTML fragment, as a browser's parser would see them."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(fragment)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+
+def assert_harmless(fragment: str) -> None:
+    for tag, attrs in Elements(fragment).elements:
+        assert tag not in {"script", "style", "img", "svg", "iframe", "object", "embed", "form", "mglyph"}, fragment
+        for name, value in attrs.items():
+            assert not name.startswith("on") and name not in {"style", "src", "srcdoc", "id"}, fragment
+            if name == "href":
+                assert value.split(":", 1)[0].lower() in {"http", "https", "mailto"}, fragment
+            if name == "class":
+                assert set(value.split()) <= {"math", "inline", "block", "math-error", ""}, fragment
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_text_renders_as_harmless_html(text):
+    assert_harmless(render.to_html(text))
+    assert_harmless(render.sanitize(text))  # the sanitizer alone, on raw HTML (markdown-it escapes it first)
+
+
+def test_the_sanitizer_removes_script_handlers_and_javascript_links():
+    cleaned = render.sanitize('<p onclick="x()">hi<script>alert(1)</script><img src=x onerror=alert(1)>'
+                              '<a href="javascript:alert(1)">j</a><a href="https://example.org">k</a></p>')
+    assert "<script" not in cleaned and "alert" not in cleaned and "onerror" not in cleaned
+    assert "onclick" not in cleaned and "javascript:" not in cleaned and "<img" not in cleaned
+    assert '<a href="https://example.org" target="_blank" rel="noopener noreferrer nofollow">k</a>' in cleaned
+
+
+def test_raw_html_in_markdown_stays_text():
+    html = render.to_html('Is <b>this</b> bold? <script>window.__owned = "x"</script>')
+    assert Elements(html).elements == [("p", {})]
+    assert "&lt;b&gt;this&lt;/b&gt;" in html and "&lt;script&gt;" in html
+
+
+def test_markdown_code_and_math_render():
+    html = render.to_html("# Energy\n\n**Mass** and `E` are related:\n\n$$E = mc^2$$\n\nInline $a^2 + b^2$, "
+                          "\\(\\frac{1}{2}\\) and \\[\\sqrt{x}\\].\n\n```python\nprint('hi')\n```\n\n"
+                          "| a | b |\n|---|---|\n| 1 | 2 |\n")
+    tags = [tag for tag, _ in Elements(html).elements]
+    for tag in ("h1", "strong", "code", "pre", "table", "td", "math", "msup", "mfrac", "msqrt"):
+        assert tag in tags, (tag, html)
+    assert tags.count("math") == 4
+    assert '<math display="block">' in html and '<math display="inline">' in html
+    assert "print(&#39;hi&#39;)" in html or "print('hi')" in html
+    assert_harmless(html)
+
+
+def test_unreadable_latex_shows_its_source_and_prices_stay_text():
+    html = render.to_html(r"Broken $x^$ and $<b> \left($ here. It costs $5 and $6.")
+    assert '<code class="math-error">x^</code>' in html
+    assert '<code class="math-error">&lt;b&gt; \\left(</code>' in html
+    assert "It costs $5 and $6." in html
+    assert_harmless(html)
+
+
+def test_an_image_becomes_a_visible_link():
+    html = render.to_html("![a cell](https://example.org/cell.png)")
+    assert Elements(html).elements[1] == ("a", {"href": "https://example.org/cell.png", "target": "_blank",
+                                                "rel": "noopener noreferrer nofollow"})
+    assert "[image: a cell]" in html
+
+
+# Items, guidelines and names over HTTP --------------------------------------------------------------------------
+
+async def judged_items(served):
+    await served.app.state.tutor.candidates.idle()
+    await served.flushed_log()
+
+
+async def test_an_item_carries_rendered_html_and_its_answers_facts(app_factory):
+    async with app_factory(review_share=1.0) as served:
+        served.engine.reply = "Use **Newton's** law: $F = ma$. <script>alert(1)</script>"
+        r = await served.client.post(CHAT, json={"messages": [
+            {"role": "system", "content": "Be *brief*."}, {"role": "user", "content": "What is `F`?"}],
+            "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        await judged_items(served)
+        body = (await served.client.get("/review/api/next", headers=REVIEWER)).json()
+        item = body["item"]
+        system, user = item["conversation"]
+        assert system["content"] == "Be *brief*." and system["html"] == "<p>Be <em>brief</em>.</p>\n"
+        assert user["html"] == "<p>What is <code>F</code>?</p>\n"
+        for answer in item["answers"]:
+            assert answer["finish_reason"] == "length" and answer["tokens"] == 5 and answer["max_tokens"] == 5
+            assert answer["text"] and answer["html"].startswith("<p>")
+            assert_harmless(answer["html"])
+        assert item["created_at"].endswith("+00:00")
+        # Undo shows the item again, rendered the same way.
+        await served.client.post("/review/api/verdicts", headers=REVIEWER,
+                                 json={"assignment_id": item["assignment_id"], "verdict": "tie"})
+        again = (await served.client.post("/review/api/undo", headers=REVIEWER)).json()["item"]
+        assert again["answers"] == item["answers"] and again["conversation"] == item["conversation"]
+
+
+async def test_guidelines_default_and_operator_file(app_factory, tmp_path):
+    async with app_factory() as served:
+        assert (await served.client.get("/review/api/guidelines", headers={"Authorization": ""})).status_code == 401
+        student = await served.client.get("/review/api/guidelines")
+        assert student.status_code == 403
+        shipped = (await served.client.get("/review/api/guidelines", headers=REVIEWER)).json()
+        for term in ("slightly better", "clearly better", "much better", "far better", "incorrect", "unsafe",
+                     "gives the answer away", "off-topic"):
+            assert term in shipped["source"] and term in shipped["html"]
+        assert "<table>" in shipped["html"]
+
+    own = tmp_path / "ours.md"
+    own.write_text("# Our rules\n\nA *slight* edge is `1`. <script>alert(1)</script>\n")
+    async with app_factory(review_guidelines=own) as served:
+        ours = (await served.client.get("/review/api/guidelines", headers=REVIEWER)).json()
+        assert ours["source"] == own.read_text()
+        assert ours["html"].startswith("<h1>Our rules</h1>") and "<script" not in ours["html"]
+        own.write_text("# Edited while running\n")  # read at each request
+        assert (await served.client.get("/review/api/guidelines", headers=REVIEWER)).json()["html"] == (
+            "<h1>Edited while running</h1>\n")
+        own.unlink()
+        gone = await served.client.get("/review/api/guidelines", headers=REVIEWER)
+        assert gone.status_code == 503 and gone.json()["error"]["code"] == "guidelines_unavailable"
+
+
+def test_a_missing_guidelines_file_stops_the_start(settings_factory, tmp_path, tokenizer):
+    from service.app import create_app
+    from tests.unit.stub_engine import StubEngine
+
+    with pytest.raises(ValueError, match="ZEPHYR_REVIEW_GUIDELINES=.*missing.md is not a file"):
+        create_app(settings_factory(review_guidelines=tmp_path / "missing.md"), StubEngine.factory(tokenizer))
+
+
+def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# role:key or name=role:key\nreviewer:plain-key\nAda  Lovelace=reviewer:k:with:colons\n"
+                    "admin:abc==\nGrace = admin : base64key== \n")
+    settings = Settings(api_keys="student:s1,Bob=reviewer:b=1", api_keys_file=keys)
+    assert settings.api_key_entries == [
+        ("student", "s1", None), ("reviewer", "b=1", "Bob"), ("reviewer", "plain-key", None),
+        ("reviewer", "k:with:colons", "Ada Lovelace"), ("admin", "abc==", None), ("admin", "base64key==", "Grace")]
+    with pytest.raises(ValueError, match="name=role:key"):
+        _ = Settings(api_keys="Bob=boss:key").api_key_entries
+    with pytest.raises(ValueError, match="longer than 64"):
+        _ = Settings(api_keys=f"{'x' * 65}=reviewer:key").api_key_entries
+
+
+def test_names_are_kept_by_digest_and_a_shared_name_stays_distinct():
+    ring = KeyRing([("reviewer", "k1", "Ada"), ("reviewer", "k2", "Sam"), ("admin", "k3", "Sam"),
+                    ("reviewer", "k4", None)], b"s" * 32)
+    d1, d2, d3, d4 = (ring.digest(k) for k in ("k1", "k2", "k3", "k4"))
+    assert ring.names == {d1: "Ada", d2: f"Sam ({d2[:8]})", d3: f"Sam ({d3[:8]})"}
+    assert not {"k1", "k2", "k3", "k4"} & (set(ring.names) | set(ring.names.values()))  # never the key
+
+
+async def test_reviewers_are_shown_by_name(app_factory):
+    keys = f"student:{STUDENT_KEY},Ada Lovelace=reviewer:{REVIEWER_KEY},admin:{ADMIN_KEY}"
+    async with app_factory(api_keys=keys, review_share=1.0, review_overlap=2) as served:
+        signed = await served.client.post("/review/session", json={"key": REVIEWER_KEY})
+        assert signed.json() == {"reviewer": "Ada Lovelace", "role": "reviewer"}
+        assert (await served.client.get("/review/api/me", headers=REVIEWER)).json()["reviewer"] == "Ada Lovelace"
+        for question in ("What is a cell?", "What is an atom?"):
+            await served.client.post(CHAT, json={"messages": [{"role": "user", "content": question}],
+                                                 "max_tokens": 8})
+        await judged_items(served)
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        for headers, verdict in ((REVIEWER, "tie"), (admin, "both_bad")):
+            item = (await served.client.get("/review/api/next", headers=headers)).json()["item"]
+            await served.client.post("/review/api/verdicts", headers=headers,
+                                     json={"assignment_id": item["assignment_id"], "verdict": verdict})
+        skipped = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        await served.client.post("/review/api/skip", headers=REVIEWER, json={"assignment_id": skipped["assignment_id"]})
+        stats = (await served.client.get("/review/stats", headers=REVIEWER)).json()
+        unnamed = served.app.state.keyring.digest(ADMIN_KEY)[:8]
+        assert sorted(stats["reviewers"], key=lambda r: r["judged"] + r["skipped"]) == [
+            {"reviewer": unnamed, "judged": 1, "skipped": 0}, {"reviewer": "Ada Lovelace", "judged": 1, "skipped": 1}]
