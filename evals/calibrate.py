@@ -61,6 +61,9 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         engine = EvalEngine(entry.path, settings)
     try:
         letters = {name: engine.letter(name, split, items) for name, (split, items) in data.items()}
+        # The transformers engine (bitsandbytes on CPU) has no answer-prior scorer: its fit skips cloze_pmi.
+        priors = ({name: engine.answer_prior(name, split, items) for name, (split, items) in data.items()}
+                  if hasattr(engine, "answer_prior") else {})
         with tempfile.TemporaryDirectory(prefix="zephyr-calibrate-") as workdir:
             cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm_eval_model, data, Path(workdir))
                      if m.metric == "cloze_acc"}
@@ -68,7 +71,7 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         engine.shutdown()
     scored: dict[str, list[calibration.Scored]] = {}
     for name, (_, items) in data.items():
-        scores = mcq_eval.option_scores(items, letters[name], cloze[name])
+        scores = mcq_eval.option_scores(items, letters[name], cloze[name], priors.get(name))
         scored[name] = [calibration.Scored(scores[i.id], mcq.LETTERS.index(i.answer), i.id) for i in items]
     return scored
 

@@ -185,6 +185,7 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
     "letter_debiased": (("letter",), True),
     "cloze": (("cloze",), False),
     "cloze_norm": (("cloze_norm",), False),
+    "cloze_pmi": (("cloze", "cloze_norm", "answer_prior"), False),
     "combined": (("letter", "cloze", "cloze_norm"), True),
 }
 
@@ -231,12 +232,13 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
     candidate's figures: raw (no calibration), cross-validated, and fitted (in-sample)."""
     have_letter = all(i.scores.letter is not None for i in items)
     have_cloze = all(i.scores.cloze is not None for i in items)
+    have_prior = all(i.scores.answer_prior is not None for i in items)
     prior = letter_prior(items) if have_letter else {}
     figures: dict[str, dict[str, Any]] = {}
     fitted: dict[str, mcq.MCQCalibration] = {}
     for name, (features, _) in CANDIDATES.items():
-        if ("letter" in features and not have_letter) or (any(f.startswith("cloze") for f in features)
-                                                          and not have_cloze):
+        if (("letter" in features and not have_letter) or ("answer_prior" in features and not have_prior)
+                or (any(f.startswith("cloze") for f in features) and not have_cloze)):
             continue
         record = _fitted(items, name, prior)
         fitted[name] = record

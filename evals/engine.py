@@ -1,5 +1,5 @@
-"""The evaluation engine: the shared offline vLLM engine plus the letter-format scorer, the same interface as
-evals.hf_letter.TransformersEngine (letter, lm_eval_model, shutdown)."""
+"""The evaluation engine: the shared offline vLLM engine plus the letter-format and answer-prior scorers, the same
+interface as evals.hf_letter.TransformersEngine (letter, lm_eval_model, shutdown; it has no answer_prior)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ class EvalEngine(OfflineEngine):
 
         return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
                                explain_max_tokens=self.settings.mcq_explain_max_tokens)
+
+    def answer_prior(self, name: str, split: str, items: list[Any]) -> Any:
+        from evals import mcq_eval
+
+        return mcq_eval.answer_prior(self.llm, self.tokenizer, name, split, items)

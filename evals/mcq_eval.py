@@ -77,17 +77,18 @@ def question_of(item: MCQItem) -> mcq.MCQuestion:
     return mcq.MCQuestion(item.question, tuple(item.options), mcq.normalize_support(item.support))
 
 
-def option_scores(items: list[MCQItem], letter_m: Measurement | None,
-                  cloze_m: Measurement | None) -> dict[str, mcq.OptionScores]:
-    """Per item, the raw per-option scores the letter and cloze measurements kept."""
+def option_scores(items: list[MCQItem], letter_m: Measurement | None, cloze_m: Measurement | None,
+                  prior_m: Measurement | None = None) -> dict[str, mcq.OptionScores]:
+    """Per item, the raw per-option scores the letter, cloze and answer-prior measurements kept."""
     letter = letter_m.details.get("letter_logprobs", {}) if letter_m else {}
     cloze = cloze_m.details.get("loglikelihoods", {}) if cloze_m else {}
+    prior = prior_m.details.get("loglikelihoods", {}) if prior_m else {}
     out = {}
     for item in items:
         scores = mcq.OptionScores(support=mcq.normalize_support(item.support) is not None)
         if item.id in cloze:
             scores = mcq.cloze_scores(item.options, cloze[item.id], support=scores.support)
-        out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id))
+        out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id), answer_prior=prior.get(item.id))
     return out
 
 
@@ -153,6 +154,30 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
         details["explanations"] = {item.id: text for item, text in zip(items, explanations, strict=True)}
     return measurement(name, method_metric("explain" if explain else "letter"), split, values,
                        groups=_groups(items, values), seconds=seconds, details=details)
+
+
+def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]) -> Measurement:
+    """Each option's log-likelihood after the bare answer cue, without the question (zephyr/mcq.py:
+    answer_prior_requests, exactly what /mcq sends when its method reads it). The accuracy is how often the
+    option likeliest on its own is the key: the baseline a question must beat."""
+    from vllm import SamplingParams, TokensPrompt
+
+    started = time.perf_counter()
+    requests = [mcq.answer_prior_requests(tokenizer, question_of(item)) for item in items]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for per_item in requests for ids, _ in per_item]
+    outputs = iter(llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                                        detokenize=False), use_tqdm=True))
+    seconds = time.perf_counter() - started
+    values, loglikelihoods = {}, {}
+    for item, per_item in zip(items, requests, strict=True):
+        scores = []
+        for ids, context_length in per_item:
+            entries = next(outputs).prompt_logprobs
+            scores.append(round(sum(entries[p][ids[p]].logprob for p in range(context_length, len(ids))), 6))
+        loglikelihoods[item.id] = scores
+        values[item.id] = float(mcq.LETTERS[scores.index(max(scores))] == item.answer)
+    return measurement(name, "answer_prior_acc", split, values, groups=_groups(items, values), seconds=seconds,
+                       details={"loglikelihoods": loglikelihoods})
 
 
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],

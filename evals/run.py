@@ -190,15 +190,23 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                 console.print(f"cloze prefix cache: {cache['cached_tokens']:,} of {cache['prompt_tokens']:,} prompt "
                               f"tokens reused; {cache['rescored']:,} of {cache['requests']:,} requests scored again")
             out += cloze
-        if (auto.needs_letter and options.explain) or (auto.needs_cloze and not options.cloze):
+            if hasattr(engine, "answer_prior"):  # cheap: a few tokens per option, no question
+                for name in names:
+                    m = engine.answer_prior(name, *data[name])
+                    console.print(f"{name} answer prior alone: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
+                    out.append(m)
+        if ((auto.needs_letter and options.explain) or (auto.needs_cloze and not options.cloze)
+                or (auto.needs_answer_prior and not any(m.metric == "answer_prior_acc" for m in out))):
             console.print(f"[yellow]auto ({auto.method}) not measured:[/] it needs the direct letter format and "
-                          "cloze; run without --explain and --no-cloze")
+                          "cloze (and the answer prior, which the vLLM engine scores); run without --explain and "
+                          "--no-cloze")
         else:
             for name in names:
                 split, items = data[name]
                 scores = mcq_eval.option_scores(
                     items, next((x for x in out if x.key == f"{name}/letter_acc"), None),
-                    next((x for x in out if x.key == f"{name}/cloze_acc"), None))
+                    next((x for x in out if x.key == f"{name}/cloze_acc"), None),
+                    next((x for x in out if x.key == f"{name}/answer_prior_acc"), None))
                 m = mcq_eval.planned(name, split, items, scores, auto, method_metric("auto"))
                 figures = m.details["calibration"]
                 console.print(f"{name} auto ({auto.method}{', calibrated' if auto.calibrated else ''}): "

@@ -52,7 +52,7 @@ from zephyr import mcq
 # service.tutor.CHARS_PER_TOKEN_BOUND (a unit test keeps them equal; importing the service here would load torch).
 CHARS_PER_TOKEN = 16
 METHODS = mcq.METHODS
-AUTO_REPORTS = frozenset({"letter", "letter_debiased", "cloze", "cloze_norm", "combined"})
+AUTO_REPORTS = frozenset(mcq.AUTO_METHODS)
 QUESTION_FIELDS = ("question", "options", "support", "method", "explain", "min_confidence", "model", "user")
 MAX_NAME = 256  # `model` and `user` (service/protocol.py)
 SUM_TOLERANCE = 1e-6

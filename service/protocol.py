@@ -194,6 +194,9 @@ class MCQBatchRequest(Strict):
 class ClozeScores(BaseModel):
     loglikelihood: dict[str, float] = Field(description="Each option text's summed log-likelihood (lm-eval acc)")
     per_char: dict[str, float] = Field(description="The same per character of the option (lm-eval acc_norm)")
+    answer_prior: dict[str, float] | None = Field(
+        None, description="Each option text's log-likelihood after a bare 'Answer:' without the question, when the "
+                          "method reads it (cloze_pmi): how likely the text is on its own")
 
 
 class MCQResponse(BaseModel):
@@ -204,7 +207,7 @@ class MCQResponse(BaseModel):
     confidence: float = Field(description="The highest option probability")
     abstained: bool = False
     method: str = Field(description="What answered: letter, cloze, explain, or what `auto` resolved to for this "
-                        "model: letter, letter_debiased, cloze, cloze_norm or combined")
+                        f"model: {', '.join(mcq.AUTO_METHODS)}")
     calibrated: bool = Field(description="Whether the model's validation calibration shaped the probabilities")
     cloze: ClozeScores | None = None
     explanation: str | None = None

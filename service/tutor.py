@@ -347,8 +347,10 @@ class Tutor:
         def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
             tokenizer = self.engine.tokenizer
             return (mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else [],
-                    mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
+                    (mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
+                    + (mcq.answer_prior_requests(tokenizer, q) if plan.needs_answer_prior else []))
 
+        # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
         letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
         self.check_prompt_length(letter_prompt, f"{param_prefix}question")
         for ids, _ in cloze_requests:
@@ -386,7 +388,9 @@ class Tutor:
         cloze = None
         if scores.cloze is not None:
             cloze = ClozeScores(loglikelihood=dict(zip(q.letters, scores.cloze, strict=True)),
-                                per_char=dict(zip(q.letters, scores.cloze_norm, strict=True)))
+                                per_char=dict(zip(q.letters, scores.cloze_norm, strict=True)),
+                                answer_prior=dict(zip(q.letters, scores.answer_prior, strict=True))
+                                if scores.answer_prior else None)
         return MCQResponse(id=request_id, answer=answer, option=q.option_for(answer) if answer else None,
                            probabilities=probabilities, confidence=confidence, abstained=abstained,
                            method=plan.method, calibrated=plan.calibrated, cloze=cloze,
@@ -406,9 +410,13 @@ class Tutor:
         except* APIError as failures:
             raise failures.exceptions[0] from None
         support = q.support is not None
-        scores = mcq.cloze_scores(q.options, cloze.result(), support) if cloze else mcq.OptionScores(support=support)
+        scores, prior = mcq.OptionScores(support=support), None
+        if cloze:
+            values = cloze.result()
+            scores = mcq.cloze_scores(q.options, values[:len(q.options)], support)
+            prior = values[len(q.options):] or None
         letter_logprobs, explanation = letter.result() if letter else (None, None)
-        return dataclasses.replace(scores, letter=letter_logprobs), explanation
+        return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior), explanation
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float], str | None]:

@@ -175,6 +175,20 @@ def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]
     return requests
 
 
+# Each option's text also scored after this bare answer cue, without the question: how likely the text is on its
+# own. Subtracting a weight of it from the cloze score (domain-conditional PMI, Holtzman et al. 2021) stops a short
+# or common phrase from winning only because it is common, which is how ARC-Challenge and OpenBookQA are built.
+ANSWER_PRIOR_CONTEXT = "Answer:"
+
+
+def answer_prior_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
+    """Per option, the token ids of the bare answer cue + the option and the cue's length, split as
+    cloze_requests splits them."""
+    context_length = len(tokenizer.encode(ANSWER_PRIOR_CONTEXT, add_special_tokens=False))
+    return [(tokenizer.encode(ANSWER_PRIOR_CONTEXT + CLOZE_DELIMITER + option, add_special_tokens=False),
+             context_length) for option in q.options]
+
+
 def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:
     """Whether a request read from vLLM's prefix cache must be scored again without it: the first continuation
     token's log-probability comes from the context's last position, so that position must have been computed
@@ -184,10 +198,12 @@ def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) 
 
 # Methods and calibration ---------------------------------------------------------------------------------
 METHODS = ("auto", "letter", "cloze", "explain")
+# What `auto` may resolve to: evals/calibration.py fits one candidate per name (a unit test keeps them equal).
+AUTO_METHODS = ("letter", "letter_debiased", "cloze", "cloze_norm", "cloze_pmi", "combined")
 # The per-option scores a calibrated `auto` may combine: the constrained letter's log-probability (with the
-# position prior removed), the option text's log-likelihood, and that log-likelihood per character (lm-eval's
-# acc_norm).
-FEATURES = ("letter", "cloze", "cloze_norm")
+# position prior removed), the option text's log-likelihood, that log-likelihood per character (lm-eval's
+# acc_norm), and the option text's log-likelihood without the question (answer_prior).
+FEATURES = ("letter", "cloze", "cloze_norm", "answer_prior")
 
 
 class MCQCalibration(BaseModel):
@@ -198,7 +214,7 @@ class MCQCalibration(BaseModel):
     with k options; its log is subtracted from the letter feature (contextual calibration)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: str  # what `auto` resolves to: letter, cloze, cloze_norm or combined
+    method: str  # what `auto` resolves to: one of AUTO_METHODS
     weights: dict[str, float]
     letter_prior: dict[str, list[float]] = {}
     temperatures: dict[str, float] = {}  # per single method, applied when a client names that method
@@ -231,6 +247,7 @@ class OptionScores:
     cloze: list[float] | None = None  # the option text's summed log-likelihood
     cloze_norm: list[float] | None = None  # the same per character of the option text
     option_chars: list[int] | None = None  # each option's length in characters
+    answer_prior: list[float] | None = None  # the option text's log-likelihood after ANSWER_PRIOR_CONTEXT alone
     support: bool = False  # the question came with a passage
 
 
@@ -337,7 +354,12 @@ class Plan:
 
     @property
     def needs_cloze(self) -> bool:
-        return bool(self.weights.get("cloze") or self.weights.get("cloze_norm") or self.scaling)
+        return bool(self.weights.get("cloze") or self.weights.get("cloze_norm") or self.scaling
+                    or self.needs_answer_prior)
+
+    @property
+    def needs_answer_prior(self) -> bool:
+        return bool(self.weights.get("answer_prior"))
 
     def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
         prior_from = None if self.method in ("letter", "explain") else self.calibration

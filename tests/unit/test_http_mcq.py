@@ -169,6 +169,38 @@ async def test_auto_reads_the_calibration_record(app_factory, settings_factory, 
         assert body["probabilities"]["B"] == pytest.approx(8 ** 0.5 / (8 ** 0.5 + 2))
 
 
+async def test_auto_as_cloze_pmi_also_scores_each_option_without_the_question(app_factory, settings_factory,
+                                                                          default_model, tokenizer):
+    from loadtest.harness import linked_variant
+    from zephyr import mcq
+
+    record = mcq.MCQCalibration(method="cloze_pmi", weights={"cloze": 0.5, "cloze_norm": 1.0, "answer_prior": -0.4})
+    home = settings_factory().home
+    linked_variant(home, default_model, "pmi", mcq_calibration=record)
+    async with app_factory(home=home, model="pmi") as served:
+        r = await served.client.post("/mcq", json=QUESTION)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["method"] == "cloze_pmi" and body["calibrated"] is True
+        question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
+        calls = served.engine.calls[-6:]
+        assert all(params.prompt_logprobs for _, params in calls)
+        assert [ids for ids, _ in calls] == [ids for ids, _ in mcq.cloze_requests(tokenizer, question)
+                                             + mcq.answer_prior_requests(tokenizer, question)]
+        # -4 per continuation token plus the bonus, after the bare cue as after the question
+        lengths = [len(ids) - n for ids, n in mcq.answer_prior_requests(tokenizer, question)]
+        prior = {"A": -4.0 * lengths[0], "B": -4.0 * lengths[1] + 6.0, "C": -4.0 * lengths[2]}
+        assert body["cloze"]["answer_prior"] == pytest.approx(prior)
+        logits = {k: 0.5 * body["cloze"]["loglikelihood"][k] + body["cloze"]["per_char"][k] - 0.4 * prior[k]
+                  for k in "ABC"}
+        weights = {k: math.exp(v - max(logits.values())) for k, v in logits.items()}
+        assert body["probabilities"] == pytest.approx({k: w / sum(weights.values()) for k, w in weights.items()})
+        # plain cloze never pays for the answer prior
+        before = len(served.engine.calls)
+        r = await served.client.post("/mcq", json={**QUESTION, "method": "cloze"})
+        assert r.json()["cloze"]["answer_prior"] is None and len(served.engine.calls) == before + 3
+
+
 async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabilities(app_factory):
     async with app_factory(mcq_min_confidence=0.99) as served:
         r = await served.client.post("/mcq", json={**QUESTION, "method": "letter"})

@@ -155,3 +155,38 @@ def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_
             item.scores)[1]
     with pytest.raises(ValueError, match="scaling"):
         mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"mood": 1.0})
+
+
+def test_every_auto_method_is_a_fitted_candidate():
+    assert set(calibration.CANDIDATES) == set(mcq.AUTO_METHODS)
+
+
+def test_answer_prior_requests_score_the_option_after_the_bare_cue(tokenizer):
+    cue = tokenizer.encode(mcq.ANSWER_PRIOR_CONTEXT, add_special_tokens=False)
+    for (ids, context_length), option in zip(mcq.answer_prior_requests(tokenizer, QUESTION), QUESTION.options,
+                                             strict=True):
+        assert ids[:context_length] == cue and context_length == len(cue)
+        assert tokenizer.decode(ids[context_length:]) == " " + option
+
+
+def test_fit_subtracts_the_answer_prior_where_common_phrases_are_distractors():
+    # The cloze score is the key's evidence plus how common each text is; the common texts are distractors, so
+    # removing the answer prior (a negative weight) is what recovers the key.
+    rng = random.Random(4)
+    items = []
+    for _ in range(2000):
+        gold = rng.randrange(4)
+        prior = [rng.gauss(-10, 3) for _ in range(4)]
+        evidence = [2.0 * (i == gold) + rng.gauss(0, 1) for i in range(4)]
+        cloze = [p + e for p, e in zip(prior, evidence, strict=True)]
+        items.append(calibration.Scored(dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze),
+                                                            answer_prior=prior), gold))
+    record, figures = calibration.fit(items)
+    assert record.method == "cloze_pmi" and record.weights["answer_prior"] < 0 < record.weights["cloze"]
+    pmi, cloze = (figures[n]["cross_validated"]["accuracy"] for n in ("cloze_pmi", "cloze"))
+    assert pmi > cloze + 0.1
+    assert mcq.plan("auto", record).needs_answer_prior and not mcq.plan("cloze", record).needs_answer_prior
+    # without answer-prior scores (the transformers engine) the candidate is not fitted
+    record, figures = calibration.fit([dataclasses.replace(i, scores=dataclasses.replace(i.scores, answer_prior=None))
+                                       for i in items])
+    assert "cloze_pmi" not in figures and not mcq.plan("auto", record).needs_answer_prior
