@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.harness import REVIEWER_KEYS, STUDENT_KEY, LocalServer, ServerFailed, linked_home
+from loadtest.harness import ADMIN_KEY, REVIEWER_KEYS, STUDENT_KEY, LocalServer, ServerFailed, linked_home
 
 REVIEWER_KEY = REVIEWER_KEYS[0]
-__all__ = ["REVIEWER_KEY", "STUDENT_KEY"]
+REVIEWER_NAME = "Ada Reviewer"  # the first reviewer key is named (name=role:key), the second is not
+__all__ = ["REVIEWER_KEY", "REVIEWER_NAME", "STUDENT_KEY"]
+API_KEYS = ",".join([f"student:{STUDENT_KEY}", f"admin:{ADMIN_KEY}", f"{REVIEWER_NAME}=reviewer:{REVIEWER_KEY}",
+                     *(f"reviewer:{key}" for key in REVIEWER_KEYS[1:])])
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +20,7 @@ def server(tmp_path_factory, default_model):
         # API fuzzer (test_y_api_fuzz) sends hundreds of wrong keys from this address and of requests per key:
         # the per-address and per-key limits (tested in tests/unit) would refuse the tests that follow it.
         srv = LocalServer.start(linked_home(tmp_path_factory.mktemp("zephyr-home"), default_model), review_share="0",
-                                auth_failure_limit="", rate_limit="")
+                                auth_failure_limit="", rate_limit="", api_keys=API_KEYS)
     except ServerFailed as exc:
         pytest.fail(str(exc))
     yield srv

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app as cli
-from tests.integration.conftest import REVIEWER_KEY, STUDENT_KEY
-from tests.review_data import pair
+from tests.integration.conftest import REVIEWER_KEY, REVIEWER_NAME, STUDENT_KEY
+from tests.review_data import generation, pair
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,12 +39,7 @@ def review_items(server):
     hostile = pair("hostile-item", HOSTILE_QUESTION, HOSTILE_ANSWER, "A plain, harmless answer.")
     for row in hostile:
         row["created_at"] = datetime.now(UTC) - timedelta(hours=1)  # oldest: shown first
-    with sqlite3.connect(db) as conn:
-        for row in hostile:
-            values = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
-            values["created_at"] = row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
-            conn.execute(f"INSERT INTO generations ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                         list(values.values()))
+    insert(db, hostile)
     ids = ["hostile-item"]
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {STUDENT_KEY}",
                                                     "X-Zephyr-Review": "true"}, timeout=120) as http:
@@ -63,6 +58,16 @@ def review_items(server):
     else:
         pytest.fail(f"review candidates were not made:\n{server.log_tail()}")
     return ids
+
+
+def insert(db, rows: list[dict]) -> None:
+    """Generation rows written straight into the server's SQLite log, as the server would have stored them."""
+    with sqlite3.connect(db) as conn:
+        for row in rows:
+            values = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
+            values["created_at"] = row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
+            conn.execute(f"INSERT INTO generations ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                         list(values.values()))
 
 
 def export(server, fmt: str, tmp_path) -> list[dict]:
@@ -95,9 +100,10 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         item = page.locator("#item")
         await expect(item).to_have_attribute("data-item-id", "hostile-item")
         await expect(page.locator("#conversation")).to_contain_text("<script>window.__owned")
-        answers = page.locator("#answers .answer .text")
-        texts = await answers.all_inner_texts()
+        answers = page.locator("#answers .answer > .text .source")  # the raw text, shown by "show source"
+        texts = await answers.all_text_contents()
         assert HOSTILE_ANSWER in texts
+        assert HOSTILE_ANSWER in await page.locator("#answers .answer > .text .rendered").all_inner_texts()
         assert await page.locator("#answers img, #conversation img, #conversation b").count() == 0
         assert await page.evaluate("window.__owned") is None
         hostile_is_a = texts[0] == HOSTILE_ANSWER
@@ -112,7 +118,7 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
 
         # Item 2, keyboard only: B better, strength 2, flag A incorrect, submit.
         await expect(item).to_have_attribute("data-item-id", review_items[1])
-        second = await answers.all_inner_texts()
+        second = await answers.all_text_contents()
         for key in ("b", "2", "i", "Enter"):
             await page.keyboard.press(key)
         await expect(page.locator("#progress")).to_have_text("2 judged · 0 waiting")
@@ -151,3 +157,197 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         stats = (await http.get("/review/stats", headers={"Authorization": f"Bearer {REVIEWER_KEY}"})).json()
     assert stats["verdicts"] == 3 and stats["labels"]["both_bad"] == 1 and stats["labels"]["tie"] == 0
     assert stats["flags"]["unsafe"] == 1 and stats["flags"]["incorrect"] == 1
+
+
+# Rendering, guidelines, per-item facts, the self-refreshing queue and narrow screens (issue 26, items 7-11) ----
+
+RICH_MODEL = "smollm2-135m-instruct-dpo-restate-2026-11"  # long, and equal to its candidate's label but its end
+LONG_SYSTEM = "You are Zephyr, a patient science tutor. " + "Follow the school's style guide closely. " * 40
+LONG_QUESTION = "I have read the chapter on energy twice.\n" * 30 + "How are mass and energy related?"
+MARKDOWN_ANSWER = ("## Mass and energy\n\nEinstein's relation is **$E = mc^2$**: a mass $m$ at rest holds energy.\n\n"
+                   "$$E_k = \\frac{1}{2} m v^2$$\n\n```python\nc = 299_792_458  # m/s\nprint(1.0 * c**2)\n```\n\n"
+                   "| quantity | unit |\n|---|---|\n| $E$ | J |\n| $m$ | kg |\n\n"
+                   "[hostile](javascript:window.__owned='link') <img src=x onerror=\"window.__owned='img2'\">\n\n"
+                   + "\n\n".join(f"Step {i}: a paragraph that makes the answer long enough to scroll."
+                                 for i in range(40)))
+CUT_ANSWER = "Energy and mass are the same thing seen two ways. " * 60 + "The rest of this answer was"
+
+
+def rich_item(item_id: str) -> list[dict]:
+    """A pair whose answers hold Markdown, code and LaTeX, one of them cut off at max_tokens, after a long system
+    prompt and a long question."""
+    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": LONG_QUESTION}]
+    now = datetime.now(UTC)
+    served = generation(item_id, messages, MARKDOWN_ANSWER, created_at=now, model=RICH_MODEL, review_kind="pair")
+    candidate = generation(f"{item_id}-cand", messages, CUT_ANSWER, created_at=now + timedelta(seconds=1),
+                           model=RICH_MODEL, purpose="candidate", parent_id=item_id, variant="T=1.0")
+    candidate["response"][0]["finish_reason"] = "length"
+    candidate["params"]["max_tokens"] = 640
+    candidate["completion_tokens"] = 640
+    served["completion_tokens"] = 412
+    return [served, candidate]
+
+
+async def label_fits(page, chart: str) -> list[str]:
+    """The chart's labels, each checked to be shown whole (not cut or ellipsized)."""
+    labels = page.locator(f"#{chart} .bar-label")
+    shown = []
+    for i in range(await labels.count()):
+        label = labels.nth(i)
+        fits = await label.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && e.scrollHeight <= e.clientHeight + 1"
+                                    " && getComputedStyle(e).textOverflow !== 'ellipsis'")
+        assert fits, await label.inner_text()
+        assert await label.inner_text() == await label.get_attribute("title")
+        shown.append(await label.inner_text())
+    return shown
+
+
+async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, review_items, tmp_path):
+    from playwright.async_api import async_playwright, expect
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"review page screenshots: {shots}")
+    db = server.home / "zephyr.db"
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        api_calls: list[str] = []
+        page.on("request", lambda request: api_calls.append(request.url) if "/review/api/" in request.url else None)
+        await page.goto(f"{server.url}/review")
+        await expect(page.locator("#sign-in")).to_be_visible()
+
+        # Signed out, the shortcuts do nothing: no undo is sent, no overlay opens.
+        await page.locator("body").click()
+        for key in ("z", "a", "Enter", "?", "h"):
+            await page.keyboard.press(key)
+        await page.wait_for_timeout(300)
+        assert not [url for url in api_calls if not url.endswith("/review/api/me")]
+        assert not await page.locator("#keys-help").evaluate("d => d.open")
+        await page.screenshot(path=shots / "signed-out.png")
+
+        await page.fill("#key", REVIEWER_KEY)
+        await page.click("#sign-in-form button")
+        await expect(page.locator("#reviewer")).to_have_text(f"reviewer {REVIEWER_NAME}")  # a name, not a digest
+        # The test above judged every item with this key (pytest runs a module's tests in order).
+        await expect(page.locator("#empty")).to_be_visible()
+        judged = int((await page.locator("#progress").inner_text()).split()[0])
+
+        # ? lists the keys; Esc closes the list.
+        await page.keyboard.press("?")
+        dialog = page.locator("#keys-help")
+        await expect(dialog).to_be_visible()
+        for key in ("a", "b", "t", "x", "g", "1", "i", "u", "v", "o", "c", "Enter", "s", "z", "r", "h", "?"):
+            await expect(dialog.locator("kbd", has_text=key).first).to_be_visible()
+        await page.screenshot(path=shots / "keys-overlay.png")
+        await page.keyboard.press("Escape")
+        await expect(dialog).to_be_hidden()
+
+        # h opens the guidelines: every strength and flag explained.
+        await page.keyboard.press("h")
+        guidelines = page.locator("#guidelines-body")
+        await expect(guidelines).to_be_visible()
+        for term in ("slightly better", "clearly better", "much better", "far better", "incorrect", "unsafe",
+                     "gives the answer away", "off-topic"):
+            await expect(guidelines).to_contain_text(term)
+        await guidelines.screenshot(path=shots / "guidelines.png")
+        await page.keyboard.press("h")
+        await expect(guidelines).to_be_hidden()
+
+        # A new item appears by itself: the empty queue polls (no reload: the page's own state survives).
+        await page.evaluate("window.__sameDocument = true")
+        await asyncio.to_thread(insert, db, rich_item("rich-item"))
+        item = page.locator("#item")
+        await expect(item).to_have_attribute("data-item-id", "rich-item", timeout=20_000)
+        assert await page.evaluate("window.__sameDocument") is True
+        await expect(page.locator("#progress")).to_have_text(f"{judged} judged · 0 waiting")
+
+        # Markdown, code, tables and math are rendered; the hostile parts stay inert.
+        full = page.locator('#answers .answer[data-finish-reason="stop"]')
+        cut = page.locator('#answers .answer[data-finish-reason="length"]')
+        rendered = full.locator(".rendered")
+        await expect(rendered.locator("h2")).to_have_text("Mass and energy")
+        await expect(rendered.locator("pre code")).to_contain_text("print(1.0 * c**2)")
+        assert await rendered.locator("math").count() >= 5 and await rendered.locator("mfrac").count() == 1
+        assert await rendered.locator("table td").count() == 4
+        assert await rendered.locator("img, script, [onerror], a[href^='javascript']").count() == 0
+        fraction = await rendered.locator("mfrac").bounding_box()
+        assert fraction["height"] > 20  # laid out as a fraction (MathML), not a line of TeX
+        # Show source (r): the raw text, exactly as the model wrote it; r again brings the rendering back.
+        await page.keyboard.press("r")
+        source = full.locator(".source")
+        await expect(source).to_be_visible()
+        await expect(rendered).to_be_hidden()
+        assert await source.inner_text() == MARKDOWN_ANSWER
+        await page.screenshot(path=shots / "source.png")
+        await page.keyboard.press("r")
+        await expect(rendered).to_be_visible()
+
+        # Per item: the date, each answer's length, and a mark on the one cut off at max_tokens.
+        assert (await page.locator("#item-facts").inner_text()).startswith("asked ")
+        assert str(datetime.now(UTC).year) in await page.locator("#item-facts").inner_text()
+        await expect(cut.locator(".badge.cut-off")).to_have_text("cut off at max_tokens (640)")
+        assert await full.locator(".badge.cut-off").count() == 0
+        await expect(full.locator(".lengths")).to_contain_text(f"{len(MARKDOWN_ANSWER)} characters · 412 tokens")
+        await expect(cut.locator(".lengths")).to_contain_text(f"{len(CUT_ANSWER)} characters · 640 tokens")
+
+        # The long system prompt and question are collapsed, with their length; a click opens one.
+        collapsed = page.locator("#conversation details.collapsed-turn")
+        assert await collapsed.count() == 2
+        for i in range(2):
+            assert not await collapsed.nth(i).evaluate("d => d.open")
+        await expect(collapsed.first.locator("summary")).to_contain_text(f"{len(LONG_SYSTEM)} characters")
+        await expect(collapsed.first.locator(".text")).to_be_hidden()
+        await collapsed.nth(1).locator("summary").click()
+        await expect(collapsed.nth(1).locator(".text")).to_be_visible()
+        await collapsed.nth(1).locator("summary").click()
+
+        # Side by side, the two texts have the same height and scroll together.
+        boxes = page.locator("#answers .answer > .text")
+        a, b = await boxes.nth(0).bounding_box(), await boxes.nth(1).bounding_box()
+        assert abs(a["y"] - b["y"]) < 1 and abs(a["height"] - b["height"]) < 1 and b["x"] > a["x"] + a["width"]
+        await boxes.nth(0).evaluate("e => { e.scrollTop = e.scrollHeight; }")
+        await page.wait_for_function("() => { const b = document.querySelectorAll('#answers .answer > .text')[1];"
+                                     " const end = b.scrollHeight - b.clientHeight;"
+                                     " return b.scrollTop > 0 && Math.abs(b.scrollTop - end) <= 2; }")
+        await boxes.nth(0).evaluate("e => { e.scrollTop = 0; }")
+        await page.wait_for_function("() => document.querySelectorAll('#answers .answer > .text')[1].scrollTop === 0")
+        await page.screenshot(path=shots / "item-wide.png")
+
+        # Narrow (phone) screen: the answers stack, and the charts' labels are whole.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        a, b = await boxes.nth(0).bounding_box(), await boxes.nth(1).bounding_box()
+        assert abs(a["x"] - b["x"]) < 1 and b["y"] >= a["y"] + a["height"]
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+        for chart in ("chart-win", "chart-strength", "chart-flags", "chart-reviewers"):
+            await label_fits(page, chart)
+            for track in await page.locator(f"#{chart} .track").all():
+                assert (await track.bounding_box())["width"] > 40  # the bars still have room
+        await page.screenshot(path=shots / "narrow.png", full_page=True)
+        await page.set_viewport_size({"width": 1280, "height": 900})
+
+        # A strength pressed before the verdict is kept: 3, then A better (the rendered answer), then Enter.
+        full_is_a = await full.get_attribute("data-label") == "A"
+        await page.keyboard.press("3")
+        await page.keyboard.press("a" if full_is_a else "b")
+        await expect(page.locator('#strengths input[value="3"]')).to_be_checked()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#progress")).to_have_text(f"{judged + 1} judged · 0 waiting")
+        with sqlite3.connect(db) as conn:
+            verdict, strength = conn.execute("SELECT verdict, strength FROM review_assignments "
+                                             "WHERE item_id = 'rich-item'").fetchone()
+        assert (verdict, strength) == ("a" if full_is_a else "b", 3)
+
+        # The win-rate chart tells apart two models whose names differ only at the end; reviewers by name.
+        await expect(page.locator("#chart-win")).to_contain_text(f"{RICH_MODEL} [T=1.0]")
+        wins = await label_fits(page, "chart-win")
+        assert RICH_MODEL in wins and f"{RICH_MODEL} [T=1.0]" in wins
+        assert REVIEWER_NAME in await label_fits(page, "chart-reviewers")
+        await page.locator("#stats").screenshot(path=shots / "stats-wide.png")
+        assert errors == [] and await page.evaluate("window.__owned") is None
+        await browser.close()
+    assert sorted(p.name for p in shots.iterdir()) == [
+        "guidelines.png", "item-wide.png", "keys-overlay.png", "narrow.png", "signed-out.png", "source.png",
+        "stats-wide.png"]

@@ -216,10 +216,14 @@ async def test_a_removed_key_signs_its_holder_out(app_factory):
 async def test_page_is_locked_down(served):
     page = await served.client.get("/review", headers={"Authorization": ""})
     assert page.status_code == 200 and "<title>Zephyr review</title>" in page.text
-    assert "script-src 'self'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert "require-trusted-types-for 'script'; trusted-types zephyr-review" in policy
     assert "<script>" not in page.text  # no inline script: the policy forbids it
     script = await served.client.get("/review/static/review.js", headers={"Authorization": ""})
-    assert script.status_code == 200 and "textContent" in script.text and "innerHTML" not in script.text
+    # Raw text goes in as text; HTML (the server's sanitized rendering) through one sink, behind Trusted Types.
+    assert script.status_code == 200 and "textContent" in script.text
+    assert script.text.count("innerHTML") == 1 and 'createPolicy("zephyr-review"' in script.text
 
 
 async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory, tmp_path):

@@ -1,4 +1,6 @@
-// The review page. Every piece of model or student text is set with textContent, never as HTML.
+// The review page. Model and student text reaches the page in two forms: the raw text, always set with
+// textContent, and HTML the server rendered from its Markdown and sanitized (service/review/render.py), which
+// enters the page only through setSanitizedHTML and the Trusted Types policy the page's CSP names.
 "use strict";
 
 const FLAGS = [
@@ -9,9 +11,26 @@ const FLAGS = [
 ];
 const PAIR_VERDICTS = [["a", "A better", "a"], ["b", "B better", "b"], ["tie", "Tie", "t"], ["both_bad", "Both bad", "x"]];
 const SINGLE_VERDICTS = [["good", "Good", "g"], ["bad", "Bad", "x"]];
+const STRENGTH_NAMES = { 1: "1 slightly", 2: "2 clearly", 3: "3 much", 4: "4 far better" };
+const FLAG_NAMES = Object.fromEntries(FLAGS.map(([name, title]) => [name, title]));
+// A message longer than this is shown collapsed, with its first words and its length.
+const COLLAPSE_CHARS = 600;
+const COLLAPSE_LINES = 12;
+// An empty queue asks again this often (a plain GET: works behind any proxy and on every replica).
+const POLL_MS = 4000;
+const NARROW = window.matchMedia("(max-width: 700px)");
 
-const state = { item: null, verdict: null };
+const state = { signedIn: false, item: null, verdict: null, poll: null };
 const $ = (id) => document.getElementById(id);
+
+const htmlPolicy = window.trustedTypes
+  ? window.trustedTypes.createPolicy("zephyr-review", { createHTML: (html) => html })
+  : { createHTML: (html) => html };
+
+// The one place HTML enters the page: only ever the server's sanitized rendering.
+function setSanitizedHTML(node, html) {
+  node.innerHTML = htmlPolicy.createHTML(html);
+}
 
 function el(tag, attrs = {}, text) {
   const node = document.createElement(tag);
@@ -47,6 +66,57 @@ function showProgress(progress) {
   $("progress").textContent = `${progress.judged} judged · ${progress.waiting} waiting`;
 }
 
+// Text -------------------------------------------------------------------------------------------
+
+// Rendered Markdown and, hidden until "show source", the raw text: both in the page, so the toggle is instant.
+function textBlock(raw, html, attrs = {}) {
+  const block = el("div", { class: "text", ...attrs });
+  const rendered = el("div", { class: "rendered md" });
+  setSanitizedHTML(rendered, html);
+  block.append(rendered, el("pre", { class: "source" }, raw));
+  return block;
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function isLong(text) {
+  return text.length > COLLAPSE_CHARS || text.split("\n").length > COLLAPSE_LINES;
+}
+
+function renderMessage(message) {
+  const content = message.content || "";
+  const li = el("li", { class: `turn ${message.role}` });
+  const role = el("span", { class: "role" }, message.role);
+  const body = textBlock(content, message.html || "");
+  if ((message.role === "system" || message.role === "user") && isLong(content)) {
+    const details = el("details", { class: "collapsed-turn" });
+    const summary = el("summary");
+    const preview = content.replace(/\s+/g, " ").slice(0, 120);
+    summary.append(role, el("span", { class: "preview" }, `${preview}…`),
+      el("span", { class: "length" }, ` (${plural(content.length, "character")}; click to show all)`));
+    details.append(summary, body);
+    li.append(details);
+  } else {
+    li.append(role, body);
+  }
+  return li;
+}
+
+function answerFacts(answer) {
+  const facts = el("p", { class: "facts" });
+  const text = answer.text || "";
+  const words = text.trim() ? text.trim().split(/\s+/).length : 0;
+  const parts = [plural(words, "word"), plural(text.length, "character")];
+  if (answer.tokens !== null && answer.tokens !== undefined) parts.push(plural(answer.tokens, "token"));
+  facts.append(el("span", { class: "lengths" }, parts.join(" · ")));
+  if (answer.finish_reason === "length") {
+    const limit = answer.max_tokens ? ` (${answer.max_tokens})` : "";
+    facts.append(el("span", { class: "badge cut-off", title: "The answer stopped at its token limit: it is unfinished." },
+      `cut off at max_tokens${limit}`));
+  }
+  return facts;
+}
+
 // Item ------------------------------------------------------------------------------------------
 
 function renderItem(item) {
@@ -55,24 +125,29 @@ function renderItem(item) {
   $("verdict-form").reset();
   $("item").hidden = !item;
   $("empty").hidden = !!item;
-  if (!item) return;
+  clearTimeout(state.poll);
+  if (!item) {
+    schedulePoll();
+    return;
+  }
   $("item").dataset.itemId = item.item_id;
 
-  const conversation = $("conversation");
-  conversation.replaceChildren();
-  for (const message of item.conversation) {
-    const li = el("li", { class: `turn ${message.role}` });
-    li.append(el("span", { class: "role" }, message.role), el("div", { class: "text" }, message.content));
-    conversation.append(li);
-  }
+  const created = new Date(item.created_at);
+  const facts = $("item-facts");
+  facts.dataset.createdAt = item.created_at;
+  facts.textContent = `asked ${created.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" })}`;
+
+  $("conversation").replaceChildren(...item.conversation.map(renderMessage));
 
   const answers = $("answers");
   answers.replaceChildren();
   answers.classList.toggle("single", item.kind === "single");
   for (const answer of item.answers) {
-    const box = el("section", { class: "answer", "data-label": answer.label });
+    const box = el("section", { class: "answer", "data-label": answer.label,
+      "data-finish-reason": answer.finish_reason || "" });
     box.append(el("h3", {}, item.kind === "pair" ? `Answer ${answer.label}` : "Answer"));
-    box.append(el("div", { class: "text", "data-testid": `answer-${answer.label}` }, answer.text));
+    box.append(answerFacts(answer));
+    box.append(textBlock(answer.text, answer.html || "", { "data-testid": `answer-${answer.label}` }));
     const flags = el("div", { class: "flags" });
     for (const [name, title, key] of FLAGS) {
       const label = el("label");
@@ -84,6 +159,7 @@ function renderItem(item) {
     box.append(flags);
     answers.append(box);
   }
+  linkScrolling([...answers.querySelectorAll(".answer > .text")]);
 
   const verdicts = $("verdicts");
   verdicts.querySelectorAll("button").forEach((b) => b.remove());
@@ -97,6 +173,29 @@ function renderItem(item) {
   say("");
 }
 
+// Side by side, the two answers scroll together (same share of their length), so the reviewer reads the same
+// part of both. Stacked on a narrow screen, each scrolls on its own.
+function linkScrolling(boxes) {
+  if (boxes.length !== 2) return;
+  let echo = null;
+  for (const [from, to] of [boxes, [...boxes].reverse()]) {
+    from.addEventListener("scroll", () => {
+      if (NARROW.matches) return;
+      if (echo === from) {
+        echo = null;
+        return;
+      }
+      const range = from.scrollHeight - from.clientHeight;
+      const share = range > 0 ? from.scrollTop / range : 0;
+      const target = Math.round(share * (to.scrollHeight - to.clientHeight));
+      if (to.scrollTop !== target) {
+        echo = to;
+        to.scrollTop = target;
+      }
+    });
+  }
+}
+
 function chooseVerdict(value) {
   state.verdict = value;
   for (const button of $("verdicts").querySelectorAll("button")) {
@@ -105,17 +204,15 @@ function chooseVerdict(value) {
   updateStrengths();
 }
 
+// A strength may be given before the verdict: it is kept, and sent only with A better or B better.
 function updateStrengths() {
-  const needed = state.verdict === "a" || state.verdict === "b";
-  for (const input of $("strengths").querySelectorAll("input")) {
-    input.disabled = !needed;
-    if (!needed) input.checked = false;
-  }
+  const applies = state.verdict === null || state.verdict === "a" || state.verdict === "b";
+  $("strengths").classList.toggle("inactive", !applies);
 }
 
 function chooseStrength(value) {
   const input = $("strengths").querySelector(`input[value="${value}"]`);
-  if (input && !input.disabled) input.checked = true;
+  if (input && !$("strengths").hidden) input.checked = true;
 }
 
 function toggleFlag(answer, flag) {
@@ -126,11 +223,10 @@ function toggleFlag(answer, flag) {
 async function submitVerdict() {
   if (!state.item) return;
   if (!state.verdict) return say("Choose a verdict first.", true);
+  const prefers = state.verdict === "a" || state.verdict === "b";
   const chosen = $("strengths").querySelector("input:checked");
-  const strength = chosen ? Number(chosen.value) : null;
-  if ((state.verdict === "a" || state.verdict === "b") && !strength) {
-    return say("Say how much better, 1 to 4.", true);
-  }
+  const strength = prefers && chosen ? Number(chosen.value) : null;
+  if (prefers && !strength) return say("Say how much better, 1 to 4.", true);
   const flags = {};
   for (const box of $("answers").querySelectorAll("input[type=checkbox]:checked")) {
     (flags[box.dataset.answer] ||= []).push(box.dataset.flag);
@@ -146,7 +242,7 @@ async function submitVerdict() {
     say("Saved.");
     await loadStats();
   } catch (error) {
-    say(error.message, true);
+    failed(error);
   }
 }
 
@@ -157,7 +253,7 @@ async function skip() {
     await loadNext();
     say("Skipped.");
   } catch (error) {
-    say(error.message, true);
+    failed(error);
   }
 }
 
@@ -169,8 +265,14 @@ async function undo() {
     say("Your last verdict was taken back; judge this item again.");
     await loadStats();
   } catch (error) {
-    say(error.message, true);
+    failed(error);
   }
+}
+
+// A 401 means the sign-in ended (expired, signed out elsewhere, key removed): back to the sign-in form.
+function failed(error) {
+  if (error.status === 401) return start();
+  say(error.message, true);
 }
 
 async function loadNext() {
@@ -179,8 +281,38 @@ async function loadNext() {
   showProgress(result.progress);
 }
 
+function schedulePoll() {
+  clearTimeout(state.poll);
+  state.poll = setTimeout(poll, POLL_MS);
+}
+
+async function poll() {
+  if (!state.signedIn || state.item) return;
+  if (document.hidden) return schedulePoll();
+  try {
+    await loadNext();
+    if (state.item) await loadStats();
+  } catch (error) {
+    if (error.status === 401) return start();
+    schedulePoll(); // the server or its database is away for a moment: keep asking
+  }
+}
+
+// Guidelines -------------------------------------------------------------------------------------
+
+async function loadGuidelines() {
+  const body = $("guidelines-body");
+  try {
+    const guidelines = await api("GET", "/review/api/guidelines");
+    setSanitizedHTML(body, guidelines.html);
+  } catch (error) {
+    body.replaceChildren(el("p", { class: "error" }, `The guidelines cannot be shown: ${error.message}`));
+  }
+}
+
 // Statistics -------------------------------------------------------------------------------------
 
+// Labels wrap rather than being cut: two models' names often differ only at their end ("m" and "m [T=1]").
 function bars(container, rows, max) {
   container.replaceChildren();
   if (!rows.length) {
@@ -193,7 +325,7 @@ function bars(container, rows, max) {
     bar.style.width = `${max > 0 ? (100 * value) / max : 0}%`;
     const track = el("div", { class: "track" });
     track.append(bar);
-    row.append(el("span", { class: "bar-label" }, label), track, el("span", { class: "bar-value" }, shown));
+    row.append(el("span", { class: "bar-label", title: label }, label), track, el("span", { class: "bar-value" }, shown));
     container.append(row);
   }
 }
@@ -211,9 +343,10 @@ async function loadStats() {
   bars($("chart-win"), stats.win_rate.map((r) => [r.model, r.win_rate,
     `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1);
   const strengths = Object.entries(stats.strength);
-  bars($("chart-strength"), strengths.map(([s, n]) => [s, n, String(n)]), Math.max(...strengths.map(([, n]) => n)));
+  bars($("chart-strength"), strengths.map(([s, n]) => [STRENGTH_NAMES[s] || s, n, String(n)]),
+    Math.max(...strengths.map(([, n]) => n)));
   const flags = Object.entries(stats.flags);
-  bars($("chart-flags"), flags.map(([f, n]) => [f.replace("_", " "), n, String(n)]), Math.max(...flags.map(([, n]) => n)));
+  bars($("chart-flags"), flags.map(([f, n]) => [FLAG_NAMES[f] || f, n, String(n)]), Math.max(...flags.map(([, n]) => n)));
   bars($("chart-reviewers"), stats.reviewers.map((r) => [r.reviewer, r.judged, `${r.judged} (${r.skipped} skipped)`]),
     Math.max(0, ...stats.reviewers.map((r) => r.judged)));
   const agreement = stats.agreement;
@@ -235,46 +368,70 @@ async function loadStats() {
 
 const FLAG_KEYS = Object.fromEntries(FLAGS.map(([name, , key]) => [key, name]));
 
+function toggleKeysHelp() {
+  const dialog = $("keys-help");
+  if (dialog.open) dialog.close();
+  else dialog.showModal();
+}
+
 function onKey(event) {
+  if (!state.signedIn) return; // signed out, the only thing to type is the key
   const target = event.target;
   if (target.matches("textarea, input[type=password], input[type=text]")) {
     if (event.key === "Escape") target.blur();
     return;
   }
-  if (event.ctrlKey || event.metaKey || event.altKey || !state.item && event.key !== "z") return;
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key;
-  const kind = state.item && state.item.kind;
-  const verdicts = kind === "single" ? SINGLE_VERDICTS : PAIR_VERDICTS;
-  const verdict = verdicts.find(([, , k]) => k === key);
+  if (key === "?") {
+    toggleKeysHelp();
+    event.preventDefault();
+    return;
+  }
+  if ($("keys-help").open) return; // the dialog closes itself on Esc
   let handled = true;
-  if (verdict) chooseVerdict(verdict[0]);
-  else if (["1", "2", "3", "4"].includes(key)) chooseStrength(key);
-  else if (FLAG_KEYS[key]) toggleFlag("A", FLAG_KEYS[key]);
-  else if (FLAG_KEYS[key.toLowerCase()] && key !== key.toLowerCase() && kind === "pair") toggleFlag("B", FLAG_KEYS[key.toLowerCase()]);
-  else if (key === "c") $("comment").focus();
-  else if (key === "Enter") submitVerdict();
-  else if (key === "s") skip();
+  if (key === "h") $("guidelines").open = !$("guidelines").open;
   else if (key === "z") undo();
-  else handled = false;
+  else if (!state.item) handled = false;
+  else {
+    const kind = state.item.kind;
+    const verdict = (kind === "single" ? SINGLE_VERDICTS : PAIR_VERDICTS).find(([, , k]) => k === key);
+    if (verdict) chooseVerdict(verdict[0]);
+    else if (["1", "2", "3", "4"].includes(key)) chooseStrength(key);
+    else if (FLAG_KEYS[key]) toggleFlag("A", FLAG_KEYS[key]);
+    else if (FLAG_KEYS[key.toLowerCase()] && key !== key.toLowerCase() && kind === "pair") {
+      toggleFlag("B", FLAG_KEYS[key.toLowerCase()]);
+    } else if (key === "r") $("show-source").click();
+    else if (key === "c") $("comment").focus();
+    else if (key === "Enter") submitVerdict();
+    else if (key === "s") skip();
+    else handled = false;
+  }
   if (handled) event.preventDefault();
 }
 
 // Start ------------------------------------------------------------------------------------------
 
 async function start() {
+  clearTimeout(state.poll);
   try {
     const me = await api("GET", "/review/api/me");
+    state.signedIn = true;
     $("reviewer").textContent = `reviewer ${me.reviewer}`;
     $("sign-in").hidden = true;
     $("whoami").hidden = false;
     $("review").hidden = false;
+    await loadGuidelines();
     await loadNext();
     await loadStats();
   } catch (error) {
+    state.signedIn = false;
+    state.item = null;
     $("whoami").hidden = true;
     $("review").hidden = true;
     $("stats").hidden = true;
     $("sign-in").hidden = false;
+    if ($("keys-help").open) $("keys-help").close();
     if (error.status !== 401) $("sign-in-error").textContent = error.message;
   }
 }
@@ -299,8 +456,15 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     submitVerdict();
   });
+  $("show-source").addEventListener("change", (event) => {
+    document.body.classList.toggle("show-source", event.target.checked);
+  });
+  $("show-keys").addEventListener("click", toggleKeysHelp);
   $("skip").addEventListener("click", skip);
   $("undo").addEventListener("click", undo);
   document.addEventListener("keydown", onKey);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && state.signedIn && !state.item) poll();
+  });
   start();
 });
