@@ -221,10 +221,12 @@ class MCQBatchResponse(BaseModel):
 
 
 # Responses of the OpenAI-compatible routes ------------------------------------------------------------------
-# Shaped as OpenAI defines them (and vLLM's vllm/entrypoints/openai protocol models): field names and order are
-# the wire format the `openai` client parses, so change neither. Nulls are sent, not left out (`logprobs: null`,
-# `system_fingerprint: null`); the only fields left out are a stream delta's absent `role`/`content` and
-# `usage` in chunks when the client did not ask for `stream_options.include_usage`.
+# Shaped as OpenAI defines them (and vLLM's vllm/entrypoints/openai protocol models), checked against OpenAI's
+# published OpenAPI document by tests/unit/test_openai_schema.py: field names and order are the wire format the
+# `openai` client parses, so change neither. Nulls are sent, not left out (`logprobs: null`, `refusal: null`);
+# the fields left out are a stream delta's absent `role`/`content`, `usage` in every chunk but the usage chunk
+# (`stream_options.include_usage`), and `system_fingerprint` (a string or absent in OpenAI's schema; nothing
+# here fingerprints the backend).
 
 
 class OpenAIResponse(BaseModel):
@@ -245,11 +247,13 @@ class TokenLogprobEntry(TopLogprob):
 
 class ChoiceLogprobs(OpenAIResponse):
     content: list[TokenLogprobEntry] | None
+    refusal: list[TokenLogprobEntry] | None = Field(None, description="Always null: this tutor sends no refusals")
 
 
 class ChatMessageOut(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = Field(None, description="Always null: this tutor sends no refusals")
 
 
 class ChatCompletionChoice(OpenAIResponse):
@@ -272,7 +276,6 @@ class ChatCompletionResponse(OpenAIResponse):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 def _absent(value: Any) -> bool:
@@ -294,25 +297,17 @@ class ChatCompletionChunkChoice(OpenAIResponse):
     finish_reason: str | None = None
 
 
-def _usage_not_required(schema: dict[str, Any]) -> None:
-    schema["required"].remove("usage")
-
-
 class ChatCompletionChunk(OpenAIResponse):
     """One server-sent event of a streamed chat completion (`data: <this JSON>`; the stream ends with
-    `data: [DONE]`). With `stream_options.include_usage`, every chunk has `usage: null` and one more chunk,
-    with no choices, carries the usage before [DONE]; without it, chunks have no `usage` key."""
-
-    model_config = ConfigDict(json_schema_serialization_defaults_required=True,
-                              json_schema_extra=_usage_not_required)
+    `data: [DONE]`). With `stream_options.include_usage`, one more chunk, with no choices, carries the usage
+    before [DONE]; no other chunk has a `usage` key."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChatCompletionChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(default=None, exclude_if=_absent)
 
 
 class ModelCard(OpenAIResponse):

@@ -30,6 +30,7 @@ from service.protocol import (
     MCQResponse,
     TokenLogprobEntry,
     TopLogprob,
+    Usage,
 )
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
@@ -273,18 +274,17 @@ class Tutor:
                 )
                 for i in range(gen.params.n)
             ],
-            usage=gen.usage(), system_fingerprint=None,
+            usage=gen.usage(),
         )
 
     async def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format (ChatCompletionChunk), ending with `data: [DONE]`."""
         with_logprobs = gen.params.logprobs is not None
-        exclude = None if include_usage else {"usage"}  # `usage: null` in every chunk only when asked for
 
-        def event(choices: list[ChatCompletionChunkChoice]) -> str:
+        def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
             chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
-                                        system_fingerprint=None, choices=choices)
-            return f"data: {json.dumps(chunk.model_dump(exclude=exclude), ensure_ascii=False)}\n\n"
+                                        choices=choices, usage=usage)
+            return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
 
         yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(gen.params.n)])
@@ -307,9 +307,7 @@ class Tutor:
             yield f"data: {json.dumps({'error': error})}\n\n"
         else:
             if include_usage:
-                last = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
-                                           system_fingerprint=None, choices=[], usage=gen.usage())
-                yield f"data: {json.dumps(last.model_dump())}\n\n"
+                yield event([], gen.usage())
         yield "data: [DONE]\n\n"
 
     # MCQ ------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_openapi_documents_the_openai_responses(tmp_path):
     refs = {ref.rsplit("/", 1)[1] for ref in _refs(spec)}
     assert refs <= schemas.keys(), refs - schemas.keys()  # every reference resolves, the chunk's included
     assert set(schemas["ChatCompletionChunk"]["required"]) == {
-        "id", "object", "created", "model", "system_fingerprint", "choices"}  # `usage` only with include_usage
+        "id", "object", "created", "model", "choices"}  # `usage` only in the include_usage chunk
     assert "required" not in schemas["ChatDelta"]  # role and content are left out when absent
     assert schemas["ChatCompletionResponse"]["properties"]["object"]["const"] == "chat.completion"
     json.dumps(spec)  # and it is JSON
