@@ -91,9 +91,9 @@ def case_strategy(spec: dict) -> st.SearchStrategy:
 
 
 def bound_generation(request: dict[str, Any]) -> dict[str, Any]:
-    """Lowers a chat's answer length for the real engine (see REAL_ENGINE_MAX_TOKENS)."""
+    """Lowers a chat's or a completion's answer length for the real engine (see REAL_ENGINE_MAX_TOKENS)."""
     body = request.get("json")
-    if isinstance(body, dict) and request["url"].endswith("/v1/chat/completions"):
+    if isinstance(body, dict) and request["url"].endswith(("/v1/chat/completions", "/v1/completions")):
         for name in ("max_tokens", "max_completion_tokens"):
             if type(body.get(name)) is int and body[name] > REAL_ENGINE_MAX_TOKENS:
                 body[name] = REAL_ENGINE_MAX_TOKENS

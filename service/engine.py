@@ -33,6 +33,7 @@ class GenParams:
     allowed_token_ids: list[int] | None = None
     logprob_token_ids: list[int] | None = None  # exact log-probabilities of these tokens
     prompt_logprobs: bool = False  # the log-probability of each prompt token (cloze scoring)
+    prompt_top_logprobs: int = 0  # with prompt_logprobs: also this many most likely tokens at each position (echo)
     # None: vLLM's rule (no cache reads with prompt log-probabilities). False lets a cloze request reuse the
     # question's KV blocks; the caller then trusts only positions past EngineOutput.num_cached_tokens.
     skip_reading_prefix_cache: bool | None = None
@@ -80,6 +81,9 @@ class EngineOutput:
     # (entry 0 is None). Positions below num_cached_tokens came from the prefix cache and hold no value.
     prompt_logprobs: list[float | None] | None = None
     num_cached_tokens: int = 0
+    # With GenParams.prompt_top_logprobs: entry p holds the most likely tokens at prompt position p as
+    # (token id, logprob), most likely first (entry 0 and positions from the prefix cache are empty).
+    prompt_top: list[list[tuple[int, float]]] | None = None
 
 
 class EngineUnavailable(RuntimeError):
@@ -168,7 +172,7 @@ class VLLMEngine:
             **same,
             stop=params.stop or None,
             stop_token_ids=params.stop_token_ids or None,
-            prompt_logprobs=0 if params.prompt_logprobs else None,
+            prompt_logprobs=params.prompt_top_logprobs if params.prompt_logprobs else None,
             # Prompt positions read from the prefix cache carry uninitialized token ids, which vLLM's detokenizer
             # cannot decode (OverflowError in the output handler kills the engine): score by ids, never by text.
             detokenize=not params.prompt_logprobs,
@@ -193,6 +197,7 @@ class VLLMEngine:
                     finished=out.finished,
                     prompt_logprobs=_prompt_logprobs(prompt_ids, out.prompt_logprobs),
                     num_cached_tokens=out.num_cached_tokens or 0,
+                    prompt_top=_prompt_top(out.prompt_logprobs) if params.prompt_top_logprobs else None,
                 )
         except EngineDeadError as exc:
             raise EngineUnavailable("the inference engine stopped; retry on another replica") from exc
@@ -237,6 +242,13 @@ def _prompt_logprobs(prompt_ids: list[int], entries: list[dict[int, Any] | None]
         chosen = entry.get(token_id) if entry else None
         values.append(None if chosen is None else chosen.logprob)
     return values
+
+
+def _prompt_top(entries: list[dict[int, Any] | None] | None) -> list[list[tuple[int, float]]] | None:
+    if not entries:
+        return None
+    return [sorted(((tid, _finite(lp.logprob)) for tid, lp in (entry or {}).items() if lp.rank is not None),
+                   key=lambda item: -item[1]) for entry in entries]
 
 
 def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:

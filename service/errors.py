@@ -62,6 +62,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+def error_event(exc: APIError) -> str:
+    """The error as a server-sent event: a stream whose headers are sent reports a failure in-band, as OpenAI's
+    does."""
+    return f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
+
+
 class ErrorResponse(JSONResponse):
     """JSON with non-ASCII escaped: a message that quotes the request stays encodable whatever it holds."""
 

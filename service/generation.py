@@ -45,6 +45,7 @@ class GenerationRequest:
     last_token_at: float | None = None
     steps: int = 0
     prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token
+    prompt_top: list[list[tuple[int, float]]] | None = None  # GenParams.prompt_top_logprobs (EngineOutput's)
     num_cached_tokens: int = 0
     # Human review (service/review): whether this chat goes to reviewers, and candidate provenance.
     review_requested: bool = False
@@ -61,6 +62,7 @@ class GenerationRequest:
         self.steps += 1
         if out.prompt_logprobs is not None:
             self.prompt_logprobs, self.num_cached_tokens = out.prompt_logprobs, out.num_cached_tokens
+            self.prompt_top = out.prompt_top
         for choice in out.choices:
             self.texts.setdefault(choice.index, []).append(choice.text)
             self.token_counts[choice.index] = self.token_counts.get(choice.index, 0) + len(choice.token_ids)

@@ -16,6 +16,9 @@ UNSUPPORTED_CHAT_FIELDS = (
     "metadata", "service_tier", "suffix", "echo", "best_of", "verbosity",
 )
 
+# And of its legacy completions API.
+UNSUPPORTED_COMPLETION_FIELDS = ("best_of", "suffix", "logit_bias")
+
 
 INT64 = (-(2**63), 2**63 - 1)  # vLLM's bound on `seed` (a torch.long); ids and seeds past it are refused here
 
@@ -101,25 +104,22 @@ class StreamOptions(Strict):
     continuous_usage_stats: StrictBool = False
 
 
-class ChatCompletionRequest(Strict):
+class SamplingRequest(Strict):
+    """What the chat and the legacy completions request share: the model, OpenAI's sampling parameters and vLLM's
+    extras (as `vllm serve` takes them, what `vllm bench serve` sends, with the bounds vLLM's SamplingParams
+    checks; token ids are checked against the served tokenizer)."""
+
     model: StrictStr | None = Field(default=None, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
     n: int = Field(default=1, ge=1, le=1024)
     stop: StrictStr | list[StrictStr] | None = Field(default=None, validate_default=True)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logprobs: StrictBool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: StrictStr | None = Field(default=None, max_length=256)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # vLLM's extra sampling parameters, as `vllm serve` takes them (what `vllm bench serve` sends), with the bounds
-    # vLLM's SamplingParams checks; token ids are checked against the served tokenizer.
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="0 or -1: off")
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
@@ -130,22 +130,35 @@ class ChatCompletionRequest(Strict):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return reject_unsupported(data, UNSUPPORTED_CHAT_FIELDS)
+    @property
+    def answer_limit(self) -> int | None:
+        """The most tokens asked for in one answer (None: as many as the context leaves)."""
+        raise NotImplementedError
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> dict[str, Any]:
+        """service.engine.GenParams's fields that these parameters set alike on every route (the token ids of
+        `stop_token_ids` still need the tokenizer's check)."""
+        return dict(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            n=self.n, stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, top_k=self.top_k or 0, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+        )
 
     @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("`top_logprobs` needs `logprobs: true`")
+    def _consistent_sampling(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed with `stream: true`")
-        asked = self.max_completion_tokens or self.max_tokens
+        asked = self.answer_limit
         if asked is not None and self.min_tokens > asked:
             raise ValueError(f"`min_tokens` ({self.min_tokens}) is more than the answer's limit ({asked})")
-        if not any(m.role == "user" for m in self.messages):
-            raise ValueError("`messages` must contain at least one user message")
         return self
 
     @field_validator("stop")
@@ -155,6 +168,71 @@ class ChatCompletionRequest(Strict):
         if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
             raise ValueError("`stop` takes up to 4 non-empty strings of at most 256 characters")
         return stops
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return reject_unsupported(data, UNSUPPORTED_CHAT_FIELDS)
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("`messages` must contain at least one user message")
+        return self
+
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the legacy completions' `logprobs`
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's legacy completions (`POST /v1/completions`): a raw prompt continued, without the chat template,
+    as lm-eval's `local-completions` model sends it for log-likelihood tasks (`echo: true`, `logprobs: 1`)."""
+
+    prompt: StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]] = Field(description=(
+        "The text to continue, or its token ids; a list holding one such prompt is taken too (one prompt a "
+        "request)"))
+    max_tokens: int | None = Field(default=16, ge=0, le=INT64[1], description=(
+        "Tokens to generate (OpenAI's default, 16); 0 with `echo` scores the prompt only"))
+    echo: StrictBool = Field(default=False, description="Return the prompt before the completion (and, with "
+                             "`logprobs`, the prompt tokens' log-probabilities: the first is null)")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
+        "Log-probabilities of the chosen tokens and of this many most likely ones at each position"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return reject_unsupported(data, UNSUPPORTED_COMPLETION_FIELDS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(item, str | list) for item in value):
+            if len(value) > 1:
+                raise ValueError(f"`prompt` holds {len(value)} prompts; this server takes one a request: send "
+                                 "each in a request of its own")
+            value = value[0]
+        if isinstance(value, list) and not value or value == "":
+            raise ValueError("`prompt` is empty; send the text (or the token ids) to continue")
+        return value
+
+    @property
+    def answer_limit(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens
 
 
 MCQMethod = Literal[mcq.METHODS]  # zephyr.mcq names the methods once
@@ -323,3 +401,34 @@ class ModelCard(OpenAIResponse):
 class ModelList(OpenAIResponse):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class CompletionLogprobs(OpenAIResponse):
+    """Per token of the choice's `text` (the prompt's first when echoed): its text, log-probability, the most
+    likely tokens there (the chosen one included) and where it starts in `text`. The prompt's first token has
+    null for both, as with OpenAI: nothing precedes it."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(OpenAIResponse):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = Field(description="stop, length; null in stream chunks until the choice ends")
+
+
+class CompletionResponse(OpenAIResponse):
+    """A legacy completion; streamed, each server-sent event is one of these (OpenAI uses one shape for both),
+    ending with `data: [DONE]`. `usage` is in the response, and in a stream only in the last chunk, which has
+    no choices (with `stream_options.include_usage`)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(default=None, exclude_if=_absent)

@@ -13,7 +13,7 @@ from contextlib import aclosing
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
-from service.errors import APIError, error_body
+from service.errors import APIError, error_event
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
 from service.protocol import (
@@ -153,11 +153,12 @@ class Tutor:
 
     def check_prompt_length(self, prompt_ids: list[int], param: str = "messages") -> None:
         if len(prompt_ids) > self.max_prompt_tokens:
-            what = "the conversation" if param == "messages" else "the question, its options or its support"
+            what = {"messages": "the conversation", "prompt": "the prompt"}.get(
+                param, "the question, its options or its support")
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
                                 f"(shorten {what})", param=param, code="context_length_exceeded")
 
-    async def _run(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
+    async def run(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
         status, error = "aborted", None
         served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
@@ -211,7 +212,7 @@ class Tutor:
         prompt_ids = await asyncio.to_thread(self.encode_chat, messages)  # off the loop that streams answers
         self.check_prompt_length(prompt_ids)
         room = self.engine.max_model_len - len(prompt_ids)
-        asked = req.max_completion_tokens or req.max_tokens
+        asked = req.answer_limit
         if asked is not None and asked > room:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}, over the context "
@@ -222,23 +223,9 @@ class Tutor:
                            param="messages", code="context_length_exceeded")
         params = GenParams(
             max_tokens=asked or room,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            n=req.n,
-            stop=req.stop,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-            top_k=req.top_k or 0,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens,
-            stop_token_ids=self._stop_token_ids(req.stop_token_ids or []),
-            include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            stop_token_ids=self.stop_token_ids(req.stop_token_ids or []),
+            **req.sampling(),
         )
         if params.min_tokens > params.max_tokens:
             raise APIError(400, f"`min_tokens` is {params.min_tokens}; this prompt leaves room for {params.max_tokens}",
@@ -249,7 +236,7 @@ class Tutor:
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
         )
 
-    def _stop_token_ids(self, ids: list[int]) -> list[int]:
+    def stop_token_ids(self, ids: list[int]) -> list[int]:
         vocabulary = len(self.engine.tokenizer)
         if unknown := [i for i in ids if i >= vocabulary]:
             raise APIError(400, f"`stop_token_ids` holds ids outside the vocabulary of {vocabulary}: {unknown[:5]}",
@@ -257,7 +244,7 @@ class Tutor:
         return ids
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
-        async with aclosing(self._run(gen)) as outputs:
+        async with aclosing(self.run(gen)) as outputs:
             async for _ in outputs:
                 pass
 
@@ -289,7 +276,7 @@ class Tutor:
         yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(gen.params.n)])
         try:
-            async with aclosing(self._run(gen)) as outputs:
+            async with aclosing(self.run(gen)) as outputs:
                 async for out in outputs:
                     choices = [
                         ChatCompletionChunkChoice(
@@ -303,8 +290,7 @@ class Tutor:
                     if choices:
                         yield event(choices)
         except APIError as exc:  # headers are gone: report in-band, as OpenAI does
-            error = error_body(exc.status, exc.message, exc.param, exc.code)["error"]
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield error_event(exc)
         else:
             if include_usage:
                 yield event([], gen.usage())

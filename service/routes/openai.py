@@ -1,15 +1,24 @@
-"""OpenAI-compatible routes: /v1/models and /v1/chat/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions and /v1/completions."""
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import Principal, charge, require
+from service.completions import complete, prepare_completion, stream
 from service.errors import APIError
-from service.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+from service.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 T = TypeVar("T")
@@ -26,16 +35,18 @@ async def list_models(request: Request, _: Principal = Depends(any_role)) -> Mod
     )])
 
 
-# The OpenAPI schema documents the stream too: each server-sent event's data is a ChatCompletionChunk (the shape
-# FastAPI gives its own SSE routes; `document_stream` adds the chunk's schema to the components).
-STREAM_RESPONSE = {200: {
-    "description": "A chat completion; with `stream: true`, server-sent events ending with `data: [DONE]`",
-    "content": {"text/event-stream": {"itemSchema": {
-        "type": "object", "required": ["data"],
-        "properties": {"data": {"type": "string", "contentMediaType": "application/json",
-                                "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
-    }}},
-}}
+# The OpenAPI schema documents the streams too: each server-sent event's data is a ChatCompletionChunk, or a
+# CompletionResponse (the shape FastAPI gives its own SSE routes; `document_stream` adds the chunk's schema to
+# the components).
+def stream_response(what: str, chunk: str) -> dict:
+    return {200: {
+        "description": f"{what}; with `stream: true`, server-sent events ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"itemSchema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"$ref": f"#/components/schemas/{chunk}"}}},
+        }}},
+    }}
 
 
 def document_stream(openapi: dict) -> None:
@@ -49,7 +60,8 @@ def document_stream(openapi: dict) -> None:
         schemas.setdefault(name, definition)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses=stream_response("A chat completion", "ChatCompletionChunk"))
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
     tutor = request.app.state.tutor
     review_requested = review_header(request)
@@ -57,18 +69,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     charge(request, body.n)  # n answers are n times the work
     if review_requested:  # each marked chat costs a second answer and a reviewer's time: a budget per key
         request.app.state.review_requests.hit(principal.identity)
-    headers = {"X-Request-Id": gen.request_id}
     top_logprobs = body.top_logprobs if body.logprobs else None
-    with tutor.admission.admit() as slot:
-        if not body.stream:
-            result = await until_disconnected(request, tutor.complete(gen, top_logprobs))
+    return await answer(request, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
+                  lambda: tutor.stream(gen, body.include_usage, top_logprobs))
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             responses=stream_response("A completion (OpenAI's legacy completions)", "CompletionResponse"))
+async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(any_role)):
+    """A raw prompt (text or token ids) continued without the chat template; with `echo` and `logprobs`, the
+    prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
+    tutor = request.app.state.tutor
+    job = await prepare_completion(tutor, body, principal)
+    charge(request, body.n)
+    return await answer(request, job.gen.request_id, body.stream, lambda: complete(tutor, job),
+                  lambda: stream(tutor, job, body.include_usage))
+
+
+async def answer(request: Request, request_id: str, streamed: bool, whole: Callable[[], Coroutine[Any, Any, Any]],
+                 events: Callable[[], AsyncIterator[str]]):
+    """One admitted generation, answered whole (a response model as JSON) or as server-sent events."""
+    headers = {"X-Request-Id": request_id}
+    with request.app.state.tutor.admission.admit() as slot:
+        if not streamed:
+            result = await until_disconnected(request, whole())
             # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
             return JSONResponse(result.model_dump(mode="json"), headers=headers)
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return ReleasingStreamingResponse(  # the stream holds its place until the response closes
-            tutor.stream(gen, include_usage, top_logprobs), on_close=slot.hand_off(),
-            media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            events(), on_close=slot.hand_off(), media_type="text/event-stream",
+            headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
 

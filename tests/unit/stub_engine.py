@@ -84,12 +84,20 @@ class StubEngine:
     def _scored(self, prompt_ids: list[int], params: GenParams) -> EngineOutput:
         cached = 0 if params.skip_reading_prefix_cache else min(self.cache_hit, len(prompt_ids) - 1)
         values: list[float | None] = [None]
+        top: list[list[tuple[int, float]]] = [[]]
         for position, token_id in enumerate(prompt_ids[1:], start=1):
             text = self.tokenizer.decode([token_id]).strip()
             values.append(None if position < cached else -4.0 + self.token_bonus.get(text, 0.0))
+            # The prompt's own token is the likeliest; then less likely ones (GenParams.prompt_top_logprobs).
+            alternatives = [(t, -7.0 - t / 1e6) for t in (11, 12, 13, 14, 15) if t != token_id]
+            top.append([] if values[-1] is None else [(token_id, values[-1]), *alternatives])
         token_id = prompt_ids[-1]
-        return EngineOutput([ChoiceDelta(0, self.tokenizer.decode([token_id]), [token_id], None, "length")],
-                            finished=True, prompt_logprobs=values, num_cached_tokens=cached)
+        text = self.tokenizer.decode([token_id])
+        logprobs = None if params.logprobs is None else [TokenLogprob(token_id, text, -0.5, [(token_id, text, -0.5)])]
+        return EngineOutput([ChoiceDelta(i, text, [token_id], logprobs, "length") for i in range(params.n)],
+                            finished=True, prompt_logprobs=values, num_cached_tokens=cached,
+                            prompt_top=[t[: params.prompt_top_logprobs] for t in top] if params.prompt_top_logprobs
+                            else None)
 
     def _constrained(self, params: GenParams) -> EngineOutput:
         letters = {tid: self.tokenizer.decode([tid]).strip() for tid in params.allowed_token_ids}

@@ -76,7 +76,7 @@ async def test_keys_from_a_file_with_comments(app_factory, tmp_path):
 
 
 async def test_unknown_routes_and_methods_answer_in_openai_shape(served):
-    r = await served.client.get("/v1/completions")
+    r = await served.client.get("/v1/embeddings")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = await served.client.get(CHAT)
     assert r.status_code == 405 and r.json()["error"]["message"]

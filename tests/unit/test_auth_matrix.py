@@ -23,6 +23,7 @@ RULES: dict[tuple[str, str], str | frozenset[str]] = {
     ("DELETE", "/review/session"): PUBLIC,
     ("GET", "/v1/models"): ANY_ROLE,
     ("POST", "/v1/chat/completions"): ANY_ROLE,
+    ("POST", "/v1/completions"): ANY_ROLE,
     ("POST", "/mcq"): ANY_ROLE,
     ("POST", "/mcq/batch"): ANY_ROLE,
     ("GET", "/review/api/me"): REVIEWERS,

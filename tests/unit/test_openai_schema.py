@@ -16,12 +16,14 @@ import jsonschema
 import pytest
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "openai_openapi" / "schemas.json"
-CHAT, MODELS = "/v1/chat/completions", "/v1/models"
+CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"
 MODEL = "smollm2-135m-instruct"
 
 # (schema, JSON path inside it, why OpenAI's behaviour differs from the document there). The document still
 # writes some fields in OpenAPI 3.0's `nullable: true`, which JSON Schema 2020-12 ignores; OpenAI sends null there.
 CHUNK_CHOICE = ("CreateChatCompletionStreamResponse", "properties", "choices", "items", "properties")
+COMPLETION_CHOICE = ("CreateCompletionResponse", "properties", "choices", "items", "properties")
+COMPLETION_LOGPROBS = COMPLETION_CHOICE + ("logprobs", "anyOf", 0, "properties")
 RELAXED = [
     (CHUNK_CHOICE + ("finish_reason",),
      "a stream chunk's finish_reason is null until the choice's last chunk (`nullable: true` in the document)"),
@@ -29,6 +31,13 @@ RELAXED = [
      "a chunk's logprobs is null when the request did not ask for them (`nullable: true` in the document)"),
     (CHUNK_CHOICE + ("logprobs", "properties", "refusal"),
      "a chunk's logprobs.refusal is null: no refusal was generated (`nullable: true` in the document)"),
+    (COMPLETION_CHOICE + ("finish_reason",),
+     "streamed completions use this shape too, and their finish_reason is null until the choice's last chunk, as "
+     "in chat chunks (a response that is not streamed always has one: checked below)"),
+    (COMPLETION_LOGPROBS + ("token_logprobs", "items"),
+     "with `echo`, the prompt's first token has no log-probability (nothing precedes it): OpenAI sends null"),
+    (COMPLETION_LOGPROBS + ("top_logprobs", "items"),
+     "with `echo`, the prompt's first token has no alternatives either: OpenAI sends null"),
 ]
 
 
@@ -102,6 +111,22 @@ async def test_stream_chunks_validate_and_only_the_last_carries_usage(served, ex
         assert all(c["logprobs"]["refusal"] is None for chunk in chunks[1:-1] for c in chunk["choices"])
 
 
+@pytest.mark.parametrize("extra", [{}, {"n": 2}, {"echo": True, "logprobs": 1, "max_tokens": 1},
+                                   {"prompt": [[1, 2, 3]], "echo": True, "logprobs": 5, "max_tokens": 0},
+                                   {"logprobs": 0, "n": 2}])
+async def test_completions_validate(served, extra):
+    r = await served.client.post(COMPLETIONS, json={"model": MODEL, "prompt": "Plants take in", "max_tokens": 5,
+                                                    **extra})
+    assert r.status_code == 200, r.text
+    assert_valid("CreateCompletionResponse", body := r.json())
+    assert all(choice["finish_reason"] in ("stop", "length") for choice in body["choices"])
+    chunks = events((await served.client.post(COMPLETIONS, json={
+        "prompt": "Plants take in", "max_tokens": 5, **extra, "stream": True,
+        "stream_options": {"include_usage": True}})).text)
+    for chunk in chunks:
+        assert_valid("CreateCompletionResponse", chunk)
+
+
 async def test_models_validate(served):
     r = await served.client.get(MODELS)
     assert_valid("ListModelsResponse", r.json())
@@ -110,6 +135,7 @@ async def test_models_validate(served):
 @pytest.mark.parametrize(("method", "path", "kwargs", "status"), [
     ("post", CHAT, {"json": {"messages": []}}, 400),
     ("post", CHAT, {"json": {"messages": user(), "model": "gpt-4"}}, 404),
+    ("post", COMPLETIONS, {"json": {"prompt": [[1], [2]]}}, 400),
     ("post", CHAT, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
     ("get", MODELS, {"headers": {"Authorization": "Bearer wrong"}}, 401),
     ("get", "/v1/nowhere", {}, 404),

@@ -1,0 +1,189 @@
+"""OpenAI's legacy completions (`POST /v1/completions`) on the tutor's engine: a raw prompt (text or token ids)
+continued without the chat template, optionally echoed with its tokens' log-probabilities, which is how
+lm-eval's `local-completions` model scores log-likelihood tasks. The tutor's checks, engine run, metrics and
+generation log serve this route as they serve chats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from service.auth import Principal
+from service.engine import GenParams, TokenLogprob
+from service.errors import APIError, error_event
+from service.generation import GenerationRequest, new_id
+from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
+from service.tutor import Tutor
+
+ROUTE = "completions"
+
+
+@dataclass
+class Completion:
+    """One completion request as the route runs it: the engine request and what shapes the answer."""
+
+    gen: GenerationRequest
+    prompt_text: str
+    echo: bool
+    logprobs: int | None  # the request's `logprobs`: None for none, else the alternatives per position
+    shown: bool  # False for `max_tokens: 0`: the engine's one token is generated but not answered
+
+    def usage(self) -> Usage:
+        usage = self.gen.usage()
+        if not self.shown:
+            usage.total_tokens, usage.completion_tokens = usage.prompt_tokens, 0
+        return usage
+
+
+async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Principal) -> Completion:
+    tutor.check_model(req.model)
+    if req.n > tutor.settings.max_n:
+        raise APIError(400, f"`n` is {req.n}; this server allows at most {tutor.settings.max_n}", param="n")
+    tokenizer = tutor.engine.tokenizer
+    if isinstance(req.prompt, str):
+        tutor.check_prompt_chars(len(req.prompt), "prompt")
+        prompt_text = req.prompt
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt_text)  # as vLLM's server tokenizes a prompt
+    else:
+        prompt_ids = list(req.prompt)
+        if unknown := [i for i in prompt_ids if i >= len(tokenizer)]:
+            raise APIError(400, f"`prompt` holds token ids outside the vocabulary of {len(tokenizer)}: "
+                                f"{unknown[:5]}", param="prompt")
+        tutor.check_prompt_length(prompt_ids, "prompt")  # before decoding: a long list costs time to decode
+        prompt_text = await asyncio.to_thread(tokenizer.decode, prompt_ids)
+    if not prompt_ids:
+        raise APIError(400, "`prompt` holds no tokens; send text to continue", param="prompt")
+    tutor.check_prompt_length(prompt_ids, "prompt")
+    room = tutor.engine.max_model_len - len(prompt_ids)
+    asked = req.answer_limit
+    if asked > room:
+        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `max_tokens` is {asked}, over the context "
+                            f"length of {tutor.engine.max_model_len}; ask for at most {room}",
+                       param="max_tokens", code="context_length_exceeded")
+    scored = req.echo and req.logprobs is not None
+    params = GenParams(
+        max_tokens=max(asked, 1),  # `max_tokens: 0` still runs the prompt through the model, for one token
+        logprobs=req.logprobs,
+        prompt_logprobs=scored,
+        prompt_top_logprobs=req.logprobs if scored else 0,
+        stop_token_ids=tutor.stop_token_ids(req.stop_token_ids or []),
+        **req.sampling(),
+    )
+    gen = GenerationRequest(
+        request_id=new_id("cmpl"), route=ROUTE, messages=[{"role": "prompt", "content": prompt_text}],
+        prompt_ids=prompt_ids, params=params, principal=principal, user=req.user,
+        extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked},
+    )
+    return Completion(gen, prompt_text, req.echo, req.logprobs, shown=asked > 0)
+
+
+async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:
+    await tutor.run_to_end(job.gen)
+    gen = job.gen
+    prompt = await asyncio.to_thread(_prompt_logprobs, tutor, job) if job.echo and job.logprobs is not None else None
+    choices = []
+    for i in range(gen.params.n):
+        text = gen.text(i) if job.shown else ""
+        logprobs = None
+        if job.logprobs is not None:
+            start = len(job.prompt_text)
+            logprobs = _joined(prompt, _generated(gen.logprobs.get(i, []) if job.shown else [], job.logprobs, start))
+        choices.append(CompletionChoice(
+            index=i, text=(job.prompt_text if job.echo else "") + text, logprobs=logprobs,
+            finish_reason=gen.finish_reasons.get(i) if job.shown else "length"))
+    return CompletionResponse(id=gen.request_id, created=gen.created, model=tutor.model_name, choices=choices,
+                              usage=job.usage())
+
+
+async def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events, each a CompletionResponse with the choices' new text; the echoed prompt (with its
+    log-probabilities) comes first, the usage last when asked for, then `data: [DONE]`."""
+    gen = job.gen
+
+    def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        chunk = CompletionResponse(id=gen.request_id, created=gen.created, model=tutor.model_name, choices=choices,
+                                   usage=usage)
+        return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
+
+    offsets = dict.fromkeys(range(gen.params.n), len(job.prompt_text))
+    echoed = not job.echo
+    try:
+        async with aclosing(tutor.run(gen)) as outputs:
+            async for out in outputs:
+                if not echoed:  # after the first output, which carries the prompt's log-probabilities
+                    echoed = True
+                    prompt = _prompt_logprobs(tutor, job) if job.logprobs is not None else None
+                    yield event([CompletionChoice(index=i, text=job.prompt_text, logprobs=prompt, finish_reason=None)
+                                 for i in range(gen.params.n)])
+                choices = []
+                for c in out.choices:
+                    text, entries = (c.text, c.logprobs or []) if job.shown else ("", [])
+                    finish = (c.finish_reason if job.shown else "length") if c.finish_reason else None
+                    if not text and not finish:
+                        continue
+                    logprobs = None
+                    if job.logprobs is not None:
+                        logprobs = _generated(entries, job.logprobs, offsets[c.index])
+                        offsets[c.index] += sum(len(token) for token in logprobs.tokens)
+                    choices.append(CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish))
+                if choices:
+                    yield event(choices)
+    except APIError as exc:  # headers are gone: report in-band, as OpenAI does
+        yield error_event(exc)
+    else:
+        if include_usage:
+            yield event([], job.usage())
+    yield "data: [DONE]\n\n"
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no -inf; OpenAI sends -9999.0 for a token too unlikely to have a log-probability.
+    return value if value is None or math.isfinite(value) else -9999.0
+
+
+def _prompt_logprobs(tutor: Tutor, job: Completion) -> CompletionLogprobs:
+    """The echoed prompt's tokens: each one's log-probability after those before it (the first has none) and
+    the `logprobs` most likely tokens there, the prompt's own included."""
+    gen, tokenizer = job.gen, tutor.engine.tokenizer
+    ids = gen.prompt_ids
+    tokens = [tokenizer.decode([token_id]) for token_id in ids]
+    values = [_finite(v) for v in (gen.prompt_logprobs or [None] * len(ids))]
+    values[0] = None
+    top: list[dict[str, float] | None] = [None]
+    for position in range(1, len(ids)):
+        ranked = gen.prompt_top[position] if gen.prompt_top else []
+        alternatives = {tokenizer.decode([tid]): logprob for tid, logprob in ranked[: job.logprobs]}
+        top.append(alternatives | ({tokens[position]: values[position]} if values[position] is not None else {}))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=top,
+                              text_offset=_offsets(tokens, 0))
+
+
+def _generated(entries: list[TokenLogprob], top: int, start: int) -> CompletionLogprobs:
+    tokens = [e.token for e in entries]
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{text: logprob for _, text, logprob in e.top[:top]} | {e.token: e.logprob} for e in entries],
+        text_offset=_offsets(tokens, start))
+
+
+def _joined(prompt: CompletionLogprobs | None, generated: CompletionLogprobs) -> CompletionLogprobs:
+    if prompt is None:
+        return generated
+    return CompletionLogprobs(tokens=prompt.tokens + generated.tokens,
+                              token_logprobs=prompt.token_logprobs + generated.token_logprobs,
+                              top_logprobs=prompt.top_logprobs + generated.top_logprobs,
+                              text_offset=prompt.text_offset + generated.text_offset)
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    """Where each token starts in the prompt followed by the completion (OpenAI's `text_offset`), counted as
+    vLLM counts it: the lengths of the tokens before it."""
+    offsets, position = [], start
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return offsets
