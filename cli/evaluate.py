@@ -75,9 +75,13 @@ def run_command(
 
 
 def _exit_after_engine() -> None:
-    """Leave without interpreter teardown once every result is saved and printed. After a vLLM engine has run,
-    teardown sometimes destroys a still-joinable native thread ("terminate called without an active exception",
-    SIGABRT), turning a finished run into a failure for scripts and CI; the root cause is tracked in issue 26."""
+    """Leave without interpreter teardown once every result is saved and printed. Teardown sometimes destroyed a
+    still-joinable std::thread ("terminate called without an active exception", SIGABRT, rc 134), turning a
+    finished run into a failure for scripts and CI. Of the native threads alive in this process at exit (ZeroMQ's,
+    OpenBLAS's, tokenizers' rayon pool, jemalloc's, Arrow's), only Arrow's global CPU pool is made of std::thread:
+    `datasets` starts it when lm-eval reads the task files, and its intermittent abort at exit is apache/arrow#34314
+    (open). vLLM's engine is not the cause: its processes are gone by then, and force-killing them does not abort.
+    Skipping teardown is the fix while Arrow's stays open (docs/evaluation.md, "Exit status")."""
     import os
 
     sys.stdout.flush()
