@@ -40,9 +40,7 @@ class Completion:
 
 
 async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Principal) -> Completion:
-    tutor.check_model(req.model)
-    if req.n > tutor.settings.max_n:
-        raise APIError(400, f"`n` is {req.n}; this server allows at most {tutor.settings.max_n}", param="n")
+    tutor.check_generation(req)
     tokenizer = tutor.engine.tokenizer
     if isinstance(req.prompt, str):
         tutor.check_prompt_chars(len(req.prompt), "prompt")
@@ -58,12 +56,8 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
     if not prompt_ids:
         raise APIError(400, "`prompt` holds no tokens; send text to continue", param="prompt")
     tutor.check_prompt_length(prompt_ids, "prompt")
-    room = tutor.engine.max_model_len - len(prompt_ids)
     asked = req.answer_limit
-    if asked > room:
-        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `max_tokens` is {asked}, over the context "
-                            f"length of {tutor.engine.max_model_len}; ask for at most {room}",
-                       param="max_tokens", code="context_length_exceeded")
+    tutor.answer_room(prompt_ids, asked, "max_tokens")
     scored = req.echo and req.logprobs is not None
     params = GenParams(
         max_tokens=max(asked, 1),  # `max_tokens: 0` still runs the prompt through the model, for one token

@@ -28,6 +28,7 @@ from service.protocol import (
     ClozeScores,
     MCQRequest,
     MCQResponse,
+    SamplingRequest,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
@@ -143,6 +144,21 @@ class Tutor:
             raise APIError(404, f"model `{requested}` is not served here; this server serves `{self.model_name}` "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
+    def check_generation(self, req: SamplingRequest) -> None:
+        """What a chat or a completion is checked for first: the model it names and its number of answers."""
+        self.check_model(req.model)
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
+
+    def answer_room(self, prompt_ids: list[int], asked: int | None, param: str) -> int:
+        """The tokens the context leaves an answer after the prompt; a 400 naming `param` if it asked for more."""
+        room = self.engine.max_model_len - len(prompt_ids)
+        if asked is not None and asked > room:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}, over the context "
+                                f"length of {self.engine.max_model_len}; ask for at most {room}",
+                           param=param, code="context_length_exceeded")
+        return room
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.engine.tokenizer, messages)
 
@@ -202,22 +218,16 @@ class Tutor:
 
     async def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
                            review_requested: bool = False) -> GenerationRequest:
-        self.check_model(req.model)
-        if req.n > self.settings.max_n:
-            raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
+        self.check_generation(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
         self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         prompt_ids = await asyncio.to_thread(self.encode_chat, messages)  # off the loop that streams answers
         self.check_prompt_length(prompt_ids)
-        room = self.engine.max_model_len - len(prompt_ids)
         asked = req.answer_limit
-        if asked is not None and asked > room:
-            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}, over the context "
-                                f"length of {self.engine.max_model_len}; ask for at most {room}",
-                           param=param, code="context_length_exceeded")
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        room = self.answer_room(prompt_ids, asked, param)
         if room < 1:
             raise APIError(400, f"the prompt fills the context length of {self.engine.max_model_len}; shorten it",
                            param="messages", code="context_length_exceeded")
