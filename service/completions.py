@@ -110,7 +110,7 @@ async def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIte
             async for out in outputs:
                 if not echoed:  # after the first output, which carries the prompt's log-probabilities
                     echoed = True
-                    prompt = _prompt_logprobs(tutor, job) if job.logprobs is not None else None
+                    prompt = None if job.logprobs is None else await asyncio.to_thread(_prompt_logprobs, tutor, job)
                     yield event([CompletionChoice(index=i, text=job.prompt_text, logprobs=prompt, finish_reason=None)
                                  for i in range(gen.params.n)])
                 choices = []
