@@ -17,7 +17,7 @@ from rich.table import Table
 from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
-from zephyr.schemas import KTOExample, PreferencePair, SFTExample, write_jsonl
+from zephyr.schemas import KTOExample, PreferencePair, SFTExample, TextPreferencePair, TextSFTExample, write_jsonl
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model, rejection sampling, DPO, KTO.",
@@ -249,6 +249,42 @@ def data_restate(
                          f"skipped: options the MCQ format refuses); rejected: "
                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
+
+
+@data_app.command("cloze")
+@clean_flags()
+def data_cloze(
+    out: Out,
+    sft_out: Annotated[Path | None, typer.Option(help="also write SFT examples (the context, then the key's text)")]
+    = None,
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
+                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
+                                                                        "openbookqa:train",
+    distractors: Annotated[int, typer.Option(min=1, max=9, help="pairs per question, each against another "
+                                                                "distractor")] = 1,
+    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
+    seed: int = 0,
+    clean: CleanFlags = CleanFlags(),
+) -> None:
+    """Cloze-form pairs from the answer key alone (no model needed): each question as /mcq's cloze method scores
+    it, the key's text chosen against a distractor's; --sft-out adds the context and the key's text."""
+    from offline.benchmarks import SourceError
+    from training.data import cloze
+
+    settings = load_settings()
+    try:
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+    except SourceError as exc:
+        raise fail(str(exc)) from None
+    pairs, examples, stats = cloze.cloze_records(items, seed=seed, distractors=distractors)
+    stats.reserved = reserved
+    table = Table("", "", title="cloze data from the answer key")
+    for name, value in stats.rows():
+        table.add_row(name, value)
+    console.print(table)
+    _clean_and_write(pairs, out, TextPreferencePair, clean=clean, settings=settings, title="cloze pairs")
+    if sft_out is not None:
+        _clean_and_write(examples, sft_out, TextSFTExample, clean=clean, settings=settings, title="cloze SFT examples")
 
 
 @data_app.command("hh")

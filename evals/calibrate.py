@@ -20,15 +20,14 @@ from rich.text import Text
 from evals import calibration, mcq_eval
 from evals.results import ResultStore
 from evals.run import needs_transformers
-from offline.benchmarks import BENCHMARKS, MCQ_BENCHMARKS, load
+from offline.benchmarks import CALIBRATION_LIMITS, CALIBRATION_SPLITS, load
 from zephyr import mcq
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
-# Each MCQ benchmark's validation split, or its train split where validation is the split we report.
-CALIBRATION_SPLITS = {name: "train" if BENCHMARKS[name].eval_split == "validation" else "validation"
-                      for name in MCQ_BENCHMARKS}
-OPENBOOKQA_TRAIN_QUESTIONS = 500  # as many as its dev split, from the train split's start
+# Each MCQ benchmark's validation split, or its train split where validation is the split we report (defined in
+# offline.benchmarks, so training builders leave the same questions out).
+OPENBOOKQA_TRAIN_QUESTIONS = CALIBRATION_LIMITS["openbookqa"]
 
 
 class CalibrationError(ValueError):

@@ -183,6 +183,12 @@ BENCHMARKS: dict[str, Benchmark] = {
                        "test", read_gsm8k, hub_gsm8k),
 }
 MCQ_BENCHMARKS = ("arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa")
+# What `zephyr eval calibrate` fits /mcq's `auto` on: each MCQ benchmark's validation split, or its train split where
+# validation is the split we report (OpenBookQA), then only the first CALIBRATION_LIMITS questions. Training builders
+# that must not see calibration questions (training/data/cloze.py) read the same two tables.
+CALIBRATION_SPLITS = {name: "train" if BENCHMARKS[name].eval_split == "validation" else "validation"
+                      for name in MCQ_BENCHMARKS}
+CALIBRATION_LIMITS = {"openbookqa": 500}  # as many as its dev split, from the train split's start
 _MMLU_LOCAL_SPLITS = {"dev": "dev", "validation": "val", "test": "test"}
 _HUB_SPLITS = {"validation": "validation", "dev": "dev"}
 

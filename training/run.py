@@ -23,7 +23,15 @@ from rich.console import Console
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
 from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
-from zephyr.schemas import DataFileError, KTOExample, PreferencePair, SFTExample, read_jsonl
+from zephyr.schemas import (
+    DataFileError,
+    KTOExample,
+    PreferencePair,
+    SFTExample,
+    TextPreferencePair,
+    TextSFTExample,
+    read_jsonl,
+)
 from zephyr.settings import Settings
 
 SCHEMAS: dict[str, type[BaseModel]] = {"sft": SFTExample, "rs": SFTExample, "dpo": PreferencePair,
@@ -31,6 +39,10 @@ SCHEMAS: dict[str, type[BaseModel]] = {"sft": SFTExample, "rs": SFTExample, "dpo
 # TRL reads these columns; provenance (`meta`, `source`) stays in the files, not in the trainer.
 COLUMNS = {"sft": ["messages"], "rs": ["messages"], "dpo": ["prompt", "chosen", "rejected"],
            "kto": ["prompt", "completion", "label"], "rm": ["prompt", "chosen", "rejected"]}
+# Plain-text records (no chat template): tokenized here by training/data/cloze.py with mcq.cloze_split (the split
+# /mcq's cloze scores: no special tokens, no EOS) and handed to TRL as id columns, not to TRL's own tokenization.
+TEXT_SCHEMAS: dict[str, type[BaseModel]] = {"dpo": TextPreferencePair, "sft": TextSFTExample}
+TEXT_COLUMNS = {"dpo": ["prompt", "chosen", "rejected"], "sft": ["prompt", "completion"]}
 RECIPE_FILE = "recipe.json"
 
 
@@ -45,19 +57,35 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def is_plain_text(file: Path) -> bool:
+    """Whether a data file holds plain-text records (the first record's `prompt` is a string)."""
+    with Path(file).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line).get("prompt"), str)
+                except (ValueError, AttributeError):
+                    return False
+    return False
+
+
 def read_records(files: list[Path], method: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The method's columns of every record; a record in another schema fails naming its file and line."""
-    schema = SCHEMAS[method]
+    """The method's columns of every record; a record in another schema fails naming its file and line. dpo and sft
+    also read the plain-text schemas (TextPreferencePair, TextSFTExample), one kind for all files."""
+    plain = [is_plain_text(file) for file in files] if method in TEXT_SCHEMAS else [False] * len(files)
+    if len(set(plain)) > 1:
+        raise RecipeError(f"{', '.join(map(str, files))} mix plain-text and conversational records; use one kind")
+    text = bool(plain and plain[0])
+    schema, columns = (TEXT_SCHEMAS[method], TEXT_COLUMNS[method]) if text else (SCHEMAS[method], COLUMNS[method])
     rows: list[dict[str, Any]] = []
     for file in files:
         try:
             for record in read_jsonl(file, schema):
-                rows.append({k: v for k, v in record.model_dump(mode="json").items() if k in COLUMNS[method]})
+                rows.append({k: v for k, v in record.model_dump(mode="json").items() if k in columns})
                 if limit and len(rows) >= limit:
                     return rows
         except DataFileError as exc:
-            raise RecipeError(f"{exc} ({method} needs {schema.__name__} records: {', '.join(COLUMNS[method])})") \
-                from None
+            raise RecipeError(f"{exc} ({method} needs {schema.__name__} records: {', '.join(columns)})") from None
     if not rows:
         raise RecipeError(f"{', '.join(map(str, files))} hold no records")
     return rows
@@ -83,12 +111,15 @@ def device_summary() -> tuple[bool, str]:
     return False, "CPU"
 
 
-def build_args(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
+def build_args(recipe: Recipe, run_dir: Path, has_eval: bool, plain_text: bool = False) -> Any:
     cuda, _ = device_summary()
     defaults: dict[str, Any] = {"logging_steps": 1, "save_strategy": "steps", "save_steps": 50, "save_total_limit": 2,
                                 "report_to": "none", "seed": 42, "disable_tqdm": False}
     if has_eval:
         defaults |= {"eval_strategy": "steps", "eval_steps": 50}
+    if plain_text and recipe.method == "sft":
+        # Pre-tokenized rows carry no `prompt` column, so TRL would otherwise train on the context too.
+        defaults["completion_only_loss"] = True
     options = defaults | recipe.trainer
     try:
         return config_class(recipe.method)(output_dir=str(run_dir / "checkpoints"), use_cpu=not cuda, **options)
@@ -145,10 +176,44 @@ def _trainer(recipe: Recipe, model: Any, tokenizer: Any, args: Any, train: Any, 
     if recipe.method in ("sft", "rs"):
         return trl.SFTTrainer(model=model, **common)
     if recipe.method == "dpo":
-        return trl.DPOTrainer(model=model, **common)
+        return _dpo_trainer_class()(model=model, **common)
     if recipe.method == "kto":
         return trl.KTOTrainer(model=model, **common)
     return trl.RewardTrainer(model=model, **common)
+
+
+def _dpo_trainer_class() -> type:
+    """TRL's DPOTrainer, taking a dataset that already holds `prompt_ids`/`chosen_ids`/`rejected_ids` as it is.
+
+    TRL 1.16 always tokenizes DPO data itself: it appends the EOS text to every plain-text reply and tokenizes with
+    the tokenizer's special tokens, so its ids for a cloze pair would hold a term /mcq's cloze score does not (the
+    EOS after the option). Its collator takes the id columns as they are; only the tokenization is skipped here,
+    keeping TRL's own filter of prompts that fill `max_length`."""
+    import trl
+
+    class TokenizedDPOTrainer(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if "prompt_ids" not in (dataset.column_names or []):
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return TokenizedDPOTrainer
+
+
+def pretokenize(dataset: Any, tokenizer: Any, method: str, console: Console, name: str) -> Any:
+    """Plain-text rows as the trainer's id columns (training/data/cloze.py), dropping rows that cannot be split."""
+    from datasets import Dataset
+
+    from training.data.cloze import tokenize_rows
+
+    rows, dropped = tokenize_rows(list(dataset), tokenizer, method)
+    if dropped:
+        console.print(f"[yellow]{dropped} {name} records dropped: their replies do not share the prompt's tokens[/]")
+    if not rows:
+        raise TrainingError(f"no {name} record could be tokenized")
+    return Dataset.from_list(rows)
 
 
 def _metrics_callback(path: Path) -> Any:
@@ -220,9 +285,10 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         split = train_set.train_test_split(test_size=spec.eval_fraction, seed=recipe.trainer.get("seed", 42))
         train_set, eval_set = split["train"], split["test"]
 
+    plain_text = "prompt" in rows[0] and isinstance(rows[0]["prompt"], str)
     run_dir = settings.home / "runs" / output
     resume = prepare_run_dir(recipe, run_dir, fresh)
-    args = build_args(recipe, run_dir, eval_set is not None)
+    args = build_args(recipe, run_dir, eval_set is not None, plain_text)
     _, device = device_summary()
     console.print(f"[bold]{recipe.method}[/] {base.name} -> {output}: {len(train_set)} train / "
                   f"{len(eval_set) if eval_set is not None else 0} eval records, "
@@ -233,6 +299,10 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     started = time.perf_counter()
     try:
         model, tokenizer = _load_model(recipe, base.path)
+        if plain_text:
+            train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train")
+            if eval_set is not None:
+                eval_set = pretokenize(eval_set, tokenizer, recipe.method, console, "eval")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, eval_set,
                            [_metrics_callback(run_dir / "metrics.jsonl")])
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)

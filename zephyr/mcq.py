@@ -162,17 +162,24 @@ def cloze_context(q: MCQuestion) -> str:
     return f"{q.support}\n{question}" if q.support else question
 
 
-def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
-    """Per option, the token ids of context + continuation and the context's length in tokens, split as lm-eval
-    splits them: the pair is encoded whole and the context's own encoding length marks the boundary, so a
-    merge across the boundary is scored as lm-eval scores it."""
-    context = cloze_context(q)
+def cloze_continuation(option: str) -> str:
+    """The text scored after the cloze context for one option: the delimiter, then the option's text."""
+    return CLOZE_DELIMITER + option
+
+
+def cloze_split(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+    """The token ids of context + continuation and the context's length in tokens, split as lm-eval splits them:
+    the pair is encoded whole (no special tokens) and the context's own encoding length marks the boundary, so a
+    merge across the boundary is scored as lm-eval scores it. The one tokenization of a cloze pair: /mcq, evals and
+    training (training/data/cloze.py) all call it."""
     context_length = len(tokenizer.encode(context, add_special_tokens=False))
-    requests = []
-    for option in q.options:
-        whole = tokenizer.encode(context + CLOZE_DELIMITER + option, add_special_tokens=False)
-        requests.append((whole, context_length))
-    return requests
+    return tokenizer.encode(context + continuation, add_special_tokens=False), context_length
+
+
+def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
+    """Per option, cloze_split of the question's cloze context and the option's continuation."""
+    context = cloze_context(q)
+    return [cloze_split(tokenizer, context, cloze_continuation(option)) for option in q.options]
 
 
 # Each option's text also scored after this bare answer cue, without the question: how likely the text is on its
@@ -184,9 +191,7 @@ ANSWER_PRIOR_CONTEXT = "Answer:"
 def answer_prior_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
     """Per option, the token ids of the bare answer cue + the option and the cue's length, split as
     cloze_requests splits them."""
-    context_length = len(tokenizer.encode(ANSWER_PRIOR_CONTEXT, add_special_tokens=False))
-    return [(tokenizer.encode(ANSWER_PRIOR_CONTEXT + CLOZE_DELIMITER + option, add_special_tokens=False),
-             context_length) for option in q.options]
+    return [cloze_split(tokenizer, ANSWER_PRIOR_CONTEXT, cloze_continuation(option)) for option in q.options]
 
 
 def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:

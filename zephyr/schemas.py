@@ -45,6 +45,30 @@ class PreferencePair(BaseModel):
     meta: dict[str, Any] = {}
 
 
+class TextPreferencePair(BaseModel):
+    """TRL's standard (plain-text) preference format, with no chat template: `prompt + chosen` is the exact text
+    scored. Cloze-form pairs (training/data/cloze.py) use it: prompt = mcq.cloze_context, chosen/rejected =
+    mcq.cloze_continuation of the key and of a distractor. Training tokenizes it with mcq.cloze_split and adds no
+    special token and no EOS, so the ids trained on are the ids /mcq's cloze scores."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    chosen: str = Field(min_length=1)
+    rejected: str = Field(min_length=1)
+    source: str
+    meta: dict[str, Any] = {}
+
+
+class TextSFTExample(BaseModel):
+    """TRL's standard (plain-text) prompt-completion format: the loss is on `completion` only, tokenized like a
+    TextPreferencePair's replies (mcq.cloze_split, no special tokens, no EOS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    completion: str = Field(min_length=1)
+    meta: dict[str, Any] = {}
+
+
 class SFTExample(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = Field(min_length=2)

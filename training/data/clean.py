@@ -1,4 +1,5 @@
-"""Cleaning for training records (PreferencePair, SFTExample, KTOExample): PII redaction, benchmark
+"""Cleaning for training records (PreferencePair, SFTExample, KTOExample, and the plain-text TextPreferencePair and
+TextSFTExample, whose prompt and replies are strings: each counts as one message): PII redaction, benchmark
 decontamination, length filters, exact and near-duplicate removal, with a report of what each stage did.
 
 Stages run in this order, each on what the previous one kept:
@@ -200,29 +201,48 @@ def _ngram_hashes(words: list[str], n: int) -> set[int]:
     return {hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 
-# Record access, generic over the schemas: every field that is a list of Messages is conversation text.
+# Record access, generic over the schemas: every field that is a list of Messages is conversation text, and so is
+# a plain-text prompt or reply (a string, read as one user or assistant message).
+TEXT_FIELDS = ("prompt", *REPLY_FIELDS)
+
+
 def _message_fields(record: BaseModel) -> list[str]:
     return [name for name in type(record).model_fields
             if isinstance(value := getattr(record, name), list) and value and isinstance(value[0], Message)]
 
 
+def _text_fields(record: BaseModel) -> list[str]:
+    fields = type(record).model_fields
+    return [name for name in TEXT_FIELDS if name in fields and isinstance(getattr(record, name), str)]
+
+
+def _as_messages(record: BaseModel, name: str) -> list[Message]:
+    value = getattr(record, name)
+    if isinstance(value, str):
+        return [Message(role="user" if name == "prompt" else "assistant", content=value)]
+    return list(value)
+
+
 def _messages(record: BaseModel) -> list[Message]:
-    return [message for name in _message_fields(record) for message in getattr(record, name)]
+    names = _message_fields(record) + _text_fields(record)
+    return [message for name in names for message in _as_messages(record, name)]
 
 
 def _replies(record: BaseModel) -> list[tuple[str, str]]:
     """(label, text) of each reply whose length is checked: chosen/rejected/completion, else the last
     assistant message of an SFT conversation ("" when there is none, so it fails min_chars)."""
     fields = type(record).model_fields
-    replies = [(name, "\n".join(m.content for m in getattr(record, name))) for name in REPLY_FIELDS if name in fields]
+    replies = [(name, "\n".join(m.content for m in _as_messages(record, name))) for name in REPLY_FIELDS
+               if name in fields]
     if not replies and "messages" in fields:
         assistant = [m.content for m in record.messages if m.role == "assistant"]  # type: ignore[attr-defined]
         replies = [("last assistant message", assistant[-1] if assistant else "")]
     return replies
 
 
-def _conversations(record: BaseModel) -> list[list[Message]]:
-    """What a trainer renders: prompt + each reply for pairs and KTO, the messages for SFT."""
+def _conversations(record: BaseModel) -> list[list[Message] | str]:
+    """What a trainer renders: prompt + each reply for pairs and KTO (plain text: the strings joined), the messages
+    for SFT."""
     fields = type(record).model_fields
     if "prompt" in fields:
         return [record.prompt + getattr(record, name) for name in REPLY_FIELDS  # type: ignore[attr-defined]
@@ -230,9 +250,10 @@ def _conversations(record: BaseModel) -> list[list[Message]]:
     return [_messages(record)]
 
 
-def _token_count(tokenizer: Any, messages: list[Message]) -> int:
+def _token_count(tokenizer: Any, conversation: list[Message] | str) -> int:
     # Render to text, then tokenize: apply_chat_template(tokenize=True) returns ids or a dict by version.
-    text = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False)
+    text = conversation if isinstance(conversation, str) else tokenizer.apply_chat_template(
+        [m.model_dump() for m in conversation], tokenize=False)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -250,6 +271,9 @@ def _redact(record: Record, redactor: Any) -> Record:
         redacted = [m.model_copy(update={"content": redactor.redact(m.content)}) for m in messages]
         if any(a.content != b.content for a, b in zip(messages, redacted, strict=True)):
             update[name] = redacted
+    for name in _text_fields(record):
+        if (redacted_text := redactor.redact(getattr(record, name))) != getattr(record, name):
+            update[name] = redacted_text
     return record.model_copy(update=update) if update else record
 
 
