@@ -6,7 +6,6 @@ generation log serve this route as they serve chats."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -14,8 +13,8 @@ from dataclasses import dataclass
 
 from service.auth import Principal
 from service.engine import GenParams, TokenLogprob
-from service.errors import APIError, error_event
-from service.generation import GenerationRequest, new_id
+from service.errors import APIError
+from service.generation import GenerationRequest, event_stream, new_id, sse
 from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from service.tutor import Tutor
 
@@ -93,19 +92,18 @@ async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:
                               usage=job.usage())
 
 
-async def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[str]:
+def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events, each a CompletionResponse with the choices' new text; the echoed prompt (with its
     log-probabilities) comes first, the usage last when asked for, then `data: [DONE]`."""
     gen = job.gen
 
     def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        chunk = CompletionResponse(id=gen.request_id, created=gen.created, model=tutor.model_name, choices=choices,
-                                   usage=usage)
-        return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
+        return sse(CompletionResponse(id=gen.request_id, created=gen.created, model=tutor.model_name,
+                                      choices=choices, usage=usage))
 
-    offsets = dict.fromkeys(range(gen.params.n), len(job.prompt_text))
-    echoed = not job.echo
-    try:
+    async def chunks() -> AsyncIterator[str]:
+        offsets = dict.fromkeys(range(gen.params.n), len(job.prompt_text))
+        echoed = not job.echo
         async with aclosing(tutor.run(gen)) as outputs:
             async for out in outputs:
                 if not echoed:  # after the first output, which carries the prompt's log-probabilities
@@ -126,12 +124,8 @@ async def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIte
                     choices.append(CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish))
                 if choices:
                     yield event(choices)
-    except APIError as exc:  # headers are gone: report in-band, as OpenAI does
-        yield error_event(exc)
-    else:
-        if include_usage:
-            yield event([], job.usage())
-    yield "data: [DONE]\n\n"
+
+    return event_stream(chunks(), (lambda: event([], job.usage())) if include_usage else None)
 
 
 def _finite(value: float | None) -> float | None:

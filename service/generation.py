@@ -4,14 +4,19 @@ them too (service/review/candidates.py), which is why they live in neither."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel
+
 from service.auth import Principal
 from service.engine import EngineOutput, GenParams, TokenLogprob
+from service.errors import APIError, error_event
 from service.protocol import Usage
 from service.store.models import GenerationRecord
 
@@ -21,6 +26,24 @@ TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(chunk: BaseModel) -> str:
+    return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
+
+
+async def event_stream(events: AsyncIterator[str], usage_event: Callable[[], str] | None) -> AsyncIterator[str]:
+    """OpenAI's stream framing around a route's events: a failure after the headers went out is reported in-band,
+    as OpenAI does; the usage event (stream_options.include_usage) follows a stream that finished; then [DONE]."""
+    try:
+        async for item in events:
+            yield item
+    except APIError as exc:
+        yield error_event(exc)
+    else:
+        if usage_event is not None:
+            yield usage_event()
+    yield "data: [DONE]\n\n"
 
 
 @dataclass

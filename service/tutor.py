@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,8 +12,8 @@ from contextlib import aclosing
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
-from service.errors import APIError, error_event
-from service.generation import GenerationRequest, new_id
+from service.errors import APIError
+from service.generation import GenerationRequest, event_stream, new_id, sse
 from service.metrics import Metrics
 from service.protocol import (
     ChatCompletionChoice,
@@ -274,18 +273,17 @@ class Tutor:
             usage=gen.usage(),
         )
 
-    async def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
+    def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format (ChatCompletionChunk), ending with `data: [DONE]`."""
         with_logprobs = gen.params.logprobs is not None
 
         def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
-                                        choices=choices, usage=usage)
-            return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
+            return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
+                                           choices=choices, usage=usage))
 
-        yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                     for i in range(gen.params.n)])
-        try:
+        async def chunks() -> AsyncIterator[str]:
+            yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                         for i in range(gen.params.n)])
             async with aclosing(self.run(gen)) as outputs:
                 async for out in outputs:
                     choices = [
@@ -299,12 +297,8 @@ class Tutor:
                     ]
                     if choices:
                         yield event(choices)
-        except APIError as exc:  # headers are gone: report in-band, as OpenAI does
-            yield error_event(exc)
-        else:
-            if include_usage:
-                yield event([], gen.usage())
-        yield "data: [DONE]\n\n"
+
+        return event_stream(chunks(), (lambda: event([], gen.usage())) if include_usage else None)
 
     # MCQ ------------------------------------------------------------------------------------------------
 
