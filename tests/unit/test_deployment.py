@@ -168,3 +168,8 @@ def test_the_image_copies_every_package_the_project_installs():
     packages = {p.removesuffix("*") for p in patterns}
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE))
     assert packages <= copied, f"Dockerfile does not COPY {sorted(packages - copied)}"
+    # .dockerignore excludes everything but what it names: a package it leaves out fails the build, not the lint.
+    allowed = set(re.findall(r"^!(\w+)/$", (ROOT / ".dockerignore").read_text(), flags=re.MULTILINE))
+    assert copied <= allowed, f".dockerignore keeps {sorted(copied - allowed)} out of the build context"
+    # The dependency layer makes an empty folder for each package (so code changes rebuild only the last layer).
+    assert packages <= set((ROOT / "Dockerfile").read_text().split("RUN mkdir ", 1)[1].split(";", 1)[0].split())
