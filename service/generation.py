@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,12 +33,13 @@ def sse(chunk: BaseModel) -> str:
     return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
 
 
-async def event_stream(events: AsyncIterator[str], usage_event: Callable[[], str] | None) -> AsyncIterator[str]:
+async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[[], str] | None) -> AsyncIterator[str]:
     """OpenAI's stream framing around a route's events: a failure after the headers went out is reported in-band,
     as OpenAI does; the usage event (stream_options.include_usage) follows a stream that finished; then [DONE]."""
     try:
-        async for item in events:
-            yield item
+        async with aclosing(events):  # a client that leaves closes this stream: close the route's at once too
+            async for item in events:
+                yield item
     except APIError as exc:
         yield error_event(exc)
     else:
