@@ -68,10 +68,11 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/zephyr zephyr \
     && mkdir -p /data && chown zephyr /data
 COPY --from=deps /opt/zephyr /opt/zephyr
-# DL3013: the project's own wheel, just built.
+# COPY, not RUN --mount=from=build: buildah 1.28 reuses a cached RUN whatever the mounted stage holds, so a code
+# change would not reach the image. DL3013: the project's own wheel, just built.
+COPY --from=build /dist /tmp/dist
 # hadolint ignore=DL3013
-RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    /opt/zephyr/bin/pip install --no-cache-dir --no-deps --force-reinstall /dist/*.whl
+RUN /opt/zephyr/bin/pip install --no-cache-dir --no-deps --force-reinstall /tmp/dist/*.whl && rm -rf /tmp/dist
 ENV PATH=/opt/zephyr/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     ZEPHYR_HOME=/data \
