@@ -986,12 +986,15 @@ def result_problem(case: Case, result: Any, server_floor: float | None = None) -
         return f"method {reported!r} answered a {method!r} request"
     if method == "explain" and not isinstance(result.get("explanation"), str):
         return "explain without an explanation"
-    if method == "cloze":
+    if method == "cloze" or (method == "auto" and reported == "cloze_pmi"):
         cloze = result.get("cloze")
-        if not isinstance(cloze, dict) or any(set(cloze.get(k) or {}) != set(letters)
-                                              for k in ("loglikelihood", "per_char")):
+        # answer_prior is there only when the method read it (cloze_pmi), and null otherwise.
+        parts = ("loglikelihood", "per_char") + (("answer_prior",) if reported == "cloze_pmi" else ())
+        if not isinstance(cloze, dict) or any(set(cloze.get(k) or {}) != set(letters) for k in parts):
             return f"cloze scores not over the letters {letters}: {str(cloze)[:200]}"
-        if not all(_number(v) and math.isfinite(v) for part in cloze.values() for v in part.values()):
+        if reported != "cloze_pmi" and cloze.get("answer_prior") is not None:
+            return f"an answer prior the method did not read: {str(cloze)[:200]}"
+        if not all(_number(v) and math.isfinite(v) for k in parts for v in cloze[k].values()):
             return f"cloze scores not finite: {cloze}"
     return None
 
