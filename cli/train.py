@@ -138,6 +138,13 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
     return decorate
 
 
+def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table("", "", title=title)
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
 def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: CleanFlags, settings: Settings,
                      title: str) -> int:
     if not clean.no_clean:
@@ -206,10 +213,7 @@ def data_science(
         engine.shutdown()
     pairs, unpaired, stats = science.build(items, samples, direct, seed=seed, negatives=negatives)
     stats.skipped = skipped
-    table = Table("", "", title=f"science data from {model}")
-    for name, value in stats.rows():
-        table.add_row(name, value)
-    console.print(table)
+    _print_stats(f"science data from {model}", stats.rows())
     _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
     if kto_out is not None:
         _clean_and_write(unpaired, kto_out, KTOExample, clean=clean, settings=settings, title="unpaired examples")
@@ -278,10 +282,7 @@ def data_cloze(
         raise fail(str(exc)) from None
     pairs, examples, stats = cloze.cloze_records(items, seed=seed, distractors=distractors)
     stats.reserved = reserved
-    table = Table("", "", title="cloze data from the answer key")
-    for name, value in stats.rows():
-        table.add_row(name, value)
-    console.print(table)
+    _print_stats("cloze data from the answer key", stats.rows())
     _clean_and_write(pairs, out, TextPreferencePair, clean=clean, settings=settings, title="cloze pairs")
     if sft_out is not None:
         _clean_and_write(examples, sft_out, TextSFTExample, clean=clean, settings=settings, title="cloze SFT examples")
