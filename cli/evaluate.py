@@ -37,6 +37,9 @@ def run_command(
     server: Annotated[str | None, typer.Option(help="Also score letter format through this server's /mcq")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="ZEPHYR_API_KEY", help="Key for --server")] = None,
     local: Annotated[bool, typer.Option(help="Score in process (--no-local: through --server only)")] = True,
+    letter: Annotated[bool, typer.Option(
+        help="Letter format in process (--no-letter: skip it, e.g. for a model served by cloze; auto is still "
+             "measured when its method does not read letters)")] = True,
     cloze: Annotated[bool, typer.Option(help="Also log-likelihood (cloze) accuracy with lm-eval")] = True,
     explain: Annotated[bool, typer.Option(
         help="Letter format as /mcq with explain: greedy reasoning, then the letter (metric letter_acc_explain), "
@@ -62,7 +65,8 @@ def run_command(
     dialogrpt = {k: v for k, v in {"dialogrpt_updown": dialogrpt_updown,
                                    "dialogrpt_human_vs_rand": dialogrpt_human_vs_rand}.items() if v}
     options = RunOptions(model=model, suite=suite, limit=limit, benchmarks=csv(benchmarks),
-                         sources=_pairs(data, "--data"), server=server, api_key=api_key, local=local, cloze=cloze,
+                         sources=_pairs(data, "--data"), server=server, api_key=api_key, local=local, letter=letter,
+                         cloze=cloze,
                          explain=explain, gsm8k_max_tokens=gsm8k_max_tokens, reward_model=reward_model,
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:

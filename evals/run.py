@@ -36,6 +36,7 @@ class RunOptions:
     server: str | None = None  # also score letter format through this server's /mcq
     api_key: str | None = None
     local: bool = True  # False: only the server measurement (no in-process engine)
+    letter: bool = True  # False: skip the letter format (auto is still measured when its method does not read it)
     cloze: bool = True
     explain: bool = False  # letter format as POST /mcq with "explain": true (reasoning first) instead of direct
     gsm8k_max_tokens: int = 256
@@ -59,6 +60,10 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
             raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(benchmarks.BENCHMARKS)}")
     if not options.local and not options.server:
         raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
+    if "mcq" in suites and options.local and not options.letter and not options.cloze:
+        raise EvalError("--no-letter with --no-cloze leaves the mcq suite nothing to score in process; drop one")
+    if not options.letter and options.explain:
+        raise EvalError("--explain is a letter format; drop --no-letter to measure it")
     generation = [suite for suite in suites if suite != "mcq"]
     if options.explain and "mcq" not in suites:
         raise EvalError("--explain changes how the mcq suite asks; add the mcq suite (--suite mcq)")
@@ -173,7 +178,7 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
     mode = " (explain)" if options.explain else ""
     auto = mcq.plan("auto", calibration)
     if engine is not None:
-        for name in names:
+        for name in names if options.letter else []:
             split, items = data[name]
             # vLLM's EvalEngine, or transformers for bitsandbytes on CPU (direct letters only, checked above)
             m = engine.letter(name, split, items, explain=True) if options.explain else \
@@ -195,11 +200,11 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                     m = engine.answer_prior(name, *data[name])
                     console.print(f"{name} answer prior alone: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
                     out.append(m)
-        if ((auto.needs_letter and options.explain) or (auto.needs_cloze and not options.cloze)
+        if ((auto.needs_letter and (options.explain or not options.letter)) or (auto.needs_cloze and not options.cloze)
                 or (auto.needs_answer_prior and not any(m.metric == "answer_prior_acc" for m in out))):
             console.print(f"[yellow]auto ({auto.method}) not measured:[/] it needs the direct letter format and "
-                          "cloze (and the answer prior, which the vLLM engine scores); run without --explain and "
-                          "--no-cloze")
+                          "cloze (and the answer prior, which the vLLM engine scores); run without --explain, "
+                          "--no-letter and --no-cloze")
         else:
             for name in names:
                 split, items = data[name]

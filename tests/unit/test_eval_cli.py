@@ -53,6 +53,8 @@ def registered(home):
     (["--suite", " , "], "unknown suite"),
     (["--no-local", "--server", "http://x", "--suite", "mcq,text"], "only the mcq suite"),
     (["--suite", "gsm8k", "--explain"], "--explain changes how the mcq suite asks; add the mcq suite"),
+    (["--no-letter", "--no-cloze"], "--no-letter with --no-cloze leaves the mcq suite nothing to score"),
+    (["--no-letter", "--explain"], "--explain is a letter format; drop --no-letter"),
 ])
 def test_bad_runs_fail_before_the_engine(registered, args, message):
     result = CliRunner().invoke(app, ["eval", "run", "--model", "m", *args])
@@ -67,3 +69,33 @@ def test_suites_run_in_an_order_where_text_reuses_gsm8k_generations():
     assert suites_of("all") == ["mcq", "gsm8k", "text"]
     assert suites_of("text, gsm8k") == ["gsm8k", "text"]
     assert suites_of("mcq,mcq") == ["mcq"]
+
+
+def test_no_letter_skips_the_letter_format_and_still_measures_auto_from_cloze(monkeypatch):
+    """A model served by cloze needs no letter pass (the slowest part of a test-set run): --no-letter skips it, and
+    auto (cloze without a calibration record) is computed from the cloze scores alone."""
+    from rich.console import Console
+
+    from evals import mcq_eval, run
+    from evals.results import Measurement
+    from zephyr.schemas import MCQItem
+
+    items = [MCQItem(id=f"q{i}", question="Which?", options=["red", "blue", "green"], answer="B") for i in range(4)]
+    lls = {f"q{i}": [-3.0, -1.0 if i < 3 else -5.0, -4.0] for i in range(4)}
+    cloze = Measurement(benchmark="arc_easy", metric="cloze_acc", split="test", n=4, score=0.75,
+                        items={k: float(v[1] == max(v)) for k, v in lls.items()}, seconds=1.0,
+                        details={"loglikelihoods": lls})
+    monkeypatch.setattr(mcq_eval, "cloze", lambda *_a, **_k: [cloze])
+
+    class Engine:
+        lm_eval_model = None
+
+        def letter(self, *_a, **_k):
+            raise AssertionError("--no-letter must not score the letter format")
+
+    options = run.RunOptions(model="m", suite="mcq", letter=False)
+    out = run._mcq_suite(Engine(), {"arc_easy": ("test", items)}, ["arc_easy"], options, Console(quiet=True))
+    assert [m.metric for m in out] == ["cloze_acc", "mcq_acc_auto"]
+    auto = out[-1]
+    assert auto.details["method"] == "cloze" and not auto.details["calibrated"]
+    assert auto.score == 0.75 and auto.details["answers"]["q3"] == "A"
