@@ -175,18 +175,42 @@ def gate_command(
     baseline: Annotated[str, typer.Option(help="The model it must not fall behind")],
     max_drop: Annotated[float, typer.Option(help="Largest allowed drop, in accuracy points")] = 1.0,
     suites: Annotated[str | None, typer.Option(help="Comma-separated suites (default mcq,gsm8k)")] = None,
+    reviews: Annotated[Path | None, typer.Option(
+        help="Also require reviewers' blind A/B verdicts: a `zephyr review export --format dpo` file holding pairs "
+             "of the candidate's answers against the baseline's")] = None,
+    min_review_pairs: Annotated[int | None, typer.Option(
+        help="With --reviews: the fewest decisive pairs the verdict may rest on (default 30)")] = None,
+    min_win_rate: Annotated[float | None, typer.Option(
+        help="With --reviews: the lower bound of the candidate's 95% win-rate interval must reach this share "
+             "(default 0.4: reviewers must not prefer the baseline by more than 60:40)")] = None,
 ) -> None:
-    """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere."""
-    from evals.gate import GateError, check
+    """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
+    --reviews) when reviewers' verdicts are too few or prefer the baseline."""
+    from evals.gate import GateError, check, review_gate
+    from evals.preference import read_export
     from evals.results import ResultStore
 
     settings = load_settings()
     try:
-        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, csv(suites))
+        review = None
+        if reviews is not None:
+            try:
+                records = read_export(reviews)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise GateError(f"cannot read --reviews {reviews}: {exc}; write it with `zephyr review export "
+                                "--format dpo --out FILE`") from None
+            rule = {k: v for k, v in {"min_pairs": min_review_pairs, "min_win_rate": min_win_rate}.items()
+                    if v is not None}  # unset: evals.gate's defaults
+            review = review_gate(records, candidate, baseline, source=str(reviews), **rule)
+        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, csv(suites),
+                       reviews=review)
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None
     console.print(result.table())
     if not result.passed:
-        err.print(f"[red]gate failed:[/] {candidate} drops more than {max_drop} points against {baseline}")
+        if result.failures:
+            err.print(f"[red]gate failed:[/] {candidate} drops more than {max_drop} points against {baseline}")
+        if result.reviews is not None and not result.reviews.passed:
+            err.print(f"[red]gate failed on human review:[/] {result.reviews.reason}")
         raise typer.Exit(1)
     console.print(f"[green]gate passed:[/] {candidate} is within {max_drop} points of {baseline}")

@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from evals.preference import human_win_rates
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
     SERVED_METRICS,
     SUITE_BENCHMARKS,
@@ -25,6 +26,10 @@ from evals.stats import PairedDelta, paired_bootstrap
 from zephyr.registry import check_name
 
 DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
+# Reviewers' A/B rule: enough decisive pairs, and a 95% interval of the candidate's win rate whose lower bound clears
+# the threshold. 0.4 is non-inferiority: promotion only when reviewers do not prefer the baseline by more than 60:40.
+DEFAULT_MIN_REVIEW_PAIRS = 30
+DEFAULT_MIN_WIN_RATE = 0.4
 # A delta of exactly -max_drop must pass; float subtraction (0.51 - 0.52) lands a hair below it.
 _TOLERANCE = 1e-9
 
@@ -119,6 +124,68 @@ def _ordered(measurements: list[Measurement]) -> list[Measurement]:
     return sorted(measurements, key=lambda m: order_key(m.benchmark, m.metric))
 
 
+@dataclass(frozen=True)
+class ReviewGate:
+    """What reviewers said in blind pairs of the candidate's answer against the baseline's (`zephyr review export
+    --format dpo`: ties and both-bad verdicts never become pairs, so every pair is decisive)."""
+
+    source: str
+    wins: int  # pairs reviewers decided for the candidate
+    losses: int
+    ci95: tuple[float, float] | None  # Wilson interval of wins / n
+    min_pairs: int
+    min_win_rate: float
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.losses
+
+    @property
+    def win_rate(self) -> float | None:
+        return self.wins / self.n if self.n else None
+
+    @property
+    def passed(self) -> bool:
+        return self.n >= self.min_pairs and self.ci95 is not None and self.ci95[0] >= self.min_win_rate - _TOLERANCE
+
+    @property
+    def reason(self) -> str:
+        if self.n < self.min_pairs:
+            return f"{self.n} decisive review pairs, fewer than the {self.min_pairs} required"
+        low, high = self.ci95 or (0.0, 0.0)
+        clears = "clears" if self.passed else "is below"
+        return (f"reviewers preferred the candidate in {self.wins} of {self.n} pairs ({self.win_rate:.1%}, 95% CI "
+                f"[{low:.1%}, {high:.1%}]); the lower bound {clears} {self.min_win_rate:.0%}")
+
+
+def review_gate(records: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
+                min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "") -> ReviewGate:
+    """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (a path or records); GateError when the
+    rule's bounds are out of range or the export holds no pair between the two models."""
+    from evals.preference import wilson
+
+    if min_pairs < 1:
+        raise GateError(f"the minimum number of review pairs must be at least 1, got {min_pairs}")
+    if not 0.0 <= min_win_rate <= 1.0:
+        raise GateError(f"the minimum win rate is a share in [0, 1], got {min_win_rate}")
+    if candidate == baseline:
+        raise GateError("reviews compare two models: the candidate and the baseline must differ")
+    result = human_win_rates(records)
+    a, b = sorted((candidate, baseline))
+    match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
+    if match is None:
+        seen = sorted({f"{h['a']} vs {h['b']}" for h in result["head_to_head"]})
+        raise GateError(
+            f"{source or 'the reviews'} hold no pair of {candidate} against {baseline} (pairs seen: "
+            f"{', '.join(seen) or 'none'}). Serve {baseline} with ZEPHYR_REVIEW_CANDIDATE=remote, "
+            f"ZEPHYR_REVIEW_CANDIDATE_URL at a server of {candidate} and ZEPHYR_REVIEW_CANDIDATE_MODEL={candidate}; "
+            "then review and export with `zephyr review export --format dpo`")
+    wins = match["a_wins"] if a == candidate else match["b_wins"]
+    losses = match["n"] - wins
+    return ReviewGate(source=source, wins=wins, losses=losses, ci95=wilson(wins, match["n"]), min_pairs=min_pairs,
+                      min_win_rate=min_win_rate)
+
+
 @dataclass
 class GateResult:
     candidate: str
@@ -127,10 +194,11 @@ class GateResult:
     suites: list[str]
     rows: list[GateRow]
     skipped: list[str] = field(default_factory=list)  # keys only one of the two models has
+    reviews: ReviewGate | None = None  # reviewers' A/B, when the gate was asked to require it
 
     @property
     def passed(self) -> bool:
-        return all(row.passed for row in self.rows if row.gating)
+        return all(row.passed for row in self.rows if row.gating) and (self.reviews is None or self.reviews.passed)
 
     @property
     def failures(self) -> list[GateRow]:
@@ -142,7 +210,9 @@ class GateResult:
             title=f"Gate {verdict}: {self.candidate} (candidate) vs {self.baseline} (baseline), "
             f"max drop {self.max_drop:g} pts, suites {', '.join(self.suites)}",
             caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
-            + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else ""),
+            + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else "")
+            + (f"\nhuman review ({'PASS' if self.reviews.passed else 'FAIL'}): {self.reviews.reason}"
+               if self.reviews else ""),
         )
         for name, justify in (
             ("benchmark", "left"),
@@ -193,6 +263,7 @@ def check(
     *,
     iters: int = 10_000,
     seed: int = 0,
+    reviews: ReviewGate | None = None,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
     otherwise), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop. An MCQ
@@ -250,4 +321,5 @@ def check(
         suites=suites,
         rows=rows,
         skipped=sorted(set(skipped)),
+        reviews=reviews,
     )

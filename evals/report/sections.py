@@ -384,7 +384,16 @@ def read_reviews(reviews: Path) -> dict[str, Any]:
         raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
 
 
-def _human(result: dict[str, Any], source: Path) -> Section:
+def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
+    """A's reward-model win rate over B on the questions both were scored on, for the human table's side column."""
+    scores = {v.name: m.items for v in views if (m := v.get("rm/rm_score")) and m.items}
+    if a not in scores or b not in scores or not set(scores[a]) & set(scores[b]):
+        return MISSING
+    r = rm_win_rate(scores[a], scores[b])
+    return f"{fmt_value(r['win_rate'] * 100, True)} (n {r['n']})"
+
+
+def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None = None) -> Section:
     name = source.name.replace("`", "'")
     blocks: list[Block] = []
     if not result["pairs"]:
@@ -417,13 +426,15 @@ def _human(result: dict[str, Any], source: Path) -> Section:
     if result["head_to_head"]:
         blocks.append(
             DocTable(
-                ["model A", "model B", "n", "A wins", "B wins", "A win rate [95% CI]"],
+                ["model A", "model B", "n", "A wins", "B wins", "A win rate [95% CI]", "A RM win rate"],
                 [
                     [h["a"], h["b"], str(h["n"]), str(h["a_wins"]), str(h["b_wins"]),
-                     _fmt_rate(h["n"], h["a_win_rate"], h["ci95"])]
+                     _fmt_rate(h["n"], h["a_win_rate"], h["ci95"]), _rm_rate_of(views or [], h["a"], h["b"])]
                     for h in result["head_to_head"]
                 ],
-                caption="head to head: pairs whose two answers came from these two models",
+                caption="head to head: pairs whose two answers came from these two models, as reviewers judged "
+                "them and (last column) as the reward model scores the two models' answers to the text suite's "
+                "questions, ties half; — where either model has no reward-model scores",
             )
         )
     return Section("Human review win rates", blocks)
@@ -451,6 +462,6 @@ def build_sections(
                 _rm_win_rates(views))
     sections += [s for s in optional if s]
     if reviews is not None:
-        sections.append(_human(*reviews))
+        sections.append(_human(*reviews, views))
     return sections
 

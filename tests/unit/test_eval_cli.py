@@ -99,3 +99,38 @@ def test_no_letter_skips_the_letter_format_and_still_measures_auto_from_cloze(mo
     auto = out[-1]
     assert auto.details["method"] == "cloze" and not auto.details["calibrated"]
     assert auto.score == 0.75 and auto.details["answers"]["q3"] == "A"
+
+
+def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, tmp_path):
+    import json
+
+    from evals.results import EvalRun, ResultStore, measurement
+    from zephyr.settings import Settings
+
+    store = ResultStore(Settings(home=home).resolved_eval_results_dir)
+    for model in ("base", "cand"):
+        items = {f"q{i}": float(i < 50) for i in range(100)}
+        store.save(EvalRun(model=model, suite="mcq", measurements=[measurement("arc_easy", "mcq_acc_auto", "test",
+                                                                                 items)]))
+
+    def export(name: str, cand_wins: int, base_wins: int):
+        path = tmp_path / name
+        rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}],
+                 "meta": {"chosen_model": w, "rejected_model": lo, "item_ids": [f"i{n}"]}}
+                for n, (w, lo) in enumerate([("cand", "base")] * cand_wins + [("base", "cand")] * base_wins)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    gate = ["eval", "gate", "--candidate", "cand", "--baseline", "base", "--suites", "mcq"]
+    ok = CliRunner().invoke(app, [*gate, "--reviews", export("good.jsonl", 18, 12)])
+    assert ok.exit_code == 0, ok.output
+    assert "18 of 30 pairs" in " ".join(ok.output.split())
+    unsure = CliRunner().invoke(app, [*gate, "--reviews", export("unsure.jsonl", 17, 13)])
+    assert unsure.exit_code == 1 and "gate failed on human review" in unsure.output
+    looser = CliRunner().invoke(app, [*gate, "--reviews", export("unsure.jsonl", 17, 13), "--min-win-rate", "0.35"])
+    assert looser.exit_code == 0, looser.output
+    few = CliRunner().invoke(app, [*gate, "--reviews", export("few.jsonl", 9, 1), "--min-review-pairs", "20"])
+    assert few.exit_code == 1 and "fewer than the 20 required" in " ".join(few.output.split())
+    missing = CliRunner().invoke(app, [*gate, "--reviews", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 1 and "zephyr review export --format dpo --out FILE" in " ".join(missing.output.split())

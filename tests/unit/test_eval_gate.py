@@ -172,3 +172,61 @@ def test_one_vocabulary_of_benchmarks_methods_and_metrics():
     # Calibration reads validation data, from train where validation is what we report (OpenBookQA's local copy).
     assert calibrate.CALIBRATION_SPLITS == {"arc_easy": "validation", "arc_challenge": "validation",
                                             "mmlu": "validation", "sciq": "validation", "openbookqa": "train"}
+
+
+# --- reviewers' blind A/B ------------------------------------------------------------------------------------------
+
+
+def verdicts(candidate_wins: int, baseline_wins: int, candidate: str = "cand", baseline: str = "base") -> list[dict]:
+    """Exported DPO pairs (`zephyr review export --format dpo`) of the candidate's answer against the baseline's."""
+    def pair(winner: str, loser: str, n: int) -> dict:
+        return {"prompt": [{"role": "user", "content": f"q{n}"}], "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+                "meta": {"label": "candidate" if winner == candidate else "served", "chosen_model": winner,
+                         "rejected_model": loser, "item_ids": [f"item{n}"]}}
+    return ([pair(candidate, baseline, n) for n in range(candidate_wins)]
+            + [pair(baseline, candidate, candidate_wins + n) for n in range(baseline_wins)])
+
+
+@pytest.mark.parametrize(("wins", "losses", "passed", "why"), [
+    (24, 16, True, "the lower bound clears 40%"),        # 60%, Wilson [44.6%, 73.7%]
+    (20, 20, False, "the lower bound is below 40%"),     # 50%, Wilson [35.2%, 64.8%]: too unsure to promote
+    (20, 5, False, "25 decisive review pairs, fewer than the 30 required"),  # convincing, but too few verdicts
+    (10, 30, False, "the lower bound is below 40%"),
+])
+def test_review_rule_needs_enough_pairs_and_a_win_rate_interval_above_the_threshold(store, wins, losses, passed,
+                                                                                   why):
+    from evals.gate import review_gate
+
+    save(store, "base", arc_easy__mcq_acc_auto=accuracy(50, 100))
+    save(store, "cand", arc_easy__mcq_acc_auto=accuracy(50, 100))
+    reviews = review_gate(verdicts(wins, losses), "cand", "base", source="reviews.jsonl")
+    assert (reviews.wins, reviews.losses, reviews.n) == (wins, losses, wins + losses)
+    assert reviews.passed is passed and why in reviews.reason
+    result = check(store, "cand", "base", suites=["mcq"], reviews=reviews)
+    assert not result.failures  # the benchmarks pass: the human verdict alone decides
+    assert result.passed is passed
+    assert ("PASS" if passed else "FAIL") in render(result.table()) and why in render(result.table())
+
+
+def test_review_rule_counts_only_pairs_of_the_two_models_whichever_side_served():
+    from evals.gate import review_gate
+
+    records = (verdicts(20, 12) + verdicts(9, 0, candidate="cand", baseline="other")
+               + verdicts(0, 7, candidate="base", baseline="cand"))  # base served the candidate's answers here
+    reviews = review_gate(records, "cand", "base", min_pairs=10, min_win_rate=0.5)
+    assert (reviews.wins, reviews.losses) == (27, 12)
+    assert reviews.win_rate == pytest.approx(27 / 39) and reviews.ci95[0] > 0.5 and reviews.passed
+
+
+@pytest.mark.parametrize(("records", "rule", "message"), [
+    (verdicts(5, 5, candidate="x", baseline="y"), {}, r"hold no pair of cand against base \(pairs seen: x vs y\)"),
+    ([], {}, r"pairs seen: none\). Serve base with ZEPHYR_REVIEW_CANDIDATE=remote"),
+    (verdicts(5, 5), {"min_pairs": 0}, "at least 1, got 0"),
+    (verdicts(5, 5), {"min_win_rate": 1.5}, r"a share in \[0, 1\], got 1.5"),
+])
+def test_review_rule_errors_say_what_to_fix(records, rule, message):
+    from evals.gate import review_gate
+
+    with pytest.raises(GateError, match=message):
+        review_gate(records, "cand", "base", **rule)

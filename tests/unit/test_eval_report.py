@@ -242,11 +242,22 @@ def test_human_review_win_rates(store, tmp_path):
     assert "| &lt;b&gt;tutor-b&lt;/b&gt; | 2 | 1 | 3 | 66.7 [20.8, 93.9] |" in section
     assert "| tutor-a [T=1] | 1 | 0 | 1 | 100.0 [20.7, 100.0] |" in section
     # Head to head, names sorted: <b>tutor-b</b> beat tutor-a 2 to 1; the resample beat tutor-a once.
-    assert "| &lt;b&gt;tutor-b&lt;/b&gt; | tutor-a | 3 | 2 | 1 | 66.7 [20.8, 93.9] |" in section
-    assert "| tutor-a | tutor-a [T=1] | 1 | 0 | 1 | 0.0 [0.0, 79.3] |" in section
+    # No model has reward-model scores: the RM column shows none.
+    assert "| &lt;b&gt;tutor-b&lt;/b&gt; | tutor-a | 3 | 2 | 1 | 66.7 [20.8, 93.9] | — |" in section
+    assert "| tutor-a | tutor-a [T=1] | 1 | 0 | 1 | 0.0 [0.0, 79.3] | — |" in section
     assert "Human review win rates</h2>" in html and "<code>dpo.jsonl</code>" in html
     assert "<td>&lt;b&gt;tutor-b&lt;/b&gt;</td>" in html and "<b>tutor-b</b>" not in html
     assert "50.0 [15.0, 85.0]" in html
+
+
+def test_human_and_reward_model_win_rates_side_by_side(tmp_path):
+    cases = [("alpha", "zeta", None, ["served"]), ("zeta", "alpha", None, ["candidate"]),
+             ("alpha", "zeta", None, ["candidate"])]
+    path, _ = write_dpo_export(tmp_path / "dpo.jsonl", cases)
+    md_path, _ = write_report(rm_store(tmp_path), ["alpha", "zeta"], tmp_path / "out", reviews=path)
+    section = md_path.read_text().split("## Human review win rates")[1].split("\n## ")[0]
+    # Reviewers: alpha won 2 of 3 against zeta; the reward model: alpha 37.5% over their 4 common questions.
+    assert "| alpha | zeta | 3 | 2 | 1 | 66.7 [20.8, 93.9] | 37.5 (n 4) |" in section
 
 
 def test_missing_or_bad_reviews_file(store, tmp_path):
