@@ -1,4 +1,4 @@
-"""`zephyr train sft|rm|rs|dpo|kto` and `zephyr data science|hh|review|clean`.
+"""`zephyr train sft|rm|rs|dpo|kto|grpo` and `zephyr data science|hh|review|clean`.
 
 Recipes and data are validated before a model loads; errors end in one line that says what to fix, exit 1."""
 
@@ -83,6 +83,8 @@ _command("rm", "Reward model: a one-logit classifier on preference pairs; report
 _command("rs", "Rejection sampling: best of n answers by the reward model, then SFT on them.")
 _command("dpo", "Direct preference optimization on preference pairs.")
 _command("kto", "Kahneman-Tversky optimization on unpaired good/bad examples.")
+_command("grpo", "Online RL (GRPO): the model answers MCQ explain prompts, verifiable rewards (and optionally a "
+                 "reward model) score its answers.")
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -286,6 +288,34 @@ def data_cloze(
     _clean_and_write(pairs, out, TextPreferencePair, clean=clean, settings=settings, title="cloze pairs")
     if sft_out is not None:
         _clean_and_write(examples, sft_out, TextSFTExample, clean=clean, settings=settings, title="cloze SFT examples")
+
+
+@data_app.command("grpo")
+@clean_flags()
+def data_grpo(
+    out: Out,
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
+                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
+                                                                        "openbookqa:train",
+    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
+    seed: int = 0,
+    clean: CleanFlags = CleanFlags(),
+) -> None:
+    """Verifiable prompts for `zephyr train grpo`: each training question as /mcq with explain asks it, with the
+    key's letter the rewards check (no model needed)."""
+    from offline.benchmarks import SourceError
+    from training.data import cloze, verifiable
+    from zephyr.schemas import VerifiablePrompt
+
+    settings = load_settings()
+    try:
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+    except SourceError as exc:
+        raise fail(str(exc)) from None
+    prompts, stats = verifiable.explain_prompts(items, seed=seed)
+    stats.reserved = reserved
+    _print_stats("verifiable MCQ prompts from the answer key", stats.rows())
+    _clean_and_write(prompts, out, VerifiablePrompt, clean=clean, settings=settings, title="verifiable prompts")
 
 
 @data_app.command("hh")

@@ -1,5 +1,5 @@
 """Curves of a run from its metrics.jsonl: loss for every method, reward margins and accuracies for DPO/KTO,
-accuracy and margin for the reward model. Written as PNG beside the metrics."""
+accuracy and margin for the reward model, rewards and completion length for GRPO. Written as PNG beside the metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
            ("margin", ["margin", "eval_margin"])],
     "sft": [("loss", ["loss", "eval_loss"])],
     "rs": [("loss", ["loss", "eval_loss"])],
+    "grpo": [("reward (weighted)", ["reward", "eval_reward"]),
+             ("rewards", ["rewards/correct_letter/mean", "rewards/answer_format/mean"]),
+             ("completion length", ["completions/mean_length"]), ("loss", ["loss"])],
 }
 
 

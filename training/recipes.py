@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from zephyr.registry import RegistryError, check_name
 from zephyr.settings import DEFAULT_MODEL
 
-Method = Literal["sft", "rm", "rs", "dpo", "kto"]
-METHODS: tuple[str, ...] = ("sft", "rm", "rs", "dpo", "kto")
+Method = Literal["sft", "rm", "rs", "dpo", "kto", "grpo"]
+METHODS: tuple[str, ...] = ("sft", "rm", "rs", "dpo", "kto", "grpo")
 # Arguments the runner owns: the run folder decides where checkpoints go, the device decides use_cpu.
 RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 
@@ -68,6 +68,22 @@ class SamplingSpec(_Strict):
     seed: int = 0
 
 
+class RewardsSpec(_Strict):
+    """GRPO's rewards and their weights: verifiable ones (training/rewards.py) and, optionally, a reward model."""
+
+    correct_letter: float = Field(default=1.0, ge=0.0, description="the explained answer's letter is the key")
+    answer_format: float = Field(default=0.2, ge=0.0, description="reasoning, then an answer line with a letter")
+    reward_model: str | None = Field(default=None, description="registry name of a reward model (method rm)")
+    reward_model_weight: float = Field(default=0.5, ge=0.0)
+
+    def weighted(self) -> list[tuple[str, float]]:
+        """(reward name, weight) of every reward with a positive weight, the reward model last."""
+        named = [("correct_letter", self.correct_letter), ("answer_format", self.answer_format)]
+        if self.reward_model:
+            named.append((self.reward_model, self.reward_model_weight))
+        return [(name, weight) for name, weight in named if weight > 0]
+
+
 class Recipe(_Strict):
     method: Method
     model: str = DEFAULT_MODEL
@@ -78,6 +94,7 @@ class Recipe(_Strict):
     qlora: bool = Field(default=False, description="load the base in 4-bit nf4 (bitsandbytes; CUDA only)")
     trainer: dict[str, Any] = Field(default_factory=dict, description="arguments of TRL's <Method>Config")
     sampling: SamplingSpec | None = None
+    rewards: RewardsSpec | None = Field(default=None, description="grpo: the rewards and their weights")
 
     @field_validator("output")
     @classmethod
@@ -97,6 +114,14 @@ class Recipe(_Strict):
             raise ValueError(f"method {self.method} needs a `data` section with `train` files")
         if self.method == "rs" and self.data is not None:
             raise ValueError("method rs trains on the answers it samples: drop `data`, set `sampling.prompts`")
+        if self.method == "grpo":
+            self.rewards = self.rewards or RewardsSpec()
+            if not self.rewards.weighted():
+                raise ValueError("rewards: every weight is 0; give at least one reward a positive weight")
+            if "reward_weights" in self.trainer:
+                raise ValueError("trainer.reward_weights is set from `rewards`; set the weights there")
+        elif self.rewards is not None:
+            raise ValueError(f"`rewards` belongs to method grpo, not {self.method}")
         if self.qlora and self.lora is None:
             raise ValueError("qlora trains a LoRA adapter on a 4-bit base: set `lora`, or drop `qlora`")
         reserved = RESERVED_TRAINER_KEYS & set(self.trainer)
@@ -119,7 +144,7 @@ def config_class(method: str) -> type:
     import trl
 
     return {"sft": trl.SFTConfig, "rs": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
-            "rm": trl.RewardConfig}[method]
+            "rm": trl.RewardConfig, "grpo": trl.GRPOConfig}[method]
 
 
 def check_trainer_keys(method: str, trainer: dict[str, Any]) -> None:

@@ -30,15 +30,17 @@ from zephyr.schemas import (
     SFTExample,
     TextPreferencePair,
     TextSFTExample,
+    VerifiablePrompt,
     read_jsonl,
 )
 from zephyr.settings import Settings
 
 SCHEMAS: dict[str, type[BaseModel]] = {"sft": SFTExample, "rs": SFTExample, "dpo": PreferencePair,
-                                       "kto": KTOExample, "rm": PreferencePair}
+                                       "kto": KTOExample, "rm": PreferencePair, "grpo": VerifiablePrompt}
 # TRL reads these columns; provenance (`meta`, `source`) stays in the files, not in the trainer.
 COLUMNS = {"sft": ["messages"], "rs": ["messages"], "dpo": ["prompt", "chosen", "rejected"],
-           "kto": ["prompt", "completion", "label"], "rm": ["prompt", "chosen", "rejected"]}
+           "kto": ["prompt", "completion", "label"], "rm": ["prompt", "chosen", "rejected"],
+           "grpo": ["prompt", "answer", "letters"]}  # answer and letters reach the reward functions
 # Plain-text records (no chat template): tokenized here by training/data/cloze.py with mcq.cloze_split (the split
 # /mcq's cloze scores: no special tokens, no EOS) and handed to TRL as id columns, not to TRL's own tokenization.
 TEXT_SCHEMAS: dict[str, type[BaseModel]] = {"dpo": TextPreferencePair, "sft": TextSFTExample}
@@ -111,7 +113,8 @@ def device_summary() -> tuple[bool, str]:
     return False, "CPU"
 
 
-def build_args(recipe: Recipe, run_dir: Path, has_eval: bool, plain_text: bool = False) -> Any:
+def build_args(recipe: Recipe, run_dir: Path, has_eval: bool, plain_text: bool = False,
+               reward_weights: list[float] | None = None) -> Any:
     cuda, _ = device_summary()
     defaults: dict[str, Any] = {"logging_steps": 1, "save_strategy": "steps", "save_steps": 50, "save_total_limit": 2,
                                 "report_to": "none", "seed": 42, "disable_tqdm": False}
@@ -121,6 +124,8 @@ def build_args(recipe: Recipe, run_dir: Path, has_eval: bool, plain_text: bool =
         # Pre-tokenized rows carry no `prompt` column, so TRL would otherwise train on the context too.
         defaults["completion_only_loss"] = True
     options = defaults | recipe.trainer
+    if reward_weights is not None:
+        options["reward_weights"] = reward_weights
     try:
         return config_class(recipe.method)(output_dir=str(run_dir / "checkpoints"), use_cpu=not cuda, **options)
     except (TypeError, ValueError) as exc:
@@ -168,7 +173,7 @@ def _load_model(recipe: Recipe, path: Path) -> tuple[Any, Any]:
 
 
 def _trainer(recipe: Recipe, model: Any, tokenizer: Any, args: Any, train: Any, evaluation: Any,
-             callbacks: list[Any]) -> Any:
+             callbacks: list[Any], reward_funcs: list[Any] | None = None) -> Any:
     import trl
 
     common = {"args": args, "train_dataset": train, "eval_dataset": evaluation, "processing_class": tokenizer,
@@ -179,7 +184,28 @@ def _trainer(recipe: Recipe, model: Any, tokenizer: Any, args: Any, train: Any, 
         return _dpo_trainer_class()(model=model, **common)
     if recipe.method == "kto":
         return trl.KTOTrainer(model=model, **common)
+    if recipe.method == "grpo":
+        return trl.GRPOTrainer(model=model, reward_funcs=reward_funcs or [], **common)
     return trl.RewardTrainer(model=model, **common)
+
+
+def grpo_rewards(recipe: Recipe, registry: Registry) -> tuple[list[Any], list[float]]:
+    """GRPO's reward functions (training/rewards.py by name; a reward model as its registry folder, which TRL loads
+    as a sequence classifier) and their weights, in the recipe's order."""
+    from training.rewards import REWARDS
+
+    funcs, weights = [], []
+    for name, weight in recipe.rewards.weighted():
+        if name in REWARDS:
+            funcs.append(REWARDS[name])
+        else:
+            entry = registry.get(name)
+            if entry.manifest.method != "rm":
+                raise TrainingError(f"rewards.reward_model {name!r} is a {entry.manifest.method} model, not a reward "
+                                    "model; train one with `zephyr train rm`")
+            funcs.append(str(entry.path))
+        weights.append(weight)
+    return funcs, weights
 
 
 def _dpo_trainer_class() -> type:
@@ -288,7 +314,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     plain_text = "prompt" in rows[0] and isinstance(rows[0]["prompt"], str)
     run_dir = settings.home / "runs" / output
     resume = prepare_run_dir(recipe, run_dir, fresh)
-    args = build_args(recipe, run_dir, eval_set is not None, plain_text)
+    reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
+    args = build_args(recipe, run_dir, eval_set is not None, plain_text, reward_weights)
     _, device = device_summary()
     console.print(f"[bold]{recipe.method}[/] {base.name} -> {output}: {len(train_set)} train / "
                   f"{len(eval_set) if eval_set is not None else 0} eval records, "
@@ -304,7 +331,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             if eval_set is not None:
                 eval_set = pretokenize(eval_set, tokenizer, recipe.method, console, "eval")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, eval_set,
-                           [_metrics_callback(run_dir / "metrics.jsonl")])
+                           [_metrics_callback(run_dir / "metrics.jsonl")], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
         if eval_set is not None:

@@ -15,8 +15,9 @@ from pydantic import BaseModel, Field
 from zephyr.mcq import MCQCalibration
 
 MANIFEST = "zephyr.json"
-METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
-Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported"]
+METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "grpo", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
+Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "grpo", "gptq", "awq", "w8a8", "easyquant", "bnb",
+                 "imported"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # no '/', no leading '.', no trailing newline
 NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
 

@@ -83,6 +83,26 @@ class KTOExample(BaseModel):
     meta: dict[str, Any] = {}
 
 
+class VerifiablePrompt(BaseModel):
+    """An online-RL prompt whose answers are checked, not judged (GRPO): the conversation up to the tutor's turn, and
+    the key's letter among the question's option `letters`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: list[Message] = Field(min_length=1)
+    answer: str = Field(min_length=1, max_length=1)
+    letters: str = Field(min_length=MIN_OPTIONS, max_length=MAX_OPTIONS)
+    source: str
+    meta: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _answer_is_one_of_the_letters(self) -> VerifiablePrompt:
+        if self.letters != LETTERS[: len(self.letters)]:
+            raise ValueError(f"letters must be {LETTERS[:len(self.letters)]!r} (the first options' letters in order)")
+        if self.answer not in self.letters:
+            raise ValueError(f"answer {self.answer!r} is not one of the letters {self.letters!r}")
+        return self
+
+
 Record = TypeVar("Record", bound=BaseModel)
 
 

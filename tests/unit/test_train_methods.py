@@ -218,3 +218,30 @@ def test_rs_prompts_accept_pairs_and_conversations(tmp_path):
     file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "only"}]}) + "\n")
     with pytest.raises(ValueError, match="end with a user message"):
         read_prompts(file)
+
+
+def test_grpo_trains_on_verifiable_prompts_and_logs_its_rewards(home, tmp_path):
+    """GRPO: TRL's own generation samples a group of answers per prompt, training/rewards.py scores them, and the
+    result is a registry entry like any other method's."""
+    from zephyr.schemas import VerifiablePrompt
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [VerifiablePrompt(prompt=user(f"Question {i}: which is a gas?\n\nA. rock\nB. air\n\n"
+                                                       "Explain, then give the letter."),
+                                           answer="B", letters="AB", source="test") for i in range(4)])
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "tiny-grpo", {
+        "method": "grpo", "model": TINY, "output": "tiny-grpo", "data": {"train": str(prompts)},
+        "rewards": {"correct_letter": 1.0, "answer_format": 0.5}, "lora": {"r": 4, "alpha": 8},
+        "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
+                    "max_completion_length": 8, "logging_steps": 1, "save_steps": 1, "learning_rate": 1.0e-3}})
+    result = train(load_recipe(path), settings, recipe_path=path)
+    entry = Registry(settings.models_dir).get("tiny-grpo")
+    check_hf_folder(entry.path)
+    assert entry.manifest.method == "grpo" and entry.manifest.parent == TINY
+    assert entry.manifest.recipe["rewards"] == {"correct_letter": 1.0, "answer_format": 0.5, "reward_model": None,
+                                                "reward_model_weight": 0.5}
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [row for row in logged if "rewards/correct_letter/mean" in row]
+    assert {row["step"] for row in rewards} == {1, 2} and all("rewards/answer_format/mean" in row for row in rewards)
+    assert all(0.0 <= row["reward"] <= 1.5 for row in logged if "reward" in row)  # weighted: 1.0 + 0.5 at most

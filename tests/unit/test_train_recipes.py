@@ -57,6 +57,14 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "rs", "data": {"train": "PAIRS"}}, "needs a `sampling` section"),
     ({"method": "dpo", "data": {"train": "PAIRS"}, "output": "Bad Name"}, "output"),
     ({"method": "sft", "data": {"train": "PAIRS"}, "qlora": True, "lora": None}, "qlora trains a LoRA adapter"),
+    ({"method": "dpo", "data": {"train": "PAIRS"}, "rewards": {}}, "`rewards` belongs to method grpo, not dpo"),
+    ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"correct_letter": 0, "answer_format": 0}},
+     "every weight is 0"),
+    ({"method": "grpo", "data": {"train": "PAIRS"}, "trainer": {"reward_weights": [1.0]}},
+     "trainer.reward_weights is set from `rewards`"),
+    ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"correct_letter": -1}}, "rewards.correct_letter"),
+    ({"method": "grpo", "data": {"train": "PAIRS"}, "trainer": {"num_generation": 4}},
+     "not an argument of TRL's GRPOConfig; did you mean 'num_generations'"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, pairs, body, message):
     body = yaml.safe_load(yaml.safe_dump(body).replace("PAIRS", str(pairs)))
