@@ -133,7 +133,9 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
 
     def resolved(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Without `rewards` (every method but grpo) the dump is what it was before the field existed: the digest of
+        # an unchanged recipe stays the same, so its run folder still resumes.
+        return self.model_dump(mode="json", exclude={"rewards"} if self.rewards is None else None)
 
     def output_name(self, recipe_path: Path | None = None) -> str:
         return self.output or f"{self.model}-{recipe_path.stem if recipe_path else self.method}"[:64].lower()

@@ -108,3 +108,11 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
         read_records([sft], "dpo")
     rows = read_records([pairs], "dpo")
     assert set(rows[0]) == {"prompt", "chosen", "rejected"}  # provenance stays out of the trainer
+
+
+def test_recipes_without_rewards_keep_the_digest_they_had_before_grpo(tmp_path, pairs):
+    """A run folder resumes only for the same digest: adding grpo's `rewards` must not change other recipes'."""
+    recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
+    assert "rewards" not in recipe.resolved()
+    grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
+    assert grpo.resolved()["rewards"]["correct_letter"] == 1.0
