@@ -89,6 +89,8 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     run = result.run_dir
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {row["step"] for row in logged if "loss" in row} == {1, 2}
+    assert [row["step"] for row in logged if "eval_loss" in row] == [2]  # evaluated once at the end, not twice
+    assert result.metrics["eval_loss"] == next(row["eval_loss"] for row in logged if "eval_loss" in row)
     if method == "dpo":
         assert any("rewards/margins" in row for row in logged) and any("eval_rewards/margins" in row for row in logged)
     assert (run / "curves.png").stat().st_size > 1000
