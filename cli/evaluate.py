@@ -103,6 +103,9 @@ def calibrate_command(
     = True,
     scores: Annotated[Path | None, typer.Option(
         help="Refit from the validation scores an earlier run saved, without an engine")] = None,
+    letter: Annotated[bool, typer.Option(
+        help="Score the letter format (--no-letter: cloze and the answer prior only, for a model trained for cloze; "
+             "the letter candidates are then not fitted)")] = True,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
@@ -113,8 +116,11 @@ def calibrate_command(
     unwind_on_sigterm()
     if limit is not None and limit < 1:
         raise fail("--limit must be at least 1")
+    if scores is not None and not letter:
+        raise fail("--no-letter chooses what is scored; --scores refits scores already made (drop one)")
     try:
-        calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores)
+        calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
+                  letter=letter)
     except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:

@@ -47,8 +47,8 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
-                     console: Console) -> dict[str, list[calibration.Scored]]:
-    """Every validation question's letter and cloze scores, from one engine."""
+                     console: Console, letter: bool = True) -> dict[str, list[calibration.Scored]]:
+    """Every validation question's letter (unless `letter` is False) and cloze scores, from one engine."""
     if needs_transformers(entry):
         from evals.hf_letter import TransformersEngine
 
@@ -59,7 +59,8 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         console.print(f"starting vLLM on {entry.path} ...")
         engine = EvalEngine(entry.path, settings)
     try:
-        letters = {name: engine.letter(name, split, items) for name, (split, items) in data.items()}
+        letters = ({name: engine.letter(name, split, items) for name, (split, items) in data.items()} if letter
+                   else {})
         # The transformers engine (bitsandbytes on CPU) has no answer-prior scorer: its fit skips cloze_pmi.
         priors = ({name: engine.answer_prior(name, split, items) for name, (split, items) in data.items()}
                   if hasattr(engine, "answer_prior") else {})
@@ -70,7 +71,7 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         engine.shutdown()
     scored: dict[str, list[calibration.Scored]] = {}
     for name, (_, items) in data.items():
-        scores = mcq_eval.option_scores(items, letters[name], cloze[name], priors.get(name))
+        scores = mcq_eval.option_scores(items, letters.get(name), cloze[name], priors.get(name))
         scored[name] = [calibration.Scored(scores[i.id], mcq.LETTERS.index(i.answer), i.id) for i in items]
     return scored
 
@@ -98,9 +99,10 @@ def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
               benchmarks: list[str] | None = None, write: bool = True,
-              scores: Path | None = None) -> mcq.MCQCalibration:
+              scores: Path | None = None, letter: bool = True) -> mcq.MCQCalibration:
     """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
-    writes the record into the model's zephyr.json."""
+    writes the record into the model's zephyr.json. Without `letter` the letter format is not scored and the
+    candidates that read it are not fitted (the fit skips a feature no question has)."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
     if scores is not None:
@@ -108,7 +110,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"refitting from {scores}")
     else:
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
-        scored = score_validation(entry, settings, data, console)
+        scored = score_validation(entry, settings, data, console, letter=letter)
         splits = {name: split for name, (split, _) in data.items()}
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)

@@ -134,3 +134,8 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
     assert few.exit_code == 1 and "fewer than the 20 required" in " ".join(few.output.split())
     missing = CliRunner().invoke(app, [*gate, "--reviews", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 1 and "zephyr review export --format dpo --out FILE" in " ".join(missing.output.split())
+
+
+def test_calibrate_no_letter_with_scores_is_refused(home):
+    result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--no-letter", "--scores", "x.json"])
+    assert result.exit_code == 1 and "--no-letter chooses what is scored" in " ".join(result.output.split())

@@ -190,3 +190,15 @@ def test_fit_subtracts_the_answer_prior_where_common_phrases_are_distractors():
     record, figures = calibration.fit([dataclasses.replace(i, scores=dataclasses.replace(i.scores, answer_prior=None))
                                        for i in items])
     assert "cloze_pmi" not in figures and not mcq.plan("auto", record).needs_answer_prior
+
+
+def test_fit_without_letter_scores_fits_only_what_needs_no_letter():
+    """`zephyr eval calibrate --no-letter` (a model trained for cloze): no letter candidate, no letter prior, and a
+    record whose auto never asks the engine for letters."""
+    items = [dataclasses.replace(i, scores=dataclasses.replace(i.scores, letter=None))
+             for i in synthetic(1000, seed=3, temperature=4.0, bias=[0.0] * 4)]
+    record, figures = calibration.fit(items)
+    assert not {"letter", "letter_debiased", "combined"} & set(figures)
+    assert record.letter_prior == {} and "letter" not in record.temperatures
+    assert record.temperatures["cloze"] == pytest.approx(4.0, rel=0.2)
+    assert not mcq.plan("auto", record).needs_letter
