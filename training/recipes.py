@@ -71,14 +71,17 @@ class SamplingSpec(_Strict):
 class RewardsSpec(_Strict):
     """GRPO's rewards and their weights: verifiable ones (training/rewards.py) and, optionally, a reward model."""
 
-    correct_letter: float = Field(default=1.0, ge=0.0, description="the explained answer's letter is the key")
+    served_letter: float = Field(default=1.0, ge=0.0, description="the letter /mcq explain would serve (the policy "
+                                 "reads it after the reasoning and the answer cue) is the key")
+    correct_letter: float = Field(default=0.0, ge=0.0, description="the answer's own `Answer: X` line is the key")
     answer_format: float = Field(default=0.2, ge=0.0, description="reasoning, then an answer line with a letter")
     reward_model: str | None = Field(default=None, description="registry name of a reward model (method rm)")
     reward_model_weight: float = Field(default=0.5, ge=0.0)
 
     def weighted(self) -> list[tuple[str, float]]:
         """(reward name, weight) of every reward with a positive weight, the reward model last."""
-        named = [("correct_letter", self.correct_letter), ("answer_format", self.answer_format)]
+        named = [("served_letter", self.served_letter), ("correct_letter", self.correct_letter),
+                 ("answer_format", self.answer_format)]
         if self.reward_model:
             named.append((self.reward_model, self.reward_model_weight))
         return [(name, weight) for name, weight in named if weight > 0]

@@ -58,4 +58,48 @@ def answer_format(completions: Sequence[Any], letters: Sequence[str], **_: Any) 
     return scores
 
 
-REWARDS = {"correct_letter": correct_letter, "answer_format": answer_format}
+def served_reasoning(text: str) -> str:
+    """The reasoning /mcq explain keeps: the text before the first answer line (generation stops there), else all."""
+    cue = _CUE.search(text)
+    return text[:cue.start()] if cue else text
+
+
+class ServedLetter:
+    """1.0 when the letter `/mcq` with `explain` would serve is the key, read as the service reads it: the prompt,
+    the reasoning up to the first answer line, `mcq.FINAL_ANSWER_CUE`, then the most likely option-letter token,
+    scored by the policy being trained (`bind` gives it the model once the trainer holds it). A completion needs no
+    answer line of its own, as a served one does not: the service appends the cue."""
+
+    __name__ = "served_letter"  # TRL names the logged reward after it
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def bind(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def letters_of(self, prompts: Sequence[Any], completions: Sequence[Any], letters: Sequence[str]) -> list[str]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("ServedLetter needs the policy: call bind(model, tokenizer) before training")
+        chosen = []
+        for prompt, completion, valid in zip(prompts, completions, letters, strict=True):
+            head = (prompt if isinstance(prompt, str) else
+                    self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
+            text = head + served_reasoning(completion_text(completion)).rstrip() + mcq.FINAL_ANSWER_CUE
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1]
+            options = mcq.letter_token_ids(self.tokenizer, len(valid), leading_space=True)
+            chosen.append(valid[int(torch.argmax(logits[options]))])
+        return chosen
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[str],
+                 letters: Sequence[str], **_: Any) -> list[float]:
+        return [float(got == key) for got, key in zip(self.letters_of(prompts, completions, letters), answer,
+                                                      strict=True)]
+
+
+REWARDS = {"correct_letter": correct_letter, "answer_format": answer_format, "served_letter": ServedLetter}

@@ -185,7 +185,11 @@ def _trainer(recipe: Recipe, model: Any, tokenizer: Any, args: Any, train: Any, 
     if recipe.method == "kto":
         return trl.KTOTrainer(model=model, **common)
     if recipe.method == "grpo":
-        return trl.GRPOTrainer(model=model, reward_funcs=reward_funcs or [], **common)
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_funcs or [], **common)
+        for func in reward_funcs or []:
+            if hasattr(func, "bind"):  # rewards read by the policy itself, as it is being trained
+                func.bind(trainer.model, tokenizer)
+        return trainer
     return trl.RewardTrainer(model=model, **common)
 
 
@@ -197,7 +201,8 @@ def grpo_rewards(recipe: Recipe, registry: Registry) -> tuple[list[Any], list[fl
     funcs, weights = [], []
     for name, weight in recipe.rewards.weighted():
         if name in REWARDS:
-            funcs.append(REWARDS[name])
+            reward = REWARDS[name]
+            funcs.append(reward() if isinstance(reward, type) else reward)  # a class holds state (ServedLetter)
         else:
             entry = registry.get(name)
             if entry.manifest.method != "rm":

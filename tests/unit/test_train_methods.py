@@ -234,16 +234,46 @@ def test_grpo_trains_on_verifiable_prompts_and_logs_its_rewards(home, tmp_path):
     settings = Settings(home=home)
     path = recipe_file(tmp_path, "tiny-grpo", {
         "method": "grpo", "model": TINY, "output": "tiny-grpo", "data": {"train": str(prompts)},
-        "rewards": {"correct_letter": 1.0, "answer_format": 0.5}, "lora": {"r": 4, "alpha": 8},
+        "rewards": {"served_letter": 1.0, "correct_letter": 1.0, "answer_format": 0.5}, "lora": {"r": 4, "alpha": 8},
         "trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
                     "max_completion_length": 8, "logging_steps": 1, "save_steps": 1, "learning_rate": 1.0e-3}})
     result = train(load_recipe(path), settings, recipe_path=path)
     entry = Registry(settings.models_dir).get("tiny-grpo")
     check_hf_folder(entry.path)
     assert entry.manifest.method == "grpo" and entry.manifest.parent == TINY
-    assert entry.manifest.recipe["rewards"] == {"correct_letter": 1.0, "answer_format": 0.5, "reward_model": None,
-                                                "reward_model_weight": 0.5}
+    assert entry.manifest.recipe["rewards"] == {"served_letter": 1.0, "correct_letter": 1.0, "answer_format": 0.5,
+                                                "reward_model": None, "reward_model_weight": 0.5}
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [row for row in logged if "rewards/correct_letter/mean" in row]
-    assert {row["step"] for row in rewards} == {1, 2} and all("rewards/answer_format/mean" in row for row in rewards)
-    assert all(0.0 <= row["reward"] <= 1.5 for row in logged if "reward" in row)  # weighted: 1.0 + 0.5 at most
+    assert {row["step"] for row in rewards} == {1, 2}
+    assert all("rewards/answer_format/mean" in row and "rewards/served_letter/mean" in row for row in rewards)
+    assert all(0.0 <= row["reward"] <= 2.5 for row in logged if "reward" in row)  # weighted: 1 + 1 + 0.5 at most
+
+
+def test_served_letter_reads_the_letter_as_mcq_explain_serves_it(home):
+    """The reward's letter is the one the service would serve for the same reasoning: mcq.encode_prompt with the
+    reasoning cut at the first answer line, the cue, and the argmax over the letter tokens, by the same model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.rewards import ServedLetter
+    from zephyr import mcq
+
+    path = Registry(Settings(home=home).models_dir).get(TINY).path
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    question = mcq.MCQuestion.build("Which is a gas?", ["rock", "air", "wood"])
+    prompt = mcq.render_messages(question, explain=True)
+    reasonings = ["Air is a gas at room temperature.", "Rock is solid. Answer: A and more text", "x" * 30]
+    reward = ServedLetter()
+    reward.bind(model, tokenizer)
+    got = reward.letters_of([prompt] * 3, [[{"role": "assistant", "content": r}] for r in reasonings], ["ABC"] * 3)
+    for reasoning, letter in zip(reasonings, got, strict=True):
+        kept = reasoning.split("Answer:")[0]  # the service stops generating at the answer line
+        ids = mcq.encode_prompt(tokenizer, question, explain=True, reasoning=kept)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        served = "ABC"[int(torch.argmax(logits[mcq.letter_token_ids(tokenizer, 3, leading_space=True)]))]
+        assert letter == served
+    scores = reward(prompts=[prompt] * 3, completions=[[{"role": "assistant", "content": r}] for r in reasonings],
+                    answer=got[:2] + ["ABC".replace(got[2], "")[0]], letters=["ABC"] * 3)
+    assert scores == [1.0, 1.0, 0.0]

@@ -58,7 +58,7 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "dpo", "data": {"train": "PAIRS"}, "output": "Bad Name"}, "output"),
     ({"method": "sft", "data": {"train": "PAIRS"}, "qlora": True, "lora": None}, "qlora trains a LoRA adapter"),
     ({"method": "dpo", "data": {"train": "PAIRS"}, "rewards": {}}, "`rewards` belongs to method grpo, not dpo"),
-    ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"correct_letter": 0, "answer_format": 0}},
+    ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"served_letter": 0, "answer_format": 0}},
      "every weight is 0"),
     ({"method": "grpo", "data": {"train": "PAIRS"}, "trainer": {"reward_weights": [1.0]}},
      "trainer.reward_weights is set from `rewards`"),
@@ -115,4 +115,4 @@ def test_recipes_without_rewards_keep_the_digest_they_had_before_grpo(tmp_path, 
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
     assert "rewards" not in recipe.resolved()
     grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
-    assert grpo.resolved()["rewards"]["correct_letter"] == 1.0
+    assert grpo.resolved()["rewards"]["served_letter"] == 1.0
