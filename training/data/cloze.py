@@ -81,6 +81,17 @@ def question_of(item: MCQItem) -> mcq.MCQuestion:
     return mcq.MCQuestion.build(item.question, item.options, item.support)
 
 
+def usable(items: list[MCQItem]) -> tuple[list[tuple[MCQItem, mcq.MCQuestion]], int]:
+    """Each item with its question as /mcq receives it, and how many items the MCQ format refuses (left out)."""
+    accepted = []
+    for item in items:
+        try:
+            accepted.append((item, question_of(item)))
+        except mcq.MCQFormatError:
+            pass
+    return accepted, len(items) - len(accepted)
+
+
 def cloze_records(items: list[MCQItem], seed: int = 0, distractors: int = 1) -> tuple[list[TextPreferencePair],
                                                                                       list[TextSFTExample], ClozeStats]:
     """One SFT example per question and `distractors` pairs (at most one per wrong option), the key's continuation
@@ -91,12 +102,8 @@ def cloze_records(items: list[MCQItem], seed: int = 0, distractors: int = 1) -> 
     stats = ClozeStats(questions=len(items))
     pairs: list[TextPreferencePair] = []
     examples: list[TextSFTExample] = []
-    for item in items:
-        try:
-            question = question_of(item)
-        except mcq.MCQFormatError:
-            stats.skipped += 1
-            continue
+    accepted, stats.skipped = usable(items)
+    for item, question in accepted:
         context = mcq.cloze_context(question)
         key = question.letters.index(item.answer)
         chosen = mcq.cloze_continuation(question.options[key])

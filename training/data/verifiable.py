@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from training.data.cloze import question_of
+from training.data.cloze import usable
 from zephyr import mcq
 from zephyr.schemas import MCQItem, Message, VerifiablePrompt
 
@@ -37,12 +37,8 @@ def explain_prompts(items: list[MCQItem], seed: int = 0) -> tuple[list[Verifiabl
     source."""
     stats = PromptStats(questions=len(items))
     prompts = []
-    for item in items:
-        try:
-            question = question_of(item)
-        except mcq.MCQFormatError:
-            stats.skipped += 1
-            continue
+    accepted, stats.skipped = usable(items)
+    for item, question in accepted:
         messages = [Message(**m) for m in mcq.render_messages(question, explain=True)]
         prompts.append(VerifiablePrompt(prompt=messages, answer=item.answer, letters=question.letters,
                                         source=SOURCE, meta={"question_id": item.id, "format": "explain"}))
