@@ -49,13 +49,10 @@ def correct_letter(completions: Sequence[Any], answer: Sequence[str], letters: S
 
 def answer_format(completions: Sequence[Any], letters: Sequence[str], **_: Any) -> list[float]:
     """1.0 for reasoning of at least MIN_REASONING_CHARS, then an answer line with a valid letter; else 0.0."""
-    scores = []
-    for c, valid in zip(completions, letters, strict=True):
-        text = completion_text(c)
-        cue = _CUE.search(text)
-        scores.append(float(cue is not None and len(text[:cue.start()].strip()) >= MIN_REASONING_CHARS
-                            and answer_letter(text, valid) is not None))
-    return scores
+    texts = [completion_text(c) for c in completions]
+    return [float(answer_letter(text, valid) is not None  # a valid letter implies an answer line
+                  and len(served_reasoning(text).strip()) >= MIN_REASONING_CHARS)
+            for text, valid in zip(texts, letters, strict=True)]
 
 
 def served_reasoning(text: str) -> str:
@@ -88,7 +85,7 @@ class ServedLetter:
         for prompt, completion, valid in zip(prompts, completions, letters, strict=True):
             head = (prompt if isinstance(prompt, str) else
                     self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
-            text = head + served_reasoning(completion_text(completion)).rstrip() + mcq.FINAL_ANSWER_CUE
+            text = head + mcq.answer_cue_after(served_reasoning(completion_text(completion)))
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             with torch.no_grad():
                 logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1]

@@ -117,8 +117,13 @@ def render_prompt(tokenizer: Any, q: MCQuestion, explain: bool = False, reasonin
     the prompt ends with FINAL_ANSWER_CUE and the next token is the letter with a space (" B")."""
     text = tokenizer.apply_chat_template(render_messages(q, explain), tokenize=False, add_generation_prompt=True)
     if reasoning is not None:
-        text += reasoning.rstrip() + FINAL_ANSWER_CUE
+        text += answer_cue_after(reasoning)
     return text
+
+
+def answer_cue_after(reasoning: str) -> str:
+    """What follows the prompt once the tutor has reasoned: its reasoning, then the cue the letter is read after."""
+    return reasoning.rstrip() + FINAL_ANSWER_CUE
 
 
 def encode_prompt(tokenizer: Any, q: MCQuestion, explain: bool = False, reasoning: str | None = None) -> list[int]:
