@@ -16,7 +16,7 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
     "sft": [("loss", ["loss", "eval_loss"])],
     "rs": [("loss", ["loss", "eval_loss"])],
     "grpo": [("reward (weighted)", ["reward", "eval_reward"]),
-             ("rewards", ["rewards/correct_letter/mean", "rewards/answer_format/mean"]),
+             ("rewards", ["rewards/served_letter/mean", "rewards/correct_letter/mean", "rewards/answer_format/mean"]),
              ("completion length", ["completions/mean_length"]), ("loss", ["loss"])],
 }
 
