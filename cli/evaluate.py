@@ -193,21 +193,15 @@ def gate_command(
     """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
     --reviews) when reviewers' verdicts are too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
-    from evals.preference import read_export
     from evals.results import ResultStore
 
     settings = load_settings()
     try:
         review = None
         if reviews is not None:
-            try:
-                records = read_export(reviews)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                raise GateError(f"cannot read --reviews {reviews}: {exc}; write it with `zephyr review export "
-                                "--format dpo --out FILE`") from None
             rule = {k: v for k, v in {"min_pairs": min_review_pairs, "min_win_rate": min_win_rate}.items()
                     if v is not None}  # unset: evals.gate's defaults
-            review = review_gate(records, candidate, baseline, source=str(reviews), **rule)
+            review = review_gate(reviews, candidate, baseline, **rule)
         result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, csv(suites),
                        reviews=review)
     except (GateError, RegistryError) as exc:

@@ -6,12 +6,13 @@ Only measurements both models have are compared, and only over the item ids both
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from evals.preference import human_win_rates
+from evals.preference import human_win_rates, read_reviews
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
     SERVED_METRICS,
     SUITE_BENCHMARKS,
@@ -158,10 +159,11 @@ class ReviewGate:
                 f"[{low:.1%}, {high:.1%}]); the lower bound {clears} {self.min_win_rate:.0%}")
 
 
-def review_gate(records: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
+def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
                 min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "") -> ReviewGate:
-    """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (a path or records); GateError when the
-    rule's bounds are out of range or the export holds no pair between the two models."""
+    """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (an export file's path, or its records);
+    GateError when the file cannot be read, the rule's bounds are out of range or the export holds no pair between
+    the two models."""
     from evals.preference import wilson
 
     if min_pairs < 1:
@@ -170,7 +172,12 @@ def review_gate(records: Any, candidate: str, baseline: str, *, min_pairs: int =
         raise GateError(f"the minimum win rate is a share in [0, 1], got {min_win_rate}")
     if candidate == baseline:
         raise GateError("reviews compare two models: the candidate and the baseline must differ")
-    result = human_win_rates(records)
+    is_file = isinstance(reviews, str | Path)
+    source = source or (str(reviews) if is_file else "")
+    try:
+        result = read_reviews(Path(reviews)) if is_file else human_win_rates(reviews)
+    except ValueError as exc:
+        raise GateError(f"--reviews: {exc}") from None
     a, b = sorted((candidate, baseline))
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     if match is None:

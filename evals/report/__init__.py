@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evals.preference import read_reviews
 from evals.results import ResultStore
 from zephyr.registry import Registry, check_name
 
 from .document import render_html, render_markdown
 from .plots import PLOT_FILES
-from .sections import build_sections, read_reviews
+from .sections import build_sections
 from .views import collect
 
 PLOTS_DIR = "plots"

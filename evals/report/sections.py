@@ -3,7 +3,6 @@ in the order `build_sections` puts them."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
-from evals.preference import human_win_rates, rm_win_rate
+from evals.preference import rm_win_rate
 from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
 from zephyr.registry import Registry
 
@@ -372,16 +371,6 @@ def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str
     if ci is not None:
         text += f" [{fmt_value(ci[0] * 100, True)}, {fmt_value(ci[1] * 100, True)}]"
     return text
-
-
-def read_reviews(reviews: Path) -> dict[str, Any]:
-    if not reviews.is_file():
-        raise ValueError(f"reviews file {reviews} does not exist: write one with "
-                         f"`zephyr review export --format dpo`")
-    try:
-        return human_win_rates(reviews)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
-        raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
 
 
 def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
