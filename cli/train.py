@@ -1,4 +1,4 @@
-"""`zephyr train sft|rm|rs|dpo|kto|grpo` and `zephyr data science|hh|review|clean`.
+"""`zephyr train sft|rm|rs|dpo|kto|grpo` and `zephyr data science|restate|cloze|grpo|hh|review|clean`.
 
 Recipes and data are validated before a model loads; errors end in one line that says what to fix, exit 1."""
 
