@@ -40,6 +40,9 @@ class DataSpec(_Strict):
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=0.5,
                                  description="held out from train when no eval file is given")
     limit: int | None = Field(default=None, gt=0, description="use only the first N training records")
+    eval_group: Literal["record", "opening"] = Field(
+        default="record", description="what eval_fraction holds out: single records, or whole groups of records "
+        "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side)")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -52,6 +55,8 @@ class LoraSpec(_Strict):
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    top_layers: int | None = Field(default=None, gt=0, description="adapt only the last N transformer layers: "
+                                   "backpropagation then stops there, which on CPU saves most of a step")
 
 
 class SamplingSpec(_Strict):

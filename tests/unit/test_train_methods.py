@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from tests.unit.tiny_llama import TINY, make_tiny_llama
-from training.recipes import load_recipe
+from training.recipes import RecipeError, load_recipe
 from training.rs import best_of_n, read_prompts
-from training.run import TrainingError, train
+from training.run import TrainingError, hold_out, opening, train
 from zephyr.registry import Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import Settings
@@ -113,6 +113,45 @@ def test_dpo_merged_weights_differ_from_parent(home, data, tmp_path):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("q_proj" in k for k in changed)  # the LoRA update landed in the merged weights
+
+
+def test_rm_on_its_top_layer_with_length_grouped_batches_leaves_lower_layers_alone(home, data, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "top", {"method": "rm", "model": TINY, "output": "tiny-rm-top",
+                                         "data": {"train": str(data["dpo"]), "eval_fraction": 0.25},
+                                         "lora": {"r": 4, "alpha": 8, "top_layers": 1},
+                                         "trainer": {**STEPS, "train_sampling_strategy": "group_by_length"}})
+    result = train(load_recipe(path), settings, recipe_path=path)
+    assert "eval_accuracy" in result.metrics
+    registry = Registry(settings.models_dir)
+    before = load_file(next(registry.get(TINY).path.glob("*.safetensors")))
+    after = load_file(next(registry.get("tiny-rm-top").path.glob("*.safetensors")))
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.layers.1.") for k in changed)  # the tiny Llama has layers 0 and 1
+    assert not any(k.startswith("model.layers.0.") for k in changed)
+
+    too_many = recipe_file(tmp_path, "too-many", {"method": "rm", "model": TINY, "output": "tiny-rm-3",
+                                                  "data": {"train": str(data["dpo"])},
+                                                  "lora": {"r": 4, "top_layers": 3}, "trainer": STEPS})
+    with pytest.raises(RecipeError, match="lora.top_layers is 3 but .* has 2 layers"):
+        train(load_recipe(too_many), settings, recipe_path=too_many)
+
+
+def test_held_out_groups_keep_a_conversation_opening_on_one_side():
+    from datasets import Dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"opening {i % 10}"}, {"role": "assistant", "content": "a"},
+                        {"role": "user", "content": f"turn {i}"}], "chosen": "x", "rejected": "y"} for i in range(40)]
+    train_set, held = hold_out(Dataset.from_list(rows), rows, 0.2, "opening", seed=42)
+    assert len(train_set) + len(held) == 40 and len(held) == 8  # two whole groups of four
+    assert not {opening(r) for r in train_set} & {opening(r) for r in held}
+    again = hold_out(Dataset.from_list(rows), rows, 0.2, "opening", seed=42)[1]
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in held]  # the seed fixes the split
+    record_train, record_held = hold_out(Dataset.from_list(rows), rows, 0.2, "record", seed=42)
+    assert len(record_held) == 8 and {opening(r) for r in record_held} & {opening(r) for r in record_train}
 
 
 def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_path):
