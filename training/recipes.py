@@ -26,6 +26,11 @@ METHODS: tuple[str, ...] = ("sft", "rm", "rs", "dpo", "kto", "grpo")
 RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 
 
+# (section, field, default) of every field added after recipes had been run; see Recipe.resolved.
+LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
+    (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None))
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the file, the key and what to change."""
 
@@ -141,9 +146,14 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
 
     def resolved(self) -> dict[str, Any]:
-        # Without `rewards` (every method but grpo) the dump is what it was before the field existed: the digest of
-        # an unchanged recipe stays the same, so its run folder still resumes.
-        return self.model_dump(mode="json", exclude={"rewards"} if self.rewards is None else None)
+        # Fields added after recipes had run are left out at their defaults: the dump is what it was before they
+        # existed, the digest of an unchanged recipe stays the same, and its run folder still resumes.
+        dump = self.model_dump(mode="json")
+        for section, field, default in LATER_FIELDS:
+            holder = dump if section is None else dump.get(section)
+            if isinstance(holder, dict) and holder.get(field, default) == default:
+                holder.pop(field, None)
+        return dump
 
     def output_name(self, recipe_path: Path | None = None) -> str:
         return self.output or f"{self.model}-{recipe_path.stem if recipe_path else self.method}"[:64].lower()

@@ -110,9 +110,17 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
     assert set(rows[0]) == {"prompt", "chosen", "rejected"}  # provenance stays out of the trainer
 
 
-def test_recipes_without_rewards_keep_the_digest_they_had_before_grpo(tmp_path, pairs):
-    """A run folder resumes only for the same digest: adding grpo's `rewards` must not change other recipes'."""
+def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_path, pairs):
+    """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group` or
+    `lora.top_layers` must not change the recipes that do not use them."""
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
-    assert "rewards" not in recipe.resolved()
+    resolved = recipe.resolved()
+    assert "rewards" not in resolved and "eval_group" not in resolved["data"] and "top_layers" not in resolved["lora"]
+    assert set(resolved["data"]) == {"train", "eval", "eval_fraction", "limit"}
+    assert set(resolved["lora"]) == {"r", "alpha", "dropout", "target_modules"}
+    grouped = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs), "eval_group": "opening"},
+                                           "lora": {"top_layers": 4}}))
+    assert grouped.resolved()["data"]["eval_group"] == "opening" and grouped.resolved()["lora"]["top_layers"] == 4
+    assert grouped.digest() != recipe.digest()
     grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
     assert grpo.resolved()["rewards"]["served_letter"] == 1.0
