@@ -118,6 +118,9 @@ async def chat_level(target: str, url: str, concurrency: int, requests: int, max
 
 def load_mcq(path: Path, count: int) -> list[mcq.MCQuestion]:
     items = mcq.read_arc_jsonl(path)
+    if len(items) < count:
+        raise SystemExit(f"{path} has {len(items)} questions; the MCQ rounds need {count} (fewer --mcq-questions or "
+                         "--rounds)")
     random.Random(0).shuffle(items)
     return items[:count]
 
@@ -129,6 +132,20 @@ MCQ_PATHS = {  # label -> (target server, how it asks)
     "vllm serve /v1/completions, echo + logprobs, a request per option (cloze)": ("vllm", "completions"),
     "vllm serve chat + structured_outputs.choice (letter)": ("vllm", "choice"),
 }
+
+# Paths on our server that would read each other's prefix cache get their own questions each round (letter and
+# cloze prompts differ, but cloze and auto share every context, and any path asked the same question twice reads
+# it from the cache: round 2's letter ran at 3x round 1's). Twins on the other server share a path's questions,
+# so their answers can be compared.
+QUESTION_GROUPS = dict(zip(MCQ_PATHS, (0, 1, 2, 1, 0), strict=True))  # letter, cloze, auto, vllm cloze, vllm letter
+WARMUP_QUESTIONS = 16
+LOGGING_QUESTIONS = 48  # new to both servers of the logging-cost comparison
+
+
+def round_questions(questions: list[mcq.MCQuestion], per_path: int, round_index: int, label: str) -> list:
+    """The questions `label` is asked in round `round_index`: never seen by our server before (see QUESTION_GROUPS)."""
+    start = WARMUP_QUESTIONS + (round_index * 3 + QUESTION_GROUPS[label]) * per_path
+    return questions[start:start + per_path]
 
 
 async def _vllm_cloze(c: httpx.AsyncClient, tokenizer, q: mcq.MCQuestion) -> str:
@@ -183,7 +200,7 @@ async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], ro
             chat = await chat_level(name, urls[name], 1, 24, 32)
             async with httpx.AsyncClient(base_url=urls[name], timeout=600) as c:
                 mcq_latency = []
-                for q in questions[:48]:
+                for q in questions[:LOGGING_QUESTIONS]:
                     started = time.perf_counter()
                     await c.post("/mcq", json={"question": q.question, "options": list(q.options)})
                     mcq_latency.append(time.perf_counter() - started)
@@ -293,12 +310,13 @@ async def run(args: argparse.Namespace) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         targets = {"zephyr": ours_url, "vllm": vllm_url}
-        questions = load_mcq(Path(args.mcq_data), args.mcq_questions)
+        rounds_end = WARMUP_QUESTIONS + 3 * args.rounds * args.mcq_questions
+        questions = load_mcq(Path(args.mcq_data), rounds_end + LOGGING_QUESTIONS)
         for name, url in targets.items():  # warm both (first uses of each batch shape and path) before measuring
             for conc in args.concurrency:
                 await chat_level(name, url, conc, conc, 8)
         for label, (target, _) in MCQ_PATHS.items():
-            await mcq_round(label, targets[target], questions[:16], args.mcq_concurrency, tokenizer)
+            await mcq_round(label, targets[target], questions[:WARMUP_QUESTIONS], args.mcq_concurrency, tokenizer)
         levels: list[Level] = []
         mcq_runs: list[dict] = []
         for round_index in range(args.rounds):
@@ -312,12 +330,14 @@ async def run(args: argparse.Namespace) -> None:
                                   f"p50 TTFT {percentile(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
             labels = list(MCQ_PATHS) if round_index % 2 == 0 else list(reversed(MCQ_PATHS))
             for label in labels:
-                result = await mcq_round(label, targets[MCQ_PATHS[label][0]], questions, args.mcq_concurrency,
+                result = await mcq_round(label, targets[MCQ_PATHS[label][0]],
+                                         round_questions(questions, args.mcq_questions, round_index, label),
+                                         args.mcq_concurrency,
                                          tokenizer)
                 mcq_runs.append(result)
                 console.print(f"round {round_index + 1} {label}: {result['answers_per_s']:.1f} answers/s")
-        quiet_runs = await logging_cost({"log on": ours_url, "log off": quiet_url}, questions, args.rounds) \
-            if args.logging_cost else []
+        quiet_runs = await logging_cost({"log on": ours_url, "log off": quiet_url}, questions[rounds_end:],
+                                        args.rounds) if args.logging_cost else []
     finally:
         for p in processes:
             if p.poll() is None:
@@ -330,7 +350,7 @@ async def run(args: argparse.Namespace) -> None:
 
     console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds",
                               levels))
-    console.print(mcq_table(mcq_runs, len(questions), args.mcq_concurrency))
+    console.print(mcq_table(mcq_runs, args.mcq_questions, args.mcq_concurrency))
     if quiet_runs:
         console.print(logging_table(quiet_runs))
     console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
