@@ -164,7 +164,7 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
     """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (an export file's path, or its records);
     GateError when the file cannot be read, the rule's bounds are out of range or the export holds no pair between
     the two models."""
-    from evals.preference import wilson
+    from offline.stats import wilson
 
     if min_pairs < 1:
         raise GateError(f"the minimum number of review pairs must be at least 1, got {min_pairs}")

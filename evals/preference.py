@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from offline.reward import Conversation
+from offline.reward import Conversation, pair_agreement
+from offline.stats import wilson
 
 
 class Scorer(Protocol):
@@ -43,16 +44,6 @@ def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, flo
     ties = len(common) - wins - losses
     return {"wins": wins, "losses": losses, "ties": ties, "n": len(common),
             "win_rate": (wins + 0.5 * ties) / len(common)}
-
-
-def wilson(successes: int, n: int) -> tuple[float, float] | None:
-    """95% Wilson score interval of a share; None for n = 0."""
-    if n == 0:
-        return None
-    from statsmodels.stats.proportion import proportion_confint
-
-    low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
-    return float(low), float(high)
 
 
 # ----------------------------------------------------------------------------------------- human preferences
@@ -140,22 +131,10 @@ def _pair_id(record: Mapping[str, Any], number: int) -> str:
 
 def rm_human_agreement(rm: Scorer, pairs: str | Path | Iterable[Mapping[str, Any]],
                        batch_size: int = 8) -> dict[str, Any]:
-    """Share of human DPO pairs on which the reward model scores the chosen answer strictly above the rejected
-    one (an RM tie counts as disagreement; `ties` says how many), with a 95% Wilson interval. `items` holds
-    1.0/0.0 per pair, keyed by the pair's first review item id (or its position), for paired comparisons."""
+    """`offline.reward.pair_agreement` on the human DPO pairs of a review export. `items` holds 1.0/0.0 per pair,
+    keyed by the pair's first review item id (or its position), for paired comparisons."""
     records = [r for r in read_export(pairs) if _is_pair(r)]
-    if not records:
-        raise ValueError("no preference pairs to measure agreement on")
-    conversations = []
-    for record in records:
-        prompt = [dict(m) for m in record["prompt"]]
-        conversations.append(prompt + [dict(m) for m in record["chosen"]])
-        conversations.append(prompt + [dict(m) for m in record["rejected"]])
-    scores = rm.score(conversations, batch_size=batch_size)
-    chosen, rejected = scores[0::2], scores[1::2]
-    items = {_pair_id(r, n): float(c > w) for n, (r, c, w) in enumerate(zip(records, chosen, rejected, strict=True))}
-    agree = sum(c > w for c, w in zip(chosen, rejected, strict=True))
-    ties = sum(c == w for c, w in zip(chosen, rejected, strict=True))
-    n = len(records)
-    return {"n": n, "agreement": agree / n, "ci95": wilson(agree, n), "ties": ties,
-            "mean_margin": sum(c - w for c, w in zip(chosen, rejected, strict=True)) / n, "items": items}
+    result = pair_agreement(rm, records, batch_size=batch_size)
+    per_pair = result.pop("per_pair")
+    return result | {"items": {_pair_id(r, n): agreed for n, (r, agreed) in enumerate(zip(records, per_pair,
+                                                                                           strict=True))}}

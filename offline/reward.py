@@ -4,6 +4,7 @@ tokenizer's chat template, exactly as the trainer rendered it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,32 @@ class RewardModel:
                                     attention_mask=inputs["attention_mask"].to(device)).logits
                 scores.extend(float(v) for v in logits[:, 0].tolist())
         return scores
+
+
+
+def _last_reply(messages: Conversation) -> str:
+    return str(messages[-1].get("content", "")) if messages else ""
+
+
+def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
+    """Share of preference pairs (`prompt`, `chosen`, `rejected` message lists) on which the reward model scores
+    the chosen answer strictly above the rejected one (a tie counts as disagreement; `ties` says how many), with a
+    95% Wilson interval. `per_pair` holds 1.0/0.0 in the pairs' order, for paired comparisons. `longer_answer` is
+    the baseline a reward model must beat on hh-rlhf: the share whose chosen reply is strictly the longer one."""
+    from offline.stats import wilson
+
+    if not pairs:
+        raise ValueError("no preference pairs to measure agreement on")
+    conversations = []
+    for pair in pairs:
+        prompt = [dict(m) for m in pair["prompt"]]
+        conversations += [prompt + [dict(m) for m in pair["chosen"]], prompt + [dict(m) for m in pair["rejected"]]]
+    scores = rm.score(conversations, batch_size=batch_size)
+    chosen, rejected = scores[0::2], scores[1::2]
+    per_pair = [float(c > w) for c, w in zip(chosen, rejected, strict=True)]
+    agree, n = int(sum(per_pair)), len(pairs)
+    longer = sum(len(_last_reply(p["chosen"])) > len(_last_reply(p["rejected"])) for p in pairs)
+    return {"n": n, "agreement": agree / n, "ci95": wilson(agree, n),
+            "ties": sum(c == w for c, w in zip(chosen, rejected, strict=True)),
+            "mean_margin": sum(c - w for c, w in zip(chosen, rejected, strict=True)) / n,
+            "longer_answer": longer / n, "longer_answer_ci95": wilson(longer, n), "per_pair": per_pair}

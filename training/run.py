@@ -330,6 +330,21 @@ def final_eval(trainer: Any) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+def heldout_agreement(registry: Registry, entry: RegistryEntry, eval_set: Any, console: Console) -> dict[str, Any]:
+    """The registered reward model's agreement with every held-out pair, pooled (TRL's `eval_accuracy` averages
+    per batch and leaves out pairs over max_length), recorded in its manifest for `zephyr eval report`."""
+    from offline.reward import RewardModel, pair_agreement
+
+    console.print(f"scoring the {len(eval_set)} held-out pairs with the registered reward model ...")
+    result = pair_agreement(RewardModel.load(entry.path), list(eval_set))
+    del result["per_pair"]
+    registry.record_eval(entry.name, "heldout_agreement", result)
+    low, high = result["ci95"]
+    return {"heldout_pairs": result["n"], "heldout_agreement": result["agreement"],
+            "heldout_agreement_low": low, "heldout_agreement_high": high,
+            "heldout_longer_answer": result["longer_answer"]}
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -411,6 +426,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         if eval_set is not None:
             metrics |= final_eval(trainer)
         entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
+        if entry is not None and recipe.method == "rm" and eval_set is not None:
+            metrics |= heldout_agreement(registry, entry, eval_set, console)
     finally:
         for name in ("transformers", "trl", "peft", "training"):
             logging.getLogger(name).removeHandler(handler)

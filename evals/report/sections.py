@@ -364,6 +364,20 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
     )
 
 
+def _reward_models(registry: Registry | None) -> Section | None:
+    """Every registered reward model's agreement with its held-out human preferences (`zephyr train rm`)."""
+    measured = [(e.name, e.manifest.evals["heldout_agreement"]) for e in (registry.list() if registry else [])
+                if e.manifest.method == "rm" and "heldout_agreement" in e.manifest.evals]
+    if not measured:
+        return None
+    rows = [[name, str(r["n"]), _fmt_rate(r["n"], r["agreement"], r["ci95"]),
+             _fmt_rate(r["n"], r["longer_answer"], r["longer_answer_ci95"])] for name, r in measured]
+    return Section("Reward models: agreement with held-out human preferences", [DocTable(
+        ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]"], rows,
+        caption="share of held-out pairs whose chosen answer the reward model scores higher (a tie disagrees), Wilson "
+        "intervals; the last column is the length baseline a reward model must beat")])
+
+
 def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str:
     if rate is None or n == 0:
         return MISSING
@@ -447,7 +461,7 @@ def build_sections(
             bench.blocks.append(NO_MATPLOTLIB)
         sections += [bench, *_benchmarks(views)]
     optional = (_calibration(views, plots), _vs_parent(views), _quantized(views, registry, plots),
-                _mmlu_subjects(views), _rm(views, plots),
+                _mmlu_subjects(views), _reward_models(registry), _rm(views, plots),
                 _rm_win_rates(views))
     sections += [s for s in optional if s]
     if reviews is not None:

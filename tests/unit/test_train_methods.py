@@ -85,7 +85,11 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     assert not list(entry.path.glob("adapter_*"))
     if method == "rm":
         assert config["architectures"] == ["LlamaForSequenceClassification"]
-        assert "eval_accuracy" in result.metrics  # agreement with the held-out preferences
+        assert "eval_accuracy" in result.metrics  # TRL's batch-averaged agreement with the held-out preferences
+        recorded = entry.manifest.evals["heldout_agreement"]  # pooled over every held-out pair, for the report
+        assert recorded["n"] == 2 and recorded["agreement"] == result.metrics["heldout_agreement"]
+        assert recorded["longer_answer"] == 1.0  # every chosen reply of the test pairs is the longer one
+        assert recorded["ci95"][0] <= recorded["agreement"] <= recorded["ci95"][1]
     run = result.run_dir
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {row["step"] for row in logged if "loss" in row} == {1, 2}

@@ -1,0 +1,14 @@
+"""Small statistics shared by evaluation and training."""
+
+from __future__ import annotations
+
+
+def wilson(successes: float, n: int) -> tuple[float, float] | None:
+    """95% Wilson score interval of a share (ties counted as half a success may make `successes` fractional);
+    None for n = 0."""
+    if n == 0:
+        return None
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    return float(low), float(high)
