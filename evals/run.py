@@ -155,7 +155,11 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                     if measurements:  # saved first: a server that fails must not cost the in-process results
                         save(suite, measurements, started)
                         started = time.perf_counter()
-                    measurements = _mcq_server(data, mcq_names, options, console, measurements)
+                    # Through the server only, its answers are compared with the newest stored in-process ones.
+                    stored = store.latest(entry.name) if not measurements else None
+                    measurements = _mcq_server(data, mcq_names, options, console,
+                                               measurements or (stored.measurements if stored else []),
+                                               stored=not measurements)
             elif suite == "gsm8k":
                 measurements = _gsm8k_suite(engine, data, options, settings)
                 generations["gsm8k"] = measurements[0].details["generations"]
@@ -221,8 +225,9 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
 
 
 def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Console,
-                local: list[Measurement]) -> list[Measurement]:
-    """The same methods through the server's /mcq/batch, each with how many answers equal the in-process ones."""
+                local: list[Measurement], stored: bool = False) -> list[Measurement]:
+    """The same methods through the server's /mcq/batch, each with how many answers equal the in-process ones
+    (this run's, or with `stored` an earlier run's, on the questions both answered)."""
     from evals import mcq_eval
 
     out: list[Measurement] = []
@@ -234,9 +239,13 @@ def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Cons
                           f"{m.n} in {m.seconds:.1f} s")
             mine = next((x for x in local if x.benchmark == name and x.metric == method_metric(method)), None)
             if mine is not None:
-                same = sum(mine.details["answers"][i] == a for i, a in m.details["answers"].items())
+                answers = mine.details["answers"]
+                common = [i for i in m.details["answers"] if i in answers]
+                same = sum(answers[i] == m.details["answers"][i] for i in common)
                 m.details["same_answer_as_local"] = same
-                console.print(f"  same answer as in process: {same} of {m.n}")
+                m.details["compared_with_local"] = len(common)
+                console.print(f"  same answer as in process{' (the stored run)' if stored else ''}: {same} of "
+                              f"{len(common)}")
             out.append(m)
     return out
 

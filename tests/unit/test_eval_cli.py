@@ -139,3 +139,29 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
 def test_calibrate_no_letter_with_scores_is_refused(home):
     result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--no-letter", "--scores", "x.json"])
     assert result.exit_code == 1 and "--no-letter chooses what is scored" in " ".join(result.output.split())
+
+
+def test_server_answers_are_counted_against_in_process_ones_on_the_questions_both_answered(monkeypatch):
+    """Through the server only (--no-local), the answers are compared with a stored in-process run, which may have
+    answered other questions (another --limit): the count says on how many both answered."""
+    from rich.console import Console
+
+    from evals import mcq_eval, run
+    from evals.results import Measurement
+
+    def measured(metric: str, answers: dict[str, str]) -> Measurement:
+        return Measurement(benchmark="arc_easy", metric=metric, split="test", n=len(answers), score=0.5,
+                           items={i: 1.0 for i in answers}, seconds=1.0,
+                           details={"answers": answers, "method": "letter"})
+
+    served = {"letter": {"q0": "A", "q1": "B", "q2": "C"}, "auto": {"q0": "A", "q1": "C", "q2": "C"}}
+    monkeypatch.setattr(mcq_eval, "via_server", lambda *_a, method, **_k: measured(f"{method}_server", served[method]))
+    stored = [measured("letter_acc", {"q0": "A", "q1": "B", "q9": "D"}),  # q2 unanswered there, q9 not asked here
+              measured("mcq_acc_auto", {"q0": "A", "q1": "B", "q2": "C"})]
+    options = run.RunOptions(model="m", suite="mcq", server="http://x", local=False)
+    out = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), stored, stored=True)
+    letter, auto = out
+    assert (letter.details["same_answer_as_local"], letter.details["compared_with_local"]) == (2, 2)
+    assert (auto.details["same_answer_as_local"], auto.details["compared_with_local"]) == (2, 3)
+    alone = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), [])
+    assert all("same_answer_as_local" not in m.details for m in alone)  # nothing stored: nothing to compare
