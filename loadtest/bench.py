@@ -138,13 +138,14 @@ MCQ_PATHS = {  # label -> (target server, how it asks)
 # it from the cache: round 2's letter ran at 3x round 1's). Twins on the other server share a path's questions,
 # so their answers can be compared.
 QUESTION_GROUPS = dict(zip(MCQ_PATHS, (0, 1, 2, 1, 0), strict=True))  # letter, cloze, auto, vllm cloze, vllm letter
+GROUPS = len(set(QUESTION_GROUPS.values()))
 WARMUP_QUESTIONS = 16
 LOGGING_QUESTIONS = 48  # new to both servers of the logging-cost comparison
 
 
 def round_questions(questions: list[mcq.MCQuestion], per_path: int, round_index: int, label: str) -> list:
     """The questions `label` is asked in round `round_index`: never seen by our server before (see QUESTION_GROUPS)."""
-    start = WARMUP_QUESTIONS + (round_index * 3 + QUESTION_GROUPS[label]) * per_path
+    start = WARMUP_QUESTIONS + (round_index * GROUPS + QUESTION_GROUPS[label]) * per_path
     return questions[start:start + per_path]
 
 
@@ -310,7 +311,7 @@ async def run(args: argparse.Namespace) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         targets = {"zephyr": ours_url, "vllm": vllm_url}
-        rounds_end = WARMUP_QUESTIONS + 3 * args.rounds * args.mcq_questions
+        rounds_end = WARMUP_QUESTIONS + GROUPS * args.rounds * args.mcq_questions
         questions = load_mcq(Path(args.mcq_data), rounds_end + LOGGING_QUESTIONS)
         for name, url in targets.items():  # warm both (first uses of each batch shape and path) before measuring
             for conc in args.concurrency:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 
-def wilson(successes: float, n: int) -> tuple[float, float] | None:
-    """95% Wilson score interval of a share (ties counted as half a success may make `successes` fractional);
-    None for n = 0."""
+def wilson(successes: int, n: int) -> tuple[float, float] | None:
+    """95% Wilson score interval of a share; None for n = 0."""
     if n == 0:
         return None
     from statsmodels.stats.proportion import proportion_confint

@@ -102,7 +102,7 @@ def opening(record: dict[str, Any]) -> str:
     return str(prompt)
 
 
-def hold_out(dataset: Any, rows: list[dict[str, Any]], fraction: float, group: str, seed: int) -> tuple[Any, Any]:
+def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any, Any]:
     """Split off `fraction` of the records for evaluation by a fixed seed. With `group="opening"` whole groups of
     records sharing an opening message go to one side, so the held-out agreement is not measured on the second
     half of a conversation whose first half was trained on."""
@@ -110,16 +110,16 @@ def hold_out(dataset: Any, rows: list[dict[str, Any]], fraction: float, group: s
         split = dataset.train_test_split(test_size=fraction, seed=seed)
         return split["train"], split["test"]
     groups: dict[str, list[int]] = {}
-    for index, record in enumerate(rows):
+    for index, record in enumerate(dataset):
         groups.setdefault(opening(record), []).append(index)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     held: list[int] = []
     for key in keys:
-        if len(held) >= fraction * len(rows):
+        if len(held) >= fraction * len(dataset):
             break
         held += groups[key]
-    kept = sorted(set(range(len(rows))) - set(held))
+    kept = sorted(set(range(len(dataset))) - set(held))
     return dataset.select(kept), dataset.select(sorted(held))
 
 
@@ -397,8 +397,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     train_set = Dataset.from_list(rows)
     eval_set = Dataset.from_list(eval_rows) if eval_rows else None
     if eval_set is None and spec.eval_fraction:
-        train_set, eval_set = hold_out(train_set, rows, spec.eval_fraction, spec.eval_group,
-                                       recipe.trainer.get("seed", 42))
+        train_set, eval_set = hold_out(train_set, spec.eval_fraction, spec.eval_group, recipe.trainer.get("seed", 42))
 
     plain_text = "prompt" in rows[0] and isinstance(rows[0]["prompt"], str)
     run_dir = settings.home / "runs" / output

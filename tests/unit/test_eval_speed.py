@@ -103,9 +103,9 @@ def test_variants_summarise_writes_the_record_the_report_reads():
 def test_bench_asks_our_server_every_question_once_and_twins_the_same_questions():
     """A question asked twice is read from the prefix cache: each of our MCQ paths gets new questions each round,
     and each vllm serve twin gets its path's questions, so their answers can be compared."""
-    from loadtest.bench import MCQ_PATHS, WARMUP_QUESTIONS, round_questions
+    from loadtest.bench import GROUPS, MCQ_PATHS, WARMUP_QUESTIONS, round_questions
 
-    questions, per_path, rounds = list(range(WARMUP_QUESTIONS + 3 * 2 * 5)), 5, 2
+    questions, per_path, rounds = list(range(WARMUP_QUESTIONS + GROUPS * 2 * 5)), 5, 2
     ours = [label for label, (target, _) in MCQ_PATHS.items() if target == "zephyr"]
     asked = [q for r in range(rounds) for label in ours for q in round_questions(questions, per_path, r, label)]
     assert len(asked) == len(set(asked)) == 30 and min(asked) == WARMUP_QUESTIONS  # disjoint, after the warm-up

@@ -149,12 +149,12 @@ def test_held_out_groups_keep_a_conversation_opening_on_one_side():
 
     rows = [{"prompt": [{"role": "user", "content": f"opening {i % 10}"}, {"role": "assistant", "content": "a"},
                         {"role": "user", "content": f"turn {i}"}], "chosen": "x", "rejected": "y"} for i in range(40)]
-    train_set, held = hold_out(Dataset.from_list(rows), rows, 0.2, "opening", seed=42)
+    train_set, held = hold_out(Dataset.from_list(rows), 0.2, "opening", seed=42)
     assert len(train_set) + len(held) == 40 and len(held) == 8  # two whole groups of four
     assert not {opening(r) for r in train_set} & {opening(r) for r in held}
-    again = hold_out(Dataset.from_list(rows), rows, 0.2, "opening", seed=42)[1]
+    again = hold_out(Dataset.from_list(rows), 0.2, "opening", seed=42)[1]
     assert [r["prompt"] for r in again] == [r["prompt"] for r in held]  # the seed fixes the split
-    record_train, record_held = hold_out(Dataset.from_list(rows), rows, 0.2, "record", seed=42)
+    record_train, record_held = hold_out(Dataset.from_list(rows), 0.2, "record", seed=42)
     assert len(record_held) == 8 and {opening(r) for r in record_held} & {opening(r) for r in record_train}
 
 
