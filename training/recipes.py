@@ -28,7 +28,8 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 
 # (section, field, default) of every field added after recipes had been run; see Recipe.resolved.
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
-    (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None))
+    (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
+    ("sampling", "limit", None))
 
 
 class RecipeError(ValueError):
@@ -73,6 +74,7 @@ class SamplingSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(default=256, gt=0)
+    limit: int | None = Field(default=None, ge=1, description="sample only the file's first N prompts")
     min_reward: float | None = Field(default=None, description="drop prompts whose best answer scores lower")
     server: str | None = Field(default=None, description="base URL of a running `zephyr serve`; default offline vLLM")
     seed: int = 0

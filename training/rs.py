@@ -116,7 +116,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
                           "not a reward model (train one with `zephyr train rm`)")
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite)  # before sampling, not after it
-    prompts = read_prompts(spec.prompts)
+    prompts = read_prompts(spec.prompts)[:spec.limit]
     console.print(f"[bold]rs[/] {len(prompts)} prompts x {spec.n} answers from {spec.server or base.name}, "
                   f"ranked by {reward_entry.name}")
     if spec.server:

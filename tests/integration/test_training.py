@@ -96,7 +96,7 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     rs_recipe = tmp_path / "rs.yaml"
     rs_recipe.write_text(yaml.safe_dump({"method": "rs", "model": TINY, "output": "tiny-rs",
                                          "sampling": {"reward_model": "tiny-rm", "prompts": str(pairs), "n": 3,
-                                                      "max_tokens": 16},
+                                                      "max_tokens": 16, "limit": len(records) - 1},
                                          "lora": {"r": 4, "alpha": 8},
                                          "trainer": {"max_steps": 1, "per_device_train_batch_size": 2,
                                                      "max_length": 256}}))
@@ -104,7 +104,8 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     rs_entry = Registry(home / "models").get("tiny-rs")
     assert rs_entry.manifest.method == "rs" and rs_entry.manifest.parent == TINY
     kept = [json.loads(line) for line in (home / "runs" / "tiny-rs" / "rs-data.jsonl").read_text().splitlines()]
-    assert len(kept) == len(records) and all(row["meta"]["n"] >= 1 for row in kept)
+    assert len(kept) == len(records) - 1 and all(row["meta"]["n"] >= 1 for row in kept)  # the first N prompts
+    assert [row["messages"][:-1] for row in kept] == [[m.model_dump() for m in r.prompt] for r in records[:-1]]
     assert all(row["meta"]["reward"] >= row["meta"]["reward_mean"] for row in kept)  # the best, not a random one
 
 

@@ -111,8 +111,8 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
 
 
 def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_path, pairs):
-    """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group` or
-    `lora.top_layers` must not change the recipes that do not use them."""
+    """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group`,
+    `lora.top_layers` or `sampling.limit` must not change the recipes that do not use them."""
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
     resolved = recipe.resolved()
     assert "rewards" not in resolved and "eval_group" not in resolved["data"] and "top_layers" not in resolved["lora"]
@@ -124,3 +124,8 @@ def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_p
     assert grouped.digest() != recipe.digest()
     grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
     assert grpo.resolved()["rewards"]["served_letter"] == 1.0
+    sampling = {"reward_model": "rm", "prompts": str(pairs)}
+    rs = load_recipe(write(tmp_path, {"method": "rs", "sampling": sampling}))
+    assert "limit" not in rs.resolved()["sampling"]
+    capped = load_recipe(write(tmp_path, {"method": "rs", "sampling": sampling | {"limit": 300}}))
+    assert capped.resolved()["sampling"]["limit"] == 300 and capped.digest() != rs.digest()
