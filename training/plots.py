@@ -33,6 +33,15 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
+def curve_label(key: str) -> str:
+    """The legend of one curve: the held-out or training curve, or which of GRPO's rewards it is."""
+    if key.startswith("eval_"):
+        return "held out"
+    if key.startswith("rewards/") and key.endswith("/mean"):
+        return key.removeprefix("rewards/").removesuffix("/mean")
+    return "train"
+
+
 def plot_run(run_dir: Path, method: str) -> Path | None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     panels = [(title, keys) for title, keys in PANELS[method] if any(series(rows, k)[0] for k in keys)]
@@ -49,7 +58,7 @@ def plot_run(run_dir: Path, method: str) -> Path | None:
             steps, values = series(rows, key)
             if steps:
                 ax.plot(steps, values, marker="o" if key.startswith("eval_") else None, markersize=3,
-                        label="held out" if key.startswith("eval_") else "train")
+                        label=curve_label(key))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -320,3 +320,11 @@ def test_served_letter_reads_the_letter_as_mcq_explain_serves_it(home):
     scores = reward(prompts=[prompt] * 3, completions=[[{"role": "assistant", "content": r}] for r in reasonings],
                     answer=got[:2] + ["ABC".replace(got[2], "")[0]], letters=["ABC"] * 3)
     assert scores == [1.0, 1.0, 0.0]
+
+
+def test_curve_legends_name_grpo_rewards_and_the_held_out_curve():
+    from training.plots import curve_label
+
+    assert [curve_label(k) for k in ("rewards/served_letter/mean", "rewards/answer_format/mean", "eval_loss",
+                                     "loss", "rewards/margins")] == \
+        ["served_letter", "answer_format", "held out", "train", "train"]
