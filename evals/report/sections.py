@@ -13,6 +13,7 @@ import numpy as np
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate
 from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
+from offline.stats import wilson
 from zephyr.registry import Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -348,17 +349,17 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
             continue  # measured on different questions: nothing to compare
         r = rm_win_rate(a_items, b_items)
         rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
-                     fmt_value(r["win_rate"] * 100, True)])
+                     _fmt_rate(r["n"], r["win_rate"], wilson(r["wins"] + 0.5 * r["ties"], r["n"]))])
     if not rows:
         return None
     return Section(
         "Reward-model win rates",
         [
             DocTable(
-                ["model A", "model B", "n common", "A wins", "B wins", "ties", "A win rate"],
+                ["model A", "model B", "n common", "A wins", "B wins", "ties", "A win rate [95% CI]"],
                 rows,
                 caption="per question both were scored on, the answer with the higher reward-model score wins; "
-                "win rate in %, ties count half",
+                "win rate in %, ties count half, with a Wilson interval",
             )
         ],
     )

@@ -223,7 +223,7 @@ def test_reward_model_win_rates_per_pair_ordered_by_name(tmp_path):
     md, html = md_path.read_text(), html_path.read_text()
     section = md.split("## Reward-model win rates")[1].split("\n## ")[0]
     # alpha vs zeta on q1..q4: alpha wins q3, zeta wins q1 and q4, q2 is a tie -> (1 + 0.5) / 4 = 37.5%.
-    assert "| alpha | zeta | 4 | 1 | 2 | 1 | 37.5 |" in section
+    assert "| alpha | zeta | 4 | 1 | 2 | 1 | 37.5 [9.2, 78.1] |" in section  # Wilson over 1.5 of 4
     assert "other" not in section
     assert "Reward-model win rates</h2>" in html and "<td>alpha</td><td>zeta</td>" in html
 
