@@ -35,7 +35,8 @@ def score_stats(scores: list[float]) -> dict[str, float | int]:
 
 
 def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float | int]:
-    """How often model A's answer out-scores model B's on the same item (ids both have); ties count half."""
+    """How often model A's answer out-scores model B's on the same item (ids both have), with its Wilson interval;
+    ties count half."""
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError(f"no common item ids between the two score sets ({len(a)} and {len(b)} items)")
@@ -43,7 +44,7 @@ def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, flo
     losses = sum(a[i] < b[i] for i in common)
     ties = len(common) - wins - losses
     return {"wins": wins, "losses": losses, "ties": ties, "n": len(common),
-            "win_rate": (wins + 0.5 * ties) / len(common)}
+            "win_rate": (wins + 0.5 * ties) / len(common), "ci95": wilson(wins + 0.5 * ties, len(common))}
 
 
 # ----------------------------------------------------------------------------------------- human preferences

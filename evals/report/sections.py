@@ -13,7 +13,6 @@ import numpy as np
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate
 from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
-from offline.stats import wilson
 from zephyr.registry import Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -349,7 +348,7 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
             continue  # measured on different questions: nothing to compare
         r = rm_win_rate(a_items, b_items)
         rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
-                     _fmt_rate(r["n"], r["win_rate"], wilson(r["wins"] + 0.5 * r["ties"], r["n"]))])
+                     _fmt_rate(r["n"], r["win_rate"], r["ci95"])])
     if not rows:
         return None
     return Section(

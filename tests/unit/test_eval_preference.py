@@ -9,6 +9,7 @@ import pytest
 
 from evals.preference import human_win_rates, rm_human_agreement, rm_win_rate, score_stats
 from offline.reward import RewardModel
+from offline.stats import wilson
 from tests.unit.review_export import write_dpo_export
 
 WORDS = "the a sun is hot cold plants make sugar from light water what why how answer question".split()
@@ -79,7 +80,8 @@ def test_score_stats_on_fixed_numbers():
 def test_rm_win_rate_on_fixed_numbers():
     a = {"q1": 1.0, "q2": 0.5, "q3": -1.0, "q4": 2.0, "only_a": 9.0}
     b = {"q1": 0.0, "q2": 0.5, "q3": 0.0, "q4": 1.0, "only_b": -9.0}
-    assert rm_win_rate(a, b) == {"wins": 2, "losses": 1, "ties": 1, "n": 4, "win_rate": 0.625}
+    assert rm_win_rate(a, b) == {"wins": 2, "losses": 1, "ties": 1, "n": 4, "win_rate": 0.625,
+                                 "ci95": wilson(2.5, 4)}
     assert rm_win_rate(b, a)["win_rate"] == 0.375
     with pytest.raises(ValueError, match="no common item ids"):
         rm_win_rate({"x": 1.0}, {"y": 1.0})
