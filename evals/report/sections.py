@@ -393,7 +393,7 @@ def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
     if a not in scores or b not in scores or not set(scores[a]) & set(scores[b]):
         return MISSING
     r = rm_win_rate(scores[a], scores[b])
-    return f"{fmt_value(r['win_rate'] * 100, True)} (n {r['n']})"
+    return f"{_fmt_rate(r['n'], r['win_rate'], r['ci95'])} (n {r['n']})"
 
 
 def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None = None) -> Section:
@@ -429,7 +429,7 @@ def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None =
     if result["head_to_head"]:
         blocks.append(
             DocTable(
-                ["model A", "model B", "n", "A wins", "B wins", "A win rate [95% CI]", "A RM win rate"],
+                ["model A", "model B", "n", "A wins", "B wins", "A win rate [95% CI]", "A RM win rate [95% CI]"],
                 [
                     [h["a"], h["b"], str(h["n"]), str(h["a_wins"]), str(h["b_wins"]),
                      _fmt_rate(h["n"], h["a_win_rate"], h["ci95"]), _rm_rate_of(views or [], h["a"], h["b"])]
@@ -437,7 +437,8 @@ def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None =
                 ],
                 caption="head to head: pairs whose two answers came from these two models, as reviewers judged "
                 "them and (last column) as the reward model scores the two models' answers to the text suite's "
-                "questions, ties half; — where either model has no reward-model scores",
+                "questions, ties half, with its Wilson interval and question count; — where either model has no "
+                "reward-model scores",
             )
         )
     return Section("Human review win rates", blocks)

@@ -273,8 +273,9 @@ def test_human_and_reward_model_win_rates_side_by_side(tmp_path):
     path, _ = write_dpo_export(tmp_path / "dpo.jsonl", cases)
     md_path, _ = write_report(rm_store(tmp_path), ["alpha", "zeta"], tmp_path / "out", reviews=path)
     section = md_path.read_text().split("## Human review win rates")[1].split("\n## ")[0]
-    # Reviewers: alpha won 2 of 3 against zeta; the reward model: alpha 37.5% over their 4 common questions.
-    assert "| alpha | zeta | 3 | 2 | 1 | 66.7 [20.8, 93.9] | 37.5 (n 4) |" in section
+    # Reviewers: alpha won 2 of 3 against zeta; the reward model: alpha 37.5% over their 4 common questions, with
+    # the same Wilson interval as the reward-model win-rate table.
+    assert "| alpha | zeta | 3 | 2 | 1 | 66.7 [20.8, 93.9] | 37.5 [9.2, 78.1] (n 4) |" in section
 
 
 def test_missing_or_bad_reviews_file(store, tmp_path):
