@@ -3,6 +3,7 @@
 Both servers run at once (each with half the usual memory share) and receive load one at a time, in
 alternating order round after round, so drift on a shared machine hits both alike. Prints tables of ratios
 and writes the raw figures to bench-results/. A script to run on demand (`make bench`), not a test.
+`--logging-only` measures just the generation log's cost: two servers of ours, paired requests.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import httpx
 from rich.table import Table
+from tqdm import tqdm
 
+from evals.stats import paired_bootstrap
 from loadtest import harness
 from loadtest.harness import percentile
 from zephyr import mcq
@@ -140,7 +143,6 @@ MCQ_PATHS = {  # label -> (target server, how it asks)
 QUESTION_GROUPS = dict(zip(MCQ_PATHS, (0, 1, 2, 1, 0), strict=True))  # letter, cloze, auto, vllm cloze, vllm letter
 GROUPS = len(set(QUESTION_GROUPS.values()))
 WARMUP_QUESTIONS = 16
-LOGGING_QUESTIONS = 48  # new to both servers of the logging-cost comparison
 
 
 def round_questions(questions: list[mcq.MCQuestion], per_path: int, round_index: int, label: str) -> list:
@@ -192,21 +194,47 @@ async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concu
     return {"path": label, "answers_per_s": len(questions) / wall, "latency_s": latencies, "answers": answers}
 
 
-async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], rounds: int) -> list[dict]:
-    """p50 latency of chat (c=1, 32 tokens) and /mcq auto (c=1) on our server with the generation log and review
-    sampling on, and on a twin with both off, interleaved."""
+async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], pairs: int,
+                       max_tokens: int = 32) -> list[dict]:
+    """Latency of chat (32 tokens, greedy) and /mcq auto at concurrency 1 on our server with the generation log and
+    review sampling on, and on a twin with both off. Each request goes to both servers back to back, the first of
+    the two alternating, so drift hits both sides of a pair alike; every question is new to both servers (no prefix
+    cache on either side), asked once as a chat and once as an MCQ."""
     out = []
-    for round_index in range(rounds):
-        for name in (list(urls) if round_index % 2 == 0 else list(reversed(urls))):
-            chat = await chat_level(name, urls[name], 1, 24, 32)
-            async with httpx.AsyncClient(base_url=urls[name], timeout=600) as c:
-                mcq_latency = []
-                for q in questions[:LOGGING_QUESTIONS]:
-                    started = time.perf_counter()
-                    await c.post("/mcq", json={"question": q.question, "options": list(q.options)})
-                    mcq_latency.append(time.perf_counter() - started)
-            out.append({"server": name, "chat_latency_s": chat.latency_s, "mcq_latency_s": mcq_latency})
+    async with (httpx.AsyncClient(base_url=urls["log on"], timeout=600) as c_on,
+                httpx.AsyncClient(base_url=urls["log off"], timeout=600) as c_off):
+        clients = {"log on": c_on, "log off": c_off}
+
+        async def timed(name: str, route: str, q: mcq.MCQuestion) -> float:
+            if route == "chat":
+                return (await stream_chat(clients[name], q.question, max_tokens))[1]
+            started = time.perf_counter()
+            r = await clients[name].post("/mcq", json={"question": q.question, "options": list(q.options)})
+            r.raise_for_status()
+            return time.perf_counter() - started
+
+        for i, q in enumerate(tqdm(questions[:pairs], desc="logging cost (pairs)")):
+            order = ["log on", "log off"] if i % 2 == 0 else ["log off", "log on"]
+            for route in ("chat", "mcq"):
+                row: dict = {"route": route, "id": q.id}
+                for name in order:
+                    row[name] = await timed(name, route, q)
+                out.append(row)
     return out
+
+
+def logging_summary(rows: list[dict], route: str) -> dict:
+    """The log's cost on one route: the mean paired difference (on - off) with a bootstrap interval that resamples
+    pairs, also as a share of the log-off mean, and both sides' p50."""
+    picked = [r for r in rows if r["route"] == route]
+    on = {f"{i}": r["log on"] for i, r in enumerate(picked)}
+    off = {f"{i}": r["log off"] for i, r in enumerate(picked)}
+    delta = paired_bootstrap(on, off)
+    base = statistics.fmean(off.values())
+    return {"route": route, "pairs": delta.n, "p50_on_s": percentile(list(on.values()), 0.5),
+            "p50_off_s": percentile(list(off.values()), 0.5), "mean_off_s": base, "delta_s": delta.delta,
+            "delta_ci_s": (delta.low, delta.high), "cost": delta.delta / base,
+            "cost_ci": (delta.low / base, delta.high / base)}
 
 
 def mcq_table(runs: list[dict], questions: int, concurrency: int) -> Table:
@@ -229,14 +257,18 @@ def mcq_table(runs: list[dict], questions: int, concurrency: int) -> Table:
     return table
 
 
-def logging_table(runs: list[dict]) -> Table:
-    table = Table(title="The generation log's cost: p50 latency with the log and review sampling on vs off (c=1)")
-    for column in ("route", "log on p50 ms", "log off p50 ms", "cost"):
+def logging_table(rows: list[dict]) -> Table:
+    table = Table(title="The generation log's cost: latency with the log and review sampling on vs off (c=1), paired "
+                  "requests")
+    for column in ("route", "pairs", "log on p50 ms", "log off p50 ms", "mean on - off ms [95% CI]",
+                   "cost % of the off mean [95% CI]"):
         table.add_column(column, justify="right")
     for route in ("chat", "mcq"):
-        on, off = (percentile([t for r in runs if r["server"] == s for t in r[f"{route}_latency_s"]], 0.5) * 1000
-                   for s in ("log on", "log off"))
-        table.add_row(route, f"{on:.1f}", f"{off:.1f}", f"{(on / off - 1) * 100:+.1f}%")
+        s = logging_summary(rows, route)
+        low, high = s["delta_ci_s"]
+        table.add_row(route, str(s["pairs"]), f"{s['p50_on_s'] * 1000:.1f}", f"{s['p50_off_s'] * 1000:.1f}",
+                      f"{s['delta_s'] * 1000:+.1f} [{low * 1000:+.1f}, {high * 1000:+.1f}]",
+                      f"{s['cost'] * 100:+.1f} [{s['cost_ci'][0] * 100:+.1f}, {s['cost_ci'][1] * 100:+.1f}]")
     return table
 
 
@@ -290,14 +322,20 @@ async def run(args: argparse.Namespace) -> None:
                 "--seed", "0", "--disable-uvicorn-access-log"] + ([] if args.compiled else ["--enforce-eager"])
     ours_url, vllm_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
     processes = []
+    levels: list[Level] = []
+    mcq_runs: list[dict] = []
+    quiet_runs: list[dict] = []
+    cold_vllm = None
     try:
         console.print("starting our server (cold start to /readyz)...")
         processes.append(start([str(bin_dir / "zephyr"), "serve"], env, out_dir / "zephyr.log"))
         cold_ours = wait_ready(f"{ours_url}/readyz", processes[-1], out_dir / "zephyr.log")
-        console.print(f"  ready in {cold_ours:.1f} s; starting vllm serve...")
-        processes.append(start(vllm_cmd, env, out_dir / "vllm.log"))
-        cold_vllm = wait_ready(f"{vllm_url}/health", processes[-1], out_dir / "vllm.log")
-        console.print(f"  ready in {cold_vllm:.1f} s")
+        console.print(f"  ready in {cold_ours:.1f} s")
+        if not args.logging_only:
+            console.print("starting vllm serve...")
+            processes.append(start(vllm_cmd, env, out_dir / "vllm.log"))
+            cold_vllm = wait_ready(f"{vllm_url}/health", processes[-1], out_dir / "vllm.log")
+            console.print(f"  ready in {cold_vllm:.1f} s")
         quiet_url = f"http://127.0.0.1:{args.port + 2}"
         if args.logging_cost:
             console.print("starting our server with the generation log and review sampling off...")
@@ -311,16 +349,15 @@ async def run(args: argparse.Namespace) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         targets = {"zephyr": ours_url, "vllm": vllm_url}
-        rounds_end = WARMUP_QUESTIONS + GROUPS * args.rounds * args.mcq_questions
-        questions = load_mcq(Path(args.mcq_data), rounds_end + LOGGING_QUESTIONS)
-        for name, url in targets.items():  # warm both (first uses of each batch shape and path) before measuring
+        rounds_end = WARMUP_QUESTIONS + (0 if args.logging_only else GROUPS * args.rounds * args.mcq_questions)
+        questions = load_mcq(Path(args.mcq_data), rounds_end + (args.logging_pairs if args.logging_cost else 0))
+        # Warm both (first uses of each batch shape and path) before measuring.
+        for name, url in ({} if args.logging_only else targets).items():
             for conc in args.concurrency:
                 await chat_level(name, url, conc, conc, 8)
-        for label, (target, _) in MCQ_PATHS.items():
+        for label, (target, _) in ({} if args.logging_only else MCQ_PATHS).items():
             await mcq_round(label, targets[target], questions[:WARMUP_QUESTIONS], args.mcq_concurrency, tokenizer)
-        levels: list[Level] = []
-        mcq_runs: list[dict] = []
-        for round_index in range(args.rounds):
+        for round_index in range(0 if args.logging_only else args.rounds):
             order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
             for name in order:
                 for conc in args.concurrency:
@@ -337,8 +374,12 @@ async def run(args: argparse.Namespace) -> None:
                                          tokenizer)
                 mcq_runs.append(result)
                 console.print(f"round {round_index + 1} {label}: {result['answers_per_s']:.1f} answers/s")
-        quiet_runs = await logging_cost({"log on": ours_url, "log off": quiet_url}, questions[rounds_end:],
-                                        args.rounds) if args.logging_cost else []
+        if args.logging_cost:
+            pair = {"log on": ours_url, "log off": quiet_url}
+            # Warm both alike (the first chats and /mcq calls of a fresh server are slower) on questions the
+            # measured pairs never ask.
+            await logging_cost(pair, questions[:WARMUP_QUESTIONS], WARMUP_QUESTIONS)
+            quiet_runs = await logging_cost(pair, questions[rounds_end:], args.logging_pairs)
     finally:
         for p in processes:
             if p.poll() is None:
@@ -349,17 +390,19 @@ async def run(args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 
-    console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds",
-                              levels))
-    console.print(mcq_table(mcq_runs, args.mcq_questions, args.mcq_concurrency))
+    if not args.logging_only:
+        console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved "
+                                  "rounds", levels))
+        console.print(mcq_table(mcq_runs, args.mcq_questions, args.mcq_concurrency))
+        console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
+                      f"({'eager' if not args.compiled else 'compiled'})")
     if quiet_runs:
         console.print(logging_table(quiet_runs))
-    console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
-                  f"({'eager' if not args.compiled else 'compiled'})")
     (out_dir / "bench.json").write_text(json.dumps({
         "levels": [asdict(lv) | {"tok_s": lv.tok_s} for lv in levels],
         "mcq": [{k: v for k, v in r.items() if k != "answers"} for r in mcq_runs],
         "logging_cost": quiet_runs,
+        "logging_summary": [logging_summary(quiet_runs, route) for route in ("chat", "mcq")] if quiet_runs else [],
         "cold_start_s": {"zephyr": cold_ours, "vllm": cold_vllm}, "args": vars(args)}, indent=2))
     console.print(f"raw figures: {out_dir / 'bench.json'}")
 
@@ -376,11 +419,19 @@ def main() -> None:
     parser.add_argument("--mcq-concurrency", type=int, default=8)
     parser.add_argument("--no-logging-cost", dest="logging_cost", action="store_false",
                         help="skip the third server (ours with the generation log and review sampling off)")
+    parser.add_argument("--logging-pairs", type=int, default=96,
+                        help="questions asked of both servers of the logging-cost comparison, as a chat and an MCQ")
+    parser.add_argument("--logging-only", action="store_true",
+                        help="only the logging-cost comparison: two servers of ours, no vllm serve, no other rounds "
+                        "(a quieter machine for a small effect)")
     parser.add_argument("--memory-share", type=float, default=0.2, help="per server (both run at once)")
     parser.add_argument("--compiled", action="store_true", help="torch.compile both engines (slower start)")
     parser.add_argument("--port", type=int, default=8100, help="ours; vllm serve gets port+1")
     parser.add_argument("--out", default="bench-results")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    if args.logging_only and not args.logging_cost:
+        parser.error("--logging-only measures the logging cost; drop --no-logging-cost")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
