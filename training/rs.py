@@ -13,13 +13,14 @@ from typing import Any
 from rich.console import Console
 
 from training.recipes import Recipe, RecipeError, SamplingSpec
-from training.run import RunResult, TrainingError, check_output_free, train
+from training.run import RECIPE_FILE, RunResult, TrainingError, check_output_free, train
 from zephyr.console import make_console
-from zephyr.registry import Registry, RegistryError, check_name
+from zephyr.registry import Registry, RegistryError, check_name, digest_file
 from zephyr.schemas import Message, SFTExample, write_jsonl
 from zephyr.settings import Settings
 
 Conversation = list[dict[str, str]]
+SAMPLES_FILE, PROVENANCE_FILE = "rs-data.jsonl", "rs-sampling.json"  # in the run folder
 
 
 def read_prompts(path: Path) -> list[Conversation]:
@@ -116,25 +117,40 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
                           "not a reward model (train one with `zephyr train rm`)")
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite)  # before sampling, not after it
-    prompts = read_prompts(spec.prompts)[:spec.limit]
-    console.print(f"[bold]rs[/] {len(prompts)} prompts x {spec.n} answers from {spec.server or base.name}, "
-                  f"ranked by {reward_entry.name}")
-    if spec.server:
-        answers = sample_server(spec.server, base.name, prompts, spec, os.environ.get("ZEPHYR_API_KEY"))
-    else:
-        answers = sample_offline(base.path, prompts, spec, settings)
-
-    from offline.reward import RewardModel
-
-    examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward)
-    if not examples:
-        raise TrainingError(f"no prompt kept an answer (min_reward {spec.min_reward}); lower it or sample more")
+    prompts = read_prompts(spec.prompts)[:spec.limit]  # a bad prompts file fails before anything is touched
     data_dir = settings.home / "runs" / output
     if fresh:
         shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_file = data_dir / "rs-data.jsonl"
-    write_jsonl(data_file, examples)
+    data_file, provenance_file = data_dir / SAMPLES_FILE, data_dir / PROVENANCE_FILE
+    provenance = {"model": base.name, "model_created_at": base.manifest.created_at.isoformat(),
+                  "reward_model": reward_entry.name,
+                  "reward_model_created_at": reward_entry.manifest.created_at.isoformat(),
+                  "prompts_digest": digest_file(spec.prompts), "sampling": spec.model_dump(mode="json")}
+    stats = _reusable_stats(data_file, provenance_file, provenance)
+    if stats is not None:
+        console.print(f"reusing the ranked samples in {data_file} (the same prompts, sampling, model and reward "
+                      "model; --fresh samples again)")
+        if _saved_digest(data_dir) not in (None, recipe.digest()):
+            _discard_training_state(data_dir)  # other trainer settings: the samples stay, the SFT starts over
+    else:
+        _discard_training_state(data_dir)  # checkpoints trained on other samples cannot be resumed
+        console.print(f"[bold]rs[/] {len(prompts)} prompts x {spec.n} answers from {spec.server or base.name}, "
+                      f"ranked by {reward_entry.name}")
+        if spec.server:
+            answers = sample_server(spec.server, base.name, prompts, spec, os.environ.get("ZEPHYR_API_KEY"))
+        else:
+            answers = sample_offline(base.path, prompts, spec, settings)
+
+        from offline.reward import RewardModel
+
+        examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward)
+        if not examples:
+            raise TrainingError(f"no prompt kept an answer (min_reward {spec.min_reward}); lower it or sample more")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        provenance_file.unlink(missing_ok=True)  # until the new samples are all written
+        write_jsonl(data_file, examples)
+        # Written last: a crash in SFT (or a change to its trainer settings) reuses these ~20 minutes of sampling.
+        provenance_file.write_text(json.dumps(provenance | {"stats": stats}, indent=2))
     console.print(f"kept {stats['kept']} of {stats['prompts']} prompts; mean reward of the kept answers "
                   f"{stats['best_reward_mean']:.3f} against {stats['all_reward_mean']:.3f} for all; "
                   f"data in {data_file}")
@@ -142,3 +158,33 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
                    data_files=[data_file])
     result.metrics |= {f"rs_{k}": v for k, v in stats.items()}
     return result
+
+
+def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str, Any]) -> dict[str, float] | None:
+    """The stats of ranked samples an earlier run left, if they came from exactly this sampling; else None."""
+    if not data_file.is_file() or not provenance_file.is_file():
+        return None
+    try:
+        saved = json.loads(provenance_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in provenance} != provenance:
+        return None
+    return saved.get("stats")
+
+
+def _saved_digest(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RECIPE_FILE).read_text()).get("digest")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _discard_training_state(run_dir: Path) -> None:
+    """Everything in the run folder but the ranked samples and their provenance."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.iterdir():
+        if path.name in (SAMPLES_FILE, PROVENANCE_FILE):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()

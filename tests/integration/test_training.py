@@ -107,6 +107,14 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     assert len(kept) == len(records) - 1 and all(row["meta"]["n"] >= 1 for row in kept)  # the first N prompts
     assert [row["messages"][:-1] for row in kept] == [[m.model_dump() for m in r.prompt] for r in records[:-1]]
     assert all(row["meta"]["reward"] >= row["meta"]["reward_mean"] for row in kept)  # the best, not a random one
+    # A rerun with other trainer settings reuses the ranked samples; other sampling settings sample again.
+    data_file = home / "runs" / "tiny-rs" / "rs-data.jsonl"
+    before = data_file.read_bytes()
+    rerun = zephyr("train", "rs", "--recipe", str(rs_recipe), "--overwrite", "trainer.learning_rate=5e-5", env=env)
+    assert "reusing the ranked samples" in rerun.stdout and data_file.read_bytes() == before
+    resampled = zephyr("train", "rs", "--recipe", str(rs_recipe), "--overwrite", "sampling.n=2", env=env)
+    assert "reusing" not in resampled.stdout
+    assert all(row["meta"]["n"] <= 2 for row in map(json.loads, data_file.read_text().splitlines()))
 
 
 def write_gsm8k(folder: Path) -> None:

@@ -11,7 +11,7 @@ import yaml
 
 from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
-from training.rs import best_of_n, read_prompts
+from training.rs import _reusable_stats, best_of_n, read_prompts
 from training.run import TrainingError, hold_out, opening, train
 from zephyr.registry import Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
@@ -328,3 +328,16 @@ def test_curve_legends_name_grpo_rewards_and_the_held_out_curve():
     assert [curve_label(k) for k in ("rewards/served_letter/mean", "rewards/answer_format/mean", "eval_loss",
                                      "loss", "rewards/margins")] == \
         ["served_letter", "answer_format", "held out", "train", "train"]
+
+
+def test_ranked_samples_are_reused_only_for_the_same_sampling(tmp_path):
+    data, provenance_file = tmp_path / "rs-data.jsonl", tmp_path / "rs-sampling.json"
+    provenance = {"model": "m", "reward_model": "rm", "prompts_digest": "abc", "sampling": {"n": 4, "limit": 300}}
+    assert _reusable_stats(data, provenance_file, provenance) is None  # nothing saved yet
+    data.write_text("{}\n")
+    provenance_file.write_text(json.dumps(provenance | {"stats": {"kept": 300}}))
+    assert _reusable_stats(data, provenance_file, provenance) == {"kept": 300}
+    for changed in ({"sampling": {"n": 8, "limit": 300}}, {"prompts_digest": "def"}, {"reward_model": "rm2"}):
+        assert _reusable_stats(data, provenance_file, provenance | changed) is None
+    provenance_file.write_text("{not json")
+    assert _reusable_stats(data, provenance_file, provenance) is None
