@@ -57,6 +57,7 @@ MCQ_FUZZ_ARGS ?=
 mcq-fuzz: setup
 	$(PY) -m loadtest.mcq_fuzz --questions 10000 $(MCQ_FUZZ_ARGS)
 
+# The generation log's cost alone (two servers of ours, paired requests): $(PY) -m loadtest.bench --logging-only
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
 	$(PY) -m loadtest.vllm_bench $(VLLM_BENCH_ARGS)  # the same server measured by vLLM's own `vllm bench serve`
