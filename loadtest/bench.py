@@ -257,16 +257,15 @@ def mcq_table(runs: list[dict], questions: int, concurrency: int) -> Table:
     return table
 
 
-def logging_table(rows: list[dict]) -> Table:
+def logging_table(summaries: list[dict]) -> Table:
     table = Table(title="The generation log's cost: latency with the log and review sampling on vs off (c=1), paired "
                   "requests")
     for column in ("route", "pairs", "log on p50 ms", "log off p50 ms", "mean on - off ms [95% CI]",
                    "cost % of the off mean [95% CI]"):
         table.add_column(column, justify="right")
-    for route in ("chat", "mcq"):
-        s = logging_summary(rows, route)
+    for s in summaries:
         low, high = s["delta_ci_s"]
-        table.add_row(route, str(s["pairs"]), f"{s['p50_on_s'] * 1000:.1f}", f"{s['p50_off_s'] * 1000:.1f}",
+        table.add_row(s["route"], str(s["pairs"]), f"{s['p50_on_s'] * 1000:.1f}", f"{s['p50_off_s'] * 1000:.1f}",
                       f"{s['delta_s'] * 1000:+.1f} [{low * 1000:+.1f}, {high * 1000:+.1f}]",
                       f"{s['cost'] * 100:+.1f} [{s['cost_ci'][0] * 100:+.1f}, {s['cost_ci'][1] * 100:+.1f}]")
     return table
@@ -396,13 +395,14 @@ async def run(args: argparse.Namespace) -> None:
         console.print(mcq_table(mcq_runs, args.mcq_questions, args.mcq_concurrency))
         console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
                       f"({'eager' if not args.compiled else 'compiled'})")
-    if quiet_runs:
-        console.print(logging_table(quiet_runs))
+    logging_summaries = [logging_summary(quiet_runs, route) for route in ("chat", "mcq")] if quiet_runs else []
+    if logging_summaries:
+        console.print(logging_table(logging_summaries))
     (out_dir / "bench.json").write_text(json.dumps({
         "levels": [asdict(lv) | {"tok_s": lv.tok_s} for lv in levels],
         "mcq": [{k: v for k, v in r.items() if k != "answers"} for r in mcq_runs],
         "logging_cost": quiet_runs,
-        "logging_summary": [logging_summary(quiet_runs, route) for route in ("chat", "mcq")] if quiet_runs else [],
+        "logging_summary": logging_summaries,
         "cold_start_s": {"zephyr": cold_ours, "vllm": cold_vllm}, "args": vars(args)}, indent=2))
     console.print(f"raw figures: {out_dir / 'bench.json'}")
 

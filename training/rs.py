@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from training.recipes import Recipe, RecipeError, SamplingSpec
-from training.run import RECIPE_FILE, RunResult, TrainingError, check_output_free, train
+from training.run import RunResult, TrainingError, check_output_free, saved_recipe_digest, train
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError, check_name, digest_file
 from zephyr.schemas import Message, SFTExample, write_jsonl
@@ -130,7 +130,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     if stats is not None:
         console.print(f"reusing the ranked samples in {data_file} (the same prompts, sampling, model and reward "
                       "model; --fresh samples again)")
-        if _saved_digest(data_dir) not in (None, recipe.digest()):
+        if saved_recipe_digest(data_dir) not in (None, recipe.digest()):
             _discard_training_state(data_dir)  # other trainer settings: the samples stay, the SFT starts over
     else:
         _discard_training_state(data_dir)  # checkpoints trained on other samples cannot be resumed
@@ -171,13 +171,6 @@ def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str
     if not isinstance(saved, dict) or {k: saved.get(k) for k in provenance} != provenance:
         return None
     return saved.get("stats")
-
-
-def _saved_digest(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / RECIPE_FILE).read_text()).get("digest")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
 
 
 def _discard_training_state(run_dir: Path) -> None:

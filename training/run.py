@@ -352,6 +352,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
 
 
+def saved_recipe_digest(run_dir: Path) -> str | None:
+    """The digest of the recipe the run folder was started with; None for a folder no run has started."""
+    saved = run_dir / RECIPE_FILE
+    return json.loads(saved.read_text()).get("digest") if saved.is_file() else None
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool) -> bool:
     """Create or reuse the run folder; True when training resumes from a checkpoint of the same recipe."""
     saved = run_dir / RECIPE_FILE
@@ -359,8 +365,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool) -> bool:
     if fresh and run_dir.exists() and main:
         shutil.rmtree(run_dir)
     if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous.get("digest") != recipe.digest():
+        if saved_recipe_digest(run_dir) != recipe.digest():
             raise TrainingError(f"{run_dir} holds a run of a different recipe; pass --fresh to start over, or set "
                                 f"another `output` name")
         return last_checkpoint(run_dir) is not None
