@@ -11,6 +11,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +33,21 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
     ("sampling", "limit", None))
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML follows YAML 1.1, which reads `5e-5` (no dot) as the string '5e-5'."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class RecipeError(ValueError):
@@ -169,13 +187,39 @@ def config_class(method: str) -> type:
             "rm": trl.RewardConfig, "grpo": trl.GRPOConfig}[method]
 
 
+def _scalar_kind(annotation: Any) -> tuple[type, bool] | None:
+    """(float, int or bool; whether None is allowed) for a config field of that plain type, else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0], True) if len(rest) == 1 and rest[0] in (float, int, bool) else None
+    return (annotation, False) if annotation in (float, int, bool) else None
+
+
 def check_trainer_keys(method: str, trainer: dict[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(config_class(method))}
-    for key in trainer:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+    """Every key is an argument of the method's TRL config, and numbers and switches have their type: TRL checks
+    neither before the model has loaded."""
+    config = config_class(method)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    try:
+        hints = typing.get_type_hints(config)
+    except Exception:  # noqa: BLE001 - an annotation this Python cannot resolve: check names only
+        hints = {}
+    for key, value in trainer.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"trainer.{key} is not an argument of TRL's {config_class(method).__name__}{hint}")
+            raise RecipeError(f"trainer.{key} is not an argument of TRL's {config.__name__}{hint}")
+        kind = _scalar_kind(hints.get(key, fields[key].type))
+        if kind is None or (value is None and kind[1]):
+            continue
+        expected, _ = kind
+        if expected is bool and not isinstance(value, bool):
+            raise RecipeError(f"trainer.{key} must be true or false, not {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RecipeError(f"trainer.{key} must be a whole number, not {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise RecipeError(f"trainer.{key} must be a number, not {value!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -191,7 +235,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {override!r} sets inside {part!r}, which is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _load_yaml(raw) if raw.strip() else None
     return nested
 
 
@@ -211,7 +255,7 @@ def load_recipe(path: Path, overrides: list[str] = (), method: str | None = None
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist (recipes live in training/recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

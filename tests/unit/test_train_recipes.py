@@ -101,6 +101,26 @@ def test_overrides(tmp_path, pairs):
         load_recipe(path, ["trainer.gamma=1"])
 
 
+def test_numbers_in_exponent_form_are_numbers_in_files_and_overrides(tmp_path, pairs):
+    """PyYAML reads `5e-5` (YAML 1.1) as a string, which TRL met as a TypeError deep in the optimizer."""
+    path = write(tmp_path, f"method: dpo\ndata: {{train: {pairs}}}\ntrainer: {{learning_rate: 5e-5, beta: 1E-1}}\n")
+    assert load_recipe(path).trainer == {"learning_rate": 5e-5, "beta": 0.1}
+    recipe = load_recipe(path, ["trainer.learning_rate=2e-4", "trainer.max_steps=3", "trainer.run_name=1e5x"])
+    assert recipe.trainer["learning_rate"] == 2e-4 and isinstance(recipe.trainer["max_steps"], int)
+    assert recipe.trainer["run_name"] == "1e5x"
+
+
+def test_a_trainer_value_of_the_wrong_type_names_the_key(tmp_path, pairs):
+    path = write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}})
+    with pytest.raises(RecipeError, match=r"trainer.learning_rate must be a number, not 'fast'"):
+        load_recipe(path, ["trainer.learning_rate=fast"])
+    with pytest.raises(RecipeError, match=r"trainer.max_steps must be a whole number, not 2.5"):
+        load_recipe(path, ["trainer.max_steps=2.5"])
+    with pytest.raises(RecipeError, match=r"trainer.bf16 must be true or false, not 'sometimes'"):
+        load_recipe(path, ["trainer.bf16=sometimes"])
+    assert load_recipe(path, ["trainer.learning_rate=1"]).trainer["learning_rate"] == 1  # an int is a number
+
+
 def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
     sft = tmp_path / "sft.jsonl"
     write_jsonl(sft, [SFTExample(messages=[Message(role="user", content="Q"), Message(role="assistant", content="A")])])
