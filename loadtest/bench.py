@@ -194,15 +194,23 @@ async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concu
     return {"path": label, "answers_per_s": len(questions) / wall, "latency_s": latencies, "answers": answers}
 
 
+# Longer than the second vLLM's idle worker keeps spinning (vllm/distributed/device_communicators/shm_broadcast.py,
+# SpinCondition's busy_loop_s), so neither server of the logging comparison runs beside a spinning twin.
+SETTLE_SECONDS = 1.5
+
+
 async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], pairs: int,
-                       max_tokens: int = 32) -> list[dict]:
+                       max_tokens: int = 32, headers: dict[str, str] | None = None,
+                       settle_s: float = SETTLE_SECONDS) -> list[dict]:
     """Latency of chat (32 tokens, greedy) and /mcq auto at concurrency 1 on our server with the generation log and
     review sampling on, and on a twin with both off. Each request goes to both servers back to back, the first of
     the two alternating, so drift hits both sides of a pair alike; every question is new to both servers (no prefix
-    cache on either side), asked once as a chat and once as an MCQ."""
+    cache on either side), asked once as a chat and once as an MCQ. Before each request both servers are left idle
+    for `settle_s`: vLLM's worker keeps polling for work for a second after each step (its shared-memory queue's
+    busy loop), and on two cores that spinning twin made whichever server asked second several times slower."""
     out = []
-    async with (httpx.AsyncClient(base_url=urls["log on"], timeout=600) as c_on,
-                httpx.AsyncClient(base_url=urls["log off"], timeout=600) as c_off):
+    async with (httpx.AsyncClient(base_url=urls["log on"], timeout=600, headers=headers) as c_on,
+                httpx.AsyncClient(base_url=urls["log off"], timeout=600, headers=headers) as c_off):
         clients = {"log on": c_on, "log off": c_off}
 
         async def timed(name: str, route: str, q: mcq.MCQuestion) -> float:
@@ -216,8 +224,9 @@ async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], pa
         for i, q in enumerate(tqdm(questions[:pairs], desc="logging cost (pairs)")):
             order = ["log on", "log off"] if i % 2 == 0 else ["log off", "log on"]
             for route in ("chat", "mcq"):
-                row: dict = {"route": route, "id": q.id}
+                row: dict = {"route": route, "question": i}
                 for name in order:
+                    await asyncio.sleep(settle_s)
                     row[name] = await timed(name, route, q)
                 out.append(row)
     return out

@@ -118,9 +118,9 @@ def test_bench_asks_our_server_every_question_once_and_twins_the_same_questions(
 def test_logging_cost_is_the_mean_paired_difference_as_a_share_of_the_log_off_mean():
     from loadtest.bench import logging_summary
 
-    rows = [{"route": "chat", "id": f"q{i}", "log on": on, "log off": off}
+    rows = [{"route": "chat", "question": i, "log on": on, "log off": off}
             for i, (on, off) in enumerate([(1.10, 1.00), (1.02, 1.00), (0.98, 1.00), (2.06, 2.00)])]
-    rows.append({"route": "mcq", "id": "q0", "log on": 9.0, "log off": 1.0})  # another route: not counted
+    rows.append({"route": "mcq", "question": 0, "log on": 9.0, "log off": 1.0})  # another route: not counted
     s = logging_summary(rows, "chat")
     # Differences 0.10, 0.02, -0.02, 0.06: mean 0.04 over a log-off mean of 1.25, i.e. +3.2%.
     assert s["pairs"] == 4 and s["delta_s"] == pytest.approx(0.04) and s["cost"] == pytest.approx(0.032)
