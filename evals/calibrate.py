@@ -76,15 +76,18 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
     return scored
 
 
-def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]]) -> Path:
+def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
+                answer_prior_context: str = mcq.ANSWER_PRIOR_CONTEXT) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: {"split": splits[name], "items": [
+    path.write_text(json.dumps({name: {"split": splits[name], "answer_prior_context": answer_prior_context, "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
         for name, items in scored.items()}))
     return path
 
 
-def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.Scored]]]:
+def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.Scored]], str]:
+    """The splits, the scores and the cue the answer priors were scored after (files from before the cue was
+    saved used the legacy one)."""
     try:
         raw = json.loads(Path(path).read_text())
         splits = {name: block["split"] for name, block in raw.items()}
@@ -92,9 +95,13 @@ def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.
         scored = {name: [calibration.Scored(mcq.OptionScores(**{k: v for k, v in item.items() if k in fields}),
                                             item["gold"], item.get("id", "")) for item in block["items"]]
                   for name, block in raw.items()}
-        return splits, scored
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        cues = {block.get("answer_prior_context", mcq.LEGACY_ANSWER_PRIOR_CONTEXT) for block in raw.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
+    if len(cues) > 1:
+        raise CalibrationError(f"{path} mixes answer priors scored after different cues ({sorted(cues)}); "
+                               "score them again with one `zephyr eval calibrate` run")
+    return splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
@@ -105,8 +112,9 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     candidates that read it are not fitted (the fit skips a feature no question has)."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
+    cue = mcq.ANSWER_PRIOR_CONTEXT  # what score_validation asks with
     if scores is not None:
-        splits, scored = load_scores(scores)
+        splits, scored, cue = load_scores(scores)
         console.print(f"refitting from {scores}")
     else:
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
@@ -118,6 +126,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"validation scores -> {saved} (refit with --scores)")
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
+    record = record.model_copy(update={"answer_prior_context": cue})
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
     record.validation.update({
         "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},

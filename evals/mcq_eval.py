@@ -156,14 +156,15 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
                        groups=_groups(items, values), seconds=seconds, details=details)
 
 
-def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]) -> Measurement:
-    """Each option's log-likelihood after the bare answer cue, without the question (zephyr/mcq.py:
+def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem],
+                 context: str = mcq.ANSWER_PRIOR_CONTEXT) -> Measurement:
+    """Each option's log-likelihood after the answer cue `context`, without the question (zephyr/mcq.py:
     answer_prior_requests, exactly what /mcq sends when its method reads it). The accuracy is how often the
     option likeliest on its own is the key: the baseline a question must beat."""
     from vllm import SamplingParams, TokensPrompt
 
     started = time.perf_counter()
-    requests = [mcq.answer_prior_requests(tokenizer, question_of(item)) for item in items]
+    requests = [mcq.answer_prior_requests(tokenizer, question_of(item), context) for item in items]
     prompts = [TokensPrompt(prompt_token_ids=ids) for per_item in requests for ids, _ in per_item]
     outputs = iter(llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                                         detokenize=False), use_tqdm=True))
@@ -177,7 +178,7 @@ def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MC
         loglikelihoods[item.id] = scores
         values[item.id] = float(mcq.LETTERS[scores.index(max(scores))] == item.answer)
     return measurement(name, "answer_prior_acc", split, values, groups=_groups(items, values), seconds=seconds,
-                       details={"loglikelihoods": loglikelihoods})
+                       details={"loglikelihoods": loglikelihoods, "context": context})
 
 
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],

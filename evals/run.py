@@ -201,7 +201,7 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
             out += cloze
             if hasattr(engine, "answer_prior"):  # cheap: a few tokens per option, no question
                 for name in names:
-                    m = engine.answer_prior(name, *data[name])
+                    m = engine.answer_prior(name, *data[name], context=auto.answer_prior_context)
                     console.print(f"{name} answer prior alone: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
                     out.append(m)
         if ((auto.needs_letter and (options.explain or not options.letter)) or (auto.needs_cloze and not options.cloze)

@@ -336,7 +336,8 @@ class Tutor:
             tokenizer = self.engine.tokenizer
             return (mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else [],
                     (mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
-                    + (mcq.answer_prior_requests(tokenizer, q) if plan.needs_answer_prior else []))
+                    + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context)
+                       if plan.needs_answer_prior else []))
 
         # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
         letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers

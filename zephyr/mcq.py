@@ -187,16 +187,21 @@ def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]
     return [cloze_split(tokenizer, context, cloze_continuation(option)) for option in q.options]
 
 
-# Each option's text also scored after this bare answer cue, without the question: how likely the text is on its
-# own. Subtracting a weight of it from the cloze score (domain-conditional PMI, Holtzman et al. 2021) stops a short
-# or common phrase from winning only because it is common, which is how ARC-Challenge and OpenBookQA are built.
-ANSWER_PRIOR_CONTEXT = "Answer:"
+# Each option's text also scored after an answer cue, without the question: how likely the text is on its own.
+# Subtracting a weight of it from the cloze score (domain-conditional PMI, Holtzman et al. 2021) stops a short or
+# common phrase from winning only because it is common, which is how ARC-Challenge and OpenBookQA are built.
+# The cue new calibrations score with: a content-free question in the cloze prompt's own format, chosen over the
+# bare "Answer:" and four other cues by cross-validated accuracy on the validation splits (docs/evaluation.md).
+ANSWER_PRIOR_CONTEXT = "Question: What is the answer?\nAnswer:"
+# The cue of records written before the record named its cue (2026-11-30): their weights were fitted on it.
+LEGACY_ANSWER_PRIOR_CONTEXT = "Answer:"
 
 
-def answer_prior_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
-    """Per option, the token ids of the bare answer cue + the option and the cue's length, split as
-    cloze_requests splits them."""
-    return [cloze_split(tokenizer, ANSWER_PRIOR_CONTEXT, cloze_continuation(option)) for option in q.options]
+def answer_prior_requests(tokenizer: Any, q: MCQuestion,
+                          context: str = ANSWER_PRIOR_CONTEXT) -> list[tuple[list[int], int]]:
+    """Per option, the token ids of the answer cue + the option and the cue's length, split as cloze_requests
+    splits them. A calibrated model is asked with its record's cue (Plan.answer_prior_context)."""
+    return [cloze_split(tokenizer, context, cloze_continuation(option)) for option in q.options]
 
 
 def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:
@@ -230,6 +235,8 @@ class MCQCalibration(BaseModel):
     temperatures: dict[str, float] = {}  # per single method, applied when a client names that method
     scaling: dict[str, float] = {}  # CONFIDENCE_FEATURES -> weight: how sharp `auto` is for each question
     validation: dict[str, Any] = {}  # splits, sizes, and each candidate's accuracy / NLL / ECE
+    # The cue the answer prior was scored after when the weights were fitted; the service asks with the same one.
+    answer_prior_context: str = Field(default=LEGACY_ANSWER_PRIOR_CONTEXT, min_length=1, max_length=200)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("weights")
@@ -257,7 +264,7 @@ class OptionScores:
     cloze: list[float] | None = None  # the option text's summed log-likelihood
     cloze_norm: list[float] | None = None  # the same per character of the option text
     option_chars: list[int] | None = None  # each option's length in characters
-    answer_prior: list[float] | None = None  # the option text's log-likelihood after ANSWER_PRIOR_CONTEXT alone
+    answer_prior: list[float] | None = None  # the option text's log-likelihood after the answer cue alone
     support: bool = False  # the question came with a passage
 
 
@@ -370,6 +377,11 @@ class Plan:
     @property
     def needs_answer_prior(self) -> bool:
         return bool(self.weights.get("answer_prior"))
+
+    @property
+    def answer_prior_context(self) -> str:
+        """The cue the record's weights were fitted on; the current one for a model without a record."""
+        return self.calibration.answer_prior_context if self.calibration else ANSWER_PRIOR_CONTEXT
 
     def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
         prior_from = None if self.method in ("letter", "explain") else self.calibration

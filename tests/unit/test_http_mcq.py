@@ -185,10 +185,11 @@ async def test_auto_as_cloze_pmi_also_scores_each_option_without_the_question(ap
         question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
         calls = served.engine.calls[-6:]
         assert all(params.prompt_logprobs for _, params in calls)
-        assert [ids for ids, _ in calls] == [ids for ids, _ in mcq.cloze_requests(tokenizer, question)
-                                             + mcq.answer_prior_requests(tokenizer, question)]
+        # A record from before records named their cue was fitted on the bare "Answer:", and is asked with it.
+        legacy = mcq.answer_prior_requests(tokenizer, question, mcq.LEGACY_ANSWER_PRIOR_CONTEXT)
+        assert [ids for ids, _ in calls] == [ids for ids, _ in mcq.cloze_requests(tokenizer, question) + legacy]
         # -4 per continuation token plus the bonus, after the bare cue as after the question
-        lengths = [len(ids) - n for ids, n in mcq.answer_prior_requests(tokenizer, question)]
+        lengths = [len(ids) - n for ids, n in legacy]
         prior = {"A": -4.0 * lengths[0], "B": -4.0 * lengths[1] + 6.0, "C": -4.0 * lengths[2]}
         assert body["cloze"]["answer_prior"] == pytest.approx(prior)
         logits = {k: 0.5 * body["cloze"]["loglikelihood"][k] + body["cloze"]["per_char"][k] - 0.4 * prior[k]
@@ -199,6 +200,25 @@ async def test_auto_as_cloze_pmi_also_scores_each_option_without_the_question(ap
         before = len(served.engine.calls)
         r = await served.client.post("/mcq", json={**QUESTION, "method": "cloze"})
         assert r.json()["cloze"]["answer_prior"] is None and len(served.engine.calls) == before + 3
+
+
+async def test_cloze_pmi_asks_the_answer_prior_with_the_cue_its_record_was_fitted_on(app_factory, settings_factory,
+                                                                                      default_model, tokenizer):
+    from loadtest.harness import linked_variant
+    from zephyr import mcq
+
+    cue = "Question: Which one?\nAnswer:"
+    record = mcq.MCQCalibration(method="cloze_pmi", weights={"cloze": 0.5, "cloze_norm": 1.0, "answer_prior": -0.4},
+                                answer_prior_context=cue)
+    home = settings_factory().home
+    linked_variant(home, default_model, "pmi-cue", mcq_calibration=record)
+    async with app_factory(home=home, model="pmi-cue") as served:
+        r = await served.client.post("/mcq", json=QUESTION)
+        assert r.status_code == 200, r.text
+        question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
+        asked = [ids for ids, _ in served.engine.calls[-3:]]
+        assert asked == [ids for ids, _ in mcq.answer_prior_requests(tokenizer, question, cue)]
+        assert asked != [ids for ids, _ in mcq.answer_prior_requests(tokenizer, question)]
 
 
 async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabilities(app_factory):

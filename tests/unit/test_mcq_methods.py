@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 import random
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from evals import calibration
+from evals.calibrate import CalibrationError
 from evals.mcq_eval import TASKS_DIR
 from zephyr import mcq
 
@@ -126,10 +129,44 @@ def test_scores_file_round_trip(tmp_path: Path):
     from evals.calibrate import load_scores, save_scores
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
-    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items})
-    splits, loaded = load_scores(path)
+    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
+    splits, loaded, cue = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
-    assert loaded["arc_easy"][0].scores == items[0].scores
+    assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:"
+    # A file saved before the cue was kept holds priors scored after the bare "Answer:".
+    raw = json.loads(path.read_text())
+    del raw["arc_easy"]["answer_prior_context"]
+    path.write_text(json.dumps(raw))
+    assert load_scores(path)[2] == mcq.LEGACY_ANSWER_PRIOR_CONTEXT
+    path.write_text(json.dumps({**raw, "sciq": {**raw["arc_easy"], "answer_prior_context": "Answer is"}}))
+    with pytest.raises(CalibrationError, match="mixes answer priors scored after different cues"):
+        load_scores(path)
+
+
+def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path: Path, monkeypatch, default_model):
+    """--scores refits keep the file's cue in the record; the service then asks with it."""
+    from rich.console import Console
+
+    from evals.calibrate import calibrate, save_scores
+    from loadtest.harness import linked_variant
+    from zephyr.registry import Registry
+    from zephyr.settings import Settings
+
+    rng = random.Random(4)
+    items = []
+    for _ in range(60):
+        cloze = [rng.gauss(-8, 2) for _ in range(4)]
+        scores = dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), answer_prior=[rng.gauss(-6, 1)] * 4)
+        items.append(calibration.Scored(scores, rng.randrange(4)))
+    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:")
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    settings = Settings()
+    linked_variant(settings.home, default_model, "cue-test")  # its own zephyr.json: the shared one stays as it is
+    record = calibrate("cue-test", settings, Console(file=io.StringIO()), scores=path)
+    assert record.answer_prior_context == "Q: Why?\nA:"
+    saved = Registry(settings.models_dir).get("cue-test").manifest.mcq_calibration
+    assert saved.answer_prior_context == "Q: Why?\nA:" and saved.method == record.method
+    assert mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}).answer_prior_context == "Answer:"
 
 
 def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_differs():
@@ -161,10 +198,11 @@ def test_every_auto_method_is_a_fitted_candidate():
     assert set(calibration.CANDIDATES) == set(mcq.AUTO_METHODS)
 
 
-def test_answer_prior_requests_score_the_option_after_the_bare_cue(tokenizer):
-    cue = tokenizer.encode(mcq.ANSWER_PRIOR_CONTEXT, add_special_tokens=False)
-    for (ids, context_length), option in zip(mcq.answer_prior_requests(tokenizer, QUESTION), QUESTION.options,
-                                             strict=True):
+@pytest.mark.parametrize("context", [mcq.ANSWER_PRIOR_CONTEXT, mcq.LEGACY_ANSWER_PRIOR_CONTEXT])
+def test_answer_prior_requests_score_the_option_after_the_cue(tokenizer, context):
+    cue = tokenizer.encode(context, add_special_tokens=False)
+    for (ids, context_length), option in zip(mcq.answer_prior_requests(tokenizer, QUESTION, context),
+                                             QUESTION.options, strict=True):
         assert ids[:context_length] == cue and context_length == len(cue)
         assert tokenizer.decode(ids[context_length:]) == " " + option
 
