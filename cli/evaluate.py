@@ -106,6 +106,9 @@ def calibrate_command(
     letter: Annotated[bool, typer.Option(
         help="Score the letter format (--no-letter: cloze and the answer prior only, for a model trained for cloze; "
              "the letter candidates are then not fitted)")] = True,
+    answer_prior_context: Annotated[str | None, typer.Option(
+        help="The cue the answer prior is scored after (without the question) [default: zephyr.mcq's "
+             "ANSWER_PRIOR_CONTEXT]; the record keeps it and the service asks with it")] = None,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
@@ -118,9 +121,14 @@ def calibrate_command(
         raise fail("--limit must be at least 1")
     if scores is not None and not letter:
         raise fail("--no-letter chooses what is scored; --scores refits scores already made (drop one)")
+    if scores is not None and answer_prior_context is not None:
+        raise fail("--answer-prior-context chooses what is scored; --scores refits scores already made, with the cue "
+                   "saved in them (drop one)")
+    if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= 200:
+        raise fail("--answer-prior-context must hold 1 to 200 characters (for example 'Answer:')")
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
-                  letter=letter)
+                  letter=letter, answer_prior_context=answer_prior_context)
     except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:

@@ -47,8 +47,10 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
-                     console: Console, letter: bool = True) -> dict[str, list[calibration.Scored]]:
-    """Every validation question's letter (unless `letter` is False) and cloze scores, from one engine."""
+                     console: Console, letter: bool = True,
+                     answer_prior_context: str = mcq.ANSWER_PRIOR_CONTEXT) -> dict[str, list[calibration.Scored]]:
+    """Every validation question's letter (unless `letter` is False), answer-prior (after `answer_prior_context`)
+    and cloze scores, from one engine."""
     if needs_transformers(entry):
         from evals.hf_letter import TransformersEngine
 
@@ -62,7 +64,8 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         letters = ({name: engine.letter(name, split, items) for name, (split, items) in data.items()} if letter
                    else {})
         # The transformers engine (bitsandbytes on CPU) has no answer-prior scorer: its fit skips cloze_pmi.
-        priors = ({name: engine.answer_prior(name, split, items) for name, (split, items) in data.items()}
+        priors = ({name: engine.answer_prior(name, split, items, context=answer_prior_context)
+                   for name, (split, items) in data.items()}
                   if hasattr(engine, "answer_prior") else {})
         with tempfile.TemporaryDirectory(prefix="zephyr-calibrate-") as workdir:
             cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm_eval_model, data, Path(workdir))
@@ -106,23 +109,24 @@ def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
               benchmarks: list[str] | None = None, write: bool = True,
-              scores: Path | None = None, letter: bool = True) -> mcq.MCQCalibration:
+              scores: Path | None = None, letter: bool = True,
+              answer_prior_context: str | None = None) -> mcq.MCQCalibration:
     """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
     writes the record into the model's zephyr.json. Without `letter` the letter format is not scored and the
     candidates that read it are not fitted (the fit skips a feature no question has)."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
-    cue = mcq.ANSWER_PRIOR_CONTEXT  # what score_validation asks with
+    cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
     if scores is not None:
         splits, scored, cue = load_scores(scores)
         console.print(f"refitting from {scores}")
     else:
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
-        scored = score_validation(entry, settings, data, console, letter=letter)
+        scored = score_validation(entry, settings, data, console, letter=letter, answer_prior_context=cue)
         splits = {name: split for name, (split, _) in data.items()}
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
-        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", splits, scored)
+        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", splits, scored, cue)
         console.print(f"validation scores -> {saved} (refit with --scores)")
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
@@ -138,7 +142,9 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     if write:
         registry.record_calibration(model, record)
         weights = ", ".join(f"{k} {v:.3f}" for k, v in record.weights.items())
-        console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}) -> {entry.path / 'zephyr.json'}")
+        cue = f"; answer cue {record.answer_prior_context!r}" if record.weights.get("answer_prior") else ""
+        console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}{cue}) -> "
+                      f"{entry.path / 'zephyr.json'}")
     return record
 
 

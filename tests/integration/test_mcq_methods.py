@@ -15,6 +15,7 @@ from evals.results import ResultStore
 from loadtest.harness import LocalServer
 from tests.integration.conftest import STUDENT_KEY
 from tests.integration.test_evals import MCQ, private_home, write_data, zephyr
+from zephyr import mcq
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
 
@@ -82,6 +83,7 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, d
         "arc_easy": {"split": "validation", "n": len(MCQ)}, "sciq": {"split": "validation", "n": 2}}
     assert set(record.letter_prior) == {"4"} and sum(record.letter_prior["4"]) == pytest.approx(1.0)
     assert record.method in record.validation["candidates"]
+    assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT  # the cue its priors were scored after
     saved = sorted((home / "eval-results" / DEFAULT_MODEL / "calibration").glob("scores-*.json"))
     refit = zephyr("eval", "calibrate", "--model", DEFAULT_MODEL, "--scores", str(saved[-1]), "--no-write", env=env)
     assert refit.returncode == 0 and f"{record.method} (chosen)" in refit.stdout, refit.stderr[-2000:]

@@ -136,9 +136,14 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
     assert missing.exit_code == 1 and "zephyr review export --format dpo --out FILE" in " ".join(missing.output.split())
 
 
-def test_calibrate_no_letter_with_scores_is_refused(home):
+def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home):
     result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--no-letter", "--scores", "x.json"])
     assert result.exit_code == 1 and "--no-letter chooses what is scored" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--answer-prior-context", "A:",
+                                      "--scores", "x.json"])
+    assert result.exit_code == 1 and "with the cue saved in them" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--answer-prior-context", " "])
+    assert result.exit_code == 1 and "must hold 1 to 200 characters" in " ".join(result.output.split())
 
 
 def test_server_answers_are_counted_against_in_process_ones_on_the_questions_both_answered(monkeypatch):
