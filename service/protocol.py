@@ -273,8 +273,9 @@ class ClozeScores(BaseModel):
     loglikelihood: dict[str, float] = Field(description="Each option text's summed log-likelihood (lm-eval acc)")
     per_char: dict[str, float] = Field(description="The same per character of the option (lm-eval acc_norm)")
     answer_prior: dict[str, float] | None = Field(
-        None, description="Each option text's log-likelihood after a bare 'Answer:' without the question, when the "
-                          "method reads it (cloze_pmi): how likely the text is on its own")
+        None, description="Each option text's log-likelihood after the calibration record's answer cue (such as "
+                          "'Question: What is the answer?\\nAnswer:') without the question, when the method reads it "
+                          "(cloze_pmi): how likely the text is on its own")
 
 
 class MCQResponse(BaseModel):
