@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from cli.common import console, csv, err, fail, load_settings, unwind_on_sigterm
+from zephyr import mcq
 from zephyr.registry import Registry, RegistryError
 
 app = typer.Typer(help="Evaluate registry models: benchmarks, text metrics, reports and the promotion gate.",
@@ -124,8 +125,10 @@ def calibrate_command(
     if scores is not None and answer_prior_context is not None:
         raise fail("--answer-prior-context chooses what is scored; --scores refits scores already made, with the cue "
                    "saved in them (drop one)")
-    if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= 200:
-        raise fail("--answer-prior-context must hold 1 to 200 characters (for example 'Answer:')")
+    most = mcq.ANSWER_PRIOR_CONTEXT_MAX_CHARS
+    if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= most:
+        raise fail(f"--answer-prior-context must hold 1 to {most} characters "
+                   "(for example 'Answer:')")
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
                   letter=letter, answer_prior_context=answer_prior_context)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -47,8 +48,8 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
-                     console: Console, letter: bool = True,
-                     answer_prior_context: str = mcq.ANSWER_PRIOR_CONTEXT) -> dict[str, list[calibration.Scored]]:
+                     console: Console, answer_prior_context: str,
+                     letter: bool = True) -> dict[str, list[calibration.Scored]]:
     """Every validation question's letter (unless `letter` is False), answer-prior (after `answer_prior_context`)
     and cloze scores, from one engine."""
     if needs_transformers(entry):
@@ -80,7 +81,7 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 
 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
-                answer_prior_context: str = mcq.ANSWER_PRIOR_CONTEXT) -> Path:
+                answer_prior_context: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({name: {"split": splits[name], "answer_prior_context": answer_prior_context, "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
@@ -122,7 +123,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"refitting from {scores}")
     else:
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
-        scored = score_validation(entry, settings, data, console, letter=letter, answer_prior_context=cue)
+        scored = score_validation(entry, settings, data, console, cue, letter=letter)
         splits = {name: split for name, (split, _) in data.items()}
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
@@ -130,7 +131,10 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"validation scores -> {saved} (refit with --scores)")
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
-    record = record.model_copy(update={"answer_prior_context": cue})
+    try:  # validated, not copied: the record is read back at every server start
+        record = mcq.MCQCalibration.model_validate(record.model_dump() | {"answer_prior_context": cue})
+    except ValidationError as exc:
+        raise CalibrationError(f"the answer cue {cue!r} cannot be recorded: {exc.errors()[0]['msg']}") from None
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
     record.validation.update({
         "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},
@@ -142,8 +146,8 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     if write:
         registry.record_calibration(model, record)
         weights = ", ".join(f"{k} {v:.3f}" for k, v in record.weights.items())
-        cue = f"; answer cue {record.answer_prior_context!r}" if record.weights.get("answer_prior") else ""
-        console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}{cue}) -> "
+        cue_note = f"; answer cue {record.answer_prior_context!r}" if record.weights.get("answer_prior") else ""
+        console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}{cue_note}) -> "
                       f"{entry.path / 'zephyr.json'}")
     return record
 

@@ -15,9 +15,7 @@ class EvalEngine(OfflineEngine):
         return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
                                explain_max_tokens=self.settings.mcq_explain_max_tokens)
 
-    def answer_prior(self, name: str, split: str, items: list[Any], context: str | None = None) -> Any:
+    def answer_prior(self, name: str, split: str, items: list[Any], context: str) -> Any:
         from evals import mcq_eval
-        from zephyr import mcq
 
-        return mcq_eval.answer_prior(self.llm, self.tokenizer, name, split, items,
-                                     context or mcq.ANSWER_PRIOR_CONTEXT)
+        return mcq_eval.answer_prior(self.llm, self.tokenizer, name, split, items, context)

@@ -157,7 +157,7 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
 
 
 def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem],
-                 context: str = mcq.ANSWER_PRIOR_CONTEXT) -> Measurement:
+                 context: str) -> Measurement:
     """Each option's log-likelihood after the answer cue `context`, without the question (zephyr/mcq.py:
     answer_prior_requests, exactly what /mcq sends when its method reads it). The accuracy is how often the
     option likeliest on its own is the key: the baseline a question must beat."""

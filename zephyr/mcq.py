@@ -195,6 +195,7 @@ def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]
 ANSWER_PRIOR_CONTEXT = "Question: What is the answer?\nAnswer:"
 # The cue of records written before the record named its cue (2026-11-30): their weights were fitted on it.
 LEGACY_ANSWER_PRIOR_CONTEXT = "Answer:"
+ANSWER_PRIOR_CONTEXT_MAX_CHARS = 200
 
 
 def answer_prior_requests(tokenizer: Any, q: MCQuestion,
@@ -236,7 +237,8 @@ class MCQCalibration(BaseModel):
     scaling: dict[str, float] = {}  # CONFIDENCE_FEATURES -> weight: how sharp `auto` is for each question
     validation: dict[str, Any] = {}  # splits, sizes, and each candidate's accuracy / NLL / ECE
     # The cue the answer prior was scored after when the weights were fitted; the service asks with the same one.
-    answer_prior_context: str = Field(default=LEGACY_ANSWER_PRIOR_CONTEXT, min_length=1, max_length=200)
+    answer_prior_context: str = Field(default=LEGACY_ANSWER_PRIOR_CONTEXT, min_length=1,
+                                      max_length=ANSWER_PRIOR_CONTEXT_MAX_CHARS)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("weights")
