@@ -110,10 +110,14 @@ def calibrate_command(
     answer_prior_context: Annotated[str | None, typer.Option(
         help="The cue the answer prior is scored after (without the question) [default: zephyr.mcq's "
              "ANSWER_PRIOR_CONTEXT]; the record keeps it and the service asks with it")] = None,
+    demonstrations: Annotated[int | None, typer.Option(
+        help="Solved ARC-Easy train examples before every cloze and answer-prior prompt [default: "
+             "evals.calibrate's DEMONSTRATIONS_DEFAULT, 5; 0 for none]; the record keeps them and the service "
+             "asks with them")] = None,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
-    from evals.calibrate import CalibrationError, calibrate
+    from evals.calibrate import DEMONSTRATIONS_DEFAULT, DEMONSTRATIONS_MAX, CalibrationError, calibrate
     from offline.benchmarks import DatasetError
     from zephyr.memory import NotEnoughMemory
 
@@ -129,9 +133,15 @@ def calibrate_command(
     if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= most:
         raise fail(f"--answer-prior-context must hold 1 to {most} characters "
                    "(for example 'Answer:')")
+    if scores is not None and demonstrations is not None:
+        raise fail("--demonstrations chooses what is scored; --scores refits scores already made, with the "
+                   "demonstrations saved in them (drop one)")
+    if demonstrations is not None and not 0 <= demonstrations <= DEMONSTRATIONS_MAX:
+        raise fail(f"--demonstrations must be 0 to {DEMONSTRATIONS_MAX}, got {demonstrations}")
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
-                  letter=letter, answer_prior_context=answer_prior_context)
+                  letter=letter, answer_prior_context=answer_prior_context,
+                  demonstration_count=DEMONSTRATIONS_DEFAULT if demonstrations is None else demonstrations)
     except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -30,6 +31,15 @@ from zephyr.settings import Settings
 # offline.benchmarks, so training builders leave the same questions out).
 OPENBOOKQA_TRAIN_QUESTIONS = CALIBRATION_LIMITS["openbookqa"]
 
+# The solved examples every cloze prompt of a calibrated model starts with: drawn by a fixed seed from ARC-Easy's
+# train split (never calibrated on, never reported), among short four-option questions so that they cost few
+# tokens. Five were chosen over none on the validation splits (docs/evaluation.md, "Demonstrations").
+DEMONSTRATIONS_DEFAULT = 5
+DEMONSTRATIONS_MAX = 16
+DEMONSTRATIONS_FROM = ("arc_easy", "train")
+DEMONSTRATIONS_SEED = 0
+DEMONSTRATION_MAX_QUESTION_CHARS = 120
+
 
 class CalibrationError(ValueError):
     """A calibration that cannot start as asked; the message says what to change."""
@@ -47,11 +57,38 @@ def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> 
     return data
 
 
+def demonstrations(settings: Settings, count: int, seed: int = DEMONSTRATIONS_SEED) -> tuple[str, dict[str, Any]]:
+    """`count` solved examples rendered as cloze scores them (mcq.render_demonstrations), and where they came from
+    (benchmark, split, seed and item ids, for the record); no text for a count of 0."""
+    if not 0 <= count <= DEMONSTRATIONS_MAX:
+        raise CalibrationError(f"the number of demonstrations must be 0 to {DEMONSTRATIONS_MAX}, got {count}")
+    if count == 0:
+        return "", {}
+    name, split = DEMONSTRATIONS_FROM
+    pool = [item for item in load(name, split=split, data_dir=settings.data_dir)
+            if len(item.question) < DEMONSTRATION_MAX_QUESTION_CHARS and len(item.options) == 4]
+    chosen = random.Random(seed).sample(pool, count)
+    text = mcq.render_demonstrations([(mcq_eval.question_of(item), item.options[mcq.LETTERS.index(item.answer)])
+                                      for item in chosen])
+    return text, {"benchmark": name, "split": split, "seed": seed, "count": count, "ids": [i.id for i in chosen]}
+
+
+class SavedScores(NamedTuple):
+    """A scores file of `zephyr eval calibrate`: the splits, the per-question scores, and what the cloze and answer
+    prior were scored after (a refit records the same in the model's record)."""
+
+    splits: dict[str, str]
+    scored: dict[str, list[calibration.Scored]]
+    answer_prior_context: str
+    demonstrations: str = ""
+    demonstrations_source: dict[str, Any] = {}
+
+
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
                      console: Console, answer_prior_context: str,
-                     letter: bool = True) -> dict[str, list[calibration.Scored]]:
+                     letter: bool = True, demonstrations: str = "") -> dict[str, list[calibration.Scored]]:
     """Every validation question's letter (unless `letter` is False), answer-prior (after `answer_prior_context`)
-    and cloze scores, from one engine."""
+    and cloze scores, from one engine; cloze and answer prior after `demonstrations`."""
     if needs_transformers(entry):
         from evals.hf_letter import TransformersEngine
 
@@ -65,11 +102,12 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
         letters = ({name: engine.letter(name, split, items) for name, (split, items) in data.items()} if letter
                    else {})
         # The transformers engine (bitsandbytes on CPU) has no answer-prior scorer: its fit skips cloze_pmi.
-        priors = ({name: engine.answer_prior(name, split, items, context=answer_prior_context)
+        priors = ({name: engine.answer_prior(name, split, items, context=answer_prior_context,
+                                             demonstrations=demonstrations)
                    for name, (split, items) in data.items()}
                   if hasattr(engine, "answer_prior") else {})
         with tempfile.TemporaryDirectory(prefix="zephyr-calibrate-") as workdir:
-            cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm_eval_model, data, Path(workdir))
+            cloze = {m.benchmark: m for m in mcq_eval.cloze(engine.lm_eval_model, data, Path(workdir), demonstrations)
                      if m.metric == "cloze_acc"}
     finally:
         engine.shutdown()
@@ -81,17 +119,20 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 
 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
-                answer_prior_context: str) -> Path:
+                answer_prior_context: str, demonstrations: str = "",
+                demonstrations_source: dict[str, Any] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: {"split": splits[name], "answer_prior_context": answer_prior_context, "items": [
+    scored_after = {"answer_prior_context": answer_prior_context, "demonstrations": demonstrations,
+                    "demonstrations_source": demonstrations_source or {}}
+    path.write_text(json.dumps({name: {"split": splits[name], **scored_after, "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
         for name, items in scored.items()}))
     return path
 
 
-def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.Scored]], str]:
-    """The splits, the scores and the cue the answer priors were scored after (files from before the cue was
-    saved used the legacy one)."""
+def load_scores(path: Path) -> SavedScores:
+    """The splits, the scores, the cue the answer priors were scored after and the demonstrations before every
+    prompt (files from before the cue was saved used the legacy one; from before demonstrations, none)."""
     try:
         raw = json.loads(Path(path).read_text())
         splits = {name: block["split"] for name, block in raw.items()}
@@ -100,41 +141,55 @@ def load_scores(path: Path) -> tuple[dict[str, str], dict[str, list[calibration.
                                             item["gold"], item.get("id", "")) for item in block["items"]]
                   for name, block in raw.items()}
         cues = {block.get("answer_prior_context", mcq.LEGACY_ANSWER_PRIOR_CONTEXT) for block in raw.values()}
+        shown = {json.dumps([block.get("demonstrations", ""), block.get("demonstrations_source", {})])
+                 for block in raw.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
     if len(cues) > 1:
         raise CalibrationError(f"{path} mixes answer priors scored after different cues ({sorted(cues)}); "
                                "score them again with one `zephyr eval calibrate` run")
-    return splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT
+    if len(shown) > 1:
+        raise CalibrationError(f"{path} mixes questions scored after different demonstrations; score them again "
+                               "with one `zephyr eval calibrate` run")
+    text, source = json.loads(shown.pop()) if shown else ("", {})
+    return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
               benchmarks: list[str] | None = None, write: bool = True,
               scores: Path | None = None, letter: bool = True,
-              answer_prior_context: str | None = None) -> mcq.MCQCalibration:
+              answer_prior_context: str | None = None,
+              demonstration_count: int = DEMONSTRATIONS_DEFAULT) -> mcq.MCQCalibration:
     """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
     writes the record into the model's zephyr.json. Without `letter` the letter format is not scored and the
-    candidates that read it are not fitted (the fit skips a feature no question has)."""
+    candidates that read it are not fitted (the fit skips a feature no question has). Cloze and the answer prior
+    are scored after `demonstration_count` solved training examples, which the record keeps for the service."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
-    cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
     if scores is not None:
-        splits, scored, cue = load_scores(scores)
+        saved_scores = load_scores(scores)
         console.print(f"refitting from {scores}")
     else:
+        cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
+        shown, source = demonstrations(settings, demonstration_count)
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
-        scored = score_validation(entry, settings, data, console, cue, letter=letter)
-        splits = {name: split for name, (split, _) in data.items()}
+        saved_scores = SavedScores({name: split for name, (split, _) in data.items()},
+                                   score_validation(entry, settings, data, console, cue, letter=letter,
+                                                    demonstrations=shown), cue, shown, source)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
-        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", splits, scored, cue)
+        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", *saved_scores)
         console.print(f"validation scores -> {saved} (refit with --scores)")
+    splits, scored, cue = saved_scores.splits, saved_scores.scored, saved_scores.answer_prior_context
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
     try:  # validated, not copied: the record is read back at every server start
-        record = mcq.MCQCalibration.model_validate(record.model_dump() | {"answer_prior_context": cue})
+        record = mcq.MCQCalibration.model_validate(record.model_dump() | {
+            "answer_prior_context": cue, "demonstrations": saved_scores.demonstrations,
+            "demonstrations_source": saved_scores.demonstrations_source})
     except ValidationError as exc:
-        raise CalibrationError(f"the answer cue {cue!r} cannot be recorded: {exc.errors()[0]['msg']}") from None
+        raise CalibrationError(f"the answer cue or the demonstrations cannot be recorded: "
+                               f"{exc.errors()[0]['msg']}") from None
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
     record.validation.update({
         "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},
@@ -147,6 +202,8 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         registry.record_calibration(model, record)
         weights = ", ".join(f"{k} {v:.3f}" for k, v in record.weights.items())
         cue_note = f"; answer cue {record.answer_prior_context!r}" if record.weights.get("answer_prior") else ""
+        cue_note += (f"; {record.demonstrations_source.get('count', 0)} demonstrations"
+                     if record.demonstrations else "")
         console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}{cue_note}) -> "
                       f"{entry.path / 'zephyr.json'}")
     return record

@@ -15,7 +15,7 @@ class EvalEngine(OfflineEngine):
         return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
                                explain_max_tokens=self.settings.mcq_explain_max_tokens)
 
-    def answer_prior(self, name: str, split: str, items: list[Any], context: str) -> Any:
+    def answer_prior(self, name: str, split: str, items: list[Any], context: str, demonstrations: str = "") -> Any:
         from evals import mcq_eval
 
-        return mcq_eval.answer_prior(self.llm, self.tokenizer, name, split, items, context)
+        return mcq_eval.answer_prior(self.llm, self.tokenizer, name, split, items, context, demonstrations)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,26 @@ from zephyr.schemas import MCQItem
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 
-def task_config(benchmark: str, data_file: Path) -> dict[str, Any]:
+def task_config(benchmark: str, data_file: Path, demonstrations: str = "") -> dict[str, Any]:
+    """The benchmark's lm-eval task over `data_file`; with `demonstrations`, each prompt starts with them (the
+    items file then carries them in a `demonstrations` column: write_task_items)."""
     config = yaml.safe_load((TASKS_DIR / f"{benchmark}.yaml").read_text())
     config["dataset_kwargs"]["data_files"]["test"] = str(data_file)
+    if demonstrations:
+        config["doc_to_text"] = "{{demonstrations}}" + config["doc_to_text"]
     return config
+
+
+def write_task_items(items: list[MCQItem], path: Path, demonstrations: str = "") -> Path:
+    """The items file an lm-eval task reads; the demonstrations go in as a column rather than into the template,
+    so no character of theirs is read as Jinja."""
+    if not demonstrations:
+        return write_items(items, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps(item.model_dump() | {"demonstrations": demonstrations}) + "\n")
+    return path
 
 
 def _groups(items: list[MCQItem], values: dict[str, float]) -> dict[str, float]:
@@ -41,12 +58,13 @@ def _groups(items: list[MCQItem], values: dict[str, float]) -> dict[str, float]:
     return groups
 
 
-def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Path) -> list[Measurement]:
+def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Path,
+          demonstrations: str = "") -> list[Measurement]:
     """Log-likelihood accuracy (acc and length-normalized acc_norm) of every benchmark, in one lm-eval call so
-    vLLM batches across them."""
+    vLLM batches across them; every prompt after `demonstrations` (a calibration record's, as /mcq asks)."""
     import lm_eval
 
-    tasks = [task_config(name, write_items(items, workdir / f"{name}.jsonl"))
+    tasks = [task_config(name, write_task_items(items, workdir / f"{name}.jsonl", demonstrations), demonstrations)
              for name, (_, items) in benchmarks.items()]
     cache_before = dict(getattr(lm, "prefix_stats", {}))
     started = time.perf_counter()
@@ -64,6 +82,8 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
         for metric in ("acc", "acc_norm"):
             values = {s["doc"]["id"]: float(s[metric]) for s in samples}
             details: dict[str, Any] = {"prefix_cache_all_benchmarks": prefix_cache} if prefix_cache else {}
+            if demonstrations:
+                details["demonstrations"] = demonstrations
             if metric == "acc":
                 details["loglikelihoods"] = loglikelihoods
             # lm-eval scores all benchmarks together: each gets its share of the time by question count.
@@ -157,28 +177,24 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
 
 
 def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem],
-                 context: str) -> Measurement:
+                 context: str, demonstrations: str = "") -> Measurement:
     """Each option's log-likelihood after the answer cue `context`, without the question (zephyr/mcq.py:
     answer_prior_requests, exactly what /mcq sends when its method reads it). The accuracy is how often the
     option likeliest on its own is the key: the baseline a question must beat."""
-    from vllm import SamplingParams, TokensPrompt
+    from offline.engine import continuation_loglikelihoods
 
     started = time.perf_counter()
-    requests = [mcq.answer_prior_requests(tokenizer, question_of(item), context) for item in items]
-    prompts = [TokensPrompt(prompt_token_ids=ids) for per_item in requests for ids, _ in per_item]
-    outputs = iter(llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                                        detokenize=False), use_tqdm=True))
+    requests = [mcq.answer_prior_requests(tokenizer, question_of(item), context, demonstrations) for item in items]
+    flat = iter(continuation_loglikelihoods(llm, [r for per_item in requests for r in per_item]))
     seconds = time.perf_counter() - started
     values, loglikelihoods = {}, {}
     for item, per_item in zip(items, requests, strict=True):
-        scores = []
-        for ids, context_length in per_item:
-            entries = next(outputs).prompt_logprobs
-            scores.append(round(sum(entries[p][ids[p]].logprob for p in range(context_length, len(ids))), 6))
+        scores = [round(next(flat), 6) for _ in per_item]
         loglikelihoods[item.id] = scores
         values[item.id] = float(mcq.LETTERS[scores.index(max(scores))] == item.answer)
     return measurement(name, "answer_prior_acc", split, values, groups=_groups(items, values), seconds=seconds,
-                       details={"loglikelihoods": loglikelihoods, "context": context})
+                       details={"loglikelihoods": loglikelihoods, "context": context,
+                                **({"demonstrations": demonstrations} if demonstrations else {})})
 
 
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],

@@ -190,8 +190,12 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
             console.print(f"{name} letter format{mode}: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
             out.append(m)
         if options.cloze:
+            if calibration is not None and calibration.demonstrations:
+                console.print(f"cloze and the answer prior after the record's "
+                              f"{calibration.demonstrations_source.get('count', '?')} demonstrations")
             with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as workdir:
-                cloze = mcq_eval.cloze(engine.lm_eval_model, {n: data[n] for n in names}, Path(workdir))
+                cloze = mcq_eval.cloze(engine.lm_eval_model, {n: data[n] for n in names}, Path(workdir),
+                                       auto.demonstrations)
             for m in cloze:
                 console.print(f"{m.benchmark} {m.metric}: {m.score:.1%} of {m.n} (~{m.seconds:.0f} s)")
             cache = cloze[0].details.get("prefix_cache_all_benchmarks") if cloze else None
@@ -201,7 +205,8 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
             out += cloze
             if hasattr(engine, "answer_prior"):  # cheap: a few tokens per option, no question
                 for name in names:
-                    m = engine.answer_prior(name, *data[name], context=auto.answer_prior_context)
+                    m = engine.answer_prior(name, *data[name], context=auto.answer_prior_context,
+                                            demonstrations=auto.demonstrations)
                     console.print(f"{name} answer prior alone: {m.score:.1%} of {m.n} in {m.seconds:.1f} s")
                     out.append(m)
         if ((auto.needs_letter and (options.explain or not options.letter)) or (auto.needs_cloze and not options.cloze)

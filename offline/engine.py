@@ -99,6 +99,26 @@ def _prefix_cached(vllm_class: type) -> type:
     return PrefixCachedVLLM
 
 
+def continuation_loglikelihoods(llm: Any, requests: list[tuple[list[int], int]]) -> list[float]:
+    """Per (token ids, context length), the summed log-probability of the tokens after the context, computed as
+    /mcq computes it: reading vLLM's prefix cache (a shared prefix such as a record's demonstrations is computed
+    once), and scoring again without it any request whose cache hit reached into its continuation."""
+    from vllm import SamplingParams, TokensPrompt
+
+    def run(batch: list[tuple[list[int], int]], skip_cache: bool) -> list[Any]:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                skip_reading_prefix_cache=skip_cache)
+        return list(llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in batch], params, use_tqdm=True))
+
+    outputs = run(requests, False)
+    stale = [i for i, ((_, n), out) in enumerate(zip(requests, outputs, strict=True))
+             if cache_hit_reaches_continuation(out.num_cached_tokens or 0, n)]
+    for i, out in zip(stale, run([requests[i] for i in stale], True) if stale else [], strict=True):
+        outputs[i] = out
+    return [sum(out.prompt_logprobs[p][ids[p]].logprob for p in range(n, len(ids)))
+            for (ids, n), out in zip(requests, outputs, strict=True)]
+
+
 ENGINE_EXIT_SECONDS = 60.0
 
 

@@ -151,8 +151,9 @@ def create_app(
                         "run `zephyr eval calibrate --model %s` to choose and calibrate its method",
                         entry.name, entry.name)
         else:
-            log.info("/mcq's `auto` for %s: %s (weights %s, calibrated %s)", entry.name, calibration.method,
-                     calibration.weights, calibration.created_at.date())
+            log.info("/mcq's `auto` for %s: %s (weights %s, %d demonstrations, calibrated %s)", entry.name,
+                     calibration.method, calibration.weights, calibration.demonstrations_source.get("count", 0),
+                     calibration.created_at.date())
         app.state.redactor = redactor
         app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
@@ -255,7 +256,12 @@ async def _warm_up_engine(tutor: Tutor) -> None:
     async for _ in tutor.engine.generate(prompt, constrained, "warmup-mcq"):
         pass
     scored = GenParams(max_tokens=1, temperature=0.0, prompt_logprobs=True, skip_reading_prefix_cache=False)
-    async for _ in tutor.engine.generate(prompt, scored, "warmup-cloze"):  # /mcq's cloze: prompt log-probs
+    # /mcq's cloze: prompt log-probs; after the record's demonstrations, whose KV blocks every cloze prompt then
+    # finds in the prefix cache ("Question:" because a trailing blank line tokenizes otherwise at the text's end).
+    demonstrations = tutor.calibration.demonstrations if tutor.calibration else ""
+    cloze_prompt = (tutor.engine.tokenizer.encode(demonstrations + "Question:", add_special_tokens=False)
+                    if demonstrations else prompt)
+    async for _ in tutor.engine.generate(cloze_prompt, scored, "warmup-cloze"):
         pass
 
 

@@ -335,8 +335,8 @@ class Tutor:
         def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
             tokenizer = self.engine.tokenizer
             return (mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else [],
-                    (mcq.cloze_requests(tokenizer, q) if plan.needs_cloze else [])
-                    + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context)
+                    (mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
+                    + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                        if plan.needs_answer_prior else []))
 
         # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.

@@ -162,9 +162,10 @@ def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[s
 CLOZE_DELIMITER = " "
 
 
-def cloze_context(q: MCQuestion) -> str:
+def cloze_context(q: MCQuestion, demonstrations: str = "") -> str:
+    """The question as cloze scores it, after the calibration record's solved examples (`demonstrations`)."""
     question = f"Question: {q.question}\nAnswer:"
-    return f"{q.support}\n{question}" if q.support else question
+    return demonstrations + (f"{q.support}\n{question}" if q.support else question)
 
 
 def cloze_continuation(option: str) -> str:
@@ -181,10 +182,22 @@ def cloze_split(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return tokenizer.encode(context + continuation, add_special_tokens=False), context_length
 
 
-def cloze_requests(tokenizer: Any, q: MCQuestion) -> list[tuple[list[int], int]]:
+def cloze_requests(tokenizer: Any, q: MCQuestion, demonstrations: str = "") -> list[tuple[list[int], int]]:
     """Per option, cloze_split of the question's cloze context and the option's continuation."""
-    context = cloze_context(q)
+    context = cloze_context(q, demonstrations)
     return [cloze_split(tokenizer, context, cloze_continuation(option)) for option in q.options]
+
+
+# Solved examples before every cloze prompt (few-shot, as lm-eval's num_fewshot): with them the default model ranks
+# the options better on every validation set but OpenBookQA (docs/evaluation.md, "Demonstrations"). They are one
+# fixed text for every question, so after the first request vLLM's prefix cache holds their KV blocks.
+DEMONSTRATION_SEPARATOR = "\n\n"
+DEMONSTRATIONS_MAX_CHARS = 4000
+
+
+def render_demonstrations(examples: Sequence[tuple[MCQuestion, str]]) -> str:
+    """Each (question, its key's text) as cloze renders it with the answer filled in, then a blank line."""
+    return "".join(cloze_context(q) + cloze_continuation(answer) + DEMONSTRATION_SEPARATOR for q, answer in examples)
 
 
 # Each option's text also scored after an answer cue, without the question: how likely the text is on its own.
@@ -198,11 +211,12 @@ LEGACY_ANSWER_PRIOR_CONTEXT = "Answer:"
 ANSWER_PRIOR_CONTEXT_MAX_CHARS = 200
 
 
-def answer_prior_requests(tokenizer: Any, q: MCQuestion,
-                          context: str = ANSWER_PRIOR_CONTEXT) -> list[tuple[list[int], int]]:
+def answer_prior_requests(tokenizer: Any, q: MCQuestion, context: str = ANSWER_PRIOR_CONTEXT,
+                          demonstrations: str = "") -> list[tuple[list[int], int]]:
     """Per option, the token ids of the answer cue + the option and the cue's length, split as cloze_requests
-    splits them. A calibrated model is asked with its record's cue (Plan.answer_prior_context)."""
-    return [cloze_split(tokenizer, context, cloze_continuation(option)) for option in q.options]
+    splits them, after the same demonstrations as the question's cloze. A calibrated model is asked with its
+    record's cue and demonstrations (Plan.answer_prior_context, Plan.demonstrations)."""
+    return [cloze_split(tokenizer, demonstrations + context, cloze_continuation(option)) for option in q.options]
 
 
 def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:
@@ -239,6 +253,10 @@ class MCQCalibration(BaseModel):
     # The cue the answer prior was scored after when the weights were fitted; the service asks with the same one.
     answer_prior_context: str = Field(default=LEGACY_ANSWER_PRIOR_CONTEXT, min_length=1,
                                       max_length=ANSWER_PRIOR_CONTEXT_MAX_CHARS)
+    # Solved examples scored before every cloze and answer-prior prompt (render_demonstrations; none in older
+    # records), and where they came from.
+    demonstrations: str = Field(default="", max_length=DEMONSTRATIONS_MAX_CHARS)
+    demonstrations_source: dict[str, Any] = {}
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("weights")
@@ -362,6 +380,9 @@ class Plan:
     weights: dict[str, float]
     calibration: MCQCalibration | None = None
     scaling: dict[str, float] = field(default_factory=dict)  # `auto` only: the record's per-question sharpness
+    # The solved examples before every cloze and answer-prior prompt: the record's (in `auto` and `cloze`, with or
+    # without a temperature, so that a model's cloze is one computation), none without a record.
+    demonstrations: str = ""
 
     @property
     def calibrated(self) -> bool:
@@ -385,6 +406,7 @@ class Plan:
         """The cue the record's weights were fitted on; the current one for a model without a record."""
         return self.calibration.answer_prior_context if self.calibration else ANSWER_PRIOR_CONTEXT
 
+
     def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
         prior_from = None if self.method in ("letter", "explain") else self.calibration
         return combine(scores, self.weights, prior_from, letters, self.scaling)
@@ -399,12 +421,14 @@ def plan(method: str, calibration: MCQCalibration | None) -> Plan:
     if method == "auto":
         if calibration is None:
             return Plan("cloze", {"cloze": 1.0})
-        return Plan(calibration.method, dict(calibration.weights), calibration, dict(calibration.scaling))
+        return Plan(calibration.method, dict(calibration.weights), calibration, dict(calibration.scaling),
+                    calibration.demonstrations)
     feature = "letter" if method == "explain" else method
+    shown = calibration.demonstrations if calibration and method == "cloze" else ""
     temperature = calibration.temperatures.get(method) if calibration else None
     if temperature:
-        return Plan(method, {feature: 1.0 / temperature}, calibration)
-    return Plan(method, {feature: 1.0})
+        return Plan(method, {feature: 1.0 / temperature}, calibration, demonstrations=shown)
+    return Plan(method, {feature: 1.0}, demonstrations=shown)
 
 
 def read_arc_jsonl(path: Path) -> list[MCQuestion]:

@@ -144,6 +144,12 @@ def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home
     assert result.exit_code == 1 and "with the cue saved in them" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--answer-prior-context", " "])
     assert result.exit_code == 1 and "must hold 1 to 200 characters" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--demonstrations", "3",
+                                      "--scores", "x.json"])
+    assert result.exit_code == 1 and "with the demonstrations saved in them" in " ".join(result.output.split())
+    for count in ("-1", "17"):
+        result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--demonstrations", count])
+        assert result.exit_code == 1 and "--demonstrations must be 0 to 16" in " ".join(result.output.split())
 
 
 def test_server_answers_are_counted_against_in_process_ones_on_the_questions_both_answered(monkeypatch):

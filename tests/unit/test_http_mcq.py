@@ -221,6 +221,37 @@ async def test_cloze_pmi_asks_the_answer_prior_with_the_cue_its_record_was_fitte
         assert asked != [ids for ids, _ in mcq.answer_prior_requests(tokenizer, question)]
 
 
+async def test_a_record_with_demonstrations_puts_them_before_every_cloze_and_answer_prior_prompt(
+        app_factory, settings_factory, default_model, tokenizer):
+    from loadtest.harness import linked_variant
+    from zephyr import mcq
+
+    solved = mcq.MCQuestion.build("What do bees make?", ["honey", "milk"])
+    shown = mcq.render_demonstrations([(solved, "honey")])
+    assert shown == "Question: What do bees make?\nAnswer: honey\n\n"
+    record = mcq.MCQCalibration(method="cloze_pmi", weights={"cloze": 0.5, "cloze_norm": 1.0, "answer_prior": -0.4},
+                                answer_prior_context=mcq.ANSWER_PRIOR_CONTEXT, demonstrations=shown,
+                                demonstrations_source={"count": 1})
+    home = settings_factory().home
+    linked_variant(home, default_model, "pmi-shots", mcq_calibration=record)
+    async with app_factory(home=home, model="pmi-shots") as served:
+        question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
+        for method, expected in (("auto", mcq.cloze_requests(tokenizer, question, shown) + mcq.answer_prior_requests(
+                tokenizer, question, mcq.ANSWER_PRIOR_CONTEXT, shown)),
+                                 ("cloze", mcq.cloze_requests(tokenizer, question, shown))):
+            before = len(served.engine.calls)
+            r = await served.client.post("/mcq", json={**QUESTION, "method": method})
+            assert r.status_code == 200, r.text
+            asked = [ids for ids, _ in served.engine.calls[before:]]
+            assert asked == [ids for ids, _ in expected]
+            prefix = tokenizer.encode(shown + "Question:", add_special_tokens=False)
+            assert all(ids[:len(prefix)] == prefix for ids in asked)  # one shared prefix: the prefix cache's
+        # the letter path reads no demonstrations: its prompt is the chat template's
+        before = len(served.engine.calls)
+        await served.client.post("/mcq", json={**QUESTION, "method": "letter"})
+        assert [ids for ids, _ in served.engine.calls[before:]] == [mcq.encode_prompt(tokenizer, question)]
+
+
 async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabilities(app_factory):
     async with app_factory(mcq_min_confidence=0.99) as served:
         r = await served.client.post("/mcq", json={**QUESTION, "method": "letter"})

@@ -31,6 +31,46 @@ def test_every_lm_eval_task_renders_the_served_cloze_context(benchmark, support)
     assert Template(template).render(**doc) == mcq.cloze_context(served)
 
 
+@pytest.mark.parametrize("support", [None, "Plants take in carbon dioxide."])
+def test_lm_eval_tasks_render_the_record_demonstrations_before_the_question_as_served(support):
+    from jinja2 import Environment
+
+    from evals.mcq_eval import task_config
+
+    shown = mcq.render_demonstrations([(mcq.MCQuestion.build("Is {{ this }} Jinja?", ["no", "yes"]), "no")])
+    template = task_config("arc_easy", Path("items.jsonl"), shown)["doc_to_text"]
+    doc = {"question": "Which gas do plants absorb?", "options": ["a", "b"], "support": support,
+           "demonstrations": shown}  # write_task_items puts the text in a column: never parsed as a template
+    served = mcq.MCQuestion.build(doc["question"], doc["options"], support)
+    rendered = Environment(keep_trailing_newline=True).from_string(template).render(**doc)
+    assert rendered == mcq.cloze_context(served, shown) and rendered.startswith("Question: Is {{ this }} Jinja?")
+    assert task_config("arc_easy", Path("items.jsonl"))["doc_to_text"] == template.removeprefix("{{demonstrations}}")
+
+
+def test_demonstrations_are_training_questions_rendered_as_cloze_with_their_key(tmp_path: Path):
+    from evals.calibrate import CalibrationError, demonstrations
+    from zephyr.settings import Settings
+
+    train = tmp_path / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl"
+    train.parent.mkdir(parents=True)
+    rows = [{"id": f"q{i}", "answerKey": "B", "question": {"stem": f"What is {i} + 1?", "choices": [
+        {"label": label, "text": str(i + k)} for k, label in enumerate("ABCD")]}} for i in range(8)]
+    rows.append({"id": "long", "answerKey": "A", "question": {"stem": "Why? " * 40, "choices": [
+        {"label": label, "text": label} for label in "ABCD"]}})  # too long to show
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = Settings(data_dir=tmp_path)
+    text, source = demonstrations(settings, 3)
+    assert (source["benchmark"], source["split"], source["count"], len(source["ids"])) == ("arc_easy", "train", 3, 3)
+    assert "long" not in source["ids"] and demonstrations(settings, 3) == (text, source)  # the seed fixes the draw
+    first = int(source["ids"][0][1:])
+    assert text.startswith(f"Question: What is {first} + 1?\nAnswer: {first + 1}\n\n") and text.count("Question") == 3
+    assert demonstrations(settings, 0) == ("", {})
+    with pytest.raises(CalibrationError, match="0 to 16"):
+        demonstrations(settings, 17)
+    with pytest.raises(ValueError, match="at most 4000 characters"):
+        mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, demonstrations="x" * 4001)
+
+
 def test_cloze_requests_split_context_and_continuation_as_lm_eval_does(tokenizer):
     from lm_eval.api.model import TemplateLM
 
@@ -130,9 +170,17 @@ def test_scores_file_round_trip(tmp_path: Path):
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
     path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
-    splits, loaded, cue = load_scores(path)
+    splits, loaded, cue, shown, source = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
-    assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:"
+    assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:" and (shown, source) == ("", {})
+    path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
+                       "Question: 1?\nAnswer: 2\n\n", {"count": 1})
+    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1})
+    mixed = json.loads(path.read_text())
+    path.write_text(json.dumps({**mixed, "sciq": {**mixed["arc_easy"], "demonstrations": ""}}))
+    with pytest.raises(CalibrationError, match="different demonstrations"):
+        load_scores(path)
+    path = tmp_path / "scores.json"
     # A file saved before the cue was kept holds priors scored after the bare "Answer:".
     raw = json.loads(path.read_text())
     del raw["arc_easy"]["answer_prior_context"]
@@ -158,7 +206,9 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
         cloze = [rng.gauss(-8, 2) for _ in range(4)]
         scores = dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), answer_prior=[rng.gauss(-6, 1)] * 4)
         items.append(calibration.Scored(scores, rng.randrange(4)))
-    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:")
+    shown = "Question: Which is a star?\nAnswer: the Sun\n\n"
+    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:",
+                       shown, {"benchmark": "arc_easy", "count": 1})
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
     settings = Settings()
     linked_variant(settings.home, default_model, "cue-test")  # its own zephyr.json: the shared one stays as it is
@@ -166,6 +216,9 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
     assert record.answer_prior_context == "Q: Why?\nA:"
     saved = Registry(settings.models_dir).get("cue-test").manifest.mcq_calibration
     assert saved.answer_prior_context == "Q: Why?\nA:" and saved.method == record.method
+    # the demonstrations the scores were made after are the ones the service will ask with
+    assert (saved.demonstrations, saved.demonstrations_source["count"]) == (shown, 1)
+    assert mcq.plan("auto", saved).demonstrations == shown and mcq.plan("auto", None).demonstrations == ""
     assert mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}).answer_prior_context == "Answer:"
 
 
