@@ -151,20 +151,22 @@ def round_questions(questions: list[mcq.MCQuestion], per_path: int, round_index:
     return questions[start:start + per_path]
 
 
-async def _vllm_cloze(c: httpx.AsyncClient, tokenizer, q: mcq.MCQuestion) -> str:
+async def _vllm_cloze(c: httpx.AsyncClient, tokenizer, q: mcq.MCQuestion, demonstrations: str = "") -> str:
     """What a user of `vllm serve` does for cloze: one completions request per option with echo and log-probs,
-    the continuation's prompt log-probabilities summed (token-id prompts, split as /mcq splits them)."""
+    the continuation's prompt log-probabilities summed (token-id prompts, split as /mcq splits them, after the
+    served record's demonstrations, so that both servers score the same prompts)."""
 
     async def score(ids: list[int], context_length: int) -> float:
         r = await c.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": ids, "max_tokens": 1,
                                                   "echo": True, "logprobs": 0, "temperature": 0})
         return sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][context_length:len(ids)])
 
-    scores = await asyncio.gather(*(score(ids, n) for ids, n in mcq.cloze_requests(tokenizer, q)))
+    scores = await asyncio.gather(*(score(ids, n) for ids, n in mcq.cloze_requests(tokenizer, q, demonstrations)))
     return mcq.letter_distribution(q.letters, scores)[1]
 
 
-async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concurrency: int, tokenizer) -> dict:
+async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concurrency: int, tokenizer,
+                    demonstrations: str = "") -> dict:
     """Answers/s and per-question latency of one MCQ path (MCQ_PATHS) over the same questions."""
     target, how = MCQ_PATHS[label]
     queue = list(enumerate(questions))
@@ -180,7 +182,7 @@ async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concu
                     r = await c.post("/mcq", json={"question": q.question, "options": list(q.options), "method": how})
                     answers[i] = r.json()["answer"]
                 elif how == "completions":
-                    answers[i] = await _vllm_cloze(c, tokenizer, q)
+                    answers[i] = await _vllm_cloze(c, tokenizer, q, demonstrations)
                 else:
                     r = await c.post("/v1/chat/completions", json={
                         "model": DEFAULT_MODEL, "messages": mcq.render_messages(q), "temperature": 0,
@@ -356,6 +358,7 @@ async def run(args: argparse.Namespace) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
+        shown = mcq.plan("cloze", entry.manifest.mcq_calibration).demonstrations  # what our /mcq cloze asks after
         targets = {"zephyr": ours_url, "vllm": vllm_url}
         rounds_end = WARMUP_QUESTIONS + (0 if args.logging_only else GROUPS * args.rounds * args.mcq_questions)
         questions = load_mcq(Path(args.mcq_data), rounds_end + (args.logging_pairs if args.logging_cost else 0))
@@ -364,7 +367,8 @@ async def run(args: argparse.Namespace) -> None:
             for conc in args.concurrency:
                 await chat_level(name, url, conc, conc, 8)
         for label, (target, _) in ({} if args.logging_only else MCQ_PATHS).items():
-            await mcq_round(label, targets[target], questions[:WARMUP_QUESTIONS], args.mcq_concurrency, tokenizer)
+            await mcq_round(label, targets[target], questions[:WARMUP_QUESTIONS], args.mcq_concurrency, tokenizer,
+                            shown)
         for round_index in range(0 if args.logging_only else args.rounds):
             order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
             for name in order:
@@ -378,8 +382,7 @@ async def run(args: argparse.Namespace) -> None:
             for label in labels:
                 result = await mcq_round(label, targets[MCQ_PATHS[label][0]],
                                          round_questions(questions, args.mcq_questions, round_index, label),
-                                         args.mcq_concurrency,
-                                         tokenizer)
+                                         args.mcq_concurrency, tokenizer, shown)
                 mcq_runs.append(result)
                 console.print(f"round {round_index + 1} {label}: {result['answers_per_s']:.1f} answers/s")
         if args.logging_cost:

@@ -34,6 +34,17 @@ def write_validation(root: Path) -> None:
         "stem": q, "choices": [{"label": "ABCD"[n], "text": o} for n, o in enumerate(reversed(options))]}}) + "\n"
         for i, (q, options, key) in enumerate(MCQ)))
     (root / "sciq" / "valid.json").write_text((root / "sciq" / "test.json").read_text())
+    # ARC-Easy train: where calibration draws the demonstrations every cloze prompt then starts with
+    train = [("Which is a source of light?", ["a rock", "the Sun", "a shadow", "soil"], "B"),
+             ("What do roots take in?", ["water", "sunlight", "sound", "heat"], "A"),
+             ("Which state of matter is steam?", ["solid", "liquid", "gas", "plasma"], "C"),
+             ("What makes a shadow?", ["heat", "blocked light", "wind", "rain"], "B"),
+             ("Which animal lays eggs?", ["a dog", "a cow", "a horse", "a hen"], "D"),
+             ("What tool measures mass?", ["a balance", "a ruler", "a clock", "a thermometer"], "A")]
+    (root / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl").write_text("".join(json.dumps({
+        "id": f"train-{i}", "answerKey": key, "question": {"stem": q, "choices": [
+            {"label": "ABCD"[n], "text": o} for n, o in enumerate(options)]}}) + "\n"
+        for i, (q, options, key) in enumerate(train)))
 
 
 def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, default_model):
@@ -84,6 +95,8 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, d
     assert set(record.letter_prior) == {"4"} and sum(record.letter_prior["4"]) == pytest.approx(1.0)
     assert record.method in record.validation["candidates"]
     assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT  # the cue its priors were scored after
+    # five solved training questions before every cloze prompt: served and in process (lm-eval) below alike
+    assert record.demonstrations.count("Question: ") == 5 and record.demonstrations_source["split"] == "train"
     saved = sorted((home / "eval-results" / DEFAULT_MODEL / "calibration").glob("scores-*.json"))
     refit = zephyr("eval", "calibrate", "--model", DEFAULT_MODEL, "--scores", str(saved[-1]), "--no-write", env=env)
     assert refit.returncode == 0 and f"{record.method} (chosen)" in refit.stdout, refit.stderr[-2000:]
@@ -113,3 +126,5 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, server, d
     assert auto_served.details["same_answer_as_local"] == len(MCQ)
     for item_id, probabilities in auto.details["probabilities"].items():
         assert probabilities == pytest.approx(auto_served.details["probabilities"][item_id], abs=5e-3)
+    # the in-process cloze read the record's demonstrations, as the server's did
+    assert latest.get("arc_easy/cloze_acc").details["demonstrations"] == record.demonstrations
