@@ -322,8 +322,9 @@ class Measure:
     sends). A byte-level BPE never makes more tokens than the text has UTF-8 bytes, so a question whose rendered
     prompt is well under the limit in bytes is not tokenized at all."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, demonstrations: str = ""):
         self.tokenizer = tokenizer
+        self.demonstrations = demonstrations  # the served record's: before every cloze prompt (mcq.Plan)
         probe = mcq.MCQuestion("q", ("a", "b"))
         self.overhead = max(
             len(mcq.render_prompt(tokenizer, probe, explain).encode()) - len(mcq.render_user_message(probe, explain)
@@ -331,14 +332,15 @@ class Measure:
             for explain in (False, True))
 
     def bytes_bound(self, q: mcq.MCQuestion) -> int:
-        return self.overhead + len(mcq.render_user_message(q, explain=True).encode("utf-8", "surrogatepass"))
+        return (self.overhead + len(self.demonstrations.encode())
+                + len(mcq.render_user_message(q, explain=True).encode("utf-8", "surrogatepass")))
 
     def lengths(self, q: mcq.MCQuestion) -> Lengths:
         return Lengths(len(mcq.encode_prompt(self.tokenizer, q)), len(mcq.encode_prompt(self.tokenizer, q, True)),
-                       max(len(ids) for ids, _ in mcq.cloze_requests(self.tokenizer, q)))
+                       max(len(ids) for ids, _ in mcq.cloze_requests(self.tokenizer, q, self.demonstrations)))
 
     def cloze_one(self, q: mcq.MCQuestion, option: int) -> int:
-        context = mcq.cloze_context(q) + mcq.CLOZE_DELIMITER + q.options[option]
+        context = mcq.cloze_context(q, self.demonstrations) + mcq.CLOZE_DELIMITER + q.options[option]
         return len(self.tokenizer.encode(context, add_special_tokens=False))
 
 
@@ -409,11 +411,12 @@ def _family_plan(n: int, seed: int) -> list[str]:
 
 
 def generate_cases(n: int, seed: int, limits: Limits, tokenizer: Any, explain_share: float = 0.04,
-                   only: Iterable[int] | None = None, measure: Measure | None = None) -> list[Case]:
+                   only: Iterable[int] | None = None, measure: Measure | None = None,
+                   demonstrations: str = "") -> list[Case]:
     """n cases for `seed`, always the same ones (each case has its own seeded generator, so `only` rebuilds a few
     of them exactly as the full run made them). `tokenizer` is the served model's: it settles which long prompts
-    fit."""
-    measure = measure or Measure(tokenizer)
+    fit, after the served record's `demonstrations`."""
+    measure = measure or Measure(tokenizer, demonstrations)
     plan = _family_plan(n, seed)
     wanted = range(n) if only is None else sorted(set(only))
     cases = []
@@ -1156,12 +1159,13 @@ async def run_batches(url: str, api_key: str | None, batches: Sequence[Batch], o
 def fuzz(url: str, api_key: str | None, questions: int, seed: int, tokenizer: Any, limits: Limits | None = None,
          batch_size: int = 32, concurrency: int = 3, explain_share: float = 0.04, strict_params: bool = False,
          server_floor: float | None = None, deadline_s: float | None = None, only: Iterable[int] | None = None,
-         progress: Progress | None = None, cases: list[Case] | None = None, tolerate: Iterable[str] = ()) -> Outcome:
+         progress: Progress | None = None, cases: list[Case] | None = None, tolerate: Iterable[str] = (),
+         demonstrations: str = "") -> Outcome:
     """Generates the cases (unless given), sends them, checks every answer: the whole fuzz against a running
-    server."""
+    server, whose model's calibration record starts every cloze prompt with `demonstrations`."""
     limits = limits or Limits()
     if cases is None:
-        cases = generate_cases(questions, seed, limits, tokenizer, explain_share, only)
+        cases = generate_cases(questions, seed, limits, tokenizer, explain_share, only, demonstrations=demonstrations)
     batches = plan_batches(cases, batch_size, seed, limits)
     outcome = Outcome(seed, len(cases), questions)
     task = progress.add_task("mcq fuzz", total=len(cases)) if progress is not None else None
@@ -1232,6 +1236,24 @@ def load_tokenizer(path: str | None = None) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def served_demonstrations(path: str | None = None) -> str:
+    """The demonstrations the served model's calibration record puts before every cloze prompt (none without a
+    record): the default registry model's, or those in the zephyr.json of the folder named."""
+    from zephyr import mcq
+    from zephyr.registry import MANIFEST, ModelManifest
+
+    if path is None:
+        from zephyr.bundled import ensure_default_model
+        from zephyr.registry import Registry
+        from zephyr.settings import Settings
+
+        record = ensure_default_model(Registry(Settings().models_dir)).manifest.mcq_calibration
+    else:
+        manifest = Path(path) / MANIFEST
+        record = ModelManifest.model_validate_json(manifest.read_text()).mcq_calibration if manifest.is_file() else None
+    return mcq.plan("cloze", record).demonstrations
+
+
 def server_errors(log_path: Path, limit: int = 120) -> str:
     """The server log's tracebacks (what a 5xx left behind)."""
     lines = log_path.read_text(errors="replace").splitlines()
@@ -1277,8 +1299,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with console.status("loading the tokenizer"):
         tokenizer = load_tokenizer(args.tokenizer)
     # The cases are made (tens of seconds for 10,000: long prompts are fitted by tokenizing) while the server starts.
+    # The server started here serves the default model with its record; --url is assumed to serve the same one,
+    # or the model of --tokenizer's folder.
+    demonstrations = served_demonstrations(args.tokenizer)
     making = ThreadPoolExecutor(1).submit(generate_cases, args.questions, args.seed, limits, tokenizer,
-                                          args.explain_share, only)
+                                          args.explain_share, only, demonstrations=demonstrations)
     server = None
     if args.url is None:
         home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-mcq-fuzz-")))

@@ -22,10 +22,13 @@ DEADLINE_S = 900  # batches not sent by then fail the test
 TOLERATED: set[str] = set()
 
 
-def test_mcq_fuzz_short_form(server, tokenizer):
+def test_mcq_fuzz_short_form(server, tokenizer, default_model):
     # The session server keeps its default explain budget (256 tokens): fewer explain questions than the long form.
+    # It serves the default model with whatever calibration record it has: the cases' lengths count its
+    # demonstrations.
     outcome = mcq_fuzz.fuzz(server.url, STUDENT_KEY, QUESTIONS, seed=0, tokenizer=tokenizer, batch_size=32,
-                            concurrency=3, explain_share=0.02, deadline_s=DEADLINE_S, tolerate=TOLERATED)
+                            concurrency=3, explain_share=0.02, deadline_s=DEADLINE_S, tolerate=TOLERATED,
+                            demonstrations=mcq_fuzz.served_demonstrations(str(default_model.path)))
     console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     console.print(mcq_fuzz.summary_table(outcome))
     table = console.export_text()

@@ -316,3 +316,21 @@ def test_the_summary_counts_every_outcome():
     assert "PASS" in text and "1.00" in lines["answers/s"] and "200" in lines["/readyz at the end"], text
     outcome.ready_at_end = False
     assert not outcome.passed
+
+
+def test_cloze_lengths_count_the_served_record_demonstrations(tokenizer, measure, tmp_path):
+    shown = mcq.render_demonstrations([(mcq.MCQuestion.build("What do bees make?", ["honey", "milk"]), "honey")])
+    q = mcq.MCQuestion.build("Which planet is largest?", ["Jupiter", "Mars"])
+    with_shots = fz.Measure(tokenizer, shown)
+    extra = (len(tokenizer.encode(shown + "Question:", add_special_tokens=False))
+             - len(tokenizer.encode("Question:", add_special_tokens=False)))
+    assert with_shots.lengths(q).cloze == measure.lengths(q).cloze + extra
+    assert with_shots.lengths(q).letter == measure.lengths(q).letter  # the letter prompt has none
+    assert with_shots.bytes_bound(q) == measure.bytes_bound(q) + len(shown.encode())
+    # read from the served model's record
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, demonstrations=shown)
+    from zephyr.registry import ModelManifest
+
+    manifest = ModelManifest(name="m", method="base", mcq_calibration=record)
+    (tmp_path / "zephyr.json").write_text(manifest.model_dump_json())
+    assert fz.served_demonstrations(str(tmp_path)) == shown
