@@ -270,7 +270,9 @@ class MCQBatchRequest(Strict):
 
 
 class ClozeScores(BaseModel):
-    loglikelihood: dict[str, float] = Field(description="Each option text's summed log-likelihood (lm-eval acc)")
+    loglikelihood: dict[str, float] = Field(
+        description="Each option text's summed log-likelihood after the question (lm-eval acc), and after the "
+                    "calibration record's solved examples when the model has a record that names some")
     per_char: dict[str, float] = Field(description="The same per character of the option (lm-eval acc_norm)")
     answer_prior: dict[str, float] | None = Field(
         None, description="Each option text's log-likelihood after the calibration record's answer cue (such as "
