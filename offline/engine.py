@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,40 +82,46 @@ def _prefix_cached(vllm_class: type) -> type:
                 return SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False,
                                       skip_reading_prefix_cache=skip_cache)
 
-            outputs = list(super()._model_generate(requests, True, params(skip_cache=False)))
-            stale = [i for i, (tokens, output) in enumerate(zip(requests, outputs, strict=True))
-                     if cache_hit_reaches_continuation(output.num_cached_tokens or 0,
-                                                       self._context_lengths.get(tuple(tokens), 1))]
-            if stale:
-                again = super()._model_generate([requests[i] for i in stale], True, params(skip_cache=True))
-                for i, output in zip(stale, again, strict=True):
-                    outputs[i] = output
+            base = super()._model_generate
+            outputs, rescored = generate_reading_cache(
+                lambda batch, skip_cache: base(batch, True, params(skip_cache)), requests,
+                [self._context_lengths.get(tuple(tokens), 1) for tokens in requests])
             stats = self.prefix_stats
             stats["requests"] += len(requests)
             stats["prompt_tokens"] += sum(len(tokens) for tokens in requests)
             stats["cached_tokens"] += sum(output.num_cached_tokens or 0 for output in outputs)
-            stats["rescored"] += len(stale)
+            stats["rescored"] += rescored
             return outputs
 
     return PrefixCachedVLLM
 
 
+def generate_reading_cache(generate: Callable[[list[Any], bool], Any], prompts: list[Any],
+                           context_lengths: list[int]) -> tuple[list[Any], int]:
+    """`generate(prompts, skip_cache)`'s outputs read from vLLM's prefix cache, each prompt whose cache hit reached
+    into its continuation generated again without it (every log-probability read was computed in the request that
+    reads it); and how many were."""
+    outputs = list(generate(prompts, False))
+    stale = [i for i, (n, out) in enumerate(zip(context_lengths, outputs, strict=True))
+             if cache_hit_reaches_continuation(out.num_cached_tokens or 0, n)]
+    if stale:
+        for i, out in zip(stale, generate([prompts[i] for i in stale], True), strict=True):
+            outputs[i] = out
+    return outputs, len(stale)
+
+
 def continuation_loglikelihoods(llm: Any, requests: list[tuple[list[int], int]]) -> list[float]:
     """Per (token ids, context length), the summed log-probability of the tokens after the context, computed as
     /mcq computes it: reading vLLM's prefix cache (a shared prefix such as a record's demonstrations is computed
-    once), and scoring again without it any request whose cache hit reached into its continuation."""
+    once), by the rescoring rule of generate_reading_cache."""
     from vllm import SamplingParams, TokensPrompt
 
-    def run(batch: list[tuple[list[int], int]], skip_cache: bool) -> list[Any]:
+    def run(batch: list[list[int]], skip_cache: bool) -> list[Any]:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 skip_reading_prefix_cache=skip_cache)
-        return list(llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in batch], params, use_tqdm=True))
+        return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=True)
 
-    outputs = run(requests, False)
-    stale = [i for i, ((_, n), out) in enumerate(zip(requests, outputs, strict=True))
-             if cache_hit_reaches_continuation(out.num_cached_tokens or 0, n)]
-    for i, out in zip(stale, run([requests[i] for i in stale], True) if stale else [], strict=True):
-        outputs[i] = out
+    outputs, _ = generate_reading_cache(run, [ids for ids, _ in requests], [n for _, n in requests])
     return [sum(out.prompt_logprobs[p][ids[p]].logprob for p in range(n, len(ids)))
             for (ids, n), out in zip(requests, outputs, strict=True)]
 

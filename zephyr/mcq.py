@@ -406,7 +406,6 @@ class Plan:
         """The cue the record's weights were fitted on; the current one for a model without a record."""
         return self.calibration.answer_prior_context if self.calibration else ANSWER_PRIOR_CONTEXT
 
-
     def distribution(self, scores: OptionScores, letters: str | None = None) -> tuple[dict[str, float], str]:
         prior_from = None if self.method in ("letter", "explain") else self.calibration
         return combine(scores, self.weights, prior_from, letters, self.scaling)
