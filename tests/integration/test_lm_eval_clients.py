@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from evals.mcq_eval import task_config
+from evals.mcq_eval import task_config, write_task_items
 from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from offline import benchmarks
@@ -58,9 +58,12 @@ def test_local_completions_log_likelihoods_equal_zephyr_eval_runs_cloze(tmp_path
     local = ResultStore(home / "eval-results").latest(DEFAULT_MODEL).get("arc_easy/cloze_acc")
     assert local.n == ARC_ITEMS
 
-    # Through the server: lm-eval's local-completions model on the same task and items, token ids sent.
+    # Through the server: lm-eval's local-completions model on the same task and items, token ids sent, after the
+    # same demonstrations (those of the default model's calibration record, if an earlier test wrote one).
     monkeypatch.setenv("OPENAI_API_KEY", STUDENT_KEY)
-    config = task_config("arc_easy", benchmarks.write_items(items, tmp_path / "arc_easy.jsonl"))
+    demonstrations = local.details.get("demonstrations", "")
+    config = task_config("arc_easy", write_task_items(items, tmp_path / "arc_easy.jsonl", demonstrations),
+                         demonstrations)
     results = lm_eval.simple_evaluate(
         model="local-completions",
         model_args={**_api_model(server, "completions"), "tokenizer": str(default_model.path),
