@@ -201,7 +201,9 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
             cache = cloze[0].details.get("prefix_cache_all_benchmarks") if cloze else None
             if cache and cache["prompt_tokens"]:
                 console.print(f"cloze prefix cache: {cache['cached_tokens']:,} of {cache['prompt_tokens']:,} prompt "
-                              f"tokens reused; {cache['rescored']:,} of {cache['requests']:,} requests scored again")
+                              f"tokens reused; of {cache['requests']:,} requests, {cache['rescored']:,} scored again "
+                              f"and {cache['first_token']:,} completed from {cache['context_requests']:,} "
+                              f"context requests")
             out += cloze
             if hasattr(engine, "answer_prior"):  # cheap: a few tokens per option, no question
                 for name in names:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr import memory
-from zephyr.mcq import cache_hit_reaches_continuation
+from zephyr.mcq import continuation_positions_missing
 from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
 
@@ -50,8 +50,8 @@ def _prefix_cached(vllm_class: type) -> type:
     vLLM skips the cache for requests that ask for prompt log-probabilities, because it returns none for the
     positions it did not compute. lm-eval reads only the continuation's, so the options of one question may share
     their context's KV blocks instead of computing the context once per option. A request whose cache hit reaches
-    into its continuation (options that share leading tokens across a block boundary) is scored again without
-    the cache, so every log-probability read was computed in the request that reads it."""
+    into its continuation lacks log-probabilities there and is completed by generate_reading_cache's rule, so
+    every log-probability read was computed by vLLM for the tokens that precede it."""
     from vllm import SamplingParams
 
     class PrefixCachedVLLM(vllm_class):  # type: ignore[misc, valid-type]
@@ -59,7 +59,8 @@ def _prefix_cached(vllm_class: type) -> type:
             super().__init__(*args, **kwargs)
             # token sequence -> its context length, for the requests of the current _loglikelihood_tokens call
             self._context_lengths: dict[tuple[int, ...], int] = {}
-            self.prefix_stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "rescored": 0}
+            self.prefix_stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "rescored": 0,
+                                 "first_token": 0, "context_requests": 0}
 
         def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False) -> list:
             limit = self.max_length - 1  # as lm-eval truncates: keep the last `limit` tokens
@@ -83,37 +84,66 @@ def _prefix_cached(vllm_class: type) -> type:
                                       skip_reading_prefix_cache=skip_cache)
 
             base = super()._model_generate
-            outputs, rescored = generate_reading_cache(
-                lambda batch, skip_cache: base(batch, True, params(skip_cache)), requests,
+            outputs, ways = generate_reading_cache(
+                lambda batch, skip_cache: base(batch, True, params(skip_cache)), self.model, requests,
                 [self._context_lengths.get(tuple(tokens), 1) for tokens in requests])
             stats = self.prefix_stats
             stats["requests"] += len(requests)
             stats["prompt_tokens"] += sum(len(tokens) for tokens in requests)
             stats["cached_tokens"] += sum(output.num_cached_tokens or 0 for output in outputs)
-            stats["rescored"] += rescored
+            for way, count in ways.items():
+                stats[way] += count
             return outputs
 
     return PrefixCachedVLLM
 
 
-def generate_reading_cache(generate: Callable[[list[Any], bool], Any], prompts: list[Any],
-                           context_lengths: list[int]) -> tuple[list[Any], int]:
-    """`generate(prompts, skip_cache)`'s outputs read from vLLM's prefix cache, each prompt whose cache hit reached
-    into its continuation generated again without it (every log-probability read was computed in the request that
-    reads it); and how many were."""
+def next_token_logprobs(llm: Any, contexts: list[list[int]], token_ids: list[list[int]]) -> list[dict[int, Any]]:
+    """Per context, vLLM's log-probabilities (Logprob objects) of `token_ids` as its next token, and of the
+    greedy one: read at the context's last position, which vLLM computes even when the cache holds the rest."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False,
+                             skip_reading_prefix_cache=False) for ids in token_ids]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in contexts], params, use_tqdm=False)
+    return [dict(out.outputs[0].logprobs[0]) for out in outputs]
+
+
+def generate_reading_cache(generate: Callable[[list[Any], bool], Any], llm: Any, prompts: list[list[int]],
+                           context_lengths: list[int]) -> tuple[list[Any], dict[str, int]]:
+    """`generate(prompts, skip_cache)`'s outputs read from vLLM's prefix cache, completed by the rule of
+    zephyr.mcq.continuation_positions_missing: a prompt whose hit covered exactly its context gets its first
+    continuation token's log-probability from a request of the context alone (one per distinct context); one
+    whose hit reached further is generated again without the cache. Also how many prompts took each way."""
     outputs = list(generate(prompts, False))
-    stale = [i for i, (n, out) in enumerate(zip(context_lengths, outputs, strict=True))
-             if cache_hit_reaches_continuation(out.num_cached_tokens or 0, n)]
-    if stale:
-        for i, out in zip(stale, generate([prompts[i] for i in stale], True), strict=True):
+    missing = [continuation_positions_missing(out.num_cached_tokens or 0, n)
+               for n, out in zip(context_lengths, outputs, strict=True)]
+    rescore = [i for i, m in enumerate(missing) if m > 1]
+    if rescore:
+        for i, out in zip(rescore, generate([prompts[i] for i in rescore], True), strict=True):
             outputs[i] = out
-    return outputs, len(stale)
+    first_token = [i for i, m in enumerate(missing) if m == 1]
+    wanted: dict[tuple[int, ...], set[int]] = {}
+    for i in first_token:
+        wanted.setdefault(tuple(prompts[i][:context_lengths[i]]), set()).add(prompts[i][context_lengths[i]])
+    if wanted:
+        found = dict(zip(wanted, next_token_logprobs(llm, [list(c) for c in wanted], [sorted(t) for t in
+                                                                                       wanted.values()]),
+                         strict=True))
+        for i in first_token:
+            n, out = context_lengths[i], outputs[i]
+            entries = list(out.prompt_logprobs)
+            # As a prompt position with prompt_logprobs=1 reads ({token id: Logprob}, the greedy token's
+            # included): lm-eval takes the sum and is_greedy from it.
+            entries[n] = found[tuple(prompts[i][:n])]
+            out.prompt_logprobs = entries
+    return outputs, {"rescored": len(rescore), "first_token": len(first_token), "context_requests": len(wanted)}
 
 
 def continuation_loglikelihoods(llm: Any, requests: list[tuple[list[int], int]]) -> list[float]:
     """Per (token ids, context length), the summed log-probability of the tokens after the context, computed as
     /mcq computes it: reading vLLM's prefix cache (a shared prefix such as a record's demonstrations is computed
-    once), by the rescoring rule of generate_reading_cache."""
+    once), by the rule of generate_reading_cache."""
     from vllm import SamplingParams, TokensPrompt
 
     def run(batch: list[list[int]], skip_cache: bool) -> list[Any]:
@@ -121,7 +151,7 @@ def continuation_loglikelihoods(llm: Any, requests: list[tuple[list[int], int]])
                                 skip_reading_prefix_cache=skip_cache)
         return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=True)
 
-    outputs, _ = generate_reading_cache(run, [ids for ids, _ in requests], [n for _, n in requests])
+    outputs, _ = generate_reading_cache(run, llm, [ids for ids, _ in requests], [n for _, n in requests])
     return [sum(out.prompt_logprobs[p][ids[p]].logprob for p in range(n, len(ids)))
             for (ids, n), out in zip(requests, outputs, strict=True)]
 

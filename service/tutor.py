@@ -432,11 +432,12 @@ class Tutor:
 
     async def _cloze(self, requests: list[tuple[list[int], int]], row: GenerationRequest) -> list[float]:
         """Each option's log-likelihood as the question's continuation. The options are sent together, so they
-        may share the question's KV blocks from vLLM's prefix cache; an option whose cache hit reached into its
-        own continuation has no log-probability for that position and is scored again without the cache (the
-        rule evals/engine.py proves bit-identical to scoring every position)."""
+        may share the question's KV blocks from vLLM's prefix cache; a hit that reached into an option's own
+        continuation is completed by the rule of mcq.continuation_positions_missing, as in process
+        (offline.engine.generate_reading_cache), so both score the same."""
 
-        async def score(index: int, prompt_ids: list[int], context_length: int, use_cache: bool) -> float | None:
+        async def score(index: int, prompt_ids: list[int], context_length: int, use_cache: bool) -> tuple[int, float]:
+            """How many leading continuation log-probabilities the request lacks, and the sum of the rest."""
             gen = GenerationRequest(
                 request_id=f"{row.request_id}-cloze{index}{'' if use_cache else 'r'}", route="mcq",
                 messages=row.messages, prompt_ids=prompt_ids, principal=row.principal,
@@ -444,20 +445,42 @@ class Tutor:
                                  skip_reading_prefix_cache=not use_cache),
             )
             await self.run_to_end(gen)
-            if mcq.cache_hit_reaches_continuation(gen.num_cached_tokens, context_length):
-                return None
-            values = (gen.prompt_logprobs or [])[context_length:len(prompt_ids)]
-            if len(values) != len(prompt_ids) - context_length or any(v is None for v in values):
+            missing = mcq.continuation_positions_missing(gen.num_cached_tokens, context_length)
+            values = (gen.prompt_logprobs or [])[context_length + missing:len(prompt_ids)]
+            if len(values) != len(prompt_ids) - context_length - missing or any(v is None for v in values):
                 raise APIError(503, "the engine returned no log-probabilities for an option; retry",
                                code="engine_unavailable")
-            return float(sum(values))
+            return missing, float(sum(values))
 
-        first = await asyncio.gather(*(score(i, ids, n, True) for i, (ids, n) in enumerate(requests)))
-        stale = [i for i, value in enumerate(first) if value is None]
-        again = await asyncio.gather(*(score(i, *requests[i], False) for i in stale))
-        for i, value in zip(stale, again, strict=True):
-            first[i] = value
-        return [float(value) for value in first]
+        async def next_token(index: int, context: tuple[int, ...], token_ids: list[int]) -> dict[int, float]:
+            gen = GenerationRequest(
+                request_id=f"{row.request_id}-clozectx{index}", route="mcq", messages=row.messages,
+                prompt_ids=list(context), principal=row.principal,
+                params=GenParams(max_tokens=1, temperature=0.0, logprob_token_ids=token_ids,
+                                 skip_reading_prefix_cache=False),
+            )
+            await self.run_to_end(gen)
+            entries = gen.logprobs.get(0) or []
+            requested = entries[0].requested if entries else {}
+            if set(requested) != set(token_ids):
+                raise APIError(503, "the engine returned no log-probabilities for an option; retry",
+                               code="engine_unavailable")
+            return requested
+
+        scored = list(await asyncio.gather(*(score(i, ids, n, True) for i, (ids, n) in enumerate(requests))))
+        rescore = [i for i, (missing, _) in enumerate(scored) if missing > 1]
+        for i, value in zip(rescore, await asyncio.gather(*(score(i, *requests[i], False) for i in rescore)),
+                            strict=True):
+            scored[i] = value
+        wanted: dict[tuple[int, ...], set[int]] = {}
+        for (ids, n), (missing, _) in zip(requests, scored, strict=True):
+            if missing == 1:
+                wanted.setdefault(tuple(ids[:n]), set()).add(ids[n])
+        found = dict(zip(wanted, await asyncio.gather(*(next_token(i, context, sorted(tokens))
+                                                         for i, (context, tokens) in enumerate(wanted.items()))),
+                         strict=True))
+        return [rest + (found[tuple(ids[:n])][ids[n]] if missing == 1 else 0.0)
+                for (ids, n), (missing, rest) in zip(requests, scored, strict=True)]
 
     async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> str:
         """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""

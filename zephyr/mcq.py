@@ -219,11 +219,19 @@ def answer_prior_requests(tokenizer: Any, q: MCQuestion, context: str = ANSWER_P
     return [cloze_split(tokenizer, demonstrations + context, cloze_continuation(option)) for option in q.options]
 
 
-def cache_hit_reaches_continuation(num_cached_tokens: int, context_length: int) -> bool:
-    """Whether a request read from vLLM's prefix cache must be scored again without it: the first continuation
-    token's log-probability comes from the context's last position, so that position must have been computed
-    (a hit of at most context_length - 1 tokens). vLLM returns no log-probability for cached positions."""
-    return num_cached_tokens > context_length - 1
+def continuation_positions_missing(num_cached_tokens: int, context_length: int) -> int:
+    """How many of the continuation's leading log-probabilities a request read from vLLM's prefix cache lacks.
+    The log-probability of the token at position p comes from position p - 1, and vLLM computes (and returns a
+    log-probability for) no cached position: a hit of at most context_length - 1 tokens lacks none.
+
+    The rule every cloze scorer applies (offline.engine.generate_reading_cache, service.tutor.Tutor._cloze):
+    - none missing: the request's own log-probabilities;
+    - one missing, a hit of exactly the context (a context that ends on a KV-block boundary, 1 question in
+      32): the first token's log-probability is read from a request of the context alone, which reads the same
+      cache but must compute its last position, and asks vLLM for those tokens (`logprob_token_ids`);
+    - more (options that share leading tokens across a block boundary, rare): scored again without the cache.
+    Measured bit-identical to scoring every position without the cache (docs/evaluation.md)."""
+    return max(0, num_cached_tokens - context_length + 1)
 
 
 # Methods and calibration ---------------------------------------------------------------------------------

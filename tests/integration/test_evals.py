@@ -57,6 +57,12 @@ def main():
     for k in range(24):
         context = tok.encode(preamble * (1 + k // 8) + "filler " * k + "Question: What is photosynthesis?\\nAnswer:")
         requests += [(None, context, tok.encode(option)) for option in options]
+    # Contexts that end on a KV-block boundary: their options' hits cover the whole context.
+    filler = tok.encode(" filler")
+    for repeat in (2, 3):
+        base = tok.encode(preamble * repeat + "Question: What is photosynthesis?\\nAnswer:")
+        context = filler * ((-len(base)) % engine.settings.block_size) + base
+        requests += [(None, context, tok.encode(option)) for option in options]
     cached = engine.lm_eval_model._loglikelihood_tokens(requests)
     plain = engine.llm.generate([TokensPrompt(prompt_token_ids=c + o) for _, c, o in requests],
                                 SamplingParams(prompt_logprobs=1, max_tokens=1, detokenize=False), use_tqdm=False)
@@ -170,4 +176,5 @@ def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, 
     stats = result["stats"]
     assert stats["cached_tokens"] > 0  # the options reused their context's blocks
     assert stats["rescored"] > 0  # and some hits reached into an option's shared leading words
+    assert stats["first_token"] > 0 and stats["context_requests"] > 0  # others covered exactly the context
     assert result["cached"] == pytest.approx(result["plain"], abs=1e-4)

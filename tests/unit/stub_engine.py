@@ -61,6 +61,9 @@ class StubEngine:
         if params.prompt_logprobs:
             yield self._scored(prompt_ids, params)
             return
+        if params.logprob_token_ids:  # cloze's first option token after a context read from the cache
+            yield self._next_token(params.logprob_token_ids)
+            return
         text = self.reply
         for stop in params.stop:
             text = text.split(stop)[0]
@@ -81,13 +84,22 @@ class StubEngine:
                                            finish if last else None))
             yield EngineOutput(choices, finished=last)
 
+    def _token_logprob(self, token_id: int) -> float:
+        return -4.0 + self.token_bonus.get(self.tokenizer.decode([token_id]).strip(), 0.0)
+
+    def _next_token(self, token_ids: list[int]) -> EngineOutput:
+        requested = {tid: self._token_logprob(tid) for tid in token_ids}
+        best = max(requested, key=requested.__getitem__)
+        entry = TokenLogprob(best, self.tokenizer.decode([best]), requested[best], [], requested)
+        return EngineOutput([ChoiceDelta(0, entry.token, [best], [entry], "length")], finished=True)
+
     def _scored(self, prompt_ids: list[int], params: GenParams) -> EngineOutput:
         cached = 0 if params.skip_reading_prefix_cache else min(self.cache_hit, len(prompt_ids) - 1)
         values: list[float | None] = [None]
         top: list[list[tuple[int, float]]] = [[]]
         for position, token_id in enumerate(prompt_ids[1:], start=1):
-            text = self.tokenizer.decode([token_id]).strip()
-            values.append(None if position < cached else -4.0 + self.token_bonus.get(text, 0.0))
+            # As vLLM: no log-probability for a token whose preceding position was read from the cache.
+            values.append(None if position <= cached else self._token_logprob(token_id))
             # The prompt's own token is the likeliest; then less likely ones (GenParams.prompt_top_logprobs).
             alternatives = [(t, -7.0 - t / 1e6) for t in (11, 12, 13, 14, 15) if t != token_id]
             top.append([] if values[-1] is None else [(token_id, values[-1]), *alternatives])

@@ -86,14 +86,27 @@ def test_task_yaml_reads_the_given_file(tmp_path):
     assert config["task"] == "zephyr_arc_challenge" and config["output_type"] == "multiple_choice"
 
 
+class _NextTokenLLM:
+    """Stands in for the vllm.LLM inside lm-eval's model: a request's next-token log-probabilities, -(id / 100)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(([p["prompt_token_ids"] for p in prompts], params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(logprobs=[
+            {tid: SimpleNamespace(logprob=-tid / 100) for tid in p.logprob_token_ids}])]) for p in params]
+
+
 class _RecordingVLLM:
     """Stands in for lm-eval's vLLM class: `_loglikelihood_tokens` hands the concatenated tokens to
-    `_model_generate`, which answers with the cache hits given per call."""
+    `_model_generate`, which answers with the cache hits given per call (and -1 per computed position)."""
 
     max_length = 2048
 
     def __init__(self, cached_per_call):
         self.calls, self.cached_per_call = [], list(cached_per_call)
+        self.model = _NextTokenLLM()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False):
         return self._model_generate([context + continuation for _, context, continuation in requests])
@@ -101,26 +114,34 @@ class _RecordingVLLM:
     def _model_generate(self, requests, generate=False, sampling_params=None):
         self.calls.append((requests, sampling_params))
         cached = self.cached_per_call.pop(0)
-        return [SimpleNamespace(num_cached_tokens=c, call=len(self.calls)) for c in cached]
+        return [SimpleNamespace(num_cached_tokens=c, call=len(self.calls), prompt_logprobs=[
+            None if p <= c else {t: SimpleNamespace(logprob=-1.0)} for p, t in enumerate(tokens)])
+            for c, tokens in zip(cached, requests, strict=True)]
 
 
-def test_cloze_rescores_without_the_cache_only_requests_whose_hit_reaches_the_continuation():
+def test_cloze_completes_a_cache_hit_of_the_context_and_rescores_one_reaching_further():
     from offline.engine import _prefix_cached
 
-    lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 32, 40, 32], [0]])
-    context = list(range(40))
-    requests = [(None, context, [100, 101]), (None, context, [102]),
-                (None, context, [103, 104]), (None, list(range(33)), [105])]
+    lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 40, 41, 32, 40], [0]])
+    context, other = list(range(40)), list(range(50, 90))
+    requests = [(None, context, [100, 101]), (None, context, [102]), (None, context, [103, 104]),
+                (None, list(range(33)), [105]), (None, other, [106])]
     outputs = lm._loglikelihood_tokens(requests)
 
     first, again = lm.calls
     assert first[1].prompt_logprobs == 1 and first[1].skip_reading_prefix_cache is False
-    # 40 cached tokens reach the context's last position (39), whose log-probability scores the first option
-    # token; 32 of a 33-token context still leave position 32 computed.
+    # 41 cached tokens reach past the context's last position (39) into the option: scored again without the
+    # cache; 32 of a 33-token context leave position 32 computed.
     assert again[0] == [context + [103, 104]] and again[1].skip_reading_prefix_cache is True
-    assert [o.call for o in outputs] == [1, 1, 2, 1]
-    assert lm.prefix_stats == {"requests": 4, "prompt_tokens": 42 + 41 + 42 + 34, "cached_tokens": 64,
-                               "rescored": 1}
+    assert [o.call for o in outputs] == [1, 1, 2, 1, 1]
+    # A hit of exactly the context lacks only the first option token: one next-token request per context.
+    (contexts, params), = lm.model.calls
+    assert contexts == [context, other] and [p.logprob_token_ids for p in params] == [[102], [106]]
+    assert all(p.max_tokens == 1 and p.skip_reading_prefix_cache is False for p in params)
+    assert outputs[1].prompt_logprobs[40][102].logprob == -1.02
+    assert outputs[4].prompt_logprobs[40][106].logprob == -1.06
+    assert lm.prefix_stats == {"requests": 5, "prompt_tokens": 42 + 41 + 42 + 34 + 41, "cached_tokens": 112,
+                               "rescored": 1, "first_token": 2, "context_requests": 2}
 
 
 def test_generation_requests_pass_through_unchanged():
@@ -136,5 +157,5 @@ def test_requests_of_unknown_context_are_rescored_only_when_they_hit_the_cache()
     from offline.engine import _prefix_cached
 
     lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 5], [0]])
-    outputs = lm._model_generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
+    outputs = lm._model_generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]])  # unknown: a context of 1 token
     assert lm.calls[1][0] == [[4, 5, 6, 7, 8, 9]] and [o.call for o in outputs] == [1, 2]

@@ -131,14 +131,44 @@ async def test_auto_without_a_calibration_record_is_cloze_and_says_so(served):
     assert not any(params.allowed_token_ids for _, params in served.engine.calls[-3:])
 
 
-async def test_a_cloze_option_whose_cache_hit_reaches_its_continuation_is_scored_again(served):
-    served.engine.cache_hit = 10_000  # every request reading the cache claims its whole prompt was cached
-    first = len(served.engine.calls)
+async def _cloze_loglikelihoods(served) -> dict[str, float]:
     r = await served.client.post("/mcq", json={**QUESTION, "method": "cloze"})
-    assert r.status_code == 200 and r.json()["answer"] == "B"
-    skips = [params.skip_reading_prefix_cache for _, params in served.engine.calls[first:]]
-    assert skips == [False] * 3 + [True] * 3
+    assert r.status_code == 200 and r.json()["answer"] == "B", r.text
+    return r.json()["cloze"]["loglikelihood"]
 
+
+async def test_a_cache_hit_of_the_whole_context_reads_each_first_option_token_from_one_context_request(
+        served, tokenizer):
+    from zephyr import mcq
+
+    expected = await _cloze_loglikelihoods(served)  # nothing cached: every position computed
+    requests = mcq.cloze_requests(tokenizer, mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"]))
+    context_length = requests[0][1]
+    served.engine.cache_hit = context_length  # the context ends on a KV-block boundary, all of it cached
+    first = len(served.engine.calls)
+    assert await _cloze_loglikelihoods(served) == pytest.approx(expected)
+    calls = served.engine.calls[first:]
+    assert [params.skip_reading_prefix_cache for _, params in calls[:3]] == [False] * 3
+    context_call = calls[3:]
+    assert len(context_call) == 1 and context_call[0][0] == requests[0][0][:context_length]
+    assert context_call[0][1].logprob_token_ids == sorted({ids[context_length] for ids, _ in requests})
+    assert not context_call[0][1].prompt_logprobs and not context_call[0][1].allowed_token_ids
+
+
+async def test_a_cache_hit_reaching_further_into_an_option_is_scored_again_without_the_cache(served, tokenizer):
+    from zephyr import mcq
+
+    expected = await _cloze_loglikelihoods(served)
+    served.engine.cache_hit = 10_000  # every request reading the cache claims all but its last token cached
+    first = len(served.engine.calls)
+    assert await _cloze_loglikelihoods(served) == pytest.approx(expected)
+    calls = served.engine.calls[first:]
+    requests = mcq.cloze_requests(tokenizer, mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"]))
+    # An option of one token misses only its first log-probability; the longer ones are scored again.
+    longer = [ids for ids, n in requests if len(ids) - n > 1]
+    one_token = [ids for ids, n in requests if len(ids) - n == 1]
+    assert [ids for ids, params in calls[3:] if params.skip_reading_prefix_cache] == longer
+    assert len([params for _, params in calls[3:] if params.logprob_token_ids]) == (1 if one_token else 0)
 
 async def test_auto_reads_the_calibration_record(app_factory, settings_factory, default_model):
     from loadtest.harness import linked_variant
