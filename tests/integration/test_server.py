@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.conftest import STUDENT_KEY
 from zephyr.registry import Registry
-from zephyr.settings import DEFAULT_MODEL
+from zephyr.settings import DEFAULT_MODEL, Settings
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m-instruct"
@@ -105,6 +105,38 @@ def test_mcq_answers_with_a_letter_and_a_distribution(http, server):
         # auto is the record's choice, or plain cloze without one
         assert body["method"] == ((record.method if record else "cloze") if method == "auto" else method)
         assert body["calibrated"] == (record is not None and (method == "auto" or method in record.temperatures))
+
+
+def test_cloze_of_a_context_ending_on_a_block_boundary_equals_scoring_every_position(http, server):
+    """The options' cache hits cover the question's whole context, so the first option token's log-probability
+    comes from a request of the context alone (mcq.continuation_positions_missing); /v1/completions with echo
+    scores every position without the cache, as vLLM's own server does."""
+    from transformers import AutoTokenizer
+
+    from zephyr import mcq
+
+    entry = Registry(server.home / "models").get(DEFAULT_MODEL)
+    demonstrations = entry.manifest.mcq_calibration.demonstrations if entry.manifest.mcq_calibration else ""
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    block = Settings().block_size
+    for extra in range(2 * block):
+        q = mcq.MCQuestion.build("Which gas do green plants" + " really" * extra + " take in from the air?",
+                                 QUESTION["options"])
+        requests = mcq.cloze_requests(tokenizer, q, demonstrations)
+        if requests[0][1] % block == 0:
+            break
+    else:
+        pytest.fail("no question length put the context on a block boundary")
+    body = {"question": q.question, "options": list(q.options), "method": "cloze"}
+    served = [http.post("/mcq", json=body).json()["cloze"]["loglikelihood"] for _ in range(2)]  # then all cached
+    expected = []
+    for ids, context_length in requests:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True,
+                                               "logprobs": 0})
+        assert r.status_code == 200, r.text
+        expected.append(sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][context_length:len(ids)]))
+    for loglikelihoods in served:
+        assert list(loglikelihoods.values()) == pytest.approx(expected, abs=1e-4)
 
 
 def test_mcq_prompt_injection_cannot_escape_the_letters(http):
