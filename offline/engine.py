@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr import memory
-from zephyr.mcq import continuation_positions_missing
+from zephyr.mcq import continuation_positions_missing, first_tokens_by_context
 from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
 
@@ -123,12 +123,9 @@ def generate_reading_cache(generate: Callable[[list[Any], bool], Any], llm: Any,
         for i, out in zip(rescore, generate([prompts[i] for i in rescore], True), strict=True):
             outputs[i] = out
     first_token = [i for i, m in enumerate(missing) if m == 1]
-    wanted: dict[tuple[int, ...], set[int]] = {}
-    for i in first_token:
-        wanted.setdefault(tuple(prompts[i][:context_lengths[i]]), set()).add(prompts[i][context_lengths[i]])
+    wanted = first_tokens_by_context(list(zip(prompts, context_lengths, strict=True)), missing)
     if wanted:
-        found = dict(zip(wanted, next_token_logprobs(llm, [list(c) for c in wanted], [sorted(t) for t in
-                                                                                       wanted.values()]),
+        found = dict(zip(wanted, next_token_logprobs(llm, [list(c) for c in wanted], list(wanted.values())),
                          strict=True))
         for i in first_token:
             n, out = context_lengths[i], outputs[i]

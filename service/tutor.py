@@ -468,19 +468,18 @@ class Tutor:
             return requested
 
         scored = list(await asyncio.gather(*(score(i, ids, n, True) for i, (ids, n) in enumerate(requests))))
-        rescore = [i for i, (missing, _) in enumerate(scored) if missing > 1]
-        for i, value in zip(rescore, await asyncio.gather(*(score(i, *requests[i], False) for i in rescore)),
-                            strict=True):
+        missing = [lacking for lacking, _ in scored]
+        rescore = [i for i, lacking in enumerate(missing) if lacking > 1]
+        wanted = mcq.first_tokens_by_context(requests, missing)
+        # Independent of each other: the rescored options and the context requests go to the engine together.
+        again, firsts = await asyncio.gather(
+            asyncio.gather(*(score(i, *requests[i], False) for i in rescore)),
+            asyncio.gather(*(next_token(i, context, tokens) for i, (context, tokens) in enumerate(wanted.items()))))
+        for i, value in zip(rescore, again, strict=True):
             scored[i] = value
-        wanted: dict[tuple[int, ...], set[int]] = {}
-        for (ids, n), (missing, _) in zip(requests, scored, strict=True):
-            if missing == 1:
-                wanted.setdefault(tuple(ids[:n]), set()).add(ids[n])
-        found = dict(zip(wanted, await asyncio.gather(*(next_token(i, context, sorted(tokens))
-                                                         for i, (context, tokens) in enumerate(wanted.items()))),
-                         strict=True))
-        return [rest + (found[tuple(ids[:n])][ids[n]] if missing == 1 else 0.0)
-                for (ids, n), (missing, rest) in zip(requests, scored, strict=True)]
+        found = dict(zip(wanted, firsts, strict=True))
+        return [rest + (found[tuple(ids[:n])][ids[n]] if lacking == 1 else 0.0)
+                for (ids, n), lacking, (_, rest) in zip(requests, missing, scored, strict=True)]
 
     async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> str:
         """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""

@@ -234,6 +234,18 @@ def continuation_positions_missing(num_cached_tokens: int, context_length: int) 
     return max(0, num_cached_tokens - context_length + 1)
 
 
+
+def first_tokens_by_context(requests: Sequence[tuple[Sequence[int], int]],
+                            missing: Sequence[int]) -> dict[tuple[int, ...], list[int]]:
+    """Per distinct context among the (token ids, context length) requests that lack exactly their first
+    continuation log-probability (continuation_positions_missing == 1), the first tokens to ask for, sorted: one
+    request of that context supplies them all."""
+    wanted: dict[tuple[int, ...], set[int]] = {}
+    for (ids, n), lacking in zip(requests, missing, strict=True):
+        if lacking == 1:
+            wanted.setdefault(tuple(ids[:n]), set()).add(ids[n])
+    return {context: sorted(tokens) for context, tokens in wanted.items()}
+
 # Methods and calibration ---------------------------------------------------------------------------------
 METHODS = ("auto", "letter", "cloze", "explain")
 # What `auto` may resolve to: evals/calibration.py fits one candidate per name (a unit test keeps them equal).
