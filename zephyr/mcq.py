@@ -319,10 +319,12 @@ def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float], suppor
 
 # Question-level observables that set how sharp a calibrated `auto` is for one question (its temperature is
 # exp(-sum scaling[f] * f)): a passage, whether the summed and per-character cloze agree, option lengths, how
-# spread the options' scores are, the per-character margin, the option count. They scale every option alike, so
-# the answer never changes; only how sure it is does.
+# spread the options' scores are, the per-character margin, the option count, and how predictable the options
+# are after the question at all (their mean per-character log-likelihood: options the model finds familiar come
+# with questions it answers more often). They scale every option alike, so the answer never changes; only how
+# sure it is does. A record fitted before a feature existed simply has no weight for it.
 CONFIDENCE_FEATURES = ("bias", "support", "cloze_agree", "log_option_chars", "log_cloze_spread", "norm_margin",
-                       "options")
+                       "options", "mean_norm")
 
 
 def confidence_features(scores: OptionScores) -> dict[str, float]:
@@ -336,7 +338,7 @@ def confidence_features(scores: OptionScores) -> dict[str, float]:
             "cloze_agree": float(cloze.index(max(cloze)) == norm.index(max(norm))),
             "log_option_chars": math.log(1 + sum(scores.option_chars) / len(scores.option_chars)),
             "log_cloze_spread": math.log(spread + 1e-3), "norm_margin": norm_probs[-1] - norm_probs[-2],
-            "options": float(len(cloze))}
+            "options": float(len(cloze)), "mean_norm": sum(norm) / len(norm)}
 
 
 def log_softmax(values: Sequence[float]) -> list[float]:

@@ -247,6 +247,30 @@ def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_
         mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"mood": 1.0})
 
 
+def test_sharpness_reads_how_predictable_the_options_are_and_older_records_still_apply():
+    # Two kinds of question alike in every other feature (same spread, same margins, no passage): the options of
+    # one are familiar text (high per-character log-likelihood) and its answers far more reliable. Only
+    # `mean_norm` tells them apart.
+    rng = random.Random(5)
+    items = []
+    for i in range(3000):
+        familiar = i % 2 == 0
+        shape = [rng.gauss(0, 2) for _ in range(4)]
+        cloze = [(-5 if familiar else -40) + x for x in shape]
+        temperature = 0.5 if familiar else 8.0
+        probs = list(mcq.letter_distribution("ABCD", [x / temperature for x in shape])[0].values())
+        items.append(calibration.Scored(mcq.cloze_scores(["x" * 10] * 4, cloze), rng.choices(range(4), probs)[0]))
+    record, _ = calibration.fit(items)
+    assert record.scaling["mean_norm"] > 0
+    for kind in (0, 1):
+        assert calibration.evaluate(record, items[kind::2])["ece"] < 0.05
+    # A record fitted before the feature existed has no weight for it and scores as it did.
+    older = record.model_copy(update={"scaling": {k: v for k, v in record.scaling.items() if k != "mean_norm"}})
+    features = mcq.confidence_features(items[0].scores)
+    assert mcq.sharpness(items[0].scores, older.scaling) == pytest.approx(
+        math.exp(sum(w * features[f] for f, w in older.scaling.items())))
+
+
 def test_every_auto_method_is_a_fitted_candidate():
     assert set(calibration.CANDIDATES) == set(mcq.AUTO_METHODS)
 
