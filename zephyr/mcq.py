@@ -234,7 +234,6 @@ def continuation_positions_missing(num_cached_tokens: int, context_length: int) 
     return max(0, num_cached_tokens - context_length + 1)
 
 
-
 def first_tokens_by_context(requests: Sequence[tuple[Sequence[int], int]],
                             missing: Sequence[int]) -> dict[tuple[int, ...], list[int]]:
     """Per distinct context among the (token ids, context length) requests that lack exactly their first
@@ -245,6 +244,7 @@ def first_tokens_by_context(requests: Sequence[tuple[Sequence[int], int]],
         if lacking == 1:
             wanted.setdefault(tuple(ids[:n]), set()).add(ids[n])
     return {context: sorted(tokens) for context, tokens in wanted.items()}
+
 
 # Methods and calibration ---------------------------------------------------------------------------------
 METHODS = ("auto", "letter", "cloze", "explain")
