@@ -330,19 +330,21 @@ def final_eval(trainer: Any) -> dict[str, Any]:
     return trainer.evaluate()
 
 
-def heldout_agreement(registry: Registry, entry: RegistryEntry, eval_set: Any, console: Console) -> dict[str, Any]:
-    """The registered reward model's agreement with every held-out pair, pooled (TRL's `eval_accuracy` averages
-    per batch and leaves out pairs over max_length), recorded in its manifest for `zephyr eval report`."""
+def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any, part: str,
+                           console: Console) -> dict[str, Any]:
+    """The registered reward model's agreement with every pair of one part (`heldout` or `validation`), pooled
+    (TRL's `eval_accuracy` averages per batch and leaves out pairs over max_length), recorded in its manifest as
+    `<part>_agreement` for `zephyr eval report`."""
     from offline.reward import RewardModel, pair_agreement
 
-    console.print(f"scoring the {len(eval_set)} held-out pairs with the registered reward model ...")
-    result = pair_agreement(RewardModel.load(entry.path), list(eval_set))
+    console.print(f"scoring the {len(pairs)} {part} pairs with the registered reward model ...")
+    result = pair_agreement(RewardModel.load(entry.path), list(pairs))
     del result["per_pair"]
-    registry.record_eval(entry.name, "heldout_agreement", result)
+    registry.record_eval(entry.name, f"{part}_agreement", result)
     low, high = result["ci95"]
-    return {"heldout_pairs": result["n"], "heldout_agreement": result["agreement"],
-            "heldout_agreement_low": low, "heldout_agreement_high": high,
-            "heldout_longer_answer": result["longer_answer"]}
+    return {f"{part}_pairs": result["n"], f"{part}_agreement": result["agreement"],
+            f"{part}_agreement_low": low, f"{part}_agreement_high": high,
+            f"{part}_longer_answer": result["longer_answer"]}
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -401,17 +403,24 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
 
     train_set = Dataset.from_list(rows)
     eval_set = Dataset.from_list(eval_rows) if eval_rows else None
+    seed = recipe.trainer.get("seed", 42)
     if eval_set is None and spec.eval_fraction:
-        train_set, eval_set = hold_out(train_set, spec.eval_fraction, spec.eval_group, recipe.trainer.get("seed", 42))
+        train_set, eval_set = hold_out(train_set, spec.eval_fraction, spec.eval_group, seed)
+    validation_set = None
+    if spec.validation_fraction:
+        train_set, validation_set = hold_out(train_set, spec.validation_fraction, spec.eval_group, seed)
+    # What the trainer evaluates on while it runs, and so what a sweep reads: validation when there is one.
+    watched = validation_set if validation_set is not None else eval_set
 
     plain_text = "prompt" in rows[0] and isinstance(rows[0]["prompt"], str)
     run_dir = settings.home / "runs" / output
     resume = prepare_run_dir(recipe, run_dir, fresh)
     reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
-    args = build_args(recipe, run_dir, eval_set is not None, plain_text, reward_weights)
+    args = build_args(recipe, run_dir, watched is not None, plain_text, reward_weights)
     _, device = device_summary()
     console.print(f"[bold]{recipe.method}[/] {base.name} -> {output}: {len(train_set)} train / "
-                  f"{len(eval_set) if eval_set is not None else 0} eval records, "
+                  f"{len(eval_set) if eval_set is not None else 0} eval records"
+                  f"{f' / {len(validation_set)} validation' if validation_set is not None else ''}, "
                   f"{'LoRA r' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}"
                   f"{' (QLoRA)' if recipe.qlora else ''} on {device}; run folder {run_dir}"
                   f"{' (resuming)' if resume else ''}")
@@ -421,17 +430,19 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         model, tokenizer = _load_model(recipe, base.path)
         if plain_text:
             train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train")
-            if eval_set is not None:
-                eval_set = pretokenize(eval_set, tokenizer, recipe.method, console, "eval")
-        trainer = _trainer(recipe, model, tokenizer, args, train_set, eval_set,
+            if watched is not None:
+                watched = pretokenize(watched, tokenizer, recipe.method, console, "eval")
+        trainer = _trainer(recipe, model, tokenizer, args, train_set, watched,
                            [_metrics_callback(run_dir / "metrics.jsonl")], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
-        if eval_set is not None:
+        if watched is not None:
             metrics |= final_eval(trainer)
         entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
-        if entry is not None and recipe.method == "rm" and eval_set is not None:
-            metrics |= heldout_agreement(registry, entry, eval_set, console)
+        if entry is not None and recipe.method == "rm":
+            for part, pairs in (("validation", validation_set), ("heldout", eval_set)):
+                if pairs is not None:
+                    metrics |= pair_agreement_metrics(registry, entry, pairs, part, console)
     finally:
         for name in ("transformers", "trl", "peft", "training"):
             logging.getLogger(name).removeHandler(handler)
@@ -441,6 +452,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
     summary = {"output": output, "parent": base.name, "method": recipe.method, "device": device,
                "train_records": len(train_set), "eval_records": len(eval_set) if eval_set is not None else 0,
+               "validation_records": len(validation_set) if validation_set is not None else 0,
                "metrics": metrics}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from training.plots import plot_run

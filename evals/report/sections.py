@@ -366,16 +366,26 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
 
 def _reward_models(registry: Registry | None) -> Section | None:
     """Every registered reward model's agreement with its held-out human preferences (`zephyr train rm`)."""
-    measured = [(e.name, e.manifest.evals["heldout_agreement"]) for e in (registry.list() if registry else [])
+    measured = [(e.name, e.manifest.evals["heldout_agreement"], e.manifest.evals)
+                for e in (registry.list() if registry else [])
                 if e.manifest.method == "rm" and "heldout_agreement" in e.manifest.evals]
     if not measured:
         return None
     rows = [[name, str(r["n"]), _fmt_rate(r["n"], r["agreement"], r["ci95"]),
-             _fmt_rate(r["n"], r["longer_answer"], r["longer_answer_ci95"])] for name, r in measured]
+             _fmt_rate(r["n"], r["longer_answer"], r["longer_answer_ci95"]), _validation_agreement(evals)]
+            for name, r, evals in measured]
     return Section("Reward models: agreement with held-out human preferences", [DocTable(
-        ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]"], rows,
+        ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]",
+         "validation agreement % (pairs)"], rows,
         caption="share of held-out pairs whose chosen answer the reward model scores higher (a tie disagrees), Wilson "
-        "intervals; the last column is the length baseline a reward model must beat")])
+        "intervals; the length baseline is what a reward model must beat. Validation pairs (`data.validation_fraction`) "
+        "are carved from training and are what hyper-parameters were chosen on; the held-out figure is not")])
+
+
+def _validation_agreement(evals: dict[str, Any]) -> str:
+    if not (r := evals.get("validation_agreement")):
+        return MISSING
+    return f"{_fmt_rate(r['n'], r['agreement'], r['ci95'])} ({r['n']})"
 
 
 def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str:

@@ -102,6 +102,22 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     assert json.loads((run / "summary.json").read_text())["train_records"] == 6  # 8 minus the 25% held out
 
 
+def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_both_parts(home, data, tmp_path):
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "tiny-rm-val", {
+        "method": "rm", "model": TINY, "output": "tiny-rm-val",
+        "data": {"train": str(data["dpo"]), "eval_fraction": 0.25, "validation_fraction": 0.4},
+        "lora": {"r": 4, "alpha": 8}, "trainer": STEPS})
+    result = train(load_recipe(path), settings, recipe_path=path)
+
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert (summary["train_records"], summary["validation_records"], summary["eval_records"]) == (3, 3, 2)
+    evals = Registry(settings.models_dir).get("tiny-rm-val").manifest.evals
+    assert evals["validation_agreement"]["n"] == 3 and evals["heldout_agreement"]["n"] == 2
+    assert result.metrics["validation_agreement"] == evals["validation_agreement"]["agreement"]
+    assert "eval_loss" in result.metrics  # the trainer watched validation while it ran
+
+
 def test_dpo_merged_weights_differ_from_parent(home, data, tmp_path):
     import torch
     from safetensors.torch import load_file
