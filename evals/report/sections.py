@@ -378,8 +378,9 @@ def _reward_models(registry: Registry | None) -> Section | None:
         ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]",
          "validation agreement % (pairs)"], rows,
         caption="share of held-out pairs whose chosen answer the reward model scores higher (a tie disagrees), Wilson "
-        "intervals; the length baseline is what a reward model must beat. Validation pairs (`data.validation_fraction`) "
-        "are carved from training and are what hyper-parameters were chosen on; the held-out figure is not")])
+        "intervals; the length baseline is what a reward model must beat. Validation pairs "
+        "(`data.validation_fraction`) are carved from training and are what hyper-parameters were chosen on; the "
+        "held-out figure is not")])
 
 
 def _validation_agreement(evals: dict[str, Any]) -> str:
