@@ -32,7 +32,7 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 # (section, field, default) of every field added after recipes had been run; see Recipe.resolved.
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
-    ("sampling", "limit", None))
+    ("sampling", "limit", None), ("data", "validation_fraction", 0.0))
 
 
 class _RecipeLoader(yaml.SafeLoader):

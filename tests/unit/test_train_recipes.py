@@ -132,7 +132,8 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
 
 def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_path, pairs):
     """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group`,
-    `lora.top_layers` or `sampling.limit` must not change the recipes that do not use them."""
+    `data.validation_fraction`, `lora.top_layers` or `sampling.limit` must not change the recipes that do not use
+    them."""
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
     resolved = recipe.resolved()
     assert "rewards" not in resolved and "eval_group" not in resolved["data"] and "top_layers" not in resolved["lora"]
@@ -142,6 +143,8 @@ def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_p
                                            "lora": {"top_layers": 4}}))
     assert grouped.resolved()["data"]["eval_group"] == "opening" and grouped.resolved()["lora"]["top_layers"] == 4
     assert grouped.digest() != recipe.digest()
+    carved = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs), "validation_fraction": 0.1}}))
+    assert carved.resolved()["data"]["validation_fraction"] == 0.1 and carved.digest() != recipe.digest()
     grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
     assert grpo.resolved()["rewards"]["served_letter"] == 1.0
     sampling = {"reward_model": "rm", "prompts": str(pairs)}
