@@ -366,14 +366,11 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
 
 def _reward_models(registry: Registry | None) -> Section | None:
     """Every registered reward model's agreement with its held-out human preferences (`zephyr train rm`)."""
-    measured = [(e.name, e.manifest.evals["heldout_agreement"], e.manifest.evals)
-                for e in (registry.list() if registry else [])
+    measured = [(e.name, e.manifest.evals) for e in (registry.list() if registry else [])
                 if e.manifest.method == "rm" and "heldout_agreement" in e.manifest.evals]
     if not measured:
         return None
-    rows = [[name, str(r["n"]), _fmt_rate(r["n"], r["agreement"], r["ci95"]),
-             _fmt_rate(r["n"], r["longer_answer"], r["longer_answer_ci95"]), _validation_agreement(evals)]
-            for name, r, evals in measured]
+    rows = [_reward_model_row(name, evals) for name, evals in measured]
     return Section("Reward models: agreement with held-out human preferences", [DocTable(
         ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]",
          "validation agreement % (pairs)"], rows,
@@ -383,10 +380,13 @@ def _reward_models(registry: Registry | None) -> Section | None:
         "held-out figure is not")])
 
 
-def _validation_agreement(evals: dict[str, Any]) -> str:
-    if not (r := evals.get("validation_agreement")):
-        return MISSING
-    return f"{_fmt_rate(r['n'], r['agreement'], r['ci95'])} ({r['n']})"
+def _reward_model_row(name: str, evals: dict[str, Any]) -> list[str]:
+    held = evals["heldout_agreement"]
+    validation = evals.get("validation_agreement")
+    return [name, str(held["n"]), _fmt_rate(held["n"], held["agreement"], held["ci95"]),
+            _fmt_rate(held["n"], held["longer_answer"], held["longer_answer_ci95"]),
+            f"{_fmt_rate(validation['n'], validation['agreement'], validation['ci95'])} ({validation['n']})"
+            if validation else MISSING]
 
 
 def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str:
