@@ -1,21 +1,29 @@
-"""Reviewers judge a candidate before promotion, end to end on CPU: two real servers (`zephyr serve` of the served
-model, whose review candidates come from a second `zephyr serve` of the candidate model), blind pairs judged
-through the review API, the export, and `zephyr eval gate --reviews` passing and failing on those verdicts."""
+"""The product's loop on CPU, real parts throughout: two real servers (`zephyr serve` of the served model, whose
+review candidates come from a second `zephyr serve` of the candidate model), blind pairs judged through the review
+API, the export, `zephyr eval gate --reviews` passing and failing on those verdicts; then the verdicts cleaned into
+preference pairs, DPO on them, the trained model quantized (W8A8, llm-compressor), served, and gated against the
+served model through both servers' /mcq."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cli.app import app as cli
 from evals.results import EvalRun, ResultStore, measurement
 from loadtest.harness import REVIEWER_KEYS, STUDENT_KEY, LocalServer, ServerFailed, linked_home, linked_variant
+from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 pytestmark = pytest.mark.integration
@@ -96,16 +104,24 @@ def judge(served: LocalServer, answers: dict[str, str], served_wins: int) -> Non
         assert http.get("/review/api/next").json()["item"] is None
 
 
-def test_reviewers_gate_a_candidate_served_by_a_second_server(servers, tmp_path):
+@pytest.fixture(scope="module")
+def export(servers, tmp_path_factory) -> Path:
+    """Six chats judged blind, the candidate winning 5 of 6, exported as DPO pairs."""
     served, _ = servers
     answers = ask_for_review(served)
-    judge(served, answers, served_wins=1)  # the candidate wins 5 of 6
-    env = {"ZEPHYR_HOME": str(served.home)}
-    export = tmp_path / "reviews.jsonl"
-    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(export)], env=env)
+    judge(served, answers, served_wins=1)
+    out = tmp_path_factory.mktemp("export") / "reviews.jsonl"
+    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out)],
+                                env={"ZEPHYR_HOME": str(served.home)})
     assert result.exit_code == 0, result.output
-    pairs = [json.loads(line) for line in export.read_text().splitlines()]
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert Counter(p["meta"]["chosen_model"] for p in pairs) == {CANDIDATE: 5, DEFAULT_MODEL: 1}
+    return out
+
+
+def test_reviewers_gate_a_candidate_served_by_a_second_server(servers, export):
+    served, _ = servers
+    env = {"ZEPHYR_HOME": str(served.home)}
 
     # Equal benchmark results (the benchmark side of the gate is tested on its own): the verdicts decide.
     store = ResultStore(Settings(home=served.home).resolved_eval_results_dir)
@@ -128,3 +144,73 @@ def test_reviewers_gate_a_candidate_served_by_a_second_server(servers, tmp_path)
                                        "--suites", "mcq", "--reviews", str(export), "--min-review-pairs", "6"],
                                  env=env)
     assert reverse.exit_code == 1 and "1 of 6 pairs" in " ".join(reverse.output.split())
+
+
+def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """The `zephyr` command in a subprocess: training and quantization load models this process should not keep."""
+    result = subprocess.run([sys.executable, "-m", "cli", *args], env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"zephyr {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(servers, export, tmp_path):
+    """The rest of the loop, on the real default model, sized to run in minutes: two DPO steps and a W8A8 from six
+    calibration samples show that each part takes the one before's output, not that the candidate is better."""
+    served, _ = servers
+    env = {"ZEPHYR_HOME": str(served.home), "ZEPHYR_EVAL_RESULTS_DIR": str(tmp_path / "results"),
+           "ZEPHYR_ENFORCE_EAGER": "true",
+           "ZEPHYR_QUANT_ENV": str(Settings().resolved_quant_env)}  # one per machine, made on first use
+    registry = Registry(served.home / "models")
+
+    # Verdicts -> preference pairs: validated and cleaned (PII, duplicates, overlap with ARC-Easy test).
+    pairs = tmp_path / "review-dpo.jsonl"
+    zephyr("data", "review", "--input", str(export), "--out", str(pairs), "--against", "arc_easy", env=env)
+    cleaned = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert len(cleaned) == 6 and {p["meta"]["chosen_model"] for p in cleaned} == {CANDIDATE, DEFAULT_MODEL}
+
+    # Pairs -> DPO on the served model.
+    trained = "smollm2-135m-dpo-reviews"
+    recipe = tmp_path / "dpo-reviews.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "dpo", "model": DEFAULT_MODEL, "output": trained, "data": {"train": [str(pairs)]},
+        "lora": {"r": 4, "alpha": 8},
+        "trainer": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256, "beta": 0.1}}))
+    zephyr("train", "dpo", "--recipe", str(recipe), env=env)
+    entry = registry.get(trained)
+    assert (entry.manifest.parent, entry.manifest.method) == (DEFAULT_MODEL, "dpo")
+    assert entry.manifest.recipe["data"]["train"] == [str(pairs)]
+
+    # The trained entry -> W8A8, calibrated on ARC-Easy train chats.
+    zephyr("quantize", "--model", trained, "--method", "w8a8", "--calibration-sources", "arc_easy:train",
+           "--samples", "6", "--seq-len", "128", env=env)
+    quantized = f"{trained}-w8a8"
+    assert (registry.get(quantized).manifest.parent, registry.get(quantized).manifest.method) == (trained, "w8a8")
+
+    # Served, answering chats and MCQs, and gated against the served model over the same questions, each scored
+    # through its own server's /mcq (a handful of questions: the gate must compare, not judge a 2-step model).
+    try:
+        server = LocalServer.start(served.home, model=quantized, kv_cache_gib="0.5", review_policy="off")
+    except ServerFailed as exc:
+        pytest.fail(str(exc))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120,
+                          headers={"Authorization": f"Bearer {STUDENT_KEY}"}) as http:
+            chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTIONS[0]}],
+                                                            "max_tokens": 8, "temperature": 0})
+            assert chat.status_code == 200 and chat.json()["model"] == quantized, chat.text
+            mcq = http.post("/mcq", json={"question": "Which planet is closest to the Sun?",
+                                          "options": ["Mercury", "Venus", "Earth", "Mars"], "method": "cloze"})
+            assert mcq.status_code == 200 and mcq.json()["answer"] in ("A", "B", "C", "D"), mcq.text
+        for model, url in ((DEFAULT_MODEL, served.url), (quantized, server.url)):
+            zephyr("eval", "run", "--model", model, "--suite", "mcq", "--benchmarks", "arc_easy", "--limit", "16",
+                   "--no-local", "--server", url, "--api-key", STUDENT_KEY, env=env)
+    finally:
+        server.stop()
+    store = ResultStore(tmp_path / "results")
+    for model in (DEFAULT_MODEL, quantized):
+        served_answers = store.latest(model).get("arc_easy/mcq_acc_auto_server")
+        assert served_answers is not None and len(served_answers.items) == 16, model
+    gate = zephyr("eval", "gate", "--candidate", quantized, "--baseline", DEFAULT_MODEL, "--suites", "mcq",
+                  "--max-drop", "100", env=env)
+    assert f"gate passed: {quantized} is within 100.0 points" in " ".join(gate.stdout.split()), gate.stdout
