@@ -111,13 +111,13 @@ def calibrate_command(
         help="The cue the answer prior is scored after (without the question) [default: zephyr.mcq's "
              "ANSWER_PRIOR_CONTEXT]; the record keeps it and the service asks with it")] = None,
     demonstrations: Annotated[int | None, typer.Option(
-        help="Solved ARC-Easy train examples before every cloze and answer-prior prompt [default: "
-             "evals.calibrate's DEMONSTRATIONS_DEFAULT, 5; 0 for none]; the record keeps them and the service "
-             "asks with them")] = None,
+        help="Solved ARC-Easy train examples before every cloze and answer-prior prompt [default: as many as "
+             "the parent's record for a quantized entry, else evals.calibrate's DEMONSTRATIONS_DEFAULT, 5; 0 for "
+             "none]; the record keeps them and the service asks with them")] = None,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
-    from evals.calibrate import DEMONSTRATIONS_DEFAULT, DEMONSTRATIONS_MAX, CalibrationError, calibrate
+    from evals.calibrate import DEMONSTRATIONS_MAX, CalibrationError, calibrate
     from offline.benchmarks import DatasetError
     from zephyr.memory import NotEnoughMemory
 
@@ -141,7 +141,7 @@ def calibrate_command(
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
                   letter=letter, answer_prior_context=answer_prior_context,
-                  demonstration_count=DEMONSTRATIONS_DEFAULT if demonstrations is None else demonstrations)
+                  demonstration_count=demonstrations)
     except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:

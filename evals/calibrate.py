@@ -24,7 +24,7 @@ from evals.results import ResultStore
 from evals.run import needs_transformers
 from offline.benchmarks import CALIBRATION_LIMITS, CALIBRATION_SPLITS, load
 from zephyr import mcq
-from zephyr.registry import Registry
+from zephyr.registry import QUANT_METHODS, Registry, RegistryEntry
 from zephyr.settings import Settings
 
 # Each MCQ benchmark's validation split, or its train split where validation is the split we report (defined in
@@ -71,6 +71,19 @@ def demonstrations(settings: Settings, count: int, seed: int = DEMONSTRATIONS_SE
     text = mcq.render_demonstrations([(mcq_eval.question_of(item), item.options[mcq.LETTERS.index(item.answer)])
                                       for item in chosen])
     return text, {"benchmark": name, "split": split, "seed": seed, "count": count, "ids": [i.id for i in chosen]}
+
+
+def default_demonstrations(registry: Registry, entry: RegistryEntry) -> tuple[int, str]:
+    """How many demonstrations a calibration scores after when none are asked for, and why. A quantized entry is
+    asked as its parent's record asks (the count was chosen on validation for those weights, and the
+    quantized-vs-parent comparison then differs in the weights alone); anything else gets the default."""
+    parent = entry.manifest.parent
+    if entry.manifest.method in QUANT_METHODS and parent and registry.exists(parent):
+        record = registry.get(parent).manifest.mcq_calibration
+        if record is not None:
+            count = record.demonstrations_source.get("count", 0) if record.demonstrations else 0
+            return count, f"as its parent {parent}'s record asks"
+    return DEMONSTRATIONS_DEFAULT, "the default"
 
 
 class SavedScores(NamedTuple):
@@ -159,11 +172,12 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
               benchmarks: list[str] | None = None, write: bool = True,
               scores: Path | None = None, letter: bool = True,
               answer_prior_context: str | None = None,
-              demonstration_count: int = DEMONSTRATIONS_DEFAULT) -> mcq.MCQCalibration:
+              demonstration_count: int | None = None) -> mcq.MCQCalibration:
     """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
     writes the record into the model's zephyr.json. Without `letter` the letter format is not scored and the
     candidates that read it are not fitted (the fit skips a feature no question has). Cloze and the answer prior
-    are scored after `demonstration_count` solved training examples, which the record keeps for the service."""
+    are scored after `demonstration_count` solved training examples, which the record keeps for the service
+    (None: as many as `default_demonstrations` says)."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
     if scores is not None:
@@ -171,6 +185,9 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"refitting from {scores}")
     else:
         cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
+        if demonstration_count is None:
+            demonstration_count, why = default_demonstrations(registry, entry)
+            console.print(f"{demonstration_count} demonstrations: {why} (--demonstrations to choose)")
         shown, source = demonstrations(settings, demonstration_count)
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
         saved_scores = SavedScores({name: split for name, (split, _) in data.items()},

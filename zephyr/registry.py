@@ -99,6 +99,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# `zephyr quantize`'s methods, as a manifest's `method` names them: an entry made by one holds its parent's weights,
+# compressed, and is measured and asked as its parent is.
+QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
+
+
 def quantization_config(model: RegistryEntry | Path) -> dict[str, Any] | None:
     """The `quantization_config` of a model folder's config.json (None for an unquantized model)."""
     path = model.path if isinstance(model, RegistryEntry) else Path(model)

@@ -13,12 +13,11 @@ import numpy as np
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate
 from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
-from zephyr.registry import Registry
+from zephyr.registry import QUANT_METHODS, Registry
 
 from .document import MISSING, Block, DocTable, Section
 from .plots import NO_MATPLOTLIB, plot_accuracy, plot_quantized, plot_reliability, plot_rm
 from .views import (
-    QUANT_METHODS,
     SERVED_METRIC,
     ModelView,
     concurrencies,

@@ -13,7 +13,6 @@ from zephyr.registry import Registry
 
 from .document import MISSING
 
-QUANT_METHODS = ("gptq", "awq", "w8a8", "easyquant", "bnb")
 SERVED_METRIC = method_metric("auto")  # /mcq's default method, through each model's own calibration record
 
 

@@ -222,6 +222,34 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
     assert mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}).answer_prior_context == "Answer:"
 
 
+def test_a_quantized_entry_is_calibrated_after_as_many_demonstrations_as_its_parent_record(tmp_path: Path,
+                                                                                             default_model):
+    from evals.calibrate import DEMONSTRATIONS_DEFAULT, default_demonstrations
+    from loadtest.harness import linked_variant
+    from zephyr.registry import Registry
+
+    home = tmp_path / "home"
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0})
+    shown = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, demonstrations="Question: a?\nAnswer: b\n\n",
+                               demonstrations_source={"count": 3})
+    linked_variant(home, default_model, "trained", method="dpo", mcq_calibration=record)  # chose none
+    linked_variant(home, default_model, "parent-of-few", method="base", mcq_calibration=shown)
+    linked_variant(home, default_model, "uncalibrated", method="dpo")
+    registry = Registry(home / "models")
+
+    def count(name: str, parent: str | None, method: str) -> int:
+        linked_variant(home, default_model, name, method=method, parent=parent)
+        return default_demonstrations(registry, registry.get(name))[0]
+
+    assert count("trained-w8a8", "trained", "w8a8") == 0
+    assert count("few-gptq", "parent-of-few", "gptq") == 3
+    # Anything else gets the default: a trained entry (its count is chosen on validation, not inherited), a quantized
+    # entry whose parent has no record or is not in this registry.
+    assert count("trained-again", "trained", "dpo") == DEMONSTRATIONS_DEFAULT
+    assert count("bare-awq", "uncalibrated", "awq") == DEMONSTRATIONS_DEFAULT
+    assert count("orphan-w8a8", "gone", "w8a8") == DEMONSTRATIONS_DEFAULT
+
+
 def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_differs():
     # Questions with a passage are answered far more reliably at the same raw margin: one temperature cannot
     # fit both kinds, a sharpness that reads `support` can.
