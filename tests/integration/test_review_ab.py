@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +21,7 @@ from typer.testing import CliRunner
 from cli.app import app as cli
 from evals.results import EvalRun, ResultStore, measurement
 from loadtest.harness import REVIEWER_KEYS, STUDENT_KEY, LocalServer, ServerFailed, linked_home, linked_variant
+from tests.integration.test_training import zephyr  # in a subprocess: it loads models
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -146,19 +145,11 @@ def test_reviewers_gate_a_candidate_served_by_a_second_server(servers, export):
     assert reverse.exit_code == 1 and "1 of 6 pairs" in " ".join(reverse.output.split())
 
 
-def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    """The `zephyr` command in a subprocess: training and quantization load models this process should not keep."""
-    result = subprocess.run([sys.executable, "-m", "cli", *args], env={**os.environ, **env}, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"zephyr {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(servers, export, tmp_path):
     """The rest of the loop, on the real default model, sized to run in minutes: two DPO steps and a W8A8 from six
     calibration samples show that each part takes the one before's output, not that the candidate is better."""
     served, _ = servers
-    env = {"ZEPHYR_HOME": str(served.home), "ZEPHYR_EVAL_RESULTS_DIR": str(tmp_path / "results"),
+    env = {**os.environ, "ZEPHYR_HOME": str(served.home), "ZEPHYR_EVAL_RESULTS_DIR": str(tmp_path / "results"),
            "ZEPHYR_ENFORCE_EAGER": "true",
            "ZEPHYR_QUANT_ENV": str(Settings().resolved_quant_env)}  # one per machine, made on first use
     registry = Registry(served.home / "models")
