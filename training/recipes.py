@@ -66,7 +66,8 @@ class DataSpec(_Strict):
     validation_fraction: float = Field(
         default=0.0, ge=0.0, lt=0.5, description="carved from what is left to train on, grouped as eval_fraction is: "
         "the trainer evaluates on it instead of the held-out part, so hyper-parameters are chosen on validation and "
-        "the held-out figure is reported, never tuned on")
+        "the held-out figure is reported, never tuned on; the held-out part is scored once, after training "
+        "(`heldout_*` in summary.json; a reward model's as `heldout_agreement`)")
     limit: int | None = Field(default=None, gt=0, description="use only the first N training records")
     eval_group: Literal["record", "opening"] = Field(
         default="record", description="what eval_fraction holds out: single records, or whole groups of records "

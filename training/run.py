@@ -330,6 +330,19 @@ def final_eval(trainer: Any) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+def heldout_eval(trainer: Any, dataset: Any, metrics_log: Any) -> dict[str, Any]:
+    """The trainer's loss and metrics on the held-out part, as `heldout_*`. TRL's trainers log their own metrics
+    (rewards, token accuracy) as `eval_*` whatever the prefix, so the row would read as validation's: it stays out
+    of metrics.jsonl (whose eval rows are what a sweep chooses by) and its keys are renamed here."""
+    trainer.pop_callback(metrics_log)
+    try:
+        scored = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="heldout")
+    finally:
+        trainer.add_callback(metrics_log)
+    return {f"heldout_{key.removeprefix('eval_')}" if key.startswith("eval_") else key: value
+            for key, value in scored.items()}
+
+
 def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any, part: str,
                            console: Console) -> dict[str, Any]:
     """The registered reward model's agreement with every pair of one part (`heldout` or `validation`), pooled
@@ -432,12 +445,17 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train")
             if watched is not None:
                 watched = pretokenize(watched, tokenizer, recipe.method, console, "eval")
-        trainer = _trainer(recipe, model, tokenizer, args, train_set, watched,
-                           [_metrics_callback(run_dir / "metrics.jsonl")], reward_funcs)
+        metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
+        trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
         if watched is not None:
             metrics |= final_eval(trainer)
+        if validation_set is not None and eval_set is not None and recipe.method != "rm":
+            # The trainer watched validation; the held-out part is scored once, now, by the same loss and metrics
+            # (a reward model's is scored below, pooled over every pair, as the report reads it).
+            heldout = pretokenize(eval_set, tokenizer, recipe.method, console, "held-out") if plain_text else eval_set
+            metrics |= heldout_eval(trainer, heldout, metrics_log)
         entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
         if entry is not None and recipe.method == "rm":
             for part, pairs in (("validation", validation_set), ("heldout", eval_set)):

@@ -116,6 +116,28 @@ def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_bo
     assert evals["validation_agreement"]["n"] == 3 and evals["heldout_agreement"]["n"] == 2
     assert result.metrics["validation_agreement"] == evals["validation_agreement"]["agreement"]
     assert "eval_loss" in result.metrics  # the trainer watched validation while it ran
+    assert not any(key.startswith("heldout_loss") for key in result.metrics)  # scored pooled, above
+
+
+def test_with_validation_a_dpo_run_scores_its_held_out_pairs_once_at_the_end(home, data, tmp_path):
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "tiny-dpo-val", {
+        "method": "dpo", "model": TINY, "output": "tiny-dpo-val",
+        "data": {"train": str(data["dpo"]), "eval_fraction": 0.25, "validation_fraction": 0.4},
+        "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "beta": 0.1}})
+    result = train(load_recipe(path), settings, recipe_path=path)
+
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert (summary["train_records"], summary["validation_records"], summary["eval_records"]) == (3, 3, 2)
+    for part in ("eval", "heldout"):  # validation while it ran, the held-out pairs once after
+        assert f"{part}_loss" in summary["metrics"] and f"{part}_rewards/accuracies" in summary["metrics"]
+    metrics = summary["metrics"]
+    assert metrics["heldout_loss"] != metrics["eval_loss"]  # two different sets of pairs
+    # TRL names its own metrics eval_* in every evaluation: validation's must not be overwritten by held-out ones
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    (validation,) = [row for row in logged if "eval_loss" in row]
+    assert metrics["eval_rewards/margins"] == validation["eval_rewards/margins"]
+    assert not any(key.startswith("heldout") for row in logged for key in row)  # sweeps read validation only
 
 
 def test_dpo_merged_weights_differ_from_parent(home, data, tmp_path):
