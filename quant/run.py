@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, copy_tokenizer_files
+from zephyr.registry import (
+    QUANT_METHODS,
+    ModelManifest,
+    Registry,
+    RegistryEntry,
+    RegistryError,
+    check_name,
+    copy_tokenizer_files,
+)
 from zephyr.settings import Settings
 
 # Method -> the schemes it accepts, default first. Names are llm-compressor's presets (W4A16 = int4 weights,
@@ -29,7 +37,7 @@ SCHEMES: dict[str, tuple[str, ...]] = {
     "easyquant": ("W4A16",),
     "bnb": ("nf4", "fp4"),
 }
-METHODS = tuple(SCHEMES)
+METHODS = QUANT_METHODS  # the core's list, by which calibration and the report know a quantized entry
 LLM_COMPRESSOR = ("gptq", "awq", "w8a8")
 CALIBRATED = ("gptq", "awq", "w8a8")
 GROUPED = ("gptq", "awq", "easyquant")  # w8a8 is per channel; bnb's block size is its own (64)

@@ -176,7 +176,8 @@ def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(
     zephyr("quantize", "--model", trained, "--method", "w8a8", "--calibration-sources", "arc_easy:train",
            "--samples", "6", "--seq-len", "128", env=env)
     quantized = f"{trained}-w8a8"
-    assert (registry.get(quantized).manifest.parent, registry.get(quantized).manifest.method) == (trained, "w8a8")
+    made = registry.get(quantized).manifest
+    assert (made.parent, made.method) == (trained, "w8a8")
 
     # Served, answering chats and MCQs, and gated against the served model over the same questions, each scored
     # through its own server's /mcq (a handful of questions: the gate must compare, not judge a 2-step model).

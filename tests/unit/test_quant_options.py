@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from quant import calibration
-from quant.run import QuantError, QuantOptions, check, linear_input_features
-from zephyr.registry import Registry
+from quant.run import SCHEMES, QuantError, QuantOptions, check, linear_input_features
+from zephyr.registry import QUANT_METHODS, Registry
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
 
@@ -164,3 +164,8 @@ def test_a_failing_worker_reports_its_last_lines(tmp_path):
     assert "the quantization worker failed" in str(exc.value) and "llmcompressor" in str(exc.value)
     assert "full log:" in str(exc.value) and "llmcompressor" in (tmp_path / "worker.log").read_text()
     assert lines  # streamed while it ran
+
+
+def test_every_quantization_method_has_schemes_and_the_core_knows_it():
+    # Calibration and the report tell a quantized entry by its manifest's method, from the core's list.
+    assert tuple(SCHEMES) == QUANT_METHODS
