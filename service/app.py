@@ -95,7 +95,8 @@ def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     # The drain phase already waited for in-flight requests; uvicorn's own wait only covers the last bytes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS)
+                            timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS,
+                            timeout_keep_alive=settings.keep_alive_seconds)
     DrainingServer(config, settings.drain_seconds).run()
     return app.state.exit_code
 

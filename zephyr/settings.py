@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_n: int = 8
     max_mcq_batch: int = 64
     drain_seconds: int = 30
+    keep_alive_seconds: int = Field(default=75, gt=0, description="How long an idle client connection stays open. "
+                                    "Longer than a proxy's idle timeout (nginx and cloud balancers: 60 s), so the "
+                                    "server never closes a connection just as the proxy or client reuses it")
 
     # Generation log.
     log_generations: bool = Field(default=True, description="false: write no generation rows (measuring the log's "

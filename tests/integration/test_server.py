@@ -7,6 +7,7 @@ import json
 import math
 import sqlite3
 import time
+from http.client import HTTPConnection
 
 import httpx
 import openai
@@ -92,6 +93,23 @@ def test_client_errors_map_to_openai_exceptions(client, server):
     anonymous = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         anonymous.chat.completions.create(model=MODEL, messages=ask("hi"))
+
+
+def test_a_connection_idle_longer_than_uvicorns_default_keep_alive_is_still_served(server):
+    """A client (or a proxy) that reuses its connection after a pause: with uvicorn's 5 s default the server
+    closed it as the next request arrived, and the client saw "closed without response" (a load drill's
+    student did, pausing 2-12 s between turns)."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    connection = HTTPConnection(host, int(port), timeout=30)
+    try:
+        for pause in (0, 6):
+            time.sleep(pause)
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200 and not response.will_close
+    finally:
+        connection.close()
 
 
 def test_mcq_answers_with_a_letter_and_a_distribution(http, server):
