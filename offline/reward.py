@@ -97,7 +97,15 @@ def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8)
     per_pair = [float(c > w) for c, w in zip(chosen, rejected, strict=True)]
     agree, n = int(sum(per_pair)), len(pairs)
     longer = sum(len(_last_reply(p["chosen"])) > len(_last_reply(p["rejected"])) for p in pairs)
+    # Where people chose the shorter reply, length cannot explain an agreement: what the model learned beyond it.
+    against_length = [a for a, p in zip(per_pair, pairs, strict=True)
+                      if len(_last_reply(p["chosen"])) < len(_last_reply(p["rejected"]))]
+    shorter_agree = int(sum(against_length))
     return {"n": n, "agreement": agree / n, "ci95": wilson(agree, n),
             "ties": sum(c == w for c, w in zip(chosen, rejected, strict=True)),
             "mean_margin": sum(c - w for c, w in zip(chosen, rejected, strict=True)) / n,
-            "longer_answer": longer / n, "longer_answer_ci95": wilson(longer, n), "per_pair": per_pair}
+            "longer_answer": longer / n, "longer_answer_ci95": wilson(longer, n),
+            "shorter_chosen": {"n": len(against_length),
+                               "agreement": shorter_agree / len(against_length) if against_length else None,
+                               "ci95": wilson(shorter_agree, len(against_length))},
+            "per_pair": per_pair}

@@ -357,7 +357,8 @@ def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any,
     low, high = result["ci95"]
     return {f"{part}_pairs": result["n"], f"{part}_agreement": result["agreement"],
             f"{part}_agreement_low": low, f"{part}_agreement_high": high,
-            f"{part}_longer_answer": result["longer_answer"]}
+            f"{part}_longer_answer": result["longer_answer"],
+            f"{part}_agreement_shorter_chosen": result["shorter_chosen"]["agreement"]}
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

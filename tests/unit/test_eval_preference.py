@@ -8,7 +8,7 @@ import json
 import pytest
 
 from evals.preference import human_win_rates, rm_human_agreement, rm_win_rate, score_stats
-from offline.reward import RewardModel
+from offline.reward import RewardModel, pair_agreement
 from offline.stats import wilson
 from tests.unit.review_export import write_dpo_export
 
@@ -155,6 +155,23 @@ def test_rm_human_agreement_with_a_hand_built_scorer():
     assert 0.0 <= lo < 1 / 3 < hi <= 1.0
     with pytest.raises(ValueError, match="no preference pairs"):
         rm_human_agreement(FixedScorer(), [])
+
+
+class ShortestScorer:
+    """Prefers the shorter answer: agrees with people exactly where they chose the shorter reply."""
+
+    def score(self, conversations, batch_size=8):
+        return [-float(len(c[-1]["content"])) for c in conversations]
+
+
+def test_agreement_where_people_chose_the_shorter_reply_is_what_length_cannot_explain():
+    data = pairs([("longer answer", "short"), ("y", "long answer"), ("no", "nope, never"), ("ab", "cd")])
+    by_length = pair_agreement(FixedScorer(), data)["shorter_chosen"]
+    assert by_length["n"] == 2 and by_length["agreement"] == 0.0  # a length scorer never agrees there
+    against = pair_agreement(ShortestScorer(), data)["shorter_chosen"]
+    assert against["n"] == 2 and against["agreement"] == 1.0 and against["ci95"][1] == pytest.approx(1.0)
+    assert pair_agreement(FixedScorer(), pairs([("longer answer", "short")]))["shorter_chosen"] == {
+        "n": 0, "agreement": None, "ci95": None}
 
 
 def test_rm_human_agreement_with_the_tiny_reward_model(tmp_path):
