@@ -372,9 +372,10 @@ def _reward_models(registry: Registry | None) -> Section | None:
     rows = [_reward_model_row(name, evals) for name, evals in measured]
     return Section("Reward models: agreement with held-out human preferences", [DocTable(
         ["reward model", "held-out pairs", "agreement % [95% CI]", "prefer the longer answer % [95% CI]",
-         "validation agreement % (pairs)"], rows,
+         "agreement where people chose the shorter % (pairs)", "validation agreement % (pairs)"], rows,
         caption="share of held-out pairs whose chosen answer the reward model scores higher (a tie disagrees), Wilson "
-        "intervals; the length baseline is what a reward model must beat. Validation pairs "
+        "intervals; the length baseline is what a reward model must beat, and where people chose the shorter reply "
+        "length cannot explain an agreement (recorded since 2026-12-02). Validation pairs "
         "(`data.validation_fraction`) are carved from training and are what hyper-parameters were chosen on; the "
         "held-out figure is not")])
 
@@ -384,6 +385,8 @@ def _reward_model_row(name: str, evals: dict[str, Any]) -> list[str]:
     validation = evals.get("validation_agreement")
     return [name, str(held["n"]), _fmt_rate(held["n"], held["agreement"], held["ci95"]),
             _fmt_rate(held["n"], held["longer_answer"], held["longer_answer_ci95"]),
+            f"{_fmt_rate(shorter['n'], shorter['agreement'], shorter['ci95'])} ({shorter['n']})"
+            if (shorter := held.get("shorter_chosen")) else MISSING,
             f"{_fmt_rate(validation['n'], validation['agreement'], validation['ci95'])} ({validation['n']})"
             if validation else MISSING]
 

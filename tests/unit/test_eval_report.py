@@ -183,13 +183,16 @@ def test_reward_models_show_their_held_out_agreement_next_to_the_length_baseline
     registry.record_eval("p-rm", "heldout_agreement", {"n": 350, "agreement": 0.65, "ci95": [0.6, 0.7],
                                                        "longer_answer": 0.58, "longer_answer_ci95": [0.53, 0.63]})
     registry.record_eval("p-rm-swept", "heldout_agreement", {"n": 300, "agreement": 0.66, "ci95": [0.6, 0.7],
-                                                             "longer_answer": 0.5, "longer_answer_ci95": [0.4, 0.6]})
+                                                             "longer_answer": 0.5, "longer_answer_ci95": [0.4, 0.6],
+                                                             "shorter_chosen": {"n": 120, "agreement": 0.55,
+                                                                                "ci95": [0.46, 0.64]}})
     registry.record_eval("p-rm-swept", "validation_agreement", {"n": 200, "agreement": 0.7, "ci95": [0.63, 0.76],
                                                                 "longer_answer": 0.5, "longer_answer_ci95": [0.4, 0.6]})
     md = write_report(store, ["p"], tmp_path / "out", registry=registry)[0].read_text()
     section = md.split("## Reward models: agreement with held-out human preferences")[1].split("\n## ")[0]
-    assert "| p-rm | 350 | 65.0 [60.0, 70.0] | 58.0 [53.0, 63.0] | — |" in section
-    assert "| p-rm-swept | 300 | 66.0 [60.0, 70.0] | 50.0 [40.0, 60.0] | 70.0 [63.0, 76.0] (200) |" in section
+    assert "| p-rm | 350 | 65.0 [60.0, 70.0] | 58.0 [53.0, 63.0] | — | — |" in section  # recorded before either
+    assert ("| p-rm-swept | 300 | 66.0 [60.0, 70.0] | 50.0 [40.0, 60.0] | 55.0 [46.0, 64.0] (120) "
+            "| 70.0 [63.0, 76.0] (200) |") in section
     assert "p-rm-old" not in section  # no measurement, no row
     assert "Reward models" not in write_report(store, ["p"], tmp_path / "out2")[0].read_text()
 
