@@ -51,7 +51,9 @@ def app_factory(settings_factory, tokenizer):
                 self.fatal_calls += 1
 
             self.app = create_app(self.settings, self.factory, on_fatal=on_fatal)
-            self.manager = LifespanManager(self.app)
+            # asgi-lifespan's 5 s default: an app start took longer than that with the unit tests on
+            # both cores, and a slow start is not what these tests assert.
+            self.manager = LifespanManager(self.app, startup_timeout=60, shutdown_timeout=60)
             await self.manager.__aenter__()
             await self.app.state.ready.wait()
             transport = httpx.ASGITransport(app=self.manager.app)
