@@ -41,16 +41,17 @@ serve: setup
 
 # Both parts run even if the first fails. The integration tests stay one at a time: they share one real server,
 # end by stopping it (test_z_shutdown), and the drills' checks assume the cores are theirs.
+UNIT_TESTS = $(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) tests/unit
+INTEGRATION_TESTS = $(PY) -m pytest $(PYTEST_ARGS) tests/integration
+
 test: setup $(HELM)
-	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) tests/unit; unit=$$?; \
-	$(PY) -m pytest $(PYTEST_ARGS) tests/integration; integration=$$?; \
-	exit $$(( unit || integration ))
+	$(UNIT_TESTS); unit=$$?; $(INTEGRATION_TESTS); integration=$$?; exit $$(( unit || integration ))
 
 test-unit: setup
-	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) tests/unit
+	$(UNIT_TESTS)
 
 test-integration: setup
-	$(PY) -m pytest $(PYTEST_ARGS) tests/integration
+	$(INTEGRATION_TESTS)
 
 # The OpenAPI fuzzer at length against a real server it starts (CI runs 1,200 cases on the stub engine and 250
 # on the real one): make fuzz FUZZ_ARGS="--cases 10000 --seed 7", or FUZZ_ARGS="--url ... --student-key ..."

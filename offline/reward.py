@@ -96,10 +96,10 @@ def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8)
     chosen, rejected = scores[0::2], scores[1::2]
     per_pair = [float(c > w) for c, w in zip(chosen, rejected, strict=True)]
     agree, n = int(sum(per_pair)), len(pairs)
-    longer = sum(len(_last_reply(p["chosen"])) > len(_last_reply(p["rejected"])) for p in pairs)
+    lengths = [(len(_last_reply(p["chosen"])), len(_last_reply(p["rejected"]))) for p in pairs]
+    longer = sum(c > w for c, w in lengths)
     # Where people chose the shorter reply, length cannot explain an agreement: what the model learned beyond it.
-    against_length = [a for a, p in zip(per_pair, pairs, strict=True)
-                      if len(_last_reply(p["chosen"])) < len(_last_reply(p["rejected"]))]
+    against_length = [a for a, (c, w) in zip(per_pair, lengths, strict=True) if c < w]
     shorter_agree = int(sum(against_length))
     return {"n": n, "agreement": agree / n, "ci95": wilson(agree, n),
             "ties": sum(c == w for c, w in zip(chosen, rejected, strict=True)),

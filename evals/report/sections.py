@@ -385,10 +385,14 @@ def _reward_model_row(name: str, evals: dict[str, Any]) -> list[str]:
     validation = evals.get("validation_agreement")
     return [name, str(held["n"]), _fmt_rate(held["n"], held["agreement"], held["ci95"]),
             _fmt_rate(held["n"], held["longer_answer"], held["longer_answer_ci95"]),
-            f"{_fmt_rate(shorter['n'], shorter['agreement'], shorter['ci95'])} ({shorter['n']})"
-            if (shorter := held.get("shorter_chosen")) else MISSING,
-            f"{_fmt_rate(validation['n'], validation['agreement'], validation['ci95'])} ({validation['n']})"
-            if validation else MISSING]
+            _fmt_agreement_of(held.get("shorter_chosen")), _fmt_agreement_of(validation)]
+
+
+def _fmt_agreement_of(part: dict[str, Any] | None) -> str:
+    """An agreement record's rate, interval and pair count; MISSING for a part not recorded."""
+    if not part:
+        return MISSING
+    return f"{_fmt_rate(part['n'], part['agreement'], part['ci95'])} ({part['n']})"
 
 
 def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str:

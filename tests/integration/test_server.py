@@ -8,6 +8,7 @@ import math
 import sqlite3
 import time
 from http.client import HTTPConnection
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -99,8 +100,8 @@ def test_a_connection_idle_longer_than_uvicorns_default_keep_alive_is_still_serv
     """A client (or a proxy) that reuses its connection after a pause: with uvicorn's 5 s default the server
     closed it as the next request arrived, and the client saw "closed without response" (a load drill's
     student did, pausing 2-12 s between turns)."""
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    connection = HTTPConnection(host, int(port), timeout=30)
+    address = urlsplit(server.url)
+    connection = HTTPConnection(address.hostname, address.port, timeout=30)
     try:
         for pause in (0, 6):
             time.sleep(pause)
