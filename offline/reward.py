@@ -79,6 +79,12 @@ def _last_reply(messages: Conversation) -> str:
     return str(messages[-1].get("content", "")) if messages else ""
 
 
+def reply_lengths(pair: Mapping[str, Any]) -> tuple[int, int]:
+    """The characters of a preference pair's chosen and rejected final replies: what "the longer answer" means in
+    `pair_agreement` and in a recipe's `data.balance_lengths`."""
+    return len(_last_reply(pair["chosen"])), len(_last_reply(pair["rejected"]))
+
+
 def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
     """Share of preference pairs (`prompt`, `chosen`, `rejected` message lists) on which the reward model scores
     the chosen answer strictly above the rejected one (a tie counts as disagreement; `ties` says how many), with a
@@ -96,7 +102,7 @@ def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8)
     chosen, rejected = scores[0::2], scores[1::2]
     per_pair = [float(c > w) for c, w in zip(chosen, rejected, strict=True)]
     agree, n = int(sum(per_pair)), len(pairs)
-    lengths = [(len(_last_reply(p["chosen"])), len(_last_reply(p["rejected"]))) for p in pairs]
+    lengths = [reply_lengths(p) for p in pairs]
     longer = sum(c > w for c, w in lengths)
     # Where people chose the shorter reply, length cannot explain an agreement: what the model learned beyond it.
     against_length = [a for a, (c, w) in zip(per_pair, lengths, strict=True) if c < w]

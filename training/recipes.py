@@ -32,7 +32,7 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 # (section, field, default) of every field added after recipes had been run; see Recipe.resolved.
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
-    ("sampling", "limit", None), ("data", "validation_fraction", 0.0))
+    ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False))
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -69,6 +69,10 @@ class DataSpec(_Strict):
         "the held-out figure is reported, never tuned on; the held-out part is scored once, after training "
         "(`heldout_*` in summary.json; a reward model's as `heldout_agreement`)")
     limit: int | None = Field(default=None, gt=0, description="use only the first N training records")
+    balance_lengths: bool = Field(
+        default=False, description="preference pairs only (rm, dpo): drop training pairs, by the recipe's seed, "
+        "until people chose the longer reply as often as the shorter one, so that length alone predicts nothing "
+        "the model trains on; validation and held-out parts keep every pair")
     eval_group: Literal["record", "opening"] = Field(
         default="record", description="what eval_fraction holds out: single records, or whole groups of records "
         "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side)")
@@ -152,6 +156,8 @@ class Recipe(_Strict):
             raise ValueError(f"method {self.method} needs a `data` section with `train` files")
         if self.method == "rs" and self.data is not None:
             raise ValueError("method rs trains on the answers it samples: drop `data`, set `sampling.prompts`")
+        if self.data is not None and self.data.balance_lengths and self.method not in ("rm", "dpo"):
+            raise ValueError(f"data.balance_lengths needs preference pairs (method rm or dpo), not {self.method}")
         if self.method == "grpo":
             self.rewards = self.rewards or RewardsSpec()
             if not self.rewards.weighted():

@@ -123,6 +123,26 @@ def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any,
     return dataset.select(kept), dataset.select(sorted(held))
 
 
+def balance_lengths(dataset: Any, seed: int) -> Any:
+    """Keep as many pairs whose chosen reply is the longer as pairs whose chosen reply is the shorter, dropping a
+    seeded random part of the larger side (pairs of equal length stay): on hh-rlhf the chosen reply is the longer
+    58% of the time, and a small reward model learns that before anything else."""
+    from offline.reward import reply_lengths
+
+    longer, shorter, even = [], [], []
+    for index, pair in enumerate(dataset):
+        chosen, rejected = reply_lengths(pair)
+        (longer if chosen > rejected else shorter if chosen < rejected else even).append(index)
+    keep = min(len(longer), len(shorter))
+    if not keep:
+        side = "longer" if longer else "shorter"
+        raise RecipeError(f"data.balance_lengths: in every training pair with replies of unequal length the chosen "
+                          f"reply is the {side}, so balancing leaves none of them; drop balance_lengths or add pairs")
+    rng = random.Random(seed)
+    kept = rng.sample(longer, keep) + rng.sample(shorter, keep) + even
+    return dataset.select(sorted(kept))
+
+
 def check_output_free(registry: Registry, output: str, overwrite: bool) -> None:
     if registry.exists(output) and not overwrite:
         raise RegistryError(f"model {output!r} already exists; remove it, pass --overwrite, or set output=NAME")
@@ -423,6 +443,11 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     validation_set = None
     if spec.validation_fraction:
         train_set, validation_set = hold_out(train_set, spec.validation_fraction, spec.eval_group, seed)
+    dropped_for_length = 0
+    if spec.balance_lengths:  # the training part only: what is measured keeps every pair
+        balanced = balance_lengths(train_set, seed)
+        dropped_for_length = len(train_set) - len(balanced)
+        train_set = balanced
     # What the trainer evaluates on while it runs, and so what a sweep reads: validation when there is one.
     watched = validation_set if validation_set is not None else eval_set
 
@@ -434,7 +459,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     _, device = device_summary()
     console.print(f"[bold]{recipe.method}[/] {base.name} -> {output}: {len(train_set)} train / "
                   f"{len(eval_set) if eval_set is not None else 0} eval records"
-                  f"{f' / {len(validation_set)} validation' if validation_set is not None else ''}, "
+                  f"{f' / {len(validation_set)} validation' if validation_set is not None else ''}"
+                  f"{f' ({dropped_for_length} dropped to balance reply lengths)' if spec.balance_lengths else ''}, "
                   f"{'LoRA r' + str(recipe.lora.r) if recipe.lora else 'full fine-tuning'}"
                   f"{' (QLoRA)' if recipe.qlora else ''} on {device}; run folder {run_dir}"
                   f"{' (resuming)' if resume else ''}")
@@ -467,6 +493,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             logging.getLogger(name).removeHandler(handler)
         handler.close()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if spec.balance_lengths:
+        metrics["train_pairs_dropped_for_length"] = dropped_for_length
     if entry is None:  # a non-main process of `accelerate launch`: the main one registers and reports
         return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
     summary = {"output": output, "parent": base.name, "method": recipe.method, "device": device,

@@ -12,7 +12,7 @@ import yaml
 from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
 from training.rs import _reusable_stats, best_of_n, read_prompts
-from training.run import TrainingError, hold_out, opening, train
+from training.run import TrainingError, balance_lengths, hold_out, opening, train
 from zephyr.registry import Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import Settings
@@ -118,6 +118,15 @@ def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_bo
     assert "eval_loss" in result.metrics  # the trainer watched validation while it ran
     assert not any(key.startswith("heldout_loss") for key in result.metrics)  # scored pooled, above
 
+    # Every chosen reply here is the longer: balancing the training part would leave nothing, and says so early.
+    balanced = recipe_file(tmp_path, "tiny-rm-balanced", {
+        "method": "rm", "model": TINY, "output": "tiny-rm-balanced",
+        "data": {"train": str(data["dpo"]), "eval_fraction": 0.25, "validation_fraction": 0.4,
+                 "balance_lengths": True}, "lora": {"r": 4, "alpha": 8}, "trainer": STEPS})
+    with pytest.raises(RecipeError, match="balancing leaves none"):
+        train(load_recipe(balanced), settings, recipe_path=balanced)
+    assert not Registry(settings.models_dir).exists("tiny-rm-balanced")
+
 
 def test_with_validation_a_dpo_run_scores_its_held_out_pairs_once_at_the_end(home, data, tmp_path):
     settings = Settings(home=home)
@@ -194,6 +203,25 @@ def test_held_out_groups_keep_a_conversation_opening_on_one_side():
     assert [r["prompt"] for r in again] == [r["prompt"] for r in held]  # the seed fixes the split
     record_train, record_held = hold_out(Dataset.from_list(rows), 0.2, "record", seed=42)
     assert len(record_held) == 8 and {opening(r) for r in record_held} & {opening(r) for r in record_train}
+
+
+def test_balanced_training_pairs_choose_the_longer_reply_as_often_as_the_shorter():
+    from datasets import Dataset
+
+    def pair(chosen: int, rejected: int, i: int) -> dict:
+        return {"prompt": [{"role": "user", "content": f"q{i}"}],
+                "chosen": [{"role": "assistant", "content": "c" * chosen}],
+                "rejected": [{"role": "assistant", "content": "r" * rejected}]}
+
+    rows = [pair(9, 3, i) for i in range(7)] + [pair(2, 5, i) for i in range(7, 10)] + [pair(4, 4, 10)]
+    balanced = balance_lengths(Dataset.from_list(rows), seed=42)
+    lengths = [(len(r["chosen"][0]["content"]), len(r["rejected"][0]["content"])) for r in balanced]
+    assert sum(c > w for c, w in lengths) == sum(c < w for c, w in lengths) == 3  # the 3 shorter-chosen set the size
+    assert sum(c == w for c, w in lengths) == 1  # a tie favours neither side: kept
+    assert [r["prompt"] for r in balance_lengths(Dataset.from_list(rows), seed=42)] == [r["prompt"] for r in balanced]
+    assert [r["prompt"] for r in balance_lengths(Dataset.from_list(rows), seed=7)] != [r["prompt"] for r in balanced]
+    with pytest.raises(RecipeError, match="the chosen reply is the longer, so balancing leaves none"):
+        balance_lengths(Dataset.from_list(rows[:7] + rows[10:]), seed=42)
 
 
 def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_path):

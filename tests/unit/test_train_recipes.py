@@ -58,6 +58,8 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "dpo", "data": {"train": "PAIRS"}, "output": "Bad Name"}, "output"),
     ({"method": "sft", "data": {"train": "PAIRS"}, "qlora": True, "lora": None}, "qlora trains a LoRA adapter"),
     ({"method": "dpo", "data": {"train": "PAIRS"}, "rewards": {}}, "`rewards` belongs to method grpo, not dpo"),
+    ({"method": "sft", "data": {"train": "PAIRS", "balance_lengths": True}},
+     "data.balance_lengths needs preference pairs (method rm or dpo), not sft"),
     ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"served_letter": 0, "answer_format": 0}},
      "every weight is 0"),
     ({"method": "grpo", "data": {"train": "PAIRS"}, "trainer": {"reward_weights": [1.0]}},
@@ -132,8 +134,8 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
 
 def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_path, pairs):
     """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group`,
-    `data.validation_fraction`, `lora.top_layers` or `sampling.limit` must not change the recipes that do not use
-    them."""
+    `data.validation_fraction`, `data.balance_lengths`, `lora.top_layers` or `sampling.limit` must not change the
+    recipes that do not use them."""
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
     resolved = recipe.resolved()
     assert "rewards" not in resolved and "eval_group" not in resolved["data"] and "top_layers" not in resolved["lora"]
@@ -145,6 +147,8 @@ def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_p
     assert grouped.digest() != recipe.digest()
     carved = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs), "validation_fraction": 0.1}}))
     assert carved.resolved()["data"]["validation_fraction"] == 0.1 and carved.digest() != recipe.digest()
+    balanced = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs), "balance_lengths": True}}))
+    assert balanced.resolved()["data"]["balance_lengths"] is True and balanced.digest() != recipe.digest()
     grpo = load_recipe(write(tmp_path, {"method": "grpo", "data": {"train": str(pairs)}}))
     assert grpo.resolved()["rewards"]["served_letter"] == 1.0
     sampling = {"reward_model": "rm", "prompts": str(pairs)}
