@@ -363,16 +363,23 @@ def heldout_eval(trainer: Any, dataset: Any, metrics_log: Any) -> dict[str, Any]
             for key, value in scored.items()}
 
 
-def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any, part: str,
-                           console: Console) -> dict[str, Any]:
+def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any, part: str, console: Console,
+                           run_dir: Path) -> dict[str, Any]:
     """The registered reward model's agreement with every pair of one part (`heldout` or `validation`), pooled
     (TRL's `eval_accuracy` averages per batch and leaves out pairs over max_length), recorded in its manifest as
-    `<part>_agreement` for `zephyr eval report`."""
-    from offline.reward import RewardModel, pair_agreement
+    `<part>_agreement` for `zephyr eval report`. Each pair's outcome goes to `<part>-agreement.jsonl` in the run
+    folder: runs split by the same seed hold the same pairs in the same order, so two sweep variants compare paired."""
+    from offline.reward import RewardModel, pair_agreement, reply_lengths
 
     console.print(f"scoring the {len(pairs)} {part} pairs with the registered reward model ...")
-    result = pair_agreement(RewardModel.load(entry.path), list(pairs))
-    del result["per_pair"]
+    pairs = list(pairs)
+    result = pair_agreement(RewardModel.load(entry.path), pairs)
+    with (run_dir / f"{part}-agreement.jsonl").open("w") as out:
+        for pair, agrees in zip(pairs, result.pop("per_pair"), strict=True):
+            chosen, rejected = reply_lengths(pair)
+            pair_id = hashlib.sha256(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]]).encode())
+            out.write(json.dumps({"pair": pair_id.hexdigest()[:16], "agrees": bool(agrees),
+                                  "chosen_chars": chosen, "rejected_chars": rejected}) + "\n")
     registry.record_eval(entry.name, f"{part}_agreement", result)
     low, high = result["ci95"]
     return {f"{part}_pairs": result["n"], f"{part}_agreement": result["agreement"],
@@ -487,7 +494,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         if entry is not None and recipe.method == "rm":
             for part, pairs in (("validation", validation_set), ("heldout", eval_set)):
                 if pairs is not None:
-                    metrics |= pair_agreement_metrics(registry, entry, pairs, part, console)
+                    metrics |= pair_agreement_metrics(registry, entry, pairs, part, console, run_dir)
     finally:
         for name in ("transformers", "trl", "peft", "training"):
             logging.getLogger(name).removeHandler(handler)

@@ -115,6 +115,11 @@ def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_bo
     evals = Registry(settings.models_dir).get("tiny-rm-val").manifest.evals
     assert evals["validation_agreement"]["n"] == 3 and evals["heldout_agreement"]["n"] == 2
     assert result.metrics["validation_agreement"] == evals["validation_agreement"]["agreement"]
+    for part, n in (("validation", 3), ("heldout", 2)):  # each pair's outcome, for paired comparisons of variants
+        outcomes = [json.loads(line) for line in (result.run_dir / f"{part}-agreement.jsonl").read_text().splitlines()]
+        assert len(outcomes) == n == len({o["pair"] for o in outcomes})
+        assert sum(o["agrees"] for o in outcomes) / n == evals[f"{part}_agreement"]["agreement"]
+        assert all(o["chosen_chars"] > o["rejected_chars"] for o in outcomes)  # every chosen reply here is longer
     assert "eval_loss" in result.metrics  # the trainer watched validation while it ran
     assert not any(key.startswith("heldout_loss") for key in result.metrics)  # scored pooled, above
 
