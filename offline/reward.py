@@ -80,9 +80,13 @@ def _last_reply(messages: Conversation) -> str:
 
 
 def reply_lengths(pair: Mapping[str, Any]) -> tuple[int, int]:
-    """The characters of a preference pair's chosen and rejected final replies: what "the longer answer" means in
-    `pair_agreement` and in a recipe's `data.balance_lengths`."""
-    return len(_last_reply(pair["chosen"])), len(_last_reply(pair["rejected"]))
+    """The characters of a preference pair's chosen and rejected final replies (message lists, or the plain-text
+    continuations of cloze pairs): what "the longer answer" means in `pair_agreement` and in a recipe's
+    `data.balance_lengths`."""
+    def length(reply: Conversation | str) -> int:
+        return len(reply) if isinstance(reply, str) else len(_last_reply(reply))
+
+    return length(pair["chosen"]), length(pair["rejected"])
 
 
 def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:

@@ -225,6 +225,9 @@ def test_balanced_training_pairs_choose_the_longer_reply_as_often_as_the_shorter
     assert sum(c == w for c, w in lengths) == 1  # a tie favours neither side: kept
     assert [r["prompt"] for r in balance_lengths(Dataset.from_list(rows), seed=42)] == [r["prompt"] for r in balanced]
     assert [r["prompt"] for r in balance_lengths(Dataset.from_list(rows), seed=7)] != [r["prompt"] for r in balanced]
+    plain = [{"prompt": f"q{i}", "chosen": "c" * c, "rejected": "r" * r}
+             for i, (c, r) in enumerate([(1, 3), (4, 2), (5, 1)])]
+    assert len(balance_lengths(Dataset.from_list(plain), seed=42)) == 2  # cloze pairs' plain-text continuations
     with pytest.raises(RecipeError, match="the chosen reply is the longer, so balancing leaves none"):
         balance_lengths(Dataset.from_list(rows[:7] + rows[10:]), seed=42)
 
