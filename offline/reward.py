@@ -75,18 +75,17 @@ class RewardModel:
 
 
 
-def _last_reply(messages: Conversation) -> str:
+def _last_reply(messages: Conversation | str) -> str:
+    """The final reply of a message list; a plain-text continuation (a cloze pair's side) is its own reply."""
+    if isinstance(messages, str):
+        return messages
     return str(messages[-1].get("content", "")) if messages else ""
 
 
 def reply_lengths(pair: Mapping[str, Any]) -> tuple[int, int]:
-    """The characters of a preference pair's chosen and rejected final replies (message lists, or the plain-text
-    continuations of cloze pairs): what "the longer answer" means in `pair_agreement` and in a recipe's
-    `data.balance_lengths`."""
-    def length(reply: Conversation | str) -> int:
-        return len(reply) if isinstance(reply, str) else len(_last_reply(reply))
-
-    return length(pair["chosen"]), length(pair["rejected"])
+    """The characters of a preference pair's chosen and rejected final replies: what "the longer answer" means in
+    `pair_agreement` and in a recipe's `data.balance_lengths`."""
+    return len(_last_reply(pair["chosen"])), len(_last_reply(pair["rejected"]))
 
 
 def pair_agreement(rm: Any, pairs: list[Mapping[str, Any]], batch_size: int = 8) -> dict[str, Any]:
