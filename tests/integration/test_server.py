@@ -115,6 +115,7 @@ def test_a_connection_idle_longer_than_uvicorns_default_keep_alive_is_still_serv
 
 def test_mcq_answers_with_a_letter_and_a_distribution(http, server):
     record = Registry(server.home / "models").get(DEFAULT_MODEL).manifest.mcq_calibration
+    assert record is not None, "the bundled model serves the shipped calibration record out of the box"
     for method in ("auto", "letter", "cloze"):
         body = http.post("/mcq", json={**QUESTION, "method": method}).json()
         assert body["answer"] in "ABCD" and body["option"] == QUESTION["options"]["ABCD".index(body["answer"])]

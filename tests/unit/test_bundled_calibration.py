@@ -1,0 +1,63 @@
+"""The calibration record shipped for the bundled model: what it was fitted on, and when a registry gets it."""
+
+import json
+
+import pytest
+
+from evals.calibrate import DEMONSTRATIONS_DEFAULT, demonstrations
+from loadtest.harness import linked_variant
+from zephyr import bundled, mcq
+from zephyr.registry import MANIFEST, ModelManifest, Registry, RegistryError
+from zephyr.settings import DEFAULT_MODEL, Settings
+
+
+def test_the_shipped_record_was_fitted_on_validation_splits_after_training_demonstrations():
+    record = bundled.shipped_calibration()
+    assert record.method in mcq.AUTO_METHODS and record.method in record.validation["candidates"]
+    splits = record.validation["splits"]
+    assert set(splits) == {"arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa"}
+    # never a test split (OpenBookQA's local copy has no test; its train split stands in for validation)
+    assert all(s["split"] in ("validation", "train") for s in splits.values()), splits
+    assert all(s["split"] == "validation" for name, s in splits.items() if name != "openbookqa"), splits
+    # the demonstrations are exactly what `zephyr eval calibrate` draws from ARC-Easy train today
+    text, source = demonstrations(Settings(), DEMONSTRATIONS_DEFAULT)
+    assert record.demonstrations == text and record.demonstrations_source == source
+    assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT
+
+
+def _bundled_home(tmp_path, default_model, **manifest):
+    """A registry whose default entry links the bundled weights and has its own manifest, changed by `manifest`."""
+    folder = linked_variant(tmp_path, default_model, DEFAULT_MODEL)
+    record = ModelManifest.model_validate_json((folder / MANIFEST).read_text()).model_copy(update=manifest)
+    (folder / MANIFEST).write_text(record.model_dump_json())
+    return Registry(tmp_path / "models")
+
+
+def test_a_bundled_entry_without_a_record_gets_the_shipped_one(tmp_path, default_model):
+    registry = _bundled_home(tmp_path, default_model, mcq_calibration=None)
+    entry = bundled.ensure_default_model(registry)
+    assert entry.manifest.mcq_calibration == bundled.shipped_calibration()
+    assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration == bundled.shipped_calibration()  # on disk
+
+
+def test_an_operators_own_record_and_another_checkpoint_are_left_alone(tmp_path, default_model):
+    own = bundled.shipped_calibration().model_copy(update={"method": "cloze", "weights": {"cloze": 0.5}})
+    registry = _bundled_home(tmp_path / "own", default_model, mcq_calibration=own)
+    assert bundled.ensure_default_model(registry).manifest.mcq_calibration == own
+
+    # the record is for the bundled GGUF's weights only: an entry made from another file answers uncalibrated
+    registry = _bundled_home(tmp_path / "other", default_model, mcq_calibration=None, data_digest="sha256:" + "0" * 64)
+    assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
+    registry = _bundled_home(tmp_path / "imported", default_model, mcq_calibration=None, source="/some/folder")
+    assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
+
+
+def test_a_record_fitted_for_another_gguf_is_refused(tmp_path, default_model, monkeypatch):
+    shipped = json.loads(bundled.SHIPPED_CALIBRATION.read_text())
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({**shipped, "gguf_sha256": "f" * 64}))
+    monkeypatch.setattr(bundled, "SHIPPED_CALIBRATION", stale)
+    registry = _bundled_home(tmp_path / "home", default_model, mcq_calibration=None)
+    with pytest.raises(RegistryError, match="eval calibrate"):
+        bundled.ensure_default_model(registry)
+    assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration is None
