@@ -83,11 +83,12 @@ def models_show(name: str) -> None:
 
 @models_app.command("prepare")
 def models_prepare() -> None:
-    """Make the default model from the bundled checkpoint if the registry lacks it."""
-    from zephyr.bundled import ensure_default_model
+    """Make the default model from the bundled checkpoint if the registry lacks it; give it the shipped /mcq
+    calibration record if it has none."""
+    from zephyr.bundled import prepare_default_model
 
     try:
-        entry = ensure_default_model(registry(), err)
+        entry = prepare_default_model(registry(), err)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     console.print(f"{entry.name}: {entry.path}")

@@ -67,12 +67,20 @@ def bundled_gguf() -> Path:
     return path
 
 
-def ensure_default_model(registry: Registry, console: Console | None = None) -> RegistryEntry:
-    """Return the default entry, building it first if the registry lacks it (idempotent); an entry without a
-    calibration record gets the shipped one."""
+def prepare_default_model(registry: Registry, console: Console | None = None) -> RegistryEntry:
+    """`zephyr models prepare` (make setup, the image, the chart's init container): the default entry, built if
+    missing, and given the shipped calibration record if it has none, so a registry prepared before the record
+    shipped serves it too."""
     console = console or make_console(stderr=True)
+    return _with_shipped_calibration(registry, ensure_default_model(registry, console), console)
+
+
+def ensure_default_model(registry: Registry, console: Console | None = None) -> RegistryEntry:
+    """Return the default entry, building it first, with the shipped calibration record, if the registry lacks it
+    (idempotent). An existing entry is returned as it is: the server starts on what the registry holds."""
     if registry.exists(DEFAULT_MODEL):
-        return _with_shipped_calibration(registry, registry.get(DEFAULT_MODEL), console)
+        return registry.get(DEFAULT_MODEL)
+    console = console or make_console(stderr=True)
     gguf = bundled_gguf()
     with console.status("[1/4] checking the bundled GGUF (sha256)"):
         digest = digest_file(gguf)

@@ -33,9 +33,11 @@ def _bundled_home(tmp_path, default_model, **manifest):
     return Registry(tmp_path / "models")
 
 
-def test_a_bundled_entry_without_a_record_gets_the_shipped_one(tmp_path, default_model):
+def test_models_prepare_gives_a_bundled_entry_without_a_record_the_shipped_one(tmp_path, default_model):
     registry = _bundled_home(tmp_path, default_model, mcq_calibration=None)
-    entry = bundled.ensure_default_model(registry)
+    # a server starts on what the registry holds: without a record, auto is plain cloze and says so
+    assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
+    entry = bundled.prepare_default_model(registry)
     assert entry.manifest.mcq_calibration == bundled.shipped_calibration()
     assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration == bundled.shipped_calibration()  # on disk
 
@@ -43,13 +45,13 @@ def test_a_bundled_entry_without_a_record_gets_the_shipped_one(tmp_path, default
 def test_an_operators_own_record_and_another_checkpoint_are_left_alone(tmp_path, default_model):
     own = bundled.shipped_calibration().model_copy(update={"method": "cloze", "weights": {"cloze": 0.5}})
     registry = _bundled_home(tmp_path / "own", default_model, mcq_calibration=own)
-    assert bundled.ensure_default_model(registry).manifest.mcq_calibration == own
+    assert bundled.prepare_default_model(registry).manifest.mcq_calibration == own
 
     # the record is for the bundled GGUF's weights only: an entry made from another file answers uncalibrated
     registry = _bundled_home(tmp_path / "other", default_model, mcq_calibration=None, data_digest="sha256:" + "0" * 64)
-    assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
+    assert bundled.prepare_default_model(registry).manifest.mcq_calibration is None
     registry = _bundled_home(tmp_path / "imported", default_model, mcq_calibration=None, source="/some/folder")
-    assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
+    assert bundled.prepare_default_model(registry).manifest.mcq_calibration is None
 
 
 def test_a_record_fitted_for_another_gguf_is_refused(tmp_path, default_model, monkeypatch):
@@ -59,5 +61,17 @@ def test_a_record_fitted_for_another_gguf_is_refused(tmp_path, default_model, mo
     monkeypatch.setattr(bundled, "SHIPPED_CALIBRATION", stale)
     registry = _bundled_home(tmp_path / "home", default_model, mcq_calibration=None)
     with pytest.raises(RegistryError, match="eval calibrate"):
-        bundled.ensure_default_model(registry)
+        bundled.prepare_default_model(registry)
     assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration is None
+
+
+def test_the_models_prepare_command_gives_the_record(tmp_path, default_model, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    registry = _bundled_home(tmp_path, default_model, mcq_calibration=None)
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["models", "prepare"])
+    assert result.exit_code == 0, result.output
+    assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration == bundled.shipped_calibration()
