@@ -14,6 +14,7 @@ import pytest
 from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from tests.integration.conftest import STUDENT_KEY
+from tests.integration.numerics import bf16_rounds_by_batch_shape
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
 
@@ -169,6 +170,10 @@ def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, 
     script = tmp_path / "cloze_cache_check.py"
     script.write_text(CLOZE_CACHE_CHECK)
     env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    if bf16_rounds_by_batch_shape():
+        # the rule decides which positions come from where, whatever the dtype; bf16 on AMX rounds by batch
+        # shape, so only fp32 can show the equality exactly here (tests/integration/numerics.py)
+        env["ZEPHYR_DTYPE"] = "float32"
     run = subprocess.run([sys.executable, str(script), str(default_model.path)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
