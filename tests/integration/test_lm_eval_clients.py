@@ -16,6 +16,7 @@ from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from offline import benchmarks
 from tests.integration.conftest import STUDENT_KEY
+from tests.integration.numerics import loglikelihood_tolerance
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 pytestmark = pytest.mark.integration
@@ -28,8 +29,9 @@ GSM8K_ITEMS = 5
 # computes every prompt position, while the in-process scorer batches all options together and reads their shared
 # question from the prefix cache. Measured on 20 ARC-Easy test items (2026-11-30, CPU): every one of the 80
 # options equal to the 6 decimals the eval results keep, and the same accuracy (0.600). The bound is the one
-# tests/integration/test_evals.py allows between the prefix-cached and the plain path; the accuracy must be equal.
-LOGLIKELIHOOD_TOLERANCE = 1e-4
+# tests/integration/test_evals.py allows between the prefix-cached and the plain path; the accuracy must be equal
+# (both where the scores are bit-identical: not bf16 on a CPU with AMX, 2026-12-02).
+LOGLIKELIHOOD_TOLERANCE = 1e-4  # where bit-identical; bf16 on AMX: tests/integration/numerics.py
 
 
 def _zephyr(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -80,11 +82,18 @@ def test_local_completions_log_likelihoods_equal_zephyr_eval_runs_cloze(tmp_path
     print(f"\nlocal-completions acc {accuracy:.3f} vs zephyr eval run cloze_acc {local.score:.3f} on {ARC_ITEMS} "
           f"ARC-Easy test items; per-option |difference| max {max(differences):.5f}, "
           f"mean {sum(differences) / len(differences):.5f} over {len(differences)} options")
-    assert max(differences) <= LOGLIKELIHOOD_TOLERANCE
-    # The same answer for every question (no two options of these items are closer than the tolerance).
+    tolerance = loglikelihood_tolerance(LOGLIKELIHOOD_TOLERANCE)
+    assert max(differences) <= tolerance
+    # The same answer for every question whose two best options are further apart than the scores may move (all of
+    # these items where the scores are bit-identical); the accuracy may differ by the others only.
+    close = 0
     for item_id, scores in served.items():
+        best, second = sorted(in_process[item_id], reverse=True)[:2]
+        if best - second <= 2 * tolerance:
+            close += 1
+            continue
         assert scores.index(max(scores)) == in_process[item_id].index(max(in_process[item_id])), item_id
-    assert accuracy == pytest.approx(local.score)
+    assert abs(accuracy - local.score) <= close / len(samples) + 1e-9
 
 
 GSM8K_TASK = {

@@ -69,7 +69,7 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
             first, again = (client.post("/mcq", json=long) for _ in range(2))
             assert first.status_code == again.status_code == 200, again.text
             assert again.json()["cloze"]["loglikelihood"] == pytest.approx(first.json()["cloze"]["loglikelihood"],
-                                                                          abs=1e-3)
+                                                                          abs=loglikelihood_tolerance(1e-3))
             assert client.get("/readyz").status_code == 200
             assert run.returncode == 0, run.stderr[-3000:]
             # The server without a record asks without demonstrations, as this lm-eval run did (the session
