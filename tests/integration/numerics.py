@@ -13,8 +13,8 @@ from zephyr.settings import Settings
 AMX_BF16_TOLERANCE = 1.0  # nats per option, for options of up to ~12 tokens
 
 
-def bf16_rounds_by_batch_shape(dtype: str | None = None) -> bool:
-    return torch.cpu._is_amx_tile_supported() and (dtype or Settings().dtype) != "float32"
+def bf16_rounds_by_batch_shape() -> bool:
+    return torch.cpu._is_amx_tile_supported() and Settings().dtype != "float32"
 
 
 def loglikelihood_tolerance(exact: float, amx: float = AMX_BF16_TOLERANCE) -> float:

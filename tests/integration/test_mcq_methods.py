@@ -76,10 +76,10 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
             # server's default model may carry a record whose demonstrations precede every cloze prompt).
             latest = ResultStore(home / "eval-results").latest(DEFAULT_MODEL)
             lm_eval = latest.get("arc_easy/cloze_acc").details["loglikelihoods"]
+            # lm-eval batches the requests its own way: bf16 on AMX rounds by batch shape (numerics.py)
+            close = loglikelihood_tolerance(2e-3, amx=0.5)
             for i, (question, options, _) in enumerate(MCQ):
                 body = client.post("/mcq", json={"question": question, "options": options, "method": "cloze"}).json()
-                # lm-eval batches the requests its own way: bf16 on AMX rounds by batch shape (numerics.py)
-                close = loglikelihood_tolerance(2e-3, amx=0.5)
                 assert list(body["cloze"]["loglikelihood"].values()) == pytest.approx(lm_eval[f"mcq-{i}"], abs=close)
                 per_char = [ll / len(o) for ll, o in zip(lm_eval[f"mcq-{i}"], options, strict=True)]
                 assert list(body["cloze"]["per_char"].values()) == pytest.approx(per_char, abs=close)
