@@ -29,6 +29,7 @@ from service.store.log import GenerationLog
 from service.tutor import Tutor
 from zephyr import __version__, memory
 from zephyr.bundled import ensure_default_model
+from zephyr.numerics import scores_depend_on_batch
 from zephyr.pii import Redactor
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
@@ -155,6 +156,11 @@ def create_app(
             log.info("/mcq's `auto` for %s: %s (weights %s, %d demonstrations, calibrated %s)", entry.name,
                      calibration.method, calibration.weights, calibration.demonstrations_source.get("count", 0),
                      calibration.created_at.date())
+        if scores_depend_on_batch(entry.path, settings.dtype):
+            log.warning("bf16 on a CPU with AMX: an option's score moves by a few tenths of a nat with what shares "
+                        "its batch and the prefix cache, so a near-tied /mcq question can be answered differently "
+                        "cold and warm; ZEPHYR_DTYPE=float32 makes answers repeatable at ~2.6x the scoring time "
+                        "(docs/evaluation.md, \"Cloze through the prefix cache\")")
         app.state.redactor = redactor
         app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
             overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),

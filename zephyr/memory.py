@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from zephyr.numerics import served_dtype
+
 GIB = 2**30
 # What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
 # the server on SmolLM2-135M as 2.8 GiB for server + EngineCore + worker minus weights (docs/operations.md).
@@ -58,8 +60,7 @@ def kv_bytes_per_token(model_path: Path, dtype: str = "auto") -> int:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    name = (config.get("dtype") or config.get("torch_dtype") or "bfloat16") if dtype == "auto" else dtype
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(str(name), 2)
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(served_dtype(model_path, dtype), 2)
 
 
 def total_bytes() -> int:
