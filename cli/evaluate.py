@@ -200,8 +200,11 @@ def report_command(
 def gate_command(
     candidate: Annotated[str, typer.Option(help="The model that would be promoted")],
     baseline: Annotated[str, typer.Option(help="The model it must not fall behind")],
-    max_drop: Annotated[float, typer.Option(help="Largest allowed drop, in accuracy points")] = 1.0,
-    suites: Annotated[str | None, typer.Option(help="Comma-separated suites (default mcq,gsm8k)")] = None,
+    max_drop: Annotated[float, typer.Option(
+        help="Largest allowed drop, in accuracy points (for the share of looping answers: the largest rise)")] = 1.0,
+    suites: Annotated[str | None, typer.Option(
+        help="Comma-separated suites (default mcq,gsm8k,text; of text, only the share of looping answers gates)"),
+    ] = None,
     reviews: Annotated[Path | None, typer.Option(
         help="Also require reviewers' blind A/B verdicts: a `zephyr review export --format dpo` file holding pairs "
              "of the candidate's answers against the baseline's")] = None,
@@ -230,7 +233,9 @@ def gate_command(
     console.print(result.table())
     if not result.passed:
         if result.failures:
-            err.print(f"[red]gate failed:[/] {candidate} drops more than {max_drop} points against {baseline}")
+            failed = ", ".join(row.key for row in result.failures)
+            err.print(f"[red]gate failed:[/] {candidate} is worse than {baseline} by more than {max_drop} points on "
+                      f"{failed}")
         if result.reviews is not None and not result.reviews.passed:
             err.print(f"[red]gate failed on human review:[/] {result.reviews.reason}")
         raise typer.Exit(1)

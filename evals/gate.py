@@ -20,13 +20,16 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
     Measurement,
     ResultStore,
     is_share,
+    lower_is_better,
     scale_of,
     suite_of,
 )
 from evals.stats import PairedDelta, paired_bootstrap
 from zephyr.registry import check_name
 
-DEFAULT_SUITES = ("mcq", "gsm8k")  # the accuracy suites; text metrics have no natural "points"
+# The accuracy suites, and the text suite's one share: answers that loop. Its other text metrics (BERTScore, the
+# reward model's score) have no natural "points" and are shown for information.
+DEFAULT_SUITES = ("mcq", "gsm8k", "text")
 # Reviewers' A/B rule: enough decisive pairs, and a 95% interval of the candidate's win rate whose lower bound clears
 # the threshold. 0.4 is non-inferiority: promotion only when reviewers do not prefer the baseline by more than 60:40.
 DEFAULT_MIN_REVIEW_PAIRS = 30
@@ -261,6 +264,21 @@ def fmt_delta(delta: float, low: float, high: float, share: bool) -> str:
     return f"{delta:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
+def _within(row: CompareRow, max_drop: float) -> bool:
+    """A share where less is better (looping answers) may rise by max_drop points; every other metric may fall by
+    as much."""
+    if lower_is_better(row.metric):
+        return row.delta <= max_drop + _TOLERANCE
+    return row.delta >= -max_drop - _TOLERANCE
+
+
+def _gates(row: CompareRow, served: set[str]) -> bool:
+    suite = suite_of(row.benchmark)
+    if suite == "text":
+        return lower_is_better(row.metric)
+    return suite != "mcq" or row.benchmark not in served or row.metric in SERVED_METRICS
+
+
 def check(
     store: ResultStore,
     candidate: str,
@@ -273,8 +291,9 @@ def check(
     reviews: ReviewGate | None = None,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
-    otherwise), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop. An MCQ
-    benchmark both models have /mcq's served method for is judged on that method alone."""
+    otherwise), or > +max_drop points for the share of looping answers, judged on the point estimate; the CI is
+    shown so a reader can tell noise from a real drop. An MCQ benchmark both models have /mcq's served method for is
+    judged on that method alone; of the text suite, only looping answers gate."""
     suites = list(suites) if suites else list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
     if unknown:
@@ -311,9 +330,7 @@ def check(
     # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
     # other formats are shown for information).
     served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
-    rows = [GateRow(**vars(row), passed=row.delta >= -max_drop - _TOLERANCE,
-                    gating=suite_of(row.benchmark) != "mcq" or row.benchmark not in served
-                    or row.metric in SERVED_METRICS) for row in compared]
+    rows = [GateRow(**vars(row), passed=_within(row, max_drop), gating=_gates(row, served)) for row in compared]
     compared_keys = {row.key for row in compared}
     skipped = sorted(
         m.key

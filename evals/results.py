@@ -130,7 +130,9 @@ def suite_of(benchmark: str) -> str:
 # running server's /mcq, the same name ends in SERVER_SUFFIX.
 METHOD_METRICS = {"auto": "mcq_acc_auto", "letter": "letter_acc", "cloze": "cloze_acc", "explain": "letter_acc_explain"}
 SERVER_SUFFIX = "_server"
-SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc")
+SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc", "looping")
+# Shares where less is better (answers that repeat themselves): the gate fails a rise, not a drop.
+LOWER_IS_BETTER_PREFIXES = ("looping",)
 
 
 def method_metric(method: str, server: bool = False) -> str:
@@ -145,6 +147,10 @@ SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
 def is_share(metric: str) -> bool:
     """Accuracy-like metrics: a share in [0, 1], compared in percentage points."""
     return metric.startswith(SHARE_PREFIXES)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
 def scale_of(metric: str) -> float:

@@ -330,6 +330,11 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
                                seconds=time.perf_counter() - started,
                                details={"backbone": options.bertscore_model or "all-MiniLM-L6-v2",
                                         "samples": dict(list(zip(ids, answers, strict=True))[:20])}))
+        out.append(measurement(benchmark, "looping", "test",
+                               {i: float(textmetrics.loops(a)) for i, a in zip(ids, answers, strict=True)},
+                               details={"repeated_4gram_share": {
+                                   i: round(textmetrics.repeated_ngram_share(a), 3)
+                                   for i, a in zip(ids, answers, strict=True)}}))
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
             out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))

@@ -123,7 +123,8 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     latest = ResultStore(home / "eval-results").latest(DEFAULT_MODEL)
     assert {m.key for m in latest.measurements} >= {
         "arc_easy/letter_acc", "arc_easy/letter_acc_server", "arc_easy/cloze_acc", "arc_easy/cloze_acc_norm",
-        "gsm8k/exact_match_0shot_cot", "gsm8k/exact_match_5shot", "sciq_text/bertscore_f1", "gsm8k_text/bertscore_f1"}
+        "gsm8k/exact_match_0shot_cot", "gsm8k/exact_match_5shot", "sciq_text/bertscore_f1", "gsm8k_text/bertscore_f1",
+        "sciq_text/looping", "gsm8k_text/looping"}
     local, served = latest.get("arc_easy/letter_acc"), latest.get("arc_easy/letter_acc_server")
     assert local.n == served.n == len(MCQ)
     # The number measured offline is the number the service delivers: the same letter for every question.

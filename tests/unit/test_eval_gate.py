@@ -80,14 +80,28 @@ def test_uses_only_the_common_items(store):
     assert "100 common (200 / 100)" in render(result.table())
 
 
-def test_default_suites_are_the_accuracies(store):
-    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": 5.0, "q2": 5.0})
-    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": -5.0, "q2": -5.0})
-    assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
-    text_only = check(store, "cand", "base", max_drop=1.0, suites=["text"])
-    (row,) = text_only.rows
-    assert row.key == "rm/rm_score" and row.delta == -10.0 and not text_only.passed
-    assert "raw units" in render(text_only.table())
+def test_of_the_text_suite_only_looping_answers_gate(store):
+    # The reward model's score and BERTScore have no natural points: shown, never gating, even far lower.
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": 5.0, "q2": 5.0},
+         sciq_text__bertscore_f1={"q1": 0.9, "q2": 0.9}, sciq_text__looping=accuracy(2, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": -5.0, "q2": -5.0},
+         sciq_text__bertscore_f1={"q1": 0.1, "q2": 0.1}, sciq_text__looping=accuracy(3, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert result.passed and result.suites == ["mcq", "gsm8k", "text"]
+    gating = {row.key: row.gating for row in result.rows}
+    assert gating == {"arc_easy/letter_acc": True, "sciq_text/bertscore_f1": False, "sciq_text/looping": True,
+                      "rm/rm_score": False}
+    text = render(result.table())
+    assert "raw units" in text and "info" in text
+
+
+@pytest.mark.parametrize(("base", "cand", "passed"), [(2, 3, True), (2, 4, False), (30, 2, True), (5, 5, True)])
+def test_looping_answers_may_rise_by_max_drop_points_and_fall_freely(store, base, cand, passed):
+    save(store, "base", sciq_text__looping=accuracy(base, 100))
+    save(store, "cand", sciq_text__looping=accuracy(cand, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["text"])
+    assert result.passed is passed
+    assert [row.key for row in result.failures] == ([] if passed else ["sciq_text/looping"])
 
 
 def test_newest_measurement_is_gated(store):
