@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from zephyr.numerics import served_dtype
+from zephyr.numerics import config_dtype
 
 GIB = 2**30
 # What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
@@ -60,7 +60,8 @@ def kv_bytes_per_token(model_path: Path, dtype: str = "auto") -> int:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(served_dtype(model_path, dtype), 2)
+    name = config_dtype(config) if dtype == "auto" else dtype
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(name, 2)
 
 
 def total_bytes() -> int:

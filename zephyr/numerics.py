@@ -10,7 +10,11 @@ def served_dtype(model_path: Path, dtype: str = "auto") -> str:
     """The dtype vLLM runs a checkpoint in: `auto` takes the one its config.json names."""
     if dtype != "auto":
         return dtype
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    return config_dtype(json.loads((Path(model_path) / "config.json").read_text()))
+
+
+def config_dtype(config: dict) -> str:
+    """The dtype a checkpoint's parsed config.json names (bf16 where it names none)."""
     config = config.get("text_config", config)
     return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
 
