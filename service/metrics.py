@@ -38,6 +38,10 @@ class Metrics:
         self.rejected = Counter(
             "zephyr_requests_rejected", "Requests refused before generation", ["reason"], registry=r
         )
+        self.answers = Counter(
+            "zephyr_answers", "Finished generated answers by route and whether they loop (zephyr.textquality)",
+            ["route", "looping"], registry=r,
+        )
         self.mcq_answers = Counter("zephyr_mcq_answers", "MCQ answers by letter", ["letter"], registry=r)
         self.log_queue_depth = Gauge("zephyr_log_queue_depth", "Generation-log rows waiting to be written", registry=r)
         self.log_rows_written = Counter("zephyr_log_rows_written", "Generation-log rows written", registry=r)
@@ -63,6 +67,13 @@ class Metrics:
         )
         self.review_verdicts = Counter("zephyr_review_verdicts", "Reviewer verdicts given", ["verdict"], registry=r)
         self.engine_ready = Gauge("zephyr_engine_ready", "1 once the engine answered its warm-up request", registry=r)
+
+    def count_answers(self, route: str, response: list[dict]) -> None:
+        """A finished request's answers, from its log entries: only answers the client was shown say whether
+        they loop (service.generation), so prompt-scoring requests stay out of the share."""
+        for entry in response:
+            if "looping" in entry:
+                self.answers.labels(route, str(entry["looping"]).lower()).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -130,7 +130,10 @@ class Candidates:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._record(gen.record(model, status, error))
+            record = gen.record(model, status, error)
+            if status == "ok":
+                self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
+            self._record(record)
 
     async def idle(self) -> None:
         """Returns once every candidate started so far has finished (tests, tools)."""

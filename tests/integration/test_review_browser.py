@@ -181,7 +181,7 @@ def rich_item(item_id: str) -> list[dict]:
     served = generation(item_id, messages, MARKDOWN_ANSWER, created_at=now, model=RICH_MODEL, review_kind="pair")
     candidate = generation(f"{item_id}-cand", messages, CUT_ANSWER, created_at=now + timedelta(seconds=1),
                            model=RICH_MODEL, purpose="candidate", parent_id=item_id, variant="T=1.0")
-    candidate["response"][0]["finish_reason"] = "length"
+    candidate["response"][0] |= {"finish_reason": "length", "looping": True}  # as the server logs CUT_ANSWER
     candidate["params"]["max_tokens"] = 640
     candidate["completion_tokens"] = 640
     served["completion_tokens"] = 412
@@ -285,11 +285,13 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         await page.keyboard.press("r")
         await expect(rendered).to_be_visible()
 
-        # Per item: the date, each answer's length, and a mark on the one cut off at max_tokens.
+        # Per item: the date, each answer's length, and marks on the one cut off at max_tokens, which loops.
         assert (await page.locator("#item-facts").inner_text()).startswith("asked ")
         assert str(datetime.now(UTC).year) in await page.locator("#item-facts").inner_text()
         await expect(cut.locator(".badge.cut-off")).to_have_text("cut off at max_tokens (640)")
         assert await full.locator(".badge.cut-off").count() == 0
+        await expect(cut.locator(".badge.looping")).to_have_text("repeats itself")
+        assert await full.locator(".badge.looping").count() == 0
         await expect(full.locator(".lengths")).to_contain_text(f"{len(MARKDOWN_ANSWER)} characters · 412 tokens")
         await expect(cut.locator(".lengths")).to_contain_text(f"{len(CUT_ANSWER)} characters · 640 tokens")
 

@@ -8,12 +8,9 @@ import pytest
 from evals.textmetrics import (
     DIALOGRPT_MODELS,
     DIALOGRPT_SEPARATOR,
-    LOOP_REPEATED_SHARE,
     DialogRPT,
     DialogRPTMissing,
     bertscore,
-    loops,
-    repeated_ngram_share,
 )
 
 WORDS = "the a cat dog sat on mat sun is hot cold plants make sugar from light water what why how".split()
@@ -113,16 +110,3 @@ def test_dialogrpt_missing_weights_say_what_and_how(tmp_path, name):
     assert isinstance(caught.value, FileNotFoundError)
     assert env == {"dialogrpt_updown": "ZEPHYR_DIALOGRPT_UPDOWN_PATH",
                    "dialogrpt_human_vs_rand": "ZEPHYR_DIALOGRPT_HUMAN_VS_RAND_PATH"}[name]
-
-
-def test_an_answer_stuck_on_one_sentence_loops_and_prose_or_a_worked_sum_does_not():
-    stuck = "These are atoms. " + "They are made up of atoms. " * 12
-    prose = ("Plants make sugar from light, water and carbon dioxide. The green pigment chlorophyll absorbs the "
-             "light, and the sugar feeds the plant while oxygen leaves through the leaves.")
-    worked = "She has 3 + 4 = 7 apples. Then 7 + 5 = 12 apples. Then 12 + 6 = 18 apples. The answer is 18."
-    assert repeated_ngram_share(stuck) > 0.8 and loops(stuck)
-    assert repeated_ngram_share(prose) == 0.0 and not loops(prose)
-    assert repeated_ngram_share(worked) < LOOP_REPEATED_SHARE and not loops(worked)
-    # Case and spacing do not hide a repeat; text too short for one 4-gram never loops.
-    assert repeated_ngram_share("The sun is hot. the  SUN is hot.") == repeated_ngram_share("the sun is hot. " * 2)
-    assert repeated_ngram_share("") == 0.0 and not loops("yes yes yes")

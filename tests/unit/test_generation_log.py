@@ -69,6 +69,26 @@ async def test_metrics_move(served):
     assert metric(after, "zephyr_engine_ready") == 1
 
 
+async def test_finished_answers_say_whether_they_loop_in_the_log_and_the_metrics(served):
+    """The live count uses the text suite's rule: an operator sees what the gate judged candidates on."""
+    served.engine.reply = "Atoms are small. " + "They are made up of atoms. " * 8
+    looping = (await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "atoms?"}],
+                                                    "max_tokens": 200})).json()["id"]
+    served.engine.reply = "Plants make sugar from light, water and carbon dioxide in their leaves."
+    plain = (await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "plants?"}],
+                                                  "stream": True})).text
+    scored = await served.client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 0})
+    answered = await served.client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 30, "n": 2})
+    assert scored.status_code == answered.status_code == 200 and "data: [DONE]" in plain
+    log = await served.flushed_log()
+    entry = (await log.get(looping))["response"][0]
+    assert entry["looping"] is True and entry["repeated_4gram_share"] > 0.5
+    assert "looping" not in (await log.get(scored.json()["id"]))["response"][0]  # nothing shown: nothing judged
+    text = (await served.client.get("/metrics")).text
+    assert metric(text, "zephyr_answers_total", route="chat", looping="true") == 1
+    assert metric(text, "zephyr_answers_total", route="chat", looping="false") == 1
+    assert metric(text, "zephyr_answers_total", route="completions", looping="false") == 2  # n=2, not the score
+
 async def test_rows_spill_while_the_database_is_gone_and_replay_when_it_returns(tmp_path):
     db_dir = tmp_path / "db"
     db_dir.mkdir()

@@ -98,6 +98,10 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
             assert candidate["parent_id"] == original["id"] and candidate["status"] == "ok"
             assert candidate["response"][0]["content"] == remote.engine.reply
             assert candidate["completion_tokens"] > 0 and candidate["params"]["variant"] == "remote"
+            # Counted with the served answers, under its own route: an A/B's candidate loops in plain sight too.
+            assert candidate["response"][0]["looping"] is False
+            assert 'zephyr_answers_total{looping="false",route="review_candidate"} 1.0' in \
+                (await served.client.get("/metrics")).text
 
 
 REVIEW_ROUTES = [

@@ -109,6 +109,16 @@ async def judged_items(served):
     await served.flushed_log()
 
 
+async def test_an_answer_that_loops_is_marked_for_the_reviewer(app_factory):
+    async with app_factory(review_share=1.0) as served:
+        served.engine.reply = "Atoms are small. " + "They are made up of atoms. " * 8
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "atoms?"}]})
+        assert r.status_code == 200
+        await judged_items(served)
+        item = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        assert item["answers"] and all(answer["looping"] is True for answer in item["answers"])
+
+
 async def test_an_item_carries_rendered_html_and_its_answers_facts(app_factory):
     async with app_factory(review_share=1.0) as served:
         served.engine.reply = "Use **Newton's** law: $F = ma$. <script>alert(1)</script>"
@@ -124,6 +134,7 @@ async def test_an_item_carries_rendered_html_and_its_answers_facts(app_factory):
         assert user["html"] == "<p>What is <code>F</code>?</p>\n"
         for answer in item["answers"]:
             assert answer["finish_reason"] == "length" and answer["tokens"] == 5 and answer["max_tokens"] == 5
+            assert answer["looping"] is False
             assert answer["text"] and answer["html"].startswith("<p>")
             assert_harmless(answer["html"])
         assert item["created_at"].endswith("+00:00")

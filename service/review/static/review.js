@@ -114,6 +114,11 @@ function answerFacts(answer) {
     facts.append(el("span", { class: "badge cut-off", title: "The answer stopped at its token limit: it is unfinished." },
       `cut off at max_tokens${limit}`));
   }
+  if (answer.looping) {
+    facts.append(el("span", { class: "badge looping",
+      title: "Half or more of its four-word sequences repeat an earlier one: the answer is stuck in a loop." },
+      "repeats itself"));
+  }
   return facts;
 }
 
