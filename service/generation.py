@@ -101,12 +101,13 @@ class GenerationRequest:
     def text(self, index: int = 0) -> str:
         return "".join(self.texts.get(index, []))
 
-    def answer_entry(self, index: int) -> dict[str, Any]:
-        """One choice as the log keeps it; a shown answer also says whether it loops, the rule the text suite
-        gates candidates on (`zephyr.textquality`), so reviewers and the live metric see the same thing."""
+    def answer_entry(self, index: int, judged: bool) -> dict[str, Any]:
+        """One choice as the log keeps it. A finished (`judged`), shown answer also says whether it loops, the rule
+        the text suite gates candidates on (`zephyr.textquality`), so reviewers and the live metric see the same
+        thing; an answer cut short says nothing, since how it would have gone on is unknown."""
         text = self.text(index)
         entry: dict[str, Any] = {"index": index, "content": text, "finish_reason": self.finish_reasons.get(index)}
-        if self.answer_shown:
+        if judged and self.answer_shown:
             share = textquality.repeated_ngram_share(text)
             entry |= {"repeated_4gram_share": round(share, 3), "looping": textquality.is_looping(share)}
         return entry
@@ -135,7 +136,8 @@ class GenerationRequest:
             user=self.user,
             status=status,
             messages=self.messages,
-            response=response if response is not None else [self.answer_entry(i) for i in range(self.params.n)],
+            response=response if response is not None else [
+                self.answer_entry(i, judged=status == "ok") for i in range(self.params.n)],
             params={**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
                     **self.extra_params},
             prompt_tokens=len(self.prompt_ids),

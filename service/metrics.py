@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# Routes whose answers are judged for looping (service.generation), each series made at start so a share reads 0,
+# not "no data", before a route's first loop, and rate() sees that first loop.
+ANSWER_ROUTES = ("chat", "completions", "review_candidate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -42,6 +45,9 @@ class Metrics:
             "zephyr_answers", "Finished generated answers by route and whether they loop (zephyr.textquality)",
             ["route", "looping"], registry=r,
         )
+        for route in ANSWER_ROUTES:
+            for looping in ("true", "false"):
+                self.answers.labels(route, looping)
         self.mcq_answers = Counter("zephyr_mcq_answers", "MCQ answers by letter", ["letter"], registry=r)
         self.log_queue_depth = Gauge("zephyr_log_queue_depth", "Generation-log rows waiting to be written", registry=r)
         self.log_rows_written = Counter("zephyr_log_rows_written", "Generation-log rows written", registry=r)
@@ -69,8 +75,8 @@ class Metrics:
         self.engine_ready = Gauge("zephyr_engine_ready", "1 once the engine answered its warm-up request", registry=r)
 
     def count_answers(self, route: str, response: list[dict]) -> None:
-        """A finished request's answers, from its log entries: only answers the client was shown say whether
-        they loop (service.generation), so prompt-scoring requests stay out of the share."""
+        """A request's answers, from its log entries: only finished answers that were shown say whether they loop
+        (service.generation), so aborted answers and prompt-scoring requests stay out of the share."""
         for entry in response:
             if "looping" in entry:
                 self.answers.labels(route, str(entry["looping"]).lower()).inc()

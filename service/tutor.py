@@ -212,8 +212,7 @@ class Tutor:
                 if gen.for_review and status == "ok":
                     gen.review_kind = self.candidates.schedule(gen)  # the second answer starts after this one
                 record = gen.record(self.model_name, status, error)
-                if status == "ok":  # an aborted answer was cut short: whether it would have looped is unknown
-                    self.metrics.count_answers(gen.route, record.response)
+                self.metrics.count_answers(gen.route, record.response)
                 self.log.record(record)
 
     # Chat -----------------------------------------------------------------------------------------------

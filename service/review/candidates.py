@@ -131,8 +131,7 @@ class Candidates:
             raise
         finally:
             record = gen.record(model, status, error)
-            if status == "ok":
-                self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
+            self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
             self._record(record)
 
     async def idle(self) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import aliased
 from service.errors import APIError
 from service.review.stats import FLAGS, Judgement, reviewer_label
 from service.store.models import Generation, ReviewAssignment, ReviewSession
+from zephyr import textquality
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
 SINGLE_VERDICTS = ("good", "bad")
@@ -269,8 +270,8 @@ def answer_text(row: dict[str, Any]) -> str:
 
 def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
     """An answer as the reviewer sees it: its text, and whether it ended on its own (`stop`) or was cut off at
-    max_tokens (`length`), with its length, and whether it loops (rows logged before that was recorded say
-    false). Nothing that tells which model wrote it."""
+    max_tokens (`length`), with its length, and whether it loops (judged here for rows logged before the log
+    kept it). Nothing that tells which model wrote it."""
     choice = row["response"][0] if row["response"] else {}
     return {
         "text": answer_text(row),
@@ -278,7 +279,7 @@ def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
         # The row counts the tokens of all its choices; a review item is one answer (n=1).
         "tokens": row["completion_tokens"] if len(row["response"] or []) == 1 else None,
         "max_tokens": (row.get("params") or {}).get("max_tokens"),
-        "looping": bool(choice.get("looping")),
+        "looping": choice["looping"] if "looping" in choice else textquality.loops(answer_text(row)),
     }
 
 

@@ -210,4 +210,9 @@ async def test_a_stream_holds_its_place_until_the_response_closes(served):
     log = await served.flushed_log()
     for chunks, status in ((finished, "ok"), (cut, "aborted")):
         request_id = json.loads(chunks[0].decode().removeprefix("data: "))["id"]
-        assert (await log.get(request_id))["status"] == status
+        row = await log.get(request_id)
+        assert row["status"] == status
+        # An answer cut short is not judged for looping: how it would have gone on is unknown.
+        assert ("looping" in row["response"][0]) is (status == "ok")
+    answers = (await served.client.get("/metrics")).text
+    assert 'zephyr_answers_total{looping="false",route="chat"} 1.0' in answers  # the finished stream only

@@ -67,6 +67,10 @@ async def test_metrics_move(served):
     assert metric(after, "zephyr_request_latency_seconds_count", route="/mcq") == 1
     assert metric(after, "zephyr_log_rows_written_total") == 2
     assert metric(after, "zephyr_engine_ready") == 1
+    # Only chat's one finished answer was judged for looping; the MCQ request is not an answer of that kind.
+    assert 'zephyr_answers_total{looping="true",route="chat"} 0.0' in before  # present before the first loop
+    assert metric(after, "zephyr_answers_total", route="chat", looping="false") == 1
+    assert 'route="mcq"' not in "\n".join(line for line in after.splitlines() if "zephyr_answers" in line)
 
 
 async def test_finished_answers_say_whether_they_loop_in_the_log_and_the_metrics(served):

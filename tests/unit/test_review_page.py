@@ -9,6 +9,7 @@ import pytest
 
 from service.auth import KeyRing
 from service.review import render
+from service.review.store import answer_facts
 from tests.unit.conftest import ADMIN_KEY, REVIEWER_KEY, STUDENT_KEY
 from zephyr.settings import Settings
 
@@ -117,6 +118,17 @@ async def test_an_answer_that_loops_is_marked_for_the_reviewer(app_factory):
         await judged_items(served)
         item = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
         assert item["answers"] and all(answer["looping"] is True for answer in item["answers"])
+
+
+def test_rows_logged_before_the_log_judged_loops_are_judged_for_the_reviewer():
+    stuck = "They are made up of atoms. " * 8
+    old_row = {"response": [{"index": 0, "content": stuck, "finish_reason": "length"}], "completion_tokens": 64,
+               "params": {"max_tokens": 64}}
+    assert answer_facts(old_row)["looping"] is True
+    old_row["response"][0]["content"] = "Plants make sugar from light."
+    assert answer_facts(old_row)["looping"] is False
+    # A logged verdict is kept as it is.
+    assert answer_facts({**old_row, "response": [{**old_row["response"][0], "looping": True}]})["looping"] is True
 
 
 async def test_an_item_carries_rendered_html_and_its_answers_facts(app_factory):

@@ -18,5 +18,5 @@ def test_an_answer_stuck_on_one_sentence_loops_and_prose_or_a_worked_sum_does_no
     assert repeated_ngram_share("") == 0.0 and not loops("yes yes yes")
 
 
-def test_the_rule_on_a_computed_share_is_the_rule_on_the_text():
+def test_the_threshold_is_inclusive():
     assert is_looping(LOOP_REPEATED_SHARE) and not is_looping(LOOP_REPEATED_SHARE - 1e-9)
