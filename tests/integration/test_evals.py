@@ -40,7 +40,7 @@ GSM8K = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 
 # Log-likelihoods of options sharing long leading text, after contexts of many lengths, scored through the
 # prefix-cached path (evals/engine.py) and again by plain vLLM requests that compute every position.
 CLOZE_CACHE_CHECK = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from vllm import SamplingParams, TokensPrompt
 from offline.engine import OfflineEngine
@@ -72,6 +72,10 @@ def main():
     print("RESULT " + json.dumps({"cached": [score for score, _ in cached], "plain": plain_scores,
                                   "stats": engine.lm_eval_model.prefix_stats}))
     engine.shutdown()
+    # Leave as `zephyr eval` does (cli/evaluate.py: _exit_after_engine): Arrow's thread pool, started when lm-eval
+    # reads its task files, can abort interpreter teardown with SIGABRT after every result is out (seen 2026-12-02).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

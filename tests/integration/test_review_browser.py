@@ -168,8 +168,10 @@ MARKDOWN_ANSWER = ("## Mass and energy\n\nEinstein's relation is **$E = mc^2$**:
                    "$$E_k = \\frac{1}{2} m v^2$$\n\n```python\nc = 299_792_458  # m/s\nprint(1.0 * c**2)\n```\n\n"
                    "| quantity | unit |\n|---|---|\n| $E$ | J |\n| $m$ | kg |\n\n"
                    "[hostile](javascript:window.__owned='link') <img src=x onerror=\"window.__owned='img2'\">\n\n"
-                   + "\n\n".join(f"Step {i}: a paragraph that makes the answer long enough to scroll."
-                                 for i in range(40)))
+                   # Each step says something new: filler repeated word for word would be an answer that loops.
+                   + "\n\n".join(f"Step {i}: {i} kg moving at {i + 2} m/s carries {i * (i + 2) ** 2 / 2:g} J "
+                                   f"of kinetic energy, {'more' if i else 'none'} for the longer scroll."
+                                   for i in range(40)))
 CUT_ANSWER = "Energy and mass are the same thing seen two ways. " * 60 + "The rest of this answer was"
 
 

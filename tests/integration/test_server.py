@@ -212,11 +212,14 @@ def test_metrics_move_and_log_rows_are_redacted(http, server):
     ttft_count = "zephyr_time_to_first_token_seconds_count"
     assert value(after, ttft_count) > value(before, ttft_count)
     assert "vllm:num_requests_running" in after  # the engine's own metrics are exposed too
+    judged = 'zephyr_answers_total{looping="false",route="chat"}', 'zephyr_answers_total{looping="true",route="chat"}'
+    assert sum(value(after, k) for k in judged) == sum(value(before, k) for k in judged) + 1
 
     row = None
     for _ in range(50):
         with sqlite3.connect(server.home / "zephyr.db") as db:
-            row = db.execute("select messages, status from generations where id = ?", (request_id,)).fetchone()
+            row = db.execute("select messages, status, response from generations where id = ?",
+                             (request_id,)).fetchone()
         if row:
             break
         time.sleep(0.1)
@@ -224,6 +227,8 @@ def test_metrics_move_and_log_rows_are_redacted(http, server):
     user_text = json.loads(row[0])[-1]["content"]
     assert "kid@school.org" not in user_text and "AB1234567" not in user_text
     assert "<EMAIL_ADDRESS>" in user_text and "<STUDENT_ID>" in user_text and row[1] == "ok"
+    answer = json.loads(row[2])[0]  # the real model's answer, judged by the rule the metric counted it under
+    assert answer["looping"] is (answer["repeated_4gram_share"] >= 0.5) and 0 <= answer["repeated_4gram_share"] <= 1
 
 
 def test_cli_mcq_and_chat_against_the_server(server):
