@@ -29,7 +29,11 @@ class Completion:
     prompt_text: str
     echo: bool
     logprobs: int | None  # the request's `logprobs`: None for none, else the alternatives per position
-    shown: bool  # False for `max_tokens: 0`: the engine's one token is generated but not answered
+
+    @property
+    def shown(self) -> bool:
+        """False for `max_tokens: 0`: the engine's one token is generated but not answered."""
+        return self.gen.answer_shown
 
     def usage(self) -> Usage:
         usage = self.gen.usage()
@@ -71,7 +75,7 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         prompt_ids=prompt_ids, params=params, principal=principal, user=req.user,
         extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked}, answer_shown=asked > 0,
     )
-    return Completion(gen, prompt_text, req.echo, req.logprobs, shown=gen.answer_shown)
+    return Completion(gen, prompt_text, req.echo, req.logprobs)
 
 
 async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:

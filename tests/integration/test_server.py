@@ -18,6 +18,7 @@ from tests.integration.conftest import STUDENT_KEY
 from tests.integration.numerics import loglikelihood_tolerance
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
+from zephyr.textquality import LOOP_REPEATED_SHARE
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m-instruct"
@@ -228,7 +229,8 @@ def test_metrics_move_and_log_rows_are_redacted(http, server):
     assert "kid@school.org" not in user_text and "AB1234567" not in user_text
     assert "<EMAIL_ADDRESS>" in user_text and "<STUDENT_ID>" in user_text and row[1] == "ok"
     answer = json.loads(row[2])[0]  # the real model's answer, judged by the rule the metric counted it under
-    assert answer["looping"] is (answer["repeated_4gram_share"] >= 0.5) and 0 <= answer["repeated_4gram_share"] <= 1
+    share = answer["repeated_4gram_share"]
+    assert answer["looping"] is (share >= LOOP_REPEATED_SHARE) and 0 <= share <= 1
 
 
 def test_cli_mcq_and_chat_against_the_server(server):
