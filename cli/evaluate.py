@@ -236,6 +236,13 @@ def gate_command(
             failed = ", ".join(row.key for row in result.failures)
             err.print(f"[red]gate failed:[/] {candidate} is worse than {baseline} by more than {max_drop} points on "
                       f"{failed}")
+            noisy = result.failures_within_noise
+            if noisy:
+                # The verdict stands (the gate judges point estimates); the reader should know which failures more
+                # items could overturn, and how to get them.
+                err.print(f"[yellow]note:[/] the 95% interval of {', '.join(row.key for row in noisy)} still holds "
+                          f"zero, so the failure may be noise of {', '.join(str(row.n) for row in noisy)} items; "
+                          "measure both models on more items (the run's --limit) before reading it as a regression")
         if result.reviews is not None and not result.reviews.passed:
             err.print(f"[red]gate failed on human review:[/] {result.reviews.reason}")
         raise typer.Exit(1)

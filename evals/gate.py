@@ -68,6 +68,12 @@ class GateRow(CompareRow):
     passed: bool = True
     gating: bool = True  # False: shown for information, the served method decides this benchmark
 
+    @property
+    def spans_zero(self) -> bool:
+        """The 95% interval holds "no change": a failure on this row may be sampling noise (the verdict stands;
+        more items narrow the interval)."""
+        return self.low <= 0.0 <= self.high
+
 
 def compare_measurements(
     candidate: Measurement, baseline: Measurement, *, iters: int = 10_000, seed: int = 0, level: float = 0.95
@@ -213,6 +219,12 @@ class GateResult:
     @property
     def failures(self) -> list[GateRow]:
         return [row for row in self.rows if row.gating and not row.passed]
+
+    @property
+    def failures_within_noise(self) -> list[GateRow]:
+        """Failed rows whose interval still holds zero: the point estimate is past max_drop, the data cannot yet
+        tell it from no change."""
+        return [row for row in self.failures if row.spans_zero]
 
     def table(self) -> Table:
         verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"

@@ -136,6 +136,21 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
     assert missing.exit_code == 1 and "zephyr review export --format dpo --out FILE" in " ".join(missing.output.split())
 
 
+def test_a_gate_failure_within_noise_says_so_and_still_fails(home):
+    from evals.results import EvalRun, ResultStore, measurement
+    from zephyr.settings import Settings
+
+    store = ResultStore(Settings(home=home).resolved_eval_results_dir)
+    for model, looping in (("base", 4), ("cand", 6)):
+        items = {f"q{i}": float(i < looping) for i in range(100)}
+        store.save(EvalRun(model=model, suite="text", measurements=[measurement("sciq_text", "looping", "test",
+                                                                                 items)]))
+    result = CliRunner().invoke(app, ["eval", "gate", "--candidate", "cand", "--baseline", "base", "--suites", "text"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "gate failed" in said
+    assert "sciq_text/looping still holds zero, so the failure may be noise of 100 items" in said
+
+
 def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home):
     result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--no-letter", "--scores", "x.json"])
     assert result.exit_code == 1 and "--no-letter chooses what is scored" in " ".join(result.output.split())

@@ -104,6 +104,17 @@ def test_looping_answers_may_rise_by_max_drop_points_and_fall_freely(store, base
     assert [row.key for row in result.failures] == ([] if passed else ["sciq_text/looping"])
 
 
+def test_a_failure_whose_interval_holds_zero_is_marked_as_possibly_noise(store):
+    # 2 of 100 more answers loop: past a 1-point allowance, but 100 answers cannot tell that from no change; 30 more
+    # of 1,000 can.
+    save(store, "base", sciq_text__looping=accuracy(4, 100), gsm8k_text__looping=accuracy(40, 1000))
+    save(store, "cand", sciq_text__looping=accuracy(6, 100), gsm8k_text__looping=accuracy(70, 1000))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["text"])
+    assert not result.passed
+    assert {row.key for row in result.failures} == {"sciq_text/looping", "gsm8k_text/looping"}
+    assert [row.key for row in result.failures_within_noise] == ["sciq_text/looping"]
+
+
 def test_newest_measurement_is_gated(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
     save(store, "cand", arc_easy__letter_acc=accuracy(40, 100))
