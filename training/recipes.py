@@ -32,7 +32,8 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 # (section, field, default) of every field added after recipes had been run; see Recipe.resolved.
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
-    ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False))
+    ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False),
+    ("data", "end_with_eos", False))
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -73,6 +74,10 @@ class DataSpec(_Strict):
         default=False, description="preference pairs only (rm, dpo): drop training pairs, by the recipe's seed, "
         "until people chose the longer reply as often as the shorter one, so that length alone predicts nothing "
         "the model trains on; validation and held-out parts keep every pair")
+    end_with_eos: bool = Field(
+        default=False, description="sft on plain-text (cloze) examples only: train the tokenizer's end-of-sequence "
+        "token after each completion too, so the examples say where an answer ends; the served cloze score has no "
+        "such term, so this trades a little of what the loss matches for answers that stop")
     eval_group: Literal["record", "opening"] = Field(
         default="record", description="what eval_fraction holds out: single records, or whole groups of records "
         "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side)")
@@ -158,6 +163,8 @@ class Recipe(_Strict):
             raise ValueError("method rs trains on the answers it samples: drop `data`, set `sampling.prompts`")
         if self.data is not None and self.data.balance_lengths and self.method not in ("rm", "dpo"):
             raise ValueError(f"data.balance_lengths needs preference pairs (method rm or dpo), not {self.method}")
+        if self.data is not None and self.data.end_with_eos and self.method != "sft":
+            raise ValueError(f"data.end_with_eos ends SFT completions, not {self.method} data")
         if self.method == "grpo":
             self.rewards = self.rewards or RewardsSpec()
             if not self.rewards.weighted():

@@ -312,13 +312,14 @@ def _dpo_trainer_class() -> type:
     return TokenizedDPOTrainer
 
 
-def pretokenize(dataset: Any, tokenizer: Any, method: str, console: Console, name: str) -> Any:
+def pretokenize(dataset: Any, tokenizer: Any, method: str, console: Console, name: str,
+                end_with_eos: bool = False) -> Any:
     """Plain-text rows as the trainer's id columns (training/data/cloze.py), dropping rows that cannot be split."""
     from datasets import Dataset
 
     from training.data.cloze import tokenize_rows
 
-    rows, dropped = tokenize_rows(list(dataset), tokenizer, method)
+    rows, dropped = tokenize_rows(list(dataset), tokenizer, method, end_with_eos)
     if dropped:
         console.print(f"[yellow]{dropped} {name} records dropped: their replies do not share the prompt's tokens[/]")
     if not rows:
@@ -459,6 +460,9 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     watched = validation_set if validation_set is not None else eval_set
 
     plain_text = "prompt" in rows[0] and isinstance(rows[0]["prompt"], str)
+    if spec.end_with_eos and not plain_text:
+        raise TrainingError("data.end_with_eos is for plain-text (cloze) SFT examples; chat examples already end "
+                            "each turn with the chat template's end token: drop it")
     run_dir = settings.home / "runs" / output
     resume = prepare_run_dir(recipe, run_dir, fresh)
     reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
@@ -476,9 +480,9 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     try:
         model, tokenizer = _load_model(recipe, base.path)
         if plain_text:
-            train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train")
+            train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train", spec.end_with_eos)
             if watched is not None:
-                watched = pretokenize(watched, tokenizer, recipe.method, console, "eval")
+                watched = pretokenize(watched, tokenizer, recipe.method, console, "eval", spec.end_with_eos)
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
@@ -488,7 +492,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         if validation_set is not None and eval_set is not None and recipe.method != "rm":
             # The trainer watched validation; the held-out part is scored once, now, by the same loss and metrics
             # (a reward model's is scored below, pooled over every pair, as the report reads it).
-            heldout = pretokenize(eval_set, tokenizer, recipe.method, console, "held-out") if plain_text else eval_set
+            heldout = (pretokenize(eval_set, tokenizer, recipe.method, console, "held-out", spec.end_with_eos)
+                       if plain_text else eval_set)
             metrics |= heldout_eval(trainer, heldout, metrics_log)
         entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
         if entry is not None and recipe.method == "rm":

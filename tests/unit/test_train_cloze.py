@@ -178,6 +178,30 @@ def test_trainers_train_on_the_served_ids(tokenizer, default_model, tmp_path):
     assert sorted(zip(_unpadded(batch, "input_ids"), _unpadded(batch, "labels"), strict=True)) == sorted(expected)
 
 
+def test_sft_ending_with_eos_trains_the_end_token_after_the_served_ids(tokenizer, default_model, tmp_path):
+    """data.end_with_eos: the served ids, then the tokenizer's EOS, and the loss reaches the EOS (TRL pads the labels
+    by length, so an EOS that is also the pad token is still learned)."""
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id  # the case where a collator could mistake it for padding
+    _, examples, _ = cloze.cloze_records(ITEMS)
+    rows, dropped = cloze.tokenize_rows([e.model_dump() for e in examples], tokenizer, "sft", end_with_eos=True)
+    assert dropped == 0
+    trainer = _tiny_trainer("sft", tokenizer, default_model, tmp_path / "sft", rows)
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = []
+    for example in examples:
+        item = next(it for it in ITEMS if it.id == example.meta["question_id"])
+        ids, boundary = served(tokenizer, item)[mcq.LETTERS.index(item.answer)]
+        whole = [*ids, tokenizer.eos_token_id]
+        expected.append((whole, [-100] * boundary + whole[boundary:]))
+    assert sorted(zip(_unpadded(batch, "input_ids"), _unpadded(batch, "labels"), strict=True)) == sorted(expected)
+
+
+def test_end_with_eos_is_for_sft_only():
+    assert load_recipe(SHIPPED / "sft-cloze-eos.yaml").data.end_with_eos
+    with pytest.raises(RecipeError, match="end_with_eos ends SFT completions, not dpo"):
+        load_recipe(SHIPPED / "dpo-cloze.yaml", ["data.end_with_eos=true"])
+
+
 def _obqa(path: Path, count: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key"]

@@ -134,8 +134,8 @@ def test_data_in_the_wrong_schema_fails_naming_file_and_line(tmp_path, pairs):
 
 def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_path, pairs):
     """A run folder resumes only for the same digest: adding grpo's `rewards`, `data.eval_group`,
-    `data.validation_fraction`, `data.balance_lengths`, `lora.top_layers` or `sampling.limit` must not change the
-    recipes that do not use them."""
+    `data.validation_fraction`, `data.balance_lengths`, `data.end_with_eos`, `lora.top_layers` or `sampling.limit`
+    must not change the recipes that do not use them."""
     recipe = load_recipe(write(tmp_path, {"method": "dpo", "data": {"train": str(pairs)}}))
     resolved = recipe.resolved()
     assert "rewards" not in resolved and "eval_group" not in resolved["data"] and "top_layers" not in resolved["lora"]

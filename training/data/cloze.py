@@ -137,21 +137,26 @@ def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> di
             "rejected_ids": rejected_whole[boundary:]}
 
 
-def tokenize_completion(tokenizer: Any, prompt: str, completion: str) -> dict[str, list[int]] | None:
-    """SFTTrainer's pre-tokenized columns: the whole `mcq.cloze_split` ids, the loss on the continuation only."""
+def tokenize_completion(tokenizer: Any, prompt: str, completion: str,
+                        end_with_eos: bool = False) -> dict[str, list[int]] | None:
+    """SFTTrainer's pre-tokenized columns: the whole `mcq.cloze_split` ids, the loss on the continuation only (and,
+    with `end_with_eos`, on the tokenizer's EOS id after it)."""
     ids, boundary = mcq.cloze_split(tokenizer, prompt, completion)
     if boundary >= len(ids):
         return None
+    if end_with_eos:
+        ids = [*ids, tokenizer.eos_token_id]
     return {"input_ids": ids, "completion_mask": [0] * boundary + [1] * (len(ids) - boundary)}
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, method: str) -> tuple[list[dict[str, list[int]]], int]:
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, method: str,
+                  end_with_eos: bool = False) -> tuple[list[dict[str, list[int]]], int]:
     """Plain-text rows (TextPreferencePair for dpo, TextSFTExample for sft) as the trainer's id columns; returns
     them and how many rows could not be split (dropped)."""
     if method == "dpo":
         encoded = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     elif method == "sft":
-        encoded = [tokenize_completion(tokenizer, r["prompt"], r["completion"]) for r in rows]
+        encoded = [tokenize_completion(tokenizer, r["prompt"], r["completion"], end_with_eos) for r in rows]
     else:
         raise ValueError(f"plain-text records train with dpo or sft, not {method}")
     kept = [e for e in encoded if e is not None]
