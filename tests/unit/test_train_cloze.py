@@ -166,16 +166,7 @@ def test_trainers_train_on_the_served_ids(tokenizer, default_model, tmp_path):
         expected += [served(tokenizer, item)[mcq.LETTERS.index(letter)][0]
                      for letter in (item.answer, pair.meta["rejected_letter"])]
     assert sorted(_unpadded(batch, "input_ids")) == sorted(expected)
-
-    rows, _ = cloze.tokenize_rows([e.model_dump() for e in examples], tokenizer, "sft")
-    trainer = _tiny_trainer("sft", tokenizer, default_model, tmp_path / "sft", rows)
-    batch = next(iter(trainer.get_train_dataloader()))
-    expected = []
-    for example in examples:
-        item = next(it for it in ITEMS if it.id == example.meta["question_id"])
-        ids, boundary = served(tokenizer, item)[mcq.LETTERS.index(item.answer)]
-        expected.append((ids, [-100] * boundary + ids[boundary:]))
-    assert sorted(zip(_unpadded(batch, "input_ids"), _unpadded(batch, "labels"), strict=True)) == sorted(expected)
+    _assert_sft_batch_is_served_ids(tokenizer, default_model, tmp_path, examples, end_with_eos=False)
 
 
 def test_sft_ending_with_eos_trains_the_end_token_after_the_served_ids(tokenizer, default_model, tmp_path):
@@ -183,7 +174,12 @@ def test_sft_ending_with_eos_trains_the_end_token_after_the_served_ids(tokenizer
     by length, so an EOS that is also the pad token is still learned)."""
     assert tokenizer.eos_token_id == tokenizer.pad_token_id  # the case where a collator could mistake it for padding
     _, examples, _ = cloze.cloze_records(ITEMS)
-    rows, dropped = cloze.tokenize_rows([e.model_dump() for e in examples], tokenizer, "sft", end_with_eos=True)
+    _assert_sft_batch_is_served_ids(tokenizer, default_model, tmp_path, examples, end_with_eos=True)
+
+
+def _assert_sft_batch_is_served_ids(tokenizer, default_model, tmp_path: Path, examples, end_with_eos: bool) -> None:
+    """SFTTrainer's first batch: each example's served ids (then EOS), labels on the key's continuation only."""
+    rows, dropped = cloze.tokenize_rows([e.model_dump() for e in examples], tokenizer, "sft", end_with_eos)
     assert dropped == 0
     trainer = _tiny_trainer("sft", tokenizer, default_model, tmp_path / "sft", rows)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -191,7 +187,7 @@ def test_sft_ending_with_eos_trains_the_end_token_after_the_served_ids(tokenizer
     for example in examples:
         item = next(it for it in ITEMS if it.id == example.meta["question_id"])
         ids, boundary = served(tokenizer, item)[mcq.LETTERS.index(item.answer)]
-        whole = [*ids, tokenizer.eos_token_id]
+        whole = [*ids, tokenizer.eos_token_id] if end_with_eos else ids
         expected.append((whole, [-100] * boundary + whole[boundary:]))
     assert sorted(zip(_unpadded(batch, "input_ids"), _unpadded(batch, "labels"), strict=True)) == sorted(expected)
 
