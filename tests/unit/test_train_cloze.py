@@ -274,7 +274,8 @@ def home(tmp_path_factory, default_model) -> Path:
     return home
 
 
-@pytest.mark.parametrize("recipe,schema", [("dpo-cloze.yaml", "pairs"), ("sft-cloze.yaml", "sft")])
+@pytest.mark.parametrize("recipe,schema", [("dpo-cloze.yaml", "pairs"), ("sft-cloze.yaml", "sft"),
+                                           ("sft-cloze-eos.yaml", "sft")])
 def test_shipped_cloze_recipe_trains_a_few_steps_on_the_tiny_model(recipe, schema, home, tmp_path):
     pairs, examples, _ = cloze.cloze_records([i.model_copy(update={"id": f"{i.id}-{n}"}) for n in range(4)
                                               for i in ITEMS])
