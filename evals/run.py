@@ -334,6 +334,10 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
         out.append(measurement(benchmark, "looping", "test",
                                {i: float(textquality.is_looping(s)) for i, s in shares.items()},
                                details={"repeated_4gram_share": {i: round(s, 3) for i, s in shares.items()}}))
+        # Shown beside looping, never gated: a model can stop looping by stopping after one sentence, which a
+        # tutor's students would meet as a regression of its own.
+        out.append(measurement(benchmark, "answer_words", "test",
+                               {i: float(len(a.split())) for i, a in zip(ids, answers, strict=True)}))
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
             out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))

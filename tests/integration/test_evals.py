@@ -128,7 +128,7 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     assert {m.key for m in latest.measurements} >= {
         "arc_easy/letter_acc", "arc_easy/letter_acc_server", "arc_easy/cloze_acc", "arc_easy/cloze_acc_norm",
         "gsm8k/exact_match_0shot_cot", "gsm8k/exact_match_5shot", "sciq_text/bertscore_f1", "gsm8k_text/bertscore_f1",
-        "sciq_text/looping", "gsm8k_text/looping"}
+        "sciq_text/looping", "gsm8k_text/looping", "sciq_text/answer_words", "gsm8k_text/answer_words"}
     local, served = latest.get("arc_easy/letter_acc"), latest.get("arc_easy/letter_acc_server")
     assert local.n == served.n == len(MCQ)
     # The number measured offline is the number the service delivers: the same letter for every question.
@@ -137,6 +137,10 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     assert set(latest.get("gsm8k/exact_match_5shot").items) == {f"gsm8k-test-{i}" for i in range(len(GSM8K))}
     assert 0 < latest.get("sciq_text/bertscore_f1").score <= 1
     assert "dialogrpt_updown" in latest.get("sciq_text/bertscore_f1").details["skipped"]
+    for benchmark in ("sciq_text", "gsm8k_text"):  # each answer's length, read from the answers themselves
+        samples = latest.get(f"{benchmark}/bertscore_f1").details["samples"]
+        words = latest.get(f"{benchmark}/answer_words").items
+        assert samples and {i: words[i] for i in samples} == {i: len(text.split()) for i, text in samples.items()}
     manifest = Registry(home / "models").get(DEFAULT_MODEL).manifest
     assert manifest.evals["arc_easy/letter_acc"]["score"] == pytest.approx(local.score)
     assert default_model.manifest.evals.get("arc_easy/letter_acc", {}).get("run", "") != \
