@@ -242,7 +242,7 @@ def gate_command(
                 # items could overturn, and how to get them.
                 err.print(f"[yellow]note:[/] the 95% interval of {', '.join(row.key for row in noisy)} still holds "
                           f"zero, so the failure may be noise of {', '.join(str(row.n) for row in noisy)} items; "
-                          "measure both models on more items (the run's --limit) before reading it as a regression")
+                          "more items would narrow it (drop the runs' --limit, if they had one)")
         if result.reviews is not None and not result.reviews.passed:
             err.print(f"[red]gate failed on human review:[/] {result.reviews.reason}")
         raise typer.Exit(1)
