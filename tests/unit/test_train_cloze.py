@@ -274,6 +274,21 @@ def home(tmp_path_factory, default_model) -> Path:
     return home
 
 
+def test_end_with_eos_on_chat_examples_is_refused_before_training(home, tmp_path):
+    from training.run import TrainingError
+    from zephyr.schemas import Message, SFTExample
+
+    data = tmp_path / "chat.jsonl"
+    turns = [Message(role="user", content="Q"), Message(role="assistant", content="A")]
+    write_jsonl(data, [SFTExample(messages=turns)])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"method": "sft", "model": TINY, "output": "tiny-chat-eos",
+                                    "data": {"train": str(data), "end_with_eos": True}}))
+    with pytest.raises(TrainingError, match="chat examples already end each turn"):
+        train(load_recipe(path), Settings(home=home), recipe_path=path)
+    assert not (home / "runs" / "tiny-chat-eos").exists()
+
+
 @pytest.mark.parametrize("recipe,schema", [("dpo-cloze.yaml", "pairs"), ("sft-cloze.yaml", "sft"),
                                            ("sft-cloze-eos.yaml", "sft")])
 def test_shipped_cloze_recipe_trains_a_few_steps_on_the_tiny_model(recipe, schema, home, tmp_path):
