@@ -479,10 +479,14 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     started = time.perf_counter()
     try:
         model, tokenizer = _load_model(recipe, base.path)
+
+        def tokenized(part: Any, name: str) -> Any:  # the same tokenization for every part of a plain-text run
+            return pretokenize(part, tokenizer, recipe.method, console, name, spec.end_with_eos)
+
         if plain_text:
-            train_set = pretokenize(train_set, tokenizer, recipe.method, console, "train", spec.end_with_eos)
+            train_set = tokenized(train_set, "train")
             if watched is not None:
-                watched = pretokenize(watched, tokenizer, recipe.method, console, "eval", spec.end_with_eos)
+                watched = tokenized(watched, "eval")
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
@@ -492,8 +496,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         if validation_set is not None and eval_set is not None and recipe.method != "rm":
             # The trainer watched validation; the held-out part is scored once, now, by the same loss and metrics
             # (a reward model's is scored below, pooled over every pair, as the report reads it).
-            heldout = (pretokenize(eval_set, tokenizer, recipe.method, console, "held-out", spec.end_with_eos)
-                       if plain_text else eval_set)
+            heldout = tokenized(eval_set, "held-out") if plain_text else eval_set
             metrics |= heldout_eval(trainer, heldout, metrics_log)
         entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
         if entry is not None and recipe.method == "rm":
