@@ -192,10 +192,12 @@ def _assert_sft_batch_is_served_ids(tokenizer, default_model, tmp_path: Path, ex
     assert sorted(zip(_unpadded(batch, "input_ids"), _unpadded(batch, "labels"), strict=True)) == sorted(expected)
 
 
-def test_end_with_eos_is_for_sft_only():
-    assert load_recipe(SHIPPED / "sft-cloze-eos.yaml").data.end_with_eos
+def test_end_with_eos_is_for_sft_only(tmp_path):
+    data = tmp_path / "cloze.jsonl"  # the shipped recipes name data a fresh clone has not built
+    data.write_text("")
+    assert load_recipe(SHIPPED / "sft-cloze-eos.yaml", [f"data.train={data}"]).data.end_with_eos
     with pytest.raises(RecipeError, match="end_with_eos ends SFT completions, not dpo"):
-        load_recipe(SHIPPED / "dpo-cloze.yaml", ["data.end_with_eos=true"])
+        load_recipe(SHIPPED / "dpo-cloze.yaml", [f"data.train={data}", "data.end_with_eos=true"])
 
 
 def _obqa(path: Path, count: int) -> None:
