@@ -128,7 +128,11 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     auto, auto_served = latest.get("arc_easy/mcq_acc_auto"), latest.get("arc_easy/mcq_acc_auto_server")
     assert auto.details["method"] == auto_served.details["method"] == record.method and auto.details["calibrated"]
     assert auto_served.details["same_answer_as_local"] == len(MCQ)
+    # The same record on both sides and the same answers (above). Under bf16 on AMX the scores beneath the record
+    # round by batch shape (numerics.py): the offline engine batches every question at once, the server takes them
+    # one at a time; 0.009 apart was seen (2026-12-03).
+    tolerance = loglikelihood_tolerance(5e-3, amx=0.05)
     for item_id, probabilities in auto.details["probabilities"].items():
-        assert probabilities == pytest.approx(auto_served.details["probabilities"][item_id], abs=5e-3)
+        assert probabilities == pytest.approx(auto_served.details["probabilities"][item_id], abs=tolerance)
     # the in-process cloze read the record's demonstrations, as the server's did
     assert latest.get("arc_easy/cloze_acc").details["demonstrations"] == record.demonstrations
