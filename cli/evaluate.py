@@ -217,7 +217,7 @@ def gate_command(
     """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
     --reviews) when reviewers' verdicts are too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
-    from evals.results import ResultStore
+    from evals.results import ResultStore, suite_of
 
     settings = load_settings()
     try:
@@ -231,6 +231,11 @@ def gate_command(
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None
     console.print(result.table())
+    for name, keys in result.unreproducible.items():
+        # Whatever the verdict: it rests on answers a rerun of that model would change.
+        err.print(f"[yellow]note:[/] {name}'s {', '.join(keys)} come from a run made before reruns gave the same "
+                  f"answers; rerun `zephyr eval run --model {name} --suite "
+                  f"{','.join(sorted({suite_of(key.split('/')[0]) for key in keys}))}` for a verdict a rerun repeats")
     if not result.passed:
         if result.failures:
             failed = ", ".join(row.key for row in result.failures)

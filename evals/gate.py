@@ -211,6 +211,8 @@ class GateResult:
     rows: list[GateRow]
     skipped: list[str] = field(default_factory=list)  # keys only one of the two models has
     reviews: ReviewGate | None = None  # reviewers' A/B, when the gate was asked to require it
+    # per model, the compared rows whose generated answers a rerun would not repeat (unreproducible_rows)
+    unreproducible: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -350,6 +352,8 @@ def check(
         for m in run.measurements
         if suite_of(m.benchmark) in suites and m.key not in compared_keys
     )
+    unreproducible = {name: keys for name in (candidate, baseline)
+                      if (keys := unreproducible_rows(store, name, compared_keys))}
     return GateResult(
         candidate=candidate,
         baseline=baseline,
@@ -358,4 +362,21 @@ def check(
         rows=rows,
         skipped=sorted(set(skipped)),
         reviews=reviews,
+        unreproducible=unreproducible,
     )
+
+
+# The suites whose figures are read from generated answers.
+GENERATION_SUITES = ("gsm8k", "text")
+
+
+def unreproducible_rows(store: ResultStore, model: str, keys: set[str]) -> list[str]:
+    """Of `keys`, the generation rows whose figures come from a run made before offline engines kept vLLM's core in
+    process (offline/engine.py, 2026-12-03): their answers were one draw of many, and a rerun would differ."""
+    source: dict[str, tuple[str, EvalRun]] = {}
+    for run in store.runs(model):  # oldest first: the newest run holding a key supplies it, as in latest()
+        for m in run.measurements:
+            source[m.key] = (m.benchmark, run)
+    return sorted(key for key, (benchmark, run) in source.items()
+                  if key in keys and suite_of(benchmark) in GENERATION_SUITES
+                  and run.engine.get("engine_core") != "in-process")

@@ -141,14 +141,18 @@ def test_a_gate_failure_within_noise_says_so_and_still_fails(home):
     from zephyr.settings import Settings
 
     store = ResultStore(Settings(home=home).resolved_eval_results_dir)
-    for model, looping in (("base", 4), ("cand", 6)):
+    for model, looping, engine in (("base", 4, {}), ("cand", 6, {"engine_core": "in-process"})):
         items = {f"q{i}": float(i < looping) for i in range(100)}
-        store.save(EvalRun(model=model, suite="text", measurements=[measurement("sciq_text", "looping", "test",
-                                                                                 items)]))
+        store.save(EvalRun(model=model, suite="text", engine=engine,
+                           measurements=[measurement("sciq_text", "looping", "test", items)]))
     result = CliRunner().invoke(app, ["eval", "gate", "--candidate", "cand", "--baseline", "base", "--suites", "text"])
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and "gate failed" in said
     assert "sciq_text/looping still holds zero, so the failure may be noise of 100 items" in said
+    # the baseline's run predates reproducible reruns (no engine_core): the reader is told which model to rerun
+    assert ("base's sciq_text/looping come from a run made before reruns gave the same answers; rerun `zephyr eval "
+            "run --model base --suite text`") in said
+    assert "cand's" not in said
 
 
 def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home):

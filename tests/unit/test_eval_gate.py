@@ -255,3 +255,20 @@ def test_review_rule_errors_say_what_to_fix(records, rule, message):
 
     with pytest.raises(GateError, match=message):
         review_gate(records, "cand", "base", **rule)
+
+
+def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
+    def text_run(model: str, looping: int, engine: dict) -> None:
+        items = {f"q{i}": float(i < looping) for i in range(100)}
+        store.save(EvalRun(model=model, suite="text", engine=engine,
+                           measurements=[measurement("gsm8k_text", "looping", "test", items)]))
+
+    in_process = {"engine_core": "in-process"}
+    text_run("base", 4, {})  # made before offline engines kept vLLM's core in process
+    text_run("cand", 4, in_process)
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))  # scored, not generated: never named
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert result.passed and result.unreproducible == {"base": ["gsm8k_text/looping"]}
+    text_run("base", 4, in_process)  # a rerun now supplies the row
+    assert check(store, "cand", "base", max_drop=1.0, suites=None).unreproducible == {}
