@@ -79,3 +79,23 @@ def app_factory(settings_factory, tokenizer):
 async def served(app_factory):
     async with app_factory() as running:
         yield running
+
+
+@pytest.fixture
+def refused_tool_output(tmp_path, monkeypatch):
+    """Runs a `python -m tools.NAME` entry point with no data and no models, so a mistake must be refused from the
+    arguments alone; returns its output on one line once it has exited with a usage error (2)."""
+
+    def run(main, args: list[str]) -> str:
+        import typer
+        from typer.testing import CliRunner
+
+        monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "no-data"))
+        monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "no-home"))
+        app = typer.Typer()
+        app.command()(main)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    return run
