@@ -12,8 +12,8 @@ first line twice. Per model it prints (docs/training.md, "What DPO changes that 
 
     python -m tools.loop_probe --models smollm2-135m-instruct,smollm2-135m-sft-cloze --pairs data/cloze-dpo.jsonl
 
-One fp32 forward pass per answer and per continuation, on the CPU: 200 answers and 200 pairs take a few minutes a
-model here. Training data only: nothing it reads is a split any report measures."""
+One fp32 forward pass per answer and per continuation, in transformers on the CPU: 200 answers and 200 pairs take
+about 1.5 min a model on 2 cores. Training data only: nothing it reads is a split any report measures."""
 
 from __future__ import annotations
 
