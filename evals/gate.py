@@ -353,8 +353,10 @@ def check(
         for m in run.measurements
         if suite_of(m.benchmark) in suites and m.key not in compared_keys
     )
+    # Only rows the verdict rests on: an info row (the reward model's score) may need options a plain rerun lacks.
+    gating_keys = {row.key for row in rows if row.gating}
     unreproducible = {name: keys for name in (candidate, baseline)
-                      if (keys := unreproducible_rows(store, name, compared_keys))}
+                      if (keys := unreproducible_rows(store, name, gating_keys))}
     return GateResult(
         candidate=candidate,
         baseline=baseline,

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from offline.engine import IN_PROCESS
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_a_gate_failure_within_noise_says_so_and_still_fails(home):
     from zephyr.settings import Settings
 
     store = ResultStore(Settings(home=home).resolved_eval_results_dir)
-    for model, looping, engine in (("base", 4, {}), ("cand", 6, {"engine_core": "in-process"})):
+    for model, looping, engine in (("base", 4, {}), ("cand", 6, {"engine_core": IN_PROCESS})):
         items = {f"q{i}": float(i < looping) for i in range(100)}
         store.save(EvalRun(model=model, suite="text", engine=engine,
                            measurements=[measurement("sciq_text", "looping", "test", items)]))

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from evals.gate import GateError, check
 from evals.results import EvalRun, ResultStore, measurement
+from offline.engine import IN_PROCESS
 
 
 def accuracy(correct: int, total: int, prefix: str = "q") -> dict[str, float]:
@@ -261,14 +262,18 @@ def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
     def text_run(model: str, looping: int, engine: dict) -> None:
         items = {f"q{i}": float(i < looping) for i in range(100)}
         store.save(EvalRun(model=model, suite="text", engine=engine,
-                           measurements=[measurement("gsm8k_text", "looping", "test", items)]))
+                           measurements=[measurement("gsm8k_text", "looping", "test", items),
+                                         # shown, never gated: a rerun without --reward-model leaves it old
+                                         measurement("rm", "rm_score", "test", {"q0": 1.0})]))
 
-    in_process = {"engine_core": "in-process"}
+    in_process = {"engine_core": IN_PROCESS}
     text_run("base", 4, {})  # made before offline engines kept vLLM's core in process
     text_run("cand", 4, in_process)
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))  # scored, not generated: never named
     save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
     result = check(store, "cand", "base", max_drop=1.0, suites=None)
     assert result.passed and result.unreproducible == {"base": ["gsm8k_text/looping"]}
-    text_run("base", 4, in_process)  # a rerun now supplies the row
+    store.save(EvalRun(model="base", suite="text", engine=in_process,  # a rerun now supplies the gating row
+                       measurements=[measurement("gsm8k_text", "looping", "test",
+                                                 {f"q{i}": float(i < 4) for i in range(100)})]))
     assert check(store, "cand", "base", max_drop=1.0, suites=None).unreproducible == {}
