@@ -59,8 +59,8 @@ def run_command(
     from offline.benchmarks import DatasetError
     from zephyr.memory import NotEnoughMemory
 
-    # A plain SIGTERM would end the process without unwinding, leaving vLLM's engine-core and worker processes
-    # running (seen here: an orphaned worker held 8 GB and a core); exiting through SystemExit shuts them down.
+    # A plain SIGTERM would end the process without unwinding; exiting through SystemExit runs the engine's shutdown
+    # (and ends any process vLLM started: when its core ran in one, an orphaned worker once held 8 GB and a core).
     unwind_on_sigterm()
     settings = load_settings()
     dialogrpt = {k: v for k, v in {"dialogrpt_updown": dialogrpt_updown,
@@ -85,7 +85,8 @@ def _exit_after_engine() -> None:
     finished run into a failure for scripts and CI. Of the native threads alive in this process at exit (ZeroMQ's,
     OpenBLAS's, tokenizers' rayon pool, jemalloc's, Arrow's), only Arrow's global CPU pool is made of std::thread:
     `datasets` starts it when lm-eval reads the task files, and its intermittent abort at exit is apache/arrow#34314
-    (open). vLLM's engine is not the cause: its processes are gone by then, and force-killing them does not abort.
+    (open). vLLM's engine was ruled out while its core ran in processes of its own: they were gone by then, and
+    force-killing them did not abort.
     Skipping teardown is the fix while Arrow's stays open (docs/evaluation.md, "Exit status")."""
     import os
 

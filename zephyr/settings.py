@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     # the shared system prompt never hit the cache; 32 is the smallest the CPU backend takes.
     block_size: int = Field(default=32, gt=0, description="KV cache block size in tokens")
     # vLLM on CPU keeps cores free of its compute threads for its scheduler (one by default): on a 2-core node that
-    # halves the compute. An explicit VLLM_CPU_NUM_OF_RESERVED_CPU wins over this.
+    # halves the compute. An explicit VLLM_CPU_NUM_OF_RESERVED_CPU wins over this. The server's engine only: offline
+    # engines keep the core in process (offline/engine.py), where vLLM reserves nothing.
     cpu_reserved_cores: int = Field(default=0, ge=0, description="CPU cores kept free of vLLM's compute threads")
     seed: int = 0
 

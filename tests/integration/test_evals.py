@@ -13,6 +13,7 @@ import pytest
 
 from evals.results import ResultStore
 from loadtest.harness import linked_variant
+from offline.engine import IN_PROCESS
 from tests.integration.conftest import STUDENT_KEY
 from tests.integration.numerics import bf16_rounds_by_batch_shape
 from zephyr.registry import Registry
@@ -209,18 +210,24 @@ def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_
         assert served.details["same_answer_as_local"] == len(MCQ)
 
 
+def run_check_script(path: Path, source: str, model_path: Path, env: dict[str, str] | None = None) -> dict:
+    """Runs a check script in a Python process of its own (a fresh engine, as a rerun gets) on the model, with a
+    1 GiB KV cache, and returns the JSON it printed after "RESULT "."""
+    path.write_text(source)
+    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
+    run = subprocess.run([sys.executable, str(path), str(model_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, default_model):
-    script = tmp_path / "cloze_cache_check.py"
-    script.write_text(CLOZE_CACHE_CHECK)
-    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {}
     if bf16_rounds_by_batch_shape():
         # the rule decides which positions come from where, whatever the dtype; bf16 on AMX rounds by batch
         # shape, so only fp32 can show the equality exactly here (tests/integration/numerics.py)
         env["ZEPHYR_DTYPE"] = "float32"
-    run = subprocess.run([sys.executable, str(script), str(default_model.path)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_check_script(tmp_path / "cloze_cache_check.py", CLOZE_CACHE_CHECK, default_model.path, env)
     stats = result["stats"]
     assert stats["cached_tokens"] > 0  # the options reused their context's blocks
     assert stats["rescored"] > 0  # and some hits reached into an option's shared leading words
@@ -231,16 +238,8 @@ def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, 
 def test_greedy_answers_are_the_same_in_a_rerun(tmp_path, default_model):
     """The text suite's figures (looping, answer length) are compared between runs by the gate, so a rerun of the
     same engine on the same prompts must give the same answers (offline/engine.py keeps the core in process)."""
-    script = tmp_path / "greedy_rerun.py"
-    script.write_text(GREEDY_RERUN)
-    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    results = []
-    for _ in range(2):
-        run = subprocess.run([sys.executable, str(script), str(default_model.path)], env=env, capture_output=True,
-                             text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results.append(json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:]))
+    results = [run_check_script(tmp_path / "greedy_rerun.py", GREEDY_RERUN, default_model.path) for _ in range(2)]
     first, second = (result["answers"] for result in results)
     assert len(first) == 300 and all(first)
     assert [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b] == []
-    assert results[0]["engine"]["engine_core"] == "in-process"
+    assert results[0]["engine"]["engine_core"] == IN_PROCESS
