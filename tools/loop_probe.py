@@ -84,8 +84,12 @@ def read_pairs(path: Path, limit: int | None) -> list[dict[str, str]]:
                 break
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if not all(isinstance(row.get(key), str) for key in ("prompt", "chosen", "rejected")):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(key), str)
+                                                    for key in ("prompt", "chosen", "rejected")):
                 raise ValueError(f"line {number}: need plain-text prompt, chosen and rejected strings (as "
                                  "`zephyr data cloze` writes them); chat-format pairs are not probed")
             pairs.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
@@ -93,8 +97,24 @@ def read_pairs(path: Path, limit: int | None) -> list[dict[str, str]]:
 
 
 def pair_cases(tokenizer: Any, pairs: list[dict[str, str]]) -> list[PairCase]:
-    return [PairCase(*(cloze_split(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected")))
-            for p in pairs]
+    cases = [PairCase(*(cloze_split(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected")))
+             for p in pairs]
+    for number, case in enumerate(cases, 1):
+        if any(len(ids) <= context_length for ids, context_length in (case.chosen, case.rejected)):
+            raise ValueError(f"pair {number}: a continuation with no tokens of its own has no likelihood to read")
+    return cases
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the chat template ends an assistant turn with, where it is the tokenizer's EOS (the token a served
+    answer stops at); other templates are refused rather than read at the wrong token."""
+    marker = "zephyr-loop-probe"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    if tokenizer.eos_token is None or marker + tokenizer.eos_token not in rendered:
+        raise ValueError("the chat template does not end an answer with the tokenizer's EOS token; this probe reads "
+                         "the end of turn as that token")
+    return tokenizer.eos_token_id
 
 
 def next_token_logprobs(model: Any, ids: list[int]) -> Any:
@@ -141,9 +161,13 @@ def probe(model_paths: dict[str, Path], items: list[GSM8KItem], pairs: list[dict
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(model_paths.values())))
-    # The chat template's end of turn; for the default model's family it is also the EOS generation stops at.
-    end_id = tokenizer.eos_token_id
+    first, *others = model_paths.items()
+    tokenizer = AutoTokenizer.from_pretrained(first[1])
+    vocabulary = tokenizer.get_vocab()
+    for name, path in others:  # before any model is read: one tokenizer's ids are fed to all
+        if AutoTokenizer.from_pretrained(path).get_vocab() != vocabulary:
+            raise ValueError(f"{name}'s tokenizer differs from {first[0]}'s: probe models that share one")
+    end_id = end_of_turn_id(tokenizer)
     answers = answer_cases(tokenizer, items, system_prompt)
     cloze = pair_cases(tokenizer, pairs)
     out = []
@@ -162,6 +186,8 @@ def main(
              "rejected continuations", exists=True, dir_okay=False)] = None,
     out: Annotated[Path | None, typer.Option(help="also write the figures here as JSON", dir_okay=False)] = None,
 ) -> None:
+    if out is not None and not out.parent.is_dir():
+        raise typer.BadParameter(f"the folder {out.parent} does not exist", param_hint="--out")
     names = [name.strip() for name in models.split(",") if name.strip()]
     if not names or len(set(names)) != len(names):
         raise typer.BadParameter("name each registry model once, comma-separated", param_hint="--models")
@@ -178,10 +204,13 @@ def main(
     try:
         items = benchmarks.load("gsm8k", split="train", data_dir=settings.data_dir, limit=limit)
     except benchmarks.DatasetError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--limit (GSM8K's training split)") from exc
+        raise typer.BadParameter(str(exc), param_hint="ZEPHYR_DATA_DIR (GSM8K's training split)") from exc
     system = settings.system_prompt if settings.system_prompt_enabled else None
     started = time.perf_counter()
-    figures = probe(paths, items, pair_rows, system)
+    try:
+        figures = probe(paths, items, pair_rows, system)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models / --pairs") from exc
     table = Table(title=f"loop probe: {len(items)} GSM8K training answers, {len(pair_rows)} pairs, teacher-forced "
                         f"({time.perf_counter() - started:.0f} s)")
     for column in ("model", "log P(end) after the answer, median", "P(end), mean", "first repeat, per token",

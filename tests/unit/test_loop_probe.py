@@ -11,7 +11,16 @@ import pytest
 from evals import gsm8k
 from offline.benchmarks import GSM8KItem
 from tests.unit.tiny_llama import make_tiny_llama
-from tools.loop_probe import answer_cases, main, mean_logprob, next_token_logprobs, probe, read_pairs
+from tools.loop_probe import (
+    answer_cases,
+    end_of_turn_id,
+    main,
+    mean_logprob,
+    next_token_logprobs,
+    pair_cases,
+    probe,
+    read_pairs,
+)
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry
 
@@ -40,9 +49,18 @@ def test_pairs_are_plain_text_and_limited(tmp_path):
     assert read_pairs(path, 1) == PAIRS[:1]
     chat = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "A"}],
             "rejected": [{"role": "assistant", "content": "B"}]}
-    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(chat) + "\n")
-    with pytest.raises(ValueError, match="line 2: need plain-text prompt"):
-        read_pairs(path, None)
+    for bad, message in ((json.dumps(chat), "line 2: need plain-text prompt"), ("[1]", "line 2: need plain-text"),
+                         ('{"prompt": ', "line 2: not JSON")):
+        path.write_text(json.dumps(PAIRS[0]) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_pairs(path, None)
+
+
+def test_a_pair_must_have_a_continuation_to_read_and_the_end_of_turn_is_the_eos(tokenizer):
+    assert [len(c.chosen[0]) > c.chosen[1] for c in pair_cases(tokenizer, PAIRS)] == [True, True]
+    with pytest.raises(ValueError, match="pair 2: a continuation with no tokens"):
+        pair_cases(tokenizer, [PAIRS[0], {**PAIRS[1], "rejected": ""}])
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +107,7 @@ def test_a_probe_reports_every_figure_per_model(tiny, tokenizer):
     (["--models", "a,a"], "name each registry model once"),
     (["--models", " , "], "name each registry model once"),
     (["--models", "a", "--limit", "0"], "--limit"),
+    (["--models", "a", "--out", "no-such-folder/probe.json"], "no-such-folder does not exist"),
 ])
 def test_cli_says_what_to_fix(args, message, refused_tool_output):
     assert message in refused_tool_output(main, args)
