@@ -376,10 +376,6 @@ GENERATION_SUITES = ("gsm8k", "text")
 def unreproducible_rows(store: ResultStore, model: str, keys: set[str]) -> list[str]:
     """Of `keys`, the generation rows whose figures come from a run made before offline engines kept vLLM's core in
     process (offline/engine.py, 2026-12-03): their answers were one draw of many, and a rerun would differ."""
-    source: dict[str, tuple[str, EvalRun]] = {}
-    for run in store.runs(model):  # oldest first: the newest run holding a key supplies it, as in latest()
-        for m in run.measurements:
-            source[m.key] = (m.benchmark, run)
-    return sorted(key for key, (benchmark, run) in source.items()
-                  if key in keys and suite_of(benchmark) in GENERATION_SUITES
+    return sorted(key for key, (m, run) in store.sources(model).items()
+                  if key in keys and suite_of(m.benchmark) in GENERATION_SUITES
                   and run.engine.get("engine_core") != IN_PROCESS)

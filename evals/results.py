@@ -163,6 +163,11 @@ def measurement(benchmark: str, metric: str, split: str, items: dict[str, float]
                        score=float(np.mean(values)) if values else float("nan"), items=items, **extra)
 
 
+def newest_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]]:
+    """Per measurement key, the newest of `runs` (oldest first) that holds it, and its measurement there."""
+    return {m.key: (m, run) for run in runs for m in run.measurements}
+
+
 class ResultStore:
     """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; the newest run of each measurement wins."""
 
@@ -188,15 +193,16 @@ class ResultStore:
         runs = [EvalRun.model_validate_json(p.read_text()) for p in folder.glob("*.json")]
         return sorted(runs, key=lambda r: r.created_at)
 
+    def sources(self, model: str) -> dict[str, tuple[Measurement, EvalRun]]:
+        """Per measurement key, the measurement `latest` shows and the run it came from."""
+        return newest_sources(self.runs(model))
+
     def latest(self, model: str) -> EvalRun | None:
         """One merged view of a model: each measurement from the newest run that has it."""
         runs = self.runs(model)
         if not runs:
             return None
-        merged: dict[str, Measurement] = {}
-        for run in runs:
-            for m in run.measurements:
-                merged[m.key] = m
+        merged = {key: m for key, (m, _) in newest_sources(runs).items()}
         speed = SpeedRecord()
         for run in runs:
             if run.speed.recorded:

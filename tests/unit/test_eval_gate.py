@@ -259,12 +259,12 @@ def test_review_rule_errors_say_what_to_fix(records, rule, message):
 
 
 def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
-    def text_run(model: str, looping: int, engine: dict) -> None:
+    def text_run(model: str, looping: int, engine: dict, reward_model: bool = True) -> None:
         items = {f"q{i}": float(i < looping) for i in range(100)}
+        # the reward model's row is shown, never gated: a rerun without --reward-model leaves it old
+        scores = [measurement("rm", "rm_score", "test", {"q0": 1.0})] if reward_model else []
         store.save(EvalRun(model=model, suite="text", engine=engine,
-                           measurements=[measurement("gsm8k_text", "looping", "test", items),
-                                         # shown, never gated: a rerun without --reward-model leaves it old
-                                         measurement("rm", "rm_score", "test", {"q0": 1.0})]))
+                           measurements=[measurement("gsm8k_text", "looping", "test", items), *scores]))
 
     in_process = {"engine_core": IN_PROCESS}
     text_run("base", 4, {})  # made before offline engines kept vLLM's core in process
@@ -273,7 +273,5 @@ def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
     save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
     result = check(store, "cand", "base", max_drop=1.0, suites=None)
     assert result.passed and result.unreproducible == {"base": ["gsm8k_text/looping"]}
-    store.save(EvalRun(model="base", suite="text", engine=in_process,  # a rerun now supplies the gating row
-                       measurements=[measurement("gsm8k_text", "looping", "test",
-                                                 {f"q{i}": float(i < 4) for i in range(100)})]))
+    text_run("base", 4, in_process, reward_model=False)  # a rerun now supplies the gating row
     assert check(store, "cand", "base", max_drop=1.0, suites=None).unreproducible == {}
