@@ -17,6 +17,7 @@ about 1.5 min a model on 2 cores. Training data only: nothing it reads is a spli
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -36,6 +37,7 @@ from zephyr.console import make_console
 from zephyr.mcq import cloze_split
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry, RegistryError
+from zephyr.schemas import TextPreferencePair, read_jsonl
 from zephyr.settings import Settings
 
 
@@ -75,29 +77,13 @@ def answer_cases(tokenizer: Any, items: list[GSM8KItem], system_prompt: str | No
     return cases
 
 
-def read_pairs(path: Path, limit: int | None) -> list[dict[str, str]]:
+def read_pairs(path: Path, limit: int | None) -> list[TextPreferencePair]:
     """The first `limit` plain-text pairs of a JSON Lines file (`zephyr data cloze`'s DPO pairs)."""
-    pairs = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if limit is not None and len(pairs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(key), str)
-                                                    for key in ("prompt", "chosen", "rejected")):
-                raise ValueError(f"line {number}: need plain-text prompt, chosen and rejected strings (as "
-                                 "`zephyr data cloze` writes them); chat-format pairs are not probed")
-            pairs.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
-    return pairs
+    return list(itertools.islice(read_jsonl(path, TextPreferencePair), limit))
 
 
-def pair_cases(tokenizer: Any, pairs: list[dict[str, str]]) -> list[PairCase]:
-    cases = [PairCase(*(cloze_split(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected")))
+def pair_cases(tokenizer: Any, pairs: list[TextPreferencePair]) -> list[PairCase]:
+    cases = [PairCase(cloze_split(tokenizer, p.prompt, p.chosen), cloze_split(tokenizer, p.prompt, p.rejected))
              for p in pairs]
     for number, case in enumerate(cases, 1):
         if any(len(ids) <= context_length for ids, context_length in (case.chosen, case.rejected)):
@@ -155,7 +141,7 @@ def probe_model(name: str, model: Any, end_id: int, answers: list[AnswerCase], p
         rejected_per_token=statistics.fmean(rejected) if rejected else None)
 
 
-def probe(model_paths: dict[str, Path], items: list[GSM8KItem], pairs: list[dict[str, str]],
+def probe(model_paths: dict[str, Path], items: list[GSM8KItem], pairs: list[TextPreferencePair],
           system_prompt: str | None) -> list[ProbeFigures]:
     """Every model is read with the first model's tokenizer: the cases must be the same token ids for all."""
     import torch
@@ -199,8 +185,8 @@ def main(
         raise typer.BadParameter(str(exc), param_hint="--models") from exc
     try:
         pair_rows = read_pairs(pairs, limit) if pairs is not None else []
-    except ValueError as exc:  # JSONDecodeError is a ValueError
-        raise typer.BadParameter(f"{pairs}: {exc}", param_hint="--pairs") from exc
+    except ValueError as exc:  # schemas.DataFileError names the file and line
+        raise typer.BadParameter(str(exc), param_hint="--pairs") from exc
     try:
         items = benchmarks.load("gsm8k", split="train", data_dir=settings.data_dir, limit=limit)
     except benchmarks.DatasetError as exc:

@@ -23,15 +23,16 @@ from tools.loop_probe import (
 )
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry
+from zephyr.schemas import TextPreferencePair
 
 ITEMS = [GSM8KItem(id="train/0", question="Tom has 3 apples and buys 2 more. How many apples does he have?",
                    solution="Tom has 3 + 2 = <<3+2=5>>5 apples.\nSo he has 5.", answer="5"),
          GSM8KItem(id="train/1", question="A box holds 4 pens. How many pens are in 2 boxes?",
                    solution="2 boxes hold 2 * 4 = <<2*4=8>>8 pens.", answer="8")]
-PAIRS = [{"prompt": "Question: What do plants need to make food?\nAnswer:", "chosen": " sunlight",
-          "rejected": " darkness"},
-         {"prompt": "Question: Which is a gas at room temperature?\nAnswer:", "chosen": " oxygen",
-          "rejected": " iron"}]
+PAIRS = [TextPreferencePair(prompt="Question: What do plants need to make food?\nAnswer:", chosen=" sunlight",
+                            rejected=" darkness", source="test"),
+         TextPreferencePair(prompt="Question: Which is a gas at room temperature?\nAnswer:", chosen=" oxygen",
+                            rejected=" iron", source="test")]
 
 
 def test_each_answer_is_asked_as_the_text_suite_asks_it_then_its_first_line_is_copied(tokenizer):
@@ -44,22 +45,21 @@ def test_each_answer_is_asked_as_the_text_suite_asks_it_then_its_first_line_is_c
 
 def test_pairs_are_plain_text_and_limited(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n\n" + json.dumps(PAIRS[0]) + "\n")
+    path.write_text("\n".join(p.model_dump_json() for p in PAIRS) + "\n\n" + PAIRS[0].model_dump_json() + "\n")
     assert read_pairs(path, None) == PAIRS + [PAIRS[0]]
     assert read_pairs(path, 1) == PAIRS[:1]
     chat = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "A"}],
             "rejected": [{"role": "assistant", "content": "B"}]}
-    for bad, message in ((json.dumps(chat), "line 2: need plain-text prompt"), ("[1]", "line 2: need plain-text"),
-                         ('{"prompt": ', "line 2: not JSON")):
-        path.write_text(json.dumps(PAIRS[0]) + "\n" + bad + "\n")
-        with pytest.raises(ValueError, match=message):
+    for bad in (json.dumps(chat), "[1]", '{"prompt": ', PAIRS[1].model_copy(update={"rejected": ""}).model_dump_json()):
+        path.write_text(PAIRS[0].model_dump_json() + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match="pairs.jsonl:2: not a TextPreferencePair"):
             read_pairs(path, None)
 
 
 def test_a_pair_must_have_a_continuation_to_read_and_the_end_of_turn_is_the_eos(tokenizer):
     assert [len(c.chosen[0]) > c.chosen[1] for c in pair_cases(tokenizer, PAIRS)] == [True, True]
     with pytest.raises(ValueError, match="pair 2: a continuation with no tokens"):
-        pair_cases(tokenizer, [PAIRS[0], {**PAIRS[1], "rejected": ""}])
+        pair_cases(tokenizer, [PAIRS[0], PAIRS[1].model_copy(update={"rejected": ""})])  # past the schema's check
     assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
