@@ -218,7 +218,7 @@ def gate_command(
     """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
     --reviews) when reviewers' verdicts are too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
-    from evals.results import ResultStore, suite_of
+    from evals.results import ResultStore
 
     settings = load_settings()
     try:
@@ -235,9 +235,8 @@ def gate_command(
     for name, keys in result.unreproducible.items():
         # Whatever the verdict: it rests on answers a rerun of that model would change.
         err.print(f"[yellow]note:[/] {name}'s {', '.join(keys)} come from a run made before reruns gave the same "
-                  f"answers; rerun `zephyr eval run --model {name} --suite "
-                  f"{','.join(sorted({suite_of(r.benchmark) for r in result.rows if r.key in keys}))}` for a verdict "
-                  "a rerun repeats")
+                  f"answers; rerun `zephyr eval run --model {name} --suite {','.join(result.rerun_suites(name))}` "
+                  "for a verdict a rerun repeats")
     if not result.passed:
         if result.failures:
             failed = ", ".join(row.key for row in result.failures)

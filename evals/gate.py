@@ -21,6 +21,8 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
     ResultStore,
     is_share,
     lower_is_better,
+    merge_runs,
+    newest_sources,
     scale_of,
     suite_of,
 )
@@ -229,6 +231,11 @@ class GateResult:
         tell it from no change."""
         return [row for row in self.failures if row.spans_zero]
 
+    def rerun_suites(self, model: str) -> list[str]:
+        """The suites whose rerun replaces `model`'s unreproducible rows."""
+        keys = set(self.unreproducible.get(model, []))
+        return sorted({suite_of(row.benchmark) for row in self.rows if row.key in keys})
+
     def table(self) -> Table:
         verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"
         table = Table(
@@ -315,9 +322,10 @@ def check(
         raise GateError(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITE_BENCHMARKS)}")
     for name in (candidate, baseline):  # both are result paths: a bad name fails before either is read
         check_name(name)
+    history = {name: store.runs(name) for name in (candidate, baseline)}  # each model's files, read once
     runs: dict[str, EvalRun] = {}
     for name in (candidate, baseline):
-        run = store.latest(name)
+        run = merge_runs(history[name])
         if run is None:
             raise GateError(
                 f"no eval results for {name!r} in {store.root}: run `zephyr eval run --model {name} --suite "
@@ -356,7 +364,7 @@ def check(
     # Only rows the verdict rests on: an info row (the reward model's score) may need options a plain rerun lacks.
     gating_keys = {row.key for row in rows if row.gating}
     unreproducible = {name: keys for name in (candidate, baseline)
-                      if (keys := unreproducible_rows(store, name, gating_keys))}
+                      if (keys := unreproducible_rows(history[name], gating_keys))}
     return GateResult(
         candidate=candidate,
         baseline=baseline,
@@ -373,9 +381,10 @@ def check(
 GENERATION_SUITES = ("gsm8k", "text")
 
 
-def unreproducible_rows(store: ResultStore, model: str, keys: set[str]) -> list[str]:
-    """Of `keys`, the generation rows whose figures come from a run made before offline engines kept vLLM's core in
-    process (offline/engine.py, 2026-12-03): their answers were one draw of many, and a rerun would differ."""
-    return sorted(key for key, (m, run) in store.sources(model).items()
+def unreproducible_rows(runs: list[EvalRun], keys: set[str]) -> list[str]:
+    """Of `keys`, the generation rows whose figures (the newest of a model's `runs`) come from a run made before
+    offline engines kept vLLM's core in process (offline/engine.py, 2026-12-03): their answers were one draw of many,
+    and a rerun would differ."""
+    return sorted(key for key, (m, run) in newest_sources(runs).items()
                   if key in keys and suite_of(m.benchmark) in GENERATION_SUITES
                   and run.engine.get("engine_core") != IN_PROCESS)

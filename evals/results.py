@@ -193,28 +193,29 @@ class ResultStore:
         runs = [EvalRun.model_validate_json(p.read_text()) for p in folder.glob("*.json")]
         return sorted(runs, key=lambda r: r.created_at)
 
-    def sources(self, model: str) -> dict[str, tuple[Measurement, EvalRun]]:
-        """Per measurement key, the measurement `latest` shows and the run it came from."""
-        return newest_sources(self.runs(model))
-
     def latest(self, model: str) -> EvalRun | None:
         """One merged view of a model: each measurement from the newest run that has it."""
-        runs = self.runs(model)
-        if not runs:
-            return None
-        merged = {key: m for key, (m, _) in newest_sources(runs).items()}
-        speed = SpeedRecord()
-        for run in runs:
-            if run.speed.recorded:
-                # Figures a newer record lacks stay from an older one, but never its session: which measurement
-                # it was decides what it may be compared with (SpeedRecord.same_session).
-                speed = speed.model_copy(update={"session": None, "measured_at": run.created_at,
-                                                 **run.speed.model_dump(exclude_unset=True)})
-        # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
-        described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
-                     for field in ("parent", "method", "size_bytes", "quantization")}
-        return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
-                                           **described})
+        return merge_runs(self.runs(model))
+
+
+def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
+    """`runs` (oldest first, as ResultStore.runs gives them) as one: each measurement from the newest run that has
+    it; None for no runs."""
+    if not runs:
+        return None
+    merged = {key: m for key, (m, _) in newest_sources(runs).items()}
+    speed = SpeedRecord()
+    for run in runs:
+        if run.speed.recorded:
+            # Figures a newer record lacks stay from an older one, but never its session: which measurement
+            # it was decides what it may be compared with (SpeedRecord.same_session).
+            speed = speed.model_copy(update={"session": None, "measured_at": run.created_at,
+                                             **run.speed.model_dump(exclude_unset=True)})
+    # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
+    described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
+                 for field in ("parent", "method", "size_bytes", "quantization")}
+    return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
+                                       **described})
 
 
 def summary(run: EvalRun) -> dict[str, Any]:

@@ -273,5 +273,6 @@ def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
     save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
     result = check(store, "cand", "base", max_drop=1.0, suites=None)
     assert result.passed and result.unreproducible == {"base": ["gsm8k_text/looping"]}
+    assert result.rerun_suites("base") == ["text"] and result.rerun_suites("cand") == []
     text_run("base", 4, in_process, reward_model=False)  # a rerun now supplies the gating row
     assert check(store, "cand", "base", max_drop=1.0, suites=None).unreproducible == {}
