@@ -138,10 +138,10 @@ class Tutor:
     def model_name(self) -> str:
         return self.engine.model_name
 
-    def check_model(self, requested: str | None) -> None:
+    def check_model(self, requested: str | None, param: str = "model") -> None:
         if requested is not None and requested != self.model_name:
-            raise APIError(404, f"model `{requested}` is not served here; this server serves `{self.model_name}` "
-                                "(GET /v1/models)", param="model", code="model_not_found")
+            raise APIError(404, f"{param} `{requested}` is not served here; this server serves `{self.model_name}` "
+                                "(GET /v1/models)", param=param, code="model_not_found")
 
     def check_generation(self, req: SamplingRequest) -> None:
         """What a chat or a completion is checked for first: the model it names and its number of answers."""
@@ -341,16 +341,16 @@ class Tutor:
                     + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                        if plan.needs_answer_prior else []))
 
-        # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
-        letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
-        self.check_prompt_length(letter_prompt, f"{param_prefix}question")
-        for ids, _ in cloze_requests:
-            self.check_prompt_length(ids, f"{param_prefix}question")
-        row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
         explanation = None
         status, error = "error", None
         scores = mcq.OptionScores()
-        try:
+        try:  # from the first await: a client gone while the prompts are encoded is logged too
+            # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
+            letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
+            self.check_prompt_length(letter_prompt, f"{param_prefix}question")
+            for ids, _ in cloze_requests:
+                self.check_prompt_length(ids, f"{param_prefix}question")
+            row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
             status = "ok"
         except APIError as exc:

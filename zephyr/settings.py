@@ -68,9 +68,10 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(default=None, gt=0, description="Defaults to the model's context length")
     max_prompt_chars: int | None = Field(default=None, gt=0, description="Characters a prompt may hold before it "
                                          "is tokenized; default 16 per allowed prompt token")
-    max_in_flight: int = Field(default=256, description="Requests admitted at once; beyond that 503")
-    max_n: int = 8
-    max_mcq_batch: int = 64
+    max_in_flight: int = Field(default=256, ge=1, description="Requests admitted at once; beyond that 503")
+    max_n: int = Field(default=8, ge=1)
+    max_mcq_batch: int = Field(default=64, ge=1, description="Questions one /mcq/batch may hold; at most "
+                               "max_in_flight, since each question is admitted as a request")
     drain_seconds: int = 30
     keep_alive_seconds: int = Field(default=75, gt=0, description="How long an idle client connection stays open. "
                                     "Longer than a proxy's idle timeout (nginx and cloud balancers: 60 s), so the "
@@ -193,7 +194,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} does not exist")
             lines += self.api_keys_file.read_text().splitlines()
         entries = []
-        for raw in lines:
+        for number, raw in enumerate(lines, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -201,12 +202,14 @@ class Settings(BaseSettings):
             name, _, role = head.rpartition("=")
             name, role, key = " ".join(name.split()), role.strip(), key.strip()
             if not sep or role not in ROLES or not key:
+                # Named by position, never quoted: an entry without its ':' may be a bare key, and this message
+                # reaches start-up logs and pod events.
                 raise ValueError(
-                    f"API key entry {line[:12]!r}... must be role:key or name=role:key with role one of "
-                    f"{', '.join(ROLES)}"
+                    f"API key entry {number} (of ZEPHYR_API_KEYS, then ZEPHYR_API_KEYS_FILE's lines) must be "
+                    f"role:key or name=role:key with role one of {', '.join(ROLES)}"
                 )
             if len(name) > MAX_KEY_NAME_CHARS:
-                raise ValueError(f"API key name {name[:12]!r}... is longer than {MAX_KEY_NAME_CHARS} characters")
+                raise ValueError(f"API key entry {number}: its name is longer than {MAX_KEY_NAME_CHARS} characters")
             entries.append((role, key, name or None))
         return entries
 

@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Depends, Request
 
 from service.auth import Principal, charge, require
+from service.disconnect import until_disconnected
 from service.errors import APIError
 from service.generation import new_id
 from service.protocol import MCQBatchRequest, MCQBatchResponse, MCQRequest, MCQResponse
@@ -17,8 +18,8 @@ async def answer(body: MCQRequest, request: Request, principal: Principal = Depe
     tutor.check_model(body.model)
     question = tutor.build_question(body)
     with tutor.admission.admit():
-        return await tutor.answer_mcq(question, body.resolved_method, principal, new_id("mcq"), body.user,
-                                      body.min_confidence)
+        return await until_disconnected(request, tutor.answer_mcq(
+            question, body.resolved_method, principal, new_id("mcq"), body.user, body.min_confidence))
 
 
 @router.post("/mcq/batch", response_model=MCQBatchResponse)
@@ -26,15 +27,20 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
                        principal: Principal = Depends(any_role)) -> MCQBatchResponse:
     """An exam set: every question is answered concurrently, results in the order given."""
     tutor = request.app.state.tutor
-    limit = tutor.settings.max_mcq_batch
+    settings = tutor.settings
+    # Each question is admitted as a request: a batch over max_in_flight could never be admitted, and a 503 would
+    # send its client retrying for ever.
+    limit, setting = min((settings.max_mcq_batch, "ZEPHYR_MAX_MCQ_BATCH"), (settings.max_in_flight,
+                                                                           "ZEPHYR_MAX_IN_FLIGHT"))
     if len(body.questions) > limit:
-        raise APIError(400, f"a batch holds at most {limit} questions, got {len(body.questions)}", param="questions")
-    charge(request, len(body.questions))  # the rate limit counts questions, not requests
+        raise APIError(400, f"a batch holds at most {limit} questions ({setting}), got {len(body.questions)}; "
+                            "split it", param="questions")
     tutor.check_model(body.model)
-    for item in body.questions:
-        tutor.check_model(item.model)
+    for i, item in enumerate(body.questions):
+        tutor.check_model(item.model, param=f"questions[{i}].model")
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
+    charge(request, len(items))  # the rate limit counts questions, not requests, and only valid ones, as chat does
     batch_id = new_id("mcqbatch")
     with tutor.admission.admit(len(items)):
-        results = await tutor.answer_mcq_batch(items, principal, batch_id)
+        results = await until_disconnected(request, tutor.answer_mcq_batch(items, principal, batch_id))
     return MCQBatchResponse(id=batch_id, model=tutor.model_name, results=results)

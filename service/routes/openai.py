@@ -1,14 +1,14 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions and /v1/completions."""
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import Principal, charge, require
 from service.completions import complete, prepare_completion, stream
+from service.disconnect import until_disconnected
 from service.errors import APIError
 from service.protocol import (
     ChatCompletionChunk,
@@ -21,7 +21,6 @@ from service.protocol import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-T = TypeVar("T")
 any_role = require("student", "reviewer")
 
 
@@ -116,25 +115,6 @@ def review_header(request: Request) -> bool:
         raise APIError(400, f"header {REVIEW_HEADER} must be true or false, not {value[:20]!r}",
                        param=REVIEW_HEADER, code="invalid_header")
     return word in TRUE_WORDS
-
-
-async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Runs `work`, cancelling it (and so the engine request) if the client hangs up first: a student who
-    closes the tab should not keep a long answer generating."""
-    task = asyncio.ensure_future(work)
-
-    async def hang_up() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(hang_up())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task  # raises CancelledError when the client left: nobody is waiting for a response
 
 
 class ReleasingStreamingResponse(StreamingResponse):

@@ -23,6 +23,7 @@ class StubEngine:
         self.token_bonus: dict[str, float] = {"Carbon": 6.0}
         self.cache_hit = 0  # tokens a request reading the prefix cache reports as cached
         self.delay = 0.0  # seconds per token
+        self.score_delay = 0.0  # seconds each scoring request (the MCQ letter, an option's cloze score) takes
         self.fail_with: Exception | None = None
         self.calls: list[tuple[list[int], GenParams]] = []
         self._errored = False
@@ -55,6 +56,8 @@ class StubEngine:
         self.calls.append((prompt_ids, params))
         if self.fail_with is not None:
             raise self.fail_with
+        if self.score_delay and (params.allowed_token_ids or params.prompt_logprobs or params.logprob_token_ids):
+            await asyncio.sleep(self.score_delay)
         if params.allowed_token_ids:
             yield self._constrained(params)
             return

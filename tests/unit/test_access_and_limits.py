@@ -1,5 +1,7 @@
 import asyncio
 
+import pytest
+
 from tests.unit.conftest import REVIEWER_KEY
 
 CHAT = "/v1/chat/completions"
@@ -216,3 +218,63 @@ async def test_a_stream_holds_its_place_until_the_response_closes(served):
         assert ("looping" in row["response"][0]) is (status == "ok")
     answers = (await served.client.get("/metrics")).text
     assert 'zephyr_answers_total{looping="false",route="chat"} 1.0' in answers  # the finished stream only
+
+
+QUESTION = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}
+
+
+@pytest.mark.parametrize(("path", "body", "rows", "at_once"), [
+    (CHAT, {**BODY, "max_tokens": 40}, 1, False),
+    ("/mcq", {**QUESTION, "method": "letter"}, 1, False),
+    ("/mcq", QUESTION, 1, True),  # gone while its prompts are still being encoded
+    ("/mcq/batch", {"questions": [QUESTION, QUESTION, QUESTION]}, 3, False),
+])
+async def test_a_client_that_hangs_up_is_no_server_error_and_frees_its_place(served, path, body, rows, at_once):
+    """A closed tab cancels the work, logs it as aborted and counts as 499 (nginx's "client closed request"),
+    not as a 500 with a traceback that would page an operator."""
+    import json
+
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+    from tests.unit.conftest import STUDENT_KEY
+
+    served.engine.delay = served.engine.score_delay = 0.2
+    raw = json.dumps(body).encode()
+    gone, started, sent = asyncio.Event(), [False], []
+
+    async def receive():
+        if not started[0]:
+            started[0] = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+               (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(raw)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    calls = len(served.engine.calls)
+    if at_once:
+        gone.set()
+    task = asyncio.create_task(served.app(scope, receive, send))
+    for _ in range(0 if at_once else 200):  # until the engine has the work
+        if len(served.engine.calls) > calls:
+            break
+        await asyncio.sleep(0.01)
+    assert at_once or (len(served.engine.calls) > calls and not task.done())
+    gone.set()
+    await asyncio.wait_for(task, 10)  # returns: no exception escapes to the server
+
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert served.app.state.tutor.admission.in_flight == 0
+    log = await served.flushed_log()
+    async with log.engine.connect() as connection:
+        statuses = [r.status for r in await connection.execute(select(Generation.status))]
+    assert statuses == ["aborted"] * rows
+    metrics = (await served.client.get("/metrics")).text
+    assert f'route="{path}",status="499"' in metrics and f'route="{path}",status="500"' not in metrics

@@ -82,6 +82,29 @@ async def test_batch_answers_in_order_and_names_the_bad_item(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "questions[1].options"
     r = await served.client.post("/mcq/batch", json={"questions": [QUESTION] * 65})
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+    r = await served.client.post("/mcq/batch", json={"questions": [QUESTION, {**QUESTION, "model": "gpt-4"}]})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "questions[1].model"
+
+
+async def test_a_batch_no_replica_could_admit_is_400_not_a_503_to_retry(app_factory):
+    """Each question is admitted as a request: over ZEPHYR_MAX_IN_FLIGHT a batch could never run, and a 503 with
+    Retry-After would send its client retrying for ever."""
+    async with app_factory(max_in_flight=2) as served:
+        r = await served.client.post("/mcq/batch", json={"questions": [QUESTION] * 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "questions"
+        assert "at most 2 questions (ZEPHYR_MAX_IN_FLIGHT)" in r.json()["error"]["message"]
+        assert (await served.client.post("/mcq/batch", json={"questions": [QUESTION] * 2})).status_code == 200
+
+
+async def test_a_refused_batch_costs_no_rate_limit(app_factory):
+    """Every request costs the unit its authentication counts; only a valid batch costs its other questions."""
+    async with app_factory(rate_limit="6/minute") as served:
+        bad = {"questions": [QUESTION, QUESTION, {"question": "q", "options": ["a"]}]}
+        for _ in range(2):
+            assert (await served.client.post("/mcq/batch", json=bad)).status_code == 400
+        r = await served.client.post("/mcq/batch", json={"questions": [QUESTION] * 4})
+        assert r.status_code == 200, r.text  # 1 + 1 + 4: the refused batches were not charged 3 each
+        assert (await served.client.post("/mcq", json=QUESTION)).status_code == 429
 
 
 async def test_explain_without_room_for_reasoning_is_400_and_logged(app_factory, tokenizer):

@@ -202,6 +202,10 @@ def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
         _ = Settings(api_keys="Bob=boss:key").api_key_entries
     with pytest.raises(ValueError, match="longer than 64"):
         _ = Settings(api_keys=f"{'x' * 65}=reviewer:key").api_key_entries
+    # A bare key (no role) is named by its place, never quoted: the message reaches start-up logs and pod events.
+    with pytest.raises(ValueError, match="entry 2 ") as refused:
+        _ = Settings(api_keys="student:s1,sk-live-0123456789abcdef").api_key_entries
+    assert "sk-" not in str(refused.value)
 
 
 def test_names_are_kept_by_digest_and_a_shared_name_stays_distinct():
