@@ -14,6 +14,8 @@ import dataclasses
 import json
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,13 @@ class GenerationLog:
         self._db_ok = False
         self._next_probe = 0.0
         self._in_flight: list[GenerationRecord] = []
+        # Rows a full queue could not take: spilled by a thread, since redaction and fsync would stall every
+        # stream on the loop (record() runs on it).
+        self._overflow: list[GenerationRecord] = []
+        self._overflow_spill: asyncio.Task | None = None
+        # One writer of the spill file at a time: a thread's append must not interleave with another's, nor land
+        # in a file replay_spill has already read.
+        self._spill_lock = threading.Lock()
 
     # Life cycle -------------------------------------------------------------------------------------
 
@@ -133,6 +142,7 @@ class GenerationLog:
         while not self.queue.empty():
             leftover.append(self.queue.get_nowait())
             self.queue.task_done()
+        await self._overflow_spilled()
         if leftover:
             self._spill_safely(leftover)
         self._in_flight = []
@@ -142,18 +152,35 @@ class GenerationLog:
     # Request path -----------------------------------------------------------------------------------
 
     def record(self, row: GenerationRecord) -> None:
-        """Queue one row; never blocks and never drops: a full queue spills the row to disk."""
+        """Queue one row; never blocks and never drops: a full queue spills the row to disk, off the loop."""
         if not self.enabled:
             return
         try:
             self.queue.put_nowait(row)
         except asyncio.QueueFull:
-            self._spill_safely([row])
+            self._overflow.append(row)
+            if self._overflow_spill is None or self._overflow_spill.done():
+                self._overflow_spill = asyncio.get_running_loop().create_task(self._spill_overflow(),
+                                                                             name="generation-log-overflow")
         self.metrics.log_queue_depth.set(self.queue.qsize())
 
+    async def _spill_overflow(self) -> None:
+        while self._overflow:
+            rows, self._overflow = self._overflow, []
+            try:
+                await asyncio.to_thread(self._spill_safely, rows)
+            except OSError:  # the queue full and the disk refusing too: nothing left to keep them in
+                log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(rows))
+                self.metrics.log_write_failures.inc()
+
+    async def _overflow_spilled(self) -> None:
+        while self._overflow_spill is not None and not self._overflow_spill.done():
+            await asyncio.shield(self._overflow_spill)
+
     async def flush(self) -> None:
-        """Wait until every row queued so far is in the database or the spill file."""
+        """Wait until every row recorded so far is in the database or the spill file."""
         await self.queue.join()
+        await self._overflow_spilled()
 
     # Writer -----------------------------------------------------------------------------------------
 
@@ -194,7 +221,7 @@ class GenerationLog:
     async def _write(self, rows: list[GenerationRecord]) -> None:
         redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
         if not self._db_ok and not await self._probe():
-            self._spill(redacted)
+            await asyncio.to_thread(self._spill, redacted)
             return
         try:
             await self._insert(redacted)
@@ -203,7 +230,7 @@ class GenerationLog:
             self._db_ok = False
             self.metrics.log_write_failures.inc()
             log.warning("generation log write failed (%s); %d rows spilled to %s", exc, len(rows), self.spill_path)
-            self._spill(redacted)
+            await asyncio.to_thread(self._spill, redacted)
 
     async def _probe(self) -> bool:
         """Is the database back? Checked at most every retry_seconds while it is down."""
@@ -277,12 +304,13 @@ class GenerationLog:
         return self.spill_path.exists() or self._replaying_path.exists()
 
     def _spill(self, rows: list[GenerationRecord]) -> None:
-        private_dir(self.spill_path.parent)
-        with open_private_append(self.spill_path) as handle:
-            for row in rows:
-                handle.write(row.to_json_line())
-            handle.flush()
-            os.fsync(handle.fileno())
+        with self._spill_lock:
+            private_dir(self.spill_path.parent)
+            with open_private_append(self.spill_path) as handle:
+                for row in rows:
+                    handle.write(row.to_json_line())
+                handle.flush()
+                os.fsync(handle.fileno())
         self.metrics.log_spilled_rows.inc(len(rows))
 
     def _spill_safely(self, rows: list[GenerationRecord]) -> None:
@@ -302,41 +330,31 @@ class GenerationLog:
         to look at, instead of blocking every later replay."""
         replaying = self._replaying_path
         if not replaying.exists():
-            if not self.spill_path.exists():
-                return 0
-            self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
+            with self._spill_lock:  # no spill is half written into the file being renamed
+                if not self.spill_path.exists():
+                    return 0
+                self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
         # Set aside: lines that are no JSON, or JSON that is no row; refused: rows the database would not take.
-        rows: list[GenerationRecord] = []
         set_aside: list[dict[str, Any]] = []
         refused: list[GenerationRecord] = []
-        for line in replaying.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
-                    set_aside.append({"unparseable_line": line})
-                    continue
-                try:
-                    rows.append(GenerationRecord.from_dict(data))
-                except ValueError as exc:
-                    log.warning("a spilled line is no generation row (%s); setting it aside", exc)
-                    set_aside.append(data if isinstance(data, dict) else {"unparseable_line": line})
-        # Rows spilled while redaction was failing are still raw: nothing reaches the database unredacted
-        # (a redactor still failing raises here, and the file waits for the next try).
-        rows = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
-        try:
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                try:
-                    await self._insert(batch)
-                except Exception:
-                    if not await self._reachable():
-                        raise
-                    refused += await self._insert_one_by_one(batch)
-        except Exception as exc:
-            self._db_ok = False
-            log.warning("replaying spilled rows failed (%s); will retry", exc)
-            return 0
+        inserted = 0
+        # A batch at a time, however long the outage made the file: the server's memory holds one batch, and a
+        # restart part way through inserts again what it had (ignored by request id).
+        with replaying.open(encoding="utf-8") as handle:
+            batches = self._spilled_batches(handle, set_aside)
+            try:
+                while batch := await asyncio.to_thread(next, batches, None):
+                    try:
+                        await self._insert(batch)
+                    except Exception:
+                        if not await self._reachable():
+                            raise
+                        refused += await self._insert_one_by_one(batch)
+                    inserted += len(batch)
+            except Exception as exc:
+                self._db_ok = False
+                log.warning("replaying spilled rows failed (%s); will retry", exc)
+                return 0
         rejected = set_aside + [row.to_json() for row in refused]
         if rejected:
             with open_private_append(self.rejected_path) as handle:
@@ -345,10 +363,39 @@ class GenerationLog:
             self.metrics.log_rejected_rows.inc(len(rejected))
             log.error("%d spilled rows were refused by the database; kept in %s", len(rejected), self.rejected_path)
         replaying.unlink()
-        replayed = len(rows) - len(refused)
+        replayed = inserted - len(refused)
         self.metrics.log_replayed_rows.inc(replayed)
         log.info("replayed %d spilled generation-log rows", replayed)
         return replayed
+
+    def _spilled_batches(self, lines: Iterator[str], set_aside: list[dict[str, Any]]
+                         ) -> Iterator[list[GenerationRecord]]:
+        """The spill file's rows, batch_size at a time and redacted (run in a thread: it parses and redacts).
+        Rows spilled while redaction was failing are still raw: nothing reaches the database unredacted (a
+        redactor still failing raises, and the file waits for the next try). Lines that are no row go to
+        `set_aside`."""
+        batch: list[GenerationRecord] = []
+        for line in lines:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                set_aside.append({"unparseable_line": line})
+                continue
+            try:
+                row = GenerationRecord.from_dict(data)
+            except ValueError as exc:
+                log.warning("a spilled line is no generation row (%s); setting it aside", exc)
+                set_aside.append(data if isinstance(data, dict) else {"unparseable_line": line})
+                continue
+            batch.append(self._redact(row))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     async def _insert_one_by_one(self, rows: list[GenerationRecord]) -> list[GenerationRecord]:
         refused = []

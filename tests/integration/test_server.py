@@ -287,6 +287,10 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(server):
             break
         time.sleep(0.1)
     assert len(new) == 1 and new[0][1] == "aborted" and new[0][2] < 1800
+    # Counted as the client's doing (499), never as a server error.
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'route="/v1/chat/completions",status="499"' in metrics
+    assert 'route="/v1/chat/completions",status="500"' not in metrics
 
 
 def _rows(server, query: str) -> list[tuple]:

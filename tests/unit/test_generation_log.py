@@ -284,3 +284,67 @@ async def test_a_spilled_line_that_is_no_row_is_set_aside(tmp_path):
     kept = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
     assert [r.get("id", r.get("unparseable_line")) for r in kept] == ["unknown", "missing", '["a", "list"]']
     await log.close()
+
+
+async def test_a_full_queue_spills_off_the_event_loop_and_loses_nothing(tmp_path):
+    """Redaction and fsync would stall every open stream if they ran on the loop that record() is called on."""
+    import asyncio
+    import threading
+
+    class Watching:
+        threads: set[str] = set()
+
+        def redact(self, text):
+            self.threads.add(threading.current_thread().name)
+            return text
+
+    redactor = Watching()
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), redactor,
+                        flush_seconds=0.01, queue_size=1)
+    await log.start()
+    insert, released = log._insert, asyncio.Event()
+
+    async def slow_insert(rows):  # a database that has stopped answering for now
+        await released.wait()
+        await insert(rows)
+
+    log._insert = slow_insert
+    for i in range(6):
+        log.record(record(f"r{i}"))
+    assert threading.current_thread().name not in redactor.threads  # nothing was redacted on the loop
+    released.set()
+    await log.flush()
+    spilled = log.metrics.registry.get_sample_value("zephyr_log_spilled_rows_total")
+    assert spilled >= 4  # one row in the writer's hands, one queued, the rest spilled
+    if log.has_spill():  # the writer may have replayed them already
+        await log.replay_spill()
+    assert await log.count() == 6
+    assert threading.current_thread().name not in redactor.threads
+    await log.close()
+
+
+async def test_a_replay_cut_short_keeps_the_file_and_a_retry_inserts_each_row_once(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01, batch_size=2)
+    await log.start()
+    lines = [json.dumps(row(f"s{i}"), default=str) for i in range(5)]
+    (tmp_path / "spill.jsonl").write_text("\n".join([*lines[:3], '{"torn', *lines[3:]]) + "\n")
+    insert, calls = log._insert, []
+
+    async def failing_second_batch(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise ConnectionError("database went away")
+        await insert(rows)
+
+    async def unreachable() -> bool:
+        return False
+
+    log._insert, log._reachable = failing_second_batch, unreachable
+    assert await log.replay_spill() == 0 and log.has_spill() and await log.count() == 2  # the first batch went in
+    log._insert = insert
+    assert await log.replay_spill() == 5 and not log.has_spill()  # again from the start: s0, s1 ignored by id
+    assert await log.count() == 5
+    assert [json.loads(line) for line in log.rejected_path.read_text().splitlines()] == [
+        {"unparseable_line": '{"torn'}]
+    await log.close()
