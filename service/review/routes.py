@@ -148,12 +148,16 @@ async def next_item(request: Request, principal: Principal = Depends(reviewer_on
 AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
 
 
+MAX_COMMENT_CHARS = 2000  # review.html's textarea holds the same
+
+
 class VerdictRequest(Strict):
     assignment_id: int = AssignmentId
     verdict: Literal["a", "b", "tie", "both_bad", "good", "bad"]
     strength: int | None = Field(default=None, ge=1, le=4)
     flags: dict[Literal["A", "B"], list[StrictStr]] = Field(default={}, description="Flag names per answer")
-    comment: StrictStr | None = None
+    # Bounded as typed, before redaction (whose placeholders may lengthen it) spends any CPU on it.
+    comment: StrictStr | None = Field(default=None, max_length=MAX_COMMENT_CHARS)
 
 
 @router.post("/api/verdicts", status_code=201)

@@ -24,7 +24,6 @@ from zephyr import textquality
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
 SINGLE_VERDICTS = ("good", "bad")
-MAX_COMMENT_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -204,9 +203,6 @@ class ReviewStore:
                                    param="flags")
                 if names:
                     stored_flags[by_answer[label]] = sorted(set(names))
-            if comment is not None and len(comment) > MAX_COMMENT_CHARS:
-                raise APIError(400, f"comment is {len(comment)} characters; the limit is {MAX_COMMENT_CHARS}",
-                               param="comment")
             await conn.execute(update(ReviewAssignment).where(ReviewAssignment.id == assignment_id).values(
                 status="judged", verdict=verdict, strength=strength, flags=stored_flags,
                 comment=(comment or "").strip() or None, judged_at=datetime.now(UTC),

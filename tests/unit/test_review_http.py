@@ -248,8 +248,14 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         unknown = await client.post("/review/api/verdicts", headers=REVIEWER,
                                     json={"assignment_id": item["assignment_id"], "verdict": "meh"})
         assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "verdict"
+        long = await client.post("/review/api/verdicts", headers=REVIEWER, json={
+            "assignment_id": item["assignment_id"], "verdict": "tie", "comment": "x" * 2001})
+        assert long.status_code == 400 and long.json()["error"]["param"] == "comment"
+        # At the limit as typed, though redaction's placeholders make it longer: taken.
+        comment = ("Ask a@b.co about it. " * 100)[:2000]
         ok = await client.post("/review/api/verdicts", headers=REVIEWER, json={
-            "assignment_id": item["assignment_id"], "verdict": "a", "strength": 2, "flags": {"B": ["off_topic"]}})
+            "assignment_id": item["assignment_id"], "verdict": "a", "strength": 2, "flags": {"B": ["off_topic"]},
+            "comment": comment})
         assert ok.status_code == 201 and ok.json()["progress"] == {"judged": 1, "waiting": 1}
         second = (await client.get("/review/api/next", headers=REVIEWER)).json()["item"]
         await client.post("/review/api/skip", headers=REVIEWER, json={"assignment_id": second["assignment_id"]})
@@ -278,3 +284,12 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         bad = await asyncio.to_thread(CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out",
                                                                 str(out), "--since", "last week"])
         assert bad.exit_code == 1 and "not a date" in bad.output
+
+
+def test_the_comment_box_holds_what_the_api_takes():
+    from pathlib import Path
+
+    from service.review import routes
+
+    page = (Path(routes.__file__).parent / "static" / "review.html").read_text()
+    assert f'<textarea id="comment" maxlength="{routes.MAX_COMMENT_CHARS}"' in page
