@@ -352,6 +352,7 @@ class Tutor:
                 self.check_prompt_length(ids, f"{param_prefix}question")
             row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
+            probabilities, answer = plan.distribution(scores, q.letters)
             status = "ok"
         except APIError as exc:
             error = exc.message
@@ -361,8 +362,12 @@ class Tutor:
         except asyncio.CancelledError:
             status, error = "aborted", "cancelled"
             raise
+        except Exception as exc:  # a fault of ours or the engine's (a 500): the row still says what happened
+            error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:  # one row per MCQ request, however it ended
-            probabilities, answer = plan.distribution(scores, q.letters) if status == "ok" else ({}, None)
+            if status != "ok":
+                probabilities, answer = {}, None
             confidence = max(probabilities.values(), default=0.0)
             abstained = status == "ok" and floor is not None and confidence < floor
             content = "(abstained)" if abstained else (answer or "")
@@ -399,6 +404,8 @@ class Tutor:
                 if plan.needs_cloze:
                     cloze = group.create_task(self._cloze(cloze_requests, row))
         except* APIError as failures:
+            raise failures.exceptions[0] from None
+        except* Exception as failures:  # a fault: raised as itself, so the log row and the server log name it
             raise failures.exceptions[0] from None
         support = q.support is not None
         scores, prior = mcq.OptionScores(support=support), None

@@ -350,3 +350,35 @@ async def test_support_passage_comes_before_the_question_in_every_method(served,
         for prompt, _ in served.engine.calls[first:]:
             text = tokenizer.decode(prompt)
             assert text.index("release oxygen.") < text.index("Question: Which gas")
+
+
+async def test_a_fault_while_scoring_is_a_500_and_still_logged(served, monkeypatch):
+    from sqlalchemy import select
+
+    from zephyr import mcq
+
+    from service.store.models import Generation
+
+    """Nothing already asked is lost: the row of an MCQ that failed inside the server says what happened."""
+    import httpx
+
+    # As a real server does: the 500 goes out, the error is logged (the test transport would re-raise it).
+    transport = httpx.ASGITransport(app=served.manager.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",
+                                 headers=served.client.headers) as client:
+        served.engine.fail_with = RuntimeError("kernel fault")
+        r = await client.post("/mcq", json=QUESTION)
+        assert r.status_code == 500 and "kernel fault" not in r.text  # the client learns nothing internal
+        served.engine.fail_with = None
+
+        def broken(*args, **kwargs):  # scores no distribution could be made of
+            raise ValueError("math domain error")
+
+        monkeypatch.setattr(mcq, "combine", broken)
+        r = await client.post("/mcq", json={**QUESTION, "method": "cloze"})
+        assert r.status_code == 500
+    log = await served.flushed_log()
+    async with log.engine.connect() as connection:
+        rows = (await connection.execute(select(Generation.status, Generation.error))).all()
+    assert [status for status, _ in rows] == ["error", "error"]
+    assert "kernel fault" in rows[0].error and "math domain error" in rows[1].error
