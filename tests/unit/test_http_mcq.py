@@ -353,14 +353,12 @@ async def test_support_passage_comes_before_the_question_in_every_method(served,
 
 
 async def test_a_fault_while_scoring_is_a_500_and_still_logged(served, monkeypatch):
-    from sqlalchemy import select
-
-    from zephyr import mcq
-
-    from service.store.models import Generation
-
     """Nothing already asked is lost: the row of an MCQ that failed inside the server says what happened."""
     import httpx
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+    from zephyr import mcq
 
     # As a real server does: the 500 goes out, the error is logged (the test transport would re-raise it).
     transport = httpx.ASGITransport(app=served.manager.app, raise_app_exceptions=False)
