@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
+import jinja2
+
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
 from service.errors import APIError
@@ -159,7 +161,10 @@ class Tutor:
         return room
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self.engine.tokenizer, messages)
+        try:
+            return encode_chat(self.engine.tokenizer, messages)
+        except jinja2.TemplateError as exc:  # a template's own rule (raise_exception), e.g. roles must alternate
+            raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
 
     def check_prompt_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_chars:

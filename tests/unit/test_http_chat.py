@@ -223,3 +223,14 @@ async def test_stream_chunks_keep_text_unescaped_and_leave_out_what_was_not_aske
     # Only the usage chunk has the key (OpenAI sends `usage: null` in the others, which its
     # OpenAPI document, read as JSON Schema 2020-12, does not allow: tests/unit/test_openai_schema.py).
     assert all("usage" not in chunk for chunk in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+async def test_a_chat_template_that_refuses_the_messages_is_a_400(served, monkeypatch):
+    """Another registry model's template may demand alternating roles (raise_exception): its message, as a 400."""
+    template = ("{% for m in messages %}{% if loop.index0 % 2 == 1 and m['role'] != 'assistant' %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+                "{% endif %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(served.engine.tokenizer, "chat_template", template)
+    r = await served.client.post(CHAT, json={"messages": user("hi") + user("again"), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "roles must alternate" in r.json()["error"]["message"]
