@@ -434,7 +434,11 @@ class Tutor:
         )
         explanation = None
         if explain:
-            explanation = await self._reason(q, prompt_ids, final)
+            reasoning = await self._reason(q, prompt_ids, final)
+            explanation = reasoning.text().strip()
+            # The row tells what was generated: the reasoning's budget and tokens, then the letter.
+            row.params = dataclasses.replace(row.params, max_tokens=reasoning.params.max_tokens + 1)
+            row.token_counts = {0: reasoning.completion_tokens + 1}
             final.prompt_ids = mcq.encode_prompt(tokenizer, q, explain=True, reasoning=explanation)
             self.check_prompt_length(final.prompt_ids, "question")
             row.prompt_ids = final.prompt_ids
@@ -495,8 +499,9 @@ class Tutor:
         return [rest + (found[tuple(ids[:n])][ids[n]] if lacking == 1 else 0.0)
                 for (ids, n), lacking, (_, rest) in zip(requests, missing, scored, strict=True)]
 
-    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> str:
-        """The tutor's reasoning, greedy, sized so that reasoning + answer cue still fit the prompt limit."""
+    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> GenerationRequest:
+        """The tutor's reasoning (its text(), greedy), sized so that reasoning + answer cue still fit the prompt
+        limit."""
         room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - mcq.EXPLAIN_CUE_MARGIN
         budget = min(self.settings.mcq_explain_max_tokens, room)
         if budget < 1:
@@ -508,7 +513,7 @@ class Tutor:
                                                         stop=mcq.EXPLAIN_STOP),
         )
         await self.run_to_end(reasoning)
-        return reasoning.text().strip()
+        return reasoning
 
     async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, MCQRequest]], principal: Principal,
                                batch_id: str) -> list[MCQResponse]:

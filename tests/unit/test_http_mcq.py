@@ -40,6 +40,9 @@ async def test_explain_reasons_first_then_constrains_the_letter(served):
     assert "Answer:" in reasoning.stop
     assert [served.engine.tokenizer.decode([t]) for t in final.allowed_token_ids] == [" A", " B", " C"]
     assert served.engine.tokenizer.decode(final_prompt).endswith("photosynthesis.\n\nAnswer:")
+    row = await (await served.flushed_log()).get(body["id"])  # the log tells what was generated
+    reasoned = len(served.engine.tokenizer.encode(body["explanation"], add_special_tokens=False))
+    assert row["completion_tokens"] >= reasoned + 1 and row["params"]["max_tokens"] == reasoning.max_tokens + 1
 
 
 @pytest.mark.parametrize(
