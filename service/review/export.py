@@ -133,6 +133,9 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                 if item_id not in seen[key]["item_ids"]:
                     seen[key]["item_ids"].append(item_id)
                 continue
+            # Its own list: the records of one item share `meta`, and a duplicate merged into one record must not
+            # show up in its sibling's provenance.
+            record.meta["item_ids"] = list(record.meta["item_ids"])
             seen[key] = record.meta
             yield record
 

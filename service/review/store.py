@@ -110,7 +110,7 @@ class ReviewStore:
                 )).mappings().first()
                 if item is None:
                     return None
-                left, right = item["id"], await self._candidate_id(conn, item["id"])
+                left, right = item["id"], await self._shown_candidate(conn, item["id"])
                 if right is not None and self._random.random() < 0.5:
                     left, right = right, left
             try:
@@ -129,6 +129,17 @@ class ReviewStore:
             select(A).where(A.reviewer == reviewer, A.status == "shown").order_by(A.shown_at.desc(), A.id.desc())
             .limit(1)
         )).mappings().first()
+
+    async def _shown_candidate(self, conn, item_id: str) -> str | None:
+        """The candidate every reviewer of this item sees: the one its first assignment showed (an item shown alone
+        once its candidate was late is not made a pair later, which would leave its verdicts judging different
+        things: export and win rates read them as one), else the candidate that has come, if any."""
+        A = ReviewAssignment
+        first = (await conn.execute(
+            select(A.left_id, A.right_id).where(A.item_id == item_id).order_by(A.id).limit(1))).first()
+        if first is not None:
+            return next((gid for gid in first if gid is not None and gid != item_id), None)
+        return await self._candidate_id(conn, item_id)
 
     async def _candidate_id(self, conn, item_id: str) -> str | None:
         G = Generation
@@ -203,17 +214,25 @@ class ReviewStore:
                                    param="flags")
                 if names:
                     stored_flags[by_answer[label]] = sorted(set(names))
-            await conn.execute(update(ReviewAssignment).where(ReviewAssignment.id == assignment_id).values(
-                status="judged", verdict=verdict, strength=strength, flags=stored_flags,
-                comment=(comment or "").strip() or None, judged_at=datetime.now(UTC),
-                chosen_id={"a": row["left_id"], "b": row["right_id"]}.get(verdict),
-            ))
+            await self._settle(conn, assignment_id, "shown", status="judged", verdict=verdict, strength=strength,
+                               flags=stored_flags, comment=(comment or "").strip() or None,
+                               judged_at=datetime.now(UTC),
+                               chosen_id={"a": row["left_id"], "b": row["right_id"]}.get(verdict))
 
     async def skip(self, reviewer: str, assignment_id: int) -> None:
         async with self.engine.begin() as conn:
             await self._own_shown(conn, reviewer, assignment_id)
-            await conn.execute(update(ReviewAssignment).where(ReviewAssignment.id == assignment_id)
-                               .values(status="skipped"))
+            await self._settle(conn, assignment_id, "shown", status="skipped")
+
+    @staticmethod
+    async def _settle(conn, assignment_id: int, expected: str, **values: Any) -> None:
+        """Moves the assignment on only if it is still `expected`: the status read before may have changed since
+        (a verdict and a skip, or two verdicts, sent at once), and the second must not overwrite the first."""
+        A = ReviewAssignment
+        moved = await conn.execute(update(A).where(A.id == assignment_id, A.status == expected).values(**values))
+        if moved.rowcount != 1:
+            raise APIError(409, f"assignment {assignment_id} changed while this request was made (another verdict, "
+                                "skip or undo); fetch GET /review/api/next", param="assignment_id", code="conflict")
 
     async def undo(self, reviewer: str) -> dict[str, Any]:
         """Takes back the reviewer's latest verdict; that item is shown again (same answer order)."""
@@ -225,10 +244,8 @@ class ReviewStore:
             )).mappings().first()
             if last is None:
                 raise APIError(409, "you have no verdict to undo", code="conflict")
-            await conn.execute(update(A).where(A.id == last["id"]).values(
-                status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
-                judged_at=None, shown_at=datetime.now(UTC),
-            ))
+            await self._settle(conn, last["id"], "judged", status="shown", verdict=None, chosen_id=None,
+                               strength=None, flags={}, comment=None, judged_at=None, shown_at=datetime.now(UTC))
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
             return await self._view(conn, current)
 

@@ -63,6 +63,50 @@ async def test_overlap_never_twice_skip_and_undo(log):
     assert nothing.value.status == 409
 
 
+async def test_a_verdict_and_a_skip_sent_at_once_keep_the_first_and_refuse_the_second(log, monkeypatch):
+    """Enter then `s` before the save returns: both requests read the assignment as shown. The second must be a 409,
+    not a skip written over the verdict (which the export would then never see)."""
+    import asyncio
+
+    await seed(log, pair("i1", "Q1", "x", "y"))
+    store = store_of(log)
+    mine = await store.next_item("r1")
+    read = store._own_shown
+
+    async def slow_read(conn, reviewer, assignment_id):  # both requests past the read before either writes
+        row = await read(conn, reviewer, assignment_id)
+        await asyncio.sleep(0.2)
+        return row
+
+    monkeypatch.setattr(store, "_own_shown", slow_read)
+    outcomes = await asyncio.gather(store.judge("r1", mine["assignment_id"], "a", 2, {}, None),
+                                    store.skip("r1", mine["assignment_id"]), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, APIError)]
+    assert len(refused) == 1 and refused[0].status == 409, outcomes
+    judged, _ = await store.judgements()
+    assert len(judged) == (1 if outcomes[0] is None else 0)  # whichever came first stands, whole
+    assert await store.progress("r1") == {"judged": len(judged), "waiting": 0}
+
+
+async def test_an_item_shown_alone_stays_single_when_its_candidate_comes_late(log):
+    """Past the candidate wait an item is shown alone; a candidate arriving after that must not make the next
+    reviewer's view a pair, or the item's verdicts judge different things and its export is empty."""
+    late = pair("i1", "Why is the sky blue?", "Rayleigh scattering.", "Because of the ocean.")
+    served, candidate = late[0], late[1]
+    await seed(log, [served])  # review_kind "pair", created long before now: past the wait
+    store = store_of(log)
+    first = await store.next_item("r1")
+    assert first["kind"] == "single"
+    await seed(log, [candidate])
+    second = await store.next_item("r2")
+    assert second["item_id"] == "i1" and second["kind"] == "single"
+    for reviewer, view in (("r1", first), ("r2", second)):
+        await store.judge(reviewer, view["assignment_id"], "good", None, {}, None)
+    judged, generations = await store.judgements()
+    _, count = export.to_jsonl(judged, generations, export.ExportOptions(format="kto"), None)
+    assert count == 1  # the served answer, judged good by both
+
+
 async def test_verdicts_are_validated_and_owned(log):
     await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", None, minute=1))
     store = store_of(log)

@@ -20,8 +20,20 @@ const COLLAPSE_LINES = 12;
 const POLL_MS = 4000;
 const NARROW = window.matchMedia("(max-width: 700px)");
 
-const state = { signedIn: false, item: null, verdict: null, poll: null };
+const state = { signedIn: false, item: null, verdict: null, poll: null, busy: false };
 const $ = (id) => document.getElementById(id);
+
+// One verdict, skip or undo at a time: Enter then `s` before the save returns would send both for the same item
+// (the server refuses the second with a 409; this keeps the reviewer from seeing it).
+async function exclusive(action) {
+  if (state.busy) return;
+  state.busy = true;
+  try {
+    await action();
+  } finally {
+    state.busy = false;
+  }
+}
 
 const htmlPolicy = window.trustedTypes
   ? window.trustedTypes.createPolicy("zephyr-review", { createHTML: (html) => html })
@@ -226,52 +238,58 @@ function toggleFlag(answer, flag) {
 }
 
 async function submitVerdict() {
-  if (!state.item) return;
-  if (!state.verdict) return say("Choose a verdict first.", true);
-  const prefers = state.verdict === "a" || state.verdict === "b";
-  const chosen = $("strengths").querySelector("input:checked");
-  const strength = prefers && chosen ? Number(chosen.value) : null;
-  if (prefers && !strength) return say("Say how much better, 1 to 4.", true);
-  const flags = {};
-  for (const box of $("answers").querySelectorAll("input[type=checkbox]:checked")) {
-    (flags[box.dataset.answer] ||= []).push(box.dataset.flag);
-  }
-  const comment = $("comment").value.trim();
-  try {
-    const result = await api("POST", "/review/api/verdicts", {
-      assignment_id: state.item.assignment_id, verdict: state.verdict, strength, flags,
-      comment: comment || null,
-    });
-    showProgress(result.progress);
-    await loadNext();
-    say("Saved.");
-    await loadStats();
-  } catch (error) {
-    failed(error);
-  }
+  return exclusive(async () => {
+    if (!state.item) return;
+    if (!state.verdict) return say("Choose a verdict first.", true);
+    const prefers = state.verdict === "a" || state.verdict === "b";
+    const chosen = $("strengths").querySelector("input:checked");
+    const strength = prefers && chosen ? Number(chosen.value) : null;
+    if (prefers && !strength) return say("Say how much better, 1 to 4.", true);
+    const flags = {};
+    for (const box of $("answers").querySelectorAll("input[type=checkbox]:checked")) {
+      (flags[box.dataset.answer] ||= []).push(box.dataset.flag);
+    }
+    const comment = $("comment").value.trim();
+    try {
+      const result = await api("POST", "/review/api/verdicts", {
+        assignment_id: state.item.assignment_id, verdict: state.verdict, strength, flags,
+        comment: comment || null,
+      });
+      showProgress(result.progress);
+      await loadNext();
+      say("Saved.");
+      loadStats().catch(failed); // a display refresh: the next verdict need not wait for it
+    } catch (error) {
+      failed(error);
+    }
+  });
 }
 
 async function skip() {
-  if (!state.item) return;
-  try {
-    showProgress((await api("POST", "/review/api/skip", { assignment_id: state.item.assignment_id })).progress);
-    await loadNext();
-    say("Skipped.");
-  } catch (error) {
-    failed(error);
-  }
+  return exclusive(async () => {
+    if (!state.item) return;
+    try {
+      showProgress((await api("POST", "/review/api/skip", { assignment_id: state.item.assignment_id })).progress);
+      await loadNext();
+      say("Skipped.");
+    } catch (error) {
+      failed(error);
+    }
+  });
 }
 
 async function undo() {
-  try {
-    const result = await api("POST", "/review/api/undo");
-    renderItem(result.item);
-    showProgress(result.progress);
-    say("Your last verdict was taken back; judge this item again.");
-    await loadStats();
-  } catch (error) {
-    failed(error);
-  }
+  return exclusive(async () => {
+    try {
+      const result = await api("POST", "/review/api/undo");
+      renderItem(result.item);
+      showProgress(result.progress);
+      say("Your last verdict was taken back; judge this item again.");
+      loadStats().catch(failed);
+    } catch (error) {
+      failed(error);
+    }
+  });
 }
 
 // A 401 means the sign-in ended (expired, signed out elsewhere, key removed): back to the sign-in form.
