@@ -62,6 +62,10 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
     asked = req.answer_limit
     tutor.answer_room(prompt_ids, asked, "max_tokens")
     scored = req.echo and req.logprobs is not None
+    if scored and req.stop:
+        # Scoring the prompt turns vLLM's detokenizer off (service/engine.py), and stop strings need it.
+        raise APIError(400, "`stop` strings cannot be combined with `echo` and `logprobs` (the prompt is scored by "
+                            "token ids); use `stop_token_ids`, or leave out `echo` or `logprobs`", param="stop")
     params = GenParams(
         max_tokens=max(asked, 1),  # `max_tokens: 0` still runs the prompt through the model, for one token
         logprobs=req.logprobs,
@@ -87,8 +91,8 @@ async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:
         text = gen.text(i) if job.shown else ""
         logprobs = None
         if job.logprobs is not None:
-            start = len(job.prompt_text)
-            logprobs = _joined(prompt, _generated(gen.logprobs.get(i, []) if job.shown else [], job.logprobs, start))
+            logprobs = _joined(prompt, _generated(gen.logprobs.get(i, []) if job.shown else [], job.logprobs,
+                                                  _answer_offset(job, prompt)))
         choices.append(CompletionChoice(
             index=i, text=(job.prompt_text if job.echo else "") + text, logprobs=logprobs,
             finish_reason=gen.finish_reasons.get(i) if job.shown else "length"))
@@ -113,14 +117,15 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                 if not echoed:  # after the first output, which carries the prompt's log-probabilities
                     echoed = True
                     prompt = None if job.logprobs is None else await asyncio.to_thread(_prompt_logprobs, tutor, job)
+                    offsets = dict.fromkeys(offsets, _answer_offset(job, prompt))
                     yield event([CompletionChoice(index=i, text=job.prompt_text, logprobs=prompt, finish_reason=None)
                                  for i in range(gen.params.n)])
                 choices = []
                 for c in out.choices:
                     text, entries = (c.text, c.logprobs or []) if job.shown else ("", [])
                     finish = (c.finish_reason if job.shown else "length") if c.finish_reason else None
-                    if not text and not finish:
-                        continue
+                    if not text and not finish and not (job.logprobs is not None and entries):
+                        continue  # (a token still spelling out a character has no text yet, but its log-probability)
                     logprobs = None
                     if job.logprobs is not None:
                         logprobs = _generated(entries, job.logprobs, offsets[c.index])
@@ -169,6 +174,15 @@ def _joined(prompt: CompletionLogprobs | None, generated: CompletionLogprobs) ->
                               token_logprobs=prompt.token_logprobs + generated.token_logprobs,
                               top_logprobs=prompt.top_logprobs + generated.top_logprobs,
                               text_offset=prompt.text_offset + generated.text_offset)
+
+
+def _answer_offset(job: Completion, prompt: CompletionLogprobs | None) -> int:
+    """Where the answer's first token starts: right after the echoed prompt's tokens when they are listed (their
+    pieces may decode longer than the prompt's text, e.g. a character spread over byte tokens), so the offsets keep
+    rising; else after the prompt's text."""
+    if prompt is not None and prompt.tokens:
+        return prompt.text_offset[-1] + len(prompt.tokens[-1])
+    return len(job.prompt_text)
 
 
 def _offsets(tokens: list[str], start: int) -> list[int]:

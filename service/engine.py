@@ -190,10 +190,12 @@ class VLLMEngine:
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         try:
             sampling = self.sampling_params(params)
+            # vLLM leaves the answer's text empty when it does not detokenize: decoded here from its ids instead.
+            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer)
             # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
             async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
                 yield EngineOutput(
-                    choices=[self._choice(c, params.logprob_token_ids) for c in out.outputs],
+                    choices=[self._choice(c, params.logprob_token_ids, decoded) for c in out.outputs],
                     finished=out.finished,
                     prompt_logprobs=_prompt_logprobs(prompt_ids, out.prompt_logprobs),
                     num_cached_tokens=out.num_cached_tokens or 0,
@@ -210,7 +212,7 @@ class VLLMEngine:
                 raise EngineRejected(str(cause)) from exc
             raise EngineUnavailable(f"the engine failed this request ({type(cause).__name__}); retry") from exc
 
-    def _choice(self, c: Any, requested_ids: list[int] | None) -> ChoiceDelta:
+    def _choice(self, c: Any, requested_ids: list[int] | None, decoded: TextFromIds | None) -> ChoiceDelta:
         logprobs = None
         if c.logprobs is not None:
             logprobs = []
@@ -229,9 +231,37 @@ class VLLMEngine:
                         requested={tid: candidates[tid].logprob for tid in requested_ids or () if tid in candidates},
                     )
                 )
+        text = c.text if decoded is None else decoded.delta(c.index, c.token_ids, c.finish_reason is not None)
         return ChoiceDelta(
-            index=c.index, text=c.text, token_ids=list(c.token_ids), logprobs=logprobs, finish_reason=c.finish_reason
+            index=c.index, text=text, token_ids=list(c.token_ids), logprobs=logprobs, finish_reason=c.finish_reason
         )
+
+
+class TextFromIds:
+    """Each choice's new text from its generated token ids, for a request vLLM does not detokenize: what the ids
+    so far decode to beyond what was already given, holding back a character still being spelled out in bytes.
+    (Decoding all the ids each time costs more than vLLM's incremental detokenizer; only prompt-scoring requests,
+    which mostly generate a token or a few, come this way.)"""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: dict[int, list[int]] = {}
+        self.given: dict[int, str] = {}
+
+    def delta(self, index: int, token_ids: Any, finished: bool) -> str:
+        ids = self.ids.setdefault(index, [])
+        ids.extend(token_ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)  # as vLLM's default SamplingParams
+        if not finished:
+            text = text.rstrip(REPLACEMENT_CHARACTER)
+        given = self.given.get(index, "")
+        if len(text) <= len(given):
+            return ""
+        self.given[index] = text
+        return text[len(given):]
+
+
+REPLACEMENT_CHARACTER = "\ufffd"  # what a partial UTF-8 sequence decodes to
 
 
 def _prompt_logprobs(prompt_ids: list[int], entries: list[dict[int, Any] | None] | None) -> list[float | None] | None:

@@ -211,3 +211,29 @@ async def test_the_openai_client_parses_completions_and_their_stream(served):
         parts = [chunk async for chunk in stream]
         assert "".join(c.choices[0].text for c in parts) == (await client.completions.create(
             model="smollm2-135m-instruct", prompt=PROMPT, max_tokens=3)).choices[0].text
+
+
+async def test_echoed_offsets_keep_rising_past_a_prompt_of_byte_tokens(served):
+    """The prompt's listed pieces may decode longer than its text (a character spread over byte tokens): the
+    answer's offsets continue after them, streamed or not."""
+    import json
+
+    body = {"prompt": "Café 😀 naïve 日本語", "max_tokens": 3, "echo": True, "logprobs": 0}
+    whole = (await served.client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
+    streamed = await served.client.post("/v1/completions", json={**body, "stream": True})
+    offsets = []
+    for line in streamed.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                offsets += (choice["logprobs"] or {}).get("text_offset", [])
+    rising = whole["text_offset"]
+    assert len(whole["tokens"]) > 3 and rising == sorted(rising)
+    assert offsets == whole["text_offset"]
+
+
+async def test_stop_strings_with_a_scored_prompt_are_a_400_naming_stop(served):
+    r = await served.client.post("/v1/completions", json={"prompt": "2+2=", "max_tokens": 5, "echo": True,
+                                                          "logprobs": 1, "stop": ["\n"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "stop_token_ids" in r.text
+    ok = await served.client.post("/v1/completions", json={"prompt": "2+2=", "max_tokens": 5, "stop": ["\n"]})
+    assert ok.status_code == 200
