@@ -191,7 +191,7 @@ class VLLMEngine:
         try:
             sampling = self.sampling_params(params)
             # vLLM leaves the answer's text empty when it does not detokenize: decoded here from its ids instead.
-            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer)
+            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer, params.skip_special_tokens)
             # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
             async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
                 yield EngineOutput(
@@ -243,15 +243,16 @@ class TextFromIds:
     (Decoding all the ids each time costs more than vLLM's incremental detokenizer; only prompt-scoring requests,
     which mostly generate a token or a few, come this way.)"""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: dict[int, list[int]] = {}
         self.given: dict[int, str] = {}
 
     def delta(self, index: int, token_ids: Any, finished: bool) -> str:
         ids = self.ids.setdefault(index, [])
         ids.extend(token_ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)  # as vLLM's default SamplingParams
+        text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
         if not finished:
             text = text.rstrip(REPLACEMENT_CHARACTER)
         given = self.given.get(index, "")

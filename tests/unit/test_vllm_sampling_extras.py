@@ -43,3 +43,16 @@ def test_every_generation_parameter_reaches_vllm():
 
     translated = {"stop", "stop_token_ids", "prompt_logprobs", "prompt_top_logprobs"}
     assert {f.name for f in fields(GenParams)} == set(SAMPLING_FIELDS) | translated
+
+
+def test_text_decoded_from_ids_spells_each_character_once_it_is_whole(tokenizer):
+    """What a prompt-scoring request (vLLM's detokenizer off) answers: the deltas join to the decoded text, and a
+    character spread over byte tokens comes out whole, never as a replacement character."""
+    from service.engine import TextFromIds
+
+    text = "Café 😀 naïve 日本語<|im_end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for skip, expected in ((True, "Café 😀 naïve 日本語"), (False, text)):
+        decoded = TextFromIds(tokenizer, skip_special_tokens=skip)
+        deltas = [decoded.delta(0, [token_id], finished=n == len(ids) - 1) for n, token_id in enumerate(ids)]
+        assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas)
