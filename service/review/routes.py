@@ -192,7 +192,7 @@ async def undo(request: Request, principal: Principal = Depends(reviewer_only)) 
 @router.get("/stats")
 async def statistics(request: Request, _: Principal = Depends(reviewer_only)) -> dict:
     store = review_store(request)
-    judgements, _generations = await store.judgements()
+    judgements, _generations = await store.judgements(texts=False)
     return stats.compute(judgements, await store.skipped(), store.policy.overlap)
 
 

@@ -251,9 +251,13 @@ class ReviewStore:
 
     # Reading for statistics and export ------------------------------------------------------------------
 
-    async def judgements(self, since: datetime | None = None) -> tuple[list[Judgement], dict[str, dict]]:
-        """Every judged verdict in order-free terms, and the generations they are about (by id)."""
+    async def judgements(self, since: datetime | None = None, *, texts: bool = True
+                         ) -> tuple[list[Judgement], dict[str, dict]]:
+        """Every judged verdict in order-free terms, and the generations they are about (by id). `texts=False`
+        reads of those only what statistics need (model and sampling), not conversations and answers: the page
+        asks for statistics after every verdict."""
         A, G = ReviewAssignment, Generation
+        columns = (G,) if texts else (G.id, G.model, G.params)
         async with self.engine.connect() as conn:
             query = select(A).where(A.status == "judged")
             if since is not None:
@@ -265,7 +269,7 @@ class ReviewStore:
             id_list = sorted(ids)
             for start in range(0, len(id_list), 500):
                 chunk = id_list[start : start + 500]
-                for row in (await conn.execute(select(G).where(G.id.in_(chunk)))).mappings():
+                for row in (await conn.execute(select(*columns).where(G.id.in_(chunk)))).mappings():
                     generations[row["id"]] = dict(row)
         return [to_judgement(v, generations, self.names) for v in verdicts], generations
 

@@ -144,6 +144,7 @@ async def test_verdicts_mean_the_same_whatever_the_screen_order(log):
     assert set(labels) == {"served answer", "candidate answer"}  # both orders were shown
     judgements, _ = await store.judgements()
     assert [j.label for j in judgements] == ["candidate"] * 4
+    assert (await store.judgements(texts=False))[0] == judgements  # statistics' lighter read, the same verdicts
     assert all(j.flags == {"candidate": ["gives_answer"]} for j in judgements)
     assert {j.chose_left for j in judgements} == {True, False}
 
