@@ -107,6 +107,22 @@ async def test_an_item_shown_alone_stays_single_when_its_candidate_comes_late(lo
     assert count == 1  # the served answer, judged good by both
 
 
+async def test_rekeying_skips_an_item_the_reviewer_was_also_shown_under_the_new_digest(log):
+    """The server serves while re-keying runs beside its start: a reviewer may meet an item again under the new
+    digest. That item's legacy row stays; the rest move, and the re-keying no longer fails at every start."""
+    await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", "w", minute=1))
+    store = store_of(log)
+    legacy_first = await store.next_item("old")
+    await store.judge("old", legacy_first["assignment_id"], "tie", None, {}, None)
+    legacy_second = await store.next_item("old")  # shown, not judged yet
+    again = await store.next_item("new")
+    assert again["item_id"] == legacy_first["item_id"]  # the same person, met as a new reviewer
+    assert await store.rekey({"old": "new"}) == 1  # i2's row; i1's stays under the old digest
+    assert (await store.next_item("new"))["assignment_id"] == again["assignment_id"]
+    assert legacy_second["item_id"] != again["item_id"]
+    assert await store.rekey({"old": "new"}) == 0  # idempotent
+
+
 async def test_verdicts_are_validated_and_owned(log):
     await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", None, minute=1))
     store = store_of(log)
