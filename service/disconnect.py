@@ -40,4 +40,6 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise  # this handler itself is being cancelled (the server stopping), not the client leaving
+        if watcher.done() and not watcher.cancelled() and (failure := watcher.exception()) is not None:
+            raise failure from None  # reading the connection failed: that, not a departure
         raise ClientGone from None

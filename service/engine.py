@@ -191,7 +191,7 @@ class VLLMEngine:
         try:
             sampling = self.sampling_params(params)
             # vLLM leaves the answer's text empty when it does not detokenize: decoded here from its ids instead.
-            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer, params.skip_special_tokens)
+            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer, params)
             # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
             async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
                 yield EngineOutput(
@@ -231,38 +231,34 @@ class VLLMEngine:
                         requested={tid: candidates[tid].logprob for tid in requested_ids or () if tid in candidates},
                     )
                 )
-        text = c.text if decoded is None else decoded.delta(c.index, c.token_ids, c.finish_reason is not None)
+        text = c.text if decoded is None else decoded.delta(c.index, c.token_ids, c.finish_reason)
         return ChoiceDelta(
             index=c.index, text=text, token_ids=list(c.token_ids), logprobs=logprobs, finish_reason=c.finish_reason
         )
 
 
 class TextFromIds:
-    """Each choice's new text from its generated token ids, for a request vLLM does not detokenize: what the ids
-    so far decode to beyond what was already given, holding back a character still being spelled out in bytes.
-    (Decoding all the ids each time costs more than vLLM's incremental detokenizer; only prompt-scoring requests,
-    which mostly generate a token or a few, come this way.)"""
+    """Each choice's new text from its generated token ids, for a request vLLM does not detokenize, as vLLM's
+    detokenizer would give it: incrementally (the tokenizers library's DecodeStream, which holds back a character
+    still being spelled out in bytes), special tokens skipped as the request says, and the token that stopped the
+    answer left out unless `include_stop_str_in_output`."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: dict[int, list[int]] = {}
-        self.given: dict[int, str] = {}
+    def __init__(self, tokenizer: Any, params: GenParams):
+        from tokenizers.decoders import DecodeStream
 
-    def delta(self, index: int, token_ids: Any, finished: bool) -> str:
-        ids = self.ids.setdefault(index, [])
-        ids.extend(token_ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        if not finished:
-            text = text.rstrip(REPLACEMENT_CHARACTER)
-        given = self.given.get(index, "")
-        if len(text) <= len(given):
-            return ""
-        self.given[index] = text
-        return text[len(given):]
+        self.backend = tokenizer.backend_tokenizer  # vLLM serves fast (tokenizers-backed) tokenizers
+        self.keep_stop = params.include_stop_str_in_output
+        self.streams: dict[int, Any] = {}
+        self.new_stream = lambda: DecodeStream(skip_special_tokens=params.skip_special_tokens)
 
-
-REPLACEMENT_CHARACTER = "\ufffd"  # what a partial UTF-8 sequence decodes to
+    def delta(self, index: int, token_ids: Any, finish_reason: str | None) -> str:
+        ids = list(token_ids)
+        if finish_reason == "stop" and not self.keep_stop:
+            ids = ids[:-1]  # an EOS or a stop token id: scoring requests take no stop strings (completions.py)
+        if index not in self.streams:
+            self.streams[index] = self.new_stream()
+        stream = self.streams[index]
+        return "".join(chunk for token_id in ids if (chunk := stream.step(self.backend, token_id)) is not None)
 
 
 def _prompt_logprobs(prompt_ids: list[int], entries: list[dict[int, Any] | None] | None) -> list[float | None] | None:

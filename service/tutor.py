@@ -163,7 +163,10 @@ class Tutor:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             return encode_chat(self.engine.tokenizer, messages)
-        except jinja2.TemplateError as exc:  # a template's own rule (raise_exception), e.g. roles must alternate
+        except jinja2.TemplateError as exc:
+            if type(exc) is not jinja2.TemplateError:
+                raise  # a broken template (syntax, undefined names): ours to fix, a 500
+            # A template's own rule (transformers' raise_exception), e.g. roles must alternate.
             raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
 
     def check_prompt_chars(self, chars: int, param: str) -> None:
@@ -436,13 +439,14 @@ class Tutor:
         if explain:
             reasoning = await self._reason(q, prompt_ids, final)
             explanation = reasoning.text().strip()
-            # The row tells what was generated: the reasoning's budget and tokens, then the letter.
+            # The row counts the question as its prompt and the reasoning, then the letter, as its answer.
             row.params = dataclasses.replace(row.params, max_tokens=reasoning.params.max_tokens + 1)
-            row.token_counts = {0: reasoning.completion_tokens + 1}
+            row.token_counts = {0: reasoning.completion_tokens}
             final.prompt_ids = mcq.encode_prompt(tokenizer, q, explain=True, reasoning=explanation)
             self.check_prompt_length(final.prompt_ids, "question")
-            row.prompt_ids = final.prompt_ids
         await self.run_to_end(final)
+        if explain:
+            row.token_counts[0] += 1
         row.first_token_at = final.first_token_at
         entries = final.logprobs.get(0) or []
         requested = entries[0].requested if entries else {}

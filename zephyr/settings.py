@@ -188,13 +188,15 @@ class Settings(BaseSettings):
         to give the key's holder a name the review page and statistics show (no name: a prefix of the key's
         digest). The name goes before the role because a key may itself hold `:` or `=` (the key is all that
         follows the first `:`), so entries written before names existed keep their meaning."""
-        lines = [part for part in self.api_keys.split(",")]
+        # Each entry with where it came from: an error names it by place, never by its text.
+        lines = [(f"ZEPHYR_API_KEYS entry {n}", part) for n, part in enumerate(self.api_keys.split(","), start=1)]
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
                 raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} does not exist")
-            lines += self.api_keys_file.read_text().splitlines()
+            lines += [(f"ZEPHYR_API_KEYS_FILE line {n}", line)
+                      for n, line in enumerate(self.api_keys_file.read_text().splitlines(), start=1)]
         entries = []
-        for number, raw in enumerate(lines, start=1):
+        for place, raw in lines:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -204,12 +206,9 @@ class Settings(BaseSettings):
             if not sep or role not in ROLES or not key:
                 # Named by position, never quoted: an entry without its ':' may be a bare key, and this message
                 # reaches start-up logs and pod events.
-                raise ValueError(
-                    f"API key entry {number} (of ZEPHYR_API_KEYS, then ZEPHYR_API_KEYS_FILE's lines) must be "
-                    f"role:key or name=role:key with role one of {', '.join(ROLES)}"
-                )
+                raise ValueError(f"{place} must be role:key or name=role:key with role one of {', '.join(ROLES)}")
             if len(name) > MAX_KEY_NAME_CHARS:
-                raise ValueError(f"API key entry {number}: its name is longer than {MAX_KEY_NAME_CHARS} characters")
+                raise ValueError(f"{place}: its name is longer than {MAX_KEY_NAME_CHARS} characters")
             entries.append((role, key, name or None))
         return entries
 

@@ -69,7 +69,11 @@ class ReviewStore:
 
     async def rekey(self, digests: dict[str, str]) -> int:
         """Rows written before keyed digests hold a key's plain SHA-256; `digests` maps each configured key's old
-        digest to its keyed one. Idempotent (a start finds nothing left to change); returns the rows changed."""
+        digest to its keyed one. Returns the rows changed; a start that finds nothing left changes none.
+
+        The server serves while this runs, so a reviewer may meet an item again under the new digest; one person
+        keeps one assignment per item: an unfinished new one gives way to the legacy one, else the new verdict
+        stands and the legacy row goes."""
         A, other = ReviewAssignment, aliased(ReviewAssignment)
         changed = 0
         async with self.engine.begin() as conn:
@@ -77,11 +81,11 @@ class ReviewStore:
                 result = await conn.execute(update(Generation).where(Generation.api_key_hash == old)
                                             .values(api_key_hash=new))
                 changed += result.rowcount or 0
-                # An item the reviewer was also shown under the new digest (the server ran before this finished)
-                # keeps its legacy row as it is: moving it would break "one assignment per item and reviewer" and
-                # fail the whole re-keying at every start.
-                clash = exists().where(other.item_id == A.item_id, other.reviewer == new)
-                result = await conn.execute(update(A).where(A.reviewer == old, ~clash).values(reviewer=new))
+                legacy_twin = exists().where(other.item_id == A.item_id, other.reviewer == old)
+                await conn.execute(delete(A).where(A.reviewer == new, A.status != "judged", legacy_twin))
+                judged_twin = exists().where(other.item_id == A.item_id, other.reviewer == new)
+                await conn.execute(delete(A).where(A.reviewer == old, judged_twin))
+                result = await conn.execute(update(A).where(A.reviewer == old).values(reviewer=new))
                 changed += result.rowcount or 0
         return changed
 

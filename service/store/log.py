@@ -203,7 +203,7 @@ class GenerationLog:
                 except Exception:  # the writer must outlive any one bad batch; its rows go to disk instead
                     log.exception("generation log writer error; spilling %d rows", len(batch))
                     try:
-                        self._spill_safely(batch)
+                        await asyncio.to_thread(self._spill_safely, batch)
                     except OSError:  # database down and the disk refusing too: nothing left to keep them in
                         log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(batch))
                         self.metrics.log_write_failures.inc()
@@ -320,6 +320,14 @@ class GenerationLog:
             log.exception("redaction failed while spilling; writing %d rows unredacted", len(rows))
             self._spill(rows)
 
+    def _take_spill(self) -> bool:
+        """Renames the spill file for replaying, so new spills go to a fresh one meanwhile; False if none."""
+        with self._spill_lock:  # no spill is half written into the file being renamed
+            if not self.spill_path.exists():
+                return False
+            self.spill_path.rename(self._replaying_path)
+            return True
+
     @property
     def rejected_path(self) -> Path:
         return self.spill_path.with_name(self.spill_path.stem + ".rejected.jsonl")
@@ -329,11 +337,9 @@ class GenerationLog:
         database refuses while it is up (a bad value, a torn line) goes to the rejected file for a person
         to look at, instead of blocking every later replay."""
         replaying = self._replaying_path
-        if not replaying.exists():
-            with self._spill_lock:  # no spill is half written into the file being renamed
-                if not self.spill_path.exists():
-                    return 0
-                self.spill_path.rename(replaying)  # new spills go to a fresh file meanwhile
+        # In a thread: the lock may wait on a spill's write and fsync.
+        if not replaying.exists() and not await asyncio.to_thread(self._take_spill):
+            return 0
         # Set aside: lines that are no JSON, or JSON that is no row; refused: rows the database would not take.
         set_aside: list[dict[str, Any]] = []
         refused: list[GenerationRecord] = []
@@ -342,19 +348,20 @@ class GenerationLog:
         # restart part way through inserts again what it had (ignored by request id).
         with replaying.open(encoding="utf-8") as handle:
             batches = self._spilled_batches(handle, set_aside)
-            try:
-                while batch := await asyncio.to_thread(next, batches, None):
+            # A redactor that fails raises from here, as itself: the database is not to blame.
+            while batch := await asyncio.to_thread(next, batches, None):
+                try:
                     try:
                         await self._insert(batch)
                     except Exception:
                         if not await self._reachable():
                             raise
                         refused += await self._insert_one_by_one(batch)
-                    inserted += len(batch)
-            except Exception as exc:
-                self._db_ok = False
-                log.warning("replaying spilled rows failed (%s); will retry", exc)
-                return 0
+                except Exception as exc:
+                    self._db_ok = False
+                    log.warning("replaying spilled rows failed (%s); will retry", exc)
+                    return 0
+                inserted += len(batch)
         rejected = set_aside + [row.to_json() for row in refused]
         if rejected:
             with open_private_append(self.rejected_path) as handle:

@@ -107,20 +107,29 @@ async def test_an_item_shown_alone_stays_single_when_its_candidate_comes_late(lo
     assert count == 1  # the served answer, judged good by both
 
 
-async def test_rekeying_skips_an_item_the_reviewer_was_also_shown_under_the_new_digest(log):
-    """The server serves while re-keying runs beside its start: a reviewer may meet an item again under the new
-    digest. That item's legacy row stays; the rest move, and the re-keying no longer fails at every start."""
-    await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", "w", minute=1))
-    store = store_of(log)
-    legacy_first = await store.next_item("old")
-    await store.judge("old", legacy_first["assignment_id"], "tie", None, {}, None)
-    legacy_second = await store.next_item("old")  # shown, not judged yet
-    again = await store.next_item("new")
-    assert again["item_id"] == legacy_first["item_id"]  # the same person, met as a new reviewer
-    assert await store.rekey({"old": "new"}) == 1  # i2's row; i1's stays under the old digest
-    assert (await store.next_item("new"))["assignment_id"] == again["assignment_id"]
-    assert legacy_second["item_id"] != again["item_id"]
-    assert await store.rekey({"old": "new"}) == 0  # idempotent
+async def test_rekeying_keeps_one_assignment_per_item_for_a_reviewer_met_under_both_digests(log):
+    """The server serves while re-keying runs beside its start, so a reviewer may meet items again under the new
+    digest. Afterwards each item has one assignment for that person: a legacy verdict beats a new unfinished view,
+    a new verdict beats the legacy row; and the re-keying does not fail on the one-per-reviewer rule."""
+    await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", "w", minute=1)
+               + pair("i3", "Q3", "u", "v", minute=2))
+    store = store_of(log, ReviewPolicy(overlap=3, lease=POLICY.lease, candidate_wait=POLICY.candidate_wait))
+    for _ in range(2):  # i1 and i2 judged under the old digest
+        view = await store.next_item("old")
+        await store.judge("old", view["assignment_id"], "tie", None, {}, None)
+    legacy_open = await store.next_item("old")  # i3 shown, not judged
+    assert legacy_open["item_id"] == "i3"
+    new_first = await store.next_item("new")  # i1 again: left unfinished
+    assert new_first["item_id"] == "i1"
+    await store.skip("new", new_first["assignment_id"])
+    new_second = await store.next_item("new")  # i2 again: judged anew
+    await store.judge("new", new_second["assignment_id"], "a", 1, {}, None)
+    assert await store.rekey({"old": "new"}) == 2  # i1's legacy verdict and i3's legacy view move
+    judged, _ = await store.judgements()
+    labels = {j.item_id: j.label for j in judged}
+    assert len(judged) == 2 and labels["i1"] == "tie" and labels["i2"] != "tie"  # one verdict an item: the kept ones
+    assert (await store.next_item("new"))["item_id"] == "i3"  # the legacy view, now the reviewer's own
+    assert await store.rekey({"old": "new"}) == 0
 
 
 async def test_verdicts_are_validated_and_owned(log):

@@ -203,8 +203,12 @@ def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
     with pytest.raises(ValueError, match="longer than 64"):
         _ = Settings(api_keys=f"{'x' * 65}=reviewer:key").api_key_entries
     # A bare key (no role) is named by its place, never quoted: the message reaches start-up logs and pod events.
-    with pytest.raises(ValueError, match="entry 2 ") as refused:
+    with pytest.raises(ValueError, match="ZEPHYR_API_KEYS entry 2 ") as refused:
         _ = Settings(api_keys="student:s1,sk-live-0123456789abcdef").api_key_entries
+    assert "sk-" not in str(refused.value)
+    keys.write_text("# comment\nsk-live-0123456789abcdef\n")
+    with pytest.raises(ValueError, match="ZEPHYR_API_KEYS_FILE line 2 ") as refused:
+        _ = Settings(api_keys="", api_keys_file=keys).api_key_entries
     assert "sk-" not in str(refused.value)
 
 

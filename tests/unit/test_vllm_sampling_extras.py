@@ -45,14 +45,28 @@ def test_every_generation_parameter_reaches_vllm():
     assert {f.name for f in fields(GenParams)} == set(SAMPLING_FIELDS) | translated
 
 
-def test_text_decoded_from_ids_spells_each_character_once_it_is_whole(tokenizer):
-    """What a prompt-scoring request (vLLM's detokenizer off) answers: the deltas join to the decoded text, and a
-    character spread over byte tokens comes out whole, never as a replacement character."""
-    from service.engine import TextFromIds
+def test_text_decoded_from_ids_is_what_vllms_detokenizer_gives(tokenizer):
+    """What a prompt-scoring request (vLLM's detokenizer off) answers: the deltas join to the decoded text, a
+    character spread over byte tokens comes out whole (never a replacement character), special tokens are skipped
+    as asked, and the token that stopped the answer is left out unless include_stop_str_in_output."""
+    from service.engine import GenParams, TextFromIds
 
-    text = "Café 😀 naïve 日本語<|im_end|>"
+    text = "Café 😀 naïve 日本語.\n<|im_end|>"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    for skip, expected in ((True, "Café 😀 naïve 日本語"), (False, text)):
-        decoded = TextFromIds(tokenizer, skip_special_tokens=skip)
-        deltas = [decoded.delta(0, [token_id], finished=n == len(ids) - 1) for n, token_id in enumerate(ids)]
-        assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas)
+
+    def answer(finish: str, **params) -> list[str]:
+        decoded = TextFromIds(tokenizer, GenParams(max_tokens=len(ids), **params))
+        return [decoded.delta(0, [token_id], finish if n == len(ids) - 1 else None) for n, token_id in enumerate(ids)]
+
+    for finish, params, expected in (
+        ("length", {}, "Café 😀 naïve 日本語.\n"),
+        ("length", {"skip_special_tokens": False}, text),
+        ("stop", {"skip_special_tokens": False}, "Café 😀 naïve 日本語.\n"),  # the stop token left out
+        ("stop", {"skip_special_tokens": False, "include_stop_str_in_output": True}, text),
+    ):
+        deltas = answer(finish, **params)
+        assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas), (finish, params)
+    # A non-special stop token id (the newline) is left out too, as vLLM leaves it out.
+    newline = ids[: ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"))]
+    decoded = TextFromIds(tokenizer, GenParams(max_tokens=len(newline)))
+    assert decoded.delta(0, newline, "stop") == "Café 😀 naïve 日本語."
