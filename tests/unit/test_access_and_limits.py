@@ -160,40 +160,50 @@ def test_an_admission_slot_is_given_back_once_when_its_block_ends_or_by_whoever_
     assert admission.in_flight == 0
 
 
+def raw_post(app, path: str, body: dict, gone: asyncio.Event, send) -> asyncio.Task:
+    """POSTs `body` to `path` as a server would hand it to the app, on its own task; the client hangs up (an
+    http.disconnect) once `gone` is set. Lets a test cut a connection where httpx cannot."""
+    import json
+
+    from tests.unit.conftest import STUDENT_KEY
+
+    raw, asked = json.dumps(body).encode(), [False]
+
+    async def receive():
+        if not asked[0]:
+            asked[0] = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+               (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(raw)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    return asyncio.create_task(app(scope, receive, send))
+
+
 async def test_a_stream_holds_its_place_until_the_response_closes(served):
     """The handler returns at once; the stream keeps its admission until it ends, or the client hangs up
     (mid-stream, or before the first byte, when Starlette never starts the generator)."""
     import json
 
-    from tests.unit.conftest import STUDENT_KEY
-
     admission = served.app.state.tutor.admission
     served.engine.delay = 0.05
-    body = json.dumps({**BODY, "max_tokens": 40, "stream": True}).encode()
+    body = {**BODY, "max_tokens": 40, "stream": True}
 
     async def call(hang_up_after_first_chunk: bool, hang_up_at_once: bool = False) -> list[bytes]:
-        gone, first_chunk, chunks, asked = asyncio.Event(), asyncio.Event(), [], [False]
+        gone, first_chunk, chunks = asyncio.Event(), asyncio.Event(), []
         if hang_up_at_once:
             gone.set()
-
-        async def receive():
-            if not asked[0]:
-                asked[0] = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
 
         async def send(message):
             if message["type"] == "http.response.body" and message.get("body"):
                 chunks.append(message["body"])
                 first_chunk.set()
 
-        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-                   (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(body)).encode())]
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
-                 "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
-        task = asyncio.create_task(served.app(scope, receive, send))
+        task = raw_post(served.app, CHAT, body, gone, send)
         if not hang_up_at_once:
             await asyncio.wait_for(first_chunk.wait(), 10)
             assert admission.in_flight == 1  # the handler has returned; the stream still holds its place
@@ -232,36 +242,20 @@ QUESTION = {"question": "Which gas do plants absorb from the air?", "options": [
 async def test_a_client_that_hangs_up_is_no_server_error_and_frees_its_place(served, path, body, rows, at_once):
     """A closed tab cancels the work, logs it as aborted and counts as 499 (nginx's "client closed request"),
     not as a 500 with a traceback that would page an operator."""
-    import json
-
     from sqlalchemy import select
 
     from service.store.models import Generation
-    from tests.unit.conftest import STUDENT_KEY
 
     served.engine.delay = served.engine.score_delay = 0.2
-    raw = json.dumps(body).encode()
-    gone, started, sent = asyncio.Event(), [False], []
-
-    async def receive():
-        if not started[0]:
-            started[0] = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    gone, sent = asyncio.Event(), []
 
     async def send(message):
         sent.append(message)
 
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-               (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(raw)).encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
     calls = len(served.engine.calls)
     if at_once:
         gone.set()
-    task = asyncio.create_task(served.app(scope, receive, send))
+    task = raw_post(served.app, path, body, gone, send)
     for _ in range(0 if at_once else 200):  # until the engine has the work
         if len(served.engine.calls) > calls:
             break
