@@ -170,6 +170,11 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: Clea
     return count
 
 
+def _say_reserved(reserved: dict[str, int]) -> None:
+    for source, count in reserved.items():
+        console.print(f"{source}: its first {count} questions left out (`zephyr eval calibrate` fits on them)")
+
+
 @data_app.command("science")
 @clean_flags()
 def data_science(
@@ -191,15 +196,16 @@ def data_science(
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Verifiable science pairs: the model's sampled explanations and letters, labelled by the answer key."""
-    from offline.benchmarks import SourceError, mcq_training_items
-    from training.data import science
+    from offline.benchmarks import SourceError
+    from training.data import cloze, science
 
     if negatives not in science.NEGATIVES:
         raise fail(f"--negatives must be one of {', '.join(science.NEGATIVES)}, not {negatives!r}")
     settings = load_settings()
     try:
-        items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
-                                   limit_per_source)
+        # Without the questions `zephyr eval calibrate` fits on, as every MCQ builder reads them.
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        _say_reserved(reserved)
         entry = Registry(settings.models_dir).get(model)
     except (SourceError, RegistryError) as exc:
         raise fail(str(exc)) from None
@@ -225,22 +231,23 @@ def data_science(
 @clean_flags()
 def data_restate(
     out: Out,
-    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test splits)")] =
-    "arc_easy:train,arc_challenge:train,openbookqa:train,sciq:validation",
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test or "
+                                              "calibration splits)")] =
+    "arc_easy:train,arc_challenge:train,openbookqa:train",
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Explain-format pairs from the answer key alone (no model needed): the reply restates the key's text, then
     its letter; rejected replies restate a wrong option, or the key with a wrong letter."""
-    from offline.benchmarks import SourceError, mcq_training_items
-    from training.data import science
+    from offline.benchmarks import SourceError
+    from training.data import cloze, science
     from zephyr.mcq import MCQFormatError
 
     settings = load_settings()
     try:
-        items = mcq_training_items([s.strip() for s in sources.split(",") if s.strip()], settings.data_dir,
-                                   limit_per_source)
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        _say_reserved(reserved)
     except SourceError as exc:
         raise fail(str(exc)) from None
     usable = []

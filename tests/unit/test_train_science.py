@@ -100,3 +100,7 @@ def test_restate_cli_writes_clean_pairs_from_training_splits_only(tmp_path, monk
     assert all(r["chosen"][0]["content"].startswith("The correct option is iron") for r in rows)
     refused = CliRunner().invoke(app, ["data", "restate", "--sources", "arc_easy:test", "--out", str(out)])
     assert refused.exit_code != 0 and "refusing arc_easy:test" in " ".join(refused.output.split())
+    # Nor the questions `zephyr eval calibrate` fits on: as `data cloze`, both key-labelled builders refuse them.
+    for command in (["data", "restate"], ["data", "science", "--k", "0"]):
+        refused = CliRunner().invoke(app, [*command, "--sources", "sciq:validation", "--out", str(out)])
+        assert refused.exit_code != 0 and "refusing sciq:validation" in " ".join(refused.output.split()), command
