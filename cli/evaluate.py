@@ -150,11 +150,13 @@ def calibrate_command(
 
 
 def _table(eval_run) -> Table:
+    from evals.results import is_share
+
     table = Table(title=f"{eval_run.model} ({eval_run.suite})")
     for column in ("benchmark", "metric", "split", "n", "score", "seconds"):
         table.add_column(column, justify="right" if column in ("n", "score", "seconds") else "left")
     for m in eval_run.measurements:
-        share = m.metric.startswith(("cloze_", "letter_", "exact_match_"))
+        share = is_share(m.metric)  # one vocabulary with the gate and the report
         table.add_row(m.benchmark, m.metric, m.split, str(m.n), f"{m.score:.1%}" if share else f"{m.score:.4f}",
                       f"{m.seconds:.1f}" if m.seconds is not None else "")
     return table

@@ -276,3 +276,19 @@ def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
     assert result.rerun_suites("base") == ["text"] and result.rerun_suites("cand") == []
     text_run("base", 4, in_process, reward_model=False)  # a rerun now supplies the gating row
     assert check(store, "cand", "base", max_drop=1.0, suites=None).unreproducible == {}
+
+
+@pytest.mark.parametrize("metric", ["letter_acc", "cloze_acc_norm", "mcq_acc_auto", "mcq_acc_auto_server",
+                                    "answer_prior_acc", "exact_match", "looping"])
+def test_accuracy_like_metrics_are_shares_compared_in_points(metric):
+    """One vocabulary for the gate, the report and `eval show`: a share's --max-drop is points, not units (an
+    answer_prior_acc gating in raw units would have let a 100-point drop pass)."""
+    from evals.results import is_share
+
+    assert is_share(metric)
+
+
+def test_scores_in_their_own_units_are_not_shares():
+    from evals.results import is_share
+
+    assert not any(is_share(metric) for metric in ("rm_score", "bertscore_f1", "answer_words"))
