@@ -295,8 +295,20 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
 
         path = Path(options.reward_model)
         if not path.exists():
-            path = registry.get(options.reward_model).path
-        tools.reward_model = RewardModel.load(path)
+            rm_entry = registry.get(options.reward_model)
+            if rm_entry.manifest.method != "rm":
+                raise EvalError(f"--reward-model {options.reward_model!r} is a {rm_entry.manifest.method} model, not a "
+                                "reward model (train one with `zephyr train rm`)")
+            path = rm_entry.path
+        try:
+            tools.reward_model = RewardModel.load(path)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise EvalError(f"--reward-model {options.reward_model}: {exc}") from None
+        # A folder of a causal LM would load with a freshly initialised scoring head: random scores, not rewards.
+        if not any(name.endswith("ForSequenceClassification")
+                   for name in tools.reward_model.model.config.architectures or ()):
+            raise EvalError(f"--reward-model {options.reward_model} is not a sequence-classification (reward) model; "
+                            "give a registry entry made with `zephyr train rm`, or such a folder")
     return tools
 
 

@@ -196,3 +196,19 @@ def test_server_answers_are_counted_against_in_process_ones_on_the_questions_bot
     assert (auto.details["same_answer_as_local"], auto.details["compared_with_local"]) == (2, 3)
     alone = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), [])
     assert all("same_answer_as_local" not in m.details for m in alone)  # nothing stored: nothing to compare
+
+
+@pytest.mark.parametrize(("reward_model", "message"), [
+    ("m", "'m' is a base model, not a reward model"),  # a registry entry that is not an RM: random scores
+    ("{tmp}", "is not a model folder (no config.json)"),  # a folder, but no model in it
+])
+def test_a_reward_model_that_is_none_fails_before_the_engine(registered, monkeypatch, reward_model, message):
+    from zephyr.settings import Settings
+
+    monkeypatch.delenv("ZEPHYR_DATA_DIR")  # the shared benchmark data: the text suite reads it before the engine
+    if not (Settings().data_dir / "gsm8k").is_dir():
+        pytest.skip("the shared benchmark data is not on this machine")
+    result = CliRunner().invoke(app, ["eval", "run", "--model", "m", "--suite", "text", "--limit", "2",
+                                      "--reward-model", reward_model.format(tmp=registered)])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()) and "starting vLLM" not in result.output
