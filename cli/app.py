@@ -14,7 +14,7 @@ from cli.common import console, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
-from zephyr.registry import ModelManifest, Registry, RegistryError
+from zephyr.registry import METHODS, ModelManifest, Registry, RegistryError
 from zephyr.settings import DEFAULT_MODEL
 
 app = typer.Typer(help="Zephyr, the science tutor: serve it, manage its models, talk to it.", no_args_is_help=True)
@@ -105,8 +105,13 @@ def models_import(
     try:
         entry = registry().add(path.expanduser(), ModelManifest(name=name, parent=parent, method=method,
                                                                source=str(path.resolve())))
-    except (RegistryError, ValidationError) as exc:
-        raise fail(str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc)) from None
+    except ValidationError as exc:  # pydantic's first line only counts the errors: name the field and the fix
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        hint = f"; one of {', '.join(METHODS)}" if where == "method" else ""
+        raise fail(f"--{where}: {first['msg']}{hint}") from None
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
     console.print(f"imported {entry.name} ({entry.size_bytes() / 1e6:.0f} MB) at {entry.path}")
 
 

@@ -253,7 +253,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {override!r} sets inside {part!r}, which is not a section")
-        node[parts[-1]] = _load_yaml(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = _load_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {override!r}: its value is not YAML ({str(exc).splitlines()[0]}); quote "
+                              "a value that is meant as text") from None
     return nested
 
 

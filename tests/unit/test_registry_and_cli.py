@@ -42,6 +42,8 @@ def test_cli_errors_are_one_line_with_exit_code_1(home, tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["models", "import", str(tmp_path / "empty"), "--name", "x"])
     assert result.exit_code == 1 and "no config.json" in result.output
+    result = runner.invoke(app, ["models", "import", str(tmp_path / "empty"), "--name", "x", "--method", "lora"])
+    assert result.exit_code == 1 and "--method" in result.output and "sft" in result.output
 
 
 def test_registry_refuses_bad_names_missing_parents_and_orphaning(tmp_path, default_model):

@@ -101,6 +101,8 @@ def test_overrides(tmp_path, pairs):
         parse_overrides(["trainer.beta"])
     with pytest.raises(RecipeError, match="trainer.gamma is not an argument"):
         load_recipe(path, ["trainer.gamma=1"])
+    with pytest.raises(RecipeError, match=r"override 'data.train=\[a,': its value is not YAML"):
+        parse_overrides(["data.train=[a,"])
 
 
 def test_numbers_in_exponent_form_are_numbers_in_files_and_overrides(tmp_path, pairs):
