@@ -8,6 +8,7 @@ comparable item by item with a full one."""
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from offline.benchmarks import MCQ_BENCHMARKS
+from zephyr.paths import write_text_atomic
 from zephyr.registry import check_name
+
+log = logging.getLogger("zephyr.evals")
 
 RUNS_DIR = "runs"
 # Two speed records without session ids pair when saved this close: loadtest.variants saved a session's records
@@ -183,14 +187,19 @@ class ResultStore:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = run.created_at.strftime("%Y%m%dT%H%M%S%fZ")
         path = folder / f"{run.suite}-{stamp}.json"
-        path.write_text(run.model_dump_json(indent=1))
+        write_text_atomic(path, run.model_dump_json(indent=1))
         return path
 
     def runs(self, model: str) -> list[EvalRun]:
         folder = self.folder(model) / RUNS_DIR
         if not folder.is_dir():
             return []
-        runs = [EvalRun.model_validate_json(p.read_text()) for p in folder.glob("*.json")]
+        runs = []
+        for path in folder.glob("*.json"):
+            try:
+                runs.append(EvalRun.model_validate_json(path.read_text()))
+            except ValueError as exc:  # a damaged file (a disk that filled mid-write) must not hide every result
+                log.warning("skipping %s: it cannot be read (%s)", path, str(exc).splitlines()[0])
         return sorted(runs, key=lambda r: r.created_at)
 
     def latest(self, model: str) -> EvalRun | None:

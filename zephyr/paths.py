@@ -101,3 +101,18 @@ def private_sqlite_files(database: Path) -> None:
     """Tighten a SQLite database and the journal files beside it to 0600."""
     for path in (database, *(database.with_name(database.name + suffix) for suffix in SQLITE_SIDECARS)):
         private_file(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path`'s content all at once: written beside it, synced, then renamed over it, so a full disk or a
+    kill part way leaves the old file whole (never a truncated manifest or result that breaks every later read)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from datetime import UTC, datetime
@@ -13,8 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from zephyr.mcq import MCQCalibration
+from zephyr.paths import write_text_atomic
 
 MANIFEST = "zephyr.json"
+log = logging.getLogger("zephyr.registry")
 METHODS = ("base", "sft", "rm", "dpo", "kto", "rs", "grpo", "gptq", "awq", "w8a8", "easyquant", "bnb", "imported")
 Method = Literal["base", "sft", "rm", "dpo", "kto", "rs", "grpo", "gptq", "awq", "w8a8", "easyquant", "bnb",
                  "imported"]
@@ -160,8 +163,12 @@ class Registry:
             return []
         entries = []
         for folder in sorted(self.models_dir.iterdir()):
-            if (folder / MANIFEST).is_file():
+            if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
+                continue  # staging and replaced folders
+            try:
                 entries.append(self._load(folder))
+            except RegistryError as exc:  # one damaged manifest must not hide every other model
+                log.warning("skipping a model: %s", exc)
         return entries
 
     def get(self, name: str) -> RegistryEntry:
@@ -175,7 +182,12 @@ class Registry:
         return (self.path_of(name) / MANIFEST).is_file()
 
     def _load(self, folder: Path) -> RegistryEntry:
-        return RegistryEntry(manifest=ModelManifest.model_validate_json((folder / MANIFEST).read_text()), path=folder)
+        try:
+            manifest = ModelManifest.model_validate_json((folder / MANIFEST).read_text())
+        except ValueError as exc:
+            raise RegistryError(f"{folder / MANIFEST} cannot be read ({str(exc).splitlines()[0]}); restore it, or "
+                                f"delete the folder {folder}") from None
+        return RegistryEntry(manifest=manifest, path=folder)
 
     def add(
         self, source: Path, manifest: ModelManifest, *, move: bool = False, overwrite: bool = False
@@ -188,6 +200,9 @@ class Registry:
         check_hf_folder(source)
         if manifest.parent is not None and not self.exists(manifest.parent):
             raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
+        if manifest.parent == manifest.name:
+            raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
+                                "name")
         if target.exists() and not overwrite:
             raise RegistryError(f"model {manifest.name!r} already exists; remove it first or choose another name")
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +214,15 @@ class Registry:
             shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a
+            # half-deleted model under the name.
+            replaced = target.with_name(f".{manifest.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            target.rename(replaced)
+            staging.rename(target)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            staging.rename(target)
         return self._load(target)
 
     def remove(self, name: str) -> None:
@@ -221,4 +243,4 @@ class Registry:
         self._save(entry)
 
     def _save(self, entry: RegistryEntry) -> None:
-        (entry.path / MANIFEST).write_text(entry.manifest.model_dump_json(indent=2))
+        write_text_atomic(entry.path / MANIFEST, entry.manifest.model_dump_json(indent=2))

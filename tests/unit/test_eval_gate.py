@@ -292,3 +292,9 @@ def test_scores_in_their_own_units_are_not_shares():
     from evals.results import is_share
 
     assert not any(is_share(metric) for metric in ("rm_score", "bertscore_f1", "answer_words"))
+
+
+def test_a_damaged_result_file_is_skipped_not_fatal(store):
+    save(store, "m", arc_easy__letter_acc=accuracy(60, 100))
+    (store.folder("m") / "runs" / "mcq-99990101T000000000000Z.json").write_text('{"model": "m", "sui')
+    assert [m.key for m in store.latest("m").measurements] == ["arc_easy/letter_acc"]

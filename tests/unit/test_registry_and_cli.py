@@ -95,3 +95,27 @@ def test_python_dash_m_cli_knows_every_command():
         result = subprocess.run([sys.executable, "-m", "cli", *command, "--help"], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and "Usage: zephyr" in result.stdout, (command, result.stderr[-500:])
+
+
+def test_a_damaged_manifest_hides_no_other_model_and_says_how_to_recover(tmp_path, default_model):
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="good", method="sft"))
+    registry.add(default_model.path, ModelManifest(name="broken", method="sft"))
+    manifest = registry.path_of("broken") / "zephyr.json"
+    manifest.write_text(manifest.read_text()[:40])  # a disk that filled part way through an older write
+    assert [e.name for e in registry.list()] == ["good"]
+    with pytest.raises(RegistryError, match="cannot be read .* delete the folder"):
+        registry.get("broken")
+    registry.record_eval("good", "k", 1)  # written whole: beside the file, then renamed over it
+    assert registry.get("good").manifest.evals == {"k": 1}
+    assert [p.name for p in registry.path_of("good").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_model_cannot_replace_its_own_parent(tmp_path, default_model):
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="base", method="base"))
+    with pytest.raises(RegistryError, match="cannot replace its own parent"):
+        registry.add(default_model.path, ModelManifest(name="base", parent="base", method="sft"), overwrite=True)
+    replaced = registry.add(default_model.path, ModelManifest(name="base", method="sft"), overwrite=True)
+    assert replaced.manifest.method == "sft" and [e.name for e in registry.list()] == ["base"]
+    assert sorted(p.name for p in registry.models_dir.iterdir()) == ["base"]  # nothing left aside
