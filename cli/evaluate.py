@@ -149,6 +149,13 @@ def calibrate_command(
         _exit_after_engine()
 
 
+def results_store(settings):
+    """The saved results, read against the registry: an entry replaced under the same name starts afresh."""
+    from evals.results import ResultStore
+
+    return ResultStore(settings.resolved_eval_results_dir, Registry(settings.models_dir))
+
+
 def _table(eval_run) -> Table:
     from evals.results import is_share
 
@@ -165,10 +172,9 @@ def _table(eval_run) -> Table:
 @app.command("show")
 def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> None:
     """The newest result of every measurement of MODEL."""
-    from evals.results import ResultStore
-
     try:
-        latest = ResultStore(load_settings().resolved_eval_results_dir).latest(model)
+        settings = load_settings()
+        latest = results_store(settings).latest(model)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     if latest is None:
@@ -185,14 +191,13 @@ def report_command(
 ) -> None:
     """Markdown and self-contained HTML: tables per benchmark, deltas vs parent with bootstrap CIs, plots."""
     from evals.report import write_report
-    from evals.results import ResultStore
 
     settings = load_settings()
     names = csv(models) or []
     if not names:
         raise fail("--models needs at least one model name")
     try:
-        markdown, html = write_report(ResultStore(settings.resolved_eval_results_dir), names, out,
+        markdown, html = write_report(results_store(settings), names, out,
                                       registry=Registry(settings.models_dir), reviews=reviews)
     except (ValueError, RegistryError) as exc:
         raise fail(str(exc)) from None
@@ -220,7 +225,6 @@ def gate_command(
     """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
     --reviews) when reviewers' verdicts are too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
-    from evals.results import ResultStore
 
     settings = load_settings()
     try:
@@ -229,7 +233,7 @@ def gate_command(
             rule = {k: v for k, v in {"min_pairs": min_review_pairs, "min_win_rate": min_win_rate}.items()
                     if v is not None}  # unset: evals.gate's defaults
             review = review_gate(reviews, candidate, baseline, **rule)
-        result = check(ResultStore(settings.resolved_eval_results_dir), candidate, baseline, max_drop, csv(suites),
+        result = check(results_store(settings), candidate, baseline, max_drop, csv(suites),
                        reviews=review)
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from offline.benchmarks import MCQ_BENCHMARKS
 from zephyr.paths import write_text_atomic
-from zephyr.registry import check_name
+from zephyr.registry import Registry, check_name
 
 log = logging.getLogger("zephyr.evals")
 
@@ -96,6 +96,9 @@ class SpeedRecord(BaseModel):
 
 class EvalRun(BaseModel):
     model: str
+    # The registry entry's created_at when it was measured: an entry replaced under the same name since (train or
+    # quantize --overwrite, remove and import) is another model, and its old runs are not read as this one's.
+    model_made_at: datetime | None = None
     parent: str | None = None
     method: str | None = None
     suite: str
@@ -173,10 +176,13 @@ def newest_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]
 
 
 class ResultStore:
-    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; the newest run of each measurement wins."""
+    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; the newest run of each measurement wins.
+    Given the registry, a model's runs are those of its current entry: runs of an entry since replaced under the
+    same name are left out (runs saved before entries were recorded are kept)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, registry: Registry | None = None):
         self.root = Path(root)
+        self.registry = registry
 
     def folder(self, model: str) -> Path:
         """`<root>/<model>`, for a registry name only (RegistryError otherwise): every path here goes through it."""
@@ -194,12 +200,22 @@ class ResultStore:
         folder = self.folder(model) / RUNS_DIR
         if not folder.is_dir():
             return []
-        runs = []
+        made_at = self.registry.get(model).manifest.created_at if self.registry and self.registry.exists(model) \
+            else None
+        runs, replaced = [], 0
         for path in folder.glob("*.json"):
             try:
-                runs.append(EvalRun.model_validate_json(path.read_text()))
+                run = EvalRun.model_validate_json(path.read_text())
             except ValueError as exc:  # a damaged file (a disk that filled mid-write) must not hide every result
                 log.warning("skipping %s: it cannot be read (%s)", path, str(exc).splitlines()[0])
+                continue
+            if made_at is not None and run.model_made_at is not None and run.model_made_at != made_at:
+                replaced += 1
+                continue
+            runs.append(run)
+        if replaced:
+            log.warning("%s: %d result runs measured an earlier entry of that name, since replaced; left out",
+                        model, replaced)
         return sorted(runs, key=lambda r: r.created_at)
 
     def latest(self, model: str) -> EvalRun | None:

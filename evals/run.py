@@ -136,7 +136,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     try:
         generations: dict[str, dict[str, str]] = {}
         def save(suite: str, measurements: list[Measurement], started: float) -> None:
-            run = EvalRun(model=entry.name, parent=entry.manifest.parent, method=entry.manifest.method, suite=suite,
+            run = EvalRun(model=entry.name, model_made_at=entry.manifest.created_at, parent=entry.manifest.parent,
+                          method=entry.manifest.method, suite=suite,
                           limit=options.limit, size_bytes=entry.size_bytes(), quantization=quantization_config(entry),
                           engine={**(engine.engine_info if engine else {}), "server": options.server},
                           measurements=measurements)

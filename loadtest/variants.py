@@ -133,7 +133,8 @@ def save(model: str, registry: Registry, settings: Settings, speed: SpeedRecord,
     entry = registry.get(model)
     # The report sets speeds against each other only within one session.
     speed = speed.model_copy(update={"session": session})
-    run = EvalRun(model=model, parent=entry.manifest.parent, method=entry.manifest.method, suite="speed",
+    run = EvalRun(model=model, model_made_at=entry.manifest.created_at, parent=entry.manifest.parent,
+                  method=entry.manifest.method, suite="speed",
                   size_bytes=entry.size_bytes(), quantization=quantization_config(entry), speed=speed,
                   engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib, "max_tokens": args.max_tokens,
                           "rounds": args.rounds, "enforce_eager": settings.enforce_eager,

@@ -298,3 +298,24 @@ def test_a_damaged_result_file_is_skipped_not_fatal(store):
     save(store, "m", arc_easy__letter_acc=accuracy(60, 100))
     (store.folder("m") / "runs" / "mcq-99990101T000000000000Z.json").write_text('{"model": "m", "sui')
     assert [m.key for m in store.latest("m").measurements] == ["arc_easy/letter_acc"]
+
+
+def test_runs_of_an_entry_replaced_under_the_same_name_are_not_this_models(tmp_path, default_model):
+    """`train ... --overwrite` makes another model under the old name: the gate must not judge it on the old
+    weights' GSM8K run. Runs saved before entries were recorded stay readable."""
+    from zephyr.registry import ModelManifest, Registry
+
+    registry = Registry(tmp_path / "models")
+    first = registry.add(default_model.path, ModelManifest(name="m", method="sft"))
+    store = ResultStore(tmp_path / "results", registry)
+    ms = [measurement("gsm8k", "exact_match", "test", accuracy(30, 100))]
+    store.save(EvalRun(model="m", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test",
+                                                                          accuracy(50, 100))]))  # unrecorded
+    store.save(EvalRun(model="m", model_made_at=first.manifest.created_at, suite="gsm8k", measurements=ms))
+    assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc", "gsm8k/exact_match"}
+    second = registry.add(default_model.path, ModelManifest(name="m", method="dpo"), overwrite=True)
+    assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc"}
+    store.save(EvalRun(model="m", model_made_at=second.manifest.created_at, suite="gsm8k", measurements=ms))
+    assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc", "gsm8k/exact_match"}
+    assert {m.key for m in ResultStore(tmp_path / "results").latest("m").measurements} == {
+        "sciq/letter_acc", "gsm8k/exact_match"}  # without the registry: every run, as before
