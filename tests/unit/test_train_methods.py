@@ -251,6 +251,24 @@ def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_pat
     assert fresh.entry.manifest.recipe["trainer"]["learning_rate"] == 0.5
 
 
+def test_a_run_folder_refuses_to_resume_on_data_that_changed(data, tmp_path):
+    """The recipe names its data files by path; regenerated data under the same path is another run."""
+    from training.run import prepare_run_dir
+
+    body = {"method": "sft", "model": TINY, "output": "tiny-data", "data": {"train": str(data["sft"])}}
+    recipe = load_recipe(recipe_file(tmp_path, "data", body))
+    run_dir = tmp_path / "run"
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is False
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is False  # same data: may resume
+    with pytest.raises(TrainingError, match="started on other data.*--fresh"):
+        prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b")
+    assert prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b") is False
+    saved = json.loads((run_dir / "recipe.json").read_text())
+    del saved["data_digest"]  # a folder an older version started: resumed as before
+    (run_dir / "recipe.json").write_text(json.dumps(saved))
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-c") is False
+
+
 def test_existing_output_is_not_overwritten_silently(home, data, tmp_path):
     settings = Settings(home=home)
     path = recipe_file(tmp_path, "taken", {"method": "sft", "model": TINY, "output": TINY,
