@@ -104,7 +104,8 @@ def calibrate_command(
     write: Annotated[bool, typer.Option(help="Write the record into the model's zephyr.json (--no-write: show)")]
     = True,
     scores: Annotated[Path | None, typer.Option(
-        help="Refit from the validation scores an earlier run saved, without an engine")] = None,
+        help="Refit from the validation scores an earlier run of this model saved (under its eval-results "
+             "folder), without an engine")] = None,
     letter: Annotated[bool, typer.Option(
         help="Score the letter format (--no-letter: cloze and the answer prior only, for a model trained for cloze; "
              "the letter candidates are then not fitted)")] = True,

@@ -181,7 +181,16 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
     if scores is not None:
+        own = ResultStore(settings.resolved_eval_results_dir).folder(model).resolve()
+        if not Path(scores).resolve().is_relative_to(own):
+            raise CalibrationError(f"--scores {scores} is not one of {model}'s saved scores (under {own}): a record "
+                                   "must be fitted on the scores of the model it is written into")
         saved_scores = load_scores(scores)
+        wrong = {name: split for name, split in saved_scores.splits.items() if CALIBRATION_SPLITS.get(name) != split}
+        if wrong:  # fitted on validation only, as every record is
+            raise CalibrationError("--scores holds splits calibration never reads: " + ", ".join(
+                f"{name}:{split} (calibration reads {CALIBRATION_SPLITS.get(name, 'nothing of it')})"
+                for name, split in wrong.items()))
         console.print(f"refitting from {scores}")
     else:
         cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT

@@ -195,7 +195,7 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
     """--scores refits keep the file's cue in the record; the service then asks with it."""
     from rich.console import Console
 
-    from evals.calibrate import calibrate, save_scores
+    from evals.calibrate import CalibrationError, calibrate, save_scores
     from loadtest.harness import linked_variant
     from zephyr.registry import Registry
     from zephyr.settings import Settings
@@ -207,11 +207,20 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
         scores = dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), answer_prior=[rng.gauss(-6, 1)] * 4)
         items.append(calibration.Scored(scores, rng.randrange(4)))
     shown = "Question: Which is a star?\nAnswer: the Sun\n\n"
-    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:",
-                       shown, {"benchmark": "arc_easy", "count": 1})
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
     settings = Settings()
     linked_variant(settings.home, default_model, "cue-test")  # its own zephyr.json: the shared one stays as it is
+    own = settings.resolved_eval_results_dir / "cue-test" / "calibration"
+    own.mkdir(parents=True)
+    path = save_scores(own / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:",
+                       shown, {"benchmark": "arc_easy", "count": 1})
+    # Only this model's own scores, and only of the splits calibration reads (validation).
+    elsewhere = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?")
+    with pytest.raises(CalibrationError, match="not one of cue-test's saved scores"):
+        calibrate("cue-test", settings, Console(file=io.StringIO()), scores=elsewhere)
+    on_test = save_scores(own / "test.json", {"arc_easy": "test"}, {"arc_easy": items}, "Q?")
+    with pytest.raises(CalibrationError, match="arc_easy:test .calibration reads validation"):
+        calibrate("cue-test", settings, Console(file=io.StringIO()), scores=on_test)
     record = calibrate("cue-test", settings, Console(file=io.StringIO()), scores=path)
     assert record.answer_prior_context == "Q: Why?\nA:"
     saved = Registry(settings.models_dir).get("cue-test").manifest.mcq_calibration
