@@ -257,6 +257,10 @@ async def authenticate(request: Request, authorization: str | None, session_toke
         raise
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SAME_ORIGIN = frozenset({"same-origin", "none"})  # "none": typed by the user, not sent by a page
+
+
 def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
     """Dependency: authenticate, apply the key's rate limit, and check its role (admin may do anything).
     With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent."""
@@ -264,6 +268,11 @@ def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable
     async def dependency(request: Request) -> Principal:
         authorization = request.headers.get("authorization")
         token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
+        if token and request.method not in SAFE_METHODS and request.headers.get("sec-fetch-site",
+                                                                                   "same-origin") not in SAME_ORIGIN:
+            # SameSite=Strict keeps other sites' requests from carrying the cookie, not a sibling subdomain's; the
+            # browser says where a request came from (Sec-Fetch-Site), and only the page itself may change state.
+            raise APIError(403, "a signed-in change must come from the review page itself", code="forbidden")
         principal = await authenticate(request, authorization, token)
         if principal.role != "admin" and principal.role not in roles:
             raise APIError(403, f"this route needs the role {' or '.join(roles)}; your key is `{principal.role}`",

@@ -78,6 +78,24 @@ async def test_plain_digests_from_earlier_versions_are_rekeyed_at_start(app_fact
         assert row["api_key_hash"] == second.app.state.keyring.digest(STUDENT_KEY)
 
 
+async def test_a_signed_in_change_from_a_sibling_site_is_refused(served):
+    """SameSite=Strict stops other sites, not a sibling subdomain (same-site): the browser's Sec-Fetch-Site says
+    where a request came from, and only the page itself may change state with the sign-in cookie."""
+    client = served.client
+    assert (await client.post("/review/session", json={"key": REVIEWER_KEY})).status_code == 200
+    no_key = {"Authorization": ""}
+    for site in ("same-site", "cross-site"):
+        r = await client.post("/review/api/undo", headers={**no_key, "Sec-Fetch-Site": site})
+        assert r.status_code == 403, site
+    assert (await client.get("/review/api/me", headers={**no_key, "Sec-Fetch-Site": "same-site"})).status_code == 200
+    r = await client.post("/review/api/undo", headers={**no_key, "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 409  # reached the route: nothing to undo
+    # A key in the Authorization header is no ambient credential: not a browser's cookie, not refused.
+    r = await client.post("/review/api/undo", headers={"Authorization": f"Bearer {REVIEWER_KEY}",
+                                                       "Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 409
+
+
 # 3. Bad input is a 4xx that says what to fix -------------------------------------------------------------------
 
 def raw(text: str) -> dict:
