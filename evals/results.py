@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from offline.benchmarks import MCQ_BENCHMARKS
 from zephyr.paths import write_text_atomic
-from zephyr.registry import Registry, check_name
+from zephyr.registry import Registry, RegistryEntry, check_name, quantization_config
 
 log = logging.getLogger("zephyr.evals")
 
@@ -109,6 +109,13 @@ class EvalRun(BaseModel):
     engine: dict[str, Any] = {}  # how it was measured: dtype, max_model_len, versions, server URL
     speed: SpeedRecord = Field(default_factory=SpeedRecord)  # filled by loadtest.variants (quantization comparisons)
     measurements: list[Measurement] = []
+
+    @classmethod
+    def of_entry(cls, entry: RegistryEntry, suite: str, **fields: Any) -> EvalRun:
+        """A run of a registry entry, described as the entry is now (the gate and report read these fields)."""
+        return cls(model=entry.name, model_made_at=entry.manifest.created_at, parent=entry.manifest.parent,
+                   method=entry.manifest.method, suite=suite, size_bytes=entry.size_bytes(),
+                   quantization=quantization_config(entry), **fields)
 
     def get(self, key: str) -> Measurement | None:
         return next((m for m in self.measurements if m.key == key), None)

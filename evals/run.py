@@ -15,7 +15,7 @@ from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, m
 from offline import benchmarks
 from zephyr import mcq, textquality
 from zephyr.console import make_console
-from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes, quantization_config
+from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes
 from zephyr.settings import Settings
 
 SUITES = tuple(SUITE_BENCHMARKS)  # in run order: the text suite reuses the gsm8k suite's generations
@@ -136,11 +136,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     try:
         generations: dict[str, dict[str, str]] = {}
         def save(suite: str, measurements: list[Measurement], started: float) -> None:
-            run = EvalRun(model=entry.name, model_made_at=entry.manifest.created_at, parent=entry.manifest.parent,
-                          method=entry.manifest.method, suite=suite,
-                          limit=options.limit, size_bytes=entry.size_bytes(), quantization=quantization_config(entry),
-                          engine={**(engine.engine_info if engine else {}), "server": options.server},
-                          measurements=measurements)
+            run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
+                                   engine={**(engine.engine_info if engine else {}), "server": options.server})
             path = store.save(run)
             for key, value in summary(run).items():
                 registry.record_eval(entry.name, key, {**value, "run": str(path)})

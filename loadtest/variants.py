@@ -29,7 +29,7 @@ from loadtest import harness
 from loadtest.bench import Level, chat_level
 from loadtest.harness import percentile
 from zephyr.console import make_console
-from zephyr.registry import Registry, check_name, quantization_config
+from zephyr.registry import Registry, check_name
 from zephyr.settings import Settings
 
 console = make_console()
@@ -133,13 +133,12 @@ def save(model: str, registry: Registry, settings: Settings, speed: SpeedRecord,
     entry = registry.get(model)
     # The report sets speeds against each other only within one session.
     speed = speed.model_copy(update={"session": session})
-    run = EvalRun(model=model, model_made_at=entry.manifest.created_at, parent=entry.manifest.parent,
-                  method=entry.manifest.method, suite="speed",
-                  size_bytes=entry.size_bytes(), quantization=quantization_config(entry), speed=speed,
-                  engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib, "max_tokens": args.max_tokens,
-                          "rounds": args.rounds, "enforce_eager": settings.enforce_eager,
-                          "cpus": os.cpu_count(), "block_size": settings.block_size,
-                          "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect})
+    run = EvalRun.of_entry(entry, "speed", speed=speed,
+                           engine={"server": "zephyr serve", "kv_cache_gib": args.kv_cache_gib,
+                                   "max_tokens": args.max_tokens, "rounds": args.rounds,
+                                   "enforce_eager": settings.enforce_eager, "cpus": os.cpu_count(),
+                                   "block_size": settings.block_size,
+                                   "cpu_reserved_cores": settings.cpu_reserved_cores_in_effect})
     return ResultStore(settings.resolved_eval_results_dir).save(run)
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,15 +249,12 @@ class TextFromIds:
 
         self.backend = tokenizer.backend_tokenizer  # vLLM serves fast (tokenizers-backed) tokenizers
         self.keep_stop = params.include_stop_str_in_output
-        self.streams: dict[int, Any] = {}
-        self.new_stream = lambda: DecodeStream(skip_special_tokens=params.skip_special_tokens)
+        self.streams = defaultdict(lambda: DecodeStream(skip_special_tokens=params.skip_special_tokens))
 
     def delta(self, index: int, token_ids: Any, finish_reason: str | None) -> str:
         ids = list(token_ids)
         if finish_reason == "stop" and not self.keep_stop:
             ids = ids[:-1]  # an EOS or a stop token id: scoring requests take no stop strings (completions.py)
-        if index not in self.streams:
-            self.streams[index] = self.new_stream()
         stream = self.streams[index]
         return "".join(chunk for token_id in ids if (chunk := stream.step(self.backend, token_id)) is not None)
 

@@ -410,10 +410,11 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     if fresh and run_dir.exists() and main:
         shutil.rmtree(run_dir)
     if saved.is_file():
-        if saved_recipe_digest(run_dir) != recipe.digest():
+        started = json.loads(saved.read_text())
+        if started.get("digest") != recipe.digest():
             raise TrainingError(f"{run_dir} holds a run of a different recipe; pass --fresh to start over, or set "
                                 f"another `output` name")
-        started_on = json.loads(saved.read_text()).get("data_digest")  # absent in folders of older versions
+        started_on = started.get("data_digest")  # absent in folders of older versions
         if data is not None and started_on is not None and started_on != data:
             raise TrainingError(f"{run_dir} holds a run started on other data: the recipe's data files have changed "
                                 "since (regenerated, or read from another folder); pass --fresh to start over on "

@@ -311,11 +311,11 @@ def test_runs_of_an_entry_replaced_under_the_same_name_are_not_this_models(tmp_p
     ms = [measurement("gsm8k", "exact_match", "test", accuracy(30, 100))]
     store.save(EvalRun(model="m", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test",
                                                                           accuracy(50, 100))]))  # unrecorded
-    store.save(EvalRun(model="m", model_made_at=first.manifest.created_at, suite="gsm8k", measurements=ms))
+    store.save(EvalRun.of_entry(first, "gsm8k", measurements=ms))  # as eval run saves it
     assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc", "gsm8k/exact_match"}
     second = registry.add(default_model.path, ModelManifest(name="m", method="dpo"), overwrite=True)
     assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc"}
-    store.save(EvalRun(model="m", model_made_at=second.manifest.created_at, suite="gsm8k", measurements=ms))
+    store.save(EvalRun.of_entry(second, "gsm8k", measurements=ms))
     assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc", "gsm8k/exact_match"}
     assert {m.key for m in ResultStore(tmp_path / "results").latest("m").measurements} == {
         "sciq/letter_acc", "gsm8k/exact_match"}  # without the registry: every run, as before
