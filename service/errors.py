@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
+from service.protocol import MAX_JSON_DEPTH
 
 log = logging.getLogger("zephyr.errors")
 
@@ -82,7 +83,7 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 # Union members and validator wrappers that pydantic puts in an error's location; not field names.
-_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|literal|function-\w+|tagged-union)(\[.*\])?$")
+_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|literal|constrained-\w+|function-\w+|tagged-union)(\[.*\])?$")
 _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
 
 
@@ -122,6 +123,13 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     return (f"{where}: {message}" if where else message), where or None
 
 
+# FastAPI's words when the body is JSON its parser cannot finish (invalid UTF-8, nesting past the parser's
+# recursion limit, an integer over Python's 4,300 digits); a parse error inside the JSON is a validation error.
+BODY_PARSE_ERROR = "There was an error parsing the body"
+UNREADABLE_BODY = ("the body could not be read as JSON: send UTF-8 text, nest objects and lists at most "
+                   f"{MAX_JSON_DEPTH} deep, and keep integers under 4,300 digits")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -139,11 +147,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
+        code = None
+        if exc.status_code == 400 and message == BODY_PARSE_ERROR:
+            message, code = UNREADABLE_BODY, "invalid_request"
+        elif exc.status_code == 404:
             message = "no such route; see the API reference in the README"
         elif exc.status_code == 405:
             message = "method not allowed on this route"
-        return ErrorResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
+        return ErrorResponse(error_body(exc.status_code, message, code=code), exc.status_code, headers=exc.headers)
 
     # The database is away (restart, failover): the review routes cannot answer, but nothing is lost and the
     # client should simply retry. Generation routes never wait on the database (their rows spill instead).

@@ -71,6 +71,10 @@ class BodySizeLimit:
                          "body_too_large")
 
 
+# Methods counted under their own label; any other verb a client makes up is counted as `other`.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetrics:
     """Counts every response by route template and status, and times it to its last body byte, so a
     streamed response is measured end to end."""
@@ -96,7 +100,8 @@ class RequestMetrics:
             await self.app(scope, receive, timed_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # a label per made-up verb
+            self.metrics.requests.labels(route, method, str(status)).inc()
             if route not in ("/metrics", "/healthz", "/readyz"):
                 self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
 

@@ -26,25 +26,43 @@ INT64 = (-(2**63), 2**63 - 1)  # vLLM's bound on `seed` (a torch.long); ids and 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+# Explicit bounds on every text and list a request holds. They are the schema's outer walls (a default body is
+# 1 MB anyway); what a prompt may really hold is ZEPHYR_MAX_PROMPT_CHARS and the context, checked per request.
+MAX_TEXT_CHARS = 1_000_000
+MAX_PARTS = 1024
+Text = Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+
+# Far more than any request of ours needs (a chat message part is 4 deep); a deeper body is refused by name.
+MAX_JSON_DEPTH = 32
+
+
 def text_problem(value: Any, where: str = "") -> str | None:
     """The first string in a JSON value that cannot be text in the log (a lone UTF-16 surrogate has no UTF-8
-    form; PostgreSQL's text and JSON refuse NUL), named by its path: `messages[0].content`."""
-    if isinstance(value, str):
-        if (found := _UNSTORABLE.search(value)) is None:
-            return None
-        if found.group() == "\x00":
-            return f"`{where or 'body'}` contains a NUL character (\\u0000); remove it"
-        return (f"`{where or 'body'}` contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is not "
-                "valid Unicode; send well-formed text")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            name = _UNSTORABLE.sub("?", f"{where}.{key}" if where else str(key))
-            if (problem := text_problem(key, name) or text_problem(item, name)) is not None:
-                return problem
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if (problem := text_problem(item, f"{where}[{index}]")) is not None:
-                return problem
+    form; PostgreSQL's text and JSON refuse NUL), named by its path: `messages[0].content`; or the first place
+    the value nests deeper than MAX_JSON_DEPTH. Walked with a stack of its own, so no depth the JSON parser
+    accepts can overflow Python's."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        item, name, depth = stack.pop()
+        if isinstance(item, str):
+            if (found := _UNSTORABLE.search(item)) is None:
+                continue
+            if found.group() == "\x00":
+                return f"`{name or 'body'}` contains a NUL character (\\u0000); remove it"
+            return (f"`{name or 'body'}` contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is "
+                    "not valid Unicode; send well-formed text")
+        if not isinstance(item, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            return f"`{name or 'body'}` nests deeper than {MAX_JSON_DEPTH} levels of objects and lists; flatten it"
+        children: list[tuple[Any, str, int]] = []
+        if isinstance(item, dict):
+            for key, child in item.items():
+                child_name = _UNSTORABLE.sub("?", f"{name}.{key}" if name else str(key))
+                children += [(key, child_name, depth + 1), (child, child_name, depth + 1)]
+        else:
+            children = [(child, f"{name}[{index}]", depth + 1) for index, child in enumerate(item)]
+        stack.extend(reversed(children))  # depth first, in order: the first problem is the one named
     return None
 
 
@@ -72,12 +90,12 @@ def reject_unsupported(data: Any, fields: tuple[str, ...]) -> Any:
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
 
     @model_validator(mode="before")
     @classmethod
@@ -110,18 +128,18 @@ class SamplingRequest(Strict):
     checks; token ids are checked against the served tokenizer)."""
 
     model: StrictStr | None = Field(default=None, max_length=256)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1024)
     stop: StrictStr | list[StrictStr] | None = Field(default=None, validate_default=True)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
     user: StrictStr | None = Field(default=None, max_length=256)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="0 or -1: off")
-    min_p: float = Field(default=0.0, ge=0, le=1)
+    min_p: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
     ignore_eos: StrictBool = False
     min_tokens: int = Field(default=0, ge=0, le=INT64[1])
@@ -203,7 +221,10 @@ class CompletionRequest(SamplingRequest):
     """OpenAI's legacy completions (`POST /v1/completions`): a raw prompt continued, without the chat template,
     as lm-eval's `local-completions` model sends it for log-likelihood tasks (`echo: true`, `logprobs: 1`)."""
 
-    prompt: StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]] = Field(description=(
+    prompt: (Text | Annotated[list[TokenId], Field(max_length=MAX_TEXT_CHARS)]
+             | Annotated[list[Text], Field(max_length=MAX_PARTS)]
+             | Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_TEXT_CHARS)]], Field(max_length=MAX_PARTS)]
+             ) = Field(description=(
         "The text to continue, or its token ids; a list holding one such prompt is taken too (one prompt a "
         "request)"))
     max_tokens: int | None = Field(default=16, ge=0, le=INT64[1], description=(
@@ -239,15 +260,18 @@ MCQMethod = Literal[mcq.METHODS]  # zephyr.mcq names the methods once
 
 
 class MCQRequest(Strict):
-    question: StrictStr
-    options: list[Any] | dict[str, Any] = Field(description="2-10 option texts, as a list or keyed by letter")
-    support: StrictStr | None = Field(default=None, description="A passage the question is about, shown first")
+    question: Text
+    # Any, not str: a number or null among the options gets mcq's own message naming it.
+    options: (Annotated[list[Any], Field(max_length=MAX_PARTS)]
+              | Annotated[dict[str, Any], Field(max_length=MAX_PARTS)]) = Field(
+        description="2-10 option texts, as a list or keyed by letter")
+    support: Text | None = Field(default=None, description="A passage the question is about, shown first")
     method: MCQMethod = Field(default="auto", description=(
         "letter: one constrained letter token; cloze: each option's text scored as the question's continuation; "
         "explain: reasoning, then the letter; auto: what `zephyr eval calibrate` chose for the served model "
         "(cloze when it has no record)"))
     explain: StrictBool = Field(default=False, description="Same as method `explain` (kept for older clients)")
-    min_confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, description=(
+    min_confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description=(
         "Below this probability of the best option the answer is null and `abstained` is true"))
     model: StrictStr | None = Field(default=None, max_length=256)
     user: StrictStr | None = Field(default=None, max_length=256)

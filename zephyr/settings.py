@@ -19,36 +19,57 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def container_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs this process may use by its cgroup's CFS quota (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), or None
+    where there is none: a quota throttles, it does not shrink the CPU set threads are counted from."""
+    try:
+        if (v2 := root / "cpu.max").is_file():
+            quota, period = v2.read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZEPHYR_", env_file=None, extra="ignore")
+    # A refused setting's error never quotes its value: API keys and secrets are settings too.
+    model_config = SettingsConfigDict(env_prefix="ZEPHYR_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     # Registry and what is served.
     home: Path = Field(default=Path("~/.cache/zephyr"), description="Model registry and local state")
     model: str = Field(default=DEFAULT_MODEL, description="Registry model to serve")
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
 
     # Engine (vLLM) arguments.
-    max_model_len: int = 2048
+    max_model_len: int = Field(default=2048, ge=16, le=1_048_576)
     memory_share: float = Field(default=0.35, gt=0, le=1, description="vLLM gpu_memory_utilization (RAM share on CPU)")
     # On CPU the share is of the host's RAM, not of a container's memory limit: containers set this instead.
     kv_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size; overrides memory_share")
     enforce_eager: bool = True
     dtype: str = "auto"
-    max_num_seqs: int = 64
+    max_num_seqs: int = Field(default=64, ge=1, le=4096)
     # Prefix caching reuses whole KV blocks. vLLM's CPU default (128 tokens) is longer than most prompts here, so
     # the shared system prompt never hit the cache; 32 is the smallest the CPU backend takes.
-    block_size: int = Field(default=32, gt=0, description="KV cache block size in tokens")
+    block_size: int = Field(default=32, gt=0, le=1024, description="KV cache block size in tokens")
     # vLLM on CPU keeps cores free of its compute threads for its scheduler (one by default): on a 2-core node that
     # halves the compute. An explicit VLLM_CPU_NUM_OF_RESERVED_CPU wins over this. The server's engine only: offline
     # engines keep the core in process (offline/engine.py), where vLLM reserves nothing.
-    cpu_reserved_cores: int = Field(default=0, ge=0, description="CPU cores kept free of vLLM's compute threads")
+    cpu_reserved_cores: int = Field(default=0, ge=0, le=1024,
+                                    description="CPU cores kept free of vLLM's compute threads")
     seed: int = 0
 
     # Tutoring behaviour.
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     system_prompt_enabled: bool = True
-    mcq_explain_max_tokens: int = 256
+    mcq_explain_max_tokens: int = Field(default=256, ge=1, le=8192)
     # /mcq answers null (abstains) below this confidence unless the request sets its own; None: never.
     mcq_min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -68,12 +89,13 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(default=None, gt=0, description="Defaults to the model's context length")
     max_prompt_chars: int | None = Field(default=None, gt=0, description="Characters a prompt may hold before it "
                                          "is tokenized; default 16 per allowed prompt token")
-    max_in_flight: int = Field(default=256, ge=1, description="Requests admitted at once; beyond that 503")
-    max_n: int = Field(default=8, ge=1)
-    max_mcq_batch: int = Field(default=64, ge=1, description="Questions one /mcq/batch may hold; at most "
+    max_in_flight: int = Field(default=256, ge=1, le=100_000, description="Requests admitted at once; beyond that 503")
+    max_n: int = Field(default=8, ge=1, le=128)
+    max_mcq_batch: int = Field(default=64, ge=1, le=1024, description="Questions one /mcq/batch may hold; at most "
                                "max_in_flight, since each question is admitted as a request")
-    drain_seconds: int = 30
-    keep_alive_seconds: int = Field(default=75, gt=0, description="How long an idle client connection stays open. "
+    drain_seconds: int = Field(default=30, ge=0, le=3600)
+    keep_alive_seconds: int = Field(default=75, gt=0, le=3600, description="How long an idle client connection "
+                                    "stays open. "
                                     "Longer than a proxy's idle timeout (nginx and cloud balancers: 60 s), so the "
                                     "server never closes a connection just as the proxy or client reuses it")
 
@@ -82,10 +104,12 @@ class Settings(BaseSettings):
                                   "own cost; nothing then reaches review)")
     db_url: str | None = Field(default=None, description="SQLAlchemy async URL; default a SQLite file in home")
     spill_path: Path | None = None
-    log_batch_size: int = 64
-    log_flush_seconds: float = 0.5
-    log_queue_size: int = 10_000
-    log_retry_seconds: float = 5.0
+    log_batch_size: int = Field(default=64, ge=1, le=10_000)
+    log_flush_seconds: float = Field(default=0.5, gt=0, le=60)
+    # 0 would make asyncio's queue unbounded, hence ge=1.
+    log_queue_size: int = Field(default=10_000, ge=1, le=10_000_000, description="Rows waiting for the database; "
+                                "past it they spill to disk")
+    log_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
     pii_redaction: bool = True
     pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID", "STREET_ADDRESS", "DATE_OF_BIRTH"]
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
@@ -109,16 +133,18 @@ class Settings(BaseSettings):
     review_candidate_url: str | None = Field(default=None, description="OpenAI-compatible base URL (remote)")
     review_candidate_model: str | None = None
     review_candidate_api_key: str | None = None
-    review_max_pending: int = Field(default=16, ge=0, description="Candidate generations queued at once")
-    review_overlap: int = Field(default=2, ge=1, description="Reviewers who judge each item")
-    review_lease_minutes: float = Field(default=30, gt=0, description="An item shown but not judged is held this long")
+    review_max_pending: int = Field(default=16, ge=0, le=10_000, description="Candidate generations queued at once")
+    review_overlap: int = Field(default=2, ge=1, le=100, description="Reviewers who judge each item")
+    review_lease_minutes: float = Field(default=30, gt=0, le=24 * 60,
+                                        description="An item shown but not judged is held this long")
     review_candidate_wait_minutes: float = Field(
-        default=10, gt=0, description="After this, an item whose candidate never arrived is reviewed alone")
+        default=10, gt=0, le=24 * 60,
+        description="After this, an item whose candidate never arrived is reviewed alone")
     session_secret: str | None = Field(default=None, min_length=32, description=(
         "Keys the digests of API keys in the database and signs review sign-in cookies; default a random secret "
         "made once in HOME/secret. Replicas sharing a database must share it; changing it signs everyone out "
         "and starts reviewers' identities afresh"))
-    review_session_hours: float = Field(default=12, gt=0)
+    review_session_hours: float = Field(default=12, gt=0, le=24 * 30)
     review_guidelines: Path | None = Field(default=None, description=(
         "Markdown file shown to reviewers as their guidelines (what each strength and flag means); default the "
         "file shipped in service/review/guidelines.md"))
@@ -163,8 +189,17 @@ class Settings(BaseSettings):
         return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", str(self.cpu_reserved_cores))
 
     def vllm_environment(self) -> dict[str, str]:
-        """Environment for vLLM's engine processes (read when they start), shared by the server and evals."""
-        return {"VLLM_CPU_NUM_OF_RESERVED_CPU": self.cpu_reserved_cores_in_effect}
+        """Environment for vLLM's engine processes (read when they start), shared by the server and evals.
+
+        In a container whose CPU limit is a quota rather than a CPU set (Kubernetes without the static CPU
+        manager), vLLM's automatic binding would start one compute thread per core of the whole node and pin
+        them there, to be throttled to the quota. Then its threads are left unpinned and sized to the quota,
+        unless the operator set vLLM's own binding."""
+        environment = {"VLLM_CPU_NUM_OF_RESERVED_CPU": self.cpu_reserved_cores_in_effect}
+        quota = container_cpu_quota()
+        if quota is not None and quota < len(os.sched_getaffinity(0)) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            environment |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(quota)))}
+        return environment
 
     @property
     def resolved_eval_results_dir(self) -> Path:

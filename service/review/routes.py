@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -149,13 +149,17 @@ AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
 
 
 MAX_COMMENT_CHARS = 2000  # review.html's textarea holds the same
+MAX_FLAG_CHARS = max(len(name) for name in stats.FLAGS)
 
 
 class VerdictRequest(Strict):
     assignment_id: int = AssignmentId
     verdict: Literal["a", "b", "tie", "both_bad", "good", "bad"]
     strength: int | None = Field(default=None, ge=1, le=4)
-    flags: dict[Literal["A", "B"], list[StrictStr]] = Field(default={}, description="Flag names per answer")
+    # Bounded by the longest flag name and the flags there are; a name not among them is refused by the store.
+    flags: dict[Literal["A", "B"], Annotated[list[Annotated[StrictStr, Field(max_length=MAX_FLAG_CHARS)]],
+                                             Field(max_length=len(stats.FLAGS))]] = Field(
+        default={}, description="Flag names per answer")
     # Bounded as typed, before redaction (whose placeholders may lengthen it) spends any CPU on it.
     comment: StrictStr | None = Field(default=None, max_length=MAX_COMMENT_CHARS)
 
@@ -200,8 +204,8 @@ async def statistics(request: Request, _: Principal = Depends(reviewer_only)) ->
 async def export_verdicts(
     request: Request,
     format: export.Format = Query(..., description="dpo, kto or sft"),
-    min_agreement: float = Query(0.0, ge=0, le=1),
-    min_reviewers: int = Query(1, ge=1),
+    min_agreement: float = Query(0.0, ge=0, le=1, allow_inf_nan=False),
+    min_reviewers: int = Query(1, ge=1, le=1000),
     include_flagged: bool = Query(False, description="dpo: keep pairs whose chosen answer a reviewer flagged "
                                   "incorrect or unsafe"),
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),

@@ -122,6 +122,47 @@ async def test_lone_surrogates_and_nul_are_400_naming_the_field(served, path, bo
     assert ("surrogate" in error["message"]) or ("NUL" in error["message"])
 
 
+def nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [40, 961, 5000])  # 961: deep enough to overflow a recursive walk, not the parser
+@pytest.mark.parametrize(("path", "authorized"), [("/review/session", False), ("/mcq", True), (CHAT, True)])
+async def test_a_deeply_nested_body_is_a_400_that_names_the_limit(served, path, authorized, depth):
+    bodies = {"/review/session": '{"key": "k", "x": %s}', "/mcq": '{"question": "q", "options": {"A": "a", "B": %s}}',
+              CHAT: '{"messages": [{"role": "user", "content": "hi"}], "x": %s}'}
+    headers = {"content-type": "application/json"} | ({} if authorized else {"Authorization": ""})
+    r = await served.client.post(path, content=(bodies[path] % nested(depth)).encode(), headers=headers)
+    assert r.status_code == 400, (depth, r.text)
+    assert "32" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(("content", "why"), [(b'{"question": "\xff", "options": ["a", "b"]}', "not UTF-8"),
+                                              (b'{"question": "q", "options": ["a", "b"], "n": 1' + b"1" * 5000 + b"}",
+                                               "an integer past Python's digit limit")])
+async def test_a_body_the_json_parser_cannot_finish_gets_a_message_that_says_what_to_fix(served, content, why):
+    r = await served.client.post("/mcq", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, why
+    assert "UTF-8" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request", why
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", "NaN"), ("top_p", "Infinity"), ("min_p", "NaN"),
+                                              ("presence_penalty", "-Infinity")])
+async def test_non_finite_sampling_numbers_are_named_as_such(served, field, value):
+    body = '{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field, value)
+    r = await served.client.post(CHAT, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == field
+
+
+async def test_made_up_http_methods_share_one_metrics_label(served):
+    for verb in ("X0ZZ", "X1ZZ", "BREW"):
+        await served.client.request(verb, "/v1/models")
+    metrics = (await served.client.get("/metrics")).text
+    assert "X0ZZ" not in metrics and "BREW" not in metrics
+    assert 'method="other"' in metrics
+
+
 async def test_a_review_comment_with_a_lone_surrogate_is_400(served):
     body = '{"assignment_id": 1, "verdict": "good", "comment": "fine \\ud800"}'
     r = await served.client.post("/review/api/verdicts", content=body.encode(),

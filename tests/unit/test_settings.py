@@ -20,6 +20,7 @@ def test_bad_block_size_is_refused_with_the_setting_named(monkeypatch):
 
 
 def test_vllm_gets_every_cpu_core_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr("zephyr.settings.container_cpu_quota", lambda: None)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     monkeypatch.setenv("ZEPHYR_CPU_RESERVED_CORES", "1")
@@ -29,3 +30,56 @@ def test_vllm_gets_every_cpu_core_unless_told_otherwise(monkeypatch):
     monkeypatch.setenv("ZEPHYR_CPU_RESERVED_CORES", "0")
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
     assert Settings().cpu_reserved_cores_in_effect == "1"
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "200000 100000\n"}, 2.0),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+    ({"cpu.max": "garbage"}, None),
+])
+def test_the_containers_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, quota):
+    from zephyr.settings import container_cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert container_cpu_quota(tmp_path) == quota
+
+
+def test_under_a_cpu_quota_smaller_than_the_cpu_set_vllm_threads_are_sized_to_the_quota(monkeypatch):
+    import zephyr.settings as settings_module
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(settings_module, "container_cpu_quota", lambda: 2.5)
+    assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                                             "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "2"}
+    # A quota as large as the CPU set (the static CPU manager's exclusive cores) leaves vLLM's binding alone.
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(settings_module, "container_cpu_quota", lambda: 2.0)
+    assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    # So does an operator's own binding.
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    assert "OMP_NUM_THREADS" not in Settings().vllm_environment()
+
+
+@pytest.mark.parametrize(("name", "value"), [("ZEPHYR_REVIEW_SESSION_HOURS", "1e9"), ("ZEPHYR_LOG_QUEUE_SIZE", "0"),
+                                             ("ZEPHYR_PORT", "70000"), ("ZEPHYR_MAX_MODEL_LEN", "0")])
+def test_settings_out_of_their_bounds_are_refused_at_start(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name.removeprefix("ZEPHYR_").lower()):
+        Settings()
+
+
+def test_a_refused_setting_never_quotes_its_value(monkeypatch):
+    monkeypatch.setenv("ZEPHYR_SESSION_SECRET", "too-short-but-a-real-secret")
+    monkeypatch.setenv("ZEPHYR_API_KEYS", "admin:sup3r-secret-key")
+    with pytest.raises(ValueError) as refused:
+        Settings()
+    assert "session_secret" in str(refused.value)
+    assert "too-short-but-a-real-secret" not in str(refused.value) and "sup3r" not in str(refused.value)
