@@ -83,7 +83,8 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 # Union members and validator wrappers that pydantic puts in an error's location; not field names.
-_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|literal|constrained-\w+|function-\w+|tagged-union)(\[.*\])?$")
+_TYPE_TAGS = re.compile(
+    r"^(str|int|float|bool|list|dict|none|literal|constrained-\w+|function-\w+|tagged-union)(\[.*\])?$")
 _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
 
 

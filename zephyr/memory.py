@@ -8,6 +8,7 @@ available now is refused in one line that says what to set."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -97,11 +98,25 @@ def available_bytes() -> int | None:
     return min(known) if known else None
 
 
-def kv_cache_bytes(model_path: Path, settings: EngineSizing) -> int:
-    """ZEPHYR_KV_CACHE_GIB when set; otherwise what `max_num_seqs` full-length sequences can use, capped by
-    `memory_share` of the host's RAM (vLLM's own reading of the share on CPU)."""
+@functools.cache
+def kv_cache_on_host() -> bool:
+    """Whether vLLM keeps weights and KV cache in this host's RAM (its CPU build) rather than in an accelerator's
+    memory, where its own `gpu_memory_utilization` sizes the cache and checks that it fits."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # no vLLM: nothing to size
+        return True
+    return current_platform.is_cpu()
+
+
+def kv_cache_bytes(model_path: Path, settings: EngineSizing) -> int | None:
+    """ZEPHYR_KV_CACHE_GIB when set; on CPU otherwise what `max_num_seqs` full-length sequences can use, capped by
+    `memory_share` of the host's RAM (vLLM's own reading of the share on CPU); on a GPU otherwise None, leaving
+    vLLM to give the cache `memory_share` of the device's memory."""
     if settings.kv_cache_gib:
         return int(settings.kv_cache_gib * GIB)
+    if not kv_cache_on_host():
+        return None
     need = kv_bytes_per_token(model_path, settings.dtype) * settings.max_model_len * settings.max_num_seqs
     return min(need, int(settings.memory_share * total_bytes()))
 
@@ -112,8 +127,11 @@ def weights_bytes(model_path: Path) -> int:
 
 
 def plan(model_path: Path, settings: EngineSizing) -> MemoryPlan:
-    kv = kv_cache_bytes(model_path, settings)
-    weights = weights_bytes(model_path)
+    """What the engine needs of this host's RAM: on a GPU its weights and KV cache live in the device's memory,
+    which vLLM checks itself, and only the runtime is counted here."""
+    on_host = kv_cache_on_host()
+    kv = (kv_cache_bytes(model_path, settings) or 0) if on_host else 0
+    weights = weights_bytes(model_path) if on_host else 0
     return MemoryPlan(kv, weights, kv + weights + ENGINE_OVERHEAD_BYTES, available_bytes())
 
 

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     kv_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size; overrides memory_share")
     enforce_eager: bool = True
     dtype: str = "auto"
-    max_num_seqs: int = Field(default=64, ge=1, le=4096)
+    max_num_seqs: int = Field(default=64, ge=1, le=1_000_000)
     # Prefix caching reuses whole KV blocks. vLLM's CPU default (128 tokens) is longer than most prompts here, so
     # the shared system prompt never hit the cache; 32 is the smallest the CPU backend takes.
     block_size: int = Field(default=32, gt=0, le=1024, description="KV cache block size in tokens")

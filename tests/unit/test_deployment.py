@@ -15,6 +15,7 @@ import yaml
 
 from service.app import FINAL_SHUTDOWN_SECONDS
 from service.metrics import Metrics
+from service.store.log import CLOSE_TIMEOUT_SECONDS
 from zephyr.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,9 @@ CHART = ROOT / "helm" / "zephyr"
 HELM = os.environ.get("ZEPHYR_HELM", str(ROOT / ".tools" / "bin" / "helm"))
 KUBERNETES = "1.33.0"
 EVERYTHING_ON = ["--set", "secrets.apiKeys=student:k1,ingress.enabled=true,autoscaling.enabled=true,"
+                 "autoscaling.minReplicas=2,secrets.dbUrl=postgresql+asyncpg://u:p@db/zephyr,"
                  "metrics.serviceMonitor.enabled=true,metrics.dashboard.enabled=true",
+                 "--set", "persistence.accessModes={ReadWriteMany}",
                  "--set", "ingress.tls[0].secretName=tutor-tls,ingress.tls[0].hosts[0]=tutor.example.edu"]
 SETTING_NAMES = {f"ZEPHYR_{name.upper()}" for name in Settings.model_fields}
 
@@ -88,10 +91,10 @@ def test_chart_matches_the_service(rendered):
     assert env["FORWARDED_ALLOW_IPS"]["value"]
     Settings(**{k.removeprefix("ZEPHYR_").lower(): v for k, v in config.items()})  # and every value parses
 
-    # Shutdown: Kubernetes waits longer than preStop sleep + drain + uvicorn's final wait.
+    # Shutdown: Kubernetes waits longer than preStop sleep + drain + uvicorn's final wait + the log's last flush.
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert deployment["terminationGracePeriodSeconds"] > (
-        pre_stop + int(config["ZEPHYR_DRAIN_SECONDS"]) + FINAL_SHUTDOWN_SECONDS)
+        pre_stop + int(config["ZEPHYR_DRAIN_SECONDS"]) + FINAL_SHUTDOWN_SECONDS + CLOSE_TIMEOUT_SECONDS)
     # The registry is where the settings look.
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert config["ZEPHYR_HOME"] in mounts
@@ -144,11 +147,63 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     assert float(config["ZEPHYR_KV_CACHE_GIB"]) + measured_without_kv_gib < float(limit.removesuffix("Gi"))
 
 
-def test_unsafe_values_fail_with_a_message():
-    no_keys = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"))
-    assert no_keys.returncode != 0 and "secrets.apiKeys" in no_keys.stderr
-    shared_sqlite = helm("template", "tutor", str(CHART), "--set", "secrets.apiKeys=student:k,replicaCount=2")
-    assert shared_sqlite.returncode != 0 and "secrets.dbUrl" in shared_sqlite.stderr
+@pytest.mark.parametrize(("values", "named"), [
+    ([], "secrets.apiKeys"),
+    (["--set", "secrets.apiKeys=student:k,replicaCount=2"], "secrets.dbUrl"),
+    # Autoscaling may add replicas too, and an existing Secret does not make a ReadWriteOnce volume shareable.
+    (["--set", "secrets.apiKeys=student:k,autoscaling.enabled=true"], "secrets.dbUrl"),
+    (["--set", "secrets.existingSecret=s,replicaCount=2"], "ReadWriteMany"),
+    (["--set", "secrets.apiKeys=student:k,replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z"], "ReadWriteMany"),
+    # The chart's own settings: the probes, Service and volume depend on them.
+    (["--set", "secrets.apiKeys=student:k,config.ZEPHYR_PORT=9000"], "config.ZEPHYR_PORT"),
+    (["--set", "secrets.apiKeys=student:k,config.ZEPHYR_HOME=/models"], "config.ZEPHYR_HOME"),
+])
+def test_unsafe_values_fail_with_a_message(values, named):
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
+    assert result.returncode != 0 and named in result.stderr, result.stderr
+
+
+def deployment_of(*values: str) -> dict:
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
+    assert result.returncode == 0, result.stderr
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
+
+
+def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_budget_blocking_drains():
+    objects = deployment_of("--set", "secrets.apiKeys=student:k")
+    assert objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert "PodDisruptionBudget" not in objects
+    shared = deployment_of("--set", "secrets.apiKeys=student:k,replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z",
+                           "--set", "persistence.accessModes={ReadWriteMany}")
+    assert shared["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert shared["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    # One GPU a replica: a surge pod would wait for a second GPU.
+    gpu = render("gpu")["Deployment"]["spec"]["strategy"]
+    assert gpu["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_pods():
+    session = ("--set", "secrets.sessionSecret=" + "s" * 40)
+    as_list = deployment_of("--set", "secrets.apiKeys={student:k1,reviewer:k2}", *session)
+    as_text = deployment_of("--set", r"secrets.apiKeys=student:k1\,reviewer:k2", *session)
+    revoked = deployment_of("--set", "secrets.apiKeys={student:k1}", *session)
+    assert as_list["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == "student:k1,reviewer:k2"
+    assert as_text["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == "student:k1,reviewer:k2"
+
+    def checksum(objects: dict) -> str:
+        return objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    assert checksum(as_list) == checksum(as_text) != checksum(revoked)
+    # Digested under the session secret: the annotation is no plain digest a weak key could be guessed from.
+    import hashlib
+
+    assert checksum(revoked) != hashlib.sha256(b"student:k1").hexdigest()
+    assert "k1" not in checksum(revoked)
+
+
+def test_the_init_container_has_resources():
+    init = deployment_of("--set", "secrets.apiKeys=student:k")["Deployment"]["spec"]["template"]["spec"]
+    assert init["initContainers"][0]["resources"]["limits"]["memory"]
 
 
 def test_dockerfile_matches_the_settings():

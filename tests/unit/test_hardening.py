@@ -149,7 +149,7 @@ async def test_a_body_the_json_parser_cannot_finish_gets_a_message_that_says_wha
 @pytest.mark.parametrize(("field", "value"), [("temperature", "NaN"), ("top_p", "Infinity"), ("min_p", "NaN"),
                                               ("presence_penalty", "-Infinity")])
 async def test_non_finite_sampling_numbers_are_named_as_such(served, field, value):
-    body = '{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field, value)
+    body = '{"messages": [{"role": "user", "content": "hi"}], "' + field + '": ' + value + "}"
     r = await served.client.post(CHAT, content=body.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
     assert r.json()["error"]["param"] == field

@@ -9,6 +9,12 @@ from zephyr import memory
 from zephyr.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def on_cpu(monkeypatch):
+    """vLLM's CPU build, whatever this machine has: the GPU case is its own test."""
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
+
+
 def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_model):
     per_token = memory.kv_bytes_per_token(default_model.path)
     assert per_token == 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16
@@ -47,3 +53,17 @@ def test_a_sigkilled_engine_is_reported_as_a_likely_oom():
 
     assert "out-of-memory" in _death_cause(Dead(), None)
     assert _death_cause(object(), None) == ""
+
+
+def test_on_a_gpu_the_device_share_sizes_the_cache_and_host_ram_is_not_asked_for_it(default_model, monkeypatch):
+    # An 80 GB GPU in a pod with 24 GiB of RAM: the weights and cache are on the device, whose share vLLM applies.
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: False)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * memory.GIB)
+    big = Settings(max_model_len=32_768, max_num_seqs=128, memory_share=0.85)
+    assert big.vllm_engine_kwargs(default_model.path)["kv_cache_memory_bytes"] is None
+    assert big.vllm_engine_kwargs(default_model.path)["gpu_memory_utilization"] == 0.85
+    assert memory.plan(default_model.path, big).problem is None
+    # An explicit size is still passed (vLLM then ignores the share), and only the runtime needs host RAM.
+    sized = Settings(kv_cache_gib=20)
+    assert sized.vllm_engine_kwargs(default_model.path)["kv_cache_memory_bytes"] == 20 * memory.GIB
+    assert memory.plan(default_model.path, sized).needed_bytes == memory.ENGINE_OVERHEAD_BYTES

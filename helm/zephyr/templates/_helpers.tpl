@@ -59,3 +59,48 @@ env:
   - name: FORWARDED_ALLOW_IPS
     value: {{ .Values.forwardedAllowIps | quote }}
 {{- end -}}
+
+{{/* API keys as one ZEPHYR_API_KEYS value: a list (`--set 'secrets.apiKeys={student:K1,reviewer:K2}'`), or a
+comma-separated string (whose commas `--set` needs escaped: `student:K1\,reviewer:K2`). */}}
+{{- define "zephyr.apiKeys" -}}
+{{- if kindIs "slice" .Values.secrets.apiKeys -}}
+{{- join "," .Values.secrets.apiKeys -}}
+{{- else -}}
+{{- .Values.secrets.apiKeys | default "" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The most replicas the release may run at once, and the fewest it keeps. */}}
+{{- define "zephyr.maxReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.maxReplicas }}{{ else }}{{ .Values.replicaCount }}{{ end -}}
+{{- end -}}
+{{- define "zephyr.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.minReplicas }}{{ else }}{{ .Values.replicaCount }}{{ end -}}
+{{- end -}}
+
+{{/* Whether the registry volume can be mounted by one node only (a pod on another node waits for it). */}}
+{{- define "zephyr.singleNodeVolume" -}}
+{{- if and .Values.persistence.enabled (not (has "ReadWriteMany" .Values.persistence.accessModes)) }}true{{ end -}}
+{{- end -}}
+
+{{/* What the pods must restart for when it changes: the Secret's contents, digested under the session secret
+(never a plain digest of the keys, which a weak key could be guessed back from). Without a session secret yet
+(a first install that makes one) there is nothing to restart; an existingSecret is the operator's to roll. */}}
+{{- define "zephyr.secretChecksum" -}}
+{{- if .Values.secrets.existingSecret -}}
+existing-secret
+{{- else -}}
+{{- $key := .Values.secrets.sessionSecret -}}
+{{- if not $key -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "zephyr.fullname" .) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "ZEPHYR_SESSION_SECRET") -}}
+{{- $key = index $existing.data "ZEPHYR_SESSION_SECRET" | b64dec -}}
+{{- end -}}
+{{- end -}}
+{{- if $key -}}
+{{- printf "%s\n%s\n%s" $key (include "zephyr.apiKeys" .) (.Values.secrets.dbUrl | default "") | sha256sum -}}
+{{- else -}}
+first-install
+{{- end -}}
+{{- end -}}
+{{- end -}}
