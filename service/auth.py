@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import secrets
@@ -220,8 +221,19 @@ class RateLimiter(Limiter):
 
 
 def client_address(request: Request) -> str:
-    """The peer's address (behind a proxy, uvicorn's --forwarded-allow-ips makes it the real client)."""
-    return request.client.host if request.client else "unknown"
+    """Whom per-address limits count: the peer's address (behind a proxy, uvicorn's --forwarded-allow-ips makes it
+    the real client), or for IPv6 its /64, since one subscriber is given a whole /64 and could try keys from a
+    fresh address each time."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client it names
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _count_work(state: Any, principal: Principal, cost: int) -> None:

@@ -274,6 +274,22 @@ async def test_failed_authentication_is_throttled_per_address(app_factory):
             assert (await other.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_an_ipv6_client_cannot_escape_the_throttle_by_moving_within_its_64(app_factory):
+    def client(host: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=(host, 1)),
+                                 base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+
+    async with app_factory(auth_failure_limit="3/minute") as served:
+        for i in range(3):  # three guesses, each from another address of one /64
+            async with client(f"2001:db8:1:2::{i + 1:x}") as guesser:
+                r = await guesser.post(CHAT, json=BODY, headers={"Authorization": f"Bearer guess-{i}"})
+                assert r.status_code == 401
+        async with client("2001:db8:1:2:ffff::9") as same_network:
+            assert (await same_network.post(CHAT, json=BODY)).status_code == 429
+        async with client("2001:db8:1:3::1") as next_network:
+            assert (await next_network.post(CHAT, json=BODY)).status_code == 200
+
+
 async def test_review_sign_in_is_limited_per_address(app_factory):
     async with app_factory(sign_in_limit="2/minute") as served:
         statuses = [(await served.client.post("/review/session", json={"key": f"guess-{i}"})).status_code
