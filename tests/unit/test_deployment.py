@@ -107,6 +107,23 @@ def test_chart_matches_the_service(rendered):
             assert metric["pods"]["metric"]["name"] in metric_names
 
 
+INTERNAL_ROUTES = {"/metrics", "/healthz", "/readyz"}
+
+
+def test_the_ingress_carries_every_public_route_and_no_internal_one(rendered):
+    from service.app import create_app
+
+    entries = [p for rule in rendered["Ingress"]["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert all(p["pathType"] == "Prefix" for p in entries)
+    paths = [p["path"] for p in entries]
+
+    def exposed(route: str) -> bool:  # Kubernetes' Prefix match: whole path elements
+        return any(route == path or route.startswith(path.rstrip("/") + "/") for path in paths)
+
+    routes = {route.path for route in create_app(Settings()).routes}
+    assert {r for r in routes if not exposed(r)} == INTERNAL_ROUTES
+
+
 def test_dashboard_queries_name_real_metrics(rendered):
     import json
 
