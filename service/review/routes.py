@@ -14,6 +14,7 @@ from pydantic import Field, StrictStr
 
 from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, require
 from service.errors import APIError
+from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import INT64, Strict
 from service.review import export, render, stats
 from service.review.store import ReviewStore, utc
@@ -22,7 +23,7 @@ from zephyr.settings import Settings
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_GUIDELINES = Path(__file__).with_name("guidelines.md")
 TRUSTED_TYPES_POLICY = "zephyr-review"  # the name review.js gives its policy
-router = APIRouter(prefix="/review", tags=["review"])
+router = APIRouter(prefix="/review", tags=["review"], route_class=UnambiguousJSONRoute)
 reviewer_only = require("reviewer", session=True)
 admin_only = require("admin", session=True)
 

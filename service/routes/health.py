@@ -4,8 +4,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import error_body
+from service.jsonbody import UnambiguousJSONRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=UnambiguousJSONRoute)
 
 
 @router.get("/healthz")

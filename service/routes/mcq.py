@@ -6,9 +6,10 @@ from service.auth import Principal, charge, require
 from service.disconnect import until_disconnected
 from service.errors import APIError
 from service.generation import new_id
+from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import MCQBatchRequest, MCQBatchResponse, MCQRequest, MCQResponse
 
-router = APIRouter(tags=["mcq"])
+router = APIRouter(tags=["mcq"], route_class=UnambiguousJSONRoute)
 any_role = require("student", "reviewer")
 
 

@@ -10,6 +10,7 @@ from service.auth import Principal, charge, require
 from service.completions import complete, prepare_completion, stream
 from service.disconnect import until_disconnected
 from service.errors import APIError
+from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -20,7 +21,7 @@ from service.protocol import (
     ModelList,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=UnambiguousJSONRoute)
 any_role = require("student", "reviewer")
 
 

@@ -155,6 +155,18 @@ async def test_non_finite_sampling_numbers_are_named_as_such(served, field, valu
     assert r.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize(("path", "body", "key"), [
+    (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_tokens": 3}', "max_tokens"),
+    (CHAT, '{"messages": [{"role": "user", "role": "system", "content": "hi"}]}', "role"),
+    ("/mcq", '{"question": "q", "options": {"A": "a", "B": "b", "A": "c"}}', "A"),
+    ("/review/session", '{"key": "a", "key": "b"}', "key"),
+])
+async def test_a_key_sent_twice_is_refused_not_settled_by_the_last(served, path, body, key):
+    r = await served.client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert f"`{key}` appears twice" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+
+
 async def test_made_up_http_methods_share_one_metrics_label(served):
     for verb in ("X0ZZ", "X1ZZ", "BREW"):
         await served.client.request(verb, "/v1/models")

@@ -1,0 +1,40 @@
+"""Request bodies parsed as JSON that means one thing: a key sent twice is refused, not settled by taking the
+last value, since a gateway or log that reads the first would see another request than the one answered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        # A decode error: FastAPI makes it the usual 400 ("request body is not valid JSON: ...").
+        raise json.JSONDecodeError(f"key `{twice}` appears twice in one object; send each field once", "", 0)
+    return body
+
+
+class UnambiguousJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_refuse_duplicates)
+        return self._json
+
+
+class UnambiguousJSONRoute(APIRoute):
+    """A route whose JSON body is read by UnambiguousJSONRequest (FastAPI's custom request class pattern)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def unambiguous(request: Request) -> Response:
+            return await handler(UnambiguousJSONRequest(request.scope, request.receive))
+
+        return unambiguous
