@@ -20,7 +20,7 @@ from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import KTOExample, PreferencePair, SFTExample, TextPreferencePair, TextSFTExample, write_jsonl
 from zephyr.settings import DEFAULT_MODEL, Settings
 
-train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model, rejection sampling, DPO, KTO.",
+train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model, rejection sampling, DPO, KTO, GRPO.",
                         no_args_is_help=True)
 data_app = typer.Typer(help="Build and clean training data (JSON Lines in the zephyr/schemas.py formats).",
                        no_args_is_help=True)

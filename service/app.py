@@ -171,8 +171,8 @@ def create_app(
             log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
         if app.state.keyring.open:
             log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
-        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)),
-                      asyncio.create_task(_rekey_legacy_digests(app))]
+        app.state.rekeyed = asyncio.create_task(_rekey_legacy_digests(app))
+        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)), app.state.rekeyed]
         try:
             yield
         finally:
@@ -226,11 +226,17 @@ def _document_stream(app: FastAPI) -> None:
 
 
 async def _rekey_legacy_digests(app: FastAPI) -> None:
-    """Rows from before keyed digests hold plain SHA-256 digests of keys: replace those of configured keys. Off
-    the start-up path and best effort: a database that is away is tried again at the next start."""
+    """Rows from before keyed digests hold plain SHA-256 digests of keys: replace those of configured keys, then
+    (once per database, and never in open mode, which knows no keys) the digests of keys no longer configured.
+    Off the start-up path and best effort: a database that is away is tried again at the next start."""
+    keyring, store = app.state.keyring, app.state.review_store
     try:
-        if changed := await app.state.review_store.rekey(app.state.keyring.legacy):
+        if changed := await store.rekey(keyring.legacy):
             log.info("replaced %d plain API-key digests in the database with keyed ones", changed)
+        if not keyring.open and (changed := await store.retire_unknown_digests(keyring.known_digests,
+                                                                                keyring.retired)):
+            log.info("replaced %d digests of API keys no longer configured with keyed ones (once per database)",
+                     changed)
     except Exception as exc:
         log.warning("could not replace plain API-key digests in the database (retried at the next start): %s", exc)
 

@@ -95,6 +95,15 @@ class KeyRing:
         return hmac.new(self._digest_key, key.encode(), hashlib.sha256).hexdigest()
 
     @property
+    def known_digests(self) -> set[str]:
+        """Every digest a configured key may be stored under: keyed, and the plain one of earlier versions."""
+        return set(self._roles) | set(self.legacy)
+
+    def retired(self, stored_digest: str) -> str:
+        """What a digest of a key no longer configured becomes: keyed, so that no plain digest stays at rest."""
+        return hmac.new(self._digest_key, b"retired:" + stored_digest.encode(), hashlib.sha256).hexdigest()
+
+    @property
     def open(self) -> bool:
         return not self._roles
 

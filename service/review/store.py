@@ -7,7 +7,8 @@ when the item is shown (answers in a random order), then judged, skipped, or put
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.orm import aliased
 
 from service.errors import APIError
 from service.review.stats import FLAGS, Judgement, reviewer_label
-from service.store.models import Generation, ReviewAssignment, ReviewSession
+from service.store.models import Generation, ReviewAssignment, ReviewSession, StoreState
 from zephyr import textquality
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
@@ -38,6 +39,10 @@ def utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+RETIRED_DIGESTS = "retired_unknown_key_digests"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")  # a key's digest, plain SHA-256 or keyed
 
 
 class ReviewStore:
@@ -87,6 +92,32 @@ class ReviewStore:
                 await conn.execute(delete(A).where(A.reviewer == old, judged_twin))
                 result = await conn.execute(update(A).where(A.reviewer == old).values(reviewer=new))
                 changed += result.rowcount or 0
+        return changed
+
+    async def retire_unknown_digests(self, known: set[str], retire: Callable[[str], str]) -> int:
+        """Once per database: every key digest in it that is no configured key's (`known`) is replaced by
+        `retire(digest)`, a keyed digest of it. Keys removed before the re-keying above existed left plain SHA-256
+        digests that no later start could map; a weak or reused key could be guessed back from one. Each value
+        keeps one replacement, so a retired key's rows stay one reviewer or client. Its sign-ins end. Returns the
+        rows changed; the fact that it ran is kept in store_state, so keyed digests of keys removed later are
+        never re-keyed again."""
+        A, G, S = ReviewAssignment, Generation, ReviewSession
+        changed = 0
+        async with self.engine.begin() as conn:
+            if (await conn.execute(select(StoreState.name).where(StoreState.name == RETIRED_DIGESTS))).first():
+                return 0
+            found = set()
+            for column in (G.api_key_hash, A.reviewer, S.reviewer):
+                found |= set((await conn.execute(select(column).distinct())).scalars())
+            retired = {old: retire(old) for old in found if old and _DIGEST.match(old) and old not in known}
+            for old, new in retired.items():
+                changed += (await conn.execute(update(G).where(G.api_key_hash == old)
+                                               .values(api_key_hash=new))).rowcount or 0
+                changed += (await conn.execute(update(A).where(A.reviewer == old).values(reviewer=new))).rowcount or 0
+                await conn.execute(delete(S).where(S.reviewer == old))
+            # Two replicas starting at once: the second's insert fails and its transaction changes nothing.
+            await conn.execute(StoreState.__table__.insert().values(
+                name=RETIRED_DIGESTS, value=f"{len(retired)} digests", set_at=datetime.now(UTC)))
         return changed
 
     # Queue ----------------------------------------------------------------------------------------------

@@ -158,3 +158,13 @@ class ReviewSession(Base):
     reviewer: Mapped[str] = mapped_column(String(64), index=True)  # the key's keyed digest
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class StoreState(Base):
+    """One-time facts about the database itself: which start-up clean-ups have run (migration 0004)."""
+
+    __tablename__ = "store_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -132,6 +132,35 @@ async def test_rekeying_keeps_one_assignment_per_item_for_a_reviewer_met_under_b
     assert await store.rekey({"old": "new"}) == 0
 
 
+async def test_digests_of_keys_no_longer_configured_are_retired_once_keeping_each_reviewer_one(log):
+    from sqlalchemy import select
+
+    from service.store.models import Generation, ReviewAssignment
+
+    plain = "a" * 64  # a plain SHA-256 an earlier version wrote for a key removed since
+    await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", "w", minute=1))
+    store = store_of(log)
+    for reviewer in (plain, "b" * 64):
+        for _ in range(2):
+            view = await store.next_item(reviewer)
+            await store.judge(reviewer, view["assignment_id"], "tie", None, {}, None)
+    async with log.engine.begin() as conn:
+        await conn.execute(Generation.__table__.update().where(Generation.id == "i1").values(api_key_hash=plain))
+
+    def retire(digest: str) -> str:
+        return "r" + digest[1:]
+
+    assert await store.retire_unknown_digests({"b" * 64}, retire) == 3  # two verdicts and one generation
+    async with log.engine.connect() as conn:
+        reviewers = [r for (r,) in await conn.execute(select(ReviewAssignment.reviewer))]
+        keys = {k for (k,) in await conn.execute(select(Generation.api_key_hash))}
+    assert sorted(set(reviewers)) == sorted({retire(plain), "b" * 64}) and len(reviewers) == 4
+    assert plain not in keys and retire(plain) in keys
+    judged, _ = await store.judgements()
+    assert len({j.reviewer for j in judged}) == 2  # still two reviewers, each one person
+    assert await store.retire_unknown_digests({"b" * 64}, lambda d: "s" + d[1:]) == 0  # once per database
+
+
 async def test_verdicts_are_validated_and_owned(log):
     await seed(log, pair("i1", "Q1", "x", "y") + pair("i2", "Q2", "z", None, minute=1))
     store = store_of(log)

@@ -3,7 +3,6 @@ used to be a 500, work done before admission, limits that count work, open mode,
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import stat
@@ -73,9 +72,33 @@ async def test_plain_digests_from_earlier_versions_are_rekeyed_at_start(app_fact
         async with log.engine.begin() as conn:  # what an earlier version wrote
             await conn.execute(Generation.__table__.update().values(api_key_hash=legacy_digest(STUDENT_KEY)))
     async with app_factory() as second:
-        await asyncio.sleep(0.2)  # the re-keying runs beside start-up
+        await second.app.state.rekeyed  # the re-keying runs beside start-up
         [row] = await logged_rows(second)
         assert row["api_key_hash"] == second.app.state.keyring.digest(STUDENT_KEY)
+
+
+async def test_digests_of_keys_no_longer_configured_are_keyed_once_and_open_mode_leaves_them(app_factory):
+    removed_plain = legacy_digest("a-key-removed-before-keyed-digests")
+    async with app_factory() as first:
+        for _ in range(2):
+            assert (await first.client.post(CHAT, json=BODY)).status_code == 200
+        log = await first.flushed_log()
+        kept = first.app.state.keyring.digest(STUDENT_KEY)
+        async with log.engine.begin() as conn:  # one row an earlier version wrote for a key removed since
+            first_id = (await conn.execute(select(Generation.id).limit(1))).scalar_one()
+            await conn.execute(Generation.__table__.update().where(Generation.id == first_id)
+                               .values(api_key_hash=removed_plain))
+    async with app_factory(api_keys="", host="127.0.0.1") as open_mode:  # knows no keys: retires nothing
+        await open_mode.app.state.rekeyed
+        assert {r["api_key_hash"] for r in await logged_rows(open_mode)} == {removed_plain, kept}
+    async with app_factory() as second:
+        await second.app.state.rekeyed  # runs beside start-up
+        retired = second.app.state.keyring.retired(removed_plain)
+        assert {r["api_key_hash"] for r in await logged_rows(second)} == {retired, kept}
+        assert retired not in (removed_plain, second.app.state.keyring.digest("a-key-removed-before-keyed-digests"))
+    async with app_factory(api_keys=f"student:{STUDENT_KEY}-rotated") as third:  # once per database
+        await third.app.state.rekeyed
+        assert {r["api_key_hash"] for r in await logged_rows(third)} == {retired, kept}
 
 
 async def test_a_signed_in_change_from_a_sibling_site_is_refused(served):
