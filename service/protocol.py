@@ -28,7 +28,8 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 # Explicit bounds on every text and list a request holds. They are the schema's outer walls (a default body is
 # 1 MB anyway); what a prompt may really hold is ZEPHYR_MAX_PROMPT_CHARS and the context, checked per request.
-MAX_TEXT_CHARS = 1_000_000
+MAX_TEXT_CHARS = 100_000_000  # ZEPHYR_MAX_BODY_BYTES's own bound
+MAX_TOKEN_IDS = 1_048_576  # ZEPHYR_MAX_MODEL_LEN's
 MAX_PARTS = 1024
 Text = Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
 
@@ -40,30 +41,46 @@ def text_problem(value: Any, where: str = "") -> str | None:
     """The first string in a JSON value that cannot be text in the log (a lone UTF-16 surrogate has no UTF-8
     form; PostgreSQL's text and JSON refuse NUL), named by its path: `messages[0].content`; or the first place
     the value nests deeper than MAX_JSON_DEPTH. Walked with a stack of its own, so no depth the JSON parser
-    accepts can overflow Python's."""
-    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    accepts can overflow Python's; a place is kept as a link to its parent and spelled out only for the problem
+    it names (spelling every place out would copy a long key once for each item under it)."""
+    # (value, place, depth); a place is (parent place, key or index), None at the top.
+    stack: list[tuple[Any, tuple | None, int]] = [(value, None, 0)]
     while stack:
-        item, name, depth = stack.pop()
+        item, place, depth = stack.pop()
         if isinstance(item, str):
             if (found := _UNSTORABLE.search(item)) is None:
                 continue
+            name = _place_name(place, where)
             if found.group() == "\x00":
-                return f"`{name or 'body'}` contains a NUL character (\\u0000); remove it"
-            return (f"`{name or 'body'}` contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is "
-                    "not valid Unicode; send well-formed text")
+                return f"`{name}` contains a NUL character (\\u0000); remove it"
+            return (f"`{name}` contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is not valid "
+                    "Unicode; send well-formed text")
         if not isinstance(item, dict | list):
             continue
         if depth >= MAX_JSON_DEPTH:
-            return f"`{name or 'body'}` nests deeper than {MAX_JSON_DEPTH} levels of objects and lists; flatten it"
-        children: list[tuple[Any, str, int]] = []
+            return (f"`{_place_name(place, where)}` nests deeper than {MAX_JSON_DEPTH} levels of objects and lists; "
+                    "flatten it")
         if isinstance(item, dict):
-            for key, child in item.items():
-                child_name = _UNSTORABLE.sub("?", f"{name}.{key}" if name else str(key))
-                children += [(key, child_name, depth + 1), (child, child_name, depth + 1)]
+            children = [entry for key, child in item.items()
+                        for entry in ((key, (place, key), depth + 1), (child, (place, key), depth + 1))]
         else:
-            children = [(child, f"{name}[{index}]", depth + 1) for index, child in enumerate(item)]
+            children = [(child, (place, index), depth + 1) for index, child in enumerate(item)]
         stack.extend(reversed(children))  # depth first, in order: the first problem is the one named
     return None
+
+
+def _place_name(place: tuple | None, where: str) -> str:
+    steps: list[str | int] = []
+    while place is not None:
+        place, step = place
+        steps.append(step)
+    name = where
+    for step in reversed(steps):
+        if isinstance(step, int):
+            name += f"[{step}]"
+        else:
+            name = _UNSTORABLE.sub("?", f"{name}.{step}" if name else step)
+    return name or "body"
 
 
 class Strict(BaseModel):
@@ -221,9 +238,9 @@ class CompletionRequest(SamplingRequest):
     """OpenAI's legacy completions (`POST /v1/completions`): a raw prompt continued, without the chat template,
     as lm-eval's `local-completions` model sends it for log-likelihood tasks (`echo: true`, `logprobs: 1`)."""
 
-    prompt: (Text | Annotated[list[TokenId], Field(max_length=MAX_TEXT_CHARS)]
+    prompt: (Text | Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS)]
              | Annotated[list[Text], Field(max_length=MAX_PARTS)]
-             | Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_TEXT_CHARS)]], Field(max_length=MAX_PARTS)]
+             | Annotated[list[Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS)]], Field(max_length=MAX_PARTS)]
              ) = Field(description=(
         "The text to continue, or its token ids; a list holding one such prompt is taken too (one prompt a "
         "request)"))

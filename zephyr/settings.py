@@ -85,7 +85,7 @@ class Settings(BaseSettings):
                                       "true` (each costs a second answer and reviewers' time)")
     api_docs: bool = Field(default=False, description="Serve /docs and /redoc (they load scripts from a CDN); "
                            "/openapi.json is always served")
-    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    max_body_bytes: int = Field(default=1_000_000, gt=0, le=100_000_000)
     max_prompt_tokens: int | None = Field(default=None, gt=0, description="Defaults to the model's context length")
     max_prompt_chars: int | None = Field(default=None, gt=0, description="Characters a prompt may hold before it "
                                          "is tokenized; default 16 per allowed prompt token")
@@ -192,12 +192,17 @@ class Settings(BaseSettings):
         """Environment for vLLM's engine processes (read when they start), shared by the server and evals.
 
         In a container whose CPU limit is a quota rather than a CPU set (Kubernetes without the static CPU
-        manager), vLLM's automatic binding would start one compute thread per core of the whole node and pin
-        them there, to be throttled to the quota. Then its threads are left unpinned and sized to the quota,
-        unless the operator set vLLM's own binding."""
+        manager), vLLM's CPU build would start one compute thread per core of the whole node and pin them there,
+        to be throttled to the quota. Then its threads are left unpinned and sized to the quota, unless the
+        operator set VLLM_CPU_OMP_THREADS_BIND or OMP_NUM_THREADS. A GPU build's threads are vLLM's own to set."""
+        from zephyr import memory
+
         environment = {"VLLM_CPU_NUM_OF_RESERVED_CPU": self.cpu_reserved_cores_in_effect}
+        operator_set = {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"} & set(os.environ)
+        if operator_set or not memory.kv_cache_on_host():  # an operator's threads, or a GPU's worker: left alone
+            return environment
         quota = container_cpu_quota()
-        if quota is not None and quota < len(os.sched_getaffinity(0)) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        if quota is not None and quota < len(os.sched_getaffinity(0)):
             environment |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(quota)))}
         return environment
 

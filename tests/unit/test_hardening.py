@@ -149,7 +149,7 @@ def nested(depth: int) -> str:
     return '{"a": ' * depth + "1" + "}" * depth
 
 
-@pytest.mark.parametrize("depth", [40, 961, 5000])  # 961: deep enough to overflow a recursive walk, not the parser
+@pytest.mark.parametrize("depth", [40, 500, 5000])  # 5000: past the JSON parser's own limit
 @pytest.mark.parametrize(("path", "authorized"), [("/review/session", False), ("/mcq", True), (CHAT, True)])
 async def test_a_deeply_nested_body_is_a_400_that_names_the_limit(served, path, authorized, depth):
     bodies = {"/review/session": '{"key": "k", "x": %s}', "/mcq": '{"question": "q", "options": {"A": "a", "B": %s}}',
@@ -157,7 +157,32 @@ async def test_a_deeply_nested_body_is_a_400_that_names_the_limit(served, path, 
     headers = {"content-type": "application/json"} | ({} if authorized else {"Authorization": ""})
     r = await served.client.post(path, content=(bodies[path] % nested(depth)).encode(), headers=headers)
     assert r.status_code == 400, (depth, r.text)
-    assert "32" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+    # 5000 is past the JSON parser's own limit; the others are the walk's, which names where.
+    expected = "could not be read as JSON" if depth > 1000 else "nests deeper than 32 levels"
+    assert expected in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_no_depth_overflows_the_walk():
+    from service.protocol import text_problem
+
+    deep: list = []
+    for _ in range(100_000):  # far past Python's recursion limit, which a recursive walk hit (a 500)
+        deep = [deep]
+    assert "nests deeper than 32 levels" in text_problem({"x": deep})
+
+
+def test_a_long_key_over_a_wide_list_is_walked_without_copying_the_key_per_item():
+    import tracemalloc
+
+    from service.protocol import text_problem
+
+    body = {"key": "k", "x": {"k" * 50_000: [0] * 2_000 + ["\x00"]}}
+    tracemalloc.start()
+    problem = text_problem(body)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert problem is not None and "[2000]" in problem
+    assert peak < 10 * 2**20  # spelling out every item's place would hold 2,000 copies of the key: ~100 MB
 
 
 @pytest.mark.parametrize(("content", "why"), [(b'{"question": "\xff", "options": ["a", "b"]}', "not UTF-8"),

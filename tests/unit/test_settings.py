@@ -51,9 +51,12 @@ def test_the_containers_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, 
 
 def test_under_a_cpu_quota_smaller_than_the_cpu_set_vllm_threads_are_sized_to_the_quota(monkeypatch):
     import zephyr.settings as settings_module
+    from zephyr import memory
 
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
     monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
     monkeypatch.setattr(settings_module, "container_cpu_quota", lambda: 2.5)
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -62,10 +65,16 @@ def test_under_a_cpu_quota_smaller_than_the_cpu_set_vllm_threads_are_sized_to_th
     monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: {0, 1})
     monkeypatch.setattr(settings_module, "container_cpu_quota", lambda: 2.0)
     assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    # So does an operator's own binding.
+    # So do a GPU build (whose worker sets its own threads) and an operator's own binding or thread count.
     monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda _pid: set(range(64)))
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    assert "OMP_NUM_THREADS" not in Settings().vllm_environment()
+    monkeypatch.setattr(settings_module, "container_cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: False)
+    assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
+    for name, value in (("VLLM_CPU_OMP_THREADS_BIND", "0-1"), ("OMP_NUM_THREADS", "4")):
+        with monkeypatch.context() as operator:
+            operator.setenv(name, value)
+            assert Settings().vllm_environment() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 @pytest.mark.parametrize(("name", "value"), [("ZEPHYR_REVIEW_SESSION_HOURS", "1e9"), ("ZEPHYR_LOG_QUEUE_SIZE", "0"),

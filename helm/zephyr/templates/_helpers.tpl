@@ -84,23 +84,29 @@ comma-separated string (whose commas `--set` needs escaped: `student:K1\,reviewe
 {{- end -}}
 
 {{/* What the pods must restart for when it changes: the Secret's contents, digested under the session secret
-(never a plain digest of the keys, which a weak key could be guessed back from). Without a session secret yet
-(a first install that makes one) there is nothing to restart; an existingSecret is the operator's to roll. */}}
+(never a plain digest of the keys, which a weak key could be guessed back from); an existingSecret is the operator's to roll. */}}
 {{- define "zephyr.secretChecksum" -}}
 {{- if .Values.secrets.existingSecret -}}
 existing-secret
 {{- else -}}
-{{- $key := .Values.secrets.sessionSecret -}}
-{{- if not $key -}}
+{{- printf "%s\n%s\n%s" (include "zephyr.sessionSecret" .) (include "zephyr.apiKeys" .) (.Values.secrets.dbUrl | default "") | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The secret that keys API-key digests and signs review cookies: given, kept from the last release, or new;
+made once per render (kept in the values while rendering), so the Secret and the checksum read the same one. */}}
+{{- define "zephyr.sessionSecret" -}}
+{{- if .Values.secrets.sessionSecret -}}
+{{- .Values.secrets.sessionSecret -}}
+{{- else -}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "zephyr.fullname" .) -}}
 {{- if and $existing $existing.data (hasKey $existing.data "ZEPHYR_SESSION_SECRET") -}}
-{{- $key = index $existing.data "ZEPHYR_SESSION_SECRET" | b64dec -}}
-{{- end -}}
-{{- end -}}
-{{- if $key -}}
-{{- printf "%s\n%s\n%s" $key (include "zephyr.apiKeys" .) (.Values.secrets.dbUrl | default "") | sha256sum -}}
+{{- index $existing.data "ZEPHYR_SESSION_SECRET" | b64dec -}}
 {{- else -}}
-first-install
+{{- if not (hasKey .Values.secrets "madeThisRender") -}}
+{{- $_ := set .Values.secrets "madeThisRender" (randAlphaNum 48) -}}
+{{- end -}}
+{{- .Values.secrets.madeThisRender -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
