@@ -10,11 +10,14 @@ and what is kept on disk is private: the SQLite file, its journals and the spill
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,7 +256,7 @@ class GenerationLog:
             private_sqlite_files(self._database)
         if self.spill_path.parent.exists():
             private_dir(self.spill_path.parent)
-        for path in (self.spill_path, self._replaying_path, self.rejected_path):
+        for path in (self.spill_path, self._lock_path, self.rejected_path, *self._replaying_files()):
             private_file(path)
 
     async def _insert(self, rows: list[GenerationRecord]) -> None:
@@ -296,21 +299,39 @@ class GenerationLog:
 
     # Spill file -------------------------------------------------------------------------------------
 
+    # Replicas that share a volume share the spill file: appends, taking the file for a replay and replaying a
+    # taken file each hold a POSIX lock (fcntl.lockf: byte-range locks, which NFS and other shared volumes carry
+    # between hosts), so no pod replays or renames what another is writing or replaying. The process's own
+    # `_spill_lock` orders its threads, which POSIX locks do not.
+
     @property
-    def _replaying_path(self) -> Path:
-        return self.spill_path.with_suffix(".replaying")
+    def _lock_path(self) -> Path:
+        return self.spill_path.with_suffix(".lock")
+
+    def _replaying_files(self) -> list[Path]:
+        """Files taken for replay: this process's, another replica's, or one a pod that died left behind (the
+        plain `.replaying` name is the one earlier versions used)."""
+        folder = self.spill_path.parent
+        if not folder.is_dir():
+            return []
+        return sorted(folder.glob(f"{self.spill_path.stem}*.replaying"), key=lambda p: (p.stat().st_mtime, p.name))
 
     def has_spill(self) -> bool:
-        return self.spill_path.exists() or self._replaying_path.exists()
+        return self.spill_path.exists() or bool(self._replaying_files())
+
+    @contextlib.contextmanager
+    def _spill_file_lock(self) -> Iterator[None]:
+        with self._spill_lock, open_private_append(self._lock_path) as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)  # blocks while another replica appends or takes the file
+            yield
 
     def _spill(self, rows: list[GenerationRecord]) -> None:
-        with self._spill_lock:
-            private_dir(self.spill_path.parent)
-            with open_private_append(self.spill_path) as handle:
-                for row in rows:
-                    handle.write(row.to_json_line())
-                handle.flush()
-                os.fsync(handle.fileno())
+        private_dir(self.spill_path.parent)
+        with self._spill_file_lock(), open_private_append(self.spill_path) as handle:
+            for row in rows:
+                handle.write(row.to_json_line())
+            handle.flush()
+            os.fsync(handle.fileno())
         self.metrics.log_spilled_rows.inc(len(rows))
 
     def _spill_safely(self, rows: list[GenerationRecord]) -> None:
@@ -320,13 +341,14 @@ class GenerationLog:
             log.exception("redaction failed while spilling; writing %d rows unredacted", len(rows))
             self._spill(rows)
 
-    def _take_spill(self) -> bool:
-        """Renames the spill file for replaying, so new spills go to a fresh one meanwhile; False if none."""
-        with self._spill_lock:  # no spill is half written into the file being renamed
-            if not self.spill_path.exists():
-                return False
-            self.spill_path.rename(self._replaying_path)
-            return True
+    def _take_spill(self) -> None:
+        """Renames the spill file, under a name of its own, for replaying, so new spills go to a fresh one."""
+        if not self.spill_path.exists():
+            return
+        with self._spill_file_lock():  # no spill is half written into the file being renamed
+            if self.spill_path.exists():
+                self.spill_path.rename(self.spill_path.with_name(
+                    f"{self.spill_path.stem}.{uuid.uuid4().hex[:12]}.replaying"))
 
     @property
     def rejected_path(self) -> Path:
@@ -335,41 +357,62 @@ class GenerationLog:
     async def replay_spill(self) -> int:
         """Insert spilled rows (duplicates are ignored by request id), then remove the file. A row the
         database refuses while it is up (a bad value, a torn line) goes to the rejected file for a person
-        to look at, instead of blocking every later replay."""
-        replaying = self._replaying_path
-        # In a thread: the lock may wait on a spill's write and fsync.
-        if not replaying.exists() and not await asyncio.to_thread(self._take_spill):
-            return 0
+        to look at, instead of blocking every later replay. Every taken file is replayed that no other replica
+        holds, a dead pod's too."""
+        replayed = 0
+        # Files taken earlier first; the spill file is taken only once they are in, so a long outage leaves one
+        # taken file waiting, not one for each retry.
+        for take_spill in (False, True):
+            if take_spill:  # in a thread: the lock may wait on a spill's write and fsync
+                await asyncio.to_thread(self._take_spill)
+            for path in await asyncio.to_thread(self._replaying_files):
+                with contextlib.ExitStack() as held:
+                    try:
+                        handle = held.enter_context(path.open("r+", encoding="utf-8"))
+                        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except FileNotFoundError:  # replayed and removed by another replica meanwhile
+                        continue
+                    except OSError:  # held: another replica is replaying it
+                        continue
+                    if not path.exists():  # removed between the listing and the lock
+                        continue
+                    count = await self._replay_file(path, handle)
+                    if count is None:
+                        return replayed
+                    replayed += count
+        return replayed
+
+    async def _replay_file(self, path: Path, handle: Any) -> int | None:
+        """One taken file, a batch at a time; None if the database failed part way (the file stays)."""
         # Set aside: lines that are no JSON, or JSON that is no row; refused: rows the database would not take.
         set_aside: list[dict[str, Any]] = []
         refused: list[GenerationRecord] = []
         inserted = 0
         # A batch at a time, however long the outage made the file: the server's memory holds one batch, and a
         # restart part way through inserts again what it had (ignored by request id).
-        with replaying.open(encoding="utf-8") as handle:
-            batches = self._spilled_batches(handle, set_aside)
-            # A redactor that fails raises from here, as itself: the database is not to blame.
-            while batch := await asyncio.to_thread(next, batches, None):
+        batches = self._spilled_batches(handle, set_aside)
+        # A redactor that fails raises from here, as itself: the database is not to blame.
+        while batch := await asyncio.to_thread(next, batches, None):
+            try:
                 try:
-                    try:
-                        await self._insert(batch)
-                    except Exception:
-                        if not await self._reachable():
-                            raise
-                        refused += await self._insert_one_by_one(batch)
-                except Exception as exc:
-                    self._db_ok = False
-                    log.warning("replaying spilled rows failed (%s); will retry", exc)
-                    return 0
-                inserted += len(batch)
+                    await self._insert(batch)
+                except Exception:
+                    if not await self._reachable():
+                        raise
+                    refused += await self._insert_one_by_one(batch)
+            except Exception as exc:
+                self._db_ok = False
+                log.warning("replaying spilled rows failed (%s); will retry", exc)
+                return None
+            inserted += len(batch)
         rejected = set_aside + [row.to_json() for row in refused]
         if rejected:
-            with open_private_append(self.rejected_path) as handle:
+            with open_private_append(self.rejected_path) as out:
                 for row in rejected:
-                    handle.write(json.dumps(row, default=json_default) + "\n")
+                    out.write(json.dumps(row, default=json_default) + "\n")
             self.metrics.log_rejected_rows.inc(len(rejected))
             log.error("%d spilled rows were refused by the database; kept in %s", len(rejected), self.rejected_path)
-        replaying.unlink()
+        await asyncio.to_thread(path.unlink)  # still locked: no other replica is reading it
         replayed = inserted - len(refused)
         self.metrics.log_replayed_rows.inc(replayed)
         log.info("replayed %d spilled generation-log rows", replayed)

@@ -184,7 +184,7 @@ async def test_the_writer_survives_a_failing_redactor_and_keeps_the_rows(tmp_pat
     await log.flush()
     assert not log._writer.done()
     # x1 waits in the file a (failed) replay picked up; x2 in the fresh spill file
-    kept = [tmp_path / "spill.replaying", tmp_path / "spill.jsonl"]
+    kept = [*tmp_path.glob("spill*.replaying"), tmp_path / "spill.jsonl"]
     ids = [json.loads(line)["id"] for path in kept if path.exists() for line in path.read_text().splitlines()]
     assert ids == ["x1", "x2"]
     await log.close()
@@ -348,3 +348,63 @@ async def test_a_replay_cut_short_keeps_the_file_and_a_retry_inserts_each_row_on
     assert [json.loads(line) for line in log.rejected_path.read_text().splitlines()] == [
         {"unparseable_line": '{"torn'}]
     await log.close()
+
+
+# Replicas sharing one volume share the spill file ------------------------------------------------------------
+
+HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as handle:
+    fcntl.lockf(handle, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], "a") as spill:
+            spill.write(sys.argv[4] + "\\n")
+"""
+
+
+def another_replica_holding(path, seconds: float, then_append_to=None, line: str = ""):
+    """A process of its own (POSIX locks do not exclude within one) holding a lock on `path`."""
+    import subprocess
+    import sys
+
+    extra = [str(then_append_to), line] if then_append_to else []
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds), *extra],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+async def test_a_file_a_dead_replica_took_for_replay_is_replayed_by_the_next_start(tmp_path):
+    (tmp_path / "spill.3f2a9c.replaying").write_text(json.dumps(row("orphan"), default=str) + "\n")
+    (tmp_path / "spill.replaying").write_text(json.dumps(row("older"), default=str) + "\n")  # an earlier version's
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    await log.start()
+    assert await log.get("orphan") and await log.get("older") and not log.has_spill()
+    await log.close()
+
+
+async def test_a_taken_file_another_replica_is_replaying_is_left_to_it(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    await log.start()
+    taken = tmp_path / "spill.5b1e0d.replaying"
+    taken.write_text(json.dumps(row("theirs"), default=str) + "\n")
+    holder = another_replica_holding(taken, 30)
+    try:
+        assert await log.replay_spill() == 0 and taken.exists() and not await log.get("theirs")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert await log.replay_spill() == 1 and not taken.exists()  # its replica died part way: ours now
+    await log.close()
+
+
+def test_a_spill_waits_for_another_replicas_append(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    spill = tmp_path / "spill.jsonl"
+    holder = another_replica_holding(tmp_path / "spill.lock", 1.0, then_append_to=spill, line='{"theirs": 1}')
+    log._spill([record("ours")])  # waits for the other replica's lock, so its line stays whole and first
+    holder.wait()
+    lines = spill.read_text().splitlines()
+    assert lines[0] == '{"theirs": 1}' and json.loads(lines[1])["id"] == "ours"
