@@ -103,6 +103,55 @@ def test_an_image_becomes_a_visible_link():
     assert "[image: a cell]" in html
 
 
+def test_text_in_a_formula_is_shown_as_written_not_taken_for_tags():
+    html = render.to_html(r"$\text{a<b and c>d & e}$ and $\mbox{x<y}$")
+    assert "a&lt;b&nbsp;and&nbsp;c&gt;d&nbsp;&amp;&nbsp;e" in html and "x&lt;y" in html
+    assert_harmless(html)
+
+
+@pytest.mark.parametrize("latex", [r"\phantom{hidden}", r"\rlap{over}", r"\hspace{100000em}", r"\rule{9999em}{9999em}",
+                                   r"\mathsize{999em}"])
+def test_a_formula_cannot_hide_text_or_push_the_page_away(latex):
+    html = render.to_html(f"${latex}$ tail")
+    assert "mphantom" not in html and "mpadded" not in html
+    for value in __import__("re").findall(r'(?:width|height|depth|mathsize)="([^"]*)"', html):
+        assert not value.endswith("em") or float(value[:-2]) <= render.MAX_LENGTH["em"], html
+    assert "tail" in html
+    # A modest space stays.
+    assert 'width="1em"' in render.to_html(r"$a\hspace{1em}b$")
+
+
+def test_an_unclosed_math_opener_is_not_searched_for_its_closer_again_and_again():
+    """A student's message of many `\\(` and no `\\)` made texmath's rule search the rest of the text at every
+    opener: quadratic, 35 s for 120 KB, and the queue renders an item on each request. The guard knows from one
+    reverse search per paragraph that no closer follows, so texmath's rule is never asked."""
+    md = render._markdown()
+    guarded = next(rule.fn for rule in md.inline.ruler.__rules__ if rule.fn.__name__ == "guarded")
+    cell = guarded.__closure__[guarded.__code__.co_freevars.index("rule")]
+    texmath_rule, asked = cell.cell_contents, []
+
+    def counting(state, silent):
+        asked.append(state.pos)
+        return texmath_rule(state, silent)
+
+    cell.cell_contents = counting
+    try:
+        env: dict = {}
+        md.parse("\\( " * 2000, env)
+        assert asked == [] and len(env) == 1  # one reverse search for `\\)`, none per opener
+        md.parse("\\( " * 3 + "\\(x\\)", {})
+        assert asked  # with a closer, the rule does its work
+    finally:
+        cell.cell_contents = texmath_rule
+    assert "<math" in render.to_html("\\( " * 3 + "\\(x\\)")
+
+
+def test_a_text_too_long_to_render_is_shown_plain():
+    text = "<b>x</b> $y$ " * (render.MAX_MARKDOWN_CHARS // 10)
+    html = render.to_html(text)
+    assert html.startswith('<pre class="plain">') and "&lt;b&gt;" in html and "<math" not in html
+
+
 # Items, guidelines and names over HTTP --------------------------------------------------------------------------
 
 async def judged_items(served):

@@ -20,7 +20,8 @@ const COLLAPSE_LINES = 12;
 const POLL_MS = 4000;
 const NARROW = window.matchMedia("(max-width: 700px)");
 
-const state = { signedIn: false, item: null, verdict: null, poll: null, busy: false };
+// `draft`: the comment being typed when the sign-in ended, given back when the same item returns.
+const state = { signedIn: false, item: null, verdict: null, poll: null, busy: false, draft: null, ended: "" };
 const $ = (id) => document.getElementById(id);
 
 // One verdict, skip or undo at a time: Enter then `s` before the save returns would send both for the same item
@@ -82,7 +83,7 @@ function showProgress(progress) {
 
 // Rendered Markdown and, hidden until "show source", the raw text: both in the page, so the toggle is instant.
 function textBlock(raw, html, attrs = {}) {
-  const block = el("div", { class: "text", ...attrs });
+  const block = el("div", { class: "text", dir: "auto", ...attrs });
   const rendered = el("div", { class: "rendered md" });
   setSanitizedHTML(rendered, html);
   block.append(rendered, el("pre", { class: "source" }, raw));
@@ -104,7 +105,7 @@ function renderMessage(message) {
     const details = el("details", { class: "collapsed-turn" });
     const summary = el("summary");
     const preview = content.replace(/\s+/g, " ").slice(0, 120);
-    summary.append(role, el("span", { class: "preview" }, `${preview}…`),
+    summary.append(role, el("span", { class: "preview", dir: "auto" }, `${preview}…`),
       el("span", { class: "length" }, ` (${plural(content.length, "character")}; click to show all)`));
     details.append(summary, body);
     li.append(details);
@@ -187,6 +188,8 @@ function renderItem(item) {
   }
   $("strengths").hidden = item.kind !== "pair";
   updateStrengths();
+  if (state.draft && state.draft.id === item.assignment_id) $("comment").value = state.draft.comment;
+  state.draft = null;
   say("");
 }
 
@@ -256,8 +259,7 @@ async function submitVerdict() {
         comment: comment || null,
       });
       showProgress(result.progress);
-      await loadNext();
-      say("Saved.");
+      await moveOn("Saved.");
       loadStats().catch(failed); // a display refresh: the next verdict need not wait for it
     } catch (error) {
       failed(error);
@@ -265,13 +267,27 @@ async function submitVerdict() {
   });
 }
 
+// After a verdict or skip was stored: the item is done whatever happens next, and the reviewer is told so even
+// when the next item cannot be loaded yet (the queue is polled until it can).
+async function moveOn(done) {
+  state.item = null;
+  try {
+    await loadNext();
+    say(done);
+  } catch (error) {
+    if (error.status === 401) return failed(error);
+    $("item").hidden = true;
+    say(`${done} The next item could not be loaded (${error.message}); trying again.`, true);
+    schedulePoll();
+  }
+}
+
 async function skip() {
   return exclusive(async () => {
     if (!state.item) return;
     try {
       showProgress((await api("POST", "/review/api/skip", { assignment_id: state.item.assignment_id })).progress);
-      await loadNext();
-      say("Skipped.");
+      await moveOn("Skipped.");
     } catch (error) {
       failed(error);
     }
@@ -292,10 +308,19 @@ async function undo() {
   });
 }
 
-// A 401 means the sign-in ended (expired, signed out elsewhere, key removed): back to the sign-in form.
+// A 401 means the sign-in ended (expired, signed out elsewhere, key removed): back to the sign-in form, saying
+// why, with the comment being typed kept for the item. A 404 or 409 means the item shown is no longer this
+// reviewer's to judge (judged in another tab, taken back, another key): the page moves to the current one.
 function failed(error) {
-  if (error.status === 401) return start();
+  if (error.status === 401) {
+    if (state.item) state.draft = { id: state.item.assignment_id, comment: $("comment").value };
+    state.ended = error.message;
+    return start();
+  }
   say(error.message, true);
+  if ((error.status === 404 || error.status === 409) && state.item) {
+    loadNext().then(() => say(`${error.message} The page now shows your current item.`, true)).catch(() => {});
+  }
 }
 
 async function loadNext() {
@@ -316,7 +341,7 @@ async function poll() {
     await loadNext();
     if (state.item) await loadStats();
   } catch (error) {
-    if (error.status === 401) return start();
+    if (error.status === 401) return failed(error);
     schedulePoll(); // the server or its database is away for a moment: keep asking
   }
 }
@@ -405,7 +430,10 @@ function onKey(event) {
     return;
   }
   if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
   const key = event.key;
+  // Enter on a focused link, button or disclosure is theirs (open it, press it), not a verdict.
+  if (key === "Enter" && target.closest("a, button, summary")) return;
   if (key === "?") {
     toggleKeysHelp();
     event.preventDefault();
@@ -437,26 +465,44 @@ function onKey(event) {
 
 async function start() {
   clearTimeout(state.poll);
+  let me;
   try {
-    const me = await api("GET", "/review/api/me");
-    state.signedIn = true;
-    $("reviewer").textContent = `reviewer ${me.reviewer}`;
-    $("sign-in").hidden = true;
-    $("whoami").hidden = false;
-    $("review").hidden = false;
-    await loadGuidelines();
+    me = await api("GET", "/review/api/me");
+  } catch (error) {
+    if (error.status !== 401) { // the server or its database is away: not a reason to sign in again
+      $("sign-in-error").textContent = `${error.message}; trying again.`;
+      state.poll = setTimeout(start, POLL_MS);
+    } else {
+      $("sign-in-error").textContent = state.ended ? `${state.ended}.` : "";
+    }
+    showSignIn();
+    return;
+  }
+  state.signedIn = true;
+  state.ended = "";
+  $("reviewer").textContent = `reviewer ${me.reviewer}`;
+  $("sign-in").hidden = true;
+  $("whoami").hidden = false;
+  $("review").hidden = false;
+  await loadGuidelines();
+  try {
     await loadNext();
     await loadStats();
   } catch (error) {
-    state.signedIn = false;
-    state.item = null;
-    $("whoami").hidden = true;
-    $("review").hidden = true;
-    $("stats").hidden = true;
-    $("sign-in").hidden = false;
-    if ($("keys-help").open) $("keys-help").close();
-    if (error.status !== 401) $("sign-in-error").textContent = error.message;
+    if (error.status === 401) return failed(error);
+    say(`${error.message}; trying again.`, true);
+    schedulePoll();
   }
+}
+
+function showSignIn() {
+  state.signedIn = false;
+  state.item = null;
+  $("whoami").hidden = true;
+  $("review").hidden = true;
+  $("stats").hidden = true;
+  $("sign-in").hidden = false;
+  if ($("keys-help").open) $("keys-help").close();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -472,7 +518,12 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("sign-out").addEventListener("click", async () => {
-    await api("DELETE", "/review/session");
+    try {
+      await api("DELETE", "/review/session");
+    } catch (error) {
+      return say(`Not signed out: ${error.message}`, true);
+    }
+    state.draft = null;
     await start();
   });
   $("verdict-form").addEventListener("submit", (event) => {
@@ -483,8 +534,9 @@ document.addEventListener("DOMContentLoaded", () => {
     document.body.classList.toggle("show-source", event.target.checked);
   });
   $("show-keys").addEventListener("click", toggleKeysHelp);
-  $("skip").addEventListener("click", skip);
-  $("undo").addEventListener("click", undo);
+  // Clicked, a button keeps the focus, and Space would press it again: skip or undo once more.
+  $("skip").addEventListener("click", (event) => { event.currentTarget.blur(); skip(); });
+  $("undo").addEventListener("click", (event) => { event.currentTarget.blur(); undo(); });
   document.addEventListener("keydown", onKey);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && state.signedIn && !state.item) poll();
