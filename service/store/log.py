@@ -314,7 +314,14 @@ class GenerationLog:
         folder = self.spill_path.parent
         if not folder.is_dir():
             return []
-        return sorted(folder.glob(f"{self.spill_path.stem}*.replaying"), key=lambda p: (p.stat().st_mtime, p.name))
+
+        def age(path: Path) -> tuple[float, str]:
+            try:
+                return path.stat().st_mtime, path.name
+            except FileNotFoundError:  # replayed and removed by another replica since the listing
+                return 0.0, path.name
+
+        return sorted(folder.glob(f"{self.spill_path.stem}*.replaying"), key=age)
 
     def has_spill(self) -> bool:
         return self.spill_path.exists() or bool(self._replaying_files())

@@ -355,3 +355,52 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
     assert sorted(p.name for p in shots.iterdir()) == [
         "guidelines.png", "item-wide.png", "keys-overlay.png", "narrow.png", "signed-out.png", "source.png",
         "stats-wide.png"]
+
+
+async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_moves_on(server, review_items):
+    """The page's recovery paths: the sign-in ends under the reviewer (another tab signed out, an expiry), and the
+    item shown is judged elsewhere meanwhile (a second tab): neither leaves the reviewer stuck or loses words."""
+    from playwright.async_api import async_playwright, expect
+
+    db = server.home / "zephyr.db"
+    await asyncio.to_thread(insert, db, pair("recovery-item", "What is a lever?", "A rigid bar.", "A simple machine."))
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(f"{server.url}/review")
+        await page.fill("#key", REVIEWER_KEY)
+        await page.click("#sign-in-form button")
+        item = page.locator("#item")
+        await expect(item).to_have_attribute("data-item-id", "recovery-item")
+
+        # Signed out elsewhere while a comment is being typed: the verdict is refused, the page says why, and
+        # after signing in again the same item comes back with the comment.
+        await page.keyboard.press("t")
+        await page.fill("#comment", "both say the same thing")
+        await page.locator("body").click()
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM review_sessions")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#sign-in")).to_be_visible()
+        await expect(page.locator("#sign-in-error")).to_contain_text("sign in again")
+        await page.fill("#key", REVIEWER_KEY)
+        await page.click("#sign-in-form button")
+        await expect(item).to_have_attribute("data-item-id", "recovery-item")
+        await expect(page.locator("#comment")).to_have_value("both say the same thing")
+
+        # Judged in another tab meanwhile (the API, with the same key): this tab's verdict gets a 409, and the
+        # page moves on to the reviewer's current item (here: none left) instead of repeating the refusal.
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {REVIEWER_KEY}"}) as http:
+            current = (await http.get("/review/api/next")).json()["item"]
+            assert current["item_id"] == "recovery-item"
+            judged = await http.post("/review/api/verdicts", json={"assignment_id": current["assignment_id"],
+                                                                   "verdict": "tie"})
+            assert judged.status_code == 201
+        await page.keyboard.press("t")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#message")).to_contain_text("current item")
+        await expect(page.locator("#empty")).to_be_visible()
+        assert errors == []
+        await browser.close()

@@ -432,8 +432,9 @@ function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
   const key = event.key;
-  // Enter on a focused link, button or disclosure is theirs (open it, press it), not a verdict.
-  if (key === "Enter" && target.closest("a, button, summary")) return;
+  // Enter on a focused link, disclosure or a button that does something else (sign out, keys, skip, undo) is
+  // theirs, not a verdict. On the verdict form's own buttons it submits, as everywhere else.
+  if (key === "Enter" && target.closest("a, summary, #show-keys, #sign-out, #skip, #undo")) return;
   if (key === "?") {
     toggleKeysHelp();
     event.preventDefault();
