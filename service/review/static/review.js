@@ -432,9 +432,9 @@ function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
   const key = event.key;
-  // Enter on a focused link, disclosure or a button that does something else (sign out, keys, skip, undo) is
-  // theirs, not a verdict. On the verdict form's own buttons it submits, as everywhere else.
-  if (key === "Enter" && target.closest("a, summary, #show-keys, #sign-out, #skip, #undo")) return;
+  // Enter on a focused link opens it. Everywhere else it submits, whatever kept the focus: a summary or button
+  // clicked a moment ago matches :focus-visible as soon as a key is pressed, so the focus cannot tell intent.
+  if (key === "Enter" && target.closest("a")) return;
   if (key === "?") {
     toggleKeysHelp();
     event.preventDefault();
