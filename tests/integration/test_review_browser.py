@@ -78,15 +78,22 @@ def export(server, fmt: str, tmp_path) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+async def open_review_page(pw, server, goto: bool = True, **page_options):
+    """Chromium on the review page; `errors` collects the page's uncaught script errors."""
+    browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = await browser.new_page(**page_options)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    if goto:
+        await page.goto(f"{server.url}/review")
+    return browser, page, errors
+
+
 async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path):
     from playwright.async_api import async_playwright, expect
 
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(f"{server.url}/review")
+        browser, page, errors = await open_review_page(pw, server)
 
         # Sign in: a student key is refused, the reviewer key is accepted.
         await page.fill("#key", STUDENT_KEY)
@@ -212,10 +219,7 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
     print(f"review page screenshots: {shots}")
     db = server.home / "zephyr.db"
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        browser, page, errors = await open_review_page(pw, server, goto=False, viewport={"width": 1280, "height": 900})
         api_calls: list[str] = []
         page.on("request", lambda request: api_calls.append(request.url) if "/review/api/" in request.url else None)
         await page.goto(f"{server.url}/review")
@@ -365,11 +369,7 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
     db = server.home / "zephyr.db"
     await asyncio.to_thread(insert, db, pair("recovery-item", "What is a lever?", "A rigid bar.", "A simple machine."))
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = await browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(f"{server.url}/review")
+        browser, page, errors = await open_review_page(pw, server)
         await page.fill("#key", REVIEWER_KEY)
         await page.click("#sign-in-form button")
         item = page.locator("#item")
