@@ -1,4 +1,4 @@
-"""Request bodies parsed as JSON that means one thing: a key sent twice is refused, not settled by taking the
+"""Requests that mean one thing: a JSON key or a query parameter sent twice is refused, not settled by taking the
 last value, since a gateway or log that reads the first would see another request than the one answered."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+
+from service.errors import APIError
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -29,12 +31,17 @@ class UnambiguousJSONRequest(Request):
 
 
 class UnambiguousJSONRoute(APIRoute):
-    """A route whose JSON body is read by UnambiguousJSONRequest (FastAPI's custom request class pattern)."""
+    """A route whose query has each parameter once and whose JSON body is read by UnambiguousJSONRequest
+    (FastAPI's custom request class pattern)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def unambiguous(request: Request) -> Response:
+            names = [name for name, _ in request.query_params.multi_items()]
+            if len(set(names)) != len(names):
+                twice = next(name for i, name in enumerate(names) if name in names[:i])
+                raise APIError(400, f"query parameter `{twice}` appears twice; send it once", param=twice)
             return await handler(UnambiguousJSONRequest(request.scope, request.receive))
 
         return unambiguous

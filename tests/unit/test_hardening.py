@@ -69,6 +69,7 @@ async def test_plain_digests_from_earlier_versions_are_rekeyed_at_start(app_fact
     async with app_factory() as first:
         assert (await first.client.post(CHAT, json=BODY)).status_code == 200
         log = await first.flushed_log()
+        await first.app.state.rekeyed  # its own start's re-keying, done before the row is made old
         async with log.engine.begin() as conn:  # what an earlier version wrote
             await conn.execute(Generation.__table__.update().values(api_key_hash=legacy_digest(STUDENT_KEY)))
     async with app_factory() as second:
@@ -215,6 +216,15 @@ async def test_a_key_sent_twice_is_refused_not_settled_by_the_last(served, path,
     r = await served.client.post(path, content=body.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert f"`{key}` appears twice" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+
+
+async def test_a_query_parameter_sent_twice_is_refused_not_settled_by_the_last(served):
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = await served.client.get("/review/export?format=dpo&format=kto", headers=admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "format", r.text
+    assert "appears twice" in r.json()["error"]["message"]
+    ok = await served.client.get("/review/export?format=dpo", headers=admin)
+    assert ok.status_code == 200
 
 
 async def test_made_up_http_methods_share_one_metrics_label(served):
