@@ -96,8 +96,8 @@ lint: setup $(HELM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports  # one-way imports (DESIGN.md §1); `python scripts/import_graph.py` draws the graph
 	$(VENV)/bin/hadolint Dockerfile
-	$(HELM) lint helm/zephyr -f helm/zephyr/values-cpu.yaml --set secrets.apiKeys=student:lint
-	$(HELM) lint helm/zephyr -f helm/zephyr/values-gpu.yaml --set secrets.apiKeys=student:lint
+	$(HELM) lint helm/zephyr -f helm/zephyr/values-cpu.yaml --set secrets.apiKeys=student:lint-0123456789abcdef
+	$(HELM) lint helm/zephyr -f helm/zephyr/values-gpu.yaml --set secrets.apiKeys=student:lint-0123456789abcdef
 
 # Render the chart for a profile: make chart PROFILE=gpu HELM_ARGS="--set secrets.apiKeys=..."
 chart: $(HELM)

@@ -26,7 +26,7 @@ from zephyr.settings import DEFAULT_MODEL, Settings
 
 STUDENT_KEY = "load-student-key"
 REVIEWER_KEYS = ("load-reviewer-key-1", "load-reviewer-key-2")
-ADMIN_KEY = "load-admin-key"
+ADMIN_KEY = "load-admin-key-0001"
 START_TIMEOUT_S = 400
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 

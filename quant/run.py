@@ -170,6 +170,11 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     name = options.resolved_name
     if registry.exists(name) and not options.overwrite:
         raise QuantError(f"model {name!r} already exists; pass --name NEW or --overwrite")
+    if registry.exists(name):
+        try:
+            registry.check_replaceable(name)
+        except RegistryError as exc:
+            raise QuantError(str(exc)) from None
     return parent
 
 

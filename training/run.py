@@ -146,6 +146,8 @@ def balance_lengths(dataset: Any, seed: int) -> Any:
 def check_output_free(registry: Registry, output: str, overwrite: bool) -> None:
     if registry.exists(output) and not overwrite:
         raise RegistryError(f"model {output!r} already exists; remove it, pass --overwrite, or set output=NAME")
+    if registry.exists(output):
+        registry.check_replaceable(output)  # before hours of training, not after
 
 
 def data_digest(files: list[Path]) -> str:

@@ -205,6 +205,8 @@ class Registry:
                                 "name")
         if target.exists() and not overwrite:
             raise RegistryError(f"model {manifest.name!r} already exists; remove it first or choose another name")
+        if target.exists():
+            self.check_replaceable(manifest.name)
         self.models_dir.mkdir(parents=True, exist_ok=True)
         staging = self._staging_of(manifest.name)
         shutil.rmtree(staging, ignore_errors=True)
@@ -225,9 +227,20 @@ class Registry:
             staging.rename(target)
         return self._load(target)
 
+    def children_of(self, name: str) -> list[str]:
+        return [e.name for e in self.list() if e.manifest.parent == name]
+
+    def check_replaceable(self, name: str) -> None:
+        """An entry other entries were made from (trained on or quantized from its weights) is never replaced:
+        they would go on naming as their parent weights they were not made from, and be compared with them."""
+        children = self.children_of(name)
+        if children:
+            raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}, made from its weights; "
+                                "remove those first or give the new model another name")
+
     def remove(self, name: str) -> None:
         entry = self.get(name)
-        children = [e.name for e in self.list() if e.manifest.parent == name]
+        children = self.children_of(name)
         if children:
             raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
         shutil.rmtree(entry.path)

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")
     api_keys_file: Path | None = None
+    # 16 random URL-safe characters are 96 bits: past guessing at any rate limit. Shorter keys are refused at start.
+    min_api_key_chars: int = Field(default=16, ge=1, le=1024, description="Characters every API key must have")
     rate_limit: str = Field(default="600/minute", description="Units of work per API key, `limits` notation: a "
                             "chat counts its `n`, an MCQ batch its questions")
     auth_failure_limit: str = Field(default="30/minute", description="Failed authentications per client address; "
@@ -249,6 +251,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{place} must be role:key or name=role:key with role one of {', '.join(ROLES)}")
             if len(name) > MAX_KEY_NAME_CHARS:
                 raise ValueError(f"{place}: its name is longer than {MAX_KEY_NAME_CHARS} characters")
+            if len(key) < self.min_api_key_chars:
+                raise ValueError(f"{place}: its key is shorter than {self.min_api_key_chars} characters, short "
+                                 "enough to guess; make one with "
+                                 "`python -c 'import secrets; print(secrets.token_urlsafe(24))'` "
+                                 "(or lower ZEPHYR_MIN_API_KEY_CHARS)")
             entries.append((role, key, name or None))
         return entries
 

@@ -9,9 +9,9 @@ from service.app import create_app
 from tests.unit.stub_engine import StubEngine
 from zephyr.settings import DEFAULT_MODEL, Settings
 
-STUDENT_KEY = "student-key-123"
+STUDENT_KEY = "student-key-12345"
 REVIEWER_KEY = "reviewer-key-456"
-ADMIN_KEY = "admin-key-789"
+ADMIN_KEY = "admin-key-7890123"
 
 
 @pytest.fixture

@@ -70,9 +70,9 @@ async def test_open_mode_without_keys_serves_without_a_header(app_factory):
 
 async def test_keys_from_a_file_with_comments(app_factory, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# teaching assistants\nreviewer:ta-key-1\n\nstudent:pupil-key-2\n")
+    keys.write_text("# teaching assistants\nreviewer:ta-key-000000001\n\nstudent:pupil-key-0000002\n")
     async with app_factory(api_keys="", api_keys_file=keys) as served:
-        for key, status in (("ta-key-1", 200), ("pupil-key-2", 200), ("student-key-123", 401)):
+        for key, status in (("ta-key-000000001", 200), ("pupil-key-0000002", 200), ("student-key-123456", 401)):
             r = await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == status, key
 

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "zephyr"
 HELM = os.environ.get("ZEPHYR_HELM", str(ROOT / ".tools" / "bin" / "helm"))
 KUBERNETES = "1.33.0"
-EVERYTHING_ON = ["--set", "secrets.apiKeys=student:k1,ingress.enabled=true,autoscaling.enabled=true,"
+# Keys long enough for the chart (ZEPHYR_MIN_API_KEY_CHARS, 16 by default).
+K0, K1, K2 = "student:student-key-000000", "student:student-key-000001", "reviewer:reviewer-key-00002"
+EVERYTHING_ON = ["--set", f"secrets.apiKeys={K1},ingress.enabled=true,autoscaling.enabled=true,"
                  "autoscaling.minReplicas=2,secrets.dbUrl=postgresql+asyncpg://u:p@db/zephyr,"
                  "metrics.serviceMonitor.enabled=true,metrics.dashboard.enabled=true",
                  "--set", "persistence.accessModes={ReadWriteMany}",
@@ -166,21 +168,31 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
 
 @pytest.mark.parametrize(("values", "named"), [
     ([], "secrets.apiKeys"),
-    (["--set", "secrets.apiKeys=student:k,replicaCount=2"], "secrets.dbUrl"),
+    (["--set", f"secrets.apiKeys={K0},replicaCount=2"], "secrets.dbUrl"),
     # Autoscaling may add replicas too, and an existing Secret does not make a ReadWriteOnce volume shareable.
-    (["--set", "secrets.apiKeys=student:k,autoscaling.enabled=true"], "secrets.dbUrl"),
+    (["--set", f"secrets.apiKeys={K0},autoscaling.enabled=true"], "secrets.dbUrl"),
     (["--set", "secrets.existingSecret=s,replicaCount=2"], "ReadWriteMany"),
-    (["--set", "secrets.apiKeys=student:k,replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z"], "ReadWriteMany"),
+    (["--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z"], "ReadWriteMany"),
     # The chart's own settings: the probes, Service and volume depend on them.
-    (["--set", "secrets.apiKeys=student:k,config.ZEPHYR_PORT=9000"], "config.ZEPHYR_PORT"),
+    (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_PORT=9000"], "config.ZEPHYR_PORT"),
     # An existing claim is described by accessModes, as a new one is.
-    (["--set", "secrets.apiKeys=student:k,replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z,"
+    (["--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z,"
       "persistence.existingClaim=shared"], "existingClaim"),
-    (["--set", "secrets.apiKeys=student:k,config.ZEPHYR_HOME=/models"], "config.ZEPHYR_HOME"),
+    (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_HOME=/models"], "config.ZEPHYR_HOME"),
+    # The server would refuse it at start, in a crash loop.
+    (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
+     "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
 ])
 def test_unsafe_values_fail_with_a_message(values, named):
     result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
     assert result.returncode != 0 and named in result.stderr, result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_the_minimum_key_length_is_the_servers_own_setting():
+    rendered = deployment_of("--set", f"secrets.apiKeys={{{K0},reviewer:hunter2}}",
+                             "--set", "config.ZEPHYR_MIN_API_KEY_CHARS=7")
+    assert rendered["ConfigMap"]["data"]["ZEPHYR_MIN_API_KEY_CHARS"] == "7"
 
 
 def deployment_of(*values: str) -> dict:
@@ -190,10 +202,10 @@ def deployment_of(*values: str) -> dict:
 
 
 def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_budget_blocking_drains():
-    objects = deployment_of("--set", "secrets.apiKeys=student:k")
+    objects = deployment_of("--set", f"secrets.apiKeys={K0}")
     assert objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
     assert "PodDisruptionBudget" not in objects
-    shared = deployment_of("--set", "secrets.apiKeys=student:k,replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z",
+    shared = deployment_of("--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z",
                            "--set", "persistence.accessModes={ReadWriteMany}")
     assert shared["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert shared["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
@@ -204,11 +216,11 @@ def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_b
 
 def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_pods():
     session = ("--set", "secrets.sessionSecret=" + "s" * 40)
-    as_list = deployment_of("--set", "secrets.apiKeys={student:k1,reviewer:k2}", *session)
-    as_text = deployment_of("--set", r"secrets.apiKeys=student:k1\,reviewer:k2", *session)
-    revoked = deployment_of("--set", "secrets.apiKeys={student:k1}", *session)
-    assert as_list["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == "student:k1,reviewer:k2"
-    assert as_text["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == "student:k1,reviewer:k2"
+    as_list = deployment_of("--set", f"secrets.apiKeys={{{K1},{K2}}}", *session)
+    as_text = deployment_of("--set", rf"secrets.apiKeys={K1}\,{K2}", *session)
+    revoked = deployment_of("--set", f"secrets.apiKeys={{{K1}}}", *session)
+    assert as_list["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == f"{K1},{K2}"
+    assert as_text["Secret"]["stringData"]["ZEPHYR_API_KEYS"] == f"{K1},{K2}"
 
     def checksum(objects: dict) -> str:
         return objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
@@ -217,11 +229,11 @@ def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_p
     # Digested under the session secret: the annotation is no plain digest a weak key could be guessed from.
     import hashlib
 
-    assert checksum(revoked) != hashlib.sha256(b"student:k1").hexdigest()
+    assert checksum(revoked) != hashlib.sha256(K1.encode()).hexdigest()
 
 
 def test_the_init_container_has_resources_and_the_cpu_pod_is_guaranteed():
-    pod = deployment_of("--set", "secrets.apiKeys=student:k")["Deployment"]["spec"]["template"]["spec"]
+    pod = deployment_of("--set", f"secrets.apiKeys={K0}")["Deployment"]["spec"]["template"]["spec"]
     assert pod["initContainers"][0]["resources"]["limits"]["memory"]
     # Guaranteed QoS (what the static CPU manager gives cores of their own): every container, the init one too,
     # requests exactly its limits, in whole CPUs.
@@ -234,15 +246,15 @@ def test_the_init_container_has_resources_and_the_cpu_pod_is_guaranteed():
 def test_a_first_install_digests_the_session_secret_its_secret_holds():
     import hashlib
 
-    objects = deployment_of("--set", "secrets.apiKeys={student:k1}")
+    objects = deployment_of("--set", f"secrets.apiKeys={{{K1}}}")
     session = objects["Secret"]["stringData"]["ZEPHYR_SESSION_SECRET"]
     annotation = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
     # The same secret an upgrade reads back from the cluster: the pods restart only when keys or secret change.
-    assert annotation == hashlib.sha256(f"{session}\nstudent:k1\n".encode()).hexdigest()
+    assert annotation == hashlib.sha256(f"{session}\n{K1}\n".encode()).hexdigest()
 
 
 def test_ipv6_only_clusters_may_listen_on_all_ipv6_addresses():
-    values = ("-f", str(CHART / "values-cpu.yaml"), "--set", "secrets.apiKeys=student:k,config.ZEPHYR_HOST=::")
+    values = ("-f", str(CHART / "values-cpu.yaml"), "--set", f"secrets.apiKeys={K0},config.ZEPHYR_HOST=::")
     rendered = helm("template", "tutor", str(CHART), *values)
     assert rendered.returncode == 0, rendered.stderr
     assert rendered.stdout.count("ZEPHYR_HOST:") == 1 and 'ZEPHYR_HOST: "::"' in rendered.stdout  # once, not twice
@@ -254,7 +266,7 @@ def test_dockerfile_matches_the_settings():
     assert set(env) <= SETTING_NAMES
     assert f"EXPOSE {env['ZEPHYR_PORT']}" in dockerfile and env["ZEPHYR_HOST"] == "0.0.0.0"
     assert "USER 10001" in dockerfile and "/healthz" in dockerfile
-    short_secret = helm("template", "tutor", str(CHART), "--set", "secrets.apiKeys=student:k,secrets.sessionSecret=abc")
+    short_secret = helm("template", "tutor", str(CHART), "--set", f"secrets.apiKeys={K0},secrets.sessionSecret=abc")
     assert short_secret.returncode != 0 and "at least 32 characters" in short_secret.stderr
 
 

@@ -58,6 +58,17 @@ def test_bad_options_fail_with_a_message(registry, default_model, options, messa
     assert message in str(exc.value)
 
 
+def test_a_name_other_entries_were_made_from_is_not_replaced(registry, default_model):
+    from zephyr.registry import ModelManifest
+
+    registry.add(registry.get(default_model.name).path, ModelManifest(name="mid", parent=default_model.name,
+                                                                      method="dpo"))
+    registry.add(registry.get("mid").path, ModelManifest(name="mid-w8a8", parent="mid", method="w8a8"))
+    options = QuantOptions(model=default_model.name, method="easyquant", name="mid", overwrite=True)
+    with pytest.raises(QuantError, match="'mid' is the parent of mid-w8a8"):
+        check(options, registry)
+
+
 def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_model):
     with pytest.raises(QuantError, match="no model 'nope' in the registry"):
         check(QuantOptions(model="nope", method="gptq"), registry)

@@ -119,3 +119,17 @@ def test_a_model_cannot_replace_its_own_parent(tmp_path, default_model):
     replaced = registry.add(default_model.path, ModelManifest(name="base", method="sft"), overwrite=True)
     assert replaced.manifest.method == "sft" and [e.name for e in registry.list()] == ["base"]
     assert sorted(p.name for p in registry.models_dir.iterdir()) == ["base"]  # nothing left aside
+
+
+def test_an_entry_others_were_made_from_is_never_replaced(tmp_path, default_model):
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="base", method="base"))
+    registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="dpo"))
+    registry.add(default_model.path, ModelManifest(name="tuned-w8a8", parent="tuned", method="w8a8"))
+    with pytest.raises(RegistryError, match="'tuned' is the parent of tuned-w8a8, made from its weights"):
+        registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="dpo"), overwrite=True)
+    assert registry.get("tuned").manifest.method == "dpo"  # untouched
+    assert sorted(p.name for p in registry.models_dir.iterdir()) == ["base", "tuned", "tuned-w8a8"]
+    registry.remove("tuned-w8a8")
+    again = registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="sft"), overwrite=True)
+    assert again.manifest.method == "sft"

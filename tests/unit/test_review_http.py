@@ -286,6 +286,34 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         assert bad.exit_code == 1 and "not a date" in bad.output
 
 
+async def test_an_expired_lease_frees_the_item_and_a_late_verdict_is_still_kept(app_factory):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from service.store.models import ReviewAssignment
+
+    late_key = "reviewer-key-late-0001"
+    keys = f"student:{STUDENT_KEY},reviewer:{REVIEWER_KEY},reviewer:{late_key},admin:{ADMIN_KEY}"
+    late = {"Authorization": f"Bearer {late_key}"}
+    async with app_factory(api_keys=keys, review_share=1.0, review_overlap=1) as served:
+        await served.client.post(CHAT, json=BODY)
+        log = await settled(served)
+        client = served.client
+        taken = (await client.get("/review/api/next", headers=late)).json()["item"]
+        assert (await client.get("/review/api/next", headers=REVIEWER)).json()["item"] is None  # held by the lease
+        async with log.engine.begin() as conn:  # the lease runs out while the first reviewer is away
+            await conn.execute(update(ReviewAssignment).values(shown_at=datetime.now(UTC) - timedelta(minutes=31)))
+        freed = (await client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        assert freed["item_id"] == taken["item_id"]
+        for headers, item in ((REVIEWER, freed), (late, taken)):
+            judged = await client.post("/review/api/verdicts", headers=headers,
+                                       json={"assignment_id": item["assignment_id"], "verdict": "tie"})
+            assert judged.status_code == 201, judged.text
+        stats = (await client.get("/review/stats", headers=ADMIN)).json()
+        assert stats["verdicts"] == 2 and stats["items"] == {"judged": 1, "complete": 1}
+
+
 def test_the_comment_box_holds_what_the_api_takes():
     from pathlib import Path
 

@@ -243,7 +243,7 @@ def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# role:key or name=role:key\nreviewer:plain-key\nAda  Lovelace=reviewer:k:with:colons\n"
                     "admin:abc==\nGrace = admin : base64key== \n")
-    settings = Settings(api_keys="student:s1,Bob=reviewer:b=1", api_keys_file=keys)
+    settings = Settings(api_keys="student:s1,Bob=reviewer:b=1", api_keys_file=keys, min_api_key_chars=1)
     assert settings.api_key_entries == [
         ("student", "s1", None), ("reviewer", "b=1", "Bob"), ("reviewer", "plain-key", None),
         ("reviewer", "k:with:colons", "Ada Lovelace"), ("admin", "abc==", None), ("admin", "base64key==", "Grace")]
@@ -253,12 +253,23 @@ def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
         _ = Settings(api_keys=f"{'x' * 65}=reviewer:key").api_key_entries
     # A bare key (no role) is named by its place, never quoted: the message reaches start-up logs and pod events.
     with pytest.raises(ValueError, match="ZEPHYR_API_KEYS entry 2 ") as refused:
-        _ = Settings(api_keys="student:s1,sk-live-0123456789abcdef").api_key_entries
+        _ = Settings(api_keys="student:s1,sk-live-0123456789abcdef", min_api_key_chars=1).api_key_entries
     assert "sk-" not in str(refused.value)
     keys.write_text("# comment\nsk-live-0123456789abcdef\n")
     with pytest.raises(ValueError, match="ZEPHYR_API_KEYS_FILE line 2 ") as refused:
         _ = Settings(api_keys="", api_keys_file=keys).api_key_entries
     assert "sk-" not in str(refused.value)
+
+
+def test_a_key_short_enough_to_guess_is_refused_by_its_place(tmp_path):
+    with pytest.raises(ValueError, match="ZEPHYR_API_KEYS entry 2: its key is shorter than 16 characters") as refused:
+        _ = Settings(api_keys="student:0123456789abcdef,reviewer:0123456789abcde").api_key_entries
+    assert "0123456789abcde" not in str(refused.value) and "token_urlsafe" in str(refused.value)
+    keys = tmp_path / "keys"
+    keys.write_text("reviewer:hunter2\n")
+    with pytest.raises(ValueError, match="ZEPHYR_API_KEYS_FILE line 1: its key is shorter than 20"):
+        _ = Settings(api_keys_file=keys, min_api_key_chars=20).api_key_entries
+    assert Settings(api_keys_file=keys, min_api_key_chars=7).api_key_entries == [("reviewer", "hunter2", None)]
 
 
 def test_names_are_kept_by_digest_and_a_shared_name_stays_distinct():

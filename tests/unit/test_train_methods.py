@@ -277,6 +277,18 @@ def test_existing_output_is_not_overwritten_silently(home, data, tmp_path):
         train(load_recipe(path), settings, recipe_path=path)
 
 
+def test_an_output_other_entries_were_made_from_is_refused_before_training(tmp_path, default_model):
+    from training.run import check_output_free
+    from zephyr.registry import ModelManifest, Registry
+
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="tuned", method="dpo"))
+    registry.add(default_model.path, ModelManifest(name="tuned-awq", parent="tuned", method="awq"))
+    check_output_free(registry, "tuned-awq", overwrite=True)  # a leaf may be replaced
+    with pytest.raises(RegistryError, match="'tuned' is the parent of tuned-awq"):
+        check_output_free(registry, "tuned", overwrite=True)
+
+
 def test_qlora_without_cuda_says_so(home, data, tmp_path):
     import torch
 
