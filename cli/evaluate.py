@@ -222,6 +222,10 @@ def gate_command(
     min_win_rate: Annotated[float | None, typer.Option(
         help="With --reviews: the lower bound of the candidate's 95% win-rate interval must reach this share "
              "(default 0.4: reviewers must not prefer the baseline by more than 60:40)")] = None,
+    min_items: Annotated[int, typer.Option(
+        help="A gating row compared over fewer common items fails (lower it only for smoke tests)")] = 30,
+    allow_missing: Annotated[bool, typer.Option(
+        help="Pass although the candidate was not measured on some benchmark the baseline was")] = False,
 ) -> None:
     """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
     --reviews) when reviewers' verdicts are too few or prefer the baseline."""
@@ -235,7 +239,7 @@ def gate_command(
                     if v is not None}  # unset: evals.gate's defaults
             review = review_gate(reviews, candidate, baseline, **rule)
         result = check(results_store(settings), candidate, baseline, max_drop, csv(suites),
-                       reviews=review)
+                       reviews=review, min_items=min_items, allow_missing=allow_missing)
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None
     console.print(result.table())
@@ -245,8 +249,14 @@ def gate_command(
                   f"answers; rerun `zephyr eval run --model {name} --suite {','.join(result.rerun_suites(name))}` "
                   "for a verdict a rerun repeats")
     if not result.passed:
-        if result.failures:
-            failed = ", ".join(row.key for row in result.failures)
+        if result.missing and not result.allow_missing:
+            err.print(f"[red]gate failed:[/] {candidate} was not measured on {', '.join(result.missing)}, which "
+                      f"{baseline} was; run `zephyr eval run --model {candidate}` on them, or pass --allow-missing")
+        if result.too_few:
+            err.print(f"[red]gate failed:[/] {', '.join(f'{r.key} ({r.n})' for r in result.too_few)} compared "
+                      f"over fewer than {result.min_items} common items; measure more (drop the runs' --limit)")
+        failed = ", ".join(row.key for row in result.failures if not row.too_few)
+        if failed:
             err.print(f"[red]gate failed:[/] {candidate} is worse than {baseline} by more than {max_drop} points on "
                       f"{failed}")
             noisy = result.failures_within_noise

@@ -23,6 +23,7 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
     lower_is_better,
     merge_runs,
     newest_sources,
+    same_judge,
     scale_of,
     suite_of,
 )
@@ -37,6 +38,11 @@ DEFAULT_SUITES = ("mcq", "gsm8k", "text")
 # the threshold. 0.4 is non-inferiority: promotion only when reviewers do not prefer the baseline by more than 60:40.
 DEFAULT_MIN_REVIEW_PAIRS = 30
 DEFAULT_MIN_WIN_RATE = 0.4
+# A gating row compared over fewer common items than this fails: a run of a handful of questions cannot show a drop,
+# and its interval looks narrow. `--min-items` lowers it for smoke tests.
+DEFAULT_MIN_ITEMS = 30
+# How likely an option's text is with no question: a baseline of the data, never a method the service answers by.
+NEVER_GATING_METRICS = ("answer_prior_acc",)
 # A delta of exactly -max_drop must pass; float subtraction (0.51 - 0.52) lands a hair below it.
 _TOLERANCE = 1e-9
 
@@ -70,6 +76,7 @@ class CompareRow:
 class GateRow(CompareRow):
     passed: bool = True
     gating: bool = True  # False: shown for information, the served method decides this benchmark
+    too_few: bool = False  # compared over fewer common items than the gate's minimum: failed whatever its delta
 
     @property
     def spans_zero(self) -> bool:
@@ -115,7 +122,7 @@ def compare_runs(
         if suites is not None and suite_of(m.benchmark) not in suites:
             continue
         other = baseline.get(m.key)
-        if other is None:
+        if other is None or not same_judge(m, other):
             continue
         try:
             rows.append(compare_measurements(m, other, **bootstrap))
@@ -216,10 +223,20 @@ class GateResult:
     reviews: ReviewGate | None = None  # reviewers' A/B, when the gate was asked to require it
     # per model, the compared rows whose generated answers a rerun would not repeat (unreproducible_rows)
     unreproducible: dict[str, list[str]] = field(default_factory=dict)
+    # The baseline's gating measurements of benchmarks the candidate has no gating measurement for: a benchmark left
+    # unmeasured must not pass by default.
+    missing: list[str] = field(default_factory=list)
+    allow_missing: bool = False
+    min_items: int = DEFAULT_MIN_ITEMS
 
     @property
     def passed(self) -> bool:
-        return all(row.passed for row in self.rows if row.gating) and (self.reviews is None or self.reviews.passed)
+        return (all(row.passed for row in self.rows if row.gating) and (self.reviews is None or self.reviews.passed)
+                and (self.allow_missing or not self.missing))
+
+    @property
+    def too_few(self) -> list[GateRow]:
+        return [row for row in self.rows if row.gating and row.too_few]
 
     @property
     def failures(self) -> list[GateRow]:
@@ -229,7 +246,7 @@ class GateResult:
     def failures_within_noise(self) -> list[GateRow]:
         """Failed rows whose interval still holds zero: the point estimate is past max_drop, the data cannot yet
         tell it from no change."""
-        return [row for row in self.failures if row.spans_zero]
+        return [row for row in self.failures if row.spans_zero and not row.too_few]
 
     def rerun_suites(self, model: str) -> list[str]:
         """The suites whose rerun replaces `model`'s unreproducible rows."""
@@ -243,6 +260,10 @@ class GateResult:
             f"max drop {self.max_drop:g} pts, suites {', '.join(self.suites)}",
             caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
             + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else "")
+            + (f"\nthe candidate was not measured on the baseline's {', '.join(self.missing)}"
+               + (" (allowed)" if self.allow_missing else " (FAIL)") if self.missing else "")
+            + (f"\nfewer than {self.min_items} common items (FAIL): {', '.join(r.key for r in self.too_few)}"
+               if self.too_few else "")
             + (f"\nhuman review ({'PASS' if self.reviews.passed else 'FAIL'}): {self.reviews.reason}"
                if self.reviews else ""),
         )
@@ -294,11 +315,34 @@ def _within(row: CompareRow, max_drop: float) -> bool:
     return row.delta >= -max_drop - _TOLERANCE
 
 
-def _gates(row: CompareRow, served: set[str]) -> bool:
-    suite = suite_of(row.benchmark)
+def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
+    suite = suite_of(benchmark)
     if suite == "text":
-        return lower_is_better(row.metric)
-    return suite != "mcq" or row.benchmark not in served or row.metric in SERVED_METRICS
+        return lower_is_better(metric)
+    if metric in NEVER_GATING_METRICS:
+        return False
+    return suite != "mcq" or benchmark not in served or metric in SERVED_METRICS
+
+
+def stale_served_rows(store: ResultStore, model: str, run: EvalRun) -> list[str]:
+    """`model`'s in-process served (`auto`) measurements computed under another calibration record than the one
+    its registry entry holds now (a `zephyr eval calibrate` since): the service no longer answers as they did."""
+    from zephyr import mcq
+
+    if store.registry is None or not store.registry.exists(model):
+        return []
+    record = store.registry.get(model).manifest.mcq_calibration
+    now = mcq.plan("auto", record)
+    stale = []
+    for m in run.measurements:
+        if m.metric != SERVED_METRICS[0]:
+            continue
+        if "record_created_at" in m.details:  # runs since 2026-12-03 name their record
+            if m.details["record_created_at"] != (record.created_at.isoformat() if record else None):
+                stale.append(m.key)
+        elif (m.details.get("method"), m.details.get("weights")) != (now.method, now.weights):
+            stale.append(m.key)
+    return stale
 
 
 def check(
@@ -311,11 +355,17 @@ def check(
     iters: int = 10_000,
     seed: int = 0,
     reviews: ReviewGate | None = None,
+    min_items: int = DEFAULT_MIN_ITEMS,
+    allow_missing: bool = False,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
     otherwise), or > +max_drop points for the share of looping answers, judged on the point estimate; the CI is
     shown so a reader can tell noise from a real drop. An MCQ benchmark both models have /mcq's served method for is
-    judged on that method alone; of the text suite, only looping answers gate."""
+    judged on that method alone; of the text suite, only looping answers gate. A gating row over fewer than
+    `min_items` common items fails, and so does the gate when the baseline has a gating measurement of a benchmark
+    the candidate was not measured on (unless `allow_missing`)."""
+    if min_items < 1:
+        raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
     suites = list(suites) if suites else list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
     if unknown:
@@ -333,6 +383,12 @@ def check(
             )
         runs[name] = run
     cand_run, base_run = runs[candidate], runs[baseline]
+    for name in (candidate, baseline):
+        stale = stale_served_rows(store, name, runs[name])
+        if stale:
+            raise GateError(
+                f"{name}'s {', '.join(stale)} were measured under another /mcq calibration record than the one it "
+                f"serves now (recalibrated since); rerun `zephyr eval run --model {name} --suite mcq` first")
     compared, problems = compare_runs(cand_run, base_run, suites, iters=iters, seed=seed)
     if problems:
         lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
@@ -353,7 +409,19 @@ def check(
     # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
     # other formats are shown for information).
     served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
-    rows = [GateRow(**vars(row), passed=_within(row, max_drop), gating=_gates(row, served)) for row in compared]
+    rows = [GateRow(**vars(row), passed=_within(row, max_drop) and row.n >= min_items,
+                    gating=_gates(row.benchmark, row.metric, served), too_few=row.n < min_items)
+            for row in compared]
+    if not any(row.gating for row in rows):
+        raise GateError(
+            f"of what {candidate} and {baseline} have in common ({', '.join(row.key for row in rows)}), nothing is a "
+            f"gating measurement (only the share of looping answers gates the text suite); run `zephyr eval run "
+            f"--model NAME --suite {suites[0]}` for both models")
+    gated_benchmarks = {row.benchmark for row in rows if row.gating}
+    base_served = {m.benchmark for m in base_run.measurements if m.metric in SERVED_METRICS}
+    missing = sorted(m.key for m in base_run.measurements
+                     if suite_of(m.benchmark) in suites and m.benchmark not in gated_benchmarks
+                     and _gates(m.benchmark, m.metric, base_served))
     compared_keys = {row.key for row in compared}
     skipped = sorted(
         m.key
@@ -374,6 +442,9 @@ def check(
         skipped=sorted(set(skipped)),
         reviews=reviews,
         unreproducible=unreproducible,
+        missing=missing,
+        allow_missing=allow_missing,
+        min_items=min_items,
     )
 
 

@@ -128,6 +128,9 @@ def planned(name: str, split: str, items: list[MCQItem], scores: dict[str, mcq.O
     return measurement(name, metric, split, values, groups=_groups(items, values),
                        details={"answers": answers, "probabilities": probabilities, "method": plan.method,
                                 "calibrated": plan.calibrated, "weights": plan.weights,
+                                # which record: the gate refuses figures of one the entry no longer serves
+                                "record_created_at": plan.calibration.created_at.isoformat()
+                                if plan.calibration else None,
                                 "calibration": {k: v for k, v in figures.items() if k not in ("n", "accuracy")}})
 
 

@@ -158,6 +158,12 @@ def method_metric(method: str, server: bool = False) -> str:
 SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
 
 
+def same_judge(a: Measurement, b: Measurement) -> bool:
+    """Whether two measurements were scored by the same judge: reward-model scores by different reward models are
+    on different scales and must not be compared (other measurements name none, and always compare)."""
+    return a.details.get("reward_model") == b.details.get("reward_model")
+
+
 def is_share(metric: str) -> bool:
     """Accuracy-like metrics: a share in [0, 1], compared in percentage points."""
     return metric.startswith(SHARE_PREFIXES)

@@ -45,6 +45,10 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
     minute from the local wheels). Raises QuantEnvError with pip's last lines if the install fails."""
     if is_ready(env) and not recreate:
         return python_of(env)
+    if env.exists() and not (env / STAMP).is_file() and (not env.is_dir() or any(env.iterdir())):
+        # Only a folder this made (its stamp) is ever deleted: the setting may name a user's own virtualenv.
+        raise QuantEnvError(f"{env} is not a quantization environment made by zephyr (no {STAMP} in it), so it is "
+                            "left alone; point ZEPHYR_QUANT_ENV at a new or empty folder, or remove this one yourself")
     say(f"making the quantization environment at {env} ({', '.join(requirements())}); this is done once")
     if env.exists():
         shutil.rmtree(env)

@@ -12,7 +12,7 @@ import numpy as np
 
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate
-from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share
+from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share, same_judge
 from zephyr.registry import QUANT_METHODS, Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -340,11 +340,12 @@ def _rm(views: list[ModelView], plots: Path) -> Section | None:
 
 
 def _rm_win_rates(views: list[ModelView]) -> Section | None:
-    scored = sorted(((v.name, m.items) for v in views if (m := v.get("rm/rm_score")) and m.items), key=lambda s: s[0])
+    scored = sorted(((v.name, m) for v in views if (m := v.get("rm/rm_score")) and m.items), key=lambda s: s[0])
     rows = []
-    for (a, a_items), (b, b_items) in combinations(scored, 2):
-        if not set(a_items) & set(b_items):
-            continue  # measured on different questions: nothing to compare
+    for (a, a_m), (b, b_m) in combinations(scored, 2):
+        a_items, b_items = a_m.items, b_m.items
+        if not set(a_items) & set(b_items) or not same_judge(a_m, b_m):
+            continue  # measured on different questions, or by different reward models: nothing to compare
         r = rm_win_rate(a_items, b_items)
         rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
                      _fmt_rate(r["n"], r["win_rate"], r["ci95"])])
@@ -406,10 +407,11 @@ def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str
 
 def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
     """A's reward-model win rate over B on the questions both were scored on, for the human table's side column."""
-    scores = {v.name: m.items for v in views if (m := v.get("rm/rm_score")) and m.items}
-    if a not in scores or b not in scores or not set(scores[a]) & set(scores[b]):
+    scores = {v.name: m for v in views if (m := v.get("rm/rm_score")) and m.items}
+    if (a not in scores or b not in scores or not set(scores[a].items) & set(scores[b].items)
+            or not same_judge(scores[a], scores[b])):
         return MISSING
-    r = rm_win_rate(scores[a], scores[b])
+    r = rm_win_rate(scores[a].items, scores[b].items)
     return f"{_fmt_rate(r['n'], r['win_rate'], r['ci95'])} (n {r['n']})"
 
 

@@ -204,5 +204,5 @@ def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(
         served_answers = store.latest(model).get("arc_easy/mcq_acc_auto_server")
         assert served_answers is not None and len(served_answers.items) == 16, model
     gate = zephyr("eval", "gate", "--candidate", quantized, "--baseline", DEFAULT_MODEL, "--suites", "mcq",
-                  "--max-drop", "100", env=env)
+                  "--max-drop", "100", "--min-items", "16", env=env)
     assert f"gate passed: {quantized} is within 100.0 points" in " ".join(gate.stdout.split()), gate.stdout

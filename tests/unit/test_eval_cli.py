@@ -156,6 +156,25 @@ def test_a_gate_failure_within_noise_says_so_and_still_fails(home):
     assert "cand's" not in said
 
 
+def test_a_gate_on_too_few_items_or_a_benchmark_left_out_says_what_to_do(home):
+    from evals.results import EvalRun, ResultStore, measurement
+    from zephyr.settings import Settings
+
+    store = ResultStore(Settings(home=home).resolved_eval_results_dir)
+    store.save(EvalRun(model="base", suite="mcq", measurements=[
+        measurement(b, "letter_acc", "test", {f"q{i}": 1.0 for i in range(40)}) for b in ("arc_easy", "sciq")]))
+    store.save(EvalRun(model="cand", suite="mcq", measurements=[
+        measurement("arc_easy", "letter_acc", "test", {f"q{i}": 1.0 for i in range(10)})]))
+    gate = ["eval", "gate", "--candidate", "cand", "--baseline", "base", "--suites", "mcq"]
+    result = CliRunner().invoke(app, gate)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "cand was not measured on sciq/letter_acc, which base was; run `zephyr eval run --model cand`" in said
+    assert "arc_easy/letter_acc (10) compared over fewer than 30 common items" in said
+    assert "is worse than" not in said  # no accuracy fell
+    assert CliRunner().invoke(app, [*gate, "--allow-missing", "--min-items", "10"]).exit_code == 0
+
+
 def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home):
     result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--no-letter", "--scores", "x.json"])
     assert result.exit_code == 1 and "--no-letter chooses what is scored" in " ".join(result.output.split())

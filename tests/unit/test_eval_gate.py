@@ -123,12 +123,81 @@ def test_newest_measurement_is_gated(store):
     assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
 
 
-def test_keys_only_one_model_has_are_listed_not_gated(store):
-    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), sciq__letter_acc=accuracy(60, 100))
-    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
+def test_a_benchmark_only_the_baseline_was_measured_on_fails_unless_allowed(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), sciq__letter_acc=accuracy(60, 100),
+         arc_easy__answer_prior_acc=accuracy(30, 100), sciq_text__bertscore_f1={"q1": 0.5},
+         sciq_text__looping=accuracy(3, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), gsm8k__exact_match_5shot=accuracy(9, 100))
     result = check(store, "cand", "base", max_drop=1.0, suites=None)
-    assert result.passed and result.skipped == ["sciq/letter_acc"]
-    assert "sciq/letter_acc" in render(result.table())
+    # Measured by the baseline alone: a benchmark that would gate is missing, a score shown for information is not.
+    assert not result.passed and result.missing == ["sciq/letter_acc", "sciq_text/looping"] and not result.failures
+    assert result.skipped == ["arc_easy/answer_prior_acc", "gsm8k/exact_match_5shot", "sciq/letter_acc",
+                              "sciq_text/bertscore_f1", "sciq_text/looping"]
+    caption = " ".join(render(result.table()).split())
+    assert "not measured on the baseline's sciq/letter_acc, sciq_text/looping (FAIL)" in caption
+    allowed = check(store, "cand", "base", max_drop=1.0, suites=None, allow_missing=True)
+    assert allowed.passed and "(allowed)" in render(allowed.table())
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).missing == ["sciq/letter_acc"]  # suites asked
+
+
+def test_a_row_over_too_few_common_items_fails_whatever_its_delta(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc={"q0": 1.0})  # one question: no drop, and a zero-width interval
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    (row,) = result.rows
+    assert not result.passed and row.too_few and result.too_few == [row] and result.failures_within_noise == []
+    assert "fewer than 30 common items (FAIL): arc_easy/letter_acc" in " ".join(render(result.table()).split())
+    assert check(store, "cand", "base", max_drop=1.0, suites=None, min_items=1).passed
+    with pytest.raises(GateError, match="at least 1"):
+        check(store, "cand", "base", min_items=0)
+
+
+def test_nothing_gating_in_common_is_an_error_not_a_pass(store):
+    # The reward model's score fell far, but it never gates: a gate with no gating row would pass on nothing.
+    save(store, "base", suite="text", rm__rm_score={"q1": 5.0, "q2": 5.0})
+    save(store, "cand", suite="text", rm__rm_score={"q1": -5.0, "q2": -5.0})
+    with pytest.raises(GateError, match="nothing is a gating measurement"):
+        check(store, "cand", "base", suites=["text"])
+
+
+def test_the_answer_prior_alone_never_gates(store):
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), arc_easy__answer_prior_acc=accuracy(30, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), arc_easy__answer_prior_acc=accuracy(20, 100))
+    result = check(store, "cand", "base", suites=["mcq"])
+    assert result.passed and {r.key: r.gating for r in result.rows} == {
+        "arc_easy/answer_prior_acc": False, "arc_easy/letter_acc": True}
+
+
+def test_served_figures_of_a_record_the_entry_no_longer_serves_are_refused(tmp_path, default_model):
+    from datetime import UTC, datetime
+
+    from zephyr.mcq import MCQCalibration
+    from zephyr.registry import ModelManifest, Registry
+
+    registry = Registry(tmp_path / "models")
+    for name in ("base", "cand"):
+        registry.add(default_model.path, ModelManifest(name=name, method="sft"))
+    record = MCQCalibration(method="cloze", weights={"cloze": 2.0}, created_at=datetime(2026, 12, 1, tzinfo=UTC))
+    registry.record_calibration("cand", record)
+    store = ResultStore(tmp_path / "results", registry)
+
+    def served(model: str, details: dict) -> None:
+        m = measurement("arc_easy", "mcq_acc_auto", "test", accuracy(60, 100))
+        m.details.update(details)
+        store.save(EvalRun(model=model, suite="mcq", measurements=[m]))
+
+    served("base", {"record_created_at": None, "method": "cloze", "weights": {"cloze": 1.0}})
+    served("cand", {"record_created_at": record.created_at.isoformat()})
+    assert check(store, "cand", "base", suites=["mcq"]).passed
+    registry.record_calibration("cand", record.model_copy(update={"created_at": datetime(2026, 12, 3, tzinfo=UTC)}))
+    with pytest.raises(GateError, match="cand's arc_easy/mcq_acc_auto were measured under another /mcq calibration"):
+        check(store, "cand", "base", suites=["mcq"])
+    # Runs from before measurements named their record: told by the method and weights they were computed with.
+    served("cand", {"method": "cloze", "weights": {"cloze": 2.0}})
+    assert check(store, "cand", "base", suites=["mcq"]).passed
+    served("cand", {"method": "cloze", "weights": {"cloze": 1.5}})
+    with pytest.raises(GateError, match="recalibrated since"):
+        check(store, "cand", "base", suites=["mcq"])
 
 
 def test_missing_results_say_what_to_run(store):
@@ -319,3 +388,15 @@ def test_runs_of_an_entry_replaced_under_the_same_name_are_not_this_models(tmp_p
     assert {m.key for m in store.latest("m").measurements} == {"sciq/letter_acc", "gsm8k/exact_match"}
     assert {m.key for m in ResultStore(tmp_path / "results").latest("m").measurements} == {
         "sciq/letter_acc", "gsm8k/exact_match"}  # without the registry: every run, as before
+
+
+def test_reward_model_scores_by_different_reward_models_are_not_compared(store):
+    from evals.gate import compare_runs
+
+    def scored(by: str, value: float) -> EvalRun:
+        m = measurement("rm", "rm_score", "test", {"q1": value, "q2": value})
+        m.details["reward_model"] = by
+        return EvalRun(model="x", suite="text", measurements=[m])
+
+    assert len(compare_runs(scored("rm-a", 1.0), scored("rm-a", 2.0))[0]) == 1
+    assert compare_runs(scored("rm-a", 1.0), scored("rm-b", 2.0)) == ([], {})

@@ -162,6 +162,18 @@ def test_quant_env_is_made_only_when_missing_or_stale(tmp_path, monkeypatch):
     assert not env.is_ready(fake)  # other pins: made again on next use
 
 
+def test_a_folder_zephyr_did_not_make_is_never_deleted_for_the_quant_env(tmp_path):
+    from quant import env
+
+    own = tmp_path / "my-venv"
+    (own / "bin").mkdir(parents=True)
+    (own / "bin" / "python").write_text("")
+    (own / "notes.txt").write_text("precious")
+    with pytest.raises(env.QuantEnvError, match="not a quantization environment made by zephyr .* left alone"):
+        env.ensure(own, say=lambda _: None)
+    assert (own / "notes.txt").read_text() == "precious"
+
+
 def test_a_failing_worker_reports_its_last_lines(tmp_path):
     import sys
 
