@@ -6,7 +6,9 @@ the letter-format scorer and the server client all read the same items in the sa
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -18,6 +20,7 @@ from typing import Any
 from zephyr.mcq import LETTERS, MAX_OPTIONS, MIN_OPTIONS
 from zephyr.schemas import MCQItem
 
+log = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """A benchmark that cannot be read; the message names the file or hub name and what to do."""
@@ -311,15 +314,46 @@ def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
     return [(source, *_check_source(source)) for source in sources]
 
 
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def question_key(question: str, options: list[str]) -> tuple[str, frozenset[str]]:
+    """A question as asked: its words (case, punctuation and spacing aside) and its set of options (in any order)."""
+    def words(text: str) -> str:
+        return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+    return words(question), frozenset(words(option) for option in options)
+
+
+@functools.lru_cache(maxsize=4)
+def reported_questions(data_dir: Path) -> dict[tuple[str, frozenset[str]], str]:
+    """question_key -> "benchmark/id" of every question in an MCQ benchmark's reported split under `data_dir` (those
+    the folder has). Text decontamination (training/data/clean.py) matches stems of five words or more; this catches
+    the short ones ("Who would be healthier?") that a training split repeats with the same options."""
+    found = {}
+    for name in MCQ_BENCHMARKS:
+        bench = BENCHMARKS[name]
+        if (data_dir / bench.splits[bench.eval_split]).exists():
+            for item in load(name, bench.eval_split, data_dir=data_dir):
+                found.setdefault(question_key(item.question, item.options), f"{name}/{item.id}")
+    return found
+
+
 def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
-    """MCQ items from "name:split" training sources, in the order given. Ids become "<source>/<original id>" so
-    they stay unique across sources and say where each item came from."""
+    """MCQ items from "name:split" training sources, in the order given, without any question a reported split
+    holds with the same options. Ids become "<source>/<original id>" so they stay unique across sources and say where
+    each item came from."""
     checked = check_mcq_sources(sources)  # refuse before reading anything
+    reported = reported_questions(Path(data_dir).resolve())
     items: list[MCQItem] = []
     for source, name, split in checked:
         try:
             loaded = load(name, split, data_dir=Path(data_dir), limit=limit_per_source)
         except DatasetError as exc:
             raise SourceError(f"{source}: {exc}") from exc
-        items.extend(item.model_copy(update={"id": f"{source}/{item.id}"}) for item in loaded)
+        leaked = {item.id: hit for item in loaded if (hit := reported.get(question_key(item.question, item.options)))}
+        if leaked:
+            log.warning("%s: left out %d question(s) a reported split holds with the same options (%s)", source,
+                        len(leaked), ", ".join(f"{i} = {hit}" for i, hit in list(leaked.items())[:5]))
+        items.extend(item.model_copy(update={"id": f"{source}/{item.id}"}) for item in loaded if item.id not in leaked)
     return items

@@ -164,7 +164,27 @@ def test_mcq_training_items_from_arc_easy_train():
 @needs_shared
 def test_mcq_training_ids_unique_across_sources():
     items = mcq_training_items(["arc_easy:train", "arc_challenge:train", "mmlu:dev"], SHARED, limit_per_source=10)
-    assert len(items) == 30 and len({item.id for item in items}) == 30
+    # Two of MMLU dev's first ten are test questions of another subject (clinical_knowledge-dev-0 is
+    # college_medicine-test-152), left out.
+    assert len(items) == 28 and len({item.id for item in items}) == 28
+
+
+def test_a_question_is_its_words_and_its_set_of_options():
+    from offline.benchmarks import question_key
+
+    assert question_key("Who would be healthier?", ["a man who eats fruit", "a man who eats candy"]) == \
+        question_key("who  would be HEALTHIER", ["A man who eats candy.", "a man who eats fruit"])
+    assert question_key("Who would be healthier?", ["fruit", "candy"]) != question_key("Who is healthier?",
+                                                                                        ["fruit", "candy"])
+
+
+@needs_shared
+def test_a_question_a_reported_split_holds_with_the_same_options_is_never_a_training_item(caplog):
+    # OpenBookQA train 14-380 is dev 9-193 with its options reordered: three words, too short for the text
+    # decontamination's match; dev is the split we report.
+    items = mcq_training_items(["openbookqa:train"], SHARED)
+    assert "openbookqa:train/14-380" not in {item.id for item in items}
+    assert "14-380 = openbookqa/9-193" in caplog.text
 
 
 @pytest.mark.parametrize("source", ["arc_easy:test", "openbookqa:validation", "sciq:test", "mmlu:test"])

@@ -28,6 +28,7 @@ from offline.benchmarks import (
     CALIBRATION_SPLITS,
     SourceError,
     check_mcq_sources,
+    load,
     mcq_training_items,
 )
 from zephyr import mcq
@@ -70,8 +71,11 @@ def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None 
                 raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
                                   f"{', '.join(DEFAULT_SOURCES)}")
         loaded = mcq_training_items([source], data_dir)
-        reserved[source] = min(cut, len(loaded)) if cut else 0
-        kept = loaded[cut:]
+        # The head calibration reads, by id: the training items may have lost a question (mcq_training_items).
+        head = {f"{source}/{item.id}" for item in load(name, split, data_dir=Path(data_dir), limit=cut)} \
+            if cut else set()
+        kept = [item for item in loaded if item.id not in head]
+        reserved[source] = len(loaded) - len(kept)
         items.extend(kept[:limit_per_source] if limit_per_source else kept)
     return items, {source: n for source, n in reserved.items() if n}
 
