@@ -78,14 +78,23 @@ class DataSpec(_Strict):
         default=False, description="sft on plain-text (cloze) examples only: train the tokenizer's end-of-sequence "
         "token after each completion too, so the examples say where an answer ends; the served cloze score has no "
         "such term, so this trades a little of what the loss matches for answers that stop")
-    eval_group: Literal["record", "opening"] = Field(
-        default="record", description="what eval_fraction holds out: single records, or whole groups of records "
-        "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side)")
+    eval_group: Literal["record", "opening", "question"] = Field(
+        default="record", description="what eval_fraction holds out: single records, whole groups of records "
+        "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side), or "
+        "whole groups built from one benchmark question (`meta.question_id`: a science question's explained and "
+        "direct records, which share no message)")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _one_held_out_part(self) -> DataSpec:
+        if self.eval and self.eval_fraction:
+            raise ValueError("data.eval names the held-out files, so data.eval_fraction would hold out nothing more; "
+                             "give one of them")
+        return self
 
 
 class LoraSpec(_Strict):

@@ -47,6 +47,7 @@ COLUMNS = {"sft": ["messages"], "rs": ["messages"], "dpo": ["prompt", "chosen", 
 TEXT_SCHEMAS: dict[str, type[BaseModel]] = {"dpo": TextPreferencePair, "sft": TextSFTExample}
 TEXT_COLUMNS = {"dpo": ["prompt", "chosen", "rejected"], "sft": ["prompt", "completion"]}
 RECIPE_FILE = "recipe.json"
+QUESTION_COLUMN = "_question_id"  # the question a record was built from: eval_group question's key, never trained on
 
 
 class TrainingError(RuntimeError):
@@ -72,9 +73,12 @@ def is_plain_text(file: Path) -> bool:
     return False
 
 
-def read_records(files: list[Path], method: str, limit: int | None = None) -> list[dict[str, Any]]:
+def read_records(files: list[Path], method: str, limit: int | None = None,
+                 question_ids: bool = False) -> list[dict[str, Any]]:
     """The method's columns of every record; a record in another schema fails naming its file and line. dpo and sft
-    also read the plain-text schemas (TextPreferencePair, TextSFTExample), one kind for all files."""
+    also read the plain-text schemas (TextPreferencePair, TextSFTExample), one kind for all files. With
+    `question_ids`, each row also carries its `meta.question_id` as QUESTION_COLUMN (for hold_out; dropped before
+    training)."""
     plain = [is_plain_text(file) for file in files] if method in TEXT_SCHEMAS else [False] * len(files)
     if len(set(plain)) > 1:
         raise RecipeError(f"{', '.join(map(str, files))} mix plain-text and conversational records; use one kind")
@@ -83,8 +87,16 @@ def read_records(files: list[Path], method: str, limit: int | None = None) -> li
     rows: list[dict[str, Any]] = []
     for file in files:
         try:
-            for record in read_jsonl(file, schema):
-                rows.append({k: v for k, v in record.model_dump(mode="json").items() if k in columns})
+            for number, record in enumerate(read_jsonl(file, schema), start=1):
+                row = {k: v for k, v in record.model_dump(mode="json").items() if k in columns}
+                if question_ids:
+                    question = (getattr(record, "meta", None) or {}).get("question_id")
+                    if not isinstance(question, str):
+                        raise RecipeError(f"{file} record {number} has no meta.question_id, which data.eval_group: "
+                                          "question holds out by (`zephyr data science`, `cloze` and `restate` write "
+                                          "it); use eval_group: record or opening for these records")
+                    row[QUESTION_COLUMN] = question
+                rows.append(row)
                 if limit and len(rows) >= limit:
                     return rows
         except DataFileError as exc:
@@ -105,13 +117,16 @@ def opening(record: dict[str, Any]) -> str:
 def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any, Any]:
     """Split off `fraction` of the records for evaluation by a fixed seed. With `group="opening"` whole groups of
     records sharing an opening message go to one side, so the held-out agreement is not measured on the second
-    half of a conversation whose first half was trained on."""
+    half of a conversation whose first half was trained on; with `group="question"`, whole groups of records built
+    from one benchmark question (QUESTION_COLUMN: a science question's explained and direct records differ in
+    every message)."""
     if group == "record":
         split = dataset.train_test_split(test_size=fraction, seed=seed)
         return split["train"], split["test"]
     groups: dict[str, list[int]] = {}
-    for index, record in enumerate(dataset):
-        groups.setdefault(opening(record), []).append(index)
+    keys_of = dataset[QUESTION_COLUMN] if group == "question" else [opening(record) for record in dataset]
+    for index, key in enumerate(keys_of):
+        groups.setdefault(key, []).append(index)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     held: list[int] = []
@@ -448,7 +463,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     check_output_free(registry, output, overwrite)
     spec = recipe.data or DataSpec(train=data_files or [])
     train_files = data_files or spec.train
-    rows = read_records(train_files, recipe.method, spec.limit)
+    by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
+    rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)
     eval_rows = read_records(spec.eval, recipe.method) if spec.eval else []
 
     from datasets import Dataset
@@ -462,6 +478,10 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     if spec.validation_fraction:
         train_set, validation_set = hold_out(train_set, spec.validation_fraction, spec.eval_group, seed)
     dropped_for_length = 0
+    if by_question:
+        train_set, eval_set, validation_set = (
+            part.remove_columns(QUESTION_COLUMN) if part is not None and QUESTION_COLUMN in part.column_names
+            else part for part in (train_set, eval_set, validation_set))
     if spec.balance_lengths:  # the training part only: what is measured keeps every pair
         balanced = balance_lengths(train_set, seed)
         dropped_for_length = len(train_set) - len(balanced)

@@ -210,6 +210,38 @@ def test_held_out_groups_keep_a_conversation_opening_on_one_side():
     assert len(record_held) == 8 and {opening(r) for r in record_held} & {opening(r) for r in record_train}
 
 
+def test_records_of_one_question_are_held_out_together_and_the_key_is_never_trained_on(home, tmp_path):
+    from datasets import Dataset
+
+    from training.run import QUESTION_COLUMN, read_records
+
+    # A science question's direct and explained records share no message: only meta.question_id ties them.
+    kto = tmp_path / "science-kto.jsonl"
+    write_jsonl(kto, [KTOExample(prompt=user(f"{form} question {q}"), completion=reply("B" if good else "C"),
+                                 label=good, meta={"question_id": f"q{q}"})
+                      for q in range(10) for form, good in (("Explain", True), ("Answer", True), ("Answer", False))])
+    rows = read_records([kto], "kto", question_ids=True)
+    train_set, held = hold_out(Dataset.from_list(rows), 0.2, "question", seed=42)
+    assert len(held) == 6 and not set(train_set[QUESTION_COLUMN]) & set(held[QUESTION_COLUMN])
+    assert "meta" not in rows[0]
+
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "tiny-kto-q", {
+        "method": "kto", "model": TINY, "output": "tiny-kto-q",
+        "data": {"train": str(kto), "eval_fraction": 0.2, "validation_fraction": 0.2, "eval_group": "question"},
+        "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "beta": 0.1}})
+    summary = json.loads((train(load_recipe(path), settings, recipe_path=path).run_dir / "summary.json").read_text())
+    assert (summary["eval_records"], summary["validation_records"]) == (6, 6)  # whole questions: three records each
+
+    bare = tmp_path / "bare.jsonl"
+    write_jsonl(bare, [KTOExample(prompt=user("q"), completion=reply("B"), label=True)])
+    with pytest.raises(RecipeError, match="record 1 has no meta.question_id"):
+        read_records([bare], "kto", question_ids=True)
+    with pytest.raises(RecipeError, match="give one of them"):
+        load_recipe(recipe_file(tmp_path, "both", {"method": "kto", "model": TINY, "data": {
+            "train": str(kto), "eval": str(kto), "eval_fraction": 0.1}}))
+
+
 def test_balanced_training_pairs_choose_the_longer_reply_as_often_as_the_shorter():
     from datasets import Dataset
 
