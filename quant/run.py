@@ -137,9 +137,11 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     except RegistryError as exc:
         raise QuantError(str(exc)) from None
     config = json.loads((parent.path / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise QuantError(f"{options.model} is already quantized "
-                         f"({config['quantization_config'].get('quant_method')}); quantize its unquantized parent")
+    if config.get("quantization_config") or parent.manifest.method in QUANT_METHODS:
+        # EasyQuant's dequantized form holds plain 16-bit weights: only its manifest says they were quantized.
+        how = (config.get("quantization_config") or {}).get("quant_method") or parent.manifest.method
+        raise QuantError(f"{options.model} is already quantized ({how}); quantize its unquantized parent"
+                         + (f", {parent.manifest.parent}" if parent.manifest.parent else ""))
     if options.method in GROUPED:
         if options.group_size < 1:
             raise QuantError(f"--group-size must be a positive number of input features, not {options.group_size}")
@@ -170,6 +172,8 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     name = options.resolved_name
     if registry.exists(name) and not options.overwrite:
         raise QuantError(f"model {name!r} already exists; pass --name NEW or --overwrite")
+    if name == options.model:
+        raise QuantError(f"--name {name} is the model being quantized; give the result another name")
     if registry.exists(name):
         try:
             registry.check_replaceable(name)

@@ -16,8 +16,11 @@ from typing import Any
 
 from zephyr import mcq
 
-# Reasoning shorter than this before the answer line is no explanation: the format reward asks for one.
+# Reasoning shorter than this before the answer line is no explanation: the format reward asks for one, in words of
+# its own (a run of one character, or the question echoed back, is none).
 MIN_REASONING_CHARS = 20
+MIN_NEW_WORDS = 3
+_WORD = re.compile(r"[a-z]{2,}")
 _CUE = re.compile("|".join(re.escape(stop) for stop in mcq.EXPLAIN_STOP))
 # After the cue: spaces, and optional markup a small model writes around a letter ("**B**", "(B)").
 _LETTER = re.compile(r"[\s*(\[]*([A-Z])(?![A-Za-z])")
@@ -47,12 +50,16 @@ def correct_letter(completions: Sequence[Any], answer: Sequence[str], letters: S
             for c, key, valid in zip(completions, answer, letters, strict=True)]
 
 
-def answer_format(completions: Sequence[Any], letters: Sequence[str], **_: Any) -> list[float]:
-    """1.0 for reasoning of at least MIN_REASONING_CHARS, then an answer line with a valid letter; else 0.0."""
+def answer_format(completions: Sequence[Any], letters: Sequence[str], prompts: Sequence[Any] | None = None,
+                  **_: Any) -> list[float]:
+    """1.0 for reasoning of at least MIN_REASONING_CHARS holding MIN_NEW_WORDS distinct words the prompt does not,
+    then an answer line with a valid letter; else 0.0."""
     texts = [completion_text(c) for c in completions]
+    asked = [set(_WORD.findall(completion_text(p).lower())) for p in prompts] if prompts else [set()] * len(texts)
     return [float(answer_letter(text, valid) is not None  # a valid letter implies an answer line
-                  and len(served_reasoning(text).strip()) >= MIN_REASONING_CHARS)
-            for text, valid in zip(texts, letters, strict=True)]
+                  and len(reasoning := served_reasoning(text).strip()) >= MIN_REASONING_CHARS
+                  and len(set(_WORD.findall(reasoning.lower())) - seen) >= MIN_NEW_WORDS)
+            for text, valid, seen in zip(texts, letters, asked, strict=True)]
 
 
 def served_reasoning(text: str) -> str:
@@ -77,21 +84,30 @@ class ServedLetter:
         self.model, self.tokenizer = model, tokenizer
 
     def letters_of(self, prompts: Sequence[Any], completions: Sequence[Any], letters: Sequence[str]) -> list[str]:
-        import torch
-
         if self.model is None:
             raise RuntimeError("ServedLetter needs the policy: call bind(model, tokenizer) before training")
         chosen = []
-        for prompt, completion, valid in zip(prompts, completions, letters, strict=True):
-            head = (prompt if isinstance(prompt, str) else
-                    self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
-            text = head + mcq.answer_cue_after(served_reasoning(completion_text(completion)))
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            with torch.no_grad():
-                logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1]
-            options = mcq.letter_token_ids(self.tokenizer, len(valid), leading_space=True)
-            chosen.append(valid[int(torch.argmax(logits[options]))])
+        # TRL scores rewards while the policy trains: dropout (LoRA's included) would make the served letter random.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for prompt, completion, valid in zip(prompts, completions, letters, strict=True):
+                chosen.append(self._letter(prompt, completion, valid))
+        finally:
+            self.model.train(was_training)
         return chosen
+
+    def _letter(self, prompt: Any, completion: Any, valid: str) -> str:
+        import torch
+
+        head = (prompt if isinstance(prompt, str) else
+                self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
+        text = head + mcq.answer_cue_after(served_reasoning(completion_text(completion)))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1]
+        options = mcq.letter_token_ids(self.tokenizer, len(valid), leading_space=True)
+        return valid[int(torch.argmax(logits[options]))]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[str],
                  letters: Sequence[str], **_: Any) -> list[float]:

@@ -419,9 +419,11 @@ def saved_recipe_digest(run_dir: Path) -> str | None:
     return json.loads(saved.read_text()).get("digest") if saved.is_file() else None
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None = None) -> bool:
+def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None = None,
+                    base_made_at: str | None = None) -> bool:
     """Create or reuse the run folder; True when training resumes from a checkpoint of the same recipe on the same
-    data (`data`: the digest of the data files' contents; the recipe names them only by path)."""
+    data (`data`: the digest of the data files' contents; the recipe names them only by path) from the same base
+    entry (`base_made_at`: when the base model's entry was made; the recipe names it only by name)."""
     saved = run_dir / RECIPE_FILE
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only the first process writes
     if fresh and run_dir.exists() and main:
@@ -436,11 +438,16 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
             raise TrainingError(f"{run_dir} holds a run started on other data: the recipe's data files have changed "
                                 "since (regenerated, or read from another folder); pass --fresh to start over on "
                                 "these, or set another `output` name")
+        started_from = started.get("base_made_at")  # absent in folders of older versions
+        if base_made_at is not None and started_from is not None and started_from != base_made_at:
+            raise TrainingError(f"{run_dir} holds a run started from an earlier {recipe.model!r}, since replaced "
+                                "under that name: its checkpoints adapt weights the base no longer has; pass --fresh "
+                                "to start over, or set another `output` name")
         return last_checkpoint(run_dir) is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "recipe": recipe.resolved()},
-                                    indent=2))
+        saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "base_made_at": base_made_at,
+                                     "recipe": recipe.resolved()}, indent=2))
     return False
 
 
@@ -494,7 +501,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         raise TrainingError("data.end_with_eos is for plain-text (cloze) SFT examples; chat examples already end "
                             "each turn with the chat template's end token: drop it")
     run_dir = settings.home / "runs" / output
-    resume = prepare_run_dir(recipe, run_dir, fresh, data_digest([*train_files, *spec.eval]))
+    resume = prepare_run_dir(recipe, run_dir, fresh, data_digest([*train_files, *spec.eval]),
+                             base.manifest.created_at.isoformat())
     reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
     args = build_args(recipe, run_dir, watched is not None, plain_text, reward_weights)
     _, device = device_summary()

@@ -70,8 +70,19 @@ def test_a_name_other_entries_were_made_from_is_not_replaced(registry, default_m
 
 
 def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_model):
+    from zephyr.registry import ModelManifest
+
     with pytest.raises(QuantError, match="no model 'nope' in the registry"):
         check(QuantOptions(model="nope", method="gptq"), registry)
+    # EasyQuant's dequantized form is plain 16-bit weights: its manifest alone says it was quantized.
+    registry.add(registry.get(default_model.name).path, ModelManifest(name="eq", parent=default_model.name,
+                                                                      method="easyquant"))
+    with pytest.raises(QuantError, match=f"eq is already quantized \\(easyquant\\); quantize its unquantized "
+                                         f"parent, {default_model.name}"):
+        check(QuantOptions(model="eq", method="gptq"), registry)
+    with pytest.raises(QuantError, match="is the model being quantized"):
+        check(QuantOptions(model=default_model.name, method="gptq", name=default_model.name, overwrite=True),
+              registry)
 
 
 def test_good_options_pass_and_name_the_result(registry, default_model):

@@ -295,8 +295,13 @@ def test_a_run_folder_refuses_to_resume_on_data_that_changed(data, tmp_path):
     with pytest.raises(TrainingError, match="started on other data.*--fresh"):
         prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b")
     assert prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b") is False
+    # The base replaced under its name since: the checkpoints adapt weights it no longer has.
+    assert prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b", base_made_at="2026-12-01") is False
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01") is False
+    with pytest.raises(TrainingError, match="started from an earlier .* since replaced.*--fresh"):
+        prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-03")
     saved = json.loads((run_dir / "recipe.json").read_text())
-    del saved["data_digest"]  # a folder an older version started: resumed as before
+    del saved["data_digest"], saved["base_made_at"]  # a folder an older version started: resumed as before
     (run_dir / "recipe.json").write_text(json.dumps(saved))
     assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-c") is False
 
@@ -445,7 +450,10 @@ def test_served_letter_reads_the_letter_as_mcq_explain_serves_it(home):
     reasonings = ["Air is a gas at room temperature.", "Rock is solid. Answer: A and more text", "x" * 30]
     reward = ServedLetter()
     reward.bind(model, tokenizer)
+    model.train()  # as TRL holds the policy when it asks for rewards: dropout must not reach the served letter
     got = reward.letters_of([prompt] * 3, [[{"role": "assistant", "content": r}] for r in reasonings], ["ABC"] * 3)
+    assert model.training  # handed back as it was
+    model.eval()
     for reasoning, letter in zip(reasonings, got, strict=True):
         kept = reasoning.split("Answer:")[0]  # the service stops generating at the answer line
         ids = mcq.encode_prompt(tokenizer, question, explain=True, reasoning=kept)

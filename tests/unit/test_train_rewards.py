@@ -35,6 +35,15 @@ def test_answer_format_needs_reasoning_then_a_valid_letter():
     assert answer_format(completions, letters=["AB"] * 4) == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_the_format_reward_wants_words_of_its_own_not_filler_or_the_question_echoed():
+    asked = "Which gas do plants take in for photosynthesis?\nA. oxygen\nB. carbon dioxide"
+    prompt = [{"role": "user", "content": asked}]
+    completions = ["aaaaaaaaaaaaaaaaaaaa Answer: A",
+                   "Which gas do plants take in for photosynthesis? Answer: B",
+                   "Plants absorb carbon dioxide through leaf pores.\nAnswer: B"]
+    assert answer_format(completions, letters=["AB"] * 3, prompts=[prompt] * 3) == [0.0, 0.0, 1.0]
+
+
 def test_a_length_mismatch_is_an_error_not_a_silent_truncation():
     with pytest.raises(ValueError):
         correct_letter(["Answer: A"], answer=["A", "B"], letters=["AB", "AB"])
