@@ -29,6 +29,8 @@ def ece(confidence: Sequence[float], correct: Sequence[float], bins: int = ECE_B
     conf, right = np.asarray(confidence, float), np.asarray(correct, float)
     if not len(conf):
         return float("nan")
+    if not np.isfinite(conf).all():  # a NaN would fall in no bin yet count in the denominator
+        raise ValueError("a confidence is not a finite number")
     index = np.minimum((conf * bins).astype(int), bins - 1)
     gap = 0.0
     for b in range(bins):
@@ -60,13 +62,23 @@ def nll(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
 
 def coverage_accuracy(confidence: Sequence[float], correct: Sequence[float],
                       coverages: Sequence[float] = COVERAGES) -> dict[str, float]:
-    """Accuracy on the most confident share of questions (risk-coverage): what an abstaining tutor delivers."""
-    order = np.argsort(-np.asarray(confidence, float), kind="stable")
-    right = np.asarray(correct, float)[order]
+    """Accuracy on the most confident share of questions (risk-coverage): what an abstaining tutor delivers. Questions
+    tied at the cut-off's confidence count by their mean, so the figure does not depend on the order they come in."""
+    conf = np.asarray(confidence, float)
+    order = np.argsort(-conf, kind="stable")
+    conf, right = conf[order], np.asarray(correct, float)[order]
     out = {}
     for share in coverages:
+        if not len(right):
+            out[f"{share:.0%}"] = float("nan")
+            continue
         keep = max(1, int(round(share * len(right))))
-        out[f"{share:.0%}"] = float(right[:keep].mean()) if len(right) else float("nan")
+        cut = conf[keep - 1]
+        above = conf > cut
+        tied = conf == cut
+        taken_tied = keep - int(above.sum())  # how many of the tied questions the share takes
+        total = right[above].sum() + taken_tied * right[tied].mean()
+        out[f"{share:.0%}"] = float(total / keep)
     return out
 
 
@@ -229,7 +241,8 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
     """Every candidate, measured by `folds`-fold cross-validation on `items`; the record keeps the most accurate
     (the combination only when it gains COMBINED_MIN_GAIN over the best single method, which costs fewer engine
     requests), fitted on all of `items`, and each single method's temperature. Returns the record and each
-    candidate's figures: raw (no calibration), cross-validated, and fitted (in-sample)."""
+    candidate's figures: raw (every feature at weight 1: for cloze_pmi the answer prior is then added, not taken
+    away, so `raw` is no PMI), cross-validated, and fitted (in-sample)."""
     have_letter = all(i.scores.letter is not None for i in items)
     have_cloze = all(i.scores.cloze is not None for i in items)
     have_prior = all(i.scores.answer_prior is not None for i in items)
@@ -261,7 +274,8 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
                     if name in fitted and fitted[name].weights[name] > 0}
     record = fitted[best].model_copy(update={
         "weights": {f: w for f, w in fitted[best].weights.items() if w}, "temperatures": temperatures,
-        "validation": {"n": len(items), "chosen_by": f"{folds}-fold cross-validated accuracy",
+        "validation": {"n": len(items), "chosen_by": f"{folds}-fold cross-validated accuracy"
+                       if len(items) >= 2 * folds else "in-sample accuracy (too few questions to cross-validate)",
                        "candidates": {n: {"weights": f["weights"], "scaling": f["scaling"], **{
                            f"{stage}_{k}": f[stage][k] for stage in ("raw", "cross_validated", "fitted") if f[stage]
                            for k in ("accuracy", "nll", "ece")}} for n, f in figures.items()}}})

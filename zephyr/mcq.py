@@ -146,7 +146,9 @@ def letter_token_ids(tokenizer: Any, count: int, leading_space: bool = False) ->
 
 def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[str, float], str]:
     """Probabilities over exactly the option letters (the letters' log-probabilities renormalized, summing to 1)
-    and the most likely letter; ties go to the earlier letter, as argmax does."""
+    and the most likely letter; ties go to the earlier letter, as argmax does. A NaN counts as impossible (-inf):
+    max() over NaNs depends on where they stand."""
+    logprobs = [-math.inf if math.isnan(x) else x for x in logprobs]
     peak = max(logprobs)
     if not math.isfinite(peak):
         raise ValueError("no option letter has a finite log-probability")
@@ -342,6 +344,8 @@ def confidence_features(scores: OptionScores) -> dict[str, float]:
 
 
 def log_softmax(values: Sequence[float]) -> list[float]:
+    # A weighted sum of scores where two are -inf (-inf * w + -inf * -w') is NaN: that option is impossible.
+    values = [-math.inf if math.isnan(v) else v for v in values]
     peak = max(values)
     if not math.isfinite(peak):
         raise ValueError("no option has a finite score")

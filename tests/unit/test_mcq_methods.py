@@ -132,6 +132,20 @@ def test_calibration_metrics():
     assert coverage == {"100%": 0.5, "80%": pytest.approx(2 / 3), "50%": 1.0}
     bins = calibration.reliability([0.95, 0.97, 0.1], [1, 0, 0])
     assert [(b["count"], b["accuracy"]) for b in bins] == [(1, 0.0), (2, 0.5)]
+    # Ties at the cut-off count by their mean: the same questions in another order give the same figure.
+    for right in ([1, 1, 0, 0, 1], [0, 0, 1, 1, 1]):
+        assert calibration.coverage_accuracy([0.5, 0.5, 0.5, 0.5, 0.4], right)["50%"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not a finite number"):
+        calibration.ece([float("nan"), 0.9], [1, 1])
+
+
+def test_a_nan_score_is_an_impossible_option_wherever_it_stands():
+    nan = float("nan")
+    assert mcq.letter_distribution("AB", [0.0, nan]) == ({"A": 1.0, "B": 0.0}, "A")
+    assert mcq.letter_distribution("AB", [nan, 0.0]) == ({"A": 0.0, "B": 1.0}, "B")
+    assert mcq.log_softmax([nan, 0.0, 0.0])[0] == float("-inf")
+    with pytest.raises(ValueError, match="no option"):
+        mcq.log_softmax([nan, nan])
 
 
 def synthetic(n: int, seed: int, temperature: float, bias: list[float]) -> list[calibration.Scored]:
@@ -163,6 +177,8 @@ def test_fit_recovers_the_temperature_and_the_letter_prior_and_chooses_by_valida
     assert held["n"] == 3000 and held["accuracy"] == pytest.approx(figures["cloze"]["fitted"]["accuracy"], abs=0.02)
     held_out = synthetic(3000, seed=1, temperature=4.0, bias=[1.0, 0.5, 0.0, -1.0])
     assert calibration.evaluate(record, held_out)["ece"] < 0.03
+    few, _ = calibration.fit(items[:9])  # under two questions a fold: the record says how it chose
+    assert few.validation["chosen_by"].startswith("in-sample accuracy")
 
 
 def test_scores_file_round_trip(tmp_path: Path):
