@@ -1,0 +1,133 @@
+"""Which sampling should a chat get when its client sends none? Most chat clients send no `temperature`, and OpenAI's
+default of 1.0 was the server's too: a 135M model sampled at 1.0 wanders. This asks SciQ questions as a student would
+(the text suite's prompt: the tutor's system prompt, then the bare question, up to 128 new tokens) under several
+sampling settings and reads each answer against the question's options:
+
+- right: the answer names the key's text and no distractor's (words, case and punctuation aside);
+- wrong: it names a distractor's and not the key's;
+- looping: `zephyr.textquality.loops`, the rule the gate and the metrics use;
+- ended: it stopped on its own before the token limit; and its length in words.
+
+Each setting is compared with the first by a paired bootstrap over questions (`evals.stats.paired_bootstrap`).
+Choose on `--split validation` (SciQ valid); read `--split test` once for the setting chosen.
+
+    python -m tools.chat_defaults_probe --split validation --limit 500 \\
+        --settings 1.0/1.0/1.0,0.7/0.9/1.0,0.3/0.9/1.0,0/1.0/1.0,0.3/0.9/1.1
+
+Each setting is temperature/top_p/repetition_penalty. Every request carries the same seed, so a rerun repeats the
+draws. One in-process vLLM engine: about 4 min for 500 questions a setting on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from evals.stats import paired_bootstrap
+from offline import benchmarks
+from zephyr.console import make_console
+from zephyr.prompts import encode_chat
+from zephyr.registry import Registry
+from zephyr.settings import DEFAULT_MODEL, Settings
+from zephyr.textquality import loops
+
+MAX_TOKENS = 128
+_NON_WORD = re.compile(r"[\W_]+")
+
+app = typer.Typer(add_completion=False)
+
+
+def words(text: str) -> str:
+    return f" {' '.join(_NON_WORD.sub(' ', text.lower()).split())} "
+
+
+def judge(answer: str, options: list[str], key: int) -> str:
+    """`right`, `wrong`, `both` or `neither`: which options' texts the answer names."""
+    said = words(answer)
+    named = [words(option) in said for option in options]
+    if named[key]:
+        return "both" if any(n for i, n in enumerate(named) if i != key) else "right"
+    return "wrong" if any(named) else "neither"
+
+
+def parse_settings(text: str) -> list[tuple[float, float, float]]:
+    out = []
+    for part in text.split(","):
+        temperature, top_p, penalty = (float(x) for x in part.split("/"))
+        out.append((temperature, top_p, penalty))
+    return out
+
+
+@app.command()
+def main(
+    model: Annotated[str, typer.Option()] = DEFAULT_MODEL,
+    split: Annotated[str, typer.Option(help="validation to choose, test to report once")] = "validation",
+    limit: Annotated[int, typer.Option(help="the first N questions that have a passage")] = 500,
+    settings_list: Annotated[str, typer.Option("--settings", help="temperature/top_p/repetition_penalty,...; "
+                                               "the first is the baseline")] = "1.0/1.0/1.0,0.3/0.9/1.0",
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="write every answer and figure here (JSON)")] = None,
+) -> None:
+    from vllm import SamplingParams, TokensPrompt
+
+    from offline.engine import OfflineEngine
+
+    console = make_console()
+    settings = Settings()
+    items = [i for i in benchmarks.load("sciq", split, data_dir=settings.data_dir) if i.support][:limit]
+    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt_enabled else []
+    engine = OfflineEngine(Registry(settings.models_dir).get(model).path, settings)
+    prompts = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, system + [
+        {"role": "user", "content": item.question}])) for item in items]
+    results = []
+    try:
+        for temperature, top_p, penalty in parse_settings(settings_list):
+            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p,
+                                    repetition_penalty=penalty, seed=seed)
+            started = time.perf_counter()
+            outputs = engine.llm.generate(prompts, params, use_tqdm=True)
+            answers = [o.outputs[0] for o in outputs]
+            verdicts = {item.id: judge(a.text, item.options, "ABCD".index(item.answer))
+                        for item, a in zip(items, answers, strict=True)}
+            results.append({
+                "setting": f"T={temperature:g} top_p={top_p:g} rep={penalty:g}",
+                "seconds": time.perf_counter() - started,
+                "right": {i: float(v == "right") for i, v in verdicts.items()},
+                "wrong": {i: float(v == "wrong") for i, v in verdicts.items()},
+                "looping": {item.id: float(loops(a.text)) for item, a in zip(items, answers, strict=True)},
+                "ended": {item.id: float(a.finish_reason == "stop") for item, a in zip(items, answers, strict=True)},
+                "words": {item.id: float(len(a.text.split())) for item, a in zip(items, answers, strict=True)},
+                "answers": {item.id: a.text for item, a in zip(items, answers, strict=True)},
+            })
+    finally:
+        engine.shutdown()
+
+    base = results[0]
+    table = Table(title=f"{model}: SciQ {split}, first {len(items)} questions with a passage, as chat "
+                        f"(up to {MAX_TOKENS} tokens); deltas against {base['setting']} [95% paired bootstrap]")
+    for column in ("setting", "right", "wrong", "looping", "ended", "words"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for result in results:
+        cells = [result["setting"]]
+        for metric in ("right", "wrong", "looping", "ended"):
+            mean = sum(result[metric].values()) / len(items)
+            cell = f"{mean:.1%}"
+            if result is not base:
+                d = paired_bootstrap(result[metric], base[metric], seed=seed)
+                cell += f" ({d.delta * 100:+.1f} [{d.low * 100:+.1f}, {d.high * 100:+.1f}])"
+            cells.append(cell)
+        cells.append(f"{sum(result['words'].values()) / len(items):.0f}")
+        table.add_row(*cells)
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps({"model": model, "split": split, "n": len(items), "results": results}, indent=1))
+        console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()
