@@ -428,6 +428,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only the first process writes
     if fresh and run_dir.exists() and main:
         shutil.rmtree(run_dir)
+    _wait_for_every_process()  # no process may read the folder the first one is still deleting
     if saved.is_file():
         started = json.loads(saved.read_text())
         if started.get("digest") != recipe.digest():
@@ -449,6 +450,14 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
         saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "base_made_at": base_made_at,
                                      "recipe": recipe.resolved()}, indent=2))
     return False
+
+
+def _wait_for_every_process() -> None:
+    """A barrier across the processes of `accelerate launch` (nothing to wait for in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def _file_logger(path: Path) -> logging.Handler:
