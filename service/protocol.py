@@ -145,8 +145,10 @@ class SamplingRequest(Strict):
     checks; token ids are checked against the served tokenizer)."""
 
     model: StrictStr | None = Field(default=None, max_length=256)
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description=(
+        "unset: 1 on /v1/completions; on a chat the server's ZEPHYR_CHAT_TEMPERATURE (0.3 by default)"))
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, description=(
+        "unset: 1 on /v1/completions; on a chat the server's ZEPHYR_CHAT_TOP_P (0.9 by default)"))
     n: int = Field(default=1, ge=1, le=1024)
     stop: StrictStr | list[StrictStr] | None = Field(default=None, validate_default=True)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
@@ -174,12 +176,13 @@ class SamplingRequest(Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self, temperature: float = 1.0, top_p: float = 1.0) -> dict[str, Any]:
         """service.engine.GenParams's fields that these parameters set alike on every route (the token ids of
-        `stop_token_ids` still need the tokenizer's check)."""
+        `stop_token_ids` still need the tokenizer's check); `temperature` and `top_p` where the request sets none
+        (OpenAI's 1.0 unless the route has its own)."""
         return dict(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=temperature if self.temperature is None else self.temperature,
+            top_p=top_p if self.top_p is None else self.top_p,
             n=self.n, stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, top_k=self.top_k or 0, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,

@@ -244,7 +244,7 @@ class Tutor:
             max_tokens=asked or room,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             stop_token_ids=self.stop_token_ids(req.stop_token_ids or []),
-            **req.sampling(),
+            **req.sampling(self.settings.chat_temperature, self.settings.chat_top_p),
         )
         if params.min_tokens > params.max_tokens:
             raise APIError(400, f"`min_tokens` is {params.min_tokens}; this prompt leaves room for {params.max_tokens}",

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # Tutoring behaviour.
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     system_prompt_enabled: bool = True
+    # What a chat is sampled with when its client sends no `temperature` / `top_p` (most chat clients send none).
+    # OpenAI's 1.0 made this model name the key in 5% of SciQ validation answers, 0.3 / 0.9 in 20%
+    # (docs/evaluation.md, "Chat sampling when the client sends none").
+    chat_temperature: float = Field(default=0.3, ge=0, le=2, description="a chat's temperature when its request "
+                                    "sets none")
+    chat_top_p: float = Field(default=0.9, gt=0, le=1, description="a chat's top_p when its request sets none")
     mcq_explain_max_tokens: int = Field(default=256, ge=1, le=8192)
     # /mcq answers null (abstains) below this confidence unless the request sets its own; None: never.
     mcq_min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)

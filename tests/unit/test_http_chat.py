@@ -3,6 +3,7 @@ import json
 import pytest
 
 from service.engine import EngineUnavailable
+from zephyr.settings import Settings
 
 CHAT = "/v1/chat/completions"
 
@@ -49,6 +50,19 @@ async def test_parameters_reach_the_engine(served):
         7, 0.3, 0.9, 2, ["###"], 42)
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+async def test_a_chat_that_sets_no_sampling_gets_the_servers_and_a_completion_gets_openais(app_factory):
+    async with app_factory(chat_temperature=0.2, chat_top_p=0.8) as served:
+        assert (await served.client.post(CHAT, json={"messages": user(), "max_tokens": 3})).status_code == 200
+        params = served.engine.calls[-1][1]
+        assert (params.temperature, params.top_p) == (0.2, 0.8)
+        await served.client.post(CHAT, json={"messages": user(), "max_tokens": 3, "temperature": 1, "top_p": 1})
+        assert (served.engine.calls[-1][1].temperature, served.engine.calls[-1][1].top_p) == (1, 1)  # the client's
+        completion = await served.client.post("/v1/completions", json={"prompt": "Water is", "max_tokens": 3})
+        assert completion.status_code == 200, completion.text
+        assert (served.engine.calls[-1][1].temperature, served.engine.calls[-1][1].top_p) == (1.0, 1.0)
+    assert (Settings().chat_temperature, Settings().chat_top_p) == (0.3, 0.9)  # chosen on SciQ validation
 
 
 async def test_logprobs_follow_openai_format(served):
