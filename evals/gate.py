@@ -324,9 +324,10 @@ def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
     return suite != "mcq" or benchmark not in served or metric in SERVED_METRICS
 
 
-def stale_served_rows(store: ResultStore, model: str, run: EvalRun) -> list[str]:
-    """`model`'s in-process served (`auto`) measurements computed under another calibration record than the one
-    its registry entry holds now (a `zephyr eval calibrate` since): the service no longer answers as they did."""
+def stale_served_rows(store: ResultStore, model: str, run: EvalRun, suites: list[str]) -> list[str]:
+    """`model`'s in-process served (`auto`) measurements in `suites` computed under another calibration record than
+    the one its registry entry holds now (a `zephyr eval calibrate` since): the service no longer answers as they
+    did."""
     from zephyr import mcq
 
     if store.registry is None or not store.registry.exists(model):
@@ -335,7 +336,7 @@ def stale_served_rows(store: ResultStore, model: str, run: EvalRun) -> list[str]
     now = mcq.plan("auto", record)
     stale = []
     for m in run.measurements:
-        if m.metric != SERVED_METRICS[0]:
+        if m.metric != SERVED_METRICS[0] or suite_of(m.benchmark) not in suites:
             continue
         if "record_created_at" in m.details:  # runs since 2026-12-03 name their record
             if m.details["record_created_at"] != (record.created_at.isoformat() if record else None):
@@ -384,7 +385,7 @@ def check(
         runs[name] = run
     cand_run, base_run = runs[candidate], runs[baseline]
     for name in (candidate, baseline):
-        stale = stale_served_rows(store, name, runs[name])
+        stale = stale_served_rows(store, name, runs[name], suites)
         if stale:
             raise GateError(
                 f"{name}'s {', '.join(stale)} were measured under another /mcq calibration record than the one it "
