@@ -22,6 +22,7 @@ from zephyr.schemas import MCQItem
 
 log = logging.getLogger(__name__)
 
+
 class DatasetError(ValueError):
     """A benchmark that cannot be read; the message names the file or hub name and what to do."""
 
