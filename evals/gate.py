@@ -341,8 +341,8 @@ def stale_served_rows(store: ResultStore, model: str, run: EvalRun, suites: list
         if "record_created_at" in m.details:  # runs since 2026-12-03 name their record
             if m.details["record_created_at"] != (record.created_at.isoformat() if record else None):
                 stale.append(m.key)
-        elif (m.details.get("method"), m.details.get("weights")) != (now.method, now.weights):
-            stale.append(m.key)
+        elif "method" in m.details and (m.details["method"], m.details.get("weights")) != (now.method, now.weights):
+            stale.append(m.key)  # a measurement that names neither (made by hand) cannot be told stale
     return stale
 
 

@@ -198,6 +198,8 @@ def test_served_figures_of_a_record_the_entry_no_longer_serves_are_refused(tmp_p
     served("cand", {"method": "cloze", "weights": {"cloze": 1.5}})
     with pytest.raises(GateError, match="recalibrated since"):
         check(store, "cand", "base", suites=["mcq"])
+    served("cand", {})  # names no method or record (made by hand): nothing to tell it by, so judged as it is
+    assert check(store, "cand", "base", suites=["mcq"]).passed
 
 
 def test_missing_results_say_what_to_run(store):
