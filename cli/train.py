@@ -204,7 +204,8 @@ def data_science(
     settings = load_settings()
     try:
         # Without the questions `zephyr eval calibrate` fits on, as every MCQ builder reads them.
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
         _say_reserved(reserved)
         entry = Registry(settings.models_dir).get(model)
     except (SourceError, RegistryError) as exc:
@@ -246,7 +247,8 @@ def data_restate(
 
     settings = load_settings()
     try:
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
         _say_reserved(reserved)
     except SourceError as exc:
         raise fail(str(exc)) from None
@@ -286,7 +288,8 @@ def data_cloze(
 
     settings = load_settings()
     try:
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
     except SourceError as exc:
         raise fail(str(exc)) from None
     pairs, examples, stats = cloze.cloze_records(items, seed=seed, distractors=distractors)
@@ -316,7 +319,8 @@ def data_grpo(
 
     settings = load_settings()
     try:
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source)
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
     except SourceError as exc:
         raise fail(str(exc)) from None
     prompts, stats = verifiable.explain_prompts(items, seed=seed)

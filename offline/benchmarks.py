@@ -340,12 +340,13 @@ def reported_questions(data_dir: Path) -> dict[tuple[str, frozenset[str]], str]:
     return found
 
 
-def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> list[MCQItem]:
+def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
+                       exclude_reported: bool = True) -> list[MCQItem]:
     """MCQ items from "name:split" training sources, in the order given, without any question a reported split
-    holds with the same options. Ids become "<source>/<original id>" so they stay unique across sources and say where
-    each item came from."""
+    holds with the same options (unless `exclude_reported` is off: `--no-decontaminate`). Ids become
+    "<source>/<original id>" so they stay unique across sources and say where each item came from."""
     checked = check_mcq_sources(sources)  # refuse before reading anything
-    reported = reported_questions(Path(data_dir).resolve())
+    reported = reported_questions(Path(data_dir).resolve()) if exclude_reported else {}
     items: list[MCQItem] = []
     for source, name, split in checked:
         try:

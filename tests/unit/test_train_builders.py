@@ -185,6 +185,8 @@ def test_a_question_a_reported_split_holds_with_the_same_options_is_never_a_trai
     items = mcq_training_items(["openbookqa:train"], SHARED)
     assert "openbookqa:train/14-380" not in {item.id for item in items}
     assert "14-380 = openbookqa/9-193" in caplog.text
+    kept = mcq_training_items(["openbookqa:train"], SHARED, exclude_reported=False)  # --no-decontaminate
+    assert "openbookqa:train/14-380" in {item.id for item in kept}
 
 
 @pytest.mark.parametrize("source", ["arc_easy:test", "openbookqa:validation", "sciq:test", "mmlu:test"])

@@ -55,8 +55,8 @@ class ClozeStats:
                 ("key letters", ", ".join(f"{k}:{v}" for k, v in sorted(self.keys.items())))]
 
 
-def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None) -> tuple[list[MCQItem],
-                                                                                                 dict[str, int]]:
+def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
+               exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
     """Training items of each "name:split" source, without the questions calibration reads. A split calibration
     reads whole (a validation split) is refused; one it reads a head of (OpenBookQA train) loses that head. Returns
     the items and, per source, how many were left out."""
@@ -70,7 +70,7 @@ def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None 
             if not cut:
                 raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
                                   f"{', '.join(DEFAULT_SOURCES)}")
-        loaded = mcq_training_items([source], data_dir)
+        loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
         # The head calibration reads, by id: the training items may have lost a question (mcq_training_items).
         head = {f"{source}/{item.id}" for item in load(name, split, data_dir=Path(data_dir), limit=cut)} \
             if cut else set()
