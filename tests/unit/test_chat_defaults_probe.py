@@ -1,0 +1,19 @@
+"""tools.chat_defaults_probe's reading of an answer against the options (the engine part runs on demand only)."""
+
+from __future__ import annotations
+
+from tools.chat_defaults_probe import judge, parse_settings
+
+OPTIONS = ["oxygen", "carbon dioxide", "helium", "neon"]
+
+
+def test_an_answer_is_right_only_when_it_names_the_key_and_no_distractor():
+    assert judge("Plants take in Carbon-Dioxide from the air.", OPTIONS, 1) == "right"
+    assert judge("They take in oxygen.", OPTIONS, 1) == "wrong"
+    assert judge("Oxygen, or maybe carbon dioxide.", OPTIONS, 1) == "both"
+    assert judge("Plants are green.", OPTIONS, 1) == "neither"
+    assert judge("Neonatal plants grow.", OPTIONS, 1) == "neither"  # whole words only
+
+
+def test_settings_are_temperature_top_p_and_repetition_penalty():
+    assert parse_settings("1.0/1.0/1.0,0.3/0.9/1.1") == [(1.0, 1.0, 1.0), (0.3, 0.9, 1.1)]
