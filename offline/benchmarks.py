@@ -318,12 +318,16 @@ def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
 _NON_WORD = re.compile(r"[\W_]+")
 
 
+def normalize_words(text: str) -> list[str]:
+    """Lowercase, punctuation removed, whitespace collapsed: the form every match against benchmark text is made in
+    (decontamination's n-grams, question_key). Punctuation becomes a space (not nothing) so "cell.The" and
+    "cell. The" normalize alike."""
+    return _NON_WORD.sub(" ", text.lower()).split()
+
+
 def question_key(question: str, options: list[str]) -> tuple[str, frozenset[str]]:
     """A question as asked: its words (case, punctuation and spacing aside) and its set of options (in any order)."""
-    def words(text: str) -> str:
-        return " ".join(_NON_WORD.sub(" ", text.lower()).split())
-
-    return words(question), frozenset(words(option) for option in options)
+    return " ".join(normalize_words(question)), frozenset(" ".join(normalize_words(o)) for o in options)
 
 
 @functools.lru_cache(maxsize=4)

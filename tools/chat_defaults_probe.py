@@ -20,7 +20,6 @@ One in-process vLLM engine: about 12 min for 300 questions a setting on 2 AVX2 c
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -31,19 +30,19 @@ from rich.table import Table
 from evals.stats import paired_bootstrap
 from offline import benchmarks
 from zephyr.console import make_console
+from zephyr.mcq import LETTERS
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 from zephyr.textquality import loops
 
 MAX_TOKENS = 128
-_NON_WORD = re.compile(r"[\W_]+")
 
 app = typer.Typer(add_completion=False)
 
 
 def words(text: str) -> str:
-    return f" {' '.join(_NON_WORD.sub(' ', text.lower()).split())} "
+    return f" {' '.join(benchmarks.normalize_words(text))} "
 
 
 def judge(answer: str, options: list[str], key: int) -> str:
@@ -93,7 +92,7 @@ def main(
             started = time.perf_counter()
             outputs = engine.llm.generate(prompts, params, use_tqdm=True)
             answers = [o.outputs[0] for o in outputs]
-            verdicts = {item.id: judge(a.text, item.options, "ABCD".index(item.answer))
+            verdicts = {item.id: judge(a.text, item.options, LETTERS.index(item.answer))
                         for item, a in zip(items, answers, strict=True)}
             results.append({
                 "setting": f"T={temperature:g} top_p={top_p:g} rep={penalty:g}",

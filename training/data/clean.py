@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel
 from rich.table import Table
 
+from offline.benchmarks import normalize_words
 from zephyr.schemas import Message, Record, read_jsonl, write_jsonl
 
 ALL_BENCHMARKS = ("arc_easy", "arc_challenge", "mmlu", "sciq", "openbookqa", "gsm8k")
@@ -34,14 +34,7 @@ REPLY_FIELDS = ("chosen", "rejected", "completion")
 MINHASH_PERM = 64
 MINHASH_SEED = 1  # fixed, so the same data always loses the same records
 
-_NON_WORD = re.compile(r"[\W_]+")
 _MASK64 = (1 << 64) - 1
-
-
-def normalize_words(text: str) -> list[str]:
-    """Lowercase, punctuation removed, whitespace collapsed; the form n-grams and shingles are taken from.
-    Punctuation becomes a space (not nothing) so "cell.The" and "cell. The" normalize alike."""
-    return _NON_WORD.sub(" ", text.lower()).split()
 
 
 @dataclass
