@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from zephyr.numerics import config_dtype
+from zephyr.numerics import resolve_dtype
 
 GIB = 2**30
 # What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
@@ -55,13 +55,13 @@ class MemoryPlan:
 
 def kv_bytes_per_token(model_path: Path, dtype: str = "auto") -> int:
     """Keys and values of every layer for one token, from the model's config.json."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    config = config.get("text_config", config)
+    whole = json.loads((Path(model_path) / "config.json").read_text())
+    config = whole.get("text_config", whole)
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    name = config_dtype(config) if dtype == "auto" else dtype
+    name = resolve_dtype(whole, dtype)
     return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(name, 2)
 
 

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # On CPU the share is of the host's RAM, not of a container's memory limit: containers set this instead.
     kv_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size; overrides memory_share")
     enforce_eager: bool = True
+    # auto: the checkpoint's dtype, but fp32 for a bf16 one on a CPU without AMX, where fp32 is faster
+    # (zephyr.numerics.resolve_dtype).
     dtype: str = "auto"
     max_num_seqs: int = Field(default=64, ge=1, le=1_000_000)
     # Prefix caching reuses whole KV blocks. vLLM's CPU default (128 tokens) is longer than most prompts here, so
@@ -179,13 +181,14 @@ class Settings(BaseSettings):
         KV cache is sized by what these settings can use on this model (zephyr/memory.py), not by a share of the
         whole host."""
         from zephyr import memory
+        from zephyr.numerics import served_dtype
 
         return {
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": self.memory_share,
             "kv_cache_memory_bytes": memory.kv_cache_bytes(model_path, self),
             "enforce_eager": self.enforce_eager,
-            "dtype": self.dtype,
+            "dtype": served_dtype(model_path, self.dtype),
             "max_num_seqs": self.max_num_seqs,
             "block_size": self.block_size,
             "seed": self.seed,

@@ -4,6 +4,7 @@ engines on one box each took 35% of the host's RAM, and the second died with onl
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zephyr import memory
 from zephyr.settings import Settings
@@ -15,7 +16,8 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
 
 
-def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_model):
+def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_model, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # bf16 is served as bf16
     per_token = memory.kv_bytes_per_token(default_model.path)
     assert per_token == 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16
     settings = Settings(max_model_len=1024, max_num_seqs=4)
@@ -25,6 +27,12 @@ def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_m
     huge = Settings(max_model_len=2048, max_num_seqs=100_000, memory_share=0.01)
     assert memory.kv_cache_bytes(default_model.path, huge) == int(0.01 * memory.total_bytes())
     assert memory.kv_cache_bytes(default_model.path, Settings(kv_cache_gib=1.5)) == int(1.5 * memory.GIB)
+
+
+def test_the_kv_cache_is_sized_in_the_dtype_the_engine_computes_in(default_model, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # bf16 runs as fp32
+    assert memory.kv_bytes_per_token(default_model.path) == 2 * 30 * 3 * 64 * 4
+    assert memory.kv_bytes_per_token(default_model.path, "bfloat16") == 2 * 30 * 3 * 64 * 2
 
 
 def test_an_engine_that_would_not_fit_is_refused_in_one_line(default_model, monkeypatch):
