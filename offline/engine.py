@@ -196,7 +196,7 @@ class OfflineEngine:
         self.llm: Any = self.lm_eval_model.model
         self.tokenizer: Any = self.llm.get_tokenizer()
         self.settings = settings
-        self.engine_info = {"dtype": settings.dtype, "max_model_len": settings.max_model_len,
+        self.engine_info = {"dtype": kwargs["dtype"], "max_model_len": settings.max_model_len,
                             "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_num_seqs,
                             "block_size": settings.block_size, "engine_core": IN_PROCESS,
                             # vLLM reserves cores (and pins its threads) only for a core in processes of its own

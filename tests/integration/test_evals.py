@@ -100,7 +100,7 @@ def main():
         f"{name} has {3 + n} boxes of {thing}. Each box holds {4 + (n * 7) % 11} {thing}. {name} gives away "
         f"{2 + n % 5} {thing} to each of {1 + n % 4} friends, then buys {5 + (n * 3) % 9} more boxes. "
         f"How many {thing} does {name} have now? Explain each step.")}]
-        for name in names for thing in things for n in range(3)]
+        for k, name in enumerate(names) for j, thing in enumerate(things) for n in [(3 * k + j) % 7]]
     answers = engine.chat(prompts, 128, "rerun")
     print("RESULT " + json.dumps({"answers": answers, "engine": engine.engine_info}))
     engine.shutdown()
@@ -217,7 +217,7 @@ def run_check_script(path: Path, source: str, model_path: Path, env: dict[str, s
     1 GiB KV cache, and returns the JSON it printed after "RESULT "."""
     path.write_text(source)
     env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
-    # 300 greedy answers took about 8 minutes on 2 AVX2 cores without AVX-512: room for a slower machine.
+    # 300 greedy answers took about 8 minutes in bf16 on 2 AVX2 cores without AVX-512: room for a slower machine.
     run = subprocess.run([sys.executable, str(path), str(model_path)], env=env, capture_output=True, text=True,
                          timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -243,6 +243,7 @@ def test_greedy_answers_are_the_same_in_a_rerun(tmp_path, default_model):
     same engine on the same prompts must give the same answers (offline/engine.py keeps the core in process)."""
     results = [run_check_script(tmp_path / "greedy_rerun.py", GREEDY_RERUN, default_model.path) for _ in range(2)]
     first, second = (result["answers"] for result in results)
-    assert len(first) == 300 and all(first)
+    # 100 answers: before the core stayed in process, 193 of 300 such answers differed between identical runs.
+    assert len(first) == 100 and all(first)
     assert [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b] == []
     assert results[0]["engine"]["engine_core"] == IN_PROCESS
