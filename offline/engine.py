@@ -15,6 +15,7 @@ from typing import Any
 from zephyr import memory
 from zephyr.mcq import continuation_positions_missing, first_tokens_by_context
 from zephyr.prompts import encode_chat
+from zephyr.registry import RegistryError, vllm_serving_problem
 from zephyr.settings import Settings
 
 
@@ -186,6 +187,8 @@ class OfflineEngine:
     `tokenizer` its tokenizer."""
 
     def __init__(self, model_path: Path, settings: Settings):
+        if problem := vllm_serving_problem(model_path):
+            raise RegistryError(problem)
         if problem := memory.plan(model_path, settings).problem:
             raise memory.NotEnoughMemory(problem)
         kwargs = {k: v for k, v in settings.vllm_engine_kwargs(model_path).items() if v is not None}

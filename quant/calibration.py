@@ -48,6 +48,9 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
             items = mcq_training_items([source], data_dir)
         except SourceError as exc:
             raise CalibrationError(str(exc)) from None
+        if not items:  # every question was also in a reported split, and was left out
+            raise CalibrationError(f"{source} has no question left to calibrate on once those a reported split "
+                                   "holds are left out; name another source or pass --calibration-file")
         for i, item in enumerate(rng.sample(items, min(per_source, len(items)))):
             chats.append(tutoring_chat(item, "mcq" if i % 2 == 0 else "open"))
     rng.shuffle(chats)

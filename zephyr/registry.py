@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -125,14 +126,46 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def is_weight_only_int4(model: RegistryEntry | Path) -> bool:
+    """A compressed-tensors checkpoint with 4-bit weights and unquantized activations (W4A16: gptq, awq and
+    easyquant's packed form)."""
+    config = quantization_config(model) or {}
+    if config.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (config.get("config_groups") or {}).values()
+    return any((group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
+               for group in groups)
+
+
+@functools.cache
+def vllm_cpu_lacks_int4_kernel() -> str | None:
+    """The CPU's instruction set where vLLM's CPU build runs here without its 4-bit weight-only GEMM, else None.
+    vLLM ships that kernel (`cpu_gemm_wna16`) only in its AVX-512 library: on an AVX2 CPU a W4A16 engine starts
+    and dies at its first forward pass."""
+    try:
+        import torch
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    if not current_platform.is_cpu():
+        return None
+    import vllm._custom_ops  # noqa: F401  (loads the CPU build's kernel library for this CPU)
+
+    return None if hasattr(torch.ops._C, "cpu_gemm_wna16") else torch.backends.cpu.get_cpu_capability()
+
+
 def vllm_serving_problem(model: RegistryEntry | Path, name: str | None = None) -> str | None:
     """Why vLLM cannot serve this checkpoint on this machine, or None. Checked before vLLM starts, so the
     message names the way out instead of an engine traceback a minute later."""
+    name = name or (model.name if isinstance(model, RegistryEntry) else Path(model).name)
+    if is_weight_only_int4(model) and (capability := vllm_cpu_lacks_int4_kernel()):
+        return (f"model {name} has 4-bit weights, and vLLM's CPU build has no 4-bit kernel for this CPU "
+                f"({capability}; vLLM builds it for AVX-512 only). Serve it on a CPU with AVX-512 or a GPU, or "
+                "serve a w8a8 or `easyquant --form dequantized` variant here")
     if not is_bitsandbytes(model) or cuda_available():
         return None
     config = quantization_config(model) or {}
     bits = "8-bit" if config.get("load_in_8bit") else "4-bit"
-    name = name or (model.name if isinstance(model, RegistryEntry) else Path(model).name)
     return (f"model {name} is a bitsandbytes {bits} checkpoint; vLLM serves bitsandbytes only on CUDA GPUs. "
             "Serve a compressed-tensors variant (gptq, awq, w8a8, easyquant) on this machine or evaluate it "
             "with `zephyr eval run` (transformers)")

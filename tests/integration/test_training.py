@@ -29,10 +29,10 @@ QUESTIONS = [  # (stem, options, key) in ARC's file format below
 ]
 
 
-def write_arc(folder: Path, split: str) -> None:
+def write_arc(folder: Path, split: str, stem_prefix: str = "") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"id": f"{split}-{i}", "answerKey": key, "question": {
-        "stem": stem, "choices": [{"label": "ABCD"[j], "text": t} for j, t in enumerate(options)]}})
+        "stem": stem_prefix + stem, "choices": [{"label": "ABCD"[j], "text": t} for j, t in enumerate(options)]}})
         for i, (stem, options, key) in enumerate(QUESTIONS)]
     name = {"train": "Train", "test": "Test", "validation": "Dev"}[split]
     (folder / f"ARC-Easy-{name}.jsonl").write_text("\n".join(lines) + "\n")

@@ -143,6 +143,18 @@ def test_calibration_comes_from_training_splits_only(tokenizer):
         calibration.from_training_splits(["arc_easy:test"], DATA_DIR, 4)
 
 
+def test_a_source_whose_questions_are_all_reported_is_refused_by_name(tmp_path):
+    """Calibrating on none of a source's questions crashed the tokenizer inside the worker (IndexError)."""
+    folder = tmp_path / "arc" / "ARC-Easy"
+    folder.mkdir(parents=True)
+    line = json.dumps({"id": "q1", "answerKey": "A", "question": {"stem": "Which is a planet?", "choices": [
+        {"label": "A", "text": "Mars"}, {"label": "B", "text": "the Moon"}]}}) + "\n"
+    for name in ("Train", "Test"):
+        (folder / f"ARC-Easy-{name}.jsonl").write_text(line)
+    with pytest.raises(calibration.CalibrationError, match="arc_easy:train has no question left"):
+        calibration.from_training_splits(["arc_easy:train"], tmp_path, 4)
+
+
 def test_calibration_file_is_checked(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"messages": [{"role": "user", "content": "Why?"},

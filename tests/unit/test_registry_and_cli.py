@@ -133,3 +133,31 @@ def test_an_entry_others_were_made_from_is_never_replaced(tmp_path, default_mode
     registry.remove("tuned-w8a8")
     again = registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="sft"), overwrite=True)
     assert again.manifest.method == "sft"
+
+
+def _quantized(folder, weight_bits: int, activation_bits: int | None):
+    folder.mkdir()
+    groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": weight_bits},
+                          "input_activations": {"num_bits": activation_bits} if activation_bits else None}}
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "compressed-tensors", "config_groups": groups}}))
+    return folder
+
+
+def test_4bit_weights_are_refused_where_vllms_cpu_build_has_no_4bit_kernel(tmp_path, monkeypatch):
+    """vLLM's AVX2 CPU library lacks its W4A16 GEMM: such an engine started, then died at its first request."""
+    from offline.engine import OfflineEngine
+    from zephyr import registry
+    from zephyr.settings import Settings
+
+    w4a16 = _quantized(tmp_path / "tiny-gptq", 4, None)
+    w8a8 = _quantized(tmp_path / "tiny-w8a8", 8, 8)
+    monkeypatch.setattr(registry, "vllm_cpu_lacks_int4_kernel", lambda: "AVX2")
+    problem = registry.vllm_serving_problem(w4a16)
+    assert problem and problem.startswith("model tiny-gptq has 4-bit weights") and "(AVX2;" in problem
+    assert "w8a8" in problem  # the way out
+    assert registry.vllm_serving_problem(w8a8) is None
+    with pytest.raises(RegistryError, match="has 4-bit weights"):  # offline runs refuse before vLLM loads
+        OfflineEngine(w4a16, Settings(home=tmp_path))
+    monkeypatch.setattr(registry, "vllm_cpu_lacks_int4_kernel", lambda: None)  # AVX-512, a GPU
+    assert registry.vllm_serving_problem(w4a16) is None
