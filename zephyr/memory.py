@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from zephyr.numerics import resolve_dtype
+from zephyr.numerics import config_dtype, is_quantized, resolve_dtype
 
 GIB = 2**30
 # What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
@@ -126,12 +126,22 @@ def weights_bytes(model_path: Path) -> int:
         sum(p.stat().st_size for p in Path(model_path).glob("*.bin"))
 
 
+def widening(model_path: Path, dtype: str = "auto") -> float:
+    """How much larger an unquantized checkpoint's weights are in memory than on disk: 2 for bf16 computed in fp32
+    (a bf16 checkpoint on a CPU without AMX, zephyr.numerics.resolve_dtype)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    if is_quantized(config):
+        return 1.0
+    stored = DTYPE_BYTES.get(config_dtype(config), 2)
+    return DTYPE_BYTES.get(resolve_dtype(config, dtype), stored) / stored
+
+
 def plan(model_path: Path, settings: EngineSizing) -> MemoryPlan:
     """What the engine needs of this host's RAM: on a GPU its weights and KV cache live in the device's memory,
     which vLLM checks itself, and only the runtime is counted here."""
     on_host = kv_cache_on_host()
     kv = (kv_cache_bytes(model_path, settings) or 0) if on_host else 0
-    weights = weights_bytes(model_path) if on_host else 0
+    weights = int(weights_bytes(model_path) * widening(model_path, settings.dtype)) if on_host else 0
     return MemoryPlan(kv, weights, kv + weights + ENGINE_OVERHEAD_BYTES, available_bytes())
 
 

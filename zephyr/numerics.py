@@ -23,8 +23,7 @@ def resolve_dtype(config: dict, dtype: str = "auto") -> str:
     if dtype != "auto":
         return dtype
     name = config_dtype(config)
-    quantized = "quantization_config" in config.get("text_config", config) or "quantization_config" in config
-    if name == "bfloat16" and not quantized and not bf16_is_fast():
+    if name == "bfloat16" and not is_quantized(config) and not bf16_is_fast():
         return "float32"
     return name
 
@@ -36,6 +35,11 @@ def bf16_is_fast() -> bool:
     from zephyr.memory import kv_cache_on_host  # memory imports this module
 
     return not kv_cache_on_host() or torch.cpu._is_amx_tile_supported()
+
+
+def is_quantized(config: dict) -> bool:
+    """Whether a checkpoint's parsed config.json names a quantization (at its top or in its text_config)."""
+    return "quantization_config" in config or "quantization_config" in config.get("text_config", {})
 
 
 def config_dtype(config: dict) -> str:

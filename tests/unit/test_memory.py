@@ -29,10 +29,14 @@ def test_kv_cache_is_what_the_settings_can_use_not_a_share_of_the_host(default_m
     assert memory.kv_cache_bytes(default_model.path, Settings(kv_cache_gib=1.5)) == int(1.5 * memory.GIB)
 
 
-def test_the_kv_cache_is_sized_in_the_dtype_the_engine_computes_in(default_model, monkeypatch):
+def test_the_engine_is_sized_in_the_dtype_it_computes_in(default_model, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # bf16 runs as fp32
     assert memory.kv_bytes_per_token(default_model.path) == 2 * 30 * 3 * 64 * 4
     assert memory.kv_bytes_per_token(default_model.path, "bfloat16") == 2 * 30 * 3 * 64 * 2
+    # and the weights are counted at their width in memory, twice their bytes on disk
+    on_disk = memory.weights_bytes(default_model.path)
+    assert memory.plan(default_model.path, Settings()).weights_bytes == 2 * on_disk
+    assert memory.plan(default_model.path, Settings(dtype="bfloat16")).weights_bytes == on_disk
 
 
 def test_an_engine_that_would_not_fit_is_refused_in_one_line(default_model, monkeypatch):
