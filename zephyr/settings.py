@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
     # auto: the checkpoint's dtype, but fp32 for a bf16 one on a CPU without AMX, where fp32 is faster
     # (zephyr.numerics.resolve_dtype).
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_num_seqs: int = Field(default=64, ge=1, le=1_000_000)
     # Prefix caching reuses whole KV blocks. vLLM's CPU default (128 tokens) is longer than most prompts here, so
     # the shared system prompt never hit the cache; 32 is the smallest the CPU backend takes.
