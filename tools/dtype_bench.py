@@ -45,9 +45,8 @@ def main():
     out = llm.generate(asks, params, use_tqdm=False)
     seconds = time.perf_counter() - began
     generated = sum(len(o.outputs[0].token_ids) for o in out)
-    print("RESULT " + json.dumps({"start_s": loaded - started, "tokens": generated, "seconds": seconds}))
-    sys.stdout.flush()
-    os._exit(0)
+    print("RESULT " + json.dumps({"start_s": loaded - started, "tokens": generated, "seconds": seconds}), flush=True)
+    llm.llm_engine.engine_core.shutdown()  # its processes hold this one's output pipe open until they exit
 
 
 if __name__ == "__main__":
