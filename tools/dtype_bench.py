@@ -20,6 +20,7 @@ import typer
 from rich.table import Table
 
 from zephyr.console import make_console
+from zephyr.numerics import served_dtype
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -83,7 +84,7 @@ def main(model: Annotated[str, typer.Option(help="registry model")] = DEFAULT_MO
         table.add_row(dtype, f"{result['start_s']:.1f}", f"{result['seconds']:.1f}",
                       f"{result['tokens'] / result['seconds']:.1f}")
     console.print(table)
-    console.print(f"ZEPHYR_DTYPE=auto computes this model in {Settings().vllm_engine_kwargs(Path(path))['dtype']}")
+    console.print(f"ZEPHYR_DTYPE=auto computes this model in {served_dtype(Path(path))}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def served_dtype(model_path: Path, dtype: str = "auto") -> str:
     """The dtype vLLM runs a checkpoint in (what `ZEPHYR_DTYPE` resolves to); see `resolve_dtype`."""
-    if dtype != "auto":
+    if dtype != "auto":  # without reading the checkpoint
         return dtype
     return resolve_dtype(json.loads((Path(model_path) / "config.json").read_text()))
 
@@ -55,4 +55,4 @@ def scores_depend_on_batch(model_path: Path, dtype: str = "auto") -> bool:
     fp32, and in bf16 without AMX, the two are bit-identical."""
     import torch
 
-    return served_dtype(model_path, dtype) not in ("float32", "fp32") and torch.cpu._is_amx_tile_supported()
+    return served_dtype(model_path, dtype) != "float32" and torch.cpu._is_amx_tile_supported()
