@@ -24,6 +24,7 @@ from evals.results import ResultStore
 from evals.run import needs_transformers
 from offline.benchmarks import CALIBRATION_LIMITS, CALIBRATION_SPLITS, load
 from zephyr import mcq
+from zephyr.numerics import served_dtype
 from zephyr.registry import QUANT_METHODS, Registry, RegistryEntry
 from zephyr.settings import Settings
 
@@ -95,6 +96,7 @@ class SavedScores(NamedTuple):
     answer_prior_context: str
     demonstrations: str = ""
     demonstrations_source: dict[str, Any] = {}
+    dtype: str | None = None  # what the engine computed in; None in files from before it was saved
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
@@ -133,10 +135,10 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
                 answer_prior_context: str, demonstrations: str = "",
-                demonstrations_source: dict[str, Any] | None = None) -> Path:
+                demonstrations_source: dict[str, Any] | None = None, dtype: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scored_after = {"answer_prior_context": answer_prior_context, "demonstrations": demonstrations,
-                    "demonstrations_source": demonstrations_source or {}}
+                    "demonstrations_source": demonstrations_source or {}, "dtype": dtype}
     path.write_text(json.dumps({name: {"split": splits[name], **scored_after, "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
         for name, items in scored.items()}))
@@ -156,6 +158,7 @@ def load_scores(path: Path) -> SavedScores:
         cues = {block.get("answer_prior_context", mcq.LEGACY_ANSWER_PRIOR_CONTEXT) for block in raw.values()}
         shown = {json.dumps([block.get("demonstrations", ""), block.get("demonstrations_source", {})])
                  for block in raw.values()}
+        dtypes = {block.get("dtype") for block in raw.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
     if len(cues) > 1:
@@ -165,7 +168,8 @@ def load_scores(path: Path) -> SavedScores:
         raise CalibrationError(f"{path} mixes questions scored after different demonstrations; score them again "
                                "with one `zephyr eval calibrate` run")
     text, source = json.loads(shown.pop()) if shown else ("", {})
-    return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source)
+    return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source,
+                       dtypes.pop() if len(dtypes) == 1 else None)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
@@ -201,7 +205,8 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
         saved_scores = SavedScores({name: split for name, (split, _) in data.items()},
                                    score_validation(entry, settings, data, console, cue, letter=letter,
-                                                    demonstrations=shown), cue, shown, source)
+                                                    demonstrations=shown), cue, shown, source,
+                                   None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype))
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
         saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", *saved_scores)
@@ -212,7 +217,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     try:  # validated, not copied: the record is read back at every server start
         record = mcq.MCQCalibration.model_validate(record.model_dump() | {
             "answer_prior_context": cue, "demonstrations": saved_scores.demonstrations,
-            "demonstrations_source": saved_scores.demonstrations_source})
+            "demonstrations_source": saved_scores.demonstrations_source, "dtype": saved_scores.dtype})
     except ValidationError as exc:
         raise CalibrationError(f"the answer cue or the demonstrations cannot be recorded: "
                                f"{exc.errors()[0]['msg']}") from None

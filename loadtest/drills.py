@@ -94,8 +94,10 @@ def _statuses(events: list[dict]) -> str:
 
 def sigterm(load_s: float, users: int, out: Path) -> Report:
     report = Report(f"SIGTERM under load ({users} users)")
-    server = LocalServer.start(_home("drill-sigterm"), drain_seconds="60")
-    locust = Locust.start(server.url, out, users, load_s + 120, exam_period=load_s / 2)
+    # The window is wide because it is not what this drill tests: on a 2-core AVX2 machine the streams in flight
+    # at the signal (Locust's 512-token answers, the anchor) can need a minute to finish.
+    server = LocalServer.start(_home("drill-sigterm"), drain_seconds="150")
+    locust = Locust.start(server.url, out, users, load_s + 240, exam_period=load_s / 2)
     probes: list[dict] = []
     try:
         time.sleep(load_s)
@@ -107,8 +109,9 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
         server.process.send_signal(signal.SIGTERM)
         # The drain phase: readiness fails while the server still answers; then the listener closes.
         not_ready, closed = watch_readiness(
-            server, signalled, on_not_ready=lambda: probes.extend(probe(server.url, name) for name in GENERATION))
-        code, exited = _wait_exit(server, 120)
+            server, signalled, timeout=180,
+            on_not_ready=lambda: probes.extend(probe(server.url, name) for name in GENERATION))
+        code, exited = _wait_exit(server, 210)
         anchor.join(30)
         closed = closed or exited
         time.sleep(2)  # let clients meet the closed port, as they would a removed pod
@@ -150,7 +153,7 @@ class LongStream(threading.Thread):
     def run(self) -> None:
         event = {"name": "chat", "start": time.time(), "status": 0, "done": False, "error": None, "code": None}
         body = {"messages": [{"role": "user", "content": "Describe the water cycle in great detail."}],
-                "max_tokens": 700, "stream": True}
+                "max_tokens": 300, "stream": True}
         try:
             with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=120,
                               headers={"Authorization": f"Bearer {STUDENT_KEY}"}) as r:
@@ -192,7 +195,7 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
         not_ready, closed = watch_readiness(server, killed, timeout=30)
         if not_ready is None and closed is not None:
             not_ready = closed - killed  # already closed: not ready either
-        code, exited = _wait_exit(server, 120)
+        code, exited = _wait_exit(server, 210)
         time.sleep(2)
     finally:
         locust.stop()

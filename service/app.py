@@ -29,7 +29,7 @@ from service.store.log import GenerationLog
 from service.tutor import Tutor
 from zephyr import __version__, memory
 from zephyr.bundled import ensure_default_model
-from zephyr.numerics import scores_depend_on_batch
+from zephyr.numerics import scores_depend_on_batch, served_dtype
 from zephyr.pii import Redactor
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
@@ -156,6 +156,12 @@ def create_app(
             log.info("/mcq's `auto` for %s: %s (weights %s, %d demonstrations, calibrated %s)", entry.name,
                      calibration.method, calibration.weights, calibration.demonstrations_source.get("count", 0),
                      calibration.created_at.date())
+        served = served_dtype(entry.path, settings.dtype)
+        if calibration is not None and calibration.dtype not in (None, served):
+            log.warning("%s's MCQ calibration was fitted on scores computed in %s, and the engine computes in %s: "
+                        "its weights and confidences may be slightly off; run `zephyr eval calibrate --model %s` "
+                        "here, or set ZEPHYR_DTYPE=%s", entry.name, calibration.dtype, served, entry.name,
+                        calibration.dtype)
         if scores_depend_on_batch(entry.path, settings.dtype):
             log.warning("bf16 on a CPU with AMX: an option's score moves by a few tenths of a nat with what shares "
                         "its batch and the prefix cache, so a near-tied /mcq question can be answered differently "

@@ -279,6 +279,9 @@ class MCQCalibration(BaseModel):
     # records), and where they came from.
     demonstrations: str = Field(default="", max_length=DEMONSTRATIONS_MAX_CHARS)
     demonstrations_source: dict[str, Any] = {}
+    # The dtype the engine computed the validation scores in (None in older records): the weights fit those
+    # numerics, so the server warns when it serves in another (docs/operations.md, "ZEPHYR_DTYPE").
+    dtype: str | None = Field(default=None, max_length=32)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("weights")

@@ -186,12 +186,13 @@ def test_scores_file_round_trip(tmp_path: Path):
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
     path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
-    splits, loaded, cue, shown, source = load_scores(path)
+    splits, loaded, cue, shown, source, dtype = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
     assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:" and (shown, source) == ("", {})
+    assert dtype is None  # not said: the record will not claim one
     path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
-                       "Question: 1?\nAnswer: 2\n\n", {"count": 1})
-    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1})
+                       "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
+    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
     mixed = json.loads(path.read_text())
     path.write_text(json.dumps({**mixed, "sciq": {**mixed["arc_easy"], "demonstrations": ""}}))
     with pytest.raises(CalibrationError, match="different demonstrations"):
@@ -229,7 +230,7 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
     own = settings.resolved_eval_results_dir / "cue-test" / "calibration"
     own.mkdir(parents=True)
     path = save_scores(own / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q: Why?\nA:",
-                       shown, {"benchmark": "arc_easy", "count": 1})
+                       shown, {"benchmark": "arc_easy", "count": 1}, "bfloat16")
     # Only this model's own scores, and only of the splits calibration reads (validation).
     elsewhere = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?")
     with pytest.raises(CalibrationError, match="not one of cue-test's saved scores"):
@@ -243,6 +244,7 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
     assert saved.answer_prior_context == "Q: Why?\nA:" and saved.method == record.method
     # the demonstrations the scores were made after are the ones the service will ask with
     assert (saved.demonstrations, saved.demonstrations_source["count"]) == (shown, 1)
+    assert saved.dtype == "bfloat16"  # the numerics its weights fit, for the server's check at start
     assert mcq.plan("auto", saved).demonstrations == shown and mcq.plan("auto", None).demonstrations == ""
     assert mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}).answer_prior_context == "Answer:"
 

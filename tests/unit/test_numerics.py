@@ -8,9 +8,10 @@ import logging
 import pytest
 import torch
 
-from zephyr import memory
+from loadtest.harness import linked_variant
+from zephyr import mcq, memory
 from zephyr.numerics import scores_depend_on_batch, served_dtype
-from zephyr.settings import Settings
+from zephyr.settings import DEFAULT_MODEL, Settings
 
 
 def checkpoint(tmp_path, **config):
@@ -69,3 +70,17 @@ async def test_the_server_warns_at_start_where_bf16_scores_depend_on_the_batch(
             pass
     messages = [record.getMessage() for record in caplog.records if record.name == "zephyr.service"]
     assert any("ZEPHYR_DTYPE=float32" in message for message in messages) is warned
+
+
+@pytest.mark.parametrize(("fitted_in", "served_in", "warned"), [
+    ("bfloat16", "float32", True), ("float32", "float32", False), (None, "float32", False)])
+async def test_the_server_warns_at_start_when_the_calibration_was_fitted_in_another_dtype(
+        tmp_path, caplog, app_factory, default_model, fitted_in, served_in, warned):
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 0.5}, dtype=fitted_in)
+    linked_variant(tmp_path / "home", default_model, DEFAULT_MODEL, mcq_calibration=record)  # the app's registry
+    with caplog.at_level(logging.WARNING, logger="zephyr.service"):
+        async with app_factory(dtype=served_in) as running:
+            assert running.app.state.registry_entry.manifest.mcq_calibration.dtype == fitted_in
+    messages = [record.getMessage() for record in caplog.records if record.name == "zephyr.service"]
+    assert any(f"computed in {fitted_in}, and the engine computes in {served_in}" in message
+               for message in messages) is warned
