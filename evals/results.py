@@ -107,6 +107,8 @@ class EvalRun(BaseModel):
     size_bytes: int | None = None
     quantization: dict[str, Any] | None = None  # the checkpoint's quantization_config, if any
     engine: dict[str, Any] = {}  # how it was measured: dtype, max_model_len, versions, server URL
+    # benchmark -> where its items were read: a `--data` file, folder or hub name, else ZEPHYR_DATA_DIR
+    data: dict[str, str] = {}
     speed: SpeedRecord = Field(default_factory=SpeedRecord)  # filled by loadtest.variants (quantization comparisons)
     measurements: list[Measurement] = []
 

@@ -265,7 +265,8 @@ def _calibration(views: list[ModelView], plots: Path) -> Section | None:
             if not figures:
                 continue
             coverage = figures["coverage_accuracy"]
-            rows.append([v.name, bench, m.split, str(m.n), m.details.get("method", MISSING),
+            method = m.details.get("method", MISSING) + (" (stale)" if m.key in v.stale else "")
+            rows.append([v.name, bench, m.split, str(m.n), method,
                          "yes" if m.details.get("calibrated") else "no", fmt_value(m.score * 100, True),
                          f"{figures['ece']:.3f}", f"{figures['brier']:.3f}",
                          *(fmt_value(coverage[k] * 100, True) for k in ("100%", "80%", "50%"))])
@@ -279,6 +280,11 @@ def _calibration(views: list[ModelView], plots: Path) -> Section | None:
         DocTable(["model", "benchmark", "split", "n", "method", "calibrated", "accuracy", "ECE (15 bins)", "Brier",
                   "acc @100%", "acc @80%", "acc @50%"], rows,
                  caption="accuracy in %; ECE and Brier: lower is better")]
+    stale = [v.name for v in views if any(key.endswith(SERVED_METRIC) for key in v.stale)]
+    if stale:
+        blocks.insert(1, "**Stale:** " + ", ".join(f"`{name}`" for name in stale) + " was calibrated again after "
+                      "these runs, so the service no longer answers as the rows marked (stale) show; "
+                      + "; ".join(_command(name, "mcq") for name in stale) + " measures it anew.")
     try:
         blocks.append(plot_reliability(curves, plots))
     except ImportError:

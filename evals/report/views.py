@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from evals.gate import fmt_value
+from evals.gate import fmt_value, stale_served_rows
 from evals.results import EvalRun, Measurement, ResultStore, is_share, method_metric, scale_of
 from evals.stats import bootstrap_ci
 from zephyr.registry import Registry
@@ -25,6 +25,8 @@ class ModelView:
     size_bytes: int | None
     quantization: dict[str, Any] | None
     cis: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # key -> CI of the mean
+    # served (`auto`) measurements made under another calibration record than the entry holds now
+    stale: list[str] = field(default_factory=list)
 
     def get(self, key: str) -> Measurement | None:
         return self.run.get(key) if self.run else None
@@ -53,6 +55,7 @@ def collect(store: ResultStore, models: list[str], registry: Registry | None) ->
                 method=(run.method if run else None) or (manifest.method if manifest else None),
                 size_bytes=size if size is not None else (entry.size_bytes() if entry else None),
                 quantization=run.quantization if run else None,
+                stale=stale_served_rows(store, name, run, ["mcq"]) if run else [],
             )
         )
     return views

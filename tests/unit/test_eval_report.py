@@ -341,3 +341,31 @@ def test_served_method_calibration_section_and_reliability_plot(tmp_path):
     assert "| base | arc_easy | test | 4 | combined | yes | 75.0 |" in section
     assert f"{figures['ece']:.3f}" in section and f"{figures['brier']:.3f}" in section
     assert (tmp_path / "report" / "plots" / "calibration.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_served_figures_of_a_record_since_replaced_are_marked_stale(tmp_path, default_model):
+    from datetime import UTC, datetime
+
+    from evals import calibration
+    from zephyr.mcq import MCQCalibration
+
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="base", method="sft"))
+    record = MCQCalibration(method="cloze", weights={"cloze": 2.0}, created_at=datetime(2026, 12, 1, tzinfo=UTC))
+    registry.record_calibration("base", record)
+    store = ResultStore(tmp_path / "results", registry)
+    figures = calibration.summarize([[0.9, 0.1], [0.3, 0.7]], [0, 1])
+    store.save(EvalRun(model="base", suite="mcq", measurements=[measurement(
+        "arc_easy", "mcq_acc_auto", "test", {"q0": 1.0, "q1": 1.0},
+        details={"method": "cloze", "calibrated": True, "record_created_at": record.created_at.isoformat(),
+                 "calibration": {k: v for k, v in figures.items() if k not in ("n", "accuracy")}})]))
+
+    def section() -> str:
+        text = write_report(store, ["base"], tmp_path / "report", registry=registry)[0].read_text()
+        return text[text.index("## Confidence and calibration"):]
+
+    assert "| base | arc_easy | test | 2 | cloze | yes |" in section() and "Stale" not in section()
+    registry.record_calibration("base", record.model_copy(update={"created_at": datetime(2026, 12, 4, tzinfo=UTC)}))
+    assert "| base | arc_easy | test | 2 | cloze (stale) | yes |" in section()
+    assert "**Stale:** `base` was calibrated again" in section()
+    assert "`zephyr eval run --model base --suite mcq`" in section()

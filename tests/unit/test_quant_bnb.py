@@ -163,6 +163,7 @@ def test_eval_run_scores_letter_format_and_cloze_through_transformers(home, tmp_
     options = RunOptions(model=NF4, suite="mcq", benchmarks=["arc_easy"], sources={"arc_easy": str(path)})
     [result] = run(options, settings, Console(quiet=True))
     assert result.engine["backend"] == "transformers" and result.engine["server"] is None
+    assert result.data == {"arc_easy": str(path)}  # where the items came from: --data, else ZEPHYR_DATA_DIR
     assert result.quantization["quant_method"] == "bitsandbytes"
     assert [m.key for m in result.measurements] == ["arc_easy/letter_acc", "arc_easy/cloze_acc",
                                                     "arc_easy/cloze_acc_norm", "arc_easy/mcq_acc_auto"]
