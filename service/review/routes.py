@@ -195,10 +195,14 @@ async def undo(request: Request, principal: Principal = Depends(reviewer_only)) 
 
 
 @router.get("/stats")
-async def statistics(request: Request, _: Principal = Depends(reviewer_only)) -> dict:
+async def statistics(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+    """The team's review statistics; only an admin sees the other reviewers' names."""
     store = review_store(request)
     judgements, _generations = await store.judgements(texts=False)
-    return stats.compute(judgements, await store.skipped(), store.policy.overlap)
+    result = stats.compute(judgements, await store.skipped(), store.policy.overlap)
+    if principal.role == "admin":
+        return result
+    return stats.for_reviewer(result, whoami(request, principal)["reviewer"])
 
 
 @router.get("/export")

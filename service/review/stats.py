@@ -165,3 +165,18 @@ def compute(judgements: list[Judgement], skipped: dict[str, int], overlap: int) 
         # A large departure from 0.5 means reviewers favour a screen position: the order is random.
         "left_preferred": sum(j.chose_left for j in preferences) / len(preferences) if preferences else None,
     }
+
+
+def for_reviewer(result: dict, own: str) -> dict:
+    """`compute`'s result as a reviewer (not an admin) sees it: other reviewers are "reviewer 1", "reviewer 2", ...
+    (numbered in the order the admin's view lists them), so a reviewer sees the team's counts and agreement but not
+    who judged how much or agreed with whom."""
+    names = [r["reviewer"] for r in result["reviewers"]]
+    names += sorted({r for pair in result["agreement"]["cohen"] for r in pair["reviewers"]} - set(names))
+    others = iter(range(1, len(names) + 1))
+    alias = {name: name if name == own else f"reviewer {next(others)}" for name in names}
+    agreement = {**result["agreement"], "cohen": [{**pair, "reviewers": [alias[r] for r in pair["reviewers"]]}
+                                                  for pair in result["agreement"]["cohen"]]}
+    return {**result, "reviewers": [{**r, "reviewer": alias[r["reviewer"]]} for r in result["reviewers"]],
+            "agreement": agreement}
+

@@ -297,7 +297,12 @@ async def test_reviewers_are_shown_by_name(app_factory):
                                      json={"assignment_id": item["assignment_id"], "verdict": verdict})
         skipped = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
         await served.client.post("/review/api/skip", headers=REVIEWER, json={"assignment_id": skipped["assignment_id"]})
-        stats = (await served.client.get("/review/stats", headers=REVIEWER)).json()
+        stats = (await served.client.get("/review/stats", headers=admin)).json()
         unnamed = served.app.state.keyring.digest(ADMIN_KEY)[:8]
         assert sorted(stats["reviewers"], key=lambda r: r["judged"] + r["skipped"]) == [
             {"reviewer": unnamed, "judged": 1, "skipped": 0}, {"reviewer": "Ada Lovelace", "judged": 1, "skipped": 1}]
+        # A reviewer sees the team's figures and their own name, not who else judged how much.
+        stats = (await served.client.get("/review/stats", headers=REVIEWER)).json()
+        assert sorted(stats["reviewers"], key=lambda r: r["judged"] + r["skipped"]) == [
+            {"reviewer": "reviewer 1", "judged": 1, "skipped": 0},
+            {"reviewer": "Ada Lovelace", "judged": 1, "skipped": 1}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.review.stats import Judgement, compute, majority
+from service.review.stats import Judgement, compute, for_reviewer, majority
 
 
 def j(item: str, reviewer: str, label: str, strength: int | None = None, flags=None, left: bool | None = None):
@@ -67,3 +67,18 @@ def test_no_verdicts_and_undefined_kappa_are_reported_as_none():
                         {}, 2)
     assert unanimous["agreement"]["raw"] == 1.0
     assert unanimous["agreement"]["cohen"][0]["kappa"] is None  # one category only: chance agreement is 1
+
+
+def test_a_reviewer_sees_the_others_under_numbers_and_the_same_figures():
+    stats = compute(VERDICTS, skipped={"r3": 1}, overlap=3)
+    seen = for_reviewer(stats, own="r2")
+    assert seen["reviewers"] == [{"reviewer": "reviewer 1", "judged": 5, "skipped": 0},
+                                 {"reviewer": "r2", "judged": 5, "skipped": 0},
+                                 {"reviewer": "reviewer 2", "judged": 4, "skipped": 1}]
+    assert [c["reviewers"] for c in seen["agreement"]["cohen"]] == [
+        ["reviewer 1", "r2"], ["reviewer 1", "reviewer 2"], ["r2", "reviewer 2"]]
+    assert [c["kappa"] for c in seen["agreement"]["cohen"]] == [c["kappa"] for c in stats["agreement"]["cohen"]]
+    assert {k: v for k, v in seen.items() if k not in ("reviewers", "agreement")} == {
+        k: v for k, v in stats.items() if k not in ("reviewers", "agreement")}
+    assert "r1" not in str(seen) and "r3" not in str(seen)
+    assert stats["reviewers"][0]["reviewer"] == "r1"  # the admin's view is left as it was
