@@ -17,6 +17,7 @@ from tests.integration.conftest import STUDENT_KEY
 from tests.integration.numerics import loglikelihood_tolerance
 from tests.integration.test_evals import MCQ, private_home, write_data, zephyr
 from zephyr import mcq
+from zephyr.numerics import served_dtype
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
 
@@ -99,6 +100,8 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     assert set(record.letter_prior) == {"4"} and sum(record.letter_prior["4"]) == pytest.approx(1.0)
     assert record.method in record.validation["candidates"]
     assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT  # the cue its priors were scored after
+    entry = Registry(home / "models").get(DEFAULT_MODEL)
+    assert record.dtype == served_dtype(entry.path)  # the numerics its weights fit; the server checks it at start
     # five solved training questions before every cloze prompt: served and in process (lm-eval) below alike
     assert record.demonstrations.count("Question: ") == 5 and record.demonstrations_source["split"] == "train"
     saved = sorted((home / "eval-results" / DEFAULT_MODEL / "calibration").glob("scores-*.json"))
