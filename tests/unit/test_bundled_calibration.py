@@ -23,6 +23,7 @@ def test_the_shipped_record_was_fitted_on_validation_splits_after_training_demon
     text, source = demonstrations(Settings(), DEMONSTRATIONS_DEFAULT)
     assert record.demonstrations == text and record.demonstrations_source == source
     assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT
+    assert record.dtype == "float32"  # what `auto` computes this bf16 checkpoint in on a CPU without AMX tiles
 
 
 def _bundled_home(tmp_path, default_model, **manifest):
