@@ -167,9 +167,12 @@ def load_scores(path: Path) -> SavedScores:
     if len(shown) > 1:
         raise CalibrationError(f"{path} mixes questions scored after different demonstrations; score them again "
                                "with one `zephyr eval calibrate` run")
+    if len(dtypes) > 1:  # a record claims one dtype, or (for files from before it was saved) none
+        raise CalibrationError(f"{path} mixes scores computed in different dtypes ({sorted(map(str, dtypes))}); "
+                               "score them again with one `zephyr eval calibrate` run")
     text, source = json.loads(shown.pop()) if shown else ("", {})
     return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source,
-                       dtypes.pop() if len(dtypes) == 1 else None)
+                       dtypes.pop() if dtypes else None)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,

@@ -254,8 +254,9 @@ def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
     # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
     described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                  for field in ("parent", "method", "size_bytes", "quantization")}
+    data = {name: source for run in runs for name, source in run.data.items()}  # each benchmark's newest
     return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
-                                       **described})
+                                       "data": data, **described})
 
 
 def summary(run: EvalRun) -> dict[str, Any]:

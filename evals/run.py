@@ -137,10 +137,12 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
         generations: dict[str, dict[str, str]] = {}
         def save(suite: str, measurements: list[Measurement], started: float) -> None:
             read = {m.benchmark.removesuffix("_text") for m in measurements} & set(benchmarks.BENCHMARKS)
+            sources = {name: options.sources.get(name, str(settings.data_dir)) for name in sorted(read)}
+            if "gsm8k" in read:  # the few-shot examples come from the local train split whatever --data says
+                sources["gsm8k:train"] = str(settings.data_dir)
             run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
                                    engine={**(engine.engine_info if engine else {}), "server": options.server},
-                                   data={name: options.sources.get(name, str(settings.data_dir)) for name in
-                                         sorted(read)})
+                                   data=sources)
             path = store.save(run)
             for key, value in summary(run).items():
                 registry.record_eval(entry.name, key, {**value, "run": str(path)})

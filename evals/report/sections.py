@@ -257,7 +257,7 @@ def _speed_table(ordered: list[tuple[ModelView, int | None]]) -> DocTable | None
 
 def _calibration(views: list[ModelView], plots: Path) -> Section | None:
     """How honest the served method's confidence is: ECE, Brier, accuracy at coverage and reliability diagrams."""
-    rows, curves = [], []
+    rows, curves, stale = [], [], []
     for v in views:
         for bench in MCQ_BENCHMARKS:
             m = v.get(f"{bench}/{SERVED_METRIC}")
@@ -266,6 +266,8 @@ def _calibration(views: list[ModelView], plots: Path) -> Section | None:
                 continue
             coverage = figures["coverage_accuracy"]
             method = m.details.get("method", MISSING) + (" (stale)" if m.key in v.stale else "")
+            if m.key in v.stale and v.name not in stale:
+                stale.append(v.name)
             rows.append([v.name, bench, m.split, str(m.n), method,
                          "yes" if m.details.get("calibrated") else "no", fmt_value(m.score * 100, True),
                          f"{figures['ece']:.3f}", f"{figures['brier']:.3f}",
@@ -280,11 +282,10 @@ def _calibration(views: list[ModelView], plots: Path) -> Section | None:
         DocTable(["model", "benchmark", "split", "n", "method", "calibrated", "accuracy", "ECE (15 bins)", "Brier",
                   "acc @100%", "acc @80%", "acc @50%"], rows,
                  caption="accuracy in %; ECE and Brier: lower is better")]
-    stale = [v.name for v in views if any(key.endswith(SERVED_METRIC) for key in v.stale)]
     if stale:
-        blocks.insert(1, "**Stale:** " + ", ".join(f"`{name}`" for name in stale) + " was calibrated again after "
-                      "these runs, so the service no longer answers as the rows marked (stale) show; "
-                      + "; ".join(_command(name, "mcq") for name in stale) + " measures it anew.")
+        blocks.insert(1, "**Stale:** the rows marked (stale) were measured under another /mcq calibration record "
+                      "than the model's entry holds now, so the service no longer answers as they show; "
+                      + "; ".join(_command(name, "mcq") for name in stale) + " measures anew.")
     try:
         blocks.append(plot_reliability(curves, plots))
     except ImportError:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, count
 
 import numpy as np
 from statsmodels.stats.inter_rater import cohens_kappa, fleiss_kappa
@@ -167,16 +167,16 @@ def compute(judgements: list[Judgement], skipped: dict[str, int], overlap: int) 
     }
 
 
-def for_reviewer(result: dict, own: str) -> dict:
+def for_reviewer(result: dict, own: str, secret_order: Callable[[str], str]) -> dict:
     """`compute`'s result as a reviewer (not an admin) sees it: other reviewers are "reviewer 1", "reviewer 2", ...
-    (numbered in the order the admin's view lists them), so a reviewer sees the team's counts and agreement but not
-    who judged how much or agreed with whom."""
-    names = [r["reviewer"] for r in result["reviewers"]]
-    names += sorted({r for pair in result["agreement"]["cohen"] for r in pair["reviewers"]} - set(names))
-    others = iter(range(1, len(names) + 1))
-    alias = {name: name if name == own else f"reviewer {next(others)}" for name in names}
-    agreement = {**result["agreement"], "cohen": [{**pair, "reviewers": [alias[r] for r in pair["reviewers"]]}
-                                                  for pair in result["agreement"]["cohen"]]}
-    return {**result, "reviewers": [{**r, "reviewer": alias[r["reviewer"]]} for r in result["reviewers"]],
-            "agreement": agreement}
-
+    so a reviewer sees the team's counts and agreement but not who judged how much or agreed with whom. They are
+    numbered and listed in the order of `secret_order` (a keyed digest of the label), not by name: an alphabetical
+    numbering would let anyone who knows the team's names undo it."""
+    rank = {name: i for i, name in enumerate(sorted((r["reviewer"] for r in result["reviewers"]), key=secret_order))}
+    numbers = (n for n in count(1) if f"reviewer {n}" != own)  # a reviewer may be named "reviewer 2" themselves
+    alias = {name: name if name == own else f"reviewer {next(numbers)}" for name in rank}
+    cohen = [{**pair, "reviewers": [alias[r] for r in sorted(pair["reviewers"], key=rank.__getitem__)]}
+             for pair in sorted(result["agreement"]["cohen"], key=lambda p: sorted(rank[r] for r in p["reviewers"]))]
+    reviewers = [{**r, "reviewer": alias[r["reviewer"]]}
+                 for r in sorted(result["reviewers"], key=lambda r: rank[r["reviewer"]])]
+    return {**result, "reviewers": reviewers, "agreement": {**result["agreement"], "cohen": cohen}}

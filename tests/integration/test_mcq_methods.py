@@ -101,7 +101,8 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     assert record.method in record.validation["candidates"]
     assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT  # the cue its priors were scored after
     entry = Registry(home / "models").get(DEFAULT_MODEL)
-    assert record.dtype == served_dtype(entry.path)  # the numerics its weights fit; the server checks it at start
+    # the numerics its weights fit; the server checks it at start
+    assert record.dtype == served_dtype(entry.path, env.get("ZEPHYR_DTYPE", "auto"))
     # five solved training questions before every cloze prompt: served and in process (lm-eval) below alike
     assert record.demonstrations.count("Question: ") == 5 and record.demonstrations_source["split"] == "train"
     saved = sorted((home / "eval-results" / DEFAULT_MODEL / "calibration").glob("scores-*.json"))

@@ -367,5 +367,5 @@ def test_served_figures_of_a_record_since_replaced_are_marked_stale(tmp_path, de
     assert "| base | arc_easy | test | 2 | cloze | yes |" in section() and "Stale" not in section()
     registry.record_calibration("base", record.model_copy(update={"created_at": datetime(2026, 12, 4, tzinfo=UTC)}))
     assert "| base | arc_easy | test | 2 | cloze (stale) | yes |" in section()
-    assert "**Stale:** `base` was calibrated again" in section()
+    assert "**Stale:** the rows marked (stale) were measured under another /mcq calibration record" in section()
     assert "`zephyr eval run --model base --suite mcq`" in section()

@@ -193,6 +193,10 @@ def test_scores_file_round_trip(tmp_path: Path):
     path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
                        "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
     assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
+    two = json.loads(path.read_text())
+    path.write_text(json.dumps({**two, "sciq": {**two["arc_easy"], "dtype": "bfloat16"}}))
+    with pytest.raises(CalibrationError, match="different dtypes"):
+        load_scores(path)
     mixed = json.loads(path.read_text())
     path.write_text(json.dumps({**mixed, "sciq": {**mixed["arc_easy"], "demonstrations": ""}}))
     with pytest.raises(CalibrationError, match="different demonstrations"):

@@ -71,14 +71,17 @@ def test_no_verdicts_and_undefined_kappa_are_reported_as_none():
 
 def test_a_reviewer_sees_the_others_under_numbers_and_the_same_figures():
     stats = compute(VERDICTS, skipped={"r3": 1}, overlap=3)
-    seen = for_reviewer(stats, own="r2")
-    assert seen["reviewers"] == [{"reviewer": "reviewer 1", "judged": 5, "skipped": 0},
-                                 {"reviewer": "r2", "judged": 5, "skipped": 0},
-                                 {"reviewer": "reviewer 2", "judged": 4, "skipped": 1}]
-    assert [c["reviewers"] for c in seen["agreement"]["cohen"]] == [
-        ["reviewer 1", "r2"], ["reviewer 1", "reviewer 2"], ["r2", "reviewer 2"]]
-    assert [c["kappa"] for c in seen["agreement"]["cohen"]] == [c["kappa"] for c in stats["agreement"]["cohen"]]
+    secret = {"r3": "a", "r1": "b", "r2": "c"}.__getitem__  # a keyed digest's order, unrelated to the names'
+    seen = for_reviewer(stats, own="r2", secret_order=secret)
+    assert seen["reviewers"] == [{"reviewer": "reviewer 1", "judged": 4, "skipped": 1},  # r3
+                                 {"reviewer": "reviewer 2", "judged": 5, "skipped": 0},  # r1
+                                 {"reviewer": "r2", "judged": 5, "skipped": 0}]
+    assert [(c["reviewers"], pytest.approx(c["kappa"])) for c in seen["agreement"]["cohen"]] == [
+        (["reviewer 1", "reviewer 2"], 1.0), (["reviewer 1", "r2"], 0.4), (["reviewer 2", "r2"], 1 / 3)]
     assert {k: v for k, v in seen.items() if k not in ("reviewers", "agreement")} == {
         k: v for k, v in stats.items() if k not in ("reviewers", "agreement")}
     assert "r1" not in str(seen) and "r3" not in str(seen)
     assert stats["reviewers"][0]["reviewer"] == "r1"  # the admin's view is left as it was
+    # a reviewer whose own name is a pseudonym's is never shown a second row of that name
+    named = compute([j("i1", "reviewer 1", "tie"), j("i1", "x", "tie")], skipped={}, overlap=2)
+    assert [r["reviewer"] for r in for_reviewer(named, "reviewer 1", str)["reviewers"]] == ["reviewer 1", "reviewer 2"]
