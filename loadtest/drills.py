@@ -195,7 +195,7 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
         not_ready, closed = watch_readiness(server, killed, timeout=30)
         if not_ready is None and closed is not None:
             not_ready = closed - killed  # already closed: not ready either
-        code, exited = _wait_exit(server, 210)
+        code, exited = _wait_exit(server, 120)
         time.sleep(2)
     finally:
         locust.stop()
