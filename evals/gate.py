@@ -124,11 +124,33 @@ def compare_runs(
         other = baseline.get(m.key)
         if other is None or not same_judge(m, other):
             continue
+        if why := different_data(m.benchmark, candidate, baseline):
+            problems[m.key] = why
+            continue
         try:
             rows.append(compare_measurements(m, other, **bootstrap))
         except ValueError as exc:
             problems[m.key] = str(exc)
     return rows, problems
+
+
+def data_read_for(benchmark: str) -> list[str]:
+    """The `EvalRun.data_digest` names a benchmark's figures rest on: its own items (the text suite's `sciq_text`
+    reads sciq's) and, for GSM8K, the train split its few-shot examples come from."""
+    name = benchmark.removesuffix("_text")
+    return [name, "gsm8k:train"] if name == "gsm8k" else [name]
+
+
+def different_data(benchmark: str, candidate: EvalRun, baseline: EvalRun) -> str | None:
+    """Why the two runs' figures of `benchmark` are not of the same questions (their data digests differ), or None;
+    a run saved before digests were recorded is taken on trust."""
+    for name in data_read_for(benchmark):
+        ours, theirs = candidate.data_digest.get(name), baseline.data_digest.get(name)
+        if ours and theirs and ours != theirs:
+            return (f"the two read different {name} items (candidate: {candidate.data.get(name, '?')}, digest {ours}; "
+                    f"baseline: {baseline.data.get(name, '?')}, digest {theirs}); measure both on the same data "
+                    f"(`--data {name.split(':')[0]}=FILE`, or the same ZEPHYR_DATA_DIR)")
+    return None
 
 
 _BENCHMARK_ORDER = [b for names in SUITE_BENCHMARKS.values() for b in names]
@@ -394,7 +416,7 @@ def check(
     if problems:
         lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
         raise GateError(
-            f"cannot compare {candidate} with {baseline} on {lines}. Re-run the older one on the same split "
+            f"cannot compare {candidate} with {baseline} on {lines}. Re-run the older one on the same split and data "
             f"(`zephyr eval run --model NAME --suite SUITE`)"
         )
     if not compared:

@@ -109,6 +109,9 @@ class EvalRun(BaseModel):
     engine: dict[str, Any] = {}  # how it was measured: dtype, max_model_len, versions, server URL
     # benchmark -> where its items were read: a `--data` file, folder or hub name, else ZEPHYR_DATA_DIR
     data: dict[str, str] = {}
+    # benchmark -> offline.benchmarks.fingerprint of its whole split as read: the gate refuses to pair two runs of
+    # the same benchmark that read different questions, whatever their paths say
+    data_digest: dict[str, str] = {}
     speed: SpeedRecord = Field(default_factory=SpeedRecord)  # filled by loadtest.variants (quantization comparisons)
     measurements: list[Measurement] = []
 
@@ -255,8 +258,9 @@ def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
     described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                  for field in ("parent", "method", "size_bytes", "quantization")}
     data = {name: source for run in runs for name, source in run.data.items()}  # each benchmark's newest
+    digests = {name: digest for run in runs for name, digest in run.data_digest.items()}
     return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
-                                       "data": data, **described})
+                                       "data": data, "data_digest": digests, **described})
 
 
 def summary(run: EvalRun) -> dict[str, Any]:

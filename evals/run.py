@@ -96,9 +96,12 @@ def suites_of(suite: str) -> list[str]:
     return [name for name in SUITES if name in names]
 
 
-def _load(name: str, options: RunOptions, settings: Settings, split: str | None = None) -> list[Any]:
-    return benchmarks.load(name, split=split, source=options.sources.get(name), data_dir=settings.data_dir,
-                         limit=options.limit)
+def _load(name: str, options: RunOptions, settings: Settings, fingerprints: dict[str, str]) -> list[Any]:
+    """The first --limit items of `name`'s reported split; `fingerprints` gains the whole split's, so a limited
+    run and a whole one of the same data are known to be the same questions."""
+    items = benchmarks.load(name, source=options.sources.get(name), data_dir=settings.data_dir)
+    fingerprints[name] = benchmarks.fingerprint(items)
+    return benchmarks.first(items, options.limit)
 
 
 def run(options: RunOptions, settings: Settings, console: Console | None = None) -> list[EvalRun]:
@@ -109,16 +112,18 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)
     data: dict[str, tuple[str, list[Any]]] = {}
+    fingerprints: dict[str, str] = {}  # benchmark (and gsm8k:train) -> its items' digest
     suites = suites_of(options.suite)
     if "mcq" in suites:
         for name in mcq_names:
             split = benchmarks.BENCHMARKS[name].eval_split
-            data[name] = (split, _load(name, options, settings))
+            data[name] = (split, _load(name, options, settings, fingerprints))
     if "gsm8k" in suites or "text" in suites:
-        data["gsm8k"] = ("test", _load("gsm8k", options, settings))
+        data["gsm8k"] = ("test", _load("gsm8k", options, settings, fingerprints))
         data["gsm8k_train"] = ("train", benchmarks.load("gsm8k", split="train", data_dir=settings.data_dir))
+        fingerprints["gsm8k:train"] = benchmarks.fingerprint(data["gsm8k_train"][1])
     if "text" in suites:
-        data["sciq_text"] = ("test", _load("sciq", options, settings))
+        data["sciq_text"] = ("test", _load("sciq", options, settings, fingerprints))
     text_tools = _text_tools(options, settings, registry, console) if "text" in suites else None
 
     engine = None
@@ -142,7 +147,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                 sources["gsm8k:train"] = str(settings.data_dir)
             run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
                                    engine={**(engine.engine_info if engine else {}), "server": options.server},
-                                   data=sources)
+                                   data=sources, data_digest={name: fingerprints[name] for name in sources})
             path = store.save(run)
             for key, value in summary(run).items():
                 registry.record_eval(entry.name, key, {**value, "run": str(path)})

@@ -6,7 +6,9 @@ the letter-format scorer and the server client all read the same items in the sa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -211,7 +213,7 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
     elif source is not None:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             raise DatasetError(f"{source} is neither an existing file or folder nor a hub name like {bench.hub}")
-        return _first(_from_hub(bench, str(source), split), limit)
+        return first(_from_hub(bench, str(source), split), limit)
     else:
         if split not in bench.splits:
             raise DatasetError(f"{name} has no local {split!r} split; local splits: {', '.join(bench.splits)}")
@@ -229,10 +231,10 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
         raise DatasetError(f"{local} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
     if not items:
         raise DatasetError(f"{local} holds no {name} items")
-    return _first(items, limit)
+    return first(items, limit)
 
 
-def _first(items: list[Any], limit: int | None) -> list[Any]:
+def first(items: list[Any], limit: int | None) -> list[Any]:
     """The first `limit` items; for data with subjects (MMLU) taken in turn from each subject, so a limited run
     still covers every subject instead of the first few alphabetically."""
     if not limit or limit >= len(items):
@@ -245,6 +247,16 @@ def _first(items: list[Any], limit: int | None) -> list[Any]:
     interleaved = [group[i] for i in range(max(map(len, by_subject.values())))
                    for group in by_subject.values() if i < len(group)]
     return interleaved[:limit]
+
+
+def fingerprint(items: list[Any]) -> str:
+    """A digest of the items as read (ids, texts, keys): two runs that read the same questions have the same one
+    whatever path or hub name they read them from, and a file changed under the same ids gets another."""
+    digest = hashlib.sha256()
+    for item in items:
+        fields = item.model_dump() if isinstance(item, MCQItem) else dataclasses.asdict(item)
+        digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def _from_hub(bench: Benchmark, hub_name: str, split: str) -> list[Any]:

@@ -231,3 +231,18 @@ def test_a_reward_model_that_is_none_fails_before_the_engine(registered, monkeyp
                                       "--reward-model", reward_model.format(tmp=registered)])
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split()) and "starting vLLM" not in result.output
+
+
+def test_a_limited_run_records_the_whole_splits_fingerprint(tmp_path):
+    from evals import run
+    from offline import benchmarks
+    from tests.unit.test_eval_datasets import write_arc
+    from zephyr.settings import Settings
+
+    path = write_arc(tmp_path / "arc.jsonl", [(f"q{i}", ["a", "b"], "A", None) for i in range(5)])
+    whole, limited = {}, {}
+    options = run.RunOptions(model="m", suite="mcq", sources={"arc_easy": str(path)})
+    assert len(run._load("arc_easy", options, Settings(), whole)) == 5
+    options.limit = 2
+    assert [i.id for i in run._load("arc_easy", options, Settings(), limited)] == ["q0", "q1"]
+    assert limited == whole == {"arc_easy": benchmarks.fingerprint(benchmarks.load("arc_easy", source=path))}

@@ -24,6 +24,20 @@ def write_arc(path: Path, rows: list[tuple[str, list[str], str, list[str] | None
     return path
 
 
+def test_a_fingerprint_names_the_questions_not_the_path(tmp_path):
+    rows = [("q1", ["red", "blue"], "A", None), ("q2", ["one", "two"], "B", None)]
+    here, there = write_arc(tmp_path / "a.jsonl", rows), write_arc(tmp_path / "copy/b.jsonl", rows)
+    def digest(path: Path) -> str:
+        return benchmarks.fingerprint(load("arc_easy", source=path))
+
+    assert digest(here) == digest(there)
+    changed = write_arc(tmp_path / "changed.jsonl", [rows[0], ("q2", ["one", "two"], "A", None)])  # a new key
+    assert digest(changed) != digest(here)
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "1+1?", "answer": "one and one\n#### 2"}) + "\n")
+    assert len(benchmarks.fingerprint(load("gsm8k", source=gsm8k))) == 16
+
+
 def test_arc_letters_and_digit_labels(tmp_path):
     path = write_arc(tmp_path / "arc.jsonl", [
         ("q1", ["red", "blue", "green", "white"], "C", None),

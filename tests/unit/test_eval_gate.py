@@ -230,6 +230,39 @@ def test_disjoint_items_or_splits_are_an_error_not_a_pass(store):
         check(store, "other", "base", max_drop=1.0, suites=None)
 
 
+def test_runs_that_read_different_questions_are_not_compared(store):
+    def save_read(model: str, digest: str | None, source: str) -> None:
+        ms = [measurement("arc_easy", "mcq_acc_auto", "test", accuracy(60, 100))]
+        store.save(EvalRun(model=model, suite="mcq", measurements=ms, data={"arc_easy": source},
+                           data_digest={"arc_easy": digest} if digest else {}))
+
+    save_read("base", "aaaa", "/data/arc")
+    save_read("cand", "bbbb", "/elsewhere/arc")
+    with pytest.raises(GateError, match=r"different arc_easy items \(candidate: /elsewhere/arc, digest bbbb; "
+                                        r"baseline: /data/arc, digest aaaa\)"):
+        check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+    save_read("cand", "aaaa", "/elsewhere/arc")  # the same questions under another path: compared
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).passed
+    save_read("cand", None, "/elsewhere/arc")  # a run saved before digests were recorded is taken on trust
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).passed
+    save_read("base", "cccc", "/data/arc")  # the newest run of each model decides
+    save_read("cand", "dddd", "/data/arc")
+    with pytest.raises(GateError, match="different arc_easy items"):
+        check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+
+
+def test_gsm8k_figures_rest_on_the_train_split_of_their_examples_too(store):
+    def save_read(model: str, train_digest: str) -> None:
+        ms = [measurement("gsm8k", "exact_match_5shot", "test", accuracy(10, 100))]
+        store.save(EvalRun(model=model, suite="gsm8k", measurements=ms, data={"gsm8k": "/d", "gsm8k:train": "/d"},
+                           data_digest={"gsm8k": "aaaa", "gsm8k:train": train_digest}))
+
+    save_read("base", "1111")
+    save_read("cand", "2222")
+    with pytest.raises(GateError, match="different gsm8k:train items"):
+        check(store, "cand", "base", max_drop=1.0, suites=["gsm8k"])
+
+
 def test_unknown_suite_is_an_error(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
     with pytest.raises(GateError, match="unknown suite.*mmlu.*known: mcq, gsm8k, text"):

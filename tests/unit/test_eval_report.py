@@ -103,6 +103,17 @@ def test_delta_against_parent(report):
     assert "+8.0 [" in html
 
 
+def test_a_variant_measured_on_other_questions_is_not_compared_with_its_parent(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    for model, parent, digest in (("base", None, "aaaa"), ("sft", "base", "bbbb")):
+        store.save(EvalRun(model=model, parent=parent, method=model, suite="mcq", data={"arc_easy": f"/{model}"},
+                           data_digest={"arc_easy": digest},
+                           measurements=[measurement("arc_easy", "cloze_acc", "test", accuracy(60))]))
+    md = write_report(store, ["base", "sft"], tmp_path / "out")[0].read_text()
+    assert "arc_easy/cloze_acc not compared: the two read different arc_easy items (candidate: /sft" in md
+    assert "| arc_easy | cloze_acc | 100 |" not in md  # no delta row over different questions
+
+
 def test_quantized_table_has_size_ratio_and_speed(report):
     md, _ = report
     section = md.split("## Quantized versus unquantized")[1].split("\n## ")[0]

@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from evals.run import EvalError, RunOptions, check_options, run
+from offline import benchmarks
 from service.engine import VLLMEngine
 from tests.unit.test_eval_datasets import write_arc
 from tests.unit.tiny_llama import TINY, make_tiny_llama
@@ -164,6 +165,7 @@ def test_eval_run_scores_letter_format_and_cloze_through_transformers(home, tmp_
     [result] = run(options, settings, Console(quiet=True))
     assert result.engine["backend"] == "transformers" and result.engine["server"] is None
     assert result.data == {"arc_easy": str(path)}  # where the items came from: --data, else ZEPHYR_DATA_DIR
+    assert result.data_digest == {"arc_easy": benchmarks.fingerprint(benchmarks.load("arc_easy", source=path))}
     assert result.quantization["quant_method"] == "bitsandbytes"
     assert [m.key for m in result.measurements] == ["arc_easy/letter_acc", "arc_easy/cloze_acc",
                                                     "arc_easy/cloze_acc_norm", "arc_easy/mcq_acc_auto"]
