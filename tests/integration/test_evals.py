@@ -13,6 +13,7 @@ import pytest
 
 from evals.results import ResultStore
 from loadtest.harness import linked_variant
+from offline import benchmarks
 from offline.engine import IN_PROCESS
 from tests.integration.conftest import STUDENT_KEY
 from tests.integration.numerics import bf16_rounds_by_batch_shape
@@ -165,6 +166,10 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     assert served.details["answers"] == local.details["answers"]
     assert served.score == local.score
     assert set(latest.get("gsm8k/exact_match_5shot").items) == {f"gsm8k-test-{i}" for i in range(len(GSM8K))}
+    # What each suite read, by content: the gate pairs only runs that read the same questions.
+    assert set(latest.data_digest) == {"arc_easy", "gsm8k", "gsm8k:train", "sciq"}
+    assert latest.data_digest["arc_easy"] == benchmarks.fingerprint(
+        benchmarks.load("arc_easy", data_dir=Path(env["ZEPHYR_DATA_DIR"])))
     assert 0 < latest.get("sciq_text/bertscore_f1").score <= 1
     assert "dialogrpt_updown" in latest.get("sciq_text/bertscore_f1").details["skipped"]
     for benchmark in ("sciq_text", "gsm8k_text"):  # each answer's length, read from the answers themselves
