@@ -118,38 +118,36 @@ def compare_runs(
     compared with the reason (no common ids, different splits)."""
     rows: list[CompareRow] = []
     problems: dict[str, str] = {}
+    other_data: dict[str, list[str]] = {}  # why -> the keys it holds for: one clause for a benchmark's metrics
     for m in _ordered(candidate.measurements):
         if suites is not None and suite_of(m.benchmark) not in suites:
             continue
         other = baseline.get(m.key)
         if other is None or not same_judge(m, other):
             continue
-        if why := different_data(m.benchmark, candidate, baseline):
-            problems[m.key] = why
+        if why := different_data(m, other, candidate.data, baseline.data):
+            other_data.setdefault(why, []).append(m.key)
             continue
         try:
             rows.append(compare_measurements(m, other, **bootstrap))
         except ValueError as exc:
             problems[m.key] = str(exc)
+    problems |= {", ".join(keys): why for why, keys in other_data.items()}
     return rows, problems
 
 
-def data_read_for(benchmark: str) -> list[str]:
-    """The `EvalRun.data_digest` names a benchmark's figures rest on: its own items (the text suite's `sciq_text`
-    reads sciq's) and, for GSM8K, the train split its few-shot examples come from."""
-    name = benchmark.removesuffix("_text")
-    return [name, "gsm8k:train"] if name == "gsm8k" else [name]
-
-
-def different_data(benchmark: str, candidate: EvalRun, baseline: EvalRun) -> str | None:
-    """Why the two runs' figures of `benchmark` are not of the same questions (their data digests differ), or None;
-    a run saved before digests were recorded is taken on trust."""
-    for name in data_read_for(benchmark):
-        ours, theirs = candidate.data_digest.get(name), baseline.data_digest.get(name)
-        if ours and theirs and ours != theirs:
-            return (f"the two read different {name} items (candidate: {candidate.data.get(name, '?')}, digest {ours}; "
-                    f"baseline: {baseline.data.get(name, '?')}, digest {theirs}); measure both on the same data "
-                    f"(`--data {name.split(':')[0]}=FILE`, or the same ZEPHYR_DATA_DIR)")
+def different_data(candidate: Measurement, baseline: Measurement, candidate_data: dict[str, str],
+                   baseline_data: dict[str, str]) -> str | None:
+    """Why two measurements are not of the same questions (a digest of data both read differs), or None; a
+    measurement saved before digests were recorded is taken on trust."""
+    for name in sorted(candidate.data_digest.keys() & baseline.data_digest.keys()):
+        ours, theirs = candidate.data_digest[name], baseline.data_digest[name]
+        if ours != theirs:
+            fix = ("the same ZEPHYR_DATA_DIR: GSM8K's examples are always read there" if name == "gsm8k:train"
+                   else f"`--data {name}=FILE`, or the same ZEPHYR_DATA_DIR")
+            return (f"the two read different {name} items (candidate: {candidate_data.get(name, '?')}, digest "
+                    f"{ours}; baseline: {baseline_data.get(name, '?')}, digest {theirs}); measure both on the same "
+                    f"data ({fix})")
     return None
 
 

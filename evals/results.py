@@ -38,6 +38,9 @@ class Measurement(BaseModel):
     groups: dict[str, float] = {}  # e.g. MMLU per subject and the "stem" aggregate
     seconds: float | None = None
     details: dict[str, Any] = {}
+    # What its figures were computed on: each of data_read(benchmark, metric) -> offline.benchmarks.fingerprint of
+    # that whole split as read; the gate and the report pair two measurements only where these agree
+    data_digest: dict[str, str] = {}
 
     @property
     def key(self) -> str:
@@ -109,9 +112,6 @@ class EvalRun(BaseModel):
     engine: dict[str, Any] = {}  # how it was measured: dtype, max_model_len, versions, server URL
     # benchmark -> where its items were read: a `--data` file, folder or hub name, else ZEPHYR_DATA_DIR
     data: dict[str, str] = {}
-    # benchmark -> offline.benchmarks.fingerprint of its whole split as read: the gate refuses to pair two runs of
-    # the same benchmark that read different questions, whatever their paths say
-    data_digest: dict[str, str] = {}
     speed: SpeedRecord = Field(default_factory=SpeedRecord)  # filled by loadtest.variants (quantization comparisons)
     measurements: list[Measurement] = []
 
@@ -188,6 +188,16 @@ def measurement(benchmark: str, metric: str, split: str, items: dict[str, float]
                        score=float(np.mean(values)) if values else float("nan"), items=items, **extra)
 
 
+def data_read(benchmark: str, metric: str) -> tuple[str, ...]:
+    """The data a measurement's figures rest on, by the names `EvalRun.data` gives them: its benchmark's items (the
+    text suite's `sciq_text` and the reward model's `rm` read sciq's, `gsm8k_text` gsm8k's) and, for GSM8K's
+    5-shot score, the train split its examples come from."""
+    if benchmark == "rm":
+        return ("sciq",)
+    name = benchmark.removesuffix("_text")
+    return (name, "gsm8k:train") if (name, metric) == ("gsm8k", "exact_match_5shot") else (name,)
+
+
 def newest_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]]:
     """Per measurement key, the newest of `runs` (oldest first) that holds it, and its measurement there."""
     return {m.key: (m, run) for run in runs for m in run.measurements}
@@ -258,9 +268,8 @@ def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
     described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                  for field in ("parent", "method", "size_bytes", "quantization")}
     data = {name: source for run in runs for name, source in run.data.items()}  # each benchmark's newest
-    digests = {name: digest for run in runs for name, digest in run.data_digest.items()}
     return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
-                                       "data": data, "data_digest": digests, **described})
+                                       "data": data, **described})
 
 
 def summary(run: EvalRun) -> dict[str, Any]:

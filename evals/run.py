@@ -11,7 +11,16 @@ from typing import Any
 
 from rich.console import Console
 
-from evals.results import SUITE_BENCHMARKS, EvalRun, Measurement, ResultStore, measurement, method_metric, summary
+from evals.results import (
+    SUITE_BENCHMARKS,
+    EvalRun,
+    Measurement,
+    ResultStore,
+    data_read,
+    measurement,
+    method_metric,
+    summary,
+)
 from offline import benchmarks
 from zephyr import mcq, textquality
 from zephyr.console import make_console
@@ -141,13 +150,16 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     try:
         generations: dict[str, dict[str, str]] = {}
         def save(suite: str, measurements: list[Measurement], started: float) -> None:
-            read = {m.benchmark.removesuffix("_text") for m in measurements} & set(benchmarks.BENCHMARKS)
-            sources = {name: options.sources.get(name, str(settings.data_dir)) for name in sorted(read)}
-            if "gsm8k" in read:  # the few-shot examples come from the local train split whatever --data says
-                sources["gsm8k:train"] = str(settings.data_dir)
+            measurements = [m.model_copy(update={"data_digest": {
+                name: fingerprints[name] for name in data_read(m.benchmark, m.metric) if name in fingerprints}})
+                for m in measurements]
+            read = sorted({name for m in measurements for name in m.data_digest})
+            # GSM8K's few-shot examples come from the local train split whatever --data says
+            sources = {name: str(settings.data_dir) if name == "gsm8k:train" else
+                       options.sources.get(name, str(settings.data_dir)) for name in read}
             run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
                                    engine={**(engine.engine_info if engine else {}), "server": options.server},
-                                   data=sources, data_digest={name: fingerprints[name] for name in sources})
+                                   data=sources)
             path = store.save(run)
             for key, value in summary(run).items():
                 registry.record_eval(entry.name, key, {**value, "run": str(path)})

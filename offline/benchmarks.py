@@ -250,11 +250,12 @@ def first(items: list[Any], limit: int | None) -> list[Any]:
 
 
 def fingerprint(items: list[Any]) -> str:
-    """A digest of the items as read (ids, texts, keys): two runs that read the same questions have the same one
-    whatever path or hub name they read them from, and a file changed under the same ids gets another."""
+    """A digest of the items as read (ids, texts, keys), in id order: two runs that read the same questions have
+    the same one whatever path, hub name or row order they read them from, and a question changed under its id
+    gives another. Fields left at their defaults do not count, so a field the schema gains later changes none."""
     digest = hashlib.sha256()
-    for item in items:
-        fields = item.model_dump() if isinstance(item, MCQItem) else dataclasses.asdict(item)
+    for item in sorted(items, key=lambda item: item.id):
+        fields = item.model_dump(exclude_defaults=True) if isinstance(item, MCQItem) else dataclasses.asdict(item)
         digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
 

@@ -31,6 +31,8 @@ def test_a_fingerprint_names_the_questions_not_the_path(tmp_path):
         return benchmarks.fingerprint(load("arc_easy", source=path))
 
     assert digest(here) == digest(there)
+    reordered = write_arc(tmp_path / "reordered.jsonl", rows[::-1])  # items are paired by id, not by row
+    assert digest(reordered) == digest(here)
     changed = write_arc(tmp_path / "changed.jsonl", [rows[0], ("q2", ["one", "two"], "A", None)])  # a new key
     assert digest(changed) != digest(here)
     gsm8k = tmp_path / "gsm8k.jsonl"

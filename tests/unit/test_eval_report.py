@@ -107,8 +107,8 @@ def test_a_variant_measured_on_other_questions_is_not_compared_with_its_parent(t
     store = ResultStore(tmp_path / "results")
     for model, parent, digest in (("base", None, "aaaa"), ("sft", "base", "bbbb")):
         store.save(EvalRun(model=model, parent=parent, method=model, suite="mcq", data={"arc_easy": f"/{model}"},
-                           data_digest={"arc_easy": digest},
-                           measurements=[measurement("arc_easy", "cloze_acc", "test", accuracy(60))]))
+                           measurements=[measurement("arc_easy", "cloze_acc", "test", accuracy(60),
+                                                     data_digest={"arc_easy": digest})]))
     md = write_report(store, ["base", "sft"], tmp_path / "out")[0].read_text()
     assert "arc_easy/cloze_acc not compared: the two read different arc_easy items (candidate: /sft" in md
     assert "| arc_easy | cloze_acc | 100 |" not in md  # no delta row over different questions
