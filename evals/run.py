@@ -179,7 +179,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                     stored = store.latest(entry.name) if not measurements else None
                     measurements = _mcq_server(data, mcq_names, options, console,
                                                measurements or (stored.measurements if stored else []),
-                                               stored=not measurements)
+                                               stored=not measurements, fingerprints=fingerprints)
             elif suite == "gsm8k":
                 measurements = _gsm8k_suite(engine, data, options, settings)
                 generations["gsm8k"] = measurements[0].details["generations"]
@@ -252,9 +252,11 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
 
 
 def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Console,
-                local: list[Measurement], stored: bool = False) -> list[Measurement]:
+                local: list[Measurement], stored: bool = False,
+                fingerprints: dict[str, str] | None = None) -> list[Measurement]:
     """The same methods through the server's /mcq/batch, each with how many answers equal the in-process ones
-    (this run's, or with `stored` an earlier run's, on the questions both answered)."""
+    (this run's, or with `stored` an earlier run's on the same data by `fingerprints`, on the questions both
+    answered)."""
     from evals import mcq_eval
 
     out: list[Measurement] = []
@@ -264,7 +266,8 @@ def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Cons
             m = mcq_eval.via_server(options.server, options.api_key, name, split, items, method=method)
             console.print(f"{name} {method} via {options.server} ({m.details['method']}): {m.score:.1%} of "
                           f"{m.n} in {m.seconds:.1f} s")
-            mine = next((x for x in local if x.benchmark == name and x.metric == method_metric(method)), None)
+            mine = next((x for x in local if x.benchmark == name and x.metric == method_metric(method)
+                         and x.data_digest.get(name) in (None, (fingerprints or {}).get(name))), None)
             if mine is not None:
                 answers = mine.details["answers"]
                 common = [i for i in m.details["answers"] if i in answers]

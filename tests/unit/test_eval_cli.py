@@ -215,6 +215,14 @@ def test_server_answers_are_counted_against_in_process_ones_on_the_questions_bot
     assert (auto.details["same_answer_as_local"], auto.details["compared_with_local"]) == (2, 3)
     alone = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), [])
     assert all("same_answer_as_local" not in m.details for m in alone)  # nothing stored: nothing to compare
+    for m in stored:  # stored answers to other questions under the same ids are not compared
+        m.data_digest = {"arc_easy": "other"}
+    elsewhere = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), stored,
+                                stored=True, fingerprints={"arc_easy": "this"})
+    assert all("same_answer_as_local" not in m.details for m in elsewhere)
+    same = run._mcq_server({"arc_easy": ("test", [])}, ["arc_easy"], options, Console(quiet=True), stored,
+                           stored=True, fingerprints={"arc_easy": "other"})
+    assert [m.details["compared_with_local"] for m in same] == [2, 3]
 
 
 @pytest.mark.parametrize(("reward_model", "message"), [
