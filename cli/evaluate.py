@@ -210,9 +210,11 @@ def gate_command(
     candidate: Annotated[str, typer.Option(help="The model that would be promoted")],
     baseline: Annotated[str, typer.Option(help="The model it must not fall behind")],
     max_drop: Annotated[float, typer.Option(
-        help="Largest allowed drop, in accuracy points (for the share of looping answers: the largest rise)")] = 1.0,
+        help="Largest allowed drop, in accuracy points (for looping answers and answers naming a distractor: the "
+             "largest rise)")] = 1.0,
     suites: Annotated[str | None, typer.Option(
-        help="Comma-separated suites (default mcq,gsm8k,text; of text, only the share of looping answers gates)"),
+        help="Comma-separated suites (default mcq,gsm8k,text; of text, the shares of looping answers and of SciQ "
+             "answers naming the key or a distractor gate)"),
     ] = None,
     reviews: Annotated[Path | None, typer.Option(
         help="Also require reviewers' blind A/B verdicts: a `zephyr review export --format dpo` file holding pairs "

@@ -31,9 +31,11 @@ from evals.stats import PairedDelta, paired_bootstrap
 from offline.engine import IN_PROCESS
 from zephyr.registry import check_name
 
-# The accuracy suites, and the text suite's one share: answers that loop. Its other text metrics (BERTScore, the
-# reward model's score) have no natural "points" and are shown for information.
+# The accuracy suites, and the text suite's shares: answers that loop, SciQ chat answers that name the key and those
+# that name a distractor. Its other text metrics (BERTScore, the reward model's score, answer lengths) have no natural
+# "points" and are shown for information.
 DEFAULT_SUITES = ("mcq", "gsm8k", "text")
+TEXT_GATING_METRICS = ("looping", "names_key", "names_distractor")
 # Reviewers' A/B rule: enough decisive pairs, and a 95% interval of the candidate's win rate whose lower bound clears
 # the threshold. 0.4 is non-inferiority: promotion only when reviewers do not prefer the baseline by more than 60:40.
 DEFAULT_MIN_REVIEW_PAIRS = 30
@@ -328,8 +330,8 @@ def fmt_delta(delta: float, low: float, high: float, share: bool) -> str:
 
 
 def _within(row: CompareRow, max_drop: float) -> bool:
-    """A share where less is better (looping answers) may rise by max_drop points; every other metric may fall by
-    as much."""
+    """A share where less is better (looping answers, answers naming a distractor) may rise by max_drop points; every
+    other metric may fall by as much."""
     if lower_is_better(row.metric):
         return row.delta <= max_drop + _TOLERANCE
     return row.delta >= -max_drop - _TOLERANCE
@@ -338,7 +340,7 @@ def _within(row: CompareRow, max_drop: float) -> bool:
 def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
     suite = suite_of(benchmark)
     if suite == "text":
-        return lower_is_better(metric)
+        return metric in TEXT_GATING_METRICS
     if metric in NEVER_GATING_METRICS:
         return False
     return suite != "mcq" or benchmark not in served or metric in SERVED_METRICS
@@ -380,11 +382,12 @@ def check(
     allow_missing: bool = False,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
-    otherwise), or > +max_drop points for the share of looping answers, judged on the point estimate; the CI is
-    shown so a reader can tell noise from a real drop. An MCQ benchmark both models have /mcq's served method for is
-    judged on that method alone; of the text suite, only looping answers gate. A gating row over fewer than
-    `min_items` common items fails, and so does the gate when the baseline has a gating measurement of a benchmark
-    the candidate was not measured on (unless `allow_missing`)."""
+    otherwise), or > +max_drop points for a share where less is better (looping answers, chat answers naming a
+    distractor), judged on the point estimate; the CI is shown so a reader can tell noise from a real drop. An MCQ
+    benchmark both models have /mcq's served method for is judged on that method alone; of the text suite, only
+    TEXT_GATING_METRICS gate. A gating row over fewer than `min_items` common items fails, and so does the gate when
+    the baseline has a gating measurement of a benchmark the candidate was not measured on (unless
+    `allow_missing`)."""
     if min_items < 1:
         raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
     suites = list(suites) if suites else list(DEFAULT_SUITES)
@@ -436,7 +439,7 @@ def check(
     if not any(row.gating for row in rows):
         raise GateError(
             f"of what {candidate} and {baseline} have in common ({', '.join(row.key for row in rows)}), nothing is a "
-            f"gating measurement (only the share of looping answers gates the text suite); run `zephyr eval run "
+            f"gating measurement (of the text suite, only {', '.join(TEXT_GATING_METRICS)} gate); run `zephyr eval run "
             f"--model NAME --suite {suites[0]}` for both models")
     gated_benchmarks = {row.benchmark for row in rows if row.gating}
     base_served = {m.benchmark for m in base_run.measurements if m.metric in SERVED_METRICS}

@@ -149,9 +149,11 @@ def suite_of(benchmark: str) -> str:
 # running server's /mcq, the same name ends in SERVER_SUFFIX.
 METHOD_METRICS = {"auto": "mcq_acc_auto", "letter": "letter_acc", "cloze": "cloze_acc", "explain": "letter_acc_explain"}
 SERVER_SUFFIX = "_server"
-SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc", "answer_prior_acc", "looping")
-# Shares where less is better (answers that repeat themselves): the gate fails a rise, not a drop.
-LOWER_IS_BETTER_PREFIXES = ("looping",)
+SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc", "answer_prior_acc", "looping", "names_key",
+                  "names_distractor")
+# Shares where less is better (answers that repeat themselves, chat answers that name a wrong option): the gate fails
+# a rise, not a drop.
+LOWER_IS_BETTER_PREFIXES = ("looping", "names_distractor")
 
 
 def method_metric(method: str, server: bool = False) -> str:

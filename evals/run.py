@@ -376,6 +376,12 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
             out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))
+    # Whether a chat answer is right, read against the options it was asked without (SciQ's keys are short texts):
+    # a lower bound, since an answer may say the key in other words.
+    verdicts = {i.id: benchmarks.answer_verdict(a, i.options, mcq.LETTERS.index(i.answer))
+                for i, a in zip(sciq, sciq_answers, strict=True)}
+    for metric, verdict in (("names_key", "right"), ("names_distractor", "wrong")):
+        out.append(measurement("sciq_text", metric, "test", {i: float(v == verdict) for i, v in verdicts.items()}))
     if tools.reward_model is not None:
         conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(sciq_prompts, sciq_answers,
                                                                                      strict=True)]

@@ -338,6 +338,21 @@ def normalize_words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", text.lower()).split()
 
 
+ANSWER_VERDICTS = ("right", "wrong", "both", "neither")
+
+
+def answer_verdict(answer: str, options: list[str], key: int) -> str:
+    """Which options a free-text answer names, read against the question's options (the answer asked without them):
+    `right` names the key's text and no distractor's, `wrong` a distractor's and not the key's, `both` or `neither`.
+    Words are matched whole, case and punctuation aside, so "carbon" is not named by "carbonate"."""
+    said = f" {' '.join(normalize_words(answer))} "
+    named = [f" {' '.join(words)} " in said if (words := normalize_words(option)) else False for option in options]
+    others = any(n for i, n in enumerate(named) if i != key)
+    if named[key]:
+        return "both" if others else "right"
+    return "wrong" if others else "neither"
+
+
 def question_key(question: str, options: list[str]) -> tuple[str, frozenset[str]]:
     """A question as asked: its words (case, punctuation and spacing aside) and its set of options (in any order)."""
     return " ".join(normalize_words(question)), frozenset(" ".join(normalize_words(o)) for o in options)

@@ -3,8 +3,8 @@ default of 1.0 was the server's too: a 135M model sampled at 1.0 wanders. This a
 (the text suite's prompt: the tutor's system prompt, then the bare question, up to 128 new tokens) under several
 sampling settings and reads each answer against the question's options:
 
-- right: the answer names the key's text and no distractor's (words, case and punctuation aside);
-- wrong: it names a distractor's and not the key's;
+- right / wrong: `offline.benchmarks.answer_verdict`, the text suite's `names_key` / `names_distractor`: the answer
+  names the key's text and no distractor's / a distractor's and not the key's (words, case and punctuation aside);
 - looping: `zephyr.textquality.loops`, the rule the gate and the metrics use;
 - ended: it stopped on its own before the token limit; and its length in words.
 
@@ -14,7 +14,8 @@ Choose on `--split validation` (SciQ valid); read `--split test` once for the se
     python -m tools.chat_defaults_probe --split validation --limit 500 \\
         --settings 1.0/1.0/1.0,0.7/0.9/1.0,0.3/0.9/1.0,0/1.0/1.0,0.3/0.9/1.1
 
-Each setting is temperature/top_p/repetition_penalty. The engine's seed fixes the draws, so a rerun repeats them.
+Each setting is temperature/top_p/repetition_penalty. `--model A,B` asks each model in turn (a trained entry against
+its parent, paired over the same questions). The engine's seed fixes the draws, so a rerun repeats them.
 One in-process vLLM engine: about 12 min for 300 questions a setting on 2 AVX2 cores (no AVX-512)."""
 
 from __future__ import annotations
@@ -41,19 +42,6 @@ MAX_TOKENS = 128
 app = typer.Typer(add_completion=False)
 
 
-def words(text: str) -> str:
-    return f" {' '.join(benchmarks.normalize_words(text))} "
-
-
-def judge(answer: str, options: list[str], key: int) -> str:
-    """`right`, `wrong`, `both` or `neither`: which options' texts the answer names."""
-    said = words(answer)
-    named = [words(option) in said for option in options]
-    if named[key]:
-        return "both" if any(n for i, n in enumerate(named) if i != key) else "right"
-    return "wrong" if any(named) else "neither"
-
-
 def parse_settings(text: str) -> list[tuple[float, float, float]]:
     out = []
     for part in text.split(","):
@@ -64,7 +52,9 @@ def parse_settings(text: str) -> list[tuple[float, float, float]]:
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option()] = DEFAULT_MODEL,
+    models: Annotated[str, typer.Option("--model", help="registry model, or several comma-separated (each setting "
+                                        "is asked of each model; the first model's first setting is the baseline)")]
+    = DEFAULT_MODEL,
     split: Annotated[str, typer.Option(help="validation to choose, test to report once")] = "validation",
     limit: Annotated[int, typer.Option(help="the first N questions that have a passage")] = 500,
     settings_list: Annotated[str, typer.Option("--settings", help="temperature/top_p/repetition_penalty,...; "
@@ -78,38 +68,53 @@ def main(
 
     console = make_console()
     settings = Settings()
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    entries = [Registry(settings.models_dir).get(name) for name in names]  # every name checked before any engine
     items = [i for i in benchmarks.load("sciq", split, data_dir=settings.data_dir) if i.support][:limit]
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt_enabled else []
-    engine = OfflineEngine(Registry(settings.models_dir).get(model).path, settings)
-    prompts = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, system + [
-        {"role": "user", "content": item.question}])) for item in items]
     results = []
-    try:
-        for temperature, top_p, penalty in parse_settings(settings_list):
-            # The engine's seed (ZEPHYR_SEED) fixes the draws; a seed per request would sample one request at a time.
-            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p,
-                                    repetition_penalty=penalty)
-            started = time.perf_counter()
-            outputs = engine.llm.generate(prompts, params, use_tqdm=True)
-            answers = [o.outputs[0] for o in outputs]
-            verdicts = {item.id: judge(a.text, item.options, LETTERS.index(item.answer))
-                        for item, a in zip(items, answers, strict=True)}
-            results.append({
-                "setting": f"T={temperature:g} top_p={top_p:g} rep={penalty:g}",
-                "seconds": time.perf_counter() - started,
-                "right": {i: float(v == "right") for i, v in verdicts.items()},
-                "wrong": {i: float(v == "wrong") for i, v in verdicts.items()},
-                "looping": {item.id: float(loops(a.text)) for item, a in zip(items, answers, strict=True)},
-                "ended": {item.id: float(a.finish_reason == "stop") for item, a in zip(items, answers, strict=True)},
-                "words": {item.id: float(len(a.text.split())) for item, a in zip(items, answers, strict=True)},
-                "answers": {item.id: a.text for item, a in zip(items, answers, strict=True)},
-            })
-    finally:
-        engine.shutdown()
+    for name, entry in zip(names, entries, strict=True):
+        engine = OfflineEngine(entry.path, settings)
+        prompts = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, system + [
+            {"role": "user", "content": item.question}])) for item in items]
+        try:
+            for temperature, top_p, penalty in parse_settings(settings_list):
+                # The engine's seed (ZEPHYR_SEED) fixes the draws; a seed per request would sample one request at a
+                # time.
+                params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p,
+                                        repetition_penalty=penalty)
+                started = time.perf_counter()
+                outputs = engine.llm.generate(prompts, params, use_tqdm=True)
+                answers = [o.outputs[0] for o in outputs]
+                verdicts = {item.id: benchmarks.answer_verdict(a.text, item.options, LETTERS.index(item.answer))
+                            for item, a in zip(items, answers, strict=True)}
+                pairs = list(zip(items, answers, strict=True))
+                results.append({
+                    "setting": (f"{name} " if len(names) > 1 else "") +
+                               f"T={temperature:g} top_p={top_p:g} rep={penalty:g}",
+                    "model": name,
+                    "sampling": [temperature, top_p, penalty],
+                    "seconds": time.perf_counter() - started,
+                    "right": {i: float(v == "right") for i, v in verdicts.items()},
+                    "wrong": {i: float(v == "wrong") for i, v in verdicts.items()},
+                    "looping": {item.id: float(loops(a.text)) for item, a in pairs},
+                    "ended": {item.id: float(a.finish_reason == "stop") for item, a in pairs},
+                    "words": {item.id: float(len(a.text.split())) for item, a in pairs},
+                    "answers": {item.id: a.text for item, a in pairs},
+                })
+        finally:
+            engine.shutdown()
+            del engine
 
-    base = results[0]
-    table = Table(title=f"{model}: SciQ {split}, first {len(items)} questions with a passage, as chat "
-                        f"(up to {MAX_TOKENS} tokens); deltas against {base['setting']} [95% paired bootstrap]")
+    def baseline(result: dict) -> dict:
+        """One model: its first setting. Several: the first model under the same setting."""
+        if len(names) == 1:
+            return results[0]
+        return next(r for r in results if r["model"] == names[0] and r["sampling"] == result["sampling"])
+
+    against = "its first setting" if len(names) == 1 else f"{names[0]} under the same setting"
+    table = Table(title=f"{', '.join(names)}: SciQ {split}, first {len(items)} questions with a passage, as chat "
+                        f"(up to {MAX_TOKENS} tokens); deltas against {against} [95% paired bootstrap]")
     for column in ("setting", "right", "wrong", "looping", "ended", "words"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for result in results:
@@ -117,6 +122,7 @@ def main(
         for metric in ("right", "wrong", "looping", "ended"):
             mean = sum(result[metric].values()) / len(items)
             cell = f"{mean:.1%}"
+            base = baseline(result)
             if result is not base:
                 d = paired_bootstrap(result[metric], base[metric], seed=seed)
                 cell += f" ({d.delta * 100:+.1f} [{d.low * 100:+.1f}, {d.high * 100:+.1f}])"
@@ -125,7 +131,7 @@ def main(
         table.add_row(*cells)
     console.print(table)
     if out is not None:
-        out.write_text(json.dumps({"model": model, "split": split, "n": len(items), "results": results}, indent=1))
+        out.write_text(json.dumps({"models": names, "split": split, "n": len(items), "results": results}, indent=1))
         console.print(f"wrote {out}")
 
 

@@ -159,7 +159,8 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
     assert {m.key for m in latest.measurements} >= {
         "arc_easy/letter_acc", "arc_easy/letter_acc_server", "arc_easy/cloze_acc", "arc_easy/cloze_acc_norm",
         "gsm8k/exact_match_0shot_cot", "gsm8k/exact_match_5shot", "sciq_text/bertscore_f1", "gsm8k_text/bertscore_f1",
-        "sciq_text/looping", "gsm8k_text/looping", "sciq_text/answer_words", "gsm8k_text/answer_words"}
+        "sciq_text/looping", "gsm8k_text/looping", "sciq_text/answer_words", "gsm8k_text/answer_words",
+        "sciq_text/names_key", "sciq_text/names_distractor"}
     local, served = latest.get("arc_easy/letter_acc"), latest.get("arc_easy/letter_acc_server")
     assert local.n == served.n == len(MCQ)
     # The number measured offline is the number the service delivers: the same letter for every question.
@@ -178,6 +179,13 @@ def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, defau
         samples = latest.get(f"{benchmark}/bertscore_f1").details["samples"]
         words = latest.get(f"{benchmark}/answer_words").items
         assert samples and {i: words[i] for i in samples} == {i: len(text.split()) for i, text in samples.items()}
+    # Whether each chat answer names the key or a distractor, read from the answers and the SciQ options.
+    sciq = {item.id: item for item in benchmarks.load("sciq", data_dir=Path(env["ZEPHYR_DATA_DIR"]))}
+    samples = latest.get("sciq_text/bertscore_f1").details["samples"]
+    for metric, verdict in (("names_key", "right"), ("names_distractor", "wrong")):
+        named = latest.get(f"sciq_text/{metric}").items
+        assert {i: named[i] for i in samples} == {i: float(benchmarks.answer_verdict(
+            text, sciq[i].options, "ABCD".index(sciq[i].answer)) == verdict) for i, text in samples.items()}
     manifest = Registry(home / "models").get(DEFAULT_MODEL).manifest
     assert manifest.evals["arc_easy/letter_acc"]["score"] == pytest.approx(local.score)
     assert default_model.manifest.evals.get("arc_easy/letter_acc", {}).get("run", "") != \

@@ -1,8 +1,11 @@
-"""tools.chat_defaults_probe's reading of an answer against the options (the engine part runs on demand only)."""
+"""How a free-text answer is read against the question's options (`offline.benchmarks.answer_verdict`: the text
+suite's names_key / names_distractor, the chat-answer pairs and tools.chat_defaults_probe), and the probe's settings
+(its engine part runs on demand only)."""
 
 from __future__ import annotations
 
-from tools.chat_defaults_probe import judge, parse_settings
+from offline.benchmarks import answer_verdict as judge
+from tools.chat_defaults_probe import parse_settings
 
 OPTIONS = ["oxygen", "carbon dioxide", "helium", "neon"]
 
@@ -13,6 +16,8 @@ def test_an_answer_is_right_only_when_it_names_the_key_and_no_distractor():
     assert judge("Oxygen, or maybe carbon dioxide.", OPTIONS, 1) == "both"
     assert judge("Plants are green.", OPTIONS, 1) == "neither"
     assert judge("Neonatal plants grow.", OPTIONS, 1) == "neither"  # whole words only
+    assert judge("Carbon dioxide!", OPTIONS + ["?!"], 1) == "right"  # an option without words is never named
+    assert judge("", OPTIONS, 0) == "neither"
 
 
 def test_settings_are_temperature_top_p_and_repetition_penalty():

@@ -81,17 +81,23 @@ def test_uses_only_the_common_items(store):
     assert "100 common (200 / 100)" in render(result.table())
 
 
-def test_of_the_text_suite_only_looping_answers_gate(store):
-    # The reward model's score and BERTScore have no natural points: shown, never gating, even far lower.
+def test_of_the_text_suite_only_looping_and_named_options_gate(store):
+    # The reward model's score, BERTScore and answer lengths have no natural points: shown, never gating, even far
+    # lower.
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": 5.0, "q2": 5.0},
-         sciq_text__bertscore_f1={"q1": 0.9, "q2": 0.9}, sciq_text__looping=accuracy(2, 100))
+         sciq_text__bertscore_f1={"q1": 0.9, "q2": 0.9}, sciq_text__looping=accuracy(2, 100),
+         sciq_text__answer_words={"q1": 90.0, "q2": 80.0}, sciq_text__names_key=accuracy(20, 100),
+         sciq_text__names_distractor=accuracy(5, 100))
     save(store, "cand", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={"q1": -5.0, "q2": -5.0},
-         sciq_text__bertscore_f1={"q1": 0.1, "q2": 0.1}, sciq_text__looping=accuracy(3, 100))
+         sciq_text__bertscore_f1={"q1": 0.1, "q2": 0.1}, sciq_text__looping=accuracy(3, 100),
+         sciq_text__answer_words={"q1": 9.0, "q2": 8.0}, sciq_text__names_key=accuracy(20, 100),
+         sciq_text__names_distractor=accuracy(5, 100))
     result = check(store, "cand", "base", max_drop=1.0, suites=None)
     assert result.passed and result.suites == ["mcq", "gsm8k", "text"]
     gating = {row.key: row.gating for row in result.rows}
     assert gating == {"arc_easy/letter_acc": True, "sciq_text/bertscore_f1": False, "sciq_text/looping": True,
-                      "rm/rm_score": False}
+                      "sciq_text/answer_words": False, "sciq_text/names_key": True,
+                      "sciq_text/names_distractor": True, "rm/rm_score": False}
     text = render(result.table())
     assert "raw units" in text and "info" in text
 
@@ -103,6 +109,18 @@ def test_looping_answers_may_rise_by_max_drop_points_and_fall_freely(store, base
     result = check(store, "cand", "base", max_drop=1.0, suites=["text"])
     assert result.passed is passed
     assert [row.key for row in result.failures] == ([] if passed else ["sciq_text/looping"])
+
+
+@pytest.mark.parametrize(("key", "distractor", "failures"), [
+    ((20, 19), (5, 6), []), ((20, 18), (5, 5), ["sciq_text/names_key"]),
+    ((20, 30), (5, 7), ["sciq_text/names_distractor"]), ((20, 40), (5, 2), [])])
+def test_chat_answers_may_name_the_key_less_or_a_distractor_more_by_max_drop_points(store, key, distractor, failures):
+    save(store, "base", sciq_text__names_key=accuracy(key[0], 100),
+         sciq_text__names_distractor=accuracy(distractor[0], 100))
+    save(store, "cand", sciq_text__names_key=accuracy(key[1], 100),
+         sciq_text__names_distractor=accuracy(distractor[1], 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["text"])
+    assert [row.key for row in result.failures] == failures and result.passed == (not failures)
 
 
 def test_a_failure_whose_interval_holds_zero_is_marked_as_possibly_noise(store):
@@ -408,7 +426,8 @@ def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
 
 
 @pytest.mark.parametrize("metric", ["letter_acc", "cloze_acc_norm", "mcq_acc_auto", "mcq_acc_auto_server",
-                                    "answer_prior_acc", "exact_match", "looping"])
+                                    "answer_prior_acc", "exact_match", "looping", "names_key",
+                                    "names_distractor"])
 def test_accuracy_like_metrics_are_shares_compared_in_points(metric):
     """One vocabulary for the gate, the report and `eval show`: a share's --max-drop is points, not units (an
     answer_prior_acc gating in raw units would have let a 100-point drop pass)."""
