@@ -228,6 +228,57 @@ def data_science(
         _clean_and_write(unpaired, kto_out, KTOExample, clean=clean, settings=settings, title="unpaired examples")
 
 
+@data_app.command("chat-answers")
+@clean_flags()
+def data_chat_answers(
+    out: Out,
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
+                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
+                                                                        "openbookqa:train",
+    model: Annotated[str, typer.Option(help="registry model that answers")] = DEFAULT_MODEL,
+    k: Annotated[int, typer.Option("--k", min=2, max=32, help="chat answers sampled per question")] = 4,
+    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
+    temperature: Annotated[float, typer.Option(min=0.05, max=2.0)] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.05, max=1.0)] = 0.9,
+    max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="answer length limit (the text suite's is "
+                                                                   "128)")] = 128,
+    rejected: Annotated[str, typer.Option(help="the rejected reply: wrong (names a distractor) or wrong-or-neither "
+                                               "(else one that names no option)")] = "wrong-or-neither",
+    seed: int = 0,
+    clean: CleanFlags = CleanFlags(),
+) -> None:
+    """Chat-answer pairs: the model's own sampled chat answers to bare training questions, a right one (names the
+    key's text, ended, no loop) against a wrong one."""
+    from offline.benchmarks import SourceError
+    from training.data import chat_answers, cloze
+
+    if rejected not in chat_answers.REJECTED:
+        raise fail(f"--rejected must be one of {', '.join(chat_answers.REJECTED)}, not {rejected!r}")
+    settings = load_settings()
+    try:
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
+        _say_reserved(reserved)
+        entry = Registry(settings.models_dir).get(model)
+    except (SourceError, RegistryError) as exc:
+        raise fail(str(exc)) from None
+    questions, left_out = chat_answers.askable(items)
+    system = settings.system_prompt if settings.system_prompt_enabled else None
+    unwind_on_sigterm()
+    from offline.engine import OfflineEngine
+
+    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
+    try:
+        samples = chat_answers.sample(engine.llm, engine.tokenizer, questions, system, k=k, temperature=temperature,
+                                      top_p=top_p, max_tokens=max_tokens)
+    finally:
+        engine.shutdown()
+    pairs, stats = chat_answers.build(questions, samples, system, rejected=rejected, seed=seed)
+    stats.questions, stats.needs_options = len(items), left_out
+    _print_stats(f"chat-answer pairs from {model}", stats.rows())
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
+
+
 @data_app.command("restate")
 @clean_flags()
 def data_restate(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,15 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     dropped = zephyr("data", "clean", "--input", str(pairs), "--format", "dpo", "--out", str(tmp_path / "clean.jsonl"),
                      "--against", "arc_easy", env=env)
     assert "arc_easy" in dropped.stdout and "wrote 0 PreferencePair records" in dropped.stdout
+
+    #    Chat answers to the bare questions, sampled in vLLM as a student's chat is rendered; "Which of these ..."
+    #    needs its options and is not asked. A tiny random model names no option, so no pair is written.
+    chat = zephyr("data", "chat-answers", "--model", TINY, "--sources", "arc_easy:train", "--k", "2", "--max-tokens",
+                  "16", "--out", str(tmp_path / "chat.jsonl"), "--no-decontaminate", env=env)
+    rows = dict(re.findall(r"│\s*([a-z][^│]*?)\s*│\s*([^│]*?)\s*│", chat.stdout))
+    assert rows["left out (the stem needs the options)"] == "1", chat.stdout
+    assert rows["answers sampled"] == str((len(QUESTIONS) - 1) * 2), chat.stdout
+    assert "wrote 0 PreferencePair records" in chat.stdout
 
     # 2. DPO on them; the merged checkpoint loads in vLLM and answers MCQs and free-text questions.
     recipe = tmp_path / "dpo.yaml"

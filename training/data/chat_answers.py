@@ -1,0 +1,123 @@
+"""Chat-answer pairs: the tutor's own chat answers, labelled by whether they are right.
+
+Each training question is asked as a student asks in chat, and as the text suite asks SciQ (the tutoring system
+prompt, then the bare question, no options). The current model samples `k` answers in vLLM offline batch mode, and
+each answer is read against the options it never saw (`offline.benchmarks.answer_verdict`, the text suite's
+`names_key` and `names_distractor`): right names the key's text and no distractor's, wrong a distractor's and not the
+key's. A pair's chosen reply is a right answer that ended on its own and does not loop; its rejected reply is a wrong
+answer, or, where the samples hold none, one that names no option (a reply that never commits to an answer).
+
+The pairs are on-policy, so DPO moves the model towards answers it already gives sometimes, in its own words and
+length, rather than towards a template. Questions whose stem points at options the student would not see in chat
+("which of the following", a diagram) are left out: no answer to them can be read.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from offline.benchmarks import answer_verdict
+from zephyr import mcq
+from zephyr.prompts import encode_chat
+from zephyr.schemas import MCQItem, Message, PreferencePair
+from zephyr.textquality import loops
+
+SOURCE = "zephyr-chat-answers"
+# Stems that cannot be answered without the options or a figure.
+_NEEDS_OPTIONS = re.compile(r"\b(following|these|below|above|shown|diagram|table|graph|picture|statements?|"
+                            r"illustrat\w*)\b", re.IGNORECASE)
+REJECTED = ("wrong", "wrong-or-neither")
+
+
+@dataclass
+class ChatSample:
+    text: str
+    ended: bool  # stopped on its own, not at the token limit
+
+
+@dataclass
+class ChatAnswerStats:
+    questions: int = 0
+    needs_options: int = 0  # left out: the stem points at options or a figure
+    answers: int = 0
+    verdicts: Counter = field(default_factory=Counter)
+    questions_with_right: int = 0
+    pairs: Counter = field(default_factory=Counter)  # by the rejected reply's verdict
+
+    def rows(self) -> list[tuple[str, str]]:
+        share = {v: f"{n} ({n / self.answers:.1%})" if self.answers else "0" for v, n in self.verdicts.items()}
+        return [("questions", str(self.questions)), ("left out (the stem needs the options)", str(self.needs_options)),
+                ("answers sampled", str(self.answers)),
+                *((f"answers {verdict}", share.get(verdict, "0")) for verdict in ("right", "wrong", "both", "neither")),
+                ("questions with a right answer", str(self.questions_with_right)),
+                ("pairs against a wrong answer", str(self.pairs["wrong"])),
+                ("pairs against an answer naming no option", str(self.pairs["neither"]))]
+
+
+def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int]:
+    """The questions a student could ask in chat as they are: no reference to options or figures, options the MCQ
+    format accepts (so a verdict is well defined). Returns them and how many were left out."""
+    kept = []
+    for item in items:
+        try:
+            mcq.MCQuestion.build(item.question, item.options)
+        except mcq.MCQFormatError:
+            continue
+        if not _NEEDS_OPTIONS.search(item.question):
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def conversation(question: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The chat a student sends: the service's system prompt (when enabled), then the bare question."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": question}]
+
+
+def sample(llm: Any, tokenizer: Any, items: list[MCQItem], system_prompt: str | None, *, k: int,
+           temperature: float, top_p: float, max_tokens: int) -> dict[str, list[ChatSample]]:
+    """`k` sampled chat answers per question, rendered with the chat template as the service renders them."""
+    from vllm import SamplingParams, TokensPrompt
+
+    # No per-request seed: vLLM's CPU sampler rejects seeded generators; the engine's seed fixes the draw.
+    params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    prompts = [TokensPrompt(prompt_token_ids=encode_chat(tokenizer, conversation(item.question, system_prompt)))
+               for item in items]
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    return {item.id: [ChatSample(c.text.strip(), c.finish_reason == "stop") for c in output.outputs]
+            for item, output in zip(items, outputs, strict=True)}
+
+
+def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_prompt: str | None, *,
+          rejected: str = "wrong-or-neither", seed: int = 0) -> tuple[list[PreferencePair], ChatAnswerStats]:
+    """One pair per question whose samples hold a right answer that ended and does not loop, and a rejected one:
+    a wrong answer, or (with `rejected="wrong-or-neither"`) an answer naming no option where none is wrong."""
+    if rejected not in REJECTED:
+        raise ValueError(f"rejected must be one of {', '.join(REJECTED)}, not {rejected!r}")
+    rng = random.Random(seed)
+    stats = ChatAnswerStats(questions=len(items))
+    pairs: list[PreferencePair] = []
+    for item in items:
+        found = [s for s in samples.get(item.id, []) if s.text]
+        verdicts = [answer_verdict(s.text, item.options, mcq.LETTERS.index(item.answer)) for s in found]
+        stats.answers += len(found)
+        stats.verdicts.update(verdicts)
+        right = [s for s, v in zip(found, verdicts, strict=True) if v == "right" and s.ended and not loops(s.text)]
+        stats.questions_with_right += bool(right)
+        by_verdict = {v: [s for s, w in zip(found, verdicts, strict=True) if w == v] for v in ("wrong", "neither")}
+        kind = "wrong" if by_verdict["wrong"] else "neither" if rejected == "wrong-or-neither" else None
+        if not right or kind is None or not by_verdict[kind]:
+            continue
+        good, bad = rng.choice(right), rng.choice(by_verdict[kind])
+        pairs.append(PreferencePair(
+            prompt=[Message(**m) for m in conversation(item.question, system_prompt)],
+            chosen=[Message(role="assistant", content=good.text)],
+            rejected=[Message(role="assistant", content=bad.text)], source=SOURCE,
+            meta={"question_id": item.id, "format": "chat", "rejected": kind}))
+        stats.pairs[kind] += 1
+    rng.shuffle(pairs)  # sources mixed, so a recipe's `limit` takes a sample of all of them
+    return pairs, stats
