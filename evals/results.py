@@ -180,6 +180,11 @@ def lower_is_better(metric: str) -> bool:
     return metric.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
+def metric_label(metric: str) -> str:
+    """A metric's name as tables and plots show it: a share where less is better says so, so a rise reads right."""
+    return f"{metric} (lower is better)" if lower_is_better(metric) else metric
+
+
 def scale_of(metric: str) -> float:
     return 100.0 if is_share(metric) else 1.0
 

@@ -381,7 +381,8 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
     verdicts = {i.id: benchmarks.answer_verdict(a, i.options, mcq.LETTERS.index(i.answer))
                 for i, a in zip(sciq, sciq_answers, strict=True)}
     for metric, verdict in (("names_key", "right"), ("names_distractor", "wrong")):
-        out.append(measurement("sciq_text", metric, "test", {i: float(v == verdict) for i, v in verdicts.items()}))
+        out.append(measurement("sciq_text", metric, "test", {i: float(v == verdict) for i, v in verdicts.items()},
+                               details={"verdicts": verdicts} if metric == "names_key" else {}))
     if tools.reward_model is not None:
         conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(sciq_prompts, sciq_answers,
                                                                                      strict=True)]

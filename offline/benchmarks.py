@@ -344,7 +344,9 @@ ANSWER_VERDICTS = ("right", "wrong", "both", "neither")
 def answer_verdict(answer: str, options: list[str], key: int) -> str:
     """Which options a free-text answer names, read against the question's options (the answer asked without them):
     `right` names the key's text and no distractor's, `wrong` a distractor's and not the key's, `both` or `neither`.
-    Words are matched whole, case and punctuation aside, so "carbon" is not named by "carbonate"."""
+    Words are matched whole, case and punctuation aside, so "carbon" is not named by "carbonate"; an option whose
+    words sit inside another's ("carbon" in "carbon dioxide") is named with it, so such an answer reads `both`: a
+    lower bound on right answers, as an answer may also say the key in other words."""
     said = f" {' '.join(normalize_words(answer))} "
     named = [f" {' '.join(words)} " in said if (words := normalize_words(option)) else False for option in options]
     others = any(n for i, n in enumerate(named) if i != key)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from evals.gate import order_key
-from evals.results import is_share
+from evals.results import is_share, metric_label
 
 from .document import DocFigure
 from .views import ModelView, concurrencies
@@ -56,9 +56,10 @@ def plot_accuracy(views: list[ModelView], plots: Path) -> DocFigure | None:
             errs[0].append(max(0.0, (m.score - ci[0]) * 100))
             errs[1].append(max(0.0, (ci[1] - m.score) * 100))
         ax.bar(xs, heights, width, yerr=errs, capsize=2, label=v.name)
-    ax.set_xticks(range(len(keys)), [f"{b}\n{m}" for b, m in keys], rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(keys)), [f"{b}\n{metric_label(m)}" for b, m in keys], rotation=45, ha="right",
+                  fontsize=8)
     ax.set_ylim(0, 100)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("share of questions (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, plots / "accuracy.png", "Accuracy per benchmark and metric, with 95% bootstrap CI")

@@ -12,7 +12,7 @@ import numpy as np
 
 from evals.gate import compare_runs, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate
-from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share, same_judge
+from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share, metric_label, same_judge
 from zephyr.registry import QUANT_METHODS, Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -107,7 +107,8 @@ def _benchmarks(views: list[ModelView]) -> list[Section]:
                 bench,
                 [
                     DocTable(
-                        ["model", "n", *metrics], rows, caption=f"split {', '.join(sorted(splits))}; {units}; 95% CI"
+                        ["model", "n", *map(metric_label, metrics)], rows,
+                        caption=f"split {', '.join(sorted(splits))}; {units}; 95% CI"
                     )
                 ],
                 level=3,
@@ -127,7 +128,7 @@ def _vs_parent(views: list[ModelView]) -> Section | None:
         table_rows = [
             [
                 r.benchmark,
-                r.metric,
+                metric_label(r.metric),
                 str(r.n),
                 fmt_value(r.baseline, r.share),
                 fmt_value(r.candidate, r.share),

@@ -158,6 +158,20 @@ def test_a_benchmark_only_the_baseline_was_measured_on_fails_unless_allowed(stor
     assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).missing == ["sciq/letter_acc"]  # suites asked
 
 
+def test_a_text_share_only_the_baseline_has_fails_though_the_benchmark_gates_on_another(store):
+    # The candidate's text run predates names_key: sciq_text still gates on looping, but the baseline's newer shares
+    # cannot pass unchecked.
+    save(store, "base", sciq_text__looping=accuracy(3, 100), sciq_text__names_key=accuracy(20, 100),
+         sciq_text__names_distractor=accuracy(5, 100), sciq_text__answer_words={"q1": 40.0})
+    save(store, "cand", sciq_text__looping=accuracy(3, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["text"])
+    assert not result.passed and not result.failures
+    assert result.missing == ["sciq_text/names_distractor", "sciq_text/names_key"]
+    assert check(store, "cand", "base", max_drop=1.0, suites=["text"], allow_missing=True).passed
+    # The other way round (the baseline's run is the older one), nothing is missing: the shares are shown, not gated.
+    assert check(store, "base", "cand", max_drop=1.0, suites=["text"]).passed
+
+
 def test_a_row_over_too_few_common_items_fails_whatever_its_delta(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
     save(store, "cand", arc_easy__letter_acc={"q0": 1.0})  # one question: no drop, and a zero-width interval

@@ -170,6 +170,9 @@ def test_registry_supplies_parent_method_and_size(tmp_path):
     store = ResultStore(tmp_path / "results")
     store.save(EvalRun(model="p", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(40))]))
     store.save(EvalRun(model="q", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(45))]))
+    for name, wrong in (("p", 5), ("q", 8)):  # a share where a rise is the worse news says so
+        store.save(EvalRun(model=name, suite="text", measurements=[
+            measurement("sciq_text", "names_distractor", "test", accuracy(wrong))]))
     registry = Registry(tmp_path / "models")
     for name, parent, method, weights in (("p", None, "sft", 3000), ("q", "p", "awq", 1000)):
         folder = registry.path_of(name)
@@ -180,6 +183,7 @@ def test_registry_supplies_parent_method_and_size(tmp_path):
     md_path, _ = write_report(store, ["p", "q"], tmp_path / "out", registry=registry)
     md = md_path.read_text()
     assert "**q** (awq) vs its parent **p**" in md and "+5.0 [" in md
+    assert "| sciq_text | names_distractor (lower is better) | 100 | 5.0 | 8.0 | +3.0 [" in md
     assert f"{ratio:.2f}x" in md.split("## Quantized versus unquantized")[1]
 
 
