@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,6 +58,10 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
                            console=progress)
     except (RecipeError, RegistryError, TrainingError) as exc:
         raise fail(str(exc)) from None
+    _report(result, method)
+
+
+def _report(result: Any, method: str) -> None:
     if result.entry is None:  # a non-main process of `accelerate launch`: the main one reports
         return
     table = Table("metric", "value", title=f"{result.entry.name} ({method})")
@@ -66,6 +71,22 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
     console.print(table)
     console.print(f"registered [bold]{result.entry.name}[/] (parent {result.entry.manifest.parent}) at "
                     f"{result.entry.path}; run folder {result.run_dir}")
+
+
+@train_app.command("register")
+def train_register(recipe: Recipe, overrides: Overrides = None, overwrite: Overwrite = False) -> None:
+    """Register a run trained on another machine (a GPU box without this service): copy its run folder into
+    ZEPHYR_HOME/runs/ and its data files to the recipe's paths, then merge and register it here."""
+    from training.recipes import RecipeError, load_recipe
+    from training.run import TrainingError, register_run
+
+    settings = load_settings()
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        result = register_run(loaded, settings, recipe_path=recipe, overwrite=overwrite)
+    except (RecipeError, RegistryError, TrainingError) as exc:
+        raise fail(str(exc)) from None
+    _report(result, loaded.method)
 
 
 def _command(method: str, doc: str) -> None:
@@ -90,6 +111,9 @@ _command("grpo", "Online RL (GRPO): the model answers MCQ explain prompts, verif
 # ---- data --------------------------------------------------------------------------------------------------------
 
 Out = Annotated[Path, typer.Option("--out", help="JSON Lines file to write")]
+TrainingSources = Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
+                                                   "calibration splits)")]
+DEFAULT_TRAINING_SOURCES = "arc_easy:train,arc_challenge:train,openbookqa:train"
 
 
 @dataclass(frozen=True)
@@ -132,12 +156,29 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> None:
             flags = CleanFlags(**{name: kwargs.pop(name) for name in names})
+            _check_cleaning_installed(flags)
             return command(*args, clean=flags, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=kept + added)
         return wrapper
 
     return decorate
+
+
+def _check_cleaning_installed(clean: CleanFlags) -> None:
+    """Before any sampling: a machine without the cleaning libraries (a GPU box with only the training stack) would
+    otherwise sample for minutes and fail when it writes."""
+    import importlib.util
+
+    needed = {} if clean.no_clean else {
+        **({"presidio_analyzer": "PII redaction", "tldextract": "PII redaction"} if not clean.no_pii else {}),
+        **({"datasketch": "near duplicates"} if clean.near_dup > 0 else {}),
+    }
+    missing = {module: why for module, why in needed.items() if importlib.util.find_spec(module) is None}
+    if missing:
+        raise fail(f"cleaning needs {', '.join(missing)} ({', '.join(sorted(set(missing.values())))}), not installed "
+                   "here: install the train extra (make setup), pass --no-pii or --near-dup 0 to skip that step, or "
+                   "pass --no-clean and run `zephyr data clean` on the file where they are installed")
 
 
 def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
@@ -175,6 +216,37 @@ def _say_reserved(reserved: dict[str, int]) -> None:
         console.print(f"{source}: its first {count} questions left out (`zephyr eval calibrate` fits on them)")
 
 
+def _questions_and_model(sources: str, limit_per_source: int | None, model: str,
+                         clean: CleanFlags) -> tuple[Settings, list[Any], Any]:
+    """What a sampling builder starts from: the settings, the training questions (without the ones `zephyr eval
+    calibrate` fits on, as every MCQ builder reads them) and the registry entry that answers."""
+    from offline.benchmarks import SourceError
+    from training.data import cloze
+
+    settings = load_settings()
+    try:
+        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
+                                           exclude_reported=not clean.no_decontaminate)
+        _say_reserved(reserved)
+        entry = Registry(settings.models_dir).get(model)
+    except (SourceError, RegistryError) as exc:
+        raise fail(str(exc)) from None
+    return settings, items, entry
+
+
+@contextmanager
+def _sampling_engine(entry: Any, settings: Settings, seed: int) -> Iterator[Any]:
+    """vLLM in process for a builder's sampling, shut down however the sampling ends."""
+    unwind_on_sigterm()
+    from offline.engine import OfflineEngine
+
+    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 @data_app.command("science")
 @clean_flags()
 def data_science(
@@ -196,30 +268,15 @@ def data_science(
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Verifiable science pairs: the model's sampled explanations and letters, labelled by the answer key."""
-    from offline.benchmarks import SourceError
-    from training.data import cloze, science
+    from training.data import science
 
     if negatives not in science.NEGATIVES:
         raise fail(f"--negatives must be one of {', '.join(science.NEGATIVES)}, not {negatives!r}")
-    settings = load_settings()
-    try:
-        # Without the questions `zephyr eval calibrate` fits on, as every MCQ builder reads them.
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
-                                           exclude_reported=not clean.no_decontaminate)
-        _say_reserved(reserved)
-        entry = Registry(settings.models_dir).get(model)
-    except (SourceError, RegistryError) as exc:
-        raise fail(str(exc)) from None
-    unwind_on_sigterm()
-    from offline.engine import OfflineEngine
-
-    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
-    try:
+    settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
+    with _sampling_engine(entry, settings, seed) as engine:
         samples, direct, skipped = science.sample(engine.llm, engine.tokenizer, items, k=k,
                                                   explain_items=explain_questions, temperature=temperature,
                                                   max_tokens=max_tokens)
-    finally:
-        engine.shutdown()
     pairs, unpaired, stats = science.build(items, samples, direct, seed=seed, negatives=negatives)
     stats.skipped = skipped
     _print_stats(f"science data from {model}", stats.rows())
@@ -232,9 +289,7 @@ def data_science(
 @clean_flags()
 def data_chat_answers(
     out: Out,
-    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
-                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
-                                                                        "openbookqa:train",
+    sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     model: Annotated[str, typer.Option(help="registry model that answers")] = DEFAULT_MODEL,
     k: Annotated[int, typer.Option("--k", min=2, max=32, help="chat answers sampled per question")] = 4,
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
@@ -244,37 +299,33 @@ def data_chat_answers(
                                                                    "128)")] = 128,
     rejected: Annotated[str, typer.Option(help="the rejected reply: wrong (names a distractor) or wrong-or-neither "
                                                "(else one that names no option)")] = "wrong-or-neither",
+    backend: Annotated[str, typer.Option(help="what samples: vllm (in process), or transformers (a GPU machine "
+                                              "without vLLM; bf16 on CUDA)")] = "vllm",
+    batch_size: Annotated[int, typer.Option(min=1, max=8192, help="sequences a transformers batch generates")] = 512,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Chat-answer pairs: the model's own sampled chat answers to bare training questions, a right one (names the
     key's text, ended, no loop) against a wrong one."""
-    from offline.benchmarks import SourceError
-    from training.data import chat_answers, cloze
+    from training.data import chat_answers
 
     if rejected not in chat_answers.REJECTED:
         raise fail(f"--rejected must be one of {', '.join(chat_answers.REJECTED)}, not {rejected!r}")
-    settings = load_settings()
-    try:
-        items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
-                                           exclude_reported=not clean.no_decontaminate)
-        _say_reserved(reserved)
-        entry = Registry(settings.models_dir).get(model)
-    except (SourceError, RegistryError) as exc:
-        raise fail(str(exc)) from None
-    questions, left_out = chat_answers.askable(items)
+    if backend not in ("vllm", "transformers"):
+        raise fail(f"--backend must be vllm or transformers, not {backend!r}")
+    settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
+    questions, refused, left_out = chat_answers.askable(items)
     system = settings.system_prompt if settings.system_prompt_enabled else None
-    unwind_on_sigterm()
-    from offline.engine import OfflineEngine
-
-    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
-    try:
-        samples = chat_answers.sample(engine.llm, engine.tokenizer, questions, system, k=k, temperature=temperature,
-                                      top_p=top_p, max_tokens=max_tokens)
-    finally:
-        engine.shutdown()
+    if backend == "transformers":
+        samples = chat_answers.sample_transformers(entry.path, questions, system, k=k, temperature=temperature,
+                                                   top_p=top_p, max_tokens=max_tokens, batch_size=batch_size,
+                                                   seed=seed)
+    else:
+        with _sampling_engine(entry, settings, seed) as engine:
+            samples = chat_answers.sample(engine.llm, engine.tokenizer, questions, system, k=k,
+                                          temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     pairs, stats = chat_answers.build(questions, samples, system, rejected=rejected, seed=seed)
-    stats.questions, stats.needs_options = len(items), left_out
+    stats.questions, stats.skipped, stats.needs_options = len(items), refused, left_out
     _print_stats(f"chat-answer pairs from {model}", stats.rows())
     _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
 
@@ -323,9 +374,7 @@ def data_cloze(
     out: Out,
     sft_out: Annotated[Path | None, typer.Option(help="also write SFT examples (the context, then the key's text)")]
     = None,
-    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
-                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
-                                                                        "openbookqa:train",
+    sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     distractors: Annotated[int, typer.Option(min=1, max=9, help="pairs per question, each against another "
                                                                 "distractor")] = 1,
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
@@ -355,9 +404,7 @@ def data_cloze(
 @clean_flags()
 def data_grpo(
     out: Out,
-    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
-                                              "calibration splits)")] = "arc_easy:train,arc_challenge:train,"
-                                                                        "openbookqa:train",
+    sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),

@@ -575,13 +575,18 @@ def _register(recipe: Recipe, trainer: Any, tokenizer: Any, registry: Registry, 
     """Save what was trained (every process takes part: ZeRO-3 gathers its shards), then, on the main process
     only, merge the adapter into a fresh full-precision copy of the base (never the 4-bit one QLoRA trained on),
     cast to the parent's dtype and move the folder into the registry. Other processes return None."""
-    import torch
-
     trained = run_dir / ("adapter" if recipe.lora is not None else "trained")
     trainer.save_model(str(trained))
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
+    return _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, train_files, overwrite)
+
+
+def _add_trained(recipe: Recipe, trained: Path, tokenizer: Any, registry: Registry, base: RegistryEntry, output: str,
+                 run_dir: Path, train_files: list[Path], overwrite: bool) -> RegistryEntry:
+    import torch
+
     config = json.loads((base.path / "config.json").read_text())
     dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     if recipe.lora is not None:
@@ -599,3 +604,37 @@ def _register(recipe: Recipe, trainer: Any, tokenizer: Any, registry: Registry, 
                              recipe_digest=recipe.digest(), data_digest=data_digest(train_files),
                              source=f"zephyr train {recipe.method}")
     return registry.add(staging, manifest, move=True, overwrite=overwrite)
+
+
+def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None,
+                 overwrite: bool = False) -> RunResult:
+    """`zephyr train register`: register a run trained on another machine (a GPU box), its run folder copied into
+    this one's `runs/`. It is merged and added exactly as `train` would have, after checking that the folder was
+    trained by this recipe on the data files this machine holds. The base must hold the same weights (the bundled
+    entry is made alike everywhere from its GGUF; its sha256 is checked when it is made)."""
+    registry = Registry(settings.models_dir)
+    base = registry.get(recipe.model)
+    output = check_name(recipe.output_name(recipe_path))
+    check_output_free(registry, output, overwrite)
+    if recipe.data is None or recipe.method == "rs":  # rejection sampling writes its data as it runs
+        raise TrainingError(f"only a recipe with its own data files can be registered from a run folder, not this "
+                            f"{recipe.method} recipe")
+    run_dir = settings.home / "runs" / output
+    trained = run_dir / ("adapter" if recipe.lora is not None else "trained")
+    started = run_dir / "recipe.json"
+    if not trained.is_dir() or not started.is_file():
+        raise TrainingError(f"{run_dir} holds no finished run ({trained.name}/ and recipe.json): copy the whole run "
+                            "folder of a finished `zephyr train` here")
+    saved = json.loads(started.read_text())
+    data = data_digest([*recipe.data.train, *recipe.data.eval])
+    if saved.get("digest") != recipe.digest():
+        raise TrainingError(f"{run_dir} was trained by another recipe (digest {saved.get('digest')}, this one "
+                            f"{recipe.digest()}): register it with the recipe and overrides it ran with")
+    if saved.get("data_digest") != data:
+        raise TrainingError(f"{run_dir} was trained on other data than {', '.join(map(str, recipe.data.train))} "
+                            "holds here: copy the run's data files too")
+    _, tokenizer = _load_model(recipe.model_copy(update={"qlora": False}), base.path)
+    entry = _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, recipe.data.train, overwrite)
+    summary = run_dir / "summary.json"
+    metrics = json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
+    return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)

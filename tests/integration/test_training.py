@@ -75,7 +75,7 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     chat = zephyr("data", "chat-answers", "--model", TINY, "--sources", "arc_easy:train", "--k", "2", "--max-tokens",
                   "16", "--out", str(tmp_path / "chat.jsonl"), "--no-decontaminate", env=env)
     rows = dict(re.findall(r"│\s*([a-z][^│]*?)\s*│\s*([^│]*?)\s*│", chat.stdout))
-    assert rows["left out (the stem needs the options)"] == "1", chat.stdout
+    assert rows["left out (the stem points at options or a figure)"] == "1", chat.stdout
     assert rows["answers sampled"] == str((len(QUESTIONS) - 1) * 2), chat.stdout
     assert "wrote 0 PreferencePair records" in chat.stdout
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from training.data.chat_answers import ChatSample, askable, build, conversation
+from tests.unit.tiny_llama import make_tiny_llama
+from training.data.chat_answers import ChatSample, askable, build, conversation, sample_transformers
+from zephyr.prompts import encode_chat
+from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
 
 SYSTEM = "You are a tutor."
@@ -20,8 +23,8 @@ def test_questions_that_point_at_options_or_figures_cannot_be_asked_in_chat():
     items = [item(0), item(1, "Which of the following is a gas?"), item(2, "Which of these is a gas?"),
              item(3, "The diagram shows a plant. What does it take in?"), item(4, "A plant takes in"),
              MCQItem(id="dup", question="What is it?", options=["a", "a", "b", "c"], answer="A")]
-    kept, left_out = askable(items)
-    assert [i.id for i in kept] == ["q0", "q4"] and left_out == 4
+    kept, refused, left_out = askable(items)
+    assert [i.id for i in kept] == ["q0", "q4"] and refused == 1 and left_out == 3
 
 
 def test_a_pair_is_a_right_answer_that_ended_against_a_wrong_one_else_one_naming_nothing():
@@ -29,8 +32,8 @@ def test_a_pair_is_a_right_answer_that_ended_against_a_wrong_one_else_one_naming
     samples = {
         # a wrong answer beats one naming nothing as the rejected reply
         "q0": [right, ChatSample("Plants take in oxygen.", True), ChatSample("Plants are green.", True)],
-        # no wrong answer: the one naming no option is rejected
-        "q1": [right, ChatSample("Plants are green.", True)],
+        # no wrong answer: the one naming no option is rejected (an empty answer is counted, never rejected)
+        "q1": [right, ChatSample("", True), ChatSample("Plants are green.", True)],
         # the right answer was cut at the token limit, or loops: no chosen reply
         "q2": [ChatSample("Carbon dioxide is taken in and", ended=False), ChatSample("Oxygen.", True)],
         "q3": [ChatSample("carbon dioxide goes in. " * 10, ended=True), ChatSample("Oxygen.", True)],
@@ -49,7 +52,7 @@ def test_a_pair_is_a_right_answer_that_ended_against_a_wrong_one_else_one_naming
     # The prompt is the chat the text suite sends: the system prompt, then the bare question.
     assert [m.model_dump() for m in by_id["q0"].prompt] == conversation("What gas do plants take in?", SYSTEM)
     assert stats.pairs == {"wrong": 1, "neither": 1} and stats.questions_with_right == 3
-    assert stats.verdicts["right"] == 6 and stats.verdicts["both"] == 1 and stats.answers == 13
+    assert stats.verdicts["right"] == 6 and stats.verdicts["both"] == 1 and stats.answers == 14
 
     only_wrong, stats = build(items, samples, SYSTEM, rejected="wrong")
     assert [p.meta["question_id"] for p in only_wrong] == ["q0"] and stats.pairs == {"wrong": 1}
@@ -69,7 +72,56 @@ def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp
                              ("sciq:validation", "refusing sciq:validation")):
         refused = CliRunner().invoke(app, ["data", "chat-answers", "--sources", sources, "--out", str(out)])
         assert refused.exit_code != 0 and message in " ".join(refused.output.split()), sources
-    refused = CliRunner().invoke(app, ["data", "chat-answers", "--rejected", "any", "--out", str(out)])
-    assert refused.exit_code != 0 and "--rejected must be one of wrong, wrong-or-neither" in \
-        " ".join(refused.output.split())
+    for flag, value, message in (("--rejected", "any", "--rejected must be one of wrong, wrong-or-neither"),
+                                 ("--backend", "onnx", "--backend must be vllm or transformers")):
+        refused = CliRunner().invoke(app, ["data", "chat-answers", flag, value, "--out", str(out)])
+        assert refused.exit_code != 0 and message in " ".join(refused.output.split()), flag
     assert not out.exists()
+
+
+def test_a_machine_without_the_cleaning_libraries_is_told_before_anything_is_sampled(tmp_path, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))  # no registry: sampling could not start anyway
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasketch" else
+                        find_spec(name, *a))
+    out = tmp_path / "pairs.jsonl"
+    refused = CliRunner().invoke(app, ["data", "chat-answers", "--out", str(out)])
+    assert refused.exit_code == 1 and "cleaning needs datasketch (near duplicates)" in " ".join(refused.output.split())
+    # Without near-duplicate removal the check passes and the command goes on (to the missing registry model).
+    went_on = CliRunner().invoke(app, ["data", "chat-answers", "--near-dup", "0", "--out", str(out)])
+    assert "cleaning needs" not in went_on.output and "smollm2-135m-instruct" in went_on.output
+
+
+def test_transformers_sampling_draws_k_answers_per_question_and_says_which_ran_out_of_tokens(tmp_path,
+                                                                                             default_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    entry = make_tiny_llama(Registry(tmp_path / "models"), default_model)
+    # Questions of different lengths share left-padded batches (k * 3 rows, batches of 4).
+    items = [item(0), item(1, "Why is the sky blue on a clear day at noon?"), item(2, "Name a gas.")]
+    samples = sample_transformers(entry.path, items, SYSTEM, k=3, temperature=1.0, top_p=1.0, max_tokens=6,
+                                  batch_size=4, seed=0)
+    assert {key: len(found) for key, found in samples.items()} == {"q0": 3, "q1": 3, "q2": 3}
+    assert samples == sample_transformers(entry.path, items, SYSTEM, k=3, temperature=1.0, top_p=1.0, max_tokens=6,
+                                          batch_size=4, seed=0)  # the seed fixes the draw
+    # A random tiny model rarely ends within 6 tokens: an answer that did not end holds all 6 of its tokens.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    unended = [s for found in samples.values() for s in found if not s.ended]
+    assert unended and all(len(tokenizer.encode(s.text, add_special_tokens=False)) >= 4 for s in unended)
+    # Greedy through the sampler's left padding equals the model's own unpadded greedy continuation.
+    model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=torch.float32).eval()
+    prompt = torch.tensor([encode_chat(tokenizer, conversation(items[2].question, SYSTEM))])
+    with torch.no_grad():
+        alone = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6)
+    greedy = sample_transformers(entry.path, items, SYSTEM, k=1, temperature=1e-4, top_p=1.0, max_tokens=6,
+                                 batch_size=3, seed=0)
+    assert greedy["q2"][0].text == tokenizer.decode(alone[0, prompt.shape[1]:], skip_special_tokens=True).strip()

@@ -12,7 +12,7 @@ import yaml
 from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
 from training.rs import _reusable_stats, best_of_n, read_prompts
-from training.run import TrainingError, balance_lengths, hold_out, opening, train
+from training.run import TrainingError, balance_lengths, hold_out, opening, register_run, train
 from zephyr.registry import Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import Settings
@@ -169,6 +169,45 @@ def test_dpo_merged_weights_differ_from_parent(home, data, tmp_path):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("q_proj" in k for k in changed)  # the LoRA update landed in the merged weights
+
+
+def test_a_run_folder_trained_elsewhere_registers_as_training_would_have_and_refuses_what_differs(
+        home, data, tmp_path, default_model):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    shutil.copy(data["dpo"], pairs)
+    body = {"method": "dpo", "model": TINY, "output": "tiny-elsewhere", "data": {"train": str(pairs)},
+            "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "max_steps": 2}}
+    path = recipe_file(tmp_path, "elsewhere", body)
+    trained = train(load_recipe(path), Settings(home=home), recipe_path=path)
+    # Another machine: its own registry with the same base, and the run folder copied into its runs/.
+    here = Settings(home=tmp_path / "here")
+    make_tiny_llama(Registry(here.models_dir), default_model)
+    with pytest.raises(TrainingError, match="holds no finished run"):
+        register_run(load_recipe(path), here, recipe_path=path)
+    shutil.copytree(trained.run_dir, here.home / "runs" / "tiny-elsewhere")
+    other = recipe_file(tmp_path, "other", {**body, "trainer": {**STEPS, "max_steps": 3}})
+    with pytest.raises(TrainingError, match="trained by another recipe"):
+        register_run(load_recipe(other), here, recipe_path=other)
+    original = pairs.read_text()
+    pairs.write_text(original.replace("Because it is.", "Because."))
+    with pytest.raises(TrainingError, match="trained on other data"):
+        register_run(load_recipe(path), here, recipe_path=path)
+    pairs.write_text(original)
+
+    result = register_run(load_recipe(path), here, recipe_path=path)
+    assert result.entry.manifest.parent == TINY and result.entry.manifest.recipe_digest == \
+        trained.entry.manifest.recipe_digest and result.entry.manifest.data_digest == trained.entry.manifest.data_digest
+    assert result.metrics == json.loads(json.dumps(trained.metrics))  # the run's own figures, from summary.json
+    there = load_file(next(trained.entry.path.glob("*.safetensors")))
+    registered = load_file(next(result.entry.path.glob("*.safetensors")))
+    assert there.keys() == registered.keys() and all(torch.equal(there[k], registered[k]) for k in there)
+    with pytest.raises(RegistryError, match="already exists"):
+        register_run(load_recipe(path), here, recipe_path=path)
 
 
 def test_rm_on_its_top_layer_with_length_grouped_batches_leaves_lower_layers_alone(home, data, tmp_path):

@@ -1,15 +1,17 @@
 """Chat-answer pairs: the tutor's own chat answers, labelled by whether they are right.
 
 Each training question is asked as a student asks in chat, and as the text suite asks SciQ (the tutoring system
-prompt, then the bare question, no options). The current model samples `k` answers in vLLM offline batch mode, and
-each answer is read against the options it never saw (`offline.benchmarks.answer_verdict`, the text suite's
-`names_key` and `names_distractor`): right names the key's text and no distractor's, wrong a distractor's and not the
-key's. A pair's chosen reply is a right answer that ended on its own and does not loop; its rejected reply is a wrong
-answer, or, where the samples hold none, one that names no option (a reply that never commits to an answer).
+prompt, then the bare question, no options). The current model samples `k` answers in vLLM offline batch mode (or
+through transformers on a GPU machine without vLLM), and each answer is read against the options it never saw
+(`offline.benchmarks.answer_verdict`, the text suite's `names_key` and `names_distractor`): right names the key's
+text and no distractor's, wrong a distractor's and not the key's. A pair's chosen reply is a right answer that ended
+on its own and does not loop; its rejected reply is a wrong answer, or, where the samples hold none, one that names
+no option (a reply that never commits to an answer).
 
 The pairs are on-policy, so DPO moves the model towards answers it already gives sometimes, in its own words and
 length, rather than towards a template. Questions whose stem points at options the student would not see in chat
-("which of the following", a diagram) are left out: no answer to them can be read.
+("which of the following", a diagram) are left out: no answer to them can be read. The filter is a word list and
+errs on leaving out (it also drops "table salt" and "above sea level").
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from offline.benchmarks import answer_verdict
+from offline.benchmarks import ANSWER_VERDICTS, answer_verdict
+from training.data.cloze import usable
 from zephyr import mcq
 from zephyr.prompts import encode_chat
 from zephyr.schemas import MCQItem, Message, PreferencePair
@@ -42,34 +45,31 @@ class ChatSample:
 @dataclass
 class ChatAnswerStats:
     questions: int = 0
+    skipped: int = 0  # options the MCQ format refuses (duplicates): no verdict is well defined
     needs_options: int = 0  # left out: the stem points at options or a figure
-    answers: int = 0
+    answers: int = 0  # sampled, empty ones included
     verdicts: Counter = field(default_factory=Counter)
     questions_with_right: int = 0
     pairs: Counter = field(default_factory=Counter)  # by the rejected reply's verdict
 
     def rows(self) -> list[tuple[str, str]]:
         share = {v: f"{n} ({n / self.answers:.1%})" if self.answers else "0" for v, n in self.verdicts.items()}
-        return [("questions", str(self.questions)), ("left out (the stem needs the options)", str(self.needs_options)),
+        return [("questions", str(self.questions)), ("skipped (bad options)", str(self.skipped)),
+                ("left out (the stem points at options or a figure)", str(self.needs_options)),
                 ("answers sampled", str(self.answers)),
-                *((f"answers {verdict}", share.get(verdict, "0")) for verdict in ("right", "wrong", "both", "neither")),
+                *((f"answers {verdict}", share.get(verdict, "0")) for verdict in ANSWER_VERDICTS),
                 ("questions with a right answer", str(self.questions_with_right)),
                 ("pairs against a wrong answer", str(self.pairs["wrong"])),
                 ("pairs against an answer naming no option", str(self.pairs["neither"]))]
 
 
-def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int]:
-    """The questions a student could ask in chat as they are: no reference to options or figures, options the MCQ
-    format accepts (so a verdict is well defined). Returns them and how many were left out."""
-    kept = []
-    for item in items:
-        try:
-            mcq.MCQuestion.build(item.question, item.options)
-        except mcq.MCQFormatError:
-            continue
-        if not _NEEDS_OPTIONS.search(item.question):
-            kept.append(item)
-    return kept, len(items) - len(kept)
+def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int, int]:
+    """The questions a student could ask in chat as they are: options the MCQ format accepts (so a verdict is well
+    defined), no reference to options or figures. Returns them, how many the format refuses, and how many point at
+    options or a figure."""
+    accepted, refused = usable(items)
+    kept = [item for item, _ in accepted if not _NEEDS_OPTIONS.search(item.question)]
+    return kept, refused, len(accepted) - len(kept)
 
 
 def conversation(question: str, system_prompt: str | None) -> list[dict[str, str]]:
@@ -92,6 +92,41 @@ def sample(llm: Any, tokenizer: Any, items: list[MCQItem], system_prompt: str | 
             for item, output in zip(items, outputs, strict=True)}
 
 
+def sample_transformers(model_path: Any, items: list[MCQItem], system_prompt: str | None, *, k: int,
+                        temperature: float, top_p: float, max_tokens: int, batch_size: int = 512,
+                        seed: int = 0) -> dict[str, list[ChatSample]]:
+    """The same draw through transformers' `generate`, for a machine without vLLM (a GPU box: vLLM's CPU build does
+    not run there). bf16 on CUDA, float32 on a CPU. The same prompts, so the same distribution; not the same draws."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if device == "cuda" else
+                                                 torch.float32).to(device).eval()
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops))
+    prompts = [encode_chat(tokenizer, conversation(item.question, system_prompt)) for item in items]
+    rows = sorted((i for i in range(len(items)) for _ in range(k)), key=lambda i: len(prompts[i]))  # less padding
+    torch.manual_seed(seed)
+    found: dict[str, list[ChatSample]] = {item.id: [] for item in items}
+    for start in tqdm(range(0, len(rows), batch_size), desc="chat answers", unit="batch"):
+        batch = rows[start:start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=top_p, top_k=0, max_new_tokens=max_tokens, pad_token_id=pad)
+        for i, row in zip(batch, out[:, width:].tolist(), strict=True):
+            end = next((n for n, token in enumerate(row) if token in stops), None)
+            text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True).strip()
+            found[items[i].id].append(ChatSample(text, end is not None))
+    return found
+
+
 def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_prompt: str | None, *,
           rejected: str = "wrong-or-neither", seed: int = 0) -> tuple[list[PreferencePair], ChatAnswerStats]:
     """One pair per question whose samples hold a right answer that ended and does not loop, and a rejected one:
@@ -102,13 +137,15 @@ def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_pro
     stats = ChatAnswerStats(questions=len(items))
     pairs: list[PreferencePair] = []
     for item in items:
-        found = [s for s in samples.get(item.id, []) if s.text]
+        found = samples.get(item.id, [])
+        # An empty answer names no option: counted, and never a rejected reply.
         verdicts = [answer_verdict(s.text, item.options, mcq.LETTERS.index(item.answer)) for s in found]
         stats.answers += len(found)
         stats.verdicts.update(verdicts)
         right = [s for s, v in zip(found, verdicts, strict=True) if v == "right" and s.ended and not loops(s.text)]
         stats.questions_with_right += bool(right)
-        by_verdict = {v: [s for s, w in zip(found, verdicts, strict=True) if w == v] for v in ("wrong", "neither")}
+        by_verdict = {v: [s for s, w in zip(found, verdicts, strict=True) if w == v and s.text]
+                      for v in ("wrong", "neither")}
         kind = "wrong" if by_verdict["wrong"] else "neither" if rejected == "wrong-or-neither" else None
         if not right or kind is None or not by_verdict[kind]:
             continue
