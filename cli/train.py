@@ -156,7 +156,7 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> None:
             flags = CleanFlags(**{name: kwargs.pop(name) for name in names})
-            _check_cleaning_installed(flags)
+            _check_cleaning_installed(flags, skippable)
             return command(*args, clean=flags, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=kept + added)
@@ -165,20 +165,27 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
     return decorate
 
 
-def _check_cleaning_installed(clean: CleanFlags) -> None:
+def _check_cleaning_installed(clean: CleanFlags, skippable: bool) -> None:
     """Before any sampling: a machine without the cleaning libraries (a GPU box with only the training stack) would
-    otherwise sample for minutes and fail when it writes."""
-    import importlib.util
+    otherwise sample for minutes and fail when it writes. Imported, not only found: a library is as good as its own
+    dependencies."""
+    import importlib
 
     needed = {} if clean.no_clean else {
-        **({"presidio_analyzer": "PII redaction", "tldextract": "PII redaction"} if not clean.no_pii else {}),
-        **({"datasketch": "near duplicates"} if clean.near_dup > 0 else {}),
+        **({"zephyr.pii": "PII redaction (Presidio)"} if not clean.no_pii else {}),
+        **({"datasketch": "near duplicates (datasketch)"} if clean.near_dup > 0 else {}),
     }
-    missing = {module: why for module, why in needed.items() if importlib.util.find_spec(module) is None}
+    missing = []
+    for module, step in needed.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            missing.append(f"{step}: {exc}")
     if missing:
-        raise fail(f"cleaning needs {', '.join(missing)} ({', '.join(sorted(set(missing.values())))}), not installed "
-                   "here: install the train extra (make setup), pass --no-pii or --near-dup 0 to skip that step, or "
-                   "pass --no-clean and run `zephyr data clean` on the file where they are installed")
+        raise fail(f"cleaning cannot run here ({'; '.join(missing)}): install the project's dependencies (make setup),"
+                   " or pass --no-pii or --near-dup 0 to skip that step"
+                   + (", or --no-clean and run `zephyr data clean` on the file where they are installed"
+                      if skippable else ""))
 
 
 def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
@@ -301,7 +308,8 @@ def data_chat_answers(
                                                "(else one that names no option)")] = "wrong-or-neither",
     backend: Annotated[str, typer.Option(help="what samples: vllm (in process), or transformers (a GPU machine "
                                               "without vLLM; bf16 on CUDA)")] = "vllm",
-    batch_size: Annotated[int, typer.Option(min=1, max=8192, help="sequences a transformers batch generates")] = 512,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=8192, help="rows a transformers batch generates "
+                                                   "(default 512 on a GPU, 64 on a CPU)")] = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:

@@ -172,6 +172,12 @@ def data_digest(files: list[Path]) -> str:
     return combined.hexdigest()
 
 
+def weights_digest(model_dir: Path) -> str:
+    """The sha256 of a checkpoint's weight files (their digests in name order): the same weights on any machine."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return hashlib.sha256("".join(f"{f.name}:{digest_file(f)}\n" for f in files).encode()).hexdigest()
+
+
 def device_summary() -> tuple[bool, str]:
     import torch
 
@@ -420,7 +426,7 @@ def saved_recipe_digest(run_dir: Path) -> str | None:
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None = None,
-                    base_made_at: str | None = None) -> bool:
+                    base_made_at: str | None = None, base_weights: str | None = None) -> bool:
     """Create or reuse the run folder; True when training resumes from a checkpoint of the same recipe on the same
     data (`data`: the digest of the data files' contents; the recipe names them only by path) from the same base
     entry (`base_made_at`: when the base model's entry was made; the recipe names it only by name)."""
@@ -447,8 +453,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
         return last_checkpoint(run_dir) is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
+        # base_weights: what `zephyr train register` checks on another machine, where base_made_at differs.
         saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "base_made_at": base_made_at,
-                                     "recipe": recipe.resolved()}, indent=2))
+                                     "base_weights": base_weights, "recipe": recipe.resolved()}, indent=2))
     return False
 
 
@@ -511,7 +518,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                             "each turn with the chat template's end token: drop it")
     run_dir = settings.home / "runs" / output
     resume = prepare_run_dir(recipe, run_dir, fresh, data_digest([*train_files, *spec.eval]),
-                             base.manifest.created_at.isoformat())
+                             base.manifest.created_at.isoformat(), weights_digest(base.path))
     reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
     args = build_args(recipe, run_dir, watched is not None, plain_text, reward_weights)
     _, device = device_summary()
@@ -631,8 +638,12 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
         raise TrainingError(f"{run_dir} was trained by another recipe (digest {saved.get('digest')}, this one "
                             f"{recipe.digest()}): register it with the recipe and overrides it ran with")
     if saved.get("data_digest") != data:
-        raise TrainingError(f"{run_dir} was trained on other data than {', '.join(map(str, recipe.data.train))} "
-                            "holds here: copy the run's data files too")
+        raise TrainingError(f"{run_dir} was trained on other data than "
+                            f"{', '.join(map(str, [*recipe.data.train, *recipe.data.eval]))} hold here (or records "
+                            "none: an older version's folder): copy the run's data files too")
+    if saved.get("base_weights") != weights_digest(base.path):
+        raise TrainingError(f"{run_dir} adapts other weights than {base.name!r} holds here (or records none: an "
+                            "older version's folder): its base must be the same checkpoint on both machines")
     _, tokenizer = _load_model(recipe.model_copy(update={"qlora": False}), base.path)
     entry = _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, recipe.data.train, overwrite)
     summary = run_dir / "summary.json"

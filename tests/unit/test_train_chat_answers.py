@@ -80,19 +80,23 @@ def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp
 
 
 def test_a_machine_without_the_cleaning_libraries_is_told_before_anything_is_sampled(tmp_path, monkeypatch):
-    import importlib.util
+    import sys
 
     from typer.testing import CliRunner
 
     from cli.app import app
 
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))  # no registry: sampling could not start anyway
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasketch" else
-                        find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "datasketch", None)  # an import of it fails, as where it is not installed
     out = tmp_path / "pairs.jsonl"
     refused = CliRunner().invoke(app, ["data", "chat-answers", "--out", str(out)])
-    assert refused.exit_code == 1 and "cleaning needs datasketch (near duplicates)" in " ".join(refused.output.split())
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "cleaning cannot run here (near duplicates (datasketch)" in said
+    assert "--no-clean and run `zephyr data clean`" in said
+    # `data clean` has no --no-clean to offer.
+    cleaned = CliRunner().invoke(app, ["data", "clean", "--input", str(out), "--out", str(out), "--format", "dpo"])
+    said = " ".join(cleaned.output.split())
+    assert cleaned.exit_code == 1 and "near duplicates (datasketch)" in said and "--no-clean" not in said
     # Without near-duplicate removal the check passes and the command goes on (to the missing registry model).
     went_on = CliRunner().invoke(app, ["data", "chat-answers", "--near-dup", "0", "--out", str(out)])
     assert "cleaning needs" not in went_on.output and "smollm2-135m-instruct" in went_on.output
@@ -125,3 +129,15 @@ def test_transformers_sampling_draws_k_answers_per_question_and_says_which_ran_o
     greedy = sample_transformers(entry.path, items, SYSTEM, k=1, temperature=1e-4, top_p=1.0, max_tokens=6,
                                  batch_size=3, seed=0)
     assert greedy["q2"][0].text == tokenizer.decode(alone[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+
+    # An answer that ends: make the greedy continuation's third token an end token (as a checkpoint's generation
+    # config may name several). The answer holds the two tokens before it, and ended.
+    from transformers import GenerationConfig
+
+    continuation = alone[0, prompt.shape[1]:].tolist()
+    config = GenerationConfig.from_pretrained(entry.path)
+    config.eos_token_id = [tokenizer.eos_token_id, continuation[2]]
+    config.save_pretrained(entry.path)
+    [ended] = sample_transformers(entry.path, items[2:], SYSTEM, k=1, temperature=1e-4, top_p=1.0, max_tokens=6,
+                                  batch_size=1, seed=0)["q2"]
+    assert ended.ended and ended.text == tokenizer.decode(continuation[:2], skip_special_tokens=True).strip()

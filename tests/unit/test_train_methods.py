@@ -176,7 +176,7 @@ def test_a_run_folder_trained_elsewhere_registers_as_training_would_have_and_ref
     import shutil
 
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     pairs = tmp_path / "pairs.jsonl"
     shutil.copy(data["dpo"], pairs)
@@ -198,6 +198,14 @@ def test_a_run_folder_trained_elsewhere_registers_as_training_would_have_and_ref
     with pytest.raises(TrainingError, match="trained on other data"):
         register_run(load_recipe(path), here, recipe_path=path)
     pairs.write_text(original)
+    # The same name, other weights: an adapter merged onto them would be another model.
+    weights = next(Registry(here.models_dir).get(TINY).path.glob("*.safetensors"))
+    kept = load_file(weights)
+    save_file({k: v + 1 if k.endswith("q_proj.weight") else v for k, v in kept.items()}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(TrainingError, match="adapts other weights than 'tiny-llama'"):
+        register_run(load_recipe(path), here, recipe_path=path)
+    save_file(kept, weights, metadata={"format": "pt"})
 
     result = register_run(load_recipe(path), here, recipe_path=path)
     assert result.entry.manifest.parent == TINY and result.entry.manifest.recipe_digest == \

@@ -93,21 +93,27 @@ def sample(llm: Any, tokenizer: Any, items: list[MCQItem], system_prompt: str | 
 
 
 def sample_transformers(model_path: Any, items: list[MCQItem], system_prompt: str | None, *, k: int,
-                        temperature: float, top_p: float, max_tokens: int, batch_size: int = 512,
+                        temperature: float, top_p: float, max_tokens: int, batch_size: int | None = None,
                         seed: int = 0) -> dict[str, list[ChatSample]]:
     """The same draw through transformers' `generate`, for a machine without vLLM (a GPU box: vLLM's CPU build does
-    not run there). bf16 on CUDA, float32 on a CPU. The same prompts, so the same distribution; not the same draws."""
+    not run there). bf16 on CUDA, float32 on a CPU. The same prompts and stop tokens, and none of the checkpoint's
+    own generation defaults (vLLM with explicit parameters applies none), so the same distribution; not the same
+    draws. `batch_size` rows at once: 512 on a GPU, 64 on a CPU (each row's KV cache is about 14 MB in float32)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size = batch_size or (512 if device == "cuda" else 64)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if device == "cuda" else
                                                  torch.float32).to(device).eval()
-    stops = model.generation_config.eos_token_id
-    stops = set(stops if isinstance(stops, list) else [stops])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops))
+    configured = model.generation_config.eos_token_id
+    # vLLM stops on the tokenizer's end token and the generation config's, as here.
+    stops = ({*(configured if isinstance(configured, list) else [configured])} | {tokenizer.eos_token_id}) - {None}
+    if not stops:
+        raise ValueError(f"{model_path} names no end-of-sequence token: an answer could never end")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
     prompts = [encode_chat(tokenizer, conversation(item.question, system_prompt)) for item in items]
     rows = sorted((i for i in range(len(items)) for _ in range(k)), key=lambda i: len(prompts[i]))  # less padding
     torch.manual_seed(seed)
@@ -119,7 +125,8 @@ def sample_transformers(model_path: Any, items: list[MCQItem], system_prompt: st
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, max_new_tokens=max_tokens, pad_token_id=pad)
+                                 top_p=top_p, top_k=0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                 max_new_tokens=max_tokens, eos_token_id=sorted(stops), pad_token_id=pad)
         for i, row in zip(batch, out[:, width:].tolist(), strict=True):
             end = next((n for n, token in enumerate(row) if token in stops), None)
             text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True).strip()
