@@ -173,9 +173,8 @@ def data_digest(files: list[Path]) -> str:
 
 
 def weights_digest(model_dir: Path) -> str:
-    """The sha256 of a checkpoint's weight files (their digests in name order): the same weights on any machine."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    return hashlib.sha256("".join(f"{f.name}:{digest_file(f)}\n" for f in files).encode()).hexdigest()
+    """The digest of a checkpoint's weight files (in name order): the same weights on any machine."""
+    return data_digest(sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin")))
 
 
 def device_summary() -> tuple[bool, str]:
@@ -226,9 +225,18 @@ def _peft_config(recipe: Recipe, model: Any) -> Any:
                       task_type="SEQ_CLS" if recipe.method == "rm" else "CAUSAL_LM")
 
 
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _load_model(recipe: Recipe, path: Path) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cuda, _ = device_summary()
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -241,9 +249,7 @@ def _load_model(recipe: Recipe, path: Path) -> tuple[Any, Any]:
         kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)}
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _load_tokenizer(path)
     if recipe.method == "rm":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -628,9 +634,9 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
                             f"{recipe.method} recipe")
     run_dir = settings.home / "runs" / output
     trained = run_dir / ("adapter" if recipe.lora is not None else "trained")
-    started = run_dir / "recipe.json"
+    started = run_dir / RECIPE_FILE
     if not trained.is_dir() or not started.is_file():
-        raise TrainingError(f"{run_dir} holds no finished run ({trained.name}/ and recipe.json): copy the whole run "
+        raise TrainingError(f"{run_dir} holds no finished run ({trained.name}/ and {RECIPE_FILE}): copy the whole run "
                             "folder of a finished `zephyr train` here")
     saved = json.loads(started.read_text())
     data = data_digest([*recipe.data.train, *recipe.data.eval])
@@ -644,8 +650,8 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     if saved.get("base_weights") != weights_digest(base.path):
         raise TrainingError(f"{run_dir} adapts other weights than {base.name!r} holds here (or records none: an "
                             "older version's folder): its base must be the same checkpoint on both machines")
-    _, tokenizer = _load_model(recipe.model_copy(update={"qlora": False}), base.path)
-    entry = _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, recipe.data.train, overwrite)
+    entry = _add_trained(recipe, trained, _load_tokenizer(base.path), registry, base, output, run_dir,
+                         recipe.data.train, overwrite)
     summary = run_dir / "summary.json"
     metrics = json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
