@@ -304,8 +304,15 @@ def data_chat_answers(
     top_p: Annotated[float, typer.Option(min=0.05, max=1.0)] = 0.9,
     max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="answer length limit (the text suite's is "
                                                                    "128)")] = 128,
-    rejected: Annotated[str, typer.Option(help="the rejected reply: wrong (names a distractor) or wrong-or-neither "
-                                               "(else one that names no option)")] = "wrong-or-neither",
+    rejected: Annotated[str, typer.Option(help="the rejected reply: wrong (names a distractor), wrong-or-neither "
+                                               "(else one that names no option) or wrong-or-swapped (else the "
+                                               "chosen reply with a distractor's text in place of the key's)")]
+    = "wrong-or-neither",
+    answers_out: Annotated[Path | None, typer.Option(help="also write every sampled answer here, to rebuild pairs "
+                                                          "under another rule later")] = None,
+    answers_from: Annotated[Path | None, typer.Option(help="build from answers sampled earlier instead of sampling: "
+                                                           "a file --answers-out wrote, or pairs this command wrote "
+                                                           "(their two replies per question)")] = None,
     backend: Annotated[str, typer.Option(help="what samples: vllm (in process), or transformers (a GPU machine "
                                               "without vLLM; bf16 on CUDA)")] = "vllm",
     batch_size: Annotated[int | None, typer.Option(min=1, max=8192, help="rows a transformers batch generates "
@@ -321,10 +328,25 @@ def data_chat_answers(
         raise fail(f"--rejected must be one of {', '.join(chat_answers.REJECTED)}, not {rejected!r}")
     if backend not in ("vllm", "transformers"):
         raise fail(f"--backend must be vllm or transformers, not {backend!r}")
+    if answers_from is not None and answers_out is not None:
+        raise fail("--answers-out writes the answers sampled here; with --answers-from nothing is sampled")
+    if answers_from is not None and not answers_from.is_file():
+        raise fail(f"--answers-from {answers_from}: no such file")
     settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
     questions, refused, left_out = chat_answers.askable(items)
     system = settings.system_prompt if settings.system_prompt_enabled else None
-    if backend == "transformers":
+    if answers_from is not None:
+        try:
+            samples = chat_answers.read_answers(answers_from)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        asked = {q.id for q in questions}
+        if not asked & samples.keys():
+            raise fail(f"--answers-from {answers_from} answers none of these {len(questions)} questions: sample them "
+                       "with the same --sources and --limit-per-source")
+        console.print(f"answers to {len(asked & samples.keys())} of {len(questions)} questions read from "
+                      f"{answers_from} ({len(samples.keys() - asked)} for questions not asked here, left out)")
+    elif backend == "transformers":
         samples = chat_answers.sample_transformers(entry.path, questions, system, k=k, temperature=temperature,
                                                    top_p=top_p, max_tokens=max_tokens, batch_size=batch_size,
                                                    seed=seed)
@@ -332,9 +354,12 @@ def data_chat_answers(
         with _sampling_engine(entry, settings, seed) as engine:
             samples = chat_answers.sample(engine.llm, engine.tokenizer, questions, system, k=k,
                                           temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    if answers_out is not None:
+        console.print(f"wrote {chat_answers.write_answers(answers_out, samples)} sampled answers to {answers_out}")
     pairs, stats = chat_answers.build(questions, samples, system, rejected=rejected, seed=seed)
     stats.questions, stats.skipped, stats.needs_options = len(items), refused, left_out
-    _print_stats(f"chat-answer pairs from {model}", stats.rows())
+    _print_stats(f"chat-answer pairs from {model}" + (f", answers read from {answers_from}" if answers_from else ""),
+                 stats.rows())
     _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
 
 

@@ -72,12 +72,22 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
 
     #    Chat answers to the bare questions, sampled in vLLM as a student's chat is rendered; "Which of these ..."
     #    needs its options and is not asked. A tiny random model names no option, so no pair is written.
+    answers = tmp_path / "chat-answers.jsonl"
     chat = zephyr("data", "chat-answers", "--model", TINY, "--sources", "arc_easy:train", "--k", "2", "--max-tokens",
-                  "16", "--out", str(tmp_path / "chat.jsonl"), "--no-decontaminate", env=env)
+                  "16", "--out", str(tmp_path / "chat.jsonl"), "--no-decontaminate", "--answers-out", str(answers),
+                  env=env)
     rows = dict(re.findall(r"│\s*([a-z][^│]*?)\s*│\s*([^│]*?)\s*│", chat.stdout))
     assert rows["left out (the stem points at options or a figure)"] == "1", chat.stdout
     assert rows["answers sampled"] == str((len(QUESTIONS) - 1) * 2), chat.stdout
     assert "wrote 0 PreferencePair records" in chat.stdout
+    # The answers kept rebuild the pairs under another rule, without sampling.
+    assert len(answers.read_text().splitlines()) == (len(QUESTIONS) - 1) * 2
+    rebuilt = zephyr("data", "chat-answers", "--model", TINY, "--sources", "arc_easy:train", "--answers-from",
+                     str(answers), "--rejected", "wrong-or-swapped", "--out", str(tmp_path / "swaps.jsonl"),
+                     "--no-decontaminate", env=env)
+    said = " ".join(rebuilt.stdout.split())
+    assert f"answers to {len(QUESTIONS) - 1} of {len(QUESTIONS) - 1} questions read" in said, rebuilt.stdout
+    assert dict(re.findall(r"│\s*([a-z][^│]*?)\s*│\s*([^│]*?)\s*│", rebuilt.stdout)) == rows, rebuilt.stdout
 
     # 2. DPO on them; the merged checkpoint loads in vLLM and answers MCQs and free-text questions.
     recipe = tmp_path / "dpo.yaml"

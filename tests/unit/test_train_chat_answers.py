@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.tiny_llama import make_tiny_llama
-from training.data.chat_answers import ChatSample, askable, build, conversation, sample_transformers
+from training.data import chat_answers
+from training.data.chat_answers import ChatSample, askable, build, conversation, sample_transformers, swap_key
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
@@ -61,6 +62,63 @@ def test_a_pair_is_a_right_answer_that_ended_against_a_wrong_one_else_one_naming
         build(items, samples, SYSTEM, rejected="any")
 
 
+def test_a_swapped_reply_is_the_chosen_one_naming_a_distractor_instead_of_the_key():
+    import random
+
+    options = ["Balance", "Meter stick", "Thermometer", "Graduated cylinder"]
+    answer = "Use a balance. A balance compares masses; Balance-scales are old, and balances are not rulers."
+    swapped = swap_key(answer, options, 0, random.Random(1))
+    # Every mention of the key is swapped, the article and the first letter's case follow; "balances" is another
+    # word and stays.
+    assert swapped in {
+        "Use a meter stick. A meter stick compares masses; Meter stick-scales are old, and balances are not rulers.",
+        "Use a thermometer. A thermometer compares masses; Thermometer-scales are old, and balances are not rulers.",
+        "Use a graduated cylinder. A graduated cylinder compares masses; Graduated cylinder-scales are old, and "
+        "balances are not rulers."}
+    assert {swap_key(answer, options, 0, random.Random(seed)) for seed in range(20)} != {swapped}  # random order
+    assert swap_key("You need an oven.", ["oven", "electric heater", "DNA"], 0, random.Random(0)) in {
+        "You need an electric heater.", "You need a DNA."}  # "an" before a vowel, an acronym keeps its capitals
+    # A distractor that holds the key's words would read `both`: the next one is taken, or none.
+    assert swap_key("It is carbon.", ["carbon", "carbon dioxide", "neon"], 0, random.Random(0)) == "It is neon."
+    assert swap_key("It is carbon.", ["carbon", "carbon dioxide"], 0, random.Random(0)) is None
+    assert swap_key("It is something else.", ["carbon", "neon"], 0, random.Random(0)) is None  # never named
+
+
+def test_wrong_or_swapped_keeps_a_sampled_wrong_answer_and_swaps_only_where_none_is_wrong():
+    right = ChatSample("Plants take in carbon dioxide from the air.", ended=True)
+    samples = {"q0": [right, ChatSample("Plants take in oxygen.", True), ChatSample("Plants are green.", True)],
+               "q1": [right, ChatSample("Plants are green.", True)],
+               "q2": [right]}  # no other answer at all: a swap still makes a pair
+    items = [item(i) for i in range(3)]
+    pairs, stats = build(items, samples, SYSTEM, rejected="wrong-or-swapped")
+    by_id = {p.meta["question_id"]: p for p in pairs}
+    assert by_id["q0"].meta["rejected"] == "wrong" and by_id["q0"].rejected[0].content == "Plants take in oxygen."
+    for question in ("q1", "q2"):
+        assert by_id[question].meta["rejected"] == "swapped"
+        assert by_id[question].rejected[0].content in {f"Plants take in {gas} from the air." for gas in
+                                                       ("oxygen", "helium", "neon")}
+    assert stats.pairs == {"wrong": 1, "swapped": 2}
+    # The same samples under the older rule draw the same pairs as before the swap rule existed.
+    assert [p.rejected[0].content for p in build(items, samples, SYSTEM)[0]] == \
+        [p.rejected[0].content for p in build(items, samples, SYSTEM, rejected="wrong-or-neither")[0]]
+
+
+def test_answers_written_once_rebuild_pairs_and_a_pairs_file_gives_its_two_replies(tmp_path):
+    from zephyr.schemas import write_jsonl
+
+    samples = {"q0": [ChatSample("Plants take in carbon dioxide.", True), ChatSample("Oxygen and", False)],
+               "q1": [ChatSample("Neon.", True)]}
+    assert chat_answers.write_answers(tmp_path / "answers.jsonl", samples) == 3
+    assert chat_answers.read_answers(tmp_path / "answers.jsonl") == samples
+    pairs, _ = build([item(0)], samples | {"q0": samples["q0"] + [ChatSample("Helium.", True)]}, SYSTEM)
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert chat_answers.read_answers(tmp_path / "pairs.jsonl") == {
+        "q0": [ChatSample("Plants take in carbon dioxide.", True), ChatSample("Helium.", True)]}
+    (tmp_path / "bad.jsonl").write_text('{"question_id": "q0", "text": "x", "ended": true}\n{"prompt": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: neither a sampled answer"):
+        chat_answers.read_answers(tmp_path / "bad.jsonl")
+
+
 def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -72,10 +130,14 @@ def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp
                              ("sciq:validation", "refusing sciq:validation")):
         refused = CliRunner().invoke(app, ["data", "chat-answers", "--sources", sources, "--out", str(out)])
         assert refused.exit_code != 0 and message in " ".join(refused.output.split()), sources
-    for flag, value, message in (("--rejected", "any", "--rejected must be one of wrong, wrong-or-neither"),
-                                 ("--backend", "onnx", "--backend must be vllm or transformers")):
-        refused = CliRunner().invoke(app, ["data", "chat-answers", flag, value, "--out", str(out)])
-        assert refused.exit_code != 0 and message in " ".join(refused.output.split()), flag
+    for flags, message in ((["--rejected", "any"], "--rejected must be one of wrong, wrong-or-neither, "
+                                                   "wrong-or-swapped"),
+                           (["--backend", "onnx"], "--backend must be vllm or transformers"),
+                           (["--answers-from", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+                           (["--answers-from", str(out), "--answers-out", str(out)],
+                            "with --answers-from nothing is sampled")):
+        refused = CliRunner().invoke(app, ["data", "chat-answers", *flags, "--out", str(out)])
+        assert refused.exit_code != 0 and message in " ".join(refused.output.split()), flags
     assert not out.exists()
 
 

@@ -6,7 +6,9 @@ through transformers on a GPU machine without vLLM), and each answer is read aga
 (`offline.benchmarks.answer_verdict`, the text suite's `names_key` and `names_distractor`): right names the key's
 text and no distractor's, wrong a distractor's and not the key's. A pair's chosen reply is a right answer that ended
 on its own and does not loop; its rejected reply is a wrong answer, or, where the samples hold none, one that names
-no option (a reply that never commits to an answer).
+no option (a reply that never commits to an answer), or (`wrong-or-swapped`) the chosen reply itself with the key's
+text swapped for a distractor's: the same words, committed to a wrong option, so the pair teaches which option to
+name rather than to name one at all.
 
 The pairs are on-policy, so DPO moves the model towards answers it already gives sometimes, in its own words and
 length, rather than towards a template. Questions whose stem points at options the student would not see in chat
@@ -16,13 +18,15 @@ errs on leaving out (it also drops "table salt" and "above sea level").
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from offline.benchmarks import ANSWER_VERDICTS, answer_verdict
+from offline.benchmarks import ANSWER_VERDICTS, answer_verdict, normalize_words
 from training.data.cloze import usable
 from zephyr import mcq
 from zephyr.prompts import encode_chat
@@ -33,7 +37,8 @@ SOURCE = "zephyr-chat-answers"
 # Stems that cannot be answered without the options or a figure.
 _NEEDS_OPTIONS = re.compile(r"\b(following|these|below|above|shown|diagram|table|graph|picture|statements?|"
                             r"illustrat\w*)\b", re.IGNORECASE)
-REJECTED = ("wrong", "wrong-or-neither")
+REJECTED = ("wrong", "wrong-or-neither", "wrong-or-swapped")
+_VOWEL = re.compile(r"[aeiou]", re.IGNORECASE)  # "an" before it; a spelling rule, good enough for option texts
 
 
 @dataclass
@@ -60,7 +65,8 @@ class ChatAnswerStats:
                 *((f"answers {verdict}", share.get(verdict, "0")) for verdict in ANSWER_VERDICTS),
                 ("questions with a right answer", str(self.questions_with_right)),
                 ("pairs against a wrong answer", str(self.pairs["wrong"])),
-                ("pairs against an answer naming no option", str(self.pairs["neither"]))]
+                ("pairs against an answer naming no option", str(self.pairs["neither"])),
+                ("pairs against the chosen answer with a distractor swapped in", str(self.pairs["swapped"]))]
 
 
 def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int, int]:
@@ -134,10 +140,86 @@ def sample_transformers(model_path: Any, items: list[MCQItem], system_prompt: st
     return found
 
 
+def swap_key(answer: str, options: list[str], key: int, rng: random.Random) -> str | None:
+    """`answer` with every mention of the key's text (whole words, case and punctuation between words aside, as
+    `answer_verdict` reads it) replaced by a distractor's, its article ("a"/"an") and first letter's case kept in
+    step. The
+    distractors are tried in random order; the first swap that reads `wrong` is returned, None if none does (a
+    distractor whose words hold the key's, or an answer that never names the key)."""
+    words = normalize_words(options[key])
+    if not words:
+        return None
+    mention = re.compile(r"(?<![^\W_])(?:(an?)(\s+))?(" + r"[\W_]+".join(map(re.escape, words)) + r")(?![^\W_])",
+                         re.IGNORECASE)
+
+    # Options capitalised as list entries ("Balance") are written in the answer's case ("a balance"); an acronym
+    # keeps its capitals.
+    capitalised = options[key][:1].isupper()
+
+    def swap_in(text: str) -> Any:
+        def replace(match: re.Match[str]) -> str:
+            article, space, said = match.groups()
+            new = text
+            if said[:1].isupper():
+                new = text[:1].upper() + text[1:]
+            elif capitalised and not text.split()[0].isupper():
+                new = text[:1].lower() + text[1:]
+            if article is None:
+                return new
+            fitting = "an" if _VOWEL.match(new) else "a"
+            return (fitting.capitalize() if article[0].isupper() else fitting) + space + new
+        return replace
+
+    for distractor in rng.sample([i for i in range(len(options)) if i != key], len(options) - 1):
+        text = options[distractor].strip().rstrip(".")
+        if not text:
+            continue
+        swapped = mention.sub(swap_in(text), answer)
+        if swapped != answer and answer_verdict(swapped, options, key) == "wrong":
+            return swapped
+    return None
+
+
+def write_answers(path: Path, samples: dict[str, list[ChatSample]]) -> int:
+    """Every sampled answer, one JSON line each, so pairs can be rebuilt under another rule without sampling again
+    (`zephyr data chat-answers --answers-from`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as out:
+        for question_id, found in samples.items():
+            for sample in found:
+                out.write(json.dumps({"question_id": question_id, **asdict(sample)}, ensure_ascii=False) + "\n")
+                count += 1
+    return count
+
+
+def read_answers(path: Path) -> dict[str, list[ChatSample]]:
+    """Answers written by `write_answers`, or the two replies of each pair in a file this builder wrote (its chosen
+    reply ended; a rejected reply is only ever rejected, so whether it ended does not matter). Raises ValueError
+    naming the line that is neither."""
+    found: dict[str, list[ChatSample]] = {}
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if "question_id" in row:
+                    found.setdefault(row["question_id"], []).append(ChatSample(str(row["text"]), bool(row["ended"])))
+                else:
+                    found.setdefault(row["meta"]["question_id"], []).extend(
+                        ChatSample(row[side][-1]["content"], True) for side in ("chosen", "rejected"))
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise ValueError(f"{path}, line {number}: neither a sampled answer (question_id, text, ended) nor a "
+                                 f"chat-answer pair (chosen, rejected, meta.question_id): {exc!r}") from None
+    return found
+
+
 def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_prompt: str | None, *,
           rejected: str = "wrong-or-neither", seed: int = 0) -> tuple[list[PreferencePair], ChatAnswerStats]:
     """One pair per question whose samples hold a right answer that ended and does not loop, and a rejected one:
-    a wrong answer, or (with `rejected="wrong-or-neither"`) an answer naming no option where none is wrong."""
+    a wrong answer, or where none is wrong (with `rejected="wrong-or-neither"`) an answer naming no option, or
+    (`"wrong-or-swapped"`) the chosen answer with a distractor's text in place of the key's."""
     if rejected not in REJECTED:
         raise ValueError(f"rejected must be one of {', '.join(REJECTED)}, not {rejected!r}")
     rng = random.Random(seed)
@@ -153,14 +235,19 @@ def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_pro
         stats.questions_with_right += bool(right)
         by_verdict = {v: [s for s, w in zip(found, verdicts, strict=True) if w == v and s.text]
                       for v in ("wrong", "neither")}
-        kind = "wrong" if by_verdict["wrong"] else "neither" if rejected == "wrong-or-neither" else None
-        if not right or kind is None or not by_verdict[kind]:
+        kind = "wrong" if by_verdict["wrong"] else {"wrong-or-neither": "neither",
+                                                     "wrong-or-swapped": "swapped"}.get(rejected)
+        if not right or kind is None or (kind == "neither" and not by_verdict[kind]):
             continue
-        good, bad = rng.choice(right), rng.choice(by_verdict[kind])
+        good = rng.choice(right)
+        bad = swap_key(good.text, item.options, mcq.LETTERS.index(item.answer), rng) if kind == "swapped" else \
+            rng.choice(by_verdict[kind]).text
+        if bad is None:
+            continue
         pairs.append(PreferencePair(
             prompt=[Message(**m) for m in conversation(item.question, system_prompt)],
             chosen=[Message(role="assistant", content=good.text)],
-            rejected=[Message(role="assistant", content=bad.text)], source=SOURCE,
+            rejected=[Message(role="assistant", content=bad)], source=SOURCE,
             meta={"question_id": item.id, "format": "chat", "rejected": kind}))
         stats.pairs[kind] += 1
     rng.shuffle(pairs)  # sources mixed, so a recipe's `limit` takes a sample of all of them
