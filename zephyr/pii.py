@@ -5,8 +5,8 @@ What it finds: email addresses, phone numbers, student ids (a letter prefix and 
 `S-123-4567`; digit-only ids after a cue such as "student", "ID" or "#"; `2023-04417`), street addresses (a
 house number, capitalised words and a street suffix) and dates of birth (a date after "born", "birthday",
 "DOB" or "date of birth"). What it does not: person names (they need an NER model, spaCy or transformers,
-which is not installed), addresses without a street suffix, dates without a birth cue, bare 7-10 digit
-numbers without a cue (science is full of them: 299792458 m/s).
+which is not installed), addresses without a street suffix, dates without a birth cue, numbers of up to 10
+digits written without a "+", brackets or separators (science is full of them: 299792458 m/s, 1687).
 
 Presidio's context words (`PatternRecognizer(context=...)`) do nothing here: the no-op NLP engine gives no
 tokens or lemmas to find them in, so each cue is part of its pattern, as a look-behind (Presidio compiles
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import tldextract.tldextract
 from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
@@ -78,6 +79,17 @@ DATE_OF_BIRTH = (
 )
 
 
+# The phone recognizer reads some bare 4-6 digit numbers as numbers of one of PHONE_REGIONS (1640-1649 and
+# 1680-1699 as German ones: Newton's Principia of 1687 became <PHONE_NUMBER>). A number written without a "+",
+# brackets or separators is a phone number only at full length (11 digits or more: 07946095811).
+_BARE_PHONE_MIN_DIGITS = 11
+
+
+def _bare_short_number(result: Any, text: str) -> bool:
+    found = text[result.start:result.end]
+    return result.entity_type == "PHONE_NUMBER" and found.isdigit() and len(found) < _BARE_PHONE_MIN_DIGITS
+
+
 class Redactor:
     """Replaces each detected entity with its type in angle brackets, e.g. ``<EMAIL_ADDRESS>``."""
 
@@ -106,7 +118,8 @@ class Redactor:
     def redact(self, text: str) -> str:
         if not text or not self.entities:
             return text
-        results = self._analyzer.analyze(text, language="en", entities=self.entities)
+        results = [r for r in self._analyzer.analyze(text, language="en", entities=self.entities)
+                   if not _bare_short_number(r, text)]
         if not results:
             return text
         return self._anonymizer.anonymize(text, results).text

@@ -63,6 +63,8 @@ def test_student_ids(redactor, text, expected):
     "Is the number 1000003 prime?",
     "Apollo 11 landed on the Moon in 1969, on 1969-07-20.",
     "Einstein published special relativity in 1905.",
+    "Newton's Principia appeared in 1687, Hooke's cells in 1665 and 1640 was before both.",  # read as German phones
+    "The sample held 130907 cells and 16401 spores.",
     "I was born in 2009 and I like chemistry.",  # a bare year is not a date of birth
     "A star is born in a nebula over 10 million years; the Sun formed 4.6 billion years ago.",
     "The baby was born weighing 3.5 kg.",
@@ -77,6 +79,12 @@ def test_student_ids(redactor, text, expected):
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
+
+
+@pytest.mark.parametrize("text", ["+49 30 1234567", "030 123456", "(555) 123-4567", "0151 496 0000",
+                                  "07946095811", "+441514960000"])
+def test_phone_numbers_with_a_plus_separators_or_full_length_are_redacted(redactor, text):
+    assert redactor.redact(f"call me on {text} tonight") == "call me on <PHONE_NUMBER> tonight"
 
 
 def test_entities_left_out_of_the_list_are_not_redacted():
