@@ -312,7 +312,8 @@ def data_chat_answers(
                                                           "under another rule later")] = None,
     answers_from: Annotated[Path | None, typer.Option(help="build from answers sampled earlier instead of sampling: "
                                                            "a file --answers-out wrote, or pairs this command wrote "
-                                                           "(their two replies per question)")] = None,
+                                                           "(their sampled replies); the sampling options are not "
+                                                           "used")] = None,
     backend: Annotated[str, typer.Option(help="what samples: vllm (in process), or transformers (a GPU machine "
                                               "without vLLM; bf16 on CUDA)")] = "vllm",
     batch_size: Annotated[int | None, typer.Option(min=1, max=8192, help="rows a transformers batch generates "
@@ -330,6 +331,8 @@ def data_chat_answers(
         raise fail(f"--backend must be vllm or transformers, not {backend!r}")
     if answers_from is not None and answers_out is not None:
         raise fail("--answers-out writes the answers sampled here; with --answers-from nothing is sampled")
+    if answers_out is not None and answers_out.resolve() == out.resolve():
+        raise fail("--answers-out and --out name the same file: the pairs would overwrite the answers")
     if answers_from is not None and not answers_from.is_file():
         raise fail(f"--answers-from {answers_from}: no such file")
     settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)

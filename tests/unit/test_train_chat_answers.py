@@ -78,6 +78,14 @@ def test_a_swapped_reply_is_the_chosen_one_naming_a_distractor_instead_of_the_ke
     assert {swap_key(answer, options, 0, random.Random(seed)) for seed in range(20)} != {swapped}  # random order
     assert swap_key("You need an oven.", ["oven", "electric heater", "DNA"], 0, random.Random(0)) in {
         "You need an electric heater.", "You need a DNA."}  # "an" before a vowel, an acronym keeps its capitals
+    # The distractor's own article replaces the mention's; a proper noun mid-sentence keeps its case, a sentence
+    # starts with a capital; a number is not named inside another.
+    assert swap_key("It sits between the Earth and the Sun.", ["Earth", "The Moon"], 0, random.Random(0)) == \
+        "It sits between the Moon and the Sun."
+    assert swap_key("Earth is round.", ["Earth", "the Moon"], 0, random.Random(0)) == "The Moon is round."
+    assert swap_key("Use an oven.", ["Oven", "A balance"], 0, random.Random(0)) == "Use a balance."
+    assert swap_key("It weighs 5 grams.", ["5", "7"], 0, random.Random(0)) == "It weighs 7 grams."
+    assert swap_key("It weighs 5.5 grams.", ["5", "7"], 0, random.Random(0)) is None
     # A distractor that holds the key's words would read `both`: the next one is taken, or none.
     assert swap_key("It is carbon.", ["carbon", "carbon dioxide", "neon"], 0, random.Random(0)) == "It is neon."
     assert swap_key("It is carbon.", ["carbon", "carbon dioxide"], 0, random.Random(0)) is None
@@ -98,9 +106,32 @@ def test_wrong_or_swapped_keeps_a_sampled_wrong_answer_and_swaps_only_where_none
         assert by_id[question].rejected[0].content in {f"Plants take in {gas} from the air." for gas in
                                                        ("oxygen", "helium", "neon")}
     assert stats.pairs == {"wrong": 1, "swapped": 2}
-    # The same samples under the older rule draw the same pairs as before the swap rule existed.
-    assert [p.rejected[0].content for p in build(items, samples, SYSTEM)[0]] == \
-        [p.rejected[0].content for p in build(items, samples, SYSTEM, rejected="wrong-or-neither")[0]]
+    # Every distractor holds the key's words: no swap reads wrong, so no pair, and the table says why.
+    carbon = MCQItem(id="c", question="What is soot?", options=["carbon", "carbon dioxide", "carbon black"],
+                     answer="A")
+    pairs, stats = build([carbon], {"c": [ChatSample("Soot is carbon.", True)]}, SYSTEM, rejected="wrong-or-swapped")
+    assert pairs == [] and stats.unswappable == 1 and stats.verdicts == {"right": 1}
+
+
+def test_the_older_rules_draw_the_pairs_they_drew_before_the_swap_rule_existed():
+    """Seeded draws from fixed samples, as the code before `wrong-or-swapped` drew them: the same sampled answers
+    rebuild the same pairs."""
+    rights = [ChatSample("Plants take in carbon dioxide.", True), ChatSample("Carbon dioxide, from the air.", True),
+              ChatSample("They take in carbon dioxide.", True)]
+    samples = {"q0": rights + [ChatSample(t, True) for t in ("Oxygen.", "Helium.", "Plants are green.")],
+               "q1": rights + [ChatSample(t, True) for t in ("Plants are green.", "Leaves.")],
+               "q2": [ChatSample("Neon.", True), *rights[:2], ChatSample("It is oxygen.", True)],
+               "q3": rights}
+    items = [item(i) for i in range(4)]
+    drawn = {rejected: [(p.meta["question_id"], p.chosen[0].content, p.rejected[0].content)
+                        for p in build(items, samples, SYSTEM, rejected=rejected, seed=0)[0]]
+             for rejected in ("wrong-or-neither", "wrong")}
+    assert drawn == {
+        "wrong-or-neither": [("q0", "Carbon dioxide, from the air.", "Helium."),
+                             ("q2", "Carbon dioxide, from the air.", "It is oxygen."),
+                             ("q1", "Plants take in carbon dioxide.", "Leaves.")],
+        "wrong": [("q0", "Carbon dioxide, from the air.", "Helium."),
+                  ("q2", "Plants take in carbon dioxide.", "It is oxygen.")]}
 
 
 def test_answers_written_once_rebuild_pairs_and_a_pairs_file_gives_its_two_replies(tmp_path):
@@ -114,8 +145,24 @@ def test_answers_written_once_rebuild_pairs_and_a_pairs_file_gives_its_two_repli
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     assert chat_answers.read_answers(tmp_path / "pairs.jsonl") == {
         "q0": [ChatSample("Plants take in carbon dioxide.", True), ChatSample("Helium.", True)]}
-    (tmp_path / "bad.jsonl").write_text('{"question_id": "q0", "text": "x", "ended": true}\n{"prompt": []}\n')
-    with pytest.raises(ValueError, match="bad.jsonl, line 2: neither a sampled answer"):
+    # A swapped reply was made, not sampled: rebuilding from a swaps file reads its chosen reply alone.
+    swaps, _ = build([item(0)], {"q0": [ChatSample("Plants take in carbon dioxide.", True)]}, SYSTEM,
+                     rejected="wrong-or-swapped")
+    write_jsonl(tmp_path / "swaps.jsonl", swaps)
+    assert chat_answers.read_answers(tmp_path / "swaps.jsonl") == {
+        "q0": [ChatSample("Plants take in carbon dioxide.", True)]}
+    good = '{"question_id": "q0", "text": "x", "ended": true}\n'
+    for bad, message in (('{"prompt": []}', "no field 'meta'"), ("[1, 2]", "a JSON list, not an object"),
+                         ('{"question_id": "q0", "text": null, "ended": true}', "must be strings"),
+                         ('{"question_id": "q0", "text": "x", "ended": "false"}', "ended true or false"),
+                         ('{"chosen": [], "rejected": [], "source": "zephyr-science", "meta": {"format": "explain",'
+                          ' "question_id": "q0"}}', "a pair from 'zephyr-science' in format 'explain'")):
+        (tmp_path / "bad.jsonl").write_text(good + bad + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl, line 2: neither a sampled answer") as raised:
+            chat_answers.read_answers(tmp_path / "bad.jsonl")
+        assert message in str(raised.value), bad
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe" + good.encode())
+    with pytest.raises(ValueError, match="bad.jsonl is not UTF-8 text"):
         chat_answers.read_answers(tmp_path / "bad.jsonl")
 
 
@@ -134,8 +181,9 @@ def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp
                                                    "wrong-or-swapped"),
                            (["--backend", "onnx"], "--backend must be vllm or transformers"),
                            (["--answers-from", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
-                           (["--answers-from", str(out), "--answers-out", str(out)],
-                            "with --answers-from nothing is sampled")):
+                           (["--answers-from", str(out), "--answers-out", str(tmp_path / "a.jsonl")],
+                            "with --answers-from nothing is sampled"),
+                           (["--answers-out", str(out)], "--answers-out and --out name the same file")):
         refused = CliRunner().invoke(app, ["data", "chat-answers", *flags, "--out", str(out)])
         assert refused.exit_code != 0 and message in " ".join(refused.output.split()), flags
     assert not out.exists()

@@ -39,6 +39,8 @@ _NEEDS_OPTIONS = re.compile(r"\b(following|these|below|above|shown|diagram|table
                             r"illustrat\w*)\b", re.IGNORECASE)
 REJECTED = ("wrong", "wrong-or-neither", "wrong-or-swapped")
 _VOWEL = re.compile(r"[aeiou]", re.IGNORECASE)  # "an" before it; a spelling rule, good enough for option texts
+_ARTICLE = re.compile(r"^(an?|the)\s+", re.IGNORECASE)
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+|\n\s*)[\"'(\[]?$")
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ChatAnswerStats:
     verdicts: Counter = field(default_factory=Counter)
     questions_with_right: int = 0
     pairs: Counter = field(default_factory=Counter)  # by the rejected reply's verdict
+    unswappable: int = 0  # a right answer, nothing sampled to reject, and no distractor swap that reads wrong
 
     def rows(self) -> list[tuple[str, str]]:
         share = {v: f"{n} ({n / self.answers:.1%})" if self.answers else "0" for v, n in self.verdicts.items()}
@@ -66,7 +69,8 @@ class ChatAnswerStats:
                 ("questions with a right answer", str(self.questions_with_right)),
                 ("pairs against a wrong answer", str(self.pairs["wrong"])),
                 ("pairs against an answer naming no option", str(self.pairs["neither"])),
-                ("pairs against the chosen answer with a distractor swapped in", str(self.pairs["swapped"]))]
+                ("pairs against the chosen answer with a distractor swapped in", str(self.pairs["swapped"])),
+                ("no pair: no distractor swapped in reads wrong", str(self.unswappable))]
 
 
 def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int, int]:
@@ -142,42 +146,51 @@ def sample_transformers(model_path: Any, items: list[MCQItem], system_prompt: st
 
 def swap_key(answer: str, options: list[str], key: int, rng: random.Random) -> str | None:
     """`answer` with every mention of the key's text (whole words, case and punctuation between words aside, as
-    `answer_verdict` reads it) replaced by a distractor's, its article ("a"/"an") and first letter's case kept in
-    step. The
-    distractors are tried in random order; the first swap that reads `wrong` is returned, None if none does (a
-    distractor whose words hold the key's, or an answer that never names the key)."""
+    `answer_verdict` reads it) replaced by a distractor's. The distractors are tried in random order; the first swap
+    that reads `wrong` is returned, None if none does (a distractor whose words hold the key's, or an answer that
+    never names the key). The swap reads as written: a distractor with its own article ("the Moon") replaces the
+    mention's article too, "a"/"an" before the mention follow the new word, a mention that starts a sentence starts
+    it with a capital, and options capitalised as list entries ("Balance") are written in the answer's case ("a
+    balance"); an acronym keeps its capitals."""
     words = normalize_words(options[key])
     if not words:
         return None
-    mention = re.compile(r"(?<![^\W_])(?:(an?)(\s+))?(" + r"[\W_]+".join(map(re.escape, words)) + r")(?![^\W_])",
-                         re.IGNORECASE)
-
-    # Options capitalised as list entries ("Balance") are written in the answer's case ("a balance"); an acronym
-    # keeps its capitals.
-    capitalised = options[key][:1].isupper()
+    # A number is not named inside another ("5" in "5.5" or "-5").
+    before = r"(?<!\d[.,])(?<!-)" if words[0][0].isdigit() else ""
+    after = r"(?![.,]\d)" if words[-1][-1].isdigit() else ""
+    mention = re.compile(rf"(?<![^\W_]){before}(?:(an?|the)(\s+))?(" + r"[\W_]+".join(map(re.escape, words)) +
+                         rf")(?![^\W_]){after}", re.IGNORECASE)
+    listed = options[key][:1].isupper() and not _acronym(options[key])
 
     def swap_in(text: str) -> Any:
         def replace(match: re.Match[str]) -> str:
             article, space, said = match.groups()
+            if article and _ARTICLE.match(text):  # the distractor's own article takes the answer's place
+                return (text[:1].upper() if article[:1].isupper() else text[:1].lower()) + text[1:]
             new = text
-            if said[:1].isupper():
+            if article is None and _SENTENCE_START.search(answer[:match.start()]):
                 new = text[:1].upper() + text[1:]
-            elif capitalised and not text.split()[0].isupper():
+            elif listed and said[:1].islower() and not _acronym(text):
                 new = text[:1].lower() + text[1:]
             if article is None:
                 return new
-            fitting = "an" if _VOWEL.match(new) else "a"
-            return (fitting.capitalize() if article[0].isupper() else fitting) + space + new
+            fitting = article if article.lower() == "the" else "an" if _VOWEL.match(new) else "a"
+            return (fitting.capitalize() if article[0].isupper() else fitting.lower()) + space + new
         return replace
 
     for distractor in rng.sample([i for i in range(len(options)) if i != key], len(options) - 1):
         text = options[distractor].strip().rstrip(".")
-        if not text:
+        if not normalize_words(text):
             continue
         swapped = mention.sub(swap_in(text), answer)
         if swapped != answer and answer_verdict(swapped, options, key) == "wrong":
             return swapped
     return None
+
+
+def _acronym(text: str) -> bool:
+    first = text.split()[0] if text.split() else ""
+    return len(first) > 1 and first.isupper()
 
 
 def write_answers(path: Path, samples: dict[str, list[ChatSample]]) -> int:
@@ -194,25 +207,43 @@ def write_answers(path: Path, samples: dict[str, list[ChatSample]]) -> int:
 
 
 def read_answers(path: Path) -> dict[str, list[ChatSample]]:
-    """Answers written by `write_answers`, or the two replies of each pair in a file this builder wrote (its chosen
-    reply ended; a rejected reply is only ever rejected, so whether it ended does not matter). Raises ValueError
-    naming the line that is neither."""
+    """Answers written by `write_answers`, or the sampled replies of each pair in a file this builder wrote: both,
+    except a rejected reply made by `swap_key` (not sampled). A chosen reply ended; a rejected one is only ever
+    rejected, so whether it ended does not matter. Raises ValueError naming the line that is neither."""
     found: dict[str, list[ChatSample]] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if "question_id" in row:
-                    found.setdefault(row["question_id"], []).append(ChatSample(str(row["text"]), bool(row["ended"])))
-                else:
-                    found.setdefault(row["meta"]["question_id"], []).extend(
-                        ChatSample(row[side][-1]["content"], True) for side in ("chosen", "rejected"))
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise ValueError(f"{path}, line {number}: neither a sampled answer (question_id, text, ended) nor a "
-                                 f"chat-answer pair (chosen, rejected, meta.question_id): {exc!r}") from None
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    question_id, samples = _answers_of(json.loads(line))
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    reason = f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
+                    raise ValueError(f"{path}, line {number}: neither a sampled answer (question_id, text, ended) "
+                                     f"nor a chat-answer pair ({SOURCE}): {reason}") from None
+                found.setdefault(question_id, []).extend(samples)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
     return found
+
+
+def _answers_of(row: Any) -> tuple[str, list[ChatSample]]:
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSON {type(row).__name__}, not an object")
+    if "question_id" in row:
+        question_id, text, ended = row["question_id"], row["text"], row["ended"]
+        if not (isinstance(question_id, str) and isinstance(text, str) and isinstance(ended, bool)):
+            raise TypeError("question_id and text must be strings and ended true or false")
+        return question_id, [ChatSample(text, ended)]
+    meta = row["meta"]
+    if row.get("source") != SOURCE or meta.get("format") != "chat":
+        raise ValueError(f"a pair from {row.get('source')!r} in format {meta.get('format')!r}")
+    replies = [row["chosen"][-1]["content"]] + ([] if meta.get("rejected") == "swapped" else
+                                                [row["rejected"][-1]["content"]])
+    if not (isinstance(meta["question_id"], str) and all(isinstance(text, str) for text in replies)):
+        raise TypeError("meta.question_id and each reply's content must be strings")
+    return meta["question_id"], [ChatSample(text, True) for text in replies]
 
 
 def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_prompt: str | None, *,
@@ -243,6 +274,7 @@ def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_pro
         bad = swap_key(good.text, item.options, mcq.LETTERS.index(item.answer), rng) if kind == "swapped" else \
             rng.choice(by_verdict[kind]).text
         if bad is None:
+            stats.unswappable += 1
             continue
         pairs.append(PreferencePair(
             prompt=[Message(**m) for m in conversation(item.question, system_prompt)],
