@@ -5,8 +5,9 @@ What it finds: email addresses, phone numbers, student ids (a letter prefix and 
 `S-123-4567`; digit-only ids after a cue such as "student", "ID" or "#"; `2023-04417`), street addresses (a
 house number, capitalised words and a street suffix) and dates of birth (a date after "born", "birthday",
 "DOB" or "date of birth"). What it does not: person names (they need an NER model, spaCy or transformers,
-which is not installed), addresses without a street suffix, dates without a birth cue, numbers of up to 10
-digits written without a "+", brackets or separators (science is full of them: 299792458 m/s, 1687).
+which is not installed), addresses without a street suffix, dates without a birth cue, numbers without a "+" or brackets
+that read as science: one digit run under 11 digits, under 7 digits in all, or a single decimal point (299792458
+m/s, 1687, 134.897 g/L, 6.022 140 76).
 
 Presidio's context words (`PatternRecognizer(context=...)`) do nothing here: the no-op NLP engine gives no
 tokens or lemmas to find them in, so each cue is part of its pattern, as a look-behind (Presidio compiles
@@ -79,15 +80,18 @@ DATE_OF_BIRTH = (
 )
 
 
-# The phone recognizer reads some bare 4-6 digit numbers as numbers of one of PHONE_REGIONS (1640-1649 and
-# 1680-1699 as German ones: Newton's Principia of 1687 became <PHONE_NUMBER>). A number written without a "+",
-# brackets or separators is a phone number only at full length (11 digits or more: 07946095811).
-_BARE_PHONE_MIN_DIGITS = 11
-
-
-def _bare_short_number(result: Any, text: str) -> bool:
+# The phone recognizer reads many science numbers as numbers of one of PHONE_REGIONS: 1640-1649 and 1680-1699 as
+# German ones (Newton's Principia of 1687 became <PHONE_NUMBER>), decimals (134.897 g/L, 6.022 140 76 x 10^23) and
+# ranges (134-897 nm). Without a "+" or brackets, a phone number here has one digit run of 11 digits or more
+# (07946095811), or separators between 7 digits or more and not a single decimal point (0151 496 0000,
+# 415.555.0132).
+def _science_number(result: Any, text: str) -> bool:
     found = text[result.start:result.end]
-    return result.entity_type == "PHONE_NUMBER" and found.isdigit() and len(found) < _BARE_PHONE_MIN_DIGITS
+    if result.entity_type != "PHONE_NUMBER" or "+" in found or "(" in found:
+        return False
+    if found.isdigit():
+        return len(found) < 11
+    return sum(c.isdigit() for c in found) < 7 or found.count(".") == 1
 
 
 class Redactor:
@@ -119,7 +123,7 @@ class Redactor:
         if not text or not self.entities:
             return text
         results = [r for r in self._analyzer.analyze(text, language="en", entities=self.entities)
-                   if not _bare_short_number(r, text)]
+                   if not _science_number(r, text)]
         if not results:
             return text
         return self._anonymizer.anonymize(text, results).text

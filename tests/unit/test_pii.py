@@ -65,6 +65,8 @@ def test_student_ids(redactor, text, expected):
     "Einstein published special relativity in 1905.",
     "Newton's Principia appeared in 1687, Hooke's cells in 1665 and 1640 was before both.",  # read as German phones
     "The sample held 130907 cells and 16401 spores.",
+    "Avogadro's number is 6.022 140 76 x 10^23 and e is 1.602 176 634 x 10^-19 C.",  # SI digit groups
+    "The density is 134.897 g/L, the range 134-897 nm, and pi is 3.141 592 653.",
     "I was born in 2009 and I like chemistry.",  # a bare year is not a date of birth
     "A star is born in a nebula over 10 million years; the Sun formed 4.6 billion years ago.",
     "The baby was born weighing 3.5 kg.",
@@ -82,7 +84,7 @@ def test_science_text_stays_intact(redactor, text):
 
 
 @pytest.mark.parametrize("text", ["+49 30 1234567", "030 123456", "(555) 123-4567", "0151 496 0000",
-                                  "07946095811", "+441514960000"])
+                                  "07946095811", "+441514960000", "415.555.0132", "089 1234"])
 def test_phone_numbers_with_a_plus_separators_or_full_length_are_redacted(redactor, text):
     assert redactor.redact(f"call me on {text} tonight") == "call me on <PHONE_NUMBER> tonight"
 
