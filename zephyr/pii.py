@@ -6,8 +6,8 @@ What it finds: email addresses, phone numbers, student ids (a letter prefix and 
 house number, capitalised words and a street suffix) and dates of birth (a date after "born", "birthday",
 "DOB" or "date of birth"). What it does not: person names (they need an NER model, spaCy or transformers,
 which is not installed), addresses without a street suffix, dates without a birth cue, numbers without a "+" or brackets
-that read as science: one digit run under 11 digits, under 7 digits in all, or a single decimal point (299792458
-m/s, 1687, 134.897 g/L, 6.022 140 76).
+that read as science: one digit run under 9 digits and not starting with 0, under 7 digits in all, or a single
+decimal point (1687, 130907 cells, 134.897 g/L, 6.022 140 76).
 
 Presidio's context words (`PatternRecognizer(context=...)`) do nothing here: the no-op NLP engine gives no
 tokens or lemmas to find them in, so each cue is part of its pattern, as a look-behind (Presidio compiles
@@ -81,16 +81,16 @@ DATE_OF_BIRTH = (
 
 
 # The phone recognizer reads many science numbers as numbers of one of PHONE_REGIONS: 1640-1649 and 1680-1699 as
-# German ones (Newton's Principia of 1687 became <PHONE_NUMBER>), decimals (134.897 g/L, 6.022 140 76 x 10^23) and
-# ranges (134-897 nm). Without a "+" or brackets, a phone number here has one digit run of 11 digits or more
-# (07946095811), or separators between 7 digits or more and not a single decimal point (0151 496 0000,
-# 415.555.0132).
+# German ones (Newton's Principia of 1687 became <PHONE_NUMBER>), some 5-6 digit counts, decimals (134.897 g/L,
+# 6.022 140 76 x 10^23) and ranges (134-897 nm). Without a "+" or brackets, a phone number here is one digit run of
+# 9 digits or more, or one that starts with 0 (4155550132, 0891234), or separators between 7 digits or more and not
+# a single decimal point (0151 496 0000, 415.555.0132).
 def _science_number(result: Any, text: str) -> bool:
     found = text[result.start:result.end]
     if result.entity_type != "PHONE_NUMBER" or "+" in found or "(" in found:
         return False
     if found.isdigit():
-        return len(found) < 11
+        return len(found) < 9 and not found.startswith("0")
     return sum(c.isdigit() for c in found) < 7 or found.count(".") == 1
 
 

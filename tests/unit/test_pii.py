@@ -84,7 +84,8 @@ def test_science_text_stays_intact(redactor, text):
 
 
 @pytest.mark.parametrize("text", ["+49 30 1234567", "030 123456", "(555) 123-4567", "0151 496 0000",
-                                  "07946095811", "+441514960000", "415.555.0132", "089 1234"])
+                                  "07946095811", "+441514960000", "415.555.0132", "089 1234", "4155550132",
+                                  "9876543210", "0412345678"])
 def test_phone_numbers_with_a_plus_separators_or_full_length_are_redacted(redactor, text):
     assert redactor.redact(f"call me on {text} tonight") == "call me on <PHONE_NUMBER> tonight"
 
