@@ -5,9 +5,9 @@ What it finds: email addresses, phone numbers, student ids (a letter prefix and 
 `S-123-4567`; digit-only ids after a cue such as "student", "ID" or "#"; `2023-04417`), street addresses (a
 house number, capitalised words and a street suffix) and dates of birth (a date after "born", "birthday",
 "DOB" or "date of birth"). What it does not: person names (they need an NER model, spaCy or transformers,
-which is not installed), addresses without a street suffix, dates without a birth cue, numbers without a "+" or brackets
-that read as science: one digit run under 9 digits and not starting with 0, under 7 digits in all, or a single
-decimal point (1687, 130907 cells, 134.897 g/L, 6.022 140 76).
+which is not installed), addresses without a street suffix, dates without a birth cue, numbers that read as
+science rather than as a phone number (1687, 1642-1727, 130907 cells, 134.897 g/L, 0.1 0.2 0.3, 6.022 140 76;
+the rule is at `_science_number`).
 
 Presidio's context words (`PatternRecognizer(context=...)`) do nothing here: the no-op NLP engine gives no
 tokens or lemmas to find them in, so each cue is part of its pattern, as a look-behind (Presidio compiles
@@ -18,6 +18,7 @@ its case."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -81,16 +82,27 @@ DATE_OF_BIRTH = (
 
 
 # The phone recognizer reads many science numbers as numbers of one of PHONE_REGIONS: 1640-1649 and 1680-1699 as
-# German ones (Newton's Principia of 1687 became <PHONE_NUMBER>), some 5-6 digit counts, decimals (134.897 g/L,
-# 6.022 140 76 x 10^23) and ranges (134-897 nm). Without a "+" or brackets, a phone number here is one digit run of
-# 9 digits or more, or one that starts with 0 (4155550132, 0891234), or separators between 7 digits or more and not
-# a single decimal point (0151 496 0000, 415.555.0132).
+# German ones (Newton's Principia of 1687 became <PHONE_NUMBER>), year ranges (1642-1727), some 5-6 digit counts,
+# decimals (134.897 g/L, 0.1 0.2 0.3, 6.022 140 76 x 10^23) and ranges (134-897 nm). What is left a phone number
+# (an extension such as "ext. 12" aside): anything with a "+", a closed bracket or a trunk 0 (030.1234567); else one
+# digit run of 9 digits or more (4155550132), or separators between 7 digits or more and not a single decimal point
+# (415.555.0132). Checked against the recognizer alone in tests/unit/test_pii.py.
+_EXTENSION = re.compile(r"\s*(?:ext\.?|extension|x|#)\s*\d+$", re.IGNORECASE)
+_YEAR_RANGE = re.compile(r"\(?[1-9]\d{3}\s*[-–]\s*\d{4}")
+_BELOW_ONE = re.compile(r"(?<![\d.])0\.\d")
+
+
 def _science_number(result: Any, text: str) -> bool:
-    found = text[result.start:result.end]
-    if result.entity_type != "PHONE_NUMBER" or "+" in found or "(" in found:
+    if result.entity_type != "PHONE_NUMBER":
         return False
+    found = _EXTENSION.sub("", text[result.start:result.end])
+    if "+" in found or ")" in found or re.match(r"0\d", found):
+        return False
+    if _YEAR_RANGE.fullmatch(found) or _BELOW_ONE.search(found):
+        return True
+    found = found.lstrip("(")
     if found.isdigit():
-        return len(found) < 9 and not found.startswith("0")
+        return len(found) < 9
     return sum(c.isdigit() for c in found) < 7 or found.count(".") == 1
 
 
