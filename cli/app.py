@@ -34,9 +34,9 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY"
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [env ZEPHYR_HOST, default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env ZEPHYR_PORT, default 8000]")] = None,
-    model: Annotated[str | None, typer.Option(help="Registry model [env ZEPHYR_MODEL]")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind \\[env ZEPHYR_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port \\[env ZEPHYR_PORT, default 8000]")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry model \\[env ZEPHYR_MODEL]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
@@ -137,7 +137,9 @@ def _client(url: str, api_key: str | None):
 def chat(
     url: ServerURL = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature")] = 0.7,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sampling temperature (default: none sent, so the server's chat defaults apply, "
+             "ZEPHYR_CHAT_TEMPERATURE and ZEPHYR_CHAT_TOP_P)")] = None,
     max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens")] = 512,
 ) -> None:
     """Chat with a running server in the terminal (streaming). Ctrl-D or /quit ends it."""
@@ -151,6 +153,8 @@ def chat(
     except openai.APIStatusError as exc:
         raise fail(_api_message(exc)) from None
     history: list[dict[str, str]] = []
+    # Without --temperature none is sent: the server then samples with its own chat defaults, chosen on validation.
+    sampling = {} if temperature is None else {"temperature": temperature}
     err.print(f"[dim]talking to {url}; /quit to end[/]")
     while True:
         try:
@@ -165,8 +169,8 @@ def chat(
         console.print("[bold green]tutor>[/] ", end="")
         answer = []
         try:
-            stream = client.chat.completions.create(model=model, messages=history,
-                                                    stream=True, temperature=temperature, max_tokens=max_tokens)
+            stream = client.chat.completions.create(model=model, messages=history, stream=True,
+                                                    max_tokens=max_tokens, **sampling)
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer.append(chunk.choices[0].delta.content)

@@ -110,10 +110,10 @@ def calibrate_command(
         help="Score the letter format (--no-letter: cloze and the answer prior only, for a model trained for cloze; "
              "the letter candidates are then not fitted)")] = True,
     answer_prior_context: Annotated[str | None, typer.Option(
-        help="The cue the answer prior is scored after (without the question) [default: zephyr.mcq's "
+        help="The cue the answer prior is scored after (without the question) \\[default: zephyr.mcq's "
              "ANSWER_PRIOR_CONTEXT]; the record keeps it and the service asks with it")] = None,
     demonstrations: Annotated[int | None, typer.Option(
-        help="Solved ARC-Easy train examples before every cloze and answer-prior prompt [default: as many as "
+        help="Solved ARC-Easy train examples before every cloze and answer-prior prompt \\[default: as many as "
              "the parent's record for a quantized entry, else evals.calibrate's DEMONSTRATIONS_DEFAULT, 5; 0 for "
              "none]; the record keeps them and the service asks with them")] = None,
 ) -> None:

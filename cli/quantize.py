@@ -20,9 +20,9 @@ def quantize_command(
     scheme: Annotated[str | None, typer.Option(help=f"Scheme, default the first listed: {METHOD_HELP}")] = None,
     group_size: Annotated[int, typer.Option(help=f"Input features per scale ({', '.join(GROUPED)}); must divide "
                                                  "every Linear's input width")] = 64,
-    name: Annotated[str | None, typer.Option(help="Registry name of the result [default: MODEL-METHOD]")] = None,
+    name: Annotated[str | None, typer.Option(help="Registry name of the result \\[default: MODEL-METHOD]")] = None,
     calibration: Annotated[Path | None, typer.Option(
-        help="SFT-format JSON Lines ({\"messages\": [...]}) to calibrate on [default: tutoring chats built from the "
+        help="SFT-format JSON Lines ({\"messages\": [...]}) to calibrate on \\[default: tutoring chats built from the "
              "training splits of --calibration-sources]")] = None,
     calibration_sources: Annotated[str, typer.Option(help="MCQ training splits for the default calibration set")]
     = "arc_easy:train,arc_challenge:train,sciq:validation,openbookqa:train",
@@ -32,7 +32,7 @@ def quantize_command(
     smooth_down_proj: Annotated[bool | None, typer.Option(
         "--smooth-down-proj/--no-smooth-down-proj",
         help="w8a8: also smooth down_proj's input (the MLP's widest activations), folding the scales into "
-             "up_proj; llm-compressor's Llama mappings smooth only q/k/v and gate/up [default: on with --smoothing "
+             "up_proj; llm-compressor's Llama mappings smooth only q/k/v and gate/up \\[default: on with --smoothing "
              "> 0]")] = None,
     awq_grid: Annotated[int, typer.Option(help="awq: scale grid points per layer (20 = llm-compressor's default; "
                                                "5 is ~8x faster on CPU)")] = 20,

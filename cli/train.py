@@ -468,7 +468,7 @@ def data_grpo(
 def data_hh(
     out: Out,
     source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz "
-                                                "[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
+                                                "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     clean: CleanFlags = CleanFlags(),

@@ -29,6 +29,9 @@ REVIEWER_KEYS = ("load-reviewer-key-1", "load-reviewer-key-2")
 ADMIN_KEY = "load-admin-key-0001"
 START_TIMEOUT_S = 400
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+# The URLs of the servers LocalServer started in this process: those hold the load keys above, so Locust must use
+# them whatever the environment says. Any other URL (`make load --url`) is a server with keys of its own.
+_LOCAL_URLS: set[str] = set()
 
 
 class ServerFailed(RuntimeError):
@@ -118,6 +121,7 @@ class LocalServer:
         except ServerFailed:
             process.kill()
             raise
+        _LOCAL_URLS.add(server.url)
         return server
 
     def ready(self) -> bool:
@@ -137,6 +141,7 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        _LOCAL_URLS.discard(self.url)
         return self.process.returncode
 
     def rss_bytes(self) -> int:
@@ -232,6 +237,16 @@ async def _row_counts(db_url: str, ids: list[str]) -> dict[str, int]:
     return counts
 
 
+def load_keys(url: str) -> dict[str, str]:
+    """The keys Locust's users send to `url`: the load keys for a server LocalServer started (it was given them,
+    whatever the environment holds); for any other server (`--url`) ZEPHYR_LOAD_STUDENT_KEY and
+    ZEPHYR_LOAD_REVIEWER_KEYS where the user set them, each falling back to the load keys."""
+    keys = {"ZEPHYR_LOAD_STUDENT_KEY": STUDENT_KEY, "ZEPHYR_LOAD_REVIEWER_KEYS": ",".join(REVIEWER_KEYS)}
+    if url.rstrip("/") in _LOCAL_URLS:
+        return keys
+    return {name: os.environ.get(name) or default for name, default in keys.items()}
+
+
 @dataclass
 class Locust:
     """A headless Locust run of loadtest/locustfile.py in a subprocess; its per-request events in a file."""
@@ -245,8 +260,7 @@ class Locust:
         out.mkdir(parents=True, exist_ok=True)
         events_path = out / "events.jsonl"
         events_path.unlink(missing_ok=True)
-        env = {**os.environ, "ZEPHYR_LOAD_STUDENT_KEY": STUDENT_KEY,
-               "ZEPHYR_LOAD_REVIEWER_KEYS": ",".join(REVIEWER_KEYS),
+        env = {**os.environ, **load_keys(url),
                "ZEPHYR_LOAD_EVENTS": str(events_path), "ZEPHYR_LOAD_EXAM_PERIOD": str(exam_period)}
         command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--headless",
                    "-u", str(users), "-r", str(spawn_rate), "-t", f"{int(seconds)}s", "--stop-timeout", "300",

@@ -1,0 +1,134 @@
+"""Docs review fixes that tests keep fixed: bracketed text in `--help` (Rich markup took `[env ...]` and
+`[default: ...]` for style tags and dropped them), `zephyr chat` leaving the sampling to the server's chat defaults
+unless --temperature is given, and `make load --url` sending the user's keys to a remote server."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app as cli_app
+
+runner = CliRunner()
+
+
+def _help(*command: str) -> str:
+    """`zephyr COMMAND --help` on a wide terminal, the table's borders and line breaks flattened to spaces."""
+    result = runner.invoke(cli_app.app, [*command, "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    (("serve",), ["Address to bind [env ZEPHYR_HOST, default 127.0.0.1]", "Port [env ZEPHYR_PORT, default 8000]",
+                  "Registry model [env ZEPHYR_MODEL]"]),
+    (("quantize",), ["Registry name of the result [default: MODEL-METHOD]",
+                     "[default: tutoring chats built from the training splits of --calibration-sources]",
+                     "[default: on with --smoothing > 0]"]),
+    (("data", "hh"), ["[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]"]),
+])
+def test_bracketed_help_text_is_shown(command, shown):
+    text = _help(*command)
+    for part in shown:
+        assert part in text, f"{part!r} missing from `zephyr {' '.join(command)} --help`:\n{text}"
+
+
+class _FakeClient:
+    """The OpenAI client `zephyr chat` talks through: one model, and a one-chunk stream per question."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.models = SimpleNamespace(list=lambda: SimpleNamespace(data=[SimpleNamespace(id="tutor")]))
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+
+    def _create(self, **request):
+        self.requests.append(request)
+        delta = SimpleNamespace(content="Plants make sugar.")
+        return iter([SimpleNamespace(choices=[SimpleNamespace(delta=delta)])])
+
+
+@pytest.mark.parametrize(("args", "sent"), [
+    ([], None),  # the server's own chat defaults (ZEPHYR_CHAT_TEMPERATURE / ZEPHYR_CHAT_TOP_P) then apply
+    (["--temperature", "0.7"], 0.7),
+    (["--temperature", "0"], 0.0),
+])
+def test_chat_sends_a_temperature_only_when_given(monkeypatch, args, sent):
+    client = _FakeClient()
+    monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
+    result = runner.invoke(cli_app.app, ["chat", *args], input="What is photosynthesis?\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "Plants make sugar." in result.output
+    [request] = client.requests
+    if sent is None:
+        assert "temperature" not in request and "top_p" not in request
+    else:
+        assert request["temperature"] == sent
+
+
+def _locust_env(monkeypatch, tmp_path, url: str) -> dict[str, str]:
+    """The environment Locust.start hands its subprocess, with the subprocess itself stubbed out."""
+    from loadtest import harness
+
+    seen: dict[str, str] = {}
+
+    class FakePopen:
+        def __init__(self, command, env, **kwargs):
+            seen.update(env)
+
+    monkeypatch.setattr(harness.subprocess, "Popen", FakePopen)
+    harness.Locust.start(url, tmp_path / "out", users=1, seconds=1)
+    return seen
+
+
+def test_locust_uses_the_users_keys_for_a_remote_server(monkeypatch, tmp_path):
+    # docs/operations.md: `ZEPHYR_LOAD_STUDENT_KEY=... ZEPHYR_LOAD_REVIEWER_KEYS=k1,k2 make load --url ...`
+    monkeypatch.setenv("ZEPHYR_LOAD_STUDENT_KEY", "remote-student-key-0001")
+    monkeypatch.setenv("ZEPHYR_LOAD_REVIEWER_KEYS", "remote-reviewer-a-0001,remote-reviewer-b-0001")
+    env = _locust_env(monkeypatch, tmp_path, "https://tutor.example.org")
+    assert env["ZEPHYR_LOAD_STUDENT_KEY"] == "remote-student-key-0001"
+    assert env["ZEPHYR_LOAD_REVIEWER_KEYS"] == "remote-reviewer-a-0001,remote-reviewer-b-0001"
+
+
+def test_locust_uses_the_load_keys_for_a_server_the_harness_started(monkeypatch, tmp_path):
+    from loadtest import harness
+
+    # The local server is given the load keys (LocalServer.start), so the user's keys must not reach Locust.
+    monkeypatch.setenv("ZEPHYR_LOAD_STUDENT_KEY", "remote-student-key-0001")
+    monkeypatch.setenv("ZEPHYR_LOAD_REVIEWER_KEYS", "remote-reviewer-a-0001")
+    monkeypatch.setattr(harness, "_LOCAL_URLS", {"http://127.0.0.1:23456"})
+    env = _locust_env(monkeypatch, tmp_path, "http://127.0.0.1:23456")
+    assert env["ZEPHYR_LOAD_STUDENT_KEY"] == harness.STUDENT_KEY
+    assert env["ZEPHYR_LOAD_REVIEWER_KEYS"] == ",".join(harness.REVIEWER_KEYS)
+
+
+def test_locust_falls_back_to_the_load_keys_where_none_are_set(monkeypatch, tmp_path):
+    from loadtest import harness
+
+    monkeypatch.delenv("ZEPHYR_LOAD_STUDENT_KEY", raising=False)
+    monkeypatch.delenv("ZEPHYR_LOAD_REVIEWER_KEYS", raising=False)
+    env = _locust_env(monkeypatch, tmp_path, "https://tutor.example.org")
+    assert env["ZEPHYR_LOAD_STUDENT_KEY"] == harness.STUDENT_KEY
+    assert env["ZEPHYR_LOAD_REVIEWER_KEYS"] == ",".join(harness.REVIEWER_KEYS)
+
+
+def test_a_started_server_counts_as_local_until_stopped(monkeypatch, tmp_path):
+    from loadtest import harness
+
+    class Exited:
+        returncode = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(harness, "_LOCAL_URLS", set())
+    monkeypatch.setattr(harness.subprocess, "Popen", Exited)
+    monkeypatch.setattr(harness, "wait_ready", lambda *args: 0.0)
+    server = harness.LocalServer.start(tmp_path)
+    assert harness.load_keys(server.url)["ZEPHYR_LOAD_STUDENT_KEY"] == harness.STUDENT_KEY
+    server.stop()
+    assert harness._LOCAL_URLS == set()
