@@ -5,6 +5,7 @@ them too (service/review/candidates.py), which is why they live in neither."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -21,6 +22,9 @@ from service.errors import APIError, error_event
 from service.protocol import Usage
 from service.store.models import GenerationRecord
 from zephyr import textquality
+from zephyr.mcq import MCQuestion
+
+log = logging.getLogger("zephyr.service")
 
 # Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
 TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
@@ -43,6 +47,9 @@ async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[
                 yield item
     except APIError as exc:
         yield error_event(exc)
+    except Exception:  # a fault of ours after the headers went out: said in-band, as a 500 would be, then [DONE]
+        log.exception("a stream failed")
+        yield error_event(APIError(500, "internal error; the server logged it"))
     else:
         if usage_event is not None:
             yield usage_event()
@@ -80,6 +87,11 @@ class GenerationRequest:
     purpose: str = "served"
     parent_id: str | None = None
     answer_shown: bool = True  # false where the client only scores the prompt (completions' `max_tokens: 0`)
+    # A multiple-choice question the chat's last message holds (zephyr/chat_mcq.py), and the answer's opening that
+    # the tutor wrote from /mcq's answer to it: every choice starts with it, and the engine continues from it.
+    mcq_question: MCQuestion | None = None
+    answer_prefix: str = ""
+    answer_prefix_ids: list[int] = field(default_factory=list)
 
     def absorb(self, out: EngineOutput) -> None:
         now = time.perf_counter()
@@ -99,7 +111,12 @@ class GenerationRequest:
                 self.finish_reasons[choice.index] = choice.finish_reason
 
     def text(self, index: int = 0) -> str:
-        return "".join(self.texts.get(index, []))
+        return self.answer_prefix + "".join(self.texts.get(index, []))
+
+    @property
+    def engine_prompt_ids(self) -> list[int]:
+        """What the engine continues: the prompt, then the answer's opening when the tutor wrote one."""
+        return self.prompt_ids + self.answer_prefix_ids if self.answer_prefix_ids else self.prompt_ids
 
     def answer_entry(self, index: int, judged: bool) -> dict[str, Any]:
         """One choice as the log keeps it. A finished (`judged`), shown answer also says whether it loops, the rule
@@ -113,13 +130,24 @@ class GenerationRequest:
         return entry
 
     @property
-    def completion_tokens(self) -> int:
+    def generated_tokens(self) -> int:
         return sum(self.token_counts.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        """The answers' tokens, the opening the tutor wrote into each of them included."""
+        return self.generated_tokens + len(self.answer_prefix_ids) * self.params.n
 
     def usage(self) -> Usage:
         prompt = len(self.prompt_ids)
         return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
                      total_tokens=prompt + self.completion_tokens)
+
+    def logged_params(self) -> dict[str, Any]:
+        """The parameters as the client's: an answer's opening written by the tutor counts in its `max_tokens`."""
+        params = {k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS}
+        params["max_tokens"] += len(self.answer_prefix_ids)
+        return params | self.extra_params
 
     def record(self, model: str, status: str, error: str | None,
                response: list[dict[str, Any]] | None = None) -> GenerationRecord:
@@ -138,8 +166,7 @@ class GenerationRequest:
             messages=self.messages,
             response=response if response is not None else [
                 self.answer_entry(i, judged=status == "ok") for i in range(self.params.n)],
-            params={**{k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS},
-                    **self.extra_params},
+            params=self.logged_params(),
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.completion_tokens,
             ttft_ms=None if self.first_token_at is None else (self.first_token_at - self.started) * 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,13 +37,15 @@ from service.protocol import (
 )
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
-from zephyr import mcq
+from zephyr import chat_mcq, mcq
 from zephyr.prompts import encode_chat
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
 # CHARS_PER_TOKEN_BOUND characters per allowed token would be refused after tokenizing anyway.
 CHARS_PER_TOKEN_BOUND = 16
+
+log = logging.getLogger("zephyr.service")
 
 
 class Admission:
@@ -189,8 +192,10 @@ class Tutor:
             self.metrics.waiting.inc()
         waiting = True
         try:
+            if gen.mcq_question is not None and not gen.answer_prefix:  # inside: however it ends, the chat is logged
+                await self.open_answer(gen)
             # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
-            async with aclosing(self.engine.generate(gen.prompt_ids, gen.params, gen.request_id)) as outputs:
+            async with aclosing(self.engine.generate(gen.engine_prompt_ids, gen.params, gen.request_id)) as outputs:
                 async for out in outputs:
                     if waiting:
                         waiting = False
@@ -207,11 +212,14 @@ class Tutor:
         except EngineUnavailable as exc:
             status, error = "error", str(exc)
             raise APIError(503, str(exc), code="engine_unavailable") from exc
+        except Exception as exc:  # a refusal raised on the way, or a fault of ours: the row says which, not "aborted"
+            status, error = "error", exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             if served:
                 (self.metrics.waiting if waiting else self.metrics.running).dec()
             self.metrics.prompt_tokens.labels(gen.route).inc(len(gen.prompt_ids))
-            self.metrics.completion_tokens.labels(gen.route).inc(gen.completion_tokens)
+            self.metrics.completion_tokens.labels(gen.route).inc(gen.generated_tokens)
             if gen.steps > 1:
                 self.metrics.inter_token_latency.labels(gen.route).observe(
                     (gen.last_token_at - gen.first_token_at) / (gen.steps - 1)
@@ -249,11 +257,42 @@ class Tutor:
         if params.min_tokens > params.max_tokens:
             raise APIError(400, f"`min_tokens` is {params.min_tokens}; this prompt leaves room for {params.max_tokens}",
                            param="min_tokens", code="context_length_exceeded")
+        # A question pasted into the chat is answered as /mcq answers it (open_answer). Not when the client asked
+        # for log-probabilities: the tutor's opening words were not sampled and have none.
+        question = None
+        if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None:
+            question = chat_mcq.find_question(messages[-1]["content"])
         return GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
+            mcq_question=question,
         )
+
+    async def open_answer(self, gen: GenerationRequest) -> None:
+        """For a chat that holds a multiple-choice question: answers it as /mcq does (`auto`, its own log row
+        `<chat id>-mcq`), and makes the answer start by naming that option, as surely as its confidence allows
+        (zephyr/chat_mcq.py); the model goes on from there. A question /mcq cannot take (over the prompt limit
+        with the record's demonstrations), or an answer with no room for the opening, is answered as any chat."""
+        if gen.mcq_question is None:
+            return
+        try:
+            result = await self.answer_mcq(gen.mcq_question, "auto", gen.principal, f"{gen.request_id}-mcq",
+                                           gen.user)
+        except Exception as exc:  # the MCQ row says what happened; the student still gets an answer
+            log.warning("chat %s: its multiple-choice question was not scored (%s); answered as any chat",
+                        gen.request_id, exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}")
+            return
+        opening = chat_mcq.answer_opening(result.answer, result.option, result.confidence,
+                                          self.settings.chat_mcq_sure_confidence)
+        ids = await asyncio.to_thread(self.engine.tokenizer.encode, opening, add_special_tokens=False)
+        if len(ids) >= gen.params.max_tokens:
+            return
+        gen.params = dataclasses.replace(gen.params, max_tokens=gen.params.max_tokens - len(ids),
+                                         min_tokens=max(0, gen.params.min_tokens - len(ids)))
+        gen.answer_prefix, gen.answer_prefix_ids = opening, ids
+        gen.extra_params["mcq"] = {"id": result.id, "answer": result.answer, "confidence": round(result.confidence, 4),
+                                   "method": result.method}
 
     def stop_token_ids(self, ids: list[int]) -> list[int]:
         vocabulary = len(self.engine.tokenizer)
@@ -294,8 +333,13 @@ class Tutor:
         async def chunks() -> AsyncIterator[str]:
             yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                          for i in range(gen.params.n)])
+            opening_sent = False
             async with aclosing(self.run(gen)) as outputs:
                 async for out in outputs:
+                    if gen.answer_prefix and not opening_sent:  # written by run() (open_answer) before any token
+                        opening_sent = True
+                        yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(content=gen.answer_prefix))
+                                     for i in range(gen.params.n)])
                     choices = [
                         ChatCompletionChunkChoice(
                             index=c.index,
@@ -303,7 +347,9 @@ class Tutor:
                             logprobs=_choice_logprobs(c.logprobs or [], top_logprobs) if with_logprobs else None,
                             finish_reason=c.finish_reason,
                         )
-                        for c in out.choices if c.text or c.finish_reason
+                        # A token whose text is still held back (a stop string may be starting, a character is
+                        # incomplete) still carries its log-probability, as in the answer that is not streamed.
+                        for c in out.choices if c.text or c.finish_reason or (with_logprobs and c.logprobs)
                     ]
                     if choices:
                         yield event(choices)

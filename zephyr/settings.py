@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     mcq_explain_max_tokens: int = Field(default=256, ge=1, le=8192)
     # /mcq answers null (abstains) below this confidence unless the request sets its own; None: never.
     mcq_min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    # A multiple-choice question pasted into a chat is answered as /mcq answers it (`auto`), and the model explains
+    # from that answer (zephyr/chat_mcq.py; docs/evaluation.md, "Multiple-choice questions asked in chat").
+    chat_mcq: bool = Field(default=True, description="answer a multiple-choice question in a chat message as /mcq "
+                           "does, then let the model explain")
+    # Below it the chat says it is not sure of the option it names. 0.5 is the lowest confidence at which /mcq's
+    # answers were right four times in five on validation (docs/evaluation.md, "Choosing `min_confidence`").
+    chat_mcq_sure_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
 
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")

@@ -103,6 +103,9 @@ class Candidates:
 
     async def _resample(self, parent: GenerationRequest) -> None:
         gen = self._candidate_of(parent, f"T={self.settings.review_candidate_temperature:g}")
+        # The same opening as the served answer (a pasted question's option, service/tutor.py open_answer): the
+        # pair then differs in how the two go on from it.
+        gen.answer_prefix, gen.answer_prefix_ids = parent.answer_prefix, parent.answer_prefix_ids
         try:
             await self._run(gen)  # logs its own row (ok, error or aborted) with parent_id set
         except APIError as exc:
@@ -114,7 +117,8 @@ class Candidates:
         status, error = "error", None
         try:
             reply = await self._remote.chat.completions.create(
-                model=model, messages=parent.messages, max_tokens=parent.params.max_tokens,
+                model=model, messages=parent.messages,
+                max_tokens=parent.params.max_tokens + len(parent.answer_prefix_ids),  # as the student asked
                 temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
             )
             choice = reply.choices[0]

@@ -248,3 +248,48 @@ async def test_a_chat_template_that_refuses_the_messages_is_a_400(served, monkey
     r = await served.client.post(CHAT, json={"messages": user("hi") + user("again"), "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert "roles must alternate" in r.json()["error"]["message"]
+
+
+async def test_a_fault_of_ours_is_logged_as_an_error_and_a_stream_says_so_in_band(served):
+    import httpx
+
+    # As a real server does: the 500 goes out and is logged (the test transport would re-raise it).
+    transport = httpx.ASGITransport(app=served.manager.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",
+                                 headers=served.client.headers) as client:
+        served.engine.fail_with = RuntimeError("kernel fault")
+        whole = await client.post(CHAT, json={"messages": user(), "max_tokens": 3})
+        assert whole.status_code == 500 and "kernel fault" not in whole.text
+        async with client.stream("POST", CHAT, json={"messages": user(), "max_tokens": 3, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert lines[-1] == "data: [DONE]" and error["type"] == "server_error" and "kernel fault" not in error["message"]
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+
+    log = await served.flushed_log()
+    async with log.engine.connect() as connection:
+        rows = (await connection.execute(select(Generation.status, Generation.error))).all()
+    assert len(rows) == 2  # the whole answer's and the stream's: errors, not "aborted" as if the student left
+    assert all(status == "error" and "RuntimeError: kernel fault" in error for status, error in rows)
+
+
+async def test_a_stream_keeps_the_logprobs_of_tokens_whose_text_is_held_back(served, monkeypatch):
+    from service.engine import ChoiceDelta, EngineOutput, TokenLogprob
+
+    async def held_back(prompt_ids, params, request_id):
+        # vLLM sends no text for a token that may start a stop string or ends inside a character.
+        for step, text in enumerate(["", "Hi", "!"]):
+            entry = TokenLogprob(100 + step, text or "\ufffd", -0.5, [(100 + step, text or "\ufffd", -0.5)])
+            yield EngineOutput([ChoiceDelta(0, text, [100 + step], [entry], "stop" if step == 2 else None)],
+                               finished=step == 2)
+
+    monkeypatch.setattr(served.engine, "generate", held_back)
+    ask = {"messages": user(), "max_tokens": 5, "logprobs": True}
+    whole = (await served.client.post(CHAT, json=ask)).json()["choices"][0]["logprobs"]["content"]
+    async with served.client.stream("POST", CHAT, json={**ask, "stream": True}) as r:
+        events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = [entry for e in events for c in e["choices"] if c.get("logprobs") for entry in c["logprobs"]["content"]]
+    assert len(whole) == 3 and streamed == whole

@@ -1,0 +1,124 @@
+"""A multiple-choice question pasted into a chat: read out of the message (zephyr/chat_mcq.py), answered as /mcq
+answers it, and the chat's answer opened with that option (service/tutor.py open_answer), over the stub engine."""
+
+import json
+
+import pytest
+
+from zephyr.chat_mcq import answer_opening, find_question
+
+CHAT = "/v1/chat/completions"
+PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide\nC) Helium\nD) Neon"
+
+
+@pytest.mark.parametrize(("text", "stem", "options"), [
+    ("Question: Which gas do plants absorb? A) Oxygen B) Carbon dioxide C) Nitrogen D) Helium",
+     "Which gas do plants absorb?", ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
+    ("Which gas do plants absorb?\nA. Oxygen\nB. Carbon dioxide\nC. Nitrogen\n\nPlease explain why.",
+     "Which gas do plants absorb?", ("Oxygen", "Carbon dioxide", "Nitrogen")),
+    ("Which gas do plants absorb?\nOptions:\n(a) Oxygen\n(b) Carbon dioxide", "Which gas do plants absorb?",
+     ("Oxygen", "Carbon dioxide")),
+    ("Is the Earth flat?\n(A) yes\n(B) no", "Is the Earth flat?", ("yes", "no")),
+    ("What is 2 + 2? a) 3 b) 4 c) 5", "What is 2 + 2?", ("3", "4", "5")),
+    ("Which is a mammal? A: whale B: shark C: trout", "Which is a mammal?", ("whale", "shark", "trout")),
+    # A label inside an option of another style is the option's text, not a new option.
+    ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
+     ("vitamin D. Or C.", "iron")),
+])
+def test_a_pasted_question_is_read_with_its_options(text, stem, options):
+    question = find_question(text)
+    assert question is not None and (question.question, question.options) == (stem, options)
+
+
+@pytest.mark.parametrize("text", [
+    "Why is the sky blue?",
+    "We could try plan A. Then plan B. Then go home.",  # two labels on one line read as prose
+    "A) first\nB) second",  # no question before the options
+    "Pick one:\nA) same\nB) Same",  # options /mcq refuses (duplicates): answered as any chat
+    "Which one?\nA) only one option",
+    "Compare these:\nA) salt\nC) sugar",  # not A, B, ... in order
+])
+def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
+    assert find_question(text) is None
+
+
+def test_the_opening_says_as_much_as_the_confidence_allows():
+    assert answer_opening("B", "Carbon dioxide", 0.8, 0.5) == "The answer is B) Carbon dioxide. This is because"
+    assert answer_opening("B", "Carbon dioxide", 0.3, 0.5) == (
+        "I'm not sure, but I think the answer is B) Carbon dioxide. This is because")
+    assert answer_opening("C", "Do algae make food?", 0.9, 0.5) == (
+        "The answer is C) Do algae make food? This is because")
+    assert answer_opening(None, None, 0.2, 0.5).startswith("I'm not sure which of these options is right")
+
+
+def messages(text=PASTED):
+    return [{"role": "user", "content": text}]
+
+
+async def test_a_pasted_question_is_answered_as_mcq_would_and_the_model_goes_on_from_it(served):
+    mcq = await served.client.post("/mcq", json={"question": "Which gas do plants absorb from the air?",
+                                                 "options": ["Oxygen", "Carbon dioxide", "Helium", "Neon"]})
+    assert mcq.json()["answer"] == "B"  # the stub scores options holding "Carbon" highest
+    r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 40})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    opening = "The answer is B) Carbon dioxide. This is because"
+    content = body["choices"][0]["message"]["content"]
+    assert content.startswith(opening) and content != opening  # the model's own words follow
+    prompt, params = served.engine.calls[-1]
+    tokenizer = served.engine.tokenizer
+    opening_ids = tokenizer.encode(opening, add_special_tokens=False)
+    assert prompt[-len(opening_ids):] == opening_ids  # the engine continues the opening
+    assert params.max_tokens == 40 - len(opening_ids)  # the answer, opening included, keeps the client's limit
+    assert body["usage"]["prompt_tokens"] == len(prompt) - len(opening_ids)
+    generated = len(tokenizer.encode(served.engine.reply, add_special_tokens=False)[:params.max_tokens])
+    assert body["usage"]["completion_tokens"] == len(opening_ids) + generated
+    log = await served.flushed_log()
+    chat = await log.get(body["id"])
+    assert chat["response"][0]["content"].startswith(opening)  # the log keeps the answer as sent (redacted)
+    assert chat["params"]["max_tokens"] == 40
+    assert chat["params"]["mcq"]["answer"] == "B" and chat["params"]["mcq"]["id"] == f"{body['id']}-mcq"
+    scored = await log.get(f"{body['id']}-mcq")
+    assert scored["route"] == "mcq" and scored["response"][0]["answer"] == "B"
+
+
+async def test_the_stream_opens_with_the_same_words(served):
+    whole = (await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 30, "seed": 1})).json()
+    async with served.client.stream("POST", CHAT, json={"messages": messages(), "max_tokens": 30, "seed": 1,
+                                                        "stream": True}) as r:
+        events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert deltas[0] == "" and deltas[1] == "The answer is B) Carbon dioxide. This is because"
+    assert "".join(d or "" for d in deltas) == whole["choices"][0]["message"]["content"]
+
+
+async def test_the_opening_is_left_out_where_it_cannot_serve(app_factory):
+    async with app_factory(chat_mcq=False) as served:  # the operator turned it off
+        before = len(served.engine.calls)  # the warm-up's
+        r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 20})
+        assert not r.json()["choices"][0]["message"]["content"].startswith("The answer is")
+        assert len(served.engine.calls) == before + 1  # the chat alone: nothing was scored
+    async with app_factory() as served:
+        plain = served.engine.reply
+        asks = [
+            {"messages": messages(), "max_tokens": 20, "logprobs": True},  # the opening was not sampled
+            {"messages": [*messages(), {"role": "assistant", "content": "B"}, {"role": "user", "content": "Why?"}],
+             "max_tokens": 20},  # the question is not what the student asks now
+            {"messages": messages(), "max_tokens": 5},  # no room for the opening and an answer
+        ]
+        for ask in asks:
+            r = await served.client.post(CHAT, json=ask)
+            assert r.status_code == 200, r.text
+            assert plain.startswith(r.json()["choices"][0]["message"]["content"]), ask
+
+
+async def test_a_fault_while_scoring_still_answers_and_logs_the_chat(served, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(served.app.state.tutor, "answer_mcq", broken)
+    r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 20})
+    assert r.status_code == 200 and served.engine.reply.startswith(r.json()["choices"][0]["message"]["content"])
+    row = await (await served.flushed_log()).get(r.json()["id"])
+    assert row["status"] == "ok" and "mcq" not in row["params"]

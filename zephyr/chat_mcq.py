@@ -1,0 +1,95 @@
+"""A multiple-choice question written into a chat message, and the opening of the tutor's answer to it.
+
+Students paste exam questions into ordinary chat clients ("Which gas do plants absorb? A) Oxygen B) Carbon
+dioxide ..."). Asked that way, the default model names an option by habit; asked through /mcq, the same model
+ranks the options by their text far better (docs/evaluation.md). So the chat route reads such a question out of
+the student's message, answers it as /mcq would, and lets the model explain from that answer
+(docs/evaluation.md, "Multiple-choice questions asked in chat")."""
+
+from __future__ import annotations
+
+import re
+
+from zephyr.mcq import LETTERS, MCQFormatError, MCQuestion
+
+# An option label: "A)", "A.", "A:", "(A)", or lower case "a)" / "(a)"; at the start of the text or of a line, or
+# after whitespace, and followed by whitespace. "a." and "a:" are left out: they read as words ("a. k. a.").
+_LABEL = re.compile(
+    r"(?:(?<=\s)|^)(?:\((?P<paren>[A-Ja-j])\)|(?P<upper>[A-J])(?P<upper_mark>[).:])|(?P<lower>[a-j])\))(?=\s)",
+    re.MULTILINE,
+)
+# Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
+MIN_INLINE_OPTIONS = 3
+# A line that only introduces the options, left out of the stem.
+_INTRODUCER = re.compile(r"\n?[ \t]*(?:answer\s+)?(?:options|choices)\s*:?\s*$", re.IGNORECASE)
+_QUESTION_CUE = re.compile(r"^\s*question\s*[:.]\s*", re.IGNORECASE)
+
+
+def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
+    """Every label: (start, end, letter, style, at a line's start)."""
+    found = []
+    for m in _LABEL.finditer(text):
+        if m["paren"]:
+            letter, style = m["paren"], "paren-upper" if m["paren"].isupper() else "paren-lower"
+        elif m["upper"]:
+            letter, style = m["upper"], f"upper{m['upper_mark']}"
+        else:
+            letter, style = m["lower"], "lower)"
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        found.append((m.start(), m.end(), letter.upper(), style, not text[line_start:m.start()].strip()))
+    return found
+
+
+def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int) -> list[tuple[int, int, str, str, bool]]:
+    """The labels A, B, C, ... in order and in one style, starting at labels[first] (an "A")."""
+    run = [labels[first]]
+    for label in labels[first + 1:]:
+        if len(run) < len(LETTERS) and label[3] == run[0][3] and label[2] == LETTERS[len(run)]:
+            run.append(label)
+    return run
+
+
+def find_question(text: str) -> MCQuestion | None:
+    """The multiple-choice question a chat message holds, or None.
+
+    A question is a stem followed by options labelled A, B, C, ... in order, in one style ("A)", "A.", "A:",
+    "(A)", "a)", "(a)"): each on a line of its own (two or more), or three or more on one line. The stem is the
+    text before the first label (a leading "Question:" and a closing "Options:" line left out). The last option
+    ends at its line's end: what follows it ("Explain why.") is the student's instruction, not part of the
+    option. Options /mcq would refuse (a duplicate, a blank one) make no question: the message is answered as
+    any chat."""
+    labels = _labels(text)
+    for first, label in enumerate(labels):
+        if label[2] != "A":
+            continue
+        run = _run_from(labels, first)
+        on_lines = all(item[4] for item in run)
+        if len(run) < (2 if on_lines else MIN_INLINE_OPTIONS):
+            continue
+        stem = _QUESTION_CUE.sub("", _INTRODUCER.sub("", text[: run[0][0]].rstrip())).strip()
+        if not stem:
+            continue
+        options = []
+        for i, (_, end, *_rest) in enumerate(run):
+            stop = run[i + 1][0] if i + 1 < len(run) else len(text)
+            value = text[end:stop]
+            if i + 1 == len(run) or on_lines:
+                value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
+            options.append(value.strip())
+        try:
+            return MCQuestion.build(stem, options)
+        except MCQFormatError:
+            return None
+    return None
+
+
+def answer_opening(letter: str | None, option: str | None, confidence: float, sure: float) -> str:
+    """The first words of the tutor's answer, which the model then goes on from: the option /mcq chose, said as
+    plainly as its calibrated confidence allows, then the cue for the reasons. No letter when /mcq abstained
+    (its `min_confidence`)."""
+    if letter is None or option is None:
+        return "I'm not sure which of these options is right. Let's think it through:"
+    named = f"{letter}) {option}" + ("" if option[-1:] in ".?!" else ".")
+    if confidence >= sure:
+        return f"The answer is {named} This is because"
+    return f"I'm not sure, but I think the answer is {named} This is because"
