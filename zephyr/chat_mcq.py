@@ -22,7 +22,13 @@ _LABEL = re.compile(
 MIN_INLINE_OPTIONS = 3
 # A line that only introduces the options, left out of the stem.
 _INTRODUCER = re.compile(r"\n?[ \t]*(?:answer\s+)?(?:options|choices)\s*:?\s*$", re.IGNORECASE)
-_QUESTION_CUE = re.compile(r"^\s*question\s*[:.]\s*", re.IGNORECASE)
+_QUESTION_CUE = re.compile(r"^\s*question\s*\d*\s*[:.]\s*", re.IGNORECASE)
+# Homework is written in lettered parts too ("a) Find the speed. b) How far does it go?"): labelled items that are
+# tasks or questions themselves are parts to work through, not options to choose from. Half of them starting with a
+# task's verb or ending in "?" reads as parts; about 1% of the benchmarks' real options do (answered as any chat).
+_TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|prove|state|give|draw|list|compare|"
+                   r"solve|write|estimate|identify|define|discuss|predict|sketch|derive|evaluate|graph|plot|label|"
+                   r"convert|suggest|outline|justify)\b", re.IGNORECASE)
 
 
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
@@ -56,8 +62,8 @@ def find_question(text: str) -> MCQuestion | None:
     "(A)", "a)", "(a)"): each on a line of its own (two or more), or three or more on one line. The stem is the
     text before the first label (a leading "Question:" and a closing "Options:" line left out). The last option
     ends at its line's end: what follows it ("Explain why.") is the student's instruction, not part of the
-    option. Options /mcq would refuse (a duplicate, a blank one) make no question: the message is answered as
-    any chat."""
+    option. Items that read as a problem's parts (tasks or questions themselves) make no question, nor do options
+    /mcq would refuse (a duplicate, a blank one): the message is answered as any chat."""
     labels = _labels(text)
     for first, label in enumerate(labels):
         if label[2] != "A":
@@ -76,6 +82,8 @@ def find_question(text: str) -> MCQuestion | None:
             if i + 1 == len(run) or on_lines:
                 value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
             options.append(value.strip())
+        if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
+            return None  # parts of a problem, not options
         try:
             return MCQuestion.build(stem, options)
         except MCQFormatError:

@@ -19,6 +19,7 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     ("Which gas do plants absorb?\nOptions:\n(a) Oxygen\n(b) Carbon dioxide", "Which gas do plants absorb?",
      ("Oxygen", "Carbon dioxide")),
     ("Is the Earth flat?\n(A) yes\n(B) no", "Is the Earth flat?", ("yes", "no")),
+    ("Question 2. Which is a metal?\nA) copper\nB) glass", "Which is a metal?", ("copper", "glass")),
     ("What is 2 + 2? a) 3 b) 4 c) 5", "What is 2 + 2?", ("3", "4", "5")),
     ("Which is a mammal? A: whale B: shark C: trout", "Which is a mammal?", ("whale", "shark", "trout")),
     # A label inside an option of another style is the option's text, not a new option.
@@ -37,6 +38,9 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "Pick one:\nA) same\nB) Same",  # options /mcq refuses (duplicates): answered as any chat
     "Which one?\nA) only one option",
     "Compare these:\nA) salt\nC) sugar",  # not A, B, ... in order
+    # A problem's parts: tasks or questions of their own, not options to choose from.
+    "Question 3: a car speeds up from rest at 2 m/s^2.\na) Find its speed after 5 s.\nb) How far has it gone?",
+    "A ball is thrown up at 10 m/s. a) Calculate the time to the top. b) Explain why. c) Draw the graph.",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
