@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,19 @@ UNSUPPORTED_CHAT_FIELDS = (
 
 # And of its legacy completions API.
 UNSUPPORTED_COMPLETION_FIELDS = ("best_of", "suffix", "logit_bias")
+
+# Values of those fields that ask for nothing this server does not do (what OpenAI's and vLLM's clients send
+# by default): taken and dropped, as null is for every one of them. Compared as JSON (`true` is not `1`).
+HARMLESS_VALUES: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,),  # one candidate per answer: what is done anyway
+    "store": (False,),
+    "parallel_tool_calls": (True, False),  # about tool calls, and no request here has tools
+    "tool_choice": ("none",),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "echo": (False,),  # the chat's (vLLM's); /v1/completions implements its own
+}
 
 
 INT64 = (-(2**63), 2**63 - 1)  # vLLM's bound on `seed` (a torch.long); ids and seeds past it are refused here
@@ -97,12 +111,54 @@ class Strict(BaseModel):
         return data
 
 
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+_HARMLESS_JSON = {name: {_as_json(v) for v in values} for name, values in HARMLESS_VALUES.items()}
+
+
 def reject_unsupported(data: Any, fields: tuple[str, ...]) -> Any:
-    if isinstance(data, dict):
-        for name in fields:
-            if name in data and data[name] is not None:
-                raise ValueError(f"`{name}` is not supported by this server; remove it from the request")
-    return data
+    """Refuses the unsupported `fields` a request sets; one that is null, or holds a value that asks for nothing
+    (HARMLESS_VALUES), is dropped instead."""
+    if not isinstance(data, dict):
+        return data
+    for name in fields:
+        if name in data and data[name] is not None and _as_json(data[name]) not in _HARMLESS_JSON.get(name, ()):
+            raise ValueError(f"`{name}` is not supported by this server; remove it from the request")
+    return {key: value for key, value in data.items() if key not in fields}
+
+
+class NullIsUnset(Strict):
+    """OpenAI's request fields that have a default may be sent as null, meaning "not sent": the default (the
+    `openai` client and others send explicit nulls). A required field stays required; the schema says null is
+    taken."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if not (value is None and key in fields and not fields[key].is_required())}
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name, field in cls.model_fields.items():
+            prop = properties.get(name)
+            if field.is_required() or prop is None or _nullable(prop):
+                continue
+            outer = {key: prop[key] for key in ("title", "description", "default") if key in prop}
+            inner = {key: value for key, value in prop.items() if key not in outer}
+            properties[name] = {"anyOf": [inner, {"type": "null"}], **outer}
+        return schema
+
+
+def _nullable(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(_nullable(branch) for branch in prop.get("anyOf", ()))
 
 
 class TextPart(Strict):
@@ -134,12 +190,20 @@ class ChatMessage(Strict):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(Strict):
+class StreamOptions(NullIsUnset):
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
+    continuous_usage_stats: StrictBool = Field(default=False, description=(
+        "Not supported (only false): the usage arrives in the last chunk, with `include_usage`"))
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_running_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported; the usage arrives in the last chunk with include_usage")
+        return value
 
 
-class SamplingRequest(Strict):
+class SamplingRequest(NullIsUnset):
     """What the chat and the legacy completions request share: the model, OpenAI's sampling parameters and vLLM's
     extras (as `vllm serve` takes them, what `vllm bench serve` sends, with the bounds vLLM's SamplingParams
     checks; token ids are checked against the served tokenizer)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
@@ -124,6 +124,10 @@ class ReviewStore:
 
     def _available(self, reviewer: str, now: datetime):
         """Items this reviewer has never been shown that still need verdicts, oldest first."""
+        return select(Generation).where(*self._open_to(reviewer, now))
+
+    def _open_to(self, reviewer: str, now: datetime) -> list:
+        """The conditions on a generation (`Generation`) that make it an item this reviewer may be given now."""
         G, A, C = Generation, ReviewAssignment, aliased(Generation)
         held = (
             select(func.count()).select_from(A)
@@ -133,15 +137,15 @@ class ReviewStore:
         )
         seen = exists().where(A.item_id == G.id, A.reviewer == reviewer)
         candidate_done = exists().where(C.parent_id == G.id)
-        return select(G).where(
+        return [
             G.review_kind.is_not(None), G.purpose == "served", G.status == "ok", ~seen,
             held < self.policy.overlap,
             or_(G.review_kind == "single", candidate_done, G.created_at < now - self.policy.candidate_wait),
-        )
+        ]
 
     async def next_item(self, reviewer: str) -> dict[str, Any] | None:
         """The reviewer's unfinished item if any, else a new one from the queue, else None."""
-        for _ in range(3):  # a lost race for an item (two tabs) is retried with the next one
+        for _ in range(5):  # a lost race for an item (other reviewers, two tabs) is retried with the next one
             async with self.engine.begin() as conn:
                 current = await self._current(conn, reviewer)
                 if current is not None:
@@ -156,14 +160,33 @@ class ReviewStore:
                 if right is not None and self._random.random() < 0.5:
                     left, right = right, left
             try:
-                async with self.engine.begin() as conn:
-                    await conn.execute(ReviewAssignment.__table__.insert().values(
-                        item_id=item["id"], reviewer=reviewer, status="shown", shown_at=now,
-                        left_id=left, right_id=right, flags={},
-                    ))
-            except IntegrityError:
+                claimed = await self._claim(reviewer, item["id"], now, left, right)
+            except IntegrityError:  # this reviewer took it in another tab meanwhile
+                continue
+            if not claimed:  # others filled its places since it was read
                 continue
         return None
+
+    async def _claim(self, reviewer: str, item_id: str, now: datetime, left: str, right: str | None) -> bool:
+        """Assigns the item to the reviewer if it is still open to them, in one transaction that no other claim
+        of the item can interleave with: the item is read free (fewer than `overlap` holders) and the assignment
+        written by one INSERT ... SELECT. On SQLite that statement holds the database's write lock from its
+        read to its write; on PostgreSQL, whose READ COMMITTED statements see only what was committed when they
+        began, the item's row is locked first (FOR UPDATE), so a second claim waits for the first to commit and
+        then counts its holder. Returns whether the assignment was made."""
+        G, A = Generation, ReviewAssignment
+        async with self.engine.begin() as conn:
+            if conn.dialect.name != "sqlite":
+                locked = (await conn.execute(select(G.id).where(G.id == item_id).with_for_update())).first()
+                if locked is None:
+                    return False
+            row = {"reviewer": reviewer, "status": "shown", "shown_at": now, "left_id": left, "right_id": right,
+                   "flags": {}}
+            columns = A.__table__.c
+            values = select(G.id, *(literal(value, columns[name].type) for name, value in row.items())).where(
+                G.id == item_id, *self._open_to(reviewer, now))
+            result = await conn.execute(insert(A).from_select(["item_id", *row], values))
+            return result.rowcount == 1
 
     async def _current(self, conn, reviewer: str):
         A = ReviewAssignment

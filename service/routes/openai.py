@@ -67,7 +67,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     review_requested = review_header(request)
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     charge(request, body.n)  # n answers are n times the work
-    if review_requested:  # each marked chat costs a second answer and a reviewer's time: a budget per key
+    # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
+    # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
+    if review_requested and gen.for_review:
         request.app.state.review_requests.hit(principal.identity)
     top_logprobs = body.top_logprobs if body.logprobs else None
     return await answer(request, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),

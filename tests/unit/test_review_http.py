@@ -82,6 +82,28 @@ async def test_marked_requests_policy_and_bad_header(app_factory, tmp_path, defa
         assert 'zephyr_review_candidates_total{outcome="dropped"} 1.0' in (await served.client.get("/metrics")).text
 
 
+async def test_the_review_budget_counts_only_chats_that_go_to_review(app_factory, tmp_path, default_model):
+    def home(name: str):
+        return linked_home(tmp_path / name, default_model)
+
+    async def statuses(served, headers, times=3):
+        return [(await served.client.post(CHAT, json=BODY, headers=headers)).status_code for _ in range(times)]
+
+    # Review off: a marked chat is answered and never reviewed, so it costs the key nothing.
+    async with app_factory(review_policy="off", review_request_limit="1/hour", home=home("off")) as served:
+        assert await statuses(served, MARKED) == [200, 200, 200]
+        assert [r["review_kind"] for r in await rows(served)] == [None] * 3
+    # Chats the sampler picks are not the key's marks either; its marked chats are counted.
+    async with app_factory(review_share=1.0, review_candidate="none", review_request_limit="1/hour",
+                           home=home("sample")) as served:
+        assert await statuses(served, {}) == [200, 200, 200]
+        assert await statuses(served, MARKED) == [200, 429, 429]
+        assert [r["review_kind"] for r in await rows(served)] == ["single"] * 4
+    async with app_factory(review_policy="requested", review_candidate="none", review_request_limit="1/hour",
+                           home=home("requested")) as served:
+        assert await statuses(served, MARKED, 2) == [200, 429]
+
+
 async def test_candidate_from_a_second_served_model(app_factory, tmp_path, default_model):
     async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:
         remote.engine.reply = "Plants make sugar from light, water and carbon dioxide."

@@ -1,0 +1,77 @@
+"""Claiming review items under concurrency (SQLite here; tests/integration/test_review_store.py runs the same
+on PostgreSQL): an item is never given to more reviewers than `review_overlap`, however many ask at once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import pytest
+
+from service.review.store import ReviewPolicy, ReviewStore
+from tests.review_data import open_log, pair, seed
+
+
+class _Dawdling:
+    """A connection that pauses after every statement, so that concurrent transactions interleave between
+    their reads and their writes (the window a check-then-insert loses the race in)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    async def execute(self, *args, **kwargs):
+        result = await self._conn.execute(*args, **kwargs)
+        await asyncio.sleep(0.02)
+        return result
+
+
+class Interleaved:
+    """An engine whose transactions dawdle (see _Dawdling)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    @asynccontextmanager
+    async def begin(self):
+        async with self._engine.begin() as conn:
+            yield _Dawdling(conn)
+
+    @asynccontextmanager
+    async def connect(self):
+        async with self._engine.connect() as conn:
+            yield _Dawdling(conn)
+
+
+async def claims_at_once(log, overlap: int, reviewers: int, items: int = 1) -> list[str | None]:
+    """`reviewers` reviewers ask for an item at the same moment; the item each is given (None: none)."""
+    await seed(log, [row for i in range(items) for row in pair(f"i{i}", f"Q{i}", "x", None, minute=i)])
+    policy = ReviewPolicy(overlap=overlap, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(Interleaved(log.engine), policy, random.Random(7))
+    shown = await asyncio.gather(*(store.next_item(f"{i:064x}") for i in range(reviewers)))
+    return [view and view["item_id"] for view in shown]
+
+
+@pytest.fixture
+async def log(tmp_path):
+    log = await open_log(f"sqlite+aiosqlite:///{tmp_path / 'review.db'}", tmp_path)
+    yield log
+    await log.close()
+
+
+@pytest.mark.parametrize("overlap", [1, 2])
+async def test_concurrent_reviewers_never_overfill_an_item(log, overlap):
+    given = await claims_at_once(log, overlap, reviewers=4)
+    assert given.count("i0") == overlap and given.count(None) == 4 - overlap
+
+
+async def test_a_reviewer_who_loses_the_race_gets_the_next_item(log):
+    given = await claims_at_once(log, 1, reviewers=3, items=3)
+    assert sorted(given) == ["i0", "i1", "i2"]
