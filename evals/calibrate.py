@@ -2,11 +2,13 @@
 `auto` for one registry model (evals/calibration.py), and write the record into its zephyr.json.
 
 Only validation data is read. OpenBookQA's local copy has no test split, so its dev split is the one we report:
-its calibration questions come from its train split instead."""
+its calibration questions come from its train split instead. A calibration question (or a demonstration) that a
+reported split holds, with the same options, is left out (`Contamination`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import tempfile
@@ -22,10 +24,20 @@ from rich.text import Text
 from evals import calibration, mcq_eval
 from evals.results import ResultStore
 from evals.run import needs_transformers
-from offline.benchmarks import CALIBRATION_LIMITS, CALIBRATION_SPLITS, load
+from offline.benchmarks import (
+    BENCHMARKS,
+    CALIBRATION_LIMITS,
+    CALIBRATION_SPLITS,
+    MCQ_BENCHMARKS,
+    DatasetError,
+    load,
+    question_key,
+    reported_questions,
+)
 from zephyr import mcq
 from zephyr.numerics import served_dtype
 from zephyr.registry import QUANT_METHODS, Registry, RegistryEntry
+from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
 
 # Each MCQ benchmark's validation split, or its train split where validation is the split we report (defined in
@@ -46,16 +58,103 @@ class CalibrationError(ValueError):
     """A calibration that cannot start as asked; the message says what to change."""
 
 
-def load_items(settings: Settings, benchmarks: list[str], limit: int | None) -> dict[str, tuple[str, list[Any]]]:
-    data = {}
+class Contamination:
+    """Which questions a reported split holds (each benchmark's `eval_split`: test, or OpenBookQA's dev): the same
+    question with the same options, in any order (`reported_questions`, the rule `mcq_training_items` applies).
+    A copy carries the test question's own label into the fit. Training cleaning's text overlap is not applied:
+    it guards against memorizing passages, which a fit of a dozen weights over scores cannot do, and on MMLU val it
+    flags 207 more questions that only share a template or a stretch of passage with a test question ("For which of
+    these two scenarios ..."), not an answer. Only the reported splits the data folder has are read (`against`;
+    `missing` names the others)."""
+
+    def __init__(self, data_dir: Path):
+        data_dir = Path(data_dir).resolve()
+        self.against = [name for name in MCQ_BENCHMARKS
+                        if (data_dir / BENCHMARKS[name].splits[BENCHMARKS[name].eval_split]).exists()]
+        self.missing = [name for name in MCQ_BENCHMARKS if name not in self.against]
+        self._reported = reported_questions(data_dir)
+
+    def match(self, item: MCQItem) -> str | None:
+        """"benchmark/id" of the reported question `item` repeats; None for a clean question."""
+        return self._reported.get(question_key(item.question, item.options))
+
+
+@functools.lru_cache(maxsize=2)
+def _contamination(data_dir: Path) -> Contamination:
+    return Contamination(data_dir)
+
+
+def contamination(settings: Settings) -> Contamination:
+    """The rule for `settings.data_dir`, built once per process (the index lives in memory only)."""
+    return _contamination(Path(settings.data_dir).resolve())
+
+
+def decontaminate(items: list[Any], check: Contamination) -> tuple[list[Any], dict[str, str]]:
+    """The items no reported split holds, in order, and id -> what each one left out matched."""
+    left_out = {item.id: hit for item in items if (hit := check.match(item))}
+    return [item for item in items if item.id not in left_out], left_out
+
+
+def load_items(settings: Settings, benchmarks: list[str],
+               limit: int | None) -> tuple[dict[str, tuple[str, list[Any]]], dict[str, dict[str, str]]]:
+    """Each benchmark's calibration questions (the first `limit`), without those a reported split holds; and per
+    benchmark, the ones left out (id -> what it matched)."""
     for name in benchmarks:
         if name not in CALIBRATION_SPLITS:
             raise CalibrationError(f"unknown MCQ benchmark {name!r}; known: {', '.join(CALIBRATION_SPLITS)}")
+    check = contamination(settings)
+    data, left_out = {}, {}
+    for name in benchmarks:
         split = CALIBRATION_SPLITS[name]
         cap = OPENBOOKQA_TRAIN_QUESTIONS if name == "openbookqa" else None
         cap = min(x for x in (cap, limit) if x is not None) if (cap or limit) else None
-        data[name] = (split, load(name, split=split, data_dir=settings.data_dir, limit=cap))
-    return data
+        items, left_out[name] = decontaminate(load(name, split=split, data_dir=settings.data_dir, limit=cap), check)
+        data[name] = (split, items)
+    return data, left_out
+
+
+def decontaminate_scores(settings: Settings, saved: SavedScores) -> tuple[SavedScores, dict[str, dict[str, str]]]:
+    """Saved scores without the questions a reported split holds, by the rule a fresh run applies: read by id
+    against the calibration split under `settings.data_dir` (so that files scored before the rule existed stay
+    usable), and per benchmark those left out now. A question the folder's split lacks, or one saved without its
+    id, cannot be checked: refused."""
+    check = contamination(settings)
+    scored, left_out = {}, {}
+    for name, items in saved.scored.items():
+        split = saved.splits[name]
+        try:
+            by_id = {item.id: item for item in load(name, split=split, data_dir=settings.data_dir,
+                                                    limit=CALIBRATION_LIMITS.get(name))}
+        except DatasetError as exc:
+            raise CalibrationError(f"a refit leaves out the questions a reported split holds, which needs the "
+                                   f"questions the scores were made on: {exc}") from None
+        unknown = [s.id for s in items if s.id not in by_id]
+        if unknown:
+            raise CalibrationError(
+                f"--scores holds {len(unknown)} {name} question(s) that {name}'s {split} split under "
+                f"{settings.data_dir} lacks ({', '.join(repr(i) for i in unknown[:3])}): they cannot be checked "
+                "against the reported splits; point ZEPHYR_DATA_DIR at the data they were scored on, or score "
+                "them again")
+        left_out[name] = {s.id: hit for s in items if (hit := check.match(by_id[s.id]))}
+        scored[name] = [s for s in items if s.id not in left_out[name]]
+    return saved._replace(scored=scored), left_out
+
+
+def left_out_note(check: Contamination, left_out: dict[str, dict[str, str]], before: dict[str, int] | None = None,
+                  what: str = "calibration questions") -> str:
+    """One line for the console: how many questions were left out per benchmark (and, for a refit, how many the
+    scoring run had left out already), a few examples, and the reported splits the data folder lacks."""
+    before = before or {}
+    counts = ", ".join(f"{name} {len(ids) + before.get(name, 0)}" for name, ids in left_out.items())
+    examples = [f"{name}/{i} = {hit}" for name, ids in left_out.items() for i, hit in ids.items()][:3]
+    note = f"left out {what} a reported split holds: {counts}"
+    if any(before.values()):
+        note += f" ({', '.join(f'{n} {c}' for n, c in before.items() if c)} of them when scored)"
+    if examples:
+        note += f"; e.g. {'; '.join(examples)}"
+    if check.missing:
+        note += f" [not checked against {', '.join(check.missing)}: no reported split in the data folder]"
+    return note
 
 
 def demonstrations(settings: Settings, count: int, seed: int = DEMONSTRATIONS_SEED) -> tuple[str, dict[str, Any]]:
@@ -68,10 +167,38 @@ def demonstrations(settings: Settings, count: int, seed: int = DEMONSTRATIONS_SE
     name, split = DEMONSTRATIONS_FROM
     pool = [item for item in load(name, split=split, data_dir=settings.data_dir)
             if len(item.question) < DEMONSTRATION_MAX_QUESTION_CHARS and len(item.options) == 4]
-    chosen = random.Random(seed).sample(pool, count)
+    chosen, skipped = draw_clean(pool, count, seed, contamination(settings).match)
     text = mcq.render_demonstrations([(mcq_eval.question_of(item), item.options[mcq.LETTERS.index(item.answer)])
                                       for item in chosen])
-    return text, {"benchmark": name, "split": split, "seed": seed, "count": count, "ids": [i.id for i in chosen]}
+    source = {"benchmark": name, "split": split, "seed": seed, "count": count, "ids": [i.id for i in chosen]}
+    if skipped:  # only then: a draw that skipped nothing is recorded as before
+        source["skipped"] = skipped
+    return text, source
+
+
+def draw_clean(pool: list[Any], count: int, seed: int, match: Any) -> tuple[list[Any], list[str]]:
+    """`count` items of `pool` drawn by `seed`, none that `match` flags, and the ids of those skipped. The draw is
+    `random.Random(seed).sample(pool, k)` with k = count first: when that holds no flagged item it is the answer,
+    exactly the draw made before items were checked. Otherwise k grows by the shortfall and the same seed draws
+    again, the clean items taken in drawn order, until `count` are clean (deterministic for a pool and seed)."""
+    k = count
+    while True:
+        drawn = random.Random(seed).sample(pool, min(k, len(pool)))
+        kept: list[Any] = []
+        skipped: list[str] = []
+        for item in drawn:
+            if len(kept) == count:
+                break
+            if match(item):
+                skipped.append(item.id)
+            else:
+                kept.append(item)
+        if len(kept) == count:
+            return kept, skipped
+        if k >= len(pool):
+            raise CalibrationError(f"only {len(kept)} of the {len(pool)} demonstration candidates are clean of the "
+                                   f"reported splits; {count} were asked for")
+        k += count - len(kept)
 
 
 def default_demonstrations(registry: Registry, entry: RegistryEntry) -> tuple[int, str]:
@@ -97,6 +224,8 @@ class SavedScores(NamedTuple):
     demonstrations: str = ""
     demonstrations_source: dict[str, Any] = {}
     dtype: str | None = None  # what the engine computed in; None in files from before it was saved
+    # per benchmark, the questions a reported split holds that the scoring run left out (0 in files from before)
+    decontaminated: dict[str, int] = {}
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
@@ -135,11 +264,13 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
                 answer_prior_context: str, demonstrations: str = "",
-                demonstrations_source: dict[str, Any] | None = None, dtype: str | None = None) -> Path:
+                demonstrations_source: dict[str, Any] | None = None, dtype: str | None = None,
+                decontaminated: dict[str, int] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scored_after = {"answer_prior_context": answer_prior_context, "demonstrations": demonstrations,
                     "demonstrations_source": demonstrations_source or {}, "dtype": dtype}
-    path.write_text(json.dumps({name: {"split": splits[name], **scored_after, "items": [
+    path.write_text(json.dumps({name: {"split": splits[name], **scored_after,
+                                       "decontaminated": (decontaminated or {}).get(name, 0), "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
         for name, items in scored.items()}))
     return path
@@ -147,7 +278,8 @@ def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calib
 
 def load_scores(path: Path) -> SavedScores:
     """The splits, the scores, the cue the answer priors were scored after and the demonstrations before every
-    prompt (files from before the cue was saved used the legacy one; from before demonstrations, none)."""
+    prompt (files from before the cue was saved used the legacy one; from before demonstrations, none), and how
+    many questions of each benchmark the scoring run left out (none in files from before it did)."""
     try:
         raw = json.loads(Path(path).read_text())
         splits = {name: block["split"] for name, block in raw.items()}
@@ -159,6 +291,7 @@ def load_scores(path: Path) -> SavedScores:
         shown = {json.dumps([block.get("demonstrations", ""), block.get("demonstrations_source", {})])
                  for block in raw.values()}
         dtypes = {block.get("dtype") for block in raw.values()}
+        decontaminated = {name: int(block.get("decontaminated", 0)) for name, block in raw.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
     if len(cues) > 1:
@@ -172,7 +305,7 @@ def load_scores(path: Path) -> SavedScores:
                                "score them again with one `zephyr eval calibrate` run")
     text, source = json.loads(shown.pop()) if shown else ("", {})
     return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source,
-                       dtypes.pop() if dtypes else None)
+                       dtypes.pop() if dtypes else None, decontaminated)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
@@ -199,17 +332,29 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
                 f"{name}:{split} (calibration reads {CALIBRATION_SPLITS.get(name, 'nothing of it')})"
                 for name, split in wrong.items()))
         console.print(f"refitting from {scores}")
+        before = saved_scores.decontaminated
+        saved_scores, left_out = decontaminate_scores(settings, saved_scores)
+        # the scores' questions that a reported split holds: those the scoring run left out, and those left out now
+        # (a file from before the rule, or a rule that found more)
+        decontaminated = {name: before.get(name, 0) + len(ids) for name, ids in left_out.items()}
+        console.print(left_out_note(contamination(settings), left_out, before))
     else:
         cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
         if demonstration_count is None:
             demonstration_count, why = default_demonstrations(registry, entry)
             console.print(f"{demonstration_count} demonstrations: {why} (--demonstrations to choose)")
         shown, source = demonstrations(settings, demonstration_count)
-        data = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
+        if source.get("skipped"):
+            console.print(f"demonstrations: skipped {len(source['skipped'])} drawn that a reported split holds "
+                          f"({', '.join(source['skipped'])})")
+        data, left_out = load_items(settings, benchmarks or list(CALIBRATION_SPLITS), limit)
+        decontaminated = {name: len(ids) for name, ids in left_out.items()}
+        console.print(left_out_note(contamination(settings), left_out))
         saved_scores = SavedScores({name: split for name, (split, _) in data.items()},
                                    score_validation(entry, settings, data, console, cue, letter=letter,
                                                     demonstrations=shown), cue, shown, source,
-                                   None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype))
+                                   None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype),
+                                   decontaminated)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
         saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", *saved_scores)
@@ -227,6 +372,8 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
     record.validation.update({
         "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},
+        # per benchmark, the calibration questions left out as a reported split holds them (absent in older records)
+        "decontaminated": {name: decontaminated.get(name, 0) for name in scored},
         "benchmarks": {name: {k: f[k] for k in ("n", "accuracy", "ece", "brier", "nll")}
                        for name, f in per_benchmark.items()},
     })

@@ -82,10 +82,16 @@ def coverage_accuracy(confidence: Sequence[float], correct: Sequence[float],
     return out
 
 
-def summarize(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> dict[str, Any]:
-    """Every calibration figure of one method on one set of questions."""
+def summarize(probabilities: Sequence[Sequence[float]], gold: Sequence[int],
+              answers: Sequence[int] | None = None) -> dict[str, Any]:
+    """Every calibration figure of one method on one set of questions. `answers` (option indices) are the ones
+    the method gave: pass them where they exist, as the argmax of the probabilities may differ from them at a
+    near-tie (probabilities rounded, or equal in floating point while the scores they came from are not); without
+    them the argmax stands in."""
     confidence = [max(p) for p in probabilities]
-    correct = [float(int(np.argmax(p)) == g) for p, g in zip(probabilities, gold, strict=True)]
+    if answers is None:
+        answers = [int(np.argmax(p)) for p in probabilities]
+    correct = [float(a == g) for a, g in zip(answers, gold, strict=True)]
     return {"n": len(gold), "accuracy": float(np.mean(correct)) if correct else float("nan"),
             "ece": ece(confidence, correct), "brier": brier(probabilities, gold), "nll": nll(probabilities, gold),
             "coverage_accuracy": coverage_accuracy(confidence, correct),
@@ -202,9 +208,16 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
+def _distribution(plan: mcq.Plan, item: Scored) -> tuple[list[float], int]:
+    """The plan's probabilities for one question and its answer, as an option index."""
+    probs, answer = plan.distribution(item.scores)
+    return list(probs.values()), list(probs).index(answer)
+
+
 def evaluate(record: mcq.MCQCalibration, items: Sequence[Scored]) -> dict[str, Any]:
     plan = mcq.plan("auto", record)
-    return summarize([list(plan.distribution(i.scores)[0].values()) for i in items], [i.gold for i in items])
+    given = [_distribution(plan, i) for i in items]
+    return summarize([p for p, _ in given], [i.gold for i in items], [a for _, a in given])
 
 
 def _record(name: str, weights: dict[str, float], prior: dict[str, list[float]]) -> mcq.MCQCalibration:
@@ -227,14 +240,15 @@ def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     probabilities: list[list[float]] = [[] for _ in items]
+    answers = [0] * len(items)
     for fold in range(folds):
         held = set(order[fold::folds])
         train = [item for i, item in enumerate(items) if i not in held]
         record = _fitted(train, name, letter_prior(train) if debias else {})
         plan = mcq.plan("auto", record)
         for i in held:
-            probabilities[i] = list(plan.distribution(items[i].scores)[0].values())
-    return summarize(probabilities, [item.gold for item in items])
+            probabilities[i], answers[i] = _distribution(plan, items[i])
+    return summarize(probabilities, [item.gold for item in items], answers)
 
 
 def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:

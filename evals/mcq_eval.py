@@ -118,13 +118,16 @@ def planned(name: str, split: str, items: list[MCQItem], scores: dict[str, mcq.O
     zephyr/mcq.py plan the service applies: what the service answers for these questions."""
     from evals import calibration
 
-    answers, values, probabilities = {}, {}, {}
+    answers, values, probabilities, exact = {}, {}, {}, []
     for item in items:
         probs, answer = plan.distribution(scores[item.id], mcq.LETTERS[: len(item.options)])
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
-        probabilities[item.id] = [round(p, 6) for p in probs.values()]
+        probabilities[item.id] = [round(p, 6) for p in probs.values()]  # rounded to store only
+        exact.append(list(probs.values()))
     gold = [mcq.LETTERS.index(item.answer) for item in items]
-    figures = calibration.summarize([probabilities[item.id] for item in items], gold)
+    # The figures read the plan's own answers and unrounded probabilities: the argmax of rounded ones may pick
+    # another option at a near-tie, and ECE and coverage would then disagree with the accuracy reported.
+    figures = calibration.summarize(exact, gold, [mcq.LETTERS.index(answers[item.id]) for item in items])
     return measurement(name, metric, split, values, groups=_groups(items, values),
                        details={"answers": answers, "probabilities": probabilities, "method": plan.method,
                                 "calibrated": plan.calibrated, "weights": plan.weights,

@@ -146,8 +146,9 @@ def letter_token_ids(tokenizer: Any, count: int, leading_space: bool = False) ->
 
 def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[str, float], str]:
     """Probabilities over exactly the option letters (the letters' log-probabilities renormalized, summing to 1)
-    and the most likely letter; ties go to the earlier letter, as argmax does. A NaN counts as impossible (-inf):
-    max() over NaNs depends on where they stand."""
+    and the most likely letter: the argmax of the log-probabilities themselves (ties go to the earlier letter, as
+    argmax does), not of the probabilities, where two close values can round to the same float. A NaN counts as
+    impossible (-inf): max() over NaNs depends on where they stand."""
     logprobs = [-math.inf if math.isnan(x) else x for x in logprobs]
     peak = max(logprobs)
     if not math.isfinite(peak):
@@ -155,7 +156,7 @@ def letter_distribution(letters: str, logprobs: Sequence[float]) -> tuple[dict[s
     weights = [math.exp(x - peak) for x in logprobs]
     total = sum(weights)
     probabilities = {letter: w / total for letter, w in zip(letters, weights, strict=True)}
-    return probabilities, max(probabilities, key=probabilities.__getitem__)
+    return probabilities, letters[logprobs.index(peak)]
 
 
 # Cloze ----------------------------------------------------------------------------------------------------
@@ -394,10 +395,15 @@ def sharpness(scores: OptionScores, scaling: Mapping[str, float]) -> float:
 def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,
             letters: str | None = None, scaling: Mapping[str, float] | None = None) -> tuple[dict[str, float], str]:
     """Probabilities over the options from weighted per-option scores, sharpened per question by `scaling`
-    (summing to 1), and the best letter."""
+    (summing to 1), and the best letter: the argmax of the unscaled combined scores (ties to the earlier letter),
+    so that the sharpness never changes the answer, even where a tiny factor makes the scaled scores (and so the
+    probabilities) equal in floating point."""
     logits = combined_logits(scores, weights, calibration)
+    letters = letters or LETTERS[: len(logits)]
     factor = sharpness(scores, scaling or {})
-    return letter_distribution(letters or LETTERS[: len(logits)], [factor * x for x in logits])
+    probabilities, _ = letter_distribution(letters, [factor * x for x in logits])
+    _, answer = letter_distribution(letters, logits)
+    return probabilities, answer
 
 
 @dataclass(frozen=True)

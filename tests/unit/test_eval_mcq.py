@@ -159,3 +159,16 @@ def test_requests_of_unknown_context_are_rescored_only_when_they_hit_the_cache()
     lm = _prefix_cached(_RecordingVLLM)(cached_per_call=[[0, 5], [0]])
     outputs = lm._model_generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]])  # unknown: a context of 1 token
     assert lm.calls[1][0] == [[4, 5, 6, 7, 8, 9]] and [o.call for o in outputs] == [1, 2]
+
+
+def test_planned_figures_read_the_answers_given_not_the_rounded_probabilities():
+    # Options 1e-8 apart in cloze score: probabilities 0.5 - 2.5e-9 and 0.5 + 2.5e-9 store as 0.5 and 0.5, whose
+    # argmax is A; the answer is B, right for every question. ECE and coverage must agree with that accuracy.
+    questions = [MCQItem(id=f"q{i}", question=f"Which is {i}?", options=["x", "y"], answer="B") for i in range(4)]
+    scores = {q.id: mcq.cloze_scores(q.options, [-3.0, -3.0 + 1e-8]) for q in questions}
+    m = mcq_eval.planned("arc_easy", "test", questions, scores, mcq.plan("cloze", None), "cloze_acc")
+    assert m.score == 1.0 and m.details["answers"] == {q.id: "B" for q in questions}
+    assert m.details["probabilities"]["q0"] == [0.5, 0.5]  # stored rounded, as before
+    figures = m.details["calibration"]
+    assert figures["coverage_accuracy"] == {"100%": 1.0, "80%": 1.0, "50%": 1.0}
+    assert figures["ece"] == pytest.approx(0.5) and figures["reliability"][0]["accuracy"] == 1.0

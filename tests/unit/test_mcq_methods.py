@@ -186,13 +186,14 @@ def test_scores_file_round_trip(tmp_path: Path):
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
     path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
-    splits, loaded, cue, shown, source, dtype = load_scores(path)
+    splits, loaded, cue, shown, source, dtype, decontaminated = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
     assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:" and (shown, source) == ("", {})
     assert dtype is None  # not said: the record will not claim one
+    assert decontaminated == {"arc_easy": 0}
     path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
-                       "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
-    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32")
+                       "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3})
+    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3})
     two = json.loads(path.read_text())
     path.write_text(json.dumps({**two, "sciq": {**two["arc_easy"], "dtype": "bfloat16"}}))
     with pytest.raises(CalibrationError, match="different dtypes"):
@@ -223,11 +224,18 @@ def test_calibrate_records_the_cue_its_answer_priors_were_scored_after(tmp_path:
 
     rng = random.Random(4)
     items = []
-    for _ in range(60):
+    for i in range(60):
         cloze = [rng.gauss(-8, 2) for _ in range(4)]
         scores = dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), answer_prior=[rng.gauss(-6, 1)] * 4)
-        items.append(calibration.Scored(scores, rng.randrange(4)))
+        items.append(calibration.Scored(scores, rng.randrange(4), f"q{i}"))
     shown = "Question: Which is a star?\nAnswer: the Sun\n\n"
+    # A refit checks the scored questions, by id, against the reported splits: the data they were scored on.
+    dev = tmp_path / "data" / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"
+    dev.parent.mkdir(parents=True)
+    dev.write_text("".join(json.dumps({"id": f"q{i}", "answerKey": "A", "question": {
+        "stem": f"What is {i} plus one?", "choices": [{"label": label, "text": f"{label}{i}"} for label in "ABCD"]}})
+        + "\n" for i in range(60)))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
     settings = Settings()
     linked_variant(settings.home, default_model, "cue-test")  # its own zephyr.json: the shared one stays as it is
@@ -304,6 +312,24 @@ def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_
             item.scores)[1]
     with pytest.raises(ValueError, match="scaling"):
         mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"mood": 1.0})
+
+
+def test_a_tiny_sharpness_leaves_the_answer_to_the_unscaled_scores():
+    # exp(factor * x - peak) with factor = exp(-36) rounds every option to the same weight: the argmax of those
+    # would be the first letter. The answer is the argmax of the combined scores themselves.
+    scores = mcq.cloze_scores(["x" * 5] * 4, [-10, -9.9, -12, -11])
+    for scaling in ({"bias": -36.0}, {"bias": -30.0}, {}):
+        probs, answer = mcq.combine(scores, {"cloze": 1.0}, scaling=scaling)
+        assert answer == "B" and sum(probs.values()) == pytest.approx(1.0), scaling
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"bias": -36.0})
+    probs, answer = mcq.plan("auto", record).distribution(scores)
+    assert answer == "B" and probs["A"] == pytest.approx(0.25) and probs["B"] == pytest.approx(0.25)
+    # the letter distribution reads the answer off the log-probabilities too, ties to the earlier letter
+    assert mcq.letter_distribution("ABC", [-1e-300 * 3, -1e-300, -1e-300])[1] == "B"
+    assert mcq.letter_distribution("ABCD", [-2.0, -1.0, -1.0, float("nan")])[1] == "B"
+    # the calibration figures count the answer given, not the argmax of probabilities that tie
+    items = [calibration.Scored(scores, 1)] * 3
+    assert calibration.evaluate(record, items)["accuracy"] == 1.0
 
 
 def test_sharpness_reads_how_predictable_the_options_are_and_older_records_still_apply():
