@@ -13,7 +13,9 @@ when there is one):
     python -m tools.letter_probe --splits arc_easy:train,openbookqa:train --lr 1e-3 --steps 300
 
 It prints, every `--eval-every` steps, letter-format accuracy on the first `--eval-limit` questions of a
-benchmark's test split (the prompt and letters of `zephyr.mcq`, as `evals.hf_letter`), the predicted-letter
+benchmark's validation split (`--eval-split`; a probe's figures choose steps and objectives, so it reads no test
+split unless asked: the figures in docs/training.md before 2026-12-04 were read on test) in the prompt and letters
+of `zephyr.mcq` (as `evals.hf_letter`), the predicted-letter
 counts, and how often held-out pairs put the chosen letter above the rejected one."""
 
 from __future__ import annotations
@@ -257,7 +259,9 @@ def main(
     full: Annotated[bool, typer.Option(help="--splits: train every weight instead of a LoRA adapter")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 16,
     held_out: Annotated[int, typer.Option(help="pairs or questions kept out of training and scored")] = 200,
-    benchmark: Annotated[str, typer.Option(help="test split scored at each checkpoint")] = "arc_easy",
+    benchmark: Annotated[str, typer.Option(help="benchmark scored at each checkpoint")] = "arc_easy",
+    eval_split: Annotated[str, typer.Option(help="its split: validation to choose by; test only to report once")]
+    = "validation",
     eval_limit: Annotated[int, typer.Option(help="its first N questions")] = 500,
 ) -> None:
     if (data is None) == (splits is None):
@@ -284,7 +288,7 @@ def main(
     except RegistryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
     try:
-        items = benchmarks.load(benchmark, data_dir=settings.data_dir, limit=eval_limit)
+        items = benchmarks.load(benchmark, split=eval_split, data_dir=settings.data_dir, limit=eval_limit)
     except benchmarks.DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--benchmark") from exc
     started = time.perf_counter()
