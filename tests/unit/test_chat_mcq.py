@@ -126,3 +126,19 @@ async def test_a_fault_while_scoring_still_answers_and_logs_the_chat(served, mon
     assert r.status_code == 200 and served.engine.reply.startswith(r.json()["choices"][0]["message"]["content"])
     row = await (await served.flushed_log()).get(r.json()["id"])
     assert row["status"] == "ok" and "mcq" not in row["params"]
+
+
+async def test_a_review_candidate_goes_on_from_the_same_opening(app_factory):
+    async with app_factory(review_share=1.0, review_candidate_temperature=0.7) as served:
+        r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 30})
+        await served.app.state.tutor.candidates.idle()
+        log = await served.flushed_log()
+        from sqlalchemy import select
+
+        from service.store.models import Generation
+
+        async with log.engine.connect() as conn:
+            candidate = (await conn.execute(select(Generation).where(Generation.parent_id == r.json()["id"]))
+                         ).mappings().one()
+        assert candidate["response"][0]["content"].startswith("The answer is B) Carbon dioxide. This is because")
+        assert candidate["params"]["max_tokens"] == 30  # the student's limit, the opening counted in it
