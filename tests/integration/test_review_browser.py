@@ -389,6 +389,10 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
         await page.click("#sign-in-form button")
         await expect(item).to_have_attribute("data-item-id", "recovery-item")
         await expect(page.locator("#comment")).to_have_value("both say the same thing")
+        # The sign-in has settled (its statistics shown last) and the keys go to the page, not to a field that
+        # kept the focus: otherwise the verdict below could be typed into nothing, as seen in a loaded suite.
+        await expect(page.locator("#stats")).to_be_visible()
+        await page.locator("body").click()
 
         # Judged in another tab meanwhile (the API, with the same key): this tab's verdict gets a 409, and the
         # page moves on to the reviewer's current item (here: none left) instead of repeating the refusal.
