@@ -8,7 +8,6 @@ reported split holds, with the same options, is left out (`Contamination`)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 import tempfile
@@ -31,8 +30,7 @@ from offline.benchmarks import (
     MCQ_BENCHMARKS,
     DatasetError,
     load,
-    question_key,
-    reported_questions,
+    reported_copy,
 )
 from zephyr import mcq
 from zephyr.numerics import served_dtype
@@ -60,7 +58,7 @@ class CalibrationError(ValueError):
 
 class Contamination:
     """Which questions a reported split holds (each benchmark's `eval_split`: test, or OpenBookQA's dev): the same
-    question with the same options, in any order (`reported_questions`, the rule `mcq_training_items` applies).
+    question with the same options, in any order (`offline.benchmarks.reported_copy`, as `mcq_training_items`).
     A copy carries the test question's own label into the fit. Training cleaning's text overlap is not applied:
     it guards against memorizing passages, which a fit of a dozen weights over scores cannot do, and on MMLU val it
     flags 207 more questions that only share a template or a stretch of passage with a test question ("For which of
@@ -68,25 +66,19 @@ class Contamination:
     `missing` names the others)."""
 
     def __init__(self, data_dir: Path):
-        data_dir = Path(data_dir).resolve()
+        self.data_dir = Path(data_dir).resolve()
         self.against = [name for name in MCQ_BENCHMARKS
-                        if (data_dir / BENCHMARKS[name].splits[BENCHMARKS[name].eval_split]).exists()]
+                        if (self.data_dir / BENCHMARKS[name].splits[BENCHMARKS[name].eval_split]).exists()]
         self.missing = [name for name in MCQ_BENCHMARKS if name not in self.against]
-        self._reported = reported_questions(data_dir)
 
     def match(self, item: MCQItem) -> str | None:
         """"benchmark/id" of the reported question `item` repeats; None for a clean question."""
-        return self._reported.get(question_key(item.question, item.options))
-
-
-@functools.lru_cache(maxsize=2)
-def _contamination(data_dir: Path) -> Contamination:
-    return Contamination(data_dir)
+        return reported_copy(item, self.data_dir)
 
 
 def contamination(settings: Settings) -> Contamination:
-    """The rule for `settings.data_dir`, built once per process (the index lives in memory only)."""
-    return _contamination(Path(settings.data_dir).resolve())
+    """The rule for `settings.data_dir` (the reported questions are read once per process: `reported_questions`)."""
+    return Contamination(settings.data_dir)
 
 
 def decontaminate(items: list[Any], check: Contamination) -> tuple[list[Any], dict[str, str]]:

@@ -374,20 +374,27 @@ def reported_questions(data_dir: Path) -> dict[tuple[str, frozenset[str]], str]:
     return found
 
 
+def reported_copy(item: MCQItem, data_dir: Path) -> str | None:
+    """"benchmark/id" of the reported question `item` repeats (the same question with the same options, in any
+    order), or None: the rule every builder and calibration leaves questions out by. `data_dir` resolved by the
+    caller, once: the reported questions are read once per folder (`reported_questions`)."""
+    return reported_questions(data_dir).get(question_key(item.question, item.options))
+
+
 def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
                        exclude_reported: bool = True) -> list[MCQItem]:
     """MCQ items from "name:split" training sources, in the order given, without any question a reported split
     holds with the same options (unless `exclude_reported` is off: `--no-decontaminate`). Ids become
     "<source>/<original id>" so they stay unique across sources and say where each item came from."""
     checked = check_mcq_sources(sources)  # refuse before reading anything
-    reported = reported_questions(Path(data_dir).resolve()) if exclude_reported else {}
+    reported_dir = Path(data_dir).resolve()
     items: list[MCQItem] = []
     for source, name, split in checked:
         try:
             loaded = load(name, split, data_dir=Path(data_dir), limit=limit_per_source)
         except DatasetError as exc:
             raise SourceError(f"{source}: {exc}") from exc
-        leaked = {item.id: hit for item in loaded if (hit := reported.get(question_key(item.question, item.options)))}
+        leaked = {item.id: hit for item in loaded if exclude_reported and (hit := reported_copy(item, reported_dir))}
         if leaked:
             log.warning("%s: left out %d question(s) a reported split holds with the same options (%s)", source,
                         len(leaked), ", ".join(f"{i} = {hit}" for i, hit in list(leaked.items())[:5]))

@@ -65,6 +65,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+def failure_text(exc: Exception) -> str:
+    """What a log row or warning says of a failure: a refusal's own message, else the exception's type and text."""
+    return exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+
+
 def error_event(exc: APIError) -> str:
     """The error as a server-sent event: a stream whose headers are sent reports a failure in-band, as OpenAI's
     does."""

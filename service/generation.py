@@ -116,7 +116,12 @@ class GenerationRequest:
     @property
     def engine_prompt_ids(self) -> list[int]:
         """What the engine continues: the prompt, then the answer's opening when the tutor wrote one."""
-        return self.prompt_ids + self.answer_prefix_ids if self.answer_prefix_ids else self.prompt_ids
+        return self.prompt_ids + self.answer_prefix_ids
+
+    @property
+    def asked_max_tokens(self) -> int:
+        """The client's `max_tokens`: the engine's, and the opening the tutor wrote counted in it."""
+        return self.params.max_tokens + len(self.answer_prefix_ids)
 
     def answer_entry(self, index: int, judged: bool) -> dict[str, Any]:
         """One choice as the log keeps it. A finished (`judged`), shown answer also says whether it loops, the rule
@@ -146,8 +151,7 @@ class GenerationRequest:
     def logged_params(self) -> dict[str, Any]:
         """The parameters as the client's: an answer's opening written by the tutor counts in its `max_tokens`."""
         params = {k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS}
-        params["max_tokens"] += len(self.answer_prefix_ids)
-        return params | self.extra_params
+        return params | {"max_tokens": self.asked_max_tokens} | self.extra_params
 
     def record(self, model: str, status: str, error: str | None,
                response: list[dict[str, Any]] | None = None) -> GenerationRecord:

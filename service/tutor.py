@@ -15,7 +15,7 @@ import jinja2
 
 from service.auth import Principal
 from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
-from service.errors import APIError
+from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, event_stream, new_id, sse
 from service.metrics import Metrics
 from service.protocol import (
@@ -192,7 +192,7 @@ class Tutor:
             self.metrics.waiting.inc()
         waiting = True
         try:
-            if gen.mcq_question is not None and not gen.answer_prefix:  # inside: however it ends, the chat is logged
+            if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
                 await self.open_answer(gen)
             # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
             async with aclosing(self.engine.generate(gen.engine_prompt_ids, gen.params, gen.request_id)) as outputs:
@@ -213,7 +213,7 @@ class Tutor:
             status, error = "error", str(exc)
             raise APIError(503, str(exc), code="engine_unavailable") from exc
         except Exception as exc:  # a refusal raised on the way, or a fault of ours: the row says which, not "aborted"
-            status, error = "error", exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+            status, error = "error", failure_text(exc)
             raise
         finally:
             if served:
@@ -274,14 +274,12 @@ class Tutor:
         `<chat id>-mcq`), and makes the answer start by naming that option, as surely as its confidence allows
         (zephyr/chat_mcq.py); the model goes on from there. A question /mcq cannot take (over the prompt limit
         with the record's demonstrations), or an answer with no room for the opening, is answered as any chat."""
-        if gen.mcq_question is None:
-            return
         try:
             result = await self.answer_mcq(gen.mcq_question, "auto", gen.principal, f"{gen.request_id}-mcq",
                                            gen.user)
         except Exception as exc:  # the MCQ row says what happened; the student still gets an answer
             log.warning("chat %s: its multiple-choice question was not scored (%s); answered as any chat",
-                        gen.request_id, exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}")
+                        gen.request_id, failure_text(exc))
             return
         opening = chat_mcq.answer_opening(result.answer, result.option, result.confidence,
                                           self.settings.chat_mcq_sure_confidence)
@@ -417,7 +415,7 @@ class Tutor:
             status, error = "aborted", "cancelled"
             raise
         except Exception as exc:  # a fault of ours or the engine's (a 500): the row still says what happened
-            error = f"{type(exc).__name__}: {exc}"
+            error = failure_text(exc)
             raise
         finally:  # one row per MCQ request, however it ended
             if status != "ok":

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import openai
 
-from service.errors import APIError
+from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
 from service.store.models import GenerationRecord
@@ -118,7 +118,7 @@ class Candidates:
         try:
             reply = await self._remote.chat.completions.create(
                 model=model, messages=parent.messages,
-                max_tokens=parent.params.max_tokens + len(parent.answer_prefix_ids),  # as the student asked
+                max_tokens=parent.asked_max_tokens,  # the remote writes its own opening, if any
                 temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
             )
             choice = reply.choices[0]
@@ -131,7 +131,7 @@ class Candidates:
             status, error = "aborted", "cancelled"
             raise
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = failure_text(exc)
             raise
         finally:
             record = gen.record(model, status, error)
