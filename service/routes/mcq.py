@@ -40,8 +40,9 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
     for i, item in enumerate(body.questions):
         tutor.check_model(item.model, param=f"questions[{i}].model")
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
-    charge(request, len(items))  # the rate limit counts questions, not requests, and only valid ones, as chat does
     batch_id = new_id("mcqbatch")
     with tutor.admission.admit(len(items)):
+        # The rate limit counts questions, not requests, and only valid, admitted ones (a 503 costs no budget).
+        charge(request, len(items))
         results = await until_disconnected(request, tutor.answer_mcq_batch(items, principal, batch_id))
     return MCQBatchResponse(id=batch_id, model=tutor.model_name, results=results)

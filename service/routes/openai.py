@@ -20,6 +20,7 @@ from service.protocol import (
     ModelCard,
     ModelList,
 )
+from service.tutor import AdmissionSlot
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=UnambiguousJSONRoute)
 any_role = require("student", "reviewer")
@@ -66,14 +67,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     tutor = request.app.state.tutor
     review_requested = review_header(request)
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
-    charge(request, body.n)  # n answers are n times the work
-    # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
-    # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
-    if review_requested and gen.for_review:
-        request.app.state.review_requests.hit(principal.identity)
     top_logprobs = body.top_logprobs if body.logprobs else None
-    return await answer(request, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
-                  lambda: tutor.stream(gen, body.include_usage, top_logprobs))
+    with tutor.admission.admit() as slot:
+        charge(request, body.n)  # n answers are n times the work; charged once admitted, so a 503 costs no budget
+        # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only
+        # when the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs
+        # the key none.
+        if review_requested and gen.for_review:
+            request.app.state.review_requests.hit(principal.identity)
+        return await answer(request, slot, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
+                            lambda: tutor.stream(gen, body.include_usage, top_logprobs))
 
 
 @router.post("/completions", response_model=CompletionResponse,
@@ -83,24 +86,24 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
     job = await prepare_completion(tutor, body, principal)
-    charge(request, body.n)
-    return await answer(request, job.gen.request_id, body.stream, lambda: complete(tutor, job),
-                  lambda: stream(tutor, job, body.include_usage))
+    with tutor.admission.admit() as slot:
+        charge(request, body.n)
+        return await answer(request, slot, job.gen.request_id, body.stream, lambda: complete(tutor, job),
+                            lambda: stream(tutor, job, body.include_usage))
 
 
-async def answer(request: Request, request_id: str, streamed: bool, whole: Callable[[], Coroutine[Any, Any, Any]],
-                 events: Callable[[], AsyncIterator[str]]):
-    """One admitted generation, answered whole (a response model as JSON) or as server-sent events."""
+async def answer(request: Request, slot: AdmissionSlot, request_id: str, streamed: bool,
+                 whole: Callable[[], Coroutine[Any, Any, Any]], events: Callable[[], AsyncIterator[str]]):
+    """One generation admitted in `slot`, answered whole (a response model as JSON) or as server-sent events."""
     headers = {"X-Request-Id": request_id}
-    with request.app.state.tutor.admission.admit() as slot:
-        if not streamed:
-            result = await until_disconnected(request, whole())
-            # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
-            return JSONResponse(result.model_dump(mode="json"), headers=headers)
-        return ReleasingStreamingResponse(  # the stream holds its place until the response closes
-            events(), on_close=slot.hand_off(), media_type="text/event-stream",
-            headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+    if not streamed:
+        result = await until_disconnected(request, whole())
+        # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
+    return ReleasingStreamingResponse(  # the stream holds its place until the response closes
+        events(), on_close=slot.hand_off(), media_type="text/event-stream",
+        headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 REVIEW_HEADER = "X-Zephyr-Review"

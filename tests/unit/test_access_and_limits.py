@@ -62,6 +62,21 @@ async def test_overload_is_503_not_an_unbounded_queue(app_factory):
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):
+    """A client retrying 503s (the server full) must not spend the work its refused requests asked for."""
+    async with app_factory(rate_limit="6/minute", max_in_flight=3) as served:
+        admission = served.app.state.tutor.admission
+        admission.in_flight = 3  # every place taken
+        chat = {**BODY, "n": 3}
+        batch = {"questions": [{"question": "Which is a planet?", "options": ["Mars", "Moon"]}] * 3}
+        assert (await served.client.post(CHAT, json=chat)).status_code == 503
+        assert (await served.client.post("/mcq/batch", json=batch)).status_code == 503
+        admission.in_flight = 0
+        # 1 + 1 for the refused requests, then 1 + 2 for a chat of three answers: 5 of the 6 units
+        assert (await served.client.post(CHAT, json=chat)).status_code == 200
+        assert (await served.client.post(CHAT, json=chat)).status_code == 429  # 5 + 3 is over the limit
+
+
 async def test_open_mode_without_keys_serves_without_a_header(app_factory):
     async with app_factory(api_keys="") as served:
         r = await served.client.post(CHAT, json=BODY, headers={"Authorization": ""})
