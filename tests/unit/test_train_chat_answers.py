@@ -152,11 +152,19 @@ def test_answers_written_once_rebuild_pairs_and_a_pairs_file_gives_its_two_repli
     assert chat_answers.read_answers(tmp_path / "swaps.jsonl") == {
         "q0": [ChatSample("Plants take in carbon dioxide.", True)]}
     good = '{"question_id": "q0", "text": "x", "ended": true}\n'
-    for bad, message in (('{"prompt": []}', "no field 'meta'"), ("[1, 2]", "a JSON list, not an object"),
-                         ('{"question_id": "q0", "text": null, "ended": true}', "must be strings"),
-                         ('{"question_id": "q0", "text": "x", "ended": "false"}', "ended true or false"),
-                         ('{"chosen": [], "rejected": [], "source": "zephyr-science", "meta": {"format": "explain",'
-                          ' "question_id": "q0"}}', "a pair from 'zephyr-science' in format 'explain'")):
+    turn = '[{"role": "user", "content": "Which gas?"}]'
+    reply = '[{"role": "assistant", "content": "Oxygen."}]'
+    for bad, message in (('{"prompt": []}', "prompt: List should have at least 1 item"),
+                         ("[1, 2]", "the line: Input should be a valid dictionary"), ("{", "Expecting property name"),
+                         ('{"question_id": "q0", "text": null, "ended": true}', "text: Input should be a valid string"),
+                         ('{"question_id": "q0", "text": "x", "ended": "false"}',
+                          "ended: Input should be a valid boolean"),
+                         (f'{{"prompt": {turn}, "chosen": {reply}, "rejected": {reply}, "source": "zephyr-science", '
+                          '"meta": {"format": "explain", "question_id": "q0"}}', "a pair from 'zephyr-science' in "
+                          "format 'explain'"),
+                         (f'{{"prompt": {turn}, "chosen": {reply}, "rejected": {reply}, '
+                          '"source": "zephyr-chat-answers", "meta": {"format": "chat", "question_id": 3}}',
+                          "meta.question_id must be a string")):
         (tmp_path / "bad.jsonl").write_text(good + bad + "\n")
         with pytest.raises(ValueError, match="bad.jsonl, line 2: neither a sampled answer") as raised:
             chat_answers.read_answers(tmp_path / "bad.jsonl")

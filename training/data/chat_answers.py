@@ -22,15 +22,17 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from offline.benchmarks import ANSWER_VERDICTS, answer_verdict, normalize_words
 from training.data.cloze import usable
 from zephyr import mcq
 from zephyr.prompts import encode_chat
-from zephyr.schemas import MCQItem, Message, PreferencePair
+from zephyr.schemas import MCQItem, Message, PreferencePair, write_jsonl
 from zephyr.textquality import loops
 
 SOURCE = "zephyr-chat-answers"
@@ -193,17 +195,21 @@ def _acronym(text: str) -> bool:
     return len(first) > 1 and first.isupper()
 
 
+class SampledAnswer(BaseModel):
+    """One sampled answer, a line of the file `write_answers` writes."""
+
+    model_config = ConfigDict(extra="forbid")
+    question_id: str
+    text: str
+    ended: StrictBool
+
+
 def write_answers(path: Path, samples: dict[str, list[ChatSample]]) -> int:
     """Every sampled answer, one JSON line each, so pairs can be rebuilt under another rule without sampling again
     (`zephyr data chat-answers --answers-from`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as out:
-        for question_id, found in samples.items():
-            for sample in found:
-                out.write(json.dumps({"question_id": question_id, **asdict(sample)}, ensure_ascii=False) + "\n")
-                count += 1
-    return count
+    return write_jsonl(path, (SampledAnswer(question_id=question_id, text=sample.text, ended=sample.ended)
+                              for question_id, found in samples.items() for sample in found))
 
 
 def read_answers(path: Path) -> dict[str, list[ChatSample]]:
@@ -217,33 +223,37 @@ def read_answers(path: Path) -> dict[str, list[ChatSample]]:
                 if not line.strip():
                     continue
                 try:
-                    question_id, samples = _answers_of(json.loads(line))
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    reason = f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
+                    question_id, samples = _answers_of(line)
+                except ValueError as exc:
                     raise ValueError(f"{path}, line {number}: neither a sampled answer (question_id, text, ended) "
-                                     f"nor a chat-answer pair ({SOURCE}): {reason}") from None
+                                     f"nor a chat-answer pair ({SOURCE}): {_reason(exc)}") from None
                 found.setdefault(question_id, []).extend(samples)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
     return found
 
 
-def _answers_of(row: Any) -> tuple[str, list[ChatSample]]:
-    if not isinstance(row, dict):
-        raise TypeError(f"a JSON {type(row).__name__}, not an object")
-    if "question_id" in row:
-        question_id, text, ended = row["question_id"], row["text"], row["ended"]
-        if not (isinstance(question_id, str) and isinstance(text, str) and isinstance(ended, bool)):
-            raise TypeError("question_id and text must be strings and ended true or false")
-        return question_id, [ChatSample(text, ended)]
-    meta = row["meta"]
-    if row.get("source") != SOURCE or meta.get("format") != "chat":
-        raise ValueError(f"a pair from {row.get('source')!r} in format {meta.get('format')!r}")
-    replies = [row["chosen"][-1]["content"]] + ([] if meta.get("rejected") == "swapped" else
-                                                [row["rejected"][-1]["content"]])
-    if not (isinstance(meta["question_id"], str) and all(isinstance(text, str) for text in replies)):
-        raise TypeError("meta.question_id and each reply's content must be strings")
-    return meta["question_id"], [ChatSample(text, True) for text in replies]
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"{'.'.join(map(str, error['loc'])) or 'the line'}: {error['msg']}"
+    return str(exc)
+
+
+def _answers_of(line: str) -> tuple[str, list[ChatSample]]:
+    row = json.loads(line)  # its shape says which record it is
+    if isinstance(row, dict) and "question_id" in row:
+        answer = SampledAnswer.model_validate(row)
+        return answer.question_id, [ChatSample(answer.text, answer.ended)]
+    pair = PreferencePair.model_validate(row)
+    if pair.source != SOURCE or pair.meta.get("format") != "chat":
+        raise ValueError(f"a pair from {pair.source!r} in format {pair.meta.get('format')!r}")
+    question_id = pair.meta.get("question_id")
+    if not isinstance(question_id, str):
+        raise ValueError("meta.question_id must be a string")
+    replies = [pair.chosen[-1].content] + ([] if pair.meta.get("rejected") == "swapped" else
+                                           [pair.rejected[-1].content])
+    return question_id, [ChatSample(text, True) for text in replies]
 
 
 def build(items: list[MCQItem], samples: dict[str, list[ChatSample]], system_prompt: str | None, *,
