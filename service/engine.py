@@ -48,6 +48,7 @@ class GenParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    bad_words: list[str] = field(default_factory=list)  # phrases the answer may not write (vLLM bans their last token)
 
 
 SAMPLING_FIELDS = ("n", "max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
@@ -173,6 +174,7 @@ class VLLMEngine:
             **same,
             stop=params.stop or None,
             stop_token_ids=params.stop_token_ids or None,
+            bad_words=params.bad_words or None,
             prompt_logprobs=params.prompt_top_logprobs if params.prompt_logprobs else None,
             # Prompt positions read from the prefix cache carry uninitialized token ids, which vLLM's detokenizer
             # cannot decode (OverflowError in the output handler kills the engine): score by ids, never by text.

@@ -286,8 +286,11 @@ class Tutor:
         ids = await asyncio.to_thread(self.engine.tokenizer.encode, opening, add_special_tokens=False)
         if len(ids) >= gen.params.max_tokens:
             return
-        gen.params = dataclasses.replace(gen.params, max_tokens=gen.params.max_tokens - len(ids),
-                                         min_tokens=max(0, gen.params.min_tokens - len(ids)))
+        keep = result.answer is not None and self.settings.chat_mcq_keep_answer
+        gen.params = dataclasses.replace(
+            gen.params, max_tokens=gen.params.max_tokens - len(ids),
+            min_tokens=max(0, gen.params.min_tokens - len(ids)),
+            bad_words=chat_mcq.other_conclusions(result.answer, len(gen.mcq_question.options)) if keep else [])
         gen.answer_prefix, gen.answer_prefix_ids = opening, ids
         gen.extra_params["mcq"] = {"id": result.id, "answer": result.answer, "confidence": round(result.confidence, 4),
                                    "method": result.method}

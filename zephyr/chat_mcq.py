@@ -101,3 +101,14 @@ def answer_opening(letter: str | None, option: str | None, confidence: float, su
     if confidence >= sure:
         return f"The answer is {named} This is because"
     return f"I'm not sure, but I think the answer is {named} This is because"
+
+
+# How an answer restates its conclusion ("So, the correct answer is D) ..."). After an opening that named one
+# option, the model may not conclude with another this way (vLLM's `bad_words`): a 135M model's explanation
+# otherwise ends on another letter in a few answers in a hundred, and a student is left with two answers.
+CONCLUSIONS = ("answer is {}", "answer is: {}", "answer is ({}", "answer is option {}", "Answer: {}")
+
+
+def other_conclusions(letter: str, options: int) -> list[str]:
+    """The phrases that would conclude with an option other than `letter`, for a question of `options` options."""
+    return [form.format(other) for other in LETTERS[:options] if other != letter for form in CONCLUSIONS]

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # Below it the chat says it is not sure of the option it names. 0.5 is the lowest confidence at which /mcq's
     # answers were right four times in five on validation (docs/evaluation.md, "Choosing `min_confidence`").
     chat_mcq_sure_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    # After naming an option the model may not conclude with another ("so the answer is D"; zephyr/chat_mcq.py's
+    # CONCLUSIONS): chosen on validation (docs/evaluation.md, "An answer that keeps to its option").
+    chat_mcq_keep_answer: bool = Field(default=True, description="forbid a chat's explanation to conclude with an "
+                                       "option other than the one its opening named")
 
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")

@@ -15,7 +15,7 @@ from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from offline import benchmarks
 from offline.engine import IN_PROCESS
-from tests.integration.conftest import STUDENT_KEY
+from tests.integration.conftest import STUDENT_KEY, run_check_script
 from tests.integration.numerics import bf16_rounds_by_batch_shape
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
@@ -225,18 +225,6 @@ def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_
     else:
         assert served.details["answers"] == local.details["answers"]
         assert served.details["same_answer_as_local"] == len(MCQ)
-
-
-def run_check_script(path: Path, source: str, model_path: Path, env: dict[str, str] | None = None) -> dict:
-    """Runs a check script in a Python process of its own (a fresh engine, as a rerun gets) on the model, with a
-    1 GiB KV cache, and returns the JSON it printed after "RESULT "."""
-    path.write_text(source)
-    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
-    # 300 greedy answers took about 8 minutes in bf16 on 2 AVX2 cores without AVX-512: room for a slower machine.
-    run = subprocess.run([sys.executable, str(path), str(model_path)], env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def test_cloze_through_the_prefix_cache_equals_scoring_every_position(tmp_path, default_model):

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import STUDENT_KEY
+from tests.integration.conftest import STUDENT_KEY, run_check_script
 from tests.integration.numerics import loglikelihood_tolerance
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
@@ -194,6 +194,43 @@ def test_a_question_pasted_into_a_chat_is_answered_as_mcq_answers_it(client, htt
             break
         time.sleep(0.1)
     assert rows and rows[0][0] == "mcq" and json.loads(rows[0][1])[0]["answer"] == mcq["answer"]
+
+
+# The engine the server runs, asked to repeat a conclusion: without bans the model writes "The answer is D." again;
+# with the phrases a chat bans after an opening that named B, it may not (vLLM's bad_words, through GenParams).
+KEEP_ANSWER_CHECK = """
+import asyncio, json, sys
+from pathlib import Path
+from service.engine import GenParams, VLLMEngine
+from zephyr import chat_mcq
+from zephyr.settings import Settings
+
+
+async def main():
+    engine = VLLMEngine.start(Settings(), Path(sys.argv[1]), "check")
+    prompt = engine.tokenizer.encode("The answer is D. " * 6, add_special_tokens=False)
+
+    async def answer(bad_words, request_id):
+        text = ""
+        params = GenParams(max_tokens=12, temperature=0.0, bad_words=bad_words)
+        async for out in engine.generate(prompt, params, request_id):
+            text += out.choices[0].text
+        return text
+
+    result = {"plain": await answer([], "plain"), "kept": await answer(chat_mcq.other_conclusions("B", 4), "kept")}
+    engine.shutdown()
+    print("RESULT " + json.dumps(result))
+
+
+asyncio.run(main())
+"""
+
+
+def test_an_answer_that_named_an_option_cannot_conclude_with_another(tmp_path, default_model):
+    result = run_check_script(tmp_path / "keep_answer_check.py", KEEP_ANSWER_CHECK, default_model.path)
+    assert "answer is D" in result["plain"], result  # what the model writes unbanned
+    assert "answer is D" not in result["kept"] and "answer is A" not in result["kept"], result
+    assert result["kept"].strip(), result  # it still writes
 
 
 def test_mcq_prompt_injection_cannot_escape_the_letters(http):

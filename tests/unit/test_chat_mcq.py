@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from zephyr.chat_mcq import answer_opening, find_question
+from zephyr.chat_mcq import answer_opening, find_question, other_conclusions
 
 CHAT = "/v1/chat/completions"
 PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide\nC) Helium\nD) Neon"
@@ -55,6 +55,13 @@ def test_the_opening_says_as_much_as_the_confidence_allows():
     assert answer_opening(None, None, 0.2, 0.5).startswith("I'm not sure which of these options is right")
 
 
+def test_an_answer_may_not_conclude_with_any_option_but_its_own():
+    banned = other_conclusions("B", 4)
+    assert "answer is D" in banned and "answer is: A" in banned and "Answer: C" in banned
+    assert not [phrase for phrase in banned if phrase.endswith("B")]
+    assert {phrase[-1] for phrase in other_conclusions("A", 6)} == set("BCDEF")
+
+
 def messages(text=PASTED):
     return [{"role": "user", "content": text}]
 
@@ -74,6 +81,7 @@ async def test_a_pasted_question_is_answered_as_mcq_would_and_the_model_goes_on_
     opening_ids = tokenizer.encode(opening, add_special_tokens=False)
     assert prompt[-len(opening_ids):] == opening_ids  # the engine continues the opening
     assert params.max_tokens == 40 - len(opening_ids)  # the answer, opening included, keeps the client's limit
+    assert params.bad_words == other_conclusions("B", 4)  # and may not conclude with another option
     assert body["usage"]["prompt_tokens"] == len(prompt) - len(opening_ids)
     generated = len(tokenizer.encode(served.engine.reply, add_special_tokens=False)[:params.max_tokens])
     assert body["usage"]["completion_tokens"] == len(opening_ids) + generated
@@ -115,6 +123,17 @@ async def test_the_opening_is_left_out_where_it_cannot_serve(app_factory):
             r = await served.client.post(CHAT, json=ask)
             assert r.status_code == 200, r.text
             assert plain.startswith(r.json()["choices"][0]["message"]["content"]), ask
+
+
+async def test_no_option_is_held_to_when_the_opening_names_none_or_the_operator_says_so(app_factory):
+    async with app_factory(mcq_min_confidence=0.99) as served:  # /mcq abstains: the opening names no option
+        r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 40})
+        assert r.json()["choices"][0]["message"]["content"].startswith("I'm not sure which of these options")
+        assert served.engine.calls[-1][1].bad_words == []
+    async with app_factory(chat_mcq_keep_answer=False) as served:
+        r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 40})
+        assert r.json()["choices"][0]["message"]["content"].startswith("The answer is B)")
+        assert served.engine.calls[-1][1].bad_words == []
 
 
 async def test_a_fault_while_scoring_still_answers_and_logs_the_chat(served, monkeypatch):
