@@ -8,6 +8,7 @@ the student's message, answers it as /mcq would, and lets the model explain from
 
 from __future__ import annotations
 
+import bisect
 import re
 
 from zephyr.mcq import LETTERS, MCQFormatError, MCQuestion
@@ -21,8 +22,11 @@ _LABEL = re.compile(
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
 # A line that only introduces the options, left out of the stem.
-_INTRODUCER = re.compile(r"\n?[ \t]*(?:answer\s+)?(?:options|choices)\s*:?\s*$", re.IGNORECASE)
-_QUESTION_CUE = re.compile(r"^\s*question\s*\d*\s*[:.]\s*", re.IGNORECASE)
+# Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
+# a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two
+# quantifiers split the same whitespace between them.
+_INTRODUCER = re.compile(r"(?:\n|(?<![ \t]))[ \t]*(?:answer\s+)?(?:options|choices)\s*(?::\s*)?$", re.IGNORECASE)
+_QUESTION_CUE = re.compile(r"^\s*question\s*(?:\d+\s*)?[:.]\s*", re.IGNORECASE)
 # Homework is written in lettered parts too ("a) Find the speed. b) How far does it go?"): labelled items that are
 # tasks or questions themselves are parts to work through, not options to choose from. Half of them starting with a
 # task's verb or ending in "?" reads as parts; about 1% of the benchmarks' real options do (answered as any chat).
@@ -33,7 +37,7 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
     """Every label: (start, end, letter, style, at a line's start)."""
-    found = []
+    found, since = [], 0
     for m in _LABEL.finditer(text):
         if m["paren"]:
             letter, style = m["paren"], "paren-upper" if m["paren"].isupper() else "paren-lower"
@@ -41,17 +45,27 @@ def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
             letter, style = m["upper"], f"upper{m['upper_mark']}"
         else:
             letter, style = m["lower"], "lower)"
-        line_start = text.rfind("\n", 0, m.start()) + 1
-        found.append((m.start(), m.end(), letter.upper(), style, not text[line_start:m.start()].strip()))
+        # Only the text since the previous label is read: that label is on its line, so a label with no line break
+        # after it is not at a line's start. Searching back to the line's start from every label is quadratic in
+        # one long line of labels ("A) A) A) ...").
+        before, since = text[since:m.start()], m.start()
+        found.append((m.start(), m.end(), letter.upper(), style, not before[before.rfind("\n") + 1:].strip()))
     return found
 
 
-def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int) -> list[tuple[int, int, str, str, bool]]:
-    """The labels A, B, C, ... in order and in one style, starting at labels[first] (an "A")."""
-    run = [labels[first]]
-    for label in labels[first + 1:]:
-        if len(run) < len(LETTERS) and label[3] == run[0][3] and label[2] == LETTERS[len(run)]:
-            run.append(label)
+def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int,
+              where: dict[tuple[str, str], list[int]]) -> list[tuple[int, int, str, str, bool]]:
+    """The labels A, B, C, ... in order and in one style, starting at labels[first] (an "A"): each the first label
+    of its letter and style after the one before. `where` holds the indices of each (style, letter)'s labels, so a
+    run takes a search per letter, not a pass over every later label for every "A" (quadratic in many labels)."""
+    run, at, style = [labels[first]], first, labels[first][3]
+    while len(run) < len(LETTERS):
+        later = where.get((style, LETTERS[len(run)]), [])
+        k = bisect.bisect_right(later, at)
+        if k == len(later):
+            break
+        at = later[k]
+        run.append(labels[at])
     return run
 
 
@@ -65,10 +79,13 @@ def find_question(text: str) -> MCQuestion | None:
     option. Items that read as a problem's parts (tasks or questions themselves) make no question, nor do options
     /mcq would refuse (a duplicate, a blank one): the message is answered as any chat."""
     labels = _labels(text)
+    where: dict[tuple[str, str], list[int]] = {}
+    for i, label in enumerate(labels):
+        where.setdefault((label[3], label[2]), []).append(i)
     for first, label in enumerate(labels):
         if label[2] != "A":
             continue
-        run = _run_from(labels, first)
+        run = _run_from(labels, first, where)
         on_lines = all(item[4] for item in run)
         if len(run) < (2 if on_lines else MIN_INLINE_OPTIONS):
             continue

@@ -46,6 +46,28 @@ def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
 
 
+BLANKS = " \t" * 50_000
+
+
+@pytest.mark.parametrize(("text", "stem"), [
+    (f"Which{BLANKS}gas?\nA) Oxygen\nB) Helium", f"Which{BLANKS}gas?"),
+    (f"Which gas? answer options{BLANKS}x\nA) Oxygen\nB) Helium", f"Which gas? answer options{BLANKS}x"),
+    (f"Question{BLANKS}x\nA) Oxygen\nB) Helium", f"Question{BLANKS}x"),
+    (f"Which{BLANKS}gas?\nAnswer options{BLANKS}:{BLANKS}\nA) Oxygen\nB) Helium", f"Which{BLANKS}gas?"),
+    ("Pick one: " + "(a) " * 30_000 + "\nA) Oxygen\nB) Helium", "Pick one:" + " (a)" * 30_000),
+])
+def test_long_runs_of_blanks_or_labels_are_read_as_short_ones(text, stem):
+    # Each took time quadratic in its length (minutes here): the stem's patterns scanned a run of blanks once per
+    # blank, and every label searched back to its line's start and read every later label again.
+    question = find_question(text)
+    assert question is not None and (question.question, question.options) == (stem, ("Oxygen", "Helium"))
+
+
+def test_a_long_line_of_labels_is_no_question():
+    assert find_question("A) " * 50_000) is None
+    assert find_question("Which? " + "A) x B) y " * 20_000) is None  # two in order, never three
+
+
 def test_the_opening_says_as_much_as_the_confidence_allows():
     assert answer_opening("B", "Carbon dioxide", 0.8, 0.5) == "The answer is B) Carbon dioxide. This is because"
     assert answer_opening("B", "Carbon dioxide", 0.3, 0.5) == (
