@@ -54,7 +54,9 @@ URL_SCHEMES = {"http", "https", "mailto"}
 # Lengths a formula may set, bounded: \hspace{100000em} or \rule{..}{..} would push the verdict form off screen.
 LENGTH_ATTRIBUTES = {"width", "height", "depth", "voffset", "lspace", "rspace", "minsize", "maxsize", "mathsize"}
 MAX_LENGTH = {"em": 5.0, "ex": 10.0, "px": 80.0, "pt": 60.0, "%": 300.0, "": 5.0, "mu": 90.0}
-_LENGTH = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(em|ex|px|pt|%|mu|)\s*$")
+# Digits and blanks are each read by one quantifier only: "[0-9]*\.?[0-9]+", or "\s*" on both sides of a unit that
+# may be empty, split a long run two ways (quadratic).
+_LENGTH = re.compile(r"^\s*(-?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+))(?:\s*(em|ex|px|pt|%|mu))?\s*$")
 # Longer texts are shown as plain text: Markdown with math costs more than linear time on some inputs, and the
 # queue renders every text of an item on each request.
 MAX_MARKDOWN_CHARS = 20_000
@@ -174,7 +176,7 @@ def _bounded_length(tag: str, attribute: str, value: str) -> str | None:
     match = _LENGTH.match(value)
     if match is None:  # a named size (mathsize="big") or a keyword: no length to grow
         return value if value.isalpha() else None
-    number, unit = float(match.group(1)), match.group(2)
+    number, unit = float(match.group(1)), match.group(2) or ""
     return value if abs(number) <= MAX_LENGTH[unit] else None
 
 
