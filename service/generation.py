@@ -26,8 +26,9 @@ from zephyr.mcq import MCQuestion
 
 log = logging.getLogger("zephyr.service")
 
-# Token-id lists are implied by the MCQ options; the log keeps the human-readable parameters.
-TOKEN_ID_PARAMS = ("allowed_token_ids", "logprob_token_ids")
+# Token-id lists are implied by the MCQ options, and a chat's banned phrases by its MCQ answer (params.mcq): the log
+# keeps the parameters as the client sent them.
+IMPLIED_PARAMS = ("allowed_token_ids", "logprob_token_ids", "bad_words")
 
 
 def new_id(prefix: str) -> str:
@@ -150,7 +151,7 @@ class GenerationRequest:
 
     def logged_params(self) -> dict[str, Any]:
         """The parameters as the client's: an answer's opening written by the tutor counts in its `max_tokens`."""
-        params = {k: v for k, v in asdict(self.params).items() if k not in TOKEN_ID_PARAMS}
+        params = {k: v for k, v in asdict(self.params).items() if k not in IMPLIED_PARAMS}
         return params | {"max_tokens": self.asked_max_tokens} | self.extra_params
 
     def record(self, model: str, status: str, error: str | None,

@@ -290,10 +290,11 @@ class Tutor:
         gen.params = dataclasses.replace(
             gen.params, max_tokens=gen.params.max_tokens - len(ids),
             min_tokens=max(0, gen.params.min_tokens - len(ids)),
-            bad_words=chat_mcq.other_conclusions(result.answer, len(gen.mcq_question.options)) if keep else [])
+            bad_words=chat_mcq.other_conclusions(result.answer, result.option, len(gen.mcq_question.options))
+            if keep else [])
         gen.answer_prefix, gen.answer_prefix_ids = opening, ids
         gen.extra_params["mcq"] = {"id": result.id, "answer": result.answer, "confidence": round(result.confidence, 4),
-                                   "method": result.method}
+                                   "method": result.method, "keep_answer": keep}
 
     def stop_token_ids(self, ids: list[int]) -> list[int]:
         vocabulary = len(self.engine.tokenizer)

@@ -126,6 +126,9 @@ def answer_opening(letter: str | None, option: str | None, confidence: float, su
 CONCLUSIONS = ("answer is {}", "answer is: {}", "answer is ({}", "answer is option {}", "Answer: {}")
 
 
-def other_conclusions(letter: str, options: int) -> list[str]:
-    """The phrases that would conclude with an option other than `letter`, for a question of `options` options."""
-    return [form.format(other) for other in LETTERS[:options] if other != letter for form in CONCLUSIONS]
+def other_conclusions(letter: str, option: str, options: int) -> list[str]:
+    """The phrases that would conclude with an option other than `letter` (whose text is `option`), for a question
+    of `options` options. vLLM bans a phrase's last token, the bare letter: a letter the chosen option's own text
+    starts with ("A chemical change", "H2O", "E. coli") is not banned, or the answer could not name it."""
+    own = option[:1]
+    return [form.format(other) for other in LETTERS[:options] if other not in (letter, own) for form in CONCLUSIONS]

@@ -41,6 +41,7 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
         tutor.check_model(item.model, param=f"questions[{i}].model")
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
     batch_id = new_id("mcqbatch")
+    request.app.state.rate_limiter.fits(len(items))
     with tutor.admission.admit(len(items)):
         # The rate limit counts questions, not requests, and only valid, admitted ones (a 503 costs no budget).
         charge(request, len(items))

@@ -75,6 +75,11 @@ async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app
         # 1 + 1 for the refused requests, then 1 + 2 for a chat of three answers: 5 of the 6 units
         assert (await served.client.post(CHAT, json=chat)).status_code == 200
         assert (await served.client.post(CHAT, json=chat)).status_code == 429  # 5 + 3 is over the limit
+        assert admission.in_flight == 0  # refused inside its admission, and its place given back
+        admission.in_flight = 3  # full again: a request no window could hold is still a 400, not a 503 to retry
+        too_big = await served.client.post(CHAT, json={**BODY, "n": 7},
+                                           headers={"Authorization": f"Bearer {REVIEWER_KEY}"})
+        assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_too_large"
 
 
 async def test_open_mode_without_keys_serves_without_a_header(app_factory):

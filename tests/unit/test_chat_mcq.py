@@ -78,10 +78,13 @@ def test_the_opening_says_as_much_as_the_confidence_allows():
 
 
 def test_an_answer_may_not_conclude_with_any_option_but_its_own():
-    banned = other_conclusions("B", 4)
-    assert "answer is D" in banned and "answer is: A" in banned and "Answer: C" in banned
-    assert not [phrase for phrase in banned if phrase.endswith("B")]
-    assert {phrase[-1] for phrase in other_conclusions("A", 6)} == set("BCDEF")
+    banned = other_conclusions("B", "Carbon dioxide", 4)
+    assert "answer is D" in banned and "answer is: A" in banned and "Answer: D" in banned
+    assert not [phrase for phrase in banned if phrase.endswith(("B", "C"))]  # nor the letter its text starts with
+    assert {phrase[-1] for phrase in other_conclusions("A", "oxygen", 6)} == set("BCDEF")
+    assert {phrase[-1] for phrase in other_conclusions("B", "A chemical change", 4)} == set("CD")
+    # vLLM refuses more than 128 banned token sequences (each phrase counts twice: with and without a space)
+    assert 2 * len(other_conclusions("A", "x", 10)) <= 128
 
 
 def messages(text=PASTED):
@@ -103,7 +106,7 @@ async def test_a_pasted_question_is_answered_as_mcq_would_and_the_model_goes_on_
     opening_ids = tokenizer.encode(opening, add_special_tokens=False)
     assert prompt[-len(opening_ids):] == opening_ids  # the engine continues the opening
     assert params.max_tokens == 40 - len(opening_ids)  # the answer, opening included, keeps the client's limit
-    assert params.bad_words == other_conclusions("B", 4)  # and may not conclude with another option
+    assert params.bad_words == other_conclusions("B", "Carbon dioxide", 4)  # nor conclude with another option
     assert body["usage"]["prompt_tokens"] == len(prompt) - len(opening_ids)
     generated = len(tokenizer.encode(served.engine.reply, add_special_tokens=False)[:params.max_tokens])
     assert body["usage"]["completion_tokens"] == len(opening_ids) + generated
@@ -112,6 +115,7 @@ async def test_a_pasted_question_is_answered_as_mcq_would_and_the_model_goes_on_
     assert chat["response"][0]["content"].startswith(opening)  # the log keeps the answer as sent (redacted)
     assert chat["params"]["max_tokens"] == 40
     assert chat["params"]["mcq"]["answer"] == "B" and chat["params"]["mcq"]["id"] == f"{body['id']}-mcq"
+    assert chat["params"]["mcq"]["keep_answer"] is True and "bad_words" not in chat["params"]  # implied by it
     scored = await log.get(f"{body['id']}-mcq")
     assert scored["route"] == "mcq" and scored["response"][0]["answer"] == "B"
 

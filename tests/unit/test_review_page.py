@@ -123,7 +123,7 @@ def test_a_formula_cannot_hide_text_or_push_the_page_away(latex):
 
 @pytest.mark.parametrize(("value", "kept"), [
     ("1em", "1em"), ("-.5mu", "-.5mu"), (" 2 em ", " 2 em "), ("3", "3"), ("big", "big"), ("99em", None),
-    ("3.", None), ("1" * 50_000 + "x", None), ("1" + " " * 50_000 + "x", None), 
+    ("3.", None), ("1" * 50_000 + "x", None), ("1" + " " * 50_000 + "x", None),
     ("1" + " " * 50_000 + "em", "1" + " " * 50_000 + "em"),
 ])
 def test_a_length_is_read_once_however_long_its_digits_or_blanks(value, kept):

@@ -141,6 +141,9 @@ def test_answers_written_once_rebuild_pairs_and_a_pairs_file_gives_its_two_repli
                "q1": [ChatSample("Neon.", True)]}
     assert chat_answers.write_answers(tmp_path / "answers.jsonl", samples) == 3
     assert chat_answers.read_answers(tmp_path / "answers.jsonl") == samples
+    # the lines files already written hold, byte for byte
+    assert (tmp_path / "answers.jsonl").read_text().splitlines()[1] == (
+        '{"question_id": "q0", "text": "Oxygen and", "ended": false}')
     pairs, _ = build([item(0)], samples | {"q0": samples["q0"] + [ChatSample("Helium.", True)]}, SYSTEM)
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     assert chat_answers.read_answers(tmp_path / "pairs.jsonl") == {
