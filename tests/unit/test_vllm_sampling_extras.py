@@ -41,7 +41,7 @@ def test_every_generation_parameter_reaches_vllm():
 
     from service.engine import SAMPLING_FIELDS, GenParams
 
-    translated = {"stop", "stop_token_ids", "prompt_logprobs", "prompt_top_logprobs"}
+    translated = {"stop", "stop_token_ids", "bad_words", "prompt_logprobs", "prompt_top_logprobs"}
     assert {f.name for f in fields(GenParams)} == set(SAMPLING_FIELDS) | translated
 
 
