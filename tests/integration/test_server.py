@@ -217,12 +217,14 @@ async def main():
             text += out.choices[0].text
         return text
 
-    result = {"plain": await answer([], "plain"), "kept": await answer(chat_mcq.other_conclusions("B", 4), "kept")}
+    kept = await answer(chat_mcq.other_conclusions("B", "cytoplasm", 4), "kept")
+    result = {"plain": await answer([], "plain"), "kept": kept}
     engine.shutdown()
     print("RESULT " + json.dumps(result))
 
 
-asyncio.run(main())
+if __name__ == "__main__":  # the engine core starts in a spawned process, which imports this file again
+    asyncio.run(main())
 """
 
 
