@@ -62,7 +62,9 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     home = private_home(tmp_path / "home", default_model, mcq_calibration=None)
     data = write_data(tmp_path / "data")
     write_validation(data)
-    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), "ZEPHYR_MEMORY_SHARE": "0.2",
+    # A 1 GiB cache is plenty for these few questions, and lets the in-process engine fit beside two servers (the
+    # session's and this test's) on a 24 GiB machine: a share of the host left it 0.1 GiB short in CI.
+    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), "ZEPHYR_KV_CACHE_GIB": "1",
            "HF_HUB_OFFLINE": "1"}
 
     # 1. cloze through a server without a record (auto is cloze) against lm-eval's scoring in process
