@@ -13,7 +13,8 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,9 +211,10 @@ class Limiter:
                                 f"{self.what}; split it into smaller requests", code="request_too_large")
 
     def hit(self, identity: str, cost: int = 1) -> None:
+        """Counts `cost` units, or refuses with a 429. A cost over the whole window is `fits`'s 400, asked first
+        (`admitted`), so that hit never waits on a window that cannot hold it."""
         if self._limiter is None or cost <= 0:
             return
-        self.fits(cost)
         if not self._limiter.hit(self.item, identity, cost=cost):
             raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
 
@@ -223,7 +225,7 @@ class Limiter:
 
 
 class RateLimiter(Limiter):
-    """Per key, weighted by work: a chat costs its `n`, a batch its questions (see `charge`)."""
+    """Per key, weighted by work: a chat costs its `n`, a batch its questions (see `admitted`)."""
 
     def __init__(self, limit: str):
         super().__init__(limit, "units of work per API key")
@@ -253,10 +255,23 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
         raise
 
 
-def charge(request: Request, cost: int) -> None:
-    """Counts the work a request asks for beyond the one unit its authentication already counted."""
-    request.app.state.rate_limiter.fits(cost)
-    _count_work(request.app.state, request.state.principal, cost - 1)
+@contextmanager
+def admitted(request: Request, cost: int = 1, *, weight: int = 1, for_review: bool = False) -> Iterator[Any]:
+    """The one way a request that asks the engine for work gets in, in this order:
+    1. its size: a request no window could hold is a 400, never a 503 or 429 to retry;
+    2. admission (`weight` places, or a 503): a request refused here costs no budget;
+    3. the budgets, spent only when all of them allow it: the review budget when the request goes to review
+       (`for_review`), then the work beyond the one unit its authentication already counted.
+    Yields the admission slot (`service.tutor.AdmissionSlot`), which a stream may hand off."""
+    state, identity = request.app.state, request.state.principal.identity
+    state.rate_limiter.fits(cost)
+    with state.tutor.admission.admit(weight) as slot:
+        if for_review:
+            state.review_requests.check(identity)
+        _count_work(state, request.state.principal, cost - 1)
+        if for_review:
+            state.review_requests.hit(identity)
+        yield slot
 
 
 async def authenticate(request: Request, authorization: str | None, session_token: str | None = None) -> Principal:

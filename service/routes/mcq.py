@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends, Request
 
-from service.auth import Principal, charge, require
+from service.auth import Principal, admitted, require
 from service.disconnect import until_disconnected
 from service.errors import APIError
 from service.generation import new_id
@@ -18,7 +18,7 @@ async def answer(body: MCQRequest, request: Request, principal: Principal = Depe
     tutor = request.app.state.tutor
     tutor.check_model(body.model)
     question = tutor.build_question(body)
-    with tutor.admission.admit():
+    with admitted(request):
         return await until_disconnected(request, tutor.answer_mcq(
             question, body.resolved_method, principal, new_id("mcq"), body.user, body.min_confidence))
 
@@ -41,9 +41,7 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
         tutor.check_model(item.model, param=f"questions[{i}].model")
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
     batch_id = new_id("mcqbatch")
-    request.app.state.rate_limiter.fits(len(items))
-    with tutor.admission.admit(len(items)):
-        # The rate limit counts questions, not requests, and only valid, admitted ones (a 503 costs no budget).
-        charge(request, len(items))
+    # The rate limit counts questions, not requests, and only valid, admitted ones (a 503 costs no budget).
+    with admitted(request, len(items), weight=len(items)):
         results = await until_disconnected(request, tutor.answer_mcq_batch(items, principal, batch_id))
     return MCQBatchResponse(id=batch_id, model=tutor.model_name, results=results)

@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.auth import Principal, charge, require
+from service.auth import Principal, admitted, require
 from service.completions import complete, prepare_completion, stream
 from service.disconnect import until_disconnected
 from service.errors import APIError
@@ -71,14 +71,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
     # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
     reviewed = review_requested and gen.for_review
-    request.app.state.rate_limiter.fits(body.n)  # a request no window could hold is a 400, never a 503 to retry
-    with tutor.admission.admit() as slot:
-        # Both budgets are spent once admitted (a 503 costs no budget), and only when both allow it.
-        if reviewed:
-            request.app.state.review_requests.check(principal.identity)
-        charge(request, body.n)  # n answers are n times the work
-        if reviewed:
-            request.app.state.review_requests.hit(principal.identity)
+    with admitted(request, body.n, for_review=reviewed) as slot:  # n answers are n times the work
         return await answer(request, slot, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
                             lambda: tutor.stream(gen, body.include_usage, top_logprobs))
 
@@ -90,9 +83,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
     job = await prepare_completion(tutor, body, principal)
-    request.app.state.rate_limiter.fits(body.n)
-    with tutor.admission.admit() as slot:
-        charge(request, body.n)
+    with admitted(request, body.n) as slot:
         return await answer(request, slot, job.gen.request_id, body.stream, lambda: complete(tutor, job),
                             lambda: stream(tutor, job, body.include_usage))
 

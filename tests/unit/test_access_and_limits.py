@@ -64,20 +64,22 @@ async def test_overload_is_503_not_an_unbounded_queue(app_factory):
 
 async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):
     """A client retrying 503s (the server full) must not spend the work its refused requests asked for."""
-    async with app_factory(rate_limit="6/minute", max_in_flight=3) as served:
+    async with app_factory(rate_limit="7/minute", max_in_flight=3) as served:
         admission = served.app.state.tutor.admission
         admission.in_flight = 3  # every place taken
         chat = {**BODY, "n": 3}
         batch = {"questions": [{"question": "Which is a planet?", "options": ["Mars", "Moon"]}] * 3}
         assert (await served.client.post(CHAT, json=chat)).status_code == 503
         assert (await served.client.post("/mcq/batch", json=batch)).status_code == 503
+        completion = {"prompt": "Plants need", "max_tokens": 4, "n": 3}
+        assert (await served.client.post("/v1/completions", json=completion)).status_code == 503
         admission.in_flight = 0
-        # 1 + 1 for the refused requests, then 1 + 2 for a chat of three answers: 5 of the 6 units
+        # 1 + 1 + 1 for the refused requests, then 1 + 2 for a chat of three answers: 6 of the 7 units
         assert (await served.client.post(CHAT, json=chat)).status_code == 200
-        assert (await served.client.post(CHAT, json=chat)).status_code == 429  # 5 + 3 is over the limit
+        assert (await served.client.post(CHAT, json=chat)).status_code == 429  # 6 + 3 is over the limit
         assert admission.in_flight == 0  # refused inside its admission, and its place given back
         admission.in_flight = 3  # full again: a request no window could hold is still a 400, not a 503 to retry
-        too_big = await served.client.post(CHAT, json={**BODY, "n": 7},
+        too_big = await served.client.post(CHAT, json={**BODY, "n": 8},
                                            headers={"Authorization": f"Bearer {REVIEWER_KEY}"})
         assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_too_large"
 
