@@ -8,7 +8,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from limits import parse_many
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -175,6 +176,24 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("rate_limit", "auth_failure_limit", "sign_in_limit", "review_request_limit", mode="after")
+    @classmethod
+    def _one_limit(cls, value: str, info: ValidationInfo) -> str:
+        """One positive `limits` item ("600/minute"), or empty for off: refused at start, not by a traceback when
+        the server builds its limiters, nor by a "0/minute" that would refuse every request with a 429."""
+        if not value.strip():
+            return value
+        variable = f"ZEPHYR_{info.field_name.upper()}"
+        try:
+            items = parse_many(value)
+        except ValueError:
+            raise ValueError(f"{variable} {value!r} is not a limit; write it as AMOUNT/PERIOD, e.g. 600/minute, "
+                             "or leave it empty to turn the limit off") from None
+        if len(items) != 1 or items[0].amount < 1:
+            raise ValueError(f"{variable} {value!r} must be one limit of at least 1 per period, e.g. 600/minute "
+                             "(empty turns it off)")
+        return value
 
     @model_validator(mode="after")
     def _remote_candidate_complete(self) -> Settings:

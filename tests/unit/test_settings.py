@@ -86,6 +86,18 @@ def test_settings_out_of_their_bounds_are_refused_at_start(monkeypatch, name, va
         Settings()
 
 
+@pytest.mark.parametrize("value", ["600 a minute", "0/minute", "5/minute;100/hour"])
+def test_a_limit_is_one_positive_item_or_empty(monkeypatch, value):
+    """A limit that does not parse would fail the server as it builds its limiters, "0/minute" would refuse every
+    request with a 429 to retry, and a second item would be silently ignored."""
+    monkeypatch.setenv("ZEPHYR_SIGN_IN_LIMIT", value)
+    with pytest.raises(ValueError, match="ZEPHYR_SIGN_IN_LIMIT .*600/minute"):
+        Settings()
+    for kept in ("", "5/second", "30 per hour"):
+        monkeypatch.setenv("ZEPHYR_SIGN_IN_LIMIT", kept)
+        assert Settings().sign_in_limit == kept
+
+
 def test_a_refused_setting_never_quotes_its_value(monkeypatch):
     monkeypatch.setenv("ZEPHYR_SESSION_SECRET", "too-short-but-a-real-secret")
     monkeypatch.setenv("ZEPHYR_API_KEYS", "admin:sup3r-secret-key")
