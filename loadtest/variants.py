@@ -29,7 +29,7 @@ from loadtest import harness
 from loadtest.bench import Level, chat_level
 from loadtest.harness import percentile
 from zephyr.console import make_console
-from zephyr.registry import Registry, check_name
+from zephyr.registry import Registry, RegistryError, check_name
 from zephyr.settings import Settings
 
 console = make_console()
@@ -165,8 +165,6 @@ async def run(args: argparse.Namespace) -> None:
     registry = Registry(settings.models_dir)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    for model in models:
-        registry.get(model)  # an unknown name fails now, not after the first model's rounds
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": str(args.kv_cache_gib), "ZEPHYR_API_KEYS": "",
@@ -198,7 +196,14 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="the same fixed KV cache for every model")
     parser.add_argument("--port", type=int, default=8200)
     parser.add_argument("--out", default="bench-results/variants")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    registry = Registry(Settings().models_dir)
+    try:  # an unknown or malformed name fails now, in words, not after the first model's rounds
+        for model in (m.strip() for m in args.models.split(",") if m.strip()):
+            registry.get(model)
+    except RegistryError as exc:
+        parser.error(str(exc))
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

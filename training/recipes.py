@@ -187,6 +187,10 @@ class Recipe(_Strict):
         reserved = RESERVED_TRAINER_KEYS & set(self.trainer)
         if reserved:
             raise ValueError(f"trainer.{sorted(reserved)[0]} is set by `zephyr train` itself; remove it")
+        uploads = sorted(key for key in self.trainer if key == "push_to_hub" or key.startswith("hub_"))
+        if uploads:
+            raise ValueError(f"trainer.{uploads[0]}: a run never uploads from `zephyr train` (its data may come from "
+                             "students' chats); remove it, and publish a registry entry deliberately if you must")
         return self
 
     def digest(self) -> str:

@@ -100,7 +100,15 @@ def check_hf_folder(path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as exc:  # bad JSON or not UTF-8
+        raise RegistryError(f"{path} is not valid JSON ({exc}); fix or replace it") from None
+    if not isinstance(content, dict):
+        raise RegistryError(f"{path} holds a JSON {type(content).__name__}, not an object; fix or replace it")
+    return content
 
 
 # `zephyr quantize`'s methods, as a manifest's `method` names them: an entry made by one holds its parent's weights,
@@ -220,6 +228,14 @@ class Registry:
         except ValueError as exc:
             raise RegistryError(f"{folder / MANIFEST} cannot be read ({str(exc).splitlines()[0]}); restore it, or "
                                 f"delete the folder {folder}") from None
+        # The manifest's name is the model's identity for every later write (its results, its evals, its
+        # calibration): a folder copied by hand, or a name edited in, would write them into another model's place.
+        if manifest.name != folder.name:
+            raise RegistryError(f"{folder / MANIFEST} names the model {manifest.name!r}, not {folder.name!r} as its "
+                                f"folder does: set \"name\" to {folder.name!r} (a copied model), or delete the folder")
+        if manifest.parent is not None and not NAME_PATTERN.fullmatch(manifest.parent):
+            raise RegistryError(f"{folder / MANIFEST} names the parent {manifest.parent!r}, which is no model name "
+                                f"({NAME_RULE}); restore it, or delete the folder {folder}")
         return RegistryEntry(manifest=manifest, path=folder)
 
     def add(

@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from zephyr.registry import ModelManifest, Registry, RegistryError
+from zephyr.registry import ModelManifest, Registry, RegistryError, check_hf_folder
 
 runner = CliRunner()
 
@@ -109,6 +109,32 @@ def test_a_damaged_manifest_hides_no_other_model_and_says_how_to_recover(tmp_pat
     registry.record_eval("good", "k", 1)  # written whole: beside the file, then renamed over it
     assert registry.get("good").manifest.evals == {"k": 1}
     assert [p.name for p in registry.path_of("good").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_manifest_that_names_another_model_or_no_parent_name_is_refused(tmp_path, default_model):
+    """A folder copied by hand still names the model it was copied from: read as it is, the copy's results and
+    calibration would be written into the original's place."""
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="a", method="sft"))
+    shutil.copytree(registry.path_of("a"), registry.path_of("b"))
+    with pytest.raises(RegistryError, match="names the model 'a', not 'b'.*set \"name\" to 'b'"):
+        registry.get("b")
+    assert [e.name for e in registry.list()] == ["a"]
+    manifest = registry.path_of("b") / "zephyr.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "b", "parent": "../a"}))
+    with pytest.raises(RegistryError, match="names the parent '../a', which is no model name"):
+        registry.get("b")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "parent": "a"}))
+    assert registry.get("b").manifest.parent == "a"
+
+
+@pytest.mark.parametrize("content", [b"{oops", b"\xff\xfe", b"[1, 2]"])
+def test_a_model_folder_with_a_broken_tokenizer_config_is_refused_in_words(tmp_path, default_model, content):
+    folder = tmp_path / "hf"
+    shutil.copytree(default_model.path, folder, ignore=shutil.ignore_patterns("zephyr.json", "chat_template.jinja"))
+    (folder / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(RegistryError, match="tokenizer_config.json (is not valid JSON|holds a JSON list)"):
+        check_hf_folder(folder)
 
 
 def test_a_model_cannot_replace_its_own_parent(tmp_path, default_model):

@@ -51,6 +51,8 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "dpo", "data": {"train": "PAIRS"}, "trainer": {"betta": 0.1}},
      "trainer.betta is not an argument of TRL's DPOConfig; did you mean 'beta'"),
     ({"method": "dpo", "data": {"train": "PAIRS"}, "trainer": {"output_dir": "x"}}, "set by `zephyr train` itself"),
+    ({"method": "dpo", "data": {"train": "PAIRS"}, "trainer": {"push_to_hub": False, "hub_model_id": "me/tutor"}},
+     "trainer.hub_model_id: a run never uploads"),
     ({"method": "dpo", "data": {"train": "missing.jsonl"}}, "data file missing.jsonl does not exist"),
     ({"method": "dpo"}, "needs a `data` section"),
     ({"method": "ppo", "data": {"train": "PAIRS"}}, "method"),
