@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -28,9 +28,6 @@ from limits.strategies import MovingWindowRateLimiter
 
 from service.errors import APIError
 from zephyr.paths import private_dir, private_file
-
-if TYPE_CHECKING:
-    from service.tutor import AdmissionSlot
 
 OPEN_IDENTITY = "open"  # who every request is when the server runs open (no keys, loopback only)
 SESSION_COOKIE = "zephyr_review"
@@ -260,14 +257,15 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
 
 @contextmanager
 def admitted(request: Request, cost: int = 1, *, weight: int = 1,
-             for_review: bool = False) -> Iterator[AdmissionSlot]:
+             for_review: bool = False) -> Iterator[Any]:
     """The one way a request that asks the engine for work gets in (behind `require`, which counted its first
     unit), in this order:
     1. its size: a request no window could hold is a 400, never a 503 or 429 to retry;
     2. admission (`weight` places, or a 503): a request refused here costs nothing beyond that first unit;
     3. the budgets, spent only when all of them allow it: the review budget when the request goes to review
        (`for_review`), then the work beyond the first unit.
-    Yields the admission slot, which a stream may hand off."""
+    Yields the admission slot (`service.tutor.AdmissionSlot`, not imported: the tutor imports this module), which a
+    stream may hand off."""
     state, identity = request.app.state, request.state.principal.identity
     state.rate_limiter.fits(cost)
     with state.tutor.admission.admit(weight) as slot:
