@@ -32,6 +32,7 @@ from offline import benchmarks
 from zephyr.console import make_console
 from zephyr.mcq import LETTERS
 from zephyr.schemas import MCQItem
+from zephyr.settings import Settings
 
 app = typer.Typer(add_completion=False)
 STOP_WORDS = frozenset(
@@ -114,7 +115,7 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Keep every answer (JSONL)")] = None,
 ) -> None:
     name, _, split = benchmark.partition(":")
-    items = benchmarks.load(name, split or "validation", limit=limit)
+    items = benchmarks.load(name, split or "validation", data_dir=Settings().data_dir, limit=limit)
     rows = asyncio.run(probe(url, api_key, items, samples, max_tokens))
     for row, item in zip(rows, items, strict=True):
         row["agreement"] = agreement(row["answer"], row["samples"], item.question)
