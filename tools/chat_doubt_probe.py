@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import typer
 from rich.table import Table
+from scipy.stats import mannwhitneyu
 
 from offline import benchmarks
 from zephyr.console import make_console
@@ -58,12 +59,12 @@ def agreement(answer: str, samples: list[str], question: str) -> float:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The chance that a random positive scores above a random negative (ties count half): Mann-Whitney's U."""
+    """The chance that a random positive scores above a random negative (ties count half): Mann-Whitney's U over
+    the number of pairs."""
     positive, negative = scores[labels], scores[~labels]
     if not len(positive) or not len(negative):
         return math.nan
-    above = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
-    return float(above / (len(positive) * len(negative)))
+    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
 
 
 def auc_interval(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:

@@ -233,9 +233,12 @@ class Registry:
         if manifest.name != folder.name:
             raise RegistryError(f"{folder / MANIFEST} names the model {manifest.name!r}, not {folder.name!r} as its "
                                 f"folder does: set \"name\" to {folder.name!r} (a copied model), or delete the folder")
-        if manifest.parent is not None and not NAME_PATTERN.fullmatch(manifest.parent):
-            raise RegistryError(f"{folder / MANIFEST} names the parent {manifest.parent!r}, which is no model name "
-                                f"({NAME_RULE}); restore it, or delete the folder {folder}")
+        if manifest.parent is not None:
+            try:
+                check_name(manifest.parent)
+            except RegistryError:
+                raise RegistryError(f"{folder / MANIFEST} names the parent {manifest.parent!r}, which is no model "
+                                    f"name ({NAME_RULE}); restore it, or delete the folder {folder}") from None
         return RegistryEntry(manifest=manifest, path=folder)
 
     def add(
