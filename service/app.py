@@ -32,6 +32,7 @@ from zephyr.bundled import ensure_default_model
 from zephyr.numerics import scores_depend_on_batch, served_dtype
 from zephyr.pii import Redactor
 from zephyr.registry import Registry
+from zephyr.safety import SafetyGuard, load_record
 from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
 
 log = logging.getLogger("zephyr.service")
@@ -120,6 +121,18 @@ def terminate_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def safety_guard(settings: Settings) -> SafetyGuard | None:
+    """The chat safety guard with its encoder loaded (a second or two), or None where ZEPHYR_SAFETY_GUARD is off."""
+    if not settings.safety_guard:
+        log.warning("ZEPHYR_SAFETY_GUARD=false: chats and completions are not screened for harmful requests")
+        return None
+    guard = SafetyGuard(load_record(settings.safety_record), settings.safety_threshold)
+    guard.judge("warm-up")  # loads the encoder now, not in the first student's request
+    log.info("safety guard: %s at threshold %.4f (%s)", guard.record.encoder, guard.threshold,
+             settings.safety_record or "the shipped record")
+    return guard
+
+
 def create_app(
     settings: Settings | None = None,
     engine_factory: EngineFactory | None = None,
@@ -134,6 +147,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         registry = Registry(settings.models_dir)
         entry = ensure_default_model(registry) if settings.model == DEFAULT_MODEL else registry.get(settings.model)
+        guard = await asyncio.to_thread(safety_guard, settings)
         engine = engine_factory(settings, entry.path, entry.name)
         redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
         generation_log = GenerationLog(
@@ -147,7 +161,7 @@ def create_app(
         app.state.engine = engine
         app.state.generation_log = generation_log
         calibration = entry.manifest.mcq_calibration
-        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration)
+        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard)
         if calibration is None:
             log.warning("%s has no MCQ calibration record: /mcq's `auto` answers by cloze (uncalibrated); "
                         "run `zephyr eval calibrate --model %s` to choose and calibrate its method",

@@ -93,6 +93,8 @@ class GenerationRequest:
     mcq_question: MCQuestion | None = None
     answer_prefix: str = ""
     answer_prefix_ids: list[int] = field(default_factory=list)
+    # The safety guard's reply (zephyr/safety.py) when it flagged the request: every choice is this, not the model's.
+    withheld: str | None = None
 
     def absorb(self, out: EngineOutput) -> None:
         now = time.perf_counter()

@@ -49,6 +49,10 @@ class Metrics:
             for looping in ("true", "false"):
                 self.answers.labels(route, looping)
         self.mcq_answers = Counter("zephyr_mcq_answers", "MCQ answers by letter", ["letter"], registry=r)
+        self.safety_refusals = Counter(
+            "zephyr_safety_refusals", "Requests the safety guard answered instead of the model, by category",
+            ["route", "category"], registry=r,
+        )
         self.log_queue_depth = Gauge("zephyr_log_queue_depth", "Generation-log rows waiting to be written", registry=r)
         self.log_rows_written = Counter("zephyr_log_rows_written", "Generation-log rows written", registry=r)
         self.log_spilled_rows = Counter(

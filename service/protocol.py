@@ -449,7 +449,8 @@ class ChatCompletionChoice(OpenAIResponse):
     index: int
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = Field(description="stop, length; null if the generation was cut off")
+    finish_reason: str | None = Field(description="stop, length, or content_filter when the safety guard answered "
+                                       "instead of the model; null if the generation was cut off")
 
 
 class Usage(OpenAIResponse):
@@ -529,7 +530,8 @@ class CompletionChoice(OpenAIResponse):
     text: str
     index: int
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = Field(description="stop, length; null in stream chunks until the choice ends")
+    finish_reason: str | None = Field(description="stop, length, or content_filter when the safety guard answered "
+                                       "instead of the model; null in stream chunks until the choice ends")
 
 
 class CompletionResponse(OpenAIResponse):

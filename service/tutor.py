@@ -14,7 +14,15 @@ from contextlib import aclosing
 import jinja2
 
 from service.auth import Principal
-from service.engine import Engine, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
+from service.engine import (
+    ChoiceDelta,
+    Engine,
+    EngineOutput,
+    EngineRejected,
+    EngineUnavailable,
+    GenParams,
+    TokenLogprob,
+)
 from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, event_stream, new_id, sse
 from service.metrics import Metrics
@@ -39,6 +47,7 @@ from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
 from zephyr.prompts import encode_chat
+from zephyr.safety import FINISH_REASON, REPLIES, SafetyGuard
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
@@ -123,8 +132,9 @@ class AdmissionSlot:
 
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
-                 calibration: mcq.MCQCalibration | None = None):
+                 calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None):
         self.engine = engine
+        self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
         self.calibration = calibration  # the served model's record from `zephyr eval calibrate`
         self.settings = settings
         self.metrics = metrics
@@ -195,7 +205,9 @@ class Tutor:
             if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
                 await self.open_answer(gen)
             # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
-            async with aclosing(self.engine.generate(gen.engine_prompt_ids, gen.params, gen.request_id)) as outputs:
+            outputs_from = self._withheld(gen) if gen.withheld else self.engine.generate(
+                gen.engine_prompt_ids, gen.params, gen.request_id)
+            async with aclosing(outputs_from) as outputs:
                 async for out in outputs:
                     if waiting:
                         waiting = False
@@ -228,8 +240,27 @@ class Tutor:
                 if gen.for_review and status == "ok":
                     gen.review_kind = self.candidates.schedule(gen)  # the second answer starts after this one
                 record = gen.record(self.model_name, status, error)
-                self.metrics.count_answers(gen.route, record.response)
+                if gen.withheld is None:  # the guard's reply is not an answer of the model's
+                    self.metrics.count_answers(gen.route, record.response)
                 self.log.record(record)
+
+    async def screen(self, gen: GenerationRequest, text: str) -> None:
+        """Runs the safety guard over the student's message. A flagged one is answered by the guard's reply, not
+        the model (`_withheld`); the log row keeps the verdict, so reviewers can find the refusals that were wrong."""
+        if self.guard is None or not text.strip():
+            return
+        verdict = await asyncio.to_thread(self.guard.judge, text)  # ~10 ms a window of the encoder, off the loop
+        if not verdict.flagged:
+            return
+        gen.withheld = REPLIES[verdict.category]
+        gen.mcq_question, gen.for_review = None, False  # nothing of the model's to explain or to compare
+        gen.extra_params["safety"] = {"category": verdict.category, "score": round(verdict.score, 4)}
+        self.metrics.safety_refusals.labels(gen.route, verdict.category).inc()
+
+    async def _withheld(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
+        """The guard's reply as the engine would stream it: one output, every choice finished by the filter."""
+        yield EngineOutput(choices=[ChoiceDelta(index=i, text=gen.withheld, token_ids=[], finish_reason=FINISH_REASON)
+                                    for i in range(gen.params.n)], finished=True)
 
     # Chat -----------------------------------------------------------------------------------------------
 
@@ -262,12 +293,15 @@ class Tutor:
         question = None
         if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None:
             question = chat_mcq.find_question(messages[-1]["content"])
-        return GenerationRequest(
+        gen = GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
             mcq_question=question,
         )
+        # The student's latest message is what the guard reads; earlier turns were screened when they were sent.
+        await self.screen(gen, next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+        return gen
 
     async def open_answer(self, gen: GenerationRequest) -> None:
         """For a chat that holds a multiple-choice question: answers it as /mcq does (`auto`, its own log row

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     chat_mcq_keep_answer: bool = Field(default=True, description="forbid a chat's explanation to conclude with an "
                                        "option other than the one its opening named")
 
+    # The chat safety guard (zephyr/safety.py): a student's message asking for serious harm is refused, one about
+    # harming themselves answered with where to find help, without the model (finish_reason "content_filter").
+    safety_guard: bool = Field(default=True, description="refuse chat and completion requests the safety guard "
+                               "flags (docs/evaluation.md, \"The chat safety guard\")")
+    safety_record: Path | None = Field(default=None, description="the guard's record; default the shipped one, "
+                                       "fitted by `zephyr eval safety`")
+    safety_threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="flag at this probability of "
+                                           "harm instead of the record's threshold (lower: more refusals)")
+
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")
     api_keys_file: Path | None = None
@@ -172,7 +181,7 @@ class Settings(BaseSettings):
         "file shipped in service/review/guidelines.md"))
 
     @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env",
-                     "review_guidelines", mode="after")
+                     "review_guidelines", "safety_record", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

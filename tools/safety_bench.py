@@ -1,0 +1,47 @@
+"""What the chat safety guard costs a request: the latency of `SafetyGuard.judge` on messages of growing length,
+up to the longest prompt the server takes by default (16 characters per prompt token of a 2,048-token context).
+
+    python -m tools.safety_bench [--repeats 50]
+
+Prints a table of p50 / p90 milliseconds per message length; a benchmark to run on demand, not a test."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from rich.table import Table
+
+from zephyr.console import make_console
+from zephyr.safety import SafetyGuard, load_record, segments
+
+QUESTION = "Why do leaves change colour in autumn, and where does the green go? "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50, help="judgements per length (default 50)")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    console = make_console()
+    guard = SafetyGuard(load_record())
+    guard.judge("warm-up")
+    table = Table(title=f"SafetyGuard.judge, {args.repeats} runs a length (fewer for the longest)")
+    for column in ("characters", "segments", "p50 ms", "p90 ms"):
+        table.add_column(column, justify="right")
+    for chars in (70, 900, 4000, 16 * 2047):
+        text = (QUESTION * (chars // len(QUESTION) + 1))[:chars]
+        times = []
+        for _ in range(args.repeats if chars < 10_000 else max(1, args.repeats // 10)):
+            start = time.perf_counter()
+            guard.judge(text)
+            times.append((time.perf_counter() - start) * 1000)
+        deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+        table.add_row(f"{chars:,}", str(len(segments(text))), f"{statistics.median(times):.1f}", f"{deciles[8]:.1f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

