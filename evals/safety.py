@@ -174,8 +174,10 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
 
         threshold = float(max(np.quantile(scores(everyday), 1 - MAX_FLAGGED_EVERYDAY, method="higher"),
                               np.quantile(scores(science), 1 - MAX_FLAGGED_SCIENCE, method="higher")))
-        threshold = min(float(np.nextafter(threshold, 1.0)), 1.0)  # above the highest benign score allowed
-        recall = float((scores(harmful) >= threshold).mean())
+        # Above the highest benign score the limits allow; none is when that score is 1 (this C cannot keep them).
+        threshold = float(np.nextafter(threshold, 2.0))
+        recall = float((scores(harmful) >= threshold).mean()) if threshold <= 1.0 else 0.0
+        threshold = min(threshold, 1.0)
         candidates.append({"C": c, "threshold": threshold, "harmful_flagged": round(recall, 4), "model": model})
         if console is not None:
             console.print(f"C={c:g}: threshold {threshold:.4f}, flags {recall:.1%} of harmful validation messages")

@@ -200,6 +200,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await app.state.tutor.candidates.close()
+            app.state.tutor.guard_thread.shutdown(wait=False, cancel_futures=True)
             await generation_log.close()
             engine.shutdown()
             gc.unfreeze()  # let native extensions free what they own before the interpreter exits

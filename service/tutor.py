@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import jinja2
@@ -47,7 +48,7 @@ from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
 from zephyr.prompts import encode_chat
-from zephyr.safety import FINISH_REASON, REPLIES, SafetyGuard
+from zephyr.safety import FINISH_REASON, REPLIES, SafetyGuard, Verdict, conversation_texts
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
@@ -135,6 +136,7 @@ class Tutor:
                  calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None):
         self.engine = engine
         self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
+        self.guard_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-guard")
         self.calibration = calibration  # the served model's record from `zephyr eval calibrate`
         self.settings = settings
         self.metrics = metrics
@@ -214,7 +216,9 @@ class Tutor:
                         if served:
                             self.metrics.waiting.dec()
                             self.metrics.running.inc()
-                        self.metrics.time_to_first_token.labels(gen.route).observe(time.perf_counter() - gen.started)
+                        if gen.withheld is None:  # the guard's reply takes no engine time: not a latency sample
+                            self.metrics.time_to_first_token.labels(gen.route).observe(
+                                time.perf_counter() - gen.started)
                     gen.absorb(out)
                     yield out
             status = "ok"
@@ -238,24 +242,33 @@ class Tutor:
                 )
             if gen.route != "mcq":  # MCQ rows are written by answer_mcq, which knows the answer
                 if gen.for_review and status == "ok":
-                    gen.review_kind = self.candidates.schedule(gen)  # the second answer starts after this one
+                    # The second answer starts after this one; a refusal is judged alone (no model answer to it).
+                    gen.review_kind = self.candidates.schedule(gen, with_candidate=gen.withheld is None)
                 record = gen.record(self.model_name, status, error)
                 if gen.withheld is None:  # the guard's reply is not an answer of the model's
                     self.metrics.count_answers(gen.route, record.response)
+                elif status == "ok":  # answered: a request refused by admission, and retried, is counted once
+                    self.metrics.safety_refusals.labels(gen.route, gen.extra_params["safety"]["category"]).inc()
                 self.log.record(record)
 
-    async def screen(self, gen: GenerationRequest, text: str) -> None:
-        """Runs the safety guard over the student's message. A flagged one is answered by the guard's reply, not
-        the model (`_withheld`); the log row keeps the verdict, so reviewers can find the refusals that were wrong."""
-        if self.guard is None or not text.strip():
-            return
-        verdict = await asyncio.to_thread(self.guard.judge, text)  # ~10 ms a window of the encoder, off the loop
-        if not verdict.flagged:
+    async def flagged(self, texts: list[str]) -> Verdict | None:
+        """The safety guard's worst verdict on these messages when it flags one, else None. The guard runs on its
+        own thread: off the loop that streams answers, one message set at a time (its tokenizer is not shared)."""
+        if self.guard is None or not any(t.strip() for t in texts):
+            return None
+        verdicts = await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.guard.judge_all, texts)
+        worst = max(verdicts, key=lambda v: v.score)
+        return worst if worst.flagged else None
+
+    async def screen(self, gen: GenerationRequest, texts: list[str]) -> None:
+        """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row
+        keeps the verdict, and a chat chosen for review goes to reviewers alone (no model answer to compare), so
+        wrong refusals are found."""
+        if (verdict := await self.flagged(texts)) is None:
             return
         gen.withheld = REPLIES[verdict.category]
-        gen.mcq_question, gen.for_review = None, False  # nothing of the model's to explain or to compare
+        gen.mcq_question = None
         gen.extra_params["safety"] = {"category": verdict.category, "score": round(verdict.score, 4)}
-        self.metrics.safety_refusals.labels(gen.route, verdict.category).inc()
 
     async def _withheld(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """The guard's reply as the engine would stream it: one output, every choice finished by the filter."""
@@ -268,6 +281,7 @@ class Tutor:
                            review_requested: bool = False) -> GenerationRequest:
         self.check_generation(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        client_messages = list(messages)  # what the guard reads: not the system prompt the server adds
         if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
         self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
@@ -299,8 +313,7 @@ class Tutor:
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
             mcq_question=question,
         )
-        # The student's latest message is what the guard reads; earlier turns were screened when they were sent.
-        await self.screen(gen, next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+        await self.screen(gen, conversation_texts(client_messages))
         return gen
 
     async def open_answer(self, gen: GenerationRequest) -> None:
@@ -423,6 +436,14 @@ class Tutor:
             extra_params={"method": plan.method, "requested_method": method, "calibrated": plan.calibrated,
                           "min_confidence": floor},
         )
+        # `explain` answers with the model's own reasoning: the guard reads the question first (the other methods
+        # answer one of the client's options, nothing the model writes).
+        # The stem alone too: a list of short options dilutes what it asks.
+        refusal = await self.flagged([q.question, "\n".join([q.support or "", q.question, *q.options]).strip()]) \
+            if explain else None
+        if refusal is not None:
+            row.extra_params["safety"] = {"category": refusal.category, "score": round(refusal.score, 4)}
+
         # Everything a request could refuse is checked before the engine sees any of it.
         def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
             tokenizer = self.engine.tokenizer
@@ -436,13 +457,17 @@ class Tutor:
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
             # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
-            letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
-            self.check_prompt_length(letter_prompt, f"{param_prefix}question")
-            for ids, _ in cloze_requests:
-                self.check_prompt_length(ids, f"{param_prefix}question")
-            row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
-            scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
-            probabilities, answer = plan.distribution(scores, q.letters)
+            if refusal is not None:  # no answer, and the guard's reply for the reasoning
+                probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None
+                explanation = REPLIES[refusal.category]
+            else:
+                letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
+                self.check_prompt_length(letter_prompt, f"{param_prefix}question")
+                for ids, _ in cloze_requests:
+                    self.check_prompt_length(ids, f"{param_prefix}question")
+                row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
+                scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
+                probabilities, answer = plan.distribution(scores, q.letters)
             status = "ok"
         except APIError as exc:
             error = exc.message
@@ -459,7 +484,7 @@ class Tutor:
             if status != "ok":
                 probabilities, answer = {}, None
             confidence = max(probabilities.values(), default=0.0)
-            abstained = status == "ok" and floor is not None and confidence < floor
+            abstained = status == "ok" and (refusal is not None or (floor is not None and confidence < floor))
             content = "(abstained)" if abstained else (answer or "")
             if explain:
                 content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {content}"
@@ -471,6 +496,8 @@ class Tutor:
         if abstained:
             answer = None
         self.metrics.mcq_answers.labels(answer or "abstained").inc()
+        if refusal is not None:
+            self.metrics.safety_refusals.labels("mcq", refusal.category).inc()
         cloze = None
         if scores.cloze is not None:
             cloze = ClozeScores(loglikelihood=dict(zip(q.letters, scores.cloze, strict=True)),

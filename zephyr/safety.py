@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -31,7 +32,9 @@ SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.j
 # Windows of characters, not tokens: 900 characters is about 200 word pieces of English, under the encoder's 256.
 WINDOW_CHARS, WINDOW_STEP = 900, 700
 SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
-MIN_SENTENCE_CHARS = 12
+MIN_SEGMENT_CHARS = 40  # shorter pieces (a heading, "step 1:", a line break inside a sentence) join the next
+EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's
+CACHE_SIZE = 4096  # verdicts kept by message text: a conversation sends its earlier turns again with every new one
 
 
 # What the tutor answers instead of the model. A refusal says why and what it will do instead; a message about
@@ -97,8 +100,8 @@ class SafetyRecord(BaseModel):
             raise ValueError(f"classes must be {list(CLASSES)}, not {self.classes}")
         if len(self.coef) != len(CLASSES) or len(self.intercept) != len(CLASSES):
             raise ValueError(f"coef and intercept need one row per class ({len(CLASSES)})")
-        if len({len(row) for row in self.coef}) != 1:
-            raise ValueError("coef rows differ in length")
+        if {len(row) for row in self.coef} != {EMBEDDING_DIM}:
+            raise ValueError(f"every coef row needs {EMBEDDING_DIM} weights, one per dimension of {ENCODER_NAME}")
         return self
 
 
@@ -128,8 +131,30 @@ def segments(text: str) -> list[str]:
     text = text.strip()
     if len(text) <= WINDOW_CHARS:
         return [text]
-    sentences = [s for s in (p.strip() for p in SENTENCE_BREAK.split(text)) if len(s) >= MIN_SENTENCE_CHARS]
-    return [part for sentence in sentences for part in windows(sentence)] or windows(text)
+    sentences, pending = [], ""
+    for piece in SENTENCE_BREAK.split(text):  # fragments join the next piece: "to build a\npipe bomb" is read whole
+        pending = f"{pending} {piece.strip()}".strip()
+        if len(pending) >= MIN_SEGMENT_CHARS:
+            sentences.append(pending)
+            pending = ""
+    if pending:
+        sentences.append(pending)
+    return [part for sentence in sentences for part in windows(sentence)]
+
+
+def conversation_texts(messages: list[dict[str, str]]) -> list[str]:
+    """The client-written messages of a chat the guard reads: every one, since a client sends the whole history
+    and the model reads all of it, except the guard's own replies sent back and a user message the next of which
+    is such a reply (refused when it was sent: the model now reads it with its refusal after it)."""
+    replies = set(REPLIES.values())
+    texts = []
+    for i, message in enumerate(messages):
+        if message["content"] in replies:
+            continue
+        refused = i + 1 < len(messages) and messages[i + 1]["content"] in replies
+        if not (message["role"] == "user" and refused):
+            texts.append(message["content"])
+    return texts
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,7 @@ class SafetyGuard:
         self.threshold = record.threshold if threshold is None else threshold
         self._coef = np.asarray(record.coef, dtype=np.float64)
         self._intercept = np.asarray(record.intercept, dtype=np.float64)
+        self._cache: OrderedDict[str, Verdict] = OrderedDict()
         if encoder is not None:
             self.__dict__["encoder"] = encoder
 
@@ -175,11 +201,28 @@ class SafetyGuard:
         return weights / weights.sum(axis=1, keepdims=True)
 
     def judge(self, text: str) -> Verdict:
-        """The verdict on one message (blocking: call it off the event loop)."""
-        if not text.strip():
-            return Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
-        text = text.encode("utf-8", "replace").decode("utf-8")  # the tokenizer refuses a lone surrogate; "?" reads
-        return self.verdict(self.probabilities(self.embed(segments(text))))
+        """The verdict on one message (blocking: call it off the event loop, from one thread at a time)."""
+        return self.judge_all([text])[0]
+
+    def judge_all(self, texts: list[str]) -> list[Verdict]:
+        """Verdicts on several messages, their parts embedded in one call; messages judged before come from a
+        cache. Blocking, and not for two threads at once (the encoder's tokenizer is not)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache and t.strip()]
+        if new:
+            # The tokenizer refuses a lone surrogate; read as "?".
+            parts = [segments(t.encode("utf-8", "replace").decode("utf-8")) for t in new]
+            probabilities = self.probabilities(self.embed([p for ps in parts for p in ps]))
+            start = 0
+            for text, ps in zip(new, parts, strict=True):
+                self._cache[text] = self.verdict(probabilities[start:start + len(ps)])
+                start += len(ps)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        for text in texts:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+        empty = Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
+        return [self._cache.get(t, empty) if t.strip() else empty for t in texts]
 
     def verdict(self, probabilities) -> Verdict:
         """The verdict from a message's segments' class probabilities (one row a segment): the worst decides."""

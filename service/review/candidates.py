@@ -56,11 +56,11 @@ class Candidates:
     def pending(self) -> int:
         return len(self._tasks)
 
-    def schedule(self, parent: GenerationRequest) -> str:
+    def schedule(self, parent: GenerationRequest, with_candidate: bool = True) -> str:
         """Starts the candidate for a finished chat; returns the review kind to log with it: "pair" when a
-        candidate is on its way, "single" when none is configured or too many are already queued."""
+        candidate is on its way, "single" when none is wanted or configured, or too many are already queued."""
         self.metrics.review_items.inc()
-        if self.settings.review_candidate == "none":
+        if self.settings.review_candidate == "none" or not with_candidate:
             return "single"
         if self.pending >= self.settings.review_max_pending:
             self.metrics.review_candidates.labels("dropped").inc()
