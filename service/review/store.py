@@ -351,9 +351,9 @@ def answer_text(row: dict[str, Any]) -> str:
 
 
 def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
-    """An answer as the reviewer sees it: its text, and whether it ended on its own (`stop`) or was cut off at
-    max_tokens (`length`), with its length, and whether it loops (judged here for rows logged before the log
-    kept it). Nothing that tells which model wrote it."""
+    """An answer as the reviewer sees it: its text, and whether it ended on its own (`stop`), was cut off at
+    max_tokens (`length`) or was the safety guard's reply (`content_filter`), with its length, and whether it loops
+    (judged here for rows logged before the log kept it). Nothing that tells which model wrote it."""
     choice = row["response"][0] if row["response"] else {}
     return {
         "text": answer_text(row),
@@ -362,6 +362,9 @@ def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
         "tokens": row["completion_tokens"] if len(row["response"] or []) == 1 else None,
         "max_tokens": (row.get("params") or {}).get("max_tokens"),
         "looping": choice["looping"] if "looping" in choice else textquality.loops(answer_text(row)),
+        # The safety guard's verdict when it answered instead of the model (zephyr/safety.py): a reviewer judges
+        # whether refusing was right.
+        "safety": (row.get("params") or {}).get("safety"),
     }
 
 

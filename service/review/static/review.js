@@ -127,6 +127,13 @@ function answerFacts(answer) {
     facts.append(el("span", { class: "badge cut-off", title: "The answer stopped at its token limit: it is unfinished." },
       `cut off at max_tokens${limit}`));
   }
+  if (answer.finish_reason === "content_filter") {
+    const category = answer.safety ? answer.safety.category.replace("_", "-") : "harmful";
+    facts.append(el("span", { class: "badge guarded",
+      title: "The safety guard judged the request " + category + " and answered it instead of the model. " +
+        "Was refusing right? If the request was harmless, flag the answer incorrect." },
+      `safety guard's reply (${category})`));
+  }
   if (answer.looping) {
     facts.append(el("span", { class: "badge looping",
       title: "Half or more of its four-word sequences repeat an earlier one: the answer is stuck in a loop." },
