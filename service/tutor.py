@@ -436,13 +436,6 @@ class Tutor:
             extra_params={"method": plan.method, "requested_method": method, "calibrated": plan.calibrated,
                           "min_confidence": floor},
         )
-        # `explain` answers with the model's own reasoning: the guard reads the question first (the other methods
-        # answer one of the client's options, nothing the model writes).
-        # The stem alone too: a list of short options dilutes what it asks.
-        refusal = await self.flagged([q.question, "\n".join([q.support or "", q.question, *q.options]).strip()]) \
-            if explain else None
-        if refusal is not None:
-            row.extra_params["safety"] = {"category": refusal.category, "score": round(refusal.score, 4)}
 
         # Everything a request could refuse is checked before the engine sees any of it.
         def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
@@ -452,15 +445,20 @@ class Tutor:
                     + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                        if plan.needs_answer_prior else []))
 
-        explanation = None
+        explanation, refusal = None, None
         status, error = "error", None
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
-            # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
+            if explain:
+                # `explain` answers with the model's own reasoning: the guard reads the question first (the other
+                # methods answer one of the client's options, nothing the model writes); the stem alone too, since
+                # a list of short options dilutes what it asks.
+                refusal = await self.flagged([q.question, "\n".join([q.support or "", q.question, *q.options])])
             if refusal is not None:  # no answer, and the guard's reply for the reasoning
+                row.extra_params["safety"] = {"category": refusal.category, "score": round(refusal.score, 4)}
                 probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None
                 explanation = REPLIES[refusal.category]
-            else:
+            else:  # the options' cloze requests, then (for cloze_pmi) their answer-prior requests
                 letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
                 self.check_prompt_length(letter_prompt, f"{param_prefix}question")
                 for ids, _ in cloze_requests:
