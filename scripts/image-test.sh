@@ -60,8 +60,9 @@ command -v podman >/dev/null || die "podman is not installed (DESIGN.md §4: apt
 if [ "$BASE_IMAGE" = localhost/debian:bookworm-local ] && ! podman image exists "$BASE_IMAGE"; then
   say "making $BASE_IMAGE with debootstrap"
   command -v debootstrap >/dev/null || die "debootstrap is not installed"
-  mirror=${DEBIAN_MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-                            | head -n1 | tr -d ' ')}
+  # A missing /etc/apt/sources.list (deb822 hosts keep only sources.list.d/) makes grep fail: not an error here.
+  mirror=${DEBIAN_MIRROR:-$( { grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+                               2>/dev/null || true; } | sed -n 1p | tr -d ' ')}
   mirror=${mirror:-http://deb.debian.org/debian}
   t=$(now)
   rootfs="$work/rootfs"
