@@ -169,8 +169,8 @@ class Verdict:
 
 
 class SafetyGuard:
-    """Scores messages by a record. The encoder loads on first use (about a second; 90 MB) unless one is given:
-    anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
+    """Scores messages by a record. The encoder loads on first use (about a second; 120 MB beside the server's own
+    imports) unless one is given: anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
 
     def __init__(self, record: SafetyRecord, threshold: float | None = None, encoder: Any = None):
         import numpy as np

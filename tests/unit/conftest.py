@@ -28,7 +28,7 @@ def settings_factory(tmp_path, default_model):
             log_retry_seconds=0.05,
             # No random review sampling: a candidate would add engine calls and log rows at random.
             review_share=0.0,
-            # The safety guard loads a 90 MB encoder: tested where it is asserted (test_safety.py).
+            # The safety guard loads an encoder (a second, 120 MB): tested where it is asserted (test_safety.py).
             safety_guard=False,
         )
         values.update(overrides)
