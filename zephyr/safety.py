@@ -146,12 +146,14 @@ def conversation_texts(messages: list[dict[str, str]]) -> list[str]:
     """The client-written messages of a chat the guard reads: every one, since a client sends the whole history
     and the model reads all of it, except the guard's own replies sent back and a user message the next of which
     is such a reply (refused when it was sent: the model now reads it with its refusal after it)."""
-    replies = set(REPLIES.values())
+    def guard_reply(message: dict[str, str]) -> bool:
+        return message["role"] == "assistant" and message["content"] in REPLIES.values()
+
     texts = []
     for i, message in enumerate(messages):
-        if message["content"] in replies:
+        if guard_reply(message):
             continue
-        refused = i + 1 < len(messages) and messages[i + 1]["content"] in replies
+        refused = i + 1 < len(messages) and guard_reply(messages[i + 1])
         if not (message["role"] == "user" and refused):
             texts.append(message["content"])
     return texts
