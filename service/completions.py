@@ -79,9 +79,10 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         prompt_ids=prompt_ids, params=params, principal=principal, user=req.user,
         extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked}, answer_shown=asked > 0,
     )
-    # A prompt only scored generates nothing to withhold: lm-eval's log-likelihood requests (`echo`, `logprobs` and
-    # `max_tokens` 0 or 1) need the prompt's log-probabilities, which a refusal would leave null.
-    if asked > (1 if scored else 0):
+    # A prompt only scored (`max_tokens: 0`) generates nothing to withhold. One that generates is screened, scored
+    # or not: a flagged one scored (lm-eval's log-likelihoods ask `max_tokens: 1`) keeps its prompt's scores and
+    # loses only the generated text (Tutor._withheld).
+    if asked > 0:
         await tutor.screen(gen, [prompt_text])
     return Completion(gen, prompt_text, req.echo, req.logprobs)
 

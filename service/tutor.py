@@ -48,7 +48,7 @@ from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
 from zephyr.prompts import encode_chat
-from zephyr.safety import FINISH_REASON, REPLIES, SafetyGuard, Verdict, conversation_texts
+from zephyr.safety import FINISH_REASON, REPLIES, WINDOW_CHARS, SafetyGuard, Verdict, without_refused_turns
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
@@ -271,9 +271,19 @@ class Tutor:
         gen.extra_params["safety"] = {"category": verdict.category, "score": round(verdict.score, 4)}
 
     async def _withheld(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
-        """The guard's reply as the engine would stream it: one output, every choice finished by the filter."""
-        yield EngineOutput(choices=[ChoiceDelta(index=i, text=gen.withheld, token_ids=[], finish_reason=FINISH_REASON)
-                                    for i in range(gen.params.n)], finished=True)
+        """The guard's reply as the engine would stream it: every choice finished by the filter. A completion that
+        scores its prompt (`echo` with `logprobs`) still gets the prompt's log-probabilities, which are the
+        client's own text scored, from one engine step whose generated token is not shown."""
+        reply = [ChoiceDelta(index=i, text=gen.withheld, token_ids=[], finish_reason=FINISH_REASON)
+                 for i in range(gen.params.n)]
+        if not gen.params.prompt_logprobs:
+            yield EngineOutput(choices=reply, finished=True)
+            return
+        params = dataclasses.replace(gen.params, max_tokens=1, min_tokens=0, logprobs=None)
+        async with aclosing(self.engine.generate(gen.engine_prompt_ids, params, gen.request_id)) as outputs:
+            async for out in outputs:
+                out.choices = reply if out.finished else []
+                yield out
 
     # Chat -----------------------------------------------------------------------------------------------
 
@@ -281,6 +291,9 @@ class Tutor:
                            review_requested: bool = False) -> GenerationRequest:
         self.check_generation(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        left_out = 0
+        if self.guard is not None:  # a refused request and the guard's reply are not read by the model again
+            messages, left_out = without_refused_turns(messages)
         client_messages = list(messages)  # what the guard reads: not the system prompt the server adds
         if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
@@ -313,7 +326,9 @@ class Tutor:
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
             mcq_question=question,
         )
-        await self.screen(gen, conversation_texts(client_messages))
+        if left_out:
+            gen.extra_params["refused_turns_left_out"] = left_out
+        await self.screen(gen, [m["content"] for m in client_messages])
         return gen
 
     async def open_answer(self, gen: GenerationRequest) -> None:
@@ -449,21 +464,23 @@ class Tutor:
         status, error = "error", None
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
+            # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
+            letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
+            self.check_prompt_length(letter_prompt, f"{param_prefix}question")
+            for ids, _ in cloze_requests:
+                self.check_prompt_length(ids, f"{param_prefix}question")
+            row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             if explain:
                 # `explain` answers with the model's own reasoning: the guard reads the question first (the other
-                # methods answer one of the client's options, nothing the model writes); the stem alone too, since
-                # a list of short options dilutes what it asks.
-                refusal = await self.flagged([q.question, "\n".join([q.support or "", q.question, *q.options])])
+                # methods answer one of the client's options, nothing the model writes); a short stem alone too,
+                # since a list of short options dilutes what it asks (a long one is read by sentence anyway).
+                whole = "\n".join([q.support or "", q.question, *q.options])
+                refusal = await self.flagged([whole, q.question] if len(q.question) <= WINDOW_CHARS else [whole])
             if refusal is not None:  # no answer, and the guard's reply for the reasoning
                 row.extra_params["safety"] = {"category": refusal.category, "score": round(refusal.score, 4)}
                 probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None
                 explanation = REPLIES[refusal.category]
-            else:  # the options' cloze requests, then (for cloze_pmi) their answer-prior requests
-                letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
-                self.check_prompt_length(letter_prompt, f"{param_prefix}question")
-                for ids, _ in cloze_requests:
-                    self.check_prompt_length(ids, f"{param_prefix}question")
-                row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
+            else:
                 scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
                 probabilities, answer = plan.distribution(scores, q.letters)
             status = "ok"

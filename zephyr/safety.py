@@ -12,6 +12,7 @@ sentence by sentence (`segments`) and the worst sentence decides, so harm cannot
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -137,26 +138,27 @@ def segments(text: str) -> list[str]:
         if len(pending) >= MIN_SEGMENT_CHARS:
             sentences.append(pending)
             pending = ""
-    if pending:
-        sentences.append(pending)
+    if pending:  # a last fragment has no next piece: read alone, and after the piece before it
+        sentences += [pending, f"{sentences[-1]} {pending}"] if sentences else [pending]
     return [part for sentence in sentences for part in windows(sentence)]
 
 
-def conversation_texts(messages: list[dict[str, str]]) -> list[str]:
-    """The client-written messages of a chat the guard reads: every one, since a client sends the whole history
-    and the model reads all of it, except the guard's own replies sent back and a user message the next of which
-    is such a reply (refused when it was sent: the model now reads it with its refusal after it)."""
-    def guard_reply(message: dict[str, str]) -> bool:
-        return message["role"] == "assistant" and message["content"] in REPLIES.values()
-
-    texts = []
-    for i, message in enumerate(messages):
-        if guard_reply(message):
+def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """The conversation the model reads, and how many turns were left out of it: a user turn the guard refused and
+    its reply after it (the guard's own words in an assistant turn), so that the student can go on with the next
+    question. Left out, not trusted: a client that writes the reply itself only removes its own request. A last
+    such pair stays (nothing follows it to answer), and is read, and refused, again."""
+    kept, left_out, i = [], 0, 0
+    while i < len(messages):
+        pair = messages[i:i + 2]
+        if (i + 2 < len(messages) and pair[0]["role"] == "user" and pair[1]["role"] == "assistant"
+                and pair[1]["content"] in REPLIES.values()):
+            left_out += 2
+            i += 2
             continue
-        refused = i + 1 < len(messages) and guard_reply(messages[i + 1])
-        if not (message["role"] == "user" and refused):
-            texts.append(message["content"])
-    return texts
+        kept.append(messages[i])
+        i += 1
+    return kept, left_out
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class SafetyGuard:
         self.threshold = record.threshold if threshold is None else threshold
         self._coef = np.asarray(record.coef, dtype=np.float64)
         self._intercept = np.asarray(record.intercept, dtype=np.float64)
-        self._cache: OrderedDict[str, Verdict] = OrderedDict()
+        self._cache: OrderedDict[bytes, Verdict] = OrderedDict()
         if encoder is not None:
             self.__dict__["encoder"] = encoder
 
@@ -209,22 +211,29 @@ class SafetyGuard:
     def judge_all(self, texts: list[str]) -> list[Verdict]:
         """Verdicts on several messages, their parts embedded in one call; messages judged before come from a
         cache. Blocking, and not for two threads at once (the encoder's tokenizer is not)."""
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache and t.strip()]
+        # The tokenizer refuses a lone surrogate (read as "?"); the cache keeps digests, not students' texts.
+        texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
+        verdicts: dict[bytes, Verdict] = {}
+        new = {}
+        for key, text in zip(keys, texts, strict=True):
+            if not text.strip():
+                verdicts[key] = Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
+            elif key in self._cache:
+                verdicts[key] = self._cache[key]
+                self._cache.move_to_end(key)
+            else:
+                new[key] = text
         if new:
-            # The tokenizer refuses a lone surrogate; read as "?".
-            parts = [segments(t.encode("utf-8", "replace").decode("utf-8")) for t in new]
+            parts = [segments(t) for t in new.values()]
             probabilities = self.probabilities(self.embed([p for ps in parts for p in ps]))
             start = 0
-            for text, ps in zip(new, parts, strict=True):
-                self._cache[text] = self.verdict(probabilities[start:start + len(ps)])
+            for key, ps in zip(new, parts, strict=True):
+                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)])
                 start += len(ps)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        for text in texts:
-            if text in self._cache:
-                self._cache.move_to_end(text)
-        empty = Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
-        return [self._cache.get(t, empty) if t.strip() else empty for t in texts]
+        return [verdicts[key] for key in keys]
 
     def verdict(self, probabilities) -> Verdict:
         """The verdict from a message's segments' class probabilities (one row a segment): the worst decides."""
