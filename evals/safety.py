@@ -153,7 +153,7 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
     train_x, train_y = [], []
     for source in sources:
         for text in source.splits.get("train", []):
-            train_x.append(windows(text)[0])
+            train_x.append(parts("train", text)[0])
             train_y.append(CLASSES.index(source.label))
     x, y = matrix(train_x), np.array(train_y)
 

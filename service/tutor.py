@@ -268,7 +268,7 @@ class Tutor:
             return
         gen.withheld = REPLIES[verdict.category]
         gen.mcq_question = None
-        gen.extra_params["safety"] = {"category": verdict.category, "score": round(verdict.score, 4)}
+        gen.extra_params["safety"] = verdict.logged
 
     async def _withheld(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """The guard's reply as the engine would stream it: every choice finished by the filter. A completion that
@@ -477,7 +477,7 @@ class Tutor:
                 whole = "\n".join([q.support or "", q.question, *q.options])
                 refusal = await self.flagged([whole, q.question] if len(q.question) <= WINDOW_CHARS else [whole])
             if refusal is not None:  # no answer, and the guard's reply for the reasoning
-                row.extra_params["safety"] = {"category": refusal.category, "score": round(refusal.score, 4)}
+                row.extra_params["safety"] = refusal.logged
                 probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None
                 explanation = REPLIES[refusal.category]
             else:

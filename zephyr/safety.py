@@ -35,7 +35,7 @@ WINDOW_CHARS, WINDOW_STEP = 900, 700
 SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
 MIN_SEGMENT_CHARS = 40  # shorter pieces (a heading, "step 1:", a line break inside a sentence) join the next
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's
-CACHE_SIZE = 4096  # verdicts kept by message text: a conversation sends its earlier turns again with every new one
+CACHE_SIZE = 4096  # verdicts kept by message digest: a conversation sends its earlier turns again with every new one
 
 
 # What the tutor answers instead of the model. A refusal says why and what it will do instead; a message about
@@ -170,6 +170,11 @@ class Verdict:
     @property
     def flagged(self) -> bool:
         return self.category is not None
+
+    @property
+    def logged(self) -> dict[str, Any]:
+        """What a log row keeps of it (`params.safety`): what reviewers and operators read back."""
+        return {"category": self.category, "score": round(self.score, 4)}
 
 
 class SafetyGuard:
