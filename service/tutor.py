@@ -471,6 +471,7 @@ class Tutor:
                 self.check_prompt_length(ids, f"{param_prefix}question")
             row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             if explain:
+                self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
                 # `explain` answers with the model's own reasoning: the guard reads the question first (the other
                 # methods answer one of the client's options, nothing the model writes); a short stem alone too,
                 # since a list of short options dilutes what it asks (a long one is read by sentence anyway).
@@ -627,14 +628,20 @@ class Tutor:
         return [rest + (found[tuple(ids[:n])][ids[n]] if lacking == 1 else 0.0)
                 for (ids, n), lacking, (_, rest) in zip(requests, missing, scored, strict=True)]
 
-    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> GenerationRequest:
-        """The tutor's reasoning (its text(), greedy), sized so that reasoning + answer cue still fit the prompt
-        limit."""
+    def explain_budget(self, prompt_ids: list[int]) -> int:
+        """How many tokens of reasoning fit after this question with the answer cue still within the prompt limit;
+        a 400 naming `explain` when none do."""
         room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - mcq.EXPLAIN_CUE_MARGIN
         budget = min(self.settings.mcq_explain_max_tokens, room)
         if budget < 1:
             raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "
                                 "shorten it or ask without `explain`", param="explain", code="context_length_exceeded")
+        return budget
+
+    async def _reason(self, q: mcq.MCQuestion, prompt_ids: list[int], final: GenerationRequest) -> GenerationRequest:
+        """The tutor's reasoning (its text(), greedy), sized so that reasoning + answer cue still fit the prompt
+        limit."""
+        budget = self.explain_budget(prompt_ids)
         reasoning = GenerationRequest(
             request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
             principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
