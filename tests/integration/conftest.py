@@ -33,11 +33,17 @@ def server(tmp_path_factory, default_model):
     srv.stop()
 
 
+# An in-process engine (`zephyr eval run`, a check script) runs beside the session's server and sometimes a test's
+# own: a 1 GiB KV cache is plenty for a test's few questions, where a share of the host left it 0.1 GiB short of the
+# memory check on a 24 GiB CI machine.
+IN_PROCESS_ENGINE_ENV = {"ZEPHYR_KV_CACHE_GIB": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def run_check_script(path: Path, source: str, model_path: Path, env: dict[str, str] | None = None) -> dict:
     """Runs a check script in a Python process of its own (a fresh engine, as a rerun gets) on the model, with a
     1 GiB KV cache, and returns the JSON it printed after "RESULT "."""
     path.write_text(source)
-    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": "1", "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
+    env = {**os.environ, **IN_PROCESS_ENGINE_ENV, "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
     # 300 greedy answers took about 8 minutes in bf16 on 2 AVX2 cores without AVX-512: room for a slower machine.
     run = subprocess.run([sys.executable, str(path), str(model_path)], env=env, capture_output=True, text=True,
                          timeout=1200)

@@ -15,7 +15,7 @@ from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from offline import benchmarks
 from offline.engine import IN_PROCESS
-from tests.integration.conftest import STUDENT_KEY, run_check_script
+from tests.integration.conftest import IN_PROCESS_ENGINE_ENV, STUDENT_KEY, run_check_script
 from tests.integration.numerics import bf16_rounds_by_batch_shape
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL
@@ -150,7 +150,7 @@ def zephyr(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.Co
 def test_eval_all_suites_server_equality_report_and_gate(tmp_path, server, default_model):
     home = private_home(tmp_path / "home", default_model)
     env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(write_data(tmp_path / "data")),
-           "ZEPHYR_KV_CACHE_GIB": "1", "HF_HUB_OFFLINE": "1"}
+           **IN_PROCESS_ENGINE_ENV}
     run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "all", "--benchmarks", "arc_easy",
                  "--server", server.url, "--api-key", STUDENT_KEY, "--gsm8k-max-tokens", "48", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -208,7 +208,7 @@ def test_explain_format_in_process_equals_the_servers(tmp_path, server, default_
     cue, then the constrained letter; the server gives the same letter for every question."""
     home = private_home(tmp_path / "home", default_model)
     env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(write_data(tmp_path / "data")),
-           "ZEPHYR_KV_CACHE_GIB": "1", "HF_HUB_OFFLINE": "1"}
+           **IN_PROCESS_ENGINE_ENV}
     run = zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy", "--explain",
                  "--no-cloze", "--server", server.url, "--api-key", STUDENT_KEY, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -15,7 +15,7 @@ from evals.mcq_eval import task_config, write_task_items
 from evals.results import ResultStore
 from loadtest.harness import linked_variant
 from offline import benchmarks
-from tests.integration.conftest import STUDENT_KEY
+from tests.integration.conftest import IN_PROCESS_ENGINE_ENV, STUDENT_KEY
 from tests.integration.numerics import loglikelihood_tolerance
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -53,7 +53,7 @@ def test_local_completions_log_likelihoods_equal_zephyr_eval_runs_cloze(tmp_path
     # In process: `zephyr eval run`'s cloze, lm-eval's vLLM model on these items, into a private registry.
     home = tmp_path / "home"
     linked_variant(home, default_model, DEFAULT_MODEL)
-    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_KV_CACHE_GIB": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ZEPHYR_HOME": str(home), **IN_PROCESS_ENGINE_ENV}
     run = _zephyr("eval", "run", "--model", DEFAULT_MODEL, "--suite", "mcq", "--benchmarks", "arc_easy",
                   "--limit", str(ARC_ITEMS), env=env)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 
 from evals.results import ResultStore
 from loadtest.harness import LocalServer
-from tests.integration.conftest import STUDENT_KEY
+from tests.integration.conftest import IN_PROCESS_ENGINE_ENV, STUDENT_KEY
 from tests.integration.numerics import loglikelihood_tolerance
 from tests.integration.test_evals import MCQ, private_home, write_data, zephyr
 from zephyr import mcq
@@ -62,10 +62,7 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     home = private_home(tmp_path / "home", default_model, mcq_calibration=None)
     data = write_data(tmp_path / "data")
     write_validation(data)
-    # A 1 GiB cache is plenty for these few questions, and lets the in-process engine fit beside two servers (the
-    # session's and this test's) on a 24 GiB machine: a share of the host left it 0.1 GiB short in CI.
-    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), "ZEPHYR_KV_CACHE_GIB": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ZEPHYR_HOME": str(home), "ZEPHYR_DATA_DIR": str(data), **IN_PROCESS_ENGINE_ENV}
 
     # 1. cloze through a server without a record (auto is cloze) against lm-eval's scoring in process
     plain = LocalServer.start(home, memory_share="0.1")
