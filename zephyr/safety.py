@@ -100,7 +100,7 @@ class SafetyRecord(BaseModel):
     coef: list[list[float]]
     intercept: list[float]
     threshold: float = Field(ge=0.0, le=1.0)
-    self_harm_threshold: float = Field(1.0, ge=0.0, le=1.0)  # on the self_harm probability alone (1: off)
+    self_harm_threshold: float | None = Field(None, ge=0.0, le=1.0)  # on the self_harm probability alone (None: off)
     created_at: datetime
     fitted: dict[str, Any] = Field(default_factory=dict)  # data, sizes, the choice and its validation figures
 
@@ -175,8 +175,8 @@ def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str
 @dataclass(frozen=True)
 class Verdict:
     score: float  # the probability the worst segment is not benign
-    category: str | None  # the likeliest class but benign when flagged, else None
-    probabilities: dict[str, float]  # of the worst segment, per class
+    category: str | None  # the likeliest class but benign when flagged (self_harm over its own threshold), else None
+    probabilities: dict[str, float]  # per class, of the segment that decided (the worst, or the self-harm one)
 
     @property
     def flagged(self) -> bool:
@@ -185,7 +185,13 @@ class Verdict:
     @property
     def logged(self) -> dict[str, Any]:
         """What a log row keeps of it (`params.safety`): what reviewers and operators read back."""
-        return {"category": self.category, "score": round(self.score, 4)}
+        return {"category": self.category, "score": round(self.score, 4), "probabilities": self.probabilities}
+
+
+def deciding(verdicts: list[Verdict]) -> Verdict | None:
+    """The verdict a request with several messages is answered by, None when none is flagged: self-harm first (help
+    comes before any refusal, and its threshold is its own, so its score may be the lower), then the highest score."""
+    return max((v for v in verdicts if v.flagged), key=lambda v: (v.category == SELF_HARM, v.score), default=None)
 
 
 class SafetyGuard:
@@ -258,8 +264,8 @@ class SafetyGuard:
         worst = probabilities[(1.0 - probabilities[:, 0]).argmax()]
         score = float(1.0 - worst[0])
         category = None
-        crisis = probabilities[:, self_harm].argmax()
-        if probabilities[crisis, self_harm] >= self.record.self_harm_threshold:
+        crisis, crisis_threshold = probabilities[:, self_harm].argmax(), self.record.self_harm_threshold
+        if crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold:
             worst, category = probabilities[crisis], SELF_HARM
         elif score >= self.threshold:
             category = CLASSES[1 + int(worst[1:].argmax())]  # the first of equals: harmful before the others
