@@ -180,8 +180,9 @@ def safety_command(
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, DatasetError) as exc:
         raise fail(str(exc)) from None
+    self_harm = report.record.self_harm_threshold
     table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f} "
-                        f"(self-harm {report.record.self_harm_threshold:.4f})")
+                        f"(self-harm {'off' if self_harm is None else f'{self_harm:.4f}'})")
     categories = list(report.rows[0]["by_category"]) if report.rows else []
     for column in ("source", "split", "n", "flagged", *(f"as {c.replace('_', '-')}" for c in categories)):
         table.add_column(column, justify="left" if column in ("source", "split") else "right")

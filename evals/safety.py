@@ -157,7 +157,8 @@ def reworded(text: str) -> list[str]:
     found = _ASKS_HOW.match(text) or _ASKS_FOR_GUIDANCE.match(text)
     if found and found.group(1).split()[0].lower() not in _NOT_A_VERB:
         act = _third_person(found.group(1))
-        if act.split()[0].lower().endswith("ing"):  # "instructions for making ..."
+        first, *rest = [w.strip('"\'').lower() for w in act.split()[:2]]
+        if first.endswith("ing") or (first.endswith("ly") and rest and rest[0].endswith("ing")):  # "for making"
             act = f"go about {act}"
         return [f"How did people {act} in the past?", f"How will people {act} in the future?"]
     if found := _ASKS_FOR_TEXT.match(text):
@@ -275,14 +276,15 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
             return float(np.nextafter(highest, 2.0))
 
         threshold = lowest(MAX_FLAGGED)
-        self_harm_threshold = min(lowest(MAX_FLAGGED_AS_SELF_HARM, self_harm=True), 1.0)
+        self_harm_threshold = lowest(MAX_FLAGGED_AS_SELF_HARM, self_harm=True)
+        self_harm_threshold = self_harm_threshold if self_harm_threshold <= 1.0 else None  # none keeps the limits
         guard = _guard(model, min(threshold, 1.0), self_harm_threshold)
         recall = float(np.mean([v.flagged for v in verdicts(guard, "validation", harmful)])) if threshold <= 1 else 0.0
         candidates.append({"C": c, "threshold": guard.threshold, "self_harm_threshold": self_harm_threshold,
                            "harmful_flagged": round(recall, 4), "model": model})
         if console is not None:
-            console.print(f"C={c:g}: threshold {guard.threshold:.4f} (self-harm {self_harm_threshold:.4f}), flags "
-                          f"{recall:.1%} of harmful validation messages")
+            console.print(f"C={c:g}: threshold {guard.threshold:.4f} (self-harm {_shown(self_harm_threshold)}), "
+                          f"flags {recall:.1%} of harmful validation messages")
     best = max(candidates, key=lambda row: (row["harmful_flagged"], -row["C"]))
     guard = _guard(best["model"], best["threshold"], best["self_harm_threshold"])
     guard.record.fitted = {
@@ -312,7 +314,11 @@ class _NoEncoder:
         raise SafetyError("this guard scores given embeddings only")
 
 
-def _guard(model: Any, threshold: float, self_harm_threshold: float = 1.0) -> SafetyGuard:
+def _shown(threshold: float | None) -> str:
+    return "off" if threshold is None else f"{threshold:.4f}"
+
+
+def _guard(model: Any, threshold: float, self_harm_threshold: float | None = None) -> SafetyGuard:
     record = SafetyRecord(classes=list(CLASSES), coef=model.coef_.round(7).tolist(),
                           intercept=model.intercept_.round(7).tolist(), threshold=min(threshold, 1.0),
                           self_harm_threshold=self_harm_threshold, created_at=datetime.now(UTC))

@@ -55,6 +55,7 @@ from zephyr.safety import (
     SafetyGuard,
     Verdict,
     deciding,
+    read_by_guard,
     without_refused_turns,
 )
 from zephyr.settings import Settings
@@ -335,7 +336,7 @@ class Tutor:
         )
         if left_out:
             gen.extra_params["refused_turns_left_out"] = left_out
-        await self.screen(gen, [m["content"] for m in client_messages])
+        await self.screen(gen, read_by_guard(client_messages))
         return gen
 
     async def open_answer(self, gen: GenerationRequest) -> None:

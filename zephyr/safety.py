@@ -61,6 +61,7 @@ REPLIES = {
                     "about the science (how bodies grow and change, or what research says about differences between "
                     "people), ask me and I'll explain."),
 }
+_REPLIES_NORMALIZED = {" ".join(reply.split()) for reply in REPLIES.values()}
 FINISH_REASON = "content_filter"  # OpenAI's finish reason for an answer its filter withheld
 
 
@@ -154,6 +155,17 @@ def segments(text: str) -> list[str]:
     return [part for sentence in sentences for part in windows(sentence)]
 
 
+def is_guard_reply(text: str) -> bool:
+    """Whether a message is one of the guard's own replies (a client may trim or re-wrap its whitespace)."""
+    return " ".join(text.split()) in _REPLIES_NORMALIZED
+
+
+def read_by_guard(messages: list[dict[str, str]]) -> list[str]:
+    """What the guard reads of a conversation: every message but the guard's own replies in assistant turns (its
+    self-harm reply reads as self-harm, and would answer every later turn with itself)."""
+    return [m["content"] for m in messages if not (m["role"] == "assistant" and is_guard_reply(m["content"]))]
+
+
 def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
     """The conversation the model reads, and how many turns were left out of it: a user turn the guard refused and
     its reply after it (the guard's own words in an assistant turn), so that the student can go on with the next
@@ -163,7 +175,7 @@ def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str
     while i < len(messages):
         pair = messages[i:i + 2]
         if (i + 2 < len(messages) and pair[0]["role"] == "user" and pair[1]["role"] == "assistant"
-                and pair[1]["content"] in REPLIES.values()):
+                and is_guard_reply(pair[1]["content"])):
             left_out += 2
             i += 2
             continue

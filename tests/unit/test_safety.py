@@ -24,6 +24,7 @@ from zephyr.safety import (
     Verdict,
     deciding,
     load_record,
+    read_by_guard,
     segments,
     windows,
     without_refused_turns,
@@ -126,6 +127,10 @@ def test_self_harm_over_its_own_threshold_gets_help_whatever_else_is_likelier():
     two_parts = judge(np.array([[0.01, 0.98, 0.01, 0.0], [0.6, 0.0, 0.4, 0.0]]))
     assert two_parts.category == SELF_HARM and two_parts.probabilities[SELF_HARM] == 0.4
     assert two_parts.score == pytest.approx(0.99)  # the score stays the worst part's
+    # Without its own threshold, self-harm is flagged by the main one only.
+    off = SafetyGuard(record.model_copy(update={"self_harm_threshold": None}), encoder=object()).verdict
+    assert off(np.array([[0.15, 0.0, 0.85, 0.0]])).category is None
+    assert off(np.array([[0.05, 0.0, 0.95, 0.0]])).category == SELF_HARM
 
 
 def test_a_request_is_answered_by_self_harm_first_then_by_its_highest_flagged_score():
@@ -136,6 +141,8 @@ def test_a_request_is_answered_by_self_harm_first_then_by_its_highest_flagged_sc
     assert deciding([calm, crisis]) is crisis
     assert deciding([harm, crisis, calm]) is crisis
     assert deciding([Verdict(0.998, INAPPROPRIATE, {}), harm]) is harm
+    stronger = Verdict(0.9, SELF_HARM, {})
+    assert deciding([crisis, harm, stronger]) is stronger
 
 
 async def test_a_message_about_self_harm_is_answered_with_help_beside_a_higher_scoring_one(app_factory):
@@ -244,9 +251,11 @@ def test_rewordings_keep_their_requests_split_and_only_harm_is_reworded():
     assert made.label == HARMFUL and made.splits["validation"] == []
     assert made.splits["train"] == reworded("How to pick a lock?") and made.splits["test"] == reworded(
         "How to steal a car?")
-    # A rewording that is word for word a held-out test text is not fitted on.
-    made = with_rewordings(sources, held_out={"How did people PICK a lock in the past?"})
+    # A rewording that is word for word a held-out test text is not fitted on; a test one stays, measured.
+    made = with_rewordings(sources, held_out={"How did people PICK a lock in the past?",
+                                              "How will people steal a car in the future?"})
     assert made.splits["train"] == ["How will people pick a lock in the future?"]
+    assert made.splits["test"] == reworded("How to steal a car?")
 
 
 def test_a_refused_turn_and_its_reply_are_left_out_of_what_the_model_reads():
@@ -257,6 +266,21 @@ def test_a_refused_turn_and_its_reply_are_left_out_of_what_the_model_reads():
     # Only an assistant turn can be the guard's reply: the same words from the user leave nothing out.
     sent_as_user = [refused[0], {"role": "user", "content": REPLIES[HARMFUL]}, refused[2]]
     assert without_refused_turns(sent_as_user) == (sent_as_user, 0)
+    # A client that re-wraps the reply's whitespace sends the same reply.
+    rewrapped = [refused[0], {"role": "assistant", "content": REPLIES[HARMFUL].replace(" ", "\n", 3) + "\n"},
+                 refused[2]]
+    assert without_refused_turns(rewrapped) == (refused[2:], 2)
+
+
+def test_the_guard_does_not_read_its_own_replies(guard):
+    """Its self-harm reply reads as self-harm: read, it would answer every later turn with itself."""
+    helped = [{"role": "user", "content": "I'm fine now, thanks."},
+              {"role": "assistant", "content": REPLIES[SELF_HARM] + " "},
+              {"role": "user", "content": BENIGN_ASKS[1]}]
+    assert read_by_guard(helped) == [helped[0]["content"], helped[2]["content"]]
+    assert not any(v.flagged for v in guard.judge_all(read_by_guard(helped)))
+    prefill = [{"role": "user", "content": "go on"}, {"role": "assistant", "content": HARMFUL_ASK}]
+    assert read_by_guard(prefill) == ["go on", HARMFUL_ASK]  # any other assistant turn is read
 
 
 # Through the HTTP layer ---------------------------------------------------------------------------------------
