@@ -131,6 +131,11 @@ def safety_guard(settings: Settings) -> SafetyGuard | None:
     log.info("safety guard: %s at threshold %.4f, self-harm %s (%s)", guard.record.encoder, guard.threshold,
              "off" if guard.record.self_harm_threshold is None else f"{guard.record.self_harm_threshold:.4f}",
              settings.safety_record or "the shipped record")
+    if settings.safety_screen_answers:
+        log.info("safety guard reads answers too, a sentence at a time, at threshold %.4f",
+                 guard.for_answers().threshold)
+    else:
+        log.warning("ZEPHYR_SAFETY_SCREEN_ANSWERS=false: the model's answers are shown unread by the guard")
     return guard
 
 

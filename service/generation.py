@@ -95,6 +95,10 @@ class GenerationRequest:
     answer_prefix_ids: list[int] = field(default_factory=list)
     # The safety guard's reply (zephyr/safety.py) when it flagged the request: every choice is this, not the model's.
     withheld: str | None = None
+    # Whether the guard reads the answer as it streams (service/answer_screen.py): what a student reads (a chat, a
+    # completion, /mcq's explanation), not what only scores (a prompt's log-probabilities, an option's cloze, the
+    # letter) nor a review candidate (reviewers see what the model wrote).
+    screen_answer: bool = False
 
     def absorb(self, out: EngineOutput) -> None:
         now = time.perf_counter()

@@ -53,6 +53,10 @@ class Metrics:
             "zephyr_safety_refusals", "Requests the safety guard answered instead of the model, by category",
             ["route", "category"], registry=r,
         )
+        self.safety_withheld_answers = Counter(
+            "zephyr_safety_withheld_answers", "Answers the safety guard stopped at a flagged sentence, by category",
+            ["route", "category"], registry=r,
+        )
         self.log_queue_depth = Gauge("zephyr_log_queue_depth", "Generation-log rows waiting to be written", registry=r)
         self.log_rows_written = Counter("zephyr_log_rows_written", "Generation-log rows written", registry=r)
         self.log_spilled_rows = Counter(

@@ -450,7 +450,8 @@ class ChatCompletionChoice(OpenAIResponse):
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = Field(description="stop, length, or content_filter when the safety guard answered "
-                                       "instead of the model; null if the generation was cut off")
+                                       "instead of the model or stopped its answer at a flagged sentence; null if the "
+                                       "generation was cut off")
 
 
 class Usage(OpenAIResponse):
@@ -531,7 +532,8 @@ class CompletionChoice(OpenAIResponse):
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = Field(description="stop, length, or content_filter when the safety guard answered "
-                                       "instead of the model; null in stream chunks until the choice ends")
+                                       "instead of the model or stopped its answer at a flagged sentence; null in "
+                                       "stream chunks until the choice ends")
 
 
 class CompletionResponse(OpenAIResponse):

@@ -14,6 +14,7 @@ from contextlib import aclosing
 
 import jinja2
 
+from service.answer_screen import screened
 from service.auth import Principal
 from service.engine import (
     ChoiceDelta,
@@ -146,6 +147,8 @@ class Tutor:
         self.engine = engine
         self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
         self.guard_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-guard")
+        # The same guard reading the model's answers as they stream (service/answer_screen.py), where it is on.
+        self.answer_guard = guard.for_answers() if guard is not None and settings.safety_screen_answers else None
         self.calibration = calibration  # the served model's record from `zephyr eval calibrate`
         self.settings = settings
         self.metrics = metrics
@@ -218,6 +221,8 @@ class Tutor:
             # aclosing: a client that disconnects aborts the engine request now, not at garbage collection.
             outputs_from = self._withheld(gen) if gen.withheld else self.engine.generate(
                 gen.engine_prompt_ids, gen.params, gen.request_id)
+            if self.answer_guard is not None and gen.screen_answer and gen.withheld is None:
+                outputs_from = screened(gen, outputs_from, self.judge_answer)
             async with aclosing(outputs_from) as outputs:
                 async for out in outputs:
                     if waiting:
@@ -256,6 +261,8 @@ class Tutor:
                 record = gen.record(self.model_name, status, error)
                 if gen.withheld is None:  # the guard's reply is not an answer of the model's
                     self.metrics.count_answers(gen.route, record.response)
+                    for verdict in gen.extra_params.get("answer_safety", {}).values():
+                        self.metrics.safety_withheld_answers.labels(gen.route, verdict["category"]).inc()
                 elif status == "ok":  # answered: a request refused by admission, and retried, is counted once
                     self.metrics.safety_refusals.labels(gen.route, gen.extra_params["safety"]["category"]).inc()
                 self.log.record(record)
@@ -267,6 +274,12 @@ class Tutor:
             return None
         return deciding(await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.guard.judge_all,
                                                                           texts))
+
+    async def judge_answer(self, sentences: list[str]) -> list[Verdict]:
+        """The answer guard's verdicts on an answer's sentences, on the guard's own thread (it shares the encoder)."""
+        assert self.answer_guard is not None
+        return await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.answer_guard.judge_all,
+                                                                 sentences)
 
     async def screen(self, gen: GenerationRequest, texts: list[str]) -> None:
         """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row
@@ -332,7 +345,7 @@ class Tutor:
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
-            mcq_question=question,
+            mcq_question=question, screen_answer=True,
         )
         if left_out:
             gen.extra_params["refused_turns_left_out"] = left_out
@@ -468,7 +481,7 @@ class Tutor:
                     + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                        if plan.needs_answer_prior else []))
 
-        explanation, refusal = None, None
+        explanation, refusal, withheld = None, None, None
         status, error = "error", None
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
@@ -491,7 +504,9 @@ class Tutor:
                 explanation = REPLIES[refusal.category]
             else:
                 scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
-                probabilities, answer = plan.distribution(scores, q.letters)
+                withheld = row.extra_params.get("answer_safety", {}).get("0")
+                probabilities, answer = (dict.fromkeys(q.letters, 1 / len(q.letters)), None) if withheld else \
+                    plan.distribution(scores, q.letters)
             status = "ok"
         except APIError as exc:
             error = exc.message
@@ -508,7 +523,8 @@ class Tutor:
             if status != "ok":
                 probabilities, answer = {}, None
             confidence = max(probabilities.values(), default=0.0)
-            abstained = status == "ok" and (refusal is not None or (floor is not None and confidence < floor))
+            abstained = status == "ok" and (refusal is not None or withheld is not None
+                                            or (floor is not None and confidence < floor))
             content = "(abstained)" if abstained else (answer or "")
             if explain:
                 content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {content}"
@@ -522,6 +538,8 @@ class Tutor:
         self.metrics.mcq_answers.labels(answer or "abstained").inc()
         if refusal is not None:
             self.metrics.safety_refusals.labels("mcq", refusal.category).inc()
+        if withheld is not None:
+            self.metrics.safety_withheld_answers.labels("mcq", withheld["category"]).inc()
         cloze = None
         if scores.cloze is not None:
             cloze = ClozeScores(loglikelihood=dict(zip(q.letters, scores.cloze, strict=True)),
@@ -558,9 +576,9 @@ class Tutor:
         return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior), explanation
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
-                      row: GenerationRequest) -> tuple[list[float], str | None]:
+                      row: GenerationRequest) -> tuple[list[float] | None, str | None]:
         """The constrained letter's log-probabilities, renormalized over the options (after reasoning with
-        `explain`), and the reasoning."""
+        `explain`), and the reasoning; no log-probabilities where the guard stopped the reasoning."""
         tokenizer = self.engine.tokenizer
         letter_ids = self.letter_ids(len(q.options), leading_space=explain)
         final = GenerationRequest(
@@ -572,6 +590,11 @@ class Tutor:
         if explain:
             reasoning = await self._reason(q, prompt_ids, final)
             explanation = reasoning.text().strip()
+            if withheld := reasoning.extra_params.get("answer_safety"):
+                # The guard stopped the reasoning: no letter after it; the question is abstained on, as a refused one.
+                row.extra_params["answer_safety"] = withheld
+                row.token_counts = {0: reasoning.completion_tokens}
+                return None, explanation
             # The row counts the question as its prompt and the reasoning, then the letter, as its answer.
             row.params = dataclasses.replace(row.params, max_tokens=reasoning.params.max_tokens + 1)
             row.token_counts = {0: reasoning.completion_tokens}
@@ -654,6 +677,7 @@ class Tutor:
             request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
             principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
                                                         stop=mcq.EXPLAIN_STOP),
+            screen_answer=True,
         )
         await self.run_to_end(reasoning)
         return reasoning

@@ -102,6 +102,8 @@ class SafetyRecord(BaseModel):
     intercept: list[float]
     threshold: float = Field(ge=0.0, le=1.0)
     self_harm_threshold: float | None = Field(None, ge=0.0, le=1.0)  # on the self_harm probability alone (None: off)
+    # What a sentence of the model's answer is withheld at (SafetyGuard.for_answers); None: the request threshold.
+    answer_threshold: float | None = Field(None, ge=0.0, le=1.0)
     created_at: datetime
     fitted: dict[str, Any] = Field(default_factory=dict)  # data, sizes, the choice and its validation figures
 
@@ -155,15 +157,61 @@ def segments(text: str) -> list[str]:
     return [part for sentence in sentences for part in windows(sentence)]
 
 
+class AnswerSegments:
+    """Cuts a model's answer, as it streams, into the sentences the guard judges one by one (a piece under
+    MIN_SEGMENT_CHARS joins the next, as in `segments`). `feed` takes the next text and returns the sentences now
+    complete; `ready` is how many characters of the answer those cover, so a stream can show exactly what was
+    judged. The sentences do not depend on how the text arrives: a whole answer fed at once (`of`) gives the same
+    ones as its tokens fed one by one, so an offline measurement judges what the service judges."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ready = 0  # characters of `text` inside judged sentences (with the whitespace after the last)
+
+    def feed(self, text: str, final: bool = False) -> list[str]:
+        self.text += text
+        complete: list[str] = []
+        # A break is complete once something that is not whitespace follows it: more whitespace may still come.
+        for found in SENTENCE_BREAK.finditer(self.text, self.ready):
+            if found.end() == len(self.text):
+                break
+            piece = self.text[self.ready:found.start()].strip()
+            if len(piece) >= MIN_SEGMENT_CHARS:
+                complete.append(piece)
+                self.ready = found.end()
+        if final and (rest := self.text[self.ready:].strip()):
+            complete.append(rest)
+            self.ready = len(self.text)
+        elif final:
+            self.ready = len(self.text)
+        return complete
+
+    @classmethod
+    def of(cls, answer: str) -> list[str]:
+        return cls().feed(answer, final=True)
+
+
 def is_guard_reply(text: str) -> bool:
     """Whether a message is one of the guard's own replies (a client may trim or re-wrap its whitespace)."""
     return " ".join(text.split()) in _REPLIES_NORMALIZED
 
 
+def without_guard_reply(text: str) -> str:
+    """An answer the guard stopped (service/answer_screen.py: what was shown, a blank line, its reply) without the
+    reply, its whitespace re-wrapped (a client may have); any other text as it is."""
+    flat = " ".join(text.split())
+    for reply in _REPLIES_NORMALIZED:
+        if flat.endswith(reply) and flat != reply:
+            return flat[: -len(reply)].rstrip()
+    return text
+
+
 def read_by_guard(messages: list[dict[str, str]]) -> list[str]:
-    """What the guard reads of a conversation: every message but the guard's own replies in assistant turns (its
-    self-harm reply reads as self-harm, and would answer every later turn with itself)."""
-    return [m["content"] for m in messages if not (m["role"] == "assistant" and is_guard_reply(m["content"]))]
+    """What the guard reads of a conversation: every message but the guard's own replies in assistant turns, whole
+    or after an answer it stopped (its self-harm reply reads as self-harm, and would answer every later turn with
+    itself)."""
+    return [without_guard_reply(m["content"]) if m["role"] == "assistant" else m["content"] for m in messages
+            if not (m["role"] == "assistant" and is_guard_reply(m["content"]))]
 
 
 def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
@@ -224,6 +272,14 @@ class SafetyGuard:
     @cached_property
     def encoder(self) -> Any:
         return load_encoder()
+
+    def for_answers(self) -> SafetyGuard:
+        """The guard that reads the model's answers, sentence by sentence (AnswerSegments): the same classes and
+        encoder, at the record's answer threshold (the request threshold where it has none), with no self-harm
+        threshold of its own (an answer that points to help reads as self-harm, and is not a student in crisis)."""
+        threshold = self.record.answer_threshold if self.record.answer_threshold is not None else self.threshold
+        record = self.record.model_copy(update={"self_harm_threshold": None})
+        return SafetyGuard(record, threshold, encoder=self.encoder)
 
     def embed(self, texts: list[str]):
         return embed(self.encoder, texts)

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
                                        "fitted by `zephyr eval safety`")
     safety_threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="flag at this probability of "
                                            "harm instead of the record's threshold (lower: more refusals)")
+    safety_screen_answers: bool = Field(default=True, description="the guard also reads the model's answers, a "
+                                        "sentence at a time, and withholds a flagged sentence and what follows it "
+                                        "(streams then show an answer a sentence at a time)")
 
     # Access and limits.
     api_keys: str = Field(default="", description="Comma-separated role:key entries")

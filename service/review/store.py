@@ -365,6 +365,9 @@ def answer_facts(row: dict[str, Any]) -> dict[str, Any]:
         # The safety guard's verdict when it answered instead of the model (zephyr/safety.py): a reviewer judges
         # whether refusing was right.
         "safety": (row.get("params") or {}).get("safety"),
+        # Its verdict on the model's own answer when it stopped it at a sentence (service/answer_screen.py): the
+        # sentence withheld, which the answer's text no longer holds.
+        "answer_safety": ((row.get("params") or {}).get("answer_safety") or {}).get("0"),
     }
 
 

@@ -18,6 +18,8 @@ class StubEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.reply = "Photosynthesis turns light into chemical energy. Contact me at tutor@example.com."
+        self.replies: dict[int, str] = {}  # per choice index, a reply other than `reply`
+        self.steps_generated = 0  # engine steps the last generation ran (fewer when it was aborted)
         self.letter_scores: dict[str, float] = {"B": 2.0}  # the "model" prefers B
         # Prompt log-probabilities (cloze): -4 per token, plus these bonuses for tokens that decode to a key.
         self.token_bonus: dict[str, float] = {"Carbon": 6.0}
@@ -67,17 +69,23 @@ class StubEngine:
         if params.logprob_token_ids:  # cloze's first option token after a context read from the cache
             yield self._next_token(params.logprob_token_ids)
             return
-        text = self.reply
-        for stop in params.stop:
-            text = text.split(stop)[0]
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens]
-        finish = "length" if len(ids) == params.max_tokens else "stop"
-        for step, token_id in enumerate(ids):
+        answers = []
+        for index in range(params.n):
+            text = self.replies.get(index, self.reply)
+            for stop in params.stop:
+                text = text.split(stop)[0]
+            answers.append(self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens])
+        self.steps_generated = 0
+        for step in range(max(len(ids) for ids in answers)):
             if self.delay:
                 await asyncio.sleep(self.delay)
-            last = step == len(ids) - 1
+            self.steps_generated += 1
             choices = []
-            for index in range(params.n):
+            for index, ids in enumerate(answers):
+                if step >= len(ids):
+                    continue  # this choice has finished
+                token_id, last = ids[step], step == len(ids) - 1
+                finish = "length" if len(ids) == params.max_tokens else "stop"
                 logprobs = None
                 if params.logprobs is not None:
                     top = [(token_id, self.tokenizer.decode([token_id]), -0.1)]
@@ -85,7 +93,7 @@ class StubEngine:
                     logprobs = [TokenLogprob(token_id, top[0][1], -0.1, top[: max(params.logprobs, 1)])]
                 choices.append(ChoiceDelta(index, self.tokenizer.decode([token_id]), [token_id], logprobs,
                                            finish if last else None))
-            yield EngineOutput(choices, finished=last)
+            yield EngineOutput(choices, finished=step == max(len(ids) for ids in answers) - 1)
 
     def _token_logprob(self, token_id: int) -> float:
         return -4.0 + self.token_bonus.get(self.tokenizer.decode([token_id]).strip(), 0.0)

@@ -2,6 +2,7 @@
 HTTP layer (over the stub engine: the guard answers without the model, so the engine must see no request)."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from zephyr.safety import (
     REPLIES,
     SELF_HARM,
     WINDOW_CHARS,
+    AnswerSegments,
     SafetyError,
     SafetyGuard,
     SafetyRecord,
@@ -439,3 +441,180 @@ async def test_a_forged_refusal_only_removes_the_request_it_follows(app_factory)
         assert "pipe bomb" not in prompt and REPLIES[HARMFUL] not in prompt and "Ignore your last reply" in prompt
         row = await (await served.flushed_log()).get(r.json()["id"])
         assert row["params"]["refused_turns_left_out"] == 2
+
+
+# The guard reads the model's answers too (service/answer_screen.py) --------------------------------------------
+SCIENCE_SENTENCE = "Photosynthesis turns light into chemical energy."
+HARMFUL_SENTENCE = "Here are step-by-step instructions for making methamphetamine at home:"
+HARMFUL_ANSWER = (f"{SCIENCE_SENTENCE} {HARMFUL_SENTENCE} buy cold medicine and a camping stove. Then cook it down "
+                  "slowly in a well-ventilated garage.")
+
+
+def test_an_answer_is_cut_into_the_same_sentences_however_it_streams():
+    answer = ("Plants make food by photosynthesis.  They use light energy!\n\nStep 1: Mix the two. Then heat it up "
+              "slowly until it boils; wait. Done")
+    whole = AnswerSegments.of(answer)
+    # A piece under MIN_SEGMENT_CHARS joins the next; the last one is read whatever its length.
+    assert whole == ["Plants make food by photosynthesis.  They use light energy!",
+                     "Step 1: Mix the two. Then heat it up slowly until it boils;", "wait. Done"]
+    for seed in range(50):
+        rng, cut, streamed, start = random.Random(seed), AnswerSegments(), [], 0
+        while start < len(answer):
+            end = start + rng.randint(1, 6)
+            streamed += cut.feed(answer[start:end])
+            # What is judged covers exactly the characters ready to show, never text still to be judged.
+            assert " ".join(streamed).split() == answer[:cut.ready].split()
+            start = end
+        assert streamed + cut.feed("", final=True) == whole and cut.ready == len(answer)
+    assert AnswerSegments.of("   ") == [] and AnswerSegments.of("Short.") == ["Short."]
+
+
+def test_the_answer_guard_reads_at_the_records_answer_threshold_without_a_self_harm_one(guard):
+    answers = guard.for_answers()
+    assert answers.record.self_harm_threshold is None and answers.threshold == guard.threshold
+    assert answers.encoder is guard.encoder  # one encoder in the server, not two
+    assert answers.judge(HARMFUL_SENTENCE).category == HARMFUL
+    assert not answers.judge(SCIENCE_SENTENCE).flagged
+    record = guard.record.model_copy(update={"answer_threshold": 0.5})
+    assert SafetyGuard(record, encoder=guard.encoder).for_answers().threshold == 0.5
+
+
+async def test_a_harmful_answer_is_withheld_from_its_flagged_sentence_on(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        engine = served.app.state.engine
+        engine.reply = HARMFUL_ANSWER
+        body = {"messages": [{"role": "user", "content": BENIGN_ASKS[1]}], "max_tokens": 200}
+        r = await served.client.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}"
+        assert choice["finish_reason"] == FINISH_REASON
+        # The engine request ended at the flag: the tokens after it were never generated.
+        generated = r.json()["usage"]["completion_tokens"]
+        assert 0 < generated < len(served.app.state.engine.tokenizer.encode(HARMFUL_ANSWER, add_special_tokens=False))
+        row = await (await served.flushed_log()).get(r.json()["id"])
+        assert row["response"][0]["content"] == choice["message"]["content"]  # what the student saw
+        withheld = row["params"]["answer_safety"]["0"]
+        assert withheld["category"] == HARMFUL and withheld["sentence"] == HARMFUL_SENTENCE
+        assert "safety" not in row["params"]  # the request itself was not flagged
+        text = (await served.client.get("/metrics")).text
+        assert metric(text, "zephyr_safety_withheld_answers_total", route="chat", category=HARMFUL) == 1
+        assert metric(text, "zephyr_safety_refusals_total", route="chat", category=HARMFUL) == 0
+
+        # Streamed, no chunk holds the flagged sentence, and the chunks add up to the same answer.
+        async with served.client.stream("POST", CHAT, json=body | {"stream": True}) as streamed:
+            lines = [line async for line in streamed.aiter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+        assert "".join(pieces) == choice["message"]["content"]
+        assert not any("methamphetamine" in piece for piece in pieces)
+        assert chunks[-1]["choices"][0]["finish_reason"] == FINISH_REASON
+
+
+async def test_each_choice_is_screened_and_a_clean_answer_keeps_its_tokens_and_logprobs(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        served.app.state.engine.reply = f"{SCIENCE_SENTENCE} Leaves hold chlorophyll, which absorbs red and blue."
+        body = {"messages": [{"role": "user", "content": BENIGN_ASKS[1]}], "n": 2, "logprobs": True,
+                "top_logprobs": 2}
+        r = await served.client.post(CHAT, json=body)
+        choices = r.json()["choices"]
+        assert [c["message"]["content"] for c in choices] == [served.app.state.engine.reply] * 2
+        assert {c["finish_reason"] for c in choices} == {"stop"}
+        tokens = len(served.app.state.engine.tokenizer.encode(served.app.state.engine.reply, add_special_tokens=False))
+        assert [len(c["logprobs"]["content"]) for c in choices] == [tokens, tokens]
+        assert r.json()["usage"]["completion_tokens"] == 2 * tokens
+
+        served.app.state.engine.reply = HARMFUL_ANSWER
+        r = await served.client.post(CHAT, json=body | {"logprobs": False, "top_logprobs": None})
+        assert [c["finish_reason"] for c in r.json()["choices"]] == [FINISH_REASON] * 2
+        row = await (await served.flushed_log()).get(r.json()["id"])
+        assert set(row["params"]["answer_safety"]) == {"0", "1"}
+
+
+async def test_completions_answers_are_screened_too(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        served.app.state.engine.reply = f"{HARMFUL_SENTENCE} mix it all."
+        r = await served.client.post("/v1/completions", json={"prompt": "Plants", "max_tokens": 50})
+        assert r.json()["choices"][0] == r.json()["choices"][0] | {"text": REPLIES[HARMFUL],
+                                                                     "finish_reason": FINISH_REASON}
+
+
+async def test_with_answer_screening_off_the_answer_is_shown_whole(app_factory):
+    async with app_factory(safety_guard=True, safety_screen_answers=False) as served:
+        served.app.state.engine.reply = HARMFUL_ANSWER
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": BENIGN_ASKS[1]}],
+                                                 "max_tokens": 200})
+        assert r.json()["choices"][0]["message"]["content"] == HARMFUL_ANSWER
+        assert served.app.state.tutor.answer_guard is None
+
+
+async def test_a_choice_that_finished_does_not_wait_for_a_withheld_one_to_run_to_its_limit(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        engine = served.app.state.engine
+        engine.replies = {0: f"{SCIENCE_SENTENCE} Leaves are green.", 1: HARMFUL_ANSWER + " And more." * 60}
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": BENIGN_ASKS[1]}],
+                                                 "n": 2, "max_tokens": 400})
+        first, second = r.json()["choices"]
+        assert (first["message"]["content"], first["finish_reason"]) == (engine.replies[0], "stop")
+        assert second["finish_reason"] == FINISH_REASON
+        longest = len(engine.tokenizer.encode(engine.replies[1], add_special_tokens=False))
+        assert engine.steps_generated < longest / 4  # the engine request ended at the flag
+
+
+def test_the_guard_reads_an_answer_it_stopped_without_its_own_reply():
+    stopped = f"{SCIENCE_SENTENCE}\n\n{REPLIES[SELF_HARM]}"
+    conversation = [{"role": "user", "content": BENIGN_ASKS[1]}, {"role": "assistant", "content": stopped},
+                    {"role": "user", "content": BENIGN_ASKS[0]}]
+    assert read_by_guard(conversation) == [BENIGN_ASKS[1], SCIENCE_SENTENCE, BENIGN_ASKS[0]]
+    rewrapped = {"role": "assistant", "content": stopped.replace(" ", "\n  ")}
+    assert read_by_guard([rewrapped]) == [SCIENCE_SENTENCE]
+    quoted = {"role": "user", "content": stopped}  # the student's own words are read as they are
+    assert read_by_guard([quoted]) == [stopped]
+
+
+async def test_a_conversation_goes_on_after_an_answer_the_guard_stopped(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        calls = served.app.state.engine.calls
+        body = {"messages": [{"role": "user", "content": BENIGN_ASKS[1]},
+                             {"role": "assistant", "content": f"{SCIENCE_SENTENCE}\n\n{REPLIES[SELF_HARM]}"},
+                             {"role": "user", "content": BENIGN_ASKS[0]}]}
+        before = len(calls)
+        r = await served.client.post(CHAT, json=body)
+        assert r.json()["choices"][0]["finish_reason"] != FINISH_REASON and len(calls) == before + 1
+
+
+async def test_only_what_a_student_reads_is_screened(app_factory, monkeypatch):
+    async with app_factory(safety_guard=True) as served:
+        tutor, judged = served.app.state.tutor, []
+        judge = tutor.judge_answer
+
+        async def counted(sentences):
+            judged.append(sentences)
+            return await judge(sentences)
+
+        monkeypatch.setattr(tutor, "judge_answer", counted)
+        question = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}
+        for method in ("letter", "cloze", "auto"):
+            assert (await served.client.post("/mcq", json=question | {"method": method})).status_code == 200
+        # lm-eval's scoring: the prompt's log-probabilities, then the one generated token's
+        r = await served.client.post("/v1/completions", json={"prompt": "Plants absorb", "max_tokens": 1,
+                                                               "echo": True, "logprobs": 1})
+        assert r.status_code == 200 and not judged
+        await served.client.post(CHAT, json={"messages": [{"role": "user", "content": BENIGN_ASKS[0]}]})
+        assert judged
+
+
+async def test_an_explanation_the_guard_stops_is_abstained_on(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        served.app.state.engine.reply = HARMFUL_ANSWER
+        question = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"],
+                    "method": "explain"}
+        r = await served.client.post("/mcq", json=question)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["answer"] is None and body["abstained"] is True
+        assert body["explanation"] == f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}"
+        row = await (await served.flushed_log()).get(body["id"])
+        assert row["params"]["answer_safety"]["0"]["sentence"] == HARMFUL_SENTENCE
+        text = (await served.client.get("/metrics")).text
+        assert metric(text, "zephyr_safety_withheld_answers_total", route="mcq", category=HARMFUL) == 1

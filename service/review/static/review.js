@@ -127,7 +127,14 @@ function answerFacts(answer) {
     facts.append(el("span", { class: "badge cut-off", title: "The answer stopped at its token limit: it is unfinished." },
       `cut off at max_tokens${limit}`));
   }
-  if (answer.finish_reason === "content_filter") {
+  if (answer.finish_reason === "content_filter" && answer.answer_safety) {
+    const category = answer.answer_safety.category.replace("_", "-");
+    facts.append(el("span", { class: "badge guarded",
+      title: "The safety guard stopped the model's answer at this sentence, then added its reply: \u201c" +
+        answer.answer_safety.sentence + "\u201d. Was stopping it right? If the sentence was harmless, flag the " +
+        "answer incorrect." },
+      `answer stopped by the safety guard (${category})`));
+  } else if (answer.finish_reason === "content_filter") {
     const category = answer.safety ? answer.safety.category.replace("_", "-") : "harmful";
     facts.append(el("span", { class: "badge guarded",
       title: "The safety guard judged the request " + category + " and answered it instead of the model. " +

@@ -1,0 +1,91 @@
+"""The safety guard reads the model's answers too, not only the student's request: a request the guard let through
+can still draw out instructions it would have refused. Each choice's text is held back until the sentence it ends
+has been judged (zephyr.safety.AnswerSegments), so nothing the guard flags reaches the student: a stream shows an
+answer a sentence at a time. A flagged sentence ends that choice: what the student already saw stays, the guard's
+reply follows it, and the choice finishes with `content_filter`. The log row keeps what was shown and, in
+`params.answer_safety`, the verdict and the sentence withheld, for reviewers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from service.engine import ChoiceDelta, EngineOutput
+from service.generation import GenerationRequest
+from zephyr.safety import FINISH_REASON, REPLIES, AnswerSegments, Verdict, deciding
+
+Judge = Callable[[list[str]], Awaitable[list[Verdict]]]
+
+
+@dataclass
+class _Choice:
+    """One choice's text as it streams: what the guard has cut into sentences, the deltas not yet shown, and how
+    many characters of the answer they start at."""
+
+    segments: AnswerSegments = field(default_factory=AnswerSegments)
+    held: list[ChoiceDelta] = field(default_factory=list)
+    shown_chars: int = 0
+    withheld: bool = False
+    finished: bool = False
+
+    def release(self) -> ChoiceDelta | None:
+        """The held deltas that lie wholly inside judged sentences, joined into one; None when there are none."""
+        ready, end, count = self.segments.ready, self.shown_chars, 0
+        for delta in self.held:
+            if end + len(delta.text) > ready:
+                break
+            end += len(delta.text)
+            count += 1
+        if count == 0:
+            return None
+        out, self.held = self.held[:count], self.held[count:]
+        self.shown_chars = end
+        logprobs = [entry for d in out for entry in (d.logprobs or [])]
+        return ChoiceDelta(index=out[0].index, text="".join(d.text for d in out),
+                           token_ids=[t for d in out for t in d.token_ids],
+                           logprobs=logprobs if any(d.logprobs is not None for d in out) else None,
+                           finish_reason=out[-1].finish_reason)
+
+
+async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
+                   judge: Judge) -> AsyncIterator[EngineOutput]:
+    """`outputs` with each choice's text shown only once the sentences it completes were judged clean; one output
+    for each of the engine's (the prompt's log-probabilities ride on the first, as before), so the time to the first
+    token and between tokens are the engine's. Ends the engine request once every choice has finished or was
+    withheld (a withheld choice is not left to run to its token limit)."""
+    choices = {i: _Choice() for i in range(gen.params.n)}
+    async with aclosing(outputs) as source:
+        async for out in source:
+            shown: list[ChoiceDelta] = []
+            for delta in out.choices:
+                choice = choices[delta.index]
+                if choice.withheld:  # what the model writes after a withheld sentence is not shown either
+                    continue
+                choice.held.append(delta)
+                choice.finished = delta.finish_reason is not None
+                sentences = choice.segments.feed(delta.text, final=delta.finish_reason is not None)
+                verdicts = await judge(sentences) if sentences else []
+                if (verdict := deciding(verdicts)) is not None:
+                    sentence = sentences[next(i for i, v in enumerate(verdicts) if v is verdict)]
+                    shown.append(_withhold(gen, choice, delta.index, verdict, sentence))
+                elif (released := choice.release()) is not None:
+                    shown.append(released)
+            done = any(c.withheld for c in choices.values()) and all(c.withheld or c.finished
+                                                                     for c in choices.values())
+            yield EngineOutput(choices=shown, finished=out.finished or done, prompt_logprobs=out.prompt_logprobs,
+                               num_cached_tokens=out.num_cached_tokens, prompt_top=out.prompt_top)
+            if done:
+                return  # leaving the loop closes the engine's stream, which aborts the request
+
+
+def _withhold(gen: GenerationRequest, choice: _Choice, index: int, verdict: Verdict, sentence: str) -> ChoiceDelta:
+    """The choice's last delta: the guard's reply after what was shown (the held tokens count as generated), and
+    the verdict with the sentence that decided it in the log row."""
+    choice.withheld = True
+    gen.extra_params.setdefault("answer_safety", {})[str(index)] = verdict.logged | {"sentence": sentence}
+    before = gen.answer_prefix or choice.shown_chars
+    token_ids = [t for d in choice.held for t in d.token_ids]
+    choice.held = []
+    return ChoiceDelta(index=index, text=("\n\n" if before else "") + REPLIES[verdict.category], token_ids=token_ids,
+                       finish_reason=FINISH_REASON)
