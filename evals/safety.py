@@ -33,6 +33,7 @@ from zephyr.safety import (
     HARMFUL,
     INAPPROPRIATE,
     SELF_HARM,
+    AnswerSegments,
     SafetyError,
     SafetyGuard,
     SafetyRecord,
@@ -313,14 +314,71 @@ class _NoEncoder:
 
 
 def lowest(benign: dict[str, list[Any]], limits: dict[str, float], score: Callable[[Any], float]) -> float:
-    """The lowest threshold that flags at most each kind's share of its benign validation messages (given as their
-    segments' probabilities): just above the highest score the limits allow, over 1 when that score is 1 (none keeps
-    them)."""
+    """The lowest threshold that flags at most each kind's share of its benign validation messages (each given as
+    whatever `score` reads: their segments' probabilities, or a score): just above the highest score the limits
+    allow, over 1 when that score is 1 (none keeps them)."""
     import numpy as np
 
     highest = max(np.quantile([score(p) for p in benign[kind]], 1 - share, method="higher")
                   for kind, share in limits.items() if kind in benign)
     return float(np.nextafter(highest, 2.0))
+
+
+# The model's answers, judged sentence by sentence as the service reads them (service/answer_screen.py), by a file
+# of `python -m tools.answer_screen_probe` rows: {split, kind, source, answer, ...} per answer.
+ANSWER_KINDS = tuple(MAX_FLAGGED)  # the benign kinds an answer threshold is chosen on; "harmful" ones are measured
+
+
+def answer_score(guard: SafetyGuard, answer: str) -> tuple[float, str]:
+    """An answer's highest not-benign probability over its sentences (AnswerSegments), and that sentence."""
+    sentences = AnswerSegments.of(answer)
+    if not sentences:
+        return 0.0, ""
+    verdicts = guard.judge_all(sentences)
+    worst = max(range(len(sentences)), key=lambda i: verdicts[i].score)
+    return verdicts[worst].score, sentences[worst]
+
+
+def read_answers(path: Path, split: str = "validation") -> list[dict[str, Any]]:
+    """The probe's rows, all of `split` (an answer threshold is chosen on validation answers only)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise SafetyError(f"{path} is not a file of answers from tools.answer_screen_probe ({exc})") from None
+    wrong = sorted({str(row.get("split")) for row in rows} - {split})
+    if wrong or not rows:
+        raise SafetyError(f"{path} holds answers of split {', '.join(wrong) or '(none)'}; an answer threshold is "
+                          f"chosen on {split} answers only (tools.answer_screen_probe --split {split})")
+    if incomplete := [i for i, row in enumerate(rows, 1) if not {"answer", "kind", "source"} <= row.keys()]:
+        raise SafetyError(f"{path}: rows {incomplete[:5]} lack `answer`, `kind` or `source` "
+                          "(rows of tools.answer_screen_probe hold all three)")
+    if not {row["kind"] for row in rows} & set(ANSWER_KINDS):
+        raise SafetyError(f"{path} holds no answers to benign requests ({', '.join(ANSWER_KINDS)}): the threshold "
+                          "is chosen on them")
+    return rows
+
+
+def answer_threshold(guard: SafetyGuard, rows: list[dict[str, Any]]) -> tuple[float | None, dict[str, Any]]:
+    """The lowest threshold that flags at most MAX_FLAGGED of each benign kind of the model's answers (as the
+    request threshold is chosen on requests), None when no threshold keeps them (the service then reads answers at
+    the request threshold); and what the threshold the service will use flags of every source there, harmful
+    answers (and those to requests `guard`, the request guard, lets through) included."""
+    reader = guard.for_answers()
+    scores = [answer_score(reader, row["answer"])[0] for row in rows]
+    benign = {kind: [s for s, row in zip(scores, rows, strict=True) if row["kind"] == kind] for kind in ANSWER_KINDS}
+    chosen = lowest({k: v for k, v in benign.items() if v}, MAX_FLAGGED, lambda s: s)
+    threshold = chosen if chosen <= 1.0 else None
+    used = guard.threshold if threshold is None else threshold
+    measured: dict[str, Any] = {}
+    for source in dict.fromkeys(row["source"] for row in rows):
+        picked = [(s, row) for s, row in zip(scores, rows, strict=True) if row["source"] == source]
+        measured[source] = {"kind": picked[0][1]["kind"], "n": len(picked),
+                            "flagged": sum(s >= used for s, _ in picked)}
+        through = [(s, row) for s, row in picked if row.get("request") and not guard.judge(row["request"]).flagged]
+        if picked[0][1]["kind"] == "harmful" and through:
+            measured[source] |= {"n_let_through": len(through),
+                                 "flagged_let_through": sum(s >= used for s, _ in through)}
+    return threshold, measured
 
 
 def _shown(threshold: float | None) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from service.engine import ChoiceDelta, EngineOutput
 from service.generation import GenerationRequest
-from zephyr.safety import FINISH_REASON, REPLIES, AnswerSegments, Verdict, deciding
+from zephyr.safety import FINISH_REASON, REPLIES, AnswerSegments, Verdict
 
 Judge = Callable[[list[str]], Awaitable[list[Verdict]]]
 
@@ -29,14 +29,20 @@ class _Choice:
     withheld: bool = False
     finished: bool = False
 
-    def release(self) -> ChoiceDelta | None:
-        """The held deltas that lie wholly inside judged sentences, joined into one; None when there are none."""
-        ready, end, count = self.segments.ready, self.shown_chars, 0
-        for delta in self.held:
+    def release(self, upto: int | None = None) -> ChoiceDelta | None:
+        """The held deltas that lie wholly inside judged sentences (or the first `upto` characters of the answer),
+        joined into one; None when there are none. A delta with no text goes with the next one that has text: its
+        token's text is held back by the detokenizer (half a character, a possible stop string) and comes in that
+        one, so its log-probabilities name a token of text not yet judged."""
+        ready, end, count = self.segments.ready if upto is None else upto, self.shown_chars, 0
+        for i, delta in enumerate(self.held):
             if end + len(delta.text) > ready:
                 break
             end += len(delta.text)
-            count += 1
+            if delta.text or delta.finish_reason is not None:
+                count = i + 1
+        if self.finished and upto is None and end == len(self.segments.text):
+            count = len(self.held)  # the answer has ended and all of it was judged clean
         if count == 0:
             return None
         out, self.held = self.held[:count], self.held[count:]
@@ -64,11 +70,15 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
                     continue
                 choice.held.append(delta)
                 choice.finished = delta.finish_reason is not None
+                judged_before = choice.segments.ready
                 sentences = choice.segments.feed(delta.text, final=delta.finish_reason is not None)
                 verdicts = await judge(sentences) if sentences else []
-                if (verdict := deciding(verdicts)) is not None:
-                    sentence = sentences[next(i for i, v in enumerate(verdicts) if v is verdict)]
-                    shown.append(_withhold(gen, choice, delta.index, verdict, sentence))
+                # The first flagged sentence in the answer's order is where it stops: it decides the reply and is
+                # the one logged; clean sentences before it in the same output are shown (one output can complete
+                # several sentences when the engine coalesces tokens).
+                if (first := next((i for i, v in enumerate(verdicts) if v.flagged), None)) is not None:
+                    clean_until = choice.segments.ends[first - 1] if first else judged_before
+                    shown.append(_withhold(gen, choice, delta.index, verdicts[first], sentences[first], clean_until))
                 elif (released := choice.release()) is not None:
                     shown.append(released)
             done = any(c.withheld for c in choices.values()) and all(c.withheld or c.finished
@@ -79,13 +89,18 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
                 return  # leaving the loop closes the engine's stream, which aborts the request
 
 
-def _withhold(gen: GenerationRequest, choice: _Choice, index: int, verdict: Verdict, sentence: str) -> ChoiceDelta:
-    """The choice's last delta: the guard's reply after what was shown (the held tokens count as generated), and
-    the verdict with the sentence that decided it in the log row."""
+def _withhold(gen: GenerationRequest, choice: _Choice, index: int, verdict: Verdict, sentence: str,
+              clean_until: int) -> ChoiceDelta:
+    """The choice's last delta: what is held of the clean sentences before the flagged one (up to `clean_until`
+    characters of the answer), then the guard's reply (the held tokens after them count as generated); the verdict
+    with the sentence that decided it goes in the log row. One delta, so a client that reads a chunk's first choice
+    reads all of it."""
+    clean = choice.release(upto=clean_until)
     choice.withheld = True
     gen.extra_params.setdefault("answer_safety", {})[str(index)] = verdict.logged | {"sentence": sentence}
     before = gen.answer_prefix or choice.shown_chars
-    token_ids = [t for d in choice.held for t in d.token_ids]
+    token_ids = [*(clean.token_ids if clean else []), *(t for d in choice.held for t in d.token_ids)]
     choice.held = []
-    return ChoiceDelta(index=index, text=("\n\n" if before else "") + REPLIES[verdict.category], token_ids=token_ids,
+    return ChoiceDelta(index=index, text=(clean.text if clean else "") + ("\n\n" if before else "")
+                       + REPLIES[verdict.category], token_ids=token_ids, logprobs=clean.logprobs if clean else None,
                        finish_reason=FINISH_REASON)

@@ -78,9 +78,9 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         request_id=new_id("cmpl"), route=ROUTE, messages=[{"role": "prompt", "content": prompt_text}],
         prompt_ids=prompt_ids, params=params, principal=principal, user=req.user,
         extra_params={"stream": req.stream, "echo": req.echo, "max_tokens_asked": asked}, answer_shown=asked > 0,
-        # A scored prompt's answer is not read: lm-eval reads the generated token's entry after the prompt's, and
-        # one token is no instruction (the guard read the prompt).
-        screen_answer=asked > 0 and not scored,
+        # lm-eval's scoring (the prompt's log-probabilities and one generated token) is not read: one token is no
+        # instruction (the guard read the prompt). A scored prompt that asks for more is an answer like any other.
+        screen_answer=asked > 1 or (asked > 0 and not scored),
     )
     # A prompt only scored (`max_tokens: 0`) generates nothing to withhold. One that generates is screened, scored
     # or not: a flagged one scored (lm-eval's log-likelihoods ask `max_tokens: 1`) keeps its prompt's scores and

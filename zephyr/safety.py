@@ -167,10 +167,12 @@ class AnswerSegments:
     def __init__(self) -> None:
         self.text = ""
         self.ready = 0  # characters of `text` inside judged sentences (with the whitespace after the last)
+        self.ends: list[int] = []  # per sentence the last `feed` returned, `ready` just after it
 
     def feed(self, text: str, final: bool = False) -> list[str]:
         self.text += text
         complete: list[str] = []
+        self.ends = []
         # A break is complete once something that is not whitespace follows it: more whitespace may still come.
         for found in SENTENCE_BREAK.finditer(self.text, self.ready):
             if found.end() == len(self.text):
@@ -179,9 +181,11 @@ class AnswerSegments:
             if len(piece) >= MIN_SEGMENT_CHARS:
                 complete.append(piece)
                 self.ready = found.end()
+                self.ends.append(self.ready)
         if final and (rest := self.text[self.ready:].strip()):
             complete.append(rest)
             self.ready = len(self.text)
+            self.ends.append(self.ready)
         elif final:
             self.ready = len(self.text)
         return complete

@@ -74,7 +74,7 @@ def test_the_safety_guard_answers_harm_and_lets_science_through(client, server):
     assert _refusals(server, "chat", HARMFUL) == refusals_before + 2
 
 
-def test_the_guard_stops_a_real_answer_at_its_first_flagged_sentence(tmp_path, default_model):
+def test_the_guard_stops_a_real_answer_at_its_first_flagged_sentence(tmp_path, default_model, client):
     """vLLM's own stream, screened: a record whose answer threshold flags every sentence stops each answer at its
     first, streamed or not, and the engine request ends there."""
     from loadtest.harness import LocalServer, linked_home
@@ -85,14 +85,17 @@ def test_the_guard_stops_a_real_answer_at_its_first_flagged_sentence(tmp_path, d
     strict = LocalServer.start(linked_home(tmp_path / "home", default_model), safety_record=str(record),
                                memory_share="0.1", review_policy="off")
     try:
-        client = openai.OpenAI(base_url=f"{strict.url}/v1", api_key=STUDENT_KEY, max_retries=0, timeout=120)
         asked = {"model": MODEL, "messages": ask("Why is the sky blue? Explain in a few sentences."),
                  "max_tokens": 128, "temperature": 0}
-        whole = client.chat.completions.create(**asked)
+        unread = client.chat.completions.create(**asked)  # the shipped record: a clean answer, whole
+        assert unread.choices[0].finish_reason != FINISH_REASON
+        strict_client = openai.OpenAI(base_url=f"{strict.url}/v1", api_key=STUDENT_KEY, max_retries=0, timeout=120)
+        whole = strict_client.chat.completions.create(**asked)
         assert whole.choices[0].finish_reason == FINISH_REASON
         assert whole.choices[0].message.content in set(REPLIES.values())  # the first sentence is not shown
-        assert whole.usage.completion_tokens < 128  # the engine stopped at the first sentence
-        streamed = list(client.chat.completions.create(**asked, stream=True))
+        # the engine stopped at the first sentence, not at the end of the answer
+        assert whole.usage.completion_tokens < unread.usage.completion_tokens
+        streamed = list(strict_client.chat.completions.create(**asked, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
             whole.choices[0].message.content
         assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == FINISH_REASON

@@ -63,8 +63,9 @@ class StubEngine:
         if params.allowed_token_ids:
             yield self._constrained(params)
             return
-        if params.prompt_logprobs:
-            yield self._scored(prompt_ids, params)
+        scored = self._scored(prompt_ids, params) if params.prompt_logprobs else None
+        if scored is not None and params.max_tokens <= 1:  # lm-eval's scoring: the prompt and one token
+            yield scored
             return
         if params.logprob_token_ids:  # cloze's first option token after a context read from the cache
             yield self._next_token(params.logprob_token_ids)
@@ -93,7 +94,11 @@ class StubEngine:
                     logprobs = [TokenLogprob(token_id, top[0][1], -0.1, top[: max(params.logprobs, 1)])]
                 choices.append(ChoiceDelta(index, self.tokenizer.decode([token_id]), [token_id], logprobs,
                                            finish if last else None))
-            yield EngineOutput(choices, finished=step == max(len(ids) for ids in answers) - 1)
+            output = EngineOutput(choices, finished=step == max(len(ids) for ids in answers) - 1)
+            if scored is not None and step == 0:  # a scored prompt answered at length: its scores ride on the first
+                output.prompt_logprobs, output.prompt_top = scored.prompt_logprobs, scored.prompt_top
+                output.num_cached_tokens = scored.num_cached_tokens
+            yield output
 
     def _token_logprob(self, token_id: int) -> float:
         return -4.0 + self.token_bonus.get(self.tokenizer.decode([token_id]).strip(), 0.0)

