@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import STUDENT_KEY, run_check_script
-from tests.integration.numerics import loglikelihood_tolerance
+from tests.integration.numerics import bf16_rounds_by_batch_shape, loglikelihood_tolerance
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 from zephyr.textquality import LOOP_REPEATED_SHARE
@@ -257,7 +257,13 @@ def test_a_question_pasted_into_a_chat_is_answered_as_mcq_answers_it(client, htt
     assert content.split(named, 1)[1].removeprefix(" This is because").strip()  # the model went on
     assert reply.usage.completion_tokens <= 40
     chunks = list(client.chat.completions.create(**params, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if bf16_rounds_by_batch_shape():
+        # The second ask reads the first's prefix from the cache, and bf16 on AMX rounds by batch shape: the
+        # model's own words after the opening may take another near-tied token. The opening is the tutor's.
+        assert streamed.split(named, 1)[0] == content.split(named, 1)[0] and named in streamed
+    else:
+        assert streamed == content
     for _ in range(50):  # the log writes its rows within a second
         if rows := _rows(server, f"SELECT route, response FROM generations WHERE id = '{reply.id}-mcq'"):
             break
