@@ -67,6 +67,18 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every server's process group at once (they shut down in parallel), SIGKILL what outlives a minute."""
+    for p in processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 600) -> float:
     try:
         return harness.wait_ready(url, process, log, timeout)
@@ -392,14 +404,7 @@ async def run(args: argparse.Namespace) -> None:
             await logging_cost(pair, questions[:WARMUP_QUESTIONS], WARMUP_QUESTIONS)
             quiet_runs = await logging_cost(pair, questions[rounds_end:], args.logging_pairs)
     finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(processes)
 
     if not args.logging_only:
         console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved "

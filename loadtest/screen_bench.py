@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 from evals.stats import paired_bootstrap
 from loadtest import harness
-from loadtest.bench import PROMPTS, SETTLE_SECONDS, start, stream_chat, wait_ready
+from loadtest.bench import PROMPTS, SETTLE_SECONDS, start, stop_all, stream_chat, wait_ready
 from loadtest.harness import percentile
 from zephyr.bundled import ensure_default_model
 from zephyr.console import make_console
@@ -101,14 +99,7 @@ def main() -> None:
                    for i in range(args.pairs)]
         rows = asyncio.run(measure(urls, prompts, args.max_tokens))
     finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(processes)
     console.print(table(rows, args.max_tokens))
     (args.out / "screen-bench.json").write_text(json.dumps(rows, indent=2))
     console.print(f"raw figures: {args.out / 'screen-bench.json'}")
