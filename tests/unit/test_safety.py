@@ -41,6 +41,7 @@ from zephyr.safety import (
     windows,
     without_refused_turns,
 )
+from zephyr.settings import DEFAULT_MODEL
 
 CHAT = "/v1/chat/completions"
 REVIEWER = {"Authorization": f"Bearer {REVIEWER_KEY}"}
@@ -483,6 +484,9 @@ def test_the_answer_guard_reads_at_the_records_answer_threshold_without_a_self_h
     answers = guard.for_answers()
     assert answers.record.self_harm_threshold is None
     assert answers.threshold == guard.record.answer_threshold != guard.threshold  # the shipped record has its own
+    chosen_on = guard.record.fitted["answers"]  # on the default model's validation answers, and says so
+    assert chosen_on["model"] == DEFAULT_MODEL and chosen_on["threshold"] == guard.record.answer_threshold
+    assert {row["kind"] for row in chosen_on["validation"].values()} >= {"science", "academic", "everyday"}
     assert answers.encoder is guard.encoder  # one encoder in the server, not two
     assert answers.judge(HARMFUL_SENTENCE).category == HARMFUL
     assert not answers.judge(SCIENCE_SENTENCE).flagged
