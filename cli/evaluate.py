@@ -185,7 +185,10 @@ def safety_command(
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, DatasetError) as exc:
         raise fail(str(exc)) from None
-    if answered is not None:
+    if answered is None:
+        err.print("The record gets no answer threshold: the service reads the model's answers at the request "
+                  "threshold (`make safety` chooses one on the model's validation answers, --answers)")
+    else:
         threshold, measured = answer_threshold(SafetyGuard(report.record, encoder=encoder), answered)
         report.record.answer_threshold = threshold
         report.record.fitted["answers"] = {

@@ -345,12 +345,13 @@ def read_answers(path: Path, split: str = "validation") -> list[dict[str, Any]]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
         raise SafetyError(f"{path} is not a file of answers from tools.answer_screen_probe ({exc})") from None
-    wrong = sorted({str(row.get("split")) for row in rows} - {split})
+    wrong = sorted({str(row.get("split")) if isinstance(row, dict) else "(not a row)" for row in rows} - {split})
     if wrong or not rows:
         raise SafetyError(f"{path} holds answers of split {', '.join(wrong) or '(none)'}; an answer threshold is "
                           f"chosen on {split} answers only (tools.answer_screen_probe --split {split})")
-    if incomplete := [i for i, row in enumerate(rows, 1) if not {"answer", "kind", "source"} <= row.keys()]:
-        raise SafetyError(f"{path}: rows {incomplete[:5]} lack `answer`, `kind` or `source` "
+    if incomplete := [i for i, row in enumerate(rows, 1) if not isinstance(row, dict)
+                      or not all(isinstance(row.get(key), str) for key in ("answer", "kind", "source"))]:
+        raise SafetyError(f"{path}: rows {incomplete[:5]} lack `answer`, `kind` or `source` as text "
                           "(rows of tools.answer_screen_probe hold all three)")
     if not {row["kind"] for row in rows} & set(ANSWER_KINDS):
         raise SafetyError(f"{path} holds no answers to benign requests ({', '.join(ANSWER_KINDS)}): the threshold "

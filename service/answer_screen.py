@@ -74,8 +74,8 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
                 sentences = choice.segments.feed(delta.text, final=delta.finish_reason is not None)
                 verdicts = await judge(sentences) if sentences else []
                 # The first flagged sentence in the answer's order is where it stops: it decides the reply and is
-                # the one logged; clean sentences before it in the same output are shown (one output can complete
-                # several sentences when the engine coalesces tokens).
+                # the one logged; the clean sentences before it are shown (one output can complete several when
+                # the engine coalesces tokens).
                 if (first := next((i for i, v in enumerate(verdicts) if v.flagged), None)) is not None:
                     clean_until = choice.segments.ends[first - 1] if first else judged_before
                     shown.append(_withhold(gen, choice, delta.index, verdicts[first], sentences[first], clean_until))
@@ -91,16 +91,19 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
 
 def _withhold(gen: GenerationRequest, choice: _Choice, index: int, verdict: Verdict, sentence: str,
               clean_until: int) -> ChoiceDelta:
-    """The choice's last delta: what is held of the clean sentences before the flagged one (up to `clean_until`
-    characters of the answer), then the guard's reply (the held tokens after them count as generated); the verdict
-    with the sentence that decided it goes in the log row. One delta, so a client that reads a chunk's first choice
-    reads all of it."""
-    clean = choice.release(upto=clean_until)
+    """The choice's last delta: the clean sentences before the flagged one not yet shown (up to `clean_until`
+    characters of the answer; log-probabilities for the tokens wholly inside them), then the guard's reply (every
+    held token counts as generated); the verdict with the sentence that decided it goes in the log row. One delta,
+    so a client that reads a chunk's first choice reads all of it."""
+    clean = choice.release(upto=clean_until)  # whole deltas, with their tokens' log-probabilities
+    # The judged-clean text of the delta that also starts the flagged sentence (it may hold whole clean sentences).
+    rest = choice.segments.text[choice.shown_chars:clean_until].rstrip()
+    choice.shown_chars += len(rest)
     choice.withheld = True
     gen.extra_params.setdefault("answer_safety", {})[str(index)] = verdict.logged | {"sentence": sentence}
     before = gen.answer_prefix or choice.shown_chars
     token_ids = [*(clean.token_ids if clean else []), *(t for d in choice.held for t in d.token_ids)]
     choice.held = []
-    return ChoiceDelta(index=index, text=(clean.text if clean else "") + ("\n\n" if before else "")
+    return ChoiceDelta(index=index, text=(clean.text if clean else "") + rest + ("\n\n" if before else "")
                        + REPLIES[verdict.category], token_ids=token_ids, logprobs=clean.logprobs if clean else None,
                        finish_reason=FINISH_REASON)

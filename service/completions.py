@@ -140,6 +140,8 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                         offsets[c.index] += sum(len(token) for token in logprobs.tokens)
                     choices.append(CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish))
                 if choices:
+                    if any(c.text for c in choices):
+                        tutor.first_text_sent(gen)
                     yield event(choices)
 
     return event_stream(chunks(), (lambda: event([], job.usage())) if include_usage else None)

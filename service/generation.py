@@ -76,6 +76,7 @@ class GenerationRequest:
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: float | None = None
+    first_text_at: float | None = None  # when a stream sent its first answer text (Tutor.first_text_sent)
     last_token_at: float | None = None
     steps: int = 0
     prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token

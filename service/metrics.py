@@ -28,10 +28,10 @@ class Metrics:
             "zephyr_time_to_first_token_seconds", "Time to first generated token", ["route"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        # With the answer screen a client sees an answer a sentence at a time: what a student waits for is this.
+        # With the answer screen a stream shows an answer a sentence at a time: what a student waits for is this.
         self.time_to_first_text = Histogram(
-            "zephyr_time_to_first_text_seconds", "Time to the first answer text shown (with the answer screen on, "
-            "its first judged sentence)", ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            "zephyr_time_to_first_text_seconds", "Time to the first answer text a stream sends (with the answer "
+            "screen on, its first judged sentence)", ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.inter_token_latency = Histogram(
             "zephyr_inter_token_latency_seconds", "Mean time between generated tokens, per request", ["route"],

@@ -214,7 +214,7 @@ class Tutor:
         served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
         if served:
             self.metrics.waiting.inc()
-        waiting, text_shown = True, False
+        waiting = True
         try:
             if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
                 await self.open_answer(gen)
@@ -233,9 +233,6 @@ class Tutor:
                         if gen.withheld is None:  # the guard's reply takes no engine time: not a latency sample
                             self.metrics.time_to_first_token.labels(gen.route).observe(
                                 time.perf_counter() - gen.started)
-                    if not text_shown and gen.withheld is None and any(c.text for c in out.choices):
-                        text_shown = True
-                        self.metrics.time_to_first_text.labels(gen.route).observe(time.perf_counter() - gen.started)
                     gen.absorb(out)
                     yield out
             status = "ok"
@@ -410,6 +407,13 @@ class Tutor:
             usage=gen.usage(),
         )
 
+    def first_text_sent(self, gen: GenerationRequest) -> None:
+        """A stream sent its first answer text (the tutor's opening counts; the echoed prompt and the guard's
+        refusal do not): what a student waits for, which the answer screen moves to the first judged sentence."""
+        if gen.first_text_at is None and gen.withheld is None:
+            gen.first_text_at = time.perf_counter()
+            self.metrics.time_to_first_text.labels(gen.route).observe(gen.first_text_at - gen.started)
+
     def stream(self, gen: GenerationRequest, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format (ChatCompletionChunk), ending with `data: [DONE]`."""
         with_logprobs = gen.params.logprobs is not None
@@ -426,6 +430,7 @@ class Tutor:
                 async for out in outputs:
                     if gen.answer_prefix and not opening_sent:  # written by run() (open_answer) before any token
                         opening_sent = True
+                        self.first_text_sent(gen)
                         yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(content=gen.answer_prefix))
                                      for i in range(gen.params.n)])
                     choices = [
@@ -440,6 +445,8 @@ class Tutor:
                         for c in out.choices if c.text or c.finish_reason or (with_logprobs and c.logprobs)
                     ]
                     if choices:
+                        if any(c.delta.content for c in choices):
+                            self.first_text_sent(gen)
                         yield event(choices)
 
         return event_stream(chunks(), (lambda: event([], gen.usage())) if include_usage else None)

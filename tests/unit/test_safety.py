@@ -674,6 +674,11 @@ def test_the_answer_threshold_is_chosen_on_validation_answers_by_the_benign_limi
     path.write_text(json.dumps(rows[0] | {"split": "test"}))
     with pytest.raises(SafetyError, match="validation answers only"):
         read_answers(path)
+    for bad, says in [(rows[0] | {"answer": None}, "lack `answer`"), ([1, 2], "not a row"),
+                      (rows[-1], "no answers to benign requests")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SafetyError, match=says):
+            read_answers(path)
 
 
 async def test_a_token_of_an_unjudged_sentence_is_not_shown_through_its_logprobs():
@@ -749,5 +754,36 @@ async def test_the_wait_for_the_first_judged_sentence_is_a_metric_of_its_own(app
         assert metric(text, "zephyr_time_to_first_text_seconds_count", route="chat") == 1
         # shown once the sentence is complete, i.e. once the token after it came
         assert metric(text, "zephyr_time_to_first_text_seconds_sum", route="chat") >= (sentence + 1) * 0.02
-        assert metric(text, "zephyr_time_to_first_token_seconds_sum", route="chat") < \
-            metric(text, "zephyr_time_to_first_text_seconds_sum", route="chat")
+        # what no stream sends is not a sample: a whole answer, /mcq's scoring
+        assert (await served.client.post(CHAT, json=body | {"stream": False})).status_code == 200
+        question = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}
+        assert (await served.client.post("/mcq", json=question)).status_code == 200
+        text = (await served.client.get("/metrics")).text
+        assert metric(text, "zephyr_time_to_first_text_seconds_count", route="chat") == 1
+        assert metric(text, "zephyr_time_to_first_text_seconds_count", route="mcq") == 0
+
+
+async def test_clean_sentences_in_the_output_that_starts_a_flagged_one_are_shown():
+    """vLLM coalesces tokens under load: one output may finish a clean sentence, hold another whole and start the
+    flagged one. Every judged-clean sentence is shown; the flagged one and what follows it are not."""
+    from service.answer_screen import screened
+    from service.auth import Principal
+    from service.engine import ChoiceDelta, EngineOutput, GenParams
+    from service.generation import GenerationRequest
+
+    clean = "Leaves look green because chlorophyll reflects green light."
+    deltas = [ChoiceDelta(0, SCIENCE_SENTENCE[:-1], [1], None, None),
+              ChoiceDelta(0, f". {clean} {HARMFUL_SENTENCE} buy", [2, 3, 4], None, "stop")]
+
+    async def outputs():
+        for i, delta in enumerate(deltas):
+            yield EngineOutput([delta], finished=i == len(deltas) - 1)
+
+    async def judge(sentences):
+        return [Verdict(1.0, HARMFUL, {}) if s == HARMFUL_SENTENCE else Verdict(0.0, None, {}) for s in sentences]
+
+    gen = GenerationRequest(request_id="chatcmpl-3", route="chat", messages=[], prompt_ids=[1],
+                            params=GenParams(max_tokens=50), principal=Principal("student", None))
+    shown = [c async for out in screened(gen, outputs(), judge) for c in out.choices]
+    assert "".join(c.text for c in shown) == f"{SCIENCE_SENTENCE} {clean}\n\n{REPLIES[HARMFUL]}"
+    assert sum(len(c.token_ids) for c in shown) == 4 and shown[-1].finish_reason == FINISH_REASON
