@@ -359,13 +359,16 @@ def read_answers(path: Path, split: str = "validation") -> list[dict[str, Any]]:
     return rows
 
 
-def answer_threshold(guard: SafetyGuard, rows: list[dict[str, Any]]) -> tuple[float | None, dict[str, Any]]:
+def answer_threshold(guard: SafetyGuard, rows: list[dict[str, Any]],
+                     scores: list[float] | None = None) -> tuple[float | None, dict[str, Any]]:
     """The lowest threshold that flags at most MAX_FLAGGED of each benign kind of the model's answers (as the
     request threshold is chosen on requests), None when no threshold keeps them (the service then reads answers at
     the request threshold); and what the threshold the service will use flags of every source there, harmful
-    answers (and those to requests `guard`, the request guard, lets through) included."""
-    reader = guard.for_answers()
-    scores = [answer_score(reader, row["answer"])[0] for row in rows]
+    answers (and those to requests `guard`, the request guard, lets through) included. `scores`: the rows'
+    `answer_score`s by this guard's record, where the caller has them already."""
+    if scores is None:
+        reader = guard.for_answers()
+        scores = [answer_score(reader, row["answer"])[0] for row in rows]
     benign = {kind: [s for s, row in zip(scores, rows, strict=True) if row["kind"] == kind] for kind in ANSWER_KINDS}
     chosen = lowest({k: v for k, v in benign.items() if v}, MAX_FLAGGED, lambda s: s)
     threshold = chosen if chosen <= 1.0 else None
@@ -375,8 +378,10 @@ def answer_threshold(guard: SafetyGuard, rows: list[dict[str, Any]]) -> tuple[fl
         picked = [(s, row) for s, row in zip(scores, rows, strict=True) if row["source"] == source]
         measured[source] = {"kind": picked[0][1]["kind"], "n": len(picked),
                             "flagged": sum(s >= used for s, _ in picked)}
+        if picked[0][1]["kind"] != "harmful":
+            continue
         through = [(s, row) for s, row in picked if row.get("request") and not guard.judge(row["request"]).flagged]
-        if picked[0][1]["kind"] == "harmful" and through:
+        if through:
             measured[source] |= {"n_let_through": len(through),
                                  "flagged_let_through": sum(s >= used for s, _ in through)}
     return threshold, measured

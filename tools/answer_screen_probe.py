@@ -115,7 +115,7 @@ def main() -> None:
 
     thresholds = {f"the answer threshold, {guard.threshold:.4f}": guard.threshold}
     if args.split == "validation":  # chosen here only: a test split reports at the threshold the service uses
-        lowest_within, _ = answer_threshold(request_guard, rows)
+        lowest_within, _ = answer_threshold(request_guard, rows, [r["score"] for r in rows])
         if lowest_within is not None:
             thresholds[f"{lowest_within:.4f}, the lowest within the limits on these answers "
                        "(`zephyr eval safety --answers`)"] = lowest_within

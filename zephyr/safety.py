@@ -182,11 +182,10 @@ class AnswerSegments:
                 complete.append(piece)
                 self.ready = found.end()
                 self.ends.append(self.ready)
-        if final and (rest := self.text[self.ready:].strip()):
-            complete.append(rest)
-            self.ready = len(self.text)
-            self.ends.append(self.ready)
-        elif final:
+        if final:
+            if rest := self.text[self.ready:].strip():
+                complete.append(rest)
+                self.ends.append(len(self.text))
             self.ready = len(self.text)
         return complete
 

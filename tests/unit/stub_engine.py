@@ -77,7 +77,8 @@ class StubEngine:
                 text = text.split(stop)[0]
             answers.append(self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens])
         self.steps_generated = 0
-        for step in range(max(len(ids) for ids in answers)):
+        steps = max(len(ids) for ids in answers)
+        for step in range(steps):
             if self.delay:
                 await asyncio.sleep(self.delay)
             self.steps_generated += 1
@@ -94,7 +95,7 @@ class StubEngine:
                     logprobs = [TokenLogprob(token_id, top[0][1], -0.1, top[: max(params.logprobs, 1)])]
                 choices.append(ChoiceDelta(index, self.tokenizer.decode([token_id]), [token_id], logprobs,
                                            finish if last else None))
-            output = EngineOutput(choices, finished=step == max(len(ids) for ids in answers) - 1)
+            output = EngineOutput(choices, finished=step == steps - 1)
             if scored is not None and step == 0:  # a scored prompt answered at length: its scores ride on the first
                 output.prompt_logprobs, output.prompt_top = scored.prompt_logprobs, scored.prompt_top
                 output.num_cached_tokens = scored.num_cached_tokens
