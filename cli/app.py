@@ -42,7 +42,8 @@ def serve(
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
     from service.app import UnsafeBind, check_bind, create_app, run_server
     from service.engine import VLLMEngine
-    from zephyr.safety import SafetyError, load_record, minilm_folder
+    from zephyr.encoder import EncoderError, minilm_folder
+    from zephyr.safety import SafetyError, load_record
 
     settings = load_settings(host=host, port=port, model=model)
     try:
@@ -55,7 +56,7 @@ def serve(
         if settings.safety_guard:  # before the engine's minute of start-up, not after it
             load_record(settings.safety_record)
             minilm_folder()
-    except (UnsafeBind, RegistryError, SafetyError, ValueError) as exc:
+    except (UnsafeBind, RegistryError, SafetyError, EncoderError, ValueError) as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(run_server(create_app(settings), settings, log_level))
 

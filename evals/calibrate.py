@@ -29,6 +29,7 @@ from offline.benchmarks import (
     CALIBRATION_SPLITS,
     MCQ_BENCHMARKS,
     DatasetError,
+    first,
     load,
     reported_copy,
 )
@@ -50,6 +51,13 @@ DEMONSTRATIONS_MAX = 16
 DEMONSTRATIONS_FROM = ("arc_easy", "train")
 DEMONSTRATIONS_SEED = 0
 DEMONSTRATION_MAX_QUESTION_CHARS = 120
+
+# The question-domain head (mcq.QuestionDomain) learns which set a question reads like from training splits only,
+# never a split calibration reads or one we report: ARC-Easy and ARC-Challenge train, OpenBookQA train past the
+# questions calibration reads, and MMLU's dev split (five solved questions a subject). SciQ has no local train
+# split; its passage is a confidence feature of its own.
+QUESTION_DOMAIN_TRAINING = {"arc_challenge": ("train", 0), "arc_easy": ("train", 0),
+                            "openbookqa": ("train", OPENBOOKQA_TRAIN_QUESTIONS), "mmlu": ("dev", 0)}
 
 
 class CalibrationError(ValueError):
@@ -105,6 +113,15 @@ def load_items(settings: Settings, benchmarks: list[str],
     return data, left_out
 
 
+def calibration_questions(settings: Settings, name: str, split: str) -> dict[str, MCQItem]:
+    """The questions of a calibration split under `settings.data_dir`, by id (for saved scores, which keep ids)."""
+    try:
+        return {item.id: item for item in load(name, split=split, data_dir=settings.data_dir,
+                                               limit=CALIBRATION_LIMITS.get(name))}
+    except DatasetError as exc:
+        raise CalibrationError(f"a refit needs the questions the scores were made on: {exc}") from None
+
+
 def decontaminate_scores(settings: Settings, saved: SavedScores) -> tuple[SavedScores, dict[str, dict[str, str]]]:
     """Saved scores without the questions a reported split holds, by the rule a fresh run applies: read by id
     against the calibration split under `settings.data_dir` (so that files scored before the rule existed stay
@@ -114,12 +131,7 @@ def decontaminate_scores(settings: Settings, saved: SavedScores) -> tuple[SavedS
     scored, left_out = {}, {}
     for name, items in saved.scored.items():
         split = saved.splits[name]
-        try:
-            by_id = {item.id: item for item in load(name, split=split, data_dir=settings.data_dir,
-                                                    limit=CALIBRATION_LIMITS.get(name))}
-        except DatasetError as exc:
-            raise CalibrationError(f"a refit leaves out the questions a reported split holds, which needs the "
-                                   f"questions the scores were made on: {exc}") from None
+        by_id = calibration_questions(settings, name, split)
         unknown = [s.id for s in items if s.id not in by_id]
         if unknown:
             raise CalibrationError(
@@ -147,6 +159,54 @@ def left_out_note(check: Contamination, left_out: dict[str, dict[str, str]], bef
     if check.missing:
         note += f" [not checked against {', '.join(check.missing)}: no reported split in the data folder]"
     return note
+
+
+def question_domain_head(settings: Settings, encoder: Any, console: Console,
+                         limit: int | None = None) -> mcq.QuestionDomain:
+    """The question-domain head fitted on QUESTION_DOMAIN_TRAINING (the first `limit` questions of each, for a
+    limited run), without the questions a reported split holds."""
+    from zephyr.encoder import embed
+
+    check = contamination(settings)
+    embeddings, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}}
+    for name, (split, skip) in QUESTION_DOMAIN_TRAINING.items():
+        items, left_out = decontaminate(first(load(name, split=split, data_dir=settings.data_dir)[skip:], limit),
+                                        check)
+        if not items:
+            raise DatasetError(f"{name}'s {split} split holds no questions {f'past the first {skip} ' if skip else ''}"
+                               "to learn its domain from")
+        console.print(f"question domain: {len(items)} {name} {split} questions")
+        embeddings[name] = embed(encoder, [mcq.domain_text(mcq_eval.question_of(i)) for i in items],
+                                 progress=len(items) > 200)
+        fitted["splits"][name] = f"{split}[{skip}:]" if skip else split
+        fitted["n"][name], fitted["decontaminated"][name] = len(items), len(left_out)
+    return calibration.fit_question_domain(embeddings, fitted)
+
+
+def with_question_domains(settings: Settings, saved: SavedScores, console: Console,
+                          questions: dict[str, list[MCQItem]] | None = None,
+                          limit: int | None = None) -> SavedScores:
+    """Every question's domain (mcq.QuestionDomain's probabilities), by the head the scores carry or one fitted
+    now; the questions' texts from `questions` or, for saved scores, the calibration splits by id."""
+    from zephyr.encoder import load_encoder
+
+    encoder = load_encoder()
+    head = (mcq.QuestionDomain.model_validate(saved.question_domain) if saved.question_domain
+            else question_domain_head(settings, encoder, console, limit))
+    scored = {}
+    for name, items in saved.scored.items():
+        texts = {i.id: i for i in questions[name]} if questions else calibration_questions(settings, name,
+                                                                                         saved.splits[name])
+        domains = mcq_eval.question_domains([texts[s.id] for s in items], head, encoder)
+        scored[name] = [dataclasses.replace(s, scores=dataclasses.replace(s.scores, domain=domains[s.id]))
+                        for s in items]
+    return saved._replace(scored=scored, question_domain=head.model_dump(mode="json"))
+
+
+def without_question_domains(saved: SavedScores) -> SavedScores:
+    return saved._replace(question_domain=None, scored={name: [
+        dataclasses.replace(s, scores=dataclasses.replace(s.scores, domain=None)) for s in items]
+        for name, items in saved.scored.items()})
 
 
 def demonstrations(settings: Settings, count: int, seed: int = DEMONSTRATIONS_SEED) -> tuple[str, dict[str, Any]]:
@@ -218,6 +278,8 @@ class SavedScores(NamedTuple):
     dtype: str | None = None  # what the engine computed in; None in files from before it was saved
     # per benchmark, the questions a reported split holds that the scoring run left out (0 in files from before)
     decontaminated: dict[str, int] = {}
+    # the head that computed every question's `domain` (mcq.QuestionDomain as a dict); None in files without them
+    question_domain: dict[str, Any] | None = None
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
@@ -257,10 +319,11 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
                 answer_prior_context: str, demonstrations: str = "",
                 demonstrations_source: dict[str, Any] | None = None, dtype: str | None = None,
-                decontaminated: dict[str, int] | None = None) -> Path:
+                decontaminated: dict[str, int] | None = None, question_domain: dict[str, Any] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scored_after = {"answer_prior_context": answer_prior_context, "demonstrations": demonstrations,
-                    "demonstrations_source": demonstrations_source or {}, "dtype": dtype}
+                    "demonstrations_source": demonstrations_source or {}, "dtype": dtype,
+                    **({"question_domain": question_domain} if question_domain else {})}
     path.write_text(json.dumps({name: {"split": splits[name], **scored_after,
                                        "decontaminated": (decontaminated or {}).get(name, 0), "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
@@ -284,6 +347,7 @@ def load_scores(path: Path) -> SavedScores:
                  for block in raw.values()}
         dtypes = {block.get("dtype") for block in raw.values()}
         decontaminated = {name: int(block.get("decontaminated", 0)) for name, block in raw.items()}
+        heads = {json.dumps(block.get("question_domain"), sort_keys=True) for block in raw.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
     if len(cues) > 1:
@@ -295,21 +359,33 @@ def load_scores(path: Path) -> SavedScores:
     if len(dtypes) > 1:  # a record claims one dtype, or (for files from before it was saved) none
         raise CalibrationError(f"{path} mixes scores computed in different dtypes ({sorted(map(str, dtypes))}); "
                                "score them again with one `zephyr eval calibrate` run")
+    if len(heads) > 1:
+        raise CalibrationError(f"{path} mixes question domains computed by different heads; refit without them "
+                               "(--no-question-domain) or score them again with one `zephyr eval calibrate` run")
+    head = json.loads(heads.pop()) if heads else None
+    if head is not None:
+        try:
+            mcq.QuestionDomain.model_validate(head)
+        except ValidationError as exc:
+            raise CalibrationError(f"{path} holds a question_domain head that cannot be used: "
+                                   f"{exc.errors()[0]['msg']}") from None
     text, source = json.loads(shown.pop()) if shown else ("", {})
     return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source,
-                       dtypes.pop() if dtypes else None, decontaminated)
+                       dtypes.pop() if dtypes else None, decontaminated, head)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
               benchmarks: list[str] | None = None, write: bool = True,
               scores: Path | None = None, letter: bool = True,
               answer_prior_context: str | None = None,
-              demonstration_count: int | None = None) -> mcq.MCQCalibration:
+              demonstration_count: int | None = None, question_domain: bool = True) -> mcq.MCQCalibration:
     """Scores the validation questions (or reads the scores an earlier run saved), fits, shows both tables and
     writes the record into the model's zephyr.json. Without `letter` the letter format is not scored and the
     candidates that read it are not fitted (the fit skips a feature no question has). Cloze and the answer prior
     are scored after `demonstration_count` solved training examples, which the record keeps for the service
-    (None: as many as `default_demonstrations` says)."""
+    (None: as many as `default_demonstrations` says). With `question_domain` the sharpness may also read which set
+    each question reads like (`with_question_domains`; a refit of scores saved without it computes it and saves the
+    scores again)."""
     registry = Registry(settings.models_dir)
     entry = registry.get(model)
     if scores is not None:
@@ -330,6 +406,10 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         # (a file from before the rule, or a rule that found more)
         decontaminated = {name: before.get(name, 0) + len(ids) for name, ids in left_out.items()}
         console.print(left_out_note(contamination(settings), left_out, before))
+        if question_domain and saved_scores.question_domain is None and _reads_cloze(saved_scores):
+            if (saved_scores := _domains_or_none(settings, saved_scores, console)).question_domain is not None:
+                resaved = save_scores(Path(scores).with_name(f"scores-{_stamp()}.json"), *saved_scores)
+                console.print(f"validation scores with question domains -> {resaved} (refit with --scores)")
     else:
         cue = answer_prior_context or mcq.ANSWER_PRIOR_CONTEXT
         if demonstration_count is None:
@@ -347,17 +427,23 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
                                                     demonstrations=shown), cue, shown, source,
                                    None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype),
                                    decontaminated)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        if question_domain and _reads_cloze(saved_scores):
+            saved_scores = _domains_or_none(settings, saved_scores, console,
+                                            {name: items for name, (_, items) in data.items()}, limit)
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
-        saved = save_scores(folder / "calibration" / f"scores-{stamp}.json", *saved_scores)
+        saved = save_scores(folder / "calibration" / f"scores-{_stamp()}.json", *saved_scores)
         console.print(f"validation scores -> {saved} (refit with --scores)")
+    if not question_domain:
+        saved_scores = without_question_domains(saved_scores)
     splits, scored, cue = saved_scores.splits, saved_scores.scored, saved_scores.answer_prior_context
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
     try:  # validated, not copied: the record is read back at every server start
         record = mcq.MCQCalibration.model_validate(record.model_dump() | {
             "answer_prior_context": cue, "demonstrations": saved_scores.demonstrations,
-            "demonstrations_source": saved_scores.demonstrations_source, "dtype": saved_scores.dtype})
+            "demonstrations_source": saved_scores.demonstrations_source, "dtype": saved_scores.dtype,
+            # the head only where the sharpness reads it: the service then embeds every question
+            "question_domain": saved_scores.question_domain if record.reads_question_domain else None})
     except ValidationError as exc:
         raise CalibrationError(f"the answer cue or the demonstrations cannot be recorded: "
                                f"{exc.errors()[0]['msg']}") from None
@@ -380,6 +466,29 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         console.print(f"auto for {model}: [bold]{record.method}[/] (weights {weights}{cue_note}) -> "
                       f"{entry.path / 'zephyr.json'}")
     return record
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _reads_cloze(saved: SavedScores) -> bool:
+    """Whether the sharpness, and so the question domain, can be fitted: it scales cloze scores."""
+    return all(s.scores.cloze is not None for items in saved.scored.values() for s in items)
+
+
+def _domains_or_none(settings: Settings, saved: SavedScores, console: Console,
+                     questions: dict[str, list[MCQItem]] | None = None, limit: int | None = None) -> SavedScores:
+    """The scores with question domains; as they were, with a warning, where the data folder lacks a training
+    split the head learns from."""
+    from zephyr.encoder import EncoderError
+
+    try:
+        return with_question_domains(settings, saved, console, questions, limit)
+    except (DatasetError, EncoderError) as exc:
+        console.print(f"[yellow]question domain not fitted[/] ({exc}); calibrating without it "
+                      "(--no-question-domain says so)")
+        return saved
 
 
 def candidates_table(model: str, record: mcq.MCQCalibration, figures: dict[str, dict[str, Any]]) -> Table:

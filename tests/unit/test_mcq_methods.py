@@ -186,14 +186,14 @@ def test_scores_file_round_trip(tmp_path: Path):
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
     path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
-    splits, loaded, cue, shown, source, dtype, decontaminated = load_scores(path)
+    splits, loaded, cue, shown, source, dtype, decontaminated, question_domain = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
     assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:" and (shown, source) == ("", {})
     assert dtype is None  # not said: the record will not claim one
-    assert decontaminated == {"arc_easy": 0}
+    assert decontaminated == {"arc_easy": 0} and question_domain is None
     path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
                        "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3})
-    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3})
+    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3}, None)
     two = json.loads(path.read_text())
     path.write_text(json.dumps({**two, "sciq": {**two["arc_easy"], "dtype": "bfloat16"}}))
     with pytest.raises(CalibrationError, match="different dtypes"):

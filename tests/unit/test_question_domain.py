@@ -1,0 +1,167 @@
+"""`auto`'s sharpness reads which set a question reads like (mcq.QuestionDomain): the head, its fit, the record's
+rules, the scores file, and the service embedding each question with the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evals import calibration
+from evals.calibrate import CalibrationError
+from zephyr import mcq
+from zephyr.encoder import EMBEDDING_DIM
+
+QUESTION = {"question": "Which gas do plants take in to make food?", "options": ["Oxygen", "Carbon dioxide", "Helium"]}
+
+
+def head(seed: int = 0, scale: float = 1.0) -> mcq.QuestionDomain:
+    rng = np.random.default_rng(seed)
+    return mcq.QuestionDomain(classes=list(mcq.QUESTION_DOMAINS),
+                              coef=(scale * rng.normal(size=(len(mcq.QUESTION_DOMAINS), EMBEDDING_DIM))).tolist(),
+                              intercept=rng.normal(size=len(mcq.QUESTION_DOMAINS)).tolist())
+
+
+def test_the_head_is_scikit_learns_multinomial_regression_fitted_on_the_sets_it_names():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(len(mcq.QUESTION_DOMAINS), EMBEDDING_DIM))
+    embeddings = {name: centres[k] + rng.normal(scale=3.0, size=(40 + 10 * k, EMBEDDING_DIM))
+                  for k, name in enumerate(mcq.QUESTION_DOMAINS)}
+    fitted = calibration.fit_question_domain(embeddings, {"n": {n: len(x) for n, x in embeddings.items()}})
+    assert fitted.classes == list(mcq.QUESTION_DOMAINS) and fitted.fitted["C"] == 1.0
+    x = np.vstack(list(embeddings.values()))
+    y = np.concatenate([[k] * len(v) for k, v in enumerate(embeddings.values())])
+    reference = LogisticRegression(class_weight="balanced", max_iter=5000).fit(x, y).predict_proba(x[:7])
+    assert np.allclose(fitted.probabilities(x[:7].tolist()), reference, atol=1e-6)
+    with pytest.raises(ValueError, match="needs embeddings of"):
+        calibration.fit_question_domain({"arc_easy": x})
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"classes": ["arc_easy", "arc_challenge", "openbookqa", "mmlu"]}, "classes must be"),
+    ({"encoder": "bert-base"}, "is not all-MiniLM-L6-v2"),
+    ({"coef": [[0.0] * EMBEDDING_DIM] * 3}, "one coef row"),
+    ({"coef": [[0.0] * 3] * 4}, "384 weights"),
+])
+def test_a_head_that_cannot_be_applied_is_refused(change, says):
+    with pytest.raises(ValueError, match=says):
+        mcq.QuestionDomain.model_validate(head().model_dump() | change)
+
+
+def test_domain_features_need_the_head_and_the_domain_computed():
+    with pytest.raises(ValueError, match="no question_domain head"):
+        mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"domain_mmlu": 0.3})
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"domain_mmlu": 0.3},
+                                question_domain=head())
+    assert record.reads_question_domain and mcq.plan("auto", record).needs_domain
+    assert not mcq.plan("cloze", record).needs_domain  # a named method keeps its own temperature only
+    scores = mcq.cloze_scores(["a", "b"], [-1.0, -2.0])
+    with pytest.raises(ValueError, match="domain was not computed"):
+        mcq.plan("auto", record).distribution(scores)
+    # the features are log-odds against ARC-Challenge
+    features = mcq.confidence_features(dataclasses.replace(scores, domain=[0.1, 0.4, 0.2, 0.3]))
+    assert features["domain_arc_easy"] == pytest.approx(math.log(4)) and features["domain_mmlu"] == pytest.approx(
+        math.log(3))
+    # a record without a head scores as before, whatever the scores carry
+    older = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"bias": 0.2})
+    assert not older.reads_question_domain
+    assert mcq.plan("auto", older).distribution(scores) == mcq.plan("auto", older).distribution(
+        dataclasses.replace(scores, domain=[0.1, 0.4, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="one probability per class"):
+        mcq.confidence_features(dataclasses.replace(scores, domain=[0.5, 0.5]))
+
+
+def test_the_sharpness_reads_the_domain_where_the_scores_alone_cannot_tell_the_sets_apart():
+    # Two kinds of question with the same score shapes: one set's answers are far more reliable. Only the domain
+    # tells them apart, as ARC-Easy's from ARC-Challenge's.
+    rng = random.Random(7)
+    items = []
+    for i in range(3000):
+        easy = i % 2 == 0
+        cloze = [rng.gauss(-8, 2) for _ in range(4)]
+        probs = list(mcq.letter_distribution("ABCD", [c / (0.5 if easy else 8.0) for c in cloze])[0].values())
+        domain = [0.3, 0.5, 0.1, 0.1] if easy else [0.5, 0.3, 0.1, 0.1]
+        items.append(calibration.Scored(dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), domain=domain),
+                                        rng.choices(range(4), probs)[0]))
+    record, _ = calibration.fit(items)
+    assert record.scaling["domain_arc_easy"] > 0
+    blind, _ = calibration.fit([dataclasses.replace(i, scores=dataclasses.replace(i.scores, domain=None))
+                                for i in items])
+    assert not any(f in blind.scaling for f in mcq.DOMAIN_FEATURES)
+    for kind in (items[0::2], items[1::2]):
+        assert calibration.evaluate(record, kind)["ece"] < 0.05
+    assert max(calibration.evaluate(blind, kind)["ece"] for kind in (items[0::2], items[1::2])) > 0.1
+
+
+def test_scores_carry_the_head_that_computed_their_domains(tmp_path: Path):
+    from evals.calibrate import load_scores, save_scores, without_question_domains
+
+    rng = random.Random(2)
+    items = [calibration.Scored(dataclasses.replace(mcq.cloze_scores(["a", "b"], [rng.gauss(-3, 1), -3.0]),
+                                                    domain=[0.25] * 4), 0, f"q{i}") for i in range(4)]
+    shown = head().model_dump(mode="json")
+    path = save_scores(tmp_path / "s.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?", "", None, None,
+                       None, shown)
+    saved = load_scores(path)
+    assert saved.question_domain == shown and saved.scored["arc_easy"][0].scores.domain == [0.25] * 4
+    assert without_question_domains(saved).scored["arc_easy"][0].scores.domain is None
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "sciq": {**raw["arc_easy"], "question_domain": head(1).model_dump()}}))
+    with pytest.raises(CalibrationError, match="different heads"):
+        load_scores(path)
+    path.write_text(json.dumps({"arc_easy": {**raw["arc_easy"], "question_domain": {**shown, "classes": ["x"]}}}))
+    with pytest.raises(CalibrationError, match="cannot be used"):
+        load_scores(path)
+
+
+async def test_auto_embeds_each_question_and_reads_its_domain(app_factory, settings_factory, default_model):
+    from loadtest.harness import linked_variant
+    from zephyr.encoder import embed, load_encoder
+
+    domain_head = head(3, scale=20.0)  # large weights: the domain moves the confidence visibly
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, question_domain=domain_head,
+                                scaling={"bias": -1.0, "domain_arc_easy": 0.4, "domain_mmlu": -0.3})
+    home = settings_factory().home
+    linked_variant(home, default_model, "domain", mcq_calibration=record)
+    async with app_factory(home=home, model="domain") as served:
+        r = await served.client.post("/mcq", json=QUESTION)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
+        domain = domain_head.probabilities(embed(load_encoder(), [mcq.domain_text(question)]).tolist())[0]
+        scores = dataclasses.replace(mcq.cloze_scores(question.options, list(body["cloze"]["loglikelihood"].values())),
+                                     domain=domain)
+        probabilities, answer = mcq.plan("auto", record).distribution(scores)
+        assert body["answer"] == answer and body["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+        blind = mcq.combine(scores, record.weights, scaling={"bias": -1.0})[0]
+        assert body["probabilities"] != pytest.approx(blind, abs=1e-3)  # the domain moved it
+        row = await (await served.flushed_log()).get(body["id"])
+        assert row["response"][0]["scores"]["domain"] == pytest.approx(domain, abs=1e-6)
+        # a batch reads each question's own domain
+        other = {"question": "What is the derivative of x squared?", "options": ["2x", "x", "x squared"]}
+        r = await served.client.post("/mcq/batch", json={"questions": [QUESTION, other]})
+        assert r.status_code == 200, r.text
+        answers = r.json()["results"]
+        assert answers[0]["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
+        assert answers[1]["probabilities"] != pytest.approx(body["probabilities"], abs=1e-3)
+
+
+def test_a_tutor_for_a_record_that_reads_the_domain_needs_the_encoder(tmp_path):
+    from service.tutor import Tutor
+    from zephyr.settings import Settings
+
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"domain_mmlu": 0.3},
+                                question_domain=head())
+
+    class Engine:
+        max_model_len = 2048
+
+    with pytest.raises(ValueError, match="needs the encoder"):
+        Tutor(Engine(), Settings(home=tmp_path), None, None, record)

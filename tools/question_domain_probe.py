@@ -1,0 +1,94 @@
+"""How much does knowing which set a question comes from make `/mcq`'s confidence honest? Validation splits only.
+
+Reads a scores file of `zephyr eval calibrate` that carries question domains (every calibration since 2026-12-05
+saves them) and refits the served candidate (`cloze_pmi` unless --candidate) by the record's own 5-fold
+cross-validation, three ways: the sharpness reading the question's scores alone (the records before), reading the
+question-domain head's probabilities too (the records since), and, as a ceiling no service can reach, reading the
+set each question truly comes from (near one-hot domain probabilities; SciQ, which the head has no class for, gets
+a flat one). Prints, per set, accuracy, mean confidence and ECE of the held-out folds.
+
+    python -m tools.question_domain_probe --scores ~/.cache/zephyr/eval-results/MODEL/calibration/scores-....json
+
+Findings: docs/evaluation.md, "Which set a question reads like".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from pathlib import Path
+
+from rich.table import Table
+
+from evals import calibration
+from evals.calibrate import load_scores, without_question_domains
+from zephyr import mcq
+from zephyr.console import make_console
+
+FOLDS = 5
+
+
+def held_out(items: list[calibration.Scored], candidate: str, seed: int = 0) -> list[tuple[list[float], int]]:
+    """Each question's probabilities and answer from the fit on the other folds (the order `cross_validated`
+    uses)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    out: list[tuple[list[float], int]] = [([], 0)] * len(items)
+    for fold in range(FOLDS):
+        held = set(order[fold::FOLDS])
+        train = [item for i, item in enumerate(items) if i not in held]
+        debias = calibration.CANDIDATES[candidate][1]
+        plan = mcq.plan("auto", calibration._fitted(train, candidate, calibration.letter_prior(train) if debias
+                                                    else {}))
+        for i in held:
+            out[i] = calibration._distribution(plan, items[i])
+    return out
+
+
+def truly(items: dict[str, list[calibration.Scored]]) -> dict[str, list[calibration.Scored]]:
+    """The same questions with the set they come from as their domain."""
+    def domain(name: str) -> list[float]:
+        if name not in mcq.QUESTION_DOMAINS:
+            return [0.25] * len(mcq.QUESTION_DOMAINS)
+        return [0.97 if d == name else 0.01 for d in mcq.QUESTION_DOMAINS]
+
+    return {name: [dataclasses.replace(s, scores=dataclasses.replace(s.scores, domain=domain(name))) for s in scored]
+            for name, scored in items.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scores", type=Path, required=True, help="a scores file of `zephyr eval calibrate`")
+    parser.add_argument("--candidate", default="cloze_pmi", choices=sorted(calibration.CANDIDATES))
+    args = parser.parse_args()
+    console = make_console()
+    saved = load_scores(args.scores)
+    if saved.question_domain is None:
+        parser.error(f"{args.scores} carries no question domains: refit it once with `zephyr eval calibrate "
+                     "--scores` (which saves the scores again with them) and pass that file")
+    variants = {"scores only (before)": without_question_domains(saved).scored,
+                "+ question domain (served)": saved.scored, "+ the true set (ceiling)": truly(saved.scored)}
+    table = Table(title=f"{args.candidate}, held-out folds: accuracy / mean confidence / ECE")
+    table.add_column("sharpness reads")
+    for name in [*saved.scored, "pooled"]:
+        table.add_column(name, justify="right")
+    table.add_column("pooled NLL", justify="right")
+    for label, scored in variants.items():
+        pooled = [s for items in scored.values() for s in items]
+        given = held_out(pooled, args.candidate)
+        cells, start = [], 0
+        for items in [*scored.values(), pooled]:
+            part = given[start:start + len(items)] if items is not pooled else given
+            start += len(items) if items is not pooled else 0
+            probabilities, answers = [p for p, _ in part], [a for _, a in part]
+            golds = [s.gold for s in items]
+            f = calibration.summarize(probabilities, golds, answers)
+            confidence = sum(max(p) for p in probabilities) / len(probabilities)
+            cells.append(f"{f['accuracy']:.1%} / {confidence:.2f} / {f['ece']:.3f}")
+        table.add_row(label, *cells, f"{f['nll']:.4f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
