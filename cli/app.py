@@ -49,12 +49,16 @@ def serve(
     try:
         check_bind(settings)  # also parses the API keys, failing here on a malformed entry
         models = Registry(settings.models_dir)
+        reads_domain = False
         if settings.model != DEFAULT_MODEL or models.exists(settings.model):
             entry = models.get(settings.model)
             if problem := VLLMEngine.refusal(settings, entry.path, entry.name):
                 raise fail(problem)
+            record = entry.manifest.mcq_calibration
+            reads_domain = record is not None and record.reads_question_domain
         if settings.safety_guard:  # before the engine's minute of start-up, not after it
             load_record(settings.safety_record)
+        if settings.safety_guard or reads_domain:  # the guard's encoder, or the one /mcq's record reads with
             minilm_folder()
     except (UnsafeBind, RegistryError, SafetyError, EncoderError, ValueError) as exc:
         raise fail(str(exc)) from None

@@ -168,18 +168,20 @@ def question_domain_head(settings: Settings, encoder: Any, console: Console,
     from zephyr.encoder import embed
 
     check = contamination(settings)
-    embeddings, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}}
-    for name, (split, skip) in QUESTION_DOMAIN_TRAINING.items():
+    questions, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}}
+    for name, (split, skip) in QUESTION_DOMAIN_TRAINING.items():  # every split read before any is embedded
         items, left_out = decontaminate(first(load(name, split=split, data_dir=settings.data_dir)[skip:], limit),
                                         check)
         if not items:
             raise DatasetError(f"{name}'s {split} split holds no questions {f'past the first {skip} ' if skip else ''}"
                                "to learn its domain from")
-        console.print(f"question domain: {len(items)} {name} {split} questions")
-        embeddings[name] = embed(encoder, [mcq.domain_text(mcq_eval.question_of(i)) for i in items],
-                                 progress=len(items) > 200)
+        questions[name] = items
         fitted["splits"][name] = f"{split}[{skip}:]" if skip else split
         fitted["n"][name], fitted["decontaminated"][name] = len(items), len(left_out)
+    console.print("question domain: learning which set a question reads like from "
+                  + ", ".join(f"{len(items)} {name} {fitted['splits'][name]}" for name, items in questions.items()))
+    embeddings = {name: embed(encoder, [mcq.domain_text(mcq_eval.question_of(i)) for i in items],
+                              progress=len(items) > 200) for name, items in questions.items()}
     return calibration.fit_question_domain(embeddings, fitted)
 
 
@@ -407,6 +409,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         decontaminated = {name: before.get(name, 0) + len(ids) for name, ids in left_out.items()}
         console.print(left_out_note(contamination(settings), left_out, before))
         if question_domain and saved_scores.question_domain is None and _reads_cloze(saved_scores):
+            saved_scores = saved_scores._replace(decontaminated=decontaminated)  # what its items now leave out
             if (saved_scores := _domains_or_none(settings, saved_scores, console)).question_domain is not None:
                 resaved = save_scores(Path(scores).with_name(f"scores-{_stamp()}.json"), *saved_scores)
                 console.print(f"validation scores with question domains -> {resaved} (refit with --scores)")
@@ -427,12 +430,16 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
                                                     demonstrations=shown), cue, shown, source,
                                    None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype),
                                    decontaminated)
+        folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
+        # saved before the domains are added: the engine's scoring is the costly part, and kept whatever follows
+        saved = save_scores(folder / "calibration" / f"scores-{_stamp()}.json", *saved_scores)
+        console.print(f"validation scores -> {saved} (refit with --scores)")
         if question_domain and _reads_cloze(saved_scores):
             saved_scores = _domains_or_none(settings, saved_scores, console,
                                             {name: items for name, (_, items) in data.items()}, limit)
-        folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
-        saved = save_scores(folder / "calibration" / f"scores-{_stamp()}.json", *saved_scores)
-        console.print(f"validation scores -> {saved} (refit with --scores)")
+            if saved_scores.question_domain is not None:
+                save_scores(saved, *saved_scores)
+                console.print(f"validation scores with question domains -> {saved}")
     if not question_domain:
         saved_scores = without_question_domains(saved_scores)
     splits, scored, cue = saved_scores.splits, saved_scores.scored, saved_scores.answer_prior_context

@@ -202,8 +202,9 @@ def fit_scaling(items: Sequence[Scored], record: mcq.MCQCalibration) -> dict[str
 
 def fit_question_domain(embeddings: Mapping[str, Any], fitted: Mapping[str, Any] | None = None,
                         c: float = 1.0) -> mcq.QuestionDomain:
-    """The question-domain head: a multinomial logistic regression (scikit-learn's defaults: C = 1, balanced
-    classes, since the sets differ fifteenfold in size) over each class's training-split question embeddings.
+    """The question-domain head: a multinomial logistic regression (C = 1, scikit-learn's default, not tuned;
+    balanced class weights, since the sets differ fifteenfold in size) over each class's training-split question
+    embeddings.
     `fitted` (splits, counts) is kept in the head for whoever reads the record."""
     from sklearn.linear_model import LogisticRegression
 
@@ -253,22 +254,27 @@ def _fitted(items: Sequence[Scored], name: str, prior: dict[str, list[float]]) -
     return record
 
 
-def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 0) -> dict[str, Any]:
-    """The candidate fitted on all folds but one and measured on that one, for every fold: figures for questions
-    the fit never saw, so the choice between candidates is not a choice of what fits its own data best."""
-    features, debias = CANDIDATES[name]
+def held_out(items: Sequence[Scored], name: str, folds: int, seed: int = 0) -> list[tuple[list[float], int]]:
+    """Per question, the probabilities and the answer (an option index) of the candidate fitted on every fold but
+    the question's own."""
+    _, debias = CANDIDATES[name]
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    probabilities: list[list[float]] = [[] for _ in items]
-    answers = [0] * len(items)
+    given: list[tuple[list[float], int]] = [([], 0) for _ in items]
     for fold in range(folds):
         held = set(order[fold::folds])
         train = [item for i, item in enumerate(items) if i not in held]
-        record = _fitted(train, name, letter_prior(train) if debias else {})
-        plan = mcq.plan("auto", record)
+        plan = mcq.plan("auto", _fitted(train, name, letter_prior(train) if debias else {}))
         for i in held:
-            probabilities[i], answers[i] = _distribution(plan, items[i])
-    return summarize(probabilities, [item.gold for item in items], answers)
+            given[i] = _distribution(plan, items[i])
+    return given
+
+
+def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 0) -> dict[str, Any]:
+    """The candidate fitted on all folds but one and measured on that one, for every fold: figures for questions
+    the fit never saw, so the choice between candidates is not a choice of what fits its own data best."""
+    given = held_out(items, name, folds, seed)
+    return summarize([p for p, _ in given], [item.gold for item in items], [a for _, a in given])
 
 
 def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:

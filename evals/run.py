@@ -134,6 +134,14 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     if "text" in suites:
         data["sciq_text"] = ("test", _load("sciq", options, settings, fingerprints))
     text_tools = _text_tools(options, settings, registry, console) if "text" in suites else None
+    if "mcq" in suites and options.local and entry.manifest.mcq_calibration is not None \
+            and entry.manifest.mcq_calibration.reads_question_domain:
+        from zephyr.encoder import EncoderError, minilm_folder
+
+        try:  # `auto` embeds every question after the engine's scoring: a missing encoder fails now, not then
+            minilm_folder()
+        except EncoderError as exc:
+            raise EvalError(f"{entry.name}'s record reads each question's domain: {exc}") from None
 
     engine = None
     if options.local and needs_transformers(entry):
@@ -237,15 +245,15 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
                           "cloze (and the answer prior, which the vLLM engine scores); run without --explain, "
                           "--no-letter and --no-cloze")
         else:
+            head = auto.calibration.question_domain if auto.needs_domain and auto.calibration else None
             encoder = None
-            if auto.needs_domain:
+            if head is not None:
                 from zephyr.encoder import load_encoder
 
                 encoder = load_encoder()
             for name in names:
                 split, items = data[name]
-                domains = (mcq_eval.question_domains(items, auto.calibration.question_domain, encoder)
-                           if auto.needs_domain and auto.calibration and auto.calibration.question_domain else None)
+                domains = mcq_eval.question_domains(items, head, encoder) if head is not None else None
                 scores = mcq_eval.option_scores(
                     items, next((x for x in out if x.key == f"{name}/letter_acc"), None),
                     next((x for x in out if x.key == f"{name}/cloze_acc"), None),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 from pathlib import Path
 
 from rich.table import Table
@@ -27,23 +26,6 @@ from zephyr import mcq
 from zephyr.console import make_console
 
 FOLDS = 5
-
-
-def held_out(items: list[calibration.Scored], candidate: str, seed: int = 0) -> list[tuple[list[float], int]]:
-    """Each question's probabilities and answer from the fit on the other folds (the order `cross_validated`
-    uses)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    out: list[tuple[list[float], int]] = [([], 0)] * len(items)
-    for fold in range(FOLDS):
-        held = set(order[fold::FOLDS])
-        train = [item for i, item in enumerate(items) if i not in held]
-        debias = calibration.CANDIDATES[candidate][1]
-        plan = mcq.plan("auto", calibration._fitted(train, candidate, calibration.letter_prior(train) if debias
-                                                    else {}))
-        for i in held:
-            out[i] = calibration._distribution(plan, items[i])
-    return out
 
 
 def truly(items: dict[str, list[calibration.Scored]]) -> dict[str, list[calibration.Scored]]:
@@ -76,17 +58,18 @@ def main() -> None:
     table.add_column("pooled NLL", justify="right")
     for label, scored in variants.items():
         pooled = [s for items in scored.values() for s in items]
-        given = held_out(pooled, args.candidate)
-        cells, start = [], 0
-        for items in [*scored.values(), pooled]:
-            part = given[start:start + len(items)] if items is not pooled else given
-            start += len(items) if items is not pooled else 0
-            probabilities, answers = [p for p, _ in part], [a for _, a in part]
-            golds = [s.gold for s in items]
-            f = calibration.summarize(probabilities, golds, answers)
+        given = calibration.held_out(pooled, args.candidate, FOLDS)  # the record's folds (seed 0)
+        parts, start = [], 0
+        for items in scored.values():
+            parts.append((items, given[start:start + len(items)]))
+            start += len(items)
+        cells = []
+        for items, part in [*parts, (pooled, given)]:
+            probabilities = [p for p, _ in part]
+            figures = calibration.summarize(probabilities, [s.gold for s in items], [a for _, a in part])
             confidence = sum(max(p) for p in probabilities) / len(probabilities)
-            cells.append(f"{f['accuracy']:.1%} / {confidence:.2f} / {f['ece']:.3f}")
-        table.add_row(label, *cells, f"{f['nll']:.4f}")
+            cells.append(f"{figures['accuracy']:.1%} / {confidence:.2f} / {figures['ece']:.3f}")
+        table.add_row(label, *cells, f"{figures['nll']:.4f}")
     console.print(table)
 
 

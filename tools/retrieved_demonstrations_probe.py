@@ -27,9 +27,9 @@ import numpy as np
 from evals import calibration, mcq_eval
 from evals.calibrate import load_items, load_scores
 from offline.benchmarks import CALIBRATION_LIMITS, MCQ_BENCHMARKS, load, question_key, reported_copy
-from zephyr import encoder as encoder_module
 from zephyr import mcq
 from zephyr.console import make_console
+from zephyr.encoder import embed, load_encoder
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
@@ -56,8 +56,8 @@ def score(settings: Settings, model: str, count: int, limit: int | None, out: Pa
     data, _ = load_items(settings, list(MCQ_BENCHMARKS), limit)
     known = {question_key(i.question, i.options) for _, items in data.values() for i in items}
     solved = pool(settings, known)
-    encoder = encoder_module.load_encoder()
-    index = np.asarray(encoder_module.embed(encoder, [i.question for i in solved], progress=True))
+    encoder = load_encoder()
+    index = np.asarray(embed(encoder, [i.question for i in solved], progress=True))
     entry = Registry(settings.models_dir).get(model)
     cue = entry.manifest.mcq_calibration.answer_prior_context if entry.manifest.mcq_calibration else \
         mcq.ANSWER_PRIOR_CONTEXT
@@ -65,7 +65,7 @@ def score(settings: Settings, model: str, count: int, limit: int | None, out: Pa
     scored: dict[str, list[dict]] = {}
     try:
         for name, (_, items) in data.items():
-            queries = np.asarray(encoder_module.embed(encoder, [i.question for i in items]))
+            queries = np.asarray(embed(encoder, [i.question for i in items]))
             requests, priors, nearest = [], [], []
             for item, query in zip(items, queries, strict=True):
                 similarity = index @ query

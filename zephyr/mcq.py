@@ -279,7 +279,7 @@ class QuestionDomain(BaseModel):
     normalized): the probability it comes from each of QUESTION_DOMAINS. Fitted on training splits only
     (evals/calibration.py: fit_question_domain); plain JSON, so loading a record runs no code."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight would read as the clamp's e^50
     encoder: str = ENCODER_NAME
     classes: list[str]
     coef: list[list[float]]
@@ -510,8 +510,8 @@ class Plan:
 
     @property
     def needs_domain(self) -> bool:
-        """Whether the sharpness reads which set the question reads like (the record's QuestionDomain head)."""
-        return any(self.scaling.get(f) for f in DOMAIN_FEATURES)
+        """Whether the sharpness reads which set the question reads like (`auto` on a record that reads it)."""
+        return bool(self.scaling) and self.calibration is not None and self.calibration.reads_question_domain
 
     @property
     def needs_answer_prior(self) -> bool:

@@ -4,6 +4,7 @@ rules, the scores file, and the service embedding each question with the real al
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import random
@@ -134,23 +135,29 @@ async def test_auto_embeds_each_question_and_reads_its_domain(app_factory, setti
         r = await served.client.post("/mcq", json=QUESTION)
         assert r.status_code == 200, r.text
         body = r.json()
-        question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
-        domain = domain_head.probabilities(embed(load_encoder(), [mcq.domain_text(question)]).tolist())[0]
-        scores = dataclasses.replace(mcq.cloze_scores(question.options, list(body["cloze"]["loglikelihood"].values())),
-                                     domain=domain)
-        probabilities, answer = mcq.plan("auto", record).distribution(scores)
-        assert body["answer"] == answer and body["probabilities"] == pytest.approx(probabilities, abs=1e-6)
-        blind = mcq.combine(scores, record.weights, scaling={"bias": -1.0})[0]
-        assert body["probabilities"] != pytest.approx(blind, abs=1e-3)  # the domain moved it
+        encoder = load_encoder()
+
+        def expected(asked: dict, reply: dict) -> tuple[dict[str, float], list[float]]:
+            question = mcq.MCQuestion.build(asked["question"], asked["options"])
+            domain = domain_head.probabilities(embed(encoder, [mcq.domain_text(question)]).tolist())[0]
+            scores = dataclasses.replace(
+                mcq.cloze_scores(question.options, list(reply["cloze"]["loglikelihood"].values())), domain=domain)
+            probabilities, answer = mcq.plan("auto", record).distribution(scores)
+            assert reply["answer"] == answer
+            blind = mcq.combine(scores, record.weights, scaling={"bias": -1.0})[0]
+            assert reply["probabilities"] != pytest.approx(blind, abs=1e-3)  # the domain moved it
+            return probabilities, domain
+
+        probabilities, domain = expected(QUESTION, body)
+        assert body["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         row = await (await served.flushed_log()).get(body["id"])
         assert row["response"][0]["scores"]["domain"] == pytest.approx(domain, abs=1e-6)
         # a batch reads each question's own domain
         other = {"question": "What is the derivative of x squared?", "options": ["2x", "x", "x squared"]}
         r = await served.client.post("/mcq/batch", json={"questions": [QUESTION, other]})
         assert r.status_code == 200, r.text
-        answers = r.json()["results"]
-        assert answers[0]["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
-        assert answers[1]["probabilities"] != pytest.approx(body["probabilities"], abs=1e-3)
+        for asked, reply in zip([QUESTION, other], r.json()["results"], strict=True):
+            assert reply["probabilities"] == pytest.approx(expected(asked, reply)[0], abs=1e-6)
 
 
 def test_a_tutor_for_a_record_that_reads_the_domain_needs_the_encoder(tmp_path):
@@ -165,3 +172,68 @@ def test_a_tutor_for_a_record_that_reads_the_domain_needs_the_encoder(tmp_path):
 
     with pytest.raises(ValueError, match="needs the encoder"):
         Tutor(Engine(), Settings(home=tmp_path), None, None, record)
+
+
+def _domain_data(root: Path, mmlu: bool = True) -> None:
+    """ARC-Easy dev (the questions calibrated on), and the training splits the head learns from."""
+    def arc(path: Path, stems: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "answerKey": "A", "question": {
+            "stem": stem, "choices": [{"label": label, "text": f"{label} {stem[:9]}"} for label in "ABCD"]}}) + "\n"
+            for i, stem in enumerate(stems)))
+
+    arc(root / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl", [f"What is {i} plus one?" for i in range(60)])
+    arc(root / "arc" / "ARC-Easy" / "ARC-Easy-Train.jsonl", ["Which is a source of light?", "What do roots take in?"])
+    arc(root / "arc" / "ARC-Challenge" / "ARC-Challenge-Train.jsonl",
+        ["Which property of a mineral does a streak test show?", "Which process moves water up a tree?"])
+    (root / "openbookqa").mkdir()
+    header = "ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n"
+    (root / "openbookqa" / "train.tsv").write_text(header + "".join(
+        f"o-{i}\tThe sun is responsible for {i}\t(A) plants (B) rocks (C) no (D) snow\t-\tA\n" for i in range(502)))
+    if mmlu:
+        (root / "mmlu" / "dev").mkdir(parents=True)
+        (root / "mmlu" / "dev" / "college_physics_dev.csv").write_text(
+            "What is the SI unit of force?,joule,newton,watt,pascal,B\n")
+
+
+def test_a_refit_adds_question_domains_saves_them_and_can_do_without(tmp_path: Path, monkeypatch, default_model):
+    from rich.console import Console
+
+    from evals.calibrate import calibrate, load_scores, save_scores
+    from loadtest.harness import linked_variant
+    from zephyr.settings import Settings
+
+    _domain_data(tmp_path / "data")
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    settings = Settings()
+    linked_variant(settings.home, default_model, "domain-test")
+    own = settings.resolved_eval_results_dir / "domain-test" / "calibration"
+    own.mkdir(parents=True)
+    rng = random.Random(4)
+    items = [calibration.Scored(dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, [rng.gauss(-8, 2) for _ in
+                                                                                      range(4)]),
+                                                    answer_prior=[rng.gauss(-6, 1) for _ in range(4)]),
+                                rng.randrange(4), f"ARC-Easy-Dev-{i}") for i in range(60)]
+    old = save_scores(own / "scores-old.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?")
+    out = io.StringIO()
+    record = calibrate("domain-test", settings, Console(file=out, width=300), scores=old, write=False)
+    assert all(f in record.validation["candidates"]["cloze_pmi"]["scaling"] for f in mcq.DOMAIN_FEATURES)
+    assert (record.question_domain is not None) == record.reads_question_domain
+    resaved = [p for p in own.glob("scores-*.json") if p != old]
+    assert len(resaved) == 1 and "with question domains" in out.getvalue()
+    saved = load_scores(resaved[0])
+    assert saved.question_domain["fitted"]["n"] == {"arc_challenge": 2, "arc_easy": 2, "openbookqa": 2, "mmlu": 1}
+    assert all(len(s.scores.domain) == len(mcq.QUESTION_DOMAINS) for s in saved.scored["arc_easy"])
+    assert load_scores(old).question_domain is None  # the file as scored stays as it was
+    # the same scores without the domain: the sharpness reads the scores alone, as records did before
+    blind = calibrate("domain-test", settings, Console(file=io.StringIO()), scores=resaved[0], write=False,
+                      question_domain=False)
+    assert blind.question_domain is None
+    assert not any(f in blind.validation["candidates"]["cloze_pmi"]["scaling"] for f in mcq.DOMAIN_FEATURES)
+    # a data folder without a split the head learns from: calibrated without it, and said so
+    _domain_data(tmp_path / "partial", mmlu=False)
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(tmp_path / "partial"))
+    out = io.StringIO()
+    partial = calibrate("domain-test", Settings(), Console(file=out, width=300), scores=old, write=False)
+    assert partial.question_domain is None and "question domain not fitted" in out.getvalue()
