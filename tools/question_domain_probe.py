@@ -71,6 +71,26 @@ def main() -> None:
             cells.append(f"{figures['accuracy']:.1%} / {confidence:.2f} / {figures['ece']:.3f}")
         table.add_row(label, *cells, f"{figures['nll']:.4f}")
     console.print(table)
+    console.print(separation(saved.scored))
+
+
+def separation(scored: dict[str, list[calibration.Scored]]) -> str:
+    """How well the head tells the sets apart on these questions: the share put in their own set, and the ROC AUC
+    of its ARC-Easy probability against the other sets and against ARC-Challenge alone."""
+    from sklearn.metrics import roc_auc_score
+
+    own = [(name, s.scores.domain) for name, items in scored.items() if name in mcq.QUESTION_DOMAINS for s in items]
+    right = sum(mcq.QUESTION_DOMAINS[max(range(len(d)), key=d.__getitem__)] == name for name, d in own) / len(own)
+    easy = mcq.QUESTION_DOMAINS.index("arc_easy")
+
+    def auc(others: set[str]) -> float:
+        pairs = [(name == "arc_easy", d[easy]) for name, d in own if name == "arc_easy" or name in others]
+        return float(roc_auc_score([y for y, _ in pairs], [x for _, x in pairs]))
+
+    rest = set(mcq.QUESTION_DOMAINS) - {"arc_easy"}
+    return (f"question domain: {right:.1%} of {len(own):,} questions put in their own set; ROC AUC of P(arc_easy), "
+            f"ARC-Easy against the other three sets {auc(rest):.3f}, against ARC-Challenge alone "
+            f"{auc({'arc_challenge'}):.3f}")
 
 
 if __name__ == "__main__":
