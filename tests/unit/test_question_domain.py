@@ -48,7 +48,7 @@ def test_the_head_is_scikit_learns_multinomial_regression_fitted_on_the_sets_it_
 @pytest.mark.parametrize("change, says", [
     ({"classes": ["arc_easy", "arc_challenge", "openbookqa", "mmlu"]}, "classes must be"),
     ({"encoder": "bert-base"}, "is not all-MiniLM-L6-v2"),
-    ({"coef": [[0.0] * EMBEDDING_DIM] * 3}, "one coef row"),
+    ({"coef": [[0.0] * EMBEDDING_DIM] * 3}, "one row per class"),
     ({"coef": [[0.0] * 3] * 4}, "384 weights"),
 ])
 def test_a_head_that_cannot_be_applied_is_refused(change, says):
