@@ -100,11 +100,11 @@ def question_of(item: MCQItem) -> mcq.MCQuestion:
 def question_domains(items: list[MCQItem], head: mcq.QuestionDomain, encoder: Any = None) -> dict[str, list[float]]:
     """Per item, which set it reads like (the head's probabilities), as the service computes them; the encoder is
     loaded here unless given."""
-    from zephyr.encoder import embed, load_encoder
+    from zephyr.encoder import load_encoder
 
     encoder = encoder if encoder is not None else load_encoder()
-    embeddings = embed(encoder, [mcq.domain_text(question_of(item)) for item in items], progress=len(items) > 200)
-    return dict(zip([item.id for item in items], head.probabilities(embeddings.tolist()), strict=True))
+    probabilities = head.read(encoder, [question_of(item) for item in items], progress=len(items) > 200)
+    return dict(zip([item.id for item in items], probabilities, strict=True))
 
 
 def option_scores(items: list[MCQItem], letter_m: Measurement | None, cloze_m: Measurement | None,

@@ -49,7 +49,6 @@ from service.protocol import (
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
-from zephyr.encoder import embed
 from zephyr.prompts import encode_chat
 from zephyr.safety import (
     FINISH_REASON,
@@ -600,9 +599,7 @@ class Tutor:
         """Which set the question reads like: the record's head over its all-MiniLM-L6-v2 embedding."""
         head = plan.calibration.question_domain if plan.calibration else None
         assert head is not None  # MCQCalibration refuses domain features without their head
-        embeddings = await asyncio.get_running_loop().run_in_executor(
-            self.guard_thread, embed, self.encoder, [mcq.domain_text(q)])
-        return head.probabilities(embeddings.tolist())[0]
+        return (await asyncio.get_running_loop().run_in_executor(self.guard_thread, head.read, self.encoder, [q]))[0]
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float] | None, str | None]:

@@ -16,6 +16,7 @@ Only records fitted on validation splits belong here; this reads reported splits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -48,7 +49,7 @@ def per_question(record: mcq.MCQCalibration, items: list[Any], scores: dict[str,
     plan = mcq.plan("auto", record)
     if plan.needs_domain and record.question_domain is not None:
         domains = mcq_eval.question_domains(items, record.question_domain, encoder)
-        scores = {i: mcq.OptionScores(**{**vars(s), "domain": domains[i]}) for i, s in scores.items()}
+        scores = {i: dataclasses.replace(s, domain=domains[i]) for i, s in scores.items()}
     out = {}
     for item in items:
         probabilities, answer = plan.distribution(scores[item.id], mcq.LETTERS[: len(item.options)])

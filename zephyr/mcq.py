@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from zephyr.encoder import ENCODER_NAME, check_head
+from zephyr.encoder import ENCODER_NAME, check_head, embed
 
 MIN_OPTIONS = 2
 MAX_OPTIONS = 10
@@ -300,6 +300,11 @@ class QuestionDomain(BaseModel):
                       for weights, b in zip(self.coef, self.intercept, strict=True)]
             out.append([math.exp(v) for v in log_softmax(logits)])
         return out
+
+    def read(self, encoder: Any, questions: Sequence[MCQuestion], progress: bool = False) -> list[list[float]]:
+        """Per question, the classes' probabilities from its `domain_text` embedded by `encoder`: the one path the
+        service and the evals both take, so both apply one head to one text."""
+        return self.probabilities(embed(encoder, [domain_text(q) for q in questions], progress=progress).tolist())
 
 
 class MCQCalibration(BaseModel):

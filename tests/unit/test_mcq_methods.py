@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -289,18 +290,25 @@ def test_a_quantized_entry_is_calibrated_after_as_many_demonstrations_as_its_par
     assert count("orphan-w8a8", "gone", "w8a8") == DEMONSTRATIONS_DEFAULT
 
 
+def two_kinds(seed: int, scores_of: Callable[[bool, list[float]], mcq.OptionScores],
+              n: int = 3000) -> list[calibration.Scored]:
+    """Two kinds of question in turn (the first the reliable kind), alike in their cloze score shapes: the key is
+    drawn from softmax(cloze / T), T = 0.5 for the reliable kind and 8 for the other. `scores_of(reliable, cloze)`
+    gives each question what tells the kinds apart, or nothing."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        reliable = i % 2 == 0
+        cloze = [rng.gauss(-8, 2) for _ in range(4)]
+        probs = list(mcq.letter_distribution("ABCD", [c / (0.5 if reliable else 8.0) for c in cloze])[0].values())
+        items.append(calibration.Scored(scores_of(reliable, cloze), rng.choices(range(4), probs)[0]))
+    return items
+
+
 def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_differs():
     # Questions with a passage are answered far more reliably at the same raw margin: one temperature cannot
     # fit both kinds, a sharpness that reads `support` can.
-    rng = random.Random(3)
-    items = []
-    for i in range(3000):
-        support = i % 2 == 0
-        cloze = [rng.gauss(-8, 2) for _ in range(4)]
-        temperature = 0.5 if support else 8.0
-        probs = list(mcq.letter_distribution("ABCD", [c / temperature for c in cloze])[0].values())
-        items.append(calibration.Scored(mcq.cloze_scores(["x" * 5] * 4, cloze, support),
-                                        rng.choices(range(4), probs)[0]))
+    items = two_kinds(3, lambda support, cloze: mcq.cloze_scores(["x" * 5] * 4, cloze, support))
     record, figures = calibration.fit(items)
     assert record.method == "cloze" and record.scaling["support"] > 1.0
     plain = mcq.MCQCalibration(method="cloze", weights=record.weights, letter_prior={})

@@ -15,6 +15,7 @@ import pytest
 
 from evals import calibration
 from evals.calibrate import CalibrationError
+from tests.unit.test_mcq_methods import two_kinds
 from zephyr import mcq
 from zephyr.encoder import EMBEDDING_DIM
 
@@ -82,15 +83,8 @@ def test_domain_features_need_the_head_and_the_domain_computed():
 def test_the_sharpness_reads_the_domain_where_the_scores_alone_cannot_tell_the_sets_apart():
     # Two kinds of question with the same score shapes: one set's answers are far more reliable. Only the domain
     # tells them apart, as ARC-Easy's from ARC-Challenge's.
-    rng = random.Random(7)
-    items = []
-    for i in range(3000):
-        easy = i % 2 == 0
-        cloze = [rng.gauss(-8, 2) for _ in range(4)]
-        probs = list(mcq.letter_distribution("ABCD", [c / (0.5 if easy else 8.0) for c in cloze])[0].values())
-        domain = [0.3, 0.5, 0.1, 0.1] if easy else [0.5, 0.3, 0.1, 0.1]
-        items.append(calibration.Scored(dataclasses.replace(mcq.cloze_scores(["x" * 5] * 4, cloze), domain=domain),
-                                        rng.choices(range(4), probs)[0]))
+    items = two_kinds(7, lambda easy, cloze: dataclasses.replace(
+        mcq.cloze_scores(["x" * 5] * 4, cloze), domain=[0.3, 0.5, 0.1, 0.1] if easy else [0.5, 0.3, 0.1, 0.1]))
     record, _ = calibration.fit(items)
     assert record.scaling["domain_arc_easy"] > 0
     blind, _ = calibration.fit([dataclasses.replace(i, scores=dataclasses.replace(i.scores, domain=None))
