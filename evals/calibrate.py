@@ -455,15 +455,19 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         raise CalibrationError(f"the answer cue or the demonstrations cannot be recorded: "
                                f"{exc.errors()[0]['msg']}") from None
     per_benchmark = {name: calibration.evaluate(record, items) for name, items in scored.items()}
+    unseen = calibration.left_out_sets(scored, record.method)
     record.validation.update({
         "splits": {name: {"split": splits[name], "n": len(items)} for name, items in scored.items()},
         # per benchmark, the calibration questions left out as a reported split holds them (absent in older records)
         "decontaminated": {name: decontaminated.get(name, 0) for name in scored},
         "benchmarks": {name: {k: f[k] for k in ("n", "accuracy", "ece", "brier", "nll")}
                        for name, f in per_benchmark.items()},
+        # per benchmark, the method fitted on the other sets alone: what to expect on a set no fit has seen
+        "left_out_set": {name: {k: f[k] for k in ("n", "accuracy", "confidence", "ece", "brier", "nll")}
+                         for name, f in unseen.items()},
     })
     console.print(candidates_table(model, record, figures))
-    console.print(benchmarks_table(record, per_benchmark))
+    console.print(benchmarks_table(record, per_benchmark, unseen))
     if write:
         registry.record_calibration(model, record)
         weights = ", ".join(f"{k} {v:.3f}" for k, v in record.weights.items())
@@ -515,12 +519,23 @@ def candidates_table(model: str, record: mcq.MCQCalibration, figures: dict[str, 
     return table
 
 
-def benchmarks_table(record: mcq.MCQCalibration, per_benchmark: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"auto ({record.method}) on each validation set")
-    for column in ("benchmark", "split", "n", "accuracy", "ECE", "Brier", "acc @80%", "acc @50%"):
+def benchmarks_table(record: mcq.MCQCalibration, per_benchmark: dict[str, dict[str, Any]],
+                     left_out: dict[str, dict[str, Any]] | None = None) -> Table:
+    left_out = left_out or {}
+    table = Table(title=f"auto ({record.method}) on each validation set",
+                  caption="set left out: fitted on the other sets alone, what to expect on a set no fit has seen"
+                  if left_out else None)
+    columns = ["benchmark", "split", "n", "accuracy", "ECE", "Brier", "acc @80%", "acc @50%"]
+    if left_out:
+        columns += ["confidence / ECE, set left out"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("benchmark", "split") else "right")
     for name, f in per_benchmark.items():
         coverage = f["coverage_accuracy"]
-        table.add_row(name, CALIBRATION_SPLITS.get(name, "?"), str(f["n"]), f"{f['accuracy']:.1%}", f"{f['ece']:.3f}",
-                      f"{f['brier']:.3f}", f"{coverage['80%']:.1%}", f"{coverage['50%']:.1%}")
+        cells = [name, CALIBRATION_SPLITS.get(name, "?"), str(f["n"]), f"{f['accuracy']:.1%}", f"{f['ece']:.3f}",
+                 f"{f['brier']:.3f}", f"{coverage['80%']:.1%}", f"{coverage['50%']:.1%}"]
+        if left_out:
+            held = left_out.get(name)
+            cells.append(f"{held['confidence']:.2f} / {held['ece']:.3f}" if held else "-")
+        table.add_row(*cells)
     return table

@@ -277,6 +277,23 @@ def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 
     return summarize([p for p, _ in given], [item.gold for item in items], [a for _, a in given])
 
 
+def left_out_sets(scored: Mapping[str, Sequence[Scored]], name: str) -> dict[str, dict[str, Any]]:
+    """Per set, the candidate fitted on the other sets alone and measured on that one: what its confidence is
+    worth on a set of questions no fit has seen (a new benchmark, a new course), where the cross-validated
+    figures only ever hold out questions of sets the fit also learned from. Empty with fewer than two sets."""
+    _, debias = CANDIDATES[name]
+    figures: dict[str, dict[str, Any]] = {}
+    if len(scored) < 2:
+        return figures
+    for held, items in scored.items():
+        train = [item for other, rest in scored.items() if other != held for item in rest]
+        plan = mcq.plan("auto", _fitted(train, name, letter_prior(train) if debias else {}))
+        given = [_distribution(plan, item) for item in items]
+        figures[held] = summarize([p for p, _ in given], [item.gold for item in items], [a for _, a in given])
+        figures[held]["confidence"] = float(np.mean([max(p) for p, _ in given]))
+    return figures
+
+
 def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, dict[str, dict[str, Any]]]:
     """Every candidate, measured by `folds`-fold cross-validation on `items`; the record keeps the most accurate
     (the combination only when it gains COMBINED_MIN_GAIN over the best single method, which costs fewer engine

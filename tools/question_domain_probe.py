@@ -5,7 +5,8 @@ saves them) and refits the served candidate (`cloze_pmi` unless --candidate) by 
 cross-validation, three ways: the sharpness reading the question's scores alone (the records before), reading the
 question-domain head's probabilities too (the records since), and, as a ceiling no service can reach, reading the
 set each question truly comes from (near one-hot domain probabilities; SciQ, which the head has no class for, gets
-a flat one). Prints, per set, accuracy, mean confidence and ECE of the held-out folds.
+a flat one). Prints, per set, accuracy, mean confidence and ECE of the held-out folds; then the same with each
+set left out of the fit altogether (`evals.calibration.left_out_sets`: what to expect on a set no fit has seen).
 
     python -m tools.question_domain_probe --scores ~/.cache/zephyr/eval-results/MODEL/calibration/scores-....json
 
@@ -71,7 +72,27 @@ def main() -> None:
             cells.append(f"{figures['accuracy']:.1%} / {confidence:.2f} / {figures['ece']:.3f}")
         table.add_row(label, *cells, f"{figures['nll']:.4f}")
     console.print(table)
+    console.print(left_out_table(args.candidate, variants))
     console.print(separation(saved.scored))
+
+
+def left_out_table(candidate: str, variants: dict[str, dict[str, list[calibration.Scored]]]) -> Table:
+    """Each set measured by a fit on the other sets alone (the record's `left_out_set`), per variant; the ceiling
+    is left out, as it reads the set itself."""
+    table = Table(title=f"{candidate}, each set left out of the fit: accuracy / mean confidence / ECE")
+    table.add_column("sharpness reads")
+    names = list(next(iter(variants.values())))
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("mean NLL", justify="right")
+    for label, scored in variants.items():
+        if "ceiling" in label:
+            continue
+        figures = calibration.left_out_sets(scored, candidate)
+        table.add_row(label, *[f"{figures[n]['accuracy']:.1%} / {figures[n]['confidence']:.2f} / "
+                               f"{figures[n]['ece']:.3f}" for n in names],
+                      f"{sum(f['nll'] for f in figures.values()) / len(figures):.4f}")
+    return table
 
 
 def separation(scored: dict[str, list[calibration.Scored]]) -> str:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from evals import calibration
-from evals.calibrate import CalibrationError
+from evals.calibrate import CalibrationError, benchmarks_table
 from evals.mcq_eval import TASKS_DIR
 from zephyr import mcq
 
@@ -320,6 +321,24 @@ def test_per_question_sharpness_never_changes_the_answer_and_is_fitted_where_it_
             item.scores)[1]
     with pytest.raises(ValueError, match="scaling"):
         mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"mood": 1.0})
+
+
+def test_a_set_left_out_is_measured_by_a_fit_that_never_saw_it():
+    # Passages make answers reliable, but only one set has passages: fitted with it, the sharpness learns that;
+    # fitted on the other set alone, it cannot, and the left-out figures say so (too modest where it is right).
+    items = two_kinds(3, lambda support, cloze: mcq.cloze_scores(["x" * 5] * 4, cloze, support))
+    scored = {"passages": [i for i in items if i.scores.support], "bare": [i for i in items if not i.scores.support]}
+    pooled, _ = calibration.fit(items)
+    unseen = calibration.left_out_sets(scored, pooled.method)
+    assert set(unseen) == {"passages", "bare"} and unseen["passages"]["n"] == len(scored["passages"])
+    assert calibration.evaluate(pooled, scored["passages"])["ece"] < 0.05 < unseen["passages"]["ece"]
+    assert unseen["passages"]["confidence"] < unseen["passages"]["accuracy"] - 0.05
+    assert calibration.left_out_sets({"passages": scored["passages"]}, pooled.method) == {}
+    per_set = {name: calibration.evaluate(pooled, subset) for name, subset in scored.items()}
+    out = Console(file=io.StringIO(), width=250)
+    out.print(benchmarks_table(pooled, per_set, unseen))
+    assert "set left out" in out.file.getvalue()
+    assert f"{unseen['passages']['confidence']:.2f} / {unseen['passages']['ece']:.3f}" in out.file.getvalue()
 
 
 def test_a_tiny_sharpness_leaves_the_answer_to_the_unscaled_scores():
