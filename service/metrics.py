@@ -54,6 +54,13 @@ class Metrics:
             for looping in ("true", "false"):
                 self.answers.labels(route, looping)
         self.mcq_answers = Counter("zephyr_mcq_answers", "MCQ answers by letter", ["letter"], registry=r)
+        # One thread runs the sentence encoder for every task that reads it (its tokenizer is not thread-safe), so
+        # this is what each task waits for, queue included: where `question_domain` grows under chat load, /mcq's
+        # confidence waits behind the guard.
+        self.encoder_seconds = Histogram(
+            "zephyr_encoder_seconds", "Time from asking the sentence-encoder thread to its answer, queue included, "
+            "by task", ["task"], buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
         self.safety_refusals = Counter(
             "zephyr_safety_refusals", "Requests the safety guard answered instead of the model, by category",
             ["route", "category"], registry=r,

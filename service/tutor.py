@@ -279,14 +279,20 @@ class Tutor:
         own thread: off the loop that streams answers, one message set at a time (its tokenizer is not shared)."""
         if self.guard is None or not any(t.strip() for t in texts):
             return None
-        return deciding(await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.guard.judge_all,
-                                                                          texts))
+        return deciding(await self.on_encoder("request_guard", self.guard.judge_all, texts))
 
     async def judge_answer(self, sentences: list[str]) -> list[Verdict]:
         """The answer guard's verdicts on an answer's sentences, on the guard's own thread (it shares the encoder)."""
         assert self.answer_guard is not None
-        return await asyncio.get_running_loop().run_in_executor(self.guard_thread, self.answer_guard.judge_all,
-                                                                 sentences)
+        return await self.on_encoder("answer_guard", self.answer_guard.judge_all, sentences)
+
+    async def on_encoder(self, task: str, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)` on the sentence encoder's one thread, timed from the asking (queue included)."""
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.guard_thread, work, *args)
+        finally:
+            self.metrics.encoder_seconds.labels(task).observe(time.perf_counter() - started)
 
     async def screen(self, gen: GenerationRequest, texts: list[str]) -> None:
         """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row
@@ -599,7 +605,7 @@ class Tutor:
         """Which set the question reads like: the record's head over its all-MiniLM-L6-v2 embedding."""
         head = plan.calibration.question_domain if plan.calibration else None
         assert head is not None  # MCQCalibration refuses domain features without their head
-        return (await asyncio.get_running_loop().run_in_executor(self.guard_thread, head.read, self.encoder, [q]))[0]
+        return (await self.on_encoder("question_domain", head.read, self.encoder, [q]))[0]
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float] | None, str | None]:

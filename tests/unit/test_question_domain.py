@@ -152,6 +152,9 @@ async def test_auto_embeds_each_question_and_reads_its_domain(app_factory, setti
         assert r.status_code == 200, r.text
         for asked, reply in zip([QUESTION, other], r.json()["results"], strict=True):
             assert reply["probabilities"] == pytest.approx(expected(asked, reply)[0], abs=1e-6)
+        # each question's embedding is timed on the encoder's thread, for operators to see it queue
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_encoder_seconds_count{task="question_domain"} 3.0' in metrics
 
 
 def test_a_tutor_for_a_record_that_reads_the_domain_needs_the_encoder(tmp_path):

@@ -517,6 +517,9 @@ async def test_a_harmful_answer_is_withheld_from_its_flagged_sentence_on(app_fac
         text = (await served.client.get("/metrics")).text
         assert metric(text, "zephyr_safety_withheld_answers_total", route="chat", category=HARMFUL) == 1
         assert metric(text, "zephyr_safety_refusals_total", route="chat", category=HARMFUL) == 0
+        # the request and the answer's sentences each waited for the encoder's thread, and were timed
+        assert metric(text, "zephyr_encoder_seconds_count", task="request_guard") >= 1
+        assert metric(text, "zephyr_encoder_seconds_count", task="answer_guard") >= 1
 
         # Streamed, no chunk holds the flagged sentence, and the chunks add up to the same answer.
         async with served.client.stream("POST", CHAT, json=body | {"stream": True}) as streamed:
