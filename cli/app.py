@@ -42,6 +42,7 @@ def serve(
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
     from service.app import UnsafeBind, check_bind, create_app, run_server
     from service.engine import VLLMEngine
+    from zephyr.bundled import shipped_calibration
     from zephyr.encoder import EncoderError, minilm_folder
     from zephyr.safety import SafetyError, load_record
 
@@ -49,13 +50,14 @@ def serve(
     try:
         check_bind(settings)  # also parses the API keys, failing here on a malformed entry
         models = Registry(settings.models_dir)
-        reads_domain = False
         if settings.model != DEFAULT_MODEL or models.exists(settings.model):
             entry = models.get(settings.model)
             if problem := VLLMEngine.refusal(settings, entry.path, entry.name):
                 raise fail(problem)
             record = entry.manifest.mcq_calibration
-            reads_domain = record is not None and record.reads_question_domain
+        else:  # built at start, with the shipped record
+            record = shipped_calibration()
+        reads_domain = record is not None and record.reads_question_domain
         if settings.safety_guard:  # before the engine's minute of start-up, not after it
             load_record(settings.safety_record)
         if settings.safety_guard or reads_domain:  # the guard's encoder, or the one /mcq's record reads with

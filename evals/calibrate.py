@@ -161,6 +161,36 @@ def left_out_note(check: Contamination, left_out: dict[str, dict[str, str]], bef
     return note
 
 
+def check_demonstrations(settings: Settings, saved: SavedScores) -> None:
+    """Refuses saved scores made after a demonstration that a reported split holds (files scored before the draw
+    was checked, or while a reported split was missing from the data folder): the record would ship it."""
+    source = saved.demonstrations_source
+    if not saved.demonstrations or not source.get("ids"):
+        return
+    check = contamination(settings)
+    try:
+        by_id = {item.id: item for item in load(source["benchmark"], split=source["split"],
+                                                 data_dir=settings.data_dir)}
+    except DatasetError as exc:
+        raise CalibrationError(f"the saved scores' demonstrations cannot be checked against the reported splits: "
+                               f"{exc}") from None
+    if missing := [i for i in source["ids"] if i not in by_id]:
+        raise CalibrationError(f"the saved scores' demonstrations {missing} are not in {source['benchmark']}'s "
+                               f"{source['split']} split under {settings.data_dir}: they cannot be checked against "
+                               "the reported splits; score again")
+    if copies := {i: hit for i in source["ids"] if (hit := check.match(by_id[i]))}:
+        raise CalibrationError("the saved scores were made after demonstrations a reported split holds ("
+                               + ", ".join(f"{i} = {hit}" for i, hit in copies.items())
+                               + "): score again, which draws clean ones")
+
+
+def head_checked(settings: Settings, head: dict[str, Any]) -> bool:
+    """Whether a saved question-domain head's training questions were cleaned against every reported split the
+    data folder now has (heads from before the check was recorded: unknown, so no)."""
+    checked = head.get("fitted", {}).get("checked_against")
+    return checked is not None and set(contamination(settings).against) <= set(checked)
+
+
 def question_domain_head(settings: Settings, encoder: Any, console: Console,
                          limit: int | None = None) -> mcq.QuestionDomain:
     """The question-domain head fitted on QUESTION_DOMAIN_TRAINING (the first `limit` questions of each, for a
@@ -168,7 +198,8 @@ def question_domain_head(settings: Settings, encoder: Any, console: Console,
     from zephyr.encoder import embed
 
     check = contamination(settings)
-    questions, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}}
+    # which reported splits its questions were cleaned against: a refit under a fuller data folder fits it again
+    questions, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}, "checked_against": check.against}
     for name, (split, skip) in QUESTION_DOMAIN_TRAINING.items():  # every split read before any is embedded
         items, left_out = decontaminate(first(load(name, split=split, data_dir=settings.data_dir)[skip:], limit),
                                         check)
@@ -408,6 +439,11 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
         # (a file from before the rule, or a rule that found more)
         decontaminated = {name: before.get(name, 0) + len(ids) for name, ids in left_out.items()}
         console.print(left_out_note(contamination(settings), left_out, before))
+        check_demonstrations(settings, saved_scores)
+        if saved_scores.question_domain is not None and not head_checked(settings, saved_scores.question_domain):
+            console.print("question domain: the saved head's training questions were not checked against every "
+                          "reported split this data folder has; fitting it again")
+            saved_scores = without_question_domains(saved_scores)
         if question_domain and saved_scores.question_domain is None and _reads_cloze(saved_scores):
             saved_scores = saved_scores._replace(decontaminated=decontaminated)  # what its items now leave out
             if (saved_scores := _domains_or_none(settings, saved_scores, console)).question_domain is not None:
@@ -443,6 +479,12 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     if not question_domain:
         saved_scores = without_question_domains(saved_scores)
     splits, scored, cue = saved_scores.splits, saved_scores.scored, saved_scores.answer_prior_context
+    if impossible := {name: calibration.non_finite(items) for name, items in scored.items()
+                      if calibration.non_finite(items)}:
+        console.print("[yellow]left out questions with a score that is not finite[/]: " + "; ".join(
+            f"{name} {', '.join(i.id or '?' for i in bad)}" for name, bad in impossible.items()))
+        dropped = {id(i) for bad in impossible.values() for i in bad}  # by identity: NaN != NaN
+        scored = {name: [i for i in items if id(i) not in dropped] for name, items in scored.items()}
     pooled = [s for items in scored.values() for s in items]
     record, figures = calibration.fit(pooled)
     try:  # validated, not copied: the record is read back at every server start

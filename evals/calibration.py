@@ -109,6 +109,16 @@ class Scored:
     id: str = ""
 
 
+SCORE_FIELDS = ("letter", "cloze", "cloze_norm", "answer_prior")
+
+
+def non_finite(items: Sequence[Scored]) -> list[Scored]:
+    """The questions with a score that is not finite (an option the engine found impossible, or a NaN): no fit can
+    use them, as the gradient through -inf is NaN and L-BFGS would stop where it started without a word."""
+    return [item for item in items
+            if any(not math.isfinite(v) for f in SCORE_FIELDS for v in (getattr(item.scores, f) or ()))]
+
+
 def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:
     """Per option count, the mean letter distribution over the questions: the position habit to remove."""
     sums: dict[int, np.ndarray] = {}
@@ -278,9 +288,11 @@ def cross_validated(items: Sequence[Scored], name: str, folds: int, seed: int = 
 
 
 def left_out_sets(scored: Mapping[str, Sequence[Scored]], name: str) -> dict[str, dict[str, Any]]:
-    """Per set, the candidate fitted on the other sets alone and measured on that one: what its confidence is
-    worth on a set of questions no fit has seen (a new benchmark, a new course), where the cross-validated
-    figures only ever hold out questions of sets the fit also learned from. Empty with fewer than two sets."""
+    """Per set, the candidate's weights and sharpness fitted on the other sets' questions alone and measured on
+    that one: nearer what its confidence is worth on a new benchmark or course than the cross-validated figures,
+    which only hold out questions of sets the fit also learned from. Not all of the record is blind to the set
+    left out: the method, the answer cue and the demonstrations were chosen with every set in view, and the
+    question-domain head learned each set's training split but SciQ's. Empty with fewer than two sets."""
     _, debias = CANDIDATES[name]
     figures: dict[str, dict[str, Any]] = {}
     if len(scored) < 2:
@@ -300,6 +312,9 @@ def fit(items: Sequence[Scored], folds: int = 5) -> tuple[mcq.MCQCalibration, di
     requests), fitted on all of `items`, and each single method's temperature. Returns the record and each
     candidate's figures: raw (every feature at weight 1: for cloze_pmi the answer prior is then added, not taken
     away, so `raw` is no PMI), cross-validated, and fitted (in-sample)."""
+    if bad := non_finite(items):
+        raise ValueError(f"{len(bad)} question(s) have a score that is not finite "
+                         f"({', '.join(repr(i.id) for i in bad[:3])}): leave them out before fitting")
     have_letter = all(i.scores.letter is not None for i in items)
     have_cloze = all(i.scores.cloze is not None for i in items)
     have_prior = all(i.scores.answer_prior is not None for i in items)

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from zephyr.encoder import embed, load_encoder
 from zephyr.mcq import QUESTION_DOMAINS, MCQCalibration
 from zephyr.numerics import scores_depend_on_batch, served_dtype
 from zephyr.pii import Redactor
-from zephyr.registry import Registry
+from zephyr.registry import Registry, RegistryEntry
 from zephyr.safety import SafetyGuard, load_record
 from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
 
@@ -153,6 +153,36 @@ def question_domain_encoder(calibration: MCQCalibration | None, guard: SafetyGua
     return encoder
 
 
+async def _cancelled(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_start(settings: Settings, entry: RegistryEntry, calibration: MCQCalibration | None) -> None:
+    """What the server says at start about the model it serves and the settings that change its answers."""
+    if calibration is None:
+        log.warning("%s has no MCQ calibration record: /mcq's `auto` answers by cloze (uncalibrated); "
+                    "run `zephyr eval calibrate --model %s` to choose and calibrate its method", entry.name, entry.name)
+    else:
+        log.info("/mcq's `auto` for %s: %s (weights %s, %d demonstrations, calibrated %s)", entry.name,
+                 calibration.method, calibration.weights, calibration.demonstrations_source.get("count", 0),
+                 calibration.created_at.date())
+    served = served_dtype(entry.path, settings.dtype)
+    if calibration is not None and calibration.dtype not in (None, served):
+        log.warning("%s's MCQ calibration was fitted on scores computed in %s, and the engine computes in %s: "
+                    "its weights and confidences may be slightly off; run `zephyr eval calibrate --model %s` "
+                    "here, or set ZEPHYR_DTYPE=%s", entry.name, calibration.dtype, served, entry.name,
+                    calibration.dtype)
+    if scores_depend_on_batch(entry.path, settings.dtype):
+        log.warning("bf16 on a CPU with AMX: an option's score moves by a few tenths of a nat with what shares "
+                    "its batch and the prefix cache, so a near-tied /mcq question can be answered differently "
+                    "cold and warm; ZEPHYR_DTYPE=float32 makes answers repeatable at ~2.6x the scoring time "
+                    "(docs/evaluation.md, \"Cloze through the prefix cache\")")
+    if not settings.log_generations:
+        log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
+
+
 def create_app(
     settings: Settings | None = None,
     engine_factory: EngineFactory | None = None,
@@ -168,63 +198,43 @@ def create_app(
         registry = Registry(settings.models_dir)
         entry = ensure_default_model(registry) if settings.model == DEFAULT_MODEL else registry.get(settings.model)
         guard = await asyncio.to_thread(safety_guard, settings)
-        engine = engine_factory(settings, entry.path, entry.name)
-        redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
-        generation_log = GenerationLog(
-            settings.resolved_db_url, settings.resolved_spill_path, metrics, redactor,
-            batch_size=settings.log_batch_size, flush_seconds=settings.log_flush_seconds,
-            queue_size=settings.log_queue_size, retry_seconds=settings.log_retry_seconds,
-            enabled=settings.log_generations,
-        )
-        await generation_log.start()
-        app.state.registry_entry = entry
-        app.state.engine = engine
-        app.state.generation_log = generation_log
         calibration = entry.manifest.mcq_calibration
-        app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard,
-                                await asyncio.to_thread(question_domain_encoder, calibration, guard))
-        if calibration is None:
-            log.warning("%s has no MCQ calibration record: /mcq's `auto` answers by cloze (uncalibrated); "
-                        "run `zephyr eval calibrate --model %s` to choose and calibrate its method",
-                        entry.name, entry.name)
-        else:
-            log.info("/mcq's `auto` for %s: %s (weights %s, %d demonstrations, calibrated %s)", entry.name,
-                     calibration.method, calibration.weights, calibration.demonstrations_source.get("count", 0),
-                     calibration.created_at.date())
-        served = served_dtype(entry.path, settings.dtype)
-        if calibration is not None and calibration.dtype not in (None, served):
-            log.warning("%s's MCQ calibration was fitted on scores computed in %s, and the engine computes in %s: "
-                        "its weights and confidences may be slightly off; run `zephyr eval calibrate --model %s` "
-                        "here, or set ZEPHYR_DTYPE=%s", entry.name, calibration.dtype, served, entry.name,
-                        calibration.dtype)
-        if scores_depend_on_batch(entry.path, settings.dtype):
-            log.warning("bf16 on a CPU with AMX: an option's score moves by a few tenths of a nat with what shares "
-                        "its batch and the prefix cache, so a near-tied /mcq question can be answered differently "
-                        "cold and warm; ZEPHYR_DTYPE=float32 makes answers repeatable at ~2.6x the scoring time "
-                        "(docs/evaluation.md, \"Cloze through the prefix cache\")")
-        app.state.redactor = redactor
-        app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
-            overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
-            candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
-        ), names=app.state.keyring.names)
-        app.state.sessions.store = app.state.review_store
-        if not settings.log_generations:
-            log.warning("ZEPHYR_LOG_GENERATIONS=false: no generation is logged, so nothing reaches human review")
-        if app.state.keyring.open:
-            log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
-        app.state.rekeyed = asyncio.create_task(_rekey_legacy_digests(app))
-        background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)), app.state.rekeyed]
-        try:
+        # before the engine's minute of start-up: a missing encoder fails the start at once
+        encoder = await asyncio.to_thread(question_domain_encoder, calibration, guard)
+        # What is started is stopped, in reverse order, however far the start got.
+        async with AsyncExitStack() as started:
+            started.callback(gc.unfreeze)  # last: let native extensions free what they own before exit
+            engine = engine_factory(settings, entry.path, entry.name)
+            started.callback(engine.shutdown)
+            redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
+            generation_log = GenerationLog(
+                settings.resolved_db_url, settings.resolved_spill_path, metrics, redactor,
+                batch_size=settings.log_batch_size, flush_seconds=settings.log_flush_seconds,
+                queue_size=settings.log_queue_size, retry_seconds=settings.log_retry_seconds,
+                enabled=settings.log_generations,
+            )
+            await generation_log.start()
+            started.push_async_callback(generation_log.close)
+            app.state.registry_entry = entry
+            app.state.engine = engine
+            app.state.generation_log = generation_log
+            tutor = app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard, encoder)
+            started.callback(tutor.guard_thread.shutdown, wait=False, cancel_futures=True)
+            started.push_async_callback(tutor.candidates.close)
+            _log_start(settings, entry, calibration)
+            app.state.redactor = redactor
+            app.state.review_store = ReviewStore(generation_log.engine, ReviewPolicy(
+                overlap=settings.review_overlap, lease=timedelta(minutes=settings.review_lease_minutes),
+                candidate_wait=timedelta(minutes=settings.review_candidate_wait_minutes),
+            ), names=app.state.keyring.names)
+            app.state.sessions.store = app.state.review_store
+            if app.state.keyring.open:
+                log.warning("no API keys configured: the server is open to anyone on this machine (loopback only)")
+            app.state.rekeyed = asyncio.create_task(_rekey_legacy_digests(app))
+            background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)),
+                          app.state.rekeyed]
+            started.push_async_callback(_cancelled, background)
             yield
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await app.state.tutor.candidates.close()
-            app.state.tutor.guard_thread.shutdown(wait=False, cancel_futures=True)
-            await generation_log.close()
-            engine.shutdown()
-            gc.unfreeze()  # let native extensions free what they own before the interpreter exits
 
     docs = settings.api_docs
     app = FastAPI(title="Zephyr tutor", version=__version__, lifespan=lifespan,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
@@ -483,9 +484,12 @@ class Tutor:
 
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
                          user: str | None = None, min_confidence: float | None = None,
-                         param_prefix: str = "") -> MCQResponse:
+                         param_prefix: str = "",
+                         domain: Callable[[], Awaitable[list[float]]] | None = None) -> MCQResponse:
         """Scores the options as the method says (the letter, the options' texts, or both at once), turns the
-        scores into probabilities over exactly the options, and answers null below `min_confidence`."""
+        scores into probabilities over exactly the options, and answers null below `min_confidence`. `domain`:
+        the question's domain where a batch embeds its questions together (else embedded here, if the plan reads
+        it)."""
         plan = mcq.plan(method, self.calibration)
         explain = method == "explain"
         floor = self.settings.mcq_min_confidence if min_confidence is None else min_confidence
@@ -526,7 +530,8 @@ class Tutor:
                 probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None
                 explanation = REPLIES[refusal.category]
             else:
-                scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row)
+                scores, explanation = await self._scores(q, plan, letter_prompt, explain, cloze_requests, row,
+                                                         domain)
                 withheld = row.extra_params.get("answer_safety", {}).get("0")
                 probabilities, answer = (dict.fromkeys(q.letters, 1 / len(q.letters)), None) if withheld else \
                     plan.distribution(scores, q.letters)
@@ -575,8 +580,9 @@ class Tutor:
                            explanation=explanation, model=self.model_name)
 
     async def _scores(self, q: mcq.MCQuestion, plan: mcq.Plan, letter_prompt: list[int], explain: bool,
-                      cloze_requests: list[tuple[list[int], int]],
-                      row: GenerationRequest) -> tuple[mcq.OptionScores, str | None]:
+                      cloze_requests: list[tuple[list[int], int]], row: GenerationRequest,
+                      shared_domain: Callable[[], Awaitable[list[float]]] | None = None,
+                      ) -> tuple[mcq.OptionScores, str | None]:
         """The per-option scores the plan reads; letter and cloze run at once when it reads both."""
         letter, cloze, domain = None, None, None
         try:
@@ -586,7 +592,8 @@ class Tutor:
                 if plan.needs_cloze:
                     cloze = group.create_task(self._cloze(cloze_requests, row))
                 if plan.needs_domain:  # on the encoder's thread while the engine scores
-                    domain = group.create_task(self._question_domain(q, plan))
+                    domain = group.create_task(_first(shared_domain()) if shared_domain is not None
+                                               else self._question_domains([q]))
         except* APIError as failures:
             raise failures.exceptions[0] from None
         except* Exception as failures:  # a fault: raised as itself, so the log row and the server log name it
@@ -599,13 +606,14 @@ class Tutor:
             prior = values[len(q.options):] or None
         letter_logprobs, explanation = letter.result() if letter else (None, None)
         return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior,
-                                   domain=domain.result() if domain else None), explanation
+                                   domain=domain.result()[0] if domain else None), explanation
 
-    async def _question_domain(self, q: mcq.MCQuestion, plan: mcq.Plan) -> list[float]:
-        """Which set the question reads like: the record's head over its all-MiniLM-L6-v2 embedding."""
-        head = plan.calibration.question_domain if plan.calibration else None
+    async def _question_domains(self, questions: list[mcq.MCQuestion]) -> list[list[float]]:
+        """Which set each question reads like: the record's head over their all-MiniLM-L6-v2 embeddings, in one
+        call on the encoder's thread (a batch's questions queue once, not once each, before the guard's work)."""
+        head = self.calibration.question_domain if self.calibration else None
         assert head is not None  # MCQCalibration refuses domain features without their head
-        return (await self.on_encoder("question_domain", head.read, self.encoder, [q]))[0]
+        return await self.on_encoder("question_domain", head.read, self.encoder, questions)
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float] | None, str | None]:
@@ -716,15 +724,36 @@ class Tutor:
 
     async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, MCQRequest]], principal: Principal,
                                batch_id: str) -> list[MCQResponse]:
-        """All questions at once; the first failure cancels the rest (each still logs its row) and is raised."""
+        """All questions at once; the first failure cancels the rest (each still logs its row) and is raised. The
+        questions whose method reads the question's domain are embedded together, once."""
+        reading = {i: k for k, i in enumerate(i for i, (_, body) in enumerate(items)
+                                              if mcq.plan(body.resolved_method, self.calibration).needs_domain)}
         try:
             async with asyncio.TaskGroup() as group:
+                domains = group.create_task(self._question_domains([items[i][0] for i in reading])) \
+                    if reading else None
+
+                def domain_of(i: int) -> Callable[[], Awaitable[list[float]]] | None:
+                    return functools.partial(_item, domains, reading[i]) if domains and i in reading else None
+
                 tasks = [group.create_task(self.answer_mcq(q, body.resolved_method, principal, f"{batch_id}-{i}",
-                                                           body.user, body.min_confidence, f"questions[{i}]."))
+                                                           body.user, body.min_confidence, f"questions[{i}].",
+                                                           domain_of(i)))
                          for i, (q, body) in enumerate(items)]
         except* APIError as failures:
             raise failures.exceptions[0] from None
+        except* Exception as failures:  # a fault: raised as itself, as a single question's is
+            raise failures.exceptions[0] from None
         return [task.result() for task in tasks]
+
+
+async def _item(shared: asyncio.Task[list[list[float]]], index: int) -> list[float]:
+    # shielded: one question cancelled (its client gone, or its own failure) must not cancel its batch's embedding
+    return (await asyncio.shield(shared))[index]
+
+
+async def _first(domain: Awaitable[list[float]]) -> list[list[float]]:
+    return [await domain]
 
 
 def _choice_logprobs(entries: list[TokenLogprob], top: int | None) -> ChoiceLogprobs:

@@ -314,7 +314,8 @@ class MCQCalibration(BaseModel):
     the weight 1/T on its one feature. `letter_prior[k]` is the mean letter distribution over validation questions
     with k options; its log is subtracted from the letter feature (contextual calibration)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A NaN weight would make every `auto` answer fail, and a NaN in the scaling every confidence 1.0: refused here.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str  # what `auto` resolves to: one of AUTO_METHODS
     weights: dict[str, float]
     letter_prior: dict[str, list[float]] = {}
@@ -342,6 +343,14 @@ class MCQCalibration(BaseModel):
         if unknown or not weights:
             raise ValueError(f"weights must name some of {', '.join(FEATURES)}; got {sorted(weights)}")
         return weights
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_temperatures(cls, temperatures: dict[str, float]) -> dict[str, float]:
+        # A named method keeps its answer: a temperature at or below zero would turn its ranking around.
+        if bad := {k: v for k, v in temperatures.items() if not v > 0}:
+            raise ValueError(f"temperatures must be above 0; got {bad}")
+        return temperatures
 
     @field_validator("scaling")
     @classmethod
@@ -401,15 +410,21 @@ CONFIDENCE_FEATURES = SCORE_CONFIDENCE_FEATURES + DOMAIN_FEATURES
 def confidence_features(scores: OptionScores) -> dict[str, float]:
     if scores.cloze is None or scores.cloze_norm is None or scores.option_chars is None:
         raise ValueError("confidence features need the cloze scores")
-    cloze, norm = scores.cloze, scores.cloze_norm
+    # Over the options with finite scores: one impossible option (-inf) must not make every feature NaN, and it
+    # never wins the argmax the agreement reads.
+    finite = [i for i, (c, n) in enumerate(zip(scores.cloze, scores.cloze_norm, strict=True))
+              if math.isfinite(c) and math.isfinite(n)]
+    if not finite:
+        raise ValueError("no option has a finite score")
+    cloze, norm = [scores.cloze[i] for i in finite], [scores.cloze_norm[i] for i in finite]
     mean = sum(cloze) / len(cloze)
     spread = math.sqrt(sum((x - mean) ** 2 for x in cloze) / len(cloze))
-    norm_probs = sorted(math.exp(x) for x in log_softmax(norm))
+    norm_probs = [0.0, *sorted(math.exp(x) for x in log_softmax(norm))]
     features = {"bias": 1.0, "support": float(scores.support),
                 "cloze_agree": float(cloze.index(max(cloze)) == norm.index(max(norm))),
                 "log_option_chars": math.log(1 + sum(scores.option_chars) / len(scores.option_chars)),
                 "log_cloze_spread": math.log(spread + 1e-3), "norm_margin": norm_probs[-1] - norm_probs[-2],
-                "options": float(len(cloze)), "mean_norm": sum(norm) / len(norm)}
+                "options": float(len(scores.cloze)), "mean_norm": sum(norm) / len(norm)}
     if scores.domain is not None:
         if len(scores.domain) != len(QUESTION_DOMAINS):
             raise ValueError(f"domain needs one probability per class of {', '.join(QUESTION_DOMAINS)}")
@@ -449,7 +464,10 @@ def combined_logits(scores: OptionScores, weights: Mapping[str, float],
     for feature, weight in weights.items():
         if not weight:
             continue
-        values = [weight * v for v in feature_values(scores, feature, calibration)]
+        # An option with a score that is not finite is impossible, whatever the weight's sign: -inf times the answer
+        # prior's negative weight would otherwise make it certain.
+        values = [weight * v if math.isfinite(v) else -math.inf
+                  for v in feature_values(scores, feature, calibration)]
         total = values if total is None else [a + b for a, b in zip(total, values, strict=True)]
     if total is None:
         raise ValueError("no feature has a weight")
@@ -463,7 +481,10 @@ def sharpness(scores: OptionScores, scaling: Mapping[str, float]) -> float:
     features = confidence_features(scores)
     if missing := [f for f, w in scaling.items() if w and f not in features]:
         raise ValueError(f"the sharpness reads {', '.join(missing)}: the question's domain was not computed")
-    return math.exp(max(-50.0, min(50.0, sum(w * features[f] for f, w in scaling.items() if w))))
+    total = sum(w * features[f] for f, w in scaling.items() if w)
+    if not math.isfinite(total):  # min(50, nan) is 50: a confidence of 1.0 that nothing supports
+        raise ValueError(f"the sharpness is not finite ({total}): a scaling weight or a feature is")
+    return math.exp(max(-50.0, min(50.0, total)))
 
 
 def combine(scores: OptionScores, weights: Mapping[str, float], calibration: MCQCalibration | None = None,

@@ -196,3 +196,42 @@ def test_the_clean_draw_is_the_plain_draw_whenever_that_holds_nothing_flagged():
             assert draw_clean(pool, count, seed, match) == (chosen, skipped)  # deterministic
     with pytest.raises(CalibrationError, match="only 28 of the 200 demonstration candidates are clean"):
         draw_clean(pool, 29, 0, lambda item: int(item.id[1:]) >= 28)
+
+
+def test_a_refit_checks_the_saved_demonstrations_and_leaves_out_impossible_scores(tmp_path: Path, monkeypatch,
+                                                                                  default_model):
+    from loadtest.harness import linked_variant
+
+    data_dir = _data_dir(_pool_dir(tmp_path / "data", contaminated_at=5))  # p5 repeats a test question
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(data_dir))
+    settings = Settings()
+    linked_variant(settings.home, default_model, "demo-test")
+    own = settings.resolved_eval_results_dir / "demo-test" / "calibration"
+    ids = [f"v{i}" for i in range(30)]
+    ids[4], ids[9], ids[12] = "v-short", "v-long", "v-alike"  # v-short repeats a test question: left out
+
+    def saved(name: str, demonstration_ids: list[str], items: list[calibration.Scored] | None = None) -> Path:
+        source = {"benchmark": "arc_easy", "split": "train", "seed": 0, "count": len(demonstration_ids),
+                  "ids": demonstration_ids}
+        return save_scores(own / name, {"arc_easy": "validation"}, {"arc_easy": items or _scored(ids)}, "Q?",
+                           "Question: solved\nAnswer: yes\n\n", source)
+
+    # Scored after a demonstration a test split holds (a file from before the draw was checked): refused.
+    with pytest.raises(CalibrationError, match=r"demonstrations a reported split holds \(p5 = arc_easy/t-long\)"):
+        calibrate("demo-test", settings, Console(file=io.StringIO()), scores=saved("a.json", ["p1", "p5"]),
+                  write=False)
+    with pytest.raises(CalibrationError, match="cannot be checked"):
+        calibrate("demo-test", settings, Console(file=io.StringIO()), scores=saved("b.json", ["p1", "gone"]),
+                  write=False)
+    # Clean demonstrations refit; a question with an impossible option is left out, and said so.
+    items = _scored(ids)
+    items[3] = dataclasses.replace(items[3], scores=dataclasses.replace(
+        items[3].scores, cloze=[float("-inf"), *items[3].scores.cloze[1:]]))
+    out = io.StringIO()
+    record = calibrate("demo-test", settings, Console(file=out, width=200), scores=saved("c.json", ["p1", "p2"], items),
+                       write=False)
+    assert record.validation["n"] == len(ids) - 2
+    assert f"left out questions with a score that is not finite: arc_easy {items[3].id}" in out.getvalue()
+    with pytest.raises(ValueError, match="not finite"):
+        calibration.fit(items)

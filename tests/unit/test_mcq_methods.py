@@ -341,6 +341,29 @@ def test_a_set_left_out_is_measured_by_a_fit_that_never_saw_it():
     assert f"{unseen['passages']['confidence']:.2f} / {unseen['passages']['ece']:.3f}" in out.file.getvalue()
 
 
+def test_an_impossible_option_stays_impossible_and_a_record_refuses_what_is_not_a_number():
+    inf, nan = float("-inf"), float("nan")
+    scores = dataclasses.replace(mcq.cloze_scores(["ab", "cd", "ef", "gh"], [-4.0, -5.0, inf, -6.0]),
+                                 answer_prior=[-3.0, -3.0, inf, -3.0])
+    # the answer prior's weight is negative in cloze_pmi: -inf times it must not make option C certain
+    record = mcq.MCQCalibration(method="cloze_pmi", weights={"cloze": 0.1, "cloze_norm": 1.0, "answer_prior": -0.1},
+                                scaling={"bias": 0.5, "log_cloze_spread": 0.2, "norm_margin": 0.3, "mean_norm": 0.1})
+    probabilities, answer = mcq.plan("auto", record).distribution(scores)
+    assert answer == "A" and probabilities["C"] == 0.0 and sum(probabilities.values()) == pytest.approx(1.0)
+    # the features read the options with finite scores: as if C were not offered, but for the option count
+    features = mcq.confidence_features(scores)
+    without = mcq.confidence_features(mcq.cloze_scores(["ab", "cd", "gh"], [-4.0, -5.0, -6.0]))
+    assert all(math.isfinite(v) for v in features.values())
+    assert {k: v for k, v in features.items() if k not in ("options", "log_option_chars")} == pytest.approx(
+        {k: v for k, v in without.items() if k not in ("options", "log_option_chars")})
+    with pytest.raises(ValueError, match="not finite"):
+        mcq.sharpness(scores, {"bias": nan})
+    for bad in ({"weights": {"cloze": nan}}, {"scaling": {"bias": nan}}, {"temperatures": {"cloze": -2.0}},
+                {"temperatures": {"cloze": 0.0}}):
+        with pytest.raises(ValueError):
+            mcq.MCQCalibration.model_validate({"method": "cloze", "weights": {"cloze": 1.0}} | bad)
+
+
 def test_a_tiny_sharpness_leaves_the_answer_to_the_unscaled_scores():
     # exp(factor * x - peak) with factor = exp(-36) rounds every option to the same weight: the argmax of those
     # would be the first letter. The answer is the argmax of the combined scores themselves.

