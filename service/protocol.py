@@ -166,9 +166,16 @@ class TextPart(Strict):
     text: Text
 
 
+# What the official client sends back when a reply is appended to the conversation as it came
+# (`messages.append(response.choices[0].message)`): fields of an assistant message this server always sends empty.
+ECHOED_EMPTY_FIELDS = ("refusal", "annotations", "audio", "tool_calls", "function_call")
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+    name: str | None = Field(default=None, max_length=64, description=(
+        "accepted as OpenAI's API does; the chat template does not read it"))
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +183,11 @@ class ChatMessage(Strict):
         if isinstance(data, dict):
             if data.get("role") in ("tool", "function"):
                 raise ValueError(f"role `{data['role']}` is not supported (no tool calling on this server)")
+            if echoed := [k for k in ECHOED_EMPTY_FIELDS if k in data]:
+                if filled := [k for k in echoed if data[k] not in (None, [], {}, "")]:
+                    raise ValueError(f"`{filled[0]}` is not supported (no tool calling, audio or refusals on this "
+                                     "server); send it empty or leave it out")
+                data = {k: v for k, v in data.items() if k not in echoed}
             content = data.get("content")
             if isinstance(content, list):
                 for part in content:

@@ -381,7 +381,10 @@ class Tutor:
         opening = chat_mcq.answer_opening(result.answer, result.option, result.confidence,
                                           self.settings.chat_mcq_sure_confidence)
         ids = await asyncio.to_thread(self.engine.tokenizer.encode, opening, add_special_tokens=False)
-        if len(ids) >= gen.params.max_tokens:
+        # The opening is prompt to vLLM, where stop sequences are not looked for: one that holds a client's stop
+        # string or token would send text past it.
+        if len(ids) >= gen.params.max_tokens or any(stop and stop in opening for stop in gen.params.stop) \
+                or set(ids) & set(gen.params.stop_token_ids):
             return
         keep = result.answer is not None and self.settings.chat_mcq_keep_answer
         gen.params = dataclasses.replace(

@@ -135,20 +135,28 @@ class AnswerSegments:
         self.text = ""
         self.ready = 0  # characters of `text` inside judged sentences (with the whitespace after the last)
         self.ends: list[int] = []  # per sentence the last `feed` returned, `ready` just after it
+        # Where the next search for a break starts: breaks before it were read already, so a long stretch without
+        # one is scanned once, not again with every token (that was quadratic, on the loop that streams answers).
+        self.scanned = 0
 
     def feed(self, text: str, final: bool = False) -> list[str]:
         self.text += text
         complete: list[str] = []
         self.ends = []
         # A break is complete once something that is not whitespace follows it: more whitespace may still come.
-        for found in SENTENCE_BREAK.finditer(self.text, self.ready):
+        self.scanned = max(self.scanned, self.ready)
+        for found in SENTENCE_BREAK.finditer(self.text, self.scanned):
             if found.end() == len(self.text):
+                self.scanned = found.start()  # read again once more text shows where it ends
                 break
+            self.scanned = found.end()
             piece = self.text[self.ready:found.start()].strip()
             if len(piece) >= MIN_SEGMENT_CHARS:
                 complete.append(piece)
                 self.ready = found.end()
                 self.ends.append(self.ready)
+        else:
+            self.scanned = len(self.text)
         if final:
             if rest := self.text[self.ready:].strip():
                 complete.append(rest)

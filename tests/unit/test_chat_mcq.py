@@ -144,6 +144,8 @@ async def test_the_opening_is_left_out_where_it_cannot_serve(app_factory):
             {"messages": [*messages(), {"role": "assistant", "content": "B"}, {"role": "user", "content": "Why?"}],
              "max_tokens": 20},  # the question is not what the student asks now
             {"messages": messages(), "max_tokens": 5},  # no room for the opening and an answer
+            # a stop string the opening holds: vLLM would not see it in the prompt, and the text would run past it
+            {"messages": messages(), "max_tokens": 20, "stop": [". This"]},
         ]
         for ask in asks:
             r = await served.client.post(CHAT, json=ask)

@@ -119,3 +119,26 @@ async def test_the_schema_says_null_is_taken(served):
         assert "null" not in json.dumps(properties["messages" if name.startswith("Chat") else "prompt"])
     options = schema["StreamOptions"]["properties"]
     assert {"type": "null"} in options["include_usage"]["anyOf"]
+
+
+async def test_a_reply_appended_as_the_official_client_returns_it_is_taken(served):
+    # The usual multi-turn pattern: `messages.append(response.choices[0].message)`. The client sends that message
+    # back with every field it read, the empty refusal, audio and tool calls included.
+    from openai._utils import maybe_transform
+    from openai.types.chat import ChatCompletion, completion_create_params
+
+    first = await served.client.post(CHAT, json=CHAT_BODY)
+    assert first.status_code == 200, first.text
+    reply = ChatCompletion.model_validate(first.json()).choices[0].message
+    messages = [*CHAT_BODY["messages"], reply, {"role": "user", "content": "And in the dark?", "name": "sam"}]
+    body = maybe_transform({"messages": messages, "model": first.json()["model"], "max_tokens": 4},
+                           completion_create_params.CompletionCreateParamsNonStreaming)
+    assert "refusal" in body["messages"][1]  # what made it a 400 before
+    r = await served.client.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    # a field of them that asks for something is still refused by name
+    for name, value in (("tool_calls", [{"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}]),
+                        ("refusal", "I cannot help with that.")):
+        turn = {**body["messages"][1], name: value}
+        r = await served.client.post(CHAT, json={**body, "messages": [body["messages"][0], turn]})
+        assert r.status_code == 400 and f"`{name}` is not supported" in r.text, r.text

@@ -480,6 +480,16 @@ def test_an_answer_is_cut_into_the_same_sentences_however_it_streams():
     assert AnswerSegments.of("   ") == [] and AnswerSegments.of("Short.") == ["Short."]
 
 
+def test_a_long_stretch_without_a_break_is_read_once_and_still_cut_as_a_whole_answer_is():
+    # A looping answer with no punctuation: each token used to send the search back over all of it.
+    answer = "hello " * 600 + "and then it ends.\n\n" + "more words " * 300 + "done. Last"
+    cut, streamed = AnswerSegments(), []
+    for start in range(0, len(answer), 3):
+        streamed += cut.feed(answer[start:start + 3])
+        assert cut.scanned >= len(cut.text) - 3  # never back over what was read (a break still growing aside)
+    assert streamed + cut.feed("", final=True) == AnswerSegments.of(answer)
+
+
 def test_the_answer_guard_reads_at_the_records_answer_threshold_without_a_self_harm_one(guard):
     answers = guard.for_answers()
     assert answers.record.self_harm_threshold is None
