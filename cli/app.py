@@ -285,8 +285,15 @@ def review_export(
         "--include-flagged", help="dpo: keep pairs whose chosen answer a reviewer flagged incorrect or unsafe")]
     = False,
     since: Annotated[str | None, typer.Option(help="Only items created on or after this date (YYYY-MM-DD)")] = None,
+    model: Annotated[str | None, typer.Option(help="Only records whose every answer this registry model wrote "
+                                              "(training a model on its own answers)")] = None,
+    include_unfinished: Annotated[bool, typer.Option(
+        "--include-unfinished", help="Keep answers cut off at max_tokens (to count verdicts, e.g. for `eval gate "
+        "--reviews`; not as training text)")] = False,
 ) -> None:
     """Write reviewer verdicts as preference (dpo), unpaired (kto) or supervised (sft) training data."""
+    from collections import Counter
+
     from service.review import export
     from zephyr.pii import Redactor
 
@@ -298,11 +305,17 @@ def review_export(
         raise fail("--min-reviewers must be at least 1")
     settings, judgements, generations, _ = _review_data(since)
     redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
-    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged)
-    text, count = export.to_jsonl(judgements, generations, options, redactor)
+    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
+    left_out: Counter[str] = Counter()
+    text, count = export.to_jsonl(judgements, generations, options, redactor, left_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")
+    if left_out["unfinished"]:
+        console.print(f"left out {left_out['unfinished']} with an answer the model did not write whole (cut off at "
+                      "max_tokens: --include-unfinished keeps those; or the safety guard's reply)")
+    if left_out["other_model"]:
+        console.print(f"left out {left_out['other_model']} with an answer of another model than {model}")
 
 
 @review_app.command("stats")

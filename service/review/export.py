@@ -13,6 +13,11 @@ What each verdict becomes, by the item's majority label (items with no majority 
 An answer any reviewer flagged (incorrect, unsafe, gives the answer away, off-topic) is never used as a
 desirable example (KTO True, SFT), and a DPO pair whose chosen answer any reviewer flagged incorrect or unsafe is
 left out: preferring it would teach a wrong or unsafe answer as the better one (`include_flagged` keeps them).
+Only answers the model wrote whole become training text (`written_whole`): not one cut off at max_tokens (the chat
+template would close it, teaching the model to stop mid-sentence), not the safety guard's reply to a request, nor
+an answer the guard stopped with its reply after it. A pair with such a side is left out, and counted
+(`left_out["unfinished"]`), as are records with an answer of another model than `model`, where it is given
+(`left_out["other_model"]`).
 Records are ordered by item creation time then id, deduplicated on their
 content (the first item's provenance is kept, with every merged item id), redacted again for PII, and written
 with sorted keys, so the same database always gives the same file."""
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +49,12 @@ class ExportOptions:
     min_agreement: float = 0.0
     min_reviewers: int = 1
     include_flagged: bool = False  # dpo: keep pairs whose chosen answer was flagged incorrect or unsafe
+    # Only records whose every answer this model wrote (the served one, or a candidate of its own sampled otherwise):
+    # the pairs for training it on its own answers, without a promotion A/B's candidate or an earlier model's.
+    model: str | None = None
+    # Keep answers cut off at max_tokens (never the guard's text): for counting verdicts (`eval gate --reviews`)
+    # on chats asked with a small limit, not for training text.
+    include_unfinished: bool = False
 
 
 def _prompt(messages: list[dict[str, Any]]) -> list[Message]:
@@ -61,10 +73,31 @@ def _flagged(group: list[Judgement], role: str, only: tuple[str, ...] | None = N
     return any(only is None or flag in only for j in group for flag in j.flags.get(role) or ())
 
 
+def written_whole(row: dict[str, Any], cut_off_too: bool = False) -> bool:
+    """Whether an answer is the model's own, complete: it ended by itself (`stop`; rows logged before the reason
+    was kept count so; `length` too with `cut_off_too`), and no safety verdict is on its row (a refused request,
+    or an answer the guard stopped)."""
+    choice = row["response"][0] if row["response"] else {}
+    params = row.get("params") or {}
+    return (choice.get("finish_reason") in (("stop", None, "length") if cut_off_too else ("stop", None))
+            and "safety" not in params and "answer_safety" not in params)
+
+
 def records(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
-            redactor: Redactor | None) -> Iterator[BaseModel]:
+            redactor: Redactor | None, left_out: Counter[str] | None = None) -> Iterator[BaseModel]:
+    left_out = Counter() if left_out is None else left_out
+
     def clean(text: str) -> str:
         return redactor.redact(text) if redactor else text
+
+    def whole(*rows: dict[str, Any]) -> bool:
+        if options.model is not None and any(row["model"] != options.model for row in rows):
+            left_out["other_model"] += 1
+            return False
+        if all(written_whole(row, options.include_unfinished) for row in rows):
+            return True
+        left_out["unfinished"] += 1
+        return False
 
     groups = by_item(judgements)
     order = sorted(groups, key=lambda item: (utc(generations[item]["created_at"]), item))
@@ -100,23 +133,29 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             if options.format == "dpo":
                 if not options.include_flagged and _flagged(group, label, DISQUALIFYING_FLAGS):
                     continue
+                if not whole(winner, loser):
+                    continue
                 out.append((PreferencePair(prompt=prompt, chosen=_reply(clean(answer_text(winner))),
                                            rejected=_reply(clean(answer_text(loser))), source=SOURCE,
                                            meta=provenance), provenance))
             elif options.format == "kto":
-                if not _flagged(group, label):
+                if not _flagged(group, label) and whole(winner):
                     out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(winner))), label=True,
                                            meta={**meta, "generation_id": winner["id"]}), meta))
-                out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(loser))), label=False,
-                                       meta={**meta, "generation_id": loser["id"]}), meta))
-            elif not _flagged(group, label):
+                if whole(loser):
+                    out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(loser))),
+                                           label=False, meta={**meta, "generation_id": loser["id"]}), meta))
+            elif not _flagged(group, label) and whole(winner):
                 out.append((SFTExample(messages=prompt + _reply(clean(answer_text(winner))),
                                        meta={**meta, "generation_id": winner["id"]}), meta))
         elif label == "both_bad" and options.format == "kto" and candidate is not None:
             for row in (served, candidate):
+                if not whole(row):
+                    continue
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(row))), label=False,
                                        meta={**meta, "generation_id": row["id"]}), meta))
-        elif label in ("good", "bad"):
+        elif label in ("good", "bad") and (options.format == "kto" or (options.format == "sft" and label == "good")) \
+                and whole(served):
             good = label == "good" and not _flagged(group, "served")
             text = clean(answer_text(served))
             if options.format == "kto":
@@ -141,10 +180,10 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
 
 
 def to_jsonl(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
-             redactor: Redactor | None) -> tuple[str, int]:
+             redactor: Redactor | None, left_out: Counter[str] | None = None) -> tuple[str, int]:
     """The whole file and its record count. Records are collected first: a duplicate found later adds its
     item id to an earlier record's provenance."""
-    items = list(records(judgements, generations, options, redactor))
+    items = list(records(judgements, generations, options, redactor, left_out))
     text = "".join(json.dumps(r.model_dump(exclude_none=True), ensure_ascii=False, sort_keys=True) + "\n"
                    for r in items)
     return text, len(items)

@@ -4,6 +4,7 @@ and the export of verdicts as training data (admin)."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -215,6 +216,10 @@ async def export_verdicts(
     include_flagged: bool = Query(False, description="dpo: keep pairs whose chosen answer a reviewer flagged "
                                   "incorrect or unsafe"),
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
+    model: str | None = Query(None, max_length=256, description="only records whose every answer this registry "
+                              "model wrote"),
+    include_unfinished: bool = Query(False, description="keep answers cut off at max_tokens (to count verdicts, "
+                                     "not as training text)"),
     _: Principal = Depends(admin_only),
 ) -> Response:
     try:
@@ -224,9 +229,11 @@ async def export_verdicts(
                             "and 9999", param="since") from None
     store = review_store(request)
     judgements, generations = await store.judgements(since)
-    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged)
+    options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
+    left_out: Counter[str] = Counter()
     # Redaction is CPU work: keep it off the event loop that streams students' answers.
     text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,
-                                          request.app.state.redactor)
+                                          request.app.state.redactor, left_out)
     return Response(text, media_type="application/x-ndjson", headers={
-        "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count)})
+        "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
+        "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"])})

@@ -309,6 +309,14 @@ class ReviewStore:
             )).mappings().first()
             if last is None:
                 raise APIError(409, "you have no verdict to undo", code="conflict")
+            # Once another reviewer has judged the item, the statistics can show whether the two agreed: a verdict
+            # changed after that would be judged by agreement, not by the answers. It stands.
+            other = (await conn.execute(
+                select(A.id).where(A.item_id == last["item_id"], A.reviewer != reviewer, A.status == "judged")
+                .limit(1))).first()
+            if other is not None:
+                raise APIError(409, "another reviewer has judged this item too, so your verdict on it stands; "
+                                    "say what you would change in a comment on your next verdict", code="conflict")
             await self._settle(conn, last["id"], "judged", status="shown", verdict=None, chosen_id=None,
                                strength=None, flags={}, comment=None, judged_at=None, shown_at=datetime.now(UTC))
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()

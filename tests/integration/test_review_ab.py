@@ -110,8 +110,9 @@ def export(servers, tmp_path_factory) -> Path:
     answers = ask_for_review(served)
     judge(served, answers, served_wins=1)
     out = tmp_path_factory.mktemp("export") / "reviews.jsonl"
-    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out)],
-                                env={"ZEPHYR_HOME": str(served.home)})
+    # --include-unfinished: the gate counts verdicts, and these chats are asked with a small max_tokens
+    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out),
+                                      "--include-unfinished"], env={"ZEPHYR_HOME": str(served.home)})
     assert result.exit_code == 0, result.output
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert Counter(p["meta"]["chosen_model"] for p in pairs) == {CANDIDATE: 5, DEFAULT_MODEL: 1}

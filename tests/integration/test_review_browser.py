@@ -72,7 +72,8 @@ def insert(db, rows: list[dict]) -> None:
 
 def export(server, fmt: str, tmp_path) -> list[dict]:
     out = tmp_path / f"{fmt}.jsonl"
-    result = CliRunner().invoke(cli, ["review", "export", "--format", fmt, "--out", str(out)],
+    # --include-unfinished: the chats here are asked with a small max_tokens, and this test is about the verdicts
+    result = CliRunner().invoke(cli, ["review", "export", "--format", fmt, "--out", str(out), "--include-unfinished"],
                                 env={"ZEPHYR_HOME": str(server.home)})
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in out.read_text().splitlines()]

@@ -63,6 +63,18 @@ async def test_overlap_never_twice_skip_and_undo(log):
         await store.undo("r5")
     assert nothing.value.status == 409
 
+    # Once another reviewer has judged the item too, a verdict stands: the statistics would show whether the two
+    # agreed, and a verdict changed after that would follow the other reviewer, not the answers.
+    await store.judge("r1", undone["assignment_id"], "a", 3, {}, None)
+    held = await store.next_item("r2")
+    assert held["item_id"] == "i1"
+    await store.judge("r2", held["assignment_id"], "b", 2, {}, None)
+    with pytest.raises(APIError, match="another reviewer has judged this item") as stands:
+        await store.undo("r1")
+    assert stands.value.status == 409
+    with pytest.raises(APIError, match="another reviewer has judged this item"):
+        await store.undo("r2")
+
 
 @pytest.mark.parametrize("overlap", [1, 2])
 async def test_concurrent_reviewers_never_overfill_an_item(log, overlap):

@@ -61,3 +61,50 @@ def test_a_merged_duplicate_names_its_items_on_that_record_only():
     records = [json.loads(line) for line in text.splitlines()]
     assert [(r["meta"]["generation_id"], r["meta"]["item_ids"]) for r in records] == [
         ("i1", ["i1", "i2"]), ("c1", ["i1"]), ("c2", ["i2"])]
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
+def test_only_answers_the_model_wrote_whole_become_training_text(fmt):
+    from collections import Counter
+
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+
+    def answer(gid: str, text: str, finish: str | None, model: str = "m", **params) -> dict:
+        choice = {"content": text} | ({"finish_reason": finish} if finish else {})
+        return {"id": gid, "created_at": AT, "model": model, "messages": messages, "response": [choice],
+                "params": params}
+
+    def verdict(item: str, cand: str, label: str = "served") -> Judgement:
+        return Judgement(item_id=item, reviewer="r0", kind="pair", label=label, strength=3, served_model="m",
+                         candidate_id=cand, candidate_model="m")
+
+    generations = {
+        "whole": answer("whole", "Rayleigh scattering.", "stop"),
+        "older": answer("older", "Light scatters.", None),  # logged before the reason was kept: taken as whole
+        "cut": answer("cut", "Because the light is scattered by the", "length"),
+        "guard": answer("guard", "I can't help with that.", "content_filter", safety={"category": "harmful"}),
+        "stopped": answer("stopped", "Sure. [the guard's reply]", "stop", answer_safety={"0": {}}),
+        "other": answer("other", "Because of the ocean.", "stop", model="candidate-model"),
+        "w2": answer("w2", "Molecules scatter blue light more.", "stop"),
+        "w3": answer("w3", "Shorter wavelengths scatter.", "stop"),
+        "w4": answer("w4", "Blue light scatters most.", "stop"),
+    }
+    judgements = [verdict("whole", "older"), verdict("w2", "cut"), verdict("w3", "guard"),
+                  verdict("stopped", "w4", "candidate"), verdict("w4", "other")]
+    left_out: Counter[str] = Counter()
+    text, _ = to_jsonl(judgements, generations, ExportOptions(fmt), None, left_out)
+    texts = {m["content"] for line in text.splitlines() for r in [json.loads(line)]
+             for m in r.get("chosen", []) + r.get("rejected", []) + r.get("completion", [])
+             + [x for x in r.get("messages", []) if x["role"] == "assistant"]}
+    assert not texts & {"Because the light is scattered by the", "I can't help with that.",
+                        "Sure. [the guard's reply]"}
+    assert "Rayleigh scattering." in texts and left_out["unfinished"] >= (fmt != "sft")  # sft reads winners only
+    # Only one model's answers: the pair with another model's candidate is left out, and counted.
+    only: Counter[str] = Counter()
+    text, _ = to_jsonl(judgements, generations, ExportOptions(fmt, model="m"), None, only)
+    assert "Because of the ocean." not in text and only["other_model"] >= (fmt != "sft")
+    if fmt == "dpo":  # a pair with a side the model did not write whole goes, both sides with it
+        pairs = [json.loads(line) for line in text.splitlines()]
+        assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
+            ("Rayleigh scattering.", "Light scatters.")]
+        assert only == Counter({"unfinished": 3, "other_model": 1})
