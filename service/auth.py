@@ -255,6 +255,15 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
         raise
 
 
+def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
+    """The refusals of `admitted` (its size, then admission), without taking a place or spending a budget: asked
+    before the work a request costs ahead of its admission (tokenizing, the guard's screening on the encoder's one
+    thread), so a replica shedding load does not spend that on requests it will refuse while its streams wait."""
+    state = request.app.state
+    state.rate_limiter.fits(cost)
+    state.tutor.admission.check(weight)
+
+
 @contextmanager
 def admitted(request: Request, cost: int = 1, *, weight: int = 1,
              for_review: bool = False) -> Iterator[Any]:

@@ -89,6 +89,12 @@ class Admission:
     def admit(self, weight: int = 1) -> AdmissionSlot:
         """Admits `weight` requests, or refuses them with a 503. Use the slot as a context manager: the
         requests leave when the block ends, unless the block hands the slot off (`AdmissionSlot.hand_off`)."""
+        self.check(weight)
+        self.in_flight += weight
+        return AdmissionSlot(self, weight)
+
+    def check(self, weight: int = 1) -> None:
+        """The 503 `admit` would give now, without taking a place (`service.auth.admissible`)."""
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise APIError(
@@ -109,8 +115,6 @@ class Admission:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        self.in_flight += weight
-        return AdmissionSlot(self, weight)
 
 
 class AdmissionSlot:

@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.auth import Principal, admitted, require
+from service.auth import Principal, admissible, admitted, require
 from service.completions import complete, prepare_completion, stream
 from service.disconnect import until_disconnected
 from service.errors import APIError
@@ -66,6 +66,7 @@ def document_stream(openapi: dict) -> None:
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
     tutor = request.app.state.tutor
     review_requested = review_header(request)
+    admissible(request, body.n)  # before the tokenizing and the guard's screening that a refusal would waste
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     top_logprobs = body.top_logprobs if body.logprobs else None
     # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
@@ -82,6 +83,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     """A raw prompt (text or token ids) continued without the chat template; with `echo` and `logprobs`, the
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
+    admissible(request, body.n)  # before the tokenizing and the guard's screening that a refusal would waste
     job = await prepare_completion(tutor, body, principal)
     with admitted(request, body.n) as slot:
         return await answer(request, slot, job.gen.request_id, body.stream, lambda: complete(tutor, job),

@@ -62,6 +62,22 @@ async def test_overload_is_503_not_an_unbounded_queue(app_factory):
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_a_full_replica_refuses_before_the_guard_reads_the_request(app_factory):
+    # The guard's screening runs on the encoder's one thread, where the sentences of the answers being streamed
+    # wait their turn: a request that will be refused must not queue there first.
+    async with app_factory(max_in_flight=1, safety_guard=True) as served:
+        served.app.state.tutor.admission.in_flight = 1  # every place taken
+        for path, body in ((CHAT, BODY), ("/v1/completions", {"prompt": "Plants take in", "max_tokens": 4})):
+            r = await served.client.post(path, json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_encoder_seconds_count{task="request_guard"}' not in metrics
+        served.app.state.tutor.admission.in_flight = 0
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_encoder_seconds_count{task="request_guard"} 1.0' in metrics
+
+
 async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):
     """A client retrying 503s (the server full) must not spend the work its refused requests asked for."""
     async with app_factory(rate_limit="7/minute", max_in_flight=3) as served:
