@@ -219,6 +219,12 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
         result = read_reviews(Path(reviews)) if is_file else human_win_rates(reviews)
     except ValueError as exc:
         raise GateError(f"--reviews: {exc}") from None
+    if filtered := result.get("from_filtered_export"):
+        # A default export drops the pairs a flagged answer won, and those with an answer cut off: the wins of the
+        # model whose answers reviewers flag more would go with them, tilting the rate it is gated on.
+        raise GateError(f"{source or 'the reviews'}: {filtered} pair(s) come from an export that left out others; "
+                        "export with `zephyr review export --format dpo --include-flagged --include-unfinished`, "
+                        "which keeps every decisive verdict")
     a, b = sorted((candidate, baseline))
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     if match is None:
@@ -227,7 +233,7 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
             f"{source or 'the reviews'} hold no pair of {candidate} against {baseline} (pairs seen: "
             f"{', '.join(seen) or 'none'}). Serve {baseline} with ZEPHYR_REVIEW_CANDIDATE=remote, "
             f"ZEPHYR_REVIEW_CANDIDATE_URL at a server of {candidate} and ZEPHYR_REVIEW_CANDIDATE_MODEL={candidate}; "
-            "then review and export with `zephyr review export --format dpo`")
+            "then review and export with `zephyr review export --format dpo --include-flagged --include-unfinished`")
     wins = match["a_wins"] if a == candidate else match["b_wins"]
     losses = match["n"] - wins
     return ReviewGate(source=source, wins=wins, losses=losses, ci95=wilson(wins, match["n"]), min_pairs=min_pairs,

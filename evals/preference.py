@@ -58,6 +58,13 @@ def read_export(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[s
     return [r.model_dump() if hasattr(r, "model_dump") else dict(r) for r in source]
 
 
+def counts_every_verdict(record: Mapping[str, Any]) -> bool:
+    """Whether a pair comes from an export that kept every decisive pair: with `--include-flagged` (a pair whose
+    winner a reviewer flagged is still a win) and `--include-unfinished` (a win with an answer cut off too)."""
+    kept = (record.get("meta") or {}).get("kept") or {}
+    return bool(kept.get("flagged") and kept.get("unfinished"))
+
+
 def _is_pair(record: Mapping[str, Any]) -> bool:
     return "chosen" in record and "rejected" in record
 
@@ -105,6 +112,8 @@ def human_win_rates(records: str | Path | Iterable[Mapping[str, Any]]) -> dict[s
     return {
         "pairs": len(pairs),
         "without_models": unnamed,
+        # pairs of an export that left out others (flagged, or with an answer cut off): not every verdict counts
+        "from_filtered_export": sum(1 for r in pairs if not counts_every_verdict(r)),
         "served_vs_candidate": {"served_wins": served["served"], "candidate_wins": served["candidate"],
                                 "n": decided, "served_win_rate": served["served"] / decided if decided else None,
                                 "ci95": wilson(served["served"], decided)},

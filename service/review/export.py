@@ -129,7 +129,9 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             winner, loser = answers[label], answers[loser_role]
             provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],
                           "chosen_model": model_label(winner, served["model"]),
-                          "rejected_model": model_label(loser, served["model"])}
+                          "rejected_model": model_label(loser, served["model"]),
+                          # what the export left out: a win rate counts every verdict only with both kept
+                          "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished}}
             if options.format == "dpo":
                 if not options.include_flagged and _flagged(group, label, DISQUALIFYING_FLAGS):
                     continue

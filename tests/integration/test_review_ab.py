@@ -110,8 +110,8 @@ def export(servers, tmp_path_factory) -> Path:
     answers = ask_for_review(served)
     judge(served, answers, served_wins=1)
     out = tmp_path_factory.mktemp("export") / "reviews.jsonl"
-    # --include-unfinished: the gate counts verdicts, and these chats are asked with a small max_tokens
-    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out),
+    # every decisive verdict, as the gate needs (these chats are asked with a small max_tokens)
+    result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out), "--include-flagged",
                                       "--include-unfinished"], env={"ZEPHYR_HOME": str(served.home)})
     assert result.exit_code == 0, result.output
     pairs = [json.loads(line) for line in out.read_text().splitlines()]

@@ -96,19 +96,26 @@ def _scored(ids: list[str], seed: int = 7) -> list[calibration.Scored]:
     return items
 
 
-def test_a_refit_leaves_out_the_same_questions_from_scores_saved_before_the_rule(tmp_path: Path, monkeypatch,
-                                                                                 default_model):
+def _refit_home(data_dir: Path, tmp_path: Path, monkeypatch, default_model, name: str
+                ) -> tuple[Settings, Path, list[str]]:
+    """A registry entry `name` over `data_dir`, the folder its saved scores go in, and the ids of the data's dev
+    split (v-short repeats a test question: a refit leaves it out)."""
     from loadtest.harness import linked_variant
-    from zephyr.registry import Registry
 
-    data_dir = _data_dir(tmp_path / "data")
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ZEPHYR_DATA_DIR", str(data_dir))
     settings = Settings()
-    linked_variant(settings.home, default_model, "decon-test")
-    own = settings.resolved_eval_results_dir / "decon-test" / "calibration"
+    linked_variant(settings.home, default_model, name)
     ids = [f"v{i}" for i in range(30)]
     ids[4], ids[9], ids[12] = "v-short", "v-long", "v-alike"
+    return settings, settings.resolved_eval_results_dir / name / "calibration", ids
+
+
+def test_a_refit_leaves_out_the_same_questions_from_scores_saved_before_the_rule(tmp_path: Path, monkeypatch,
+                                                                                 default_model):
+    from zephyr.registry import Registry
+
+    settings, own, ids = _refit_home(_data_dir(tmp_path / "data"), tmp_path, monkeypatch, default_model, "decon-test")
     # A file from before the rule: every question scored, no "decontaminated" in it.
     old = save_scores(own / "old.json", {"arc_easy": "validation"}, {"arc_easy": _scored(ids)}, "Answer:")
     raw = json.loads(old.read_text())
@@ -200,16 +207,8 @@ def test_the_clean_draw_is_the_plain_draw_whenever_that_holds_nothing_flagged():
 
 def test_a_refit_checks_the_saved_demonstrations_and_leaves_out_impossible_scores(tmp_path: Path, monkeypatch,
                                                                                   default_model):
-    from loadtest.harness import linked_variant
-
     data_dir = _data_dir(_pool_dir(tmp_path / "data", contaminated_at=5))  # p5 repeats a test question
-    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(data_dir))
-    settings = Settings()
-    linked_variant(settings.home, default_model, "demo-test")
-    own = settings.resolved_eval_results_dir / "demo-test" / "calibration"
-    ids = [f"v{i}" for i in range(30)]
-    ids[4], ids[9], ids[12] = "v-short", "v-long", "v-alike"  # v-short repeats a test question: left out
+    settings, own, ids = _refit_home(data_dir, tmp_path, monkeypatch, default_model, "demo-test")
 
     def saved(name: str, demonstration_ids: list[str], items: list[calibration.Scored] | None = None) -> Path:
         source = {"benchmark": "arc_easy", "split": "train", "seed": 0, "count": len(demonstration_ids),

@@ -370,7 +370,8 @@ def verdicts(candidate_wins: int, baseline_wins: int, candidate: str = "cand", b
         return {"prompt": [{"role": "user", "content": f"q{n}"}], "chosen": [{"role": "assistant", "content": "a"}],
                 "rejected": [{"role": "assistant", "content": "b"}],
                 "meta": {"label": "candidate" if winner == candidate else "served", "chosen_model": winner,
-                         "rejected_model": loser, "item_ids": [f"item{n}"]}}
+                         "rejected_model": loser, "item_ids": [f"item{n}"],
+                         "kept": {"flagged": True, "unfinished": True}}}
     return ([pair(candidate, baseline, n) for n in range(candidate_wins)]
             + [pair(baseline, candidate, candidate_wins + n) for n in range(baseline_wins)])
 
@@ -411,6 +412,11 @@ def test_review_rule_counts_only_pairs_of_the_two_models_whichever_side_served()
     ([], {}, r"pairs seen: none\). Serve base with ZEPHYR_REVIEW_CANDIDATE=remote"),
     (verdicts(5, 5), {"min_pairs": 0}, "at least 1, got 0"),
     (verdicts(5, 5), {"min_win_rate": 1.5}, r"a share in \[0, 1\], got 1.5"),
+    # a default export dropped the pairs a flagged answer won: refused, not counted
+    ([{**r, "meta": {**r["meta"], "kept": {"flagged": False, "unfinished": True}}} for r in verdicts(30, 5)], {},
+     r"35 pair\(s\) come from an export that left out others; export with .* --include-flagged --include-unfinished"),
+    ([{**r, "meta": {k: v for k, v in r["meta"].items() if k != "kept"}} for r in verdicts(30, 5)], {},
+     "come from an export that left out others"),  # files from before the export said
 ])
 def test_review_rule_errors_say_what_to_fix(records, rule, message):
     from evals.gate import review_gate
