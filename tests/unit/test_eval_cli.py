@@ -118,7 +118,8 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
         path = tmp_path / name
         rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
                  "rejected": [{"role": "assistant", "content": "b"}],
-                 "meta": {"chosen_model": w, "rejected_model": lo, "item_ids": [f"i{n}"]}}
+                 "meta": {"chosen_model": w, "rejected_model": lo, "item_ids": [f"i{n}"],
+                          "kept": {"flagged": True, "unfinished": True}}}
                 for n, (w, lo) in enumerate([("cand", "base")] * cand_wins + [("base", "cand")] * base_wins)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(path)
