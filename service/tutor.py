@@ -70,6 +70,9 @@ CHARS_PER_TOKEN_BOUND = 16
 log = logging.getLogger("zephyr.service")
 
 
+DOMAIN_CHUNK = 32  # questions a call when a batch's questions are embedded for their domain
+
+
 class Admission:
     """Bounds the requests admitted at once: past the bound the server answers 503 at once instead of
     queueing without limit, so a load balancer can send the client elsewhere."""
@@ -616,11 +619,16 @@ class Tutor:
                                    domain=domain.result()[0] if domain else None), explanation
 
     async def _question_domains(self, questions: list[mcq.MCQuestion]) -> list[list[float]]:
-        """Which set each question reads like: the record's head over their all-MiniLM-L6-v2 embeddings, in one
-        call on the encoder's thread (a batch's questions queue once, not once each, before the guard's work)."""
+        """Which set each question reads like: the record's head over their all-MiniLM-L6-v2 embeddings, on the
+        encoder's thread a few questions a call: fewer calls than one per question, while the guard's work queued
+        meanwhile runs between them, and a batch cancelled (a 400, a client gone) leaves the rest unqueued."""
         head = self.calibration.question_domain if self.calibration else None
         assert head is not None  # MCQCalibration refuses domain features without their head
-        return await self.on_encoder("question_domain", head.read, self.encoder, questions)
+        domains: list[list[float]] = []
+        for start in range(0, len(questions), DOMAIN_CHUNK):
+            domains += await self.on_encoder("question_domain", head.read, self.encoder,
+                                             questions[start:start + DOMAIN_CHUNK])
+        return domains
 
     async def _letter(self, q: mcq.MCQuestion, prompt_ids: list[int], explain: bool,
                       row: GenerationRequest) -> tuple[list[float] | None, str | None]:
@@ -747,10 +755,8 @@ class Tutor:
                                                            body.user, body.min_confidence, f"questions[{i}].",
                                                            domain_of(i)))
                          for i, (q, body) in enumerate(items)]
-        except* APIError as failures:
-            raise failures.exceptions[0] from None
-        except* Exception as failures:  # a fault: raised as itself, as a single question's is
-            raise failures.exceptions[0] from None
+        except* Exception as failures:  # the client's error first, else the fault itself, as a single question's
+            raise next((e for e in failures.exceptions if isinstance(e, APIError)), failures.exceptions[0]) from None
         return [task.result() for task in tasks]
 
 

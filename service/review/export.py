@@ -15,7 +15,8 @@ desirable example (KTO True, SFT), and a DPO pair whose chosen answer any review
 left out: preferring it would teach a wrong or unsafe answer as the better one (`include_flagged` keeps them).
 Only answers the model wrote whole become training text (`written_whole`): not one cut off at max_tokens (the chat
 template would close it, teaching the model to stop mid-sentence), not the safety guard's reply to a request, nor
-an answer the guard stopped with its reply after it. A pair with such a side is left out, and counted
+an answer the guard stopped with its reply after it (`include_unfinished` keeps them all, for counting verdicts
+rather than training on them). A pair with such a side is left out, and counted
 (`left_out["unfinished"]`), as are records with an answer of another model than `model`, where it is given
 (`left_out["other_model"]`).
 Records are ordered by item creation time then id, deduplicated on their
@@ -52,8 +53,8 @@ class ExportOptions:
     # Only records whose every answer this model wrote (the served one, or a candidate of its own sampled otherwise):
     # the pairs for training it on its own answers, without a promotion A/B's candidate or an earlier model's.
     model: str | None = None
-    # Keep answers cut off at max_tokens (never the guard's text): for counting verdicts (`eval gate --reviews`)
-    # on chats asked with a small limit, not for training text.
+    # Keep answers cut off at max_tokens and those the guard refused or stopped: every verdict, for counting them
+    # (`eval gate --reviews`: the guard stops one model's answers more than another's), never for training text.
     include_unfinished: bool = False
 
 
@@ -73,14 +74,14 @@ def _flagged(group: list[Judgement], role: str, only: tuple[str, ...] | None = N
     return any(only is None or flag in only for j in group for flag in j.flags.get(role) or ())
 
 
-def written_whole(row: dict[str, Any], cut_off_too: bool = False) -> bool:
-    """Whether an answer is the model's own, complete: it ended by itself (`stop`; rows logged before the reason
-    was kept count so; `length` too with `cut_off_too`), and no safety verdict is on its row (a refused request,
-    or an answer the guard stopped)."""
+def written_whole(row: dict[str, Any]) -> bool:
+    """Whether an answer (a review item's one choice) is the model's own, complete: it ended by itself (`stop`;
+    rows logged before the reason was kept count so), the request was not refused (`safety`), and the guard did
+    not stop this choice (`answer_safety["0"]`)."""
     choice = row["response"][0] if row["response"] else {}
     params = row.get("params") or {}
-    return (choice.get("finish_reason") in (("stop", None, "length") if cut_off_too else ("stop", None))
-            and "safety" not in params and "answer_safety" not in params)
+    return (choice.get("finish_reason") in ("stop", None) and "safety" not in params
+            and "0" not in (params.get("answer_safety") or {}))
 
 
 def records(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
@@ -94,7 +95,7 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if options.model is not None and any(row["model"] != options.model for row in rows):
             left_out["other_model"] += 1
             return False
-        if all(written_whole(row, options.include_unfinished) for row in rows):
+        if options.include_unfinished or all(written_whole(row) for row in rows):
             return True
         left_out["unfinished"] += 1
         return False

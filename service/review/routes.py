@@ -218,8 +218,8 @@ async def export_verdicts(
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
     model: str | None = Query(None, max_length=256, description="only records whose every answer this registry "
                               "model wrote"),
-    include_unfinished: bool = Query(False, description="keep answers cut off at max_tokens (to count verdicts, "
-                                     "not as training text)"),
+    include_unfinished: bool = Query(False, description="keep answers cut off at max_tokens and those the guard "
+                                     "refused or stopped (to count verdicts, not as training text)"),
     _: Principal = Depends(admin_only),
 ) -> Response:
     try:

@@ -108,3 +108,29 @@ def test_only_answers_the_model_wrote_whole_become_training_text(fmt):
         assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
             ("Rayleigh scattering.", "Light scatters.")]
         assert only == Counter({"unfinished": 3, "other_model": 1})
+
+
+def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+
+    def answer(gid: str, text: str, finish: str, **params) -> dict:
+        return {"id": gid, "created_at": AT, "model": "m", "messages": messages,
+                "response": [{"content": text, "finish_reason": finish}], "params": params}
+
+    generations = {"cut": answer("cut", "Because the light is", "length"),
+                   "stopped": answer("stopped", "Sure. [the guard's reply]", "stop", answer_safety={"0": {}}),
+                   "a": answer("a", "Rayleigh scattering.", "stop"),
+                   # the guard stopped another choice of this request, not the one reviewed
+                   "b": answer("b", "Light scatters.", "stop", answer_safety={"1": {}})}
+    judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
+                            candidate_id=cand, candidate_model="m") for item, cand in (("cut", "a"), ("b", "stopped"))]
+    text, _ = to_jsonl(judgements, generations, ExportOptions("dpo"), None)
+    assert [json.loads(line)["chosen"][0]["content"] for line in text.splitlines()] == []  # a side not whole each
+    text, _ = to_jsonl(judgements, generations, ExportOptions("dpo", include_flagged=True, include_unfinished=True),
+                       None)
+    pairs = [json.loads(line) for line in text.splitlines()]
+    assert [p["chosen"][0]["content"] for p in pairs] == ["Light scatters.", "Because the light is"]  # by item id
+    assert all(p["meta"]["kept"] == {"flagged": True, "unfinished": True} for p in pairs)
+    from service.review.export import written_whole
+
+    assert written_whole(generations["b"]) and not written_whole(generations["stopped"])
