@@ -479,8 +479,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     if not question_domain:
         saved_scores = without_question_domains(saved_scores)
     splits, scored, cue = saved_scores.splits, saved_scores.scored, saved_scores.answer_prior_context
-    if impossible := {name: calibration.non_finite(items) for name, items in scored.items()
-                      if calibration.non_finite(items)}:
+    if impossible := {name: bad for name, items in scored.items() if (bad := calibration.non_finite(items))}:
         console.print("[yellow]left out questions with a score that is not finite[/]: " + "; ".join(
             f"{name} {', '.join(i.id or '?' for i in bad)}" for name, bad in impossible.items()))
         dropped = {id(i) for bad in impossible.values() for i in bad}  # by identity: NaN != NaN

@@ -602,8 +602,8 @@ class Tutor:
                 if plan.needs_cloze:
                     cloze = group.create_task(self._cloze(cloze_requests, row))
                 if plan.needs_domain:  # on the encoder's thread while the engine scores
-                    domain = group.create_task(_first(shared_domain()) if shared_domain is not None
-                                               else self._question_domains([q]))
+                    domain = group.create_task(shared_domain() if shared_domain is not None
+                                               else self._question_domain(q))
         except* APIError as failures:
             raise failures.exceptions[0] from None
         except* Exception as failures:  # a fault: raised as itself, so the log row and the server log name it
@@ -616,7 +616,10 @@ class Tutor:
             prior = values[len(q.options):] or None
         letter_logprobs, explanation = letter.result() if letter else (None, None)
         return dataclasses.replace(scores, letter=letter_logprobs, answer_prior=prior,
-                                   domain=domain.result()[0] if domain else None), explanation
+                                   domain=domain.result() if domain else None), explanation
+
+    async def _question_domain(self, q: mcq.MCQuestion) -> list[float]:
+        return (await self._question_domains([q]))[0]
 
     async def _question_domains(self, questions: list[mcq.MCQuestion]) -> list[list[float]]:
         """Which set each question reads like: the record's head over their all-MiniLM-L6-v2 embeddings, on the
@@ -749,7 +752,7 @@ class Tutor:
                     if reading else None
 
                 def domain_of(i: int) -> Callable[[], Awaitable[list[float]]] | None:
-                    return functools.partial(_item, domains, reading[i]) if domains and i in reading else None
+                    return functools.partial(_item, domains, reading[i]) if i in reading else None
 
                 tasks = [group.create_task(self.answer_mcq(q, body.resolved_method, principal, f"{batch_id}-{i}",
                                                            body.user, body.min_confidence, f"questions[{i}].",
@@ -763,10 +766,6 @@ class Tutor:
 async def _item(shared: asyncio.Task[list[list[float]]], index: int) -> list[float]:
     # shielded: one question cancelled (its client gone, or its own failure) must not cancel its batch's embedding
     return (await asyncio.shield(shared))[index]
-
-
-async def _first(domain: Awaitable[list[float]]) -> list[list[float]]:
-    return [await domain]
 
 
 def _choice_logprobs(entries: list[TokenLogprob], top: int | None) -> ChoiceLogprobs:

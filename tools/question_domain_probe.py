@@ -50,8 +50,9 @@ def main() -> None:
     if saved.question_domain is None:
         parser.error(f"{args.scores} carries no question domains: refit it once with `zephyr eval calibrate "
                      "--scores` (which saves the scores again with them) and pass that file")
-    variants = {"scores only (before)": without_question_domains(saved).scored,
-                "+ question domain (served)": saved.scored, "+ the true set (ceiling)": truly(saved.scored)}
+    servable = {"scores only (before)": without_question_domains(saved).scored,
+                "+ question domain (served)": saved.scored}
+    variants = {**servable, "+ the true set (ceiling)": truly(saved.scored)}
     table = Table(title=f"{args.candidate}, held-out folds: accuracy / mean confidence / ECE")
     table.add_column("sharpness reads")
     for name in [*saved.scored, "pooled"]:
@@ -72,13 +73,13 @@ def main() -> None:
             cells.append(f"{figures['accuracy']:.1%} / {confidence:.2f} / {figures['ece']:.3f}")
         table.add_row(label, *cells, f"{figures['nll']:.4f}")
     console.print(table)
-    console.print(left_out_table(args.candidate, variants))
+    console.print(left_out_table(args.candidate, servable))
     console.print(separation(saved.scored))
 
 
 def left_out_table(candidate: str, variants: dict[str, dict[str, list[calibration.Scored]]]) -> Table:
-    """Each set measured by a fit on the other sets alone (the record's `left_out_set`), per variant; the ceiling
-    is left out, as it reads the set itself."""
+    """Each set measured by a fit on the other sets alone (the record's `left_out_set`), per variant (not the
+    ceiling, which reads the set itself)."""
     table = Table(title=f"{candidate}, each set left out of the fit: accuracy / mean confidence / ECE")
     table.add_column("sharpness reads")
     names = list(next(iter(variants.values())))
@@ -86,8 +87,6 @@ def left_out_table(candidate: str, variants: dict[str, dict[str, list[calibratio
         table.add_column(name, justify="right")
     table.add_column("mean NLL", justify="right")
     for label, scored in variants.items():
-        if "ceiling" in label:
-            continue
         figures = calibration.left_out_sets(scored, candidate)
         table.add_row(label, *[f"{figures[n]['accuracy']:.1%} / {figures[n]['confidence']:.2f} / "
                                f"{figures[n]['ece']:.3f}" for n in names],

@@ -157,16 +157,14 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                     continue
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(row))), label=False,
                                        meta={**meta, "generation_id": row["id"]}), meta))
-        elif label in ("good", "bad") and (options.format == "kto" or (options.format == "sft" and label == "good")) \
-                and whole(served):
+        elif label in ("good", "bad"):
             good = label == "good" and not _flagged(group, "served")
-            text = clean(answer_text(served))
-            if options.format == "kto":
-                out.append((KTOExample(prompt=prompt, completion=_reply(text), label=good,
+            if options.format == "kto" and whole(served):
+                out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(served))), label=good,
                                        meta={**meta, "generation_id": item_id}), meta))
-            elif options.format == "sft" and good:
-                out.append((SFTExample(messages=prompt + _reply(text), meta={**meta, "generation_id": item_id}),
-                            meta))
+            elif options.format == "sft" and good and whole(served):
+                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(served))),
+                                       meta={**meta, "generation_id": item_id}), meta))
 
         for record, _ in out:
             content = record.model_dump(exclude={"meta", "source"})
