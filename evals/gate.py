@@ -5,14 +5,16 @@ Only measurements both models have are compared, and only over the item ids both
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from evals.preference import human_win_rates, read_reviews
+from evals.preference import human_win_rates, read_export, read_review_records
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
     SERVED_METRICS,
     SUITE_BENCHMARKS,
@@ -177,6 +179,7 @@ class ReviewGate:
     ci95: tuple[float, float] | None  # Wilson interval of wins / n
     min_pairs: int
     min_win_rate: float
+    stale: int = 0  # pairs of the two left out: answered before a registry entry was (re)made under its name
 
     @property
     def n(self) -> int:
@@ -193,18 +196,37 @@ class ReviewGate:
     @property
     def reason(self) -> str:
         if self.n < self.min_pairs:
-            return f"{self.n} decisive review pairs, fewer than the {self.min_pairs} required"
+            return f"{self.n} decisive review pairs, fewer than the {self.min_pairs} required" + self._stale_note
         low, high = self.ci95 or (0.0, 0.0)
         clears = "clears" if self.passed else "is below"
         return (f"reviewers preferred the candidate in {self.wins} of {self.n} pairs ({self.win_rate:.1%}, 95% CI "
-                f"[{low:.1%}, {high:.1%}]); the lower bound {clears} {self.min_win_rate:.0%}")
+                f"[{low:.1%}, {high:.1%}]); the lower bound {clears} {self.min_win_rate:.0%}" + self._stale_note)
+
+    @property
+    def _stale_note(self) -> str:
+        return (f" ({self.stale} older pair(s) left out: answered before a model was remade under its name)"
+                if self.stale else "")
+
+
+def _answered_since(record: Mapping[str, Any], since: datetime) -> bool:
+    """Whether a pair's served answer was written at or after `since` (an export's `meta.created_at`); a pair
+    without that time cannot show which weights wrote it."""
+    written = (record.get("meta") or {}).get("created_at")
+    try:
+        return datetime.fromisoformat(written) >= since
+    except (TypeError, ValueError):
+        return False
 
 
 def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
-                min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "") -> ReviewGate:
+                min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "",
+                made_at: Mapping[str, datetime] | None = None) -> ReviewGate:
     """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (an export file's path, or its records);
     GateError when the file cannot be read, the rule's bounds are out of range or the export holds no pair between
-    the two models."""
+    the two models.
+
+    `made_at` holds the registry entries' creation times: reviews name models by name only, so the pairs answered
+    before either entry was (re)made under its name judged other weights and are left out (`stale`)."""
     from offline.stats import wilson
 
     if min_pairs < 1:
@@ -216,17 +238,28 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
     is_file = isinstance(reviews, str | Path)
     source = source or (str(reviews) if is_file else "")
     try:
-        result = read_reviews(Path(reviews)) if is_file else human_win_rates(reviews)
+        records = read_review_records(Path(reviews)) if is_file else read_export(reviews)
     except ValueError as exc:
         raise GateError(f"--reviews: {exc}") from None
+    a, b = sorted((candidate, baseline))
+    stale, since = 0, max((made_at or {}).values(), default=None)
+    if since is not None:
+        current = [r for r in records if _answered_since(r, since)]
+        stale = _pairs_between(records, a, b) - _pairs_between(current, a, b)
+        records = current
+    result = human_win_rates(records)
     if filtered := result.get("from_filtered_export"):
         # A default export drops the pairs a flagged answer won, and those with an answer cut off: the wins of the
         # model whose answers reviewers flag more would go with them, tilting the rate it is gated on.
         raise GateError(f"{source or 'the reviews'}: {filtered} pair(s) come from an export that left out others; "
                         "export with `zephyr review export --format dpo --include-flagged --include-unfinished`, "
                         "which keeps every decisive verdict")
-    a, b = sorted((candidate, baseline))
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
+    if match is None and stale:
+        raise GateError(
+            f"{source or 'the reviews'}: all {stale} pair(s) of {candidate} against {baseline} were answered before "
+            f"{since.isoformat()}, when the newer of the two registry entries was made: they judged other weights of "
+            "that name. Serve both models as they are now, review again and export")
     if match is None:
         seen = sorted({f"{h['a']} vs {h['b']}" for h in result["head_to_head"]})
         raise GateError(
@@ -237,7 +270,11 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
     wins = match["a_wins"] if a == candidate else match["b_wins"]
     losses = match["n"] - wins
     return ReviewGate(source=source, wins=wins, losses=losses, ci95=wilson(wins, match["n"]), min_pairs=min_pairs,
-                      min_win_rate=min_win_rate)
+                      min_win_rate=min_win_rate, stale=stale)
+
+
+def _pairs_between(records: list[dict[str, Any]], a: str, b: str) -> int:
+    return next((h["n"] for h in human_win_rates(records)["head_to_head"] if (h["a"], h["b"]) == (a, b)), 0)
 
 
 @dataclass

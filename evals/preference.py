@@ -122,16 +122,23 @@ def human_win_rates(records: str | Path | Iterable[Mapping[str, Any]]) -> dict[s
     }
 
 
-def read_reviews(reviews: Path) -> dict[str, Any]:
-    """`human_win_rates` of a `zephyr review export --format dpo` file; ValueError saying what to do when the file
-    is missing or is not such an export (the report and the gate read reviews through this)."""
+def read_review_records(reviews: Path) -> list[dict[str, Any]]:
+    """The records of a `zephyr review export --format dpo` file; ValueError saying what to do when the file is
+    missing or is not such an export (the report and the gate read reviews through this)."""
     if not Path(reviews).is_file():
         raise ValueError(f"reviews file {reviews} does not exist: write one with "
                          f"`zephyr review export --format dpo --out FILE`")
     try:
-        return human_win_rates(reviews)
+        records = read_export(reviews)
+        human_win_rates(records)  # every pair's fields are of the kinds an export writes
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
         raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
+    return records
+
+
+def read_reviews(reviews: Path) -> dict[str, Any]:
+    """`human_win_rates` of a `zephyr review export --format dpo` file (`read_review_records`)."""
+    return human_win_rates(read_review_records(reviews))
 
 
 def _pair_id(record: Mapping[str, Any], number: int) -> str:

@@ -136,6 +136,15 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
     assert few.exit_code == 1 and "fewer than the 20 required" in " ".join(few.output.split())
     missing = CliRunner().invoke(app, [*gate, "--reviews", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 1 and "zephyr review export --format dpo --out FILE" in " ".join(missing.output.split())
+    # Once the candidate's registry entry is (re)made, pairs answered before it judged other weights of that name.
+    from zephyr.registry import ModelManifest
+
+    folder = home / "models" / "cand"
+    folder.mkdir(parents=True)
+    (folder / "zephyr.json").write_text(ModelManifest(name="cand", method="dpo").model_dump_json())
+    remade = CliRunner().invoke(app, [*gate, "--reviews", export("good.jsonl", 18, 12)])
+    assert remade.exit_code == 1 and "all 30 pair(s) of cand against base were answered before" in " ".join(
+        remade.output.split())
 
 
 def test_a_gate_failure_within_noise_says_so_and_still_fails(home):

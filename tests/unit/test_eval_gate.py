@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from rich.console import Console
 
@@ -201,7 +203,7 @@ def test_the_answer_prior_alone_never_gates(store):
 
 
 def test_served_figures_of_a_record_the_entry_no_longer_serves_are_refused(tmp_path, default_model):
-    from datetime import UTC, datetime
+
 
     from zephyr.mcq import MCQCalibration
     from zephyr.registry import ModelManifest, Registry
@@ -423,6 +425,29 @@ def test_review_rule_errors_say_what_to_fix(records, rule, message):
 
     with pytest.raises(GateError, match=message):
         review_gate(records, "cand", "base", **rule)
+
+
+def test_review_rule_leaves_out_pairs_answered_before_a_model_was_remade_under_its_name():
+    from evals.gate import review_gate
+
+    def answered(records: list[dict], when: datetime | None) -> list[dict]:
+        return [{**r, "meta": {**r["meta"], "created_at": when.isoformat() if when else None}} for r in records]
+
+    remade = datetime(2026, 12, 3, tzinfo=UTC)
+    old, new = datetime(2026, 12, 2, tzinfo=UTC), datetime(2026, 12, 4, tzinfo=UTC)
+    records = (answered(verdicts(0, 20), old)  # the baseline beat the candidate's previous weights
+               + answered(verdicts(1, 0), None)  # no time: which weights wrote it cannot be told
+               + answered(verdicts(20, 10), new) + answered(verdicts(5, 0, baseline="other"), old))
+    assert review_gate(records, "cand", "base", min_pairs=10).n == 51  # by name alone, every pair counts
+    made_at = {"cand": remade, "base": datetime(2026, 11, 1, tzinfo=UTC)}
+    reviews = review_gate(records, "cand", "base", min_pairs=10, made_at=made_at)
+    assert (reviews.wins, reviews.losses, reviews.stale) == (20, 10, 21)
+    assert "21 older pair(s) left out" in reviews.reason
+    # the same rule for a pair answered exactly when the entry was made, and for a remade baseline
+    assert review_gate(answered(verdicts(3, 1), remade), "cand", "base", min_pairs=1, made_at=made_at).n == 4
+    with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were answered before "
+                                        r"2026-12-03T00:00:00\+00:00.*review again"):
+        review_gate(answered(verdicts(0, 20), old), "cand", "base", made_at={"base": remade})
 
 
 def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):
