@@ -218,9 +218,9 @@ class Limiter:
         if not self._limiter.hit(self.item, identity, cost=cost):
             raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
 
-    def check(self, identity: str) -> None:
-        """Refuses when the window is already full, without counting this request."""
-        if self._limiter is not None and not self._limiter.test(self.item, identity):
+    def check(self, identity: str, cost: int = 1) -> None:
+        """Refuses when the window has no room for `cost` more units, without counting them."""
+        if self._limiter is not None and cost > 0 and not self._limiter.test(self.item, identity, cost=cost):
             raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
 
 
@@ -256,12 +256,14 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
 
 
 def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
-    """The refusals of `admitted` (its size, then admission), without taking a place or spending a budget: asked
-    before the work a request costs ahead of its admission (tokenizing, the guard's screening on the encoder's one
-    thread), so a replica shedding load does not spend that on requests it will refuse while its streams wait."""
+    """The refusals of `admitted` (its size, admission, then the rate limit), without taking a place or spending a
+    budget: asked before the work a request costs ahead of its admission (tokenizing, the guard's screening on the
+    encoder's one thread), so a replica does not spend that on requests it will refuse: while shedding load, or for a
+    key whose window has no room for the rest of the request's work."""
     state = request.app.state
     state.rate_limiter.fits(cost)
     state.tutor.admission.check(weight)
+    state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
 
 
 @contextmanager

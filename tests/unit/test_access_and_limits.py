@@ -78,6 +78,15 @@ async def test_a_full_replica_refuses_before_the_guard_reads_the_request(app_fac
         assert 'zephyr_encoder_seconds_count{task="request_guard"} 1.0' in metrics
 
 
+async def test_a_request_over_its_keys_remaining_budget_is_refused_before_the_guard_reads_it(app_factory):
+    async with app_factory(rate_limit="5/minute", safety_guard=True) as served:
+        assert (await served.client.post(CHAT, json=BODY | {"n": 3})).status_code == 200  # 3 of 5 units
+        r = await served.client.post(CHAT, json=BODY | {"n": 3})  # its first unit fits, the other two do not
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_encoder_seconds_count{task="request_guard"} 1.0' in metrics  # only the first was screened
+
+
 async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):
     """A client retrying 503s (the server full) must not spend the work its refused requests asked for."""
     async with app_factory(rate_limit="7/minute", max_in_flight=3) as served:
