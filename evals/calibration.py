@@ -57,6 +57,9 @@ def brier(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> floa
 
 
 def nll(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
+    """Mean negative log-probability of the right answer, for reports (fits minimize their own, unclamped). A right
+    answer given probability 0 (an impossible option) counts as 1e-12, 27.6 nats, so the mean stays finite: read a
+    mean near or above that as a sign of such answers, not as a figure to compare."""
     return float(-np.mean([math.log(max(probs[g], 1e-12)) for probs, g in zip(probabilities, gold, strict=True)]))
 
 
