@@ -98,7 +98,7 @@ class GenerationRequest:
     withheld: str | None = None
     # Whether the guard reads the answer as it streams (service/answer_screen.py): what a student reads (a chat, a
     # completion, /mcq's explanation), not what only scores (a prompt's log-probabilities, an option's cloze, the
-    # letter) nor a review candidate (reviewers see what the model wrote).
+    # letter). A review candidate is screened as its served answer was (service/review/candidates.py).
     screen_answer: bool = False
 
     def absorb(self, out: EngineOutput) -> None:

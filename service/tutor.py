@@ -174,7 +174,8 @@ class Tutor:
         # Tokenizing costs time in proportion to characters: bound them before any tokenizer runs.
         self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
         self._letter_ids: dict[tuple[int, bool], list[int]] = {}
-        self.candidates = Candidates(settings, metrics, run=self.run_to_end, record=log.record)
+        self.candidates = Candidates(settings, metrics, run=self.run_to_end, record=log.record,
+                                     judge=self.judge_answer if self.answer_guard is not None else None)
 
     # Shared ---------------------------------------------------------------------------------------------
 

@@ -2,18 +2,24 @@
 complete, off the request path, from the served model resampled or from another served model.
 
 Candidates are given what they use, not the tutor: a coroutine function that runs a request on the served
-model and logs its row, and the generation log's `record`."""
+model and logs its row, the generation log's `record`, and the answer guard's judge when it is on.
+
+A candidate is screened by the same rule as the answer it is compared with: reviewers judge blind, and a guard that
+stopped only the served answer would mark it (the page badges a stopped answer) while showing the candidate's text
+the guard would have withheld from a student."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import openai
 
+from service.answer_screen import Judge, screened
+from service.engine import ChoiceDelta, EngineOutput
 from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
@@ -30,9 +36,11 @@ REMOTE_TIMEOUT_SECONDS = 120.0
 
 
 class Candidates:
-    def __init__(self, settings: Settings, metrics: Metrics, run: RunRequest, record: RecordRow):
+    def __init__(self, settings: Settings, metrics: Metrics, run: RunRequest, record: RecordRow,
+                 judge: Judge | None = None):
         self._run = run
         self._record = record
+        self._judge = judge  # the answer guard's verdicts on sentences; None when answers are not screened
         self.settings = settings
         self.metrics = metrics
         self._tasks: set[asyncio.Task] = set()
@@ -98,7 +106,7 @@ class Candidates:
             params=replace(parent.params, n=1, logprobs=None, temperature=temperature,
                            seed=self._random.randrange(2**31)),
             principal=parent.principal, user=parent.user, extra_params={"variant": variant},
-            purpose="candidate", parent_id=parent.request_id,
+            purpose="candidate", parent_id=parent.request_id, screen_answer=parent.screen_answer,
         )
 
     async def _resample(self, parent: GenerationRequest) -> None:
@@ -114,16 +122,21 @@ class Candidates:
     async def _ask_remote(self, parent: GenerationRequest) -> None:
         model = self.settings.review_candidate_model
         gen = self._candidate_of(parent, "remote")
+        # The remote writes its own opening, if any: it gets the client's whole budget, and its row says so.
+        gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens)
         status, error = "error", None
         try:
             reply = await self._remote.chat.completions.create(
                 model=model, messages=parent.messages,
-                max_tokens=parent.asked_max_tokens,  # the remote writes its own opening, if any
+                max_tokens=gen.params.max_tokens,
                 temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
             )
             choice = reply.choices[0]
-            gen.texts[0] = [choice.message.content or ""]
-            gen.finish_reasons[0] = choice.finish_reason
+            text, finish_reason = choice.message.content or "", choice.finish_reason
+            if self._judge is not None and gen.screen_answer:
+                text, finish_reason = await self._screened(gen, text, finish_reason)
+            gen.texts[0] = [text]
+            gen.finish_reasons[0] = finish_reason
             gen.token_counts[0] = reply.usage.completion_tokens if reply.usage else 0
             self.metrics.completion_tokens.labels(CANDIDATE_ROUTE).inc(gen.completion_tokens)
             status = "ok"
@@ -137,6 +150,16 @@ class Candidates:
             record = gen.record(model, status, error)
             self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
             self._record(record)
+
+    async def _screened(self, gen: GenerationRequest, text: str, finish_reason: str | None) -> tuple[str, str | None]:
+        """A remote answer as the served model's answers reach a student: cut at the first sentence the guard
+        flags, with the guard's reply (its verdict in the row's `answer_safety`)."""
+        async def whole() -> AsyncIterator[EngineOutput]:
+            yield EngineOutput(choices=[ChoiceDelta(index=0, text=text, token_ids=[], finish_reason=finish_reason)],
+                               finished=True)
+
+        deltas = [delta async for out in screened(gen, whole(), self._judge) for delta in out.choices]
+        return "".join(d.text for d in deltas), deltas[-1].finish_reason if deltas else finish_reason
 
     async def idle(self) -> None:
         """Returns once every candidate started so far has finished (tests, tools)."""

@@ -126,6 +126,29 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
                 (await served.client.get("/metrics")).text
 
 
+async def test_a_remote_candidate_is_screened_by_this_servers_guard(app_factory, tmp_path, default_model):
+    from tests.unit.test_safety import HARMFUL_ANSWER, SCIENCE_SENTENCE
+    from zephyr.safety import FINISH_REASON, HARMFUL, REPLIES
+
+    async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:  # no guard there
+        remote.engine.reply = HARMFUL_ANSWER
+        async with app_factory(review_candidate="remote", review_candidate_url="http://remote/v1",
+                               review_candidate_model="smollm2-135m-instruct", review_candidate_api_key=STUDENT_KEY,
+                               safety_guard=True) as served:
+            candidates = served.app.state.tutor.candidates
+            await candidates._remote.close()
+            candidates._remote = openai.AsyncOpenAI(
+                base_url="http://remote/v1", api_key=STUDENT_KEY,
+                http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
+            body = {"messages": [{"role": "user", "content": "How do plants make food?"}], "max_tokens": 300}
+            await served.client.post(CHAT, json=body, headers=MARKED)
+            original, candidate = await rows(served)
+            assert candidate["parent_id"] == original["id"] and candidate["params"]["max_tokens"] == 300
+            assert candidate["response"][0]["content"] == f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}"
+            assert candidate["response"][0]["finish_reason"] == FINISH_REASON
+            assert candidate["params"]["answer_safety"]["0"]["category"] == HARMFUL
+
+
 REVIEW_ROUTES = [
     ("GET", "/review/api/me", None), ("GET", "/review/api/next", None),
     ("POST", "/review/api/verdicts", {"assignment_id": 1, "verdict": "tie"}),

@@ -541,6 +541,24 @@ async def test_a_harmful_answer_is_withheld_from_its_flagged_sentence_on(app_fac
         assert chunks[-1]["choices"][0]["finish_reason"] == FINISH_REASON
 
 
+async def test_a_review_candidate_is_screened_as_the_answer_it_is_compared_with(app_factory):
+    """Reviewers judge blind: a guard that stopped only the served answer would mark it with the page's badge, and
+    show them the candidate's text it withheld from the student."""
+    async with app_factory(safety_guard=True, review_policy="requested") as served:
+        served.app.state.engine.reply = HARMFUL_ANSWER
+        body = {"messages": [{"role": "user", "content": BENIGN_ASKS[1]}], "max_tokens": 200}
+        r = await served.client.post(CHAT, json=body, headers={"X-Zephyr-Review": "true"})
+        await served.app.state.tutor.candidates.idle()
+        log = await served.flushed_log()
+        row = await log.get(r.json()["id"])
+        assert row["review_kind"] == "pair" and row["response"][0]["finish_reason"] == FINISH_REASON
+        item = (await served.client.get("/review/api/next", headers=REVIEWER)).json()["item"]
+        assert len(item["answers"]) == 2
+        for answer in item["answers"]:  # both stopped at the same sentence: the badge tells them apart no more
+            assert answer["text"] == f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}", answer
+            assert answer["finish_reason"] == FINISH_REASON and answer["answer_safety"]["category"] == HARMFUL
+
+
 async def test_each_choice_is_screened_and_a_clean_answer_keeps_its_tokens_and_logprobs(app_factory):
     async with app_factory(safety_guard=True) as served:
         served.app.state.engine.reply = f"{SCIENCE_SENTENCE} Leaves hold chlorophyll, which absorbs red and blue."
