@@ -174,7 +174,13 @@ class ReviewStore:
         read to its write; on PostgreSQL, whose READ COMMITTED statements see only what was committed when they
         began, the item's row is locked first (FOR UPDATE), so a second claim waits for the first to commit and
         then counts its holder. Returns whether the assignment was made."""
-        G, A = Generation, ReviewAssignment
+        G, A, shown = Generation, ReviewAssignment, aliased(ReviewAssignment)
+        # Every reviewer of an item sees the same answers: a claim read before the item's first assignment (alone,
+        # its candidate late) must not be written after another that showed the candidate, nor the reverse.
+        candidate = next((gid for gid in (left, right) if gid is not None and gid != item_id), None)
+        same_answers = ~exists().where(shown.item_id == G.id, shown.right_id.is_not(None) if candidate is None else
+                                       or_(shown.right_id.is_(None), and_(shown.left_id != candidate,
+                                                                          shown.right_id != candidate)))
         async with self.engine.begin() as conn:
             if conn.dialect.name != "sqlite":
                 locked = (await conn.execute(select(G.id).where(G.id == item_id).with_for_update())).first()
@@ -184,7 +190,7 @@ class ReviewStore:
                    "flags": {}}
             columns = A.__table__.c
             values = select(G.id, *(literal(value, columns[name].type) for name, value in row.items())).where(
-                G.id == item_id, *self._open_to(reviewer, now))
+                G.id == item_id, same_answers, *self._open_to(reviewer, now))
             result = await conn.execute(insert(A).from_select(["item_id", *row], values))
             return result.rowcount == 1
 

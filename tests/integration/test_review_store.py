@@ -12,7 +12,7 @@ from service.errors import APIError
 from service.review import export
 from service.review.store import ReviewPolicy, ReviewStore
 from tests.review_data import T0, fresh_db_url, generation, open_log, pair, seed  # noqa: F401 (fixture)
-from tests.unit.test_review_store_claims import claims_at_once
+from tests.unit.test_review_store_claims import candidate_comes_mid_claim, claims_at_once
 from zephyr.pii import Redactor
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,10 @@ async def test_concurrent_reviewers_never_overfill_an_item(log, overlap):
 
 async def test_a_reviewer_who_loses_the_race_gets_the_next_item(log):
     assert sorted(await claims_at_once(log, 1, reviewers=3, items=3)) == ["i0", "i1", "i2"]
+
+
+async def test_every_reviewer_of_an_item_sees_the_same_answers_when_its_candidate_comes_mid_claim(log):
+    await candidate_comes_mid_claim(log)
 
 
 async def test_a_verdict_and_a_skip_sent_at_once_keep_the_first_and_refuse_the_second(log, monkeypatch):

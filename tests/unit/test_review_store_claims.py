@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from service.review.store import ReviewPolicy, ReviewStore
-from tests.review_data import open_log, pair, seed
+from tests.review_data import T0, generation, open_log, pair, seed
 
 
 class _Dawdling:
@@ -75,3 +75,30 @@ async def test_concurrent_reviewers_never_overfill_an_item(log, overlap):
 async def test_a_reviewer_who_loses_the_race_gets_the_next_item(log):
     given = await claims_at_once(log, 1, reviewers=3, items=3)
     assert sorted(given) == ["i0", "i1", "i2"]
+
+
+async def test_every_reviewer_of_an_item_sees_the_same_answers_when_its_candidate_comes_mid_claim(log):
+    await candidate_comes_mid_claim(log)
+
+
+async def candidate_comes_mid_claim(log) -> None:
+    """r1 reads the item alone (its candidate late); before r1's claim is written, the candidate comes and r2 is
+    shown the pair. r1's claim must not then show it alone: the item's verdicts would judge different things."""
+    await seed(log, pair("i0", "Q", "x", None, candidate_status="error"))  # picked for a pair, no candidate yet
+    policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store, views = ReviewStore(log.engine, policy, random.Random(7)), {}
+    claim = store._claim
+
+    async def candidate_arrives_first(reviewer, item_id, now, left, right):
+        if reviewer == "r1" and "r2" not in views:
+            assert right is None  # r1 read the item alone
+            messages = [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": "Q"}]
+            await seed(log, [generation("i0-cand", messages, "y", created_at=T0, purpose="candidate", parent_id="i0",
+                                        variant="T=1")])
+            views["r2"] = await store.next_item("r2")
+        return await claim(reviewer, item_id, now, left, right)
+
+    store._claim = candidate_arrives_first
+    views["r1"] = await store.next_item("r1")
+    assert views["r2"]["kind"] == views["r1"]["kind"] == "pair"
+    assert {a["text"] for a in views["r1"]["answers"]} == {a["text"] for a in views["r2"]["answers"]} == {"x", "y"}
