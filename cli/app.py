@@ -280,7 +280,8 @@ def review_export(
     format: Annotated[str, typer.Option("--format", help="dpo, kto or sft")],
     out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write")],
     min_agreement: Annotated[float, typer.Option(help="Least share of reviewers agreeing with the majority")] = 0.0,
-    min_reviewers: Annotated[int, typer.Option(help="Least number of reviewers per item")] = 1,
+    min_reviewers: Annotated[int | None, typer.Option(
+        help="Least number of verdicts per item (default ZEPHYR_REVIEW_OVERLAP: complete items only)")] = None,
     include_flagged: Annotated[bool, typer.Option(
         "--include-flagged", help="dpo: keep pairs whose chosen answer a reviewer flagged incorrect or unsafe")]
     = False,
@@ -301,9 +302,10 @@ def review_export(
         raise fail(f"--format must be dpo, kto or sft, not {format!r}")
     if not 0 <= min_agreement <= 1:
         raise fail("--min-agreement is a share between 0 and 1")
-    if min_reviewers < 1:
+    if min_reviewers is not None and min_reviewers < 1:
         raise fail("--min-reviewers must be at least 1")
     settings, judgements, generations, _ = _review_data(since)
+    min_reviewers = min_reviewers or settings.review_overlap
     redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
     left_out: Counter[str] = Counter()
@@ -316,6 +318,9 @@ def review_export(
                       "max_tokens, or the safety guard's reply; --include-unfinished keeps them)")
     if left_out["other_model"]:
         console.print(f"left out {left_out['other_model']} with an answer of another model than {model}")
+    if left_out["too_few_reviewers"]:
+        console.print(f"left out {left_out['too_few_reviewers']} item(s) judged by fewer than {min_reviewers} "
+                      "reviewers (ZEPHYR_REVIEW_OVERLAP; --min-reviewers 1 keeps them)")
 
 
 @review_app.command("stats")

@@ -252,8 +252,8 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
         # A default export drops the pairs a flagged answer won, and those with an answer cut off: the wins of the
         # model whose answers reviewers flag more would go with them, tilting the rate it is gated on.
         raise GateError(f"{source or 'the reviews'}: {filtered} pair(s) come from an export that left out others; "
-                        "export with `zephyr review export --format dpo --include-flagged --include-unfinished`, "
-                        "which keeps every decisive verdict")
+                        "export with `zephyr review export --format dpo --include-flagged --include-unfinished` "
+                        "(no --min-agreement), which keeps every decisive verdict")
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     if match is None and stale:
         raise GateError(

@@ -60,9 +60,10 @@ def read_export(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[s
 
 def counts_every_verdict(record: Mapping[str, Any]) -> bool:
     """Whether a pair comes from an export that kept every decisive pair: with `--include-flagged` (a pair whose
-    winner a reviewer flagged is still a win) and `--include-unfinished` (a win with an answer cut off too)."""
+    winner a reviewer flagged is still a win), `--include-unfinished` (a win with an answer cut off too) and no
+    `--min-agreement` (which keeps items by how their verdicts came out)."""
     kept = (record.get("meta") or {}).get("kept") or {}
-    return bool(kept.get("flagged") and kept.get("unfinished"))
+    return bool(kept.get("flagged") and kept.get("unfinished") and not kept.get("min_agreement"))
 
 
 def _is_pair(record: Mapping[str, Any]) -> bool:

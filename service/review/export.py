@@ -48,6 +48,7 @@ SOURCE = "zephyr-review"
 class ExportOptions:
     format: Format
     min_agreement: float = 0.0
+    # `zephyr review export` and GET /review/api/export default it to ZEPHYR_REVIEW_OVERLAP: complete items only.
     min_reviewers: int = 1
     include_flagged: bool = False  # dpo: keep pairs whose chosen answer was flagged incorrect or unsafe
     # Only records whose every answer this model wrote (the served one, or a candidate of its own sampled otherwise):
@@ -105,8 +106,11 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
     seen: dict[str, dict[str, Any]] = {}
     for item_id in order:
         group = groups[item_id]
+        if len(group) < options.min_reviewers:
+            left_out["too_few_reviewers"] += 1
+            continue
         label, share = majority([j.label for j in group])
-        if label is None or share < options.min_agreement or len(group) < options.min_reviewers:
+        if label is None or share < options.min_agreement:
             continue
         served = generations[item_id]
         # The candidate the reviewers were shown (every verdict on an item shows the same one).
@@ -131,8 +135,10 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],
                           "chosen_model": model_label(winner, served["model"]),
                           "rejected_model": model_label(loser, served["model"]),
-                          # what the export left out: a win rate counts every verdict only with both kept
-                          "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished}}
+                          # what the export left out: a win rate counts every verdict only with both kept and
+                          # no agreement filter (which keeps items by their outcome)
+                          "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished,
+                                   "min_agreement": options.min_agreement, "min_reviewers": options.min_reviewers}}
             if options.format == "dpo":
                 if not options.include_flagged and _flagged(group, label, DISQUALIFYING_FLAGS):
                     continue

@@ -212,7 +212,8 @@ async def export_verdicts(
     request: Request,
     format: export.Format = Query(..., description="dpo, kto or sft"),
     min_agreement: float = Query(0.0, ge=0, le=1, allow_inf_nan=False),
-    min_reviewers: int = Query(1, ge=1, le=1000),
+    min_reviewers: int | None = Query(None, ge=1, le=1000, description="least verdicts per item (default: "
+                                      "ZEPHYR_REVIEW_OVERLAP, items every reviewer they wait for has judged)"),
     include_flagged: bool = Query(False, description="dpo: keep pairs whose chosen answer a reviewer flagged "
                                   "incorrect or unsafe"),
     since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
@@ -229,6 +230,7 @@ async def export_verdicts(
                             "and 9999", param="since") from None
     store = review_store(request)
     judgements, generations = await store.judgements(since)
+    min_reviewers = min_reviewers or request.app.state.settings.review_overlap
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
     left_out: Counter[str] = Counter()
     # Redaction is CPU work: keep it off the event loop that streams students' answers.
@@ -236,4 +238,5 @@ async def export_verdicts(
                                           request.app.state.redactor, left_out)
     return Response(text, media_type="application/x-ndjson", headers={
         "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
-        "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"])})
+        "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"]),
+        "X-Left-Out-Too-Few-Reviewers": str(left_out["too_few_reviewers"])})

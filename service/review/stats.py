@@ -66,12 +66,13 @@ def by_item(judgements: list[Judgement]) -> dict[str, list[Judgement]]:
     return dict(items)
 
 
-def win_rates(judgements: list[Judgement]) -> list[dict]:
-    """Per model, over pair items with a majority: wins, losses, ties, both-bad, and win rate = wins / items."""
+def win_rates(judgements: list[Judgement], overlap: int = 1) -> list[dict]:
+    """Per model, over pair items with a majority: wins, losses, ties, both-bad, and win rate = wins / items. Only
+    items judged by all `overlap` reviewers count: one verdict of two is a majority that the second could undo."""
     table: dict[str, Counter] = defaultdict(Counter)
     for group in by_item(judgements).values():
         first = group[0]
-        if first.kind != "pair":
+        if first.kind != "pair" or len(group) < overlap:
             continue
         label, _ = majority([j.label for j in group])
         if label is None:
@@ -156,7 +157,7 @@ def compute(judgements: list[Judgement], skipped: dict[str, int], overlap: int) 
         "verdicts": len(judgements),
         "items": {"judged": len(groups), "complete": sum(len(g) >= overlap for g in groups.values())},
         "labels": {label: sum(j.label == label for j in judgements) for label in LABELS},
-        "win_rate": win_rates(judgements),
+        "win_rate": win_rates(judgements, overlap),
         "agreement": agreement(judgements),
         "strength": {str(s): strengths[s] for s in STRENGTHS},
         "flags": {flag: flags[flag] for flag in FLAGS},

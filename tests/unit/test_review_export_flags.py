@@ -130,7 +130,8 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
                        None)
     pairs = [json.loads(line) for line in text.splitlines()]
     assert [p["chosen"][0]["content"] for p in pairs] == ["Light scatters.", "Because the light is"]  # by item id
-    assert all(p["meta"]["kept"] == {"flagged": True, "unfinished": True} for p in pairs)
+    assert all(p["meta"]["kept"] == {"flagged": True, "unfinished": True, "min_agreement": 0.0, "min_reviewers": 1}
+               for p in pairs)
     from service.review.export import written_whole
 
     assert written_whole(generations["b"]) and not written_whole(generations["stopped"])

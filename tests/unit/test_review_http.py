@@ -320,9 +320,17 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         out = tmp_path / "dpo.jsonl"
         result = await asyncio.to_thread(
             CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(out)],
-            env={"ZEPHYR_HOME": str(served.settings.home)})
+            env={"ZEPHYR_HOME": str(served.settings.home), "ZEPHYR_REVIEW_OVERLAP": "1"})
         assert result.exit_code == 0, result.output
         assert out.read_text() == http_export.text  # one export, whichever way it is asked for
+        # Where each item waits for two reviewers, an item one has judged is not exported unless asked for.
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(out)],
+            env={"ZEPHYR_HOME": str(served.settings.home), "ZEPHYR_REVIEW_OVERLAP": "2"})
+        assert result.exit_code == 0 and out.read_text() == "", result.output
+        assert "left out 1 item(s) judged by fewer than 2 reviewers" in " ".join(result.output.split())
+        assert (await client.get("/review/export?format=dpo&min_reviewers=2", headers=ADMIN)).headers[
+            "x-left-out-too-few-reviewers"] == "1"
         table = await asyncio.to_thread(CliRunner().invoke, cli, ["review", "stats"],
                                         env={"ZEPHYR_HOME": str(served.settings.home)})
         assert table.exit_code == 0 and "Win rate by majority vote" in table.output

@@ -33,8 +33,15 @@ def test_statistics_match_hand_computed_values():
     stats = compute(VERDICTS, skipped={"r3": 1}, overlap=3)
     assert stats["verdicts"] == 14
     assert stats["items"] == {"judged": 6, "complete": 2}
-    # Majorities: i1 served, i2 none (1-1), i3 tie, i4 both bad, i5 candidate, i6 served.
+    # Win rates count the complete items only: i1 (served) and i4 (both bad) have all three verdicts; a majority
+    # of fewer could still be undone.
     assert stats["win_rate"] == [
+        {"model": "C", "items": 2, "wins": 0, "losses": 1, "ties": 0, "both_bad": 1, "win_rate": 0.0},
+        {"model": "S", "items": 2, "wins": 1, "losses": 0, "ties": 0, "both_bad": 1, "win_rate": 0.5},
+    ]
+    # With two reviewers an item, all are complete. Majorities: i1 served, i2 none (1-1), i3 tie, i4 both bad,
+    # i5 candidate, i6 served.
+    assert compute(VERDICTS, skipped={}, overlap=2)["win_rate"] == [
         {"model": "C", "items": 5, "wins": 1, "losses": 2, "ties": 1, "both_bad": 1, "win_rate": 0.2},
         {"model": "S", "items": 5, "wins": 2, "losses": 1, "ties": 1, "both_bad": 1, "win_rate": 0.4},
     ]
