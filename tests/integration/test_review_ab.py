@@ -110,9 +110,11 @@ def export(servers, tmp_path_factory) -> Path:
     answers = ask_for_review(served)
     judge(served, answers, served_wins=1)
     out = tmp_path_factory.mktemp("export") / "reviews.jsonl"
-    # every decisive verdict, as the gate needs (these chats are asked with a small max_tokens)
+    # every decisive verdict, as the gate needs (these chats are asked with a small max_tokens), each item judged by
+    # this test's one reviewer (the server waits for two)
     result = CliRunner().invoke(cli, ["review", "export", "--format", "dpo", "--out", str(out), "--include-flagged",
-                                      "--include-unfinished"], env={"ZEPHYR_HOME": str(served.home)})
+                                      "--include-unfinished", "--min-reviewers", "1"],
+                                env={"ZEPHYR_HOME": str(served.home)})
     assert result.exit_code == 0, result.output
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert Counter(p["meta"]["chosen_model"] for p in pairs) == {CANDIDATE: 5, DEFAULT_MODEL: 1}

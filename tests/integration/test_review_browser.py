@@ -72,9 +72,10 @@ def insert(db, rows: list[dict]) -> None:
 
 def export(server, fmt: str, tmp_path) -> list[dict]:
     out = tmp_path / f"{fmt}.jsonl"
-    # --include-unfinished: the chats here are asked with a small max_tokens, and this test is about the verdicts
-    result = CliRunner().invoke(cli, ["review", "export", "--format", fmt, "--out", str(out), "--include-unfinished"],
-                                env={"ZEPHYR_HOME": str(server.home)})
+    # --include-unfinished: the chats here are asked with a small max_tokens, and this test is about the verdicts;
+    # --min-reviewers 1: one reviewer judges here (the server waits for two)
+    result = CliRunner().invoke(cli, ["review", "export", "--format", fmt, "--out", str(out), "--include-unfinished",
+                                      "--min-reviewers", "1"], env={"ZEPHYR_HOME": str(server.home)})
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in out.read_text().splitlines()]
 
