@@ -335,7 +335,7 @@ def review_stats(
     if as_json:
         console.print_json(data=result)
         return
-    table = Table(title="Win rate by majority vote")
+    table = Table(title=f"Win rate by majority vote, over items all {settings.review_overlap} reviewers judged")
     for column in ("model", "items", "wins", "losses", "ties", "both bad", "win rate"):
         table.add_column(column)
     for row in result["win_rate"]:

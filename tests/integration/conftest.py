@@ -24,9 +24,10 @@ def server(tmp_path_factory, default_model):
     try:
         # Only chats marked with X-Zephyr-Review go to review, so the review tests know their queue exactly. The
         # API fuzzer (test_y_api_fuzz) sends hundreds of wrong keys from this address and of requests per key:
-        # the per-address and per-key limits (tested in tests/unit) would refuse the tests that follow it.
+        # the per-address and per-key limits (tested in tests/unit) would refuse the tests that follow it. One
+        # reviewer judges each item here: its verdict completes the item, which statistics then count.
         srv = LocalServer.start(linked_home(tmp_path_factory.mktemp("zephyr-home"), default_model), review_share="0",
-                                auth_failure_limit="", rate_limit="", api_keys=API_KEYS)
+                                review_overlap="1", auth_failure_limit="", rate_limit="", api_keys=API_KEYS)
     except ServerFailed as exc:
         pytest.fail(str(exc))
     yield srv

@@ -375,10 +375,10 @@ async function loadGuidelines() {
 // Statistics -------------------------------------------------------------------------------------
 
 // Labels wrap rather than being cut: two models' names often differ only at their end ("m" and "m [T=1]").
-function bars(container, rows, max) {
+function bars(container, rows, max, empty = "No verdicts yet.") {
   container.replaceChildren();
   if (!rows.length) {
-    container.append(el("p", { class: "muted" }, "No verdicts yet."));
+    container.append(el("p", { class: "muted" }, empty));
     return;
   }
   for (const [label, value, shown] of rows) {
@@ -402,8 +402,11 @@ async function loadStats() {
     return;
   }
   $("stats").hidden = false;
+  // Win rates count complete items only (every reviewer an item waits for has judged it).
+  const waiting = stats.items.judged - stats.items.complete;
   bars($("chart-win"), stats.win_rate.map((r) => [r.model, r.win_rate,
-    `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1);
+    `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1,
+    waiting ? `No item has all ${stats.overlap} verdicts yet (${waiting} waiting for more).` : "No verdicts yet.");
   const strengths = Object.entries(stats.strength);
   bars($("chart-strength"), strengths.map(([s, n]) => [STRENGTH_NAMES[s] || s, n, String(n)]),
     Math.max(...strengths.map(([, n]) => n)));
