@@ -189,7 +189,9 @@ class GenerationLog:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
+            # In flight from its first row: a close that times out while the batch is still being gathered
+            # spills what was taken off the queue too.
+            self._in_flight = batch = [await self.queue.get()]
             deadline = asyncio.get_running_loop().time() + self.flush_seconds
             while len(batch) < self.batch_size:
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -199,7 +201,6 @@ class GenerationLog:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
-            self._in_flight = batch
             try:
                 try:
                     await self._write(batch)
@@ -455,11 +456,15 @@ class GenerationLog:
             yield batch
 
     async def _insert_one_by_one(self, rows: list[GenerationRecord]) -> list[GenerationRecord]:
+        """The rows the database refuses, each tried alone; raises when the database itself went away meanwhile
+        (the rest are not the rows' fault: the file stays for the next try)."""
         refused = []
         for row in rows:
             try:
                 await self._insert([row])
             except Exception:
+                if not await self._reachable():
+                    raise
                 refused.append(row)
         return refused
 

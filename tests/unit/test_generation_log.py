@@ -1,3 +1,4 @@
+import asyncio
 import json
 import shutil
 
@@ -348,6 +349,49 @@ async def test_a_replay_cut_short_keeps_the_file_and_a_retry_inserts_each_row_on
     assert [json.loads(line) for line in log.rejected_path.read_text().splitlines()] == [
         {"unparseable_line": '{"torn'}]
     await log.close()
+
+
+async def test_a_database_lost_while_rows_are_tried_one_by_one_refuses_none_of_them(tmp_path):
+    """A batch the database refused is tried a row at a time; the database going away meanwhile is no row's fault:
+    the file stays for the next try, and nothing is set aside as refused."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01, batch_size=3)
+    await log.start()
+    (tmp_path / "spill.jsonl").write_text("".join(json.dumps(row(f"s{i}"), default=str) + "\n" for i in range(3)))
+    insert, reachable = log._insert, log._reachable
+    up = {"database": True}
+
+    async def refusing_batches_then_down(rows):
+        if len(rows) > 1:
+            raise ValueError("one row of these is refused")
+        if rows[0].id == "s1":
+            up["database"] = False  # gone while this row was being written
+            raise ConnectionError("database went away")
+        await insert(rows)
+
+    async def database_up() -> bool:
+        return up["database"] and await reachable()
+
+    log._insert, log._reachable = refusing_batches_then_down, database_up
+    assert await log.replay_spill() == 0 and log.has_spill() and await log.get("s0")
+    assert not log.rejected_path.exists()
+    log._insert, log._reachable = insert, reachable
+    assert await log.replay_spill() == 3 and await log.count() == 3 and not log.rejected_path.exists()
+    await log.close()
+
+
+async def test_a_close_that_times_out_while_a_batch_is_gathered_spills_its_rows(tmp_path, monkeypatch):
+    from service.store import log as log_module
+
+    monkeypatch.setattr(log_module, "CLOSE_TIMEOUT_SECONDS", 0.2)
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=30)  # the writer waits for more rows before it writes
+    await log.start()
+    log.record(record("gathered"))
+    await asyncio.sleep(0.05)  # the writer took it off the queue
+    assert log.queue.empty()
+    await log.close()
+    assert [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()] == ["gathered"]
 
 
 # Replicas sharing one volume share the spill file ------------------------------------------------------------
