@@ -366,7 +366,9 @@ class Tutor:
         gen = GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
-            review_requested=review_requested, for_review=self.candidates.wants_review(review_requested),
+            # A review item is one answer (the route refuses a marked chat with n > 1; the sampler skips them).
+            review_requested=review_requested,
+            for_review=params.n == 1 and self.candidates.wants_review(review_requested),
             mcq_question=question, screen_answer=True,
         )
         if left_out:

@@ -66,6 +66,10 @@ def document_stream(openapi: dict) -> None:
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(any_role)):
     tutor = request.app.state.tutor
     review_requested = review_header(request)
+    if review_requested and body.n > 1 and tutor.settings.review_policy != "off":
+        # A review item is one answer beside another: which of n would reviewers judge?
+        raise APIError(400, f"X-Zephyr-Review marks one answer for review; this request asks for n={body.n}. Send "
+                            "n=1 to have it reviewed, or leave the header out", param="n")
     admissible(request, body.n)  # before the tokenizing and the guard's screening that a refusal would waste
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     top_logprobs = body.top_logprobs if body.logprobs else None

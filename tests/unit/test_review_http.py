@@ -104,6 +104,18 @@ async def test_the_review_budget_counts_only_chats_that_go_to_review(app_factory
         assert await statuses(served, MARKED, 2) == [200, 429]
 
 
+async def test_a_review_item_is_one_answer_so_a_chat_with_n_answers_is_not_one(app_factory):
+    async with app_factory(review_share=1.0) as served:
+        marked = await served.client.post(CHAT, json={**BODY, "n": 2}, headers=MARKED)
+        assert marked.status_code == 400 and marked.json()["error"]["param"] == "n", marked.text
+        assert "n=1" in marked.json()["error"]["message"]
+        sampled = await served.client.post(CHAT, json={**BODY, "n": 2})  # the sampler would pick every chat
+        assert sampled.status_code == 200
+        assert [r["review_kind"] for r in await rows(served)] == [None]
+    async with app_factory(review_policy="off") as served:  # no review: the mark changes nothing
+        assert (await served.client.post(CHAT, json={**BODY, "n": 2}, headers=MARKED)).status_code == 200
+
+
 async def test_candidate_from_a_second_served_model(app_factory, tmp_path, default_model):
     async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:
         remote.engine.reply = "Plants make sugar from light, water and carbon dioxide."
