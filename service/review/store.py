@@ -174,11 +174,13 @@ class ReviewStore:
         read to its write; on PostgreSQL, whose READ COMMITTED statements see only what was committed when they
         began, the item's row is locked first (FOR UPDATE), so a second claim waits for the first to commit and
         then counts its holder. Returns whether the assignment was made."""
-        G, A, shown = Generation, ReviewAssignment, aliased(ReviewAssignment)
-        # Every reviewer of an item sees the same answers: a claim read before the item's first assignment (alone,
-        # its candidate late) must not be written after another that showed the candidate, nor the reverse.
+        G, A, shown, earlier = Generation, ReviewAssignment, aliased(ReviewAssignment), aliased(ReviewAssignment)
+        # Every reviewer of an item sees the answers its first assignment showed (_shown_candidate): a claim read
+        # before that assignment (alone, its candidate late) must not be written after it showed the candidate, nor
+        # the reverse. Against the first only, so an item mixed before this rule still has a view that is taken.
         candidate = next((gid for gid in (left, right) if gid is not None and gid != item_id), None)
-        same_answers = ~exists().where(shown.item_id == G.id, shown.right_id.is_not(None) if candidate is None else
+        first = select(func.min(earlier.id)).where(earlier.item_id == G.id).correlate(G).scalar_subquery()
+        same_answers = ~exists().where(shown.id == first, shown.right_id.is_not(None) if candidate is None else
                                        or_(shown.right_id.is_(None), and_(shown.left_id != candidate,
                                                                           shown.right_id != candidate)))
         async with self.engine.begin() as conn:

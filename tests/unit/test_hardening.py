@@ -383,11 +383,14 @@ async def test_marking_chats_for_review_has_a_budget_per_key(app_factory):
 
 async def test_a_chat_refused_for_its_review_budget_spends_no_work(app_factory):
     async with app_factory(review_request_limit="1/hour", rate_limit="9/minute") as served:
-        marked, three = {"X-Zephyr-Review": "true"}, {**BODY, "n": 3}
-        assert (await served.client.post(CHAT, json=three, headers=marked)).status_code == 200  # 3 units
-        for _ in range(2):  # 1 unit each: their other two are not charged
-            assert (await served.client.post(CHAT, json=three, headers=marked)).status_code == 429
-        assert (await served.client.post(CHAT, json=three)).status_code == 200  # 3 + 2 + 3 = 8 of 9
+        marked = {"X-Zephyr-Review": "true"}
+        assert (await served.client.post(CHAT, json=BODY, headers=marked)).status_code == 200  # 1 unit
+        for _ in range(2):  # 1 unit each, their authentication's
+            assert (await served.client.post(CHAT, json=BODY, headers=marked)).status_code == 429
+        # a review item is one answer: refused before any work, its other two units are not charged
+        assert (await served.client.post(CHAT, json={**BODY, "n": 3}, headers=marked)).status_code == 400
+        assert (await served.client.post(CHAT, json={**BODY, "n": 5})).status_code == 200  # 1 + 2 + 1 + 5 = 9 of 9
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 429
 
 
 # 6. Open mode is loopback only, however the app is started ------------------------------------------------------

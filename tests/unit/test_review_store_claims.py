@@ -102,3 +102,24 @@ async def candidate_comes_mid_claim(log) -> None:
     views["r1"] = await store.next_item("r1")
     assert views["r2"]["kind"] == views["r1"]["kind"] == "pair"
     assert {a["text"] for a in views["r1"]["answers"]} == {a["text"] for a in views["r2"]["answers"]} == {"x", "y"}
+
+
+async def test_an_item_shown_two_ways_before_that_rule_still_goes_to_the_next_reviewer(log):
+    """Assignments written before every claim had to match: one alone, one as a pair. The item is still given out,
+    as its first assignment showed it, not refused to every reviewer (it would hide the queue behind it)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from service.store.models import ReviewAssignment
+
+    await seed(log, pair("i0", "Q", "x", "y") + pair("i1", "Q1", "x1", None, minute=1))
+    now = datetime.now(UTC)
+    async with log.engine.begin() as conn:
+        for reviewer, right in (("r1", None), ("r2", "i0-cand")):
+            await conn.execute(insert(ReviewAssignment).values(
+                item_id="i0", reviewer=reviewer, status="judged", shown_at=now, left_id="i0", right_id=right,
+                verdict="good" if right is None else "a", flags={}, judged_at=now))
+    policy = ReviewPolicy(overlap=3, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    view = await ReviewStore(log.engine, policy, random.Random(7)).next_item("r3")
+    assert view["item_id"] == "i0" and view["kind"] == "single"
