@@ -300,8 +300,8 @@ def gate_command(
     ] = None,
     reviews: Annotated[Path | None, typer.Option(
         help="Also require reviewers' blind A/B verdicts: a `zephyr review export --format dpo --include-flagged "
-             "--include-unfinished` file (every decisive verdict) holding pairs of the candidate's answers against "
-             "the baseline's")] = None,
+             "--include-unfinished` file (every complete item's decisive verdict) holding pairs of the candidate's "
+             "answers against the baseline's")] = None,
     min_review_pairs: Annotated[int | None, typer.Option(
         help="With --reviews: the fewest decisive pairs the verdict may rest on (default 30)")] = None,
     min_win_rate: Annotated[float | None, typer.Option(

@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from evals.preference import human_win_rates, read_export, read_review_records
+from evals.preference import answered_since_made, human_win_rates, read_export, read_review_records
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
     SERVED_METRICS,
     SUITE_BENCHMARKS,
@@ -208,16 +208,6 @@ class ReviewGate:
                 if self.stale else "")
 
 
-def _answered_since(record: Mapping[str, Any], since: datetime) -> bool:
-    """Whether a pair's served answer was written at or after `since` (an export's `meta.created_at`); a pair
-    without that time cannot show which weights wrote it."""
-    written = (record.get("meta") or {}).get("created_at")
-    try:
-        return datetime.fromisoformat(written) >= since
-    except (TypeError, ValueError):
-        return False
-
-
 def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
                 min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "",
                 made_at: Mapping[str, datetime] | None = None) -> ReviewGate:
@@ -242,24 +232,22 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
     except ValueError as exc:
         raise GateError(f"--reviews: {exc}") from None
     a, b = sorted((candidate, baseline))
-    stale, since = 0, max((made_at or {}).values(), default=None)
-    if since is not None:
-        current = [r for r in records if _answered_since(r, since)]
-        stale = _pairs_between(records, a, b) - _pairs_between(current, a, b)
-        records = current
-    result = human_win_rates(records)
+    current, _ = answered_since_made(records, made_at or {})
+    stale = _pairs_between(records, a, b) - _pairs_between(current, a, b)
+    result = human_win_rates(current)
     if filtered := result.get("from_filtered_export"):
         # A default export drops the pairs a flagged answer won, and those with an answer cut off: the wins of the
         # model whose answers reviewers flag more would go with them, tilting the rate it is gated on.
         raise GateError(f"{source or 'the reviews'}: {filtered} pair(s) come from an export that left out others; "
                         "export with `zephyr review export --format dpo --include-flagged --include-unfinished` "
-                        "(no --min-agreement), which keeps every decisive verdict")
+                        "(no --min-agreement), which keeps every complete item's decisive verdict")
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     if match is None and stale:
+        newest = max(made_at.values(), key=lambda when: when.timestamp())
         raise GateError(
             f"{source or 'the reviews'}: all {stale} pair(s) of {candidate} against {baseline} were answered before "
-            f"{since.isoformat()}, when the newer of the two registry entries was made: they judged other weights of "
-            "that name. Serve both models as they are now, review again and export")
+            f"{newest.isoformat()}, when the newer of the two registry entries was made: they judged other weights "
+            "of that name. Serve both models as they are now, review again and export")
     if match is None:
         seen = sorted({f"{h['a']} vs {h['b']}" for h in result["head_to_head"]})
         raise GateError(

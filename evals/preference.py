@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +69,34 @@ def counts_every_verdict(record: Mapping[str, Any]) -> bool:
 
 def _is_pair(record: Mapping[str, Any]) -> bool:
     return "chosen" in record and "rejected" in record
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # a hand-written manifest's naive time
+
+
+def answered_since_made(records: list[dict[str, Any]], made_at: Mapping[str, datetime]
+                        ) -> tuple[list[dict[str, Any]], int]:
+    """The records without the pairs answered before a registry entry of theirs was made, and how many those were.
+    Reviews name models by name only: a model retrained or requantized under its name starts with no verdicts.
+    `made_at` maps registry names to their entries' creation times; a resampled candidate (`m [T=1]`) is `m`'s. A
+    pair whose answer time (`meta.created_at`) is missing or unreadable cannot show which weights wrote it."""
+    made_at = {name: _utc(when) for name, when in made_at.items()}
+    kept, stale = [], 0
+    for record in records:
+        meta = record.get("meta") or {}
+        names = {str(meta.get(key) or "").split(" [")[0] for key in ("chosen_model", "rejected_model")}
+        since = max((made_at[name] for name in names if name in made_at), default=None)
+        if since is not None and _is_pair(record):
+            try:
+                current = _utc(datetime.fromisoformat(meta.get("created_at"))) >= since
+            except (TypeError, ValueError):
+                current = False
+            if not current:
+                stale += 1
+                continue
+        kept.append(record)
+    return kept, stale
 
 
 def human_win_rates(records: str | Path | Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -135,11 +164,6 @@ def read_review_records(reviews: Path) -> list[dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
         raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
     return records
-
-
-def read_reviews(reviews: Path) -> dict[str, Any]:
-    """`human_win_rates` of a `zephyr review export --format dpo` file (`read_review_records`)."""
-    return human_win_rates(read_review_records(reviews))
 
 
 def _pair_id(record: Mapping[str, Any], number: int) -> str:

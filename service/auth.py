@@ -263,7 +263,11 @@ def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
     state = request.app.state
     state.rate_limiter.fits(cost)
     state.tutor.admission.check(weight)
-    state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
+    try:
+        state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
+    except APIError:
+        state.metrics.rejected.labels("rate_limit").inc()
+        raise
 
 
 @contextmanager

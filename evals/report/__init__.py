@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evals.preference import read_reviews
+from evals.preference import answered_since_made, human_win_rates, read_review_records
 from evals.results import ResultStore
-from zephyr.registry import Registry, check_name
+from zephyr.registry import NAME_PATTERN, Registry, check_name
 
 from .document import render_html, render_markdown
 from .plots import PLOT_FILES
@@ -41,7 +41,7 @@ def write_report(
     for name in models:  # names become result paths; a bad one fails before anything is written
         check_name(name)
     # Read before anything is written: a bad file leaves an earlier report as it was.
-    human = (read_reviews(Path(reviews)), Path(reviews)) if reviews is not None else None
+    human = (current_reviews(Path(reviews), registry), Path(reviews)) if reviews is not None else None
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,18 @@ def write_report(
     md_path.write_text(render_markdown(title, sections, out_dir))
     html_path.write_text(render_html(title, sections))
     return md_path, html_path
+
+
+def current_reviews(reviews: Path, registry: Registry | None) -> dict:
+    """`human_win_rates` of an export's pairs answered since the registry entries of their models were made
+    (`answered_since_made`), with `stale`: how many were older."""
+    records = read_review_records(reviews)
+    names = {str((r.get("meta") or {}).get(key) or "").split(" [")[0] for r in records
+             for key in ("chosen_model", "rejected_model")}
+    made_at = {name: registry.get(name).manifest.created_at for name in names
+               if registry is not None and NAME_PATTERN.fullmatch(name) and registry.exists(name)}
+    records, stale = answered_since_made(records, made_at)
+    return human_win_rates(records) | {"stale": stale}
 
 
 __all__ = ["write_report"]

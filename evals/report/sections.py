@@ -433,6 +433,9 @@ def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None =
              "pairs, so every pair is a decisive win). Win rates in % with a 95% Wilson interval in brackets.")
     if result["without_models"]:
         intro += f" {result['without_models']} pairs name no models and count only for served vs candidate."
+    if result.get("stale"):
+        intro += (f" {result['stale']} older pairs are left out: answered before a model of theirs was remade under "
+                  "its name, they judged other weights.")
     blocks.append(intro)
     served = result["served_vs_candidate"]
     if served["n"]:

@@ -153,13 +153,17 @@ class Candidates:
 
     async def _screened(self, gen: GenerationRequest, text: str, finish_reason: str | None) -> tuple[str, str | None]:
         """A remote answer as the served model's answers reach a student: cut at the first sentence the guard
-        flags, with the guard's reply (its verdict in the row's `answer_safety`)."""
+        flags, with the guard's reply (its verdict in the row's `answer_safety`); else as it came."""
         async def whole() -> AsyncIterator[EngineOutput]:
-            yield EngineOutput(choices=[ChoiceDelta(index=0, text=text, token_ids=[], finish_reason=finish_reason)],
-                               finished=True)
+            # One final delta (a server may send no finish reason): every sentence is judged, the last one too.
+            yield EngineOutput(choices=[ChoiceDelta(index=0, text=text, token_ids=[],
+                                                    finish_reason=finish_reason or "stop")], finished=True)
 
         deltas = [delta async for out in screened(gen, whole(), self._judge) for delta in out.choices]
-        return "".join(d.text for d in deltas), deltas[-1].finish_reason if deltas else finish_reason
+        if verdict := gen.extra_params.get("answer_safety", {}).get("0"):
+            self.metrics.safety_withheld_answers.labels(CANDIDATE_ROUTE, verdict["category"]).inc()
+            return "".join(d.text for d in deltas), deltas[-1].finish_reason
+        return text, finish_reason
 
     async def idle(self) -> None:
         """Returns once every candidate started so far has finished (tests, tools)."""

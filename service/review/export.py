@@ -48,7 +48,7 @@ SOURCE = "zephyr-review"
 class ExportOptions:
     format: Format
     min_agreement: float = 0.0
-    # `zephyr review export` and GET /review/api/export default it to ZEPHYR_REVIEW_OVERLAP: complete items only.
+    # `zephyr review export` and GET /review/export default it to ZEPHYR_REVIEW_OVERLAP: complete items only.
     min_reviewers: int = 1
     include_flagged: bool = False  # dpo: keep pairs whose chosen answer was flagged incorrect or unsafe
     # Only records whose every answer this model wrote (the served one, or a candidate of its own sampled otherwise):

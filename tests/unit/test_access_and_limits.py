@@ -85,6 +85,7 @@ async def test_a_request_over_its_keys_remaining_budget_is_refused_before_the_gu
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
         metrics = (await served.client.get("/metrics")).text
         assert 'zephyr_encoder_seconds_count{task="request_guard"} 1.0' in metrics  # only the first was screened
+        assert 'zephyr_requests_rejected_total{reason="rate_limit"} 1.0' in metrics
 
 
 async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):

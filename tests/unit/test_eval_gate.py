@@ -446,6 +446,8 @@ def test_review_rule_leaves_out_pairs_answered_before_a_model_was_remade_under_i
     reviews = review_gate(records, "cand", "base", min_pairs=10, made_at=made_at)
     assert (reviews.wins, reviews.losses, reviews.stale) == (20, 10, 21)
     assert "21 older pair(s) left out" in reviews.reason
+    naive = {"cand": remade.replace(tzinfo=None)}  # a hand-written manifest's time, read as UTC
+    assert review_gate(records, "cand", "base", min_pairs=10, made_at=naive).stale == 21
     # the same rule for a pair answered exactly when the entry was made, and for a remade baseline
     assert review_gate(answered(verdicts(3, 1), remade), "cand", "base", min_pairs=1, made_at=made_at).n == 4
     with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were answered before "

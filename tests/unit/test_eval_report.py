@@ -301,6 +301,24 @@ def test_human_and_reward_model_win_rates_side_by_side(tmp_path):
     assert "| alpha | zeta | 3 | 2 | 1 | 66.7 [20.8, 93.9] | 37.5 [9.2, 78.1] (n 4) |" in section
 
 
+def test_pairs_answered_before_a_model_was_remade_are_left_out_and_counted(tmp_path, default_model):
+    from datetime import UTC, datetime
+
+    from zephyr.registry import ModelManifest, Registry
+
+    cases = [("alpha", "zeta", None, ["served"]), ("zeta", "alpha", None, ["candidate"]),  # 9:00 and 9:01
+             ("alpha", "zeta", None, ["candidate"])]  # 9:02
+    path, _ = write_dpo_export(tmp_path / "dpo.jsonl", cases)
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="alpha", method="dpo",
+                                                   created_at=datetime(2026, 11, 1, 9, 1, 30, tzinfo=UTC)))
+    md_path, _ = write_report(rm_store(tmp_path), ["alpha", "zeta"], tmp_path / "out", registry=registry,
+                              reviews=path)
+    section = md_path.read_text().split("## Human review win rates")[1].split("\n## ")[0]
+    assert "1 human preference pairs" in section and "2 older pairs are left out" in section
+    assert "| alpha | zeta | 1 | 0 | 1 | 0.0 [0.0, 79.3] |" in section
+
+
 def test_missing_or_bad_reviews_file(store, tmp_path):
     with pytest.raises(ValueError, match=r"reviews file .*absent\.jsonl does not exist"):
         write_report(store, ["base"], tmp_path / "out", reviews=tmp_path / "absent.jsonl")

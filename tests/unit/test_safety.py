@@ -559,6 +559,32 @@ async def test_a_review_candidate_is_screened_as_the_answer_it_is_compared_with(
             assert answer["finish_reason"] == FINISH_REASON and answer["answer_safety"]["category"] == HARMFUL
 
 
+async def test_a_remote_answer_is_judged_whole_even_without_a_finish_reason(guard, settings_factory):
+    from types import SimpleNamespace
+
+    from service.metrics import Metrics
+    from service.review.candidates import CANDIDATE_ROUTE, Candidates
+
+    answers = guard.for_answers()
+
+    async def judge(sentences: list[str]):
+        return answers.judge_all(sentences)
+
+    metrics = Metrics()
+    candidates = Candidates(settings_factory(), metrics, run=None, record=None, judge=judge)
+
+    def request():
+        return SimpleNamespace(params=SimpleNamespace(n=1), extra_params={}, answer_prefix="")
+
+    clean = f"{SCIENCE_SENTENCE} Leaves hold the chlorophyll that absorbs it"  # no final stop, no finish reason
+    assert await candidates._screened(request(), clean, None) == (clean, None)
+    gen = request()
+    text, finish_reason = await candidates._screened(gen, HARMFUL_ANSWER, None)
+    assert (text, finish_reason) == (f"{SCIENCE_SENTENCE}\n\n{REPLIES[HARMFUL]}", FINISH_REASON)
+    assert gen.extra_params["answer_safety"]["0"]["sentence"] == HARMFUL_SENTENCE
+    assert metrics.safety_withheld_answers.labels(CANDIDATE_ROUTE, HARMFUL)._value.get() == 1
+
+
 async def test_each_choice_is_screened_and_a_clean_answer_keeps_its_tokens_and_logprobs(app_factory):
     async with app_factory(safety_guard=True) as served:
         served.app.state.engine.reply = f"{SCIENCE_SENTENCE} Leaves hold chlorophyll, which absorbs red and blue."

@@ -402,11 +402,12 @@ async function loadStats() {
     return;
   }
   $("stats").hidden = false;
-  // Win rates count complete items only (every reviewer an item waits for has judged it).
-  const waiting = stats.items.judged - stats.items.complete;
+  // Win rates count complete pairs with a majority (every reviewer an item waits for has judged it).
+  const noWinRate = !stats.items.judged ? "No verdicts yet."
+    : !stats.items.complete ? `No item has all ${stats.overlap} verdicts yet.`
+      : "No complete pair with a majority yet.";
   bars($("chart-win"), stats.win_rate.map((r) => [r.model, r.win_rate,
-    `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1,
-    waiting ? `No item has all ${stats.overlap} verdicts yet (${waiting} waiting for more).` : "No verdicts yet.");
+    `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1, noWinRate);
   const strengths = Object.entries(stats.strength);
   bars($("chart-strength"), strengths.map(([s, n]) => [STRENGTH_NAMES[s] || s, n, String(n)]),
     Math.max(...strengths.map(([, n]) => n)));
