@@ -491,17 +491,31 @@ def data_hh(
 def data_review(
     source: Annotated[Path, typer.Option("--input", help="a `zephyr review export` file (dpo, kto or sft)")],
     out: Out,
+    include_unfinished: Annotated[bool, typer.Option(
+        "--include-unfinished", help="Keep answers cut off at max_tokens or written by the safety guard, which an "
+        "export made to count verdicts holds (a smoke test's short answers; never for a model you will serve)")]
+    = False,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
-    """Training data from reviewers' verdicts: validate an export and clean it."""
+    """Training data from reviewers' verdicts: validate an export, leave out what it kept only for counting
+    verdicts (`eval gate --reviews`), and clean it."""
     from training.data.builders import BuildError, from_review_export
 
     settings = load_settings()
+    from collections import Counter
+
+    left_out: Counter[str] = Counter()
     try:
-        fmt, records = from_review_export(source)
+        fmt, records = from_review_export(source, include_unfinished=include_unfinished, left_out=left_out)
     except BuildError as exc:
         raise fail(str(exc)) from None
-    console.print(f"{len(records)} {fmt} records in {source}")
+    console.print(f"{len(records) + left_out.total()} {fmt} records in {source}")
+    # An export made to count verdicts (`eval gate --reviews`) also holds records that are no training examples.
+    for why, count in left_out.items():
+        console.print(f"left out {count} kept for counting verdicts, not for training: {why}")
+    if not records:
+        raise fail(f"no record of {source} is fit to train on: export with neither --include-flagged nor "
+                   "--include-unfinished, and answers long enough to end by themselves")
     _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source))
 
 

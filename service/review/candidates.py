@@ -126,10 +126,13 @@ class Candidates:
         gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens)
         status, error = "error", None
         try:
+            # Asked as the student's request was (its stop strings and penalties too): an answer that stops at the
+            # first "." beside one that runs on would tell reviewers which is which.
             reply = await self._remote.chat.completions.create(
                 model=model, messages=parent.messages,
-                max_tokens=gen.params.max_tokens,
+                max_tokens=gen.params.max_tokens, stop=gen.params.stop or None,
                 temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
+                presence_penalty=gen.params.presence_penalty, frequency_penalty=gen.params.frequency_penalty,
             )
             choice = reply.choices[0]
             text, finish_reason = choice.message.content or "", choice.finish_reason

@@ -128,13 +128,21 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if strengths:
             meta["strength"] = round(sum(strengths) / len(strengths), 4)
 
+        def of(row: dict[str, Any], meta: dict[str, Any] = meta) -> dict[str, Any]:
+            """One answer's record meta, with whether it is fit to train on (`zephyr data review` reads it)."""
+            return {**meta, "generation_id": row["id"], "whole": written_whole(row)}
+
         out: list[tuple[BaseModel, dict]] = []
         if label in ("served", "candidate") and candidate is not None:
             loser_role = "candidate" if label == "served" else "served"
             winner, loser = answers[label], answers[loser_role]
+            # Whether this pair is fit to train on, for an export that keeps every verdict (`zephyr data review`
+            # leaves the unfit out): both answers written whole, and the chosen one not flagged incorrect or unsafe.
             provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],
                           "chosen_model": model_label(winner, served["model"]),
                           "rejected_model": model_label(loser, served["model"]),
+                          "whole": written_whole(winner) and written_whole(loser),
+                          "chosen_flagged": _flagged(group, label, DISQUALIFYING_FLAGS),
                           # what the export left out: a win rate counts every verdict only with both kept and
                           # no agreement filter (which keeps items by their outcome)
                           "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished,
@@ -150,27 +158,25 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             elif options.format == "kto":
                 if not _flagged(group, label) and whole(winner):
                     out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(winner))), label=True,
-                                           meta={**meta, "generation_id": winner["id"]}), meta))
+                                           meta=of(winner)), meta))
                 if whole(loser):
                     out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(loser))),
-                                           label=False, meta={**meta, "generation_id": loser["id"]}), meta))
+                                           label=False, meta=of(loser)), meta))
             elif not _flagged(group, label) and whole(winner):
-                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(winner))),
-                                       meta={**meta, "generation_id": winner["id"]}), meta))
+                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(winner))), meta=of(winner)), meta))
         elif label == "both_bad" and options.format == "kto" and candidate is not None:
             for row in (served, candidate):
                 if not whole(row):
                     continue
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(row))), label=False,
-                                       meta={**meta, "generation_id": row["id"]}), meta))
+                                       meta=of(row)), meta))
         elif label in ("good", "bad"):
             good = label == "good" and not _flagged(group, "served")
             if options.format == "kto" and whole(served):
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(served))), label=good,
-                                       meta={**meta, "generation_id": item_id}), meta))
+                                       meta=of(served)), meta))
             elif options.format == "sft" and good and whole(served):
-                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(served))),
-                                       meta={**meta, "generation_id": item_id}), meta))
+                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(served))), meta=of(served)), meta))
 
         for record, _ in out:
             content = record.model_dump(exclude={"meta", "source"})

@@ -157,9 +157,14 @@ def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(
            "ZEPHYR_QUANT_ENV": str(Settings().resolved_quant_env)}  # one per machine, made on first use
     registry = Registry(served.home / "models")
 
-    # Verdicts -> preference pairs: validated and cleaned (PII, duplicates, overlap with ARC-Easy test).
+    # Verdicts -> preference pairs: validated and cleaned (PII, duplicates, overlap with ARC-Easy test). The export
+    # was made to count verdicts, and these chats were cut off at a small max_tokens: no training data by default.
     pairs = tmp_path / "review-dpo.jsonl"
-    zephyr("data", "review", "--input", str(export), "--out", str(pairs), "--against", "arc_easy", env=env)
+    default = CliRunner().invoke(cli, ["data", "review", "--input", str(export), "--out", str(pairs), "--no-clean"],
+                                 env={"ZEPHYR_HOME": str(served.home)})
+    assert "kept for counting verdicts, not for training: an answer cut off" in " ".join(default.output.split())
+    zephyr("data", "review", "--input", str(export), "--out", str(pairs), "--against", "arc_easy",
+           "--include-unfinished", env=env)  # this smoke test's short answers
     cleaned = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert len(cleaned) == 6 and {p["meta"]["chosen_model"] for p in cleaned} == {CANDIDATE, DEFAULT_MODEL}
 

@@ -132,6 +132,11 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
     assert [p["chosen"][0]["content"] for p in pairs] == ["Light scatters.", "Because the light is"]  # by item id
     assert all(p["meta"]["kept"] == {"flagged": True, "unfinished": True, "min_agreement": 0.0, "min_reviewers": 1}
                for p in pairs)
+    # Each record says whether it is fit to train on (`zephyr data review` reads it): neither pair is.
+    assert [(p["meta"]["whole"], p["meta"]["chosen_flagged"]) for p in pairs] == [(False, False), (False, False)]
+    text, _ = to_jsonl(judgements, generations, ExportOptions("kto", include_unfinished=True), None)
+    assert [(r["meta"]["generation_id"], r["meta"]["whole"]) for r in map(json.loads, text.splitlines())] == [
+        ("b", True), ("stopped", False), ("cut", False), ("a", True)]
     from service.review.export import written_whole
 
     assert written_whole(generations["b"]) and not written_whole(generations["stopped"])

@@ -127,9 +127,12 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
             candidates._remote = openai.AsyncOpenAI(
                 base_url="http://remote/v1", api_key=STUDENT_KEY,
                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
-            await served.client.post(CHAT, json={**BODY, "max_tokens": 40}, headers=MARKED)
+            await served.client.post(CHAT, json={**BODY, "max_tokens": 40, "stop": ["zzz"], "presence_penalty": 0.5},
+                                     headers=MARKED)
             original, candidate = await rows(served)
             assert candidate["parent_id"] == original["id"] and candidate["status"] == "ok"
+            [asked] = await rows(remote)  # asked as the student's chat was
+            assert asked["params"]["stop"] == ["zzz"] and asked["params"]["presence_penalty"] == 0.5
             assert candidate["response"][0]["content"] == remote.engine.reply
             assert candidate["completion_tokens"] > 0 and candidate["params"]["variant"] == "remote"
             # Counted with the served answers, under its own route: an A/B's candidate loops in plain sight too.

@@ -128,6 +128,29 @@ def test_review_export_kto_and_sft(tmp_path):
     assert fmt == "sft" and isinstance(records[0], SFTExample) and records[0].meta == {"item_ids": ["a"]}
 
 
+def test_records_an_export_kept_only_for_counting_verdicts_are_left_out(tmp_path):
+    from collections import Counter
+
+    def pair(n: int, **meta) -> PreferencePair:
+        return PreferencePair(prompt=[Message(role="user", content=f"q{n}")], chosen=ANSWER, rejected=ANSWER,
+                              source="zephyr-review", meta=meta)
+
+    every = {"kept": {"flagged": True, "unfinished": True}}  # an export made for `eval gate --reviews`
+    path = tmp_path / "dpo.jsonl"
+    write_jsonl(path, [pair(0, whole=True, chosen_flagged=False, **every),
+                       pair(1, whole=False, chosen_flagged=False, **every),  # an answer cut off
+                       pair(2, whole=True, chosen_flagged=True, **every),  # the winner flagged incorrect
+                       pair(3, **every),  # written before the marks: it may be either
+                       pair(4)])  # a default export's, before the marks: fit
+    left_out: Counter[str] = Counter()
+    _, records = from_review_export(path, left_out=left_out)
+    assert [r.prompt[0].content for r in records] == ["q0", "q4"]
+    assert left_out == {"an answer cut off at max_tokens or written by the safety guard": 2,
+                        "a chosen answer a reviewer flagged incorrect or unsafe": 1}
+    _, records = from_review_export(path, include_unfinished=True)  # a smoke test's short answers
+    assert [r.prompt[0].content for r in records] == ["q0", "q1", "q4"]  # q3 may have a flagged winner
+
+
 def test_review_export_bad_lines(tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     write_jsonl(mixed, [PreferencePair(prompt=PROMPT, chosen=ANSWER, rejected=ANSWER, source="s"),

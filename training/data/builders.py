@@ -151,9 +151,27 @@ def _first_record(path: Path) -> tuple[int, Any]:
     raise BuildError(f"{path} is empty; {_EXPORT_HINT}")
 
 
-def from_review_export(path: Path) -> tuple[str, list[BaseModel]]:
+def unfit_for_training(meta: dict[str, Any] | None, *, allow_unfinished: bool = False) -> str | None:
+    """Why a review export's record was kept for counting verdicts but is no training example, else None.
+
+    An export that keeps every verdict (`--include-unfinished`, `--include-flagged`: what `eval gate --reviews`
+    counts) marks each record: `whole`, its answers ended by themselves and none is the safety guard's, and for a pair
+    `chosen_flagged`, a reviewer flagged the preferred answer incorrect or unsafe. A record from before those marks is
+    judged by its export's `kept`: what it may hold. `allow_unfinished` takes cut-off answers (a smoke test's)."""
+    meta = meta or {}
+    kept = meta.get("kept") or {}
+    if not allow_unfinished and not meta.get("whole", not kept.get("unfinished", False)):
+        return "an answer cut off at max_tokens or written by the safety guard"
+    if meta.get("chosen_flagged", bool(kept.get("flagged", False))):
+        return "a chosen answer a reviewer flagged incorrect or unsafe"
+    return None
+
+
+def from_review_export(path: Path, *, include_unfinished: bool = False,
+                       left_out: Counter[str] | None = None) -> tuple[str, list[BaseModel]]:
     """The format ("dpo", "kto" or "sft") of a review export, from its first record, and every record validated
-    against that format's schema. A line of another format or none raises BuildError naming the file and line."""
+    against that format's schema, but those `unfit_for_training` (counted in `left_out` by why). A line of another
+    format or none raises BuildError naming the file and line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BuildError(f"{path} does not exist; {_EXPORT_HINT}")
@@ -170,4 +188,11 @@ def from_review_export(path: Path) -> tuple[str, list[BaseModel]]:
     except DataFileError as exc:  # already says "<file>:<line>: not a <Schema>: <why>"
         raise BuildError(f"{exc} (the file started as a {name} export: one format per file; {_EXPORT_HINT})") \
             from exc
-    return name, records
+    left_out = Counter() if left_out is None else left_out
+    fit = []
+    for record in records:
+        if why := unfit_for_training(record.meta, allow_unfinished=include_unfinished):
+            left_out[why] += 1
+        else:
+            fit.append(record)
+    return name, fit
