@@ -319,7 +319,8 @@ async def test_export_formats_agreement_dedup_pii_and_reproducibility(log, tmp_p
         "item_ids": ["i2"], "label": "served", "reviewers": 3, "agreement": 0.6667, "strength": 3.0,
         "chosen_id": "i2", "rejected_id": "i2-cand", "chosen_model": "tutor", "rejected_model": "tutor [T=1]",
         "created_at": None,
-        "kept": {"flagged": True, "unfinished": False, "min_agreement": 0.0, "min_reviewers": 1}}
+        "kept": {"flagged": True, "unfinished": False, "min_agreement": 0.0, "min_reviewers": 1},
+        "whole": True, "chosen_flagged": True}  # r3 flagged both answers incorrect or unsafe: kept by asking only
     assert [r["meta"]["item_ids"] for r in run("dpo", min_agreement=0.9)] == [["i1", "i6"]]
     assert [r["meta"]["item_ids"] for r in run("dpo", min_reviewers=3, include_flagged=True)] == [["i2"]]
 
