@@ -139,6 +139,8 @@ class ReviewStore:
         candidate_done = exists().where(C.parent_id == G.id)
         return [
             G.review_kind.is_not(None), G.purpose == "served", G.status == "ok", ~seen,
+            # one answer an item: a chat with n > 1 logged for review before that rule is not shown
+            func.coalesce(G.params["n"].as_integer(), 1) == 1,
             held < self.policy.overlap,
             or_(G.review_kind == "single", candidate_done, G.created_at < now - self.policy.candidate_wait),
         ]

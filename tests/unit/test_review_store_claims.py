@@ -123,3 +123,13 @@ async def test_an_item_shown_two_ways_before_that_rule_still_goes_to_the_next_re
     policy = ReviewPolicy(overlap=3, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
     view = await ReviewStore(log.engine, policy, random.Random(7)).next_item("r3")
     assert view["item_id"] == "i0" and view["kind"] == "single"
+
+
+async def test_a_chat_with_several_answers_logged_for_review_before_that_rule_is_not_shown(log):
+    rows = pair("i0", "Q", "x", "y") + pair("i1", "Q1", "x1", None, minute=1)
+    rows[0]["params"] = {"n": 2}  # reviewers would see its first answer only, beside one candidate
+    rows[2]["params"] = {"n": 1}
+    await seed(log, rows)
+    policy = ReviewPolicy(overlap=1, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    assert (await store.next_item("r1"))["item_id"] == "i1"
