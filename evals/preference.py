@@ -75,26 +75,39 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # a hand-written manifest's naive time
 
 
+def _read_time(value: Any) -> datetime | None:
+    try:
+        return _utc(datetime.fromisoformat(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _by_these_weights(meta: Mapping[str, Any], side: str, made_at: datetime) -> bool:
+    """Whether one answer of a pair was written by the registry entry made at `made_at`. Rows say which entry wrote
+    them (`{side}_made_at`, to the second: a remote model's /v1/models gives seconds); a pair exported before they
+    did is judged by when it was answered: on or after the entry was made."""
+    written_by = _read_time(meta.get(f"{side}_made_at"))
+    if written_by is not None:
+        return int(written_by.timestamp()) == int(made_at.timestamp())
+    answered = _read_time(meta.get("created_at"))
+    return answered is not None and answered >= made_at
+
+
 def answered_since_made(records: list[dict[str, Any]], made_at: Mapping[str, datetime]
                         ) -> tuple[list[dict[str, Any]], int]:
-    """The records without the pairs answered before a registry entry of theirs was made, and how many those were.
-    Reviews name models by name only: a model retrained or requantized under its name starts with no verdicts.
-    `made_at` maps registry names to their entries' creation times; a resampled candidate (`m [T=1]`) is `m`'s. A
-    pair whose answer time (`meta.created_at`) is missing or unreadable cannot show which weights wrote it."""
+    """The records without the pairs another entry of a model's name wrote, and how many those were. Reviews name
+    models by name: a model retrained or requantized under its name starts with no verdicts. `made_at` maps registry
+    names to their entries' creation times; a resampled candidate (`m [T=1]`) is `m`'s. A pair that says neither
+    which entry wrote it nor when it was answered cannot show which weights it judged."""
     made_at = {name: _utc(when) for name, when in made_at.items()}
     kept, stale = [], 0
     for record in records:
         meta = record.get("meta") or {}
-        names = {str(meta.get(key) or "").split(" [")[0] for key in ("chosen_model", "rejected_model")}
-        since = max((made_at[name] for name in names if name in made_at), default=None)
-        if since is not None and _is_pair(record):
-            try:
-                current = _utc(datetime.fromisoformat(meta.get("created_at"))) >= since
-            except (TypeError, ValueError):
-                current = False
-            if not current:
-                stale += 1
-                continue
+        sides = {side: str(meta.get(f"{side}_model") or "").split(" [")[0] for side in ("chosen", "rejected")}
+        if _is_pair(record) and not all(_by_these_weights(meta, side, made_at[name])
+                                        for side, name in sides.items() if name in made_at):
+            stale += 1
+            continue
         kept.append(record)
     return kept, stale
 

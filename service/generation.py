@@ -161,10 +161,11 @@ class GenerationRequest:
         params = {k: v for k, v in asdict(self.params).items() if k not in IMPLIED_PARAMS}
         return params | {"max_tokens": self.asked_max_tokens} | self.extra_params
 
-    def record(self, model: str, status: str, error: str | None,
-               response: list[dict[str, Any]] | None = None) -> GenerationRecord:
+    def record(self, model: str, status: str, error: str | None, response: list[dict[str, Any]] | None = None,
+               model_made_at: datetime | None = None) -> GenerationRecord:
         """The log row for this request as it ended (`status` ok, aborted or error); `response` replaces the
-        default one entry per choice (MCQ answers log more)."""
+        default one entry per choice (MCQ answers log more). `model_made_at`: the model's registry entry's
+        creation time, which tells weights remade under one name apart."""
         ended = time.perf_counter()
         return GenerationRecord(
             id=self.request_id,
@@ -188,4 +189,5 @@ class GenerationRequest:
             purpose=self.purpose,
             parent_id=self.parent_id,
             review_kind=self.review_kind,
+            model_made_at=model_made_at,
         )

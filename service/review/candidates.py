@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import openai
 
@@ -124,8 +125,9 @@ class Candidates:
         gen = self._candidate_of(parent, "remote")
         # The remote writes its own opening, if any: it gets the client's whole budget, and its row says so.
         gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens)
-        status, error = "error", None
+        status, error, made_at = "error", None, None
         try:
+            made_at = await self._remote_made_at(model)
             # Asked as the student's request was (its stop strings and penalties too): an answer that stops at the
             # first "." beside one that runs on would tell reviewers which is which.
             reply = await self._remote.chat.completions.create(
@@ -150,9 +152,20 @@ class Candidates:
             error = failure_text(exc)
             raise
         finally:
-            record = gen.record(model, status, error)
+            record = gen.record(model, status, error, model_made_at=made_at)
             self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
             self._record(record)
+
+    async def _remote_made_at(self, model: str) -> datetime | None:
+        """When the remote's model was made, as its /v1/models says (`created`; a Zephyr server gives its registry
+        entry's), so a review pair names the candidate's weights, not only its name; None when it does not say."""
+        try:
+            listed = await self._remote.models.list()
+        except Exception as exc:  # the answer matters more than its provenance
+            log.warning("could not list the remote candidate's models: %s", failure_text(exc))
+            return None
+        card = next((m for m in listed.data if m.id == model), None)
+        return datetime.fromtimestamp(card.created, UTC) if card is not None and card.created else None
 
     async def _screened(self, gen: GenerationRequest, text: str, finish_reason: str | None) -> tuple[str, str | None]:
         """A remote answer as the served model's answers reach a student: cut at the first sentence the guard

@@ -448,6 +448,13 @@ def test_review_rule_leaves_out_pairs_answered_before_a_model_was_remade_under_i
     assert "21 older pair(s) left out" in reviews.reason
     naive = {"cand": remade.replace(tzinfo=None)}  # a hand-written manifest's time, read as UTC
     assert review_gate(records, "cand", "base", min_pairs=10, made_at=naive).stale == 21
+    # Rows that say which entry wrote them decide by that, not by time: a server still serving the old weights
+    # after the entry was remade wrote the first 5; the last 7 are the new entry's (to the second).
+    written = [{**r, "meta": {**r["meta"], "chosen_made_at": when, "rejected_made_at": "2026-11-01T00:00:00+00:00"}}
+               for r, when in zip(answered(verdicts(12, 0), new), ["2026-12-02T08:00:00+00:00"] * 5
+                                  + ["2026-12-03T00:00:00.900000+00:00"] * 7, strict=True)]
+    assert (review_gate(written, "cand", "base", min_pairs=1, made_at=made_at).n,
+            review_gate(written, "cand", "base", min_pairs=1, made_at=made_at).stale) == (7, 5)
     # the same rule for a pair answered exactly when the entry was made, and for a remade baseline
     assert review_gate(answered(verdicts(3, 1), remade), "cand", "base", min_pairs=1, made_at=made_at).n == 4
     with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were answered before "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC
 
 import httpx
 import openai
@@ -133,6 +134,15 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
             assert candidate["parent_id"] == original["id"] and candidate["status"] == "ok"
             [asked] = await rows(remote)  # asked as the student's chat was
             assert asked["params"]["stop"] == ["zzz"] and asked["params"]["presence_penalty"] == 0.5
+            # Each row names the registry entry whose weights wrote it: the remote's, as its /v1/models says.
+            def made(app) -> int:
+                return int(app.state.registry_entry.manifest.created_at.timestamp())
+
+            def written_by(row) -> int:
+                return int(row["model_made_at"].replace(tzinfo=UTC).timestamp())  # SQLite gives it back naive
+
+            assert written_by(original) == made(served.app) and written_by(candidate) == made(remote.app)
+            assert written_by(asked) == made(remote.app)
             assert candidate["response"][0]["content"] == remote.engine.reply
             assert candidate["completion_tokens"] > 0 and candidate["params"]["variant"] == "remote"
             # Counted with the served answers, under its own route: an A/B's candidate loops in plain sight too.
@@ -331,6 +341,8 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         assert http_export.headers["x-record-count"] == "1"
         record = json.loads(http_export.text)
         assert record["meta"]["item_ids"] == [item["item_id"]] and record["meta"]["reviewers"] == 1
+        made = served.app.state.registry_entry.manifest.created_at.isoformat()  # the entry whose weights wrote both
+        assert record["meta"]["chosen_made_at"] == record["meta"]["rejected_made_at"] == made
 
         out = tmp_path / "dpo.jsonl"
         result = await asyncio.to_thread(
