@@ -323,9 +323,9 @@ def gate_command(
             rule = {k: v for k, v in {"min_pairs": min_review_pairs, "min_win_rate": min_win_rate}.items()
                     if v is not None}  # unset: evals.gate's defaults
             models = Registry(settings.models_dir)
-            made_at = {name: models.get(name).manifest.created_at for name in (candidate, baseline)
+            entries = {name: models.get(name).manifest for name in (candidate, baseline)
                        if models.exists(name)}  # a remote candidate may have no entry here
-            review = review_gate(reviews, candidate, baseline, made_at=made_at, **rule)
+            review = review_gate(reviews, candidate, baseline, entries=entries, **rule)
         result = check(results_store(settings), candidate, baseline, max_drop, csv(suites),
                        reviews=review, min_items=min_items, allow_missing=allow_missing)
     except (GateError, RegistryError) as exc:

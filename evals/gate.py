@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from evals.preference import answered_since_made, human_win_rates, read_export, read_review_records
+from evals.preference import by_these_weights, human_win_rates, read_export, read_review_records
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
     SERVED_METRICS,
     SUITE_BENCHMARKS,
@@ -31,7 +30,7 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
 )
 from evals.stats import PairedDelta, paired_bootstrap
 from offline.engine import IN_PROCESS
-from zephyr.registry import check_name
+from zephyr.registry import ModelManifest, check_name
 
 # The accuracy suites, and the text suite's shares: answers that loop, SciQ chat answers that name the key and those
 # that name a distractor. Its other text metrics (BERTScore, the reward model's score, answer lengths) have no natural
@@ -179,7 +178,7 @@ class ReviewGate:
     ci95: tuple[float, float] | None  # Wilson interval of wins / n
     min_pairs: int
     min_win_rate: float
-    stale: int = 0  # pairs of the two left out: answered before a registry entry was (re)made under its name
+    stale: int = 0  # pairs of the two left out: other weights of either name wrote them
 
     @property
     def n(self) -> int:
@@ -204,19 +203,19 @@ class ReviewGate:
 
     @property
     def _stale_note(self) -> str:
-        return (f" ({self.stale} older pair(s) left out: answered before a model was remade under its name)"
-                if self.stale else "")
+        return (f" ({self.stale} pair(s) left out: written by other weights of either name, before a model was "
+                "remade under it)" if self.stale else "")
 
 
 def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int = DEFAULT_MIN_REVIEW_PAIRS,
                 min_win_rate: float = DEFAULT_MIN_WIN_RATE, source: str = "",
-                made_at: Mapping[str, datetime] | None = None) -> ReviewGate:
+                entries: Mapping[str, ModelManifest] | None = None) -> ReviewGate:
     """The head-to-head pairs of CANDIDATE and BASELINE in exported reviews (an export file's path, or its records);
     GateError when the file cannot be read, the rule's bounds are out of range or the export holds no pair between
     the two models.
 
-    `made_at` holds the registry entries' creation times: reviews name models by name only, so the pairs answered
-    before either entry was (re)made under its name judged other weights and are left out (`stale`)."""
+    `entries` holds the two models' registry manifests: reviews name models by name, so the pairs other weights of
+    either name wrote (before it was remade under that name) are left out (`stale`; preference.by_these_weights)."""
     from offline.stats import wilson
 
     if min_pairs < 1:
@@ -232,7 +231,7 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
     except ValueError as exc:
         raise GateError(f"--reviews: {exc}") from None
     a, b = sorted((candidate, baseline))
-    current, _ = answered_since_made(records, made_at or {})
+    current, _ = by_these_weights(records, entries or {})
     stale = _pairs_between(records, a, b) - _pairs_between(current, a, b)
     result = human_win_rates(current)
     if filtered := result.get("from_filtered_export"):
@@ -243,11 +242,11 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
                         "(no --min-agreement), which keeps every complete item's decisive verdict")
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     if match is None and stale:
-        newest = max(made_at.values(), key=lambda when: when.timestamp())
+        revisions = ", ".join(f"{name} {entry.revision}" for name, entry in sorted((entries or {}).items()))
         raise GateError(
-            f"{source or 'the reviews'}: all {stale} pair(s) of {candidate} against {baseline} were answered before "
-            f"{newest.isoformat()}, when the newer of the two registry entries was made: they judged other weights "
-            "of that name. Serve both models as they are now, review again and export")
+            f"{source or 'the reviews'}: all {stale} pair(s) of {candidate} against {baseline} were written by other "
+            f"weights of these names than this registry's ({revisions}). Run the gate with the registry the servers "
+            "served from (ZEPHYR_HOME), or serve both models as they are now, review again and export")
     if match is None:
         seen = sorted({f"{h['a']} vs {h['b']}" for h in result["head_to_head"]})
         raise GateError(

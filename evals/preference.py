@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from offline.reward import Conversation, pair_agreement
 from offline.stats import wilson
+from zephyr.registry import ModelManifest
 
 
 class Scorer(Protocol):
@@ -71,41 +72,30 @@ def _is_pair(record: Mapping[str, Any]) -> bool:
     return "chosen" in record and "rejected" in record
 
 
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # a hand-written manifest's naive time
-
-
-def _read_time(value: Any) -> datetime | None:
+def _by_these_weights(meta: Mapping[str, Any], side: str, entry: ModelManifest) -> bool:
+    """Whether one answer of a pair was written by this registry entry's weights. Rows say which weights wrote them
+    (`{side}_revision`, ModelManifest.revision); a pair without it (exported before rows said, or from a remote
+    server that does not say) counts when it was answered on or after the entry was made."""
+    if written_by := meta.get(f"{side}_revision"):
+        return written_by == entry.revision
     try:
-        return _utc(datetime.fromisoformat(value))
+        answered = datetime.fromisoformat(meta.get("created_at"))
     except (TypeError, ValueError):
-        return None
+        return False  # neither which weights nor when: it cannot show what it judged
+    return (answered if answered.tzinfo else answered.replace(tzinfo=UTC)) >= entry.created_at
 
 
-def _by_these_weights(meta: Mapping[str, Any], side: str, made_at: datetime) -> bool:
-    """Whether one answer of a pair was written by the registry entry made at `made_at`. Rows say which entry wrote
-    them (`{side}_made_at`, to the second: a remote model's /v1/models gives seconds); a pair exported before they
-    did is judged by when it was answered: on or after the entry was made."""
-    written_by = _read_time(meta.get(f"{side}_made_at"))
-    if written_by is not None:
-        return int(written_by.timestamp()) == int(made_at.timestamp())
-    answered = _read_time(meta.get("created_at"))
-    return answered is not None and answered >= made_at
-
-
-def answered_since_made(records: list[dict[str, Any]], made_at: Mapping[str, datetime]
-                        ) -> tuple[list[dict[str, Any]], int]:
-    """The records without the pairs another entry of a model's name wrote, and how many those were. Reviews name
-    models by name: a model retrained or requantized under its name starts with no verdicts. `made_at` maps registry
-    names to their entries' creation times; a resampled candidate (`m [T=1]`) is `m`'s. A pair that says neither
-    which entry wrote it nor when it was answered cannot show which weights it judged."""
-    made_at = {name: _utc(when) for name, when in made_at.items()}
+def by_these_weights(records: list[dict[str, Any]], entries: Mapping[str, ModelManifest]
+                     ) -> tuple[list[dict[str, Any]], int]:
+    """The records without the pairs other weights of a model's name wrote, and how many those were. Reviews name
+    models by name: a model retrained or requantized under its name starts with no verdicts. `entries` maps
+    registry names to their manifests; a resampled candidate (`m [T=1]`) is `m`'s."""
     kept, stale = [], 0
     for record in records:
         meta = record.get("meta") or {}
         sides = {side: str(meta.get(f"{side}_model") or "").split(" [")[0] for side in ("chosen", "rejected")}
-        if _is_pair(record) and not all(_by_these_weights(meta, side, made_at[name])
-                                        for side, name in sides.items() if name in made_at):
+        if _is_pair(record) and not all(_by_these_weights(meta, side, entries[name])
+                                        for side, name in sides.items() if name in entries):
             stale += 1
             continue
         kept.append(record)

@@ -219,7 +219,7 @@ def create_app(
             app.state.engine = engine
             app.state.generation_log = generation_log
             tutor = app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard, encoder,
-                                            model_made_at=entry.manifest.created_at)
+                                            model_revision=entry.manifest.revision)
             started.callback(tutor.guard_thread.shutdown, wait=False, cancel_futures=True)
             started.push_async_callback(tutor.candidates.close)
             _log_start(settings, entry, calibration)

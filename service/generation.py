@@ -162,10 +162,10 @@ class GenerationRequest:
         return params | {"max_tokens": self.asked_max_tokens} | self.extra_params
 
     def record(self, model: str, status: str, error: str | None, response: list[dict[str, Any]] | None = None,
-               model_made_at: datetime | None = None) -> GenerationRecord:
+               model_revision: str | None = None) -> GenerationRecord:
         """The log row for this request as it ended (`status` ok, aborted or error); `response` replaces the
-        default one entry per choice (MCQ answers log more). `model_made_at`: the model's registry entry's
-        creation time, which tells weights remade under one name apart."""
+        default one entry per choice (MCQ answers log more). `model_revision`: which weights of the model's name
+        (zephyr.registry.ModelManifest.revision)."""
         ended = time.perf_counter()
         return GenerationRecord(
             id=self.request_id,
@@ -189,5 +189,5 @@ class GenerationRequest:
             purpose=self.purpose,
             parent_id=self.parent_id,
             review_kind=self.review_kind,
-            model_made_at=model_made_at,
+            model_revision=model_revision,
         )

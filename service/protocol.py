@@ -521,6 +521,8 @@ class ModelCard(OpenAIResponse):
     parent: str | None = Field(description="The registry entry this model was made from (null for a base)")
     method: str = Field(description="How it was made: base, sft, dpo, kto, rs, gptq, awq, w8a8, ...")
     max_model_len: int
+    revision: str = Field(description="Which weights of this name: the bundled base model's digest, else when its "
+                          "registry entry was made (review pairs record it, and `eval gate --reviews` matches it)")
 
 
 class ModelList(OpenAIResponse):

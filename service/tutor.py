@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from datetime import datetime
 from typing import Any
 
 import jinja2
@@ -154,10 +153,10 @@ class AdmissionSlot:
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
                  calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None,
-                 encoder: Any = None, model_made_at: datetime | None = None):
+                 encoder: Any = None, model_revision: str | None = None):
         self.engine = engine
-        # The served registry entry's created_at, in every row it writes: which weights of its name wrote them.
-        self.model_made_at = model_made_at
+        # The served registry entry's revision, in every row it writes: which weights of its name wrote them.
+        self.model_revision = model_revision
         self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
         # The sentence encoder's one thread: the guard and the calibration's question-domain head share it.
         self.guard_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-guard")
@@ -277,7 +276,7 @@ class Tutor:
                 if gen.for_review and status == "ok":
                     # The second answer starts after this one; a refusal is judged alone (no model answer to it).
                     gen.review_kind = self.candidates.schedule(gen, with_candidate=gen.withheld is None)
-                record = gen.record(self.model_name, status, error, model_made_at=self.model_made_at)
+                record = gen.record(self.model_name, status, error, model_revision=self.model_revision)
                 if gen.withheld is None:  # the guard's reply is not an answer of the model's
                     self.metrics.count_answers(gen.route, record.response)
                     for verdict in gen.extra_params.get("answer_safety", {}).values():
@@ -572,7 +571,7 @@ class Tutor:
             content = "(abstained)" if abstained else (answer or "")
             if explain:
                 content = f"{explanation or ''}{mcq.FINAL_ANSWER_CUE} {content}"
-            self.log.record(row.record(self.model_name, status, error, model_made_at=self.model_made_at, response=[{
+            self.log.record(row.record(self.model_name, status, error, model_revision=self.model_revision, response=[{
                 "index": 0, "content": content, "answer": None if abstained else answer,
                 "probabilities": probabilities, "confidence": confidence, "abstained": abstained,
                 "scores": {k: v for k, v in vars(scores).items() if v is not None},

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from zephyr.mcq import MCQCalibration
 from zephyr.paths import write_text_atomic
@@ -51,6 +51,20 @@ class ModelManifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     evals: dict[str, Any] = {}
     mcq_calibration: MCQCalibration | None = None  # `zephyr eval calibrate`: how /mcq's `auto` answers
+
+    @field_validator("created_at")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:  # a hand-written manifest's naive time is read as UTC
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @property
+    def revision(self) -> str:
+        """Which weights this entry holds, as generation rows record it (`model_revision`): the bundled base
+        model's GGUF digest (the same bytes wherever it is prepared), else when the entry was made, to the second
+        (a copied registry folder keeps it; an entry remade under its name gets another)."""
+        if self.method == "base" and self.data_digest:
+            return self.data_digest
+        return f"made:{self.created_at.replace(microsecond=0).isoformat()}"
 
 
 class RegistryEntry(BaseModel):

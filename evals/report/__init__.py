@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evals.preference import answered_since_made, human_win_rates, read_review_records
+from evals.preference import by_these_weights, human_win_rates, read_review_records
 from evals.results import ResultStore
 from zephyr.registry import NAME_PATTERN, Registry, check_name
 
@@ -57,14 +57,14 @@ def write_report(
 
 
 def current_reviews(reviews: Path, registry: Registry | None) -> dict:
-    """`human_win_rates` of an export's pairs answered since the registry entries of their models were made
-    (`answered_since_made`), with `stale`: how many were older."""
+    """`human_win_rates` of an export's pairs written by the weights this registry holds under their models' names
+    (`by_these_weights`), with `stale`: how many other weights of those names wrote."""
     records = read_review_records(reviews)
     names = {str((r.get("meta") or {}).get(key) or "").split(" [")[0] for r in records
              for key in ("chosen_model", "rejected_model")}
-    made_at = {name: registry.get(name).manifest.created_at for name in names
+    entries = {name: registry.get(name).manifest for name in names
                if registry is not None and NAME_PATTERN.fullmatch(name) and registry.exists(name)}
-    records, stale = answered_since_made(records, made_at)
+    records, stale = by_these_weights(records, entries)
     return human_win_rates(records) | {"stale": stale}
 
 

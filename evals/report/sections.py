@@ -434,8 +434,8 @@ def _human(result: dict[str, Any], source: Path, views: list[ModelView] | None =
     if result["without_models"]:
         intro += f" {result['without_models']} pairs name no models and count only for served vs candidate."
     if result.get("stale"):
-        intro += (f" {result['stale']} older pairs are left out: answered before a model of theirs was remade under "
-                  "its name, they judged other weights.")
+        intro += (f" {result['stale']} pairs are left out: other weights of their models' names wrote them (before a "
+                  "model was remade under its name).")
     blocks.append(intro)
     served = result["served_vs_candidate"]
     if served["n"]:

@@ -15,12 +15,11 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import openai
 
 from service.answer_screen import Judge, screened
-from service.engine import ChoiceDelta, EngineOutput
+from service.engine import ChoiceDelta, EngineOutput, GenParams
 from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
@@ -34,6 +33,9 @@ RecordRow = Callable[[GenerationRecord], None]  # GenerationLog.record
 log = logging.getLogger("zephyr.review")
 CANDIDATE_ROUTE = "review_candidate"
 REMOTE_TIMEOUT_SECONDS = 120.0
+# vLLM's sampling extras a remote candidate is asked with when the student's chat set them (its `extra_body`).
+REMOTE_EXTRAS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+                 "skip_special_tokens", "bad_words")
 
 
 class Candidates:
@@ -125,17 +127,22 @@ class Candidates:
         gen = self._candidate_of(parent, "remote")
         # The remote writes its own opening, if any: it gets the client's whole budget, and its row says so.
         gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens)
-        status, error, made_at = "error", None, None
+        status, error, revision = "error", None, None
         try:
-            made_at = await self._remote_made_at(model)
-            # Asked as the student's request was (its stop strings and penalties too): an answer that stops at the
-            # first "." beside one that runs on would tell reviewers which is which.
+            # Asked as the student's request was (its stop strings, penalties and vLLM's extras too): an answer
+            # that stops at the first "." beside one that runs on would tell reviewers which is which. Not the
+            # stop token ids: they name another tokenizer's tokens.
+            params, defaults = gen.params, GenParams(max_tokens=1)
+            extras = {name: getattr(params, name) for name in REMOTE_EXTRAS
+                      if getattr(params, name) != getattr(defaults, name)}
             reply = await self._remote.chat.completions.create(
                 model=model, messages=parent.messages,
-                max_tokens=gen.params.max_tokens, stop=gen.params.stop or None,
-                temperature=gen.params.temperature, top_p=gen.params.top_p, seed=gen.params.seed,
-                presence_penalty=gen.params.presence_penalty, frequency_penalty=gen.params.frequency_penalty,
+                max_tokens=params.max_tokens, stop=params.stop or None,
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                extra_body=extras or None,
             )
+            revision = await self._remote_revision(model)
             choice = reply.choices[0]
             text, finish_reason = choice.message.content or "", choice.finish_reason
             if self._judge is not None and gen.screen_answer:
@@ -152,20 +159,22 @@ class Candidates:
             error = failure_text(exc)
             raise
         finally:
-            record = gen.record(model, status, error, model_made_at=made_at)
+            record = gen.record(model, status, error, model_revision=revision)
             self.metrics.count_answers(CANDIDATE_ROUTE, record.response)
             self._record(record)
 
-    async def _remote_made_at(self, model: str) -> datetime | None:
-        """When the remote's model was made, as its /v1/models says (`created`; a Zephyr server gives its registry
-        entry's), so a review pair names the candidate's weights, not only its name; None when it does not say."""
+    async def _remote_revision(self, model: str) -> str | None:
+        """Which weights of its name the remote serves, as a Zephyr server's /v1/models says (`revision`), so a
+        review pair names the candidate's weights, not only its name; None from a server that does not say (`vllm
+        serve`'s `created` is the time it was asked, not the weights')."""
         try:
             listed = await self._remote.models.list()
         except Exception as exc:  # the answer matters more than its provenance
             log.warning("could not list the remote candidate's models: %s", failure_text(exc))
             return None
         card = next((m for m in listed.data if m.id == model), None)
-        return datetime.fromtimestamp(card.created, UTC) if card is not None and card.created else None
+        revision = getattr(card, "revision", None)
+        return revision if isinstance(revision, str) else None
 
     async def _screened(self, gen: GenerationRequest, text: str, finish_reason: str | None) -> tuple[str, str | None]:
         """A remote answer as the served model's answers reach a student: cut at the first sentence the guard

@@ -144,8 +144,8 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                           "whole": written_whole(winner) and written_whole(loser),
                           "chosen_flagged": _flagged(group, label, DISQUALIFYING_FLAGS),
                           # which weights of each name wrote them (`eval gate --reviews` counts a pair for those)
-                          **{f"{side}_made_at": utc(row["model_made_at"]).isoformat()
-                             for side, row in (("chosen", winner), ("rejected", loser)) if row.get("model_made_at")},
+                          **{f"{side}_revision": row["model_revision"]
+                             for side, row in (("chosen", winner), ("rejected", loser)) if row.get("model_revision")},
                           # what the export left out: a win rate counts every verdict only with both kept and
                           # no agreement filter (which keeps items by their outcome)
                           "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished,

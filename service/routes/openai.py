@@ -32,7 +32,7 @@ async def list_models(request: Request, _: Principal = Depends(any_role)) -> Mod
     entry = request.app.state.registry_entry
     return ModelList(data=[ModelCard(
         id=tutor.model_name, created=int(entry.manifest.created_at.timestamp()), parent=entry.manifest.parent,
-        method=entry.manifest.method, max_model_len=tutor.engine.max_model_len,
+        method=entry.manifest.method, max_model_len=tutor.engine.max_model_len, revision=entry.manifest.revision,
     )])
 
 

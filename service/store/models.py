@@ -46,9 +46,9 @@ class Generation(Base):
     purpose: Mapped[str] = mapped_column(String(16), default="served", server_default="served")
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)  # a candidate's served generation
     review_kind: Mapped[str | None] = mapped_column(String(8), index=True)  # None, "single" or "pair"
-    # When the registry entry whose weights wrote this was made: reviews name models by name, and a model remade
-    # under its name is other weights (`eval gate --reviews` counts a pair for the entry that wrote it).
-    model_made_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Which weights of its model's name wrote this (zephyr.registry.ModelManifest.revision): reviews name models by
+    # name, and a model remade under its name is other weights (`eval gate --reviews` counts a pair for those).
+    model_revision: Mapped[str | None] = mapped_column(String(80))
 
 
 @dataclass(slots=True)
@@ -82,7 +82,7 @@ class GenerationRecord:
     purpose: str = "served"  # or "candidate"
     parent_id: str | None = None
     review_kind: str | None = None  # None, "single" or "pair"
-    model_made_at: datetime | None = None  # the writing model's registry entry's created_at (None: not known)
+    model_revision: str | None = None  # the writing registry entry's revision (None: not known)
     redacted: bool = False
 
     REDACTED_KEY: ClassVar[str] = "_redacted"
@@ -95,8 +95,8 @@ class GenerationRecord:
         """The spill file's form of the row (JSON-ready: `created_at` as ISO 8601)."""
         row = self.columns()
         row["created_at"] = self.created_at.isoformat()
-        if row["model_made_at"] is None:  # a column added later, written when known: the line reads as it did
-            del row["model_made_at"]
+        if row["model_revision"] is None:  # a column added later, written when known: the line reads as it did
+            del row["model_revision"]
         if self.redacted:
             row[self.REDACTED_KEY] = True
         return row
@@ -115,9 +115,8 @@ class GenerationRecord:
         unknown = values.keys() - COLUMN_NAMES
         if unknown:
             raise ValueError(f"not columns of the generations table: {', '.join(sorted(unknown))}")
-        for name in ("created_at", "model_made_at"):
-            if isinstance(values.get(name), str):
-                values[name] = datetime.fromisoformat(values[name])
+        if isinstance(values.get("created_at"), str):
+            values["created_at"] = datetime.fromisoformat(values["created_at"])
         try:
             return cls(**values, redacted=bool(data.get(cls.REDACTED_KEY, False)))
         except TypeError as exc:  # a required column missing

@@ -143,7 +143,7 @@ def test_gate_with_reviews_reads_an_export_and_fails_on_the_human_verdict(home, 
     folder.mkdir(parents=True)
     (folder / "zephyr.json").write_text(ModelManifest(name="cand", method="dpo").model_dump_json())
     remade = CliRunner().invoke(app, [*gate, "--reviews", export("good.jsonl", 18, 12)])
-    assert remade.exit_code == 1 and "all 30 pair(s) of cand against base were answered before" in " ".join(
+    assert remade.exit_code == 1 and "all 30 pair(s) of cand against base were written by other weights" in " ".join(
         remade.output.split())
 
 

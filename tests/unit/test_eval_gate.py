@@ -430,36 +430,41 @@ def test_review_rule_errors_say_what_to_fix(records, rule, message):
         review_gate(records, "cand", "base", **rule)
 
 
-def test_review_rule_leaves_out_pairs_answered_before_a_model_was_remade_under_its_name():
+def test_review_rule_counts_only_pairs_the_registrys_weights_of_each_name_wrote():
     from evals.gate import review_gate
+    from zephyr.registry import ModelManifest
 
-    def answered(records: list[dict], when: datetime | None) -> list[dict]:
-        return [{**r, "meta": {**r["meta"], "created_at": when.isoformat() if when else None}} for r in records]
+    def answered(records: list[dict], when: datetime | None, revisions: dict[str, str] | None = None) -> list[dict]:
+        """The pairs answered at `when`, each answer's row naming its weights (`revisions` by model), if given."""
+        return [{**r, "meta": {**r["meta"], "created_at": when.isoformat() if when else None, **({
+            f"{side}_revision": revisions[r["meta"][f"{side}_model"]] for side in ("chosen", "rejected")}
+            if revisions else {})}} for r in records]
 
-    remade = datetime(2026, 12, 3, tzinfo=UTC)
+    remade = datetime(2026, 12, 3, 0, 0, 0, 900000, tzinfo=UTC)
+    cand = ModelManifest(name="cand", method="dpo", created_at=remade)
+    base = ModelManifest(name="base", method="base", data_digest="sha256:abc",  # the bundled model: its digest
+                         created_at=datetime(2026, 12, 5, tzinfo=UTC))  # prepared again on this machine
+    assert cand.revision == "made:2026-12-03T00:00:00+00:00" and base.revision == "sha256:abc"
+    entries = {"cand": cand, "base": base}
     old, new = datetime(2026, 12, 2, tzinfo=UTC), datetime(2026, 12, 4, tzinfo=UTC)
-    records = (answered(verdicts(0, 20), old)  # the baseline beat the candidate's previous weights
-               + answered(verdicts(1, 0), None)  # no time: which weights wrote it cannot be told
-               + answered(verdicts(20, 10), new) + answered(verdicts(5, 0, baseline="other"), old))
-    assert review_gate(records, "cand", "base", min_pairs=10).n == 51  # by name alone, every pair counts
-    made_at = {"cand": remade, "base": datetime(2026, 11, 1, tzinfo=UTC)}
-    reviews = review_gate(records, "cand", "base", min_pairs=10, made_at=made_at)
-    assert (reviews.wins, reviews.losses, reviews.stale) == (20, 10, 21)
-    assert "21 older pair(s) left out" in reviews.reason
-    naive = {"cand": remade.replace(tzinfo=None)}  # a hand-written manifest's time, read as UTC
-    assert review_gate(records, "cand", "base", min_pairs=10, made_at=naive).stale == 21
-    # Rows that say which entry wrote them decide by that, not by time: a server still serving the old weights
-    # after the entry was remade wrote the first 5; the last 7 are the new entry's (to the second).
-    written = [{**r, "meta": {**r["meta"], "chosen_made_at": when, "rejected_made_at": "2026-11-01T00:00:00+00:00"}}
-               for r, when in zip(answered(verdicts(12, 0), new), ["2026-12-02T08:00:00+00:00"] * 5
-                                  + ["2026-12-03T00:00:00.900000+00:00"] * 7, strict=True)]
-    assert (review_gate(written, "cand", "base", min_pairs=1, made_at=made_at).n,
-            review_gate(written, "cand", "base", min_pairs=1, made_at=made_at).stale) == (7, 5)
-    # the same rule for a pair answered exactly when the entry was made, and for a remade baseline
-    assert review_gate(answered(verdicts(3, 1), remade), "cand", "base", min_pairs=1, made_at=made_at).n == 4
-    with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were answered before "
-                                        r"2026-12-03T00:00:00\+00:00.*review again"):
-        review_gate(answered(verdicts(0, 20), old), "cand", "base", made_at={"base": remade})
+    now = {"cand": cand.revision, "base": base.revision}
+    records = (answered(verdicts(0, 20), new, now | {"cand": "made:2026-12-01T00:00:00+00:00"})  # the candidate's
+               # earlier weights lost, served after the entry was remade
+               + answered(verdicts(12, 8), new, now)
+               + answered(verdicts(5, 0, baseline="other"), new, {"cand": "made:x", "other": "x"}))
+    assert review_gate(records, "cand", "base", min_pairs=10).n == 40  # by name alone, every pair counts
+    reviews = review_gate(records, "cand", "base", min_pairs=10, entries=entries)
+    assert (reviews.wins, reviews.losses, reviews.stale) == (12, 8, 20)
+    assert "20 pair(s) left out: written by other weights" in reviews.reason
+    # Pairs exported before rows named their weights: by when they were answered (on or after the entry was made).
+    legacy = answered(verdicts(3, 0), old) + answered(verdicts(4, 1), new) + answered(verdicts(1, 0), None)
+    assert (review_gate(legacy, "cand", "base", min_pairs=1, entries={"cand": cand}).n,
+            review_gate(legacy, "cand", "base", min_pairs=1, entries={"cand": cand}).stale) == (5, 4)
+    # A hand-written manifest's naive time is read as UTC.
+    assert ModelManifest(name="c", method="dpo", created_at=datetime(2026, 12, 3)).created_at.tzinfo == UTC
+    with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were written by other weights "
+                                        r".*\(base sha256:abc, cand made:2026-12-03T00:00:00\+00:00\).*ZEPHYR_HOME"):
+        review_gate(records[:20], "cand", "base", entries=entries)
 
 
 def test_generation_rows_from_runs_before_reproducible_reruns_are_named(store):

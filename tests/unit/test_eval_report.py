@@ -315,7 +315,7 @@ def test_pairs_answered_before_a_model_was_remade_are_left_out_and_counted(tmp_p
     md_path, _ = write_report(rm_store(tmp_path), ["alpha", "zeta"], tmp_path / "out", registry=registry,
                               reviews=path)
     section = md_path.read_text().split("## Human review win rates")[1].split("\n## ")[0]
-    assert "1 human preference pairs" in section and "2 older pairs are left out" in section
+    assert "1 human preference pairs" in section and "2 pairs are left out: other weights" in section
     assert "| alpha | zeta | 1 | 0 | 1 | 0.0 [0.0, 79.3] |" in section
 
 

@@ -271,7 +271,7 @@ def test_a_record_spills_as_the_old_dict_form_did():
     assert again.redacted and again.created_at == datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=UTC)
     assert again.to_json_line() == OLD_SPILL.splitlines(keepends=True)[0]  # byte for byte
     # no `_redacted` key yet, nor a model time not known
-    assert list(GenerationRecord.from_dict(row("r")).to_json()) == [c for c in COLUMN_NAMES if c != "model_made_at"]
+    assert list(GenerationRecord.from_dict(row("r")).to_json()) == [c for c in COLUMN_NAMES if c != "model_revision"]
 
 
 async def test_a_spilled_line_that_is_no_row_is_set_aside(tmp_path):

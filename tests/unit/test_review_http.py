@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC
 
 import httpx
 import openai
@@ -128,21 +127,19 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
             candidates._remote = openai.AsyncOpenAI(
                 base_url="http://remote/v1", api_key=STUDENT_KEY,
                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
-            await served.client.post(CHAT, json={**BODY, "max_tokens": 40, "stop": ["zzz"], "presence_penalty": 0.5},
-                                     headers=MARKED)
+            await served.client.post(CHAT, json={**BODY, "max_tokens": 40, "stop": ["zzz"], "presence_penalty": 0.5,
+                                                 "top_k": 5}, headers=MARKED)
             original, candidate = await rows(served)
             assert candidate["parent_id"] == original["id"] and candidate["status"] == "ok"
             [asked] = await rows(remote)  # asked as the student's chat was
             assert asked["params"]["stop"] == ["zzz"] and asked["params"]["presence_penalty"] == 0.5
-            # Each row names the registry entry whose weights wrote it: the remote's, as its /v1/models says.
-            def made(app) -> int:
-                return int(app.state.registry_entry.manifest.created_at.timestamp())
+            assert asked["params"]["top_k"] == 5  # vLLM's extras too
+            # Each row names the weights that wrote it: the remote's, as its /v1/models says.
+            def revision(app) -> str:
+                return app.state.registry_entry.manifest.revision
 
-            def written_by(row) -> int:
-                return int(row["model_made_at"].replace(tzinfo=UTC).timestamp())  # SQLite gives it back naive
-
-            assert written_by(original) == made(served.app) and written_by(candidate) == made(remote.app)
-            assert written_by(asked) == made(remote.app)
+            assert original["model_revision"] == revision(served.app)
+            assert asked["model_revision"] == candidate["model_revision"] == revision(remote.app)
             assert candidate["response"][0]["content"] == remote.engine.reply
             assert candidate["completion_tokens"] > 0 and candidate["params"]["variant"] == "remote"
             # Counted with the served answers, under its own route: an A/B's candidate loops in plain sight too.
@@ -341,8 +338,9 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         assert http_export.headers["x-record-count"] == "1"
         record = json.loads(http_export.text)
         assert record["meta"]["item_ids"] == [item["item_id"]] and record["meta"]["reviewers"] == 1
-        made = served.app.state.registry_entry.manifest.created_at.isoformat()  # the entry whose weights wrote both
-        assert record["meta"]["chosen_made_at"] == record["meta"]["rejected_made_at"] == made
+        weights = served.app.state.registry_entry.manifest.revision  # the bundled model's digest wrote both
+        assert record["meta"]["chosen_revision"] == record["meta"]["rejected_revision"] == weights
+        assert weights.startswith("sha256:")
 
         out = tmp_path / "dpo.jsonl"
         result = await asyncio.to_thread(

@@ -1,4 +1,4 @@
-"""which weights wrote each generation: its model's registry entry's creation time
+"""which weights wrote each generation: its model's registry revision
 
 Revision ID: 0005
 Revises: 0004
@@ -16,9 +16,9 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("generations") as batch:
-        batch.add_column(sa.Column("model_made_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("model_revision", sa.String(80), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("generations") as batch:  # SQLite drops a column by rebuilding the table
-        batch.drop_column("model_made_at")
+        batch.drop_column("model_revision")
