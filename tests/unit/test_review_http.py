@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import httpx
 import openai
@@ -116,17 +117,24 @@ async def test_a_review_item_is_one_answer_so_a_chat_with_n_answers_is_not_one(a
         assert (await served.client.post(CHAT, json={**BODY, "n": 2}, headers=MARKED)).status_code == 200
 
 
+@asynccontextmanager
+async def served_with_remote_candidate(app_factory, remote, **settings):
+    """A server whose review candidates come from `remote` (another app in this process), as from a second server."""
+    async with app_factory(review_candidate="remote", review_candidate_url="http://remote/v1",
+                           review_candidate_model="smollm2-135m-instruct", review_candidate_api_key=STUDENT_KEY,
+                           **settings) as served:
+        candidates = served.app.state.tutor.candidates
+        await candidates._remote.close()
+        candidates._remote = openai.AsyncOpenAI(
+            base_url="http://remote/v1", api_key=STUDENT_KEY,
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
+        yield served
+
+
 async def test_candidate_from_a_second_served_model(app_factory, tmp_path, default_model):
     async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:
         remote.engine.reply = "Plants make sugar from light, water and carbon dioxide."
-        async with app_factory(review_candidate="remote", review_candidate_url="http://remote/v1",
-                               review_candidate_model="smollm2-135m-instruct",
-                               review_candidate_api_key=STUDENT_KEY) as served:
-            candidates = served.app.state.tutor.candidates
-            await candidates._remote.close()
-            candidates._remote = openai.AsyncOpenAI(
-                base_url="http://remote/v1", api_key=STUDENT_KEY,
-                http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
+        async with served_with_remote_candidate(app_factory, remote) as served:
             await served.client.post(CHAT, json={**BODY, "max_tokens": 40, "stop": ["zzz"], "presence_penalty": 0.5,
                                                  "top_k": 5}, headers=MARKED)
             original, candidate = await rows(served)
@@ -154,14 +162,7 @@ async def test_a_remote_candidate_is_screened_by_this_servers_guard(app_factory,
 
     async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:  # no guard there
         remote.engine.reply = HARMFUL_ANSWER
-        async with app_factory(review_candidate="remote", review_candidate_url="http://remote/v1",
-                               review_candidate_model="smollm2-135m-instruct", review_candidate_api_key=STUDENT_KEY,
-                               safety_guard=True) as served:
-            candidates = served.app.state.tutor.candidates
-            await candidates._remote.close()
-            candidates._remote = openai.AsyncOpenAI(
-                base_url="http://remote/v1", api_key=STUDENT_KEY,
-                http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=remote.app)))
+        async with served_with_remote_candidate(app_factory, remote, safety_guard=True) as served:
             body = {"messages": [{"role": "user", "content": "How do plants make food?"}], "max_tokens": 300}
             await served.client.post(CHAT, json=body, headers=MARKED)
             original, candidate = await rows(served)
