@@ -185,8 +185,14 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             content = record.model_dump(exclude={"meta", "source"})
             key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
             if key in seen:
-                if item_id not in seen[key]["item_ids"]:
-                    seen[key]["item_ids"].append(item_id)
+                merged = seen[key]
+                if item_id not in merged["item_ids"]:
+                    merged["item_ids"].append(item_id)
+                # Fit to train on when any of the duplicates is: a default export would have kept that one.
+                if "whole" in merged:
+                    merged["whole"] = merged["whole"] or record.meta.get("whole", False)
+                if "chosen_flagged" in merged:
+                    merged["chosen_flagged"] = merged["chosen_flagged"] and record.meta.get("chosen_flagged", True)
                 continue
             # Its own list: the records of one item share `meta`, and a duplicate merged into one record must not
             # show up in its sibling's provenance.

@@ -63,6 +63,28 @@ def test_a_merged_duplicate_names_its_items_on_that_record_only():
         ("i1", ["i1", "i2"]), ("c1", ["i1"]), ("c2", ["i2"])]
 
 
+def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
+    """The same pair judged twice, its winner flagged incorrect once: a default export keeps the unflagged item's
+    record, so the merged one of an export that keeps every verdict must say it is fit too."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+
+    def answer(gid: str, text: str, finish: str) -> dict:
+        return {"id": gid, "created_at": AT, "model": "m", "messages": messages,
+                "response": [{"content": text, "finish_reason": finish}], "params": {}}
+
+    generations = {"i1": answer("i1", "Rayleigh scattering.", "length"), "c1": answer("c1", "The ocean.", "stop"),
+                   "i2": answer("i2", "Rayleigh scattering.", "stop"), "c2": answer("c2", "The ocean.", "stop")}
+    judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
+                            candidate_id=cand, candidate_model="m", flags=flags)
+                  for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
+    default, _ = to_jsonl(judgements, generations, ExportOptions("dpo"), None)
+    assert [json.loads(line)["meta"]["item_ids"] for line in default.splitlines()] == [["i2"]]
+    every, _ = to_jsonl(judgements, generations,
+                        ExportOptions("dpo", include_flagged=True, include_unfinished=True), None)
+    [merged] = [json.loads(line)["meta"] for line in every.splitlines()]
+    assert (merged["item_ids"], merged["whole"], merged["chosen_flagged"]) == (["i1", "i2"], True, False)
+
+
 @pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
 def test_only_answers_the_model_wrote_whole_become_training_text(fmt):
     from collections import Counter
