@@ -82,7 +82,7 @@ def _by_these_weights(meta: Mapping[str, Any], side: str, entry: ModelManifest) 
         answered = datetime.fromisoformat(meta.get("created_at"))
     except (TypeError, ValueError):
         return False  # neither which weights nor when: it cannot show what it judged
-    return (answered if answered.tzinfo else answered.replace(tzinfo=UTC)) >= entry.created_at
+    return (answered if answered.tzinfo else answered.replace(tzinfo=UTC)) >= entry.created_at_utc
 
 
 def by_these_weights(records: list[dict[str, Any]], entries: Mapping[str, ModelManifest]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from zephyr.mcq import MCQCalibration
 from zephyr.paths import write_text_atomic
@@ -52,10 +52,12 @@ class ModelManifest(BaseModel):
     evals: dict[str, Any] = {}
     mcq_calibration: MCQCalibration | None = None  # `zephyr eval calibrate`: how /mcq's `auto` answers
 
-    @field_validator("created_at")
-    @classmethod
-    def _in_utc(cls, value: datetime) -> datetime:  # a hand-written manifest's naive time is read as UTC
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    @property
+    def created_at_utc(self) -> datetime:
+        """`created_at` in UTC (a hand-written manifest's naive time read as UTC). Kept as written in the field:
+        results and training folders saved earlier compare with it."""
+        made = self.created_at
+        return made.replace(tzinfo=UTC) if made.tzinfo is None else made.astimezone(UTC)
 
     @property
     def revision(self) -> str:
@@ -64,7 +66,7 @@ class ModelManifest(BaseModel):
         (a copied registry folder keeps it; an entry remade under its name gets another)."""
         if self.method == "base" and self.data_digest:
             return self.data_digest
-        return f"made:{self.created_at.replace(microsecond=0).isoformat()}"
+        return f"made:{self.created_at_utc.replace(microsecond=0).isoformat()}"
 
 
 class RegistryEntry(BaseModel):

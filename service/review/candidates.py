@@ -33,9 +33,11 @@ RecordRow = Callable[[GenerationRecord], None]  # GenerationLog.record
 log = logging.getLogger("zephyr.review")
 CANDIDATE_ROUTE = "review_candidate"
 REMOTE_TIMEOUT_SECONDS = 120.0
-# vLLM's sampling extras a remote candidate is asked with when the student's chat set them (its `extra_body`).
+# vLLM's sampling extras a remote candidate is asked with when the student's chat set them (its `extra_body`). Not
+# `bad_words`: the tutor sets them after its own opening to a pasted question (the options the served model did not
+# pick), which would push the remote, writing its own opening, to agree with the served model.
 REMOTE_EXTRAS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
-                 "skip_special_tokens", "bad_words")
+                 "skip_special_tokens")
 
 
 class Candidates:
@@ -125,8 +127,11 @@ class Candidates:
     async def _ask_remote(self, parent: GenerationRequest) -> None:
         model = self.settings.review_candidate_model
         gen = self._candidate_of(parent, "remote")
-        # The remote writes its own opening, if any: it gets the client's whole budget, and its row says so.
-        gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens)
+        # The remote writes its own opening, if any: it gets the client's whole budget, and its row says so (a
+        # min_tokens the opening covered whole stays 0).
+        opening = len(parent.answer_prefix_ids)
+        gen.params = replace(gen.params, max_tokens=parent.asked_max_tokens, bad_words=[],
+                             min_tokens=gen.params.min_tokens + opening if gen.params.min_tokens else 0)
         status, error, revision = "error", None, None
         try:
             # Asked as the student's request was (its stop strings, penalties and vLLM's extras too): an answer

@@ -193,6 +193,9 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                     merged["whole"] = merged["whole"] or record.meta.get("whole", False)
                 if "chosen_flagged" in merged:
                     merged["chosen_flagged"] = merged["chosen_flagged"] and record.meta.get("chosen_flagged", True)
+                for name in ("chosen_revision", "rejected_revision"):  # other weights wrote the same text: say none
+                    if merged.get(name) != record.meta.get(name):
+                        merged.pop(name, None)
                 continue
             # Its own list: the records of one item share `meta`, and a duplicate merged into one record must not
             # show up in its sibling's provenance.

@@ -461,7 +461,9 @@ def test_review_rule_counts_only_pairs_the_registrys_weights_of_each_name_wrote(
     assert (review_gate(legacy, "cand", "base", min_pairs=1, entries={"cand": cand}).n,
             review_gate(legacy, "cand", "base", min_pairs=1, entries={"cand": cand}).stale) == (5, 4)
     # A hand-written manifest's naive time is read as UTC.
-    assert ModelManifest(name="c", method="dpo", created_at=datetime(2026, 12, 3)).created_at.tzinfo == UTC
+    naive = ModelManifest(name="c", method="dpo", created_at=datetime(2026, 12, 3))
+    assert naive.created_at_utc == datetime(2026, 12, 3, tzinfo=UTC) and naive.created_at.tzinfo is None  # as written
+    assert review_gate(legacy, "cand", "base", min_pairs=1, entries={"cand": naive}).n == 5
     with pytest.raises(GateError, match=r"all 20 pair\(s\) of cand against base were written by other weights "
                                         r".*\(base sha256:abc, cand made:2026-12-03T00:00:00\+00:00\).*ZEPHYR_HOME"):
         review_gate(records[:20], "cand", "base", entries=entries)

@@ -74,6 +74,8 @@ def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
 
     generations = {"i1": answer("i1", "Rayleigh scattering.", "length"), "c1": answer("c1", "The ocean.", "stop"),
                    "i2": answer("i2", "Rayleigh scattering.", "stop"), "c2": answer("c2", "The ocean.", "stop")}
+    for gid, revision in (("i1", "made:old"), ("c1", "made:old"), ("i2", "made:new"), ("c2", "made:old")):
+        generations[gid]["model_revision"] = revision  # other weights wrote the same winning text the second time
     judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
                             candidate_id=cand, candidate_model="m", flags=flags)
                   for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
@@ -83,6 +85,7 @@ def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
                         ExportOptions("dpo", include_flagged=True, include_unfinished=True), None)
     [merged] = [json.loads(line)["meta"] for line in every.splitlines()]
     assert (merged["item_ids"], merged["whole"], merged["chosen_flagged"]) == (["i1", "i2"], True, False)
+    assert "chosen_revision" not in merged and merged["rejected_revision"] == "made:old"  # which wrote it: not one
 
 
 @pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])

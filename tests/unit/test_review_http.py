@@ -156,6 +156,26 @@ async def test_candidate_from_a_second_served_model(app_factory, tmp_path, defau
                 (await served.client.get("/metrics")).text
 
 
+async def test_a_remote_candidate_to_a_pasted_question_writes_its_own_opening_unsteered(app_factory, tmp_path,
+                                                                                          default_model):
+    """The tutor opens its answer to a pasted question with /mcq's pick and bans the other options' conclusions; the
+    remote writes its own opening, so it gets neither the ban (a Zephyr server refuses the field; vLLM would steer it
+    to the served pick) nor a min_tokens the opening already covered."""
+    from tests.unit.test_chat_mcq import PASTED
+
+    async with app_factory(home=linked_home(tmp_path / "remote-home", default_model)) as remote:
+        async with served_with_remote_candidate(app_factory, remote) as served:
+            body = {"messages": [{"role": "user", "content": PASTED}], "max_tokens": 60, "min_tokens": 20}
+            assert (await served.client.post(CHAT, json=body, headers=MARKED)).status_code == 200
+            logged = {row["route"]: row for row in await rows(served)}  # the chat, its /mcq scoring, the candidate
+            original, candidate = logged["chat"], logged["review_candidate"]
+            assert original["params"]["mcq"]["keep_answer"] is True  # the served answer was steered
+            assert candidate["status"] == "ok", candidate["error"]
+            assert candidate["params"]["min_tokens"] == 20 and candidate["params"]["max_tokens"] == 60  # as sent
+            asked = {row["route"]: row for row in await rows(remote)}["chat"]
+            assert asked["params"]["max_tokens"] == 60 and "mcq" in asked["params"]  # it wrote its own opening
+
+
 async def test_a_remote_candidate_is_screened_by_this_servers_guard(app_factory, tmp_path, default_model):
     from tests.unit.test_safety import HARMFUL_ANSWER, SCIENCE_SENTENCE
     from zephyr.safety import FINISH_REASON, HARMFUL, REPLIES
