@@ -499,11 +499,11 @@ def data_review(
 ) -> None:
     """Training data from reviewers' verdicts: validate an export, leave out what it kept only for counting
     verdicts (`eval gate --reviews`), and clean it."""
+    from collections import Counter
+
     from training.data.builders import BuildError, from_review_export
 
     settings = load_settings()
-    from collections import Counter
-
     left_out: Counter[str] = Counter()
     try:
         fmt, records = from_review_export(source, include_unfinished=include_unfinished, left_out=left_out)

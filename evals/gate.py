@@ -232,7 +232,6 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
         raise GateError(f"--reviews: {exc}") from None
     a, b = sorted((candidate, baseline))
     current, _ = by_these_weights(records, entries or {})
-    stale = _pairs_between(records, a, b) - _pairs_between(current, a, b)
     result = human_win_rates(current)
     if filtered := result.get("from_filtered_export"):
         # A default export drops the pairs a flagged answer won, and those with an answer cut off: the wins of the
@@ -241,6 +240,7 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
                         "export with `zephyr review export --format dpo --include-flagged --include-unfinished` "
                         "(no --min-agreement), which keeps every complete item's decisive verdict")
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
+    stale = _pairs_between(records, a, b) - (match["n"] if match else 0)
     if match is None and stale:
         revisions = ", ".join(f"{name} {entry.revision}" for name, entry in sorted((entries or {}).items()))
         raise GateError(

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from offline.reward import Conversation, pair_agreement
 from offline.stats import wilson
+from zephyr.clock import utc
 from zephyr.registry import ModelManifest
 
 
@@ -72,6 +73,11 @@ def _is_pair(record: Mapping[str, Any]) -> bool:
     return "chosen" in record and "rejected" in record
 
 
+def registry_name(label: Any) -> str:
+    """The registry name behind an export's model label: a resampled candidate (`m [T=1]`) is `m`'s."""
+    return str(label or "").split(" [")[0]
+
+
 def _by_these_weights(meta: Mapping[str, Any], side: str, entry: ModelManifest) -> bool:
     """Whether one answer of a pair was written by this registry entry's weights. Rows say which weights wrote them
     (`{side}_revision`, ModelManifest.revision); a pair without it (exported before rows said, or from a remote
@@ -82,7 +88,7 @@ def _by_these_weights(meta: Mapping[str, Any], side: str, entry: ModelManifest) 
         answered = datetime.fromisoformat(meta.get("created_at"))
     except (TypeError, ValueError):
         return False  # neither which weights nor when: it cannot show what it judged
-    return (answered if answered.tzinfo else answered.replace(tzinfo=UTC)) >= entry.created_at_utc
+    return utc(answered) >= entry.created_at_utc
 
 
 def by_these_weights(records: list[dict[str, Any]], entries: Mapping[str, ModelManifest]
@@ -93,7 +99,7 @@ def by_these_weights(records: list[dict[str, Any]], entries: Mapping[str, ModelM
     kept, stale = [], 0
     for record in records:
         meta = record.get("meta") or {}
-        sides = {side: str(meta.get(f"{side}_model") or "").split(" [")[0] for side in ("chosen", "rejected")}
+        sides = {side: registry_name(meta.get(f"{side}_model")) for side in ("chosen", "rejected")}
         if _is_pair(record) and not all(_by_these_weights(meta, side, entries[name])
                                         for side, name in sides.items() if name in entries):
             stale += 1

@@ -247,12 +247,19 @@ def client_address(request: Request) -> str:
     return str(address)
 
 
-def _count_work(state: Any, principal: Principal, cost: int) -> None:
+@contextmanager
+def _counted_refusal(state: Any) -> Iterator[None]:
+    """A rate-limit refusal raised inside is counted in the metrics, wherever the limit was asked."""
     try:
-        state.rate_limiter.hit(principal.identity, cost)
+        yield
     except APIError:
         state.metrics.rejected.labels("rate_limit").inc()
         raise
+
+
+def _count_work(state: Any, principal: Principal, cost: int) -> None:
+    with _counted_refusal(state):
+        state.rate_limiter.hit(principal.identity, cost)
 
 
 def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
@@ -263,11 +270,8 @@ def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
     state = request.app.state
     state.rate_limiter.fits(cost)
     state.tutor.admission.check(weight)
-    try:
+    with _counted_refusal(state):
         state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
-    except APIError:
-        state.metrics.rejected.labels("rate_limit").inc()
-        raise
 
 
 @contextmanager

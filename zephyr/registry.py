@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from zephyr.clock import utc
 from zephyr.mcq import MCQCalibration
 from zephyr.paths import write_text_atomic
 
@@ -56,8 +57,7 @@ class ModelManifest(BaseModel):
     def created_at_utc(self) -> datetime:
         """`created_at` in UTC (a hand-written manifest's naive time read as UTC). Kept as written in the field:
         results and training folders saved earlier compare with it."""
-        made = self.created_at
-        return made.replace(tzinfo=UTC) if made.tzinfo is None else made.astimezone(UTC)
+        return utc(self.created_at)
 
     @property
     def revision(self) -> str:

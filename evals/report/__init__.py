@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evals.preference import by_these_weights, human_win_rates, read_review_records
+from evals.preference import by_these_weights, human_win_rates, read_review_records, registry_name
 from evals.results import ResultStore
 from zephyr.registry import NAME_PATTERN, Registry, check_name
 
@@ -60,7 +60,7 @@ def current_reviews(reviews: Path, registry: Registry | None) -> dict:
     """`human_win_rates` of an export's pairs written by the weights this registry holds under their models' names
     (`by_these_weights`), with `stale`: how many other weights of those names wrote."""
     records = read_review_records(reviews)
-    names = {str((r.get("meta") or {}).get(key) or "").split(" [")[0] for r in records
+    names = {registry_name((r.get("meta") or {}).get(key)) for r in records
              for key in ("chosen_model", "rejected_model")}
     entries = {name: registry.get(name).manifest for name in names
                if registry is not None and NAME_PATTERN.fullmatch(name) and registry.exists(name)}

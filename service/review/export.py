@@ -36,7 +36,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from service.review.stats import Judgement, by_item, majority
-from service.review.store import answer_text, model_label, utc
+from service.review.store import answer_text, model_label
+from zephyr.clock import utc
 from zephyr.pii import Redactor
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample
 

@@ -18,7 +18,8 @@ from service.errors import APIError
 from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import INT64, Strict
 from service.review import export, render, stats
-from service.review.store import ReviewStore, utc
+from service.review.store import ReviewStore
+from zephyr.clock import utc
 from zephyr.settings import Settings
 
 STATIC_DIR = Path(__file__).with_name("static")

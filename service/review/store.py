@@ -22,6 +22,7 @@ from service.errors import APIError
 from service.review.stats import FLAGS, Judgement, reviewer_label
 from service.store.models import Generation, ReviewAssignment, ReviewSession, StoreState
 from zephyr import textquality
+from zephyr.clock import utc
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
 SINGLE_VERDICTS = ("good", "bad")
@@ -32,13 +33,6 @@ class ReviewPolicy:
     overlap: int
     lease: timedelta
     candidate_wait: timedelta
-
-
-def utc(value: datetime | None) -> datetime | None:
-    """Every timestamp here is UTC (SQLite hands them back without their zone, and compares them as text)."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 RETIRED_DIGESTS = "retired_unknown_key_digests"
