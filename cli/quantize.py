@@ -43,8 +43,10 @@ def quantize_command(
     = None,
     steps: Annotated[int | None, typer.Option(help="easyquant: gradient steps per layer")] = None,
     quantize_lm_head: Annotated[bool, typer.Option(
-        help="Experimental: also quantize lm_head (untied from the embedding). vLLM 0.32 cannot load the result "
-             "(no lm_head.weight_packed in ParallelLMHead); transformers can")] = False,
+        help="Experimental: also quantize lm_head. gptq/awq/w8a8 untie it from the embedding, which stays 16-bit; "
+             "easyquant's dequantized form quantizes a tied head in place, so the embedding too. vLLM 0.32 cannot "
+             "load the llm-compressor results (no lm_head.weight_packed in ParallelLMHead); transformers can")]
+    = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a registry model of the same name")] = False,
 ) -> None:
     """Quantize a registry model into a new registry entry (compressed-tensors, served by vLLM as it is)."""

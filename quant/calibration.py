@@ -40,6 +40,9 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
     """`samples` chats drawn evenly from the sources (name:split), alternating the mcq and open styles."""
     from offline.benchmarks import SourceError, mcq_training_items
 
+    if not sources:
+        raise CalibrationError("--calibration-sources names no split; give at least one name:split, e.g. "
+                               f"{DEFAULT_SOURCES[0]}")
     rng = random.Random(seed)
     per_source = -(-samples // len(sources))
     chats: list[list[dict]] = []
@@ -50,7 +53,7 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
             raise CalibrationError(str(exc)) from None
         if not items:  # every question was also in a reported split, and was left out
             raise CalibrationError(f"{source} has no question left to calibrate on once those a reported split "
-                                   "holds are left out; name another source or pass --calibration-file")
+                                   "holds are left out; name another source or pass --calibration FILE")
         for i, item in enumerate(rng.sample(items, min(per_source, len(items)))):
             chats.append(tutoring_chat(item, "mcq" if i % 2 == 0 else "open"))
     rng.shuffle(chats)

@@ -450,7 +450,8 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
 
     form="int4": compressed-tensors pack-quantized (vLLM serves it natively); outliers are clamped into range.
     form="dequantized": bf16 weights dequant(q, s) with the outliers restored exactly (the paper's numerics).
-    quantize_embedding: also quantize the (tied) embedding; only the dequantized form can hold it (see the error).
+    quantize_embedding: also quantize the output head (on a tied model that is the embedding matrix too); only the
+        dequantized form can hold it (see the error).
     Returns statistics: layers, weights, outliers and their share, mean relative reconstruction errors
     ||W_hat - W||^2 / ||W||^2 over the layers for RTN, EasyQuant (outliers restored) and EasyQuant clamped (the
     int4 form's values), seconds, the config, and the same per layer."""
@@ -465,9 +466,13 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     targets: list[tuple[str, torch.nn.Module]] = list(decoder_linears(model))
+    head_tied = False
     if quantize_embedding:
-        embedding = model.get_input_embeddings()
-        targets.append(({id(m): n for n, m in model.named_modules()}[id(embedding)], embedding))
+        # The output head, as the other methods' --quantize-lm-head: on a tied model it is the embedding matrix
+        # itself, so both sides are quantized (the stats say so); an untied model keeps its 16-bit embedding.
+        head = model.get_output_embeddings()
+        head_tied = head.weight is model.get_input_embeddings().weight
+        targets.append(({id(m): n for n, m in model.named_modules()}[id(head)], head))
     for name, module in targets:  # fail before any work on a layer the group size does not fit
         check_group_size(config.group_size, module.weight.shape[1], name)
 
@@ -516,5 +521,6 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
         "seconds": round(time.monotonic() - started, 2),
         "config": asdict(config),
         "quantize_embedding": quantize_embedding,
+        "lm_head_tied_to_embedding": head_tied if quantize_embedding else None,
         "per_layer": per_layer,
     }

@@ -19,6 +19,7 @@ from pathlib import Path
 REQUIREMENTS = ("torch==2.13.0+cpu", "llmcompressor==0.14.0.1")
 GPU_REQUIREMENTS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 STAMP = ".zephyr-quant-env"
+WORKER = Path(__file__).with_name("llmc_worker.py")
 
 
 class QuantEnvError(RuntimeError):
@@ -53,6 +54,9 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
     if env.exists():
         shutil.rmtree(env)
     venv.EnvBuilder(with_pip=True, clear=True).create(env)
+    # Stamped as ours before pip runs, with no requirements yet: an install that fails or is stopped leaves an env
+    # that is not ready, which the next call may delete and make again (not a stranger's folder left alone).
+    (env / STAMP).write_text("installing\n")
     result = subprocess.run([str(python_of(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              *requirements()], capture_output=True, text=True)
     if result.returncode != 0:
@@ -65,20 +69,29 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
 
 def run_worker(python: Path, spec: Path, log: Path, say: Callable[[str], None] = print) -> None:
     """Run quant/llmc_worker.py in the env, streaming its output line by line and keeping a copy in `log`."""
-    worker = Path(__file__).with_name("llmc_worker.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env["PYTHONUNBUFFERED"] = "1"
-    with log.open("w") as copy, subprocess.Popen([str(python), str(worker), str(spec)], stdout=subprocess.PIPE,
+    with log.open("w") as copy, subprocess.Popen([str(python), str(WORKER), str(spec)], stdout=subprocess.PIPE,
                                                  stderr=subprocess.STDOUT, text=True, env=env) as process:
         tail: list[str] = []
         assert process.stdout is not None
-        for line in process.stdout:
-            copy.write(line)
-            # tqdm redraws with carriage returns: show the latest state of each line.
-            text = line.rstrip("\n").split("\r")[-1]
-            if text.strip():
-                say(text)
-                tail = (tail + [text])[-20:]
+        try:
+            for line in process.stdout:
+                copy.write(line)
+                # tqdm redraws with carriage returns: show the latest state of each line.
+                text = line.rstrip("\n").split("\r")[-1]
+                if text.strip():
+                    say(text)
+                    tail = (tail + [text])[-20:]
+        except BaseException:
+            # Ctrl-C or SIGTERM (unwound as SystemExit): stop the worker too, or Popen's exit would wait for it
+            # to finish a quiet phase of many minutes, and a later SIGKILL would leave it running orphaned.
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
         code = process.wait()
     if code != 0:
         raise QuantEnvError(f"the quantization worker failed (exit {code}); the last lines were:\n"

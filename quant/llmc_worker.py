@@ -73,6 +73,14 @@ def _recipe(spec: dict) -> list:
     raise SystemExit(f"llmc_worker: method {method!r} is not an llm-compressor method")
 
 
+def read_texts(path: Path) -> list[str]:
+    """The rendered samples quant.calibration.write wrote. Split at "\n" only, not splitlines(): JSON leaves U+0085
+    and U+2028 unescaped inside strings, and splitlines() would cut a record there (an MMLU validation question
+    holds U+0085)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [json.loads(line)["text"] for line in lines if line.strip()]
+
+
 def main(spec_path: str) -> None:
     import torch
     from datasets import Dataset
@@ -88,7 +96,7 @@ def main(spec_path: str) -> None:
         # A tied lm_head is the embedding matrix; quantizing it means giving the head its own (quantized) copy.
         model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
         model.config.tie_word_embeddings = False
-    texts = [json.loads(line)["text"] for line in Path(spec["calibration"]).read_text().splitlines() if line.strip()]
+    texts = read_texts(Path(spec["calibration"]))
     # The texts are already rendered with the chat template: no second BOS, no padding, truncated to seq_len.
     encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=spec["seq_len"])
     dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})

@@ -112,6 +112,11 @@ class QuantOptions:
 
 def linear_input_features(config: dict[str, Any]) -> dict[str, int]:
     """Input width of each kind of decoder Linear (Llama-style configs), the dimension a group must divide."""
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size") if not config.get(k)]
+    if missing:
+        raise QuantError(f"the model's config.json has no {', '.join(missing)}: grouped methods here know Llama-style "
+                         f"decoders ({', '.join(config.get('architectures') or ['no architecture named'])} is not "
+                         "one); use --method w8a8 or bnb")
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     return {"q_proj/k_proj/v_proj/gate_proj/up_proj": hidden,
@@ -142,6 +147,11 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         how = (config.get("quantization_config") or {}).get("quant_method") or parent.manifest.method
         raise QuantError(f"{options.model} is already quantized ({how}); quantize its unquantized parent"
                          + (f", {parent.manifest.parent}" if parent.manifest.parent else ""))
+    architectures = config.get("architectures") or []
+    if parent.manifest.method == "rm" or not any(a.endswith("ForCausalLM") for a in architectures):
+        # Loaded as a causal LM, a reward model loses its score head and would be registered as a chat model.
+        raise QuantError(f"{options.model} is no causal language model ({parent.manifest.method} entry, "
+                         f"{', '.join(architectures) or 'no architectures in config.json'}); quantize a chat model")
     if options.method in GROUPED:
         if options.group_size < 1:
             raise QuantError(f"--group-size must be a positive number of input features, not {options.group_size}")
@@ -156,6 +166,13 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
             raise QuantError("--samples must be at least 1 and --seq-len at least 16")
         if options.calibration is not None and not options.calibration.is_file():
             raise QuantError(f"calibration file {options.calibration} does not exist")
+        if options.calibration is None:
+            from offline.benchmarks import SourceError, check_mcq_sources
+
+            try:
+                check_mcq_sources(options.calibration_sources)
+            except SourceError as exc:
+                raise QuantError(f"--calibration-sources: {exc}") from None
     elif options.calibration is not None:
         raise QuantError(f"{options.method} is data-free: it takes no --calibration")
     if options.method == "w8a8" and not 0 <= options.smoothing < 1:
@@ -165,20 +182,31 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     if options.method == "awq" and options.awq_grid < 3:
         raise QuantError(f"--awq-grid must be at least 3 (llm-compressor's duo-scaling grid divides by n - 2), "
                          f"not {options.awq_grid}")
-    if options.method == "easyquant" and options.easyquant_form not in EASYQUANT_FORMS:
-        raise QuantError(f"--form must be one of {', '.join(EASYQUANT_FORMS)}, not {options.easyquant_form!r}")
+    if options.method == "easyquant":
+        if options.easyquant_form not in EASYQUANT_FORMS:
+            raise QuantError(f"--form must be one of {', '.join(EASYQUANT_FORMS)}, not {options.easyquant_form!r}")
+        if options.outlier_sigma is not None and options.easyquant_form == "int4":
+            raise QuantError("--outlier-sigma sets which weights the dequantized form keeps at full precision; the "
+                             "int4 form isolates no outliers: drop it, or pass --form dequantized")
+        _easyquant_config(options)  # steps and sigma checked now, not after the run folder is cleared
+    elif options.outlier_sigma is not None or options.easyquant_steps is not None:
+        raise QuantError("--outlier-sigma and --steps are EasyQuant's; they need --method easyquant")
+    if options.method == "bnb":
+        from quant.bnb import bnb_available
+
+        usable, reason = bnb_available()
+        if not usable:
+            raise QuantError(reason)
     if options.quantize_lm_head and options.method == "bnb":
         raise QuantError("bitsandbytes keeps lm_head in 16 bits; --quantize-lm-head is for the other methods")
     name = options.resolved_name
-    if registry.exists(name) and not options.overwrite:
-        raise QuantError(f"model {name!r} already exists; pass --name NEW or --overwrite")
-    if name == options.model:
+    if name == options.model and options.overwrite:  # without --overwrite it is refused below as existing
         raise QuantError(f"--name {name} is the model being quantized; give the result another name")
-    if registry.exists(name):
-        try:
-            registry.check_replaceable(name)
-        except RegistryError as exc:
-            raise QuantError(str(exc)) from None
+    try:
+        registry.check_free(name, options.overwrite)  # the rule registry.add applies, before the work
+    except RegistryError as exc:
+        raise QuantError(str(exc).replace("pass --overwrite, or choose another name",
+                                          "pass --overwrite, or --name NEW")) from None
     return parent
 
 
@@ -192,7 +220,10 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     registry = Registry(settings.models_dir)
     parent = check(options, registry)  # checks the name first: nothing is deleted or created before it
     name = check_name(options.resolved_name)
-    run_dir = settings.home / "quant-runs" / name
+    # The run works in its own folder and takes the name's place only once its entry is registered: an
+    # --overwrite that fails keeps the records (stats, calibration, log) of the entry it did not replace.
+    final_dir = settings.home / "quant-runs" / name
+    run_dir = final_dir.with_name(f".{name}.incoming")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     out_dir = run_dir / "output"
@@ -230,8 +261,10 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     summary = {k: v for k, v in stats.items() if k != "per_layer"}
     manifest = ModelManifest(name=name, parent=parent.name, method=options.method, recipe=recipe,
                              recipe_digest=_digest(recipe), data_digest=data_digest,
-                             source=f"zephyr quantize ({run_dir})", stats=summary)
+                             source=f"zephyr quantize ({final_dir})", stats=summary)
     entry = registry.add(out_dir, manifest, move=True, overwrite=options.overwrite)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    run_dir.rename(final_dir)
     return QuantResult(entry, stats)
 
 
@@ -256,6 +289,17 @@ def _calibration(options: QuantOptions, parent: RegistryEntry, settings: Setting
 def _easyquant(options: QuantOptions, parent: RegistryEntry, out_dir: Path) -> dict[str, Any]:
     from quant import easyquant
 
+    config = _easyquant_config(options)
+    try:
+        return easyquant.quantize_model(parent.path, out_dir, config, form=options.easyquant_form,
+                                        quantize_embedding=options.quantize_lm_head)
+    except ValueError as exc:
+        raise QuantError(str(exc)) from None
+
+
+def _easyquant_config(options: QuantOptions) -> Any:
+    from quant import easyquant
+
     overrides = {k: v for k, v in {"outlier_sigma": options.outlier_sigma, "steps": options.easyquant_steps}.items()
                  if v is not None}
     # compressed-tensors int4 has no place for full-precision outliers: clamped into their group's range they cost
@@ -263,13 +307,11 @@ def _easyquant(options: QuantOptions, parent: RegistryEntry, out_dir: Path) -> d
     # int4 form therefore optimises the range over every weight (the paper's ablation without isolation); the
     # dequantized form keeps the paper's outliers exactly.
     keep_outliers = options.easyquant_form == "dequantized"
-    config = easyquant.EasyQuantConfig(bits=4, group_size=options.group_size, keep_outliers=keep_outliers,
-                                       **overrides)
     try:
-        return easyquant.quantize_model(parent.path, out_dir, config, form=options.easyquant_form,
-                                        quantize_embedding=options.quantize_lm_head)
+        return easyquant.EasyQuantConfig(bits=4, group_size=options.group_size, keep_outliers=keep_outliers,
+                                         **overrides)
     except ValueError as exc:
-        raise QuantError(str(exc)) from None
+        raise QuantError(f"easyquant: {exc}") from None
 
 
 def _complete_folder(parent_dir: Path, out_dir: Path) -> None:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, check_name, digest_file
 from zephyr.schemas import (
     DataFileError,
     KTOExample,
@@ -159,10 +159,7 @@ def balance_lengths(dataset: Any, seed: int) -> Any:
 
 
 def check_output_free(registry: Registry, output: str, overwrite: bool) -> None:
-    if registry.exists(output) and not overwrite:
-        raise RegistryError(f"model {output!r} already exists; remove it, pass --overwrite, or set output=NAME")
-    if registry.exists(output):
-        registry.check_replaceable(output)  # before hours of training, not after
+    registry.check_free(output, overwrite)  # before hours of training, not after
 
 
 def data_digest(files: list[Path]) -> str:

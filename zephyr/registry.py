@@ -271,10 +271,7 @@ class Registry:
         if manifest.parent == manifest.name:
             raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
                                 "name")
-        if target.exists() and not overwrite:
-            raise RegistryError(f"model {manifest.name!r} already exists; remove it first or choose another name")
-        if target.exists():
-            self.check_replaceable(manifest.name)
+        self.check_free(manifest.name, overwrite)
         self.models_dir.mkdir(parents=True, exist_ok=True)
         staging = self._staging_of(manifest.name)
         shutil.rmtree(staging, ignore_errors=True)
@@ -295,6 +292,19 @@ class Registry:
             staging.rename(target)
         return self._load(target)
 
+    def check_free(self, name: str, overwrite: bool) -> None:
+        """Whether a new entry may be written under `name`: the one rule `add` applies, asked before hours of
+        training or quantization rather than after them."""
+        target = self.path_of(name)
+        if target.exists() and not (target / MANIFEST).is_file():
+            # `remove` no longer leaves such a folder, but an older version's stopped removal or a copy by hand can.
+            raise RegistryError(f"{target} holds no {MANIFEST}, so it is no model, yet it takes the name {name!r} "
+                                "(a removal or copy stopped part way); delete that folder, or choose another name")
+        if target.exists() and not overwrite:
+            raise RegistryError(f"model {name!r} already exists; remove it, pass --overwrite, or choose another name")
+        if target.exists():
+            self.check_replaceable(name)
+
     def children_of(self, name: str) -> list[str]:
         return [e.name for e in self.list() if e.manifest.parent == name]
 
@@ -311,7 +321,12 @@ class Registry:
         children = self.children_of(name)
         if children:
             raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
-        shutil.rmtree(entry.path)
+        # Aside in one rename, then deleted: a stop part way leaves a hidden folder, never a half-deleted model
+        # that is still listed and served, nor a folder without a manifest holding the name.
+        removing = entry.path.with_name(f".{name}.removing")
+        shutil.rmtree(removing, ignore_errors=True)
+        entry.path.rename(removing)
+        shutil.rmtree(removing)
 
     def record_eval(self, name: str, key: str, result: Any) -> None:
         entry = self.get(name)

@@ -19,6 +19,7 @@ from quant.easyquant import (
     rtn,
     scale_gradient,
 )
+from zephyr.registry import copy_tokenizer_files
 
 STD = 0.2  # the default model's weights have a standard deviation of ~0.2; the default lr is sized for that
 
@@ -293,6 +294,25 @@ def test_dequantized_form_keeps_the_outliers_exactly(tiny_llama, tmp_path):
         assert mask.any() and torch.equal(loaded[mask], weight[mask])
         assert not torch.equal(loaded, weight)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # still tied
+
+
+def test_an_untied_model_gets_its_output_head_quantized_not_its_embedding(tiny_llama, tmp_path):
+    """--quantize-lm-head names the head; on an untied model EasyQuant used to quantize the embedding instead."""
+    from transformers import AutoModelForCausalLM
+
+    untied = tmp_path / "untied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone() * 0.5)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(untied)
+    copy_tokenizer_files(tiny_llama, untied)
+    out = tmp_path / "out"
+    stats = quantize_model(untied, out, CONFIG, form="dequantized", quantize_embedding=True, progress=False)
+    assert stats["lm_head_tied_to_embedding"] is False and stats["per_layer"][-1]["name"] == "lm_head"
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)  # left in 16 bits
+    head = model.lm_head.weight.data
+    assert torch.equal(loaded.lm_head.weight, easyquant(head, CONFIG, name="lm_head").dequantize())
 
 
 def test_int4_form_refuses_what_vllm_cannot_serve(tiny_llama, tmp_path):

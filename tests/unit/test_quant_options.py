@@ -51,6 +51,14 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "easyquant", "easyquant_form": "int3"}, "--form must be one of int4, dequantized"),
     ({"method": "bnb", "quantize_lm_head": True}, "bitsandbytes keeps lm_head in 16 bits"),
     ({"method": "gptq", "name": "smollm2-135m-instruct"}, "model 'smollm2-135m-instruct' already exists"),
+    # each of these used to fail with a traceback, some after the run folder of an --overwrite was cleared
+    ({"method": "easyquant", "easyquant_steps": -1}, "easyquant: steps must be a non-negative integer"),
+    ({"method": "easyquant", "easyquant_form": "dequantized", "outlier_sigma": 0.0},
+     "easyquant: outlier_sigma must be a positive number"),
+    ({"method": "easyquant", "outlier_sigma": 2.5}, "the int4 form isolates no outliers"),
+    ({"method": "gptq", "easyquant_steps": 5}, "they need --method easyquant"),
+    ({"method": "gptq", "calibration_sources": []}, "--calibration-sources: no MCQ sources given"),
+    ({"method": "awq", "calibration_sources": ["arc_easy:test"]}, "--calibration-sources:"),
 ])
 def test_bad_options_fail_with_a_message(registry, default_model, options, message):
     with pytest.raises(QuantError) as exc:
@@ -83,6 +91,40 @@ def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_mo
     with pytest.raises(QuantError, match="is the model being quantized"):
         check(QuantOptions(model=default_model.name, method="gptq", name=default_model.name, overwrite=True),
               registry)
+
+
+def test_a_folder_without_a_manifest_is_named_before_the_work(registry, default_model):
+    """`check` used to pass it (no manifest, so no model) and `registry.add` refused the name after the run."""
+    (registry.models_dir / f"{default_model.name}-gptq").mkdir()
+    with pytest.raises(QuantError, match=r"holds no zephyr.json, so it is no model, yet it takes the name"):
+        check(QuantOptions(model=default_model.name, method="gptq", overwrite=True), registry)
+
+
+def test_a_reward_model_is_not_quantized_into_a_chat_model(registry, default_model, tmp_path):
+    from zephyr.registry import ModelManifest
+
+    registry.add(default_model.path, ModelManifest(name="rm", parent=default_model.name, method="rm"))
+    with pytest.raises(QuantError, match=r"rm is no causal language model \(rm entry"):
+        check(QuantOptions(model="rm", method="easyquant"), registry)
+    folder = tmp_path / "gpt2ish"
+    folder.mkdir()
+    for file in default_model.path.iterdir():
+        if file.name not in ("config.json", "zephyr.json"):
+            (folder / file.name).symlink_to(file)
+    config = json.loads((default_model.path / "config.json").read_text())
+    config.pop("intermediate_size")
+    (folder / "config.json").write_text(json.dumps(config))
+    registry.add(folder, ModelManifest(name="other", parent=None, method="imported"))
+    with pytest.raises(QuantError, match="config.json has no intermediate_size: grouped methods here know"):
+        check(QuantOptions(model="other", method="gptq"), registry)
+
+
+def test_bnb_that_cannot_run_is_refused_before_work(registry, default_model, monkeypatch):
+    import quant.bnb
+
+    monkeypatch.setattr(quant.bnb, "bnb_available", lambda: (False, "bitsandbytes is not installed: pip install"))
+    with pytest.raises(QuantError, match="bitsandbytes is not installed"):
+        check(QuantOptions(model=default_model.name, method="bnb"), registry)
 
 
 def test_good_options_pass_and_name_the_result(registry, default_model):
@@ -172,6 +214,15 @@ def test_calibration_file_is_checked(tmp_path):
     assert digest == calibration.write(["a", "b"], tmp_path / "again.jsonl")
 
 
+def test_the_worker_reads_back_texts_holding_line_separators(tmp_path):
+    """An MMLU validation question holds U+0085; splitlines() cut its record in two inside the worker."""
+    from quant.llmc_worker import read_texts
+
+    texts = ["Which\u0085one?", "line\u2028separator\u2029and\nnewline", "plain"]
+    calibration.write(texts, tmp_path / "cal.jsonl")
+    assert read_texts(tmp_path / "cal.jsonl") == texts
+
+
 def test_quant_env_is_made_only_when_missing_or_stale(tmp_path, monkeypatch):
     from quant import env
 
@@ -195,6 +246,47 @@ def test_a_folder_zephyr_did_not_make_is_never_deleted_for_the_quant_env(tmp_pat
     with pytest.raises(env.QuantEnvError, match="not a quantization environment made by zephyr .* left alone"):
         env.ensure(own, say=lambda _: None)
     assert (own / "notes.txt").read_text() == "precious"
+
+
+def test_a_stopped_install_leaves_an_env_made_again_not_one_refused(tmp_path, monkeypatch):
+    from quant import env
+
+    target = tmp_path / "qenv"
+
+    def pip_fails(*args, **kwargs):
+        (target / "half-installed").write_text("")
+        return __import__("subprocess").CompletedProcess(args, 1, "", "network unreachable")
+
+    monkeypatch.setattr(env.venv.EnvBuilder, "create", lambda self, path: (Path(path) / "bin").mkdir(parents=True))
+    monkeypatch.setattr(env.subprocess, "run", pip_fails)
+    with pytest.raises(env.QuantEnvError, match="network unreachable"):
+        env.ensure(target, say=lambda _: None)
+    assert not env.is_ready(target)
+    monkeypatch.setattr(env.subprocess, "run", lambda *a, **k: __import__("subprocess").CompletedProcess(a, 0, "", ""))
+    assert env.ensure(target, say=lambda _: None) == target / "bin" / "python"  # was: "not made by zephyr"
+    assert (target / env.STAMP).read_text().split() == list(env.requirements())
+    assert not (target / "half-installed").exists()
+
+
+def test_a_stopped_command_stops_its_worker(tmp_path, monkeypatch):
+    import sys
+    import time
+
+    from quant import env
+
+    script = tmp_path / "worker.py"  # stands in for llmc_worker: one line, then a long quiet phase
+    script.write_text("import time\nprint('calibrating', flush=True)\ntime.sleep(60)\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    started = time.monotonic()
+
+    def stop(line: str) -> None:
+        raise SystemExit(143)  # what unwind_on_sigterm turns SIGTERM into, here at the first line
+
+    monkeypatch.setattr(env, "WORKER", script)
+    with pytest.raises(SystemExit):
+        env.run_worker(Path(sys.executable), spec, tmp_path / "worker.log", say=stop)
+    assert time.monotonic() - started < 30  # it waited out the worker's sleep before
 
 
 def test_a_failing_worker_reports_its_last_lines(tmp_path):

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -159,6 +160,33 @@ def test_an_entry_others_were_made_from_is_never_replaced(tmp_path, default_mode
     registry.remove("tuned-w8a8")
     again = registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="sft"), overwrite=True)
     assert again.manifest.method == "sft"
+
+
+def test_a_stopped_removal_leaves_no_half_model_and_a_leftover_folder_is_named(tmp_path, default_model, monkeypatch):
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="base", method="base"))
+    registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="dpo"))
+
+    def stopped(path, *args, **kwargs):
+        if not Path(path).exists():
+            return
+        (Path(path) / "zephyr.json").unlink(missing_ok=True)  # what rmtree may delete first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zephyr.registry.shutil.rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        registry.remove("tuned")
+    monkeypatch.undo()
+    assert not (registry.models_dir / "tuned").exists()  # aside at once: the name is free, nothing half-listed
+    assert [e.name for e in registry.list()] == ["base"]
+    registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="sft"))
+    # a folder without a manifest (an older version's stopped removal, a copy by hand) is named, not "exists"
+    (registry.models_dir / "junk").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(RegistryError, match=r"models/junk holds no zephyr.json, so it is no model"):
+            registry.check_free("junk", overwrite)
+        with pytest.raises(RegistryError, match="holds no zephyr.json"):
+            registry.add(default_model.path, ModelManifest(name="junk", method="sft"), overwrite=overwrite)
 
 
 def _quantized(folder, weight_bits: int, activation_bits: int | None):
