@@ -281,11 +281,11 @@ def data_science(
         raise fail(f"--negatives must be one of {', '.join(science.NEGATIVES)}, not {negatives!r}")
     settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
     with _sampling_engine(entry, settings, seed) as engine:
-        samples, direct, skipped = science.sample(engine.llm, engine.tokenizer, items, k=k,
+        samples, direct, skipped, cut_off = science.sample(engine.llm, engine.tokenizer, items, k=k,
                                                   explain_items=explain_questions, temperature=temperature,
                                                   max_tokens=max_tokens)
     pairs, unpaired, stats = science.build(items, samples, direct, seed=seed, negatives=negatives)
-    stats.skipped = skipped
+    stats.skipped, stats.cut_off = skipped, cut_off
     _print_stats(f"science data from {model}", stats.rows())
     _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
     if kto_out is not None:
@@ -337,7 +337,7 @@ def data_chat_answers(
         raise fail(f"--answers-from {answers_from}: no such file")
     settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
     questions, refused, left_out = chat_answers.askable(items)
-    system = settings.system_prompt if settings.system_prompt_enabled else None
+    system = settings.served_system_prompt
     if answers_from is not None:
         try:
             samples = chat_answers.read_answers(answers_from)

@@ -298,7 +298,7 @@ def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Cons
 def _gsm8k_suite(engine: Any, data: dict, options: RunOptions, settings: Settings) -> list[Measurement]:
     from evals import gsm8k
 
-    system = settings.system_prompt if settings.system_prompt_enabled else None
+    system = settings.served_system_prompt
     return gsm8k.evaluate(engine, data["gsm8k"][1], data["gsm8k_train"][1], system,
                           max_tokens=options.gsm8k_max_tokens)
 
@@ -354,7 +354,7 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
                 generations: dict[str, dict[str, str]], console: Console) -> list[Measurement]:
     from evals import gsm8k, textmetrics
 
-    system = settings.system_prompt if settings.system_prompt_enabled else None
+    system = settings.served_system_prompt
     sciq = [item for item in data["sciq_text"][1] if item.support]
     sciq_prompts = [[{"role": "user", "content": item.question}] for item in sciq]
     system_turn = [{"role": "system", "content": system}] if system else []

@@ -50,7 +50,7 @@ from service.protocol import (
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
-from zephyr.prompts import encode_chat
+from zephyr.prompts import encode_chat, with_system_prompt
 from zephyr.safety import (
     FINISH_REASON,
     REPLIES,
@@ -340,8 +340,7 @@ class Tutor:
         if self.guard is not None:  # a refused request and the guard's reply are not read by the model again
             messages, left_out = without_refused_turns(messages)
         client_messages = list(messages)  # what the guard reads: not the system prompt the server adds
-        if self.settings.system_prompt_enabled and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+        messages = with_system_prompt(messages, self.settings.served_system_prompt)
         self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         prompt_ids = await asyncio.to_thread(self.encode_chat, messages)  # off the loop that streams answers
         self.check_prompt_length(prompt_ids)

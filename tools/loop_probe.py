@@ -191,7 +191,7 @@ def main(
         items = benchmarks.load("gsm8k", split="train", data_dir=settings.data_dir, limit=limit)
     except benchmarks.DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="ZEPHYR_DATA_DIR (GSM8K's training split)") from exc
-    system = settings.system_prompt if settings.system_prompt_enabled else None
+    system = settings.served_system_prompt
     started = time.perf_counter()
     try:
         figures = probe(paths, items, pair_rows, system)

@@ -33,13 +33,19 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
     ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False),
-    ("data", "end_with_eos", False))
+    ("data", "end_with_eos", False), ("data", "split_seed", 42), ("sampling", "keep_cut_off", False))
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 floats: PyYAML follows YAML 1.1, which reads `5e-5` (no dot) as the string '5e-5'."""
+    """YAML 1.2 floats and booleans: PyYAML follows YAML 1.1, which reads `5e-5` (no dot) as the string '5e-5', and
+    `no`, `off`, `yes`, `on` as booleans (`save_strategy: no` became False, which TRL refuses)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
@@ -70,8 +76,11 @@ class DataSpec(_Strict):
         "the held-out figure is reported, never tuned on; the held-out part is scored once, after training "
         "(`heldout_*` in summary.json; a reward model's as `heldout_agreement`)")
     limit: int | None = Field(default=None, gt=0, description="use only the first N training records")
+    split_seed: int = Field(default=42, description="which records the held-out, validation and length-balancing "
+                            "draws take; not trainer.seed, so a sweep over the trainer's seed is scored on the same "
+                            "held-out records (42 was trainer.seed's default, which the split used before)")
     balance_lengths: bool = Field(
-        default=False, description="preference pairs only (rm, dpo): drop training pairs, by the recipe's seed, "
+        default=False, description="preference pairs only (rm, dpo): drop training pairs, by data.split_seed, "
         "until people chose the longer reply as often as the shorter one, so that length alone predicts nothing "
         "the model trains on; validation and held-out parts keep every pair")
     end_with_eos: bool = Field(
@@ -118,6 +127,8 @@ class SamplingSpec(_Strict):
     limit: int | None = Field(default=None, ge=1, description="sample only the file's first N prompts")
     min_reward: float | None = Field(default=None, description="drop prompts whose best answer scores lower")
     server: str | None = Field(default=None, description="base URL of a running `zephyr serve`; default offline vLLM")
+    keep_cut_off: bool = Field(default=False, description="rank answers cut off at max_tokens too (a smoke test's "
+                               "tiny model never ends one); SFT would learn to stop mid-sentence")
     seed: int = 0
 
 

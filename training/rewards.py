@@ -57,15 +57,16 @@ def answer_format(completions: Sequence[Any], letters: Sequence[str], prompts: S
     texts = [completion_text(c) for c in completions]
     asked = [set(_WORD.findall(completion_text(p).lower())) for p in prompts] if prompts else [set()] * len(texts)
     return [float(answer_letter(text, valid) is not None  # a valid letter implies an answer line
-                  and len(reasoning := served_reasoning(text).strip()) >= MIN_REASONING_CHARS
+                  and len(reasoning := served_reasoning(text)) >= MIN_REASONING_CHARS
                   and len(set(_WORD.findall(reasoning.lower())) - seen) >= MIN_NEW_WORDS)
             for text, valid, seen in zip(texts, letters, asked, strict=True)]
 
 
 def served_reasoning(text: str) -> str:
-    """The reasoning /mcq explain keeps: the text before the first answer line (generation stops there), else all."""
+    """The reasoning /mcq explain keeps: the text before the first answer line (generation stops there), else all,
+    stripped at both ends as the service strips it before appending the cue."""
     cue = _CUE.search(text)
-    return text[:cue.start()] if cue else text
+    return (text[:cue.start()] if cue else text).strip()
 
 
 class ServedLetter:
@@ -97,13 +98,17 @@ class ServedLetter:
             self.model.train(was_training)
         return chosen
 
-    def _letter(self, prompt: Any, completion: Any, valid: str) -> str:
-        import torch
-
+    def served_ids(self, prompt: Any, completion: Any) -> list[int]:
+        """What the service would score the letter after: the prompt, the served reasoning, the cue."""
         head = (prompt if isinstance(prompt, str) else
                 self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
         text = head + mcq.answer_cue_after(served_reasoning(completion_text(completion)))
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _letter(self, prompt: Any, completion: Any, valid: str) -> str:
+        import torch
+
+        ids = self.served_ids(prompt, completion)
         with torch.no_grad():
             logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1]
         options = mcq.letter_token_ids(self.tokenizer, len(valid), leading_space=True)

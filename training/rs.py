@@ -15,12 +15,16 @@ from rich.console import Console
 from training.recipes import Recipe, RecipeError, SamplingSpec
 from training.run import RunResult, TrainingError, check_output_free, saved_recipe_digest, train
 from zephyr.console import make_console
+from zephyr.prompts import with_system_prompt
 from zephyr.registry import Registry, RegistryError, check_name, digest_file
 from zephyr.schemas import Message, SFTExample, write_jsonl
 from zephyr.settings import Settings
 
 Conversation = list[dict[str, str]]
 SAMPLES_FILE, PROVENANCE_FILE = "rs-data.jsonl", "rs-sampling.json"  # in the run folder
+# What a sampler gives for an answer cut off at max_tokens: it is never ranked, so SFT never learns to end an
+# answer mid-sentence (the chat template closes every trained answer with its end-of-turn token).
+CUT_OFF = None
 
 
 def read_prompts(path: Path) -> list[Conversation]:
@@ -47,7 +51,7 @@ def read_prompts(path: Path) -> list[Conversation]:
 
 
 def sample_offline(model_path: Path, prompts: list[Conversation], spec: SamplingSpec,
-                   settings: Settings) -> list[list[str]]:
+                   settings: Settings) -> list[list[str | None]]:
     from vllm import SamplingParams, TokensPrompt
 
     from offline.engine import OfflineEngine
@@ -57,13 +61,14 @@ def sample_offline(model_path: Path, prompts: list[Conversation], spec: Sampling
     try:
         encoded = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, p)) for p in prompts]
         params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
-        return [[c.text for c in o.outputs] for o in engine.llm.generate(encoded, params, use_tqdm=True)]
+        return [[c.text if c.finish_reason == "stop" or spec.keep_cut_off else CUT_OFF for c in o.outputs]
+                for o in engine.llm.generate(encoded, params, use_tqdm=True)]
     finally:
         engine.shutdown()
 
 
 def sample_server(url: str, model: str, prompts: list[Conversation], spec: SamplingSpec,
-                  api_key: str | None) -> list[list[str]]:
+                  api_key: str | None) -> list[list[str | None]]:
     from openai import OpenAI
     from tqdm import tqdm
 
@@ -72,16 +77,19 @@ def sample_server(url: str, model: str, prompts: list[Conversation], spec: Sampl
     for prompt in tqdm(prompts, desc=f"sampling from {url}"):
         reply = client.chat.completions.create(model=model, messages=prompt, n=spec.n, temperature=spec.temperature,
                                                top_p=spec.top_p, max_tokens=spec.max_tokens, seed=spec.seed)
-        answers.append([choice.message.content or "" for choice in reply.choices])
+        answers.append([(choice.message.content or "") if choice.finish_reason == "stop" or spec.keep_cut_off
+                        else CUT_OFF for choice in reply.choices])
     return answers
 
 
-def best_of_n(prompts: list[Conversation], answers: list[list[str]], scorer: Any,
+def best_of_n(prompts: list[Conversation], answers: list[list[str | None]], scorer: Any,
               min_reward: float | None) -> tuple[list[SFTExample], dict[str, float]]:
-    """The reward model's best answer per prompt as SFT examples, with the score spread kept as provenance."""
-    # Every non-empty answer, remembered with the prompt it answers; the reward model scores them in one batch.
+    """The reward model's best whole answer per prompt as SFT examples, with the score spread kept as provenance.
+    Answers cut off at max_tokens (CUT_OFF) and empty ones are not ranked."""
+    # Every whole, non-empty answer, remembered with the prompt it answers; the reward model scores them at once.
     scored = [(owner, prompt + [{"role": "assistant", "content": a}])
-              for owner, (prompt, group) in enumerate(zip(prompts, answers, strict=True)) for a in group if a.strip()]
+              for owner, (prompt, group) in enumerate(zip(prompts, answers, strict=True)) for a in group
+              if a is not CUT_OFF and a.strip()]
     scores = scorer.score([conversation for _, conversation in scored]) if scored else []
     by_prompt: dict[int, list[tuple[float, list[dict[str, str]]]]] = {}
     for (owner, conversation), score in zip(scored, scores, strict=True):
@@ -96,6 +104,7 @@ def best_of_n(prompts: list[Conversation], answers: list[list[str]], scorer: Any
                                          "reward_mean": round(sum(c[0] for c in candidates) / len(candidates), 4)}))
         kept_scores.append(score)
     stats = {"prompts": len(prompts), "kept": len(examples),
+             "answers_cut_off": sum(a is CUT_OFF for group in answers for a in group),
              "best_reward_mean": sum(kept_scores) / len(kept_scores) if kept_scores else float("nan"),
              "all_reward_mean": sum(scores) / len(scores) if scores else float("nan")}
     return examples, stats
@@ -116,8 +125,17 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
         raise RecipeError(f"sampling.reward_model {spec.reward_model!r} is a {reward_entry.manifest.method} model, "
                           "not a reward model (train one with `zephyr train rm`)")
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
-    check_output_free(registry, output, overwrite)  # before sampling, not after it
-    prompts = read_prompts(spec.prompts)[:spec.limit]  # a bad prompts file fails before anything is touched
+    check_output_free(registry, output, overwrite, recipe.model)  # before sampling, not after it
+    # The prompts as the service would show them to the model (its system prompt first), so the winners are
+    # answers to served chats and are trained on in that form. A bad prompts file fails before anything is touched.
+    prompts = [with_system_prompt(p, settings.served_system_prompt) for p in read_prompts(spec.prompts)[:spec.limit]]
+    prompts, too_long = _fitting(prompts, base.path, spec.max_tokens, recipe.trainer.get("max_length", 1024))
+    if too_long:
+        console.print(f"left out {too_long} prompts with no room for a {spec.max_tokens}-token answer within "
+                      "trainer.max_length (SFT would cut the answer it learns from)")
+    if not prompts:
+        raise RecipeError("every prompt is longer than trainer.max_length allows with sampling.max_tokens; raise "
+                          "max_length or lower max_tokens")
     data_dir = settings.home / "runs" / output
     if fresh:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -125,7 +143,8 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     provenance = {"model": base.name, "model_created_at": base.manifest.created_at.isoformat(),
                   "reward_model": reward_entry.name,
                   "reward_model_created_at": reward_entry.manifest.created_at.isoformat(),
-                  "prompts_digest": digest_file(spec.prompts), "sampling": spec.model_dump(mode="json")}
+                  "prompts_digest": digest_file(spec.prompts), "sampling": spec.model_dump(mode="json"),
+                  "system_prompt": settings.served_system_prompt, "prompts_kept": len(prompts)}
     stats = _reusable_stats(data_file, provenance_file, provenance)
     if stats is not None:
         console.print(f"reusing the ranked samples in {data_file} (the same prompts, sampling, model and reward "
@@ -158,6 +177,20 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
                    data_files=[data_file])
     result.metrics |= {f"rs_{k}": v for k, v in stats.items()}
     return result
+
+
+def _fitting(prompts: list[Conversation], model_path: Path, max_tokens: int,
+             max_length: int | None) -> tuple[list[Conversation], int]:
+    """The prompts whose tokens leave room for a whole answer within SFT's max_length, and how many did not."""
+    if not max_length:
+        return prompts, 0
+    from transformers import AutoTokenizer
+
+    from zephyr.prompts import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    fitting = [p for p in prompts if len(encode_chat(tokenizer, p)) + max_tokens + 1 <= max_length]
+    return fitting, len(prompts) - len(fitting)
 
 
 def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str, Any]) -> dict[str, float] | None:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, check_name, digest_file
+from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
 from zephyr.schemas import (
     DataFileError,
     KTOExample,
@@ -89,6 +89,8 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
         try:
             for number, record in enumerate(read_jsonl(file, schema), start=1):
                 row = {k: v for k, v in record.model_dump(mode="json").items() if k in columns}
+                if method == "rs":
+                    row = _as_completion(row["messages"], file, number)
                 if question_ids:
                     question = (getattr(record, "meta", None) or {}).get("question_id")
                     if not isinstance(question, str):
@@ -104,6 +106,15 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
     if not rows:
         raise RecipeError(f"{', '.join(map(str, files))} hold no records")
     return rows
+
+
+def _as_completion(messages: list[dict[str, Any]], file: Path, number: int) -> dict[str, Any]:
+    """A ranked rs record as TRL's conversational prompt and completion, so SFT learns the reward model's pick
+    only (TRL turns completion_only_loss on for such rows), not the prompt's user turns, nor earlier assistant turns
+    nobody ranked."""
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise RecipeError(f"{file} record {number}: an rs record ends with the chosen assistant answer")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
 def opening(record: dict[str, Any]) -> str:
@@ -158,8 +169,11 @@ def balance_lengths(dataset: Any, seed: int) -> Any:
     return dataset.select(sorted(kept))
 
 
-def check_output_free(registry: Registry, output: str, overwrite: bool) -> None:
-    registry.check_free(output, overwrite)  # before hours of training, not after
+def check_output_free(registry: Registry, output: str, overwrite: bool, base: str) -> None:
+    """Before hours of training, not after: the name is free (or may be replaced) and is not the base's own."""
+    if output == base and overwrite:  # without --overwrite check_free refuses it as existing
+        raise RegistryError(f"output {output!r} is the model being trained; set output=NAME to another name")
+    registry.check_free(output, overwrite)
 
 
 def data_digest(files: list[Path]) -> str:
@@ -359,6 +373,15 @@ def _metrics_callback(path: Path) -> Any:
     class MetricsLog(TrainerCallback):
         """Every logged step as one JSON line, appended, so a resumed run continues the same file."""
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            # A resumed run starts again at its checkpoint's step: rows logged after it (up to the stop) are logged
+            # again, so they go, or the file would hold two values for those steps and the curves double back.
+            if state.is_world_process_zero and path.is_file():
+                rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+                kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= state.global_step]
+                if len(kept) != len(rows):
+                    path.write_text("".join(kept), encoding="utf-8")
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
             if logs and state.is_world_process_zero:
                 with path.open("a", encoding="utf-8") as handle:
@@ -486,7 +509,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     registry = Registry(settings.models_dir)
     base = registry.get(recipe.model)
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
-    check_output_free(registry, output, overwrite)
+    check_output_free(registry, output, overwrite, recipe.model)
     spec = recipe.data or DataSpec(train=data_files or [])
     train_files = data_files or spec.train
     by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
@@ -497,7 +520,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
 
     train_set = Dataset.from_list(rows)
     eval_set = Dataset.from_list(eval_rows) if eval_rows else None
-    seed = recipe.trainer.get("seed", 42)
+    seed = spec.split_seed
     if eval_set is None and spec.eval_fraction:
         train_set, eval_set = hold_out(train_set, spec.eval_fraction, spec.eval_group, seed)
     validation_set = None
@@ -520,10 +543,12 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         raise TrainingError("data.end_with_eos is for plain-text (cloze) SFT examples; chat examples already end "
                             "each turn with the chat template's end token: drop it")
     run_dir = settings.home / "runs" / output
+    reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
+    # TRL's config checks the trainer's values before the run folder records the recipe: a bad value (a scheduler
+    # name TRL does not know) is refused, and the corrected recipe is not then refused as "a different recipe".
+    args = build_args(recipe, run_dir, watched is not None, plain_text, reward_weights)
     resume = prepare_run_dir(recipe, run_dir, fresh, data_digest([*train_files, *spec.eval]),
                              base.manifest.created_at.isoformat(), weights_digest(base.path))
-    reward_funcs, reward_weights = grpo_rewards(recipe, registry) if recipe.method == "grpo" else (None, None)
-    args = build_args(recipe, run_dir, watched is not None, plain_text, reward_weights)
     _, device = device_summary()
     console.print(f"[bold]{recipe.method}[/] {base.name} -> {output}: {len(train_set)} train / "
                   f"{len(eval_set) if eval_set is not None else 0} eval records"
@@ -625,7 +650,7 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     registry = Registry(settings.models_dir)
     base = registry.get(recipe.model)
     output = check_name(recipe.output_name(recipe_path))
-    check_output_free(registry, output, overwrite)
+    check_output_free(registry, output, overwrite, recipe.model)
     if recipe.data is None or recipe.method == "rs":  # rejection sampling writes its data as it runs
         raise TrainingError(f"only a recipe with its own data files can be registered from a run folder, not this "
                             f"{recipe.method} recipe")

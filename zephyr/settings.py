@@ -264,6 +264,11 @@ class Settings(BaseSettings):
         return self.eval_results_dir or self.home / "eval-results"
 
     @property
+    def served_system_prompt(self) -> str | None:
+        """The system prompt the server puts before a chat that has none; None when it adds none."""
+        return self.system_prompt if self.system_prompt_enabled else None
+
+    @property
     def resolved_quant_env(self) -> Path:
         return self.quant_env or self.home / "quant-env"
 

@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from tests.unit.tiny_llama import TINY, make_tiny_llama
+from zephyr.prompts import with_system_prompt
 from zephyr.registry import Registry
 from zephyr.schemas import KTOExample, PreferencePair, read_jsonl
+from zephyr.settings import DEFAULT_SYSTEM_PROMPT
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +119,8 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     rs_recipe = tmp_path / "rs.yaml"
     rs_recipe.write_text(yaml.safe_dump({"method": "rs", "model": TINY, "output": "tiny-rs",
                                          "sampling": {"reward_model": "tiny-rm", "prompts": str(pairs), "n": 3,
-                                                      "max_tokens": 16, "limit": len(records) - 1},
+                                                      "max_tokens": 16, "limit": len(records) - 1,
+                                                      "keep_cut_off": True},  # a random tiny model never stops
                                          "lora": {"r": 4, "alpha": 8},
                                          "trainer": {"max_steps": 1, "per_device_train_batch_size": 2,
                                                      "max_length": 256}}))
@@ -126,7 +129,10 @@ def test_science_pairs_dpo_serve_rm_and_rejection_sampling(tmp_path, default_mod
     assert rs_entry.manifest.method == "rs" and rs_entry.manifest.parent == TINY
     kept = [json.loads(line) for line in (home / "runs" / "tiny-rs" / "rs-data.jsonl").read_text().splitlines()]
     assert len(kept) == len(records) - 1 and all(row["meta"]["n"] >= 1 for row in kept)  # the first N prompts
-    assert [row["messages"][:-1] for row in kept] == [[m.model_dump() for m in r.prompt] for r in records[:-1]]
+    # each prompt as the service shows it to the model: its system prompt first (the pairs' prompts have none)
+    assert [row["messages"][:-1] for row in kept] == [
+        with_system_prompt([m.model_dump() for m in r.prompt], DEFAULT_SYSTEM_PROMPT) for r in records[:-1]]
+    assert all(row["messages"][0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT} for row in kept)
     assert all(row["meta"]["reward"] >= row["meta"]["reward_mean"] for row in kept)  # the best, not a random one
     # A rerun with other trainer settings reuses the ranked samples (that other sampling settings sample again is
     # test_train_methods' unit test of the same provenance check).

@@ -215,6 +215,13 @@ def test_training_splits_only_and_calibration_questions_left_out(tmp_path):
     items, reserved = cloze.load_items(["openbookqa:train"], tmp_path)
     assert reserved == {"openbookqa:train": CALIBRATION_LIMITS["openbookqa"]}
     assert [i.id for i in items] == [f"openbookqa:train/q{n}" for n in range(500, 507)]  # calibration reads q0-q499
+    # a later copy of a head question (the same stem and options under another id, as OpenBookQA train holds 8)
+    path = tmp_path / "openbookqa" / "train.tsv"
+    path.write_text(path.read_text() + "late\tWhich item 3 conducts heat well?\t(A) wood 3 (B) copper 3 (C) felt 3 "
+                                       "(D) foam 3\tx\tB\n")
+    items, reserved = cloze.load_items(["openbookqa:train"], tmp_path)
+    assert reserved == {"openbookqa:train": CALIBRATION_LIMITS["openbookqa"] + 1}
+    assert "openbookqa:train/late" not in [i.id for i in items]
     for source in ("sciq:validation", "mmlu:validation", "arc_easy:test", "openbookqa:validation"):
         with pytest.raises(SourceError, match="refusing"):
             cloze.load_items([source], tmp_path)

@@ -11,7 +11,7 @@ import yaml
 
 from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
-from training.rs import _reusable_stats, best_of_n, read_prompts
+from training.rs import CUT_OFF, _reusable_stats, best_of_n, read_prompts
 from training.run import TrainingError, balance_lengths, hold_out, opening, register_run, train
 from zephyr.registry import Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
@@ -318,10 +318,16 @@ def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_pat
     path = recipe_file(tmp_path, "resume", body)
     first = train(load_recipe(path), settings, recipe_path=path)
     assert (first.run_dir / "checkpoints" / "checkpoint-2").is_dir()
-    # The same recipe again (as after a crash): it resumes at step 2 and has nothing left to do.
+    logged = [json.loads(line)["step"] for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The same recipe again, as after a crash before step 2's checkpoint was written: it resumes at step 1, trains
+    # step 2 again, and step 2's rows of the stopped run go rather than stand twice in the log.
+    import shutil
+
+    shutil.rmtree(first.run_dir / "checkpoints" / "checkpoint-2")
     again = train(load_recipe(path), settings, recipe_path=path, overwrite=True)
     steps = [json.loads(line)["step"] for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1  # step 1 was not trained twice
+    assert steps.count(2) == logged.count(2) and steps == logged
 
     other = recipe_file(tmp_path, "resume", {**body, "trainer": {**STEPS, "learning_rate": 0.5}})
     with pytest.raises(TrainingError, match="different recipe; pass --fresh"):
@@ -368,9 +374,12 @@ def test_an_output_other_entries_were_made_from_is_refused_before_training(tmp_p
     registry = Registry(tmp_path / "models")
     registry.add(default_model.path, ModelManifest(name="tuned", method="dpo"))
     registry.add(default_model.path, ModelManifest(name="tuned-awq", parent="tuned", method="awq"))
-    check_output_free(registry, "tuned-awq", overwrite=True)  # a leaf may be replaced
+    check_output_free(registry, "tuned-awq", overwrite=True, base="tuned")  # a leaf may be replaced
     with pytest.raises(RegistryError, match="'tuned' is the parent of tuned-awq"):
-        check_output_free(registry, "tuned", overwrite=True)
+        check_output_free(registry, "tuned", overwrite=True, base="base")
+    registry.remove("tuned-awq")  # a leaf now, yet its own base: add() refused that only after training
+    with pytest.raises(RegistryError, match="output 'tuned' is the model being trained"):
+        check_output_free(registry, "tuned", overwrite=True, base="tuned")
 
 
 def test_qlora_without_cuda_says_so(home, data, tmp_path):
@@ -433,13 +442,42 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
             return [float(len(c[-1]["content"])) for c in conversations]
 
     prompts = [[{"role": "user", "content": "Why?"}], [{"role": "user", "content": "How?"}]]
-    answers = [["short", "a much longer answer", ""], ["mid size", "tiny"]]
+    answers = [["short", "a much longer answer", "", CUT_OFF], ["mid size", "tiny", CUT_OFF]]
     examples, stats = best_of_n(prompts, answers, LengthScorer(), min_reward=None)
     assert [e.messages[-1].content for e in examples] == ["a much longer answer", "mid size"]
-    assert examples[0].meta["n"] == 2  # the empty answer is not scored
+    assert examples[0].meta["n"] == 2  # neither the empty answer nor the cut-off one is scored
     kept, _ = best_of_n(prompts, answers, LengthScorer(), min_reward=10)
     assert [e.messages[-1].content for e in kept] == ["a much longer answer"]
-    assert stats["kept"] == 2 and stats["prompts"] == 2
+    assert stats["kept"] == 2 and stats["prompts"] == 2 and stats["answers_cut_off"] == 2
+
+
+def test_an_rs_record_trains_on_the_ranked_answer_only(home, tmp_path):
+    """TRL learned the whole conversation of a `messages` record: the user's turns and earlier assistant turns no
+    reward model chose. As prompt and completion it learns the completion only."""
+    from trl import SFTConfig, SFTTrainer
+
+    from training.run import read_records
+
+    file = tmp_path / "rs-data.jsonl"
+    conversation = [{"role": "system", "content": "Be a tutor."}, {"role": "user", "content": "Why is it blue?"},
+                    {"role": "assistant", "content": "Earlier."}, {"role": "user", "content": "And red?"},
+                    {"role": "assistant", "content": "Scattering."}]
+    write_jsonl(file, [SFTExample(messages=conversation)])
+    (row,) = read_records([file], "rs")
+    assert row == {"prompt": conversation[:-1], "completion": conversation[-1:]}
+    from datasets import Dataset
+
+    model_path = Registry(home / "models").get(TINY).path
+    trainer = SFTTrainer(model=str(model_path), args=SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True,
+                                                                report_to="none"),
+                         train_dataset=Dataset.from_list([row]))
+    sample = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    learned = [t for t in sample["labels"] if t != -100]
+    assert tokenizer.decode(learned).startswith("Scattering.") and "Earlier" not in tokenizer.decode(learned)
+    write_jsonl(file, [SFTExample(messages=conversation[:2])])
+    with pytest.raises(RecipeError, match="ends with the chosen assistant answer"):
+        read_records([file], "rs")
 
 
 def test_rs_prompts_accept_pairs_and_conversations(tmp_path):
@@ -494,21 +532,24 @@ def test_served_letter_reads_the_letter_as_mcq_explain_serves_it(home):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     question = mcq.MCQuestion.build("Which is a gas?", ["rock", "air", "wood"])
     prompt = mcq.render_messages(question, explain=True)
-    reasonings = ["Air is a gas at room temperature.", "Rock is solid. Answer: A and more text", "x" * 30]
+    reasonings = ["Air is a gas at room temperature.", "Rock is solid. Answer: A and more text", "x" * 30,
+                  "\n  Air flows.  "]
     reward = ServedLetter()
     reward.bind(model, tokenizer)
     model.train()  # as TRL holds the policy when it asks for rewards: dropout must not reach the served letter
-    got = reward.letters_of([prompt] * 3, [[{"role": "assistant", "content": r}] for r in reasonings], ["ABC"] * 3)
+    got = reward.letters_of([prompt] * 4, [[{"role": "assistant", "content": r}] for r in reasonings], ["ABC"] * 4)
     assert model.training  # handed back as it was
     model.eval()
     for reasoning, letter in zip(reasonings, got, strict=True):
-        kept = reasoning.split("Answer:")[0]  # the service stops generating at the answer line
+        # the service stops generating at the answer line and strips what it kept (service/tutor.py answer_mcq)
+        kept = reasoning.split("Answer:")[0].strip()
         ids = mcq.encode_prompt(tokenizer, question, explain=True, reasoning=kept)
+        assert reward.served_ids(prompt, [{"role": "assistant", "content": reasoning}]) == ids
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         served = "ABC"[int(torch.argmax(logits[mcq.letter_token_ids(tokenizer, 3, leading_space=True)]))]
         assert letter == served
-    scores = reward(prompts=[prompt] * 3, completions=[[{"role": "assistant", "content": r}] for r in reasonings],
+    scores = reward(prompts=[prompt] * 3, completions=[[{"role": "assistant", "content": r}] for r in reasonings[:3]],
                     answer=got[:2] + ["ABC".replace(got[2], "")[0]], letters=["ABC"] * 3)
     assert scores == [1.0, 1.0, 0.0]
 

@@ -30,6 +30,7 @@ from offline.benchmarks import (
     check_mcq_sources,
     load,
     mcq_training_items,
+    question_key,
 )
 from zephyr import mcq
 from zephyr.schemas import MCQItem, TextPreferencePair, TextSFTExample
@@ -71,10 +72,13 @@ def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None 
                 raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
                                   f"{', '.join(DEFAULT_SOURCES)}")
         loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
-        # The head calibration reads, by id: the training items may have lost a question (mcq_training_items).
-        head = {f"{source}/{item.id}" for item in load(name, split, data_dir=Path(data_dir), limit=cut)} \
-            if cut else set()
-        kept = [item for item in loaded if item.id not in head]
+        # The head calibration reads, by id (the training items may have lost a question: mcq_training_items), and
+        # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
+        head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
+        head = {f"{source}/{item.id}" for item in head_items}
+        head_questions = {question_key(item.question, item.options) for item in head_items}
+        kept = [item for item in loaded
+                if item.id not in head and question_key(item.question, item.options) not in head_questions]
         reserved[source] = len(loaded) - len(kept)
         items.extend(kept[:limit_per_source] if limit_per_source else kept)
     return items, {source: n for source, n in reserved.items() if n}

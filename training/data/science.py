@@ -38,6 +38,7 @@ class Sample:
 class ScienceStats:
     questions: int = 0
     skipped: int = 0  # options the MCQ format refuses (duplicates)
+    cut_off: int = 0  # explanations max_tokens cut before their answer line: not used
     explanations: int = 0
     correct_explanations: int = 0
     explain_pairs: int = 0
@@ -50,6 +51,7 @@ class ScienceStats:
         direct = self.direct_correct / self.questions if self.questions else 0.0
         return [("questions", str(self.questions)), ("skipped (bad options)", str(self.skipped)),
                 ("explanations sampled", str(self.explanations)),
+                ("explanations cut off at max_tokens (left out)", str(self.cut_off)),
                 ("explanations ending in the key", f"{self.correct_explanations} ({share:.1%})"),
                 ("direct prompt: key ranked first", f"{self.direct_correct} ({direct:.1%})"),
                 ("explain pairs", str(self.explain_pairs)), ("direct pairs", str(self.direct_pairs)),
@@ -85,8 +87,11 @@ def _letter_probabilities(output: Any, params: Any, count: int) -> dict[str, flo
 
 
 def sample(llm: Any, tokenizer: Any, items: list[MCQItem], *, k: int, explain_items: int | None, temperature: float,
-           max_tokens: int) -> tuple[dict[str, list[Sample]], dict[str, dict[str, float]], int]:
-    """Explanations (for the first `explain_items` questions) and direct-prompt letter distributions (for all)."""
+           max_tokens: int) -> tuple[dict[str, list[Sample]], dict[str, dict[str, float]], int, int]:
+    """Explanations (for the first `explain_items` questions) and direct-prompt letter distributions (for all), the
+    number of questions the MCQ format refused and of explanations left out because max_tokens cut them off.
+    Explanations are drawn as `/mcq` with `explain` draws them: stopped at the first answer line, stripped, then
+    the letter read after the cue; one cut off would be labelled with a letter read mid-thought."""
     from vllm import SamplingParams, TokensPrompt
 
     questions: dict[str, mcq.MCQuestion] = {}
@@ -107,24 +112,26 @@ def sample(llm: Any, tokenizer: Any, items: list[MCQItem], *, k: int, explain_it
 
     explain_ids = ids[:explain_items] if explain_items is not None else ids
     samples: dict[str, list[Sample]] = {}
+    cut_off = 0
     if explain_ids and k:
         # No per-request seed: vLLM's CPU sampler rejects seeded generators; the engine's seed fixes the draw.
-        params = SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens)
+        params = SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, stop=list(mcq.EXPLAIN_STOP))
         prompts = [TokensPrompt(prompt_token_ids=mcq.encode_prompt(tokenizer, questions[i], explain=True))
                    for i in explain_ids]
-        texts = {i: [c.text for c in o.outputs] for i, o in zip(explain_ids, llm.generate(prompts, params,
-                                                                                             use_tqdm=True),
-                                                                  strict=True)}
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        texts = {i: [c.text.strip() for c in o.outputs if c.finish_reason == "stop"]
+                 for i, o in zip(explain_ids, outputs, strict=True)}
+        cut_off = sum(c.finish_reason != "stop" for o in outputs for c in o.outputs)
         # Each explanation's final letter, read as /mcq reads it after reasoning (" A", " B", ... after "Answer:").
-        flat = [(i, text) for i in explain_ids for text in texts[i] if text.strip()]
+        flat = [(i, text) for i in explain_ids for text in texts[i] if text]
         letter_params = [_letter_params(tokenizer, len(questions[i].options), leading_space=True) for i, _ in flat]
         reads = llm.generate([TokensPrompt(prompt_token_ids=mcq.encode_prompt(tokenizer, questions[i], explain=True,
                                                                               reasoning=text)) for i, text in flat],
                              letter_params, use_tqdm=True)
         for (i, text), output, param in zip(flat, reads, letter_params, strict=True):
             probabilities = _letter_probabilities(output, param, len(questions[i].options))
-            samples.setdefault(i, []).append(Sample(text.strip(), max(probabilities, key=probabilities.__getitem__)))
-    return samples, direct, skipped
+            samples.setdefault(i, []).append(Sample(text, max(probabilities, key=probabilities.__getitem__)))
+    return samples, direct, skipped, cut_off
 
 
 NEGATIVES = ("balanced", "mistake")
