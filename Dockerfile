@@ -78,7 +78,13 @@ ENV PATH=/opt/zephyr/bin:$PATH \
     ZEPHYR_HOME=/data \
     ZEPHYR_HOST=0.0.0.0 \
     ZEPHYR_PORT=8000 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 \
+    TRITON_CACHE_DIR=/home/zephyr/.cache/triton \
+    VLLM_CONFIG_ROOT=/home/zephyr/.cache/vllm-config
+# No usage reports leave the pod; Triton's kernel cache and vLLM's config folder default to ~/.triton and
+# ~/.config, which the chart's read-only root filesystem would refuse: both go under ~/.cache, its writable volume.
 # The registry (models, SQLite log, spill file) lives on a mounted volume.
 VOLUME ["/data"]
 USER 10001:10001

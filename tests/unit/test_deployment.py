@@ -4,6 +4,7 @@ so that they cannot drift apart."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -179,6 +180,12 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     (["--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z,"
       "persistence.existingClaim=shared"], "existingClaim"),
     (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_HOME=/models"], "config.ZEPHYR_HOME"),
+    # A credential in the ConfigMap would be readable by anyone who may read ConfigMaps.
+    (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_REVIEW_CANDIDATE_API_KEY=sk-remote-000000000"],
+     "config.ZEPHYR_REVIEW_CANDIDATE_API_KEY is a credential"),
+    # The kubelet would kill the pod mid-drain, losing the rows still queued for the log.
+    (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_DRAIN_SECONDS=300,terminationGracePeriodSeconds=60"],
+     "terminationGracePeriodSeconds 60 is shorter than the shutdown it must cover"),
     # The server would refuse it at start, in a crash loop.
     (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
      "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
@@ -186,7 +193,7 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
 def test_unsafe_values_fail_with_a_message(values, named):
     result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
     assert result.returncode != 0 and named in result.stderr, result.stderr
-    assert "hunter2" not in result.stderr
+    assert "hunter2" not in result.stderr and "sk-remote" not in result.stderr
 
 
 def test_the_minimum_key_length_is_the_servers_own_setting():
@@ -212,6 +219,47 @@ def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_b
     # One GPU a replica: a surge pod would wait for a second GPU.
     gpu = render("gpu")["Deployment"]["spec"]["strategy"]
     assert gpu["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_sqlite_on_a_shared_volume_is_never_written_by_two_pods():
+    """With ReadWriteMany and no database URL a rolling update ran the new pod beside the old one on one SQLite file."""
+    objects = deployment_of("--set", f"secrets.apiKeys={K0}", "--set", "persistence.accessModes={ReadWriteMany}")
+    assert objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_the_grace_period_follows_the_drain_and_probes_allow_a_busy_pod():
+    pod = deployment_of("--set", f"secrets.apiKeys={K0}")["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60  # 5 preStop + 30 drain + 5 + 10 + 10
+    longer = deployment_of("--set", f"secrets.apiKeys={K0},config.ZEPHYR_DRAIN_SECONDS=300")
+    assert longer["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 330
+    probes = pod["containers"][0]
+    assert all(probes[p]["timeoutSeconds"] == 5 for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+
+
+def test_credentials_live_in_the_secret_which_outlives_an_uninstall():
+    objects = deployment_of("--set", f"secrets.apiKeys={K0},secrets.reviewCandidateApiKey=sk-remote-000000000")
+    assert objects["Secret"]["stringData"]["ZEPHYR_REVIEW_CANDIDATE_API_KEY"] == "sk-remote-000000000"
+    assert "sk-remote" not in json.dumps(objects["ConfigMap"])
+    # the session secret keys every API-key digest the kept volume or database holds
+    assert objects["Secret"]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    env = {e["name"]: e for e in objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ZEPHYR_REVIEW_CANDIDATE_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_extra_environment_and_volumes_and_odd_values_render():
+    objects = deployment_of("--set", f"secrets.apiKeys={K0},image.tag=20240101,metrics.dashboard.enabled=true",
+                            "--set", "metrics.dashboard.labels=null",
+                            "--set", "extraEnvFrom[0].secretRef.name=mine",
+                            "--set", "extraEnv[0].name=ZEPHYR_REVIEW_GUIDELINES,extraEnv[0].value=/etc/zephyr/g.md",
+                            "--set", "extraVolumes[0].name=g,extraVolumes[0].configMap.name=guidelines",
+                            "--set", "extraVolumeMounts[0].name=g,extraVolumeMounts[0].mountPath=/etc/zephyr")
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["image"].endswith(":20240101")  # an all-digit tag is a string, not %!s(int64=...)
+    assert {"secretRef": {"name": "mine"}} in server["envFrom"]
+    assert {"name": "ZEPHYR_REVIEW_GUIDELINES", "value": "/etc/zephyr/g.md"} in server["env"]
+    assert {"name": "g", "mountPath": "/etc/zephyr"} in server["volumeMounts"]
+    assert {"name": "g", "configMap": {"name": "guidelines"}} in pod["volumes"]
 
 
 def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_pods():
@@ -250,7 +298,7 @@ def test_a_first_install_digests_the_session_secret_its_secret_holds():
     session = objects["Secret"]["stringData"]["ZEPHYR_SESSION_SECRET"]
     annotation = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
     # The same secret an upgrade reads back from the cluster: the pods restart only when keys or secret change.
-    assert annotation == hashlib.sha256(f"{session}\n{K1}\n".encode()).hexdigest()
+    assert annotation == hashlib.sha256(f"{session}\n{K1}\n\n".encode()).hexdigest()
 
 
 def test_ipv6_only_clusters_may_listen_on_all_ipv6_addresses():
@@ -266,6 +314,13 @@ def test_dockerfile_matches_the_settings():
     assert set(env) <= SETTING_NAMES
     assert f"EXPOSE {env['ZEPHYR_PORT']}" in dockerfile and env["ZEPHYR_HOST"] == "0.0.0.0"
     assert "USER 10001" in dockerfile and "/healthz" in dockerfile
+    # Under a read-only root only the chart's volumes are writable: caches the engine writes must live in them.
+    pod = deployment_of("--set", f"secrets.apiKeys={K0}")["Deployment"]["spec"]["template"]["spec"]
+    writable = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    for variable in ("TRITON_CACHE_DIR", "VLLM_CONFIG_ROOT"):
+        path = re.search(rf"{variable}=(\S+)", dockerfile).group(1)
+        assert any(path.startswith(mount + "/") for mount in writable), variable
+    assert "VLLM_NO_USAGE_STATS=1" in dockerfile
     short_secret = helm("template", "tutor", str(CHART), "--set", f"secrets.apiKeys={K0},secrets.sessionSecret=abc")
     assert short_secret.returncode != 0 and "at least 32 characters" in short_secret.stderr
 

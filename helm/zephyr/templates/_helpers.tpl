@@ -24,7 +24,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "zephyr.image" -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- printf "%s:%s" .Values.image.repository (toString $tag) -}}
 {{- end -}}
 
 {{- define "zephyr.secretName" -}}
@@ -44,6 +44,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 envFrom:
   - configMapRef:
       name: {{ include "zephyr.fullname" . }}
+  {{- with .Values.extraEnvFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 env:
   - name: ZEPHYR_API_KEYS
     valueFrom:
@@ -54,10 +57,18 @@ env:
   - name: ZEPHYR_SESSION_SECRET
     valueFrom:
       secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_SESSION_SECRET}
+  # The key of a remote review candidate's server (ZEPHYR_REVIEW_CANDIDATE=remote): a credential, so never in the
+  # ConfigMap.
+  - name: ZEPHYR_REVIEW_CANDIDATE_API_KEY
+    valueFrom:
+      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_REVIEW_CANDIDATE_API_KEY, optional: true}
   # uvicorn takes the client's address (per-address limits) and scheme (the cookie's Secure flag) from
   # X-Forwarded-* headers sent by these peers only: the ingress controller.
   - name: FORWARDED_ALLOW_IPS
     value: {{ .Values.forwardedAllowIps | quote }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end -}}
 
 {{/* API keys as one ZEPHYR_API_KEYS value: a list (`--set 'secrets.apiKeys={student:K1,reviewer:K2}'`), or a
@@ -83,13 +94,34 @@ comma-separated string (whose commas `--set` needs escaped: `student:K1\,reviewe
 {{- if and .Values.persistence.enabled (not (has "ReadWriteMany" .Values.persistence.accessModes)) }}true{{ end -}}
 {{- end -}}
 
+{{/* Whether the generation log is a SQLite file on the registry volume: certain only when the chart makes the
+Secret without a database URL (an existingSecret may hold one). Two pods must never write it at once. */}}
+{{- define "zephyr.sqliteOnVolume" -}}
+{{- if and .Values.persistence.enabled (not .Values.secrets.existingSecret) (not .Values.secrets.dbUrl) }}true{{ end -}}
+{{- end -}}
+
+{{/* The grace period the pod's shutdown needs: the preStop sleep, the drain, uvicorn's last 5 s, the log's last
+flush (at most 10 s) and the engine's shutdown (10 s); a value set lower than the parts before the engine fails. */}}
+{{- define "zephyr.terminationGracePeriod" -}}
+{{- $drain := int (.Values.config.ZEPHYR_DRAIN_SECONDS | default 30) -}}
+{{- $needed := add (int .Values.preStopSleepSeconds) $drain 5 10 -}}
+{{- if .Values.terminationGracePeriodSeconds -}}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) -}}
+{{- fail (printf "terminationGracePeriodSeconds %d is shorter than the shutdown it must cover: preStopSleepSeconds + config.ZEPHYR_DRAIN_SECONDS + 15 = %d (leave it empty to derive it)" (int .Values.terminationGracePeriodSeconds) (int $needed)) -}}
+{{- end -}}
+{{- .Values.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add $needed 10 -}}
+{{- end -}}
+{{- end -}}
+
 {{/* What the pods must restart for when it changes: the Secret's contents, digested under the session secret
 (never a plain digest of the keys, which a weak key could be guessed back from); an existingSecret is the operator's to roll. */}}
 {{- define "zephyr.secretChecksum" -}}
 {{- if .Values.secrets.existingSecret -}}
 existing-secret
 {{- else -}}
-{{- printf "%s\n%s\n%s" (include "zephyr.sessionSecret" .) (include "zephyr.apiKeys" .) (.Values.secrets.dbUrl | default "") | sha256sum -}}
+{{- printf "%s\n%s\n%s\n%s" (include "zephyr.sessionSecret" .) (include "zephyr.apiKeys" .) (.Values.secrets.dbUrl | default "") (.Values.secrets.reviewCandidateApiKey | default "") | sha256sum -}}
 {{- end -}}
 {{- end -}}
 
