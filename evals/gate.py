@@ -20,10 +20,10 @@ from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) i
     EvalRun,
     Measurement,
     ResultStore,
+    chosen_sources,
     is_share,
     lower_is_better,
     merge_runs,
-    newest_sources,
     same_judge,
     scale_of,
     suite_of,
@@ -280,11 +280,16 @@ class GateResult:
     missing: list[str] = field(default_factory=list)
     allow_missing: bool = False
     min_items: int = DEFAULT_MIN_ITEMS
+    # Suites asked for that no gating row stands for (neither model, or only one, was measured on them); they fail
+    # the gate when asked by name (`--suites`), and are named in the caption when they were the default.
+    unmeasured: list[str] = field(default_factory=list)
+    suites_asked: bool = False
 
     @property
     def passed(self) -> bool:
         return (all(row.passed for row in self.rows if row.gating) and (self.reviews is None or self.reviews.passed)
-                and (self.allow_missing or not self.missing))
+                and (self.allow_missing or not self.missing)
+                and (self.allow_missing or not self.suites_asked or not self.unmeasured))
 
     @property
     def too_few(self) -> list[GateRow]:
@@ -309,11 +314,14 @@ class GateResult:
         verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"
         table = Table(
             title=f"Gate {verdict}: {self.candidate} (candidate) vs {self.baseline} (baseline), "
-            f"max drop {self.max_drop:g} pts, suites {', '.join(self.suites)}",
+            f"max drop {self.max_drop:g} pts, gated on {', '.join(s for s in self.suites if s not in self.unmeasured)}",
             caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
             + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else "")
             + (f"\nthe candidate was not measured on the baseline's {', '.join(self.missing)}"
                + (" (allowed)" if self.allow_missing else " (FAIL)") if self.missing else "")
+            + (f"\nno gating measurement of both models in suite(s) {', '.join(self.unmeasured)}"
+               + (" (allowed)" if self.allow_missing else " (FAIL: asked by --suites)" if self.suites_asked
+                  else " (not asked by --suites, so not required)") if self.unmeasured else "")
             + (f"\nfewer than {self.min_items} common items (FAIL): {', '.join(r.key for r in self.too_few)}"
                if self.too_few else "")
             + (f"\nhuman review ({'PASS' if self.reviews.passed else 'FAIL'}): {self.reviews.reason}"
@@ -420,6 +428,7 @@ def check(
     `allow_missing`)."""
     if min_items < 1:
         raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
+    asked = bool(suites)
     suites = list(suites) if suites else list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]
     if unknown:
@@ -479,7 +488,9 @@ def check(
     missing = sorted(m.key for m in base_run.measurements
                      if suite_of(m.benchmark) in suites and _gates(m.benchmark, m.metric, base_served)
                      and (m.benchmark not in gated_benchmarks
-                          or (suite_of(m.benchmark) == "text" and m.key not in compared_keys)))
+                          or (suite_of(m.benchmark) == "text" and m.key not in compared_keys)
+                          # the baseline's served method the candidate lacks: its other formats must not stand in
+                          or (m.metric in SERVED_METRICS and m.benchmark not in served)))
     skipped = sorted(
         m.key
         for run in (cand_run, base_run)
@@ -490,11 +501,14 @@ def check(
     gating_keys = {row.key for row in rows if row.gating}
     unreproducible = {name: keys for name in (candidate, baseline)
                       if (keys := unreproducible_rows(history[name], gating_keys))}
+    unmeasured = [suite for suite in suites if not any(suite_of(b) == suite for b in gated_benchmarks)]
     return GateResult(
         candidate=candidate,
         baseline=baseline,
         max_drop=max_drop,
         suites=suites,
+        unmeasured=unmeasured,
+        suites_asked=asked,
         rows=rows,
         skipped=sorted(set(skipped)),
         reviews=reviews,
@@ -510,9 +524,9 @@ GENERATION_SUITES = ("gsm8k", "text")
 
 
 def unreproducible_rows(runs: list[EvalRun], keys: set[str]) -> list[str]:
-    """Of `keys`, the generation rows whose figures (the newest of a model's `runs`) come from a run made before
-    offline engines kept vLLM's core in process (offline/engine.py, 2026-12-03): their answers were one draw of many,
-    and a rerun would differ."""
-    return sorted(key for key, (m, run) in newest_sources(runs).items()
+    """Of `keys`, the generation rows whose figures (chosen from a model's `runs` as the gate chooses) come from a
+    run made before offline engines kept vLLM's core in process (offline/engine.py, 2026-12-03): their answers were
+    one draw of many, and a rerun would differ."""
+    return sorted(key for key, (m, run) in chosen_sources(runs).items()
                   if key in keys and suite_of(m.benchmark) in GENERATION_SUITES
                   and run.engine.get("engine_core") != IN_PROCESS)

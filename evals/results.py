@@ -205,13 +205,22 @@ def data_read(benchmark: str, metric: str) -> tuple[str, ...]:
     return (name, "gsm8k:train") if (name, metric) == ("gsm8k", "exact_match_5shot") else (name,)
 
 
-def newest_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]]:
-    """Per measurement key, the newest of `runs` (oldest first) that holds it, and its measurement there."""
-    return {m.key: (m, run) for run in runs for m in run.measurements}
+def chosen_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]]:
+    """Per measurement key, the run of `runs` (oldest first) whose measurement of it covers the most items, the
+    newest of those that tie, and its measurement there. A later `--limit` smoke run does not stand in for a whole
+    split measured before it (the gate would compare 40 questions instead of 2,376); a rerun of the same size does
+    replace the older one."""
+    chosen: dict[str, tuple[Measurement, EvalRun]] = {}
+    for run in runs:
+        for m in run.measurements:
+            if m.key not in chosen or m.n >= chosen[m.key][0].n:
+                chosen[m.key] = (m, run)
+    return chosen
 
 
 class ResultStore:
-    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; the newest run of each measurement wins.
+    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; of each measurement, the run that covers the
+    most items wins, the newest among equals (chosen_sources).
     Given the registry, a model's runs are those of its current entry: runs of an entry since replaced under the
     same name are left out (runs saved before entries were recorded are kept)."""
 
@@ -254,16 +263,17 @@ class ResultStore:
         return sorted(runs, key=lambda r: r.created_at)
 
     def latest(self, model: str) -> EvalRun | None:
-        """One merged view of a model: each measurement from the newest run that has it."""
+        """One merged view of a model: each measurement from the run chosen_sources picks."""
         return merge_runs(self.runs(model))
 
 
 def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
-    """`runs` (oldest first, as ResultStore.runs gives them) as one: each measurement from the newest run that has
-    it; None for no runs."""
+    """`runs` (oldest first, as ResultStore.runs gives them) as one: each measurement from the run chosen_sources
+    picks, with the data that run read for it; None for no runs."""
     if not runs:
         return None
-    merged = {key: m for key, (m, _) in newest_sources(runs).items()}
+    sources = chosen_sources(runs)
+    merged = {key: m for key, (m, _) in sources.items()}
     speed = SpeedRecord()
     for run in runs:
         if run.speed.recorded:
@@ -274,7 +284,9 @@ def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
     # A run that did not record a field (e.g. a server-only run without a size) does not erase an older value.
     described = {field: next((getattr(r, field) for r in reversed(runs) if getattr(r, field) is not None), None)
                  for field in ("parent", "method", "size_bytes", "quantization")}
-    data = {name: source for run in runs for name, source in run.data.items()}  # each benchmark's newest
+    data = {name: source for run in runs for name, source in run.data.items()}  # each benchmark's newest, then
+    for m, run in sources.values():  # the data each chosen measurement was computed on, which compare_runs checks
+        data.update({name: run.data[name] for name in data_read(m.benchmark, m.metric) if name in run.data})
     return runs[-1].model_copy(update={"suite": "merged", "measurements": list(merged.values()), "speed": speed,
                                        "data": data, **described})
 

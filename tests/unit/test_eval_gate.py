@@ -143,6 +143,39 @@ def test_newest_measurement_is_gated(store):
     assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
 
 
+def test_a_later_smoke_run_does_not_replace_the_whole_split(store):
+    """The newest run of a measurement used to win whatever its size: a --limit 40 run made after the full one
+    turned a clear FAIL over 100 items into a PASS over 40."""
+    save(store, "base", arc_easy__letter_acc=accuracy(70, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(60, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(28, 40))  # as many right as the baseline on those 40
+    result = check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+    assert not result.passed and result.rows[0].n == 100
+    assert store.latest("cand").measurements[0].n == 100
+
+
+def test_the_baselines_served_method_the_candidate_lacks_is_missing(store):
+    """Without the candidate's `auto`, its letter figure gated the benchmark and the gate passed."""
+    save(store, "base", arc_easy__letter_acc=accuracy(30, 100), arc_easy__mcq_acc_auto=accuracy(80, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(30, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+    assert not result.passed and result.missing == ["arc_easy/mcq_acc_auto"]
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"], allow_missing=True).passed
+
+
+def test_suites_asked_by_name_must_each_be_gated(store):
+    save(store, "base", arc_easy__mcq_acc_auto=accuracy(60, 100))
+    save(store, "cand", arc_easy__mcq_acc_auto=accuracy(60, 100))
+    by_default = check(store, "cand", "base", max_drop=1.0)
+    assert by_default.passed and by_default.unmeasured == ["gsm8k", "text"]
+    title = " ".join(render(by_default.table()).split())
+    assert "gated on mcq" in title and "suite(s) gsm8k, text (not asked by --suites, so not required)" in title
+    asked = check(store, "cand", "base", max_drop=1.0, suites=["mcq", "gsm8k"])
+    assert not asked.passed and asked.unmeasured == ["gsm8k"]
+    assert "(FAIL: asked by --suites)" in " ".join(render(asked.table()).split())
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq", "gsm8k"], allow_missing=True).passed
+
+
 def test_a_benchmark_only_the_baseline_was_measured_on_fails_unless_allowed(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100), sciq__letter_acc=accuracy(60, 100),
          arc_easy__answer_prior_acc=accuracy(30, 100), sciq_text__bertscore_f1={"q1": 0.5},
