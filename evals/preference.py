@@ -130,11 +130,12 @@ def human_win_rates(records: str | Path | Iterable[Mapping[str, Any]]) -> dict[s
         if not winner or not loser:
             unnamed += 1
             continue
+        if winner == loser:  # two unlabelled samples of one model say nothing about models: no win, no loss
+            continue
         per_model[winner]["wins"] += 1
         per_model[loser]["losses"] += 1
-        if winner != loser:  # two unlabelled samples of one model say nothing about models
-            a, b = sorted((winner, loser))
-            head[(a, b)]["a_wins" if winner == a else "b_wins"] += 1
+        a, b = sorted((winner, loser))
+        head[(a, b)]["a_wins" if winner == a else "b_wins"] += 1
 
     decided = served["served"] + served["candidate"]
     models = []

@@ -123,6 +123,18 @@ def test_human_win_rates_from_a_real_export(tmp_path):
     assert heads == {("big", "tutor-a"): (1, 0), ("big", "tutor-b"): (0, 1), ("tutor-a", "tutor-a [T=1]"): (1, 1)}
 
 
+def test_a_pair_of_one_models_answers_is_neither_a_win_nor_a_loss():
+    """Counted as both before: 8 wins over b and 10 pairs of a against a read 18 of 30 (60%) instead of 8 of 10."""
+    def pair(chosen: str, rejected: str) -> dict:
+        return {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}], "source": "zephyr-review",
+                "meta": {"label": "served", "chosen_model": chosen, "rejected_model": rejected}}
+
+    records = [pair("a", "b")] * 8 + [pair("b", "a")] * 2 + [pair("a", "a")] * 10
+    models = {row["model"]: row for row in human_win_rates(records)["models"]}
+    assert (models["a"]["wins"], models["a"]["losses"], models["a"]["win_rate"]) == (8, 2, 0.8)
+
+
 def test_human_win_rates_without_model_names_still_counts_served_vs_candidate():
     records = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
                 "rejected": [{"role": "assistant", "content": "b"}], "source": "zephyr-review",

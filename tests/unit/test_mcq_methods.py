@@ -137,6 +137,9 @@ def test_calibration_metrics():
     # Ties at the cut-off count by their mean: the same questions in another order give the same figure.
     for right in ([1, 1, 0, 0, 1], [0, 0, 1, 1, 1]):
         assert calibration.coverage_accuracy([0.5, 0.5, 0.5, 0.5, 0.4], right)["50%"] == pytest.approx(0.5)
+    # Half a question rounds up whatever the count's parity (round() kept 12 of 25 but 14 of 27 at 50%).
+    confidence = [1 - i / 100 for i in range(25)]
+    assert calibration.coverage_accuracy(confidence, [1] * 12 + [0] * 13)["50%"] == pytest.approx(12 / 13)
     with pytest.raises(ValueError, match="not a finite number"):
         calibration.ece([float("nan"), 0.9], [1, 1])
 
