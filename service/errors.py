@@ -119,6 +119,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if kind == "extra_forbidden":
         return f"unknown field `{where}`: remove it (see the API reference in the README)", where
     if kind == "model_attributes_type" and not where:
+        if isinstance(first.get("input"), str | bytes):  # FastAPI parses JSON only when the client says it is JSON
+            return ("request body was not read as JSON: send it with the header `Content-Type: application/json` "
+                    "(curl -d sends a form's content type)"), None
         return "request body must be a JSON object", None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if len({_location(tuple(e.get("loc", ()))) for e in exc.errors()}) == 1 and len(exc.errors()) > 1:

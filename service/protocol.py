@@ -168,12 +168,13 @@ class TextPart(Strict):
 
 # What the official client sends back when a reply is appended to the conversation as it came
 # (`messages.append(response.choices[0].message)`): fields of an assistant message this server always sends empty.
-ECHOED_EMPTY_FIELDS = ("refusal", "annotations", "audio", "tool_calls", "function_call")
+ECHOED_EMPTY_FIELDS = ("refusal", "annotations", "audio", "tool_calls", "function_call",
+                       "parsed")  # the client's .parse() and .stream() helpers add `parsed`
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
     name: str | None = Field(default=None, max_length=64, description=(
         "accepted as OpenAI's API does; the chat template does not read it"))
 
@@ -199,11 +200,13 @@ class ChatMessage(Strict):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins them: parts stay apart
 
 
 class StreamOptions(NullIsUnset):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool = Field(default=False, description=(
+        "accepted as OpenAI's API does (the current client sends it); its random padding is never added here"))
     continuous_usage_stats: StrictBool = Field(default=False, description=(
         "Not supported (only false): the usage arrives in the last chunk, with `include_usage`"))
 

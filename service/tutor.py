@@ -66,6 +66,8 @@ from zephyr.settings import Settings
 # No tokenizer here packs more characters than this into a token of ordinary text; a prompt over
 # CHARS_PER_TOKEN_BOUND characters per allowed token would be refused after tokenizing anyway.
 CHARS_PER_TOKEN_BOUND = 16
+ENGINE_FAILURE_REASONS = ("error", "abort")  # vLLM's finish reasons for a request it could not finish
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it is greedy decoding, which allows n = 1 only
 
 log = logging.getLogger("zephyr.service")
 
@@ -190,11 +192,18 @@ class Tutor:
             raise APIError(404, f"{param} `{requested}` is not served here; this server serves `{self.model_name}` "
                                 "(GET /v1/models)", param=param, code="model_not_found")
 
-    def check_generation(self, req: SamplingRequest) -> None:
-        """What a chat or a completion is checked for first: the model it names and its number of answers."""
+    def check_generation(self, req: SamplingRequest, default_temperature: float = 1.0) -> None:
+        """What a chat or a completion is checked for first: the model it names and its number of answers
+        (`default_temperature`: the route's temperature when the request sets none)."""
         self.check_model(req.model)
         if req.n > self.settings.max_n:
             raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
+        temperature = default_temperature if req.temperature is None else req.temperature
+        if req.n > 1 and temperature < GREEDY_BELOW:
+            # vLLM refuses it, after the stream has opened; several greedy answers would all be the same one.
+            said = "" if req.temperature is not None else " (the server's default for requests that set none)"
+            raise APIError(400, f"`n` is {req.n} with temperature {temperature:g}{said}: greedy decoding gives one "
+                                "answer; set `temperature` above 0 to sample several, or `n` to 1", param="n")
 
     def answer_room(self, prompt_ids: list[int], asked: int | None, param: str) -> int:
         """The tokens the context leaves an answer after the prompt; a 400 naming `param` if it asked for more."""
@@ -251,6 +260,12 @@ class Tutor:
                         if gen.withheld is None:  # the guard's reply takes no engine time: not a latency sample
                             self.metrics.time_to_first_token.labels(gen.route).observe(
                                 time.perf_counter() - gen.started)
+                    if failed := next((c.finish_reason for c in out.choices
+                                       if c.finish_reason in ENGINE_FAILURE_REASONS), None):
+                        # vLLM's own server answers these with a 500; served as they came, they were an empty
+                        # "successful" answer and a row logged ok.
+                        raise EngineUnavailable(f"the engine ended the answer with finish_reason {failed!r} (its "
+                                                "request failed or it is shutting down); retry")
                     gen.absorb(out)
                     yield out
             status = "ok"
@@ -334,7 +349,7 @@ class Tutor:
 
     async def prepare_chat(self, req: ChatCompletionRequest, principal: Principal,
                            review_requested: bool = False) -> GenerationRequest:
-        self.check_generation(req)
+        self.check_generation(req, self.settings.chat_temperature)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         left_out = 0
         if self.guard is not None:  # a refused request and the guard's reply are not read by the model again

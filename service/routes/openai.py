@@ -1,9 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions and /v1/completions."""
 
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import Principal, admissible, admitted, require
@@ -26,14 +26,26 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=UnambiguousJSONRou
 any_role = require("student", "reviewer")
 
 
-@router.get("/models", response_model=ModelList)
-async def list_models(request: Request, _: Principal = Depends(any_role)) -> ModelList:
+def served_model_card(request: Request) -> ModelCard:
     tutor = request.app.state.tutor
     entry = request.app.state.registry_entry
-    return ModelList(data=[ModelCard(
+    return ModelCard(
         id=tutor.model_name, created=int(entry.manifest.created_at.timestamp()), parent=entry.manifest.parent,
         method=entry.manifest.method, max_model_len=tutor.engine.max_model_len, revision=entry.manifest.revision,
-    )])
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request, _: Principal = Depends(any_role)) -> ModelList:
+    return ModelList(data=[served_model_card(request)])
+
+
+@router.get("/models/{model}", response_model=ModelCard, responses={404: {"description": "not served here"}})
+async def retrieve_model(request: Request, model: Annotated[str, Path(max_length=256)],
+                         _: Principal = Depends(any_role)) -> ModelCard:
+    """The served model's card (`client.models.retrieve(name)`); any other name is a 404 `model_not_found`."""
+    request.app.state.tutor.check_model(model)
+    return served_model_card(request)
 
 
 # The OpenAPI schema documents the streams too: each server-sent event's data is a ChatCompletionChunk, or a

@@ -8,7 +8,7 @@ import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from service.engine import ChoiceDelta, EngineOutput, EngineUnavailable, GenParams, TokenLogprob
+from service.engine import ChoiceDelta, EngineOutput, EngineRejected, EngineUnavailable, GenParams, TokenLogprob
 from zephyr.settings import Settings
 
 
@@ -27,6 +27,7 @@ class StubEngine:
         self.delay = 0.0  # seconds per token
         self.score_delay = 0.0  # seconds each scoring request (the MCQ letter, an option's cloze score) takes
         self.fail_with: Exception | None = None
+        self.last_finish: str | None = None  # a finish reason the last step gives instead ("error", "abort")
         self.calls: list[tuple[list[int], GenParams]] = []
         self._errored = False
         self.shut_down = False
@@ -58,6 +59,8 @@ class StubEngine:
         self.calls.append((prompt_ids, params))
         if self.fail_with is not None:
             raise self.fail_with
+        if params.n > 1 and params.temperature < 1e-5:  # vLLM's SamplingParams refuses it
+            raise EngineRejected("n must be 1 when using greedy sampling, got 2.")
         if self.score_delay and (params.allowed_token_ids or params.prompt_logprobs or params.logprob_token_ids):
             await asyncio.sleep(self.score_delay)
         if params.allowed_token_ids:
@@ -87,7 +90,7 @@ class StubEngine:
                 if step >= len(ids):
                     continue  # this choice has finished
                 token_id, last = ids[step], step == len(ids) - 1
-                finish = "length" if len(ids) == params.max_tokens else "stop"
+                finish = self.last_finish or ("length" if len(ids) == params.max_tokens else "stop")
                 logprobs = None
                 if params.logprobs is not None:
                     top = [(token_id, self.tokenizer.decode([token_id]), -0.1)]

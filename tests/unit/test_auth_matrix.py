@@ -22,6 +22,7 @@ RULES: dict[tuple[str, str], str | frozenset[str]] = {
     ("POST", "/review/session"): PUBLIC,  # checks the key in its body (its own tests)
     ("DELETE", "/review/session"): PUBLIC,
     ("GET", "/v1/models"): ANY_ROLE,
+    ("GET", "/v1/models/{model}"): ANY_ROLE,
     ("POST", "/v1/chat/completions"): ANY_ROLE,
     ("POST", "/v1/completions"): ANY_ROLE,
     ("POST", "/mcq"): ANY_ROLE,

@@ -293,3 +293,53 @@ async def test_a_stream_keeps_the_logprobs_of_tokens_whose_text_is_held_back(ser
                   if line.startswith("data: ") and line != "data: [DONE]"]
     streamed = [entry for e in events for c in e["choices"] if c.get("logprobs") for entry in c["logprobs"]["content"]]
     assert len(whole) == 3 and streamed == whole
+
+
+async def test_several_greedy_answers_are_refused_before_any_work(app_factory):
+    """vLLM refuses n > 1 at temperature 0, and a stream had already answered 200 when it did."""
+    async with app_factory(chat_temperature=0.0) as served:
+        for body in ({"messages": user(), "n": 2, "temperature": 0, "stream": True},
+                     {"messages": user(), "n": 2}):  # the server's default temperature is 0 here
+            calls = len(served.engine.calls)
+            r = await served.client.post(CHAT, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+            assert "greedy decoding gives one answer" in r.json()["error"]["message"]
+            assert len(served.engine.calls) == calls  # refused before the engine saw it
+        r = await served.client.post("/v1/completions", json={"prompt": "Hi", "n": 2, "temperature": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = await served.client.post(CHAT, json={"messages": user(), "n": 2, "temperature": 0.7, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+async def test_an_answer_the_engine_failed_is_a_503_not_an_empty_success(served):
+    served.engine.last_finish = "error"
+    r = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 3})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+    served.engine.last_finish = "abort"
+    r = await served.client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+    assert r.status_code == 503
+    served.engine.last_finish = None
+
+
+async def test_what_the_official_client_and_curl_send_is_read(served):
+    # the client's .parse()/.stream() helpers return messages with `parsed: null`, sent back as they came
+    echoed = {"role": "assistant", "content": "Hello.", "refusal": None, "parsed": None, "tool_calls": None}
+    r = await served.client.post(CHAT, json={"messages": [*user(), echoed, *user("And then?")], "max_tokens": 2,
+                                             "stream": True, "stream_options": {"include_obfuscation": False}})
+    assert r.status_code == 200, r.text
+    # text parts are read apart, as vLLM joins them
+    parts = [{"type": "text", "text": "Translate to English:"}, {"type": "text", "text": "bonjour"}]
+    r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+    assert r.status_code == 200
+    assert "English:\nbonjour" in served.engine.tokenizer.decode(served.engine.calls[-1][0])
+    r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": []}]})
+    assert r.status_code == 400 and "content" in r.json()["error"]["message"]
+    r = await served.client.post(CHAT, content=json.dumps({"messages": user()}))  # no Content-Type header
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+async def test_a_model_is_retrieved_by_name(served):
+    r = await served.client.get("/v1/models/smollm2-135m-instruct")
+    assert r.status_code == 200 and r.json()["id"] == "smollm2-135m-instruct" and r.json()["object"] == "model"
+    r = await served.client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
