@@ -313,6 +313,8 @@ class SavedScores(NamedTuple):
     decontaminated: dict[str, int] = {}
     # the head that computed every question's `domain` (mcq.QuestionDomain as a dict); None in files without them
     question_domain: dict[str, Any] | None = None
+    # which weights of the model's name were scored (ModelManifest.revision); None in files from before 2026-12-06
+    model_revision: str | None = None
 
 
 def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, list[Any]]],
@@ -352,11 +354,13 @@ def score_validation(entry: Any, settings: Settings, data: dict[str, tuple[str, 
 def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calibration.Scored]],
                 answer_prior_context: str, demonstrations: str = "",
                 demonstrations_source: dict[str, Any] | None = None, dtype: str | None = None,
-                decontaminated: dict[str, int] | None = None, question_domain: dict[str, Any] | None = None) -> Path:
+                decontaminated: dict[str, int] | None = None, question_domain: dict[str, Any] | None = None,
+                model_revision: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scored_after = {"answer_prior_context": answer_prior_context, "demonstrations": demonstrations,
                     "demonstrations_source": demonstrations_source or {}, "dtype": dtype,
-                    **({"question_domain": question_domain} if question_domain else {})}
+                    **({"question_domain": question_domain} if question_domain else {}),
+                    **({"model_revision": model_revision} if model_revision else {})}
     path.write_text(json.dumps({name: {"split": splits[name], **scored_after,
                                        "decontaminated": (decontaminated or {}).get(name, 0), "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
@@ -381,6 +385,7 @@ def load_scores(path: Path) -> SavedScores:
         dtypes = {block.get("dtype") for block in raw.values()}
         decontaminated = {name: int(block.get("decontaminated", 0)) for name, block in raw.items()}
         heads = {json.dumps(block.get("question_domain"), sort_keys=True) for block in raw.values()}
+        revisions = {block.get("model_revision") for block in raw.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
     if len(cues) > 1:
@@ -395,6 +400,9 @@ def load_scores(path: Path) -> SavedScores:
     if len(heads) > 1:
         raise CalibrationError(f"{path} mixes question domains computed by different heads; refit without them "
                                "(--no-question-domain) or score them again with one `zephyr eval calibrate` run")
+    if len(revisions) > 1:
+        raise CalibrationError(f"{path} mixes scores of different weights ({sorted(map(str, revisions))}); score "
+                               "them again with one `zephyr eval calibrate` run")
     head = json.loads(heads.pop()) if heads else None
     if head is not None:
         try:
@@ -404,7 +412,7 @@ def load_scores(path: Path) -> SavedScores:
                                    f"{exc.errors()[0]['msg']}") from None
     text, source = json.loads(shown.pop()) if shown else ("", {})
     return SavedScores(splits, scored, cues.pop() if cues else mcq.ANSWER_PRIOR_CONTEXT, text, source,
-                       dtypes.pop() if dtypes else None, decontaminated, head)
+                       dtypes.pop() if dtypes else None, decontaminated, head, revisions.pop() if revisions else None)
 
 
 def calibrate(model: str, settings: Settings, console: Console, limit: int | None = None,
@@ -427,6 +435,15 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
             raise CalibrationError(f"--scores {scores} is not one of {model}'s saved scores (under {own}): a record "
                                    "must be fitted on the scores of the model it is written into")
         saved_scores = load_scores(scores)
+        scored_weights, serving = saved_scores.model_revision, entry.manifest.revision
+        if scored_weights is not None and scored_weights != serving:
+            # The results folder outlives `train`/`quantize --overwrite`: the file may hold an earlier entry's scores.
+            raise CalibrationError(f"--scores {scores} scored other weights of {model} ({scored_weights}) than the "
+                                   f"entry holds now ({serving}: made again since); score them again without "
+                                   "--scores")
+        if scored_weights is None:
+            console.print(f"[yellow]--scores {scores} does not say which weights it scored (a file from before "
+                          f"2026-12-06): it is taken to be {model}'s as the entry holds them now[/]")
         wrong = {name: split for name, split in saved_scores.splits.items() if CALIBRATION_SPLITS.get(name) != split}
         if wrong:  # fitted on validation only, as every record is
             raise CalibrationError("--scores holds splits calibration never reads: " + ", ".join(
@@ -465,7 +482,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
                                    score_validation(entry, settings, data, console, cue, letter=letter,
                                                     demonstrations=shown), cue, shown, source,
                                    None if needs_transformers(entry) else served_dtype(entry.path, settings.dtype),
-                                   decontaminated)
+                                   decontaminated, model_revision=entry.manifest.revision)
         folder = ResultStore(settings.resolved_eval_results_dir).folder(model)
         # saved before the domains are added: the engine's scoring is the costly part, and kept whatever follows
         saved = save_scores(folder / "calibration" / f"scores-{_stamp()}.json", *saved_scores)

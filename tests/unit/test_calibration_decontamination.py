@@ -139,6 +139,17 @@ def test_a_refit_leaves_out_the_same_questions_from_scores_saved_before_the_rule
     assert record.validation["decontaminated"] == {"arc_easy": 1} and record.validation["n"] == 29
     assert "(arc_easy 1 of them when scored)" in out.getvalue()
 
+    # Scores of other weights of the name (an entry made again since; the results folder outlived it) are refused.
+    revision = Registry(settings.models_dir).get("decon-test").manifest.revision
+    ours = save_scores(own / "ours.json", {"arc_easy": "validation"}, {"arc_easy": _scored(clean)}, "Answer:",
+                       decontaminated={"arc_easy": 1}, model_revision=revision)
+    assert load_scores(ours).model_revision == revision
+    assert calibrate("decon-test", settings, Console(file=io.StringIO()), scores=ours, write=False).validation
+    theirs = save_scores(own / "theirs.json", {"arc_easy": "validation"}, {"arc_easy": _scored(clean)}, "Answer:",
+                         decontaminated={"arc_easy": 1}, model_revision="made:2026-01-01T00:00:00+00:00")
+    with pytest.raises(CalibrationError, match="scored other weights of decon-test"):
+        calibrate("decon-test", settings, Console(file=io.StringIO()), scores=theirs, write=False)
+
     # Questions the folder's split lacks (or saved without ids) cannot be checked: refused, as is a missing split.
     stray = save_scores(own / "stray.json", {"arc_easy": "validation"}, {"arc_easy": _scored(ids + ["gone"])},
                         "Answer:")
