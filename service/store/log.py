@@ -24,6 +24,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicError
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -57,15 +60,34 @@ def alembic_config(url: str) -> Config:
 
 
 async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the database to a migration (by default the newest) on the server's own engine."""
+    """Bring the database to a migration (by default the newest) on the server's own engine. A database a newer
+    version migrated past what this one knows (a rollback) is written as it is: the migrations add tables and
+    nullable columns only, so this version's rows still fit. Upgrading it failed at every start and every retry,
+    and every row went to the spill file for as long as the older version ran."""
 
     def _upgrade(connection) -> None:
         config = alembic_config(str(engine.url))
         config.attributes["connection"] = connection
+        known = ScriptDirectory.from_config(config)
+        current = MigrationContext.configure(connection).get_current_heads()
+        ahead = [head for head in current if not _knows(known, head)]
+        if ahead:
+            log.warning("the log database is at migration %s, which this version does not know (a newer version "
+                        "migrated it; newest known here: %s): writing to it as it is. To roll the schema back, "
+                        "run the newer version's `alembic -c service/store/alembic.ini downgrade %s`",
+                        ", ".join(ahead), known.get_current_head(), known.get_current_head())
+            return
         command.upgrade(config, revision)
 
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade)
+
+
+def _knows(script: ScriptDirectory, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except AlembicError:
+        return False
 
 
 def make_engine(url: str) -> AsyncEngine:
