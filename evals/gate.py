@@ -128,7 +128,7 @@ def compare_runs(
         other = baseline.get(m.key)
         if other is None or not same_judge(m, other):
             continue
-        if why := different_data(m, other, candidate.data, baseline.data):
+        if why := different_data(m, other, candidate.data, baseline.data) or different_conditions(m, other):
             other_data.setdefault(why, []).append(m.key)
             continue
         try:
@@ -152,6 +152,18 @@ def different_data(candidate: Measurement, baseline: Measurement, candidate_data
                     f"{ours}; baseline: {baseline_data.get(name, '?')}, digest {theirs}); measure both on the same "
                     f"data ({fix})")
     return None
+
+
+def different_conditions(candidate: Measurement, baseline: Measurement) -> str | None:
+    """Why two generated measurements are not alike (other token limits or system prompt), or None; runs from before
+    conditions were recorded (2026-12-06) are taken on trust."""
+    ours, theirs = candidate.details.get("conditions"), baseline.details.get("conditions")
+    if ours is None or theirs is None or ours == theirs:
+        return None
+    differ = ", ".join(f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in sorted(ours.keys() | theirs.keys())
+                       if ours.get(k) != theirs.get(k))
+    return (f"the answers were generated under other conditions (candidate vs baseline: {differ}); measure both "
+            "with the same --gsm8k-max-tokens and ZEPHYR_SYSTEM_PROMPT")
 
 
 _BENCHMARK_ORDER = [b for names in SUITE_BENCHMARKS.values() for b in names]

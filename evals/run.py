@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                 generations["gsm8k"] = measurements[0].details["generations"]
             else:
                 measurements = _text_suite(engine, data, options, settings, text_tools, generations, console)
+            if suite in ("gsm8k", "text"):
+                for m in measurements:  # what generated the answers, which the gate compares only when equal
+                    m.details["conditions"] = generation_conditions(options, settings)
             save(suite, measurements, started)
     finally:
         if engine is not None:
@@ -293,6 +297,13 @@ def _mcq_server(data: dict, names: list[str], options: RunOptions, console: Cons
                               f"{len(common)}")
             out.append(m)
     return out
+
+
+def generation_conditions(options: RunOptions, settings: Settings) -> dict[str, Any]:
+    """What shapes the generated answers besides the model: their token limits and the system prompt (by digest)."""
+    system = settings.served_system_prompt
+    return {"gsm8k_max_tokens": options.gsm8k_max_tokens, "text_max_tokens": TEXT_MAX_TOKENS,
+            "system_prompt": hashlib.sha256(system.encode()).hexdigest()[:16] if system else None}
 
 
 def _gsm8k_suite(engine: Any, data: dict, options: RunOptions, settings: Settings) -> list[Measurement]:

@@ -323,6 +323,25 @@ def test_runs_that_read_different_questions_are_not_compared(store):
     assert check(store, "old", "base", max_drop=1.0, suites=["mcq"]).passed
 
 
+def test_answers_generated_under_other_token_limits_are_not_compared(store):
+    """A candidate's GSM8K answers cut at 128 tokens were compared with a baseline's at 256 as like for like."""
+    def save_generated(model: str, conditions: dict | None) -> None:
+        m = measurement("gsm8k", "exact_match_5shot", "test", accuracy(60, 100))
+        if conditions is not None:
+            m.details["conditions"] = conditions
+        store.save(EvalRun(model=model, suite="gsm8k", measurements=[m]))
+
+    served = {"gsm8k_max_tokens": 256, "text_max_tokens": 128, "system_prompt": "abcd"}
+    save_generated("base", served)
+    save_generated("cand", served | {"gsm8k_max_tokens": 128})
+    with pytest.raises(GateError, match="other conditions .candidate vs baseline: gsm8k_max_tokens 128 vs 256"):
+        check(store, "cand", "base", suites=["gsm8k"])
+    save_generated("cand", served)
+    assert check(store, "cand", "base", suites=["gsm8k"]).passed
+    save_generated("old", None)  # from before conditions were recorded: taken on trust
+    assert check(store, "old", "base", suites=["gsm8k"]).passed
+
+
 def test_each_measurement_is_judged_by_the_data_it_was_computed_on(store):
     store.save(EvalRun(model="base", suite="mcq", measurements=[read("sciq", "mcq_acc_auto", {"sciq": "aaaa"})]))
     store.save(EvalRun(model="cand", suite="mcq", measurements=[read("sciq", "mcq_acc_auto", {"sciq": "aaaa"})]))
