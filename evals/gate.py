@@ -397,9 +397,9 @@ def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
 
 
 def stale_served_rows(store: ResultStore, model: str, run: EvalRun, suites: list[str]) -> list[str]:
-    """`model`'s in-process served (`auto`) measurements in `suites` computed under another calibration record than
-    the one its registry entry holds now (a `zephyr eval calibrate` since): the service no longer answers as they
-    did."""
+    """`model`'s served (`auto`) measurements in `suites`, in process or through a server, computed under another
+    calibration record than the one its registry entry holds now (a `zephyr eval calibrate` since): the service no
+    longer answers as they did."""
     from zephyr import mcq
 
     if store.registry is None or not store.registry.exists(model):
@@ -408,13 +408,14 @@ def stale_served_rows(store: ResultStore, model: str, run: EvalRun, suites: list
     now = mcq.plan("auto", record)
     stale = []
     for m in run.measurements:
-        if m.metric != SERVED_METRICS[0] or suite_of(m.benchmark) not in suites:
+        if m.metric not in SERVED_METRICS or suite_of(m.benchmark) not in suites:
             continue
-        if "record_created_at" in m.details:  # runs since 2026-12-03 name their record
+        if "record_created_at" in m.details:  # runs since 2026-12-03 name their record (a server's since 12-06)
             if m.details["record_created_at"] != (record.created_at.isoformat() if record else None):
                 stale.append(m.key)
-        elif "method" in m.details and (m.details["method"], m.details.get("weights")) != (now.method, now.weights):
-            stale.append(m.key)  # a measurement that names neither (made by hand) cannot be told stale
+        elif (m.metric == SERVED_METRICS[0] and "method" in m.details
+              and (m.details["method"], m.details.get("weights")) != (now.method, now.weights)):
+            stale.append(m.key)  # an in-process one that names neither (made by hand) cannot be told stale
     return stale
 
 

@@ -232,10 +232,17 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
     chunks = [accepted[i: i + batch] for i in range(0, len(accepted), batch)]
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
+    served_record: dict[str, Any] = {}  # a Zephyr server's record_created_at; `vllm serve`-like ones say nothing
+
     async def run() -> list[dict[str, Any]]:
         limit = asyncio.Semaphore(concurrency)
         progress = tqdm(total=len(accepted), desc=f"{name} via {url}")
         async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as client:
+            if method == "auto":  # which record the server answers with, for the gate's staleness check
+                card = await client.get("/v1/models")
+                if card.status_code == 200 and (data := card.json().get("data")):
+                    served_record["record_created_at"] = data[0].get("mcq_calibrated_at")
+
             async def one(chunk: list[MCQItem]) -> list[dict[str, Any]]:
                 async with limit:
                     body = {"questions": [{"question": i.question, "options": i.options, "method": method,
@@ -258,5 +265,5 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
                      for item, result in zip(accepted, results, strict=True)}
     return measurement(name, method_metric(method, server=True), split, values, groups=_groups(accepted, values),
                        seconds=seconds, details={"answers": answers, "probabilities": probabilities,
-                                                 "excluded": excluded, "url": url,
+                                                 "excluded": excluded, "url": url, **served_record,
                                                  "method": results[0]["method"] if results else method})

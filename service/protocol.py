@@ -526,6 +526,10 @@ class ModelCard(OpenAIResponse):
     max_model_len: int
     revision: str = Field(description="Which weights of this name: the bundled base model's digest, else when its "
                           "registry entry was made (review pairs record it, and `eval gate --reviews` matches it)")
+    mcq_calibrated_at: str | None = Field(default=None, description=(
+        "When the /mcq calibration record this server answers `auto` with was fitted (null: it has none and "
+        "answers plain cloze); `eval run --server` records it, and the gate refuses figures of a record since "
+        "replaced"))
 
 
 class ModelList(OpenAIResponse):

@@ -32,6 +32,7 @@ def served_model_card(request: Request) -> ModelCard:
     return ModelCard(
         id=tutor.model_name, created=int(entry.manifest.created_at.timestamp()), parent=entry.manifest.parent,
         method=entry.manifest.method, max_model_len=tutor.engine.max_model_len, revision=entry.manifest.revision,
+        mcq_calibrated_at=record.created_at.isoformat() if (record := entry.manifest.mcq_calibration) else None,
     )
 
 

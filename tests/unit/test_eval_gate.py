@@ -267,6 +267,21 @@ def test_served_figures_of_a_record_the_entry_no_longer_serves_are_refused(tmp_p
         check(store, "cand", "base", suites=["mcq"])
     served("cand", {})  # names no method or record (made by hand): nothing to tell it by, so judged as it is
     assert check(store, "cand", "base", suites=["mcq"]).passed
+    # Figures measured through a server name the record it answered with (its /v1/models card): judged alike.
+    current = registry.get("cand").manifest.mcq_calibration.created_at.isoformat()
+    for model, when in (("base", None), ("cand", current)):
+        m = measurement("arc_easy", "mcq_acc_auto_server", "test", accuracy(60, 100))
+        m.details.update({"record_created_at": when, "method": "cloze"})
+        store.save(EvalRun(model=model, suite="mcq", measurements=[m]))
+    assert check(store, "cand", "base", suites=["mcq"]).passed
+    m = measurement("arc_easy", "mcq_acc_auto_server", "test", accuracy(60, 100))
+    m.details.update({"record_created_at": record.created_at.isoformat(), "method": "cloze"})
+    store.save(EvalRun(model="cand", suite="mcq", measurements=[m]))
+    with pytest.raises(GateError, match="cand's arc_easy/mcq_acc_auto_server were measured under another"):
+        check(store, "cand", "base", suites=["mcq"])
+    m.details = {"method": "cloze"}  # a server row from before servers said: taken on trust
+    store.save(EvalRun(model="cand", suite="mcq", measurements=[m]))
+    assert check(store, "cand", "base", suites=["mcq"]).passed
 
 
 def test_missing_results_say_what_to_run(store):

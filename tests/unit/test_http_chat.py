@@ -341,5 +341,7 @@ async def test_what_the_official_client_and_curl_send_is_read(served):
 async def test_a_model_is_retrieved_by_name(served):
     r = await served.client.get("/v1/models/smollm2-135m-instruct")
     assert r.status_code == 200 and r.json()["id"] == "smollm2-135m-instruct" and r.json()["object"] == "model"
+    record = served.app.state.registry_entry.manifest.mcq_calibration  # what `eval run --server` records
+    assert r.json()["mcq_calibrated_at"] == (record.created_at.isoformat() if record else None)
     r = await served.client.get("/v1/models/gpt-4")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
