@@ -251,6 +251,16 @@ def test_reward_model_win_rates_per_pair_ordered_by_name(tmp_path):
     assert "Reward-model win rates</h2>" in html and "<td>alpha</td><td>zeta</td>" in html
 
 
+def test_reward_model_scores_of_other_questions_under_the_same_ids_have_no_win_rate(tmp_path):
+    """SciQ's ids are row numbers: two runs on different SciQ files pair different questions under one id."""
+    store = ResultStore(tmp_path / "results")
+    for model, digest in (("alpha", "aaaa"), ("zeta", "bbbb")):
+        m = measurement("rm", "rm_score", "test", {"q1": 1.0, "q2": 0.5}, data_digest={"sciq": digest})
+        store.save(EvalRun(model=model, suite="text", measurements=[m]))
+    md_path, _ = write_report(store, ["alpha", "zeta"], tmp_path / "out")
+    assert "## Reward-model win rates" not in md_path.read_text()
+
+
 def test_one_reward_model_score_has_no_win_rates(report):
     md, _ = report
     assert "## Reward-model win rates" not in md
