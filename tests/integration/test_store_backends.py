@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy import text
 from service.metrics import Metrics
 from service.store.log import GenerationLog
 from service.store.models import GenerationRecord
+from tests.review_data import postgres_url
 from tests.unit.test_generation_log import row
 from zephyr.pii import Redactor
 
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.integration
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
-    url = os.environ.get("ZEPHYR_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set ZEPHYR_TEST_POSTGRES_URL (bash scripts/postgres-for-tests.sh prints it)")
-    return url
+    return postgres_url()
 
 
 async def test_rows_are_written_redacted_and_replays_are_idempotent(db_url, tmp_path):
