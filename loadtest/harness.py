@@ -84,7 +84,6 @@ def linked_variant(home: Path, source: RegistryEntry, name: str, **manifest: Any
     return folder
 
 
-@dataclass
 def _kill_group(process: subprocess.Popen) -> None:
     """SIGKILL a server started in its own session, and every process of its group (the engine's too)."""
     try:
@@ -94,6 +93,7 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
+@dataclass
 class LocalServer:
     process: subprocess.Popen
     url: str

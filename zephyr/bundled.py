@@ -40,17 +40,24 @@ def shipped_calibration() -> MCQCalibration:
 
 
 def _with_shipped_calibration(registry: Registry, entry: RegistryEntry, console: Console) -> RegistryEntry:
-    """Give the bundled entry the shipped record unless it has one (an operator's own calibration is kept)."""
+    """Give the bundled entry the shipped record when it has none, or when the one it has was shipped by an older
+    version (a registry on a volume outlives the image that prepared it). An operator's own calibration, and a record
+    given before entries said where theirs came from, are kept."""
     manifest = entry.manifest
-    if manifest.mcq_calibration is not None or manifest.source != BUNDLED_SOURCE:
+    if manifest.source != BUNDLED_SOURCE:
+        return entry
+    if manifest.mcq_calibration is not None and not manifest.mcq_calibration_shipped:
         return entry
     if manifest.data_digest != f"sha256:{GGUF_SHA256}":
         console.print(f"[yellow]![/] {entry.name} was made from another GGUF ({manifest.data_digest}); its /mcq "
                       "`auto` stays uncalibrated until `zephyr eval calibrate` runs")
         return entry
     record = shipped_calibration()
-    registry.record_calibration(entry.name, record)
-    console.print(f"[green]✓[/] {entry.name}: /mcq `auto` answers by the shipped calibration record ({record.method}, "
+    if manifest.mcq_calibration == record:
+        return entry
+    registry.record_calibration(entry.name, record, shipped=True)
+    updated = "updated to" if manifest.mcq_calibration is not None else "answers by"
+    console.print(f"[green]✓[/] {entry.name}: /mcq `auto` {updated} the shipped calibration record ({record.method}, "
                   f"fitted {record.created_at:%Y-%m-%d} on validation splits)")
     return registry.get(entry.name)
 

@@ -52,6 +52,9 @@ class ModelManifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     evals: dict[str, Any] = {}
     mcq_calibration: MCQCalibration | None = None  # `zephyr eval calibrate`: how /mcq's `auto` answers
+    # True when the record is the one shipped with the code (zephyr/calibrations/), which `models prepare` brings up
+    # to date after an upgrade; False for an operator's own `zephyr eval calibrate`, which is never replaced.
+    mcq_calibration_shipped: bool = False
 
     @property
     def created_at_utc(self) -> datetime:
@@ -333,9 +336,10 @@ class Registry:
         entry.manifest.evals[key] = result
         self._save(entry)
 
-    def record_calibration(self, name: str, calibration: MCQCalibration | None) -> None:
+    def record_calibration(self, name: str, calibration: MCQCalibration | None, shipped: bool = False) -> None:
         entry = self.get(name)
         entry.manifest.mcq_calibration = calibration
+        entry.manifest.mcq_calibration_shipped = shipped
         self._save(entry)
 
     def _save(self, entry: RegistryEntry) -> None:

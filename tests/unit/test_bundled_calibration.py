@@ -43,8 +43,20 @@ def test_models_prepare_gives_a_bundled_entry_without_a_record_the_shipped_one(t
     # a server starts on what the registry holds: without a record, auto is plain cloze and says so
     assert bundled.ensure_default_model(registry).manifest.mcq_calibration is None
     entry = bundled.prepare_default_model(registry)
-    assert entry.manifest.mcq_calibration == bundled.shipped_calibration()
+    assert entry.manifest.mcq_calibration == bundled.shipped_calibration() and entry.manifest.mcq_calibration_shipped
     assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration == bundled.shipped_calibration()  # on disk
+
+
+def test_a_record_an_older_version_shipped_is_brought_up_to_date(tmp_path, default_model):
+    """A registry on a volume outlives the image that prepared it: the record it shipped then was kept for ever."""
+    older = bundled.shipped_calibration().model_copy(update={"weights": {"cloze": 0.5}})
+    registry = _bundled_home(tmp_path / "shipped", default_model, mcq_calibration=older, mcq_calibration_shipped=True)
+    entry = bundled.prepare_default_model(registry)
+    assert entry.manifest.mcq_calibration == bundled.shipped_calibration() and entry.manifest.mcq_calibration_shipped
+    # the operator's `zephyr eval calibrate` writes its own, which is never replaced afterwards
+    registry.record_calibration(DEFAULT_MODEL, older)
+    assert not registry.get(DEFAULT_MODEL).manifest.mcq_calibration_shipped
+    assert bundled.prepare_default_model(registry).manifest.mcq_calibration == older
 
 
 def test_an_operators_own_record_and_another_checkpoint_are_left_alone(tmp_path, default_model):
