@@ -8,14 +8,13 @@ the per-request event log go to --out.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from rich.table import Table
 
-from loadtest.harness import LocalServer, Locust, linked_home, percentile
+from loadtest.harness import LocalServer, Locust, percentile, scratch_home
 from zephyr.console import make_console
 
 console = make_console()
@@ -52,7 +51,7 @@ def main() -> None:
 
     server = None
     if args.url is None:
-        home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-load-")))
+        home = scratch_home("load")
         extra = {"db_url": args.db_url} if args.db_url else {}
         with console.status("starting zephyr serve (model load and warm-up)"):
             server = LocalServer.start(home, review_policy="sample", review_share="0.1", **extra)

@@ -24,12 +24,13 @@ import requests
 from locust import HttpUser, between, events, task
 
 from zephyr.mcq import read_arc_jsonl
+from zephyr.settings import Settings
 
 STUDENT_KEY = os.environ.get("ZEPHYR_LOAD_STUDENT_KEY", "")
 # One key per reviewer: two users of one key would be one reviewer judging in two tabs.
 REVIEWER_KEYS = os.environ.get("ZEPHYR_LOAD_REVIEWER_KEYS", "").split(",")
 MCQ_DATA = Path(os.environ.get(
-    "ZEPHYR_LOAD_MCQ_DATA", Path(__file__).resolve().parents[2] / "shared/data/arc/ARC-Easy/ARC-Easy-Dev.jsonl"))
+    "ZEPHYR_LOAD_MCQ_DATA", Settings().data_dir / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"))
 EXAM_PERIOD_S = float(os.environ.get("ZEPHYR_LOAD_EXAM_PERIOD", "60"))
 EXAM_QUESTIONS = 8
 TIMEOUT_S = 300
@@ -66,7 +67,9 @@ EVENTS = EventLog(os.environ.get("ZEPHYR_LOAD_EVENTS"))
 
 def load_questions(path: Path) -> list[dict]:
     if not path.exists():
-        return [{"question": "Which is a source of light?", "options": ["the Sun", "the Moon", "a mirror", "a rock"]}]
+        # One question would be answered from the prefix cache every time, and MCQ latencies would flatter.
+        raise SystemExit(f"{path} is missing: the exam traffic needs ARC-Easy's dev questions (ZEPHYR_DATA_DIR, or "
+                         "ZEPHYR_LOAD_MCQ_DATA)")
     return [{"question": q.question, "options": list(q.options)} for q in read_arc_jsonl(path)]
 
 
@@ -82,13 +85,26 @@ def report_stream(started: float, response: requests.Response | None, error: str
     EVENTS.write(name="chat", start=started, end=time.time(), status=status, error=error, **extra)
 
 
-def log_response(name: str, started: float, response: requests.Response, request_id: str | None = None) -> None:
+def log_response(name: str, started: float, response: requests.Response, request_id: str | None = None,
+                 wrong: str | None = None) -> None:
     """The event-log line for a request made with Locust's client, which counts it in its statistics itself
-    and turns a connection error into status 0."""
+    and turns a connection error into status 0. `wrong`: what is wrong with a 200's body (the soak fails on it)."""
     error = getattr(response, "error", None) if response.status_code == 0 else None
     EVENTS.write(name=name, start=started, end=time.time(), status=response.status_code,
-                 error=f"{type(error).__name__}: {error}" if error else None, id=request_id,
+                 error=f"{type(error).__name__}: {error}" if error else wrong, id=request_id,
                  done=succeeded(response), code=error_code(response))
+
+
+def mcq_answer_problem(body: dict, options: int) -> str | None:
+    """What breaks /mcq's promise in a 200's body: one of the offered letters (or an abstention), with
+    probabilities over exactly those letters that sum to 1."""
+    letters = [chr(ord("A") + i) for i in range(options)]
+    probabilities = body.get("probabilities") or {}
+    if sorted(probabilities) != letters or abs(sum(probabilities.values()) - 1) > 1e-3:
+        return f"probabilities {probabilities} are not a distribution over {''.join(letters)}"
+    if body.get("answer") not in letters and not (body.get("answer") is None and body.get("abstained")):
+        return f"answer {body.get('answer')!r} is none of {''.join(letters)}"
+    return None
 
 
 class Student(HttpUser):
@@ -175,7 +191,9 @@ class ExamTaker(HttpUser):
         started = time.time()
         response = self.client.post("/mcq", json={**question, "explain": explain}, timeout=TIMEOUT_S,
                                     name="mcq (explain)" if explain else "mcq")
-        log_response("mcq", started, response, response.json()["id"] if response.status_code == 200 else None)
+        body = response.json() if response.status_code == 200 else {}
+        log_response("mcq", started, response, body.get("id"),
+                     mcq_answer_problem(body, len(question["options"])) if body else None)
 
 
 class Reviewer(HttpUser):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from loadtest.harness import LocalServer, Locust, Report, linked_home, one_row_each
+from loadtest.harness import LocalServer, Locust, Report, one_row_each, scratch_home
 from loadtest.load import summary
 from zephyr.console import make_console
 
@@ -28,7 +27,7 @@ MAX_RSS_GROWTH = 0.10
 
 def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_period: float = 60) -> Report:
     report = Report(f"soak: {users} users for {minutes:g} min")
-    home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-soak-")))
+    home = scratch_home("soak")
     extra = {"db_url": db_url} if db_url else {}
     server = LocalServer.start(home, review_policy="sample", review_share="0.1", **extra)
     samples: list[tuple[float, int]] = []
@@ -56,6 +55,11 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         report.check("no 5xx answer", not server_errors,
                      f"{len(server_errors)} of {len(events)} requests" + _codes(server_errors))
         report.check("no dropped connection", not dropped, f"{len(dropped)} requests without an answer")
+        # A 200 is no success when its stream broke off or carried an error event, or its /mcq body breaks the
+        # promise of one offered letter with probabilities over the options.
+        broken = [e for e in events if e["status"] == 200 and e.get("error")]
+        report.check("every answer whole and well-formed", not broken,
+                     f"{len(broken)} of {len(events)}" + "".join(f"; {e['name']}: {e['error']}" for e in broken[:3]))
 
         time.sleep(1)  # the log flushes every 0.05 s; candidates for review finish first
         report.check("one log row per successful request", *one_row_each(server, events))

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.harness import STUDENT_KEY, LocalServer, linked_home
+from loadtest.harness import STUDENT_KEY, LocalServer, scratch_home
 from zephyr.registry import RegistryError, check_name
 
 # The `vllm` console script asks importlib.metadata for the "vllm" distribution, which the CPU wheel names
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         check_name(args.model)
     except RegistryError as exc:
         parser.error(str(exc))
-    home = linked_home(Path(tempfile.mkdtemp(prefix="zephyr-vllm-bench-")))
+    home = scratch_home("vllm-bench")
     tokenizer = (home / "models" / args.model).resolve()
     server = None if args.url else LocalServer.start(home, rate_limit="")
     try:

@@ -4,6 +4,7 @@ sockets (taken while the engine loads, before the server binds) cannot collide w
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from loadtest.harness import _ephemeral_low, free_port
 
@@ -27,3 +28,23 @@ def test_free_port_skips_a_taken_port(monkeypatch):
         assert free_port() == 12_345
     finally:
         taken.close()
+
+
+def test_an_mcq_answer_that_breaks_the_promise_is_named():
+    # In a process of its own: gevent must patch ssl before anything imports it, as under `locust -f`.
+    import subprocess
+    import sys
+
+    check = """
+import locust
+from loadtest.locustfile import mcq_answer_problem as problem
+uniform = {"A": 0.5, "B": 0.5}
+assert problem({"answer": "B", "probabilities": uniform}, 2) is None
+assert problem({"answer": None, "abstained": True, "probabilities": uniform}, 2) is None
+assert "none of AB" in problem({"answer": "C", "probabilities": uniform}, 2)
+assert "not a distribution" in problem({"answer": "A", "probabilities": {"A": 0.9, "B": 0.3}}, 2)
+assert "not a distribution" in problem({"answer": "A", "probabilities": {"A": 1.0}}, 2)
+"""
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
