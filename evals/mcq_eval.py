@@ -216,6 +216,9 @@ def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MC
                                 **({"demonstrations": demonstrations} if demonstrations else {})})
 
 
+RETRIES_WHEN_BUSY = 5
+
+
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
                batch: int = 64, concurrency: int = 4, method: str = "letter") -> Measurement:
     """Accuracy of one /mcq method through a running server's POST /mcq/batch. Questions the service refuses
@@ -245,9 +248,17 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
 
             async def one(chunk: list[MCQItem]) -> list[dict[str, Any]]:
                 async with limit:
+                    # min_confidence 0: the server's own floor (ZEPHYR_MCQ_MIN_CONFIDENCE) would abstain where the
+                    # in-process answers never do, and every abstention would count as a wrong, different answer.
                     body = {"questions": [{"question": i.question, "options": i.options, "method": method,
+                                           "min_confidence": 0.0,
                                            **({"support": i.support} if i.support else {})} for i in chunk]}
                     response = await client.post("/mcq/batch", json=body)
+                    for _ in range(RETRIES_WHEN_BUSY):  # a full server says when to come back: not a failed run
+                        if response.status_code != 503:
+                            break
+                        await asyncio.sleep(min(float(response.headers.get("retry-after") or 1), 30))
+                        response = await client.post("/mcq/batch", json=body)
                     if response.status_code != 200:
                         raise RuntimeError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
                     progress.update(len(chunk))

@@ -172,3 +172,30 @@ def test_planned_figures_read_the_answers_given_not_the_rounded_probabilities():
     figures = m.details["calibration"]
     assert figures["coverage_accuracy"] == {"100%": 1.0, "80%": 1.0, "50%": 1.0}
     assert figures["ece"] == pytest.approx(0.5) and figures["reliability"][0]["accuracy"] == 1.0
+
+
+def test_via_server_asks_without_the_servers_floor_and_waits_out_a_full_server(monkeypatch):
+    """The server's ZEPHYR_MCQ_MIN_CONFIDENCE abstained where in-process answers never do, and one 503 ended the run."""
+    import json
+
+    import httpx
+
+    bodies, statuses = [], iter([503, 200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"mcq_calibrated_at": None}]})
+        bodies.append(json.loads(request.content))
+        status = next(statuses)
+        if status == 503:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"message": "full"}})
+        return httpx.Response(200, json={"results": [
+            {"answer": "B", "probabilities": {"A": 0.4, "B": 0.6}, "method": "cloze"}]})
+
+    real = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+    item = MCQItem(id="q1", question="Which is a gas?", options=["rock", "air"], answer="B")
+    m = mcq_eval.via_server("http://tutor", None, "arc_easy", "test", [item], method="auto")
+    assert m.items == {"q1": 1.0} and len(bodies) == 2  # retried once, after the server's Retry-After
+    assert all(q["min_confidence"] == 0.0 for q in bodies[0]["questions"])
+    assert m.details["record_created_at"] is None  # what the server said it answers with
