@@ -138,7 +138,7 @@ def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:
 def _matrices(items: Sequence[Scored], features: Sequence[str],
               prior: Mapping[str, list[float]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The questions grouped by option count: per group, features (questions x options x features) and keys."""
-    record = mcq.MCQCalibration(method="fit", weights={features[0]: 1.0}, letter_prior=dict(prior))
+    record = mcq.MCQCalibration(method="letter_debiased", weights={features[0]: 1.0}, letter_prior=dict(prior))
     groups: dict[int, tuple[list[np.ndarray], list[int]]] = {}
     for item in items:
         columns = [mcq.feature_values(item.scores, f, record if f == "letter" else None) for f in features]

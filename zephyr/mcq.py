@@ -254,6 +254,7 @@ def first_tokens_by_context(requests: Sequence[tuple[Sequence[int], int]],
 # Methods and calibration ---------------------------------------------------------------------------------
 METHODS = ("auto", "letter", "cloze", "explain")
 # What `auto` may resolve to: evals/calibration.py fits one candidate per name (a unit test keeps them equal).
+MIN_TEMPERATURE = 1e-6
 AUTO_METHODS = ("letter", "letter_debiased", "cloze", "cloze_norm", "cloze_pmi", "combined")
 # The per-option scores a calibrated `auto` may combine: the constrained letter's log-probability (with the
 # position prior removed), the option text's log-likelihood, that log-likelihood per character (lm-eval's
@@ -336,21 +337,41 @@ class MCQCalibration(BaseModel):
     question_domain: QuestionDomain | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in AUTO_METHODS:  # what a response reports as `auto`'s method
+            raise ValueError(f"method must be one of {', '.join(AUTO_METHODS)}; got {method!r}")
+        return method
+
     @field_validator("weights")
     @classmethod
     def _known_features(cls, weights: dict[str, float]) -> dict[str, float]:
         unknown = set(weights) - set(FEATURES)
-        if unknown or not weights:
-            raise ValueError(f"weights must name some of {', '.join(FEATURES)}; got {sorted(weights)}")
+        if unknown or not any(weights.values()):
+            # all zero: the server started and every `auto` answer was a 500 ("no feature has a weight")
+            raise ValueError(f"weights must give a weight other than 0 to some of {', '.join(FEATURES)}; got "
+                             f"{weights}")
         return weights
 
     @field_validator("temperatures")
     @classmethod
     def _positive_temperatures(cls, temperatures: dict[str, float]) -> dict[str, float]:
-        # A named method keeps its answer: a temperature at or below zero would turn its ranking around.
-        if bad := {k: v for k, v in temperatures.items() if not v > 0}:
-            raise ValueError(f"temperatures must be above 0; got {bad}")
+        # A named method keeps its answer: a temperature at or below zero would turn its ranking around, and one
+        # near zero overflows 1/T (every option's logit -inf, every request a 500).
+        if bad := {k: v for k, v in temperatures.items() if k not in METHODS or not v >= MIN_TEMPERATURE}:
+            raise ValueError(f"temperatures are per named method ({', '.join(METHODS)}) and at least "
+                             f"{MIN_TEMPERATURE:g}; got {bad}")
         return temperatures
+
+    @field_validator("letter_prior")
+    @classmethod
+    def _priors_over_their_letters(cls, priors: dict[str, list[float]]) -> dict[str, list[float]]:
+        # A row of another length than its key was skipped without a word, serving undebiased letters.
+        if bad := {k: v for k, v in priors.items()
+                   if not k.isdigit() or len(v) != int(k) or not all(math.isfinite(p) and p > 0 for p in v)}:
+            raise ValueError(f"letter_prior maps an option count to that many positive probabilities; got {bad}")
+        return priors
 
     @field_validator("scaling")
     @classmethod

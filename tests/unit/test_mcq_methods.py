@@ -118,7 +118,15 @@ def test_plans_auto_falls_back_to_cloze_and_named_methods_keep_their_answer():
     with pytest.raises(mcq.MCQFormatError, match="method"):
         mcq.plan("vote", None)
     with pytest.raises(ValueError, match="weights"):
-        mcq.MCQCalibration(method="x", weights={"votes": 1.0})
+        mcq.MCQCalibration(method="cloze", weights={"votes": 1.0})
+    # A record the server would start on and then fail or skew every request with is refused when it is read.
+    for bad, named in (({"method": "bogus"}, "method must be one of"),
+                       ({"weights": {"cloze": 0.0}}, "a weight other than 0"),
+                       ({"temperatures": {"cloze": 1e-308}}, "at least 1e-06"),
+                       ({"temperatures": {"votes": 1.0}}, "per named method"),
+                       ({"letter_prior": {"4": [0.25, 0.25, 0.5]}}, "that many positive probabilities")):
+        with pytest.raises(ValueError, match=named):
+            mcq.MCQCalibration.model_validate({"method": "cloze", "weights": {"cloze": 1.0}} | bad)
 
 
 def test_cloze_scores_normalize_by_the_options_characters():
@@ -191,14 +199,15 @@ def test_scores_file_round_trip(tmp_path: Path):
 
     items = synthetic(5, seed=2, temperature=1.0, bias=[0.0] * 4)
     path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:")
-    splits, loaded, cue, shown, source, dtype, decontaminated, question_domain = load_scores(path)
+    splits, loaded, cue, shown, source, dtype, decontaminated, question_domain, revision = load_scores(path)
     assert splits == {"arc_easy": "validation"} and [s.gold for s in loaded["arc_easy"]] == [s.gold for s in items]
     assert loaded["arc_easy"][0].scores == items[0].scores and cue == "Q?\nA:" and (shown, source) == ("", {})
     assert dtype is None  # not said: the record will not claim one
-    assert decontaminated == {"arc_easy": 0} and question_domain is None
+    assert decontaminated == {"arc_easy": 0} and question_domain is None and revision is None
     path = save_scores(tmp_path / "shots.json", {"arc_easy": "validation"}, {"arc_easy": items}, "Q?\nA:",
                        "Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3})
-    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3}, None)
+    assert load_scores(path)[3:] == ("Question: 1?\nAnswer: 2\n\n", {"count": 1}, "float32", {"arc_easy": 3}, None,
+                                     None)
     two = json.loads(path.read_text())
     path.write_text(json.dumps({**two, "sciq": {**two["arc_easy"], "dtype": "bfloat16"}}))
     with pytest.raises(CalibrationError, match="different dtypes"):
