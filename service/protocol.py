@@ -378,7 +378,7 @@ class MCQRequest(Strict):
     @model_validator(mode="after")
     def _one_method(self) -> MCQRequest:
         if self.explain and self.method not in ("auto", "explain"):
-            raise ValueError(f"`explain: true` asks for reasoning, which method `{self.method}` does not do; "
+            raise ValueError(f"`explain` is true, which asks for reasoning, and method `{self.method}` does none; "
                              "send `method: explain`, or drop `explain`")
         return self
 

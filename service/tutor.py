@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -507,8 +506,10 @@ class Tutor:
             q = mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
-        chars = len(q.question) + sum(len(o) for o in q.options) + len(q.support or "")
-        self.check_prompt_chars(chars, f"{param_prefix}question")
+        parts = {"question": len(q.question), "options": sum(len(o) for o in q.options),
+                 "support": len(q.support or "")}
+        # named by its longest part: a short question with a 32 KB passage was told to shorten `question`
+        self.check_prompt_chars(sum(parts.values()), f"{param_prefix}{max(parts, key=parts.__getitem__)}")
         return q
 
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
@@ -683,7 +684,12 @@ class Tutor:
         row.first_token_at = final.first_token_at
         entries = final.logprobs.get(0) or []
         requested = entries[0].requested if entries else {}
-        return mcq.log_softmax([requested.get(tid, -math.inf) for tid in letter_ids]), explanation
+        if not set(letter_ids) <= set(requested):
+            # as cloze answers it: a letter the engine gave no log-probability for was served as impossible (its
+            # favourite, when that one was missing), and none at all was a 500
+            raise APIError(503, "the engine returned no log-probability for an option's letter; retry",
+                           code="engine_unavailable")
+        return mcq.log_softmax([requested[tid] for tid in letter_ids]), explanation
 
     async def _cloze(self, requests: list[tuple[list[int], int]], row: GenerationRequest) -> list[float]:
         """Each option's log-likelihood as the question's continuation. The options are sent together, so they

@@ -72,6 +72,9 @@ def normalize_support(support: str | None) -> str | None:
 def normalize_options(options: Sequence[str] | Mapping[str, str]) -> list[str]:
     """Options as a list, from a list or from an object keyed A, B, C... in order."""
     if isinstance(options, Mapping):
+        if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:  # the count first: 11 keys are not "the wrong letters"
+            raise MCQFormatError(
+                f"`options` must have between {MIN_OPTIONS} and {MAX_OPTIONS} entries, got {len(options)}", "options")
         keys = [str(k).strip().upper() for k in options]
         expected = list(LETTERS[: len(keys)])
         if keys != expected:

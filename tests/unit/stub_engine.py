@@ -27,6 +27,7 @@ class StubEngine:
         self.delay = 0.0  # seconds per token
         self.score_delay = 0.0  # seconds each scoring request (the MCQ letter, an option's cloze score) takes
         self.fail_with: Exception | None = None
+        self.letters_without_logprob: set[str] = set()  # letters the engine leaves out of the requested logprobs
         self.last_finish: str | None = None  # a finish reason the last step gives instead ("error", "abort")
         self.calls: list[tuple[list[int], GenParams]] = []
         self._errored = False
@@ -135,7 +136,8 @@ class StubEngine:
         letters = {tid: self.tokenizer.decode([tid]).strip() for tid in params.allowed_token_ids}
         logits = {tid: self.letter_scores.get(letter, 0.0) for tid, letter in letters.items()}
         log_total = math.log(sum(math.exp(v) for v in logits.values()) + 10.0)  # mass off the letters too
-        requested = {tid: logits[tid] - log_total for tid in params.logprob_token_ids or ()}
+        requested = {tid: logits[tid] - log_total for tid in params.logprob_token_ids or ()
+                     if letters.get(tid) not in self.letters_without_logprob}
         best = max(logits, key=logits.__getitem__)
         entry = TokenLogprob(best, letters[best], logits[best] - log_total, [], requested)
         return EngineOutput([ChoiceDelta(0, letters[best], [best], [entry], "length")], finished=True)

@@ -326,8 +326,8 @@ async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabiliti
     ("payload", "fragment", "param"),
     [
         ({**QUESTION, "method": "vote"}, "auto", "method"),
-        ({**QUESTION, "method": "cloze", "explain": True}, "method `cloze` does not do", None),
-        ({**QUESTION, "method": "letter", "explain": True}, "method `letter` does not do", None),
+        ({**QUESTION, "method": "cloze", "explain": True}, "method `cloze` does none", "explain"),
+        ({**QUESTION, "method": "letter", "explain": True}, "method `letter` does none", "explain"),
         ({**QUESTION, "min_confidence": 1.5}, "less than or equal to 1", "min_confidence"),
         ({**QUESTION, "min_confidence": -0.1}, "greater than or equal to 0", "min_confidence"),
         ({**QUESTION, "min_confidence": "0.5"}, "valid number", "min_confidence"),
@@ -383,3 +383,22 @@ async def test_a_fault_while_scoring_is_a_500_and_still_logged(served, monkeypat
         rows = (await connection.execute(select(Generation.status, Generation.error))).all()
     assert [status for status, _ in rows] == ["error", "error"]
     assert "kernel fault" in rows[0].error and "math domain error" in rows[1].error
+
+
+async def test_a_letter_the_engine_gave_no_log_probability_is_a_503_not_an_impossible_option(served):
+    """The model's favourite B missing from the engine's answer was served as impossible (answer A, B: 0.0)."""
+    served.engine.letters_without_logprob = {"B"}
+    try:
+        r = await served.client.post("/mcq", json={**QUESTION, "method": "letter"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+    finally:
+        served.engine.letters_without_logprob = set()
+
+
+async def test_a_question_over_the_character_limit_names_its_longest_part(app_factory):
+    async with app_factory(max_prompt_chars=2000) as served:
+        r = await served.client.post("/mcq", json={**QUESTION, "support": "Plants grow. " * 400})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "support", r.text
+        eleven = {chr(ord("A") + i): f"option {i}" for i in range(11)}
+        r = await served.client.post("/mcq", json={"question": "Which?", "options": eleven})
+        assert r.status_code == 400 and "between 2 and 10 entries, got 11" in r.json()["error"]["message"]
