@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from evals.mcq_eval import _groups, question_of
 from evals.results import Measurement, measurement
+from offline.engine import LM_EVAL_TOKENIZATION
 from zephyr import mcq
 from zephyr.schemas import MCQItem
 
@@ -106,7 +107,7 @@ def _lm_eval_hf(model: Any, tokenizer: Any, batch_size: int) -> Any:
     """lm-eval's HFLM around an already loaded model, so cloze scores the weights the letter format scores."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **LM_EVAL_TOKENIZATION)
 
 
 def _version(name: str) -> str | None:

@@ -182,6 +182,11 @@ def _engine_core_in_process() -> Iterator[None]:
             os.environ[IN_PROCESS_FLAG] = previous
 
 
+# lm-eval encodes with the tokenizer's special tokens unless told not to: a BOS-adding model (Llama, Mistral) would
+# be scored after a BOS in process and without one by /mcq (mcq.cloze_split), and calibrated on the former.
+LM_EVAL_TOKENIZATION = {"add_bos_token": False}
+
+
 class OfflineEngine:
     """`lm_eval_model` is lm-eval's model (for log-likelihood tasks); `llm` the vllm.LLM inside it (generation);
     `tokenizer` its tokenizer."""
@@ -195,7 +200,8 @@ class OfflineEngine:
         os.environ.update(settings.vllm_environment())
         vllm_class = _prefix_cached(_lm_eval_vllm_class())
         with _engine_core_in_process():
-            self.lm_eval_model: Any = vllm_class(pretrained=str(model_path), batch_size="auto", **kwargs)
+            self.lm_eval_model: Any = vllm_class(pretrained=str(model_path), batch_size="auto",
+                                                 **LM_EVAL_TOKENIZATION, **kwargs)
         self.llm: Any = self.lm_eval_model.model
         self.tokenizer: Any = self.llm.get_tokenizer()
         self.settings = settings

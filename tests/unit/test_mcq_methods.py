@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -90,6 +91,27 @@ def test_cloze_requests_split_context_and_continuation_as_lm_eval_does(tokenizer
     context = mcq.cloze_context(QUESTION)
     for (ids, context_length), option in zip(mcq.cloze_requests(tokenizer, QUESTION), QUESTION.options, strict=True):
         context_ids, continuation_ids = encoder._encode_pair(context, mcq.CLOZE_DELIMITER + option)
+        assert ids == context_ids + continuation_ids and context_length == len(context_ids)
+
+
+def test_lm_eval_encodes_cloze_pairs_without_the_bos_a_model_adds(tokenizer):
+    """/mcq scores a pair without special tokens (cloze_split); lm-eval left to itself adds a BOS-adding model's BOS,
+    so such a model would be calibrated on other scores than it serves. SmolLM2 adds none: here it is made to."""
+    from tokenizers import processors
+
+    from offline.engine import LM_EVAL_TOKENIZATION, _lm_eval_vllm_class
+
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, with_bos.bos_token_id)])
+    assert with_bos.encode("Photosynthesis")[0] == with_bos.bos_token_id
+    vllm_model = _lm_eval_vllm_class()
+    lm = vllm_model.__new__(vllm_model)  # its encoder only: no engine
+    lm.tokenizer, lm.custom_prefix_token_id = with_bos, None
+    lm.add_bos_token = LM_EVAL_TOKENIZATION["add_bos_token"]
+    context = mcq.cloze_context(QUESTION)
+    for (ids, context_length), option in zip(mcq.cloze_requests(with_bos, QUESTION), QUESTION.options, strict=True):
+        context_ids, continuation_ids = lm._encode_pair(context, mcq.CLOZE_DELIMITER + option)
         assert ids == context_ids + continuation_ids and context_length == len(context_ids)
 
 
