@@ -78,7 +78,9 @@ def cloze(lm: Any, benchmarks: dict[str, tuple[str, list[MCQItem]]], workdir: Pa
     for name, (split, items) in benchmarks.items():
         samples = results["samples"][f"zephyr_{name}"]
         # Each option's log-likelihood, for the methods that combine or calibrate them (auto, evals/calibration).
-        loglikelihoods = {s["doc"]["id"]: [round(float(r[0]), 6) for r in s["filtered_resps"]] for s in samples}
+        # Kept whole: `auto` is computed from these, and the service from the engine's unrounded ones (rounded to
+        # 6 decimals, a near-tie the service broke one way was broken the other way in process).
+        loglikelihoods = {s["doc"]["id"]: [float(r[0]) for r in s["filtered_resps"]] for s in samples}
         for metric in ("acc", "acc_norm"):
             values = {s["doc"]["id"]: float(s[metric]) for s in samples}
             details: dict[str, Any] = {"prefix_cache_all_benchmarks": prefix_cache} if prefix_cache else {}
@@ -186,7 +188,7 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
         probs, answer = mcq.letter_distribution(letters, raw)
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
         probabilities[item.id] = round(probs[answer], 6)
-        letter_logprobs[item.id] = [round(x, 6) for x in mcq.log_softmax(raw)]
+        letter_logprobs[item.id] = mcq.log_softmax(raw)  # whole, as the cloze scores
     details: dict[str, Any] = {"answers": answers, "answer_probability": probabilities,
                                "letter_logprobs": letter_logprobs}
     if explain:
@@ -208,7 +210,7 @@ def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MC
     seconds = time.perf_counter() - started
     values, loglikelihoods = {}, {}
     for item, per_item in zip(items, requests, strict=True):
-        scores = [round(next(flat), 6) for _ in per_item]
+        scores = [next(flat) for _ in per_item]  # whole, as the cloze scores
         loglikelihoods[item.id] = scores
         values[item.id] = float(mcq.LETTERS[scores.index(max(scores))] == item.answer)
     return measurement(name, "answer_prior_acc", split, values, groups=_groups(items, values), seconds=seconds,
