@@ -298,7 +298,7 @@ async def test_characters_are_capped_before_any_tokenizer_runs(app_factory):
         r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 600}]})
         assert r.status_code == 400 and "ZEPHYR_MAX_PROMPT_CHARS" in r.json()["error"]["message"]
         r = await served.client.post("/mcq", json={**MCQ, "support": "y" * 600})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "question"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "support"  # its longest part
 
 
 async def test_prompts_are_tokenized_off_the_event_loop(served):
