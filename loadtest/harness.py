@@ -95,12 +95,15 @@ def linked_variant(home: Path, source: RegistryEntry, name: str, **manifest: Any
     return folder
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL a server started in its own session, and every process of its group (the engine's too)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a server and every process below it: vLLM's EngineCore is a daemon child that outlives a SIGKILLed
+    server (no parent-death watch), holding its weights and KV cache. The server stays in the caller's process group,
+    so a job killed as a group (CI's time limit) still takes it."""
+    for pid in [*descendants(process.pid), process.pid]:  # found before the parent dies and they are reparented
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
 
 
@@ -132,16 +135,14 @@ class LocalServer:
         }
         log_path = home / "server.log"
         with log_path.open("w") as log_file:
-            # Its own process group: vLLM's EngineCore is a daemon child that outlives a SIGKILLed server (no
-            # parent-death watch), holding its weights and KV cache; killing the group takes it too.
             process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--log-level", "info"],
-                                       env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                                       env=env, stdout=log_file, stderr=subprocess.STDOUT)
         db_url = env.get("ZEPHYR_DB_URL") or f"sqlite+aiosqlite:///{home / 'zephyr.db'}"
         server = cls(process, f"http://127.0.0.1:{port}", home, log_path, db_url)
         try:
             wait_ready(f"{server.url}/readyz", process, log_path, START_TIMEOUT_S)
         except ServerFailed:
-            _kill_group(process)
+            _kill_tree(process)
             raise
         _LOCAL_URLS.add(server.url)
         return server
@@ -161,7 +162,7 @@ class LocalServer:
             try:
                 self.process.wait(90)
             except subprocess.TimeoutExpired:
-                _kill_group(self.process)
+                _kill_tree(self.process)
         _LOCAL_URLS.discard(self.url)
         return self.process.returncode
 

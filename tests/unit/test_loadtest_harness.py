@@ -48,3 +48,24 @@ assert "not a distribution" in problem({"answer": "A", "probabilities": {"A": 1.
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_killed_server_takes_its_engine_process_with_it():
+    """vLLM's EngineCore, a child of the server, outlived a SIGKILLed server and kept its memory."""
+    import subprocess
+    import sys
+    import time
+
+    from loadtest.harness import _kill_tree, descendants
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               "'-c', 'import time; time.sleep(60)']); time.sleep(60)"])
+    deadline = time.monotonic() + 10
+    while not descendants(parent.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child,) = descendants(parent.pid)
+    _kill_tree(parent)
+    time.sleep(0.2)
+    assert parent.returncode is not None
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text()
