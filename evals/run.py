@@ -25,6 +25,7 @@ from evals.results import (
 from offline import benchmarks
 from zephyr import mcq, textquality
 from zephyr.console import make_console
+from zephyr.prompts import with_system_prompt
 from zephyr.registry import Registry, RegistryEntry, cuda_available, is_bitsandbytes
 from zephyr.settings import Settings
 
@@ -368,8 +369,8 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
     system = settings.served_system_prompt
     sciq = [item for item in data["sciq_text"][1] if item.support]
     sciq_prompts = [[{"role": "user", "content": item.question}] for item in sciq]
-    system_turn = [{"role": "system", "content": system}] if system else []
-    sciq_answers = engine.chat([system_turn + p for p in sciq_prompts], TEXT_MAX_TOKENS, "sciq answers")
+    sciq_answers = engine.chat([with_system_prompt(p, system or None) for p in sciq_prompts], TEXT_MAX_TOKENS,
+                               "sciq answers")
     gsm_items = data["gsm8k"][1]
     gsm_answers = generations.get("gsm8k")
     if gsm_answers is None:

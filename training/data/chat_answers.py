@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from offline.benchmarks import ANSWER_VERDICTS, answer_verdict, normalize_words
 from training.data.cloze import usable
 from zephyr import mcq
-from zephyr.prompts import encode_chat
+from zephyr.prompts import encode_chat, with_system_prompt
 from zephyr.schemas import MCQItem, Message, PreferencePair, write_jsonl
 from zephyr.textquality import loops
 
@@ -86,8 +86,7 @@ def askable(items: list[MCQItem]) -> tuple[list[MCQItem], int, int]:
 
 def conversation(question: str, system_prompt: str | None) -> list[dict[str, str]]:
     """The chat a student sends: the service's system prompt (when enabled), then the bare question."""
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": question}]
+    return with_system_prompt([{"role": "user", "content": question}], system_prompt or None)
 
 
 def sample(llm: Any, tokenizer: Any, items: list[MCQItem], system_prompt: str | None, *, k: int,
