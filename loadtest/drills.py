@@ -3,6 +3,8 @@ one fault, and prints pass/fail with the figures behind each check:
 
     sigterm      SIGTERM under load: in-flight requests finish, new ones get 503, the process exits 0
     engine-kill  the engine process is killed: /readyz fails within 5 s, no request hangs, the server exits
+    engine-hang  the engine process is stopped (SIGSTOP: alive, no output): the server finds the stall, kills the
+                 engine, fails the requests waiting on it and exits for a restart
     postgres     the PostgreSQL log store is stopped for 60 s under load: no failed student request, and no
                  lost log row once it is back
 
@@ -42,6 +44,7 @@ from zephyr.console import make_console
 console = make_console()
 GENERATION = ("chat", "mcq")
 READYZ_LIMIT_S = 5
+STALL_S = 15  # the hang drill's ZEPHYR_ENGINE_STALL_SECONDS (120 by default): well above a step under its load
 # A request sent this close to the fault may reach the server before or after it: judged by neither rule.
 RACE_S = 0.25
 POSTGRES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "postgres-for-tests.sh"
@@ -220,6 +223,48 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
     return report
 
 
+def engine_hang(load_s: float, users: int, out: Path) -> Report:
+    report = Report(f"engine process hung under load ({users} users)")
+    server = LocalServer.start(_home("drill-engine-hang"), engine_stall_seconds=str(STALL_S))
+    locust = Locust.start(server.url, out, users, load_s + STALL_S + 120, exam_period=load_s / 2)
+    try:
+        time.sleep(load_s)
+        engine_pid = server.engine_core_pid()
+        stopped = time.time()
+        os.kill(engine_pid, signal.SIGSTOP)
+        not_ready, closed = watch_readiness(server, stopped, timeout=STALL_S + 30)
+        if not_ready is None and closed is not None:
+            not_ready = closed - stopped
+        code, exited = _wait_exit(server, 120)
+        time.sleep(2)
+    finally:
+        locust.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine_pid, signal.SIGKILL)  # the server kills it; this only guards a failed drill
+        server.stop()
+    events = [e for e in locust.events() if e["name"] in GENERATION]
+    in_flight = [e for e in events if e["start"] < stopped < e["end"]]
+    longest = max((e["end"] - stopped for e in in_flight), default=0.0)
+    unready_at = stopped + (not_ready if not_ready is not None else STALL_S + 30)
+    after_unready = [e for e in events if unready_at + RACE_S < e["start"] < exited]
+    limit = STALL_S + READYZ_LIMIT_S
+    report.check(f"/readyz fails within {limit} s (stall limit {STALL_S} s)",
+                 not_ready is not None and not_ready < limit,
+                 f"after {not_ready:.2f} s" if not_ready is not None else f"still ready after {STALL_S + 30} s")
+    report.check("no request hangs", in_flight and longest < STALL_S + 30,
+                 f"{len(in_flight)} in flight at the stop ({_statuses(in_flight)}); the last ended "
+                 f"{longest:.1f} s after it")
+    report.check("new requests are refused once not ready", all(e["status"] in (0, 503) for e in after_unready),
+                 f"{len(after_unready)} sent before exit: {_statuses(after_unready)}")
+    named = "stalled for" in server.log_path.read_text(errors="replace")
+    report.check("the server exits (code 1) and its log names the stall", code == 1 and named,
+                 f"exit {code}, {exited - stopped:.1f} s after the stop; stall {'named' if named else 'not named'}")
+    report.figures.update(readyz_failed_s=not_ready, in_flight=len(in_flight), longest_after_stop_s=longest,
+                          exit_code=code, exit_s=exited - stopped)
+    report.save(out)
+    return report
+
+
 class ScratchPostgres:
     """A PostgreSQL of the drill's own (port and data directory), so stopping it touches nothing else."""
 
@@ -299,7 +344,7 @@ def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("drill", choices=["sigterm", "engine-kill", "postgres", "all"])
+    parser.add_argument("drill", choices=["sigterm", "engine-kill", "engine-hang", "postgres", "all"])
     parser.add_argument("--short", action="store_true", help=f"the CI form: {SHORT}")
     parser.add_argument("--users", type=int, help=f"default {LONG.users} ({SHORT.users} with --short)")
     parser.add_argument("--out", type=Path, default=Path("load-results") / time.strftime("drills-%Y%m%d-%H%M%S"))
@@ -309,6 +354,7 @@ def main() -> None:
     runs = {
         "sigterm": lambda: sigterm(form.load_s, users, args.out / "sigterm"),
         "engine-kill": lambda: engine_kill(form.load_s, users, args.out / "engine-kill"),
+        "engine-hang": lambda: engine_hang(form.load_s, users, args.out / "engine-hang"),
         "postgres": lambda: postgres(form.load_s, form.outage_s, users, args.out / "postgres"),
     }
     reports = []

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.auth import KeyRing, Limiter, RateLimiter, Sessions, install_secret
-from service.engine import Engine, GenParams, VLLMEngine
+from service.engine import Engine, GenParams, VLLMEngine, WatchedEngine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, LoopbackOnly, RequestMetrics
@@ -41,6 +41,7 @@ from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
 log = logging.getLogger("zephyr.service")
 EngineFactory = Callable[[Settings, Path, str], Engine]
 WATCHDOG_SECONDS = 1.0
+STALL_KILL_SECONDS = 10  # a killed engine's wait to error before the server exits anyway
 FINAL_SHUTDOWN_SECONDS = 5
 
 
@@ -204,7 +205,7 @@ def create_app(
         # What is started is stopped, in reverse order, however far the start got.
         async with AsyncExitStack() as started:
             started.callback(gc.unfreeze)  # last: let native extensions free what they own before exit
-            engine = engine_factory(settings, entry.path, entry.name)
+            engine = WatchedEngine(engine_factory(settings, entry.path, entry.name))
             started.callback(engine.shutdown)
             redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
             generation_log = GenerationLog(
@@ -243,6 +244,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = asyncio.Event()
+    app.state.engine_stalled = False
     app.state.exit_code = 0
     app.state.on_fatal = on_fatal
     secret = install_secret(settings.home, settings.session_secret)
@@ -346,16 +348,32 @@ def _death_cause(engine: Engine, oom_kills_at_start: int | None) -> str:
 
 async def _watch_engine(app: FastAPI) -> None:
     """A dead engine cannot come back in this process: stop being ready, then exit so the supervisor
-    restarts the server (through SIGTERM, so uvicorn finishes what it can first)."""
-    engine: Engine = app.state.engine
+    restarts the server (through SIGTERM, so uvicorn finishes what it can first). A hung one, past
+    ZEPHYR_ENGINE_STALL_SECONDS once ready (warm-up has the startup probe), is killed first, which fails its
+    requests in flight as a death does."""
+    engine: WatchedEngine = app.state.engine
+    stall_limit = app.state.settings.engine_stall_seconds
     oom_kills_at_start = memory.oom_kills()
+    stalled_for: float | None = None
+    killed_at = 0.0
     while True:
         await asyncio.sleep(WATCHDOG_SECONDS)
-        if engine.errored:
+        # A killed engine errors within a second or two; the server exits regardless once the wait is up.
+        if engine.errored or (stalled_for is not None and time.monotonic() - killed_at > STALL_KILL_SECONDS):
             app.state.ready.clear()
             app.state.metrics.engine_ready.set(0)
-            log.critical("the inference engine died%s; shutting the server down so it is restarted",
-                         _death_cause(engine, oom_kills_at_start))
+            cause = (f" after it stalled for {stalled_for:.0f} s and was killed (ZEPHYR_ENGINE_STALL_SECONDS)"
+                     if stalled_for is not None else _death_cause(engine, oom_kills_at_start))
+            log.critical("the inference engine died%s; shutting the server down so it is restarted", cause)
             app.state.exit_code = 1
             app.state.on_fatal()
             return
+        if (stalled_for is None and stall_limit and app.state.ready.is_set()
+                and (waited := engine.stalled_seconds()) >= stall_limit):
+            stalled_for, killed_at = waited, time.monotonic()
+            app.state.engine_stalled = True
+            app.state.ready.clear()
+            app.state.metrics.engine_ready.set(0)
+            log.critical("the inference engine gave no output for %.0f s while requests waited on it; killing it",
+                         waited)
+            engine.kill()

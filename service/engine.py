@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -108,7 +109,55 @@ class Engine(Protocol):
     @property
     def errored(self) -> bool: ...
 
+    def kill(self) -> None:
+        """Stop a hung engine at once, so that it errors: every request waiting on it fails, as at its death."""
+        ...
+
     def shutdown(self) -> None: ...
+
+
+class WatchedEngine:
+    """An engine whose progress is watched. A hung engine (a deadlocked or stopped process) neither errors nor
+    answers: its requests wait forever and the server stays ready. `stalled_seconds` says how long requests have
+    waited with no output reaching any request; the app's watchdog kills the engine past a limit. Only waits
+    count, not the time a consumer takes between outputs (a stream to a slow client is no stall)."""
+
+    def __init__(self, engine: Engine, clock: Any = time.monotonic):
+        self.engine = engine
+        self._clock = clock
+        self._waiting_since: dict[int, float] = {}  # per generate call waiting on its next output
+        self._last_output = clock()
+
+    def __getattr__(self, name: str) -> Any:  # everything but generate is the engine's own
+        return getattr(self.engine, name)
+
+    @property
+    def errored(self) -> bool:  # a property is looked up on the class, so it is forwarded by hand
+        return self.engine.errored
+
+    def stalled_seconds(self) -> float:
+        """Seconds since the longest-waiting request began waiting or any request last got an output, whichever
+        is later; 0 while nothing waits."""
+        if not self._waiting_since:
+            return 0.0
+        return self._clock() - max(min(self._waiting_since.values()), self._last_output)
+
+    async def generate(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[EngineOutput]:
+        outputs = self.engine.generate(prompt_ids, params, request_id)
+        key = id(outputs)
+        try:
+            while True:
+                self._waiting_since[key] = self._clock()
+                try:
+                    output = await anext(outputs)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    del self._waiting_since[key]
+                    self._last_output = self._clock()  # an output, an end or an error: the engine answered
+                yield output
+        finally:
+            await outputs.aclose()
 
 
 class VLLMEngine:
@@ -156,11 +205,20 @@ class VLLMEngine:
 
     def exit_codes(self) -> list[int]:
         """Exit codes of the engine's processes that have ended (-9: SIGKILL, what the kernel's OOM killer sends)."""
-        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
-        return [p.exitcode for p in getattr(manager, "processes", []) if p.exitcode is not None]
+        return [p.exitcode for p in self._engine_processes() if p.exitcode is not None]
 
     async def check_health(self) -> None:
         await self._llm.check_health()
+
+    def kill(self) -> None:
+        # SIGKILL reaches a stopped or deadlocked process; vLLM's monitor then finds it dead and fails every request.
+        for process in self._engine_processes():
+            if process.is_alive():
+                process.kill()
+
+    def _engine_processes(self) -> list[Any]:
+        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
+        return list(getattr(manager, "processes", []))
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -19,11 +19,14 @@ async def healthz() -> dict:
 async def readyz(request: Request) -> JSONResponse:
     """Ready once the engine answered its warm-up request, and only while it stays healthy."""
     state = request.app.state
-    if not state.ready.is_set():
-        return JSONResponse(error_body(503, "engine is warming up", code="not_ready"), 503)
     engine = state.engine
     if engine.errored:
         return JSONResponse(error_body(503, "engine has stopped", code="engine_dead"), 503)
+    if state.engine_stalled:
+        return JSONResponse(error_body(503, "engine stalled: it gave no output while requests waited on it",
+                                       code="engine_stalled"), 503)
+    if not state.ready.is_set():
+        return JSONResponse(error_body(503, "engine is warming up", code="not_ready"), 503)
     if state.tutor.admission.draining:
         return JSONResponse(error_body(503, "shutting down", code="shutting_down"), 503)
     return JSONResponse({"status": "ready", "model": engine.model_name})

@@ -31,5 +31,9 @@ def test_killed_engine_under_load(tmp_path):
     assert_passed(drills.engine_kill(SHORT.load_s, SHORT.users, tmp_path))
 
 
+def test_hung_engine_under_load(tmp_path):
+    assert_passed(drills.engine_hang(SHORT.load_s, SHORT.users, tmp_path))
+
+
 def test_postgres_outage_under_load(tmp_path):
     assert_passed(drills.postgres(SHORT.load_s, SHORT.outage_s, SHORT.users, tmp_path))

@@ -32,6 +32,8 @@ class StubEngine:
         self.calls: list[tuple[list[int], GenParams]] = []
         self._errored = False
         self.shut_down = False
+        self.hung = False  # a hung engine: requests wait with no output until kill()
+        self.killed = asyncio.Event()
 
     @classmethod
     def factory(cls, tokenizer):
@@ -49,6 +51,10 @@ class StubEngine:
     def die(self) -> None:
         self._errored = True
 
+    def kill(self) -> None:
+        self._errored = True
+        self.killed.set()
+
     async def check_health(self) -> None:
         if self._errored:
             raise EngineUnavailable("dead")
@@ -60,6 +66,10 @@ class StubEngine:
         self.calls.append((prompt_ids, params))
         if self.fail_with is not None:
             raise self.fail_with
+        if self.hung:
+            await self.killed.wait()
+        if self._errored:
+            raise EngineUnavailable("the inference engine stopped; retry on another replica")
         if params.n > 1 and params.temperature < 1e-5:  # vLLM's SamplingParams refuses it
             raise EngineRejected("n must be 1 when using greedy sampling, got 2.")
         if self.score_delay and (params.allowed_token_ids or params.prompt_logprobs or params.logprob_token_ids):

@@ -1,0 +1,101 @@
+"""A hung engine (no error, no output) is found by the app's watchdog, killed, and the server asks for a restart."""
+
+import asyncio
+
+from service.engine import EngineOutput, GenParams, WatchedEngine
+
+CHAT = "/v1/chat/completions"
+PARAMS = GenParams(max_tokens=4)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gated:
+    """An engine whose outputs come only when the test releases them."""
+
+    errored = False
+
+    def __init__(self):
+        self.queues: dict[str, asyncio.Queue] = {}
+
+    async def generate(self, prompt_ids, params, request_id):
+        queue = self.queues.setdefault(request_id, asyncio.Queue())
+        while (output := await queue.get()) is not None:
+            yield output
+
+
+async def _next_soon(outputs):
+    task = asyncio.ensure_future(anext(outputs))
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_stall_counts_only_time_spent_waiting_with_no_output_anywhere():
+    clock, engine = Clock(), Gated()
+    watched = WatchedEngine(engine, clock)
+    assert watched.stalled_seconds() == 0.0  # nothing waits: an idle engine is no stall
+    first = watched.generate([1], PARAMS, "a")
+    waiting = await _next_soon(first)
+    clock.now = 30.0
+    assert watched.stalled_seconds() == 30.0
+
+    # another request's output is progress: the engine is busy, not hung
+    second = watched.generate([1], PARAMS, "b")
+    other = await _next_soon(second)
+    engine.queues["b"].put_nowait(EngineOutput([], finished=False))
+    await other
+    assert watched.stalled_seconds() == 0.0
+    clock.now = 50.0
+    assert watched.stalled_seconds() == 20.0
+
+    # a consumer slow between outputs (a stream to a slow client) is not waiting on the engine
+    engine.queues["a"].put_nowait(EngineOutput([], finished=False))
+    await waiting
+    clock.now = 500.0
+    assert watched.stalled_seconds() == 0.0
+    await first.aclose()
+    await second.aclose()
+    assert watched.stalled_seconds() == 0.0
+
+
+async def test_a_hung_engine_is_killed_and_the_server_asks_for_a_restart(app_factory):
+    async with app_factory(engine_stall_seconds=0.5) as served:
+        served.engine.hung = True
+        await asyncio.sleep(1.5)  # hung, but nothing waits on it: no stall
+        assert (await served.client.get("/readyz")).status_code == 200 and served.fatal_calls == 0
+
+        request = asyncio.ensure_future(served.client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 4}))
+        for _ in range(50):
+            if served.engine.killed.is_set():
+                break
+            await asyncio.sleep(0.1)
+        assert served.engine.killed.is_set()
+        answer = await asyncio.wait_for(request, 10)
+        # the waiting request fails as at an engine's death, instead of hanging until the client gives up
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_unavailable"
+        ready = await served.client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] in ("engine_dead", "engine_stalled")
+        for _ in range(50):
+            if served.fatal_calls:
+                break
+            await asyncio.sleep(0.1)
+        assert served.fatal_calls == 1 and served.app.state.exit_code == 1
+
+
+async def test_the_stall_check_can_be_turned_off(app_factory):
+    async with app_factory(engine_stall_seconds=0) as served:
+        served.engine.hung = True
+        request = asyncio.ensure_future(served.client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 4}))
+        await asyncio.sleep(1.5)
+        assert not served.engine.killed.is_set() and not request.done()
+        assert (await served.client.get("/readyz")).status_code == 200
+        served.engine.kill()  # lets the request end before the app stops
+        assert (await asyncio.wait_for(request, 10)).status_code == 503
