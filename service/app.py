@@ -205,7 +205,7 @@ def create_app(
         # What is started is stopped, in reverse order, however far the start got.
         async with AsyncExitStack() as started:
             started.callback(gc.unfreeze)  # last: let native extensions free what they own before exit
-            engine = WatchedEngine(engine_factory(settings, entry.path, entry.name))
+            engine = engine_factory(settings, entry.path, entry.name)
             started.callback(engine.shutdown)
             redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
             generation_log = GenerationLog(
@@ -219,8 +219,9 @@ def create_app(
             app.state.registry_entry = entry
             app.state.engine = engine
             app.state.generation_log = generation_log
-            tutor = app.state.tutor = Tutor(engine, settings, metrics, generation_log, calibration, guard, encoder,
-                                            model_revision=entry.manifest.revision)
+            # the tutor's requests are what the stall watchdog (_watch_engine) times
+            tutor = app.state.tutor = Tutor(WatchedEngine(engine), settings, metrics, generation_log, calibration,
+                                            guard, encoder, model_revision=entry.manifest.revision)
             started.callback(tutor.guard_thread.shutdown, wait=False, cancel_futures=True)
             started.push_async_callback(tutor.candidates.close)
             _log_start(settings, entry, calibration)
@@ -351,7 +352,7 @@ async def _watch_engine(app: FastAPI) -> None:
     restarts the server (through SIGTERM, so uvicorn finishes what it can first). A hung one, past
     ZEPHYR_ENGINE_STALL_SECONDS once ready (warm-up has the startup probe), is killed first, which fails its
     requests in flight as a death does."""
-    engine: WatchedEngine = app.state.engine
+    engine: WatchedEngine = app.state.tutor.engine
     stall_limit = app.state.settings.engine_stall_seconds
     oom_kills_at_start = memory.oom_kills()
     stalled_for: float | None = None
