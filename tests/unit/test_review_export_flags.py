@@ -165,3 +165,22 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
     from service.review.export import written_whole
 
     assert written_whole(generations["b"]) and not written_whole(generations["stopped"])
+
+
+def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative():
+    """A flagged answer is no desirable example; the reviewers called it good, so it is no undesirable one either
+    (as a flagged winner of a pair is left out)."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    generations = {"item": {"id": "item", "created_at": AT, "model": "m", "messages": messages,
+                            "response": [{"content": "Rayleigh scattering."}], "params": {}}}
+
+    def exported(label: str, flags: dict[str, list[str]], fmt: str) -> list[dict]:
+        judgements = [Judgement(item_id="item", reviewer=f"r{i}", kind="single", label=label, served_model="m",
+                                flags=flags if i == 0 else {}) for i in range(2)]
+        text, _ = to_jsonl(judgements, generations, ExportOptions(fmt), None)
+        return [json.loads(line) for line in text.splitlines()]
+
+    assert exported("good", {"served": ["gives_answer"]}, "kto") == []
+    assert exported("good", {"served": ["gives_answer"]}, "sft") == []
+    assert [r["label"] for r in exported("good", {}, "kto")] == [True]
+    assert [r["label"] for r in exported("bad", {"served": ["incorrect"]}, "kto")] == [False]
