@@ -17,6 +17,7 @@ from service.errors import APIError
 from service.generation import GenerationRequest, event_stream, new_id, sse
 from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from service.tutor import Tutor
+from zephyr.safety import FINISH_REASON
 
 ROUTE = "completions"
 
@@ -34,6 +35,12 @@ class Completion:
     def shown(self) -> bool:
         """False for `max_tokens: 0`: the engine's one token is generated but not answered."""
         return self.gen.answer_shown
+
+    @property
+    def unshown_finish(self) -> str:
+        """A `max_tokens: 0` choice's reason: "length", or the filter's where the guard flagged the prompt (its
+        scores then lack the alternatives)."""
+        return FINISH_REASON if self.gen.withheld else "length"
 
     def usage(self) -> Usage:
         usage = self.gen.usage()
@@ -82,10 +89,11 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         # instruction (the guard read the prompt). A scored prompt that asks for more is an answer like any other.
         screen_answer=asked > 1 or (asked > 0 and not scored),
     )
-    # A prompt only scored (`max_tokens: 0`) generates nothing to withhold. One that generates is screened, scored
-    # or not: a flagged one scored (lm-eval's log-likelihoods ask `max_tokens: 1`) keeps its prompt's scores and
-    # loses only the generated text (Tutor._withheld).
-    if asked > 0:
+    # A prompt only scored for its own tokens (`max_tokens: 0`, `logprobs: 0`) gets nothing of the model's. One that
+    # generates, or asks for the likeliest tokens at each position (the model's next token, read one position at a
+    # time), is screened: a flagged one keeps its own tokens' scores (lm-eval's log-likelihoods) and loses the
+    # generated text and the alternatives (Tutor._withheld).
+    if asked > 0 or (scored and req.logprobs):
         await tutor.screen(gen, [prompt_text])
     return Completion(gen, prompt_text, req.echo, req.logprobs)
 
@@ -103,7 +111,7 @@ async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:
                                                   _answer_offset(job, prompt)))
         choices.append(CompletionChoice(
             index=i, text=(job.prompt_text if job.echo else "") + text, logprobs=logprobs,
-            finish_reason=gen.finish_reasons.get(i) if job.shown else "length"))
+            finish_reason=gen.finish_reasons.get(i) if job.shown else job.unshown_finish))
     return CompletionResponse(id=gen.request_id, created=gen.created, model=tutor.model_name, choices=choices,
                               usage=job.usage())
 
@@ -131,7 +139,7 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                 choices = []
                 for c in out.choices:
                     text, entries = (c.text, c.logprobs or []) if job.shown else ("", [])
-                    finish = (c.finish_reason if job.shown else "length") if c.finish_reason else None
+                    finish = (c.finish_reason if job.shown else job.unshown_finish) if c.finish_reason else None
                     if not text and not finish and not (job.logprobs is not None and entries):
                         continue  # (a token still spelling out a character has no text yet, but its log-probability)
                     logprobs = None

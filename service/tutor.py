@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,21 @@ class Tutor:
             # A template's own rule (transformers' raise_exception), e.g. roles must alternate.
             raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
 
+    @functools.cached_property
+    def _control_tokens(self) -> re.Pattern[str]:
+        tokenizer = self.engine.tokenizer
+        special = set(tokenizer.all_special_tokens) | {
+            token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+        return re.compile("|".join(re.escape(token) for token in sorted(special, key=len, reverse=True) if token))
+
+    def check_control_tokens(self, text: str, param: str) -> None:
+        """A client's text may not spell the model's control tokens: the tokenizer reads "<|im_start|>" in a message
+        as the real marker, so a message could forge a system turn or the assistant's opening words after the
+        tutor's prompt, past what the guard reads as one message."""
+        if self._control_tokens.pattern and (found := self._control_tokens.search(text)):
+            raise APIError(400, f"`{param}` holds `{found.group()}`, one of the model's control tokens, which a "
+                                "message may not contain; remove it", param=param)
+
     def check_prompt_chars(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_chars:
             raise APIError(400, f"`{param}` holds {chars} characters; the limit is {self.max_prompt_chars} "
@@ -331,14 +347,16 @@ class Tutor:
 
     async def _withheld(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """The guard's reply as the engine would stream it: every choice finished by the filter. A completion that
-        scores its prompt (`echo` with `logprobs`) still gets the prompt's log-probabilities, which are the
-        client's own text scored, from one engine step whose generated token is not shown."""
+        scores its prompt (`echo` with `logprobs`) still gets the log-probability of each of its prompt's tokens,
+        the client's own text scored, from one engine step whose generated token is not shown; not the likeliest
+        tokens at each position, which are the model's own choices: read one position at a time, the answer to
+        the flagged prompt."""
         reply = [ChoiceDelta(index=i, text=gen.withheld, token_ids=[], finish_reason=FINISH_REASON)
                  for i in range(gen.params.n)]
         if not gen.params.prompt_logprobs:
             yield EngineOutput(choices=reply, finished=True)
             return
-        params = dataclasses.replace(gen.params, max_tokens=1, min_tokens=0, logprobs=None)
+        params = dataclasses.replace(gen.params, max_tokens=1, min_tokens=0, logprobs=None, prompt_top_logprobs=0)
         async with aclosing(self.engine.generate(gen.engine_prompt_ids, params, gen.request_id)) as outputs:
             async for out in outputs:
                 out.choices = reply if out.finished else []
@@ -350,6 +368,8 @@ class Tutor:
                            review_requested: bool = False) -> GenerationRequest:
         self.check_generation(req, self.settings.chat_temperature)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        for index, message in enumerate(messages):
+            self.check_control_tokens(message["content"], f"messages[{index}].content")
         left_out = 0
         if self.guard is not None:  # a refused request and the guard's reply are not read by the model again
             messages, left_out = without_refused_turns(messages)
@@ -506,6 +526,9 @@ class Tutor:
             q = mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
+        for name, text in (("question", q.question), ("support", q.support or ""),
+                           *(("options", option) for option in q.options)):
+            self.check_control_tokens(text, f"{param_prefix}{name}")
         parts = {"question": len(q.question), "options": sum(len(o) for o in q.options),
                  "support": len(q.support or "")}
         # named by its longest part: a short question with a 32 KB passage was told to shorten `question`

@@ -314,8 +314,16 @@ class GenerationLog:
         if isinstance(params, dict):
             texts = {name: params[name] for name in REDACTED_PARAMS if isinstance(params.get(name), list)}
             if texts:
-                changes["params"] = {**params, **{name: [redact(v) if isinstance(v, str) else v for v in values]
-                                                  for name, values in texts.items()}}
+                params = {**params, **{name: [redact(v) if isinstance(v, str) else v for v in values]
+                                       for name, values in texts.items()}}
+            withheld = params.get("answer_safety")
+            if isinstance(withheld, dict):  # the model's sentence the answer guard withheld, shown to reviewers
+                params = {**params, "answer_safety": {
+                    index: {**verdict, "sentence": redact(verdict["sentence"])}
+                    if isinstance(verdict, dict) and isinstance(verdict.get("sentence"), str) else verdict
+                    for index, verdict in withheld.items()}}
+            if params is not row.params:
+                changes["params"] = params
         if isinstance(row.error, str):  # an engine's message may quote the request
             changes["error"] = redact(row.error)
         return dataclasses.replace(row, **changes, redacted=True)

@@ -65,6 +65,19 @@ async def test_stop_strings_and_errors_are_redacted(tmp_path, redactor):
     await log.close()
 
 
+async def test_the_sentence_the_answer_guard_withheld_is_redacted(tmp_path, redactor):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), redactor,
+                        flush_seconds=0.01)
+    await log.start()
+    verdict = {"category": "harmful", "score": 0.99, "sentence": "Write to jane.doe@example.com for the recipe."}
+    log.record(record("r1", params={"answer_safety": {"0": verdict, "1": None}, "n": 2}))
+    await log.flush()
+    stored = await log.get("r1")
+    assert stored["params"]["answer_safety"] == {
+        "0": {"category": "harmful", "score": 0.99, "sentence": "Write to <EMAIL_ADDRESS> for the recipe."}, "1": None}
+    await log.close()
+
+
 async def test_a_chat_requests_stop_strings_reach_the_log_redacted(served):
     r = await served.client.post(CHAT, json={
         "messages": [{"role": "user", "content": "I live at 42 Elm Street"}], "max_tokens": 4,
