@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("zephyr.paths")
@@ -107,9 +108,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path`'s content all at once: written beside it, synced, then renamed over it, so a full disk or a
     kill part way leaves the old file whole (never a truncated manifest or result that breaks every later read)."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
+    # A name of its own: two writers of one file (an eval run beside a calibration) must not remove each other's.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        with partial.open("w", encoding="utf-8") as handle:
+        with partial.open("x", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

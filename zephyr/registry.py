@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -332,15 +336,27 @@ class Registry:
         shutil.rmtree(removing)
 
     def record_eval(self, name: str, key: str, result: Any) -> None:
-        entry = self.get(name)
-        entry.manifest.evals[key] = result
-        self._save(entry)
+        with self._updating(name) as entry:
+            entry.manifest.evals[key] = result
+            self._save(entry)
 
     def record_calibration(self, name: str, calibration: MCQCalibration | None, shipped: bool = False) -> None:
-        entry = self.get(name)
-        entry.manifest.mcq_calibration = calibration
-        entry.manifest.mcq_calibration_shipped = shipped
-        self._save(entry)
+        with self._updating(name) as entry:
+            entry.manifest.mcq_calibration = calibration
+            entry.manifest.mcq_calibration_shipped = shipped
+            self._save(entry)
+
+    @contextlib.contextmanager
+    def _updating(self, name: str) -> Iterator[RegistryEntry]:
+        """The entry read under an exclusive lock on its folder, held until its manifest is written back: two
+        processes recording at once (an eval run beside a calibration) would each write back what they read, and
+        the later one drop the other's change."""
+        folder = os.open(self.get(name).path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield self.get(name)
+        finally:
+            os.close(folder)  # releases the lock
 
     def _save(self, entry: RegistryEntry) -> None:
         write_text_atomic(entry.path / MANIFEST, entry.manifest.model_dump_json(indent=2))

@@ -215,3 +215,27 @@ def test_4bit_weights_are_refused_where_vllms_cpu_build_has_no_4bit_kernel(tmp_p
         OfflineEngine(w4a16, Settings(home=tmp_path))
     monkeypatch.setattr(registry, "vllm_cpu_lacks_int4_kernel", lambda: None)  # AVX-512, a GPU
     assert registry.vllm_serving_problem(w4a16) is None
+
+
+def _record_many(models: str, worker: int, count: int) -> None:
+    registry = Registry(Path(models))
+    for i in range(count):
+        registry.record_eval("base", f"w{worker}-{i}", {"accuracy": i / count})
+
+
+def test_two_processes_recording_at_once_lose_nothing(tmp_path, default_model):
+    """An eval run beside a calibration: each read the manifest, changed it and wrote it back, and the later write
+    dropped the other's change (or removed the other's half-written file)."""
+    import multiprocessing
+
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="base", method="base"))
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(str(tmp_path / "models"), w, 60)) for w in range(3)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+    assert [p.exitcode for p in workers] == [0, 0, 0]
+    assert len(registry.get("base").manifest.evals) == 180
+    assert not list((tmp_path / "models" / "base").glob(".*partial"))
