@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,18 @@ app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 app.command("quantize")(quantize_command)
 
+
+class LogLevel(enum.StrEnum):
+    """uvicorn's levels; `trace` logs ours at debug (logging has no trace level)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
+
+
 ServerURL = Annotated[str, typer.Option("--url", envvar="ZEPHYR_URL", help="Base URL of a running Zephyr server")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ZEPHYR_API_KEY", help="Bearer key for the server")]
 
@@ -37,7 +50,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind \\[env ZEPHYR_HOST, default 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="Port \\[env ZEPHYR_PORT, default 8000]")] = None,
     model: Annotated[str | None, typer.Option(help="Registry model \\[env ZEPHYR_MODEL]")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="uvicorn log level", case_sensitive=False)] = LogLevel.info,
 ) -> None:
     """Serve the tutor: OpenAI-compatible chat, /mcq, metrics and the generation log."""
     from service.app import UnsafeBind, check_bind, create_app, run_server
@@ -64,7 +77,7 @@ def serve(
             minilm_folder()
     except (UnsafeBind, RegistryError, SafetyError, EncoderError, ValueError) as exc:
         raise fail(str(exc)) from None
-    raise typer.Exit(run_server(create_app(settings), settings, log_level))
+    raise typer.Exit(run_server(create_app(settings), settings, log_level.value))
 
 
 @models_app.command("list")
@@ -115,7 +128,7 @@ def models_import(
     """Copy a local Hugging Face folder into the registry."""
     try:
         entry = registry().add(path.expanduser(), ModelManifest(name=name, parent=parent, method=method,
-                                                               source=str(path.resolve())))
+                                                               source=str(path.expanduser().resolve())))
     except ValidationError as exc:  # pydantic's first line only counts the errors: name the field and the fix
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -190,6 +203,9 @@ def chat(
             raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
         except openai.APIStatusError as exc:
             raise fail(_api_message(exc)) from None
+        except openai.APIError as exc:  # an error event inside a stream that had begun (the engine stopped)
+            console.print()
+            raise fail(f"the answer broke off: {exc.message}") from None
         console.print()
         history.append({"role": "assistant", "content": "".join(answer)})
 
@@ -226,9 +242,16 @@ def mcq_command(
         response = httpx.post(f"{url.rstrip('/')}/mcq", json=body, headers=headers, timeout=300)
     except httpx.ConnectError:
         raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
-    body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:  # a bad address (InvalidURL is a ValueError), a timeout
+        raise fail(f"no answer from {url}: {exc or type(exc).__name__}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        raise fail(f"{url} is not a Zephyr server: it answered {response.status_code} with "
+                   f"{response.text[:200]!r}") from None
     if response.status_code != 200:
-        raise fail(f"{response.status_code}: {body.get('error', {}).get('message', body)}")
+        error = body.get("error") if isinstance(body, dict) else None
+        raise fail(f"{response.status_code}: {error.get('message', body) if isinstance(error, dict) else body}")
     if as_json:
         console.print_json(json.dumps(body))
         return

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from zephyr.console import make_console
 from zephyr.registry import Registry
@@ -17,15 +18,20 @@ err = make_console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 
 def fail(message: str) -> typer.Exit:
-    """`raise fail("what to fix")`: one red line on stderr, exit code 1."""
-    err.print(f"[red]error:[/] {message}")
+    """`raise fail("what to fix")`: one red line on stderr, exit code 1. The message is shown as written: it quotes
+    names, paths and servers' text, where "[b]" or ":train:" is no markup or emoji."""
+    err.print(f"[red]error:[/] {escape(message)}", emoji=False)
     return typer.Exit(1)
 
 
 def load_settings(**overrides) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:  # one line, each setting by the variable that sets it
+        problems = "; ".join(f"ZEPHYR_{'_'.join(str(part) for part in error['loc']).upper()}: "
+                             f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+        raise fail(f"bad configuration: {problems}") from None
+    except ValueError as exc:
         raise fail(f"bad configuration: {exc}") from None
 
 

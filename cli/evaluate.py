@@ -46,7 +46,7 @@ def run_command(
     explain: Annotated[bool, typer.Option(
         help="Letter format as /mcq with explain: greedy reasoning, then the letter (metric letter_acc_explain), "
              "instead of the direct prompt")] = False,
-    gsm8k_max_tokens: Annotated[int, typer.Option(help="Generation budget per GSM8K answer")] = 256,
+    gsm8k_max_tokens: Annotated[int, typer.Option(help="Generation budget per GSM8K answer (at least 1)")] = 256,
     reward_model: Annotated[str | None, typer.Option(help="Registry name or folder of a reward model (text)")] = None,
     bertscore_model: Annotated[str | None, typer.Option(help="BERTScore backbone (default all-MiniLM-L6-v2)")] = None,
     bertscore_layers: Annotated[int | None, typer.Option(help="BERTScore layer for a custom backbone")] = None,
@@ -56,6 +56,7 @@ def run_command(
         envvar="ZEPHYR_DIALOGRPT_HUMAN_VS_RAND_PATH", help="Folder of microsoft/DialogRPT-human-vs-rand")] = None,
 ) -> None:
     """Measure MODEL and store the results (ZEPHYR_EVAL_RESULTS_DIR, and a summary in the model's manifest)."""
+    from evals.mcq_eval import ServerError
     from evals.run import EvalError, RunOptions, run
     from offline.benchmarks import DatasetError
     from zephyr.memory import NotEnoughMemory
@@ -73,7 +74,7 @@ def run_command(
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)
-    except (EvalError, RegistryError, DatasetError, NotEnoughMemory) as exc:
+    except (EvalError, RegistryError, DatasetError, NotEnoughMemory, ServerError) as exc:
         raise fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))

@@ -205,6 +205,9 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: Clea
                                max_chars=clean.max_chars, decontaminate=not clean.no_decontaminate)
         try:
             names = ALL_BENCHMARKS if clean.against == "all" else csv(clean.against) or []
+            if not names and not clean.no_decontaminate:  # an empty list would check nothing without saying so
+                raise ValueError("--against names no benchmark; name some, `all`, or turn the check off with "
+                                 "--no-decontaminate")
             index = None if clean.no_decontaminate else ContaminationIndex.from_benchmarks(settings.data_dir, names)
         except (FileNotFoundError, ValueError) as exc:
             raise fail(str(exc)) from None
@@ -258,7 +261,8 @@ def _sampling_engine(entry: Any, settings: Settings, seed: int) -> Iterator[Any]
 @clean_flags()
 def data_science(
     out: Out,
-    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test splits)")] =
+    sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test or "
+                                              "calibration splits)")] =
     "arc_easy:train,arc_challenge:train",
     model: Annotated[str, typer.Option(help="registry model that answers")] = DEFAULT_MODEL,
     k: Annotated[int, typer.Option("--k", min=0, max=32, help="explanations sampled per question")] = 4,

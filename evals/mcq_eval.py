@@ -221,6 +221,10 @@ def answer_prior(llm: Any, tokenizer: Any, name: str, split: str, items: list[MC
 RETRIES_WHEN_BUSY = 5
 
 
+class ServerError(RuntimeError):
+    """The server of `eval run --server` refused or stopped answering; the message says which and what to do."""
+
+
 def via_server(url: str, api_key: str | None, name: str, split: str, items: list[MCQItem],
                batch: int = 64, concurrency: int = 4, method: str = "letter") -> Measurement:
     """Accuracy of one /mcq method through a running server's POST /mcq/batch. Questions the service refuses
@@ -262,7 +266,7 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
                         await asyncio.sleep(min(float(response.headers.get("retry-after") or 1), 30))
                         response = await client.post("/mcq/batch", json=body)
                     if response.status_code != 200:
-                        raise RuntimeError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
+                        raise ServerError(f"{url}/mcq/batch answered {response.status_code}: {response.text[:300]}")
                     progress.update(len(chunk))
                     return response.json()["results"]
             parts = await asyncio.gather(*(one(chunk) for chunk in chunks))
@@ -270,7 +274,11 @@ def via_server(url: str, api_key: str | None, name: str, split: str, items: list
         return [result for part in parts for result in part]
 
     started = time.perf_counter()
-    results = asyncio.run(run())
+    try:
+        results = asyncio.run(run())
+    except httpx.HTTPError as exc:
+        raise ServerError(f"{url} stopped answering part way ({type(exc).__name__}: {exc}); rerun once it is back") \
+            from None
     seconds = time.perf_counter() - started
     answers = {item.id: result["answer"] for item, result in zip(accepted, results, strict=True)}
     values = {item.id: float(answers[item.id] == item.answer) for item in accepted}

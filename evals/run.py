@@ -71,6 +71,8 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
             raise EvalError(f"--data names unknown benchmark {name!r}; known: {', '.join(benchmarks.BENCHMARKS)}")
     if not options.local and not options.server:
         raise EvalError("--no-local needs --server URL (otherwise nothing would be measured)")
+    if options.gsm8k_max_tokens < 1:
+        raise EvalError(f"--gsm8k-max-tokens must be at least 1, got {options.gsm8k_max_tokens}")
     if "mcq" in suites and options.local and not options.letter and not options.cloze:
         raise EvalError("--no-letter with --no-cloze leaves the mcq suite nothing to score in process; drop one")
     if not options.letter and options.explain:
@@ -90,6 +92,25 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
         raise EvalError(f"{named} vLLM: {where}; run `--suite mcq` to score the letter format and cloze through "
                         "transformers")
     return entry
+
+
+def check_server(url: str, api_key: str | None) -> None:
+    """The server answers and takes the key, before an engine starts here: an unreachable or refusing one would
+    end the run only after its in-process half."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=15)
+    except (httpx.HTTPError, ValueError) as exc:  # InvalidURL is a ValueError
+        raise EvalError(f"cannot reach --server {url}: {exc or type(exc).__name__}; give an http(s) address of a "
+                        "running `zephyr serve`") from None
+    if response.status_code in (401, 403):
+        raise EvalError(f"--server {url} refused the key ({response.status_code}); give one with --api-key or "
+                        "ZEPHYR_API_KEY")
+    if response.status_code != 200:
+        raise EvalError(f"--server {url} answered GET /v1/models with {response.status_code}: "
+                        f"{response.text[:200]}")
 
 
 def needs_transformers(entry: RegistryEntry) -> bool:
@@ -119,6 +140,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     console = console or make_console(stderr=True)
     registry = Registry(settings.models_dir)
     entry = check_options(options, settings, registry)
+    if options.server:
+        check_server(options.server, options.api_key)
     store = ResultStore(settings.resolved_eval_results_dir)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)

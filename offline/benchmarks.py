@@ -229,6 +229,9 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{local} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
+    except OSError as exc:  # a folder where a file belongs, a file it may not read
+        what = "a folder of *_test.csv files" if name == "mmlu" else "a file"
+        raise DatasetError(f"cannot read {local} as {name} data ({exc.strerror or exc}): give {what}") from exc
     if not items:
         raise DatasetError(f"{local} holds no {name} items")
     return first(items, limit)

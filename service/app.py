@@ -98,7 +98,8 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int:
     """Serve until SIGTERM, then drain (see DrainingServer). Returns the exit code."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.basicConfig(level="DEBUG" if log_level == "trace" else log_level.upper(),  # logging knows no trace
+                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     # The drain phase already waited for in-flight requests; uvicorn's own wait only covers the last bytes.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS,

@@ -13,6 +13,7 @@ LOG_WIDTH = 200
 
 
 def make_console(**kwargs: Any) -> Console:
+    kwargs.setdefault("emoji", False)  # "sciq:train:" and the like are split names, not emoji codes
     console = Console(**kwargs)
     if not console.is_terminal and "width" not in kwargs and not os.environ.get("COLUMNS"):
         console.width = LOG_WIDTH

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from limits import parse_many
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -185,6 +185,16 @@ class Settings(BaseSettings):
     review_guidelines: Path | None = Field(default=None, description=(
         "Markdown file shown to reviewers as their guidelines (what each strength and flag means); default the "
         "file shipped in service/review/guidelines.md"))
+
+    @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env",
+                     "review_guidelines", "safety_record", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # An empty variable (ZEPHYR_HOME=) would be the current folder: the registry, the database and the secret
+        # would land wherever the command was started.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it, or give a path")
+        return value
 
     @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env",
                      "review_guidelines", "safety_record", mode="after")

@@ -56,6 +56,9 @@ def registered(home):
     (["--suite", "gsm8k", "--explain"], "--explain changes how the mcq suite asks; add the mcq suite"),
     (["--no-letter", "--no-cloze"], "--no-letter with --no-cloze leaves the mcq suite nothing to score"),
     (["--no-letter", "--explain"], "--explain is a letter format; drop --no-letter"),
+    (["--suite", "all", "--gsm8k-max-tokens", "0"], "--gsm8k-max-tokens must be at least 1, got 0"),
+    (["--no-local", "--server", "http://127.0.0.1:9", "--benchmarks", "arc_easy"], "cannot reach --server"),
+    (["--no-local", "--server", "foo", "--benchmarks", "arc_easy"], "cannot reach --server foo"),
 ])
 def test_bad_runs_fail_before_the_engine(registered, args, message):
     result = CliRunner().invoke(app, ["eval", "run", "--model", "m", *args])

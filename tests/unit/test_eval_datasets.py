@@ -122,6 +122,12 @@ def test_bad_requests_name_the_problem(tmp_path, kwargs, message):
         load(data_dir=tmp_path, **kwargs)
 
 
+def test_a_folder_where_a_file_belongs_is_named(tmp_path):
+    (tmp_path / "sciq").mkdir()
+    with pytest.raises(DatasetError, match="cannot read .*sciq as sciq data .*give a file"):
+        load("sciq", source=tmp_path / "sciq")
+
+
 def test_missing_file_and_wrong_format(tmp_path):
     with pytest.raises(DatasetError, match="ZEPHYR_DATA_DIR"):
         load("arc_easy", data_dir=tmp_path)

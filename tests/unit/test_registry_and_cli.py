@@ -239,3 +239,71 @@ def test_two_processes_recording_at_once_lose_nothing(tmp_path, default_model):
     assert [p.exitcode for p in workers] == [0, 0, 0]
     assert len(registry.get("base").manifest.evals) == 180
     assert not list((tmp_path / "models" / "base").glob(".*partial"))
+
+
+def test_cli_messages_show_names_as_written_and_bad_settings_in_one_line(home, monkeypatch):
+    for name in ("[/x]", "a[b]c"):  # Rich markup in a quoted name: a MarkupError, or "[b]" eaten as bold
+        result = runner.invoke(app, ["models", "show", name])
+        assert result.exit_code == 1 and f"'{name}'" in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("ZEPHYR_HOME", "")
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 1
+    assert "ZEPHYR_HOME: is empty: unset it, or give a path" in " ".join(result.output.split())
+    result = runner.invoke(app, ["serve", "--log-level", "verbose"])
+    assert result.exit_code == 2 and "'verbose' is not one of" in " ".join(result.output.split())
+
+
+def test_mcq_against_no_server_is_one_line(home):
+    for url in ("foo", "http://127.0.0.1:9"):
+        result = runner.invoke(app, ["mcq", "q?", "-o", "a", "-o", "b", "--url", url])
+        assert result.exit_code == 1 and "Traceback" not in result.output and url in result.output, result.output
+
+
+def test_an_imported_folder_records_where_it_came_from(home, default_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(default_model.path, tmp_path / "folder")
+    result = runner.invoke(app, ["models", "import", "~/folder", "--name", "from-home"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((home / "models" / "from-home" / "zephyr.json").read_text())
+    assert manifest["source"] == str(tmp_path / "folder")
+
+
+def test_chat_ends_in_one_line_when_the_stream_breaks_off(home):
+    """The server sends an error event inside a stream that had begun (its engine stopped): the official client
+    raises its base APIError, which the command reported as a traceback."""
+    import http.server
+    import threading
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Light "}, "finish_reason": None}]}
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
+                                                           "owned_by": "zephyr"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            error = {"error": {"message": "the engine stopped", "type": "server_error", "code": "engine_unavailable"}}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(error)}\n\n".encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = runner.invoke(app, ["chat", "--url", f"http://127.0.0.1:{server.server_port}/v1"],
+                               input="Why is the sky blue?\n")
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the answer broke off: the engine stopped" in " ".join(result.output.split())

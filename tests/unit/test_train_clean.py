@@ -234,3 +234,17 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="near_dup_threshold"):
         CleanOptions(near_dup_threshold=1.5)
     assert CleanReport().removed == 0
+
+
+def test_an_empty_against_list_is_refused_not_taken_as_no_check(tmp_path, capsys):
+    import typer
+
+    from cli.train import CleanFlags, _clean_and_write
+    from zephyr.schemas import SFTExample
+    from zephyr.settings import Settings
+
+    with pytest.raises(typer.Exit):
+        _clean_and_write([], tmp_path / "out.jsonl", SFTExample, clean=CleanFlags(against=" , "),
+                         settings=Settings(home=tmp_path), title="x")
+    assert "--against names no benchmark" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out.jsonl").exists()

@@ -225,6 +225,9 @@ def test_training_splits_only_and_calibration_questions_left_out(tmp_path):
     for source in ("sciq:validation", "mmlu:validation", "arc_easy:test", "openbookqa:validation"):
         with pytest.raises(SourceError, match="refusing"):
             cloze.load_items([source], tmp_path)
+    # refused before a source that would be read first (and take its time) is read: arc_easy:train is not there
+    with pytest.raises(SourceError, match="refusing sciq:validation"):
+        cloze.load_items(["arc_easy:train", "sciq:validation"], tmp_path)
 
 
 def test_plain_text_pairs_are_decontaminated_and_deduplicated():

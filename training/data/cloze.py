@@ -62,15 +62,14 @@ def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None 
     reads whole (a validation split) is refused; one it reads a head of (OpenBookQA train) loses that head. Returns
     the items and, per source, how many were left out."""
     checked = check_mcq_sources(sources)
+    for source, name, split in checked:  # every source refused before any is read
+        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
+            raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
+                              f"{', '.join(DEFAULT_SOURCES)}")
     items: list[MCQItem] = []
     reserved: dict[str, int] = {}
     for source, name, split in checked:
-        cut = 0
-        if CALIBRATION_SPLITS.get(name) == split:
-            cut = CALIBRATION_LIMITS.get(name, 0)
-            if not cut:
-                raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
-                                  f"{', '.join(DEFAULT_SOURCES)}")
+        cut = CALIBRATION_LIMITS.get(name, 0) if CALIBRATION_SPLITS.get(name) == split else 0
         loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
         # The head calibration reads, by id (the training items may have lost a question: mcq_training_items), and
         # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
