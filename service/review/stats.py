@@ -169,7 +169,8 @@ def compute(judgements: list[Judgement], skipped: dict[str, int], overlap: int) 
 
 
 def for_reviewer(result: dict, own: str, secret_order: Callable[[str], str]) -> dict:
-    """`compute`'s result as a reviewer (not an admin) sees it: other reviewers are "reviewer 1", "reviewer 2", ...
+    """`compute`'s result as a reviewer (not an admin) sees it, without which model won (win rates, and the served
+    and candidate counts, are an admin's): other reviewers are "reviewer 1", "reviewer 2", ...
     so a reviewer sees the team's counts and agreement but not who judged how much or agreed with whom. They are
     numbered and listed in the order of `secret_order` (a keyed digest of the label), not by name: an alphabetical
     numbering would let anyone who knows the team's names undo it."""
@@ -180,4 +181,9 @@ def for_reviewer(result: dict, own: str, secret_order: Callable[[str], str]) -> 
              for pair in sorted(result["agreement"]["cohen"], key=lambda p: sorted(rank[r] for r in p["reviewers"]))]
     reviewers = [{**r, "reviewer": alias[r["reviewer"]]}
                  for r in sorted(result["reviewers"], key=lambda r: rank[r["reviewer"]])]
-    return {**result, "reviewers": reviewers, "agreement": {**result["agreement"], "cohen": cohen}}
+    # Blind A/B: which model won, or the served-vs-candidate counts moving after one's own verdict, would tell a
+    # reviewer which side each model wrote. They see that one answer was preferred, not whose.
+    labels = {label: n for label, n in result["labels"].items() if label not in ("served", "candidate")}
+    labels["one_preferred"] = result["labels"].get("served", 0) + result["labels"].get("candidate", 0)
+    return {**result, "reviewers": reviewers, "agreement": {**result["agreement"], "cohen": cohen},
+            "labels": labels, "win_rate": None}

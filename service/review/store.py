@@ -26,6 +26,7 @@ from zephyr.clock import utc
 
 PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
 SINGLE_VERDICTS = ("good", "bad")
+CLAIM_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ class ReviewStore:
 
     async def next_item(self, reviewer: str) -> dict[str, Any] | None:
         """The reviewer's unfinished item if any, else a new one from the queue, else None."""
-        for _ in range(5):  # a lost race for an item (other reviewers, two tabs) is retried with the next one
+        # A lost race for an item (other reviewers, two tabs) is retried with the next one; everyone reads the same
+        # oldest item, so each round one of those asking at once wins: enough rounds for a team asking together.
+        for _ in range(CLAIM_ATTEMPTS):
             async with self.engine.begin() as conn:
                 current = await self._current(conn, reviewer)
                 if current is not None:
@@ -156,12 +159,15 @@ class ReviewStore:
                 if right is not None and self._random.random() < 0.5:
                     left, right = right, left
             try:
-                claimed = await self._claim(reviewer, item["id"], now, left, right)
-            except IntegrityError:  # this reviewer took it in another tab meanwhile
-                continue
-            if not claimed:  # others filled its places since it was read
-                continue
-        return None
+                if await self._claim(reviewer, item["id"], now, left, right):
+                    break
+            except IntegrityError:  # this reviewer took it in another tab meanwhile: read back below
+                break
+            # else others filled its places since it was read: the next one
+        # What the reviewer holds now (the item just claimed, or one another tab claimed), read back as at the top.
+        async with self.engine.begin() as conn:
+            current = await self._current(conn, reviewer)
+            return await self._view(conn, current) if current is not None else None
 
     async def _claim(self, reviewer: str, item_id: str, now: datetime, left: str, right: str | None) -> bool:
         """Assigns the item to the reviewer if it is still open to them, in one transaction that no other claim

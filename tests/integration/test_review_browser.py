@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -116,6 +117,12 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         assert await page.locator("#answers img, #conversation img, #conversation b").count() == 0
         assert await page.evaluate("window.__owned") is None
         hostile_is_a = texts[0] == HOSTILE_ANSWER
+        # Undo with nothing to take back: refused, and what is being written for this item stays.
+        await page.fill("#comment", "half-typed")
+        await page.click("#undo")
+        await expect(page.locator("#message")).to_have_class(re.compile(r"\berror\b"))
+        await expect(page.locator("#comment")).to_have_value("half-typed")
+        await expect(item).to_have_attribute("data-item-id", "hostile-item")
         # With the mouse: the plain answer is better (strength 3) and the hostile one is flagged unsafe.
         await page.click('#verdicts button[data-verdict="b"]' if hostile_is_a else '#verdicts button[data-verdict="a"]')
         await page.check('#strengths input[value="3"]')
@@ -165,6 +172,7 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         stats = (await http.get("/review/stats", headers={"Authorization": f"Bearer {REVIEWER_KEY}"})).json()
     assert stats["verdicts"] == 3 and stats["labels"]["both_bad"] == 1 and stats["labels"]["tie"] == 0
+    assert stats["win_rate"] is None and "served" not in stats["labels"]  # blind: which model won is an admin's
     assert stats["flags"]["unsafe"] == 1 and stats["flags"]["incorrect"] == 1
 
 

@@ -312,7 +312,12 @@ async def test_reviewers_are_shown_by_name(app_factory):
         assert sorted(stats["reviewers"], key=lambda r: r["judged"] + r["skipped"]) == [
             {"reviewer": unnamed, "judged": 1, "skipped": 0}, {"reviewer": "Ada Lovelace", "judged": 1, "skipped": 1}]
         # A reviewer sees the team's figures and their own name, not who else judged how much.
+        admin_view = stats
         stats = (await served.client.get("/review/stats", headers=REVIEWER)).json()
         assert sorted(stats["reviewers"], key=lambda r: r["judged"] + r["skipped"]) == [
             {"reviewer": "reviewer 1", "judged": 1, "skipped": 0},
             {"reviewer": "Ada Lovelace", "judged": 1, "skipped": 1}]
+        # Blind A/B: which model won, or served-vs-candidate counts moving after one's verdict, is an admin's.
+        assert isinstance(admin_view["win_rate"], list) and "served" in admin_view["labels"]
+        assert stats["win_rate"] is None and not {"served", "candidate"} & set(stats["labels"])
+        assert stats["labels"]["one_preferred"] == admin_view["labels"]["served"] + admin_view["labels"]["candidate"]

@@ -77,6 +77,13 @@ async def test_a_reviewer_who_loses_the_race_gets_the_next_item(log):
     assert sorted(given) == ["i0", "i1", "i2"]
 
 
+async def test_many_reviewers_at_once_each_get_an_item_while_items_wait(log):
+    """A claim that succeeded on the last retry was not read back: its reviewer was told nothing waits while it
+    held an item."""
+    given = await claims_at_once(log, 1, reviewers=8, items=8)
+    assert sorted(given) == [f"i{i}" for i in range(8)]
+
+
 async def test_every_reviewer_of_an_item_sees_the_same_answers_when_its_candidate_comes_mid_claim(log):
     await candidate_comes_mid_claim(log)
 

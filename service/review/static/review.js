@@ -317,7 +317,10 @@ async function undo() {
       say("Your last verdict was taken back; judge this item again.");
       loadStats().catch(failed);
     } catch (error) {
-      failed(error);
+      // A refused undo (nothing to take back, or another reviewer judged it since) leaves the item being judged
+      // as it is: moving to the "current" item would reload it and clear the verdict, flags and comment typed.
+      if (error.status === 404 || error.status === 409) say(error.message, true);
+      else failed(error);
     }
   });
 }
@@ -403,10 +406,11 @@ async function loadStats() {
   }
   $("stats").hidden = false;
   // Win rates count complete pairs with a majority (every reviewer an item waits for has judged it).
-  const noWinRate = !stats.items.judged ? "No verdicts yet."
+  const noWinRate = stats.win_rate === null ? "Shown to admins only: reviewers judge blind."
+    : !stats.items.judged ? "No verdicts yet."
     : !stats.items.complete ? `No item has all ${stats.overlap} verdicts yet.`
       : "No complete pair with a majority yet.";
-  bars($("chart-win"), stats.win_rate.map((r) => [r.model, r.win_rate,
+  bars($("chart-win"), (stats.win_rate || []).map((r) => [r.model, r.win_rate,
     `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1, noWinRate);
   const strengths = Object.entries(stats.strength);
   bars($("chart-strength"), strengths.map(([s, n]) => [STRENGTH_NAMES[s] || s, n, String(n)]),
