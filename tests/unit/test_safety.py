@@ -80,6 +80,9 @@ def test_a_long_message_is_read_by_sentence_and_a_short_one_whole():
     assert segments(padded)[-1] == "Plants make sugar from light, water and carbon dioxide. " + segments(padded)[-2]
     unbroken = "x" * (3 * WINDOW_CHARS)  # no sentence to split at: windows
     assert segments(unbroken) == windows(unbroken)
+    # A short message of several sentences is read whole and sentence by sentence.
+    short = "What is the boiling point of water at sea level? " + HARMFUL_ASK + "."
+    assert segments(short) == [short, "What is the boiling point of water at sea level?", HARMFUL_ASK + "."]
 
 
 def test_probabilities_are_scikit_learns(tmp_path):
@@ -127,6 +130,15 @@ def test_harm_after_a_long_harmless_preamble_is_still_found(guard):
     preamble = "Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen. " * 40
     assert len(preamble) > 3 * WINDOW_CHARS
     assert guard.judge(preamble + HARMFUL_ASK).category == HARMFUL
+
+
+def test_harm_after_a_few_harmless_questions_is_found_in_a_short_message(guard):
+    """Under the window, a message was read whole only: a question or two before a request averaged its harm away
+    (the shipped guard before flagged 1 of 83 such validation messages)."""
+    padded = ("Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen. Which part of "
+              "the leaf holds the chlorophyll that absorbs the light? " + HARMFUL_ASK + ".")
+    assert len(padded) < WINDOW_CHARS
+    assert guard.judge(padded).category == HARMFUL
 
 
 def test_self_harm_over_its_own_threshold_gets_help_whatever_else_is_likelier():
