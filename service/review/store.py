@@ -265,6 +265,7 @@ class ReviewStore:
                     flags: dict[str, list[str]], comment: str | None) -> None:
         async with self.engine.begin() as conn:
             row = await self._own_shown(conn, reviewer, assignment_id)
+            await self._lock_item(conn, row["item_id"])  # against an undo of another's verdict on it (undo)
             pair = row["right_id"] is not None
             allowed = PAIR_VERDICTS if pair else SINGLE_VERDICTS
             if verdict not in allowed:
@@ -300,6 +301,12 @@ class ReviewStore:
             await self._settle(conn, assignment_id, "shown", status="skipped")
 
     @staticmethod
+    async def _lock_item(conn, item_id: str) -> None:
+        """Holds the item's row until the transaction ends, on PostgreSQL (SQLite has one writer at a time)."""
+        if conn.dialect.name != "sqlite":
+            await conn.execute(select(Generation.id).where(Generation.id == item_id).with_for_update())
+
+    @staticmethod
     async def _settle(conn, assignment_id: int, expected: str, **values: Any) -> None:
         """Moves the assignment on only if it is still `expected`: the status read before may have changed since
         (a verdict and a skip, or two verdicts, sent at once), and the second must not overwrite the first."""
@@ -320,15 +327,18 @@ class ReviewStore:
             if last is None:
                 raise APIError(409, "you have no verdict to undo", code="conflict")
             # Once another reviewer has judged the item, the statistics can show whether the two agreed: a verdict
-            # changed after that would be judged by agreement, not by the answers. It stands.
-            other = (await conn.execute(
-                select(A.id).where(A.item_id == last["item_id"], A.reviewer != reviewer, A.status == "judged")
-                .limit(1))).first()
-            if other is not None:
+            # changed after that would be judged by agreement, not by the answers. It stands. Checked in the update
+            # itself (SQLite reads outside the write), under the item's lock a verdict also takes (PostgreSQL).
+            await self._lock_item(conn, last["item_id"])
+            B = aliased(A)
+            others_judged = exists().where(B.item_id == last["item_id"], B.reviewer != reviewer, B.status == "judged")
+            moved = await conn.execute(
+                update(A).where(A.id == last["id"], A.status == "judged", ~others_judged).values(
+                    status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
+                    judged_at=None, shown_at=datetime.now(UTC)))
+            if moved.rowcount != 1:
                 raise APIError(409, "another reviewer has judged this item too, so your verdict on it stands; "
                                     "say what you would change in a comment on your next verdict", code="conflict")
-            await self._settle(conn, last["id"], "judged", status="shown", verdict=None, chosen_id=None,
-                               strength=None, flags={}, comment=None, judged_at=None, shown_at=datetime.now(UTC))
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
             return await self._view(conn, current)
 

@@ -140,3 +140,26 @@ async def test_a_chat_with_several_answers_logged_for_review_before_that_rule_is
     policy = ReviewPolicy(overlap=1, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
     store = ReviewStore(log.engine, policy, random.Random(7))
     assert (await store.next_item("r1"))["item_id"] == "i1"
+
+
+async def test_an_undo_racing_another_reviewers_verdict_never_outlives_it(log):
+    """Undo is refused once another reviewer has judged the item. The check and the update were two statements: a
+    verdict committed between them let the undo through, after the other verdict."""
+    from sqlalchemy import select
+
+    from service.errors import APIError
+    from service.store.models import ReviewAssignment
+
+    await seed(log, pair("i0", "Q", "x", "y"))
+    policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(Interleaved(log.engine), policy, random.Random(7))
+    first, second = await store.next_item("r1"), await store.next_item("r2")
+    await store.judge("r1", first["assignment_id"], "tie", None, {}, None)
+    outcome = await asyncio.gather(store.undo("r1"), store.judge("r2", second["assignment_id"], "tie", None, {}, None),
+                                   return_exceptions=True)
+    async with log.engine.connect() as conn:
+        rows = {r["reviewer"]: r for r in (await conn.execute(select(ReviewAssignment))).mappings()}
+    if rows["r1"]["status"] == "shown":  # the undo went through: only before the other verdict
+        assert rows["r2"]["judged_at"] > rows["r1"]["shown_at"], outcome
+    else:
+        assert isinstance(outcome[0], APIError) and outcome[0].status == 409
