@@ -69,14 +69,17 @@ _MONTH = (
     r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?"
 )
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
+# A living person's year: "Isaac Newton was born on 25 December 1642" is history, not a student's birthday.
+_YEAR = r"(?:19|20)\d{2}"
+_NO_OLDER_YEAR = r"(?!,?[ \t]+\d)"  # a day and month the optional modern year did not take: no year after them
 _BIRTH_CUE = r"\b(?:born|birth[ \t]*day|birth[ \t]+date|date[ \t]+of[ \t]+birth|d\.?o\.?b\.?)(?!\w)[^\d\n.!?;]{0,30}"
 DATE_OF_BIRTH = (
     rf"(?<={_BIRTH_CUE})(?:"
-    r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2009-04-05
-    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})"  # 05/04/2009, 5.4.09
-    rf"|{_DAY}(?:[ \t]+of)?[ \t]+{_MONTH}(?:,?[ \t]+\d{{4}})?"  # 5th of April 2009, 5 Apr
-    rf"|{_MONTH}[ \t]+\d{{4}}"  # April 2009
-    rf"|{_MONTH}[ \t]+{_DAY}(?:,?[ \t]+\d{{4}})?"  # April 5th, 2009
+    rf"{_YEAR}[-/.]\d{{1,2}}[-/.]\d{{1,2}}"  # 2009-04-05
+    rf"|\d{{1,2}}[-/.]\d{{1,2}}[-/.](?:{_YEAR}|\d{{2}})"  # 05/04/2009, 5.4.09
+    rf"|{_DAY}(?:[ \t]+of)?[ \t]+{_MONTH}(?:,?[ \t]+{_YEAR})?{_NO_OLDER_YEAR}"  # 5th of April 2009, 5 Apr
+    rf"|{_MONTH}[ \t]+{_YEAR}"  # April 2009
+    rf"|{_MONTH}[ \t]+{_DAY}(?:,?[ \t]+{_YEAR})?{_NO_OLDER_YEAR}"  # April 5th, 2009
     r")(?![\w/-]|[.]\d)"
 )
 

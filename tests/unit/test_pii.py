@@ -73,6 +73,7 @@ def test_student_ids(redactor, text, expected):
     "I was born in 2009 and I like chemistry.",  # a bare year is not a date of birth
     "A star is born in a nebula over 10 million years; the Sun formed 4.6 billion years ago.",
     "The baby was born weighing 3.5 kg.",
+    "Isaac Newton was born on 25 December 1642; Marie Curie, born November 1867, was born on November 7, 1867.",
     "Balance C6H12O6 + 6 O2 -> 6 CO2 + 6 H2O and name H2SO4.",
     "Question 12 Place the beaker on the stand and heat it to 100 C.",
     "Figure 2 The Milky Way holds about 200 billion stars.",
