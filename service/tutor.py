@@ -526,9 +526,6 @@ class Tutor:
             q = mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
-        for name, text in (("question", q.question), ("support", q.support or ""),
-                           *(("options", option) for option in q.options)):
-            self.check_control_tokens(text, f"{param_prefix}{name}")
         parts = {"question": len(q.question), "options": sum(len(o) for o in q.options),
                  "support": len(q.support or "")}
         # named by its longest part: a short question with a 32 KB passage was told to shorten `question`
