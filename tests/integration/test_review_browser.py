@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app as cli
+from loadtest.harness import ADMIN_KEY
 from tests.integration.conftest import REVIEWER_KEY, REVIEWER_NAME, STUDENT_KEY
 from tests.review_data import generation, pair
 
@@ -153,8 +154,8 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         await page.keyboard.press("Enter")
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("3")
         await expect(page.locator("#chart-flags")).to_contain_text("unsafe")
-        stats = await page.locator("#chart-win").inner_text()
-        assert "smollm2-135m-instruct" in stats
+        stats = await page.locator("#chart-win").inner_text()  # blind A/B: which model won is an admin's
+        assert "admins only" in stats and "smollm2-135m-instruct" not in stats
         assert errors == [] and await page.evaluate("window.__owned") is None
         await browser.close()
 
@@ -358,12 +359,19 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
                                              "WHERE item_id = 'rich-item'").fetchone()
         assert (verdict, strength) == ("a" if full_is_a else "b", 3)
 
-        # The win-rate chart tells apart two models whose names differ only at the end; reviewers by name.
-        await expect(page.locator("#chart-win")).to_contain_text(f"{RICH_MODEL} [T=1.0]")
-        wins = await label_fits(page, "chart-win")
-        assert RICH_MODEL in wins and f"{RICH_MODEL} [T=1.0]" in wins
+        # Reviewers by name; the win-rate chart is an admin's (reviewers judge blind), and tells apart two models
+        # whose names differ only at the end.
+        await expect(page.locator("#chart-win")).to_contain_text("admins only")
         assert REVIEWER_NAME in await label_fits(page, "chart-reviewers")
-        await page.locator("#stats").screenshot(path=shots / "stats-wide.png")
+        admin = await browser.new_page(viewport={"width": 1280, "height": 900})
+        admin.on("pageerror", lambda exc: errors.append(str(exc)))
+        await admin.goto(f"{server.url}/review")
+        await admin.fill("#key", ADMIN_KEY)
+        await admin.click("#sign-in-form button")
+        await expect(admin.locator("#chart-win")).to_contain_text(f"{RICH_MODEL} [T=1.0]")
+        wins = await label_fits(admin, "chart-win")
+        assert RICH_MODEL in wins and f"{RICH_MODEL} [T=1.0]" in wins
+        await admin.locator("#stats").screenshot(path=shots / "stats-wide.png")
         assert errors == [] and await page.evaluate("window.__owned") is None
         await browser.close()
     assert sorted(p.name for p in shots.iterdir()) == [
