@@ -222,7 +222,9 @@ def safety_command(
             answers_table.add_row(source, row["kind"], str(row["n"]), str(row["flagged"]), through)
         console.print(answers_table)
     self_harm = report.record.self_harm_threshold
-    table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.4f} "
+    sentence = report.record.sentence_threshold
+    table = Table(title=f"Safety guard: C={report.record.fitted['C']:g}, threshold {report.record.threshold:.5f}, "
+                        f"a sentence alone {'the same' if sentence is None else f'{sentence:.5f}'} "
                         f"(self-harm {'off' if self_harm is None else f'{self_harm:.4f}'})")
     categories = list(report.rows[0]["by_category"]) if report.rows else []
     for column in ("source", "split", "n", "flagged", *(f"as {c.replace('_', '-')}" for c in categories)):

@@ -39,6 +39,7 @@ from zephyr.safety import (
     SafetyGuard,
     SafetyRecord,
     Verdict,
+    reads_whole,
     segments,
     windows,
 )
@@ -286,34 +287,44 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
         return guard.probabilities(matrix(parts(split, text)))
 
     def verdicts(guard: SafetyGuard, split: str, texts: list[str]) -> list[Verdict]:
-        return [guard.verdict(probabilities(guard, split, t)) for t in texts]
+        return [guard.verdict(probabilities(guard, split, t), read_whole=split == "train" or reads_whole(t))
+                for t in texts]
 
-    def validation(kind: str) -> list[str]:
-        return [t for s in sources if s.kind == kind for t in s.splits.get("validation", [])]
+    def validation(*kinds: str) -> list[str]:
+        return [t for s in sources if s.kind in kinds for t in s.splits.get("validation", [])]
 
-    harmful = validation("harmful")
+    # Chosen on: the harmful validation requests, plain, reworded and after a few harmless questions.
+    harmful = validation("harmful", "padded")
     candidates = []
     for c in c_grid:
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
         unthresholded = _guard(model, 1.0)
         benign = {kind: [probabilities(unthresholded, "validation", t) for t in texts]
                   for kind in {**MAX_FLAGGED, **MAX_FLAGGED_AS_SELF_HARM} if (texts := validation(kind))}
-        # A message's score: its worst segment's probability of not being benign; for self-harm, its highest.
-        threshold = lowest(benign, MAX_FLAGGED, lambda p: 1.0 - p[:, 0].min())
+        # A message's scores: its whole's and its worst part's probability of not being benign; for self-harm,
+        # its highest segment's.
+        benign_scores = {kind: [whole_and_part(p, reads_whole(t)) for p, t in zip(rows, validation(kind), strict=True)]
+                         for kind, rows in benign.items()}
+        harmful_scores = [whole_and_part(probabilities(unthresholded, "validation", t), reads_whole(t))
+                          for t in harmful]
+        threshold, sentence_threshold, recall = paired_thresholds(benign_scores, harmful_scores, MAX_FLAGGED)
         self_harm_threshold = lowest(benign, MAX_FLAGGED_AS_SELF_HARM,
                                      lambda p: p[:, CLASSES.index(SELF_HARM)].max())
         self_harm_threshold = self_harm_threshold if self_harm_threshold <= 1.0 else None  # none keeps the limits
-        guard = _guard(model, min(threshold, 1.0), self_harm_threshold)
-        recall = float(np.mean([v.flagged for v in verdicts(guard, "validation", harmful)])) if threshold <= 1 else 0.0
-        candidates.append({"C": c, "threshold": guard.threshold, "self_harm_threshold": self_harm_threshold,
-                           "harmful_flagged": round(recall, 4), "model": model})
+        guard = _guard(model, threshold, self_harm_threshold, sentence_threshold)
+        recall = float(np.mean([v.flagged for v in verdicts(guard, "validation", harmful)]))
+        candidates.append({"C": c, "threshold": guard.threshold, "sentence_threshold": sentence_threshold,
+                           "self_harm_threshold": self_harm_threshold, "harmful_flagged": round(recall, 4),
+                           "model": model})
         if console is not None:
-            console.print(f"C={c:g}: threshold {guard.threshold:.4f} (self-harm {_shown(self_harm_threshold)}), "
-                          f"flags {recall:.1%} of harmful validation messages")
+            console.print(f"C={c:g}: threshold {guard.threshold:.5f}, a sentence alone {sentence_threshold:.5f} "
+                          f"(self-harm {_shown(self_harm_threshold)}), flags {recall:.1%} of harmful validation "
+                          "messages")
     best = max(candidates, key=lambda row: (row["harmful_flagged"], -row["C"]))
-    guard = _guard(best["model"], best["threshold"], best["self_harm_threshold"])
+    guard = _guard(best["model"], best["threshold"], best["self_harm_threshold"], best["sentence_threshold"])
     guard.record.fitted = {
-        "rule": "C with the most harmful validation messages flagged at the lowest threshold that flags at most "
+        "rule": "C and the pair of thresholds (the whole message's, a sentence's alone) with the most harmful "
+                "validation messages flagged (padded ones among them) that flags at most "
                 f"{MAX_FLAGGED} of each kind of benign validation message, and the lowest self-harm threshold that "
                 f"flags at most {MAX_FLAGGED_AS_SELF_HARM} of them",
         "C": best["C"], "grid": [{k: v for k, v in row.items() if k != "model"} for row in candidates],
@@ -337,6 +348,43 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
 class _NoEncoder:
     def encode(self, *_args, **_kwargs):
         raise SafetyError("this guard scores given embeddings only")
+
+
+def whole_and_part(probabilities: Any, read_whole: bool) -> tuple[float, float]:
+    """A message's probability of not being benign read whole (-1 for a long one, read by parts alone), and its
+    worst part's (-1 for a short message of one sentence, read whole alone), from `segments`' rows."""
+    scores = 1.0 - probabilities[:, 0]
+    parts = scores[1:] if read_whole else scores
+    return (float(scores[0]) if read_whole else -1.0), (float(parts.max()) if len(parts) else -1.0)
+
+
+def paired_thresholds(benign: dict[str, list[tuple[float, float]]], harmful: list[tuple[float, float]],
+                      limits: dict[str, float]) -> tuple[float, float, float]:
+    """The whole message's threshold and a sentence's alone that flag the most `harmful` messages while each kind of
+    `benign` message (whole, part scores) is flagged at most its share, by either: for each sentence threshold just
+    above a benign part's score (the benign count changes only there), the lowest whole threshold the budget left
+    allows. Returns (whole, sentence, share of harmful flagged); a sentence's threshold is never under the one
+    that spends the whole budget on sentences, nor over 1 (a long message is read by its sentences alone)."""
+    import numpy as np
+
+    floor = lowest({k: [part for _, part in rows] for k, rows in benign.items()}, limits, float)
+    tried = {min(max(floor, 0.0), 1.0)} | {float(np.nextafter(part, 2.0)) for rows in benign.values()
+                                           for _, part in rows if max(floor, 0.0) <= np.nextafter(part, 2.0) <= 1.0}
+    whole = np.array([w for w, _ in harmful])
+    part = np.array([p for _, p in harmful])
+    best = (-1.0, 1.0, 1.0)
+    for sentence in sorted(tried):
+        # a message its sentences flag already is spent budget: above any whole threshold
+        left = {k: [2.0 if p >= sentence else w for w, p in rows] for k, rows in benign.items()}
+        threshold = lowest(left, limits, float)
+        if threshold > 1.0:
+            continue
+        threshold = max(threshold, 0.0)
+        share = float(np.mean((whole >= threshold) | (part >= sentence))) if len(harmful) else 0.0
+        if share > best[0]:  # of equals the lowest sentence threshold: the most a sentence may flag for free
+            best = (share, threshold, sentence)
+    share, threshold, sentence = best
+    return threshold, sentence, max(share, 0.0)
 
 
 def lowest(benign: dict[str, list[Any]], limits: dict[str, float], score: Callable[[Any], float]) -> float:
@@ -417,8 +465,10 @@ def _shown(threshold: float | None) -> str:
     return "off" if threshold is None else f"{threshold:.4f}"
 
 
-def _guard(model: Any, threshold: float, self_harm_threshold: float | None = None) -> SafetyGuard:
+def _guard(model: Any, threshold: float, self_harm_threshold: float | None = None,
+           sentence_threshold: float | None = None) -> SafetyGuard:
     record = SafetyRecord(classes=list(CLASSES), coef=model.coef_.round(7).tolist(),
                           intercept=model.intercept_.round(7).tolist(), threshold=min(threshold, 1.0),
+                          sentence_threshold=None if sentence_threshold is None else min(sentence_threshold, 1.0),
                           self_harm_threshold=self_harm_threshold, created_at=datetime.now(UTC))
     return SafetyGuard(record, encoder=_NoEncoder())

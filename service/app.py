@@ -133,7 +133,8 @@ def safety_guard(settings: Settings) -> SafetyGuard | None:
         return None
     guard = SafetyGuard(load_record(settings.safety_record), settings.safety_threshold)
     guard.judge("warm-up")  # loads the encoder now, not in the first student's request
-    log.info("safety guard: %s at threshold %.4f, self-harm %s (%s)", guard.record.encoder, guard.threshold,
+    log.info("safety guard: %s at threshold %.5f, a sentence alone %.5f, self-harm %s (%s)", guard.record.encoder,
+             guard.threshold, guard.sentence_threshold,
              "off" if guard.record.self_harm_threshold is None else f"{guard.record.self_harm_threshold:.4f}",
              settings.safety_record or "the shipped record")
     if settings.safety_screen_answers:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,6 +76,9 @@ class SafetyRecord(BaseModel):
     coef: list[list[float]]
     intercept: list[float]
     threshold: float = Field(ge=0.0, le=1.0)
+    # What a part of a message read alone is flagged at (a sentence of a short message, a sentence or window of a
+    # long one; `segments`); None: the threshold. A sentence lacks its message's context, so it has a line of its own.
+    sentence_threshold: float | None = Field(None, ge=0.0, le=1.0)
     self_harm_threshold: float | None = Field(None, ge=0.0, le=1.0)  # on the self_harm probability alone (None: off)
     # What a sentence of the model's answer is withheld at (SafetyGuard.for_answers); None: the request threshold.
     answer_threshold: float | None = Field(None, ge=0.0, le=1.0)
@@ -110,12 +114,22 @@ def segments(text: str) -> list[str]:
     a padded request); a longer one sentence by sentence (a sentence longer than a window in windows), since
     sentences cost the encoder the text once where overlapping windows cost it more. The whole of a short message
     is kept because a sentence alone ("How would I go about that?") lacks the context that makes it harmless or
-    harmful."""
-    text = text.strip()
+    harmful. Read in Unicode's compatibility form (NFKC): fullwidth or styled letters ("ｐｉｐｅ ｂｏｍｂ") are the
+    encoder's plain ones."""
+    text = normalized(text)
     parts = sentences(text)
-    if len(text) <= WINDOW_CHARS:
+    if reads_whole(text):
         return [text] if len(parts) <= 1 else [text, *parts]
     return [part for sentence in parts for part in windows(sentence)]
+
+
+def normalized(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).strip()
+
+
+def reads_whole(text: str) -> bool:
+    """Whether `segments` reads the message whole first (a short one); a long one is read by its parts alone."""
+    return len(normalized(text)) <= WINDOW_CHARS
 
 
 def sentences(text: str) -> list[str]:
@@ -254,6 +268,12 @@ class SafetyGuard:
 
         self.record = record
         self.threshold = record.threshold if threshold is None else threshold
+        # An override moves the whole message's line; a sentence read alone is flagged at no lower a one.
+        part = record.sentence_threshold
+        if part is None:
+            self.sentence_threshold = self.threshold
+        else:
+            self.sentence_threshold = part if threshold is None else max(part, threshold)
         self._coef = np.asarray(record.coef, dtype=np.float64)
         self._intercept = np.asarray(record.intercept, dtype=np.float64)
         self._cache: OrderedDict[bytes, Verdict] = OrderedDict()
@@ -269,7 +289,7 @@ class SafetyGuard:
         encoder, at the record's answer threshold (the request threshold where it has none), with no self-harm
         threshold of its own (an answer that points to help reads as self-harm, and is not a student in crisis)."""
         threshold = self.record.answer_threshold if self.record.answer_threshold is not None else self.threshold
-        record = self.record.model_copy(update={"self_harm_threshold": None})
+        record = self.record.model_copy(update={"self_harm_threshold": None, "sentence_threshold": None})
         return SafetyGuard(record, threshold, encoder=self.encoder)
 
     def embed(self, texts: list[str]):
@@ -310,22 +330,31 @@ class SafetyGuard:
             probabilities = self.probabilities(self.embed([p for ps in parts for p in ps]))
             start = 0
             for key, ps in zip(new, parts, strict=True):
-                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)])
+                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)],
+                                                                read_whole=reads_whole(new[key]))
                 start += len(ps)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return [verdicts[key] for key in keys]
 
-    def verdict(self, probabilities) -> Verdict:
-        """The verdict from a message's segments' class probabilities (one row a segment): the worst decides, and
-        a segment about self-harm over its own threshold before it."""
+    def verdict(self, probabilities, read_whole: bool = True) -> Verdict:
+        """The verdict from a message's segments' class probabilities (one row a segment; with `read_whole` the
+        first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold): the
+        worst flagged row decides, and a segment about self-harm over its own threshold before it."""
+        import numpy as np
+
         self_harm = CLASSES.index(SELF_HARM)
-        worst = probabilities[(1.0 - probabilities[:, 0]).argmax()]
-        score = float(1.0 - worst[0])
+        scores = 1.0 - probabilities[:, 0]
+        limits = np.full(len(scores), self.sentence_threshold)
+        if read_whole:
+            limits[0] = self.threshold
+        flagged = scores >= limits
+        worst = probabilities[int(np.where(flagged, scores, -1.0).argmax()) if flagged.any() else int(scores.argmax())]
+        score = float(scores.max())
         category = None
         crisis, crisis_threshold = probabilities[:, self_harm].argmax(), self.record.self_harm_threshold
         if crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold:
             worst, category = probabilities[crisis], SELF_HARM
-        elif score >= self.threshold:
+        elif flagged.any():
             category = CLASSES[1 + int(worst[1:].argmax())]  # the first of equals: harmful before the others
         return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)})
