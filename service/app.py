@@ -353,30 +353,47 @@ async def _watch_engine(app: FastAPI) -> None:
     """A dead engine cannot come back in this process: stop being ready, then exit so the supervisor
     restarts the server (through SIGTERM, so uvicorn finishes what it can first). A hung one, past
     ZEPHYR_ENGINE_STALL_SECONDS once ready (warm-up has the startup probe), is killed first, which fails its
-    requests in flight as a death does."""
+    requests in flight as a death does. An engine idle for half that is asked for one token, so a hang is found
+    while no student waits on it."""
     engine: WatchedEngine = app.state.tutor.engine
     stall_limit = app.state.settings.engine_stall_seconds
     oom_kills_at_start = memory.oom_kills()
     stalled_for: float | None = None
     killed_at = 0.0
-    while True:
-        await asyncio.sleep(WATCHDOG_SECONDS)
-        # A killed engine errors within a second or two; the server exits regardless once the wait is up.
-        if engine.errored or (stalled_for is not None and time.monotonic() - killed_at > STALL_KILL_SECONDS):
-            app.state.ready.clear()
-            app.state.metrics.engine_ready.set(0)
-            cause = (f" after it stalled for {stalled_for:.0f} s and was killed (ZEPHYR_ENGINE_STALL_SECONDS)"
-                     if stalled_for is not None else _death_cause(engine, oom_kills_at_start))
-            log.critical("the inference engine died%s; shutting the server down so it is restarted", cause)
-            app.state.exit_code = 1
-            app.state.on_fatal()
-            return
-        if (stalled_for is None and stall_limit and app.state.ready.is_set()
-                and (waited := engine.stalled_seconds()) >= stall_limit):
-            stalled_for, killed_at = waited, time.monotonic()
-            app.state.engine_stalled = True
-            app.state.ready.clear()
-            app.state.metrics.engine_ready.set(0)
-            log.critical("the inference engine gave no output for %.0f s while requests waited on it; killing it",
-                         waited)
-            engine.kill()
+    probe: asyncio.Task | None = None
+    try:
+        while True:
+            await asyncio.sleep(WATCHDOG_SECONDS)
+            # A killed engine errors within a second or two; the server exits regardless once the wait is up.
+            if engine.errored or (stalled_for is not None and time.monotonic() - killed_at > STALL_KILL_SECONDS):
+                app.state.ready.clear()
+                app.state.metrics.engine_ready.set(0)
+                cause = (f" after it stalled for {stalled_for:.0f} s and was killed (ZEPHYR_ENGINE_STALL_SECONDS)"
+                         if stalled_for is not None else _death_cause(engine, oom_kills_at_start))
+                log.critical("the inference engine died%s; shutting the server down so it is restarted", cause)
+                app.state.exit_code = 1
+                app.state.on_fatal()
+                return
+            if stalled_for is not None or not stall_limit or not app.state.ready.is_set():
+                continue
+            if (waited := engine.stalled_seconds()) >= stall_limit:
+                stalled_for, killed_at = waited, time.monotonic()
+                app.state.engine_stalled = True
+                app.state.ready.clear()
+                app.state.metrics.engine_ready.set(0)
+                log.critical("the inference engine gave no output for %.0f s while requests waited on it; "
+                             "killing it", waited)
+                engine.kill()
+            elif (probe is None or probe.done()) and engine.idle_seconds() >= stall_limit / 2:
+                probe = asyncio.create_task(_probe_engine(engine))
+    finally:
+        if probe is not None:
+            probe.cancel()
+
+
+async def _probe_engine(engine: Engine) -> None:
+    """One token from an idle engine; the watchdog times it as any request. Not logged: no student asked it."""
+    with contextlib.suppress(Exception):  # a dead engine is found by `errored`, a hung one by the wait
+        async for _ in engine.generate(engine.tokenizer.encode("Hello", add_special_tokens=False),
+                                       GenParams(max_tokens=1, temperature=0.0), f"probe-{time.monotonic_ns()}"):
+            pass

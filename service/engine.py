@@ -120,7 +120,8 @@ class WatchedEngine:
     """An engine whose progress is watched. A hung engine (a deadlocked or stopped process) neither errors nor
     answers: its requests wait forever and the server stays ready. `stalled_seconds` says how long requests have
     waited with no output reaching any request; the app's watchdog kills the engine past a limit. Only waits
-    count, not the time a consumer takes between outputs (a stream to a slow client is no stall)."""
+    count, not the time a consumer takes between outputs (a stream to a slow client is no stall); an idle engine is
+    asked for one token now and then (the app's watchdog), so a hang is found before a student meets it."""
 
     def __init__(self, engine: Engine, clock: Any = time.monotonic):
         self.engine = engine
@@ -141,6 +142,10 @@ class WatchedEngine:
         if not self._waiting_since:
             return 0.0
         return self._clock() - max(min(self._waiting_since.values()), self._last_output)
+
+    def idle_seconds(self) -> float:
+        """Seconds since the engine last answered anything, while nothing waits on it (0 while something does)."""
+        return 0.0 if self._waiting_since else self._clock() - self._last_output
 
     async def generate(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[EngineOutput]:
         outputs = self.engine.generate(prompt_ids, params, request_id)

@@ -64,12 +64,24 @@ async def test_stall_counts_only_time_spent_waiting_with_no_output_anywhere():
     assert watched.stalled_seconds() == 0.0
 
 
+async def test_an_idle_hung_engine_is_found_by_a_probe_of_its_own(app_factory):
+    async with app_factory(engine_stall_seconds=1) as served:
+        calls = len(served.engine.calls)
+        await asyncio.sleep(2.5)  # idle for half the limit: asked for one token, answered
+        assert len(served.engine.calls) > calls and served.engine.calls[-1][1].max_tokens == 1
+        assert (await served.client.get("/readyz")).status_code == 200 and served.fatal_calls == 0
+        served.engine.hung = True  # no student waits on it: the probe does
+        for _ in range(80):
+            if served.fatal_calls:
+                break
+            await asyncio.sleep(0.1)
+        assert served.engine.killed.is_set() and served.fatal_calls == 1 and served.app.state.exit_code == 1
+        assert await (await served.flushed_log()).count() == 0  # a probe is no student's request: not logged
+
+
 async def test_a_hung_engine_is_killed_and_the_server_asks_for_a_restart(app_factory):
     async with app_factory(engine_stall_seconds=0.5) as served:
         served.engine.hung = True
-        await asyncio.sleep(1.5)  # hung, but nothing waits on it: no stall
-        assert (await served.client.get("/readyz")).status_code == 200 and served.fatal_calls == 0
-
         request = asyncio.ensure_future(served.client.post(
             CHAT, json={"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 4}))
         for _ in range(50):
