@@ -126,7 +126,8 @@ class WatchedEngine:
     def __init__(self, engine: Engine, clock: Any = time.monotonic):
         self.engine = engine
         self._clock = clock
-        self._waiting_since: dict[int, float] = {}  # per generate call waiting on its next output
+        self._waiting: set[int] = set()  # generate calls waiting on their next output
+        self._busy_since = 0.0  # since when something has waited without a break
         self._last_output = clock()
 
     def __getattr__(self, name: str) -> Any:  # everything but generate is the engine's own
@@ -137,29 +138,35 @@ class WatchedEngine:
         return self.engine.errored
 
     def stalled_seconds(self) -> float:
-        """Seconds since the longest-waiting request began waiting or any request last got an output, whichever
-        is later; 0 while nothing waits."""
-        if not self._waiting_since:
+        """Seconds since requests began waiting without a break, or any request last got an output, whichever is
+        later; 0 while nothing waits. Clients that give up and others that come meanwhile do not restart it."""
+        if not self._waiting:
             return 0.0
-        return self._clock() - max(min(self._waiting_since.values()), self._last_output)
+        return self._clock() - max(self._busy_since, self._last_output)
 
     def idle_seconds(self) -> float:
         """Seconds since the engine last answered anything, while nothing waits on it (0 while something does)."""
-        return 0.0 if self._waiting_since else self._clock() - self._last_output
+        return 0.0 if self._waiting else self._clock() - self._last_output
 
     async def generate(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[EngineOutput]:
         outputs = self.engine.generate(prompt_ids, params, request_id)
         key = id(outputs)
         try:
             while True:
-                self._waiting_since[key] = self._clock()
+                if not self._waiting:
+                    self._busy_since = self._clock()
+                self._waiting.add(key)
                 try:
                     output = await anext(outputs)
                 except StopAsyncIteration:
+                    self._last_output = self._clock()  # an end or an error is an answer too
                     return
-                finally:
-                    del self._waiting_since[key]
-                    self._last_output = self._clock()  # an output, an end or an error: the engine answered
+                except Exception:
+                    self._last_output = self._clock()
+                    raise
+                finally:  # a cancelled wait (a client that gave up) is no answer: it leaves _last_output
+                    self._waiting.discard(key)
+                self._last_output = self._clock()
                 yield output
         finally:
             await outputs.aclose()

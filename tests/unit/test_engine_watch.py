@@ -63,6 +63,21 @@ async def test_stall_counts_only_time_spent_waiting_with_no_output_anywhere():
     await second.aclose()
     assert watched.stalled_seconds() == 0.0
 
+    # clients that give up while others wait are no answer from the engine: the stall runs on from the first wait
+    third = watched.generate([1], PARAMS, "c")
+    gave_up = await _next_soon(third)  # waits from 500
+    clock.now = 540.0
+    fourth = watched.generate([1], PARAMS, "d")
+    waiting = await _next_soon(fourth)
+    clock.now = 560.0
+    gave_up.cancel()
+    await asyncio.sleep(0)
+    clock.now = 600.0
+    assert watched.stalled_seconds() == 100.0  # since 500, not since the fourth came (540) or the third left
+    waiting.cancel()
+    await asyncio.sleep(0)
+    assert watched.stalled_seconds() == 0.0 and watched.idle_seconds() == 550.0  # no answer since 50
+
 
 async def test_an_idle_hung_engine_is_found_by_a_probe_of_its_own(app_factory):
     async with app_factory(engine_stall_seconds=1) as served:
