@@ -307,7 +307,7 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
                          for kind, rows in benign.items()}
         harmful_scores = [whole_and_part(probabilities(unthresholded, "validation", t), reads_whole(t))
                           for t in harmful]
-        threshold, sentence_threshold, recall = paired_thresholds(benign_scores, harmful_scores, MAX_FLAGGED)
+        threshold, sentence_threshold, _ = paired_thresholds(benign_scores, harmful_scores, MAX_FLAGGED)
         self_harm_threshold = lowest(benign, MAX_FLAGGED_AS_SELF_HARM,
                                      lambda p: p[:, CLASSES.index(SELF_HARM)].max())
         self_harm_threshold = self_harm_threshold if self_harm_threshold <= 1.0 else None  # none keeps the limits

@@ -174,13 +174,11 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                     continue
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(row))), label=False,
                                        meta=of(row)), meta))
-        elif label in ("good", "bad"):
-            # A flagged answer the majority called good is no desirable example, nor an undesirable one: left out,
-            # as a flagged winner of a pair is.
+        # A flagged answer the majority called good is no desirable example, nor an undesirable one: left out, as a
+        # flagged winner of a pair is.
+        elif label == "bad" or (label == "good" and not _flagged(group, "served")):
             good = label == "good"
-            if good and _flagged(group, "served"):
-                pass
-            elif options.format == "kto" and whole(served):
+            if options.format == "kto" and whole(served):
                 out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(served))), label=good,
                                        meta=of(served)), meta))
             elif options.format == "sft" and good and whole(served):

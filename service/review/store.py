@@ -186,10 +186,8 @@ class ReviewStore:
                                        or_(shown.right_id.is_(None), and_(shown.left_id != candidate,
                                                                           shown.right_id != candidate)))
         async with self.engine.begin() as conn:
-            if conn.dialect.name != "sqlite":
-                locked = (await conn.execute(select(G.id).where(G.id == item_id).with_for_update())).first()
-                if locked is None:
-                    return False
+            if not await self._lock_item(conn, item_id):
+                return False
             row = {"reviewer": reviewer, "status": "shown", "shown_at": now, "left_id": left, "right_id": right,
                    "flags": {}}
             columns = A.__table__.c
@@ -301,20 +299,27 @@ class ReviewStore:
             await self._settle(conn, assignment_id, "shown", status="skipped")
 
     @staticmethod
-    async def _lock_item(conn, item_id: str) -> None:
-        """Holds the item's row until the transaction ends, on PostgreSQL (SQLite has one writer at a time)."""
-        if conn.dialect.name != "sqlite":
-            await conn.execute(select(Generation.id).where(Generation.id == item_id).with_for_update())
+    async def _lock_item(conn, item_id: str) -> bool:
+        """Holds the item's row until the transaction ends, on PostgreSQL (SQLite has one writer at a time);
+        whether the item is there."""
+        if conn.dialect.name == "sqlite":
+            return True
+        return (await conn.execute(select(Generation.id).where(Generation.id == item_id).with_for_update())
+                ).first() is not None
 
     @staticmethod
-    async def _settle(conn, assignment_id: int, expected: str, **values: Any) -> None:
-        """Moves the assignment on only if it is still `expected`: the status read before may have changed since
-        (a verdict and a skip, or two verdicts, sent at once), and the second must not overwrite the first."""
+    async def _settle(conn, assignment_id: int, expected: str, *conditions: Any, conflict: str | None = None,
+                      **values: Any) -> None:
+        """Moves the assignment on only if it is still `expected` (and `conditions` hold, in the same statement):
+        the status read before may have changed since (a verdict and a skip, or two verdicts, sent at once), and
+        the second must not overwrite the first. `conflict`: the 409's message when it does not move."""
         A = ReviewAssignment
-        moved = await conn.execute(update(A).where(A.id == assignment_id, A.status == expected).values(**values))
+        moved = await conn.execute(
+            update(A).where(A.id == assignment_id, A.status == expected, *conditions).values(**values))
         if moved.rowcount != 1:
-            raise APIError(409, f"assignment {assignment_id} changed while this request was made (another verdict, "
-                                "skip or undo); fetch GET /review/api/next", param="assignment_id", code="conflict")
+            raise APIError(409, conflict or f"assignment {assignment_id} changed while this request was made "
+                                "(another verdict, skip or undo); fetch GET /review/api/next",
+                           param=None if conflict else "assignment_id", code="conflict")
 
     async def undo(self, reviewer: str) -> dict[str, Any]:
         """Takes back the reviewer's latest verdict; that item is shown again (same answer order)."""
@@ -332,13 +337,11 @@ class ReviewStore:
             await self._lock_item(conn, last["item_id"])
             B = aliased(A)
             others_judged = exists().where(B.item_id == last["item_id"], B.reviewer != reviewer, B.status == "judged")
-            moved = await conn.execute(
-                update(A).where(A.id == last["id"], A.status == "judged", ~others_judged).values(
-                    status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
-                    judged_at=None, shown_at=datetime.now(UTC)))
-            if moved.rowcount != 1:
-                raise APIError(409, "another reviewer has judged this item too, so your verdict on it stands; "
-                                    "say what you would change in a comment on your next verdict", code="conflict")
+            await self._settle(conn, last["id"], "judged", ~others_judged,
+                               conflict="another reviewer has judged this item too, so your verdict on it stands; "
+                                        "say what you would change in a comment on your next verdict",
+                               status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
+                               judged_at=None, shown_at=datetime.now(UTC))
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
             return await self._view(conn, current)
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -48,9 +50,11 @@ def app_factory(settings_factory, tokenizer):
 
         async def __aenter__(self):
             self.fatal_calls = 0
+            self.fatal = asyncio.Event()
 
             def on_fatal() -> None:
                 self.fatal_calls += 1
+                self.fatal.set()
 
             self.app = create_app(self.settings, self.factory, on_fatal=on_fatal)
             # asgi-lifespan's 5 s default: an app start took longer than that with the unit tests on
@@ -68,6 +72,14 @@ def app_factory(settings_factory, tokenizer):
         async def __aexit__(self, *exc):
             await self.client.aclose()
             await self.manager.__aexit__(*exc)
+
+        async def restart_asked(self, seconds: float = 5.0) -> bool:
+            """Whether the app asked for a restart (on_fatal) within `seconds`: its watchdog looks once a second."""
+            try:
+                await asyncio.wait_for(self.fatal.wait(), seconds)
+            except TimeoutError:
+                return False
+            return True
 
         async def flushed_log(self):
             log = self.app.state.generation_log

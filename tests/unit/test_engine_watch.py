@@ -86,10 +86,7 @@ async def test_an_idle_hung_engine_is_found_by_a_probe_of_its_own(app_factory):
         assert len(served.engine.calls) > calls and served.engine.calls[-1][1].max_tokens == 1
         assert (await served.client.get("/readyz")).status_code == 200 and served.fatal_calls == 0
         served.engine.hung = True  # no student waits on it: the probe does
-        for _ in range(80):
-            if served.fatal_calls:
-                break
-            await asyncio.sleep(0.1)
+        assert await served.restart_asked(8)
         assert served.engine.killed.is_set() and served.fatal_calls == 1 and served.app.state.exit_code == 1
         assert await (await served.flushed_log()).count() == 0  # a probe is no student's request: not logged
 
@@ -99,20 +96,13 @@ async def test_a_hung_engine_is_killed_and_the_server_asks_for_a_restart(app_fac
         served.engine.hung = True
         request = asyncio.ensure_future(served.client.post(
             CHAT, json={"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 4}))
-        for _ in range(50):
-            if served.engine.killed.is_set():
-                break
-            await asyncio.sleep(0.1)
-        assert served.engine.killed.is_set()
+        await asyncio.wait_for(served.engine.killed.wait(), 5)
         answer = await asyncio.wait_for(request, 10)
         # the waiting request fails as at an engine's death, instead of hanging until the client gives up
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_unavailable"
         ready = await served.client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["error"]["code"] in ("engine_dead", "engine_stalled")
-        for _ in range(50):
-            if served.fatal_calls:
-                break
-            await asyncio.sleep(0.1)
+        assert await served.restart_asked()
         assert served.fatal_calls == 1 and served.app.state.exit_code == 1
 
 

@@ -146,13 +146,8 @@ async def test_models_lists_the_served_model(served):
 
 
 async def test_engine_death_asks_for_a_restart(served):
-    import asyncio
-
     served.engine.die()
-    for _ in range(40):
-        if served.fatal_calls:
-            break
-        await asyncio.sleep(0.1)
+    assert await served.restart_asked(4)
     assert served.fatal_calls == 1 and served.app.state.exit_code == 1
 
 
