@@ -116,10 +116,18 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
+def _origin_host(origin: str) -> str:
+    """'http://127.0.0.1:8000' -> '127.0.0.1'; 'null' (a sandboxed frame, a file) -> 'null'."""
+    return _host_name(origin.split("://", 1)[-1].split("/", 1)[0])
+
+
 class LoopbackOnly:
     """With no API keys every route is open, so only this machine may talk to the server: the peer must be a
     loopback address, and the Host header must name loopback too, so a web page on another site cannot reach
-    it through a DNS name rebound to 127.0.0.1 (DNS rebinding)."""
+    it through a DNS name rebound to 127.0.0.1 (DNS rebinding). A page on another site can still send this
+    machine's browser to 127.0.0.1 itself (a "simple" POST without a Content-Type needs no CORS preflight, and
+    FastAPI reads its body as JSON), so a request a page sent (its Origin, or Sec-Fetch-Site) must come from a
+    loopback page too; following a link (a GET navigation) is still allowed."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -127,7 +135,11 @@ class LoopbackOnly:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             client = scope.get("client")
-            host = _host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower())
+            headers = dict(scope["headers"])
+            host = _host_name(headers.get(b"host", b"").decode("latin-1").strip().lower())
+            origin = headers.get(b"origin", b"").decode("latin-1").strip().lower()
+            fetch_site = headers.get(b"sec-fetch-site", b"").decode("latin-1").strip().lower()
+            navigation = scope["method"] in ("GET", "HEAD") and headers.get(b"sec-fetch-mode") == b"navigate"
             problem = None
             if client is None or not is_loopback(client[0]):
                 problem = ("this server has no API keys, so it answers only on this machine; set ZEPHYR_API_KEYS "
@@ -135,6 +147,11 @@ class LoopbackOnly:
             elif host not in LOOPBACK_HOSTS:
                 problem = (f"this server has no API keys and answers only requests addressed to localhost, not to "
                            f"{host[:64]!r} (DNS rebinding protection); set ZEPHYR_API_KEYS to serve other names")
+            elif not navigation and ((origin and _origin_host(origin) not in LOOPBACK_HOSTS)
+                                     or fetch_site == "cross-site"):
+                problem = (f"this server has no API keys and answers only pages on this machine, not one from "
+                           f"{(origin or 'another site')[:64]!r} (cross-site request protection); set ZEPHYR_API_KEYS "
+                           "to serve other sites")
             if problem is not None:
                 await send_error(send, 403, problem, "open_mode_loopback_only")
                 return

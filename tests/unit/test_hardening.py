@@ -410,6 +410,26 @@ async def test_open_mode_refuses_other_addresses_and_rebound_host_names(app_fact
                 assert r.status_code == 403 and "ZEPHYR_API_KEYS" in r.json()["error"]["message"], path
 
 
+async def test_open_mode_refuses_requests_sent_by_pages_of_other_sites(app_factory):
+    """A page on another site can make this machine's browser POST to 127.0.0.1 with no CORS preflight (no
+    Content-Type: FastAPI still reads the body as JSON); found by a review."""
+    async with app_factory(api_keys="") as served:
+        client = served.client
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                        {"Origin": "http://127.0.0.1.evil.example:8000"}):
+            r = await client.post(CHAT, content=json.dumps(BODY), headers=headers)
+            assert r.status_code == 403 and "cross-site" in r.json()["error"]["message"], headers
+            assert (await client.get("/review/api/next", headers=headers)).status_code == 403, headers
+        # this machine's own pages, tools that send no Origin, and a followed link still work
+        for headers in ({"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"},
+                        {"Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"}, {}):
+            assert (await client.post(CHAT, json=BODY, headers=headers)).status_code == 200, headers
+        navigation = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+        assert (await client.get("/review", headers=navigation)).status_code == 200
+        assert (await client.post(CHAT, json=BODY, headers=navigation)).status_code == 403
+
+
 async def test_with_keys_any_address_and_host_may_connect(served):
     remote = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("10.1.2.3", 5555)),
                                base_url="http://tutor.example.org", headers={"Authorization": f"Bearer {STUDENT_KEY}"})
