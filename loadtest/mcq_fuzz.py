@@ -48,6 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zephyr import mcq
+from zephyr.prompts import control_tokens
 
 # service.tutor.CHARS_PER_TOKEN_BOUND (a unit test keeps them equal; importing the service here would load torch).
 CHARS_PER_TOKEN = 16
@@ -325,6 +326,7 @@ class Measure:
     def __init__(self, tokenizer: Any, demonstrations: str = ""):
         self.tokenizer = tokenizer
         self.demonstrations = demonstrations  # the served record's: before every cloze prompt (mcq.Plan)
+        self.control_tokens = control_tokens(tokenizer)
         probe = mcq.MCQuestion("q", ("a", "b"))
         self.overhead = max(
             len(mcq.render_prompt(tokenizer, probe, explain).encode()) - len(mcq.render_user_message(probe, explain)
@@ -357,6 +359,10 @@ def expectation(body: Any, limits: Limits, measure: Measure) -> tuple[str, str |
         name, why = problem
         return INVALID, name, CONTEXT_CODE if why.endswith("characters") and name == "question" else None, False
     q = mcq.MCQuestion.build(body["question"], body["options"], body.get("support"))
+    if resolved_method(body) == "explain" and measure.control_tokens is not None:
+        for name, text in (("question", q.question), *(("options", o) for o in q.options), ("support", q.support)):
+            if text and measure.control_tokens.search(text):
+                return INVALID, name, None, False  # the model would write after a forged turn
     room_margin = 64
     if measure.bytes_bound(q) <= limits.max_prompt_tokens - room_margin:
         return OK, None, None, False

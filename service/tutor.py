@@ -50,7 +50,7 @@ from service.protocol import (
 from service.review.candidates import Candidates
 from service.store.log import GenerationLog
 from zephyr import chat_mcq, mcq
-from zephyr.prompts import encode_chat, with_system_prompt
+from zephyr.prompts import control_tokens, encode_chat, with_system_prompt
 from zephyr.safety import (
     FINISH_REASON,
     REPLIES,
@@ -224,17 +224,16 @@ class Tutor:
             raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
 
     @functools.cached_property
-    def _control_tokens(self) -> re.Pattern[str]:
-        tokenizer = self.engine.tokenizer
-        special = set(tokenizer.all_special_tokens) | {
-            token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
-        return re.compile("|".join(re.escape(token) for token in sorted(special, key=len, reverse=True) if token))
+    def _control_tokens(self) -> re.Pattern[str] | None:
+        return control_tokens(self.engine.tokenizer)
 
     def check_control_tokens(self, text: str, param: str) -> None:
-        """A client's text may not spell the model's control tokens: the tokenizer reads "<|im_start|>" in a message
-        as the real marker, so a message could forge a system turn or the assistant's opening words after the
-        tutor's prompt, past what the guard reads as one message."""
-        if self._control_tokens.pattern and (found := self._control_tokens.search(text)):
+        """A client's text may not spell the model's control tokens where the model writes after it (a chat,
+        `/mcq`'s `explain`): the tokenizer reads "<|im_start|>" in a message as the real marker, so a message could
+        forge a system turn or the assistant's opening words after the tutor's prompt, past what the guard reads as
+        one message. Scored methods (letter, cloze) answer one of the options whatever the text says, and score it
+        as given."""
+        if self._control_tokens is not None and (found := self._control_tokens.search(text)):
             raise APIError(400, f"`{param}` holds `{found.group()}`, one of the model's control tokens, which a "
                                 "message may not contain; remove it", param=param)
 
@@ -562,6 +561,10 @@ class Tutor:
         status, error = "error", None
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
+            if explain:  # the model writes after this prompt: a forged turn would steer what it writes
+                for name, text in (("question", q.question), *((f"options[{i}]", o) for i, o in enumerate(q.options)),
+                                   ("support", q.support or "")):
+                    self.check_control_tokens(text, f"{param_prefix}{name}")
             # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
             letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
             self.check_prompt_length(letter_prompt, f"{param_prefix}question")

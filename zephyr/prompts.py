@@ -4,6 +4,7 @@ rejection sampling all encode this way, so a model sees the same prompt served, 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -19,3 +20,13 @@ def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
+    """The tokenizer's special tokens as one pattern (longest first), or None for a tokenizer without any. The
+    tokenizer reads "<|im_start|>" spelled in a client's text as the real marker, so text that goes into a prompt
+    the model then writes after (a chat, `/mcq`'s `explain`) must not spell one."""
+    special = set(tokenizer.all_special_tokens) | {
+        token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+    tokens = sorted((token for token in special if token), key=len, reverse=True)
+    return re.compile("|".join(re.escape(token) for token in tokens)) if tokens else None
