@@ -192,12 +192,19 @@ class Tutor:
             raise APIError(404, f"{param} `{requested}` is not served here; this server serves `{self.model_name}` "
                                 "(GET /v1/models)", param=param, code="model_not_found")
 
+    def check_n(self, n: int) -> None:
+        """`n` answers are admitted as `n` requests: more than ZEPHYR_MAX_IN_FLIGHT could never be admitted (a 503
+        would send the client retrying for ever), so the bound is the lower of the two settings."""
+        limit, setting = min((self.settings.max_n, "ZEPHYR_MAX_N"), (self.settings.max_in_flight,
+                                                                     "ZEPHYR_MAX_IN_FLIGHT"))
+        if n > limit:
+            raise APIError(400, f"`n` is {n}; this server allows at most {limit} ({setting})", param="n")
+
     def check_generation(self, req: SamplingRequest, default_temperature: float = 1.0) -> None:
         """What a chat or a completion is checked for first: the model it names and its number of answers
         (`default_temperature`: the route's temperature when the request sets none)."""
         self.check_model(req.model)
-        if req.n > self.settings.max_n:
-            raise APIError(400, f"`n` is {req.n}; this server allows at most {self.settings.max_n}", param="n")
+        self.check_n(req.n)
         temperature = default_temperature if req.temperature is None else req.temperature
         if req.n > 1 and temperature < GREEDY_BELOW:
             # vLLM refuses it, after the stream has opened; several greedy answers would all be the same one.

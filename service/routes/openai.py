@@ -83,13 +83,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         # A review item is one answer beside another: which of n would reviewers judge?
         raise APIError(400, f"X-Zephyr-Review marks one answer for review; this request asks for n={body.n}. Send "
                             "n=1 to have it reviewed, or leave the header out", param="n")
-    admissible(request, body.n)  # before the tokenizing and the guard's screening that a refusal would waste
+    tutor.check_n(body.n)
+    # n answers are n sequences in the engine: n places of admission, and n units of the key's budget
+    admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     top_logprobs = body.top_logprobs if body.logprobs else None
     # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
     # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
     reviewed = review_requested and gen.for_review
-    with admitted(request, body.n, for_review=reviewed) as slot:  # n answers are n times the work
+    with admitted(request, body.n, weight=body.n, for_review=reviewed) as slot:
         return await answer(request, slot, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
                             lambda: tutor.stream(gen, body.include_usage, top_logprobs))
 
@@ -100,9 +102,10 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     """A raw prompt (text or token ids) continued without the chat template; with `echo` and `logprobs`, the
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
-    admissible(request, body.n)  # before the tokenizing and the guard's screening that a refusal would waste
+    tutor.check_n(body.n)
+    admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
     job = await prepare_completion(tutor, body, principal)
-    with admitted(request, body.n) as slot:
+    with admitted(request, body.n, weight=body.n) as slot:
         return await answer(request, slot, job.gen.request_id, body.stream, lambda: complete(tutor, job),
                             lambda: stream(tutor, job, body.include_usage))
 

@@ -62,6 +62,25 @@ async def test_overload_is_503_not_an_unbounded_queue(app_factory):
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_n_answers_take_n_places_of_admission(app_factory):
+    """n answers are n sequences in the engine: counted as one request, 256 places admitted 2,048 sequences onto an
+    engine of 64 (found by a review)."""
+    async with app_factory(max_in_flight=4) as served:
+        admission = served.app.state.tutor.admission
+        admission.in_flight = 2
+        for path, body in ((CHAT, {**BODY, "n": 3, "temperature": 0.7}),
+                           ("/v1/completions", {"prompt": "Plants need", "max_tokens": 4, "n": 3})):
+            r = await served.client.post(path, json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+            assert (await served.client.post(path, json={**body, "n": 2})).status_code == 200
+        assert admission.in_flight == 2  # every place given back
+        # more answers than the replica admits at once could never run: a 400 naming the setting, not a 503
+        admission.in_flight = 0
+        r = await served.client.post(CHAT, json={**BODY, "n": 5, "temperature": 0.7})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "at most 4 (ZEPHYR_MAX_IN_FLIGHT)" in r.json()["error"]["message"]
+
+
 async def test_a_full_replica_refuses_before_the_guard_reads_the_request(app_factory):
     # The guard's screening runs on the encoder's one thread, where the sentences of the answers being streamed
     # wait their turn: a request that will be refused must not queue there first.
@@ -90,9 +109,9 @@ async def test_a_request_over_its_keys_remaining_budget_is_refused_before_the_gu
 
 async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app_factory):
     """A client retrying 503s (the server full) must not spend the work its refused requests asked for."""
-    async with app_factory(rate_limit="7/minute", max_in_flight=3) as served:
+    async with app_factory(rate_limit="7/minute", max_in_flight=8) as served:
         admission = served.app.state.tutor.admission
-        admission.in_flight = 3  # every place taken
+        admission.in_flight = 8  # every place taken
         chat = {**BODY, "n": 3}
         batch = {"questions": [{"question": "Which is a planet?", "options": ["Mars", "Moon"]}] * 3}
         assert (await served.client.post(CHAT, json=chat)).status_code == 503
@@ -104,7 +123,7 @@ async def test_a_request_refused_with_503_costs_only_its_authentication_unit(app
         assert (await served.client.post(CHAT, json=chat)).status_code == 200
         assert (await served.client.post(CHAT, json=chat)).status_code == 429  # 6 + 3 is over the limit
         assert admission.in_flight == 0  # refused inside its admission, and its place given back
-        admission.in_flight = 3  # full again: a request no window could hold is still a 400, not a 503 to retry
+        admission.in_flight = 8  # full again: a request no window could hold is still a 400, not a 503 to retry
         too_big = await served.client.post(CHAT, json={**BODY, "n": 8},
                                            headers={"Authorization": f"Bearer {REVIEWER_KEY}"})
         assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_too_large"
