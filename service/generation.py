@@ -77,6 +77,7 @@ class GenerationRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: float | None = None
     first_text_at: float | None = None  # when a stream sent its first answer text (Tutor.first_text_sent)
+    ran: bool = False  # Tutor.run began: it writes the row however the answer ends (else Tutor.never_ran)
     last_token_at: float | None = None
     steps: int = 0
     prompt_logprobs: list[float | None] | None = None  # GenParams.prompt_logprobs: one per prompt token

@@ -258,6 +258,7 @@ class Tutor:
 
     async def run(self, gen: GenerationRequest) -> AsyncIterator[EngineOutput]:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
+        gen.ran = True
         status, error = "aborted", None
         served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
         if served:
@@ -453,6 +454,14 @@ class Tutor:
             raise APIError(400, f"`stop_token_ids` holds ids outside the vocabulary of {vocabulary}: {unknown[:5]}",
                            param="stop_token_ids")
         return ids
+
+    def never_ran(self, gen: GenerationRequest) -> None:
+        """Logs a request whose answer never started (its client left while it was screened and tokenized, and the
+        stream was closed before its first step): an aborted row, so nothing admitted is missing from the log."""
+        if not gen.ran:
+            gen.ran = True
+            self.log.record(gen.record(self.model_name, "aborted", "the client left before the answer started",
+                                       model_revision=self.model_revision))
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
         async with aclosing(self.run(gen)) as outputs:

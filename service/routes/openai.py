@@ -5,11 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from service.auth import Principal, admissible, admitted, require
 from service.completions import complete, prepare_completion, stream
 from service.disconnect import until_disconnected
 from service.errors import APIError
+from service.generation import GenerationRequest
 from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import (
     ChatCompletionChunk,
@@ -92,7 +94,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
     reviewed = review_requested and gen.for_review
     with admitted(request, body.n, weight=body.n, for_review=reviewed) as slot:
-        return await answer(request, slot, gen.request_id, body.stream, lambda: tutor.complete(gen, top_logprobs),
+        return await answer(request, slot, gen, body.stream, lambda: tutor.complete(gen, top_logprobs),
                             lambda: tutor.stream(gen, body.include_usage, top_logprobs))
 
 
@@ -106,20 +108,33 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
     job = await prepare_completion(tutor, body, principal)
     with admitted(request, body.n, weight=body.n) as slot:
-        return await answer(request, slot, job.gen.request_id, body.stream, lambda: complete(tutor, job),
+        return await answer(request, slot, job.gen, body.stream, lambda: complete(tutor, job),
                             lambda: stream(tutor, job, body.include_usage))
 
 
-async def answer(request: Request, slot: AdmissionSlot, request_id: str, streamed: bool,
+async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, streamed: bool,
                  whole: Callable[[], Coroutine[Any, Any, Any]], events: Callable[[], AsyncIterator[str]]):
-    """One generation admitted in `slot`, answered whole (a response model as JSON) or as server-sent events."""
-    headers = {"X-Request-Id": request_id}
+    """One generation admitted in `slot`, answered whole (a response model as JSON) or as server-sent events; its
+    row is written however it ends, even when its answer never started."""
+    tutor = request.app.state.tutor
+    headers = {"X-Request-Id": gen.request_id}
     if not streamed:
-        result = await until_disconnected(request, whole())
+        try:
+            result = await until_disconnected(request, whole())
+        finally:
+            tutor.never_ran(gen)
         # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
+    release = slot.hand_off()
+
+    def on_close() -> None:
+        try:
+            tutor.never_ran(gen)
+        finally:
+            release()
+
     return ReleasingStreamingResponse(  # the stream holds its place until the response closes
-        events(), on_close=slot.hand_off(), media_type="text/event-stream",
+        events(), on_close=on_close, media_type="text/event-stream",
         headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -152,6 +167,8 @@ class ReleasingStreamingResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass  # the client left (ASGI 2.4: its send raised): no server error, and nothing left to send
         finally:
             try:
                 await self.body_iterator.aclose()

@@ -227,9 +227,10 @@ def test_an_admission_slot_is_given_back_once_when_its_block_ends_or_by_whoever_
     assert admission.in_flight == 0
 
 
-def raw_post(app, path: str, body: dict, gone: asyncio.Event, send) -> asyncio.Task:
+def raw_post(app, path: str, body: dict, gone: asyncio.Event, send, spec_version: str = "2.3") -> asyncio.Task:
     """POSTs `body` to `path` as a server would hand it to the app, on its own task; the client hangs up (an
-    http.disconnect) once `gone` is set. Lets a test cut a connection where httpx cannot."""
+    http.disconnect) once `gone` is set. Lets a test cut a connection where httpx cannot. `spec_version` "2.4":
+    the server's `send` raises OSError on a closed connection, as uvicorn's does, instead of listening for it."""
     import json
 
     from tests.unit.conftest import STUDENT_KEY
@@ -245,7 +246,8 @@ def raw_post(app, path: str, body: dict, gone: asyncio.Event, send) -> asyncio.T
 
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                (b"authorization", f"Bearer {STUDENT_KEY}".encode()), (b"content-length", str(len(raw)).encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
              "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
     return asyncio.create_task(app(scope, receive, send))
@@ -293,8 +295,43 @@ async def test_a_stream_holds_its_place_until_the_response_closes(served):
         assert row["status"] == status
         # An answer cut short is not judged for looping: how it would have gone on is unknown.
         assert ("looping" in row["response"][0]) is (status == "ok")
+    # a client gone before its answer started is logged too (aborted), not lost with its request
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+
+    async with log.engine.connect() as connection:
+        statuses = sorted(r.status for r in await connection.execute(select(Generation.status)))
+    assert statuses == ["aborted", "aborted", "ok"]
     answers = (await served.client.get("/metrics")).text
     assert 'zephyr_answers_total{looping="false",route="chat"} 1.0' in answers  # the finished stream only
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_a_stream_whose_client_left_before_its_answer_started_is_logged(served, path, spec_version):
+    """A client gone while its request was screened and tokenized: Starlette cancels the stream at its first send
+    (uvicorn, ASGI 2.3) or never starts it (a server whose send raises, ASGI 2.4), so the row the answer writes when
+    it runs was lost with the request, and under 2.4 the disconnect was logged as an unhandled error."""
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+
+    gone = asyncio.Event()
+    gone.set()
+
+    async def send(message):
+        if spec_version == "2.4":
+            raise OSError("the connection is closed")
+        await asyncio.sleep(0.05)  # a real socket's send waits: long enough for the disconnect to be heard
+
+    body = {**BODY, "stream": True} if path == CHAT else {"prompt": "Plants need", "max_tokens": 4, "stream": True}
+    await asyncio.wait_for(raw_post(served.app, path, body, gone, send, spec_version=spec_version), 10)
+    assert served.app.state.tutor.admission.in_flight == 0
+    log = await served.flushed_log()
+    async with log.engine.connect() as connection:
+        rows = (await connection.execute(select(Generation.status, Generation.error))).all()
+    assert [r.status for r in rows] == ["aborted"] and "before" in rows[0].error
 
 
 QUESTION = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}
