@@ -262,6 +262,20 @@ def test_extra_environment_and_volumes_and_odd_values_render():
     assert {"name": "g", "configMap": {"name": "guidelines"}} in pod["volumes"]
 
 
+def test_numbers_from_a_values_file_reach_the_server_as_it_reads_them(tmp_path):
+    """A values file's numbers are floats to helm, and `quote` wrote a million as "1e+06": the server refused it and
+    the pod crash-looped (found by a review)."""
+    values = tmp_path / "values.yaml"
+    values.write_text("config:\n  ZEPHYR_MAX_BODY_BYTES: 2000000\n  ZEPHYR_MAX_MODEL_LEN: 1048576\n"
+                      "  ZEPHYR_CHAT_TEMPERATURE: 0.25\n  ZEPHYR_SAFETY_GUARD: false\n")
+    config = render("cpu", "-f", str(values))["ConfigMap"]["data"]
+    assert (config["ZEPHYR_MAX_BODY_BYTES"], config["ZEPHYR_MAX_MODEL_LEN"]) == ("2000000", "1048576")
+    assert (config["ZEPHYR_CHAT_TEMPERATURE"], config["ZEPHYR_SAFETY_GUARD"]) == ("0.25", "false")
+    settings = Settings(**{name.removeprefix("ZEPHYR_").lower(): value for name, value in config.items()
+                           if name in ("ZEPHYR_MAX_BODY_BYTES", "ZEPHYR_MAX_MODEL_LEN", "ZEPHYR_CHAT_TEMPERATURE")})
+    assert settings.max_body_bytes == 2_000_000 and settings.max_model_len == 1_048_576
+
+
 def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_pods():
     session = ("--set", "secrets.sessionSecret=" + "s" * 40)
     as_list = deployment_of("--set", f"secrets.apiKeys={{{K1},{K2}}}", *session)
