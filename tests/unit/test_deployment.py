@@ -186,6 +186,10 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     # The kubelet would kill the pod mid-drain, losing the rows still queued for the log.
     (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_DRAIN_SECONDS=300,terminationGracePeriodSeconds=60"],
      "terminationGracePeriodSeconds 60 is shorter than the shutdown it must cover"),
+    # No pod could ever be evicted: every node drain would block.
+    (["--set", f"secrets.apiKeys={K0},replicaCount=2,podDisruptionBudget.minAvailable=2,"
+      "secrets.dbUrl=postgresql+asyncpg://u:p@db/z", "--set", "persistence.accessModes={ReadWriteMany}"],
+     "podDisruptionBudget.minAvailable 2 is not below the 2 replicas"),
     # The server would refuse it at start, in a crash loop.
     (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
      "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
