@@ -198,6 +198,17 @@ class Recipe(_Strict):
         reserved = RESERVED_TRAINER_KEYS & set(self.trainer)
         if reserved:
             raise ValueError(f"trainer.{sorted(reserved)[0]} is set by `zephyr train` itself; remove it")
+        if "model_init_kwargs" in self.trainer:  # TRL only logs that it ignores them for a model given to it
+            raise ValueError("trainer.model_init_kwargs would be ignored: `zephyr train` loads the model itself (in "
+                             "float32, or in 4 bits with `qlora`); remove it")
+        heldout_scored = self.data is not None and self.data.validation_fraction > 0 and (
+            self.data.eval_fraction > 0 or self.data.eval)
+        if (self.method in ("dpo", "kto") and self.lora is None and self.trainer.get("precompute_ref_log_probs")
+                and heldout_scored):
+            # TRL refuses to score a dataset after training starts when the reference is the (trained) policy itself
+            raise ValueError(f"full fine-tuning {self.method} with trainer.precompute_ref_log_probs cannot score the "
+                             "held-out part after training (the reference model is not kept): train a `lora` "
+                             "adapter, drop precompute_ref_log_probs, or drop data.validation_fraction")
         uploads = sorted(key for key in self.trainer if key == "push_to_hub" or key.startswith("hub_"))
         if uploads:
             raise ValueError(f"trainer.{uploads[0]}: a run never uploads from `zephyr train` (its data may come from "

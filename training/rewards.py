@@ -22,8 +22,10 @@ MIN_REASONING_CHARS = 20
 MIN_NEW_WORDS = 3
 _WORD = re.compile(r"[a-z]{2,}")
 _CUE = re.compile("|".join(re.escape(stop) for stop in mcq.EXPLAIN_STOP))
-# After the cue: spaces, and optional markup a small model writes around a letter ("**B**", "(B)").
-_LETTER = re.compile(r"[\s*(\[]*([A-Z])(?![A-Za-z])")
+# After the cue: spaces, and optional markup a small model writes around a letter ("**B**", "(B)"), then the letter
+# alone: the end of the line or a mark ("B.", "(A) the moon", "C, because"). "Answer: A plant makes sugar" starts with
+# the article, not option A.
+_LETTER = re.compile(r"[\s*(\[]*([A-Z])[*)\]]*(?=[.,:;!]|[ \t]*(?:\n|$)|(?<=[*)\]])\s)")
 
 
 def completion_text(completion: Any) -> str:

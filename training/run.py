@@ -231,6 +231,15 @@ def _peft_config(recipe: Recipe, model: Any) -> Any:
 
             targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                               if isinstance(module, torch.nn.Linear) and ".layers." in name})
+    if isinstance(targets, list):  # PEFT names a module it cannot find only deep inside the trainer's constructor
+        import torch
+
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        if missing := [target for target in targets if target not in names]:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise RecipeError(f"lora.target_modules: {recipe.model} has no module named {missing[0]!r}; its linear "
+                              f"layers are {', '.join(linear)} (or use all-linear)")
     return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=targets, layers_to_transform=layers,
                       task_type="SEQ_CLS" if recipe.method == "rm" else "CAUSAL_LM")
@@ -526,6 +535,12 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     validation_set = None
     if spec.validation_fraction:
         train_set, validation_set = hold_out(train_set, spec.validation_fraction, spec.eval_group, seed)
+    for name, part in (("training", train_set), ("held-out", eval_set), ("validation", validation_set)):
+        if part is not None and len(part) == 0:  # else TRL fails deep inside, with no word of the recipe
+            raise TrainingError(f"the {name} part of {len(rows)} records is empty after data.eval_fraction "
+                                f"{spec.eval_fraction} and data.validation_fraction {spec.validation_fraction} by "
+                                f"{spec.eval_group} (one group can take everything): use more records, smaller "
+                                "fractions, or another data.eval_group")
     dropped_for_length = 0
     if by_question:
         train_set, eval_set, validation_set = (
@@ -560,6 +575,11 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     handler = _file_logger(run_dir / "train.log")
     started = time.perf_counter()
     try:
+        from transformers import set_seed
+
+        # before the model is built: a reward model's score head (and a fresh LoRA) start from the recipe's seed;
+        # TRL seeds only models it builds itself
+        set_seed(recipe.trainer.get("seed", 42))
         model, tokenizer = _load_model(recipe, base.path)
 
         def tokenized(part: Any, name: str) -> Any:  # the same tokenization for every part of a plain-text run

@@ -241,6 +241,20 @@ def test_rm_on_its_top_layer_with_length_grouped_batches_leaves_lower_layers_alo
                                                   "lora": {"r": 4, "top_layers": 3}, "trainer": STEPS})
     with pytest.raises(RecipeError, match="lora.top_layers is 3 but .* has 2 layers"):
         train(load_recipe(too_many), settings, recipe_path=too_many)
+    misnamed = recipe_file(tmp_path, "misnamed", {"method": "rm", "model": TINY, "output": "tiny-rm-4",
+                                                  "data": {"train": str(data["dpo"])},
+                                                  "lora": {"r": 4, "target_modules": ["qproj"]}, "trainer": STEPS})
+    with pytest.raises(RecipeError, match="has no module named 'qproj'; its linear layers are .*q_proj"):
+        train(load_recipe(misnamed), settings, recipe_path=misnamed)
+    one_conversation = tmp_path / "one-conversation.jsonl"  # four pairs that open alike: one group
+    write_jsonl(one_conversation, [PreferencePair(prompt=user("Why is the sky blue?"), chosen=reply(f"Light {i}."),
+                                                  rejected=reply("No."), source="test") for i in range(4)])
+    emptied = recipe_file(tmp_path, "emptied", {"method": "rm", "model": TINY, "output": "tiny-rm-5",
+                                                "data": {"train": str(one_conversation), "eval_fraction": 0.1,
+                                                         "eval_group": "opening"},
+                                                "lora": {"r": 4}, "trainer": STEPS})
+    with pytest.raises(TrainingError, match="the training part of .* records is empty"):
+        train(load_recipe(emptied), settings, recipe_path=emptied)
 
 
 def test_held_out_groups_keep_a_conversation_opening_on_one_side():

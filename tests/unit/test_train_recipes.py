@@ -69,6 +69,14 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "grpo", "data": {"train": "PAIRS"}, "rewards": {"correct_letter": -1}}, "rewards.correct_letter"),
     ({"method": "grpo", "data": {"train": "PAIRS"}, "trainer": {"num_generation": 4}},
      "not an argument of TRL's GRPOConfig; did you mean 'num_generations'"),
+    # TRL only logs that it ignores them for a model it is given (found by a review)
+    ({"method": "sft", "data": {"train": "PAIRS"}, "trainer": {"model_init_kwargs": {"dtype": "bfloat16"}}},
+     "trainer.model_init_kwargs would be ignored"),
+    # TRL cannot score the held-out part after training: the run trained, then crashed unregistered, and every
+    # rerun resumed into the same crash
+    ({"method": "dpo", "lora": None, "trainer": {"precompute_ref_log_probs": True},
+      "data": {"train": "PAIRS", "eval_fraction": 0.1, "validation_fraction": 0.1}},
+     "full fine-tuning dpo with trainer.precompute_ref_log_probs cannot score the held-out part"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, pairs, body, message):
     body = yaml.safe_load(yaml.safe_dump(body).replace("PAIRS", str(pairs)))

@@ -16,6 +16,12 @@ from training.rewards import answer_format, answer_letter, correct_letter
     ("Answer: E", None),                                # not an option letter of an A-D question
     ("Answer: Because it is big", None),                # a word, not a letter
     ("Answer:", None),
+    ("Answer: A plant makes sugar from light.", None),  # the article, not option A (found by a review)
+    ("Answer: I think it is B", None),
+    ("Answer: A.", "A"),
+    ("Answer: C, because the moon has no air", "C"),
+    ("Answer: **D** the sun", "D"),
+    ("Answer: B \nbecause", "B"),
 ])
 def test_answer_letter_is_the_first_letter_after_the_first_answer_line(text, letter):
     assert answer_letter(text, "ABCD") == letter
