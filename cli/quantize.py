@@ -25,7 +25,7 @@ def quantize_command(
         help="SFT-format JSON Lines ({\"messages\": [...]}) to calibrate on \\[default: tutoring chats built from the "
              "training splits of --calibration-sources]")] = None,
     calibration_sources: Annotated[str, typer.Option(help="MCQ training splits for the default calibration set")]
-    = "arc_easy:train,arc_challenge:train,sciq:validation,openbookqa:train",
+    = "arc_easy:train,arc_challenge:train,openbookqa:train",
     samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration tokens per sample (longer ones are cut)")] = 512,
     smoothing: Annotated[float, typer.Option(help="w8a8: SmoothQuant strength, 0 = off")] = 0.8,
@@ -65,7 +65,8 @@ def quantize_command(
                            quantize_lm_head=quantize_lm_head, overwrite=overwrite)
     unwind_on_sigterm()
     try:
-        result = quantize(options, settings, say=err.print)  # checks every option before any work
+        # Every option is checked before any work. Markup off: a worker's line ("[/x]") is text, not Rich markup.
+        result = quantize(options, settings, say=lambda text: err.print(text, markup=False))
     except (QuantError, CalibrationError, QuantEnvError, RegistryError) as exc:
         raise fail(str(exc)) from None
     table = Table("", "", title=f"{result.entry.name} ({method} {options.resolved_scheme})")

@@ -403,3 +403,36 @@ def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int
                         len(leaked), ", ".join(f"{i} = {hit}" for i, hit in list(leaked.items())[:5]))
         items.extend(item.model_copy(update={"id": f"{source}/{item.id}"}) for item in loaded if item.id not in leaked)
     return items
+
+
+# MCQ training sources outside what `zephyr eval calibrate` reads (OpenBookQA train loses its calibration head).
+OUTSIDE_CALIBRATION = ("arc_easy:train", "arc_challenge:train", "openbookqa:train")
+
+
+def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
+                              exclude_reported: bool = True, suggested: tuple[str, ...] = OUTSIDE_CALIBRATION,
+                              ) -> tuple[list[MCQItem], dict[str, int]]:
+    """Training items of each "name:split" source (mcq_training_items), without the questions `zephyr eval
+    calibrate` fits /mcq's `auto` on: what trains or quantizes a model that calibration then measures must not have
+    seen them. A split calibration reads whole (a validation split) is refused, naming `suggested` instead; one it
+    reads a head of (OpenBookQA train) loses that head. Returns the items and, per source, how many were left out."""
+    checked = check_mcq_sources(sources)
+    for source, name, split in checked:  # every source refused before any is read
+        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
+            raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
+                              f"{', '.join(suggested)}")
+    items: list[MCQItem] = []
+    reserved: dict[str, int] = {}
+    for source, name, split in checked:
+        cut = CALIBRATION_LIMITS.get(name, 0) if CALIBRATION_SPLITS.get(name) == split else 0
+        loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
+        # The head calibration reads, by id (the training items may have lost a question: mcq_training_items), and
+        # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
+        head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
+        head = {f"{source}/{item.id}" for item in head_items}
+        head_questions = {question_key(item.question, item.options) for item in head_items}
+        kept = [item for item in loaded
+                if item.id not in head and question_key(item.question, item.options) not in head_questions]
+        reserved[source] = len(loaded) - len(kept)
+        items.extend(kept[:limit_per_source] if limit_per_source else kept)
+    return items, {source: n for source, n in reserved.items() if n}

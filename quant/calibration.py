@@ -2,8 +2,9 @@
 
 GPTQ and AWQ fit each layer to the activations the calibration text produces, so it should look like what the
 tutor serves: a student's science question, with or without lettered options, and an answer that explains. The
-questions come from training splits only (`offline.benchmarks` refuses test and reported splits), and every
-sample is rendered with the model's own chat template, as the service renders it."""
+questions come from training splits only (`offline.benchmarks` refuses test and reported splits, and the questions
+`zephyr eval calibrate` reads), and every sample is rendered with the model's own chat template, as the service
+renders it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from typing import Any
 from zephyr import mcq
 from zephyr.schemas import DataFileError, MCQItem, SFTExample, read_jsonl
 
-DEFAULT_SOURCES = ("arc_easy:train", "arc_challenge:train", "sciq:validation", "openbookqa:train")
+# Training splits only, and none of the questions `zephyr eval calibrate` then fits the quantized entry's /mcq on
+# (SciQ has no local train split: its validation split is calibration's).
+DEFAULT_SOURCES = ("arc_easy:train", "arc_challenge:train", "openbookqa:train")
 
 
 class CalibrationError(ValueError):
@@ -38,7 +41,7 @@ def tutoring_chat(item: MCQItem, style: str) -> list[dict[str, str]]:
 
 def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed: int = 0) -> list[list[dict]]:
     """`samples` chats drawn evenly from the sources (name:split), alternating the mcq and open styles."""
-    from offline.benchmarks import SourceError, mcq_training_items
+    from offline.benchmarks import SourceError, items_outside_calibration
 
     if not sources:
         raise CalibrationError("--calibration-sources names no split; give at least one name:split, e.g. "
@@ -48,7 +51,7 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
     chats: list[list[dict]] = []
     for source in sources:
         try:
-            items = mcq_training_items([source], data_dir)
+            items, _ = items_outside_calibration([source], data_dir, suggested=DEFAULT_SOURCES)
         except SourceError as exc:
             raise CalibrationError(str(exc)) from None
         if not items:  # every question was also in a reported split, and was left out

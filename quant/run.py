@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quant.calibration import DEFAULT_SOURCES
 from zephyr.registry import (
     QUANT_METHODS,
     ModelManifest,
@@ -41,6 +42,7 @@ METHODS = QUANT_METHODS  # the core's list, by which calibration and the report 
 LLM_COMPRESSOR = ("gptq", "awq", "w8a8")
 CALIBRATED = ("gptq", "awq", "w8a8")
 GROUPED = ("gptq", "awq", "easyquant")  # w8a8 is per channel; bnb's block size is its own (64)
+PER_CHANNEL_SCHEMES = ("W8A16", "W8A8")  # llm-compressor's presets with one scale per output channel, no groups
 EASYQUANT_FORMS = ("int4", "dequantized")
 
 
@@ -56,8 +58,7 @@ class QuantOptions:
     group_size: int = 64
     name: str | None = None
     calibration: Path | None = None  # SFT-format JSON Lines; default: built from training splits
-    calibration_sources: list[str] = field(default_factory=lambda: ["arc_easy:train", "arc_challenge:train",
-                                                                    "sciq:validation", "openbookqa:train"])
+    calibration_sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
     samples: int = 128
     seq_len: int = 512
     smoothing: float = 0.8  # SmoothQuant strength for w8a8; 0 turns it off
@@ -89,10 +90,15 @@ class QuantOptions:
         head = "-head" if self.quantize_lm_head else ""
         return f"{self.model}-{self.method}{suffix}{head}"
 
+    @property
+    def grouped(self) -> bool:
+        """Whether --group-size shapes the result: gptq's W8A16 is per channel, whatever the group size says."""
+        return self.method in GROUPED and self.resolved_scheme not in PER_CHANNEL_SCHEMES
+
     def recipe(self) -> dict[str, Any]:
         """What the manifest records: only the options that shape this method's result."""
         out: dict[str, Any] = {"method": self.method, "scheme": self.resolved_scheme}
-        if self.method in GROUPED:
+        if self.grouped:
             out["group_size"] = self.group_size
         if self.method in CALIBRATED:
             out["calibration"] = {"file": str(self.calibration) if self.calibration else None,
@@ -126,17 +132,21 @@ def linear_input_features(config: dict[str, Any]) -> dict[str, int]:
 
 def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     """Validate everything before work starts; return the parent entry."""
-    try:  # names become the run folder and registry folders: checked before anything else
-        check_name(options.model)
-        check_name(options.resolved_name)
-    except RegistryError as exc:
-        raise QuantError(str(exc)) from None
+    # The method first: the default name is made from it, and `--method GPTQ` is not a bad model name.
     if options.method not in METHODS:
         raise QuantError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     scheme = options.resolved_scheme
     if scheme not in SCHEMES[options.method]:
         raise QuantError(f"{options.method} does not take scheme {scheme!r}; it takes "
                          f"{', '.join(SCHEMES[options.method])}")
+    try:  # names become the run folder and registry folders: checked before anything is made
+        check_name(options.model)
+    except RegistryError as exc:
+        raise QuantError(str(exc)) from None
+    try:
+        check_name(options.resolved_name)
+    except RegistryError as exc:
+        raise QuantError(f"{exc}" + ("" if options.name else "; pass --name for the result")) from None
     try:
         parent = registry.get(options.model)
     except RegistryError as exc:
@@ -152,7 +162,7 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         # Loaded as a causal LM, a reward model loses its score head and would be registered as a chat model.
         raise QuantError(f"{options.model} is no causal language model ({parent.manifest.method} entry, "
                          f"{', '.join(architectures) or 'no architectures in config.json'}); quantize a chat model")
-    if options.method in GROUPED:
+    if options.grouped:
         if options.group_size < 1:
             raise QuantError(f"--group-size must be a positive number of input features, not {options.group_size}")
         widths = linear_input_features(config)
@@ -188,9 +198,17 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         if options.outlier_sigma is not None and options.easyquant_form == "int4":
             raise QuantError("--outlier-sigma sets which weights the dequantized form keeps at full precision; the "
                              "int4 form isolates no outliers: drop it, or pass --form dequantized")
-        _easyquant_config(options)  # steps and sigma checked now, not after the run folder is cleared
+        from quant import easyquant
+
+        try:  # steps, sigma and the form's limits (--quantize-lm-head) checked now, not after the run folder is made
+            easyquant._check_model_options(_easyquant_config(options), options.easyquant_form,
+                                           options.quantize_lm_head)
+        except ValueError as exc:
+            raise QuantError(str(exc)) from None
     elif options.outlier_sigma is not None or options.easyquant_steps is not None:
         raise QuantError("--outlier-sigma and --steps are EasyQuant's; they need --method easyquant")
+    elif options.easyquant_form != "int4":
+        raise QuantError(f"--form {options.easyquant_form} is EasyQuant's; it needs --method easyquant")
     if options.method == "bnb":
         from quant.bnb import bnb_available
 
@@ -237,8 +255,8 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
 
         python = env.ensure(settings.resolved_quant_env, say)
         spec = {"model_dir": str(parent.path), "out_dir": str(out_dir), "method": options.method,
-                "scheme": options.resolved_scheme, "group_size": options.group_size if options.method in GROUPED
-                else None, "calibration": str(run_dir / "calibration.jsonl"), "seq_len": options.seq_len,
+                "scheme": options.resolved_scheme, "group_size": options.group_size if options.grouped else None,
+                "calibration": str(run_dir / "calibration.jsonl"), "seq_len": options.seq_len,
                 "smoothing": options.smoothing, "smooth_down_proj": options.resolved_smooth_down_proj,
                 "awq_grid": options.awq_grid,
                 "quantize_lm_head": options.quantize_lm_head, "seed": options.seed,

@@ -59,6 +59,10 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "gptq", "easyquant_steps": 5}, "they need --method easyquant"),
     ({"method": "gptq", "calibration_sources": []}, "--calibration-sources: no MCQ sources given"),
     ({"method": "awq", "calibration_sources": ["arc_easy:test"]}, "--calibration-sources:"),
+    # found by a review: a method with a capital was reported as a bad model name ('…-GPTQ' must be lowercase)
+    ({"method": "GPTQ"}, "unknown method 'GPTQ'"),
+    ({"method": "gptq", "easyquant_form": "dequantized"}, "--form dequantized is EasyQuant's"),
+    ({"method": "easyquant", "quantize_lm_head": True}, "cannot be served in the int4 form"),
 ])
 def test_bad_options_fail_with_a_message(registry, default_model, options, message):
     with pytest.raises(QuantError) as exc:
@@ -127,6 +131,20 @@ def test_bnb_that_cannot_run_is_refused_before_work(registry, default_model, mon
         check(QuantOptions(model=default_model.name, method="bnb"), registry)
 
 
+def test_a_derived_name_too_long_suggests_naming_the_result(registry):
+    with pytest.raises(QuantError, match="; pass --name for the result"):
+        check(QuantOptions(model="m" * 60, method="easyquant"), registry)
+
+
+def test_a_per_channel_scheme_takes_no_group_size(registry, default_model):
+    """gptq's W8A16 is per channel: a group size that does not divide the widths was refused, and the manifest
+    recorded one the weights never had."""
+    options = QuantOptions(model=default_model.name, method="gptq", scheme="W8A16", group_size=128)
+    check(options, registry)
+    assert "group_size" not in options.recipe() and not options.grouped
+    assert QuantOptions(model="m", method="gptq").recipe()["group_size"] == 64
+
+
 def test_good_options_pass_and_name_the_result(registry, default_model):
     options = QuantOptions(model=default_model.name, method="easyquant", easyquant_form="dequantized")
     assert check(options, registry).name == default_model.name
@@ -176,13 +194,25 @@ def test_tutoring_chats_use_support_and_both_styles():
 
 @needs_data
 def test_calibration_comes_from_training_splits_only(tokenizer):
-    chats = calibration.from_training_splits(["arc_easy:train", "sciq:validation"], DATA_DIR, 10, seed=1)
+    chats = calibration.from_training_splits(["arc_easy:train", "openbookqa:train"], DATA_DIR, 10, seed=1)
     assert len(chats) == 10
-    assert chats == calibration.from_training_splits(["arc_easy:train", "sciq:validation"], DATA_DIR, 10, seed=1)
+    assert chats == calibration.from_training_splits(["arc_easy:train", "openbookqa:train"], DATA_DIR, 10, seed=1)
     texts = calibration.render(chats, tokenizer)
     assert all(t.startswith("<|im_start|>") and t.rstrip().endswith("<|im_end|>") for t in texts)
     with pytest.raises(calibration.CalibrationError, match="never train on the split we report"):
         calibration.from_training_splits(["arc_easy:test"], DATA_DIR, 4)
+    # nor on what `zephyr eval calibrate` then fits the quantized entry's /mcq on (found by a review: the default
+    # sources held SciQ's validation split, and OpenBookQA train's calibration head)
+    with pytest.raises(calibration.CalibrationError, match="refusing sciq:validation: `zephyr eval calibrate`"):
+        calibration.from_training_splits(["sciq:validation"], DATA_DIR, 4)
+    assert "sciq:validation" not in calibration.DEFAULT_SOURCES
+    from offline.benchmarks import CALIBRATION_LIMITS, items_outside_calibration, mcq_training_items
+
+    every = calibration.from_training_splits(["openbookqa:train"], DATA_DIR, 10_000, seed=1)
+    kept, reserved = items_outside_calibration(["openbookqa:train"], DATA_DIR)
+    assert reserved["openbookqa:train"] >= CALIBRATION_LIMITS["openbookqa"]
+    assert len(every) == len(kept) == len(mcq_training_items(["openbookqa:train"], DATA_DIR)) - reserved[
+        "openbookqa:train"]
 
 
 def test_a_source_whose_questions_are_all_reported_is_refused_by_name(tmp_path):

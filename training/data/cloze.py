@@ -23,15 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offline.benchmarks import (
-    CALIBRATION_LIMITS,
-    CALIBRATION_SPLITS,
-    SourceError,
-    check_mcq_sources,
-    load,
-    mcq_training_items,
-    question_key,
-)
+from offline.benchmarks import items_outside_calibration
 from zephyr import mcq
 from zephyr.schemas import MCQItem, TextPreferencePair, TextSFTExample
 
@@ -58,29 +50,9 @@ class ClozeStats:
 
 def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
                exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
-    """Training items of each "name:split" source, without the questions calibration reads. A split calibration
-    reads whole (a validation split) is refused; one it reads a head of (OpenBookQA train) loses that head. Returns
-    the items and, per source, how many were left out."""
-    checked = check_mcq_sources(sources)
-    for source, name, split in checked:  # every source refused before any is read
-        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
-            raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; train on "
-                              f"{', '.join(DEFAULT_SOURCES)}")
-    items: list[MCQItem] = []
-    reserved: dict[str, int] = {}
-    for source, name, split in checked:
-        cut = CALIBRATION_LIMITS.get(name, 0) if CALIBRATION_SPLITS.get(name) == split else 0
-        loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
-        # The head calibration reads, by id (the training items may have lost a question: mcq_training_items), and
-        # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
-        head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
-        head = {f"{source}/{item.id}" for item in head_items}
-        head_questions = {question_key(item.question, item.options) for item in head_items}
-        kept = [item for item in loaded
-                if item.id not in head and question_key(item.question, item.options) not in head_questions]
-        reserved[source] = len(loaded) - len(kept)
-        items.extend(kept[:limit_per_source] if limit_per_source else kept)
-    return items, {source: n for source, n in reserved.items() if n}
+    """Training items of each "name:split" source, without the questions calibration reads
+    (`offline.benchmarks.items_outside_calibration`); returns the items and, per source, how many were left out."""
+    return items_outside_calibration(sources, data_dir, limit_per_source, exclude_reported, DEFAULT_SOURCES)
 
 
 def question_of(item: MCQItem) -> mcq.MCQuestion:
