@@ -206,7 +206,9 @@ class Reviewer(HttpUser):
     def on_start(self) -> None:
         key = REVIEWER_KEYS[Reviewer.signed_in % len(REVIEWER_KEYS)]
         Reviewer.signed_in += 1
-        self.client.post("/review/session", json={"key": key}, name="review: sign in")
+        started = time.time()
+        response = self.client.post("/review/session", json={"key": key}, name="review: sign in")
+        log_response("review", started, response)  # a broken sign-in fails the soak, not 401s read as review traffic
 
     @task
     def judge_next(self) -> None:

@@ -55,6 +55,12 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         report.check("no 5xx answer", not server_errors,
                      f"{len(server_errors)} of {len(events)} requests" + _codes(server_errors))
         report.check("no dropped connection", not dropped, f"{len(dropped)} requests without an answer")
+        # The mix sends only valid requests: a 4xx is a regression (a key refused, an ARC question rejected), except
+        # a verdict on an item another reviewer settled first (409) and the key's rate limit (429), counted apart.
+        refused = [e for e in events if 400 <= e["status"] < 500 and not expected_refusal(e)]
+        limited = sum(e["status"] == 429 for e in events)
+        report.check("no unexpected 4xx", not refused,
+                     f"{len(refused)} of {len(events)} requests" + _codes(refused) + f"; {limited} rate-limited (429)")
         # A 200 is no success when its stream broke off or carried an error event, or its /mcq body breaks the
         # promise of one offered letter with probabilities over the options.
         broken = [e for e in events if e["status"] == 200 and e.get("error")]
@@ -82,6 +88,10 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         server.stop()
     report.save(out)
     return report
+
+
+def expected_refusal(event: dict) -> bool:
+    return event["status"] == 429 or (event["status"] == 409 and event["name"] == "review")
 
 
 def _codes(events: list[dict]) -> str:

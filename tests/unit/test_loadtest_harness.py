@@ -69,3 +69,23 @@ def test_a_killed_server_takes_its_engine_process_with_it():
     assert parent.returncode is not None
     status = Path(f"/proc/{child}/status")
     assert not status.exists() or "zombie" in status.read_text()
+
+
+def test_a_drill_counts_a_dropped_request_as_queued_not_refused():
+    """No answer at all passed as "refused": a request taken in, queued and dropped at exit reads the same (found by
+    a review). A refusal is a 503, or no answer within a moment (the listener closed)."""
+    from loadtest.drills import REFUSED_WITHIN_S, _refused
+
+    assert _refused({"status": 503, "start": 0.0, "end": 0.01})
+    assert _refused({"status": 0, "start": 0.0, "end": 0.05})  # connection refused: the listener has closed
+    assert not _refused({"status": 0, "start": 0.0, "end": REFUSED_WITHIN_S + 20})  # waited inside, then dropped
+    assert not _refused({"status": 200, "start": 0.0, "end": 0.5})
+
+
+def test_the_soak_tolerates_only_the_refusals_its_mix_can_meet():
+    from loadtest.soak import expected_refusal
+
+    assert expected_refusal({"status": 409, "name": "review"})  # another reviewer settled the item first
+    assert expected_refusal({"status": 429, "name": "chat"})
+    for status, name in ((401, "review"), (400, "mcq"), (404, "chat"), (409, "chat")):
+        assert not expected_refusal({"status": status, "name": name})
