@@ -280,6 +280,22 @@ def test_numbers_from_a_values_file_reach_the_server_as_it_reads_them(tmp_path):
     assert settings.max_body_bytes == 2_000_000 and settings.max_model_len == 1_048_576
 
 
+def test_keys_from_a_mounted_file_alone_and_no_credentials_for_the_init_container():
+    """values.yaml offers an API-keys file through extraVolumes, yet the chart refused to render without
+    secrets.apiKeys; and `models prepare` was given every credential it never reads (found by a review)."""
+    objects = deployment_of("--set", "config.ZEPHYR_API_KEYS_FILE=/etc/zephyr/keys/keys.txt",
+                            "--set", "extraVolumes[0].name=keys,extraVolumes[0].secret.secretName=my-keys",
+                            "--set", "extraVolumeMounts[0].name=keys,extraVolumeMounts[0].mountPath=/etc/zephyr/keys")
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    server, prepare = pod["containers"][0], pod["initContainers"][0]
+    assert objects["ConfigMap"]["data"]["ZEPHYR_API_KEYS_FILE"] == "/etc/zephyr/keys/keys.txt"
+    keys = next(e for e in server["env"] if e["name"] == "ZEPHYR_API_KEYS")
+    assert keys["valueFrom"]["secretKeyRef"]["optional"] is True  # an existingSecret need not hold an empty one
+    assert {"ZEPHYR_DB_URL", "ZEPHYR_SESSION_SECRET"} <= {e["name"] for e in server["env"]}
+    assert "secretKeyRef" not in json.dumps(prepare) and "secretRef" not in json.dumps(prepare)
+    assert prepare["envFrom"] == [{"configMapRef": {"name": "tutor-zephyr"}}]
+
+
 def test_api_keys_as_a_list_or_an_escaped_string_and_a_key_change_restarts_the_pods():
     session = ("--set", "secrets.sessionSecret=" + "s" * 40)
     as_list = deployment_of("--set", f"secrets.apiKeys={{{K1},{K2}}}", *session)

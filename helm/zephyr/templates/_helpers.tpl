@@ -48,27 +48,47 @@ envFrom:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 env:
-  - name: ZEPHYR_API_KEYS
-    valueFrom:
-      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_API_KEYS}
-  - name: ZEPHYR_DB_URL
-    valueFrom:
-      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_DB_URL, optional: true}
-  - name: ZEPHYR_SESSION_SECRET
-    valueFrom:
-      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_SESSION_SECRET}
-  # The key of a remote review candidate's server (ZEPHYR_REVIEW_CANDIDATE=remote): a credential, so never in the
-  # ConfigMap.
-  - name: ZEPHYR_REVIEW_CANDIDATE_API_KEY
-    valueFrom:
-      secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_REVIEW_CANDIDATE_API_KEY, optional: true}
-  # uvicorn takes the client's address (per-address limits) and scheme (the cookie's Secure flag) from
-  # X-Forwarded-* headers sent by these peers only: the ingress controller.
-  - name: FORWARDED_ALLOW_IPS
-    value: {{ .Values.forwardedAllowIps | quote }}
+  {{- include "zephyr.credentials" . | nindent 2 }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end -}}
+
+{{/* The environment of the init container: the settings, without the chart's credentials (preparing the model
+needs none of the keys, the database URL or the session secret). */}}
+{{- define "zephyr.prepareEnv" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "zephyr.fullname" . }}
+  {{- with .Values.extraEnvFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .Values.extraEnv }}
+env:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "zephyr.credentials" -}}
+# Optional: keys may come from config.ZEPHYR_API_KEYS_FILE alone (the server refuses to start with none at all).
+- name: ZEPHYR_API_KEYS
+  valueFrom:
+    secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_API_KEYS, optional: true}
+- name: ZEPHYR_DB_URL
+  valueFrom:
+    secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_DB_URL, optional: true}
+- name: ZEPHYR_SESSION_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_SESSION_SECRET}
+# The key of a remote review candidate's server (ZEPHYR_REVIEW_CANDIDATE=remote): a credential, so never in the
+# ConfigMap.
+- name: ZEPHYR_REVIEW_CANDIDATE_API_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ include "zephyr.secretName" . }}, key: ZEPHYR_REVIEW_CANDIDATE_API_KEY, optional: true}
+# uvicorn takes the client's address (per-address limits) and scheme (the cookie's Secure flag) from
+# X-Forwarded-* headers sent by these peers only: the ingress controller.
+- name: FORWARDED_ALLOW_IPS
+  value: {{ .Values.forwardedAllowIps | quote }}
 {{- end -}}
 
 {{/* API keys as one ZEPHYR_API_KEYS value: a list (`--set 'secrets.apiKeys={student:K1,reviewer:K2}'`), or a
