@@ -108,14 +108,25 @@ def models_show(name: str) -> None:
 @models_app.command("prepare")
 def models_prepare() -> None:
     """Make the default model from the bundled checkpoint if the registry lacks it; give it the shipped /mcq
-    calibration record if it has none."""
+    calibration record if it has none; and check that the model `zephyr serve` would serve (ZEPHYR_MODEL) is there,
+    so a container that prepares before it serves (the chart's init container) says what is missing."""
     from zephyr.bundled import prepare_default_model
 
+    models = registry()
     try:
-        entry = prepare_default_model(registry(), err)
+        entry = prepare_default_model(models, err)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     console.print(f"{entry.name}: {entry.path}")
+    served = load_settings().model
+    try:
+        there = models.exists(served)
+    except RegistryError as exc:
+        raise fail(f"ZEPHYR_MODEL: {exc}") from None
+    if not there:
+        raise fail(f"ZEPHYR_MODEL={served} is not in the registry at {models.models_dir}, so `zephyr serve` could not "
+                   f"start: put it there first, with `zephyr models import FOLDER --name {served}` on this volume "
+                   "(docs/operations.md, \"Serving another model\")")
 
 
 @models_app.command("import")

@@ -61,7 +61,8 @@ def test_a_record_an_older_version_shipped_is_brought_up_to_date(tmp_path, defau
 
 def test_an_operators_own_record_and_another_checkpoint_are_left_alone(tmp_path, default_model):
     own = bundled.shipped_calibration().model_copy(update={"method": "cloze", "weights": {"cloze": 0.5}})
-    registry = _bundled_home(tmp_path / "own", default_model, mcq_calibration=own)
+    # (said outright: the default entry this copies may hold the shipped record, flagged as shipped)
+    registry = _bundled_home(tmp_path / "own", default_model, mcq_calibration=own, mcq_calibration_shipped=False)
     assert bundled.prepare_default_model(registry).manifest.mcq_calibration == own
 
     # the record is for the bundled GGUF's weights only: an entry made from another file answers uncalibrated
@@ -92,3 +93,20 @@ def test_the_models_prepare_command_gives_the_record(tmp_path, default_model, mo
     result = CliRunner().invoke(app, ["models", "prepare"])
     assert result.exit_code == 0, result.output
     assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration == bundled.shipped_calibration()
+
+
+def test_models_prepare_says_when_the_model_to_serve_is_missing(tmp_path, default_model, monkeypatch):
+    """The chart's init container prepared the default model and the server then crash-looped on a ZEPHYR_MODEL the
+    volume lacked; now the init container fails, saying how to put the model there (found by a review)."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    registry = _bundled_home(tmp_path, default_model, mcq_calibration=None)
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    monkeypatch.setenv("ZEPHYR_MODEL", "my-tutor")
+    result = CliRunner().invoke(app, ["models", "prepare"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "ZEPHYR_MODEL=my-tutor is not in the registry" in said
+    assert "zephyr models import FOLDER --name my-tutor" in said
+    assert registry.get(DEFAULT_MODEL).manifest.mcq_calibration is not None  # the default was still prepared
