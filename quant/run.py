@@ -281,8 +281,14 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
                              recipe_digest=_digest(recipe), data_digest=data_digest,
                              source=f"zephyr quantize ({final_dir})", stats=summary)
     entry = registry.add(out_dir, manifest, move=True, overwrite=options.overwrite)
-    shutil.rmtree(final_dir, ignore_errors=True)
+    # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
+    # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
+    replaced = final_dir.with_name(f".{name}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(replaced)
     run_dir.rename(final_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
     return QuantResult(entry, stats)
 
 

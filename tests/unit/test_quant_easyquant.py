@@ -325,3 +325,41 @@ def test_int4_form_refuses_what_vllm_cannot_serve(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48 does not divide 128 input features of model.layers.0"):
         quantize_model(tiny_llama, tmp_path / "x", EasyQuantConfig(group_size=48), form="int4", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_registers_an_easyquant_entry_and_a_failed_overwrite_keeps_the_old_one(tmp_path, default_model,
+                                                                                        monkeypatch):
+    """quant.run.quantize end to end on the tiny Llama, as `zephyr quantize --method easyquant` runs it (the served
+    int4 configuration): the entry's manifest, the run folder, and an --overwrite that fails."""
+    from quant import run
+    from tests.unit.tiny_llama import TINY, make_tiny_llama
+    from zephyr.registry import Registry
+    from zephyr.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    registry = Registry(settings.models_dir)
+    make_tiny_llama(registry, default_model)
+    options = run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=2)
+    result = run.quantize(options, settings, say=lambda _: None)
+    entry = registry.get(f"{TINY}-easyquant")
+    assert result.entry.name == entry.name and entry.manifest.parent == TINY and entry.manifest.method == "easyquant"
+    assert entry.manifest.recipe == options.recipe() and entry.manifest.recipe["group_size"] == 64
+    assert entry.manifest.stats["seconds_total"] >= 0 and "per_layer" not in entry.manifest.stats
+    assert json.loads((entry.path / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    runs = settings.home / "quant-runs" / entry.name
+    first = (runs / "stats.json").read_text()
+    assert (runs / "options.json").is_file() and not list(runs.parent.glob(".*"))  # no run folder left aside
+
+    def broken(*_args, **_kwargs):
+        raise run.QuantError("the run broke")
+
+    monkeypatch.setattr(run, "_easyquant", broken)
+    with pytest.raises(run.QuantError, match="the run broke"):
+        run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=3, overwrite=True), settings)
+    kept = registry.get(entry.name)
+    assert kept.manifest.recipe == entry.manifest.recipe and (runs / "stats.json").read_text() == first
+    monkeypatch.undo()
+    again = run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=3, overwrite=True), settings,
+                         say=lambda _: None)
+    assert again.entry.manifest.recipe["steps"] == 3 and (runs / "stats.json").read_text() != first
+    assert not [p.name for p in runs.parent.iterdir() if p.name.startswith(".")]
