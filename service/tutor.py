@@ -547,14 +547,43 @@ class Tutor:
         self.check_prompt_chars(sum(parts.values()), f"{param_prefix}{max(parts, key=parts.__getitem__)}")
         return q
 
+    def mcq_prompts(self, q: mcq.MCQuestion, method: str,
+                    param_prefix: str = "") -> tuple[list[int], list[tuple[list[int], int]]]:
+        """The prompts a method scores, each checked as the engine would refuse it (blocking: tokenizes, so call it
+        off the loop): the letter prompt (empty when the plan reads no letter), then the options' cloze requests and
+        (for cloze_pmi) their answer-prior requests. A 400 names the field, under `param_prefix` in a batch."""
+        plan = mcq.plan(method, self.calibration)
+        explain = method == "explain"
+        tokenizer = self.engine.tokenizer
+        try:
+            if explain:  # the model writes after this prompt: a forged turn would steer what it writes
+                for name, text in (("question", q.question), *((f"options[{i}]", o) for i, o in enumerate(q.options)),
+                                   ("support", q.support or "")):
+                    self.check_control_tokens(text, name)
+            letter_prompt = mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else []
+            cloze_requests = ((mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
+                              + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context,
+                                                           plan.demonstrations) if plan.needs_answer_prior else []))
+            self.check_prompt_length(letter_prompt, "question")
+            for ids, _ in cloze_requests:
+                self.check_prompt_length(ids, "question")
+            if explain:
+                self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
+        except APIError as exc:
+            if param_prefix and exc.param and not exc.param.startswith(param_prefix):
+                exc.param = param_prefix + exc.param  # name the batch's question: `questions[3].explain`
+            raise
+        return letter_prompt, cloze_requests
+
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
                          user: str | None = None, min_confidence: float | None = None,
                          param_prefix: str = "",
-                         domain: Callable[[], Awaitable[list[float]]] | None = None) -> MCQResponse:
+                         domain: Callable[[], Awaitable[list[float]]] | None = None,
+                         prompts: tuple[list[int], list[tuple[list[int], int]]] | None = None) -> MCQResponse:
         """Scores the options as the method says (the letter, the options' texts, or both at once), turns the
         scores into probabilities over exactly the options, and answers null below `min_confidence`. `domain`:
         the question's domain where a batch embeds its questions together (else embedded here, if the plan reads
-        it)."""
+        it); `prompts`: what `mcq_prompts` made of it, where a batch checked every question before admission."""
         plan = mcq.plan(method, self.calibration)
         explain = method == "explain"
         floor = self.settings.mcq_min_confidence if min_confidence is None else min_confidence
@@ -565,30 +594,16 @@ class Tutor:
                           "min_confidence": floor},
         )
 
-        # Everything a request could refuse is checked before the engine sees any of it.
-        def encode() -> tuple[list[int], list[tuple[list[int], int]]]:
-            tokenizer = self.engine.tokenizer
-            return (mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else [],
-                    (mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
-                    + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
-                       if plan.needs_answer_prior else []))
-
         explanation, refusal, withheld = None, None, None
         status, error = "error", None
         scores = mcq.OptionScores()
         try:  # from the first await: a client gone while the prompts are encoded is logged too
-            if explain:  # the model writes after this prompt: a forged turn would steer what it writes
-                for name, text in (("question", q.question), *((f"options[{i}]", o) for i, o in enumerate(q.options)),
-                                   ("support", q.support or "")):
-                    self.check_control_tokens(text, f"{param_prefix}{name}")
-            # The options' cloze requests, then (for cloze_pmi) their answer-prior requests.
-            letter_prompt, cloze_requests = await asyncio.to_thread(encode)  # off the loop that streams answers
-            self.check_prompt_length(letter_prompt, f"{param_prefix}question")
-            for ids, _ in cloze_requests:
-                self.check_prompt_length(ids, f"{param_prefix}question")
+            # Everything a request could refuse is checked before the engine sees any of it (off the loop that
+            # streams answers).
+            letter_prompt, cloze_requests = prompts if prompts is not None else await asyncio.to_thread(
+                self.mcq_prompts, q, method, param_prefix)
             row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             if explain:
-                self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
                 # `explain` answers with the model's own reasoning: the guard reads the question first (the other
                 # methods answer one of the client's options, nothing the model writes); a short stem alone too,
                 # since a list of short options dilutes what it asks (a long one is read by sentence anyway).
@@ -804,10 +819,22 @@ class Tutor:
         await self.run_to_end(reasoning)
         return reasoning
 
+    async def mcq_batch_prompts(self, items: list[tuple[mcq.MCQuestion, MCQRequest]],
+                                ) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
+        """Every question's prompts, checked, before the batch is admitted: one question over the token limit is a
+        400 that costs the batch no engine work and no budget (off the loop that streams answers)."""
+        def encode_all() -> list[tuple[list[int], list[tuple[list[int], int]]]]:
+            return [self.mcq_prompts(q, body.resolved_method, f"questions[{i}].") for i, (q, body) in enumerate(items)]
+
+        return await asyncio.to_thread(encode_all)
+
     async def answer_mcq_batch(self, items: list[tuple[mcq.MCQuestion, MCQRequest]], principal: Principal,
-                               batch_id: str) -> list[MCQResponse]:
+                               batch_id: str,
+                               prompts: list[tuple[list[int], list[tuple[list[int], int]]]] | None = None,
+                               ) -> list[MCQResponse]:
         """All questions at once; the first failure cancels the rest (each still logs its row) and is raised. The
-        questions whose method reads the question's domain are embedded together, once."""
+        questions whose method reads the question's domain are embedded together, once. `prompts`: what
+        `mcq_batch_prompts` made of them."""
         reading = {i: k for k, i in enumerate(i for i, (_, body) in enumerate(items)
                                               if mcq.plan(body.resolved_method, self.calibration).needs_domain)}
         try:
@@ -820,7 +847,7 @@ class Tutor:
 
                 tasks = [group.create_task(self.answer_mcq(q, body.resolved_method, principal, f"{batch_id}-{i}",
                                                            body.user, body.min_confidence, f"questions[{i}].",
-                                                           domain_of(i)))
+                                                           domain_of(i), prompts[i] if prompts else None))
                          for i, (q, body) in enumerate(items)]
         except* Exception as failures:  # the client's error first, else the fault itself, as a single question's
             raise next((e for e in failures.exceptions if isinstance(e, APIError)), failures.exceptions[0]) from None

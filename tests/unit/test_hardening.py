@@ -501,10 +501,16 @@ async def test_a_prompt_must_leave_room_for_the_answer_and_a_batch_names_its_que
     assert tutor.max_prompt_tokens == tutor.engine.max_model_len - 1
     long = {"question": "Which is a metal?", "options": ["iron", "oxygen"], "method": "letter",
             "support": "rocks and minerals " * 1200}
+    calls = len(served.engine.calls)
     r = await served.client.post("/mcq/batch", json={"questions": [MCQ, long]})
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded"
     assert error["param"] == "questions[1].question" and "shorten the question" in error["message"]
+    # checked before admission: the batch's other questions cost the engine nothing (found by a review)
+    assert len(served.engine.calls) == calls
+    r = await served.client.post("/mcq/batch", json={"questions": [MCQ, MCQ, {**long, "method": "explain"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "questions[2].question"
+    assert len(served.engine.calls) == calls
 
 
 @pytest.mark.parametrize("messages, param", [
