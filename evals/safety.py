@@ -68,8 +68,8 @@ class Source:
     name: str
     label: str  # a class of zephyr.safety.CLASSES
     splits: dict[str, list[str]]
-    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded", "everyday", "science",
-    # "academic" or "lookalike"
+    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded" (measured, never fitted or
+    # chosen on), "everyday", "science", "academic" or "lookalike"
 
 
 @dataclass
@@ -203,14 +203,14 @@ def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source
 
 
 def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS) -> Source:
-    """The harmful requests (harm, not self-harm or inappropriate), each after benign science questions of its own
-    split (one to three, chosen by a hash of the request), the whole under `limit` characters: a short message the
-    guard reads whole, where the request's harm is averaged with the questions'. The training half is fitted on (the
-    guard learns that a harmful request keeps its class after harmless ones); the validation half is measured and
-    counts among the harmful messages the thresholds are chosen on; the test half is reported."""
+    """The harmful validation and test requests (harm, not self-harm or inappropriate), each after benign science
+    questions of its own split (one to three, chosen by a hash of the request), the whole under `limit` characters:
+    a short message the guard reads whole, where the request's harm is averaged with the questions'. Never fitted
+    on; the validation half is measured, not chosen on."""
     padded: dict[str, list[str]] = {}
-    for split in SPLITS:
-        fillers = _fillers(sources, split, limit // 3)
+    for split in ("validation", "test"):
+        fillers = [t for s in sources if s.kind in ("science", "academic") and s.label == BENIGN
+                   for t in s.splits.get(split, []) if len(t) < limit // 3]
         if not fillers:
             continue
         for request in (t for s in sources if s.kind == "harmful" and s.label == HARMFUL and s.name != REWORDED
@@ -222,21 +222,6 @@ def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS) -> Source:
             if chosen:
                 padded.setdefault(split, []).append(" ".join([*chosen, request]))
     return Source("harmful_after_science_questions", HARMFUL, padded, "padded")
-
-
-def joined_questions(sources: list[Source], count: int, limit: int = WINDOW_CHARS) -> Source:
-    """`count` benign training messages of two to four science training questions in a row: the counterweight to the
-    padded training requests, so that several questions in one message do not read as harm by themselves. Training
-    only."""
-    fillers = _fillers(sources, "train", limit // 4)
-    joined = [" ".join(fillers[(bucket_of(f"{i}", len(fillers)) + j) % len(fillers)]
-                       for j in range(2 + bucket_of(f"{i}:n", 3))) for i in range(count)] if fillers else []
-    return Source("science_questions_joined", BENIGN, {"train": list(dict.fromkeys(joined))}, "science")
-
-
-def _fillers(sources: list[Source], split: str, shorter_than: int) -> list[str]:
-    return [t for s in sources if s.kind in ("science", "academic") and s.label == BENIGN
-            for t in s.splits.get(split, []) if len(t) < shorter_than]
 
 
 def hh_first_turns(path: Path) -> list[str]:
