@@ -297,27 +297,21 @@ def admitted(request: Request, cost: int = 1, *, weight: int = 1,
 
 
 async def authenticate(request: Request, authorization: str | None, session_token: str | None = None) -> Principal:
-    """The key (or the review sign-in cookie) behind a request. Failures count against the client's address, and
-    past the limit its failures are 429s that say when to try again; a valid key always passes. Locking the address
-    out would let one student's script with a typo (or anyone who can write X-Forwarded-For through a trusted proxy)
-    shut out a whole school behind one NAT, and guessing is not what it would stop: every key has at least
-    ZEPHYR_MIN_API_KEY_CHARS characters (16: random ones, as the settings' error suggests, cannot be guessed)."""
+    """The key (or the review sign-in cookie) behind a request. An address that keeps failing is refused (429)
+    before its next key is even checked; every failure counts against it."""
     state = request.app.state
+    address = client_address(request)
     try:
+        state.auth_failures.check(address)
         if session_token:
             return await state.sessions.verify(session_token, state.keyring)
         return state.keyring.authenticate(authorization)
     except APIError as exc:
-        if exc.status != 401:
-            raise
-        address = client_address(request)
-        try:
-            state.auth_failures.check(address)
-        except APIError:
+        if exc.status == 401:
+            state.metrics.rejected.labels("authentication").inc()
+            state.auth_failures.hit(address)
+        elif exc.status == 429:
             state.metrics.rejected.labels("auth_throttle").inc()
-            raise
-        state.metrics.rejected.labels("authentication").inc()
-        state.auth_failures.hit(address)
         raise
 
 

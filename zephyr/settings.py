@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     rate_limit: str = Field(default="600/minute", description="Units of work per API key, `limits` notation: a "
                             "chat counts its `n`, an MCQ batch its questions")
     auth_failure_limit: str = Field(default="30/minute", description="Failed authentications per client address; "
-                                    "past it its failures are 429s with Retry-After (a valid key still passes)")
+                                    "past it the address is refused (429) before its keys are checked")
     sign_in_limit: str = Field(default="10/minute", description="Review sign-in attempts per client address")
     review_request_limit: str = Field(default="30/hour", description="Chats one key may mark `X-Zephyr-Review: "
                                       "true` (each costs a second answer and reviewers' time)")

@@ -337,12 +337,9 @@ async def test_failed_authentication_is_throttled_per_address(app_factory):
         wrong = [(await served.client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer guess-{i}"}))
                  .status_code for i in range(3)]
         assert wrong == [401, 401, 401]
-        r = await served.client.post(CHAT, json=BODY, headers={"Authorization": "Bearer guess-3"})
+        r = await served.client.post(CHAT, json=BODY)  # even a right key, from this address, waits now
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_failed_authentications"
         assert int(r.headers["retry-after"]) >= 1
-        # a valid key from the same address (another student behind the school's NAT) is not locked out
-        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
-        assert served.app.state.metrics.rejected.labels("auth_throttle")._value.get() == 1
         other = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("127.0.0.2", 1)),
                                   base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {STUDENT_KEY}"})
         async with other:
@@ -360,8 +357,7 @@ async def test_an_ipv6_client_cannot_escape_the_throttle_by_moving_within_its_64
                 r = await guesser.post(CHAT, json=BODY, headers={"Authorization": f"Bearer guess-{i}"})
                 assert r.status_code == 401
         async with client("2001:db8:1:2:ffff::9") as same_network:
-            r = await same_network.post(CHAT, json=BODY, headers={"Authorization": "Bearer guess-4"})
-            assert r.status_code == 429
+            assert (await same_network.post(CHAT, json=BODY)).status_code == 429
         async with client("2001:db8:1:3::1") as next_network:
             assert (await next_network.post(CHAT, json=BODY)).status_code == 200
 
