@@ -23,9 +23,13 @@ MIN_NEW_WORDS = 3
 _WORD = re.compile(r"[a-z]{2,}")
 _CUE = re.compile("|".join(re.escape(stop) for stop in mcq.EXPLAIN_STOP))
 # After the cue: spaces, and optional markup a small model writes around a letter ("**B**", "(B)"), then the letter
-# alone: the end of the line or a mark ("B.", "(A) the moon", "C, because"). "Answer: A plant makes sugar" starts with
-# the article, not option A.
-_LETTER = re.compile(r"[\s*(\[]*([A-Z])[*)\]]*(?=[.,:;!]|[ \t]*(?:\n|$)|(?<=[*)\]])\s)")
+# and what follows it on the line.
+_LETTER = re.compile(r"[\s*(\[]*([A-Z])(?![A-Za-z])([*)\]]*)([^\n]*)")
+# "A" and "I" are also English words: "Answer: A plant makes sugar" or "Answer: I think it is B" name no option, while
+# "Answer: A is right", "Answer: A, because" and "Answer: (A) the moon" do. After another letter any text reads as
+# the option's ("B because").
+_WORD_LETTERS = "AI"
+_AFTER_A_LETTER = re.compile(r"\s*(?:$|[.,:;!?)\]*\-\u2013\u2014]|(?:is|because|since|as|would|will)\b)")
 
 
 def completion_text(completion: Any) -> str:
@@ -42,7 +46,12 @@ def answer_letter(text: str, letters: str) -> str | None:
     if cue is None:
         return None
     found = _LETTER.match(text, cue.end())
-    return found.group(1) if found and found.group(1) in letters else None
+    if found is None or found.group(1) not in letters:
+        return None
+    letter, closed, rest = found.groups()
+    if letter in _WORD_LETTERS and not closed and rest.strip() and not _AFTER_A_LETTER.match(rest):
+        return None  # the article or the pronoun, not an option
+    return letter
 
 
 def correct_letter(completions: Sequence[Any], answer: Sequence[str], letters: Sequence[str],

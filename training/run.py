@@ -234,8 +234,10 @@ def _peft_config(recipe: Recipe, model: Any) -> Any:
     if isinstance(targets, list):  # PEFT names a module it cannot find only deep inside the trainer's constructor
         import torch
 
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        if missing := [target for target in targets if target not in names]:
+        names = [name for name, _ in model.named_modules()]
+        # PEFT matches a target by the end of a module's name: "q_proj" and "self_attn.q_proj" alike
+        if missing := [target for target in targets
+                       if not any(name == target or name.endswith(f".{target}") for name in names)]:
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                              if isinstance(module, torch.nn.Linear)})
             raise RecipeError(f"lora.target_modules: {recipe.model} has no module named {missing[0]!r}; its linear "

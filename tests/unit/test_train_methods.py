@@ -246,6 +246,15 @@ def test_rm_on_its_top_layer_with_length_grouped_batches_leaves_lower_layers_alo
                                                   "lora": {"r": 4, "target_modules": ["qproj"]}, "trainer": STEPS})
     with pytest.raises(RecipeError, match="has no module named 'qproj'; its linear layers are .*q_proj"):
         train(load_recipe(misnamed), settings, recipe_path=misnamed)
+    from training.run import _peft_config
+
+    dotted = load_recipe(recipe_file(tmp_path, "dotted", {
+        "method": "rm", "model": TINY, "output": "tiny-rm-6", "data": {"train": str(data["dpo"])},
+        "lora": {"r": 4, "target_modules": ["self_attn.q_proj", "down_proj"]}, "trainer": STEPS}))
+    from transformers import AutoModelForCausalLM
+
+    tiny = AutoModelForCausalLM.from_pretrained(Registry(settings.models_dir).get(TINY).path)
+    assert set(_peft_config(dotted, tiny).target_modules) == {"self_attn.q_proj", "down_proj"}  # PEFT's suffix match
     one_conversation = tmp_path / "one-conversation.jsonl"  # four pairs that open alike: one group
     write_jsonl(one_conversation, [PreferencePair(prompt=user("Why is the sky blue?"), chosen=reply(f"Light {i}."),
                                                   rejected=reply("No."), source="test") for i in range(4)])

@@ -19,9 +19,16 @@ from training.rewards import answer_format, answer_letter, correct_letter
     ("Answer: A plant makes sugar from light.", None),  # the article, not option A (found by a review)
     ("Answer: I think it is B", None),
     ("Answer: A.", "A"),
+    ("Answer: A is right: plants make sugar", "A"),
+    ("Answer: (A) the moon", "A"),
     ("Answer: C, because the moon has no air", "C"),
     ("Answer: **D** the sun", "D"),
     ("Answer: B \nbecause", "B"),
+    ("Answer: B because it is", "B"),  # after a letter that is no word, what follows is the option's reason
+    ("Answer: B - the moon", "B"),
+    ("Answer: B is correct", "B"),
+    ("Answer: B\tmoon", "B"),
+    ("Answer: D the sun", "D"),
 ])
 def test_answer_letter_is_the_first_letter_after_the_first_answer_line(text, letter):
     assert answer_letter(text, "ABCD") == letter
