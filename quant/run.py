@@ -283,8 +283,7 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     entry = registry.add(out_dir, manifest, move=True, overwrite=options.overwrite)
     # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
     # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
-    replaced = final_dir.with_name(f".{name}.replaced")
-    shutil.rmtree(replaced, ignore_errors=True)
+    replaced = final_dir.with_name(f".{name}.replaced-{time.time_ns()}")  # its own: an older one may be half gone
     if final_dir.exists():
         final_dir.rename(replaced)
     run_dir.rename(final_dir)

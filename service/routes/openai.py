@@ -125,6 +125,7 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
             tutor.never_ran(gen)
         # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire.
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
+    stream = events()  # made before the slot is handed off: a failure here still releases it with the `with`
     release = slot.hand_off()
 
     def on_close() -> None:
@@ -134,7 +135,7 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
             release()
 
     return ReleasingStreamingResponse(  # the stream holds its place until the response closes
-        events(), on_close=on_close, media_type="text/event-stream",
+        stream, on_close=on_close, media_type="text/event-stream",
         headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
