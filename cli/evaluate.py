@@ -140,6 +140,9 @@ def calibrate_command(
     if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= most:
         raise fail(f"--answer-prior-context must hold 1 to {most} characters "
                    "(for example 'Answer:')")
+    if scores is not None and (benchmarks is not None or limit is not None):
+        raise fail("--benchmarks and --limit choose what is scored; --scores refits every question saved in the "
+                   "file (drop one)")
     if scores is not None and demonstrations is not None:
         raise fail("--demonstrations chooses what is scored; --scores refits scores already made, with the "
                    "demonstrations saved in them (drop one)")

@@ -441,6 +441,8 @@ def check(
     `allow_missing`)."""
     if min_items < 1:
         raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
+    if candidate == baseline:  # every delta would be 0 and the gate pass: a typo would promote anything
+        raise GateError(f"the candidate and the baseline are both {candidate!r}; compare two models")
     asked = bool(suites)
     suites = list(suites) if suites else list(DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITE_BENCHMARKS]

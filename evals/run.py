@@ -94,9 +94,10 @@ def check_options(options: RunOptions, settings: Settings, registry: Registry) -
     return entry
 
 
-def check_server(url: str, api_key: str | None) -> None:
+def check_server(url: str, api_key: str | None, entry: RegistryEntry | None = None) -> None:
     """The server answers and takes the key, before an engine starts here: an unreachable or refusing one would
-    end the run only after its in-process half."""
+    end the run only after its in-process half. With `entry`, it must serve that model's weights (its card's id and
+    revision): the figures are stored under the entry's name, and the gate would read another model's as its."""
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -111,6 +112,20 @@ def check_server(url: str, api_key: str | None) -> None:
     if response.status_code != 200:
         raise EvalError(f"--server {url} answered GET /v1/models with {response.status_code}: "
                         f"{response.text[:200]}")
+    if entry is None:
+        return
+    try:
+        card = response.json()["data"][0]
+        served, revision = card["id"], card.get("revision")
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise EvalError(f"--server {url} answered GET /v1/models with no model card: {response.text[:200]}") from None
+    if served != entry.name:
+        raise EvalError(f"--server {url} serves {served!r}, not {entry.name!r}: its answers would be stored as "
+                        f"{entry.name}'s; start `zephyr serve` with ZEPHYR_MODEL={entry.name}, or pass --model "
+                        f"{served}")
+    if revision is not None and revision != entry.manifest.revision:
+        raise EvalError(f"--server {url} serves other weights of {entry.name} (revision {revision}; the registry "
+                        f"holds {entry.manifest.revision}): restart it on the entry as it is now")
 
 
 def needs_transformers(entry: RegistryEntry) -> bool:
@@ -141,7 +156,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     registry = Registry(settings.models_dir)
     entry = check_options(options, settings, registry)
     if options.server:
-        check_server(options.server, options.api_key)
+        check_server(options.server, options.api_key, entry)
     store = ResultStore(settings.resolved_eval_results_dir)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)

@@ -202,6 +202,34 @@ def test_calibrate_options_that_contradict_a_refit_or_are_empty_are_refused(home
     for count in ("-1", "17"):
         result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", "--demonstrations", count])
         assert result.exit_code == 1 and "--demonstrations must be 0 to 16" in " ".join(result.output.split())
+    # a refit reads every question saved: --benchmarks and --limit were ignored, and the record written anyway
+    for extra in (["--benchmarks", "arc_easy"], ["--limit", "40"]):
+        result = CliRunner().invoke(app, ["eval", "calibrate", "--model", "m", *extra, "--scores", "x.json"])
+        assert result.exit_code == 1 and "--scores refits every question saved" in " ".join(result.output.split())
+
+
+def test_a_server_serving_another_model_or_other_weights_is_refused(registered, monkeypatch):
+    """`eval run --server` stored whatever the server answered under --model's name, and the gate then compared
+    another model's answers as this one's (found by a review)."""
+    import httpx
+
+    from evals.run import EvalError, check_server
+    from zephyr.registry import Registry
+
+    entry = Registry(registered / "models").get("m")
+    revision = entry.manifest.revision
+    cards = {"other": {"id": "base", "revision": revision}, "stale": {"id": "m", "revision": "20200101T000000Z"},
+             "same": {"id": "m", "revision": revision}}
+
+    def answering(card):
+        return lambda url, **_: httpx.Response(200, json={"object": "list", "data": [card]})
+
+    for name, message in (("other", "serves 'base', not 'm'"), ("stale", "serves other weights of m")):
+        monkeypatch.setattr(httpx, "get", answering(cards[name]))
+        with pytest.raises(EvalError, match=message):
+            check_server("http://127.0.0.1:8000", None, entry)
+    monkeypatch.setattr(httpx, "get", answering(cards["same"]))
+    check_server("http://127.0.0.1:8000", None, entry)
 
 
 def test_server_answers_are_counted_against_in_process_ones_on_the_questions_both_answered(monkeypatch):

@@ -217,6 +217,9 @@ def test_a_row_over_too_few_common_items_fails_whatever_its_delta(store):
     assert check(store, "cand", "base", max_drop=1.0, suites=None, min_items=1).passed
     with pytest.raises(GateError, match="at least 1"):
         check(store, "cand", "base", min_items=0)
+    # the same model on both sides: every delta 0, a pass for anything (found by a review)
+    with pytest.raises(GateError, match="the candidate and the baseline are both 'base'"):
+        check(store, "base", "base")
 
 
 def test_nothing_gating_in_common_is_an_error_not_a_pass(store):
@@ -392,7 +395,7 @@ def test_what_each_measurement_reads(benchmark, metric, reads):
 def test_unknown_suite_is_an_error(store):
     save(store, "base", arc_easy__letter_acc=accuracy(60, 100))
     with pytest.raises(GateError, match="unknown suite.*mmlu.*known: mcq, gsm8k, text"):
-        check(store, "base", "base", max_drop=1.0, suites=["mcq", "mmlu"])
+        check(store, "cand", "base", max_drop=1.0, suites=["mcq", "mmlu"])
 
 
 def test_the_served_method_decides_an_mcq_benchmark_both_models_have_it_for(store):
