@@ -70,7 +70,7 @@ def letter_hf(model: Any, tokenizer: Any, name: str, split: str, items: list[MCQ
         probs, answer = mcq.letter_distribution(mcq.LETTERS[: len(item.options)], logprobs)
         answers[item.id], values[item.id] = answer, float(answer == item.answer)
         probabilities[item.id] = round(probs[answer], 6)
-        renormalized[item.id] = [round(x, 6) for x in mcq.log_softmax(logprobs)]
+        renormalized[item.id] = mcq.log_softmax(logprobs)  # whole, as the vLLM path keeps them: `auto` reads them
     return measurement(name, "letter_acc", split, values, groups=_groups(items, values), seconds=seconds,
                        details={"answers": answers, "answer_probability": probabilities,
                                 "letter_logprobs": renormalized})
