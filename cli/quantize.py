@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.common import console, err, fail, load_settings, unwind_on_sigterm
+from quant.calibration import DEFAULT_SOURCES
 from quant.run import GROUPED, SCHEMES
 
 METHOD_HELP = "; ".join(f"{m}: {', '.join(s)}" for m, s in SCHEMES.items())
@@ -25,7 +26,7 @@ def quantize_command(
         help="SFT-format JSON Lines ({\"messages\": [...]}) to calibrate on \\[default: tutoring chats built from the "
              "training splits of --calibration-sources]")] = None,
     calibration_sources: Annotated[str, typer.Option(help="MCQ training splits for the default calibration set")]
-    = "arc_easy:train,arc_challenge:train,openbookqa:train",
+    = ",".join(DEFAULT_SOURCES),
     samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration tokens per sample (longer ones are cut)")] = 512,
     smoothing: Annotated[float, typer.Option(help="w8a8: SmoothQuant strength, 0 = off")] = 0.8,

@@ -410,17 +410,17 @@ OUTSIDE_CALIBRATION = ("arc_easy:train", "arc_challenge:train", "openbookqa:trai
 
 
 def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
-                              exclude_reported: bool = True, suggested: tuple[str, ...] = OUTSIDE_CALIBRATION,
-                              ) -> tuple[list[MCQItem], dict[str, int]]:
+                              exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
     """Training items of each "name:split" source (mcq_training_items), without the questions `zephyr eval
     calibrate` fits /mcq's `auto` on: what trains or quantizes a model that calibration then measures must not have
-    seen them. A split calibration reads whole (a validation split) is refused, naming `suggested` instead; one it
-    reads a head of (OpenBookQA train) loses that head. Returns the items and, per source, how many were left out."""
+    seen them. A split calibration reads whole (a validation split) is refused, naming OUTSIDE_CALIBRATION instead;
+    one it reads a head of (OpenBookQA train) loses that head. Returns the items and, per source, how many were
+    left out."""
     checked = check_mcq_sources(sources)
     for source, name, split in checked:  # every source refused before any is read
         if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
             raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
-                              f"{', '.join(suggested)}")
+                              f"{', '.join(OUTSIDE_CALIBRATION)}")
     items: list[MCQItem] = []
     reserved: dict[str, int] = {}
     for source, name, split in checked:

@@ -14,12 +14,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from offline.benchmarks import OUTSIDE_CALIBRATION, SourceError, items_outside_calibration
 from zephyr import mcq
 from zephyr.schemas import DataFileError, MCQItem, SFTExample, read_jsonl
 
 # Training splits only, and none of the questions `zephyr eval calibrate` then fits the quantized entry's /mcq on
 # (SciQ has no local train split: its validation split is calibration's).
-DEFAULT_SOURCES = ("arc_easy:train", "arc_challenge:train", "openbookqa:train")
+DEFAULT_SOURCES = OUTSIDE_CALIBRATION
 
 
 class CalibrationError(ValueError):
@@ -41,8 +42,6 @@ def tutoring_chat(item: MCQItem, style: str) -> list[dict[str, str]]:
 
 def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed: int = 0) -> list[list[dict]]:
     """`samples` chats drawn evenly from the sources (name:split), alternating the mcq and open styles."""
-    from offline.benchmarks import SourceError, items_outside_calibration
-
     if not sources:
         raise CalibrationError("--calibration-sources names no split; give at least one name:split, e.g. "
                                f"{DEFAULT_SOURCES[0]}")
@@ -51,7 +50,7 @@ def from_training_splits(sources: list[str], data_dir: Path, samples: int, seed:
     chats: list[list[dict]] = []
     for source in sources:
         try:
-            items, _ = items_outside_calibration([source], data_dir, suggested=DEFAULT_SOURCES)
+            items, _ = items_outside_calibration([source], data_dir)
         except SourceError as exc:
             raise CalibrationError(str(exc)) from None
         if not items:  # every question was also in a reported split, and was left out

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offline.benchmarks import items_outside_calibration
+from offline.benchmarks import OUTSIDE_CALIBRATION, items_outside_calibration
 from zephyr import mcq
 from zephyr.schemas import MCQItem, TextPreferencePair, TextSFTExample
 
 SOURCE = "zephyr-cloze"
-DEFAULT_SOURCES = ("arc_easy:train", "arc_challenge:train", "openbookqa:train")
+DEFAULT_SOURCES = OUTSIDE_CALIBRATION
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_items(sources: list[str], data_dir: Path, limit_per_source: int | None 
                exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
     """Training items of each "name:split" source, without the questions calibration reads
     (`offline.benchmarks.items_outside_calibration`); returns the items and, per source, how many were left out."""
-    return items_outside_calibration(sources, data_dir, limit_per_source, exclude_reported, DEFAULT_SOURCES)
+    return items_outside_calibration(sources, data_dir, limit_per_source, exclude_reported)
 
 
 def question_of(item: MCQItem) -> mcq.MCQuestion:
