@@ -547,32 +547,26 @@ class Tutor:
         self.check_prompt_chars(sum(parts.values()), f"{param_prefix}{max(parts, key=parts.__getitem__)}")
         return q
 
-    def mcq_prompts(self, q: mcq.MCQuestion, method: str,
-                    param_prefix: str = "") -> tuple[list[int], list[tuple[list[int], int]]]:
+    def mcq_prompts(self, q: mcq.MCQuestion, method: str) -> tuple[list[int], list[tuple[list[int], int]]]:
         """The prompts a method scores, each checked as the engine would refuse it (blocking: tokenizes, so call it
         off the loop): the letter prompt (empty when the plan reads no letter), then the options' cloze requests and
-        (for cloze_pmi) their answer-prior requests. A 400 names the field, under `param_prefix` in a batch."""
+        (for cloze_pmi) their answer-prior requests."""
         plan = mcq.plan(method, self.calibration)
         explain = method == "explain"
         tokenizer = self.engine.tokenizer
-        try:
-            if explain:  # the model writes after this prompt: a forged turn would steer what it writes
-                for name, text in (("question", q.question), *((f"options[{i}]", o) for i, o in enumerate(q.options)),
-                                   ("support", q.support or "")):
-                    self.check_control_tokens(text, name)
-            letter_prompt = mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else []
-            cloze_requests = ((mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
-                              + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context,
-                                                           plan.demonstrations) if plan.needs_answer_prior else []))
-            self.check_prompt_length(letter_prompt, "question")
-            for ids, _ in cloze_requests:
-                self.check_prompt_length(ids, "question")
-            if explain:
-                self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
-        except APIError as exc:
-            if param_prefix and exc.param and not exc.param.startswith(param_prefix):
-                exc.param = param_prefix + exc.param  # name the batch's question: `questions[3].explain`
-            raise
+        if explain:  # the model writes after this prompt: a forged turn would steer what it writes
+            for name, text in (("question", q.question), *((f"options[{i}]", o) for i, o in enumerate(q.options)),
+                               ("support", q.support or "")):
+                self.check_control_tokens(text, name)
+        letter_prompt = mcq.encode_prompt(tokenizer, q, explain=explain) if plan.needs_letter else []
+        cloze_requests = ((mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
+                          + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
+                             if plan.needs_answer_prior else []))
+        self.check_prompt_length(letter_prompt, "question")
+        for ids, _ in cloze_requests:
+            self.check_prompt_length(ids, "question")
+        if explain:
+            self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
         return letter_prompt, cloze_requests
 
     async def answer_mcq(self, q: mcq.MCQuestion, method: str, principal: Principal, request_id: str,
@@ -601,7 +595,7 @@ class Tutor:
             # Everything a request could refuse is checked before the engine sees any of it (off the loop that
             # streams answers).
             letter_prompt, cloze_requests = prompts if prompts is not None else await asyncio.to_thread(
-                self.mcq_prompts, q, method, param_prefix)
+                self.mcq_prompts, q, method)
             row.prompt_ids = letter_prompt or (cloze_requests[0][0] if cloze_requests else [])
             if explain:
                 # `explain` answers with the model's own reasoning: the guard reads the question first (the other
@@ -622,8 +616,7 @@ class Tutor:
             status = "ok"
         except APIError as exc:
             error = exc.message
-            if param_prefix and exc.param and not exc.param.startswith(param_prefix):
-                exc.param = param_prefix + exc.param  # name the batch's question: `questions[3].explain`
+            in_question(exc, param_prefix)
             raise
         except asyncio.CancelledError:
             status, error = "aborted", "cancelled"
@@ -824,7 +817,14 @@ class Tutor:
         """Every question's prompts, checked, before the batch is admitted: one question over the token limit is a
         400 that costs the batch no engine work and no budget (off the loop that streams answers)."""
         def encode_all() -> list[tuple[list[int], list[tuple[list[int], int]]]]:
-            return [self.mcq_prompts(q, body.resolved_method, f"questions[{i}].") for i, (q, body) in enumerate(items)]
+            made = []
+            for i, (q, body) in enumerate(items):
+                try:
+                    made.append(self.mcq_prompts(q, body.resolved_method))
+                except APIError as exc:
+                    in_question(exc, f"questions[{i}].")
+                    raise
+            return made
 
         return await asyncio.to_thread(encode_all)
 
@@ -852,6 +852,12 @@ class Tutor:
         except* Exception as failures:  # the client's error first, else the fault itself, as a single question's
             raise next((e for e in failures.exceptions if isinstance(e, APIError)), failures.exceptions[0]) from None
         return [task.result() for task in tasks]
+
+
+def in_question(exc: APIError, param_prefix: str) -> None:
+    """Makes the error name the batch's question it is about (`questions[3].explain`); a single question's stays."""
+    if param_prefix and exc.param and not exc.param.startswith(param_prefix):
+        exc.param = param_prefix + exc.param
 
 
 async def _item(shared: asyncio.Task[list[list[float]]], index: int) -> list[float]:
