@@ -221,30 +221,31 @@ def _peft_config(recipe: Recipe, model: Any) -> Any:
     from peft import LoraConfig
 
     layers, targets = None, recipe.lora.target_modules
+    if isinstance(targets, list):  # PEFT names a module it cannot find only deep inside the trainer's constructor
+        names = [name for name, _ in model.named_modules()]
+        # PEFT matches a target by the end of a module's name: "q_proj" and "self_attn.q_proj" alike
+        if missing := [target for target in targets
+                       if not any(name == target or name.endswith(f".{target}") for name in names)]:
+            raise RecipeError(f"lora.target_modules: {recipe.model} has no module named {missing[0]!r}; its linear "
+                              f"layers are {', '.join(_layer_linears(model))} (or use all-linear)")
     if recipe.lora.top_layers:
         count = model.config.num_hidden_layers
         if recipe.lora.top_layers > count:
             raise RecipeError(f"lora.top_layers is {recipe.lora.top_layers} but {recipe.model} has {count} layers")
         layers = list(range(count - recipe.lora.top_layers, count))
         if targets == "all-linear":  # PEFT takes a layer range only with module names: every linear of a layer
-            import torch
-
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
-    if isinstance(targets, list):  # PEFT names a module it cannot find only deep inside the trainer's constructor
-        import torch
-
-        names = [name for name, _ in model.named_modules()]
-        # PEFT matches a target by the end of a module's name: "q_proj" and "self_attn.q_proj" alike
-        if missing := [target for target in targets
-                       if not any(name == target or name.endswith(f".{target}") for name in names)]:
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if isinstance(module, torch.nn.Linear)})
-            raise RecipeError(f"lora.target_modules: {recipe.model} has no module named {missing[0]!r}; its linear "
-                              f"layers are {', '.join(linear)} (or use all-linear)")
+            targets = _layer_linears(model)
     return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=targets, layers_to_transform=layers,
                       task_type="SEQ_CLS" if recipe.method == "rm" else "CAUSAL_LM")
+
+
+def _layer_linears(model: Any) -> list[str]:
+    """The names of the linear modules in the model's layers (q_proj, ..., down_proj)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and ".layers." in name})
 
 
 def _load_tokenizer(path: Path) -> Any:
