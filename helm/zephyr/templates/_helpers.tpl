@@ -39,14 +39,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The container environment: settings from the ConfigMap, secrets from the Secret. */}}
-{{- define "zephyr.env" -}}
+{{/* The settings: the ConfigMap, and the operator's own sources. */}}
+{{- define "zephyr.envFrom" -}}
 envFrom:
   - configMapRef:
       name: {{ include "zephyr.fullname" . }}
   {{- with .Values.extraEnvFrom }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end -}}
+
+{{/* The container environment: settings from the ConfigMap, secrets from the Secret. */}}
+{{- define "zephyr.env" -}}
+{{ include "zephyr.envFrom" . }}
 env:
   {{- include "zephyr.credentials" . | nindent 2 }}
   {{- with .Values.extraEnv }}
@@ -57,12 +62,7 @@ env:
 {{/* The environment of the init container: the settings, without the chart's credentials (preparing the model
 needs none of the keys, the database URL or the session secret). */}}
 {{- define "zephyr.prepareEnv" -}}
-envFrom:
-  - configMapRef:
-      name: {{ include "zephyr.fullname" . }}
-  {{- with .Values.extraEnvFrom }}
-  {{- toYaml . | nindent 2 }}
-  {{- end }}
+{{ include "zephyr.envFrom" . }}
 {{- with .Values.extraEnv }}
 env:
   {{- toYaml . | nindent 2 }}
