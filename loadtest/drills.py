@@ -97,6 +97,10 @@ def _refused(event: dict) -> bool:
     return event["status"] == 503 or (event["status"] == 0 and event["end"] - event["start"] < REFUSED_WITHIN_S)
 
 
+def _slowest(events: list[dict]) -> float:
+    return max((e["end"] - e["start"] for e in events), default=0.0)
+
+
 def _statuses(events: list[dict]) -> str:
     counts = Counter(f"{e['status'] or 'no answer'}" + (f" {e['code']}" if e.get("code") else "")
                      + (" with an error event" if e["status"] == 200 and e["error"] else "") for e in events)
@@ -222,7 +226,7 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
                  f"{longest:.1f} s after it")
     report.check("new requests are refused, not queued", all(_refused(e) for e in before_exit),
                  f"{len(before_exit)} sent before exit: {_statuses(before_exit)}; the slowest took "
-                 f"{max((e['end'] - e['start'] for e in before_exit), default=0.0):.2f} s")
+                 f"{_slowest(before_exit):.2f} s")
     report.check("the server exits (code 1) for a restart", code == 1,
                  f"exit {code}, {exited - killed:.1f} s after the kill")
     report.figures.update(readyz_failed_s=not_ready, in_flight=len(in_flight), longest_after_kill_s=longest,
@@ -264,7 +268,7 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
                  f"{longest:.1f} s after it")
     report.check("new requests are refused once not ready", all(_refused(e) for e in after_unready),
                  f"{len(after_unready)} sent before exit: {_statuses(after_unready)}; the slowest took "
-                 f"{max((e['end'] - e['start'] for e in after_unready), default=0.0):.2f} s")
+                 f"{_slowest(after_unready):.2f} s")
     named = "stalled for" in server.log_path.read_text(errors="replace")
     report.check("the server exits (code 1) and its log names the stall", code == 1 and named,
                  f"exit {code}, {exited - stopped:.1f} s after the stop; stall {'named' if named else 'not named'}")
