@@ -23,6 +23,7 @@ from zephyr.console import make_console
 console = make_console()
 RSS_SAMPLE_S = 5
 MAX_RSS_GROWTH = 0.10
+MIX_KINDS = ("chat", "mcq", "review")  # loadtest/locustfile.py's event names: students, exam takers, reviewers
 
 
 def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_period: float = 60) -> Report:
@@ -43,12 +44,19 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         started = time.monotonic()
         sampler.start()
         locust = Locust.start(server.url, out, users, minutes * 60, exam_period=exam_period)
-        locust.wait()
+        locust_exit = locust.wait()
         wall_s = time.monotonic() - started
         stop_sampling.set()
         sampler.join()
         events = locust.events()
         console.print(summary(events, wall_s, report.title))
+
+        # Every other check passes on no traffic: a locustfile that fails to load must fail the soak. (Locust's exit
+        # code is 1 on any failed request, the expected 409s and 429s too, so it alone cannot tell.)
+        missing = kinds_not_sent(events)
+        report.check("every kind of request in the mix was sent", not missing,
+                     f"none of {', '.join(missing)}; Locust exited {locust_exit}, its log: {out / 'locust.log'}"
+                     if missing else f"{', '.join(MIX_KINDS)}: {len(events)} requests")
 
         server_errors = [e for e in events if e["status"] >= 500]
         dropped = [e for e in events if e["status"] == 0]
@@ -88,6 +96,11 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         server.stop()
     report.save(out)
     return report
+
+
+def kinds_not_sent(events: list[dict]) -> list[str]:
+    sent = {e["name"] for e in events}
+    return [kind for kind in MIX_KINDS if kind not in sent]
 
 
 def expected_refusal(event: dict) -> bool:

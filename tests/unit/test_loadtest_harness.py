@@ -89,3 +89,12 @@ def test_the_soak_tolerates_only_the_refusals_its_mix_can_meet():
     assert expected_refusal({"status": 429, "name": "chat"})
     for status, name in ((401, "review"), (400, "mcq"), (404, "chat"), (409, "chat")):
         assert not expected_refusal({"status": status, "name": name})
+
+
+def test_the_soak_fails_when_a_kind_of_request_never_ran():
+    """A locustfile that fails to load sends nothing, and every other check passes on no traffic."""
+    from loadtest.soak import MIX_KINDS, kinds_not_sent
+
+    assert kinds_not_sent([]) == list(MIX_KINDS)
+    assert kinds_not_sent([{"name": "chat"}, {"name": "review"}]) == ["mcq"]
+    assert kinds_not_sent([{"name": kind} for kind in MIX_KINDS]) == []
