@@ -29,7 +29,10 @@ EVERYTHING_ON = ["--set", f"secrets.apiKeys={K1},ingress.enabled=true,autoscalin
                  "autoscaling.minReplicas=2,secrets.dbUrl=postgresql+asyncpg://u:p@db/zephyr,"
                  "metrics.serviceMonitor.enabled=true,metrics.dashboard.enabled=true",
                  "--set", "persistence.accessModes={ReadWriteMany}",
-                 "--set", "ingress.tls[0].secretName=tutor-tls,ingress.tls[0].hosts[0]=tutor.example.edu"]
+                 "--set", "ingress.tls[0].secretName=tutor-tls,ingress.tls[0].hosts[0]=tutor.example.edu",
+                 "--set", "networkPolicy.enabled=true,networkPolicy.egress.restrict=true",
+                 "--set-json", 'networkPolicy.egress.rules=[{"to": [{"namespaceSelector": {"matchLabels": '
+                 '{"kubernetes.io/metadata.name": "databases"}}}], "ports": [{"port": 5432, "protocol": "TCP"}]}]']
 SETTING_NAMES = {f"ZEPHYR_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -57,7 +60,7 @@ def rendered(request) -> dict[str, dict]:
 def test_every_object_is_valid_kubernetes(rendered):
     assert set(rendered) == {"Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "Ingress",
                              "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "ServiceAccount",
-                             "Dashboard"}
+                             "Dashboard", "NetworkPolicy"}
     for kind, obj in rendered.items():
         if kind == "ServiceMonitor":  # a CRD (prometheus-operator): no upstream schema; checked below
             continue
@@ -190,6 +193,12 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     (["--set", f"secrets.apiKeys={K0},replicaCount=2,podDisruptionBudget.minAvailable=2,"
       "secrets.dbUrl=postgresql+asyncpg://u:p@db/z", "--set", "persistence.accessModes={ReadWriteMany}"],
      "podDisruptionBudget.minAvailable 2 is not below the 2 replicas"),
+    # An empty `from` admits every pod; a restricted egress without the database cuts the server off its log.
+    (["--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true,networkPolicy.from=null"], "networkPolicy.from"),
+    (["--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true,networkPolicy.egress.restrict=true,"
+      "secrets.dbUrl=postgresql+asyncpg://u:p@db/z"], "needs the database in networkPolicy.egress.rules"),
+    (["--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true,networkPolicy.egress.restrict=true,"
+      "config.ZEPHYR_REVIEW_CANDIDATE=remote"], "needs the candidate's server"),
     # The server would refuse it at start, in a crash loop.
     (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
      "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
@@ -198,6 +207,27 @@ def test_unsafe_values_fail_with_a_message(values, named):
     result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
     assert result.returncode != 0 and named in result.stderr, result.stderr
     assert "hunter2" not in result.stderr and "sk-remote" not in result.stderr
+
+
+def test_the_network_policy_admits_the_named_peers_to_the_servers_port_and_lets_it_reach_dns_and_its_database(
+        rendered):
+    policy, pod = rendered["NetworkPolicy"]["spec"], rendered["Deployment"]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    server = next(c for c in pod["spec"]["containers"] if c["name"] == "zephyr")
+    (rule,) = policy["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [port["name"] for port in server["ports"]]
+    assert {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in rule["from"]} == {
+        "ingress-nginx", "monitoring"}
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, database = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns  # wherever the cluster's DNS runs
+    assert database["ports"] == [{"port": 5432, "protocol": "TCP"}]
+
+
+def test_without_restricted_egress_the_policy_leaves_egress_alone():
+    policy = deployment_of("--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true")["NetworkPolicy"]["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+    assert "NetworkPolicy" not in deployment_of("--set", f"secrets.apiKeys={K0}")  # off by default
 
 
 def test_the_minimum_key_length_is_the_servers_own_setting():
