@@ -456,12 +456,15 @@ class Tutor:
         return ids
 
     def never_ran(self, gen: GenerationRequest) -> None:
-        """Logs a request whose answer never started (its client left while it was screened and tokenized, and the
-        stream was closed before its first step): an aborted row, so nothing admitted is missing from the log."""
+        """Logs a request whose answer never started (its client left while it was screened and tokenized, or the
+        server shut down, and the stream was closed before its first step): an aborted row, so nothing admitted is
+        missing from the log."""
         if not gen.ran:
             gen.ran = True
-            self.log.record(gen.record(self.model_name, "aborted", "the client left before the answer started",
-                                       model_revision=self.model_revision))
+            # Past the drain, uvicorn cancels what is left: the server, not the student, ended it.
+            why = ("the server shut down before the answer started" if self.admission.draining
+                   else "the client left before the answer started")
+            self.log.record(gen.record(self.model_name, "aborted", why, model_revision=self.model_revision))
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
         async with aclosing(self.run(gen)) as outputs:

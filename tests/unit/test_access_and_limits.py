@@ -334,6 +334,30 @@ async def test_a_stream_whose_client_left_before_its_answer_started_is_logged(se
     assert [r.status for r in rows] == ["aborted"] and "before" in rows[0].error
 
 
+async def test_a_stream_cancelled_at_shutdown_before_its_answer_started_says_so(served):
+    """Past the drain, uvicorn cancels what is left: the row must not blame the student."""
+    from sqlalchemy import select
+
+    from service.store.models import Generation
+
+    tutor = served.app.state.tutor
+    gone = asyncio.Event()
+
+    async def send(message):  # admitted and tokenized; then the server stops before the first step
+        tutor.admission.draining = True
+        gone.set()
+        await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(raw_post(served.app, CHAT, {**BODY, "stream": True}, gone, send), 10)
+    finally:
+        tutor.admission.draining = False
+    log = await served.flushed_log()
+    async with log.engine.connect() as connection:
+        rows = (await connection.execute(select(Generation.status, Generation.error))).all()
+    assert [tuple(r) for r in rows] == [("aborted", "the server shut down before the answer started")]
+
+
 QUESTION = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}
 
 
