@@ -20,6 +20,9 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+# What zephyr/pii.py's Redactor finds, by Presidio's entity names and ours.
+PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID", "STREET_ADDRESS", "DATE_OF_BIRTH")
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -148,7 +151,7 @@ class Settings(BaseSettings):
                                 "past it they spill to disk")
     log_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
     pii_redaction: bool = True
-    pii_entities: list[str] = ["EMAIL_ADDRESS", "PHONE_NUMBER", "STUDENT_ID", "STREET_ADDRESS", "DATE_OF_BIRTH"]
+    pii_entities: list[str] = list(PII_ENTITIES)
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
 
     # Offline evaluation (evals/).
@@ -219,6 +222,34 @@ class Settings(BaseSettings):
             raise ValueError(f"{variable} {value!r} must be one limit of at least 1 per period, e.g. 600/minute "
                              "(empty turns it off)")
         return value
+
+    @field_validator("pii_entities", mode="after")
+    @classmethod
+    def _known_entities(cls, value: list[str]) -> list[str]:
+        # A misspelt name would redact nothing of its kind, silently: students' emails would reach the log.
+        unknown = [name for name in value if name not in PII_ENTITIES]
+        if unknown:
+            raise ValueError(f"ZEPHYR_PII_ENTITIES names {', '.join(map(repr, unknown))}, which the redactor does not "
+                             f"find; known: {', '.join(PII_ENTITIES)}")
+        return value
+
+    @field_validator("student_id_pattern", mode="after")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        import regex  # what Presidio compiles patterns with
+
+        try:
+            regex.compile(value)
+        except regex.error as exc:
+            raise ValueError(f"ZEPHYR_STUDENT_ID_PATTERN is not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _redaction_finds_something(self) -> Settings:
+        if self.pii_redaction and not self.pii_entities:
+            raise ValueError("ZEPHYR_PII_ENTITIES is empty, so redaction would find nothing; name what to redact, or "
+                             "set ZEPHYR_PII_REDACTION=false to turn it off")
+        return self
 
     @model_validator(mode="after")
     def _remote_candidate_complete(self) -> Settings:
@@ -307,6 +338,7 @@ class Settings(BaseSettings):
             lines += [(f"ZEPHYR_API_KEYS_FILE line {n}", line)
                       for n, line in enumerate(self.api_keys_file.read_text().splitlines(), start=1)]
         entries = []
+        seen: dict[str, tuple[str, str, str]] = {}  # key: the first entry's place, role and name
         for place, raw in lines:
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -325,6 +357,11 @@ class Settings(BaseSettings):
                                  "enough to guess; make one with "
                                  "`python -c 'import secrets; print(secrets.token_urlsafe(24))'` "
                                  "(or lower ZEPHYR_MIN_API_KEY_CHARS)")
+            first = seen.setdefault(key, (place, role, name))
+            if first[0] != place:
+                if first[1:] != (role, name):  # one key, two roles: the last would win, silently
+                    raise ValueError(f"{place} gives the key of {first[0]} another role or name; a key has one")
+                continue
             entries.append((role, key, name or None))
         return entries
 

@@ -105,3 +105,33 @@ def test_a_refused_setting_never_quotes_its_value(monkeypatch):
         Settings()
     assert "session_secret" in str(refused.value)
     assert "too-short-but-a-real-secret" not in str(refused.value) and "sup3r" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("value", "named"), [
+    ('["EMAIL", "PHONE_NUMBER"]', "names 'EMAIL'"),  # misspelt: students' emails would reach the log unredacted
+    ("[]", "is empty, so redaction would find nothing"),
+])
+def test_pii_entities_must_name_what_the_redactor_finds(monkeypatch, value, named):
+    monkeypatch.setenv("ZEPHYR_PII_ENTITIES", value)
+    with pytest.raises(ValueError, match=named):
+        Settings()
+    monkeypatch.setenv("ZEPHYR_PII_REDACTION", "false")  # off, an empty list is no mistake
+    assert Settings(pii_entities=[]).pii_entities == []
+
+
+def test_a_student_id_pattern_that_does_not_compile_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv("ZEPHYR_STUDENT_ID_PATTERN", "[A-Z")
+    with pytest.raises(ValueError, match="ZEPHYR_STUDENT_ID_PATTERN is not a regular expression"):
+        Settings()
+
+
+def test_a_key_given_two_roles_is_refused_without_quoting_it(tmp_path):
+    """A stale `admin:K` in the keys file would otherwise silently promote a key meant to be a student's."""
+    key = "a-student-key-0000001"
+    keys = tmp_path / "keys"
+    keys.write_text(f"admin:{key}\n")
+    with pytest.raises(ValueError, match="ZEPHYR_API_KEYS_FILE line 1 gives the key of ZEPHYR_API_KEYS entry 1") as err:
+        _ = Settings(api_keys=f"student:{key}", api_keys_file=keys).api_key_entries
+    assert key not in str(err.value)
+    keys.write_text(f"student:{key}\n")  # the same entry twice is one entry
+    assert Settings(api_keys=f"student:{key}", api_keys_file=keys).api_key_entries == [("student", key, None)]

@@ -120,10 +120,9 @@ def test_trls_default_tokenization_would_append_eos(tokenizer):
 
 def test_every_default_training_question_tokenizes_without_a_boundary_merge(tokenizer):
     data_dir = Settings().data_dir
-    try:
-        items, _ = cloze.load_items(list(cloze.DEFAULT_SOURCES), data_dir)
-    except Exception as exc:  # noqa: BLE001 - the shared data is optional on a developer machine
-        pytest.skip(f"training splits not available: {exc}")
+    if not (data_dir / "arc").is_dir():  # the shared data is optional on a developer machine; a loader's bug is not
+        pytest.skip(f"training splits not available in {data_dir}")
+    items, _ = cloze.load_items(list(cloze.DEFAULT_SOURCES), data_dir)
     pairs, examples, _ = cloze.cloze_records(items)
     rows, dropped = cloze.tokenize_rows([p.model_dump() for p in pairs], tokenizer, "dpo")
     assert dropped == 0 and len(rows) > 7000
