@@ -527,7 +527,7 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
     console.print(candidates_table(model, record, figures))
     console.print(benchmarks_table(record, per_benchmark, unseen))
     if write:
-        registry.record_calibration(model, record)
+        registry.record_calibration(model, record, made_at=entry.manifest.created_at)
         weights = ", ".join(f"{k} {v:.3f}" for k, v in record.weights.items())
         cue_note = f"; answer cue {record.answer_prior_context!r}" if record.weights.get("answer_prior") else ""
         cue_note += (f"; {record.demonstrations_source.get('count', 0)} demonstrations"

@@ -210,7 +210,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                                    data=sources)
             path = store.save(run)
             for key, value in summary(run).items():
-                registry.record_eval(entry.name, key, {**value, "run": str(path)})
+                registry.record_eval(entry.name, key, {**value, "run": str(path)}, made_at=entry.manifest.created_at)
             console.print(f"{suite}: {len(measurements)} measurements in {time.perf_counter() - started:.0f} s "
                           f"-> {path}")
             runs.append(run)

@@ -442,7 +442,7 @@ def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any,
             pair_id = hashlib.sha256(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]]).encode())
             out.write(json.dumps({"pair": pair_id.hexdigest()[:16], "agrees": bool(agrees),
                                   "chosen_chars": chosen, "rejected_chars": rejected}) + "\n")
-    registry.record_eval(entry.name, f"{part}_agreement", result)
+    registry.record_eval(entry.name, f"{part}_agreement", result, made_at=entry.manifest.created_at)
     low, high = result["ci95"]
     return {f"{part}_pairs": result["n"], f"{part}_agreement": result["agreement"],
             f"{part}_agreement_low": low, f"{part}_agreement_high": high,

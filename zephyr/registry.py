@@ -278,26 +278,36 @@ class Registry:
         if manifest.parent == manifest.name:
             raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
                                 "name")
-        self.check_free(manifest.name, overwrite)
+        with self._writing():
+            self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
+            staging = self._staging_of(manifest.name)
+            shutil.rmtree(staging, ignore_errors=True)
+            if move:
+                shutil.move(str(source), staging)
+            else:
+                shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            if target.exists():
+                # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a
+                # half-deleted model under the name.
+                replaced = target.with_name(f".{manifest.name}.replaced")
+                shutil.rmtree(replaced, ignore_errors=True)
+                target.rename(replaced)
+                staging.rename(target)
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                staging.rename(target)
+            return self._load(target)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer of the registry's names at a time, across processes and pods sharing the volume (each
+        replica's init container prepares the model): two adds of one name would share its staging folder, each
+        deleting the other's copy, and the entry could end up with both writers' weight files."""
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        staging = self._staging_of(manifest.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        if move:
-            shutil.move(str(source), staging)
-        else:
-            shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
-        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        if target.exists():
-            # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a
-            # half-deleted model under the name.
-            replaced = target.with_name(f".{manifest.name}.replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            target.rename(replaced)
-            staging.rename(target)
-            shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            staging.rename(target)
-        return self._load(target)
+        with (self.models_dir / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def check_free(self, name: str, overwrite: bool) -> None:
         """Whether a new entry may be written under `name`: the one rule `add` applies, asked before hours of
@@ -324,37 +334,48 @@ class Registry:
                                 "remove those first or give the new model another name")
 
     def remove(self, name: str) -> None:
-        entry = self.get(name)
-        children = self.children_of(name)
-        if children:
-            raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
-        # Aside in one rename, then deleted: a stop part way leaves a hidden folder, never a half-deleted model
-        # that is still listed and served, nor a folder without a manifest holding the name.
-        removing = entry.path.with_name(f".{name}.removing")
-        shutil.rmtree(removing, ignore_errors=True)
-        entry.path.rename(removing)
-        shutil.rmtree(removing)
+        self.path_of(name)  # the name is checked before anything is touched
+        with self._writing():
+            entry = self.get(name)
+            children = self.children_of(name)
+            if children:
+                raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
+            # Aside in one rename, then deleted: a stop part way leaves a hidden folder, never a half-deleted model
+            # that is still listed and served, nor a folder without a manifest holding the name.
+            removing = entry.path.with_name(f".{name}.removing")
+            shutil.rmtree(removing, ignore_errors=True)
+            entry.path.rename(removing)
+            shutil.rmtree(removing)
 
-    def record_eval(self, name: str, key: str, result: Any) -> None:
-        with self._updating(name) as entry:
+    def record_eval(self, name: str, key: str, result: Any, made_at: datetime | None = None) -> None:
+        """`made_at`: the `created_at` of the entry that was measured; refused if the name now holds another."""
+        with self._updating(name, made_at) as entry:
             entry.manifest.evals[key] = result
             self._save(entry)
 
-    def record_calibration(self, name: str, calibration: MCQCalibration | None, shipped: bool = False) -> None:
-        with self._updating(name) as entry:
+    def record_calibration(self, name: str, calibration: MCQCalibration | None, shipped: bool = False,
+                           made_at: datetime | None = None) -> None:
+        with self._updating(name, made_at) as entry:
             entry.manifest.mcq_calibration = calibration
             entry.manifest.mcq_calibration_shipped = shipped
             self._save(entry)
 
     @contextlib.contextmanager
-    def _updating(self, name: str) -> Iterator[RegistryEntry]:
+    def _updating(self, name: str, made_at: datetime | None = None) -> Iterator[RegistryEntry]:
         """The entry read under an exclusive lock on its folder, held until its manifest is written back: two
         processes recording at once (an eval run beside a calibration) would each write back what they read, and
-        the later one drop the other's change."""
+        the later one drop the other's change. With `made_at`, the entry must still be the one made then: an hour's
+        measurement must not land in weights trained or quantized under the name meanwhile (`--overwrite`)."""
         folder = os.open(self.get(name).path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
-            yield self.get(name)
+            entry = self.get(name)
+            if made_at is not None and entry.manifest.created_at != made_at:
+                raise RegistryError(f"model {name!r} was made again while it was measured (the measured entry was "
+                                    f"made {made_at.isoformat()}, the one under the name now "
+                                    f"{entry.manifest.created_at.isoformat()}); its result is not recorded: measure "
+                                    "it again")
+            yield entry
         finally:
             os.close(folder)  # releases the lock
 

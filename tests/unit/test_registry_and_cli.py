@@ -145,7 +145,7 @@ def test_a_model_cannot_replace_its_own_parent(tmp_path, default_model):
         registry.add(default_model.path, ModelManifest(name="base", parent="base", method="sft"), overwrite=True)
     replaced = registry.add(default_model.path, ModelManifest(name="base", method="sft"), overwrite=True)
     assert replaced.manifest.method == "sft" and [e.name for e in registry.list()] == ["base"]
-    assert sorted(p.name for p in registry.models_dir.iterdir()) == ["base"]  # nothing left aside
+    assert sorted(p.name for p in registry.models_dir.iterdir()) == [".lock", "base"]  # nothing left aside
 
 
 def test_an_entry_others_were_made_from_is_never_replaced(tmp_path, default_model):
@@ -156,7 +156,7 @@ def test_an_entry_others_were_made_from_is_never_replaced(tmp_path, default_mode
     with pytest.raises(RegistryError, match="'tuned' is the parent of tuned-w8a8, made from its weights"):
         registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="dpo"), overwrite=True)
     assert registry.get("tuned").manifest.method == "dpo"  # untouched
-    assert sorted(p.name for p in registry.models_dir.iterdir()) == ["base", "tuned", "tuned-w8a8"]
+    assert sorted(p.name for p in registry.models_dir.iterdir()) == [".lock", "base", "tuned", "tuned-w8a8"]
     registry.remove("tuned-w8a8")
     again = registry.add(default_model.path, ModelManifest(name="tuned", parent="base", method="sft"), overwrite=True)
     assert again.manifest.method == "sft"
@@ -307,3 +307,58 @@ def test_chat_ends_in_one_line_when_the_stream_breaks_off(home):
         server.shutdown()
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "the answer broke off: the engine stopped" in " ".join(result.output.split())
+
+
+def test_two_writers_of_one_name_never_mix_their_weights(tmp_path, default_model, monkeypatch):
+    """Two replicas' init containers preparing the model on one volume: each add deleted the other's staging copy,
+    and the entry could end up with both writers' files. The second now waits, then finds the name taken."""
+    import threading
+
+    registry = Registry(tmp_path / "models")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for source in (a, b):
+        shutil.copytree(default_model.path, source)
+        (source / f"from-{source.name}").write_text(source.name)
+    copied, go_on = threading.Event(), threading.Event()
+    real_copytree = shutil.copytree
+
+    def slow_copytree(src, dst, **kwargs):
+        result = real_copytree(src, dst, **kwargs)
+        if Path(src) == a:
+            copied.set()
+            go_on.wait(10)
+        return result
+
+    monkeypatch.setattr(shutil, "copytree", slow_copytree)
+    refused = []
+
+    def add_b():
+        try:
+            registry.add(b, ModelManifest(name="m", method="imported"))
+        except RegistryError as exc:
+            refused.append(str(exc))
+
+    first = threading.Thread(target=registry.add, args=(a, ModelManifest(name="m", method="imported")))
+    first.start()
+    assert copied.wait(10)
+    second = threading.Thread(target=add_b)
+    second.start()
+    second.join(0.5)  # unlocked, it would now have replaced the first writer's staging copy with its own
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    files = {path.name for path in registry.get("m").path.iterdir()}
+    assert "from-a" in files and "from-b" not in files
+    assert len(refused) == 1 and "already exists" in refused[0]
+
+
+def test_a_result_is_not_recorded_into_an_entry_made_again_while_it_was_measured(tmp_path, default_model):
+    registry = Registry(tmp_path / "models")
+    measured = registry.add(default_model.path, ModelManifest(name="m", method="imported"))
+    registry.add(default_model.path, ModelManifest(name="m", method="imported"), overwrite=True)  # `--overwrite`
+    for record in (lambda made_at: registry.record_calibration("m", None, made_at=made_at),
+                   lambda made_at: registry.record_eval("m", "mcq", {"accuracy": 0.5}, made_at=made_at)):
+        with pytest.raises(RegistryError, match="made again while it was measured"):
+            record(measured.manifest.created_at)
+    registry.record_eval("m", "mcq", {"accuracy": 0.5}, made_at=registry.get("m").manifest.created_at)
+    assert registry.get("m").manifest.evals == {"mcq": {"accuracy": 0.5}}
