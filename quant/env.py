@@ -18,6 +18,9 @@ from pathlib import Path
 # Verified together on this machine (DESIGN.md section 4): CPU torch from the wheel find-links, no torchvision.
 REQUIREMENTS = ("torch==2.13.0+cpu", "llmcompressor==0.14.0.1")
 GPU_REQUIREMENTS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
+# CPU torch (+cpu) is on PyTorch's index, not PyPI; used where it answers (a host with the wheel in its own pip
+# find-links, like this one, may not reach it).
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 STAMP = ".zephyr-quant-env"
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
@@ -34,6 +37,18 @@ def requirements() -> tuple[str, ...]:
     has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True).returncode == 0
     return GPU_REQUIREMENTS if has_gpu else REQUIREMENTS
+
+
+def index_arguments(requirements: tuple[str, ...]) -> list[str]:
+    if not any(r.endswith("+cpu") for r in requirements):
+        return []
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{TORCH_CPU_INDEX}/", method="HEAD"), timeout=5).close()
+    except OSError:
+        return []
+    return ["--extra-index-url", TORCH_CPU_INDEX]
 
 
 def is_ready(env: Path) -> bool:
@@ -58,7 +73,7 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
     # that is not ready, which the next call may delete and make again (not a stranger's folder left alone).
     (env / STAMP).write_text("installing\n")
     result = subprocess.run([str(python_of(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                             *requirements()], capture_output=True, text=True)
+                             *index_arguments(requirements()), *requirements()], capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise QuantEnvError(f"installing {' '.join(requirements())} into {env} failed:\n{tail}")
