@@ -2,7 +2,9 @@
 # Zephyr tutor image. CPU by default; `--build-arg FLAVOR=gpu` installs vLLM's CUDA build instead (its wheels
 # carry the CUDA libraries; the NVIDIA container runtime supplies the driver).
 #   docker build -t zephyr:cpu .            docker build --build-arg FLAVOR=gpu -t zephyr:gpu .
-#   docker run -p 8000:8000 -v zephyr-data:/data -e ZEPHYR_API_KEYS=student:... zephyr:cpu
+#   docker run -p 8000:8000 -v zephyr-data:/data -e ZEPHYR_API_KEYS=student:... --stop-timeout 60 zephyr:cpu
+# --stop-timeout (compose: stop_grace_period: 60s): docker kills after 10 s, mid-drain (ZEPHYR_DRAIN_SECONDS, 30,
+# then the log's last rows); the chart derives its own grace period.
 # PYTHON_IMAGE may be any Debian bookworm image: the official python one, or a bare Debian (scripts/image-test.sh
 # builds from one made by debootstrap where no registry answers), which gets Debian's python3.11 below.
 #   podman build --format docker --build-arg PYTHON_IMAGE=localhost/debian:bookworm-local -t zephyr:cpu .
@@ -61,13 +63,14 @@ FROM base AS runtime
 # libgomp: vLLM CPU's OpenMP kernels; tini: signals reach the server, so SIGTERM drains cleanly; g++: vLLM's
 # sampler torch.compiles a kernel at the first request that asks for logprobs (/mcq, and the warm-up), even with
 # enforce_eager, and torch's inductor builds it with g++ against Python.h. Without it the warm-up kills the engine
-# (InvalidCxxCompiler) and the server never gets ready. The group is 10001 like the chart's runAsGroup.
+# (InvalidCxxCompiler) and the server never gets ready. The group is 10001 like the chart's runAsGroup; /data
+# and the home folder are also writable by group 0, for runtimes that pick an arbitrary uid in it (OpenShift).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini g++ \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 zephyr \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/zephyr zephyr \
-    && mkdir -p /data && chown zephyr /data
+    && mkdir -p /data && chown 10001:0 /data /home/zephyr && chmod g=u /data /home/zephyr
 COPY --from=deps /opt/zephyr /opt/zephyr
 # COPY, not RUN --mount=from=build: buildah 1.28 reuses a cached RUN whatever the mounted stage holds, so a code
 # change would not reach the image. DL3013: the project's own wheel, just built.
