@@ -181,7 +181,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                       "test", read_mmlu, hub_mmlu),
     "sciq": Benchmark("sciq", "allenai/sciq", None, {"validation": "sciq/valid.json", "test": "sciq/test.json"},
                       "test", read_sciq, hub_sciq),
-    # The local OpenBookQA copy has no test split: its dev split is what we report (hub users get test).
+    # The local OpenBookQA copy has no test split: its dev split is what we report, from the hub too (figures compare).
     "openbookqa": Benchmark("openbookqa", "allenai/openbookqa", "main", {
         "train": "openbookqa/train.tsv", "validation": "openbookqa/dev.tsv"}, "validation", read_openbookqa,
         hub_openbookqa),
@@ -240,7 +240,9 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
 def first(items: list[Any], limit: int | None) -> list[Any]:
     """The first `limit` items; for data with subjects (MMLU) taken in turn from each subject, so a limited run
     still covers every subject instead of the first few alphabetically."""
-    if not limit or limit >= len(items):
+    if limit is not None and limit < 1:  # 0 is no "all", and a negative one would slice off the end
+        raise ValueError(f"a limit must be at least 1 (None: every item), not {limit}")
+    if limit is None or limit >= len(items):
         return items
     if not getattr(items[0], "subject", None):
         return items[:limit]

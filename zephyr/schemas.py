@@ -29,7 +29,7 @@ class MCQItem(BaseModel):
 
     @model_validator(mode="after")
     def _answer_is_an_option_letter(self) -> MCQItem:
-        if self.answer not in LETTERS[: len(self.options)]:
+        if self.answer not in tuple(LETTERS[: len(self.options)]):  # one letter: "" and "AB" are substrings
             raise ValueError(f"answer {self.answer!r} is not one of the option letters")
         return self
 
@@ -112,14 +112,20 @@ class DataFileError(ValueError):
 
 def read_jsonl(path: Path, schema: type[Record]) -> Iterator[Record]:
     """Records of `schema`; a bad line raises DataFileError naming the file and line."""
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield schema.model_validate_json(line)
-            except ValidationError as exc:
-                raise DataFileError(f"{path}:{number}: not a {schema.__name__}: {exc.errors()[0]['msg']}") from exc
+    number = 0
+    try:
+        with Path(path).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield schema.model_validate_json(line)
+                except ValidationError as exc:
+                    raise DataFileError(f"{path}:{number}: not a {schema.__name__}: "
+                                        f"{exc.errors()[0]['msg']}") from exc
+    except UnicodeDecodeError:
+        raise DataFileError(f"{path}:{number + 1}: not UTF-8 text; a JSON Lines file of {schema.__name__} records "
+                            "is expected") from None
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:

@@ -134,3 +134,10 @@ def test_missing_file_and_wrong_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "no choices"}\n')
     with pytest.raises(DatasetError, match="not in arc_easy's format"):
         load("arc_easy", source=tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_limit_below_one_is_refused_not_read_as_all_or_as_a_slice(limit):
+    with pytest.raises(ValueError, match="at least 1"):
+        benchmarks.first([1, 2, 3], limit)
+    assert benchmarks.first([1, 2, 3], None) == [1, 2, 3] and benchmarks.first([1, 2, 3], 2) == [1, 2]

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from zephyr.schemas import DataFileError, MCQItem, PreferencePair, read_jsonl, write_jsonl
 
@@ -21,3 +22,17 @@ def test_mcq_item_answer_must_be_one_of_its_letters():
     MCQItem(id="1", question="q", options=["a", "b", "c"], answer="C")
     with pytest.raises(ValueError, match="not one of the option letters"):
         MCQItem(id="1", question="q", options=["a", "b"], answer="C")
+
+
+@pytest.mark.parametrize("answer", ["", "AB", "ABC", "D"])
+def test_an_mcq_items_answer_is_exactly_one_of_its_letters(answer):
+    """`"" in "ABC"` holds: a blank answer was taken, and read as option A downstream."""
+    with pytest.raises(ValidationError, match="not one of the option letters"):
+        MCQItem(id="q", question="Which?", options=["a", "b", "c"], answer=answer)
+
+
+def test_a_file_that_is_not_utf8_names_itself(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"id": "q"}\n\xff\xfe broken\n')
+    with pytest.raises(DataFileError, match=r"pairs.jsonl:\d+: not UTF-8 text"):
+        list(read_jsonl(path, MCQItem))
