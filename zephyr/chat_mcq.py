@@ -21,6 +21,8 @@ _LABEL = re.compile(
 )
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
+# A sentence's end and the start of another ("Helium. Please explain"), not "E. coli" or "3.5".
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 # A line that only introduces the options, left out of the stem.
 # Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
 # a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two
@@ -75,9 +77,10 @@ def find_question(text: str) -> MCQuestion | None:
     A question is a stem followed by options labelled A, B, C, ... in order, in one style ("A)", "A.", "A:",
     "(A)", "a)", "(a)"): each on a line of its own (two or more), or three or more on one line. The stem is the
     text before the first label (a leading "Question:" and a closing "Options:" line left out). The last option
-    ends at its line's end: what follows it ("Explain why.") is the student's instruction, not part of the
-    option. Items that read as a problem's parts (tasks or questions themselves) make no question, nor do options
-    /mcq would refuse (a duplicate, a blank one): the message is answered as any chat."""
+    ends at its line's end, and on a line of options at its sentence's: what follows it ("Explain why.") is the
+    student's instruction, not part of the option. Items that read as a problem's parts (tasks or questions
+    themselves) make no question, nor do options /mcq would refuse (a duplicate, a blank one): the message is
+    answered as any chat."""
     labels = _labels(text)
     where: dict[tuple[str, str], list[int]] = {}
     for i, label in enumerate(labels):
@@ -98,6 +101,10 @@ def find_question(text: str) -> MCQuestion | None:
             value = text[end:stop]
             if i + 1 == len(run) or on_lines:
                 value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
+            value = value.strip()
+            if i + 1 == len(run) and not on_lines and (sentence_end := _SENTENCE_END.search(value)):
+                # On one line, the last option ends with its sentence: "D) Helium. Please explain why."
+                value = value[:sentence_end.start()].removesuffix(".")
             options.append(value.strip())
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             return None  # parts of a problem, not options

@@ -22,6 +22,11 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     ("Question 2. Which is a metal?\nA) copper\nB) glass", "Which is a metal?", ("copper", "glass")),
     ("What is 2 + 2? a) 3 b) 4 c) 5", "What is 2 + 2?", ("3", "4", "5")),
     ("Which is a mammal? A: whale B: shark C: trout", "Which is a mammal?", ("whale", "shark", "trout")),
+    # The student's instruction after options on one line is not the last option's text.
+    ("Which gas do plants absorb? A) Oxygen B) Carbon dioxide C) Nitrogen D) Helium. Please explain why.",
+     "Which gas do plants absorb?", ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
+    ("Which causes disease? A) sunlight B) E. coli C) water", "Which causes disease?",
+     ("sunlight", "E. coli", "water")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
