@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
+from offline.benchmarks import normalize_words
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
 from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
@@ -89,8 +90,8 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
         try:
             for number, record in enumerate(read_jsonl(file, schema), start=1):
                 row = {k: v for k, v in record.model_dump(mode="json").items() if k in columns}
-                if method == "rs":
-                    row = _as_completion(row["messages"], file, number)
+                if method in ("rs", "sft") and "messages" in row:
+                    row = _as_completion(row["messages"], method, file, number)
                 if question_ids:
                     question = (getattr(record, "meta", None) or {}).get("question_id")
                     if not isinstance(question, str):
@@ -108,12 +109,12 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
     return rows
 
 
-def _as_completion(messages: list[dict[str, Any]], file: Path, number: int) -> dict[str, Any]:
-    """A ranked rs record as TRL's conversational prompt and completion, so SFT learns the reward model's pick
-    only (TRL turns completion_only_loss on for such rows), not the prompt's user turns, nor earlier assistant turns
-    nobody ranked."""
+def _as_completion(messages: list[dict[str, Any]], method: str, file: Path, number: int) -> dict[str, Any]:
+    """A conversation as TRL's conversational prompt and completion, so SFT learns its last answer only (TRL turns
+    completion_only_loss on for such rows): the one a reviewer approved or the reward model ranked first, not the
+    student's turns, the system prompt, nor earlier assistant turns nobody judged."""
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise RecipeError(f"{file} record {number}: an rs record ends with the chosen assistant answer")
+        raise RecipeError(f"{file} record {number}: an {method} record ends with the assistant answer it teaches")
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
@@ -134,10 +135,29 @@ def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any,
     if group == "record":
         split = dataset.train_test_split(test_size=fraction, seed=seed)
         return split["train"], split["test"]
-    groups: dict[str, list[int]] = {}
-    keys_of = dataset[QUESTION_COLUMN] if group == "question" else [opening(record) for record in dataset]
-    for index, key in enumerate(keys_of):
-        groups.setdefault(key, []).append(index)
+    openings = [opening(record) for record in dataset]
+    keys_of = dataset[QUESTION_COLUMN] if group == "question" else openings
+    # Records join a group by their key, and also by their opening's words (case, spacing and punctuation aside):
+    # one question under two benchmark ids, or a chat asked again in other case, is never on both sides.
+    words_of = [" ".join(normalize_words(text)) for text in openings]
+    parent = list(range(len(dataset)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first: dict[tuple[str, str], int] = {}
+    for index, (key, words) in enumerate(zip(keys_of, words_of, strict=True)):
+        for tag in (("key", key), ("words", words)) if words else (("key", key),):
+            parent[root(index)] = root(first.setdefault(tag, index))
+    members: dict[int, list[int]] = {}
+    for index in range(len(dataset)):
+        members.setdefault(root(index), []).append(index)
+    # Each group drawn by its smallest key, as groups of one key each were before: without merges the split is the
+    # one earlier runs drew.
+    groups = {min(keys_of[i] for i in indices): indices for indices in members.values()}
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     held: list[int] = []

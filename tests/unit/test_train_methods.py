@@ -280,6 +280,45 @@ def test_held_out_groups_keep_a_conversation_opening_on_one_side():
     assert len(record_held) == 8 and {opening(r) for r in record_held} & {opening(r) for r in record_train}
 
 
+def test_held_out_groups_join_a_question_under_two_ids_and_a_chat_asked_again_in_other_case():
+    """36 training questions appear under two benchmark ids with the same text; a student asks the same question
+    twice with other case and spacing. Neither may sit on both sides of the split."""
+    import random
+
+    from datasets import Dataset
+
+    from training.run import QUESTION_COLUMN
+
+    def row(text: str, question: str) -> dict:
+        return {"prompt": [{"role": "user", "content": text}], "chosen": "x", "rejected": "y",
+                QUESTION_COLUMN: question}
+
+    rows = [row(f"Question {i}: which gas?", f"q{i}") for i in range(40)]
+    rows += [row("Question 7: which gas?", "other-id-of-7"), row("question 3 :  Which GAS?", "q3b")]
+    for group in ("question", "opening"):
+        for seed in range(20):
+            train_set, held = hold_out(Dataset.from_list(rows), 0.25, group, seed=seed)
+            held_words = {" ".join(opening(r).lower().replace(":", " ").replace("?", " ").split()) for r in held}
+            trained_words = {" ".join(opening(r).lower().replace(":", " ").replace("?", " ").split())
+                             for r in train_set}
+            assert not held_words & trained_words, (group, seed)
+
+    # Where nothing merges, the split is the one earlier versions drew (documented held-out figures reproduce).
+    plain = rows[:40]
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(plain):
+        groups.setdefault(opening(record), []).append(index)
+    keys = sorted(groups)
+    random.Random(42).shuffle(keys)
+    before: list[int] = []
+    for key in keys:
+        if len(before) >= 0.25 * len(plain):
+            break
+        before += groups[key]
+    held = hold_out(Dataset.from_list(plain), 0.25, "opening", seed=42)[1]
+    assert [r["prompt"] for r in held] == [plain[i]["prompt"] for i in sorted(before)]
+
+
 def test_records_of_one_question_are_held_out_together_and_the_key_is_never_trained_on(home, tmp_path):
     from datasets import Dataset
 
@@ -474,7 +513,7 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
     assert stats["kept"] == 2 and stats["prompts"] == 2 and stats["answers_cut_off"] == 2
 
 
-def test_an_rs_record_trains_on_the_ranked_answer_only(home, tmp_path):
+def test_an_rs_or_sft_record_trains_on_its_last_answer_only(home, tmp_path):
     """TRL learned the whole conversation of a `messages` record: the user's turns and earlier assistant turns no
     reward model chose. As prompt and completion it learns the completion only."""
     from trl import SFTConfig, SFTTrainer
@@ -488,6 +527,8 @@ def test_an_rs_record_trains_on_the_ranked_answer_only(home, tmp_path):
     write_jsonl(file, [SFTExample(messages=conversation)])
     (row,) = read_records([file], "rs")
     assert row == {"prompt": conversation[:-1], "completion": conversation[-1:]}
+    # and a reviewers' export: only the answer they approved, not the student's turns nor earlier answers
+    assert read_records([file], "sft") == [row]
     from datasets import Dataset
 
     model_path = Registry(home / "models").get(TINY).path
@@ -499,7 +540,7 @@ def test_an_rs_record_trains_on_the_ranked_answer_only(home, tmp_path):
     learned = [t for t in sample["labels"] if t != -100]
     assert tokenizer.decode(learned).startswith("Scattering.") and "Earlier" not in tokenizer.decode(learned)
     write_jsonl(file, [SFTExample(messages=conversation[:2])])
-    with pytest.raises(RecipeError, match="ends with the chosen assistant answer"):
+    with pytest.raises(RecipeError, match="ends with the assistant answer it teaches"):
         read_records([file], "rs")
 
 
