@@ -483,7 +483,9 @@ def data_hh(
     settings = load_settings()
     path = source or settings.data_dir / "hh-rlhf-helpful-base" / "test.jsonl.gz"
     try:
-        pairs, skipped = from_hh_rlhf(path, limit)
+        # The tutor's system prompt, as the service shows chats to the model: a reward model trained on these pairs
+        # ranks rejection sampling's answers, which are sampled after it.
+        pairs, skipped = from_hh_rlhf(path, limit, system_prompt=settings.served_system_prompt)
     except BuildError as exc:
         raise fail(str(exc)) from None
     console.print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")

@@ -50,6 +50,14 @@ def test_hh_multi_turn_prompt_is_the_shared_turns(tmp_path):
     assert pair.source == "hh-rlhf" and pair.meta == {"row": 0}
 
 
+def test_hh_prompts_open_with_the_tutors_system_prompt_when_given(tmp_path):
+    """Without it SmolLM2's template renders its own default ("You are a helpful AI assistant named SmolLM"), and a
+    reward model trained so then ranks rejection sampling's answers, which are sampled after the tutor's."""
+    [pair], _ = from_hh_rlhf(write_hh(tmp_path / "hh.jsonl", [GOOD]), system_prompt="You are Zephyr.")
+    assert [m.role for m in pair.prompt] == ["system", "user", "assistant", "user"]
+    assert pair.prompt[0].content == "You are Zephyr."
+
+
 def test_hh_malformed_rows_are_skipped_and_counted(tmp_path):
     q = ("Human", "Name a noble gas.")
     rows = [

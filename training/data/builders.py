@@ -67,13 +67,14 @@ def _transcript(text: str) -> list[Message]:
     return turns
 
 
-def _hh_pair(chosen_text: str, rejected_text: str, row: int) -> PreferencePair:
+def _hh_pair(chosen_text: str, rejected_text: str, row: int, system_prompt: str | None) -> PreferencePair:
     chosen, rejected = _transcript(chosen_text), _transcript(rejected_text)
     if chosen[:-1] != rejected[:-1]:
         raise _Malformed("differing earlier turns")
     if chosen[-1] == rejected[-1]:
         raise _Malformed("chosen == rejected")
-    return PreferencePair(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=HH_SOURCE,
+    system = [Message(role="system", content=system_prompt)] if system_prompt is not None else []
+    return PreferencePair(prompt=system + chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=HH_SOURCE,
                           meta={"row": row})
 
 
@@ -96,10 +97,13 @@ def _hh_rows(path: Path) -> Iterator[tuple[int, int, Any]]:
         raise BuildError(f"cannot read {path} as hh-rlhf JSON Lines (.jsonl or .jsonl.gz): {exc}") from exc
 
 
-def from_hh_rlhf(path: Path, limit: int | None = None) -> tuple[list[PreferencePair], int]:
+def from_hh_rlhf(path: Path, limit: int | None = None,
+                 system_prompt: str | None = None) -> tuple[list[PreferencePair], int]:
     """Preference pairs from Anthropic hh-rlhf transcripts (.jsonl or .jsonl.gz) and the number of rows skipped.
 
-    The turns both transcripts share are the prompt; their final assistant turns are chosen and rejected.
+    The turns both transcripts share are the prompt, after `system_prompt` (the tutor's, as the service and
+    rejection sampling show a chat to the model; None: none, and the chat template's own default is rendered);
+    their final assistant turns are chosen and rejected.
     Rows that cannot be such a pair are skipped and counted. `limit` caps the pairs returned (reading stops
     there, so the skip count covers only the rows read). meta["row"] is the 0-based row in the file."""
     path = Path(path).expanduser()
@@ -117,7 +121,7 @@ def from_hh_rlhf(path: Path, limit: int | None = None) -> tuple[list[PreferenceP
             raise BuildError(f"{path}:{number}: expected an object with string fields 'chosen' and 'rejected' "
                              "(hh-rlhf transcripts)")
         try:
-            pairs.append(_hh_pair(record["chosen"], record["rejected"], row))
+            pairs.append(_hh_pair(record["chosen"], record["rejected"], row, system_prompt))
         except _Malformed as reason:
             reasons[str(reason)] += 1
     skipped = sum(reasons.values())
