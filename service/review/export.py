@@ -86,6 +86,10 @@ def written_whole(row: dict[str, Any]) -> bool:
             and "0" not in (params.get("answer_safety") or {}))
 
 
+def _fit(meta: dict[str, Any]) -> bool:
+    return meta.get("whole", True) and not meta.get("chosen_flagged", False)
+
+
 def records(judgements: list[Judgement], generations: dict[str, dict], options: ExportOptions,
             redactor: Redactor | None, left_out: Counter[str] | None = None) -> Iterator[BaseModel]:
     left_out = Counter() if left_out is None else left_out
@@ -191,11 +195,12 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                 merged = seen[key]
                 if item_id not in merged["item_ids"]:
                     merged["item_ids"].append(item_id)
-                # Fit to train on when any of the duplicates is: a default export would have kept that one.
-                if "whole" in merged:
-                    merged["whole"] = merged["whole"] or record.meta.get("whole", False)
-                if "chosen_flagged" in merged:
-                    merged["chosen_flagged"] = merged["chosen_flagged"] and record.meta.get("chosen_flagged", True)
+                # Fit to train on when any one of the duplicates is (whole and not flagged): a default export would
+                # have kept that one. Never pieced together from two unfit ones (one cut off, one flagged).
+                if _fit(record.meta) and not _fit(merged):
+                    for name in ("whole", "chosen_flagged"):
+                        if name in merged:
+                            merged[name] = record.meta.get(name)
                 for name in ("chosen_revision", "rejected_revision"):  # other weights wrote the same text: say none
                     if merged.get(name) != record.meta.get(name):
                         merged.pop(name, None)

@@ -184,3 +184,25 @@ def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative
     assert exported("good", {"served": ["gives_answer"]}, "sft") == []
     assert [r["label"] for r in exported("good", {}, "kto")] == [True]
     assert [r["label"] for r in exported("bad", {"served": ["incorrect"]}, "kto")] == [False]
+
+
+def test_a_merged_duplicate_is_not_pieced_together_from_two_unfit_items():
+    """Judged twice: once whole with its winner flagged incorrect, once cut off and unflagged. Neither item alone is
+    fit to train on, so the merged record must not read as whole and unflagged."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+
+    def answer(gid: str, text: str, finish: str) -> dict:
+        return {"id": gid, "created_at": AT, "model": "m", "messages": messages,
+                "response": [{"content": text, "finish_reason": finish}], "params": {}}
+
+    generations = {"i1": answer("i1", "Rayleigh scattering.", "stop"), "c1": answer("c1", "The ocean.", "stop"),
+                   "i2": answer("i2", "Rayleigh scattering.", "length"), "c2": answer("c2", "The ocean.", "stop")}
+    judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
+                            candidate_id=cand, candidate_model="m", flags=flags)
+                  for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
+    every, _ = to_jsonl(judgements, generations,
+                        ExportOptions("dpo", include_flagged=True, include_unfinished=True), None)
+    [merged] = [json.loads(line)["meta"] for line in every.splitlines()]
+    assert merged["item_ids"] == ["i1", "i2"] and not (merged["whole"] and not merged["chosen_flagged"])
+    default, _ = to_jsonl(judgements, generations, ExportOptions("dpo"), None)
+    assert default == ""  # what a default export keeps: nothing
