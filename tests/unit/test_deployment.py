@@ -401,3 +401,30 @@ def test_the_image_copies_every_package_the_project_installs():
     assert copied <= allowed, f".dockerignore keeps {sorted(copied - allowed)} out of the build context"
     # The dependency layer makes an empty folder for each package (so code changes rebuild only the last layer).
     assert packages <= set((ROOT / "Dockerfile").read_text().split("RUN mkdir ", 1)[1].split(";", 1)[0].split())
+
+
+def test_the_wheel_the_image_installs_holds_every_file_the_packages_track(tmp_path):
+    """The tests run on an editable install, which reads files from the checkout: a template, migration, recipe or
+    shipped record that package-data leaves out would break only the image, which installs the wheel."""
+    import shutil
+    import sys
+    import tomllib
+    import zipfile
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(p.removesuffix("*") for p in patterns)
+    listed = subprocess.run(["git", "ls-files", *packages], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0 or not listed.stdout.strip():
+        pytest.skip("not a git checkout")
+    tracked = listed.stdout.split()
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    for name in [*tracked, "pyproject.toml", "README.md"]:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    missing = sorted(set(tracked) - set(zipfile.ZipFile(wheel).namelist()))
+    assert not missing, f"the wheel leaves out {missing}: add them to [tool.setuptools.package-data]"
