@@ -19,17 +19,38 @@ if [ "${1:-start}" = stop ]; then
   exit 0
 fi
 
+# One start at a time (CI beside a drill, two shells): both would find no server, and race on initdb and start.
+exec 9>"$DATA.lock"
+flock 9
+# The superuser connects only through a socket in its own folder that no other user may open; over TCP, only with
+# a password (the test role's). Trust on 127.0.0.1 let any local user in as superuser, and COPY ... TO PROGRAM run
+# commands as the server's user.
+SOCKET="$DATA.socket"
 if ! as_pg "$BIN/pg_isready -q -h 127.0.0.1 -p $PORT"; then
   if [ ! -f "$DATA/PG_VERSION" ]; then
-    mkdir -p "$DATA" && chown postgres "$DATA" 2>/dev/null || true
-    as_pg "$BIN/initdb -D $DATA -U postgres --auth=trust" >/dev/null
+    if [ -d "$DATA" ] && [ -n "$(ls -A "$DATA")" ]; then
+      echo "$DATA holds files but no PostgreSQL cluster (an initdb stopped part way?): delete it and run again" >&2
+      exit 1
+    fi
+    mkdir -p "$DATA" "$SOCKET" && chown postgres "$DATA" "$SOCKET" 2>/dev/null || true
+    as_pg "$BIN/initdb -D $DATA -U postgres --auth-local=trust --auth-host=scram-sha-256" >/dev/null
   fi
-  as_pg "$BIN/pg_ctl -D $DATA -l $DATA/server.log -o '-c listen_addresses=127.0.0.1 -p $PORT -k /tmp' -w start" >&2
+  mkdir -p "$SOCKET" && chown postgres "$SOCKET" 2>/dev/null || true
+  as_pg "chmod 700 $SOCKET"
+  # 9>&-: the server must not inherit the lock, or it would hold it for as long as it runs
+  as_pg "$BIN/pg_ctl -D $DATA -l $DATA/server.log -o '-c listen_addresses=127.0.0.1 -p $PORT -k $SOCKET' -w start" \
+    >&2 9>&-
 fi
-as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -tc \"select 1 from pg_roles where rolname='zephyr'\"" \
-  | grep -q 1 || as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c \"create role zephyr login password 'zephyr'\"" >&2
+if [ ! -S "$SOCKET/.s.PGSQL.$PORT" ]; then
+  echo "a server on port $PORT answers without its socket in $SOCKET (started by an older version of this script):" \
+    "stop it with \`bash $0 stop\` and run again" >&2
+  exit 1
+fi
+sql() { as_pg "$BIN/psql -q -h $SOCKET -p $PORT -U postgres $*"; }
+sql "-tc \"select 1 from pg_roles where rolname='zephyr'\"" | grep -q 1 \
+  || sql "-c \"create role zephyr login password 'zephyr'\"" >&2
 # The review-store tests make a fresh database each, so that no test sees another's queue.
-as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c 'alter role zephyr createdb'" >&2
-as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -tc \"select 1 from pg_database where datname='zephyr'\"" \
-  | grep -q 1 || as_pg "$BIN/psql -q -h 127.0.0.1 -p $PORT -U postgres -c 'create database zephyr owner zephyr'" >&2
+sql "-c 'alter role zephyr createdb'" >&2
+sql "-tc \"select 1 from pg_database where datname='zephyr'\"" | grep -q 1 \
+  || sql "-c 'create database zephyr owner zephyr'" >&2
 echo "export ZEPHYR_TEST_POSTGRES_URL='$URL'"
