@@ -351,11 +351,15 @@ class _NoEncoder:
 
 
 def whole_and_part(probabilities: Any, read_whole: bool) -> tuple[float, float]:
-    """A message's probability of not being benign read whole (-1 for a long one, read by parts alone), and its
-    worst part's (-1 for a short message of one sentence, read whole alone), from `segments`' rows."""
+    """A message's probability of not being benign where it is judged at the whole message's line (read whole, -1
+    for a long one, read by parts alone; and its last part, where it has several), and its worst part's (-1 for a
+    short message of one sentence, read whole alone), from `segments`' rows."""
     scores = 1.0 - probabilities[:, 0]
     parts = scores[1:] if read_whole else scores
-    return (float(scores[0]) if read_whole else -1.0), (float(parts.max()) if len(parts) else -1.0)
+    whole = float(scores[0]) if read_whole else -1.0
+    if len(scores) > 1:
+        whole = max(whole, float(scores[-1]))
+    return whole, (float(parts.max()) if len(parts) else -1.0)
 
 
 def paired_thresholds(benign: dict[str, list[tuple[float, float]]], harmful: list[tuple[float, float]],

@@ -13,8 +13,10 @@ A message is flagged when the probability it is not benign reaches the threshold
 of the other classes. A message about self-harm is also flagged when that class alone reaches its own, lower
 threshold, and then gets the self-harm reply whatever else it asks: missing a student in crisis costs far more than
 offering help to one who is not. A message is read whole and sentence by sentence (`segments`; one longer than the
-encoder reads well, 256 word pieces or 900 characters here, by sentence only) and the worst part decides, so harm
-cannot hide behind a preamble, short or long."""
+encoder reads well, 256 word pieces or 900 characters here, by sentence only) and the worst part decides. A sentence
+alone is flagged at a line of its own, higher than the whole message's (out of context, harmless sentences can read
+as harm), except the message's last: where a request after a preamble of harmless questions sits, read at the whole
+message's line. Harm put first and followed by harmless text is still judged at the stricter line."""
 
 from __future__ import annotations
 
@@ -339,8 +341,9 @@ class SafetyGuard:
 
     def verdict(self, probabilities, read_whole: bool = True) -> Verdict:
         """The verdict from a message's segments' class probabilities (one row a segment; with `read_whole` the
-        first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold): the
-        worst flagged row decides, and a segment about self-harm over its own threshold before it."""
+        first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold but
+        the last, which is flagged at the threshold too): the worst flagged row decides, and a segment about
+        self-harm over its own threshold before it."""
         import numpy as np
 
         self_harm = CLASSES.index(SELF_HARM)
@@ -348,6 +351,8 @@ class SafetyGuard:
         limits = np.full(len(scores), self.sentence_threshold)
         if read_whole:
             limits[0] = self.threshold
+        if len(scores) > 1:  # the last part: where a request after a preamble sits
+            limits[-1] = self.threshold
         flagged = scores >= limits
         worst = probabilities[int(np.where(flagged, scores, -1.0).argmax()) if flagged.any() else int(scores.argmax())]
         score = float(scores.max())

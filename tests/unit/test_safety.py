@@ -202,10 +202,14 @@ def test_a_sentence_alone_is_flagged_at_its_own_line_and_a_long_message_by_its_s
     def rows(*not_benign):  # per segment: P(harmful) = the score, the rest benign
         return np.array([[1 - x, x, 0.0, 0.0] for x in not_benign])
 
-    assert guard.verdict(rows(0.95, 0.5)).category == HARMFUL  # the whole over its line
-    assert not guard.verdict(rows(0.5, 0.95)).flagged  # a sentence alone under its own, higher line
-    assert guard.verdict(rows(0.5, 0.995)).category == HARMFUL
+    assert guard.verdict(rows(0.95, 0.5, 0.3)).category == HARMFUL  # the whole over its line
+    assert not guard.verdict(rows(0.5, 0.95, 0.3)).flagged  # a sentence alone under its own, higher line
+    assert guard.verdict(rows(0.5, 0.995, 0.3)).category == HARMFUL
+    # the last sentence, where a request after harmless questions sits, is read at the whole message's line
+    assert guard.verdict(rows(0.5, 0.3, 0.95)).category == HARMFUL
+    assert not guard.verdict(rows(0.5, 0.3, 0.85)).flagged
     assert not guard.verdict(rows(0.95, 0.5), read_whole=False).flagged  # a long message: its parts only
+    assert guard.verdict(rows(0.5, 0.95), read_whole=False).category == HARMFUL  # ...the last at the message's line
     # an operator's threshold moves the whole message's line; a sentence's alone is never lower
     assert SafetyGuard(record, threshold=0.5, encoder=object()).sentence_threshold == 0.99
     assert SafetyGuard(record, threshold=0.999, encoder=object()).sentence_threshold == 0.999
