@@ -27,7 +27,7 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ SHIPPED_SAFETY_RECORD = Path(__file__).parent / "calibrations" / "safety-guard.j
 WINDOW_CHARS, WINDOW_STEP = 900, 700
 SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
 MIN_SEGMENT_CHARS = 40  # shorter pieces (a heading, "step 1:", a line break inside a sentence) join the next
+LOOKALIKE_SCRIPTS = ("CYRILLIC", "GREEK")  # scripts whose letters are read as the Latin ones they look like
 CACHE_SIZE = 4096  # verdicts kept by message digest: a conversation sends its earlier turns again with every new one
 
 
@@ -126,7 +127,43 @@ def segments(text: str) -> list[str]:
 
 
 def normalized(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).strip()
+    return latin_lookalikes(unicodedata.normalize("NFKC", text)).strip()
+
+
+def latin_lookalikes(text: str) -> str:
+    """Cyrillic and Greek letters that look Latin ("рipe bomb", its "р" Cyrillic), which NFKC leaves and the encoder
+    reads as another word, as the Latin letters they imitate (Unicode's confusables, through confusable-homoglyphs):
+    in a word that also holds a Latin letter, and in every word of a message mostly in Latin letters. A message
+    mostly in Cyrillic or Greek is left as written."""
+    if text.isascii():
+        return text
+    from confusable_homoglyphs import categories
+
+    scripts = [categories.alias(c) for c in text if c.isalpha()]
+    latin, other = scripts.count("LATIN"), sum(script in LOOKALIKE_SCRIPTS for script in scripts)
+    if not other:
+        return text
+    every_word = latin > other
+
+    def in_latin(word: re.Match) -> str:
+        if every_word or any(categories.alias(c) == "LATIN" for c in word[0] if c.isalpha()):
+            return "".join(_latin_of(c) for c in word[0])
+        return word[0]
+
+    return re.sub(r"\w+", in_latin, text)
+
+
+@lru_cache(maxsize=4096)
+def _latin_of(char: str) -> str:
+    from confusable_homoglyphs import categories, confusables
+
+    if not char.isalpha() or categories.alias(char) not in LOOKALIKE_SCRIPTS:
+        return char
+    for found in confusables.is_confusable(char, greedy=True, preferred_aliases=["latin"]) or []:
+        for glyph in found["homoglyphs"]:
+            if glyph["n"].startswith("LATIN ") and len(glyph["c"]) == 1:
+                return glyph["c"]
+    return char
 
 
 def reads_whole(text: str) -> bool:
