@@ -595,6 +595,8 @@ def read_arc_jsonl(path: Path) -> list[MCQuestion]:
     items = []
     with Path(path).open(encoding="utf-8") as handle:
         for line in handle:
+            if not line.strip():  # a trailing blank line is no question
+                continue
             record = json.loads(line)["question"]
             try:
                 items.append(MCQuestion.build(record["stem"], [choice["text"] for choice in record["choices"]]))

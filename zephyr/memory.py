@@ -57,6 +57,10 @@ def kv_bytes_per_token(model_path: Path, dtype: str = "auto") -> int:
     """Keys and values of every layer for one token, from the model's config.json."""
     whole = json.loads((Path(model_path) / "config.json").read_text())
     config = whole.get("text_config", whole)
+    missing = [key for key in ("num_hidden_layers", "num_attention_heads", "hidden_size") if key not in config]
+    if missing:  # another architecture's names (n_layer, n_head): no size to reckon with
+        raise ValueError(f"{Path(model_path) / 'config.json'} has no {', '.join(missing)}, so the KV cache cannot be "
+                         "sized from it; set ZEPHYR_KV_CACHE_GIB")
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads

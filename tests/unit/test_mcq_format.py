@@ -44,3 +44,14 @@ def test_reasoning_prompt_ends_with_answer_cue(tokenizer):
     prompt = mcq.render_prompt(tokenizer, q, explain=True, reasoning="Two plus two is four.  ")
     assert prompt.endswith("Two plus two is four." + mcq.FINAL_ANSWER_CUE)
     assert mcq.EXPLAIN_INSTRUCTION in prompt
+
+
+def test_an_arc_file_with_a_trailing_blank_line_reads(tmp_path):
+    import json
+
+    from zephyr.mcq import read_arc_jsonl
+
+    path = tmp_path / "arc.jsonl"
+    record = {"question": {"stem": "Which is a metal?", "choices": [{"text": "copper"}, {"text": "glass"}]}}
+    path.write_text(json.dumps(record) + "\n\n")
+    assert [q.options for q in read_arc_jsonl(path)] == [("copper", "glass")]

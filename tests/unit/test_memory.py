@@ -79,3 +79,9 @@ def test_on_a_gpu_the_device_share_sizes_the_cache_and_host_ram_is_not_asked_for
     sized = Settings(kv_cache_gib=20)
     assert sized.vllm_engine_kwargs(default_model.path)["kv_cache_memory_bytes"] == 20 * memory.GIB
     assert memory.plan(default_model.path, sized).needed_bytes == memory.ENGINE_OVERHEAD_BYTES
+
+
+def test_a_config_without_the_sizes_names_what_is_missing_and_the_setting_to_use(tmp_path):
+    (tmp_path / "config.json").write_text('{"n_layer": 12, "n_head": 12, "n_embd": 768}')  # GPT-2's names
+    with pytest.raises(ValueError, match="no num_hidden_layers, num_attention_heads, hidden_size.*ZEPHYR_KV_CACHE_GIB"):
+        memory.kv_bytes_per_token(tmp_path)
