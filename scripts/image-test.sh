@@ -183,7 +183,14 @@ post /v1/chat/completions \
   '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Explain how a rainbow forms."}], "max_tokens": 96}' \
   "$work/inflight.json" >"$work/inflight.code" &
 curl_pid=$!
-sleep 1
+# SIGTERM once the chat is generating (its first token out), not after a guessed second: on a busy host it may not
+# have arrived yet (a refused connection), or have finished already (no drain to test).
+generating=
+for _ in $(seq 600); do
+  if curl -s -m 2 "$base/metrics" | grep -q '^zephyr_requests_running [1-9]'; then generating=1; break; fi
+  sleep 0.1
+done
+[ -n "$generating" ] || die "the chat in flight never started generating"
 t=$(now)
 podman kill --signal TERM "$NAME" >/dev/null
 exit_code=$(timeout 120 podman wait "$NAME") || die "the container did not stop within 120 s of SIGTERM"
