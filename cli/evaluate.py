@@ -326,9 +326,13 @@ def gate_command(
         help="A gating row compared over fewer common items fails (lower it only for smoke tests)")] = 30,
     allow_missing: Annotated[bool, typer.Option(
         help="Pass although the candidate was not measured on some benchmark the baseline was")] = False,
+    margin: Annotated[float | None, typer.Option(
+        help="Non-inferiority: also fail a row whose 95% interval reaches a drop beyond this many points (e.g. 2: "
+             "no benchmark may drop significantly); wide intervals of few items fail it")] = None,
 ) -> None:
-    """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere, or (with
-    --reviews) when reviewers' verdicts are too few or prefer the baseline."""
+    """Exit 1, with a table, when CANDIDATE is worse than BASELINE by more than --max-drop anywhere (with
+    --margin, when a drop beyond the margin cannot be ruled out), or (with --reviews) when reviewers' verdicts are
+    too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
 
     settings = load_settings()
@@ -342,7 +346,7 @@ def gate_command(
                        if models.exists(name)}  # a remote candidate may have no entry here
             review = review_gate(reviews, candidate, baseline, entries=entries, **rule)
         result = check(results_store(settings), candidate, baseline, max_drop, csv(suites),
-                       reviews=review, min_items=min_items, allow_missing=allow_missing)
+                       reviews=review, min_items=min_items, allow_missing=allow_missing, margin=margin)
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None
     console.print(result.table())
@@ -358,7 +362,10 @@ def gate_command(
         if result.too_few:
             err.print(f"[red]gate failed:[/] {', '.join(f'{r.key} ({r.n})' for r in result.too_few)} compared "
                       f"over fewer than {result.min_items} common items; measure more (drop the runs' --limit)")
-        failed = ", ".join(row.key for row in result.failures if not row.too_few)
+        if result.past_margin:
+            err.print(f"[red]gate failed:[/] the 95% interval of {', '.join(row.key for row in result.past_margin)} "
+                      f"reaches a drop beyond the {margin:g}-point margin: measure more items, or the drop is real")
+        failed = ", ".join(row.key for row in result.failures if not row.too_few and row.past_drop)
         if failed:
             err.print(f"[red]gate failed:[/] {candidate} is worse than {baseline} by more than {max_drop} points on "
                       f"{failed}")

@@ -80,6 +80,8 @@ class GateRow(CompareRow):
     passed: bool = True
     gating: bool = True  # False: shown for information, the served method decides this benchmark
     too_few: bool = False  # compared over fewer common items than the gate's minimum: failed whatever its delta
+    past_drop: bool = False  # its point estimate falls (rises, where less is better) by more than max_drop
+    past_margin: bool = False  # its 95% interval reaches past the non-inferiority margin (`check(margin=...)`)
 
     @property
     def spans_zero(self) -> bool:
@@ -296,6 +298,7 @@ class GateResult:
     # the gate when asked by name (`--suites`), and are named in the caption when they were the default.
     unmeasured: list[str] = field(default_factory=list)
     suites_asked: bool = False
+    margin: float | None = None  # non-inferiority: no gating row's 95% interval may reach past it
 
     @property
     def passed(self) -> bool:
@@ -312,10 +315,15 @@ class GateResult:
         return [row for row in self.rows if row.gating and not row.passed]
 
     @property
+    def past_margin(self) -> list[GateRow]:
+        """Failed rows whose 95% interval reaches past the margin: a drop that large cannot be ruled out."""
+        return [row for row in self.failures if row.past_margin and not row.too_few]
+
+    @property
     def failures_within_noise(self) -> list[GateRow]:
         """Failed rows whose interval still holds zero: the point estimate is past max_drop, the data cannot yet
         tell it from no change."""
-        return [row for row in self.failures if row.spans_zero and not row.too_few]
+        return [row for row in self.failures if row.spans_zero and not row.too_few and row.past_drop]
 
     def rerun_suites(self, model: str) -> list[str]:
         """The suites whose rerun replaces `model`'s unreproducible rows."""
@@ -326,7 +334,9 @@ class GateResult:
         verdict = "[green]PASS[/]" if self.passed else "[red]FAIL[/]"
         table = Table(
             title=f"Gate {verdict}: {self.candidate} (candidate) vs {self.baseline} (baseline), "
-            f"max drop {self.max_drop:g} pts, gated on {', '.join(s for s in self.suites if s not in self.unmeasured)}",
+            f"max drop {self.max_drop:g} pts"
+            + (f", 95% interval within {self.margin:g} pts" if self.margin is not None else "")
+            + f", gated on {', '.join(s for s in self.suites if s not in self.unmeasured)}",
             caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
             + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else "")
             + (f"\nthe candidate was not measured on the baseline's {', '.join(self.missing)}"
@@ -387,6 +397,16 @@ def _within(row: CompareRow, max_drop: float) -> bool:
     return row.delta >= -max_drop - _TOLERANCE
 
 
+def _past_margin(row: CompareRow, margin: float | None) -> bool:
+    """Whether the row's 95% interval reaches a drop (or, where less is better, a rise) beyond `margin`: the
+    non-inferiority reading of "no benchmark may drop significantly", which a point estimate alone cannot give."""
+    if margin is None:
+        return False
+    if lower_is_better(row.metric):
+        return row.high > margin + _TOLERANCE
+    return row.low < -margin - _TOLERANCE
+
+
 def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
     suite = suite_of(benchmark)
     if suite == "text":
@@ -431,6 +451,7 @@ def check(
     reviews: ReviewGate | None = None,
     min_items: int = DEFAULT_MIN_ITEMS,
     allow_missing: bool = False,
+    margin: float | None = None,
 ) -> GateResult:
     """Fail a row when candidate - baseline < -max_drop (points for share metrics, the metric's own units
     otherwise), or > +max_drop points for a share where less is better (looping answers, chat answers naming a
@@ -438,9 +459,12 @@ def check(
     benchmark both models have /mcq's served method for is judged on that method alone; of the text suite, only
     TEXT_GATING_METRICS gate. A gating row over fewer than `min_items` common items fails, and so does the gate when
     the baseline has a gating measurement of a benchmark the candidate was not measured on (unless
-    `allow_missing`)."""
+    `allow_missing`). With `margin`, a gating row also fails when its 95% interval reaches a drop (a rise, where less
+    is better) beyond it: non-inferiority, which wide intervals (few items) fail."""
     if min_items < 1:
         raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
+    if margin is not None and not margin > 0:
+        raise GateError(f"the non-inferiority margin must be above 0 points, got {margin}")
     if candidate == baseline:  # every delta would be 0 and the gate pass: a typo would promote anything
         raise GateError(f"the candidate and the baseline are both {candidate!r}; compare two models")
     asked = bool(suites)
@@ -487,8 +511,9 @@ def check(
     # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
     # other formats are shown for information).
     served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
-    rows = [GateRow(**vars(row), passed=_within(row, max_drop) and row.n >= min_items,
-                    gating=_gates(row.benchmark, row.metric, served), too_few=row.n < min_items)
+    rows = [GateRow(**vars(row), passed=_within(row, max_drop) and row.n >= min_items and not _past_margin(row, margin),
+                    gating=_gates(row.benchmark, row.metric, served), too_few=row.n < min_items,
+                    past_drop=not _within(row, max_drop), past_margin=_past_margin(row, margin))
             for row in compared]
     if not any(row.gating for row in rows):
         raise GateError(
@@ -531,6 +556,7 @@ def check(
         missing=missing,
         allow_missing=allow_missing,
         min_items=min_items,
+        margin=margin,
     )
 
 

@@ -295,3 +295,20 @@ def test_a_limited_run_records_the_whole_splits_fingerprint(tmp_path):
     options.limit = 2
     assert [i.id for i in run._load("arc_easy", options, Settings(), limited)] == ["q0", "q1"]
     assert limited == whole == {"arc_easy": benchmarks.fingerprint(benchmarks.load("arc_easy", source=path))}
+
+
+def test_gate_with_a_margin_names_the_rows_whose_interval_reaches_past_it(home):
+    from evals.results import EvalRun, ResultStore, measurement
+    from zephyr.settings import Settings
+
+    store = ResultStore(Settings(home=home).resolved_eval_results_dir)
+    for model, items in (("base", {f"q{i}": float(i < 60) for i in range(100)}),
+                         ("cand", {f"q{i}": float(20 <= i < 80) for i in range(100)})):  # as many right, others
+        store.save(EvalRun(model=model, suite="mcq", measurements=[measurement("arc_easy", "mcq_acc_auto", "test",
+                                                                                 items)]))
+    gate = ["eval", "gate", "--candidate", "cand", "--baseline", "base", "--suites", "mcq"]
+    assert CliRunner().invoke(app, gate).exit_code == 0
+    strict = CliRunner().invoke(app, [*gate, "--margin", "2"])
+    said = " ".join(strict.output.split())
+    assert strict.exit_code == 1 and "arc_easy/mcq_acc_auto reaches a drop beyond the 2-point margin" in said
+    assert "by more than" not in said  # its point estimate is no drop at all

@@ -57,6 +57,26 @@ def test_passes_within_max_drop_or_better(store, base, cand, max_drop):
     assert "PASS" in render(result.table())
 
 
+def test_with_a_margin_a_row_fails_when_its_interval_reaches_a_drop_beyond_it(store):
+    """Issue 28's rule, "no benchmark may drop significantly: the lower bound stays above -2": a point estimate within
+    max_drop passes alone, but 200 items cannot rule out a drop of several points."""
+    save(store, "base", arc_easy__letter_acc=accuracy(120, 200))
+    # one question fewer right, and 60 others answered the other way: a wide paired interval
+    save(store, "cand", arc_easy__letter_acc={f"q{i}": float(30 <= i < 149) for i in range(200)})
+    assert check(store, "cand", "base", max_drop=1.0, suites=None).passed
+    result = check(store, "cand", "base", max_drop=1.0, suites=None, margin=2.0)
+    (row,) = result.rows
+    assert row.low < -2.0 and not row.past_drop and row.past_margin
+    assert not result.passed and result.past_margin == [row] and result.failures_within_noise == []
+    assert "95% interval within 2" in render(result.table())
+    # the same drop over 20,000 items: the interval is narrow enough to rule a 2-point drop out
+    save(store, "base2", arc_easy__letter_acc=accuracy(12000, 20000))
+    save(store, "cand2", arc_easy__letter_acc={f"q{i}": float(3000 <= i < 14900) for i in range(20000)})
+    assert check(store, "cand2", "base2", max_drop=1.0, suites=None, margin=2.0).passed
+    with pytest.raises(GateError, match="margin must be above 0"):
+        check(store, "cand", "base", max_drop=1.0, suites=None, margin=0)
+
+
 def test_fails_just_past_max_drop(store):
     save(store, "base", arc_easy__letter_acc=accuracy(520, 1000))
     save(store, "cand", arc_easy__letter_acc=accuracy(509, 1000))
