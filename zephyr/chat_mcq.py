@@ -21,8 +21,9 @@ _LABEL = re.compile(
 )
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
-# A sentence's end and the start of another ("Helium. Please explain"), not "E. coli" or "3.5".
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# A sentence's end and the start of another of two words or more ("Helium. Please explain why."): not "E. coli",
+# "3.5", nor an abbreviation's dot ("Dr. Benjamin Franklin", "St. Louis", "U.S. Navy", "Gen. Washington").
+_SENTENCE_END = re.compile(r"(?<=[^\W\d_]{3}[.!?])(?<!\.\w\w\.)\s+(?=[A-Z]\w*\s+\S)")
 # A line that only introduces the options, left out of the stem.
 # Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
 # a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two

@@ -27,6 +27,12 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      "Which gas do plants absorb?", ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
     ("Which causes disease? A) sunlight B) E. coli C) water", "Which causes disease?",
      ("sunlight", "E. coli", "water")),
+    # ...but an abbreviation's dot ends no option
+    ("Who flew a kite in a storm? A) Newton B) Curie C) Dr. Benjamin Franklin", "Who flew a kite in a storm?",
+     ("Newton", "Curie", "Dr. Benjamin Franklin")),
+    ("Which city is on the Mississippi? A) Denver B) Boston C) St. Louis", "Which city is on the Mississippi?",
+     ("Denver", "Boston", "St. Louis")),
+    ("Who runs ships? A) farmers B) bakers C) the U.S. Navy", "Who runs ships?", ("farmers", "bakers", "the U.S. Navy")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
