@@ -32,7 +32,8 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      ("Newton", "Curie", "Dr. Benjamin Franklin")),
     ("Which city is on the Mississippi? A) Denver B) Boston C) St. Louis", "Which city is on the Mississippi?",
      ("Denver", "Boston", "St. Louis")),
-    ("Who runs ships? A) farmers B) bakers C) the U.S. Navy", "Who runs ships?", ("farmers", "bakers", "the U.S. Navy")),
+    ("Who runs ships? A) farmers B) bakers C) the U.S. Navy", "Who runs ships?",
+     ("farmers", "bakers", "the U.S. Navy")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
