@@ -127,12 +127,18 @@ def ensure_default_model(registry: Registry, console: Console | None = None) -> 
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            entry = registry.add(
-                staging,
-                ModelManifest(name=DEFAULT_MODEL, method="base", source=BUNDLED_SOURCE,
-                              data_digest=f"sha256:{digest}"),
-                move=True,
-            )
+            try:
+                entry = registry.add(
+                    staging,
+                    ModelManifest(name=DEFAULT_MODEL, method="base", source=BUNDLED_SOURCE,
+                                  data_digest=f"sha256:{digest}"),
+                    move=True,
+                )
+            except RegistryError:
+                if not registry.exists(DEFAULT_MODEL):
+                    raise
+                # Another replica's init container prepared it meanwhile, from the same GGUF: theirs serves.
+                entry = registry.get(DEFAULT_MODEL)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     console.print(f"[green]✓[/] [4/4] {entry.name} ready at {entry.path} ({entry.size_bytes() / 1e6:.0f} MB)")
