@@ -118,6 +118,17 @@ def _as_completion(messages: list[dict[str, Any]], method: str, file: Path, numb
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
+def with_room(part: Any, tokenizer: Any, max_length: int | None) -> tuple[Any, int]:
+    """The chat prompt/completion rows (sft, rs) whose prompt leaves room for the answer within `max_length`, and how
+    many did not: TRL truncates those to examples with no answer token left to learn and drops them without a word."""
+    if part is None or not max_length or "completion" not in part.column_names or isinstance(part[0]["prompt"], str):
+        return part, 0
+    from zephyr.prompts import encode_chat
+
+    kept = part.filter(lambda row: len(encode_chat(tokenizer, row["prompt"])) < max_length)
+    return kept, len(part) - len(kept)
+
+
 def opening(record: dict[str, Any]) -> str:
     """The first non-system message of a record's prompt (or conversation), or its plain-text prompt."""
     prompt = record.get("prompt", record.get("messages"))
@@ -597,6 +608,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                   f"{' (resuming)' if resume else ''}")
     handler = _file_logger(run_dir / "train.log")
     started = time.perf_counter()
+    no_room_metrics: dict[str, int] = {}
     try:
         from transformers import set_seed
 
@@ -612,6 +624,15 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             train_set = tokenized(train_set, "train")
             if watched is not None:
                 watched = tokenized(watched, "eval")
+        elif recipe.method in ("sft", "rs"):
+            train_set, no_room = with_room(train_set, tokenizer, args.max_length)
+            if no_room:
+                console.print(f"[yellow]{no_room} training records left out: their prompt fills max_length "
+                              f"{args.max_length}, with no room for the answer they teach[/]")
+                no_room_metrics["train_records_without_room"] = no_room
+            if len(train_set) == 0:
+                raise TrainingError(f"every training record's prompt fills trainer.max_length {args.max_length}: "
+                                    "raise it, or train on shorter conversations")
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
@@ -633,6 +654,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             logging.getLogger(name).removeHandler(handler)
         handler.close()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    metrics |= no_room_metrics
     if spec.balance_lengths:
         metrics["train_pairs_dropped_for_length"] = dropped_for_length
     if entry is None:  # a non-main process of `accelerate launch`: the main one registers and reports

@@ -637,3 +637,20 @@ def test_ranked_samples_are_reused_only_for_the_same_sampling(tmp_path):
         assert _reusable_stats(data, provenance_file, provenance | changed) is None
     provenance_file.write_text("{not json")
     assert _reusable_stats(data, provenance_file, provenance) is None
+
+
+def test_sft_records_whose_prompt_fills_max_length_are_left_out_and_counted(home):
+    """TRL truncates such a record to one with no answer token to learn and drops it without a word."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from training.run import with_room
+
+    tokenizer = AutoTokenizer.from_pretrained(Registry(home / "models").get(TINY).path)
+    rows = [{"prompt": [{"role": "user", "content": "Why is the sky blue?"}],
+             "completion": [{"role": "assistant", "content": "Scattering."}]},
+            {"prompt": [{"role": "user", "content": "word " * 400}],
+             "completion": [{"role": "assistant", "content": "Too late."}]}]
+    kept, left_out = with_room(Dataset.from_list(rows), tokenizer, 128)
+    assert left_out == 1 and [r["completion"][0]["content"] for r in kept] == ["Scattering."]
+    assert with_room(Dataset.from_list(rows), tokenizer, None)[1] == 0
