@@ -112,20 +112,19 @@ class DataFileError(ValueError):
 
 def read_jsonl(path: Path, schema: type[Record]) -> Iterator[Record]:
     """Records of `schema`; a bad line raises DataFileError naming the file and line."""
-    number = 0
-    try:
-        with Path(path).open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield schema.model_validate_json(line)
-                except ValidationError as exc:
-                    raise DataFileError(f"{path}:{number}: not a {schema.__name__}: "
-                                        f"{exc.errors()[0]['msg']}") from exc
-    except UnicodeDecodeError:
-        raise DataFileError(f"{path}:{number + 1}: not UTF-8 text; a JSON Lines file of {schema.__name__} records "
-                            "is expected") from None
+    with Path(path).open("rb") as handle:  # decoded line by line: an error names the line it is on
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataFileError(f"{path}:{number}: not UTF-8 text; a JSON Lines file of {schema.__name__} "
+                                    "records is expected") from None
+            if not line.strip():
+                continue
+            try:
+                yield schema.model_validate_json(line)
+            except ValidationError as exc:
+                raise DataFileError(f"{path}:{number}: not a {schema.__name__}: {exc.errors()[0]['msg']}") from exc
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:

@@ -33,6 +33,7 @@ def test_an_mcq_items_answer_is_exactly_one_of_its_letters(answer):
 
 def test_a_file_that_is_not_utf8_names_itself(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_bytes(b'{"id": "q"}\n\xff\xfe broken\n')
-    with pytest.raises(DataFileError, match=r"pairs.jsonl:\d+: not UTF-8 text"):
+    item = b'{"id": "q", "question": "Which?", "options": ["a", "b"], "answer": "A"}\n'
+    path.write_bytes(item * 5000 + b'\xff\xfe broken\n')
+    with pytest.raises(DataFileError, match=r"pairs.jsonl:5001: not UTF-8 text"):
         list(read_jsonl(path, MCQItem))
