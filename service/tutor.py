@@ -461,9 +461,10 @@ class Tutor:
         missing from the log."""
         if not gen.ran:
             gen.ran = True
-            # Past the drain, uvicorn cancels what is left: the server, not the student, ended it.
-            why = ("the server shut down before the answer started" if self.admission.draining
-                   else "the client left before the answer started")
+            # Past the drain, uvicorn cancels what is left: then the server ended it, not the student (who may also
+            # have left during the drain: the row cannot tell which).
+            why = ("the server was shutting down before the answer started (or the client left)"
+                   if self.admission.draining else "the client left before the answer started")
             self.log.record(gen.record(self.model_name, "aborted", why, model_revision=self.model_revision))
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
