@@ -295,8 +295,11 @@ class ScratchPostgres:
         self._script("stop")
 
     def remove(self) -> None:
-        """Its data folder, once stopped for good (47 MB a drill, left in /tmp before)."""
+        """Its data folder, once stopped for good (47 MB a drill, left in /tmp before), and the script's socket
+        folder and lock file beside it."""
         shutil.rmtree(self.data, ignore_errors=True)
+        shutil.rmtree(f"{self.data}.socket", ignore_errors=True)
+        Path(f"{self.data}.lock").unlink(missing_ok=True)
 
     def _script(self, *args: str) -> None:
         done = subprocess.run(["bash", str(POSTGRES_SCRIPT), *args], env=self.env, capture_output=True, text=True)

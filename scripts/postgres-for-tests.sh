@@ -5,6 +5,7 @@
 set -euo pipefail
 PORT=${ZEPHYR_TEST_POSTGRES_PORT:-55432}
 DATA=${ZEPHYR_TEST_POSTGRES_DATA:-/tmp/zephyr-pg}
+DATA=${DATA%/}  # its lock and socket folder sit beside it, not inside
 URL="postgresql+asyncpg://zephyr:zephyr@127.0.0.1:${PORT}/zephyr"
 
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
@@ -37,6 +38,8 @@ if ! as_pg "$BIN/pg_isready -q -h 127.0.0.1 -p $PORT"; then
   fi
   mkdir -p "$SOCKET" && chown postgres "$SOCKET" 2>/dev/null || true
   as_pg "chmod 700 $SOCKET"
+  # A folder made by an older version of this script trusted every TCP connection: a password from now on.
+  as_pg "sed -i -E 's/^(host[a-z]*[[:space:]].*[[:space:]])trust[[:space:]]*\$/\\1scram-sha-256/' $DATA/pg_hba.conf"
   # 9>&-: the server must not inherit the lock, or it would hold it for as long as it runs
   as_pg "$BIN/pg_ctl -D $DATA -l $DATA/server.log -o '-c listen_addresses=127.0.0.1 -p $PORT -k $SOCKET' -w start" \
     >&2 9>&-
