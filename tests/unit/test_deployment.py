@@ -199,6 +199,9 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
       "secrets.dbUrl=postgresql+asyncpg://u:p@db/z"], "needs the database in networkPolicy.egress.rules"),
     (["--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true,networkPolicy.egress.restrict=true,"
       "config.ZEPHYR_REVIEW_CANDIDATE=remote"], "needs the candidate's server"),
+    # The server would refuse it at start, in a crash loop: one key, two roles.
+    (["--set", f"secrets.apiKeys={{{K0},admin:{K0.split(':', 1)[1]}}}"],
+     "secrets.apiKeys entry 2 gives the key of an earlier entry another role or name"),
     # The server would refuse it at start, in a crash loop.
     (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
      "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
