@@ -63,22 +63,29 @@ def test_a_merged_duplicate_names_its_items_on_that_record_only():
         ("i1", ["i1", "i2"]), ("c1", ["i1"]), ("c2", ["i2"])]
 
 
-def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
-    """The same pair judged twice, its winner flagged incorrect once: a default export keeps the unflagged item's
-    record, so the merged one of an export that keeps every verdict must say it is fit too."""
+def judged_twice(first_finish: str, second_finish: str) -> tuple[dict[str, dict], list[Judgement]]:
+    """One pair of answers judged as two items (i1 against c1, i2 against c2, the same texts), the served answer
+    winning both times and flagged incorrect the first; each item's served answer ends as given."""
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
 
     def answer(gid: str, text: str, finish: str) -> dict:
         return {"id": gid, "created_at": AT, "model": "m", "messages": messages,
                 "response": [{"content": text, "finish_reason": finish}], "params": {}}
 
-    generations = {"i1": answer("i1", "Rayleigh scattering.", "length"), "c1": answer("c1", "The ocean.", "stop"),
-                   "i2": answer("i2", "Rayleigh scattering.", "stop"), "c2": answer("c2", "The ocean.", "stop")}
-    for gid, revision in (("i1", "made:old"), ("c1", "made:old"), ("i2", "made:new"), ("c2", "made:old")):
-        generations[gid]["model_revision"] = revision  # other weights wrote the same winning text the second time
+    generations = {"i1": answer("i1", "Rayleigh scattering.", first_finish), "c1": answer("c1", "The ocean.", "stop"),
+                   "i2": answer("i2", "Rayleigh scattering.", second_finish), "c2": answer("c2", "The ocean.", "stop")}
     judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
                             candidate_id=cand, candidate_model="m", flags=flags)
                   for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
+    return generations, judgements
+
+
+def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
+    """The same pair judged twice, its winner flagged incorrect once: a default export keeps the unflagged item's
+    record, so the merged one of an export that keeps every verdict must say it is fit too."""
+    generations, judgements = judged_twice(first_finish="length", second_finish="stop")
+    for gid, revision in (("i1", "made:old"), ("c1", "made:old"), ("i2", "made:new"), ("c2", "made:old")):
+        generations[gid]["model_revision"] = revision  # other weights wrote the same winning text the second time
     default, _ = to_jsonl(judgements, generations, ExportOptions("dpo"), None)
     assert [json.loads(line)["meta"]["item_ids"] for line in default.splitlines()] == [["i2"]]
     every, _ = to_jsonl(judgements, generations,
@@ -189,17 +196,7 @@ def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative
 def test_a_merged_duplicate_is_not_pieced_together_from_two_unfit_items():
     """Judged twice: once whole with its winner flagged incorrect, once cut off and unflagged. Neither item alone is
     fit to train on, so the merged record must not read as whole and unflagged."""
-    messages = [{"role": "user", "content": "Why is the sky blue?"}]
-
-    def answer(gid: str, text: str, finish: str) -> dict:
-        return {"id": gid, "created_at": AT, "model": "m", "messages": messages,
-                "response": [{"content": text, "finish_reason": finish}], "params": {}}
-
-    generations = {"i1": answer("i1", "Rayleigh scattering.", "stop"), "c1": answer("c1", "The ocean.", "stop"),
-                   "i2": answer("i2", "Rayleigh scattering.", "length"), "c2": answer("c2", "The ocean.", "stop")}
-    judgements = [Judgement(item_id=item, reviewer="r0", kind="pair", label="served", strength=3, served_model="m",
-                            candidate_id=cand, candidate_model="m", flags=flags)
-                  for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
+    generations, judgements = judged_twice(first_finish="stop", second_finish="length")
     every, _ = to_jsonl(judgements, generations,
                         ExportOptions("dpo", include_flagged=True, include_unfinished=True), None)
     [merged] = [json.loads(line)["meta"] for line in every.splitlines()]
