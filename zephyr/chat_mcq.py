@@ -21,9 +21,23 @@ _LABEL = re.compile(
 )
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
-# A sentence's end and the start of another of two words or more ("Helium. Please explain why."): not "E. coli",
-# "3.5", nor an abbreviation's dot ("Dr. Benjamin Franklin", "St. Louis", "U.S. Navy", "Gen. Washington").
-_SENTENCE_END = re.compile(r"(?<=[^\W\d_]{3}[.!?])(?<!\.\w\w\.)\s+(?=[A-Z]\w*\s+\S)")
+# A sentence's end and the start of another ("Helium. Please explain why.", "3.5 m/s. Why?"): not "E. coli" or "3.5"
+# (`sentence_end` also passes over an abbreviation's or an initial's dot: "Dr. Benjamin Franklin", "U.S. Navy").
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "mt", "ft", "gen", "prof", "jr", "sr", "lt", "col", "capt",
+                            "sgt", "gov", "pres", "rev", "vs", "fig", "no", "vol", "approx", "dept", "univ", "inc",
+                            "co", "corp", "ltd", "mx"})
+
+
+def sentence_end(text: str) -> int | None:
+    """Where the first sentence of `text` ends when another follows it, or None."""
+    for found in _SENTENCE_END.finditer(text):
+        before = text[:found.start()].rsplit(None, 1)[-1]  # the word the stop ends, with its stop
+        word = before[:-1]
+        if before.endswith(".") and (word.lower() in _ABBREVIATIONS or "." in word or len(word) == 1):
+            continue  # "Dr.", "U.S.", an initial "J."
+        return found.start()
+    return None
 # A line that only introduces the options, left out of the stem.
 # Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
 # a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two
@@ -103,9 +117,9 @@ def find_question(text: str) -> MCQuestion | None:
             if i + 1 == len(run) or on_lines:
                 value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
             value = value.strip()
-            if i + 1 == len(run) and not on_lines and (sentence_end := _SENTENCE_END.search(value)):
+            if i + 1 == len(run) and not on_lines and (end := sentence_end(value)) is not None:
                 # On one line, the last option ends with its sentence: "D) Helium. Please explain why."
-                value = value[:sentence_end.start()].removesuffix(".")
+                value = value[:end].removesuffix(".")
             options.append(value.strip())
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             return None  # parts of a problem, not options

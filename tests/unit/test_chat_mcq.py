@@ -34,6 +34,11 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      ("Denver", "Boston", "St. Louis")),
     ("Who runs ships? A) farmers B) bakers C) the U.S. Navy", "Who runs ships?",
      ("farmers", "bakers", "the U.S. Navy")),
+    ("Who found radium? A) Newton B) Darwin C) Mrs. Marie Curie", "Who found radium?",
+     ("Newton", "Darwin", "Mrs. Marie Curie")),
+    # ...and an instruction of one word, or after a number or a unit, is the student's
+    ("How fast is it? A) 1 m/s B) 2 m/s C) 3.5 m/s. Why?", "How fast is it?", ("1 m/s", "2 m/s", "3.5 m/s")),
+    ("Which is a noble gas? A) Iron B) Salt C) Neon. Explain.", "Which is a noble gas?", ("Iron", "Salt", "Neon")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
