@@ -131,39 +131,46 @@ def normalized(text: str) -> str:
 
 
 def latin_lookalikes(text: str) -> str:
-    """Cyrillic and Greek letters that look Latin ("рipe bomb", its "р" Cyrillic), which NFKC leaves and the encoder
-    reads as another word, as the Latin letters they imitate (Unicode's confusables, through confusable-homoglyphs):
-    in a word that also holds a Latin letter, and in every word of a message mostly in Latin letters. A message
-    mostly in Cyrillic or Greek is left as written."""
+    """Cyrillic and Greek letters that look like plain Latin ones ("рipe bomb", its "р" Cyrillic), which NFKC leaves
+    and the encoder reads as another word, as the letters they imitate (Unicode's confusables, through
+    confusable-homoglyphs): in a word that also holds a Latin letter, and in a word made of such letters alone when
+    the message holds a Latin word ("build а ріре bomb"). Russian or Greek text is left as written, and so is a lone
+    Greek letter, a formula's symbol ("ρ = m/V")."""
     if text.isascii():
         return text
     from confusable_homoglyphs import categories
 
-    scripts = [categories.alias(c) for c in text if c.isalpha()]
-    latin, other = scripts.count("LATIN"), sum(script in LOOKALIKE_SCRIPTS for script in scripts)
-    if not other:
+    if not any(categories.alias(c) in LOOKALIKE_SCRIPTS for c in text if c.isalpha()):
         return text
-    every_word = latin > other
+    words = re.findall(r"[^\W\d_]+", text)
+    has_latin_word = any(all(categories.alias(c) == "LATIN" for c in word) for word in words)
 
-    def in_latin(word: re.Match) -> str:
-        if every_word or any(categories.alias(c) == "LATIN" for c in word[0] if c.isalpha()):
-            return "".join(_latin_of(c) for c in word[0])
-        return word[0]
+    def in_latin(found: re.Match) -> str:
+        word = found[0]
+        scripts = {categories.alias(c) for c in word}
+        if "LATIN" in scripts or (has_latin_word and not (len(word) == 1 and scripts == {"GREEK"})
+                                  and all(_latin_of(c) != c for c in word)):
+            return "".join(_latin_of(c) for c in word)
+        return word
 
-    return re.sub(r"\w+", in_latin, text)
+    return re.sub(r"[^\W\d_]+", in_latin, text)
 
 
 @lru_cache(maxsize=4096)
 def _latin_of(char: str) -> str:
+    """The plain Latin letter `char` looks like, of its own case where there is one ("І" is "I", not "l"); `char`
+    itself when it looks like none (Cyrillic "к" looks like "ĸ", no plain letter)."""
     from confusable_homoglyphs import categories, confusables
 
-    if not char.isalpha() or categories.alias(char) not in LOOKALIKE_SCRIPTS:
+    if categories.alias(char) not in LOOKALIKE_SCRIPTS:
         return char
-    for found in confusables.is_confusable(char, greedy=True, preferred_aliases=["latin"]) or []:
-        for glyph in found["homoglyphs"]:
-            if glyph["n"].startswith("LATIN ") and len(glyph["c"]) == 1:
-                return glyph["c"]
-    return char
+    found = confusables.is_confusable(char, greedy=True, preferred_aliases=["latin"]) or []
+    plain = [glyph["c"] for hit in found for glyph in hit["homoglyphs"]
+             if len(glyph["c"]) == 1 and glyph["c"].isascii() and glyph["c"].isalpha()]
+    same_case = [c for c in plain if c.isupper() == char.isupper()]
+    if not same_case and char.isupper() and (lower := _latin_of(char.lower())) != char.lower():
+        return lower.upper()  # Unicode's confusables read "I" as "l": the small letter's look-alike, capitalised
+    return (same_case or plain or [char])[0]
 
 
 def reads_whole(text: str) -> bool:
