@@ -624,7 +624,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             train_set = tokenized(train_set, "train")
             if watched is not None:
                 watched = tokenized(watched, "eval")
-        elif recipe.method in ("sft", "rs"):
+        elif recipe.method in ("sft", "rs") and args.truncation_mode == "keep_start" and not args.packing \
+                and args.completion_only_loss is not False:  # otherwise TRL keeps such rows and learns from them
             train_set, no_room = with_room(train_set, tokenizer, args.max_length)
             if no_room:
                 console.print(f"[yellow]{no_room} training records left out: their prompt fills max_length "
