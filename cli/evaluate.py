@@ -364,7 +364,8 @@ def gate_command(
                       f"over fewer than {result.min_items} common items; measure more (drop the runs' --limit)")
         if result.past_margin:
             err.print(f"[red]gate failed:[/] the 95% interval of {', '.join(row.key for row in result.past_margin)} "
-                      f"reaches a drop beyond the {margin:g}-point margin: measure more items, or the drop is real")
+                      f"reaches a drop (a rise, where less is better) beyond the {margin:g}-point margin: measure "
+                      "more items, or the change is real")
         failed = ", ".join(row.key for row in result.failures if not row.too_few and row.past_drop)
         if failed:
             err.print(f"[red]gate failed:[/] {candidate} is worse than {baseline} by more than {max_drop} points on "

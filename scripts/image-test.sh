@@ -187,7 +187,11 @@ curl_pid=$!
 # have arrived yet (a refused connection), or have finished already (no drain to test).
 generating=
 for _ in $(seq 600); do
-  if curl -s -m 2 "$base/metrics" | grep -q '^zephyr_requests_running [1-9]'; then generating=1; break; fi
+  # captured first: under pipefail, grep -q leaving early would fail curl's write, and the match with it
+  if metrics=$(curl -s -m 2 "$base/metrics") && grep -q '^zephyr_requests_running [1-9]' <<<"$metrics"; then
+    generating=1
+    break
+  fi
   sleep 0.1
 done
 [ -n "$generating" ] || die "the chat in flight never started generating"

@@ -431,3 +431,9 @@ def test_the_wheel_the_image_installs_holds_every_file_the_packages_track(tmp_pa
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     missing = sorted(set(tracked) - set(zipfile.ZipFile(wheel).namelist()))
     assert not missing, f"the wheel leaves out {missing}: add them to [tool.setuptools.package-data]"
+
+
+def test_a_key_repeated_with_the_same_holder_renders_as_the_server_accepts_it():
+    key = K0.split(":", 1)[1]
+    for keys in (f"{{{K0},student: {key}}}", f"{{alice=reviewer:{key},alice = reviewer:{key}}}"):
+        assert "Secret" in deployment_of("--set", f"secrets.apiKeys={keys}")
