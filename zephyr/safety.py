@@ -119,11 +119,17 @@ def segments(text: str) -> list[str]:
     is kept because a sentence alone ("How would I go about that?") lacks the context that makes it harmless or
     harmful. Read in Unicode's compatibility form (NFKC): fullwidth or styled letters ("ｐｉｐｅ ｂｏｍｂ") are the
     encoder's plain ones."""
+    return reading(text)[0]
+
+
+def reading(text: str) -> tuple[list[str], bool]:
+    """`segments(text)` and `reads_whole(text)` from one normalization of the message (NFKC and the look-alike
+    letters: the costly part of a long non-Latin message)."""
     text = normalized(text)
     parts = sentences(text)
-    if reads_whole(text):
-        return [text] if len(parts) <= 1 else [text, *parts]
-    return [part for sentence in parts for part in windows(sentence)]
+    if len(text) <= WINDOW_CHARS:
+        return ([text] if len(parts) <= 1 else [text, *parts]), True
+    return [part for sentence in parts for part in windows(sentence)], False
 
 
 def normalized(text: str) -> str:
@@ -372,12 +378,11 @@ class SafetyGuard:
             else:
                 new[key] = text
         if new:
-            parts = [segments(t) for t in new.values()]
-            probabilities = self.probabilities(self.embed([p for ps in parts for p in ps]))
+            read = [reading(t) for t in new.values()]
+            probabilities = self.probabilities(self.embed([p for ps, _ in read for p in ps]))
             start = 0
-            for key, ps in zip(new, parts, strict=True):
-                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)],
-                                                                read_whole=reads_whole(new[key]))
+            for key, (ps, whole) in zip(new, read, strict=True):
+                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)], read_whole=whole)
                 start += len(ps)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
