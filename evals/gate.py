@@ -397,6 +397,13 @@ def _within(row: CompareRow, max_drop: float) -> bool:
     return row.delta >= -max_drop - _TOLERANCE
 
 
+def _gate_row(row: CompareRow, max_drop: float, min_items: int, margin: float | None, gating: bool) -> GateRow:
+    """The row's verdict: it passes unless one of its three failures holds."""
+    past_drop, too_few, past_margin = not _within(row, max_drop), row.n < min_items, _past_margin(row, margin)
+    return GateRow(**vars(row), passed=not (past_drop or too_few or past_margin), gating=gating, too_few=too_few,
+                   past_drop=past_drop, past_margin=past_margin)
+
+
 def _past_margin(row: CompareRow, margin: float | None) -> bool:
     """Whether the row's 95% interval reaches a drop (or, where less is better, a rise) beyond `margin`: the
     non-inferiority reading of "no benchmark may drop significantly", which a point estimate alone cannot give."""
@@ -511,9 +518,7 @@ def check(
     # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
     # other formats are shown for information).
     served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
-    rows = [GateRow(**vars(row), passed=_within(row, max_drop) and row.n >= min_items and not _past_margin(row, margin),
-                    gating=_gates(row.benchmark, row.metric, served), too_few=row.n < min_items,
-                    past_drop=not _within(row, max_drop), past_margin=_past_margin(row, margin))
+    rows = [_gate_row(row, max_drop, min_items, margin, gating=_gates(row.benchmark, row.metric, served))
             for row in compared]
     if not any(row.gating for row in rows):
         raise GateError(
