@@ -117,10 +117,10 @@ def find_question(text: str) -> MCQuestion | None:
             if i + 1 == len(run) or on_lines:
                 value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
             value = value.strip()
-            if i + 1 == len(run) and not on_lines and (end := sentence_end(value)) is not None:
+            if i + 1 == len(run) and not on_lines and (cut := sentence_end(value)) is not None:
                 # On one line, the last option ends with its sentence: "D) Helium. Please explain why."
-                value = value[:end].removesuffix(".")
-            options.append(value.strip())
+                value = value[:cut].removesuffix(".")
+            options.append(value)
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             return None  # parts of a problem, not options
         try:
