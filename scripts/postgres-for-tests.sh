@@ -33,7 +33,7 @@ if ! as_pg "$BIN/pg_isready -q -h 127.0.0.1 -p $PORT"; then
       echo "$DATA holds files but no PostgreSQL cluster (an initdb stopped part way?): delete it and run again" >&2
       exit 1
     fi
-    mkdir -p "$DATA" "$SOCKET" && chown postgres "$DATA" "$SOCKET" 2>/dev/null || true
+    mkdir -p "$DATA" && chown postgres "$DATA" 2>/dev/null || true
     as_pg "$BIN/initdb -D $DATA -U postgres --auth-local=trust --auth-host=scram-sha-256" >/dev/null
   fi
   mkdir -p "$SOCKET" && chown postgres "$SOCKET" 2>/dev/null || true
