@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from zephyr.prompts import with_system_prompt
 from zephyr.schemas import DataFileError, KTOExample, Message, PreferencePair, SFTExample, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def _hh_pair(chosen_text: str, rejected_text: str, row: int, system_prompt: str 
         raise _Malformed("differing earlier turns")
     if chosen[-1] == rejected[-1]:
         raise _Malformed("chosen == rejected")
-    system = [Message(role="system", content=system_prompt)] if system_prompt is not None else []
-    return PreferencePair(prompt=system + chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=HH_SOURCE,
+    prompt = with_system_prompt([turn.model_dump() for turn in chosen[:-1]], system_prompt)
+    return PreferencePair(prompt=prompt, chosen=chosen[-1:], rejected=rejected[-1:], source=HH_SOURCE,
                           meta={"row": row})
 
 
