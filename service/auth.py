@@ -298,18 +298,22 @@ def admitted(request: Request, cost: int = 1, *, weight: int = 1,
 
 async def authenticate(request: Request, authorization: str | None, session_token: str | None = None) -> Principal:
     """The key (or the review sign-in cookie) behind a request. An address that keeps failing is refused (429)
-    before its next key is even checked; every failure counts against it."""
+    before its next key is even checked; every wrong credential counts against it. A request that presents none
+    (a probe, the review page before sign-in, a client not yet configured) guesses nothing: it is refused but not
+    counted, or students behind one school's address would lock each other out."""
     state = request.app.state
     address = client_address(request)
     try:
-        state.auth_failures.check(address)
+        if session_token or authorization:
+            state.auth_failures.check(address)
         if session_token:
             return await state.sessions.verify(session_token, state.keyring)
         return state.keyring.authenticate(authorization)
     except APIError as exc:
         if exc.status == 401:
             state.metrics.rejected.labels("authentication").inc()
-            state.auth_failures.hit(address)
+            if exc.code != "missing_api_key":
+                state.auth_failures.hit(address)
         elif exc.status == 429:
             state.metrics.rejected.labels("auth_throttle").inc()
         raise

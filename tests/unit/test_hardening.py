@@ -346,6 +346,20 @@ async def test_failed_authentication_is_throttled_per_address(app_factory):
             assert (await other.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_requests_without_a_credential_do_not_lock_out_a_shared_address(app_factory):
+    """A probe or a signed-out review page sends no key: refused, but no guess, so the students behind the same
+    school address keep their access."""
+    async with app_factory(auth_failure_limit="3/minute") as served:
+        anonymous = httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=("127.0.0.1", 1)),
+                                      base_url="http://127.0.0.1")
+        async with anonymous:
+            for _ in range(5):
+                r = await anonymous.post(CHAT, json=BODY)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+                assert (await anonymous.get("/review/api/me")).status_code == 401
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+
+
 async def test_an_ipv6_client_cannot_escape_the_throttle_by_moving_within_its_64(app_factory):
     def client(host: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=served.app, client=(host, 1)),
