@@ -355,6 +355,9 @@ def review_export(
     if left_out["too_few_reviewers"]:
         console.print(f"left out {left_out['too_few_reviewers']} item(s) judged by fewer than {min_reviewers} "
                       "reviewers (ZEPHYR_REVIEW_OVERLAP; --min-reviewers 1 keeps them)")
+    if left_out["identical"]:
+        console.print(f"left out {left_out['identical']} pair(s) whose two answers are the same text (a preference "
+                      "between a text and itself, counted as a tie)")
 
 
 @review_app.command("stats")

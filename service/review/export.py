@@ -6,6 +6,7 @@ What each verdict becomes, by the item's majority label (items with no majority 
 |---------------------|--------------------------|---------------------------------------|-------------------|
 | served / candidate  | chosen = preferred       | preferred: True, other: False         | preferred answer  |
 | tie                 | left out (no preference) | left out (no absolute judgement)      | left out          |
+| served / candidate, the two answers the same text | left out as a tie (`left_out["identical"]`) | left out | left out |
 | both_bad            | left out (no good answer)| both answers: False                   | left out          |
 | good (single)       | -                        | True                                  | the answer        |
 | bad (single)        | -                        | False                                 | left out          |
@@ -141,6 +142,11 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if label in ("served", "candidate") and candidate is not None:
             loser_role = "candidate" if label == "served" else "served"
             winner, loser = answers[label], answers[loser_role]
+            if answer_text(winner).strip() == answer_text(loser).strip():
+                # A preference between one text and itself says nothing (a greedy candidate, a short answer): as a
+                # DPO pair it carries no gradient, as KTO it would push one completion both ways.
+                left_out["identical"] += 1
+                continue
             # Whether this pair is fit to train on, for an export that keeps every verdict (`zephyr data review`
             # leaves the unfit out): both answers written whole, and the chosen one not flagged incorrect or unsafe.
             provenance = {**meta, "chosen_id": winner["id"], "rejected_id": loser["id"],

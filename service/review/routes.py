@@ -240,4 +240,5 @@ async def export_verdicts(
     return Response(text, media_type="application/x-ndjson", headers={
         "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
         "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"]),
-        "X-Left-Out-Too-Few-Reviewers": str(left_out["too_few_reviewers"])})
+        "X-Left-Out-Too-Few-Reviewers": str(left_out["too_few_reviewers"]),
+        "X-Left-Out-Identical": str(left_out["identical"])})

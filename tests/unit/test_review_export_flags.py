@@ -5,6 +5,7 @@ disqualify a chosen answer."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
@@ -15,19 +16,21 @@ from service.review.stats import Judgement
 AT = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
-def export(flags: dict[str, list[str]], include_flagged: bool = False, fmt: str = "dpo") -> list[dict]:
+def export(flags: dict[str, list[str]], include_flagged: bool = False, fmt: str = "dpo",
+           candidate_answer: str = "Because of the ocean.", left_out: Counter | None = None) -> list[dict]:
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
     generations = {
         "item": {"id": "item", "created_at": AT, "model": "m", "messages": messages,
                  "response": [{"content": "Rayleigh scattering."}], "params": {}},
         "cand": {"id": "cand", "created_at": AT, "model": "m", "messages": messages,
-                 "response": [{"content": "Because of the ocean."}], "params": {}},
+                 "response": [{"content": candidate_answer}], "params": {}},
     }
     judgements = [Judgement(item_id="item", reviewer="r0", kind="pair", label="served", strength=3, flags=flags,
                             served_model="m", candidate_id="cand", candidate_model="m"),
                   Judgement(item_id="item", reviewer="r1", kind="pair", label="served", strength=2,
                             served_model="m", candidate_id="cand", candidate_model="m")]
-    text, count = to_jsonl(judgements, generations, ExportOptions(fmt, include_flagged=include_flagged), None)
+    text, count = to_jsonl(judgements, generations, ExportOptions(fmt, include_flagged=include_flagged), None,
+                           left_out)
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -42,6 +45,16 @@ def test_milder_flags_and_flags_on_the_rejected_answer_keep_the_pair():
     assert len(export({"served": ["gives_answer"]})) == 1
     assert len(export({"candidate": ["incorrect", "unsafe"]})) == 1
     assert len(export({})) == 1
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
+def test_a_preference_between_two_identical_answers_is_left_out_as_a_tie(fmt):
+    """A greedy candidate can repeat the served answer word for word: "A is better" between a text and itself is no
+    preference (a DPO pair without gradient, a KTO example labelled both ways)."""
+    left_out = Counter()
+    assert export({}, fmt=fmt, candidate_answer="Rayleigh scattering.\n", left_out=left_out) == []
+    assert left_out["identical"] == 1
+    assert len(export({}, fmt=fmt)) == (2 if fmt == "kto" else 1)
 
 
 def test_a_merged_duplicate_names_its_items_on_that_record_only():
@@ -78,6 +91,16 @@ def judged_twice(first_finish: str, second_finish: str) -> tuple[dict[str, dict]
                             candidate_id=cand, candidate_model="m", flags=flags)
                   for item, cand, flags in (("i1", "c1", {"served": ["incorrect"]}), ("i2", "c2", {}))]
     return generations, judgements
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
+def test_a_preference_between_two_identical_answers_is_left_out_as_a_tie(fmt):
+    """A greedy candidate can repeat the served answer word for word: "A is better" between a text and itself is no
+    preference (a DPO pair without gradient, a KTO example labelled both ways)."""
+    left_out = Counter()
+    assert export({}, fmt=fmt, candidate_answer="Rayleigh scattering.\n", left_out=left_out) == []
+    assert left_out["identical"] == 1
+    assert len(export({}, fmt=fmt)) == (2 if fmt == "kto" else 1)
 
 
 def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
@@ -191,6 +214,16 @@ def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative
     assert exported("good", {"served": ["gives_answer"]}, "sft") == []
     assert [r["label"] for r in exported("good", {}, "kto")] == [True]
     assert [r["label"] for r in exported("bad", {"served": ["incorrect"]}, "kto")] == [False]
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
+def test_a_preference_between_two_identical_answers_is_left_out_as_a_tie(fmt):
+    """A greedy candidate can repeat the served answer word for word: "A is better" between a text and itself is no
+    preference (a DPO pair without gradient, a KTO example labelled both ways)."""
+    left_out = Counter()
+    assert export({}, fmt=fmt, candidate_answer="Rayleigh scattering.\n", left_out=left_out) == []
+    assert left_out["identical"] == 1
+    assert len(export({}, fmt=fmt)) == (2 if fmt == "kto" else 1)
 
 
 def test_a_merged_duplicate_is_not_pieced_together_from_two_unfit_items():
