@@ -6,7 +6,7 @@ What each verdict becomes, by the item's majority label (items with no majority 
 |---------------------|--------------------------|---------------------------------------|-------------------|
 | served / candidate  | chosen = preferred       | preferred: True, other: False         | preferred answer  |
 | tie                 | left out (no preference) | left out (no absolute judgement)      | left out          |
-| served / candidate, the two answers the same text | left out as a tie (`left_out["identical"]`) | left out | left out |
+| served / candidate, both answers one text | left out (a tie; `left_out["identical"]`) | left out | left out |
 | both_bad            | left out (no good answer)| both answers: False                   | left out          |
 | good (single)       | -                        | True                                  | the answer        |
 | bad (single)        | -                        | False                                 | left out          |

@@ -6,6 +6,7 @@ when the item is shown (answers in a random order), then judged, skipped, or put
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -367,7 +368,9 @@ class ReviewStore:
                 chunk = id_list[start : start + 500]
                 for row in (await conn.execute(select(*columns).where(G.id.in_(chunk)))).mappings():
                     generations[row["id"]] = dict(row)
-        return [to_judgement(v, generations, self.names) for v in verdicts], generations
+        # Off the event loop: one verdict after another, the page asks for these after each.
+        judged = await asyncio.to_thread(lambda: [to_judgement(v, generations, self.names) for v in verdicts])
+        return judged, generations
 
     async def skipped(self) -> dict[str, int]:
         A = ReviewAssignment

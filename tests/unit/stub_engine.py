@@ -19,6 +19,7 @@ class StubEngine:
         self.max_model_len = max_model_len
         self.reply = "Photosynthesis turns light into chemical energy. Contact me at tutor@example.com."
         self.replies: dict[int, str] = {}  # per choice index, a reply other than `reply`
+        self.candidate_reply: str | None = None  # a review candidate's ("cand-..." requests), where not `reply`
         self.steps_generated = 0  # engine steps the last generation ran (fewer when it was aborted)
         self.letter_scores: dict[str, float] = {"B": 2.0}  # the "model" prefers B
         # Prompt log-probabilities (cloze): -4 per token, plus these bonuses for tokens that decode to a key.
@@ -86,7 +87,8 @@ class StubEngine:
             return
         answers = []
         for index in range(params.n):
-            text = self.replies.get(index, self.reply)
+            default = self.candidate_reply if self.candidate_reply and request_id.startswith("cand-") else self.reply
+            text = self.replies.get(index, default)
             for stop in params.stop:
                 text = text.split(stop)[0]
             answers.append(self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens])

@@ -93,16 +93,6 @@ def judged_twice(first_finish: str, second_finish: str) -> tuple[dict[str, dict]
     return generations, judgements
 
 
-@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
-def test_a_preference_between_two_identical_answers_is_left_out_as_a_tie(fmt):
-    """A greedy candidate can repeat the served answer word for word: "A is better" between a text and itself is no
-    preference (a DPO pair without gradient, a KTO example labelled both ways)."""
-    left_out = Counter()
-    assert export({}, fmt=fmt, candidate_answer="Rayleigh scattering.\n", left_out=left_out) == []
-    assert left_out["identical"] == 1
-    assert len(export({}, fmt=fmt)) == (2 if fmt == "kto" else 1)
-
-
 def test_a_merged_duplicate_is_fit_to_train_on_when_any_of_its_items_is():
     """The same pair judged twice, its winner flagged incorrect once: a default export keeps the unflagged item's
     record, so the merged one of an export that keeps every verdict must say it is fit too."""
@@ -214,16 +204,6 @@ def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative
     assert exported("good", {"served": ["gives_answer"]}, "sft") == []
     assert [r["label"] for r in exported("good", {}, "kto")] == [True]
     assert [r["label"] for r in exported("bad", {"served": ["incorrect"]}, "kto")] == [False]
-
-
-@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
-def test_a_preference_between_two_identical_answers_is_left_out_as_a_tie(fmt):
-    """A greedy candidate can repeat the served answer word for word: "A is better" between a text and itself is no
-    preference (a DPO pair without gradient, a KTO example labelled both ways)."""
-    left_out = Counter()
-    assert export({}, fmt=fmt, candidate_answer="Rayleigh scattering.\n", left_out=left_out) == []
-    assert left_out["identical"] == 1
-    assert len(export({}, fmt=fmt)) == (2 if fmt == "kto" else 1)
 
 
 def test_a_merged_duplicate_is_not_pieced_together_from_two_unfit_items():

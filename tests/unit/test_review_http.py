@@ -321,6 +321,7 @@ async def test_page_is_locked_down(served):
 async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory, tmp_path):
     async with app_factory(review_share=1.0, review_overlap=1) as served:
         served.engine.reply = "Light energy becomes sugar. Mail me at ta@uni.edu"
+        served.engine.candidate_reply = "Plants eat light. Mail me at ta@uni.edu"
         for question in ("What is photosynthesis?", "What is respiration?"):
             await served.client.post(CHAT, json={"messages": [{"role": "user", "content": question}],
                                                  "max_tokens": 30})
