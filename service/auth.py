@@ -40,11 +40,26 @@ def install_secret(home: Path, configured: str | None) -> bytes:
     if configured:
         return configured.encode()
     path = private_dir(home) / SECRET_FILE
-    try:  # exclusive: replicas sharing a volume agree on the first one written
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(secrets.token_hex(32))
+    # Written whole under another name, then linked into place, which fails where the name exists: replicas sharing
+    # a volume agree on the first one published, and none reads one half written.
+    draft = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    value = secrets.token_hex(32)
+    try:
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(value)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a volume without hard links: created exclusively in place instead
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(value)
     except FileExistsError:
         private_file(path)  # one an earlier version or a copy left readable
+    finally:
+        draft.unlink(missing_ok=True)
     value = path.read_text().strip()
     if len(value) < 32:
         raise RuntimeError(f"{path} holds no usable secret; delete it (sign-ins and key digests change)")

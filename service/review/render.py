@@ -197,9 +197,21 @@ def sanitize(fragment: str) -> str:
     )
 
 
-@lru_cache(maxsize=1024)  # the queue renders an item's texts on every request for it
+CACHED_CHARS = 2_000  # texts up to this long are kept rendered: a formula's MathML is ~30x its source
+
+
 def to_html(text: str) -> str:
     """Markdown (with math) to sanitized HTML; a text over MAX_MARKDOWN_CHARS as plain text."""
-    if len(text or "") > MAX_MARKDOWN_CHARS:
-        return f'<pre class="plain">{html.escape(text)}</pre>'
-    return sanitize(_markdown().render(text or ""))
+    text = text or ""
+    if len(text) > MAX_MARKDOWN_CHARS:
+        return f'<pre class="plain">{html.escape(text)}</pre>'  # cheap: never cached
+    return _cached_html(text) if len(text) <= CACHED_CHARS else _rendered(text)
+
+
+def _rendered(text: str) -> str:
+    return sanitize(_markdown().render(text))
+
+
+# The queue renders an item's texts on every request for it. Bounded in bytes as well as entries: students can
+# put long texts in the queue themselves, and 1,024 rendered 20,000-character formulas would pin hundreds of MB.
+_cached_html = lru_cache(maxsize=1024)(_rendered)

@@ -321,3 +321,14 @@ async def test_reviewers_are_shown_by_name(app_factory):
         assert isinstance(admin_view["win_rate"], list) and "served" in admin_view["labels"]
         assert stats["win_rate"] is None and not {"served", "candidate"} & set(stats["labels"])
         assert stats["labels"]["one_preferred"] == admin_view["labels"]["served"] + admin_view["labels"]["candidate"]
+
+
+def test_only_short_texts_are_kept_rendered():
+    """A student can queue long texts of formulas: the cache holds short texts only, so its size stays bounded in
+    bytes; long ones render the same, every time."""
+    render._cached_html.cache_clear()
+    short, long = "Inline $a^2$.", "$x_1$ and " * (render.CACHED_CHARS // 10 + 1)
+    assert render.to_html(short) == render.to_html(short)
+    assert "<math" in render.to_html(long) and render.to_html(long) == render.to_html(long)
+    assert "plain" in render.to_html("x" * (render.MAX_MARKDOWN_CHARS + 1))
+    assert render._cached_html.cache_info().currsize == 1
