@@ -5,6 +5,7 @@ Only measurements both models have are compared, and only over the item ids both
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +118,13 @@ def compare_measurements(
 
 
 def compare_runs(
-    candidate: EvalRun, baseline: EvalRun, suites: list[str] | tuple[str, ...] | None = None, **bootstrap: Any
+    candidate: EvalRun, baseline: EvalRun, suites: list[str] | tuple[str, ...] | None = None, *,
+    unlike_prompts: dict[str, str] | None = None, **bootstrap: Any
 ) -> tuple[list[CompareRow], dict[str, str]]:
     """Rows for every key both runs have (in the given suites, all when None), and the keys that could not be
-    compared with the reason (no common ids, different splits)."""
+    compared with the reason (no common ids, different splits, other conditions). Keys whose options were scored
+    after other prompts (`different_prompts`) go to `unlike_prompts` where it is given (key -> why), so a caller
+    can tell rows no verdict rests on from those it does."""
     rows: list[CompareRow] = []
     problems: dict[str, str] = {}
     other_data: dict[str, list[str]] = {}  # why -> the keys it holds for: one clause for a benchmark's metrics
@@ -132,6 +136,12 @@ def compare_runs(
             continue
         if why := different_data(m, other, candidate.data, baseline.data) or different_conditions(m, other):
             other_data.setdefault(why, []).append(m.key)
+            continue
+        if why := different_prompts(m, other):
+            if unlike_prompts is not None:
+                unlike_prompts[m.key] = why
+            else:
+                other_data.setdefault(why, []).append(m.key)
             continue
         try:
             rows.append(compare_measurements(m, other, **bootstrap))
@@ -166,6 +176,32 @@ def different_conditions(candidate: Measurement, baseline: Measurement) -> str |
                        if ours.get(k) != theirs.get(k))
     return (f"the answers were generated under other conditions (candidate vs baseline: {differ}); measure both "
             "with the same --gsm8k-max-tokens and ZEPHYR_SYSTEM_PROMPT")
+
+
+PROMPTED_METRIC_PREFIXES = ("cloze_acc", "answer_prior_acc")  # options scored after a record's prompts
+
+
+def different_prompts(candidate: Measurement, baseline: Measurement) -> str | None:
+    """Why two option-scoring measurements (cloze, the answer prior) read their options after other prompts, or
+    None: each model's calibration record gives the demonstrations and answer cue its options are scored after, so a
+    child with no record of its own (quantized, trained) is scored zero-shot where its parent is scored after five
+    demonstrations. Their difference would mix the prompts' effect into the weights'. The served method's rows are
+    not asked: each model's is what it serves, by design."""
+    if not candidate.metric.startswith(PROMPTED_METRIC_PREFIXES):
+        return None
+
+    def shown(details: dict[str, Any], name: str) -> str:
+        value = details.get(name)
+        return f"sha256 {hashlib.sha256(value.encode()).hexdigest()[:8]}" if value else "none"
+
+    differ = [f"{label} {shown(candidate.details, name)} vs {shown(baseline.details, name)}"
+              for name, label in (("demonstrations", "demonstrations"), ("context", "answer cue"))
+              if (name != "context" or {"context"} <= candidate.details.keys() & baseline.details.keys())
+              and (candidate.details.get(name) or None) != (baseline.details.get(name) or None)]
+    if not differ:
+        return None
+    return (f"the options were scored after other prompts (candidate vs baseline: {'; '.join(differ)}), as each "
+            "model's calibration record gives them; compare the served method's rows, or calibrate both")
 
 
 _BENCHMARK_ORDER = [b for names in SUITE_BENCHMARKS.values() for b in names]
@@ -498,7 +534,17 @@ def check(
             raise GateError(
                 f"{name}'s {', '.join(stale)} were measured under another /mcq calibration record than the one it "
                 f"serves now (recalibrated since); rerun `zephyr eval run --model {name} --suite mcq` first")
-    compared, problems = compare_runs(cand_run, base_run, suites, iters=iters, seed=seed)
+    unlike_prompts: dict[str, str] = {}
+    compared, problems = compare_runs(cand_run, base_run, suites, unlike_prompts=unlike_prompts, iters=iters,
+                                      seed=seed)
+    # Options scored after other prompts cannot stand for a benchmark's verdict; beside its served method, whose
+    # verdict it is, they are left out (listed as skipped).
+    served_in_common = {m.benchmark for m in cand_run.measurements if m.metric in SERVED_METRICS} & {
+        m.benchmark for m in base_run.measurements if m.metric in SERVED_METRICS}
+    for key, why in unlike_prompts.items():
+        benchmark, _, metric = key.partition("/")
+        if _gates(benchmark, metric, served_in_common):
+            problems[key] = why
     if problems:
         lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
         raise GateError(

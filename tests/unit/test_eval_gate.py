@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 
-from evals.gate import GateError, check
+from evals.gate import GateError, check, compare_runs
 from evals.results import EvalRun, Measurement, ResultStore, data_read, measurement
 from offline.engine import IN_PROCESS
 
@@ -624,7 +624,6 @@ def test_runs_of_an_entry_replaced_under_the_same_name_are_not_this_models(tmp_p
 
 
 def test_reward_model_scores_by_different_reward_models_are_not_compared(store):
-    from evals.gate import compare_runs
 
     def scored(by: str, value: float) -> EvalRun:
         m = measurement("rm", "rm_score", "test", {"q1": value, "q2": value})
@@ -633,3 +632,30 @@ def test_reward_model_scores_by_different_reward_models_are_not_compared(store):
 
     assert len(compare_runs(scored("rm-a", 1.0), scored("rm-a", 2.0))[0]) == 1
     assert compare_runs(scored("rm-a", 1.0), scored("rm-b", 2.0)) == ([], {})
+
+
+def test_options_scored_after_other_prompts_are_not_compared(store):
+    """A child with no calibration record of its own is scored zero-shot where its parent is scored after five
+    demonstrations: its cloze row beside the parent's would mix the prompts' effect into the weights'. Beside both
+    models' served method the row is skipped; where it would decide the benchmark, the gate refuses."""
+    def save(model: str, demonstrations: str, served: bool = True) -> None:
+        cloze = measurement("arc_easy", "cloze_acc", "test", accuracy(50, 100))
+        if demonstrations:
+            cloze.details["demonstrations"] = demonstrations
+        prior = measurement("arc_easy", "answer_prior_acc", "test", accuracy(30, 100))
+        prior.details["context"] = "Answer:"
+        ms = [cloze, prior] + ([measurement("arc_easy", "mcq_acc_auto", "test", accuracy(55, 100))] if served else [])
+        store.save(EvalRun(model=model, suite="mcq", measurements=ms))
+
+    save("base", "Question: ...\nAnswer: a\n\n")
+    save("child", "")
+    result = check(store, "child", "base", suites=["mcq"])
+    assert result.passed and "arc_easy/cloze_acc" in result.skipped
+    assert [row.key for row in result.rows] == ["arc_easy/answer_prior_acc", "arc_easy/mcq_acc_auto"]
+    rows, problems = compare_runs(store.latest("child"), store.latest("base"))  # the report names why
+    assert "arc_easy/cloze_acc" not in {row.key for row in rows}
+    assert "demonstrations none vs sha256" in problems["arc_easy/cloze_acc"]
+    save("base-unserved", "Question: ...\nAnswer: a\n\n", served=False)
+    save("child-unserved", "", served=False)
+    with pytest.raises(GateError, match="arc_easy/cloze_acc: the options were scored after other prompts"):
+        check(store, "child-unserved", "base-unserved", suites=["mcq"])
