@@ -157,7 +157,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     entry = check_options(options, settings, registry)
     if options.server:
         check_server(options.server, options.api_key, entry)
-    store = ResultStore(settings.resolved_eval_results_dir)
+    # With the registry: a server's answers are compared with this entry's own, not those of weights it replaced.
+    store = ResultStore(settings.resolved_eval_results_dir, registry)
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)
     data: dict[str, tuple[str, list[Any]]] = {}

@@ -233,7 +233,7 @@ def _speed_table(ordered: list[tuple[ModelView, int | None]]) -> DocTable | None
     header = ["model"]
     for c in levels:
         header += [f"tok/s @{c}", f"vs parent @{c}", f"p50 latency @{c} (s)"]
-    header.append("p50 TTFT @1 (ms)")
+    header.append(f"p50 TTFT @{levels[0]} (ms)")  # the lowest concurrency measured: 1 where any model has it
     rows = []
     for v, _ in ordered:
         speed = v.run.speed if v.run else SpeedRecord()
