@@ -117,10 +117,15 @@ def table(title: str, rows: list[dict], baseline: list[dict] | None = None) -> T
         shares = [f"{100 * sum(r[key] for r in part) / len(part):.1f}%"
                   for key in ("right", "committed", "contradicts", "looping", "ended")]
         cells = [spec, str(len(part)), *shares, f"{sum(r['words'] for r in part) / len(part):.0f}"]
-        if baseline is not None:
+        if baseline is not None:  # over the questions both files asked (another --limit or --seed asks others)
             base = {r["id"]: float(r["right"]) for r in baseline if r["set"] == spec}
-            delta = paired_bootstrap({r["id"]: float(r["right"]) for r in part}, base)
-            cells.append(f"{100 * delta.delta:+.1f} [{100 * delta.low:+.1f}, {100 * delta.high:+.1f}]")
+            ours = {r["id"]: float(r["right"]) for r in part if r["id"] in base}
+            if ours:
+                delta = paired_bootstrap(ours, base)
+                cells.append(f"{100 * delta.delta:+.1f} [{100 * delta.low:+.1f}, {100 * delta.high:+.1f}] "
+                             f"(n {len(ours)})")
+            else:
+                cells.append("no question in common")
         out.add_row(*cells)
     return out
 

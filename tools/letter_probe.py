@@ -297,6 +297,17 @@ def main(
             train_items = mcq_training_items(split_list, settings.data_dir)
         except (SourceError, benchmarks.DatasetError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
+        # A source may be the split scored (`sciq:validation` with the default --eval-split): never score a question
+        # the probe trains on.
+        trained = {benchmarks.question_key(i.question, i.options) for i in train_items}
+        scored = [i for i in items if benchmarks.question_key(i.question, i.options) not in trained]
+        if not scored:
+            raise typer.BadParameter(f"every scored {benchmark} {eval_split} question is among the training ones; "
+                                     "score another --eval-split or train on other --splits", param_hint="--splits")
+        if len(scored) < len(items):
+            make_console(stderr=True).print(f"left out {len(items) - len(scored)} scored question(s) the probe "
+                                            "trains on")
+        items = scored
         results = key_probe(path, train_items, items, lr=lr, steps=steps, batch_size=batch_size,
                             eval_every=eval_every, held_out=held_out, full=full, lora_r=lora_r)
         title = (f"key probe on {model} ({'full fine-tuning' if full else f'LoRA r{lora_r}'}, {len(train_items)} "

@@ -72,11 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     console = make_console()
     settings = Settings()
-    after = Registry(settings.models_dir).get(args.model).manifest.mcq_calibration
+    registry = Registry(settings.models_dir)
+    after = registry.get(args.model).manifest.mcq_calibration
     if after is None:
         parser.error(f"{args.model} has no calibration record")
     before = read_record(args.before)
-    latest = ResultStore(settings.resolved_eval_results_dir).latest(args.model)
+    latest = ResultStore(settings.resolved_eval_results_dir, registry).latest(args.model)  # this entry's runs only
     if latest is None:
         parser.error(f"{args.model} has no stored runs: `zephyr eval run --model {args.model} --suite mcq` first")
     encoder = None
@@ -94,12 +95,33 @@ def main() -> None:
         if cloze is None:
             console.print(f"[yellow]{name}: no stored cloze scores; skipped[/]")
             continue
+        # The stored scores were taken after one record's demonstrations and answer cue: both records must ask
+        # with the same ones, or the figures describe neither.
+        stored = (cloze.details.get("demonstrations", ""), prior.details.get("context") if prior else None)
+        unlike = [label for label, record in (("before", before), ("after", after))
+                  if record.demonstrations != stored[0]
+                  or (stored[1] is not None and record.answer_prior_context != stored[1])]
+        if unlike:
+            console.print(f"[yellow]{name}: the stored scores were taken after other demonstrations or answer cue "
+                          f"than the {' and '.join(unlike)} record's; skipped (rerun `zephyr eval run` under it)[/]")
+            continue
         split = cloze.split
         items = benchmarks.load(name, split=split, data_dir=settings.data_dir)
+        if (digest := cloze.data_digest.get(name)) and benchmarks.fingerprint(items) != digest:
+            console.print(f"[yellow]{name}: {settings.data_dir} holds other {split} items than the stored run read; "
+                          "skipped[/]")
+            continue
         items = [i for i in items if i.id in cloze.details["loglikelihoods"]]
+        if not items:
+            console.print(f"[yellow]{name}: no stored question is in {settings.data_dir}'s {split} split; skipped[/]")
+            continue
         scores = mcq_eval.option_scores(items, None, cloze, prior)
-        given = {label: per_question(record, items, scores, encoder) for label, record in
-                 (("before", before), ("after", after))}
+        try:
+            given = {label: per_question(record, items, scores, encoder) for label, record in
+                     (("before", before), ("after", after))}
+        except ValueError as exc:  # a record reads scores this run does not have (the answer prior)
+            console.print(f"[yellow]{name}: {exc}; skipped[/]")
+            continue
         figures, rows = {}, {}
         for label, answered in given.items():
             ids = list(answered)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tests.unit.tiny_llama import make_tiny_llama
+from tests.unit.tiny_llama import TINY, make_tiny_llama
 from tools.letter_probe import direct_pairs, key_probe, main, pair_loss, permuted, probe
 from zephyr.registry import Registry
 from zephyr.schemas import MCQItem
@@ -88,3 +88,24 @@ def test_key_probe_starts_at_a_uniform_guess_and_reports_each_checkpoint(tmp_pat
 ])
 def test_cli_says_what_to_fix(args, message, refused_tool_output):
     assert message in refused_tool_output(main, args)
+
+
+def test_the_key_probe_never_scores_a_question_it_trains_on(tmp_path, monkeypatch, default_model):
+    """`--splits sciq:validation` with the default --eval-split would train on the very questions it scores."""
+    import typer
+    from typer.testing import CliRunner
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    make_tiny_llama(Registry(home / "models"), default_model)
+    (data / "sciq").mkdir(parents=True)
+    rows = [{"question": f"Which gas do plants take in number {i}?", "correct_answer": "carbon dioxide",
+             "distractor1": "oxygen", "distractor2": "neon", "distractor3": "argon", "support": ""} for i in range(3)]
+    (data / "sciq" / "valid.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("ZEPHYR_HOME", str(home))
+    monkeypatch.setenv("ZEPHYR_DATA_DIR", str(data))
+    app = typer.Typer()
+    app.command()(main)
+    result = CliRunner().invoke(app, ["--model", TINY, "--splits", "sciq:validation", "--benchmark", "sciq"])
+    assert result.exit_code == 2, result.output
+    assert "every scored sciq validation question is among the training ones" in " ".join(
+        result.output.replace("│", " ").split())
