@@ -31,6 +31,7 @@ from offline.benchmarks import (
     DatasetError,
     first,
     load,
+    question_key,
     reported_copy,
 )
 from zephyr import mcq
@@ -201,8 +202,12 @@ def question_domain_head(settings: Settings, encoder: Any, console: Console,
     # which reported splits its questions were cleaned against: a refit under a fuller data folder fits it again
     questions, fitted = {}, {"splits": {}, "n": {}, "decontaminated": {}, "checked_against": check.against}
     for name, (split, skip) in QUESTION_DOMAIN_TRAINING.items():  # every split read before any is embedded
-        items, left_out = decontaminate(first(load(name, split=split, data_dir=settings.data_dir)[skip:], limit),
-                                        check)
+        loaded = load(name, split=split, data_dir=settings.data_dir)
+        # Past the head calibration reads, and without its questions repeated under other ids (OpenBookQA train
+        # repeats 8 of its first 500, with the same options), as items_outside_calibration leaves them out.
+        head = {question_key(i.question, i.options) for i in loaded[:skip]}
+        past = [i for i in loaded[skip:] if question_key(i.question, i.options) not in head]
+        items, left_out = decontaminate(first(past, limit), check)
         if not items:
             raise DatasetError(f"{name}'s {split} split holds no questions {f'past the first {skip} ' if skip else ''}"
                                "to learn its domain from")

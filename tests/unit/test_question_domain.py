@@ -195,7 +195,9 @@ def _domain_data(root: Path, mmlu: bool = True) -> None:
     (root / "openbookqa").mkdir()
     header = "ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n"
     (root / "openbookqa" / "train.tsv").write_text(header + "".join(
-        f"o-{i}\tThe sun is responsible for {i}\t(A) plants (B) rocks (C) no (D) snow\t-\tA\n" for i in range(502)))
+        f"o-{i}\tThe sun is responsible for {i}\t(A) plants (B) rocks (C) no (D) snow\t-\tA\n" for i in range(502))
+        # a calibration question (the first 500) again under another id: the head must not learn from it
+        + "o-copy\tThe sun is responsible for 7\t(A) snow (B) plants (C) rocks (D) no\t-\tB\n")
     if mmlu:
         (root / "mmlu" / "dev").mkdir(parents=True)
         (root / "mmlu" / "dev" / "college_physics_dev.csv").write_text(
