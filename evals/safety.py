@@ -202,11 +202,12 @@ def wrapped_in_jailbreaks(sources: list[Source], templates: list[str]) -> Source
     return Source("harmful_after_a_jailbreak_prompt", HARMFUL, {"test": wrapped}, "wrapped")
 
 
-def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS) -> Source:
+def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS, request_first: bool = False) -> Source:
     """The harmful validation and test requests (harm, not self-harm or inappropriate), each after benign science
     questions of its own split (one to three, chosen by a hash of the request), the whole under `limit` characters:
-    a short message the guard reads whole, where the request's harm is averaged with the questions'. Never fitted
-    on; the validation half is measured, not chosen on."""
+    a short message the guard reads whole, where the request's harm is averaged with the questions'. With
+    `request_first`, the same request before the same questions. Never trained on; the validation half is among the
+    harmful messages the thresholds are chosen on."""
     padded: dict[str, list[str]] = {}
     for split in ("validation", "test"):
         fillers = [t for s in sources if s.kind in ("science", "academic") and s.label == BENIGN
@@ -220,8 +221,10 @@ def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS) -> Source:
             while chosen and len(" ".join([*chosen, request])) > limit:
                 chosen.pop()
             if chosen:
-                padded.setdefault(split, []).append(" ".join([*chosen, request]))
-    return Source("harmful_after_science_questions", HARMFUL, padded, "padded")
+                parts = [request, *chosen] if request_first else [*chosen, request]
+                padded.setdefault(split, []).append(" ".join(parts))
+    name = "harmful_before_science_questions" if request_first else "harmful_after_science_questions"
+    return Source(name, HARMFUL, padded, "padded")
 
 
 def hh_first_turns(path: Path) -> list[str]:
@@ -352,13 +355,15 @@ class _NoEncoder:
 
 def whole_and_part(probabilities: Any, read_whole: bool) -> tuple[float, float]:
     """A message's probability of not being benign where it is judged at the whole message's line (read whole, -1
-    for a long one, read by parts alone; and its last part, where it has several), and its worst part's (-1 for a
-    short message of one sentence, read whole alone), from `segments`' rows."""
+    for a long one, read by parts alone; and its first and last parts, where it has several), and its worst part's
+    (-1 for a short message of one sentence, read whole alone), from `segments`' rows."""
     scores = 1.0 - probabilities[:, 0]
     parts = scores[1:] if read_whole else scores
     whole = float(scores[0]) if read_whole else -1.0
     if len(scores) > 1:
         whole = max(whole, float(scores[-1]))
+        if len(parts) >= 2:
+            whole = max(whole, float(parts[0]))
     return whole, (float(parts.max()) if len(parts) else -1.0)
 
 

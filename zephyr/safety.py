@@ -15,8 +15,8 @@ threshold, and then gets the self-harm reply whatever else it asks: missing a st
 offering help to one who is not. A message is read whole and sentence by sentence (`segments`; one longer than the
 encoder reads well, 256 word pieces or 900 characters here, by sentence only) and the worst part decides. A sentence
 alone is flagged at a line of its own, higher than the whole message's (out of context, harmless sentences can read
-as harm), except the message's last: where a request after a preamble of harmless questions sits, read at the whole
-message's line. Harm put first and followed by harmless text is still judged at the stricter line."""
+as harm), except the message's first and last: where a request before or after padding of harmless questions sits,
+read at the whole message's line."""
 
 from __future__ import annotations
 
@@ -391,8 +391,8 @@ class SafetyGuard:
     def verdict(self, probabilities, read_whole: bool = True) -> Verdict:
         """The verdict from a message's segments' class probabilities (one row a segment; with `read_whole` the
         first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold but
-        the last, which is flagged at the threshold too): the worst flagged row decides, and a segment about
-        self-harm over its own threshold before it."""
+        the first and the last, which are flagged at the threshold too): the worst flagged row decides, and a
+        segment about self-harm over its own threshold before it."""
         import numpy as np
 
         self_harm = CLASSES.index(SELF_HARM)
@@ -402,6 +402,9 @@ class SafetyGuard:
             limits[0] = self.threshold
         if len(scores) > 1:  # the last part: where a request after a preamble sits
             limits[-1] = self.threshold
+            first = 1 if read_whole else 0
+            if len(scores) - first >= 2:  # and the first, where a request before harmless padding sits
+                limits[first] = self.threshold
         flagged = scores >= limits
         worst = probabilities[int(np.where(flagged, scores, -1.0).argmax()) if flagged.any() else int(scores.argmax())]
         score = float(scores.max())

@@ -18,6 +18,7 @@ from evals.safety import (
     read_answers,
     reworded,
     split_of,
+    whole_and_part,
     with_rewordings,
 )
 from tests.unit.conftest import REVIEWER_KEY, STUDENT_KEY
@@ -221,18 +222,34 @@ def test_a_sentence_alone_is_flagged_at_its_own_line_and_a_long_message_by_its_s
         return np.array([[1 - x, x, 0.0, 0.0] for x in not_benign])
 
     assert guard.verdict(rows(0.95, 0.5, 0.3)).category == HARMFUL  # the whole over its line
-    assert not guard.verdict(rows(0.5, 0.95, 0.3)).flagged  # a sentence alone under its own, higher line
-    assert guard.verdict(rows(0.5, 0.995, 0.3)).category == HARMFUL
-    # the last sentence, where a request after harmless questions sits, is read at the whole message's line
+    assert not guard.verdict(rows(0.5, 0.3, 0.95, 0.3)).flagged  # a sentence alone under its own, higher line
+    assert guard.verdict(rows(0.5, 0.3, 0.995, 0.3)).category == HARMFUL
+    # the first and the last sentence, where a request before or after harmless questions sits, are read at the
+    # whole message's line; a sentence between them at its own
     assert guard.verdict(rows(0.5, 0.3, 0.95)).category == HARMFUL
+    assert guard.verdict(rows(0.5, 0.95, 0.3)).category == HARMFUL
     assert not guard.verdict(rows(0.5, 0.3, 0.85)).flagged
-    assert not guard.verdict(rows(0.95, 0.5), read_whole=False).flagged  # a long message: its parts only
-    assert guard.verdict(rows(0.5, 0.95), read_whole=False).category == HARMFUL  # ...the last at the message's line
+    # a long message, read by its parts alone: the middle ones at a sentence's line, its first and last at the
+    # message's
+    assert not guard.verdict(rows(0.5, 0.95, 0.5, 0.5), read_whole=False).flagged
+    assert guard.verdict(rows(0.95, 0.5, 0.5, 0.5), read_whole=False).category == HARMFUL
+    assert guard.verdict(rows(0.5, 0.5, 0.5, 0.95), read_whole=False).category == HARMFUL
     # an operator's threshold moves the whole message's line; a sentence's alone is never lower
     assert SafetyGuard(record, threshold=0.5, encoder=object()).sentence_threshold == 0.99
     assert SafetyGuard(record, threshold=0.999, encoder=object()).sentence_threshold == 0.999
     older = record.model_copy(update={"sentence_threshold": None})  # a record from before: one line for both
     assert SafetyGuard(older, threshold=0.5, encoder=object()).sentence_threshold == 0.5
+
+
+def test_the_fit_reads_a_message_as_the_guard_does():
+    """(the message's line: the whole and the first and last parts; a sentence's line: the worst part)"""
+    def rows(*not_benign):
+        return np.array([[1 - x, x, 0.0, 0.0] for x in not_benign])
+
+    assert whole_and_part(rows(0.5, 0.95, 0.3, 0.2), True) == pytest.approx((0.95, 0.95))  # the request first
+    assert whole_and_part(rows(0.5, 0.2, 0.3, 0.9), True) == pytest.approx((0.9, 0.9))  # the request last
+    assert whole_and_part(rows(0.5, 0.2, 0.9, 0.3), True) == pytest.approx((0.5, 0.9))  # between: a sentence's
+    assert whole_and_part(rows(0.7), True) == pytest.approx((0.7, -1.0))  # one sentence, read whole alone
 
 
 def test_the_pair_of_thresholds_flags_the_most_harm_within_the_benign_limits():
