@@ -4,11 +4,13 @@ on PostgreSQL): an item is never given to more reviewers than `review_overlap`, 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import event
 
 from service.review.store import ReviewPolicy, ReviewStore
 from tests.review_data import T0, generation, open_log, pair, seed
@@ -155,11 +157,21 @@ async def test_an_undo_racing_another_reviewers_verdict_never_outlives_it(log):
     store = ReviewStore(Interleaved(log.engine), policy, random.Random(7))
     first, second = await store.next_item("r1"), await store.next_item("r2")
     await store.judge("r1", first["assignment_id"], "tie", None, {}, None)
-    outcome = await asyncio.gather(store.undo("r1"), store.judge("r2", second["assignment_id"], "tie", None, {}, None),
-                                   return_exceptions=True)
+    # Which request's transaction commits when (the timestamps are taken before each waits for the one writer, so
+    # they need not follow the commits).
+    who, commits = contextvars.ContextVar("who", default=None), []
+    event.listen(log.engine.sync_engine, "commit", lambda _conn: commits.append(who.get()))
+
+    async def as_(name, request):
+        who.set(name)
+        return await request
+
+    outcome = await asyncio.gather(as_("undo", store.undo("r1")), as_("verdict", store.judge(
+        "r2", second["assignment_id"], "tie", None, {}, None)), return_exceptions=True)
     async with log.engine.connect() as conn:
         rows = {r["reviewer"]: r for r in (await conn.execute(select(ReviewAssignment))).mappings()}
     if rows["r1"]["status"] == "shown":  # the undo went through: only before the other verdict
-        assert rows["r2"]["judged_at"] > rows["r1"]["shown_at"], outcome
+        assert rows["r2"]["status"] == "judged" and commits.index("undo") < commits.index("verdict"), (outcome,
+                                                                                                       commits)
     else:
         assert isinstance(outcome[0], APIError) and outcome[0].status == 409
