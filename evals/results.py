@@ -165,10 +165,15 @@ def method_metric(method: str, server: bool = False) -> str:
 SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
 
 
+JUDGE_DETAILS = ("backbone", "num_layers", "weights")  # BERTScore's model and layers, DialogRPT's weights
+
+
 def same_judge(a: Measurement, b: Measurement) -> bool:
-    """Whether two measurements were scored by the same judge: reward-model scores by different reward models are
-    on different scales and must not be compared (other measurements name none, and always compare)."""
-    return a.details.get("reward_model") == b.details.get("reward_model")
+    """Whether two measurements were scored by the same judge: scores by different reward models, BERTScore
+    backbones or layers, or DialogRPT weights are on different scales and must not be compared. A judge detail only
+    one of them records (a run from before it was recorded) is taken on trust; other measurements name none."""
+    return a.details.get("reward_model") == b.details.get("reward_model") and all(
+        a.details[k] == b.details[k] for k in JUDGE_DETAILS if k in a.details and k in b.details)
 
 
 def is_share(metric: str) -> bool:

@@ -430,6 +430,7 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
         out.append(measurement(benchmark, "bertscore_f1", "test", dict(zip(ids, f1, strict=True)),
                                seconds=time.perf_counter() - started,
                                details={"backbone": options.bertscore_model or "all-MiniLM-L6-v2",
+                                        "num_layers": options.bertscore_layers,  # the judge, with its backbone
                                         "samples": dict(list(zip(ids, answers, strict=True))[:20])}))
         shares = {i: textquality.repeated_ngram_share(a) for i, a in zip(ids, answers, strict=True)}
         out.append(measurement(benchmark, "looping", "test",
@@ -441,7 +442,8 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
                                {i: float(len(a.split())) for i, a in zip(ids, answers, strict=True)}))
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
-            out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True))))
+            out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True)),
+                                   details={"weights": Path(options.dialogrpt[metric]).name}))
     # Whether a chat answer is right, read against the options it was asked without (SciQ's keys are short texts):
     # a lower bound, since an answer may say the key in other words.
     verdicts = {i.id: benchmarks.answer_verdict(a, i.options, mcq.LETTERS.index(i.answer))

@@ -634,6 +634,22 @@ def test_reward_model_scores_by_different_reward_models_are_not_compared(store):
     assert compare_runs(scored("rm-a", 1.0), scored("rm-b", 2.0)) == ([], {})
 
 
+def test_bertscore_and_dialogrpt_by_other_judges_are_not_compared():
+    def scored(metric: str, value: float, **judge) -> EvalRun:
+        m = measurement("sciq_text", metric, "test", {"q1": value, "q2": value})
+        m.details.update(judge)
+        return EvalRun(model="x", suite="text", measurements=[m])
+
+    same = {"backbone": "all-MiniLM-L6-v2", "num_layers": None}
+    assert len(compare_runs(scored("bertscore_f1", 0.5, **same), scored("bertscore_f1", 0.6, **same))[0]) == 1
+    deeper = same | {"num_layers": 9}
+    assert compare_runs(scored("bertscore_f1", 0.5, **deeper), scored("bertscore_f1", 0.6, **same)) == ([], {})
+    other = same | {"backbone": "roberta-large"}
+    assert compare_runs(scored("bertscore_f1", 0.5, **other), scored("bertscore_f1", 0.6, **same)) == ([], {})
+    assert compare_runs(scored("updown", 0.5, weights="updown"), scored("updown", 0.6, weights="width")) == ([], {})
+    assert len(compare_runs(scored("updown", 0.5), scored("updown", 0.6, weights="updown"))[0]) == 1  # older: trust
+
+
 def test_options_scored_after_other_prompts_are_not_compared(store):
     """A child with no calibration record of its own is scored zero-shot where its parent is scored after five
     demonstrations: its cloze row beside the parent's would mix the prompts' effect into the weights'. Beside both
