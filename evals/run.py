@@ -253,6 +253,13 @@ def _mcq_suite(engine: Any, data: dict, names: list[str], options: RunOptions, c
     out: list[Measurement] = []
     mode = " (explain)" if options.explain else ""
     auto = mcq.plan("auto", calibration)
+    computed_in = (getattr(engine, "engine_info", None) or {}).get("dtype")
+    if calibration is not None and calibration.dtype not in (None, computed_in) and computed_in is not None:
+        # as the service warns at start: `auto` is then measured on scores its weights were not fitted on
+        console.print(f"[yellow]the calibration record was fitted on scores computed in {calibration.dtype}, and "
+                      f"this engine computes in {computed_in}: auto's accuracy and confidences are measured on other "
+                      f"scores than its weights were chosen on; ZEPHYR_DTYPE={calibration.dtype} measures what "
+                      "the record was fitted for[/]")
     if engine is not None:
         for name in names if options.letter else []:
             split, items = data[name]

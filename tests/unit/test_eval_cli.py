@@ -312,3 +312,24 @@ def test_gate_with_a_margin_names_the_rows_whose_interval_reaches_past_it(home):
     said = " ".join(strict.output.split())
     assert strict.exit_code == 1 and "arc_easy/mcq_acc_auto reaches a drop" in said and "2-point margin" in said
     assert "by more than" not in said  # its point estimate is no drop at all
+
+
+def test_eval_run_says_when_the_record_was_fitted_on_scores_of_another_dtype():
+    """The service warns at start; `eval run` measured such a pairing in silence."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from evals.run import RunOptions, _mcq_suite
+    from zephyr import mcq
+
+    def said(record_dtype: str | None, engine_dtype: str) -> str:
+        out = io.StringIO()
+        record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, dtype=record_dtype)
+        _mcq_suite(SimpleNamespace(engine_info={"dtype": engine_dtype}), {}, [],
+                   RunOptions(model="m", suite="mcq", letter=False, cloze=False), Console(file=out, width=400), record)
+        return out.getvalue()
+
+    assert "fitted on scores computed in float32, and this engine computes in bfloat16" in said("float32", "bfloat16")
+    assert "fitted on scores" not in said("float32", "float32") + said(None, "bfloat16")
