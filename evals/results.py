@@ -165,7 +165,7 @@ def method_metric(method: str, server: bool = False) -> str:
 SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
 
 
-JUDGE_DETAILS = ("backbone", "num_layers", "weights")  # BERTScore's model and layers, DialogRPT's weights
+JUDGE_DETAILS = ("backbone", "num_layers", "dialogrpt_weights")  # BERTScore's model and layers, DialogRPT's
 
 
 def same_judge(a: Measurement, b: Measurement) -> bool:

@@ -450,7 +450,7 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
         for metric, scorer in tools.dialogrpt.items():
             scores = scorer.score(questions, answers)
             out.append(measurement(benchmark, metric, "test", dict(zip(ids, scores, strict=True)),
-                                   details={"weights": Path(options.dialogrpt[metric]).name}))
+                                   details={"dialogrpt_weights": Path(options.dialogrpt[metric]).name}))
     # Whether a chat answer is right, read against the options it was asked without (SciQ's keys are short texts):
     # a lower bound, since an answer may say the key in other words.
     verdicts = {i.id: benchmarks.answer_verdict(a, i.options, mcq.LETTERS.index(i.answer))

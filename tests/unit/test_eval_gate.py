@@ -646,8 +646,14 @@ def test_bertscore_and_dialogrpt_by_other_judges_are_not_compared():
     assert compare_runs(scored("bertscore_f1", 0.5, **deeper), scored("bertscore_f1", 0.6, **same)) == ([], {})
     other = same | {"backbone": "roberta-large"}
     assert compare_runs(scored("bertscore_f1", 0.5, **other), scored("bertscore_f1", 0.6, **same)) == ([], {})
-    assert compare_runs(scored("updown", 0.5, weights="updown"), scored("updown", 0.6, weights="width")) == ([], {})
-    assert len(compare_runs(scored("updown", 0.5), scored("updown", 0.6, weights="updown"))[0]) == 1  # older: trust
+    assert compare_runs(scored("updown", 0.5, dialogrpt_weights="updown"),
+                        scored("updown", 0.6, dialogrpt_weights="width")) == ([], {})
+    older = scored("updown", 0.5)  # from before the weights were recorded: taken on trust
+    assert len(compare_runs(older, scored("updown", 0.6, dialogrpt_weights="updown"))[0]) == 1
+    # the served method's rows record the calibration record's feature weights: each model's own, never a judge
+    served = [measurement("arc_easy", "mcq_acc_auto", "test", {"q1": 1.0, "q2": 0.0}) for _ in range(2)]
+    served[0].details["weights"], served[1].details["weights"] = {"cloze": 1.0}, {"letter": 0.8, "cloze": 0.3}
+    assert len(compare_runs(*(EvalRun(model="x", suite="mcq", measurements=[m]) for m in served))[0]) == 1
 
 
 def test_options_scored_after_other_prompts_are_not_compared(store):
