@@ -539,8 +539,7 @@ def check(
                                       seed=seed)
     # Options scored after other prompts cannot stand for a benchmark's verdict; beside its served method, whose
     # verdict it is, they are left out (listed as skipped).
-    served_in_common = {m.benchmark for m in cand_run.measurements if m.metric in SERVED_METRICS} & {
-        m.benchmark for m in base_run.measurements if m.metric in SERVED_METRICS}
+    served_in_common = {row.benchmark for row in compared if row.metric in SERVED_METRICS}  # as `served` below
     for key, why in unlike_prompts.items():
         benchmark, _, metric = key.partition("/")
         if _gates(benchmark, metric, served_in_common):

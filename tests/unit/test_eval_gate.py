@@ -677,6 +677,13 @@ def test_options_scored_after_other_prompts_are_not_compared(store):
     rows, problems = compare_runs(store.latest("child"), store.latest("base"))  # the report names why
     assert "arc_easy/cloze_acc" not in {row.key for row in rows}
     assert "demonstrations none vs sha256" in problems["arc_easy/cloze_acc"]
+    # served through a server by one and in process by the other: no served row is compared, so cloze would decide
+    base_server = measurement("arc_easy", "mcq_acc_auto_server", "test", accuracy(55, 100))
+    cloze = measurement("arc_easy", "cloze_acc", "test", accuracy(50, 100))
+    cloze.details["demonstrations"] = "Question: ...\nAnswer: a\n\n"
+    store.save(EvalRun(model="base-server", suite="mcq", measurements=[base_server, cloze]))
+    with pytest.raises(GateError, match="arc_easy/cloze_acc: the options were scored after other prompts"):
+        check(store, "child", "base-server", suites=["mcq"])
     save("base-unserved", "Question: ...\nAnswer: a\n\n", served=False)
     save("child-unserved", "", served=False)
     with pytest.raises(GateError, match="arc_easy/cloze_acc: the options were scored after other prompts"):
