@@ -40,8 +40,23 @@ def install_secret(home: Path, configured: str | None) -> bytes:
     if configured:
         return configured.encode()
     path = private_dir(home) / SECRET_FILE
-    # Written whole under another name, then linked into place, which fails where the name exists: replicas sharing
-    # a volume agree on the first one published, and none reads one half written.
+    if not path.exists():
+        _publish_secret(path)
+    private_file(path)  # one an earlier version or a copy left readable
+    for _ in range(50):  # a replica beside us on a volume without hard links may still be writing it
+        value = path.read_text().strip()
+        if len(value) >= 32:
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"{path} holds no usable secret; delete it (sign-ins and key digests change)")
+    return value.encode()
+
+
+def _publish_secret(path: Path) -> None:
+    """A new random secret at `path` unless one is there. Written whole under another name, then linked into place,
+    which fails where the name exists: replicas sharing a volume agree on the first one published, and none reads
+    one half written."""
     draft = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
     value = secrets.token_hex(32)
     try:
@@ -52,18 +67,17 @@ def install_secret(home: Path, configured: str | None) -> bytes:
         try:
             os.link(draft, path)
         except FileExistsError:
-            raise
-        except OSError:  # a volume without hard links: created exclusively in place instead
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-                out.write(value)
-    except FileExistsError:
-        private_file(path)  # one an earlier version or a copy left readable
+            pass
+        except OSError:  # a volume without hard links: created exclusively in place (readers wait for it whole)
+            try:
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                    out.write(value)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except FileExistsError:
+                pass
     finally:
         draft.unlink(missing_ok=True)
-    value = path.read_text().strip()
-    if len(value) < 32:
-        raise RuntimeError(f"{path} holds no usable secret; delete it (sign-ins and key digests change)")
-    return value.encode()
 
 
 def _derive(secret: bytes, purpose: str) -> bytes:

@@ -30,3 +30,17 @@ def test_a_configured_secret_wins_and_a_readable_file_is_made_private(tmp_path):
     path = next(tmp_path.rglob(SECRET_FILE))
     os.chmod(path, 0o644)
     assert install_secret(tmp_path, None) == first and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+
+def test_an_existing_secret_is_read_without_writing_beside_it(tmp_path, monkeypatch):
+    """A pre-provisioned secret on a read-only mount: read as it is; a draft written beside it would fail there."""
+    import service.auth
+
+    first = install_secret(tmp_path, None)
+
+    def read_only(*_args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(service.auth, "_publish_secret", read_only)
+    assert install_secret(tmp_path, None) == first
