@@ -68,8 +68,9 @@ class Source:
     name: str
     label: str  # a class of zephyr.safety.CLASSES
     splits: dict[str, list[str]]
-    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded" (measured, never fitted or
-    # chosen on), "everyday", "science", "academic" or "lookalike"
+    kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded" (never trained on; its
+    # validation half is among the harmful messages the lines are chosen on), "everyday", "science", "academic" or
+    # "lookalike"
 
 
 @dataclass

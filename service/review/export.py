@@ -142,7 +142,7 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if label in ("served", "candidate") and candidate is not None:
             loser_role = "candidate" if label == "served" else "served"
             winner, loser = answers[label], answers[loser_role]
-            if answer_text(winner).strip() == answer_text(loser).strip():
+            if clean(answer_text(winner)).strip() == clean(answer_text(loser)).strip():  # as exported
                 # A preference between one text and itself says nothing (a greedy candidate, a short answer): as a
                 # DPO pair it carries no gradient, as KTO it would push one completion both ways.
                 left_out["identical"] += 1

@@ -252,6 +252,22 @@ def test_the_fit_reads_a_message_as_the_guard_does():
     assert whole_and_part(rows(0.7), True) == pytest.approx((0.7, -1.0))  # one sentence, read whole alone
 
 
+@pytest.mark.parametrize("read_whole", [True, False])
+def test_the_fit_and_the_guard_flag_the_same_messages(read_whole):
+    """Whatever the shape of a message's rows, the guard flags it exactly when the fit's (whole, part) scores reach
+    the pair of lines the fit chose: otherwise the validation figures would describe another guard."""
+    record = SafetyRecord(classes=list(CLASSES), coef=[[0.0] * 384] * 4, intercept=[0.0] * 4, threshold=0.9,
+                          sentence_threshold=0.99, created_at="2026-12-06T00:00:00Z")
+    guard = SafetyGuard(record, encoder=object())
+    rng = np.random.default_rng(3)
+    for _ in range(3000):
+        count = int(rng.integers(1, 7))
+        harm = rng.choice([0.5, 0.95, 0.995], size=count)
+        rows = np.array([[1 - x, x, 0.0, 0.0] for x in harm])
+        whole, part = whole_and_part(rows, read_whole)
+        assert guard.verdict(rows, read_whole).flagged == (whole >= 0.9 or part >= 0.99), (harm, read_whole)
+
+
 def test_the_pair_of_thresholds_flags_the_most_harm_within_the_benign_limits():
     # benign: 100 messages of a kind; a few high whole scores, a few high sentence scores
     benign = {"everyday": [(0.1 * (i % 10), 0.2) for i in range(90)] + [(0.97, -1.0)] * 5 + [(0.3, 0.995)] * 5}
