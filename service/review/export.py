@@ -142,7 +142,9 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if label in ("served", "candidate") and candidate is not None:
             loser_role = "candidate" if label == "served" else "served"
             winner, loser = answers[label], answers[loser_role]
-            if clean(answer_text(winner)).strip() == clean(answer_text(loser)).strip():  # as exported
+            # Redacted once (PII detection is the export's costliest step), compared as exported.
+            winner_text, loser_text = clean(answer_text(winner)), clean(answer_text(loser))
+            if winner_text.strip() == loser_text.strip():
                 # A preference between one text and itself says nothing (a greedy candidate, a short answer): as a
                 # DPO pair it carries no gradient, as KTO it would push one completion both ways.
                 left_out["identical"] += 1
@@ -166,18 +168,17 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                     continue
                 if not whole(winner, loser):
                     continue
-                out.append((PreferencePair(prompt=prompt, chosen=_reply(clean(answer_text(winner))),
-                                           rejected=_reply(clean(answer_text(loser))), source=SOURCE,
-                                           meta=provenance), provenance))
+                out.append((PreferencePair(prompt=prompt, chosen=_reply(winner_text), rejected=_reply(loser_text),
+                                           source=SOURCE, meta=provenance), provenance))
             elif options.format == "kto":
                 if not _flagged(group, label) and whole(winner):
-                    out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(winner))), label=True,
+                    out.append((KTOExample(prompt=prompt, completion=_reply(winner_text), label=True,
                                            meta=of(winner)), meta))
                 if whole(loser):
-                    out.append((KTOExample(prompt=prompt, completion=_reply(clean(answer_text(loser))),
-                                           label=False, meta=of(loser)), meta))
+                    out.append((KTOExample(prompt=prompt, completion=_reply(loser_text), label=False,
+                                           meta=of(loser)), meta))
             elif not _flagged(group, label) and whole(winner):
-                out.append((SFTExample(messages=prompt + _reply(clean(answer_text(winner))), meta=of(winner)), meta))
+                out.append((SFTExample(messages=prompt + _reply(winner_text), meta=of(winner)), meta))
         elif label == "both_bad" and options.format == "kto" and candidate is not None:
             for row in (served, candidate):
                 if not whole(row):
