@@ -537,12 +537,14 @@ def check(
     unlike_prompts: dict[str, str] = {}
     compared, problems = compare_runs(cand_run, base_run, suites, unlike_prompts=unlike_prompts, iters=iters,
                                       seed=seed)
+    # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
+    # other formats are shown for information).
+    served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
     # Options scored after other prompts cannot stand for a benchmark's verdict; beside its served method, whose
     # verdict it is, they are left out (listed as skipped).
-    served_in_common = {row.benchmark for row in compared if row.metric in SERVED_METRICS}  # as `served` below
     for key, why in unlike_prompts.items():
         benchmark, _, metric = key.partition("/")
-        if _gates(benchmark, metric, served_in_common):
+        if _gates(benchmark, metric, served):
             problems[key] = why
     if problems:
         lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
@@ -560,9 +562,6 @@ def check(
             f"({candidate}: {', '.join(have[candidate]) or 'none'}; {baseline}: {', '.join(have[baseline]) or 'none'})"
             f". Run `zephyr eval run --model NAME --suite {suites[0]}` for both models"
         )
-    # Where both models have /mcq's default method for a benchmark, it alone decides that benchmark's verdict (the
-    # other formats are shown for information).
-    served = {row.benchmark for row in compared if row.metric in SERVED_METRICS}
     rows = [_gate_row(row, max_drop, min_items, margin, gating=_gates(row.benchmark, row.metric, served))
             for row in compared]
     if not any(row.gating for row in rows):

@@ -6,6 +6,7 @@ keyed digests of their ids, so signing out (or removing a key) ends them on ever
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -57,25 +58,23 @@ def _publish_secret(path: Path) -> None:
     """A new random secret at `path` unless one is there. Written whole under another name, then linked into place,
     which fails where the name exists: replicas sharing a volume agree on the first one published, and none reads
     one half written."""
-    draft = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    value = secrets.token_hex(32)
-    try:
-        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+    def write_new(target: Path) -> None:  # FileExistsError where `target` is already there
+        with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(value)
             out.flush()
             os.fsync(out.fileno())
+
+    draft = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    value = secrets.token_hex(32)
+    try:
+        write_new(draft)
         try:
             os.link(draft, path)
         except FileExistsError:
             pass
         except OSError:  # a volume without hard links: created exclusively in place (readers wait for it whole)
-            try:
-                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-                    out.write(value)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):
+                write_new(path)
     finally:
         draft.unlink(missing_ok=True)
 
