@@ -39,6 +39,7 @@ from zephyr.safety import (
     SafetyGuard,
     SafetyRecord,
     Verdict,
+    at_message_line,
     reads_whole,
     segments,
     windows,
@@ -360,11 +361,8 @@ def whole_and_part(probabilities: Any, read_whole: bool) -> tuple[float, float]:
     (-1 for a short message of one sentence, read whole alone), from `segments`' rows."""
     scores = 1.0 - probabilities[:, 0]
     parts = scores[1:] if read_whole else scores
-    whole = float(scores[0]) if read_whole else -1.0
-    if len(scores) > 1:
-        whole = max(whole, float(scores[-1]))
-        if len(parts) >= 2:
-            whole = max(whole, float(parts[0]))
+    at_line = at_message_line(len(scores), read_whole)  # the guard's own rule
+    whole = max((float(x) for x, at in zip(scores, at_line, strict=True) if at), default=-1.0)
     return whole, (float(parts.max()) if len(parts) else -1.0)
 
 

@@ -311,6 +311,20 @@ def deciding(verdicts: list[Verdict]) -> Verdict | None:
     return max((v for v in verdicts if v.flagged), key=lambda v: (v.category == SELF_HARM, v.score), default=None)
 
 
+def at_message_line(rows: int, read_whole: bool) -> list[bool]:
+    """Which of a message's `segments` rows are judged at the whole message's line, the others at a sentence's: the
+    whole message (where it is read whole), and where it has several parts, its last (a request after a preamble
+    sits there) and its first (a request before harmless padding). The fit (evals.safety.whole_and_part) reads
+    messages by the same rule."""
+    at = [read_whole] + [False] * (rows - 1) if rows else []
+    first = 1 if read_whole else 0
+    if rows > 1:
+        at[-1] = True
+        if rows - first >= 2:
+            at[first] = True
+    return at
+
+
 class SafetyGuard:
     """Scores messages by a record. The encoder loads on first use (about a second; 120 MB beside the server's own
     imports) unless one is given: anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
@@ -397,14 +411,7 @@ class SafetyGuard:
 
         self_harm = CLASSES.index(SELF_HARM)
         scores = 1.0 - probabilities[:, 0]
-        limits = np.full(len(scores), self.sentence_threshold)
-        if read_whole:
-            limits[0] = self.threshold
-        if len(scores) > 1:  # the last part: where a request after a preamble sits
-            limits[-1] = self.threshold
-            first = 1 if read_whole else 0
-            if len(scores) - first >= 2:  # and the first, where a request before harmless padding sits
-                limits[first] = self.threshold
+        limits = np.where(at_message_line(len(scores), read_whole), self.threshold, self.sentence_threshold)
         flagged = scores >= limits
         worst = probabilities[int(np.where(flagged, scores, -1.0).argmax()) if flagged.any() else int(scores.argmax())]
         score = float(scores.max())
