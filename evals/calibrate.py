@@ -31,8 +31,8 @@ from offline.benchmarks import (
     DatasetError,
     first,
     load,
-    question_key,
     reported_copy,
+    without_questions_of,
 )
 from zephyr import mcq
 from zephyr.numerics import served_dtype
@@ -205,8 +205,7 @@ def question_domain_head(settings: Settings, encoder: Any, console: Console,
         loaded = load(name, split=split, data_dir=settings.data_dir)
         # Past the head calibration reads, and without its questions repeated under other ids (OpenBookQA train
         # repeats 8 of its first 500, with the same options), as items_outside_calibration leaves them out.
-        head = {question_key(i.question, i.options) for i in loaded[:skip]}
-        past = [i for i in loaded[skip:] if question_key(i.question, i.options) not in head]
+        past = without_questions_of(loaded[skip:], loaded[:skip])
         items, left_out = decontaminate(first(past, limit), check)
         if not items:
             raise DatasetError(f"{name}'s {split} split holds no questions {f'past the first {skip} ' if skip else ''}"

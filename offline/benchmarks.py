@@ -365,6 +365,13 @@ def question_key(question: str, options: list[str]) -> tuple[str, frozenset[str]
     return " ".join(normalize_words(question)), frozenset(" ".join(normalize_words(o)) for o in options)
 
 
+def without_questions_of(items: list[MCQItem], others: list[MCQItem]) -> list[MCQItem]:
+    """`items` without any question `others` asks too (question_key: the same words and options, whatever the id or
+    the options' order): splits repeat questions under other ids, so leaving out by id alone lets copies through."""
+    asked = {question_key(item.question, item.options) for item in others}
+    return [item for item in items if question_key(item.question, item.options) not in asked]
+
+
 @functools.lru_cache(maxsize=4)
 def reported_questions(data_dir: Path) -> dict[tuple[str, frozenset[str]], str]:
     """question_key -> "benchmark/id" of every question in an MCQ benchmark's reported split under `data_dir` (those
@@ -432,9 +439,7 @@ def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_sour
         # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
         head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
         head = {f"{source}/{item.id}" for item in head_items}
-        head_questions = {question_key(item.question, item.options) for item in head_items}
-        kept = [item for item in loaded
-                if item.id not in head and question_key(item.question, item.options) not in head_questions]
+        kept = [item for item in without_questions_of(loaded, head_items) if item.id not in head]
         reserved[source] = len(loaded) - len(kept)
         items.extend(kept[:limit_per_source] if limit_per_source else kept)
     return items, {source: n for source, n in reserved.items() if n}

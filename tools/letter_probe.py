@@ -299,8 +299,7 @@ def main(
             raise typer.BadParameter(str(exc), param_hint="--splits") from exc
         # A source may be the split scored (`sciq:validation` with the default --eval-split): never score a question
         # the probe trains on.
-        trained = {benchmarks.question_key(i.question, i.options) for i in train_items}
-        scored = [i for i in items if benchmarks.question_key(i.question, i.options) not in trained]
+        scored = benchmarks.without_questions_of(items, train_items)
         if not scored:
             raise typer.BadParameter(f"every scored {benchmark} {eval_split} question is among the training ones; "
                                      "score another --eval-split or train on other --splits", param_hint="--splits")

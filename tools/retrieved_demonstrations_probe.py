@@ -26,7 +26,7 @@ import numpy as np
 
 from evals import calibration, mcq_eval
 from evals.calibrate import load_items, load_scores
-from offline.benchmarks import CALIBRATION_LIMITS, MCQ_BENCHMARKS, load, question_key, reported_copy
+from offline.benchmarks import CALIBRATION_LIMITS, MCQ_BENCHMARKS, load, reported_copy, without_questions_of
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.encoder import embed, load_encoder
@@ -37,16 +37,15 @@ SOURCES = (("arc_easy", "train"), ("arc_challenge", "train"), ("openbookqa", "tr
 MAX_QUESTION_CHARS = 300  # a long demonstration costs every option's prompt its length
 
 
-def pool(settings: Settings, calibrated: set[Any]) -> list[Any]:
+def pool(settings: Settings, scored: list[Any]) -> list[Any]:
     data_dir = settings.data_dir.resolve()
     items = []
     for name, split in SOURCES:
         skip = CALIBRATION_LIMITS.get(name, 0) if split == "train" else 0  # OpenBookQA's first 500 calibrate
         for item in load(name, split=split, data_dir=settings.data_dir)[skip:]:
-            if (len(item.question) <= MAX_QUESTION_CHARS and not reported_copy(item, data_dir)
-                    and question_key(item.question, item.options) not in calibrated):
+            if len(item.question) <= MAX_QUESTION_CHARS and not reported_copy(item, data_dir):
                 items.append(item)
-    return items
+    return without_questions_of(items, scored)
 
 
 def score(settings: Settings, model: str, count: int, limit: int | None, out: Path) -> dict[str, list[dict]]:
@@ -54,8 +53,7 @@ def score(settings: Settings, model: str, count: int, limit: int | None, out: Pa
     from offline.engine import continuation_loglikelihoods
 
     data, _ = load_items(settings, list(MCQ_BENCHMARKS), limit)
-    known = {question_key(i.question, i.options) for _, items in data.values() for i in items}
-    solved = pool(settings, known)
+    solved = pool(settings, [i for _, items in data.values() for i in items])
     encoder = load_encoder()
     index = np.asarray(embed(encoder, [i.question for i in solved], progress=True))
     entry = Registry(settings.models_dir).get(model)

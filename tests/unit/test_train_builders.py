@@ -209,6 +209,21 @@ def test_a_question_is_its_words_and_its_set_of_options():
                                                                                         ["fruit", "candy"])
 
 
+def test_items_lose_the_questions_others_ask_whatever_their_ids_and_options_order():
+    from offline.benchmarks import without_questions_of
+    from zephyr.schemas import MCQItem
+
+    def item(id_, question, options):
+        return MCQItem(id=id_, question=question, options=options, answer="A")
+
+    asked = [item("head-1", "Who would be healthier?", ["fruit eater", "candy eater"])]
+    items = [item("train-9", "who would be HEALTHIER", ["Candy eater.", "fruit eater"]),  # a copy under another id
+             item("train-10", "Who would be healthier?", ["fruit eater", "soda drinker"]),  # other options: kept
+             item("head-1", "What melts ice?", ["heat", "cold"])]  # the same id, another question: kept
+    assert [i.id for i in without_questions_of(items, asked)] == ["train-10", "head-1"]
+    assert without_questions_of(items, []) == items
+
+
 @needs_shared
 def test_a_question_a_reported_split_holds_with_the_same_options_is_never_a_training_item(caplog):
     # OpenBookQA train 14-380 is dev 9-193 with its options reordered: three words, too short for the text
