@@ -378,6 +378,8 @@ def review_stats(
     for row in result["win_rate"]:
         table.add_row(row["model"], *(str(row[k]) for k in ("items", "wins", "losses", "ties", "both_bad")),
                       f"{row['win_rate']:.1%}")
+    if result["identical_pairs"]:
+        table.caption = f"left out: {result['identical_pairs']} pair(s) with one text as both answers"
     console.print(table)
     agreement = result["agreement"]
 

@@ -38,6 +38,9 @@ class Judgement:
     candidate_id: str | None = None  # the generation shown beside the served answer
     candidate_model: str | None = None
     chose_left: bool | None = None  # for served / candidate: was the preferred answer shown as A?
+    # A pair whose two answers are one text (a greedy candidate, a short answer): its verdict says nothing about
+    # either model, so win rates leave it out, as the export does (`left_out["identical"]`).
+    same_text: bool = False
 
 
 def reviewer_label(digest: str | None, names: Mapping[str, str] | None = None) -> str:
@@ -68,11 +71,12 @@ def by_item(judgements: list[Judgement]) -> dict[str, list[Judgement]]:
 
 def win_rates(judgements: list[Judgement], overlap: int = 1) -> list[dict]:
     """Per model, over pair items with a majority: wins, losses, ties, both-bad, and win rate = wins / items. Only
-    items judged by all `overlap` reviewers count: one verdict of two is a majority that the second could undo."""
+    items judged by all `overlap` reviewers count: one verdict of two is a majority that the second could undo. A pair
+    of one text twice is no contest (Judgement.same_text)."""
     table: dict[str, Counter] = defaultdict(Counter)
     for group in by_item(judgements).values():
         first = group[0]
-        if first.kind != "pair" or len(group) < overlap:
+        if first.kind != "pair" or len(group) < overlap or first.same_text:
             continue
         label, _ = majority([j.label for j in group])
         if label is None:
@@ -158,6 +162,8 @@ def compute(judgements: list[Judgement], skipped: dict[str, int], overlap: int) 
         "items": {"judged": len(groups), "complete": sum(len(g) >= overlap for g in groups.values())},
         "labels": {label: sum(j.label == label for j in judgements) for label in LABELS},
         "win_rate": win_rates(judgements, overlap),
+        # complete pairs the win rates leave out: both answers one text
+        "identical_pairs": sum(g[0].kind == "pair" and g[0].same_text and len(g) >= overlap for g in groups.values()),
         "agreement": agreement(judgements),
         "strength": {str(s): strengths[s] for s in STRENGTHS},
         "flags": {flag: flags[flag] for flag in FLAGS},

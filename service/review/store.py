@@ -351,10 +351,10 @@ class ReviewStore:
     async def judgements(self, since: datetime | None = None, *, texts: bool = True
                          ) -> tuple[list[Judgement], dict[str, dict]]:
         """Every judged verdict in order-free terms, and the generations they are about (by id). `texts=False`
-        reads of those only what statistics need (model and sampling), not conversations and answers: the page
-        asks for statistics after every verdict."""
+        reads of those only what statistics need (model, sampling, and the answers: a pair of one text is no contest),
+        not the conversations: the page asks for statistics after every verdict."""
         A, G = ReviewAssignment, Generation
-        columns = (G,) if texts else (G.id, G.model, G.params)
+        columns = (G,) if texts else (G.id, G.model, G.params, G.response)
         async with self.engine.connect() as conn:
             query = select(A).where(A.status == "judged")
             if since is not None:
@@ -432,4 +432,6 @@ def to_judgement(v: dict[str, Any], generations: dict[str, dict], names: Mapping
         served_model=item["model"], candidate_id=candidate_id,
         candidate_model=model_label(generations[candidate_id], item["model"]) if candidate_id else None,
         chose_left=chose_left,
+        # compared as the export compares them, less its redaction (the same text redacts alike)
+        same_text=bool(candidate_id) and answer_text(item).strip() == answer_text(generations[candidate_id]).strip(),
     )

@@ -66,6 +66,28 @@ def test_statistics_match_hand_computed_values():
     assert stats["labels"]["served"] == 6 and stats["labels"]["good"] == 0
 
 
+def test_a_pair_of_one_text_twice_is_left_out_of_win_rates_and_counted():
+    from dataclasses import replace
+
+    from service.review.store import to_judgement
+
+    same = [replace(v, same_text=True) for v in (j("i7", "r1", "served", 2), j("i7", "r2", "served", 3))]
+    with_same = compute(VERDICTS + same, skipped={}, overlap=2)
+    assert with_same["win_rate"] == compute(VERDICTS, skipped={}, overlap=2)["win_rate"]
+    assert with_same["identical_pairs"] == 1 and with_same["verdicts"] == len(VERDICTS) + 2
+    assert compute(VERDICTS + same[:1], skipped={}, overlap=2)["identical_pairs"] == 0  # not complete yet
+
+    def row(text):
+        return {"model": "S", "response": [{"content": text}], "params": {}}
+
+    generations = {"g1": row("Water boils at 100 C."), "g2": row("Water boils at 100 C.\n"), "g3": row("It boils.")}
+    verdict = {"item_id": "g1", "left_id": "g2", "right_id": "g1", "verdict": "a", "chosen_id": "g2",
+               "reviewer": None, "strength": 2, "flags": None}
+    assert to_judgement(verdict, generations).same_text
+    assert not to_judgement({**verdict, "left_id": "g3", "chosen_id": "g3"}, generations).same_text
+    assert not to_judgement({**verdict, "right_id": None, "left_id": "g1", "verdict": "good"}, generations).same_text
+
+
 def test_no_verdicts_and_undefined_kappa_are_reported_as_none():
     empty = compute([], {}, 2)
     assert empty["win_rate"] == [] and empty["agreement"]["raw"] is None

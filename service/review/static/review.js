@@ -412,6 +412,10 @@ async function loadStats() {
       : "No complete pair with a majority yet.";
   bars($("chart-win"), (stats.win_rate || []).map((r) => [r.model, r.win_rate,
     `${Math.round(100 * r.win_rate)}% (${r.wins}/${r.items}, ${r.ties} ties)`]), 1, noWinRate);
+  const identical = $("win-identical");
+  identical.hidden = !stats.identical_pairs;
+  identical.textContent = stats.identical_pairs
+    ? `${stats.identical_pairs} pair${stats.identical_pairs === 1 ? "" : "s"} with one text as both answers left out.` : "";
   const strengths = Object.entries(stats.strength);
   bars($("chart-strength"), strengths.map(([s, n]) => [STRENGTH_NAMES[s] || s, n, String(n)]),
     Math.max(...strengths.map(([, n]) => n)));
