@@ -39,11 +39,20 @@ def _command(model: str, suite: str) -> str:
     return f"`zephyr eval run --model {model} --suite {suite}`"
 
 
+def limits_cell(limits: dict[str, set[int | None]]) -> str:
+    """"whole splits", or each suite's limit (several where its measurements come from runs of different sizes)."""
+    if all(found == {None} for found in limits.values()):
+        return "whole splits"
+    return "; ".join(f"{suite}: " + ", ".join("whole" if n is None else f"first {n}"
+                                               for n in sorted(found, key=lambda n: n or 0))
+                     for suite, found in sorted(limits.items()))
+
+
 def _header(views: list[ModelView]) -> Section:
     rows = []
     for v in views:
         measured = v.run.created_at.strftime("%Y-%m-%d %H:%M UTC") if v.run else "no results"
-        limit = str(v.run.limit) if v.run and v.run.limit else MISSING
+        limit = limits_cell(v.limits) if v.run else MISSING
         rows.append(
             [
                 v.name,
@@ -61,7 +70,8 @@ def _header(views: list[ModelView]) -> Section:
             f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}. Accuracies are in % with a 95% bootstrap "
             "confidence interval in brackets (10,000 resamples, percentile method); text metrics and reward-model "
             "scores are in their own units.",
-            DocTable(["model", "parent", "method", "size on disk", "quantization", "latest run", "limit"], rows),
+            DocTable(["model", "parent", "method", "size on disk", "quantization", "latest run",
+                      "questions per benchmark"], rows),
         ],
     )
 

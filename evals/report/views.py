@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evals.gate import fmt_value, stale_served_rows
-from evals.results import EvalRun, Measurement, ResultStore, is_share, method_metric, scale_of
+from evals.results import (
+    EvalRun,
+    Measurement,
+    ResultStore,
+    chosen_sources,
+    is_share,
+    merge_runs,
+    method_metric,
+    scale_of,
+)
 from evals.stats import bootstrap_ci
 from zephyr.registry import Registry
 
@@ -27,6 +36,9 @@ class ModelView:
     cis: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # key -> CI of the mean
     # served (`auto`) measurements made under another calibration record than the entry holds now
     stale: list[str] = field(default_factory=list)
+    # per suite, the --limit of the runs the shown measurements come from (None: whole splits); suites are run apart,
+    # so one model's MCQ figures may be whole splits and its text figures the first 300 questions
+    limits: dict[str, set[int | None]] = field(default_factory=dict)
 
     def get(self, key: str) -> Measurement | None:
         return self.run.get(key) if self.run else None
@@ -43,7 +55,11 @@ class ModelView:
 def collect(store: ResultStore, models: list[str], registry: Registry | None) -> list[ModelView]:
     views = []
     for name in models:
-        run = store.latest(name)
+        runs = store.runs(name)
+        run = merge_runs(runs)
+        limits: dict[str, set[int | None]] = {}
+        for _, source in chosen_sources(runs).values():
+            limits.setdefault(source.suite, set()).add(source.limit)
         entry = registry.get(name) if registry is not None and registry.exists(name) else None
         manifest = entry.manifest if entry else None
         size = run.size_bytes if run else None
@@ -56,6 +72,7 @@ def collect(store: ResultStore, models: list[str], registry: Registry | None) ->
                 size_bytes=size if size is not None else (entry.size_bytes() if entry else None),
                 quantization=run.quantization if run else None,
                 stale=stale_served_rows(store, name, run, ["mcq"]) if run else [],
+                limits=limits,
             )
         )
     return views

@@ -412,3 +412,20 @@ def test_served_figures_of_a_record_since_replaced_are_marked_stale(tmp_path, de
     assert "| base | arc_easy | test | 2 | cloze (stale) | yes |" in section()
     assert "**Stale:** the rows marked (stale) were measured under another /mcq calibration record" in section()
     assert "`zephyr eval run --model base --suite mcq`" in section()
+
+
+def test_the_models_table_gives_each_suites_question_limit_not_the_newest_runs(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    store.save(EvalRun(model="p", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(40))]))
+    store.save(EvalRun(model="p", suite="text", limit=300, measurements=[
+        measurement("sciq_text", "names_distractor", "test", accuracy(5, 300))]))
+    store.save(EvalRun(model="q", suite="mcq", measurements=[measurement("sciq", "letter_acc", "test", accuracy(45))]))
+    # a smaller smoke run after the whole one does not replace it (chosen_sources), so it sets no limit either
+    store.save(EvalRun(model="q", suite="mcq", limit=40, measurements=[
+        measurement("sciq", "letter_acc", "test", accuracy(20, 40))]))
+    md = write_report(store, ["p", "q"], tmp_path / "out")[0].read_text()
+    models = md.split("## Models")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in models.splitlines()
+            if line.startswith(("| p |", "| q |"))}
+    assert rows["p"].endswith("| mcq: whole; text: first 300 |")
+    assert rows["q"].endswith("| whole splits |")
