@@ -26,6 +26,7 @@ from zephyr.registry import (
     RegistryError,
     check_name,
     copy_tokenizer_files,
+    not_a_full_precision_chat_model,
 )
 from zephyr.settings import Settings
 
@@ -151,17 +152,9 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         parent = registry.get(options.model)
     except RegistryError as exc:
         raise QuantError(str(exc)) from None
+    if why := not_a_full_precision_chat_model(parent):
+        raise QuantError(why)
     config = json.loads((parent.path / "config.json").read_text())
-    if config.get("quantization_config") or parent.manifest.method in QUANT_METHODS:
-        # EasyQuant's dequantized form holds plain 16-bit weights: only its manifest says they were quantized.
-        how = (config.get("quantization_config") or {}).get("quant_method") or parent.manifest.method
-        raise QuantError(f"{options.model} is already quantized ({how}); quantize its unquantized parent"
-                         + (f", {parent.manifest.parent}" if parent.manifest.parent else ""))
-    architectures = config.get("architectures") or []
-    if parent.manifest.method == "rm" or not any(a.endswith("ForCausalLM") for a in architectures):
-        # Loaded as a causal LM, a reward model loses its score head and would be registered as a chat model.
-        raise QuantError(f"{options.model} is no causal language model ({parent.manifest.method} entry, "
-                         f"{', '.join(architectures) or 'no architectures in config.json'}); quantize a chat model")
     if options.grouped:
         if options.group_size < 1:
             raise QuantError(f"--group-size must be a positive number of input features, not {options.group_size}")

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from training.recipes import Recipe, RecipeError, SamplingSpec
-from training.run import RunResult, TrainingError, check_output_free, saved_recipe_digest, train
+from training.run import RunResult, TrainingError, check_output_free, saved_recipe_digest, train, trainable_base
 from zephyr.console import make_console
 from zephyr.prompts import with_system_prompt
 from zephyr.registry import Registry, RegistryError, check_name, digest_file
@@ -116,7 +116,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     spec = recipe.sampling
     assert spec is not None  # the recipe validator guarantees it for method rs
     registry = Registry(settings.models_dir)
-    base = registry.get(recipe.model)
+    base = trainable_base(registry, recipe.model)
     try:
         reward_entry = registry.get(spec.reward_model)
     except RegistryError as exc:

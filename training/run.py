@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -24,7 +25,15 @@ from rich.console import Console
 from offline.benchmarks import normalize_words
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
-from zephyr.registry import ModelManifest, Registry, RegistryEntry, RegistryError, check_name, digest_file
+from zephyr.registry import (
+    ModelManifest,
+    Registry,
+    RegistryEntry,
+    RegistryError,
+    check_name,
+    digest_file,
+    not_a_full_precision_chat_model,
+)
 from zephyr.schemas import (
     DataFileError,
     KTOExample,
@@ -144,6 +153,8 @@ def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any,
     from one benchmark question (QUESTION_COLUMN: a science question's explained and direct records differ in
     every message)."""
     if group == "record":
+        if len(dataset) - math.ceil(fraction * len(dataset)) < 1:  # datasets raises on an empty side: the caller
+            return dataset.select([]), dataset  # names the part that came out empty, and the recipe's keys
         split = dataset.train_test_split(test_size=fraction, seed=seed)
         return split["train"], split["test"]
     openings = [opening(record) for record in dataset]
@@ -504,7 +515,10 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     if fresh and run_dir.exists() and main:
         shutil.rmtree(run_dir)
     _wait_for_every_process()  # no process may read the folder the first one is still deleting
-    if saved.is_file():
+    # A folder with neither a checkpoint nor a trained model holds nothing to resume or lose: an attempt refused
+    # after the folder was made (a recipe value only the model can check) starts again under the corrected recipe.
+    if saved.is_file() and (last_checkpoint(run_dir) is not None
+                            or any((run_dir / done).is_dir() for done in ("adapter", "trained"))):
         started = json.loads(saved.read_text())
         if started.get("digest") != recipe.digest():
             raise TrainingError(f"{run_dir} holds a run of a different recipe; pass --fresh to start over, or set "
@@ -544,13 +558,23 @@ def _file_logger(path: Path) -> logging.Handler:
     return handler
 
 
+def trainable_base(registry: Registry, name: str) -> RegistryEntry:
+    """The registry entry a recipe's `model` names, refused (before any work) if it is quantized or no chat model:
+    training a reward model's backbone as a chat model would drop its score head without a word, and a quantized
+    entry has no full-precision weights to merge an adapter into."""
+    base = registry.get(name)
+    if why := not_a_full_precision_chat_model(base):
+        raise TrainingError(f"model: {why}")
+    return base
+
+
 def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None, fresh: bool = False,
           overwrite: bool = False, console: Console | None = None, data_files: list[Path] | None = None) -> RunResult:
     """Train `recipe` and register the result. `data_files` replaces the recipe's training data (rejection
     sampling trains on the file it has just written)."""
     console = console or make_console()
     registry = Registry(settings.models_dir)
-    base = registry.get(recipe.model)
+    base = trainable_base(registry, recipe.model)
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite, recipe.model)
     spec = recipe.data or DataSpec(train=data_files or [])
@@ -714,7 +738,7 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     trained by this recipe on the data files this machine holds. The base must hold the same weights (the bundled
     entry is made alike everywhere from its GGUF; its sha256 is checked when it is made)."""
     registry = Registry(settings.models_dir)
-    base = registry.get(recipe.model)
+    base = trainable_base(registry, recipe.model)
     output = check_name(recipe.output_name(recipe_path))
     check_output_free(registry, output, overwrite, recipe.model)
     if recipe.data is None or recipe.method == "rs":  # rejection sampling writes its data as it runs

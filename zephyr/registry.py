@@ -145,6 +145,23 @@ def quantization_config(model: RegistryEntry | Path) -> dict[str, Any] | None:
     return _read_json(path / "config.json").get("quantization_config")
 
 
+def not_a_full_precision_chat_model(entry: RegistryEntry) -> str | None:
+    """Why `entry` cannot be what quantizing or training starts from, or None: a quantized checkpoint (a copy of its
+    parent's weights, compressed), or no causal language model (loaded as one, a reward model loses its score head
+    and would be registered as a chat model)."""
+    config = _read_json(entry.path / "config.json")
+    if config.get("quantization_config") or entry.manifest.method in QUANT_METHODS:
+        # EasyQuant's dequantized form holds plain 16-bit weights: only its manifest says they were quantized.
+        how = (config.get("quantization_config") or {}).get("quant_method") or entry.manifest.method
+        return f"{entry.name} is already quantized ({how}); start from its unquantized parent" + (
+            f", {entry.manifest.parent}" if entry.manifest.parent else "")
+    architectures = config.get("architectures") or []
+    if entry.manifest.method == "rm" or not any(a.endswith("ForCausalLM") for a in architectures):
+        return (f"{entry.name} is no causal language model ({entry.manifest.method} entry, "
+                f"{', '.join(architectures) or 'no architectures in config.json'}); start from a chat model")
+    return None
+
+
 def is_bitsandbytes(model: RegistryEntry | Path) -> bool:
     return (quantization_config(model) or {}).get("quant_method") == "bitsandbytes"
 

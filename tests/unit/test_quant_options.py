@@ -89,7 +89,7 @@ def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_mo
     # EasyQuant's dequantized form is plain 16-bit weights: its manifest alone says it was quantized.
     registry.add(registry.get(default_model.name).path, ModelManifest(name="eq", parent=default_model.name,
                                                                       method="easyquant"))
-    with pytest.raises(QuantError, match=f"eq is already quantized \\(easyquant\\); quantize its unquantized "
+    with pytest.raises(QuantError, match=f"eq is already quantized \\(easyquant\\); start from its unquantized "
                                          f"parent, {default_model.name}"):
         check(QuantOptions(model="eq", method="gptq"), registry)
     with pytest.raises(QuantError, match="is the model being quantized"):

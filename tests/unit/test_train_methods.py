@@ -13,7 +13,7 @@ from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
 from training.rs import CUT_OFF, _reusable_stats, best_of_n, read_prompts
 from training.run import TrainingError, balance_lengths, hold_out, opening, register_run, train
-from zephyr.registry import Registry, RegistryError, check_hf_folder
+from zephyr.registry import ModelManifest, Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
 from zephyr.settings import Settings
 
@@ -264,6 +264,20 @@ def test_rm_on_its_top_layer_with_length_grouped_batches_leaves_lower_layers_alo
                                                 "lora": {"r": 4}, "trainer": STEPS})
     with pytest.raises(TrainingError, match="the training part of .* records is empty"):
         train(load_recipe(emptied), settings, recipe_path=emptied)
+    # By record, two records cannot give one to held out and one to validation (datasets raised its own ValueError).
+    two = recipe_file(tmp_path, "two", {"method": "rm", "model": TINY, "output": "tiny-rm-7",
+                                        "data": {"train": str(one_conversation), "limit": 2, "eval_fraction": 0.05,
+                                                 "validation_fraction": 0.05},
+                                        "lora": {"r": 4}, "trainer": STEPS})
+    with pytest.raises(TrainingError, match="the training part of 2 records is empty"):
+        train(load_recipe(two), settings, recipe_path=two)
+    # A reward model is no base for a chat model: loaded as a causal LM it would lose its score head unnoticed.
+    Registry(settings.models_dir).add(Registry(settings.models_dir).get(TINY).path,
+                                      ModelManifest(name="tiny-scorer", parent=TINY, method="rm"))
+    on_rm = recipe_file(tmp_path, "on-rm", {"method": "sft", "model": "tiny-scorer", "output": "tiny-sft-on-rm",
+                                            "data": {"train": str(data["sft"])}, "lora": {"r": 4}, "trainer": STEPS})
+    with pytest.raises(TrainingError, match="model: tiny-scorer is no causal language model \\(rm entry"):
+        train(load_recipe(on_rm), settings, recipe_path=on_rm)
 
 
 def test_held_out_groups_keep_a_conversation_opening_on_one_side():
@@ -400,25 +414,52 @@ def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_pat
 
 def test_a_run_folder_refuses_to_resume_on_data_that_changed(data, tmp_path):
     """The recipe names its data files by path; regenerated data under the same path is another run."""
+    import shutil
+
     from training.run import prepare_run_dir
 
     body = {"method": "sft", "model": TINY, "output": "tiny-data", "data": {"train": str(data["sft"])}}
     recipe = load_recipe(recipe_file(tmp_path, "data", body))
     run_dir = tmp_path / "run"
+
+    def checkpoint() -> None:  # what a run that got as far as its first save leaves
+        (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+
     assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is False
-    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is False  # same data: may resume
+    checkpoint()
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is True  # same data: resumes
     with pytest.raises(TrainingError, match="started on other data.*--fresh"):
         prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b")
     assert prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b") is False
     # The base replaced under its name since: the checkpoints adapt weights it no longer has.
     assert prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b", base_made_at="2026-12-01") is False
-    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01") is False
+    checkpoint()
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01") is True
     with pytest.raises(TrainingError, match="started from an earlier .* since replaced.*--fresh"):
         prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-03")
+    # Another recipe is refused while the folder holds what it would resume ...
+    other = load_recipe(recipe_file(tmp_path, "other", {**body, "trainer": {"learning_rate": 0.5}}))
+    with pytest.raises(TrainingError, match="holds a run of a different recipe"):
+        prepare_run_dir(other, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01")
+    # ... but an attempt refused before its first checkpoint (a value only the model can check) left nothing to
+    # resume or lose: the corrected recipe starts there without --fresh, and the folder records it.
+    shutil.rmtree(run_dir / "checkpoints")
+    assert prepare_run_dir(other, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01") is False
+    assert json.loads((run_dir / "recipe.json").read_text())["digest"] == other.digest()
+    checkpoint()
+    with pytest.raises(TrainingError, match="holds a run of a different recipe"):
+        prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01")
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "adapter").mkdir()  # a finished run keeps its adapter: `zephyr train register` reads it by recipe
+    with pytest.raises(TrainingError, match="holds a run of a different recipe"):
+        prepare_run_dir(recipe, run_dir, fresh=False, data="digest-b", base_made_at="2026-12-01")
+    (run_dir / "adapter").rmdir()
+    prepare_run_dir(recipe, run_dir, fresh=True, data="digest-b", base_made_at="2026-12-01")
+    checkpoint()
     saved = json.loads((run_dir / "recipe.json").read_text())
     del saved["data_digest"], saved["base_made_at"]  # a folder an older version started: resumed as before
     (run_dir / "recipe.json").write_text(json.dumps(saved))
-    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-c") is False
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-c") is True
 
 
 def test_existing_output_is_not_overwritten_silently(home, data, tmp_path):
