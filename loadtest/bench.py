@@ -352,7 +352,10 @@ async def run(args: argparse.Namespace) -> None:
     env = {**os.environ, **settings.vllm_environment(), "ZEPHYR_PORT": str(args.port),
            "ZEPHYR_MEMORY_SHARE": engine["share"],
            "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(home),
-           "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower()}
+           "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower(),
+           # Off unless asked: the guard reads every request and the answer screen holds text back until a sentence
+           # is judged, so "TTFT" would time the first screened sentence against vLLM's first token.
+           **({} if args.with_safety else {"ZEPHYR_SAFETY_GUARD": "false", "ZEPHYR_SAFETY_SCREEN_ANSWERS": "false"})}
     # vLLM computes in the dtype ours serves: `vllm serve`'s auto picks bf16 where ours serves float32 (CPUs
     # without AMX), which would compare two numerics, not two servers.
     dtype = engine["dtype"] = served_dtype(entry.path, settings.dtype)
@@ -468,6 +471,9 @@ def main() -> None:
                         "(a quieter machine for a small effect)")
     parser.add_argument("--memory-share", type=float, default=0.2, help="per server (both run at once)")
     parser.add_argument("--compiled", action="store_true", help="torch.compile both engines (slower start)")
+    parser.add_argument("--with-safety", action="store_true",
+                        help="keep our safety guard and answer screen on (the service's defaults): our TTFT is "
+                             "then the first screened sentence's, and the ratios price the guard too")
     parser.add_argument("--port", type=int, default=8100, help="ours; vllm serve gets port+1")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()

@@ -503,12 +503,18 @@ class Tutor:
             return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
                                            choices=choices, usage=usage))
 
+        role = event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                      for i in range(gen.params.n)])
+
         async def chunks() -> AsyncIterator[str]:
-            yield event([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                         for i in range(gen.params.n)])
-            opening_sent = False
+            # The role chunk goes with the first output, as `vllm serve` sends it: clients (vLLM's own benchmark
+            # among them) time the first token by the first chunk, which sent at once measured only the headers.
+            role_sent = opening_sent = False
             async with aclosing(self.run(gen)) as outputs:
                 async for out in outputs:
+                    if not role_sent:
+                        role_sent = True
+                        yield role
                     if gen.answer_prefix and not opening_sent:  # written by run() (open_answer) before any token
                         opening_sent = True
                         self.first_text_sent(gen)
@@ -529,6 +535,8 @@ class Tutor:
                         if any(c.delta.content for c in choices):
                             self.first_text_sent(gen)
                         yield event(choices)
+            if not role_sent:  # a run that ended without an output still answers as an assistant
+                yield role
 
         return event_stream(chunks(), (lambda: event([], gen.usage())) if include_usage else None)
 

@@ -89,6 +89,29 @@ async def test_stream_is_sse_ending_with_done_and_usage(served):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
 
 
+async def test_the_role_chunk_goes_out_with_the_first_output_not_before(served):
+    """Clients time the first token by the first chunk (vLLM's benchmark does): sent before the engine's first
+    output, it timed the headers. Sent as a server sends it (httpx's test transport collects the whole body)."""
+    import asyncio
+
+    from tests.unit.test_access_and_limits import raw_post
+
+    served.engine.delay = 0.2  # a token every 0.2 s: a chunk sent before the first output finds no step made
+    served.engine.steps_generated = 0  # the stub counts from its first call, and earlier tests leave it at their own
+    bodies: list[tuple[bytes, int]] = []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            bodies.append((message["body"], served.engine.steps_generated))
+
+    await asyncio.wait_for(raw_post(served.app, CHAT, {"messages": user(), "max_tokens": 2, "stream": True},
+                                    asyncio.Event(), send), 10)
+    first, steps_then = bodies[0]
+    assert json.loads(first.decode().split("\n")[0].removeprefix("data: "))["choices"][0]["delta"] == {
+        "role": "assistant", "content": ""}
+    assert steps_then >= 1 and bodies[-1][0].decode().strip().endswith("data: [DONE]")
+
+
 @pytest.mark.parametrize(
     ("payload", "status", "fragment", "param"),
     [
