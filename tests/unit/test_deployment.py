@@ -205,6 +205,13 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     # The server would refuse it at start, in a crash loop.
     (["--set", f"secrets.apiKeys={{{K0},Ada=reviewer:hunter2}}"],
      "secrets.apiKeys entry 2: its key is shorter than 16 characters"),
+    # The server's other rules for an entry, which it would also refuse at start: a role it knows, a `:`, a name.
+    (["--set", f"secrets.apiKeys={{{K0},studnet:hunter2hunter2hunter2}}"],
+     "secrets.apiKeys entry 2 must be role:key or name=role:key with role one of student, reviewer, admin"),
+    (["--set", "secrets.apiKeys={hunter2hunter2hunter2}"],
+     "secrets.apiKeys entry 1 must be role:key or name=role:key"),
+    (["--set", f"secrets.apiKeys={{{'A' * 65}=admin:hunter2hunter2hunter2}}"],
+     "secrets.apiKeys entry 1: its name is longer than 64 characters"),
 ])
 def test_unsafe_values_fail_with_a_message(values, named):
     result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
@@ -256,6 +263,21 @@ def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_b
     # One GPU a replica: a surge pod would wait for a second GPU.
     gpu = render("gpu")["Deployment"]["spec"]["strategy"]
     assert gpu["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_a_gpu_pod_on_the_sqlite_log_is_replaced_not_rolled():
+    """The GPU profile set RollingUpdate {maxSurge: 0}, which still starts the new pod while the old one drains: two
+    writers of one SQLite file (found by a review)."""
+    def strategy(*values: str):
+        return helm("template", "tutor", str(CHART), "-f", str(CHART / "values-gpu.yaml"),
+                    "--set", f"secrets.apiKeys={K0}", *values)
+
+    result = strategy("--set", "persistence.accessModes={ReadWriteMany}")
+    assert result.returncode == 0, result.stderr
+    assert next(d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Deployment")["spec"][
+        "strategy"] == {"type": "Recreate"}
+    refused = strategy("--set", "updateStrategy.type=RollingUpdate")
+    assert refused.returncode != 0 and "updateStrategy RollingUpdate would run the new pod beside" in refused.stderr
 
 
 def test_sqlite_on_a_shared_volume_is_never_written_by_two_pods():
@@ -311,6 +333,17 @@ def test_numbers_from_a_values_file_reach_the_server_as_it_reads_them(tmp_path):
     settings = Settings(**{name.removeprefix("ZEPHYR_").lower(): value for name, value in config.items()
                            if name in ("ZEPHYR_MAX_BODY_BYTES", "ZEPHYR_MAX_MODEL_LEN", "ZEPHYR_CHAT_TEMPERATURE")})
     assert settings.max_body_bytes == 2_000_000 and settings.max_model_len == 1_048_576
+
+
+def test_a_list_from_a_values_file_reaches_the_server_as_json(tmp_path, monkeypatch):
+    """`quote` wrote a list in Go's form, [EMAIL_ADDRESS PHONE_NUMBER], which the server refused at start (found by
+    a review)."""
+    values = tmp_path / "values.yaml"
+    values.write_text("config:\n  ZEPHYR_PII_ENTITIES: [EMAIL_ADDRESS, PHONE_NUMBER]\n")
+    config = render("cpu", "-f", str(values))["ConfigMap"]["data"]
+    assert config["ZEPHYR_PII_ENTITIES"] == '["EMAIL_ADDRESS","PHONE_NUMBER"]'
+    monkeypatch.setenv("ZEPHYR_PII_ENTITIES", config["ZEPHYR_PII_ENTITIES"])  # read as the pod reads it
+    assert Settings().pii_entities == ["EMAIL_ADDRESS", "PHONE_NUMBER"]
 
 
 def test_keys_from_a_mounted_file_alone_and_no_credentials_for_the_init_container():
