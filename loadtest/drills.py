@@ -207,7 +207,10 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
         engine_pid = server.engine_core_pid()
         killed = time.time()
         os.kill(engine_pid, signal.SIGKILL)
-        not_ready, closed = watch_readiness(server, killed, timeout=30)
+        # Requests of our own once /readyz fails: Locust's users, thinking between requests, may send none then.
+        probes: list[dict] = []
+        not_ready, closed = watch_readiness(
+            server, killed, timeout=30, on_not_ready=lambda: probes.extend(probe(server.url, n) for n in GENERATION))
         if not_ready is None and closed is not None:
             not_ready = closed - killed  # already closed: not ready either
         code, exited = _wait_exit(server, 120)
@@ -218,13 +221,14 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
     events = [e for e in locust.events() if e["name"] in GENERATION]
     in_flight = [e for e in events if e["start"] < killed < e["end"]]
     longest = max((e["end"] - killed for e in in_flight), default=0.0)
-    before_exit = [e for e in events if killed + RACE_S < e["start"] < exited]
+    # Ours count even when they came after the exit: refused at once (the port closed) is not queued either.
+    before_exit = [e for e in events if killed + RACE_S < e["start"] < exited] + probes
     report.check(f"/readyz fails within {READYZ_LIMIT_S} s", not_ready is not None and not_ready < READYZ_LIMIT_S,
                  f"after {not_ready:.2f} s" if not_ready is not None else "still ready after 30 s")
     report.check("no request hangs", in_flight and longest < 30,
                  f"{len(in_flight)} in flight at the kill ({_statuses(in_flight)}); the last ended "
                  f"{longest:.1f} s after it")
-    report.check("new requests are refused, not queued", all(_refused(e) for e in before_exit),
+    report.check("new requests are refused, not queued", before_exit and all(_refused(e) for e in before_exit),
                  f"{len(before_exit)} sent before exit: {_statuses(before_exit)}; the slowest took "
                  f"{_slowest(before_exit):.2f} s")
     report.check("the server exits (code 1) for a restart", code == 1,
@@ -244,7 +248,10 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
         engine_pid = server.engine_core_pid()
         stopped = time.time()
         os.kill(engine_pid, signal.SIGSTOP)
-        not_ready, closed = watch_readiness(server, stopped, timeout=STALL_S + 30)
+        probes: list[dict] = []  # as in engine_kill: requests of our own once /readyz fails
+        not_ready, closed = watch_readiness(
+            server, stopped, timeout=STALL_S + 30,
+            on_not_ready=lambda: probes.extend(probe(server.url, n) for n in GENERATION))
         if not_ready is None and closed is not None:
             not_ready = closed - stopped
         code, exited = _wait_exit(server, 120)
@@ -258,7 +265,7 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
     in_flight = [e for e in events if e["start"] < stopped < e["end"]]
     longest = max((e["end"] - stopped for e in in_flight), default=0.0)
     unready_at = stopped + (not_ready if not_ready is not None else STALL_S + 30)
-    after_unready = [e for e in events if unready_at + RACE_S < e["start"] < exited]
+    after_unready = [e for e in events if unready_at + RACE_S < e["start"] < exited] + probes
     limit = STALL_S + READYZ_LIMIT_S
     report.check(f"/readyz fails within {limit} s (stall limit {STALL_S} s)",
                  not_ready is not None and not_ready < limit,
@@ -266,7 +273,7 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
     report.check("no request hangs", in_flight and longest < STALL_S + 30,
                  f"{len(in_flight)} in flight at the stop ({_statuses(in_flight)}); the last ended "
                  f"{longest:.1f} s after it")
-    report.check("new requests are refused once not ready", all(_refused(e) for e in after_unready),
+    report.check("new requests are refused once not ready", after_unready and all(_refused(e) for e in after_unready),
                  f"{len(after_unready)} sent before exit: {_statuses(after_unready)}; the slowest took "
                  f"{_slowest(after_unready):.2f} s")
     named = "stalled for" in server.log_path.read_text(errors="replace")

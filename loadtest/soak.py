@@ -30,7 +30,9 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
     report = Report(f"soak: {users} users for {minutes:g} min")
     home = scratch_home("soak")
     extra = {"db_url": db_url} if db_url else {}
-    server = LocalServer.start(home, review_policy="sample", review_share="0.1", **extra)
+    # Every simulated student shares one key: under the key's default limit a larger soak would be mostly 429s, a
+    # load the model never saw, and still pass. Lifted here, so a 429 is a regression like any other 4xx.
+    server = LocalServer.start(home, review_policy="sample", review_share="0.1", rate_limit="1000000/minute", **extra)
     samples: list[tuple[float, int]] = []
     stop_sampling = threading.Event()
 
@@ -52,7 +54,7 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         console.print(summary(events, wall_s, report.title))
 
         # Every other check passes on no traffic: a locustfile that fails to load must fail the soak. (Locust's exit
-        # code is 1 on any failed request, the expected 409s and 429s too, so it alone cannot tell.)
+        # code is 1 on any failed request, the expected 409s too, so it alone cannot tell.)
         missing = kinds_not_sent(events)
         report.check("every kind of request in the mix was sent", not missing,
                      f"none of {', '.join(missing)}; Locust exited {locust_exit}, its log: {out / 'locust.log'}"
@@ -64,11 +66,9 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
                      f"{len(server_errors)} of {len(events)} requests" + _codes(server_errors))
         report.check("no dropped connection", not dropped, f"{len(dropped)} requests without an answer")
         # The mix sends only valid requests: a 4xx is a regression (a key refused, an ARC question rejected), except
-        # a verdict on an item another reviewer settled first (409) and the key's rate limit (429), counted apart.
+        # a verdict on an item another reviewer settled first (409).
         refused = [e for e in events if 400 <= e["status"] < 500 and not expected_refusal(e)]
-        limited = sum(e["status"] == 429 for e in events)
-        report.check("no unexpected 4xx", not refused,
-                     f"{len(refused)} of {len(events)} requests" + _codes(refused) + f"; {limited} rate-limited (429)")
+        report.check("no unexpected 4xx", not refused, f"{len(refused)} of {len(events)} requests" + _codes(refused))
         # A 200 is no success when its stream broke off or carried an error event, or its /mcq body breaks the
         # promise of one offered letter with probabilities over the options.
         broken = [e for e in events if e["status"] == 200 and e.get("error")]
@@ -104,7 +104,7 @@ def kinds_not_sent(events: list[dict]) -> list[str]:
 
 
 def expected_refusal(event: dict) -> bool:
-    return event["status"] == 429 or (event["status"] == 409 and event["name"] == "review")
+    return event["status"] == 409 and event["name"] == "review"
 
 
 def _codes(events: list[dict]) -> str:

@@ -86,8 +86,8 @@ def test_the_soak_tolerates_only_the_refusals_its_mix_can_meet():
     from loadtest.soak import expected_refusal
 
     assert expected_refusal({"status": 409, "name": "review"})  # another reviewer settled the item first
-    assert expected_refusal({"status": 429, "name": "chat"})
-    for status, name in ((401, "review"), (400, "mcq"), (404, "chat"), (409, "chat")):
+    # The soak's server lifts the key's rate limit (every simulated student shares one key): a 429 is a regression.
+    for status, name in ((401, "review"), (400, "mcq"), (404, "chat"), (409, "chat"), (429, "chat")):
         assert not expected_refusal({"status": status, "name": name})
 
 
