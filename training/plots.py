@@ -33,16 +33,18 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
-def curve_label(key: str) -> str:
-    """The legend of one curve: the held-out or training curve, or which of GRPO's rewards it is."""
+def curve_label(key: str, validation: bool = False) -> str:
+    """The legend of one curve: the evaluated curve (the validation part when the recipe carves one: the trainer
+    then watches it, and the held-out part is measured once at the end), the training curve, or which of GRPO's
+    rewards it is."""
     if key.startswith("eval_"):
-        return "held out"
+        return "validation" if validation else "held out"
     if key.startswith("rewards/") and key.endswith("/mean"):
         return key.removeprefix("rewards/").removesuffix("/mean")
     return "train"
 
 
-def plot_run(run_dir: Path, method: str) -> Path | None:
+def plot_run(run_dir: Path, method: str, validation: bool = False) -> Path | None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     panels = [(title, keys) for title, keys in PANELS[method] if any(series(rows, k)[0] for k in keys)]
     if not panels:
@@ -58,7 +60,7 @@ def plot_run(run_dir: Path, method: str) -> Path | None:
             steps, values = series(rows, key)
             if steps:
                 ax.plot(steps, values, marker="o" if key.startswith("eval_") else None, markersize=3,
-                        label=curve_label(key))
+                        label=curve_label(key, validation))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

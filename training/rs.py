@@ -69,14 +69,21 @@ def sample_offline(model_path: Path, prompts: list[Conversation], spec: Sampling
 
 def sample_server(url: str, model: str, prompts: list[Conversation], spec: SamplingSpec,
                   api_key: str | None) -> list[list[str | None]]:
-    from openai import OpenAI
+    from openai import APIError, OpenAI
     from tqdm import tqdm
 
-    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=3)
+    root = url.rstrip("/").removesuffix("/v1")  # the server's root, or its /v1 as OpenAI clients are given it
+    client = OpenAI(base_url=f"{root}/v1", api_key=api_key or "none", max_retries=3)
     answers = []
     for prompt in tqdm(prompts, desc=f"sampling from {url}"):
-        reply = client.chat.completions.create(model=model, messages=prompt, n=spec.n, temperature=spec.temperature,
-                                               top_p=spec.top_p, max_tokens=spec.max_tokens, seed=spec.seed)
+        try:
+            reply = client.chat.completions.create(model=model, messages=prompt, n=spec.n,
+                                                   temperature=spec.temperature, top_p=spec.top_p,
+                                                   max_tokens=spec.max_tokens, seed=spec.seed)
+        except APIError as exc:  # unreachable, another model served (404), a key refused (401), rate-limited
+            raise TrainingError(f"sampling.server {url} failed on prompt {len(answers) + 1} of {len(prompts)} "
+                                f"({type(exc).__name__}: {exc}); it must serve {model!r} (OpenAI-compatible), with "
+                                "ZEPHYR_API_KEY set to a key it accepts") from None
         answers.append([(choice.message.content or "") if choice.finish_reason == "stop" or spec.keep_cut_off
                         else CUT_OFF for choice in reply.choices])
     return answers

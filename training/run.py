@@ -72,13 +72,14 @@ class RunResult:
 
 
 def is_plain_text(file: Path) -> bool:
-    """Whether a data file holds plain-text records (the first record's `prompt` is a string)."""
-    with Path(file).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
+    """Whether a data file holds plain-text records (the first record's `prompt` is a string). A file that is not
+    UTF-8 reads as not plain: read_jsonl then names its line."""
+    with Path(file).open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
                 try:
-                    return isinstance(json.loads(line).get("prompt"), str)
-                except (ValueError, AttributeError):
+                    return isinstance(json.loads(raw.decode("utf-8")).get("prompt"), str)
+                except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
                     return False
     return False
 
@@ -691,7 +692,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from training.plots import plot_run
 
-    plot_run(run_dir, recipe.method)
+    plot_run(run_dir, recipe.method, validation=validation_set is not None)
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
 
 

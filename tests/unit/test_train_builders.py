@@ -181,6 +181,11 @@ def test_review_export_bad_lines(tmp_path):
     with pytest.raises(BuildError, match="is empty"):
         from_review_export(empty)
 
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('\n{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    with pytest.raises(BuildError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        from_review_export(latin1)
+
 
 # --- MCQ training splits ---
 

@@ -256,6 +256,11 @@ def test_runner_reads_plain_text_for_dpo_and_sft_only(tmp_path):
                                       rejected=[{"role": "assistant", "content": "B"}], source="t")])
     with pytest.raises(RecipeError, match="mix plain-text and conversational"):
         read_records([text_pairs, chat], "dpo")
+    latin1 = tmp_path / "latin1.jsonl"  # dpo and sft raised UnicodeDecodeError where kto named the line
+    latin1.write_bytes('{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    for method in ("dpo", "sft", "kto"):
+        with pytest.raises(RecipeError, match=r"latin1\.jsonl"):
+            read_records([latin1], method)
 
 
 def test_cli_writes_pairs_and_sft_examples(tmp_path, monkeypatch):

@@ -665,6 +665,7 @@ def test_curve_legends_name_grpo_rewards_and_the_held_out_curve():
     assert [curve_label(k) for k in ("rewards/served_letter/mean", "rewards/answer_format/mean", "eval_loss",
                                      "loss", "rewards/margins")] == \
         ["served_letter", "answer_format", "held out", "train", "train"]
+    assert curve_label("eval_loss", validation=True) == "validation"  # what the trainer watched: not held out
 
 
 def test_ranked_samples_are_reused_only_for_the_same_sampling(tmp_path):
@@ -695,3 +696,40 @@ def test_sft_records_whose_prompt_fills_max_length_are_left_out_and_counted(home
     kept, left_out = with_room(Dataset.from_list(rows), tokenizer, 128)
     assert left_out == 1 and [r["completion"][0]["content"] for r in kept] == ["Scattering."]
     assert with_room(Dataset.from_list(rows), tokenizer, None)[1] == 0
+
+
+def test_sampling_from_a_server_that_refuses_names_the_server_and_the_way_out(tmp_path):
+    """An openai error (another model served: 404) escaped as a traceback and lost the prompts sampled before it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from training.recipes import SamplingSpec
+    from training.rs import sample_server
+
+    asked: list[str] = []
+
+    class NotThisModel(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            asked.append(self.path)
+            body = json.dumps({"error": {"message": "no model 'tiny'", "type": "not_found",
+                                         "code": "model_not_found"}}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotThisModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    spec = SamplingSpec(reward_model="rm", prompts=tmp_path / "p.jsonl", n=2)
+    try:
+        for url in (f"http://127.0.0.1:{server.server_port}", f"http://127.0.0.1:{server.server_port}/v1/"):
+            with pytest.raises(TrainingError, match=r"sampling.server .* failed on prompt 1 of 1 \(NotFoundError"):
+                sample_server(url, "tiny", [[{"role": "user", "content": "Hi"}]], spec, None)
+    finally:
+        server.shutdown()
+    assert asked == ["/v1/chat/completions"] * 2  # a URL given with its /v1 is not asked at /v1/v1

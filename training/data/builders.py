@@ -146,11 +146,13 @@ _EXPORT_HINT = "write it with `zephyr review export --format dpo|kto|sft`"
 
 
 def _first_record(path: Path) -> tuple[int, Any]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if raw.strip():
                 try:
-                    return number, json.loads(line)
+                    return number, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise BuildError(f"{path}:{number}: not UTF-8 text; {_EXPORT_HINT}") from None
                 except json.JSONDecodeError as exc:
                     raise BuildError(f"{path}:{number}: not JSON ({exc.msg}); {_EXPORT_HINT}") from exc
     raise BuildError(f"{path} is empty; {_EXPORT_HINT}")
