@@ -18,7 +18,15 @@ from rich.table import Table
 from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.registry import Registry, RegistryError
-from zephyr.schemas import KTOExample, PreferencePair, SFTExample, TextPreferencePair, TextSFTExample, write_jsonl
+from zephyr.schemas import (
+    KTOExample,
+    PreferencePair,
+    SFTExample,
+    TextPreferencePair,
+    TextSFTExample,
+    VerifiablePrompt,
+    write_jsonl,
+)
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 train_app = typer.Typer(help="Align a registry model with TRL: SFT, reward model, rejection sampling, DPO, KTO, GRPO.",
@@ -28,6 +36,9 @@ data_app = typer.Typer(help="Build and clean training data (JSON Lines in the ze
 progress = make_console(stderr=True)  # training's own progress and logs; results go to stdout
 
 SCHEMA_BY_FORMAT = {"dpo": PreferencePair, "kto": KTOExample, "sft": SFTExample}
+# What `zephyr data clean` reads: also the files `data cloze` and `data grpo` write (with --no-clean, to clean later).
+CLEAN_FORMATS = {**SCHEMA_BY_FORMAT, "cloze-dpo": TextPreferencePair, "cloze-sft": TextSFTExample,
+                 "grpo": VerifiablePrompt}
 
 
 # ---- train -------------------------------------------------------------------------------------------------------
@@ -453,7 +464,6 @@ def data_grpo(
     key's letter the rewards check (no model needed)."""
     from offline.benchmarks import SourceError
     from training.data import cloze, verifiable
-    from zephyr.schemas import VerifiablePrompt
 
     settings = load_settings()
     try:
@@ -530,19 +540,20 @@ def data_review(
 def data_clean(
     source: Annotated[Path, typer.Option("--input", help="JSON Lines in one of the schemas")],
     out: Out,
-    fmt: Annotated[str, typer.Option("--format", help="dpo (preference pairs), kto or sft")],
+    fmt: Annotated[str, typer.Option("--format", help="dpo (preference pairs), kto, sft, cloze-dpo and cloze-sft "
+                                                      "(`data cloze`'s pairs and SFT examples), or grpo")],
     clean: CleanFlags = CleanFlags(),
 ) -> None:
     """Clean any data file: PII, exact and near duplicates, lengths, overlap with evaluation test sets."""
     from zephyr.schemas import DataFileError, read_jsonl
 
-    if fmt not in SCHEMA_BY_FORMAT:
-        raise fail(f"--format must be one of {', '.join(SCHEMA_BY_FORMAT)}, not {fmt!r}")
+    if fmt not in CLEAN_FORMATS:
+        raise fail(f"--format must be one of {', '.join(CLEAN_FORMATS)}, not {fmt!r}")
     if not source.is_file():
         raise fail(f"{source} does not exist")
     settings = load_settings()
     try:
-        records = list(read_jsonl(source, SCHEMA_BY_FORMAT[fmt]))
+        records = list(read_jsonl(source, CLEAN_FORMATS[fmt]))
     except DataFileError as exc:
         raise fail(str(exc)) from None
-    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source))
+    _clean_and_write(records, out, CLEAN_FORMATS[fmt], clean=clean, settings=settings, title=str(source))

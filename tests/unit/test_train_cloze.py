@@ -279,6 +279,12 @@ def test_cli_writes_pairs_and_sft_examples(tmp_path, monkeypatch):
     assert len(rows) == 12 and all(r.prompt.startswith("Question: Which item") and r.chosen.startswith(" copper")
                                    for r in rows)
     assert len([TextSFTExample.model_validate_json(line) for line in sft.read_text().splitlines()]) == 12
+    # What `data cloze --no-clean` advises: clean the files later (`data clean` read only the chat schemas).
+    for fmt, path in (("cloze-dpo", out), ("cloze-sft", sft)):
+        cleaned = CliRunner().invoke(app, ["data", "clean", "--input", str(path), "--out", str(tmp_path / fmt),
+                                           "--format", fmt, "--no-decontaminate"])
+        assert cleaned.exit_code == 0, cleaned.output
+        assert len((tmp_path / fmt).read_text().splitlines()) == 12
     refused = CliRunner().invoke(app, ["data", "cloze", "--sources", "sciq:validation", "--out", str(out)])
     assert refused.exit_code != 0 and "refusing sciq:validation" in " ".join(refused.output.split())
 
