@@ -111,8 +111,10 @@ class QuantOptions:
         if self.method == "awq":
             out["awq_grid"] = self.awq_grid
         if self.method == "easyquant":
-            out.update(form=self.easyquant_form, outliers_isolated=self.easyquant_form == "dequantized",
-                       outlier_sigma=self.outlier_sigma, steps=self.easyquant_steps)
+            # the values it ran with, defaults resolved: `--steps 100` and the default are one recipe
+            config = _easyquant_config(self)
+            out.update(form=self.easyquant_form, outliers_isolated=config.keep_outliers,
+                       outlier_sigma=config.outlier_sigma if config.keep_outliers else None, steps=config.steps)
         out["quantize_lm_head"] = self.quantize_lm_head
         return out
 

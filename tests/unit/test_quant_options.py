@@ -337,3 +337,14 @@ def test_a_failing_worker_reports_its_last_lines(tmp_path):
 def test_every_quantization_method_has_schemes_and_the_core_knows_it():
     # Calibration and the report tell a quantized entry by its manifest's method, from the core's list.
     assert tuple(SCHEMES) == QUANT_METHODS
+
+
+def test_easyquant_records_the_values_it_ran_with_not_the_options_left_empty():
+    from quant.easyquant import EasyQuantConfig
+
+    defaults = EasyQuantConfig(bits=4, group_size=64)
+    plain = QuantOptions(model="m", method="easyquant").recipe()
+    assert plain["steps"] == defaults.steps and plain["outlier_sigma"] is None  # the int4 form isolates none
+    assert QuantOptions(model="m", method="easyquant", easyquant_steps=defaults.steps).recipe() == plain
+    kept = QuantOptions(model="m", method="easyquant", easyquant_form="dequantized").recipe()
+    assert kept["outliers_isolated"] and kept["outlier_sigma"] == defaults.outlier_sigma
