@@ -309,6 +309,15 @@ def test_end_with_eos_on_chat_examples_is_refused_before_training(home, tmp_path
     with pytest.raises(TrainingError, match="chat examples already end each turn"):
         train(load_recipe(path), Settings(home=home), recipe_path=path)
     assert not (home / "runs" / "tiny-chat-eos").exists()
+    # Plain-text training with a chat eval file: one tokenization serves both, so it failed after the model loaded.
+    _, examples, _ = cloze.cloze_records(ITEMS)
+    text = tmp_path / "text.jsonl"
+    write_jsonl(text, examples)
+    path.write_text(yaml.safe_dump({"method": "sft", "model": TINY, "output": "tiny-mixed",
+                                    "data": {"train": str(text), "eval": [str(data)]}}))
+    with pytest.raises(RecipeError, match="mix plain-text and conversational records across data.train and data.eval"):
+        train(load_recipe(path), Settings(home=home), recipe_path=path)
+    assert not (home / "runs" / "tiny-mixed").exists()
 
 
 @pytest.mark.parametrize("recipe,schema", [("dpo-cloze.yaml", "pairs"), ("sft-cloze.yaml", "sft"),
