@@ -356,6 +356,10 @@ def gate_command(
     except (GateError, RegistryError) as exc:
         raise fail(str(exc)) from None
     console.print(result.table())
+    if result.unlike_dtypes:
+        err.print(f"[yellow]note:[/] {candidate} and {baseline} were computed in other dtypes on "
+                  f"{', '.join(result.unlike_dtypes)} (candidate vs baseline): part of a delta may be numerics, not "
+                  "the model; measure both with the same ZEPHYR_DTYPE (or on one machine)")
     for name, keys in result.unreproducible.items():
         # Whatever the verdict: it rests on answers a rerun of that model would change.
         err.print(f"[yellow]note:[/] {name}'s {', '.join(keys)} come from a run made before reruns gave the same "

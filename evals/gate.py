@@ -335,6 +335,9 @@ class GateResult:
     unmeasured: list[str] = field(default_factory=list)
     suites_asked: bool = False
     margin: float | None = None  # non-inferiority: no gating row's 95% interval may reach past it
+    # gating rows whose two measurements were computed in other dtypes (a machine with AMX serves bfloat16, one
+    # without float32): a difference of numerics, not of models, may be in the delta (unlike_dtypes)
+    unlike_dtypes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -591,6 +594,7 @@ def check(
     unreproducible = {name: keys for name in (candidate, baseline)
                       if (keys := unreproducible_rows(history[name], gating_keys))}
     unmeasured = [suite for suite in suites if not any(suite_of(b) == suite for b in gated_benchmarks)]
+    unlike = unlike_dtypes(history[candidate], history[baseline], gating_keys)
     return GateResult(
         candidate=candidate,
         baseline=baseline,
@@ -606,7 +610,20 @@ def check(
         allow_missing=allow_missing,
         min_items=min_items,
         margin=margin,
+        unlike_dtypes=unlike,
     )
+
+
+def unlike_dtypes(candidate_runs: list[EvalRun], baseline_runs: list[EvalRun], keys: set[str]) -> list[str]:
+    """"key (candidate's dtype vs baseline's)" for each of `keys` whose measurements, as the merged views choose
+    them (chosen_sources), were computed in other dtypes; runs that recorded none are taken on trust."""
+    ours, theirs = chosen_sources(candidate_runs), chosen_sources(baseline_runs)
+    found = []
+    for key in sorted(keys & ours.keys() & theirs.keys()):
+        a, b = (sources[key][1].engine.get("dtype") for sources in (ours, theirs))
+        if a and b and a != b:
+            found.append(f"{key} ({a} vs {b})")
+    return found
 
 
 # The suites whose figures are read from generated answers.

@@ -688,3 +688,14 @@ def test_options_scored_after_other_prompts_are_not_compared(store):
     save("child-unserved", "", served=False)
     with pytest.raises(GateError, match="arc_easy/cloze_acc: the options were scored after other prompts"):
         check(store, "child-unserved", "base-unserved", suites=["mcq"])
+
+
+def test_rows_computed_in_other_dtypes_are_named(store):
+    """A machine with AMX serves bfloat16 and one without float32: the delta may then hold numerics, not the model."""
+    for model, dtype in (("base", "float32"), ("cand", "bfloat16")):
+        store.save(EvalRun(model=model, suite="mcq", engine={"dtype": dtype}, measurements=[
+            measurement("arc_easy", "letter_acc", "test", accuracy(50, 100))]))
+    assert check(store, "cand", "base").unlike_dtypes == ["arc_easy/letter_acc (bfloat16 vs float32)"]
+    store.save(EvalRun(model="cand", suite="mcq", engine={"dtype": "float32"}, measurements=[
+        measurement("arc_easy", "letter_acc", "test", accuracy(50, 100))]))  # the same size: it replaces the first
+    assert check(store, "cand", "base").unlike_dtypes == []
