@@ -190,6 +190,11 @@ def test_from_benchmarks_flags_a_real_arc_easy_test_question_but_not_a_train_one
     cleaned, report = clean([planted, train], CleanOptions(**{**OFF, "decontaminate": True}), index=index)
     assert cleaned == [train]
     assert report.contaminated["arc_easy"] == 1 and sum(report.contaminated.values()) == 1
+    # An answer that repeats a SciQ test passage (what the text suite's overlap score reads) is contaminated too.
+    passage = next(i.support for i in load("sciq", "test", data_dir=data_dir) if len((i.support or "").split()) > 30)
+    quoting = sft("Why do leaves change colour?", f"Here is what I know. {passage}")
+    assert index.matches(quoting.messages[-1].content) == ["sciq"]
+    assert index.sizes["sciq"] == len(load("sciq", "test", data_dir=data_dir))  # questions, not passages
 
 
 def test_from_benchmarks_names_the_missing_file(tmp_path):

@@ -158,10 +158,13 @@ class ContaminationIndex:
     @classmethod
     def from_benchmarks(cls, data_dir: Path | str, names: Sequence[str] = ALL_BENCHMARKS, ngram: int = 13,
                         max_df: int | None = 3) -> ContaminationIndex:
-        """Each benchmark's reported split (`Benchmark.eval_split`): MCQ stems and GSM8K questions."""
+        """Each benchmark's reported split (`Benchmark.eval_split`): MCQ stems and GSM8K questions, and SciQ's
+        support passages (the text suite scores chat answers by their overlap with them: a training answer that
+        repeats one would inflate that score)."""
         from offline.benchmarks import BENCHMARKS, load
 
         texts: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
         for name in names:
             if name not in BENCHMARKS:
                 raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -173,8 +176,13 @@ class ContaminationIndex:
                     f"decontamination needs {name}'s {bench.eval_split} split, but {path} does not exist; set "
                     f"ZEPHYR_DATA_DIR to a folder in ../shared/data's layout, name only the benchmarks you have "
                     f"(--against), or skip the check (--no-decontaminate)")
-            texts[name] = [item.question for item in load(name, bench.eval_split, data_dir=Path(data_dir))]
-        return cls.from_texts(texts, ngram=ngram, max_df=max_df)
+            items = load(name, bench.eval_split, data_dir=Path(data_dir))
+            passages = [text for item in items if (text := getattr(item, "support", None))]  # MCQ items only
+            texts[name] = [item.question for item in items] + passages
+            counts[name] = len(items)
+        index = cls.from_texts(texts, ngram=ngram, max_df=max_df)
+        index.sizes = counts  # questions, whatever their passages add to what is indexed
+        return index
 
     def matches(self, text: str) -> list[str]:
         """Benchmark names whose eval questions overlap `text`, in index order."""
