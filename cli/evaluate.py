@@ -59,7 +59,7 @@ def run_command(
     from evals.mcq_eval import ServerError
     from evals.run import EvalError, RunOptions, run
     from offline.benchmarks import DatasetError
-    from zephyr.memory import NotEnoughMemory
+    from zephyr.memory import EngineWontStart
 
     # A plain SIGTERM would end the process without unwinding; exiting through SystemExit runs the engine's shutdown
     # (and ends any process vLLM started: when its core ran in one, an orphaned worker once held 8 GB and a core).
@@ -74,7 +74,7 @@ def run_command(
                          bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, dialogrpt=dialogrpt)
     try:
         runs = run(options, settings, console=err)
-    except (EvalError, RegistryError, DatasetError, NotEnoughMemory, ServerError) as exc:
+    except (EvalError, RegistryError, DatasetError, EngineWontStart, ServerError) as exc:
         raise fail(str(exc)) from None
     for eval_run in runs:
         console.print(_table(eval_run))
@@ -126,7 +126,7 @@ def calibrate_command(
     a temperature per method, the letter path's position prior, a letter + cloze combination."""
     from evals.calibrate import DEMONSTRATIONS_MAX, CalibrationError, calibrate
     from offline.benchmarks import DatasetError
-    from zephyr.memory import NotEnoughMemory
+    from zephyr.memory import EngineWontStart
 
     unwind_on_sigterm()
     if limit is not None and limit < 1:
@@ -152,7 +152,7 @@ def calibrate_command(
         calibrate(model, load_settings(), console, limit=limit, benchmarks=csv(benchmarks), write=write, scores=scores,
                   letter=letter, answer_prior_context=answer_prior_context,
                   demonstration_count=demonstrations, question_domain=question_domain)
-    except (CalibrationError, RegistryError, DatasetError, NotEnoughMemory) as exc:
+    except (CalibrationError, RegistryError, DatasetError, EngineWontStart) as exc:
         raise fail(str(exc)) from None
     if scores is None:
         _exit_after_engine()

@@ -194,8 +194,7 @@ class OfflineEngine:
     def __init__(self, model_path: Path, settings: Settings):
         if problem := vllm_serving_problem(model_path):
             raise RegistryError(problem)
-        if problem := memory.plan(model_path, settings).problem:
-            raise memory.NotEnoughMemory(problem)
+        memory.check_engine(model_path, settings, settings.block_size)
         kwargs = {k: v for k, v in settings.vllm_engine_kwargs(model_path).items() if v is not None}
         os.environ.update(settings.vllm_environment())
         vllm_class = _prefix_cached(_lm_eval_vllm_class())

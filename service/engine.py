@@ -195,7 +195,8 @@ class VLLMEngine:
     @staticmethod
     def refusal(settings: Settings, model_path: Path, model_name: str) -> str | None:
         """Why vLLM could not serve this model here (a CUDA-only checkpoint, not enough memory), or None."""
-        return vllm_serving_problem(model_path, model_name) or memory.plan(model_path, settings).problem
+        return (vllm_serving_problem(model_path, model_name) or memory.block_size_problem(settings.block_size)
+                or memory.plan(model_path, settings).problem)
 
     @classmethod
     def start(cls, settings: Settings, model_path: Path, model_name: str) -> VLLMEngine:

@@ -32,7 +32,11 @@ class EngineSizing(Protocol):
     dtype: str
 
 
-class NotEnoughMemory(RuntimeError):
+class EngineWontStart(RuntimeError):
+    """An engine these settings would not start here; the message says what to set."""
+
+
+class NotEnoughMemory(EngineWontStart):
     """An engine that would not fit in the memory available now; the message says what to set."""
 
 
@@ -147,6 +151,26 @@ def plan(model_path: Path, settings: EngineSizing) -> MemoryPlan:
     kv = (kv_cache_bytes(model_path, settings) or 0) if on_host else 0
     weights = int(weights_bytes(model_path) * widening(model_path, settings.dtype)) if on_host else 0
     return MemoryPlan(kv, weights, kv + weights + ENGINE_OVERHEAD_BYTES, available_bytes())
+
+
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend takes KV blocks of a multiple of 32 tokens
+
+
+def block_size_problem(block_size: int) -> str | None:
+    """Why vLLM here would refuse this KV block size, or None: its CPU backend raises only after the model loaded."""
+    if kv_cache_on_host() and block_size % CPU_BLOCK_MULTIPLE:
+        return (f"ZEPHYR_BLOCK_SIZE={block_size}: vLLM's CPU backend takes KV cache blocks of a multiple of "
+                f"{CPU_BLOCK_MULTIPLE} tokens; set {CPU_BLOCK_MULTIPLE}, {2 * CPU_BLOCK_MULTIPLE}, ...")
+    return None
+
+
+def check_engine(model_path: Path, settings: EngineSizing, block_size: int) -> None:
+    """Raise EngineWontStart (NotEnoughMemory for memory) for an engine these settings would not start here, before
+    it loads anything."""
+    if problem := block_size_problem(block_size):
+        raise EngineWontStart(problem)
+    if problem := plan(model_path, settings).problem:
+        raise NotEnoughMemory(problem)
 
 
 def oom_kills() -> int | None:

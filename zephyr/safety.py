@@ -31,7 +31,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from zephyr.encoder import ENCODER_NAME, check_head, embed, load_encoder
 
@@ -73,6 +73,9 @@ class SafetyError(RuntimeError):
 
 class SafetyRecord(BaseModel):
     """What `zephyr eval safety` fits: one weight row and intercept per class over the normalized embedding."""
+
+    # A NaN weight makes every score NaN, which no threshold flags: the guard would pass everything, silently.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     encoder: str = ENCODER_NAME
     classes: list[str]

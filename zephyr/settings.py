@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_model_len: int = Field(default=2048, ge=16, le=1_048_576)
     memory_share: float = Field(default=0.35, gt=0, le=1, description="vLLM gpu_memory_utilization (RAM share on CPU)")
     # On CPU the share is of the host's RAM, not of a container's memory limit: containers set this instead.
-    kv_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size; overrides memory_share")
+    kv_cache_gib: float | None = Field(default=None, gt=0, le=1_048_576, allow_inf_nan=False,
+                                       description="KV cache size; overrides memory_share")
     enforce_eager: bool = True
     # auto: the checkpoint's dtype, but fp32 for a bf16 one on a CPU without AMX, where fp32 is faster
     # (zephyr.numerics.resolve_dtype).

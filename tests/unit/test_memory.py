@@ -56,6 +56,30 @@ def test_the_offline_engine_refuses_before_vllm_loads(default_model, monkeypatch
         OfflineEngine(default_model.path, Settings())
 
 
+def test_a_kv_block_size_the_cpu_backend_refuses_is_refused_before_the_model_loads(default_model, monkeypatch):
+    """vLLM's CPU attention takes blocks of a multiple of 32 tokens and raised only after the model had loaded."""
+    from offline.engine import OfflineEngine
+    from service.engine import VLLMEngine
+
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * memory.GIB)
+    with pytest.raises(memory.EngineWontStart, match="ZEPHYR_BLOCK_SIZE=48: .* a multiple of 32"):
+        OfflineEngine(default_model.path, Settings(block_size=48))
+    assert "ZEPHYR_BLOCK_SIZE=16" in VLLMEngine.refusal(Settings(block_size=16), default_model.path, "m")
+    assert memory.block_size_problem(64) is None
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: False)  # a GPU takes 16
+    assert memory.block_size_problem(16) is None
+
+
+def test_a_kv_cache_size_must_be_a_finite_number():
+    """inf passed `gt=0` and crashed the engine's sizing with OverflowError, a traceback at `zephyr serve`."""
+    from pydantic import ValidationError
+
+    for bad in ("inf", "nan", "1e300"):
+        with pytest.raises(ValidationError, match="kv_cache_gib"):
+            Settings(kv_cache_gib=bad)
+
+
 def test_a_sigkilled_engine_is_reported_as_a_likely_oom():
     from service.app import _death_cause
 

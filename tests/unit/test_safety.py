@@ -105,6 +105,8 @@ def test_probabilities_are_scikit_learns(tmp_path):
     ({"encoder": "bert-base"}, "is not all-MiniLM-L6-v2"),
     ({"coef": [[0.0], [0.0]]}, "one row per class"),
     ({"threshold": 1.5}, "threshold"),
+    # NaN scores flag nothing: the guard would pass every message without a word
+    ({"intercept": [float("nan")] * len(CLASSES)}, "finite number"),
 ])
 def test_a_bad_record_is_refused_naming_the_file(tmp_path, change, says):
     record = json.loads(load_record().model_dump_json()) | change
