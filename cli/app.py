@@ -245,6 +245,8 @@ def mcq_command(
     """Ask one multiple-choice question of a running server."""
     import httpx
 
+    if explain and method not in ("auto", "explain"):  # one of the two was meant; sending explain hid which
+        raise fail(f"--explain is --method explain; drop one of --explain and --method {method}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"question": question, "options": option, "method": "explain" if explain else method,
             **({"support": support} if support else {}),

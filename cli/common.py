@@ -28,8 +28,10 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:  # one line, each setting by the variable that sets it
-        problems = "; ".join(f"ZEPHYR_{'_'.join(str(part) for part in error['loc']).upper()}: "
-                             f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+        # a check across settings has no field (its message names the variables itself)
+        problems = "; ".join((f"ZEPHYR_{'_'.join(str(part) for part in error['loc']).upper()}: "
+                              if error["loc"] else "") + error["msg"].removeprefix("Value error, ")
+                             for error in exc.errors())
         raise fail(f"bad configuration: {problems}") from None
     except ValueError as exc:
         raise fail(f"bad configuration: {exc}") from None

@@ -136,10 +136,8 @@ def calibrate_command(
     if scores is not None and answer_prior_context is not None:
         raise fail("--answer-prior-context chooses what is scored; --scores refits scores already made, with the cue "
                    "saved in them (drop one)")
-    most = mcq.ANSWER_PRIOR_CONTEXT_MAX_CHARS
-    if answer_prior_context is not None and not 0 < len(answer_prior_context.strip()) <= most:
-        raise fail(f"--answer-prior-context must hold 1 to {most} characters "
-                   "(for example 'Answer:')")
+    if answer_prior_context is not None and (problem := mcq.answer_prior_context_problem(answer_prior_context)):
+        raise fail(f"--answer-prior-context: {problem} (for example 'Answer:')")
     if scores is not None and (benchmarks is not None or limit is not None):
         raise fail("--benchmarks and --limit choose what is scored; --scores refits every question saved in the "
                    "file (drop one)")

@@ -121,7 +121,7 @@ _command("grpo", "Online RL (GRPO): the model answers MCQ explain prompts, verif
 
 # ---- data --------------------------------------------------------------------------------------------------------
 
-Out = Annotated[Path, typer.Option("--out", help="JSON Lines file to write")]
+Out = Annotated[Path, typer.Option("--out", dir_okay=False, help="JSON Lines file to write")]  # refused before work
 TrainingSources = Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
                                                    "calibration splits)")]
 DEFAULT_TRAINING_SOURCES = "arc_easy:train,arc_challenge:train,openbookqa:train"
@@ -277,8 +277,8 @@ def data_science(
     "arc_easy:train,arc_challenge:train",
     model: Annotated[str, typer.Option(help="registry model that answers")] = DEFAULT_MODEL,
     k: Annotated[int, typer.Option("--k", min=0, max=32, help="explanations sampled per question")] = 4,
-    explain_questions: Annotated[int | None, typer.Option(help="sample explanations for the first N questions only "
-                                                                "(direct-format pairs are made for all)")] = None,
+    explain_questions: Annotated[int | None, typer.Option(min=0, help="sample explanations for the first N questions "
+                                                                "only (direct-format pairs are made for all)")] = None,
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
     temperature: Annotated[float, typer.Option(min=0.05, max=2.0)] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=8, help="explanation length limit")] = 128,
@@ -423,8 +423,8 @@ def data_restate(
 @clean_flags()
 def data_cloze(
     out: Out,
-    sft_out: Annotated[Path | None, typer.Option(help="also write SFT examples (the context, then the key's text)")]
-    = None,
+    sft_out: Annotated[Path | None, typer.Option(dir_okay=False, help="also write SFT examples (the context, then "
+                                                                      "the key's text)")] = None,
     sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     distractors: Annotated[int, typer.Option(min=1, max=9, help="pairs per question, each against another "
                                                                 "distractor")] = 1,
@@ -550,7 +550,7 @@ def data_clean(
     if fmt not in CLEAN_FORMATS:
         raise fail(f"--format must be one of {', '.join(CLEAN_FORMATS)}, not {fmt!r}")
     if not source.is_file():
-        raise fail(f"{source} does not exist")
+        raise fail(f"{source} is a folder; give a JSON Lines file" if source.is_dir() else f"{source} does not exist")
     settings = load_settings()
     try:
         records = list(read_jsonl(source, CLEAN_FORMATS[fmt]))

@@ -509,6 +509,8 @@ def check(
     is better) beyond it: non-inferiority, which wide intervals (few items) fail."""
     if min_items < 1:
         raise GateError(f"the minimum number of common items must be at least 1, got {min_items}")
+    if not 0 <= max_drop < float("inf"):  # negative demanded a gain on every row; NaN failed every row
+        raise GateError(f"the allowed drop is a finite number of points, 0 or more, got {max_drop}")
     if margin is not None and not margin > 0:
         raise GateError(f"the non-inferiority margin must be above 0 points, got {margin}")
     if candidate == baseline:  # every delta would be 0 and the gate pass: a typo would promote anything

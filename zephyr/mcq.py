@@ -219,6 +219,15 @@ LEGACY_ANSWER_PRIOR_CONTEXT = "Answer:"
 ANSWER_PRIOR_CONTEXT_MAX_CHARS = 200
 
 
+def answer_prior_context_problem(cue: str) -> str | None:
+    """Why `cue` cannot be the answer prior's cue, or None: the one rule `zephyr eval calibrate` checks its option by
+    before scoring and the record holds its field to (checked apart, the option passed what the record refused after
+    the whole run)."""
+    if not cue.strip() or len(cue) > ANSWER_PRIOR_CONTEXT_MAX_CHARS:
+        return f"the answer prior's cue must hold 1 to {ANSWER_PRIOR_CONTEXT_MAX_CHARS} characters, not only spaces"
+    return None
+
+
 def answer_prior_requests(tokenizer: Any, q: MCQuestion, context: str = ANSWER_PRIOR_CONTEXT,
                           demonstrations: str = "") -> list[tuple[list[int], int]]:
     """Per option, the token ids of the answer cue + the option and the cue's length, split as cloze_requests
@@ -339,6 +348,13 @@ class MCQCalibration(BaseModel):
     # The head DOMAIN_FEATURES read (None in records without them): the service embeds each question to apply it.
     question_domain: QuestionDomain | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("answer_prior_context")
+    @classmethod
+    def _a_cue(cls, cue: str) -> str:
+        if problem := answer_prior_context_problem(cue):
+            raise ValueError(problem)
+        return cue
 
     @field_validator("method")
     @classmethod
@@ -571,9 +587,10 @@ class Plan:
 
 
 def plan(method: str, calibration: MCQCalibration | None) -> Plan:
-    """`auto` is the record's choice, or plain cloze for a model without one. A named method keeps its own
-    answer; a record only rescales its probabilities by the temperature fitted for it. `explain` reads its
-    letter like `letter`."""
+    """`auto` is the record's choice, or plain cloze for a model without one. A named method is not the record's
+    combination: the record rescales its probabilities by the temperature fitted for it, and `cloze` is asked after
+    the record's demonstrations (the prompt its temperature was fitted on). `explain` reads its letter like
+    `letter`."""
     if method not in METHODS:
         raise MCQFormatError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}", "method")
     if method == "auto":

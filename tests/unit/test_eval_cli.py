@@ -24,6 +24,10 @@ def home(tmp_path, monkeypatch):
     (["show", "--model", "m"], "run `zephyr eval run --model m --suite mcq` first"),
     (["gate", "--candidate", "a", "--baseline", "b"], "zephyr eval run --model"),
     (["report", "--models", ","], "--models needs at least one model name"),
+    # the record's own rule: the CLI stripped before counting, so 7 + 200 spaces passed it and failed the record
+    (["calibrate", "--model", "m", "--answer-prior-context", "Answer:" + " " * 200], "--answer-prior-context: the "
+     "answer prior's cue must hold 1 to 200 characters"),
+    (["calibrate", "--model", "m", "--answer-prior-context", "   "], "--answer-prior-context: the answer prior's"),
 ])
 def test_bad_requests(home, args, message):
     result = CliRunner().invoke(app, ["eval", *args])

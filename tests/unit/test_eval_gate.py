@@ -699,3 +699,11 @@ def test_rows_computed_in_other_dtypes_are_named(store):
     store.save(EvalRun(model="cand", suite="mcq", engine={"dtype": "float32"}, measurements=[
         measurement("arc_easy", "letter_acc", "test", accuracy(50, 100))]))  # the same size: it replaces the first
     assert check(store, "cand", "base").unlike_dtypes == []
+
+
+@pytest.mark.parametrize("max_drop", [-1.0, float("nan"), float("inf")])
+def test_the_allowed_drop_is_a_finite_number_of_points_not_below_zero(store, max_drop):
+    save(store, "base", arc_easy__letter_acc=accuracy(50, 100))
+    save(store, "cand", arc_easy__letter_acc=accuracy(50, 100))
+    with pytest.raises(GateError, match="the allowed drop is a finite number of points, 0 or more"):
+        check(store, "cand", "base", max_drop=max_drop)

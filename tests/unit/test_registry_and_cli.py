@@ -249,8 +249,18 @@ def test_cli_messages_show_names_as_written_and_bad_settings_in_one_line(home, m
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 1
     assert "ZEPHYR_HOME: is empty: unset it, or give a path" in " ".join(result.output.split())
+    monkeypatch.delenv("ZEPHYR_HOME")
+    monkeypatch.setenv("ZEPHYR_PII_ENTITIES", "[]")  # a check across settings: no field to name ("ZEPHYR_: ...")
+    said = " ".join(runner.invoke(app, ["models", "list"]).output.split())
+    assert "bad configuration: ZEPHYR_PII_ENTITIES" in said and "ZEPHYR_:" not in said
+    monkeypatch.delenv("ZEPHYR_PII_ENTITIES")
     result = runner.invoke(app, ["serve", "--log-level", "verbose"])
     assert result.exit_code == 2 and "'verbose' is not one of" in " ".join(result.output.split())
+
+
+def test_mcq_refuses_explain_beside_another_method(home):
+    result = runner.invoke(app, ["mcq", "Which is a gas?", "-o", "air", "-o", "ice", "--method", "cloze", "--explain"])
+    assert result.exit_code == 1 and "drop one of --explain and --method cloze" in " ".join(result.output.split())
 
 
 def test_mcq_against_no_server_is_one_line(home):

@@ -285,6 +285,11 @@ def test_cli_writes_pairs_and_sft_examples(tmp_path, monkeypatch):
                                            "--format", fmt, "--no-decontaminate"])
         assert cleaned.exit_code == 0, cleaned.output
         assert len((tmp_path / fmt).read_text().splitlines()) == 12
+    # A folder as --out or --input is refused before any work (it raised IsADirectoryError after the cleaning).
+    folder = CliRunner().invoke(app, ["data", "clean", "--input", str(out), "--out", str(tmp_path), "--format", "dpo"])
+    assert folder.exit_code == 2 and "--out" in folder.output and "directory" in folder.output  # click's own check
+    folder = CliRunner().invoke(app, ["data", "clean", "--input", str(tmp_path), "--out", str(out), "--format", "dpo"])
+    assert folder.exit_code == 1 and "is a folder; give a JSON Lines file" in " ".join(folder.output.split())
     refused = CliRunner().invoke(app, ["data", "cloze", "--sources", "sciq:validation", "--out", str(out)])
     assert refused.exit_code != 0 and "refusing sciq:validation" in " ".join(refused.output.split())
 
