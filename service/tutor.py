@@ -804,8 +804,8 @@ class Tutor:
     def explain_budget(self, prompt_ids: list[int]) -> int:
         """How many tokens of reasoning fit after this question with the answer cue still within the prompt limit;
         a 400 naming `explain` when none do."""
-        room = min(self.max_prompt_tokens, self.engine.max_model_len - 1) - len(prompt_ids) - mcq.EXPLAIN_CUE_MARGIN
-        budget = min(self.settings.mcq_explain_max_tokens, room)
+        budget = mcq.explain_budget(len(prompt_ids), min(self.max_prompt_tokens, self.engine.max_model_len - 1),
+                                    self.settings.mcq_explain_max_tokens)
         if budget < 1:
             raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "
                                 "shorten it or ask without `explain`", param="explain", code="context_length_exceeded")

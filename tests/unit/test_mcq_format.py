@@ -55,3 +55,11 @@ def test_an_arc_file_with_a_trailing_blank_line_reads(tmp_path):
     record = {"question": {"stem": "Which is a metal?", "choices": [{"text": "copper"}, {"text": "glass"}]}}
     path.write_text(json.dumps(record) + "\n\n")
     assert [q.options for q in read_arc_jsonl(path)] == [("copper", "glass")]
+
+
+def test_the_explain_budget_keeps_room_for_the_answer_cue_within_the_prompt_limit():
+    from zephyr.mcq import EXPLAIN_CUE_MARGIN, explain_budget
+
+    assert explain_budget(100, 2047, 256) == 256  # room to spare: the setting's cap
+    assert explain_budget(1900, 2047, 256) == 2047 - 1900 - EXPLAIN_CUE_MARGIN  # the limit binds
+    assert explain_budget(2040, 2047, 256) < 1  # the service refuses it (400 naming explain)
