@@ -278,6 +278,31 @@ def test_a_gpu_pod_on_the_sqlite_log_is_replaced_not_rolled():
         "strategy"] == {"type": "Recreate"}
     refused = strategy("--set", "updateStrategy.type=RollingUpdate")
     assert refused.returncode != 0 and "updateStrategy RollingUpdate would run the new pod beside" in refused.stderr
+    # Kubernetes' default type is RollingUpdate: a strategy without one rolls too.
+    untyped = strategy("--set", "updateStrategy.rollingUpdate.maxSurge=0")
+    assert untyped.returncode != 0 and "updateStrategy RollingUpdate would run the new pod beside" in untyped.stderr
+    # The way out for a release that kept the old profile's value (--reuse-values): clear it.
+    cleared = strategy("--set", "updateStrategy=null")
+    assert cleared.returncode == 0, cleared.stderr
+    assert next(d for d in yaml.safe_load_all(cleared.stdout) if d and d["kind"] == "Deployment")["spec"][
+        "strategy"] == {"type": "Recreate"}
+
+
+def test_a_gpu_asked_for_under_limits_only_is_not_surged():
+    """NVIDIA's examples set nvidia.com/gpu under limits alone: a surge pod would wait for a second GPU."""
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), "--set",
+                  f"secrets.apiKeys={K0},secrets.dbUrl=postgresql+asyncpg://db/z,resources.limits.nvidia\\.com/gpu=1",
+                  "--set", "persistence.accessModes={ReadWriteMany}")
+    assert result.returncode == 0, result.stderr
+    deployment = next(d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_a_key_name_is_measured_in_characters_as_the_server_counts_them():
+    name = "Ж" * 40  # 80 bytes, 40 characters: the server takes it
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"),
+                  "--set", f"secrets.apiKeys={{{name}=reviewer:{K0.split(':', 1)[1]}}}")
+    assert result.returncode == 0, result.stderr
 
 
 def test_sqlite_on_a_shared_volume_is_never_written_by_two_pods():
