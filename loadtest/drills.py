@@ -79,7 +79,8 @@ def _wait_exit(server: LocalServer, timeout: float) -> tuple[int | None, float]:
 def watch_readiness(server: LocalServer, since: float, timeout: float = 120,
                     on_not_ready: Callable[[], None] | None = None) -> tuple[float | None, float | None]:
     """Polls /readyz until the listener closes (or the process exits, or `timeout`). Returns the seconds from
-    `since` to the first 503, and the time the listener closed (None for what did not happen)."""
+    `since` to the first 503, and the time the listener closed (None for what did not happen). `on_not_ready` runs
+    at the first 503, or at the close when no 503 came first (its requests then meet a closed port)."""
     not_ready, closed = None, None
     while server.process.poll() is None and closed is None and time.time() - since < timeout:
         try:
@@ -89,6 +90,8 @@ def watch_readiness(server: LocalServer, since: float, timeout: float = 120,
                     on_not_ready()
         except httpx.HTTPError:
             closed = time.time()
+            if not_ready is None and on_not_ready:
+                on_not_ready()
         time.sleep(0.05)
     return not_ready, closed
 

@@ -581,12 +581,12 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     spec = recipe.data or DataSpec(train=data_files or [])
     train_files = data_files or spec.train
     by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
-    if recipe.method in TEXT_SCHEMAS and len({is_plain_text(f) for f in [*train_files, *spec.eval]}) > 1:
+    rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)
+    eval_rows = read_records(spec.eval, recipe.method) if spec.eval else []
+    if eval_rows and isinstance(rows[0].get("prompt"), str) != isinstance(eval_rows[0].get("prompt"), str):
         # one tokenization serves every part: a chat eval file beside plain-text training failed after model load
         raise RecipeError(f"{', '.join(map(str, [*train_files, *spec.eval]))} mix plain-text and conversational "
                           "records across data.train and data.eval; use one kind")
-    rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)
-    eval_rows = read_records(spec.eval, recipe.method) if spec.eval else []
 
     from datasets import Dataset
 

@@ -195,6 +195,10 @@ def test_from_benchmarks_flags_a_real_arc_easy_test_question_but_not_a_train_one
     quoting = sft("Why do leaves change colour?", f"Here is what I know. {passage}")
     assert index.matches(quoting.messages[-1].content) == ["sciq"]
     assert index.sizes["sciq"] == len(load("sciq", "test", data_dir=data_dir))  # questions, not passages
+    # A short passage is a textbook sentence an explanation may state: matched by n-grams only, never whole.
+    short = next(i.support for i in load("sciq", "test", data_dir=data_dir)
+                 if i.support and 5 <= len(i.support.split()) < 12)
+    assert index.matches(f"As the textbook says, {short}") == []
 
 
 def test_from_benchmarks_names_the_missing_file(tmp_path):

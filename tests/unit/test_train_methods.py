@@ -699,7 +699,7 @@ def test_sft_records_whose_prompt_fills_max_length_are_left_out_and_counted(home
 
 
 def test_sampling_from_a_server_that_refuses_names_the_server_and_the_way_out(tmp_path):
-    """An openai error (another model served: 404) escaped as a traceback and lost the prompts sampled before it."""
+    """An openai error (another model served: 404) escaped as a traceback; now it names the server and the prompt."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

@@ -134,7 +134,10 @@ class ContaminationIndex:
         return list(self._grams)
 
     @classmethod
-    def from_texts(cls, texts: dict[str, list[str]], ngram: int = 13, max_df: int | None = 3) -> ContaminationIndex:
+    def from_texts(cls, texts: dict[str, list[str]], ngram: int = 13, max_df: int | None = 3,
+                   passages: dict[str, list[str]] | None = None) -> ContaminationIndex:
+        """`texts`: questions, matched by n-gram and, when shorter, whole. `passages`: matched by n-gram only (a
+        short passage is a textbook sentence any explanation may state, not a question to be leaked)."""
         if ngram < 1:
             raise ValueError("ngram must be at least 1")
         grams: dict[str, set[int]] = {}
@@ -142,6 +145,9 @@ class ContaminationIndex:
         for name, questions in texts.items():
             gram_df: Counter[int] = Counter()
             whole_df: Counter[tuple[int, int]] = Counter()
+            for passage in (passages or {}).get(name, []):
+                if len(words := normalize_words(passage)) >= ngram:
+                    gram_df.update(_ngram_hashes(words, ngram))
             for question in questions:
                 words = normalize_words(question)
                 if len(words) >= ngram:
@@ -164,7 +170,7 @@ class ContaminationIndex:
         from offline.benchmarks import BENCHMARKS, load
 
         texts: dict[str, list[str]] = {}
-        counts: dict[str, int] = {}
+        passages: dict[str, list[str]] = {}
         for name in names:
             if name not in BENCHMARKS:
                 raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -177,12 +183,9 @@ class ContaminationIndex:
                     f"ZEPHYR_DATA_DIR to a folder in ../shared/data's layout, name only the benchmarks you have "
                     f"(--against), or skip the check (--no-decontaminate)")
             items = load(name, bench.eval_split, data_dir=Path(data_dir))
-            passages = [text for item in items if (text := getattr(item, "support", None))]  # MCQ items only
-            texts[name] = [item.question for item in items] + passages
-            counts[name] = len(items)
-        index = cls.from_texts(texts, ngram=ngram, max_df=max_df)
-        index.sizes = counts  # questions, whatever their passages add to what is indexed
-        return index
+            texts[name] = [item.question for item in items]
+            passages[name] = [text for item in items if (text := getattr(item, "support", None))]  # MCQ items
+        return cls.from_texts(texts, ngram=ngram, max_df=max_df, passages=passages)
 
     def matches(self, text: str) -> list[str]:
         """Benchmark names whose eval questions overlap `text`, in index order."""
