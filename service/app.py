@@ -379,6 +379,7 @@ async def _watch_engine(app: FastAPI) -> None:
             if (waited := engine.stalled_seconds()) >= stall_limit:
                 stalled_for, killed_at = waited, time.monotonic()
                 app.state.engine_stalled = True
+                app.state.tutor.admission.engine_lost = True  # refused from now, not from when vLLM notices
                 app.state.ready.clear()
                 app.state.metrics.engine_ready.set(0)
                 log.critical("the inference engine gave no output for %.0f s while requests waited on it; "

@@ -85,6 +85,9 @@ class Admission:
         self.metrics = metrics
         self.engine = engine
         self.draining = False
+        # Set when the server kills a stalled engine: vLLM reports it errored only once its monitor sees the process
+        # gone, and a request admitted in between would wait on a dead engine instead of a 503 at once.
+        self.engine_lost = False
 
     def drain(self) -> None:
         """From now on every new request gets a 503 (with `Connection: close`, so a keep-alive client
@@ -108,7 +111,7 @@ class Admission:
                 code="shutting_down",
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-        if self.engine.errored:  # refused before a stream opens: a 503, not a 200 that carries an error
+        if self.engine_lost or self.engine.errored:  # refused before a stream opens: a 503, not a 200 with an error
             self.metrics.rejected.labels("engine_dead").inc()
             raise APIError(503, "the inference engine stopped; retry and another replica will answer",
                            code="engine_unavailable", headers={"Retry-After": "1", "Connection": "close"})

@@ -104,6 +104,11 @@ async def test_a_hung_engine_is_killed_and_the_server_asks_for_a_restart(app_fac
         assert ready.status_code == 503 and ready.json()["error"]["code"] in ("engine_dead", "engine_stalled")
         assert await served.restart_asked()
         assert served.fatal_calls == 1 and served.app.state.exit_code == 1
+        # vLLM says errored only once its monitor sees the process gone: until then a new request was admitted to
+        # wait on a dead engine (found by a review of the hang drill). The kill refuses it at once.
+        served.engine._errored = False
+        late = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
 
 
 async def test_the_stall_check_can_be_turned_off(app_factory):
