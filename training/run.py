@@ -119,6 +119,26 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
     return rows
 
 
+def records_sharing_a_question(files: list[Path], limit: int | None = None) -> int:
+    """How many of the files' records (the first `limit`) repeat an earlier record's `meta.question_id`: held out by
+    record, such a question has records on both sides of the split."""
+    seen: set[str] = set()
+    shared = read = 0
+    for file in files:
+        with Path(file).open("rb") as handle:
+            for raw in handle:
+                if not raw.strip():
+                    continue
+                if limit and read >= limit:
+                    return shared
+                read += 1
+                meta = json.loads(raw).get("meta") or {}  # read_records has checked every line already
+                if isinstance(question := meta.get("question_id"), str):
+                    shared += question in seen
+                    seen.add(question)
+    return shared
+
+
 def _as_completion(messages: list[dict[str, Any]], method: str, file: Path, number: int) -> dict[str, Any]:
     """A conversation as TRL's conversational prompt and completion, so SFT learns its last answer only (TRL turns
     completion_only_loss on for such rows): the one a reviewer approved or the reward model ranked first, not the
@@ -604,6 +624,11 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                                 f"{spec.eval_fraction} and data.validation_fraction {spec.validation_fraction} by "
                                 f"{spec.eval_group} (one group can take everything): use more records, smaller "
                                 "fractions, or another data.eval_group")
+    if spec.eval_group == "record" and (spec.eval_fraction or spec.validation_fraction) and \
+            (shared := records_sharing_a_question(train_files, spec.limit)):
+        console.print(f"[yellow]{shared} records share their question (meta.question_id) with another: held out by "
+                      "record, a question can sit on both sides of the split; data.eval_group: question keeps "
+                      "each on one side[/]")
     dropped_for_length = 0
     if by_question:
         train_set, eval_set, validation_set = (

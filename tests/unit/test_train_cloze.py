@@ -345,3 +345,16 @@ def test_shipped_cloze_recipe_trains_a_few_steps_on_the_tiny_model(recipe, schem
     if schema == "pairs":
         assert any("eval_rewards/margins" in row for row in logged)
     assert Registry(Settings(home=home).models_dir).get(f"tiny-{recipe.removesuffix('.yaml')}").manifest.parent == TINY
+
+
+def test_records_sharing_a_question_are_counted_for_the_by_record_split_warning(tmp_path):
+    from training.run import records_sharing_a_question
+
+    pairs, _, _ = cloze.cloze_records(ITEMS)
+    once, twice = tmp_path / "once.jsonl", tmp_path / "twice.jsonl"
+    write_jsonl(once, pairs)
+    write_jsonl(twice, pairs + pairs[:2])  # two questions with a second pair each (--distractors 2 makes such)
+    assert records_sharing_a_question([once]) == 0
+    assert records_sharing_a_question([twice]) == 2
+    assert records_sharing_a_question([once, twice]) == len(pairs) + 2  # across files too
+    assert records_sharing_a_question([twice], limit=len(pairs)) == 0  # only what data.limit reads
