@@ -52,6 +52,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a registry
 def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fresh: bool, overwrite: bool) -> None:
     from training.recipes import RecipeError, load_recipe
     from training.run import TrainingError
+    from zephyr.memory import EngineWontStart  # rs samples with vLLM in process
 
     settings = load_settings()
     try:
@@ -67,7 +68,7 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
 
             result = train(recipe, settings, recipe_path=recipe_path, fresh=fresh, overwrite=overwrite,
                            console=progress)
-    except (RecipeError, RegistryError, TrainingError) as exc:
+    except (RecipeError, RegistryError, TrainingError, EngineWontStart) as exc:
         raise fail(str(exc)) from None
     _report(result, method)
 
@@ -260,8 +261,12 @@ def _sampling_engine(entry: Any, settings: Settings, seed: int) -> Iterator[Any]
     """vLLM in process for a builder's sampling, shut down however the sampling ends."""
     unwind_on_sigterm()
     from offline.engine import OfflineEngine
+    from zephyr.memory import EngineWontStart
 
-    engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))  # the engine's seed fixes the draw
+    try:  # the engine's seed fixes the draw
+        engine = OfflineEngine(entry.path, settings.model_copy(update={"seed": seed}))
+    except (EngineWontStart, RegistryError) as exc:  # too little memory, a block size the CPU backend refuses
+        raise fail(str(exc)) from None
     try:
         yield engine
     finally:

@@ -109,3 +109,16 @@ def test_a_config_without_the_sizes_names_what_is_missing_and_the_setting_to_use
     (tmp_path / "config.json").write_text('{"n_layer": 12, "n_head": 12, "n_embd": 768}')  # GPT-2's names
     with pytest.raises(ValueError, match="no num_hidden_layers, num_attention_heads, hidden_size.*ZEPHYR_KV_CACHE_GIB"):
         memory.kv_bytes_per_token(tmp_path)
+
+
+def test_a_builders_sampling_engine_that_would_not_start_is_one_line_not_a_traceback(default_model, monkeypatch):
+    import typer
+
+    from cli.train import _sampling_engine
+    from zephyr.registry import Registry
+
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: True)
+    monkeypatch.setattr("cli.train.unwind_on_sigterm", lambda: None)  # leaves the test process's SIGTERM alone
+    entry = Registry(default_model.path.parent).get(default_model.name)
+    with pytest.raises(typer.Exit), _sampling_engine(entry, Settings(block_size=48), seed=0):
+        pass
