@@ -626,8 +626,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                                 "fractions, or another data.eval_group")
     if spec.eval_group == "record" and (spec.eval_fraction or spec.validation_fraction) and \
             (shared := records_sharing_a_question(train_files, spec.limit)):
-        console.print(f"[yellow]{shared} records share their question (meta.question_id) with another: held out by "
-                      "record, a question can sit on both sides of the split; data.eval_group: question keeps "
+        console.print(f"[yellow]{shared} records repeat an earlier record's question (meta.question_id): held out "
+                      "by record, a question can sit on both sides of the split; data.eval_group: question keeps "
                       "each on one side[/]")
     dropped_for_length = 0
     if by_question:

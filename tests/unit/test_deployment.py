@@ -298,11 +298,17 @@ def test_a_gpu_asked_for_under_limits_only_is_not_surged():
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
-def test_a_key_name_is_measured_in_characters_as_the_server_counts_them():
+def test_key_names_keys_and_the_session_secret_are_measured_in_characters_as_the_server_counts_them():
+    def render_with(*values: str):
+        return helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), *values)
+
     name = "Ж" * 40  # 80 bytes, 40 characters: the server takes it
-    result = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"),
-                  "--set", f"secrets.apiKeys={{{name}=reviewer:{K0.split(':', 1)[1]}}}")
+    result = render_with("--set", f"secrets.apiKeys={{{name}=reviewer:{K0.split(':', 1)[1]}}}")
     assert result.returncode == 0, result.stderr
+    short_key = render_with("--set", "secrets.apiKeys={student:" + "é" * 10 + "}")  # 20 bytes, 10 characters
+    assert short_key.returncode != 0 and "its key is shorter than 16 characters" in short_key.stderr
+    short_secret = render_with("--set", f"secrets.apiKeys={K0},secrets.sessionSecret=" + "é" * 20)
+    assert short_secret.returncode != 0 and "sessionSecret must be at least 32 characters" in short_secret.stderr
 
 
 def test_sqlite_on_a_shared_volume_is_never_written_by_two_pods():
