@@ -14,7 +14,7 @@ class EvalEngine(OfflineEngine):
 
         return mcq_eval.letter(self.llm, self.tokenizer, name, split, items, explain=explain,
                                explain_max_tokens=self.settings.mcq_explain_max_tokens,
-                               prompt_limit=self.settings.max_prompt_tokens)
+                               max_prompt_tokens=self.settings.max_prompt_tokens)
 
     def answer_prior(self, name: str, split: str, items: list[Any], context: str, demonstrations: str = "") -> Any:
         from evals import mcq_eval

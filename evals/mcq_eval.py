@@ -153,7 +153,7 @@ def planned(name: str, split: str, items: list[MCQItem], scores: dict[str, mcq.O
 
 
 def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem], explain: bool = False,
-           explain_max_tokens: int = 256, prompt_limit: int | None = None) -> Measurement:
+           explain_max_tokens: int = 256, max_prompt_tokens: int | None = None) -> Measurement:
     """Letter-format accuracy: one forward pass per question whose next token may only be an option letter,
     scored from the letters' exact log-probabilities, as POST /mcq does. With `explain`, as POST /mcq with
     `"explain": true` does: greedy reasoning first (up to `explain_max_tokens`, stopping at an answer line),
@@ -164,14 +164,13 @@ def letter(llm: Any, tokenizer: Any, name: str, split: str, items: list[MCQItem]
     started = time.perf_counter()
     explanations: list[str | None] = [None] * len(items)
     if explain:
-        # the server's prompt limit (ZEPHYR_MAX_PROMPT_TOKENS), at most the context less one, as the service sizes it
-        context = llm.llm_engine.model_config.max_model_len - 1
-        limit = min(prompt_limit or context, context)
+        context = llm.llm_engine.model_config.max_model_len
         first = [mcq.encode_prompt(tokenizer, q, explain=True) for q in questions]
         # A question the service would refuse (no room to reason) is still asked, with one token: scored, not lost.
         reasoning = llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in first],
-            [SamplingParams(max_tokens=max(1, mcq.explain_budget(len(ids), limit, explain_max_tokens)),
+            [SamplingParams(max_tokens=max(1, mcq.explain_budget(len(ids), context, max_prompt_tokens,
+                                                                 explain_max_tokens)),
                             temperature=0.0, stop=mcq.EXPLAIN_STOP) for ids in first], use_tqdm=True)
         explanations = [o.outputs[0].text.strip() for o in reasoning]
     prompts, params = [], []

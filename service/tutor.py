@@ -807,7 +807,7 @@ class Tutor:
     def explain_budget(self, prompt_ids: list[int]) -> int:
         """How many tokens of reasoning fit after this question with the answer cue still within the prompt limit;
         a 400 naming `explain` when none do."""
-        budget = mcq.explain_budget(len(prompt_ids), min(self.max_prompt_tokens, self.engine.max_model_len - 1),
+        budget = mcq.explain_budget(len(prompt_ids), self.engine.max_model_len, self.max_prompt_tokens,
                                     self.settings.mcq_explain_max_tokens)
         if budget < 1:
             raise APIError(400, "the question leaves no room for an explanation within the prompt limit; "

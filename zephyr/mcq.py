@@ -34,11 +34,12 @@ EXPLAIN_STOP = ["Answer:", "answer:"]
 EXPLAIN_CUE_MARGIN = 8
 
 
-def explain_budget(prompt_tokens: int, prompt_limit: int, max_tokens: int) -> int:
+def explain_budget(prompt_tokens: int, max_model_len: int, max_prompt_tokens: int | None, max_tokens: int) -> int:
     """Tokens of reasoning `explain` may write after a question of `prompt_tokens`, so that the reasoning and the
-    answer cue still fit `prompt_limit` (the server's prompt limit, at most the context less one): the service
+    answer cue still fit the prompt limit (ZEPHYR_MAX_PROMPT_TOKENS, at most the context less one): the service
     refuses a question this leaves below 1, and evals measure what it would serve."""
-    return min(max_tokens, prompt_limit - prompt_tokens - EXPLAIN_CUE_MARGIN)
+    limit = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
+    return min(max_tokens, limit - prompt_tokens - EXPLAIN_CUE_MARGIN)
 
 
 class MCQFormatError(ValueError):

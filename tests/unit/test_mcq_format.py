@@ -60,6 +60,8 @@ def test_an_arc_file_with_a_trailing_blank_line_reads(tmp_path):
 def test_the_explain_budget_keeps_room_for_the_answer_cue_within_the_prompt_limit():
     from zephyr.mcq import EXPLAIN_CUE_MARGIN, explain_budget
 
-    assert explain_budget(100, 2047, 256) == 256  # room to spare: the setting's cap
-    assert explain_budget(1900, 2047, 256) == 2047 - 1900 - EXPLAIN_CUE_MARGIN  # the limit binds
-    assert explain_budget(2040, 2047, 256) < 1  # the service refuses it (400 naming explain)
+    assert explain_budget(100, 2048, None, 256) == 256  # room to spare: the setting's cap
+    assert explain_budget(1900, 2048, None, 256) == 2047 - 1900 - EXPLAIN_CUE_MARGIN  # the context binds
+    assert explain_budget(1900, 2048, 1950, 256) == 1950 - 1900 - EXPLAIN_CUE_MARGIN  # ZEPHYR_MAX_PROMPT_TOKENS
+    assert explain_budget(1900, 2048, 9999, 256) == 2047 - 1900 - EXPLAIN_CUE_MARGIN  # never past the context
+    assert explain_budget(2040, 2048, None, 256) < 1  # the service refuses it (400 naming explain)
