@@ -412,7 +412,9 @@ class MCQResponse(BaseModel):
     abstained: bool = False
     method: str = Field(description="What answered: letter, cloze, explain, or what `auto` resolved to for this "
                         f"model: {', '.join(mcq.AUTO_METHODS)}")
-    calibrated: bool = Field(description="Whether the model's validation calibration shaped the probabilities")
+    calibrated: bool = Field(description=("Whether a temperature, combination or sharpness fitted on the model's "
+                                          "validation questions scaled the probabilities (the record's "
+                                          "demonstrations alone do not count)"))
     cloze: ClozeScores | None = None
     explanation: str | None = None
     model: str

@@ -386,8 +386,10 @@ class MCQCalibration(BaseModel):
     def _positive_temperatures(cls, temperatures: dict[str, float]) -> dict[str, float]:
         # A named method keeps its answer: a temperature at or below zero would turn its ranking around, and one
         # near zero overflows 1/T (every option's logit -inf, every request a 500).
-        if bad := {k: v for k, v in temperatures.items() if k not in METHODS or not v >= MIN_TEMPERATURE}:
-            raise ValueError(f"temperatures are per named method ({', '.join(METHODS)}) and at least "
+        # `auto` has none: it is the record's own combination and sharpness.
+        named = [m for m in METHODS if m != "auto"]
+        if bad := {k: v for k, v in temperatures.items() if k not in named or not v >= MIN_TEMPERATURE}:
+            raise ValueError(f"temperatures are per named method ({', '.join(named)}) and at least "
                              f"{MIN_TEMPERATURE:g}; got {bad}")
         return temperatures
 

@@ -74,9 +74,10 @@ def test_a_killed_server_takes_its_engine_process_with_it():
 def test_a_drill_counts_a_dropped_request_as_queued_not_refused():
     """No answer at all passed as "refused": a request taken in, queued and dropped at exit reads the same (found by
     a review). A refusal is a 503, or no answer within a moment (the listener closed)."""
-    from loadtest.drills import REFUSED_WITHIN_S, _refused
+    from loadtest.drills import REFUSED_WITHIN_S, REJECTED_WITHIN_S, _refused
 
     assert _refused({"status": 503, "start": 0.0, "end": 0.01})
+    assert not _refused({"status": 503, "start": 0.0, "end": REJECTED_WITHIN_S + 20})  # queued, then turned away
     assert _refused({"status": 0, "start": 0.0, "end": 0.05})  # connection refused: the listener has closed
     assert not _refused({"status": 0, "start": 0.0, "end": REFUSED_WITHIN_S + 20})  # waited inside, then dropped
     assert not _refused({"status": 200, "start": 0.0, "end": 0.5})

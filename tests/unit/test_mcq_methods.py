@@ -146,6 +146,7 @@ def test_plans_auto_falls_back_to_cloze_and_named_methods_keep_their_answer():
                        ({"weights": {"cloze": 0.0}}, "a weight other than 0"),
                        ({"temperatures": {"cloze": 1e-308}}, "at least 1e-06"),
                        ({"temperatures": {"votes": 1.0}}, "per named method"),
+                       ({"temperatures": {"auto": 2.0}}, "per named method"),
                        ({"letter_prior": {"4": [0.25, 0.25, 0.5]}}, "that many positive probabilities")):
         with pytest.raises(ValueError, match=named):
             mcq.MCQCalibration.model_validate({"method": "cloze", "weights": {"cloze": 1.0}} | bad)
