@@ -300,7 +300,9 @@ def _calibration(options: QuantOptions, parent: RegistryEntry, settings: Setting
                                                  seed=options.seed)
         where = ", ".join(options.calibration_sources)
     texts = calibration.render(chats, AutoTokenizer.from_pretrained(parent.path))
-    say(f"calibration: {len(texts)} chats from {where}, rendered with {parent.name}'s chat template")
+    short = f", only {len(texts)} of the {options.samples} asked for (the stats record the number used)" \
+        if len(texts) < options.samples else ""
+    say(f"calibration: {len(texts)} chats from {where}, rendered with {parent.name}'s chat template{short}")
     return calibration.write(texts, path)
 
 
