@@ -101,6 +101,7 @@ quant-env: setup
 # Served speed and memory of registry variants, one at a time, recorded beside their eval results:
 # make bench-variants MODELS=smollm2-135m-instruct,smollm2-135m-instruct-w8a8 [VARIANTS_ARGS="--rounds 1"]
 bench-variants: setup
+	@test -n "$(MODELS)" || { echo "name the entries to compare: make bench-variants MODELS=a,b"; exit 2; }
 	$(PY) -m loadtest.variants --models $(MODELS) $(VARIANTS_ARGS)
 
 # The student traffic mix against a local server (Locust CSV/HTML reports in load-results/):

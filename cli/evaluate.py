@@ -36,7 +36,8 @@ def run_command(
         help="MCQ benchmarks, comma-separated (default: arc_easy,arc_challenge,mmlu,sciq,openbookqa)")] = None,
     data: Annotated[list[str], typer.Option(
         "--data", help="NAME=FILE_OR_HUB_NAME, e.g. sciq=allenai/sciq; default ZEPHYR_DATA_DIR's files")] = [],  # noqa: B006
-    server: Annotated[str | None, typer.Option(help="Also score letter format through this server's /mcq")] = None,
+    server: Annotated[str | None, typer.Option(help=(
+        "Also score the MCQ methods through this server's /mcq/batch (the equality count against in process)"))] = None,
     api_key: Annotated[str | None, typer.Option(envvar="ZEPHYR_API_KEY", help="Key for --server")] = None,
     local: Annotated[bool, typer.Option(help="Score in process (--no-local: through --server only)")] = True,
     letter: Annotated[bool, typer.Option(

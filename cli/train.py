@@ -487,7 +487,8 @@ def data_grpo(
 def data_hh(
     out: Out,
     source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz "
-                                                "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
+                                                "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz, the "
+                                                "only hh-rlhf split here: rm-hh.yaml holds out part of it by seed]")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     clean: CleanFlags = CleanFlags(),
