@@ -577,14 +577,18 @@ def check(
     gated_benchmarks = {row.benchmark for row in rows if row.gating}
     base_served = {m.benchmark for m in base_run.measurements if m.metric in SERVED_METRICS}
     compared_keys = {row.key for row in compared}
-    # An MCQ benchmark is gated as a whole (its served method stands for its other formats); each of the text
-    # suite's gating shares must be compared itself (a candidate's text run from before names_key existed).
+    # An MCQ benchmark is gated as a whole where both have its served method (it stands for the other formats);
+    # otherwise each gating format must be compared itself, as must each of the text suite's gating shares (a
+    # candidate's text run from before names_key existed).
     missing = sorted(m.key for m in base_run.measurements
                      if suite_of(m.benchmark) in suites and _gates(m.benchmark, m.metric, base_served)
                      and (m.benchmark not in gated_benchmarks
                           or (suite_of(m.benchmark) == "text" and m.key not in compared_keys)
                           # the baseline's served method the candidate lacks: its other formats must not stand in
-                          or (m.metric in SERVED_METRICS and m.benchmark not in served)))
+                          or (m.metric in SERVED_METRICS and m.benchmark not in served)
+                          # no served method on either side: a format only the baseline has (its letter collapse
+                          # would pass on the candidate's cloze alone)
+                          or (m.benchmark not in served and m.key not in compared_keys)))
     skipped = sorted(
         m.key
         for run in (cand_run, base_run)

@@ -183,6 +183,20 @@ def test_the_baselines_served_method_the_candidate_lacks_is_missing(store):
     assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"], allow_missing=True).passed
 
 
+def test_without_a_served_method_each_format_only_the_baseline_has_is_missing(store):
+    """Neither has `auto`, so each format gates on its own: the candidate's cloze alone passed the gate while its
+    letter figure was never compared (found by a review)."""
+    save(store, "base", arc_easy__letter_acc=accuracy(80, 100), arc_easy__cloze_acc=accuracy(50, 100))
+    save(store, "cand", arc_easy__cloze_acc=accuracy(50, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["mcq"])
+    assert not result.passed and result.missing == ["arc_easy/letter_acc"] and not result.failures
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"], allow_missing=True).passed
+    # With `auto` on both sides, the other formats are information: a letter figure only one has is not missing.
+    save(store, "base", arc_easy__mcq_acc_auto=accuracy(60, 100))
+    save(store, "cand", arc_easy__mcq_acc_auto=accuracy(60, 100))
+    assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).passed
+
+
 def test_suites_asked_by_name_must_each_be_gated(store):
     save(store, "base", arc_easy__mcq_acc_auto=accuracy(60, 100))
     save(store, "cand", arc_easy__mcq_acc_auto=accuracy(60, 100))
