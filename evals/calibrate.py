@@ -505,7 +505,14 @@ def calibrate(model: str, settings: Settings, console: Console, limit: int | Non
             f"{name} {', '.join(i.id or '?' for i in bad)}" for name, bad in impossible.items()))
         dropped = {id(i) for bad in impossible.values() for i in bad}  # by identity: NaN != NaN
         scored = {name: [i for i in items if id(i) not in dropped] for name, items in scored.items()}
+    if emptied := sorted(name for name, items in scored.items() if not items):
+        console.print(f"[yellow]no question of {', '.join(emptied)} is left to calibrate on[/]")
+        scored = {name: items for name, items in scored.items() if items}
     pooled = [s for items in scored.values() for s in items]
+    if not pooled:
+        raise CalibrationError("no validation question is left to calibrate on (each was left out as a reported "
+                               "split repeats it, or its score is not finite); name more --benchmarks or a "
+                               "larger --limit")
     record, figures = calibration.fit(pooled)
     try:  # validated, not copied: the record is read back at every server start
         record = mcq.MCQCalibration.model_validate(record.model_dump() | {
@@ -584,7 +591,7 @@ def candidates_table(model: str, record: mcq.MCQCalibration, figures: dict[str, 
 def benchmarks_table(record: mcq.MCQCalibration, per_benchmark: dict[str, dict[str, Any]],
                      left_out: dict[str, dict[str, Any]] | None = None) -> Table:
     left_out = left_out or {}
-    table = Table(title=f"auto ({record.method}) on each validation set",
+    table = Table(title=f"auto ({record.method}) on each validation set, in sample (the record was fitted on them)",
                   caption="set left out: fitted on the other sets alone, what to expect on a set no fit has seen"
                   if left_out else None)
     columns = ["benchmark", "split", "n", "accuracy", "ECE", "Brier", "acc @80%", "acc @50%"]

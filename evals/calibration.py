@@ -50,16 +50,20 @@ def reliability(confidence: Sequence[float], correct: Sequence[float], bins: int
 
 def brier(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
     """Mean over questions of the squared distance between the distribution and the one-hot answer."""
+    if not gold:  # no questions: unknown, like accuracy, ECE and NLL (not a perfect 0)
+        return float("nan")
     total = 0.0
     for probs, g in zip(probabilities, gold, strict=True):
         total += sum((p - float(i == g)) ** 2 for i, p in enumerate(probs))
-    return total / max(1, len(gold))
+    return total / len(gold)
 
 
 def nll(probabilities: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
     """Mean negative log-probability of the right answer, for reports (fits minimize their own, unclamped). A right
     answer given probability 0 (an impossible option) counts as 1e-12, 27.6 nats, so the mean stays finite: read a
     mean near or above that as a sign of such answers, not as a figure to compare."""
+    if not gold:
+        return float("nan")
     return float(-np.mean([math.log(max(probs[g], 1e-12)) for probs, g in zip(probabilities, gold, strict=True)]))
 
 

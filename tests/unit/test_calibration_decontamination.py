@@ -245,3 +245,9 @@ def test_a_refit_checks_the_saved_demonstrations_and_leaves_out_impossible_score
     assert f"left out questions with a score that is not finite: arc_easy {items[3].id}" in out.getvalue()
     with pytest.raises(ValueError, match="not finite"):
         calibration.fit(items)
+    # None left: a clear error, not a division by zero in the fit.
+    hopeless = [dataclasses.replace(i, scores=dataclasses.replace(i.scores, cloze=[float("nan")] * len(i.scores.cloze)))
+                for i in items]
+    with pytest.raises(CalibrationError, match="no validation question is left to calibrate on"):
+        calibrate("demo-test", settings, Console(file=io.StringIO()), scores=saved("d.json", ["p1", "p2"], hopeless),
+                  write=False)

@@ -157,6 +157,11 @@ def test_cloze_scores_normalize_by_the_options_characters():
     assert scores.cloze == [-4.0, -6.0] and scores.cloze_norm == [-2.0, -1.5]
 
 
+def test_figures_of_no_questions_are_unknown_not_perfect():
+    figures = calibration.summarize([], [])
+    assert figures["n"] == 0 and all(math.isnan(figures[k]) for k in ("accuracy", "ece", "brier", "nll"))
+
+
 def test_calibration_metrics():
     assert calibration.ece([0.9] * 10, [1] * 9 + [0]) == pytest.approx(0.0)
     assert calibration.ece([0.9] * 10, [1] * 5 + [0] * 5) == pytest.approx(0.4)
