@@ -97,7 +97,8 @@ def make_engine(url: str) -> AsyncEngine:
     if database is not None:
         private_dir(database.parent)
         create_private_file(database)
-    return create_async_engine(url, pool_pre_ping=True)
+    # hide_parameters: a failed statement's error (logged) would otherwise quote the row, a student's words included
+    return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 class GenerationLog:

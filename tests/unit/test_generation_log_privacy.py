@@ -172,3 +172,22 @@ def test_private_dir_leaves_a_shared_sticky_folder_alone(tmp_path):
     assert mode(shared) == 0o1777
     private_dir(shared / "ours")
     assert mode(shared / "ours") == 0o700
+
+
+async def test_a_failed_statements_error_quotes_no_row(tmp_path):
+    """The log and error handlers print a database error as it is: SQLAlchemy's text of one quotes its parameters,
+    a student's message among them (found by a review)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'zephyr.db'}")
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, message TEXT)"))
+            await connection.execute(text("INSERT INTO t VALUES (1, 'first')"))
+            with pytest.raises(IntegrityError) as failed:
+                await connection.execute(text("INSERT INTO t VALUES (:id, :message)"),
+                                         {"id": 1, "message": "my name is Jane Roe and I live at 12 Elm Street"})
+    finally:
+        await engine.dispose()
+    assert "Jane Roe" not in str(failed.value) and "UNIQUE constraint failed" in str(failed.value)

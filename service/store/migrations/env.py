@@ -17,7 +17,7 @@ def _run(connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, hide_parameters=True)  # a failed data migration's error quotes no row
     async with engine.begin() as connection:
         await connection.run_sync(_run)
     await engine.dispose()
