@@ -188,6 +188,21 @@ def test_a_long_key_over_a_wide_list_is_walked_without_copying_the_key_per_item(
     assert peak < 10 * 2**20  # spelling out every item's place would hold 2,000 copies of the key: ~100 MB
 
 
+@pytest.mark.parametrize(("body", "named"), [
+    ({"m": [{"c": "bad\x00"}], "n": "x\x00"}, "`m[0].c` contains a NUL"),  # depth first: the first one in order
+    ({"m": ["ok", "x\ud800", "bad\x00"]}, "`m[1]` contains a lone UTF-16 surrogate"),  # a list of strings only
+    ({"m": [1, 2.5, None, True, "ok", ["fine", "no\x00"]]}, "`m[5][1]` contains a NUL"),  # mixed
+    ({"m": [{"ok\x00": "no\x00"}]}, "`m[0].ok?` contains a NUL"),  # a key before its value
+])
+def test_the_walks_shortcuts_name_the_same_first_problem(body, named):
+    """Lists of numbers or good strings are passed over whole (the walk runs on the event loop); where one holds a
+    problem, it is still the first in document order that is named."""
+    from service.protocol import text_problem
+
+    assert named in text_problem(body)
+    assert text_problem({"ids": [0] * 1000, "stop": ["a"] * 1000, "m": [{"c": "fine"}]}) is None
+
+
 @pytest.mark.parametrize(("content", "why"), [(b'{"question": "\xff", "options": ["a", "b"]}', "not UTF-8"),
                                               (b'{"question": "q", "options": ["a", "b"], "n": 1' + b"1" * 5000 + b"}",
                                                "an integer past Python's digit limit")])
