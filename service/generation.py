@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from service.auth import Principal
 from service.engine import EngineOutput, GenParams, TokenLogprob
 from service.errors import APIError, error_event
+from service.metrics import RequestGauge
 from service.protocol import Usage
 from service.store.models import GenerationRecord
 from zephyr import textquality
@@ -88,6 +89,9 @@ class GenerationRequest:
     for_review: bool = False
     review_kind: str | None = None
     purpose: str = "served"
+    # The student request this engine request serves on the waiting/running gauges: its own, made by Tutor.run,
+    # or an /mcq question's (or the chat's that pasted it), shared by the engine requests that score its options.
+    gauge: RequestGauge | None = None
     parent_id: str | None = None
     answer_shown: bool = True  # false where the client only scores the prompt (completions' `max_tokens: 0`)
     # A multiple-choice question the chat's last message holds (zephyr/chat_mcq.py), and the answer's opening that

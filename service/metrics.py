@@ -3,6 +3,8 @@ exposes the process-global registry where vLLM publishes its own `vllm:*` engine
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Routes whose answers are judged for looping (service.generation), each series made at start so a share reads 0,
@@ -10,6 +12,32 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 ANSWER_ROUTES = ("chat", "completions", "review_candidate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class RequestGauge:
+    """One student request on `zephyr_requests_waiting` / `_running`, however many engine requests answer it: an
+    /mcq question scores each option (and its letter, its reasoning) as engine requests of their own, which were
+    each counted, so one question read as four to nine waiting requests to the autoscaler."""
+
+    __slots__ = ("_metrics", "_state", "since")
+
+    def __init__(self, metrics: Metrics):
+        self._metrics, self._state, self.since = metrics, "waiting", time.perf_counter()
+        metrics.waiting.inc()
+
+    def started(self) -> bool:
+        """Its first token (of any of its engine requests): running. True only the first time."""
+        if self._state != "waiting":
+            return False
+        self._metrics.waiting.dec()
+        self._metrics.running.inc()
+        self._state = "running"
+        return True
+
+    def done(self) -> None:
+        if self._state != "done":
+            (self._metrics.waiting if self._state == "waiting" else self._metrics.running).dec()
+            self._state = "done"
 
 
 class Metrics:

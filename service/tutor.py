@@ -29,7 +29,7 @@ from service.engine import (
 )
 from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, event_stream, new_id, sse
-from service.metrics import Metrics
+from service.metrics import Metrics, RequestGauge
 from service.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -263,9 +263,11 @@ class Tutor:
         """Runs one engine request, keeping metrics and writing its log row however it ends."""
         gen.ran = True
         status, error = "aborted", None
-        served = gen.purpose == "served"  # review candidates are not student requests: keep them off the gauges
-        if served:
-            self.metrics.waiting.inc()
+        # Review candidates are not student requests: kept off the gauges. An engine request for an /mcq question's
+        # options moves the question's gauge, which answer_mcq holds.
+        own_gauge = gen.gauge is None and gen.purpose == "served"
+        if own_gauge:
+            gen.gauge = RequestGauge(self.metrics)
         waiting = True
         try:
             if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
@@ -279,12 +281,15 @@ class Tutor:
                 async for out in outputs:
                     if waiting:
                         waiting = False
-                        if served:
-                            self.metrics.waiting.dec()
-                            self.metrics.running.inc()
-                        if gen.withheld is None:  # the guard's reply takes no engine time: not a latency sample
+                        first = gen.gauge is not None and gen.gauge.started()
+                        # The guard's reply takes no engine time: not a latency sample. An /mcq question is one
+                        # sample, at the first token of any of its engine requests.
+                        if gen.withheld is None and gen.route != "mcq":
                             self.metrics.time_to_first_token.labels(gen.route).observe(
                                 time.perf_counter() - gen.started)
+                        elif gen.route == "mcq" and first:
+                            self.metrics.time_to_first_token.labels("mcq").observe(
+                                time.perf_counter() - gen.gauge.since)
                     if failed := next((c.finish_reason for c in out.choices
                                        if c.finish_reason in ENGINE_FAILURE_REASONS), None):
                         # vLLM's own server answers these with a 500; served as they came, they were an empty
@@ -304,8 +309,8 @@ class Tutor:
             status, error = "error", failure_text(exc)
             raise
         finally:
-            if served:
-                (self.metrics.waiting if waiting else self.metrics.running).dec()
+            if own_gauge:
+                gen.gauge.done()
             self.metrics.prompt_tokens.labels(gen.route).inc(len(gen.prompt_ids))
             self.metrics.completion_tokens.labels(gen.route).inc(gen.generated_tokens)
             if gen.steps > 1:
@@ -428,7 +433,7 @@ class Tutor:
         with the record's demonstrations), or an answer with no room for the opening, is answered as any chat."""
         try:
             result = await self.answer_mcq(gen.mcq_question, "auto", gen.principal, f"{gen.request_id}-mcq",
-                                           gen.user)
+                                           gen.user, gauge=gen.gauge)
         except Exception as exc:  # the MCQ row says what happened; the student still gets an answer
             log.warning("chat %s: its multiple-choice question was not scored (%s); answered as any chat",
                         gen.request_id, failure_text(exc))
@@ -588,11 +593,13 @@ class Tutor:
                          user: str | None = None, min_confidence: float | None = None,
                          param_prefix: str = "",
                          domain: Callable[[], Awaitable[list[float]]] | None = None,
-                         prompts: tuple[list[int], list[tuple[list[int], int]]] | None = None) -> MCQResponse:
+                         prompts: tuple[list[int], list[tuple[list[int], int]]] | None = None,
+                         gauge: RequestGauge | None = None) -> MCQResponse:
         """Scores the options as the method says (the letter, the options' texts, or both at once), turns the
         scores into probabilities over exactly the options, and answers null below `min_confidence`. `domain`:
         the question's domain where a batch embeds its questions together (else embedded here, if the plan reads
-        it); `prompts`: what `mcq_prompts` made of it, where a batch checked every question before admission."""
+        it); `prompts`: what `mcq_prompts` made of it, where a batch checked every question before admission;
+        `gauge`: the chat's, where a chat pasted the question (else the question is one request of its own)."""
         plan = mcq.plan(method, self.calibration)
         explain = method == "explain"
         floor = self.settings.mcq_min_confidence if min_confidence is None else min_confidence
@@ -606,6 +613,8 @@ class Tutor:
         explanation, refusal, withheld = None, None, None
         status, error = "error", None
         scores = mcq.OptionScores()
+        own_gauge = gauge is None
+        row.gauge = RequestGauge(self.metrics) if own_gauge else gauge
         try:  # from the first await: a client gone while the prompts are encoded is logged too
             # Everything a request could refuse is checked before the engine sees any of it (off the loop that
             # streams answers).
@@ -640,6 +649,8 @@ class Tutor:
             error = failure_text(exc)
             raise
         finally:  # one row per MCQ request, however it ended
+            if own_gauge:
+                row.gauge.done()
             if status != "ok":
                 probabilities, answer = {}, None
             confidence = max(probabilities.values(), default=0.0)
@@ -724,7 +735,7 @@ class Tutor:
         final = GenerationRequest(
             request_id=f"{row.request_id}-letter", route="mcq", messages=row.messages, prompt_ids=prompt_ids,
             principal=row.principal, params=GenParams(max_tokens=1, temperature=0.0, allowed_token_ids=letter_ids,
-                                                      logprob_token_ids=letter_ids),
+                                                      logprob_token_ids=letter_ids), gauge=row.gauge,
         )
         explanation = None
         if explain:
@@ -765,7 +776,7 @@ class Tutor:
                 request_id=f"{row.request_id}-cloze{index}{'' if use_cache else 'r'}", route="mcq",
                 messages=row.messages, prompt_ids=prompt_ids, principal=row.principal,
                 params=GenParams(max_tokens=1, temperature=0.0, prompt_logprobs=True,
-                                 skip_reading_prefix_cache=not use_cache),
+                                 skip_reading_prefix_cache=not use_cache), gauge=row.gauge,
             )
             await self.run_to_end(gen)
             missing = mcq.continuation_positions_missing(gen.num_cached_tokens, context_length)
@@ -780,7 +791,7 @@ class Tutor:
                 request_id=f"{row.request_id}-clozectx{index}", route="mcq", messages=row.messages,
                 prompt_ids=list(context), principal=row.principal,
                 params=GenParams(max_tokens=1, temperature=0.0, logprob_token_ids=token_ids,
-                                 skip_reading_prefix_cache=False),
+                                 skip_reading_prefix_cache=False), gauge=row.gauge,
             )
             await self.run_to_end(gen)
             entries = gen.logprobs.get(0) or []
@@ -822,7 +833,7 @@ class Tutor:
             request_id=f"{final.request_id}-reasoning", route="mcq", messages=final.messages, prompt_ids=prompt_ids,
             principal=final.principal, params=GenParams(max_tokens=budget, temperature=0.0,
                                                         stop=mcq.EXPLAIN_STOP),
-            screen_answer=True,
+            screen_answer=True, gauge=final.gauge,
         )
         await self.run_to_end(reasoning)
         return reasoning

@@ -402,3 +402,37 @@ async def test_a_question_over_the_character_limit_names_its_longest_part(app_fa
         eleven = {chr(ord("A") + i): f"option {i}" for i in range(11)}
         r = await served.client.post("/mcq", json={"question": "Which?", "options": eleven})
         assert r.status_code == 400 and "between 2 and 10 entries, got 11" in r.json()["error"]["message"]
+
+
+class _Recorded:
+    """A gauge that counts what entered it."""
+
+    def __init__(self) -> None:
+        self.value = self.entered = 0
+
+    def inc(self) -> None:
+        self.value += 1
+        self.entered += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+@pytest.mark.parametrize(("path", "body", "questions"), [
+    ("/mcq", {**QUESTION, "method": "cloze"}, 1), ("/mcq", {**QUESTION, "explain": True}, 1),
+    ("/mcq/batch", {"questions": [{**QUESTION, "method": "cloze"}] * 2}, 2),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Which gas do plants absorb from the air?\n"
+                                            "A) Oxygen\nB) Carbon dioxide\nC) Helium"}], "max_tokens": 4}, 1),
+])
+async def test_a_question_is_one_request_on_the_waiting_and_running_gauges(served, path, body, questions):
+    """Each option (its letter, its reasoning) is an engine request of its own; each was counted as a student's
+    request waiting, so one question read as four to nine to the autoscaler (found by a review)."""
+    metrics = served.app.state.tutor.metrics
+    metrics.waiting, metrics.running = _Recorded(), _Recorded()
+    r = await served.client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert metrics.waiting.value == metrics.running.value == 0
+    assert metrics.waiting.entered == metrics.running.entered == questions
+    if path != "/v1/chat/completions":  # one time-to-first-token sample a question, not one per option
+        text = (await served.client.get("/metrics")).text
+        assert f'zephyr_time_to_first_token_seconds_count{{route="mcq"}} {float(questions)}' in text
