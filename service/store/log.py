@@ -30,6 +30,7 @@ from alembic.util import CommandError as AlembicError
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.metrics import Metrics
@@ -100,6 +101,18 @@ def make_engine(url: str) -> AsyncEngine:
     # hide_parameters: a failed statement's error (logged) would otherwise quote the row, a student's words included
     return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
 
+
+
+def refused_for_its_rows(exc: BaseException) -> bool:
+    """Whether the database refused rows for what they hold (SQLSTATE class 22, a value its column cannot take; 23,
+    a constraint; or a value that could not be bound), rather than failed itself: a lock held past the timeout, a
+    server read-only after a failover, a full disk. Only the first sets rows aside; the second keeps the spill file
+    for the next try (a `SELECT 1` succeeds through all of them, so it cannot tell them apart)."""
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    if isinstance(exc, DBAPIError):  # asyncpg's class 22 errors arrive as a plain DBAPIError
+        return (getattr(exc.orig, "sqlstate", None) or "")[:2] in ("22", "23")
+    return isinstance(exc, StatementError | ValueError | TypeError)
 
 class GenerationLog:
     def __init__(
@@ -435,8 +448,8 @@ class GenerationLog:
             try:
                 try:
                     await self._insert(batch)
-                except Exception:
-                    if not await self._reachable():
+                except Exception as exc:
+                    if not refused_for_its_rows(exc) or not await self._reachable():
                         raise
                     refused += await self._insert_one_by_one(batch)
             except Exception as exc:
@@ -493,8 +506,8 @@ class GenerationLog:
         for row in rows:
             try:
                 await self._insert([row])
-            except Exception:
-                if not await self._reachable():
+            except Exception as exc:
+                if not refused_for_its_rows(exc) or not await self._reachable():
                     raise
                 refused.append(row)
         return refused

@@ -2,6 +2,7 @@ import asyncio
 import json
 import shutil
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import Metrics
@@ -379,6 +380,47 @@ async def test_a_database_lost_while_rows_are_tried_one_by_one_refuses_none_of_t
     log._insert, log._reachable = insert, reachable
     assert await log.replay_spill() == 3 and await log.count() == 3 and not log.rejected_path.exists()
     await log.close()
+
+
+@pytest.mark.parametrize("failure", ["database is locked", "database or disk is full",
+                                     "cannot execute INSERT in a read-only transaction"])
+async def test_a_database_that_fails_itself_while_reachable_refuses_no_row(tmp_path, failure):
+    """A lock held past the timeout, a full disk, a server read-only after a failover: `SELECT 1` still succeeds, and
+    each row tried alone was set aside as refused, a whole outage's spill at once (found by a review)."""
+    from sqlalchemy.exc import OperationalError
+
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01, batch_size=2)
+    await log.start()
+    (tmp_path / "spill.jsonl").write_text("".join(json.dumps(row(f"s{i}"), default=str) + "\n" for i in range(3)))
+    insert = log._insert
+
+    async def failing(rows):
+        raise OperationalError("INSERT INTO generations ...", {}, Exception(failure))
+
+    log._insert = failing
+    assert await log.replay_spill() == 0 and log.has_spill() and not log.rejected_path.exists()
+    log._insert = insert
+    assert await log.replay_spill() == 3 and await log.count() == 3 and not log.rejected_path.exists()
+    await log.close()
+
+
+def test_only_what_a_row_holds_is_its_fault():
+    from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+
+    from service.store.log import refused_for_its_rows
+
+    class AsyncpgError(Exception):  # as SQLAlchemy's asyncpg adapter hands on a class 22 error
+        def __init__(self, sqlstate):
+            super().__init__(sqlstate)
+            self.sqlstate = sqlstate
+
+    assert refused_for_its_rows(IntegrityError("INSERT", {}, Exception("NOT NULL constraint failed")))
+    assert refused_for_its_rows(DBAPIError("INSERT", {}, AsyncpgError("22001")))  # value too long for its column
+    assert refused_for_its_rows(StatementError("could not bind", "INSERT", {}, TypeError("not JSON")))
+    assert not refused_for_its_rows(DBAPIError("INSERT", {}, AsyncpgError("25006")))  # read-only transaction
+    assert not refused_for_its_rows(OperationalError("INSERT", {}, Exception("database is locked")))
+    assert not refused_for_its_rows(ConnectionError("gone"))
 
 
 async def test_a_close_that_times_out_while_a_batch_is_gathered_spills_its_rows(tmp_path, monkeypatch):
