@@ -67,6 +67,7 @@ async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
     and every row went to the spill file for as long as the older version ran."""
 
     def _upgrade(connection) -> None:
+        hold_for_migrations(connection)
         config = alembic_config(str(engine.url))
         config.attributes["connection"] = connection
         known = ScriptDirectory.from_config(config)
@@ -82,6 +83,23 @@ async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
 
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade)
+
+
+# Any constant of ours: the key of the PostgreSQL advisory lock that migrating replicas take in turn.
+MIGRATION_LOCK_KEY = 0x7A65_7068  # "zeph"
+
+
+def hold_for_migrations(connection) -> None:
+    """Makes the migrations that follow on this connection one transaction, taken by one migrator at a time.
+    SQLite: Python's driver opens a transaction only before INSERT/UPDATE/DELETE, so each ALTER and CREATE INDEX
+    committed alone; a migration stopped half way (a kill, a full disk) left columns that made every later try fail
+    ("duplicate column name") and the log spill for good. An explicit BEGIN IMMEDIATE makes them atomic (SQLite's
+    DDL is transactional) and keeps a second migrator out. PostgreSQL's DDL is transactional already; replicas
+    starting together both migrated, and the loser failed ("already exists") and spilled until its next probe."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
 
 
 def _knows(script: ScriptDirectory, revision: str) -> bool:

@@ -16,10 +16,17 @@ def _run(connection) -> None:
         context.run_migrations()
 
 
+def _run_held(connection) -> None:
+    from service.store.log import hold_for_migrations
+
+    hold_for_migrations(connection)
+    _run(connection)
+
+
 async def _run_async(url: str) -> None:
     engine = create_async_engine(url, hide_parameters=True)  # a failed data migration's error quotes no row
     async with engine.begin() as connection:
-        await connection.run_sync(_run)
+        await connection.run_sync(_run_held)
     await engine.dispose()
 
 
