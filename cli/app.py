@@ -15,6 +15,7 @@ from cli.common import console, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
+from zephyr.paths import open_private_write
 from zephyr.registry import METHODS, ModelManifest, Registry, RegistryError
 from zephyr.settings import DEFAULT_MODEL
 
@@ -347,7 +348,8 @@ def review_export(
     left_out: Counter[str] = Counter()
     text, count = export.to_jsonl(judgements, generations, options, redactor, left_out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    with open_private_write(out) as handle:  # students' conversations, private as the database is
+        handle.write(text)
     console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")
     if left_out["unfinished"]:
         console.print(f"left out {left_out['unfinished']} with an answer the model did not write whole (cut off at "

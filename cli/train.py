@@ -208,7 +208,7 @@ def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: CleanFlags, settings: Settings,
-                     title: str) -> int:
+                     title: str, private: bool = False) -> int:
     if not clean.no_clean:
         from training.data.clean import ALL_BENCHMARKS, CleanOptions, ContaminationIndex
         from training.data.clean import clean as clean_records
@@ -228,7 +228,7 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: Clea
         report_table.title = f"cleaning {title}"
         console.print(report_table)
     out.parent.mkdir(parents=True, exist_ok=True)
-    count = write_jsonl(out, records)
+    count = write_jsonl(out, records, private=private)
     console.print(f"wrote {count} {schema.__name__} records to {out}")
     return count
 
@@ -538,7 +538,8 @@ def data_review(
     if not records:
         raise fail(f"no record of {source} is fit to train on: export with neither --include-flagged nor "
                    "--include-unfinished, and answers long enough to end by themselves")
-    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source))
+    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source),
+                     private=True)  # students' conversations, as the export was
 
 
 @data_app.command("clean")

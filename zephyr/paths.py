@@ -88,6 +88,17 @@ def open_private_append(path: str | os.PathLike):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+def open_private_write(path: str | os.PathLike):
+    """Open a text file for writing from empty, created 0600 (an existing file is tightened to 0600 too): for what
+    holds students' words outside the database (review exports and the training data made from them)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except OSError as exc:  # another account's file that we may write but not chmod
+        log.warning("cannot make %s private (0600): %s", path, exc)
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a SQLite SQLAlchemy URL; None for other databases and in-memory SQLite."""
     if not url.startswith("sqlite"):

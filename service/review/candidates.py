@@ -23,7 +23,7 @@ from service.engine import ChoiceDelta, EngineOutput, GenParams
 from service.errors import APIError, failure_text
 from service.generation import GenerationRequest, new_id
 from service.metrics import Metrics
-from service.store.models import GenerationRecord
+from service.store.models import Generation, GenerationRecord
 from zephyr.settings import Settings
 
 # Runs a request on the served model to the end, logging its row however it ends (Tutor.run_to_end).
@@ -179,7 +179,14 @@ class Candidates:
             return None
         card = next((m for m in listed.data if m.id == model), None)
         revision = getattr(card, "revision", None)
-        return revision if isinstance(revision, str) else None
+        if not isinstance(revision, str):
+            return None
+        if len(revision) > (room := Generation.model_revision.type.length):
+            # PostgreSQL would refuse the row (SQLite takes it), and its batch would spill
+            log.warning("the remote candidate's revision is %d characters, more than the log's %d: not recorded",
+                        len(revision), room)
+            return None
+        return revision
 
     async def _screened(self, gen: GenerationRequest, text: str, finish_reason: str | None) -> tuple[str, str | None]:
         """A remote answer as the served model's answers reach a student: cut at the first sentence the guard

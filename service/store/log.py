@@ -75,8 +75,10 @@ async def upgrade_schema(engine: AsyncEngine, revision: str = "head") -> None:
         ahead = [head for head in current if not _knows(known, head)]
         if ahead:
             log.warning("the log database is at migration %s, which this version does not know (a newer version "
-                        "migrated it; newest known here: %s): writing to it as it is. To roll the schema back, "
-                        "run the newer version's `alembic -c service/store/alembic.ini downgrade %s`",
+                        "migrated it; newest known here: %s): writing to it as it is. Leave the schema as it is: "
+                        "this version's rows fit it, and a downgrade (the newer version's `alembic -c "
+                        "service/store/alembic.ini downgrade %s`) drops what its migrations added, verdicts "
+                        "included when it goes past 0002",
                         ", ".join(ahead), known.get_current_head(), known.get_current_head())
             return
         command.upgrade(config, revision)

@@ -370,6 +370,11 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
             env={"ZEPHYR_HOME": str(served.settings.home), "ZEPHYR_REVIEW_OVERLAP": "1"})
         assert result.exit_code == 0, result.output
         assert out.read_text() == http_export.text  # one export, whichever way it is asked for
+        assert out.stat().st_mode & 0o777 == 0o600  # students' conversations, private as the database is
+        pairs = tmp_path / "pairs.jsonl"
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["data", "review", "--input", str(out), "--out",
+                                                                   str(pairs), "--no-clean"])
+        assert result.exit_code == 0 and pairs.stat().st_mode & 0o777 == 0o600, result.output
         # Where each item waits for two reviewers, an item one has judged is not exported unless asked for.
         result = await asyncio.to_thread(
             CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(out)],

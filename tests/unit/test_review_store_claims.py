@@ -175,3 +175,20 @@ async def test_an_undo_racing_another_reviewers_verdict_never_outlives_it(log):
                                                                                                        commits)
     else:
         assert isinstance(outcome[0], APIError) and outcome[0].status == 409
+
+
+async def test_a_remote_revision_longer_than_the_log_keeps_is_not_recorded():
+    """PostgreSQL refuses a row whose `model_revision` is over its column (SQLite takes it): the candidate's batch
+    spilled and its row was set aside, so the item was reviewed as a single answer (found by a review)."""
+    from types import SimpleNamespace
+
+    from service.review.candidates import Candidates
+
+    def remote(revision):
+        async def listed():
+            return SimpleNamespace(data=[SimpleNamespace(id="cand", revision=revision)])
+        return SimpleNamespace(_remote=SimpleNamespace(models=SimpleNamespace(list=listed)))
+
+    assert await Candidates._remote_revision(remote("sha256:" + "a" * 64), "cand") == "sha256:" + "a" * 64
+    assert await Candidates._remote_revision(remote("r" * 81), "cand") is None
+    assert await Candidates._remote_revision(remote(None), "cand") is None

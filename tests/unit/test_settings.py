@@ -79,7 +79,8 @@ def test_under_a_cpu_quota_smaller_than_the_cpu_set_vllm_threads_are_sized_to_th
 
 @pytest.mark.parametrize(("name", "value"), [("ZEPHYR_REVIEW_SESSION_HOURS", "1e9"), ("ZEPHYR_LOG_QUEUE_SIZE", "0"),
                                              ("ZEPHYR_PORT", "70000"), ("ZEPHYR_MAX_MODEL_LEN", "0"),
-                                             ("ZEPHYR_DTYPE", "fp8")])
+                                             ("ZEPHYR_DTYPE", "fp8"),
+                                             ("ZEPHYR_REVIEW_CANDIDATE_MODEL", "m" * 129)])  # the log's column
 def test_settings_out_of_their_bounds_are_refused_at_start(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name.removeprefix("ZEPHYR_").lower()):
