@@ -152,7 +152,8 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                         tutor.first_text_sent(gen)
                     yield event(choices)
 
-    return event_stream(chunks(), (lambda: event([], job.usage())) if include_usage else None)
+    return event_stream(chunks(), (lambda: event([], job.usage())) if include_usage else None,
+                        tutor.metrics.stream_failed(gen.route))
 
 
 def _finite(value: float | None) -> float | None:

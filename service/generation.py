@@ -40,17 +40,21 @@ def sse(chunk: BaseModel) -> str:
     return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
 
 
-async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[[], str] | None) -> AsyncIterator[str]:
+async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[[], str] | None,
+                       failed: Callable[[int], None]) -> AsyncIterator[str]:
     """OpenAI's stream framing around a route's events: a failure after the headers went out is reported in-band,
-    as OpenAI does; the usage event (stream_options.include_usage) follows a stream that finished; then [DONE]."""
+    as OpenAI does, and `failed` told its status (the HTTP counter saw the 200 the headers said); the usage event
+    (stream_options.include_usage) follows a stream that finished; then [DONE]."""
     try:
         async with aclosing(events):  # a client that leaves closes this stream: close the route's at once too
             async for item in events:
                 yield item
     except APIError as exc:
+        failed(exc.status)
         yield error_event(exc)
     except Exception:  # a fault of ours after the headers went out: said in-band, as a 500 would be, then [DONE]
         log.exception("a stream failed")
+        failed(500)
         yield error_event(APIError(500, "internal error; the server logged it"))
     else:
         if usage_event is not None:

@@ -4,6 +4,7 @@ exposes the process-global registry where vLLM publishes its own `vllm:*` engine
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -47,6 +48,11 @@ class Metrics:
         self.requests = Counter(
             "zephyr_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
             registry=r,
+        )
+        # A stream's status is its headers' 200; one that fails later says so in-band, and is counted here.
+        self.stream_errors = Counter(
+            "zephyr_stream_errors", "Streams that ended in an in-band error after their 200 headers, by status",
+            ["route", "status"], registry=r,
         )
         self.request_latency = Histogram(
             "zephyr_request_latency_seconds", "End-to-end request latency", ["route"], buckets=LATENCY_BUCKETS,
@@ -121,6 +127,12 @@ class Metrics:
         )
         self.review_verdicts = Counter("zephyr_review_verdicts", "Reviewer verdicts given", ["verdict"], registry=r)
         self.engine_ready = Gauge("zephyr_engine_ready", "1 once the engine answered its warm-up request", registry=r)
+
+    def stream_failed(self, route: str) -> Callable[[int], None]:
+        """What event_stream tells of a stream that failed after its headers."""
+        def count(status: int) -> None:
+            self.stream_errors.labels(route, str(status)).inc()
+        return count
 
     def count_answers(self, route: str, response: list[dict]) -> None:
         """A request's answers, from its log entries: only finished answers that were shown say whether they loop

@@ -546,7 +546,8 @@ class Tutor:
             if not role_sent:  # a run that ended without an output still answers as an assistant
                 yield role
 
-        return event_stream(chunks(), (lambda: event([], gen.usage())) if include_usage else None)
+        return event_stream(chunks(), (lambda: event([], gen.usage())) if include_usage else None,
+                            self.metrics.stream_failed(gen.route))
 
     # MCQ ------------------------------------------------------------------------------------------------
 

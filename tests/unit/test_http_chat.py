@@ -280,8 +280,11 @@ async def test_a_fault_of_ours_is_logged_as_an_error_and_a_stream_says_so_in_ban
         assert whole.status_code == 500 and "kernel fault" not in whole.text
         async with client.stream("POST", CHAT, json={"messages": user(), "max_tokens": 3, "stream": True}) as r:
             lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        metrics = (await client.get("/metrics")).text
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
     assert lines[-1] == "data: [DONE]" and error["type"] == "server_error" and "kernel fault" not in error["message"]
+    # Its headers said 200, and the HTTP counter counts that: the failure has a counter of its own.
+    assert 'zephyr_stream_errors_total{route="chat",status="500"} 1.0' in metrics
     from sqlalchemy import select
 
     from service.store.models import Generation
