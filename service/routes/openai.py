@@ -85,7 +85,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         # A review item is one answer beside another: which of n would reviewers judge?
         raise APIError(400, f"X-Zephyr-Review marks one answer for review; this request asks for n={body.n}. Send "
                             "n=1 to have it reviewed, or leave the header out", param="n")
-    tutor.check_n(body.n)
+    # What can never succeed is refused before admission, whose 503 or 429 a client would retry first.
+    tutor.check_generation(body, tutor.settings.chat_temperature)
     # n answers are n sequences in the engine: n places of admission, and n units of the key's budget
     admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
     gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
@@ -104,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     """A raw prompt (text or token ids) continued without the chat template; with `echo` and `logprobs`, the
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
-    tutor.check_n(body.n)
+    tutor.check_generation(body)  # what can never succeed, before admission's retryable refusals
     admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
     job = await prepare_completion(tutor, body, principal)
     with admitted(request, body.n, weight=body.n) as slot:

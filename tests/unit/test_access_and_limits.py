@@ -91,6 +91,11 @@ async def test_a_full_replica_refuses_before_the_guard_reads_the_request(app_fac
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
         metrics = (await served.client.get("/metrics")).text
         assert 'zephyr_encoder_seconds_count{task="request_guard"}' not in metrics
+        # What could never succeed is told so at once, not a 503 a client retries first (found by a review).
+        for path, body in ((CHAT, {**BODY, "model": "gpt-4o"}), ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}),
+                           (CHAT, {**BODY, "n": 2, "temperature": 0})):
+            r = await served.client.post(path, json=body)
+            assert r.status_code in (400, 404) and r.json()["error"]["code"] != "overloaded", r.text
         served.app.state.tutor.admission.in_flight = 0
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200
         metrics = (await served.client.get("/metrics")).text
