@@ -585,7 +585,14 @@ class Tutor:
                              if plan.needs_answer_prior else []))
         self.check_prompt_length(letter_prompt, "question")
         for ids, _ in cloze_requests:
-            self.check_prompt_length(ids, "question")
+            try:
+                self.check_prompt_length(ids, "question")
+            except APIError as exc:
+                if plan.demonstrations:  # the record's solved examples come first: the client cannot shorten them
+                    shown = len(tokenizer.encode(plan.demonstrations, add_special_tokens=False))
+                    exc.message += (f"; {shown} of those tokens are the solved examples the model's calibration "
+                                    "puts before every scored question (`method: letter` scores without them)")
+                raise
         if explain:
             self.explain_budget(letter_prompt)  # a question too long to explain is a 400, whatever the guard says
         return letter_prompt, cloze_requests

@@ -308,6 +308,29 @@ async def test_a_record_with_demonstrations_puts_them_before_every_cloze_and_ans
         assert [ids for ids, _ in served.engine.calls[before:]] == [mcq.encode_prompt(tokenizer, question)]
 
 
+async def test_a_question_over_the_limit_only_with_the_records_examples_says_so(app_factory, settings_factory,
+                                                                               default_model, tokenizer):
+    """"Shorten the question" alone misled: the record's solved examples, which the client cannot shorten, took
+    most of the limit, and `method: letter` (which reads none) would have answered (found by a review)."""
+    from loadtest.harness import linked_variant
+    from zephyr import mcq
+
+    shown = mcq.render_demonstrations([(mcq.MCQuestion.build(f"What do bees make ({i})?", ["honey", "milk"]), "honey")
+                                       for i in range(20)])
+    record = mcq.MCQCalibration(method="cloze", weights={"cloze": 1.0}, demonstrations=shown,
+                                demonstrations_source={"count": 20})
+    home = settings_factory().home
+    linked_variant(home, default_model, "many-shots", mcq_calibration=record)
+    question = mcq.MCQuestion.build(QUESTION["question"], QUESTION["options"])
+    letter_tokens = len(mcq.encode_prompt(tokenizer, question))
+    assert all(len(ids) > letter_tokens + 8 for ids, _ in mcq.cloze_requests(tokenizer, question, shown))
+    async with app_factory(home=home, model="many-shots", max_prompt_tokens=letter_tokens + 8) as served:
+        r = await served.client.post("/mcq", json={**QUESTION, "method": "cloze"})
+        assert r.status_code == 400 and "solved examples" in r.json()["error"]["message"], r.text
+        assert "`method: letter`" in r.json()["error"]["message"]
+        assert (await served.client.post("/mcq", json={**QUESTION, "method": "letter"})).status_code == 200
+
+
 async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabilities(app_factory):
     async with app_factory(mcq_min_confidence=0.99) as served:
         r = await served.client.post("/mcq", json={**QUESTION, "method": "letter"})
