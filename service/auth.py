@@ -290,16 +290,19 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
         state.rate_limiter.hit(principal.identity, cost)
 
 
-def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> None:
+@contextmanager
+def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> Iterator[None]:
     """The refusals of `admitted` (its size, admission, then the rate limit), without taking a place or spending a
-    budget: asked before the work a request costs ahead of its admission (tokenizing, the guard's screening on the
+    budget: held around the work a request costs ahead of its admission (tokenizing, the guard's screening on the
     encoder's one thread), so a replica does not spend that on requests it will refuse: while shedding load, or for a
-    key whose window has no room for the rest of the request's work."""
+    key whose window has no room for the rest of the request's work. Requests inside count against admission with
+    those admitted, so a burst does not all queue at the guard to be refused afterwards."""
     state = request.app.state
     state.rate_limiter.fits(cost)
-    state.tutor.admission.check(weight)
-    with _counted_refusal(state):
-        state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
+    with state.tutor.admission.preparing(weight):
+        with _counted_refusal(state):
+            state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
+        yield
 
 
 @contextmanager

@@ -9,9 +9,9 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import jinja2
@@ -82,6 +82,7 @@ class Admission:
     def __init__(self, limit: int, metrics: Metrics, engine: Engine):
         self.limit = limit
         self.in_flight = 0
+        self.being_prepared = 0  # requests tokenized and screened before their admission (Admission.preparing)
         self.metrics = metrics
         self.engine = engine
         self.draining = False
@@ -101,8 +102,21 @@ class Admission:
         self.in_flight += weight
         return AdmissionSlot(self, weight)
 
-    def check(self, weight: int = 1) -> None:
-        """The 503 `admit` would give now, without taking a place (`service.auth.admissible`)."""
+    @contextmanager
+    def preparing(self, weight: int = 1) -> Iterator[None]:
+        """Counts `weight` requests being prepared for admission (`service.auth.admissible`): refused as `admit`
+        would refuse them, counting those being prepared too, so a burst past the bound gets its 503s before it
+        queues on the guard's one thread (whose sentences of the streams already running would wait behind it)."""
+        self.check(weight, with_prepared=True)
+        self.being_prepared += weight
+        try:
+            yield
+        finally:
+            self.being_prepared -= weight
+
+    def check(self, weight: int = 1, *, with_prepared: bool = False) -> None:
+        """The 503 `admit` would give now, without taking a place; `with_prepared`: counting the requests being
+        prepared too (`preparing`)."""
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise APIError(
@@ -115,11 +129,13 @@ class Admission:
             self.metrics.rejected.labels("engine_dead").inc()
             raise APIError(503, "the inference engine stopped; retry and another replica will answer",
                            code="engine_unavailable", headers={"Retry-After": "1", "Connection": "close"})
-        if self.in_flight + weight > self.limit:
+        prepared = self.being_prepared if with_prepared else 0
+        if self.in_flight + prepared + weight > self.limit:
             self.metrics.rejected.labels("overload").inc()
             raise APIError(
                 503,
-                f"the tutor is at capacity ({self.in_flight} requests in flight); retry shortly",
+                f"the tutor is at capacity ({self.in_flight} requests in flight"
+                + (f", {prepared} more being prepared" if prepared else "") + "); retry shortly",
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )

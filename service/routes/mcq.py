@@ -40,8 +40,8 @@ async def answer_batch(body: MCQBatchRequest, request: Request,
     for i, item in enumerate(body.questions):
         tutor.check_model(item.model, param=f"questions[{i}].model")
     items = [(tutor.build_question(item, f"questions[{i}]."), item) for i, item in enumerate(body.questions)]
-    admissible(request, len(items), weight=len(items))  # before tokenizing a batch it would refuse
-    prompts = await tutor.mcq_batch_prompts(items)  # a question over the token limit refuses the batch before work
+    with admissible(request, len(items), weight=len(items)):  # around tokenizing a batch it would refuse
+        prompts = await tutor.mcq_batch_prompts(items)  # a question over the token limit refuses the batch before work
     batch_id = new_id("mcqbatch")
     # The rate limit counts questions, not requests, and only valid, admitted ones (a 503 costs no budget).
     with admitted(request, len(items), weight=len(items)):

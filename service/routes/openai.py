@@ -88,8 +88,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     # What can never succeed is refused before admission, whose 503 or 429 a client would retry first.
     tutor.check_generation(body, tutor.settings.chat_temperature)
     # n answers are n sequences in the engine: n places of admission, and n units of the key's budget
-    admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
-    gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
+    with admissible(request, body.n, weight=body.n):  # around the tokenizing and the guard's screening
+        gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     top_logprobs = body.top_logprobs if body.logprobs else None
     # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when
     # the mark takes effect (`for_review`: review_policy is not "off"); a chat the sampler picked costs the key none.
@@ -106,8 +106,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     prompt tokens' log-probabilities (what lm-eval's `local-completions` model reads for log-likelihood tasks)."""
     tutor = request.app.state.tutor
     tutor.check_generation(body)  # what can never succeed, before admission's retryable refusals
-    admissible(request, body.n, weight=body.n)  # before the tokenizing and the guard's screening a refusal wastes
-    job = await prepare_completion(tutor, body, principal)
+    with admissible(request, body.n, weight=body.n):  # around the tokenizing and the guard's screening
+        job = await prepare_completion(tutor, body, principal)
     with admitted(request, body.n, weight=body.n) as slot:
         return await answer(request, slot, job.gen, body.stream, lambda: complete(tutor, job),
                             lambda: stream(tutor, job, body.include_usage))

@@ -102,6 +102,27 @@ async def test_a_full_replica_refuses_before_the_guard_reads_the_request(app_fac
         assert 'zephyr_encoder_seconds_count{task="request_guard"} 1.0' in metrics
 
 
+async def test_requests_being_prepared_count_against_admission(app_factory):
+    """admissible() compared only the requests admitted: a burst passed it together, queued on the guard's one
+    thread (with the sentences of the streams already running), and was mostly refused afterwards (found by a
+    review). Those being prepared count now, and give their places back however preparing ends."""
+    async with app_factory(max_in_flight=2, safety_guard=True) as served:
+        admission = served.app.state.tutor.admission
+        with admission.preparing(1):
+            admission.in_flight = 1  # one admitted, one being prepared: full
+            r = await served.client.post(CHAT, json=BODY)
+            assert r.status_code == 503 and "1 more being prepared" in r.json()["error"]["message"], r.text
+            admission.in_flight = 0
+            assert (await served.client.post(CHAT, json=BODY)).status_code == 200  # one place left
+        assert admission.being_prepared == 0
+        forged = [{"role": "user", "content": "x <|im_start|>"}]
+        refused = await served.client.post(CHAT, json={**BODY, "messages": forged})
+        assert refused.status_code == 400 and admission.being_prepared == 0 and admission.in_flight == 0
+        batch = await served.client.post("/mcq/batch", json={"questions": [
+            {"question": "Which?", "options": ["a", "b"]}, {"question": "x " * 3000, "options": ["a", "b"]}]})
+        assert batch.status_code == 400 and admission.being_prepared == 0
+
+
 async def test_a_request_over_its_keys_remaining_budget_is_refused_before_the_guard_reads_it(app_factory):
     async with app_factory(rate_limit="5/minute", safety_guard=True) as served:
         assert (await served.client.post(CHAT, json=BODY | {"n": 3})).status_code == 200  # 3 of 5 units
