@@ -100,8 +100,13 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
 
 async def complete(tutor: Tutor, job: Completion) -> CompletionResponse:
     await tutor.run_to_end(job.gen)
+    # With log-probabilities (the prompt's too, with echo) the response is many objects: built off the event loop.
+    return await asyncio.to_thread(_completed, tutor, job) if job.logprobs is not None else _completed(tutor, job)
+
+
+def _completed(tutor: Tutor, job: Completion) -> CompletionResponse:
     gen = job.gen
-    prompt = await asyncio.to_thread(_prompt_logprobs, tutor, job) if job.echo and job.logprobs is not None else None
+    prompt = _prompt_logprobs(tutor, job) if job.echo and job.logprobs is not None else None
     choices = []
     for i in range(gen.params.n):
         text = gen.text(i) if job.shown else ""

@@ -499,6 +499,12 @@ class Tutor:
     async def complete(self, gen: GenerationRequest, top_logprobs: int | None) -> ChatCompletionResponse:
         await self.run_to_end(gen)
         with_logprobs = gen.params.logprobs is not None
+        if with_logprobs:  # n answers x tokens x 20 alternatives: seconds of objects, built off the event loop
+            return await asyncio.to_thread(self._completed, gen, top_logprobs)
+        return self._completed(gen, top_logprobs)
+
+    def _completed(self, gen: GenerationRequest, top_logprobs: int | None) -> ChatCompletionResponse:
+        with_logprobs = gen.params.logprobs is not None
         return ChatCompletionResponse(
             id=gen.request_id, created=gen.created, model=self.model_name,
             choices=[
