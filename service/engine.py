@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -260,14 +261,43 @@ class VLLMEngine:
         from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        def translated(exc: Exception) -> Exception:
+            """What vLLM raised, as the tutor answers it: the request's fault a 400, the engine's a 503."""
+            if isinstance(exc, EngineDeadError):
+                return EngineUnavailable("the inference engine stopped; retry on another replica")
+            if isinstance(exc, VLLMClientError | ValueError | OverflowError | TypeError):
+                return EngineRejected(str(exc))
+            if isinstance(exc, EngineGenerateError):  # vLLM aborted the request and wrapped what went wrong
+                cause = exc.__cause__
+                if isinstance(cause, ValueError | OverflowError | TypeError):
+                    return EngineRejected(str(cause))
+                return EngineUnavailable(f"the engine failed this request ({type(cause).__name__}); retry")
+            return exc
+
         # vLLM keys requests by id: a suffix keeps a retried id from colliding with a running one.
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        # Only vLLM's own calls are translated: a fault in our conversion of its outputs below is a fault of ours
+        # (a 500 with its traceback logged), not "the engine refused the request".
         try:
             sampling = self.sampling_params(params)
-            # vLLM leaves the answer's text empty when it does not detokenize: decoded here from its ids instead.
-            decoded = None if sampling.detokenize else TextFromIds(self.tokenizer, params)
             # Already tokenized (chat template applied by us), so hand vLLM a ready engine input.
-            async for out in self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id):
+            outputs = self._llm.generate(tokens_input(prompt_ids), sampling, engine_request_id)
+        except Exception as exc:
+            if (mapped := translated(exc)) is exc:
+                raise
+            raise mapped from exc
+        # vLLM leaves the answer's text empty when it does not detokenize: decoded here from its ids instead.
+        decoded = None if sampling.detokenize else TextFromIds(self.tokenizer, params)
+        async with aclosing(outputs):  # a request closed early aborts vLLM's at once, not at garbage collection
+            while True:
+                try:
+                    out = await anext(outputs)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    if (mapped := translated(exc)) is exc:
+                        raise
+                    raise mapped from exc
                 yield EngineOutput(
                     choices=[self._choice(c, params.logprob_token_ids, decoded) for c in out.outputs],
                     finished=out.finished,
@@ -275,16 +305,6 @@ class VLLMEngine:
                     num_cached_tokens=out.num_cached_tokens or 0,
                     prompt_top=_prompt_top(out.prompt_logprobs) if params.prompt_top_logprobs else None,
                 )
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the inference engine stopped; retry on another replica") from exc
-        except (VLLMClientError, ValueError, OverflowError, TypeError) as exc:
-            raise EngineRejected(str(exc)) from exc
-        except EngineGenerateError as exc:
-            # vLLM aborted the request and wrapped what went wrong: the request's fault is a 400, any other a 503.
-            cause = exc.__cause__
-            if isinstance(cause, ValueError | OverflowError | TypeError):
-                raise EngineRejected(str(cause)) from exc
-            raise EngineUnavailable(f"the engine failed this request ({type(cause).__name__}); retry") from exc
 
     def _choice(self, c: Any, requested_ids: list[int] | None, decoded: TextFromIds | None) -> ChoiceDelta:
         logprobs = None

@@ -291,6 +291,42 @@ async def test_an_engine_side_overflow_is_400_not_500(served):
     assert r.status_code == 400 and "too large" in r.json()["error"]["message"]
 
 
+async def test_vllms_refusals_are_translated_and_faults_of_ours_are_not(tokenizer):
+    """The wrapper turned every ValueError or TypeError in the loop into "the engine refused the request" (a 400, no
+    traceback), those of our own conversion of vLLM's outputs included (found by a review)."""
+    from types import SimpleNamespace
+
+    from service.engine import EngineRejected, GenParams, VLLMEngine
+
+    class FakeLLM:
+        def __init__(self, first: Exception | None, output: object = None) -> None:
+            self.first, self.output, self.closed = first, output, False
+
+        async def generate(self, *_args):
+            try:
+                if self.first is not None:
+                    raise self.first
+                yield self.output
+            finally:
+                self.closed = True
+
+    async def drained(llm: FakeLLM) -> None:
+        engine = VLLMEngine(llm, "m", 512, tokenizer)
+        async for _ in engine.generate([1, 2], GenParams(max_tokens=1), "r"):
+            pass
+
+    with pytest.raises(EngineRejected, match="too large"):
+        await drained(FakeLLM(OverflowError("Python int too large to convert to C long")))
+    # An output our conversion cannot read (no token ids): a TypeError of ours, raised as itself.
+    broken = SimpleNamespace(outputs=[SimpleNamespace(index=0, text="x", token_ids=None, logprobs=[{}],
+                                                      finish_reason=None)],
+                             finished=False, prompt_logprobs=None, num_cached_tokens=0)
+    llm = FakeLLM(None, broken)
+    with pytest.raises(TypeError):
+        await drained(llm)
+    assert llm.closed  # vLLM's request is closed (aborted) at once
+
+
 async def test_a_conflict_is_a_client_error(served):
     from service.errors import error_body
 
