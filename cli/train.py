@@ -486,9 +486,9 @@ def data_grpo(
 @clean_flags()
 def data_hh(
     out: Out,
-    source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz "
-                                                "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz, the "
-                                                "only hh-rlhf split here: rm-hh.yaml holds out part of it by seed]")]
+    source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz (the only hh-rlhf split here; "
+                                                "rm-hh.yaml holds out part of it by seed) "
+                                                "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     clean: CleanFlags = CleanFlags(),
