@@ -486,8 +486,8 @@ def data_grpo(
 @clean_flags()
 def data_hh(
     out: Out,
-    source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz (the only hh-rlhf split here; "
-                                                "rm-hh.yaml holds out part of it by seed) "
+    source: Annotated[Path | None, typer.Option("--input", help="hh-rlhf .jsonl or .jsonl.gz (the only hh-rlhf split "
+                                                "here; rm-hh.yaml holds out part of it by seed) "
                                                 "\\[default: $ZEPHYR_DATA_DIR/hh-rlhf-helpful-base/test.jsonl.gz]")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
@@ -563,4 +563,6 @@ def data_clean(
         records = list(read_jsonl(source, CLEAN_FORMATS[fmt]))
     except DataFileError as exc:
         raise fail(str(exc)) from None
-    _clean_and_write(records, out, CLEAN_FORMATS[fmt], clean=clean, settings=settings, title=str(source))
+    # private: the file may be a review export's (students' conversations)
+    _clean_and_write(records, out, CLEAN_FORMATS[fmt], clean=clean, settings=settings, title=str(source),
+                     private=True)

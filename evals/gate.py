@@ -586,9 +586,10 @@ def check(
                           or (suite_of(m.benchmark) == "text" and m.key not in compared_keys)
                           # the baseline's served method the candidate lacks: its other formats must not stand in
                           or (m.metric in SERVED_METRICS and m.benchmark not in served)
-                          # no served method on either side: a format only the baseline has (its letter collapse
-                          # would pass on the candidate's cloze alone)
-                          or (m.benchmark not in served and m.key not in compared_keys)))
+                          # an MCQ benchmark with no served method on either side: a format only the baseline has
+                          # (its letter collapse would pass on the candidate's cloze alone)
+                          or (suite_of(m.benchmark) == "mcq" and m.benchmark not in served
+                              and m.key not in compared_keys)))
     skipped = sorted(
         m.key
         for run in (cand_run, base_run)

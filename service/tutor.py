@@ -610,8 +610,11 @@ class Tutor:
             try:
                 self.check_prompt_length(ids, "question")
             except APIError as exc:
-                if plan.demonstrations:  # the record's solved examples come first: the client cannot shorten them
-                    shown = len(tokenizer.encode(plan.demonstrations, add_special_tokens=False))
+                # The record's solved examples come first, which the client cannot shorten: said where the question
+                # would fit without them.
+                shown = len(tokenizer.encode(plan.demonstrations, add_special_tokens=False)) \
+                    if plan.demonstrations else 0
+                if shown and len(ids) - shown <= self.max_prompt_tokens:
                     exc.message += (f"; {shown} of those tokens are the solved examples the model's calibration "
                                     "puts before every scored question (`method: letter` scores without them)")
                 raise

@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     review_candidate_temperature: float = Field(default=1.0, ge=0, le=2)
     review_candidate_url: str | None = Field(default=None, description="OpenAI-compatible base URL (remote)")
     # at most the log's `model` column (PostgreSQL refuses a longer one; every candidate row would spill)
-    review_candidate_model: str | None = Field(default=None, min_length=1, max_length=128)
+    review_candidate_model: str | None = Field(default=None, max_length=128)
     review_candidate_api_key: str | None = None
     review_max_pending: int = Field(default=16, ge=0, le=10_000, description="Candidate generations queued at once")
     review_overlap: int = Field(default=2, ge=1, le=100, description="Reviewers who judge each item")

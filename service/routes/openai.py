@@ -125,9 +125,13 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
             result = await until_disconnected(request, whole())
         finally:
             tutor.never_ran(gen)
-        # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire. Off the event loop: an
-        # answer with log-probabilities can be tens of megabytes (n=8, 2,000 tokens, 20 alternatives: 22 MB).
-        return await asyncio.to_thread(lambda: JSONResponse(result.model_dump(mode="json"), headers=headers))
+        # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire. An answer with
+        # log-probabilities can be tens of megabytes (n=8, 2,000 tokens, 20 alternatives: 22 MB): off the event loop.
+        def render() -> JSONResponse:
+            return JSONResponse(result.model_dump(mode="json"), headers=headers)
+
+        large = gen.params.logprobs is not None or gen.params.prompt_logprobs
+        return await asyncio.to_thread(render) if large else render()
     stream = events()  # made before the slot is handed off: a failure here still releases it with the `with`
     release = slot.hand_off()
 

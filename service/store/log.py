@@ -131,8 +131,10 @@ def refused_for_its_rows(exc: BaseException) -> bool:
     if isinstance(exc, IntegrityError | DataError):
         return True
     if isinstance(exc, DBAPIError):  # asyncpg's class 22 errors arrive as a plain DBAPIError
-        return (getattr(exc.orig, "sqlstate", None) or "")[:2] in ("22", "23")
-    return isinstance(exc, StatementError | ValueError | TypeError)
+        # SQLite's driver names a value of a type no column takes (a list where text goes) a ProgrammingError
+        return ((getattr(exc.orig, "sqlstate", None) or "")[:2] in ("22", "23")
+                or "binding parameter" in str(exc.orig).lower())
+    return isinstance(exc, StatementError | ValueError | TypeError | OverflowError)
 
 class GenerationLog:
     def __init__(

@@ -195,6 +195,11 @@ def test_without_a_served_method_each_format_only_the_baseline_has_is_missing(st
     save(store, "base", arc_easy__mcq_acc_auto=accuracy(60, 100))
     save(store, "cand", arc_easy__mcq_acc_auto=accuracy(60, 100))
     assert check(store, "cand", "base", max_drop=1.0, suites=["mcq"]).passed
+    # The rule is the MCQ suite's: a GSM8K mode only the baseline's history holds is shown, as before.
+    save(store, "base", suite="gsm8k", gsm8k__exact_match_5shot=accuracy(9, 100),
+         gsm8k__exact_match_old=accuracy(9, 100))
+    save(store, "cand", suite="gsm8k", gsm8k__exact_match_5shot=accuracy(9, 100))
+    assert check(store, "cand", "base", max_drop=1.0, suites=["gsm8k"]).missing == []
 
 
 def test_suites_asked_by_name_must_each_be_gated(store):

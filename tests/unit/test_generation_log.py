@@ -421,6 +421,21 @@ def test_only_what_a_row_holds_is_its_fault():
     assert not refused_for_its_rows(DBAPIError("INSERT", {}, AsyncpgError("25006")))  # read-only transaction
     assert not refused_for_its_rows(OperationalError("INSERT", {}, Exception("database is locked")))
     assert not refused_for_its_rows(ConnectionError("gone"))
+    assert refused_for_its_rows(OverflowError("Python int too large to convert to SQLite INTEGER"))
+
+
+async def test_a_spilled_row_sqlite_cannot_bind_is_set_aside_not_blocking_replay(tmp_path):
+    """A value of a type no column takes (a hand-edited or older spill line) fails as SQLite's ProgrammingError:
+    taken for the database's own failure, it held the file, and every file after it, for good (found by a review)."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    lines = [row("good"), {**row("odd"), "model": {"not": "text"}}, {**row("huge"), "prompt_tokens": 2**70}]
+    (tmp_path / "spill.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in lines))
+    assert await log.replay_spill() == 1 and await log.get("good") and not log.has_spill()
+    kept = [json.loads(line)["id"] for line in log.rejected_path.read_text().splitlines()]
+    assert sorted(kept) == ["huge", "odd"]
+    await log.close()
 
 
 async def test_a_close_that_times_out_while_a_batch_is_gathered_spills_its_rows(tmp_path, monkeypatch):

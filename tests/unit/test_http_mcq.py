@@ -329,6 +329,9 @@ async def test_a_question_over_the_limit_only_with_the_records_examples_says_so(
         assert r.status_code == 400 and "solved examples" in r.json()["error"]["message"], r.text
         assert "`method: letter`" in r.json()["error"]["message"]
         assert (await served.client.post("/mcq", json={**QUESTION, "method": "letter"})).status_code == 200
+        # Too long without them too: the hint would mislead, so it is not given.
+        long = await served.client.post("/mcq", json={**QUESTION, "question": "Why? " * 200, "method": "cloze"})
+        assert long.status_code == 400 and "solved examples" not in long.json()["error"]["message"], long.text
 
 
 async def test_below_min_confidence_the_tutor_abstains_and_keeps_the_probabilities(app_factory):

@@ -375,6 +375,10 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
         result = await asyncio.to_thread(CliRunner().invoke, cli, ["data", "review", "--input", str(out), "--out",
                                                                    str(pairs), "--no-clean"])
         assert result.exit_code == 0 and pairs.stat().st_mode & 0o777 == 0o600, result.output
+        cleaned = tmp_path / "cleaned.jsonl"
+        clean = ["data", "clean", "--input", str(pairs), "--out", str(cleaned), "--format", "dpo", "--no-decontaminate"]
+        result = await asyncio.to_thread(CliRunner().invoke, cli, clean)
+        assert result.exit_code == 0 and cleaned.stat().st_mode & 0o777 == 0o600, result.output
         # Where each item waits for two reviewers, an item one has judged is not exported unless asked for.
         result = await asyncio.to_thread(
             CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(out)],
