@@ -23,6 +23,11 @@ from zephyr.console import make_console
 console = make_console()
 RSS_SAMPLE_S = 5
 MAX_RSS_GROWTH = 0.10
+# The API process alone in a short run (CI's minute): its baseline is taken a few seconds in, before the exam bursts'
+# high-water marks (tokenizer threads, the encoder's batches, malloc arenas) have all been reached, and two passing
+# runs of the same code measured +9.8% and +17.5%. A minute tells a gross leak only; `make soak` holds it to 10%.
+MAX_SHORT_RUN_API_GROWTH = 0.30
+SHORT_RUN_MINUTES = 5
 MIX_KINDS = ("chat", "mcq", "review")  # loadtest/locustfile.py's event names: students, exam takers, reviewers
 
 
@@ -87,15 +92,16 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
         # Steady state: the first minute (or first tenth of a short run) holds start-up and first-use growth.
         settle = min(60.0, wall_s / 10)
         growth = {}
-        for what, series, at_ready, now in (
-                ("resident memory", samples, rss_at_ready, server.rss_bytes),
+        api_limit = MAX_SHORT_RUN_API_GROWTH if minutes < SHORT_RUN_MINUTES else MAX_RSS_GROWTH
+        for what, series, at_ready, now, limit in (
+                ("resident memory", samples, rss_at_ready, server.rss_bytes, MAX_RSS_GROWTH),
                 ("the API process's resident memory", api_samples, api_at_ready,
-                 lambda: rss_bytes(server.process.pid))):
+                 lambda: rss_bytes(server.process.pid), api_limit)):
             early = [rss for t, rss in series if t - started <= settle + RSS_SAMPLE_S] or [at_ready]
             late = [rss for t, rss in series if t >= started + wall_s * 0.9] or [now()]
             baseline, final = statistics.median(early), statistics.median(late)
             growth[what] = (baseline, final, (final - baseline) / baseline)
-            report.check(f"{what} grows < {MAX_RSS_GROWTH:.0%}", growth[what][2] < MAX_RSS_GROWTH,
+            report.check(f"{what} grows < {limit:.0%}", growth[what][2] < limit,
                          f"{baseline / 2**20:.0f} MiB after {settle:.0f} s -> {final / 2**20:.0f} MiB at the end "
                          f"({growth[what][2]:+.1%}); {at_ready / 2**20:.0f} MiB when ready")
         report.check("server still ready", server.ready(), "/readyz after the run")
