@@ -80,23 +80,22 @@ def create_private_file(path: str | os.PathLike) -> None:
 
 def open_private_append(path: str | os.PathLike):
     """Open a text file for appending, created 0600 (an existing file is tightened to 0600 too)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-    except OSError as exc:  # another account's file that we may write but not chmod
-        log.warning("cannot make %s private (0600): %s", path, exc)
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return _open_private(path, os.O_APPEND, "a")
 
 
 def open_private_write(path: str | os.PathLike):
     """Open a text file for writing from empty, created 0600 (an existing file is tightened to 0600 too): for what
     holds students' words outside the database (review exports and the training data made from them)."""
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, PRIVATE_FILE_MODE)
+    return _open_private(path, os.O_TRUNC, "w")
+
+
+def _open_private(path: str | os.PathLike, flag: int, mode: str):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, PRIVATE_FILE_MODE)
     try:
         os.fchmod(fd, PRIVATE_FILE_MODE)
     except OSError as exc:  # another account's file that we may write but not chmod
         log.warning("cannot make %s private (0600): %s", path, exc)
-    return os.fdopen(fd, "w", encoding="utf-8")
+    return os.fdopen(fd, mode, encoding="utf-8")
 
 
 def sqlite_path(url: str) -> Path | None:
