@@ -583,13 +583,12 @@ def check(
     missing = sorted(m.key for m in base_run.measurements
                      if suite_of(m.benchmark) in suites and _gates(m.benchmark, m.metric, base_served)
                      and (m.benchmark not in gated_benchmarks
-                          or (suite_of(m.benchmark) == "text" and m.key not in compared_keys)
-                          # the baseline's served method the candidate lacks: its other formats must not stand in
-                          or (m.metric in SERVED_METRICS and m.benchmark not in served)
-                          # an MCQ benchmark with no served method on either side: a format only the baseline has
-                          # (its letter collapse would pass on the candidate's cloze alone)
-                          or (suite_of(m.benchmark) == "mcq" and m.benchmark not in served
-                              and m.key not in compared_keys)))
+                          # Not compared: a text share, or an MCQ format where the served method is not on both
+                          # sides (the baseline's served method the candidate lacks included: no other format stands
+                          # in for it, and a letter collapse would pass on the candidate's cloze alone).
+                          or (m.key not in compared_keys and (suite_of(m.benchmark) == "text"
+                                                              or (suite_of(m.benchmark) == "mcq"
+                                                                  and m.benchmark not in served)))))
     skipped = sorted(
         m.key
         for run in (cand_run, base_run)
