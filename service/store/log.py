@@ -170,6 +170,10 @@ class GenerationLog:
         # One writer of the spill file at a time: a thread's append must not interleave with another's, nor land
         # in a file replay_spill has already read.
         self._spill_lock = threading.Lock()
+        # One replay at a time in this process (POSIX locks do not exclude within one): the start's, in the
+        # background, and the writer's after a batch.
+        self._replay_lock = asyncio.Lock()
+        self._startup_replay: asyncio.Task | None = None
 
     # Life cycle -------------------------------------------------------------------------------------
 
@@ -179,11 +183,25 @@ class GenerationLog:
             await upgrade_schema(self.engine)
             self._db_ok = True
             self._make_private()
-            if self.has_spill():
-                await self.replay_spill()
         except Exception as exc:  # the service still serves; rows spill until the database returns
             log.error("generation log database unavailable at start (%s); spilling to %s", exc, self.spill_path)
+        else:
+            if self.has_spill():
+                # In the background: a long outage's spill could outlast the startup probe, and serving need
+                # not wait for rows that are already safe on disk.
+                self._startup_replay = asyncio.create_task(self._replay_logged(), name="generation-log-replay")
         self._writer = asyncio.create_task(self._run(), name="generation-log-writer")
+
+    async def replayed_at_start(self) -> None:
+        """Wait for the replay the start began, if any (tests, and tools that want the log complete)."""
+        if self._startup_replay is not None:
+            await asyncio.shield(self._startup_replay)
+
+    async def _replay_logged(self) -> None:
+        try:
+            await self.replay_spill()
+        except Exception:  # the spill file stays; the writer retries after its next batch
+            log.exception("replaying the spill file failed; will retry")
 
     async def close(self) -> None:
         """Flush every queued row (to the database, or else to the spill file), then stop."""
@@ -194,6 +212,10 @@ class GenerationLog:
         # Left only if the flush timed out: a batch cut off mid-write and what was still queued. Spill them
         # rather than wait on a slow database (a replayed duplicate is ignored by request id).
         leftover = list(self._in_flight)
+        if self._startup_replay is not None:  # a taken file cut off part way is replayed by the next start
+            self._startup_replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup_replay
         if self._writer is not None:
             self._writer.cancel()
             try:
@@ -269,11 +291,9 @@ class GenerationLog:
                     except OSError:  # database down and the disk refusing too: nothing left to keep them in
                         log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(batch))
                         self.metrics.log_write_failures.inc()
-                if self._db_ok and self.has_spill():
-                    try:
-                        await self.replay_spill()
-                    except Exception:  # the batch above is already stored; the spill file stays for a retry
-                        log.exception("replaying the spill file failed; will retry")
+                if self._db_ok and not self._replay_lock.locked() and self.has_spill():
+                    # the batch above is already stored; a failed replay leaves the file for a retry
+                    await self._replay_logged()
             finally:
                 self._in_flight = []
                 for _ in batch:
@@ -433,6 +453,10 @@ class GenerationLog:
         database refuses while it is up (a bad value, a torn line) goes to the rejected file for a person
         to look at, instead of blocking every later replay. Every taken file is replayed that no other replica
         holds, a dead pod's too."""
+        async with self._replay_lock:
+            return await self._replay_taken_files()
+
+    async def _replay_taken_files(self) -> int:
         replayed = 0
         # Files taken earlier first; the spill file is taken only once they are in, so a long outage leaves one
         # taken file waiting, not one for each retry.

@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import json
 import shutil
 
@@ -138,6 +139,7 @@ async def test_shutdown_flushes_the_queue_to_disk_and_a_restart_replays(tmp_path
     (tmp_path / "missing-dir").mkdir()
     restarted = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), None)
     await restarted.start()
+    await restarted.replayed_at_start()
     assert await restarted.count() == 3 and not restarted.has_spill()
     await restarted.close()
 
@@ -209,6 +211,50 @@ async def test_rows_spilled_unredacted_are_redacted_before_replay(tmp_path):
     assert await log.replay_spill() == 1
     assert (await log.get("raw"))["messages"][0]["content"] == "write to <EMAIL_ADDRESS>"
     await log.close()
+
+
+class HeldRedactor:
+    """Redacts nothing, and holds every call until released: a replay as slow as a long outage's spill."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+
+    def redact(self, text: str) -> str:
+        assert self.release.wait(30)
+        return text
+
+
+async def test_the_start_serves_at_once_and_replays_a_spill_in_the_background(tmp_path):
+    held = HeldRedactor()
+    (tmp_path / "spill.jsonl").write_text(json.dumps(row("spilled"), default=str) + "\n")  # raw: redacted on replay
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), held,
+                        flush_seconds=0.01)
+    await asyncio.wait_for(log.start(), 10)  # returns while the replay is held
+    log.record(dataclasses.replace(record("new"), redacted=True))  # the writer neither waits for the replay nor starts another
+    await asyncio.wait_for(log.flush(), 10)
+    assert await log.get("new") and not await log.get("spilled") and log.has_spill()
+    held.release.set()
+    await asyncio.wait_for(log.replayed_at_start(), 30)
+    assert await log.get("spilled") and not log.has_spill() and await log.count() == 2
+    await log.close()
+
+
+async def test_a_close_during_the_start_replay_leaves_the_spill_for_the_next_start(tmp_path):
+    held = HeldRedactor()
+    (tmp_path / "spill.jsonl").write_text(json.dumps(row("spilled"), default=str) + "\n")
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    log = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), held)
+    await log.start()
+    await asyncio.wait_for(log.close(), 10)
+    held.release.set()
+    assert log.has_spill()
+    restarted = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), None)
+    await restarted.start()
+    await restarted.replayed_at_start()
+    assert await restarted.get("spilled") and not restarted.has_spill()
+    await restarted.close()
 
 
 # The typed row and the spill file's format ------------------------------------------------------------------
@@ -483,6 +529,7 @@ async def test_a_file_a_dead_replica_took_for_replay_is_replayed_by_the_next_sta
     (tmp_path / "spill.replaying").write_text(json.dumps(row("older"), default=str) + "\n")  # an earlier version's
     log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
     await log.start()
+    await log.replayed_at_start()
     assert await log.get("orphan") and await log.get("older") and not log.has_spill()
     await log.close()
 
