@@ -232,7 +232,8 @@ async def test_the_start_serves_at_once_and_replays_a_spill_in_the_background(tm
     log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), held,
                         flush_seconds=0.01)
     await asyncio.wait_for(log.start(), 10)  # returns while the replay is held
-    log.record(dataclasses.replace(record("new"), redacted=True))  # the writer neither waits for the replay nor starts another
+    # the writer neither waits for the replay nor starts another
+    log.record(dataclasses.replace(record("new"), redacted=True))
     await asyncio.wait_for(log.flush(), 10)
     assert await log.get("new") and not await log.get("spilled") and log.has_spill()
     held.release.set()
