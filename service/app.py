@@ -289,6 +289,8 @@ async def _rekey_legacy_digests(app: FastAPI) -> None:
     Off the start-up path and best effort: a database that is away is tried again at the next start."""
     keyring, store = app.state.keyring, app.state.review_store
     try:
+        # after the start's spill replay: a spill an older version wrote holds plain digests too
+        await app.state.generation_log.replayed_at_start()
         if changed := await store.rekey(keyring.legacy):
             log.info("replaced %d plain API-key digests in the database with keyed ones", changed)
         if not keyring.open and (changed := await store.retire_unknown_digests(keyring.known_digests,

@@ -34,6 +34,7 @@ HARMLESS_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+INT32_MAX = 2**31 - 1  # an SQL INTEGER column's largest value on PostgreSQL
 INT64 = (-(2**63), 2**63 - 1)  # vLLM's bound on `seed` (a torch.long); ids and seeds past it are refused here
 
 

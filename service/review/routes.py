@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, StrictStr
 
-from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, require
+from service.auth import SAME_ORIGIN, SESSION_COOKIE, Principal, authenticate, client_address, require
 from service.errors import APIError
 from service.jsonbody import UnambiguousJSONRoute
-from service.protocol import INT64, Strict
+from service.protocol import INT32_MAX, Strict
 from service.review import export, render, stats
 from service.review.store import ReviewStore
 from zephyr.clock import utc
@@ -25,7 +25,17 @@ from zephyr.settings import Settings
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_GUIDELINES = Path(__file__).with_name("guidelines.md")
 TRUSTED_TYPES_POLICY = "zephyr-review"  # the name review.js gives its policy
-router = APIRouter(prefix="/review", tags=["review"], route_class=UnambiguousJSONRoute)
+NOT_STORED = {"Cache-Control": "no-store"}
+
+
+def not_stored(response: Response) -> None:
+    """Every review response carries students' conversations or a session: kept out of the browser's disk cache
+    (shared school machines). Responses a route builds itself set PAGE_HEADERS or NOT_STORED instead."""
+    response.headers.update(NOT_STORED)
+
+
+router = APIRouter(prefix="/review", tags=["review"], route_class=UnambiguousJSONRoute,
+                   dependencies=[Depends(not_stored)])
 reviewer_only = require("reviewer", session=True)
 admin_only = require("admin", session=True)
 
@@ -38,7 +48,7 @@ PAGE_HEADERS = {
                                f"require-trusted-types-for 'script'; trusted-types {TRUSTED_TYPES_POLICY}",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
+    **NOT_STORED,
 }
 
 
@@ -71,11 +81,14 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
     """Every attempt counts against the address's sign-in limit, and a wrong key also against its failed
     authentications, so guessing keys here is as slow as anywhere."""
     state = request.app.state
+    if request.headers.get("sec-fetch-site", "same-origin") not in SAME_ORIGIN:
+        # a sibling subdomain's page could otherwise sign a reviewer's browser in under its own key (login CSRF)
+        raise APIError(403, "sign in from the review page itself", code="forbidden")
     state.sign_ins.hit(client_address(request))
     principal = await authenticate(request, f"Bearer {body.key.strip()}")
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
-    response = JSONResponse(whoami(request, principal))
+    response = JSONResponse(whoami(request, principal), headers=NOT_STORED)
     response.set_cookie(
         SESSION_COOKIE, await state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
         path="/review", httponly=True, samesite="strict", secure=request.url.scheme == "https",
@@ -148,7 +161,8 @@ async def next_item(request: Request, principal: Principal = Depends(reviewer_on
     return {"item": await presented(item), "progress": await store.progress(principal.identity)}
 
 
-AssignmentId = Field(ge=1, le=INT64[1], description="From GET /review/api/next")
+# review_assignments.id is an INTEGER: 32 bits on PostgreSQL, whose driver fails (a 500) on a larger bound value
+AssignmentId = Field(ge=1, le=INT32_MAX, description="From GET /review/api/next")
 
 
 MAX_COMMENT_CHARS = 2000  # review.html's textarea holds the same
@@ -240,7 +254,7 @@ async def export_verdicts(
     text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,
                                           request.app.state.redactor, left_out)
     return Response(text, media_type="application/x-ndjson", headers={
-        "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
+        **NOT_STORED, "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
         "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"]),
         "X-Left-Out-Too-Few-Reviewers": str(left_out["too_few_reviewers"]),
         "X-Left-Out-Identical": str(left_out["identical"])})

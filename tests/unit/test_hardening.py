@@ -108,7 +108,11 @@ async def test_a_signed_in_change_from_a_sibling_site_is_refused(served):
     """SameSite=Strict stops other sites, not a sibling subdomain (same-site): the browser's Sec-Fetch-Site says
     where a request came from, and only the page itself may change state with the sign-in cookie."""
     client = served.client
-    assert (await client.post("/review/session", json={"key": REVIEWER_KEY})).status_code == 200
+    for site in ("same-site", "cross-site"):  # nor sign a reviewer's browser in under another's key (login CSRF)
+        r = await client.post("/review/session", json={"key": REVIEWER_KEY}, headers={"Sec-Fetch-Site": site})
+        assert r.status_code == 403 and "set-cookie" not in r.headers, site
+    signed_in = await client.post("/review/session", json={"key": REVIEWER_KEY})
+    assert signed_in.status_code == 200 and signed_in.headers["cache-control"] == "no-store"
     no_key = {"Authorization": ""}
     for site in ("same-site", "cross-site"):
         r = await client.post("/review/api/undo", headers={**no_key, "Sec-Fetch-Site": site})
@@ -264,9 +268,10 @@ async def test_seed_beyond_int64_is_400(served, seed):
     assert (await served.client.post(CHAT, json={**BODY, "seed": 2**63 - 1})).status_code == 200
 
 
+@pytest.mark.parametrize("assignment_id", [2**31, 2**63])  # past PostgreSQL's INTEGER: its driver's error is a 500
 @pytest.mark.parametrize("route", ["/review/api/verdicts", "/review/api/skip"])
-async def test_assignment_id_beyond_int64_is_400(served, route):
-    body = {"assignment_id": 2**63, **({"verdict": "good"} if route.endswith("verdicts") else {})}
+async def test_assignment_id_beyond_the_column_is_400(served, route, assignment_id):
+    body = {"assignment_id": assignment_id, **({"verdict": "good"} if route.endswith("verdicts") else {})}
     r = await served.client.post(route, json=body, headers=REVIEWER)
     assert r.status_code == 400 and r.json()["error"]["param"] == "assignment_id"
 

@@ -209,8 +209,11 @@ async def test_review_access_rules(served):
         assert student.json()["error"]["type"] == "permission_error"
     export = await served.client.get("/review/export?format=dpo", headers=REVIEWER)
     assert export.status_code == 403 and "admin" in export.json()["error"]["message"]
-    assert (await served.client.get("/review/export?format=dpo", headers=ADMIN)).status_code == 200
-    assert (await served.client.get("/review/stats", headers=REVIEWER)).status_code == 200
+    # students' conversations stay out of the browser's disk cache (shared school machines)
+    for path, headers in (("/review/export?format=dpo", ADMIN), ("/review/stats", REVIEWER),
+                          ("/review/api/next", REVIEWER), ("/review/api/me", REVIEWER)):
+        r = await served.client.get(path, headers=headers)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store", path
     bad_format = await served.client.get("/review/export?format=csv", headers=ADMIN)
     assert bad_format.status_code == 400 and "format" in bad_format.json()["error"]["message"]
     # found by the API fuzz: a `since` whose UTC time falls before year 1 was a 500
