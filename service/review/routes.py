@@ -254,7 +254,8 @@ async def export_verdicts(
     text, count = await asyncio.to_thread(export.to_jsonl, judgements, generations, options,
                                           request.app.state.redactor, left_out)
     return Response(text, media_type="application/x-ndjson", headers={
-        **NOT_STORED, "Content-Disposition": f'attachment; filename="review-{format}.jsonl"', "X-Record-Count": str(count),
+        **NOT_STORED, "Content-Disposition": f'attachment; filename="review-{format}.jsonl"',
+        "X-Record-Count": str(count),
         "X-Left-Out-Unfinished": str(left_out["unfinished"]), "X-Left-Out-Other-Model": str(left_out["other_model"]),
         "X-Left-Out-Too-Few-Reviewers": str(left_out["too_few_reviewers"]),
         "X-Left-Out-Identical": str(left_out["identical"])})
