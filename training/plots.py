@@ -21,10 +21,19 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
+def json_line(line: str) -> dict | None:
+    """One metrics.jsonl row; None for a blank line, or one a stop cut off part way."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for line in path.read_text().splitlines() if (row := json_line(line)) is not None]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

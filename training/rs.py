@@ -13,8 +13,17 @@ from typing import Any
 from rich.console import Console
 
 from training.recipes import Recipe, RecipeError, SamplingSpec
-from training.run import RunResult, TrainingError, check_output_free, saved_recipe_digest, train, trainable_base
+from training.run import (
+    RunResult,
+    TrainingError,
+    check_output_free,
+    last_checkpoint,
+    saved_recipe_digest,
+    train,
+    trainable_base,
+)
 from zephyr.console import make_console
+from zephyr.paths import private_dir
 from zephyr.prompts import with_system_prompt
 from zephyr.registry import Registry, RegistryError, check_name, digest_file
 from zephyr.schemas import Message, SFTExample, write_jsonl
@@ -73,19 +82,19 @@ def sample_server(url: str, model: str, prompts: list[Conversation], spec: Sampl
     from tqdm import tqdm
 
     root = url.rstrip("/").removesuffix("/v1")  # the server's root, or its /v1 as OpenAI clients are given it
-    client = OpenAI(base_url=f"{root}/v1", api_key=api_key or "none", max_retries=3)
     answers = []
-    for prompt in tqdm(prompts, desc=f"sampling from {url}"):
-        try:
-            reply = client.chat.completions.create(model=model, messages=prompt, n=spec.n,
-                                                   temperature=spec.temperature, top_p=spec.top_p,
-                                                   max_tokens=spec.max_tokens, seed=spec.seed)
-        except APIError as exc:  # unreachable, another model served (404), a key refused (401), rate-limited
-            raise TrainingError(f"sampling.server {url} failed on prompt {len(answers) + 1} of {len(prompts)} "
-                                f"({type(exc).__name__}: {exc}); it must serve {model!r} (OpenAI-compatible), with "
-                                "ZEPHYR_API_KEY set to a key it accepts") from None
-        answers.append([(choice.message.content or "") if choice.finish_reason == "stop" or spec.keep_cut_off
-                        else CUT_OFF for choice in reply.choices])
+    with OpenAI(base_url=f"{root}/v1", api_key=api_key or "none", max_retries=3) as client:
+        for prompt in tqdm(prompts, desc=f"sampling from {url}"):
+            try:
+                reply = client.chat.completions.create(model=model, messages=prompt, n=spec.n,
+                                                       temperature=spec.temperature, top_p=spec.top_p,
+                                                       max_tokens=spec.max_tokens, seed=spec.seed)
+            except APIError as exc:  # unreachable, another model served (404), a key refused (401), rate-limited
+                raise TrainingError(f"sampling.server {url} failed on prompt {len(answers) + 1} of {len(prompts)} "
+                                    f"({type(exc).__name__}: {exc}); it must serve {model!r} (OpenAI-compatible), "
+                                    "with ZEPHYR_API_KEY set to a key it accepts") from None
+            answers.append([(choice.message.content or "") if choice.finish_reason == "stop" or spec.keep_cut_off
+                            else CUT_OFF for choice in reply.choices])
     return answers
 
 
@@ -159,7 +168,10 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
         if saved_recipe_digest(data_dir) not in (None, recipe.digest()):
             _discard_training_state(data_dir)  # other trainer settings: the samples stay, the SFT starts over
     else:
-        _discard_training_state(data_dir)  # checkpoints trained on other samples cannot be resumed
+        if _holds_work(data_dir):  # as train() refuses another recipe's folder: nothing is deleted unasked
+            raise TrainingError(f"{data_dir} holds samples or a run made with other sampling, prompts, model or "
+                                "reward model; pass --fresh to sample again and start over, or set another `output`")
+        _discard_training_state(data_dir)  # e.g. the recipe.json of an attempt refused before it trained
         console.print(f"[bold]rs[/] {len(prompts)} prompts x {spec.n} answers from {spec.server or base.name}, "
                       f"ranked by {reward_entry.name}")
         if spec.server:
@@ -172,9 +184,9 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
         examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward)
         if not examples:
             raise TrainingError(f"no prompt kept an answer (min_reward {spec.min_reward}); lower it or sample more")
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)  # the prompts may be students' (a review export)
         provenance_file.unlink(missing_ok=True)  # until the new samples are all written
-        write_jsonl(data_file, examples)
+        write_jsonl(data_file, examples, private=True)
         # Written last: a crash in SFT (or a change to its trainer settings) reuses these ~20 minutes of sampling.
         provenance_file.write_text(json.dumps(provenance | {"stats": stats}, indent=2))
     console.print(f"kept {stats['kept']} of {stats['prompts']} prompts; mean reward of the kept answers "
@@ -211,6 +223,12 @@ def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str
     if not isinstance(saved, dict) or {k: saved.get(k) for k in provenance} != provenance:
         return None
     return saved.get("stats")
+
+
+def _holds_work(run_dir: Path) -> bool:
+    """Ranked samples, a checkpoint or a trained model: what a rerun must not delete without --fresh."""
+    return (run_dir / SAMPLES_FILE).is_file() or last_checkpoint(run_dir) is not None \
+        or any((run_dir / done).is_dir() for done in ("adapter", "trained"))
 
 
 def _discard_training_state(run_dir: Path) -> None:

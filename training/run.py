@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from offline.benchmarks import normalize_words
+from training.plots import json_line
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
 from zephyr.registry import (
@@ -222,6 +223,8 @@ def balance_lengths(dataset: Any, seed: int) -> Any:
     for index, pair in enumerate(dataset):
         chosen, rejected = reply_lengths(pair)
         (longer if chosen > rejected else shorter if chosen < rejected else even).append(index)
+    if not longer and not shorter:  # every pair's replies are of one length (direct letters): nothing to balance
+        return dataset
     keep = min(len(longer), len(shorter))
     if not keep:
         side = "longer" if longer else "shorter"
@@ -453,7 +456,9 @@ def _metrics_callback(path: Path) -> Any:
             # again, so they go, or the file would hold two values for those steps and the curves double back.
             if state.is_world_process_zero and path.is_file():
                 rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
-                kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= state.global_step]
+                # a line cut off by the stop (a kill, a full disk) goes too, rather than failing every resume
+                kept = [row for row in rows if (logged := json_line(row)) is not None
+                        and logged.get("step", 0) <= state.global_step]
                 if len(kept) != len(rows):
                     path.write_text("".join(kept), encoding="utf-8")
 

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from training.data.clean import CleanOptions, CleanReport, ContaminationIndex, clean, clean_file
-from zephyr.schemas import KTOExample, PreferencePair, SFTExample, read_jsonl
+from zephyr.schemas import KTOExample, PreferencePair, SFTExample, VerifiablePrompt, read_jsonl
 from zephyr.settings import Settings
 
 # Only the stage under test is on: the default index would read every benchmark, the default redactor
@@ -137,6 +137,11 @@ def test_length_filters_on_each_reply_and_on_tokens():
     assert cleaned == [records[2]] and report.too_long == 1 and "tokens" in report.examples["too_long"][0]
     with pytest.raises(ValueError, match="max_tokens needs a tokenizer"):
         clean(records, options)
+    # GRPO's prompts have no reply: the prompt alone is counted (max() of nothing was a ValueError)
+    prompts = [VerifiablePrompt(prompt=[user(text)], answer="A", letters="AB", source="test")
+               for text in ("Which is a gas?", "word " * 30)]
+    cleaned, report = clean(prompts, options, tokenizer=FakeTokenizer())
+    assert cleaned == prompts[:1] and report.too_long == 1
 
 
 QUIZ = ["A ball is dropped from a height of twenty meters and falls freely under gravity until it hits the ground. "
@@ -237,6 +242,7 @@ def test_report_counts_add_up_and_render(redactor, tmp_path):
     source.write_text("".join(r.model_dump_json() + "\n" for r in records))
     assert clean_file(source, destination, SFTExample, index=index, redactor=redactor).to_dict() == report.to_dict()
     assert list(read_jsonl(destination, SFTExample)) == cleaned
+    assert destination.stat().st_mode & 0o777 == 0o600  # a review export's students' words, as `data clean` writes
 
 
 def test_options_are_checked():

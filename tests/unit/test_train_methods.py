@@ -385,6 +385,8 @@ def test_balanced_training_pairs_choose_the_longer_reply_as_often_as_the_shorter
     assert len(balance_lengths(Dataset.from_list(plain), seed=42)) == 2  # cloze pairs' plain-text continuations
     with pytest.raises(RecipeError, match="the chosen reply is the longer, so balancing leaves none"):
         balance_lengths(Dataset.from_list(rows[:7] + rows[10:]), seed=42)
+    letters = [pair(1, 1, i) for i in range(3)]  # direct-letter pairs: no length to learn, nothing to balance
+    assert len(balance_lengths(Dataset.from_list(letters), seed=42)) == 3
 
 
 def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_path):
@@ -400,6 +402,8 @@ def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_pat
     import shutil
 
     shutil.rmtree(first.run_dir / "checkpoints" / "checkpoint-2")
+    with (first.run_dir / "metrics.jsonl").open("a") as log:  # and a line the stop cut off part way
+        log.write('{"step": 2, "lo')
     again = train(load_recipe(path), settings, recipe_path=path, overwrite=True)
     steps = [json.loads(line)["step"] for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1  # step 1 was not trained twice
@@ -733,3 +737,25 @@ def test_sampling_from_a_server_that_refuses_names_the_server_and_the_way_out(tm
     finally:
         server.shutdown()
     assert asked == ["/v1/chat/completions"] * 2  # a URL given with its /v1 is not asked at /v1/v1
+
+
+def test_an_rs_rerun_with_other_sampling_refuses_to_delete_the_earlier_samples_without_fresh(tmp_path, default_model):
+    """It deleted the earlier run's samples and checkpoints without a word, before sampling anew (which may fail)."""
+    from training.rs import PROVENANCE_FILE, SAMPLES_FILE, run_rejection_sampling
+
+    registry = Registry(tmp_path / "models")
+    tiny = make_tiny_llama(registry, default_model)
+    registry.add(tiny.path, ModelManifest(name="tiny-rm", method="rm", source="tests: a stand-in reward model"))
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [SFTExample(messages=user("Why is the sky blue?") + reply("Scattering."))])
+    recipe_path = recipe_file(tmp_path, "rs", {"method": "rs", "model": TINY, "output": "tiny-rs",
+                                               "sampling": {"reward_model": "tiny-rm", "prompts": str(prompts),
+                                                            "n": 2, "max_tokens": 8},
+                                               "trainer": {**STEPS, "max_length": 1024}})
+    run_dir = tmp_path / "runs" / "tiny-rs"
+    run_dir.mkdir(parents=True)
+    (run_dir / SAMPLES_FILE).write_text('{"messages": []}\n')
+    (run_dir / PROVENANCE_FILE).write_text(json.dumps({"sampling": {"n": 8}, "stats": {"kept": 1}}))
+    with pytest.raises(TrainingError, match="--fresh"):
+        run_rejection_sampling(load_recipe(recipe_path), Settings(home=tmp_path), recipe_path=recipe_path)
+    assert (run_dir / SAMPLES_FILE).read_text() == '{"messages": []}\n'

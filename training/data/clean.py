@@ -249,8 +249,9 @@ def _conversations(record: BaseModel) -> list[list[Message] | str]:
     for SFT."""
     fields = type(record).model_fields
     if "prompt" in fields:
+        # a prompt with no reply (GRPO's verifiable prompts) is rendered alone
         return [record.prompt + getattr(record, name) for name in REPLY_FIELDS  # type: ignore[attr-defined]
-                if name in fields]
+                if name in fields] or [record.prompt]  # type: ignore[attr-defined]
     return [_messages(record)]
 
 
@@ -449,8 +450,9 @@ def _drop_near_duplicates(kept: list[tuple[int, Record]], options: CleanOptions,
 
 
 def clean_file(source: Path, destination: Path, schema: type[Record], options: CleanOptions | None = None,
-               **kwargs: Any) -> CleanReport:
-    """Cleans one JSON Lines file of `schema` records into another; keyword arguments go to `clean`."""
+               private: bool = True, **kwargs: Any) -> CleanReport:
+    """Cleans one JSON Lines file of `schema` records into another, 0600 unless `private` is False (the source may
+    be a review export, students' words), as `zephyr data clean` writes it; keyword arguments go to `clean`."""
     cleaned, report = clean(list(read_jsonl(Path(source), schema)), options, **kwargs)
-    write_jsonl(Path(destination), cleaned)
+    write_jsonl(Path(destination), cleaned, private=private)
     return report
