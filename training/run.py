@@ -693,6 +693,23 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             if len(train_set) == 0:
                 raise TrainingError(f"every training record's prompt fills trainer.max_length {args.max_length}: "
                                     "raise it, or train on shorter conversations")
+            # The measured parts too: TRL cuts such a record to no answer token, and it drops out of the loss
+            # without a word (a batch of only such records is a NaN).
+            def with_room_measured(part: Any, name: str) -> Any:
+                if part is None:
+                    return None
+                kept, left_out = with_room(part, tokenizer, args.max_length)
+                if left_out:
+                    console.print(f"[yellow]{left_out} {name} records left out: their prompt fills max_length[/]")
+                    no_room_metrics[f"{name}_records_without_room"] = left_out
+                if len(kept) == 0:
+                    raise TrainingError(f"every {name} record's prompt fills trainer.max_length {args.max_length}: "
+                                        "raise it, or measure on shorter conversations")
+                return kept
+
+            validation_set, eval_set = with_room_measured(validation_set, "validation"), \
+                with_room_measured(eval_set, "eval")
+            watched = validation_set if validation_set is not None else eval_set
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
         trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)

@@ -759,3 +759,20 @@ def test_an_rs_rerun_with_other_sampling_refuses_to_delete_the_earlier_samples_w
     with pytest.raises(TrainingError, match="--fresh"):
         run_rejection_sampling(load_recipe(recipe_path), Settings(home=tmp_path), recipe_path=recipe_path)
     assert (run_dir / SAMPLES_FILE).read_text() == '{"messages": []}\n'
+
+
+def test_measured_records_whose_prompt_fills_max_length_are_left_out_and_counted(home, data, tmp_path):
+    """Only the training part was filtered: TRL cut such an eval record to no answer token, and it left the loss
+    without a word."""
+    import math
+
+    eval_file = tmp_path / "eval.jsonl"
+    write_jsonl(eval_file, [SFTExample(messages=user("Why is the sea salty?") + reply("Rivers carry salts.")),
+                            SFTExample(messages=user("word " * 100) + reply("Too late."))])
+    path = recipe_file(tmp_path, "tiny-sft-room", {
+        "method": "sft", "model": TINY, "output": "tiny-sft-room",
+        "data": {"train": str(data["sft"]), "eval": [str(eval_file)]}, "lora": {"r": 4, "alpha": 8},
+        "trainer": STEPS})
+    result = train(load_recipe(path), Settings(home=home), recipe_path=path)
+    assert result.metrics["eval_records_without_room"] == 1 and "train_records_without_room" not in result.metrics
+    assert math.isfinite(result.metrics["eval_loss"])
