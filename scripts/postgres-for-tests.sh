@@ -8,11 +8,13 @@ DATA=${ZEPHYR_TEST_POSTGRES_DATA:-/tmp/zephyr-pg}
 DATA=${DATA%/}  # its lock and socket folder sit beside it, not inside
 URL="postgresql+asyncpg://zephyr:zephyr@127.0.0.1:${PORT}/zephyr"
 
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"  # a runner that is not root installs through sudo, as chromium-for-tests.sh does
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) >&2
+  ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null) >&2
 fi
 BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
-id postgres >/dev/null 2>&1 || useradd --system --create-home postgres
+id postgres >/dev/null 2>&1 || $SUDO useradd --system --create-home postgres
 as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
 
 if [ "${1:-start}" = stop ]; then

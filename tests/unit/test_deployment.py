@@ -260,6 +260,12 @@ def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_b
                            "--set", "persistence.accessModes={ReadWriteMany}")
     assert shared["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert shared["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    # Autoscaled from one to four: no budget let a drain evict all four at once; maxUnavailable 1 never holds one.
+    scaled = deployment_of("--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,"
+                           "secrets.dbUrl=postgresql+asyncpg://db/z", "--set",
+                           "persistence.accessModes={ReadWriteMany}")
+    budget = scaled["PodDisruptionBudget"]["spec"]
+    assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget
     # One GPU a replica: a surge pod would wait for a second GPU.
     gpu = render("gpu")["Deployment"]["spec"]["strategy"]
     assert gpu["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
@@ -501,3 +507,27 @@ def test_a_key_repeated_with_the_same_holder_renders_as_the_server_accepts_it():
     key = K0.split(":", 1)[1]
     for keys in (f"{{{K0},student: {key}}}", f"{{alice=reviewer:{key},alice = reviewer:{key}}}"):
         assert "Secret" in deployment_of("--set", f"secrets.apiKeys={keys}")
+
+
+def test_a_rollout_is_not_called_failed_while_the_startup_probe_still_waits_for_its_pods():
+    """Kubernetes' default progress deadline (600 s) was shorter than the GPU profile's startup allowance (900 s)."""
+    for profile in ("cpu", "gpu"):
+        spec = render(profile)["Deployment"]["spec"]
+        probe = spec["template"]["spec"]["containers"][0]["startupProbe"]
+        assert spec["progressDeadlineSeconds"] >= probe["periodSeconds"] * probe["failureThreshold"] + 600, profile
+        # and the kubelet does not re-chown the whole registry volume at every start
+        assert spec["template"]["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_the_install_notes_warn_of_an_autoscaler_that_cannot_read_its_metric_and_of_spills_in_the_pod():
+    def notes(*values: str) -> str:
+        result = helm("install", "tutor", str(CHART), "--dry-run=client", "-f", str(CHART / "values-gpu.yaml"),
+                      "--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,persistence.enabled=false,"
+                      "secrets.dbUrl=postgresql+asyncpg://db/z", *values)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("NOTES:", 1)[1]
+
+    bare = notes()  # an HPA missing one of its metrics scales up but never down
+    assert "serves no custom metrics API" in bare and "spill to a file in the pod's emptyDir" in bare
+    cpu_only = notes("--set", "autoscaling.waitingRequests.enabled=false,config.ZEPHYR_SPILL_PATH=/spill/g.jsonl")
+    assert "custom metrics API" not in cpu_only and "emptyDir" not in cpu_only
