@@ -25,6 +25,8 @@ app.add_typer(models_app, name="models")
 review_app = typer.Typer(help="Human review: statistics and export of verdicts as training data.",
                          no_args_is_help=True)
 app.add_typer(review_app, name="review")
+log_app = typer.Typer(help="The generation log: how long students' conversations are kept.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
@@ -362,6 +364,51 @@ def review_export(
     if left_out["identical"]:
         console.print(f"left out {left_out['identical']} pair(s) whose two answers are the same text (a preference "
                       "between a text and itself, counted as a tie)")
+
+
+@log_app.command("prune")
+def log_prune(
+    older_than_days: Annotated[int, typer.Option("--older-than-days", min=1, max=36_500,
+                                                 help="Delete rows older than this many days")],
+    include_reviewed: Annotated[bool, typer.Option(
+        "--include-reviewed", help="Delete items reviewers judged, skipped or hold too, with their verdicts "
+        "(export them first: `zephyr review export`)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing")] = False,
+) -> None:
+    """Delete generation-log rows older than a number of days: served chats and MCQs with their review candidates.
+    Items under review stay unless --include-reviewed. The server does this hourly with ZEPHYR_LOG_RETENTION_DAYS."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.store import retention
+    from service.store.log import make_engine
+
+    settings = load_settings()
+    cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
+
+    async def run() -> retention.Pruned:
+        engine = make_engine(settings.resolved_db_url)
+        try:
+            if dry_run:
+                return await retention.count_prunable(engine, cutoff, include_reviewed)
+            return await retention.prune(engine, cutoff, include_reviewed)
+        finally:
+            await engine.dispose()
+
+    where = settings.resolved_db_url.split("@")[-1]
+    try:
+        with console.status(f"{'counting' if dry_run else 'deleting'} rows before {cutoff:%Y-%m-%d %H:%M} UTC"):
+            pruned = asyncio.run(run())
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot prune the log in {where}: {exc.__class__.__name__}; is ZEPHYR_DB_URL right, and has the "
+                   "server (which migrates the schema) run against it?") from None
+    table = Table(title=f"{'Would delete' if dry_run else 'Deleted'}: rows before {cutoff:%Y-%m-%d %H:%M} UTC")
+    for column in ("served rows", "their candidates", "review assignments"):
+        table.add_column(column, justify="right")
+    table.add_row(str(pruned.served), str(pruned.children), str(pruned.assignments))
+    console.print(table)
 
 
 @review_app.command("stats")

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from service.middleware import BodySizeLimit, LoopbackOnly, RequestMetrics
 from service.review import routes as review_routes
 from service.review.store import ReviewPolicy, ReviewStore
 from service.routes import health, mcq, openai
+from service.store import retention
 from service.store.log import GenerationLog
 from service.tutor import Tutor
 from zephyr import __version__, memory
@@ -238,6 +239,8 @@ def create_app(
             app.state.rekeyed = asyncio.create_task(_rekey_legacy_digests(app))
             background = [asyncio.create_task(_warm_up(app)), asyncio.create_task(_watch_engine(app)),
                           app.state.rekeyed]
+            if settings.log_retention_days is not None:
+                background.append(asyncio.create_task(_keep_retention(app, settings.log_retention_days)))
             started.push_async_callback(_cancelled, background)
             yield
 
@@ -299,6 +302,26 @@ async def _rekey_legacy_digests(app: FastAPI) -> None:
                      changed)
     except Exception as exc:
         log.warning("could not replace plain API-key digests in the database (retried at the next start): %s", exc)
+
+
+RETENTION_INTERVAL_SECONDS = 3600
+
+
+async def _keep_retention(app: FastAPI, days: int) -> None:
+    """Hourly, delete log rows older than `days` (service.store.retention: items under review stay). Replicas may
+    all run it: a row deleted twice is deleted once. A database that is away is tried again the next hour."""
+    generation_log = app.state.generation_log
+    await generation_log.replayed_at_start()  # rows the spill brings back are pruned with the rest
+    while True:
+        try:
+            pruned = await retention.prune(generation_log.engine, datetime.now(UTC) - timedelta(days=days))
+            app.state.metrics.log_pruned_rows.inc(pruned.rows)
+            if pruned.rows:
+                log.info("deleted %d generation-log rows older than %d days (ZEPHYR_LOG_RETENTION_DAYS)",
+                         pruned.rows, days)
+        except Exception as exc:
+            log.warning("could not delete generation-log rows past the retention (tried again in an hour): %s", exc)
+        await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
 
 
 async def _warm_up(app: FastAPI) -> None:

@@ -114,6 +114,9 @@ class Metrics:
         self.log_rejected_rows = Counter(
             "zephyr_log_rejected_rows", "Spilled rows the database refused, kept in the rejected file", registry=r
         )
+        self.log_pruned_rows = Counter(
+            "zephyr_log_pruned_rows", "Generation-log rows deleted past ZEPHYR_LOG_RETENTION_DAYS", registry=r
+        )
         self.log_write_failures = Counter(
             "zephyr_log_write_failures", "Failed generation-log database writes", registry=r
         )

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     log_queue_size: int = Field(default=10_000, ge=1, le=10_000_000, description="Rows waiting for the database; "
                                 "past it they spill to disk")
     log_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+    log_retention_days: int | None = Field(
+        default=None, ge=1, le=36_500, description="Delete generation-log rows older than this many days, hourly "
+        "(items under review are kept; `zephyr log prune --include-reviewed` deletes those too); empty: keep all")
     pii_redaction: bool = True
     pii_entities: list[str] = list(PII_ENTITIES)
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"

@@ -1,0 +1,76 @@
+"""How long students' conversations stay in the generation log.
+
+A served generation older than the cutoff goes, with what hangs off it (its review candidate and any other row
+whose `parent_id` names it). Items reviewers judged, skipped or hold are kept: their verdicts are the preference
+data. `include_reviewed` deletes those too, with their review assignments: a retention that covers everything,
+once the verdicts are exported. Rows go a batch at a time, each in its own transaction, so a large first prune
+never holds the database for long; run again, it picks up where it stopped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import aliased
+
+from service.store.models import Generation, ReviewAssignment
+from zephyr.clock import utc
+
+BATCH = 500  # served rows a transaction deletes (with their children)
+
+
+@dataclass
+class Pruned:
+    served: int = 0  # served generations (and orphaned children older than the cutoff)
+    children: int = 0  # their review candidates and other rows that name them as parent
+    assignments: int = 0  # review assignments (include_reviewed only)
+
+    @property
+    def rows(self) -> int:
+        return self.served + self.children
+
+
+def _prunable(cutoff: datetime, include_reviewed: bool):
+    """Generations older than the cutoff that are no one's child (served rows; a child whose parent is already gone
+    counts as its own), and, unless include_reviewed, that no review assignment names in any role."""
+    G, A, P = Generation, ReviewAssignment, aliased(Generation)
+    query = select(G.id).where(G.created_at < utc(cutoff),
+                               (G.parent_id.is_(None)) | ~exists().where(P.id == G.parent_id))
+    if not include_reviewed:
+        query = query.where(~exists().where((A.item_id == G.id) | (A.left_id == G.id) | (A.right_id == G.id)))
+    return query
+
+
+async def count_prunable(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = False) -> Pruned:
+    """What prune() would delete now (a dry run)."""
+    roots = _prunable(cutoff, include_reviewed).subquery()
+    async with engine.connect() as conn:
+        served = (await conn.execute(select(func.count()).select_from(roots))).scalar_one()
+        children = (await conn.execute(select(func.count()).select_from(Generation).where(
+            Generation.parent_id.in_(select(roots.c.id))))).scalar_one()
+        assignments = (await conn.execute(select(func.count()).select_from(ReviewAssignment).where(
+            ReviewAssignment.item_id.in_(select(roots.c.id))))).scalar_one() if include_reviewed else 0
+    return Pruned(served, children, assignments)
+
+
+async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = False,
+                batch: int = BATCH) -> Pruned:
+    """Delete what count_prunable counts, a batch of served rows per transaction."""
+    pruned = Pruned()
+    G, A = Generation, ReviewAssignment
+    while True:
+        async with engine.begin() as conn:
+            ids = list((await conn.execute(_prunable(cutoff, include_reviewed).order_by(G.created_at)
+                                           .limit(batch))).scalars())
+            if not ids:
+                return pruned
+            if include_reviewed:
+                # every assignment that shows one of these rows, as the item or as an answer
+                shown = (A.item_id.in_(ids)) | (A.left_id.in_(ids)) | (A.right_id.in_(ids))
+                children = select(G.id).where(G.parent_id.in_(ids))
+                shown |= A.left_id.in_(children) | A.right_id.in_(children)
+                pruned.assignments += (await conn.execute(delete(A).where(shown))).rowcount
+            pruned.children += (await conn.execute(delete(G).where(G.parent_id.in_(ids)))).rowcount
+            pruned.served += (await conn.execute(delete(G).where(G.id.in_(ids)))).rowcount

@@ -1,0 +1,107 @@
+"""Retention: log rows older than the cutoff go with their review candidates; items under review stay unless
+asked, and then go with their assignments. On SQLite and on a real PostgreSQL (a fresh database each)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, insert, select
+from typer.testing import CliRunner
+
+from service.store import retention
+from service.store.models import Generation, ReviewAssignment
+from tests.review_data import fresh_db_url, generation, open_log, pair, seed  # noqa: F401 (fixture)
+
+NOW = datetime.now(UTC)
+OLD = NOW - timedelta(days=100)
+CUTOFF = NOW - timedelta(days=90)
+QUESTION = "Why is the sky blue?"
+
+
+def at(when: datetime, rows: list[dict]) -> list[dict]:
+    """`rows` moved in time, the first to `when`, the rest as far after it as they were."""
+    return [{**r, "created_at": when + (r["created_at"] - rows[0]["created_at"])} for r in rows]
+
+
+async def seeded(url: str, tmp_path):
+    log = await open_log(url, tmp_path)
+    await seed(log, [
+        *at(OLD, pair("old-unreviewed", QUESTION, "Scattering.", "Rayleigh.")),
+        *at(OLD, pair("old-judged", QUESTION, "Scattering.", "Rayleigh.")),
+        *at(NOW, pair("recent", QUESTION, "Scattering.", "Rayleigh.")),
+        {**generation("orphan-cand", [], "x", created_at=OLD, purpose="candidate", parent_id="gone")},
+        {**generation("recent-chat", [], "x", created_at=NOW)},
+    ])
+    async with log.engine.begin() as conn:
+        await conn.execute(insert(ReviewAssignment).values(
+            item_id="old-judged", reviewer="r" * 64, status="judged", shown_at=OLD, left_id="old-judged",
+            right_id="old-judged-cand", verdict="a", chosen_id="old-judged", flags=[], judged_at=OLD))
+    return log
+
+
+async def ids(log) -> set[str]:
+    async with log.engine.connect() as conn:
+        return set((await conn.execute(select(Generation.id))).scalars())
+
+
+async def test_old_rows_go_with_their_candidates_and_reviewed_items_stay(fresh_db_url, tmp_path):  # noqa: F811
+    log = await seeded(fresh_db_url, tmp_path)
+    recent_pair = {"recent", "recent-cand"}
+    counted = await retention.count_prunable(log.engine, CUTOFF)
+    pruned = await retention.prune(log.engine, CUTOFF, batch=1)  # one served row a transaction: batches add up
+    assert (counted.served, counted.children, counted.assignments) == (pruned.served, pruned.children, 0) == (2, 1, 0)
+    assert await ids(log) == {"old-judged", "old-judged-cand", "recent-chat"} | recent_pair
+    assert (await retention.prune(log.engine, CUTOFF)).rows == 0  # run again: nothing left to do
+
+    everything = await retention.prune(log.engine, CUTOFF, include_reviewed=True)
+    assert (everything.served, everything.children, everything.assignments) == (1, 1, 1)
+    assert await ids(log) == {"recent-chat"} | recent_pair
+    async with log.engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(ReviewAssignment))).scalar_one() == 0
+    await log.close()
+
+
+async def test_the_server_prunes_past_its_retention(app_factory, monkeypatch):
+    from service import app as app_module
+
+    monkeypatch.setattr(app_module, "RETENTION_INTERVAL_SECONDS", 0.05)
+    async with app_factory(log_retention_days=90) as served:
+        log = served.app.state.generation_log
+        await seed(log, at(OLD, pair("old-unreviewed", QUESTION, "Scattering.", "Rayleigh.")))
+        for _ in range(200):
+            if not {"old-unreviewed", "old-unreviewed-cand"} & await ids(log):
+                break
+            await asyncio.sleep(0.05)
+        assert not {"old-unreviewed", "old-unreviewed-cand"} & await ids(log)
+        metrics = (await served.client.get("/metrics")).text
+        assert "zephyr_log_pruned_rows_total 2.0" in metrics
+
+
+def test_the_cli_counts_then_prunes(tmp_path, monkeypatch):
+    from cli.app import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    url = f"sqlite+aiosqlite:///{tmp_path / 'zephyr.db'}"
+
+    async def left() -> set[str]:
+        log = await open_log(url, tmp_path)
+        try:
+            return await ids(log)
+        finally:
+            await log.close()
+
+    async def prepare() -> None:
+        await (await seeded(url, tmp_path)).close()
+
+    asyncio.run(prepare())
+    before = asyncio.run(left())
+    runner = CliRunner()
+    dry = runner.invoke(app, ["log", "prune", "--older-than-days", "90", "--dry-run"])
+    assert dry.exit_code == 0 and "Would delete" in dry.output, dry.output
+    assert asyncio.run(left()) == before
+    done = runner.invoke(app, ["log", "prune", "--older-than-days", "90"])
+    assert done.exit_code == 0 and "Deleted" in done.output, done.output
+    assert before - asyncio.run(left()) == {"old-unreviewed", "old-unreviewed-cand", "orphan-cand"}
+    refused = runner.invoke(app, ["log", "prune", "--older-than-days", "0"])
+    assert refused.exit_code != 0 and "older-than-days" in refused.output
