@@ -34,12 +34,13 @@ class Pruned:
 
 def _prunable(cutoff: datetime, include_reviewed: bool):
     """Generations older than the cutoff that are no one's child (served rows; a child whose parent is already gone
-    counts as its own), and, unless include_reviewed, that no review assignment names in any role."""
+    counts as its own), and, unless include_reviewed, that are no review assignment's item. (An assignment shows
+    its item and the item's candidate, so the item, an indexed column, says which rows it holds.)"""
     G, A, P = Generation, ReviewAssignment, aliased(Generation)
     query = select(G.id).where(G.created_at < utc(cutoff),
                                (G.parent_id.is_(None)) | ~exists().where(P.id == G.parent_id))
     if not include_reviewed:
-        query = query.where(~exists().where((A.item_id == G.id) | (A.left_id == G.id) | (A.right_id == G.id)))
+        query = query.where(~exists().where(A.item_id == G.id))
     return query
 
 
@@ -66,11 +67,7 @@ async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = 
                                            .limit(batch))).scalars())
             if not ids:
                 return pruned
-            if include_reviewed:
-                # every assignment that shows one of these rows, as the item or as an answer
-                shown = (A.item_id.in_(ids)) | (A.left_id.in_(ids)) | (A.right_id.in_(ids))
-                children = select(G.id).where(G.parent_id.in_(ids))
-                shown |= A.left_id.in_(children) | A.right_id.in_(children)
-                pruned.assignments += (await conn.execute(delete(A).where(shown))).rowcount
+            if include_reviewed:  # the assignments first: their item is a foreign key
+                pruned.assignments += (await conn.execute(delete(A).where(A.item_id.in_(ids)))).rowcount
             pruned.children += (await conn.execute(delete(G).where(G.parent_id.in_(ids)))).rowcount
             pruned.served += (await conn.execute(delete(G).where(G.id.in_(ids)))).rowcount
