@@ -213,11 +213,7 @@ async def undo(request: Request, principal: Principal = Depends(reviewer_only)) 
 @router.get("/stats")
 async def statistics(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
     """The team's review statistics; only an admin sees the other reviewers' names."""
-    store = review_store(request)
-    judgements, _generations = await store.judgements(texts=False)
-    # Every verdict so far, after each verdict on the page: CPU work that grows with the history, kept off the
-    # event loop that streams students' answers (as the export's is).
-    result = await asyncio.to_thread(stats.compute, judgements, await store.skipped(), store.policy.overlap)
+    result = await review_store(request).statistics()
     if principal.role == "admin":
         return result
     keyring = request.app.state.keyring

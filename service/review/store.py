@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
 from service.errors import APIError
+from service.review import stats
 from service.review.stats import FLAGS, Judgement, reviewer_label
 from service.store.models import Generation, ReviewAssignment, ReviewSession, StoreState
 from zephyr import textquality
@@ -48,6 +49,7 @@ class ReviewStore:
         self.policy = policy
         self._random = rng or random.Random()
         self.names = names or {}  # key digest -> reviewer name (KeyRing.names)
+        self._statistics: tuple[tuple, dict[str, Any]] | None = None  # (the verdicts' version, statistics)
 
     # Sign-in sessions (service.auth.Sessions) --------------------------------------------------------------
 
@@ -371,6 +373,24 @@ class ReviewStore:
         # Off the event loop: one verdict after another, the page asks for these after each.
         judged = await asyncio.to_thread(lambda: [to_judgement(v, generations, self.names) for v in verdicts])
         return judged, generations
+
+    async def statistics(self) -> dict[str, Any]:
+        """stats.compute over every verdict, as GET /review/stats serves it. The page asks after each verdict, and
+        computing it reads every verdict and answer so far: it is recomputed only when the verdicts changed (their
+        count, newest id and newest time: a judgement, an undo or a skip moves one), else this process's last one."""
+        A = ReviewAssignment
+        async with self.engine.connect() as conn:
+            version = tuple((await conn.execute(select(func.count(), func.max(A.id), func.max(A.judged_at))
+                                                .where(A.status == "judged"))).one())
+        skipped = await self.skipped()
+        key = (*version, tuple(sorted(skipped.items())))
+        if self._statistics is not None and self._statistics[0] == key:
+            return self._statistics[1]
+        judgements, _generations = await self.judgements(texts=False)
+        # CPU work that grows with the history: off the event loop that streams students' answers
+        result = await asyncio.to_thread(stats.compute, judgements, skipped, self.policy.overlap)
+        self._statistics = (key, result)
+        return result
 
     async def skipped(self) -> dict[str, int]:
         A = ReviewAssignment

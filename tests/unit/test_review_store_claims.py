@@ -192,3 +192,32 @@ async def test_a_remote_revision_longer_than_the_log_keeps_is_not_recorded():
     assert await Candidates._remote_revision(remote("sha256:" + "a" * 64), "cand") == "sha256:" + "a" * 64
     assert await Candidates._remote_revision(remote("r" * 81), "cand") is None
     assert await Candidates._remote_revision(remote(None), "cand") is None
+
+
+async def test_statistics_are_recomputed_only_when_a_verdict_changed(tmp_path):
+    """The page asks for them after every verdict, and computing them reads every verdict and answer so far."""
+    log = await open_log(f"sqlite+aiosqlite:///{tmp_path / 'review.db'}", tmp_path)
+    await seed(log, pair("i0", "Q0", "x", "y") + pair("i1", "Q1", "x", "z", minute=1))
+    policy = ReviewPolicy(overlap=1, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    reads = 0
+    judgements = store.judgements
+
+    async def counted(*args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return await judgements(*args, **kwargs)
+
+    store.judgements = counted
+    empty = await store.statistics()
+    assert await store.statistics() is empty and reads == 1  # nothing changed: not read again
+    first = await store.next_item("r1")
+    assert await store.statistics() is empty and reads == 1  # shown is no verdict
+    await store.judge("r1", first["assignment_id"], "tie", None, {}, None)
+    judged = await store.statistics()
+    assert reads == 2 and judged["labels"]["tie"] == 1
+    await store.undo("r1")  # back to shown: one verdict fewer
+    assert (await store.statistics())["labels"].get("tie", 0) == 0 and reads == 3
+    await store.skip("r1", (await store.next_item("r1"))["assignment_id"])
+    assert [r["skipped"] for r in (await store.statistics())["reviewers"]] == [1] and reads == 4
+    await log.close()
