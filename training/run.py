@@ -121,9 +121,11 @@ def read_records(files: list[Path], method: str, limit: int | None = None,
 
 
 def records_sharing_a_question(files: list[Path], limit: int | None = None) -> int:
-    """How many of the files' records (the first `limit`) repeat an earlier record's `meta.question_id`: held out by
-    record, such a question has records on both sides of the split."""
+    """How many of the files' records (the first `limit`) repeat an earlier record's `meta.question_id` or opening
+    (its first non-system message, or plain-text prompt, word for word: one stem under two question ids, or a cloze
+    context): held out by record, such a question has records on both sides of the split."""
     seen: set[str] = set()
+    openings: set[str] = set()
     shared = read = 0
     for file in files:
         with Path(file).open("rb") as handle:
@@ -133,10 +135,14 @@ def records_sharing_a_question(files: list[Path], limit: int | None = None) -> i
                 if limit and read >= limit:
                     return shared
                 read += 1
-                meta = json.loads(raw).get("meta") or {}  # read_records has checked every line already
-                if isinstance(question := meta.get("question_id"), str):
-                    shared += question in seen
+                record = json.loads(raw)  # read_records has checked every line already
+                meta = record.get("meta") or {}
+                question = meta.get("question_id") if isinstance(meta.get("question_id"), str) else None
+                words = " ".join(normalize_words(opening(record)))
+                shared += (question is not None and question in seen) or (bool(words) and words in openings)
+                if question is not None:
                     seen.add(question)
+                openings.add(words)
     return shared
 
 
@@ -631,9 +637,9 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                                 "fractions, or another data.eval_group")
     if spec.eval_group == "record" and (spec.eval_fraction or spec.validation_fraction) and \
             (shared := records_sharing_a_question(train_files, spec.limit)):
-        console.print(f"[yellow]{shared} records repeat an earlier record's question (meta.question_id): held out "
-                      "by record, a question can sit on both sides of the split; data.eval_group: question keeps "
-                      "each on one side[/]")
+        console.print(f"[yellow]{shared} records repeat an earlier record's question (meta.question_id) or opening "
+                      "message: held out by record, a question can sit on both sides of the split and the held-out "
+                      "figures flatter the model; data.eval_group: question (or opening) keeps each on one side[/]")
     dropped_for_length = 0
     if by_question:
         train_set, eval_set, validation_set = (

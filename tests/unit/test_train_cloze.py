@@ -358,3 +358,8 @@ def test_records_sharing_a_question_are_counted_for_the_by_record_split_warning(
     assert records_sharing_a_question([twice]) == 2
     assert records_sharing_a_question([once, twice]) == len(pairs) + 2  # across files too
     assert records_sharing_a_question([twice], limit=len(pairs)) == 0  # only what data.limit reads
+    # One stem under another question id (two benchmark questions worded alike): the same cloze context
+    reworded = tmp_path / "reworded.jsonl"
+    twin = pairs[0].model_copy(update={"meta": {**pairs[0].meta, "question_id": "another-id"}})
+    write_jsonl(reworded, pairs + [twin])
+    assert records_sharing_a_question([reworded]) == 1
