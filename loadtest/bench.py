@@ -87,6 +87,10 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
         raise SystemExit(str(exc)) from None
 
 
+class StreamFailed(Exception):
+    """A stream that ended in an error chunk after its 200 (ours sends one when generation fails part way)."""
+
+
 async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int,
                       model: str = DEFAULT_MODEL) -> tuple[float, float, int]:
     # An explicit system message, so both servers see the very same tokens (ours would add its tutor prompt).
@@ -101,6 +105,8 @@ async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int,
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):  # a failure, not a short answer: counted as an error, its timings left out
+                raise StreamFailed(str(chunk["error"].get("message", chunk["error"]))[:200])
             if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
@@ -119,7 +125,7 @@ async def chat_level(target: str, url: str, concurrency: int, requests: int, max
                 i = queue.pop()
                 try:
                     ttft, latency, tokens = await stream_chat(c, PROMPTS[i % len(PROMPTS)], max_tokens, model)
-                except httpx.HTTPError:
+                except (httpx.HTTPError, StreamFailed):
                     level.errors += 1
                     continue
                 level.ttft_s.append(ttft)
@@ -349,7 +355,7 @@ async def run(args: argparse.Namespace) -> None:
     # Our server keeps its log and review queue in a home of its own: benchmark chats are no students' answers for
     # the real review queue and exports.
     home = harness.linked_home(out_dir / "home", entry)
-    env = {**os.environ, **settings.vllm_environment(), "ZEPHYR_PORT": str(args.port),
+    env = {**harness.server_environment(), **settings.vllm_environment(), "ZEPHYR_PORT": str(args.port),
            "ZEPHYR_MEMORY_SHARE": engine["share"],
            "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_HOME": str(home),
            "ZEPHYR_ENFORCE_EAGER": str(not args.compiled).lower(),

@@ -199,10 +199,13 @@ def probe(url: str, name: str) -> dict:
     event = {"name": name, "start": time.time(), "status": 0, "done": False, "error": None, "code": None}
     try:
         r = httpx.post(f"{url}{path}", json=body, timeout=30, headers={"Authorization": f"Bearer {STUDENT_KEY}"})
-        event.update(status=r.status_code, done=r.status_code == 200,
-                     code=r.json().get("error", {}).get("code") if r.status_code != 200 else None)
+        event.update(status=r.status_code, done=r.status_code == 200)
+        if r.status_code != 200:  # a proxy's or a dying server's answer may be no JSON: kept as text, not raised
+            event["code"] = r.json().get("error", {}).get("code")
     except httpx.HTTPError as exc:
         event["error"] = f"{type(exc).__name__}: {exc}"
+    except ValueError:  # no JSON body
+        event["error"] = f"HTTP {r.status_code} without a JSON error: {r.text[:120]!r}"
     event["end"] = time.time()
     return event
 

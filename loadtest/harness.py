@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import math
 import os
 import random
 import shutil
@@ -107,6 +108,23 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
+# Settings a shell may export for a real deployment that must not reach a server a benchmark or drill starts: its
+# database and spill file (set per server), a second model's server for review candidates, a keys file.
+NOT_INHERITED = ("ZEPHYR_DB_URL", "ZEPHYR_SPILL_PATH", "ZEPHYR_API_KEYS_FILE", "ZEPHYR_REVIEW_CANDIDATE_",
+                 "ZEPHYR_LOG_RETENTION_DAYS")
+
+
+def server_environment() -> dict[str, str]:
+    """The caller's environment without NOT_INHERITED, for a server of a load test's own."""
+    return {name: value for name, value in os.environ.items() if not name.startswith(NOT_INHERITED)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of the values that are numbers; NaN if none is."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 @dataclass
 class LocalServer:
     process: subprocess.Popen
@@ -121,8 +139,12 @@ class LocalServer:
         extra ZEPHYR_* variables, e.g. DB_URL="postgresql+asyncpg://..."."""
         port = free_port()
         env = {
-            **os.environ,
+            **server_environment(),
             "ZEPHYR_HOME": str(home),
+            # its own log, spill file and review queue, whatever the caller's shell exports: load-test chats are no
+            # students' answers for a real database
+            "ZEPHYR_DB_URL": f"sqlite+aiosqlite:///{home / 'zephyr.db'}",
+            "ZEPHYR_SPILL_PATH": str(home / "spill" / "generations.jsonl"),
             "ZEPHYR_PORT": str(port),
             "ZEPHYR_API_KEYS": ",".join([f"student:{STUDENT_KEY}", f"admin:{ADMIN_KEY}",
                                           *(f"reviewer:{key}" for key in REVIEWER_KEYS)]),
@@ -137,8 +159,7 @@ class LocalServer:
         with log_path.open("w") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--log-level", "info"],
                                        env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        db_url = env.get("ZEPHYR_DB_URL") or f"sqlite+aiosqlite:///{home / 'zephyr.db'}"
-        server = cls(process, f"http://127.0.0.1:{port}", home, log_path, db_url)
+        server = cls(process, f"http://127.0.0.1:{port}", home, log_path, env["ZEPHYR_DB_URL"])
         try:
             wait_ready(f"{server.url}/readyz", process, log_path, START_TIMEOUT_S)
         except ServerFailed:
@@ -305,11 +326,6 @@ class Locust:
         if not self.events_path.exists():
             return []
         return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 @dataclass

@@ -62,9 +62,13 @@ def main() -> None:
             locust = Locust.start(args.url or server.url, args.out, args.users, args.minutes * 60, args.spawn_rate,
                                   exam_period=args.exam_period)
             locust.wait()
-        console.print(summary(locust.events(), time.monotonic() - started,
-                              f"{args.users} users, {args.minutes:g} min"))
+        events = locust.events()
+        console.print(summary(events, time.monotonic() - started, f"{args.users} users, {args.minutes:g} min"))
         console.print(f"reports: {args.out}/locust.html, {args.out}/locust_stats.csv, events in {locust.events_path}")
+        if not any(e["status"] < 400 and not e["error"] for e in events):
+            # e.g. a --url server that refuses the keys sent (401s): a run with no answer measured nothing
+            raise SystemExit(f"no request succeeded ({len(events)} sent): see {args.out}/locust.html; a --url "
+                             "server needs its keys in ZEPHYR_LOAD_STUDENT_KEY and ZEPHYR_LOAD_REVIEWER_KEYS")
     finally:
         if server is not None:
             server.stop()

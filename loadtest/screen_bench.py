@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -92,7 +91,8 @@ def main() -> None:
     entry = ensure_default_model(Registry(settings.models_dir))
     args.out.mkdir(parents=True, exist_ok=True)
     zephyr = str(Path(sys.executable).parent / "zephyr")
-    base = {**os.environ, **settings.vllm_environment(), "ZEPHYR_API_KEYS": "", "ZEPHYR_RATE_LIMIT": "1000000/minute",
+    base = {**harness.server_environment(), **settings.vllm_environment(), "ZEPHYR_API_KEYS": "",
+            "ZEPHYR_RATE_LIMIT": "1000000/minute",
             "ZEPHYR_MEMORY_SHARE": str(args.memory_share), "ZEPHYR_LOG_GENERATIONS": "false",
             "ZEPHYR_REVIEW_POLICY": "off"}
     urls, processes = {}, []

