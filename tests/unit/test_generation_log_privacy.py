@@ -125,6 +125,7 @@ async def test_spill_and_rejected_files_are_private(tmp_path, open_umask):
     os.chmod(spill, 0o644)  # as an earlier version wrote it
     restarted = GenerationLog(f"sqlite+aiosqlite:///{db_dir / 'log.db'}", spill, Metrics(), None)
     await restarted.start()
+    await restarted.replayed_at_start()
     assert await restarted.count() == 1 and not restarted.has_spill()
     assert mode(restarted.rejected_path) == 0o600
     assert mode(db_dir / "log.db") == 0o600
