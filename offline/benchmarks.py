@@ -418,6 +418,17 @@ def mcq_training_items(sources: list[str], data_dir: Path, limit_per_source: int
 OUTSIDE_CALIBRATION = ("arc_easy:train", "arc_challenge:train", "openbookqa:train")
 
 
+def check_sources_outside_calibration(sources: list[str] | str) -> list[tuple[str, str, str]]:
+    """check_mcq_sources, refusing too a split `zephyr eval calibrate` reads whole (a validation split); reads no
+    data, so a command can refuse before it makes anything."""
+    checked = check_mcq_sources(sources)
+    for source, name, split in checked:
+        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
+            raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
+                              f"{', '.join(OUTSIDE_CALIBRATION)}")
+    return checked
+
+
 def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
                               exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
     """Training items of each "name:split" source (mcq_training_items), without the questions `zephyr eval
@@ -425,11 +436,7 @@ def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_sour
     seen them. A split calibration reads whole (a validation split) is refused, naming OUTSIDE_CALIBRATION instead;
     one it reads a head of (OpenBookQA train) loses that head. Returns the items and, per source, how many were
     left out."""
-    checked = check_mcq_sources(sources)
-    for source, name, split in checked:  # every source refused before any is read
-        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
-            raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
-                              f"{', '.join(OUTSIDE_CALIBRATION)}")
+    checked = check_sources_outside_calibration(sources)
     items: list[MCQItem] = []
     reserved: dict[str, int] = {}
     for source, name, split in checked:

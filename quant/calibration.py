@@ -16,6 +16,7 @@ from typing import Any
 
 from offline.benchmarks import OUTSIDE_CALIBRATION, SourceError, items_outside_calibration
 from zephyr import mcq
+from zephyr.prompts import with_system_prompt
 from zephyr.schemas import DataFileError, MCQItem, SFTExample, read_jsonl
 
 # Training splits only, and none of the questions `zephyr eval calibrate` then fits the quantized entry's /mcq on
@@ -77,8 +78,12 @@ def from_file(path: Path, samples: int) -> list[list[dict]]:
     return chats[:samples]
 
 
-def render(chats: list[list[dict]], tokenizer: Any) -> list[str]:
-    return [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+def render(chats: list[list[dict]], tokenizer: Any, system_prompt: str | None) -> list[str]:
+    """Each chat as the model reads it when served: the server's system prompt first where the chat has none (as
+    zephyr.prompts.with_system_prompt gives it to every served chat; None: the server's is off). Without it the
+    template put its own default there (SmolLM2's "You are a helpful AI assistant named SmolLM"), which no student's
+    chat shows the model: calibration runs before 2026-12-07 fitted half their samples to that."""
+    return [tokenizer.apply_chat_template(with_system_prompt(chat, system_prompt), tokenize=False) for chat in chats]
 
 
 def write(texts: list[str], path: Path) -> str:

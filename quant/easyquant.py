@@ -375,7 +375,7 @@ def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]
 def _check_model_options(config: EasyQuantConfig, form: str, quantize_embedding: bool) -> None:
     if form not in ("int4", "dequantized"):
         raise ValueError(f"form must be 'int4' (compressed-tensors pack-quantized, served by vLLM) or "
-                         f"'dequantized' (bf16, the paper's numerics), got {form!r}")
+                         f"'dequantized' (the parent's dtype, the paper's numerics), got {form!r}")
     if form == "int4":
         if config.bits != 4 or not config.symmetric:
             raise ValueError(f"form='int4' writes symmetric 4-bit codes: use bits=4, symmetric=True "
@@ -448,8 +448,10 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     """Quantize every nn.Linear in the decoder layers of the checkpoint in `model_dir` with EasyQuant and write a
     complete model folder (weights, config, tokenizer, chat template) to `out_dir`.
 
-    form="int4": compressed-tensors pack-quantized (vLLM serves it natively); outliers are clamped into range.
-    form="dequantized": bf16 weights dequant(q, s) with the outliers restored exactly (the paper's numerics).
+    form="int4": compressed-tensors pack-quantized (vLLM serves it natively); outliers are clamped into range;
+        16-bit (an fp32 parent is cast to bf16).
+    form="dequantized": weights dequant(q, s) in the parent's dtype with the outliers restored exactly (the paper's
+        numerics).
     quantize_embedding: also quantize the output head (on a tied model that is the embedding matrix too); only the
         dequantized form can hold it (see the error).
     Returns statistics: layers, weights, outliers and their share, mean relative reconstruction errors
@@ -464,7 +466,13 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError(f"out_dir must differ from model_dir ({model_dir})")
     started = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    # In the parent's own dtype (it was always bf16: an fp16 parent lost 3 mantissa bits in every weight EasyQuant
+    # leaves alone, and the errors were measured against the cast); the int4 form keeps 16-bit scales and
+    # activations, as vLLM's compressed-tensors kernels take them, so an fp32 parent is cast to bf16 there.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    parent_dtype = model.dtype
+    if form == "int4" and parent_dtype not in (torch.bfloat16, torch.float16):
+        model = model.to(torch.bfloat16)
     targets: list[tuple[str, torch.nn.Module]] = list(decoder_linears(model))
     head_tied = False
     if quantize_embedding:
@@ -519,6 +527,8 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
         "easyquant_rel_error": mean("easyquant_rel_error"),
         "easyquant_clamped_rel_error": mean("easyquant_clamped_rel_error"),
         "seconds": round(time.monotonic() - started, 2),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "parent_dtype": str(parent_dtype).removeprefix("torch."),
         "config": asdict(config),
         "quantize_embedding": quantize_embedding,
         "lm_head_tied_to_embedding": head_tied if quantize_embedding else None,

@@ -7,13 +7,17 @@ ahead of time). Its checkpoints load in the serving environment despite the comp
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import venv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Verified together on this machine (DESIGN.md section 4): CPU torch from the wheel find-links, no torchvision.
 REQUIREMENTS = ("torch==2.13.0+cpu", "llmcompressor==0.14.0.1")
@@ -82,19 +86,51 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
     return python_of(env)
 
 
+# What the worker is not given: our interpreter's settings, and credentials. It runs third-party packages installed
+# on first use and needs none of the server's keys, database URL or tokens.
+WITHHELD_PREFIXES = ("PYTHON", "VIRTUAL_ENV", "ZEPHYR_")
+WITHHELD_SUFFIXES = ("_TOKEN", "_KEY", "_KEYS", "_SECRET", "_PASSWORD", "_CREDENTIALS")
+REDRAW_SECONDS = 5.0  # a progress bar's redraws are shown at most this often
+
+
+def worker_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(WITHHELD_PREFIXES) and not k.upper().endswith(WITHHELD_SUFFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def output_lines(stream: Any) -> Iterator[tuple[str, bool]]:
+    """A binary stream's lines as (text, redraw): text ended by a carriage return alone is a progress bar's
+    redraw (tqdm), which a text-mode pipe would have turned into a line of its own."""
+    pending = ""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := stream.read1(65536):
+        pending += decoder.decode(chunk)
+        held = "\r" if pending.endswith("\r") else ""  # it may be the first half of a \r\n
+        *done, pending = re.split(r"(\r\n|\n|\r)", pending.removesuffix(held))
+        pending += held
+        # re.split with a group alternates text and separator: pair them up
+        for text, end in zip(done[::2], done[1::2], strict=True):
+            yield text, end == "\r"
+    if pending.rstrip("\r"):
+        yield pending.rstrip("\r"), False
+
+
 def run_worker(python: Path, spec: Path, log: Path, say: Callable[[str], None] = print) -> None:
     """Run quant/llmc_worker.py in the env, streaming its output line by line and keeping a copy in `log`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env["PYTHONUNBUFFERED"] = "1"
     with log.open("w") as copy, subprocess.Popen([str(python), str(WORKER), str(spec)], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True, env=env) as process:
+                                                 stderr=subprocess.STDOUT, env=worker_environment()) as process:
         tail: list[str] = []
         assert process.stdout is not None
+        shown_redraw = 0.0
         try:
-            for line in process.stdout:
-                copy.write(line)
-                # tqdm redraws with carriage returns: show the latest state of each line.
-                text = line.rstrip("\n").split("\r")[-1]
+            for text, redraw in output_lines(process.stdout):
+                if redraw:  # the bar's latest state, now and then: not one line per redraw
+                    if time.monotonic() - shown_redraw < REDRAW_SECONDS:
+                        continue
+                    shown_redraw = time.monotonic()
+                copy.write(text + "\n")
                 if text.strip():
                     say(text)
                     tail = (tail + [text])[-20:]

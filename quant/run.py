@@ -119,6 +119,12 @@ class QuantOptions:
         return out
 
 
+# Architectures whose SmoothQuant mappings in llm-compressor are its Llama-style defaults (q/k/v after
+# input_layernorm, gate/up after post_attention_layernorm), which --smooth-down-proj extends with down_proj.
+LLAMA_STYLE_SMOOTHING = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                   "GraniteForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+
+
 def linear_input_features(config: dict[str, Any]) -> dict[str, int]:
     """Input width of each kind of decoder Linear (Llama-style configs), the dimension a group must divide."""
     missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size") if not config.get(k)]
@@ -172,10 +178,10 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         if options.calibration is not None and not options.calibration.is_file():
             raise QuantError(f"calibration file {options.calibration} does not exist")
         if options.calibration is None:
-            from offline.benchmarks import SourceError, check_mcq_sources
+            from offline.benchmarks import SourceError, check_sources_outside_calibration
 
-            try:
-                check_mcq_sources(options.calibration_sources)
+            try:  # as quant.calibration reads them: a split /mcq's calibration reads whole is refused now
+                check_sources_outside_calibration(options.calibration_sources)
             except SourceError as exc:
                 raise QuantError(f"--calibration-sources: {exc}") from None
     elif options.calibration is not None:
@@ -184,6 +190,13 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         raise QuantError(f"--smoothing is SmoothQuant's strength in [0, 1), not {options.smoothing}")
     if options.smooth_down_proj and (options.method != "w8a8" or not options.smoothing):
         raise QuantError("--smooth-down-proj adds a SmoothQuant mapping: it needs --method w8a8 with --smoothing > 0")
+    architecture = (config.get("architectures") or ["(none named)"])[0]
+    if options.resolved_smooth_down_proj and architecture not in LLAMA_STYLE_SMOOTHING:
+        # Passing our mapping list replaces llm-compressor's own for the architecture (Phi-3's fused qkv_proj
+        # matched none of q/k, and failed; Bloom's names matched nothing, and nothing was smoothed)
+        raise QuantError(f"--smooth-down-proj (on by default with --smoothing) adds to llm-compressor's Llama-style "
+                         f"SmoothQuant mappings, and {architecture} is not Llama-style: pass --no-smooth-down-proj "
+                         "to use llm-compressor's mappings for it")
     if options.method == "awq" and options.awq_grid < 3:
         raise QuantError(f"--awq-grid must be at least 3 (llm-compressor's duo-scaling grid divides by n - 2), "
                          f"not {options.awq_grid}")
@@ -299,7 +312,7 @@ def _calibration(options: QuantOptions, parent: RegistryEntry, settings: Setting
         chats = calibration.from_training_splits(options.calibration_sources, settings.data_dir, options.samples,
                                                  seed=options.seed)
         where = ", ".join(options.calibration_sources)
-    texts = calibration.render(chats, AutoTokenizer.from_pretrained(parent.path))
+    texts = calibration.render(chats, AutoTokenizer.from_pretrained(parent.path), settings.served_system_prompt)
     short = f", only {len(texts)} of the {options.samples} asked for (the stats record the number used)" \
         if len(texts) < options.samples else ""
     say(f"calibration: {len(texts)} chats from {where}, rendered with {parent.name}'s chat template{short}")

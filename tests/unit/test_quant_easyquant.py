@@ -363,3 +363,22 @@ def test_quantize_registers_an_easyquant_entry_and_a_failed_overwrite_keeps_the_
                          say=lambda _: None)
     assert again.entry.manifest.recipe["steps"] == 3 and (runs / "stats.json").read_text() != first
     assert not [p.name for p in runs.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("parent", "form", "written"), [(torch.float16, "dequantized", torch.float16),
+                                                          (torch.float32, "dequantized", torch.float32),
+                                                          (torch.float32, "int4", torch.bfloat16)])
+def test_the_parents_dtype_is_kept_where_the_form_can_hold_it(tiny_llama, tmp_path, parent, form, written):
+    """Every parent was loaded as bf16: an fp16 one lost 3 mantissa bits in each weight EasyQuant leaves alone."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "parent"
+    shutil.copytree(tiny_llama, source)
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to(parent).save_pretrained(source)
+    stats = quantize_model(source, tmp_path / "out", CONFIG, form=form, progress=False)
+    assert (stats["parent_dtype"], stats["dtype"]) == (str(parent)[6:], str(written)[6:])
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == written  # left alone, in the parent's dtype

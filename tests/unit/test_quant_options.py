@@ -59,6 +59,8 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "gptq", "easyquant_steps": 5}, "they need --method easyquant"),
     ({"method": "gptq", "calibration_sources": []}, "--calibration-sources: no MCQ sources given"),
     ({"method": "awq", "calibration_sources": ["arc_easy:test"]}, "--calibration-sources:"),
+    # refused before the run folder is made, as reading it would refuse it after
+    ({"method": "gptq", "calibration_sources": ["sciq:validation"]}, "refusing sciq:validation"),
     # found by a review: a method with a capital was reported as a bad model name ('…-GPTQ' must be lowercase)
     ({"method": "GPTQ"}, "unknown method 'GPTQ'"),
     ({"method": "gptq", "easyquant_form": "dequantized"}, "--form dequantized is EasyQuant's"),
@@ -79,6 +81,23 @@ def test_a_name_other_entries_were_made_from_is_not_replaced(registry, default_m
     options = QuantOptions(model=default_model.name, method="easyquant", name="mid", overwrite=True)
     with pytest.raises(QuantError, match="'mid' is the parent of mid-w8a8"):
         check(options, registry)
+
+
+def test_down_proj_smoothing_is_refused_for_an_architecture_that_is_not_llama_style(registry, tmp_path,
+                                                                                    default_model):
+    """Our mapping list replaced llm-compressor's own for the architecture: Phi-3 failed, Bloom smoothed nothing."""
+    import shutil
+
+    from zephyr.registry import ModelManifest
+
+    folder = tmp_path / "phi"
+    shutil.copytree(registry.get(default_model.name).path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"]}))
+    registry.add(folder, ModelManifest(name="phi-like", method="imported"))
+    with pytest.raises(QuantError, match="Phi3ForCausalLM is not Llama-style: pass --no-smooth-down-proj"):
+        check(QuantOptions(model="phi-like", method="w8a8"), registry)
+    check(QuantOptions(model="phi-like", method="w8a8", smooth_down_proj=False), registry)
 
 
 def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_model):
@@ -197,8 +216,13 @@ def test_calibration_comes_from_training_splits_only(tokenizer):
     chats = calibration.from_training_splits(["arc_easy:train", "openbookqa:train"], DATA_DIR, 10, seed=1)
     assert len(chats) == 10
     assert chats == calibration.from_training_splits(["arc_easy:train", "openbookqa:train"], DATA_DIR, 10, seed=1)
-    texts = calibration.render(chats, tokenizer)
+    served = Settings().served_system_prompt
+    texts = calibration.render(chats, tokenizer, served)
     assert all(t.startswith("<|im_start|>") and t.rstrip().endswith("<|im_end|>") for t in texts)
+    # each chat as served: the open-style ones with the server's system prompt, not the template's own default
+    open_style = [not any(m["role"] == "system" for m in chat) for chat in chats]
+    assert any(open_style) and [served in t for t in texts] == open_style
+    assert all(t.startswith("<|im_start|>system\nYou are Zephyr") for t in texts)
     with pytest.raises(calibration.CalibrationError, match="never train on the split we report"):
         calibration.from_training_splits(["arc_easy:test"], DATA_DIR, 4)
     # nor on what `zephyr eval calibrate` then fits the quantized entry's /mcq on (found by a review: the default
@@ -332,6 +356,29 @@ def test_a_failing_worker_reports_its_last_lines(tmp_path):
     assert "the quantization worker failed" in str(exc.value) and "llmcompressor" in str(exc.value)
     assert "full log:" in str(exc.value) and "llmcompressor" in (tmp_path / "worker.log").read_text()
     assert lines  # streamed while it ran
+
+
+def test_the_worker_is_given_no_credentials_and_a_progress_bar_is_not_a_line_per_redraw(tmp_path, monkeypatch):
+    """It got the whole environment: the server's keys, database URL and tokens went to third-party packages. And a
+    text-mode pipe made every tqdm redraw (a carriage return) a line of its own, in the console and the log."""
+    import sys
+
+    from quant import env
+
+    for name in ("ZEPHYR_API_KEYS", "ZEPHYR_DB_URL", "HF_TOKEN", "AWS_SECRET", "OPENAI_API_KEY"):
+        monkeypatch.setenv(name, "secret-value")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys\n"
+                      "print(sorted(k for k, v in os.environ.items() if v == 'secret-value'))\n"
+                      "print(os.environ.get('OMP_NUM_THREADS'))\n"
+                      "sys.stdout.write(''.join(f'step {i}\\r' for i in range(50)) + 'step 50\\n')\n")
+    monkeypatch.setattr(env, "WORKER", script)
+    lines: list[str] = []
+    env.run_worker(Path(sys.executable), tmp_path / "spec.json", tmp_path / "worker.log", say=lines.append)
+    assert lines[:2] == ["[]", "2"]
+    assert lines[2:] == ["step 0", "step 50"]  # the first redraw, then none within REDRAW_SECONDS, then the end
+    assert (tmp_path / "worker.log").read_text().splitlines() == lines
 
 
 def test_every_quantization_method_has_schemes_and_the_core_knows_it():
