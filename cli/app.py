@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from cli.common import console, err, fail, load_settings, registry
+from cli.common import DATABASE_ERRORS, console, database_failure, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
@@ -78,9 +78,11 @@ def serve(
             load_record(settings.safety_record)
         if settings.safety_guard or reads_domain:  # the guard's encoder, or the one /mcq's record reads with
             minilm_folder()
-    except (UnsafeBind, RegistryError, SafetyError, EncoderError, ValueError) as exc:
+        # a guidelines file that is not there, a home that is a file, a keys file the account cannot read
+        app = create_app(settings)
+    except (UnsafeBind, RegistryError, SafetyError, EncoderError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
-    raise typer.Exit(run_server(create_app(settings), settings, log_level.value))
+    raise typer.Exit(run_server(app, settings, log_level.value))
 
 
 @models_app.command("list")
@@ -286,8 +288,6 @@ def _review_data(since: str | None):
     import asyncio
     from datetime import timedelta
 
-    from sqlalchemy.exc import SQLAlchemyError
-
     from service.review import export
     from service.review.store import ReviewPolicy, ReviewStore
     from service.store.log import make_engine
@@ -309,9 +309,8 @@ def _review_data(since: str | None):
 
     try:
         return settings, *asyncio.run(load())
-    except SQLAlchemyError as exc:
-        raise fail(f"cannot read reviews from {settings.resolved_db_url.split('@')[-1]}: {exc.__class__.__name__}; "
-                   "is ZEPHYR_DB_URL right, and has the server (which migrates the schema) run against it?") from None
+    except DATABASE_ERRORS as exc:
+        raise database_failure(settings.resolved_db_url, "read reviews", exc) from None
 
 
 @review_app.command("export")
@@ -380,8 +379,6 @@ def log_prune(
     import asyncio
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy.exc import SQLAlchemyError
-
     from service.store import retention
     from service.store.log import make_engine
 
@@ -397,13 +394,11 @@ def log_prune(
         finally:
             await engine.dispose()
 
-    where = settings.resolved_db_url.split("@")[-1]
     try:
         with console.status(f"{'counting' if dry_run else 'deleting'} rows before {cutoff:%Y-%m-%d %H:%M} UTC"):
             pruned = asyncio.run(run())
-    except SQLAlchemyError as exc:
-        raise fail(f"cannot prune the log in {where}: {exc.__class__.__name__}; is ZEPHYR_DB_URL right, and has the "
-                   "server (which migrates the schema) run against it?") from None
+    except DATABASE_ERRORS as exc:
+        raise database_failure(settings.resolved_db_url, "prune the log", exc) from None
     table = Table(title=f"{'Would delete' if dry_run else 'Deleted'}: rows before {cutoff:%Y-%m-%d %H:%M} UTC")
     for column in ("served rows", "their candidates", "review assignments"):
         table.add_column(column, justify="right")

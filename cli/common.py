@@ -8,6 +8,8 @@ import sys
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from zephyr.console import make_console
 from zephyr.registry import Registry
@@ -48,3 +50,21 @@ def unwind_on_sigterm() -> None:
 
 def csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+# What reaching the log's database can raise besides SQLAlchemy's own errors: asyncpg's refused connection or
+# unknown host (OSError), a port that is no number (ValueError), a driver not installed (ImportError).
+DATABASE_ERRORS = (SQLAlchemyError, OSError, ValueError, ImportError)
+
+
+def database_failure(url: str, doing: str, exc: BaseException) -> typer.Exit:
+    """One line for a database command that failed: where (no user, password or query string), what, and why."""
+    try:
+        parsed = make_url(url)
+        where = (f"{parsed.drivername}://{parsed.host or ''}{f':{parsed.port}' if parsed.port else ''}"
+                 f"/{parsed.database or ''}")
+    except Exception:  # a URL SQLAlchemy cannot parse: say nothing of it that could hold a secret
+        where = "ZEPHYR_DB_URL"
+    detail = str(exc).splitlines()[0][:200] if isinstance(exc, OSError | ValueError | ImportError) else ""
+    return fail(f"cannot {doing} in {where}: {exc.__class__.__name__}{f' ({detail})' if detail else ''}; is "
+                "ZEPHYR_DB_URL right, and has the server (which migrates the schema) run against it?")

@@ -204,6 +204,14 @@ class Settings(BaseSettings):
             raise ValueError("is empty: unset it, or give a path")
         return value
 
+    @field_validator("kv_cache_gib", "mcq_min_confidence", "safety_threshold", "max_prompt_tokens", "max_prompt_chars",
+                     "log_retention_days", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # The documented "empty" of an optional number (a chart's `config` value left "", `VAR=` in a shell) is its
+        # default, not "Input should be a valid number" and a server that will not start.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("home", "api_keys_file", "spill_path", "data_dir", "eval_results_dir", "quant_env",
                      "review_guidelines", "safety_record", mode="after")
     @classmethod
@@ -244,9 +252,12 @@ class Settings(BaseSettings):
         import regex  # what Presidio compiles patterns with
 
         try:
-            regex.compile(value)
+            compiled = regex.compile(value)
         except regex.error as exc:
             raise ValueError(f"ZEPHYR_STUDENT_ID_PATTERN is not a regular expression: {exc}") from None
+        if compiled.fullmatch(""):  # "" (an empty variable) would redact no student id, silently
+            raise ValueError("ZEPHYR_STUDENT_ID_PATTERN matches the empty string, so it would find no student id; "
+                             r"unset it for the default (\b[A-Z]{1,3}\d{6,9}\b) or give one that needs characters")
         return value
 
     @model_validator(mode="after")
@@ -340,8 +351,8 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
                 raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} does not exist")
-            lines += [(f"ZEPHYR_API_KEYS_FILE line {n}", line)
-                      for n, line in enumerate(self.api_keys_file.read_text().splitlines(), start=1)]
+            text = self.api_keys_file.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no key's text
+            lines += [(f"ZEPHYR_API_KEYS_FILE line {n}", line) for n, line in enumerate(text.splitlines(), start=1)]
         entries = []
         seen: dict[str, tuple[str, str, str]] = {}  # key: the first entry's place, role and name
         for place, raw in lines:

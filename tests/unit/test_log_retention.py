@@ -105,3 +105,16 @@ def test_the_cli_counts_then_prunes(tmp_path, monkeypatch):
     assert before - asyncio.run(left()) == {"old-unreviewed", "old-unreviewed-cand", "orphan-cand"}
     refused = runner.invoke(app, ["log", "prune", "--older-than-days", "0"])
     assert refused.exit_code != 0 and "older-than-days" in refused.output
+
+
+def test_a_database_the_cli_cannot_reach_is_one_line_without_its_password(tmp_path, monkeypatch):
+    """asyncpg's refused connection is an OSError, not SQLAlchemy's: it escaped as a traceback."""
+    from cli.app import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    monkeypatch.setenv("ZEPHYR_DB_URL", "postgresql+asyncpg://tutor:hunter2@127.0.0.1:1/zephyr")
+    for command in (["log", "prune", "--older-than-days", "90"], ["review", "stats"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "127.0.0.1:1/zephyr" in result.output and "hunter2" not in result.output
+        assert "tutor" not in result.output

@@ -126,6 +126,29 @@ def test_a_student_id_pattern_that_does_not_compile_is_refused_at_start(monkeypa
         Settings()
 
 
+@pytest.mark.parametrize("pattern", ["", "a*", r"\d{0,3}"])
+def test_a_student_id_pattern_that_matches_nothing_at_all_is_refused(monkeypatch, pattern):
+    """`ZEPHYR_STUDENT_ID_PATTERN=` compiled, and redacted no student id, silently."""
+    monkeypatch.setenv("ZEPHYR_STUDENT_ID_PATTERN", pattern)
+    with pytest.raises(ValueError, match="matches the empty string"):
+        Settings()
+
+
+@pytest.mark.parametrize("name", ["LOG_RETENTION_DAYS", "KV_CACHE_GIB", "MCQ_MIN_CONFIDENCE", "SAFETY_THRESHOLD",
+                                  "MAX_PROMPT_TOKENS", "MAX_PROMPT_CHARS"])
+def test_an_optional_number_left_empty_is_its_default(monkeypatch, name):
+    """A chart's `config` value left "" stopped the server: "Input should be a valid integer"."""
+    monkeypatch.setenv(f"ZEPHYR_{name}", "")
+    assert getattr(Settings(), name.lower()) is None
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_reads_as_its_text(tmp_path):
+    """Windows editors save UTF-8 with a BOM: line 1 was refused, or the BOM became part of a key's name."""
+    keys = tmp_path / "keys"
+    keys.write_text("teacher=admin:an-admin-key-000000001\n", encoding="utf-8-sig")
+    assert Settings(api_keys_file=keys).api_key_entries == [("admin", "an-admin-key-000000001", "teacher")]
+
+
 def test_a_key_given_two_roles_is_refused_without_quoting_it(tmp_path):
     """A stale `admin:K` in the keys file would otherwise silently promote a key meant to be a student's."""
     key = "a-student-key-0000001"
