@@ -140,11 +140,14 @@ def models_import(
     name: Annotated[str, typer.Option(help="Registry name (lowercase, digits, . _ -)")],
     parent: Annotated[str | None, typer.Option(help="Registry model it derives from")] = None,
     method: Annotated[str, typer.Option(help="How it was made (sft, dpo, gptq, ...)")] = "imported",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an entry of that name (not one other "
+                                            "entries were made from)")] = False,
 ) -> None:
     """Copy a local Hugging Face folder into the registry."""
     try:
         entry = registry().add(path.expanduser(), ModelManifest(name=name, parent=parent, method=method,
-                                                               source=str(path.expanduser().resolve())))
+                                                               source=str(path.expanduser().resolve())),
+                               overwrite=overwrite)
     except ValidationError as exc:  # pydantic's first line only counts the errors: name the field and the fix
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -192,6 +195,8 @@ def chat(
         raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
     except openai.APIStatusError as exc:
         raise fail(_api_message(exc)) from None
+    except (openai.APIError, AttributeError, IndexError, TypeError):  # a 200 that is no model list (a web page)
+        raise fail(f"{url} answered, but is no OpenAI-compatible server (no model list at /v1/models)") from None
     history: list[dict[str, str]] = []
     # Without --temperature none is sent: the server then samples with its own chat defaults, chosen on validation.
     sampling = {} if temperature is None else {"temperature": temperature}
@@ -273,6 +278,9 @@ def mcq_command(
     if as_json:
         console.print_json(json.dumps(body))
         return
+    expected = ("abstained", "answer", "option", "probabilities", "confidence", "method", "calibrated")
+    if not isinstance(body, dict) or any(key not in body for key in expected):  # a 200 from something else
+        raise fail(f"{url} answered 200, but not as Zephyr's /mcq does: {json.dumps(body)[:200]}")
     if body.get("explanation"):
         console.print(body["explanation"], markup=False)
     if body["abstained"]:
@@ -316,7 +324,7 @@ def _review_data(since: str | None):
 @review_app.command("export")
 def review_export(
     format: Annotated[str, typer.Option("--format", help="dpo, kto or sft")],
-    out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write")],
+    out: Annotated[Path, typer.Option("--out", dir_okay=False, help="JSON Lines file to write")],
     min_agreement: Annotated[float, typer.Option(help="Least share of reviewers agreeing with the majority")] = 0.0,
     min_reviewers: Annotated[int | None, typer.Option(
         help="Least number of verdicts per item (default ZEPHYR_REVIEW_OVERLAP: complete items only)")] = None,

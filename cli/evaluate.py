@@ -166,7 +166,8 @@ def safety_command(
         help="Where to write the fitted record \\[default: ZEPHYR_HOME/safety/guard.json]; the server reads it "
              "through ZEPHYR_SAFETY_RECORD")] = None,
     write: Annotated[bool, typer.Option(help="Write the record (--no-write: measure and show only)")] = True,
-    out: Annotated[Path | None, typer.Option(help="Also write the whole report (every split) as JSON")] = None,
+    out: Annotated[Path | None, typer.Option(dir_okay=False,
+                                             help="Also write the whole report (every split) as JSON")] = None,
     answers: Annotated[Path | None, typer.Option(
         help="The model's validation answers (`python -m tools.answer_screen_probe --split validation --out F`): "
              "the threshold the guard reads answers at is chosen on them, by the same limits \\[default: none; "
@@ -242,14 +243,14 @@ def safety_command(
         table.add_row(row["source"], row["split"], str(row["n"]), f"{row['flagged']} ({share:.1%})",
                       *(str(row["by_category"][c]) for c in categories))
     console.print(table)
+    if write:  # the record first: what the fit was for, before the report beside it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, report.record.model_dump_json(indent=1))
+        console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps({"record": report.record.model_dump(mode="json"), "rows": report.rows},
                                       indent=1))
-    if write:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, report.record.model_dump_json(indent=1))
-        console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
 
 
 def results_store(settings):

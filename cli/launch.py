@@ -20,6 +20,13 @@ if __name__ == "__main__":
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
 
+    import sys
+
+    import typer
+
     from cli.train import run_method
 
-    run_method(args.method, args.recipe, args.overrides, args.fresh, args.overwrite)
+    try:
+        run_method(args.method, args.recipe, args.overrides, args.fresh, args.overwrite)
+    except typer.Exit as exc:  # fail()'s one line is printed; outside typer nothing else would catch the exit
+        sys.exit(exc.exit_code)

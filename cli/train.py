@@ -287,7 +287,8 @@ def data_science(
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source")] = None,
     temperature: Annotated[float, typer.Option(min=0.05, max=2.0)] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=8, help="explanation length limit")] = 128,
-    kto_out: Annotated[Path | None, typer.Option(help="also write the unpaired (KTO) examples here")] = None,
+    kto_out: Annotated[Path | None, typer.Option(dir_okay=False,
+                                                 help="also write the unpaired (KTO) examples here")] = None,
     negatives: Annotated[str, typer.Option(help="rejected letter of a direct pair: balanced (a wrong letter drawn "
                                                 "uniformly) or mistake (the wrong letter the model ranks highest)")]
     = "balanced",
@@ -328,7 +329,8 @@ def data_chat_answers(
                                                "(else one that names no option) or wrong-or-swapped (else the "
                                                "chosen reply with a distractor's text in place of the key's)")]
     = "wrong-or-neither",
-    answers_out: Annotated[Path | None, typer.Option(help="also write every sampled answer here, to rebuild pairs "
+    answers_out: Annotated[Path | None, typer.Option(dir_okay=False,
+                                                     help="also write every sampled answer here, to rebuild pairs "
                                                           "under another rule later")] = None,
     answers_from: Annotated[Path | None, typer.Option(help="build from answers sampled earlier instead of sampling: "
                                                            "a file --answers-out wrote, or pairs this command wrote "

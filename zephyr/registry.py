@@ -297,12 +297,20 @@ class Registry:
                                 "name")
         with self._writing():
             self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
+            if manifest.parent is not None and not self.exists(manifest.parent):  # a removal that got the lock first
+                raise RegistryError(f"parent model {manifest.parent!r} was removed from the registry meanwhile")
             staging = self._staging_of(manifest.name)
             shutil.rmtree(staging, ignore_errors=True)
             if move:
                 shutil.move(str(source), staging)
             else:
-                shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
+                try:
+                    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
+                except (OSError, shutil.Error) as exc:  # a dangling link, a full disk: no hidden half-copy left
+                    shutil.rmtree(staging, ignore_errors=True)
+                    failed = exc.args[0] if isinstance(exc, shutil.Error) and isinstance(exc.args[0], list) else []
+                    detail = str(failed[0][2]) if failed else str(exc)  # shutil.Error: [(source, target, why)]
+                    raise RegistryError(f"copying {source} into the registry failed: {detail[:300]}") from None
             (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             if target.exists():
                 # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a

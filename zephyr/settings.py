@@ -351,7 +351,11 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
                 raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} does not exist")
-            text = self.api_keys_file.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no key's text
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no key's text
+            except (OSError, UnicodeDecodeError) as exc:  # a Secret mounted 0400 for another user, a binary file
+                raise ValueError(f"ZEPHYR_API_KEYS_FILE={self.api_keys_file} cannot be read: "
+                                 f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
             lines += [(f"ZEPHYR_API_KEYS_FILE line {n}", line) for n, line in enumerate(text.splitlines(), start=1)]
         entries = []
         seen: dict[str, tuple[str, str, str]] = {}  # key: the first entry's place, role and name

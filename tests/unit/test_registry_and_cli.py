@@ -31,8 +31,24 @@ def test_import_list_show_remove(home, default_model):
     shown = runner.invoke(app, ["models", "show", "tutor-copy"])
     assert json.loads(shown.output)["path"] == str(copied)
 
+    again = runner.invoke(app, ["models", "import", str(default_model.path), "--name", "tutor-copy"])
+    assert again.exit_code == 1 and "pass --overwrite" in again.output  # which `models import` now takes
+    replaced = runner.invoke(app, ["models", "import", str(default_model.path), "--name", "tutor-copy",
+                                   "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+
     removed = runner.invoke(app, ["models", "remove", "tutor-copy", "--yes"])
     assert removed.exit_code == 0 and not copied.exists()
+
+
+def test_a_copy_that_fails_part_way_leaves_no_hidden_half_copy(home, default_model, tmp_path):
+    """A partial hub download (a dangling shard link) failed with a traceback and left `.NAME.incoming` behind."""
+    source = tmp_path / "partial"
+    shutil.copytree(default_model.path, source)
+    (source / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "never-downloaded")
+    result = runner.invoke(app, ["models", "import", str(source), "--name", "partial"])
+    assert result.exit_code == 1 and "copying" in result.output and "Traceback" not in result.output
+    assert not [p.name for p in (home / "models").iterdir() if p.name.startswith(".partial")]
 
 
 def test_cli_errors_are_one_line_with_exit_code_1(home, tmp_path):
@@ -266,6 +282,41 @@ def test_mcq_refuses_explain_beside_another_method(home):
 def test_mcq_against_no_server_is_one_line(home):
     for url in ("foo", "http://127.0.0.1:9"):
         result = runner.invoke(app, ["mcq", "q?", "-o", "a", "-o", "b", "--url", url])
+        assert result.exit_code == 1 and "Traceback" not in result.output and url in result.output, result.output
+
+
+def test_chat_and_mcq_against_a_server_that_is_not_zephyr_are_one_line(home):
+    """A 200 that is a web page, or JSON of another shape, crashed both commands with a traceback."""
+    import http.server
+    import threading
+
+    class WebPage(http.server.BaseHTTPRequestHandler):
+        def answer(self, body: bytes, kind: str):
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.answer(b"<html>hello</html>", "text/html")
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            self.answer(b'{"ok": true}', "application/json")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        chat = runner.invoke(app, ["chat", "--url", url], input="/quit\n")
+        mcq = runner.invoke(app, ["mcq", "q?", "-o", "a", "-o", "b", "--url", url])
+    finally:
+        server.shutdown()
+    for result in (chat, mcq):
         assert result.exit_code == 1 and "Traceback" not in result.output and url in result.output, result.output
 
 
