@@ -170,7 +170,10 @@ async def run(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**harness.server_environment(), "ZEPHYR_KV_CACHE_GIB": str(args.kv_cache_gib), "ZEPHYR_API_KEYS": "",
            "ZEPHYR_RATE_LIMIT": "1000000/minute", "ZEPHYR_REVIEW_POLICY": "off",
-           "ZEPHYR_HOME": str(settings.home), "ZEPHYR_DB_URL": f"sqlite+aiosqlite:///{out_dir / 'bench.db'}"}
+           "ZEPHYR_HOME": str(settings.home), "ZEPHYR_DB_URL": f"sqlite+aiosqlite:///{out_dir / 'bench.db'}",
+           # not the home's own spill file: a real server's spilled rows would be replayed into bench.db, and ours
+           # into the real log
+           "ZEPHYR_SPILL_PATH": str(out_dir / "spill" / "generations.jsonl")}
     levels: dict[str, list[Level]] = {m: [] for m in models}
     memory: dict[str, list[dict]] = {m: [] for m in models}
     for round_index in range(args.rounds):

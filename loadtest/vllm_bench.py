@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.harness import STUDENT_KEY, LocalServer, scratch_home
-from zephyr.registry import Registry, RegistryError
+from zephyr.bundled import ensure_default_model
+from zephyr.registry import Registry, RegistryError, check_name
 from zephyr.settings import DEFAULT_MODEL, Settings
 
 # The `vllm` console script asks importlib.metadata for the "vllm" distribution, which the CPU wheel names
@@ -60,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
-    if not args.url and args.model != DEFAULT_MODEL:  # the scratch home holds the default model only
-        parser.error(f"without --url the server started here serves {DEFAULT_MODEL}; pass --url for {args.model}")
-    try:  # the tokenizer is the registry's copy of the model the server serves
-        tokenizer = Registry(Settings().models_dir).get(args.model).path
+    try:  # the tokenizer is the registry's copy of the model the server serves (its name checked first)
+        registry = Registry(Settings().models_dir)
+        check_name(args.model)
+        entry = ensure_default_model(registry) if args.model == DEFAULT_MODEL else registry.get(args.model)
+        tokenizer = entry.path
     except RegistryError as exc:
         parser.error(str(exc))
+    if not args.url and args.model != DEFAULT_MODEL:  # the scratch home holds the default model only
+        parser.error(f"without --url the server started here serves {DEFAULT_MODEL}; pass --url for {args.model}")
     server = None if args.url else LocalServer.start(scratch_home("vllm-bench"), rate_limit="")
     try:
         result = run(args.url or server.url, args.model, tokenizer, args.api_key, num_prompts=args.num_prompts,

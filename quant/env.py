@@ -88,14 +88,16 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
 
 # What the worker is not given: our interpreter's settings, and credentials. It runs third-party packages installed
 # on first use and needs none of the server's keys, database URL or tokens.
-WITHHELD_PREFIXES = ("PYTHON", "VIRTUAL_ENV", "ZEPHYR_")
-WITHHELD_SUFFIXES = ("_TOKEN", "_KEY", "_KEYS", "_SECRET", "_PASSWORD", "_CREDENTIALS")
+WITHHELD_PREFIXES = ("PYTHON", "VIRTUAL_ENV", "ZEPHYR_", "SSH_")
+WITHHELD_WORDS = ("TOKEN", "SECRET", "PASSW", "CREDENTIAL", "KEY", "CONNECTION_STRING", "AUTH")
+URL_WITH_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # DATABASE_URL=postgres://user:pass@host
 REDRAW_SECONDS = 5.0  # a progress bar's redraws are shown at most this often
 
 
 def worker_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(WITHHELD_PREFIXES) and not k.upper().endswith(WITHHELD_SUFFIXES)}
+           if not k.upper().startswith(WITHHELD_PREFIXES) and not any(w in k.upper() for w in WITHHELD_WORDS)
+           and not URL_WITH_PASSWORD.search(v)}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

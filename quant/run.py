@@ -119,10 +119,12 @@ class QuantOptions:
         return out
 
 
-# Architectures whose SmoothQuant mappings in llm-compressor are its Llama-style defaults (q/k/v after
-# input_layernorm, gate/up after post_attention_layernorm), which --smooth-down-proj extends with down_proj.
+# Architectures whose SmoothQuant mappings in llm-compressor are its Llama-style defaults and fit them (q/k/v after
+# input_layernorm, gate/up after post_attention_layernorm, norms that scale by their weight), which
+# --smooth-down-proj extends with down_proj. Not Gemma: its norms scale by 1 + weight and its MLP reads
+# pre_feedforward_layernorm, though llm-compressor maps it as Llama.
 LLAMA_STYLE_SMOOTHING = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                                   "GraniteForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+                                   "GraniteForCausalLM"})
 
 
 def linear_input_features(config: dict[str, Any]) -> dict[str, int]:

@@ -11,7 +11,7 @@ URL="postgresql+asyncpg://zephyr:zephyr@127.0.0.1:${PORT}/zephyr"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"  # a runner that is not root installs through sudo, as chromium-for-tests.sh does
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
-  ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null) >&2
+  ($SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) >&2
 fi
 BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
 id postgres >/dev/null 2>&1 || $SUDO useradd --system --create-home postgres

@@ -314,8 +314,8 @@ async def _keep_retention(app: FastAPI, days: int) -> None:
     await generation_log.replayed_at_start()  # rows the spill brings back are pruned with the rest
     while True:
         try:
-            pruned = await retention.prune(generation_log.engine, datetime.now(UTC) - timedelta(days=days))
-            app.state.metrics.log_pruned_rows.inc(pruned.rows)
+            pruned = await retention.prune(generation_log.engine, datetime.now(UTC) - timedelta(days=days),
+                                           on_batch=lambda done: app.state.metrics.log_pruned_rows.inc(done.rows))
             if pruned.rows:
                 log.info("deleted %d generation-log rows older than %d days (ZEPHYR_LOG_RETENTION_DAYS)",
                          pruned.rows, days)

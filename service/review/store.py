@@ -90,6 +90,8 @@ class ReviewStore:
                 await conn.execute(delete(A).where(A.reviewer == old, judged_twin))
                 result = await conn.execute(update(A).where(A.reviewer == old).values(reviewer=new))
                 changed += result.rowcount or 0
+        if changed:
+            self._statistics = None  # reviewers renamed: cached statistics name them by their old digests
         return changed
 
     async def retire_unknown_digests(self, known: set[str], retire: Callable[[str], str]) -> int:
@@ -116,6 +118,8 @@ class ReviewStore:
             # Two replicas starting at once: the second's insert fails and its transaction changes nothing.
             await conn.execute(StoreState.__table__.insert().values(
                 name=RETIRED_DIGESTS, value=f"{len(retired)} digests", set_at=datetime.now(UTC)))
+        if changed:
+            self._statistics = None  # as after rekey
         return changed
 
     # Queue ----------------------------------------------------------------------------------------------
@@ -377,7 +381,8 @@ class ReviewStore:
     async def statistics(self) -> dict[str, Any]:
         """stats.compute over every verdict, as GET /review/stats serves it. The page asks after each verdict, and
         computing it reads every verdict and answer so far: it is recomputed only when the verdicts changed (their
-        count, newest id and newest time: a judgement, an undo or a skip moves one), else this process's last one."""
+        count, newest id and newest time: a judgement, an undo or a skip moves one; rekey and retire_unknown_digests,
+        which rename reviewers, drop it), else this process's last one."""
         A = ReviewAssignment
         async with self.engine.connect() as conn:
             version = tuple((await conn.execute(select(func.count(), func.max(A.id), func.max(A.judged_at))

@@ -8,6 +8,7 @@ never holds the database for long; run again, it picks up where it stopped."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -56,18 +57,37 @@ async def count_prunable(engine: AsyncEngine, cutoff: datetime, include_reviewed
     return Pruned(served, children, assignments)
 
 
-async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = False,
-                batch: int = BATCH) -> Pruned:
-    """Delete what count_prunable counts, a batch of served rows per transaction."""
+async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = False, batch: int = BATCH,
+                on_batch: Callable[[Pruned], None] | None = None) -> Pruned:
+    """Delete what count_prunable counts, a batch of served rows per transaction; `on_batch` hears of each batch
+    as it commits (a later one failing leaves the earlier ones deleted, and counted)."""
     pruned = Pruned()
-    G, A = Generation, ReviewAssignment
+    G, A, P = Generation, ReviewAssignment, aliased(Generation)
     while True:
         async with engine.begin() as conn:
+            # A reviewer's claim of one of these rows may land between the select and the deletes: SQLite's driver
+            # opens its transaction at the first write, and without enforced foreign keys the claim would keep an
+            # assignment of a deleted item (every later request of that reviewer's a 500). BEGIN IMMEDIATE holds
+            # SQLite's write lock from the select on; PostgreSQL's claim locks the item row (FOR UPDATE), and the
+            # deletes below check again for an assignment.
+            if conn.dialect.name == "sqlite":
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
             ids = list((await conn.execute(_prunable(cutoff, include_reviewed).order_by(G.created_at)
                                            .limit(batch))).scalars())
             if not ids:
                 return pruned
+            done = Pruned()
             if include_reviewed:  # the assignments first: their item is a foreign key
-                pruned.assignments += (await conn.execute(delete(A).where(A.item_id.in_(ids)))).rowcount
-            pruned.children += (await conn.execute(delete(G).where(G.parent_id.in_(ids)))).rowcount
-            pruned.served += (await conn.execute(delete(G).where(G.id.in_(ids)))).rowcount
+                done.assignments = (await conn.execute(delete(A).where(A.item_id.in_(ids)))).rowcount
+            served = delete(G).where(G.id.in_(ids))
+            if not include_reviewed:
+                served = served.where(~exists().where(A.item_id == G.id))
+            done.served = (await conn.execute(served)).rowcount
+            # then the children of those that went (not of one a claim kept meanwhile)
+            done.children = (await conn.execute(delete(G).where(
+                G.parent_id.in_(ids), ~exists().where(P.id == G.parent_id)))).rowcount
+        pruned.served += done.served
+        pruned.children += done.children
+        pruned.assignments += done.assignments
+        if on_batch is not None:
+            on_batch(done)

@@ -219,9 +219,10 @@ class HeldRedactor:
     def __init__(self):
         import threading
 
-        self.release = threading.Event()
+        self.reached, self.release = threading.Event(), threading.Event()
 
     def redact(self, text: str) -> str:
+        self.reached.set()
         assert self.release.wait(30)
         return text
 
@@ -248,7 +249,9 @@ async def test_a_close_during_the_start_replay_leaves_the_spill_for_the_next_sta
     url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
     log = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), held)
     await log.start()
-    await asyncio.wait_for(log.close(), 10)
+    assert await asyncio.to_thread(held.reached.wait, 10)  # the replay is part way: a row taken, held
+    await asyncio.wait_for(log.close(), 10)  # does not wait for it
+    assert log._startup_replay.cancelled()
     held.release.set()
     assert log.has_spill()
     restarted = GenerationLog(url, tmp_path / "spill.jsonl", Metrics(), None)

@@ -365,12 +365,14 @@ def test_the_worker_is_given_no_credentials_and_a_progress_bar_is_not_a_line_per
 
     from quant import env
 
-    for name in ("ZEPHYR_API_KEYS", "ZEPHYR_DB_URL", "HF_TOKEN", "AWS_SECRET", "OPENAI_API_KEY"):
+    for name in ("ZEPHYR_API_KEYS", "ZEPHYR_DB_URL", "HF_TOKEN", "AWS_SECRET", "OPENAI_API_KEY", "PGPASSWORD",
+                 "AZURE_STORAGE_CONNECTION_STRING"):
         monkeypatch.setenv(name, "secret-value")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://tutor:secret-value@db/zephyr")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     script = tmp_path / "worker.py"
     script.write_text("import os, sys\n"
-                      "print(sorted(k for k, v in os.environ.items() if v == 'secret-value'))\n"
+                      "print(sorted(k for k, v in os.environ.items() if 'secret-value' in v))\n"
                       "print(os.environ.get('OMP_NUM_THREADS'))\n"
                       "sys.stdout.write(''.join(f'step {i}\\r' for i in range(50)) + 'step 50\\n')\n")
     monkeypatch.setattr(env, "WORKER", script)

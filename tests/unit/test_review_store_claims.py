@@ -220,4 +220,6 @@ async def test_statistics_are_recomputed_only_when_a_verdict_changed(tmp_path):
     assert (await store.statistics())["labels"].get("tie", 0) == 0 and reads == 3
     await store.skip("r1", (await store.next_item("r1"))["assignment_id"])
     assert [r["skipped"] for r in (await store.statistics())["reviewers"]] == [1] and reads == 4
+    assert await store.rekey({"r1": "r2"})  # reviewers renamed (keyed digests at start): no counts move
+    assert await store.statistics() and reads == 5
     await log.close()
