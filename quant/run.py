@@ -8,11 +8,13 @@ size."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +250,27 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     registry = Registry(settings.models_dir)
     parent = check(options, registry)  # checks the name first: nothing is deleted or created before it
     name = check_name(options.resolved_name)
+    locks = settings.home / ".locks"  # beside the run folders, not among them
+    locks.mkdir(parents=True, exist_ok=True)
+    with _only_run_of(locks / f"quantize-{name}.lock", name):
+        return _run(options, settings, say, registry, parent, name)
+
+
+@contextlib.contextmanager
+def _only_run_of(lock_path: Path, name: str) -> Iterator[None]:
+    """One quantize run of a name at a time: a second would delete the first's run folder (`.NAME.incoming`) as it
+    starts, and the two would register each other's half-written weights."""
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuantError(f"another `zephyr quantize` run is making {name!r}; wait for it, or pass --name for "
+                             "another") from None
+        yield  # closing the file releases the lock
+
+
+def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], registry: Registry,
+         parent: RegistryEntry, name: str) -> QuantResult:
     # The run works in its own folder and takes the name's place only once its entry is registered: an
     # --overwrite that fails keeps the records (stats, calibration, log) of the entry it did not replace.
     final_dir = settings.home / "quant-runs" / name

@@ -382,3 +382,23 @@ def test_the_parents_dtype_is_kept_where_the_form_can_hold_it(tiny_llama, tmp_pa
     assert (stats["parent_dtype"], stats["dtype"]) == (str(parent)[6:], str(written)[6:])
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == written  # left alone, in the parent's dtype
+
+
+def test_a_second_run_of_one_name_is_refused_while_the_first_runs(tmp_path, default_model):
+    """It deleted the first run's folder as it started, and the two registered each other's half-written weights."""
+    import fcntl
+
+    from quant import run
+    from tests.unit.tiny_llama import TINY, make_tiny_llama
+    from zephyr.registry import Registry
+    from zephyr.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    make_tiny_llama(Registry(settings.models_dir), default_model)
+    options = run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=2)
+    (settings.home / ".locks").mkdir()
+    with (settings.home / ".locks" / f"quantize-{TINY}-easyquant.lock").open("a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX)  # as the first run holds it
+        with pytest.raises(run.QuantError, match="another `zephyr quantize` run is making"):
+            run.quantize(options, settings, say=lambda _: None)
+    assert run.quantize(options, settings, say=lambda _: None).entry.name == f"{TINY}-easyquant"
