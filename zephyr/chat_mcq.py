@@ -21,6 +21,7 @@ _LABEL = re.compile(
 )
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
+MAX_CANDIDATES = 8  # runs of labels read as a possible question before the message is taken for no question
 # A sentence's end and the start of another ("Helium. Please explain why.", "3.5 m/s. Why?"): not "E. coli" or "3.5"
 # (`sentence_end` also passes over an abbreviation's or an initial's dot: "Dr. Benjamin Franklin", "U.S. Navy").
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -47,7 +48,8 @@ def sentence_end(text: str) -> int | None:
 # Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
 # a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two
 # quantifiers split the same whitespace between them.
-_INTRODUCER = re.compile(r"(?:\n|(?<![ \t]))[ \t]*(?:answer\s+)?(?:options|choices)\s*(?::\s*)?$", re.IGNORECASE)
+# It starts at the text's start or after a line's or a sentence's end: "healthy food choices:" keeps its last word.
+_INTRODUCER = re.compile(r"(?:^|(?<=[\n?.!]))[ \t]*(?:answer\s+)?(?:options|choices)\s*(?::\s*)?$", re.IGNORECASE)
 _QUESTION_CUE = re.compile(r"^\s*question\s*(?:\d+\s*)?[:.]\s*", re.IGNORECASE)
 # Homework is written in lettered parts too ("a) Find the speed. b) How far does it go?"): labelled items that are
 # tasks or questions themselves are parts to work through, not options to choose from. Half of them starting with a
@@ -55,6 +57,18 @@ _QUESTION_CUE = re.compile(r"^\s*question\s*(?:\d+\s*)?[:.]\s*", re.IGNORECASE)
 _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|prove|state|give|draw|list|compare|"
                    r"solve|write|estimate|identify|define|discuss|predict|sketch|derive|evaluate|graph|plot|label|"
                    r"convert|suggest|outline|justify)\b", re.IGNORECASE)
+# A stem's last line that asks for no choice: a task over the items, which the student wants done ("Compare:\nA)
+# mitosis\nB) meiosis"). Not "Find/Calculate/Identify ...", whose items may well be the answers to choose from, nor a
+# line that asks "which" or ends in a question.
+_NO_CHOICE = re.compile(r"\s*(?:compare|contrast|explain|describe|discuss|outline|list|define|summari[sz]e|write|draw|"
+                        r"sketch|review|check)\b(?![^\n]*\bwhich\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+# What may follow the options: the student's "why?" about the answer. Another question or task there is theirs
+# about the lettered things, which are then no options to choose from: a list ("... Is this the full cell
+# theory?"), or prose that names things A, B, C ("resistor A: 2 ohms, resistor B: 4 ohms, resistor C: 6 ohms are in
+# series. What is the total?", "vertices A: (0, 0), B: (4, 0), C: (0, 3). Find its area."), whose answer opened
+# with one of those "options".
+_FOLLOW_UP = re.compile(r"\s*(?:please\s+|and\s+|can\s+you\s+|also\s+)?(?:why|explain|how\s+come|show|justify|"
+                        r"give\s+(?:a\s+)?reason)\b", re.IGNORECASE)
 
 
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
@@ -91,6 +105,47 @@ def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int,
     return run
 
 
+def without_separator(value: str) -> str:
+    """A one-line option without what separates it from the next ("A) Oxygen, B) Carbon dioxide, or C) ..."): not
+    its text, which cloze scores (a trailing "," or ", or" on every option but the last tilted the scores toward the
+    last). By hand, not a `...$` pattern, which re.sub tries at every blank of a long run of them (quadratic)."""
+    value = value.rstrip()
+    for word in (" or", " and"):
+        if value.lower().endswith(word):
+            value = value[: -len(word)].rstrip()
+            break
+    return value.rstrip(",;").rstrip()
+
+
+def _word_before(text: str, at: int) -> str:
+    """The word just before position `at` (a label's start), lower case; "" at a line's start or past a long blank
+    (a bounded look back: a label's word is near it)."""
+    before = text[max(0, at - 64):at].rstrip(" \t")
+    if not before or before[-1] == "\n":
+        return ""
+    return before.split()[-1].lower()
+
+
+def _named_in_prose(words_before: list[str]) -> bool:
+    """Labels on one line that name things in prose, not options: each after the same word ("Vitamin A: ...
+    Vitamin B: ... Vitamin C: ..."), or an option that ends in an article ("I got an A. My friend got a B. ..."),
+    which no option does. The first label's word ends the stem, which may ("Water is a A) solid B) ...")."""
+    return len(set(words_before)) == 1 or any(word in ("a", "an", "the") for word in words_before[1:])
+
+
+def _after_options(text: str, last_label_end: int, on_lines: bool) -> str:
+    """What follows the last option: past its line, and on a line of options past its sentence too."""
+    line, _, more = text[last_label_end:].strip(" \t").partition("\n")
+    cut = None if on_lines else sentence_end(line)
+    return (line[cut:] if cut is not None else "") + "\n" + more
+
+
+def _asks_more(after: str) -> bool:
+    """Whether the text after the options asks something of its own (a question, a task), not why the answer."""
+    after = after.strip()
+    return bool(after) and ("?" in after or bool(_TASK.match(after))) and not _FOLLOW_UP.match(after)
+
+
 def find_question(text: str) -> MCQuestion | None:
     """The multiple-choice question a chat message holds, or None.
 
@@ -105,6 +160,7 @@ def find_question(text: str) -> MCQuestion | None:
     where: dict[tuple[str, str], list[int]] = {}
     for i, label in enumerate(labels):
         where.setdefault((label[3], label[2]), []).append(i)
+    candidates = 0
     for first, label in enumerate(labels):
         if label[2] != "A":
             continue
@@ -112,8 +168,17 @@ def find_question(text: str) -> MCQuestion | None:
         on_lines = all(item[4] for item in run)
         if len(run) < (2 if on_lines else MIN_INLINE_OPTIONS):
             continue
+        # Each candidate reads the text around it (its stem, what follows it): a message of thousands of lettered
+        # runs is no pasted question, and reading each would be quadratic in its length.
+        candidates += 1
+        if candidates > MAX_CANDIDATES:
+            return None
         stem = _QUESTION_CUE.sub("", _INTRODUCER.sub("", text[: run[0][0]].rstrip())).strip()
-        if not stem:
+        if not stem or _NO_CHOICE.match(stem[stem.rfind("\n") + 1:]):  # "Compare:", "Explain the difference:"
+            continue
+        if not on_lines and _named_in_prose([_word_before(text, label[0]) for label in run]):
+            continue
+        if _asks_more(_after_options(text, run[-1][1], on_lines)):
             continue
         options = []
         for i, (_, end, *_rest) in enumerate(run):
@@ -125,13 +190,15 @@ def find_question(text: str) -> MCQuestion | None:
             if i + 1 == len(run) and not on_lines and (cut := sentence_end(value)) is not None:
                 # On one line, the last option ends with its sentence: "D) Helium. Please explain why."
                 value = value[:cut].removesuffix(".")
+            if not on_lines:
+                value = without_separator(value)
             options.append(value)
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
-            return None  # parts of a problem, not options
+            continue  # parts of a problem, not options (a question may still follow)
         try:
             return MCQuestion.build(stem, options)
         except MCQFormatError:
-            return None
+            continue
     return None
 
 

@@ -495,8 +495,19 @@ def log_softmax(values: Sequence[float]) -> list[float]:
 
 
 def debiased_letter(calibration: MCQCalibration | None, letter: Sequence[float]) -> list[float]:
-    prior = (calibration.letter_prior.get(str(len(letter))) if calibration else None) or []
-    if len(prior) != len(letter):
+    """Letter scores less the letter-position prior measured for that many options. A count validation never had
+    (a true/false question against 3-5 options) takes the first letters of the nearest larger count's prior,
+    renormalized: the weights were fitted on debiased scores, and raw ones kept the bias (A over B) whole."""
+    priors = calibration.letter_prior if calibration else {}
+    k = len(letter)
+    prior = priors.get(str(k))
+    if prior is None:
+        larger = sorted(int(n) for n in priors if int(n) > k)
+        if not larger:
+            return list(letter)
+        head = priors[str(larger[0])][:k]
+        prior = [p / sum(head) for p in head]
+    if len(prior) != k:
         return list(letter)
     return [x - math.log(max(p, 1e-9)) for x, p in zip(letter, prior, strict=True)]
 

@@ -43,9 +43,11 @@ def is_quantized(config: dict) -> bool:
 
 
 def config_dtype(config: dict) -> str:
-    """The dtype a checkpoint's parsed config.json names (bf16 where it names none)."""
-    config = config.get("text_config", config)
-    return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    """The dtype a checkpoint's parsed config.json names (bf16 where it names none): its top level first, then its
+    text_config, as vLLM reads it (a multimodal config naming float16 at the top was read as bf16 here)."""
+    text = config.get("text_config") or {}
+    return str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+               or "bfloat16")
 
 
 def scores_depend_on_batch(model_path: Path, dtype: str = "auto") -> bool:

@@ -39,6 +39,17 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     # ...and an instruction of one word, or after a number or a unit, is the student's
     ("How fast is it? A) 1 m/s B) 2 m/s C) 3.5 m/s. Why?", "How fast is it?", ("1 m/s", "2 m/s", "3.5 m/s")),
     ("Which is a noble gas? A) Iron B) Salt C) Neon. Explain.", "Which is a noble gas?", ("Iron", "Salt", "Neon")),
+    # One-line options lose what separates them ("," / ", or"): cloze scored it on every option but the last
+    ("Which gas do plants absorb? A) Oxygen, B) Carbon dioxide, C) Nitrogen, or D) Helium",
+     "Which gas do plants absorb?", ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
+    ("Which is a metal? A) glass; B) copper; C) wood", "Which is a metal?", ("glass", "copper", "wood")),
+    ("The unit of force is ___ A) newton B) joule C) watt", "The unit of force is ___", ("newton", "joule", "watt")),
+    # a stem ending in "choices" keeps the word; only a line of its own introducing the options goes
+    ("Which of these are healthy food choices:\nA) chips\nB) apples", "Which of these are healthy food choices:",
+     ("chips", "apples")),
+    # a task verb that may ask for a choice, and a follow-up "why?" after the list
+    ("Identify the noble gas:\nA) Neon\nB) Iron", "Identify the noble gas:", ("Neon", "Iron")),
+    ("Which gas?\nA) Oxygen\nB) Helium\nCan you explain why?", "Which gas?", ("Oxygen", "Helium")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
@@ -58,6 +69,15 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     # A problem's parts: tasks or questions of their own, not options to choose from.
     "Question 3: a car speeds up from rest at 2 m/s^2.\na) Find its speed after 5 s.\nb) How far has it gone?",
     "A ball is thrown up at 10 m/s. a) Calculate the time to the top. b) Explain why. c) Draw the graph.",
+    # Prose that names things A, B, C on one line: its answer opened with "B) 4 ohms, resistor" (found by a review)
+    "In the circuit, resistor A: 2 ohms, resistor B: 4 ohms, resistor C: 6 ohms are in series. What is the total?",
+    "A triangle has vertices A: (0, 0), B: (4, 0), C: (0, 3). Find its area.",
+    "I got an A. My friend got a B. Then we both got a C. What should I do?",
+    # A list the student asks about, or a task over its items, is no question to choose for
+    "Quick question about my notes:\nA. Cells are the basic unit of life\nB. All cells come from cells\n"
+    "Is this the full cell theory?",
+    "Compare:\nA) mitosis\nB) meiosis",
+    "Explain the difference between these:\n(a) speed\n(b) velocity",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None

@@ -492,3 +492,17 @@ def test_fit_without_letter_scores_fits_only_what_needs_no_letter():
     assert record.letter_prior == {} and "letter" not in record.temperatures
     assert record.temperatures["cloze"] == pytest.approx(4.0, rel=0.2)
     assert not mcq.plan("auto", record).needs_letter
+
+
+def test_the_letter_prior_of_an_unseen_option_count_comes_from_the_nearest_larger_one():
+    """Validation held 3-5 options: a true/false question's letters kept their position bias whole."""
+    import math
+
+    record = mcq.MCQCalibration(method="letter_debiased", weights={"letter": 1.0},
+                                letter_prior={"4": [0.4, 0.2, 0.2, 0.2], "5": [0.2] * 5})
+    two = mcq.debiased_letter(record, [math.log(0.6), math.log(0.4)])
+    assert two[0] - two[1] == pytest.approx(math.log(0.6 / 0.4) - math.log(0.4 / 0.2))  # 4's first two, renormalized
+    four = mcq.debiased_letter(record, [math.log(0.4)] + [math.log(0.2)] * 3)
+    assert max(four) - min(four) == pytest.approx(0.0)  # a count it has: its own row
+    six = [0.0] * 6
+    assert mcq.debiased_letter(record, six) == six  # none larger: left as it is

@@ -84,3 +84,13 @@ async def test_the_server_warns_at_start_when_the_calibration_was_fitted_in_anot
     messages = [record.getMessage() for record in caplog.records if record.name == "zephyr.service"]
     assert any(f"computed in {fitted_in}, and the engine computes in {served_in}" in message
                for message in messages) is warned
+
+
+def test_a_configs_dtype_is_read_as_vllm_reads_it():
+    """The top level first, then text_config: a multimodal config naming float16 at its top was read as bf16."""
+    from zephyr.numerics import config_dtype
+
+    assert config_dtype({"torch_dtype": "float16", "text_config": {"hidden_size": 8}}) == "float16"
+    assert config_dtype({"text_config": {"dtype": "float32"}}) == "float32"
+    assert config_dtype({"dtype": "bfloat16", "text_config": {"dtype": "float16"}}) == "bfloat16"
+    assert config_dtype({}) == "bfloat16"
