@@ -94,10 +94,13 @@ URL_WITH_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # DATABASE_URL=postgre
 REDRAW_SECONDS = 5.0  # a progress bar's redraws are shown at most this often
 
 
+KEPT = frozenset({"TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_IMPLICIT_TOKEN"})  # settings, not credentials
+
+
 def worker_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.upper().startswith(WITHHELD_PREFIXES) and not any(w in k.upper() for w in WITHHELD_WORDS)
-           and not URL_WITH_PASSWORD.search(v)}
+           if k in KEPT or (not k.upper().startswith(WITHHELD_PREFIXES)
+                            and not any(w in k.upper() for w in WITHHELD_WORDS) and not URL_WITH_PASSWORD.search(v))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

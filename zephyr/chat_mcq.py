@@ -60,15 +60,20 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 # A stem's last line that asks for no choice: a task over the items, which the student wants done ("Compare:\nA)
 # mitosis\nB) meiosis"). Not "Find/Calculate/Identify ...", whose items may well be the answers to choose from, nor a
 # line that asks "which" or ends in a question.
-_NO_CHOICE = re.compile(r"\s*(?:compare|contrast|explain|describe|discuss|outline|list|define|summari[sz]e|write|draw|"
-                        r"sketch|review|check)\b(?![^\n]*\bwhich\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+_NO_CHOICE = re.compile(r"\s*(?:(?:compare|contrast)\b|(?:explain|describe|discuss|outline|list|summari[sz]e|review)\b"
+                        r"(?:\s*:?\s*$|(?=[^\n]*\b(?:these|each|both|them|the\s+difference|between)\b)))"
+                        r"(?![^\n]*\bwhich\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+# A stem's last line that asks to choose, so what follows the options cannot undo it: a question, a wh-word, a blank.
+_ASKING = re.compile(r"\?|\b(?:which|what|who|whom|whose|where|when|why|how|choose|select|pick|identify)\b|__",
+                     re.IGNORECASE)
 # What may follow the options: the student's "why?" about the answer. Another question or task there is theirs
 # about the lettered things, which are then no options to choose from: a list ("... Is this the full cell
 # theory?"), or prose that names things A, B, C ("resistor A: 2 ohms, resistor B: 4 ohms, resistor C: 6 ohms are in
 # series. What is the total?", "vertices A: (0, 0), B: (4, 0), C: (0, 3). Find its area."), whose answer opened
 # with one of those "options".
 _FOLLOW_UP = re.compile(r"\s*(?:please\s+|and\s+|can\s+you\s+|also\s+)?(?:why|explain|how\s+come|show|justify|"
-                        r"give\s+(?:a\s+)?reason)\b", re.IGNORECASE)
+                        r"give\s+(?:a\s+)?reasons?|answer|correct|letter|which|is\s+it|what'?s\s+the\s+answer)\b",
+                        re.IGNORECASE)
 
 
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
@@ -117,20 +122,30 @@ def without_separator(value: str) -> str:
     return value.rstrip(",;").rstrip()
 
 
-def _word_before(text: str, at: int) -> str:
-    """The word just before position `at` (a label's start), lower case; "" at a line's start or past a long blank
-    (a bounded look back: a label's word is near it)."""
+_NUMBER = re.compile(r"^[-+]?[\d.,/]*\d$")  # "50", "3.5", "1/2": a unit's number (not "3." ending a sentence)
+_LABEL_WORD = re.compile(r"^\(?[A-Ja-j][).:]?\)?$")
+
+
+def _words_before(text: str, at: int) -> list[str]:
+    """The words just before position `at` (a label's start), as written, nearest last; none at a line's start
+    (a bounded look back: a label's words are near it)."""
     before = text[max(0, at - 64):at].rstrip(" \t")
     if not before or before[-1] == "\n":
-        return ""
-    return before.split()[-1].lower()
+        return []
+    return before[before.rfind("\n") + 1:].split()[-2:]
 
 
-def _named_in_prose(words_before: list[str]) -> bool:
+def _named_in_prose(words_before: list[list[str]]) -> bool:
     """Labels on one line that name things in prose, not options: each after the same word ("Vitamin A: ...
-    Vitamin B: ... Vitamin C: ..."), or an option that ends in an article ("I got an A. My friend got a B. ..."),
-    which no option does. The first label's word ends the stem, which may ("Water is a A) solid B) ...")."""
-    return len(set(words_before)) == 1 or any(word in ("a", "an", "the") for word in words_before[1:])
+    Vitamin B: ... Vitamin C: ..."; not a unit after a number, "50 m B) 500 m"), or an option that ends in an
+    article ("I got an A. My friend got a B. ..."; not a capital "A", "Vitamin A B) ..."). The first label's words
+    end the stem, which may ("Water is a A) solid B) ...")."""
+    last = [words[-1] if words else "" for words in words_before]
+    units = all(len(words) == 2 and _NUMBER.match(words[0]) for words in words_before[1:])
+    same = len({word.lower() for word in last}) == 1 and bool(last[0]) and not units
+    # an option that is an article itself ("A) a B) an C) the") follows its label, not other words
+    return same or any(words[-1] in ("a", "an", "the") and not (len(words) == 2 and _LABEL_WORD.match(words[0]))
+                       for words in words_before[1:] if words)
 
 
 def _after_options(text: str, last_label_end: int, on_lines: bool) -> str:
@@ -176,9 +191,10 @@ def find_question(text: str) -> MCQuestion | None:
         stem = _QUESTION_CUE.sub("", _INTRODUCER.sub("", text[: run[0][0]].rstrip())).strip()
         if not stem or _NO_CHOICE.match(stem[stem.rfind("\n") + 1:]):  # "Compare:", "Explain the difference:"
             continue
-        if not on_lines and _named_in_prose([_word_before(text, label[0]) for label in run]):
+        if not on_lines and _named_in_prose([_words_before(text, label[0]) for label in run]):
             continue
-        if _asks_more(_after_options(text, run[-1][1], on_lines)):
+        # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
+        if not _ASKING.search(stem[stem.rfind("\n") + 1:]) and _asks_more(_after_options(text, run[-1][1], on_lines)):
             continue
         options = []
         for i, (_, end, *_rest) in enumerate(run):

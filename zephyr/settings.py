@@ -153,7 +153,8 @@ class Settings(BaseSettings):
     log_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
     log_retention_days: int | None = Field(
         default=None, ge=1, le=36_500, description="Delete generation-log rows older than this many days, hourly "
-        "(items under review are kept; `zephyr log prune --include-reviewed` deletes those too); empty: keep all")
+        "(items under review are kept; `zephyr log prune --older-than-days N --include-reviewed` deletes those too); "
+        "empty: keep all")
     pii_redaction: bool = True
     pii_entities: list[str] = list(PII_ENTITIES)
     student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"

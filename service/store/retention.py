@@ -68,12 +68,16 @@ async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = 
             # A reviewer's claim of one of these rows may land between the select and the deletes: SQLite's driver
             # opens its transaction at the first write, and without enforced foreign keys the claim would keep an
             # assignment of a deleted item (every later request of that reviewer's a 500). BEGIN IMMEDIATE holds
-            # SQLite's write lock from the select on; PostgreSQL's claim locks the item row (FOR UPDATE), and the
-            # deletes below check again for an assignment.
+            # SQLite's write lock from the select on. On PostgreSQL a claim locks the item's row (FOR UPDATE) before
+            # it inserts: the select locks the rows it takes, skipping any a claim holds, so a claim either waits and
+            # finds its item gone or keeps it from this batch (a DELETE that waited on a row lock would not look
+            # for the new assignment again, and its foreign key would fail the batch).
+            chosen = _prunable(cutoff, include_reviewed).order_by(G.created_at).limit(batch)
             if conn.dialect.name == "sqlite":
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            ids = list((await conn.execute(_prunable(cutoff, include_reviewed).order_by(G.created_at)
-                                           .limit(batch))).scalars())
+            elif conn.dialect.name == "postgresql":
+                chosen = chosen.with_for_update(of=G, skip_locked=True)
+            ids = list((await conn.execute(chosen)).scalars())
             if not ids:
                 return pruned
             done = Pruned()

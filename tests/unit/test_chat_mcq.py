@@ -50,6 +50,28 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     # a task verb that may ask for a choice, and a follow-up "why?" after the list
     ("Identify the noble gas:\nA) Neon\nB) Iron", "Identify the noble gas:", ("Neon", "Iron")),
     ("Which gas?\nA) Oxygen\nB) Helium\nCan you explain why?", "Which gas?", ("Oxygen", "Helium")),
+    # whatever the student adds after a stem that asks (found by a review of the first version of these rules)
+    (PASTED + "\nWhat's the answer?", "Which gas do plants absorb from the air?",
+     ("Oxygen", "Carbon dioxide", "Helium", "Neon")),
+    (PASTED + "\nI think it's A, am I right?", "Which gas do plants absorb from the air?",
+     ("Oxygen", "Carbon dioxide", "Helium", "Neon")),
+    ("The charge of an electron is A) positive B) negative C) neutral. Which one?", "The charge of an electron is",
+     ("positive", "negative", "neutral")),
+    # a capital "A" is no article, a unit after a number no prose, an article alone an option
+    ("Which vitamin? A) Vitamin A B) Vitamin B12 C) Vitamin C", "Which vitamin?",
+     ("Vitamin A", "Vitamin B12", "Vitamin C")),
+    ("Convert 5 km to m A) 50 m B) 500 m C) 5000 m", "Convert 5 km to m", ("50 m", "500 m", "5000 m")),
+    ("Choose the correct article: A) a B) an C) the", "Choose the correct article:", ("a", "an", "the")),
+    ("Water is a A) solid B) liquid C) gas", "Water is a", ("solid", "liquid", "gas")),
+    ("Describe the function of the mitochondria.\nA) energy\nB) storage",
+     "Describe the function of the mitochondria.", ("energy", "storage")),
+    # blanks before the labels: non-breaking spaces (a web page's paste) ended in an IndexError, a 500
+    ("Which is a gas?" + "\u00a0" * 70 + "A) neon B) iron C) salt", "Which is a gas?", ("neon", "iron", "salt")),
+    ("Which is a gas?" + " " * 70 + "A) neon" + " " * 70 + "B) iron" + " " * 70 + "C) salt", "Which is a gas?",
+     ("neon", "iron", "salt")),
+    # two pasted questions: the first is answered
+    ("1. Which is a gas?\nA) ice\nB) steam\n2. Which is a solid?\nA) ice\nB) steam", "1. Which is a gas?",
+     ("ice", "steam")),
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
@@ -77,6 +99,9 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "Quick question about my notes:\nA. Cells are the basic unit of life\nB. All cells come from cells\n"
     "Is this the full cell theory?",
     "Compare:\nA) mitosis\nB) meiosis",
+    "Compare organisms (a) bacteria (b) fungi (c) plants",
+    "Solution A: pH 3. Solution B: pH 7. Solution C: pH 11. Which is most acidic?",
+    "Vitamin A: carrots, Vitamin B: grains, Vitamin C: oranges",
     "Explain the difference between these:\n(a) speed\n(b) velocity",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):

@@ -370,15 +370,16 @@ def test_the_worker_is_given_no_credentials_and_a_progress_bar_is_not_a_line_per
         monkeypatch.setenv(name, "secret-value")
     monkeypatch.setenv("DATABASE_URL", "postgresql://tutor:secret-value@db/zephyr")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "2")  # a setting, though its name holds TOKEN
     script = tmp_path / "worker.py"
     script.write_text("import os, sys\n"
                       "print(sorted(k for k, v in os.environ.items() if 'secret-value' in v))\n"
-                      "print(os.environ.get('OMP_NUM_THREADS'))\n"
+                      "print(os.environ.get('OMP_NUM_THREADS') + os.environ.get('TOKENIZERS_PARALLELISM'))\n"
                       "sys.stdout.write(''.join(f'step {i}\\r' for i in range(50)) + 'step 50\\n')\n")
     monkeypatch.setattr(env, "WORKER", script)
     lines: list[str] = []
     env.run_worker(Path(sys.executable), tmp_path / "spec.json", tmp_path / "worker.log", say=lines.append)
-    assert lines[:2] == ["[]", "2"]
+    assert lines[:2] == ["[]", "22"]
     assert lines[2:] == ["step 0", "step 50"]  # the first redraw, then none within REDRAW_SECONDS, then the end
     assert (tmp_path / "worker.log").read_text().splitlines() == lines
 
