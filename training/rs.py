@@ -17,7 +17,7 @@ from training.run import (
     RunResult,
     TrainingError,
     check_output_free,
-    last_checkpoint,
+    holds_training,
     saved_recipe_digest,
     train,
     trainable_base,
@@ -227,8 +227,7 @@ def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str
 
 def _holds_work(run_dir: Path) -> bool:
     """Ranked samples, a checkpoint or a trained model: what a rerun must not delete without --fresh."""
-    return (run_dir / SAMPLES_FILE).is_file() or last_checkpoint(run_dir) is not None \
-        or any((run_dir / done).is_dir() for done in ("adapter", "trained"))
+    return (run_dir / SAMPLES_FILE).is_file() or holds_training(run_dir)
 
 
 def _discard_training_state(run_dir: Path) -> None:

@@ -138,7 +138,7 @@ def records_sharing_a_question(files: list[Path], limit: int | None = None) -> i
                 record = json.loads(raw)  # read_records has checked every line already
                 meta = record.get("meta") or {}
                 question = meta.get("question_id") if isinstance(meta.get("question_id"), str) else None
-                words = " ".join(normalize_words(opening(record)))
+                words = opening_words(opening(record))
                 shared += (question is not None and question in seen) or (bool(words) and words in openings)
                 if question is not None:
                     seen.add(question)
@@ -174,6 +174,11 @@ def opening(record: dict[str, Any]) -> str:
     return str(prompt)
 
 
+def opening_words(text: str) -> str:
+    """An opening's words, case, spacing and punctuation aside: what joins records into one held-out group."""
+    return " ".join(normalize_words(text))
+
+
 def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any, Any]:
     """Split off `fraction` of the records for evaluation by a fixed seed. With `group="opening"` whole groups of
     records sharing an opening message go to one side, so the held-out agreement is not measured on the second
@@ -189,7 +194,7 @@ def hold_out(dataset: Any, fraction: float, group: str, seed: int) -> tuple[Any,
     keys_of = dataset[QUESTION_COLUMN] if group == "question" else openings
     # Records join a group by their key, and also by their opening's words (case, spacing and punctuation aside):
     # one question under two benchmark ids, or a chat asked again in other case, is never on both sides.
-    words_of = [" ".join(normalize_words(text)) for text in openings]
+    words_of = [opening_words(text) for text in openings]
     parent = list(range(len(dataset)))
 
     def root(index: int) -> int:
@@ -524,6 +529,11 @@ def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any,
             f"{part}_agreement_shorter_chosen": result["shorter_chosen"]["agreement"]}
 
 
+def holds_training(run_dir: Path) -> bool:
+    """Whether a run folder holds a checkpoint or a trained model: work a rerun resumes from or must not lose."""
+    return last_checkpoint(run_dir) is not None or any((run_dir / done).is_dir() for done in ("adapter", "trained"))
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -549,8 +559,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     _wait_for_every_process()  # no process may read the folder the first one is still deleting
     # A folder with neither a checkpoint nor a trained model holds nothing to resume or lose: an attempt refused
     # after the folder was made (a recipe value only the model can check) starts again under the corrected recipe.
-    if saved.is_file() and (last_checkpoint(run_dir) is not None
-                            or any((run_dir / done).is_dir() for done in ("adapter", "trained"))):
+    if saved.is_file() and holds_training(run_dir):
         started = json.loads(saved.read_text())
         if started.get("digest") != recipe.digest():
             raise TrainingError(f"{run_dir} holds a run of a different recipe; pass --fresh to start over, or set "
