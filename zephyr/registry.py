@@ -290,15 +290,10 @@ class Registry:
             raise RegistryError(f"method {manifest.method!r} must be one of {', '.join(METHODS)}")
         source = Path(source)
         check_hf_folder(source)
-        if manifest.parent is not None and not self.exists(manifest.parent):
-            raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
-        if manifest.parent == manifest.name:
-            raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
-                                "name")
+        self._check_parent(manifest)  # before anything is made on disk
         with self._writing():
+            self._check_parent(manifest)  # again under the lock: a removal of the parent may have taken it first
             self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
-            if manifest.parent is not None and not self.exists(manifest.parent):  # a removal that got the lock first
-                raise RegistryError(f"parent model {manifest.parent!r} was removed from the registry meanwhile")
             staging = self._staging_of(manifest.name)
             shutil.rmtree(staging, ignore_errors=True)
             if move:
@@ -323,6 +318,13 @@ class Registry:
             else:
                 staging.rename(target)
             return self._load(target)
+
+    def _check_parent(self, manifest: ModelManifest) -> None:
+        if manifest.parent is not None and not self.exists(manifest.parent):
+            raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
+        if manifest.parent == manifest.name:
+            raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
+                                "name")
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
