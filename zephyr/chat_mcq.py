@@ -189,12 +189,13 @@ def find_question(text: str) -> MCQuestion | None:
         if candidates > MAX_CANDIDATES:
             return None
         stem = _QUESTION_CUE.sub("", _INTRODUCER.sub("", text[: run[0][0]].rstrip())).strip()
-        if not stem or _NO_CHOICE.match(stem[stem.rfind("\n") + 1:]):  # "Compare:", "Explain the difference:"
+        stem_line = stem[stem.rfind("\n") + 1:]
+        if not stem or _NO_CHOICE.match(stem_line):  # "Compare:", "Explain the difference:"
             continue
         if not on_lines and _named_in_prose([_words_before(text, label[0]) for label in run]):
             continue
         # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
-        if not _ASKING.search(stem[stem.rfind("\n") + 1:]) and _asks_more(_after_options(text, run[-1][1], on_lines)):
+        if not _ASKING.search(stem_line) and _asks_more(_after_options(text, run[-1][1], on_lines)):
             continue
         options = []
         for i, (_, end, *_rest) in enumerate(run):

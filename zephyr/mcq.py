@@ -507,8 +507,6 @@ def debiased_letter(calibration: MCQCalibration | None, letter: Sequence[float])
             return list(letter)
         head = priors[str(larger[0])][:k]
         prior = [p / sum(head) for p in head]
-    if len(prior) != k:
-        return list(letter)
     return [x - math.log(max(p, 1e-9)) for x, p in zip(letter, prior, strict=True)]
 
 
