@@ -388,10 +388,11 @@ def log_prune(
     from datetime import UTC, datetime, timedelta
 
     from service.store import retention
-    from service.store.log import make_engine
+    from service.store.log import make_engine, rejected_file
 
     settings = load_settings()
     cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
+    rejected = rejected_file(settings.resolved_spill_path)
 
     async def run() -> retention.Pruned:
         engine = make_engine(settings.resolved_db_url)
@@ -407,10 +408,14 @@ def log_prune(
             pruned = asyncio.run(run())
     except DATABASE_ERRORS as exc:
         raise database_failure(settings.resolved_db_url, "prune the log", exc) from None
+    try:
+        refused = retention.prune_rejected(rejected, cutoff, dry_run)
+    except OSError as exc:
+        raise fail(f"could not prune {rejected}: {exc}") from None
     table = Table(title=f"{'Would delete' if dry_run else 'Deleted'}: rows before {cutoff:%Y-%m-%d %H:%M} UTC")
-    for column in ("served rows", "their candidates", "review assignments"):
+    for column in ("served rows", "their candidates", "review assignments", "refused rows in the rejected file"):
         table.add_column(column, justify="right")
-    table.add_row(str(pruned.served), str(pruned.children), str(pruned.assignments))
+    table.add_row(str(pruned.served), str(pruned.children), str(pruned.assignments), str(refused))
     console.print(table)
 
 

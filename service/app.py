@@ -313,14 +313,22 @@ async def _keep_retention(app: FastAPI, days: int) -> None:
     generation_log = app.state.generation_log
     await generation_log.replayed_at_start()  # rows the spill brings back are pruned with the rest
     while True:
+        cutoff = datetime.now(UTC) - timedelta(days=days)
         try:
-            pruned = await retention.prune(generation_log.engine, datetime.now(UTC) - timedelta(days=days),
+            pruned = await retention.prune(generation_log.engine, cutoff,
                                            on_batch=lambda done: app.state.metrics.log_pruned_rows.inc(done.rows))
             if pruned.rows:
                 log.info("deleted %d generation-log rows older than %d days (ZEPHYR_LOG_RETENTION_DAYS)",
                          pruned.rows, days)
         except Exception as exc:
             log.warning("could not delete generation-log rows past the retention (tried again in an hour): %s", exc)
+        try:
+            if gone := await asyncio.to_thread(retention.prune_rejected, generation_log.rejected_path, cutoff):
+                app.state.metrics.log_pruned_rows.inc(gone)
+                log.info("deleted %d refused rows older than %d days from %s", gone, days,
+                         generation_log.rejected_path)
+        except OSError as exc:
+            log.warning("could not prune %s (tried again in an hour): %s", generation_log.rejected_path, exc)
         await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
 
 

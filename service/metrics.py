@@ -115,7 +115,8 @@ class Metrics:
             "zephyr_log_rejected_rows", "Spilled rows the database refused, kept in the rejected file", registry=r
         )
         self.log_pruned_rows = Counter(
-            "zephyr_log_pruned_rows", "Generation-log rows deleted past ZEPHYR_LOG_RETENTION_DAYS", registry=r
+            "zephyr_log_pruned_rows",
+            "Generation-log rows deleted past ZEPHYR_LOG_RETENTION_DAYS (the spill's rejected file's too)", registry=r
         )
         self.log_write_failures = Counter(
             "zephyr_log_write_failures", "Failed generation-log database writes", registry=r

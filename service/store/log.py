@@ -19,6 +19,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,11 @@ def _knows(script: ScriptDirectory, revision: str) -> bool:
         return script.get_revision(revision) is not None
     except AlembicError:
         return False
+
+
+def rejected_file(spill_path: Path) -> Path:
+    """Where spilled rows the database refused are kept for a person to look at."""
+    return spill_path.with_name(spill_path.stem + ".rejected.jsonl")
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -446,7 +452,7 @@ class GenerationLog:
 
     @property
     def rejected_path(self) -> Path:
-        return self.spill_path.with_name(self.spill_path.stem + ".rejected.jsonl")
+        return rejected_file(self.spill_path)
 
     async def replay_spill(self) -> int:
         """Insert spilled rows (duplicates are ignored by request id), then remove the file. A row the
@@ -503,9 +509,13 @@ class GenerationLog:
                 log.warning("replaying spilled rows failed (%s); will retry", exc)
                 return None
             inserted += len(batch)
-        rejected = set_aside + [row.to_json() for row in refused]
+        # A set-aside line may carry no time of its own: its setting aside dates it for the retention.
+        set_aside_at = datetime.now(UTC).isoformat()
+        rejected = [{**entry, "set_aside_at": set_aside_at} for entry in set_aside]
+        rejected += [row.to_json() for row in refused]
         if rejected:
             with open_private_append(self.rejected_path) as out:
+                fcntl.lockf(out, fcntl.LOCK_EX)  # not between the retention's read and rewrite of the file
                 for row in rejected:
                     out.write(json.dumps(row, default=json_default) + "\n")
             self.metrics.log_rejected_rows.inc(len(rejected))

@@ -4,13 +4,20 @@ A served generation older than the cutoff goes, with what hangs off it (its revi
 whose `parent_id` names it). Items reviewers judged, skipped or hold are kept: their verdicts are the preference
 data. `include_reviewed` deletes those too, with their review assignments: a retention that covers everything,
 once the verdicts are exported. Rows go a batch at a time, each in its own transaction, so a large first prune
-never holds the database for long; run again, it picks up where it stopped."""
+never holds the database for long; run again, it picks up where it stopped.
+
+The spill's rejected file (rows the database refused, kept on disk for a person) holds students' words too:
+`prune_rejected` holds it to the same cutoff."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -95,3 +102,47 @@ async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = 
         pruned.assignments += done.assignments
         if on_batch is not None:
             on_batch(done)
+
+
+def _dated(entry: object) -> datetime | None:
+    """A rejected line's time: the row's `created_at`, else when it was set aside; None if it names neither."""
+    if not isinstance(entry, dict):
+        return None
+    for key in ("created_at", "set_aside_at"):
+        try:
+            return utc(datetime.fromisoformat(entry[key]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def prune_rejected(path: Path, cutoff: datetime, dry_run: bool = False) -> int:
+    """Delete the lines of the rejected file `path` older than the cutoff; how many went (or would go). A line that
+    names no time of its own is as old as the file's last write. The file is rewritten in place under the lock its
+    writers take, so a replica appending meanwhile waits and loses nothing."""
+    try:
+        handle = path.open("r+", encoding="utf-8")
+    except FileNotFoundError:
+        return 0
+    with handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        written = datetime.fromtimestamp(os.fstat(handle.fileno()).st_mtime, UTC)
+        kept, gone = [], 0
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                when = _dated(json.loads(line))
+            except json.JSONDecodeError:
+                when = None
+            if (when or written) < utc(cutoff):
+                gone += 1
+            else:
+                kept.append(line)
+        if gone and not dry_run:
+            handle.seek(0)
+            handle.writelines(kept)
+            handle.truncate()
+            handle.flush()
+            os.fsync(handle.fileno())
+    return gone

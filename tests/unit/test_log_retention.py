@@ -4,6 +4,8 @@ asked, and then go with their assignments. On SQLite and on a real PostgreSQL (a
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, insert, select
@@ -80,19 +82,49 @@ async def test_an_item_claimed_after_the_prune_chose_it_is_kept_with_its_candida
     await log.close()
 
 
+def rejected_lines(when: datetime) -> list[str]:
+    """A rejected file's kinds of line, dated `when`: a refused row, a set-aside line, and a blank line."""
+    return [json.dumps({"id": f"refused-{when:%j}", "created_at": when.isoformat(), "prompt_tokens": None}) + "\n",
+            json.dumps({"unparseable_line": '{"torn', "set_aside_at": when.isoformat()}) + "\n", "\n"]
+
+
+def test_the_rejected_file_keeps_only_lines_inside_the_retention(tmp_path):
+    path = tmp_path / "generations.rejected.jsonl"
+    assert retention.prune_rejected(path, CUTOFF) == 0  # no file: nothing to do, nothing made
+    assert not path.exists()
+    recent = rejected_lines(NOW)
+    path.write_text("".join(rejected_lines(OLD) + recent))
+    before = path.read_text()
+    assert retention.prune_rejected(path, CUTOFF, dry_run=True) == 2 and path.read_text() == before
+    assert retention.prune_rejected(path, CUTOFF) == 2
+    assert path.read_text() == "".join(line for line in recent if line.strip())
+    assert retention.prune_rejected(path, CUTOFF) == 0
+
+    # An older version's set-aside line names no time: it is as old as the file's last write.
+    path.write_text('{"unparseable_line": "{\\"torn"}\nnot even json\n')
+    assert retention.prune_rejected(path, CUTOFF) == 0
+    os.utime(path, (OLD.timestamp(), OLD.timestamp()))
+    assert retention.prune_rejected(path, CUTOFF) == 2 and path.read_text() == ""
+
+
 async def test_the_server_prunes_past_its_retention(app_factory, monkeypatch):
     from service import app as app_module
 
     monkeypatch.setattr(app_module, "RETENTION_INTERVAL_SECONDS", 0.05)
     async with app_factory(log_retention_days=90) as served:
         log = served.app.state.generation_log
+        log.rejected_path.parent.mkdir(exist_ok=True)
+        log.rejected_path.write_text("".join(rejected_lines(OLD) + rejected_lines(NOW)))
         await seed(log, at(OLD, pair("old-unreviewed", QUESTION, "Scattering.", "Rayleigh.")))
-        for _ in range(200):  # the counter moves as the batch commits: then the rows are gone too
-            if "zephyr_log_pruned_rows_total 2.0" in (await served.client.get("/metrics")).text:
+        # two rows and the rejected file's two old lines; the counter moves as each batch commits
+        for _ in range(200):
+            if "zephyr_log_pruned_rows_total 4.0" in (await served.client.get("/metrics")).text:
                 break
             await asyncio.sleep(0.05)
-        assert "zephyr_log_pruned_rows_total 2.0" in (await served.client.get("/metrics")).text
+        assert "zephyr_log_pruned_rows_total 4.0" in (await served.client.get("/metrics")).text
         assert not {"old-unreviewed", "old-unreviewed-cand"} & await ids(log)
+        assert "refused-" + f"{NOW:%j}" in log.rejected_path.read_text()
+        assert "refused-" + f"{OLD:%j}" not in log.rejected_path.read_text()
 
 
 def test_the_cli_counts_then_prunes(tmp_path, monkeypatch):
@@ -113,13 +145,18 @@ def test_the_cli_counts_then_prunes(tmp_path, monkeypatch):
 
     asyncio.run(prepare())
     before = asyncio.run(left())
+    rejected = tmp_path / "spill" / "generations.rejected.jsonl"  # beside the default spill file
+    rejected.parent.mkdir(exist_ok=True)
+    rejected.write_text("".join(rejected_lines(OLD) + rejected_lines(NOW)))
+    rejected_before = rejected.read_text()
     runner = CliRunner()
     dry = runner.invoke(app, ["log", "prune", "--older-than-days", "90", "--dry-run"])
     assert dry.exit_code == 0 and "Would delete" in dry.output, dry.output
-    assert asyncio.run(left()) == before
+    assert asyncio.run(left()) == before and rejected.read_text() == rejected_before
     done = runner.invoke(app, ["log", "prune", "--older-than-days", "90"])
     assert done.exit_code == 0 and "Deleted" in done.output, done.output
     assert before - asyncio.run(left()) == {"old-unreviewed", "old-unreviewed-cand", "orphan-cand"}
+    assert len(rejected.read_text().splitlines()) == 2  # the recent refused row and set-aside line
     refused = runner.invoke(app, ["log", "prune", "--older-than-days", "0"])
     assert refused.exit_code != 0 and "older-than-days" in refused.output
 
