@@ -151,6 +151,16 @@ def test_security_context_and_resources(rendered):
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"]
+    # every emptyDir is capped: a runaway cache is the pod's eviction, not a full node disk
+    scratch = [volume for volume in pod["volumes"] if "emptyDir" in volume]
+    assert {volume["name"] for volume in scratch} >= {"tmp", "cache", "shm"}
+    assert all(volume["emptyDir"].get("sizeLimit") for volume in scratch), scratch
+
+
+def test_a_pod_without_persistence_caps_its_data_at_the_volumes_size():
+    pod = render("cpu", "--set", "persistence.enabled=false,persistence.size=3Gi")["Deployment"]["spec"]["template"]
+    [data] = [volume for volume in pod["spec"]["volumes"] if volume["name"] == "data"]
+    assert data == {"name": "data", "emptyDir": {"sizeLimit": "3Gi"}}
 
 
 def test_gpu_profile_asks_for_a_gpu():
