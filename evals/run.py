@@ -370,7 +370,8 @@ class TextTools:
 
 def _text_tools(options: RunOptions, settings: Settings, registry: Registry, console: Console) -> TextTools:
     """Load the scorers before the engine starts: a missing DialogRPT is reported and skipped, a missing reward
-    model named on the command line is an error."""
+    model named on the command line or a BERTScore backbone that cannot load is an error (found now, not after
+    every answer is generated)."""
     from evals import textmetrics
 
     tools = TextTools()
@@ -405,6 +406,10 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
                    for name in tools.reward_model.model.config.architectures or ()):
             raise EvalError(f"--reward-model {options.reward_model} is not a sequence-classification (reward) model; "
                             "give a registry entry made with `zephyr train rm`, or such a folder")
+    try:  # one pair loads the scorer, which stays cached for the suite
+        textmetrics.bertscore(["a"], ["a"], model=options.bertscore_model, num_layers=options.bertscore_layers)
+    except (RuntimeError, ValueError) as exc:
+        raise EvalError(f"--bertscore-model {options.bertscore_model or '(default)'}: {exc}") from None
     return tools
 
 

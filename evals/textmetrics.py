@@ -175,6 +175,11 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    """GPT-2's tokenizer files (without them transformers builds an empty tokenizer and every score is noise)."""
+    return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
+
+
 class DialogRPT:
     """A DialogRPT ranker (GPT-2 with a one-logit classification head), used as its model card shows:
     `sigmoid(model(tokenizer.encode(context + "<|endoftext|>" + response)).logits)`."""
@@ -206,12 +211,18 @@ class DialogRPT:
             raise DialogRPTMissing(_missing_message(name, folder, "no such folder"))
         if not (folder / "config.json").is_file() or not _has_weights(folder):
             raise DialogRPTMissing(_missing_message(name, folder, "no config.json or weights in the folder"))
+        if not _has_tokenizer(folder):
+            raise DialogRPTMissing(_missing_message(name, folder, "no tokenizer.json (or vocab.json and merges.txt) "
+                                                    "in the folder"))
 
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+        except (OSError, ValueError) as exc:  # no tokenizer files, a torn weights file
+            raise DialogRPTMissing(_missing_message(name, folder, f"it does not load: {exc}")) from None
         model.to(device).eval()
         return cls(model, tokenizer, name=name, max_length=max_length)
 

@@ -110,3 +110,24 @@ def test_dialogrpt_missing_weights_say_what_and_how(tmp_path, name):
     assert isinstance(caught.value, FileNotFoundError)
     assert env == {"dialogrpt_updown": "ZEPHYR_DIALOGRPT_UPDOWN_PATH",
                    "dialogrpt_human_vs_rand": "ZEPHYR_DIALOGRPT_HUMAN_VS_RAND_PATH"}[name]
+
+
+def test_a_dialogrpt_folder_without_its_tokenizer_is_missing_not_a_traceback(tmp_path):
+    folder = tiny_dialogrpt(tmp_path / "rpt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(DialogRPTMissing, match="no tokenizer.json"):  # not an empty tokenizer scoring noise
+        DialogRPT.load(folder)
+    (folder / "tokenizer.json").write_text("{torn")
+    with pytest.raises(DialogRPTMissing, match="does not load"):
+        DialogRPT.load(folder)
+
+
+def test_a_bertscore_backbone_that_cannot_load_fails_before_the_engine_starts(tmp_path):
+    from rich.console import Console
+
+    from evals import run
+
+    options = run.RunOptions(model="m", suite="text", bertscore_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(run.EvalError, match="--bertscore-model .*cannot be loaded offline"):
+        run._text_tools(options, None, None, Console(quiet=True))
