@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from offline.benchmarks import MCQ_BENCHMARKS
 from zephyr.paths import write_text_atomic
@@ -29,6 +29,10 @@ SAME_SESSION_SECONDS = 120.0
 
 
 class Measurement(BaseModel):
+    # A measurement of no items scores NaN (a reward model may score one too): written as "NaN", not as JSON's null,
+    # which a float refuses on reading, so one such figure made its whole run unreadable.
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
     benchmark: str  # arc_easy, arc_challenge, mmlu, sciq, openbookqa, gsm8k, sciq_text, gsm8k_text, rm
     metric: str  # cloze_acc, cloze_acc_norm, letter_acc, letter_acc_server, exact_match_0shot_cot, ...
     split: str
@@ -41,6 +45,18 @@ class Measurement(BaseModel):
     # What its figures were computed on: each of data_read(benchmark, metric) -> offline.benchmarks.fingerprint of
     # that whole split as read; the gate and the report pair two measurements only where these agree
     data_digest: dict[str, str] = {}
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _nan_written_as_null(cls, value: Any) -> Any:
+        return float("nan") if value is None else value  # runs saved before NaN was written as "NaN"
+
+    @field_validator("items", "groups", mode="before")
+    @classmethod
+    def _nans_written_as_null(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return {k: float("nan") if v is None else v for k, v in values.items()}
+        return values
 
     @property
     def key(self) -> str:

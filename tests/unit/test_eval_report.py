@@ -429,3 +429,31 @@ def test_the_models_table_gives_each_suites_question_limit_not_the_newest_runs(t
             if line.startswith(("| p |", "| q |"))}
     assert rows["p"].endswith("| mcq: whole; text: first 300 |")
     assert rows["q"].endswith("| whole splits |")
+
+
+def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path):
+    """An empty measurement scores NaN: it was written as null, which the reader refused, dropping the whole run."""
+    import json
+    import math
+
+    store = ResultStore(tmp_path / "results")
+    path = store.save(EvalRun(model="base", method="base", suite="text", measurements=[
+        measurement("gsm8k_text", "looping", "test", accuracy(3, 10)),
+        measurement("sciq_text", "looping", "test", {}),
+        measurement("sciq", "rm_score", "test", {"q0": float("nan"), "q1": 0.5}),
+    ]))
+    [run] = store.runs("base")
+    empty, scored = run.measurements[1], run.measurements[2]
+    assert run.measurements[0].score == 0.3 and math.isnan(empty.score) and empty.n == 0
+    assert math.isnan(scored.items["q0"]) and scored.items["q1"] == 0.5
+
+    saved = json.loads(path.read_text())  # as an older version wrote it
+    saved["measurements"][1]["score"] = None
+    saved["measurements"][2]["items"]["q0"] = None
+    path.write_text(json.dumps(saved))
+    [run] = store.runs("base")
+    assert math.isnan(run.measurements[1].score) and math.isnan(run.measurements[2].items["q0"])
+
+    out = tmp_path / "report"
+    write_report(store, ["base"], out)
+    assert "gsm8k_text" in (out / "report.md").read_text()
