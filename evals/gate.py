@@ -322,6 +322,8 @@ class GateResult:
     suites: list[str]
     rows: list[GateRow]
     skipped: list[str] = field(default_factory=list)  # keys only one of the two models has
+    # keys both have that no row compares, with why (options scored after other prompts, or other judges)
+    not_comparable: dict[str, str] = field(default_factory=dict)
     reviews: ReviewGate | None = None  # reviewers' A/B, when the gate was asked to require it
     # per model, the compared rows whose generated answers a rerun would not repeat (unreproducible_rows)
     unreproducible: dict[str, list[str]] = field(default_factory=dict)
@@ -378,6 +380,7 @@ class GateResult:
             + f", gated on {', '.join(s for s in self.suites if s not in self.unmeasured)}",
             caption="scores over the items both models were measured on; delta with 95% paired bootstrap CI"
             + (f"; only one model has: {', '.join(self.skipped)}" if self.skipped else "")
+            + "".join(f"\nnot compared, {key}: {why}" for key, why in self.not_comparable.items())
             + (f"\nthe candidate was not measured on the baseline's {', '.join(self.missing)}"
                + (" (allowed)" if self.allow_missing else " (FAIL)") if self.missing else "")
             + (f"\nno gating measurement of both models in suite(s) {', '.join(self.unmeasured)}"
@@ -589,12 +592,12 @@ def check(
                           or (m.key not in compared_keys and (suite_of(m.benchmark) == "text"
                                                               or (suite_of(m.benchmark) == "mcq"
                                                                   and m.benchmark not in served)))))
-    skipped = sorted(
-        m.key
-        for run in (cand_run, base_run)
-        for m in run.measurements
-        if suite_of(m.benchmark) in suites and m.key not in compared_keys
-    )
+    keys = {name: {m.key for m in run.measurements if suite_of(m.benchmark) in suites} for name, run in runs.items()}
+    skipped = keys[candidate] ^ keys[baseline]
+    # What else both have went uncompared for a reason compare_runs saw: the rest refused the gate above.
+    not_comparable = {key: unlike_prompts.get(key, "scored by different judges (reward model, BERTScore backbone "
+                                              "or layers, DialogRPT weights)")
+                      for key in sorted((keys[candidate] & keys[baseline]) - compared_keys)}
     # Only rows the verdict rests on: an info row (the reward model's score) may need options a plain rerun lacks.
     gating_keys = {row.key for row in rows if row.gating}
     unreproducible = {name: keys for name in (candidate, baseline)
@@ -609,7 +612,8 @@ def check(
         unmeasured=unmeasured,
         suites_asked=asked,
         rows=rows,
-        skipped=sorted(set(skipped)),
+        skipped=sorted(skipped),
+        not_comparable=not_comparable,
         reviews=reviews,
         unreproducible=unreproducible,
         missing=missing,

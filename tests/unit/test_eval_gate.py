@@ -691,7 +691,9 @@ def test_options_scored_after_other_prompts_are_not_compared(store):
     save("base", "Question: ...\nAnswer: a\n\n")
     save("child", "")
     result = check(store, "child", "base", suites=["mcq"])
-    assert result.passed and "arc_easy/cloze_acc" in result.skipped
+    assert result.passed and result.skipped == []  # both have it: not "only one model has"
+    assert "scored after other prompts" in result.not_comparable["arc_easy/cloze_acc"]
+    assert "not compared, arc_easy/cloze_acc: the options were scored after" in render(result.table())
     assert [row.key for row in result.rows] == ["arc_easy/answer_prior_acc", "arc_easy/mcq_acc_auto"]
     rows, problems = compare_runs(store.latest("child"), store.latest("base"))  # the report names why
     assert "arc_easy/cloze_acc" not in {row.key for row in rows}
@@ -726,3 +728,14 @@ def test_the_allowed_drop_is_a_finite_number_of_points_not_below_zero(store, max
     save(store, "cand", arc_easy__letter_acc=accuracy(50, 100))
     with pytest.raises(GateError, match="the allowed drop is a finite number of points, 0 or more"):
         check(store, "cand", "base", max_drop=max_drop)
+
+
+def test_a_score_both_have_by_other_judges_is_named_as_such_not_as_one_models(store):
+    for model, backbone in (("base", "all-MiniLM-L6-v2"), ("cand", "roberta-large")):
+        looping = measurement("sciq_text", "looping", "test", accuracy(3, 100))
+        f1 = measurement("sciq_text", "bertscore_f1", "test", {"q1": 0.5})
+        f1.details["backbone"] = backbone
+        store.save(EvalRun(model=model, suite="text", measurements=[looping, f1]))
+    result = check(store, "cand", "base", suites=["text"])
+    assert result.passed and result.skipped == []
+    assert "different judges" in result.not_comparable["sciq_text/bertscore_f1"]
