@@ -198,7 +198,7 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
     runs = []
     try:
         generations: dict[str, dict[str, str]] = {}
-        def save(suite: str, measurements: list[Measurement], started: float) -> None:
+        def save(suite: str, measurements: list[Measurement], started: float, via_server: bool = False) -> None:
             measurements = [m.model_copy(update={"data_digest": {
                 name: fingerprints[name] for name in data_read(m.benchmark, m.metric) if name in fingerprints}})
                 for m in measurements]
@@ -206,9 +206,11 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
             # GSM8K's few-shot examples come from the local train split whatever --data says
             sources = {name: str(settings.data_dir) if name == "gsm8k:train" else
                        options.sources.get(name, str(settings.data_dir)) for name in read}
+            # A run through the server names the server only: the local engine's dtype is not what computed it
+            # (the gate notes rows computed in other dtypes).
+            computed_by = {"server": options.server} if via_server else (engine.engine_info if engine else {})
             run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
-                                   engine={**(engine.engine_info if engine else {}), "server": options.server},
-                                   data=sources)
+                                   engine=computed_by, data=sources)
             path = store.save(run)
             for key, value in summary(run).items():
                 registry.record_eval(entry.name, key, {**value, "run": str(path)}, made_at=entry.manifest.created_at)
@@ -229,6 +231,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
                     measurements = _mcq_server(data, mcq_names, options, console,
                                                measurements or (stored.measurements if stored else []),
                                                stored=not measurements, fingerprints=fingerprints)
+                    save(suite, measurements, started, via_server=True)
+                    continue
             elif suite == "gsm8k":
                 measurements = _gsm8k_suite(engine, data, options, settings)
                 generations["gsm8k"] = measurements[0].details["generations"]

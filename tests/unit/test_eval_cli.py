@@ -342,3 +342,32 @@ def test_eval_run_says_when_the_record_was_fitted_on_scores_of_another_dtype():
 def test_the_safety_fit_refuses_a_regularization_strength_out_of_range(home):
     result = CliRunner().invoke(app, ["eval", "safety", "--c", "0"])
     assert result.exit_code == 2 and "--c" in result.output
+
+
+def test_a_run_through_a_server_names_the_server_not_the_local_engine(registered, monkeypatch, tmp_path):
+    """The in-process run and the server's are saved apart: the server's rows must not carry the local engine's
+    dtype (the gate notes rows computed in other dtypes), nor the in-process run claim a server."""
+    from evals import engine as engine_module
+    from evals import run
+    from evals.results import measurement
+    from tests.unit.test_eval_datasets import write_arc
+    from zephyr.settings import Settings
+
+    class LocalEngine:
+        engine_info = {"dtype": "float32"}
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(engine_module, "EvalEngine", lambda *_a, **_k: LocalEngine())
+    monkeypatch.setattr(run, "check_server", lambda *_a, **_k: None)
+    monkeypatch.setattr(run, "_mcq_suite", lambda *_a, **_k: [
+        measurement("arc_easy", "letter_acc", "test", {"q0": 1.0})])
+    monkeypatch.setattr(run, "_mcq_server", lambda *_a, **_k: [
+        measurement("arc_easy", "letter_acc_server", "test", {"q0": 1.0})])
+    path = write_arc(tmp_path / "arc.jsonl", [("q0", ["a", "b"], "A", None)])
+    options = run.RunOptions(model="m", suite="mcq", benchmarks=["arc_easy"], server="http://x",
+                             sources={"arc_easy": str(path)})
+    runs = run.run(options, Settings())
+    assert [r.engine for r in runs] == [{"dtype": "float32"}, {"server": "http://x"}]
+    assert [[m.metric for m in r.measurements] for r in runs] == [["letter_acc"], ["letter_acc_server"]]
