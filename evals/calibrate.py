@@ -36,6 +36,7 @@ from offline.benchmarks import (
 )
 from zephyr import mcq
 from zephyr.numerics import served_dtype
+from zephyr.paths import write_text_atomic
 from zephyr.registry import QUANT_METHODS, Registry, RegistryEntry
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
@@ -365,7 +366,8 @@ def save_scores(path: Path, splits: dict[str, str], scored: dict[str, list[calib
                     "demonstrations_source": demonstrations_source or {}, "dtype": dtype,
                     **({"question_domain": question_domain} if question_domain else {}),
                     **({"model_revision": model_revision} if model_revision else {})}
-    path.write_text(json.dumps({name: {"split": splits[name], **scored_after,
+    # atomic: the file is rewritten in place (question domains added), and it holds an hour of scoring
+    write_text_atomic(path, json.dumps({name: {"split": splits[name], **scored_after,
                                        "decontaminated": (decontaminated or {}).get(name, 0), "items": [
         {"id": s.id, "gold": s.gold, **{k: v for k, v in vars(s.scores).items() if v is not None}} for s in items]}
         for name, items in scored.items()}))
@@ -572,8 +574,10 @@ def _domains_or_none(settings: Settings, saved: SavedScores, console: Console,
 
 
 def candidates_table(model: str, record: mcq.MCQCalibration, figures: dict[str, dict[str, Any]]) -> Table:
+    held_out = any(f["cross_validated"] for f in figures.values())
     table = Table(title=f"{model}: /mcq methods on {record.validation['n']} validation questions: uncalibrated -> "
-                        "calibrated on the other folds", caption=f"chosen by {record.validation['chosen_by']}; "
+                        + ("calibrated on the other folds" if held_out else "calibrated in sample"),
+                  caption=f"chosen by {record.validation['chosen_by']}; "
                   "NLL and ECE (15 bins) show calibration; weights fitted on all the questions")
     for column in ("method", "accuracy", "NLL", "ECE", "weights"):
         table.add_column(column, justify="left" if column in ("method", "weights") else "right")

@@ -129,13 +129,11 @@ def non_finite(items: Sequence[Scored]) -> list[Scored]:
 def letter_prior(items: Sequence[Scored]) -> dict[str, list[float]]:
     """Per option count, the mean letter distribution over the questions: the position habit to remove."""
     sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
     for item in items:
         if item.scores.letter is None:
             continue
         k = len(item.scores.letter)
         sums[k] = sums.get(k, np.zeros(k)) + np.exp(item.scores.letter)
-        counts[k] = counts.get(k, 0) + 1
     return {str(k): [float(x) for x in sums[k] / sums[k].sum()] for k in sorted(sums)}
 
 

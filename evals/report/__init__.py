@@ -15,6 +15,7 @@ from pathlib import Path
 
 from evals.preference import by_these_weights, human_win_rates, read_review_records, registry_name
 from evals.results import ResultStore
+from zephyr.paths import write_text_atomic
 from zephyr.registry import NAME_PATTERN, Registry, check_name
 
 from .document import render_html, render_markdown
@@ -51,8 +52,8 @@ def write_report(
     sections = build_sections(views, plots, registry, human)
     title = f"Zephyr evaluation report: {', '.join(models)}"
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text(render_markdown(title, sections, out_dir))
-    html_path.write_text(render_html(title, sections))
+    write_text_atomic(md_path, render_markdown(title, sections, out_dir))
+    write_text_atomic(html_path, render_html(title, sections))
     return md_path, html_path
 
 

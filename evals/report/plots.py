@@ -110,7 +110,8 @@ def plot_quantized(ordered: list[tuple[ModelView, int | None]], acc_keys: list[s
         speed_ax.legend(fontsize=7)
     for v, m in sized:
         ci = v.ci(m) or (m.score, m.score)
-        acc_ax.errorbar(v.size_bytes / 1e6, m.score * 100, yerr=[[(m.score - ci[0]) * 100], [(ci[1] - m.score) * 100]],
+        acc_ax.errorbar(v.size_bytes / 1e6, m.score * 100,  # a bound rounded past the score would be a negative bar
+                        yerr=[[max(0.0, (m.score - ci[0]) * 100)], [max(0.0, (ci[1] - m.score) * 100)]],
                         fmt="o", capsize=3, color=colour[v.name], label=v.name)
     if sized:
         acc_ax.legend(fontsize=7)

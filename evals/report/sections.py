@@ -28,8 +28,8 @@ from .views import (
 )
 
 MCQ_BENCHMARKS = SUITE_BENCHMARKS["mcq"]
-# The metric whose MMLU subject breakdown is shown, best first (the letter format is what the service answers).
-GROUP_METRICS = ("letter_acc", "letter_acc_server", "cloze_acc", "cloze_acc_norm")
+# The metric whose MMLU subject breakdown is shown, best first: /mcq's default method, then the other formats.
+GROUP_METRICS = (SERVED_METRIC, "letter_acc", "letter_acc_server", "cloze_acc", "cloze_acc_norm")
 
 
 # --- sections ------------------------------------------------------------------------------------------------

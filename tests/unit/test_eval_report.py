@@ -457,3 +457,14 @@ def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path)
     out = tmp_path / "report"
     write_report(store, ["base"], out)
     assert "gsm8k_text" in (out / "report.md").read_text()
+
+
+def test_mmlu_subjects_show_the_served_method_first(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    store.save(EvalRun(model="base", method="base", suite="mcq", measurements=[
+        measurement("mmlu", "letter_acc", "test", accuracy(25), groups={"stem": 0.25}),
+        measurement("mmlu", "mcq_acc_auto", "test", accuracy(31), groups={"stem": 0.375}),
+    ]))
+    md, _ = write_report(store, ["base"], tmp_path / "report")
+    subjects = md.read_text().split("## MMLU per subject")[1]
+    assert re.search(r"\| stem \| 37\.5 \|", subjects) and "mcq_acc_auto in %" in subjects
