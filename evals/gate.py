@@ -541,7 +541,8 @@ def check(
         if stale:
             raise GateError(
                 f"{name}'s {', '.join(stale)} were measured under another /mcq calibration record than the one it "
-                f"serves now (recalibrated since); rerun `zephyr eval run --model {name} --suite mcq` first")
+                f"serves now (recalibrated since); rerun `zephyr eval run --model {name} --suite mcq` first, on at "
+                f"least as many questions (a smaller --limit run does not replace a larger one)")
     unlike_prompts: dict[str, str] = {}
     compared, problems = compare_runs(cand_run, base_run, suites, unlike_prompts=unlike_prompts, iters=iters,
                                       seed=seed)
