@@ -143,7 +143,13 @@ def reject_unsupported(data: Any, fields: tuple[str, ...]) -> Any:
     if not isinstance(data, dict):
         return data
     for name in fields:
-        if name in data and data[name] is not None and _as_json(data[name]) not in _HARMLESS_JSON.get(name, ()):
+        if name not in data or data[name] is None:
+            continue
+        # text_problem first: it bounds the depth, and json.dumps recurses (a value nested as deep as the parser
+        # takes would exhaust Python's stack: a 500).
+        if (problem := text_problem(data[name], name)) is not None:
+            raise ValueError(problem)
+        if _as_json(data[name]) not in _HARMLESS_JSON.get(name, ()):
             raise ValueError(f"`{name}` is not supported by this server; remove it from the request")
     return {key: value for key, value in data.items() if key not in fields}
 

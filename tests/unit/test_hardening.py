@@ -169,6 +169,31 @@ async def test_a_deeply_nested_body_is_a_400_that_names_the_limit(served, path, 
     assert expected in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize("depth", [40, 500])
+@pytest.mark.parametrize(("path", "body"), [
+    (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "tools": %s}'),
+    ("/v1/completions", '{"prompt": "hi", "logit_bias": %s}'),
+    ("/v1/completions", '{"prompt": "hi", "suffix": %s}'),
+])
+async def test_a_deeply_nested_unsupported_field_is_a_400(served, path, body, depth):
+    r = await served.client.post(path, content=(body % ("[" * depth + "]" * depth)).encode(),
+                                 headers={"content-type": "application/json"})
+    assert r.status_code == 400, (depth, r.text)
+    assert "nests deeper than 32 levels" in r.json()["error"]["message"]
+
+
+def test_an_unsupported_field_nested_past_pythons_stack_is_refused_as_too_deep():
+    """The parser takes depths near Python's recursion limit (how near depends on the stack at the time): json.dumps
+    of such a value, to compare it with the harmless ones, overflowed (a 500)."""
+    from service.protocol import UNSUPPORTED_CHAT_FIELDS, reject_unsupported
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match=r"`tools\[0\]\[0\].* nests deeper than 32 levels"):
+        reject_unsupported({"tools": deep}, UNSUPPORTED_CHAT_FIELDS)
+
+
 def test_no_depth_overflows_the_walk():
     from service.protocol import text_problem
 
