@@ -730,10 +730,8 @@ class Tutor:
                 if plan.needs_domain:  # on the encoder's thread while the engine scores
                     domain = group.create_task(shared_domain() if shared_domain is not None
                                                else self._question_domain(q))
-        except* APIError as failures:
-            raise failures.exceptions[0] from None
-        except* Exception as failures:  # a fault: raised as itself, so the log row and the server log name it
-            raise failures.exceptions[0] from None
+        except* Exception as failures:
+            raise first_failure(failures) from None
         support = q.support is not None
         scores, prior = mcq.OptionScores(support=support), None
         if cloze:
@@ -908,9 +906,24 @@ class Tutor:
                                                            body.user, body.min_confidence, f"questions[{i}].",
                                                            domain_of(i), prompts[i] if prompts else None))
                          for i, (q, body) in enumerate(items)]
-        except* Exception as failures:  # the client's error first, else the fault itself, as a single question's
-            raise next((e for e in failures.exceptions if isinstance(e, APIError)), failures.exceptions[0]) from None
+        except* Exception as failures:
+            raise first_failure(failures) from None
         return [task.result() for task in tasks]
+
+
+def first_failure(failures: BaseExceptionGroup) -> BaseException:
+    """Of a task group's failures (flattened: a task may raise a group of its own), the client's error first, else
+    the fault itself, raised as a single request's would be (two clauses of `except*` each raising made an
+    ExceptionGroup of their two: a 500 whose log row named neither)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failures]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, APIError)), leaves[0])
 
 
 def in_question(exc: APIError, param_prefix: str) -> None:

@@ -462,3 +462,32 @@ async def test_a_question_is_one_request_on_the_waiting_and_running_gauges(serve
     if path != "/v1/chat/completions":  # one time-to-first-token sample a question, not one per option
         text = (await served.client.get("/metrics")).text
         assert f'zephyr_time_to_first_token_seconds_count{{route="mcq"}} {float(questions)}' in text
+
+
+async def test_two_kinds_of_failure_at_once_raise_the_clients_error_not_a_group():
+    """The letter's 503 and another task's fault in the same tick: two `except*` clauses each raised, and Python
+    made an ExceptionGroup of the two (a 500 whose row named neither)."""
+    import asyncio
+
+    from service.errors import APIError
+    from service.tutor import first_failure
+
+    async def refused() -> None:
+        raise APIError(503, "no log-probability for a letter", code="engine_unavailable")
+
+    async def faulty() -> None:
+        raise RuntimeError("kernel fault")
+
+    async def nested() -> None:  # a task that runs a task group of its own
+        async with asyncio.TaskGroup() as inner:
+            inner.create_task(faulty())
+
+    for tasks, expected in (((faulty, refused), APIError), ((nested,), RuntimeError), ((nested, refused), APIError)):
+        try:
+            async with asyncio.TaskGroup() as group:
+                for task in tasks:
+                    group.create_task(task())
+        except* Exception as failures:
+            assert type(first_failure(failures)) is expected
+        else:
+            raise AssertionError("the group did not fail")
