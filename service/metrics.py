@@ -20,10 +20,11 @@ class RequestGauge:
     /mcq question scores each option (and its letter, its reasoning) as engine requests of their own, which were
     each counted, so one question read as four to nine waiting requests to the autoscaler."""
 
-    __slots__ = ("_metrics", "_state", "since")
+    __slots__ = ("_metrics", "_state", "since", "route")
 
-    def __init__(self, metrics: Metrics):
-        self._metrics, self._state, self.since = metrics, "waiting", time.perf_counter()
+    def __init__(self, metrics: Metrics, route: str):
+        """`route`: the student request's own (a chat's gauge also moves for the MCQ it pasted)."""
+        self._metrics, self._state, self.since, self.route = metrics, "waiting", time.perf_counter(), route
         metrics.waiting.inc()
 
     def started(self) -> bool:

@@ -283,7 +283,7 @@ class Tutor:
         # options moves the question's gauge, which answer_mcq holds.
         own_gauge = gen.gauge is None and gen.purpose == "served"
         if own_gauge:
-            gen.gauge = RequestGauge(self.metrics)
+            gen.gauge = RequestGauge(self.metrics, gen.route)
         waiting = True
         try:
             if gen.mcq_question is not None:  # inside the try: however the scoring ends, the chat is logged
@@ -299,11 +299,12 @@ class Tutor:
                         waiting = False
                         first = gen.gauge is not None and gen.gauge.started()
                         # The guard's reply takes no engine time: not a latency sample. An /mcq question is one
-                        # sample, at the first token of any of its engine requests.
+                        # sample, at the first token of any of its engine requests; a chat's pasted MCQ none (the
+                        # chat's own first token is its sample).
                         if gen.withheld is None and gen.route != "mcq":
                             self.metrics.time_to_first_token.labels(gen.route).observe(
                                 time.perf_counter() - gen.started)
-                        elif gen.route == "mcq" and first:
+                        elif gen.route == "mcq" and first and gen.gauge.route == "mcq":
                             self.metrics.time_to_first_token.labels("mcq").observe(
                                 time.perf_counter() - gen.gauge.since)
                     if failed := next((c.finish_reason for c in out.choices
@@ -647,7 +648,7 @@ class Tutor:
         status, error = "error", None
         scores = mcq.OptionScores()
         own_gauge = gauge is None
-        row.gauge = RequestGauge(self.metrics) if own_gauge else gauge
+        row.gauge = RequestGauge(self.metrics, "mcq") if own_gauge else gauge
         try:  # from the first await: a client gone while the prompts are encoded is logged too
             # Everything a request could refuse is checked before the engine sees any of it (off the loop that
             # streams answers).

@@ -459,9 +459,13 @@ async def test_a_question_is_one_request_on_the_waiting_and_running_gauges(serve
     assert r.status_code == 200, r.text
     assert metrics.waiting.value == metrics.running.value == 0
     assert metrics.waiting.entered == metrics.running.entered == questions
-    if path != "/v1/chat/completions":  # one time-to-first-token sample a question, not one per option
-        text = (await served.client.get("/metrics")).text
+    # One time-to-first-token sample a question, not one per option; a chat's pasted question none of its own.
+    text = (await served.client.get("/metrics")).text
+    if path != "/v1/chat/completions":
         assert f'zephyr_time_to_first_token_seconds_count{{route="mcq"}} {float(questions)}' in text
+    else:
+        assert 'zephyr_time_to_first_token_seconds_count{route="mcq"}' not in text
+        assert 'zephyr_time_to_first_token_seconds_count{route="chat"} 1.0' in text
 
 
 async def test_two_kinds_of_failure_at_once_raise_the_clients_error_not_a_group():
