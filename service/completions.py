@@ -58,8 +58,10 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt_text)  # as vLLM's server tokenizes a prompt
     else:
         prompt_ids = list(req.prompt)
-        if unknown := [i for i in prompt_ids if i >= len(tokenizer)]:
-            raise APIError(400, f"`prompt` holds token ids outside the vocabulary of {len(tokenizer)}: "
+        vocabulary = len(tokenizer)  # once: len() of a tokenizer is no constant, and this runs on the event loop
+        if prompt_ids and max(prompt_ids) >= vocabulary:
+            unknown = [i for i in prompt_ids if i >= vocabulary]
+            raise APIError(400, f"`prompt` holds token ids outside the vocabulary of {vocabulary}: "
                                 f"{unknown[:5]}", param="prompt")
         tutor.check_prompt_length(prompt_ids, "prompt")  # before decoding: a long list costs time to decode
         prompt_text = await asyncio.to_thread(tokenizer.decode, prompt_ids)

@@ -163,6 +163,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "no such route; see the API reference in the README"
         elif exc.status_code == 405:
             message = "method not allowed on this route"
+        elif exc.status_code == 413:  # a chunked body past the limit (middleware.BodyTooLarge): as a declared one's
+            code = "body_too_large"
         return ErrorResponse(error_body(exc.status_code, message, code=code), exc.status_code, headers=exc.headers)
 
     # The database is away (restart, failover): the review routes cannot answer, but nothing is lost and the

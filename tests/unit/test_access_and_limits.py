@@ -46,6 +46,7 @@ async def test_body_over_the_limit_is_413(app_factory):
         big = {"messages": [{"role": "user", "content": "x" * 5000}]}
         r = await served.client.post(CHAT, json=big)
         assert r.status_code == 413 and "ZEPHYR_MAX_BODY_BYTES" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "body_too_large"
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200
 
 

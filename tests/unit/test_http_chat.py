@@ -182,6 +182,7 @@ async def test_chunked_body_over_the_limit_is_413(app_factory):
 
         r = await served.client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "ZEPHYR_MAX_BODY_BYTES" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "body_too_large"  # as a declared length's refusal says
 
 
 async def test_the_openai_client_parses_completions_streams_and_models(served):
