@@ -226,9 +226,11 @@ class Limiter:
         self.code = code
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self.item else None
 
-    def _refuse(self, identity: str, detail: str) -> APIError:
+    def _refuse(self, identity: str, detail: str, cost: int) -> APIError:
+        # The window's reset is when its oldest unit expires: room for one. Room for more may take until the newer
+        # ones expire too, which the window does not tell: a whole window is always enough.
         reset_at, _ = self._limiter.get_window_stats(self.item, identity)
-        retry_after = max(1, math.ceil(reset_at - time.time()))
+        retry_after = max(1, math.ceil(reset_at - time.time())) if cost <= 1 else self.item.get_expiry()
         return APIError(429, f"{detail}; retry after {retry_after} s", code=self.code,
                         headers={"Retry-After": str(retry_after)})
 
@@ -244,12 +246,12 @@ class Limiter:
         if self._limiter is None or cost <= 0:
             return
         if not self._limiter.hit(self.item, identity, cost=cost):
-            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", cost)
 
     def check(self, identity: str, cost: int = 1) -> None:
         """Refuses when the window has no room for `cost` more units, without counting them."""
         if self._limiter is not None and cost > 0 and not self._limiter.test(self.item, identity, cost=cost):
-            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded")
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", cost)
 
 
 class RateLimiter(Limiter):
@@ -276,12 +278,12 @@ def client_address(request: Request) -> str:
 
 
 @contextmanager
-def _counted_refusal(state: Any) -> Iterator[None]:
-    """A rate-limit refusal raised inside is counted in the metrics, wherever the limit was asked."""
+def _counted_refusal(state: Any, reason: str = "rate_limit") -> Iterator[None]:
+    """A budget's refusal raised inside is counted in the metrics, wherever the budget was asked."""
     try:
         yield
     except APIError:
-        state.metrics.rejected.labels("rate_limit").inc()
+        state.metrics.rejected.labels(reason).inc()
         raise
 
 
@@ -291,17 +293,21 @@ def _count_work(state: Any, principal: Principal, cost: int) -> None:
 
 
 @contextmanager
-def admissible(request: Request, cost: int = 1, *, weight: int = 1) -> Iterator[None]:
+def admissible(request: Request, cost: int = 1, *, weight: int = 1, for_review: bool = False) -> Iterator[None]:
     """The refusals of `admitted` (its size, admission, then the rate limit), without taking a place or spending a
     budget: held around the work a request costs ahead of its admission (tokenizing, the guard's screening on the
     encoder's one thread), so a replica does not spend that on requests it will refuse: while shedding load, or for a
     key whose window has no room for the rest of the request's work. Requests inside count against admission with
-    those admitted, so a burst does not all queue at the guard to be refused afterwards."""
-    state = request.app.state
+    those admitted, so a burst does not all queue at the guard to be refused afterwards. `for_review`: the request
+    marks its answer for review, so the review budget must have room too."""
+    state, identity = request.app.state, request.state.principal.identity
     state.rate_limiter.fits(cost)
     with state.tutor.admission.preparing(weight):
+        if for_review:
+            with _counted_refusal(state, "review_budget"):
+                state.review_requests.check(identity)
         with _counted_refusal(state):
-            state.rate_limiter.check(request.state.principal.identity, cost - 1)  # `require` counted the first unit
+            state.rate_limiter.check(identity, cost - 1)  # `require` counted the first unit
         yield
 
 
@@ -320,7 +326,8 @@ def admitted(request: Request, cost: int = 1, *, weight: int = 1,
     state.rate_limiter.fits(cost)
     with state.tutor.admission.admit(weight) as slot:
         if for_review:
-            state.review_requests.check(identity)
+            with _counted_refusal(state, "review_budget"):
+                state.review_requests.check(identity)
         _count_work(state, request.state.principal, cost - 1)
         if for_review:
             state.review_requests.hit(identity)

@@ -88,8 +88,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                             "n=1 to have it reviewed, or leave the header out", param="n")
     # What can never succeed is refused before admission, whose 503 or 429 a client would retry first.
     tutor.check_generation(body, tutor.settings.chat_temperature)
-    # n answers are n sequences in the engine: n places of admission, and n units of the key's budget
-    with admissible(request, body.n, weight=body.n):  # around the tokenizing and the guard's screening
+    # n answers are n sequences in the engine: n places of admission, and n units of the key's budget; a chat
+    # marked for review (where the policy takes marks) must fit the review budget too
+    marked = review_requested and tutor.candidates.wants_review(True)
+    with admissible(request, body.n, weight=body.n, for_review=marked):  # around the tokenizing and the guard
         gen = await tutor.prepare_chat(body, principal, review_requested=review_requested)
     top_logprobs = body.top_logprobs if body.logprobs else None
     # Each chat marked for review costs a second answer and a reviewer's time: a budget per key. Counted only when

@@ -428,3 +428,27 @@ async def test_a_client_that_hangs_up_is_no_server_error_and_frees_its_place(ser
     assert statuses == ["aborted"] * rows
     metrics = (await served.client.get("/metrics")).text
     assert f'route="{path}",status="499"' in metrics and f'route="{path}",status="500"' not in metrics
+
+
+def test_retry_after_leaves_room_for_the_whole_request(monkeypatch):
+    """The window's reset frees its oldest units only: told to come back then, a request of 7 units was refused
+    again (six were free at that time)."""
+    import time
+
+    from service.auth import Limiter
+    from service.errors import APIError
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    limiter = Limiter("10/minute", "units")
+    limiter.hit("key", 6)
+    now[0] = 1030.0
+    limiter.hit("key", 4)
+    now[0] = 1031.0
+    with pytest.raises(APIError) as one:
+        limiter.check("key", 1)
+    assert int(one.value.headers["Retry-After"]) == 29  # a single unit: the oldest units' expiry is room enough
+    with pytest.raises(APIError) as refused:
+        limiter.check("key", 7)
+    now[0] += int(refused.value.headers["Retry-After"])
+    limiter.check("key", 7)  # room now, as promised

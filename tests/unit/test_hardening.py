@@ -474,6 +474,25 @@ async def test_marking_chats_for_review_has_a_budget_per_key(app_factory):
         r = await served.client.post(CHAT, json=BODY, headers=marked)
         assert r.json()["error"]["code"] == "review_request_limit_exceeded"
         assert (await served.client.post(CHAT, json=BODY)).status_code == 200  # unmarked chats go on
+        metrics = (await served.client.get("/metrics")).text
+        assert 'zephyr_requests_rejected_total{reason="review_budget"} 2.0' in metrics
+
+
+async def test_a_chat_past_its_review_budget_is_refused_before_it_is_prepared(app_factory, monkeypatch):
+    """Tokenizing and the guard's screening on the encoder's one thread were spent, then the 429 came."""
+    async with app_factory(review_request_limit="1/hour") as served:
+        tutor = served.app.state.tutor
+        prepared = []
+        prepare_chat = tutor.prepare_chat
+
+        async def counted(*args, **kwargs):
+            prepared.append(1)
+            return await prepare_chat(*args, **kwargs)
+
+        monkeypatch.setattr(tutor, "prepare_chat", counted)
+        marked = {"X-Zephyr-Review": "true"}
+        assert [(await served.client.post(CHAT, json=BODY, headers=marked)).status_code for _ in range(2)] == [200, 429]
+        assert len(prepared) == 1
 
 
 async def test_a_chat_refused_for_its_review_budget_spends_no_work(app_factory):
