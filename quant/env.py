@@ -122,10 +122,26 @@ def output_lines(stream: Any) -> Iterator[tuple[str, bool]]:
         yield pending.rstrip("\r"), False
 
 
+def _stop_with_parent() -> Callable[[], None] | None:
+    """What the worker runs before its program (Linux): SIGTERM when the `zephyr quantize` that started it dies.
+    Killed outright (the OOM killer, SIGKILL), the parent unwinds nothing, and the orphaned worker went on for an
+    hour, holding its memory and writing into a run folder a rerun may be using. The library is looked up here, in
+    the parent: between fork and exec the child only calls it."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    import signal
+
+    prctl, PR_SET_PDEATHSIG = ctypes.CDLL(None, use_errno=True).prctl, 1
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_worker(python: Path, spec: Path, log: Path, say: Callable[[str], None] = print) -> None:
-    """Run quant/llmc_worker.py in the env, streaming its output line by line and keeping a copy in `log`."""
+    """Run quant/llmc_worker.py in the env, streaming its output line by line and keeping a copy in `log`. Call it
+    from the main thread: the worker is stopped when the thread that started it ends (PR_SET_PDEATHSIG)."""
     with log.open("w") as copy, subprocess.Popen([str(python), str(WORKER), str(spec)], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, env=worker_environment()) as process:
+                                                 stderr=subprocess.STDOUT, env=worker_environment(),
+                                                 preexec_fn=_stop_with_parent()) as process:
         tail: list[str] = []
         assert process.stdout is not None
         shown_redraw = 0.0

@@ -398,3 +398,42 @@ def test_easyquant_records_the_values_it_ran_with_not_the_options_left_empty():
     assert QuantOptions(model="m", method="easyquant", easyquant_steps=defaults.steps).recipe() == plain
     kept = QuantOptions(model="m", method="easyquant", easyquant_form="dequantized").recipe()
     assert kept["outliers_isolated"] and kept["outlier_sigma"] == defaults.outlier_sigma
+
+
+def test_a_worker_stops_when_its_parent_is_killed_outright(tmp_path):
+    """SIGKILL (the OOM killer) unwinds nothing in the parent: the worker must not go on orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pid_file = tmp_path / "worker.pid"
+    (tmp_path / "worker.py").write_text(
+        "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\nprint('calibrating', flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from quant import env\n"
+        f"env.WORKER = Path({str(tmp_path / 'worker.py')!r})\n"
+        f"env.run_worker(Path(sys.executable), Path({str(pid_file)!r}), Path({str(tmp_path / 'worker.log')!r}))\n")],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "calibrating"  # the worker runs
+    worker = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    def alive(pid: int) -> bool:  # a zombie no one has reaped yet is gone too
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    for _ in range(100):
+        if not alive(worker):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived its killed parent")
