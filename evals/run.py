@@ -412,7 +412,7 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
                             "give a registry entry made with `zephyr train rm`, or such a folder")
     try:  # one pair loads the scorer, which stays cached for the suite
         textmetrics.bertscore(["a"], ["a"], model=options.bertscore_model, num_layers=options.bertscore_layers)
-    except (RuntimeError, ValueError) as exc:
+    except Exception as exc:  # a missing backbone, or a local folder whose weights do not load
         raise EvalError(f"--bertscore-model {options.bertscore_model or '(default)'}: {exc}") from None
     return tools
 

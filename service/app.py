@@ -323,11 +323,11 @@ async def _keep_retention(app: FastAPI, days: int) -> None:
         except Exception as exc:
             log.warning("could not delete generation-log rows past the retention (tried again in an hour): %s", exc)
         try:
-            if gone := await asyncio.to_thread(retention.prune_rejected, generation_log.rejected_path, cutoff):
+            if gone := await generation_log.prune_rejected(cutoff):
                 app.state.metrics.log_pruned_rows.inc(gone)
                 log.info("deleted %d refused rows older than %d days from %s", gone, days,
                          generation_log.rejected_path)
-        except OSError as exc:
+        except Exception as exc:
             log.warning("could not prune %s (tried again in an hour): %s", generation_log.rejected_path, exc)
         await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
 

@@ -226,11 +226,12 @@ class Limiter:
         self.code = code
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self.item else None
 
-    def _refuse(self, identity: str, detail: str, cost: int) -> APIError:
-        # The window's reset is when its oldest unit expires: room for one. Room for more may take until the newer
-        # ones expire too, which the window does not tell: a whole window is always enough.
+    def _refuse(self, identity: str, detail: str, needs: int) -> APIError:
+        """`needs`: the units the retried request will spend. The window's reset is when its oldest unit expires:
+        room for one. Room for more may take until newer ones expire too, which the window does not tell: a whole
+        window is always enough."""
         reset_at, _ = self._limiter.get_window_stats(self.item, identity)
-        retry_after = max(1, math.ceil(reset_at - time.time())) if cost <= 1 else self.item.get_expiry()
+        retry_after = max(1, math.ceil(reset_at - time.time())) if needs <= 1 else self.item.get_expiry()
         return APIError(429, f"{detail}; retry after {retry_after} s", code=self.code,
                         headers={"Retry-After": str(retry_after)})
 
@@ -240,18 +241,19 @@ class Limiter:
             raise APIError(400, f"this request is {cost} units of work, more than the whole limit of {self.item} "
                                 f"{self.what}; split it into smaller requests", code="request_too_large")
 
-    def hit(self, identity: str, cost: int = 1) -> None:
+    def hit(self, identity: str, cost: int = 1, needs: int | None = None) -> None:
         """Counts `cost` units, or refuses with a 429. Call `fits(cost)` first for a cost over 1 (`admitted` does):
-        given a cost over the whole window this refuses every time."""
+        given a cost over the whole window this refuses every time. `needs`: what the whole request spends, if more
+        (the rest of a request whose first unit was counted at authentication), for its Retry-After."""
         if self._limiter is None or cost <= 0:
             return
         if not self._limiter.hit(self.item, identity, cost=cost):
-            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", cost)
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", needs or cost)
 
-    def check(self, identity: str, cost: int = 1) -> None:
-        """Refuses when the window has no room for `cost` more units, without counting them."""
+    def check(self, identity: str, cost: int = 1, needs: int | None = None) -> None:
+        """Refuses when the window has no room for `cost` more units, without counting them (`needs`: as hit's)."""
         if self._limiter is not None and cost > 0 and not self._limiter.test(self.item, identity, cost=cost):
-            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", cost)
+            raise self._refuse(identity, f"limit of {self.item} {self.what} exceeded", needs or cost)
 
 
 class RateLimiter(Limiter):
@@ -287,9 +289,9 @@ def _counted_refusal(state: Any, reason: str = "rate_limit") -> Iterator[None]:
         raise
 
 
-def _count_work(state: Any, principal: Principal, cost: int) -> None:
+def _count_work(state: Any, principal: Principal, units: int, needs: int | None = None) -> None:
     with _counted_refusal(state):
-        state.rate_limiter.hit(principal.identity, cost)
+        state.rate_limiter.hit(principal.identity, units, needs)
 
 
 @contextmanager
@@ -307,7 +309,7 @@ def admissible(request: Request, cost: int = 1, *, weight: int = 1, for_review: 
             with _counted_refusal(state, "review_budget"):
                 state.review_requests.check(identity)
         with _counted_refusal(state):
-            state.rate_limiter.check(identity, cost - 1)  # `require` counted the first unit
+            state.rate_limiter.check(identity, cost - 1, needs=cost)  # `require` counted the first unit
         yield
 
 
@@ -328,7 +330,7 @@ def admitted(request: Request, cost: int = 1, *, weight: int = 1,
         if for_review:
             with _counted_refusal(state, "review_budget"):
                 state.review_requests.check(identity)
-        _count_work(state, request.state.principal, cost - 1)
+        _count_work(state, request.state.principal, cost - 1, needs=cost)  # `require` counted the first unit
         if for_review:
             state.review_requests.hit(identity)
         yield slot

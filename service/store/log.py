@@ -35,7 +35,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.metrics import Metrics
-from service.store.models import Generation, GenerationRecord, json_default
+from service.store import retention
+from service.store.models import SET_ASIDE_KEY, Generation, GenerationRecord, json_default
 from zephyr.paths import (
     create_private_file,
     open_private_append,
@@ -454,6 +455,18 @@ class GenerationLog:
     def rejected_path(self) -> Path:
         return rejected_file(self.spill_path)
 
+    def _keep_rejected(self, rows: list[dict[str, Any]]) -> None:
+        with open_private_append(self.rejected_path) as out:
+            fcntl.lockf(out, fcntl.LOCK_EX)  # not between the retention's read and rewrite of the file
+            for row in rows:
+                out.write(json.dumps(row, default=json_default) + "\n")
+
+    async def prune_rejected(self, cutoff: datetime) -> int:
+        """service.store.retention.prune_rejected on this log's rejected file, under the replay's lock (the only
+        writer of that file in this process: a file lock does not keep it out)."""
+        async with self._replay_lock:
+            return await asyncio.to_thread(retention.prune_rejected, self.rejected_path, cutoff)
+
     async def replay_spill(self) -> int:
         """Insert spilled rows (duplicates are ignored by request id), then remove the file. A row the
         database refuses while it is up (a bad value, a torn line) goes to the rejected file for a person
@@ -511,13 +524,11 @@ class GenerationLog:
             inserted += len(batch)
         # A set-aside line may carry no time of its own: its setting aside dates it for the retention.
         set_aside_at = datetime.now(UTC).isoformat()
-        rejected = [{**entry, "set_aside_at": set_aside_at} for entry in set_aside]
+        rejected = [{**entry, SET_ASIDE_KEY: set_aside_at} for entry in set_aside]
         rejected += [row.to_json() for row in refused]
         if rejected:
-            with open_private_append(self.rejected_path) as out:
-                fcntl.lockf(out, fcntl.LOCK_EX)  # not between the retention's read and rewrite of the file
-                for row in rejected:
-                    out.write(json.dumps(row, default=json_default) + "\n")
+            # In a thread: the lock waits while another process prunes the file.
+            await asyncio.to_thread(self._keep_rejected, rejected)
             self.metrics.log_rejected_rows.inc(len(rejected))
             log.error("%d spilled rows were refused by the database; kept in %s", len(rejected), self.rejected_path)
         await asyncio.to_thread(path.unlink)  # still locked: no other replica is reading it

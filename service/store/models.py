@@ -51,6 +51,11 @@ class Generation(Base):
     model_revision: Mapped[str | None] = mapped_column(String(80))
 
 
+# When the spill's replay set a line aside (one that is no row) into the rejected file: what the retention dates
+# it by. An underscore key, which from_dict ignores, so a set-aside row can still be replayed as it was.
+SET_ASIDE_KEY = "_set_aside_at"
+
+
 @dataclass(slots=True)
 class GenerationRecord:
     """One `generations` row, typed: the fields are the table's columns, in its order (a unit test holds them

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import aliased
 
-from service.store.models import Generation, ReviewAssignment
+from service.store.models import SET_ASIDE_KEY, Generation, ReviewAssignment
 from zephyr.clock import utc
 
 BATCH = 500  # served rows a transaction deletes (with their children)
@@ -104,11 +105,9 @@ async def prune(engine: AsyncEngine, cutoff: datetime, include_reviewed: bool = 
             on_batch(done)
 
 
-def _dated(entry: object) -> datetime | None:
+def _dated(entry: dict[str, Any]) -> datetime | None:
     """A rejected line's time: the row's `created_at`, else when it was set aside; None if it names neither."""
-    if not isinstance(entry, dict):
-        return None
-    for key in ("created_at", "set_aside_at"):
+    for key in ("created_at", SET_ASIDE_KEY):
         try:
             return utc(datetime.fromisoformat(entry[key]))
         except (KeyError, TypeError, ValueError):
@@ -117,29 +116,39 @@ def _dated(entry: object) -> datetime | None:
 
 
 def prune_rejected(path: Path, cutoff: datetime, dry_run: bool = False) -> int:
-    """Delete the lines of the rejected file `path` older than the cutoff; how many went (or would go). A line that
-    names no time of its own is as old as the file's last write. The file is rewritten in place under the lock its
-    writers take, so a replica appending meanwhile waits and loses nothing."""
+    """Delete the lines of the rejected file `path` older than the cutoff; how many went (or would go).
+
+    A line that names no time of its own (one an older version set aside) is dated by the file's last write, and
+    stamped with it, so it ages from then on instead of with every append. The file is rewritten in place under
+    the lock its writers take: another process appending meanwhile waits and loses nothing (POSIX locks do not
+    exclude within one process: the server calls this through GenerationLog.prune_rejected, which holds the
+    replay's lock too). Bytes that are no UTF-8 are kept as they were."""
     try:
-        handle = path.open("r+", encoding="utf-8")
+        handle = path.open("r+", encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return 0
     with handle:
         fcntl.lockf(handle, fcntl.LOCK_EX)
         written = datetime.fromtimestamp(os.fstat(handle.fileno()).st_mtime, UTC)
-        kept, gone = [], 0
+        kept, gone, stamped = [], 0, False
         for line in handle:
             if not line.strip():
                 continue
             try:
-                when = _dated(json.loads(line))
+                entry = json.loads(line)
             except json.JSONDecodeError:
-                when = None
-            if (when or written) < utc(cutoff):
+                entry = None
+            if not isinstance(entry, dict):
+                entry = {"unparseable_line": line.rstrip("\n")}
+            when = _dated(entry)
+            if when is None:
+                when, stamped = written, True
+                line = json.dumps({**entry, SET_ASIDE_KEY: written.isoformat()}) + "\n"
+            if when < utc(cutoff):
                 gone += 1
             else:
-                kept.append(line)
-        if gone and not dry_run:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if (gone or stamped) and not dry_run:
             handle.seek(0)
             handle.writelines(kept)
             handle.truncate()

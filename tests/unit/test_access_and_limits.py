@@ -452,3 +452,21 @@ def test_retry_after_leaves_room_for_the_whole_request(monkeypatch):
         limiter.check("key", 7)
     now[0] += int(refused.value.headers["Retry-After"])
     limiter.check("key", 7)  # room now, as promised
+
+
+async def test_a_chat_of_two_answers_is_told_to_wait_until_both_fit(app_factory, monkeypatch):
+    """`require` counts a request's first unit and admission the rest: a 2-answer chat refused for its second unit
+    was told to come back when one unit was free, and was refused again."""
+    import time
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    async with app_factory(rate_limit="3/minute") as served:
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+        now[0] = 1030.0
+        assert (await served.client.post(CHAT, json=BODY)).status_code == 200
+        now[0] = 1031.0
+        r = await served.client.post(CHAT, json={**BODY, "n": 2})  # its first unit fits, its second does not
+        assert r.status_code == 429
+        now[0] += int(r.headers["Retry-After"])
+        assert (await served.client.post(CHAT, json={**BODY, "n": 2})).status_code == 200

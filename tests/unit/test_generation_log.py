@@ -399,7 +399,7 @@ async def test_a_replay_cut_short_keeps_the_file_and_a_retry_inserts_each_row_on
     assert await log.replay_spill() == 5 and not log.has_spill()  # again from the start: s0, s1 ignored by id
     assert await log.count() == 5
     [torn] = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
-    assert torn.pop("unparseable_line") == '{"torn' and "T" in torn.pop("set_aside_at") and not torn
+    assert torn.pop("unparseable_line") == '{"torn' and "T" in torn.pop("_set_aside_at") and not torn
     await log.close()
 
 

@@ -495,3 +495,34 @@ async def test_two_kinds_of_failure_at_once_raise_the_clients_error_not_a_group(
             assert type(first_failure(failures)) is expected
         else:
             raise AssertionError("the group did not fail")
+
+
+async def test_a_letter_refused_while_cloze_faults_is_the_clients_error(app_factory, settings_factory, default_model,
+                                                                       monkeypatch):
+    """Through /mcq: the letter's 503 and a fault in the cloze task's unwinding, both in one task group."""
+    import asyncio
+
+    from loadtest.harness import linked_variant
+    from service.errors import APIError
+    from zephyr.mcq import MCQCalibration
+
+    record = MCQCalibration(method="combined", weights={"letter": 1.0, "cloze": 2.0})
+    home = settings_factory().home
+    linked_variant(home, default_model, "calibrated", mcq_calibration=record)
+    async with app_factory(home=home, model="calibrated") as served:
+        tutor = served.app.state.tutor
+
+        async def refused(*args, **kwargs):
+            await asyncio.sleep(0.01)
+            raise APIError(503, "no log-probability for a letter", code="engine_unavailable")
+
+        async def faulty(*args, **kwargs):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise RuntimeError("a fault while unwinding") from None
+
+        monkeypatch.setattr(tutor, "_letter", refused)
+        monkeypatch.setattr(tutor, "_cloze", faulty)
+        r = await served.client.post("/mcq", json=QUESTION)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text

@@ -85,7 +85,7 @@ async def test_an_item_claimed_after_the_prune_chose_it_is_kept_with_its_candida
 def rejected_lines(when: datetime) -> list[str]:
     """A rejected file's kinds of line, dated `when`: a refused row, a set-aside line, and a blank line."""
     return [json.dumps({"id": f"refused-{when:%j}", "created_at": when.isoformat(), "prompt_tokens": None}) + "\n",
-            json.dumps({"unparseable_line": '{"torn', "set_aside_at": when.isoformat()}) + "\n", "\n"]
+            json.dumps({"unparseable_line": '{"torn', "_set_aside_at": when.isoformat()}) + "\n", "\n"]
 
 
 def test_the_rejected_file_keeps_only_lines_inside_the_retention(tmp_path):
@@ -100,11 +100,34 @@ def test_the_rejected_file_keeps_only_lines_inside_the_retention(tmp_path):
     assert path.read_text() == "".join(line for line in recent if line.strip())
     assert retention.prune_rejected(path, CUTOFF) == 0
 
-    # An older version's set-aside line names no time: it is as old as the file's last write.
-    path.write_text('{"unparseable_line": "{\\"torn"}\nnot even json\n')
-    assert retention.prune_rejected(path, CUTOFF) == 0
+    # An older version's set-aside lines name no time: they are as old as the file's last write, and stamped with
+    # it, so later appends (which move the file's time) do not keep them young.
+    path.write_bytes(b'{"unparseable_line": "{\\"torn"}\nnot even json \xff\n')
     os.utime(path, (OLD.timestamp(), OLD.timestamp()))
-    assert retention.prune_rejected(path, CUTOFF) == 2 and path.read_text() == ""
+    assert retention.prune_rejected(path, CUTOFF, dry_run=True) == 2
+    assert b"\xff" in path.read_bytes()  # a dry run stamps nothing
+    assert retention.prune_rejected(path, NOW - timedelta(days=200)) == 0  # kept, now dated
+    stamped = [json.loads(line) for line in path.read_text(errors="surrogateescape").splitlines()]
+    assert [set(entry) for entry in stamped] == [{"unparseable_line", "_set_aside_at"}] * 2
+    assert stamped[1]["unparseable_line"] == "not even json \udcff"  # a byte that is no UTF-8, kept as it was
+    with path.open("a") as out:  # an append moves the file's time, not the lines'
+        out.write(rejected_lines(NOW)[0])
+    assert retention.prune_rejected(path, CUTOFF) == 2 and len(path.read_text().splitlines()) == 1
+
+
+async def test_the_servers_prune_waits_for_a_replay_writing_the_rejected_file(tmp_path):
+    """A file lock does not exclude within one process: the prune's rewrite would cut off a row the replay appended
+    after the prune read the file."""
+    from service.metrics import Metrics
+    from service.store.log import GenerationLog
+
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    log.rejected_path.write_text("".join(rejected_lines(OLD)))
+    async with log._replay_lock:
+        pruning = asyncio.create_task(log.prune_rejected(CUTOFF))
+        await asyncio.sleep(0.1)
+        assert not pruning.done() and len(log.rejected_path.read_text().splitlines()) == 3
+    assert await pruning == 2
 
 
 async def test_the_server_prunes_past_its_retention(app_factory, monkeypatch):
