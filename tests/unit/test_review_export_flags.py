@@ -185,6 +185,12 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
     from service.review.export import written_whole
 
     assert written_whole(generations["b"]) and not written_whole(generations["stopped"])
+    # vLLM says `stop` for a client's stop string or token as for the model's own end: it may have cut the answer
+    for client_stop in ({"stop": ["."]}, {"stop_token_ids": [13]}):
+        row = {**generations["b"], "params": {**generations["b"]["params"], **client_stop}}
+        assert row["response"][0]["finish_reason"] in ("stop", None) and not written_whole(row)
+    assert written_whole({**generations["b"], "params": {**generations["b"]["params"], "stop": [],
+                                                         "stop_token_ids": []}})
 
 
 def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative():
