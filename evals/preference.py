@@ -64,9 +64,11 @@ def read_export(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[s
 def counts_every_verdict(record: Mapping[str, Any]) -> bool:
     """Whether a pair comes from an export that kept every decisive pair: with `--include-flagged` (a pair whose
     winner a reviewer flagged is still a win), `--include-unfinished` (a win with an answer cut off too) and no
-    `--min-agreement` (which keeps items by how their verdicts came out)."""
+    `--min-agreement` (which keeps items by how their verdicts came out), and not since filtered for training
+    (`zephyr data review` stamps `for_training`)."""
     kept = (record.get("meta") or {}).get("kept") or {}
-    return bool(kept.get("flagged") and kept.get("unfinished") and not kept.get("min_agreement"))
+    return bool(kept.get("flagged") and kept.get("unfinished") and not kept.get("min_agreement")
+                and not kept.get("for_training"))
 
 
 def _is_pair(record: Mapping[str, Any]) -> bool:

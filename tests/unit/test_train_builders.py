@@ -121,6 +121,10 @@ def test_review_export_dpo_from_the_real_exporter(tmp_path):
     fmt, records = from_review_export(path)
     assert fmt == "dpo" and len(records) == count == 2
     assert all(isinstance(r, PreferencePair) for r in records)
+    # stamped as filtered for training: the gate must not count such a file as every verdict
+    from evals.preference import counts_every_verdict
+
+    assert all(r.meta["kept"]["for_training"] and not counts_every_verdict(r.model_dump()) for r in records)
 
 
 def test_review_export_kto_and_sft(tmp_path):
@@ -133,7 +137,7 @@ def test_review_export_kto_and_sft(tmp_path):
     sft = tmp_path / "sft.jsonl"
     write_jsonl(sft, [SFTExample(messages=PROMPT + ANSWER, meta={"item_ids": ["a"]})])
     fmt, records = from_review_export(sft)
-    assert fmt == "sft" and isinstance(records[0], SFTExample) and records[0].meta == {"item_ids": ["a"]}
+    assert fmt == "sft" and isinstance(records[0], SFTExample) and records[0].meta == {"item_ids": ["a"], "kept": {"for_training": True}}
 
 
 def test_records_an_export_kept_only_for_counting_verdicts_are_left_out(tmp_path):

@@ -201,5 +201,8 @@ def from_review_export(path: Path, *, include_unfinished: bool = False,
         if why := unfit_for_training(record.meta, allow_unfinished=include_unfinished):
             left_out[why] += 1
         else:
+            # Stamped: what is left no longer holds every verdict, and `eval gate --reviews` must not count it so.
+            kept = record.meta.get("kept") or {}
+            record.meta = {**record.meta, "kept": {**kept, "for_training": True}}
             fit.append(record)
     return name, fit
