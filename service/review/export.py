@@ -137,8 +137,11 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             meta["strength"] = round(sum(strengths) / len(strengths), 4)
 
         def of(row: dict[str, Any], meta: dict[str, Any] = meta) -> dict[str, Any]:
-            """One answer's record meta, with whether it is fit to train on (`zephyr data review` reads it)."""
-            return {**meta, "generation_id": row["id"], "whole": written_whole(row)}
+            """One answer's record meta: which model (and weights) wrote it, and whether it is fit to train on
+            (`zephyr data review` reads it)."""
+            return {**meta, "generation_id": row["id"], "model": model_label(row, served["model"]),
+                    **({"model_revision": row["model_revision"]} if row.get("model_revision") else {}),
+                    "whole": written_whole(row)}
 
         out: list[tuple[BaseModel, dict]] = []
         if label in ("served", "candidate") and candidate is not None:

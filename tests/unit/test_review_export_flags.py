@@ -180,8 +180,10 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
     # Each record says whether it is fit to train on (`zephyr data review` reads it): neither pair is.
     assert [(p["meta"]["whole"], p["meta"]["chosen_flagged"]) for p in pairs] == [(False, False), (False, False)]
     text, _ = to_jsonl(judgements, generations, ExportOptions("kto", include_unfinished=True), None)
-    assert [(r["meta"]["generation_id"], r["meta"]["whole"]) for r in map(json.loads, text.splitlines())] == [
+    kto = [json.loads(line) for line in text.splitlines()]
+    assert [(r["meta"]["generation_id"], r["meta"]["whole"]) for r in kto] == [
         ("b", True), ("stopped", False), ("cut", False), ("a", True)]
+    assert all(r["meta"]["model"] for r in kto)  # which model wrote each answer, as a pair's meta says
     from service.review.export import written_whole
 
     assert written_whole(generations["b"]) and not written_whole(generations["stopped"])
