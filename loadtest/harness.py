@@ -120,9 +120,10 @@ def server_environment() -> dict[str, str]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (nearest rank) of the values that are numbers; NaN if none is."""
+    """The q-quantile (nearest rank: the smallest value with at least a share q of the values at or below it) of
+    the values that are numbers; NaN if none is."""
     ordered = sorted(v for v in values if not math.isnan(v))
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else float("nan")
 
 
 @dataclass
@@ -305,8 +306,10 @@ class Locust:
         events_path.unlink(missing_ok=True)
         env = {**os.environ, **load_keys(url),
                "ZEPHYR_LOAD_EVENTS": str(events_path), "ZEPHYR_LOAD_EXAM_PERIOD": str(exam_period)}
+        # -t 0s would be no limit at all (Locust reads it as unset), and wait() would wait forever
         command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--headless",
-                   "-u", str(users), "-r", str(spawn_rate), "-t", f"{int(seconds)}s", "--stop-timeout", "300",
+                   "-u", str(users), "-r", str(spawn_rate), "-t", f"{max(1, math.ceil(seconds))}s",
+                   "--stop-timeout", "300",
                    "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--only-summary",
                    "--loglevel", "WARNING", *user_classes]
         with (out / "locust.log").open("w") as log:

@@ -56,6 +56,7 @@ def main() -> None:
         with console.status("starting zephyr serve (model load and warm-up)"):
             server = LocalServer.start(home, review_policy="sample", review_share="0.1", **extra)
         console.print(f"server ready at {server.url} (home {home})")
+    locust = None
     try:
         started = time.monotonic()
         with console.status(f"Locust: {args.users} users for {args.minutes:g} min"):
@@ -70,6 +71,8 @@ def main() -> None:
             raise SystemExit(f"no request succeeded ({len(events)} sent): see {args.out}/locust.html; a --url "
                              "server needs its keys in ZEPHYR_LOAD_STUDENT_KEY and ZEPHYR_LOAD_REVIEWER_KEYS")
     finally:
+        if locust is not None:  # a failure part way: no Locust left driving traffic
+            locust.stop()
         if server is not None:
             server.stop()
 

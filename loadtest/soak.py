@@ -51,6 +51,7 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
             samples.append((now, server.rss_bytes()))
             api_samples.append((now, rss_bytes(server.process.pid)))
 
+    locust = None
     try:
         rss_at_ready = server.rss_bytes()
         api_at_ready = rss_bytes(server.process.pid)
@@ -98,7 +99,10 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
                 ("resident memory", samples, rss_at_ready, server.rss_bytes, MAX_RSS_GROWTH),
                 ("the API process's resident memory", api_samples, api_at_ready,
                  lambda: rss_bytes(server.process.pid), api_limit)):
-            early = [rss for t, rss in series if t - started <= settle + RSS_SAMPLE_S] or [at_ready]
+            # the baseline: the samples of the first RSS_SAMPLE_S after the settling (all of the first minute's
+            # were its median, the warm-up's growth counted as the run's)
+            after = [(t, rss) for t, rss in series if t - started >= settle]
+            early = [rss for t, rss in after if t - after[0][0] <= RSS_SAMPLE_S] or [at_ready]
             late = [rss for t, rss in series if t >= started + wall_s * 0.9] or [now()]
             baseline, final = statistics.median(early), statistics.median(late)
             growth[what] = (baseline, final, (final - baseline) / baseline)
@@ -115,6 +119,8 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
                               api_rss_samples=[(round(t - started, 1), rss) for t, rss in api_samples])
     finally:
         stop_sampling.set()
+        if locust is not None:  # a failure part way: no Locust left driving traffic at a stopped server
+            locust.stop()
         server.stop()
     report.save(out)
     return report

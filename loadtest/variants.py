@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -92,8 +93,15 @@ def stop(process: subprocess.Popen) -> None:
 async def measure(model: str, args: argparse.Namespace, env: dict[str, str], out_dir: Path,
                   round_index: int) -> tuple[list[Level], dict[str, float]]:
     log = out_dir / f"{check_name(model)}.round{round_index}.log"
-    url = f"http://127.0.0.1:{args.port}"
-    process = serve(model, args.port, env, log)
+    port = args.port or harness.free_port()
+    # The server binds only once vLLM has loaded: a server left on the port (a bench killed outright leaves its own,
+    # in their session) would answer /readyz at once, and be timed instead.
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(f"port {port} is already served (a server left by an earlier run?); stop it or give "
+                             "another --port")
+    url = f"http://127.0.0.1:{port}"
+    process = serve(model, port, env, log)
     try:
         cold_start = harness.wait_ready(f"{url}/readyz", process, log, timeout=900)
         with MemorySampler(process.pid) as memory:
@@ -204,7 +212,7 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="the same fixed KV cache for every model")
-    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--out", default="bench-results/variants")
     args = parser.parse_args()
     registry = Registry(Settings().models_dir)

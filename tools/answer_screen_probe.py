@@ -38,7 +38,9 @@ from evals.safety import (
 )
 from offline.engine import OfflineEngine
 from offline.stats import wilson
+from tools import check_out_folder
 from zephyr.console import make_console
+from zephyr.paths import write_text_atomic
 from zephyr.registry import Registry
 from zephyr.safety import SafetyGuard, load_record
 from zephyr.settings import Settings
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="registry model (default: the served default)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    check_out_folder(args.out)
     console = make_console()
     settings = Settings()
     asked = prompts(settings, args.split, args.limit)
@@ -103,15 +106,13 @@ def main() -> None:
     request_guard = SafetyGuard(load_record(settings.safety_record), settings.safety_threshold)
     guard = request_guard.for_answers()
     rows: list[dict[str, Any]] = []
-    with args.out.open("w") as handle:
-        for name, (kind, pairs) in answers.items():
-            for request, answer in pairs:
-                score, sentence = answer_score(guard, answer)
-                row = {"split": args.split, "model": entry.name, "source": name, "kind": kind, "request": request,
-                       "answer": answer, "score": score, "sentence": sentence,
-                       "request_flagged": bool(request) and request_guard.judge(request).flagged}
-                rows.append(row)
-                handle.write(json.dumps(row) + "\n")
+    for name, (kind, pairs) in answers.items():
+        for request, answer in pairs:
+            score, sentence = answer_score(guard, answer)
+            rows.append({"split": args.split, "model": entry.name, "source": name, "kind": kind, "request": request,
+                         "answer": answer, "score": score, "sentence": sentence,
+                         "request_flagged": bool(request) and request_guard.judge(request).flagged})
+    write_text_atomic(args.out, "".join(json.dumps(row) + "\n" for row in rows))
 
     thresholds = {f"the answer threshold, {guard.threshold:.4f}": guard.threshold}
     if args.split == "validation":  # chosen here only: a test split reports at the threshold the service uses

@@ -30,8 +30,10 @@ from rich.table import Table
 
 from evals.stats import paired_bootstrap
 from offline import benchmarks
+from tools import check_out_folder
 from zephyr.console import make_console
 from zephyr.mcq import LETTERS
+from zephyr.paths import write_text_atomic
 from zephyr.prompts import encode_chat
 from zephyr.registry import Registry
 from zephyr.settings import DEFAULT_MODEL, Settings
@@ -43,9 +45,14 @@ app = typer.Typer(add_completion=False)
 
 
 def parse_settings(text: str) -> list[tuple[float, float, float]]:
+    """`temperature/top_p/repetition_penalty,...`; a typer.BadParameter naming the part that is not."""
     out = []
     for part in text.split(","):
-        temperature, top_p, penalty = (float(x) for x in part.split("/"))
+        try:
+            temperature, top_p, penalty = (float(x) for x in part.split("/"))
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not temperature/top_p/repetition_penalty (three numbers)",
+                                     param_hint="--settings") from None
         out.append((temperature, top_p, penalty))
     return out
 
@@ -67,6 +74,8 @@ def main(
     from offline.engine import OfflineEngine
 
     console = make_console()
+    check_out_folder(out)
+    asked = parse_settings(settings_list)  # before any engine loads
     settings = Settings()
     names = [m.strip() for m in models.split(",") if m.strip()]
     entries = [Registry(settings.models_dir).get(name) for name in names]  # every name checked before any engine
@@ -78,7 +87,7 @@ def main(
         prompts = [TokensPrompt(prompt_token_ids=encode_chat(engine.tokenizer, system + [
             {"role": "user", "content": item.question}])) for item in items]
         try:
-            for temperature, top_p, penalty in parse_settings(settings_list):
+            for temperature, top_p, penalty in asked:
                 # The engine's seed (ZEPHYR_SEED) fixes the draws; a seed per request would sample one request at a
                 # time.
                 params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p,
@@ -131,7 +140,8 @@ def main(
         table.add_row(*cells)
     console.print(table)
     if out is not None:
-        out.write_text(json.dumps({"models": names, "split": split, "n": len(items), "results": results}, indent=1))
+        write_text_atomic(out, json.dumps({"models": names, "split": split, "n": len(items), "results": results},
+                                          indent=1))
         console.print(f"wrote {out}")
 
 

@@ -30,8 +30,10 @@ from rich.table import Table
 from scipy.stats import mannwhitneyu
 
 from offline import benchmarks
+from tools import check_out_folder
 from zephyr.console import make_console
 from zephyr.mcq import LETTERS
+from zephyr.paths import write_text_atomic
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
 
@@ -115,13 +117,14 @@ def main(
     max_tokens: Annotated[int, typer.Option(min=8, max=1024)] = 96,
     out: Annotated[Path | None, typer.Option(help="Keep every answer (JSONL)")] = None,
 ) -> None:
+    check_out_folder(out)
     name, _, split = benchmark.partition(":")
     items = benchmarks.load(name, split or "validation", data_dir=Settings().data_dir, limit=limit)
     rows = asyncio.run(probe(url, api_key, items, samples, max_tokens))
     for row, item in zip(rows, items, strict=True):
         row["agreement"] = agreement(row["answer"], row["samples"], item.question)
     if out:
-        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_text_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
     right = np.array([row["verdict"] == "right" for row in rows])
     console = make_console()
     verdicts = {v: sum(row["verdict"] == v for row in rows) for v in benchmarks.ANSWER_VERDICTS}

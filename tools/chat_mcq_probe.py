@@ -31,8 +31,10 @@ from rich.table import Table
 
 from evals.stats import paired_bootstrap
 from offline import benchmarks
+from tools import check_out_folder
 from zephyr.console import make_console
 from zephyr.mcq import LETTERS
+from zephyr.paths import write_text_atomic
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
 from zephyr.textquality import loops
@@ -48,12 +50,12 @@ def render(question: str, options: list[str]) -> str:
 
 
 def labels(text: str, count: int) -> list[tuple[int, str]]:
-    """(position, letter) of every option label the text writes, for the question's letters only."""
+    """(where it ends, letter) of every option label the text writes, for the question's letters only."""
     found = []
     for m in _LABEL.finditer(text):
         letter = next(g for g in m.groups() if g)
         if letter in LETTERS[:count]:
-            found.append((m.start(), letter))
+            found.append((m.end(), letter))
     return found
 
 
@@ -61,9 +63,12 @@ def read_answer(text: str, options: list[str]) -> tuple[str | None, bool]:
     """The option the answer commits to (a letter, or None) and whether it goes on to contradict it."""
     found = labels(text, len(options))
     if found:
-        position, letter = found[0]
-        rest = text[position + 2:]
-        other_label = any(other != letter for _, other in labels(rest, len(options)))
+        end, letter = found[0]
+        rest = text[end:].lstrip(")]. :")
+        # the committed option's own text ("B) Vitamin A.") is no second label
+        own = options[LETTERS.index(letter)].strip()
+        unlabelled = rest[len(own):] if own and rest.lower().startswith(own.lower()) else rest
+        other_label = any(other != letter for _, other in labels(unlabelled, len(options)))
         verdict = benchmarks.answer_verdict(rest, options, LETTERS.index(letter))
         return letter, other_label or verdict == "wrong"
     named = [i for i in range(len(options))
@@ -149,10 +154,11 @@ def main(
         baseline, candidate = ([json.loads(line) for line in path.read_text().splitlines()] for path in compare)
         console.print(table(f"{compare[1].name} against {compare[0].name}", candidate, baseline))
         return
+    check_out_folder(out)
     chosen = questions(benchmark_specs, limit, seed, Settings().data_dir)
     rows = asyncio.run(ask_all(url, api_key, chosen, concurrency, max_tokens))
     if out is not None:
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     console.print(table(f"pasted multiple-choice questions through {url}", rows))
 
 

@@ -73,11 +73,13 @@ def direct_pairs(path: Path) -> list[dict[str, Any]]:
 
 
 def permuted(item: Any, rng: random.Random) -> tuple[mcq.MCQuestion, int]:
-    """The question with its options in a fresh random order, and the index of the key among them."""
+    """The question with its options in a fresh random order (and its passage, as /mcq asks a SciQ question), and
+    the index of the key among them."""
     order = list(range(len(item.options)))
     rng.shuffle(order)
     options = tuple(item.options[i] for i in order)
-    return mcq.MCQuestion(item.question, options), order.index(mcq.LETTERS.index(item.answer))
+    question = mcq.MCQuestion(item.question, options, mcq.normalize_support(item.support))
+    return question, order.index(mcq.LETTERS.index(item.answer))
 
 
 def _load(model_path: Path, full: bool, lora_r: int, dropout: float) -> tuple[Any, Any]:
@@ -164,6 +166,7 @@ def _train(model: Any, batch_loss: Any, checkpoint: Any, *, lr: float, steps: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses: list[float] = []
+    last = 0  # the step of the checkpoint before: each reports the mean loss of the steps since it
     for step in tqdm(range(1, steps + 1), desc=desc):
         loss = batch_loss(step)
         loss.backward()
@@ -172,7 +175,7 @@ def _train(model: Any, batch_loss: Any, checkpoint: Any, *, lr: float, steps: in
         optimizer.zero_grad()
         losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
-            recent = losses[-eval_every:]
+            recent, last = losses[last:], step
             results.append(checkpoint(step, sum(recent) / len(recent)))
     return results
 
@@ -255,7 +258,10 @@ def main(
     objective: Annotated[str | None, typer.Option(
         help="--data: dpo (sigmoid loss against the frozen model, the default) or sft (NLL of the key); "
              "--splits trains with sft only")] = None,
-    lr: float = 1e-4, beta: float = 0.1, steps: int = 120, batch_size: int = 8, eval_every: int = 60,
+    lr: float = 1e-4, beta: float = 0.1,
+    steps: Annotated[int, typer.Option(min=1)] = 120,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    eval_every: Annotated[int, typer.Option(min=1)] = 60,
     full: Annotated[bool, typer.Option(help="--splits: train every weight instead of a LoRA adapter")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 16,
     held_out: Annotated[int, typer.Option(help="pairs or questions kept out of training and scored")] = 200,

@@ -27,9 +27,11 @@ import numpy as np
 from evals import calibration, mcq_eval
 from evals.calibrate import load_items, load_scores
 from offline.benchmarks import CALIBRATION_LIMITS, MCQ_BENCHMARKS, load, reported_copy, without_questions_of
+from tools import check_out_folder
 from zephyr import mcq
 from zephyr.console import make_console
 from zephyr.encoder import embed, load_encoder
+from zephyr.paths import write_text_atomic
 from zephyr.registry import Registry
 from zephyr.settings import Settings
 
@@ -80,7 +82,7 @@ def score(settings: Settings, model: str, count: int, limit: int | None, out: Pa
             scored[name] = [{"id": i.id, "gold": mcq.LETTERS.index(i.answer), "options": list(i.options),
                              "support": mcq.normalize_support(i.support) is not None, "cloze": c, "prior": p,
                              "nearest": s} for i, c, p, s in zip(items, cloze, prior, nearest, strict=True)]
-            out.write_text(json.dumps(scored))  # after each set: a long run keeps what it has
+            write_text_atomic(out, json.dumps(scored))  # after each set: a long run keeps what it has
     finally:
         engine.shutdown()
     return scored
@@ -89,7 +91,11 @@ def score(settings: Settings, model: str, count: int, limit: int | None, out: Pa
 def compare(settings: Settings, model: str, scored: dict[str, list[dict]]) -> None:
     console = make_console()
     folder = settings.resolved_eval_results_dir / model / "calibration"
-    fixed = load_scores(sorted(folder.glob("scores-*.json"))[-1])
+    saved = sorted(folder.glob("scores-*.json"))
+    if not saved:
+        raise SystemExit(f"error: no calibration scores of {model} in {folder} to compare with: run `zephyr eval "
+                         f"calibrate --model {model}` first")
+    fixed = load_scores(saved[-1])
     pairs: dict[str, tuple[list[calibration.Scored], list[calibration.Scored]]] = {}
     for name, rows in scored.items():
         ids = {r["id"] for r in rows}
@@ -120,9 +126,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--count", type=int, default=5, help="demonstrations per question (default 5)")
     parser.add_argument("--limit", type=int, default=None, help="the first N calibration questions of each set")
-    parser.add_argument("--out", type=Path, required=True, help="the retrieved-demonstration scores (JSON)")
+    parser.add_argument("--out", type=Path, default=None, help="the retrieved-demonstration scores (JSON); needed "
+                        "unless --scores")
     parser.add_argument("--scores", type=Path, default=None, help="compare scores saved by an earlier run")
     args = parser.parse_args()
+    if args.scores is None and args.out is None:
+        parser.error("--out is needed to score (or --scores to compare an earlier run's)")
+    check_out_folder(args.out)
     settings = Settings()
     scored = json.loads(args.scores.read_text()) if args.scores else score(settings, args.model, args.count,
                                                                            args.limit, args.out)

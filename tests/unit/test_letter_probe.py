@@ -65,6 +65,9 @@ def test_permuted_options_keep_the_key_and_spread_its_letter():
                for question, key in draws)
     letters = Counter(key for _, key in draws)
     assert set(letters) == {0, 1, 2, 3} and min(letters.values()) > 60  # ~100 each: no letter to learn
+    with_passage = item.model_copy(update={"support": "Oxygen is a gas at room temperature."})
+    question, _ = permuted(with_passage, rng)  # asked as /mcq asks it: the passage kept
+    assert question.support == "Oxygen is a gas at room temperature."
 
 
 def test_key_probe_starts_at_a_uniform_guess_and_reports_each_checkpoint(tmp_path, default_model):

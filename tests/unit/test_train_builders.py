@@ -137,7 +137,8 @@ def test_review_export_kto_and_sft(tmp_path):
     sft = tmp_path / "sft.jsonl"
     write_jsonl(sft, [SFTExample(messages=PROMPT + ANSWER, meta={"item_ids": ["a"]})])
     fmt, records = from_review_export(sft)
-    assert fmt == "sft" and isinstance(records[0], SFTExample) and records[0].meta == {"item_ids": ["a"], "kept": {"for_training": True}}
+    assert fmt == "sft" and isinstance(records[0], SFTExample)
+    assert records[0].meta == {"item_ids": ["a"], "kept": {"for_training": True}}
 
 
 def test_records_an_export_kept_only_for_counting_verdicts_are_left_out(tmp_path):
