@@ -335,8 +335,9 @@ def review_export(
     model: Annotated[str | None, typer.Option(help="Only records whose every answer this registry model wrote "
                                               "(training a model on its own answers)")] = None,
     include_unfinished: Annotated[bool, typer.Option(
-        "--include-unfinished", help="Keep answers cut off at max_tokens and those the safety guard refused or "
-        "stopped: every verdict, to count them (`eval gate --reviews`), not as training text")] = False,
+        "--include-unfinished", help="Keep answers cut off at max_tokens or by the client's stop strings, and those "
+        "the safety guard refused or stopped: every verdict, to count them (`eval gate --reviews`), not as training "
+        "text")] = False,
 ) -> None:
     """Write reviewer verdicts as preference (dpo), unpaired (kto) or supervised (sft) training data."""
     from collections import Counter
@@ -362,7 +363,8 @@ def review_export(
     console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")
     if left_out["unfinished"]:
         console.print(f"left out {left_out['unfinished']} with an answer the model did not write whole (cut off at "
-                      "max_tokens, or the safety guard's reply; --include-unfinished keeps them)")
+                      "max_tokens or by the client's stop strings, or the safety guard's reply; --include-unfinished "
+                      "keeps them)")
     if left_out["other_model"]:
         console.print(f"left out {left_out['other_model']} with an answer of another model than {model}")
     if left_out["too_few_reviewers"]:

@@ -516,7 +516,8 @@ def data_review(
     source: Annotated[Path, typer.Option("--input", help="a `zephyr review export` file (dpo, kto or sft)")],
     out: Out,
     include_unfinished: Annotated[bool, typer.Option(
-        "--include-unfinished", help="Keep answers cut off at max_tokens or written by the safety guard, which an "
+        "--include-unfinished", help="Keep answers cut off (at max_tokens or by the client's stop strings) or written "
+        "by the safety guard, which an "
         "export made to count verdicts holds (a smoke test's short answers; never for a model you will serve)")]
     = False,
     clean: CleanFlags = CleanFlags(),

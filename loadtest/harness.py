@@ -323,7 +323,11 @@ class Locust:
         """Locust's own stop: users finish their request in hand (up to --stop-timeout), reports get written."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(330)
+            try:
+                self.process.wait(330)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def events(self) -> list[dict]:
         if not self.events_path.exists():

@@ -71,10 +71,12 @@ def main() -> None:
             raise SystemExit(f"no request succeeded ({len(events)} sent): see {args.out}/locust.html; a --url "
                              "server needs its keys in ZEPHYR_LOAD_STUDENT_KEY and ZEPHYR_LOAD_REVIEWER_KEYS")
     finally:
-        if locust is not None:  # a failure part way: no Locust left driving traffic
-            locust.stop()
-        if server is not None:
-            server.stop()
+        try:
+            if locust is not None:  # a failure part way: no Locust left driving traffic
+                locust.stop()
+        finally:
+            if server is not None:
+                server.stop()
 
 
 if __name__ == "__main__":

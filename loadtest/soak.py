@@ -99,10 +99,9 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
                 ("resident memory", samples, rss_at_ready, server.rss_bytes, MAX_RSS_GROWTH),
                 ("the API process's resident memory", api_samples, api_at_ready,
                  lambda: rss_bytes(server.process.pid), api_limit)):
-            # the baseline: the samples of the first RSS_SAMPLE_S after the settling (all of the first minute's
-            # were its median, the warm-up's growth counted as the run's)
-            after = [(t, rss) for t, rss in series if t - started >= settle]
-            early = [rss for t, rss in after if t - after[0][0] <= RSS_SAMPLE_S] or [at_ready]
+            # the baseline: the samples of a tenth of the run after the settling, as many as the end's (it was the
+            # median of the first minute's, the warm-up's growth counted as the run's)
+            early = [rss for t, rss in series if settle <= t - started <= settle + wall_s * 0.1] or [at_ready]
             late = [rss for t, rss in series if t >= started + wall_s * 0.9] or [now()]
             baseline, final = statistics.median(early), statistics.median(late)
             growth[what] = (baseline, final, (final - baseline) / baseline)
@@ -119,9 +118,11 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
                               api_rss_samples=[(round(t - started, 1), rss) for t, rss in api_samples])
     finally:
         stop_sampling.set()
-        if locust is not None:  # a failure part way: no Locust left driving traffic at a stopped server
-            locust.stop()
-        server.stop()
+        try:
+            if locust is not None:  # a failure part way: no Locust left driving traffic at a stopped server
+                locust.stop()
+        finally:
+            server.stop()
     report.save(out)
     return report
 

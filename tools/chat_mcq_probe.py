@@ -42,6 +42,8 @@ from zephyr.textquality import loops
 app = typer.Typer(add_completion=False)
 MAX_TOKENS = 128
 _LABEL = re.compile(r"(?:\(([A-J])\)|\b([A-J])[).:](?=\s|$)|\banswer is:?\s*\(?([A-J])\b)")
+# After the answer commits to a label, only these name another option: "Vitamin A." or "type A:" are words.
+_SECOND_LABEL = re.compile(r"(?:\(([A-J])\)|\b([A-J])\)(?=\s|$)|\banswer is:?\s*\(?([A-J])\b)")
 
 
 def render(question: str, options: list[str]) -> str:
@@ -49,10 +51,10 @@ def render(question: str, options: list[str]) -> str:
     return question + "\n" + "\n".join(f"{letter}) {option}" for letter, option in zip(LETTERS, options, strict=False))
 
 
-def labels(text: str, count: int) -> list[tuple[int, str]]:
+def labels(text: str, count: int, pattern: re.Pattern = _LABEL) -> list[tuple[int, str]]:
     """(where it ends, letter) of every option label the text writes, for the question's letters only."""
     found = []
-    for m in _LABEL.finditer(text):
+    for m in pattern.finditer(text):
         letter = next(g for g in m.groups() if g)
         if letter in LETTERS[:count]:
             found.append((m.end(), letter))
@@ -68,7 +70,7 @@ def read_answer(text: str, options: list[str]) -> tuple[str | None, bool]:
         # the committed option's own text ("B) Vitamin A.") is no second label
         own = options[LETTERS.index(letter)].strip()
         unlabelled = rest[len(own):] if own and rest.lower().startswith(own.lower()) else rest
-        other_label = any(other != letter for _, other in labels(unlabelled, len(options)))
+        other_label = any(other != letter for _, other in labels(unlabelled, len(options), _SECOND_LABEL))
         verdict = benchmarks.answer_verdict(rest, options, LETTERS.index(letter))
         return letter, other_label or verdict == "wrong"
     named = [i for i in range(len(options))

@@ -15,7 +15,8 @@ An answer any reviewer flagged (incorrect, unsafe, gives the answer away, off-to
 desirable example (KTO True, SFT), and a DPO pair whose chosen answer any reviewer flagged incorrect or unsafe is
 left out: preferring it would teach a wrong or unsafe answer as the better one (`include_flagged` keeps them).
 Only answers the model wrote whole become training text (`written_whole`): not one cut off at max_tokens (the chat
-template would close it, teaching the model to stop mid-sentence), not the safety guard's reply to a request, nor
+template would close it, teaching the model to stop mid-sentence) or asked with the client's own stop strings or
+token ids (which may have ended it), not the safety guard's reply to a request, nor
 an answer the guard stopped with its reply after it (`include_unfinished` keeps them all, for counting verdicts
 rather than training on them). A pair with such a side is left out, and counted
 (`left_out["unfinished"]`), as are records with an answer of another model than `model`, where it is given
@@ -136,7 +137,7 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
         if strengths:
             meta["strength"] = round(sum(strengths) / len(strengths), 4)
 
-        def of(row: dict[str, Any], meta: dict[str, Any] = meta) -> dict[str, Any]:
+        def of(row: dict[str, Any], meta: dict[str, Any] = meta, served: dict[str, Any] = served) -> dict[str, Any]:
             """One answer's record meta: which model (and weights) wrote it, and whether it is fit to train on
             (`zephyr data review` reads it)."""
             return {**meta, "generation_id": row["id"], "model": model_label(row, served["model"]),
@@ -213,7 +214,7 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                     for name in ("whole", "chosen_flagged"):
                         if name in merged:
                             merged[name] = record.meta.get(name)
-                for name in ("chosen_revision", "rejected_revision"):  # other weights wrote the same text: say none
+                for name in ("chosen_revision", "rejected_revision", "model_revision"):  # other weights wrote it too
                     if merged.get(name) != record.meta.get(name):
                         merged.pop(name, None)
                 continue

@@ -14,7 +14,11 @@ OPTIONS = ["Vitamin C", "Vitamin A", "Iron", "Zinc"]
     ("The answer is B) Vitamin A. This is because carrots hold it.", ("B", False)),
     ("The answer is (B).", ("B", False)),
     ("B) Vitamin A", ("B", False)),
+    # restating it, or a letter that is a word ("vitamin A:", "type A."), is no other option named
+    ("The answer is B) Vitamin A. Carrots have it. So, the answer is B) Vitamin A.", ("B", False)),
+    ("The answer is B) Vitamin A. Carrots have vitamin A: it helps vision.", ("B", False)),
     ("The answer is B) Vitamin A. But actually C) Iron is right.", ("B", True)),
+    ("The answer is B) Vitamin A. No wait, the answer is C.", ("B", True)),
     ("I think it's Iron.", ("C", False)),  # no label: the one option it names
 ])
 def test_an_answer_is_read_for_its_option_and_whether_it_contradicts_it(text, expected):

@@ -158,8 +158,9 @@ def test_records_an_export_kept_only_for_counting_verdicts_are_left_out(tmp_path
     left_out: Counter[str] = Counter()
     _, records = from_review_export(path, left_out=left_out)
     assert [r.prompt[0].content for r in records] == ["q0", "q4"]
-    assert left_out == {"an answer cut off at max_tokens or written by the safety guard": 2,
-                        "a chosen answer a reviewer flagged incorrect or unsafe": 1}
+    assert left_out == {
+        "an answer cut off at max_tokens or by the client's stop strings, or written by the safety guard": 2,
+        "a chosen answer a reviewer flagged incorrect or unsafe": 1}
     _, records = from_review_export(path, include_unfinished=True)  # a smoke test's short answers
     assert [r.prompt[0].content for r in records] == ["q0", "q1", "q4"]  # q3 may have a flagged winner
 

@@ -168,7 +168,7 @@ def unfit_for_training(meta: dict[str, Any] | None, *, allow_unfinished: bool = 
     meta = meta or {}
     kept = meta.get("kept") or {}
     if not allow_unfinished and not meta.get("whole", not kept.get("unfinished", False)):
-        return "an answer cut off at max_tokens or written by the safety guard"
+        return "an answer cut off at max_tokens or by the client's stop strings, or written by the safety guard"
     if meta.get("chosen_flagged", bool(kept.get("flagged", False))):
         return "a chosen answer a reviewer flagged incorrect or unsafe"
     return None
