@@ -16,6 +16,7 @@ from rich.table import Table
 
 from zephyr.console import make_console
 from zephyr.safety import SafetyGuard, load_record, segments
+from zephyr.settings import Settings
 
 QUESTION = "Why do leaves change colour in autumn, and where does the green go? "
 
@@ -27,7 +28,7 @@ def main() -> None:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     console = make_console()
-    guard = SafetyGuard(load_record())
+    guard = SafetyGuard(load_record(Settings().safety_record))  # the record the server would judge with
     guard.judge("warm-up")
     table = Table(title=f"SafetyGuard.judge, {args.repeats} runs a length (fewer for the longest)")
     for column in ("characters", "segments", "p50 ms", "p90 ms"):
