@@ -150,7 +150,11 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         await expect(item).to_have_attribute("data-item-id", review_items[2])
         await expect(page.locator("#progress")).to_have_text("2 judged · 0 waiting")
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("2")
-        await page.click('#verdicts button[data-verdict="both_bad"]')
+        # Tie clicked, then Tab to Both bad and Enter: the verdict submitted is the one the focus reached (it was
+        # the clicked one, tie).
+        await page.click('#verdicts button[data-verdict="tie"]')
+        await page.keyboard.press("Tab")
+        await expect(page.locator('#verdicts button[data-verdict="both_bad"]')).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("3")
         await expect(page.locator("#chart-flags")).to_contain_text("unsafe")

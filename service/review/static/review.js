@@ -458,9 +458,14 @@ function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
   const key = event.key;
-  // Enter on a focused link opens it. Everywhere else it submits, whatever kept the focus: a summary or button
-  // clicked a moment ago matches :focus-visible as soon as a key is pressed, so the focus cannot tell intent.
-  if (key === "Enter" && target.closest("a")) return;
+  // Enter on a focused link opens it, and on Skip or Undo presses it (a click blurs those two: focused, they were
+  // reached by Tab). Everywhere else it submits, whatever kept the focus: a summary or button clicked a moment ago
+  // matches :focus-visible as soon as a key is pressed, so the focus cannot tell intent. On a verdict button it
+  // submits that verdict: clicked, it is the one chosen; reached by Tab from another, it is the one meant.
+  if (key === "Enter" && target.closest("a, #skip, #undo")) return;
+  if (key === "Enter" && state.item && target.closest("#verdicts button[data-verdict]")) {
+    chooseVerdict(target.closest("#verdicts button[data-verdict]").dataset.verdict);
+  }
   if (key === "?") {
     toggleKeysHelp();
     event.preventDefault();
@@ -561,9 +566,19 @@ document.addEventListener("DOMContentLoaded", () => {
     document.body.classList.toggle("show-source", event.target.checked);
   });
   $("show-keys").addEventListener("click", toggleKeysHelp);
-  // Clicked, a button keeps the focus, and Space would press it again: skip or undo once more.
-  $("skip").addEventListener("click", (event) => { event.currentTarget.blur(); skip(); });
-  $("undo").addEventListener("click", (event) => { event.currentTarget.blur(); undo(); });
+  // Clicked, a button keeps the focus, and Space would press it again: skip or undo once more. A double click's
+  // second click (detail 2) would land on the next item, which the reviewer has not seen: one action a click.
+  $("skip").addEventListener("click", (event) => {
+    event.currentTarget.blur();
+    if (event.detail <= 1) skip();
+  });
+  $("undo").addEventListener("click", (event) => {
+    event.currentTarget.blur();
+    if (event.detail <= 1) undo();
+  });
+  $("submit").addEventListener("click", (event) => {
+    if (event.detail > 1) event.preventDefault(); // no second submit of the next item, and no "choose a verdict"
+  });
   document.addEventListener("keydown", onKey);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && state.signedIn && !state.item) poll();
