@@ -407,6 +407,8 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
         await page.keyboard.press("Enter")
         await expect(page.locator("#sign-in")).to_be_visible()
         await expect(page.locator("#sign-in-error")).to_contain_text("sign in again")
+        # signed out, the student's words are gone from the page, not only hidden (a shared school machine)
+        assert await page.locator("#conversation li, #answers .answer").count() == 0
         await page.fill("#key", REVIEWER_KEY)
         await page.click("#sign-in-form button")
         await expect(item).to_have_attribute("data-item-id", "recovery-item")

@@ -530,6 +530,13 @@ async function start() {
 function showSignIn() {
   state.signedIn = false;
   state.item = null;
+  state.verdict = null;
+  // Students' words leave the page (a shared school machine), and no stale item shows again after the next
+  // sign-in if the server cannot hand out one then (the comment being typed is kept as a draft already).
+  $("verdict-form").reset();
+  $("item").hidden = true;
+  $("conversation").replaceChildren();
+  $("answers").replaceChildren();
   $("whoami").hidden = true;
   $("review").hidden = true;
   $("stats").hidden = true;
