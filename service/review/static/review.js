@@ -205,6 +205,10 @@ function renderItem(item) {
   if (state.draft && state.draft.id === item.assignment_id) $("comment").value = state.draft.comment;
   state.draft = null;
   say("");
+  // The focused verdict button or flag went with the last item: a screen reader would be left at the page's top.
+  // The new item's heading takes the focus then (never from a field the reviewer is in).
+  const focused = document.activeElement;
+  if (!focused || focused === document.body || !focused.isConnected) $("item").querySelector("h2").focus();
 }
 
 // Side by side, the two answers scroll together (same share of their length), so the reviewer reads the same
@@ -542,6 +546,7 @@ function showSignIn() {
   $("stats").hidden = true;
   $("sign-in").hidden = false;
   if ($("keys-help").open) $("keys-help").close();
+  $("key").focus();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
