@@ -142,6 +142,7 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
 
         # Item 3, keyboard: tie; then undo it and judge it again as both bad.
         await expect(item).to_have_attribute("data-item-id", review_items[2])
+        await expect(page.locator("#item h2")).to_be_focused()  # not left on the page's top
         for key in ("t", "Enter"):
             await page.keyboard.press(key)
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("3")
@@ -409,6 +410,7 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
         await expect(page.locator("#sign-in-error")).to_contain_text("sign in again")
         # signed out, the student's words are gone from the page, not only hidden (a shared school machine)
         assert await page.locator("#conversation li, #answers .answer").count() == 0
+        await expect(page.locator("#key")).to_be_focused()
         await page.fill("#key", REVIEWER_KEY)
         await page.click("#sign-in-form button")
         await expect(item).to_have_attribute("data-item-id", "recovery-item")
