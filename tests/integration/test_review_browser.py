@@ -136,6 +136,7 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         # Item 2, keyboard only: B better, strength 2, flag A incorrect, submit.
         await expect(item).to_have_attribute("data-item-id", review_items[1])
         second = await answers.all_text_contents()
+        await page.evaluate("document.activeElement.blur()")  # keys to the page, as a reviewer who clicked away
         for key in ("b", "2", "i", "Enter"):
             await page.keyboard.press(key)
         await expect(page.locator("#progress")).to_have_text("2 judged · 0 waiting")
