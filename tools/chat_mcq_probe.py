@@ -41,9 +41,17 @@ from zephyr.textquality import loops
 
 app = typer.Typer(add_completion=False)
 MAX_TOKENS = 128
-_LABEL = re.compile(r"(?:\(([A-J])\)|\b([A-J])[).:](?=\s|$)|\banswer is:?\s*\(?([A-J])\b)")
-# After the answer commits to a label, only these name another option: "Vitamin A." or "type A:" are words.
-_SECOND_LABEL = re.compile(r"(?:\(([A-J])\)|\b([A-J])\)(?=\s|$)|\banswer is:?\s*\(?([A-J])\b)")
+
+
+def _label_pattern(after_letter: str) -> re.Pattern:
+    """An option label: "(B)", "B" then one of `after_letter`, or "answer is B"."""
+    return re.compile(rf"(?:\(([A-J])\)|\b([A-J])[{re.escape(after_letter)}](?=\s|$)|\banswer is:?\s*\(?([A-J])\b)")
+
+
+_LABEL = _label_pattern(").:")
+# After the answer commits to a label, only "B)" (not "B." or "B:") names another option: "Vitamin A." or "type A:"
+# are words.
+_SECOND_LABEL = _label_pattern(")")
 
 
 def render(question: str, options: list[str]) -> str:

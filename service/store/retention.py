@@ -127,6 +127,7 @@ def prune_rejected(path: Path, cutoff: datetime, dry_run: bool = False) -> int:
         handle = path.open("r+", encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return 0
+    cutoff = utc(cutoff)
     with handle:
         fcntl.lockf(handle, fcntl.LOCK_EX)
         written = datetime.fromtimestamp(os.fstat(handle.fileno()).st_mtime, UTC)
@@ -144,7 +145,7 @@ def prune_rejected(path: Path, cutoff: datetime, dry_run: bool = False) -> int:
             if when is None:
                 when, stamped = written, True
                 line = json.dumps({**entry, SET_ASIDE_KEY: written.isoformat()}) + "\n"
-            if when < utc(cutoff):
+            if when < cutoff:
                 gone += 1
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")

@@ -467,9 +467,8 @@ function onKey(event) {
   // matches :focus-visible as soon as a key is pressed, so the focus cannot tell intent. On a verdict button it
   // submits that verdict: clicked, it is the one chosen; reached by Tab from another, it is the one meant.
   if (key === "Enter" && target.closest("a, #skip, #undo")) return;
-  if (key === "Enter" && state.item && target.closest("#verdicts button[data-verdict]")) {
-    chooseVerdict(target.closest("#verdicts button[data-verdict]").dataset.verdict);
-  }
+  const verdictButton = key === "Enter" && state.item && target.closest("#verdicts button[data-verdict]");
+  if (verdictButton) chooseVerdict(verdictButton.dataset.verdict);
   if (key === "?") {
     toggleKeysHelp();
     event.preventDefault();
@@ -580,14 +579,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("show-keys").addEventListener("click", toggleKeysHelp);
   // Clicked, a button keeps the focus, and Space would press it again: skip or undo once more. A double click's
   // second click (detail 2) would land on the next item, which the reviewer has not seen: one action a click.
-  $("skip").addEventListener("click", (event) => {
-    event.currentTarget.blur();
-    if (event.detail <= 1) skip();
-  });
-  $("undo").addEventListener("click", (event) => {
-    event.currentTarget.blur();
-    if (event.detail <= 1) undo();
-  });
+  for (const [id, action] of [["skip", skip], ["undo", undo]]) {
+    $(id).addEventListener("click", (event) => {
+      event.currentTarget.blur();
+      if (event.detail <= 1) action();
+    });
+  }
   $("submit").addEventListener("click", (event) => {
     if (event.detail > 1) event.preventDefault(); // no second submit of the next item, and no "choose a verdict"
   });
