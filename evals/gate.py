@@ -289,7 +289,7 @@ def review_gate(reviews: Any, candidate: str, baseline: str, *, min_pairs: int =
         raise GateError(f"{source or 'the reviews'}: {filtered} pair(s) come from an export that left out others; "
                         "export with `zephyr review export --format dpo --include-flagged --include-unfinished` "
                         "(no --min-agreement), which keeps every complete item's decisive verdict, and give the "
-                        "export itself, not the training file `zephyr data review` made of it")
+                        "export itself, not a training file `zephyr data review` or `data clean` made of it")
     match = next((h for h in result["head_to_head"] if (h["a"], h["b"]) == (a, b)), None)
     stale = _pairs_between(records, a, b) - (match["n"] if match else 0)
     if match is None and stale:

@@ -65,7 +65,7 @@ def counts_every_verdict(record: Mapping[str, Any]) -> bool:
     """Whether a pair comes from an export that kept every decisive pair: with `--include-flagged` (a pair whose
     winner a reviewer flagged is still a win), `--include-unfinished` (a win with an answer cut off too) and no
     `--min-agreement` (which keeps items by how their verdicts came out), and not since filtered for training
-    (`zephyr data review` stamps `for_training`)."""
+    (`zephyr data review` and `zephyr data clean` stamp `for_training`)."""
     kept = (record.get("meta") or {}).get("kept") or {}
     return bool(kept.get("flagged") and kept.get("unfinished") and not kept.get("min_agreement")
                 and not kept.get("for_training"))

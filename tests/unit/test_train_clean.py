@@ -263,3 +263,39 @@ def test_an_empty_against_list_is_refused_not_taken_as_no_check(tmp_path, capsys
                          settings=Settings(home=tmp_path), title="x")
     assert "--against names no benchmark" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_cleaned_review_export_no_longer_counts_as_every_verdict(tmp_path):
+    """`eval gate --reviews` counts a win rate only from an export that kept every verdict; cleaning drops
+    records (a duplicate here), so its output is stamped like `zephyr data review`'s. Other files stay as they were."""
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    from evals.preference import counts_every_verdict
+    from service.review.export import ExportOptions, to_jsonl
+    from service.review.stats import Judgement
+
+    messages = [user("Why is the sky blue?")]
+    generations = {g: {"id": g, "created_at": datetime(2026, 11, 1, tzinfo=UTC), "model": g, "messages": messages,
+                       "response": [{"content": f"{LONG_REPLY} ({g})"}], "params": {}} for g in ("m", "c")}
+    verdicts = [Judgement(item_id="m", reviewer=f"r{n}", kind="pair", label="served", strength=3, served_model="m",
+                          candidate_id="c", candidate_model="c") for n in range(2)]
+    text, count = to_jsonl(verdicts, generations, ExportOptions(format="dpo", include_flagged=True,
+                                                                include_unfinished=True), redactor=None)
+    export = tmp_path / "export.jsonl"
+    export.write_text(text)
+    assert count == 1 and counts_every_verdict(json.loads(text))
+
+    out = tmp_path / "cleaned.jsonl"
+    result = CliRunner().invoke(app, ["data", "clean", "--input", str(export), "--out", str(out), "--format", "dpo",
+                                      "--no-decontaminate", "--no-pii"])
+    assert result.exit_code == 0, result.output
+    (cleaned,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert cleaned["meta"]["kept"]["for_training"] is True and not counts_every_verdict(cleaned)
+    assert {k: v for k, v in cleaned["meta"]["kept"].items() if k != "for_training"} == \
+        json.loads(text)["meta"]["kept"]
+
+    other = [pair("Q?", "A good answer.", "A bad answer.", source="cloze")]
+    assert clean(other, CleanOptions(**OFF))[0] == other  # no export's `kept`, no stamp

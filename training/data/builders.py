@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from training.data.clean import filtered_for_training
 from zephyr.prompts import with_system_prompt
 from zephyr.schemas import DataFileError, KTOExample, Message, PreferencePair, SFTExample, read_jsonl
 
@@ -201,8 +202,5 @@ def from_review_export(path: Path, *, include_unfinished: bool = False,
         if why := unfit_for_training(record.meta, allow_unfinished=include_unfinished):
             left_out[why] += 1
         else:
-            # Stamped: what is left no longer holds every verdict, and `eval gate --reviews` must not count it so.
-            kept = record.meta.get("kept") or {}
-            record.meta = {**record.meta, "kept": {**kept, "for_training": True}}
-            fit.append(record)
+            fit.append(filtered_for_training(record))
     return name, fit

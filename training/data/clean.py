@@ -384,7 +384,17 @@ def clean(records: Iterable[Record], options: CleanOptions | None = None, *, ind
         kept = _drop_near_duplicates(kept, options, report)
 
     report.output = len(kept)
-    return [record for _, record in kept], report
+    # A review export's records (their meta says what the export `kept`) no longer hold every verdict once cleaned.
+    return [filtered_for_training(r) if isinstance(getattr(r, "meta", None), dict) and "kept" in r.meta else r
+            for _, r in kept], report
+
+
+def filtered_for_training(record: Record) -> Record:
+    """A review export's record stamped as filtered for training: what cleaning or `zephyr data review` leaves out
+    would tilt the win rate `eval gate --reviews` reads, so such a file must not count as every verdict
+    (evals/preference.py `counts_every_verdict`)."""
+    kept = record.meta.get("kept") or {}
+    return record.model_copy(update={"meta": {**record.meta, "kept": {**kept, "for_training": True}}})
 
 
 def lsh_params(threshold: float, num_perm: int = MINHASH_PERM, recall: float = 0.99) -> tuple[int, int]:
