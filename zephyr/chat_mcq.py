@@ -148,11 +148,21 @@ def _named_in_prose(words_before: list[list[str]]) -> bool:
                        for words in words_before[1:] if words)
 
 
-def _after_options(text: str, last_label_end: int, on_lines: bool) -> str:
-    """What follows the last option: past its line, and on a line of options past its sentence too."""
-    line, _, more = text[last_label_end:].strip(" \t").partition("\n")
-    cut = None if on_lines else sentence_end(line)
-    return (line[cut:] if cut is not None else "") + "\n" + more
+def _option(text: str, label_end: int, stop: int, *, on_lines: bool, below_labels: bool,
+            last: bool) -> tuple[str, str]:
+    """An option's text and what follows it before `stop`. An option on a line of its own is the rest of its label's
+    line, or the next line with text where options are written below their labels ("A)\nOxygen"). On a line of
+    options, an option runs to the next label, and the last one to its line's end or its sentence's ("D) Helium.
+    Explain why.")."""
+    segment = text[label_end:stop]
+    if on_lines or last:
+        line, _, after = (segment.lstrip() if below_labels else segment).partition("\n")
+    else:
+        line, after = segment, ""
+    line = line.strip()
+    if last and not on_lines and (cut := sentence_end(line)) is not None:
+        line, after = line[:cut].removesuffix("."), line[cut:] + "\n" + after
+    return (line if on_lines else without_separator(line)), after
 
 
 def _asks_more(after: str) -> bool:
@@ -194,22 +204,16 @@ def find_question(text: str) -> MCQuestion | None:
             continue
         if not on_lines and _named_in_prose([_words_before(text, label[0]) for label in run]):
             continue
-        # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
-        if not _ASKING.search(stem_line) and _asks_more(_after_options(text, run[-1][1], on_lines)):
-            continue
-        options = []
+        below_labels = on_lines and not text[run[0][1]:].partition("\n")[0].strip()
+        options, after = [], ""
         for i, (_, end, *_rest) in enumerate(run):
-            stop = run[i + 1][0] if i + 1 < len(run) else len(text)
-            value = text[end:stop]
-            if i + 1 == len(run) or on_lines:
-                value = value.strip().split("\n", 1)[0]  # an option is one line; the rest is an instruction
-            value = value.strip()
-            if i + 1 == len(run) and not on_lines and (cut := sentence_end(value)) is not None:
-                # On one line, the last option ends with its sentence: "D) Helium. Please explain why."
-                value = value[:cut].removesuffix(".")
-            if not on_lines:
-                value = without_separator(value)
+            last = i + 1 == len(run)
+            value, after = _option(text, end, len(text) if last else run[i + 1][0], on_lines=on_lines,
+                                   below_labels=below_labels, last=last)
             options.append(value)
+        # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
+        if not _ASKING.search(stem_line) and _asks_more(after):
+            continue
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             continue  # parts of a problem, not options (a question may still follow)
         try:

@@ -75,6 +75,9 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
+    # options written below their labels, the last one as the others
+    ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
+     ("Oxygen", "Carbon dioxide", "Nitrogen")),
 ])
 def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     question = find_question(text)
@@ -103,6 +106,10 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "Solution A: pH 3. Solution B: pH 7. Solution C: pH 11. Which is most acidic?",
     "Vitamin A: carrots, Vitamin B: grains, Vitamin C: oranges",
     "Explain the difference between these:\n(a) speed\n(b) velocity",
+    # A blank last option (the student's next line is no option): the next line was read as one, or as what
+    # follows the options, so the two readings disagreed on where the options end.
+    "The sky is blue due to\nA) scattering\nB) reflection\nC)\nDescribe the ocean\nthanks",
+    "The sky is blue due to\nA) scattering\nB) reflection\nC) \nExplain how a rainbow forms.",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
