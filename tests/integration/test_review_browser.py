@@ -437,6 +437,71 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
         await browser.close()
 
 
+async def test_a_failed_save_and_an_undo_keep_what_was_typed(server, review_items):
+    """A verdict the server never got (the network dropped it) says so and leaves the item as it was; an undo over
+    a half-judged item brings that item back afterwards with its verdict, strength, flags and comment."""
+    from playwright.async_api import async_playwright, expect
+
+    db = server.home / "zephyr.db"
+    for item_id in ("draft-first", "draft-second"):
+        await asyncio.to_thread(insert, db, pair(item_id, f"What is {item_id}?", "One answer.", "Another answer."))
+    async with async_playwright() as pw:
+        browser, page, errors = await open_review_page(pw, server)
+        await page.fill("#key", REVIEWER_KEY)
+        await page.click("#sign-in-form button")
+        item = page.locator("#item")
+        await expect(item).to_have_attribute("data-item-id", "draft-first")
+        await expect(page.locator("#stats")).to_be_visible()
+        await page.locator("body").click()
+        for key in ("t", "Enter"):
+            await page.keyboard.press(key)
+        await expect(item).to_have_attribute("data-item-id", "draft-second")
+
+        # Half judged: B better, strength 2, A flagged incorrect, a comment.
+        await page.locator("body").click()
+        for key in ("b", "2", "i"):
+            await page.keyboard.press(key)
+        await page.fill("#comment", "B explains it, A does not")
+        await page.locator("body").click()
+
+        # The save never reaches the server: the reviewer sees it being saved, then that it was not.
+        async def dropped(route):
+            await asyncio.sleep(1)
+            await route.abort()
+
+        await page.route("**/review/api/verdicts", dropped)
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#message")).to_have_text("Saving…")
+        await expect(page.locator("#message")).to_contain_text("could not be reached")
+        await page.unroute("**/review/api/verdicts")
+        await expect(item).to_have_attribute("data-item-id", "draft-second")
+        await expect(page.locator("#comment")).to_have_value("B explains it, A does not")
+
+        # Undo brings the first item back; judged again, the half-judged one returns as it was left.
+        await page.keyboard.press("z")
+        await expect(item).to_have_attribute("data-item-id", "draft-first")
+        await expect(page.locator("#comment")).to_have_value("")
+        await page.locator("body").click()
+        for key in ("x", "Enter"):
+            await page.keyboard.press(key)
+        await expect(item).to_have_attribute("data-item-id", "draft-second")
+        await expect(page.locator("#comment")).to_have_value("B explains it, A does not")
+        await expect(page.locator('#verdicts button[data-verdict="b"]')).to_have_attribute("aria-pressed", "true")
+        await expect(page.locator('#strengths input[value="2"]')).to_be_checked()
+        await expect(page.locator('input[data-answer="A"][data-flag="incorrect"]')).to_be_checked()
+        await page.locator("body").click()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#empty")).to_be_visible()
+        assert errors == []
+        await browser.close()
+
+    with sqlite3.connect(db) as conn:
+        verdicts = dict(conn.execute("SELECT item_id, verdict || ' ' || coalesce(comment, '') FROM review_assignments "
+                                     "WHERE item_id IN ('draft-first', 'draft-second') AND status = 'judged'"))
+    assert verdicts["draft-first"].startswith("both_bad")
+    assert verdicts["draft-second"].endswith("B explains it, A does not")
+
+
 async def test_a_safety_guard_refusal_is_marked_for_the_reviewer(server, review_items):
     """A chat the safety guard answered reaches reviewers alone, marked as the guard's reply, so they judge whether
     refusing was right (zephyr/safety.py)."""

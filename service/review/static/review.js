@@ -18,10 +18,14 @@ const COLLAPSE_CHARS = 600;
 const COLLAPSE_LINES = 12;
 // An empty queue asks again this often (a plain GET: works behind any proxy and on every replica).
 const POLL_MS = 4000;
+// A request the server has not answered by then is given up, and the reviewer told: a hung request would leave the
+// page waiting for good, every key ignored (one action at a time).
+const REQUEST_MS = 30000;
 const NARROW = window.matchMedia("(max-width: 700px)");
 
-// `draft`: the comment being typed when the sign-in ended, given back when the same item returns.
-const state = { signedIn: false, item: null, verdict: null, poll: null, busy: false, draft: null, ended: "" };
+// `drafts`: what was typed on an item the page left (an undo, a lost sign-in), by assignment, given back when the
+// item returns.
+const state = { signedIn: false, item: null, verdict: null, poll: null, busy: false, drafts: new Map(), ended: "" };
 const $ = (id) => document.getElementById(id);
 
 // One verdict, skip or undo at a time: Enter then `s` before the save returns would send both for the same item
@@ -53,12 +57,21 @@ function el(tag, attrs = {}, text) {
 }
 
 async function api(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    credentials: "same-origin",
-    headers: body === undefined ? {} : { "Content-Type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      credentials: "same-origin",
+      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(REQUEST_MS),
+    });
+  } catch (error) { // no answer: status 0, neither a refusal nor a lost sign-in
+    const failure = new Error(error.name === "TimeoutError"
+      ? `The server did not answer within ${REQUEST_MS / 1000} s; try again` : "The server could not be reached; try again");
+    failure.status = 0;
+    throw failure;
+  }
   if (response.status === 204) return null;
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -202,8 +215,7 @@ function renderItem(item) {
   }
   $("strengths").hidden = item.kind !== "pair";
   updateStrengths();
-  if (state.draft && state.draft.id === item.assignment_id) $("comment").value = state.draft.comment;
-  state.draft = null;
+  restoreDraft(item.assignment_id);
   say("");
   // The focused verdict button or flag went with the last item: a screen reader would be left at the page's top.
   // The new item's heading takes the focus then (never from a field the reviewer is in).
@@ -258,6 +270,28 @@ function toggleFlag(answer, flag) {
   if (box) box.checked = !box.checked;
 }
 
+// What the reviewer has typed and chosen on the item shown, kept when the page must leave it unjudged.
+function keepDraft() {
+  if (!state.item) return;
+  const strength = $("strengths").querySelector("input:checked");
+  const flags = [...$("answers").querySelectorAll("input[type=checkbox]:checked")].map(
+    (box) => [box.dataset.answer, box.dataset.flag]);
+  const draft = { comment: $("comment").value, verdict: state.verdict, strength: strength && strength.value, flags };
+  if (draft.comment || draft.verdict || draft.strength || flags.length) {
+    state.drafts.set(state.item.assignment_id, draft);
+  }
+}
+
+function restoreDraft(assignmentId) {
+  const draft = state.drafts.get(assignmentId);
+  if (!draft) return;
+  state.drafts.delete(assignmentId);
+  $("comment").value = draft.comment;
+  if (draft.verdict) chooseVerdict(draft.verdict);
+  if (draft.strength) chooseStrength(draft.strength);
+  for (const [answer, flag] of draft.flags) toggleFlag(answer, flag);
+}
+
 async function submitVerdict() {
   return exclusive(async () => {
     if (!state.item) return;
@@ -271,6 +305,7 @@ async function submitVerdict() {
       (flags[box.dataset.answer] ||= []).push(box.dataset.flag);
     }
     const comment = $("comment").value.trim();
+    say("Saving…");
     try {
       const result = await api("POST", "/review/api/verdicts", {
         assignment_id: state.item.assignment_id, verdict: state.verdict, strength, flags,
@@ -316,6 +351,7 @@ async function undo() {
   return exclusive(async () => {
     try {
       const result = await api("POST", "/review/api/undo");
+      keepDraft(); // the item left unjudged comes back after the one taken back, with what was typed on it
       renderItem(result.item);
       showProgress(result.progress);
       say("Your last verdict was taken back; judge this item again.");
@@ -334,7 +370,7 @@ async function undo() {
 // reviewer's to judge (judged in another tab, taken back, another key): the page moves to the current one.
 function failed(error) {
   if (error.status === 401) {
-    if (state.item) state.draft = { id: state.item.assignment_id, comment: $("comment").value };
+    keepDraft();
     state.ended = error.message;
     return start();
   }
@@ -359,7 +395,12 @@ async function poll() {
   if (!state.signedIn || state.item) return;
   if (document.hidden) return schedulePoll();
   try {
-    await loadNext();
+    const result = await api("GET", "/review/api/next");
+    // An undo may have brought an item back while this was asked: that one is being judged now.
+    if (!state.signedIn || state.item) return;
+    if (state.busy) return schedulePoll(); // the undo's answer decides what is shown
+    renderItem(result.item);
+    showProgress(result.progress);
     if (state.item) await loadStats();
   } catch (error) {
     if (error.status === 401) return failed(error);
@@ -566,7 +607,7 @@ document.addEventListener("DOMContentLoaded", () => {
     } catch (error) {
       return say(`Not signed out: ${error.message}`, true);
     }
-    state.draft = null;
+    state.drafts.clear();
     await start();
   });
   $("verdict-form").addEventListener("submit", (event) => {
