@@ -37,8 +37,9 @@ def quantize_command(
              "> 0]")] = None,
     awq_grid: Annotated[int, typer.Option(help="awq: scale grid points per layer (20 = llm-compressor's default; "
                                                "5 is ~8x faster on CPU)")] = 20,
-    form: Annotated[str, typer.Option(help="easyquant: int4 (served by vLLM; outliers clamped) or dequantized "
-                                           "(the paper's int4 + full-precision outliers, as 16-bit weights)")]
+    form: Annotated[str, typer.Option(help="easyquant: int4 (served by vLLM; no outliers isolated, the range fit "
+                                           "over every weight) or dequantized (the paper's int4 + full-precision "
+                                           "outliers, as 16-bit weights)")]
     = "int4",
     outlier_sigma: Annotated[float | None, typer.Option(help="easyquant: outlier threshold in standard deviations")]
     = None,
@@ -58,7 +59,7 @@ def quantize_command(
 
     settings = load_settings()
     options = QuantOptions(model=model, method=method, scheme=scheme, group_size=group_size, name=name,
-                           calibration=calibration.expanduser() if calibration else None,
+                           calibration=calibration.expanduser().resolve() if calibration else None,
                            calibration_sources=[s.strip() for s in calibration_sources.split(",") if s.strip()],
                            samples=samples, seq_len=seq_len, smoothing=smoothing, smooth_down_proj=smooth_down_proj,
                            awq_grid=awq_grid,

@@ -83,7 +83,17 @@ def render(chats: list[list[dict]], tokenizer: Any, system_prompt: str | None) -
     zephyr.prompts.with_system_prompt gives it to every served chat; None: the server's is off). Without it the
     template put its own default there (SmolLM2's "You are a helpful AI assistant named SmolLM"), which no student's
     chat shows the model: calibration runs before 2026-12-07 fitted half their samples to that."""
-    return [tokenizer.apply_chat_template(with_system_prompt(chat, system_prompt), tokenize=False) for chat in chats]
+    from jinja2 import TemplateError
+
+    texts = []
+    for number, chat in enumerate(chats, 1):
+        try:
+            texts.append(tokenizer.apply_chat_template(with_system_prompt(chat, system_prompt), tokenize=False))
+        except TemplateError as exc:  # Gemma's refuses a system message, Mistral's roles out of turn
+            raise CalibrationError(f"calibration chat {number}: the model's chat template refuses it ({exc}); give "
+                                   "chats in the order and roles the template takes (--calibration), or serve "
+                                   "without a system prompt (ZEPHYR_SYSTEM_PROMPT_ENABLED=false)") from None
+    return texts
 
 
 def write(texts: list[str], path: Path) -> str:

@@ -448,8 +448,9 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     """Quantize every nn.Linear in the decoder layers of the checkpoint in `model_dir` with EasyQuant and write a
     complete model folder (weights, config, tokenizer, chat template) to `out_dir`.
 
-    form="int4": compressed-tensors pack-quantized (vLLM serves it natively); outliers are clamped into range;
-        16-bit (an fp32 parent is cast to bf16).
+    form="int4": compressed-tensors pack-quantized (vLLM serves it natively), which holds no full-precision
+        outliers: a config that keeps them has them clamped into range (`zephyr quantize` keeps none there, and fits
+        the range over every weight); 16-bit (an fp32 parent is cast to bf16).
     form="dequantized": weights dequant(q, s) in the parent's dtype with the outliers restored exactly (the paper's
         numerics).
     quantize_embedding: also quantize the output head (on a tied model that is the embedding matrix too); only the
@@ -473,6 +474,7 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     parent_dtype = model.dtype
     if form == "int4" and parent_dtype not in (torch.bfloat16, torch.float16):
         model = model.to(torch.bfloat16)
+        model.config.dtype = torch.bfloat16  # `to` leaves the config saying float32, and vLLM would serve it so
     targets: list[tuple[str, torch.nn.Module]] = list(decoder_linears(model))
     head_tied = False
     if quantize_embedding:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -60,9 +62,45 @@ def is_ready(env: Path) -> bool:
     return python_of(env).is_file() and stamp.is_file() and stamp.read_text().split() == list(requirements())
 
 
+@contextlib.contextmanager
+def _locked(env: Path, *, exclusive: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """The env's lock, beside it: exclusive to make it, shared to run a worker in it. The setting names one env for
+    every run (and every ZEPHYR_HOME): a second run making it deleted the folder under the first one's pip, and
+    `--recreate` under a running worker."""
+    env.parent.mkdir(parents=True, exist_ok=True)
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    with (env.parent / f".{env.name}.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another zephyr run {'using' if exclusive else 'making'} the quantization "
+                f"environment {env}")
+            fcntl.flock(lock, mode)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def ready(env: Path, say: Callable[[str], None] = print) -> Iterator[Path]:
+    """The env's python, made if need be, and kept from being made again (`--recreate`, another run finding it
+    stale) while the caller runs a worker in it."""
+    for _ in range(2):  # remade between the two locks (a --recreate that failed): made once more
+        python = ensure(env, say)
+        with _locked(env, exclusive=False, say=say):
+            if is_ready(env):
+                yield python
+                return
+    raise QuantEnvError(f"{env} was made again by another run while this one waited to use it, and is not ready; "
+                        "run again once that run is done")
+
+
 def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False) -> Path:
     """The virtualenv's python, after making the env if it is missing, stale or `recreate` is asked (about a
     minute from the local wheels). Raises QuantEnvError with pip's last lines if the install fails."""
+    with _locked(env, exclusive=True, say=say):
+        return _ensure(env, say, recreate)
+
+
+def _ensure(env: Path, say: Callable[[str], None], recreate: bool) -> Path:
     if is_ready(env) and not recreate:
         return python_of(env)
     if env.exists() and not (env / STAMP).is_file() and (not env.is_dir() or any(env.iterdir())):
@@ -72,12 +110,23 @@ def ensure(env: Path, say: Callable[[str], None] = print, recreate: bool = False
     say(f"making the quantization environment at {env} ({', '.join(requirements())}); this is done once")
     if env.exists():
         shutil.rmtree(env)
-    venv.EnvBuilder(with_pip=True, clear=True).create(env)
-    # Stamped as ours before pip runs, with no requirements yet: an install that fails or is stopped leaves an env
-    # that is not ready, which the next call may delete and make again (not a stranger's folder left alone).
+    # Stamped as ours before anything is made, with no requirements yet: a virtualenv or install that fails or is
+    # stopped leaves an env that is not ready, which the next call may delete and make again (not a folder refused
+    # as a stranger's).
+    env.mkdir(parents=True)
     (env / STAMP).write_text("installing\n")
+    try:
+        venv.EnvBuilder(with_pip=True).create(env)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise QuantEnvError(f"making a virtualenv at {env} failed ({exc}); Debian's Python needs python3-venv "
+                            "(ensurepip)") from None
+    # pip builds what has no wheel by running its setup code: given none of the credentials the worker is denied,
+    # but pip's own settings and proxies (a private index's URL may hold its password).
+    pip_environment = worker_environment() | {k: v for k, v in os.environ.items() if k.upper().startswith("PIP_") or
+                                              k.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
     result = subprocess.run([str(python_of(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                             *index_arguments(requirements()), *requirements()], capture_output=True, text=True)
+                             *index_arguments(requirements()), *requirements()], capture_output=True, text=True,
+                            env=pip_environment)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise QuantEnvError(f"installing {' '.join(requirements())} into {env} failed:\n{tail}")
@@ -139,9 +188,10 @@ def _stop_with_parent() -> Callable[[], None] | None:
 def run_worker(python: Path, spec: Path, log: Path, say: Callable[[str], None] = print) -> None:
     """Run quant/llmc_worker.py in the env, streaming its output line by line and keeping a copy in `log`. Call it
     from the main thread: the worker is stopped when the thread that started it ends (PR_SET_PDEATHSIG)."""
-    with log.open("w") as copy, subprocess.Popen([str(python), str(WORKER), str(spec)], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, env=worker_environment(),
-                                                 preexec_fn=_stop_with_parent()) as process:
+    # UTF-8 whatever the locale: a progress bar's blocks would not encode in ASCII, and the copy would end the run
+    with log.open("w", encoding="utf-8", errors="replace") as copy, subprocess.Popen(
+            [str(python), str(WORKER), str(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=worker_environment(), preexec_fn=_stop_with_parent()) as process:
         tail: list[str] = []
         assert process.stdout is not None
         shown_redraw = 0.0

@@ -230,7 +230,7 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
     if options.quantize_lm_head and options.method == "bnb":
         raise QuantError("bitsandbytes keeps lm_head in 16 bits; --quantize-lm-head is for the other methods")
     name = options.resolved_name
-    if name == options.model and options.overwrite:  # without --overwrite it is refused below as existing
+    if name == options.model:  # before "already exists", whose advice (--overwrite) would only lead here
         raise QuantError(f"--name {name} is the model being quantized; give the result another name")
     try:
         registry.check_free(name, options.overwrite)  # the rule registry.add applies, before the work
@@ -253,7 +253,22 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     locks = settings.home / ".locks"  # beside the run folders, not among them
     locks.mkdir(parents=True, exist_ok=True)
     with _only_run_of(locks / f"quantize-{name}.lock", name):
-        return _run(options, settings, say, registry, parent, name)
+        final_dir, run_dir = _run_folders(settings, name)
+        for left in final_dir.parent.glob(f".{name}.replaced-*"):  # an earlier run's, rmtree half deleted
+            shutil.rmtree(left, ignore_errors=True)
+        try:
+            return _run(options, settings, say, registry, parent, name)
+        except BaseException:
+            # A failed run keeps its records (options, calibration, worker log) to look at, not the weights it
+            # half wrote: a checkpoint's worth of disk until the next run of the name.
+            shutil.rmtree(run_dir / "output", ignore_errors=True)
+            raise
+
+
+def _run_folders(settings: Settings, name: str) -> tuple[Path, Path]:
+    """A name's run folder, and the one a run works in until its entry is registered."""
+    final_dir = settings.home / "quant-runs" / name
+    return final_dir, final_dir.with_name(f".{name}.incoming")
 
 
 @contextlib.contextmanager
@@ -273,8 +288,7 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
          parent: RegistryEntry, name: str) -> QuantResult:
     # The run works in its own folder and takes the name's place only once its entry is registered: an
     # --overwrite that fails keeps the records (stats, calibration, log) of the entry it did not replace.
-    final_dir = settings.home / "quant-runs" / name
-    run_dir = final_dir.with_name(f".{name}.incoming")
+    final_dir, run_dir = _run_folders(settings, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     out_dir = run_dir / "output"
@@ -286,7 +300,6 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
     if options.method in LLM_COMPRESSOR:
         from quant import env
 
-        python = env.ensure(settings.resolved_quant_env, say)
         spec = {"model_dir": str(parent.path), "out_dir": str(out_dir), "method": options.method,
                 "scheme": options.resolved_scheme, "group_size": options.group_size if options.grouped else None,
                 "calibration": str(run_dir / "calibration.jsonl"), "seq_len": options.seq_len,
@@ -295,14 +308,22 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
                 "quantize_lm_head": options.quantize_lm_head, "seed": options.seed,
                 "stats": str(run_dir / "stats.json")}
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        env.run_worker(python, run_dir / "spec.json", run_dir / "worker.log", say)
-        stats = json.loads((run_dir / "stats.json").read_text())
+        with env.ready(settings.resolved_quant_env, say) as python:
+            env.run_worker(python, run_dir / "spec.json", run_dir / "worker.log", say)
+        try:
+            stats = json.loads((run_dir / "stats.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise QuantError(f"the quantization worker ended without its statistics ({exc}); see "
+                             f"{run_dir / 'worker.log'}") from None
     elif options.method == "easyquant":
         stats = _easyquant(options, parent, out_dir)
     else:
         from quant.bnb import quantize_bnb
 
-        stats = quantize_bnb(parent.path, out_dir, quant_type=options.resolved_scheme)
+        try:
+            stats = quantize_bnb(parent.path, out_dir, quant_type=options.resolved_scheme)
+        except RuntimeError as exc:  # no linear layer to quantize; bitsandbytes gone since the check
+            raise QuantError(str(exc)) from None
     _complete_folder(parent.path, out_dir)
     stats["seconds_total"] = round(time.perf_counter() - started, 1)
     stats.update(_sizes(out_dir, parent))
@@ -313,7 +334,11 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
     manifest = ModelManifest(name=name, parent=parent.name, method=options.method, recipe=recipe,
                              recipe_digest=_digest(recipe), data_digest=data_digest,
                              source=f"zephyr quantize ({final_dir})", stats=summary)
-    entry = registry.add(out_dir, manifest, move=True, overwrite=options.overwrite)
+    try:
+        entry = registry.add(out_dir, manifest, move=True, overwrite=options.overwrite,
+                             parent_revision=parent.manifest.revision)
+    except RegistryError as exc:
+        raise QuantError(str(exc)) from None
     # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
     # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
     replaced = final_dir.with_name(f".{name}.replaced-{time.time_ns()}")  # its own: an older one may be half gone

@@ -795,7 +795,7 @@ def _add_trained(recipe: Recipe, trained: Path, tokenizer: Any, registry: Regist
     manifest = ModelManifest(name=output, parent=base.name, method=recipe.method, recipe=recipe.resolved(),
                              recipe_digest=recipe.digest(), data_digest=data_digest(train_files),
                              source=f"zephyr train {recipe.method}")
-    return registry.add(staging, manifest, move=True, overwrite=overwrite)
+    return registry.add(staging, manifest, move=True, overwrite=overwrite, parent_revision=base.manifest.revision)
 
 
 def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None,

@@ -282,17 +282,21 @@ class Registry:
         return RegistryEntry(manifest=manifest, path=folder)
 
     def add(
-        self, source: Path, manifest: ModelManifest, *, move: bool = False, overwrite: bool = False
+        self, source: Path, manifest: ModelManifest, *, move: bool = False, overwrite: bool = False,
+        parent_revision: str | None = None,
     ) -> RegistryEntry:
-        """Copy (or move) a Hugging Face folder into the registry under manifest.name, atomically."""
+        """Copy (or move) a Hugging Face folder into the registry under manifest.name, atomically. `parent_revision`:
+        the parent's `revision` when the new weights were made from it, refused if its name now holds others (a
+        retrain with --overwrite during a long quantize run)."""
         target = self.path_of(manifest.name)  # the name is checked before anything else
         if manifest.method not in METHODS:
             raise RegistryError(f"method {manifest.method!r} must be one of {', '.join(METHODS)}")
         source = Path(source)
         check_hf_folder(source)
-        self._check_parent(manifest)  # before anything is made on disk
+        self._check_parent(manifest, parent_revision)  # before anything is made on disk
         with self._writing():
-            self._check_parent(manifest)  # again under the lock: a removal of the parent may have taken it first
+            # again under the lock: a removal or replacement of the parent may have come first
+            self._check_parent(manifest, parent_revision)
             self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
             staging = self._staging_of(manifest.name)
             shutil.rmtree(staging, ignore_errors=True)
@@ -319,9 +323,14 @@ class Registry:
                 staging.rename(target)
             return self._load(target)
 
-    def _check_parent(self, manifest: ModelManifest) -> None:
+    def _check_parent(self, manifest: ModelManifest, parent_revision: str | None = None) -> None:
         if manifest.parent is not None and not self.exists(manifest.parent):
             raise RegistryError(f"parent model {manifest.parent!r} is not in the registry")
+        if parent_revision is not None and manifest.parent is not None and \
+                (now := self.get(manifest.parent).manifest.revision) != parent_revision:
+            raise RegistryError(f"parent model {manifest.parent!r} was replaced while {manifest.name!r} was made from "
+                                f"it (its weights were {parent_revision}, now {now}): the new model would name as "
+                                "its parent weights it was not made from; make it again from the current one")
         if manifest.parent == manifest.name:
             raise RegistryError(f"model {manifest.name!r} cannot replace its own parent; give the new model another "
                                 "name")

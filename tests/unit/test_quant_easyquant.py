@@ -350,12 +350,16 @@ def test_quantize_registers_an_easyquant_entry_and_a_failed_overwrite_keeps_the_
     first = (runs / "stats.json").read_text()
     assert (runs / "options.json").is_file() and not list(runs.parent.glob(".*"))  # no run folder left aside
 
-    def broken(*_args, **_kwargs):
+    def broken(_options, _parent, out_dir):
+        (out_dir / "model.safetensors").parent.mkdir(parents=True)
+        (out_dir / "model.safetensors").write_bytes(b"half")
         raise run.QuantError("the run broke")
 
     monkeypatch.setattr(run, "_easyquant", broken)
     with pytest.raises(run.QuantError, match="the run broke"):
         run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=3, overwrite=True), settings)
+    failed = runs.with_name(f".{entry.name}.incoming")  # its records kept to look at, not the weights half written
+    assert (failed / "options.json").is_file() and not (failed / "output").exists()
     kept = registry.get(entry.name)
     assert kept.manifest.recipe == entry.manifest.recipe and (runs / "stats.json").read_text() == first
     monkeypatch.undo()
@@ -382,6 +386,8 @@ def test_the_parents_dtype_is_kept_where_the_form_can_hold_it(tiny_llama, tmp_pa
     assert (stats["parent_dtype"], stats["dtype"]) == (str(parent)[6:], str(written)[6:])
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == written  # left alone, in the parent's dtype
+    # what vLLM reads to choose the dtype it serves in: an fp32 parent's int4 form said float32
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(written)[6:]
 
 
 def test_a_second_run_of_one_name_is_refused_while_the_first_runs(tmp_path, default_model):
@@ -402,3 +408,33 @@ def test_a_second_run_of_one_name_is_refused_while_the_first_runs(tmp_path, defa
         with pytest.raises(run.QuantError, match="another `zephyr quantize` run is making"):
             run.quantize(options, settings, say=lambda _: None)
     assert run.quantize(options, settings, say=lambda _: None).entry.name == f"{TINY}-easyquant"
+
+
+def test_a_parent_replaced_during_the_run_is_not_named_as_the_result_s_parent(tmp_path, default_model, monkeypatch):
+    """`zephyr train --output P --overwrite` finishing during a long quantize run of P: the result would name P as
+    its parent, be compared with the new P's weights and copy its calibration, though made from the old one."""
+    import shutil
+    from datetime import timedelta
+
+    from quant import run
+    from tests.unit.tiny_llama import TINY, make_tiny_llama
+    from zephyr.registry import MANIFEST, Registry
+    from zephyr.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    registry = Registry(settings.models_dir)
+    make_tiny_llama(registry, default_model)
+    quantize_model = run._easyquant
+
+    def retrained_meanwhile(options, parent, out_dir):
+        stats = quantize_model(options, parent, out_dir)
+        replacement = tmp_path / "retrained"
+        shutil.copytree(parent.path, replacement, ignore=shutil.ignore_patterns(MANIFEST))
+        registry.add(replacement, parent.manifest.model_copy(update={"created_at": parent.manifest.created_at
+                                                                     + timedelta(seconds=5)}), overwrite=True)
+        return stats
+
+    monkeypatch.setattr(run, "_easyquant", retrained_meanwhile)
+    with pytest.raises(run.QuantError, match=f"parent model '{TINY}' was replaced while '{TINY}-easyquant' was made"):
+        run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=2), settings, say=lambda _: None)
+    assert not registry.exists(f"{TINY}-easyquant")

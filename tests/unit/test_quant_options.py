@@ -50,7 +50,7 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "w8a8", "smoothing": 0.0, "smooth_down_proj": True}, "with --smoothing > 0"),
     ({"method": "easyquant", "easyquant_form": "int3"}, "--form must be one of int4, dequantized"),
     ({"method": "bnb", "quantize_lm_head": True}, "bitsandbytes keeps lm_head in 16 bits"),
-    ({"method": "gptq", "name": "smollm2-135m-instruct"}, "model 'smollm2-135m-instruct' already exists"),
+    ({"method": "gptq", "name": "smollm2-135m-instruct"}, "is the model being quantized"),
     # each of these used to fail with a traceback, some after the run folder of an --overwrite was cleared
     ({"method": "easyquant", "easyquant_steps": -1}, "easyquant: steps must be a non-negative integer"),
     ({"method": "easyquant", "easyquant_form": "dequantized", "outlier_sigma": 0.0},
@@ -111,9 +111,11 @@ def test_unknown_and_quantized_models_are_refused(registry, tmp_path, default_mo
     with pytest.raises(QuantError, match=f"eq is already quantized \\(easyquant\\); start from its unquantized "
                                          f"parent, {default_model.name}"):
         check(QuantOptions(model="eq", method="gptq"), registry)
-    with pytest.raises(QuantError, match="is the model being quantized"):
-        check(QuantOptions(model=default_model.name, method="gptq", name=default_model.name, overwrite=True),
-              registry)
+    for overwrite in (True, False):  # without --overwrite too: "already exists; pass --overwrite" led only here
+        with pytest.raises(QuantError, match="is the model being quantized") as refused:
+            check(QuantOptions(model=default_model.name, method="gptq", name=default_model.name,
+                               overwrite=overwrite), registry)
+        assert "--overwrite" not in str(refused.value)
 
 
 def test_a_folder_without_a_manifest_is_named_before_the_work(registry, default_model):
@@ -437,3 +439,96 @@ def test_a_worker_stops_when_its_parent_is_killed_outright(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("the worker outlived its killed parent")
+
+
+def test_a_failed_virtualenv_is_a_clear_error_and_made_again_next_time(tmp_path, monkeypatch):
+    """Creating the virtualenv raised CalledProcessError (no ensurepip) as a traceback, and the half-made folder,
+    unstamped, was then refused for good as "not made by zephyr"."""
+    import subprocess
+
+    from quant import env
+
+    target = tmp_path / "qenv"
+
+    def no_ensurepip(self, path):
+        (Path(path) / "bin").mkdir(parents=True)
+        raise subprocess.CalledProcessError(1, ["python", "-m", "ensurepip"])
+
+    monkeypatch.setattr(env.venv.EnvBuilder, "create", no_ensurepip)
+    with pytest.raises(env.QuantEnvError, match="making a virtualenv .* python3-venv"):
+        env.ensure(target, say=lambda _: None)
+    seen = {}
+
+    def pip(*args, **kwargs):
+        seen.update(kwargs["env"])
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(env.venv.EnvBuilder, "create", lambda self, path: (Path(path) / "bin").mkdir(parents=True))
+    monkeypatch.setattr(env.subprocess, "run", pip)
+    monkeypatch.setenv("ZEPHYR_API_KEYS", "admin:secret-key-0001")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://user:pw@pypi.internal/simple")
+    assert env.ensure(target, say=lambda _: None) == target / "bin" / "python"
+    # pip runs third-party setup code: none of the server's credentials, but its own index settings
+    assert "ZEPHYR_API_KEYS" not in seen and seen["PIP_INDEX_URL"] == "https://user:pw@pypi.internal/simple"
+
+
+def test_the_env_is_not_made_again_under_a_running_worker(tmp_path, monkeypatch):
+    """One env serves every run: a second run found it not ready and deleted it under the first one's pip, and
+    `--recreate` deleted it under a running worker. Making it waits for the runs using it."""
+    import subprocess
+    import threading
+
+    from quant import env
+
+    target = tmp_path / "qenv"
+    made = []
+
+    def create(self, path):
+        made.append(1)
+        (Path(path) / "bin").mkdir(parents=True)
+        (Path(path) / "bin" / "python").write_text("")
+
+    monkeypatch.setattr(env.venv.EnvBuilder, "create", create)
+    monkeypatch.setattr(env.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
+    said = []
+    with env.ready(target, say=lambda _: None) as python:
+        assert python == target / "bin" / "python" and made == [1]
+        recreate = threading.Thread(target=env.ensure, args=(target,), kwargs={"say": said.append, "recreate": True})
+        recreate.start()
+        recreate.join(timeout=1)
+        assert recreate.is_alive() and made == [1]  # waiting for the worker, not deleting its env
+        assert said == [f"waiting for another zephyr run using the quantization environment {target}"]
+        assert python.is_file()  # the worker's env is whole while it runs
+    recreate.join(timeout=10)
+    assert not recreate.is_alive() and made == [1, 1]
+
+
+def test_a_worker_line_that_the_locale_cannot_encode_is_kept(tmp_path):
+    """The log copy used the locale's encoding: under LC_ALL=C a progress bar's blocks ended the run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text("print('\\u2588' * 3, flush=True)\n")
+    code = ("import sys; from pathlib import Path; from quant import env; env.WORKER = Path(sys.argv[1]); "
+            "env.run_worker(Path(sys.executable), Path(sys.argv[2]), Path(sys.argv[3]), say=lambda _: None)")
+    result = subprocess.run([sys.executable, "-c", code, str(script), str(tmp_path / "spec.json"),
+                             str(tmp_path / "worker.log")], capture_output=True, text=True,
+                            env={**__import__("os").environ, "LC_ALL": "C", "PYTHONUTF8": "0",
+                                 "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "worker.log").read_text(encoding="utf-8") == "\u2588" * 3 + "\n"
+
+
+def test_a_chat_template_that_refuses_a_calibration_chat_is_named():
+    from jinja2 import TemplateError
+
+    class Gemma:
+        def apply_chat_template(self, messages, tokenize=False):
+            if messages[0]["role"] == "system":
+                raise TemplateError("System role not supported")
+            return "text"
+
+    with pytest.raises(calibration.CalibrationError, match="calibration chat 1: .*System role not supported"):
+        calibration.render([[{"role": "user", "content": "hi"}]], Gemma(), "You are a tutor.")
+    assert calibration.render([[{"role": "user", "content": "hi"}]], Gemma(), None) == ["text"]
