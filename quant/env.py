@@ -83,12 +83,15 @@ def _locked(env: Path, *, exclusive: bool, say: Callable[[str], None]) -> Iterat
 def ready(env: Path, say: Callable[[str], None] = print) -> Iterator[Path]:
     """The env's python, made if need be, and kept from being made again (`--recreate`, another run finding it
     stale) while the caller runs a worker in it."""
-    for _ in range(2):  # remade between the two locks (a --recreate that failed): made once more
-        python = ensure(env, say)
+    # Shared: runs go on side by side in a ready env. Made (exclusive) only when it is not, and made once more if
+    # another run's --recreate failed between the two locks.
+    for attempt in range(3):
         with _locked(env, exclusive=False, say=say):
             if is_ready(env):
-                yield python
+                yield python_of(env)
                 return
+        if attempt < 2:
+            ensure(env, say)
     raise QuantEnvError(f"{env} was made again by another run while this one waited to use it, and is not ready; "
                         "run again once that run is done")
 

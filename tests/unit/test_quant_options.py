@@ -532,3 +532,16 @@ def test_a_chat_template_that_refuses_a_calibration_chat_is_named():
     with pytest.raises(calibration.CalibrationError, match="calibration chat 1: .*System role not supported"):
         calibration.render([[{"role": "user", "content": "hi"}]], Gemma(), "You are a tutor.")
     assert calibration.render([[{"role": "user", "content": "hi"}]], Gemma(), None) == ["text"]
+
+
+def test_runs_share_a_ready_env(tmp_path):
+    """A second run's worker does not wait for the first one's to end (an hour of GPTQ)."""
+    from quant import env
+
+    target = tmp_path / "qenv"
+    (target / "bin").mkdir(parents=True)
+    (target / "bin" / "python").write_text("")
+    (target / env.STAMP).write_text("\n".join(env.requirements()) + "\n")
+    said = []
+    with env.ready(target, say=said.append) as first, env.ready(target, say=said.append) as second:
+        assert first == second == target / "bin" / "python" and said == []
