@@ -57,8 +57,10 @@ USER_COLUMN_LENGTH = 256
 
 def alembic_config(url: str) -> Config:
     config = Config(str(ALEMBIC_INI))
-    config.set_main_option("script_location", str(ALEMBIC_INI.parent / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
+    # Alembic's options interpolate `%(name)s`: a `%` of the URL's own (an Azure user `u@server` is written
+    # `u%40server`, a path may hold one) failed every start, and every row went to the spill file.
+    config.set_main_option("script_location", str(ALEMBIC_INI.parent / "migrations").replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
@@ -116,6 +118,18 @@ def _knows(script: ScriptDirectory, revision: str) -> bool:
 def rejected_file(spill_path: Path) -> Path:
     """Where spilled rows the database refused are kept for a person to look at."""
     return spill_path.with_name(spill_path.stem + ".rejected.jsonl")
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file's last line is cut off: the next line appended would join it, and both be unreadable."""
+    try:
+        with path.open("rb") as handle:
+            if handle.seek(0, os.SEEK_END) == 0:
+                return False
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -217,8 +231,8 @@ class GenerationLog:
         except TimeoutError:
             log.warning("generation log still writing after %ss at shutdown; spilling the rest", CLOSE_TIMEOUT_SECONDS)
         # Left only if the flush timed out: a batch cut off mid-write and what was still queued. Spill them
-        # rather than wait on a slow database (a replayed duplicate is ignored by request id).
-        leftover = list(self._in_flight)
+        # rather than wait on a slow database (a replayed duplicate is ignored by request id). Read once the
+        # writer is stopped: while the start's replay is cancelled, the writer may yet take another batch.
         if self._startup_replay is not None:  # a taken file cut off part way is replayed by the next start
             self._startup_replay.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -229,6 +243,7 @@ class GenerationLog:
                 await self._writer
             except (asyncio.CancelledError, Exception):
                 pass
+        leftover = list(self._in_flight)
         while not self.queue.empty():
             leftover.append(self.queue.get_nowait())
             self.queue.task_done()
@@ -301,8 +316,11 @@ class GenerationLog:
                 if self._db_ok and not self._replay_lock.locked() and self.has_spill():
                     # the batch above is already stored; a failed replay leaves the file for a retry
                     await self._replay_logged()
-            finally:
+            except asyncio.CancelledError:
+                raise  # stopped mid-batch: `close` spills what `_in_flight` still holds
+            else:
                 self._in_flight = []
+            finally:
                 for _ in batch:
                     self.queue.task_done()
             self.metrics.log_queue_depth.set(self.queue.qsize())
@@ -429,6 +447,8 @@ class GenerationLog:
     def _spill(self, rows: list[GenerationRecord]) -> None:
         private_dir(self.spill_path.parent)
         with self._spill_file_lock(), open_private_append(self.spill_path) as handle:
+            if _ends_mid_line(self.spill_path):  # a write cut off (a kill, a full disk): its row is lost, not ours
+                handle.write("\n")
             for row in rows:
                 handle.write(row.to_json_line())
             handle.flush()

@@ -502,6 +502,72 @@ async def test_a_close_that_times_out_while_a_batch_is_gathered_spills_its_rows(
     assert [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()] == ["gathered"]
 
 
+async def test_a_batch_the_writer_takes_while_the_start_replay_stops_is_spilled(tmp_path, monkeypatch):
+    """close() read the rows in flight before stopping the start's replay; while that replay unwound, the writer
+    stored its batch and took the next, and the writer's stop then dropped that one: in neither place."""
+    from service.store import log as log_module
+
+    monkeypatch.setattr(log_module, "CLOSE_TIMEOUT_SECONDS", 0.2)
+    (tmp_path / "spill.jsonl").write_text(json.dumps(row("old"), default=str) + "\n")
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        batch_size=1, flush_seconds=0.01)
+    stored = []
+
+    async def slow_replay():
+        async with log._replay_lock:  # as the replay holds it: the writer does not start another
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.3)  # a rollback on a slow database
+                raise
+
+    async def slow_insert(rows):
+        await asyncio.sleep(0.3 if not stored else 30)
+        stored.extend(r.id for r in rows)
+
+    monkeypatch.setattr(log, "replay_spill", slow_replay)
+    await log.start()
+    monkeypatch.setattr(log, "_insert", slow_insert)
+    log.record(record("r0"))
+    log.record(record("r1"))
+    await asyncio.sleep(0.05)  # the writer is inserting r0
+    await log.close()
+    spilled = [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()]
+    assert stored == ["r0"] and "r1" in spilled
+
+
+async def test_a_row_appended_after_a_torn_line_is_replayed(tmp_path):
+    """A kill mid-append leaves the spill file's last line cut off: the next row spilled joined it, and both were
+    set aside as one unreadable line."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    (tmp_path / "spill.jsonl").write_text(json.dumps(row("whole"), default=str) + '\n{"id": "torn", "crea')
+    log._spill([record("after")])
+    await log.start()
+    await log.replayed_at_start()
+    assert await log.get("whole") and await log.get("after")
+    (set_aside,) = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
+    assert set_aside["unparseable_line"] == '{"id": "torn", "crea'  # the fragment alone
+    await log.close()
+
+
+async def test_a_database_url_holding_a_percent_sign_is_written_to(tmp_path):
+    """Alembic read `%` as its interpolation: every start failed and every row went to the spill file (an Azure
+    user `name@server` is `name%40server` in a URL)."""
+    from service.store.log import alembic_config
+
+    folder = tmp_path / "100%"
+    folder.mkdir()
+    log = GenerationLog(f"sqlite+aiosqlite:///{folder / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    log.record(record("stored"))
+    await log.flush()
+    assert await log.get("stored") and not log.has_spill()
+    await log.close()
+    url = "postgresql+asyncpg://zephyr%40myserver:p%25ss@db.example/zephyr"
+    assert alembic_config(url).get_main_option("sqlalchemy.url") == url
+
+
 # Replicas sharing one volume share the spill file ------------------------------------------------------------
 
 HOLD_LOCK = """
