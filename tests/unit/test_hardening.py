@@ -271,6 +271,16 @@ async def test_a_query_parameter_sent_twice_is_refused_not_settled_by_the_last(s
     assert ok.status_code == 200
 
 
+async def test_a_query_of_thousands_of_parameters_is_refused_by_its_bound(served):
+    """Before any key was checked, a 64 KB query of 16,000 names held the event loop for seconds (a quadratic
+    search for the repeated one), every stream with it."""
+    names = [f"{a}{b}{c}" for a in "abcdefghij" for b in "abcdefghijklmnopqrstuvwxyz" for c in "abcdefghijklmnop"]
+    r = await served.client.get("/healthz?" + "&".join(names + names[:1]))
+    assert r.status_code == 400 and "takes at most 64" in r.json()["error"]["message"], r.text
+    r = await served.client.get("/healthz?" + "&".join(names[:64]))
+    assert r.status_code == 200, r.text
+
+
 async def test_made_up_http_methods_share_one_metrics_label(served):
     for verb in ("X0ZZ", "X1ZZ", "BREW"):
         await served.client.request(verb, "/v1/models")
