@@ -373,6 +373,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{place} must be role:key or name=role:key with role one of {', '.join(ROLES)}")
             if len(name) > MAX_KEY_NAME_CHARS:
                 raise ValueError(f"{place}: its name is longer than {MAX_KEY_NAME_CHARS} characters")
+            if not (key.isascii() and key.isprintable()):
+                # HTTP headers carry bytes read as Latin-1: a UTF-8 key never matches, and each try counts against
+                # the client address's failure limit
+                raise ValueError(f"{place}: its key holds characters an HTTP header cannot carry as typed; use "
+                                 "printable ASCII only (letters, digits, punctuation)")
             if len(key) < self.min_api_key_chars:
                 raise ValueError(f"{place}: its key is shorter than {self.min_api_key_chars} characters, short "
                                  "enough to guess; make one with "

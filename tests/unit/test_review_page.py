@@ -271,6 +271,15 @@ def test_key_entries_take_an_optional_name_and_keep_their_old_meaning(tmp_path):
     assert "sk-" not in str(refused.value)
 
 
+def test_a_key_no_http_header_can_carry_as_typed_is_refused_at_start():
+    """Starlette reads header bytes as Latin-1: a UTF-8 key never matched, and each try counted against the
+    address's failure limit."""
+    for key in ("étudiant-clé-2024-xyz", "tab\there-0123456789"):
+        with pytest.raises(ValueError, match="ZEPHYR_API_KEYS entry 1: its key holds characters an HTTP header") as no:
+            _ = Settings(api_keys=f"student:{key}").api_key_entries
+        assert key not in str(no.value)
+
+
 def test_a_key_short_enough_to_guess_is_refused_by_its_place(tmp_path):
     with pytest.raises(ValueError, match="ZEPHYR_API_KEYS entry 2: its key is shorter than 16 characters") as refused:
         _ = Settings(api_keys="student:0123456789abcdef,reviewer:0123456789abcde").api_key_entries
