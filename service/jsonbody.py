@@ -12,7 +12,6 @@ from fastapi.routing import APIRoute
 
 from service.errors import APIError
 
-
 # No route takes more than a handful: a bound, as every input has one.
 MAX_QUERY_PARAMETERS = 64
 
