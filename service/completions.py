@@ -114,8 +114,8 @@ def _completed(tutor: Tutor, job: Completion) -> CompletionResponse:
         text = gen.text(i) if job.shown else ""
         logprobs = None
         if job.logprobs is not None:
-            logprobs = _joined(prompt, _generated(gen.logprobs.get(i, []) if job.shown else [], job.logprobs,
-                                                  _answer_offset(job, prompt)))
+            entries = (_reply_entry(gen) if gen.withheld else gen.logprobs.get(i, [])) if job.shown else []
+            logprobs = _joined(prompt, _generated(entries, job.logprobs, _answer_offset(job, prompt)))
         choices.append(CompletionChoice(
             index=i, text=(job.prompt_text if job.echo else "") + text, logprobs=logprobs,
             finish_reason=gen.finish_reasons.get(i) if job.shown else job.unshown_finish))
@@ -146,6 +146,8 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                 choices = []
                 for c in out.choices:
                     text, entries = (c.text, c.logprobs or []) if job.shown else ("", [])
+                    if job.shown and gen.withheld and text:
+                        entries = _reply_entry(gen)
                     finish = (c.finish_reason if job.shown else job.unshown_finish) if c.finish_reason else None
                     if not text and not finish and not (job.logprobs is not None and entries):
                         continue  # (a token still spelling out a character has no text yet, but its log-probability)
@@ -166,6 +168,14 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
 def _finite(value: float | None) -> float | None:
     # JSON has no -inf; OpenAI sends -9999.0 for a token too unlikely to have a log-probability.
     return value if value is None or math.isfinite(value) else -9999.0
+
+
+def _reply_entry(gen: GenerationRequest) -> list[TokenLogprob]:
+    """The guard's reply where the model's tokens were withheld, as one entry: the lists keep the length a client
+    expects (the prompt's tokens, then what was generated). lm-eval reads a continuation's scores as
+    `token_logprobs[ctxlen:-1]`: without it, the continuation lost its last token's score. Not the model's text, so
+    the least likely a log-probability says."""
+    return [TokenLogprob(token_id=-1, token=gen.withheld or "", logprob=-9999.0, top=[])]
 
 
 def _prompt_logprobs(tutor: Tutor, job: Completion) -> CompletionLogprobs:

@@ -526,8 +526,22 @@ async def test_a_flagged_scored_prompt_keeps_its_scores_and_loses_its_answer(app
         assert r.status_code == 200 and choice["finish_reason"] == FINISH_REASON
         assert choice["text"] == HARMFUL_ASK + REPLIES[HARMFUL]
         logprobs = choice["logprobs"]["token_logprobs"]
-        assert logprobs[0] is None and logprobs[1:] and all(v is not None for v in logprobs[1:])
-        assert len(logprobs) == len(choice["logprobs"]["tokens"])  # the prompt's tokens, none generated
+        assert logprobs[0] is None and logprobs[1:-1] and all(-9999 < v <= 0 for v in logprobs[1:-1])
+        # The prompt's tokens, then the guard's reply in the generated token's place: lm-eval reads a continuation
+        # as token_logprobs[ctxlen:-1], and without that last entry it lost the continuation's last token.
+        tokens = choice["logprobs"]["tokens"]
+        assert len(logprobs) == len(tokens) and tokens[-1] == REPLIES[HARMFUL] and logprobs[-1] == -9999.0
+        assert "".join(tokens) == choice["text"]
+        unflagged = (await served.client.post("/v1/completions", json={
+            "prompt": "Why is the sky blue?", "max_tokens": 1, "echo": True, "logprobs": 1})).json()
+        assert len(unflagged["choices"][0]["logprobs"]["tokens"]) == len(
+            served.app.state.engine.tokenizer.encode("Why is the sky blue?")) + 1  # the same shape
+        streamed = await served.client.post("/v1/completions", json={
+            "prompt": HARMFUL_ASK, "max_tokens": 1, "echo": True, "logprobs": 1, "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        tokens_streamed = [t for e in events for c in e["choices"] for t in (c["logprobs"] or {}).get("tokens", [])]
+        assert tokens_streamed == tokens
 
 
 async def test_mcq_explain_does_not_reason_about_a_harmful_question(app_factory):
