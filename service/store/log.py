@@ -187,6 +187,7 @@ class GenerationLog:
         # Rows a full queue could not take: spilled by a thread, since redaction and fsync would stall every
         # stream on the loop (record() runs on it).
         self._overflow: list[GenerationRecord] = []
+        self._closed = False  # set once close() has taken what was queued: a later row goes straight to disk
         self._overflow_spill: asyncio.Task | None = None
         # One writer of the spill file at a time: a thread's append must not interleave with another's, nor land
         # in a file replay_spill has already read.
@@ -244,6 +245,7 @@ class GenerationLog:
             except (asyncio.CancelledError, Exception):
                 pass
         leftover = list(self._in_flight)
+        self._closed = True
         while not self.queue.empty():
             leftover.append(self.queue.get_nowait())
             self.queue.task_done()
@@ -259,6 +261,16 @@ class GenerationLog:
     def record(self, row: GenerationRecord) -> None:
         """Queue one row; never blocks and never drops: a full queue spills the row to disk, off the loop."""
         if not self.enabled:
+            return
+        if self._closed:
+            # A request the server's stop cancelled, whose row came after the log closed (uvicorn cancels what
+            # is left of its requests and shuts down without waiting for them): nobody reads the queue now.
+            log.warning("a generation log row came after the log closed; spilling it to %s", self.spill_path)
+            try:
+                self._spill_safely([row])
+            except OSError:
+                log.critical("cannot write the spill file %s; 1 log row lost", self.spill_path)
+                self.metrics.log_write_failures.inc()
             return
         try:
             self.queue.put_nowait(row)

@@ -568,6 +568,16 @@ async def test_a_database_url_holding_a_percent_sign_is_written_to(tmp_path):
     assert alembic_config(url).get_main_option("sqlalchemy.url") == url
 
 
+async def test_a_row_recorded_after_the_log_closed_is_spilled_not_lost(tmp_path):
+    """uvicorn cancels the requests left at its stop and shuts the app down without waiting for them: a cancelled
+    request's row could come after the log had taken its queue, into a queue nobody read."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None)
+    await log.start()
+    await log.close()
+    log.record(record("late"))
+    assert [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()] == ["late"]
+
+
 # Replicas sharing one volume share the spill file ------------------------------------------------------------
 
 HOLD_LOCK = """
