@@ -125,6 +125,9 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
     if not streamed:
         try:
             result = await until_disconnected(request, whole())
+        except APIError as exc:  # the engine's refusal or absence: its log row has this id, so the error says it
+            exc.headers.setdefault("X-Request-Id", gen.request_id)
+            raise
         finally:
             tutor.never_ran(gen)
         # Rendered as before (json.dumps, not pydantic's JSON): the same bytes on the wire. An answer with

@@ -155,6 +155,9 @@ async def test_dead_engine_is_503_and_not_ready(served):
     served.engine.fail_with = EngineUnavailable("the inference engine stopped")
     r = await served.client.post(CHAT, json={"messages": user(), "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    # the error names the log row it left, as an answer does (the openai client's `e.request_id`)
+    row = await (await served.flushed_log()).get(r.headers["x-request-id"])
+    assert row["status"] == "error" and "stopped" in row["error"]
     served.engine.die()
     assert (await served.client.get("/readyz")).status_code == 503
     # Once the engine is known dead, a stream is refused before it opens, not as a 200 carrying an error.
