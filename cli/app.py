@@ -10,12 +10,13 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.table import Table
+from rich.text import Text
 
 from cli.common import DATABASE_ERRORS, console, database_failure, err, fail, load_settings, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
-from zephyr.paths import open_private_write
+from zephyr.paths import write_text_atomic
 from zephyr.registry import METHODS, ModelManifest, Registry, RegistryError
 from zephyr.settings import DEFAULT_MODEL
 
@@ -286,7 +287,8 @@ def mcq_command(
     if body["abstained"]:
         console.print(f"[bold]Not sure[/] (confidence {body['confidence']:.0%} is below the floor)")
     else:
-        console.print(f"[bold]{body['answer']}[/]. {body['option']}", highlight=False)
+        # the option is the asker's text: "[a, b]" is no markup (it vanished), "[/]" no closing tag (a traceback)
+        console.print(Text.assemble((str(body["answer"]), "bold"), ". ", str(body["option"])), highlight=False)
     console.print("  ".join(f"{k}: {v:.2f}" for k, v in body["probabilities"].items())
                   + f"   ({body['method']}{', calibrated' if body['calibrated'] else ''})", style="dim")
 
@@ -357,9 +359,11 @@ def review_export(
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
     left_out: Counter[str] = Counter()
     text, count = export.to_jsonl(judgements, generations, options, redactor, left_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open_private_write(out) as handle:  # students' conversations, private as the database is
-        handle.write(text)
+    try:  # students' conversations, private as the database is; whole, or the earlier file left as it was
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, text, private=True)
+    except OSError as exc:
+        raise fail(f"--out {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {count} {format} records from {len({j.item_id for j in judgements})} judged items to {out}")
     if left_out["unfinished"]:
         console.print(f"left out {left_out['unfinished']} with an answer the model did not write whole (cut off at "

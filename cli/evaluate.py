@@ -291,7 +291,7 @@ def report_command(
     models: Annotated[str, typer.Option(help="Comma-separated registry models")],
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.html and plots/")] = Path("eval-report"),
     reviews: Annotated[Path | None, typer.Option(
-        help="A `zephyr review export --format dpo` file: adds human win rates")] = None,
+        dir_okay=False, help="A `zephyr review export --format dpo` file: adds human win rates")] = None,
 ) -> None:
     """Markdown and self-contained HTML: tables per benchmark, deltas vs parent with bootstrap CIs, plots."""
     from evals.report import write_report
@@ -305,6 +305,8 @@ def report_command(
                                       registry=Registry(settings.models_dir), reviews=reviews)
     except (ValueError, RegistryError) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # --out under a file, a folder this user cannot write
+        raise fail(f"--out {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {markdown} and {html}")
 
 
@@ -320,6 +322,7 @@ def gate_command(
              "answers naming the key or a distractor gate)"),
     ] = None,
     reviews: Annotated[Path | None, typer.Option(
+        dir_okay=False,
         help="Also require reviewers' blind A/B verdicts: a `zephyr review export --format dpo --include-flagged "
              "--include-unfinished` file (every complete item's decisive verdict) holding pairs of the candidate's "
              "answers against the baseline's")] = None,
@@ -341,6 +344,9 @@ def gate_command(
     too few or prefer the baseline."""
     from evals.gate import GateError, check, review_gate
 
+    if reviews is None and (min_review_pairs is not None or min_win_rate is not None):
+        # a gate that passed with no human check although its thresholds were given
+        raise fail("--min-review-pairs and --min-win-rate apply to reviewers' verdicts: give them with --reviews FILE")
     settings = load_settings()
     try:
         review = None

@@ -8,11 +8,14 @@ when they already exist. The modes are set with chmod after creation, so the uma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger("zephyr.paths")
 PRIVATE_DIR_MODE = 0o700
@@ -83,12 +86,6 @@ def open_private_append(path: str | os.PathLike):
     return _open_private(path, os.O_APPEND, "a")
 
 
-def open_private_write(path: str | os.PathLike):
-    """Open a text file for writing from empty, created 0600 (an existing file is tightened to 0600 too): for what
-    holds students' words outside the database (review exports and the training data made from them)."""
-    return _open_private(path, os.O_TRUNC, "w")
-
-
 def _open_private(path: str | os.PathLike, flag: int, mode: str):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, PRIVATE_FILE_MODE)
     try:
@@ -114,15 +111,25 @@ def private_sqlite_files(database: Path) -> None:
         private_file(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path`'s content all at once: written beside it, synced, then renamed over it, so a full disk or a
-    kill part way leaves the old file whole (never a truncated manifest or result that breaks every later read)."""
+def write_text_atomic(path: str | os.PathLike, text: str, *, private: bool = False) -> None:
+    """Replace `path`'s content all at once (`writing_atomically`)."""
+    with writing_atomically(path, private=private) as handle:
+        handle.write(text)
+
+
+@contextlib.contextmanager
+def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Iterator[TextIO]:
+    """A text file that replaces `path` all at once when the block ends: written beside it, synced, then renamed
+    over it, so a full disk or a kill part way leaves the old file whole (never a truncated manifest, result, or a
+    review export that would go on to count fewer verdicts without a word). `private`: made 0600, for what holds
+    students' words outside the database (review exports and the training data made from them)."""
     path = Path(path)
     # A name of its own: two writers of one file (an eval run beside a calibration) must not remove each other's.
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        with partial.open("x", encoding="utf-8") as handle:
-            handle.write(text)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE if private else 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)

@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from zephyr.mcq import LETTERS, MAX_OPTIONS, MIN_OPTIONS
-from zephyr.paths import open_private_write
+from zephyr.paths import writing_atomically
 
 
 class Message(BaseModel):
@@ -129,9 +129,10 @@ def read_jsonl(path: Path, schema: type[Record]) -> Iterator[Record]:
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel], *, private: bool = False) -> int:
-    """`private`: the file is created 0600 (it holds students' words: data made from review exports)."""
+    """Written whole or not at all (`writing_atomically`); `private`: made 0600 (it holds students' words: data
+    made from review exports)."""
     count = 0
-    with open_private_write(path) if private else Path(path).open("w", encoding="utf-8") as handle:
+    with writing_atomically(path, private=private) as handle:
         for record in records:
             handle.write(json.dumps(record.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
             count += 1

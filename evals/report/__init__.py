@@ -43,12 +43,15 @@ def write_report(
         check_name(name)
     # Read before anything is written: a bad file leaves an earlier report as it was.
     human = (current_reviews(Path(reviews), registry), Path(reviews)) if reviews is not None else None
+    views = collect(store, models, registry)
+    if not any(view.run for view in views):  # a mistyped name in CI: an empty report that passed as one
+        raise ValueError(f"no results for {', '.join(models)}: run `zephyr eval run --model NAME --suite mcq` "
+                         "first (nothing was written)")
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
     for name in PLOT_FILES:  # a plot left from an earlier report must not pass for this one's
         (plots / name).unlink(missing_ok=True)
-    views = collect(store, models, registry)
     sections = build_sections(views, plots, registry, human)
     title = f"Zephyr evaluation report: {', '.join(models)}"
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"

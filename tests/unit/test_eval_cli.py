@@ -371,3 +371,10 @@ def test_a_run_through_a_server_names_the_server_not_the_local_engine(registered
     runs = run.run(options, Settings())
     assert [r.engine for r in runs] == [{"dtype": "float32"}, {"server": "http://x"}]
     assert [[m.metric for m in r.measurements] for r in runs] == [["letter_acc"], ["letter_acc_server"]]
+
+
+def test_review_thresholds_without_reviews_are_refused(home):
+    """A CI script that forgot --reviews got a gate that passed with no human check."""
+    result = CliRunner().invoke(app, ["eval", "gate", "--candidate", "cand", "--baseline", "base",
+                                      "--min-win-rate", "0.99", "--min-review-pairs", "1000"])
+    assert result.exit_code == 1 and "give them with --reviews FILE" in " ".join(result.output.split())

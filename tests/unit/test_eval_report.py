@@ -212,11 +212,10 @@ def test_reward_models_show_their_held_out_agreement_next_to_the_length_baseline
     assert "Reward models" not in write_report(store, ["p"], tmp_path / "out2")[0].read_text()
 
 
-def test_models_without_any_results_do_not_crash(tmp_path):
-    md_path, html_path = write_report(ResultStore(tmp_path / "none"), ["a", "b"], tmp_path / "out")
-    md = md_path.read_text()
-    assert "a: no results" in md and "b: no results" in md
-    assert "data:image/png" not in html_path.read_text()
+def test_models_without_any_results_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="no results for a, b: run `zephyr eval run"):
+        write_report(ResultStore(tmp_path / "none"), ["a", "b"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="at least one model"):
         write_report(ResultStore(tmp_path / "none"), [], tmp_path / "out")
 
@@ -468,3 +467,17 @@ def test_mmlu_subjects_show_the_served_method_first(tmp_path):
     md, _ = write_report(store, ["base"], tmp_path / "report")
     subjects = md.read_text().split("## MMLU per subject")[1]
     assert re.search(r"\| stem \| 37\.5 \|", subjects) and "mcq_acc_auto in %" in subjects
+
+
+def test_cli_report_on_models_without_any_result_fails_and_writes_nothing(tmp_path, monkeypatch):
+    """A mistyped name in CI wrote a report of "no results" and exited 0; a folder as --reviews was "missing"."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["eval", "report", "--models", "typo,other", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no results for typo, other" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
+    folder = CliRunner().invoke(app, ["eval", "report", "--models", "m", "--reviews", str(tmp_path)])
+    assert folder.exit_code == 2 and "directory" in folder.output, folder.output

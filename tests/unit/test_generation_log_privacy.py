@@ -192,3 +192,20 @@ async def test_a_failed_statements_error_quotes_no_row(tmp_path):
     finally:
         await engine.dispose()
     assert "Jane Roe" not in str(failed.value) and "UNIQUE constraint failed" in str(failed.value)
+
+
+def test_a_private_file_is_written_whole_or_not_at_all(tmp_path):
+    """A review export was truncated and written in place: a stop or a full disk part way left a short file that
+    `eval gate --reviews` and `data review` went on to read, counting fewer verdicts without a word."""
+    import os
+
+    from zephyr.paths import writing_atomically
+
+    export = tmp_path / "export.jsonl"
+    with writing_atomically(export, private=True) as handle:
+        handle.write("first\n")
+    assert export.read_text() == "first\n" and export.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(OSError), writing_atomically(export, private=True) as handle:
+        handle.write("half of the second")
+        raise OSError(28, os.strerror(28))  # the disk filled part way
+    assert export.read_text() == "first\n" and os.listdir(tmp_path) == ["export.jsonl"]

@@ -423,3 +423,15 @@ def test_a_result_is_not_recorded_into_an_entry_made_again_while_it_was_measured
             record(measured.manifest.created_at)
     registry.record_eval("m", "mcq", {"accuracy": 0.5}, made_at=registry.get("m").manifest.created_at)
     assert registry.get("m").manifest.evals == {"mcq": {"accuracy": 0.5}}
+
+
+@pytest.mark.parametrize("option", ["[a, b]", "[/]", "f(x) = [x]"])
+def test_mcq_prints_the_option_as_written(home, monkeypatch, option):
+    """The option went through Rich's markup: "[a, b]" vanished, and "[/]" ended in a traceback."""
+    import httpx
+
+    body = {"abstained": False, "answer": "B", "option": option, "probabilities": {"A": 0.2, "B": 0.8},
+            "confidence": 0.8, "method": "auto", "calibrated": True}
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json=body))
+    result = runner.invoke(app, ["mcq", "Which?", "-o", "(0, 1)", "-o", option])
+    assert result.exit_code == 0 and f"B. {option}" in result.output, result.output
