@@ -97,7 +97,7 @@ def read_mmlu(folder: Path, split: str) -> list[MCQItem]:
     for file in files:
         subject = file.name.removesuffix(f"_{split}.csv")
         with file.open(encoding="utf-8", newline="") as handle:
-            for number, row in enumerate(csv.reader(handle)):
+            for number, row in enumerate(row for row in csv.reader(handle) if row):  # a trailing blank line
                 items.append(_mcq(f"{subject}-{split}-{number}", row[0], row[1:5], "ABCD".index(row[5].strip()),
                                   subject=subject))
     return _keep(items)
@@ -140,9 +140,10 @@ def read_openbookqa(path: Path, split: str) -> list[MCQItem]:
     items = []
     with path.open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle, delimiter="\t"):
-            choices = dict(_OBQA_CHOICES.findall(row["Choices"]))
-            if list(choices) != ["A", "B", "C", "D"]:
+            pairs = _OBQA_CHOICES.findall(row["Choices"])
+            if [letter for letter, _ in pairs] != ["A", "B", "C", "D"]:  # a letter twice: no four options
                 continue
+            choices = dict(pairs)
             items.append(_mcq(row["ID"], row["Question Stem"], list(choices.values()),
                               "ABCD".index(row["Answer Key"].strip())))
     return _keep(items)
@@ -155,7 +156,9 @@ def hub_openbookqa(dataset: Any, split: str) -> list[MCQItem]:
 
 # GSM8K: {question, answer}; the final answer follows "####".
 def _gsm8k_row(row: dict[str, Any], item_id: str) -> GSM8KItem:
-    solution, _, final = row["answer"].rpartition("####")
+    solution, marker, final = row["answer"].rpartition("####")
+    if not marker or not final.strip():  # every item would be unanswerable, and the accuracy fall without a word
+        raise ValueError(f"{item_id}'s answer has no final answer after \"####\"")
     return GSM8KItem(id=item_id, question=row["question"].strip(), solution=solution.strip(),
                      answer=final.strip().replace(",", ""))
 
@@ -211,9 +214,9 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
     if source is not None and Path(source).expanduser().exists():
         local = Path(source).expanduser()
     elif source is not None:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            raise DatasetError(f"{source} is neither an existing file or folder nor a hub name like {bench.hub}")
-        return first(_from_hub(bench, str(source), split), limit)
+        if not _hub_name(str(source)):
+            raise DatasetError(f"{source} does not exist (and is no hub name like {bench.hub})")
+        return first(_checked(name, source, lambda: _from_hub(bench, str(source), split)), limit)
     else:
         if split not in bench.splits:
             raise DatasetError(f"{name} has no local {split!r} split; local splits: {', '.join(bench.splits)}")
@@ -224,17 +227,34 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
             raise DatasetError(f"{local} does not exist: set ZEPHYR_DATA_DIR to a folder in ../shared/data's "
                                f"layout, or pass a file or the hub name {bench.hub}")
     try:
-        items = bench.reader(local, _MMLU_LOCAL_SPLITS.get(split, split) if name == "mmlu" else split)
-    except (KeyError, IndexError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(f"{local} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
+        items = _checked(name, local, lambda: bench.reader(local, _MMLU_LOCAL_SPLITS.get(split, split)
+                                                           if name == "mmlu" else split))
     except OSError as exc:  # a folder where a file belongs, a file it may not read
         what = "a folder of *_test.csv files" if name == "mmlu" else "a file"
         raise DatasetError(f"cannot read {local} as {name} data ({exc.strerror or exc}): give {what}") from exc
-    if not items:
-        raise DatasetError(f"{local} holds no {name} items")
     return first(items, limit)
+
+
+def _hub_name(source: str) -> bool:
+    """"owner/name", not a path mistyped: a file's suffix, or a first part that is a local folder, says path (sent
+    to the hub, it waited on retries and then said nothing of the missing file)."""
+    owner = source.split("/", 1)[0]
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not Path(owner).exists()
+            and Path(source).suffix.lower() not in (".json", ".jsonl", ".csv", ".tsv", ".gz"))
+
+
+def _checked(name: str, where: Any, read: Callable[[], list[Any]]) -> list[Any]:
+    """What `read` returns, with a row of another shape (a missing field, a number where text belongs, a torn
+    CSV) and an empty result as DatasetError naming the data set and where it came from."""
+    try:
+        items = read()
+    except DatasetError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, csv.Error) as exc:  # JSON's: ValueError
+        raise DatasetError(f"{where} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
+    if not items:
+        raise DatasetError(f"{where} holds no {name} items")
+    return items
 
 
 def first(items: list[Any], limit: int | None) -> list[Any]:

@@ -115,7 +115,7 @@ def test_hub_rows_convert_like_local_files():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"name": "hellaswag"}, "unknown benchmark"),
     ({"name": "openbookqa", "split": "test"}, "no local 'test' split"),
-    ({"name": "arc_easy", "source": "not a hub name"}, "neither an existing file"),
+    ({"name": "arc_easy", "source": "not a hub name"}, "does not exist"),
 ])
 def test_bad_requests_name_the_problem(tmp_path, kwargs, message):
     with pytest.raises(DatasetError, match=message):
@@ -141,3 +141,53 @@ def test_a_limit_below_one_is_refused_not_read_as_all_or_as_a_slice(limit):
     with pytest.raises(ValueError, match="at least 1"):
         benchmarks.first([1, 2, 3], limit)
     assert benchmarks.first([1, 2, 3], None) == [1, 2, 3] and benchmarks.first([1, 2, 3], 2) == [1, 2]
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("openbookqa", "ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n7-1\tGas\t(A) a (B) b (C) c (D) d\n"),
+    ("gsm8k", json.dumps({"question": "q", "answer": 42}) + "\n"),
+    ("gsm8k", json.dumps({"question": "q", "answer": "It is 5"}) + "\n"),  # no "####": no final answer
+    ("arc_easy", json.dumps({"id": "x", "answerKey": "A", "question": {"stem": None, "choices": [
+        {"label": "A", "text": "a"}, {"label": "B", "text": "b"}]}}) + "\n"),
+    ("sciq", json.dumps([{"question": 5, "correct_answer": "a", "distractor1": "b", "distractor2": "c",
+                          "distractor3": "d"}])),
+    ("openbookqa", "ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n" + "x" * 200_000 + "\n"),
+])
+def test_a_file_of_another_shape_is_a_dataset_error_not_a_traceback(tmp_path, name, text):
+    """A truncated TSV row, a number or null where text belongs, a field past csv's limit: tracebacks."""
+    path = tmp_path / ("data.tsv" if name == "openbookqa" else "data.json")
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=f"not in {name}'s format"):
+        load(name, source=path)
+
+
+def test_mmlu_takes_a_trailing_blank_line_and_obqa_skips_a_letter_given_twice(tmp_path):
+    (tmp_path / "anatomy_test.csv").write_text("Q?,a,b,c,d,B\n\n")
+    (item,) = load("mmlu", source=tmp_path)
+    assert item.answer == "B"
+    path = tmp_path / "dev.tsv"  # the local train split's 12-1145: "(D) ... (D) ...", no C
+    path.write_text("ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key\n"
+                    "1\tQ\t(A) a (B) b (D) c (D) d\tx\tA\n2\tQ\t(A) a (B) b (C) c (D) d\tx\tA\n")
+    assert [i.id for i in load("openbookqa", source=path)] == ["2"]
+
+
+def test_a_mistyped_path_is_named_missing_not_asked_of_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub"))
+    for source in ("nodir/test.json", "data/ARC-Easy-Test.jsonl", str(tmp_path / "missing.jsonl")):
+        with pytest.raises(DatasetError, match="does not exist"):
+            load("sciq", source=source)
+    (tmp_path / "arc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load("arc_easy", source="arc/ARC-Easy")
+
+
+def test_hub_rows_of_another_shape_or_none_are_a_dataset_error(monkeypatch):
+    import datasets
+
+    for rows, message in (([{"question": "q"}], "not in arc_easy's format"), ([], "holds no arc_easy items")):
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, rows=rows, **k: rows)
+        with pytest.raises(DatasetError, match=message):
+            load("arc_easy", source="allenai/sciq")
