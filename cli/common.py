@@ -27,12 +27,19 @@ def fail(message: str) -> typer.Exit:
 
 
 def load_settings(**overrides) -> Settings:
+    """Settings from the environment; `overrides` are a command's options of the same names (`--port`)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:  # one line, each setting by the variable that sets it
-        # a check across settings has no field (its message names the variables itself)
-        problems = "; ".join((f"ZEPHYR_{'_'.join(str(part) for part in error['loc']).upper()}: "
-                              if error["loc"] else "") + error["msg"].removeprefix("Value error, ")
+        return Settings(**given)
+    except ValidationError as exc:  # one line, each setting by the option or variable that set it
+        def named(loc: tuple) -> str:
+            if not loc:  # a check across settings: its message names the variables itself
+                return ""
+            if loc[0] in given:  # `serve --port 0` is about --port, not ZEPHYR_PORT
+                return f"--{str(loc[0]).replace('_', '-')}: "
+            return f"ZEPHYR_{'_'.join(str(part) for part in loc).upper()}: "
+
+        problems = "; ".join(named(error["loc"]) + error["msg"].removeprefix("Value error, ")
                              for error in exc.errors())
         raise fail(f"bad configuration: {problems}") from None
     except ValueError as exc:

