@@ -28,6 +28,7 @@ class _Choice:
     shown_chars: int = 0
     withheld: bool = False
     finished: bool = False
+    unshown_tokens: int = 0  # generated after the choice was withheld
 
     def release(self, upto: int | None = None) -> ChoiceDelta | None:
         """The held deltas that lie wholly inside judged sentences (or the first `upto` characters of the answer),
@@ -61,12 +62,28 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
     token and between tokens are the engine's. Ends the engine request once every choice has finished or was
     withheld (a withheld choice is not left to run to its token limit)."""
     choices = {i: _Choice() for i in range(gen.params.n)}
+    try:
+        async with aclosing(_screened(gen, choices, outputs, judge)) as inner:  # closed now: it aborts the engine's
+            async for shown in inner:
+                yield shown
+    finally:
+        # Tokens generated and never shown (held when the client left, or written after a withheld sentence while
+        # the other choices went on) were generated all the same: the usage and the token metrics count them.
+        for index, choice in choices.items():
+            gen.token_counts[index] = gen.token_counts.get(index, 0) + sum(
+                len(d.token_ids) for d in choice.held) + choice.unshown_tokens
+            choice.held, choice.unshown_tokens = [], 0
+
+
+async def _screened(gen: GenerationRequest, choices: dict[int, _Choice], outputs: AsyncIterator[EngineOutput],
+                    judge: Judge) -> AsyncIterator[EngineOutput]:
     async with aclosing(outputs) as source:
         async for out in source:
             shown: list[ChoiceDelta] = []
             for delta in out.choices:
                 choice = choices[delta.index]
                 if choice.withheld:  # what the model writes after a withheld sentence is not shown either
+                    choice.unshown_tokens += len(delta.token_ids)
                     continue
                 choice.held.append(delta)
                 choice.finished = delta.finish_reason is not None

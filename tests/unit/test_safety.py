@@ -783,6 +783,23 @@ async def test_a_choice_that_finished_does_not_wait_for_a_withheld_one_to_run_to
         assert engine.steps_generated < longest / 4  # the engine request ended at the flag
 
 
+async def test_the_usage_counts_the_tokens_a_withheld_choice_went_on_generating(app_factory):
+    """After one of two choices was withheld, the engine went on writing it while the other ran: those tokens were
+    generated (and paid for) but counted nowhere."""
+    async with app_factory(safety_guard=True) as served:
+        engine = served.app.state.engine
+        engine.replies = {0: HARMFUL_ANSWER + " And more." * 30, 1: f"{SCIENCE_SENTENCE}" + " Leaves are green." * 20}
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": BENIGN_ASKS[1]}],
+                                                 "n": 2, "max_tokens": 400})
+        first, second = r.json()["choices"]
+        assert first["finish_reason"] == FINISH_REASON and second["finish_reason"] == "stop"
+        lengths = [len(engine.tokenizer.encode(engine.replies[i], add_special_tokens=False)) for i in (0, 1)]
+        generated = sum(min(length, engine.steps_generated) for length in lengths)
+        assert r.json()["usage"]["completion_tokens"] == generated
+        row = await (await served.flushed_log()).get(r.json()["id"])
+        assert row["completion_tokens"] == generated
+
+
 def test_the_guard_reads_an_answer_it_stopped_without_its_own_reply():
     stopped = f"{SCIENCE_SENTENCE}\n\n{REPLIES[SELF_HARM]}"
     conversation = [{"role": "user", "content": BENIGN_ASKS[1]}, {"role": "assistant", "content": stopped},
