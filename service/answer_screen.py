@@ -70,8 +70,8 @@ async def screened(gen: GenerationRequest, outputs: AsyncIterator[EngineOutput],
         # Tokens generated and never shown (held when the client left, or written after a withheld sentence while
         # the other choices went on) were generated all the same: the usage and the token metrics count them.
         for index, choice in choices.items():
-            gen.token_counts[index] = gen.token_counts.get(index, 0) + sum(
-                len(d.token_ids) for d in choice.held) + choice.unshown_tokens
+            if unshown := sum(len(d.token_ids) for d in choice.held) + choice.unshown_tokens:
+                gen.token_counts[index] = gen.token_counts.get(index, 0) + unshown
             choice.held, choice.unshown_tokens = [], 0
 
 
