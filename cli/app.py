@@ -120,9 +120,13 @@ def models_prepare() -> None:
 
     models = registry()
     try:
+        models.models_dir.mkdir(parents=True, exist_ok=True)  # before minutes of converting and a smoke test
         entry = prepare_default_model(models, err)
     except RegistryError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # ZEPHYR_HOME under a file, a volume mounted read-only: the init container's log says so
+        raise fail(f"cannot prepare the registry at {models.models_dir}: {exc.strerror or exc}"
+                   f"{f' ({exc.filename})' if exc.filename else ''}") from None
     console.print(f"{entry.name}: {entry.path}")
     served = load_settings().model
     try:

@@ -444,3 +444,12 @@ def test_a_bad_option_is_named_as_typed_and_a_bad_variable_as_set(home, monkeypa
     monkeypatch.setenv("ZEPHYR_PORT", "0")
     result = runner.invoke(app, ["serve"])
     assert result.exit_code == 1 and "ZEPHYR_PORT: Input should be" in " ".join(result.output.split())
+
+
+def test_models_prepare_on_a_home_it_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """The chart's init container: a ZEPHYR_HOME under a file (or a read-only volume) was a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ZEPHYR_HOME", str(blocker / "home"))
+    result = runner.invoke(app, ["models", "prepare"])
+    assert result.exit_code == 1 and "cannot prepare the registry" in " ".join(result.output.split()), result.output
