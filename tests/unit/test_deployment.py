@@ -185,7 +185,21 @@ def test_cpu_profile_sizes_the_kv_cache_within_its_memory_limit():
     (["--set", f"secrets.apiKeys={K0},replicaCount=2"], "secrets.dbUrl"),
     # Autoscaling may add replicas too, and an existing Secret does not make a ReadWriteOnce volume shareable.
     (["--set", f"secrets.apiKeys={K0},autoscaling.enabled=true"], "secrets.dbUrl"),
-    (["--set", "secrets.existingSecret=s,replicaCount=2"], "ReadWriteMany"),
+    # An existing Secret is taken to hold no database unless said: two pods would write one SQLite file.
+    (["--set", "secrets.existingSecret=s,replicaCount=2", "--set", "persistence.accessModes={ReadWriteMany}"],
+     "secrets.existingSecretHoldsDbUrl=true"),
+    (["--set", "secrets.existingSecret=s,secrets.existingSecretHoldsDbUrl=true,replicaCount=2"], "ReadWriteMany"),
+    (["--set", "secrets.existingSecret=s,secrets.existingSecretHoldsDbUrl=true,networkPolicy.enabled=true,"
+      "networkPolicy.egress.restrict=true"], "needs the database in networkPolicy.egress.rules"),
+    # Manifests the API server would refuse.
+    (["--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,autoscaling.minReplicas=5,autoscaling.maxReplicas=2,"
+      "secrets.dbUrl=postgresql+asyncpg://db/z", "--set", "persistence.accessModes={ReadWriteMany}"],
+     "autoscaling.minReplicas 5 is above autoscaling.maxReplicas 2"),
+    (["--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,autoscaling.targetCPUUtilizationPercentage=null,"
+      "secrets.dbUrl=postgresql+asyncpg://db/z", "--set", "persistence.accessModes={ReadWriteMany}"],
+     "autoscaling needs a metric"),
+    (["--set", f"secrets.apiKeys={K0},updateStrategy.type=Recreate,updateStrategy.rollingUpdate.maxSurge=1"],
+     "Recreate takes no rollingUpdate"),
     (["--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z"], "ReadWriteMany"),
     # The chart's own settings: the probes, Service and volume depend on them.
     (["--set", f"secrets.apiKeys={K0},config.ZEPHYR_PORT=9000"], "config.ZEPHYR_PORT"),
@@ -269,7 +283,22 @@ def test_one_replica_on_a_single_node_volume_is_replaced_not_surged_and_has_no_b
     shared = deployment_of("--set", f"secrets.apiKeys={K0},replicaCount=2,secrets.dbUrl=postgresql+asyncpg://db/z",
                            "--set", "persistence.accessModes={ReadWriteMany}")
     assert shared["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    assert shared["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    assert shared["PodDisruptionBudget"]["spec"] | {"selector": None} == {"maxUnavailable": 1, "selector": None}
+    # Four pods: minAvailable 1 let a drain evict three at once, each replacement loading its model for minutes.
+    four = deployment_of("--set", f"secrets.apiKeys={K0},replicaCount=4,secrets.dbUrl=postgresql+asyncpg://db/z",
+                         "--set", "persistence.accessModes={ReadWriteMany}")
+    assert four["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    chosen = deployment_of("--set", f"secrets.apiKeys={K0},replicaCount=4,secrets.dbUrl=postgresql+asyncpg://db/z,"
+                           "podDisruptionBudget.minAvailable=3", "--set", "persistence.accessModes={ReadWriteMany}")
+    assert chosen["PodDisruptionBudget"]["spec"]["minAvailable"] == 3  # an operator's own choice is kept
+    # An existing Secret not said to hold a database: its log is SQLite on the volume, replaced, never rolled.
+    existing = deployment_of("--set", "secrets.existingSecret=mine", "--set", "persistence.accessModes={ReadWriteMany}")
+    assert existing["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    # Scaled on waiting students alone: vLLM's CPU build reads busy whenever anything generates.
+    waiting = deployment_of("--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,autoscaling.waitingRequests."
+                            "enabled=true,autoscaling.targetCPUUtilizationPercentage=null,secrets.dbUrl="
+                            "postgresql+asyncpg://db/z", "--set", "persistence.accessModes={ReadWriteMany}")
+    assert [m["type"] for m in waiting["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["Pods"]
     # Autoscaled from one to four: no budget let a drain evict all four at once; maxUnavailable 1 never holds one.
     scaled = deployment_of("--set", f"secrets.apiKeys={K0},autoscaling.enabled=true,"
                            "secrets.dbUrl=postgresql+asyncpg://db/z", "--set",

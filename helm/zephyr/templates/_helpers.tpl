@@ -114,10 +114,15 @@ comma-separated string (whose commas `--set` needs escaped: `student:K1\,reviewe
 {{- if and .Values.persistence.enabled (not (has "ReadWriteMany" .Values.persistence.accessModes)) }}true{{ end -}}
 {{- end -}}
 
-{{/* Whether the generation log is a SQLite file on the registry volume: certain only when the chart makes the
-Secret without a database URL (an existingSecret may hold one). Two pods must never write it at once. */}}
+{{/* Whether the server's Secret names a database for the log: secrets.dbUrl, or an existingSecret the operator says
+holds ZEPHYR_DB_URL (the chart cannot read it when rendered without a cluster). Not said: SQLite, the safe guess. */}}
+{{- define "zephyr.databaseNamed" -}}
+{{- if or .Values.secrets.dbUrl (and .Values.secrets.existingSecret .Values.secrets.existingSecretHoldsDbUrl) }}true{{ end -}}
+{{- end -}}
+
+{{/* Whether the generation log is a SQLite file on the registry volume. Two pods must never write it at once. */}}
 {{- define "zephyr.sqliteOnVolume" -}}
-{{- if and .Values.persistence.enabled (not .Values.secrets.existingSecret) (not .Values.secrets.dbUrl) }}true{{ end -}}
+{{- if and .Values.persistence.enabled (not (include "zephyr.databaseNamed" .)) }}true{{ end -}}
 {{- end -}}
 
 {{/* The grace period the pod's shutdown needs: the preStop sleep, the drain, uvicorn's last 5 s, the log's last
