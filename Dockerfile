@@ -94,7 +94,8 @@ VOLUME ["/data"]
 USER 10001:10001
 WORKDIR /home/zephyr
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+# The start period covers a GPU image's model load too (the chart allows 900 s): failures within it do not count.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('ZEPHYR_PORT', '8000')}/healthz\", timeout=4)"]
 ENTRYPOINT ["tini", "--", "zephyr"]
 # `docker run IMAGE models prepare` prepares the registry on the volume without serving.

