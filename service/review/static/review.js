@@ -57,6 +57,9 @@ function el(tag, attrs = {}, text) {
 }
 
 async function api(method, path, body) {
+  // A controller and a timer, not AbortSignal.timeout: a school's older iPad (Safari 15) has no such function.
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), REQUEST_MS);
   let response;
   try {
     response = await fetch(path, {
@@ -64,13 +67,17 @@ async function api(method, path, body) {
       credentials: "same-origin",
       headers: body === undefined ? {} : { "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body),
-      signal: AbortSignal.timeout(REQUEST_MS),
+      signal: controller.signal,
     });
   } catch (error) { // no answer: status 0, neither a refusal nor a lost sign-in
-    const failure = new Error(error.name === "TimeoutError"
-      ? `The server did not answer within ${REQUEST_MS / 1000} s; try again` : "The server could not be reached; try again");
+    const saving = method !== "GET" ? " (it may have been saved: the page will say when you submit again)" : "";
+    const failure = new Error(controller.signal.aborted
+      ? `The server did not answer within ${REQUEST_MS / 1000} s${saving}; try again`
+      : "The server could not be reached; try again");
     failure.status = 0;
     throw failure;
+  } finally {
+    clearTimeout(timer);
   }
   if (response.status === 204) return null;
   const data = await response.json().catch(() => ({}));
