@@ -44,9 +44,15 @@ def write_report(
     # Read before anything is written: a bad file leaves an earlier report as it was.
     human = (current_reviews(Path(reviews), registry), Path(reviews)) if reviews is not None else None
     views = collect(store, models, registry)
-    if not any(view.run for view in views):  # a mistyped name in CI: an empty report that passed as one
-        raise ValueError(f"no results for {', '.join(models)}: run `zephyr eval run --model NAME --suite mcq` "
-                         "first (nothing was written)")
+    # A mistyped name in CI wrote a report of "no results" that passed as one. A name with no results is reported
+    # (what to run is said) where the registry knows it; one nothing knows is refused, as is a report of nothing.
+    # (A report of reviewers' verdicts alone, of remote models the registry does not hold, is one.)
+    unknown = [v.name for v in views if v.run is None and human is None and registry is not None
+               and not registry.exists(v.name)]
+    if unknown or (not any(view.run for view in views) and human is None and registry is None):
+        raise ValueError(f"no results for {', '.join(unknown or models)}"
+                         f"{' and no such registry model' if unknown else ''}: check the name, or run `zephyr eval "
+                         "run --model NAME --suite mcq` first (nothing was written)")
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)

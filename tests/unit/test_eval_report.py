@@ -213,9 +213,18 @@ def test_reward_models_show_their_held_out_agreement_next_to_the_length_baseline
 
 
 def test_models_without_any_results_are_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ValueError, match="no results for a, b: run `zephyr eval run"):
+    with pytest.raises(ValueError, match="no results for a, b: check the name, or run `zephyr eval run"):
         write_report(ResultStore(tmp_path / "none"), ["a", "b"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # A registry model with no runs yet is reported, with what to run: only a name nothing knows is refused.
+    registry = Registry(tmp_path / "models")
+    folder = registry.models_dir / "known"
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(ModelManifest(name="known", method="sft").model_dump_json())
+    md, _ = write_report(ResultStore(tmp_path / "none"), ["known"], tmp_path / "out", registry=registry)
+    assert "known: no results" in md.read_text()
+    with pytest.raises(ValueError, match="no results for typo and no such registry model"):
+        write_report(ResultStore(tmp_path / "none"), ["known", "typo"], tmp_path / "out", registry=registry)
     with pytest.raises(ValueError, match="at least one model"):
         write_report(ResultStore(tmp_path / "none"), [], tmp_path / "out")
 
@@ -477,7 +486,8 @@ def test_cli_report_on_models_without_any_result_fails_and_writes_nothing(tmp_pa
 
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path))
     result = CliRunner().invoke(app, ["eval", "report", "--models", "typo,other", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "no results for typo, other" in " ".join(result.output.split()), result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "no results for typo, other and no such registry model" in said, said
     assert not (tmp_path / "out").exists()
     folder = CliRunner().invoke(app, ["eval", "report", "--models", "m", "--reviews", str(tmp_path)])
     assert folder.exit_code == 2 and "directory" in folder.output, folder.output
