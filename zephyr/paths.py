@@ -123,12 +123,22 @@ def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Ite
     over it, so a full disk or a kill part way leaves the old file whole (never a truncated manifest, result, or a
     review export that would go on to count fewer verdicts without a word). `private`: made 0600, for what holds
     students' words outside the database (review exports and the training data made from them)."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through a link, to the file it names: the link stays a link
+    try:
+        existing = path.stat()
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):  # /dev/stdout, a pipe: nothing to rename over
+        with _open_private(path, os.O_TRUNC, "w") if private else path.open("w", encoding="utf-8") as handle:
+            yield handle
+        return
     # A name of its own: two writers of one file (an eval run beside a calibration) must not remove each other's.
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE if private else 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if existing is not None and not private:  # a file someone shared or tightened keeps its mode
+                os.fchmod(handle.fileno(), stat.S_IMODE(existing.st_mode))
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

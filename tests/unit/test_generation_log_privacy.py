@@ -209,3 +209,27 @@ def test_a_private_file_is_written_whole_or_not_at_all(tmp_path):
         handle.write("half of the second")
         raise OSError(28, os.strerror(28))  # the disk filled part way
     assert export.read_text() == "first\n" and os.listdir(tmp_path) == ["export.jsonl"]
+
+
+def test_an_atomic_write_goes_through_a_link_keeps_a_shared_mode_and_writes_a_pipe_in_place(tmp_path):
+    import os
+    import threading
+
+    from zephyr.paths import write_text_atomic
+
+    target = tmp_path / "shared" / "data.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "data.jsonl"
+    link.symlink_to(target)
+    write_text_atomic(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o640
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader.start()
+    write_text_atomic(pipe, "through a pipe\n")
+    reader.join(10)
+    assert read == ["through a pipe\n"] and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
