@@ -67,9 +67,21 @@ def _locked(env: Path, *, exclusive: bool, say: Callable[[str], None]) -> Iterat
     """The env's lock, beside it: exclusive to make it, shared to run a worker in it. The setting names one env for
     every run (and every ZEPHYR_HOME): a second run making it deleted the folder under the first one's pip, and
     `--recreate` under a running worker."""
-    env.parent.mkdir(parents=True, exist_ok=True)
+    path = env.parent / f".{env.name}.lock"
+    try:
+        env.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.open("a")
+    except OSError:
+        try:  # an env an admin made where users may only read: flock takes a file opened for reading too
+            lock = path.open("r")
+        except OSError as exc:
+            if exclusive:
+                raise QuantEnvError(f"cannot lock the quantization environment ({path}: {exc.strerror or exc}); "
+                                    "point ZEPHYR_QUANT_ENV at a folder you may write") from None
+            yield  # a ready env in a read-only folder nobody can lock: nobody can remake it either
+            return
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    with (env.parent / f".{env.name}.lock").open("a") as lock:
+    with lock:
         try:
             fcntl.flock(lock, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -123,10 +135,9 @@ def _ensure(env: Path, say: Callable[[str], None], recreate: bool) -> Path:
     except (OSError, subprocess.CalledProcessError) as exc:
         raise QuantEnvError(f"making a virtualenv at {env} failed ({exc}); Debian's Python needs python3-venv "
                             "(ensurepip)") from None
-    # pip builds what has no wheel by running its setup code: given none of the credentials the worker is denied,
-    # but pip's own settings and proxies (a private index's URL may hold its password).
-    pip_environment = worker_environment() | {k: v for k, v in os.environ.items() if k.upper().startswith("PIP_") or
-                                              k.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+    # pip builds what has no wheel by running its setup code: not given the server's own credentials (API keys,
+    # database URL, session secret), but the rest, which a private index's keyring may read (a cloud's tokens).
+    pip_environment = {k: v for k, v in os.environ.items() if not k.upper().startswith("ZEPHYR_")}
     result = subprocess.run([str(python_of(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              *index_arguments(requirements()), *requirements()], capture_output=True, text=True,
                             env=pip_environment)

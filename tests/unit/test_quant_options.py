@@ -467,9 +467,11 @@ def test_a_failed_virtualenv_is_a_clear_error_and_made_again_next_time(tmp_path,
     monkeypatch.setattr(env.subprocess, "run", pip)
     monkeypatch.setenv("ZEPHYR_API_KEYS", "admin:secret-key-0001")
     monkeypatch.setenv("PIP_INDEX_URL", "https://user:pw@pypi.internal/simple")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/secrets/gcp.json")
     assert env.ensure(target, say=lambda _: None) == target / "bin" / "python"
-    # pip runs third-party setup code: none of the server's credentials, but its own index settings
+    # pip runs third-party setup code: none of the server's credentials, but what a private index's keyring reads
     assert "ZEPHYR_API_KEYS" not in seen and seen["PIP_INDEX_URL"] == "https://user:pw@pypi.internal/simple"
+    assert seen["GOOGLE_APPLICATION_CREDENTIALS"] == "/secrets/gcp.json"
 
 
 def test_the_env_is_not_made_again_under_a_running_worker(tmp_path, monkeypatch):
@@ -545,3 +547,25 @@ def test_runs_share_a_ready_env(tmp_path):
     said = []
     with env.ready(target, say=said.append) as first, env.ready(target, say=said.append) as second:
         assert first == second == target / "bin" / "python" and said == []
+
+
+def test_a_ready_env_in_a_folder_the_user_may_only_read_is_used(tmp_path, monkeypatch):
+    """An admin's env under /opt: opening the lock for writing failed with a traceback on every quantize run."""
+    from quant import env
+
+    target = tmp_path / "qenv"
+    (target / "bin").mkdir(parents=True)
+    (target / "bin" / "python").write_text("")
+    (target / env.STAMP).write_text("\n".join(env.requirements()) + "\n")
+    real_open = Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):
+        if self.name == ".qenv.lock" and mode != "r":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    with env.ready(target, say=lambda _: None) as python:  # no lock file yet, none can be made: used all the same
+        assert python == target / "bin" / "python"
+    with pytest.raises(env.QuantEnvError, match="cannot lock the quantization environment"):
+        env.ensure(target, say=lambda _: None, recreate=True)
