@@ -507,30 +507,36 @@ async def test_a_batch_the_writer_takes_while_the_start_replay_stops_is_spilled(
     stored its batch and took the next, and the writer's stop then dropped that one: in neither place."""
     from service.store import log as log_module
 
-    monkeypatch.setattr(log_module, "CLOSE_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(log_module, "CLOSE_TIMEOUT_SECONDS", 0.2)  # r0's insert waits for the replay's stop
     (tmp_path / "spill.jsonl").write_text(json.dumps(row("old"), default=str) + "\n")
     log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
                         batch_size=1, flush_seconds=0.01)
-    stored = []
+    stored, inserting, first_may_end, second_started = [], asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def slow_replay():
         async with log._replay_lock:  # as the replay holds it: the writer does not start another
             try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                await asyncio.sleep(0.3)  # a rollback on a slow database
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # a rollback on a slow database: the writer goes on meanwhile
+                first_may_end.set()
+                await asyncio.wait_for(second_started.wait(), 10)
                 raise
 
     async def slow_insert(rows):
-        await asyncio.sleep(0.3 if not stored else 30)
-        stored.extend(r.id for r in rows)
+        if not stored and not second_started.is_set() and not first_may_end.is_set():
+            inserting.set()
+            await first_may_end.wait()
+            stored.extend(r.id for r in rows)
+        else:
+            second_started.set()
+            await asyncio.Event().wait()
 
     monkeypatch.setattr(log, "replay_spill", slow_replay)
     await log.start()
     monkeypatch.setattr(log, "_insert", slow_insert)
     log.record(record("r0"))
     log.record(record("r1"))
-    await asyncio.sleep(0.05)  # the writer is inserting r0
+    await asyncio.wait_for(inserting.wait(), 10)
     await log.close()
     spilled = [json.loads(line)["id"] for line in (tmp_path / "spill.jsonl").read_text().splitlines()]
     assert stored == ["r0"] and "r1" in spilled
