@@ -215,7 +215,10 @@ def load(name: str, split: str | None = None, source: str | Path | None = None, 
         local = Path(source).expanduser()
     elif source is not None:
         if not _hub_name(str(source)):
-            raise DatasetError(f"{source} does not exist (and is no hub name like {bench.hub})")
+            owner = str(source).split("/", 1)[0]
+            raise DatasetError(f"{source} does not exist" + (
+                f" (a folder {owner}/ here makes it a path: for the hub data set of that name, run from another "
+                "folder)" if Path(owner).is_dir() else f" (and is no hub name like {bench.hub})"))
         return first(_checked(name, source, lambda: _from_hub(bench, str(source), split)), limit)
     else:
         if split not in bench.splits:
