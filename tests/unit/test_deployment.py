@@ -254,8 +254,21 @@ def test_the_network_policy_admits_the_named_peers_to_the_servers_port_and_lets_
         "ingress-nginx", "monitoring"}
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     dns, database = policy["egress"]
-    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns  # wherever the cluster's DNS runs
+    # to the cluster's DNS only: port 53 to any address would be a way out for anything the pod read
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
     assert database["ports"] == [{"port": 5432, "protocol": "TCP"}]
+
+
+def test_a_release_pinned_by_digest_runs_that_build():
+    """A build pushed again under one tag changed no pod template: an upgrade rolled nothing out."""
+    digest = "sha256:" + "ab" * 32
+    pod = deployment_of("--set", f"secrets.apiKeys={K0},image.digest={digest}")["Deployment"]["spec"]["template"]
+    images = {c["image"] for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]}
+    assert images == {f"ghcr.io/zephyr-tutor/zephyr@{digest}"}
+    bad = helm("template", "tutor", str(CHART), "-f", str(CHART / "values-cpu.yaml"), "--set",
+               f"secrets.apiKeys={K0},image.digest=latest")
+    assert bad.returncode != 0 and "image.digest must be sha256:" in bad.stderr
 
 
 def test_without_restricted_egress_the_policy_leaves_egress_alone():

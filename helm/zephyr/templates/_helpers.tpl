@@ -22,9 +22,18 @@ app.kubernetes.io/name: {{ include "zephyr.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* By digest when one is given: a tag rebuilt under the same name (0.1.0-cpu across many commits) changes no pod
+template, so `helm upgrade` rolled nothing out and IfNotPresent nodes kept the old build. */}}
 {{- define "zephyr.image" -}}
+{{- if .Values.image.digest -}}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" (toString .Values.image.digest)) -}}
+{{- fail (printf "image.digest must be sha256:<64 hex digits>, as `docker buildx imagetools inspect` prints it") -}}
+{{- end -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) -}}
 {{- printf "%s:%s" .Values.image.repository (toString $tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "zephyr.secretName" -}}
