@@ -452,6 +452,21 @@ def check_sources_outside_calibration(sources: list[str] | str) -> list[tuple[st
     return checked
 
 
+@functools.lru_cache(maxsize=4)
+def calibration_questions(data_dir: Path) -> frozenset[tuple[str, frozenset[str]]]:
+    """question_key of every question `zephyr eval calibrate` reads (CALIBRATION_SPLITS, CALIBRATION_LIMITS) under
+    `data_dir`, of the splits the folder has: a training split may hold one under another id (MMLU dev's
+    college_physics-dev-1 is val's college_physics-val-5, options and all)."""
+    keys = set()
+    for name in MCQ_BENCHMARKS:
+        try:
+            items = load(name, CALIBRATION_SPLITS[name], data_dir=data_dir, limit=CALIBRATION_LIMITS.get(name))
+        except DatasetError:  # a folder without that benchmark: none of its questions to keep out
+            continue
+        keys |= {question_key(item.question, item.options) for item in items}
+    return frozenset(keys)
+
+
 def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_source: int | None = None,
                               exclude_reported: bool = True) -> tuple[list[MCQItem], dict[str, int]]:
     """Training items of each "name:split" source (mcq_training_items), without the questions `zephyr eval
@@ -469,7 +484,9 @@ def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_sour
         # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
         head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
         head = {f"{source}/{item.id}" for item in head_items}
-        kept = [item for item in without_questions_of(loaded, head_items) if item.id not in head]
+        calibrated = calibration_questions(Path(data_dir).resolve())  # copies in other splits, under other ids
+        kept = [item for item in without_questions_of(loaded, head_items) if item.id not in head
+                and question_key(item.question, item.options) not in calibrated]
         reserved[source] = len(loaded) - len(kept)
         items.extend(kept[:limit_per_source] if limit_per_source else kept)
     return items, {source: n for source, n in reserved.items() if n}

@@ -241,6 +241,24 @@ def test_calibration_comes_from_training_splits_only(tokenizer):
         "openbookqa:train"]
 
 
+def test_a_calibration_question_another_split_repeats_is_left_out(tmp_path):
+    """MMLU dev's college_physics-dev-1 is validation's college_physics-val-5, options and all: `data science
+    --sources mmlu:dev` trained on a question `zephyr eval calibrate` fits /mcq's auto on."""
+    from offline.benchmarks import calibration_questions, items_outside_calibration
+
+    physics = tmp_path / "mmlu"
+    (physics / "dev").mkdir(parents=True)
+    (physics / "val").mkdir()
+    (physics / "test").mkdir()
+    (physics / "dev" / "college_physics_dev.csv").write_text("What carries charge?,electron,photon,neutron,gluon,A\n"
+                                                             "What is heavy?,lead,air,foam,cork,A\n")
+    (physics / "val" / "college_physics_val.csv").write_text("What  carries charge?,photon,electron,neutron,gluon,B\n")
+    (physics / "test" / "college_physics_test.csv").write_text("Which is a lepton?,muon,proton,pion,kaon,A\n")
+    calibration_questions.cache_clear()
+    kept, reserved = items_outside_calibration(["mmlu:dev"], tmp_path)
+    assert [item.question for item in kept] == ["What is heavy?"] and reserved == {"mmlu:dev": 1}
+
+
 def test_a_source_whose_questions_are_all_reported_is_refused_by_name(tmp_path):
     """Calibrating on none of a source's questions crashed the tokenizer inside the worker (IndexError)."""
     folder = tmp_path / "arc" / "ARC-Easy"
