@@ -575,7 +575,10 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
                                 "under that name: its checkpoints adapt weights the base no longer has; pass --fresh "
                                 "to start over, or set another `output` name")
         return last_checkpoint(run_dir) is not None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only runs/ folder: one line, before the model loads
+        raise TrainingError(f"cannot make the run folder {run_dir}: {exc.strerror or exc}") from None
     if main:
         # base_weights: what `zephyr train register` checks on another machine, where base_made_at differs.
         saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "base_made_at": base_made_at,
@@ -726,7 +729,10 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                 with_room_measured(eval_set, "eval")
             watched = validation_set if validation_set is not None else eval_set
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
-        trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
+        try:
+            trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
+        except ValueError as exc:  # TRL's own checks (KTO's batch size, a sampler it refuses, a LoRA target)
+            raise TrainingError(f"the trainer refused the recipe: {exc}") from None
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
         if watched is not None:

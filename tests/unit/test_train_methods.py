@@ -776,3 +776,15 @@ def test_measured_records_whose_prompt_fills_max_length_are_left_out_and_counted
     result = train(load_recipe(path), Settings(home=home), recipe_path=path)
     assert result.metrics["eval_records_without_room"] == 1 and "train_records_without_room" not in result.metrics
     assert math.isfinite(result.metrics["eval_loss"])
+
+
+def test_a_recipe_the_trainer_refuses_is_a_training_error_not_a_traceback(home, data, tmp_path):
+    """TRL checks some settings only as it builds the trainer (KTO needs a batch of more than one): a ValueError
+    traceback after the model had loaded."""
+    from training.run import TrainingError
+
+    path = recipe_file(tmp_path, "tiny-kto-one", {
+        "method": "kto", "model": TINY, "output": "tiny-kto-one", "data": {"train": str(data["kto"])},
+        "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "per_device_train_batch_size": 1}})
+    with pytest.raises(TrainingError, match="the trainer refused the recipe"):
+        train(load_recipe(path), Settings(home=home), recipe_path=path)
