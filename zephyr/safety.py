@@ -130,7 +130,9 @@ def reading(text: str) -> tuple[list[str], bool]:
     letters: the costly part of a long non-Latin message)."""
     text = normalized(text)
     parts = sentences(text)
-    if len(text) <= WINDOW_CHARS:
+    # Measured without runs of blanks, which the encoder reads as nothing: a short request padded with 900 spaces
+    # was read by its parts, at the laxer line of a sentence alone.
+    if len(" ".join(text.split())) <= WINDOW_CHARS:
         return ([text] if len(parts) <= 1 else [text, *parts]), True
     return [part for sentence in parts for part in windows(sentence)], False
 
@@ -177,7 +179,7 @@ def _latin_of(char: str) -> str:
     plain = [glyph["c"] for hit in found for glyph in hit["homoglyphs"]
              if len(glyph["c"]) == 1 and glyph["c"].isascii() and glyph["c"].isalpha()]
     same_case = [c for c in plain if c.isupper() == char.isupper()]
-    if not same_case and char.isupper() and (lower := _latin_of(char.lower())) != char.lower():
+    if not same_case and char.isupper() and char.lower() != char and (lower := _latin_of(char.lower())) != char.lower():
         return lower.upper()  # Unicode's confusables read "I" as "l": the small letter's look-alike, capitalised
     return (same_case or plain or [char])[0]
 
@@ -319,6 +321,8 @@ def at_message_line(rows: int, read_whole: bool) -> list[bool]:
     whole message (where it is read whole), and where it has several parts, its last (a request after a preamble
     sits there) and its first (a request before harmless padding). The fit (evals.safety.whole_and_part) reads
     messages by the same rule."""
+    if rows == 1:  # the one row is the whole message, however it was read
+        return [True]
     at = [read_whole] + [False] * (rows - 1) if rows else []
     first = 1 if read_whole else 0
     if rows > 1:
