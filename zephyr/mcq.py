@@ -104,8 +104,8 @@ def normalize_options(options: Sequence[str] | Mapping[str, str]) -> list[str]:
         if not isinstance(value, str) or not value.strip():
             raise MCQFormatError(f"option {LETTERS[i]} must be a non-empty string", "options")
         cleaned.append(" ".join(value.split()))
-    folded = [v.casefold() for v in cleaned]
-    duplicates = sorted({LETTERS[i] for i, v in enumerate(folded) if folded.count(v) > 1})
+    # The same text twice (spacing aside); case is meaning in science: genotypes RR, Rr, rr; Co and CO; mW and MW.
+    duplicates = sorted({LETTERS[i] for i, v in enumerate(cleaned) if cleaned.count(v) > 1})
     if duplicates:
         raise MCQFormatError(f"options {', '.join(duplicates)} are duplicates; each option must differ", "options")
     return cleaned

@@ -88,7 +88,7 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "Why is the sky blue?",
     "We could try plan A. Then plan B. Then go home.",  # two labels on one line read as prose
     "A) first\nB) second",  # no question before the options
-    "Pick one:\nA) same\nB) Same",  # options /mcq refuses (duplicates): answered as any chat
+    "Pick one:\nA) same\nB) same",  # options /mcq refuses (duplicates): answered as any chat
     "Which one?\nA) only one option",
     "Compare these:\nA) salt\nC) sugar",  # not A, B, ... in order
     # A problem's parts: tasks or questions of their own, not options to choose from.

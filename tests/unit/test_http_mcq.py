@@ -50,7 +50,7 @@ async def test_explain_reasons_first_then_constrains_the_letter(served):
     [
         ({"question": "q", "options": ["one"]}, "between 2 and 10", "options"),
         ({"question": "q", "options": [f"o{i}" for i in range(11)]}, "between 2 and 10", "options"),
-        ({"question": "q", "options": ["same", "Same"]}, "duplicates", "options"),
+        ({"question": "q", "options": ["same", "same "]}, "duplicates", "options"),
         ({"question": "", "options": ["a", "b"]}, "non-empty string", "question"),
         ({"question": "q", "options": ["a", {"x": 1}]}, "option B", "options"),
         ({"question": "q", "options": {"B": "a", "A": "b"}}, "keys must be the letters", "options"),

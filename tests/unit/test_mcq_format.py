@@ -18,7 +18,7 @@ def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
     [
         (["only one"], "between 2 and 10"),
         ([f"option {i}" for i in range(11)], "between 2 and 10"),
-        (["Oxygen", "oxygen "], "duplicates"),
+        (["Oxygen", " Oxygen "], "duplicates"),
         (["Oxygen", ""], "option B must be a non-empty string"),
         (["Oxygen", 3], "option B must be a non-empty string"),
         ({"A": "x", "C": "y"}, "keys must be the letters A, B"),
@@ -26,6 +26,7 @@ def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
     ],
 )
 def test_bad_options_say_what_to_fix(options, message):
+    """(Options that differ in case differ: genotypes, chemical symbols, units; see the test below.)"""
     with pytest.raises(mcq.MCQFormatError, match=message):
         mcq.MCQuestion.build("q?", options)
 
@@ -65,3 +66,10 @@ def test_the_explain_budget_keeps_room_for_the_answer_cue_within_the_prompt_limi
     assert explain_budget(1900, 2048, 1950, 256) == 1950 - 1900 - EXPLAIN_CUE_MARGIN  # ZEPHYR_MAX_PROMPT_TOKENS
     assert explain_budget(1900, 2048, 9999, 256) == 2047 - 1900 - EXPLAIN_CUE_MARGIN  # never past the context
     assert explain_budget(2040, 2048, None, 256) < 1  # the service refuses it (400 naming explain)
+
+
+@pytest.mark.parametrize("options", [["RR", "Rr", "rr", "R"], ["Co", "CO", "C", "O"], ["mW", "MW", "W", "kW"]])
+def test_options_that_differ_in_case_are_different_options(options):
+    """Refused as duplicates: /mcq answered a genotype question (MMLU high-school biology) with a 400, and chat
+    answered it as no question at all, while offline accuracy counted it."""
+    assert mcq.MCQuestion.build("Which?", options).options == tuple(options)
