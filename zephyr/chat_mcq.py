@@ -26,7 +26,7 @@ MAX_CANDIDATES = 8  # runs of labels read as a possible question before the mess
 # (`sentence_end` also passes over an abbreviation's or an initial's dot: "Dr. Benjamin Franklin", "U.S. Navy").
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "mt", "ft", "gen", "prof", "jr", "sr", "lt", "col", "capt",
-                            "sgt", "gov", "pres", "rev", "vs", "fig", "no", "vol", "approx", "dept", "univ", "inc",
+                            "sgt", "gov", "pres", "rev", "vs", "fig", "vol", "approx", "dept", "univ", "inc",
                             "co", "corp", "ltd", "mx"})
 
 
@@ -40,8 +40,10 @@ def sentence_end(text: str) -> int | None:
             start -= 1
         before = text[start:found.start()]
         word = before[:-1]
-        if before.endswith(".") and (word.lower() in _ABBREVIATIONS or "." in word or len(word) == 1):
-            continue  # "Dr.", "U.S.", an initial "J."
+        # "Dr.", "U.S.", an initial "J." (a capital: "7." or "x." ends a sentence; "No. 5" has no capital after it)
+        initial = len(word) == 1 and word.isupper()
+        if before.endswith(".") and (word.lower() in _ABBREVIATIONS or "." in word or initial):
+            continue
         return found.start()
     return None
 # A line that only introduces the options, left out of the stem.

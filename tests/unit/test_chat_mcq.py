@@ -75,6 +75,11 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     # A label inside an option of another style is the option's text, not a new option.
     ("Which vitamin does sunlight help make?\nA) vitamin D. Or C.\nB) iron", "Which vitamin does sunlight help make?",
      ("vitamin D. Or C.", "iron")),
+    # a last option of one character or "No" ends with its sentence too: "7. Why?" is option 7 and a follow-up
+    ("What is 2+3? A) 4 B) 5 C) 6 D) 7. Why?", "What is 2+3?", ("4", "5", "6", "7")),
+    ("Is a virus alive? A) Yes B) Maybe C) No. Why?", "Is a virus alive?", ("Yes", "Maybe", "No")),
+    ("Who found DNA's shape? A) J. Watson B) R. Franklin C) L. Pauling", "Who found DNA's shape?",
+     ("J. Watson", "R. Franklin", "L. Pauling")),
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
