@@ -92,8 +92,14 @@ def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
         # after it is not at a line's start. Searching back to the line's start from every label is quadratic in
         # one long line of labels ("A) A) A) ...").
         before, since = text[since:m.start()], m.start()
-        found.append((m.start(), m.end(), letter.upper(), style, not before[before.rfind("\n") + 1:].strip()))
+        at_line_start = not before[before.rfind("\n") + 1:].strip()
+        if not at_line_start and _LINE_ENDS.match(text, m.end()):
+            continue  # a line's last word: "Vitamin A." or "point A.", not a label with its option after it
+        found.append((m.start(), m.end(), letter.upper(), style, at_line_start))
     return found
+
+
+_LINE_ENDS = re.compile(r"[^\S\n]*(?:\n|$)")  # blanks up to the line's end (only the blanks are read)
 
 
 def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int,
@@ -193,6 +199,8 @@ def find_question(text: str) -> MCQuestion | None:
             continue
         run = _run_from(labels, first, where)
         on_lines = all(item[4] for item in run)
+        if not on_lines and any(item[4] for item in run[1:]) and "\n" in text[run[0][1]:run[1][0]]:
+            continue  # a stem's own "point A. Which ...?" before options on lines of their own: those make the run
         if len(run) < (2 if on_lines else MIN_INLINE_OPTIONS):
             continue
         # Each candidate reads the text around it (its stem, what follows it): a message of thousands of lettered

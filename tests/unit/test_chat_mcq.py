@@ -80,6 +80,14 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     ("Is a virus alive? A) Yes B) Maybe C) No. Why?", "Is a virus alive?", ("Yes", "Maybe", "No")),
     ("Who found DNA's shape? A) J. Watson B) R. Franklin C) L. Pauling", "Who found DNA's shape?",
      ("J. Watson", "R. Franklin", "L. Pauling")),
+    # A stem's own "point A." and an option's last word "Vitamin A." are no labels: the stem went into option A
+    ("A ball is released from rest at point A. Which statement about its energy at point B is correct?\n"
+     "A. Its kinetic energy is zero\nB. Its potential energy is zero\nC. Both are zero\nD. Neither",
+     "A ball is released from rest at point A. Which statement about its energy at point B is correct?",
+     ("Its kinetic energy is zero", "Its potential energy is zero", "Both are zero", "Neither")),
+    ("Which vitamin do we make in sunlight?\nA. Vitamin D.\nB. Vitamin C.\nC. Vitamin A.\nD. Vitamin K.",
+     "Which vitamin do we make in sunlight?", ("Vitamin D.", "Vitamin C.", "Vitamin A.", "Vitamin K.")),
+    ("Which? A) 2 B) 4\nC) 6 D) 8", "Which?", ("2", "4", "6", "8")),  # two options a line
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
