@@ -51,8 +51,12 @@ STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
 
 # A house number (with an optional "Flat 3," before it), one to four capitalised words (or an ordinal: 5th) and
 # a street suffix, then an optional compass direction: "42 Elm Street", "1600 Pennsylvania Ave NW".
+# Suffixes that are also words of a lab step or a formula ("2 Gently place the flask", "Step 4 Carefully close",
+# "2 Natural ln") count only capitalised or in capitals, as an address writes them ("5 GAPDH Ct" still reads as one).
+_AMBIGUOUS_SUFFIXES = ("drive", "dr", "court", "ct", "place", "pl", "way", "close", "ln")
 _STREET_SUFFIX = (
-    r"(?:street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|terrace|close)"
+    r"(?:street|st|avenue|ave|road|rd|lane|boulevard|blvd|terrace|(?-i:"
+    + "|".join(f"{w.capitalize()}|{w.upper()}" for w in _AMBIGUOUS_SUFFIXES) + "))"
 )
 _STREET_WORD = r"(?:(?-i:[A-Z][A-Za-z'’.-]*)|\d{1,3}(?:st|nd|rd|th))"
 STREET_ADDRESS = (
@@ -124,7 +128,8 @@ class Redactor:
         registry.add_recognizer(EmailRecognizer())
         registry.add_recognizer(SciencePhoneRecognizer(supported_regions=PHONE_REGIONS))
         registry.add_recognizer(PatternRecognizer(supported_entity="STUDENT_ID", patterns=[
-            Pattern("student_id", student_id_pattern, SCORE),
+            # as configured, case and all: Presidio matches case-blind, and "rs429358" (a SNP) is no student id
+            Pattern("student_id", f"(?-i:{student_id_pattern})", SCORE),
             Pattern("student_id_after_cue", STUDENT_ID_AFTER_CUE, SCORE),
             Pattern("student_id_hyphenated", STUDENT_ID_HYPHENATED, SCORE),
             Pattern("student_id_serial", STUDENT_ID_SERIAL, SCORE),

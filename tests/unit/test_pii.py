@@ -28,6 +28,8 @@ def test_the_default_entity_list_has_addresses_and_dates_of_birth():
     ("my school is on 350 5th Avenue", "my school is on <STREET_ADDRESS>"),
     ("we moved to 7 Oak Tree CLOSE last year", "we moved to <STREET_ADDRESS> last year"),
     ("42 Elm St.", "<STREET_ADDRESS>."),
+    ("4 Maple Drive", "<STREET_ADDRESS>"),
+    ("10 Downing street", "<STREET_ADDRESS>"),  # an unambiguous suffix in any case
 ])
 def test_street_addresses(redactor, text, expected):
     assert redactor.redact(text) == expected
@@ -82,6 +84,12 @@ def test_student_ids(redactor, text, expected):
     "Each student measured 1234567 cells under the microscope.",
     "Step 3: take 25 mL of 0.1 M HCl at 25 degrees.",
     "the street was 42 metres wide",
+    # address suffixes that are words of a lab step or a formula, and a SNP's id (found by a review)
+    "Step 2 Gently place the flask on the tripod.",
+    "Step 4 Carefully close the valve.",
+    "Question 5 Which way does the current flow?",
+    "Take 2 Natural ln of both sides.",
+    "The APOE variant rs429358 raises the risk.",
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
