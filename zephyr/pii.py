@@ -128,8 +128,9 @@ class Redactor:
         registry.add_recognizer(EmailRecognizer())
         registry.add_recognizer(SciencePhoneRecognizer(supported_regions=PHONE_REGIONS))
         registry.add_recognizer(PatternRecognizer(supported_entity="STUDENT_ID", patterns=[
-            # as configured, case and all: Presidio matches case-blind, and "rs429358" (a SNP) is no student id
-            Pattern("student_id", f"(?-i:{student_id_pattern})", SCORE),
+            # Case-blind, as Presidio matches: a student may type "s1234567". A SNP ("rs429358") or a star's catalogue
+            # name (HD209458) of that shape is redacted too: a privacy rule errs on that side.
+            Pattern("student_id", student_id_pattern, SCORE),
             Pattern("student_id_after_cue", STUDENT_ID_AFTER_CUE, SCORE),
             Pattern("student_id_hyphenated", STUDENT_ID_HYPHENATED, SCORE),
             Pattern("student_id_serial", STUDENT_ID_SERIAL, SCORE),

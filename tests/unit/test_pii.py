@@ -49,6 +49,7 @@ def test_dates_of_birth(redactor, text, expected):
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("I am S1234567", "I am <STUDENT_ID>"),  # the configured letter-prefixed form still works
+    ("i am s1234567", "i am <STUDENT_ID>"),  # typed in small letters too
     ("my student id is 20231234", "my student id is <STUDENT_ID>"),
     ("Student number: 2023-04417", "Student number: <STUDENT_ID>"),
     ("ID 1234567, please check", "ID <STUDENT_ID>, please check"),
@@ -84,12 +85,11 @@ def test_student_ids(redactor, text, expected):
     "Each student measured 1234567 cells under the microscope.",
     "Step 3: take 25 mL of 0.1 M HCl at 25 degrees.",
     "the street was 42 metres wide",
-    # address suffixes that are words of a lab step or a formula, and a SNP's id (found by a review)
+    # address suffixes that are words of a lab step or a formula (found by a review)
     "Step 2 Gently place the flask on the tripod.",
     "Step 4 Carefully close the valve.",
     "Question 5 Which way does the current flow?",
     "Take 2 Natural ln of both sides.",
-    "The APOE variant rs429358 raises the risk.",
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
