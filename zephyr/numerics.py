@@ -54,7 +54,11 @@ def scores_depend_on_batch(model_path: Path, dtype: str = "auto") -> bool:
     """True on a CPU with AMX tiles below fp32: there vLLM's bf16 matrix products round by how many tokens a batch
     holds, so the same option scored from the prefix cache or within one long prefill differs in the last bits
     (measured up to 0.63 nats over a 12-token option; docs/evaluation.md, "Cloze through the prefix cache"). In
-    fp32, and in bf16 without AMX, the two are bit-identical."""
+    fp32, and in bf16 without AMX, the two are bit-identical. On a GPU's build the CPU's tiles compute nothing: an
+    H100 node's AMX host warned of batching it did not do."""
     import torch
 
-    return served_dtype(model_path, dtype) != "float32" and torch.cpu._is_amx_tile_supported()
+    from zephyr.memory import kv_cache_on_host  # memory imports this module
+
+    return (kv_cache_on_host() and served_dtype(model_path, dtype) != "float32"
+            and torch.cpu._is_amx_tile_supported())

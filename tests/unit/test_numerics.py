@@ -56,6 +56,13 @@ def test_only_reduced_precision_on_amx_depends_on_the_batch(monkeypatch, default
     assert scores_depend_on_batch(default_model.path, dtype) is expected
 
 
+def test_a_gpu_build_on_an_amx_host_does_not_depend_on_the_batch(monkeypatch, default_model):
+    """An H100 node's CPU has AMX tiles, but the GPU computes: the server warned of batching it did not do."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(memory, "kv_cache_on_host", lambda: False)
+    assert not scores_depend_on_batch(default_model.path, "bfloat16")
+
+
 def test_a_fp32_checkpoint_served_as_auto_does_not_depend_on_the_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert not scores_depend_on_batch(checkpoint(tmp_path, torch_dtype="float32"))
