@@ -169,12 +169,53 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
         def wrapper(*args: Any, **kwargs: Any) -> None:
             flags = CleanFlags(**{name: kwargs.pop(name) for name in names})
             _check_cleaning_installed(flags, skippable)
+            _check_outputs([kwargs[name] for name in OUTPUT_OPTIONS if kwargs.get(name) is not None])
             return command(*args, clean=flags, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=kept + added)
         return wrapper
 
     return decorate
+
+
+# The options a data command writes to (`--out`, `--kto-out`, `--sft-out`; `--answers-out` keeps the samples).
+OUTPUT_OPTIONS = ("out", "kto_out", "sft_out", "answers_out")
+
+
+def _check_outputs(paths: list[Path]) -> None:
+    """Before any sampling: two outputs of one file would overwrite each other, and a folder that cannot be made
+    (under a file, a read-only mount) would fail the write after tens of minutes of sampling."""
+    resolved = [path.expanduser().resolve() for path in paths]
+    if len(set(resolved)) != len(resolved):
+        raise fail(f"two outputs name one file ({', '.join(map(str, paths))}): each would overwrite the other")
+    for path in resolved:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise fail(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_index(data_dir: Path, names: tuple[str, ...]) -> Any:
+    from training.data.clean import ContaminationIndex
+
+    return ContaminationIndex.from_benchmarks(data_dir, list(names))
+
+
+def _contamination_index(clean: CleanFlags) -> Any:
+    """The test-set index cleaning checks against (None with --no-decontaminate), read once for a command's files."""
+    from training.data.clean import ALL_BENCHMARKS
+
+    if clean.no_decontaminate:
+        return None
+    names = ALL_BENCHMARKS if clean.against == "all" else csv(clean.against) or []
+    try:
+        if not names:  # an empty list would check nothing without saying so
+            raise ValueError("--against names no benchmark; name some, `all`, or turn the check off with "
+                             "--no-decontaminate")
+        return _cached_index(load_settings().data_dir, tuple(names))
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
 
 
 def _check_cleaning_installed(clean: CleanFlags, skippable: bool) -> None:
@@ -207,28 +248,23 @@ def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: CleanFlags, settings: Settings,
-                     title: str, private: bool = False) -> int:
+def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: CleanFlags, title: str,
+                     private: bool = False) -> int:
     if not clean.no_clean:
-        from training.data.clean import ALL_BENCHMARKS, CleanOptions, ContaminationIndex
+        from training.data.clean import CleanOptions
         from training.data.clean import clean as clean_records
 
         options = CleanOptions(redact_pii=not clean.no_pii, near_dup_threshold=clean.near_dup or None,
                                max_chars=clean.max_chars, decontaminate=not clean.no_decontaminate)
-        try:
-            names = ALL_BENCHMARKS if clean.against == "all" else csv(clean.against) or []
-            if not names and not clean.no_decontaminate:  # an empty list would check nothing without saying so
-                raise ValueError("--against names no benchmark; name some, `all`, or turn the check off with "
-                                 "--no-decontaminate")
-            index = None if clean.no_decontaminate else ContaminationIndex.from_benchmarks(settings.data_dir, names)
-        except (FileNotFoundError, ValueError) as exc:
-            raise fail(str(exc)) from None
-        records, report = clean_records(records, options, index=index)
+        records, report = clean_records(records, options, index=_contamination_index(clean))
         report_table = report.table()
         report_table.title = f"cleaning {title}"
         console.print(report_table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    count = write_jsonl(out, records, private=private)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        count = write_jsonl(out, records, private=private)
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {count} {schema.__name__} records to {out}")
     return count
 
@@ -308,9 +344,9 @@ def data_science(
     pairs, unpaired, stats = science.build(items, samples, direct, seed=seed, negatives=negatives)
     stats.skipped, stats.cut_off = skipped, cut_off
     _print_stats(f"science data from {model}", stats.rows())
-    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, title="preference pairs")
     if kto_out is not None:
-        _clean_and_write(unpaired, kto_out, KTOExample, clean=clean, settings=settings, title="unpaired examples")
+        _clean_and_write(unpaired, kto_out, KTOExample, clean=clean, title="unpaired examples")
 
 
 @data_app.command("chat-answers")
@@ -353,8 +389,6 @@ def data_chat_answers(
         raise fail(f"--backend must be vllm or transformers, not {backend!r}")
     if answers_from is not None and answers_out is not None:
         raise fail("--answers-out writes the answers sampled here; with --answers-from nothing is sampled")
-    if answers_out is not None and answers_out.resolve() == out.resolve():
-        raise fail("--answers-out and --out name the same file: the pairs would overwrite the answers")
     if answers_from is not None and not answers_from.is_file():
         raise fail(f"--answers-from {answers_from}: no such file")
     settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
@@ -385,7 +419,7 @@ def data_chat_answers(
     stats.questions, stats.skipped, stats.needs_options = len(items), refused, left_out
     _print_stats(f"chat-answer pairs from {model}" + (f", answers read from {answers_from}" if answers_from else ""),
                  stats.rows())
-    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, title="preference pairs")
 
 
 @data_app.command("restate")
@@ -423,7 +457,7 @@ def data_restate(
     console.print(f"{len(pairs)} restate pairs from {len(items)} questions ({len(items) - len(usable)} "
                          f"skipped: options the MCQ format refuses); rejected: "
                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="preference pairs")
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, title="preference pairs")
 
 
 @data_app.command("cloze")
@@ -453,9 +487,9 @@ def data_cloze(
     pairs, examples, stats = cloze.cloze_records(items, seed=seed, distractors=distractors)
     stats.reserved = reserved
     _print_stats("cloze data from the answer key", stats.rows())
-    _clean_and_write(pairs, out, TextPreferencePair, clean=clean, settings=settings, title="cloze pairs")
+    _clean_and_write(pairs, out, TextPreferencePair, clean=clean, title="cloze pairs")
     if sft_out is not None:
-        _clean_and_write(examples, sft_out, TextSFTExample, clean=clean, settings=settings, title="cloze SFT examples")
+        _clean_and_write(examples, sft_out, TextSFTExample, clean=clean, title="cloze SFT examples")
 
 
 @data_app.command("grpo")
@@ -481,7 +515,7 @@ def data_grpo(
     prompts, stats = verifiable.explain_prompts(items, seed=seed)
     stats.reserved = reserved
     _print_stats("verifiable MCQ prompts from the answer key", stats.rows())
-    _clean_and_write(prompts, out, VerifiablePrompt, clean=clean, settings=settings, title="verifiable prompts")
+    _clean_and_write(prompts, out, VerifiablePrompt, clean=clean, title="verifiable prompts")
 
 
 @data_app.command("hh")
@@ -507,7 +541,7 @@ def data_hh(
     except BuildError as exc:
         raise fail(str(exc)) from None
     console.print(f"{len(pairs)} pairs from {path} ({skipped} malformed transcripts skipped)")
-    _clean_and_write(pairs, out, PreferencePair, clean=clean, settings=settings, title="hh-rlhf")
+    _clean_and_write(pairs, out, PreferencePair, clean=clean, title="hh-rlhf")
 
 
 @data_app.command("review")
@@ -528,7 +562,7 @@ def data_review(
 
     from training.data.builders import BuildError, from_review_export
 
-    settings = load_settings()
+    load_settings()  # a bad configuration says so before the file is read
     left_out: Counter[str] = Counter()
     try:
         fmt, records = from_review_export(source, include_unfinished=include_unfinished, left_out=left_out)
@@ -541,7 +575,7 @@ def data_review(
     if not records:
         raise fail(f"no record of {source} is fit to train on: export with neither --include-flagged nor "
                    "--include-unfinished, and answers long enough to end by themselves")
-    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, settings=settings, title=str(source),
+    _clean_and_write(records, out, SCHEMA_BY_FORMAT[fmt], clean=clean, title=str(source),
                      private=True)  # students' conversations, as the export was
 
 
@@ -561,11 +595,11 @@ def data_clean(
         raise fail(f"--format must be one of {', '.join(CLEAN_FORMATS)}, not {fmt!r}")
     if not source.is_file():
         raise fail(f"{source} is a folder; give a JSON Lines file" if source.is_dir() else f"{source} does not exist")
-    settings = load_settings()
+    load_settings()  # a bad configuration says so before the file is read
     try:
         records = list(read_jsonl(source, CLEAN_FORMATS[fmt]))
     except DataFileError as exc:
         raise fail(str(exc)) from None
     # private: the file may be a review export's (students' conversations)
-    _clean_and_write(records, out, CLEAN_FORMATS[fmt], clean=clean, settings=settings, title=str(source),
+    _clean_and_write(records, out, CLEAN_FORMATS[fmt], clean=clean, title=str(source),
                      private=True)

@@ -194,7 +194,7 @@ def test_the_cli_refuses_test_and_calibration_splits_and_a_bad_rejected_kind(tmp
                            (["--answers-from", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
                            (["--answers-from", str(out), "--answers-out", str(tmp_path / "a.jsonl")],
                             "with --answers-from nothing is sampled"),
-                           (["--answers-out", str(out)], "--answers-out and --out name the same file")):
+                           (["--answers-out", str(out)], "two outputs name one file")):
         refused = CliRunner().invoke(app, ["data", "chat-answers", *flags, "--out", str(out)])
         assert refused.exit_code != 0 and message in " ".join(refused.output.split()), flags
     assert not out.exists()
@@ -262,3 +262,23 @@ def test_transformers_sampling_draws_k_answers_per_question_and_says_which_ran_o
     [ended] = sample_transformers(entry.path, items[2:], SYSTEM, k=1, temperature=1e-4, top_p=1.0, max_tokens=6,
                                   batch_size=1, seed=0)["q2"]
     assert ended.ended and ended.text == tokenizer.decode(continuation[:2], skip_special_tokens=True).strip()
+
+
+def test_an_output_that_cannot_be_written_or_two_alike_are_refused_before_sampling(tmp_path, monkeypatch):
+    """A bad --out failed the write after the sampling (15-40 minutes of vLLM here), and --kto-out naming --out's
+    file overwrote the pairs."""
+    from typer.testing import CliRunner
+
+    from cli import train as train_cli
+    from cli.app import app
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(train_cli, "_sampling_engine", lambda *a, **k: pytest.fail("sampled before the check"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, message in ((["data", "restate", "--out", str(blocker / "x.jsonl"), "--no-clean"], "cannot write"),
+                          (["data", "science", "--out", str(tmp_path / "p.jsonl"), "--kto-out",
+                            str(tmp_path / "p.jsonl")], "two outputs name one file")):
+        refused = CliRunner().invoke(app, args)
+        said = " ".join(refused.output.split())
+        assert refused.exit_code == 1 and message in said and "Traceback" not in said, said

@@ -256,11 +256,9 @@ def test_an_empty_against_list_is_refused_not_taken_as_no_check(tmp_path, capsys
 
     from cli.train import CleanFlags, _clean_and_write
     from zephyr.schemas import SFTExample
-    from zephyr.settings import Settings
 
     with pytest.raises(typer.Exit):
-        _clean_and_write([], tmp_path / "out.jsonl", SFTExample, clean=CleanFlags(against=" , "),
-                         settings=Settings(home=tmp_path), title="x")
+        _clean_and_write([], tmp_path / "out.jsonl", SFTExample, clean=CleanFlags(against=" , "), title="x")
     assert "--against names no benchmark" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out.jsonl").exists()
 
