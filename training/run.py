@@ -284,6 +284,12 @@ def build_args(recipe: Recipe, run_dir: Path, has_eval: bool, plain_text: bool =
         # Pre-tokenized rows carry no `prompt` column, so TRL would otherwise train on the context too.
         defaults["completion_only_loss"] = True
     options = defaults | recipe.trainer
+    if recipe.method in ("dpo", "kto", "rm") and recipe.lora is not None and recipe.lora.dropout > 0 \
+            and options.get("disable_dropout", True):
+        # TRL's disable_dropout (on by default for these) zeroes every dropout after wrapping the model, LoRA's too
+        logging.getLogger("zephyr.train").warning(
+            "lora.dropout %s has no effect: TRL's %s turns every dropout off (disable_dropout); set "
+            "trainer.disable_dropout: false to keep it", recipe.lora.dropout, recipe.method.upper())
     if reward_weights is not None:
         options["reward_weights"] = reward_weights
     try:

@@ -168,3 +168,19 @@ def test_recipes_without_later_fields_keep_the_digest_they_had_before_them(tmp_p
     assert "limit" not in rs.resolved()["sampling"]
     capped = load_recipe(write(tmp_path, {"method": "rs", "sampling": sampling | {"limit": 300}}))
     assert capped.resolved()["sampling"]["limit"] == 300 and capped.digest() != rs.digest()
+
+
+@pytest.mark.parametrize(("method", "trainer", "warned"), [
+    ("dpo", {}, True), ("kto", {}, True), ("rm", {}, True), ("dpo", {"disable_dropout": False}, False),
+    ("sft", {}, False),
+])
+def test_a_lora_dropout_trl_turns_off_is_warned_of(tmp_path, caplog, method, trainer, warned):
+    """TRL's DPO, KTO and reward trainers zero every dropout after wrapping the model, LoRA's too: the recipes'
+    dropout 0.05 did nothing, silently."""
+    from training.recipes import Recipe
+    from training.run import build_args
+
+    recipe = Recipe.model_validate({"method": method, "model": "m", "output": "o", "data": {"train": "x.jsonl"},
+                                    "lora": {"r": 4, "alpha": 8, "dropout": 0.05}, "trainer": trainer})
+    build_args(recipe, tmp_path, has_eval=False)
+    assert ("lora.dropout 0.05 has no effect" in caplog.text) is warned
