@@ -467,7 +467,9 @@ class Tutor:
         gen.params = dataclasses.replace(
             gen.params, max_tokens=gen.params.max_tokens - len(ids),
             min_tokens=max(0, gen.params.min_tokens - len(ids)),
-            bad_words=chat_mcq.other_conclusions(result.answer, result.option, len(gen.mcq_question.options))
+            bad_words=chat_mcq.other_conclusions(
+                result.answer, result.option, len(gen.mcq_question.options),
+                lambda text: self.engine.tokenizer.encode(text, add_special_tokens=False))
             if keep else [])
         gen.answer_prefix, gen.answer_prefix_ids = opening, ids
         gen.extra_params["mcq"] = {"id": result.id, "answer": result.answer, "confidence": round(result.confidence, 4),

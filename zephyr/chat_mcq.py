@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable
 
 from zephyr.mcq import LETTERS, MCQFormatError, MCQuestion
 
@@ -251,9 +252,14 @@ def answer_opening(letter: str | None, option: str | None, confidence: float, su
 CONCLUSIONS = ("answer is {}", "answer is: {}", "answer is ({}", "answer is option {}", "Answer: {}")
 
 
-def other_conclusions(letter: str, option: str, options: int) -> list[str]:
+def other_conclusions(letter: str, option: str, options: int,
+                      tokens_of: Callable[[str], list[int]] | None = None) -> list[str]:
     """The phrases that would conclude with an option other than `letter` (whose text is `option`), for a question
     of `options` options. vLLM bans a phrase's last token, the bare letter: a letter the chosen option's own text
-    starts with ("A chemical change", "H2O", "E. coli") is not banned, or the answer could not name it."""
+    starts with ("A chemical change", "H2O", "E. coli") is not banned, or the answer could not name it. Given the
+    tokenizer's `tokens_of`, only where that text's first token is the letter's: " Carbon" is one token, not " C",
+    so "answer is C" stays banned for "Carbon dioxide" (it let "So the answer is C) Nitrogen" through)."""
     own = option[:1]
+    if own and tokens_of is not None and tokens_of(" " + option)[:1] != tokens_of(" " + own):
+        own = ""
     return [form.format(other) for other in LETTERS[:options] if other not in (letter, own) for form in CONCLUSIONS]

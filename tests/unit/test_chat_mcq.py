@@ -165,6 +165,10 @@ def test_an_answer_may_not_conclude_with_any_option_but_its_own():
     assert not [phrase for phrase in banned if phrase.endswith(("B", "C"))]  # nor the letter its text starts with
     assert {phrase[-1] for phrase in other_conclusions("A", "oxygen", 6)} == set("BCDEF")
     assert {phrase[-1] for phrase in other_conclusions("B", "A chemical change", 4)} == set("CD")
+    # With the tokenizer: the letter is kept only where the option's first token is that letter's
+    tokens = {" Carbon dioxide": [14488, 7600], " C": [340], " H2O": [407, 34], " H": [407]}.__getitem__
+    assert "answer is C" in other_conclusions("B", "Carbon dioxide", 4, tokens)
+    assert "answer is H" not in other_conclusions("A", "H2O", 8, tokens)
     # vLLM refuses more than 128 banned token sequences (each phrase counts twice: with and without a space)
     assert 2 * len(other_conclusions("A", "x", 10)) <= 128
 
@@ -188,7 +192,10 @@ async def test_a_pasted_question_is_answered_as_mcq_would_and_the_model_goes_on_
     opening_ids = tokenizer.encode(opening, add_special_tokens=False)
     assert prompt[-len(opening_ids):] == opening_ids  # the engine continues the opening
     assert params.max_tokens == 40 - len(opening_ids)  # the answer, opening included, keeps the client's limit
-    assert params.bad_words == other_conclusions("B", "Carbon dioxide", 4)  # nor conclude with another option
+    # nor conclude with another option: " Carbon" is one token, not " C", so "answer is C" is banned too
+    assert params.bad_words == other_conclusions("B", "Carbon dioxide", 4, lambda t: tokenizer.encode(
+        t, add_special_tokens=False))
+    assert "answer is C" in params.bad_words and "answer is B" not in params.bad_words
     assert body["usage"]["prompt_tokens"] == len(prompt) - len(opening_ids)
     generated = len(tokenizer.encode(served.engine.reply, add_special_tokens=False)[:params.max_tokens])
     assert body["usage"]["completion_tokens"] == len(opening_ids) + generated
