@@ -116,7 +116,13 @@ class SciencePhoneRecognizer(PhoneRecognizer):
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[Any]:
         return [r for r in super().analyze(text, entities, nlp_artifacts)
-                if not _science_number(text[r.start:r.end])]
+                if not _science_number(text[r.start:r.end]) and not _in_a_decimal_or_power(text, r.start, r.end)]
+
+
+def _in_a_decimal_or_power(text: str, start: int, end: int) -> bool:
+    """Digits after a decimal point, or before a power: "k = 8.9875517923 x 10^9" read as a phone number with an
+    extension ("x 10") from its fractional digits on."""
+    return bool(re.fullmatch(r"\d\.", text[max(0, start - 2):start])) or text[end:end + 1] == "^"
 
 
 class Redactor:

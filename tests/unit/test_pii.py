@@ -90,6 +90,7 @@ def test_student_ids(redactor, text, expected):
     "Step 4 Carefully close the valve.",
     "Question 5 Which way does the current flow?",
     "Take 2 Natural ln of both sides.",
+    "Coulomb's constant is k = 8.9875517923 x 10^9 N m^2/C^2.",
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
