@@ -771,8 +771,9 @@ def gen_invalid(ctx: Context) -> tuple[str, Any]:
         body["options"][rng.randrange(len(options))] = rng.choice(WHITESPACE)
     elif kind == "options_duplicate":
         i, j = rng.sample(range(len(options)), 2)
-        body["options"][j] = rng.choice([options[i], options[i].upper(), f"  {options[i]}\t", options[i].title(),
-                                         options[i].replace(" ", "\u00a0"), f"\u3000{options[i]}"])
+        # the same text, spacing aside (case is meaning: RR and rr are two genotypes)
+        body["options"][j] = rng.choice([options[i], f"  {options[i]}\t", options[i].replace(" ", "\u00a0"),
+                                         f"\u3000{options[i]}"])
     elif kind == "options_keys":
         letters = list(mcq.LETTERS[: len(options)])
         variant = rng.randrange(4)

@@ -737,6 +737,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
         metrics_log = _metrics_callback(run_dir / "metrics.jsonl")
         try:
             trainer = _trainer(recipe, model, tokenizer, args, train_set, watched, [metrics_log], reward_funcs)
+        except RecipeError:
+            raise
         except ValueError as exc:  # TRL's own checks (KTO's batch size, a sampler it refuses, a LoRA target)
             raise TrainingError(f"the trainer refused the recipe: {exc}") from None
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)

@@ -69,7 +69,7 @@ def test_verifiable_prompts_are_what_mcq_explain_asks_with_the_keys_letter():
 
     items = [MCQItem(id=f"t/{i}", question=f"Which is a metal ({i})?", options=["iron", "wood", "glass"],
                      answer="ABC"[i % 3]) for i in range(6)]
-    items.append(MCQItem(id="t/bad", question="Which?", options=["same", "Same"], answer="A"))  # refused by /mcq
+    items.append(MCQItem(id="t/bad", question="Which?", options=["same", "same "], answer="A"))  # refused by /mcq
     prompts, stats = explain_prompts(items, seed=1)
     assert stats.skipped == 1 and len(prompts) == 6 and sorted(p.meta["question_id"] for p in prompts) == \
         [f"t/{i}" for i in range(6)]
