@@ -200,8 +200,9 @@ def find_question(text: str) -> MCQuestion | None:
             continue
         run = _run_from(labels, first, where)
         on_lines = all(item[4] for item in run)
-        if not on_lines and any(item[4] for item in run[1:]) and "\n" in text[run[0][1]:run[1][0]]:
-            continue  # a stem's own "point A. Which ...?" before options on lines of their own: those make the run
+        if not on_lines and any(item[4] for item in run[1:]) and "\n" in text[run[0][1]:run[1][0]] and any(
+                other[2] == "A" and other[3] == label[3] and other[4] for other in labels[first + 1:]):
+            continue  # a stem's own "point A. Which ...?" before an "A." of its own line: that one starts the run
         if len(run) < (2 if on_lines else MIN_INLINE_OPTIONS):
             continue
         # Each candidate reads the text around it (its stem, what follows it): a message of thousands of lettered
@@ -260,6 +261,8 @@ def other_conclusions(letter: str, option: str, options: int,
     tokenizer's `tokens_of`, only where that text's first token is the letter's: " Carbon" is one token, not " C",
     so "answer is C" stays banned for "Carbon dioxide" (it let "So the answer is C) Nitrogen" through)."""
     own = option[:1]
-    if own and tokens_of is not None and tokens_of(" " + option)[:1] != tokens_of(" " + own):
-        own = ""
+    if own and tokens_of is not None:
+        letter_ids = tokens_of(" " + own)  # one token here; "▁" and "C" in a SentencePiece vocabulary
+        if tokens_of(" " + option)[:len(letter_ids)] != letter_ids:
+            own = ""
     return [form.format(other) for other in LETTERS[:options] if other not in (letter, own) for form in CONCLUSIONS]

@@ -130,15 +130,18 @@ def reading(text: str) -> tuple[list[str], bool]:
     letters: the costly part of a long non-Latin message)."""
     text = normalized(text)
     parts = sentences(text)
-    # Measured without runs of blanks, which the encoder reads as nothing: a short request padded with 900 spaces
-    # was read by its parts, at the laxer line of a sentence alone.
-    if len(" ".join(text.split())) <= WINDOW_CHARS:
+    if _short(text):
         return ([text] if len(parts) <= 1 else [text, *parts]), True
     return [part for sentence in parts for part in windows(sentence)], False
 
 
 def normalized(text: str) -> str:
-    return latin_lookalikes(unicodedata.normalize("NFKC", text)).strip()
+    """NFKC and the look-alike letters, without format characters (zero-width spaces, soft hyphens, word joiners):
+    invisible, and 900 of them pushed a short request's own words past what the encoder reads of a message."""
+    text = unicodedata.normalize("NFKC", text)
+    if any(unicodedata.category(char) == "Cf" for char in text):
+        text = "".join(char for char in text if unicodedata.category(char) != "Cf")
+    return latin_lookalikes(text).strip()
 
 
 def latin_lookalikes(text: str) -> str:
@@ -186,7 +189,14 @@ def _latin_of(char: str) -> str:
 
 def reads_whole(text: str) -> bool:
     """Whether `segments` reads the message whole first (a short one); a long one is read by its parts alone."""
-    return len(normalized(text)) <= WINDOW_CHARS
+    return _short(normalized(text))
+
+
+def _short(normalized_text: str) -> bool:
+    """Whether a message is short enough to read whole, by what the encoder reads of it: runs of blanks count as
+    one. A short request padded with 900 spaces was read by its parts, at the laxer line of a sentence alone, and
+    let through."""
+    return len(" ".join(normalized_text.split())) <= WINDOW_CHARS
 
 
 def sentences(text: str) -> list[str]:

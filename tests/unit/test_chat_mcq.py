@@ -88,6 +88,11 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     ("Which vitamin do we make in sunlight?\nA. Vitamin D.\nB. Vitamin C.\nC. Vitamin A.\nD. Vitamin K.",
      "Which vitamin do we make in sunlight?", ("Vitamin D.", "Vitamin C.", "Vitamin A.", "Vitamin K.")),
     ("Which? A) 2 B) 4\nC) 6 D) 8", "Which?", ("2", "4", "6", "8")),  # two options a line
+    # the first option on the question's line, the others below (a common way to type one)
+    ("Which gas do plants absorb? A) Oxygen\nB) Carbon dioxide\nC) Nitrogen\nD) Helium", "Which gas do plants absorb?",
+     ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
+    ("What is the powerhouse of the cell? a) nucleus\nb) mitochondria\nc) ribosome", "What is the powerhouse of "
+     "the cell?", ("nucleus", "mitochondria", "ribosome")),
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
