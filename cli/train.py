@@ -186,7 +186,8 @@ def _check_outputs(paths: list[Path]) -> None:
     """Before any sampling: two outputs of one file would overwrite each other, and a folder that cannot be made
     (under a file, a read-only mount) would fail the write after tens of minutes of sampling."""
     resolved = [path.expanduser().resolve() for path in paths]
-    if len(set(resolved)) != len(resolved):
+    files = [path for path in resolved if not path.is_char_device() and not path.is_fifo()]  # /dev/null twice is fine
+    if len(set(files)) != len(files):
         raise fail(f"two outputs name one file ({', '.join(map(str, paths))}): each would overwrite the other")
     for path in resolved:
         try:

@@ -58,8 +58,8 @@ class Benchmark:
 
 
 def _mcq(item_id: str, question: str, options: list[str], answer_index: int, **extra: Any) -> MCQItem | None:
-    # Whitespace is normalized as the service does; duplicate options are kept (12 MMLU test questions have
-    # them): a benchmark is scored whole, though the service would ask a client to fix such a question.
+    # Whitespace is normalized as the service does; duplicate options are kept (7 MMLU and 9 SciQ test questions
+    # have them): a benchmark is scored whole, though the service would ask a client to fix such a question.
     options = [" ".join(str(option).split()) for option in options]
     if not question.strip() or not all(options) or not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
         return None

@@ -136,8 +136,10 @@ def _ensure(env: Path, say: Callable[[str], None], recreate: bool) -> Path:
         raise QuantEnvError(f"making a virtualenv at {env} failed ({exc}); Debian's Python needs python3-venv "
                             "(ensurepip)") from None
     # pip builds what has no wheel by running its setup code: not given the server's own credentials (API keys,
-    # database URL, session secret), but the rest, which a private index's keyring may read (a cloud's tokens).
-    pip_environment = {k: v for k, v in os.environ.items() if not k.upper().startswith("ZEPHYR_")}
+    # database URL, session secret), but the rest, which a private index's keyring may read (a cloud's tokens);
+    # nor our interpreter's settings (a PYTHONPATH made pip find pins "already satisfied" outside the env).
+    pip_environment = {k: v for k, v in os.environ.items()
+                       if not k.upper().startswith(("ZEPHYR_", "PYTHON", "VIRTUAL_ENV"))}
     result = subprocess.run([str(python_of(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              *index_arguments(requirements()), *requirements()], capture_output=True, text=True,
                             env=pip_environment)

@@ -123,15 +123,18 @@ def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Ite
     over it, so a full disk or a kill part way leaves the old file whole (never a truncated manifest, result, or a
     review export that would go on to count fewer verdicts without a word). `private`: made 0600, for what holds
     students' words outside the database (review exports and the training data made from them)."""
-    path = Path(os.path.realpath(path))  # through a link, to the file it names: the link stays a link
+    given = Path(path)
     try:
-        existing = path.stat()
+        existing = given.stat()
     except FileNotFoundError:
         existing = None
-    if existing is not None and not stat.S_ISREG(existing.st_mode):  # /dev/stdout, a pipe: nothing to rename over
-        with _open_private(path, os.O_TRUNC, "w") if private else path.open("w", encoding="utf-8") as handle:
+    if (existing is not None and not stat.S_ISREG(existing.st_mode)) or given.parts[1:2] in (("dev",), ("proc",)):
+        # /dev/stdout, a pipe, a descriptor: written as it is, appended to (a shell's `>>` log keeps what it holds;
+        # `>` emptied it already), its mode left alone
+        with open(given, "a", encoding="utf-8") as handle:
             yield handle
         return
+    path = Path(os.path.realpath(given))  # through a link, to the file it names: the link stays a link
     # A name of its own: two writers of one file (an eval run beside a calibration) must not remove each other's.
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:

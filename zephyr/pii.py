@@ -56,7 +56,9 @@ STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
 _AMBIGUOUS_SUFFIXES = ("drive", "dr", "court", "ct", "place", "pl", "way", "close", "ln")
 _STREET_SUFFIX = (
     r"(?:street|st|avenue|ave|road|rd|lane|boulevard|blvd|terrace|(?-i:"
-    + "|".join(f"{w.capitalize()}|{w.upper()}" for w in _AMBIGUOUS_SUFFIXES) + "))"
+    + "|".join(f"{w.capitalize()}|{w.upper()}" for w in _AMBIGUOUS_SUFFIXES) + ")"
+    # in small letters where the address ends its clause ("I live at 12 Oak drive."): a lab step goes on
+    + "|(?-i:" + "|".join(_AMBIGUOUS_SUFFIXES) + r")(?=[ \t]*(?:[,.;:!?)]|$|\band\b)))"
 )
 _STREET_WORD = r"(?:(?-i:[A-Z][A-Za-z'’.-]*)|\d{1,3}(?:st|nd|rd|th))"
 STREET_ADDRESS = (

@@ -266,8 +266,8 @@ class GenerationLog:
             # A request the server's stop cancelled, whose row came after the log closed (uvicorn cancels what
             # is left of its requests and shuts down without waiting for them): nobody reads the queue now.
             log.warning("a generation log row came after the log closed; spilling it to %s", self.spill_path)
-            try:  # unredacted, with no Presidio on the loop: the replay redacts a spilled row before it stores it
-                self._spill([row])
+            try:  # redacted, as every row reaching the disk is; rare (a cancelled request finishing late)
+                self._spill_safely([row])
             except OSError:
                 log.critical("cannot write the spill file %s; 1 log row lost", self.spill_path)
                 self.metrics.log_write_failures.inc()

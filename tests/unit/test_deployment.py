@@ -254,9 +254,13 @@ def test_the_network_policy_admits_the_named_peers_to_the_servers_port_and_lets_
         "ingress-nginx", "monitoring"}
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     dns, database = policy["egress"]
-    # to the cluster's DNS only: port 53 to any address would be a way out for anything the pod read
-    assert {p["port"] for p in dns["ports"]} == {53}
-    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
+    # wherever the cluster's DNS runs by default (a NodeLocal cache, OpenShift's); dnsPeers names it to close port 53
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
+    named = deployment_of("--set", f"secrets.apiKeys={K0},networkPolicy.enabled=true,networkPolicy.egress.restrict="
+                          "true,networkPolicy.egress.dnsPeers[0].namespaceSelector.matchLabels.kubernetes\\.io/"
+                          "metadata\\.name=kube-system")["NetworkPolicy"]["spec"]["egress"][0]
+    assert named["to"] == peers
     assert database["ports"] == [{"port": 5432, "protocol": "TCP"}]
 
 

@@ -233,3 +233,15 @@ def test_an_atomic_write_goes_through_a_link_keeps_a_shared_mode_and_writes_a_pi
     write_text_atomic(pipe, "through a pipe\n")
     reader.join(10)
     assert read == ["through a pipe\n"] and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_an_atomic_write_to_a_device_writes_it_in_place_and_leaves_its_mode():
+    """/dev/stdout resolved into /proc/PID/fd/pipe:[N] (no folder to write a partial in), and a private write
+    chmod-ed the device."""
+    import os
+
+    from zephyr.paths import write_text_atomic
+
+    before = os.stat("/dev/null").st_mode
+    write_text_atomic("/dev/null", "nothing\n", private=True)
+    assert os.stat("/dev/null").st_mode == before

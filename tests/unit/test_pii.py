@@ -30,6 +30,8 @@ def test_the_default_entity_list_has_addresses_and_dates_of_birth():
     ("42 Elm St.", "<STREET_ADDRESS>."),
     ("4 Maple Drive", "<STREET_ADDRESS>"),
     ("10 Downing street", "<STREET_ADDRESS>"),  # an unambiguous suffix in any case
+    ("I live at 12 Oak drive.", "I live at <STREET_ADDRESS>."),  # one a lab step also says, ending its clause
+    ("we are at 9 Kings way, near the park", "we are at <STREET_ADDRESS>, near the park"),
 ])
 def test_street_addresses(redactor, text, expected):
     assert redactor.redact(text) == expected

@@ -486,10 +486,11 @@ def test_a_failed_virtualenv_is_a_clear_error_and_made_again_next_time(tmp_path,
     monkeypatch.setenv("ZEPHYR_API_KEYS", "admin:secret-key-0001")
     monkeypatch.setenv("PIP_INDEX_URL", "https://user:pw@pypi.internal/simple")
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/secrets/gcp.json")
+    monkeypatch.setenv("PYTHONPATH", "/usr/lib/python3/dist-packages")
     assert env.ensure(target, say=lambda _: None) == target / "bin" / "python"
     # pip runs third-party setup code: none of the server's credentials, but what a private index's keyring reads
     assert "ZEPHYR_API_KEYS" not in seen and seen["PIP_INDEX_URL"] == "https://user:pw@pypi.internal/simple"
-    assert seen["GOOGLE_APPLICATION_CREDENTIALS"] == "/secrets/gcp.json"
+    assert seen["GOOGLE_APPLICATION_CREDENTIALS"] == "/secrets/gcp.json" and "PYTHONPATH" not in seen
 
 
 def test_the_env_is_not_made_again_under_a_running_worker(tmp_path, monkeypatch):

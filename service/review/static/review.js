@@ -58,9 +58,19 @@ function el(tag, attrs = {}, text) {
 
 async function api(method, path, body) {
   // A controller and a timer, not AbortSignal.timeout: a school's older iPad (Safari 15) has no such function.
+  // The body is read within the same limit: a server that sends its headers and then stalls is given up on too.
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), REQUEST_MS);
+  const noAnswer = () => { // status 0: neither a refusal nor a lost sign-in
+    const saving = method !== "GET" ? " (it may have been saved: the page will say when you submit again)" : "";
+    const failure = new Error(controller.signal.aborted
+      ? `The server did not answer within ${REQUEST_MS / 1000} s${saving}; try again`
+      : "The server could not be reached; try again");
+    failure.status = 0;
+    return failure;
+  };
   let response;
+  let data = null;
   try {
     response = await fetch(path, {
       method,
@@ -69,20 +79,19 @@ async function api(method, path, body) {
       body: body === undefined ? undefined : JSON.stringify(body),
       signal: controller.signal,
     });
-  } catch (error) { // no answer: status 0, neither a refusal nor a lost sign-in
-    const saving = method !== "GET" ? " (it may have been saved: the page will say when you submit again)" : "";
-    const failure = new Error(controller.signal.aborted
-      ? `The server did not answer within ${REQUEST_MS / 1000} s${saving}; try again`
-      : "The server could not be reached; try again");
-    failure.status = 0;
-    throw failure;
+    if (response.status !== 204) {
+      data = await response.json().catch((error) => {
+        if (controller.signal.aborted) throw error;
+        return {}; // a body that is no JSON (a proxy's error page): the status says what happened
+      });
+    }
+  } catch (error) {
+    throw noAnswer();
   } finally {
     clearTimeout(timer);
   }
-  if (response.status === 204) return null;
-  const data = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const error = new Error((data.error && data.error.message) || `HTTP ${response.status}`);
+    const error = new Error((data && data.error && data.error.message) || `HTTP ${response.status}`);
     error.status = response.status;
     throw error;
   }
