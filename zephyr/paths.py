@@ -128,7 +128,8 @@ def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Ite
         existing = given.stat()
     except FileNotFoundError:
         existing = None
-    if (existing is not None and not stat.S_ISREG(existing.st_mode)) or given.parts[1:2] in (("dev",), ("proc",)):
+    under_dev = given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))  # /dev/stdout, /proc/self/fd/1
+    if (existing is not None and not stat.S_ISREG(existing.st_mode)) or under_dev:
         # /dev/stdout, a pipe, a descriptor: written as it is, appended to (a shell's `>>` log keeps what it holds;
         # `>` emptied it already), its mode left alone
         with open(given, "a", encoding="utf-8") as handle:

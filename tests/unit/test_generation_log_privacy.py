@@ -245,3 +245,13 @@ def test_an_atomic_write_to_a_device_writes_it_in_place_and_leaves_its_mode():
     before = os.stat("/dev/null").st_mode
     write_text_atomic("/dev/null", "nothing\n", private=True)
     assert os.stat("/dev/null").st_mode == before
+
+
+def test_a_folder_named_dev_is_no_device(tmp_path, monkeypatch):
+    from zephyr.paths import write_text_atomic
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "dev").mkdir(parents=True)
+    write_text_atomic("out/dev/pairs.jsonl", "first\n")
+    write_text_atomic("out/dev/pairs.jsonl", "second\n")  # replaced, not appended to
+    assert (tmp_path / "out" / "dev" / "pairs.jsonl").read_text() == "second\n"
