@@ -68,6 +68,7 @@ def _locked(env: Path, *, exclusive: bool, say: Callable[[str], None]) -> Iterat
     every run (and every ZEPHYR_HOME): a second run making it deleted the folder under the first one's pip, and
     `--recreate` under a running worker."""
     path = env.parent / f".{env.name}.lock"
+    lock = None
     try:
         env.parent.mkdir(parents=True, exist_ok=True)
         lock = path.open("a")
@@ -78,8 +79,9 @@ def _locked(env: Path, *, exclusive: bool, say: Callable[[str], None]) -> Iterat
             if exclusive:
                 raise QuantEnvError(f"cannot lock the quantization environment ({path}: {exc.strerror or exc}); "
                                     "point ZEPHYR_QUANT_ENV at a folder you may write") from None
-            yield  # a ready env in a read-only folder nobody can lock: nobody can remake it either
-            return
+    if lock is None:  # a ready env in a read-only folder nobody can lock: nobody can remake it either
+        yield
+        return
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     with lock:
         try:
