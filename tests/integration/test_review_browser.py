@@ -93,6 +93,12 @@ async def open_review_page(pw, server, goto: bool = True, **page_options):
     return browser, page, errors
 
 
+async def sign_in(page, key: str = REVIEWER_KEY) -> None:
+    """The sign-in form, filled and sent."""
+    await page.fill("#key", key)
+    await page.click("#sign-in-form button")
+
+
 async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path):
     from playwright.async_api import async_playwright, expect
 
@@ -100,11 +106,9 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         browser, page, errors = await open_review_page(pw, server)
 
         # Sign in: a student key is refused, the reviewer key is accepted.
-        await page.fill("#key", STUDENT_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page, STUDENT_KEY)
         await expect(page.locator("#sign-in-error")).to_contain_text("needs a reviewer key")
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         await expect(page.locator("#progress")).to_have_text("0 judged · 2 waiting")
 
         # Item 1: hostile text is shown as text and runs nothing.
@@ -251,8 +255,7 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         assert not await page.locator("#keys-help").evaluate("d => d.open")
         await page.screenshot(path=shots / "signed-out.png")
 
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         await expect(page.locator("#reviewer")).to_have_text(f"reviewer {REVIEWER_NAME}")  # a name, not a digest
         # The test above judged every item with this key (pytest runs a module's tests in order).
         await expect(page.locator("#empty")).to_be_visible()
@@ -394,8 +397,7 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
     await asyncio.to_thread(insert, db, pair("recovery-item", "What is a lever?", "A rigid bar.", "A simple machine."))
     async with async_playwright() as pw:
         browser, page, errors = await open_review_page(pw, server)
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         item = page.locator("#item")
         await expect(item).to_have_attribute("data-item-id", "recovery-item")
 
@@ -412,8 +414,7 @@ async def test_a_lost_sign_in_says_why_and_keeps_the_comment_and_a_stale_item_mo
         # signed out, the student's words are gone from the page, not only hidden (a shared school machine)
         assert await page.locator("#conversation li, #answers .answer").count() == 0
         await expect(page.locator("#key")).to_be_focused()
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         await expect(item).to_have_attribute("data-item-id", "recovery-item")
         await expect(page.locator("#comment")).to_have_value("both say the same thing")
         # The sign-in has settled (its statistics shown last) and the keys go to the page, not to a field that
@@ -447,8 +448,7 @@ async def test_a_failed_save_and_an_undo_keep_what_was_typed(server, review_item
         await asyncio.to_thread(insert, db, pair(item_id, f"What is {item_id}?", "One answer.", "Another answer."))
     async with async_playwright() as pw:
         browser, page, errors = await open_review_page(pw, server)
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         item = page.locator("#item")
         await expect(item).to_have_attribute("data-item-id", "draft-first")
         await expect(page.locator("#stats")).to_be_visible()
@@ -521,8 +521,7 @@ async def test_a_safety_guard_refusal_is_marked_for_the_reviewer(server, review_
         await asyncio.sleep(0.1)
     async with async_playwright() as pw:
         browser, page, errors = await open_review_page(pw, server)
-        await page.fill("#key", REVIEWER_KEY)
-        await page.click("#sign-in-form button")
+        await sign_in(page)
         await expect(page.locator("#item")).to_have_attribute("data-item-id", reply["id"])
         answers = page.locator("#answers .answer")
         await expect(answers).to_have_count(1)
