@@ -52,6 +52,12 @@ def test_dates_of_birth(redactor, text, expected):
 @pytest.mark.parametrize(("text", "expected"), [
     ("I am S1234567", "I am <STUDENT_ID>"),  # the configured letter-prefixed form still works
     ("i am s1234567", "i am <STUDENT_ID>"),  # typed in small letters too
+    # shorter numbers, slashes and spaces after a cue, and a UK pupil number (found by a review)
+    ("ID: 123456", "ID: <STUDENT_ID>"),
+    ("student number: 123456", "student number: <STUDENT_ID>"),
+    ("Student ID: 1234 5678", "Student ID: <STUDENT_ID>"),
+    ("Student No. 2023/04417", "Student No. <STUDENT_ID>"),
+    ("my UPN is A123456789012", "my UPN is <STUDENT_ID>"),
     ("my student id is 20231234", "my student id is <STUDENT_ID>"),
     ("Student number: 2023-04417", "Student number: <STUDENT_ID>"),
     ("ID 1234567, please check", "ID <STUDENT_ID>, please check"),
@@ -93,6 +99,7 @@ def test_student_ids(redactor, text, expected):
     "Question 5 Which way does the current flow?",
     "Take 2 Natural ln of both sides.",
     "Coulomb's constant is k = 8.9875517923 x 10^9 N m^2/C^2.",
+    "Roll 10000 dice and count the sixes; candidate 12345 of the sieve is prime.",  # short numbers need an id's cue
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
