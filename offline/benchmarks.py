@@ -477,16 +477,12 @@ def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_sour
     checked = check_sources_outside_calibration(sources)
     items: list[MCQItem] = []
     reserved: dict[str, int] = {}
-    for source, name, split in checked:
-        cut = CALIBRATION_LIMITS.get(name, 0) if CALIBRATION_SPLITS.get(name) == split else 0
+    # Left out by question, not id: OpenBookQA train repeats some of its head's questions, with the same options,
+    # under other ids, and other splits hold calibration questions under ids of their own.
+    calibrated = calibration_questions(Path(data_dir).resolve())
+    for source, _, _ in checked:
         loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
-        # The head calibration reads, by id (the training items may have lost a question: mcq_training_items), and
-        # by question: OpenBookQA train repeats some of its head's questions, with the same options, under other ids.
-        head_items = load(name, split, data_dir=Path(data_dir), limit=cut) if cut else []
-        head = {f"{source}/{item.id}" for item in head_items}
-        calibrated = calibration_questions(Path(data_dir).resolve())  # copies in other splits, under other ids
-        kept = [item for item in without_questions_of(loaded, head_items) if item.id not in head
-                and question_key(item.question, item.options) not in calibrated]
+        kept = [item for item in loaded if question_key(item.question, item.options) not in calibrated]
         reserved[source] = len(loaded) - len(kept)
         items.extend(kept[:limit_per_source] if limit_per_source else kept)
     return items, {source: n for source, n in reserved.items() if n}
