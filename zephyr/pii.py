@@ -46,10 +46,9 @@ def _id_cue(words: str, hash_alone: bool) -> str:
             r"(?:[ \t]*(?:is|was|:|=|#|-))*[ \t]*" + (r"|#[ \t]?)" if hash_alone else ")"))
 
 
-_PERSON_ID_CUE = _id_cue(r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|id|upn|uln|usi",
-                         hash_alone=False)
-_ID_CUE = _id_cue(r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|id|roll|candidate",
-                  hash_alone=True)
+_STUDENT_WORDS = r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|id"
+_PERSON_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|upn|uln|usi", hash_alone=False)
+_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|roll|candidate", hash_alone=True)
 STUDENT_ID_AFTER_CUE = (rf"(?:(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
                         rf"|(?<={_PERSON_ID_CUE})(?-i:[A-Z])?\d(?:[-/ ]?\d){{4,12}}(?![\w-]|[/ ]\d))")
 # Anywhere: a letter prefix, a hyphen and 6-9 digits ("S-123-4567"), and a 2-4 digit prefix with a serial that
