@@ -249,12 +249,10 @@ def safety_command(
         table.add_row(row["source"], row["split"], str(row["n"]), f"{row['flagged']} ({share:.1%})",
                       *(str(row["by_category"][c]) for c in categories))
     console.print(table)
-    if write:  # the record first: what the fit was for, before the report beside it
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if write:  # the record first: what the fit was for, before the report beside it (folders made before the fit)
         write_text_atomic(target, report.record.model_dump_json(indent=1))
         console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps({"record": report.record.model_dump(mode="json"), "rows": report.rows},
                                       indent=1))
 

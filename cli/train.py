@@ -261,8 +261,7 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: Clea
         report_table = report.table()
         report_table.title = f"cleaning {title}"
         console.print(report_table)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # its folder was made before any work (`clean_flags`' output check)
         count = write_jsonl(out, records, private=private)
     except OSError as exc:
         raise fail(f"cannot write {out}: {exc.strerror or exc}") from None
