@@ -266,11 +266,7 @@ class GenerationLog:
             # A request the server's stop cancelled, whose row came after the log closed (uvicorn cancels what
             # is left of its requests and shuts down without waiting for them): nobody reads the queue now.
             log.warning("a generation log row came after the log closed; spilling it to %s", self.spill_path)
-            try:  # redacted, as every row reaching the disk is; rare (a cancelled request finishing late)
-                self._spill_safely([row])
-            except OSError:
-                log.critical("cannot write the spill file %s; 1 log row lost", self.spill_path)
-                self.metrics.log_write_failures.inc()
+            self._spill_or_count_lost([row])  # redacted, as every row on disk is; rare: a request finishing late
             return
         try:
             self.queue.put_nowait(row)
@@ -284,11 +280,7 @@ class GenerationLog:
     async def _spill_overflow(self) -> None:
         while self._overflow:
             rows, self._overflow = self._overflow, []
-            try:
-                await asyncio.to_thread(self._spill_safely, rows)
-            except OSError:  # the queue full and the disk refusing too: nothing left to keep them in
-                log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(rows))
-                self.metrics.log_write_failures.inc()
+            await asyncio.to_thread(self._spill_or_count_lost, rows)  # the queue full: to disk
 
     async def _overflow_spilled(self) -> None:
         while self._overflow_spill is not None and not self._overflow_spill.done():
@@ -320,11 +312,7 @@ class GenerationLog:
                     await self._write(batch)
                 except Exception:  # the writer must outlive any one bad batch; its rows go to disk instead
                     log.exception("generation log writer error; spilling %d rows", len(batch))
-                    try:
-                        await asyncio.to_thread(self._spill_safely, batch)
-                    except OSError:  # database down and the disk refusing too: nothing left to keep them in
-                        log.critical("cannot write the spill file %s; %d log rows lost", self.spill_path, len(batch))
-                        self.metrics.log_write_failures.inc()
+                    await asyncio.to_thread(self._spill_or_count_lost, batch)
                 if self._db_ok and not self._replay_lock.locked() and self.has_spill():
                     # the batch above is already stored; a failed replay leaves the file for a retry
                     await self._replay_logged()
@@ -466,6 +454,14 @@ class GenerationLog:
             handle.flush()
             os.fsync(handle.fileno())
         self.metrics.log_spilled_rows.inc(len(rows))
+
+    def _spill_or_count_lost(self, rows: list[GenerationRecord]) -> None:
+        """`_spill_safely`, and where the disk refuses too, nothing left to keep the rows in: said and counted."""
+        try:
+            self._spill_safely(rows)
+        except OSError:
+            log.critical("cannot write the spill file %s; %d log row(s) lost", self.spill_path, len(rows))
+            self.metrics.log_write_failures.inc()
 
     def _spill_safely(self, rows: list[GenerationRecord]) -> None:
         try:
