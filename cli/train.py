@@ -261,6 +261,10 @@ def _clean_and_write(records: list[Any], out: Path, schema: type, *, clean: Clea
         report_table = report.table()
         report_table.title = f"cleaning {title}"
         console.print(report_table)
+    else:  # stamped, so that `zephyr train` refuses them until `zephyr data clean` has run on the file
+        from training.data.clean import stamped_cleaned
+
+        records = [stamped_cleaned(record, False) for record in records]
     try:  # its folder was made before any work (`clean_flags`' output check)
         count = write_jsonl(out, records, private=private)
     except OSError as exc:

@@ -33,7 +33,8 @@ RESERVED_TRAINER_KEYS = {"output_dir", "use_cpu", "resume_from_checkpoint"}
 LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
     ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False),
-    ("data", "end_with_eos", False), ("data", "split_seed", 42), ("sampling", "keep_cut_off", False))
+    ("data", "end_with_eos", False), ("data", "split_seed", 42), ("sampling", "keep_cut_off", False),
+    ("data", "allow_uncleaned", False))
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -87,6 +88,10 @@ class DataSpec(_Strict):
         default=False, description="sft on plain-text (cloze) examples only: train the tokenizer's end-of-sequence "
         "token after each completion too, so the examples say where an answer ends; the served cloze score has no "
         "such term, so this trades a little of what the loss matches for answers that stop")
+    allow_uncleaned: bool = Field(
+        default=False, description="train on records written with --no-clean that `zephyr data clean` never ran "
+        "on (students' PII unredacted, benchmark questions not removed): refused unless this is set; the model's "
+        "manifest counts them (stats.data_cleaning)")
     eval_group: Literal["record", "opening", "question"] = Field(
         default="record", description="what eval_fraction holds out: single records, whole groups of records "
         "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side), or "

@@ -146,6 +146,35 @@ def records_sharing_a_question(files: list[Path], limit: int | None = None) -> i
     return shared
 
 
+def checked_cleaning(files: list[Path], spec: DataSpec, console: Console) -> dict[str, int]:
+    """How many records of the data files were cleaned, written with --no-clean and never cleaned since, or carry
+    no stamp (hand-made, or written before records were stamped). Never-cleaned records are refused unless
+    `data.allow_uncleaned`: they may hold a student's name or a test question."""
+    from training.data.clean import cleaning_of
+
+    counts = dict.fromkeys(("cleaned", "never_cleaned", "unstamped"), 0)
+    never: list[str] = []
+    for file in files:
+        before = counts["never_cleaned"]
+        with Path(file).open("rb") as handle:
+            for raw in handle:
+                if raw.strip():  # read_records has checked every line already
+                    counts[cleaning_of(json.loads(raw).get("meta"))] += 1
+        if counts["never_cleaned"] > before:
+            never.append(f"{file} ({counts['never_cleaned'] - before})")
+    if never and not spec.allow_uncleaned:
+        raise RecipeError(f"records written with --no-clean were never cleaned: {', '.join(never)}. Run `zephyr data "
+                          "clean --input FILE --out CLEANED --format ...` on each and train on what it writes, or set "
+                          "data.allow_uncleaned: true to train on them as they are")
+    if counts["never_cleaned"]:
+        console.print(f"[yellow]{counts['never_cleaned']} records were never cleaned (data.allow_uncleaned)[/]")
+    if counts["unstamped"]:
+        console.print(f"[yellow]{counts['unstamped']} records carry no cleaning stamp (meta.cleaned: hand-made, or "
+                      "written before records were stamped): `zephyr data clean` them to be sure they hold no "
+                      "student's PII or test question[/]")
+    return counts
+
+
 def _as_completion(messages: list[dict[str, Any]], method: str, file: Path, number: int) -> dict[str, Any]:
     """A conversation as TRL's conversational prompt and completion, so SFT learns its last answer only (TRL turns
     completion_only_loss on for such rows): the one a reviewer approved or the reward model ranked first, not the
@@ -632,6 +661,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
     rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)
     eval_rows = read_records(spec.eval, recipe.method) if spec.eval else []
+    cleaning = checked_cleaning([*train_files, *spec.eval], spec, console)
     if eval_rows and isinstance(rows[0].get("prompt"), str) != isinstance(eval_rows[0].get("prompt"), str):
         # one tokenization serves every part: a chat eval file beside plain-text training failed after model load
         raise RecipeError(f"{', '.join(map(str, [*train_files, *spec.eval]))} mix plain-text and conversational "
@@ -750,7 +780,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             # (a reward model's is scored below, pooled over every pair, as the report reads it).
             heldout = tokenized(eval_set, "held-out") if plain_text else eval_set
             metrics |= heldout_eval(trainer, heldout, metrics_log)
-        entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite)
+        entry = _register(recipe, trainer, tokenizer, registry, base, output, run_dir, train_files, overwrite,
+                          cleaning)
         if entry is not None and recipe.method == "rm":
             for part, pairs in (("validation", validation_set), ("heldout", eval_set)):
                 if pairs is not None:
@@ -768,7 +799,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     summary = {"output": output, "parent": base.name, "method": recipe.method, "device": device,
                "train_records": len(train_set), "eval_records": len(eval_set) if eval_set is not None else 0,
                "validation_records": len(validation_set) if validation_set is not None else 0,
-               "metrics": metrics}
+               "data_cleaning": cleaning, "metrics": metrics}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from training.plots import plot_run
 
@@ -777,7 +808,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
 
 
 def _register(recipe: Recipe, trainer: Any, tokenizer: Any, registry: Registry, base: RegistryEntry, output: str,
-              run_dir: Path, train_files: list[Path], overwrite: bool) -> RegistryEntry | None:
+              run_dir: Path, train_files: list[Path], overwrite: bool,
+              cleaning: dict[str, int]) -> RegistryEntry | None:
     """Save what was trained (every process takes part: ZeRO-3 gathers its shards), then, on the main process
     only, merge the adapter into a fresh full-precision copy of the base (never the 4-bit one QLoRA trained on),
     cast to the parent's dtype and move the folder into the registry. Other processes return None."""
@@ -786,11 +818,11 @@ def _register(recipe: Recipe, trainer: Any, tokenizer: Any, registry: Registry, 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
-    return _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, train_files, overwrite)
+    return _add_trained(recipe, trained, tokenizer, registry, base, output, run_dir, train_files, overwrite, cleaning)
 
 
 def _add_trained(recipe: Recipe, trained: Path, tokenizer: Any, registry: Registry, base: RegistryEntry, output: str,
-                 run_dir: Path, train_files: list[Path], overwrite: bool) -> RegistryEntry:
+                 run_dir: Path, train_files: list[Path], overwrite: bool, cleaning: dict[str, int]) -> RegistryEntry:
     import torch
 
     config = json.loads((base.path / "config.json").read_text())
@@ -808,7 +840,7 @@ def _add_trained(recipe: Recipe, trained: Path, tokenizer: Any, registry: Regist
     tokenizer.save_pretrained(staging)
     manifest = ModelManifest(name=output, parent=base.name, method=recipe.method, recipe=recipe.resolved(),
                              recipe_digest=recipe.digest(), data_digest=data_digest(train_files),
-                             source=f"zephyr train {recipe.method}")
+                             source=f"zephyr train {recipe.method}", stats={"data_cleaning": cleaning})
     return registry.add(staging, manifest, move=True, overwrite=overwrite, parent_revision=base.manifest.revision)
 
 
@@ -843,8 +875,9 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     if saved.get("base_weights") != weights_digest(base.path):
         raise TrainingError(f"{run_dir} adapts other weights than {base.name!r} holds here (or records none: an "
                             "older version's folder): its base must be the same checkpoint on both machines")
+    cleaning = checked_cleaning([*recipe.data.train, *recipe.data.eval], recipe.data, make_console())
     entry = _add_trained(recipe, trained, _load_tokenizer(base.path), registry, base, output, run_dir,
-                         recipe.data.train, overwrite)
+                         recipe.data.train, overwrite, cleaning)
     summary = run_dir / "summary.json"
     metrics = json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)

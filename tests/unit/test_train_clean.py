@@ -40,6 +40,11 @@ def pair(question, chosen, rejected, source="review"):
                           source=source)
 
 
+def unstamped(records):
+    """The records without the cleaning stamp (`meta.cleaned`) that every cleaned record carries."""
+    return [r.model_copy(update={"meta": {k: v for k, v in r.meta.items() if k != "cleaned"}}) for r in records]
+
+
 class FakeTokenizer:
     """One token per word of the rendered chat; enough to test the max_tokens filter without a model."""
 
@@ -75,7 +80,7 @@ def test_pii_is_redacted_in_prompt_and_replies_and_counted(redactor):
     assert first.chosen[0].content == "Rayleigh scattering. Call me on <PHONE_NUMBER> if unsure."
     assert first.rejected == records[0].rejected and first.source == "review"
     assert kto.completion[0].content == "Email <EMAIL_ADDRESS> to ask." and isinstance(kto, KTOExample)
-    assert untouched is records[1]  # nothing to redact: the same instance comes back
+    assert unstamped([untouched]) == [records[1]]  # nothing to redact
     assert "jane.doe" in records[0].prompt[0].content  # the input records are not modified
 
 
@@ -86,7 +91,7 @@ def test_exact_duplicates_ignore_meta_and_source():
                pair("Q?", "A good answer.", "A bad answer.", source="review"),
                pair("Q?", "A good answer.", "A bad answer.", source="hh-rlhf")]
     cleaned, report = clean(records, CleanOptions(**{**OFF, "dedupe": True}))
-    assert cleaned == [records[0], records[2], records[3]]
+    assert unstamped(cleaned) == [records[0], records[2], records[3]]
     assert report.exact_duplicates == 2 and report.examples["exact_duplicates"][0].startswith("#1: same as #0")
 
 
@@ -100,7 +105,7 @@ def test_near_duplicate_is_removed_and_a_different_record_stays():
                    "water evaporates the salt stays behind, so it builds up over millions of years.")]
     options = CleanOptions(**{**OFF, "near_dup_threshold": 0.9})
     cleaned, report = clean(records, options)
-    assert cleaned == [records[0], records[2], records[3]]
+    assert unstamped(cleaned) == [records[0], records[2], records[3]]
     assert report.near_duplicates == 1 and report.examples["near_duplicates"][0].startswith("#1: like #0")
     # Deterministic: the same input loses the same records on every run.
     assert clean(records, options)[0] == cleaned
@@ -116,7 +121,7 @@ def test_same_long_prompt_with_different_short_answers_is_not_a_near_duplicate()
                PreferencePair(prompt=prompt, chosen=[assistant("B")], rejected=[assistant("C")], source="science"),
                PreferencePair(prompt=prompt, chosen=[assistant("B")], rejected=[assistant("A")], source="science")]
     cleaned, report = clean(records, CleanOptions(**{**OFF, "near_dup_threshold": 0.9}))
-    assert cleaned == records and report.near_duplicates == 0
+    assert unstamped(cleaned) == records and report.near_duplicates == 0
 
 
 def test_length_filters_on_each_reply_and_on_tokens():
@@ -126,7 +131,7 @@ def test_length_filters_on_each_reply_and_on_tokens():
                SFTExample(messages=[user("Q4?"), user("Still there?")]),  # no assistant reply at all
                KTOExample(prompt=[user("Q5?")], completion=[assistant("word " * 30)], label=True)]
     cleaned, report = clean(records, CleanOptions(**{**OFF, "min_chars": 2, "max_chars": 40}))
-    assert cleaned == [records[2]]
+    assert unstamped(cleaned) == [records[2]]
     assert (report.too_short, report.too_long) == (2, 2)
     assert report.examples["too_short"][0].startswith("#0: rejected 0 chars")
     assert report.examples["too_long"][0].startswith("#1: chosen 50 chars")
@@ -134,14 +139,14 @@ def test_length_filters_on_each_reply_and_on_tokens():
     # Tokens count the whole rendered conversation: prompt, reply and template markup.
     options = CleanOptions(**{**OFF, "max_tokens": 12, "max_chars": None})
     cleaned, report = clean(records[2:3] + records[4:], options, tokenizer=FakeTokenizer())
-    assert cleaned == [records[2]] and report.too_long == 1 and "tokens" in report.examples["too_long"][0]
+    assert unstamped(cleaned) == [records[2]] and report.too_long == 1 and "tokens" in report.examples["too_long"][0]
     with pytest.raises(ValueError, match="max_tokens needs a tokenizer"):
         clean(records, options)
     # GRPO's prompts have no reply: the prompt alone is counted (max() of nothing was a ValueError)
     prompts = [VerifiablePrompt(prompt=[user(text)], answer="A", letters="AB", source="test")
                for text in ("Which is a gas?", "word " * 30)]
     cleaned, report = clean(prompts, options, tokenizer=FakeTokenizer())
-    assert cleaned == prompts[:1] and report.too_long == 1
+    assert unstamped(cleaned) == prompts[:1] and report.too_long == 1
 
 
 QUIZ = ["A ball is dropped from a height of twenty meters and falls freely under gravity until it hits the ground. "
@@ -160,7 +165,7 @@ def test_decontamination_catches_a_planted_test_question():
     clean_one = sft("What is the boiling point of ethanol?", "About 78 degrees Celsius at sea level.")
     cleaned, report = clean([planted, in_reply, clean_one], CleanOptions(**{**OFF, "decontaminate": True}),
                             index=index)
-    assert cleaned == [clean_one]
+    assert unstamped(cleaned) == [clean_one]
     assert report.contaminated == {"quiz": 2, "other": 0}
     assert report.examples["contaminated"][0].startswith("#0: quiz")
 
@@ -193,7 +198,7 @@ def test_from_benchmarks_flags_a_real_arc_easy_test_question_but_not_a_train_one
     planted = sft(f"My teacher asked: {test_stem} What do you think?", "Let's reason it through together.")
     train = sft(f"My teacher asked: {train_stem} What do you think?", "Let's reason it through together.")
     cleaned, report = clean([planted, train], CleanOptions(**{**OFF, "decontaminate": True}), index=index)
-    assert cleaned == [train]
+    assert unstamped(cleaned) == [train]
     assert report.contaminated["arc_easy"] == 1 and sum(report.contaminated.values()) == 1
     # An answer that repeats a SciQ test passage (what the text suite's overlap score reads) is contaminated too.
     passage = next(i.support for i in load("sciq", "test", data_dir=data_dir) if len((i.support or "").split()) > 30)
@@ -296,4 +301,30 @@ def test_a_cleaned_review_export_no_longer_counts_as_every_verdict(tmp_path):
         json.loads(text)["meta"]["kept"]
 
     other = [pair("Q?", "A good answer.", "A bad answer.", source="cloze")]
-    assert clean(other, CleanOptions(**OFF))[0] == other  # no export's `kept`, no stamp
+    assert unstamped(clean(other, CleanOptions(**OFF))[0]) == other  # no export's `kept`, no such stamp
+
+
+def test_cleaning_stamps_each_record_with_the_steps_it_ran_and_no_clean_stamps_it_never_cleaned(tmp_path):
+    """What `zephyr train` reads to refuse never-cleaned data: a cleaned record names its steps (a second cleaning
+    adds to them), a record written with --no-clean says False, and `data clean` turns that into the steps."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    from cli.train import CleanFlags, _clean_and_write
+    from training.data.clean import cleaning_of
+
+    records = [sft(f"Why is the sky blue on day {i}?", LONG_REPLY) for i in range(3)]
+    first, _ = clean(records[:1], CleanOptions(**OFF))
+    assert first[0].meta["cleaned"] == ["length"] and cleaning_of(first[0].meta) == "cleaned"
+    again, _ = clean(first, CleanOptions(**{**OFF, "dedupe": True}))
+    assert again[0].meta["cleaned"] == ["length", "dedupe"]
+    assert cleaning_of(records[0].meta) == "unstamped" and cleaning_of(None) == "unstamped"
+
+    raw = tmp_path / "raw.jsonl"
+    _clean_and_write(records, raw, SFTExample, clean=CleanFlags(no_clean=True), title="x")
+    assert [cleaning_of(r.meta) for r in read_jsonl(raw, SFTExample)] == ["never_cleaned"] * 3
+    out = tmp_path / "cleaned.jsonl"
+    result = CliRunner().invoke(app, ["data", "clean", "--input", str(raw), "--out", str(out), "--format", "sft",
+                                      "--no-decontaminate", "--no-pii", "--near-dup", "0"])
+    assert result.exit_code == 0, result.output
+    assert [r.meta["cleaned"] for r in read_jsonl(out, SFTExample)] == [["length", "dedupe"]] * 3

@@ -14,7 +14,7 @@ from training.recipes import RecipeError, load_recipe
 from training.rs import CUT_OFF, _reusable_stats, best_of_n, read_prompts
 from training.run import TrainingError, balance_lengths, hold_out, opening, register_run, train
 from zephyr.registry import ModelManifest, Registry, RegistryError, check_hf_folder
-from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, write_jsonl
+from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, read_jsonl, write_jsonl
 from zephyr.settings import Settings
 
 STEPS = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "logging_steps": 1,
@@ -100,6 +100,9 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     assert (run / "curves.png").stat().st_size > 1000
     assert json.loads((run / "recipe.json").read_text())["recipe"]["method"] == method
     assert json.loads((run / "summary.json").read_text())["train_records"] == 6  # 8 minus the 25% held out
+    # hand-written records: counted as carrying no cleaning stamp, in the manifest as in the run's summary
+    assert entry.manifest.stats["data_cleaning"] == {"cleaned": 0, "never_cleaned": 0, "unstamped": 8}
+    assert json.loads((run / "summary.json").read_text())["data_cleaning"]["unstamped"] == 8
 
 
 def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_both_parts(home, data, tmp_path):
@@ -788,3 +791,34 @@ def test_a_recipe_the_trainer_refuses_is_a_training_error_not_a_traceback(home, 
         "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "per_device_train_batch_size": 1}})
     with pytest.raises(TrainingError, match="the trainer refused the recipe"):
         train(load_recipe(path), Settings(home=home), recipe_path=path)
+
+
+def test_records_written_with_no_clean_are_refused_until_cleaned(home, data, tmp_path, capsys):
+    """`data ... --no-clean` stamps its records never cleaned (it may be run where Presidio is missing, to clean
+    later); training refuses them, naming the file, before a model is loaded or a run folder made, unless the recipe
+    says data.allow_uncleaned. Cleaned and hand-made records are counted, not refused."""
+    from rich.console import Console
+
+    from training.data.clean import stamped_cleaned
+    from training.recipes import DataSpec
+    from training.run import checked_cleaning
+
+    records = list(read_jsonl(data["sft"], SFTExample))
+    never, cleaned, mixed = tmp_path / "never.jsonl", tmp_path / "cleaned.jsonl", tmp_path / "mixed.jsonl"
+    write_jsonl(never, [stamped_cleaned(r, False) for r in records])
+    write_jsonl(cleaned, [stamped_cleaned(r, ["pii"]) for r in records])
+    write_jsonl(mixed, [stamped_cleaned(records[0], False), *records[1:]])
+    settings = Settings(home=home)
+    path = recipe_file(tmp_path, "tiny-uncleaned", {
+        "method": "sft", "model": TINY, "output": "tiny-uncleaned", "data": {"train": [str(cleaned), str(mixed)]},
+        "lora": {"r": 4, "alpha": 8}, "trainer": STEPS})
+    with pytest.raises(RecipeError, match=r"never cleaned: .*mixed\.jsonl \(1\)\. Run `zephyr data clean") as refused:
+        train(load_recipe(path), settings, recipe_path=path)
+    assert "cleaned.jsonl" not in str(refused.value).replace("mixed.jsonl", "")
+    assert not (home / "runs" / "tiny-uncleaned").exists()
+
+    console = Console(record=True, width=200)
+    counts = checked_cleaning([cleaned, mixed, never], DataSpec(train=[never], allow_uncleaned=True), console)
+    assert counts == {"cleaned": 8, "never_cleaned": 9, "unstamped": 7}
+    assert "9 records were never cleaned" in console.export_text()
+    assert checked_cleaning([cleaned], DataSpec(train=[cleaned]), console)["cleaned"] == 8

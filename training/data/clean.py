@@ -33,6 +33,7 @@ EXAMPLES_PER_STAGE = 5
 REPLY_FIELDS = ("chosen", "rejected", "completion")
 MINHASH_PERM = 64
 MINHASH_SEED = 1  # fixed, so the same data always loses the same records
+CLEANED_KEY = "cleaned"  # meta key: the cleaning steps a record has been through (`stamped_cleaned`)
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,6 +59,13 @@ class CleanOptions:
             raise ValueError(f"bad length limits: min_chars={self.min_chars}, max_chars={self.max_chars}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, not {self.max_tokens}")
+
+    def steps(self) -> list[str]:
+        """The steps these options run, as a record's `meta.cleaned` names them."""
+        lengths = self.min_chars > 0 or self.max_chars is not None or self.max_tokens is not None
+        return [step for step, runs in (("pii", self.redact_pii), ("decontaminate", self.decontaminate),
+                                        ("length", lengths), ("dedupe", self.dedupe),
+                                        ("near_dup", self.near_dup_threshold is not None)) if runs]
 
 
 @dataclass
@@ -384,9 +392,27 @@ def clean(records: Iterable[Record], options: CleanOptions | None = None, *, ind
         kept = _drop_near_duplicates(kept, options, report)
 
     report.output = len(kept)
+    steps = options.steps()
     # A review export's records (their meta says what the export `kept`) no longer hold every verdict once cleaned.
-    return [filtered_for_training(r) if isinstance(getattr(r, "meta", None), dict) and "kept" in r.meta else r
-            for _, r in kept], report
+    return [stamped_cleaned(filtered_for_training(r) if "kept" in r.meta else r, steps)
+            if isinstance(getattr(r, "meta", None), dict) else r for _, r in kept], report
+
+
+def stamped_cleaned(record: Record, steps: list[str] | bool) -> Record:
+    """`record` with `meta.cleaned` saying which cleaning steps it has been through (those of earlier cleanings
+    kept), or False: written with --no-clean, which `zephyr train` refuses until `zephyr data clean` has run on it
+    (`cleaning_of`)."""
+    before = record.meta.get(CLEANED_KEY)
+    if steps is not False and isinstance(before, list):
+        steps = [*before, *(step for step in steps if step not in before)]
+    return record.model_copy(update={"meta": {**record.meta, CLEANED_KEY: steps}})
+
+
+def cleaning_of(meta: Any) -> str:
+    """How a record's `meta.cleaned` stamp reads: "cleaned" (a list of steps), "never_cleaned" (False: written with
+    --no-clean) or "unstamped" (a hand-made file, or one from before the stamp)."""
+    stamp = meta.get(CLEANED_KEY) if isinstance(meta, dict) else None
+    return "cleaned" if isinstance(stamp, list) else "never_cleaned" if stamp is False else "unstamped"
 
 
 def filtered_for_training(record: Record) -> Record:
