@@ -279,7 +279,7 @@ def _table(eval_run) -> Table:
 
 @app.command("show")
 def show_command(model: Annotated[str, typer.Option(help="Registry model")]) -> None:
-    """The newest result of every measurement of MODEL."""
+    """Every measurement of MODEL, each from the largest run on the data its newest run read."""
     try:
         settings = load_settings()
         latest = results_store(settings).latest(model)

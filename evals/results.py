@@ -227,21 +227,24 @@ def data_read(benchmark: str, metric: str) -> tuple[str, ...]:
 
 
 def chosen_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]]:
-    """Per measurement key, the run of `runs` (oldest first) whose measurement of it covers the most items, the
-    newest of those that tie, and its measurement there. A later `--limit` smoke run does not stand in for a whole
-    split measured before it (the gate would compare 40 questions instead of 2,376); a rerun of the same size does
-    replace the older one."""
+    """Per measurement key, of the runs of `runs` (oldest first) whose measurement of it was computed on the same
+    data as the newest one's (`data_digest`), the one that covers the most items, the newest of those that tie, and
+    its measurement there. A later `--limit` smoke run does not stand in for a whole split measured before it (the
+    gate would compare 40 questions instead of 2,376); a rerun of the same size does replace the older one; and a
+    rerun on other data (the local split after a hub copy's larger one) replaces every run on the old data, as the
+    gate's advice to re-run on the same data needs."""
+    newest_data = {m.key: m.data_digest for run in runs for m in run.measurements}
     chosen: dict[str, tuple[Measurement, EvalRun]] = {}
     for run in runs:
         for m in run.measurements:
-            if m.key not in chosen or m.n >= chosen[m.key][0].n:
+            if m.data_digest == newest_data[m.key] and (m.key not in chosen or m.n >= chosen[m.key][0].n):
                 chosen[m.key] = (m, run)
     return chosen
 
 
 class ResultStore:
-    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; of each measurement, the run that covers the
-    most items wins, the newest among equals (chosen_sources).
+    """`<root>/<model>/runs/<suite>-<timestamp>.json` keeps every run; of each measurement, the run on the newest
+    run's data that covers the most items wins, the newest among equals (chosen_sources).
     Given the registry, a model's runs are those of its current entry: runs of an entry since replaced under the
     same name are left out (runs saved before entries were recorded are kept)."""
 
@@ -253,13 +256,21 @@ class ResultStore:
         """`<root>/<model>`, for a registry name only (RegistryError otherwise): every path here goes through it."""
         return self.root / check_name(model)
 
+    def path_of(self, run: EvalRun) -> Path:
+        return self.folder(run.model) / RUNS_DIR / f"{run.suite}-{run.created_at.strftime('%Y%m%dT%H%M%S%fZ')}.json"
+
     def save(self, run: EvalRun) -> Path:
-        folder = self.folder(run.model) / RUNS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        stamp = run.created_at.strftime("%Y%m%dT%H%M%S%fZ")
-        path = folder / f"{run.suite}-{stamp}.json"
+        path = self.path_of(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, run.model_dump_json(indent=1))
         return path
+
+    def chosen_summary(self, model: str, keys: set[str]) -> dict[str, dict[str, Any]]:
+        """What the registry manifest records of `keys` (`zephyr models show`): each from the run the merged view
+        takes it from (chosen_sources), so a smoke run saved after a whole-split run does not replace its figures
+        there either."""
+        return {key: {**summary_of(m, run), "run": str(self.path_of(run))}
+                for key, (m, run) in chosen_sources(self.runs(model)).items() if key in keys}
 
     def runs(self, model: str) -> list[EvalRun]:
         folder = self.folder(model) / RUNS_DIR
@@ -312,10 +323,9 @@ def merge_runs(runs: list[EvalRun]) -> EvalRun | None:
                                        "data": data, **described})
 
 
-def summary(run: EvalRun) -> dict[str, Any]:
-    """What the registry manifest records: score and size of each measurement, and where the run lies."""
-    return {m.key: {"score": round(m.score, 6), "n": m.n, "split": m.split, "at": run.created_at.isoformat()}
-            for m in run.measurements}
+def summary_of(m: Measurement, run: EvalRun) -> dict[str, Any]:
+    """What the registry manifest records of a measurement: its score and size, and when its run was made."""
+    return {"score": round(m.score, 6), "n": m.n, "split": m.split, "at": run.created_at.isoformat()}
 
 
 def dumps(obj: Any) -> str:

@@ -20,7 +20,6 @@ from evals.results import (
     data_read,
     measurement,
     method_metric,
-    summary,
 )
 from offline import benchmarks
 from zephyr import mcq, textquality
@@ -212,8 +211,8 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
             run = EvalRun.of_entry(entry, suite, limit=options.limit, measurements=measurements,
                                    engine=computed_by, data=sources)
             path = store.save(run)
-            for key, value in summary(run).items():
-                registry.record_eval(entry.name, key, {**value, "run": str(path)}, made_at=entry.manifest.created_at)
+            for key, value in store.chosen_summary(entry.name, {m.key for m in measurements}).items():
+                registry.record_eval(entry.name, key, value, made_at=entry.manifest.created_at)
             console.print(f"{suite}: {len(measurements)} measurements in {time.perf_counter() - started:.0f} s "
                           f"-> {path}")
             runs.append(run)

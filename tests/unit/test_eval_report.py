@@ -439,6 +439,30 @@ def test_the_models_table_gives_each_suites_question_limit_not_the_newest_runs(t
     assert rows["q"].endswith("| whole splits |")
 
 
+def test_a_rerun_on_other_data_replaces_a_larger_run_on_the_old_data(tmp_path):
+    """A larger run on other data (a hub copy's 14,042 MMLU questions) hid every later run on the local split: the
+    gate kept refusing "re-run on the same data", and the rerun changed nothing. The newest run's data decides; on
+    it, the largest run wins as before, and the manifest's summary is the merged view's, not the last run's."""
+    from datetime import UTC, datetime, timedelta
+
+    store = ResultStore(tmp_path / "results")
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def run(hours, correct, total, data):
+        m = measurement("mmlu", "letter_acc", "test", accuracy(correct, total)).model_copy(
+            update={"data_digest": {"mmlu": data}})
+        return store.save(EvalRun(model="m", suite="mcq", created_at=start + timedelta(hours=hours), measurements=[m]))
+
+    run(0, 60, 120, "hub")
+    local = run(1, 50, 100, "local")
+    assert store.latest("m").get("mmlu/letter_acc").data_digest == {"mmlu": "local"}
+    run(2, 30, 40, "local")  # a smoke run on the same data does not replace the whole split
+    assert store.latest("m").get("mmlu/letter_acc").n == 100
+    assert store.chosen_summary("m", {"mmlu/letter_acc"}) == {"mmlu/letter_acc": {
+        "score": 0.5, "n": 100, "split": "test", "at": (start + timedelta(hours=1)).isoformat(), "run": str(local)}}
+    assert store.chosen_summary("m", {"other/key"}) == {}
+
+
 def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path):
     """An empty measurement scores NaN: it was written as null, which the reader refused, dropping the whole run."""
     import json
