@@ -556,6 +556,11 @@ def check(
         benchmark, _, metric = key.partition("/")
         if _gates(benchmark, metric, served):
             problems[key] = why
+    # A row the verdict does not rest on (the reward model's score) that cannot be compared, empty or on other
+    # data, is listed as not compared, not a refusal of the whole gate.
+    info_problems = {key: why for key, why in problems.items()
+                     if not any(_gates(*part.partition("/")[::2], served) for part in key.split(", "))}
+    problems = {key: why for key, why in problems.items() if key not in info_problems}
     if problems:
         lines = "; ".join(f"{key}: {why}" for key, why in problems.items())
         raise GateError(
@@ -597,8 +602,10 @@ def check(
     keys = {name: {m.key for m in run.measurements if suite_of(m.benchmark) in suites} for name, run in runs.items()}
     skipped = keys[candidate] ^ keys[baseline]
     # What else both have went uncompared for a reason compare_runs saw: the rest refused the gate above.
-    not_comparable = {key: unlike_prompts.get(key, "scored by different judges (reward model, BERTScore backbone "
-                                              "or layers, DialogRPT weights)")
+    info_why = {part: why for key, why in info_problems.items() for part in key.split(", ")}
+    not_comparable = {key: info_why.get(key) or unlike_prompts.get(
+                          key, "scored by different judges (reward model, BERTScore backbone or layers, DialogRPT "
+                          "weights)")
                       for key in sorted((keys[candidate] & keys[baseline]) - compared_keys)}
     # Only rows the verdict rests on: an info row (the reward model's score) may need options a plain rerun lacks.
     gating_keys = {row.key for row in rows if row.gating}

@@ -7,6 +7,7 @@ Reward models are the sequence classifiers `training/` makes with TRL's RewardTr
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -38,9 +39,9 @@ def score_stats(scores: list[float]) -> dict[str, float | int]:
 
 
 def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float | int]:
-    """How often model A's answer out-scores model B's on the same item (ids both have), with its Wilson interval;
-    ties count half."""
-    common = sorted(set(a) & set(b))
+    """How often model A's answer out-scores model B's on the same item (ids both have, each scored a number), with
+    its Wilson interval; ties count half."""
+    common = sorted(i for i in set(a) & set(b) if math.isfinite(a[i]) and math.isfinite(b[i]))
     if not common:
         raise ValueError(f"no common item ids between the two score sets ({len(a)} and {len(b)} items)")
     wins = sum(a[i] > b[i] for i in common)

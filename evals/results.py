@@ -181,7 +181,9 @@ def method_metric(method: str, server: bool = False) -> str:
 SERVED_METRICS = (method_metric("auto"), method_metric("auto", server=True))
 
 
-JUDGE_DETAILS = ("backbone", "num_layers", "dialogrpt_weights")  # BERTScore's model and layers, DialogRPT's
+# BERTScore's model and layers, DialogRPT's weights, and which reward model's weights (since 2026-12-07: a reward
+# model retrained under the same name is another judge)
+JUDGE_DETAILS = ("backbone", "num_layers", "dialogrpt_weights", "reward_model_revision")
 
 
 def same_judge(a: Measurement, b: Measurement) -> bool:

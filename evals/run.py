@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -367,6 +368,8 @@ def _gsm8k_suite(engine: Any, data: dict, options: RunOptions, settings: Setting
 @dataclass
 class TextTools:
     reward_model: Any = None
+    # which weights score: a registry entry's revision, else the folder's resolved path (same_judge compares it)
+    reward_model_revision: str | None = None
     dialogrpt: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -386,7 +389,7 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
             console.print(f"[yellow]skipping {metric}:[/] {tools.skipped[metric]}")
             continue
         try:
-            tools.dialogrpt[metric] = textmetrics.DialogRPT.load(path)
+            tools.dialogrpt[metric] = textmetrics.DialogRPT.load(path, name=metric)
         except textmetrics.DialogRPTMissing as exc:
             tools.skipped[metric] = str(exc)
             console.print(f"[yellow]skipping {metric}:[/] {exc}")
@@ -400,6 +403,9 @@ def _text_tools(options: RunOptions, settings: Settings, registry: Registry, con
                 raise EvalError(f"--reward-model {options.reward_model!r} is a {rm_entry.manifest.method} model, not a "
                                 "reward model (train one with `zephyr train rm`)")
             path = rm_entry.path
+            tools.reward_model_revision = rm_entry.manifest.revision
+        else:
+            tools.reward_model_revision = f"folder:{path.resolve()}"
         try:
             tools.reward_model = RewardModel.load(path)
         except (FileNotFoundError, ValueError, OSError) as exc:
@@ -469,9 +475,16 @@ def _text_suite(engine: Any, data: dict, options: RunOptions, settings: Settings
     if tools.reward_model is not None:
         conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(sciq_prompts, sciq_answers,
                                                                                      strict=True)]
-        scores = tools.reward_model.score(conversations)
-        out.append(measurement("rm", "rm_score", "test", {i.id: s for i, s in zip(sciq, scores, strict=True)},
-                               details={"reward_model": options.reward_model, "prompts": "sciq test questions"}))
+        scores = {i.id: s for i, s in zip(sciq, tools.reward_model.score(conversations), strict=True)}
+        # A score that is not a number (weights that overflow on one input) is no reward: left out and counted,
+        # so the mean, the report's plots and the win rates read the rest.
+        finite = {i: s for i, s in scores.items() if math.isfinite(s)}
+        if len(finite) < len(scores):
+            console.print(f"[yellow]the reward model scored {len(scores) - len(finite)} answers as a non-number; "
+                          "left out of rm_score[/]")
+        out.append(measurement("rm", "rm_score", "test", finite, details={
+            "reward_model": options.reward_model, "reward_model_revision": tools.reward_model_revision,
+            "prompts": "sciq test questions", "non_finite": len(scores) - len(finite)}))
     if tools.skipped:
         out[0].details["skipped"] = tools.skipped
     console.print(", ".join(f"{m.benchmark} {m.metric}: {m.score:.3f}" for m in out))

@@ -221,7 +221,7 @@ class DialogRPT:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
-        except (OSError, ValueError) as exc:  # no tokenizer files, a torn weights file
+        except (OSError, ValueError, RuntimeError) as exc:  # no tokenizer files, a torn weights file, another model
             raise DialogRPTMissing(_missing_message(name, folder, f"it does not load: {exc}")) from None
         model.to(device).eval()
         return cls(model, tokenizer, name=name, max_length=max_length)

@@ -325,12 +325,15 @@ def _mmlu_subjects(views: list[ModelView]) -> Section | None:
 
 
 def _rm(views: list[ModelView], plots: Path) -> Section | None:
-    scored = [(v, m) for v in views if (m := v.get("rm/rm_score")) and m.items]
+    # A run saved before non-number scores were left out at scoring may hold one: the rest are shown.
+    scored = [(v, m) for v in views if (m := v.get("rm/rm_score")) and m.items
+              and np.isfinite(np.array(list(m.items.values()), dtype=float)).any()]
     if not scored:
         return None
     rows = []
     for v, m in scored:
         x = np.array(list(m.items.values()), dtype=float)
+        x = x[np.isfinite(x)]
         std = fmt_value(float(x.std(ddof=1)), False) if x.size > 1 else MISSING
         rows.append(
             [
@@ -351,7 +354,8 @@ def _rm(views: list[ModelView], plots: Path) -> Section | None:
         )
     ]
     try:
-        blocks.append(plot_rm([(v.name, np.array(list(m.items.values()), dtype=float)) for v, m in scored], plots))
+        blocks.append(plot_rm([(v.name, x[np.isfinite(x)]) for v, m in scored
+                               if (x := np.array(list(m.items.values()), dtype=float)).size], plots))
     except ImportError:
         blocks.append(NO_MATPLOTLIB)
     return Section("Reward-model scores", blocks)

@@ -656,6 +656,31 @@ def test_reward_model_scores_by_different_reward_models_are_not_compared(store):
     assert compare_runs(scored("rm-a", 1.0), scored("rm-b", 2.0)) == ([], {})
 
 
+def test_a_reward_model_retrained_under_the_same_name_is_another_judge():
+    def scored(revision: str | None) -> EvalRun:
+        m = measurement("rm", "rm_score", "test", {"q1": 1.0, "q2": 2.0})
+        m.details.update({"reward_model": "rm-hh"} | ({"reward_model_revision": revision} if revision else {}))
+        return EvalRun(model="x", suite="text", measurements=[m])
+
+    assert compare_runs(scored("made:2026-12-01T00:00:00+00:00"), scored("made:2026-12-07T00:00:00+00:00")) == (
+        [], {})
+    assert len(compare_runs(scored("made:2026-12-01T00:00:00+00:00"), scored(None))[0]) == 1  # older run: on trust
+
+
+def test_an_info_row_that_cannot_be_compared_is_listed_not_a_refusal_of_the_gate(store):
+    """An empty reward-model measurement (it scores NaN) raised "cannot compare" for the whole gate, though no
+    verdict rests on it; a gating row that cannot be compared still refuses."""
+    save(store, "base", arc_easy__letter_acc=accuracy(60, 100), rm__rm_score={})
+    save(store, "cand", arc_easy__letter_acc=accuracy(61, 100), rm__rm_score={})
+    result = check(store, "cand", "base", max_drop=1.0, suites=None)
+    assert result.passed and [row.key for row in result.rows] == ["arc_easy/letter_acc"]
+    assert list(result.not_comparable) == ["rm/rm_score"] and result.not_comparable["rm/rm_score"]
+    save(store, "base-2", arc_easy__letter_acc={}, sciq__letter_acc=accuracy(60, 100))
+    save(store, "cand-2", arc_easy__letter_acc={}, sciq__letter_acc=accuracy(60, 100))
+    with pytest.raises(GateError, match="cannot compare cand-2 with base-2 on arc_easy/letter_acc"):
+        check(store, "cand-2", "base-2", max_drop=1.0, suites=None)
+
+
 def test_bertscore_and_dialogrpt_by_other_judges_are_not_compared():
     def scored(metric: str, value: float, **judge) -> EvalRun:
         m = measurement("sciq_text", metric, "test", {"q1": value, "q2": value})

@@ -83,6 +83,8 @@ def test_rm_win_rate_on_fixed_numbers():
     assert rm_win_rate(a, b) == {"wins": 2, "losses": 1, "ties": 1, "n": 4, "win_rate": 0.625,
                                  "ci95": wilson(2.5, 4)}
     assert rm_win_rate(b, a)["win_rate"] == 0.375
+    # a score that is no number is no comparison (it counted as a tie)
+    assert rm_win_rate({**a, "q5": float("nan")}, {**b, "q5": 1.0}) == rm_win_rate(a, b)
     with pytest.raises(ValueError, match="no common item ids"):
         rm_win_rate({"x": 1.0}, {"y": 1.0})
 

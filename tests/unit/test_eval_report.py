@@ -473,6 +473,7 @@ def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path)
         measurement("gsm8k_text", "looping", "test", accuracy(3, 10)),
         measurement("sciq_text", "looping", "test", {}),
         measurement("sciq", "rm_score", "test", {"q0": float("nan"), "q1": 0.5}),
+        measurement("rm", "rm_score", "test", {"q0": float("nan"), "q1": 0.5, "q2": 0.7}),
     ]))
     [run] = store.runs("base")
     empty, scored = run.measurements[1], run.measurements[2]
@@ -489,6 +490,8 @@ def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path)
     out = tmp_path / "report"
     write_report(store, ["base"], out)
     assert "gsm8k_text" in (out / "report.md").read_text()
+    # the reward model's section reads the scores that are numbers (its histogram failed on NaN: no report at all)
+    assert "## Reward-model scores" in (out / "report.md").read_text() and (out / "plots" / "rm_scores.png").is_file()
 
 
 def test_mmlu_subjects_show_the_served_method_first(tmp_path):
