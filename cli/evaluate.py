@@ -399,5 +399,9 @@ def gate_command(
                           "more items would narrow it (drop the runs' --limit, if they had one)")
         if result.reviews is not None and not result.reviews.passed:
             err.print(f"[red]gate failed on human review:[/] {result.reviews.reason}")
+        if result.unmeasured and result.suites_asked and not result.allow_missing:
+            err.print(f"[red]gate failed:[/] --suites asked for {', '.join(result.unmeasured)}, where the two have no "
+                      f"gating measurement in common; run `zephyr eval run --model NAME --suite "
+                      f"{','.join(result.unmeasured)}` for both, or pass --allow-missing")
         raise typer.Exit(1)
     console.print(f"[green]gate passed:[/] {candidate} is within {max_drop} points of {baseline}")

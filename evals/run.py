@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from evals.results import (
+    RUNS_DIR,
     SUITE_BENCHMARKS,
     EvalRun,
     Measurement,
@@ -159,6 +161,15 @@ def run(options: RunOptions, settings: Settings, console: Console | None = None)
         check_server(options.server, options.api_key, entry)
     # With the registry: a server's answers are compared with this entry's own, not those of weights it replaced.
     store = ResultStore(settings.resolved_eval_results_dir, registry)
+    try:  # where the figures go, before the engine's work: a read-only volume would lose an hour's scoring after it
+        runs_dir = store.folder(entry.name) / RUNS_DIR
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"cannot write the results to {exc.filename or runs_dir}: {exc.strerror or exc} (set "
+                        "ZEPHYR_EVAL_RESULTS_DIR to a writable folder)") from None
+    for folder, what in ((runs_dir, "the results (ZEPHYR_EVAL_RESULTS_DIR)"), (entry.path, "the model's manifest")):
+        if not os.access(folder, os.W_OK):
+            raise EvalError(f"cannot write {what} in {folder}: it is not writable here")
     # Read every data file before the engine starts, so a missing file fails in a second, not after a minute.
     mcq_names = list(options.benchmarks or benchmarks.MCQ_BENCHMARKS)
     data: dict[str, tuple[str, list[Any]]] = {}

@@ -230,11 +230,25 @@ def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS, request_fi
 
 
 def hh_first_turns(path: Path) -> list[str]:
+    """The first human turn of each hh-rlhf transcript; a file missing or not in hh-rlhf's form is a DatasetError
+    naming it (it was a traceback)."""
     turns = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip() and (found := re.search(r"Human: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S)):
-                turns.append(found.group(1))
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    chosen = json.loads(line)["chosen"]
+                except (ValueError, KeyError, TypeError):
+                    raise benchmarks.DatasetError(
+                        f"{path}:{number}: not an hh-rlhf record (JSON with a `chosen` transcript)") from None
+                if isinstance(chosen, str) and (found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S)):
+                    turns.append(found.group(1))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # missing, unreadable, a torn or non-gzip .gz
+        raise benchmarks.DatasetError(
+            f"{path}: cannot read the hh-rlhf transcripts the safety set's everyday questions come from ({exc}); it is "
+            "in the shared data folder (ZEPHYR_DATA_DIR)") from None
     return turns
 
 

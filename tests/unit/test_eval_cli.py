@@ -173,6 +173,23 @@ def test_a_gate_failure_within_noise_says_so_and_still_fails(home):
     assert "cand's" not in said
 
 
+def test_a_gate_failed_on_a_suite_asked_for_but_not_measured_says_why(home):
+    """It exited 1 with no "gate failed" line: the reason was only in the table's caption."""
+    from evals.results import EvalRun, ResultStore, measurement
+    from zephyr.settings import Settings
+
+    store = ResultStore(Settings(home=home).resolved_eval_results_dir)
+    for model in ("base", "cand"):
+        store.save(EvalRun(model=model, suite="mcq", measurements=[
+            measurement("arc_easy", "mcq_acc_auto", "test", {f"q{i}": float(i < 60) for i in range(100)})]))
+    result = CliRunner().invoke(app, ["eval", "gate", "--candidate", "cand", "--baseline", "base",
+                                      "--suites", "mcq,gsm8k"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert ("gate failed: --suites asked for gsm8k, where the two have no gating measurement in common; run `zephyr "
+            "eval run --model NAME --suite gsm8k` for both, or pass --allow-missing") in said
+
+
 def test_a_gate_on_too_few_items_or_a_benchmark_left_out_says_what_to_do(home):
     from evals.results import EvalRun, ResultStore, measurement
     from zephyr.settings import Settings
@@ -391,3 +408,14 @@ def test_review_thresholds_without_reviews_are_refused(home):
     result = CliRunner().invoke(app, ["eval", "gate", "--candidate", "cand", "--baseline", "base",
                                       "--min-win-rate", "0.99", "--min-review-pairs", "1000"])
     assert result.exit_code == 1 and "give them with --reviews FILE" in " ".join(result.output.split())
+
+
+def test_a_results_folder_that_cannot_be_written_fails_before_any_data_or_engine(registered, monkeypatch):
+    """`store.save` raised OSError as a traceback after the engine's work (up to an hour of scoring lost)."""
+    blocked = registered / "not-a-folder"
+    blocked.write_text("a file where the results folder should be")
+    monkeypatch.setenv("ZEPHYR_EVAL_RESULTS_DIR", str(blocked))
+    result = CliRunner().invoke(app, ["eval", "run", "--model", "m", "--suite", "mcq", "--limit", "2"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "cannot write the results to" in said and "ZEPHYR_EVAL_RESULTS_DIR" in said
+    assert "starting vLLM" not in said and "does not exist" not in said  # before the data is read

@@ -1026,3 +1026,32 @@ async def test_clean_sentences_in_the_output_that_starts_a_flagged_one_are_shown
     shown = [c async for out in screened(gen, outputs(), judge) for c in out.choices]
     assert "".join(c.text for c in shown) == f"{SCIENCE_SENTENCE} {clean}\n\n{REPLIES[HARMFUL]}"
     assert sum(len(c.token_ids) for c in shown) == 4 and shown[-1].finish_reason == FINISH_REASON
+
+
+def test_hh_transcripts_missing_or_malformed_are_a_dataset_error_naming_the_file(tmp_path):
+    """`zephyr eval safety` caught DatasetError only: a missing or malformed hh-rlhf file was a traceback."""
+    import gzip
+
+    from evals.safety import hh_first_turns
+    from offline.benchmarks import DatasetError
+
+    with pytest.raises(DatasetError, match=r"missing\.jsonl\.gz: cannot read the hh-rlhf transcripts"):
+        hh_first_turns(tmp_path / "missing.jsonl.gz")
+    torn = tmp_path / "torn.jsonl.gz"
+    torn.write_bytes(b"not gzip")
+    with pytest.raises(DatasetError, match=r"torn\.jsonl\.gz: cannot read"):
+        hh_first_turns(torn)
+    odd = tmp_path / "odd.jsonl.gz"
+    with gzip.open(odd, "wt") as handle:
+        handle.write(json.dumps({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello"}) + "\n\n")
+        handle.write(json.dumps({"rejected": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=r"odd\.jsonl\.gz:3: not an hh-rlhf record"):
+        hh_first_turns(odd)
+    odd.write_bytes(gzip.compress(json.dumps({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello"}).encode()))
+    assert hh_first_turns(odd) == ["Hi there"]
+
+
+def test_a_comma_separated_option_names_each_item_once():
+    from cli.common import csv
+
+    assert csv("arc_easy, sciq,arc_easy,,") == ["arc_easy", "sciq"] and csv("") is None
