@@ -60,12 +60,31 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
 
 
+def stream_problem(content: bytes) -> str | None:
+    """What is wrong with a streamed answer, or None: a failure after the headers went out comes in-band, under
+    the 200 they said, as an `error` event (service/generation.py), so the status alone cannot show a 5xx."""
+    events = [line[len(b"data:"):].strip() for line in content.splitlines() if line.startswith(b"data:")]
+    for event in events:
+        if event == b"[DONE]":
+            continue
+        try:
+            error = json.loads(event).get("error")
+        except (ValueError, AttributeError):
+            return f"a streamed event is not a JSON object: {event[:300]!r}"
+        if error is not None and (not isinstance(error, dict) or error.get("type") not in CLIENT_ERROR_TYPES):
+            return f"200 stream with an in-band error that is not a client error: {error!r}"[:600]
+    if not events or events[-1] != b"[DONE]":
+        return f"200 stream that does not end with [DONE]: {content[-300:]!r}"
+    return None
+
+
 def response_problem(status: int, content_type: str, content: bytes) -> str | None:
-    """What is wrong with a response, or None: a 5xx, or a 4xx without OpenAI's error body."""
+    """What is wrong with a response, or None: a 5xx (a streamed one too), or a 4xx without OpenAI's error
+    body."""
     if status >= 500:
         return f"{status}: {content[:300]!r}"
     if status < 400:
-        return None
+        return stream_problem(content) if content_type.startswith("text/event-stream") else None
     if "application/json" not in content_type:
         return f"{status} is not JSON ({content_type})"
     try:

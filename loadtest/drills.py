@@ -38,6 +38,7 @@ from loadtest.harness import (
     one_row_each,
     scratch_home,
     successful,
+    whole,
 )
 from zephyr.console import make_console
 
@@ -145,7 +146,7 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
     events = [e for e in locust.events() if e["name"] in GENERATION] + probes
     # The anchor had its first bytes before the signal: in flight for certain, however close its start was.
     in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled] + anchor.events
-    unfinished = [e for e in in_flight if not (e["status"] == 200 and e["done"])]
+    unfinished = [e for e in in_flight if not whole(e)]  # an in-band error ends with [DONE] too
     during = [e for e in events if signalled + RACE_S < e["start"] < closed - RACE_S]
     not_503 = [e for e in during if e["status"] != 503]
     after_close = [e for e in events if closed < e["start"] < exited]
@@ -185,6 +186,8 @@ class LongStream(threading.Thread):
                 for line in r.iter_lines():
                     self.started.set()
                     event["done"] = event["done"] or line == "data: [DONE]"
+                    if line.startswith('data: {"error"'):  # a failure after the headers: in-band, under the 200
+                        event["error"] = f"stream error: {line[6:300]}"
         except httpx.HTTPError as exc:
             event["error"] = f"{type(exc).__name__}: {exc}"
         event["end"] = time.time()
@@ -355,7 +358,7 @@ def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
         time.sleep(1)
         events = locust.events()
         report.check("no failed student request", not [e for e in events if e["name"] in GENERATION
-                                                        and not (e["status"] == 200 and e["done"])],
+                                                        and not whole(e)],
                      f"{len(successful(events))} chats and MCQs: "
                      f"{_statuses([e for e in events if e['name'] in GENERATION])}")
         outage = [e for e in events if e["name"] == "review" and stopped < e["start"] < restarted]

@@ -366,10 +366,16 @@ class Report:
              "checks": [{"name": n, "passed": p, "figure": f} for n, p, f in self.checks]}, indent=2, default=str))
 
 
+def whole(event: dict) -> bool:
+    """Whether the client saw a request succeed: a 200, for a stream its [DONE], and no error (a stream's failure
+    after its headers comes as an in-band error event, then [DONE])."""
+    return event["status"] == 200 and event["done"] and not event["error"]
+
+
 def successful(events: list[dict], names: Iterable[str] = ("chat", "mcq")) -> list[dict]:
-    """Generation requests the client saw succeed: a 200 and, for a stream, its [DONE]."""
+    """Generation requests the client saw succeed (`whole`)."""
     names = set(names)
-    return [e for e in events if e["name"] in names and e["status"] == 200 and e["done"] and not e["error"]]
+    return [e for e in events if e["name"] in names and whole(e)]
 
 
 def one_row_each(server: LocalServer, events: list[dict]) -> tuple[bool, str]:

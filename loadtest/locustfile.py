@@ -148,12 +148,17 @@ class Student(HttpUser):
                     if line == "data: [DONE]":
                         done = True
                     elif line.startswith("data: "):
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            error = f"stream error: {chunk['error'].get('message')}"
-                        elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                            first_token = first_token or time.time()
-                            parts.append(chunk["choices"][0]["delta"]["content"])
+                        try:
+                            chunk = json.loads(line[6:])
+                            if "error" in chunk:
+                                error = f"stream error: {chunk['error'].get('message')}"
+                            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                                first_token = first_token or time.time()
+                                parts.append(chunk["choices"][0]["delta"]["content"])
+                        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                            # a broken frame must reach the event log the soak judges, not only Locust's own log
+                            error = f"malformed stream event: {line[:200]!r}"
+                            break
                 if not done and error is None:
                     error = "stream ended without [DONE]"
         except requests.RequestException as exc:
@@ -191,9 +196,9 @@ class ExamTaker(HttpUser):
         started = time.time()
         response = self.client.post("/mcq", json={**question, "explain": explain}, timeout=TIMEOUT_S,
                                     name="mcq (explain)" if explain else "mcq")
-        body = response.json() if response.status_code == 200 else {}
+        body, wrong = json_body(response)
         log_response("mcq", started, response, body.get("id"),
-                     mcq_answer_problem(body, len(question["options"])) if body else None)
+                     wrong or (mcq_answer_problem(body, len(question["options"])) if body else None))
 
 
 class Reviewer(HttpUser):
@@ -214,9 +219,12 @@ class Reviewer(HttpUser):
     def judge_next(self) -> None:
         started = time.time()
         response = self.client.get("/review/api/next", name="review: next")
-        log_response("review", started, response)
-        item = response.json().get("item") if succeeded(response) else None
-        if not item:
+        body, wrong = json_body(response)
+        item = body.get("item")
+        if item is not None and not (isinstance(item, dict) and {"kind", "assignment_id"} <= item.keys()):
+            wrong = f"an item without kind and assignment_id: {str(item)[:200]}"
+        log_response("review", started, response, wrong=wrong)
+        if not item or wrong:
             return
         time.sleep(random.uniform(3, 10))  # reading both answers
         verdict = random.choice(["a", "b", "tie", "both_bad"]) if item["kind"] == "pair" else random.choice(
@@ -226,6 +234,18 @@ class Reviewer(HttpUser):
         started = time.time()
         response = self.client.post("/review/api/verdicts", json=body, name="review: verdict")
         log_response("review", started, response)
+
+
+def json_body(response: requests.Response) -> tuple[dict, str | None]:
+    """A 200's JSON object, and what is wrong with it (not JSON, not an object), for the event log the soak judges:
+    an exception here reached only Locust's own log."""
+    if response.status_code != 200:
+        return {}, None
+    try:
+        body = response.json()
+    except ValueError:
+        return {}, f"a 200 whose body is not JSON: {response.text[:200]!r}"
+    return (body, None) if isinstance(body, dict) else ({}, f"a 200 whose body is not a JSON object: {body!r:.200}")
 
 
 def succeeded(response: requests.Response | None) -> bool:

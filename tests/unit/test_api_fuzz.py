@@ -56,6 +56,14 @@ def test_every_route_keeps_5xx_out_under_generated_input(running_app):
     (422, "application/json", b'{"error": {"message": "x", "type": "invalid_request_error", "param": "n", '
                               b'"code": null}}', False),
     (200, "application/json", b"{}", False),
+    # a stream's failure after its headers comes in-band under the 200 (it passed as a success)
+    (200, "text/event-stream; charset=utf-8", b'data: {"choices": []}\n\ndata: {"error": {"message": "internal '
+     b'error", "type": "server_error", "param": null, "code": null}}\n\ndata: [DONE]\n\n', True),
+    (200, "text/event-stream", b'data: {"error": {"message": "x", "type": "invalid_request_error", "param": null, '
+     b'"code": null}}\n\ndata: [DONE]\n\n', False),
+    (200, "text/event-stream", b'data: {"choices": []}\n\n', True),  # cut off: no [DONE]
+    (200, "text/event-stream", b'data: {"choices": [\n\ndata: [DONE]\n\n', True),  # a torn event
+    (200, "text/event-stream", b'data: {"choices": []}\n\ndata: [DONE]\n\n', False),
 ])
 def test_the_property_catches_what_it_should(status, content_type, body, wrong):
     assert (response_problem(status, content_type, body) is not None) is wrong

@@ -47,6 +47,18 @@ assert problem({"answer": None, "abstained": True, "probabilities": uniform}, 2)
 assert "none of AB" in problem({"answer": "C", "probabilities": uniform}, 2)
 assert "not a distribution" in problem({"answer": "A", "probabilities": {"A": 0.9, "B": 0.3}}, 2)
 assert "not a distribution" in problem({"answer": "A", "probabilities": {"A": 1.0}}, 2)
+
+# a 200 whose body is not a JSON object is named for the event log (it raised, and only Locust's log saw it)
+import requests
+from loadtest.locustfile import json_body
+def response(status, content):
+    made = requests.Response()
+    made.status_code, made._content = status, content
+    return made
+assert json_body(response(200, b'{"id": "x"}')) == ({"id": "x"}, None)
+assert json_body(response(500, b"<html>")) == ({}, None)
+assert "not JSON" in json_body(response(200, b"<html>"))[1]
+assert "not a JSON object" in json_body(response(200, b"[1]"))[1]
 """
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
