@@ -93,7 +93,7 @@ mcq-fuzz: setup
 # The generation log's cost alone (two servers of ours, paired requests): $(PY) -m loadtest.bench --logging-only
 bench: setup
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
-	$(PY) -m loadtest.vllm_bench $(VLLM_BENCH_ARGS)  # the same server measured by vLLM's own `vllm bench serve`
+	$(PY) -m loadtest.vllm_bench $(VLLM_BENCH_ARGS)  # vLLM's own `vllm bench serve`, on a server of ours with the service defaults
 
 # llm-compressor's own virtualenv (ZEPHYR_QUANT_ENV, default ~/.cache/zephyr/quant-env); `zephyr quantize` makes it
 # on first use too.

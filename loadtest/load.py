@@ -76,7 +76,7 @@ def main() -> None:
                 locust.stop()
         finally:
             if server is not None:
-                server.stop()
+                server.stop(keep_log=args.out / "server.log")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def main() -> None:
             "ZEPHYR_MEMORY_SHARE": str(args.memory_share), "ZEPHYR_LOG_GENERATIONS": "false",
             "ZEPHYR_REVIEW_POLICY": "off"}
     urls, processes = {}, []
+    harness.refuse_served(*range(args.port, args.port + len(SIDES)))
     try:
         for offset, side in enumerate(SIDES):
             port = args.port + offset

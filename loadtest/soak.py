@@ -128,7 +128,7 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
             if locust is not None:  # a failure part way: no Locust left driving traffic at a stopped server
                 locust.stop()
         finally:
-            server.stop()
+            server.stop(keep_log=out / "server.log")
     report.save(out)
     return report
 

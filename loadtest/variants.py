@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,12 +93,7 @@ async def measure(model: str, args: argparse.Namespace, env: dict[str, str], out
                   round_index: int) -> tuple[list[Level], dict[str, float]]:
     log = out_dir / f"{check_name(model)}.round{round_index}.log"
     port = args.port or harness.free_port()
-    # The server binds only once vLLM has loaded: a server left on the port (a bench killed outright leaves its own,
-    # in their session) would answer /readyz at once, and be timed instead.
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            raise SystemExit(f"port {port} is already served (a server left by an earlier run?); stop it or give "
-                             "another --port")
+    harness.refuse_served(port)
     url = f"http://127.0.0.1:{port}"
     process = serve(model, port, env, log)
     try:

@@ -154,6 +154,14 @@ async def test_a_stream_that_ends_in_an_error_chunk_is_a_failure_not_a_short_ans
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         with pytest.raises(StreamFailed, match="the engine failed"):
             await stream_chat(client, "Why?", 8)
+    cut = 'data: {"choices": [{"index": 0, "delta": {"content": "Because"}}]}\n\n'  # no [DONE]: timed as whole
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=cut))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(StreamFailed, match="without \\[DONE\\]"):
+            await stream_chat(client, "Why?", 8)
+    whole = httpx.MockTransport(lambda request: httpx.Response(200, text=cut + "data: [DONE]\n\n"))
+    async with httpx.AsyncClient(transport=whole, base_url="http://t") as client:
+        assert (await stream_chat(client, "Why?", 8))[0] > 0
 
 
 def test_percentiles_leave_out_requests_that_streamed_no_token():
