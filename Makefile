@@ -115,8 +115,7 @@ load: setup
 soak: setup
 	$(PY) -m loadtest.soak $(SOAK_ARGS)
 
-drills: setup
-	bash scripts/postgres-for-tests.sh >/dev/null  # installs PostgreSQL for the database-outage drill
+drills: setup  # the database-outage drill installs PostgreSQL and starts its own (its port, its data folder)
 	$(PY) -m loadtest.drills all $(DRILL_ARGS)
 
 # The prompt sets the chat safety guard is fitted and measured on (HarmBench, Do-Not-Answer, reworded requests) ship
