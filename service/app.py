@@ -97,15 +97,22 @@ class DrainingServer(uvicorn.Server):
         return tutor.admission if tutor is not None else None
 
 
+def server_config(app: Any, settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    """How uvicorn serves the app. The drain phase already waited for in-flight requests; uvicorn's own wait only
+    covers the last bytes. h11, with its bound on a request's line and headers: httptools, uvicorn's pick when
+    installed, reads headers of any size and count (a 20 MB header was read whole, before any key check); parsing
+    costs nothing beside generation."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+                          timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS,
+                          timeout_keep_alive=settings.keep_alive_seconds, http="h11",
+                          h11_max_incomplete_event_size=settings.max_header_bytes)
+
+
 def run_server(app: FastAPI, settings: Settings, log_level: str = "info") -> int:
     """Serve until SIGTERM, then drain (see DrainingServer). Returns the exit code."""
     logging.basicConfig(level="DEBUG" if log_level == "trace" else log_level.upper(),  # logging knows no trace
                         format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    # The drain phase already waited for in-flight requests; uvicorn's own wait only covers the last bytes.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=FINAL_SHUTDOWN_SECONDS,
-                            timeout_keep_alive=settings.keep_alive_seconds)
-    DrainingServer(config, settings.drain_seconds).run()
+    DrainingServer(server_config(app, settings, log_level), settings.drain_seconds).run()
     return app.state.exit_code
 
 

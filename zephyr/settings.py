@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     api_docs: bool = Field(default=False, description="Serve /docs and /redoc (they load scripts from a CDN); "
                            "/openapi.json is always served")
     max_body_bytes: int = Field(default=1_000_000, gt=0, le=100_000_000)
+    max_header_bytes: int = Field(default=65_536, ge=4_096, le=4_194_304, description="Bytes a request's line and "
+                                  "headers may take together, checked as they arrive; past it a 400 and the "
+                                  "connection closed")
     max_prompt_tokens: int | None = Field(default=None, gt=0, description="Defaults to the model's context length")
     max_prompt_chars: int | None = Field(default=None, gt=0, description="Characters a prompt may hold before it "
                                          "is tokenized; default 16 per allowed prompt token")

@@ -672,3 +672,49 @@ async def test_a_question_that_spells_a_control_token_is_still_answered_with_a_l
     batch = {"questions": [MCQ, {**MCQ, "question": forged, "method": "explain"}]}
     r = await served.client.post("/mcq/batch", json=batch)
     assert r.status_code == 400 and r.json()["error"]["param"] == "questions[1].question"
+
+
+def test_request_headers_past_the_bound_are_refused_before_the_app(settings_factory):
+    """Under httptools a 20 MB header (or 100,000 of them) was read whole and the request answered, keys unchecked;
+    the server's own uvicorn configuration bounds a request's line and headers (ZEPHYR_MAX_HEADER_BYTES)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from loadtest.harness import free_port
+    from service.app import server_config
+
+    reached = []
+
+    async def app(scope, receive, send):  # what the service's app would see: the headers were read in full
+        if scope["type"] == "http":
+            reached.append(sum(len(k) + len(v) for k, v in scope["headers"]))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    server = uvicorn.Server(server_config(app, settings_factory(host="127.0.0.1", port=port, max_header_bytes=8192),
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+
+        def status(headers: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+                return conn.recv(200).split(b"\r\n")[0]
+
+        assert status(b"X-Small: " + b"a" * 4000 + b"\r\n") == b"HTTP/1.1 200 OK"
+        # checked as the bytes arrive: headers unfinished past the bound in what has been read are refused (what
+        # one network read brings may pass whole, hence megabytes here)
+        assert status(b"X-Big: " + b"a" * 2_000_000 + b"\r\n") == b"HTTP/1.1 400 Bad Request"
+        assert status(b"".join(b"X-%d: a\r\n" % i for i in range(100_000))) == b"HTTP/1.1 400 Bad Request"
+        assert len(reached) == 1 and reached[0] < 8192
+    finally:
+        server.should_exit = True
+        thread.join(10)
