@@ -108,8 +108,22 @@ def _location(loc: tuple) -> str:
     return text
 
 
-def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
+def _deepest_branch_error(errors: list[dict]) -> dict:
+    """The error to name. For a field that takes one of several types (a message's content: a string, or a list of
+    parts), pydantic lists an error per type, the string's first; where another type's error goes deeper (a part
+    with an unknown key, a token id below 0), that one says what to fix."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    branch = next((i for i, part in enumerate(loc) if isinstance(part, str) and _TYPE_TAGS.match(part)), None)
+    if branch is None:
+        return first
+    same_field = [e for e in errors if tuple(e.get("loc", ()))[:branch] == loc[:branch]]
+    deepest = max(same_field, key=lambda e: len(e.get("loc", ())))  # the first of the deepest
+    return deepest if len(deepest.get("loc", ())) > len(loc) else first
+
+
+def describe_validation_error(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
+    first = _deepest_branch_error(exc.errors())
     kind = first.get("type")
     if kind == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
@@ -119,13 +133,17 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if kind == "extra_forbidden":
         return f"unknown field `{where}`: remove it (see the API reference in the README)", where
     if kind == "model_attributes_type" and not where:
-        if isinstance(first.get("input"), str | bytes):  # FastAPI parses JSON only when the client says it is JSON
+        # FastAPI parses JSON only when the client says it is JSON: a string input is unparsed text, unless the
+        # client said JSON and sent a JSON string
+        if isinstance(first.get("input"), str | bytes) and "json" not in content_type.lower():
             return ("request body was not read as JSON: send it with the header `Content-Type: application/json` "
                     "(curl -d sends a form's content type)"), None
         return "request body must be a JSON object", None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if len({_location(tuple(e.get("loc", ()))) for e in exc.errors()}) == 1 and len(exc.errors()) > 1:
-        message = "wrong type: " + "; or ".join(e["msg"].removeprefix("Input should be ") for e in exc.errors())
+    if first is exc.errors()[0] and len(exc.errors()) > 1 and \
+            len({_location(tuple(e.get("loc", ()))) for e in exc.errors()}) == 1:
+        message = "wrong type: " + "; or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ")
+                                                               for e in exc.errors()))
     if not where and (named := _NAMED_FIELD.match(message)):
         where = named.group(1)
         return message, where
@@ -149,8 +167,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc, request.headers.get("content-type", ""))
         return ErrorResponse(error_body(400, message, param, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)

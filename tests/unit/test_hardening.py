@@ -718,3 +718,29 @@ def test_request_headers_past_the_bound_are_refused_before_the_app(settings_fact
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize(("path", "body", "param", "says"), [
+    # A list given where a string or a list is taken: its own error, not the string branch's "a valid string".
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
+     "messages[0].content[0].cache_control", "unknown field"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
+     "Field required"),
+    ("/v1/completions", {"prompt": [-1], "max_tokens": 1}, "prompt[0]", "greater than or equal to 0"),
+    # One wrong value for a field of several types: each type named once ("a valid list" three times before).
+    ("/v1/completions", {"prompt": None, "max_tokens": 1}, "prompt", "wrong type: a valid string; or a valid list"),
+])
+async def test_a_wrong_list_is_named_by_its_own_error(served, path, body, param, says):
+    r = await served.client.post(path, json=body, headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+    assert error["message"].count("a valid list") <= 1
+
+
+async def test_a_json_string_sent_as_json_is_not_blamed_on_the_content_type(served):
+    headers = {"Authorization": f"Bearer {STUDENT_KEY}"}
+    r = await served.client.post(CHAT, content=b'"hello"', headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "request body must be a JSON object"
+    r = await served.client.post(CHAT, content=b"hello", headers={**headers, "Content-Type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]

@@ -142,8 +142,8 @@ async def test_the_stream_adds_up_to_the_whole_answer(served, extra):
     ({"prompt": ["a", "b"]}, 400, "holds 2 prompts", "prompt"),
     ({"prompt": [[1], [2], [3]]}, 400, "holds 3 prompts", "prompt"),
     ({"prompt": 7}, 400, "wrong type", "prompt"),
-    ({"prompt": [1, "a"]}, 400, "", "prompt"),
-    ({"prompt": [-1]}, 400, "", "prompt"),
+    ({"prompt": [1, "a"]}, 400, "a valid integer", "prompt[1]"),  # the token-id list's own error, not "a string"
+    ({"prompt": [-1]}, 400, "greater than or equal to 0", "prompt[0]"),
     ({"prompt": [10**9]}, 400, "", "prompt"),
     ({"prompt": [60000]}, 400, "outside the vocabulary", "prompt"),
     ({"prompt": "hi", "logprobs": 6}, 400, "less than or equal to 5", "logprobs"),
