@@ -426,9 +426,10 @@ class Tutor:
             raise APIError(400, f"`min_tokens` is {params.min_tokens}; this prompt leaves room for {params.max_tokens}",
                            param="min_tokens", code="context_length_exceeded")
         # A question pasted into the chat is answered as /mcq answers it (open_answer). Not when the client asked
-        # for log-probabilities: the tutor's opening words were not sampled and have none.
+        # for log-probabilities (the tutor's opening words were not sampled and have none), nor for several answers
+        # (one opening would make them copies of one answer: what self-consistency or pass@k samples must not be).
         question = None
-        if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None:
+        if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None and params.n == 1:
             question = chat_mcq.find_question(messages[-1]["content"])
         gen = GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,

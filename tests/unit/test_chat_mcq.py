@@ -240,11 +240,13 @@ async def test_the_opening_is_left_out_where_it_cannot_serve(app_factory):
             {"messages": messages(), "max_tokens": 5},  # no room for the opening and an answer
             # a stop string the opening holds: vLLM would not see it in the prompt, and the text would run past it
             {"messages": messages(), "max_tokens": 20, "stop": [". This"]},
+            # several samples: one opening for all would make them copies of one answer (self-consistency, pass@k)
+            {"messages": messages(), "max_tokens": 20, "n": 2, "temperature": 1.0},
         ]
         for ask in asks:
             r = await served.client.post(CHAT, json=ask)
             assert r.status_code == 200, r.text
-            assert plain.startswith(r.json()["choices"][0]["message"]["content"]), ask
+            assert all(plain.startswith(c["message"]["content"]) for c in r.json()["choices"]), ask
 
 
 async def test_no_option_is_held_to_when_the_opening_names_none_or_the_operator_says_so(app_factory):
