@@ -69,7 +69,7 @@ async def prepare_completion(tutor: Tutor, req: CompletionRequest, principal: Pr
         raise APIError(400, "`prompt` holds no tokens; send text to continue", param="prompt")
     tutor.check_prompt_length(prompt_ids, "prompt")
     asked = req.answer_limit
-    tutor.answer_room(prompt_ids, asked, "max_tokens")
+    tutor.answer_room(prompt_ids, asked, "max_tokens", defaulted=req.answer_limit_defaulted)
     scored = req.echo and req.logprobs is not None
     if scored and req.stop:
         # Scoring the prompt turns vLLM's detokenizer off (service/engine.py), and stop strings need it.

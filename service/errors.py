@@ -93,16 +93,20 @@ _TYPE_TAGS = re.compile(
 _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
 
 
+# Where FastAPI says a value came from: the request's part, not a field's name (`query.format` is `format`).
+_REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+
+
 def _location(loc: tuple) -> str:
     """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'"""
     text = ""
-    parts = loc[1:] if loc and loc[0] == "body" else loc
+    parts = loc[1:] if loc and loc[0] in _REQUEST_PARTS else loc
     for position, part in enumerate(parts):
         last = position == len(parts) - 1  # a field's own name, even a capitalised unknown one ("Question")
         if isinstance(part, int):
             text += f"[{part}]"
-        elif _TYPE_TAGS.match(str(part)) or (str(part)[:1].isupper() and not last):
-            continue
+        elif _TYPE_TAGS.match(str(part)) or part == "[key]" or (str(part)[:1].isupper() and not last):
+            continue  # "[key]": pydantic's mark of a mapping's key, whose own name follows or was given
         else:
             text += f".{part}" if text else str(part)
     return text

@@ -277,6 +277,11 @@ class SamplingRequest(NullIsUnset):
         raise NotImplementedError
 
     @property
+    def answer_limit_defaulted(self) -> bool:
+        """Whether `answer_limit` is a default the client never sent (messages about it say so)."""
+        return False
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -300,7 +305,8 @@ class SamplingRequest(NullIsUnset):
             raise ValueError("`stream_options` is only allowed with `stream: true`")
         asked = self.answer_limit
         if asked is not None and self.min_tokens > asked:
-            raise ValueError(f"`min_tokens` ({self.min_tokens}) is more than the answer's limit ({asked})")
+            raise ValueError(f"`min_tokens` ({self.min_tokens}) is more than the answer's limit ({asked}"
+                             f"{', the default `max_tokens`' if self.answer_limit_defaulted else ''})")
         return self
 
     @field_validator("stop")
@@ -378,6 +384,10 @@ class CompletionRequest(SamplingRequest):
     @property
     def answer_limit(self) -> int | None:
         return 16 if self.max_tokens is None else self.max_tokens
+
+    @property
+    def answer_limit_defaulted(self) -> bool:
+        return "max_tokens" not in self.model_fields_set or self.max_tokens is None
 
 
 MCQMethod = Literal[mcq.METHODS]  # zephyr.mcq names the methods once

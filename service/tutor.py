@@ -171,6 +171,13 @@ class AdmissionSlot:
             self._admission.in_flight -= self._weight
 
 
+def longest_part(q: mcq.MCQuestion) -> str:
+    """The field a question over a length limit is named by: its longest part (a short question with a 32 KB support
+    passage was told to shorten `question`)."""
+    parts = {"question": len(q.question), "options": sum(len(o) for o in q.options), "support": len(q.support or "")}
+    return max(parts, key=parts.__getitem__)
+
+
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
                  calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None,
@@ -231,12 +238,14 @@ class Tutor:
             raise APIError(400, f"`n` is {req.n} with temperature {temperature:g}{said}: greedy decoding gives one "
                                 "answer; set `temperature` above 0 to sample several, or `n` to 1", param="n")
 
-    def answer_room(self, prompt_ids: list[int], asked: int | None, param: str) -> int:
-        """The tokens the context leaves an answer after the prompt; a 400 naming `param` if it asked for more."""
+    def answer_room(self, prompt_ids: list[int], asked: int | None, param: str, defaulted: bool = False) -> int:
+        """The tokens the context leaves an answer after the prompt; a 400 naming `param` if it asked for more
+        (`defaulted`: the client did not send it, and the message says the limit is the default)."""
         room = self.engine.max_model_len - len(prompt_ids)
         if asked is not None and asked > room:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}, over the context "
-                                f"length of {self.engine.max_model_len}; ask for at most {room}",
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens and `{param}` is {asked}"
+                                f"{' (the default)' if defaulted else ''}, over the context length of "
+                                f"{self.engine.max_model_len}; ask for at most {room}",
                            param=param, code="context_length_exceeded")
         return room
 
@@ -588,10 +597,8 @@ class Tutor:
             q = mcq.MCQuestion.build(body.question, body.options, body.support)
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
-        parts = {"question": len(q.question), "options": sum(len(o) for o in q.options),
-                 "support": len(q.support or "")}
-        # named by its longest part: a short question with a 32 KB passage was told to shorten `question`
-        self.check_prompt_chars(sum(parts.values()), f"{param_prefix}{max(parts, key=parts.__getitem__)}")
+        self.check_prompt_chars(len(q.question) + sum(len(o) for o in q.options) + len(q.support or ""),
+                                f"{param_prefix}{longest_part(q)}")
         return q
 
     def mcq_prompts(self, q: mcq.MCQuestion, method: str) -> tuple[list[int], list[tuple[list[int], int]]]:
@@ -609,10 +616,11 @@ class Tutor:
         cloze_requests = ((mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
                           + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                              if plan.needs_answer_prior else []))
-        self.check_prompt_length(letter_prompt, "question")
+        where = longest_part(q)
+        self.check_prompt_length(letter_prompt, where)
         for ids, _ in cloze_requests:
             try:
-                self.check_prompt_length(ids, "question")
+                self.check_prompt_length(ids, where)
             except APIError as exc:
                 # The record's solved examples come first, which the client cannot shorten: said where the question
                 # would fit without them.

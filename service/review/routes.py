@@ -85,6 +85,8 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
         # a sibling subdomain's page could otherwise sign a reviewer's browser in under its own key (login CSRF)
         raise APIError(403, "sign in from the review page itself", code="forbidden")
     state.sign_ins.hit(client_address(request))
+    if not body.key.strip():  # else read as a malformed Authorization header, and counted as a failed sign-in
+        raise APIError(400, "`key` is blank: paste your reviewer key", param="key")
     principal = await authenticate(request, f"Bearer {body.key.strip()}")
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")

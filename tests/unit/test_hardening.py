@@ -744,3 +744,22 @@ async def test_a_json_string_sent_as_json_is_not_blamed_on_the_content_type(serv
     assert r.status_code == 400 and r.json()["error"]["message"] == "request body must be a JSON object"
     r = await served.client.post(CHAT, content=b"hello", headers={**headers, "Content-Type": "text/plain"})
     assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+async def test_a_param_names_the_field_not_the_part_of_the_request_it_came_in(served):
+    """OpenAI's `param` is the field: `query.format`, `path.model` and `flags.[key]` named FastAPI's and pydantic's
+    bookkeeping as well."""
+    reviewer = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+    r = await served.client.get("/review/export", params={"format": "xx"}, headers={
+        "Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "format", r.text
+    r = await served.client.get("/v1/models/" + "m" * 300, headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+    assert r.status_code in (400, 404) and r.json()["error"]["param"] == "model", r.text
+    r = await served.client.post("/review/api/verdicts", headers=reviewer, json={
+        "assignment_id": 1, "verdict": "a", "strength": 2, "flags": {"C": ["incorrect"]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "flags", r.text
+
+
+async def test_a_blank_sign_in_key_is_a_400_on_key_not_a_failed_authentication(served):
+    r = await served.client.post("/review/session", json={"key": "   "})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "key" and "blank" in r.json()["error"]["message"]

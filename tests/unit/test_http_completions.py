@@ -158,6 +158,9 @@ async def test_the_stream_adds_up_to_the_whole_answer(served, extra):
     ({"prompt": "hi", "stop": ["a"] * 5}, 400, "up to 4", "stop"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "allowed with `stream: true`", "stream_options"),
     ({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400, "`min_tokens` (3) is more", "min_tokens"),
+    # the limit the client never sent is said to be the default
+    ({"prompt": "hi", "min_tokens": 20}, 400, "answer's limit (16, the default `max_tokens`)", "min_tokens"),
+    ({"prompt": list(range(100, 2140))}, 400, "`max_tokens` is 16 (the default)", "max_tokens"),
     ({"prompt": "word " * 3000}, 400, "the limit is", "prompt"),
     ({"prompt": list(range(100, 2200))}, 400, "shorten the prompt", "prompt"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "`gpt-4` is not served here", "model"),

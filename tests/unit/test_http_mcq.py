@@ -526,3 +526,15 @@ async def test_a_letter_refused_while_cloze_faults_is_the_clients_error(app_fact
         monkeypatch.setattr(tutor, "_cloze", faulty)
         r = await served.client.post("/mcq", json=QUESTION)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+
+
+async def test_a_question_over_the_token_limit_is_named_by_its_longest_part(app_factory):
+    """A short question with a long support passage was told to shorten `question` (the character check already
+    named the longest part)."""
+    async with app_factory(max_prompt_tokens=200) as served:
+        body = {"question": "Which gas do plants take in?", "options": ["oxygen", "carbon dioxide"],
+                "support": "Plants breathe. " * 60, "method": "letter"}
+        r = await served.client.post("/mcq", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "support", r.text
+        r = await served.client.post("/mcq", json={**body, "support": None, "question": "Which gas? " * 60})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "question", r.text
