@@ -26,6 +26,7 @@ from offline.benchmarks import normalize_words
 from training.plots import json_line
 from training.recipes import DataSpec, Recipe, RecipeError, config_class
 from zephyr.console import make_console
+from zephyr.paths import write_text_atomic
 from zephyr.registry import (
     ModelManifest,
     Registry,
@@ -557,6 +558,8 @@ def pair_agreement_metrics(registry: Registry, entry: RegistryEntry, pairs: Any,
             out.write(json.dumps({"pair": pair_id.hexdigest()[:16], "agrees": bool(agrees),
                                   "chosen_chars": chosen, "rejected_chars": rejected}) + "\n")
     registry.record_eval(entry.name, f"{part}_agreement", result, made_at=entry.manifest.created_at)
+    # kept in the run folder too: `train register` records it where the folder is copied (a GPU box's run)
+    write_text_atomic(run_dir / f"{part}-agreement.json", json.dumps(result))
     low, high = result["ci95"]
     return {f"{part}_pairs": result["n"], f"{part}_agreement": result["agreement"],
             f"{part}_agreement_low": low, f"{part}_agreement_high": high,
@@ -878,6 +881,10 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     cleaning = checked_cleaning([*recipe.data.train, *recipe.data.eval], recipe.data, make_console())
     entry = _add_trained(recipe, trained, _load_tokenizer(base.path), registry, base, output, run_dir,
                          recipe.data.train, overwrite, cleaning)
+    for part in ("validation", "heldout"):  # a reward model's agreement, as scored where it trained
+        if (scored := run_dir / f"{part}-agreement.json").is_file():
+            registry.record_eval(entry.name, f"{part}_agreement", json.loads(scored.read_text()),
+                                 made_at=entry.manifest.created_at)
     summary = run_dir / "summary.json"
     metrics = json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)

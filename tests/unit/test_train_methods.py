@@ -822,3 +822,22 @@ def test_records_written_with_no_clean_are_refused_until_cleaned(home, data, tmp
     assert counts == {"cleaned": 8, "never_cleaned": 9, "unstamped": 7}
     assert "9 records were never cleaned" in console.export_text()
     assert checked_cleaning([cleaned], DataSpec(train=[cleaned]), console)["cleaned"] == 8
+
+
+def test_a_reward_model_registered_from_a_copied_run_folder_keeps_its_held_out_agreement(
+        home, data, tmp_path, default_model):
+    """`train register` left a GPU box's reward model without `heldout_agreement`: the report's reward-model table
+    read nothing for it."""
+    import shutil
+
+    path = recipe_file(tmp_path, "rm-elsewhere", {
+        "method": "rm", "model": TINY, "output": "tiny-rm-elsewhere",
+        "data": {"train": str(data["dpo"]), "eval_fraction": 0.25}, "lora": {"r": 4, "alpha": 8}, "trainer": STEPS})
+    trained = train(load_recipe(path), Settings(home=home), recipe_path=path)
+    here = Settings(home=tmp_path / "here")
+    make_tiny_llama(Registry(here.models_dir), default_model)
+    shutil.copytree(trained.run_dir, here.home / "runs" / "tiny-rm-elsewhere")
+    register_run(load_recipe(path), here, recipe_path=path)
+    there = Registry(Settings(home=home).models_dir).get("tiny-rm-elsewhere").manifest.evals["heldout_agreement"]
+    assert Registry(here.models_dir).get("tiny-rm-elsewhere").manifest.evals["heldout_agreement"] == there
+    assert there["n"] == 2 and trained.metrics["heldout_pairs"] == 2
