@@ -625,11 +625,11 @@ async def test_a_prompt_must_leave_room_for_the_answer_and_a_batch_names_its_que
     r = await served.client.post("/mcq/batch", json={"questions": [MCQ, long]})
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded"
-    assert error["param"] == "questions[1].question" and "shorten the question" in error["message"]
+    assert error["param"] == "questions[1].support" and "shorten the question" in error["message"]
     # checked before admission: the batch's other questions cost the engine nothing (found by a review)
     assert len(served.engine.calls) == calls
     r = await served.client.post("/mcq/batch", json={"questions": [MCQ, MCQ, {**long, "method": "explain"}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "questions[2].question"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "questions[2].support"
     assert len(served.engine.calls) == calls
 
 
