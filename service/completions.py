@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from service.auth import Principal
 from service.engine import GenParams, TokenLogprob
 from service.errors import APIError
-from service.generation import GenerationRequest, event_stream, new_id, sse
+from service.generation import GenerationRequest, event_stream, new_id, one_choice_each, sse
 from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from service.tutor import Tutor
 from zephyr.safety import FINISH_REASON
@@ -141,8 +141,8 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                     echoed = True
                     prompt = None if job.logprobs is None else await asyncio.to_thread(_prompt_logprobs, tutor, job)
                     offsets = dict.fromkeys(offsets, _answer_offset(job, prompt))
-                    yield event([CompletionChoice(index=i, text=job.prompt_text, logprobs=prompt, finish_reason=None)
-                                 for i in range(gen.params.n)])
+                    yield one_choice_each(event, [CompletionChoice(index=i, text=job.prompt_text, logprobs=prompt,
+                                                                   finish_reason=None) for i in range(gen.params.n)])
                 choices = []
                 for c in out.choices:
                     text, entries = (c.text, c.logprobs or []) if job.shown else ("", [])
@@ -159,7 +159,7 @@ def stream(tutor: Tutor, job: Completion, include_usage: bool) -> AsyncIterator[
                 if choices:
                     if any(c.text for c in choices):
                         tutor.first_text_sent(gen)
-                    yield event(choices)
+                    yield one_choice_each(event, choices)
 
     return event_stream(chunks(), (lambda: event([], job.usage())) if include_usage else None,
                         tutor.metrics.stream_failed(gen.route))

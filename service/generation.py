@@ -40,6 +40,12 @@ def sse(chunk: BaseModel) -> str:
     return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
 
 
+def one_choice_each(event: Callable[[list[Any]], str], choices: list[Any]) -> str:
+    """One chunk per choice, as OpenAI and `vllm serve` stream them: a client reading `choices[0]` of each chunk
+    lost the other answers of `n` > 1 when one chunk carried them all."""
+    return "".join(event([choice]) for choice in choices)
+
+
 async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[[], str] | None,
                        failed: Callable[[int], None]) -> AsyncIterator[str]:
     """OpenAI's stream framing around a route's events: a failure after the headers went out is reported in-band,

@@ -28,7 +28,7 @@ from service.engine import (
     TokenLogprob,
 )
 from service.errors import APIError, failure_text
-from service.generation import GenerationRequest, event_stream, new_id, sse
+from service.generation import GenerationRequest, event_stream, new_id, one_choice_each, sse
 from service.metrics import Metrics, RequestGauge
 from service.protocol import (
     ChatCompletionChoice,
@@ -546,13 +546,9 @@ class Tutor:
             return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
                                            choices=choices, usage=usage))
 
-        def each(choices: list[ChatCompletionChunkChoice]) -> str:
-            """One chunk per choice, as OpenAI and `vllm serve` send them: a client reading `choices[0]` of each
-            chunk missed the other answers when one chunk carried them all."""
-            return "".join(event([choice]) for choice in choices)
-
-        role = each([ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                     for i in range(gen.params.n)])
+        role = one_choice_each(event, [ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                                         content=""))
+                                       for i in range(gen.params.n)])
 
         async def chunks() -> AsyncIterator[str]:
             # The role chunk goes with the first output, as `vllm serve` sends it: clients (vLLM's own benchmark
@@ -566,8 +562,9 @@ class Tutor:
                     if gen.answer_prefix and not opening_sent:  # written by run() (open_answer) before any token
                         opening_sent = True
                         self.first_text_sent(gen)
-                        yield each([ChatCompletionChunkChoice(index=i, delta=ChatDelta(content=gen.answer_prefix))
-                                    for i in range(gen.params.n)])
+                        yield one_choice_each(event, [
+                            ChatCompletionChunkChoice(index=i, delta=ChatDelta(content=gen.answer_prefix))
+                            for i in range(gen.params.n)])
                     choices = [
                         ChatCompletionChunkChoice(
                             index=c.index,
@@ -582,7 +579,7 @@ class Tutor:
                     if choices:
                         if any(c.delta.content for c in choices):
                             self.first_text_sent(gen)
-                        yield each(choices)
+                        yield one_choice_each(event, choices)
             if not role_sent:  # a run that ended without an output still answers as an assistant
                 yield role
 

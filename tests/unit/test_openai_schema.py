@@ -129,6 +129,8 @@ async def test_completions_validate(served, extra):
         "stream_options": {"include_usage": True}})).text)
     for chunk in chunks:
         assert_valid("CreateCompletionResponse", chunk)
+    assert all(len(chunk["choices"]) == 1 for chunk in chunks[:-1])  # one choice a chunk; the usage chunk none
+    assert {c["index"] for chunk in chunks for c in chunk["choices"]} == set(range(extra.get("n", 1)))
 
 
 async def test_models_validate(served):
