@@ -305,9 +305,10 @@ def spec_problem(body: Any, limits: Limits) -> tuple[str, str] | None:
     folded = [norm_option(v).casefold() for v in values]
     if len(set(folded)) != len(folded):
         return "options", "duplicate options"
-    chars = len(question.strip()) + sum(len(norm_option(v)) for v in values) + len((support or "").strip())
-    if chars > limits.max_prompt_chars:
-        return "question", f"{chars} characters"
+    parts = (question.strip(), [norm_option(v) for v in values], (support or "").strip())
+    chars = len(parts[0]) + sum(map(len, parts[1])) + len(parts[2])
+    if chars > limits.max_prompt_chars:  # named by its longest part, as the server names it
+        return mcq.longest_part(*parts), f"{chars} characters, over the character limit"
     return None
 
 
@@ -357,7 +358,7 @@ def expectation(body: Any, limits: Limits, measure: Measure) -> tuple[str, str |
     an answer or the server's own context_length_exceeded 400 are both right."""
     if (problem := spec_problem(body, limits)) is not None:
         name, why = problem
-        return INVALID, name, CONTEXT_CODE if why.endswith("characters") and name == "question" else None, False
+        return INVALID, name, CONTEXT_CODE if why.endswith("over the character limit") else None, False
     q = mcq.MCQuestion.build(body["question"], body["options"], body.get("support"))
     if resolved_method(body) == "explain" and measure.control_tokens is not None:
         for name, text in (("question", q.question), *(("options", o) for o in q.options), ("support", q.support)):
@@ -375,7 +376,7 @@ def expectation(body: Any, limits: Limits, measure: Measure) -> tuple[str, str |
     method = resolved_method(body)
     if method == "explain":
         if lengths.explain > limit:
-            return TOO_LONG, "question", CONTEXT_CODE, False
+            return TOO_LONG, q.longest_part, CONTEXT_CODE, False
         room = fits - lengths.explain - mcq.EXPLAIN_CUE_MARGIN
         return (NO_ROOM, "explain", CONTEXT_CODE, False) if room < 1 else (OK, None, None, False)
     states = {"letter": {state(lengths.letter)}, "cloze": {state(lengths.cloze)},
@@ -383,8 +384,8 @@ def expectation(body: Any, limits: Limits, measure: Measure) -> tuple[str, str |
     if states == {"fits"}:
         return OK, None, None, False
     if states == {"over"}:
-        return TOO_LONG, "question", CONTEXT_CODE, False
-    return EITHER, "question", CONTEXT_CODE, "edge" in states
+        return TOO_LONG, q.longest_part, CONTEXT_CODE, False
+    return EITHER, q.longest_part, CONTEXT_CODE, "edge" in states
 
 
 # Generation ---------------------------------------------------------------------------------------------------

@@ -171,13 +171,6 @@ class AdmissionSlot:
             self._admission.in_flight -= self._weight
 
 
-def longest_part(q: mcq.MCQuestion) -> str:
-    """The field a question over a length limit is named by: its longest part (a short question with a 32 KB support
-    passage was told to shorten `question`)."""
-    parts = {"question": len(q.question), "options": sum(len(o) for o in q.options), "support": len(q.support or "")}
-    return max(parts, key=parts.__getitem__)
-
-
 class Tutor:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, log: GenerationLog,
                  calibration: mcq.MCQCalibration | None = None, guard: SafetyGuard | None = None,
@@ -600,7 +593,7 @@ class Tutor:
         except mcq.MCQFormatError as exc:
             raise APIError(400, f"{param_prefix}{exc}", param=f"{param_prefix}{exc.param or 'options'}") from exc
         self.check_prompt_chars(len(q.question) + sum(len(o) for o in q.options) + len(q.support or ""),
-                                f"{param_prefix}{longest_part(q)}")
+                                f"{param_prefix}{q.longest_part}")
         return q
 
     def mcq_prompts(self, q: mcq.MCQuestion, method: str) -> tuple[list[int], list[tuple[list[int], int]]]:
@@ -618,7 +611,7 @@ class Tutor:
         cloze_requests = ((mcq.cloze_requests(tokenizer, q, plan.demonstrations) if plan.needs_cloze else [])
                           + (mcq.answer_prior_requests(tokenizer, q, plan.answer_prior_context, plan.demonstrations)
                              if plan.needs_answer_prior else []))
-        where = longest_part(q)
+        where = q.longest_part
         self.check_prompt_length(letter_prompt, where)
         for ids, _ in cloze_requests:
             try:

@@ -71,6 +71,18 @@ class MCQuestion:
     def option_for(self, letter: str) -> str:
         return self.options[self.letters.index(letter)]
 
+    @property
+    def longest_part(self) -> str:
+        """The field a question over a length limit is named by (a short question with a 32 KB support passage was
+        told to shorten `question`)."""
+        return longest_part(self.question, self.options, self.support)
+
+
+def longest_part(question: str, options: Sequence[str], support: str | None) -> str:
+    """"question", "options" or "support": whichever holds the most characters (the first of equals)."""
+    parts = {"question": len(question), "options": sum(len(o) for o in options), "support": len(support or "")}
+    return max(parts, key=parts.__getitem__)
+
 
 def normalize_support(support: str | None) -> str | None:
     """A passage with its outer whitespace removed; an empty one is no passage."""
