@@ -38,10 +38,15 @@ def score_stats(scores: list[float]) -> dict[str, float | int]:
             "max": float(values.max())}
 
 
+def scored_in_common(a: Mapping[str, float], b: Mapping[str, float]) -> list[str]:
+    """The item ids both score sets hold, each scored a number on both sides (a NaN score compares with nothing)."""
+    return sorted(i for i in set(a) & set(b) if math.isfinite(a[i]) and math.isfinite(b[i]))
+
+
 def rm_win_rate(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float | int]:
-    """How often model A's answer out-scores model B's on the same item (ids both have, each scored a number), with
-    its Wilson interval; ties count half."""
-    common = sorted(i for i in set(a) & set(b) if math.isfinite(a[i]) and math.isfinite(b[i]))
+    """How often model A's answer out-scores model B's on the same item (`scored_in_common`), with its Wilson
+    interval; ties count half."""
+    common = scored_in_common(a, b)
     if not common:
         raise ValueError(f"no common item ids between the two score sets ({len(a)} and {len(b)} items)")
     wins = sum(a[i] > b[i] for i in common)

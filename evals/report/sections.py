@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from evals.gate import compare_runs, different_data, fmt_delta, fmt_value, order_key
-from evals.preference import rm_win_rate
+from evals.preference import rm_win_rate, scored_in_common
 from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share, metric_label, same_judge
 from zephyr.registry import QUANT_METHODS, Registry
 
@@ -366,7 +366,7 @@ def _rm_win_rates(views: list[ModelView]) -> Section | None:
     rows = []
     for (a, a_m), (b, b_m) in combinations(scored, 2):
         a_items, b_items = a_m.items, b_m.items
-        if not set(a_items) & set(b_items) or not same_judge(a_m, b_m) or different_data(a_m, b_m, {}, {}):
+        if not scored_in_common(a_items, b_items) or not same_judge(a_m, b_m) or different_data(a_m, b_m, {}, {}):
             continue  # measured on different questions, or by different reward models: nothing to compare
         r = rm_win_rate(a_items, b_items)
         rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
@@ -430,7 +430,7 @@ def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str
 def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
     """A's reward-model win rate over B on the questions both were scored on, for the human table's side column."""
     scores = {v.name: m for v in views if (m := v.get("rm/rm_score")) and m.items}
-    if (a not in scores or b not in scores or not set(scores[a].items) & set(scores[b].items)
+    if (a not in scores or b not in scores or not scored_in_common(scores[a].items, scores[b].items)
             or not same_judge(scores[a], scores[b]) or different_data(scores[a], scores[b], {}, {})):
         return MISSING
     r = rm_win_rate(scores[a].items, scores[b].items)

@@ -461,6 +461,14 @@ def test_a_rerun_on_other_data_replaces_a_larger_run_on_the_old_data(tmp_path):
     assert store.chosen_summary("m", {"mmlu/letter_acc"}) == {"mmlu/letter_acc": {
         "score": 0.5, "n": 100, "split": "test", "at": (start + timedelta(hours=1)).isoformat(), "run": str(local)}}
     assert store.chosen_summary("m", {"other/key"}) == {}
+    # a run saved before digests were recorded names no data: taken on trust, so a later smoke run does not replace it
+    older = ResultStore(tmp_path / "older")
+    older.save(EvalRun(model="m", suite="mcq", created_at=start, measurements=[
+        measurement("mmlu", "letter_acc", "test", accuracy(50, 100))]))
+    older.save(EvalRun(model="m", suite="mcq", created_at=start + timedelta(hours=1), measurements=[
+        measurement("mmlu", "letter_acc", "test", accuracy(20, 40)).model_copy(update={
+            "data_digest": {"mmlu": "local"}})]))
+    assert older.latest("m").get("mmlu/letter_acc").n == 100
 
 
 def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path):
@@ -518,3 +526,14 @@ def test_cli_report_on_models_without_any_result_fails_and_writes_nothing(tmp_pa
     assert not (tmp_path / "out").exists()
     folder = CliRunner().invoke(app, ["eval", "report", "--models", "m", "--reviews", str(tmp_path)])
     assert folder.exit_code == 2 and "directory" in folder.output, folder.output
+
+
+def test_reward_model_scores_with_no_number_in_common_leave_the_win_rates_out_not_the_report(tmp_path):
+    """Two models whose shared items are all NaN on one side (a run saved before such scores were left out): the
+    win-rate row failed the whole report with "no common item ids"."""
+    store = ResultStore(tmp_path / "results")
+    for name, value in (("a", float("nan")), ("b", 1.0)):
+        store.save(EvalRun(model=name, suite="text", measurements=[
+            measurement("rm", "rm_score", "test", {"q0": value, **({"q1": 0.5} if name == "a" else {})})]))
+    md = write_report(store, ["a", "b"], tmp_path / "out")[0].read_text()
+    assert "## Reward-model scores" in md and "## Reward-model win rates" not in md
