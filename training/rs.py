@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from training.data.clean import CLEANED_KEY
 from training.recipes import Recipe, RecipeError, SamplingSpec
 from training.run import (
     RunResult,
@@ -98,10 +99,22 @@ def sample_server(url: str, model: str, prompts: list[Conversation], spec: Sampl
     return answers
 
 
+def prompt_cleaning(path: Path) -> list[Any]:
+    """Each prompt record's cleaning stamp (`meta.cleaned`, None without one), in read_prompts' order: an example
+    made from a prompt carries its prompt's stamp (the answer is the model's own), so `zephyr train` judges it."""
+    stamps = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():  # read_prompts has checked every line already
+            meta = json.loads(line).get("meta")
+            stamps.append(meta.get(CLEANED_KEY) if isinstance(meta, dict) else None)
+    return stamps
+
+
 def best_of_n(prompts: list[Conversation], answers: list[list[str | None]], scorer: Any,
-              min_reward: float | None) -> tuple[list[SFTExample], dict[str, float]]:
-    """The reward model's best whole answer per prompt as SFT examples, with the score spread kept as provenance.
-    Answers cut off at max_tokens (CUT_OFF) and empty ones are not ranked."""
+              min_reward: float | None, stamps: list[Any] | None = None) -> tuple[list[SFTExample], dict[str, float]]:
+    """The reward model's best whole answer per prompt as SFT examples, with the score spread kept as provenance
+    and the prompt's cleaning stamp (`stamps`, one a prompt). Answers cut off at max_tokens (CUT_OFF) and empty ones
+    are not ranked."""
     # Every whole, non-empty answer, remembered with the prompt it answers; the reward model scores them at once.
     scored = [(owner, prompt + [{"role": "assistant", "content": a}])
               for owner, (prompt, group) in enumerate(zip(prompts, answers, strict=True)) for a in group
@@ -111,13 +124,15 @@ def best_of_n(prompts: list[Conversation], answers: list[list[str | None]], scor
     for (owner, conversation), score in zip(scored, scores, strict=True):
         by_prompt.setdefault(owner, []).append((score, conversation))
     examples, kept_scores = [], []
-    for _, candidates in sorted(by_prompt.items()):
+    for owner, candidates in sorted(by_prompt.items()):
         score, conversation = max(candidates, key=lambda c: c[0])  # ties: the first drawn
         if min_reward is not None and score < min_reward:
             continue
+        stamp = stamps[owner] if stamps is not None else None
         examples.append(SFTExample(messages=[Message(**m) for m in conversation],
                                    meta={"reward": round(score, 4), "n": len(candidates),
-                                         "reward_mean": round(sum(c[0] for c in candidates) / len(candidates), 4)}))
+                                         "reward_mean": round(sum(c[0] for c in candidates) / len(candidates), 4),
+                                         **({CLEANED_KEY: stamp} if stamp is not None else {})}))
         kept_scores.append(score)
     stats = {"prompts": len(prompts), "kept": len(examples),
              "answers_cut_off": sum(a is CUT_OFF for group in answers for a in group),
@@ -145,7 +160,10 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     # The prompts as the service would show them to the model (its system prompt first), so the winners are
     # answers to served chats and are trained on in that form. A bad prompts file fails before anything is touched.
     prompts = [with_system_prompt(p, settings.served_system_prompt) for p in read_prompts(spec.prompts)[:spec.limit]]
-    prompts, too_long = _fitting(prompts, base.path, spec.max_tokens, recipe.trainer.get("max_length", 1024))
+    stamps = prompt_cleaning(spec.prompts)[:spec.limit]
+    fitting = _fitting(prompts, base.path, spec.max_tokens, recipe.trainer.get("max_length", 1024))
+    too_long = len(prompts) - len(fitting)
+    prompts, stamps = [prompts[i] for i in fitting], [stamps[i] for i in fitting]
     if too_long:
         console.print(f"left out {too_long} prompts with no room for a {spec.max_tokens}-token answer within "
                       "trainer.max_length (SFT would cut the answer it learns from)")
@@ -181,7 +199,7 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
 
         from offline.reward import RewardModel
 
-        examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward)
+        examples, stats = best_of_n(prompts, answers, RewardModel.load(reward_entry.path), spec.min_reward, stamps)
         if not examples:
             raise TrainingError(f"no prompt kept an answer (min_reward {spec.min_reward}); lower it or sample more")
         private_dir(data_dir)  # the prompts may be students' (a review export)
@@ -198,18 +216,16 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     return result
 
 
-def _fitting(prompts: list[Conversation], model_path: Path, max_tokens: int,
-             max_length: int | None) -> tuple[list[Conversation], int]:
-    """The prompts whose tokens leave room for a whole answer within SFT's max_length, and how many did not."""
+def _fitting(prompts: list[Conversation], model_path: Path, max_tokens: int, max_length: int | None) -> list[int]:
+    """The positions of the prompts whose tokens leave room for a whole answer within SFT's max_length."""
     if not max_length:
-        return prompts, 0
+        return list(range(len(prompts)))
     from transformers import AutoTokenizer
 
     from zephyr.prompts import encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    fitting = [p for p in prompts if len(encode_chat(tokenizer, p)) + max_tokens + 1 <= max_length]
-    return fitting, len(prompts) - len(fitting)
+    return [i for i, p in enumerate(prompts) if len(encode_chat(tokenizer, p)) + max_tokens + 1 <= max_length]
 
 
 def _reusable_stats(data_file: Path, provenance_file: Path, provenance: dict[str, Any]) -> dict[str, float] | None:

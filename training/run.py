@@ -148,12 +148,13 @@ def records_sharing_a_question(files: list[Path], limit: int | None = None) -> i
 
 
 def checked_cleaning(files: list[Path], spec: DataSpec, console: Console) -> dict[str, int]:
-    """How many records of the data files were cleaned, written with --no-clean and never cleaned since, or carry
-    no stamp (hand-made, or written before records were stamped). Never-cleaned records are refused unless
+    """How many records of the data files were cleaned (partly: without PII redaction or decontamination), written
+    with --no-clean and never cleaned since (or a raw review export's), or carry no stamp (hand-made, or written
+    before records were stamped), as `cleaning_of` reads them. Never-cleaned records are refused unless
     `data.allow_uncleaned`: they may hold a student's name or a test question."""
     from training.data.clean import cleaning_of
 
-    counts = dict.fromkeys(("cleaned", "never_cleaned", "unstamped"), 0)
+    counts = dict.fromkeys(("cleaned", "cleaned_partly", "never_cleaned", "unstamped"), 0)
     never: list[str] = []
     for file in files:
         before = counts["never_cleaned"]
@@ -164,11 +165,15 @@ def checked_cleaning(files: list[Path], spec: DataSpec, console: Console) -> dic
         if counts["never_cleaned"] > before:
             never.append(f"{file} ({counts['never_cleaned'] - before})")
     if never and not spec.allow_uncleaned:
-        raise RecipeError(f"records written with --no-clean were never cleaned: {', '.join(never)}. Run `zephyr data "
-                          "clean --input FILE --out CLEANED --format ...` on each and train on what it writes, or set "
+        raise RecipeError(f"records written with --no-clean, or a review export's, were never cleaned: "
+                          f"{', '.join(never)}. Run `zephyr data clean --input FILE --out CLEANED --format ...` (a "
+                          "review export: `zephyr data review`) on each and train on what it writes, or set "
                           "data.allow_uncleaned: true to train on them as they are")
     if counts["never_cleaned"]:
         console.print(f"[yellow]{counts['never_cleaned']} records were never cleaned (data.allow_uncleaned)[/]")
+    if counts["cleaned_partly"]:
+        console.print(f"[yellow]{counts['cleaned_partly']} records were cleaned without PII redaction or without "
+                      "benchmark decontamination (--no-pii, --no-decontaminate)[/]")
     if counts["unstamped"]:
         console.print(f"[yellow]{counts['unstamped']} records carry no cleaning stamp (meta.cleaned: hand-made, or "
                       "written before records were stamped): `zephyr data clean` them to be sure they hold no "

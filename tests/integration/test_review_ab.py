@@ -179,7 +179,8 @@ def test_verdicts_become_a_trained_candidate_that_is_quantized_served_and_gated(
     entry = registry.get(trained)
     assert (entry.manifest.parent, entry.manifest.method) == (DEFAULT_MODEL, "dpo")
     assert entry.manifest.recipe["data"]["train"] == [str(pairs)]
-    assert entry.manifest.stats["data_cleaning"] == {"cleaned": 6, "never_cleaned": 0, "unstamped": 0}
+    assert entry.manifest.stats["data_cleaning"] == {"cleaned": 6, "cleaned_partly": 0, "never_cleaned": 0,
+                                                      "unstamped": 0}
 
     # The trained entry -> W8A8, calibrated on ARC-Easy train chats.
     zephyr("quantize", "--model", trained, "--method", "w8a8", "--calibration-sources", "arc_easy:train",

@@ -315,7 +315,7 @@ def test_cleaning_stamps_each_record_with_the_steps_it_ran_and_no_clean_stamps_i
 
     records = [sft(f"Why is the sky blue on day {i}?", LONG_REPLY) for i in range(3)]
     first, _ = clean(records[:1], CleanOptions(**OFF))
-    assert first[0].meta["cleaned"] == ["length"] and cleaning_of(first[0].meta) == "cleaned"
+    assert first[0].meta["cleaned"] == ["length"] and cleaning_of(first[0].meta) == "cleaned_partly"
     again, _ = clean(first, CleanOptions(**{**OFF, "dedupe": True}))
     assert again[0].meta["cleaned"] == ["length", "dedupe"]
     assert cleaning_of(records[0].meta) == "unstamped" and cleaning_of(None) == "unstamped"

@@ -101,7 +101,8 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     assert json.loads((run / "recipe.json").read_text())["recipe"]["method"] == method
     assert json.loads((run / "summary.json").read_text())["train_records"] == 6  # 8 minus the 25% held out
     # hand-written records: counted as carrying no cleaning stamp, in the manifest as in the run's summary
-    assert entry.manifest.stats["data_cleaning"] == {"cleaned": 0, "never_cleaned": 0, "unstamped": 8}
+    assert entry.manifest.stats["data_cleaning"] == {"cleaned": 0, "cleaned_partly": 0, "never_cleaned": 0,
+                                                      "unstamped": 8}
     assert json.loads((run / "summary.json").read_text())["data_cleaning"]["unstamped"] == 8
 
 
@@ -559,6 +560,16 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
     kept, _ = best_of_n(prompts, answers, LengthScorer(), min_reward=10)
     assert [e.messages[-1].content for e in kept] == ["a much longer answer"]
     assert stats["kept"] == 2 and stats["prompts"] == 2 and stats["answers_cut_off"] == 2
+    # each example carries its prompt's cleaning stamp, which `zephyr train` judges (it warned of every example)
+    assert "cleaned" not in examples[0].meta
+    stamped, _ = best_of_n(prompts, answers, LengthScorer(), min_reward=None, stamps=[["pii"], False])
+    assert [e.meta["cleaned"] for e in stamped] == [["pii"], False]
+    from training.rs import prompt_cleaning
+
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('{"prompt": [{"role": "user", "content": "Q1"}], "meta": {"cleaned": ["pii"]}}\n\n'
+                    '{"messages": [{"role": "user", "content": "Q2"}]}\n')
+    assert prompt_cleaning(file) == [["pii"], None]
 
 
 def test_an_rs_or_sft_record_trains_on_its_last_answer_only(home, tmp_path):
@@ -806,7 +817,7 @@ def test_records_written_with_no_clean_are_refused_until_cleaned(home, data, tmp
     records = list(read_jsonl(data["sft"], SFTExample))
     never, cleaned, mixed = tmp_path / "never.jsonl", tmp_path / "cleaned.jsonl", tmp_path / "mixed.jsonl"
     write_jsonl(never, [stamped_cleaned(r, False) for r in records])
-    write_jsonl(cleaned, [stamped_cleaned(r, ["pii"]) for r in records])
+    write_jsonl(cleaned, [stamped_cleaned(r, ["pii", "decontaminate"]) for r in records])
     write_jsonl(mixed, [stamped_cleaned(records[0], False), *records[1:]])
     settings = Settings(home=home)
     path = recipe_file(tmp_path, "tiny-uncleaned", {
@@ -819,7 +830,14 @@ def test_records_written_with_no_clean_are_refused_until_cleaned(home, data, tmp
 
     console = Console(record=True, width=200)
     counts = checked_cleaning([cleaned, mixed, never], DataSpec(train=[never], allow_uncleaned=True), console)
-    assert counts == {"cleaned": 8, "never_cleaned": 9, "unstamped": 7}
+    assert counts == {"cleaned": 8, "cleaned_partly": 0, "never_cleaned": 9, "unstamped": 7}
+    # a review export's records that `zephyr data review` never read are students' words: never cleaned
+    from training.data.clean import cleaning_of
+
+    assert cleaning_of({"kept": {"flagged": True}}) == "never_cleaned"
+    assert cleaning_of({"kept": {"for_training": True}}) == "unstamped"
+    assert cleaning_of({"kept": {"for_training": True}, "cleaned": ["pii"]}) == "cleaned_partly"  # no decontamination
+    assert cleaning_of({"cleaned": ["length", "decontaminate", "pii"]}) == "cleaned"
     assert "9 records were never cleaned" in console.export_text()
     assert checked_cleaning([cleaned], DataSpec(train=[cleaned]), console)["cleaned"] == 8
 

@@ -409,10 +409,17 @@ def stamped_cleaned(record: Record, steps: list[str] | bool) -> Record:
 
 
 def cleaning_of(meta: Any) -> str:
-    """How a record's `meta.cleaned` stamp reads: "cleaned" (a list of steps), "never_cleaned" (False: written with
-    --no-clean) or "unstamped" (a hand-made file, or one from before the stamp)."""
-    stamp = meta.get(CLEANED_KEY) if isinstance(meta, dict) else None
-    return "cleaned" if isinstance(stamp, list) else "never_cleaned" if stamp is False else "unstamped"
+    """How a record's `meta.cleaned` stamp reads: "cleaned" (a list of steps with PII redaction and
+    decontamination), "cleaned_partly" (a list without one of them: `--no-pii`, `--no-decontaminate`),
+    "never_cleaned" (False: written with --no-clean; or a review export's record, `kept` but not `for_training`,
+    that `zephyr data review` never read: students' own words) or "unstamped" (a hand-made file, or one from before
+    the stamp)."""
+    meta = meta if isinstance(meta, dict) else {}
+    stamp = meta.get(CLEANED_KEY)
+    if isinstance(stamp, list):
+        return "cleaned" if {"pii", "decontaminate"} <= set(stamp) else "cleaned_partly"
+    raw_export = isinstance(meta.get("kept"), dict) and not meta["kept"].get("for_training")
+    return "never_cleaned" if stamp is False or (stamp is None and raw_export) else "unstamped"
 
 
 def filtered_for_training(record: Record) -> Record:
