@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -245,7 +246,7 @@ def hh_first_turns(path: Path) -> list[str]:
                         f"{path}:{number}: not an hh-rlhf record (JSON with a `chosen` transcript)") from None
                 if isinstance(chosen, str) and (found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S)):
                     turns.append(found.group(1))
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # missing, unreadable, a torn or non-gzip .gz
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # missing, unreadable, a torn or non-gzip .gz
         raise benchmarks.DatasetError(
             f"{path}: cannot read the hh-rlhf transcripts the safety set's everyday questions come from ({exc}); it is "
             "in the shared data folder (ZEPHYR_DATA_DIR)") from None

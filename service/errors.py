@@ -106,7 +106,7 @@ def _location(loc: tuple) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         elif _TYPE_TAGS.match(str(part)) or part == "[key]" or (str(part)[:1].isupper() and not last):
-            continue  # "[key]": pydantic's mark of a mapping's key, whose own name follows or was given
+            continue  # "[key]": pydantic's mark of a mapping's key (a wrong key is named by the mapping)
         else:
             text += f".{part}" if text else str(part)
     return text
@@ -126,7 +126,7 @@ def _deepest_branch_error(errors: list[dict]) -> dict:
     return deepest if len(deepest.get("loc", ())) > len(loc) else first
 
 
-def describe_validation_error(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     first = _deepest_branch_error(exc.errors())
     kind = first.get("type")
     if kind == "json_invalid":
@@ -137,9 +137,9 @@ def describe_validation_error(exc: RequestValidationError, content_type: str = "
     if kind == "extra_forbidden":
         return f"unknown field `{where}`: remove it (see the API reference in the README)", where
     if kind == "model_attributes_type" and not where:
-        # FastAPI parses JSON only when the client says it is JSON: a string input is unparsed text, unless the
-        # client said JSON and sent a JSON string
-        if isinstance(first.get("input"), str | bytes) and "json" not in content_type.lower():
+        # FastAPI parses JSON only when the client says it is JSON: the body unparsed is bytes (a JSON string
+        # sent as JSON is parsed, a str)
+        if isinstance(first.get("input"), bytes):
             return ("request body was not read as JSON: send it with the header `Content-Type: application/json` "
                     "(curl -d sends a form's content type)"), None
         return "request body must be a JSON object", None
@@ -171,8 +171,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(exc, request.headers.get("content-type", ""))
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc)
         return ErrorResponse(error_body(400, message, param, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -132,3 +132,8 @@ def test_a_started_server_counts_as_local_until_stopped(monkeypatch, tmp_path):
     assert harness.load_keys(server.url)["ZEPHYR_LOAD_STUDENT_KEY"] == harness.STUDENT_KEY
     server.stop()
     assert harness._LOCAL_URLS == set()
+
+def test_a_comma_separated_option_names_each_item_once():
+    from cli.common import csv
+
+    assert csv("arc_easy, sciq,arc_easy,,") == ["arc_easy", "sciq"] and csv("") is None

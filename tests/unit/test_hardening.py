@@ -705,15 +705,19 @@ def test_request_headers_past_the_bound_are_refused_before_the_app(settings_fact
             time.sleep(0.05)
 
         def status(headers: bytes) -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
-                return conn.recv(200).split(b"\r\n")[0]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+                    return conn.recv(200).split(b"\r\n")[0]
+            except (ConnectionResetError, BrokenPipeError):  # closed with the rest unread: refused all the same
+                return b"reset"
 
         assert status(b"X-Small: " + b"a" * 4000 + b"\r\n") == b"HTTP/1.1 200 OK"
         # checked as the bytes arrive: headers unfinished past the bound in what has been read are refused (what
-        # one network read brings may pass whole, hence megabytes here)
-        assert status(b"X-Big: " + b"a" * 2_000_000 + b"\r\n") == b"HTTP/1.1 400 Bad Request"
-        assert status(b"".join(b"X-%d: a\r\n" % i for i in range(100_000))) == b"HTTP/1.1 400 Bad Request"
+        # one network read brings, up to 256 KiB, may pass whole)
+        refused = {b"HTTP/1.1 400 Bad Request", b"reset"}
+        assert status(b"X-Big: " + b"a" * 600_000 + b"\r\n") in refused
+        assert status(b"".join(b"X-%d: a\r\n" % i for i in range(60_000))) in refused
         assert len(reached) == 1 and reached[0] < 8192
     finally:
         server.should_exit = True

@@ -1049,9 +1049,3 @@ def test_hh_transcripts_missing_or_malformed_are_a_dataset_error_naming_the_file
         hh_first_turns(odd)
     odd.write_bytes(gzip.compress(json.dumps({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello"}).encode()))
     assert hh_first_turns(odd) == ["Hi there"]
-
-
-def test_a_comma_separated_option_names_each_item_once():
-    from cli.common import csv
-
-    assert csv("arc_easy, sciq,arc_easy,,") == ["arc_easy", "sciq"] and csv("") is None
