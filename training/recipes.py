@@ -90,8 +90,8 @@ class DataSpec(_Strict):
         "such term, so this trades a little of what the loss matches for answers that stop")
     allow_uncleaned: bool = Field(
         default=False, description="train on records written with --no-clean that `zephyr data clean` never ran "
-        "on (students' PII unredacted, benchmark questions not removed): refused unless this is set; the model's "
-        "manifest counts them (stats.data_cleaning)")
+        "on, or a raw review export's (students' PII unredacted, benchmark questions not removed): refused unless "
+        "this is set; the model's manifest counts them (stats.data_cleaning)")
     eval_group: Literal["record", "opening", "question"] = Field(
         default="record", description="what eval_fraction holds out: single records, whole groups of records "
         "whose prompts open with the same message (hh-rlhf transcripts that share a first turn stay on one side), or "

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from training.data.clean import CLEANED_KEY
+from training.data.clean import CLEANED_KEY, cleaning_of
 from training.recipes import Recipe, RecipeError, SamplingSpec
 from training.run import (
     RunResult,
@@ -100,13 +100,15 @@ def sample_server(url: str, model: str, prompts: list[Conversation], spec: Sampl
 
 
 def prompt_cleaning(path: Path) -> list[Any]:
-    """Each prompt record's cleaning stamp (`meta.cleaned`, None without one), in read_prompts' order: an example
-    made from a prompt carries its prompt's stamp (the answer is the model's own), so `zephyr train` judges it."""
+    """Each prompt record's cleaning stamp (`meta.cleaned`, None without one, False for a raw review export's), in
+    read_prompts' order: an example made from a prompt carries its prompt's stamp (the answer is the model's own),
+    so `zephyr train` judges it."""
     stamps = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():  # read_prompts has checked every line already
             meta = json.loads(line).get("meta")
-            stamps.append(meta.get(CLEANED_KEY) if isinstance(meta, dict) else None)
+            meta = meta if isinstance(meta, dict) else {}
+            stamps.append(False if cleaning_of(meta) == "never_cleaned" else meta.get(CLEANED_KEY))
     return stamps
 
 

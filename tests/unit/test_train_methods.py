@@ -568,8 +568,9 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
 
     file = tmp_path / "prompts.jsonl"
     file.write_text('{"prompt": [{"role": "user", "content": "Q1"}], "meta": {"cleaned": ["pii"]}}\n\n'
-                    '{"messages": [{"role": "user", "content": "Q2"}]}\n')
-    assert prompt_cleaning(file) == [["pii"], None]
+                    '{"messages": [{"role": "user", "content": "Q2"}]}\n'
+                    '{"prompt": [{"role": "user", "content": "Q3"}], "meta": {"kept": {"flagged": true}}}\n')
+    assert prompt_cleaning(file) == [["pii"], None, False]  # a raw review export's prompt: never cleaned
 
 
 def test_an_rs_or_sft_record_trains_on_its_last_answer_only(home, tmp_path):
