@@ -326,14 +326,12 @@ def _mmlu_subjects(views: list[ModelView]) -> Section | None:
 
 def _rm(views: list[ModelView], plots: Path) -> Section | None:
     # A run saved before non-number scores were left out at scoring may hold one: the rest are shown.
-    scored = [(v, m) for v in views if (m := v.get("rm/rm_score")) and m.items
-              and np.isfinite(np.array(list(m.items.values()), dtype=float)).any()]
+    scored = [(v, m, x[np.isfinite(x)]) for v in views if (m := v.get("rm/rm_score"))
+              and (x := np.array(list(m.items.values()), dtype=float)).size and np.isfinite(x).any()]
     if not scored:
         return None
     rows = []
-    for v, m in scored:
-        x = np.array(list(m.items.values()), dtype=float)
-        x = x[np.isfinite(x)]
+    for v, m, x in scored:
         std = fmt_value(float(x.std(ddof=1)), False) if x.size > 1 else MISSING
         rows.append(
             [
@@ -354,8 +352,7 @@ def _rm(views: list[ModelView], plots: Path) -> Section | None:
         )
     ]
     try:
-        blocks.append(plot_rm([(v.name, x[np.isfinite(x)]) for v, m in scored
-                               if (x := np.array(list(m.items.values()), dtype=float)).size], plots))
+        blocks.append(plot_rm([(v.name, x) for v, _, x in scored], plots))
     except ImportError:
         blocks.append(NO_MATPLOTLIB)
     return Section("Reward-model scores", blocks)
