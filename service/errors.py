@@ -91,6 +91,8 @@ def error_response(exc: APIError) -> JSONResponse:
 _TYPE_TAGS = re.compile(
     r"^(str|int|float|bool|list|dict|none|literal|constrained-\w+|function-\w+|tagged-union)(\[.*\])?$")
 _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
+# A model's class name in a union's location (`SystemMessage`); a one-letter key is an option's or a flag's (`A`).
+_MODEL_NAME = re.compile(r"^[A-Z]\w+$")
 
 
 # Where FastAPI says a value came from: the request's part, not a field's name (`query.format` is `format`).
@@ -105,8 +107,8 @@ def _location(loc: tuple) -> str:
         last = position == len(parts) - 1  # a field's own name, even a capitalised unknown one ("Question")
         if isinstance(part, int):
             text += f"[{part}]"
-        elif _TYPE_TAGS.match(str(part)) or part == "[key]" or (str(part)[:1].isupper() and not last):
-            continue  # "[key]": pydantic's mark of a mapping's key (a wrong key is named by the mapping)
+        elif _TYPE_TAGS.match(str(part)) or part == "[key]" or (_MODEL_NAME.match(str(part)) and not last):
+            continue  # "[key]": pydantic's mark that the key before it, not its value, is wrong
         else:
             text += f".{part}" if text else str(part)
     return text

@@ -761,9 +761,15 @@ async def test_a_param_names_the_field_not_the_part_of_the_request_it_came_in(se
     assert r.status_code in (400, 404) and r.json()["error"]["param"] == "model", r.text
     r = await served.client.post("/review/api/verdicts", headers=reviewer, json={
         "assignment_id": 1, "verdict": "a", "strength": 2, "flags": {"C": ["incorrect"]}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "flags", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "flags.C", r.text  # the wrong key itself
 
 
 async def test_a_blank_sign_in_key_is_a_400_on_key_not_a_failed_authentication(served):
     r = await served.client.post("/review/session", json={"key": "   "})
     assert r.status_code == 400 and r.json()["error"]["param"] == "key" and "blank" in r.json()["error"]["message"]
+
+
+async def test_a_flag_under_a_one_letter_key_is_named_with_its_key(served):
+    r = await served.client.post("/review/api/verdicts", headers={"Authorization": f"Bearer {REVIEWER_KEY}"}, json={
+        "assignment_id": 1, "verdict": "a", "strength": 2, "flags": {"A": [5]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "flags.A[0]", r.text
