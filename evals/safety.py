@@ -15,12 +15,10 @@ dangerous and are not) were written before any fit and are test only."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import re
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from offline import benchmarks
+from offline.hh import FORM, hh_rows
 from zephyr.safety import (
     BENIGN,
     CLASSES,
@@ -234,22 +233,12 @@ def hh_first_turns(path: Path) -> list[str]:
     """The first human turn of each hh-rlhf transcript; a file missing or not in hh-rlhf's form is a DatasetError
     naming it (it was a traceback)."""
     turns = []
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    chosen = json.loads(line)["chosen"]
-                except (ValueError, KeyError, TypeError):
-                    raise benchmarks.DatasetError(
-                        f"{path}:{number}: not an hh-rlhf record (JSON with a `chosen` transcript)") from None
-                if isinstance(chosen, str) and (found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S)):
-                    turns.append(found.group(1))
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # missing, unreadable, a torn or non-gzip .gz
-        raise benchmarks.DatasetError(
-            f"{path}: cannot read the hh-rlhf transcripts the safety set's everyday questions come from ({exc}); it is "
-            "in the shared data folder (ZEPHYR_DATA_DIR)") from None
+    for _, number, record in hh_rows(path):
+        chosen = record.get("chosen") if isinstance(record, dict) else None
+        if not isinstance(chosen, str):
+            raise benchmarks.DatasetError(f"{path}:{number}: not an hh-rlhf record ({FORM})")
+        if found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S):
+            turns.append(found.group(1))
     return turns
 
 

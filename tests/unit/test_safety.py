@@ -1035,11 +1035,11 @@ def test_hh_transcripts_missing_or_malformed_are_a_dataset_error_naming_the_file
     from evals.safety import hh_first_turns
     from offline.benchmarks import DatasetError
 
-    with pytest.raises(DatasetError, match=r"missing\.jsonl\.gz: cannot read the hh-rlhf transcripts"):
+    with pytest.raises(DatasetError, match=r"cannot read .*missing\.jsonl\.gz as hh-rlhf JSON Lines"):
         hh_first_turns(tmp_path / "missing.jsonl.gz")
     torn = tmp_path / "torn.jsonl.gz"
-    torn.write_bytes(b"not gzip")
-    with pytest.raises(DatasetError, match=r"torn\.jsonl\.gz: cannot read"):
+    torn.write_bytes(gzip.compress(b'{"chosen": "x"}\n' * 100)[:40])  # cut off part way
+    with pytest.raises(DatasetError, match=r"cannot read .*torn\.jsonl\.gz"):
         hh_first_turns(torn)
     odd = tmp_path / "odd.jsonl.gz"
     with gzip.open(odd, "wt") as handle:

@@ -7,17 +7,17 @@ MCQ items from benchmark training splits (`offline.benchmarks.mcq_training_items
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from offline.benchmarks import DatasetError
+from offline.hh import hh_rows
 from training.data.clean import filtered_for_training
 from zephyr.prompts import with_system_prompt
 from zephyr.schemas import DataFileError, KTOExample, Message, PreferencePair, SFTExample, read_jsonl
@@ -40,13 +40,6 @@ _ROLES = {"Human": "user", "Assistant": "assistant"}
 
 class _Malformed(Exception):
     """One hh-rlhf row that is skipped; the argument is the reason, counted for the log."""
-
-
-def _open_text(path: Path):
-    # Sniff the gzip magic rather than trust the suffix: people gunzip files and keep the name, or the reverse.
-    with path.open("rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open(encoding="utf-8")
 
 
 def _transcript(text: str) -> list[Message]:
@@ -80,25 +73,6 @@ def _hh_pair(chosen_text: str, rejected_text: str, row: int, system_prompt: str 
                           meta={"row": row})
 
 
-def _hh_rows(path: Path) -> Iterator[tuple[int, int, Any]]:
-    """(row index, line number, parsed JSON) for each non-blank line."""
-    row = 0
-    try:
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BuildError(f"{path}:{number}: not JSON ({exc.msg}); expected hh-rlhf JSON Lines "
-                                     '{"chosen": "\\n\\nHuman: ...", "rejected": ...}') from exc
-                yield row, number, record
-                row += 1
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # BadGzipFile is an OSError
-        raise BuildError(f"cannot read {path} as hh-rlhf JSON Lines (.jsonl or .jsonl.gz): {exc}") from exc
-
-
 def from_hh_rlhf(path: Path, limit: int | None = None,
                  system_prompt: str | None = None) -> tuple[list[PreferencePair], int]:
     """Preference pairs from Anthropic hh-rlhf transcripts (.jsonl or .jsonl.gz) and the number of rows skipped.
@@ -114,18 +88,21 @@ def from_hh_rlhf(path: Path, limit: int | None = None,
                          "<data_dir>/hh-rlhf-helpful-base/test.jsonl.gz")
     pairs: list[PreferencePair] = []
     reasons: Counter[str] = Counter()
-    for row, number, record in _hh_rows(path):
-        if limit is not None and len(pairs) >= limit:
-            break
-        # A row without the two transcripts means the wrong file, not one bad row: stop and say so.
-        if not isinstance(record, dict) or not isinstance(record.get("chosen"), str) \
-                or not isinstance(record.get("rejected"), str):
-            raise BuildError(f"{path}:{number}: expected an object with string fields 'chosen' and 'rejected' "
-                             "(hh-rlhf transcripts)")
-        try:
-            pairs.append(_hh_pair(record["chosen"], record["rejected"], row, system_prompt))
-        except _Malformed as reason:
-            reasons[str(reason)] += 1
+    try:
+        for row, number, record in hh_rows(path):
+            if limit is not None and len(pairs) >= limit:
+                break
+            # A row without the two transcripts means the wrong file, not one bad row: stop and say so.
+            if not isinstance(record, dict) or not isinstance(record.get("chosen"), str) \
+                    or not isinstance(record.get("rejected"), str):
+                raise BuildError(f"{path}:{number}: expected an object with string fields 'chosen' and 'rejected' "
+                                 "(hh-rlhf transcripts)")
+            try:
+                pairs.append(_hh_pair(record["chosen"], record["rejected"], row, system_prompt))
+            except _Malformed as reason:
+                reasons[str(reason)] += 1
+    except DatasetError as exc:
+        raise BuildError(str(exc)) from exc
     skipped = sum(reasons.values())
     if skipped:
         log.info("%s: skipped %d malformed rows (%s)", path, skipped,
