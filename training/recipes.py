@@ -34,7 +34,7 @@ LATER_FIELDS: tuple[tuple[str | None, str, Any], ...] = (
     (None, "rewards", None), ("data", "eval_group", "record"), ("lora", "top_layers", None),
     ("sampling", "limit", None), ("data", "validation_fraction", 0.0), ("data", "balance_lengths", False),
     ("data", "end_with_eos", False), ("data", "split_seed", 42), ("sampling", "keep_cut_off", False),
-    ("data", "allow_uncleaned", False))
+    ("data", "allow_uncleaned", False), ("sampling", "allow_uncleaned", False))
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -134,6 +134,9 @@ class SamplingSpec(_Strict):
     server: str | None = Field(default=None, description="base URL of a running `zephyr serve`; default offline vLLM")
     keep_cut_off: bool = Field(default=False, description="rank answers cut off at max_tokens too (a smoke test's "
                                "tiny model never ends one); SFT would learn to stop mid-sentence")
+    allow_uncleaned: bool = Field(default=False, description="sample from prompts written with --no-clean, or a raw "
+                                  "review export's, that `zephyr data clean` never ran on (refused unless set), and "
+                                  "train on what they become; as data.allow_uncleaned for other methods")
     seed: int = 0
 
 

@@ -166,6 +166,11 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     fitting = _fitting(prompts, base.path, spec.max_tokens, recipe.trainer.get("max_length", 1024))
     too_long = len(prompts) - len(fitting)
     prompts, stamps = [prompts[i] for i in fitting], [stamps[i] for i in fitting]
+    # refused before the sampling's minutes, not when the SFT reads what they became
+    if (never := sum(stamp is False for stamp in stamps)) and not spec.allow_uncleaned:
+        raise RecipeError(f"{spec.prompts}: {never} prompts were never cleaned (written with --no-clean, or a review "
+                          "export's): run `zephyr data clean` (a review export: `zephyr data review`) on it and "
+                          "sample from what it writes, or set sampling.allow_uncleaned: true")
     if too_long:
         console.print(f"left out {too_long} prompts with no room for a {spec.max_tokens}-token answer within "
                       "trainer.max_length (SFT would cut the answer it learns from)")
@@ -180,7 +185,9 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
                   "reward_model": reward_entry.name,
                   "reward_model_created_at": reward_entry.manifest.created_at.isoformat(),
                   "prompts_digest": digest_file(spec.prompts), "sampling": spec.model_dump(mode="json"),
-                  "system_prompt": settings.served_system_prompt, "prompts_kept": len(prompts)}
+                  "system_prompt": settings.served_system_prompt, "prompts_kept": len(prompts),
+                  # samples from before examples carried their prompt's cleaning stamp are not reused
+                  "cleaning_stamps": True}
     stats = _reusable_stats(data_file, provenance_file, provenance)
     if stats is not None:
         console.print(f"reusing the ranked samples in {data_file} (the same prompts, sampling, model and reward "

@@ -655,6 +655,13 @@ def trainable_base(registry: Registry, name: str) -> RegistryEntry:
     return base
 
 
+def data_spec(recipe: Recipe, data_files: list[Path] | None) -> DataSpec:
+    """What a run trains on: the recipe's data, or the files rejection sampling has just written (it has no data
+    section: its own sampling.allow_uncleaned says whether never-cleaned prompts may become training data)."""
+    return recipe.data or DataSpec(train=data_files or [],
+                                   allow_uncleaned=bool(recipe.sampling and recipe.sampling.allow_uncleaned))
+
+
 def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None, fresh: bool = False,
           overwrite: bool = False, console: Console | None = None, data_files: list[Path] | None = None) -> RunResult:
     """Train `recipe` and register the result. `data_files` replaces the recipe's training data (rejection
@@ -664,7 +671,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     base = trainable_base(registry, recipe.model)
     output = check_name(recipe.output_name(recipe_path))  # names the run folder: checked before it is touched
     check_output_free(registry, output, overwrite, recipe.model)
-    spec = recipe.data or DataSpec(train=data_files or [])
+    spec = data_spec(recipe, data_files)
     train_files = data_files or spec.train
     by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
     rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)

@@ -776,6 +776,32 @@ def test_an_rs_rerun_with_other_sampling_refuses_to_delete_the_earlier_samples_w
     assert (run_dir / SAMPLES_FILE).read_text() == '{"messages": []}\n'
 
 
+def test_rs_refuses_never_cleaned_prompts_before_sampling_unless_the_recipe_allows_them(tmp_path, default_model):
+    """A prompt written with --no-clean made examples stamped never cleaned, which the SFT then refused after the
+    sampling, with advice (`data.allow_uncleaned`) an rs recipe cannot take."""
+    from training.data.clean import stamped_cleaned
+    from training.rs import run_rejection_sampling
+    from training.run import data_spec
+
+    registry = Registry(tmp_path / "models")
+    tiny = make_tiny_llama(registry, default_model)
+    registry.add(tiny.path, ModelManifest(name="tiny-rm", method="rm", source="tests: a stand-in reward model"))
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [stamped_cleaned(SFTExample(messages=user("Why is the sky blue?") + reply("Scattering.")),
+                                          False)])
+    body = {"method": "rs", "model": TINY, "output": "tiny-rs", "trainer": {**STEPS, "max_length": 1024},
+            "sampling": {"reward_model": "tiny-rm", "prompts": str(prompts), "n": 2, "max_tokens": 8}}
+    recipe_path = recipe_file(tmp_path, "rs", body)
+    with pytest.raises(RecipeError, match=r"prompts\.jsonl: 1 prompts were never cleaned .*sampling.allow_uncleaned"):
+        run_rejection_sampling(load_recipe(recipe_path), Settings(home=tmp_path), recipe_path=recipe_path)
+    assert not (tmp_path / "runs" / "tiny-rs").exists()  # nothing sampled
+    # allowed: the SFT's own check, on the examples stamped never cleaned as their prompt, reads the same opt-in
+    allowed = load_recipe(recipe_file(tmp_path, "rs-allowed", {
+        **body, "sampling": {**body["sampling"], "allow_uncleaned": True}}))
+    assert data_spec(allowed, [prompts]).allow_uncleaned and not data_spec(load_recipe(recipe_path), [prompts]) \
+        .allow_uncleaned
+
+
 def test_measured_records_whose_prompt_fills_max_length_are_left_out_and_counted(home, data, tmp_path):
     """Only the training part was filtered: TRL cut such an eval record to no answer token, and it left the loss
     without a word."""
