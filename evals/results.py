@@ -235,11 +235,13 @@ def chosen_sources(runs: list[EvalRun]) -> dict[str, tuple[Measurement, EvalRun]
     gate would compare 40 questions instead of 2,376); a rerun of the same size does replace the older one; and a
     rerun on other data (the local split after a hub copy's larger one) replaces every run on the old data, as the
     gate's advice to re-run on the same data needs."""
-    newest_data = {m.key: m.data_digest for run in runs for m in run.measurements}
+    # the newest data a digest names: a newest run without one (saved before digests) would match every run
+    newest_data = {m.key: m.data_digest for run in runs for m in run.measurements if m.data_digest}
     chosen: dict[str, tuple[Measurement, EvalRun]] = {}
     for run in runs:
         for m in run.measurements:
-            if same_data(m.data_digest, newest_data[m.key]) and (m.key not in chosen or m.n >= chosen[m.key][0].n):
+            if same_data(m.data_digest, newest_data.get(m.key, {})) and \
+                    (m.key not in chosen or m.n >= chosen[m.key][0].n):
                 chosen[m.key] = (m, run)
     return chosen
 

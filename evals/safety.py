@@ -233,12 +233,16 @@ def hh_first_turns(path: Path) -> list[str]:
     """The first human turn of each hh-rlhf transcript; a file missing or not in hh-rlhf's form is a DatasetError
     naming it (it was a traceback)."""
     turns = []
-    for _, number, record in hh_rows(path):
-        chosen = record.get("chosen") if isinstance(record, dict) else None
-        if not isinstance(chosen, str):
-            raise benchmarks.DatasetError(f"{path}:{number}: not an hh-rlhf record ({FORM})")
-        if found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S):
-            turns.append(found.group(1))
+    try:
+        for _, number, record in hh_rows(path):
+            chosen = record.get("chosen") if isinstance(record, dict) else None
+            if not isinstance(chosen, str):
+                raise benchmarks.DatasetError(f"{path}:{number}: not an hh-rlhf record ({FORM})")
+            if found := re.search(r"Human: (.*?)\n\nAssistant:", chosen, re.S):
+                turns.append(found.group(1))
+    except benchmarks.DatasetError as exc:
+        raise benchmarks.DatasetError(f"{exc}; the safety set's everyday questions come from it, in the shared data "
+                                      "folder (ZEPHYR_DATA_DIR)") from None
     return turns
 
 

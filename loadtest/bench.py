@@ -1,6 +1,6 @@
 """Serving benchmark: our server vs `vllm serve` on the same model with the same engine arguments.
 
-Both servers run at once (each with half the usual memory share) and receive load one at a time, in
+Both servers run at once (each with a smaller memory share, --memory-share) and receive load one at a time, in
 alternating order round after round, so drift on a shared machine hits both alike. Prints tables of ratios
 and writes the raw figures to bench-results/. A script to run on demand (`make bench`), not a test.
 `--logging-only` measures just the generation log's cost: two servers of ours, paired requests.

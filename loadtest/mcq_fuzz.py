@@ -14,7 +14,8 @@ over); and requests the API must refuse (blank or duplicate options, wrong types
 fields, 1 or 11 options, badly keyed options, a batch that is empty or over ZEPHYR_MAX_MCQ_BATCH).
 
 Every question's expected outcome comes from the API's documented rules, written out here (`spec_problem`) rather
-than imported, and from its exact prompt length under the served model's tokenizer. The checks (`check_batch`):
+than imported (only which part names a question over a limit, `zephyr.mcq.longest_part`, is the server's own rule),
+and from its exact prompt length under the served model's tokenizer. The checks (`check_batch`):
 a 200 whose result has `answer` among the question's letters, `probabilities` over exactly those letters summing
 to 1 (+-1e-6), `confidence` = the largest probability and the answer its (first) argmax, `option` the answer's text,
 or `abstained: true` with `answer: null` when the request's `min_confidence` is above the confidence; for a batch
@@ -75,7 +76,7 @@ KNOWN_ISSUES = {
         "a prompt of exactly max_model_len tokens passes service/tutor.py check_prompt_length (its limit is "
         "max_model_len) and vLLM then refuses it (prompt + the 1 token an answer reads > max_model_len): the client "
         "gets a 400 `invalid_request` with param null (\"the engine refused the request: ...\"), not the server's "
-        "own context_length_exceeded naming `question`"),
+        "own context_length_exceeded naming the question's longest part"),
     "capitalized-field-dropped-from-param": (
         "an unknown field whose name starts with a capital letter (`Question`) is left out of the 400's param and "
         "message (\"unknown field `questions[0]`\"): service/errors.py _location skips every location part that "

@@ -91,7 +91,10 @@ def run(minutes: float, users: int, out: Path, db_url: str | None = None, exam_p
 
         # An exception in a simulated user's code (an answer it could not read) reaches only Locust's own report.
         exceptions = out / "locust_exceptions.csv"  # quoted tracebacks span lines: read as CSV, a row a kind
-        raised = list(csv.reader(exceptions.open(newline="")))[1:] if exceptions.is_file() else []
+        raised = []
+        if exceptions.is_file():
+            with exceptions.open(newline="") as handle:
+                raised = list(csv.reader(handle))[1:]
         report.check("no exception in the simulated users", not raised,
                      f"{len(raised)} kinds, in {exceptions}: {','.join(raised[0])[:200]}" if raised else "none")
 

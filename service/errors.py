@@ -91,8 +91,6 @@ def error_response(exc: APIError) -> JSONResponse:
 _TYPE_TAGS = re.compile(
     r"^(str|int|float|bool|list|dict|none|literal|constrained-\w+|function-\w+|tagged-union)(\[.*\])?$")
 _NAMED_FIELD = re.compile(r"^`([\w.\[\]]+)`")
-# A model's class name in a union's location (`SystemMessage`); a one-letter key is an option's or a flag's (`A`).
-_MODEL_NAME = re.compile(r"^[A-Z]\w+$")
 
 
 # Where FastAPI says a value came from: the request's part, not a field's name (`query.format` is `format`).
@@ -104,10 +102,13 @@ def _location(loc: tuple) -> str:
     text = ""
     parts = loc[1:] if loc and loc[0] in _REQUEST_PARTS else loc
     for position, part in enumerate(parts):
-        last = position == len(parts) - 1  # a field's own name, even a capitalised unknown one ("Question")
+        following = parts[position + 1] if position + 1 < len(parts) else None
+        # A model's class name in a union's location is followed by one of its fields; a capitalised name that is
+        # last (an unknown field, "Question") or followed by an index or "[key]" (a mapping's key) is the client's.
+        model_name = str(part)[:1].isupper() and isinstance(following, str) and following != "[key]"
         if isinstance(part, int):
             text += f"[{part}]"
-        elif _TYPE_TAGS.match(str(part)) or part == "[key]" or (_MODEL_NAME.match(str(part)) and not last):
+        elif _TYPE_TAGS.match(str(part)) or part == "[key]" or model_name:
             continue  # "[key]": pydantic's mark that the key before it, not its value, is wrong
         else:
             text += f".{part}" if text else str(part)

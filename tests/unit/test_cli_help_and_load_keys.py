@@ -133,6 +133,7 @@ def test_a_started_server_counts_as_local_until_stopped(monkeypatch, tmp_path):
     server.stop()
     assert harness._LOCAL_URLS == set()
 
+
 def test_a_comma_separated_option_names_each_item_once():
     from cli.common import csv
 

@@ -469,6 +469,15 @@ def test_a_rerun_on_other_data_replaces_a_larger_run_on_the_old_data(tmp_path):
         measurement("mmlu", "letter_acc", "test", accuracy(20, 40)).model_copy(update={
             "data_digest": {"mmlu": "local"}})]))
     assert older.latest("m").get("mmlu/letter_acc").n == 100
+    # a newest run without a digest does not make every older run count: the newest digest named still decides
+    older.save(EvalRun(model="m", suite="mcq", created_at=start + timedelta(hours=2), measurements=[
+        measurement("mmlu", "letter_acc", "test", accuracy(5, 10))]))
+    newer_data = ResultStore(tmp_path / "newer")
+    for hours, total, data in ((0, 120, {"mmlu": "hub"}), (1, 100, {"mmlu": "local"}), (2, 10, {})):
+        newer_data.save(EvalRun(model="m", suite="mcq", created_at=start + timedelta(hours=hours), measurements=[
+            measurement("mmlu", "letter_acc", "test", accuracy(total // 2, total)).model_copy(update={
+                "data_digest": data})]))
+    assert newer_data.latest("m").get("mmlu/letter_acc").data_digest == {"mmlu": "local"}
 
 
 def test_a_run_with_an_empty_or_nan_measurement_reads_back_and_reports(tmp_path):

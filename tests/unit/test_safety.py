@@ -1039,6 +1039,11 @@ def test_hh_transcripts_missing_or_malformed_are_a_dataset_error_naming_the_file
         hh_first_turns(tmp_path / "missing.jsonl.gz")
     torn = tmp_path / "torn.jsonl.gz"
     torn.write_bytes(gzip.compress(b'{"chosen": "x"}\n' * 100)[:40])  # cut off part way
+    with pytest.raises(DatasetError, match=r"cannot read .*torn\.jsonl\.gz.*\(ZEPHYR_DATA_DIR\)"):
+        hh_first_turns(torn)
+    corrupt = bytearray(gzip.compress(b'{"chosen": "x"}\n' * 1000))
+    corrupt[20:40] = bytes(b ^ 0x5A for b in corrupt[20:40])  # corrupt part way: zlib's own error, no OSError
+    torn.write_bytes(bytes(corrupt))
     with pytest.raises(DatasetError, match=r"cannot read .*torn\.jsonl\.gz"):
         hh_first_turns(torn)
     odd = tmp_path / "odd.jsonl.gz"
