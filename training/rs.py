@@ -37,9 +37,12 @@ SAMPLES_FILE, PROVENANCE_FILE = "rs-data.jsonl", "rs-sampling.json"  # in the ru
 CUT_OFF = None
 
 
-def read_prompts(path: Path) -> list[Conversation]:
-    """Prompts from JSON Lines holding `prompt` (messages) or `messages` (a trailing assistant turn is dropped)."""
+def read_prompts_and_stamps(path: Path) -> tuple[list[Conversation], list[Any]]:
+    """Prompts from JSON Lines holding `prompt` (messages) or `messages` (a trailing assistant turn is dropped), and
+    each record's cleaning stamp (`meta.cleaned`, None without one, False for a raw review export's): an example
+    made from a prompt carries its prompt's stamp (the answer is the model's own), so `zephyr train` judges it."""
     prompts: list[Conversation] = []
+    stamps: list[Any] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -55,9 +58,16 @@ def read_prompts(path: Path) -> list[Conversation]:
         if not messages or messages[-1]["role"] != "user":
             raise RecipeError(f"{path}:{number}: the prompt must end with a user message")
         prompts.append(messages)
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        stamps.append(False if cleaning_of(meta) == "never_cleaned" else meta.get(CLEANED_KEY))
     if not prompts:
         raise RecipeError(f"{path} holds no prompts")
-    return prompts
+    return prompts, stamps
+
+
+def read_prompts(path: Path) -> list[Conversation]:
+    """The prompts of `read_prompts_and_stamps`."""
+    return read_prompts_and_stamps(path)[0]
 
 
 def sample_offline(model_path: Path, prompts: list[Conversation], spec: SamplingSpec,
@@ -97,19 +107,6 @@ def sample_server(url: str, model: str, prompts: list[Conversation], spec: Sampl
             answers.append([(choice.message.content or "") if choice.finish_reason == "stop" or spec.keep_cut_off
                             else CUT_OFF for choice in reply.choices])
     return answers
-
-
-def prompt_cleaning(path: Path) -> list[Any]:
-    """Each prompt record's cleaning stamp (`meta.cleaned`, None without one, False for a raw review export's), in
-    read_prompts' order: an example made from a prompt carries its prompt's stamp (the answer is the model's own),
-    so `zephyr train` judges it."""
-    stamps = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():  # read_prompts has checked every line already
-            meta = json.loads(line).get("meta")
-            meta = meta if isinstance(meta, dict) else {}
-            stamps.append(False if cleaning_of(meta) == "never_cleaned" else meta.get(CLEANED_KEY))
-    return stamps
 
 
 def best_of_n(prompts: list[Conversation], answers: list[list[str | None]], scorer: Any,
@@ -161,8 +158,9 @@ def run_rejection_sampling(recipe: Recipe, settings: Settings, *, recipe_path: P
     check_output_free(registry, output, overwrite, recipe.model)  # before sampling, not after it
     # The prompts as the service would show them to the model (its system prompt first), so the winners are
     # answers to served chats and are trained on in that form. A bad prompts file fails before anything is touched.
-    prompts = [with_system_prompt(p, settings.served_system_prompt) for p in read_prompts(spec.prompts)[:spec.limit]]
-    stamps = prompt_cleaning(spec.prompts)[:spec.limit]
+    prompts, stamps = read_prompts_and_stamps(spec.prompts)
+    prompts = [with_system_prompt(p, settings.served_system_prompt) for p in prompts[:spec.limit]]
+    stamps = stamps[:spec.limit]
     fitting = _fitting(prompts, base.path, spec.max_tokens, recipe.trainer.get("max_length", 1024))
     too_long = len(prompts) - len(fitting)
     prompts, stamps = [prompts[i] for i in fitting], [stamps[i] for i in fitting]

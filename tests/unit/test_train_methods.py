@@ -564,13 +564,13 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
     assert "cleaned" not in examples[0].meta
     stamped, _ = best_of_n(prompts, answers, LengthScorer(), min_reward=None, stamps=[["pii"], False])
     assert [e.meta["cleaned"] for e in stamped] == [["pii"], False]
-    from training.rs import prompt_cleaning
+    from training.rs import read_prompts_and_stamps
 
     file = tmp_path / "prompts.jsonl"
     file.write_text('{"prompt": [{"role": "user", "content": "Q1"}], "meta": {"cleaned": ["pii"]}}\n\n'
                     '{"messages": [{"role": "user", "content": "Q2"}]}\n'
                     '{"prompt": [{"role": "user", "content": "Q3"}], "meta": {"kept": {"flagged": true}}}\n')
-    assert prompt_cleaning(file) == [["pii"], None, False]  # a raw review export's prompt: never cleaned
+    assert read_prompts_and_stamps(file)[1] == [["pii"], None, False]  # a raw review export's: never cleaned
 
 
 def test_an_rs_or_sft_record_trains_on_its_last_answer_only(home, tmp_path):
