@@ -65,11 +65,6 @@ def read_prompts_and_stamps(path: Path) -> tuple[list[Conversation], list[Any]]:
     return prompts, stamps
 
 
-def read_prompts(path: Path) -> list[Conversation]:
-    """The prompts of `read_prompts_and_stamps`."""
-    return read_prompts_and_stamps(path)[0]
-
-
 def sample_offline(model_path: Path, prompts: list[Conversation], spec: SamplingSpec,
                    settings: Settings) -> list[list[str | None]]:
     from vllm import SamplingParams, TokensPrompt

@@ -11,7 +11,7 @@ import yaml
 
 from tests.unit.tiny_llama import TINY, make_tiny_llama
 from training.recipes import RecipeError, load_recipe
-from training.rs import CUT_OFF, _reusable_stats, best_of_n, read_prompts
+from training.rs import CUT_OFF, _reusable_stats, best_of_n, read_prompts_and_stamps
 from training.run import TrainingError, balance_lengths, hold_out, opening, register_run, train
 from zephyr.registry import ModelManifest, Registry, RegistryError, check_hf_folder
 from zephyr.schemas import KTOExample, Message, PreferencePair, SFTExample, read_jsonl, write_jsonl
@@ -564,8 +564,6 @@ def test_best_of_n_keeps_the_reward_models_favourite(tmp_path):
     assert "cleaned" not in examples[0].meta
     stamped, _ = best_of_n(prompts, answers, LengthScorer(), min_reward=None, stamps=[["pii"], False])
     assert [e.meta["cleaned"] for e in stamped] == [["pii"], False]
-    from training.rs import read_prompts_and_stamps
-
     file = tmp_path / "prompts.jsonl"
     file.write_text('{"prompt": [{"role": "user", "content": "Q1"}], "meta": {"cleaned": ["pii"]}}\n\n'
                     '{"messages": [{"role": "user", "content": "Q2"}]}\n'
@@ -609,10 +607,11 @@ def test_rs_prompts_accept_pairs_and_conversations(tmp_path):
     file.write_text(json.dumps({"prompt": [{"role": "user", "content": "Q1"}], "chosen": [], "rejected": []}) + "\n" +
                     json.dumps({"messages": [{"role": "user", "content": "Q2"},
                                              {"role": "assistant", "content": "A2"}]}) + "\n")
-    assert read_prompts(file) == [[{"role": "user", "content": "Q1"}], [{"role": "user", "content": "Q2"}]]
+    assert read_prompts_and_stamps(file)[0] == [[{"role": "user", "content": "Q1"}],
+                                                [{"role": "user", "content": "Q2"}]]
     file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "only"}]}) + "\n")
     with pytest.raises(ValueError, match="end with a user message"):
-        read_prompts(file)
+        read_prompts_and_stamps(file)
 
 
 def test_grpo_trains_on_verifiable_prompts_and_logs_its_rewards(home, tmp_path):
