@@ -12,7 +12,7 @@ import numpy as np
 
 from evals.gate import compare_runs, different_data, fmt_delta, fmt_value, order_key
 from evals.preference import rm_win_rate, scored_in_common
-from evals.results import SUITE_BENCHMARKS, SpeedRecord, is_share, metric_label, same_judge
+from evals.results import SUITE_BENCHMARKS, Measurement, SpeedRecord, is_share, metric_label, same_judge
 from zephyr.registry import QUANT_METHODS, Registry
 
 from .document import MISSING, Block, DocTable, Section
@@ -358,14 +358,19 @@ def _rm(views: list[ModelView], plots: Path) -> Section | None:
     return Section("Reward-model scores", blocks)
 
 
+def _rm_comparable(a: Measurement, b: Measurement) -> bool:
+    """Whether two models' reward-model scores can be compared: numbers on common questions of the same data, by
+    the same reward model."""
+    return bool(scored_in_common(a.items, b.items)) and same_judge(a, b) and not different_data(a, b, {}, {})
+
+
 def _rm_win_rates(views: list[ModelView]) -> Section | None:
     scored = sorted(((v.name, m) for v in views if (m := v.get("rm/rm_score")) and m.items), key=lambda s: s[0])
     rows = []
     for (a, a_m), (b, b_m) in combinations(scored, 2):
-        a_items, b_items = a_m.items, b_m.items
-        if not scored_in_common(a_items, b_items) or not same_judge(a_m, b_m) or different_data(a_m, b_m, {}, {}):
-            continue  # measured on different questions, or by different reward models: nothing to compare
-        r = rm_win_rate(a_items, b_items)
+        if not _rm_comparable(a_m, b_m):
+            continue
+        r = rm_win_rate(a_m.items, b_m.items)
         rows.append([a, b, str(r["n"]), str(r["wins"]), str(r["losses"]), str(r["ties"]),
                      _fmt_rate(r["n"], r["win_rate"], r["ci95"])])
     if not rows:
@@ -427,8 +432,7 @@ def _fmt_rate(n: int, rate: float | None, ci: tuple[float, float] | None) -> str
 def _rm_rate_of(views: list[ModelView], a: str, b: str) -> str:
     """A's reward-model win rate over B on the questions both were scored on, for the human table's side column."""
     scores = {v.name: m for v in views if (m := v.get("rm/rm_score")) and m.items}
-    if (a not in scores or b not in scores or not scored_in_common(scores[a].items, scores[b].items)
-            or not same_judge(scores[a], scores[b]) or different_data(scores[a], scores[b], {}, {})):
+    if a not in scores or b not in scores or not _rm_comparable(scores[a], scores[b]):
         return MISSING
     r = rm_win_rate(scores[a].items, scores[b].items)
     return f"{_fmt_rate(r['n'], r['win_rate'], r['ci95'])} (n {r['n']})"
