@@ -147,21 +147,29 @@ def records_sharing_a_question(files: list[Path], limit: int | None = None) -> i
     return shared
 
 
-def checked_cleaning(files: list[Path], spec: DataSpec, console: Console) -> dict[str, int]:
-    """How many records of the data files were cleaned (partly: without PII redaction or decontamination), written
-    with --no-clean and never cleaned since (or a raw review export's), or carry no stamp (hand-made, or written
-    before records were stamped), as `cleaning_of` reads them. Never-cleaned records are refused unless
-    `data.allow_uncleaned`: they may hold a student's name or a test question."""
+def checked_cleaning(train_files: list[Path], spec: DataSpec, console: Console,
+                     eval_files: list[Path] | None = None) -> dict[str, int]:
+    """How many records the run trains on (the training files' first `data.limit`, and every held-out file's) were
+    cleaned (partly: without PII redaction or decontamination), written with --no-clean and never cleaned since (or a
+    raw review export's), or carry no stamp (hand-made, or written before records were stamped), as `cleaning_of`
+    reads them. Never-cleaned records are refused unless `data.allow_uncleaned`: they may hold a student's name or a
+    test question."""
     from training.data.clean import cleaning_of
 
     counts = dict.fromkeys(("cleaned", "cleaned_partly", "never_cleaned", "unstamped"), 0)
     never: list[str] = []
-    for file in files:
+    left = spec.limit  # read_records stops the training files there: records past it never train
+    for file, limited in [*((f, True) for f in train_files), *((f, False) for f in eval_files or [])]:
         before = counts["never_cleaned"]
         with Path(file).open("rb") as handle:
             for raw in handle:
-                if raw.strip():  # read_records has checked every line already
-                    counts[cleaning_of(json.loads(raw).get("meta"))] += 1
+                if not raw.strip():  # read_records has checked every line already
+                    continue
+                if limited and left is not None:
+                    if left <= 0:
+                        break
+                    left -= 1
+                counts[cleaning_of(json.loads(raw).get("meta"))] += 1
         if counts["never_cleaned"] > before:
             never.append(f"{file} ({counts['never_cleaned'] - before})")
     if never and not spec.allow_uncleaned:
@@ -676,7 +684,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
     by_question = spec.eval_group == "question" and bool(spec.eval_fraction or spec.validation_fraction)
     rows = read_records(train_files, recipe.method, spec.limit, question_ids=by_question)
     eval_rows = read_records(spec.eval, recipe.method) if spec.eval else []
-    cleaning = checked_cleaning([*train_files, *spec.eval], spec, console)
+    cleaning = checked_cleaning(train_files, spec, console, spec.eval)
     if eval_rows and isinstance(rows[0].get("prompt"), str) != isinstance(eval_rows[0].get("prompt"), str):
         # one tokenization serves every part: a chat eval file beside plain-text training failed after model load
         raise RecipeError(f"{', '.join(map(str, [*train_files, *spec.eval]))} mix plain-text and conversational "
@@ -890,7 +898,7 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     if saved.get("base_weights") != weights_digest(base.path):
         raise TrainingError(f"{run_dir} adapts other weights than {base.name!r} holds here (or records none: an "
                             "older version's folder): its base must be the same checkpoint on both machines")
-    cleaning = checked_cleaning([*recipe.data.train, *recipe.data.eval], recipe.data, make_console())
+    cleaning = checked_cleaning(recipe.data.train, recipe.data, make_console(), recipe.data.eval)
     entry = _add_trained(recipe, trained, _load_tokenizer(base.path), registry, base, output, run_dir,
                          recipe.data.train, overwrite, cleaning)
     for part in ("validation", "heldout"):  # a reward model's agreement, as scored where it trained

@@ -867,6 +867,19 @@ def test_records_written_with_no_clean_are_refused_until_cleaned(home, data, tmp
     assert "9 records were never cleaned" in console.export_text()
     assert checked_cleaning([cleaned], DataSpec(train=[cleaned]), console)["cleaned"] == 8
 
+    # data.limit stops the training files where read_records does: a never-cleaned record past it never trains;
+    # a held-out file is read whole, so its records count past the limit
+    tail = tmp_path / "tail.jsonl"
+    write_jsonl(tail, [*(stamped_cleaned(r, ["pii", "decontaminate"]) for r in records[:3]),
+                       stamped_cleaned(records[3], False)])
+    limited = DataSpec(train=[tail], limit=3)
+    assert checked_cleaning([tail], limited, console) == {
+        "cleaned": 3, "cleaned_partly": 0, "never_cleaned": 0, "unstamped": 0}
+    with pytest.raises(RecipeError, match=r"never cleaned: .*never\.jsonl \(8\)"):
+        checked_cleaning([tail], limited, console, [never])
+    with pytest.raises(RecipeError, match=r"tail\.jsonl \(1\)"):
+        checked_cleaning([tail], DataSpec(train=[tail], limit=4), console)
+
 
 def test_a_reward_model_registered_from_a_copied_run_folder_keeps_its_held_out_agreement(
         home, data, tmp_path, default_model):
