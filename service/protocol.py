@@ -372,12 +372,19 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(isinstance(item, str | list) for item in value):
-            if len(value) > 1:
-                raise ValueError(f"`prompt` holds {len(value)} prompts; this server takes one a request: send "
-                                 "each in a request of its own")
+        if isinstance(value, list) and len(value) > 1 and all(isinstance(item, str | list) for item in value):
+            raise ValueError(f"`prompt` holds {len(value)} prompts; this server takes one a request: send each in a "
+                             "request of its own")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _unwrapped(cls, value: Any) -> Any:
+        # A list holding one prompt is unwrapped after validation, so an error inside it is named where the client
+        # put it (`prompt[0][1]`), not where the unwrapped prompt has it.
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
             value = value[0]
-        if isinstance(value, list) and not value or value == "":
+        if not value:
             raise ValueError("`prompt` is empty; send the text (or the token ids) to continue")
         return value
 

@@ -144,6 +144,10 @@ async def test_the_stream_adds_up_to_the_whole_answer(served, extra):
     ({"prompt": 7}, 400, "wrong type", "prompt"),
     ({"prompt": [1, "a"]}, 400, "a valid integer", "prompt[1]"),  # the token-id list's own error, not "a string"
     ({"prompt": [-1]}, 400, "greater than or equal to 0", "prompt[0]"),
+    # inside a list holding one prompt, the error is named where the client put it
+    ({"prompt": [[1, "a"]]}, 400, "a valid integer", "prompt[0][1]"),
+    ({"prompt": [[5, -1]]}, 400, "greater than or equal to 0", "prompt[0][1]"),
+    ({"prompt": [""]}, 400, "`prompt` is empty", "prompt"),
     ({"prompt": [10**9]}, 400, "", "prompt"),
     ({"prompt": [60000]}, 400, "outside the vocabulary", "prompt"),
     ({"prompt": "hi", "logprobs": 6}, 400, "less than or equal to 5", "logprobs"),
