@@ -45,7 +45,6 @@ METHODS = QUANT_METHODS  # the core's list, by which calibration and the report 
 LLM_COMPRESSOR = ("gptq", "awq", "w8a8")
 CALIBRATED = ("gptq", "awq", "w8a8")
 GROUPED = ("gptq", "awq", "easyquant")  # w8a8 is per channel; bnb's block size is its own (64)
-PER_CHANNEL_SCHEMES = ("W8A16", "W8A8")  # llm-compressor's presets with one scale per output channel, no groups
 EASYQUANT_FORMS = ("int4", "dequantized")
 
 
@@ -95,8 +94,9 @@ class QuantOptions:
 
     @property
     def grouped(self) -> bool:
-        """Whether --group-size shapes the result: gptq's W8A16 is per channel, whatever the group size says."""
-        return self.method in GROUPED and self.resolved_scheme not in PER_CHANNEL_SCHEMES
+        """Whether --group-size shapes the result: every scheme gptq and awq take is grouped in compressed-tensors'
+        presets (W8A16 too, at 128 unless told), as EasyQuant's is; w8a8's is per channel."""
+        return self.method in GROUPED
 
     def recipe(self) -> dict[str, Any]:
         """What the manifest records: only the options that shape this method's result."""

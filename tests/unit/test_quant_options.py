@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from quant import calibration
-from quant.run import SCHEMES, QuantError, QuantOptions, check, linear_input_features
+from quant.run import LLM_COMPRESSOR, SCHEMES, QuantError, QuantOptions, check, linear_input_features
 from zephyr.registry import QUANT_METHODS, Registry
 from zephyr.schemas import MCQItem
 from zephyr.settings import Settings
@@ -157,13 +157,21 @@ def test_a_derived_name_too_long_suggests_naming_the_result(registry):
         check(QuantOptions(model="m" * 60, method="easyquant"), registry)
 
 
-def test_a_per_channel_scheme_takes_no_group_size(registry, default_model):
-    """gptq's W8A16 is per channel: a group size that does not divide the widths was refused, and the manifest
-    recorded one the weights never had."""
+def test_group_size_shapes_exactly_the_schemes_compressed_tensors_groups(registry, default_model):
+    """gptq's W8A16 was taken for per channel: a group size that does not divide the widths passed the check, the
+    worker kept the preset's 128 (which does not divide this model's 576 and 1536) and the manifest recorded no group
+    size. Whether the group size applies is checked against the real presets."""
+    presets = pytest.importorskip("compressed_tensors.quantization")
+    for method in LLM_COMPRESSOR:
+        for scheme in SCHEMES[method]:
+            weights = presets.preset_name_to_scheme(scheme, ["Linear"]).weights
+            assert QuantOptions(model="m", method=method, scheme=scheme).grouped == (weights.strategy == "group"), \
+                (method, scheme)
     options = QuantOptions(model=default_model.name, method="gptq", scheme="W8A16", group_size=128)
-    check(options, registry)
-    assert "group_size" not in options.recipe() and not options.grouped
-    assert QuantOptions(model="m", method="gptq").recipe()["group_size"] == 64
+    with pytest.raises(QuantError, match="group size 128 does not divide the 576 input features"):
+        check(options, registry)
+    assert QuantOptions(model="m", method="gptq", scheme="W8A16").recipe()["group_size"] == 64
+    assert "group_size" not in QuantOptions(model="m", method="w8a8").recipe()
 
 
 def test_good_options_pass_and_name_the_result(registry, default_model):
