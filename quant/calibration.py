@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,15 @@ def from_file(path: Path, samples: int) -> list[list[dict]]:
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")
     try:
-        chats = [[m.model_dump() for m in record.messages] for record in read_jsonl(path, SFTExample)]
+        # the first `samples` only: a bad line past them does not fail a run that never reads it
+        chats = [[m.model_dump() for m in record.messages]
+                 for record in islice(read_jsonl(path, SFTExample), samples)]
     except DataFileError as exc:
         hint = 'calibration files hold SFT examples: one {"messages": [...]} per line'
         raise CalibrationError(f"{exc} ({hint})") from None
     if not chats:
         raise CalibrationError(f"calibration file {path} has no records")
-    return chats[:samples]
+    return chats
 
 
 def render(chats: list[list[dict]], tokenizer: Any, system_prompt: str | None) -> list[str]:
@@ -99,5 +102,8 @@ def render(chats: list[list[dict]], tokenizer: Any, system_prompt: str | None) -
 def write(texts: list[str], path: Path) -> str:
     """Write rendered samples (one {"text"} per line, what the quantization worker reads); return their digest."""
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    path.write_bytes(data)
+    # The written lines, whose newlines inside a sample are escaped: the texts joined by newlines gave ["a\nb"] and
+    # ["a", "b"] one digest, though the worker tokenizes and truncates them as different samples.
+    return hashlib.sha256(data).hexdigest()

@@ -294,6 +294,10 @@ def test_calibration_file_is_checked(tmp_path):
     digest = calibration.write(["a", "b"], tmp_path / "cal.jsonl")
     assert [json.loads(line)["text"] for line in (tmp_path / "cal.jsonl").read_text().splitlines()] == ["a", "b"]
     assert digest == calibration.write(["a", "b"], tmp_path / "again.jsonl")
+    # samples told apart by where they break, not only by their text
+    assert digest != calibration.write(["a\nb"], tmp_path / "joined.jsonl")
+    bad.write_text(good.read_text() + "not json\n")  # past the samples read: not a failure
+    assert len(calibration.from_file(bad, 1)) == 1
 
 
 def test_the_worker_reads_back_texts_holding_line_separators(tmp_path):
