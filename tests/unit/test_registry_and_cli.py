@@ -205,6 +205,30 @@ def test_a_stopped_removal_leaves_no_half_model_and_a_leftover_folder_is_named(t
             registry.add(default_model.path, ModelManifest(name="junk", method="sft"), overwrite=overwrite)
 
 
+def test_replacing_an_entry_survives_an_aside_folder_an_earlier_replacement_could_not_delete(
+        tmp_path, default_model, monkeypatch):
+    """The old weights went aside under one fixed name: where an earlier replacement's rmtree left it half deleted
+    (a file a server still held open), the rename failed with a raw OSError after a quantization or training run had
+    done its work."""
+    import shutil
+
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="m", method="sft"))
+    for stuck in (".m.replaced", ".m.replaced-1"):  # the fixed name before, a timed one now
+        (registry.models_dir / stuck).mkdir()
+        (registry.models_dir / stuck / ".nfs0001").write_text("held open")
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr("zephyr.registry.shutil.rmtree", lambda path, *args, **kwargs: None
+                        if Path(path).name.startswith(".m.replaced") else real_rmtree(path, *args, **kwargs))
+    again = registry.add(default_model.path, ModelManifest(name="m", method="dpo"), overwrite=True)
+    assert again.manifest.method == "dpo" and [e.name for e in registry.list()] == ["m"]
+    monkeypatch.undo()
+    (registry.models_dir / ".m.removing").mkdir()  # a removal's, stopped by an older version
+    registry.add(default_model.path, ModelManifest(name="m", method="kto"), overwrite=True)
+    registry.remove("m")
+    assert [p.name for p in registry.models_dir.iterdir()] == [".lock"]  # once free, the leftovers go too
+
+
 def _quantized(folder, weight_bits: int, activation_bits: int | None):
     folder.mkdir()
     groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": weight_bits},
