@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -199,7 +200,7 @@ def find_outliers(weight: torch.Tensor, sigma: float = 3.0, scope: Literal["tens
         mean, std = w.mean(dim=1, keepdim=True), w.std(dim=1, keepdim=True, correction=0)
     else:
         raise ValueError(f"scope must be 'tensor' or 'channel', got {scope!r}")
-    return (w - mean).abs() >= sigma * std
+    return ((w - mean).abs() >= sigma * std) & (std > 0)  # a constant matrix (or row) has no outliers, not all
 
 
 def _initial_scale(x: torch.Tensor, keep: torch.Tensor, bits: int, symmetric: bool
@@ -390,7 +391,15 @@ def _check_model_options(config: EasyQuantConfig, form: str, quantize_embedding:
                 "numerics, or leave the embedding in bf16 (as GPTQ/AWQ here do)")
 
 
-def _ct_quantization_config(config: EasyQuantConfig) -> Any:
+def unpacked_linears(model: torch.nn.Module, packed: Iterable[str]) -> list[str]:
+    """The model's Linears left in full precision (lm_head, or a head named otherwise, as GPT-NeoX's `embed_out`):
+    the config's `ignore`, which must name each, or vLLM looks for packed weights there that were never written."""
+    packed = set(packed)
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and name not in packed)
+
+
+def _ct_quantization_config(config: EasyQuantConfig, ignore: list[str]) -> Any:
     """compressed-tensors' own schema for what we write: W4A16, symmetric int, group (or channel) strategy."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
 
@@ -400,7 +409,7 @@ def _ct_quantization_config(config: EasyQuantConfig) -> Any:
     else:
         scheme.weights.group_size = config.group_size
     return QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                              quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
+                              quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
 
 
 def packed_tensors(name: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -439,7 +448,8 @@ def _write_int4(model: torch.nn.Module, tensors: dict[str, dict[str, torch.Tenso
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.save_pretrained(out_dir)
     # compressed-tensors' own writer adds `quantization_config` (quant_method, format, config_groups, ignore, ...).
-    ModelCompressor(quantization_config=_ct_quantization_config(config)).update_config(str(out_dir))
+    quantization = _ct_quantization_config(config, unpacked_linears(model, tensors))
+    ModelCompressor(quantization_config=quantization).update_config(str(out_dir))
 
 
 def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | None = None, *,

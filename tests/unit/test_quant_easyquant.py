@@ -18,6 +18,7 @@ from quant.easyquant import (
     reconstruction_error,
     rtn,
     scale_gradient,
+    unpacked_linears,
 )
 from zephyr.registry import copy_tokenizer_files
 
@@ -141,6 +142,10 @@ def test_outlier_scope_channel_uses_per_row_statistics():
     tensor_mask = find_outliers(weight, 3.0, "tensor")
     channel_mask = find_outliers(weight, 3.0, "channel")
     assert tensor_mask[0].sum() > 20 and channel_mask[0].sum() < 10
+    # a constant matrix or row (zero-initialised, pruned) has no outliers: all of it was flagged, and stored whole
+    weight[1] = 0.5
+    assert not find_outliers(torch.zeros(4, 64)).any() and not find_outliers(weight, 3.0, "channel")[1].any()
+    assert easyquant(torch.zeros(4, 64), EasyQuantConfig(steps=2)).num_outliers == 0
 
 
 def test_asymmetric_and_other_bit_widths_round_trip():
@@ -274,6 +279,16 @@ def test_int4_form_is_a_compressed_tensors_checkpoint_that_transformers_loads(ti
         loaded = model.get_submodule(name).weight.data
         assert torch.equal(loaded, qw.dequantize(with_outliers=False))  # q * scale, outliers clamped
         assert torch.equal(loaded, (qw.q.float() * qw.scale.repeat_interleave(64, dim=1)).to(torch.bfloat16))
+
+
+def test_the_int4_config_ignores_every_linear_left_unpacked():
+    """`ignore` named only `lm_head`: a model whose head is named otherwise (GPT-NeoX's `embed_out`), or with a
+    Linear outside the decoder layers, was written declaring packed weights it does not have."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))])
+    model.embed_out = torch.nn.Linear(4, 8)
+    model.projector = torch.nn.Linear(4, 4)
+    assert unpacked_linears(model, ["layers.0.0", "layers.0.1"]) == ["embed_out", "projector"]
 
 
 def test_dequantized_form_keeps_the_outliers_exactly(tiny_llama, tmp_path):
