@@ -28,6 +28,7 @@ GPU_REQUIREMENTS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 # find-links, like this one, may not reach it).
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 STAMP = ".zephyr-quant-env"
+NVIDIA_SMI_SECONDS = 20
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
 
@@ -40,9 +41,15 @@ def python_of(env: Path) -> Path:
 
 
 def requirements() -> tuple[str, ...]:
-    has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
-    return GPU_REQUIREMENTS if has_gpu else REQUIREMENTS
+    if shutil.which("nvidia-smi") is None:
+        return REQUIREMENTS
+    try:  # bounded: a hung driver hung every `zephyr quantize` here
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=NVIDIA_SMI_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise QuantEnvError(f"nvidia-smi -L did not answer in {NVIDIA_SMI_SECONDS} s, so whether this machine's GPU "
+                            "can run the quantization environment is unknown; check the driver (or hide "
+                            "nvidia-smi from PATH to quantize on the CPU)") from None
+    return GPU_REQUIREMENTS if listed.returncode == 0 else REQUIREMENTS
 
 
 def index_arguments(requirements: tuple[str, ...]) -> list[str]:

@@ -4,6 +4,7 @@ splits only, rendered with the model's chat template."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,20 @@ def test_quant_env_is_made_only_when_missing_or_stale(tmp_path, monkeypatch):
     assert not env.is_ready(fake)  # other pins: made again on next use
 
 
+def test_a_hung_nvidia_smi_is_a_quant_env_error_not_a_hang(tmp_path, monkeypatch):
+    from quant import env
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nsleep 30\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(env, "NVIDIA_SMI_SECONDS", 0.5)
+    with pytest.raises(env.QuantEnvError, match="nvidia-smi -L did not answer in 0.5 s"):
+        env.requirements()
+    smi.write_text("#!/bin/sh\nexit 9\n")  # no GPU it can list: the CPU pins
+    assert env.requirements() == env.REQUIREMENTS
+
+
 def test_a_folder_zephyr_did_not_make_is_never_deleted_for_the_quant_env(tmp_path):
     from quant import env
 
@@ -600,3 +615,17 @@ def test_a_ready_env_in_a_folder_the_user_may_only_read_is_used(tmp_path, monkey
         assert python == target / "bin" / "python"
     with pytest.raises(env.QuantEnvError, match="cannot lock the quantization environment"):
         env.ensure(target, say=lambda _: None, recreate=True)
+
+
+def test_stored_bytes_are_read_from_the_safetensors_header(tmp_path):
+    """Sizes came from a table of dtypes that guessed 2 bytes for every dtype it did not list (F64, U32, BOOL)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from quant.run import _stored_bytes
+
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(3, 5, dtype=torch.float64), "b": torch.zeros(7, dtype=torch.bool),
+               "c": torch.zeros(2, 4, dtype=torch.bfloat16), "d": torch.zeros(6, dtype=torch.uint32)}, str(file),
+              metadata={"format": "pt"})
+    assert _stored_bytes(file) == {"a": 120, "b": 7, "c": 16, "d": 24}
