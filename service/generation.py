@@ -107,6 +107,7 @@ class GenerationRequest:
     # A multiple-choice question the chat's last message holds (zephyr/chat_mcq.py), and the answer's opening that
     # the tutor wrote from /mcq's answer to it: every choice starts with it, and the engine continues from it.
     mcq_question: MCQuestion | None = None
+    mcq_one_of_several: bool = False  # the message holds another question after it
     answer_prefix: str = ""
     answer_prefix_ids: list[int] = field(default_factory=list)
     # The safety guard's reply (zephyr/safety.py) when it flagged the request: every choice is this, not the model's.

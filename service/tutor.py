@@ -430,16 +430,18 @@ class Tutor:
         # A question pasted into the chat is answered as /mcq answers it (open_answer). Not when the client asked
         # for log-probabilities (the tutor's opening words were not sampled and have none), nor for several answers
         # (one opening would make them copies of one answer: what self-consistency or pass@k samples must not be).
-        question = None
+        question, several = None, False
         if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None and params.n == 1:
-            question = chat_mcq.find_question(messages[-1]["content"])
+            questions = chat_mcq.find_questions(messages[-1]["content"], limit=2)
+            question = questions[0] if questions else None
+            several = len(questions) > 1
         gen = GenerationRequest(
             request_id=new_id("chatcmpl"), route="chat", messages=messages, prompt_ids=prompt_ids, params=params,
             principal=principal, user=req.user, extra_params={"stream": req.stream},
             # A review item is one answer (the route refuses a marked chat with n > 1; the sampler skips them).
             review_requested=review_requested,
             for_review=params.n == 1 and self.candidates.wants_review(review_requested),
-            mcq_question=question, screen_answer=True,
+            mcq_question=question, mcq_one_of_several=several, screen_answer=True,
         )
         if left_out:
             gen.extra_params["refused_turns_left_out"] = left_out
@@ -459,14 +461,15 @@ class Tutor:
                         gen.request_id, failure_text(exc))
             return
         opening = chat_mcq.answer_opening(result.answer, result.option, result.confidence,
-                                          self.settings.chat_mcq_sure_confidence)
+                                          self.settings.chat_mcq_sure_confidence, len(gen.mcq_question.options))
         ids = await asyncio.to_thread(self.engine.tokenizer.encode, opening, add_special_tokens=False)
         # The opening is prompt to vLLM, where stop sequences are not looked for: one that holds a client's stop
         # string or token would send text past it.
         if len(ids) >= gen.params.max_tokens or any(stop and stop in opening for stop in gen.params.stop) \
                 or set(ids) & set(gen.params.stop_token_ids):
             return
-        keep = result.answer is not None and self.settings.chat_mcq_keep_answer
+        # Not where another question follows: its right letter may be one this answer may not conclude with.
+        keep = result.answer is not None and self.settings.chat_mcq_keep_answer and not gen.mcq_one_of_several
         gen.params = dataclasses.replace(
             gen.params, max_tokens=gen.params.max_tokens - len(ids),
             min_tokens=max(0, gen.params.min_tokens - len(ids)),

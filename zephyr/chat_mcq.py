@@ -63,9 +63,23 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 # A stem's last line that asks for no choice: a task over the items, which the student wants done ("Compare:\nA)
 # mitosis\nB) meiosis"). Not "Find/Calculate/Identify ...", whose items may well be the answers to choose from, nor a
 # line that asks "which" or ends in a question.
-_NO_CHOICE = re.compile(r"\s*(?:(?:compare|contrast)\b|(?:explain|describe|discuss|outline|list|summari[sz]e|review)\b"
+# Nor a line that asks to order, sort, match or define the items, to tell about them or to write on them, or to
+# judge each true or false ("Rank these from smallest to largest:"): their answer is no one letter.
+_NO_CHOICE = re.compile(r"\s*(?:please\s+|can\s+you\s+)?"
+                        r"(?:(?:compare|contrast|classify|categori[sz]e|match|define|summari[sz]e)\b|tell\s+me\s+about\b|"
+                        r"true\s+or\s+false\b(?=[^\n]*\b(?:each|these|them|the\s+following)\b)|"
+                        r"(?:explain|describe|discuss|outline|list|review)\b"
                         r"(?:\s*:?\s*$|(?=[^\n]*\b(?:these|each|both|them|the\s+difference|between)\b)))"
                         r"(?![^\n]*\bwhich\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+# A line that asks to put the items in order: no question where the options are single items ("Rank these from
+# smallest to largest:\nA) atom\nB) cell"), one where each is an order ("A) (2,2), (3,2), (3,4)").
+_ORDERING = re.compile(
+    r"\s*(?:please\s+|can\s+you\s+)?(?:rank|arrange|sort|order|put\b[^\n]*\border)\b(?![^\n]*\bwhich\b)", re.IGNORECASE)
+_SEQUENCE = re.compile(r"[,;<>→]|\bthen\b")
+# A question with more than one right option ("Select all that apply."): /mcq's one letter would answer it wrongly.
+_SEVERAL_ANSWERS = re.compile(
+    r"\ball\s+that\s+apply\b|\b(?:more\s+than\s+one|one\s+or\s+more)\s+(?:correct\s+|right\s+)?(?:answers?|options?|choices?)\b|"
+    r"\b(?:select|choose|pick|circle|mark|tick)\s+(?:two|three|four|all|every|both)\b", re.IGNORECASE)
 # A stem's last line that asks to choose, so what follows the options cannot undo it: a question, a wh-word, a blank.
 _ASKING = re.compile(r"\?|\b(?:which|what|who|whom|whose|where|when|why|how|choose|select|pick|identify)\b|__",
                      re.IGNORECASE)
@@ -131,6 +145,18 @@ def without_separator(value: str) -> str:
     return value.rstrip(",;").rstrip()
 
 
+def _without_closing_stop(value: str, others: list[str]) -> str:
+    """The last of a line of options without the stop that ends the student's sentence ("... C) NaCl D) O2."), where
+    no other option ends so: cloze scored it, tilting the scores against the last option. Not an abbreviation's
+    or an initial's dot ("C) the U.S.", "B) J. S. Bach.")."""
+    if value[-1:] not in ".?!" or any(other.endswith(value[-1]) for other in others):
+        return value
+    word = value.rsplit(None, 1)[-1][:-1]
+    if value[-1] == "." and (word.lower() in _ABBREVIATIONS or "." in word or (len(word) == 1 and word.isupper())):
+        return value
+    return value[:-1].rstrip() or value
+
+
 _NUMBER = re.compile(r"^[-+]?[\d.,/]*\d$")  # "50", "3.5", "1/2": a unit's number (not "3." ending a sentence)
 _LABEL_WORD = re.compile(r"^\(?[A-Ja-j][).:]?\)?$")
 
@@ -174,14 +200,29 @@ def _option(text: str, label_end: int, stop: int, *, on_lines: bool, below_label
     return (line if on_lines else without_separator(line)), after
 
 
+# A "which" question after the options that is more than "which one?": the question itself, where the stem before
+# the options only introduces them ("Consider:\nA) water\nB) ethanol\nWhich has the highest boiling point?").
+_BARE_WHICH = re.compile(
+    r"which(?:\s+(?:one|of\s+(?:these|them|those)))?(?:\s+(?:is\s+it|is\s+(?:correct|right)))?\W*$", re.IGNORECASE)
+
+
+def _question_after(after: str) -> str | None:
+    """The "which" question the text after the options asks (its first line, to its "?"), or None."""
+    line = after.strip().partition("\n")[0]
+    asked, mark, _ = line.partition("?")
+    if not mark or not asked.lower().startswith("which") or _BARE_WHICH.match(asked):
+        return None
+    return asked.strip() + "?"
+
+
 def _asks_more(after: str) -> bool:
     """Whether the text after the options asks something of its own (a question, a task), not why the answer."""
     after = after.strip()
     return bool(after) and ("?" in after or bool(_TASK.match(after))) and not _FOLLOW_UP.match(after)
 
 
-def find_question(text: str) -> MCQuestion | None:
-    """The multiple-choice question a chat message holds, or None.
+def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
+    """The multiple-choice questions a chat message holds, in order (the first `limit`).
 
     A question is a stem followed by options labelled A, B, C, ... in order, in one style ("A)", "A.", "A:",
     "(A)", "a)", "(a)"): each on a line of its own (two or more), or three or more on one line. The stem is the
@@ -189,14 +230,15 @@ def find_question(text: str) -> MCQuestion | None:
     ends at its line's end, and on a line of options at its sentence's: what follows it ("Explain why.") is the
     student's instruction, not part of the option. Items that read as a problem's parts (tasks or questions
     themselves) make no question, nor do options /mcq would refuse (a duplicate, a blank one): the message is
-    answered as any chat."""
+    answered as any chat, nor do questions with more than one right option ("Select all that apply"). A "which"
+    question after the options, where the stem asks none, is the stem's question."""
     labels = _labels(text)
     where: dict[tuple[str, str], list[int]] = {}
     for i, label in enumerate(labels):
         where.setdefault((label[3], label[2]), []).append(i)
-    candidates = 0
+    candidates, found, follows = 0, [], 0
     for first, label in enumerate(labels):
-        if label[2] != "A":
+        if label[2] != "A" or label[0] < follows:  # a label inside the question found before
             continue
         run = _run_from(labels, first, where)
         on_lines = all(item[4] for item in run)
@@ -209,7 +251,7 @@ def find_question(text: str) -> MCQuestion | None:
         # runs is no pasted question, and reading each would be quadratic in its length.
         candidates += 1
         if candidates > MAX_CANDIDATES:
-            return None
+            break
         stem = _QUESTION_CUE.sub("", _INTRODUCER.sub("", text[: run[0][0]].rstrip())).strip()
         stem_line = stem[stem.rfind("\n") + 1:]
         if not stem or _NO_CHOICE.match(stem_line):  # "Compare:", "Explain the difference:"
@@ -224,25 +266,55 @@ def find_question(text: str) -> MCQuestion | None:
                                    below_labels=below_labels, last=last)
             options.append(value)
         # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
-        if not _ASKING.search(stem_line) and _asks_more(after):
+        if not _ASKING.search(stem_line):
+            if asked := _question_after(after):
+                stem = f"{stem}\n{asked}"
+            elif _asks_more(after):
+                continue
+        if _SEVERAL_ANSWERS.search(stem) or _SEVERAL_ANSWERS.search(after.strip().partition("\n")[0]):
             continue
+        if _ORDERING.match(stem_line) and not any(_SEQUENCE.search(o) for o in options):
+            continue  # items to put in order, not orders to choose from
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             continue  # parts of a problem, not options (a question may still follow)
+        if not on_lines:
+            options[-1] = _without_closing_stop(options[-1], options[:-1])
         try:
-            return MCQuestion.build(stem, options)
+            found.append(MCQuestion.build(stem, options))
         except MCQFormatError:
             continue
-    return None
+        follows = run[-1][1]
+        if limit and len(found) >= limit:
+            break
+    return found
 
 
-def answer_opening(letter: str | None, option: str | None, confidence: float, sure: float) -> str:
+def find_question(text: str) -> MCQuestion | None:
+    """The first multiple-choice question a chat message holds (`find_questions`), or None."""
+    found = find_questions(text, limit=1)
+    return found[0] if found else None
+
+
+def sure_line(sure: float, options: int) -> float:
+    """The confidence at which an answer to a question of `options` options is said plainly. `sure` is read for
+    four options, on which it was chosen (the lowest confidence at which /mcq was right four times in five on
+    validation), and held to the same share of the way from chance to certainty for fewer: 0.5 is a third of the
+    way from four options' 0.25 to 1, so two options need 0.67, not a coin's 0.5. Never below `sure`; at 0.25 or
+    under (an operator's "always say it plainly"), `sure` itself."""
+    if sure <= 0.25:
+        return sure
+    chance = 1 / options
+    return max(sure, chance + (sure - 0.25) / 0.75 * (1 - chance))
+
+
+def answer_opening(letter: str | None, option: str | None, confidence: float, sure: float, options: int = 4) -> str:
     """The first words of the tutor's answer, which the model then goes on from: the option /mcq chose, said as
-    plainly as its calibrated confidence allows, then the cue for the reasons. No letter when /mcq abstained
-    (its `min_confidence`)."""
+    plainly as its calibrated confidence allows for a question of `options` options (`sure_line`), then the cue
+    for the reasons. No letter when /mcq abstained (its `min_confidence`)."""
     if letter is None or option is None:
         return "I'm not sure which of these options is right. Let's think it through:"
     named = f"{letter}) {option}" + ("" if option[-1:] in ".?!" else ".")
-    if confidence >= sure:
+    if confidence >= sure_line(sure, options):
         return f"The answer is {named} This is because"
     return f"I'm not sure, but I think the answer is {named} This is because"
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from zephyr.chat_mcq import answer_opening, find_question, other_conclusions
+from zephyr.chat_mcq import answer_opening, find_question, find_questions, other_conclusions, sure_line
 
 CHAT = "/v1/chat/completions"
 PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide\nC) Helium\nD) Neon"
@@ -93,6 +93,25 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
     ("What is the powerhouse of the cell? a) nucleus\nb) mitochondria\nc) ribosome", "What is the powerhouse of "
      "the cell?", ("nucleus", "mitochondria", "ribosome")),
+    # the stop that ends the student's sentence is not the last option's (cloze scored it), unless every option has
+    # one, or it is an abbreviation's (found by a review, 2026-12-07)
+    ("Which is a compound? A) H2 B) O2 C) NaCl D) H2O.", "Which is a compound?", ("H2", "O2", "NaCl", "H2O")),
+    ("Is it a metal? A) iron B) glass C) salt?", "Is it a metal?", ("iron", "glass", "salt")),
+    ("Which country? A) France B) Spain C) the U.S.", "Which country?", ("France", "Spain", "the U.S.")),
+    ("Pick one: A) Run. B) Walk. C) Stop.", "Pick one:", ("Run.", "Walk.", "Stop.")),
+    # a "which" question after the options is the question, where the stem before them asks none (it was dropped,
+    # and /mcq scored the options after "Consider:")
+    ("Consider:\nA) water\nB) ethanol\nC) acetone\nWhich has the highest boiling point?",
+     "Consider:\nWhich has the highest boiling point?", ("water", "ethanol", "acetone")),
+    ("I have three beakers: A) water, B) ethanol, C) acetone. Which evaporates fastest and why?",
+     "I have three beakers:\nWhich evaporates fastest and why?", ("water", "ethanol", "acetone")),
+    ("Consider:\nA) water\nB) ethanol\nWhich one is it?", "Consider:", ("water", "ethanol")),
+    # orders to choose from, a choice of one, a task whose items are the answers
+    ("Order the pairs from least to most favourable:\nA) (2,2), (3,2)\nB) (3,2), (2,2)",
+     "Order the pairs from least to most favourable:", ("(2,2), (3,2)", "(3,2), (2,2)")),
+    ("Which element has more than one isotope?\nA) Neon\nB) Iron", "Which element has more than one isotope?",
+     ("Neon", "Iron")),
+    ("Write 5.875 as a fraction.\nA) 47/8\nB) 5/8", "Write 5.875 as a fraction.", ("47/8", "5/8")),
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
@@ -128,6 +147,18 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     # follows the options, so the two readings disagreed on where the options end.
     "The sky is blue due to\nA) scattering\nB) reflection\nC)\nDescribe the ocean\nthanks",
     "The sky is blue due to\nA) scattering\nB) reflection\nC) \nExplain how a rainbow forms.",
+    # Items to order, sort, match, define or tell about, each to judge true or false, and questions with several
+    # right options: no one letter answers them, yet the answer opened with one (found by a review, 2026-12-07)
+    "Rank these from smallest to largest:\nA) atom\nB) cell\nC) molecule\nD) organ",
+    "Put these in order of size:\nA) atom\nB) cell\nC) organ",
+    "Sort into metals and nonmetals:\nA) iron\nB) oxygen\nC) copper",
+    "Match each term with its definition:\nA) atom\nB) cell",
+    "Define each:\nA) atom\nB) cell",
+    "Can you tell me about:\nA) volcanoes\nB) earthquakes",
+    "True or false for each of these:\nA) The sun is a star\nB) The moon is a planet",
+    "Which of these are noble gases? Select all that apply.\nA) Neon\nB) Iron\nC) Argon",
+    "Which are mammals? More than one answer is right.\nA) whale\nB) shark\nC) bat",
+    "Choose two renewable sources:\nA) wind\nB) coal\nC) solar",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
@@ -155,6 +186,13 @@ def test_a_long_line_of_labels_is_no_question():
     assert find_question("Which? " + "A) x B) y " * 20_000) is None  # two in order, never three
 
 
+def test_every_question_a_message_holds_is_found_in_order():
+    text = "1. Which is a gas?\nA) ice\nB) steam\n2. Which is a solid?\nA) ice\nB) steam"
+    first, second = find_questions(text)
+    assert first.question == "1. Which is a gas?" and second.question.endswith("2. Which is a solid?")
+    assert find_questions(text, limit=1) == [first] and find_questions("Why is the sky blue?") == []
+
+
 def test_the_opening_says_as_much_as_the_confidence_allows():
     assert answer_opening("B", "Carbon dioxide", 0.8, 0.5) == "The answer is B) Carbon dioxide. This is because"
     assert answer_opening("B", "Carbon dioxide", 0.3, 0.5) == (
@@ -162,6 +200,13 @@ def test_the_opening_says_as_much_as_the_confidence_allows():
     assert answer_opening("C", "Do algae make food?", 0.9, 0.5) == (
         "The answer is C) Do algae make food? This is because")
     assert answer_opening(None, None, 0.2, 0.5).startswith("I'm not sure which of these options is right")
+    # the setting is read for four options: two need as much of the way from chance to certainty (a tie is no sure
+    # answer; every two-option answer was said plainly at 0.5), five or more never less than the setting
+    assert answer_opening("A", "True", 0.5, 0.5, options=2).startswith("I'm not sure, but")
+    assert answer_opening("A", "True", 0.66, 0.5, options=2).startswith("I'm not sure, but")
+    assert answer_opening("A", "True", 0.67, 0.5, options=2).startswith("The answer is")
+    assert sure_line(0.5, 4) == 0.5 and sure_line(0.5, 5) == 0.5 and round(sure_line(0.5, 3), 4) == 0.5556
+    assert sure_line(0.9, 2) > 0.9 and sure_line(0.0, 2) == 0.0
 
 
 def test_an_answer_may_not_conclude_with_any_option_but_its_own():
@@ -258,6 +303,14 @@ async def test_no_option_is_held_to_when_the_opening_names_none_or_the_operator_
         r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 40})
         assert r.json()["choices"][0]["message"]["content"].startswith("The answer is B)")
         assert served.engine.calls[-1][1].bad_words == []
+    # Two pasted questions: the first is answered, and the second's right letter may still be written
+    async with app_factory() as served:
+        two = PASTED + "\n2. Which gas do we breathe out?\nA) Oxygen\nB) Carbon dioxide\nC) Helium\nD) Neon"
+        r = await served.client.post(CHAT, json={"messages": [{"role": "user", "content": two}], "max_tokens": 40})
+        assert r.json()["choices"][0]["message"]["content"].startswith("The answer is B)")
+        assert served.engine.calls[-1][1].bad_words == []
+        r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 40})
+        assert served.engine.calls[-1][1].bad_words  # one question: held to its option
 
 
 async def test_a_fault_while_scoring_still_answers_and_logs_the_chat(served, monkeypatch):
