@@ -141,6 +141,8 @@ class ReviewStore:
         candidate_done = exists().where(C.parent_id == G.id)
         return [
             G.review_kind.is_not(None), G.purpose == "served", G.status == "ok", ~seen,
+            # not the reviewer's own chat: they saw its served answer, so a pair would not be blind
+            or_(G.api_key_hash.is_(None), G.api_key_hash != reviewer),
             # one answer an item: a chat with n > 1 logged for review before that rule is not shown
             func.coalesce(G.params["n"].as_integer(), 1) == 1,
             held < self.policy.overlap,
@@ -303,7 +305,8 @@ class ReviewStore:
     async def skip(self, reviewer: str, assignment_id: int) -> None:
         async with self.engine.begin() as conn:
             await self._own_shown(conn, reviewer, assignment_id)
-            await self._settle(conn, assignment_id, "shown", status="skipped")
+            # judged_at keeps when it was settled, a skip as a verdict: undo takes back whichever came last
+            await self._settle(conn, assignment_id, "shown", status="skipped", judged_at=datetime.now(UTC))
 
     @staticmethod
     async def _lock_item(conn, item_id: str) -> bool:
@@ -329,26 +332,41 @@ class ReviewStore:
                            param=None if conflict else "assignment_id", code="conflict")
 
     async def undo(self, reviewer: str) -> dict[str, Any]:
-        """Takes back the reviewer's latest verdict; that item is shown again (same answer order)."""
-        A = ReviewAssignment
+        """Takes back the reviewer's latest verdict or skip (a stray key skipped an item for good, and undo then
+        took back the verdict before it); that item is shown again (same answer order). A skip whose item others
+        have filled since is passed over: there is no place left to show it in."""
+        A, B = ReviewAssignment, aliased(ReviewAssignment)
+        now = datetime.now(UTC)
+
+        def room_beside(item_id) -> Any:  # fewer other reviewers hold the item than the overlap asks
+            return select(func.count()).select_from(B).where(
+                B.item_id == item_id, B.reviewer != reviewer,
+                or_(B.status == "judged", and_(B.status == "shown", B.shown_at > now - self.policy.lease)),
+            ).scalar_subquery() < self.policy.overlap
+
         async with self.engine.begin() as conn:
             last = (await conn.execute(
-                select(A).where(A.reviewer == reviewer, A.status == "judged")
-                .order_by(A.judged_at.desc(), A.id.desc()).limit(1)
+                select(A).where(A.reviewer == reviewer,
+                                or_(A.status == "judged", and_(A.status == "skipped", room_beside(A.item_id))))
+                .order_by(A.judged_at.desc().nulls_last(), A.id.desc()).limit(1)
             )).mappings().first()
             if last is None:
-                raise APIError(409, "you have no verdict to undo", code="conflict")
+                raise APIError(409, "you have no verdict or skip to undo", code="conflict")
+            if last["status"] == "skipped":  # no verdict, so nobody's agreement to keep
+                await self._settle(conn, last["id"], "skipped", room_beside(last["item_id"]), status="shown",
+                                   judged_at=None, shown_at=now)
+                current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
+                return await self._view(conn, current)
             # Once another reviewer has judged the item, the statistics can show whether the two agreed: a verdict
             # changed after that would be judged by agreement, not by the answers. It stands. Checked in the update
             # itself (SQLite reads outside the write), under the item's lock a verdict also takes (PostgreSQL).
             await self._lock_item(conn, last["item_id"])
-            B = aliased(A)
             others_judged = exists().where(B.item_id == last["item_id"], B.reviewer != reviewer, B.status == "judged")
             await self._settle(conn, last["id"], "judged", ~others_judged,
                                conflict="another reviewer has judged this item too, so your verdict on it stands; "
                                         "say what you would change in a comment on your next verdict",
                                status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
-                               judged_at=None, shown_at=datetime.now(UTC))
+                               judged_at=None, shown_at=now)
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
             return await self._view(conn, current)
 

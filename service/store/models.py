@@ -156,7 +156,8 @@ class ReviewAssignment(Base):
     strength: Mapped[int | None] = mapped_column(Integer)  # 1-4, for a / b
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     comment: Mapped[str | None] = mapped_column(Text)
-    judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    judged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)  # or skipped (since
+    # 2026-12-07: skips before carry none, and undo reaches them after every timed one)
 
 
 class ReviewSession(Base):

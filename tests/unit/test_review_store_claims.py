@@ -223,3 +223,39 @@ async def test_statistics_are_recomputed_only_when_a_verdict_changed(tmp_path):
     assert await store.rekey({"r1": "r2"})  # reviewers renamed (keyed digests at start): no counts move
     assert await store.statistics() and reads == 5
     await log.close()
+
+
+async def test_a_reviewer_is_never_given_their_own_chat(log):
+    """A reviewer key may chat; its own chat, whose served answer that reviewer has seen, went into their queue, so
+    the pair was not blind. Others still get it, and an open server's chats (no key) go to everyone."""
+    own = "a" * 64
+    rows = pair("mine", "Q0", "x", "y")
+    rows[0]["api_key_hash"] = own
+    await seed(log, [*rows, *pair("open", "Q1", "x", "y", minute=1)])
+    policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    assert (await store.next_item(own))["item_id"] == "open"
+    assert (await store.next_item("b" * 64))["item_id"] == "mine"
+
+
+async def test_undo_takes_back_a_skip_while_the_item_has_room(log):
+    """A stray `s` skipped an item for good (undo only took back verdicts, and took back the verdict before the
+    skip). Undo now takes back whichever came last; a skip whose item others have filled since is passed over."""
+    await seed(log, [*pair("i0", "Q0", "x", "y"), *pair("i1", "Q1", "x", "y", minute=1)])
+    policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    first = await store.next_item("r1")
+    await store.judge("r1", first["assignment_id"], "a", 2, {}, None)
+    second = await store.next_item("r1")
+    assert second["item_id"] == "i1"
+    await store.skip("r1", second["assignment_id"])
+    again = await store.undo("r1")
+    assert again["item_id"] == "i1" and again["answers"] == second["answers"]
+    assert await store.next_item("r1") == again
+    await store.skip("r1", again["assignment_id"])
+    for other in ("r2", "r3"):  # both take i0 first, then fill i1
+        held = await store.next_item(other)
+        await store.judge(other, held["assignment_id"], "b", 2, {}, None) if held["item_id"] == "i0" else None
+    assert {(await store.next_item(o))["item_id"] for o in ("r2", "r3")} == {"i1"}
+    with pytest.raises(Exception, match="another reviewer has judged this item"):
+        await store.undo("r1")  # i1 is full: the verdict before it is next, and it stands (others judged i0)

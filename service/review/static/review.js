@@ -370,7 +370,7 @@ async function undo() {
       keepDraft(); // the item left unjudged comes back after the one taken back, with what was typed on it
       renderItem(result.item);
       showProgress(result.progress);
-      say("Your last verdict was taken back; judge this item again.");
+      say("Your last verdict or skip was taken back; judge this item again.");
       loadStats().catch(failed);
     } catch (error) {
       // A refused undo (nothing to take back, or another reviewer judged it since) leaves the item being judged
