@@ -331,6 +331,15 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         await collapsed.nth(1).locator("summary").click()
         await expect(collapsed.nth(1).locator(".text")).to_be_visible()
         await collapsed.nth(1).locator("summary").click()
+        # Reached by Tab, Enter opens a folded message: it submitted a verdict on answers not read yet
+        await page.keyboard.press("t")
+        await collapsed.nth(1).locator("summary").focus()
+        await page.keyboard.press("Enter")
+        await expect(collapsed.nth(1).locator(".text")).to_be_visible()
+        await page.keyboard.press("Enter")
+        await expect(collapsed.nth(1).locator(".text")).to_be_hidden()
+        await expect(page.locator("#progress")).to_have_text(f"{judged} judged · 0 waiting")
+        await page.evaluate("document.activeElement.blur()")
 
         # Side by side, the two texts have the same height and scroll together.
         boxes = page.locator("#answers .answer > .text")

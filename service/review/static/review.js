@@ -363,6 +363,14 @@ async function skip() {
   });
 }
 
+// Controls Enter presses rather than submits; a mouse click (detail above 0, not a key's click) leaves none focused.
+const BLURRED_ON_CLICK = "#skip, #undo, header button, summary";
+
+function blurOnClick(event) {
+  const control = event.target.closest?.(BLURRED_ON_CLICK);
+  if (control && event.detail > 0) control.blur();
+}
+
 async function undo() {
   return exclusive(async () => {
     try {
@@ -519,11 +527,13 @@ function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
   const key = event.key;
-  // Enter on a focused link opens it, and on Skip or Undo presses it (a click blurs those two: focused, they were
-  // reached by Tab). Everywhere else it submits, whatever kept the focus: a summary or button clicked a moment ago
-  // matches :focus-visible as soon as a key is pressed, so the focus cannot tell intent. On a verdict button it
-  // submits that verdict: clicked, it is the one chosen; reached by Tab from another, it is the one meant.
-  if (key === "Enter" && target.closest("a, #skip, #undo")) return;
+  // Enter on a focused link opens it, and on Skip, Undo, a header button (Keys, Sign out) or a summary (the
+  // guidelines, a long message folded) presses it: a mouse click blurs those (`blurOnClick`), so focused they were
+  // reached by Tab (Enter there submitted a verdict, unread, or "Choose a verdict first"). Everywhere else it
+  // submits, whatever kept the focus: a button clicked a moment ago matches :focus-visible as soon as a key is
+  // pressed, so the focus cannot tell intent. On a verdict button it submits that verdict: clicked, it is the one
+  // chosen; reached by Tab from another, it is the one meant.
+  if (key === "Enter" && target.closest(`a, ${BLURRED_ON_CLICK}`)) return;
   const verdictButton = key === "Enter" && state.item && target.closest("#verdicts button[data-verdict]");
   if (verdictButton) chooseVerdict(verdictButton.dataset.verdict);
   if (key === "?") {
@@ -638,10 +648,10 @@ document.addEventListener("DOMContentLoaded", () => {
   // second click (detail 2) would land on the next item, which the reviewer has not seen: one action a click.
   for (const [id, action] of [["skip", skip], ["undo", undo]]) {
     $(id).addEventListener("click", (event) => {
-      event.currentTarget.blur();
       if (event.detail <= 1) action();
     });
   }
+  document.addEventListener("click", blurOnClick);
   $("submit").addEventListener("click", (event) => {
     if (event.detail > 1) event.preventDefault(); // no second submit of the next item, and no "choose a verdict"
   });
