@@ -82,10 +82,13 @@ def written_whole(row: dict[str, Any]) -> bool:
     """Whether an answer (a review item's one choice) is the model's own, complete: it ended by itself (`stop`;
     rows logged before the reason was kept count so), with no stop string or token of the client's that could have
     ended it (vLLM says `stop` for those too, and training on it would teach the model to end its turn there), the
-    request was not refused (`safety`), and the guard did not stop this choice (`answer_safety["0"]`)."""
+    request was not refused (`safety`), the guard did not stop this choice (`answer_safety["0"]`), and it holds
+    some text (an end of turn at once is no answer to prefer or learn: it became a DPO chosen answer where
+    reviewers preferred it to a worse one)."""
     choice = row["response"][0] if row["response"] else {}
     params = row.get("params") or {}
-    return (choice.get("finish_reason") in ("stop", None) and not params.get("stop")
+    return (choice.get("finish_reason") in ("stop", None) and bool((choice.get("content") or "").strip())
+            and not params.get("stop")
             and not params.get("stop_token_ids") and "safety" not in params
             and "0" not in (params.get("answer_safety") or {}))
 

@@ -193,6 +193,10 @@ def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
         assert row["response"][0]["finish_reason"] in ("stop", None) and not written_whole(row)
     assert written_whole({**generations["b"], "params": {**generations["b"]["params"], "stop": [],
                                                          "stop_token_ids": []}})
+    # an end of turn at once is no answer: it became a DPO chosen answer where reviewers preferred it
+    for blank in ("", "  \n"):
+        row = {**generations["b"], "response": [{**generations["b"]["response"][0], "content": blank}]}
+        assert row["response"][0]["finish_reason"] in ("stop", None) and not written_whole(row)
 
 
 def test_a_single_answer_called_good_but_flagged_is_left_out_not_made_a_negative():
