@@ -46,7 +46,13 @@ def _id_cue(words: str, hash_alone: bool) -> str:
             r"(?:[ \t]*(?:is|was|:|=|#|-))*[ \t]*" + (r"|#[ \t]?)" if hash_alone else ")"))
 
 
-_STUDENT_WORDS = r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|id"
+# A bare "id" names a person's unless a record of science or of work comes before it ("PubMed ID 19304878",
+# "Question ID 123456", "sample ID"): those numbers are the student's question, not who they are.
+_NOT_A_PERSONS_ID = (r"(?<!\b(?:pubmed|pmid|pmc|question|sample|specimen|gene|protein|taxonomy|taxon|accession|order|"
+                     r"product|item|task|problem|exercise|project|experiment|article|paper|catalog(?:ue)?|star)"
+                     r"[ \t]{1,3})")
+_STUDENT_WORDS = (r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|" + _NOT_A_PERSONS_ID
+                  + "id")
 _PERSON_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|upn|uln|usi", hash_alone=False)
 _ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|roll|candidate", hash_alone=True)
 STUDENT_ID_AFTER_CUE = (rf"(?:(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
@@ -62,7 +68,8 @@ STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
 # "2 Natural ln") count only capitalised or in capitals, as an address writes them ("5 GAPDH Ct" still reads as one).
 _AMBIGUOUS_SUFFIXES = ("drive", "dr", "court", "ct", "place", "pl", "way", "close", "ln")
 _STREET_SUFFIX = (
-    r"(?:street|st|avenue|ave|road|rd|lane|boulevard|blvd|terrace|(?-i:"
+    r"(?:street|st|avenue|ave|road|rd|lane|boulevard|blvd|terrace|crescent|cres|grove|parkway|pkwy|highway|hwy|"
+    r"mews|(?-i:"
     + "|".join(f"{w.capitalize()}|{w.upper()}" for w in _AMBIGUOUS_SUFFIXES) + ")"
     # in small letters where the address ends its clause ("I live at 12 Oak drive."): a lab step goes on
     + "|(?-i:" + "|".join(_AMBIGUOUS_SUFFIXES) + r")(?=[ \t]*(?:[,.;:!?)]|$|\band\b)))"

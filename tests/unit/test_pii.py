@@ -32,6 +32,10 @@ def test_the_default_entity_list_has_addresses_and_dates_of_birth():
     ("10 Downing street", "<STREET_ADDRESS>"),  # an unambiguous suffix in any case
     ("I live at 12 Oak drive.", "I live at <STREET_ADDRESS>."),  # one a lab step also says, ending its clause
     ("we are at 9 Kings way, near the park", "we are at <STREET_ADDRESS>, near the park"),
+    # British and Commonwealth suffixes (found by a review, 2026-12-07)
+    ("I live at 300 Maple Crescent", "I live at <STREET_ADDRESS>"),
+    ("12 Oak Grove, London", "<STREET_ADDRESS>, London"),
+    ("5 Kings Mews and 80 Pacific Highway", "<STREET_ADDRESS> and <STREET_ADDRESS>"),
 ])
 def test_street_addresses(redactor, text, expected):
     assert redactor.redact(text) == expected
@@ -100,6 +104,9 @@ def test_student_ids(redactor, text, expected):
     "Take 2 Natural ln of both sides.",
     "Coulomb's constant is k = 8.9875517923 x 10^9 N m^2/C^2.",
     "Roll 10000 dice and count the sixes; candidate 12345 of the sieve is prime.",  # short numbers need an id's cue
+    # an "ID" after a record of science or of work is the question's, not the student's (found by a review)
+    "PubMed ID 19304878 reports the trial; Question ID 123456: what is the mass?",
+    "Sample ID 554433 was contaminated, and gene ID 7157 is TP53.",
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
