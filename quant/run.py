@@ -173,8 +173,11 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
         for layers, width in widths.items():
             if width % options.group_size:
                 divisors = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+                choose = (f"choose one of {', '.join(map(str, divisors))}" if divisors else
+                          f"no common group size of 16 to 256 divides its widths ({sorted(set(widths.values()))}); "
+                          "choose a divisor of them all")
                 raise QuantError(f"group size {options.group_size} does not divide the {width} input features of "
-                                 f"{layers} in {options.model}; choose one of {', '.join(map(str, divisors))}")
+                                 f"{layers} in {options.model}; {choose}")
     if options.method in CALIBRATED:
         if options.samples < 1 or options.seq_len < 16:
             raise QuantError("--samples must be at least 1 and --seq-len at least 16")
