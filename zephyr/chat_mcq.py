@@ -63,23 +63,32 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 # A stem's last line that asks for no choice: a task over the items, which the student wants done ("Compare:\nA)
 # mitosis\nB) meiosis"). Not "Find/Calculate/Identify ...", whose items may well be the answers to choose from, nor a
 # line that asks "which" or ends in a question.
-# Nor a line that asks to order, sort, match or define the items, to tell about them or to write on them, or to
-# judge each true or false ("Rank these from smallest to largest:"): their answer is no one letter.
+# Nor a line that asks to classify, match, define or summarize the items, to tell about them, or to judge each true
+# or false ("Match each term with its definition:"): their answer is no one letter. Not where the line asks to
+# choose ("Match List I with List II and choose the correct answer using the codes"), nor a definition of its own
+# ("Define f(x) = ... Find ...", "Classify the reaction 2H2 + O2 -> 2H2O:").
+_OVER_THE_ITEMS = r"\s*(?:these|each|them|those|all|both|the\s+following|the\s+(?:terms|items|words)\b|:?\s*$)"
 _NO_CHOICE = re.compile(r"\s*(?:please\s+|can\s+you\s+)?"
-                        r"(?:(?:compare|contrast|classify|categori[sz]e|match|define|summari[sz]e)\b|tell\s+me\s+about\b|"
+                        r"(?:(?:compare|contrast)\b|"
+                        rf"(?:classify|categori[sz]e|match|define|summari[sz]e|tell\s+me\s+about)(?={_OVER_THE_ITEMS})|"
                         r"true\s+or\s+false\b(?=[^\n]*\b(?:each|these|them|the\s+following)\b)|"
                         r"(?:explain|describe|discuss|outline|list|review)\b"
                         r"(?:\s*:?\s*$|(?=[^\n]*\b(?:these|each|both|them|the\s+difference|between)\b)))"
-                        r"(?![^\n]*\bwhich\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+                        r"(?![^\n]*\b(?:which|choose|select|correct|codes?)\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
 # A line that asks to put the items in order: no question where the options are single items ("Rank these from
-# smallest to largest:\nA) atom\nB) cell"), one where each is an order ("A) (2,2), (3,2), (3,4)").
-_ORDERING = re.compile(
-    r"\s*(?:please\s+|can\s+you\s+)?(?:rank|arrange|sort|order|put\b[^\n]*\border)\b(?![^\n]*\bwhich\b)", re.IGNORECASE)
-_SEQUENCE = re.compile(r"[,;<>→]|\bthen\b")
-# A question with more than one right option ("Select all that apply."): /mcq's one letter would answer it wrongly.
+# smallest to largest:\nA) atom\nB) cell"), one where each is an order ("A) (2,2), (3,2), (3,4)", "A) 2-1-3-4").
+# Not "Order of the reaction ..." nor "Rank of the matrix ...": a verb with its object.
+_ORDERING = re.compile(r"\s*(?:please\s+|can\s+you\s+)?(?:rank|arrange|sort|order|put)\s+"
+                       r"(?:the|these|them|those|following|in|into|each|all|from)\b(?![^\n]*\bwhich\b)", re.IGNORECASE)
+_SEQUENCE = re.compile(r"[,;<>→]|\bthen\b|\w\s*[-–]\s*\w+\s*[-–]\s*\w")
+# A question with more than one right option ("Select all that apply.", "choose two of the following"), asked on the
+# stem's last line or just after the options: /mcq's one letter would answer it wrongly. Not "If you select two
+# cards ...": a choice of the options themselves.
 _SEVERAL_ANSWERS = re.compile(
     r"\ball\s+that\s+apply\b|\b(?:more\s+than\s+one|one\s+or\s+more)\s+(?:correct\s+|right\s+)?(?:answers?|options?|choices?)\b|"
-    r"\b(?:select|choose|pick|circle|mark|tick)\s+(?:two|three|four|all|every|both)\b", re.IGNORECASE)
+    r"\b(?:select|choose|pick|circle|mark|tick)\s+(?:the\s+)?(?:two|three|four|all|every|both)\s+"
+    r"(?:(?:correct|right|true)\s+)?(?:answers?|options?|choices?|statements?|responses?|letters?|"
+    r"of\s+(?:these|them|those|the\s+following|the\s+options))\b", re.IGNORECASE)
 # A stem's last line that asks to choose, so what follows the options cannot undo it: a question, a wh-word, a blank.
 _ASKING = re.compile(r"\?|\b(?:which|what|who|whom|whose|where|when|why|how|choose|select|pick|identify)\b|__",
                      re.IGNORECASE)
@@ -271,7 +280,7 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
                 stem = f"{stem}\n{asked}"
             elif _asks_more(after):
                 continue
-        if _SEVERAL_ANSWERS.search(stem) or _SEVERAL_ANSWERS.search(after.strip().partition("\n")[0]):
+        if _SEVERAL_ANSWERS.search(stem_line) or _SEVERAL_ANSWERS.search(after.strip().partition("\n")[0]):
             continue
         if _ORDERING.match(stem_line) and not any(_SEQUENCE.search(o) for o in options):
             continue  # items to put in order, not orders to choose from

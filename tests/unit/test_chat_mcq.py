@@ -112,6 +112,18 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
     ("Which element has more than one isotope?\nA) Neon\nB) Iron", "Which element has more than one isotope?",
      ("Neon", "Iron")),
     ("Write 5.875 as a fraction.\nA) 47/8\nB) 5/8", "Write 5.875 as a fraction.", ("47/8", "5/8")),
+    # ...and questions a first version of those rules dropped (found by a review): a noun "order" or "rank", a
+    # choice the stem describes, a definition or a reaction of the stem's own, and "choose the correct answer"
+    ("Order of the reaction 2A -> B is?\nA) 0\nB) 1", "Order of the reaction 2A -> B is?", ("0", "1")),
+    ("Rank of the matrix [[1,2],[2,4]] is:\nA) 1\nB) 2", "Rank of the matrix [[1,2],[2,4]] is:", ("1", "2")),
+    ("Arrange in increasing order:\nA) 2-1-3\nB) 1-2-3", "Arrange in increasing order:", ("2-1-3", "1-2-3")),
+    ("If you select two cards, what is the chance both are aces? A) 1/221 B) 1/169 C) 1/13",
+     "If you select two cards, what is the chance both are aces?", ("1/221", "1/169", "1/13")),
+    ("Define f(x) = 2x. Find f(2).\nA) 2\nB) 4", "Define f(x) = 2x. Find f(2).", ("2", "4")),
+    ("Match List I with List II and choose the correct answer using the codes:\nA) 1-a, 2-b\nB) 1-b, 2-a",
+     "Match List I with List II and choose the correct answer using the codes:", ("1-a, 2-b", "1-b, 2-a")),
+    ("Classify the reaction 2H2 + O2 -> 2H2O:\nA) combination\nB) decomposition",
+     "Classify the reaction 2H2 + O2 -> 2H2O:", ("combination", "decomposition")),
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
@@ -158,7 +170,7 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "True or false for each of these:\nA) The sun is a star\nB) The moon is a planet",
     "Which of these are noble gases? Select all that apply.\nA) Neon\nB) Iron\nC) Argon",
     "Which are mammals? More than one answer is right.\nA) whale\nB) shark\nC) bat",
-    "Choose two renewable sources:\nA) wind\nB) coal\nC) solar",
+    "Choose two of these renewable sources:\nA) wind\nB) coal\nC) solar",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
