@@ -363,7 +363,8 @@ async function skip() {
   });
 }
 
-// Controls Enter presses rather than submits; a mouse click (detail above 0, not a key's click) leaves none focused.
+// Controls Enter presses rather than submits; a mouse click (detail above 0, not a key's click) leaves none focused
+// (Skip and Undo blur on every click: their action moves to another item).
 const BLURRED_ON_CLICK = "#skip, #undo, header button, summary";
 
 function blurOnClick(event) {
@@ -648,10 +649,12 @@ document.addEventListener("DOMContentLoaded", () => {
   // second click (detail 2) would land on the next item, which the reviewer has not seen: one action a click.
   for (const [id, action] of [["skip", skip], ["undo", undo]]) {
     $(id).addEventListener("click", (event) => {
+      event.currentTarget.blur(); // pressed by a key too: Enter on the next item submits, it does not skip again
       if (event.detail <= 1) action();
     });
   }
-  document.addEventListener("click", blurOnClick);
+  // Before the click's own handlers: the Keys dialog gives the focus back on closing to what held it on opening.
+  document.addEventListener("click", blurOnClick, true);
   $("submit").addEventListener("click", (event) => {
     if (event.detail > 1) event.preventDefault(); // no second submit of the next item, and no "choose a verdict"
   });
