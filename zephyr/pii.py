@@ -79,6 +79,7 @@ STREET_ADDRESS = (
     r"(?:\b(?:flat|apt|apartment|unit|suite)\.?[ \t]*\d{1,4}(?-i:[A-Z])?,?[ \t]+)?"
     r"(?<![\w.,/-])\d{1,5}(?-i:[A-Z])?,?[ \t]+"
     r"(?!(?:the[ \t]+)?milky[ \t]+way\b)"  # "Figure 2 The Milky Way"
+    r"(?!(?:waxing|waning|fertile)[ \t]+crescent\b)"  # "2 Waxing Crescent", "the 5 Fertile Crescent cities"
     rf"(?:{_STREET_WORD}[ \t]+){{1,4}}{_STREET_SUFFIX}\b"
     r"(?:[ \t]+(?-i:NW|NE|SW|SE|N|S|E|W)\b)?"
 )

@@ -107,6 +107,7 @@ def test_student_ids(redactor, text, expected):
     # an "ID" after a record of science or of work is the question's, not the student's (found by a review)
     "PubMed ID 19304878 reports the trial; Question ID 123456: what is the mass?",
     "Sample ID 554433 was contaminated, and gene ID 7157 is TP53.",
+    "Moon phases: 1 New Moon, 2 Waxing Crescent, 3 First Quarter; day 7 Waning Crescent; 5 Fertile Crescent cities.",
 ])
 def test_science_text_stays_intact(redactor, text):
     assert redactor.redact(text) == text
