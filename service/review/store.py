@@ -334,7 +334,7 @@ class ReviewStore:
     async def undo(self, reviewer: str) -> dict[str, Any]:
         """Takes back the reviewer's latest verdict or skip (a stray key skipped an item for good, and undo then
         took back the verdict before it); that item is shown again (same answer order). A skip whose item others
-        have filled since is passed over: there is no place left to show it in."""
+        have filled since stands (there is no place left to show it in), and so does all before it."""
         A, B = ReviewAssignment, aliased(ReviewAssignment)
         now = datetime.now(UTC)
 
@@ -346,15 +346,17 @@ class ReviewStore:
 
         async with self.engine.begin() as conn:
             last = (await conn.execute(
-                select(A).where(A.reviewer == reviewer,
-                                or_(A.status == "judged", and_(A.status == "skipped", room_beside(A.item_id))))
+                select(A).where(A.reviewer == reviewer, A.status.in_(("judged", "skipped")))
                 .order_by(A.judged_at.desc().nulls_last(), A.id.desc()).limit(1)
             )).mappings().first()
             if last is None:
                 raise APIError(409, "you have no verdict or skip to undo", code="conflict")
             if last["status"] == "skipped":  # no verdict, so nobody's agreement to keep
-                await self._settle(conn, last["id"], "skipped", room_beside(last["item_id"]), status="shown",
-                                   judged_at=None, shown_at=now)
+                await self._lock_item(conn, last["item_id"])  # as a claim does: no overlap + 1 holders
+                await self._settle(conn, last["id"], "skipped", room_beside(last["item_id"]),
+                                   conflict="other reviewers have taken the item you skipped last since, so your skip "
+                                            "stands (undo goes no further back)",
+                                   status="shown", judged_at=None, shown_at=now)
                 current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
                 return await self._view(conn, current)
             # Once another reviewer has judged the item, the statistics can show whether the two agreed: a verdict

@@ -41,21 +41,8 @@ async def test_overlap_never_twice_skip_and_undo(log):
     assert first["conversation"][-1] == {"role": "user", "content": "Why is the sky blue?"}
     assert await store.next_item("r1") == first  # unfinished work comes back, not a new item
 
-    await store.judge("r1", first["assignment_id"], "a", 3, {"B": ["incorrect"]}, "B is wrong")
-    second = await store.next_item("r1")
-    assert second["item_id"] == "i2" and second["kind"] == "single" and len(second["answers"]) == 1
-    await store.skip("r1", second["assignment_id"])
-    assert await store.next_item("r1") is None  # judged and skipped items are never shown to r1 again
-    assert await store.progress("r1") == {"judged": 1, "waiting": 0}
-
-    # Overlap 2: r2 and r3 may both take i1; r4 finds it full while both hold it.
-    assert (await store.next_item("r2"))["item_id"] == "i1"
-    r3_first = await store.next_item("r3")
-    assert r3_first["item_id"] == "i2"  # r2 holds i1's second place
-    r4 = await store.next_item("r4")
-    assert r4["item_id"] == "i2"  # r1 skipped i2, so it still has one place after r3
-
     # Undo puts r1's verdict back and shows the same item, with the answers in the same order.
+    await store.judge("r1", first["assignment_id"], "b", 2, {}, None)
     undone = await store.undo("r1")
     assert undone["item_id"] == "i1" and undone["answers"] == first["answers"]
     assert await store.next_item("r1") == {**undone}
@@ -63,17 +50,34 @@ async def test_overlap_never_twice_skip_and_undo(log):
         await store.undo("r5")
     assert nothing.value.status == 409
 
-    # Once another reviewer has judged the item too, a verdict stands: the statistics would show whether the two
-    # agreed, and a verdict changed after that would follow the other reviewer, not the answers.
-    await store.judge("r1", undone["assignment_id"], "a", 3, {}, None)
+    await store.judge("r1", first["assignment_id"], "a", 3, {"B": ["incorrect"]}, "B is wrong")
+    second = await store.next_item("r1")
+    assert second["item_id"] == "i2" and second["kind"] == "single" and len(second["answers"]) == 1
+    await store.skip("r1", second["assignment_id"])
+    assert await store.next_item("r1") is None  # judged and skipped items are never shown to r1 again
+    assert await store.progress("r1") == {"judged": 1, "waiting": 0}
+    # ...unless the skip is undone while the item has room
+    back = await store.undo("r1")
+    assert back["item_id"] == "i2" and back["answers"] == second["answers"]
+    await store.skip("r1", back["assignment_id"])
+
+    # Overlap 2: r2 and r3 may both take i1; r4 finds it full while both hold it.
     held = await store.next_item("r2")
     assert held["item_id"] == "i1"
-    await store.judge("r2", held["assignment_id"], "b", 2, {}, None)
-    with pytest.raises(APIError, match="another reviewer has judged this item") as stands:
-        await store.undo("r1")
+    r3_first = await store.next_item("r3")
+    assert r3_first["item_id"] == "i2"  # r2 holds i1's second place
+    r4 = await store.next_item("r4")
+    assert r4["item_id"] == "i2"  # r1 skipped i2, so it still has one place after r3
+    with pytest.raises(APIError, match="your skip stands") as stands:
+        await store.undo("r1")  # r3 and r4 have filled i2 since
     assert stands.value.status == 409
-    with pytest.raises(APIError, match="another reviewer has judged this item"):
+
+    # Once another reviewer has judged the item too, a verdict stands: the statistics would show whether the two
+    # agreed, and a verdict changed after that would follow the other reviewer, not the answers.
+    await store.judge("r2", held["assignment_id"], "b", 2, {}, None)
+    with pytest.raises(APIError, match="another reviewer has judged this item") as judged:
         await store.undo("r2")
+    assert judged.value.status == 409
 
 
 @pytest.mark.parametrize("overlap", [1, 2])

@@ -240,7 +240,7 @@ async def test_a_reviewer_is_never_given_their_own_chat(log):
 
 async def test_undo_takes_back_a_skip_while_the_item_has_room(log):
     """A stray `s` skipped an item for good (undo only took back verdicts, and took back the verdict before the
-    skip). Undo now takes back whichever came last; a skip whose item others have filled since is passed over."""
+    skip). Undo now takes back whichever came last; a skip whose item others have filled since stands."""
     await seed(log, [*pair("i0", "Q0", "x", "y"), *pair("i1", "Q1", "x", "y", minute=1)])
     policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
     store = ReviewStore(log.engine, policy, random.Random(7))
@@ -257,5 +257,6 @@ async def test_undo_takes_back_a_skip_while_the_item_has_room(log):
         held = await store.next_item(other)
         await store.judge(other, held["assignment_id"], "b", 2, {}, None) if held["item_id"] == "i0" else None
     assert {(await store.next_item(o))["item_id"] for o in ("r2", "r3")} == {"i1"}
-    with pytest.raises(Exception, match="another reviewer has judged this item"):
-        await store.undo("r1")  # i1 is full: the verdict before it is next, and it stands (others judged i0)
+    with pytest.raises(Exception, match="your skip stands"):
+        await store.undo("r1")  # i1 is full: the skip stands, and undo does not reach past it to the verdict
+    assert (await store.next_item("r1")) is None
