@@ -25,7 +25,10 @@ MIN_INLINE_OPTIONS = 3
 MAX_CANDIDATES = 8  # runs of labels read as a possible question before the message is taken for no question
 # A sentence's end and the start of another ("Helium. Please explain why.", "3.5 m/s. Why?"): not "E. coli" or "3.5"
 # (`sentence_end` also passes over an abbreviation's or an initial's dot: "Dr. Benjamin Franklin", "U.S. Navy").
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# A student's next sentence may start in small letters too, where its first word is one a sentence of theirs opens
+# with ("D) Helium. my answer is B, is that right?"): not an option's own words.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z]|(?:my|i|i'm|im|is|isn't|am|can|could|please|why|what|which|how|"
+                           r"thanks|thank|explain|also|and\s+why)\b)")
 _ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "mt", "ft", "gen", "prof", "jr", "sr", "lt", "col", "capt",
                             "sgt", "gov", "pres", "rev", "vs", "fig", "vol", "approx", "dept", "univ", "inc",
                             "co", "corp", "ltd", "mx"})

@@ -93,6 +93,10 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      ("Oxygen", "Carbon dioxide", "Nitrogen", "Helium")),
     ("What is the powerhouse of the cell? a) nucleus\nb) mitochondria\nc) ribosome", "What is the powerhouse of "
      "the cell?", ("nucleus", "mitochondria", "ribosome")),
+    # the student's next sentence in small letters is no part of the last option (found by a review)
+    ("Which is a noble gas? A) Iron B) Salt C) Helium. my answer is B, is that right?", "Which is a noble gas?",
+     ("Iron", "Salt", "Helium")),
+    ("Which causes it? A) sunlight B) E. coli C) water. why?", "Which causes it?", ("sunlight", "E. coli", "water")),
     # the stop that ends the student's sentence is not the last option's (cloze scored it), unless every option has
     # one, or it is an abbreviation's (found by a review, 2026-12-07)
     ("Which is a compound? A) H2 B) O2 C) NaCl D) H2O.", "Which is a compound?", ("H2", "O2", "NaCl", "H2O")),
