@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -363,6 +364,21 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SAME_ORIGIN = frozenset({"same-origin", "none"})  # "none": typed by the user, not sent by a page
 
 
+def from_another_site(request: Request) -> bool:
+    """Whether the browser says a request came from a page of another site or of a sibling subdomain (which
+    SameSite=Strict lets carry the sign-in cookie): Sec-Fetch-Site says so; a browser that sends none (Safari before
+    16.4) still sends Origin with a POST, which must then be this server's own host (as the client asked for it, or
+    as the proxy in front says it was asked for). A request with neither is no browser page's."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in SAME_ORIGIN
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    own = {request.headers.get("host"), request.headers.get("x-forwarded-host")} - {None}
+    return urlsplit(origin).netloc not in own  # "null" (a sandboxed page) has none
+
+
 def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
     """Dependency: authenticate, apply the key's rate limit, and check its role (admin may do anything).
     With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent."""
@@ -370,8 +386,7 @@ def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable
     async def dependency(request: Request) -> Principal:
         authorization = request.headers.get("authorization")
         token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
-        if token and request.method not in SAFE_METHODS and request.headers.get("sec-fetch-site",
-                                                                                   "same-origin") not in SAME_ORIGIN:
+        if token and request.method not in SAFE_METHODS and from_another_site(request):
             # SameSite=Strict keeps other sites' requests from carrying the cookie, not a sibling subdomain's; the
             # browser says where a request came from (Sec-Fetch-Site), and only the page itself may change state.
             raise APIError(403, "a signed-in change must come from the review page itself", code="forbidden")

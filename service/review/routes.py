@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, StrictStr
 
-from service.auth import SAME_ORIGIN, SESSION_COOKIE, Principal, authenticate, client_address, require
+from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, from_another_site, require
 from service.errors import APIError
 from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import INT32_MAX, Strict
@@ -81,7 +81,7 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
     """Every attempt counts against the address's sign-in limit, and a wrong key also against its failed
     authentications, so guessing keys here is as slow as anywhere."""
     state = request.app.state
-    if request.headers.get("sec-fetch-site", "same-origin") not in SAME_ORIGIN:
+    if from_another_site(request):
         # a sibling subdomain's page could otherwise sign a reviewer's browser in under its own key (login CSRF)
         raise APIError(403, "sign in from the review page itself", code="forbidden")
     state.sign_ins.hit(client_address(request))
