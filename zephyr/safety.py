@@ -137,11 +137,51 @@ def reading(text: str) -> tuple[list[str], bool]:
 
 def normalized(text: str) -> str:
     """NFKC and the look-alike letters, without format characters (zero-width spaces, soft hyphens, word joiners):
-    invisible, and 900 of them pushed a short request's own words past what the encoder reads of a message."""
+    invisible, and 900 of them pushed a short request's own words past what the encoder reads of a message. Then
+    the spellings that hide a word from the encoder and not from a reader (`plain_spelling`)."""
     text = unicodedata.normalize("NFKC", text)
     if any(unicodedata.category(char) == "Cf" for char in text):
         text = "".join(char for char in text if unicodedata.category(char) != "Cf")
-    return latin_lookalikes(text).strip()
+    return plain_spelling(latin_lookalikes(text)).strip()
+
+
+# Digits and signs written for the letters they look like ("p1pe b0mb", "k1ll mys3lf", "expl0$ive").
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+# A word of small letters (or one capital first: "K1ll", a sentence's start) holding such a sign, starting with a
+# letter and with two small letters after it or more; not a word with a capital inside (a formula, "CO2",
+# "C6H12O6", "Mg3N2") or too few small letters ("Ca3"), nor one with another digit ("sha256"), nor an ordinal
+# ("5th" starts with its digit).
+_LEET_WORD = re.compile(
+    r"(?<![\w@$])[A-Za-z](?=[a-z0-9@$]*[0-9@$])(?=(?:[0-9@$]*[a-z]){2})[a-z013457@$]*(?![\w@$])")
+# Three or more single letters, each apart by one space, hyphen, dot or underscore ("p i p e", "b-o-m-b").
+# A run starts at its first letter only (not inside a run: a long run that fails at its end was tried again from
+# each of its letters, quadratic in its length).
+# A last dot is the run's too ("p.i.p.e. bomb"): left, it ended a sentence inside the request.
+_SPACED_LETTERS = re.compile(
+    r"(?<![\w.-])(?<!(?<![\w.-])[A-Za-z][ ._-])[A-Za-z](?:[ ._-][A-Za-z]){2,}(?:(?<=[A-Za-z])\.(?= ))?(?![\w-])")
+_UNDERSCORED = re.compile(r"(?<=[A-Za-z])_+(?=[A-Za-z])")
+
+
+def _joined(found: re.Match) -> str:
+    """Spaced letters joined: where hyphens, dots or underscores part them, a space parts words ("p-i-p-e b-o-m-b");
+    spaced by spaces alone, an "a" or "I" before four or more letters is the word it is ("a p i p e" is "a pipe")."""
+    run = found[0]
+    if re.search(r"[._-]", run.removesuffix(".")):
+        return re.sub(r"[._-]", "", run)
+    if run[0] in "aAI" and len(run) >= 9:
+        return f"{run[0]} {run[2:].replace(' ', '')}"
+    return run.replace(" ", "")  # a last dot stays: it ends the sentence
+
+
+def plain_spelling(text: str) -> str:
+    """A message as a reader reads it past spellings that hide its words from the encoder, which read "p1pe b0mb"
+    and "p-i-p-e b-o-m-b" as other words and let the request through: look-alike digits and signs in a word of
+    small letters, letters spaced one by one, and words joined by underscores. Science keeps its formulas, units
+    and numbers ("CO2", "10th", "log10" has its own letters too and reads as "logio", harmless)."""
+    if _SPACED_LETTERS.search(text):
+        text = _SPACED_LETTERS.sub(_joined, text)
+    text = _UNDERSCORED.sub(" ", text)
+    return _LEET_WORD.sub(lambda found: found[0].translate(_LEET), text)
 
 
 def latin_lookalikes(text: str) -> str:
