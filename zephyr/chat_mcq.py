@@ -27,11 +27,11 @@ MAX_CANDIDATES = 8  # runs of labels read as a possible question before the mess
 # (`sentence_end` also passes over an abbreviation's or an initial's dot: "Dr. Benjamin Franklin", "U.S. Navy").
 # A student's next sentence may start in small letters too, where its first word is one a sentence of theirs opens
 # with ("D) Helium. my answer is B, is that right?"): not an option's own words.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z]|(?:my|i|i'm|im|is|isn't|am|can|could|please|why|what|which|how|"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z]|i\s|(?:my|i'm|im|is|isn't|am|can|could|please|why|what|which|how|"
                            r"thanks|thank|explain|also|and\s+why)\b)")
 _ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "mt", "ft", "gen", "prof", "jr", "sr", "lt", "col", "capt",
                             "sgt", "gov", "pres", "rev", "vs", "fig", "vol", "approx", "dept", "univ", "inc",
-                            "co", "corp", "ltd", "mx"})
+                            "co", "corp", "ltd", "mx", "etc"})
 
 
 def sentence_end(text: str) -> int | None:
@@ -70,28 +70,33 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 # or false ("Match each term with its definition:"): their answer is no one letter. Not where the line asks to
 # choose ("Match List I with List II and choose the correct answer using the codes"), nor a definition of its own
 # ("Define f(x) = ... Find ...", "Classify the reaction 2H2 + O2 -> 2H2O:").
-_OVER_THE_ITEMS = r"\s*(?:these|each|them|those|all|both|the\s+following|the\s+(?:terms|items|words)\b|:?\s*$)"
+_OVER_THE_ITEMS = (r"\s*(?:these|each|them|those|all|both|as|by|with|column|briefly|into|the\s+following|"
+                   r"the\s+(?:terms|items|words)\b|:?\s*$)")
 _NO_CHOICE = re.compile(r"\s*(?:please\s+|can\s+you\s+)?"
                         r"(?:(?:compare|contrast)\b|"
                         rf"(?:classify|categori[sz]e|match|define|summari[sz]e|tell\s+me\s+about)(?={_OVER_THE_ITEMS})|"
                         r"true\s+or\s+false\b(?=[^\n]*\b(?:each|these|them|the\s+following)\b)|"
                         r"(?:explain|describe|discuss|outline|list|review)\b"
                         r"(?:\s*:?\s*$|(?=[^\n]*\b(?:these|each|both|them|the\s+difference|between)\b)))"
-                        r"(?![^\n]*\b(?:which|choose|select|correct|codes?)\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
+                        r"(?![^\n]*\b(?:which|choose|select|pick|codes?)\b)(?![^\n]*\?\s*$)", re.IGNORECASE)
 # A line that asks to put the items in order: no question where the options are single items ("Rank these from
 # smallest to largest:\nA) atom\nB) cell"), one where each is an order ("A) (2,2), (3,2), (3,4)", "A) 2-1-3-4").
 # Not "Order of the reaction ..." nor "Rank of the matrix ...": a verb with its object.
-_ORDERING = re.compile(r"\s*(?:please\s+|can\s+you\s+)?(?:rank|arrange|sort|order|put)\s+"
-                       r"(?:the|these|them|those|following|in|into|each|all|from)\b(?![^\n]*\bwhich\b)", re.IGNORECASE)
+_ORDERING = re.compile(r"\s*(?:please\s+|can\s+you\s+)?(?:(?:rank|arrange|sort|order)\s+"
+                       r"(?:the|these|them|those|following|in|into|each|all|from)\b|put\b[^\n]*\border\b)",
+                       re.IGNORECASE)
 _SEQUENCE = re.compile(r"[,;<>→]|\bthen\b|\w\s*[-–]\s*\w+\s*[-–]\s*\w")
-# A question with more than one right option ("Select all that apply.", "choose two of the following"), asked on the
-# stem's last line or just after the options: /mcq's one letter would answer it wrongly. Not "If you select two
-# cards ...": a choice of the options themselves.
+# A question with more than one right option ("Select all that apply.", "Choose two.", "choose two of the
+# following", "(choose 2)"), asked in the stem or just after the options: /mcq's one letter would answer it wrongly.
+# Not "If you select two cards ...": what follows the number there is what is chosen; nor "Which two objects ...?",
+# whose options are pairs.
 _SEVERAL_ANSWERS = re.compile(
     r"\ball\s+that\s+apply\b|\b(?:more\s+than\s+one|one\s+or\s+more)\s+(?:correct\s+|right\s+)?(?:answers?|options?|choices?)\b|"
-    r"\b(?:select|choose|pick|circle|mark|tick)\s+(?:the\s+)?(?:two|three|four|all|every|both)\s+"
-    r"(?:(?:correct|right|true)\s+)?(?:answers?|options?|choices?|statements?|responses?|letters?|"
-    r"of\s+(?:these|them|those|the\s+following|the\s+options))\b", re.IGNORECASE)
+    r"\b(?:select|choose|pick|circle|mark|tick)\s+(?:the\s+)?(?:two|three|four|all|every|both|[2-9])\b"
+    r"(?:\s+(?:of\s+)?(?:the\s+)?(?:correct|right|true|following))?"
+    r"(?:\s+(?:answers?|options?|choices?|statements?|responses?|letters?|ones|"
+    r"of\s+(?:these|them|those|the\s+following|the\s+options))\b|\s*(?=[.:;)!?]|$))",
+    re.IGNORECASE | re.MULTILINE)
 # A stem's last line that asks to choose, so what follows the options cannot undo it: a question, a wh-word, a blank.
 _ASKING = re.compile(r"\?|\b(?:which|what|who|whom|whose|where|when|why|how|choose|select|pick|identify)\b|__",
                      re.IGNORECASE)
@@ -101,7 +106,8 @@ _ASKING = re.compile(r"\?|\b(?:which|what|who|whom|whose|where|when|why|how|choo
 # series. What is the total?", "vertices A: (0, 0), B: (4, 0), C: (0, 3). Find its area."), whose answer opened
 # with one of those "options".
 _FOLLOW_UP = re.compile(r"\s*(?:please\s+|and\s+|can\s+you\s+|also\s+)?(?:why|explain|how\s+come|show|justify|"
-                        r"give\s+(?:a\s+)?reasons?|answer|correct|letter|which|is\s+it|what'?s\s+the\s+answer)\b",
+                        r"give\s+(?:a\s+)?reasons?|answer|correct|letter|which|is\s+it|what'?s\s+the\s+answer|"
+                        r"is\s+(?:that|this)\s+(?:right|correct)|my\s+answer|i\s+think|check\s+my)\b",
                         re.IGNORECASE)
 
 
@@ -283,9 +289,10 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
                 stem = f"{stem}\n{asked}"
             elif _asks_more(after):
                 continue
-        if _SEVERAL_ANSWERS.search(stem_line) or _SEVERAL_ANSWERS.search(after.strip().partition("\n")[0]):
+        if _SEVERAL_ANSWERS.search(stem) or _SEVERAL_ANSWERS.search(after.strip().partition("\n")[0]):
             continue
-        if _ORDERING.match(stem_line) and not any(_SEQUENCE.search(o) for o in options):
+        if _ORDERING.match(stem_line) and not _ASKING.search(stem_line) and \
+                not any(_SEQUENCE.search(o) for o in options):
             continue  # items to put in order, not orders to choose from
         if sum(bool(_TASK.match(o)) or o.endswith("?") for o in options) * 2 >= len(options):
             continue  # parts of a problem, not options (a question may still follow)

@@ -128,6 +128,19 @@ PASTED = "Which gas do plants absorb from the air?\nA) Oxygen\nB) Carbon dioxide
      "Match List I with List II and choose the correct answer using the codes:", ("1-a, 2-b", "1-b, 2-a")),
     ("Classify the reaction 2H2 + O2 -> 2H2O:\nA) combination\nB) decomposition",
      "Classify the reaction 2H2 + O2 -> 2H2O:", ("combination", "decomposition")),
+    # (a second review's): "put" asks no order, a line that asks, "two-dimensional", a cloze stem's "is that right?"
+    ("Put the block on a 30 degree incline. What is its acceleration?\nA) 4.9 m/s2\nB) 9.8 m/s2",
+     "Put the block on a 30 degree incline. What is its acceleration?", ("4.9 m/s2", "9.8 m/s2")),
+    ("Arrange the resistors in parallel. What is the total resistance?\nA) 2 ohm\nB) 4 ohm",
+     "Arrange the resistors in parallel. What is the total resistance?", ("2 ohm", "4 ohm")),
+    ("Which two-dimensional shape has 3 sides?\nA) square\nB) triangle", "Which two-dimensional shape has 3 sides?",
+     ("square", "triangle")),
+    ("The unit of force is A) joule B) watt C) newton. is that right?", "The unit of force is",
+     ("joule", "watt", "newton")),
+    ("Which is prime? A) 4 B) 6 C) 7. i.e. only 1 and itself", "Which is prime?",
+     ("4", "6", "7. i.e. only 1 and itself")),
+    ("Which two objects conduct? A) tin and steel B) rubber and wood C) glass and air", "Which two objects conduct?",
+     ("tin and steel", "rubber and wood", "glass and air")),  # its options are pairs: one letter answers it
     # options written below their labels, the last one as the others
     ("Plants take in the gas\nA)\nOxygen\nB)\nCarbon dioxide\nC)\nNitrogen\nThanks!", "Plants take in the gas",
      ("Oxygen", "Carbon dioxide", "Nitrogen")),
@@ -175,6 +188,14 @@ def test_a_pasted_question_is_read_with_its_options(text, stem, options):
     "Which of these are noble gases? Select all that apply.\nA) Neon\nB) Iron\nC) Argon",
     "Which are mammals? More than one answer is right.\nA) whale\nB) shark\nC) bat",
     "Choose two of these renewable sources:\nA) wind\nB) coal\nC) solar",
+    # (a second review's) the number alone, in brackets, in the question, or after the options; an object the first
+    # version of the narrowed rules did not know
+    "Which of the following are metals? Choose two.\nA) Fe\nB) O\nC) Cu",
+    "Which are metals? (choose 2)\nA) Fe\nB) O\nC) Cu",
+    "Which are metals?\nA) Fe\nB) O\nC) Cu\nChoose two.",
+    "Match column I with column II:\nA) atom\nB) cell",
+    "Classify as metal or nonmetal:\nA) iron\nB) oxygen",
+    "True or false for each, correct the false ones:\nA) The sun is a star\nB) The moon is a planet",
 ])
 def test_text_that_is_not_a_multiple_choice_question_is_left_alone(text):
     assert find_question(text) is None
