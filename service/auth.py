@@ -375,8 +375,19 @@ def from_another_site(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return False
-    own = {request.headers.get("host"), request.headers.get("x-forwarded-host")} - {None}
-    return urlsplit(origin).netloc not in own  # "null" (a sandboxed page) has none
+    # By host name alone: a proxy's `Host $host` drops the port the Origin keeps, and a forwarded list names the
+    # browser's host first.
+    forwarded = (request.headers.get("x-forwarded-host") or "").split(",")[0]
+    own = {_host_name(request.headers.get("host") or ""), _host_name(forwarded)} - {""}
+    _scheme, _, netloc = origin.partition("://")  # an origin is a scheme and a host, no path
+    return _host_name(netloc) not in own  # "null" (a sandboxed page) has none
+
+
+def _host_name(netloc: str) -> str:
+    try:
+        return (urlsplit(f"//{netloc.strip()}").hostname or "").lower()
+    except ValueError:  # "[" (an unclosed IPv6 address) is no host: nothing it could match
+        return ""
 
 
 def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
