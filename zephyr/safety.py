@@ -147,7 +147,8 @@ def normalized(text: str) -> str:
 
 # Digits and signs written for the letters they look like ("p1pe b0mb", "k1ll mys3lf", "expl0$ive").
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
-# A word of small letters (or one capital first: "K1ll", a sentence's start) holding such a sign, starting with a
+# A word of small letters (or one capital first: "K1ll" at a sentence's start; "Windows10" reads "Windowsio",
+# harmless) holding such a sign, starting with a
 # letter and with two small letters after it or more; not a word with a capital inside (a formula, "CO2",
 # "C6H12O6", "Mg3N2") or too few small letters ("Ca3"), nor one with another digit ("sha256"), nor an ordinal
 # ("5th" starts with its digit).
@@ -164,11 +165,13 @@ _UNDERSCORED = re.compile(r"(?<=[A-Za-z])_+(?=[A-Za-z])")
 
 def _joined(found: re.Match) -> str:
     """Spaced letters joined: where hyphens, dots or underscores part them, a space parts words ("p-i-p-e b-o-m-b");
-    spaced by spaces alone, an "a" or "I" before four or more letters is the word it is ("a p i p e" is "a pipe")."""
+    spaced by spaces alone, an "a" or "I" ("i") before four or more letters is the word it is ("a p i p e" is "a
+    pipe"). One space between two spaced words joins them ("p i p e b o m b" reads "pipebomb", which the encoder
+    reads less surely than "pipe bomb"): where the words part is not known without a vocabulary."""
     run = found[0]
     if re.search(r"[._-]", run.removesuffix(".")):
         return re.sub(r"[._-]", "", run)
-    if run[0] in "aAI" and len(run) >= 9:
+    if run[0] in "aAIi" and len(run) >= 9:
         return f"{run[0]} {run[2:].replace(' ', '')}"
     return run.replace(" ", "")  # a last dot stays: it ends the sentence
 
