@@ -148,16 +148,14 @@ def normalized(text: str) -> str:
 # Digits and signs written for the letters they look like ("p1pe b0mb", "k1ll mys3lf", "expl0$ive").
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 # A word of small letters (or one capital first: "K1ll" at a sentence's start; "Windows10" reads "Windowsio",
-# harmless) holding such a sign, starting with a
-# letter and with two small letters after it or more; not a word with a capital inside (a formula, "CO2",
-# "C6H12O6", "Mg3N2") or too few small letters ("Ca3"), nor one with another digit ("sha256"), nor an ordinal
-# ("5th" starts with its digit).
+# harmless) holding such a sign, with two small letters or more after its first; not a word with a capital inside
+# (a formula, "CO2", "C6H12O6", "Mg3N2") or too few small letters ("Ca3"), nor one with another digit ("sha256"),
+# nor one starting with a digit (an ordinal, "5th").
 _LEET_WORD = re.compile(
     r"(?<![\w@$])[A-Za-z](?=[a-z0-9@$]*[0-9@$])(?=(?:[0-9@$]*[a-z]){2})[a-z013457@$]*(?![\w@$])")
-# Three or more single letters, each apart by one space, hyphen, dot or underscore ("p i p e", "b-o-m-b").
-# A run starts at its first letter only (not inside a run: a long run that fails at its end was tried again from
-# each of its letters, quadratic in its length).
-# A last dot is the run's too ("p.i.p.e. bomb"): left, it ended a sentence inside the request.
+# Three or more single letters, each apart by one space, hyphen, dot or underscore ("p i p e", "b-o-m-b"), and a
+# last dot ("p.i.p.e. bomb": left, it ended a sentence inside the request). A run starts at its first letter only
+# (not inside a run: a long run that fails at its end was tried again from each of its letters, quadratic).
 _SPACED_LETTERS = re.compile(
     r"(?<![\w.-])(?<!(?<![\w.-])[A-Za-z][ ._-])[A-Za-z](?:[ ._-][A-Za-z]){2,}(?:(?<=[A-Za-z])\.(?= ))?(?![\w-])")
 _UNDERSCORED = re.compile(r"(?<=[A-Za-z])_+(?=[A-Za-z])")
