@@ -104,13 +104,21 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
     def clean(text: str) -> str:
         return redactor.redact(text) if redactor else text
 
+    counted: set[tuple[str, str]] = set()
+
+    def leave_out(reason: str) -> None:
+        # once an item: KTO asks of each answer, and an item with two unfit answers counted twice
+        if (reason, item_id) not in counted:
+            counted.add((reason, item_id))
+            left_out[reason] += 1
+
     def whole(*rows: dict[str, Any]) -> bool:
         if options.model is not None and any(row["model"] != options.model for row in rows):
-            left_out["other_model"] += 1
+            leave_out("other_model")
             return False
         if options.include_unfinished or all(written_whole(row) for row in rows):
             return True
-        left_out["unfinished"] += 1
+        leave_out("unfinished")
         return False
 
     groups = by_item(judgements)

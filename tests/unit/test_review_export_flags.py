@@ -153,6 +153,11 @@ def test_only_answers_the_model_wrote_whole_become_training_text(fmt):
         assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
             ("Rayleigh scattering.", "Light scatters.")]
         assert only == Counter({"unfinished": 3, "other_model": 1})
+    # counted once an item, whatever the format: KTO asks of each answer, and counted an item twice
+    both_cut = {"c1": answer("c1", "Because the", "length"), "c2": answer("c2", "Light is", "length")}
+    once: Counter[str] = Counter()
+    to_jsonl([verdict("c1", "c2")], both_cut, ExportOptions(fmt), None, once)
+    assert once == Counter({"unfinished": 1})
 
 
 def test_every_verdict_is_kept_for_counting_and_the_pairs_say_so():
