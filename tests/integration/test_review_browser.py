@@ -341,8 +341,10 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         await expect(page.locator("#progress")).to_have_text(f"{judged} judged · 0 waiting")
         await page.evaluate("document.activeElement.blur()")
 
-        # Side by side, the two texts have the same height and scroll together.
+        # Side by side, the two texts have the same height and scroll together; each is a region the keyboard reaches.
         boxes = page.locator("#answers .answer > .text")
+        assert await boxes.nth(0).get_attribute("tabindex") == "0"
+        assert await boxes.nth(0).get_attribute("aria-label") in ("Answer A, text", "Answer B, text")
         a, b = await boxes.nth(0).bounding_box(), await boxes.nth(1).bounding_box()
         assert abs(a["y"] - b["y"]) < 1 and abs(a["height"] - b["height"]) < 1 and b["x"] > a["x"] + a["width"]
         await boxes.nth(0).evaluate("e => { e.scrollTop = e.scrollHeight; }")

@@ -208,7 +208,10 @@ function renderItem(item) {
       "data-finish-reason": answer.finish_reason || "" });
     box.append(el("h3", {}, item.kind === "pair" ? `Answer ${answer.label}` : "Answer"));
     box.append(answerFacts(answer));
-    box.append(textBlock(answer.text, answer.html || "", { "data-testid": `answer-${answer.label}` }));
+    // Focusable, so a keyboard reviewer can scroll a long answer with the arrow keys (Safari does not focus a
+    // scrolling box by itself).
+    box.append(textBlock(answer.text, answer.html || "", { "data-testid": `answer-${answer.label}`, tabindex: "0",
+      role: "region", "aria-label": item.kind === "pair" ? `Answer ${answer.label}, text` : "Answer, text" }));
     const flags = el("div", { class: "flags" });
     for (const [name, title, key] of FLAGS) {
       const label = el("label");
