@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -29,6 +28,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from service.errors import APIError
+from service.middleware import host_name, origin_host
 from zephyr.paths import private_dir, private_file
 
 OPEN_IDENTITY = "open"  # who every request is when the server runs open (no keys, loopback only)
@@ -375,19 +375,12 @@ def from_another_site(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return False
-    # By host name alone: a proxy's `Host $host` drops the port the Origin keeps, and a forwarded list names the
-    # browser's host first.
+    # By host name alone (as the open server's loopback check reads them): a proxy's `Host $host` drops the port the
+    # Origin keeps, and a forwarded list names the browser's host first.
     forwarded = (request.headers.get("x-forwarded-host") or "").split(",")[0]
-    own = {_host_name(request.headers.get("host") or ""), _host_name(forwarded)} - {""}
-    _scheme, _, netloc = origin.partition("://")  # an origin is a scheme and a host, no path
-    return _host_name(netloc) not in own  # "null" (a sandboxed page) has none
-
-
-def _host_name(netloc: str) -> str:
-    try:
-        return (urlsplit(f"//{netloc.strip()}").hostname or "").lower()
-    except ValueError:  # "[" (an unclosed IPv6 address) is no host: nothing it could match
-        return ""
+    own = {host_name(value.strip().lower()) for value in (request.headers.get("host") or "", forwarded)} - {""}
+    asked_from = origin_host(origin.strip().lower())
+    return asked_from == "null" or asked_from not in own  # "null": a sandboxed page, which has no host
 
 
 def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:

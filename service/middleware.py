@@ -109,16 +109,16 @@ class RequestMetrics:
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
-def _host_name(host_header: str) -> str:
+def host_name(host_header: str) -> str:
     """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '[::1]'."""
     if host_header.startswith("["):
         return host_header.split("]", 1)[0] + "]"
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-def _origin_host(origin: str) -> str:
+def origin_host(origin: str) -> str:
     """'http://127.0.0.1:8000' -> '127.0.0.1'; 'null' (a sandboxed frame, a file) -> 'null'."""
-    return _host_name(origin.split("://", 1)[-1].split("/", 1)[0])
+    return host_name(origin.split("://", 1)[-1].split("/", 1)[0])
 
 
 class LoopbackOnly:
@@ -136,7 +136,7 @@ class LoopbackOnly:
         if scope["type"] == "http":
             client = scope.get("client")
             headers = dict(scope["headers"])
-            host = _host_name(headers.get(b"host", b"").decode("latin-1").strip().lower())
+            host = host_name(headers.get(b"host", b"").decode("latin-1").strip().lower())
             origin = headers.get(b"origin", b"").decode("latin-1").strip().lower()
             fetch_site = headers.get(b"sec-fetch-site", b"").decode("latin-1").strip().lower()
             navigation = scope["method"] in ("GET", "HEAD") and headers.get(b"sec-fetch-mode") == b"navigate"
@@ -147,7 +147,7 @@ class LoopbackOnly:
             elif host not in LOOPBACK_HOSTS:
                 problem = (f"this server has no API keys and answers only requests addressed to localhost, not to "
                            f"{host[:64]!r} (DNS rebinding protection); set ZEPHYR_API_KEYS to serve other names")
-            elif not navigation and ((origin and _origin_host(origin) not in LOOPBACK_HOSTS)
+            elif not navigation and ((origin and origin_host(origin) not in LOOPBACK_HOSTS)
                                      or fetch_site == "cross-site"):
                 problem = (f"this server has no API keys and answers only pages on this machine, not one from "
                            f"{(origin or 'another site')[:64]!r} (cross-site request protection); set ZEPHYR_API_KEYS "
