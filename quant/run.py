@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.calibration import DEFAULT_SOURCES
+from zephyr.paths import clear_asides, fresh_aside
 from zephyr.registry import (
     QUANT_METHODS,
     ModelManifest,
@@ -256,8 +257,7 @@ def quantize(options: QuantOptions, settings: Settings, say: Callable[[str], Non
     locks.mkdir(parents=True, exist_ok=True)
     with _only_run_of(locks / f"quantize-{name}.lock", name):
         final_dir, run_dir = _run_folders(settings, name)
-        for left in final_dir.parent.glob(f".{name}.replaced-*"):  # an earlier run's, rmtree half deleted
-            shutil.rmtree(left, ignore_errors=True)
+        clear_asides(final_dir.parent, name, "replaced")  # an earlier run's, rmtree half deleted
         try:
             return _run(options, settings, say, registry, parent, name)
         except BaseException:
@@ -343,7 +343,7 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
         raise QuantError(str(exc)) from None
     # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
     # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
-    replaced = final_dir.with_name(f".{name}.replaced-{time.time_ns()}")  # its own: an older one may be half gone
+    replaced = fresh_aside(final_dir.parent, name, "replaced")  # its own: an older one may be half gone
     if final_dir.exists():
         final_dir.rename(replaced)
     run_dir.rename(final_dir)

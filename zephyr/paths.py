@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,3 +152,20 @@ def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Ite
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def clear_asides(folder: Path, name: str, why: str) -> None:
+    """Retry deleting the folders `fresh_aside` named for `name` in `folder` that an earlier stop or a held-open file
+    (NFS keeps a deleted file's `.nfs*` while a server reads it) left half deleted; left if still held."""
+    earlier = re.compile(rf"\.{re.escape(name)}\.{why}(-\d+)?")  # this name's own, not a longer name's
+    for left in folder.glob(f".{name}.{why}*"):
+        if earlier.fullmatch(left.name):
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def fresh_aside(folder: Path, name: str, why: str) -> Path:
+    """A hidden name in `folder` no earlier aside holds (`.NAME.WHY-<ns>`), once those are retried
+    (`clear_asides`), for `name`'s folder on its way out (replaced, removed): under one fixed name, a half-deleted
+    one made the rename fail after a training or quantization run had done its work."""
+    clear_asides(folder, name, why)
+    return folder / f".{name}.{why}-{time.time_ns()}"

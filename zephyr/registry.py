@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from zephyr.clock import utc
 from zephyr.mcq import MCQCalibration
-from zephyr.paths import write_text_atomic
+from zephyr.paths import fresh_aside, write_text_atomic
 
 MANIFEST = "zephyr.json"
 log = logging.getLogger("zephyr.registry")
@@ -315,7 +314,7 @@ class Registry:
             if target.exists():
                 # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a
                 # half-deleted model under the name.
-                replaced = self._aside(manifest.name, "replaced")
+                replaced = fresh_aside(self.models_dir, manifest.name, "replaced")
                 target.rename(replaced)
                 staging.rename(target)
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -369,16 +368,6 @@ class Registry:
             raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}, made from its weights; "
                                 "remove those first or give the new model another name")
 
-    def _aside(self, name: str, why: str) -> Path:
-        """A fresh hidden name for `name`'s folder on its way out, once the asides earlier stops or held-open files
-        left are retried: under one fixed name, a half-deleted one (a file a server still holds open on NFS) made
-        the rename fail after a training or quantization run had done its work."""
-        earlier = re.compile(rf"\.{re.escape(name)}\.{why}(-\d+)?")  # this name's own, not a longer name's
-        for left in self.models_dir.glob(f".{name}.{why}*"):
-            if earlier.fullmatch(left.name):
-                shutil.rmtree(left, ignore_errors=True)
-        return self.models_dir / f".{name}.{why}-{time.time_ns()}"
-
     def remove(self, name: str) -> None:
         self.path_of(name)  # the name is checked before anything is touched
         with self._writing():
@@ -388,7 +377,7 @@ class Registry:
                 raise RegistryError(f"model {name!r} is the parent of {', '.join(children)}; remove those first")
             # Aside in one rename, then deleted: a stop part way leaves a hidden folder, never a half-deleted model
             # that is still listed and served, nor a folder without a manifest holding the name.
-            removing = self._aside(name, "removing")
+            removing = fresh_aside(self.models_dir, name, "removing")
             entry.path.rename(removing)
             shutil.rmtree(removing)
 
