@@ -42,14 +42,17 @@ def sentence_end(text: str) -> int | None:
         start = found.start()
         while start > 0 and not text[start - 1].isspace():
             start -= 1
-        before = text[start:found.start()]
-        word = before[:-1]
-        # "Dr.", "U.S.", an initial "J." (a capital: "7." or "x." ends a sentence; "No. 5" has no capital after it)
-        initial = len(word) == 1 and word.isupper()
-        if before.endswith(".") and (word.lower() in _ABBREVIATIONS or "." in word or initial):
+        if _abbreviated(text[start:found.start()]):
             continue
         return found.start()
     return None
+
+
+def _abbreviated(word: str) -> bool:
+    """Whether a word's closing dot is an abbreviation's or an initial's, not a sentence's end: "Dr.", "U.S.", "J."
+    (a capital: "7." or "x." ends a sentence; "No. 5" has no capital after it)."""
+    stem = word[:-1]
+    return word.endswith(".") and (stem.lower() in _ABBREVIATIONS or "." in stem or (len(stem) == 1 and stem.isupper()))
 # A line that only introduces the options, left out of the stem.
 # Both written so that no run of spaces is scanned once per space it holds (quadratic on a pasted run of blanks):
 # a match never starts inside a run of spaces or tabs (it would start at the run's beginning), and no two
@@ -167,10 +170,8 @@ def _without_closing_stop(value: str, others: list[str]) -> str:
     """The last of a line of options without the stop that ends the student's sentence ("... C) NaCl D) O2."), where
     no other option ends so: cloze scored it, tilting the scores against the last option. Not an abbreviation's
     or an initial's dot ("C) the U.S.", "B) J. S. Bach.")."""
-    if value[-1:] not in ".?!" or any(other.endswith(value[-1]) for other in others):
-        return value
-    word = value.rsplit(None, 1)[-1][:-1]
-    if value[-1] == "." and (word.lower() in _ABBREVIATIONS or "." in word or (len(word) == 1 and word.isupper())):
+    if value[-1:] not in ".?!" or any(other.endswith(value[-1]) for other in others) or \
+            _abbreviated(value.rsplit(None, 1)[-1]):
         return value
     return value[:-1].rstrip() or value
 
