@@ -128,15 +128,19 @@ class ReviewStore:
         """Items this reviewer has never been shown that still need verdicts, oldest first."""
         return select(Generation).where(*self._open_to(reviewer, now))
 
+    def _holders(self, item_id: Any, now: datetime, besides: str | None = None) -> Any:
+        """How many reviewers hold an item now (a verdict, or a lease still running), `besides` one not counted:
+        a count the statement it sits in reads for each item (`item_id` a column of it)."""
+        B = aliased(ReviewAssignment)  # its own alias: the statement around it may read assignments too
+        return select(func.count()).select_from(B).where(
+            B.item_id == item_id, *([B.reviewer != besides] if besides is not None else []),
+            or_(B.status == "judged", and_(B.status == "shown", B.shown_at > now - self.policy.lease)),
+        ).scalar_subquery()
+
     def _open_to(self, reviewer: str, now: datetime) -> list:
         """The conditions on a generation (`Generation`) that make it an item this reviewer may be given now."""
         G, A, C = Generation, ReviewAssignment, aliased(Generation)
-        held = (
-            select(func.count()).select_from(A)
-            .where(A.item_id == G.id,
-                   or_(A.status == "judged", and_(A.status == "shown", A.shown_at > now - self.policy.lease)))
-            .scalar_subquery()
-        )
+        held = self._holders(G.id, now)
         seen = exists().where(A.item_id == G.id, A.reviewer == reviewer)
         candidate_done = exists().where(C.parent_id == G.id)
         return [
@@ -338,12 +342,6 @@ class ReviewStore:
         A, B = ReviewAssignment, aliased(ReviewAssignment)
         now = datetime.now(UTC)
 
-        def room_beside(item_id) -> Any:  # fewer other reviewers hold the item than the overlap asks
-            return select(func.count()).select_from(B).where(
-                B.item_id == item_id, B.reviewer != reviewer,
-                or_(B.status == "judged", and_(B.status == "shown", B.shown_at > now - self.policy.lease)),
-            ).scalar_subquery() < self.policy.overlap
-
         async with self.engine.begin() as conn:
             last = (await conn.execute(
                 select(A).where(A.reviewer == reviewer, A.status.in_(("judged", "skipped")))
@@ -353,7 +351,9 @@ class ReviewStore:
                 raise APIError(409, "you have no verdict or skip to undo", code="conflict")
             if last["status"] == "skipped":  # no verdict, so nobody's agreement to keep
                 await self._lock_item(conn, last["item_id"])  # as a claim does: no overlap + 1 holders
-                await self._settle(conn, last["id"], "skipped", room_beside(last["item_id"]),
+                # room beside: fewer other reviewers hold the item than the overlap asks
+                await self._settle(conn, last["id"], "skipped",
+                                   self._holders(last["item_id"], now, besides=reviewer) < self.policy.overlap,
                                    conflict="other reviewers have taken the item you skipped last since, so your skip "
                                             "stands (undo goes no further back)",
                                    status="shown", judged_at=None, shown_at=now)
