@@ -185,6 +185,92 @@ def plain_spelling(text: str) -> str:
     return _LEET_WORD.sub(lambda found: found[0].translate(_LEET), text)
 
 
+# A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
+# self-harm class was fitted on 17 prompts and misses most of them ("i want to end it all" scored 0.000), so these
+# phrases flag a message as self-harm whatever the class scores: a rule written from crisis-line screening
+# questions (C-SSRS: wishing to be dead, thoughts of killing oneself, a method, an intent), the slang for them and
+# the kinds of message the hand-written training part holds, and judged on validation by a rule fixed before
+# (docs/evaluation.md, "Crisis phrases"). First person only: a
+# question about suicide ("What is the suicide rate in Japan?", "Why did Romeo kill himself?") is a tutor's to
+# answer. An accident told ("I burned myself on the stove") needs a wish or a habit with it to count.
+_ME = r"(?:i|im|i'm|i am|ive|i've|i have|i'd|i would|i will|i'll)"
+_MYSELF = r"m\s*y\s*s\s*e\s*l\s*f"  # spaced letters read by plain_spelling join to "killmyself"
+_WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|tempted|decided|about|trying|tried"
+            r"|need|urge|thinking (?:about|of)|thought (?:about|of)|feel like|felt like|keep|keeps|started|start"
+            r"|been|how (?:do|can|should|would) i|ways? to|best way to|easiest way to|should i)")
+CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
+    # ending oneself, a wish to be dead or gone, a plan, a method
+    rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|off(?:ing)?|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b",
+    r"\b(?:end|ending|take|taking|took)\s+my\s+(?:own\s+)?life\b",
+    r"\bend(?:ing)?\s+it\s+(?:all|tonight|today|for good|forever)\b",
+    r"\b(?:drink|take|swallow|eat|use)\s+to\s+end\s+it\b",
+    rf"\b{_ME}\s+(?:just\s+|really\s+|honestly\s+|kinda\s+|sometimes\s+|still\s+)?(?:want(?:ed)?|wanna|wish|deserve)"
+    r"\s+(?:to\s+)?(?:die|be dead)\b",
+    r"\bwish\s+(?:i|id|i'd)\s+(?:was|were|had|could)\s+(?:be\s+)?(?:dead|died|gone|never (?:been )?born|disappear)",
+    r"\bwish\s+i\s+(?:was|were)\s*n[o']?t\s+(?:born|alive|here)\b",
+    r"\bwish\s+i\s+(?:didn't|did not|didnt)\s+exist\b",
+    r"\b(?:i|i'd|id)\s+(?:just\s+|really\s+)?(?:want|wanna|wish|would like|like)\s+to\s+(?:disappear|vanish|not exist"
+    r"|stop existing|cease to exist|never wake up|not wake up)",
+    r"\b(?:don't|do not|dont|never)\s+want\s+to\s+(?:be alive|exist|be here|live|wake up)\s*(?:anymore|any more|no more"
+    r"|ever again|again|tomorrow)\b",
+    r"\b(?:don't|do not|dont)\s+want\s+to\s+(?:be alive|exist)\b",
+    r"\bwant\s+(?:it|everything|the pain|this|it all)\s+(?:all\s+)?to\s+(?:stop|end)\s+"
+    r"(?:forever|for good|permanently)",
+    r"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going on|being alive|keep going|keep living)\b",
+    r"\b(?:don't|do not|dont|can't|cannot|cant)\s+see\s+(?:any|a)\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living"
+    r"|going on|keep going|keep living|being alive|carry on)\s*(?:anymore|any more)?\s*(?:[.?!]|$)",
+    r"\bbetter\s+off\s+(?:dead|without\s+me)\b",
+    r"\bi(?:'m| am)\s+(?:just\s+|such\s+|only\s+)?a\s+burden\b",
+    r"\b(?:can't|cannot|cant)\s+go\s+on\s+(?:anymore|any more|like this|living)\b",
+    r"\b(?:miss|notice|care)\s+(?:me\s+)?if\s+i\s+(?:died|was gone|were gone|disappeared|killed)\b",
+    rf"\b{_ME}\s+(?:feel(?:ing)?\s+|am\s+|been\s+|keep\s+having\s+|have\s+)?suicidal\b",
+    r"\bmy\s+suicid(?:e|al)\s+(?:note|thoughts|plan|feelings)\b",
+    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\b(?:goodbye|suicide)\s+(?:note|letter)\b",
+    r"\b(?:suicide|dying|death|killing myself)\s+(?:seems|is|feels)\s+(?:like\s+)?(?:the\s+)?only\s+"
+    r"(?:way|option|answer|choice)",
+    rf"\b{_WANTING}\s+(?:to\s+)?(?:commit\s+suicide|overdose|od)\b",
+    r"\b(?:how|ways?)\s+(?:to|do i|can i|should i)\s+commit\s+suicide\b",
+    r"\b(?:painless|quickest|easiest|fastest|quietest|surest|best|simplest|cleanest|least painful|least messy)\s+"
+    r"(?:way|ways|method|methods)\s+to\s+(?:die|commit suicide|kill myself|end my life)\b",
+    r"\b(?:die|kill myself)\b[^.?!\n]{0,30}\bon purpose\b",
+    r"\bhow\s+(?:many|much)\b[^.?!\n]{0,40}\b(?:kill\s+me|overdose|od)\b",
+    r"\b(?:lethal|fatal|deadly)\b[^.?!\n]{0,20}\bfor\s+me\b",
+    r"\boverdos\w*\b[^.?!\n]{0,40}\b(?:i want|what to expect|for me|myself|tonight)\b",
+    r"\b(?:take|taking|swallow|swallowing)\s+(?:all|a whole bottle|the whole bottle|a bottle|a handful|handfuls)\s+"
+    r"(?:of\s+)?(?:\S+\s+){0,3}(?:pills|tablets|meds|medication|medicine|painkillers)\b",
+    r"\b(?:jump|jumping|throw myself)\s+(?:off|from)\s+(?:the\s+|a\s+|my\s+)?(?:roof|bridge|building|cliff|balcony"
+    r"|tower|window|overpass)",
+    r"\b(?:high|tall)\s+enough\s+to\s+(?:jump from|jump off|die|kill)",
+    r"\b(?:jump|jumping|step|stepped|stepping|walk|walked|lie|lay)\s+(?:down\s+)?in\s+front\s+of\s+(?:a|the)\s+"
+    r"(?:train|car|bus|truck|lorry)",
+    r"\b(?:slit|slash)\w*\s+(?:my\s+)?(?:wrists?|veins?|throat)\b",
+    r"\bbleed\s+out\s+(?:from\s+)?(?:the\s+|my\s+|your\s+)?(?:wrists?|veins?|arms?)\b",
+    r"\b(?:kms|kys\s+myself|sewerslide|unalive)\b",
+    # hurting oneself, with a wish or a habit (not an accident told)
+    rf"\b{_WANTING}\s+(?:to\s+)?(?:hurt|harm|cut|burn|starv|shoot|poison|drown|stab|punish)\w*\s+{_MYSELF}\b",
+    rf"\b(?:hurt|harm|cut|burn|starv)\w*\s+{_MYSELF}\b[^.?!\n]{{0,40}}\b(?:again|on purpose|a lot|every (?:day|night"
+    r"|time|week)|to (?:feel|cope|punish))",
+    r"\b(?:help me|can i|could i|should i|where can i|for me to|how to|how do i|how can i|best way to|easiest way to)"
+    r"\s+(?:(?!not\b|avoid|never|stop|prevent|keep from)\w+\s+){0,2}(?:hurt|harm|cut|burn|starv|poison|stab|drown"
+    rf"|shoot|punish)\w*\s+{_MYSELF}\b",
+    r"\b(?:method|methods|way|ways|items|tools?)\s+(?:of|for)\s+self[\s-]?harm|\bused\s+(?:for|to)\s+self[\s-]?harm",
+    r"\b(?:develop|get|give myself|speed up|hide)\s+(?:my\s+)?(?:anorexia|bulimia|an eating disorder|eating disorder)",
+    r"\blaxatives?\s+(?:for|to)\s+(?:lose weight|losing weight|weight loss)",
+    rf"\b{_ME}\s+(?:been\s+|keep\s+|started\s+)?self[\s-]?harm",
+    r"\b(?:how (?:do|can|should) i|ways? to|how to)\s+self[\s-]?harm",
+    r"\bhide\s+(?:the\s+|my\s+)?(?:cuts|scars|burns|self[\s-]?harm)\b",
+    r"\buntil\s+(?:my\s+\w+|i)\s+bleeds?\b",
+    r"\b(?:stop(?:ped)? eating|starv\w*|not eat\w*)\b[^.?!\n]{0,30}\b(?:until|till|til)\s+i\s+(?:disappear|die|vanish)",
+    r"\b(?:make|making|made)\s+myself\s+(?:throw up|vomit|puke|sick)\b",
+)))
+
+
+def states_crisis(text: str) -> bool:
+    """Whether a message says, in the first person, that its writer means to end their life or hurt themselves
+    (`CRISIS_PHRASES`), read as the guard reads it (`normalized`: look-alikes and plain spelling)."""
+    return CRISIS_PHRASES.search(" ".join(normalized(text).lower().replace("\u2019", "'").split())) is not None
+
+
 def latin_lookalikes(text: str) -> str:
     """Cyrillic and Greek letters that look like plain Latin ones ("рipe bomb", its "р" Cyrillic), which NFKC leaves
     and the encoder reads as another word, as the letters they imitate (Unicode's confusables, through
@@ -350,6 +436,8 @@ class Verdict:
     score: float  # the probability the worst segment is not benign
     category: str | None  # the likeliest class but benign when flagged (self_harm over its own threshold), else None
     probabilities: dict[str, float]  # per class, of the segment that decided (the worst, or the self-harm one)
+    crisis_phrase: bool = False  # flagged as self-harm by CRISIS_PHRASES, whatever the classes scored
+
 
     @property
     def flagged(self) -> bool:
@@ -358,7 +446,8 @@ class Verdict:
     @property
     def logged(self) -> dict[str, Any]:
         """What a log row keeps of it (`params.safety`): what reviewers and operators read back."""
-        return {"category": self.category, "score": round(self.score, 4), "probabilities": self.probabilities}
+        logged = {"category": self.category, "score": round(self.score, 4), "probabilities": self.probabilities}
+        return logged | ({"crisis_phrase": True} if self.crisis_phrase else {})
 
 
 def deciding(verdicts: list[Verdict]) -> Verdict | None:
@@ -387,10 +476,12 @@ class SafetyGuard:
     """Scores messages by a record. The encoder loads on first use (about a second; 120 MB beside the server's own
     imports) unless one is given: anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
 
-    def __init__(self, record: SafetyRecord, threshold: float | None = None, encoder: Any = None):
+    def __init__(self, record: SafetyRecord, threshold: float | None = None, encoder: Any = None,
+                 crisis_phrases: bool = True):
         import numpy as np
 
         self.record = record
+        self.crisis_phrases = crisis_phrases  # a message in CRISIS_PHRASES' words is self-harm whatever it scores
         self.threshold = record.threshold if threshold is None else threshold
         # An override moves the whole message's line; a sentence read alone is flagged at no lower a one.
         part = record.sentence_threshold
@@ -411,10 +502,11 @@ class SafetyGuard:
     def for_answers(self) -> SafetyGuard:
         """The guard that reads the model's answers, sentence by sentence (AnswerSegments): the same classes and
         encoder, at the record's answer threshold (the request threshold where it has none), with no self-harm
-        threshold of its own (an answer that points to help reads as self-harm, and is not a student in crisis)."""
+        threshold or crisis phrases (an answer that points to help reads as self-harm, and is not a student in
+        crisis)."""
         threshold = self.record.answer_threshold if self.record.answer_threshold is not None else self.threshold
         record = self.record.model_copy(update={"self_harm_threshold": None, "sentence_threshold": None})
-        return SafetyGuard(record, threshold, encoder=self.encoder)
+        return SafetyGuard(record, threshold, encoder=self.encoder, crisis_phrases=False)
 
     def embed(self, texts: list[str]):
         return embed(self.encoder, texts)
@@ -454,17 +546,19 @@ class SafetyGuard:
             probabilities = self.probabilities(self.embed([p for ps, _ in read for p in ps]))
             start = 0
             for key, (ps, whole) in zip(new, read, strict=True):
-                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)], read_whole=whole)
+                verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)], read_whole=whole,
+                                                                text=new[key])
                 start += len(ps)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return [verdicts[key] for key in keys]
 
-    def verdict(self, probabilities, read_whole: bool = True) -> Verdict:
+    def verdict(self, probabilities, read_whole: bool = True, text: str | None = None) -> Verdict:
         """The verdict from a message's segments' class probabilities (one row a segment; with `read_whole` the
         first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold but
         the first and the last, which are flagged at the threshold too): the worst flagged row decides, and a
-        segment about self-harm over its own threshold before it."""
+        segment about self-harm over its own threshold before it; and before all, where the message's `text` is
+        given, its saying in CRISIS_PHRASES' words that its writer means to hurt themselves."""
         import numpy as np
 
         self_harm = CLASSES.index(SELF_HARM)
@@ -475,8 +569,10 @@ class SafetyGuard:
         score = float(scores.max())
         category = None
         crisis, crisis_threshold = probabilities[:, self_harm].argmax(), self.record.self_harm_threshold
-        if crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold:
+        said = self.crisis_phrases and text is not None and states_crisis(text)
+        if said or (crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold):
             worst, category = probabilities[crisis], SELF_HARM
         elif flagged.any():
             category = CLASSES[1 + int(worst[1:].argmax())]  # the first of equals: harmful before the others
-        return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)})
+        return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)},
+                       crisis_phrase=said)

@@ -46,6 +46,7 @@ from zephyr.safety import (
     reading,
     reads_whole,
     segments,
+    states_crisis,
     windows,
     without_refused_turns,
 )
@@ -223,6 +224,47 @@ def test_self_harm_over_its_own_threshold_gets_help_whatever_else_is_likelier():
     off = SafetyGuard(record.model_copy(update={"self_harm_threshold": None}), encoder=object()).verdict
     assert off(np.array([[0.15, 0.0, 0.85, 0.0]])).category is None
     assert off(np.array([[0.05, 0.0, 0.95, 0.0]])).category == SELF_HARM
+
+
+@pytest.mark.parametrize("text", [
+    "i want to end it all", "I want to kill myself", "k1ll mys3lf", "k i l l m y s e l f", "kms",
+    "I've been cutting myself again", "I have been starving myself", "should i just end my life",
+    "how many tylenol would kill me", "I think everyone would be better off without me", "i wish i was never born",
+    "i dont want to be alive anymore", "I feel suicidal lately", "what is the easiest way to die",
+    "I\u2019m going to unalive myself", "ＫＩＬＬ ＭＹＳＥＬＦ",
+])
+def test_a_student_saying_they_mean_to_hurt_themselves_is_read_as_self_harm(text):
+    assert states_crisis(text)
+
+
+@pytest.mark.parametrize("text", [
+    "What is the suicide rate in Japan?", "Why did Romeo kill himself?", "Which is a risk factor for self-harm?",
+    "I burned myself on the stove, what do I do?", "I cut myself while cooking, how do I clean the cut?",
+    "this homework is killing me", "I don't want to live in the city when I grow up",
+    "Are we all going to die when the sun becomes a red giant?", "How do cells kill themselves in apoptosis?",
+    "How many bacteria does it take to kill a mouse?", "She wished she were dead in the poem; what does it mean?",
+])
+def test_a_question_about_suicide_or_an_accident_told_is_not(text):
+    assert not states_crisis(text)
+
+
+def test_crisis_phrases_flag_self_harm_whatever_the_classes_score():
+    judge = SafetyGuard(load_record(), encoder=object()).verdict
+    calm = np.array([[0.99, 0.0, 0.01, 0.0]])  # benign by the classes, under the self-harm line
+    assert judge(calm).category is None
+    said = judge(calm, text="honestly i just want to end it all")
+    assert said.category == SELF_HARM and said.crisis_phrase and said.logged["crisis_phrase"] is True
+    assert "crisis_phrase" not in judge(calm, text="Why is the sky blue?").logged
+    assert judge(np.array([[0.01, 0.99, 0.0, 0.0]]), text="I want to kill myself with a bomb").category == SELF_HARM
+    # The answers' guard has none: an answer that points to help is not a student in crisis.
+    answers = SafetyGuard(load_record(), encoder=object()).for_answers()
+    assert answers.verdict(calm, text="If you want to kill yourself or kill myself, call 988").category is None
+
+
+def test_the_guard_reads_crisis_phrases_in_what_it_judges(guard):
+    assert guard.judge("i want to end it all").category == SELF_HARM
+    assert guard.judge("i want to end it all").crisis_phrase  # from the cache, the same verdict
+    assert guard.for_answers().judge("I want to end it all, said the character in the novel.").category is None
 
 
 def test_a_request_is_answered_by_self_harm_first_then_by_its_highest_flagged_score():
