@@ -331,7 +331,7 @@ def fit(sources: list[Source], embed: Callable[[list[str]], Any], console: Any =
         return guard.probabilities(matrix(parts(split, text)))
 
     def verdicts(guard: SafetyGuard, split: str, texts: list[str]) -> list[Verdict]:
-        return [guard.verdict(probabilities(guard, split, t), read_whole=split == "train" or reads_whole(t))
+        return [guard.verdict(probabilities(guard, split, t), read_whole=split == "train" or reads_whole(t), text=t)
                 for t in texts]
 
     def validation(*kinds: str) -> list[str]:
