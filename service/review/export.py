@@ -143,6 +143,11 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
             "reviewers": len(group),
             "agreement": round(share, 4),
             "created_at": utc(served["created_at"]).isoformat(),
+            # What the export left out: a win rate counts every verdict only with both kept and no agreement filter
+            # (which keeps items by their outcome); a record that holds this and no `for_training` was never
+            # filtered for training, which `zephyr train` refuses (training/data/clean.py `cleaning_of`).
+            "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished,
+                     "min_agreement": options.min_agreement, "min_reviewers": options.min_reviewers},
         }
         strengths = [j.strength for j in group if j.label == label and j.strength is not None]
         if strengths:
@@ -175,11 +180,7 @@ def records(judgements: list[Judgement], generations: dict[str, dict], options: 
                           "chosen_flagged": _flagged(group, label, DISQUALIFYING_FLAGS),
                           # which weights of each name wrote them (`eval gate --reviews` counts a pair for those)
                           **{f"{side}_revision": row["model_revision"]
-                             for side, row in (("chosen", winner), ("rejected", loser)) if row.get("model_revision")},
-                          # what the export left out: a win rate counts every verdict only with both kept and
-                          # no agreement filter (which keeps items by their outcome)
-                          "kept": {"flagged": options.include_flagged, "unfinished": options.include_unfinished,
-                                   "min_agreement": options.min_agreement, "min_reviewers": options.min_reviewers}}
+                             for side, row in (("chosen", winner), ("rejected", loser)) if row.get("model_revision")}}
             if options.format == "dpo":
                 if not options.include_flagged and _flagged(group, label, DISQUALIFYING_FLAGS):
                     continue

@@ -328,3 +328,39 @@ def test_cleaning_stamps_each_record_with_the_steps_it_ran_and_no_clean_stamps_i
                                       "--no-decontaminate", "--no-pii", "--near-dup", "0"])
     assert result.exit_code == 0, result.output
     assert [r.meta["cleaned"] for r in read_jsonl(out, SFTExample)] == [["length", "dedupe"]] * 3
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "kto", "sft"])
+def test_cleaning_a_raw_review_export_leaves_out_what_data_review_would(fmt):
+    """An export that keeps every verdict (for `eval gate --reviews`) holds answers cut off or written by the guard
+    and chosen answers a reviewer flagged; `data clean` stamps its output fit to train on, so it leaves them out as
+    `zephyr data review` does. Every format's raw export reads as never cleaned, so `zephyr train` refuses it."""
+    from datetime import UTC, datetime
+
+    from service.review.export import ExportOptions, to_jsonl
+    from service.review.stats import Judgement
+    from training.data.clean import cleaning_of
+    from zephyr.schemas import KTOExample, PreferencePair
+
+    messages = [user("Why is the sky blue?")]
+
+    def generation(g: str, finish: str = "stop") -> dict:
+        return {"id": g, "created_at": datetime(2026, 11, 1, tzinfo=UTC), "model": g, "messages": messages,
+                "response": [{"content": f"{LONG_REPLY} ({g})", "finish_reason": finish}], "params": {}}
+
+    generations = {"m": generation("m", "length"), "c": generation("c")}  # the served answer was cut off
+    label = "candidate" if fmt == "kto" else "served"  # KTO keeps the cut-off loser too, as an undesirable answer
+    verdicts = [Judgement(item_id="m", reviewer=f"r{n}", kind="pair", label=label, strength=3, served_model="m",
+                          candidate_id="c", candidate_model="c") for n in range(2)]
+    text, count = to_jsonl(verdicts, generations, ExportOptions(format=fmt, include_flagged=True,
+                                                                include_unfinished=True), redactor=None)
+    schema = {"dpo": PreferencePair, "kto": KTOExample, "sft": SFTExample}[fmt]
+    records = [schema.model_validate_json(line) for line in text.splitlines()]
+    assert count == len(records) >= 1
+    assert all(cleaning_of(r.meta) == "never_cleaned" for r in records)  # `zephyr train` refuses the raw file
+    unfit = sum(not r.meta["whole"] for r in records)
+    assert unfit == 1  # the pair or the SFT example with a cut-off answer, or KTO's cut-off undesirable one
+    cleaned, report = clean(records, CleanOptions(**OFF))
+    assert report.unfit_for_training == unfit and report.output == len(cleaned) == count - unfit
+    assert all(r.meta["whole"] and r.meta["kept"]["for_training"] for r in cleaned)
+    assert report.removed == unfit

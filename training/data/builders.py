@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from offline.benchmarks import DatasetError
 from offline.hh import hh_rows
-from training.data.clean import filtered_for_training
+from training.data.clean import filtered_for_training, unfit_for_training
 from zephyr.prompts import with_system_prompt
 from zephyr.schemas import DataFileError, KTOExample, Message, PreferencePair, SFTExample, read_jsonl
 
@@ -134,22 +134,6 @@ def _first_record(path: Path) -> tuple[int, Any]:
                 except json.JSONDecodeError as exc:
                     raise BuildError(f"{path}:{number}: not JSON ({exc.msg}); {_EXPORT_HINT}") from exc
     raise BuildError(f"{path} is empty; {_EXPORT_HINT}")
-
-
-def unfit_for_training(meta: dict[str, Any] | None, *, allow_unfinished: bool = False) -> str | None:
-    """Why a review export's record was kept for counting verdicts but is no training example, else None.
-
-    An export that keeps every verdict (`--include-unfinished`, `--include-flagged`: what `eval gate --reviews`
-    counts) marks each record: `whole`, its answers ended by themselves and none is the safety guard's, and for a pair
-    `chosen_flagged`, a reviewer flagged the preferred answer incorrect or unsafe. A record from before those marks is
-    judged by its export's `kept`: what it may hold. `allow_unfinished` takes cut-off answers (a smoke test's)."""
-    meta = meta or {}
-    kept = meta.get("kept") or {}
-    if not allow_unfinished and not meta.get("whole", not kept.get("unfinished", False)):
-        return "an answer cut off at max_tokens or by the client's stop strings, or written by the safety guard"
-    if meta.get("chosen_flagged", bool(kept.get("flagged", False))):
-        return "a chosen answer a reviewer flagged incorrect or unsafe"
-    return None
 
 
 def from_review_export(path: Path, *, include_unfinished: bool = False,

@@ -75,6 +75,7 @@ class CleanReport:
     the first in the index's order (its example line names all of them)."""
 
     input: int = 0
+    unfit_for_training: int = 0  # a raw review export's records kept for counting verdicts (`unfit_for_training`)
     pii_redacted: int = 0
     exact_duplicates: int = 0
     near_duplicates: int = 0
@@ -86,8 +87,8 @@ class CleanReport:
 
     @property
     def removed(self) -> int:
-        return (sum(self.contaminated.values()) + self.too_short + self.too_long + self.exact_duplicates
-                + self.near_duplicates)
+        return (self.unfit_for_training + sum(self.contaminated.values()) + self.too_short + self.too_long
+                + self.exact_duplicates + self.near_duplicates)
 
     def note(self, stage: str, index: int, description: str) -> None:
         shown = self.examples.setdefault(stage, [])
@@ -104,6 +105,9 @@ class CleanReport:
             table.add_row(label, str(count), "\n".join(self.examples.get(stage, [])) if stage else "")
 
         row("input", self.input)
+        if self.unfit_for_training:
+            row("unfit for training (a review export's cut-off, guard or flagged answers)", self.unfit_for_training,
+                "unfit_for_training")
         row("PII redacted (kept)", self.pii_redacted, "pii_redacted")
         for name, count in self.contaminated.items():
             row(f"contaminated: {name}", count)
@@ -320,6 +324,19 @@ def clean(records: Iterable[Record], options: CleanOptions | None = None, *, ind
     report = CleanReport(input=len(records))
     kept: list[tuple[int, Record]] = list(enumerate(records))  # input positions, for the report's examples
 
+    # A raw review export keeps what `eval gate --reviews` counts (answers cut off or the guard's, chosen answers a
+    # reviewer flagged): left out here as `zephyr data review` leaves them out, since cleaning stamps the file fit to
+    # train on. A file `data review` already filtered (`for_training`) is left as it chose.
+    survivors = []
+    for i, record in kept:
+        meta = getattr(record, "meta", None)
+        if raw_review_export(meta) and (why := unfit_for_training(meta)):
+            report.unfit_for_training += 1
+            report.note("unfit_for_training", i, f"{why}: {_snippet(record)}")
+        else:
+            survivors.append((i, record))
+    kept = survivors
+
     if options.redact_pii:
         if redactor is None:
             from zephyr.pii import Redactor
@@ -418,8 +435,30 @@ def cleaning_of(meta: Any) -> str:
     stamp = meta.get(CLEANED_KEY)
     if isinstance(stamp, list):
         return "cleaned" if {"pii", "decontaminate"} <= set(stamp) else "cleaned_partly"
-    raw_export = isinstance(meta.get("kept"), dict) and not meta["kept"].get("for_training")
-    return "never_cleaned" if stamp is False or (stamp is None and raw_export) else "unstamped"
+    return "never_cleaned" if stamp is False or (stamp is None and raw_review_export(meta)) else "unstamped"
+
+
+def raw_review_export(meta: Any) -> bool:
+    """Whether a record's meta is a review export's as exported (`kept` says what the export left out), not since
+    filtered for training by `zephyr data review` or `zephyr data clean` (`for_training`)."""
+    return isinstance(meta, dict) and isinstance(meta.get("kept"), dict) and not meta["kept"].get("for_training")
+
+
+def unfit_for_training(meta: dict[str, Any] | None, *, allow_unfinished: bool = False) -> str | None:
+    """Why a review export's record was kept for counting verdicts but is no training example, else None.
+
+    An export that keeps every verdict (`--include-unfinished`, `--include-flagged`: what `eval gate --reviews`
+    counts) marks each record: `whole`, its answers ended by themselves and none is the safety guard's, and for a pair
+    `chosen_flagged`, a reviewer flagged the preferred answer incorrect or unsafe. A record from before those marks is
+    judged by its export's `kept`: what it may hold. `allow_unfinished` takes cut-off answers (a smoke test's)."""
+    meta = meta or {}
+    kept = meta.get("kept") or {}
+    if not allow_unfinished and not meta.get("whole", not kept.get("unfinished", False)):
+        return "an answer cut off at max_tokens or by the client's stop strings, or written by the safety guard"
+    # a pair from before the marks may hold a flagged winner where its export kept them; a KTO or SFT record never
+    if meta.get("chosen_flagged", "whole" not in meta and bool(kept.get("flagged", False))):
+        return "a chosen answer a reviewer flagged incorrect or unsafe"
+    return None
 
 
 def filtered_for_training(record: Record) -> Record:
