@@ -585,11 +585,32 @@ def holds_training(run_dir: Path) -> bool:
     return last_checkpoint(run_dir) is not None or any((run_dir / done).is_dir() for done in ("adapter", "trained"))
 
 
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME, the last file a checkpoint's save writes
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The run's newest whole checkpoint: transformers writes `trainer_state.json` last, so a folder without it was
+    cut off while saving (a kill, a full disk) and holds no state to resume (transformers' own `get_last_checkpoint`
+    takes it: the run started again at step 0 on the weights it held, or failed on every rerun)."""
+    whole = [path for path in _checkpoints(run_dir) if (path / TRAINER_STATE).is_file()]
+    return whole[-1] if whole else None
+
+
+def cut_off_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders a save left part-written (no `trainer_state.json`): nothing resumes from them."""
+    return [path for path in _checkpoints(run_dir) if not (path / TRAINER_STATE).is_file()]
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders by step (transformers names them checkpoint-STEP)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = run_dir / "checkpoints"
-    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
+    found = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        if (step := path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")).isdigit() and path.is_dir():
+            found[int(step)] = path
+    return [found[step] for step in sorted(found)]
 
 
 def saved_recipe_digest(run_dir: Path) -> str | None:
@@ -607,6 +628,11 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` only the first process writes
     if fresh and run_dir.exists() and main:
         shutil.rmtree(run_dir)
+    for cut_off in cut_off_checkpoints(run_dir) if main else ():
+        # Not resumed from, and left in place a later save of that step would mix its files with the stale ones.
+        logging.getLogger("zephyr.train").warning("removing %s: a save cut off before it wrote %s", cut_off,
+                                                  TRAINER_STATE)
+        shutil.rmtree(cut_off, ignore_errors=True)
     _wait_for_every_process()  # no process may read the folder the first one is still deleting
     # A folder with neither a checkpoint nor a trained model holds nothing to resume or lose: an attempt refused
     # after the folder was made (a recipe value only the model can check) starts again under the corrected recipe.

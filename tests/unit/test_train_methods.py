@@ -393,6 +393,43 @@ def test_balanced_training_pairs_choose_the_longer_reply_as_often_as_the_shorter
     assert len(balance_lengths(Dataset.from_list(letters), seed=42)) == 3
 
 
+def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):
+    """transformers writes trainer_state.json last: a checkpoint without it was cut off while saving (a kill, a full
+    disk), and resuming from it started again at step 0 on its weights. The newest whole one is resumed."""
+    from training.run import cut_off_checkpoints, holds_training, last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    assert last_checkpoint(tmp_path) is None
+    for step, whole in ((9, True), (10, True), (11, False), (100, False)):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
+        if whole:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == folder / "checkpoint-10"  # by step, not by name: 10 after 9
+    assert cut_off_checkpoints(tmp_path) == [folder / "checkpoint-11", folder / "checkpoint-100"]
+    for step in (9, 10):
+        (folder / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    assert last_checkpoint(tmp_path) is None and not holds_training(tmp_path)
+
+
+def test_a_run_removes_checkpoints_cut_off_while_saving(data, tmp_path):
+    """Left in place, a later save of the same step would write into a folder holding the stale files."""
+    from training.run import prepare_run_dir
+
+    recipe = load_recipe(recipe_file(tmp_path, "cut", {"method": "sft", "model": TINY, "output": "tiny-cut",
+                                                       "data": {"train": str(data["sft"])}}))
+    run_dir = tmp_path / "run"
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="d") is False
+    whole, cut = run_dir / "checkpoints" / "checkpoint-1", run_dir / "checkpoints" / "checkpoint-2"
+    for folder in (whole, cut):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    (whole / "trainer_state.json").write_text("{}")
+    assert prepare_run_dir(recipe, run_dir, fresh=False, data="d") is True  # resumes from checkpoint-1
+    assert whole.is_dir() and not cut.exists()
+
+
 def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_path):
     settings = Settings(home=home)
     body = {"method": "sft", "model": TINY, "output": "tiny-resume", "data": {"train": str(data["sft"])},
@@ -432,6 +469,7 @@ def test_a_run_folder_refuses_to_resume_on_data_that_changed(data, tmp_path):
 
     def checkpoint() -> None:  # what a run that got as far as its first save leaves
         (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text("{}")
 
     assert prepare_run_dir(recipe, run_dir, fresh=False, data="digest-a") is False
     checkpoint()
