@@ -108,6 +108,11 @@ class DataSpec(_Strict):
         if self.eval and self.eval_fraction:
             raise ValueError("data.eval names the held-out files, so data.eval_fraction would hold out nothing more; "
                              "give one of them")
+        train, held_out = ({Path(p).expanduser().resolve() for p in files} for files in (self.train, self.eval))
+        both = train & held_out
+        if both:  # held-out figures measured on what trained
+            raise ValueError(f"data.eval names a training file too ({', '.join(sorted(str(p) for p in both))}): hold "
+                             "out other records, or set data.eval_fraction to carve them from data.train")
         return self
 
 

@@ -820,6 +820,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             raise
         except ValueError as exc:  # TRL's own checks (KTO's batch size, a sampler it refuses, a LoRA target)
             raise TrainingError(f"the trainer refused the recipe: {exc}") from None
+        no_room_metrics |= dropped_by_trainer(recipe.method, trainer, train_set, watched, console, args.max_length)
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
         if watched is not None:
@@ -854,6 +855,26 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
 
     plot_run(run_dir, recipe.method, validation=validation_set is not None)
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
+
+
+def dropped_by_trainer(method: str, trainer: Any, train_set: Any, watched: Any, console: Any,
+                       max_length: int | None) -> dict[str, int]:
+    """Records TRL itself left out at max_length, counted (the summary's figures are of what trained): DPO and KTO
+    drop a record whose prompt fills it, a reward model a pair with either side over it. A part emptied so is a
+    TrainingError, not torch's "num_samples=0" traceback at the first step."""
+    if method not in ("dpo", "kto", "rm"):  # SFT's and RS's are left out before (with_room); GRPO keeps prompts
+        return {}
+    counts = {}
+    for name, given, kept in (("train", train_set, trainer.train_dataset), ("eval", watched, trainer.eval_dataset)):
+        if given is None or kept is None or not hasattr(kept, "__len__") or len(kept) >= len(given):
+            continue
+        counts[f"{name}_records_dropped_at_max_length"] = len(given) - len(kept)
+        if len(kept) == 0:
+            raise TrainingError(f"every {name} record is longer than trainer.max_length {max_length} (TRL drops "
+                                "them): raise it, or train on shorter conversations")
+        console.print(f"[yellow]{len(given) - len(kept)} of {len(given)} {name} records left out by the trainer: "
+                      f"longer than trainer.max_length {max_length}[/]")
+    return counts
 
 
 def _register(recipe: Recipe, trainer: Any, tokenizer: Any, registry: Registry, base: RegistryEntry, output: str,

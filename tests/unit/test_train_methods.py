@@ -106,6 +106,32 @@ def test_method_trains_and_registers(method, data_key, extra, home, data, tmp_pa
     assert json.loads((run / "summary.json").read_text())["data_cleaning"]["unstamped"] == 8
 
 
+def test_records_the_trainer_drops_at_max_length_are_counted_and_an_emptied_part_is_refused(home, tmp_path):
+    """TRL's DPO leaves out a pair whose prompt fills max_length without a word: the summary counts it, and a run
+    left with none says why instead of torch's num_samples=0 traceback."""
+    settings = Settings(home=home)
+    long_question = "Why is the sky blue? " + "Tell me more about the air, please. " * 20
+    pairs = tmp_path / "pairs.jsonl"
+
+    def write(questions: list[str]) -> None:
+        write_jsonl(pairs, [PreferencePair(prompt=user(q), chosen=reply("Air scatters blue light most."),
+                                           rejected=reply("Because it is."), source="test") for q in questions])
+
+    write([f"Why is the sky blue on day {i}?" for i in range(6)] + [long_question + str(i) for i in range(2)])
+    body = {"method": "dpo", "model": TINY, "output": "tiny-dropped", "data": {"train": str(pairs)},
+            "lora": {"r": 4, "alpha": 8}, "trainer": {**STEPS, "max_steps": 1}}
+    path = recipe_file(tmp_path, "dropped", body)
+    result = train(load_recipe(path), settings, recipe_path=path)
+    assert result.metrics["train_records_dropped_at_max_length"] == 2
+    assert json.loads((result.run_dir / "summary.json").read_text())["metrics"][
+        "train_records_dropped_at_max_length"] == 2
+
+    write([long_question + str(i) for i in range(4)])
+    path = recipe_file(tmp_path, "emptied", {**body, "output": "tiny-emptied"})
+    with pytest.raises(TrainingError, match="every train record is longer than trainer.max_length 64"):
+        train(load_recipe(path), settings, recipe_path=path)
+
+
 def test_validation_is_carved_from_training_and_the_reward_model_is_scored_on_both_parts(home, data, tmp_path):
     settings = Settings(home=home)
     path = recipe_file(tmp_path, "tiny-rm-val", {

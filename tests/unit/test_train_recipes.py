@@ -54,6 +54,8 @@ def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
     ({"method": "dpo", "data": {"train": "PAIRS"}, "trainer": {"push_to_hub": False, "hub_model_id": "me/tutor"}},
      "trainer.hub_model_id: a run never uploads"),
     ({"method": "dpo", "data": {"train": "missing.jsonl"}}, "data file missing.jsonl does not exist"),
+    # held-out figures measured on what trained (found by a review)
+    ({"method": "dpo", "data": {"train": "PAIRS", "eval": "PAIRS"}}, "data.eval names a training file too"),
     ({"method": "dpo"}, "needs a `data` section"),
     ({"method": "ppo", "data": {"train": "PAIRS"}}, "method"),
     ({"method": "rs", "data": {"train": "PAIRS"}}, "needs a `sampling` section"),
