@@ -124,6 +124,17 @@ def test_same_long_prompt_with_different_short_answers_is_not_a_near_duplicate()
     assert unstamped(cleaned) == records and report.near_duplicates == 0
 
 
+def test_the_same_long_answer_marked_good_and_bad_is_two_verdicts_not_a_near_duplicate():
+    """Reviewers who disagree: the label once counted as one shingle among a long reply's, too few to tell them
+    apart, so the second verdict was dropped as a near duplicate (found by a review)."""
+    prompt, answer = [user("Why is the sky blue?")], [assistant(LONG_REPLY)]
+    records = [KTOExample(prompt=prompt, completion=answer, label=True),
+               KTOExample(prompt=prompt, completion=answer, label=False),
+               KTOExample(prompt=prompt, completion=[assistant(LONG_REPLY + " Truly.")], label=True)]
+    cleaned, report = clean(records, CleanOptions(**{**OFF, "near_dup_threshold": 0.9}))
+    assert unstamped(cleaned) == records[:2] and report.near_duplicates == 1  # the same verdict again goes
+
+
 def test_length_filters_on_each_reply_and_on_tokens():
     records = [pair("Q1?", "Fine answer.", "   "),  # a blank rejected reply is too short
                pair("Q2?", "x" * 50, "Fine answer."),  # chosen over max_chars

@@ -301,8 +301,8 @@ def _content_key(record: BaseModel) -> bytes:
 
 
 def _shingles(record: BaseModel, size: int, replies_only: bool = False) -> set[str]:
-    if replies_only:  # the label is part of a KTO reply: the same answer marked good and bad are not duplicates
-        text = "\n".join(t for _, t in _replies(record)) + f" label{getattr(record, 'label', '')}"
+    if replies_only:
+        text = "\n".join(t for _, t in _replies(record))
     else:
         text = "\n".join(m.content for m in _messages(record))
     words = normalize_words(text)
@@ -504,6 +504,9 @@ def _drop_near_duplicates(kept: list[tuple[int, Record]], options: CleanOptions,
     # Shingles of kept records as sorted uint64 hashes: 8 bytes each, a fraction of a set of strings.
     shingle_sets: dict[int, np.ndarray] = {}
     reply_sets: dict[int, np.ndarray] = {}
+    # A KTO answer marked good and the same answer marked bad are two verdicts, not duplicates (a label shingle
+    # among a long reply's moved its Jaccard too little to tell them apart).
+    labels: dict[int, Any] = {}
     survivors = []
     for i, record in kept:
         shingles = _shingles(record, options.shingle_words)
@@ -515,8 +518,9 @@ def _drop_near_duplicates(kept: list[tuple[int, Record]], options: CleanOptions,
         minhash.update_batch([s.encode() for s in shingles])
         hashed = _hashed(shingles)
         duplicate_of = None
+        label = getattr(record, "label", None)
         for candidate in sorted(lsh.query(minhash)):
-            if _jaccard(hashed, shingle_sets[candidate]) >= threshold and \
+            if labels[candidate] == label and _jaccard(hashed, shingle_sets[candidate]) >= threshold and \
                     _jaccard(replies, reply_sets[candidate]) >= threshold:
                 duplicate_of = candidate
                 break
@@ -524,6 +528,7 @@ def _drop_near_duplicates(kept: list[tuple[int, Record]], options: CleanOptions,
             lsh.insert(i, minhash)
             shingle_sets[i] = hashed
             reply_sets[i] = replies
+            labels[i] = label
             survivors.append((i, record))
         else:
             report.near_duplicates += 1
