@@ -325,9 +325,11 @@ def load_recipe(path: Path, overrides: list[str] = (), method: str | None = None
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist (recipes live in training/recipes/)")
     try:
-        raw = _load_yaml(path.read_text()) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read the recipe {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe keys, not {type(raw).__name__}")
     raw = _merge(raw, parse_overrides(list(overrides)))

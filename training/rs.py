@@ -43,7 +43,11 @@ def read_prompts_and_stamps(path: Path) -> tuple[list[Conversation], list[Any]]:
     made from a prompt carries its prompt's stamp (the answer is the model's own), so `zephyr train` judges it."""
     prompts: list[Conversation] = []
     stamps: list[Any] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read the prompts file {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

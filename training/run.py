@@ -616,7 +616,20 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def saved_recipe_digest(run_dir: Path) -> str | None:
     """The digest of the recipe the run folder was started with; None for a folder no run has started."""
     saved = run_dir / RECIPE_FILE
-    return json.loads(saved.read_text()).get("digest") if saved.is_file() else None
+    return run_file(saved).get("digest") if saved.is_file() else None
+
+
+def run_file(path: Path) -> dict[str, Any]:
+    """One of a run folder's JSON files (recipe.json, summary.json, a part's agreement), or a TrainingError naming it
+    where a kill or a full disk cut it off or another tool wrote something else there."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TrainingError(f"cannot read {path} ({type(exc).__name__}: {exc}): restore it from the run's copy, or "
+                            "pass --fresh to start the run over") from None
+    if not isinstance(found, dict):
+        raise TrainingError(f"{path} holds no JSON object: restore it, or pass --fresh to start the run over")
+    return found
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None = None,
@@ -637,7 +650,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
     # A folder with neither a checkpoint nor a trained model holds nothing to resume or lose: an attempt refused
     # after the folder was made (a recipe value only the model can check) starts again under the corrected recipe.
     if saved.is_file() and holds_training(run_dir):
-        started = json.loads(saved.read_text())
+        started = run_file(saved)
         if started.get("digest") != recipe.digest():
             raise TrainingError(f"{run_dir} holds a run of a different recipe; pass --fresh to start over, or set "
                                 f"another `output` name")
@@ -658,8 +671,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, fresh: bool, data: str | None
         raise TrainingError(f"cannot make the run folder {run_dir}: {exc.strerror or exc}") from None
     if main:
         # base_weights: what `zephyr train register` checks on another machine, where base_made_at differs.
-        saved.write_text(json.dumps({"digest": recipe.digest(), "data_digest": data, "base_made_at": base_made_at,
-                                     "base_weights": base_weights, "recipe": recipe.resolved()}, indent=2))
+        write_text_atomic(saved, json.dumps({"digest": recipe.digest(), "data_digest": data,
+                                             "base_made_at": base_made_at, "base_weights": base_weights,
+                                             "recipe": recipe.resolved()}, indent=2))
     return False
 
 
@@ -850,7 +864,7 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                "train_records": len(train_set), "eval_records": len(eval_set) if eval_set is not None else 0,
                "validation_records": len(validation_set) if validation_set is not None else 0,
                "data_cleaning": cleaning, "metrics": metrics}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     from training.plots import plot_run
 
     plot_run(run_dir, recipe.method, validation=validation_set is not None)
@@ -933,7 +947,7 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
     if not trained.is_dir() or not started.is_file():
         raise TrainingError(f"{run_dir} holds no finished run ({trained.name}/ and {RECIPE_FILE}): copy the whole run "
                             "folder of a finished `zephyr train` here")
-    saved = json.loads(started.read_text())
+    saved = run_file(started)
     data = data_digest([*recipe.data.train, *recipe.data.eval])
     if saved.get("digest") != recipe.digest():
         raise TrainingError(f"{run_dir} was trained by another recipe (digest {saved.get('digest')}, this one "
@@ -950,8 +964,8 @@ def register_run(recipe: Recipe, settings: Settings, *, recipe_path: Path | None
                          recipe.data.train, overwrite, cleaning)
     for part in ("validation", "heldout"):  # a reward model's agreement, as scored where it trained
         if (scored := run_dir / f"{part}-agreement.json").is_file():
-            registry.record_eval(entry.name, f"{part}_agreement", json.loads(scored.read_text()),
+            registry.record_eval(entry.name, f"{part}_agreement", run_file(scored),
                                  made_at=entry.manifest.created_at)
     summary = run_dir / "summary.json"
-    metrics = json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
+    metrics = run_file(summary).get("metrics", {}) if summary.is_file() else {}
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)

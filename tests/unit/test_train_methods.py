@@ -439,6 +439,21 @@ def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):
     assert last_checkpoint(tmp_path) is None and not holds_training(tmp_path)
 
 
+def test_a_run_folder_file_cut_off_is_an_error_naming_it(data, tmp_path):
+    from training.run import prepare_run_dir
+
+    recipe = load_recipe(recipe_file(tmp_path, "cut", {"method": "sft", "model": TINY, "output": "tiny-cutjson",
+                                                       "data": {"train": str(data["sft"])}}))
+    run_dir = tmp_path / "run"
+    prepare_run_dir(recipe, run_dir, fresh=False, data="d")
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (run_dir / "recipe.json").write_text('{"digest": "ab')  # a kill while it was written
+    with pytest.raises(TrainingError, match="cannot read .*recipe.json .*pass --fresh"):
+        prepare_run_dir(recipe, run_dir, fresh=False, data="d")
+    assert prepare_run_dir(recipe, run_dir, fresh=True, data="d") is False
+
+
 def test_a_run_removes_checkpoints_cut_off_while_saving(data, tmp_path):
     """Left in place, a later save of the same step would write into a folder holding the stale files."""
     from training.run import prepare_run_dir
@@ -675,6 +690,9 @@ def test_rs_prompts_accept_pairs_and_conversations(tmp_path):
                                                 [{"role": "user", "content": "Q2"}]]
     file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "only"}]}) + "\n")
     with pytest.raises(ValueError, match="end with a user message"):
+        read_prompts_and_stamps(file)
+    file.write_bytes('{"prompt": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    with pytest.raises(RecipeError, match="cannot read the prompts file"):
         read_prompts_and_stamps(file)
 
 

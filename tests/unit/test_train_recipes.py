@@ -93,6 +93,10 @@ def test_recipe_file_errors(tmp_path):
         load_recipe(write(tmp_path, "method: [dpo"))
     with pytest.raises(RecipeError, match="must hold a mapping"):
         load_recipe(write(tmp_path, "- dpo"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("method: dpo\ndescription: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="cannot read the recipe .*latin1.yaml"):
+        load_recipe(latin1)
 
 
 def test_method_must_match_the_command(tmp_path, pairs):
