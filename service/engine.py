@@ -262,8 +262,10 @@ class VLLMEngine:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         def translated(exc: Exception) -> Exception:
-            """What vLLM raised, as the tutor answers it: the request's fault a 400, the engine's a 503."""
-            if isinstance(exc, EngineDeadError):
+            """What vLLM raised, as the tutor answers it: the request's fault a 400, the engine's a 503. Once the
+            engine has errored, every request in flight gets its output handler's error wrapped (an OverflowError
+            in its detokenizer reads like a request's bad value): a 503, not the client's 400."""
+            if isinstance(exc, EngineDeadError) or self.errored:
                 return EngineUnavailable("the inference engine stopped; retry on another replica")
             if isinstance(exc, VLLMClientError | ValueError | OverflowError | TypeError):
                 return EngineRejected(str(exc))

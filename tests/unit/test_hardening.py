@@ -351,7 +351,7 @@ async def test_vllms_refusals_are_translated_and_faults_of_ours_are_not(tokenize
 
     class FakeLLM:
         def __init__(self, first: Exception | None, output: object = None) -> None:
-            self.first, self.output, self.closed = first, output, False
+            self.first, self.output, self.closed, self.errored = first, output, False, False
 
         async def generate(self, *_args):
             try:
@@ -376,6 +376,20 @@ async def test_vllms_refusals_are_translated_and_faults_of_ours_are_not(tokenize
     with pytest.raises(TypeError):
         await drained(llm)
     assert llm.closed  # vLLM's request is closed (aborted) at once
+    # vLLM's output handler died (an OverflowError in its detokenizer): every request in flight gets that error
+    # wrapped, which read as the client's 400; the engine has errored, so it is a 503 (found by a review).
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    from service.engine import EngineUnavailable
+
+    wrapped = EngineGenerateError()
+    wrapped.__cause__ = OverflowError("out of range integral type conversion attempted")  # `raise ... from` sets it
+    dead = FakeLLM(wrapped)
+    dead.errored = True
+    with pytest.raises(EngineUnavailable, match="stopped; retry"):
+        await drained(dead)
+    with pytest.raises(EngineRejected, match="out of range"):  # the same while the engine runs: the request's own
+        await drained(FakeLLM(wrapped))
 
 
 async def test_a_conflict_is_a_client_error(served):
