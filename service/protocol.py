@@ -28,6 +28,7 @@ HARMLESS_VALUES: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (True, False),  # about tool calls, and no request here has tools
     "tool_choice": ("none",),
     "logit_bias": ({},),
+    "metadata": ({},),  # no tags to keep
     "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "echo": (False,),  # the chat's (vLLM's); /v1/completions implements its own
@@ -324,11 +325,21 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64[1])
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    safety_identifier: StrictStr | None = Field(default=None, max_length=256, description=(
+        "OpenAI's successor of `user` (the client's id of the person asking): logged as `user` where none is sent"))
+    prompt_cache_key: StrictStr | None = Field(default=None, max_length=256, description=(
+        "accepted as OpenAI's API does, and not needed: vLLM's prefix cache finds a shared prompt start by itself"))
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
         return reject_unsupported(data, UNSUPPORTED_CHAT_FIELDS)
+
+    @model_validator(mode="after")
+    def _user_by_its_new_name(self) -> ChatCompletionRequest:
+        if self.user is None and self.safety_identifier is not None:
+            self.user = self.safety_identifier
+        return self
 
     @property
     def answer_limit(self) -> int | None:

@@ -53,6 +53,22 @@ async def test_each_request_is_logged_once_redacted_with_key_hash(served):
     assert await log.count() == 2
 
 
+async def test_openais_safety_identifier_is_logged_as_the_user(served):
+    """The current `openai` client calls `user` deprecated in favour of `safety_identifier` (and `prompt_cache_key`);
+    both were refused as unknown fields (found by a review)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ids = []
+    for extra in ({"safety_identifier": "student-8", "prompt_cache_key": "unit-3"},
+                  {"safety_identifier": "student-8", "user": "student-9"}):
+        r = await served.client.post(CHAT, json={**body, **extra})
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["id"])
+    log = await served.flushed_log()
+    assert [(await log.get(i))["user"] for i in ids] == ["student-8", "student-9"]  # `user` wins where both are
+    r = await served.client.post(CHAT, json={**body, "safety_identifier": "x" * 257})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "safety_identifier"
+
+
 async def test_metrics_move(served):
     before = (await served.client.get("/metrics")).text
     await served.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

@@ -61,7 +61,8 @@ async def test_null_stream_options_fields_and_null_stream_options(served):
 HARMLESS_CHAT = [
     ("tools", None), ("tool_choice", None), ("tool_choice", "none"), ("functions", None), ("function_call", None),
     ("logit_bias", None), ("logit_bias", {}), ("response_format", None), ("response_format", {"type": "text"}),
-    ("metadata", None), ("store", False), ("store", None), ("parallel_tool_calls", False),
+    ("metadata", None), ("metadata", {}), ("prompt_cache_key", "unit-3"), ("store", False), ("store", None),
+    ("parallel_tool_calls", False),
     ("parallel_tool_calls", True), ("parallel_tool_calls", None), ("best_of", 1), ("best_of", None),
     ("echo", False), ("modalities", ["text"]), ("audio", None), ("prediction", None), ("service_tier", None),
     ("reasoning_effort", None), ("web_search_options", None), ("suffix", None), ("verbosity", None),
