@@ -50,15 +50,23 @@ async def event_stream(events: AsyncGenerator[str, None], usage_event: Callable[
                        failed: Callable[[int], None]) -> AsyncIterator[str]:
     """OpenAI's stream framing around a route's events: a failure after the headers went out is reported in-band,
     as OpenAI does, and `failed` told its status (the HTTP counter saw the 200 the headers said); the usage event
-    (stream_options.include_usage) follows a stream that finished; then [DONE]."""
+    (stream_options.include_usage) follows a stream that finished; then [DONE]. A failure before the first event
+    is raised: the route reads that event before it sends the headers (routes/openai.py `answer`), so the client
+    gets the error's own status (a 503 it retries, a 400), not a 200 with an error in it."""
+    started = False
     try:
         async with aclosing(events):  # a client that leaves closes this stream: close the route's at once too
             async for item in events:
+                started = True
                 yield item
     except APIError as exc:
+        if not started:
+            raise
         failed(exc.status)
         yield error_event(exc)
     except Exception:  # a fault of ours after the headers went out: said in-band, as a 500 would be, then [DONE]
+        if not started:
+            raise
         log.exception("a stream failed")
         failed(500)
         yield error_event(APIError(500, "internal error; the server logged it"))

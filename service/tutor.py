@@ -336,6 +336,8 @@ class Tutor:
                 self.metrics.inter_token_latency.labels(gen.route).observe(
                     (gen.last_token_at - gen.first_token_at) / (gen.steps - 1)
                 )
+            if status == "aborted":  # cancelled: the client left, or the server stopped past its drain
+                error = self.why_aborted(started=not waiting)
             if gen.route != "mcq":  # MCQ rows are written by answer_mcq, which knows the answer
                 if gen.for_review and status == "ok":
                     # The second answer starts after this one; a refusal is judged alone (no model answer to it).
@@ -494,11 +496,16 @@ class Tutor:
         missing from the log."""
         if not gen.ran:
             gen.ran = True
-            # Past the drain, uvicorn cancels what is left: then the server ended it, not the student (who may also
-            # have left during the drain: the row cannot tell which).
-            why = ("the server was shutting down before the answer started (or the client left)"
-                   if self.admission.draining else "the client left before the answer started")
-            self.log.record(gen.record(self.model_name, "aborted", why, model_revision=self.model_revision))
+            self.log.record(gen.record(self.model_name, "aborted", self.why_aborted(started=False),
+                                       model_revision=self.model_revision))
+
+    def why_aborted(self, started: bool) -> str:
+        """An aborted row's error. Past the drain, uvicorn cancels what is left: then the server ended it, not the
+        student (who may also have left during the drain: the row cannot tell which)."""
+        when = "finished" if started else "started"
+        if self.admission.draining:
+            return f"the server was shutting down before the answer {when} (or the client left)"
+        return f"the client left before the answer {when}"
 
     async def run_to_end(self, gen: GenerationRequest) -> None:
         async with aclosing(self.run(gen)) as outputs:

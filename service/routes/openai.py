@@ -137,7 +137,21 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
 
         large = gen.params.logprobs is not None or gen.params.prompt_logprobs
         return await asyncio.to_thread(render) if large else render()
-    stream = events()  # made before the slot is handed off: a failure here still releases it with the `with`
+    # Its first event (the role chunk goes with the engine's first output) is read before the headers go out: a
+    # failure before it (the engine gone while the request queued, a request vLLM refuses) is answered with its own
+    # status, as the answer that is not streamed is; the time to the first token is the same. Made and read before
+    # the slot is handed off: a failure here still releases it with the `with`.
+    stream = events()
+    try:
+        first = await until_disconnected(request, _first(stream))
+    except BaseException as exc:
+        try:
+            await stream.aclose()
+        finally:
+            tutor.never_ran(gen)
+        if isinstance(exc, APIError):
+            exc.headers.setdefault("X-Request-Id", gen.request_id)
+        raise
     release = slot.hand_off()
 
     def on_close() -> None:
@@ -147,9 +161,34 @@ async def answer(request: Request, slot: AdmissionSlot, gen: GenerationRequest, 
             release()
 
     return ReleasingStreamingResponse(  # the stream holds its place until the response closes
-        stream, on_close=on_close, media_type="text/event-stream",
+        ReadAhead(first, stream), on_close=on_close, media_type="text/event-stream",
         headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _first(stream: AsyncIterator[str]) -> str:
+    return await anext(stream)  # event_stream always ends with [DONE]: never empty
+
+
+class ReadAhead:
+    """A stream whose first event was read ahead: that event, then the rest; closing it closes the stream (which
+    aborts the engine request), started or not."""
+
+    def __init__(self, first: str, rest: AsyncIterator[str]) -> None:
+        self._first: str | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> "ReadAhead":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
 
 
 REVIEW_HEADER = "X-Zephyr-Review"

@@ -28,6 +28,7 @@ class StubEngine:
         self.delay = 0.0  # seconds per token
         self.score_delay = 0.0  # seconds each scoring request (the MCQ letter, an option's cloze score) takes
         self.fail_with: Exception | None = None
+        self.fail_midway: Exception | None = None  # raised after the answer's first step went out
         self.letters_without_logprob: set[str] = set()  # letters the engine leaves out of the requested logprobs
         self.last_finish: str | None = None  # a finish reason the last step gives instead ("error", "abort")
         self.calls: list[tuple[list[int], GenParams]] = []
@@ -97,6 +98,8 @@ class StubEngine:
         for step in range(steps):
             if self.delay:
                 await asyncio.sleep(self.delay)
+            if step == 1 and self.fail_midway is not None:
+                raise self.fail_midway
             self.steps_generated += 1
             choices = []
             for index, ids in enumerate(answers):

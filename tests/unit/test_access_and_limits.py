@@ -361,8 +361,9 @@ async def test_a_stream_whose_client_left_before_its_answer_started_is_logged(se
     assert [r.status for r in rows] == ["aborted"] and "before" in rows[0].error
 
 
-async def test_a_stream_cancelled_at_shutdown_before_its_answer_started_says_so(served):
-    """Past the drain, uvicorn cancels what is left: the row must not blame the student."""
+async def test_a_stream_cancelled_at_shutdown_before_its_answer_finished_says_so(served):
+    """Past the drain, uvicorn cancels what is left: the row must not blame the student. (The headers go out with
+    the first event, after the answer's first step: the answer has started.)"""
     from sqlalchemy import select
 
     from service.store.models import Generation
@@ -383,7 +384,7 @@ async def test_a_stream_cancelled_at_shutdown_before_its_answer_started_says_so(
     async with log.engine.connect() as connection:
         rows = (await connection.execute(select(Generation.status, Generation.error))).all()
     assert [tuple(r) for r in rows] == [
-        ("aborted", "the server was shutting down before the answer started (or the client left)")]
+        ("aborted", "the server was shutting down before the answer finished (or the client left)")]
 
 
 QUESTION = {"question": "Which gas do plants absorb from the air?", "options": ["Oxygen", "Carbon dioxide"]}

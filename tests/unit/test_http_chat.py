@@ -272,6 +272,26 @@ async def test_a_chat_template_that_refuses_the_messages_is_a_400(served, monkey
     assert "roles must alternate" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+async def test_a_stream_that_fails_before_its_first_event_is_answered_with_the_errors_own_status(served, path):
+    """The headers go out with the first event: an engine gone while the request queued is a 503 the client
+    retries, and a request vLLM refuses a 400, as the answer that is not streamed gets; they were a 200 whose only
+    event was the error, which the openai client raises as a bare APIError it never retries (found by a review)."""
+    from service.engine import EngineRejected, EngineUnavailable
+
+    body = {"messages": user(), "max_tokens": 3} if path == CHAT else {"prompt": "Plants need", "max_tokens": 3}
+    for failure, status in ((EngineUnavailable("the inference engine stopped; retry"), 503),
+                            (EngineRejected("Python int too large to convert to C long"), 400)):
+        served.engine.fail_with = failure
+        r = await served.client.post(path, json={**body, "stream": True})
+        assert r.status_code == status and r.headers["content-type"].startswith("application/json"), r.text
+        assert str(failure) in r.json()["error"]["message"] and r.headers["X-Request-Id"]
+    served.engine.fail_with = None
+    assert served.app.state.tutor.admission.in_flight == 0
+    log = await served.flushed_log()
+    assert await log.count() == 2  # each logged once, as an error
+
+
 async def test_a_fault_of_ours_is_logged_as_an_error_and_a_stream_says_so_in_band(served):
     import httpx
 
@@ -282,7 +302,13 @@ async def test_a_fault_of_ours_is_logged_as_an_error_and_a_stream_says_so_in_ban
         served.engine.fail_with = RuntimeError("kernel fault")
         whole = await client.post(CHAT, json={"messages": user(), "max_tokens": 3})
         assert whole.status_code == 500 and "kernel fault" not in whole.text
+        # Before the stream's first event the headers have not gone out: the same 500 as the whole answer's.
+        before = await client.post(CHAT, json={"messages": user(), "max_tokens": 3, "stream": True})
+        assert before.status_code == 500 and before.json()["error"]["type"] == "server_error"
+        assert "kernel fault" not in before.text
+        served.engine.fail_with, served.engine.fail_midway = None, RuntimeError("kernel fault")
         async with client.stream("POST", CHAT, json={"messages": user(), "max_tokens": 3, "stream": True}) as r:
+            assert r.status_code == 200
             lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
         metrics = (await client.get("/metrics")).text
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
@@ -296,7 +322,7 @@ async def test_a_fault_of_ours_is_logged_as_an_error_and_a_stream_says_so_in_ban
     log = await served.flushed_log()
     async with log.engine.connect() as connection:
         rows = (await connection.execute(select(Generation.status, Generation.error))).all()
-    assert len(rows) == 2  # the whole answer's and the stream's: errors, not "aborted" as if the student left
+    assert len(rows) == 3  # the whole answer's and the streams': errors, not "aborted" as if the student left
     assert all(status == "error" and "RuntimeError: kernel fault" in error for status, error in rows)
 
 
