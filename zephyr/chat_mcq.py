@@ -114,6 +114,18 @@ _FOLLOW_UP = re.compile(r"\s*(?:please\s+|and\s+|can\s+you\s+|also\s+)?(?:why|ex
                         re.IGNORECASE)
 
 
+# Options pasted from a web page or a chat model's answer: a list's bullet before the label ("- A) water", "* (a)
+# water") and bold or italic around it ("**A)** water", "__B.__ water"). Read as the plain label.
+_LABEL_TEXT = r"\([A-Ja-j]\)|[A-J][).:]|[a-j]\)"
+_FORMATTED_LABEL = re.compile(
+    rf"^([ \t]*)(?:[-*+\u2022][ \t]+)?(?:(\*\*|__|\*|_)({_LABEL_TEXT})\2|({_LABEL_TEXT}))(?=[ \t])", re.MULTILINE)
+
+
+def _unformatted(text: str) -> str:
+    """`text` with its option lines' bullets and bold or italic labels written plainly (`_FORMATTED_LABEL`)."""
+    return _FORMATTED_LABEL.sub(lambda m: m[1] + (m[3] or m[4]), text)
+
+
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
     """Every label: (start, end, letter, style, at a line's start)."""
     found, since = [], 0
@@ -250,7 +262,9 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
     student's instruction, not part of the option. Items that read as a problem's parts (tasks or questions
     themselves) make no question, nor do options /mcq would refuse (a duplicate, a blank one): the message is
     answered as any chat, nor do questions with more than one right option ("Select all that apply"). A "which"
-    question after the options, where the stem asks none, is the stem's question."""
+    question after the options, where the stem asks none, is the stem's question. A list's bullets and bold or
+    italic labels ("- A) water", "**B)** ice") are read as plain labels."""
+    text = _unformatted(text)
     labels = _labels(text)
     where: dict[tuple[str, str], list[int]] = {}
     for i, label in enumerate(labels):
