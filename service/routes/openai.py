@@ -33,7 +33,7 @@ def served_model_card(request: Request) -> ModelCard:
     tutor = request.app.state.tutor
     entry = request.app.state.registry_entry
     return ModelCard(
-        id=tutor.model_name, created=int(entry.manifest.created_at.timestamp()), parent=entry.manifest.parent,
+        id=tutor.model_name, created=int(entry.manifest.created_at_utc.timestamp()), parent=entry.manifest.parent,
         method=entry.manifest.method, max_model_len=tutor.engine.max_model_len, revision=entry.manifest.revision,
         mcq_calibrated_at=record.created_at.isoformat() if (record := entry.manifest.mcq_calibration) else None,
     )

@@ -166,9 +166,24 @@ async def test_dead_engine_is_503_and_not_ready(served):
     assert r.headers["connection"] == "close"
 
 
-async def test_models_lists_the_served_model(served):
+async def test_models_lists_the_served_model(served, monkeypatch):
     body = (await served.client.get("/v1/models")).json()
     assert [m["id"] for m in body["data"]] == ["smollm2-135m-instruct"]
+    # A hand-written manifest's naive time is UTC, as the registry reads it, whatever the server's local zone
+    # (found by a review: it was read as local time).
+    import time
+    from datetime import UTC, datetime
+
+    manifest = served.app.state.registry_entry.manifest
+    monkeypatch.setattr(manifest, "created_at", datetime(2026, 11, 1, 12, 0))
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        card = (await served.client.get("/v1/models")).json()["data"][0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert card["created"] == int(datetime(2026, 11, 1, 12, 0, tzinfo=UTC).timestamp())
 
 
 async def test_engine_death_asks_for_a_restart(served):
