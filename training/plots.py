@@ -4,6 +4,7 @@ accuracy and margin for the reward model, rewards and completion length for GRPO
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 # Metric keys as TRL logs them, per plot; eval_ keys are the held-out curve.
@@ -16,7 +17,7 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
     "sft": [("loss", ["loss", "eval_loss"])],
     "rs": [("loss", ["loss", "eval_loss"])],
     "grpo": [("reward (weighted)", ["reward", "eval_reward"]),
-             ("rewards", ["rewards/served_letter/mean", "rewards/correct_letter/mean", "rewards/answer_format/mean"]),
+             ("rewards", ["rewards/*/mean"]),  # each reward's, built-in or a reward model's (rewards/<entry>/mean)
              ("completion length", ["completions/mean_length"]), ("loss", ["loss"])],
 }
 
@@ -53,9 +54,20 @@ def curve_label(key: str, validation: bool = False) -> str:
     return "train"
 
 
+def logged_keys(rows: list[dict], keys: list[str]) -> list[str]:
+    """A panel's keys, a pattern ("rewards/*/mean") standing for every logged key it matches, in the order logged."""
+    found = []
+    for key in keys:
+        matching = [k for k in dict.fromkeys(k for row in rows for k in row) if fnmatchcase(k, key)] \
+            if "*" in key else [key]
+        found += [k for k in matching if k not in found]
+    return found
+
+
 def plot_run(run_dir: Path, method: str, validation: bool = False) -> Path | None:
     rows = read_metrics(run_dir / "metrics.jsonl")
-    panels = [(title, keys) for title, keys in PANELS[method] if any(series(rows, k)[0] for k in keys)]
+    panels = [(title, keys) for title, keys in ((title, logged_keys(rows, keys)) for title, keys in PANELS[method])
+              if any(series(rows, k)[0] for k in keys)]
     if not panels:
         return None
     import matplotlib

@@ -768,6 +768,16 @@ def test_curve_legends_name_grpo_rewards_and_the_held_out_curve():
     assert curve_label("eval_loss", validation=True) == "validation"  # what the trainer watched: not held out
 
 
+def test_grpos_rewards_panel_plots_every_logged_reward_a_reward_models_too():
+    """The panel named the three built-in rewards: a `rewards.reward_model`'s curve was logged and never drawn."""
+    from training.plots import logged_keys
+
+    rows = [{"step": 1, "reward": 0.4, "rewards/correct_letter/mean": 1.0, "rewards/tutor-rm/mean": 0.3,
+             "rewards/correct_letter/std": 0.1}, {"step": 2, "rewards/answer_format/mean": 1.0}]
+    assert logged_keys(rows, ["reward", "rewards/*/mean"]) == [
+        "reward", "rewards/correct_letter/mean", "rewards/tutor-rm/mean", "rewards/answer_format/mean"]
+
+
 def test_ranked_samples_are_reused_only_for_the_same_sampling(tmp_path):
     data, provenance_file = tmp_path / "rs-data.jsonl", tmp_path / "rs-sampling.json"
     provenance = {"model": "m", "reward_model": "rm", "prompts_digest": "abc", "sampling": {"n": 4, "limit": 300}}
