@@ -834,7 +834,8 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             raise
         except ValueError as exc:  # TRL's own checks (KTO's batch size, a sampler it refuses, a LoRA target)
             raise TrainingError(f"the trainer refused the recipe: {exc}") from None
-        no_room_metrics |= dropped_by_trainer(recipe.method, trainer, train_set, watched, console, args.max_length)
+        no_room_metrics |= dropped_by_trainer(recipe.method, trainer, train_set, watched, console,
+                                              getattr(args, "max_length", None))
         outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
         metrics = dict(outcome.metrics)
         if watched is not None:
