@@ -836,8 +836,21 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
             raise TrainingError(f"the trainer refused the recipe: {exc}") from None
         no_room_metrics |= dropped_by_trainer(recipe.method, trainer, train_set, watched, console,
                                               getattr(args, "max_length", None))
-        outcome = trainer.train(resume_from_checkpoint=str(last_checkpoint(run_dir)) if resume else None)
-        metrics = dict(outcome.metrics)
+        checkpoint = last_checkpoint(run_dir) if resume else None
+        saved_state = run_file(checkpoint / TRAINER_STATE) if checkpoint is not None else {}
+        if saved_state.get("global_step", 0) >= saved_state.get("max_steps", math.inf) > 0:
+            # Trained to its last step (it stopped after the last checkpoint: a registry error, a full disk while
+            # merging). transformers, resumed there, trains one step more (its loop checks the limit only after
+            # a step): the run's weights and state are the checkpoint's, as trained.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+            metrics = {}
+        else:
+            metrics = dict(trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics)
+        if checkpoint is not None:
+            metrics |= whole_run_loss(run_dir / "metrics.jsonl", saved_state)
         if watched is not None:
             metrics |= final_eval(trainer)
         if validation_set is not None and eval_set is not None and recipe.method != "rm":
@@ -870,6 +883,17 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
 
     plot_run(run_dir, recipe.method, validation=validation_set is not None)
     return RunResult(entry=entry, run_dir=run_dir, metrics=metrics)
+
+
+def whole_run_loss(metrics_file: Path, checkpoint_state: dict[str, Any]) -> dict[str, float]:
+    """A resumed run's `train_loss` over every step of the run: transformers' covers only the steps of the call
+    that resumed, and the summary would say so of the whole run. The mean of the logged losses (each a logging
+    interval's), and the step it resumed from."""
+    from training.plots import read_metrics, series
+
+    _, losses = series(read_metrics(metrics_file), "loss")
+    return {"resumed_from_step": checkpoint_state.get("global_step", 0)} | (
+        {"train_loss": sum(losses) / len(losses)} if losses else {})
 
 
 def dropped_by_trainer(method: str, trainer: Any, train_set: Any, watched: Any, console: Any,

@@ -490,6 +490,21 @@ def test_resume_from_last_checkpoint_and_refuse_other_recipe(home, data, tmp_pat
     steps = [json.loads(line)["step"] for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1  # step 1 was not trained twice
     assert steps.count(2) == logged.count(2) and steps == logged
+    # The summary's loss is the whole run's, not only the steps trained since the checkpoint (found by a review)
+    losses = [json.loads(line)["loss"] for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert again.metrics["resumed_from_step"] == 1 and len(losses) == 2
+    assert again.metrics["train_loss"] == pytest.approx(sum(losses) / 2)
+    # Resumed at the last step, nothing trains: transformers' own figure was 0.0.
+    # Resumed at the last step (stopped before it registered), transformers trained a third step of two: the run is
+    # trained, and registered as the checkpoint holds it.
+    weights = (again.run_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    done = train(load_recipe(path), settings, recipe_path=path, overwrite=True)
+    assert done.metrics["resumed_from_step"] == 2 and done.metrics["train_loss"] == pytest.approx(sum(losses) / 2)
+    assert [json.loads(line)["step"] for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()] == \
+        logged  # no step 3
+    assert not (again.run_dir / "checkpoints" / "checkpoint-3").exists()
+    assert (done.run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == weights
 
     other = recipe_file(tmp_path, "resume", {**body, "trainer": {**STEPS, "learning_rate": 0.5}})
     with pytest.raises(TrainingError, match="different recipe; pass --fresh"):
