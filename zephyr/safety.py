@@ -265,10 +265,87 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
 )))
 
 
+# A request for the means of mass harm by name: how to make, get or use a chemical weapon (the Chemical Weapons
+# Convention's schedules), a biological agent or toxin (the US select agents), an explosive device or a high
+# explosive, or a hard drug. The encoder let most such plain requests through ("How do I synthesize sarin at home?"
+# scored 0.03); questions about them ("Why is sarin so toxic?", "How did Nobel make nitroglycerin safer?", "How do
+# bacteria make botulinum toxin?") ask for no recipe, and are a tutor's to answer. Written from those lists, widened
+# on training splits, and judged on validation by a rule fixed before (docs/evaluation.md, "Requests for weapons by
+# name"). Thermite, black powder and fireworks are left out: school demonstrations and history lessons.
+_AGENT = (r"(?:sarin|soman|tabun|cyclosarin|vx|v-x|novichok|nerve (?:agent|gas)s?|mustard gas|sulfur mustard|"
+          r"sulphur mustard|nitrogen mustard|lewisite|phosgene|chlorine gas|hydrogen cyanide gas|cyanide gas|zyklon|"
+          r"ricin|abrin|saxitoxin|tetrodotoxin|botulinum(?: toxin)?|botulism toxin|anthrax|bacillus anthracis|plague "
+          r"bacteria|yersinia pestis|smallpox|variola|ebola|marburg virus|tularemia|bio(?:logical)?[ -]?weapons?|"
+          r"chemical weapons?|dirty bombs?|pipe ?bombs?|pressure[ -]cooker bombs?|ieds?|improvised explosive devices?|"
+          r"car bombs?|nail bombs?|suicide vests?|molotov(?: cocktails?)?|napalm|tatp|triacetone triperoxide|hmtd|"
+          r"petn|rdx|c-?4 explosives?|semtex|anfo|ghost guns?|untraceable guns?|silencers?|suppressors?|"
+          r"meth(?:amphetamine)?|crystal meth|fentanyl|carfentanil|heroin|crack cocaine|cocaine|untraceable poisons?|"
+          r"poisons? (?:that|to) (?:kill|hurt)\w*|poison(?:ous)? gas|toxic gas|ghb|rohypnol|roofies|dmt|lsd|mdma|"
+          r"ecstasy pills)")
+# A bomb or explosive unnamed only right after the verb: "make a bomb", not "make a bath bomb" or "a photon bomb".
+_ANY_BOMB = r"(?:(?:a|an|the) )?(?:(?:homemade|home-made|real|working|simple|small|big) )?(?:bombs?|explosives?)"
+# Up to two words between the verb and the agent ("make pure sarin at home"), none of them a preposition: "spread
+# awareness of ebola", "get information on anthrax" ask for no agent.
+_GAP = r"(?:(?!(?:of|about|against|from|for|with|to|on|in|into|out|rid|over|through)\b)\S+\s+){0,2}?"
+_MAKING = (r"(?:make|making|synthesi[sz]e|synthesi[sz]ing|produce|producing|manufacture|manufacturing|brew|brewing|"
+           r"cook|cooking|build|building|assemble|assembling|extract|extracting|purify|purifying|refine|culture|"
+           r"culturing|grow|growing|weaponi[sz]e|weaponi[sz]ing|aerosoli[sz]e|aerosoli[sz]ing|obtain|get hold of|"
+           r"get my hands on|buy|acquire|prepare|create|release|spread|deploy|detonate|set off|smuggle|3d print)")
+# Another person (or a pet) a request would hurt: "someone", "my sister", "a kid", "the boy who ...".
+_OTHER = (r"(?:someone|somebody|people|a person|(?:my|a|the|our)\s+(?:\w+'s\s+)?(?:little\s+)?(?:sister|brother|mom|mum|mother|dad|"
+          r"father|teacher|friend|classmate|neighbou?r|boss|wife|husband|girlfriend|boyfriend|kid|child|baby|dog|cat|"
+          r"boy|girl|student|uncle|aunt|cousin|grandma|grandpa|roommate|coworker)|him|her|them)\b(?!'s)")
+_MADE = rf"{_MAKING}\s+(?:{_GAP}{_AGENT}|{_ANY_BOMB})\b"
+WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
+    rf"\bhow\s+(?:do|can|could|would|should|might|will)\s+(?:i|we|you|one|someone|somebody|a person)\s+"
+    rf"(?:\w+\s+){{0,2}}?{_MADE}",
+    rf"\b(?:how|ways?|steps?|instructions?|guide|tutorial|best way|easiest way|cheapest way|where)\s+(?:to|2)\s+"
+    rf"(?:\w+\s+){{0,2}}?{_MADE}",
+    rf"\b(?:recipe|formula|synthesis route|synthesis steps|blueprints?|schematics?|instructions|step-by-step|"
+    rf"procedure|mix|mixture|ingredients|components)\s+(?:for|of|to make)\s+(?:{_MAKING}\s+)?(?:(?:a|an|the|some)\s+)?"
+    rf"(?:{_AGENT}|{_ANY_BOMB})\b",
+    rf"\b(?:which|what)\s+(?:\S+\s+){{0,3}}?{_AGENT}\s+(?:is|would be)\s+(?:the\s+)?(?:easiest|simplest|cheapest|best)"
+    rf"\s+(?:\S+\s+){{0,4}}?to\s+(?:make|build|produce|get|buy)\b",
+    r"\b(?:turn|convert|make)\s+(?:\S+\s+){0,4}?into\s+(?:a|an)\s+(?:bomb|explosive|weapon|poison)\b",
+    r"\bconvert\w*\s+(?:\S+\s+){0,4}?(?:to|into)\s+(?:a\s+)?full(?:y)?[- ]?auto",
+    r"\bspike\s+(?:someone'?s|somebody'?s|a|her|his|their|my\s+\w+'?s?)\s+drinks?\b",
+    rf"\b(?:i|we)\s+(?:want|need|wanna|plan|am going|are going|intend)\s+to\s+(?:\w+\s+){{0,2}}?{_MADE}",
+    rf"\b(?:teach|show|tell|give|walk)\s+me\s+(?:through\s+)?(?:how\s+to\s+)?(?:\w+\s+){{0,2}}?{_MADE}",
+    # hurting another person (or an animal) by a how-to or an intent: not "kill bacteria" or "hurt someone's feelings"
+    rf"\b(?:how\s+(?:do|can|could|would|should)\s+(?:i|we)|how\s+to|best\s+way\s+to|easiest\s+way\s+to|(?:i|we)\s+"
+    rf"(?:want|wanna|plan|am going|are going|need)\s+to|help\s+me|should\s+i|where\s+(?:\S+\s+){{0,4}}?should\s+i)\s+"
+    rf"(?:\w+\s+){{0,2}}?(?:poison|stab|shoot|kill|hurt|injure|drug|choke|strangle|attack|beat up|knock out)\s+"
+    rf"{_OTHER}",
+    rf"\bmake\s+{_OTHER}\s+(?:sick|ill|pass out|unconscious|vomit)\b",
+    rf"\b(?:what|which)\s+(?:chemicals|ingredients|materials|equipment|precursors|supplies|parts)\s+(?:do|would|are)"
+    rf"\s+(?:i|we|you)?\s*(?:need|needed|required)\s+(?:to|for)\s+(?:\w+\s+){{0,2}}?(?:{_MADE}|"
+    rf"(?:(?:a|an|the)\s+)?{_AGENT}\b)",
+)))
+
+
+def _read_for_phrases(text: str) -> str:
+    return " ".join(normalized(text).lower().replace("\u2019", "'").split())
+
+
 def states_crisis(text: str) -> bool:
     """Whether a message says, in the first person, that its writer means to end their life or hurt themselves
     (`CRISIS_PHRASES`), read as the guard reads it (`normalized`: look-alikes and plain spelling)."""
-    return CRISIS_PHRASES.search(" ".join(normalized(text).lower().replace("\u2019", "'").split())) is not None
+    return CRISIS_PHRASES.search(_read_for_phrases(text)) is not None
+
+
+def requests_weapon(text: str) -> bool:
+    """Whether a message asks how to make, get or use a weapon of mass harm or a hard drug by name, or how to hurt
+    someone (`WEAPON_REQUESTS`), read as the guard reads it."""
+    return WEAPON_REQUESTS.search(_read_for_phrases(text)) is not None
+
+
+def phrase_category(text: str) -> str | None:
+    """The category a message's own words put it in, whatever the classes score: self-harm (`CRISIS_PHRASES`)
+    before harm (`WEAPON_REQUESTS`), else None. Read once."""
+    read = _read_for_phrases(text)
+    if CRISIS_PHRASES.search(read):
+        return SELF_HARM
+    return HARMFUL if WEAPON_REQUESTS.search(read) else None
 
 
 def latin_lookalikes(text: str) -> str:
@@ -436,7 +513,7 @@ class Verdict:
     score: float  # the probability the worst segment is not benign
     category: str | None  # the likeliest class but benign when flagged (self_harm over its own threshold), else None
     probabilities: dict[str, float]  # per class, of the segment that decided (the worst, or the self-harm one)
-    crisis_phrase: bool = False  # flagged as self-harm by CRISIS_PHRASES, whatever the classes scored
+    by_phrase: bool = False  # its category is its words' (phrase_category), whatever the classes scored
 
 
     @property
@@ -447,7 +524,7 @@ class Verdict:
     def logged(self) -> dict[str, Any]:
         """What a log row keeps of it (`params.safety`): what reviewers and operators read back."""
         logged = {"category": self.category, "score": round(self.score, 4), "probabilities": self.probabilities}
-        return logged | ({"crisis_phrase": True} if self.crisis_phrase else {})
+        return logged | ({"by_phrase": True} if self.by_phrase else {})
 
 
 def deciding(verdicts: list[Verdict]) -> Verdict | None:
@@ -477,11 +554,11 @@ class SafetyGuard:
     imports) unless one is given: anything with sentence-transformers' `encode(texts, normalize_embeddings=True)`."""
 
     def __init__(self, record: SafetyRecord, threshold: float | None = None, encoder: Any = None,
-                 crisis_phrases: bool = True):
+                 phrases: bool = True):
         import numpy as np
 
         self.record = record
-        self.crisis_phrases = crisis_phrases  # a message in CRISIS_PHRASES' words is self-harm whatever it scores
+        self.phrases = phrases  # a message in CRISIS_PHRASES' or WEAPON_REQUESTS' words is flagged whatever it scores
         self.threshold = record.threshold if threshold is None else threshold
         # An override moves the whole message's line; a sentence read alone is flagged at no lower a one.
         part = record.sentence_threshold
@@ -502,11 +579,11 @@ class SafetyGuard:
     def for_answers(self) -> SafetyGuard:
         """The guard that reads the model's answers, sentence by sentence (AnswerSegments): the same classes and
         encoder, at the record's answer threshold (the request threshold where it has none), with no self-harm
-        threshold or crisis phrases (an answer that points to help reads as self-harm, and is not a student in
-        crisis)."""
+        threshold or phrases (an answer that points to help reads as self-harm, and is not a student in crisis; one
+        that explains why a nerve agent is banned is no request for it)."""
         threshold = self.record.answer_threshold if self.record.answer_threshold is not None else self.threshold
         record = self.record.model_copy(update={"self_harm_threshold": None, "sentence_threshold": None})
-        return SafetyGuard(record, threshold, encoder=self.encoder, crisis_phrases=False)
+        return SafetyGuard(record, threshold, encoder=self.encoder, phrases=False)
 
     def embed(self, texts: list[str]):
         return embed(self.encoder, texts)
@@ -557,8 +634,9 @@ class SafetyGuard:
         """The verdict from a message's segments' class probabilities (one row a segment; with `read_whole` the
         first is the whole message, flagged at the threshold, the others its parts, at the sentence threshold but
         the first and the last, which are flagged at the threshold too): the worst flagged row decides, and a
-        segment about self-harm over its own threshold before it; and before all, where the message's `text` is
-        given, its saying in CRISIS_PHRASES' words that its writer means to hurt themselves."""
+        segment about self-harm over its own threshold before it. Where the message's `text` is given, its words
+        decide too (`phrase_category`): a student saying they mean to hurt themselves is self-harm before all, and a
+        request for a weapon by name is harmful before any other flagged class."""
         import numpy as np
 
         self_harm = CLASSES.index(SELF_HARM)
@@ -569,10 +647,12 @@ class SafetyGuard:
         score = float(scores.max())
         category = None
         crisis, crisis_threshold = probabilities[:, self_harm].argmax(), self.record.self_harm_threshold
-        said = self.crisis_phrases and text is not None and states_crisis(text)
-        if said or (crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold):
+        said = phrase_category(text) if self.phrases and text is not None else None
+        if said == SELF_HARM or (crisis_threshold is not None and probabilities[crisis, self_harm] >= crisis_threshold):
             worst, category = probabilities[crisis], SELF_HARM
+        elif said == HARMFUL:
+            category = HARMFUL
         elif flagged.any():
             category = CLASSES[1 + int(worst[1:].argmax())]  # the first of equals: harmful before the others
         return Verdict(score, category, {name: round(float(p), 4) for name, p in zip(CLASSES, worst, strict=True)},
-                       crisis_phrase=said)
+                       by_phrase=said is not None and said == category)
