@@ -9,7 +9,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from typing import Any
@@ -59,6 +59,7 @@ from zephyr.safety import (
     Verdict,
     deciding,
     read_by_guard,
+    students_words,
     without_refused_turns,
 )
 from zephyr.settings import Settings
@@ -351,12 +352,13 @@ class Tutor:
                     self.metrics.safety_refusals.labels(gen.route, gen.extra_params["safety"]["category"]).inc()
                 self.log.record(record)
 
-    async def flagged(self, texts: list[str]) -> Verdict | None:
-        """The safety guard's deciding verdict on these messages when it flags one, else None. The guard runs on its
-        own thread: off the loop that streams answers, one message set at a time (its tokenizer is not shared)."""
+    async def flagged(self, texts: list[str], phrases_in: Collection[str] | None = None) -> Verdict | None:
+        """The safety guard's deciding verdict on these messages when it flags one, else None (its phrases read only
+        `phrases_in`, None: all). The guard runs on its own thread: off the loop that streams answers, one message
+        set at a time (its tokenizer is not shared)."""
         if self.guard is None or not any(t.strip() for t in texts):
             return None
-        return deciding(await self.on_encoder("request_guard", self.guard.judge_all, texts))
+        return deciding(await self.on_encoder("request_guard", self.guard.judge_all, texts, phrases_in))
 
     async def judge_answer(self, sentences: list[str]) -> list[Verdict]:
         """The answer guard's verdicts on an answer's sentences, on the guard's own thread (it shares the encoder)."""
@@ -371,11 +373,11 @@ class Tutor:
         finally:
             self.metrics.encoder_seconds.labels(task).observe(time.perf_counter() - started)
 
-    async def screen(self, gen: GenerationRequest, texts: list[str]) -> None:
+    async def screen(self, gen: GenerationRequest, texts: list[str], phrases_in: Collection[str] | None = None) -> None:
         """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row
         keeps the verdict, and a chat chosen for review goes to reviewers alone (no model answer to compare), so
         wrong refusals are found."""
-        if (verdict := await self.flagged(texts)) is None:
+        if (verdict := await self.flagged(texts, phrases_in)) is None:
             return
         gen.withheld = REPLIES[verdict.category]
         gen.mcq_question = None
@@ -447,7 +449,7 @@ class Tutor:
         )
         if left_out:
             gen.extra_params["refused_turns_left_out"] = left_out
-        await self.screen(gen, read_by_guard(client_messages))
+        await self.screen(gen, read_by_guard(client_messages), students_words(client_messages))
         return gen
 
     async def open_answer(self, gen: GenerationRequest) -> None:

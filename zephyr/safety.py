@@ -25,6 +25,7 @@ import json
 import re
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -186,82 +187,117 @@ def plain_spelling(text: str) -> str:
 
 
 # A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
+# A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
 # self-harm class was fitted on 17 prompts and misses most of them ("i want to end it all" scored 0.000), so these
 # phrases flag a message as self-harm whatever the class scores: a rule written from crisis-line screening
 # questions (C-SSRS: wishing to be dead, thoughts of killing oneself, a method, an intent), the slang for them and
-# the kinds of message the hand-written training part holds, and judged on validation by a rule fixed before
-# (docs/evaluation.md, "Crisis phrases"). First person only: a
-# question about suicide ("What is the suicide rate in Japan?", "Why did Romeo kill himself?") is a tutor's to
-# answer. An accident told ("I burned myself on the stove") needs a wish or a habit with it to count.
+# the kinds of message the hand-written training part holds, narrowed after a review's own questions, and judged on
+# validation (docs/evaluation.md, "Crisis phrases"). First person throughout: a question about suicide, overdoses
+# or a fall ("What is the suicide rate in Japan?", "How much acetaminophen is an overdose?", "If someone jumps off
+# a 30 m bridge, how fast do they hit the water?") is a tutor's to answer, and so is an accident told ("I burned
+# myself on the stove") or an idiom ("I've been burning myself out", "cut myself some slack").
 _ME = r"(?:i|im|i'm|i am|ive|i've|i have|i'd|i would|i will|i'll)"
+_I = r"(?:i|im|i'm|i am|ive|i've|i have|i'll|i will|i just|i'm going to|i am going to|i'm gonna)"
 _MYSELF = r"m\s*y\s*s\s*e\s*l\s*f"  # spaced letters read by plain_spelling join to "killmyself"
-_WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|tempted|decided|about|trying|tried"
-            r"|need|urge|thinking (?:about|of)|thought (?:about|of)|feel like|felt like|keep|keeps|started|start"
-            r"|been|how (?:do|can|should|would) i|ways? to|best way to|easiest way to|should i)")
+_NOT_AN_IDIOM = r"(?!\s+(?:out|off|up|some|a|an|on|with (?:a|the) (?:knife|scissors|scalpel|paper))\b)"
+_WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|tempted|decided|trying|tried|urge"
+            r"|thinking (?:about|of)|thought (?:about|of)|feel like|felt like|keep|keeps|started|start|been"
+            r"|how (?:do|can|should|would) i|ways? to|should i)")
+_PILLS = r"(?:pills|tablets|meds|medication|medicine|painkillers|tylenol|paracetamol|acetaminophen|ibuprofen|aspirin)"
+_CLAUSE_END = r"\s*(?:anymore|any more|no more)?\s*(?:[.?!,]|$)"
 CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     # ending oneself, a wish to be dead or gone, a plan, a method
-    rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|off(?:ing)?|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b",
-    r"\b(?:end|ending|take|taking|took)\s+my\s+(?:own\s+)?life\b",
-    r"\bend(?:ing)?\s+it\s+(?:all|tonight|today|for good|forever)\b",
+    rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b{_NOT_AN_IDIOM}",
+    rf"\b(?:to|gonna|wanna|will|i'll|should|just)\s+off\s+{_MYSELF}\b",
+    r"\b(?:end|ending)\s+my\s+(?:own\s+)?life\b",
+    r"\b(?:take|taking|took)\s+my\s+(?:own\s+)?life\s*(?:tonight|today|now|soon|[.?!,]|$)",
+    rf"\b(?:{_I}|want to|wanna|going to|gonna|ready to|about to)\s+(?:\w+\s+){{0,2}}?end(?:ing)?\s+it\s+"
+    r"(?:all|tonight|today|for good|forever)\b",
+    r"\b(?:i'm|im|i am|i'll|i will)\s+(?:going to\s+|gonna\s+|about to\s+)?end\s+(?:it|things)\s*(?:tonight|today|now"
+    r"|soon|[.?!]|$)",
     r"\b(?:drink|take|swallow|eat|use)\s+to\s+end\s+it\b",
     rf"\b{_ME}\s+(?:just\s+|really\s+|honestly\s+|kinda\s+|sometimes\s+|still\s+)?(?:want(?:ed)?|wanna|wish|deserve)"
     r"\s+(?:to\s+)?(?:die|be dead)\b",
-    r"\bwish\s+(?:i|id|i'd)\s+(?:was|were|had|could)\s+(?:be\s+)?(?:dead|died|gone|never (?:been )?born|disappear)",
+    r"\b(?:i'd|id|i would)\s+rather\s+(?:be\s+)?(?:dead|die)\b",
+    r"\bi\s+(?:should|might as well|may as well)\s+(?:just\s+)?(?:die|kill myself|end it)\b",
+    r"\bi\s+(?:feel|felt)\s+like\s+dying\b",
+    r"\bwish\s+(?:i|id|i'd)\s+(?:was|were)\s+(?:dead|gone|never born)\b",
+    r"\bwish\s+(?:i|id|i'd)\s+(?:had\s+)?(?:died|never been born)\b",
+    r"\bwish\s+(?:i|id|i'd)\s+could\s+(?:die|disappear|vanish)\b",
     r"\bwish\s+i\s+(?:was|were)\s*n[o']?t\s+(?:born|alive|here)\b",
     r"\bwish\s+i\s+(?:didn't|did not|didnt)\s+exist\b",
-    r"\b(?:i|i'd|id)\s+(?:just\s+|really\s+)?(?:want|wanna|wish|would like|like)\s+to\s+(?:disappear|vanish|not exist"
-    r"|stop existing|cease to exist|never wake up|not wake up)",
+    r"\b(?:i|i'd|id)\s+(?:just\s+|really\s+)?(?:want|wanna|wish|would like)\s+to\s+(?:disappear|vanish|not exist"
+    r"|stop existing|cease to exist|never wake up|not wake up)\b(?!\s+(?:into|in|from|for)\b)",
+    r"(?<!will i )(?<!could i )(?<!can i )(?<!might i )(?<!would i )\bdie\s+in\s+my\s+sleep\b",
+    r"\b(?:sleep|go to sleep|fall asleep)\s+and\s+never\s+wake\s+up\b",
     r"\b(?:don't|do not|dont|never)\s+want\s+to\s+(?:be alive|exist|be here|live|wake up)\s*(?:anymore|any more|no more"
     r"|ever again|again|tomorrow)\b",
-    r"\b(?:don't|do not|dont)\s+want\s+to\s+(?:be alive|exist)\b",
+    rf"\b(?:don't|do not|dont)\s+want\s+to\s+(?:be alive|exist|live){_CLAUSE_END}",
     r"\bwant\s+(?:it|everything|the pain|this|it all)\s+(?:all\s+)?to\s+(?:stop|end)\s+"
     r"(?:forever|for good|permanently)",
-    r"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going on|being alive|keep going|keep living)\b",
+    rf"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going on|being alive|keep going|keep living){_CLAUSE_END}",
     r"\b(?:don't|do not|dont|can't|cannot|cant)\s+see\s+(?:any|a)\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living"
-    r"|going on|keep going|keep living|being alive|carry on)\s*(?:anymore|any more)?\s*(?:[.?!]|$)",
+    rf"|going on|keep going|keep living|being alive|carry on){_CLAUSE_END}",
+    r"\b(?:my\s+)?life\s+(?:isn't|is not|isnt|ain't)\s+worth\s+living\b",
     r"\bbetter\s+off\s+(?:dead|without\s+me)\b",
+    r"\bbetter\s+off\s+if\s+i\s+(?:was|were)\s+(?:gone|dead|not here|not around|never born)\b",
     r"\bi(?:'m| am)\s+(?:just\s+|such\s+|only\s+)?a\s+burden\b",
-    r"\b(?:can't|cannot|cant)\s+go\s+on\s+(?:anymore|any more|like this|living)\b",
+    rf"\b(?:can't|cannot|cant)\s+go\s+on\s+(?:anymore|any more|like this|living){_CLAUSE_END}",
     r"\b(?:miss|notice|care)\s+(?:me\s+)?if\s+i\s+(?:died|was gone|were gone|disappeared|killed)\b",
     rf"\b{_ME}\s+(?:feel(?:ing)?\s+|am\s+|been\s+|keep\s+having\s+|have\s+)?suicidal\b",
-    r"\bmy\s+suicid(?:e|al)\s+(?:note|thoughts|plan|feelings)\b",
-    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\b(?:goodbye|suicide)\s+(?:note|letter)\b",
-    r"\b(?:suicide|dying|death|killing myself)\s+(?:seems|is|feels)\s+(?:like\s+)?(?:the\s+)?only\s+"
-    r"(?:way|option|answer|choice)",
+    r"\b(?:i|i'm|im|i am|i've|ive|i have|i keep)\s+(?:been\s+)?(?:\w+\s+)?(?:thinking|thought|having thoughts|had "
+    r"thoughts)\s+(?:about|of)\s+(?:suicide|killing myself|ending (?:my life|it all))",
+    r"\bmy\s+suicid(?:e|al)\b(?!\s+(?:prevention|awareness|essay|research|project|report|presentation))",
+    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\bsuicide\s+(?:note|letter)\b",
+    r"\b(?:suicide|killing myself)\s+(?:seems|is|feels)\s+(?:like\s+)?(?:the\s+)?only\s+(?:way|option|answer|choice)"
+    r"(?:\s+(?:out|for me|left))",
     rf"\b{_WANTING}\s+(?:to\s+)?(?:commit\s+suicide|overdose|od)\b",
     r"\b(?:how|ways?)\s+(?:to|do i|can i|should i)\s+commit\s+suicide\b",
-    r"\b(?:painless|quickest|easiest|fastest|quietest|surest|best|simplest|cleanest|least painful|least messy)\s+"
-    r"(?:way|ways|method|methods)\s+to\s+(?:die|commit suicide|kill myself|end my life)\b",
-    r"\b(?:die|kill myself)\b[^.?!\n]{0,30}\bon purpose\b",
-    r"\bhow\s+(?:many|much)\b[^.?!\n]{0,40}\b(?:kill\s+me|overdose|od)\b",
-    r"\b(?:lethal|fatal|deadly)\b[^.?!\n]{0,20}\bfor\s+me\b",
-    r"\boverdos\w*\b[^.?!\n]{0,40}\b(?:i want|what to expect|for me|myself|tonight)\b",
-    r"\b(?:take|taking|swallow|swallowing)\s+(?:all|a whole bottle|the whole bottle|a bottle|a handful|handfuls)\s+"
-    r"(?:of\s+)?(?:\S+\s+){0,3}(?:pills|tablets|meds|medication|medicine|painkillers)\b",
-    r"\b(?:jump|jumping|throw myself)\s+(?:off|from)\s+(?:the\s+|a\s+|my\s+)?(?:roof|bridge|building|cliff|balcony"
-    r"|tower|window|overpass)",
-    r"\b(?:high|tall)\s+enough\s+to\s+(?:jump from|jump off|die|kill)",
-    r"\b(?:jump|jumping|step|stepped|stepping|walk|walked|lie|lay)\s+(?:down\s+)?in\s+front\s+of\s+(?:a|the)\s+"
-    r"(?:train|car|bus|truck|lorry)",
+    r"\b(?:painless|quietest|surest|least painful|least messy)\s+(?:way|ways|method|methods)\s+to\s+(?:die|commit "
+    r"suicide|kill myself|end my life)\b",
+    r"\b(?:i|me|my)\b[^.?!\n]{0,20}\b(?:die|kill myself)\b[^.?!\n]{0,30}\bon purpose\b",
+    r"\bhow\s+(?:many|much)\b[^.?!\n]{0,40}\bto\s+kill\s+myself\b",
+    rf"\bhow\s+(?:many|much)\s+(?:\S+\s+){{0,2}}?{_PILLS}\b[^.?!\n]{{0,30}}\b(?:kill\s+me|for\s+me\s+to\s+die)\b",
+    r"\blethal\s+(?:dose|amount)\b[^.?!\n]{0,15}\bfor\s+me\b",
+    r"\boverdos\w*\b[^.?!\n]{0,40}\b(?:myself|tonight|on purpose)\b",
+    rf"(?<!can )(?<!could )(?<!should )(?<!may )(?<!if )\b{_I}\s+(?:\w+\s+){{0,3}}?(?:take|taking|took|swallow|"
+    rf"swallowed|swallowing)\s+(?:all|a whole bottle|the whole "
+    rf"bottle|a bottle|a handful|handfuls|\d{{2,}})\s+(?:of\s+)?(?:\S+\s+){{0,3}}?{_PILLS}\b",
+    rf"\b{_I}\s+(?:\w+\s+){{0,4}}?(?:jump|jumping|throw myself)\s+(?:off|from)\s+(?:the\s+|a\s+|my\s+)?(?:roof|bridge"
+    r"|building|cliff|balcony|tower|window|overpass)",
+    r"\b(?:i|my|me)\b[^.?!\n]{0,40}\b(?:high|tall)\s+enough\s+to\s+(?:jump from|jump off|die|kill)",
+    rf"\b{_I}\s+(?:\w+\s+){{0,4}}?(?:jump|jumped|jumping|step|stepped|stepping|walk|walked|lie|lay)\s+(?:down\s+)?in\s+"
+    r"front\s+of\s+(?:a|the)\s+(?:train|car|bus|truck|lorry)",
     r"\b(?:slit|slash)\w*\s+(?:my\s+)?(?:wrists?|veins?|throat)\b",
-    r"\bbleed\s+out\s+(?:from\s+)?(?:the\s+|my\s+|your\s+)?(?:wrists?|veins?|arms?)\b",
-    r"\b(?:kms|kys\s+myself|sewerslide|unalive)\b",
-    # hurting oneself, with a wish or a habit (not an accident told)
-    rf"\b{_WANTING}\s+(?:to\s+)?(?:hurt|harm|cut|burn|starv|shoot|poison|drown|stab|punish)\w*\s+{_MYSELF}\b",
-    rf"\b(?:hurt|harm|cut|burn|starv)\w*\s+{_MYSELF}\b[^.?!\n]{{0,40}}\b(?:again|on purpose|a lot|every (?:day|night"
-    r"|time|week)|to (?:feel|cope|punish))",
-    r"\b(?:help me|can i|could i|should i|where can i|for me to|how to|how do i|how can i|best way to|easiest way to)"
-    r"\s+(?:(?!not\b|avoid|never|stop|prevent|keep from)\w+\s+){0,2}(?:hurt|harm|cut|burn|starv|poison|stab|drown"
-    rf"|shoot|punish)\w*\s+{_MYSELF}\b",
-    r"\b(?:method|methods|way|ways|items|tools?)\s+(?:of|for)\s+self[\s-]?harm|\bused\s+(?:for|to)\s+self[\s-]?harm",
-    r"\b(?:develop|get|give myself|speed up|hide)\s+(?:my\s+)?(?:anorexia|bulimia|an eating disorder|eating disorder)",
-    r"\blaxatives?\s+(?:for|to)\s+(?:lose weight|losing weight|weight loss)",
+    r"\bcut\w*\s+my\s+(?:wrists|veins)\b",
+    r"\bbleed\s+out\s+(?:from\s+)?my\s+(?:wrists?|veins?|arms?)\b",
+    r"\b(?:i|im|i'm|i'll|ima|gonna|wanna|want to|going to|about to|should|might|will)\s+(?:just\s+)?kms\b",
+    r"^\W*kms\W*$",
+    r"\b(?:kys\s+myself|sewerslide|unalive)\b",
+    # hurting oneself, with a wish, a habit or on purpose (not an accident told, nor an idiom)
+    rf"\b{_WANTING}\s+(?:to\s+)?(?:hurt|harm|cut|burn|starv|shoot|poison|drown|stab|punish)\w*\s+{_MYSELF}\b"
+    rf"{_NOT_AN_IDIOM}",
+    rf"\b(?:hurt|harm|cut|burn|starv)\w*\s+{_MYSELF}\s+again\b",
+    rf"\b(?:hurt|harm|cut|burn|starv)\w*\s+(?:{_MYSELF}|my\s+(?:arms?|legs?|wrists?|thighs?|skin))\b[^.?!\n]{{0,40}}\b"
+    r"(?:on purpose|to (?:feel|cope|punish)|(?:want|going|gonna|about) to do it again)",
+    rf"\b(?:cut|burn|hurt)\w*\s+{_MYSELF}\s+with\s+(?:a\s+)?(?:lighter|razor|blade|razor blade)\b",
+    rf"\b(?:can't|cannot|cant|how (?:do|can) i|trying to|want to)\s+stop\s+(?:cutting|hurting|burning|harming|starving)"
+    rf"\s+{_MYSELF}\b",
+    rf"\bi\s+(?:\w+\s+)?(?:started|start|keep|been)\s+cutting\s+(?:again\b|{_MYSELF}\b{_NOT_AN_IDIOM})",
+    r"\b(?:help me|where can i|for me to|how to|how do i|how can i|best way to|easiest way to)\s+"
+    r"(?:(?!not\b|avoid|never|stop|prevent|keep from)\w+\s+){0,2}(?:hurt|harm|cut|burn|starv|poison|stab|drown"
+    rf"|shoot|punish)\w*\s+{_MYSELF}\b{_NOT_AN_IDIOM}",
+    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\b(?:methods?|ways?|items?|tools?)\s+(?:of|for|to)\s+self[\s-]?harm",
+    r"\b(?:how\s+(?:do|can|could|should)\s+i|i\s+(?:want|need|wanna)\s+to|help\s+me)\s+(?:\w+\s+)?(?:develop|get|give "
+    r"myself|speed up|hide)\s+(?:my\s+)?(?:anorexia|bulimia|an eating disorder|eating disorder)\b",
+    r"\bhide\s+my\s+(?:eating disorder|anorexia|bulimia)\b",
+    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\blaxatives?\s+(?:for|to)\s+(?:lose weight|losing weight|weight loss)",
     rf"\b{_ME}\s+(?:been\s+|keep\s+|started\s+)?self[\s-]?harm",
     r"\b(?:how (?:do|can|should) i|ways? to|how to)\s+self[\s-]?harm",
-    r"\bhide\s+(?:the\s+|my\s+)?(?:cuts|scars|burns|self[\s-]?harm)\b",
-    r"\buntil\s+(?:my\s+\w+|i)\s+bleeds?\b",
+    r"\bhide\s+(?:the\s+|my\s+)?(?:cuts|self[\s-]?harm)\b",
+    r"\buntil\s+(?:my\s+(?:hands|arms|skin|wrists|legs|knuckles)|i)\s+bleeds?\b",
     r"\b(?:stop(?:ped)? eating|starv\w*|not eat\w*)\b[^.?!\n]{0,30}\b(?:until|till|til)\s+i\s+(?:disappear|die|vanish)",
-    r"\b(?:make|making|made)\s+myself\s+(?:throw up|vomit|puke|sick)\b",
+    r"\b(?:make|making|made)\s+myself\s+(?:throw up|vomit|puke)\b",
 )))
 
 
@@ -278,12 +314,14 @@ _AGENT = (r"(?:sarin|soman|tabun|cyclosarin|vx|v-x|novichok|nerve (?:agent|gas)s
           r"bacteria|yersinia pestis|smallpox|variola|ebola|marburg virus|tularemia|bio(?:logical)?[ -]?weapons?|"
           r"chemical weapons?|dirty bombs?|pipe ?bombs?|pressure[ -]cooker bombs?|ieds?|improvised explosive devices?|"
           r"car bombs?|nail bombs?|suicide vests?|molotov(?: cocktails?)?|napalm|tatp|triacetone triperoxide|hmtd|"
-          r"petn|rdx|c-?4 explosives?|semtex|anfo|ghost guns?|untraceable guns?|silencers?|suppressors?|"
+          r"petn|rdx|c-?4 explosives?|semtex|anfo|ghost guns?|untraceable guns?|(?:gun|pistol|rifle) (?:silencer|"
+          r"suppressor)s?|(?:silencer|suppressor)s? for (?:a|my|the) (?:gun|pistol|rifle|glock)|"
           r"meth(?:amphetamine)?|crystal meth|fentanyl|carfentanil|heroin|crack cocaine|cocaine|untraceable poisons?|"
           r"poisons? (?:that|to) (?:kill|hurt)\w*|poison(?:ous)? gas|toxic gas|ghb|rohypnol|roofies|dmt|lsd|mdma|"
           r"ecstasy pills)")
 # A bomb or explosive unnamed only right after the verb: "make a bomb", not "make a bath bomb" or "a photon bomb".
-_ANY_BOMB = r"(?:(?:a|an|the) )?(?:(?:homemade|home-made|real|working|simple|small|big) )?(?:bombs?|explosives?)"
+_ANY_BOMB = (r"(?:(?:a|an|the) )?(?:(?:homemade|home-made|real|working|simple|small|big) )?(?:bombs?|explosives?)"
+             r"(?!\s+(?:calorimeters?|shelters?|squads?|threats?|disposal|drills?|cyclones?|detectors?|sniffing))")
 # Up to two words between the verb and the agent ("make pure sarin at home"), none of them a preposition: "spread
 # awareness of ebola", "get information on anthrax" ask for no agent.
 _GAP = r"(?:(?!(?:of|about|against|from|for|with|to|on|in|into|out|rid|over|through)\b)\S+\s+){0,2}?"
@@ -292,8 +330,8 @@ _MAKING = (r"(?:make|making|synthesi[sz]e|synthesi[sz]ing|produce|producing|manu
            r"culturing|grow|growing|weaponi[sz]e|weaponi[sz]ing|aerosoli[sz]e|aerosoli[sz]ing|obtain|get hold of|"
            r"get my hands on|buy|acquire|prepare|create|release|spread|deploy|detonate|set off|smuggle|3d print)")
 # Another person (or a pet) a request would hurt: "someone", "my sister", "a kid", "the boy who ...".
-_OTHER = (r"(?:someone|somebody|people|a person|(?:my|a|the|our)\s+(?:\w+'s\s+)?(?:little\s+)?(?:sister|brother|mom|mum|mother|dad|"
-          r"father|teacher|friend|classmate|neighbou?r|boss|wife|husband|girlfriend|boyfriend|kid|child|baby|dog|cat|"
+_OTHER = (r"(?:someone|somebody|people|a person|(?:my|a|the|our)\s+(?:\w+'s\s+)?(?:little\s+)?(?:sister|brother|"
+          r"mom|mum|mother|dad|father|teacher|friend|classmate|neighbou?r|boss|wife|husband|girlfriend|boyfriend|kid|child|baby|dog|cat|"
           r"boy|girl|student|uncle|aunt|cousin|grandma|grandpa|roommate|coworker)|him|her|them)\b(?!'s)")
 _MADE = rf"{_MAKING}\s+(?:{_GAP}{_AGENT}|{_ANY_BOMB})\b"
 WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
@@ -314,9 +352,9 @@ WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
     # hurting another person (or an animal) by a how-to or an intent: not "kill bacteria" or "hurt someone's feelings"
     rf"\b(?:how\s+(?:do|can|could|would|should)\s+(?:i|we)|how\s+to|best\s+way\s+to|easiest\s+way\s+to|(?:i|we)\s+"
     rf"(?:want|wanna|plan|am going|are going|need)\s+to|help\s+me|should\s+i|where\s+(?:\S+\s+){{0,4}}?should\s+i)\s+"
-    rf"(?:\w+\s+){{0,2}}?(?:poison|stab|shoot|kill|hurt|injure|drug|choke|strangle|attack|beat up|knock out)\s+"
+    rf"(?:\w+\s+){{0,2}}?(?:poison|stab|shoot|kill|hurt|injure|drug|choke|strangle|beat up|knock out)\s+"
     rf"{_OTHER}",
-    rf"\bmake\s+{_OTHER}\s+(?:sick|ill|pass out|unconscious|vomit)\b",
+    rf"\bmake\s+{_OTHER}\s+(?:sick|ill|pass out|unconscious|vomit)\b(?!\s+(?:of|with|about)\b)",
     rf"\b(?:what|which)\s+(?:chemicals|ingredients|materials|equipment|precursors|supplies|parts)\s+(?:do|would|are)"
     rf"\s+(?:i|we|you)?\s*(?:need|needed|required)\s+(?:to|for)\s+(?:\w+\s+){{0,2}}?(?:{_MADE}|"
     rf"(?:(?:a|an|the)\s+)?{_AGENT}\b)",
@@ -490,6 +528,13 @@ def read_by_guard(messages: list[dict[str, str]]) -> list[str]:
     return texts
 
 
+def students_words(messages: list[dict[str, str]]) -> set[str]:
+    """The texts of a conversation the guard's phrases read (`SafetyGuard.judge_all`'s `phrases_in`): its user
+    turns. The model's answers and the client's system prompt use the same words about suicide or nerve agents
+    without anyone asking for them."""
+    return {m["content"] for m in messages if m["role"] == "user"}
+
+
 def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
     """The conversation the model reads, and how many turns were left out of it: a user turn the guard refused and
     its reply after it (the guard's own words in an assistant turn), so that the student can go on with the next
@@ -602,12 +647,18 @@ class SafetyGuard:
         """The verdict on one message (blocking: call it off the event loop, from one thread at a time)."""
         return self.judge_all([text])[0]
 
-    def judge_all(self, texts: list[str]) -> list[Verdict]:
+    def judge_all(self, texts: list[str], phrases_in: Collection[str] | None = None) -> list[Verdict]:
         """Verdicts on several messages, their parts embedded in one call; messages judged before come from a
-        cache. Blocking, and not for two threads at once (the encoder's tokenizer is not)."""
+        cache. The phrases (`phrase_category`) read only the texts in `phrases_in` (None: all): a student's own
+        turns, not the model's earlier answers ("... cells die on purpose ...") nor a client's system prompt
+        ("Never explain how to commit suicide"). Blocking, and not for two threads at once (the encoder's tokenizer
+        is not)."""
+        by_phrases = [self.phrases and (phrases_in is None or t in phrases_in) for t in texts]
         # The tokenizer refuses a lone surrogate (read as "?"); the cache keeps digests, not students' texts.
         texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
-        keys = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
+        keys = [hashlib.blake2b(t.encode() + bytes([read]), digest_size=16).digest()
+                for t, read in zip(texts, by_phrases, strict=True)]
+        phrased = {key for key, read in zip(keys, by_phrases, strict=True) if read}
         verdicts: dict[bytes, Verdict] = {}
         new = {}
         for key, text in zip(keys, texts, strict=True):
@@ -624,7 +675,7 @@ class SafetyGuard:
             start = 0
             for key, (ps, whole) in zip(new, read, strict=True):
                 verdicts[key] = self._cache[key] = self.verdict(probabilities[start:start + len(ps)], read_whole=whole,
-                                                                text=new[key])
+                                                                text=new[key] if key in phrased else None)
                 start += len(ps)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
