@@ -30,6 +30,14 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
     watcher = asyncio.ensure_future(hang_up())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # This handler is being cancelled (the server stopping past its drain): the work stops too, and is waited
+        # for, so that its own cleanup (the log row, the engine request's abort, a stream it was reading) is done
+        # before the caller's runs; a caller that closed that stream at once met it still running.
+        watcher.cancel()
+        task.cancel()
+        await asyncio.wait({task})
+        raise
     finally:
         watcher.cancel()
         if not task.done():

@@ -471,3 +471,36 @@ async def test_a_chat_of_two_answers_is_told_to_wait_until_both_fit(app_factory,
         assert r.status_code == 429
         now[0] += int(r.headers["Retry-After"])
         assert (await served.client.post(CHAT, json={**BODY, "n": 2})).status_code == 200
+
+
+async def test_a_handler_cancelled_at_shutdown_waits_for_its_work_before_closing_the_stream_it_read():
+    """Past the drain, uvicorn cancels a handler still reading a stream's first event: it closed that stream while
+    the cancelled read still ran in it (RuntimeError: aclose(): asynchronous generator is already running),
+    logged as an ASGI error in place of the cancellation (found by a review)."""
+    from service.disconnect import until_disconnected
+
+    async def events():
+        await asyncio.sleep(30)
+        yield "data: never\n\n"
+
+    class Connected:  # a client that never leaves
+        async def receive(self):
+            await asyncio.sleep(60)
+
+    stream = events()
+
+    async def first() -> str:
+        return await anext(stream)
+
+    async def handler() -> None:  # what routes/openai.py `answer` does around its read-ahead
+        try:
+            await until_disconnected(Connected(), first())
+        except BaseException:
+            await stream.aclose()
+            raise
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
