@@ -592,13 +592,21 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     """The run's newest whole checkpoint: transformers writes `trainer_state.json` last, so a folder without it was
     cut off while saving (a kill, a full disk) and holds no state to resume (transformers' own `get_last_checkpoint`
     takes it: the run started again at step 0 on the weights it held, or failed on every rerun)."""
-    whole = [path for path in _checkpoints(run_dir) if (path / TRAINER_STATE).is_file()]
+    whole = [path for path in _checkpoints(run_dir) if _whole(path)]
     return whole[-1] if whole else None
 
 
 def cut_off_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders a save left part-written (no `trainer_state.json`): nothing resumes from them."""
-    return [path for path in _checkpoints(run_dir) if not (path / TRAINER_STATE).is_file()]
+    """Checkpoint folders a save left part-written (no `trainer_state.json`, or one cut off while it was written:
+    transformers writes it in place): nothing resumes from them."""
+    return [path for path in _checkpoints(run_dir) if not _whole(path)]
+
+
+def _whole(checkpoint: Path) -> bool:
+    try:
+        return isinstance(json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -838,10 +846,12 @@ def train(recipe: Recipe, settings: Settings, *, recipe_path: Path | None = None
                                               getattr(args, "max_length", None))
         checkpoint = last_checkpoint(run_dir) if resume else None
         saved_state = run_file(checkpoint / TRAINER_STATE) if checkpoint is not None else {}
-        if saved_state.get("global_step", 0) >= saved_state.get("max_steps", math.inf) > 0:
+        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+        if saved_state.get("global_step", 0) >= saved_state.get("max_steps", math.inf) > 0 and not sharded:
             # Trained to its last step (it stopped after the last checkpoint: a registry error, a full disk while
             # merging). transformers, resumed there, trains one step more (its loop checks the limit only after
-            # a step): the run's weights and state are the checkpoint's, as trained.
+            # a step): the run's weights and state are the checkpoint's, as trained. (Not under DeepSpeed or FSDP,
+            # whose sharded weights only train() loads: there the extra step stands.)
             from transformers import TrainerState
 
             trainer._load_from_checkpoint(str(checkpoint))

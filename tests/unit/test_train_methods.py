@@ -431,6 +431,7 @@ def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):
         (folder / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
         if whole:
             (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-100" / "trainer_state.json").write_text('{"global_step": 1')  # a kill while it was written
     (folder / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path) == folder / "checkpoint-10"  # by step, not by name: 10 after 9
     assert cut_off_checkpoints(tmp_path) == [folder / "checkpoint-11", folder / "checkpoint-100"]
