@@ -69,8 +69,9 @@ _TASK = re.compile(r"^(?:find|calculate|compute|explain|describe|determine|show|
 # A stem's last line that asks for no choice: a task over the items, which the student wants done ("Compare:\nA)
 # mitosis\nB) meiosis"). Not "Find/Calculate/Identify ...", whose items may well be the answers to choose from, nor a
 # line that asks "which" or ends in a question.
-# Nor a line that asks to classify, match, define or summarize the items, to tell about them, or to judge each true
-# or false ("Match each term with its definition:"): their answer is no one letter. Not where the line asks to
+# Nor a line that asks to classify, match, define or summarize the items, to tell about them, to judge each true
+# or false ("Match each term with its definition:"), or to solve or simplify them ("Solve the following:"): their
+# answer is no one letter. Not where the line asks to
 # choose ("Match List I with List II and choose the correct answer using the codes"), nor a definition of its own
 # ("Define f(x) = ... Find ...", "Classify the reaction 2H2 + O2 -> 2H2O:").
 _OVER_THE_ITEMS = (r"\s*(?:these|each|them|those|all|both|as|by|with|column|briefly|into|the\s+following|"
@@ -79,6 +80,9 @@ _NO_CHOICE = re.compile(r"\s*(?:please\s+|can\s+you\s+)?"
                         r"(?:(?:compare|contrast)\b|"
                         rf"(?:classify|categori[sz]e|match|define|summari[sz]e|tell\s+me\s+about)(?={_OVER_THE_ITEMS})|"
                         r"true\s+or\s+false\b(?=[^\n]*\b(?:each|these|them|the\s+following)\b)|"
+                        # a worksheet's parts: "Solve the following:", "Simplify each expression:" and nothing after
+                        r"(?:solve|simplify|evaluate|factori[sz]e|expand|differentiate|integrate|balance)\s*"
+                        r"(?:(?:the\s+following|these|each|all|both)(?:\s+\w+){0,2})?\s*:?\s*$|"
                         r"(?:explain|describe|discuss|outline|list|review)\b"
                         r"(?:\s*:?\s*$|(?=[^\n]*\b(?:these|each|both|them|the\s+difference|between)\b)))"
                         r"(?![^\n]*\b(?:which|choose|select|pick|codes?)\b)(?![^\n]*\?\s*$)", re.IGNORECASE)

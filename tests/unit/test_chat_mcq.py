@@ -162,6 +162,23 @@ def test_options_pasted_as_a_list_or_with_bold_labels_are_read(label):
     assert found is not None and found.question == "Which gas do plants absorb?" and list(found.options) == options
 
 
+@pytest.mark.parametrize("text", [
+    "Solve the following:\n- a) 2x + 3 = 7\n- b) 3x - 5 = 10\n- c) x/2 = 4",
+    "Solve:\nA) 2x = 4\nB) 3x = 9\nC) x + 1 = 2",
+    "Simplify each expression:\na) 2(x+1)\nb) 3(x-2)\nc) 4(x+3)",
+])
+def test_a_worksheets_parts_to_solve_are_no_options(text):
+    """Lettered parts under "Solve the following:" are each to be worked, not one to choose: the answer opened with
+    "The answer is A) 2x + 3 = 7" (found by a review, with bullets; plainly lettered it was read so before)."""
+    assert find_question(text) is None
+
+
+@pytest.mark.parametrize("text", ["Solve for x: 2x = 4\nA) 1\nB) 2\nC) 3",
+                                  "Evaluate the following: 3+4\nA) 6\nB) 7\nC) 8"])
+def test_a_problem_to_solve_with_its_options_is_still_a_question(text):
+    assert find_question(text) is not None
+
+
 def test_a_bulleted_list_without_labels_is_still_no_question():
     assert find_question("Bring to the lab:\n- goggles\n- gloves\n* A lab coat\n* B sharp pencils") is None
 
