@@ -238,7 +238,7 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     rf"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going on|being alive|keep going|keep living){_CLAUSE_END}",
     r"\b(?:don't|do not|dont|can't|cannot|cant)\s+see\s+(?:any|a)\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living"
     rf"|going on|keep going|keep living|being alive|carry on){_CLAUSE_END}",
-    r"\b(?:my\s+)?life\s+(?:isn't|is not|isnt|ain't)\s+worth\s+living\b",
+    r"\bmy\s+life\s+(?:isn't|is not|isnt|ain't)\s+worth\s+living\b",
     r"\bbetter\s+off\s+(?:dead|without\s+me)\b",
     r"\bbetter\s+off\s+if\s+i\s+(?:was|were)\s+(?:gone|dead|not here|not around|never born)\b",
     r"\bi(?:'m| am)\s+(?:just\s+|such\s+|only\s+)?a\s+burden\b",

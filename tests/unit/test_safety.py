@@ -266,6 +266,8 @@ def test_a_student_saying_they_mean_to_hurt_themselves_is_read_as_self_harm(text
     "this homework is killing me", "I don't want to live in the city when I grow up",
     "Are we all going to die when the sun becomes a red giant?", "How do cells kill themselves in apoptosis?",
     "How many bacteria does it take to kill a mouse?", "She wished she were dead in the poem; what does it mean?",
+    # not first person (MMLU test questions quoting Socrates matched a first version; docs/evaluation.md says so)
+    "Why did Socrates say an unexamined life is not worth living?",
     # a review's own questions, which a first version answered with the crisis reply
     'A train travels 300 kms in 3 hours, what is its speed?',
     "How do people develop anorexia? It's for my psychology class.",
