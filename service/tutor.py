@@ -678,7 +678,9 @@ class Tutor:
                 # methods answer one of the client's options, nothing the model writes); a short stem alone too,
                 # since a list of short options dilutes what it asks (a long one is read by sentence anyway).
                 whole = "\n".join([q.support or "", q.question, *q.options])
-                refusal = await self.flagged([whole, q.question] if len(q.question) <= WINDOW_CHARS else [whole])
+                # The phrases read the student's question, not the support passage or the options it offers.
+                refusal = await self.flagged([whole, q.question] if len(q.question) <= WINDOW_CHARS else [whole],
+                                             phrases_in={q.question})
             if refusal is not None:  # no answer, and the guard's reply for the reasoning
                 row.extra_params["safety"] = refusal.logged
                 probabilities, answer = dict.fromkeys(q.letters, 1 / len(q.letters)), None

@@ -199,7 +199,7 @@ def plain_spelling(text: str) -> str:
 _ME = r"(?:i|im|i'm|i am|ive|i've|i have|i'd|i would|i will|i'll)"
 _I = r"(?:i|im|i'm|i am|ive|i've|i have|i'll|i will|i just|i'm going to|i am going to|i'm gonna)"
 _MYSELF = r"m\s*y\s*s\s*e\s*l\s*f"  # spaced letters read by plain_spelling join to "killmyself"
-_NOT_AN_IDIOM = r"(?!\s+(?:out|off|up|some|a|an|on|with (?:a|the) (?:knife|scissors|scalpel|paper))\b)"
+_NOT_AN_IDIOM = (r"(?!\s+(?:out|off|up|some|a|an|on|in|laughing|silly|with (?:a|the|my) \w+|when i|while)\b)")
 _WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|tempted|decided|trying|tried|urge"
             r"|thinking (?:about|of)|thought (?:about|of)|feel like|felt like|keep|keeps|started|start|been"
             r"|how (?:do|can|should|would) i|ways? to|should i)")
@@ -207,9 +207,9 @@ _PILLS = r"(?:pills|tablets|meds|medication|medicine|painkillers|tylenol|paracet
 _CLAUSE_END = r"\s*(?:anymore|any more|no more)?\s*(?:[.?!,]|$)"
 CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     # ending oneself, a wish to be dead or gone, a plan, a method
-    rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b{_NOT_AN_IDIOM}",
+    rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b(?!\s+laughing)",
     rf"\b(?:to|gonna|wanna|will|i'll|should|just)\s+off\s+{_MYSELF}\b",
-    r"\b(?:end|ending)\s+my\s+(?:own\s+)?life\b",
+    r"\b(?:end|ending)\s+my\s+(?:own\s+)?life\b(?!\s+(?:science|sciences|cycle|story|skills|insurance|lesson))",
     r"\b(?:take|taking|took)\s+my\s+(?:own\s+)?life\s*(?:tonight|today|now|soon|[.?!,]|$)",
     rf"\b(?:{_I}|want to|wanna|going to|gonna|ready to|about to)\s+(?:\w+\s+){{0,2}}?end(?:ing)?\s+it\s+"
     r"(?:all|tonight|today|for good|forever)\b",
@@ -217,10 +217,13 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"|soon|[.?!]|$)",
     r"\b(?:drink|take|swallow|eat|use)\s+to\s+end\s+it\b",
     rf"\b{_ME}\s+(?:just\s+|really\s+|honestly\s+|kinda\s+|sometimes\s+|still\s+)?(?:want(?:ed)?|wanna|wish|deserve)"
-    r"\s+(?:to\s+)?(?:die|be dead)\b",
-    r"\b(?:i'd|id|i would)\s+rather\s+(?:be\s+)?(?:dead|die)\b",
+    r"\s+(?:to\s+)?(?:die|be dead)\b(?!\s+(?:of|from|laughing)\b)",
+    rf"\b(?:i|i'm|im)\b[^.?!\n]{{0,40}}\b(?:want|wanna)\s+(?:to\s+)?die{_CLAUSE_END}",
+    rf"\b(?:what(?:'s| is)|whats|tell me|show me|give me|i need|i want)\s+(?:the\s+)?(?:quickest|easiest|fastest|best|"
+    rf"simplest)\s+way\s+to\s+die{_CLAUSE_END}",
+    r"\b(?:i'd|id|i would)\s+rather\s+(?:be\s+)?(?:dead|die)\b(?!\s+than)",
     r"\bi\s+(?:should|might as well|may as well)\s+(?:just\s+)?(?:die|kill myself|end it)\b",
-    r"\bi\s+(?:feel|felt)\s+like\s+dying\b",
+    r"\bi\s+(?:feel|felt)\s+like\s+dying\b(?!\s+(?:my|her|his|the|it)\b|\s+\w+\s+hair)",
     r"\bwish\s+(?:i|id|i'd)\s+(?:was|were)\s+(?:dead|gone|never born)\b",
     r"\bwish\s+(?:i|id|i'd)\s+(?:had\s+)?(?:died|never been born)\b",
     r"\bwish\s+(?:i|id|i'd)\s+could\s+(?:die|disappear|vanish)\b",
@@ -228,25 +231,30 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"\bwish\s+i\s+(?:didn't|did not|didnt)\s+exist\b",
     r"\b(?:i|i'd|id)\s+(?:just\s+|really\s+)?(?:want|wanna|wish|would like)\s+to\s+(?:disappear|vanish|not exist"
     r"|stop existing|cease to exist|never wake up|not wake up)\b(?!\s+(?:into|in|from|for)\b)",
-    r"(?<!will i )(?<!could i )(?<!can i )(?<!might i )(?<!would i )\bdie\s+in\s+my\s+sleep\b",
-    r"\b(?:sleep|go to sleep|fall asleep)\s+and\s+never\s+wake\s+up\b",
-    r"\b(?:don't|do not|dont|never)\s+want\s+to\s+(?:be alive|exist|be here|live|wake up)\s*(?:anymore|any more|no more"
-    r"|ever again|again|tomorrow)\b",
-    rf"\b(?:don't|do not|dont)\s+want\s+to\s+(?:be alive|exist|live){_CLAUSE_END}",
+    rf"\b(?:i|i just)\s+(?:want|wanna)\s+(?:to\s+)?end\s+(?:it|things|everything){_CLAUSE_END}",
+    r"(?<!will i )(?<!could i )(?<!can i )(?<!might i )(?<!would i )(?<!i'll )(?<!i will )(?<!possible to )"
+    r"\bdie\s+in\s+my\s+sleep\b",
+    r"\b(?:sleep|go to sleep|fall asleep)\s+and\s+(?:never|not)\s+wake\s+up\b",
+    r"\b(?:don't|do not|dont|never)\s+(?:want\s+to|wanna)\s+(?:be alive|exist|be here|live|wake up)\s*"
+    r"(?:anymore|any more|no more|ever again|again|tomorrow)\b",
+    rf"\b(?:don't|do not|dont)\s+(?:want\s+to|wanna)\s+(?:be alive|exist|live){_CLAUSE_END}",
     r"\bwant\s+(?:it|everything|the pain|this|it all)\s+(?:all\s+)?to\s+(?:stop|end)\s+"
     r"(?:forever|for good|permanently)",
-    rf"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going on|being alive|keep going|keep living){_CLAUSE_END}",
-    r"\b(?:don't|do not|dont|can't|cannot|cant)\s+see\s+(?:any|a)\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living"
+    rf"\b(?:i|i've|ive|i have|i've got|there's|there is)\s+(?:\w+\s+){{0,2}}?no\s+(?:reason|point)\s+(?:to|in)\s+"
+    rf"(?:live|living|going on|being alive|keep going|keep living){_CLAUSE_END}",
+    r"\b(?:don't|do not|dont|can't|cannot|cant)\s+see\s+(?:any|a|the)\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living"
     rf"|going on|keep going|keep living|being alive|carry on){_CLAUSE_END}",
     r"\bmy\s+life\s+(?:isn't|is not|isnt|ain't)\s+worth\s+living\b",
-    r"\bbetter\s+off\s+(?:dead|without\s+me)\b",
+    r"\bbetter\s+off\s+without\s+me\b",
+    r"\b(?:i'd|id|i would|i'm|im|i am|i'll|i will)\s+(?:\w+\s+){0,2}?better\s+off\s+dead\b",
     r"\bbetter\s+off\s+if\s+i\s+(?:was|were)\s+(?:gone|dead|not here|not around|never born)\b",
     r"\bi(?:'m| am)\s+(?:just\s+|such\s+|only\s+)?a\s+burden\b",
-    rf"\b(?:can't|cannot|cant)\s+go\s+on\s+(?:anymore|any more|like this|living){_CLAUSE_END}",
+    rf"\bi\s+(?:just\s+)?(?:can't|cannot|cant)\s+go\s+on\s+(?:anymore|any more|like this|living){_CLAUSE_END}",
     r"\b(?:miss|notice|care)\s+(?:me\s+)?if\s+i\s+(?:died|was gone|were gone|disappeared|killed)\b",
     rf"\b{_ME}\s+(?:feel(?:ing)?\s+|am\s+|been\s+|keep\s+having\s+|have\s+)?suicidal\b",
     r"\b(?:i|i'm|im|i am|i've|ive|i have|i keep)\s+(?:been\s+)?(?:\w+\s+)?(?:thinking|thought|having thoughts|had "
-    r"thoughts)\s+(?:about|of)\s+(?:suicide|killing myself|ending (?:my life|it all))",
+    r"thoughts)\s+(?:about|of)\s+(?:suicide\b(?!\s+(?:rates?|prevention|awareness|research|statistics|in\b))|"
+    r"killing myself|ending (?:my life|it all))",
     r"\bmy\s+suicid(?:e|al)\b(?!\s+(?:prevention|awareness|essay|research|project|report|presentation))",
     r"\b(?:i|me|my)\b[^.?!\n]{0,30}\bsuicide\s+(?:note|letter)\b",
     r"\b(?:suicide|killing myself)\s+(?:seems|is|feels)\s+(?:like\s+)?(?:the\s+)?only\s+(?:way|option|answer|choice)"
@@ -255,25 +263,31 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"\b(?:how|ways?)\s+(?:to|do i|can i|should i)\s+commit\s+suicide\b",
     r"\b(?:painless|quietest|surest|least painful|least messy)\s+(?:way|ways|method|methods)\s+to\s+(?:die|commit "
     r"suicide|kill myself|end my life)\b",
-    r"\b(?:i|me|my)\b[^.?!\n]{0,20}\b(?:die|kill myself)\b[^.?!\n]{0,30}\bon purpose\b",
+    r"\b(?:i|me)\b[^.?!\n]{0,20}\b(?:die|kill myself)\b[^.?!\n]{0,30}\bon purpose\b",
     r"\bhow\s+(?:many|much)\b[^.?!\n]{0,40}\bto\s+kill\s+myself\b",
     rf"\bhow\s+(?:many|much)\s+(?:\S+\s+){{0,2}}?{_PILLS}\b[^.?!\n]{{0,30}}\b(?:kill\s+me|for\s+me\s+to\s+die)\b",
     r"\blethal\s+(?:dose|amount)\b[^.?!\n]{0,15}\bfor\s+me\b",
     r"\boverdos\w*\b[^.?!\n]{0,40}\b(?:myself|tonight|on purpose)\b",
-    rf"(?<!can )(?<!could )(?<!should )(?<!may )(?<!if )\b{_I}\s+(?:\w+\s+){{0,3}}?(?:take|taking|took|swallow|"
-    rf"swallowed|swallowing)\s+(?:all|a whole bottle|the whole "
-    rf"bottle|a bottle|a handful|handfuls|\d{{2,}})\s+(?:of\s+)?(?:\S+\s+){{0,3}}?{_PILLS}\b",
-    rf"\b{_I}\s+(?:\w+\s+){{0,4}}?(?:jump|jumping|throw myself)\s+(?:off|from)\s+(?:the\s+|a\s+|my\s+)?(?:roof|bridge"
+    # pills by the bottle: meant ("I'm going to take all my mom's pills") or done ("I took 20 pills an hour ago");
+    # not a dose ("I took 200 mg of ibuprofen") nor a course ("I took all my antibiotics like the doctor said")
+    rf"\b(?:going to|gonna|planning to|plan to|want to|wanna|about to|ready to)\s+(?:\w+\s+)?(?:take|swallow)\s+"
+    rf"(?:all|a whole bottle|the whole bottle|a bottle|a handful|handfuls|[2-9]\d|\d{{3,}})\s+(?:of\s+)?"
+    rf"(?:\S+\s+){{0,3}}?{_PILLS}\b",
+    rf"\b(?:i|i've|ive|i have|i just)\s+(?:just\s+)?(?:took|taken|swallowed)\s+(?:a whole bottle|the whole bottle|"
+    rf"a bottle|a handful|handfuls|[2-9]\d(?!\s*(?:mg|ml|g|mcg)\b)|\d{{3,}}(?!\s*(?:mg|ml|g|mcg)\b))\s+(?:of\s+)?"
+    rf"(?:\S+\s+){{0,2}}?{_PILLS}\b",
+    rf"(?<!if )(?<!could )(?<!can )(?<!would )(?<!should )(?<!when )(?<!what if )\b{_I}\s+(?:\w+\s+){{0,4}}?"
+    rf"(?:jump|jumping|throw myself)\s+(?:off|from)\s+(?:the\s+|a\s+|my\s+)?(?:roof|bridge"
     r"|building|cliff|balcony|tower|window|overpass)",
     r"\b(?:i|my|me)\b[^.?!\n]{0,40}\b(?:high|tall)\s+enough\s+to\s+(?:jump from|jump off|die|kill)",
-    rf"\b{_I}\s+(?:\w+\s+){{0,4}}?(?:jump|jumped|jumping|step|stepped|stepping|walk|walked|lie|lay)\s+(?:down\s+)?in\s+"
+    rf"(?<!if )(?<!could )(?<!can )(?<!would )(?<!should )(?<!when )\b{_I}\s+(?:\w+\s+){{0,4}}?(?:jump|jumping|step|"
+    rf"stepping|walk|lie|lay)\s+(?:down\s+)?in\s+"
     r"front\s+of\s+(?:a|the)\s+(?:train|car|bus|truck|lorry)",
     r"\b(?:slit|slash)\w*\s+(?:my\s+)?(?:wrists?|veins?|throat)\b",
     r"\bcut\w*\s+my\s+(?:wrists|veins)\b",
     r"\bbleed\s+out\s+(?:from\s+)?my\s+(?:wrists?|veins?|arms?)\b",
     r"\b(?:i|im|i'm|i'll|ima|gonna|wanna|want to|going to|about to|should|might|will)\s+(?:just\s+)?kms\b",
     r"^\W*kms\W*$",
-    r"\b(?:kys\s+myself|sewerslide|unalive)\b",
     # hurting oneself, with a wish, a habit or on purpose (not an accident told, nor an idiom)
     rf"\b{_WANTING}\s+(?:to\s+)?(?:hurt|harm|cut|burn|starv|shoot|poison|drown|stab|punish)\w*\s+{_MYSELF}\b"
     rf"{_NOT_AN_IDIOM}",
@@ -282,7 +296,7 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"(?:on purpose|to (?:feel|cope|punish)|(?:want|going|gonna|about) to do it again)",
     rf"\b(?:cut|burn|hurt)\w*\s+{_MYSELF}\s+with\s+(?:a\s+)?(?:lighter|razor|blade|razor blade)\b",
     rf"\b(?:can't|cannot|cant|how (?:do|can) i|trying to|want to)\s+stop\s+(?:cutting|hurting|burning|harming|starving)"
-    rf"\s+{_MYSELF}\b",
+    rf"\s+{_MYSELF}\b{_NOT_AN_IDIOM}",
     rf"\bi\s+(?:\w+\s+)?(?:started|start|keep|been)\s+cutting\s+(?:again\b|{_MYSELF}\b{_NOT_AN_IDIOM})",
     r"\b(?:help me|where can i|for me to|how to|how do i|how can i|best way to|easiest way to)\s+"
     r"(?:(?!not\b|avoid|never|stop|prevent|keep from)\w+\s+){0,2}(?:hurt|harm|cut|burn|starv|poison|stab|drown"
@@ -291,11 +305,11 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"\b(?:how\s+(?:do|can|could|should)\s+i|i\s+(?:want|need|wanna)\s+to|help\s+me)\s+(?:\w+\s+)?(?:develop|get|give "
     r"myself|speed up|hide)\s+(?:my\s+)?(?:anorexia|bulimia|an eating disorder|eating disorder)\b",
     r"\bhide\s+my\s+(?:eating disorder|anorexia|bulimia)\b",
-    r"\b(?:i|me|my)\b[^.?!\n]{0,30}\blaxatives?\s+(?:for|to)\s+(?:lose weight|losing weight|weight loss)",
+    r"\bi\b[^.?!\n]{0,30}\blaxatives?\s+(?:for|to)\s+(?:lose weight|losing weight|weight loss)",
     rf"\b{_ME}\s+(?:been\s+|keep\s+|started\s+)?self[\s-]?harm",
     r"\b(?:how (?:do|can|should) i|ways? to|how to)\s+self[\s-]?harm",
     r"\bhide\s+(?:the\s+|my\s+)?(?:cuts|self[\s-]?harm)\b",
-    r"\buntil\s+(?:my\s+(?:hands|arms|skin|wrists|legs|knuckles)|i)\s+bleeds?\b",
+    r"\buntil\s+(?:my\s+(?:arms|skin|wrists|legs)|i)\s+bleeds?\b",
     r"\b(?:stop(?:ped)? eating|starv\w*|not eat\w*)\b[^.?!\n]{0,30}\b(?:until|till|til)\s+i\s+(?:disappear|die|vanish)",
     r"\b(?:make|making|made)\s+myself\s+(?:throw up|vomit|puke)\b",
 )))
@@ -314,37 +328,46 @@ _AGENT = (r"(?:sarin|soman|tabun|cyclosarin|vx|v-x|novichok|nerve (?:agent|gas)s
           r"bacteria|yersinia pestis|smallpox|variola|ebola|marburg virus|tularemia|bio(?:logical)?[ -]?weapons?|"
           r"chemical weapons?|dirty bombs?|pipe ?bombs?|pressure[ -]cooker bombs?|ieds?|improvised explosive devices?|"
           r"car bombs?|nail bombs?|suicide vests?|molotov(?: cocktails?)?|napalm|tatp|triacetone triperoxide|hmtd|"
-          r"petn|rdx|c-?4 explosives?|semtex|anfo|ghost guns?|untraceable guns?|(?:gun|pistol|rifle) (?:silencer|"
-          r"suppressor)s?|(?:silencer|suppressor)s? for (?:a|my|the) (?:gun|pistol|rifle|glock)|"
+          r"petn|rdx|c-?4 explosives?|semtex|anfo|nitroglycerine?|tnt|trinitrotoluene|ghost guns?|untraceable guns?|"
+          r"(?:gun|pistol|rifle) (?:silencer|suppressor)s?|(?:silencer|suppressor)s? for (?:a|my|the) "
+          r"(?:gun|pistol|rifle|glock)|"
           r"meth(?:amphetamine)?|crystal meth|fentanyl|carfentanil|heroin|crack cocaine|cocaine|untraceable poisons?|"
           r"poisons? (?:that|to) (?:kill|hurt)\w*|poison(?:ous)? gas|toxic gas|ghb|rohypnol|roofies|dmt|lsd|mdma|"
           r"ecstasy pills)")
 # A bomb or explosive unnamed only right after the verb: "make a bomb", not "make a bath bomb" or "a photon bomb".
-_ANY_BOMB = (r"(?:(?:a|an|the) )?(?:(?:homemade|home-made|real|working|simple|small|big) )?(?:bombs?|explosives?)"
-             r"(?!\s+(?:calorimeters?|shelters?|squads?|threats?|disposal|drills?|cyclones?|detectors?|sniffing))")
+_ANY_BOMB = (r"(?:(?:a|an|the) )?(?:(?:homemade|home-made|real|working|simple|small|big) )?(?:bombs?|explosives\b|"
+             r"explosive devices?)(?!\s+(?:calorimeters?|shelters?|squads?|threats?|disposal|drills?|cyclones?|"
+             r"detectors?|sniffing|cakes?|cookies|science|project|costume|shots?|safer|in (?:minecraft|fortnite|"
+             r"roblox|the game|a game|my game|the video game))\b)")
+# What the agent names in a school's words, not the agent: "an ebola vaccine", "a fentanyl test strip", "a heroin
+# addiction presentation", "anthrax awareness".
+_NOT_THE_THING = (r"(?!\s+(?:(?:virus|viral|bacteria|bacterial|bacterium|toxin|gas|drug)\s+)?(?:vaccines?|"
+                  r"antibod\w+|tests?|test strips?|awareness|posters?|presentations?|models?|projects?|reports?|"
+                  r"infographics?|addiction|detectors?|antidotes?|treatments?|cures?|research|essays?|prevention|"
+                  r"overdoses?|outbreaks?)\b)")
 # Up to two words between the verb and the agent ("make pure sarin at home"), none of them a preposition: "spread
 # awareness of ebola", "get information on anthrax" ask for no agent.
 _GAP = r"(?:(?!(?:of|about|against|from|for|with|to|on|in|into|out|rid|over|through)\b)\S+\s+){0,2}?"
 _MAKING = (r"(?:make|making|synthesi[sz]e|synthesi[sz]ing|produce|producing|manufacture|manufacturing|brew|brewing|"
            r"cook|cooking|build|building|assemble|assembling|extract|extracting|purify|purifying|refine|culture|"
            r"culturing|grow|growing|weaponi[sz]e|weaponi[sz]ing|aerosoli[sz]e|aerosoli[sz]ing|obtain|get hold of|"
-           r"get my hands on|buy|acquire|prepare|create|release|spread|deploy|detonate|set off|smuggle|3d print)")
+           r"get my hands on|buy|acquire|prepare|create|release|spread|deploy|smuggle|3d print)")
 # Another person (or a pet) a request would hurt: "someone", "my sister", "a kid", "the boy who ...".
 _OTHER = (r"(?:someone|somebody|people|a person|(?:my|a|the|our)\s+(?:\w+'s\s+)?(?:little\s+)?(?:sister|brother|"
-          r"mom|mum|mother|dad|father|teacher|friend|classmate|neighbou?r|boss|wife|husband|girlfriend|boyfriend|kid|child|baby|dog|cat|"
-          r"boy|girl|student|uncle|aunt|cousin|grandma|grandpa|roommate|coworker)|him|her|them)\b(?!'s)")
-_MADE = rf"{_MAKING}\s+(?:{_GAP}{_AGENT}|{_ANY_BOMB})\b"
+          r"mom|mum|mother|dad|father|teacher|friend|classmate|neighbou?r|wife|husband|girlfriend|boyfriend|kid|child|"
+          r"baby|dog|cat|boy|girl|student|uncle|aunt|cousin|grandma|grandpa|roommate|coworker))\b(?!'s)")
+_WANTING_TO_HARM = r"(?:i|we)\s+(?:want|wanna|plan|am going|are going|need|intend)|(?:i'm|im)\s+(?:going|gonna)"
+_MADE = rf"{_MAKING}\s+(?:{_GAP}{_AGENT}\b{_NOT_THE_THING}|{_ANY_BOMB})"
 WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
     rf"\bhow\s+(?:do|can|could|would|should|might|will)\s+(?:i|we|you|one|someone|somebody|a person)\s+"
     rf"(?:\w+\s+){{0,2}}?{_MADE}",
     rf"\b(?:how|ways?|steps?|instructions?|guide|tutorial|best way|easiest way|cheapest way|where)\s+(?:to|2)\s+"
     rf"(?:\w+\s+){{0,2}}?{_MADE}",
-    rf"\b(?:recipe|formula|synthesis route|synthesis steps|blueprints?|schematics?|instructions|step-by-step|"
-    rf"procedure|mix|mixture|ingredients|components)\s+(?:for|of|to make)\s+(?:{_MAKING}\s+)?(?:(?:a|an|the|some)\s+)?"
+    rf"\b(?:recipe|synthesis route|synthesis steps|blueprints?|schematics?|instructions|step-by-step|"
+    rf"procedure|ingredients)\s+(?:for|of|to make)\s+(?:{_MAKING}\s+)?(?:(?:a|an|the|some)\s+)?"
     rf"(?:{_AGENT}|{_ANY_BOMB})\b",
     rf"\b(?:which|what)\s+(?:\S+\s+){{0,3}}?{_AGENT}\s+(?:is|would be)\s+(?:the\s+)?(?:easiest|simplest|cheapest|best)"
     rf"\s+(?:\S+\s+){{0,4}}?to\s+(?:make|build|produce|get|buy)\b",
-    r"\b(?:turn|convert|make)\s+(?:\S+\s+){0,4}?into\s+(?:a|an)\s+(?:bomb|explosive|weapon|poison)\b",
     r"\bconvert\w*\s+(?:\S+\s+){0,4}?(?:to|into)\s+(?:a\s+)?full(?:y)?[- ]?auto",
     r"\bspike\s+(?:someone'?s|somebody'?s|a|her|his|their|my\s+\w+'?s?)\s+drinks?\b",
     rf"\b(?:i|we)\s+(?:want|need|wanna|plan|am going|are going|intend)\s+to\s+(?:\w+\s+){{0,2}}?{_MADE}",
@@ -353,8 +376,10 @@ WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
     rf"\b(?:how\s+(?:do|can|could|would|should)\s+(?:i|we)|how\s+to|best\s+way\s+to|easiest\s+way\s+to|(?:i|we)\s+"
     rf"(?:want|wanna|plan|am going|are going|need)\s+to|help\s+me|should\s+i|where\s+(?:\S+\s+){{0,4}}?should\s+i)\s+"
     rf"(?:\w+\s+){{0,2}}?(?:poison|stab|shoot|kill|hurt|injure|drug|choke|strangle|beat up|knock out)\s+"
-    rf"{_OTHER}",
-    rf"\bmake\s+{_OTHER}\s+(?:sick|ill|pass out|unconscious|vomit)\b(?!\s+(?:of|with|about)\b)",
+    rf"{_OTHER}(?!\s+(?:in|off|at|with (?:a|my) (?:question|compliment|kindness))\b)",
+    rf"\b(?:{_WANTING_TO_HARM})\s+(?:to\s+)?(?:shoot up|bomb|blow up)\s+(?:my|the|our|a)\s+(?:school|class|classroom|"
+    r"church|mosque|synagogue|temple|mall|concert|office|workplace)\b",
+    rf"\bwhere\s+(?:can|could|do|should)\s+(?:i|we)\s+{_MADE}",
     rf"\b(?:what|which)\s+(?:chemicals|ingredients|materials|equipment|precursors|supplies|parts)\s+(?:do|would|are)"
     rf"\s+(?:i|we|you)?\s*(?:need|needed|required)\s+(?:to|for)\s+(?:\w+\s+){{0,2}}?(?:{_MADE}|"
     rf"(?:(?:a|an|the)\s+)?{_AGENT}\b)",
@@ -530,9 +555,14 @@ def read_by_guard(messages: list[dict[str, str]]) -> list[str]:
 
 def students_words(messages: list[dict[str, str]]) -> set[str]:
     """The texts of a conversation the guard's phrases read (`SafetyGuard.judge_all`'s `phrases_in`): its user
-    turns. The model's answers and the client's system prompt use the same words about suicide or nerve agents
+    turns, and the client's turns joined (`read_by_guard`: a request split across turns) where all of them are the
+    user's. The model's answers and the client's system prompt use the same words about suicide or nerve agents
     without anyone asking for them."""
-    return {m["content"] for m in messages if m["role"] == "user"}
+    said = {m["content"] for m in messages if m["role"] == "user"}
+    client_turns = [m for m in messages if m["role"] != "assistant"]
+    if len(client_turns) > 1 and all(m["role"] == "user" for m in client_turns):
+        said.add(" ".join(m["content"].strip() for m in client_turns))
+    return said
 
 
 def without_refused_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
