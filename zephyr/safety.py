@@ -186,6 +186,11 @@ def plain_spelling(text: str) -> str:
     return _LEET_WORD.sub(lambda found: found[0].translate(_LEET), text)
 
 
+def _any_of(*patterns: str) -> re.Pattern:
+    """One pattern matching where any of `patterns` does (each its own group: alternatives stay apart)."""
+    return re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+
+
 # A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
 # A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
 # self-harm class was fitted on 17 prompts and misses most of them ("i want to end it all" scored 0.000), so these
@@ -205,7 +210,7 @@ _WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|t
             r"|how (?:do|can|should|would) i|ways? to|should i)")
 _PILLS = r"(?:pills|tablets|meds|medication|medicine|painkillers|tylenol|paracetamol|acetaminophen|ibuprofen|aspirin)"
 _CLAUSE_END = r"\s*(?:anymore|any more|no more)?\s*(?:[.?!,]|$)"
-CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
+CRISIS_PHRASES = _any_of(
     # ending oneself, a wish to be dead or gone, a plan, a method
     rf"\b(?:kill(?:ing)?|unaliv(?:e|ing)|hang(?:ing)?|end(?:ing)?)\s*{_MYSELF}\b(?!\s+laughing)",
     rf"\b(?:to|gonna|wanna|will|i'll|should|just)\s+off\s+{_MYSELF}\b",
@@ -312,7 +317,7 @@ CRISIS_PHRASES = re.compile("|".join(rf"(?:{p})" for p in (
     r"\buntil\s+(?:my\s+(?:arms|skin|wrists|legs)|i)\s+bleeds?\b",
     r"\b(?:stop(?:ped)? eating|starv\w*|not eat\w*)\b[^.?!\n]{0,30}\b(?:until|till|til)\s+i\s+(?:disappear|die|vanish)",
     r"\b(?:make|making|made)\s+myself\s+(?:throw up|vomit|puke)\b",
-)))
+)
 
 
 # A request for the means of mass harm by name: how to make, get or use a chemical weapon (the Chemical Weapons
@@ -358,7 +363,7 @@ _OTHER = (r"(?:someone|somebody|people|a person|(?:my|a|the|our)\s+(?:\w+'s\s+)?
           r"baby|dog|cat|boy|girl|student|uncle|aunt|cousin|grandma|grandpa|roommate|coworker))\b(?!'s)")
 _WANTING_TO_HARM = r"(?:i|we)\s+(?:want|wanna|plan|am going|are going|need|intend)|(?:i'm|im)\s+(?:going|gonna)"
 _MADE = rf"{_MAKING}\s+(?:{_GAP}{_AGENT}\b{_NOT_THE_THING}|{_ANY_BOMB})"
-WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
+WEAPON_REQUESTS = _any_of(
     rf"\bhow\s+(?:do|can|could|would|should|might|will)\s+(?:i|we|you|one|someone|somebody|a person)\s+"
     rf"(?:\w+\s+){{0,2}}?{_MADE}",
     rf"\b(?:how|ways?|steps?|instructions?|guide|tutorial|best way|easiest way|cheapest way|where)\s+(?:to|2)\s+"
@@ -383,7 +388,7 @@ WEAPON_REQUESTS = re.compile("|".join(rf"(?:{p})" for p in (
     rf"\b(?:what|which)\s+(?:chemicals|ingredients|materials|equipment|precursors|supplies|parts)\s+(?:do|would|are)"
     rf"\s+(?:i|we|you)?\s*(?:need|needed|required)\s+(?:to|for)\s+(?:\w+\s+){{0,2}}?(?:{_MADE}|"
     rf"(?:(?:a|an|the)\s+)?{_AGENT}\b)",
-)))
+)
 
 
 def _read_for_phrases(text: str) -> str:
