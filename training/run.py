@@ -604,9 +604,10 @@ def cut_off_checkpoints(run_dir: Path) -> list[Path]:
 
 def _whole(checkpoint: Path) -> bool:
     try:
-        return isinstance(json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
+        run_file(checkpoint / TRAINER_STATE)
+    except TrainingError:
         return False
+    return True
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

@@ -16,10 +16,8 @@ from zephyr.mcq import LETTERS, MCQFormatError, MCQuestion
 
 # An option label: "A)", "A.", "A:", "(A)", or lower case "a)" / "(a)"; at the start of the text or of a line, or
 # after whitespace, and followed by whitespace. "a." and "a:" are left out: they read as words ("a. k. a.").
-_LABEL = re.compile(
-    r"(?:(?<=\s)|^)(?:\((?P<paren>[A-Ja-j])\)|(?P<upper>[A-J])(?P<upper_mark>[).:])|(?P<lower>[a-j])\))(?=\s)",
-    re.MULTILINE,
-)
+_LABEL_FORMS = r"\((?P<paren>[A-Ja-j])\)|(?P<upper>[A-J])(?P<upper_mark>[).:])|(?P<lower>[a-j])\)"
+_LABEL = re.compile(rf"(?:(?<=\s)|^)(?:{_LABEL_FORMS})(?=\s)", re.MULTILINE)
 # Options written on one line could be prose ("plan A. ... plan B."): one line needs three labels in order.
 MIN_INLINE_OPTIONS = 3
 MAX_CANDIDATES = 8  # runs of labels read as a possible question before the message is taken for no question
@@ -120,14 +118,14 @@ _FOLLOW_UP = re.compile(r"\s*(?:please\s+|and\s+|can\s+you\s+|also\s+)?(?:why|ex
 
 # Options pasted from a web page or a chat model's answer: a list's bullet before the label ("- A) water", "* (a)
 # water") and bold or italic around it ("**A)** water", "__B.__ water"). Read as the plain label.
-_LABEL_TEXT = r"\([A-Ja-j]\)|[A-J][).:]|[a-j]\)"
+# (The closing mark is asked for only where an opening one was read: `(?(2)\2)`.)
 _FORMATTED_LABEL = re.compile(
-    rf"^([ \t]*)(?:[-*+\u2022][ \t]+)?(?:(\*\*|__|\*|_)({_LABEL_TEXT})\2|({_LABEL_TEXT}))(?=[ \t])", re.MULTILINE)
+    rf"^([ \t]*)(?:[-*+\u2022][ \t]+)?(\*\*|__|\*|_)?(?P<label>{_LABEL_FORMS})(?(2)\2)(?=[ \t])", re.MULTILINE)
 
 
 def _unformatted(text: str) -> str:
     """`text` with its option lines' bullets and bold or italic labels written plainly (`_FORMATTED_LABEL`)."""
-    return _FORMATTED_LABEL.sub(lambda m: m[1] + (m[3] or m[4]), text)
+    return _FORMATTED_LABEL.sub(lambda m: m[1] + m["label"], text)
 
 
 def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:

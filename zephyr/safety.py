@@ -192,7 +192,6 @@ def _any_of(*patterns: str) -> re.Pattern:
 
 
 # A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
-# A student who says they mean to end their life or hurt themselves, in the words students use. The encoder's
 # self-harm class was fitted on 17 prompts and misses most of them ("i want to end it all" scored 0.000), so these
 # phrases flag a message as self-harm whatever the class scores: a rule written from crisis-line screening
 # questions (C-SSRS: wishing to be dead, thoughts of killing oneself, a method, an intent), the slang for them and
@@ -201,8 +200,9 @@ def _any_of(*patterns: str) -> re.Pattern:
 # or a fall ("What is the suicide rate in Japan?", "How much acetaminophen is an overdose?", "If someone jumps off
 # a 30 m bridge, how fast do they hit the water?") is a tutor's to answer, and so is an accident told ("I burned
 # myself on the stove") or an idiom ("I've been burning myself out", "cut myself some slack").
-_ME = r"(?:i|im|i'm|i am|ive|i've|i have|i'd|i would|i will|i'll)"
-_I = r"(?:i|im|i'm|i am|ive|i've|i have|i'll|i will|i just|i'm going to|i am going to|i'm gonna)"
+_FIRST_PERSON = r"i|im|i'm|i am|ive|i've|i have|i will|i'll"
+_ME = rf"(?:{_FIRST_PERSON}|i'd|i would)"  # before a wish: "i'd rather", "i would just want to die"
+_I = rf"(?:{_FIRST_PERSON}|i just|i'm going to|i am going to|i'm gonna)"  # before a deed: "i just took"
 _MYSELF = r"m\s*y\s*s\s*e\s*l\s*f"  # spaced letters read by plain_spelling join to "killmyself"
 _NOT_AN_IDIOM = (r"(?!\s+(?:out|off|up|some|a|an|on|in|laughing|silly|with (?:a|the|my) \w+|when i|while)\b)")
 _WANTING = (r"(?:want(?:ed)?|wanna|wish(?:ed)?|going|gonna|plan(?:ning)?|ready|tempted|decided|trying|tried|urge"
@@ -594,7 +594,6 @@ class Verdict:
     category: str | None  # the likeliest class but benign when flagged (self_harm over its own threshold), else None
     probabilities: dict[str, float]  # per class, of the segment that decided (the worst, or the self-harm one)
     by_phrase: bool = False  # its category is its words' (phrase_category), whatever the classes scored
-
 
     @property
     def flagged(self) -> bool:
