@@ -44,6 +44,9 @@ def quantize_command(
     outlier_sigma: Annotated[float | None, typer.Option(help="easyquant: outlier threshold in standard deviations")]
     = None,
     steps: Annotated[int | None, typer.Option(help="easyquant: gradient steps per layer")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="easyquant: Adam's learning rate on the scales, in the scales' own units: about 1% of a typical group "
+             "scale (max |w| / 7) suits; the default 1e-3 is sized for SmolLM2's (docs/quantization.md)")] = None,
     quantize_lm_head: Annotated[bool, typer.Option(
         help="Experimental: also quantize lm_head. gptq/awq/w8a8 untie it from the embedding, which stays 16-bit; "
              "easyquant's dequantized form quantizes a tied head in place, so the embedding too. vLLM 0.32 cannot "
@@ -63,7 +66,7 @@ def quantize_command(
                            calibration_sources=[s.strip() for s in calibration_sources.split(",") if s.strip()],
                            samples=samples, seq_len=seq_len, smoothing=smoothing, smooth_down_proj=smooth_down_proj,
                            awq_grid=awq_grid,
-                           easyquant_form=form, outlier_sigma=outlier_sigma, easyquant_steps=steps,
+                           easyquant_form=form, outlier_sigma=outlier_sigma, easyquant_steps=steps, easyquant_lr=lr,
                            quantize_lm_head=quantize_lm_head, overwrite=overwrite)
     unwind_on_sigterm()
     try:
@@ -71,6 +74,8 @@ def quantize_command(
         result = quantize(options, settings, say=lambda text: err.print(text, markup=False))
     except (QuantError, CalibrationError, QuantEnvError, RegistryError) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # a full disk, a folder not writable: what and where, not a traceback
+        raise fail(f"quantizing failed: {exc}") from None
     table = Table("", "", title=f"{result.entry.name} ({method} {options.resolved_scheme})")
     for key in ("seconds_total", "bytes_on_disk", "linear_ratio", "checkpoint_ratio", "calibration_samples"):
         if key in result.stats:

@@ -186,6 +186,8 @@ def _check_weight(weight: torch.Tensor, bits: int, group_size: int | None, name:
         raise ValueError(f"{name}: expected a 2-D weight [out, in], got {getattr(weight, 'shape', type(weight))}")
     if not weight.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point weight, got {weight.dtype}")
+    if not torch.isfinite(weight).all():  # NaN hides every outlier (its std is NaN) and an inf makes an inf scale
+        raise ValueError(f"{name}: holds NaN or infinite weights; the parent checkpoint is damaged")
     check_group_size(group_size, weight.shape[1], name)
 
 
@@ -471,11 +473,16 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    config = config or EasyQuantConfig()
+    # The int4 form holds no outliers: its default fits the range over every weight, as `zephyr quantize` does.
+    config = config or EasyQuantConfig(keep_outliers=form != "int4")
     _check_model_options(config, form, quantize_embedding)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError(f"out_dir must differ from model_dir ({model_dir})")
+    # An earlier save's shards would stay beside the new weights (the int4 writer replaces only its own file), and
+    # vLLM loads the files a stale index names.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"out_dir {out_dir} is not an empty folder; remove it or choose another")
     started = time.monotonic()
     # In the parent's own dtype (it was always bf16: an fp16 parent lost 3 mantissa bits in every weight EasyQuant
     # leaves alone, and the errors were measured against the cast); the int4 form keeps 16-bit scales and
@@ -495,6 +502,7 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
         targets.append(({id(m): n for n, m in model.named_modules()}[id(head)], head))
     for name, module in targets:  # fail before any work on a layer the group size does not fit
         check_group_size(config.group_size, module.weight.shape[1], name)
+    out_dir.mkdir(parents=True, exist_ok=True)  # now: a place that cannot be written fails before the work
 
     per_layer: list[dict[str, Any]] = []
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -515,7 +523,6 @@ def quantize_model(model_dir: Path, out_dir: Path, config: EasyQuantConfig | Non
         else:
             module.weight.data = qw.dequantize(with_outliers=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if form == "int4":
         _write_int4(model, packed, config, out_dir)
     else:

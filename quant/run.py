@@ -70,6 +70,7 @@ class QuantOptions:
     easyquant_form: str = "int4"
     outlier_sigma: float | None = None  # EasyQuant's n; None = its default
     easyquant_steps: int | None = None
+    easyquant_lr: float | None = None
     overwrite: bool = False
     seed: int = 0
 
@@ -116,7 +117,8 @@ class QuantOptions:
             # the values it ran with, defaults resolved: `--steps 100` and the default are one recipe
             config = _easyquant_config(self)
             out.update(form=self.easyquant_form, outliers_isolated=config.keep_outliers,
-                       outlier_sigma=config.outlier_sigma if config.keep_outliers else None, steps=config.steps)
+                       outlier_sigma=config.outlier_sigma if config.keep_outliers else None, steps=config.steps,
+                       lr=config.lr)
         out["quantize_lm_head"] = self.quantize_lm_head
         return out
 
@@ -220,8 +222,8 @@ def check(options: QuantOptions, registry: Registry) -> RegistryEntry:
                                            options.quantize_lm_head)
         except ValueError as exc:
             raise QuantError(str(exc)) from None
-    elif options.outlier_sigma is not None or options.easyquant_steps is not None:
-        raise QuantError("--outlier-sigma and --steps are EasyQuant's; they need --method easyquant")
+    elif any(v is not None for v in (options.outlier_sigma, options.easyquant_steps, options.easyquant_lr)):
+        raise QuantError("--outlier-sigma, --steps and --lr are EasyQuant's; they need --method easyquant")
     elif options.easyquant_form != "int4":
         raise QuantError(f"--form {options.easyquant_form} is EasyQuant's; it needs --method easyquant")
     if options.method == "bnb":
@@ -343,11 +345,15 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
         raise QuantError(str(exc)) from None
     # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
     # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
-    replaced = fresh_aside(final_dir.parent, name, "replaced")  # its own: an older one may be half gone
-    if final_dir.exists():
-        final_dir.rename(replaced)
-    run_dir.rename(final_dir)
-    shutil.rmtree(replaced, ignore_errors=True)
+    try:
+        replaced = fresh_aside(final_dir.parent, name, "replaced")  # its own: an older one may be half gone
+        if final_dir.exists():
+            final_dir.rename(replaced)
+        run_dir.rename(final_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+    except OSError as exc:  # the model is registered and whole: only its records are not where they belong
+        say(f"warning: {name} is registered, but its run records could not be moved to {final_dir} ({exc}); "
+            f"they are in {run_dir}")
     return QuantResult(entry, stats)
 
 
@@ -385,8 +391,8 @@ def _easyquant(options: QuantOptions, parent: RegistryEntry, out_dir: Path) -> d
 def _easyquant_config(options: QuantOptions) -> Any:
     from quant import easyquant
 
-    overrides = {k: v for k, v in {"outlier_sigma": options.outlier_sigma, "steps": options.easyquant_steps}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"outlier_sigma": options.outlier_sigma, "steps": options.easyquant_steps,
+                                   "lr": options.easyquant_lr}.items() if v is not None}
     # compressed-tensors int4 has no place for full-precision outliers: clamped into their group's range they cost
     # more than plain rounding (measured on layer 0's q_proj: relative error 0.055 vs RTN's 0.017). The served
     # int4 form therefore optimises the range over every weight (the paper's ablation without isolation); the

@@ -31,6 +31,16 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # no '/', no leading
 NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
 
 
+def _unstage(source: Path, staging: Path, *, moved: bool) -> None:
+    """Undo a failed add: a copy (or a move's cross-device copy, its source still there) is deleted; a folder that
+    was moved in whole is the only copy of its weights, and goes back where it came from."""
+    if moved and not source.exists() and staging.exists():
+        (staging / MANIFEST).unlink(missing_ok=True)
+        staging.rename(source)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class RegistryError(Exception):
     """A registry operation that cannot be done; the message says what to do instead."""
 
@@ -300,17 +310,18 @@ class Registry:
             self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
             staging = self._staging_of(manifest.name)
             shutil.rmtree(staging, ignore_errors=True)
-            if move:
-                shutil.move(str(source), staging)
-            else:
-                try:
+            try:
+                if move:
+                    shutil.move(str(source), staging)
+                else:
                     shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
-                except (OSError, shutil.Error) as exc:  # a dangling link, a full disk: no hidden half-copy left
-                    shutil.rmtree(staging, ignore_errors=True)
-                    failed = exc.args[0] if isinstance(exc, shutil.Error) and isinstance(exc.args[0], list) else []
-                    detail = str(failed[0][2]) if failed else str(exc)  # shutil.Error: [(source, target, why)]
-                    raise RegistryError(f"copying {source} into the registry failed: {detail[:300]}") from None
-            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+                (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            except (OSError, shutil.Error) as exc:  # a dangling link, a full disk: no hidden half-copy left
+                _unstage(source, staging, moved=move)
+                failed = exc.args[0] if isinstance(exc, shutil.Error) and isinstance(exc.args[0], list) else []
+                detail = str(failed[0][2]) if failed else str(exc)  # shutil.Error: [(source, target, why)]
+                verb = "moving" if move else "copying"
+                raise RegistryError(f"{verb} {source} into the registry failed: {detail[:300]}") from None
             if target.exists():
                 # Aside first, then the new folder in, then the old one deleted: a stop part way never leaves a
                 # half-deleted model under the name.

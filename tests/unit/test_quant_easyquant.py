@@ -4,6 +4,7 @@ end to end on a tiny random Llama (int4 compressed-tensors reloaded by transform
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,9 @@ def test_quantize_registers_an_easyquant_entry_and_a_failed_overwrite_keeps_the_
     assert result.entry.name == entry.name and entry.manifest.parent == TINY and entry.manifest.method == "easyquant"
     assert entry.manifest.recipe == options.recipe() and entry.manifest.recipe["group_size"] == 64
     assert entry.manifest.stats["seconds_total"] >= 0 and "per_layer" not in entry.manifest.stats
+    # What the served int4 form holds: no outliers isolated, and (keep_best) never worse than plain rounding.
+    assert entry.manifest.stats["outliers"] == 0
+    assert entry.manifest.stats["easyquant_clamped_rel_error"] <= entry.manifest.stats["rtn_rel_error"]
     assert json.loads((entry.path / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     runs = settings.home / "quant-runs" / entry.name
     first = (runs / "stats.json").read_text()
@@ -453,3 +457,61 @@ def test_a_parent_replaced_during_the_run_is_not_named_as_the_result_s_parent(tm
     with pytest.raises(run.QuantError, match=f"parent model '{TINY}' was replaced while '{TINY}-easyquant' was made"):
         run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=2), settings, say=lambda _: None)
     assert not registry.exists(f"{TINY}-easyquant")
+
+
+def test_a_folder_holding_files_is_refused_before_any_work(tiny_llama, tmp_path):
+    """The int4 writer replaces only its own file: an earlier save's shards and index stayed beside it, and vLLM
+    loads the files a stale index names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not an empty folder; remove it or choose another"):
+        quantize_model(tiny_llama, out, CONFIG, form="int4", progress=False)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors.index.json"]
+
+
+def test_nan_or_inf_weights_are_refused_not_quantized():
+    """A NaN made the matrix's std NaN (no outliers anywhere) and its group's scale 1; an inf made an inf scale."""
+    for bad in (math.nan, math.inf):
+        weight = gaussian(8, 64)
+        weight[3, 5] = bad
+        with pytest.raises(ValueError, match="layer.q: holds NaN or infinite weights"):
+            easyquant(weight, EasyQuantConfig(steps=1), name="layer.q")
+
+
+def test_the_int4_forms_default_isolates_no_outliers(tiny_llama, tmp_path):
+    """int4 clamps the outliers it isolated into range, worse than plain rounding on the default model
+    (docs/quantization.md): its default is the range fitted over every weight, as `zephyr quantize` runs it."""
+    stats = quantize_model(tiny_llama, tmp_path / "int4", form="int4", progress=False)
+    assert stats["outliers"] == 0 and stats["config"]["keep_outliers"] is False
+    assert stats["easyquant_clamped_rel_error"] <= stats["rtn_rel_error"]
+
+
+def test_a_registered_model_is_reported_so_when_only_its_run_records_cannot_move(tmp_path, default_model, monkeypatch):
+    """The run folder's rename after the entry was registered (a busy file on NFS) raised a raw OSError: the user
+    read a failed run, and a rerun was told the name already exists."""
+    from quant import run
+    from tests.unit.tiny_llama import TINY, make_tiny_llama
+    from zephyr.registry import Registry
+    from zephyr.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    registry = Registry(settings.models_dir)
+    make_tiny_llama(registry, default_model)
+    real_rename = Path.rename
+
+    def busy(self, target):
+        if self.name.endswith(".incoming") and self.parent.name == "quant-runs":
+            raise OSError(16, "Device or resource busy")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    said: list[str] = []
+    result = run.quantize(run.QuantOptions(model=TINY, method="easyquant", easyquant_steps=1), settings,
+                          say=said.append)
+    assert registry.exists(result.entry.name)
+    incoming = settings.home / "quant-runs" / f".{result.entry.name}.incoming"
+    assert said == [f"warning: {result.entry.name} is registered, but its run records could not be moved to "
+                    f"{settings.home / 'quant-runs' / result.entry.name} ([Errno 16] Device or resource busy); "
+                    f"they are in {incoming}"]
+    assert (incoming / "stats.json").is_file()

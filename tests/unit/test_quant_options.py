@@ -58,6 +58,8 @@ def test_linear_widths_of_the_default_model(default_model):
      "easyquant: outlier_sigma must be a positive number"),
     ({"method": "easyquant", "outlier_sigma": 2.5}, "the int4 form isolates no outliers"),
     ({"method": "gptq", "easyquant_steps": 5}, "they need --method easyquant"),
+    ({"method": "awq", "easyquant_lr": 1e-2}, "--lr are EasyQuant's; they need --method easyquant"),
+    ({"method": "easyquant", "easyquant_lr": 0.0}, "easyquant: lr must be a positive number"),
     ({"method": "gptq", "calibration_sources": []}, "--calibration-sources: no MCQ sources given"),
     ({"method": "awq", "calibration_sources": ["arc_easy:test"]}, "--calibration-sources:"),
     # refused before the run folder is made, as reading it would refuse it after
@@ -445,6 +447,9 @@ def test_easyquant_records_the_values_it_ran_with_not_the_options_left_empty():
     assert QuantOptions(model="m", method="easyquant", easyquant_steps=defaults.steps).recipe() == plain
     kept = QuantOptions(model="m", method="easyquant", easyquant_form="dequantized").recipe()
     assert kept["outliers_isolated"] and kept["outlier_sigma"] == defaults.outlier_sigma
+    # the learning rate shapes the scales (in their own units: a model's weight size decides what suits it)
+    assert plain["lr"] == defaults.lr and QuantOptions(model="m", method="easyquant", easyquant_lr=1e-2).recipe()[
+        "lr"] == 1e-2
 
 
 def test_a_worker_stops_when_its_parent_is_killed_outright(tmp_path):
