@@ -78,6 +78,8 @@ COPY --from=build /dist /tmp/dist
 # hadolint ignore=DL3013
 RUN /opt/zephyr/bin/pip install --no-cache-dir --no-deps --force-reinstall /tmp/dist/*.whl && rm -rf /tmp/dist
 ENV PATH=/opt/zephyr/bin:$PATH \
+    HOME=/home/zephyr \
+    XDG_CACHE_HOME=/home/zephyr/.cache \
     PYTHONUNBUFFERED=1 \
     ZEPHYR_HOME=/data \
     ZEPHYR_HOST=0.0.0.0 \
@@ -89,6 +91,7 @@ ENV PATH=/opt/zephyr/bin:$PATH \
     VLLM_CONFIG_ROOT=/home/zephyr/.cache/vllm-config
 # No usage reports leave the pod; Triton's kernel cache and vLLM's config folder default to ~/.triton and
 # ~/.config, which the chart's read-only root filesystem would refuse: both go under ~/.cache, its writable volume.
+# HOME is set because an arbitrary uid (OpenShift) has no home of its own, and every cache would point elsewhere.
 # The registry (models, SQLite log, spill file) lives on a mounted volume.
 VOLUME ["/data"]
 USER 10001:10001

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 
 from loadtest.harness import (
     STUDENT_KEY,
@@ -117,11 +118,17 @@ def _statuses(events: list[dict]) -> str:
     return ", ".join(f"{n}x {status}" for status, n in sorted(counts.items())) or "none"
 
 
+def chart_drain_seconds(profile: str = "cpu") -> str:
+    """ZEPHYR_DRAIN_SECONDS as the chart's profile deploys it."""
+    values = Path(__file__).resolve().parents[1] / "helm" / "zephyr" / f"values-{profile}.yaml"
+    return str(yaml.safe_load(values.read_text())["config"]["ZEPHYR_DRAIN_SECONDS"])
+
+
 def sigterm(load_s: float, users: int, out: Path) -> Report:
     report = Report(f"SIGTERM under load ({users} users)")
-    # The window is wide because it is not what this drill tests: on a 2-core AVX2 machine the streams in flight
-    # at the signal (Locust's 512-token answers, the anchor) can need a minute to finish.
-    server = LocalServer.start(_home("drill-sigterm"), drain_seconds="150")
+    # The CPU chart's drain, so that a pass proves the deployed setting: on a 2-core AVX2 machine the streams in
+    # flight at the signal (Locust's 512-token answers, the anchor) can need a minute to finish.
+    server = LocalServer.start(_home("drill-sigterm"), drain_seconds=chart_drain_seconds())
     locust = Locust.start(server.url, out, users, load_s + 240, exam_period=load_s / 2)
     probes: list[dict] = []
     try:

@@ -381,7 +381,7 @@ def test_sqlite_on_a_shared_volume_is_never_written_by_two_pods():
 
 def test_the_grace_period_follows_the_drain_and_probes_allow_a_busy_pod():
     pod = deployment_of("--set", f"secrets.apiKeys={K0}")["Deployment"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 60  # 5 preStop + 30 drain + 5 + 10 + 10
+    assert pod["terminationGracePeriodSeconds"] == 180  # 5 preStop + the CPU profile's 150 s drain + 5 + 10 + 10
     longer = deployment_of("--set", f"secrets.apiKeys={K0},config.ZEPHYR_DRAIN_SECONDS=300")
     assert longer["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 330
     probes = pod["containers"][0]
@@ -587,3 +587,11 @@ def test_the_install_notes_warn_of_an_autoscaler_that_cannot_read_its_metric_and
     assert "serves no custom metrics API" in bare and "spill to a file in the pod's emptyDir" in bare
     cpu_only = notes("--set", "autoscaling.waitingRequests.enabled=false,config.ZEPHYR_SPILL_PATH=/spill/g.jsonl")
     assert "custom metrics API" not in cpu_only and "emptyDir" not in cpu_only
+
+
+def test_the_sigterm_drill_drains_for_what_the_cpu_chart_deploys():
+    """The drill drained for 150 s while the chart shipped 30: a pass proved nothing about the deployed setting."""
+    from loadtest.drills import chart_drain_seconds
+
+    config = deployment_of("--set", f"secrets.apiKeys={K0}")["ConfigMap"]["data"]
+    assert chart_drain_seconds() == config["ZEPHYR_DRAIN_SECONDS"] == "150"
