@@ -38,6 +38,10 @@ class ReviewPolicy:
     candidate_wait: timedelta
 
 
+# How long a verdict or skip can be taken back: a stray `z` pressed again and again walked back through every verdict
+# the reviewer ever gave, exported ones included (with an overlap of 1 no other verdict holds them).
+UNDO_WINDOW = timedelta(minutes=10)
+
 RETIRED_DIGESTS = "retired_unknown_key_digests"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")  # a key's digest, plain SHA-256 or keyed
 
@@ -337,8 +341,10 @@ class ReviewStore:
 
     async def undo(self, reviewer: str) -> dict[str, Any]:
         """Takes back the reviewer's latest verdict or skip (a stray key skipped an item for good, and undo then
-        took back the verdict before it); that item is shown again (same answer order). A skip whose item others
-        have filled since stands (there is no place left to show it in), and so does all before it."""
+        took back the verdict before it); that item is shown again (same answer order), with the verdict taken
+        back as its `draft` (verdict, strength, flags by answer label, comment) to change rather than redo. A skip
+        whose item others have filled since stands (there is no place left to show it in), and so does all before
+        it; so does all given more than UNDO_WINDOW ago."""
         A, B = ReviewAssignment, aliased(ReviewAssignment)
         now = datetime.now(UTC)
 
@@ -349,6 +355,11 @@ class ReviewStore:
             )).mappings().first()
             if last is None:
                 raise APIError(409, "you have no verdict or skip to undo", code="conflict")
+            minutes = int(UNDO_WINDOW.total_seconds() // 60)
+            if last["judged_at"] is not None and utc(last["judged_at"]) < now - UNDO_WINDOW:
+                raise APIError(409, f"your last verdict or skip was given more than {minutes} minutes ago, so it "
+                                    "stands; say what you would change in a comment on your next verdict",
+                               code="conflict")
             if last["status"] == "skipped":  # no verdict, so nobody's agreement to keep
                 await self._lock_item(conn, last["item_id"])  # as a claim does: no overlap + 1 holders
                 # room beside: fewer other reviewers hold the item than the overlap asks
@@ -370,7 +381,7 @@ class ReviewStore:
                                status="shown", verdict=None, chosen_id=None, strength=None, flags={}, comment=None,
                                judged_at=None, shown_at=now)
             current = (await conn.execute(select(A).where(A.id == last["id"]))).mappings().one()
-            return await self._view(conn, current)
+            return {**await self._view(conn, current), "draft": _draft_of(last)}
 
     # Reading for statistics and export ------------------------------------------------------------------
 
@@ -456,6 +467,13 @@ def model_label(row: dict[str, Any], served_model: str) -> str:
     if row["model"] == served_model and variant:
         return f"{row['model']} [{variant}]"
     return row["model"]
+
+
+def _draft_of(verdict: Mapping[str, Any]) -> dict[str, Any]:
+    """A verdict taken back, as the page fills its form: flags by answer label, not by generation id."""
+    label_of = {verdict["left_id"]: "A", verdict["right_id"]: "B"}
+    return {"verdict": verdict["verdict"], "strength": verdict["strength"], "comment": verdict["comment"],
+            "flags": {label_of[gid]: names for gid, names in (verdict["flags"] or {}).items() if gid in label_of}}
 
 
 def to_judgement(v: dict[str, Any], generations: dict[str, dict], names: Mapping[str, str] | None = None) -> Judgement:

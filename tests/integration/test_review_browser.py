@@ -141,8 +141,16 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         await expect(item).to_have_attribute("data-item-id", review_items[1])
         second = await answers.all_text_contents()
         await page.evaluate("document.activeElement.blur()")  # keys to the page, as a reviewer who clicked away
-        for key in ("b", "2", "i", "Enter"):
+        for key in ("b", "2"):
             await page.keyboard.press(key)
+        # `i` with Caps Lock on flags answer A (it flagged B), and a Cyrillic layout's Shift + the U key flags B.
+        for key, code, shift in (("I", "KeyI", False), ("Г", "KeyU", True)):
+            await page.evaluate("([key, code, shiftKey]) => document.dispatchEvent(new KeyboardEvent('keydown', "
+                                "{key, code, shiftKey, bubbles: true}))", [key, code, shift])
+        await expect(page.locator('input[data-answer="A"][data-flag="incorrect"]')).to_be_checked()
+        await expect(page.locator('input[data-answer="B"][data-flag="unsafe"]')).to_be_checked()
+        await expect(page.locator('input[data-answer="B"][data-flag="incorrect"]')).not_to_be_checked()
+        await page.keyboard.press("Enter")
         await expect(page.locator("#progress")).to_have_text("2 judged · 0 waiting")
 
         # Item 3, keyboard: tie; then undo it and judge it again as both bad.
@@ -155,6 +163,8 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         await page.keyboard.press("z")
         await expect(item).to_have_attribute("data-item-id", review_items[2])
         await expect(page.locator("#progress")).to_have_text("2 judged · 0 waiting")
+        # the verdict taken back is shown chosen, to change rather than give again from nothing
+        await expect(page.locator('#verdicts button[data-verdict="tie"]')).to_have_attribute("aria-pressed", "true")
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("2")
         # Tie clicked, then Tab to Both bad and Enter: the verdict submitted is the one the focus reached (it was
         # the clicked one, tie).

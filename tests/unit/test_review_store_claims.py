@@ -260,3 +260,36 @@ async def test_undo_takes_back_a_skip_while_the_item_has_room(log):
     with pytest.raises(Exception, match="your skip stands"):
         await store.undo("r1")  # i1 is full: the skip stands, and undo does not reach past it to the verdict
     assert (await store.next_item("r1")) is None
+
+
+async def test_undo_gives_back_the_verdict_taken_back_and_reaches_no_further_than_its_window(log, monkeypatch):
+    """Undo wiped the comment, flags and strength, which the page could not give back; and `z` pressed again and
+    again walked back through every verdict the reviewer had given, exported ones included (overlap 1)."""
+    from datetime import UTC, datetime
+
+    from service.review import store as store_module
+
+    await seed(log, [*pair("i0", "Q0", "x", "y"), *pair("i1", "Q1", "x", "y", minute=1)])
+    policy = ReviewPolicy(overlap=1, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    first = await store.next_item("r1")
+    await store.judge("r1", first["assignment_id"], "b", 3, {"B": ["unsafe", "incorrect"]}, "  B made it up ")
+    again = await store.undo("r1")
+    assert again["assignment_id"] == first["assignment_id"] and "draft" not in first
+    assert again["draft"] == {"verdict": "b", "strength": 3, "comment": "B made it up",
+                              "flags": {"B": ["incorrect", "unsafe"]}}
+    assert "draft" not in await store.next_item("r1")  # the item held, as a reload fetches it
+    await store.judge("r1", again["assignment_id"], "tie", None, {}, None)
+
+    later = datetime.now(UTC) + store_module.UNDO_WINDOW + timedelta(minutes=1)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return later
+
+    monkeypatch.setattr(store_module, "datetime", Later)
+    with pytest.raises(Exception, match="more than 10 minutes ago, so it stands"):
+        await store.undo("r1")
+    monkeypatch.undo()
+    assert (await store.judgements(texts=False))[0][0].label == "tie"

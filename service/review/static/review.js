@@ -380,6 +380,13 @@ async function undo() {
     try {
       const result = await api("POST", "/review/api/undo");
       keepDraft(); // the item left unjudged comes back after the one taken back, with what was typed on it
+      const taken = result.item.draft; // the verdict taken back, to change rather than give again from nothing
+      if (taken) {
+        const flags = Object.entries(taken.flags).flatMap(([answer, names]) => names.map((flag) => [answer, flag]));
+        state.drafts.set(result.item.assignment_id, {
+          comment: taken.comment || "", verdict: taken.verdict, strength: taken.strength && String(taken.strength),
+          flags });
+      }
       renderItem(result.item);
       showProgress(result.progress);
       say("Your last verdict or skip was taken back; judge this item again.");
@@ -521,6 +528,18 @@ function toggleKeysHelp() {
   else dialog.showModal();
 }
 
+// The shortcut a key press names. A Latin letter by the character typed, in either case: Caps Lock turned `i` into
+// "I", a flag on answer B (Shift, not the case, means B now). Another script's letter (Cyrillic, Greek) by the key's
+// place, as a US keyboard reads it; a digit key's too where the digit needs Shift (AZERTY). Punctuation as typed.
+function shortcutKey(event) {
+  const typed = event.key.length === 1 ? event.key.toLowerCase() : event.key;
+  if (/^[a-z0-9]$/.test(typed) || typed.length !== 1) return typed;
+  const place = /^(?:Key([A-Z])|Digit([0-9]))$/.exec(event.code || "");
+  if (place && place[1] && /\p{L}/u.test(typed)) return place[1].toLowerCase();
+  if (place && place[2] && typed !== "?") return place[2];
+  return typed;
+}
+
 function onKey(event) {
   if (!state.signedIn) return; // signed out, the only thing to type is the key
   const target = event.target;
@@ -530,7 +549,7 @@ function onKey(event) {
   }
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.repeat) return; // a held key is one action, not a skip or undo per repeat
-  const key = event.key;
+  const key = shortcutKey(event);
   // Enter on a focused link opens it, and on Skip, Undo, a header button (Keys, Sign out) or a summary (the
   // guidelines, a long message folded) presses it: a mouse click blurs those (`blurOnClick`), so focused they were
   // reached by Tab (Enter there submitted a verdict, unread, or "Choose a verdict first"). Everywhere else it
@@ -555,10 +574,10 @@ function onKey(event) {
     const verdict = (kind === "single" ? SINGLE_VERDICTS : PAIR_VERDICTS).find(([, , k]) => k === key);
     if (verdict) chooseVerdict(verdict[0]);
     else if (["1", "2", "3", "4"].includes(key)) chooseStrength(key);
-    else if (FLAG_KEYS[key]) toggleFlag("A", FLAG_KEYS[key]);
-    else if (FLAG_KEYS[key.toLowerCase()] && key !== key.toLowerCase() && kind === "pair") {
-      toggleFlag("B", FLAG_KEYS[key.toLowerCase()]);
-    } else if (key === "r") $("show-source").click();
+    else if (FLAG_KEYS[key] && event.shiftKey) {
+      if (kind === "pair") toggleFlag("B", FLAG_KEYS[key]);
+    } else if (FLAG_KEYS[key]) toggleFlag("A", FLAG_KEYS[key]);
+    else if (key === "r") $("show-source").click();
     else if (key === "c") $("comment").focus();
     else if (key === "Enter") submitVerdict();
     else if (key === "s") skip();
