@@ -383,14 +383,15 @@ def from_another_site(request: Request) -> bool:
     return asked_from == "null" or asked_from not in own  # "null": a sandboxed page, which has no host
 
 
-def require(*roles: str, session: bool = False) -> Callable[[Request], Awaitable[Principal]]:
+def require(*roles: str, session: bool = False, claims: bool = False) -> Callable[[Request], Awaitable[Principal]]:
     """Dependency: authenticate, apply the key's rate limit, and check its role (admin may do anything).
-    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent."""
+    With `session`, the review page's sign-in cookie is accepted when no Authorization header is sent. `claims`: a
+    GET that changes state (the review queue's next item is claimed), held to the page's own origin as a POST is."""
 
     async def dependency(request: Request) -> Principal:
         authorization = request.headers.get("authorization")
         token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
-        if token and request.method not in SAFE_METHODS and from_another_site(request):
+        if token and (claims or request.method not in SAFE_METHODS) and from_another_site(request):
             # SameSite=Strict keeps other sites' requests from carrying the cookie, not a sibling subdomain's; the
             # browser says where a request came from (Sec-Fetch-Site), and only the page itself may change state.
             raise APIError(403, "a signed-in change must come from the review page itself", code="forbidden")

@@ -37,6 +37,8 @@ def not_stored(response: Response) -> None:
 router = APIRouter(prefix="/review", tags=["review"], route_class=UnambiguousJSONRoute,
                    dependencies=[Depends(not_stored)])
 reviewer_only = require("reviewer", session=True)
+# GET /api/next claims an item for the lease: an <img> on a sibling subdomain's page hid items from other reviewers.
+reviewer_claiming = require("reviewer", session=True, claims=True)
 admin_only = require("admin", session=True)
 
 # Model output is untrusted: the server renders its Markdown to sanitized HTML (render.py), and this policy
@@ -157,7 +159,7 @@ async def presented(item: dict | None) -> dict | None:
 
 
 @router.get("/api/next")
-async def next_item(request: Request, principal: Principal = Depends(reviewer_only)) -> dict:
+async def next_item(request: Request, principal: Principal = Depends(reviewer_claiming)) -> dict:
     store = review_store(request)
     item = await store.next_item(principal.identity)
     return {"item": await presented(item), "progress": await store.progress(principal.identity)}

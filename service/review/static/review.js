@@ -428,7 +428,9 @@ function schedulePoll() {
 
 async function poll() {
   if (!state.signedIn || state.item) return;
-  if (document.hidden) return schedulePoll();
+  // Asking claims the next item for the lease: a tab left open while nobody looks at it would hide items from
+  // the other reviewers, so the page asks only while it is seen and has the focus.
+  if (document.hidden || !document.hasFocus()) return schedulePoll();
   try {
     const result = await api("GET", "/review/api/next");
     // An undo may have brought an item back while this was asked: that one is being judged now.
