@@ -20,20 +20,29 @@ from zephyr.console import make_console
 console = make_console()
 
 
-def summary(events: list[dict], wall_s: float, title: str) -> Table:
+def summary(events: list[dict], title: str) -> Table:
+    """Per request kind: counts by outcome, latency of the answered ones and of the failed ones (a run whose slow
+    requests time out would look fast on the answered ones alone), a chat's first token, and answers per minute
+    over the span the requests ran (not Locust's start-up, nor its wait for the last users to finish)."""
     table = Table(title=title)
-    for column in ("request", "count", "ok", "4xx", "5xx", "no response", "p50 s", "p95 s", "per min"):
+    for column in ("request", "count", "ok", "4xx", "5xx", "no response", "p50 s", "p95 s", "failed p50 s",
+                   "first token p50 s", "ok per min"):
         table.add_column(column, justify="left" if column == "request" else "right")
     by_name: dict[str, list[dict]] = defaultdict(list)
     for event in events:
         by_name[event["name"]].append(event)
+    span_s = max((e["end"] for e in events), default=0) - min((e["start"] for e in events), default=0)
     for name, group in sorted(by_name.items()):
         statuses = Counter(e["status"] // 100 for e in group)
         ok = [e for e in group if e["status"] < 400 and not e["error"]]
+        failed = [e["end"] - e["start"] for e in group if e["status"] >= 400 or e["error"]]
+        first_tokens = [e["first_token"] - e["start"] for e in ok if e.get("first_token")]
         latencies = [e["end"] - e["start"] for e in ok]
         table.add_row(name, str(len(group)), str(len(ok)), str(statuses[4]), str(statuses[5]), str(statuses[0]),
-                      f"{percentile(latencies, 0.5):.2f}", f"{percentile(latencies, 0.95):.2f}",
-                      f"{len(group) / wall_s * 60:.0f}")
+                      *(f"{percentile(latencies, q):.2f}" if latencies else "-" for q in (0.5, 0.95)),
+                      f"{percentile(failed, 0.5):.2f}" if failed else "-",
+                      f"{percentile(first_tokens, 0.5):.2f}" if first_tokens else "-",
+                      f"{len(ok) / span_s * 60:.0f}" if span_s > 0 else "-")
     return table
 
 
@@ -58,13 +67,12 @@ def main() -> None:
         console.print(f"server ready at {server.url} (home {home})")
     locust = None
     try:
-        started = time.monotonic()
         with console.status(f"Locust: {args.users} users for {args.minutes:g} min"):
             locust = Locust.start(args.url or server.url, args.out, args.users, args.minutes * 60, args.spawn_rate,
                                   exam_period=args.exam_period)
             locust.wait()
         events = locust.events()
-        console.print(summary(events, time.monotonic() - started, f"{args.users} users, {args.minutes:g} min"))
+        console.print(summary(events, f"{args.users} users, {args.minutes:g} min"))
         console.print(f"reports: {args.out}/locust.html, {args.out}/locust_stats.csv, events in {locust.events_path}")
         if not any(e["status"] < 400 and not e["error"] for e in events):
             # e.g. a --url server that refuses the keys sent (401s): a run with no answer measured nothing

@@ -138,3 +138,23 @@ def test_a_comma_separated_option_names_each_item_once():
     from cli.common import csv
 
     assert csv("arc_easy, sciq,arc_easy,,") == ["arc_easy", "sciq"] and csv("") is None
+
+
+def test_the_load_summary_counts_answers_over_the_span_they_ran_and_shows_failed_latency():
+    """`make load`'s rate counted failed requests as throughput over a clock that included Locust's start-up and
+    its wait for the last users; the latency columns hid requests that timed out."""
+    from rich.console import Console
+
+    from loadtest.load import summary
+
+    events = [{"name": "chat", "start": 100.0, "end": 110.0, "status": 200, "error": None, "first_token": 101.5},
+              {"name": "chat", "start": 105.0, "end": 165.0, "status": 0, "error": "ReadTimeout", "first_token": None},
+              {"name": "chat", "start": 120.0, "end": 130.0, "status": 200, "error": None, "first_token": 121.0},
+              {"name": "mcq", "start": 101.0, "end": 102.0, "status": 500, "error": None}]
+    console = Console(width=250, record=True)
+    console.print(summary(events, "t"))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in console.export_text().splitlines() if line.startswith("│")}
+    # count, ok, 4xx, 5xx, no response, p50, p95, failed p50, first token p50, ok per min (2 answers in 65 s)
+    assert rows["chat"] == ["3", "2", "0", "0", "1", "10.00", "10.00", "60.00", "1.00", "2"]
+    assert rows["mcq"] == ["1", "0", "0", "1", "0", "-", "-", "1.00", "-", "0"]
