@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -328,9 +329,14 @@ def logging_table(summaries: list[dict]) -> Table:
     return table
 
 
+# Below this many requests a p99 is the slowest one (16 at concurrency 1 by default): a ratio of two maxima is noise.
+P99_MIN_REQUESTS = 100
+
+
 def ratio_table(title: str, levels: list[Level]) -> Table:
-    table = Table(title=title)
-    for column in ("concurrency", "target", "tok/s", "p50 TTFT ms", "p99 TTFT ms", "p50 e2e s", "p99 e2e s",
+    table = Table(title=title, caption=f"p99: '-' where fewer than {P99_MIN_REQUESTS} requests were timed "
+                                       "(raise --min-requests for it)")
+    for column in ("concurrency", "target", "n", "tok/s", "p50 TTFT ms", "p99 TTFT ms", "p50 e2e s", "p99 e2e s",
                    "errors"):
         table.add_column(column, justify="right")
     by_key: dict[tuple[str, int], list[Level]] = {}
@@ -341,19 +347,26 @@ def ratio_table(title: str, levels: list[Level]) -> Table:
         runs = by_key[(target, conc)]
         ttft = [t for lv in runs for t in lv.ttft_s]
         lat = [t for lv in runs for t in lv.latency_s]
-        return {"tok/s": statistics.median(lv.tok_s for lv in runs), "p50 ttft": percentile(ttft, 0.5) * 1000,
-                "p99 ttft": percentile(ttft, 0.99) * 1000, "p50 e2e": percentile(lat, 0.5),
-                "p99 e2e": percentile(lat, 0.99), "errors": sum(lv.errors for lv in runs)}
+        tail = len(lat) >= P99_MIN_REQUESTS
+        nan = float("nan")
+        return {"n": len(lat), "tok/s": statistics.median(lv.tok_s for lv in runs),
+                "p50 ttft": percentile(ttft, 0.5) * 1000, "p99 ttft": percentile(ttft, 0.99) * 1000 if tail else nan,
+                "p50 e2e": percentile(lat, 0.5), "p99 e2e": percentile(lat, 0.99) if tail else nan,
+                "errors": sum(lv.errors for lv in runs)}
+
+    def shown(value: float, form: str) -> str:
+        return "-" if math.isnan(value) else format(value, form)
 
     for conc in sorted({c for _, c in by_key}):
         ours, theirs = summary("zephyr", conc), summary("vllm", conc)
         for name, s in (("zephyr", ours), ("vllm serve", theirs)):
-            table.add_row(str(conc), name, f"{s['tok/s']:.1f}", f"{s['p50 ttft']:.0f}", f"{s['p99 ttft']:.0f}",
-                          f"{s['p50 e2e']:.2f}", f"{s['p99 e2e']:.2f}", str(s["errors"]))
-        table.add_row(str(conc), "[bold]ratio[/]", f"[bold]{ours['tok/s'] / theirs['tok/s']:.3f}[/]",
+            table.add_row(str(conc), name, str(s["n"]), f"{s['tok/s']:.1f}", f"{s['p50 ttft']:.0f}",
+                          shown(s["p99 ttft"], ".0f"), f"{s['p50 e2e']:.2f}", shown(s["p99 e2e"], ".2f"),
+                          str(s["errors"]))
+        table.add_row(str(conc), "[bold]ratio[/]", "", f"[bold]{ours['tok/s'] / theirs['tok/s']:.3f}[/]",
                       f"[bold]{ours['p50 ttft'] / theirs['p50 ttft']:.3f}[/]",
-                      f"{ours['p99 ttft'] / theirs['p99 ttft']:.3f}", f"{ours['p50 e2e'] / theirs['p50 e2e']:.3f}",
-                      f"{ours['p99 e2e'] / theirs['p99 e2e']:.3f}", "", end_section=True)
+                      shown(ours["p99 ttft"] / theirs["p99 ttft"], ".3f"), f"{ours['p50 e2e'] / theirs['p50 e2e']:.3f}",
+                      shown(ours["p99 e2e"] / theirs["p99 e2e"], ".3f"), "", end_section=True)
     return table
 
 

@@ -158,3 +158,25 @@ def test_the_load_summary_counts_answers_over_the_span_they_ran_and_shows_failed
     # count, ok, 4xx, 5xx, no response, p50, p95, failed p50, first token p50, ok per min (2 answers in 65 s)
     assert rows["chat"] == ["3", "2", "0", "0", "1", "10.00", "10.00", "60.00", "1.00", "2"]
     assert rows["mcq"] == ["1", "0", "0", "1", "0", "-", "-", "1.00", "-", "0"]
+
+
+def test_the_bench_shows_no_p99_where_it_would_be_the_slowest_request():
+    """At concurrency 1 the default run times 16 requests: its "p99" was their maximum, and the ratio row divided
+    one server's slowest request by the other's."""
+    from rich.console import Console
+
+    from loadtest.bench import P99_MIN_REQUESTS, Level, ratio_table
+
+    def level(target: str, conc: int, n: int) -> Level:
+        return Level(target, conc, n, 10.0, 100 * n, ttft_s=[0.1] * n, latency_s=[1.0] * (n - 1) + [9.0])
+
+    few, many = 16, P99_MIN_REQUESTS
+    console = Console(width=250, record=True)
+    console.print(ratio_table("t", [level(t, 1, few) for t in ("zephyr", "vllm")]
+                              + [level(t, 8, many) for t in ("zephyr", "vllm")]))
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in console.export_text().splitlines()
+            if line.startswith("│")]
+    # concurrency, target, n, tok/s, p50 TTFT, p99 TTFT, p50 e2e, p99 e2e, errors
+    assert rows[0][1:] == ["zephyr", "16", "160.0", "100", "-", "1.00", "-", "0"]
+    assert rows[2][5] == "-" and rows[2][7] == "-"  # the ratio row: no tail to compare
+    assert rows[3][1:] == ["zephyr", "100", "1000.0", "100", "100", "1.00", "1.00", "0"]
