@@ -37,7 +37,7 @@ from zephyr.numerics import scores_depend_on_batch, served_dtype
 from zephyr.pii import Redactor
 from zephyr.registry import Registry, RegistryEntry
 from zephyr.safety import SafetyGuard, load_record
-from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback
+from zephyr.settings import DEFAULT_MODEL, Settings, is_loopback, unknown_variables
 
 log = logging.getLogger("zephyr.service")
 EngineFactory = Callable[[Settings, Path, str], Engine]
@@ -206,6 +206,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        for line in unknown_variables(os.environ):
+            log.warning(line)
         registry = Registry(settings.models_dir)
         entry = ensure_default_model(registry) if settings.model == DEFAULT_MODEL else registry.get(settings.model)
         guard = await asyncio.to_thread(safety_guard, settings)

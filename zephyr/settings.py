@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import logging
 import os
+import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -398,6 +401,25 @@ class Settings(BaseSettings):
                 continue
             entries.append((role, key, name or None))
         return entries
+
+# ZEPHYR_ variables read by the project's tools, not by the server: load tests, fuzzers, test databases, the CLI's
+# client commands.
+TOOL_VARIABLES = re.compile(r"ZEPHYR_(?:LOAD|TEST|FUZZ|REAL_FUZZ|MCQ_FUZZ|DIALOGRPT|HELM)_\w*|ZEPHYR_(?:API_KEY|URL)")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ZEPHYR_ variable that names no setting (a typo, `ZEPHYR_DRAIN_SECOND`, was ignored without a
+    word, and the default served), with the setting it most likely meant."""
+    settings = {f"ZEPHYR_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads names in any case
+        if not upper.startswith("ZEPHYR_") or upper in settings or TOOL_VARIABLES.fullmatch(upper):
+            continue
+        meant = difflib.get_close_matches(upper, settings, n=1, cutoff=0.8)
+        lines.append(f"{name} is no setting and is ignored" + (f"; did you mean {meant[0]}?" if meant else ""))
+    return lines
+
 
 ROLES = ("student", "reviewer", "admin")
 MAX_KEY_NAME_CHARS = 64

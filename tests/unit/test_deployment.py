@@ -595,3 +595,17 @@ def test_the_sigterm_drill_drains_for_what_the_cpu_chart_deploys():
 
     config = deployment_of("--set", f"secrets.apiKeys={K0}")["ConfigMap"]["data"]
     assert chart_drain_seconds() == config["ZEPHYR_DRAIN_SECONDS"] == "150"
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_every_setting_the_chart_ships_is_one_the_server_reads(profile):
+    """The server ignores a ZEPHYR_ variable that names no setting: a misspelt key in the chart's values would ship
+    its default without a word."""
+    from zephyr.settings import unknown_variables
+
+    result = helm("template", "tutor", str(CHART), "-f", str(CHART / f"values-{profile}.yaml"),
+                  "--set", f"secrets.apiKeys={K0}")
+    assert result.returncode == 0, result.stderr
+    config = next(doc for doc in yaml.safe_load_all(result.stdout)
+                  if doc and doc["kind"] == "ConfigMap" and any(k.startswith("ZEPHYR_") for k in doc["data"]))
+    assert len(config["data"]) > 10 and unknown_variables(config["data"]) == []

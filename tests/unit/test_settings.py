@@ -159,3 +159,28 @@ def test_a_key_given_two_roles_is_refused_without_quoting_it(tmp_path):
     assert key not in str(err.value)
     keys.write_text(f"student:{key}\n")  # the same entry twice is one entry
     assert Settings(api_keys=f"student:{key}", api_keys_file=keys).api_key_entries == [("student", key, None)]
+
+
+def test_a_variable_that_names_no_setting_is_named_at_start_with_the_one_meant(monkeypatch):
+    """`ZEPHYR_DRAIN_SECOND=120` (or a chart's `config` key misspelt) was ignored without a word: the default
+    served. The tools' own variables are not the server's to warn of."""
+    from zephyr.settings import unknown_variables
+
+    environ = {"ZEPHYR_DRAIN_SECOND": "120", "zephyr_max_num_seqs": "8", "ZEPHYR_SAFETY_GARD": "false",
+               "ZEPHYR_NOTHING_LIKE_IT": "1", "ZEPHYR_LOAD_EVENTS": "e.jsonl", "ZEPHYR_TEST_POSTGRES_URL": "u",
+               "ZEPHYR_API_KEY": "k", "PATH": "/bin"}
+    assert unknown_variables(environ) == [
+        "ZEPHYR_DRAIN_SECOND is no setting and is ignored; did you mean ZEPHYR_DRAIN_SECONDS?",
+        "ZEPHYR_NOTHING_LIKE_IT is no setting and is ignored",
+        "ZEPHYR_SAFETY_GARD is no setting and is ignored; did you mean ZEPHYR_SAFETY_GUARD?"]
+
+
+async def test_the_server_warns_of_them_as_it_starts(monkeypatch, caplog, app_factory):
+    import logging
+
+    monkeypatch.setenv("ZEPHYR_DRAIN_SECOND", "120")
+    with caplog.at_level(logging.WARNING, logger="zephyr.service"):
+        async with app_factory():
+            pass
+    assert "ZEPHYR_DRAIN_SECOND is no setting and is ignored; did you mean ZEPHYR_DRAIN_SECONDS?" in [
+        record.getMessage() for record in caplog.records if record.name == "zephyr.service"]
