@@ -297,7 +297,7 @@ def mcq_command(
                   + f"   ({body['method']}{', calibrated' if body['calibrated'] else ''})", style="dim")
 
 
-def _review_data(since: str | None):
+def _review_data(since: str | None, judged_since: str | None = None):
     """Verdicts and generations straight from the generation-log database (ZEPHYR_DB_URL)."""
     import asyncio
     from datetime import timedelta
@@ -309,6 +309,7 @@ def _review_data(since: str | None):
     settings = load_settings()
     try:
         since_at = export.parse_since(since)
+        judged_since_at = export.parse_since(judged_since, "--judged-since")
     except ValueError as exc:
         raise fail(str(exc)) from None
 
@@ -316,7 +317,7 @@ def _review_data(since: str | None):
         engine = make_engine(settings.resolved_db_url)
         try:
             store = ReviewStore(engine, ReviewPolicy(settings.review_overlap, timedelta(0), timedelta(0)))
-            judgements, generations = await store.judgements(since_at)
+            judgements, generations = await store.judgements(since_at, judged_since=judged_since_at)
             return judgements, generations, await store.skipped()
         finally:
             await engine.dispose()
@@ -337,7 +338,11 @@ def review_export(
     include_flagged: Annotated[bool, typer.Option(
         "--include-flagged", help="dpo: keep pairs whose chosen answer a reviewer flagged incorrect or unsafe")]
     = False,
-    since: Annotated[str | None, typer.Option(help="Only items created on or after this date (YYYY-MM-DD)")] = None,
+    since: Annotated[str | None, typer.Option(help="Only items created on or after this date (YYYY-MM-DD, UTC); a "
+                                              "verdict given later on an older item is not among them")] = None,
+    judged_since: Annotated[str | None, typer.Option(
+        help="Only items with a verdict given on or after this time (ISO 8601, UTC unless it says), with all their "
+             "verdicts: an export after the last one")] = None,
     model: Annotated[str | None, typer.Option(help="Only records whose every answer this registry model wrote "
                                               "(training a model on its own answers)")] = None,
     include_unfinished: Annotated[bool, typer.Option(
@@ -357,7 +362,7 @@ def review_export(
         raise fail("--min-agreement is a share between 0 and 1")
     if min_reviewers is not None and min_reviewers < 1:
         raise fail("--min-reviewers must be at least 1")
-    settings, judgements, generations, _ = _review_data(since)
+    settings, judgements, generations, _ = _review_data(since, judged_since)
     min_reviewers = min_reviewers or settings.review_overlap
     redactor = Redactor(settings.pii_entities, settings.student_id_pattern) if settings.pii_redaction else None
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)

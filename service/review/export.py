@@ -247,14 +247,15 @@ def to_jsonl(judgements: list[Judgement], generations: dict[str, dict], options:
     return text, len(items)
 
 
-def parse_since(value: str | None) -> datetime | None:
+def parse_since(value: str | None, option: str = "--since") -> datetime | None:
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise ValueError(f"--since {value!r} is not a date; use YYYY-MM-DD or an ISO 8601 timestamp") from exc
+        raise ValueError(f"{option} {value!r} is not a date; use YYYY-MM-DD or an ISO 8601 timestamp") from exc
     try:
         return utc(parsed)
     except OverflowError as exc:
-        raise ValueError(f"--since {value!r} is out of range in UTC; use a date between the years 1 and 9999") from exc
+        raise ValueError(f"{option} {value!r} is out of range in UTC; use a date between the years 1 and 9999"
+                         ) from exc

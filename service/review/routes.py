@@ -233,20 +233,26 @@ async def export_verdicts(
                                       "ZEPHYR_REVIEW_OVERLAP, items every reviewer they wait for has judged)"),
     include_flagged: bool = Query(False, description="dpo: keep pairs whose chosen answer a reviewer flagged "
                                   "incorrect or unsafe"),
-    since: datetime | None = Query(None, description="items created on or after this date (ISO 8601)"),
+    since: datetime | None = Query(None, description="items created on or after this date (ISO 8601, UTC unless "
+                                   "it says)"),
+    judged_since: datetime | None = Query(None, description="items with a verdict given on or after this time, "
+                                          "with all their verdicts (ISO 8601, UTC unless it says): an export after "
+                                          "the last one"),
     model: str | None = Query(None, max_length=256, description="only records whose every answer this registry "
                               "model wrote"),
     include_unfinished: bool = Query(False, description="keep answers cut off at max_tokens and those the guard "
                                      "refused or stopped (to count verdicts, not as training text)"),
     _: Principal = Depends(admin_only),
 ) -> Response:
-    try:
-        since = utc(since)
-    except OverflowError:  # within a day of year 1 or 9999, its UTC time is no datetime
-        raise APIError(400, f"`since` {since.isoformat()} is out of range in UTC; send a date between the years 1 "
-                            "and 9999", param="since") from None
+    bounds = {}
+    for name, value in (("since", since), ("judged_since", judged_since)):
+        try:
+            bounds[name] = utc(value)
+        except OverflowError:  # within a day of year 1 or 9999, its UTC time is no datetime
+            raise APIError(400, f"`{name}` {value.isoformat()} is out of range in UTC; send a date between the years "
+                                "1 and 9999", param=name) from None
     store = review_store(request)
-    judgements, generations = await store.judgements(since)
+    judgements, generations = await store.judgements(bounds["since"], judged_since=bounds["judged_since"])
     min_reviewers = min_reviewers or request.app.state.settings.review_overlap
     options = export.ExportOptions(format, min_agreement, min_reviewers, include_flagged, model, include_unfinished)
     left_out: Counter[str] = Counter()

@@ -385,10 +385,12 @@ class ReviewStore:
 
     # Reading for statistics and export ------------------------------------------------------------------
 
-    async def judgements(self, since: datetime | None = None, *, texts: bool = True
-                         ) -> tuple[list[Judgement], dict[str, dict]]:
-        """Every judged verdict in order-free terms, and the generations they are about (by id). `texts=False`
-        reads of those only what statistics need (model, sampling, and the answers: a pair of one text is no contest),
+    async def judgements(self, since: datetime | None = None, *, judged_since: datetime | None = None,
+                         texts: bool = True) -> tuple[list[Judgement], dict[str, dict]]:
+        """Every judged verdict in order-free terms, and the generations they are about (by id). `since`: items
+        created then or later; `judged_since`: items with a verdict given then or later, with all their verdicts (an
+        export after the last one: `since` missed every verdict given later on an older item). `texts=False` reads
+        of those only what statistics need (model, sampling, and the answers: a pair of one text is no contest),
         not the conversations: the page asks for statistics after every verdict."""
         A, G = ReviewAssignment, Generation
         columns = (G,) if texts else (G.id, G.model, G.params, G.response)
@@ -396,6 +398,10 @@ class ReviewStore:
             query = select(A).where(A.status == "judged")
             if since is not None:
                 query = query.where(A.item_id.in_(select(G.id).where(G.created_at >= since)))
+            if judged_since is not None:
+                B = aliased(ReviewAssignment)
+                query = query.where(A.item_id.in_(select(B.item_id).where(B.status == "judged",
+                                                                          B.judged_at >= judged_since)))
             verdicts = (await conn.execute(query.order_by(A.item_id, A.id))).mappings().all()
             ids = {v["item_id"] for v in verdicts} | {v["left_id"] for v in verdicts} | {
                 v["right_id"] for v in verdicts if v["right_id"]}

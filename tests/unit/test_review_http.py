@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -220,6 +221,9 @@ async def test_review_access_rules(served):
     edge = await served.client.get("/review/export", params={"format": "dpo", "since": "0001-01-01T00:00:00+00:01"},
                                    headers=ADMIN)
     assert edge.status_code == 400 and edge.json()["error"]["param"] == "since"
+    edge = await served.client.get("/review/export", headers=ADMIN,
+                                   params={"format": "dpo", "judged_since": "9999-12-31T23:59:59-00:01"})
+    assert edge.status_code == 400 and edge.json()["error"]["param"] == "judged_since"
 
 
 async def test_review_routes_answer_503_while_the_database_is_away(app_factory):
@@ -373,6 +377,16 @@ async def test_verdicts_through_the_api_feed_stats_and_both_exports(app_factory,
             env={"ZEPHYR_HOME": str(served.settings.home), "ZEPHYR_REVIEW_OVERLAP": "1"})
         assert result.exit_code == 0, result.output
         assert out.read_text() == http_export.text  # one export, whichever way it is asked for
+        # after the last export: the verdict given now is in one from an hour ago, in none from an hour on
+        for hours, records in ((-1, "1"), (1, "0")):
+            at = (datetime.now(UTC) + timedelta(hours=hours)).isoformat()
+            later = await client.get("/review/export", params={"format": "dpo", "judged_since": at}, headers=ADMIN)
+            assert later.headers["x-record-count"] == records, hours
+            result = await asyncio.to_thread(
+                CliRunner().invoke, cli, ["review", "export", "--format", "dpo", "--out", str(tmp_path / "later"),
+                                          "--judged-since", at],
+                env={"ZEPHYR_HOME": str(served.settings.home), "ZEPHYR_REVIEW_OVERLAP": "1"})
+            assert result.exit_code == 0 and (tmp_path / "later").read_text() == later.text, result.output
         assert out.stat().st_mode & 0o777 == 0o600  # students' conversations, private as the database is
         pairs = tmp_path / "pairs.jsonl"
         result = await asyncio.to_thread(CliRunner().invoke, cli, ["data", "review", "--input", str(out), "--out",

@@ -293,3 +293,31 @@ async def test_undo_gives_back_the_verdict_taken_back_and_reaches_no_further_tha
         await store.undo("r1")
     monkeypatch.undo()
     assert (await store.judgements(texts=False))[0][0].label == "tie"
+
+
+async def test_an_export_after_the_last_one_gets_verdicts_given_since_on_older_items(log):
+    """`since` reads when an item was made: a verdict given today on last week's item was in no export after the
+    last one. `judged_since` reads when verdicts were given, and brings each such item with all its verdicts."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from service.store.models import ReviewAssignment
+
+    await seed(log, [*pair("old", "Q0", "x", "y"), *pair("new", "Q1", "x", "y", minute=1)])
+    policy = ReviewPolicy(overlap=2, lease=timedelta(minutes=30), candidate_wait=timedelta(minutes=10))
+    store = ReviewStore(log.engine, policy, random.Random(7))
+    for reviewer in ("r1", "r2"):
+        while (held := await store.next_item(reviewer)) is not None:
+            await store.judge(reviewer, held["assignment_id"], "a", 1, {}, None)
+    cutoff = datetime.now(UTC) - timedelta(hours=1)
+    async with log.engine.begin() as conn:  # r1's verdicts were given two hours ago, r2's on "old" just now
+        await conn.execute(update(ReviewAssignment).where(ReviewAssignment.reviewer == "r1")
+                           .values(judged_at=cutoff - timedelta(hours=1)))
+        await conn.execute(update(ReviewAssignment).where(ReviewAssignment.reviewer == "r2",
+                                                          ReviewAssignment.item_id == "new")
+                           .values(judged_at=cutoff - timedelta(hours=1)))
+    created = T0 + timedelta(seconds=30)  # "old" was made at T0, "new" a minute later
+    assert {j.item_id for j in (await store.judgements(created, texts=False))[0]} == {"new"}
+    recent, _ = await store.judgements(judged_since=cutoff, texts=False)
+    assert sorted((j.item_id, j.reviewer) for j in recent) == [("old", "r1"), ("old", "r2")]
