@@ -163,8 +163,9 @@ async def test_reviewer_judges_undoes_and_exports(server, review_items, tmp_path
         # Item 3, keyboard: tie; then undo it and judge it again as both bad.
         await expect(item).to_have_attribute("data-item-id", review_items[2])
         await expect(page.locator("#item h2")).to_be_focused()  # not left on the page's top
-        for key in ("t", "Enter"):
-            await page.keyboard.press(key)
+        await page.keyboard.press("t")
+        await expect(page.locator("#strengths")).to_have_attribute("aria-disabled", "true")  # not for a tie
+        await page.keyboard.press("Enter")
         await expect(page.locator('dd[data-stat="verdicts"]')).to_have_text("3")
         await expect(page.locator("#empty")).to_be_visible()
         await page.keyboard.press("z")
@@ -362,6 +363,9 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         boxes = page.locator("#answers .answer > .text")
         assert await boxes.nth(0).get_attribute("tabindex") == "0"
         assert await boxes.nth(0).get_attribute("aria-label") in ("Answer A, text", "Answer B, text")
+        # each answer's flags are a group named by the answer: the checkboxes alone read alike
+        await expect(page.get_by_role("group", name="Flags on answer B").get_by_role(
+            "checkbox", name="incorrect (I)")).to_have_count(1)
         a, b = await boxes.nth(0).bounding_box(), await boxes.nth(1).bounding_box()
         assert abs(a["y"] - b["y"]) < 1 and abs(a["height"] - b["height"]) < 1 and b["x"] > a["x"] + a["width"]
         await boxes.nth(0).evaluate("e => { e.scrollTop = e.scrollHeight; }")
@@ -389,6 +393,7 @@ async def test_page_renders_explains_refreshes_and_fits_narrow_screens(server, r
         await page.keyboard.press("3")
         await page.keyboard.press("a" if full_is_a else "b")
         await expect(page.locator('#strengths input[value="3"]')).to_be_checked()
+        await expect(page.locator("#strengths")).to_have_attribute("aria-disabled", "false")
         await page.keyboard.press("Enter")
         await expect(page.locator("#progress")).to_have_text(f"{judged + 1} judged · 0 waiting")
         with sqlite3.connect(db) as conn:

@@ -212,7 +212,9 @@ function renderItem(item) {
     // scrolling box by itself).
     box.append(textBlock(answer.text, answer.html || "", { "data-testid": `answer-${answer.label}`, tabindex: "0",
       role: "region", "aria-label": item.kind === "pair" ? `Answer ${answer.label}, text` : "Answer, text" }));
-    const flags = el("div", { class: "flags" });
+    // Named by answer: a screen reader moving between fields heard "incorrect (i)" twice, not whose it was.
+    const flags = el("div", { class: "flags", role: "group",
+      "aria-label": item.kind === "pair" ? `Flags on answer ${answer.label}` : "Flags on the answer" });
     for (const [name, title, key] of FLAGS) {
       const label = el("label");
       const box_ = el("input", { type: "checkbox", "data-answer": answer.label, "data-flag": name });
@@ -277,6 +279,7 @@ function chooseVerdict(value) {
 function updateStrengths() {
   const applies = state.verdict === null || state.verdict === "a" || state.verdict === "b";
   $("strengths").classList.toggle("inactive", !applies);
+  $("strengths").setAttribute("aria-disabled", String(!applies)); // dimmed only, it read as in force
 }
 
 function chooseStrength(value) {
