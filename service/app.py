@@ -260,6 +260,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.ready = asyncio.Event()
     app.state.engine_stalled = False
+    app.state.guard_stalled = False
     app.state.exit_code = 0
     app.state.on_fatal = on_fatal
     secret = install_secret(settings.home, settings.session_secret)
@@ -418,6 +419,15 @@ async def _watch_engine(app: FastAPI) -> None:
                 return
             if stalled_for is not None or not stall_limit or not app.state.ready.is_set():
                 continue
+            if (busy := app.state.tutor.encoder_busy_seconds()) >= stall_limit:
+                # A Python thread cannot be stopped: every chat would wait behind this task, so a new process.
+                app.state.guard_stalled = True
+                app.state.ready.clear()
+                log.critical("the safety guard's encoder thread has run one task for %.0f s "
+                             "(ZEPHYR_ENGINE_STALL_SECONDS); shutting the server down so it is restarted", busy)
+                app.state.exit_code = 1
+                app.state.on_fatal()
+                return
             if (waited := engine.stalled_seconds()) >= stall_limit:
                 stalled_for, killed_at = waited, time.monotonic()
                 app.state.engine_stalled = True

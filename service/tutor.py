@@ -182,6 +182,10 @@ class Tutor:
         self.guard = guard  # zephyr/safety.py; None where ZEPHYR_SAFETY_GUARD is off
         # The sentence encoder's one thread: the guard and the calibration's question-domain head share it.
         self.guard_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-guard")
+        # When the thread's current task began (None: idle): a task that never returns (a deadlocked tokenizer or
+        # OpenMP pool) held every chat behind it while the server stayed ready; app.py's watchdog reads this.
+        self._encoder_task_started: float | None = None
+        self.encoder_wait_limit = settings.engine_stall_seconds or None
         # all-MiniLM-L6-v2 for the record's question-domain head (app.py loads it only for a record that reads it)
         self.encoder = encoder
         if calibration is not None and calibration.reads_question_domain and encoder is None:
@@ -366,12 +370,29 @@ class Tutor:
         return await self.on_encoder("answer_guard", self.answer_guard.judge_all, sentences)
 
     async def on_encoder(self, task: str, work: Callable[..., Any], *args: Any) -> Any:
-        """`work(*args)` on the sentence encoder's one thread, timed from the asking (queue included)."""
+        """`work(*args)` on the sentence encoder's one thread, timed from the asking (queue included). A wait past
+        ZEPHYR_ENGINE_STALL_SECONDS is a 503 to retry, not a request held as long as the client waits."""
+        def timed() -> Any:
+            self._encoder_task_started = time.monotonic()
+            try:
+                return work(*args)
+            finally:
+                self._encoder_task_started = None
+
         started = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.guard_thread, work, *args)
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.guard_thread, timed),
+                                          self.encoder_wait_limit)
+        except TimeoutError:  # a task not yet begun is cancelled with the wait; one running cannot be stopped
+            raise APIError(503, f"the safety guard gave no verdict within {self.encoder_wait_limit:g} s; retry",
+                           code="guard_stalled") from None
         finally:
             self.metrics.encoder_seconds.labels(task).observe(time.perf_counter() - started)
+
+    def encoder_busy_seconds(self) -> float:
+        """How long the encoder's thread has run its current task (0: idle)."""
+        started = self._encoder_task_started
+        return 0.0 if started is None else time.monotonic() - started
 
     async def screen(self, gen: GenerationRequest, texts: list[str], phrases_in: Collection[str] | None = None) -> None:
         """A request the guard flags is answered by the guard's reply, not the model (`_withheld`); its log row

@@ -140,7 +140,9 @@ class Settings(BaseSettings):
                                "max_in_flight, since each question is admitted as a request")
     engine_stall_seconds: float = Field(default=120, ge=0, le=86_400, description="Seconds a ready engine may give "
                                         "no output while requests wait on it before it is killed and the server "
-                                        "exits to be restarted (a hung engine); 0 turns the check off")
+                                        "exits to be restarted (a hung engine), and the most a request waits on the "
+                                        "safety guard's thread (503) or one task runs there (restart); 0 turns both "
+                                        "off")
     drain_seconds: int = Field(default=30, ge=0, le=3600)
     keep_alive_seconds: int = Field(default=75, gt=0, le=3600, description="How long an idle client connection "
                                     "stays open. "

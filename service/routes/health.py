@@ -25,6 +25,9 @@ async def readyz(request: Request) -> JSONResponse:
     if state.engine_stalled:
         return JSONResponse(error_body(503, "engine stalled: it gave no output while requests waited on it",
                                        code="engine_stalled"), 503)
+    if state.guard_stalled:
+        return JSONResponse(error_body(503, "the safety guard's encoder stopped answering", code="guard_stalled"),
+                            503)
     if not state.ready.is_set():
         return JSONResponse(error_body(503, "engine is warming up", code="not_ready"), 503)
     if state.tutor.admission.draining:

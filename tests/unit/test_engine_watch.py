@@ -121,3 +121,30 @@ async def test_the_stall_check_can_be_turned_off(app_factory):
         assert (await served.client.get("/readyz")).status_code == 200
         served.engine.kill()  # lets the request end before the app stops
         assert (await asyncio.wait_for(request, 10)).status_code == 503
+
+
+async def test_a_hung_safety_guard_fails_its_requests_and_the_server_asks_for_a_restart(app_factory):
+    """The guard's encoder runs on one thread: a task that never returned held every chat behind it, as long as the
+    client waited, while /readyz said ready. A Python thread cannot be stopped: a new process can."""
+    import threading
+    from types import SimpleNamespace
+
+    released = threading.Event()
+
+    def hung(texts, phrases_in=None):
+        released.wait(30)
+        return []
+
+    async with app_factory(engine_stall_seconds=1) as served:
+        served.app.state.tutor.guard = SimpleNamespace(judge_all=hung)
+        try:
+            answer = await asyncio.wait_for(served.client.post(CHAT, json={
+                "messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 4}), 10)
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "guard_stalled", answer.text
+            assert await served.restart_asked(8)
+            assert served.fatal_calls == 1 and served.app.state.exit_code == 1
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "guard_stalled"
+            assert not served.engine.killed.is_set()  # the engine was fine: only the guard's thread hung
+        finally:
+            released.set()
