@@ -345,13 +345,16 @@ def _run(options: QuantOptions, settings: Settings, say: Callable[[str], None], 
         raise QuantError(str(exc)) from None
     # The replaced run's folder is moved aside before the new one takes its name, as Registry.add does: a folder
     # rmtree could only half delete would otherwise make the rename fail after the entry was registered.
+    replaced = fresh_aside(final_dir.parent, name, "replaced")  # its own: an older one may be half gone
     try:
-        replaced = fresh_aside(final_dir.parent, name, "replaced")  # its own: an older one may be half gone
         if final_dir.exists():
             final_dir.rename(replaced)
         run_dir.rename(final_dir)
         shutil.rmtree(replaced, ignore_errors=True)
     except OSError as exc:  # the model is registered and whole: only its records are not where they belong
+        if replaced.exists() and not final_dir.exists():
+            with contextlib.suppress(OSError):  # the last run's records back under the name, not left aside
+                replaced.rename(final_dir)
         say(f"warning: {name} is registered, but its run records could not be moved to {final_dir} ({exc}); "
             f"they are in {run_dir}")
     return QuantResult(entry, stats)

@@ -31,14 +31,18 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # no '/', no leading
 NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit (max 64)"
 
 
-def _unstage(source: Path, staging: Path, *, moved: bool) -> None:
-    """Undo a failed add: a copy (or a move's cross-device copy, its source still there) is deleted; a folder that
-    was moved in whole is the only copy of its weights, and goes back where it came from."""
-    if moved and not source.exists() and staging.exists():
-        (staging / MANIFEST).unlink(missing_ok=True)
-        staging.rename(source)
-    else:
+def _unstage(source: Path, staging: Path, *, renamed: bool) -> None:
+    """Undo a failed add: a copy is deleted (its source is whole: a move across filesystems deletes the source only
+    once the entry is in); a folder renamed in is the only copy of its weights, and is renamed back."""
+    if not renamed:
         shutil.rmtree(staging, ignore_errors=True)
+        return
+    (staging / MANIFEST).unlink(missing_ok=True)
+    try:
+        staging.rename(source)
+    except OSError as exc:
+        raise RegistryError(f"adding {source} failed, and its folder could not be moved back ({exc}): it is in "
+                            f"{staging}; move it back to {source} before adding it again") from None
 
 
 class RegistryError(Exception):
@@ -310,14 +314,19 @@ class Registry:
             self.check_free(manifest.name, overwrite)  # again under the lock: another writer may have taken it
             staging = self._staging_of(manifest.name)
             shutil.rmtree(staging, ignore_errors=True)
+            renamed = False
             try:
                 if move:
-                    shutil.move(str(source), staging)
+                    try:
+                        source.rename(staging)  # one filesystem: the folder itself moves, nothing is copied
+                        renamed = True
+                    except OSError:  # another one: copied, and the source deleted only once the entry is in
+                        shutil.copytree(source, staging)
                 else:
                     shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".git"))
                 (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             except (OSError, shutil.Error) as exc:  # a dangling link, a full disk: no hidden half-copy left
-                _unstage(source, staging, moved=move)
+                _unstage(source, staging, renamed=renamed)
                 failed = exc.args[0] if isinstance(exc, shutil.Error) and isinstance(exc.args[0], list) else []
                 detail = str(failed[0][2]) if failed else str(exc)  # shutil.Error: [(source, target, why)]
                 verb = "moving" if move else "copying"
@@ -331,6 +340,8 @@ class Registry:
                 shutil.rmtree(replaced, ignore_errors=True)
             else:
                 staging.rename(target)
+            if move and not renamed:
+                shutil.rmtree(source, ignore_errors=True)  # copied across filesystems: the entry holds it now
             return self._load(target)
 
     def _check_parent(self, manifest: ModelManifest, parent_revision: str | None = None) -> None:

@@ -404,9 +404,10 @@ class Settings(BaseSettings):
             entries.append((role, key, name or None))
         return entries
 
-# ZEPHYR_ variables read by the project's tools, not by the server: load tests, fuzzers, test databases, the CLI's
-# client commands.
-TOOL_VARIABLES = re.compile(r"ZEPHYR_(?:LOAD|TEST|FUZZ|REAL_FUZZ|MCQ_FUZZ|DIALOGRPT|HELM)_\w*|ZEPHYR_(?:API_KEY|URL)")
+# ZEPHYR_ variables read by the project's tools, not by the server (load tests, fuzzers, test databases, the CLI's
+# client commands), and those Kubernetes' service links make for a Service named "zephyr" where they are on.
+TOOL_VARIABLES = re.compile(r"ZEPHYR_(?:LOAD|TEST|FUZZ|REAL_FUZZ|MCQ_FUZZ|DIALOGRPT|SERVICE)_\w*|"
+                            r"ZEPHYR_(?:API_KEY|URL|HELM)|ZEPHYR_PORT_\d+_(?:TCP|UDP|SCTP)\w*")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -356,7 +356,8 @@ class ReviewStore:
             if last is None:
                 raise APIError(409, "you have no verdict or skip to undo", code="conflict")
             minutes = int(UNDO_WINDOW.total_seconds() // 60)
-            if last["judged_at"] is not None and utc(last["judged_at"]) < now - UNDO_WINDOW:
+            # (a skip from before skips were timed has no time: older than any window)
+            if last["judged_at"] is None or utc(last["judged_at"]) < now - UNDO_WINDOW:
                 raise APIError(409, f"your last verdict or skip was given more than {minutes} minutes ago, so it "
                                     "stands; say what you would change in a comment on your next verdict",
                                code="conflict")

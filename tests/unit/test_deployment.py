@@ -609,3 +609,5 @@ def test_every_setting_the_chart_ships_is_one_the_server_reads(profile):
     config = next(doc for doc in yaml.safe_load_all(result.stdout)
                   if doc and doc["kind"] == "ConfigMap" and any(k.startswith("ZEPHYR_") for k in doc["data"]))
     assert len(config["data"]) > 10 and unknown_variables(config["data"]) == []
+    deployment = next(doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False  # no ZEPHYR_PORT=tcp://... clash

@@ -483,26 +483,35 @@ def test_models_prepare_on_a_home_it_cannot_write_is_one_line(tmp_path, monkeypa
 def test_a_move_that_fails_leaves_the_weights_where_they_were_and_no_hidden_copy(tmp_path, default_model, monkeypatch,
                                                                                  cross_device):
     """A moved-in folder is the only copy of a quantize run's weights: a failure after it came in (the manifest not
-    written: a full disk) left it as a hidden `.NAME.incoming` in the models folder, and a raw OSError."""
+    written: a full disk) left it as a hidden `.NAME.incoming` in the models folder, and a raw OSError. Across
+    filesystems shutil.move copied, then deleted the source: a delete that failed part way left the staging copy
+    as the only whole one, which the clean-up then deleted (found by a review)."""
+    import errno
+    import os
+
     registry = Registry(tmp_path / "models")
     source = tmp_path / "run-output"
     shutil.copytree(default_model.path, source, ignore=shutil.ignore_patterns("zephyr.json"))
     before = sorted(p.name for p in source.iterdir())
-    if cross_device:  # shutil.move across filesystems: a copy, then the source deleted; here the copy fails
-        def failing_move(src, dst):
-            shutil.copytree(src, dst)
-            raise OSError(28, "No space left on device")
-        monkeypatch.setattr(shutil, "move", failing_move)
-    else:
-        real_write_text = Path.write_text
+    real_rename, real_write_text = Path.rename, Path.write_text
+    if cross_device:
+        def no_rename_across(self, target):
+            if self == source:
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+            return real_rename(self, target)
+        monkeypatch.setattr(Path, "rename", no_rename_across)
 
-        def full_disk(self, *args, **kwargs):
-            if self.name == "zephyr.json":
-                raise OSError(28, "No space left on device")
-            return real_write_text(self, *args, **kwargs)
-        monkeypatch.setattr(Path, "write_text", full_disk)
+    def full_disk(self, *args, **kwargs):
+        if self.name == "zephyr.json":
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(RegistryError, match=f"moving {source} into the registry failed: .*No space left"):
         registry.add(source, ModelManifest(name="q", method="imported"), move=True)
-    assert sorted(p.name for p in source.iterdir()) == before  # the weights are back, without a manifest
+    assert sorted(p.name for p in source.iterdir()) == before  # the weights are where they were, without a manifest
     assert not [p.name for p in registry.models_dir.iterdir() if p.name.startswith(".") and "q" in p.name]
     assert not registry.exists("q")
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    entry = registry.add(source, ModelManifest(name="q", method="imported"), move=True)
+    assert sorted(p.name for p in entry.path.iterdir()) == sorted([*before, "zephyr.json"])
+    assert not source.exists()  # moved: across filesystems, its source deleted once the entry was in

@@ -168,7 +168,9 @@ def test_a_variable_that_names_no_setting_is_named_at_start_with_the_one_meant(m
 
     environ = {"ZEPHYR_DRAIN_SECOND": "120", "zephyr_max_num_seqs": "8", "ZEPHYR_SAFETY_GARD": "false",
                "ZEPHYR_NOTHING_LIKE_IT": "1", "ZEPHYR_LOAD_EVENTS": "e.jsonl", "ZEPHYR_TEST_POSTGRES_URL": "u",
-               "ZEPHYR_API_KEY": "k", "PATH": "/bin"}
+               "ZEPHYR_API_KEY": "k", "ZEPHYR_HELM": "helm", "PATH": "/bin",
+               # Kubernetes' service links for a Service named "zephyr" (the chart turns them off)
+               "ZEPHYR_SERVICE_HOST": "10.0.0.1", "ZEPHYR_SERVICE_PORT_HTTP": "80", "ZEPHYR_PORT_80_TCP_ADDR": "x"}
     assert unknown_variables(environ) == [
         "ZEPHYR_DRAIN_SECOND is no setting and is ignored; did you mean ZEPHYR_DRAIN_SECONDS?",
         "ZEPHYR_NOTHING_LIKE_IT is no setting and is ignored",

@@ -540,7 +540,7 @@ function shortcutKey(event) {
   const typed = event.key.length === 1 ? event.key.toLowerCase() : event.key;
   if (/^[a-z0-9]$/.test(typed) || typed.length !== 1) return typed;
   const place = /^(?:Key([A-Z])|Digit([0-9]))$/.exec(event.code || "");
-  if (place && place[1] && /\p{L}/u.test(typed)) return place[1].toLowerCase();
+  if (place && place[1] && /\p{L}/u.test(typed) && !/\p{Script=Latin}/u.test(typed)) return place[1].toLowerCase();
   if (place && place[2] && typed !== "?") return place[2];
   return typed;
 }
