@@ -16,6 +16,7 @@ from rich.text import Text
 
 from evals.preference import by_these_weights, human_win_rates, read_export, read_review_records
 from evals.results import (  # the metric vocabulary (is_share, scale_of, ...) is the results' own
+    GSM8K_MODES,
     SERVED_METRICS,
     SUITE_BENCHMARKS,
     EvalRun,
@@ -457,6 +458,9 @@ def _past_margin(row: CompareRow, margin: float | None) -> bool:
     return row.low < -margin - _TOLERANCE
 
 
+GSM8K_METRICS = frozenset(f"exact_match_{mode}" for mode in GSM8K_MODES)
+
+
 def _gates(benchmark: str, metric: str, served: set[str]) -> bool:
     suite = suite_of(benchmark)
     if suite == "text":
@@ -593,12 +597,14 @@ def check(
     missing = sorted(m.key for m in base_run.measurements
                      if suite_of(m.benchmark) in suites and _gates(m.benchmark, m.metric, base_served)
                      and (m.benchmark not in gated_benchmarks
-                          # Not compared: a text share, or an MCQ format where the served method is not on both
-                          # sides (the baseline's served method the candidate lacks included: no other format stands
-                          # in for it, and a letter collapse would pass on the candidate's cloze alone).
-                          or (m.key not in compared_keys and (suite_of(m.benchmark) == "text"
-                                                              or (suite_of(m.benchmark) == "mcq"
-                                                                  and m.benchmark not in served)))))
+                          # Not compared: a text share, a GSM8K mode every run scores (one only an older run
+                          # scored is shown), or an MCQ format where the served method is not on both sides (the
+                          # baseline's served method the candidate lacks included: no other format stands in for
+                          # it, and a letter collapse would pass on the candidate's cloze alone).
+                          or (m.key not in compared_keys
+                              and (suite_of(m.benchmark) == "text"
+                                   or (m.benchmark == "gsm8k" and m.metric in GSM8K_METRICS)
+                                   or (suite_of(m.benchmark) == "mcq" and m.benchmark not in served)))))
     keys = {name: {m.key for m in run.measurements if suite_of(m.benchmark) in suites} for name, run in runs.items()}
     skipped = keys[candidate] ^ keys[baseline]
     # What else both have went uncompared for a reason compare_runs saw: the rest refused the gate above.

@@ -9,7 +9,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from evals.results import Measurement, measurement
+from evals.results import GSM8K_MODES, Measurement, measurement
 from offline.benchmarks import GSM8KItem
 
 COT_INSTRUCTION = "Solve the problem step by step. End with a line of the form \"The answer is N.\""
@@ -63,7 +63,7 @@ def messages_for(item: GSM8KItem, system_prompt: str | None, shots: list[GSM8KIt
 
 
 def evaluate(engine: Any, items: list[GSM8KItem], train: list[GSM8KItem], system_prompt: str | None,
-             max_tokens: int = 256, modes: tuple[str, ...] = ("0shot_cot", "5shot")) -> list[Measurement]:
+             max_tokens: int = 256, modes: tuple[str, ...] = GSM8K_MODES) -> list[Measurement]:
     out = []
     for mode in modes:
         shots = train[:SHOTS] if mode == "5shot" else []

@@ -165,6 +165,8 @@ def suite_of(benchmark: str) -> str:
 # running server's /mcq, the same name ends in SERVER_SUFFIX.
 METHOD_METRICS = {"auto": "mcq_acc_auto", "letter": "letter_acc", "cloze": "cloze_acc", "explain": "letter_acc_explain"}
 SERVER_SUFFIX = "_server"
+# The GSM8K modes every run scores, each recorded as exact_match_<mode>: the gate requires each a baseline has.
+GSM8K_MODES = ("0shot_cot", "5shot")
 SHARE_PREFIXES = ("cloze_", "letter_", "exact_match", "mcq_acc", "answer_prior_acc", "looping", "names_key",
                   "names_distractor")
 # Shares where less is better (answers that repeat themselves, chat answers that name a wrong option): the gate fails

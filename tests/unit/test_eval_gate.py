@@ -200,6 +200,10 @@ def test_without_a_served_method_each_format_only_the_baseline_has_is_missing(st
          gsm8k__exact_match_old=accuracy(9, 100))
     save(store, "cand", suite="gsm8k", gsm8k__exact_match_5shot=accuracy(9, 100))
     assert check(store, "cand", "base", max_drop=1.0, suites=["gsm8k"]).missing == []
+    # A mode every run scores is not: the candidate's 0-shot alone passed where its 5-shot was never compared.
+    save(store, "base", suite="gsm8k", gsm8k__exact_match_0shot_cot=accuracy(9, 100))
+    result = check(store, "cand", "base", max_drop=1.0, suites=["gsm8k"])
+    assert not result.passed and result.missing == ["gsm8k/exact_match_0shot_cot"]
 
 
 def test_suites_asked_by_name_must_each_be_gated(store):
