@@ -457,7 +457,11 @@ class Tutor:
         # (one opening would make them copies of one answer: what self-consistency or pass@k samples must not be).
         question, several = None, False
         if self.settings.chat_mcq and messages[-1]["role"] == "user" and params.logprobs is None and params.n == 1:
-            questions = chat_mcq.find_questions(messages[-1]["content"], limit=2)
+            try:
+                questions = chat_mcq.find_questions(messages[-1]["content"], limit=2)
+            except Exception:  # a fault of the reader's rules: logged, and the chat answered as any chat, not a 500
+                log.exception("reading a pasted multiple-choice question failed; answered as any chat")
+                questions = []
             question = questions[0] if questions else None
             several = len(questions) > 1
         gen = GenerationRequest(

@@ -152,20 +152,36 @@ def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
 _LINE_ENDS = re.compile(r"[^\S\n]*(?:\n|$)")  # blanks up to the line's end (only the blanks are read)
 
 
-def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int,
-              where: dict[tuple[str, str], list[int]]) -> list[tuple[int, int, str, str, bool]]:
+def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int, where: dict[tuple[str, str], list[int]]
+              ) -> tuple[list[tuple[int, int, str, str, bool]], bool, bool]:
     """The labels A, B, C, ... in order and in one style, starting at labels[first] (an "A"): each the first label
-    of its letter and style after the one before. `where` holds the indices of each (style, letter)'s labels, so a
-    run takes a search per letter, not a pass over every later label for every "A" (quadratic in many labels)."""
-    run, at, style = [labels[first]], first, labels[first][3]
+    of its letter and style after the one before, and before the style's next "A" (a second pasted question's C
+    and D were read as the first's, which has two options). Options on lines of their own end at a label that is
+    not ("A) Shark\nB) Whale\nI saw this in part C) of my worksheet."). `where` holds the indices of each
+    (style, letter)'s labels, so a run takes a search per letter, not a pass over every later label for every "A"
+    (quadratic in many labels). Also whether the run skips a letter: a later letter of its kind (on a line of its
+    own where the run's are) comes after its last label, before the next "A" ("A) Oxygen\nB) Helium\nD) Neon");
+    and whether another run follows (that "A", a "B" after it)."""
+    style = labels[first][3]
+    next_as = where.get((style, "A"), [])
+    k = bisect.bisect_right(next_as, first)
+    end = next_as[k] if k < len(next_as) else len(labels)
+    run, at = [labels[first]], first
     while len(run) < len(LETTERS):
         later = where.get((style, LETTERS[len(run)]), [])
         k = bisect.bisect_right(later, at)
-        if k == len(later):
+        if k == len(later) or later[k] >= end:
+            break
+        if len(run) >= 2 and run[0][4] and run[1][4] and not labels[later[k]][4]:
             break
         at = later[k]
         run.append(labels[at])
-    return run
+    on_lines = run[0][4] and (len(run) < 2 or run[1][4])
+    skips = any(label[3] == style and label[2] > run[-1][2] and (label[4] or not on_lines)
+                for label in labels[at + 1:end])
+    next_bs = where.get((style, "B"), [])
+    followed = end < len(labels) and bisect.bisect_right(next_bs, end) < len(next_bs)
+    return run, skips, followed
 
 
 def without_separator(value: str) -> str:
@@ -184,7 +200,7 @@ def _without_closing_stop(value: str, others: list[str]) -> str:
     """The last of a line of options without the stop that ends the student's sentence ("... C) NaCl D) O2."), where
     no other option ends so: cloze scored it, tilting the scores against the last option. Not an abbreviation's
     or an initial's dot ("C) the U.S.", "B) J. S. Bach.")."""
-    if value[-1:] not in ".?!" or any(other.endswith(value[-1]) for other in others) or \
+    if not value or value[-1] not in ".?!" or any(other.endswith(value[-1]) for other in others) or \
             _abbreviated(value.rsplit(None, 1)[-1]):
         return value
     return value[:-1].rstrip() or value
@@ -275,7 +291,9 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
     for first, label in enumerate(labels):
         if label[2] != "A" or label[0] < follows:  # a label inside the question found before
             continue
-        run = _run_from(labels, first, where)
+        run, skips, followed = _run_from(labels, first, where)
+        if skips:
+            continue  # an option left out: scoring the others would choose among some of them
         on_lines = all(item[4] for item in run)
         if not on_lines and any(item[4] for item in run[1:]) and "\n" in text[run[0][1]:run[1][0]] and any(
                 other[2] == "A" and other[3] == label[3] and other[4] for other in labels[first + 1:]):
@@ -300,8 +318,9 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
             value, after = _option(text, end, len(text) if last else run[i + 1][0], on_lines=on_lines,
                                    below_labels=below_labels, last=last)
             options.append(value)
-        # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it
-        if not _ASKING.search(stem_line):
+        # a stem that asks already ("Which ...?", "Choose ...:") is a question, whatever the student adds after it;
+        # so is one another question follows, whose stem is what comes after this one's options
+        if not _ASKING.search(stem_line) and not followed:
             if asked := _question_after(after):
                 stem = f"{stem}\n{asked}"
             elif _asks_more(after):

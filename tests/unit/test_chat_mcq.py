@@ -408,3 +408,56 @@ async def test_a_review_candidate_goes_on_from_the_same_opening(app_factory):
                          ).mappings().one()
         assert candidate["response"][0]["content"].startswith("The answer is B) Carbon dioxide. This is because")
         assert candidate["params"]["max_tokens"] == 30  # the student's limit, the opening counted in it
+
+
+# Found by a review of the /mcq paths (2026-12-07, late) ----------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["Which is it? A) x B) y C) ,", "Which is it? A) x B) y C) ;",
+                                  "Which is it? A) x, B) y, C) , or"])
+def test_a_last_option_of_separators_alone_is_no_question_not_a_crash(text):
+    """Its separator taken off, the last option was empty, and reading its closing stop raised IndexError: every
+    such chat was a 500."""
+    assert find_questions(text) == []
+
+
+async def test_a_chat_whose_last_option_is_a_separator_is_answered(served):
+    r = await served.client.post(CHAT, json={"messages": messages("Which is it? A) x B) y C) ,"), "max_tokens": 8})
+    assert r.status_code == 200, r.text
+
+
+def test_a_second_pasted_question_lends_the_first_none_of_its_options():
+    """A two-option question followed by a four-option one was read as one question, True / False / Jupiter /
+    Earth: the tutor answered "C) Jupiter" and was banned from concluding with the true/false letters."""
+    text = ("1. True or false: the Sun is a star.\nA) True\nB) False\n\n2. Which planet is largest?\nA) Mars\n"
+            "B) Venus\nC) Jupiter\nD) Earth")
+    first, second = find_questions(text)
+    assert (first.question, first.options) == ("1. True or false: the Sun is a star.", ("True", "False"))
+    assert second.options == ("Mars", "Venus", "Jupiter", "Earth")
+
+
+@pytest.mark.parametrize(("text", "options"), [
+    ("Which is a mammal?\nA) Shark\nB) Whale\nI saw this in part C) of my worksheet.", ("Shark", "Whale")),
+    ("Is the Sun a star?\nA) Yes\nB) No\n\nAlso, which is bigger, C) the Moon or D) the Earth?", ("Yes", "No")),
+])
+def test_a_later_label_in_the_students_prose_is_no_option_of_a_question_written_a_line_each(text, options):
+    """A "C)" later in the student's words joined the run, and the question was read again as options on one line:
+    "Whale I saw this in part" and "of my worksheet"."""
+    assert find_question(text).options == options
+
+
+@pytest.mark.parametrize("text", ["Which is a noble gas?\nA) Oxygen\nB) Helium\nD) Nitrogen",
+                                  "Which is a noble gas? A) Oxygen B) Helium D) Neon E) Argon"])
+def test_a_question_that_skips_a_letter_is_no_question(text):
+    """Read as A and B alone, D never scored: the tutor chose between two of the options it was given."""
+    assert find_questions(text) == []
+
+
+async def test_a_fault_of_the_readers_rules_answers_the_chat_as_any_chat(served, monkeypatch):
+    from zephyr import chat_mcq
+
+    def broken(*_args, **_kwargs):
+        raise IndexError("string index out of range")
+
+    monkeypatch.setattr(chat_mcq, "find_questions", broken)
+    r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 8})
+    assert r.status_code == 200 and not r.json()["choices"][0]["message"]["content"].startswith("The answer is")
