@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import string
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,7 +63,7 @@ class MCQuestion:
 
     @classmethod
     def build(cls, question: Any, options: Sequence[str] | Mapping[str, str], support: Any = None) -> MCQuestion:
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str) or not shows_text(question):
             raise MCQFormatError("`question` must be a non-empty string", "question")
         if support is not None and not isinstance(support, str):
             raise MCQFormatError("`support` must be a string (a passage the question is about) or absent", "support")
@@ -82,6 +83,17 @@ def longest_part(question: str, options: Sequence[str], support: str | None) -> 
     """"question", "options" or "support": whichever holds the most characters (the first of equals)."""
     parts = {"question": len(question), "options": sum(len(o) for o in options), "support": len(support or "")}
     return max(parts, key=parts.__getitem__)
+
+
+def shows_text(text: str) -> bool:
+    """Whether `text` holds a character a reader sees: not only whitespace and invisible format characters (a
+    zero-width space, a byte-order mark, a soft hyphen), which made an option that was scored but looked blank."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
+def _seen(text: str) -> str:
+    """`text` as it looks: its invisible format characters left out ("a" and "a\u200b" are one option)."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
 
 
 def normalize_support(support: str | None) -> str | None:
@@ -113,11 +125,13 @@ def normalize_options(options: Sequence[str] | Mapping[str, str]) -> list[str]:
         )
     cleaned = []
     for i, value in enumerate(values):
-        if not isinstance(value, str) or not value.strip():
-            raise MCQFormatError(f"option {LETTERS[i]} must be a non-empty string", "options")
+        if not isinstance(value, str) or not shows_text(value):
+            raise MCQFormatError(f"option {LETTERS[i]} must be a non-empty string (visible characters)", "options")
         cleaned.append(" ".join(value.split()))
-    # The same text twice (spacing aside); case is meaning in science: genotypes RR, Rr, rr; Co and CO; mW and MW.
-    duplicates = sorted({LETTERS[i] for i, v in enumerate(cleaned) if cleaned.count(v) > 1})
+    # The same text twice (spacing and invisible characters aside); case is meaning in science: genotypes RR, Rr,
+    # rr; Co and CO; mW and MW.
+    seen = [" ".join(_seen(v).split()) for v in cleaned]
+    duplicates = sorted({LETTERS[i] for i, v in enumerate(seen) if seen.count(v) > 1})
     if duplicates:
         raise MCQFormatError(f"options {', '.join(duplicates)} are duplicates; each option must differ", "options")
     return cleaned

@@ -21,6 +21,10 @@ def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
         (["Oxygen", " Oxygen "], "duplicates"),
         (["Oxygen", ""], "option B must be a non-empty string"),
         (["Oxygen", 3], "option B must be a non-empty string"),
+        # found by a review: invisible format characters alone were an option, scored and shown blank
+        (["Oxygen", "\u200b"], "option B must be a non-empty string \\(visible characters\\)"),
+        (["Oxygen", "\ufeff \u00ad\u2060"], "option B must be a non-empty string"),
+        (["Oxygen", "Oxy\u200bgen"], "options A, B are duplicates"),
         ({"A": "x", "C": "y"}, "keys must be the letters A, B"),
         ("AB", "must be a list"),
     ],
@@ -73,3 +77,8 @@ def test_options_that_differ_in_case_are_different_options(options):
     """Refused as duplicates: /mcq answered a genotype question (MMLU high-school biology) with a 400, and chat
     answered it as no question at all, while offline accuracy counted it."""
     assert mcq.MCQuestion.build("Which?", options).options == tuple(options)
+
+
+def test_a_question_of_invisible_characters_alone_is_refused():
+    with pytest.raises(mcq.MCQFormatError, match="`question` must be a non-empty string"):
+        mcq.MCQuestion.build("\u200b\u2060", ["a", "b"])
