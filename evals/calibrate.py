@@ -394,6 +394,13 @@ def load_scores(path: Path) -> SavedScores:
         revisions = {block.get("model_revision") for block in raw.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CalibrationError(f"{path} is not a scores file written by `zephyr eval calibrate` ({exc})") from exc
+    for name, items in scored.items():  # a hand-edited or foreign file: a traceback in the fit, not this message
+        for item in items:
+            lengths = {len(v) for k, v in vars(item.scores).items() if isinstance(v, list | tuple) and k != "domain"}
+            if len(lengths) != 1 or isinstance(item.gold, bool) or not isinstance(item.gold, int) \
+                    or not 0 <= item.gold < lengths.pop():
+                raise CalibrationError(f"{path}: {name} item {item.id!r} has gold {item.gold!r} or scores of unlike "
+                                       "lengths for its options; score again without --scores")
     if len(cues) > 1:
         raise CalibrationError(f"{path} mixes answer priors scored after different cues ({sorted(cues)}); "
                                "score them again with one `zephyr eval calibrate` run")

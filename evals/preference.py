@@ -181,6 +181,8 @@ def read_review_records(reviews: Path) -> list[dict[str, Any]]:
         human_win_rates(records)  # every pair's fields are of the kinds an export writes
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
         raise ValueError(f"{reviews} is not a `zephyr review export --format dpo` file (JSON Lines): {exc}") from None
+    except OSError as exc:  # not readable: blamed on --out by the report, a traceback in the gate
+        raise ValueError(f"cannot read reviews file {reviews}: {exc.strerror or exc}") from None
     return records
 
 

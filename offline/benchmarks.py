@@ -257,6 +257,12 @@ def _checked(name: str, where: Any, read: Callable[[], list[Any]]) -> list[Any]:
         raise DatasetError(f"{where} is not in {name}'s format ({type(exc).__name__}: {exc})") from exc
     if not items:
         raise DatasetError(f"{where} holds no {name} items")
+    # Scores are kept by item id: a repeated id merged two questions, one scored with the other's options.
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise DatasetError(f"{where} holds the {name} item id {item.id!r} twice; ids must be unique")
+        seen.add(item.id)
     return items
 
 

@@ -251,3 +251,18 @@ def test_a_refit_checks_the_saved_demonstrations_and_leaves_out_impossible_score
     with pytest.raises(CalibrationError, match="no validation question is left to calibrate on"):
         calibrate("demo-test", settings, Console(file=io.StringIO()), scores=saved("d.json", ["p1", "p2"], hopeless),
                   write=False)
+
+
+@pytest.mark.parametrize("damage", [{"gold": 4}, {"gold": "B"}, {"gold": True}, {"cloze": [-1.0, -2.0]}])
+def test_a_damaged_scores_file_is_refused_with_what_to_do_not_a_traceback(tmp_path: Path, damage):
+    """A hand-edited or foreign file's gold of 4 on a 4-option question reached the fit, whose IndexError the CLI
+    showed as a traceback (found by a review)."""
+    from evals.calibrate import CalibrationError
+
+    path = save_scores(tmp_path / "scores.json", {"arc_easy": "validation"},
+                       {"arc_easy": _scored(["q1", "q2", "q3"])}, "Answer:")
+    raw = json.loads(path.read_text())
+    raw["arc_easy"]["items"][1].update(damage)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="arc_easy item 'q2' has gold .* score again without --scores"):
+        load_scores(path)

@@ -191,3 +191,11 @@ def test_hub_rows_of_another_shape_or_none_are_a_dataset_error(monkeypatch):
         monkeypatch.setattr(datasets, "load_dataset", lambda *a, rows=rows, **k: rows)
         with pytest.raises(DatasetError, match=message):
             load("arc_easy", source="allenai/sciq")
+
+
+def test_an_id_held_twice_is_a_dataset_error(tmp_path):
+    """Scores are kept by item id: a file repeating one merged the two questions, one answered with the other's
+    option scores, and n shrank without a word (found by a review)."""
+    rows = [("dup", ["red", "blue"], "A", None), ("dup", ["one", "two"], "B", None), ("q3", ["x", "y"], "A", None)]
+    with pytest.raises(DatasetError, match="holds the arc_easy item id 'dup' twice; ids must be unique"):
+        load("arc_easy", source=write_arc(tmp_path / "a.jsonl", rows))

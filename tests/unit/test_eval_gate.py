@@ -771,3 +771,19 @@ def test_a_score_both_have_by_other_judges_is_named_as_such_not_as_one_models(st
     result = check(store, "cand", "base", suites=["text"])
     assert result.passed and result.skipped == []
     assert "different judges" in result.not_comparable["sciq_text/bertscore_f1"]
+
+
+def test_a_reviews_file_that_cannot_be_read_says_so(tmp_path, monkeypatch):
+    """An OSError opening it escaped: the report blamed --out, and the gate showed a traceback (found by a
+    review)."""
+    from evals import preference
+
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("{}\n")
+
+    def unreadable(_path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(preference, "read_export", unreadable)
+    with pytest.raises(ValueError, match=f"cannot read reviews file {path}: Permission denied"):
+        preference.read_review_records(path)

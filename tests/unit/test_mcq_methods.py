@@ -170,6 +170,10 @@ def test_calibration_metrics():
     assert coverage == {"100%": 0.5, "80%": pytest.approx(2 / 3), "50%": 1.0}
     bins = calibration.reliability([0.95, 0.97, 0.1], [1, 0, 0])
     assert [(b["count"], b["accuracy"]) for b in bins] == [(1, 0.0), (2, 0.5)]
+    # 15 bins (the issue's): 0.62 and 0.68 fall in bins of their own, where 10 would pool them (ECE 0.15)
+    assert calibration.ece([0.62, 0.68], [1, 0]) == pytest.approx(0.53)
+    assert [b["low"] for b in calibration.reliability([0.62, 0.68], [1, 0])] == [pytest.approx(9 / 15),
+                                                                                 pytest.approx(10 / 15)]
     # Ties at the cut-off count by their mean: the same questions in another order give the same figure.
     for right in ([1, 1, 0, 0, 1], [0, 0, 1, 1, 1]):
         assert calibration.coverage_accuracy([0.5, 0.5, 0.5, 0.5, 0.4], right)["50%"] == pytest.approx(0.5)
