@@ -375,3 +375,30 @@ def test_cleaning_a_raw_review_export_leaves_out_what_data_review_would(fmt):
     assert report.unfit_for_training == unfit and report.output == len(cleaned) == count - unfit
     assert all(r.meta["whole"] and r.meta["kept"]["for_training"] for r in cleaned)
     assert report.removed == unfit
+
+
+def test_a_pair_and_its_opposite_are_both_dropped_not_one_kept_as_a_near_duplicate():
+    """Two reviewers who disagree: (P, A over B) and (P, B over A) were near-duplicates of each other (their
+    shingles, replies joined, were the same set), and whichever came first was kept: one reviewer's preference, the
+    conflict unreported (found by a review)."""
+    other = ("Leaves look green because chlorophyll absorbs red and blue light for photosynthesis and reflects "
+             "the green part of sunlight back to our eyes, which is the colour we then see.")
+    records = [pair("Why is the sky blue?", LONG_REPLY, other), pair("Why is the sky blue?", other, LONG_REPLY),
+               pair("Why is the sea salty?", LONG_REPLY, other)]
+    cleaned, report = clean(records, CleanOptions(**{**OFF, "dedupe": True, "near_dup_threshold": 0.9}))
+    assert unstamped(cleaned) == [records[2]]
+    assert report.conflicting == 2 and report.near_duplicates == 0 and report.output == 1
+    assert report.input - report.removed == report.output
+    console = Console(width=200, record=True)
+    console.print(report.table())
+    assert "conflicting (a pair and its opposite: both)" in console.export_text()
+
+
+def test_a_pair_whose_answers_read_alike_is_dropped_even_when_redaction_made_them_so(redactor):
+    records = [pair("Who do I write to?", "Write to jane@school.edu about it.", "Write to bob@gmail.com about it."),
+               pair("Is it right?", "Yes.  It is!", "yes, it is"),
+               pair("Why is the sky blue?", "Rayleigh scattering of sunlight.", "No idea.")]
+    options = CleanOptions(**{**OFF, "redact_pii": True, "dedupe": True})
+    cleaned, report = clean(records, options, redactor=redactor)
+    assert [r.prompt[0].content for r in cleaned] == ["Why is the sky blue?"]
+    assert report.no_preference == 2 and report.input - report.removed == report.output == 1

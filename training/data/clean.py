@@ -81,6 +81,8 @@ class CleanReport:
     near_duplicates: int = 0
     too_short: int = 0
     too_long: int = 0
+    no_preference: int = 0  # a pair whose chosen and rejected read alike (PII redaction can make them so)
+    conflicting: int = 0  # a pair and its opposite (two reviewers disagreeing): both dropped
     contaminated: dict[str, int] = field(default_factory=dict)
     output: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -88,7 +90,7 @@ class CleanReport:
     @property
     def removed(self) -> int:
         return (self.unfit_for_training + sum(self.contaminated.values()) + self.too_short + self.too_long
-                + self.exact_duplicates + self.near_duplicates)
+                + self.no_preference + self.conflicting + self.exact_duplicates + self.near_duplicates)
 
     def note(self, stage: str, index: int, description: str) -> None:
         shown = self.examples.setdefault(stage, [])
@@ -115,6 +117,10 @@ class CleanReport:
             table.add_row("", "", "\n".join(self.examples.get("contaminated", [])))
         row("too short", self.too_short, "too_short")
         row("too long", self.too_long, "too_long")
+        if self.no_preference:
+            row("chosen reads as rejected", self.no_preference, "no_preference")
+        if self.conflicting:
+            row("conflicting (a pair and its opposite: both)", self.conflicting, "conflicting")
         row("exact duplicates", self.exact_duplicates, "exact_duplicates")
         row("near duplicates", self.near_duplicates, "near_duplicates")
         row("output", self.output)
@@ -301,14 +307,53 @@ def _content_key(record: BaseModel) -> bytes:
 
 
 def _shingles(record: BaseModel, size: int, replies_only: bool = False) -> set[str]:
-    if replies_only:
-        text = "\n".join(t for _, t in _replies(record))
-    else:
-        text = "\n".join(m.content for m in _messages(record))
+    if replies_only:  # each reply's own, tagged by its field: a pair and its opposite share none
+        return {f"{label}:{shingle}" for label, text in _replies(record) for shingle in _word_shingles(text, size)}
+    return _word_shingles("\n".join(m.content for m in _messages(record)), size)
+
+
+def _word_shingles(text: str, size: int) -> set[str]:
     words = normalize_words(text)
     if len(words) <= size:
         return {" ".join(words)} if words else set()
     return {" ".join(words[i:i + size]) for i in range(len(words) - size + 1)}
+
+
+def _read_as(record: BaseModel, name: str) -> str:
+    """A field's text as cleaning compares it: its words, case and punctuation aside."""
+    return " ".join(normalize_words("\n".join(m.content for m in _as_messages(record, name))))
+
+
+def _drop_pairs_without_one_preference(kept: list[tuple[int, Record]], report: CleanReport
+                                       ) -> list[tuple[int, Record]]:
+    """Pairs whose chosen reads as their rejected (a hand-made file; two answers PII redaction made alike) teach
+    nothing; a pair and its opposite (P: A over B, and P: B over A: two reviewers disagreeing) teach both ways,
+    and near-duplicate removal kept whichever came first: both are dropped."""
+    survivors, orientation = [], {}
+    for i, record in kept:
+        if "chosen" not in type(record).model_fields:
+            survivors.append((i, record))
+            continue
+        prompt, chosen, rejected = (_read_as(record, name) for name in ("prompt", "chosen", "rejected"))
+        if chosen == rejected:
+            report.no_preference += 1
+            report.note("no_preference", i, _snippet(record))
+            continue
+        orientation.setdefault((prompt, *sorted((chosen, rejected))), set()).add(chosen)
+        survivors.append((i, record))
+    conflicting = {key for key, chosen in orientation.items() if len(chosen) > 1}
+    if not conflicting:
+        return survivors
+    kept = []
+    for i, record in survivors:
+        if "chosen" in type(record).model_fields and (
+                (_read_as(record, "prompt"), *sorted((_read_as(record, "chosen"), _read_as(record, "rejected"))))
+                in conflicting):
+            report.conflicting += 1
+            report.note("conflicting", i, _snippet(record))
+        else:
+            kept.append((i, record))
+    return kept
 
 
 def clean(records: Iterable[Record], options: CleanOptions | None = None, *, index: ContaminationIndex | None = None,
@@ -393,6 +438,7 @@ def clean(records: Iterable[Record], options: CleanOptions | None = None, *, ind
     kept = survivors
 
     if options.dedupe:
+        kept = _drop_pairs_without_one_preference(kept, report)
         seen: dict[bytes, int] = {}
         survivors = []
         for i, record in kept:
