@@ -326,7 +326,13 @@ class GenerationLog:
             self.metrics.log_queue_depth.set(self.queue.qsize())
 
     async def _write(self, rows: list[GenerationRecord]) -> None:
-        redacted = await asyncio.to_thread(lambda: [self._redact(row) for row in rows])
+        redacted, unredactable = await asyncio.to_thread(self._redact_each, rows)
+        if unredactable:  # each alone: one row the redactor fails on sent the whole batch to disk unredacted
+            log.error("redaction failed on %d row(s); spilled to local disk as they are, retried at replay",
+                      len(unredactable))
+            await asyncio.to_thread(self._spill, unredactable)
+        if not redacted:
+            return
         if not self._db_ok and not await self._probe():
             await asyncio.to_thread(self._spill, redacted)
             return
@@ -464,11 +470,21 @@ class GenerationLog:
             self.metrics.log_write_failures.inc()
 
     def _spill_safely(self, rows: list[GenerationRecord]) -> None:
-        try:
-            self._spill([self._redact(row) for row in rows])
-        except Exception:  # redaction itself failed: keep the rows unredacted on local disk, never drop them
-            log.exception("redaction failed while spilling; writing %d rows unredacted", len(rows))
-            self._spill(rows)
+        redacted, unredactable = self._redact_each(rows)
+        if unredactable:  # kept on local disk as they are, never dropped; only the rows the redactor fails on
+            log.error("redaction failed on %d row(s) while spilling; written unredacted", len(unredactable))
+        self._spill(redacted + unredactable)  # an OSError here is the disk's, not redaction's: raised as itself
+
+    def _redact_each(self, rows: list[GenerationRecord]) -> tuple[list[GenerationRecord], list[GenerationRecord]]:
+        """The rows redacted, and those the redactor failed on (as they are), one row at a time."""
+        redacted, failed = [], []
+        for row in rows:
+            try:
+                redacted.append(self._redact(row))
+            except Exception:
+                log.exception("redacting generation-log row %s failed", row.id)
+                failed.append(row)
+        return redacted, failed
 
     def _take_spill(self) -> None:
         """Renames the spill file, under a name of its own, for replaying, so new spills go to a fresh one."""
@@ -488,6 +504,8 @@ class GenerationLog:
             fcntl.lockf(out, fcntl.LOCK_EX)  # not between the retention's read and rewrite of the file
             for row in rows:
                 out.write(json.dumps(row, default=json_default) + "\n")
+            out.flush()  # on disk before the spill file they came from is deleted
+            os.fsync(out.fileno())
 
     async def prune_rejected(self, cutoff: datetime) -> int:
         """service.store.retention.prune_rejected on this log's rejected file, under the replay's lock (the only
@@ -572,6 +590,7 @@ class GenerationLog:
         redactor still failing raises, and the file waits for the next try). Lines that are no row go to
         `set_aside`."""
         batch: list[GenerationRecord] = []
+        redacted_any, unredactable = False, []  # rows redacted; raw rows the redactor failed on
         for line in lines:
             line = line.rstrip("\n")
             if not line.strip():
@@ -587,12 +606,31 @@ class GenerationLog:
                 log.warning("a spilled line is no generation row (%s); setting it aside", exc)
                 set_aside.append(data if isinstance(data, dict) else {"unparseable_line": line})
                 continue
-            batch.append(self._redact(row))
+            try:
+                batch.append(self._redact(row))
+            except Exception:
+                log.exception("a spilled row cannot be redacted")
+                unredactable.append(data)
+                continue
+            redacted_any = True
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
+        if unredactable and not redacted_any and not self._redactor_works():
+            # the redactor itself is broken (not these rows): the file waits for the next try
+            raise RuntimeError(f"the redactor fails on every text; {len(unredactable)} spilled row(s) wait")
+        # rows it fails on alone: set aside (as they were on disk), so that they block no later replay
+        set_aside.extend({"unredactable_row": data} for data in unredactable)
+
+    def _redactor_works(self) -> bool:
+        """Whether the redactor redacts a plain text: a row it fails on is the row's fault, not its own."""
+        try:
+            self.redactor.redact("Write to jane@example.com about the lab.")
+        except Exception:
+            return False
+        return True
 
     async def _insert_one_by_one(self, rows: list[GenerationRecord]) -> list[GenerationRecord]:
         """The rows the database refuses, each tried alone; raises when the database itself went away meanwhile

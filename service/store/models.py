@@ -122,6 +122,9 @@ class GenerationRecord:
             raise ValueError(f"not columns of the generations table: {', '.join(sorted(unknown))}")
         if isinstance(values.get("created_at"), str):
             values["created_at"] = datetime.fromisoformat(values["created_at"])
+        if "created_at" in values and not isinstance(values["created_at"], datetime):
+            # a null or a number: refused by the database, and then not even writable to the rejected file
+            raise ValueError(f"created_at is {values['created_at']!r}, not a time")
         try:
             return cls(**values, redacted=bool(data.get(cls.REDACTED_KEY, False)))
         except TypeError as exc:  # a required column missing

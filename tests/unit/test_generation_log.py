@@ -659,3 +659,54 @@ def test_a_spill_waits_for_another_replicas_append(tmp_path):
     holder.wait()
     lines = spill.read_text().splitlines()
     assert lines[0] == '{"theirs": 1}' and json.loads(lines[1])["id"] == "ours"
+
+
+class Poisoned:
+    """Redacts emails, and fails on one text: a row the redactor cannot read (found by a review of the log)."""
+
+    def __init__(self):
+        self.inner = Redactor(["EMAIL_ADDRESS"], r"\bS\d{7}\b")
+
+    def redact(self, text):
+        if "POISON" in text:
+            raise RuntimeError("the redactor fails on this text")
+        return self.inner.redact(text)
+
+
+async def test_one_row_the_redactor_fails_on_neither_spills_its_batch_raw_nor_blocks_the_replay(tmp_path):
+    """One such row sent its whole batch to the spill file unredacted (students' emails on disk); at replay it
+    failed again and blocked that file, and every file after it, forever."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), Poisoned(),
+                        flush_seconds=0.01, batch_size=8)
+    await log.start()
+    poisoned = dataclasses.replace(record("bad"), messages=[{"role": "user", "content": "POISON jane@school.edu"}])
+    fine = dataclasses.replace(record("fine"), messages=[{"role": "user", "content": "hello jane@school.edu"}])
+    log.record(poisoned)
+    log.record(fine)
+    await log.flush()
+    assert (await log.get("fine"))["messages"][0]["content"] == "hello <EMAIL_ADDRESS>"  # written, redacted
+    # only the row the redactor fails on went to disk as it is (the writer's replay has set it aside since)
+    on_disk = "".join(path.read_text() for path in tmp_path.iterdir() if path.suffix != ".db" and path.is_file())
+    assert "POISON jane@school.edu" in on_disk and "hello jane@school.edu" not in on_disk
+    # a replay sets it aside, and replays the rows spilled after it
+    later = {**row("later"), "messages": [{"role": "user", "content": "from ann@uni.edu"}]}
+    with (tmp_path / "spill.jsonl").open("a") as out:
+        out.write(json.dumps(later, default=str) + "\n")
+    await log.replay_spill()
+    assert (await log.get("later"))["messages"][0]["content"] == "from <EMAIL_ADDRESS>"
+    assert not log.has_spill() and not await log.get("bad")
+    kept = [json.loads(line) for line in log.rejected_path.read_text().splitlines()]
+    assert [entry["unredactable_row"]["id"] for entry in kept] == ["bad"]
+    await log.close()
+
+
+async def test_a_spilled_row_without_a_time_is_set_aside_not_a_replay_that_fails_every_time(tmp_path):
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    rows = [row("good1"), {**row("bad"), "created_at": None}, row("good2")]
+    (tmp_path / "spill.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    assert await log.replay_spill() == 2
+    assert not log.has_spill() and await log.get("good2")
+    assert [json.loads(line)["id"] for line in log.rejected_path.read_text().splitlines()] == ["bad"]
+    await log.close()
