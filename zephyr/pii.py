@@ -39,10 +39,11 @@ SCORE = 0.6
 # Student ids beyond the configured letter-prefixed pattern (Settings.student_id_pattern).
 # After a cue: 7-10 digits, hyphens allowed between them ("student number: 20231234", "ID 2023-04417", "#1234567");
 # after a cue that names a person's id, from 5 digits, a capital letter before them, and slashes or single spaces
-# between them too ("ID: 123456", "Student No. 2023/04417", "ID 1234 5678", a UK pupil number "UPN A123456789012").
+# between them too ("ID: 123456", "Student No. 2023/04417", "ID 1234 5678", a UK pupil number "UPN A123456789012"),
+# up to three letters before them and a check letter after ("student ID S 1234567", "Matric no: A0123456X").
 # "roll" and "candidate" keep the longer form: "roll 10000 dice" is no id.
 def _id_cue(words: str, hash_alone: bool) -> str:
-    return (rf"(?:\b(?:{words})(?:[ \t]*(?:id|no\.?|num(?:ber)?|#|code))?(?![\w])"
+    return (rf"(?:\b(?:{words})(?:[ \t_]*(?:id|no\.?|num(?:ber)?|#|code))?(?![\w])"
             r"(?:[ \t]*(?:is|was|:|=|#|-))*[ \t]*" + (r"|#[ \t]?)" if hash_alone else ")"))
 
 
@@ -56,10 +57,10 @@ _STUDENT_WORDS = (r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|reg
 _PERSON_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|upn|uln|usi", hash_alone=False)
 _ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|roll|candidate", hash_alone=True)
 STUDENT_ID_AFTER_CUE = (rf"(?:(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
-                        rf"|(?<={_PERSON_ID_CUE})(?-i:[A-Z])?\d(?:[-/ ]?\d){{4,12}}(?![\w-]|[/ ]\d))")
+                        rf"|(?<={_PERSON_ID_CUE})(?:(?-i:[A-Z]{{1,3}})[ -]?|[a-z]{{1,3}}-)?\d(?:[-/ ]?\d){{4,12}}[A-Za-z]?(?![\w-]|[/ ]\d))")
 # Anywhere: a letter prefix, a hyphen and 6-9 digits ("S-123-4567"), and a 2-4 digit prefix with a serial that
 # starts with 0 ("2023-04417"; a range such as 2000-20000 never has a leading zero, a date's parts are shorter).
-STUDENT_ID_HYPHENATED = r"(?<![\w-])(?-i:[A-Z]{1,3})-\d(?:-?\d){5,8}(?![\w-])"
+STUDENT_ID_HYPHENATED = r"(?<![\w-])[A-Za-z]{1,3}-\d(?:-?\d){5,8}(?![\w-])"
 STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
 
 # A house number (with an optional "Flat 3," before it), one to four capitalised words (or an ordinal: 5th) and

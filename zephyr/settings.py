@@ -166,7 +166,7 @@ class Settings(BaseSettings):
         "empty: keep all")
     pii_redaction: bool = True
     pii_entities: list[str] = list(PII_ENTITIES)
-    student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}\b"
+    student_id_pattern: str = r"\b[A-Z]{1,3}\d{6,9}[A-Z]?\b"  # a trailing check letter too (S1234567A)
 
     # Offline evaluation (evals/).
     data_dir: Path = Field(default=Path(__file__).resolve().parents[2] / "shared" / "data",

@@ -54,6 +54,24 @@ def test_dates_of_birth(redactor, text, expected):
 
 
 @pytest.mark.parametrize(("text", "expected"), [
+    # found by a review of the log (2026-12-07): each was left as typed
+    ("s-1234567", "<STUDENT_ID>"),
+    ("my student number is s-123-4567", "my student number is <STUDENT_ID>"),
+    ("student ID S 1234567", "student ID <STUDENT_ID>"),
+    ("student_id: 1234567", "student_id: <STUDENT_ID>"),
+    ("S1234567A is my matric", "<STUDENT_ID> is my matric"),
+    ("Matric no: A0123456X", "Matric no: <STUDENT_ID>"),
+    ("learner id: abc-1234567", "learner id: <STUDENT_ID>"),
+    # and what must stay: a word before the number is no prefix of it, nor a lab's hyphenated figure
+    ("my student id is 20231234", "my student id is <STUDENT_ID>"),
+    ("student ID is 2023 question 5", "student ID is 2023 question 5"),
+    ("Vitamin B-12 and 1-2 mg", "Vitamin B-12 and 1-2 mg"),
+])
+def test_student_ids_in_the_forms_students_type(redactor, text, expected):
+    assert redactor.redact(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
     ("I am S1234567", "I am <STUDENT_ID>"),  # the configured letter-prefixed form still works
     ("i am s1234567", "i am <STUDENT_ID>"),  # typed in small letters too
     # shorter numbers, slashes and spaces after a cue, and a UK pupil number (found by a review)
