@@ -240,18 +240,18 @@ class GenerationLog:
                 await self._startup_replay
         if self._writer is not None:
             self._writer.cancel()
-            try:
-                await self._writer
-            except (asyncio.CancelledError, Exception):
-                pass
+            # bounded: a writer that outlived its cancel must not hold the shutdown (and the rows still queued)
+            await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT_SECONDS)
+            if self._writer.done() and not self._writer.cancelled():
+                self._writer.exception()  # retrieved: an error of its own is no "never retrieved" warning
         leftover = list(self._in_flight)
         self._closed = True
         while not self.queue.empty():
             leftover.append(self.queue.get_nowait())
             self.queue.task_done()
         await self._overflow_spilled()
-        if leftover:
-            self._spill_safely(leftover)
+        if leftover:  # off the loop (it redacts), and a disk that refuses is counted, not raised past dispose()
+            await asyncio.to_thread(self._spill_or_count_lost, leftover)
         self._in_flight = []
         self.metrics.log_queue_depth.set(0)
         await self.engine.dispose()
@@ -304,7 +304,10 @@ class GenerationLog:
                 if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    # Not wait_for: on Python 3.11 it swallows a cancel that lands as the get() completes, and the
+                    # writer ran on after close() had cancelled it, which then waited for it forever.
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self.queue.get())
                 except TimeoutError:
                     break
             try:
