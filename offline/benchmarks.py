@@ -14,7 +14,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,30 +336,32 @@ TRAINING_SOURCES: dict[str, tuple[str, str]] = {
 }
 
 
-def _check_source(source: str) -> tuple[str, str]:
+def _check_source(source: str, usable: Sequence[str]) -> tuple[str, str]:
     name, sep, split = source.partition(":")
     if not sep or not name or not split:
-        raise SourceError(f"MCQ source {source!r} is not name:split; known sources: {', '.join(TRAINING_SOURCES)}")
+        raise SourceError(f"MCQ source {source!r} is not name:split; known sources: {', '.join(usable)}")
     bench = BENCHMARKS.get(name)
     if split == "test" or (bench is not None and split == bench.eval_split):
         raise SourceError(f"refusing {source}: it is the split we report for {name}, and we never train on the split "
-                         f"we report; use one of {', '.join(TRAINING_SOURCES)}")
+                         f"we report; use one of {', '.join(usable)}")
     if source not in TRAINING_SOURCES:
-        raise SourceError(f"unknown MCQ training source {source!r}; known sources: {', '.join(TRAINING_SOURCES)}")
+        raise SourceError(f"unknown MCQ training source {source!r}; known sources: {', '.join(usable)}")
     return TRAINING_SOURCES[source]
 
 
-def check_mcq_sources(sources: list[str] | str) -> list[tuple[str, str, str]]:
-    """(source, benchmark, split) for each "name:split" training source, or a SourceError naming what to fix;
-    reads no data, so a CLI can refuse a bad list before loading anything."""
+def check_mcq_sources(sources: list[str] | str, usable: Sequence[str] = tuple(TRAINING_SOURCES)
+                      ) -> list[tuple[str, str, str]]:
+    """(source, benchmark, split) for each "name:split" training source, or a SourceError naming what to fix (and
+    the `usable` sources, which the caller's own rules allow); reads no data, so a CLI can refuse a bad list before
+    loading anything."""
     if isinstance(sources, str):  # a lone "arc_easy:train" would otherwise be iterated letter by letter
         sources = [sources]
     if not sources:
-        raise SourceError(f"no MCQ sources given; known sources: {', '.join(TRAINING_SOURCES)}")
+        raise SourceError(f"no MCQ sources given; known sources: {', '.join(usable)}")
     duplicates = sorted(s for s, n in Counter(sources).items() if n > 1)
     if duplicates:
         raise SourceError(f"MCQ sources listed twice: {', '.join(duplicates)}; list each once")
-    return [(source, *_check_source(source)) for source in sources]
+    return [(source, *_check_source(source, usable)) for source in sources]
 
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -450,7 +452,7 @@ OUTSIDE_CALIBRATION = ("arc_easy:train", "arc_challenge:train", "openbookqa:trai
 def check_sources_outside_calibration(sources: list[str] | str) -> list[tuple[str, str, str]]:
     """check_mcq_sources, refusing too a split `zephyr eval calibrate` reads whole (a validation split); reads no
     data, so a command can refuse before it makes anything."""
-    checked = check_mcq_sources(sources)
+    checked = check_mcq_sources(sources, OUTSIDE_CALIBRATION)  # it named validation splits this refuses below
     for source, name, split in checked:
         if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
             raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
@@ -490,5 +492,5 @@ def items_outside_calibration(sources: list[str], data_dir: Path, limit_per_sour
         loaded = mcq_training_items([source], data_dir, exclude_reported=exclude_reported)
         kept = [item for item in loaded if question_key(item.question, item.options) not in calibrated]
         reserved[source] = len(loaded) - len(kept)
-        items.extend(kept[:limit_per_source] if limit_per_source else kept)
+        items.extend(first(kept, limit_per_source) if limit_per_source else kept)  # MMLU: each subject in turn
     return items, {source: n for source, n in reserved.items() if n}

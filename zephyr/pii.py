@@ -57,7 +57,8 @@ _STUDENT_WORDS = (r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|reg
 _PERSON_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|upn|uln|usi", hash_alone=False)
 _ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|roll|candidate", hash_alone=True)
 STUDENT_ID_AFTER_CUE = (rf"(?:(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
-                        rf"|(?<={_PERSON_ID_CUE})(?:(?-i:[A-Z]{{1,3}})[ -]?|[a-z]{{1,3}}-)?\d(?:[-/ ]?\d){{4,12}}[A-Za-z]?(?![\w-]|[/ ]\d))")
+                        rf"|(?<={_PERSON_ID_CUE})(?:(?-i:[A-Z]{{1,3}})[ -]?|[a-z]{{1,3}}-)?"
+                        rf"\d(?:[-/ ]?\d){{4,12}}[A-Za-z]?(?![\w-]|[/ ]\d))")
 # Anywhere: a letter prefix, a hyphen and 6-9 digits ("S-123-4567"), and a 2-4 digit prefix with a serial that
 # starts with 0 ("2023-04417"; a range such as 2000-20000 never has a leading zero, a date's parts are shorter).
 STUDENT_ID_HYPHENATED = r"(?<![\w-])[A-Za-z]{1,3}-\d(?:-?\d){5,8}(?![\w-])"

@@ -125,7 +125,12 @@ def read_jsonl(path: Path, schema: type[Record]) -> Iterator[Record]:
             try:
                 yield schema.model_validate_json(line)
             except ValidationError as exc:
-                raise DataFileError(f"{path}:{number}: not a {schema.__name__}: {exc.errors()[0]['msg']}") from exc
+                error = exc.errors()[0]
+                where = ".".join(map(str, error["loc"]))  # which field: "Field required" alone named none
+                bom = " (the file starts with a byte-order mark: save it as UTF-8 without one)" \
+                    if number == 1 and line.startswith("\ufeff") else ""
+                raise DataFileError(f"{path}:{number}: not a {schema.__name__}: "
+                                    f"{f'{where}: ' if where else ''}{error['msg']}{bom}") from exc
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel], *, private: bool = False) -> int:

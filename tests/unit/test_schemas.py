@@ -37,3 +37,15 @@ def test_a_file_that_is_not_utf8_names_itself(tmp_path):
     path.write_bytes(item * 5000 + b'\xff\xfe broken\n')
     with pytest.raises(DataFileError, match=r"pairs.jsonl:5001: not UTF-8 text"):
         list(read_jsonl(path, MCQItem))
+
+
+def test_a_bad_record_names_its_field_and_a_byte_order_mark_is_named(tmp_path):
+    """"not a PreferencePair: Field required" named no field; a file saved with a BOM read as "Invalid JSON"."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "q"}], '
+                    '"chosen": [{"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(DataFileError, match=r"pairs.jsonl:1: not a PreferencePair: rejected: Field required"):
+        list(read_jsonl(path, PreferencePair))
+    path.write_text("\ufeff" + path.read_text())
+    with pytest.raises(DataFileError, match="starts with a byte-order mark: save it as UTF-8 without one"):
+        list(read_jsonl(path, PreferencePair))
