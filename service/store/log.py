@@ -442,7 +442,10 @@ class GenerationLog:
             except FileNotFoundError:  # replayed and removed by another replica since the listing
                 return 0.0, path.name
 
-        return sorted(folder.glob(f"{self.spill_path.stem}*.replaying"), key=age)
+        # this spill file's own: "spill.<id>.replaying" (and an older version's "spill.replaying"), not those of
+        # another spill path in the folder whose name starts alike ("spill2.jsonl": another service's rows)
+        stem = self.spill_path.stem
+        return sorted({*folder.glob(f"{stem}.*.replaying"), *folder.glob(f"{stem}.replaying")}, key=age)
 
     def has_spill(self) -> bool:
         return self.spill_path.exists() or bool(self._replaying_files())

@@ -710,3 +710,18 @@ async def test_a_spilled_row_without_a_time_is_set_aside_not_a_replay_that_fails
     assert not log.has_spill() and await log.get("good2")
     assert [json.loads(line)["id"] for line in log.rejected_path.read_text().splitlines()] == ["bad"]
     await log.close()
+
+
+async def test_another_spill_paths_files_in_the_same_folder_are_not_replayed(tmp_path):
+    """"spill*.replaying" also matched spill2.<id>.replaying: one service replayed another's rows into its own
+    database (found by a review of the log)."""
+    log = GenerationLog(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", tmp_path / "spill.jsonl", Metrics(), None,
+                        flush_seconds=0.01)
+    await log.start()
+    (tmp_path / "spill2.abc.replaying").write_text(json.dumps(row("theirs"), default=str) + "\n")
+    (tmp_path / "spill.abc.replaying").write_text(json.dumps(row("ours"), default=str) + "\n")
+    (tmp_path / "spill.replaying").write_text(json.dumps(row("older"), default=str) + "\n")  # an older version's
+    assert await log.replay_spill() == 2
+    assert await log.get("ours") and await log.get("older") and not await log.get("theirs")
+    assert (tmp_path / "spill2.abc.replaying").exists()
+    await log.close()
