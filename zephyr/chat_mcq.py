@@ -152,30 +152,33 @@ def _labels(text: str) -> list[tuple[int, int, str, str, bool]]:
 _LINE_ENDS = re.compile(r"[^\S\n]*(?:\n|$)")  # blanks up to the line's end (only the blanks are read)
 
 
-def _run_from(labels: list[tuple[int, int, str, str, bool]], first: int, where: dict[tuple[str, str], list[int]]
-              ) -> tuple[list[tuple[int, int, str, str, bool]], bool, bool]:
+def _run_from(text: str, labels: list[tuple[int, int, str, str, bool]], first: int,
+              where: dict[tuple[str, str], list[int]]) -> tuple[list[tuple[int, int, str, str, bool]], bool, bool]:
     """The labels A, B, C, ... in order and in one style, starting at labels[first] (an "A"): each the first label
-    of its letter and style after the one before, and before the style's next "A" (a second pasted question's C
-    and D were read as the first's, which has two options). Options on lines of their own end at a label that is
-    not ("A) Shark\nB) Whale\nI saw this in part C) of my worksheet."). `where` holds the indices of each
-    (style, letter)'s labels, so a run takes a search per letter, not a pass over every later label for every "A"
-    (quadratic in many labels). Also whether the run skips a letter: a later letter of its kind (on a line of its
-    own where the run's are) comes after its last label, before the next "A" ("A) Oxygen\nB) Helium\nD) Neon");
-    and whether another run follows (that "A", a "B" after it)."""
+    of its letter and style after the one before. Options on lines of their own end before the style's next "A"
+    at a line's start (a second pasted question's C and D were read as the first's, which has two options; an "A"
+    an option quotes, "C) Both A) and B)", is no end), and at a label in the student's prose on a later line ("A)
+    Shark\nB) Whale\nI saw this in part C) of my worksheet."; not "C) 3   D) 4", two options on one line). `where`
+    holds the indices of each (style, letter)'s labels, so a run takes a search per letter, not a pass over every
+    later label for every "A" (quadratic in many labels). Also whether the run skips a letter: a later letter of
+    its kind (on a line of its own where the run's are) comes after its last label, before that next "A" ("A)
+    Oxygen\nB) Helium\nD) Neon"); and whether another run follows (that "A", a "B" after it)."""
     style = labels[first][3]
-    next_as = where.get((style, "A"), [])
-    k = bisect.bisect_right(next_as, first)
-    end = next_as[k] if k < len(next_as) else len(labels)
+    end = len(labels)
+    if labels[first][4]:
+        next_as = where.get((style, "A"), [])
+        end = next((j for j in next_as[bisect.bisect_right(next_as, first):] if labels[j][4]), len(labels))
     run, at = [labels[first]], first
     while len(run) < len(LETTERS):
         later = where.get((style, LETTERS[len(run)]), [])
         k = bisect.bisect_right(later, at)
         if k == len(later) or later[k] >= end:
             break
-        if len(run) >= 2 and run[0][4] and run[1][4] and not labels[later[k]][4]:
+        label = labels[later[k]]
+        if len(run) >= 2 and run[0][4] and run[1][4] and not label[4] and "\n" in text[run[-1][1]:label[0]]:
             break
         at = later[k]
-        run.append(labels[at])
+        run.append(label)
     on_lines = run[0][4] and (len(run) < 2 or run[1][4])
     skips = any(label[3] == style and label[2] > run[-1][2] and (label[4] or not on_lines)
                 for label in labels[at + 1:end])
@@ -291,7 +294,7 @@ def find_questions(text: str, limit: int | None = None) -> list[MCQuestion]:
     for first, label in enumerate(labels):
         if label[2] != "A" or label[0] < follows:  # a label inside the question found before
             continue
-        run, skips, followed = _run_from(labels, first, where)
+        run, skips, followed = _run_from(text, labels, first, where)
         if skips:
             continue  # an option left out: scoring the others would choose among some of them
         on_lines = all(item[4] for item in run)

@@ -461,3 +461,23 @@ async def test_a_fault_of_the_readers_rules_answers_the_chat_as_any_chat(served,
     monkeypatch.setattr(chat_mcq, "find_questions", broken)
     r = await served.client.post(CHAT, json={"messages": messages(), "max_tokens": 8})
     assert r.status_code == 200 and not r.json()["choices"][0]["message"]["content"].startswith("The answer is")
+
+
+@pytest.mark.parametrize(("text", "options"), [
+    # an option that quotes a label: no end of the question (the first fix read three options of four)
+    ("Which of the following are greenhouse gases?\n(a) Carbon dioxide\n(b) Methane\n(c) Both (a) and (b)\n"
+     "(d) None of these", ("Carbon dioxide", "Methane", "Both (a) and (b)", "None of these")),
+    ("Which is right?\nA) x\nB) y\nC) Both A) and B) are correct\nD) None", ("x", "y", "Both A) and B) are correct",
+                                                                           "None")),
+    ("Assertion: X.\nReason: Y.\n(A) Both (A) and (R) are true\n(B) A is true, R false\n(C) A false\n(D) both false",
+     ("Both (A) and (R) are true", "A is true, R false", "A false", "both false")),
+    ("Which? (a) CO2 (b) CH4 (c) both (a) and (b) (d) none of these", ("CO2", "CH4", "both (a) and (b)",
+                                                                      "none of these")),
+    # two options on the last line, as a PDF pastes them
+    ("Which is the smallest?\nA) 1\nB) 2\nC) 3   D) 4", ("1", "2", "3", "4")),
+    ("Which is a compound?\nA) Sand\nB) Sugar\nC) Salt, D) Water", ("Sand", "Sugar", "Salt", "Water")),
+])
+def test_labels_an_option_quotes_or_that_share_a_line_keep_the_question_whole(text, options):
+    """Found by a review of the first fix (the next "A" ended every run; a label off a line's start ended a run of
+    lines even on the last option's own line)."""
+    assert find_question(text).options == options
