@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -242,7 +243,10 @@ class GenerationLog:
             self._writer.cancel()
             # bounded: a writer that outlived its cancel must not hold the shutdown (and the rows still queued)
             await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT_SECONDS)
-            if self._writer.done() and not self._writer.cancelled():
+            if not self._writer.done():  # its rows may be spilled twice below: replay ignores the second by id
+                log.warning("the generation-log writer still ran %ss after it was stopped; spilling what it held",
+                            CLOSE_TIMEOUT_SECONDS)
+            elif not self._writer.cancelled():
                 self._writer.exception()  # retrieved: an error of its own is no "never retrieved" warning
         leftover = list(self._in_flight)
         self._closed = True
@@ -443,9 +447,9 @@ class GenerationLog:
                 return 0.0, path.name
 
         # this spill file's own: "spill.<id>.replaying" (and an older version's "spill.replaying"), not those of
-        # another spill path in the folder whose name starts alike ("spill2.jsonl": another service's rows)
-        stem = self.spill_path.stem
-        return sorted({*folder.glob(f"{stem}.*.replaying"), *folder.glob(f"{stem}.replaying")}, key=age)
+        # another spill path in the folder whose name starts alike ("spill2.jsonl", "spill.v2.jsonl")
+        own = re.compile(rf"{re.escape(self.spill_path.stem)}(?:\.[0-9a-f]+)?\.replaying")
+        return sorted((path for path in folder.glob("*.replaying") if own.fullmatch(path.name)), key=age)
 
     def has_spill(self) -> bool:
         return self.spill_path.exists() or bool(self._replaying_files())
@@ -596,7 +600,7 @@ class GenerationLog:
         redactor still failing raises, and the file waits for the next try). Lines that are no row go to
         `set_aside`."""
         batch: list[GenerationRecord] = []
-        redacted_any, unredactable = False, []  # rows redacted; raw rows the redactor failed on
+        unredactable: list[dict[str, Any]] = []  # raw rows the redactor fails on while it redacts others
         for line in lines:
             line = line.rstrip("\n")
             if not line.strip():
@@ -615,18 +619,17 @@ class GenerationLog:
             try:
                 batch.append(self._redact(row))
             except Exception:
-                log.exception("a spilled row cannot be redacted")
+                # the redactor itself broken (not this row): the file waits for the next try, nothing set aside
+                if not unredactable and not self._redactor_works():
+                    raise
+                log.exception("spilled row %s cannot be redacted; it is set aside in the rejected file", row.id)
                 unredactable.append(data)
                 continue
-            redacted_any = True
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
-        if unredactable and not redacted_any and not self._redactor_works():
-            # the redactor itself is broken (not these rows): the file waits for the next try
-            raise RuntimeError(f"the redactor fails on every text; {len(unredactable)} spilled row(s) wait")
         # rows it fails on alone: set aside (as they were on disk), so that they block no later replay
         set_aside.extend({"unredactable_row": data} for data in unredactable)
 
