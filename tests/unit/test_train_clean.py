@@ -396,9 +396,11 @@ def test_a_pair_and_its_opposite_are_both_dropped_not_one_kept_as_a_near_duplica
 
 def test_a_pair_whose_answers_read_alike_is_dropped_even_when_redaction_made_them_so(redactor):
     records = [pair("Who do I write to?", "Write to jane@school.edu about it.", "Write to bob@gmail.com about it."),
-               pair("Is it right?", "Yes.  It is!", "yes, it is"),
+               pair("Is it right?", "Yes.  It is!", "Yes. It is!"),
+               # case and signs are meaning: a genotype, a direction
+               pair("Which genotype?", "rr", "RR"), pair("Which velocity?", "-2 m/s", "2 m/s"),
                pair("Why is the sky blue?", "Rayleigh scattering of sunlight.", "No idea.")]
     options = CleanOptions(**{**OFF, "redact_pii": True, "dedupe": True})
     cleaned, report = clean(records, options, redactor=redactor)
-    assert [r.prompt[0].content for r in cleaned] == ["Why is the sky blue?"]
-    assert report.no_preference == 2 and report.input - report.removed == report.output == 1
+    assert [r.prompt[0].content for r in cleaned] == ["Which genotype?", "Which velocity?", "Why is the sky blue?"]
+    assert report.no_preference == 2 and report.input - report.removed == report.output == 3

@@ -6,8 +6,10 @@ Stages run in this order, each on what the previous one kept:
   1. PII redaction of every message (records are kept; the count is of records changed),
   2. decontamination: a record any of whose messages overlaps a benchmark's eval questions is dropped,
   3. length filters on each assistant reply (characters) and on the whole rendered conversation (tokens),
-  4. exact duplicates (canonical JSON of the content; meta and source do not make two records different),
-  5. near duplicates (MinHash LSH over word shingles, confirmed by exact Jaccard); the first occurrence stays.
+  4. with deduplication: pairs whose chosen is their rejected, and a pair together with its opposite (both),
+  5. exact duplicates (canonical JSON of the content; meta and source do not make two records different),
+  6. near duplicates (MinHash LSH over word shingles, confirmed by exact Jaccard; a pair's replies compared
+     chosen with chosen); the first occurrence stays.
 Redaction runs first so the later stages compare what will actually be trained on."""
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class CleanReport:
     near_duplicates: int = 0
     too_short: int = 0
     too_long: int = 0
-    no_preference: int = 0  # a pair whose chosen and rejected read alike (PII redaction can make them so)
+    no_preference: int = 0  # a pair whose chosen is its rejected, spacing aside (PII redaction can make them so)
     conflicting: int = 0  # a pair and its opposite (two reviewers disagreeing): both dropped
     contaminated: dict[str, int] = field(default_factory=dict)
     output: int = 0
@@ -118,7 +120,7 @@ class CleanReport:
         row("too short", self.too_short, "too_short")
         row("too long", self.too_long, "too_long")
         if self.no_preference:
-            row("chosen reads as rejected", self.no_preference, "no_preference")
+            row("chosen is rejected", self.no_preference, "no_preference")
         if self.conflicting:
             row("conflicting (a pair and its opposite: both)", self.conflicting, "conflicting")
         row("exact duplicates", self.exact_duplicates, "exact_duplicates")
@@ -320,13 +322,14 @@ def _word_shingles(text: str, size: int) -> set[str]:
 
 
 def _read_as(record: BaseModel, name: str) -> str:
-    """A field's text as cleaning compares it: its words, case and punctuation aside."""
-    return " ".join(normalize_words("\n".join(m.content for m in _as_messages(record, name))))
+    """A field's text as these rules compare it: spacing aside, case and signs kept (a cloze pair " rr" / " RR", or
+    " -2 m/s" / " 2 m/s", is a real preference)."""
+    return " ".join("\n".join(m.content for m in _as_messages(record, name)).split())
 
 
 def _drop_pairs_without_one_preference(kept: list[tuple[int, Record]], report: CleanReport
                                        ) -> list[tuple[int, Record]]:
-    """Pairs whose chosen reads as their rejected (a hand-made file; two answers PII redaction made alike) teach
+    """Pairs whose chosen is their rejected (a hand-made file; two answers PII redaction made alike) teach
     nothing; a pair and its opposite (P: A over B, and P: B over A: two reviewers disagreeing) teach both ways,
     and near-duplicate removal kept whichever came first: both are dropped."""
     survivors, orientation = [], {}
