@@ -36,7 +36,6 @@ import random
 import string
 import tempfile
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -239,16 +238,20 @@ def norm_option(text: str) -> str:
     return " ".join(text.split())
 
 
+# The characters the API reads as showing nothing (written out, not imported: README, "POST /mcq").
+SHOWS_NOTHING = frozenset("\u200b\u2060\ufeff\u00ad\u200e\u200f")
+
+
 def visible(text: str) -> bool:
-    """Whether an option or question shows a character: not only whitespace and invisible format characters
-    (category Cf: U+200B, U+FEFF, U+00AD), which the API refuses as blank."""
-    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+    """Whether an option or question shows a character: not only whitespace and SHOWS_NOTHING, which the API
+    refuses as blank (U+200C, U+200D and tag characters are kept: they shape words and emoji)."""
+    return any(not c.isspace() and c not in SHOWS_NOTHING for c in text)
 
 
 def as_seen(text: str) -> str:
-    """An option as the API compares options for duplicates: its format characters left out, spacing collapsed
-    (case kept by the API; folded here, so that generated options are distinct either way)."""
-    return norm_option("".join(c for c in text if unicodedata.category(c) != "Cf")).casefold()
+    """An option as the API compares options for duplicates: SHOWS_NOTHING left out, spacing collapsed (case kept
+    by the API; folded here, so that generated options are distinct either way)."""
+    return norm_option("".join(c for c in text if c not in SHOWS_NOTHING)).casefold()
 
 
 def _bad_text(value: Any) -> bool:

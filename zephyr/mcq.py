@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import string
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,15 +84,21 @@ def longest_part(question: str, options: Sequence[str], support: str | None) -> 
     return max(parts, key=parts.__getitem__)
 
 
+# Characters that show nothing and change no letter beside them: a zero-width space, word joiner, byte-order mark,
+# soft hyphen and the direction marks. Not every format character: a zero-width (non-)joiner shapes Persian words
+# and emoji sequences, and tag characters make the flags of England and Scotland.
+INVISIBLE = frozenset("\u200b\u2060\ufeff\u00ad\u200e\u200f")
+
+
 def shows_text(text: str) -> bool:
-    """Whether `text` holds a character a reader sees: not only whitespace and invisible format characters (a
-    zero-width space, a byte-order mark, a soft hyphen), which made an option that was scored but looked blank."""
-    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+    """Whether `text` holds a character a reader sees: not only whitespace and INVISIBLE characters, which made an
+    option that was scored but looked blank."""
+    return any(not c.isspace() and c not in INVISIBLE for c in text)
 
 
 def _seen(text: str) -> str:
-    """`text` as it looks: its invisible format characters left out ("a" and "a\u200b" are one option)."""
-    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+    """`text` as it looks: its INVISIBLE characters left out ("a" and "a\u200b" are one option)."""
+    return "".join(c for c in text if c not in INVISIBLE)
 
 
 def normalize_support(support: str | None) -> str | None:

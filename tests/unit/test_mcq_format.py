@@ -23,7 +23,7 @@ def test_list_and_letter_keyed_options_render_the_same_prompt(tokenizer):
         (["Oxygen", 3], "option B must be a non-empty string"),
         # found by a review: invisible format characters alone were an option, scored and shown blank
         (["Oxygen", "\u200b"], "option B must be a non-empty string \\(visible characters\\)"),
-        (["Oxygen", "\ufeff \u00ad\u2060"], "option B must be a non-empty string"),
+        (["Oxygen", "\ufeff \u00ad\u2060\u200e"], "option B must be a non-empty string"),
         (["Oxygen", "Oxy\u200bgen"], "options A, B are duplicates"),
         ({"A": "x", "C": "y"}, "keys must be the letters A, B"),
         ("AB", "must be a list"),
@@ -82,3 +82,13 @@ def test_options_that_differ_in_case_are_different_options(options):
 def test_a_question_of_invisible_characters_alone_is_refused():
     with pytest.raises(mcq.MCQFormatError, match="`question` must be a non-empty string"):
         mcq.MCQuestion.build("\u200b\u2060", ["a", "b"])
+
+
+def test_joiners_and_tags_that_shape_what_is_seen_make_options_differ():
+    """Found by a review: every format character was left out, and the flags of England and Scotland (tag
+    characters), a family emoji and its three people (zero-width joiners) were refused as duplicates."""
+    for options in (["\U0001F3F4\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F",
+                     "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"],
+                    ["\U0001F468\u200d\U0001F469\u200d\U0001F467", "\U0001F468\U0001F469\U0001F467"],
+                    ["\u0600", "b"]):
+        assert len(mcq.MCQuestion.build("Which?", options).options) == 2
