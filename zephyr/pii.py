@@ -55,13 +55,17 @@ _NOT_A_PERSONS_ID = (r"(?<!\b(?:pubmed|pmid|pmc|question|sample|specimen|gene|pr
 _STUDENT_WORDS = (r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration|" + _NOT_A_PERSONS_ID
                   + "id")
 _PERSON_ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|upn|uln|usi", hash_alone=False)
+# A cue that names a student's id by a student's word: a prefix of letters may come first there ("student ID S
+# 1234567", "learner id: abc-1234567"), not after a bare "ID" ("ID: HD 209458", a star's catalogue name).
+_STUDENTS_CUE = _id_cue(r"student|pupil|learner|matric(?:ulation)?|enrol(?:l)?ment|registration", hash_alone=False)
 _ID_CUE = _id_cue(rf"{_STUDENT_WORDS}|roll|candidate", hash_alone=True)
+_ID_DIGITS = r"\d(?:[-/ ]?\d){4,12}(?-i:[A-Z])?(?![\w-]|[/ ]\d)"  # a check letter after them: "A0123456X"
 STUDENT_ID_AFTER_CUE = (rf"(?:(?<={_ID_CUE})\d(?:-?\d){{6,9}}(?![\w-])"
-                        rf"|(?<={_PERSON_ID_CUE})(?:(?-i:[A-Z]{{1,3}})[ -]?|[a-z]{{1,3}}-)?"
-                        rf"\d(?:[-/ ]?\d){{4,12}}[A-Za-z]?(?![\w-]|[/ ]\d))")
+                        rf"|(?<={_PERSON_ID_CUE})(?-i:[A-Z])?{_ID_DIGITS}"
+                        rf"|(?<={_STUDENTS_CUE})(?:(?-i:[A-Z]{{1,3}})[ -]?|[a-z]{{1,3}}-){_ID_DIGITS})")
 # Anywhere: a letter prefix, a hyphen and 6-9 digits ("S-123-4567"), and a 2-4 digit prefix with a serial that
 # starts with 0 ("2023-04417"; a range such as 2000-20000 never has a leading zero, a date's parts are shorter).
-STUDENT_ID_HYPHENATED = r"(?<![\w-])[A-Za-z]{1,3}-\d(?:-?\d){5,8}(?![\w-])"
+STUDENT_ID_HYPHENATED = r"(?<![\w-])(?-i:[A-Z]{1,3}|[a-z]{1,3})-\d(?:-?\d){5,8}(?![\w-])"  # not "pH-7654321"
 STUDENT_ID_SERIAL = r"(?<![\w.,/-])\d{2,4}-0\d{4,7}(?![\w/-]|[.,]\d)"
 
 # A house number (with an optional "Flat 3," before it), one to four capitalised words (or an ordinal: 5th) and

@@ -267,7 +267,8 @@ class Settings(BaseSettings):
             raise ValueError(f"ZEPHYR_STUDENT_ID_PATTERN is not a regular expression: {exc}") from None
         if compiled.fullmatch(""):  # "" (an empty variable) would redact no student id, silently
             raise ValueError("ZEPHYR_STUDENT_ID_PATTERN matches the empty string, so it would find no student id; "
-                             r"unset it for the default (\b[A-Z]{1,3}\d{6,9}\b) or give one that needs characters")
+                             r"unset it for the default (\b[A-Z]{1,3}\d{6,9}[A-Z]?\b) or give one that needs "
+                             "characters")
         return value
 
     @model_validator(mode="after")

@@ -66,6 +66,9 @@ def test_dates_of_birth(redactor, text, expected):
     ("my student id is 20231234", "my student id is <STUDENT_ID>"),
     ("student ID is 2023 question 5", "student ID is 2023 question 5"),
     ("Vitamin B-12 and 1-2 mg", "Vitamin B-12 and 1-2 mg"),
+    # a bare "ID" takes no letters before the number: a star's catalogue name (a review of the first version)
+    ("ID: HD 209458 b", "ID: HD 209458 b"), ("ID: KIC 8462852", "ID: KIC 8462852"),
+    ("pH-7654321 buffer", "pH-7654321 buffer"),
 ])
 def test_student_ids_in_the_forms_students_type(redactor, text, expected):
     assert redactor.redact(text) == expected

@@ -66,7 +66,7 @@ def test_linear_widths_of_the_default_model(default_model):
     ({"method": "gptq", "calibration_sources": ["sciq:validation"]}, "refusing sciq:validation"),
     # the test split's refusal suggested validation splits this refuses next (found by a review)
     ({"method": "gptq", "calibration_sources": ["arc_easy:test"]},
-     "we report; use one of arc_easy:train, arc_challenge:train, openbookqa:train"),
+     "we report; use one of arc_easy:train, arc_challenge:train, openbookqa:train, mmlu:dev"),
     # found by a review: a method with a capital was reported as a bad model name ('…-GPTQ' must be lowercase)
     ({"method": "GPTQ"}, "unknown method 'GPTQ'"),
     ({"method": "gptq", "easyquant_form": "dequantized"}, "--form dequantized is EasyQuant's"),
