@@ -452,11 +452,13 @@ OUTSIDE_CALIBRATION = ("arc_easy:train", "arc_challenge:train", "openbookqa:trai
 def check_sources_outside_calibration(sources: list[str] | str) -> list[tuple[str, str, str]]:
     """check_mcq_sources, refusing too a split `zephyr eval calibrate` reads whole (a validation split); reads no
     data, so a command can refuse before it makes anything."""
-    usable = [source for source, (name, split) in TRAINING_SOURCES.items()
-              if not (CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0))]
+    def calibrated_whole(name: str, split: str) -> bool:
+        return CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0)
+
+    usable = [source for source, place in TRAINING_SOURCES.items() if not calibrated_whole(*place)]
     checked = check_mcq_sources(sources, usable)  # not the validation splits this refuses below
     for source, name, split in checked:
-        if CALIBRATION_SPLITS.get(name) == split and not CALIBRATION_LIMITS.get(name, 0):
+        if calibrated_whole(name, split):
             raise SourceError(f"refusing {source}: `zephyr eval calibrate` fits /mcq's auto on it; use "
                               f"{', '.join(OUTSIDE_CALIBRATION)}")
     return checked

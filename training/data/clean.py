@@ -332,26 +332,24 @@ def _drop_pairs_without_one_preference(kept: list[tuple[int, Record]], report: C
     """Pairs whose chosen is their rejected (a hand-made file; two answers PII redaction made alike) teach
     nothing; a pair and its opposite (P: A over B, and P: B over A: two reviewers disagreeing) teach both ways,
     and near-duplicate removal kept whichever came first: both are dropped."""
-    survivors, orientation = [], {}
+    # Each pair's prompt and its two replies in either order (None: no pair), and the replies chosen under it.
+    survivors: list[tuple[int, Record, tuple[str, ...] | None]] = []
+    orientation: dict[tuple[str, ...], set[str]] = {}
     for i, record in kept:
         if "chosen" not in type(record).model_fields:
-            survivors.append((i, record))
+            survivors.append((i, record, None))
             continue
         prompt, chosen, rejected = (_read_as(record, name) for name in ("prompt", "chosen", "rejected"))
         if chosen == rejected:
             report.no_preference += 1
             report.note("no_preference", i, _snippet(record))
             continue
-        orientation.setdefault((prompt, *sorted((chosen, rejected))), set()).add(chosen)
-        survivors.append((i, record))
-    conflicting = {key for key, chosen in orientation.items() if len(chosen) > 1}
-    if not conflicting:
-        return survivors
+        key = (prompt, *sorted((chosen, rejected)))
+        orientation.setdefault(key, set()).add(chosen)
+        survivors.append((i, record, key))
     kept = []
-    for i, record in survivors:
-        if "chosen" in type(record).model_fields and (
-                (_read_as(record, "prompt"), *sorted((_read_as(record, "chosen"), _read_as(record, "rejected"))))
-                in conflicting):
+    for i, record, key in survivors:
+        if key is not None and len(orientation[key]) > 1:
             report.conflicting += 1
             report.note("conflicting", i, _snippet(record))
         else:
