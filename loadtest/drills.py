@@ -203,13 +203,21 @@ class LongStream(threading.Thread):
         self.events.append(event)
 
 
+PROBES = {  # name: (method, path, body, key)
+    "chat": ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+             STUDENT_KEY),
+    "mcq": ("POST", "/mcq", {"question": "Which is a gas?", "options": ["air", "ice"]}, STUDENT_KEY),
+    "review": ("GET", "/review/api/next", None, REVIEWER_KEYS[0]),
+}
+
+
 def probe(url: str, name: str) -> dict:
-    """One request of our own while the server drains."""
-    path, body = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
-                  if name == "chat" else ("/mcq", {"question": "Which is a gas?", "options": ["air", "ice"]}))
+    """One request of our own while the server drains (or its database is down), as an event-log line (status 0:
+    no answer)."""
+    method, path, body, key = PROBES[name]
     event = {"name": name, "start": time.time(), "status": 0, "done": False, "error": None, "code": None}
     try:
-        r = httpx.post(f"{url}{path}", json=body, timeout=30, headers={"Authorization": f"Bearer {STUDENT_KEY}"})
+        r = httpx.request(method, f"{url}{path}", json=body, timeout=30, headers={"Authorization": f"Bearer {key}"})
         event.update(status=r.status_code, done=r.status_code == 200)
         if r.status_code != 200:  # a proxy's or a dying server's answer may be no JSON: kept as text, not raised
             event["code"] = r.json().get("error", {}).get("code")
@@ -308,18 +316,6 @@ def engine_hang(load_s: float, users: int, out: Path) -> Report:
     return report
 
 
-def _review_probe(url: str) -> dict:
-    """GET /review/api/next as a reviewer, as an event-log line (status 0: no answer)."""
-    started = time.time()
-    try:
-        response = httpx.get(f"{url}/review/api/next", headers={"Authorization": f"Bearer {REVIEWER_KEYS[0]}"},
-                             timeout=30)
-        status, error = response.status_code, None
-    except httpx.HTTPError as exc:
-        status, error = 0, f"{type(exc).__name__}: {exc}"
-    return {"name": "review", "start": started, "end": time.time(), "status": status, "error": error}
-
-
 class ScratchPostgres:
     """A PostgreSQL of the drill's own (port and data directory), so stopping it touches nothing else."""
 
@@ -365,7 +361,7 @@ def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
         # A reviewer's request of our own while it is down: Locust's reviewers wait 5-15 s between theirs, and a
         # short outage may see none, which passed the check below without testing it.
         time.sleep(min(2.0, outage_s / 4))
-        probe = _review_probe(server.url)
+        outage_probe = probe(server.url, "review")
         time.sleep(max(0.0, outage_s - (time.time() - stopped)))
         spilled = server.metric("zephyr_log_spilled_rows_total")
         database.start()
@@ -385,11 +381,12 @@ def postgres(load_s: float, outage_s: float, users: int, out: Path) -> Report:
                                                         and not whole(e)],
                      f"{len(successful(events))} chats and MCQs: "
                      f"{_statuses([e for e in events if e['name'] in GENERATION])}")
-        reviews = [e for e in events if e["name"] == "review"] + [probe]
+        reviews = [e for e in events if e["name"] == "review"] + [outage_probe]
         outage = [e for e in reviews if stopped < e["start"] < restarted]
         # 503 to retry: never a 500, and no request left unanswered while it is down
         report.check("reviewers get 503 (retry), never 500, while it is down",
-                     probe["status"] == 503 and not [e for e in reviews if e["status"] >= 500 and e["status"] != 503]
+                     outage_probe["status"] == 503
+                     and not [e for e in reviews if e["status"] >= 500 and e["status"] != 503]
                      and not [e for e in outage if e["status"] == 0],
                      f"review requests during the outage: {_statuses(outage)}")
         report.check("spilled rows are replayed once it is back", spilled > 0 and replayed_after is not None,
