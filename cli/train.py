@@ -126,6 +126,8 @@ Out = Annotated[Path, typer.Option("--out", dir_okay=False, help="JSON Lines fil
 TrainingSources = Annotated[str, typer.Option(help="comma-separated name:split training sources (no test or "
                                                    "calibration splits)")]
 DEFAULT_TRAINING_SOURCES = "arc_easy:train,arc_challenge:train,openbookqa:train"
+LimitPerSource = Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: its "
+                                                                   "subjects in turn)")]
 
 
 @dataclass(frozen=True)
@@ -324,8 +326,7 @@ def data_science(
     k: Annotated[int, typer.Option("--k", min=0, max=32, help="explanations sampled per question")] = 4,
     explain_questions: Annotated[int | None, typer.Option(min=0, help="sample explanations for the first N questions "
                                                                 "only (direct-format pairs are made for all)")] = None,
-    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: "
-                                                                "its subjects in turn)")] = None,
+    limit_per_source: LimitPerSource = None,
     temperature: Annotated[float, typer.Option(min=0.05, max=2.0)] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=8, help="explanation length limit")] = 128,
     kto_out: Annotated[Path | None, typer.Option(dir_okay=False,
@@ -361,8 +362,7 @@ def data_chat_answers(
     sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     model: Annotated[str, typer.Option(help="registry model that answers")] = DEFAULT_MODEL,
     k: Annotated[int, typer.Option("--k", min=2, max=32, help="chat answers sampled per question")] = 4,
-    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: "
-                                                                "its subjects in turn)")] = None,
+    limit_per_source: LimitPerSource = None,
     temperature: Annotated[float, typer.Option(min=0.05, max=2.0)] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.05, max=1.0)] = 0.9,
     max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="answer length limit (the text suite's is "
@@ -435,8 +435,7 @@ def data_restate(
     sources: Annotated[str, typer.Option(help="comma-separated name:split training sources (never test or "
                                               "calibration splits)")] =
     "arc_easy:train,arc_challenge:train,openbookqa:train",
-    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: "
-                                                                "its subjects in turn)")] = None,
+    limit_per_source: LimitPerSource = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
@@ -476,8 +475,7 @@ def data_cloze(
     sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
     distractors: Annotated[int, typer.Option(min=1, max=9, help="pairs per question, each against another "
                                                                 "distractor")] = 1,
-    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: "
-                                                                "its subjects in turn)")] = None,
+    limit_per_source: LimitPerSource = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
@@ -505,8 +503,7 @@ def data_cloze(
 def data_grpo(
     out: Out,
     sources: TrainingSources = DEFAULT_TRAINING_SOURCES,
-    limit_per_source: Annotated[int | None, typer.Option(min=1, help="first N questions of each source (MMLU: "
-                                                                "its subjects in turn)")] = None,
+    limit_per_source: LimitPerSource = None,
     seed: int = 0,
     clean: CleanFlags = CleanFlags(),
 ) -> None:
