@@ -405,6 +405,7 @@ class Settings(BaseSettings):
             entries.append((role, key, name or None))
         return entries
 
+
 # ZEPHYR_ variables read by the project's tools, not by the server (load tests, fuzzers, test databases, the CLI's
 # client commands), and those Kubernetes' service links make for a Service named "zephyr" where they are on.
 TOOL_VARIABLES = re.compile(r"ZEPHYR_(?:LOAD|TEST|FUZZ|REAL_FUZZ|MCQ_FUZZ|DIALOGRPT|SERVICE)_\w*|"
