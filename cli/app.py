@@ -190,7 +190,8 @@ def chat(
              "ZEPHYR_CHAT_TEMPERATURE and ZEPHYR_CHAT_TOP_P)")] = None,
     max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens")] = 512,
 ) -> None:
-    """Chat with a running server in the terminal (streaming). Ctrl-D or /quit ends it."""
+    """Chat with a running server in the terminal (streaming). /new starts a new conversation; Ctrl-C stops an
+    answer; Ctrl-D or /quit ends it."""
     import openai
 
     client = _client(url, api_key)
@@ -205,7 +206,7 @@ def chat(
     history: list[dict[str, str]] = []
     # Without --temperature none is sent: the server then samples with its own chat defaults, chosen on validation.
     sampling = {} if temperature is None else {"temperature": temperature}
-    err.print(f"[dim]talking to {url}; /quit to end[/]")
+    err.print(f"[dim]talking to {url}; /new starts a new conversation, /quit ends[/]")
     while True:
         try:
             question = console.input("[bold cyan]you>[/] ")
@@ -213,27 +214,56 @@ def chat(
             break
         if question.strip() in ("/quit", "/exit"):
             break
+        if question.strip() == "/new":
+            history.clear()
+            err.print("[dim]a new conversation[/]")
+            continue
         if not question.strip():
             continue
         history.append({"role": "user", "content": question})
         console.print("[bold green]tutor>[/] ", end="")
-        answer = []
+        answer: list[str] = []
+        # A failed turn ends that turn, not the session: the question is taken back and the conversation goes on.
         try:
             stream = client.chat.completions.create(model=model, messages=history, stream=True,
                                                     max_tokens=max_tokens, **sampling)
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    answer.append(chunk.choices[0].delta.content)
-                    console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+            try:
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        answer.append(chunk.choices[0].delta.content)
+                        console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+            except KeyboardInterrupt:  # Ctrl-C stops this answer; what was shown stays in the conversation
+                stream.close()
+                console.print()
+                err.print("[dim](stopped)[/]")
+                if answer:
+                    history.append({"role": "assistant", "content": "".join(answer)})
+                else:
+                    history.pop()
+                continue
         except openai.APIConnectionError:
             raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
-        except openai.APIStatusError as exc:
-            raise fail(_api_message(exc)) from None
+        except openai.APIStatusError as exc:  # a 400 (the conversation outgrew the context), a 429, a 503
+            console.print()
+            history.pop()
+            hint = (" (/new starts a new conversation; a lower --max-tokens leaves the question more room)"
+                    if _api_code(exc) == "context_length_exceeded" else "")
+            err.print(Text.assemble((_api_message(exc), "red"), hint), highlight=False)  # server text: no markup
+            continue
         except openai.APIError as exc:  # an error event inside a stream that had begun (the engine stopped)
             console.print()
-            raise fail(f"the answer broke off: {exc.message}") from None
+            history.pop()
+            err.print(Text.assemble((f"the answer broke off: {exc.message}", "red"), "; ask again"), highlight=False)
+            continue
         console.print()
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _api_code(exc) -> str | None:
+    try:
+        return exc.response.json()["error"]["code"]
+    except Exception:
+        return None
 
 
 def _api_message(exc) -> str:

@@ -44,7 +44,7 @@ class _FakeClient:
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
 
     def _create(self, **request):
-        self.requests.append(request)
+        self.requests.append({**request, "messages": list(request["messages"])})  # as sent, not as it grows later
         delta = SimpleNamespace(content="Plants make sugar.")
         return iter([SimpleNamespace(choices=[SimpleNamespace(delta=delta)])])
 
@@ -180,3 +180,79 @@ def test_the_bench_shows_no_p99_where_it_would_be_the_slowest_request():
     assert rows[0][1:] == ["zephyr", "16", "160.0", "100", "-", "1.00", "-", "0"]
     assert rows[2][5] == "-" and rows[2][7] == "-"  # the ratio row: no tail to compare
     assert rows[3][1:] == ["zephyr", "100", "1000.0", "100", "100", "1.00", "1.00", "0"]
+
+
+class _FailingOnceClient(_FakeClient):
+    """A server that refuses the first question with `error` (an openai exception) and answers the rest."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def _create(self, **request):
+        if self.error is not None:
+            self.requests.append({**request, "messages": list(request["messages"])})
+            error, self.error = self.error, None
+            raise error
+        return super()._create(**request)
+
+
+def _status_error(status: int, code: str, message: str):
+    import httpx
+    import openai
+
+    request = httpx.Request("POST", "http://tutor/v1/chat/completions")
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": "max_tokens", "code": code}}
+    response = httpx.Response(status, json=body, request=request)
+    kind = {400: openai.BadRequestError, 429: openai.RateLimitError}[status]
+    return kind(message, response=response, body=body["error"])
+
+
+@pytest.mark.parametrize(("status", "code", "hint"), [
+    (400, "context_length_exceeded", "/new starts a new conversation"),
+    (429, "rate_limited", ""),
+])
+def test_chat_goes_on_after_a_refused_turn(monkeypatch, status, code, hint):
+    client = _FailingOnceClient(_status_error(status, code, "the prompt is 1900 tokens [and more]"))
+    monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
+    result = runner.invoke(cli_app.app, ["chat"], input="first question\nsecond question\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert f"{status}: the prompt is 1900 tokens [and more]" in result.output  # the server's words, brackets kept
+    assert hint in result.output
+    assert "Plants make sugar." in result.output
+    # the refused question is taken back: the next turn does not carry it
+    assert client.requests[1]["messages"] == [{"role": "user", "content": "second question"}]
+
+
+def test_chat_new_starts_a_new_conversation(monkeypatch):
+    client = _FakeClient()
+    monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
+    result = runner.invoke(cli_app.app, ["chat"], input="one\n/new\ntwo\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert client.requests[0]["messages"] == [{"role": "user", "content": "one"}]
+    assert client.requests[1]["messages"] == [{"role": "user", "content": "two"}]
+
+
+def test_chat_stops_one_answer_on_ctrl_c_and_keeps_what_was_shown(monkeypatch):
+    client = _FakeClient()
+    closed = []
+
+    class Interrupted:
+        def __iter__(self):
+            yield SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content="Plants"))])
+            raise KeyboardInterrupt
+
+        def close(self):
+            closed.append(True)
+
+    def create(**request):
+        client.requests.append({**request, "messages": list(request["messages"])})
+        return Interrupted() if len(client.requests) == 1 else iter([])
+
+    client.chat = SimpleNamespace(completions=SimpleNamespace(create=create))
+    monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
+    result = runner.invoke(cli_app.app, ["chat"], input="one\ntwo\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert closed == [True] and "(stopped)" in result.output
+    assert client.requests[1]["messages"][:2] == [{"role": "user", "content": "one"},
+                                                  {"role": "assistant", "content": "Plants"}]
