@@ -194,7 +194,7 @@ def safety_command(
     )
     from offline.benchmarks import DatasetError
     from zephyr.encoder import EncoderError, embed, load_encoder
-    from zephyr.paths import write_text_atomic
+    from zephyr.paths import check_writable, write_text_atomic
     from zephyr.safety import SafetyError, SafetyGuard
 
     settings = load_settings()
@@ -202,7 +202,7 @@ def safety_command(
     target = record or settings.home / "safety" / "guard.json"
     try:  # where the results go, before the fit's minutes: a bad path would lose them after it
         for path in ([target] if write else []) + ([out] if out is not None else []):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path)
     except OSError as exc:
         raise fail(f"cannot write {exc.filename or ''}: {exc.strerror or exc}") from None
     try:
@@ -250,12 +250,15 @@ def safety_command(
         table.add_row(row["source"], row["split"], str(row["n"]), f"{row['flagged']} ({share:.1%})",
                       *(str(row["by_category"][c]) for c in categories))
     console.print(table)
-    if write:  # the record first: what the fit was for, before the report beside it (folders made before the fit)
-        write_text_atomic(target, report.record.model_dump_json(indent=1))
-        console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
-    if out is not None:
-        write_text_atomic(out, json.dumps({"record": report.record.model_dump(mode="json"), "rows": report.rows},
-                                      indent=1))
+    try:  # checked before the fit; a disk that filled since is still one line, not a traceback
+        if write:  # the record first: what the fit was for, before the report beside it
+            write_text_atomic(target, report.record.model_dump_json(indent=1))
+            console.print(f"[green]✓[/] wrote {target}: serve it with ZEPHYR_SAFETY_RECORD={target}")
+        if out is not None:
+            write_text_atomic(out, json.dumps({"record": report.record.model_dump(mode="json"), "rows": report.rows},
+                                              indent=1))
+    except OSError as exc:
+        raise fail(f"cannot write {exc.filename or ''}: {exc.strerror or exc}") from None
 
 
 def results_store(settings):

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
+from zephyr.paths import check_writable
 from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import (
     KTOExample,
@@ -185,17 +186,18 @@ OUTPUT_OPTIONS = ("out", "kto_out", "sft_out", "answers_out")
 
 
 def _check_outputs(paths: list[Path]) -> None:
-    """Before any sampling: two outputs of one file would overwrite each other, and a folder that cannot be made
-    (under a file, a read-only mount) would fail the write after tens of minutes of sampling."""
+    """Before any sampling: two outputs of one file would overwrite each other, and a folder that cannot be made or
+    written (under a file, a read-only mount) would fail the write after tens of minutes of sampling."""
     resolved = [path.expanduser().resolve() for path in paths]
     files = [path for path in resolved if not path.is_char_device() and not path.is_fifo()]  # /dev/null twice is fine
     if len(set(files)) != len(files):
         raise fail(f"two outputs name one file ({', '.join(map(str, paths))}): each would overwrite the other")
     for path in resolved:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path)
         except OSError as exc:
-            raise fail(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise fail(f"cannot write {path}: {exc.strerror or exc}"
+                       f"{f' ({exc.filename})' if exc.filename and exc.filename != str(path) else ''}") from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -280,10 +282,11 @@ def _say_reserved(reserved: dict[str, int]) -> None:
         console.print(f"{source}: its first {count} questions left out (`zephyr eval calibrate` fits on them)")
 
 
-def _questions_and_model(sources: str, limit_per_source: int | None, model: str,
+def _questions_and_model(sources: str, limit_per_source: int | None, model: str | None,
                          clean: CleanFlags) -> tuple[Settings, list[Any], Any]:
     """What a sampling builder starts from: the settings, the training questions (without the ones `zephyr eval
-    calibrate` fits on, as every MCQ builder reads them) and the registry entry that answers."""
+    calibrate` fits on, as every MCQ builder reads them) and the registry entry that answers (None without a
+    `model`: nothing is sampled)."""
     from offline.benchmarks import SourceError
     from training.data import cloze
 
@@ -292,9 +295,11 @@ def _questions_and_model(sources: str, limit_per_source: int | None, model: str,
         items, reserved = cloze.load_items(csv(sources) or [], settings.data_dir, limit_per_source,
                                            exclude_reported=not clean.no_decontaminate)
         _say_reserved(reserved)
-        entry = Registry(settings.models_dir).get(model)
+        entry = Registry(settings.models_dir).get(model) if model is not None else None
     except (SourceError, RegistryError) as exc:
         raise fail(str(exc)) from None
+    if not clean.no_clean:  # --against read now (cached for the write): a typo fails before the sampling, not after
+        _contamination_index(clean)
     return settings, items, entry
 
 
@@ -397,7 +402,9 @@ def data_chat_answers(
         raise fail("--answers-out writes the answers sampled here; with --answers-from nothing is sampled")
     if answers_from is not None and not answers_from.is_file():
         raise fail(f"--answers-from {answers_from}: no such file")
-    settings, items, entry = _questions_and_model(sources, limit_per_source, model, clean)
+    # answers read from a file need no model in this registry: they were sampled elsewhere
+    settings, items, entry = _questions_and_model(sources, limit_per_source,
+                                                  model if answers_from is None else None, clean)
     questions, refused, left_out = chat_answers.askable(items)
     system = settings.served_system_prompt
     if answers_from is not None:
@@ -423,8 +430,8 @@ def data_chat_answers(
         console.print(f"wrote {chat_answers.write_answers(answers_out, samples)} sampled answers to {answers_out}")
     pairs, stats = chat_answers.build(questions, samples, system, rejected=rejected, seed=seed)
     stats.questions, stats.skipped, stats.needs_options = len(items), refused, left_out
-    _print_stats(f"chat-answer pairs from {model}" + (f", answers read from {answers_from}" if answers_from else ""),
-                 stats.rows())
+    _print_stats(f"chat-answer pairs from {model}" if answers_from is None
+                 else f"chat-answer pairs from the answers in {answers_from}", stats.rows())
     _clean_and_write(pairs, out, PreferencePair, clean=clean, title="preference pairs")
 
 

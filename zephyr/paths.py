@@ -9,6 +9,7 @@ when they already exist. The modes are set with chmod after creation, so the uma
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -118,6 +119,21 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, private: bool = Fal
     """Replace `path`'s content all at once (`writing_atomically`)."""
     with writing_atomically(path, private=private) as handle:
         handle.write(text)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Before long work whose result `writing_atomically` will write to `path`: its folder made, and able to take
+    the new file (written beside, renamed in), or an OSError naming what is not writable. Making the folder is no
+    test: `mkdir` of a folder that exists succeeds on a read-only mount and in another account's folder."""
+    given = Path(path)
+    if (given.exists() and not given.is_file()) or (given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))):
+        if not os.access(given, os.W_OK):  # /dev/stdout, a pipe: written as it is
+            raise PermissionError(errno.EACCES, "not writable here", str(given))
+        return
+    folder = Path(os.path.realpath(given)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "its folder is not writable here", str(folder))
 
 
 @contextlib.contextmanager

@@ -282,3 +282,31 @@ def test_an_output_that_cannot_be_written_or_two_alike_are_refused_before_sampli
         refused = CliRunner().invoke(app, args)
         said = " ".join(refused.output.split())
         assert refused.exit_code == 1 and message in said and "Traceback" not in said, said
+
+
+def test_answers_read_from_a_file_need_no_model_in_the_registry(tmp_path, monkeypatch):
+    """Rebuilding pairs from answers sampled elsewhere (docs/training.md) looked the default model up in the
+    registry, and failed on a machine without it, though nothing is sampled."""
+    from typer.testing import CliRunner
+
+    from cli import train as train_cli
+    from cli.app import app
+    from training.data import cloze
+    from zephyr.mcq import LETTERS
+    from zephyr.settings import Settings
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))  # an empty registry
+    monkeypatch.setattr(train_cli, "_sampling_engine", lambda *a, **k: pytest.fail("sampled"))
+    items, _ = cloze.load_items(["arc_easy:train"], Settings().data_dir, 8, exclude_reported=True)
+    questions, _, _ = askable(items)
+    samples = {q.id: [ChatSample(f"It is {q.options[LETTERS.index(q.answer)]}.", True),
+                      ChatSample("I would rather not say.", True)] for q in questions}
+    chat_answers.write_answers(tmp_path / "answers.jsonl", samples)
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["data", "chat-answers", "--sources", "arc_easy:train", "--limit-per-source",
+                                      "8", "--answers-from", str(tmp_path / "answers.jsonl"), "--out", str(out),
+                                      "--no-clean"], env={"COLUMNS": "200"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert f"pairs from the answers in {tmp_path / 'answers.jsonl'}" in said and "smollm2" not in said
+    assert len(out.read_text().splitlines()) == len(questions) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -404,3 +405,31 @@ def test_a_pair_whose_answers_read_alike_is_dropped_even_when_redaction_made_the
     cleaned, report = clean(records, options, redactor=redactor)
     assert [r.prompt[0].content for r in cleaned] == ["Which genotype?", "Which velocity?", "Why is the sky blue?"]
     assert report.no_preference == 2 and report.input - report.removed == report.output == 3
+
+
+def test_a_bad_against_list_or_an_unwritable_folder_is_refused_before_sampling(tmp_path, monkeypatch):
+    """--against was first read when the samples were written (39 minutes into `data chat-answers`), and an
+    output folder that exists but cannot be written passed the check (making a folder that is there succeeds)."""
+    from typer.testing import CliRunner
+
+    from cli import train as train_cli
+    from cli.app import app
+    from zephyr import paths
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(train_cli, "_sampling_engine", lambda *a, **k: pytest.fail("sampled before the check"))
+    (tmp_path / "answers.jsonl").write_text("")
+    refused = CliRunner().invoke(app, ["data", "chat-answers", "--out", str(tmp_path / "p.jsonl"), "--sources",
+                                       "arc_easy:train", "--limit-per-source", "2", "--answers-from",
+                                       str(tmp_path / "answers.jsonl"), "--against", "arc_easy,sciqq"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "sciqq" in said and "Traceback" not in said, said
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = paths.os.access
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    refused = CliRunner().invoke(app, ["data", "science", "--out", str(read_only / "p.jsonl"), "--no-clean"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and f"cannot write {read_only / 'p.jsonl'}" in said, said
+    assert "its folder is not writable here" in said
