@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import DATABASE_ERRORS, console, database_failure, err, fail, load_settings, registry
+from cli.common import DATABASE_ERRORS, console, database_failure, err, fail, load_settings, os_failure, registry
 from cli.evaluate import app as eval_app
 from cli.quantize import quantize_command
 from cli.train import data_app, train_app
@@ -125,8 +125,7 @@ def models_prepare() -> None:
     except RegistryError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:  # ZEPHYR_HOME under a file, a volume mounted read-only: the init container's log says so
-        raise fail(f"cannot prepare the registry at {models.models_dir}: {exc.strerror or exc}"
-                   f"{f' ({exc.filename})' if exc.filename else ''}") from None
+        raise os_failure(f"prepare the registry at {models.models_dir}", exc) from None
     console.print(f"{entry.name}: {entry.path}")
     served = load_settings().model
     try:
@@ -160,6 +159,8 @@ def models_import(
         raise fail(f"--{where}: {first['msg']}{hint}") from None
     except RegistryError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # a registry volume read-only or full part way: the copy is not registered
+        raise os_failure(f"import {path} as {name}", exc) from None
     console.print(f"imported {entry.name} ({entry.size_bytes() / 1e6:.0f} MB) at {entry.path}")
 
 
@@ -172,6 +173,8 @@ def models_remove(name: str, yes: Annotated[bool, typer.Option("--yes", help="Do
         registry().remove(name)
     except RegistryError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:
+        raise os_failure(f"remove {name}", exc) from None
     console.print(f"removed {name}")
 
 
@@ -426,6 +429,7 @@ def log_prune(
         "--include-reviewed", help="Delete items reviewers judged, skipped or hold too, with their verdicts "
         "(export them first: `zephyr review export`)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before deleting reviewed items")] = False,
 ) -> None:
     """Delete generation-log rows older than a number of days: served chats and MCQs with their review candidates.
     Items under review stay unless --include-reviewed. The server does this hourly with ZEPHYR_LOG_RETENTION_DAYS."""
@@ -438,6 +442,11 @@ def log_prune(
     settings = load_settings()
     cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
     rejected = rejected_file(settings.resolved_spill_path)
+    # Verdicts are the preference data, and nothing gives them back: asked, as `models remove` asks.
+    if include_reviewed and not dry_run and not yes and not typer.confirm(
+            f"delete every item older than {older_than_days} days with its reviewers' verdicts (export them first: "
+            "`zephyr review export`)?"):
+        raise typer.Exit(1)
 
     async def run() -> retention.Pruned:
         engine = make_engine(settings.resolved_db_url)

@@ -26,6 +26,12 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def os_failure(doing: str, exc: OSError) -> typer.Exit:
+    """`raise os_failure("remove x", exc)`: a full disk, a read-only volume, a folder of another account, in one
+    line that says what could not be done and where."""
+    return fail(f"cannot {doing}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}")
+
+
 def load_settings(**overrides) -> Settings:
     """Settings from the environment; `overrides` are a command's options of the same names (`--port`)."""
     given = {k: v for k, v in overrides.items() if v is not None}

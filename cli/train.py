@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
+from cli.common import console, csv, fail, load_settings, os_failure, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.paths import check_writable
 from zephyr.registry import Registry, RegistryError
@@ -71,6 +71,9 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
                            console=progress)
     except (RecipeError, RegistryError, TrainingError, EngineWontStart) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # a full disk, a registry not writable: the run's folder keeps what was trained
+        raise os_failure(f"finish the {method} run (`zephyr train register` registers a finished run's folder later)",
+                         exc) from None
     _report(result, method)
 
 

@@ -170,10 +170,14 @@ def not_a_full_precision_chat_model(entry: RegistryEntry) -> str | None:
         return f"{entry.name} is already quantized ({how}); start from its unquantized parent" + (
             f", {entry.manifest.parent}" if entry.manifest.parent else "")
     architectures = config.get("architectures") or []
-    if entry.manifest.method == "rm" or not any(a.endswith("ForCausalLM") for a in architectures):
+    if entry.manifest.method == "rm" or not _causal(architectures):
         return (f"{entry.name} is no causal language model ({entry.manifest.method} entry, "
                 f"{', '.join(architectures) or 'no architectures in config.json'}); start from a chat model")
     return None
+
+
+def _causal(architectures: list[str]) -> bool:
+    return any(a.endswith("ForCausalLM") for a in architectures)
 
 
 def is_bitsandbytes(model: RegistryEntry | Path) -> bool:
@@ -220,6 +224,11 @@ def vllm_serving_problem(model: RegistryEntry | Path, name: str | None = None) -
     """Why vLLM cannot serve this checkpoint on this machine, or None. Checked before vLLM starts, so the
     message names the way out instead of an engine traceback a minute later."""
     name = name or (model.name if isinstance(model, RegistryEntry) else Path(model).name)
+    path = model.path if isinstance(model, RegistryEntry) else Path(model)
+    architectures = _read_json(path / "config.json").get("architectures") or []
+    if architectures and not _causal(architectures):  # a reward model: no text to generate, no option to score
+        return (f"model {name} is no causal language model ({', '.join(architectures)}): a reward model scores "
+                "answers (`zephyr eval run --reward-model`); serve, evaluate or sample from a chat model")
     if is_weight_only_int4(model) and (capability := vllm_cpu_lacks_int4_kernel()):
         return (f"model {name} has 4-bit weights, and vLLM's CPU build has no 4-bit kernel for this CPU "
                 f"({capability}; vLLM builds it for AVX-512 only). Serve it on a CPU with AVX-512 or a GPU, or "

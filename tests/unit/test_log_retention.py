@@ -180,6 +180,13 @@ def test_the_cli_counts_then_prunes(tmp_path, monkeypatch):
     assert done.exit_code == 0 and "Deleted" in done.output, done.output
     assert before - asyncio.run(left()) == {"old-unreviewed", "old-unreviewed-cand", "orphan-cand"}
     assert len(rejected.read_text().splitlines()) == 2  # the recent refused row and set-aside line
+    # Reviewed items go only when asked, and the command asks first: their verdicts are the preference data.
+    kept = asyncio.run(left())
+    declined = runner.invoke(app, ["log", "prune", "--older-than-days", "90", "--include-reviewed"], input="n\n")
+    assert declined.exit_code == 1 and "with its reviewers' verdicts" in " ".join(declined.output.split())
+    assert asyncio.run(left()) == kept
+    confirmed = runner.invoke(app, ["log", "prune", "--older-than-days", "90", "--include-reviewed", "--yes"])
+    assert confirmed.exit_code == 0 and asyncio.run(left()) < kept, confirmed.output
     refused = runner.invoke(app, ["log", "prune", "--older-than-days", "0"])
     assert refused.exit_code != 0 and "older-than-days" in refused.output
 

@@ -353,9 +353,9 @@ def test_an_imported_folder_records_where_it_came_from(home, default_model, monk
     assert manifest["source"] == str(tmp_path / "folder")
 
 
-def test_chat_ends_in_one_line_when_the_stream_breaks_off(home):
+def test_chat_says_in_one_line_when_the_stream_breaks_off_and_goes_on(home):
     """The server sends an error event inside a stream that had begun (its engine stopped): the official client
-    raises its base APIError, which the command reported as a traceback."""
+    raises its base APIError, which the command reported as a traceback (then ended the session on it)."""
     import http.server
     import threading
 
@@ -387,11 +387,12 @@ def test_chat_ends_in_one_line_when_the_stream_breaks_off(home):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         result = runner.invoke(app, ["chat", "--url", f"http://127.0.0.1:{server.server_port}/v1"],
-                               input="Why is the sky blue?\n")
+                               input="Why is the sky blue?\nAnd why is it red at sunset?\n")
     finally:
         server.shutdown()
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert "the answer broke off: the engine stopped" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "Traceback" not in said, result.output
+    assert said.count("the answer broke off: the engine stopped; ask again") == 2  # asked again after the first
 
 
 def test_two_writers_of_one_name_never_mix_their_weights(tmp_path, default_model, monkeypatch):
@@ -515,3 +516,44 @@ def test_a_move_that_fails_leaves_the_weights_where_they_were_and_no_hidden_copy
     entry = registry.add(source, ModelManifest(name="q", method="imported"), move=True)
     assert sorted(p.name for p in entry.path.iterdir()) == sorted([*before, "zephyr.json"])
     assert not source.exists()  # moved: across filesystems, its source deleted once the entry was in
+
+
+def test_a_reward_model_is_refused_as_a_model_to_serve_or_score(tmp_path, monkeypatch):
+    """A reward model (a sequence classifier) was handed to vLLM by `serve`, `eval run` and the data samplers,
+    which failed after the engine's start-up or at the first request."""
+    from offline.engine import OfflineEngine
+    from zephyr import registry
+    from zephyr.settings import Settings
+
+    scorer = tmp_path / "tiny-rm"
+    scorer.mkdir()
+    (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    problem = registry.vllm_serving_problem(scorer)
+    assert problem and problem.startswith("model tiny-rm is no causal language model (LlamaForSequenceClassification)")
+    with pytest.raises(RegistryError, match="no causal language model"):
+        OfflineEngine(scorer, Settings(home=tmp_path))
+    (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert registry.vllm_serving_problem(scorer) is None
+
+    (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja"):  # there, whatever they hold
+        (scorer / name).write_text("{}")
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    Registry(tmp_path / "home" / "models").add(scorer, ModelManifest(name="tiny-rm", method="rm"))
+    result = runner.invoke(app, ["serve", "--model", "tiny-rm"])
+    assert result.exit_code == 1 and "no causal language model" in " ".join(result.output.split())
+
+
+def test_a_registry_that_cannot_be_written_is_one_line_for_import_and_remove(tmp_path, default_model, monkeypatch):
+    """`models import` and `models remove` caught only the registry's own errors: a volume that cannot be written
+    (here its lock file cannot be opened) was a traceback."""
+    home = tmp_path / "home"
+    Registry(home / "models").add(default_model.path, ModelManifest(name="kept", method="imported"))
+    (home / "models" / ".lock").unlink(missing_ok=True)
+    (home / "models" / ".lock").mkdir()  # opening it for the lock fails as a read-only volume would
+    monkeypatch.setenv("ZEPHYR_HOME", str(home))
+    for args, doing in ((["models", "import", str(default_model.path), "--name", "copy"], "cannot import"),
+                        (["models", "remove", "kept", "--yes"], "cannot remove kept")):
+        result = runner.invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and doing in said and "Traceback" not in said, said
