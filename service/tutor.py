@@ -9,10 +9,10 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 
@@ -68,9 +68,9 @@ from zephyr.settings import Settings
 # CHARS_PER_TOKEN_BOUND characters per allowed token would be refused after tokenizing anyway.
 CHARS_PER_TOKEN_BOUND = 16
 ENGINE_FAILURE_REASONS = ("error", "abort")  # vLLM's finish reasons for a request it could not finish
-GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it is greedy decoding, which allows n = 1 only
 
 log = logging.getLogger("zephyr.service")
+T = TypeVar("T")
 
 
 DOMAIN_CHUNK = 32  # questions a call when a batch's questions are embedded for their domain
@@ -230,8 +230,9 @@ class Tutor:
         self.check_model(req.model)
         self.check_n(req.n)
         temperature = default_temperature if req.temperature is None else req.temperature
-        if req.n > 1 and temperature < GREEDY_BELOW:
-            # vLLM refuses it, after the stream has opened; several greedy answers would all be the same one.
+        if req.n > 1 and temperature == 0:
+            # vLLM refuses it, after the stream has opened; several greedy answers would all be the same one. (It
+            # samples any temperature above 0: one under 0.01 is raised to 0.01 before its greedy check.)
             said = "" if req.temperature is not None else " (the server's default for requests that set none)"
             raise APIError(400, f"`n` is {req.n} with temperature {temperature:g}{said}: greedy decoding gives one "
                                 "answer; set `temperature` above 0 to sample several, or `n` to 1", param="n")
@@ -381,8 +382,10 @@ class Tutor:
 
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.guard_thread, timed),
-                                          self.encoder_wait_limit)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel (a client gone) that lands as the
+            # verdict arrives, and the request then ran to its end for no one
+            async with asyncio.timeout(self.encoder_wait_limit):
+                return await asyncio.get_running_loop().run_in_executor(self.guard_thread, timed)
         except TimeoutError:  # a task not yet begun is cancelled with the wait; one running cannot be stopped
             raise APIError(503, f"the safety guard gave no verdict within {self.encoder_wait_limit:g} s; retry",
                            code="guard_stalled") from None
@@ -878,14 +881,14 @@ class Tutor:
                                code="engine_unavailable")
             return requested
 
-        scored = list(await asyncio.gather(*(score(i, ids, n, True) for i, (ids, n) in enumerate(requests))))
+        [scored] = await together([score(i, ids, n, True) for i, (ids, n) in enumerate(requests)])
         missing = [lacking for lacking, _ in scored]
         rescore = [i for i, lacking in enumerate(missing) if lacking > 1]
         wanted = mcq.first_tokens_by_context(requests, missing)
         # Independent of each other: the rescored options and the context requests go to the engine together.
-        again, firsts = await asyncio.gather(
-            asyncio.gather(*(score(i, *requests[i], False) for i in rescore)),
-            asyncio.gather(*(next_token(i, context, tokens) for i, (context, tokens) in enumerate(wanted.items()))))
+        again, firsts = await together(
+            [score(i, *requests[i], False) for i in rescore],
+            [next_token(i, context, tokens) for i, (context, tokens) in enumerate(wanted.items())])
         for i, value in zip(rescore, again, strict=True):
             scored[i] = value
         found = dict(zip(wanted, firsts, strict=True))
@@ -955,6 +958,17 @@ class Tutor:
         except* Exception as failures:
             raise first_failure(failures) from None
         return [task.result() for task in tasks]
+
+
+async def together(*groups: list[Coroutine[Any, Any, T]]) -> list[list[T]]:
+    """Every group's results in order, all run at once. The first failure cancels the rest and is raised alone:
+    `asyncio.gather` raised it and left its siblings running in the engine, uncounted by admission."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [[group.create_task(coro) for coro in coros] for coros in groups]
+    except* Exception as failures:
+        raise first_failure(failures) from None
+    return [[task.result() for task in row] for row in tasks]
 
 
 def first_failure(failures: BaseExceptionGroup) -> BaseException:

@@ -72,7 +72,7 @@ class StubEngine:
             await self.killed.wait()
         if self._errored:
             raise EngineUnavailable("the inference engine stopped; retry on another replica")
-        if params.n > 1 and params.temperature < 1e-5:  # vLLM's SamplingParams refuses it
+        if params.n > 1 and params.temperature == 0:  # vLLM's SamplingParams refuses it (it raises 1e-6 to 0.01)
             raise EngineRejected("n must be 1 when using greedy sampling, got 2.")
         if self.score_delay and (params.allowed_token_ids or params.prompt_logprobs or params.logprob_token_ids):
             await asyncio.sleep(self.score_delay)

@@ -148,3 +148,44 @@ async def test_a_hung_safety_guard_fails_its_requests_and_the_server_asks_for_a_
             assert not served.engine.killed.is_set()  # the engine was fine: only the guard's thread hung
         finally:
             released.set()
+
+
+async def test_a_client_gone_as_the_encoders_verdict_arrives_still_cancels_the_request(served, monkeypatch):
+    """On Python 3.11 `asyncio.wait_for` swallowed a cancel that landed after the encoder's result was set and
+    before the waiting task ran again: the hang-up was lost, and the request ran on to its end for no one."""
+    import pytest
+
+    tutor = served.app.state.tutor
+    loop = asyncio.get_running_loop()
+    verdict = loop.create_future()
+    monkeypatch.setattr(loop, "run_in_executor", lambda executor, work, *args: verdict)
+    asking = asyncio.ensure_future(tutor.on_encoder("answer_guard", lambda: None))
+    await asyncio.sleep(0)  # waiting for the encoder's thread
+    verdict.set_result([])  # the verdict arrives...
+    asking.cancel()  # ...and the client hangs up before the waiting request runs again
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+
+
+async def test_one_failing_cloze_option_cancels_the_others_in_the_engine(served, monkeypatch):
+    """/mcq's cloze scored its options through asyncio.gather: when one option's request failed, the 503 went out
+    and the admission place was freed while the others ran on in the engine."""
+    from service.errors import APIError
+
+    engine = served.engine
+    engine.score_delay = 0.5
+    generate, finished = engine.generate, []
+
+    async def one_fails(prompt_ids, params, request_id):
+        if request_id.endswith("-cloze0"):
+            raise APIError(503, "no log-probabilities for an option", code="engine_unavailable")
+        async for output in generate(prompt_ids, params, request_id):
+            yield output
+        finished.append(request_id)
+
+    monkeypatch.setattr(engine, "generate", one_fails)
+    r = await served.client.post("/mcq", json={"question": "Which gas do plants take in?", "method": "cloze",
+                                               "options": ["Oxygen", "Carbon dioxide", "Helium"]})
+    assert r.status_code == 503, r.text
+    await asyncio.sleep(1.0)  # past the others' scoring time
+    assert finished == []  # cancelled with the failure, not run to their end
