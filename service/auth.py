@@ -33,6 +33,27 @@ from zephyr.paths import private_dir, private_file
 
 OPEN_IDENTITY = "open"  # who every request is when the server runs open (no keys, loopback only)
 SESSION_COOKIE = "zephyr_review"
+# Over HTTPS the cookie is `__Host-` prefixed: a browser takes such a cookie only from this very host (no Domain, Path
+# /, Secure), so a page on a sibling subdomain cannot plant its own sign-in beside or instead of a reviewer's.
+SECURE_SESSION_COOKIE = "__Host-zephyr_review"
+
+
+def session_cookie(request: Request) -> tuple[str, str]:
+    """The review sign-in cookie's name and path for this request's scheme (as the proxy in front says it was)."""
+    return (SECURE_SESSION_COOKIE, "/") if request.url.scheme == "https" else (SESSION_COOKIE, "/review")
+
+
+def session_token(request: Request) -> str | None:
+    """The sign-in cookie's token. Two of them (one a sibling subdomain set for the parent domain, which the browser
+    sends beside the reviewer's own, and which the cookie parser would take in its place) are refused: verdicts
+    would be given under another reviewer's name."""
+    name, path = session_cookie(request)
+    sent = [part.split("=", 1)[0].strip() for part in request.headers.get("cookie", "").split(";")]
+    if sent.count(name) > 1:
+        raise APIError(401, "two review sign-in cookies arrived, one of them set by another site under this domain; "
+                            "clear this site's cookies in the browser and sign in again", code="invalid_session",
+                       headers={"Set-Cookie": f"{name}=; Max-Age=0; Path={path}; HttpOnly; SameSite=strict"})
+    return request.cookies.get(name)
 SECRET_FILE = "secret"
 
 
@@ -361,6 +382,7 @@ async def authenticate(request: Request, authorization: str | None, session_toke
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CHECKED_PRINCIPAL = "zephyr.principal"  # the request scope's key for the principal `require` found
 SAME_ORIGIN = frozenset({"same-origin", "none"})  # "none": typed by the user, not sent by a page
 
 
@@ -389,8 +411,10 @@ def require(*roles: str, session: bool = False, claims: bool = False) -> Callabl
     GET that changes state (the review queue's next item is claimed), held to the page's own origin as a POST is."""
 
     async def dependency(request: Request) -> Principal:
+        if (checked := request.scope.get(CHECKED_PRINCIPAL)) is not None:  # by the route, before it read the body
+            return checked
         authorization = request.headers.get("authorization")
-        token = request.cookies.get(SESSION_COOKIE) if session and not authorization else None
+        token = session_token(request) if session and not authorization else None
         if token and (claims or request.method not in SAFE_METHODS) and from_another_site(request):
             # SameSite=Strict keeps other sites' requests from carrying the cookie, not a sibling subdomain's; the
             # browser says where a request came from (Sec-Fetch-Site), and only the page itself may change state.
@@ -401,6 +425,8 @@ def require(*roles: str, session: bool = False, claims: bool = False) -> Callabl
                            code="forbidden")
         _count_work(request.app.state, principal, 1)
         request.state.principal = principal
+        request.scope[CHECKED_PRINCIPAL] = principal  # checked and counted once, whoever runs it first
         return principal
 
+    dependency.checks_credentials = True  # type: ignore[attr-defined]  # what UnambiguousJSONRoute runs first
     return dependency

@@ -13,7 +13,15 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, StrictStr
 
-from service.auth import SESSION_COOKIE, Principal, authenticate, client_address, from_another_site, require
+from service.auth import (
+    Principal,
+    authenticate,
+    client_address,
+    from_another_site,
+    require,
+    session_cookie,
+    session_token,
+)
 from service.errors import APIError
 from service.jsonbody import UnambiguousJSONRoute
 from service.protocol import INT32_MAX, Strict
@@ -93,9 +101,10 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
     if principal.role not in ("reviewer", "admin"):
         raise APIError(403, f"the review page needs a reviewer key; this key is `{principal.role}`", code="forbidden")
     response = JSONResponse(whoami(request, principal), headers=NOT_STORED)
+    name, path = session_cookie(request)
     response.set_cookie(
-        SESSION_COOKIE, await state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
-        path="/review", httponly=True, samesite="strict", secure=request.url.scheme == "https",
+        name, await state.sessions.issue(principal), max_age=int(state.sessions.max_age_seconds),
+        path=path, httponly=True, samesite="strict", secure=request.url.scheme == "https",
     )
     return response
 
@@ -103,10 +112,15 @@ async def sign_in(body: SignIn, request: Request) -> JSONResponse:
 @router.delete("/session")
 async def sign_out(request: Request) -> Response:
     """Ends the session on the server too: a copy of the cookie stops working at once."""
-    if token := request.cookies.get(SESSION_COOKIE):
+    name, path = session_cookie(request)
+    try:
+        token = session_token(request)
+    except APIError:  # two cookies: neither is revoked (which is ours?), ours is cleared all the same
+        token = None
+    if token:
         await request.app.state.sessions.revoke(token)
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/review")
+    response.delete_cookie(name, path=path)
     return response
 
 

@@ -37,6 +37,7 @@ RULES: dict[tuple[str, str], str | frozenset[str]] = {
     ("GET", "/review/export"): ADMINS,
 }
 KEYS = {"student": STUDENT_KEY, "reviewer": REVIEWER_KEY, "admin": ADMIN_KEY}
+CHAT_PATH = "/v1/chat/completions"
 PATH_VALUES = {"{name}": "review.js"}
 
 
@@ -81,3 +82,22 @@ async def test_each_identity_gets_exactly_what_its_rule_allows(app_factory, iden
                 assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", where
             else:
                 assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", where
+
+
+async def test_credentials_are_checked_before_the_body_is_parsed(app_factory):
+    """FastAPI parses a JSON body before any dependency runs: a request without a key (never counted against its
+    address) had the event loop parse up to a megabyte of JSON, every time. Its body is now left unread."""
+    twice = '{"question": "Which gas?", "question": "Which metal?", "options": ["a", "b"]}'
+    large_twice = '{"messages": [' + ",".join(['{"role": "user", "content": "hi"}'] * 3000) + '], "n": 1, "n": 2}'
+    async with app_factory(rate_limit="", auth_failure_limit="") as served:
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer not-a-key"}):  # none (the client's own
+            # default is a student key), and a wrong one
+            for path, body in (("/mcq", twice), (CHAT_PATH, large_twice)):
+                r = await served.client.post(path, content=body, headers={**headers,
+                                                                         "Content-Type": "application/json"})
+                assert r.status_code == 401, r.text  # not the 400 its parsed body would have earned
+        for path, body, field in (("/mcq", twice, "question"), (CHAT_PATH, large_twice, "n")):
+            assert len(body) > 64 * 1024 or path == "/mcq"  # the large one is parsed off the event loop
+            r = await served.client.post(path, content=body, headers={"Authorization": f"Bearer {STUDENT_KEY}",
+                                                                      "Content-Type": "application/json"})
+            assert r.status_code == 400 and f"key `{field}` appears twice" in r.text, r.text

@@ -447,3 +447,38 @@ def test_the_comment_box_holds_what_the_api_takes():
 
     page = (Path(routes.__file__).parent / "static" / "review.html").read_text()
     assert f'<textarea id="comment" maxlength="{routes.MAX_COMMENT_CHARS}"' in page
+
+
+async def test_a_second_sign_in_cookie_planted_for_the_parent_domain_is_refused(app_factory):
+    """A page on a sibling subdomain can set `zephyr_review` for the parent domain; the browser sends it beside the
+    reviewer's own, and the cookie parser kept the last: the reviewer's verdicts went under the planter's name."""
+    async with app_factory() as served:
+        client = served.client
+        assert (await client.post("/review/session", json={"key": REVIEWER_KEY})).status_code == 200
+        own = client.cookies.get("zephyr_review")
+        both = {"Authorization": "", "Cookie": f"zephyr_review={own}; zephyr_review={own[:-2]}xx"}
+        r = await client.get("/review/api/me", headers=both)
+        assert r.status_code == 401 and "two review sign-in cookies" in r.json()["error"]["message"], r.text
+        assert r.headers["set-cookie"].startswith("zephyr_review=;") and "Max-Age=0" in r.headers["set-cookie"]
+        assert (await client.get("/review/api/me", headers={"Authorization": "",
+                                                            "Cookie": f"zephyr_review={own}"})).status_code == 200
+
+
+async def test_over_https_the_sign_in_cookie_is_host_only(app_factory):
+    async with app_factory() as served:
+        client = served.client
+        signed = await client.post("https://testserver/review/session", json={"key": REVIEWER_KEY})
+        assert signed.status_code == 200, signed.text
+        cookie = signed.headers["set-cookie"]
+        assert cookie.startswith("__Host-zephyr_review=") and "Path=/;" in cookie and "Secure" in cookie
+        token = cookie.split(";")[0].split("=", 1)[1]
+        # the plain name, which a sibling subdomain could set, is not read over HTTPS
+        plain = await client.get("https://testserver/review/api/me",
+                                 headers={"Authorization": "", "Cookie": f"zephyr_review={token}"})
+        assert plain.status_code == 401
+        me = await client.get("https://testserver/review/api/me",
+                              headers={"Authorization": "", "Cookie": f"__Host-zephyr_review={token}"})
+        assert me.status_code == 200 and me.json()["role"] == "reviewer"
+        out = await client.delete("https://testserver/review/session",
+                                  headers={"Cookie": f"__Host-zephyr_review={token}"})
+        assert out.status_code == 204 and out.headers["set-cookie"].startswith("__Host-zephyr_review=")
