@@ -55,7 +55,8 @@ def _with_shipped_calibration(registry: Registry, entry: RegistryEntry, console:
     record = shipped_calibration()
     if manifest.mcq_calibration == record:
         return entry
-    registry.record_calibration(entry.name, record, shipped=True)
+    if not registry.record_calibration(entry.name, record, shipped=True):
+        return registry.get(entry.name)  # an operator calibrated it since it was read: theirs stays
     updated = "updated to" if manifest.mcq_calibration is not None else "answers by"
     console.print(f"[green]✓[/] {entry.name}: /mcq `auto` {updated} the shipped calibration record ({record.method}, "
                   f"fitted {record.created_at:%Y-%m-%d} on validation splits)")

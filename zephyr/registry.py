@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -262,13 +261,26 @@ class Registry:
     def _staging_of(self, name: str) -> Path:
         return self.path_of(name).with_name(f".{name}.incoming")
 
-    def list(self) -> list[RegistryEntry]:
+    def _folders(self) -> list[Path]:
+        """The entries' folders: not staging or replaced ones (hidden), nor a folder without a manifest. A folder
+        that cannot be looked into (another account's, mode 000) is one: its manifest is then unreadable."""
         if not self.models_dir.is_dir():
             return []
-        entries = []
+        folders = []
         for folder in sorted(self.models_dir.iterdir()):
-            if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
-                continue  # staging and replaced folders
+            if folder.name.startswith("."):
+                continue
+            try:
+                if not (folder / MANIFEST).is_file():
+                    continue
+            except OSError:  # Python 3.11 raises a permission error here rather than saying False
+                pass
+            folders.append(folder)
+        return folders
+
+    def list(self) -> list[RegistryEntry]:
+        entries = []
+        for folder in self._folders():
             try:
                 entries.append(self._load(folder))
             except RegistryError as exc:  # one damaged manifest must not hide every other model
@@ -291,6 +303,9 @@ class Registry:
         except ValueError as exc:
             raise RegistryError(f"{folder / MANIFEST} cannot be read ({str(exc).splitlines()[0]}); restore it, or "
                                 f"delete the folder {folder}") from None
+        except OSError as exc:  # another account's folder, a disk error: one line, not a traceback
+            raise RegistryError(f"{folder / MANIFEST} cannot be read ({exc.strerror or exc}); give this account "
+                                f"access to {folder}, or delete it") from None
         # The manifest's name is the model's identity for every later write (its results, its evals, its
         # calibration): a folder copied by hand, or a name edited in, would write them into another model's place.
         if manifest.name != folder.name:
@@ -389,7 +404,21 @@ class Registry:
             self.check_replaceable(name)
 
     def children_of(self, name: str) -> list[str]:
-        return [e.name for e in self.list() if e.manifest.parent == name]
+        """The entries made from `name`. A manifest that cannot be read is not passed over (`list` skips it): its
+        parent is read from its JSON, and a manifest that is not even JSON is an error, since it may be a child."""
+        children = []
+        for folder in self._folders():
+            try:
+                parent = self._load(folder).manifest.parent
+            except RegistryError as exc:
+                try:
+                    raw = json.loads((folder / MANIFEST).read_text())
+                    parent = raw.get("parent") if isinstance(raw, dict) else None
+                except (OSError, ValueError):
+                    raise RegistryError(f"cannot tell whether {folder.name!r} was made from {name!r}: {exc}") from None
+            if parent == name:
+                children.append(folder.name)
+        return children
 
     def check_replaceable(self, name: str) -> None:
         """An entry other entries were made from (trained on or quantized from its weights) is never replaced:
@@ -419,21 +448,28 @@ class Registry:
             self._save(entry)
 
     def record_calibration(self, name: str, calibration: MCQCalibration | None, shipped: bool = False,
-                           made_at: datetime | None = None) -> None:
+                           made_at: datetime | None = None) -> bool:
+        """Whether it was written: a shipped record never replaces an operator's own, as read under the lock (one
+        may have been recorded since the caller looked)."""
         with self._updating(name, made_at) as entry:
+            current = entry.manifest
+            if shipped and current.mcq_calibration is not None and not current.mcq_calibration_shipped:
+                return False
             entry.manifest.mcq_calibration = calibration
             entry.manifest.mcq_calibration_shipped = shipped
             self._save(entry)
+            return True
 
     @contextlib.contextmanager
     def _updating(self, name: str, made_at: datetime | None = None) -> Iterator[RegistryEntry]:
-        """The entry read under an exclusive lock on its folder, held until its manifest is written back: two
-        processes recording at once (an eval run beside a calibration) would each write back what they read, and
-        the later one drop the other's change. With `made_at`, the entry must still be the one made then: an hour's
+        """The entry read under the registry's lock, held until its manifest is written back: two processes
+        recording at once (an eval run beside a calibration) would each write back what they read, and the later one
+        drop the other's change. The lock is the one `add` and `remove` take (a lock on the entry's folder was not:
+        an `--overwrite` between the read and the write put the old manifest on the new weights; and a directory's
+        lock does not reach an NFS server). With `made_at`, the entry must still be the one made then: an hour's
         measurement must not land in weights trained or quantized under the name meanwhile (`--overwrite`)."""
-        folder = os.open(self.get(name).path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
+        self.path_of(name)  # the name is checked before anything is touched (the lock file made)
+        with self._writing():
             entry = self.get(name)
             if made_at is not None and entry.manifest.created_at != made_at:
                 raise RegistryError(f"model {name!r} was made again while it was measured (the measured entry was "
@@ -441,8 +477,6 @@ class Registry:
                                     f"{entry.manifest.created_at.isoformat()}); its result is not recorded: measure "
                                     "it again")
             yield entry
-        finally:
-            os.close(folder)  # releases the lock
 
     def _save(self, entry: RegistryEntry) -> None:
         write_text_atomic(entry.path / MANIFEST, entry.manifest.model_dump_json(indent=2))

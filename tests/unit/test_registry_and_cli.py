@@ -557,3 +557,66 @@ def test_a_registry_that_cannot_be_written_is_one_line_for_import_and_remove(tmp
         result = runner.invoke(app, args)
         said = " ".join(result.output.split())
         assert result.exit_code == 1 and doing in said and "Traceback" not in said, said
+
+
+def test_a_manifest_written_back_never_lands_on_weights_that_replaced_it(tmp_path, default_model):
+    """Recording a result locked the entry's folder, which `add --overwrite` does not take: weights imported between
+    the read and the write-back got the old entry's manifest (its method, parent, calibration)."""
+    import threading
+
+    registry = Registry(tmp_path / "models")
+    old = registry.add(default_model.path, ModelManifest(name="m", method="imported"))
+    inside, replaced = threading.Event(), threading.Event()
+
+    def overwrite():
+        inside.wait(10)
+        registry.add(default_model.path, ModelManifest(name="m", method="sft"), overwrite=True)
+        replaced.set()
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    try:
+        with registry._updating("m", old.manifest.created_at) as entry:
+            inside.set()
+            assert not replaced.wait(1.0)  # the overwrite waits for the write-back
+            entry.manifest.evals["k"] = 1
+            registry._save(entry)
+    finally:
+        writer.join(60)
+    now = registry.get("m").manifest
+    assert now.method == "sft" and "k" not in now.evals
+
+
+def test_a_child_whose_manifest_cannot_be_validated_still_keeps_its_parent(tmp_path, default_model, monkeypatch):
+    """`children_of` read `list()`, which skips an entry it cannot validate: its parent could be removed."""
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="p", method="imported"))
+    registry.add(default_model.path, ModelManifest(name="c", method="sft", parent="p"))
+    manifest = tmp_path / "models" / "c" / "zephyr.json"
+    raw = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**raw, "method": "a-method-of-a-newer-version"}))
+    with pytest.raises(RegistryError, match="parent of c"):
+        registry.remove("p")
+    manifest.write_text("{")  # not even JSON: it may be p's child, so p stays
+    with pytest.raises(RegistryError, match="cannot tell whether 'c' was made from 'p'"):
+        registry.remove("p")
+    assert registry.exists("p")
+
+    real = type(manifest).read_text
+    monkeypatch.setattr(type(manifest), "read_text",
+                        lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self == manifest else real(self, *a, **k))
+    assert [e.name for e in registry.list()] == ["p"]  # the unreadable one is skipped, with a warning
+    with pytest.raises(RegistryError, match="cannot be read \\(Permission denied\\)"):
+        registry.get("c")
+
+
+def test_a_shipped_record_never_replaces_an_operators_own(tmp_path, default_model):
+    from zephyr.mcq import MCQCalibration
+
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="m", method="imported"))
+    own = MCQCalibration(method="cloze", weights={"cloze": 1.0})
+    assert registry.record_calibration("m", own)
+    assert not registry.record_calibration("m", MCQCalibration(method="letter", weights={"letter": 1.0}), shipped=True)
+    assert registry.get("m").manifest.mcq_calibration == own
