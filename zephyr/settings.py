@@ -246,6 +246,14 @@ class Settings(BaseSettings):
                              "(empty turns it off)")
         return value
 
+    @field_validator("system_prompt", mode="after")
+    @classmethod
+    def _system_prompt_says_something(cls, value: str) -> str:
+        if not value.strip():  # a blank system turn would still replace the chat template's own default one
+            raise ValueError("ZEPHYR_SYSTEM_PROMPT is blank; to send no system prompt set "
+                             "ZEPHYR_SYSTEM_PROMPT_ENABLED=false, else unset it for the default")
+        return value
+
     @field_validator("pii_entities", mode="after")
     @classmethod
     def _known_entities(cls, value: list[str]) -> list[str]:

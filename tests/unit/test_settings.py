@@ -186,3 +186,11 @@ async def test_the_server_warns_of_them_as_it_starts(monkeypatch, caplog, app_fa
             pass
     assert "ZEPHYR_DRAIN_SECOND is no setting and is ignored; did you mean ZEPHYR_DRAIN_SECONDS?" in [
         record.getMessage() for record in caplog.records if record.name == "zephyr.service"]
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_system_prompt_is_refused_with_the_way_to_send_none(monkeypatch, value):
+    """A chart value left "" sent an empty system turn, which also replaced the chat template's own default."""
+    monkeypatch.setenv("ZEPHYR_SYSTEM_PROMPT", value)
+    with pytest.raises(ValueError, match="ZEPHYR_SYSTEM_PROMPT_ENABLED=false"):
+        Settings()
