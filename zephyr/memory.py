@@ -77,19 +77,59 @@ def total_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _cgroup_free() -> int | None:
-    """A container's memory limit minus its use (cgroup v2, then v1); None outside a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# (folder under the root, limit file, usage file, the memory.stat line of reclaimable file cache), v2 then v1
+_CGROUP_FILES = (("", "memory.max", "memory.current", "inactive_file"),
+                 ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_paths(membership: str) -> tuple[str, str]:
+    """This process's memory cgroup in the v2 and the v1 hierarchy, from /proc/self/cgroup ("/" where unnamed)."""
+    v2 = v1 = "/"
+    for line in membership.splitlines():
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and controllers == "":
+            v2 = path or "/"
+        elif "memory" in controllers.split(","):
+            v1 = path or "/"
+    return v2, v1
+
+
+def _cgroup_free(root: Path = CGROUP_ROOT, membership: str | None = None) -> int | None:
+    """The least headroom of this process's memory cgroup and of those above it (cgroup v2, then v1): its limit
+    less what it uses, counting as the kubelet does (its working set: the inactive file cache is reclaimed before
+    an OOM kill, so a container that has read gigabytes of files is not full). The cgroup is the process's own,
+    not only the root's: under systemd's MemoryMax, a batch job or a container without its own cgroup namespace,
+    the limit sits below the root. None where no limit applies."""
+    if membership is None:
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < total_bytes():
-            return int(limit) - usage
-    return None
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    headrooms = []
+    for (hierarchy, limit_name, usage_name, cache_line), own in zip(_CGROUP_FILES, _cgroup_paths(membership),
+                                                                    strict=True):
+        base = root / hierarchy if hierarchy else root
+        parts = [part for part in own.split("/") if part and part != ".."]
+        for depth in range(len(parts), -1, -1):  # the process's own cgroup first, then each one above it
+            folder = base.joinpath(*parts[:depth])
+            try:
+                limit = (folder / limit_name).read_text().strip()
+                usage = int((folder / usage_name).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if not limit.isdigit() or int(limit) >= total_bytes():
+                continue
+            try:
+                stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines()
+                            if len(line.split()) >= 2)
+                cache = int(stat.get(cache_line, 0))
+            except (OSError, ValueError):
+                cache = 0
+            headrooms.append(int(limit) - max(usage - cache, 0))
+        if headrooms:  # v2 found a limit: v1's files, if any are mounted too, are not this process's
+            break
+    return min(headrooms) if headrooms else None
 
 
 def available_bytes() -> int | None:

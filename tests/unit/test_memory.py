@@ -122,3 +122,30 @@ def test_a_builders_sampling_engine_that_would_not_start_is_one_line_not_a_trace
     entry = Registry(default_model.path.parent).get(default_model.name)
     with pytest.raises(typer.Exit), _sampling_engine(entry, Settings(block_size=48), seed=0):
         pass
+
+
+def _cgroup(folder, limit: str, usage: int, stat: str = "", v1: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if v1 else ("memory.max", "memory.current")
+    (folder / names[0]).write_text(limit + "\n")
+    (folder / names[1]).write_text(f"{usage}\n")
+    (folder / "memory.stat").write_text(stat)
+
+
+def test_a_containers_headroom_is_its_own_cgroups_less_the_reclaimable_file_cache(tmp_path, monkeypatch):
+    """The check read only the root's limit (none under systemd's MemoryMax, a batch job, a container without its
+    own cgroup namespace: the engine was then OOM-killed), and counted the page cache as used (a container that had
+    read 10 GB of files was refused an engine the kernel had room for)."""
+    GIB = memory.GIB
+    monkeypatch.setattr(memory, "total_bytes", lambda: 64 * GIB)
+    job = tmp_path / "system.slice" / "job.scope"
+    _cgroup(job, str(8 * GIB), 7 * GIB, f"anon {3 * GIB}\ninactive_file {4 * GIB}\nactive_file 0\n")
+    assert memory._cgroup_free(tmp_path, "0::/system.slice/job.scope\n") == 5 * GIB  # 8 - (7 - 4)
+    _cgroup(tmp_path / "system.slice", str(6 * GIB), 5 * GIB + GIB // 2)  # a tighter limit above it
+    assert memory._cgroup_free(tmp_path, "0::/system.slice/job.scope\n") == GIB // 2
+    assert memory._cgroup_free(tmp_path, "0::/elsewhere\n") is None  # no limit on the way up
+    _cgroup(tmp_path / "memory" / "docker" / "abc", str(2 * GIB), GIB, f"total_inactive_file {GIB // 2}\n", v1=True)
+    assert memory._cgroup_free(tmp_path, "4:memory:/docker/abc\n0::/\n") == GIB + GIB // 2  # cgroup v1
+    _cgroup(job, "max", 7 * GIB)
+    (tmp_path / "system.slice" / "memory.max").write_text("max\n")
+    assert memory._cgroup_free(tmp_path, "0::/system.slice/job.scope\n") is None
