@@ -453,7 +453,6 @@ def data_restate(
     its letter; rejected replies restate a wrong option, or the key with a wrong letter."""
     from offline.benchmarks import SourceError
     from training.data import cloze, science
-    from zephyr.mcq import MCQFormatError
 
     settings = load_settings()
     try:
@@ -462,15 +461,9 @@ def data_restate(
         _say_reserved(reserved)
     except SourceError as exc:
         raise fail(str(exc)) from None
-    usable = []
-    for item in items:
-        try:
-            science.mcq.MCQuestion.build(item.question, item.options)
-            usable.append(item)
-        except MCQFormatError:
-            pass
-    pairs, kinds = science.restate_pairs(usable, seed=seed)
-    console.print(f"{len(pairs)} restate pairs from {len(items)} questions ({len(items) - len(usable)} "
+    accepted, refused = cloze.usable(items)
+    pairs, kinds = science.restate_pairs([item for item, _ in accepted], seed=seed)
+    console.print(f"{len(pairs)} restate pairs from {len(items)} questions ({refused} "
                          f"skipped: options the MCQ format refuses); rejected: "
                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     _clean_and_write(pairs, out, PreferencePair, clean=clean, title="preference pairs")
