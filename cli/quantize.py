@@ -16,6 +16,7 @@ METHOD_HELP = "; ".join(f"{m}: {', '.join(s)}" for m, s in SCHEMES.items())
 
 
 def quantize_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Registry model to quantize (an unquantized one)")],
     method: Annotated[str, typer.Option(help="gptq | awq | w8a8 | easyquant | bnb")],
     scheme: Annotated[str | None, typer.Option(help=f"Scheme, default the first listed: {METHOD_HELP}")] = None,
@@ -57,9 +58,13 @@ def quantize_command(
     """Quantize a registry model into a new registry entry (compressed-tensors, served by vLLM as it is)."""
     from quant.calibration import CalibrationError
     from quant.env import QuantEnvError
-    from quant.run import QuantError, QuantOptions, quantize
+    from quant.run import READ_BY, QuantError, QuantOptions, quantize, unread_options
     from zephyr.registry import RegistryError
 
+    # by name: Typer carries its own copy of click, whose ParameterSource is not click's
+    given = [name for name in READ_BY if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+    if problem := unread_options(method, given):
+        raise fail(problem)
     settings = load_settings()
     options = QuantOptions(model=model, method=method, scheme=scheme, group_size=group_size, name=name,
                            calibration=calibration.expanduser().resolve() if calibration else None,

@@ -214,6 +214,19 @@ def test_cli_fails_before_work_with_one_line(default_model):
     assert result.exit_code == 1 and "it needs --method w8a8" in result.output
 
 
+@pytest.mark.parametrize(("method", "flags", "said"), [
+    ("w8a8", ["--group-size", "128"], "w8a8 does not read --group-size (gptq or awq or easyquant): drop it"),
+    ("gptq", ["--awq-grid", "5", "--smoothing", "0.5"], "gptq does not read --awq-grid (awq), --smoothing (w8a8)"),
+    ("easyquant", ["--samples", "64"], "easyquant does not read --samples (gptq or awq or w8a8)"),
+    ("bnb", ["--calibration-sources", "arc_easy:train"], "bnb does not read --calibration-sources"),
+])
+def test_an_option_the_method_does_not_read_is_refused_not_ignored(default_model, method, flags, said):
+    """`--method w8a8 --group-size 128` made per-channel W8A8 without a word."""
+    result = CliRunner().invoke(app, ["quantize", "--model", default_model.name, "--method", method, *flags],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and said in " ".join(result.output.split()), result.output
+
+
 def test_tutoring_chats_use_support_and_both_styles():
     item = MCQItem(id="q1", question="What do plants need for photosynthesis?", options=["sand", "light"],
                    answer="B", support="Plants capture light energy in chlorophyll.")
