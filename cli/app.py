@@ -226,26 +226,33 @@ def chat(
         history.append({"role": "user", "content": question})
         console.print("[bold green]tutor>[/] ", end="")
         answer: list[str] = []
+        stream = None
         # A failed turn ends that turn, not the session: the question is taken back and the conversation goes on.
         try:
+            # The server sends its headers with the first event: this call waits through the queue and the prefill.
             stream = client.chat.completions.create(model=model, messages=history, stream=True,
                                                     max_tokens=max_tokens, **sampling)
-            try:
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        answer.append(chunk.choices[0].delta.content)
-                        console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
-            except KeyboardInterrupt:  # Ctrl-C stops this answer; what was shown stays in the conversation
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    answer.append(chunk.choices[0].delta.content)
+                    console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, waited for or begun; what was shown stays
+            if stream is not None:
                 stream.close()
-                console.print()
-                err.print("[dim](stopped)[/]")
-                if answer:
-                    history.append({"role": "assistant", "content": "".join(answer)})
-                else:
-                    history.pop()
-                continue
+            console.print()
+            err.print("[dim](stopped)[/]")
+            if answer:
+                history.append({"role": "assistant", "content": "".join(answer)})
+            else:
+                history.pop()
+            continue
         except openai.APIConnectionError:
-            raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
+            if stream is None:  # no answer began: the server is not there
+                raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
+            console.print()  # the connection dropped part way (a restart, a proxy's timeout)
+            history.pop()
+            err.print(Text("the connection broke off during the answer; ask again", style="red"))
+            continue
         except openai.APIStatusError as exc:  # a 400 (the conversation outgrew the context), a 429, a 503
             console.print()
             history.pop()

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, csv, fail, load_settings, os_failure, unwind_on_sigterm
+from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.paths import check_writable
 from zephyr.registry import Registry, RegistryError
@@ -71,9 +71,10 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
                            console=progress)
     except (RecipeError, RegistryError, TrainingError, EngineWontStart) as exc:
         raise fail(str(exc)) from None
-    except OSError as exc:  # a full disk, a registry not writable: the run's folder keeps what was trained
-        raise os_failure(f"finish the {method} run (`zephyr train register` registers a finished run's folder later)",
-                         exc) from None
+    except OSError as exc:  # a model folder transformers cannot load, a full disk, a registry not writable
+        raise fail(f"the {method} run failed: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
+                   "a run that finished training keeps its folder under ZEPHYR_HOME/runs (`zephyr train register` "
+                   "registers it)") from None
     _report(result, method)
 
 
@@ -195,9 +196,9 @@ def _check_outputs(paths: list[Path]) -> None:
     files = [path for path in resolved if not path.is_char_device() and not path.is_fifo()]  # /dev/null twice is fine
     if len(set(files)) != len(files):
         raise fail(f"two outputs name one file ({', '.join(map(str, paths))}): each would overwrite the other")
-    for path in resolved:
+    for path in paths:
         try:
-            check_writable(path)
+            check_writable(path.expanduser())  # as given: /dev/stdout resolves to a pipe's name, which is no file
         except OSError as exc:
             raise fail(f"cannot write {path}: {exc.strerror or exc}"
                        f"{f' ({exc.filename})' if exc.filename and exc.filename != str(path) else ''}") from None

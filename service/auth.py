@@ -50,9 +50,10 @@ def session_token(request: Request) -> str | None:
     name, path = session_cookie(request)
     sent = [part.split("=", 1)[0].strip() for part in request.headers.get("cookie", "").split(";")]
     if sent.count(name) > 1:
+        secure = "; Secure" if name == SECURE_SESSION_COOKIE else ""  # a browser ignores a __Host- one without
         raise APIError(401, "two review sign-in cookies arrived, one of them set by another site under this domain; "
                             "clear this site's cookies in the browser and sign in again", code="invalid_session",
-                       headers={"Set-Cookie": f"{name}=; Max-Age=0; Path={path}; HttpOnly; SameSite=strict"})
+                       headers={"Set-Cookie": f"{name}=; Max-Age=0; Path={path}; HttpOnly; SameSite=strict{secure}"})
     return request.cookies.get(name)
 SECRET_FILE = "secret"
 
@@ -382,7 +383,7 @@ async def authenticate(request: Request, authorization: str | None, session_toke
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CHECKED_PRINCIPAL = "zephyr.principal"  # the request scope's key for the principal `require` found
+CHECKED_PRINCIPALS = "zephyr.principals"  # the request scope's key: each `require` dependency's principal
 SAME_ORIGIN = frozenset({"same-origin", "none"})  # "none": typed by the user, not sent by a page
 
 
@@ -411,8 +412,11 @@ def require(*roles: str, session: bool = False, claims: bool = False) -> Callabl
     GET that changes state (the review queue's next item is claimed), held to the page's own origin as a POST is."""
 
     async def dependency(request: Request) -> Principal:
-        if (checked := request.scope.get(CHECKED_PRINCIPAL)) is not None:  # by the route, before it read the body
-            return checked
+        # Run by the route before it read the body, then by FastAPI: checked and counted once. Kept per dependency,
+        # so a route under two (a router's and its own) is held to both.
+        checked = request.scope.setdefault(CHECKED_PRINCIPALS, {})
+        if dependency in checked:
+            return checked[dependency]
         authorization = request.headers.get("authorization")
         token = session_token(request) if session and not authorization else None
         if token and (claims or request.method not in SAFE_METHODS) and from_another_site(request):
@@ -425,7 +429,7 @@ def require(*roles: str, session: bool = False, claims: bool = False) -> Callabl
                            code="forbidden")
         _count_work(request.app.state, principal, 1)
         request.state.principal = principal
-        request.scope[CHECKED_PRINCIPAL] = principal  # checked and counted once, whoever runs it first
+        checked[dependency] = principal
         return principal
 
     dependency.checks_credentials = True  # type: ignore[attr-defined]  # what UnambiguousJSONRoute runs first

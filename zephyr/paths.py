@@ -122,12 +122,14 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, private: bool = Fal
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Before long work whose result `writing_atomically` will write to `path`: its folder made, and able to take
-    the new file (written beside, renamed in), or an OSError naming what is not writable. Making the folder is no
-    test: `mkdir` of a folder that exists succeeds on a read-only mount and in another account's folder."""
+    """Before long work whose result `writing_atomically` will write to `path` (as the user gave it): its folder
+    made, and able to take the new file (written beside, renamed in), or an OSError naming what is not writable.
+    Making the folder is no test: `mkdir` of a folder that exists succeeds on a read-only mount and in another
+    account's folder."""
     given = Path(path)
-    if (given.exists() and not given.is_file()) or (given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))):
-        if not os.access(given, os.W_OK):  # /dev/stdout, a pipe: written as it is
+    under_dev = given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))
+    if given.exists() and (not given.is_file() or under_dev):  # /dev/stdout, a pipe: written as it is
+        if not os.access(given, os.W_OK):
             raise PermissionError(errno.EACCES, "not writable here", str(given))
         return
     folder = Path(os.path.realpath(given)).parent

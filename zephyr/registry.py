@@ -175,6 +175,11 @@ def not_a_full_precision_chat_model(entry: RegistryEntry) -> str | None:
     return None
 
 
+# Heads that score a text instead of continuing it (a reward model is a sequence classifier). Only these are
+# refused for serving: vLLM serves chat models under many names (GPT2LMHeadModel, Gemma3ForConditionalGeneration).
+SCORING_HEADS = ("ForSequenceClassification", "ForTokenClassification", "RewardModel", "ForRewardModeling")
+
+
 def _causal(architectures: list[str]) -> bool:
     return any(a.endswith("ForCausalLM") for a in architectures)
 
@@ -225,9 +230,9 @@ def vllm_serving_problem(model: RegistryEntry | Path, name: str | None = None) -
     name = name or (model.name if isinstance(model, RegistryEntry) else Path(model).name)
     path = model.path if isinstance(model, RegistryEntry) else Path(model)
     architectures = _read_json(path / "config.json").get("architectures") or []
-    if architectures and not _causal(architectures):  # a reward model: no text to generate, no option to score
-        return (f"model {name} is no causal language model ({', '.join(architectures)}): a reward model scores "
-                "answers (`zephyr eval run --reward-model`); serve, evaluate or sample from a chat model")
+    if architectures and all(a.endswith(SCORING_HEADS) for a in architectures):  # no text to generate or score
+        return (f"model {name} is a reward or classification model ({', '.join(architectures)}): it scores answers "
+                "(`zephyr eval run --reward-model`); serve, evaluate or sample from a chat model")
     if is_weight_only_int4(model) and (capability := vllm_cpu_lacks_int4_kernel()):
         return (f"model {name} has 4-bit weights, and vLLM's CPU build has no 4-bit kernel for this CPU "
                 f"({capability}; vLLM builds it for AVX-512 only). Serve it on a CPU with AVX-512 or a GPU, or "
@@ -261,9 +266,18 @@ class Registry:
     def _staging_of(self, name: str) -> Path:
         return self.path_of(name).with_name(f".{name}.incoming")
 
+    def _has_manifest(self, folder: Path) -> bool:
+        """Whether `folder` holds an entry's manifest; a folder that cannot be looked into (another account's, mode
+        000: Python 3.11 raises there rather than say False) is a RegistryError, not a traceback."""
+        try:
+            return (folder / MANIFEST).is_file()
+        except OSError as exc:
+            raise RegistryError(f"cannot look into {folder} ({exc.strerror or exc}); give this account access to it, "
+                                "or delete it") from None
+
     def _folders(self) -> list[Path]:
-        """The entries' folders: not staging or replaced ones (hidden), nor a folder without a manifest. A folder
-        that cannot be looked into (another account's, mode 000) is one: its manifest is then unreadable."""
+        """The entries' folders: not staging or replaced ones (hidden), nor a folder without a manifest, nor one that
+        cannot be looked into (skipped with a warning: another account's folder, `lost+found` on a volume's root)."""
         if not self.models_dir.is_dir():
             return []
         folders = []
@@ -271,11 +285,10 @@ class Registry:
             if folder.name.startswith("."):
                 continue
             try:
-                if not (folder / MANIFEST).is_file():
-                    continue
-            except OSError:  # Python 3.11 raises a permission error here rather than saying False
-                pass
-            folders.append(folder)
+                if self._has_manifest(folder):
+                    folders.append(folder)
+            except RegistryError as exc:
+                log.warning("skipping a folder: %s", exc)
         return folders
 
     def list(self) -> list[RegistryEntry]:
@@ -289,13 +302,13 @@ class Registry:
 
     def get(self, name: str) -> RegistryEntry:
         folder = self.path_of(name)
-        if not (folder / MANIFEST).is_file():
+        if not self._has_manifest(folder):
             known = ", ".join(e.name for e in self.list()) or "none yet"
             raise RegistryError(f"no model {name!r} in the registry ({self.models_dir}); known: {known}")
         return self._load(folder)
 
     def exists(self, name: str) -> bool:
-        return (self.path_of(name) / MANIFEST).is_file()
+        return self._has_manifest(self.path_of(name))
 
     def _load(self, folder: Path) -> RegistryEntry:
         try:
@@ -394,7 +407,7 @@ class Registry:
         """Whether a new entry may be written under `name`: the one rule `add` applies, asked before hours of
         training or quantization rather than after them."""
         target = self.path_of(name)
-        if target.exists() and not (target / MANIFEST).is_file():
+        if target.exists() and not self._has_manifest(target):
             # `remove` no longer leaves such a folder, but an older version's stopped removal or a copy by hand can.
             raise RegistryError(f"{target} holds no {MANIFEST}, so it is no model, yet it takes the name {name!r} "
                                 "(a removal or copy stopped part way); delete that folder, or choose another name")

@@ -162,7 +162,8 @@ class Settings(BaseSettings):
     log_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
     log_retention_days: int | None = Field(
         default=None, ge=1, le=36_500, description="Delete generation-log rows older than this many days, hourly "
-        "(items under review are kept; `zephyr log prune --older-than-days N --include-reviewed` deletes those too); "
+        "(items under review are kept; `zephyr log prune --older-than-days N --include-reviewed --yes` deletes those "
+        "too); "
         "empty: keep all")
     pii_redaction: bool = True
     pii_entities: list[str] = list(PII_ENTITIES)
@@ -246,14 +247,6 @@ class Settings(BaseSettings):
                              "(empty turns it off)")
         return value
 
-    @field_validator("system_prompt", mode="after")
-    @classmethod
-    def _system_prompt_says_something(cls, value: str) -> str:
-        if not value.strip():  # a blank system turn would still replace the chat template's own default one
-            raise ValueError("ZEPHYR_SYSTEM_PROMPT is blank; to send no system prompt set "
-                             "ZEPHYR_SYSTEM_PROMPT_ENABLED=false, else unset it for the default")
-        return value
-
     @field_validator("pii_entities", mode="after")
     @classmethod
     def _known_entities(cls, value: list[str]) -> list[str]:
@@ -278,6 +271,14 @@ class Settings(BaseSettings):
                              r"unset it for the default (\b[A-Z]{1,3}\d{6,9}[A-Z]?\b) or give one that needs "
                              "characters")
         return value
+
+    @model_validator(mode="after")
+    def _system_prompt_says_something(self) -> Settings:
+        if self.system_prompt_enabled and not self.system_prompt.strip():
+            # a blank system turn would still replace the chat template's own default one
+            raise ValueError("ZEPHYR_SYSTEM_PROMPT is blank; to send no system prompt set "
+                             "ZEPHYR_SYSTEM_PROMPT_ENABLED=false, else unset it for the default")
+        return self
 
     @model_validator(mode="after")
     def _redaction_finds_something(self) -> Settings:

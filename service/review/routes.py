@@ -120,7 +120,8 @@ async def sign_out(request: Request) -> Response:
     if token:
         await request.app.state.sessions.revoke(token)
     response = Response(status_code=204)
-    response.delete_cookie(name, path=path)
+    # as it was set: a browser ignores a __Host- cookie's deletion that does not say Secure
+    response.delete_cookie(name, path=path, secure=request.url.scheme == "https", httponly=True, samesite="strict")
     return response
 
 

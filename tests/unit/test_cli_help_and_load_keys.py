@@ -256,3 +256,34 @@ def test_chat_stops_one_answer_on_ctrl_c_and_keeps_what_was_shown(monkeypatch):
     assert closed == [True] and "(stopped)" in result.output
     assert client.requests[1]["messages"][:2] == [{"role": "user", "content": "one"},
                                                   {"role": "assistant", "content": "Plants"}]
+
+
+def test_chat_goes_on_after_ctrl_c_while_waiting_and_after_a_connection_lost_mid_answer(monkeypatch):
+    """The server sends its headers with the first event, so the wait through the queue and the prefill is inside
+    `create`: Ctrl-C there ended the session. A connection dropped part way ("cannot reach ...") did too."""
+    import httpx
+    import openai
+
+    client = _FakeClient()
+
+    class Dropped:
+        def __iter__(self):
+            yield SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content="Plants"))])
+            raise openai.APIConnectionError(request=httpx.Request("POST", "http://tutor/v1/chat/completions"))
+
+        def close(self):
+            pass
+
+    def create(**request):
+        client.requests.append({**request, "messages": list(request["messages"])})
+        if len(client.requests) == 1:
+            raise KeyboardInterrupt
+        return Dropped() if len(client.requests) == 2 else iter([])
+
+    client.chat = SimpleNamespace(completions=SimpleNamespace(create=create))
+    monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
+    result = runner.invoke(cli_app.app, ["chat"], input="one\ntwo\nthree\n/quit\n")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "(stopped)" in said, result.output
+    assert "the connection broke off during the answer; ask again" in said
+    assert client.requests[2]["messages"] == [{"role": "user", "content": "three"}]  # neither taken along

@@ -529,11 +529,14 @@ def test_a_reward_model_is_refused_as_a_model_to_serve_or_score(tmp_path, monkey
     scorer.mkdir()
     (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     problem = registry.vllm_serving_problem(scorer)
-    assert problem and problem.startswith("model tiny-rm is no causal language model (LlamaForSequenceClassification)")
-    with pytest.raises(RegistryError, match="no causal language model"):
+    assert problem and problem.startswith("model tiny-rm is a reward or classification model "
+                                          "(LlamaForSequenceClassification)")
+    with pytest.raises(RegistryError, match="reward or classification model"):
         OfflineEngine(scorer, Settings(home=tmp_path))
-    (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    assert registry.vllm_serving_problem(scorer) is None
+    # chat models vLLM serves under other names than *ForCausalLM (the review of the first version refused them)
+    for chat_model in ("LlamaForCausalLM", "GPT2LMHeadModel", "Gemma3ForConditionalGeneration"):
+        (scorer / "config.json").write_text(json.dumps({"architectures": [chat_model]}))
+        assert registry.vllm_serving_problem(scorer) is None, chat_model
 
     (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja"):  # there, whatever they hold
@@ -541,7 +544,7 @@ def test_a_reward_model_is_refused_as_a_model_to_serve_or_score(tmp_path, monkey
     monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
     Registry(tmp_path / "home" / "models").add(scorer, ModelManifest(name="tiny-rm", method="rm"))
     result = runner.invoke(app, ["serve", "--model", "tiny-rm"])
-    assert result.exit_code == 1 and "no causal language model" in " ".join(result.output.split())
+    assert result.exit_code == 1 and "reward or classification model" in " ".join(result.output.split())
 
 
 def test_a_registry_that_cannot_be_written_is_one_line_for_import_and_remove(tmp_path, default_model, monkeypatch):
@@ -620,3 +623,21 @@ def test_a_shipped_record_never_replaces_an_operators_own(tmp_path, default_mode
     assert registry.record_calibration("m", own)
     assert not registry.record_calibration("m", MCQCalibration(method="letter", weights={"letter": 1.0}), shipped=True)
     assert registry.get("m").manifest.mcq_calibration == own
+
+
+def test_a_folder_that_cannot_be_looked_into_is_one_line_and_blocks_nothing_else(tmp_path, default_model,
+                                                                                 monkeypatch):
+    """Python 3.11's is_file raises on a folder of mode 000 (another account's, `lost+found` on a volume's root):
+    `models show` was a traceback, and the first version of this fix let such a folder block every removal."""
+    registry = Registry(tmp_path / "models")
+    registry.add(default_model.path, ModelManifest(name="p", method="imported"))
+    hidden = tmp_path / "models" / "lost-found"
+    hidden.mkdir()
+    real = type(hidden).is_file
+    monkeypatch.setattr(type(hidden), "is_file", lambda self: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if self.parent == hidden else real(self))
+    with pytest.raises(RegistryError, match="cannot look into .*lost-found \\(Permission denied\\)"):
+        registry.get("lost-found")
+    assert [e.name for e in registry.list()] == ["p"]
+    registry.remove("p")
+    assert not registry.exists("p")

@@ -194,3 +194,5 @@ def test_a_blank_system_prompt_is_refused_with_the_way_to_send_none(monkeypatch,
     monkeypatch.setenv("ZEPHYR_SYSTEM_PROMPT", value)
     with pytest.raises(ValueError, match="ZEPHYR_SYSTEM_PROMPT_ENABLED=false"):
         Settings()
+    monkeypatch.setenv("ZEPHYR_SYSTEM_PROMPT_ENABLED", "false")  # what the message says: then it is never sent
+    assert Settings().served_system_prompt is None

@@ -433,3 +433,28 @@ def test_a_bad_against_list_or_an_unwritable_folder_is_refused_before_sampling(t
     said = " ".join(refused.output.split())
     assert refused.exit_code == 1 and f"cannot write {read_only / 'p.jsonl'}" in said, said
     assert "its folder is not writable here" in said
+
+
+def test_an_output_to_a_pipe_or_a_new_file_under_dev_passes_the_check(tmp_path, monkeypatch):
+    """The review of the first check: `--out /dev/stdout` into a pipe was resolved to `/proc/PID/fd/pipe:[N]`,
+    which is no file, and refused; so was a new file under /dev/shm."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    from zephyr.paths import check_writable
+
+    monkeypatch.setenv("ZEPHYR_HOME", str(tmp_path / "home"))
+    read, write = os.pipe()
+    try:
+        result = CliRunner().invoke(app, ["data", "restate", "--sources", "arc_easy:train", "--limit-per-source", "2",
+                                          "--out", f"/proc/self/fd/{write}", "--no-clean"])  # /dev/stdout, piped
+        assert result.exit_code == 0, result.output
+        assert len(os.read(read, 1 << 16).decode().splitlines()) == 2
+    finally:
+        os.close(read)
+        os.close(write)
+    if Path("/dev/shm").is_dir():
+        check_writable("/dev/shm/zephyr-not-made.jsonl")
+        assert not Path("/dev/shm/zephyr-not-made.jsonl").exists()
