@@ -246,12 +246,12 @@ def chat(
             else:
                 history.pop()
             continue
-        except openai.APIConnectionError:
-            if stream is None:  # no answer began: the server is not there
+        except openai.APIConnectionError as exc:
+            if type(exc.__cause__).__name__ == "ConnectError":  # no connection was made: the server is not there
                 raise fail(f"cannot reach {url}: start it with `make serve` or pass --url") from None
-            console.print()  # the connection dropped part way (a restart, a proxy's timeout)
+            console.print()  # it dropped while the answer was awaited or under way (a restart, a proxy's timeout)
             history.pop()
-            err.print(Text("the connection broke off during the answer; ask again", style="red"))
+            err.print(Text("the connection broke off before the answer ended; ask again", style="red"))
             continue
         except openai.APIStatusError as exc:  # a 400 (the conversation outgrew the context), a 429, a 503
             console.print()

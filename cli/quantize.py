@@ -63,7 +63,7 @@ def quantize_command(
 
     # by name: Typer carries its own copy of click, whose ParameterSource is not click's
     given = [name for name in READ_BY if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-    if problem := unread_options(method, given):
+    if problem := unread_options(method, given, calibration_file=calibration is not None):
         raise fail(problem)
     settings = load_settings()
     options = QuantOptions(model=model, method=method, scheme=scheme, group_size=group_size, name=name,

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
 from zephyr.console import make_console
-from zephyr.paths import check_writable
+from zephyr.paths import check_writable, written_as_a_stream
 from zephyr.registry import Registry, RegistryError
 from zephyr.schemas import (
     KTOExample,
@@ -176,6 +176,9 @@ def clean_flags(*, skippable: bool = True) -> Callable[[Callable[..., None]], Ca
         def wrapper(*args: Any, **kwargs: Any) -> None:
             flags = CleanFlags(**{name: kwargs.pop(name) for name in names})
             _check_cleaning_installed(flags, skippable)
+            for name in OUTPUT_OPTIONS:  # `--out=~/x.jsonl` reaches us unexpanded: checked and written as one path
+                if kwargs.get(name) is not None:
+                    kwargs[name] = kwargs[name].expanduser()
             _check_outputs([kwargs[name] for name in OUTPUT_OPTIONS if kwargs.get(name) is not None])
             return command(*args, clean=flags, **kwargs)
 
@@ -192,13 +195,12 @@ OUTPUT_OPTIONS = ("out", "kto_out", "sft_out", "answers_out")
 def _check_outputs(paths: list[Path]) -> None:
     """Before any sampling: two outputs of one file would overwrite each other, and a folder that cannot be made or
     written (under a file, a read-only mount) would fail the write after tens of minutes of sampling."""
-    resolved = [path.expanduser().resolve() for path in paths]
-    files = [path for path in resolved if not path.is_char_device() and not path.is_fifo()]  # /dev/null twice is fine
+    files = [path.resolve() for path in paths if not written_as_a_stream(path)]  # /dev/stdout twice appends twice
     if len(set(files)) != len(files):
         raise fail(f"two outputs name one file ({', '.join(map(str, paths))}): each would overwrite the other")
     for path in paths:
         try:
-            check_writable(path.expanduser())  # as given: /dev/stdout resolves to a pipe's name, which is no file
+            check_writable(path)  # as given: /dev/stdout resolves to a pipe's name, which is no file
         except OSError as exc:
             raise fail(f"cannot write {path}: {exc.strerror or exc}"
                        f"{f' ({exc.filename})' if exc.filename and exc.filename != str(path) else ''}") from None

@@ -51,8 +51,11 @@ READ_BY = {"group_size": GROUPED, "awq_grid": ("awq",), "smoothing": ("w8a8",), 
            "seq_len": CALIBRATED, "calibration_sources": CALIBRATED}
 
 
-def unread_options(method: str, given: list[str]) -> str | None:
-    """Why options given for `method` (field names) would be ignored, or None."""
+def unread_options(method: str, given: list[str], calibration_file: bool = False) -> str | None:
+    """Why options given for `method` (field names) would be ignored, or None. `calibration_file`: a --calibration
+    file was given, which stands in for the set --calibration-sources would build."""
+    if calibration_file and "calibration_sources" in given:
+        return "--calibration-sources builds the calibration set --calibration FILE replaces: drop one of them"
     unread = [name for name in given if name in READ_BY and method not in READ_BY[name]]
     if not unread or method not in METHODS:
         return None

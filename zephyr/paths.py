@@ -121,14 +121,26 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, private: bool = Fal
         handle.write(text)
 
 
+def written_as_a_stream(path: Path) -> bool:
+    """Whether `writing_atomically` writes `path` as it is (appending) rather than beside it and renamed in: a
+    device, a pipe or a descriptor (/dev/stdout, /proc/self/fd/1), which has no folder to write beside it in."""
+    if path.is_absolute() and path.parts[1:2] in (("dev",), ("proc",)):
+        return True
+    try:
+        return not stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # not there (or under a file): a new file, written beside and renamed in
+        return False
+
+
 def check_writable(path: str | os.PathLike) -> None:
-    """Before long work whose result `writing_atomically` will write to `path` (as the user gave it): its folder
-    made, and able to take the new file (written beside, renamed in), or an OSError naming what is not writable.
-    Making the folder is no test: `mkdir` of a folder that exists succeeds on a read-only mount and in another
-    account's folder."""
+    """Before long work whose result `writing_atomically` will write to `path` (as the user gave it, `~`
+    expanded): its folder made, and able to take the new file (written beside, renamed in), or an OSError naming
+    what is not writable. Making the folder is no test: `mkdir` of a folder that exists succeeds on a read-only
+    mount and in another account's folder."""
     given = Path(path)
-    under_dev = given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))
-    if given.exists() and (not given.is_file() or under_dev):  # /dev/stdout, a pipe: written as it is
+    if given.exists() and written_as_a_stream(given):  # /dev/stdout, a pipe: written as it is
+        if stat.S_ISSOCK(given.stat().st_mode):  # stdout under systemd's journal: no name opens it
+            raise OSError(errno.ENXIO, "a socket cannot be opened by its name; write to a file or a pipe", str(given))
         if not os.access(given, os.W_OK):
             raise PermissionError(errno.EACCES, "not writable here", str(given))
         return
@@ -149,8 +161,7 @@ def writing_atomically(path: str | os.PathLike, *, private: bool = False) -> Ite
         existing = given.stat()
     except FileNotFoundError:
         existing = None
-    under_dev = given.is_absolute() and given.parts[1:2] in (("dev",), ("proc",))  # /dev/stdout, /proc/self/fd/1
-    if (existing is not None and not stat.S_ISREG(existing.st_mode)) or under_dev:
+    if written_as_a_stream(given):
         # /dev/stdout, a pipe, a descriptor: written as it is, appended to (a shell's `>>` log keeps what it holds;
         # `>` emptied it already), its mode left alone
         with open(given, "a", encoding="utf-8") as handle:

@@ -276,8 +276,9 @@ class Registry:
                                 "or delete it") from None
 
     def _folders(self) -> list[Path]:
-        """The entries' folders: not staging or replaced ones (hidden), nor a folder without a manifest, nor one that
-        cannot be looked into (skipped with a warning: another account's folder, `lost+found` on a volume's root)."""
+        """The entries' folders: not staging or replaced ones (hidden), nor a folder without a manifest. A folder
+        that cannot be looked into is one when its name is a model's (it may be a child: `children_of` must not pass
+        it over), and skipped with a warning when it is not (`lost+found` on a volume's root)."""
         if not self.models_dir.is_dir():
             return []
         folders = []
@@ -288,7 +289,10 @@ class Registry:
                 if self._has_manifest(folder):
                     folders.append(folder)
             except RegistryError as exc:
-                log.warning("skipping a folder: %s", exc)
+                if NAME_PATTERN.fullmatch(folder.name):
+                    folders.append(folder)
+                else:
+                    log.warning("skipping a folder: %s", exc)
         return folders
 
     def list(self) -> list[RegistryEntry]:

@@ -274,16 +274,21 @@ def test_chat_goes_on_after_ctrl_c_while_waiting_and_after_a_connection_lost_mid
         def close(self):
             pass
 
+    class ConnectError(Exception):  # what the client's transport raises when no connection is made
+        pass
+
     def create(**request):
         client.requests.append({**request, "messages": list(request["messages"])})
         if len(client.requests) == 1:
             raise KeyboardInterrupt
+        if len(client.requests) == 4:  # the server went away: the session ends, in one line
+            raise openai.APIConnectionError(request=httpx.Request("POST", "http://tutor")) from ConnectError()
         return Dropped() if len(client.requests) == 2 else iter([])
 
     client.chat = SimpleNamespace(completions=SimpleNamespace(create=create))
     monkeypatch.setattr(cli_app, "_client", lambda url, api_key: client)
-    result = runner.invoke(cli_app.app, ["chat"], input="one\ntwo\nthree\n/quit\n")
+    result = runner.invoke(cli_app.app, ["chat"], input="one\ntwo\nthree\nfour\n")
     said = " ".join(result.output.split())
-    assert result.exit_code == 0 and "(stopped)" in said, result.output
-    assert "the connection broke off during the answer; ask again" in said
+    assert result.exit_code == 1 and "(stopped)" in said and "cannot reach" in said, result.output
+    assert "the connection broke off before the answer ended; ask again" in said
     assert client.requests[2]["messages"] == [{"role": "user", "content": "three"}]  # neither taken along

@@ -219,6 +219,8 @@ def test_cli_fails_before_work_with_one_line(default_model):
     ("gptq", ["--awq-grid", "5", "--smoothing", "0.5"], "gptq does not read --awq-grid (awq), --smoothing (w8a8)"),
     ("easyquant", ["--samples", "64"], "easyquant does not read --samples (gptq or awq or w8a8)"),
     ("bnb", ["--calibration-sources", "arc_easy:train"], "bnb does not read --calibration-sources"),
+    ("gptq", ["--calibration", "chats.jsonl", "--calibration-sources", "arc_easy:train"],
+     "--calibration-sources builds the calibration set --calibration FILE replaces"),
 ])
 def test_an_option_the_method_does_not_read_is_refused_not_ignored(default_model, method, flags, said):
     """`--method w8a8 --group-size 128` made per-channel W8A8 without a word."""

@@ -625,19 +625,25 @@ def test_a_shipped_record_never_replaces_an_operators_own(tmp_path, default_mode
     assert registry.get("m").manifest.mcq_calibration == own
 
 
-def test_a_folder_that_cannot_be_looked_into_is_one_line_and_blocks_nothing_else(tmp_path, default_model,
-                                                                                 monkeypatch):
-    """Python 3.11's is_file raises on a folder of mode 000 (another account's, `lost+found` on a volume's root):
-    `models show` was a traceback, and the first version of this fix let such a folder block every removal."""
+def test_a_folder_that_cannot_be_looked_into_is_one_line_and_may_be_a_child(tmp_path, default_model, monkeypatch):
+    """Python 3.11's is_file raises on a folder of mode 000 (another account's): `models show` was a traceback. Such
+    a folder under a model's name may be a child, so its possible parent stays (the follow-up review found the first
+    version skipped it, and let the parent go); one under no model's name (`lost+found`) blocks nothing."""
     registry = Registry(tmp_path / "models")
     registry.add(default_model.path, ModelManifest(name="p", method="imported"))
-    hidden = tmp_path / "models" / "lost-found"
-    hidden.mkdir()
-    real = type(hidden).is_file
-    monkeypatch.setattr(type(hidden), "is_file", lambda self: (_ for _ in ()).throw(
-        PermissionError(13, "Permission denied")) if self.parent == hidden else real(self))
-    with pytest.raises(RegistryError, match="cannot look into .*lost-found \\(Permission denied\\)"):
-        registry.get("lost-found")
+    models = tmp_path / "models"
+    closed = {models / "c", models / "lost+found"}
+    for folder in closed:
+        folder.mkdir()
+    real = type(models).is_file
+    monkeypatch.setattr(type(models), "is_file", lambda self: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if self.parent in closed else real(self))
+    with pytest.raises(RegistryError, match="cannot look into .*/c \\(Permission denied\\)"):
+        registry.get("c")
     assert [e.name for e in registry.list()] == ["p"]
-    registry.remove("p")
+    with pytest.raises(RegistryError, match="cannot tell whether 'c' was made from 'p'"):
+        registry.remove("p")
+    (models / "c").rmdir()
+    closed.discard(models / "c")
+    registry.remove("p")  # lost+found is no model's folder
     assert not registry.exists("p")
