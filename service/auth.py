@@ -36,6 +36,7 @@ SESSION_COOKIE = "zephyr_review"
 # Over HTTPS the cookie is `__Host-` prefixed: a browser takes such a cookie only from this very host (no Domain, Path
 # /, Secure), so a page on a sibling subdomain cannot plant its own sign-in beside or instead of a reviewer's.
 SECURE_SESSION_COOKIE = "__Host-zephyr_review"
+SECRET_FILE = "secret"
 
 
 def session_cookie(request: Request) -> tuple[str, str]:
@@ -55,7 +56,6 @@ def session_token(request: Request) -> str | None:
                             "clear this site's cookies in the browser and sign in again", code="invalid_session",
                        headers={"Set-Cookie": f"{name}=; Max-Age=0; Path={path}; HttpOnly; SameSite=strict{secure}"})
     return request.cookies.get(name)
-SECRET_FILE = "secret"
 
 
 def install_secret(home: Path, configured: str | None) -> bytes:
