@@ -26,10 +26,15 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def os_reason(exc: OSError) -> str:
+    """An OSError as one line: why, and where ("Permission denied (/data/models/.lock)")."""
+    return f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+
+
 def os_failure(doing: str, exc: OSError) -> typer.Exit:
     """`raise os_failure("remove x", exc)`: a full disk, a read-only volume, a folder of another account, in one
     line that says what could not be done and where."""
-    return fail(f"cannot {doing}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}")
+    return fail(f"cannot {doing}: {os_reason(exc)}")
 
 
 def load_settings(**overrides) -> Settings:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, csv, fail, load_settings, unwind_on_sigterm
+from cli.common import console, csv, fail, load_settings, os_reason, unwind_on_sigterm
 from zephyr.console import make_console
 from zephyr.paths import check_writable, written_as_a_stream
 from zephyr.registry import Registry, RegistryError
@@ -72,7 +72,7 @@ def run_method(method: str, recipe_path: Path, overrides: list[str] | None, fres
     except (RecipeError, RegistryError, TrainingError, EngineWontStart) as exc:
         raise fail(str(exc)) from None
     except OSError as exc:  # a model folder transformers cannot load, a full disk, a registry not writable
-        raise fail(f"the {method} run failed: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
+        raise fail(f"the {method} run failed: {os_reason(exc)}; "
                    "a run that finished training keeps its folder under ZEPHYR_HOME/runs (`zephyr train register` "
                    "registers it)") from None
     _report(result, method)

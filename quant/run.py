@@ -45,6 +45,7 @@ METHODS = QUANT_METHODS  # the core's list, by which calibration and the report 
 LLM_COMPRESSOR = ("gptq", "awq", "w8a8")
 CALIBRATED = ("gptq", "awq", "w8a8")
 GROUPED = ("gptq", "awq", "easyquant")  # w8a8 is per channel; bnb's block size is its own (64)
+EASYQUANT_FORMS = ("int4", "dequantized")
 # Options only some methods read (by QuantOptions' field names), beside those `check` refuses for the others itself:
 # given to another method they would change nothing, without a word.
 READ_BY = {"group_size": GROUPED, "awq_grid": ("awq",), "smoothing": ("w8a8",), "samples": CALIBRATED,
@@ -61,7 +62,6 @@ def unread_options(method: str, given: list[str], calibration_file: bool = False
         return None
     flags = ", ".join(f"--{name.replace('_', '-')} ({' or '.join(READ_BY[name])})" for name in unread)
     return f"{method} does not read {flags}: drop {'it' if len(unread) == 1 else 'them'}, or choose that method"
-EASYQUANT_FORMS = ("int4", "dequantized")
 
 
 class QuantError(ValueError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zephyr.numerics import config_dtype, is_quantized, resolve_dtype
+from zephyr.settings import CGROUP_ROOT
 
 GIB = 2**30
 # What an engine holds beside its weights and KV cache (Python, torch, vLLM's processes and buffers): measured for
@@ -77,7 +78,6 @@ def total_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # (folder under the root, limit file, usage file, the memory.stat line of reclaimable file cache), v2 then v1
 _CGROUP_FILES = (("", "memory.max", "memory.current", "inactive_file"),
                  ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))

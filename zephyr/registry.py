@@ -169,7 +169,7 @@ def not_a_full_precision_chat_model(entry: RegistryEntry) -> str | None:
         return f"{entry.name} is already quantized ({how}); start from its unquantized parent" + (
             f", {entry.manifest.parent}" if entry.manifest.parent else "")
     architectures = config.get("architectures") or []
-    if entry.manifest.method == "rm" or not _causal(architectures):
+    if entry.manifest.method == "rm" or not any(a.endswith("ForCausalLM") for a in architectures):
         return (f"{entry.name} is no causal language model ({entry.manifest.method} entry, "
                 f"{', '.join(architectures) or 'no architectures in config.json'}); start from a chat model")
     return None
@@ -178,10 +178,6 @@ def not_a_full_precision_chat_model(entry: RegistryEntry) -> str | None:
 # Heads that score a text instead of continuing it (a reward model is a sequence classifier). Only these are
 # refused for serving: vLLM serves chat models under many names (GPT2LMHeadModel, Gemma3ForConditionalGeneration).
 SCORING_HEADS = ("ForSequenceClassification", "ForTokenClassification", "RewardModel", "ForRewardModeling")
-
-
-def _causal(architectures: list[str]) -> bool:
-    return any(a.endswith("ForCausalLM") for a in architectures)
 
 
 def is_bitsandbytes(model: RegistryEntry | Path) -> bool:
